@@ -1,0 +1,64 @@
+import type { CapabilitySet } from '../model/capabilities.js';
+import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
+import type { JobTask } from '../jobs/job-task.js';
+import type { BlockDevice } from './block-device.js';
+
+export interface CreateVolumeRequest {
+  name: string;
+  /** Size in bytes. For a clone, absent means the source's size; smaller than the source is OutOfRange. */
+  sizeBytes?: number;
+  /** Clone from a volume (or one of its snapshots) on the same backend. */
+  source?: { volume: string; snapshot?: string };
+  /** How to clone: share data with the source (`linked`) or own all of it (`full`). */
+  mode?: 'linked' | 'full';
+  /** The principal the volume belongs to. */
+  owner?: string;
+}
+
+export interface StreamOptions {
+  /** Stop at this ancestor (a volume or snapshot name in the chain); absent = make it independent. */
+  base?: string;
+}
+
+export interface CommitOptions {
+  /** Commit into this ancestor; absent = the direct parent. */
+  base?: string;
+}
+
+/**
+ * The capability interface every backend implements. Semantics follow CSI where it speaks:
+ * create is idempotent by name (same name and compatible arguments → the same volume, else
+ * AlreadyExists); deleting what is gone succeeds; deleting a volume others depend on is
+ * FailedPrecondition and changes nothing; a missing source is NotFound; growing is allowed and
+ * shrinking is OutOfRange. Names reaching a backend have already been validated by the broker.
+ */
+export interface StorageBackend {
+  readonly name: string;
+  readonly kind: string;
+  capabilities(): Promise<CapabilitySet>;
+
+  createVolume(req: CreateVolumeRequest): Promise<Volume>;
+  getVolume(name: string): Promise<Volume | undefined>;
+  listVolumes(page?: PageRequest): Promise<Page<Volume>>;
+  resizeVolume(name: string, sizeBytes: number): Promise<Volume>;
+  deleteVolume(name: string): Promise<void>;
+
+  createSnapshot(volume: string, name: string): Promise<Snapshot>;
+  listSnapshots(volume: string): Promise<Snapshot[]>;
+  deleteSnapshot(volume: string, name: string): Promise<void>;
+  revertVolume(volume: string, snapshot: string): Promise<void>;
+
+  /** `chain.stream`: a task that makes the volume independent of its parent (up to `base`). */
+  streamVolume?(name: string, opts: StreamOptions): Promise<JobTask>;
+  /** `chain.commit`: a task that merges the volume's changes into its parent (or `base`). */
+  commitVolume?(name: string, opts: CommitOptions): Promise<JobTask>;
+  /** `data.*`: open the volume's data path. */
+  openVolume?(name: string, mode: 'r' | 'rw'): Promise<BlockDevice>;
+  /**
+   * Rebuild a task of this backend from its stored type and params after a broker restart.
+   * Return undefined when it cannot be resumed; the job is then concluded as interrupted.
+   */
+  resumeTask?(type: string, params: Record<string, unknown>): Promise<JobTask | undefined>;
+
+  close?(): Promise<void>;
+}

@@ -1,0 +1,84 @@
+import type { BlockDevice } from './backend/block-device.js';
+import type { StorageBackend } from './backend/storage-backend.js';
+import type { Job, JobInfo } from './jobs/job.js';
+import type { Principal } from './locks/principal.js';
+import type { LockInfo } from './locks/lock-manager.js';
+import type { CapabilitySet } from './model/capabilities.js';
+import type { Page, PageRequest, Snapshot, Volume } from './model/types.js';
+import type { Operation, Plan } from './planner/plan.js';
+
+export interface BackendInfo {
+  name: string;
+  kind: string;
+  capabilities: CapabilitySet;
+}
+
+export interface VolumesApi {
+  create(ref: string, opts: { sizeBytes: number; owner?: string }): Promise<Volume>;
+  get(ref: string): Promise<Volume>;
+  /** Volumes of one backend, a page at a time. */
+  list(backend: string, page?: PageRequest): Promise<Page<Volume>>;
+  /** Every volume of one backend (follows pages). */
+  listAll(backend: string): Promise<Volume[]>;
+  resize(ref: string, sizeBytes: number): Promise<Volume>;
+  delete(ref: string): Promise<void>;
+  /** Open the data path of a volume (needs `data.read`, and `data.write` for `rw`). */
+  open(ref: string, mode?: 'r' | 'rw'): Promise<BlockDevice>;
+}
+
+export interface SnapshotsApi {
+  /** `ref` is `backend/volume@snapshot`. */
+  create(ref: string): Promise<Snapshot>;
+  list(volumeRef: string): Promise<Snapshot[]>;
+  delete(ref: string): Promise<void>;
+  revert(ref: string): Promise<void>;
+}
+
+export interface JobsApi {
+  list(filter?: { status?: string; all?: boolean }): JobInfo[];
+  get(id: string): Job;
+  cancel(id: string): void;
+  pause(id: string): void;
+  resume(id: string): void;
+  complete(id: string): void;
+  dismiss(id: string): void;
+  setSpeed(id: string, bytesPerSecond: number): void;
+  wait(id: string): Promise<JobInfo>;
+}
+
+export interface LocksApi {
+  /** Administrators only: place a maintenance lock on a volume. */
+  maintenance(ref: string, reason: string): void;
+  /** Administrators only: remove a maintenance lock. */
+  release(ref: string): void;
+  list(): LockInfo[];
+}
+
+export interface CloneOptions {
+  mode?: 'linked' | 'full';
+  sizeBytes?: number;
+  owner?: string;
+}
+
+export interface Broker {
+  readonly principal: Principal;
+  /** A view of the same broker acting as another principal. */
+  as(principal: Principal): Broker;
+  backends(): Promise<BackendInfo[]>;
+  backend(name: string): StorageBackend;
+  readonly volumes: VolumesApi;
+  readonly snapshots: SnapshotsApi;
+  /** Clone a volume or snapshot into a new volume (on the same backend, or through the host). */
+  clone(source: string, target: string, opts?: CloneOptions): Promise<Volume>;
+  /** Make a volume independent of its parent (or of everything above `base`). */
+  stream(ref: string, opts?: { base?: string; speed?: number }): Promise<Job>;
+  /** Merge a volume's changes into its parent (or `base`). */
+  commit(ref: string, opts?: { base?: string; speed?: number }): Promise<Job>;
+  /** Copy a volume's data into another volume, wherever they are. */
+  copy(source: string, target: string, opts?: { live?: boolean; speed?: number }): Promise<Job>;
+  /** Explain how an operation would run, without running it. */
+  plan(op: Operation): Promise<Plan>;
+  readonly jobs: JobsApi;
+  readonly locks: LocksApi;
+  close(): Promise<void>;
+}

@@ -1,0 +1,38 @@
+import type { Command } from 'commander';
+import type { Broker } from '../broker-api.js';
+
+/** What a CLI command gets: the lazily opened broker, the output helpers and the global flags. */
+export interface CliContext {
+  /** Open (once) the broker described by the global `--config`. */
+  broker(): Promise<Broker>;
+  /** True when `--json` was given. */
+  readonly json: boolean;
+  /**
+   * Print a result: `human` (lines, or a function producing them) on a terminal, `value` as JSON
+   * with `--json`. Secrets are redacted from JSON output.
+   */
+  print(value: unknown, human?: string | string[] | (() => string | string[])): void;
+  /** Print rows as an aligned table (or the rows as JSON with `--json`). */
+  table(rows: Record<string, unknown>[], columns: string[]): void;
+  /** Set the process exit code for a command whose result is not plain success (e.g. `img check`). */
+  setExitCode(code: number): void;
+  /** Progress for long jobs: a bar on a TTY, nothing otherwise. */
+  progress(label: string): { update(current: number, total: number): void; done(): void };
+}
+
+/**
+ * The contribution point through which plugins add their own commands (`offload img …`,
+ * `offload appliance …`). A plugin's ContainerModule binds an instance to this token.
+ */
+export interface CliContribution {
+  register(program: Command, ctx: CliContext): void;
+}
+export const CliContribution = Symbol.for('offload/CliContribution');
+
+/** Thrown by a command for bad usage: printed as one line, exit code 2. */
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'UsageError';
+  }
+}

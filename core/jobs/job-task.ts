@@ -1,0 +1,41 @@
+/**
+ * What a backend (or the host data mover) hands the broker for a long operation. The broker's
+ * job manager wraps it in a Job: it persists the task's params and checkpoints, drives the
+ * life cycle, and gives the task a JobContext to report progress and honour pause, cancel and
+ * the speed limit.
+ */
+export interface JobTask {
+  /** Job type: `stream`, `commit`, `copy`, … */
+  readonly type: string;
+  /** JSON-serialisable parameters, stored so that a restarted broker can rebuild the task. */
+  readonly params: Record<string, unknown>;
+  /** Run to the end; throw to fail (a Cancelled error after `ctx.signal` aborted means cancelled). */
+  run(ctx: JobContext): Promise<void>;
+}
+
+export interface JobContext {
+  readonly jobId: string;
+  /** Aborted when the job is cancelled; pass it to I/O that accepts a signal. */
+  readonly signal: AbortSignal;
+  /** The last checkpoint saved by a previous run of this job, when it is being resumed. */
+  readonly resumeFrom: unknown;
+  /** Total work in bytes (may change while running). */
+  setTotal(bytes: number): void;
+  /** Add done bytes to the progress. */
+  advance(bytes: number): void;
+  /** Set absolute progress (e.g. from an appliance's own job). */
+  setProgress(current: number, total?: number): void;
+  /**
+   * Call after each chunk: waits while the job is paused, sleeps as the speed limit requires for
+   * the bytes just moved, and throws Cancelled when the job has been cancelled.
+   */
+  checkpoint(bytesMoved: number, state?: unknown): Promise<void>;
+  /** Persist resumable state without throttling. */
+  saveState(state: unknown): void;
+  /** Mirror-like jobs: report `ready` (source and target in sync). */
+  ready(): void;
+  /** Resolves when a user completes a ready job; rejects with Cancelled when it is cancelled. */
+  waitForComplete(): Promise<void>;
+  /** True once a user asked a ready job to complete. */
+  readonly completeRequested: boolean;
+}

@@ -1,0 +1,66 @@
+import type { ErrorCode } from '../model/errors.js';
+
+/** QEMU's JobStatus (qapi/job.json), without `undefined` and `null`. */
+export type JobStatus =
+  | 'created' | 'running' | 'paused' | 'ready' | 'standby'
+  | 'waiting' | 'pending' | 'aborting' | 'concluded';
+
+export type JobVerb = 'cancel' | 'pause' | 'resume' | 'set-speed' | 'complete' | 'finalize' | 'dismiss';
+
+export interface JobProgress {
+  /** Bytes done; never decreases. */
+  current: number;
+  /** Bytes in all (may move either way while running). */
+  total: number;
+}
+
+export interface JobInfo {
+  id: string;
+  type: string;
+  status: JobStatus;
+  /** Where it runs: `backend:NAME` or `host`. */
+  executor: string;
+  /** The ref the job works on (its target). */
+  ref: string;
+  /** The principal that started it. */
+  owner: string;
+  progress: JobProgress;
+  /** Speed limit in bytes/s; 0 = unlimited. */
+  speed: number;
+  /** Set when concluded with an error (absent in `concluded` = success). */
+  error?: { code: ErrorCode; message: string };
+  /** True once the job has been cancelled by a user. */
+  cancelled: boolean;
+  createdAt: string;
+  updatedAt: string;
+  /** The plan the job was started from, as `plan()` explained it. */
+  plan?: unknown;
+  params: Record<string, unknown>;
+}
+
+export type JobEvent =
+  | { type: 'status'; job: JobInfo }
+  | { type: 'progress'; job: JobInfo }
+  | { type: 'ready'; job: JobInfo }
+  | { type: 'completed'; job: JobInfo }
+  | { type: 'cancelled'; job: JobInfo }
+  | { type: 'error'; job: JobInfo };
+
+/** A running or finished job, as the broker hands it out. */
+export interface Job {
+  readonly id: string;
+  info(): JobInfo;
+  pause(): void;
+  resume(): void;
+  cancel(): void;
+  /** For jobs that reached `ready` (active commit, live copy): switch over and finish. */
+  complete(): void;
+  setSpeed(bytesPerSecond: number): void;
+  /** Forget a concluded job. */
+  dismiss(): void;
+  /** Resolves with the final info once concluded (success or not; check `error`). */
+  wait(): Promise<JobInfo>;
+  /** Like wait(), but rejects with the job's typed error when it failed or was cancelled. */
+  result(): Promise<JobInfo>;
+  on(listener: (event: JobEvent) => void): () => void;
+}

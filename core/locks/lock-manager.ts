@@ -1,0 +1,169 @@
+import { Busy, PermissionDenied } from '../model/errors.js';
+import type { Principal } from './principal.js';
+
+/**
+ * Per-volume locks. `shared` for readers (a copy's source), `exclusive` for writers (stream,
+ * commit, revert, resize, delete), `maintenance` placed by an administrator to keep tenants off.
+ *
+ * Rules:
+ * - shared + shared is fine; every other pair of job locks conflicts → Busy naming the holder.
+ * - a maintenance lock refuses every tenant request on the volume; administrators pass it.
+ * - nothing a tenant holds can block an administrator: a tenant's conflicting lock is preempted
+ *   (its holder is asked to stop, e.g. its job is cancelled) and the administrator's request
+ *   proceeds once it is released.
+ */
+export type LockMode = 'shared' | 'exclusive' | 'maintenance';
+
+export interface LockHolder {
+  /** The job id (or a one-off operation id) holding the lock. */
+  id: string;
+  principal: Principal;
+  /** What it is doing, for error messages: `stream local/vm1`. */
+  description: string;
+  /** Called when an administrator preempts this holder; should end it and release its locks. */
+  preempt?: () => void;
+}
+
+export interface LockInfo {
+  key: string;
+  mode: LockMode;
+  holder: { id: string; principal: string; role: string; description: string };
+}
+
+export interface LockRequest {
+  key: string;
+  mode: Exclude<LockMode, 'maintenance'>;
+}
+
+export interface LockLease {
+  release(): void;
+}
+
+interface Held {
+  key: string;
+  mode: LockMode;
+  holder: LockHolder;
+}
+
+/** Does a held lock of mode `held` conflict with a request of mode `wanted`? */
+export function lockModesConflict(held: LockMode, wanted: LockMode): boolean {
+  if (held === 'maintenance' || wanted === 'maintenance') return true;
+  return !(held === 'shared' && wanted === 'shared');
+}
+
+export class LockManager {
+  private readonly held: Held[] = [];
+  private readonly waiters = new Set<() => void>();
+
+  /** Locks currently held, for `offload locks` and tests. */
+  list(): LockInfo[] {
+    return this.held.map((h) => ({
+      key: h.key,
+      mode: h.mode,
+      holder: { id: h.holder.id, principal: h.holder.principal.id, role: h.holder.principal.role, description: h.holder.description },
+    }));
+  }
+
+  /**
+   * Take all requested locks at once or none. Rejects with Busy naming the conflicting holder;
+   * an administrator instead preempts tenant holders and waits (up to `preemptWaitMs`) for them.
+   */
+  async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = 30_000): Promise<LockLease> {
+    const deadline = Date.now() + preemptWaitMs;
+    for (;;) {
+      const conflicts = this.conflicts(requests, holder);
+      if (conflicts.length === 0) return this.grant(requests.map((r) => ({ ...r, holder })));
+      const blocking = conflicts.filter((c) => !this.canPreempt(holder.principal, c));
+      if (blocking.length > 0) throw busyError(blocking[0]!);
+      // An administrator against tenant holders: ask them to stop, then wait for release.
+      for (const c of conflicts) c.holder.preempt?.();
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw busyError(conflicts[0]!, 'did not stop in time after being preempted');
+      await this.waitForChange(remaining);
+    }
+  }
+
+  /** Place a maintenance lock (administrators only). */
+  placeMaintenance(key: string, principal: Principal, reason: string): LockLease {
+    if (principal.role !== 'admin') {
+      throw new PermissionDenied(`only an administrator can place a maintenance lock on ${key}`, { ref: key });
+    }
+    const existing = this.held.find((h) => h.key === key && h.mode === 'maintenance');
+    if (existing) throw busyError(existing);
+    return this.grant([{ key, mode: 'maintenance', holder: { id: `maintenance:${key}`, principal, description: `maintenance: ${reason}` } }]);
+  }
+
+  /** Break a maintenance lock (administrators only). Breaking one that is absent is fine. */
+  breakMaintenance(key: string, principal: Principal): void {
+    if (principal.role !== 'admin') {
+      throw new PermissionDenied(`only an administrator can break the maintenance lock on ${key}`, { ref: key });
+    }
+    this.remove((h) => h.key === key && h.mode === 'maintenance');
+  }
+
+  /** Check without taking: throws what acquire would throw for a non-administrator. */
+  check(requests: LockRequest[], principal: Principal): void {
+    const conflicts = this.conflicts(requests, { id: '', principal, description: '' });
+    const blocking = conflicts.filter((c) => !this.canPreempt(principal, c));
+    if (blocking.length > 0) throw busyError(blocking[0]!);
+  }
+
+  private conflicts(requests: LockRequest[], holder: LockHolder): Held[] {
+    const out: Held[] = [];
+    for (const r of requests) {
+      for (const h of this.held) {
+        if (h.key !== r.key || h.holder.id === holder.id) continue;
+        if (h.mode === 'maintenance') {
+          if (holder.principal.role !== 'admin') out.push(h);
+          continue;
+        }
+        if (lockModesConflict(h.mode, r.mode)) out.push(h);
+      }
+    }
+    return out;
+  }
+
+  private canPreempt(requester: Principal, held: Held): boolean {
+    return requester.role === 'admin' && held.mode !== 'maintenance' && held.holder.principal.role === 'tenant';
+  }
+
+  private grant(entries: Held[]): LockLease {
+    this.held.push(...entries);
+    let released = false;
+    return {
+      release: () => {
+        if (released) return;
+        released = true;
+        this.remove((h) => entries.includes(h));
+      },
+    };
+  }
+
+  private remove(pred: (h: Held) => boolean): void {
+    for (let i = this.held.length - 1; i >= 0; i--) if (pred(this.held[i]!)) this.held.splice(i, 1);
+    for (const w of [...this.waiters]) w();
+  }
+
+  private waitForChange(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.waiters.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, Math.min(ms, 250));
+      this.waiters.add(done);
+    });
+  }
+}
+
+function busyError(h: Held, extra?: string): Busy {
+  const by = h.mode === 'maintenance'
+    ? `it is under maintenance by ${h.holder.principal.id} (${h.holder.description})`
+    : `job ${h.holder.id} (${h.holder.description}, ${h.holder.principal.id}) holds a ${h.mode} lock on it`;
+  return new Busy(`${h.key} is busy: ${by}${extra ? `; ${extra}` : ''}`, {
+    ref: h.key,
+    hint: h.mode === 'maintenance' ? 'wait until an administrator lifts the maintenance lock' : `wait for job ${h.holder.id} or cancel it`,
+    data: { holder: h.holder.id, mode: h.mode, principal: h.holder.principal.id },
+  });
+}
