@@ -36,3 +36,13 @@ export class UsageError extends Error {
     this.name = 'UsageError';
   }
 }
+
+/**
+ * The shared command group `name` under `program`, created on first use. Several plugins add
+ * commands to one group (`offload appliance flasharray`, `offload appliance ontap`) without
+ * knowing about each other.
+ */
+export function commandGroup(program: Command, name: string, description: string): Command {
+  const existing = program.commands.find((c) => c.name() === name);
+  return existing ?? program.command(name).description(description);
+}
