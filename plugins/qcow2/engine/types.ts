@@ -1,0 +1,194 @@
+/**
+ * The public shapes of the qcow2 engine: what `createImage`/`openImage` take and what an open
+ * `Image` offers. Offsets and lengths are plain numbers of bytes (exact up to 2^53, far beyond
+ * any real file); the engine decodes 64-bit table entries with exact arithmetic.
+ */
+
+export type ImageFormat = 'qcow2' | 'raw';
+
+export interface CreateOptions {
+  /** `qcow2` (default) or `raw`. */
+  format?: ImageFormat;
+  /** Virtual size in bytes. Optional when a backing file is given (taken from it). */
+  size?: number;
+  /** qcow2 cluster size: a power of two, 512 … 2 MiB (default 64 KiB). */
+  clusterSize?: number;
+  /** `1.1` (v3, default) or `0.10` (v2). */
+  compat?: '0.10' | '1.1';
+  /** v3 only. */
+  lazyRefcounts?: boolean;
+  /** 1, 2, 4, 8, 16 (default), 32 or 64; v2 allows 16 only. */
+  refcountBits?: number;
+  /** The backing file name as stored in the header (relative names resolve against the new image's folder). */
+  backingFile?: string;
+  /** The backing file's format; stored as the backing-format extension. Probed when absent. */
+  backingFormat?: ImageFormat;
+  /** Overwrite an existing file (default false → AlreadyExists). */
+  overwrite?: boolean;
+}
+
+export interface OpenOptions {
+  /** Default true. */
+  readOnly?: boolean;
+  /** Force the format instead of probing (`raw` never probes). */
+  format?: ImageFormat;
+  /**
+   * When set, every file of the backing chain must lie inside this folder (after resolving
+   * symlinks); a backing reference that leaves it is `PermissionDenied`.
+   */
+  allowedRoot?: string;
+  /** Do not open the backing chain (reads of unallocated clusters return zeros). */
+  noBacking?: boolean;
+  /** Deepest backing chain accepted (default 64): beyond it, `Corrupt`. */
+  maxChainDepth?: number;
+  /** Bytes of L2 and refcount-block cache per image (default 8 MiB). */
+  cacheBytes?: number;
+}
+
+export interface HeaderExtensionInfo {
+  type: number;
+  length: number;
+}
+
+/** The decoded qcow2 header, as `qemu-img info` needs it. */
+export interface HeaderInfo {
+  version: 2 | 3;
+  clusterBits: number;
+  clusterSize: number;
+  virtualSize: number;
+  cryptMethod: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  nbSnapshots: number;
+  snapshotsOffset: number;
+  incompatibleFeatures: bigint;
+  compatibleFeatures: bigint;
+  autoclearFeatures: bigint;
+  refcountOrder: number;
+  refcountBits: number;
+  headerLength: number;
+  compressionType: number;
+  /** Backing file name exactly as stored (undefined when none). */
+  backingFile?: string;
+  /** From the backing-format extension. */
+  backingFormat?: string;
+  lazyRefcounts: boolean;
+  dirty: boolean;
+  corrupt: boolean;
+  extendedL2: boolean;
+  extensions: HeaderExtensionInfo[];
+}
+
+/** One image of an open chain, top first. */
+export interface ChainEntry {
+  /** The path the engine opened (absolute). */
+  filename: string;
+  format: ImageFormat;
+  virtualSize: number;
+  /** Backing name as stored in this image's header. */
+  backingFilename?: string;
+  /** The backing name resolved to a path (what qemu-img calls full-backing-filename). */
+  fullBackingFilename?: string;
+  backingFormat?: string;
+}
+
+/**
+ * Allocation status of a guest range, as `qemu-img map` reports it. `depth` is the chain
+ * depth the data comes from (0 = this image; the chain length when nothing is allocated);
+ * `offset` is the host offset in that layer's file when the data lives there plainly.
+ */
+export interface BlockStatus {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed: boolean;
+  offset?: number;
+  /** The file of the layer at `depth` (when present). */
+  filename?: string;
+}
+
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  /** Bytes of saved VM state (0 for disk-only snapshots). */
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  /** Guest virtual size at snapshot time (v3 extra data; absent on v2). */
+  diskSize?: number;
+  icount?: number;
+  l1Size: number;
+}
+
+/** The counters `qemu-img check` prints, same meaning. */
+export interface CheckResult {
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  /** Cluster-aligned end of the highest used cluster. */
+  imageEndOffset: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+  /** Human lines in qemu-img's wording (`Leaked cluster 5 refcount=1 reference=0`, …). */
+  messages: string[];
+  /** True when repair rebuilt the whole refcount structure. */
+  rebuilt: boolean;
+}
+
+export interface CheckOptions {
+  repair?: 'leaks' | 'all';
+}
+
+export interface SnapshotOps {
+  list(): Promise<SnapshotInfo[]>;
+  /** Take an internal snapshot of the active state; returns it (IDs "1", "2", … like QEMU). */
+  create(name: string): Promise<SnapshotInfo>;
+  /** Revert the active state to a snapshot (by name or ID). */
+  apply(nameOrId: string): Promise<void>;
+  delete(nameOrId: string): Promise<void>;
+}
+
+/** An open image (qcow2 or raw) with its backing chain. */
+export interface Image {
+  readonly path: string;
+  readonly format: ImageFormat;
+  readonly readOnly: boolean;
+  readonly virtualSize: number;
+  /** qcow2 cluster size; 512 for raw (its natural I/O granularity). */
+  readonly clusterSize: number;
+  /** qcow2 only. A snapshot of the header as it is now. */
+  readonly header: HeaderInfo | undefined;
+  /** The backing image, already open (read-only), if any. */
+  readonly backing: Image | undefined;
+  /** This image then its backing images, top first. */
+  readonly chain: ChainEntry[];
+
+  read(offset: number, length: number): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Make a range read as zeros: zero flag on v3, zeroed clusters on v2, zero bytes on raw. */
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** Drop the data of a range; it then reads as the backing (or zeros). */
+  discard(offset: number, length: number): Promise<void>;
+  /** Allocation status of [offset, offset+length), merged like `qemu-img map`. */
+  blockStatus(offset?: number, length?: number): Promise<BlockStatus[]>;
+  /** blockStatus over the whole image. */
+  map(): Promise<BlockStatus[]>;
+  /** Grow; shrink only when nothing is allocated past the new end (else OutOfRange). */
+  resize(newSize: number): Promise<void>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+  /** Size of the image file in bytes. */
+  fileSize(): Promise<number>;
+  readonly snapshots: SnapshotOps;
+  check(opts?: CheckOptions): Promise<CheckResult>;
+}
