@@ -1,0 +1,379 @@
+/**
+ * The ONTAP-style mock appliance as a real `node:http` server: the REST API under `/api`
+ * (HTTP Basic auth on every request), the data plane under `/data` (a documented stand-in for
+ * NFS access to a volume's disk image), and the fault injector's admin endpoint `/_admin/faults`.
+ */
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { OntapCode } from '../api/codes.js';
+import { SnapshotCreateBody, VolumeCreateBody, VolumePatchBody, type CollectionOf } from '../api/schemas.js';
+import { ApiError, invalid } from './api-error.js';
+import { OntapAppliance, type ApplianceOptions, type JobFault } from './appliance.js';
+import { FaultInjector, type FaultRuleInput } from './faults.js';
+import { filterRecords, pageRecords, selectFields } from './query.js';
+import type { JobRecord } from './records.js';
+
+export interface OntapMockOptions extends ApplianceOptions {
+  port?: number;
+  host?: string;
+  username?: string;
+  password?: string;
+  faults?: FaultRuleInput[];
+}
+
+export interface OntapMock {
+  /** `http://host:port`, the endpoint a backend config points at. */
+  readonly url: string;
+  readonly port: number;
+  readonly username: string;
+  readonly password: string;
+  readonly faults: FaultInjector;
+  readonly appliance: OntapAppliance;
+  close(): Promise<void>;
+}
+
+export const MOCK_DEFAULTS = { port: 8082, host: '127.0.0.1', username: 'admin', password: 'netapp123', svm: 'svm0' } as const;
+
+interface Reply {
+  status: number;
+  headers?: Record<string, string>;
+  body?: unknown;
+}
+
+const json = (status: number, body: unknown, headers?: Record<string, string>): Reply => ({ status, body, headers });
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export async function startOntapMock(opts: OntapMockOptions = {}): Promise<OntapMock> {
+  const username = opts.username ?? MOCK_DEFAULTS.username;
+  const password = opts.password ?? MOCK_DEFAULTS.password;
+  const appliance = new OntapAppliance({ svms: [MOCK_DEFAULTS.svm], ...opts });
+  const faults = new FaultInjector();
+  if (opts.faults) faults.add(opts.faults);
+  const expectedAuth = `Basic ${Buffer.from(`${username}:${password}`).toString('base64')}`;
+
+  const server = createServer((req, res) => {
+    void serve(req, res).catch((e: unknown) => {
+      if (!res.headersSent) write(res, json(500, { error: { code: '2', message: `internal error: ${String(e)}` } }));
+      else res.destroy();
+    });
+  });
+
+  async function serve(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://mock');
+    const method = (req.method ?? 'GET').toUpperCase();
+    if (req.headers.authorization !== expectedAuth) {
+      await drain(req);
+      write(res, json(401, { error: { code: OntapCode.NOT_AUTHORIZED, message: 'not authorized for that command' } }, { 'www-authenticate': 'Basic realm="ontap"' }));
+      return;
+    }
+    const actions = url.pathname.startsWith('/_admin/') ? [] : faults.match(method, url.pathname);
+    let delayAfter = 0;
+    const jobFault: JobFault = {};
+    let shortPage: number | undefined;
+    for (const a of actions) {
+      switch (a.type) {
+        case 'latency':
+          await sleep(a.ms);
+          break;
+        case 'reset':
+          req.socket.destroy();
+          return;
+        case 'status': {
+          await drain(req);
+          const headers: Record<string, string> = {};
+          if (a.retryAfter !== undefined) headers['retry-after'] = String(a.retryAfter);
+          write(res, json(a.status, { error: { code: a.code ?? String(a.status), message: a.message ?? statusText(a.status) } }, headers));
+          return;
+        }
+        case 'nonJson':
+          await drain(req);
+          res.writeHead(a.status, { 'content-type': 'text/html' });
+          res.end('<html><body><h1>Bad Gateway</h1></body></html>');
+          return;
+        case 'delayResponse':
+          delayAfter = a.ms;
+          break;
+        case 'jobFailure':
+          jobFault.failure = { code: a.code, message: a.message };
+          jobFault.failAfterPolls = a.afterPolls;
+          break;
+        case 'jobStuck':
+          jobFault.stuck = true;
+          break;
+        case 'jobExpired':
+          jobFault.expired = true;
+          break;
+        case 'shortPage':
+          shortPage = a.records;
+          break;
+        default:
+          unreachable(a);
+      }
+    }
+    let reply: Reply;
+    try {
+      const body = await readBody(req);
+      reply = await route(method, url, req, body, jobFault, shortPage);
+    } catch (e) {
+      reply = e instanceof ApiError ? json(e.status, e.body()) : json(500, { error: { code: '2', message: `internal error: ${String(e)}` } });
+    }
+    if (delayAfter > 0) await sleep(delayAfter);
+    if (!res.destroyed) write(res, reply);
+  }
+
+  async function route(method: string, url: URL, req: IncomingMessage, body: Buffer, fault: JobFault, shortPage?: number): Promise<Reply> {
+    const p = url.pathname.replace(/\/+$/, '');
+    const q = url.searchParams;
+    const seg = p.split('/').slice(1);
+    appliance.tick();
+
+    if (p === '/_admin/faults') {
+      if (method === 'GET') return json(200, { records: faults.list() });
+      if (method === 'DELETE') {
+        faults.clear();
+        return json(200, {});
+      }
+      if (method === 'POST') {
+        try {
+          return json(201, { ids: faults.add(parseJson(body) as FaultRuleInput | FaultRuleInput[]) });
+        } catch (e) {
+          if (e instanceof ApiError) throw e;
+          throw invalid(`invalid fault rule: ${e instanceof Error ? e.message : String(e)}`);
+        }
+      }
+    }
+
+    if (p === '/api/cluster' && method === 'GET') {
+      return json(200, { name: 'offload-mock', version: { full: 'NetApp Release 9.14.1 (offload mock)', generation: 9, major: 14, minor: 1 }, _links: { self: { href: '/api/cluster' } } });
+    }
+    if (p === '/api/svm/svms' && method === 'GET') {
+      const svms = appliance.svms.map((name) => ({ uuid: name, name, state: 'running', _links: { self: { href: `/api/svm/svms/${name}` } } }));
+      return collection(p, q, svms, undefined, shortPage);
+    }
+
+    // /api/storage/volumes[/{uuid}[/snapshots[/{uuid}]]]
+    if (seg[0] === 'api' && seg[1] === 'storage' && seg[2] === 'volumes') {
+      const [, , , volUuid, sub, snapUuid] = seg;
+      if (volUuid === undefined) {
+        if (method === 'GET') {
+          const views = appliance.allVolumes().map((v) => appliance.volumeView(v));
+          return collection(p, q, views, ['uuid', 'name'], shortPage);
+        }
+        if (method === 'POST') {
+          const req = validate(VolumeCreateBody, parseJson(body));
+          return mutation(appliance.createVolume(req, fault), q, 201);
+        }
+      } else if (sub === undefined) {
+        if (method === 'GET') return json(200, selectFields(appliance.volumeView(appliance.volume(volUuid)), q.get('fields')));
+        if (method === 'PATCH') {
+          const restore = q.get('restore_to.snapshot.name') ?? undefined;
+          const patch = body.length > 0 ? validate(VolumePatchBody, parseJson(body)) : {};
+          return mutation(appliance.patchVolume(volUuid, patch, restore, fault), q, 200);
+        }
+        if (method === 'DELETE') return mutation(appliance.deleteVolume(volUuid, fault), q, 200);
+      } else if (sub === 'snapshots') {
+        const v = appliance.volume(volUuid);
+        if (snapUuid === undefined) {
+          if (method === 'GET') {
+            const views = v.snapshots.map((s) => appliance.snapshotView(v, s));
+            return collection(p, q, views, ['uuid', 'name'], shortPage);
+          }
+          if (method === 'POST') {
+            const req = validate(SnapshotCreateBody, parseJson(body));
+            return mutation(appliance.createSnapshot(volUuid, req.name, req.comment, fault), q, 201);
+          }
+        } else {
+          if (method === 'GET') return json(200, selectFields(appliance.snapshotView(v, appliance.snapshot(v, snapUuid)), q.get('fields')));
+          if (method === 'DELETE') return mutation(appliance.deleteSnapshot(volUuid, snapUuid, fault), q, 200);
+        }
+      }
+    }
+
+    // /api/cluster/jobs[/{uuid}]
+    if (seg[0] === 'api' && seg[1] === 'cluster' && seg[2] === 'jobs') {
+      const jobUuid = seg[3];
+      if (jobUuid === undefined && method === 'GET') {
+        return collection(p, q, appliance.allJobs().map((j) => appliance.jobView(j)), undefined, shortPage);
+      }
+      if (jobUuid !== undefined && seg.length === 4) {
+        if (method === 'GET') {
+          if (fault.expired) appliance.expireJob(jobUuid);
+          return json(200, selectFields(appliance.jobView(appliance.pollJob(jobUuid)), q.get('fields')));
+        }
+        if (method === 'PATCH') {
+          const action = q.get('action');
+          if (action !== 'cancel') throw invalid(`unsupported job action "${action ?? ''}" (supported: cancel)`, 'action');
+          appliance.cancelJob(jobUuid);
+          return json(200, {});
+        }
+      }
+    }
+
+    // Data plane: /data/volumes/{uuid-or-name}[/extents]
+    if (seg[0] === 'data' && seg[1] === 'volumes' && seg[2] !== undefined) {
+      const v = appliance.volumeByUuidOrName(decodeURIComponent(seg[2]), q.get('svm') ?? undefined);
+      if (seg[3] === 'extents' && seg.length === 4 && method === 'GET') {
+        const offset = intParam(q, 'offset', 0);
+        const length = intParam(q, 'length', Math.max(0, v.size - offset));
+        if (offset > v.size) throw new ApiError(416, OntapCode.INVALID_INPUT, `offset ${offset} is beyond the volume size ${v.size}`, 'offset');
+        return json(200, { size: v.size, extents: appliance.extents(v, offset, Math.min(length, v.size - offset)) });
+      }
+      if (seg.length === 3 && method === 'GET') {
+        const range = parseRange(req.headers.range, v.size);
+        if (!range) return json(200, appliance.read(v, 0, v.size));
+        return {
+          status: 206,
+          headers: { 'content-range': `bytes ${range.start}-${range.end}/${v.size}` },
+          body: appliance.read(v, range.start, range.end - range.start + 1),
+        };
+      }
+      if (seg.length === 3 && method === 'PUT') {
+        const start = parseContentRange(req.headers['content-range'], body.length);
+        if (start + body.length > v.size) {
+          throw new ApiError(416, OntapCode.INVALID_INPUT, `write of ${body.length} bytes at ${start} goes past the volume size ${v.size}`, 'content-range');
+        }
+        appliance.write(v, start, body);
+        return { status: 204 };
+      }
+    }
+
+    if (p.startsWith('/api/') || p.startsWith('/data/')) {
+      throw new ApiError(404, OntapCode.NOT_FOUND, `no such API: ${method} ${p}`, 'path');
+    }
+    throw new ApiError(404, OntapCode.NOT_FOUND, `no such path: ${p}`);
+  }
+
+  function collection<T extends { uuid: string }>(path: string, q: URLSearchParams, all: T[], defaults: string[] | undefined, shortPage?: number): Reply {
+    const limit = intParam(q, 'max_records', Number.MAX_SAFE_INTEGER);
+    if (limit < 1) throw invalid('max_records must be at least 1', 'max_records');
+    const page = pageRecords(filterRecords(all, q), q.get('start.uuid'), limit, shortPage);
+    const records = page.records.map((r) => selectFields(r, q.get('fields'), defaults));
+    const self = `${path}${q.size ? `?${q.toString()}` : ''}`;
+    const out: CollectionOf<unknown> = { records, num_records: records.length, _links: { self: { href: self } } };
+    if (page.nextStart !== undefined) {
+      const next = new URLSearchParams(q);
+      next.set('start.uuid', page.nextStart);
+      out._links!.next = { href: `${path}?${next.toString()}` };
+    }
+    return json(200, out);
+  }
+
+  /** 202 with the job link, or `done` (201/200) when the job ends within `return_timeout`. */
+  async function mutation(job: JobRecord, q: URLSearchParams, done: number): Promise<Reply> {
+    const link = { job: { uuid: job.uuid, _links: { self: { href: `/api/cluster/jobs/${job.uuid}` } } } };
+    const timeoutS = Math.min(120, intParam(q, 'return_timeout', 0));
+    const deadline = Date.now() + timeoutS * 1000;
+    while (timeoutS > 0 && Date.now() < deadline) {
+      appliance.tick();
+      const j = appliance.job(job.uuid);
+      if (j?.state === 'success') return json(done, link);
+      if (j?.state === 'failure') return json(400, { error: { ...j.error!, target: 'job' } });
+      await sleep(10);
+    }
+    return json(202, link);
+  }
+
+  const ticker = setInterval(() => appliance.tick(), 20);
+  ticker.unref();
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.port ?? 0, opts.host ?? MOCK_DEFAULTS.host, () => resolve());
+  });
+  const { port } = server.address() as AddressInfo;
+  const host = opts.host ?? MOCK_DEFAULTS.host;
+  return {
+    url: `http://${host.includes(':') ? `[${host}]` : host}:${port}`,
+    port,
+    username,
+    password,
+    faults,
+    appliance,
+    async close() {
+      clearInterval(ticker);
+      server.closeAllConnections();
+      await new Promise<void>((r) => server.close(() => r()));
+      appliance.save();
+    },
+  };
+}
+
+function write(res: ServerResponse, reply: Reply): void {
+  const headers = { ...reply.headers };
+  let payload: Buffer | string | undefined;
+  if (Buffer.isBuffer(reply.body)) {
+    payload = reply.body;
+    headers['content-type'] = 'application/octet-stream';
+  } else if (reply.body !== undefined) {
+    payload = JSON.stringify(reply.body);
+    headers['content-type'] = 'application/hal+json';
+  }
+  if (payload !== undefined) headers['content-length'] = String(Buffer.byteLength(payload));
+  res.writeHead(reply.status, headers);
+  res.end(payload);
+}
+
+async function readBody(req: IncomingMessage): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const chunk of req) parts.push(chunk as Buffer);
+  return Buffer.concat(parts);
+}
+
+async function drain(req: IncomingMessage): Promise<void> {
+  for await (const _ of req) {
+    // discard
+  }
+}
+
+function parseJson(body: Buffer): unknown {
+  if (body.length === 0) throw invalid('a JSON request body is required');
+  try {
+    return JSON.parse(body.toString('utf8'));
+  } catch {
+    throw invalid('the request body is not valid JSON');
+  }
+}
+
+function validate<T>(schema: { safeParse(v: unknown): { success: true; data: T } | { success: false; error: { issues: { path: PropertyKey[]; message: string }[] } } }, value: unknown): T {
+  const r = schema.safeParse(value);
+  if (r.success) return r.data;
+  const issue = r.error.issues[0]!;
+  const target = issue.path.map(String).join('.');
+  throw invalid(`invalid value for "${target}": ${issue.message}`, target);
+}
+
+function intParam(q: URLSearchParams, name: string, fallback: number): number {
+  const raw = q.get(name);
+  if (raw === null) return fallback;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 0) throw invalid(`"${name}" must be a non-negative integer, got "${raw}"`, name);
+  return n;
+}
+
+function parseRange(header: string | undefined, size: number): { start: number; end: number } | undefined {
+  if (!header) return undefined;
+  const m = /^bytes=(\d+)-(\d*)$/.exec(header.trim());
+  if (!m) throw new ApiError(416, OntapCode.INVALID_INPUT, `unsupported Range "${header}" (one bytes=START-END range)`, 'range');
+  const start = Number(m[1]);
+  const end = m[2] === '' ? size - 1 : Math.min(Number(m[2]), size - 1);
+  if (start >= size || end < start) throw new ApiError(416, OntapCode.INVALID_INPUT, `range ${header} is outside the volume (size ${size})`, 'range');
+  return { start, end };
+}
+
+function parseContentRange(header: string | undefined, length: number): number {
+  if (!header) return 0;
+  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(header.trim());
+  if (!m) throw invalid(`unsupported Content-Range "${header}" (bytes START-END/SIZE)`, 'content-range');
+  const start = Number(m[1]);
+  if (Number(m[2]) - start + 1 !== length) throw invalid(`Content-Range ${header} does not match the body length ${length}`, 'content-range');
+  return start;
+}
+
+function statusText(status: number): string {
+  return status === 429 ? 'too many requests' : status === 503 ? 'service unavailable' : `server error ${status}`;
+}
+
+function unreachable(x: never): never {
+  throw new Error(`unhandled fault ${JSON.stringify(x)}`);
+}
+
