@@ -1,0 +1,140 @@
+import { readFileSync } from 'node:fs';
+import { dirname, extname, isAbsolute, resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import type { BackendEntry, BackendFactory } from '../backend/plugin.js';
+import { isValidName } from '../model/refs.js';
+import { ConfigError } from './config-error.js';
+import { describeIssue, formatPath } from './format-issues.js';
+import { secrets } from './secrets.js';
+
+/** A validated broker config: the envelope plus each backend entry as its plugin parsed it. */
+export interface BrokerConfig {
+  /** Absolute path of the state directory (job store). */
+  state: string;
+  /** Folder relative paths in backend entries are resolved against. */
+  baseDir: string;
+  backends: (BackendEntry & Record<string, unknown>)[];
+}
+
+/** What a user writes (before validation). */
+export interface RawConfig {
+  state?: string;
+  backends: Record<string, unknown>[];
+}
+
+const envelopeSchema = z.strictObject({
+  state: z.string().min(1).optional(),
+  backends: z.array(
+    z.looseObject({
+      name: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -'),
+      kind: z.string().min(1),
+    }),
+  ),
+});
+
+/** Read a YAML or JSON file (YAML is a superset; JSON files parse the same way). */
+export function readConfigFile(path: string): { raw: unknown; baseDir: string } {
+  const abs = resolve(path);
+  let text: string;
+  try {
+    text = readFileSync(abs, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new ConfigError(
+      code === 'ENOENT' ? `config file ${abs} does not exist` : `cannot read config file ${abs}: ${(e as Error).message}`,
+      'pass --config FILE or set OFFLOAD_CONFIG',
+    );
+  }
+  try {
+    const raw = extname(abs).toLowerCase() === '.json' ? JSON.parse(text) : parseYaml(text);
+    return { raw, baseDir: dirname(abs) };
+  } catch (e) {
+    throw new ConfigError(`config file ${abs} is not valid ${extname(abs) === '.json' ? 'JSON' : 'YAML'}: ${firstLine((e as Error).message)}`);
+  }
+}
+
+/** Replace `${NAME}` in every string with the environment variable; a missing one names its path. */
+export function substituteEnv(value: unknown, env: NodeJS.ProcessEnv, path = ''): unknown {
+  if (typeof value === 'string') {
+    return value.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}/g, (_, name: string) => {
+      const v = env[name];
+      if (v === undefined) throw new ConfigError(`${path || '(root)'}: environment variable ${name} is not set`);
+      return v;
+    });
+  }
+  if (Array.isArray(value)) return value.map((v, i) => substituteEnv(v, env, `${path}[${i}]`));
+  if (value && typeof value === 'object') {
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(value)) out[k] = substituteEnv(v, env, path ? `${path}.${k}` : k);
+    return out;
+  }
+  return value;
+}
+
+/**
+ * Validate a raw config against the envelope and each backend entry against the schema its
+ * plugin registered. Secret fields are registered for redaction before anything can fail.
+ */
+export function validateConfig(
+  raw: unknown,
+  factories: readonly BackendFactory<object>[],
+  opts: { baseDir?: string; env?: NodeJS.ProcessEnv } = {},
+): BrokerConfig {
+  const baseDir = opts.baseDir ?? process.cwd();
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) {
+    throw new ConfigError('config: expected an object with a "backends" list');
+  }
+  const byKind = new Map(factories.map((f) => [f.kind, f]));
+  registerSecrets(raw, byKind);
+  const substituted = substituteEnv(raw, opts.env ?? process.env);
+  registerSecrets(substituted, byKind);
+
+  const env = envelopeSchema.safeParse(substituted);
+  if (!env.success) throw issuesError('', env.error.issues);
+
+  const known = [...byKind.keys()].sort();
+  const seen = new Set<string>();
+  const backends = env.data.backends.map((entry, i) => {
+    const path = `backends[${i}]`;
+    const factory = byKind.get(entry.kind);
+    if (!factory) {
+      throw new ConfigError(
+        `${path}.kind: unknown kind "${entry.kind}" (known kinds: ${known.length ? known.join(', ') : 'none — no plugins loaded'})`,
+      );
+    }
+    if (seen.has(entry.name)) throw new ConfigError(`${path}.name: duplicate backend name "${entry.name}"`);
+    seen.add(entry.name);
+    const parsed = factory.configSchema.safeParse(entry);
+    if (!parsed.success) throw issuesError(path, parsed.error.issues);
+    return parsed.data as BackendEntry & Record<string, unknown>;
+  });
+  const state = env.data.state ?? './.offload';
+  return { state: isAbsolute(state) ? state : resolve(baseDir, state), baseDir, backends };
+}
+
+/** Read, substitute and validate a config file. */
+export function loadConfig(path: string, factories: readonly BackendFactory<object>[], env?: NodeJS.ProcessEnv): BrokerConfig {
+  const { raw, baseDir } = readConfigFile(path);
+  return validateConfig(raw, factories, { baseDir, env });
+}
+
+function registerSecrets(raw: unknown, byKind: Map<string, BackendFactory<object>>): void {
+  const list = (raw as { backends?: unknown }).backends;
+  if (!Array.isArray(list)) return;
+  for (const entry of list) {
+    if (!entry || typeof entry !== 'object') continue;
+    const f = byKind.get((entry as { kind?: string }).kind ?? '');
+    for (const field of f?.secretFields ?? []) secrets.add((entry as Record<string, unknown>)[field]);
+  }
+}
+
+function issuesError(prefix: string, issues: readonly z.core.$ZodIssue[]): ConfigError {
+  const first = issues[0]!;
+  const more = issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : '';
+  return new ConfigError(secrets.redact(`${formatPath(prefix, first.path)}: ${describeIssue(first)}${more}`));
+}
+
+function firstLine(s: string): string {
+  return s.split('\n')[0]!;
+}

@@ -1,0 +1,183 @@
+import { randomBytes } from 'node:crypto';
+import type { Logger } from '../backend/plugin.js';
+import type { LockManager, LockRequest } from '../locks/lock-manager.js';
+import type { Principal } from '../locks/principal.js';
+import { NotFound, toOffloadError } from '../model/errors.js';
+import { ACTIVE_STATUSES } from './job-states.js';
+import type { Job, JobInfo } from './job.js';
+import type { JobTask } from './job-task.js';
+import type { JobRecord, JobStore } from './job-store.js';
+import { ManagedJob } from './managed-job.js';
+import { RemoteJob, recordToInfo } from './remote-job.js';
+
+export interface StartJobRequest {
+  task: JobTask;
+  /** The ref the job works on. */
+  ref: string;
+  /** `backend:NAME` or `host`. */
+  executor: string;
+  /** The backend to ask for `resumeTask` after a restart (absent for host tasks). */
+  backend?: string;
+  principal: Principal;
+  plan?: unknown;
+  locks: LockRequest[];
+  speed?: number;
+}
+
+/** Rebuilds the task of a stored job after a restart; undefined when it cannot be resumed. */
+export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
+
+/** Tokens of the job managers alive in this process (a pid alone may be reused or be ours). */
+const liveTokens = new Set<string>();
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+export class JobManager {
+  private readonly token = randomBytes(8).toString('hex');
+  private readonly running = new Map<string, ManagedJob>();
+
+  constructor(
+    private readonly store: JobStore,
+    private readonly locks: LockManager,
+    private readonly resolveTask: TaskResolver,
+    private readonly logger: Logger,
+  ) {
+    liveTokens.add(this.token);
+  }
+
+  /** Take the job's locks (Busy if they conflict), record it, and start it. */
+  async start(req: StartJobRequest): Promise<Job> {
+    const id = `${req.task.type}-${randomBytes(4).toString('hex')}`;
+    const description = `${req.task.type} ${req.ref}`;
+    let job: ManagedJob | undefined;
+    const lease = await this.locks.acquire(req.locks, {
+      id,
+      principal: req.principal,
+      description,
+      preempt: () => {
+        try {
+          job?.cancel();
+        } catch {
+          // already ending
+        }
+      },
+    });
+    const now = new Date().toISOString();
+    const record: JobRecord = {
+      id, type: req.task.type, status: 'created', executor: req.executor, ref: req.ref, owner: req.principal.id,
+      progress: { current: 0, total: 0 }, speed: req.speed ?? 0, cancelled: false, createdAt: now, updatedAt: now,
+      params: req.task.params, runnerPid: process.pid, runnerToken: this.token, locks: req.locks, ownerRole: req.principal.role,
+      ...(req.plan !== undefined ? { plan: req.plan } : {}),
+      ...(req.backend !== undefined ? { backend: req.backend } : {}),
+    };
+    try {
+      this.store.put(record);
+    } catch (e) {
+      lease.release();
+      throw toOffloadError(e, 'recording the job');
+    }
+    job = new ManagedJob(record, req.task, this.store, (j) => {
+      lease.release();
+      this.running.delete(j.id);
+    });
+    this.running.set(id, job);
+    job.start();
+    return job;
+  }
+
+  /** A job of this process, or a view of one that another process runs or ran. */
+  get(id: string): Job {
+    const local = this.running.get(id);
+    if (local) return local;
+    if (!this.store.get(id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
+    return new RemoteJob(id, this.store);
+  }
+
+  list(): JobInfo[] {
+    return this.store.list().map((r) => (this.running.get(r.id)?.info() ?? recordToInfo(r)));
+  }
+
+  /**
+   * Jobs left active by a process that is gone: resume those whose executor can rebuild the task
+   * (from their last checkpoint), conclude the others with an error saying they were interrupted.
+   */
+  async recover(): Promise<{ resumed: string[]; failed: string[] }> {
+    const resumed: string[] = [];
+    const failed: string[] = [];
+    for (const rec of this.store.list()) {
+      if (!ACTIVE_STATUSES.includes(rec.status)) continue;
+      if (liveTokens.has(rec.runnerToken)) continue;
+      if (rec.runnerPid !== process.pid && pidAlive(rec.runnerPid)) continue;
+      let task: JobTask | undefined;
+      let why = 'its executor cannot resume it';
+      if (!rec.cancelled) {
+        try {
+          task = await this.resolveTask(rec);
+        } catch (e) {
+          why = `resuming failed: ${toOffloadError(e).message}`;
+        }
+      } else {
+        why = 'it had been cancelled';
+      }
+      if (task && (await this.resume(rec, task))) {
+        resumed.push(rec.id);
+        continue;
+      }
+      rec.status = 'concluded';
+      rec.error = {
+        code: rec.cancelled ? 'Cancelled' : 'Internal',
+        message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it (pid ${rec.runnerPid}) stopped, and ${why}; run it again`,
+      };
+      rec.updatedAt = new Date().toISOString();
+      this.store.update(rec);
+      this.logger.warn('job interrupted', { job: rec.id, type: rec.type, ref: rec.ref });
+      failed.push(rec.id);
+    }
+    return { resumed, failed };
+  }
+
+  private async resume(rec: JobRecord, task: JobTask): Promise<boolean> {
+    let job: ManagedJob | undefined;
+    let lease;
+    try {
+      lease = await this.locks.acquire(rec.locks, {
+        id: rec.id,
+        principal: { id: rec.owner, role: rec.ownerRole },
+        description: `${rec.type} ${rec.ref}`,
+        preempt: () => job?.cancel(),
+      });
+    } catch {
+      return false;
+    }
+    // Restart the life cycle from `created`, keeping progress and the checkpoint.
+    rec.status = 'created';
+    rec.runnerPid = process.pid;
+    rec.runnerToken = this.token;
+    rec.updatedAt = new Date().toISOString();
+    this.store.update(rec);
+    const theLease = lease;
+    job = new ManagedJob(rec, task, this.store, (j) => {
+      theLease.release();
+      this.running.delete(j.id);
+    });
+    this.running.set(rec.id, job);
+    this.logger.info('job resumed', { job: rec.id, type: rec.type, ref: rec.ref });
+    job.start(rec.checkpoint);
+    return true;
+  }
+
+  /** Stop running jobs without concluding them; a later broker start resumes or fails them. */
+  async close(): Promise<void> {
+    const jobs = [...this.running.values()];
+    for (const j of jobs) j.shutdown();
+    await Promise.all(jobs.map((j) => j.wait()));
+    liveTokens.delete(this.token);
+  }
+}

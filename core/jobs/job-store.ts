@@ -1,0 +1,170 @@
+import Database from 'better-sqlite3';
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { ErrorCode } from '../model/errors.js';
+import type { JobInfo, JobStatus } from './job.js';
+import type { LockRequest } from '../locks/lock-manager.js';
+
+/** A job as stored: its info plus what a restarted broker needs to resume or fail it. */
+export interface JobRecord extends JobInfo {
+  /** The backend whose task this is (`resumeTask` is asked), or undefined for host tasks. */
+  backend?: string;
+  /** Last checkpoint saved by the task (JSON). */
+  checkpoint?: unknown;
+  /** The process running it: pid and a per-process token (pids are reused). */
+  runnerPid: number;
+  runnerToken: string;
+  /** A verb asked from another process (`offload jobs cancel` while `offload stream` runs). */
+  request?: StoredRequest;
+  /** The locks the job holds, taken again when it is resumed. */
+  locks: LockRequest[];
+  /** The role of `owner`, so a resumed job holds its locks as the same principal. */
+  ownerRole: 'admin' | 'tenant';
+}
+
+export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' } | { verb: 'set-speed'; speed: number };
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY,
+  type TEXT NOT NULL,
+  status TEXT NOT NULL,
+  executor TEXT NOT NULL,
+  backend TEXT,
+  ref TEXT NOT NULL,
+  owner TEXT NOT NULL,
+  owner_role TEXT NOT NULL DEFAULT 'admin',
+  progress_current INTEGER NOT NULL,
+  progress_total INTEGER NOT NULL,
+  speed INTEGER NOT NULL,
+  error_code TEXT,
+  error_message TEXT,
+  cancelled INTEGER NOT NULL DEFAULT 0,
+  params TEXT NOT NULL,
+  plan TEXT,
+  checkpoint TEXT,
+  runner_pid INTEGER NOT NULL,
+  runner_token TEXT NOT NULL,
+  request TEXT,
+  locks TEXT NOT NULL DEFAULT '[]',
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS owners (
+  ref TEXT PRIMARY KEY,
+  owner TEXT NOT NULL
+);
+`;
+
+interface Row {
+  id: string; type: string; status: string; executor: string; backend: string | null; ref: string; owner: string; owner_role: string;
+  progress_current: number; progress_total: number; speed: number; error_code: string | null; error_message: string | null;
+  cancelled: number; params: string; plan: string | null; checkpoint: string | null; runner_pid: number; runner_token: string;
+  request: string | null; locks: string; created_at: string; updated_at: string;
+}
+
+/**
+ * The broker's durable state in SQLite (WAL, so `offload jobs list` in one process reads while a
+ * job in another writes): jobs, and which principal owns which volume.
+ */
+export class JobStore {
+  private readonly db: Database.Database;
+
+  constructor(file: string) {
+    if (file !== ':memory:') mkdirSync(dirname(file), { recursive: true });
+    this.db = new Database(file);
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('busy_timeout = 5000');
+    this.db.pragma('synchronous = NORMAL');
+    this.db.exec(SCHEMA);
+  }
+
+  put(job: JobRecord): void {
+    this.db.prepare(`INSERT OR REPLACE INTO jobs
+      (id, type, status, executor, backend, ref, owner, owner_role, progress_current, progress_total, speed, error_code, error_message,
+       cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at)
+      VALUES (@id, @type, @status, @executor, @backend, @ref, @owner, @owner_role, @progress_current, @progress_total, @speed, @error_code,
+       @error_message, @cancelled, @params, @plan, @checkpoint, @runner_pid, @runner_token, @request, @locks, @created_at, @updated_at)`)
+      .run(toRow(job));
+  }
+
+  /** Update the live fields of a job this process runs, keeping a pending cross-process request. */
+  update(job: JobRecord): void {
+    const r = toRow(job);
+    this.db.prepare(`UPDATE jobs SET status=@status, progress_current=@progress_current, progress_total=@progress_total,
+      speed=@speed, error_code=@error_code, error_message=@error_message, cancelled=@cancelled, checkpoint=@checkpoint,
+      runner_pid=@runner_pid, runner_token=@runner_token, updated_at=@updated_at WHERE id=@id`).run(r);
+  }
+
+  get(id: string): JobRecord | undefined {
+    const row = this.db.prepare('SELECT * FROM jobs WHERE id = ?').get(id) as Row | undefined;
+    return row && fromRow(row);
+  }
+
+  list(): JobRecord[] {
+    return (this.db.prepare('SELECT * FROM jobs ORDER BY created_at, id').all() as Row[]).map(fromRow);
+  }
+
+  delete(id: string): void {
+    this.db.prepare('DELETE FROM jobs WHERE id = ?').run(id);
+  }
+
+  /** Ask the process running a job to apply a verb (read by that process's poll). */
+  setRequest(id: string, request: StoredRequest): void {
+    this.db.prepare('UPDATE jobs SET request = ? WHERE id = ?').run(JSON.stringify(request), id);
+  }
+
+  /** Take (read and clear) a pending request. */
+  takeRequest(id: string): StoredRequest | undefined {
+    const tx = this.db.transaction(() => {
+      const row = this.db.prepare('SELECT request FROM jobs WHERE id = ?').get(id) as { request: string | null } | undefined;
+      if (!row?.request) return undefined;
+      this.db.prepare('UPDATE jobs SET request = NULL WHERE id = ?').run(id);
+      return JSON.parse(row.request) as StoredRequest;
+    });
+    return tx();
+  }
+
+  setOwner(ref: string, owner: string): void {
+    this.db.prepare('INSERT OR REPLACE INTO owners (ref, owner) VALUES (?, ?)').run(ref, owner);
+  }
+
+  getOwner(ref: string): string | undefined {
+    return (this.db.prepare('SELECT owner FROM owners WHERE ref = ?').get(ref) as { owner: string } | undefined)?.owner;
+  }
+
+  deleteOwner(ref: string): void {
+    this.db.prepare('DELETE FROM owners WHERE ref = ?').run(ref);
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+}
+
+function toRow(j: JobRecord): Row {
+  return {
+    id: j.id, type: j.type, status: j.status, executor: j.executor, backend: j.backend ?? null, ref: j.ref, owner: j.owner, owner_role: j.ownerRole,
+    progress_current: Math.round(j.progress.current), progress_total: Math.round(j.progress.total), speed: Math.round(j.speed),
+    error_code: j.error?.code ?? null, error_message: j.error?.message ?? null, cancelled: j.cancelled ? 1 : 0,
+    params: JSON.stringify(j.params), plan: j.plan === undefined ? null : JSON.stringify(j.plan),
+    checkpoint: j.checkpoint === undefined ? null : JSON.stringify(j.checkpoint), runner_pid: j.runnerPid,
+    runner_token: j.runnerToken, request: j.request ? JSON.stringify(j.request) : null, locks: JSON.stringify(j.locks), created_at: j.createdAt, updated_at: j.updatedAt,
+  };
+}
+
+function fromRow(r: Row): JobRecord {
+  const rec: JobRecord = {
+    id: r.id, type: r.type, status: r.status as JobStatus, executor: r.executor, ref: r.ref, owner: r.owner,
+    progress: { current: r.progress_current, total: r.progress_total }, speed: r.speed, cancelled: r.cancelled === 1,
+    params: JSON.parse(r.params) as Record<string, unknown>, createdAt: r.created_at, updatedAt: r.updated_at,
+    runnerPid: r.runner_pid, runnerToken: r.runner_token, locks: JSON.parse(r.locks) as LockRequest[],
+    ownerRole: r.owner_role === 'tenant' ? 'tenant' : 'admin',
+  };
+  if (r.backend !== null) rec.backend = r.backend;
+  if (r.error_code !== null) rec.error = { code: r.error_code as ErrorCode, message: r.error_message ?? '' };
+  if (r.plan !== null) rec.plan = JSON.parse(r.plan);
+  if (r.checkpoint !== null) rec.checkpoint = JSON.parse(r.checkpoint);
+  if (r.request !== null) rec.request = JSON.parse(r.request) as StoredRequest;
+  return rec;
+}

@@ -1,0 +1,297 @@
+import { Cancelled, InvalidArgument, toOffloadError, type OffloadError } from '../model/errors.js';
+import { canTransition, assertVerb } from './job-states.js';
+import type { Job, JobEvent, JobInfo, JobStatus } from './job.js';
+import type { JobContext, JobTask } from './job-task.js';
+import type { JobRecord, JobStore, StoredRequest } from './job-store.js';
+import { RateLimiter } from './rate-limiter.js';
+
+const PERSIST_EVERY_MS = 250;
+
+/** Why a job stopped running without concluding (the broker is closing: it will be resumed). */
+class Shutdown extends Error {}
+
+/**
+ * A job run by this process: drives a JobTask through QEMU's life cycle, persists every status
+ * change (and progress at most every 250 ms), applies verbs asked from other processes, and
+ * releases its locks when it concludes.
+ */
+export class ManagedJob implements Job {
+  private readonly listeners = new Set<(e: JobEvent) => void>();
+  private readonly abort = new AbortController();
+  private readonly limiter = new RateLimiter();
+  private readonly concluded: Promise<JobInfo>;
+  private resolveConcluded!: (info: JobInfo) => void;
+  private resumeWaiters: (() => void)[] = [];
+  private completeWaiter?: { resolve: () => void; reject: (e: unknown) => void };
+  private completeAsked = false;
+  private lastPersist = 0;
+  private shuttingDown = false;
+  private poller?: NodeJS.Timeout;
+
+  constructor(
+    private readonly record: JobRecord,
+    private readonly task: JobTask,
+    private readonly store: JobStore,
+    private readonly onEnd: (job: ManagedJob) => void,
+  ) {
+    this.limiter.setSpeed(record.speed);
+    this.concluded = new Promise((r) => (this.resolveConcluded = r));
+  }
+
+  get id(): string {
+    return this.record.id;
+  }
+
+  info(): JobInfo {
+    const { backend: _b, checkpoint: _c, runnerPid: _p, runnerToken: _t, request: _r, locks: _l, ownerRole: _o, ...info } = this.record;
+    return structuredClone(info);
+  }
+
+  /** Start (or resume after a restart) the task. */
+  start(resumeFrom?: unknown): void {
+    this.poller = setInterval(() => this.pollRequests(), 200);
+    this.poller.unref();
+    this.transition('running');
+    void this.execute(resumeFrom);
+  }
+
+  pause(): void {
+    assertVerb('pause', this.record.status, this.id);
+    if (this.record.status === 'paused' || this.record.status === 'standby') {
+      throw new InvalidArgument(`job ${this.id} is already paused`, { ref: this.id });
+    }
+    if (this.record.status === 'running' || this.record.status === 'created') this.transition('paused');
+    else if (this.record.status === 'ready') this.transition('standby');
+  }
+
+  resume(): void {
+    assertVerb('resume', this.record.status, this.id);
+    if (this.record.status === 'paused') this.transition('running');
+    else if (this.record.status === 'standby') this.transition('ready');
+    else throw new InvalidArgument(`job ${this.id} is not paused`, { ref: this.id });
+    this.wakeResumers();
+  }
+
+  cancel(): void {
+    assertVerb('cancel', this.record.status, this.id);
+    if (this.record.cancelled) return;
+    this.record.cancelled = true;
+    this.persist(true);
+    // Cancelling a paused job resumes it so that it can see the cancel.
+    if (this.record.status === 'paused') this.transition('running');
+    if (this.record.status === 'standby') this.transition('ready');
+    this.wakeResumers();
+    this.abort.abort(new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }));
+    this.completeWaiter?.reject(new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }));
+  }
+
+  complete(): void {
+    assertVerb('complete', this.record.status, this.id);
+    this.completeAsked = true;
+    this.completeWaiter?.resolve();
+  }
+
+  setSpeed(bytesPerSecond: number): void {
+    assertVerb('set-speed', this.record.status, this.id);
+    if (!Number.isFinite(bytesPerSecond) || bytesPerSecond < 0) {
+      throw new InvalidArgument(`speed must be a number of bytes per second ≥ 0 (0 = unlimited), got ${bytesPerSecond}`);
+    }
+    this.record.speed = Math.floor(bytesPerSecond);
+    this.limiter.setSpeed(this.record.speed);
+    this.persist(true);
+  }
+
+  dismiss(): void {
+    assertVerb('dismiss', this.record.status, this.id);
+    this.store.delete(this.id);
+  }
+
+  wait(): Promise<JobInfo> {
+    return this.concluded;
+  }
+
+  async result(): Promise<JobInfo> {
+    const info = await this.concluded;
+    if (info.error) {
+      const { errorFromCode } = await import('../model/errors.js');
+      throw errorFromCode(info.error.code, info.error.message, { ref: info.ref });
+    }
+    return info;
+  }
+
+  on(listener: (event: JobEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  /** Stop running without concluding: the broker is closing; a later start resumes the job. */
+  shutdown(): void {
+    this.shuttingDown = true;
+    this.abort.abort(new Shutdown('broker closing'));
+    this.wakeResumers();
+    this.completeWaiter?.reject(new Shutdown('broker closing'));
+  }
+
+  private async execute(resumeFrom: unknown): Promise<void> {
+    let failure: OffloadError | undefined;
+    try {
+      await this.task.run(this.context(resumeFrom));
+    } catch (e) {
+      if (this.shuttingDown) return this.abandon();
+      failure = this.record.cancelled ? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
+    }
+    if (this.shuttingDown) return this.abandon();
+    if (failure) {
+      this.transition('aborting');
+      this.record.error = { code: failure.code, message: failure.message };
+      this.transition('concluded');
+      this.emit({ type: this.record.cancelled ? 'cancelled' : 'error', job: this.info() });
+    } else {
+      if (this.record.status === 'paused') this.transition('running');
+      if (this.record.status === 'standby') this.transition('ready');
+      this.record.progress.current = Math.max(this.record.progress.current, this.record.progress.total);
+      this.transition('waiting');
+      this.transition('pending');
+      this.transition('concluded');
+      this.emit({ type: 'completed', job: this.info() });
+    }
+    this.end();
+    this.resolveConcluded(this.info());
+  }
+
+  /** The broker closed while the job ran: leave its record for the next start to resume. */
+  private abandon(): void {
+    this.end();
+    this.resolveConcluded(this.info());
+  }
+
+  private end(): void {
+    if (this.poller) clearInterval(this.poller);
+    this.onEnd(this);
+  }
+
+  private context(resumeFrom: unknown): JobContext {
+    const job = this;
+    const rec = this.record;
+    return {
+      jobId: rec.id,
+      signal: this.abort.signal,
+      resumeFrom,
+      setTotal(bytes) {
+        rec.progress.total = Math.max(0, bytes);
+        job.persist(false);
+      },
+      advance(bytes) {
+        rec.progress.current += Math.max(0, bytes);
+        job.persist(false);
+        job.emit({ type: 'progress', job: job.info() });
+      },
+      setProgress(current, total) {
+        rec.progress.current = Math.max(rec.progress.current, current);
+        if (total !== undefined) rec.progress.total = total;
+        job.persist(false);
+        job.emit({ type: 'progress', job: job.info() });
+      },
+      async checkpoint(bytesMoved, state) {
+        if (bytesMoved > 0) this.advance(bytesMoved);
+        if (state !== undefined) this.saveState(state);
+        job.throwIfStopped();
+        const delay = job.limiter.delayFor(bytesMoved);
+        if (delay > 0) await job.sleep(delay);
+        while (rec.status === 'paused' || rec.status === 'standby') {
+          await new Promise<void>((r) => job.resumeWaiters.push(r));
+          job.throwIfStopped();
+        }
+        job.throwIfStopped();
+      },
+      saveState(state) {
+        rec.checkpoint = state;
+        job.persist(true);
+      },
+      ready() {
+        if (rec.status === 'running') {
+          job.transition('ready');
+          job.emit({ type: 'ready', job: job.info() });
+        }
+      },
+      waitForComplete() {
+        job.throwIfStopped();
+        if (job.completeAsked) return Promise.resolve();
+        return new Promise<void>((resolve, reject) => (job.completeWaiter = { resolve, reject }));
+      },
+      get completeRequested() {
+        return job.completeAsked;
+      },
+    };
+  }
+
+  private throwIfStopped(): void {
+    if (this.abort.signal.aborted) throw this.abort.signal.reason;
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(done, ms);
+      const onAbort = () => done();
+      this.abort.signal.addEventListener('abort', onAbort, { once: true });
+      function done() {
+        clearTimeout(t);
+        resolve();
+      }
+    });
+  }
+
+  private wakeResumers(): void {
+    const w = this.resumeWaiters;
+    this.resumeWaiters = [];
+    for (const r of w) r();
+  }
+
+  private transition(to: JobStatus): void {
+    const from = this.record.status;
+    if (from === to && to !== 'aborting') return;
+    if (from !== to && !canTransition(from, to)) throw new Error(`job ${this.id}: illegal transition ${from} → ${to}`);
+    this.record.status = to;
+    this.persist(true);
+    this.emit({ type: 'status', job: this.info() });
+  }
+
+  private persist(force: boolean): void {
+    const now = Date.now();
+    if (!force && now - this.lastPersist < PERSIST_EVERY_MS) return;
+    this.lastPersist = now;
+    this.record.updatedAt = new Date(now).toISOString();
+    this.store.update(this.record);
+  }
+
+  private pollRequests(): void {
+    let req: StoredRequest | undefined;
+    try {
+      req = this.store.takeRequest(this.id);
+    } catch {
+      return; // the store is closing
+    }
+    if (!req) return;
+    try {
+      switch (req.verb) {
+        case 'cancel': this.cancel(); break;
+        case 'pause': this.pause(); break;
+        case 'resume': this.resume(); break;
+        case 'complete': this.complete(); break;
+        case 'set-speed': this.setSpeed(req.speed); break;
+      }
+    } catch {
+      // A verb that no longer applies (the job moved on) is dropped, as QEMU would refuse it.
+    }
+  }
+
+  private emit(e: JobEvent): void {
+    for (const l of this.listeners) {
+      try {
+        l(e);
+      } catch {
+        // A listener's failure must not break the job.
+      }
+    }
+  }
+}

@@ -1,0 +1,94 @@
+import { errorFromCode, NotFound } from '../model/errors.js';
+import { assertVerb } from './job-states.js';
+import type { Job, JobEvent, JobInfo } from './job.js';
+import type { JobRecord, JobStore } from './job-store.js';
+
+export function recordToInfo(r: JobRecord): JobInfo {
+  const { backend: _b, checkpoint: _c, runnerPid: _p, runnerToken: _t, request: _r, locks: _l, ownerRole: _o, ...info } = r;
+  return info;
+}
+
+/**
+ * A job another process runs (e.g. `offload stream` in one terminal, `offload jobs cancel` in
+ * another): reads come from the store, verbs are stored as requests that the running process
+ * applies within a fraction of a second.
+ */
+export class RemoteJob implements Job {
+  constructor(readonly id: string, private readonly store: JobStore) {}
+
+  private record(): JobRecord {
+    const r = this.store.get(this.id);
+    if (!r) throw new NotFound(`job ${this.id} does not exist`, { ref: this.id, hint: 'list jobs with `offload jobs list`' });
+    return r;
+  }
+
+  info(): JobInfo {
+    return recordToInfo(this.record());
+  }
+
+  pause(): void {
+    assertVerb('pause', this.record().status, this.id);
+    this.store.setRequest(this.id, { verb: 'pause' });
+  }
+
+  resume(): void {
+    assertVerb('resume', this.record().status, this.id);
+    this.store.setRequest(this.id, { verb: 'resume' });
+  }
+
+  cancel(): void {
+    assertVerb('cancel', this.record().status, this.id);
+    this.store.setRequest(this.id, { verb: 'cancel' });
+  }
+
+  complete(): void {
+    assertVerb('complete', this.record().status, this.id);
+    this.store.setRequest(this.id, { verb: 'complete' });
+  }
+
+  setSpeed(bytesPerSecond: number): void {
+    assertVerb('set-speed', this.record().status, this.id);
+    this.store.setRequest(this.id, { verb: 'set-speed', speed: bytesPerSecond });
+  }
+
+  dismiss(): void {
+    assertVerb('dismiss', this.record().status, this.id);
+    this.store.delete(this.id);
+  }
+
+  async wait(): Promise<JobInfo> {
+    for (;;) {
+      const info = this.info();
+      if (info.status === 'concluded') return info;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  async result(): Promise<JobInfo> {
+    const info = await this.wait();
+    if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref });
+    return info;
+  }
+
+  /** Polls the store and reports status and progress changes. */
+  on(listener: (event: JobEvent) => void): () => void {
+    let last = '';
+    const timer = setInterval(() => {
+      let info: JobInfo;
+      try {
+        info = this.info();
+      } catch {
+        clearInterval(timer);
+        return;
+      }
+      const key = `${info.status}:${info.progress.current}:${info.progress.total}`;
+      if (key === last) return;
+      const statusChanged = !last.startsWith(`${info.status}:`);
+      last = key;
+      listener({ type: statusChanged ? 'status' : 'progress', job: info });
+      if (info.status === 'concluded') clearInterval(timer);
+    }, 250);
+    timer.unref();
+    return () => clearInterval(timer);
+  }
+}

@@ -1,0 +1,124 @@
+import type { BlockDevice } from '../backend/block-device.js';
+import type { JobContext, JobTask } from '../jobs/job-task.js';
+import type { Extent } from '../model/types.js';
+
+/** Bytes per request: large enough to amortise a round trip, small enough to bound memory. */
+export const COPY_CHUNK = 4 * 1024 * 1024;
+/** Requests in flight at once (memory bound: DEPTH × COPY_CHUNK). */
+export const COPY_DEPTH = 4;
+
+export interface HostCopyParams extends Record<string, unknown> {
+  source: string;
+  target: string;
+  /** The target was created empty for this copy: unallocated source ranges can be skipped. */
+  targetFresh: boolean;
+}
+
+/** Opens a ref's data path; provided by the broker. */
+export type DeviceOpener = (ref: string, mode: 'r' | 'rw') => Promise<BlockDevice>;
+
+interface Piece {
+  offset: number;
+  length: number;
+  kind: 'data' | 'zero';
+}
+
+/**
+ * The host data mover: copies a volume's data between two data paths, moving only allocated
+ * extents (zero ranges become zero writes, unallocated ranges are skipped on a fresh target),
+ * in 4 MiB requests with 4 in flight. Its checkpoint is the offset below which everything is
+ * copied, so a resumed copy starts there.
+ */
+export function hostCopyTask(params: HostCopyParams, open: DeviceOpener): JobTask {
+  return {
+    type: 'copy',
+    params,
+    async run(ctx: JobContext) {
+      const src = await open(params.source, 'r');
+      let dst: BlockDevice | undefined;
+      try {
+        dst = await open(params.target, 'rw');
+        await copyDevice(src, dst, params.targetFresh, ctx);
+        await dst.flush();
+      } finally {
+        await Promise.allSettled([src.close(), dst?.close()]);
+      }
+    },
+  };
+}
+
+async function copyDevice(src: BlockDevice, dst: BlockDevice, targetFresh: boolean, ctx: JobContext): Promise<void> {
+  const size = Math.min(src.sizeBytes, dst.sizeBytes);
+  const start = typeof (ctx.resumeFrom as { offset?: unknown })?.offset === 'number' ? (ctx.resumeFrom as { offset: number }).offset : 0;
+  const pieces = plan(await src.extents(0, size), size, targetFresh).filter((p) => p.offset + p.length > start)
+    .map((p) => (p.offset < start ? { ...p, offset: start, length: p.offset + p.length - start } : p));
+  ctx.setTotal(pieces.reduce((n, p) => n + (p.kind === 'data' ? p.length : 0), 0));
+
+  // Pipelined: up to COPY_DEPTH requests in flight; the checkpoint is the lowest unfinished offset.
+  const inFlight = new Map<number, Promise<void>>();
+  const done = new Set<number>();
+  let next = 0;
+  const chunks: Piece[] = [];
+  for (const p of pieces) {
+    for (let off = p.offset; off < p.offset + p.length; off += COPY_CHUNK) {
+      chunks.push({ offset: off, length: Math.min(COPY_CHUNK, p.offset + p.length - off), kind: p.kind });
+    }
+  }
+  let lowestDone = 0;
+  const move = async (i: number) => {
+    const c = chunks[i]!;
+    if (c.kind === 'data') {
+      await dst.write(c.offset, await src.read(c.offset, c.length));
+    } else if (dst.writeZeroes) {
+      await dst.writeZeroes(c.offset, c.length);
+    } else {
+      await dst.write(c.offset, new Uint8Array(c.length));
+    }
+  };
+  let failure: unknown;
+  try {
+    await pump();
+  } finally {
+    // Never leave a request running behind a failure or a cancel.
+    await Promise.allSettled(inFlight.values());
+  }
+
+  async function pump(): Promise<void> {
+  while (next < chunks.length || inFlight.size > 0) {
+    while (next < chunks.length && inFlight.size < COPY_DEPTH) {
+      const i = next++;
+      inFlight.set(i, move(i).then(() => void done.add(i), (e: unknown) => {
+        failure ??= e;
+        done.add(i);
+      }));
+    }
+    await Promise.race(inFlight.values());
+    if (failure !== undefined) throw failure;
+    for (const i of [...inFlight.keys()]) {
+      if (!done.has(i)) continue;
+      inFlight.delete(i);
+      const c = chunks[i]!;
+      while (done.has(lowestDone)) lowestDone++;
+      const safe = lowestDone < chunks.length ? chunks[lowestDone]!.offset : size;
+      await ctx.checkpoint(c.kind === 'data' ? c.length : 0, { offset: safe });
+    }
+  }
+  }
+}
+
+/** What to do with each range: copy data, write zeros, or (fresh target) nothing. */
+function plan(extents: Extent[], size: number, targetFresh: boolean): Piece[] {
+  const out: Piece[] = [];
+  let pos = 0;
+  const sorted = [...extents].sort((a, b) => a.offset - b.offset);
+  for (const e of sorted) {
+    const s = Math.max(e.offset, pos);
+    const t = Math.min(e.offset + e.length, size);
+    if (t <= s) continue;
+    if (s > pos && !targetFresh) out.push({ offset: pos, length: s - pos, kind: 'zero' });
+    if (e.kind === 'data' || !targetFresh) out.push({ offset: s, length: t - s, kind: e.kind });
+    pos = t;
+  }
+  if (pos < size && !targetFresh) out.push({ offset: pos, length: size - pos, kind: 'zero' });
+  return out;
+}

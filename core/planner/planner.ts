@@ -1,0 +1,105 @@
+import type { StorageBackend } from '../backend/storage-backend.js';
+import type { CapabilitySet } from '../model/capabilities.js';
+import { isSnapshotRef, parseRef, parseVolumeRef, type Ref } from '../model/refs.js';
+import { NotFound } from '../model/errors.js';
+import type { Operation, Plan, PlanStep } from './plan.js';
+
+export interface PlannerBackend {
+  backend: StorageBackend;
+  capabilities: CapabilitySet;
+}
+
+/**
+ * Chooses where each operation runs, in the design's order of preference: native on the owning
+ * backend → host data mover over the backends' data paths → Unsupported with the reason.
+ * `plan()` only explains; the broker executes what it explains.
+ */
+export class Planner {
+  constructor(private readonly backends: ReadonlyMap<string, PlannerBackend>) {}
+
+  plan(op: Operation): Plan {
+    switch (op.op) {
+      case 'create':
+        return this.single(op, parseVolumeRef(op.ref), 'volume.create', 'create the volume');
+      case 'delete':
+        return this.single(op, parseRef(op.ref), isSnapshotRef(parseRef(op.ref)) ? 'snapshot.delete' : 'volume.delete', 'delete it');
+      case 'resize':
+        return this.single(op, parseVolumeRef(op.ref), 'volume.resize', 'resize the volume');
+      case 'snapshot':
+        return this.single(op, parseRef(op.ref), 'snapshot.create', 'take the snapshot');
+      case 'revert':
+        return this.single(op, parseRef(op.ref), 'snapshot.revert', 'revert the volume to the snapshot');
+      case 'stream':
+        return this.single(op, parseVolumeRef(op.ref), 'chain.stream', 'copy the parent\'s data into the volume so it stands alone');
+      case 'commit':
+        return this.single(op, parseVolumeRef(op.ref), 'chain.commit', 'merge the volume\'s changes into its parent');
+      case 'clone':
+        return this.planClone(op);
+      case 'copy':
+        return this.planCopy(op);
+    }
+  }
+
+  private get(name: string): PlannerBackend {
+    const b = this.backends.get(name);
+    if (!b) throw new NotFound(`backend "${name}" is not configured`, { ref: name, hint: `configured backends: ${[...this.backends.keys()].join(', ') || 'none'}` });
+    return b;
+  }
+
+  private single(op: Operation, ref: Ref, cap: string, what: string): Plan {
+    const b = this.get(ref.backend);
+    if (b.capabilities.has(cap)) {
+      const step: PlanStep = { action: cap, executor: `backend:${ref.backend}`, hostBytes: 0, reason: `${ref.backend} (${b.backend.kind}) has ${cap} natively` };
+      return { operation: op, supported: true, steps: [step], reason: `offloaded: ${ref.backend} will ${what} itself` };
+    }
+    return unsupported(op, `${ref.backend} (${b.backend.kind}) does not support ${cap}, and there is no host fallback for it`);
+  }
+
+  private planClone(op: Extract<Operation, { op: 'clone' }>): Plan {
+    const src = parseRef(op.source);
+    const dst = parseVolumeRef(op.target);
+    const s = this.get(src.backend);
+    const d = this.get(dst.backend);
+    if (src.backend === dst.backend) {
+      const order: ('clone.linked' | 'clone.full')[] = op.mode === 'linked' ? ['clone.linked'] : op.mode === 'full' ? ['clone.full'] : ['clone.linked', 'clone.full'];
+      for (const cap of order) {
+        if (s.capabilities.has(cap)) {
+          return {
+            operation: op, supported: true, reason: `offloaded: ${src.backend} clones natively (${cap})`,
+            steps: [{ action: cap, executor: `backend:${src.backend}`, hostBytes: 0, reason: `${src.backend} (${s.backend.kind}) has ${cap}` }],
+          };
+        }
+      }
+      if (op.mode === 'linked') return unsupported(op, `${src.backend} (${s.backend.kind}) has no clone.linked; a linked clone shares data with its source and cannot be made by copying (use --full)`);
+    } else if (op.mode === 'linked') {
+      return unsupported(op, `a linked clone shares data with its source, so it must live on the same backend (${src.backend} ≠ ${dst.backend}); use --full`);
+    }
+    return this.hostCopy(op, src, dst, s, d, true);
+  }
+
+  private planCopy(op: Extract<Operation, { op: 'copy' }>): Plan {
+    const src = parseRef(op.source);
+    const dst = parseVolumeRef(op.target);
+    return this.hostCopy(op, src, dst, this.get(src.backend), this.get(dst.backend), false);
+  }
+
+  private hostCopy(op: Operation, src: Ref, dst: Ref, s: PlannerBackend, d: PlannerBackend, createTarget: boolean): Plan {
+    const missing: string[] = [];
+    if (!s.capabilities.has('data.read')) missing.push(`${src.backend} has no data.read`);
+    if (!d.capabilities.has('data.write')) missing.push(`${dst.backend} has no data.write`);
+    if (createTarget && !d.capabilities.has('volume.create')) missing.push(`${dst.backend} has no volume.create`);
+    if (isSnapshotRef(src)) missing.push('reading a snapshot through the host data path is not supported yet (clone it to a volume first)');
+    if (missing.length > 0) return unsupported(op, `no native way and no host data path: ${missing.join('; ')}`);
+    const steps: PlanStep[] = [];
+    if (createTarget) steps.push({ action: 'volume.create', executor: `backend:${dst.backend}`, hostBytes: 0, reason: 'the target volume is created first, with the source\'s size' });
+    steps.push({
+      action: 'data.copy', executor: 'host',
+      reason: `${s.capabilities.has('data.extents') ? 'only allocated extents are copied' : 'the whole volume is copied (no extents on the source)'}, through the host data mover`,
+    });
+    return { operation: op, supported: true, steps, reason: `host data mover: ${src.backend} → ${dst.backend} cannot be done natively` };
+  }
+}
+
+function unsupported(op: Operation, reason: string): Plan {
+  return { operation: op, supported: false, steps: [], reason };
+}
