@@ -216,7 +216,7 @@ function dumpBuffer(data: Uint8Array, offset: number, output: IoOutput): void {
     for (let j = 0; j < 16 && i + j < data.length; j++) {
       const c = data[i + j]!;
       hex += c.toString(16).padStart(2, '0') + ' ';
-      ascii += c < 0x20 || c > 0x7e ? '.' : String.fromCharCode(c);
+      ascii += c < 0x20 || c >= 0x7e ? '.' : String.fromCharCode(c); // qemu-io shows '~' as '.' too
     }
     output.out(`${(offset + i).toString(16).padStart(8, '0')}:  ${hex} ${ascii}`);
   }
