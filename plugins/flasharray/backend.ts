@@ -63,9 +63,10 @@ export class FlashArrayBackend implements StorageBackend {
       return this.toVolume(this.firstVolume((await this.retryOverDestroyed(name, post)).body, what));
     } catch (e) {
       if (!(e instanceof AlreadyExists)) throw e;
-      const existing = await this.getVolume(name);
-      if (existing && existing.sizeBytes === size && !(await this.sourceOf(name))) return existing;
-      throw new AlreadyExists(`volume ${this.ref(name)} already exists${existing ? ` with ${existing.sizeBytes} bytes` : ''}; asked for a new ${size}-byte volume`, {
+      // Maybe our own earlier try, whose answer was lost: the same volume is the answer.
+      const existing = (e.data?.existing as ApiVolume | undefined) ?? await this.findVolume(name);
+      if (existing && !existing.destroyed && existing.provisioned === size && !existing.source) return this.toVolume(existing);
+      throw new AlreadyExists(`volume ${this.ref(name)} already exists${existing ? ` with ${existing.provisioned} bytes${existing.source?.name ? ` (a copy of ${existing.source.name})` : ''}` : ''}; asked for a new ${size}-byte volume`, {
         ref: this.ref(name), hint: 'choose another name, or delete the existing volume first',
       });
     }
@@ -91,13 +92,13 @@ export class FlashArrayBackend implements StorageBackend {
       }
       if (!(e instanceof AlreadyExists)) throw e;
       // A retried copy whose first answer was lost: the same copy is fine, anything else is not.
-      const existing = await this.getVolume(name);
-      if (!existing || (await this.sourceOf(name)) !== srcName || existing.sizeBytes > size) {
+      const existing = (e.data?.existing as ApiVolume | undefined) ?? await this.findVolume(name);
+      if (!existing || existing.destroyed || existing.source?.name !== srcName || existing.provisioned > size) {
         throw new AlreadyExists(`volume ${this.ref(name)} already exists and is not a copy of ${srcRef}`, {
           ref: this.ref(name), hint: 'choose another name, or delete the existing volume first',
         });
       }
-      volume = existing;
+      volume = this.toVolume(existing);
     }
     return volume.sizeBytes < size ? this.resizeVolume(name, size) : volume;
   }
@@ -163,7 +164,7 @@ export class FlashArrayBackend implements StorageBackend {
       if (e instanceof NotFound) throw new NotFound(`volume ${this.ref(volume)} does not exist`, { ref: this.ref(volume), cause: e });
       if (!(e instanceof AlreadyExists)) throw e;
       // Same name and source (a retried create): the snapshot that is there is the answer.
-      const existing = await this.findSnapshot(full);
+      const existing = (e.data?.existing as ApiSnapshot | undefined) ?? await this.findSnapshot(full);
       if (existing && !existing.destroyed) return this.toSnapshot(existing);
       throw e;
     }
@@ -233,13 +234,21 @@ export class FlashArrayBackend implements StorageBackend {
     return size;
   }
 
-  /** Run a create; if the name is held by a destroyed object, eradicate it and create once more. */
+  /**
+   * Run a create; if the name is held by a destroyed object (pending eradication: "has been
+   * destroyed", or "already exists" while the array lists it destroyed), eradicate it and
+   * create once more.
+   */
   private async retryOverDestroyed<T>(name: string, create: () => Promise<T>, resource: 'volumes' | 'volume-snapshots' = 'volumes'): Promise<T> {
     try {
       return await create();
     } catch (e) {
-      const destroyed = apiMessage(e)?.includes(Match.destroyed) ||
-        (e instanceof AlreadyExists && (resource === 'volumes' ? (await this.findVolume(name))?.destroyed : (await this.findSnapshot(name))?.destroyed));
+      let destroyed = apiMessage(e)?.includes(Match.destroyed) ?? false;
+      if (!destroyed && e instanceof AlreadyExists) {
+        const found = resource === 'volumes' ? await this.findVolume(name) : await this.findSnapshot(name);
+        destroyed = found?.destroyed ?? false;
+        if (!destroyed) throw new AlreadyExists(e.message, { ref: e.ref, data: { ...e.data, existing: found } });
+      }
       if (!destroyed) throw e;
       await this.eradicate(resource, name, `${this.name}/${name}`);
       return create();
@@ -285,10 +294,6 @@ export class FlashArrayBackend implements StorageBackend {
       if (e instanceof NotFound) return undefined;
       throw e;
     }
-  }
-
-  private async sourceOf(name: string): Promise<string | undefined> {
-    return (await this.findVolume(name))?.source?.name ?? undefined;
   }
 
   private async sourceSize(source: { volume: string; snapshot?: string }, srcRef: string): Promise<number> {
