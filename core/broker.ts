@@ -45,7 +45,7 @@ const MAX_SAFE_SIZE = Number.MAX_SAFE_INTEGER;
 
 /** The broker's shared state; each principal gets its own view (BrokerView). */
 class BrokerState {
-  readonly locks = new LockManager();
+  readonly locks: LockManager;
   readonly mutex = new KeyedMutex();
   closed = false;
   constructor(
@@ -55,7 +55,14 @@ class BrokerState {
     readonly logger: Logger,
     readonly planner: Planner,
     public jobs: JobManager,
-  ) {}
+  ) {
+    this.locks = new LockManager({
+      foreign: () => (this.jobs ? this.jobs.foreignLocks() : []),
+      maintenance: () => this.store.listMaintenance().map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })),
+      placeMaintenance: (key, principal, reason) => this.store.placeMaintenance(key, principal.id, reason),
+      removeMaintenance: (key) => this.store.removeMaintenance(key),
+    });
+  }
 }
 
 /**

@@ -25,3 +25,5 @@ export { ConfigError, isConfigError } from './config/config-error.js';
 export { secrets, REDACTED } from './config/secrets.js';
 export { createLogger, silentLogger } from './logger.js';
 export { hostCopyTask, COPY_CHUNK, type HostCopyParams } from './planner/host-copy.js';
+export { runCli, type RunCliOptions } from './cli/run-cli.js';
+export { parseSize, formatSize } from './cli/sizes.js';

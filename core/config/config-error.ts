@@ -8,6 +8,6 @@ export class ConfigError extends InvalidArgument {
   }
 }
 
-export function isConfigError(e: unknown): e is ConfigError {
+export function isConfigError(e: unknown): boolean {
   return e instanceof InvalidArgument && (e as InvalidArgument).data?.config === true;
 }

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
-import type { LockManager, LockRequest } from '../locks/lock-manager.js';
+import type { LockHolder, LockManager, LockMode, LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { NotFound, toOffloadError } from '../model/errors.js';
 import { ACTIVE_STATUSES } from './job-states.js';
@@ -90,6 +90,26 @@ export class JobManager {
     this.running.set(id, job);
     job.start();
     return job;
+  }
+
+  /** Locks held by jobs that other live brokers (in other processes, or in this one) run. */
+  foreignLocks(): { key: string; mode: LockMode; holder: LockHolder }[] {
+    const out: { key: string; mode: LockMode; holder: LockHolder }[] = [];
+    for (const rec of this.store.list()) {
+      if (!ACTIVE_STATUSES.includes(rec.status) || rec.runnerToken === this.token) continue;
+      const alive = liveTokens.has(rec.runnerToken) || (rec.runnerPid !== process.pid && pidAlive(rec.runnerPid));
+      if (!alive) continue;
+      for (const l of rec.locks) {
+        out.push({
+          key: l.key, mode: l.mode,
+          holder: {
+            id: rec.id, principal: { id: rec.owner, role: rec.ownerRole }, description: `${rec.type} ${rec.ref} (pid ${rec.runnerPid})`,
+            preempt: () => this.store.setRequest(rec.id, { verb: 'cancel' }),
+          },
+        });
+      }
+    }
+    return out;
   }
 
   /** A job of this process, or a view of one that another process runs or ran. */

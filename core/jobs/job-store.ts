@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS jobs (
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS maintenance (
+  key TEXT PRIMARY KEY,
+  principal TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS owners (
   ref TEXT PRIMARY KEY,
   owner TEXT NOT NULL
@@ -123,6 +129,18 @@ export class JobStore {
       return JSON.parse(row.request) as StoredRequest;
     });
     return tx();
+  }
+
+  listMaintenance(): { key: string; principal: string; reason: string }[] {
+    return this.db.prepare('SELECT key, principal, reason FROM maintenance ORDER BY key').all() as { key: string; principal: string; reason: string }[];
+  }
+
+  placeMaintenance(key: string, principal: string, reason: string): void {
+    this.db.prepare('INSERT OR REPLACE INTO maintenance (key, principal, reason, created_at) VALUES (?, ?, ?, ?)').run(key, principal, reason, new Date().toISOString());
+  }
+
+  removeMaintenance(key: string): void {
+    this.db.prepare('DELETE FROM maintenance WHERE key = ?').run(key);
   }
 
   setOwner(ref: string, owner: string): void {

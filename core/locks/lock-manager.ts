@@ -45,6 +45,18 @@ interface Held {
   holder: LockHolder;
 }
 
+/**
+ * Locks held outside this process, so that two `offload` processes sharing a state directory
+ * respect each other: the jobs other live processes run, and maintenance locks (kept in the
+ * broker's SQLite store so they outlive the process that placed them).
+ */
+export interface SharedLocks {
+  foreign(): { key: string; mode: LockMode; holder: LockHolder }[];
+  maintenance(): { key: string; principal: Principal; reason: string }[];
+  placeMaintenance(key: string, principal: Principal, reason: string): void;
+  removeMaintenance(key: string): void;
+}
+
 /** Does a held lock of mode `held` conflict with a request of mode `wanted`? */
 export function lockModesConflict(held: LockMode, wanted: LockMode): boolean {
   if (held === 'maintenance' || wanted === 'maintenance') return true;
@@ -55,9 +67,24 @@ export class LockManager {
   private readonly held: Held[] = [];
   private readonly waiters = new Set<() => void>();
 
+  constructor(private readonly shared?: SharedLocks) {}
+
+  /** Every lock that counts: this process's, other processes' jobs, and maintenance locks. */
+  private all(): Held[] {
+    if (!this.shared) return this.held;
+    return [
+      ...this.held,
+      ...this.shared.foreign(),
+      ...this.shared.maintenance().map((m) => ({
+        key: m.key, mode: 'maintenance' as const,
+        holder: { id: `maintenance:${m.key}`, principal: m.principal, description: `maintenance: ${m.reason}` },
+      })),
+    ];
+  }
+
   /** Locks currently held, for `offload locks` and tests. */
   list(): LockInfo[] {
-    return this.held.map((h) => ({
+    return this.all().map((h) => ({
       key: h.key,
       mode: h.mode,
       holder: { id: h.holder.id, principal: h.holder.principal.id, role: h.holder.principal.role, description: h.holder.description },
@@ -88,8 +115,12 @@ export class LockManager {
     if (principal.role !== 'admin') {
       throw new PermissionDenied(`only an administrator can place a maintenance lock on ${key}`, { ref: key });
     }
-    const existing = this.held.find((h) => h.key === key && h.mode === 'maintenance');
+    const existing = this.all().find((h) => h.key === key && h.mode === 'maintenance');
     if (existing) throw busyError(existing);
+    if (this.shared) {
+      this.shared.placeMaintenance(key, principal, reason);
+      return { release: () => this.shared!.removeMaintenance(key) };
+    }
     return this.grant([{ key, mode: 'maintenance', holder: { id: `maintenance:${key}`, principal, description: `maintenance: ${reason}` } }]);
   }
 
@@ -98,6 +129,7 @@ export class LockManager {
     if (principal.role !== 'admin') {
       throw new PermissionDenied(`only an administrator can break the maintenance lock on ${key}`, { ref: key });
     }
+    this.shared?.removeMaintenance(key);
     this.remove((h) => h.key === key && h.mode === 'maintenance');
   }
 
@@ -111,7 +143,7 @@ export class LockManager {
   private conflicts(requests: LockRequest[], holder: LockHolder): Held[] {
     const out: Held[] = [];
     for (const r of requests) {
-      for (const h of this.held) {
+      for (const h of this.all()) {
         if (h.key !== r.key || h.holder.id === holder.id) continue;
         if (h.mode === 'maintenance') {
           if (holder.principal.role !== 'admin') out.push(h);

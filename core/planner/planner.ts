@@ -50,7 +50,7 @@ export class Planner {
     const b = this.get(ref.backend);
     if (b.capabilities.has(cap)) {
       const step: PlanStep = { action: cap, executor: `backend:${ref.backend}`, hostBytes: 0, reason: `${ref.backend} (${b.backend.kind}) has ${cap} natively` };
-      return { operation: op, supported: true, steps: [step], reason: `offloaded: ${ref.backend} will ${what} itself` };
+      return { operation: op, supported: true, steps: [step], reason: `offloaded to ${ref.backend}: it will ${what} itself` };
     }
     return unsupported(op, `${ref.backend} (${b.backend.kind}) does not support ${cap}, and there is no host fallback for it`);
   }

@@ -1,0 +1,20 @@
+import type { Command } from 'commander';
+import type { CliContext } from '../contribution.js';
+import { registerBackendsCommand } from './backends.js';
+import { registerVolumeCommands } from './volume.js';
+import { registerSnapshotCommands } from './snapshot.js';
+import { registerDataJobCommands } from './data-jobs.js';
+import { registerPlanCommand } from './plan.js';
+import { registerJobsCommands } from './jobs.js';
+import { registerLocksCommands } from './locks.js';
+
+/** The broker verbs on refs, the same for every backend. */
+export function registerBrokerCommands(program: Command, ctx: CliContext): void {
+  registerBackendsCommand(program, ctx);
+  registerVolumeCommands(program, ctx);
+  registerSnapshotCommands(program, ctx);
+  registerDataJobCommands(program, ctx);
+  registerPlanCommand(program, ctx);
+  registerJobsCommands(program, ctx);
+  registerLocksCommands(program, ctx);
+}

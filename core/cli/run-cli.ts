@@ -1,0 +1,106 @@
+import { Command, CommanderError } from 'commander';
+import { Container, type ContainerModule } from 'inversify';
+import { createBroker } from '../broker.js';
+import type { Broker } from '../broker-api.js';
+import { isConfigError } from '../config/config-error.js';
+import { secrets } from '../config/secrets.js';
+import { OffloadError } from '../model/errors.js';
+import { CliContribution, UsageError, type CliContext } from './contribution.js';
+import { Output, type OutputStreams } from './output.js';
+import { registerBrokerCommands } from './commands/index.js';
+
+export interface RunCliOptions {
+  plugins: readonly ContainerModule[];
+  io?: OutputStreams;
+  env?: NodeJS.ProcessEnv;
+}
+
+/**
+ * Run the command line and return the exit code: 0 success, 1 the operation failed, 2 bad usage
+ * (including a broken config). Errors are one line, without a stack trace.
+ */
+export async function runCli(argv: string[], opts: RunCliOptions): Promise<number> {
+  const io = opts.io ?? { stdout: process.stdout, stderr: process.stderr };
+  const env = opts.env ?? process.env;
+  const json = argv.includes('--json');
+  const out = new Output(io, json);
+  let exitCode = 0;
+  let broker: Broker | undefined;
+  let brokerPromise: Promise<Broker> | undefined;
+
+  const program = new Command('offload')
+    .description('Offload Broker: volumes, snapshots, clones and chain jobs, run where the data is')
+    .option('--config <file>', 'config file (default ./offload.yaml, or $OFFLOAD_CONFIG)')
+    .option('--json', 'print results as JSON')
+    .showHelpAfterError(false)
+    .exitOverride()
+    .configureOutput({
+      writeOut: (s) => io.stdout.write(s),
+      writeErr: (s) => io.stderr.write(s),
+      outputError: () => undefined, // printed below, once, in our format
+    });
+
+  const ctx: CliContext = {
+    json,
+    broker: () => {
+      brokerPromise ??= (async () => {
+        const file = (program.opts().config as string | undefined) ?? env.OFFLOAD_CONFIG ?? './offload.yaml';
+        broker = await createBroker(file, { plugins: opts.plugins, env });
+        return broker;
+      })();
+      return brokerPromise;
+    },
+    print: (value, human) => out.print(value, human),
+    table: (rows, columns) => out.table(rows, columns),
+    setExitCode: (code) => {
+      exitCode = code;
+    },
+    progress: (label) => out.progress(label),
+  };
+
+  registerBrokerCommands(program, ctx);
+  const container = new Container();
+  await container.loadAsync(...opts.plugins);
+  if (container.isBound(CliContribution)) {
+    for (const c of container.getAll<CliContribution>(CliContribution)) c.register(program, ctx);
+  }
+  for (const cmd of allCommands(program)) {
+    cmd.exitOverride();
+    cmd.configureOutput({ writeOut: (s) => io.stdout.write(s), writeErr: (s) => io.stderr.write(s), outputError: () => undefined });
+  }
+
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+  } catch (e) {
+    exitCode = reportError(e, out);
+  } finally {
+    if (broker) await broker.close().catch(() => undefined);
+  }
+  return exitCode;
+}
+
+function allCommands(c: Command): Command[] {
+  return [c, ...c.commands.flatMap(allCommands)];
+}
+
+function reportError(e: unknown, out: Output): number {
+  if (e instanceof CommanderError) {
+    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0;
+    out.error(`offload: ${e.message.replace(/^error: /, '')}`);
+    return 2;
+  }
+  if (e instanceof UsageError) {
+    out.error(`offload: ${e.message}`);
+    return 2;
+  }
+  if (e instanceof OffloadError) {
+    if (out.json) out.print({ error: e.toJSON() });
+    out.error(`offload: ${isConfigError(e) ? 'config error' : e.code}: ${e.describe()}`);
+    // Bad input (a broken config, an invalid name or size) is bad usage: exit 2.
+    return e.code === 'InvalidArgument' ? 2 : 1;
+  }
+  const msg = e instanceof Error ? e.message : String(e);
+  out.error(`offload: internal error: ${secrets.redact(msg.split('\n')[0]!)}`);
+  if (process.env.OFFLOAD_DEBUG && e instanceof Error && e.stack) out.error(e.stack);
+  return 1;
+}
