@@ -1,4 +1,10 @@
 import { ContainerModule } from 'inversify';
+import { BackendFactory, CliContribution } from '../../core/index.js';
+import { ontapCli } from './cli.js';
+import { ontapFactory } from './factory.js';
 
-/** The ontap plugin: binds its BackendFactory and CLI contributions. (Being built.) */
-export const ontapModule = new ContainerModule(() => {});
+/** The ontap plugin: the `ontap` BackendFactory and the `offload appliance ontap` command. */
+export const ontapModule = new ContainerModule(({ bind }) => {
+  bind(BackendFactory).toConstantValue(ontapFactory);
+  bind(CliContribution).toConstantValue(ontapCli);
+});
