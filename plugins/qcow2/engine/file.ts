@@ -1,0 +1,91 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError } from '../../../core/index.js';
+
+/** Positional I/O on one image file; short reads past EOF come back zero-filled when allowed. */
+export class ImageFile {
+  private constructor(readonly path: string, private readonly fh: FileHandle, readonly readOnly: boolean) {}
+
+  static async open(path: string, readOnly: boolean): Promise<ImageFile> {
+    try {
+      return new ImageFile(path, await open(path, readOnly ? 'r' : 'r+'), readOnly);
+    } catch (e) {
+      throw fileError(e, path, readOnly ? 'open' : 'open for writing');
+    }
+  }
+
+  static async create(path: string, overwrite: boolean): Promise<ImageFile> {
+    try {
+      return new ImageFile(path, await open(path, overwrite ? 'w+' : 'wx+'), false);
+    } catch (e) {
+      throw fileError(e, path, 'create');
+    }
+  }
+
+  async stat(): Promise<{ size: number; blocks: number }> {
+    const st = await this.fh.stat();
+    return { size: st.size, blocks: st.blocks };
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  /** Read into a new buffer; bytes past EOF read as zero. */
+  async read(pos: number, length: number): Promise<Uint8Array> {
+    const buf = new Uint8Array(length);
+    await this.readInto(buf, pos);
+    return buf;
+  }
+
+  async readInto(buf: Uint8Array, pos: number): Promise<number> {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, pos + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return done;
+  }
+
+  /** Read exactly; a short read is corruption (metadata that lies past the end of the file). */
+  async readExact(pos: number, length: number, what: string): Promise<Uint8Array> {
+    const buf = new Uint8Array(length);
+    const n = await this.readInto(buf, pos);
+    if (n < length) {
+      throw new Corrupt(`${this.path}: ${what} at offset ${pos} (+${length}) lies past the end of the file`, {
+        ref: this.path, hint: 'the image is truncated or damaged; try `qemu-img check -r all` on a copy',
+      });
+    }
+    return buf;
+  }
+
+  async write(pos: number, data: Uint8Array): Promise<void> {
+    if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.fh.write(data, done, data.length - done, pos + done);
+      done += bytesWritten;
+    }
+  }
+
+  async truncate(len: number): Promise<void> {
+    await this.fh.truncate(len);
+  }
+
+  async sync(): Promise<void> {
+    if (!this.readOnly) await this.fh.datasync();
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+export function fileError(e: unknown, path: string, what: string): Error {
+  const code = (e as NodeJS.ErrnoException)?.code;
+  if (code === 'ENOENT') return new NotFound(`${path}: no such file (${what})`, { ref: path, cause: e });
+  if (code === 'EEXIST') return new FailedPrecondition(`${path}: file already exists`, { ref: path, hint: 'remove it or pass overwrite', cause: e });
+  if (code === 'EACCES' || code === 'EPERM' || code === 'EROFS') return new PermissionDenied(`${path}: permission denied (${what})`, { ref: path, cause: e });
+  if (code === 'EISDIR') return new FailedPrecondition(`${path}: is a directory`, { ref: path, cause: e });
+  return new InternalError(`${path}: cannot ${what}: ${(e as Error)?.message ?? e}`, { ref: path, cause: e });
+}

@@ -1,0 +1,618 @@
+import { Corrupt, FailedPrecondition, InvalidArgument, OutOfRange } from '../../../core/index.js';
+import { setU64, view } from '../format/bytes.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES } from '../format/constants.js';
+import {
+  decodeL1, decodeL2, encodeL1, encodeL2Normal, encodeL2Zero, readEntry, writeEntry, type L2Entry,
+} from '../format/entries.js';
+import { backingFormatOf, encodeHeader, type Header } from '../format/header.js';
+import type { SnapshotEntry } from '../format/snapshot-table.js';
+import { inflateCluster } from './compressed.js';
+import type { ImageFile } from './file.js';
+import { mergeStatus } from './status.js';
+import { Refcounts } from './refcounts.js';
+import { RwLock } from './rwlock.js';
+import { TableCache } from './table-cache.js';
+import type {
+  BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, SnapshotOps,
+} from './types.js';
+import { checkImage } from './check.js';
+import { SnapshotManager } from './snapshots.js';
+
+/** A run of guest clusters with the same kind of mapping (and contiguous host offsets). */
+interface Run {
+  start: number;
+  length: number;
+  entry: L2Entry;
+}
+
+/** Largest single buffer used for zero-filling and copy loops. */
+const CHUNK = 1 << 20;
+
+export interface Qcow2Parts {
+  path: string;
+  file: ImageFile;
+  header: Header;
+  l1: Uint8Array;
+  reftable: Uint8Array;
+  snapshots: SnapshotEntry[];
+  backing: Image | undefined;
+  chain: ChainEntry[];
+  readOnly: boolean;
+  fileSize: number;
+  cacheBytes: number;
+}
+
+export class Qcow2Image implements Image {
+  readonly format = 'qcow2' as const;
+  readonly path: string;
+  readonly file: ImageFile;
+  readonly readOnly: boolean;
+  readonly backing: Image | undefined;
+  readonly chain: ChainEntry[];
+  readonly lock = new RwLock();
+  readonly l2cache: TableCache;
+  readonly refcounts: Refcounts;
+  readonly snapshots: SnapshotOps;
+  h: Header;
+  l1: Uint8Array;
+  snapshotTable: SnapshotEntry[];
+  /** Bytes in the file as far as we know (grows with our writes). */
+  fileLen: number;
+  private closed = false;
+
+  constructor(p: Qcow2Parts) {
+    this.path = p.path;
+    this.file = p.file;
+    this.readOnly = p.readOnly;
+    this.backing = p.backing;
+    this.chain = p.chain;
+    this.h = p.header;
+    this.l1 = p.l1;
+    this.snapshotTable = p.snapshots;
+    this.fileLen = p.fileSize;
+    this.l2cache = new TableCache(p.cacheBytes / 2);
+    this.refcounts = new Refcounts(
+      this.file, this.h.clusterBits, this.h.refcountOrder, p.reftable, this.h.refcountTableOffset,
+      new TableCache(p.cacheBytes / 2),
+      async (offset, clusters) => {
+        const b = new Uint8Array(12);
+        setU64(view(b), 0, offset);
+        view(b).setUint32(8, clusters);
+        await this.file.write(48, b);
+        this.h.refcountTableOffset = offset;
+        this.h.refcountTableClusters = clusters;
+      },
+      p.fileSize,
+    );
+    this.refcounts.onZero = (off) => this.l2cache.delete(off);
+    this.snapshots = new SnapshotManager(this);
+  }
+
+  get clusterSize(): number { return 1 << this.h.clusterBits; }
+  get cs(): number { return 1 << this.h.clusterBits; }
+  get l2Entries(): number { return this.cs / 8; }
+  get virtualSize(): number { return this.h.size; }
+  get l1Size(): number { return this.l1.length / 8; }
+
+  get header(): HeaderInfo {
+    const h = this.h;
+    const info: HeaderInfo = {
+      version: h.version, clusterBits: h.clusterBits, clusterSize: this.cs, virtualSize: h.size,
+      cryptMethod: h.cryptMethod, l1Size: h.l1Size, l1TableOffset: h.l1TableOffset,
+      refcountTableOffset: h.refcountTableOffset, refcountTableClusters: h.refcountTableClusters,
+      nbSnapshots: h.nbSnapshots, snapshotsOffset: h.snapshotsOffset,
+      incompatibleFeatures: h.incompatibleFeatures, compatibleFeatures: h.compatibleFeatures,
+      autoclearFeatures: h.autoclearFeatures, refcountOrder: h.refcountOrder, refcountBits: 1 << h.refcountOrder,
+      headerLength: h.headerLength, compressionType: h.compressionType,
+      lazyRefcounts: (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
+      dirty: (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
+      corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+      extendedL2: (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n,
+      extensions: h.extensions.map((e) => ({ type: e.type, length: e.data.length })),
+    };
+    if (h.backingFile !== undefined) info.backingFile = h.backingFile;
+    const bf = backingFormatOf(h);
+    if (bf !== undefined) info.backingFormat = bf;
+    return info;
+  }
+
+  // ---- guards -------------------------------------------------------------------------------
+
+  checkOpen(): void {
+    if (this.closed) throw new FailedPrecondition(`${this.path}: image is closed`, { ref: this.path });
+  }
+
+  checkRange(offset: number, length: number): void {
+    this.checkOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new InvalidArgument(`${this.path}: bad range offset=${offset} length=${length}`, { ref: this.path });
+    }
+    if (offset + length > this.h.size) {
+      throw new OutOfRange(`${this.path}: range ${offset}+${length} is past the end of the image (${this.h.size} bytes)`, {
+        ref: this.path, hint: 'resize the image first',
+      });
+    }
+  }
+
+  assertWritable(): void {
+    this.checkOpen();
+    if (this.readOnly) throw new FailedPrecondition(`${this.path}: image is open read-only`, { ref: this.path, hint: 'open it with readOnly: false' });
+  }
+
+  // ---- mapping ------------------------------------------------------------------------------
+
+  async l2Table(l2Offset: number, what = 'L2 table'): Promise<Uint8Array> {
+    let t = this.l2cache.get(l2Offset);
+    if (!t) {
+      if (l2Offset % this.cs !== 0) {
+        throw new Corrupt(`${this.path}: ${what} at unaligned offset 0x${l2Offset.toString(16)}`, {
+          ref: this.path, hint: 'the image is damaged; check it with `qemu-img check`',
+        });
+      }
+      t = await this.file.readExact(l2Offset, this.cs, what);
+      this.l2cache.set(l2Offset, t);
+    }
+    return t;
+  }
+
+  async lookup(gc: number): Promise<L2Entry> {
+    const l1i = Math.floor(gc / this.l2Entries);
+    if (l1i >= this.l1Size) return { kind: 'unallocated', offset: 0, copied: false, reserved: false };
+    const [hi, lo] = readEntry(this.l1, l1i);
+    const l1e = decodeL1(hi, lo);
+    if (l1e.l2Offset === 0) return { kind: 'unallocated', offset: 0, copied: false, reserved: false };
+    const t = await this.l2Table(l1e.l2Offset);
+    const [h2, l2] = readEntry(t, gc % this.l2Entries);
+    return decodeL2(h2, l2, this.h.clusterBits);
+  }
+
+  /** Split [offset, offset+length) into runs of one mapping kind (host-contiguous for data). */
+  async runs(offset: number, length: number): Promise<Run[]> {
+    const out: Run[] = [];
+    const end = offset + length;
+    let p = offset;
+    let cur: Run | undefined;
+    while (p < end) {
+      const gc = Math.floor(p / this.cs);
+      const next = Math.min(end, (gc + 1) * this.cs);
+      const e = await this.lookup(gc);
+      if (this.h.version === 2 && e.kind === 'zero') {
+        throw new Corrupt(`${this.path}: zero flag set in a version 2 image (cluster ${gc})`, { ref: this.path });
+      }
+      const contiguous = cur && cur.entry.kind === e.kind && e.kind !== 'compressed' &&
+        cur.entry.copied === e.copied &&
+        (e.kind !== 'normal' || cur.entry.offset + (p - cur.start) - (cur.start % this.cs) === e.offset);
+      if (cur && contiguous) {
+        cur.length += next - p;
+      } else {
+        cur = { start: p, length: next - p, entry: e };
+        out.push(cur);
+      }
+      p = next;
+    }
+    return out;
+  }
+
+  /** Host offset of guest byte `p` inside a normal run. */
+  hostOf(run: Run, p: number): number {
+    return run.entry.offset + (p - run.start) + (run.start % this.cs);
+  }
+
+  // ---- read ---------------------------------------------------------------------------------
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.checkRange(offset, length);
+    const out = new Uint8Array(length);
+    await this.lock.shared(() => this.readLocked(out, offset));
+    return out;
+  }
+
+  async readLocked(out: Uint8Array, offset: number): Promise<void> {
+    for (const run of await this.runs(offset, out.length)) {
+      const dst = out.subarray(run.start - offset, run.start - offset + run.length);
+      switch (run.entry.kind) {
+        case 'normal': {
+          const host = this.hostOf(run, run.start);
+          if (host >= this.fileLen) {
+            throw new Corrupt(`${this.path}: data cluster at 0x${run.entry.offset.toString(16)} lies past the end of the file`, {
+              ref: this.path, hint: 'the image is truncated or damaged',
+            });
+          }
+          await this.file.readInto(dst, host);
+          break;
+        }
+        case 'zero':
+          break;
+        case 'unallocated':
+          await this.readBacking(dst, run.start);
+          break;
+        case 'compressed': {
+          const data = await this.readCompressed(run.entry);
+          const inOff = run.start % this.cs;
+          dst.set(data.subarray(inOff, inOff + run.length));
+          break;
+        }
+      }
+    }
+  }
+
+  async readBacking(dst: Uint8Array, guest: number): Promise<void> {
+    const b = this.backing;
+    if (!b) return;
+    const n = Math.max(0, Math.min(dst.length, b.virtualSize - guest));
+    if (n > 0) dst.set(await b.read(guest, n));
+  }
+
+  async readCompressed(e: L2Entry): Promise<Uint8Array> {
+    const off = e.compressedOffset!;
+    const len = Math.min(e.compressedBytes!, Math.max(0, this.fileLen - off), 2 * this.cs);
+    if (off >= this.fileLen) throw new Corrupt(`${this.path}: compressed cluster at 0x${off.toString(16)} lies past the end of the file`, { ref: this.path });
+    const data = await this.file.read(off, len);
+    return inflateCluster(data, this.cs, this.path);
+  }
+
+  /** The current guest content of one whole cluster (for copy-on-write). */
+  private async oldCluster(gc: number, e: L2Entry): Promise<Uint8Array> {
+    const buf = new Uint8Array(this.cs);
+    switch (e.kind) {
+      case 'normal': await this.file.readInto(buf, e.offset); break;
+      case 'compressed': return this.readCompressed(e);
+      case 'zero': break;
+      case 'unallocated': await this.readBacking(buf, gc * this.cs); break;
+    }
+    return buf;
+  }
+
+  // ---- write --------------------------------------------------------------------------------
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.assertWritable();
+    this.checkRange(offset, data.length);
+    if (data.length === 0) return;
+    const done = await this.lock.shared(() => this.writeInPlace(offset, data));
+    if (!done) await this.lock.exclusive(() => this.writeLocked(offset, data));
+  }
+
+  /** Fast path: every cluster is already ours (COPIED) — write without touching metadata. */
+  private async writeInPlace(offset: number, data: Uint8Array): Promise<boolean> {
+    const runs = await this.runs(offset, data.length);
+    if (!runs.every((r) => r.entry.kind === 'normal' && r.entry.copied)) return false;
+    for (const r of runs) {
+      await this.file.write(this.hostOf(r, r.start), data.subarray(r.start - offset, r.start - offset + r.length));
+    }
+    return true;
+  }
+
+  /** Write with allocation; caller holds the exclusive lock. */
+  async writeLocked(offset: number, data: Uint8Array): Promise<void> {
+    const end = offset + data.length;
+    const cs = this.cs;
+    let p = offset;
+    while (p < end) {
+      const l1i = Math.floor(p / cs / this.l2Entries);
+      const sliceEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
+      const { offset: l2off, table } = await this.l2ForWrite(l1i);
+      while (p < sliceEnd) {
+        const gc = Math.floor(p / cs);
+        const idx = gc % this.l2Entries;
+        const first = decodeL2(...readEntry(table, idx), this.h.clusterBits);
+        if (first.kind === 'normal' && first.copied) {
+          // In place: extend over host-contiguous owned clusters.
+          let q = Math.min(sliceEnd, (gc + 1) * cs);
+          let host = first.offset + (p - gc * cs);
+          let expected = first.offset + cs;
+          while (q < sliceEnd) {
+            const e = decodeL2(...readEntry(table, Math.floor(q / cs) % this.l2Entries), this.h.clusterBits);
+            if (!(e.kind === 'normal' && e.copied && e.offset === expected)) break;
+            expected += cs;
+            q = Math.min(sliceEnd, q + cs);
+          }
+          await this.file.write(host, data.subarray(p - offset, q - offset));
+          this.fileLen = Math.max(this.fileLen, host + (q - p));
+          p = q;
+          continue;
+        }
+        // Allocate: extend over clusters that all need new space.
+        const olds: L2Entry[] = [first];
+        let q = Math.min(sliceEnd, (gc + 1) * cs);
+        while (q < sliceEnd) {
+          const e = decodeL2(...readEntry(table, Math.floor(q / cs) % this.l2Entries), this.h.clusterBits);
+          if (e.kind === 'normal' && e.copied) break;
+          olds.push(e);
+          q = Math.min(sliceEnd, q + cs);
+        }
+        await this.allocAndWrite(gc, olds, p, q, data.subarray(p - offset, q - offset), l2off, table);
+        p = q;
+      }
+    }
+  }
+
+  /**
+   * Give clusters gc… new space, write [p, q) of guest data into it with the rest of the first
+   * and last clusters copied from their old content, point the L2 entries at it, then drop
+   * the old clusters. Order: refcounts → data → L2 → decrements.
+   */
+  private async allocAndWrite(gc: number, olds: L2Entry[], p: number, q: number, data: Uint8Array,
+    l2off: number, table: Uint8Array): Promise<void> {
+    const cs = this.cs;
+    const n = olds.length;
+    const host = await this.refcounts.alloc(n);
+    const base = gc * cs;
+    let buf: Uint8Array;
+    if (p === base && q === base + n * cs) {
+      buf = data;
+    } else {
+      buf = new Uint8Array(n * cs);
+      if (p > base) buf.set((await this.oldCluster(gc, olds[0]!)).subarray(0, p - base), 0);
+      const lastStart = base + (n - 1) * cs;
+      if (q < lastStart + cs) {
+        const last = await this.oldCluster(gc + n - 1, olds[n - 1]!);
+        buf.set(last.subarray(q - lastStart), q - base);
+      }
+      buf.set(data, p - base);
+    }
+    await this.file.write(host, buf);
+    this.fileLen = Math.max(this.fileLen, host + n * cs);
+    const idx0 = gc % this.l2Entries;
+    for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));
+    await this.file.write(l2off + idx0 * 8, table.subarray(idx0 * 8, (idx0 + n) * 8));
+    for (const e of olds) await this.release(e);
+  }
+
+  /** Drop the reference an L2 entry held (after the entry no longer points there). */
+  async release(e: L2Entry): Promise<void> {
+    if ((e.kind === 'normal' || e.kind === 'zero') && e.offset !== 0) {
+      await this.refcounts.free(e.offset, 1);
+    } else if (e.kind === 'compressed') {
+      const [c0, n] = this.compressedClusters(e);
+      await this.refcounts.update(c0, n, -1);
+    }
+  }
+
+  /** Host clusters a compressed entry touches, as QEMU counts them. */
+  compressedClusters(e: L2Entry): [number, number] {
+    const start = e.compressedOffset! - (e.compressedOffset! % 512);
+    const bytes = e.compressedBytes! + (e.compressedOffset! % 512);
+    const c0 = Math.floor(start / this.cs);
+    const c1 = Math.floor((start + bytes - 1) / this.cs);
+    return [c0, c1 - c0 + 1];
+  }
+
+  /** An L2 table for index l1i that this image owns alone (allocated or copied as needed). */
+  async l2ForWrite(l1i: number): Promise<{ offset: number; table: Uint8Array }> {
+    if (l1i >= this.l1Size) throw new Corrupt(`${this.path}: L1 table too small for the virtual size`, { ref: this.path });
+    const e = decodeL1(...readEntry(this.l1, l1i));
+    if (e.l2Offset === 0) {
+      const off = await this.refcounts.alloc(1);
+      const t = new Uint8Array(this.cs);
+      await this.file.write(off, t);
+      this.fileLen = Math.max(this.fileLen, off + this.cs);
+      this.l2cache.set(off, t);
+      await this.setL1(l1i, off, true);
+      return { offset: off, table: t };
+    }
+    const t = await this.l2Table(e.l2Offset);
+    if (e.copied) return { offset: e.l2Offset, table: t };
+    if ((await this.refcounts.get(e.l2Offset / this.cs)) === 1) {
+      await this.setL1(l1i, e.l2Offset, true);
+      return { offset: e.l2Offset, table: t };
+    }
+    const off = await this.refcounts.alloc(1);
+    const copy = t.slice();
+    await this.file.write(off, copy);
+    this.fileLen = Math.max(this.fileLen, off + this.cs);
+    this.l2cache.set(off, copy);
+    await this.setL1(l1i, off, true);
+    await this.refcounts.free(e.l2Offset, 1);
+    return { offset: off, table: copy };
+  }
+
+  async setL1(l1i: number, l2Offset: number, copied: boolean): Promise<void> {
+    const b = new Uint8Array(8);
+    writeEntry(b, 0, ...encodeL1(l2Offset, copied));
+    await this.file.write(this.h.l1TableOffset + l1i * 8, b);
+    this.l1.set(b, l1i * 8);
+  }
+
+  // ---- zeroes and discard -------------------------------------------------------------------
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    this.checkRange(offset, length);
+    await this.lock.exclusive(() => this.zeroLocked(offset, length, 'zero'));
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    this.checkRange(offset, length);
+    await this.lock.exclusive(() => this.zeroLocked(offset, length, 'discard'));
+  }
+
+  /**
+   * Zero-write or discard. Whole clusters change their L2 entry (zero flag on v3; unallocated
+   * where that reads as zeros); partial clusters of a zero-write get zero bytes; partial
+   * clusters of a discard are left alone (discard is advisory, as in QEMU).
+   */
+  private async zeroLocked(offset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+    const cs = this.cs;
+    const end = offset + length;
+    // Whole clusters change their entry; the last cluster counts as whole when the range
+    // reaches the end of the image.
+    const wholeStart = Math.min(end, Math.ceil(offset / cs) * cs);
+    const wholeEnd = end === this.h.size ? end : Math.max(wholeStart, Math.floor(end / cs) * cs);
+    if (mode === 'zero') {
+      if (offset < wholeStart) await this.writeLocked(offset, new Uint8Array(wholeStart - offset));
+      if (wholeEnd < end) await this.writeLocked(wholeEnd, new Uint8Array(end - wholeEnd));
+    }
+    let p = wholeStart;
+    while (p < wholeEnd) {
+      const l1i = Math.floor(p / cs / this.l2Entries);
+      const sliceEnd = Math.min(wholeEnd, (l1i + 1) * this.l2Entries * cs);
+      const hasL2 = l1i < this.l1Size && decodeL1(...readEntry(this.l1, l1i)).l2Offset !== 0;
+      if (!hasL2 && !this.backing) { p = sliceEnd; continue; }
+      if (!hasL2 && this.h.version === 2) {
+        if (mode === 'zero') await this.zeroFill(p, sliceEnd);
+        p = sliceEnd;
+        continue;
+      }
+      if (this.h.version === 2 && mode === 'zero' && this.backing) {
+        await this.zeroFill(p, sliceEnd);
+        p = sliceEnd;
+        continue;
+      }
+      const { offset: l2off, table } = await this.l2ForWrite(l1i);
+      const idx0 = Math.floor(p / cs) % this.l2Entries;
+      const n = Math.ceil((sliceEnd - p) / cs);
+      const olds: L2Entry[] = [];
+      for (let i = 0; i < n; i++) {
+        const e = decodeL2(...readEntry(table, idx0 + i), this.h.clusterBits);
+        const useZeroFlag = this.h.version === 3 && (this.backing !== undefined || e.kind !== 'unallocated');
+        if (useZeroFlag) {
+          if (e.kind === 'zero' && e.offset === 0) continue;
+          writeEntry(table, idx0 + i, ...encodeL2Zero());
+        } else {
+          if (e.kind === 'unallocated') continue;
+          writeEntry(table, idx0 + i, 0, 0);
+        }
+        olds.push(e);
+      }
+      if (olds.length > 0) {
+        await this.file.write(l2off + idx0 * 8, table.subarray(idx0 * 8, (idx0 + n) * 8));
+        for (const e of olds) await this.release(e);
+      }
+      p = sliceEnd;
+    }
+  }
+
+  private async zeroFill(p: number, end: number): Promise<void> {
+    for (let q = p; q < end; q += CHUNK) await this.writeLocked(q, new Uint8Array(Math.min(CHUNK, end - q)));
+  }
+
+  // ---- block status -------------------------------------------------------------------------
+
+  async map(): Promise<BlockStatus[]> {
+    return this.blockStatus(0, this.h.size);
+  }
+
+  async blockStatus(offset = 0, length?: number): Promise<BlockStatus[]> {
+    const len = length ?? this.h.size - offset;
+    this.checkRange(offset, len);
+    return this.lock.shared(() => this.statusLocked(offset, len, 0));
+  }
+
+  async statusLocked(offset: number, length: number, depth: number): Promise<BlockStatus[]> {
+    const out: BlockStatus[] = [];
+    for (const run of await this.runs(offset, length)) {
+      const base = { start: run.start, length: run.length, depth, filename: this.path };
+      switch (run.entry.kind) {
+        case 'normal':
+          out.push({ ...base, present: true, zero: false, data: true, compressed: false, offset: this.hostOf(run, run.start) });
+          break;
+        case 'compressed':
+          out.push({ ...base, present: true, zero: false, data: true, compressed: true });
+          break;
+        case 'zero':
+          if (run.entry.offset !== 0) out.push({ ...base, present: true, zero: true, data: false, compressed: false, offset: this.hostOf(run, run.start) });
+          else out.push({ ...base, present: true, zero: true, data: false, compressed: false });
+          break;
+        case 'unallocated': {
+          const b = this.backing as (Image & { statusLocked?: unknown }) | undefined;
+          const inBacking = b ? Math.max(0, Math.min(run.length, b.virtualSize - run.start)) : 0;
+          if (b && inBacking > 0) {
+            for (const s of await b.blockStatus(run.start, inBacking)) out.push({ ...s, depth: s.depth + depth + 1 });
+          }
+          if (inBacking < run.length) {
+            out.push({ start: run.start + inBacking, length: run.length - inBacking, depth, present: false, zero: true, data: false, compressed: false });
+          }
+          break;
+        }
+      }
+    }
+    return mergeStatus(out);
+  }
+
+  // ---- header, resize, flush, close ---------------------------------------------------------
+
+  /** Rewrite the whole first cluster (QEMU's way). */
+  async writeHeader(): Promise<void> {
+    const buf = encodeHeader(this.h);
+    await this.file.write(0, buf);
+  }
+
+  async resize(newSize: number): Promise<void> {
+    this.assertWritable();
+    if (!Number.isSafeInteger(newSize) || newSize < 0) throw new InvalidArgument(`${this.path}: bad size ${newSize}`, { ref: this.path });
+    await this.lock.exclusive(async () => {
+      if (newSize < this.h.size) {
+        if (this.snapshotTable.length > 0) {
+          throw new FailedPrecondition(`${this.path}: cannot shrink an image with internal snapshots`, { ref: this.path, hint: 'delete the snapshots first' });
+        }
+        const from = Math.ceil(newSize / this.cs) * this.cs;
+        if (from < this.h.size) {
+          for (const r of await this.runs(from, this.h.size - from)) {
+            if (r.entry.kind !== 'unallocated') {
+              throw new OutOfRange(`${this.path}: cannot shrink to ${newSize}: data is allocated at ${r.start}`, {
+                ref: this.path, hint: 'discard the tail first, or grow instead',
+              });
+            }
+          }
+        }
+      }
+      const need = Math.ceil(newSize / (this.cs * this.l2Entries));
+      if (need > this.l1Size) await this.growL1Locked(need);
+      const b = new Uint8Array(8);
+      setU64(view(b), 0, newSize);
+      await this.file.write(24, b);
+      this.h.size = newSize;
+    });
+  }
+
+  /** A bigger active L1: written fresh, header switched to it, then the old one freed. */
+  async growL1Locked(entries: number): Promise<void> {
+    if (entries * 8 > MAX_L1_BYTES) throw new OutOfRange(`${this.path}: the L1 table would exceed ${MAX_L1_BYTES} bytes`, { ref: this.path });
+    const cs = this.cs;
+    const clusters = Math.ceil((entries * 8) / cs);
+    const off = await this.refcounts.alloc(clusters);
+    const nl1 = new Uint8Array(entries * 8);
+    nl1.set(this.l1);
+    await this.file.write(off, nl1);
+    this.fileLen = Math.max(this.fileLen, off + nl1.length);
+    const hb = new Uint8Array(12);
+    view(hb).setUint32(0, entries);
+    setU64(view(hb), 4, off);
+    await this.file.write(36, hb);
+    const oldOff = this.h.l1TableOffset;
+    const oldClusters = Math.ceil(this.l1.length / cs);
+    this.h.l1TableOffset = off;
+    this.h.l1Size = entries;
+    this.l1 = nl1;
+    if (oldOff !== 0 && oldClusters > 0) await this.refcounts.free(oldOff, oldClusters);
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    if (!this.readOnly) await this.lock.exclusive(() => this.file.sync());
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.lock.exclusive(async () => {
+      this.closed = true;
+      if (!this.readOnly) await this.file.sync();
+      await this.file.close();
+      this.l2cache.clear();
+    });
+    if (this.backing) await this.backing.close();
+  }
+
+  async fileSize(): Promise<number> {
+    this.checkOpen();
+    return this.file.size();
+  }
+
+  async check(opts: CheckOptions = {}): Promise<CheckResult> {
+    this.checkOpen();
+    if (opts.repair) this.assertWritable();
+    return this.lock.exclusive(() => checkImage(this, opts));
+  }
+}

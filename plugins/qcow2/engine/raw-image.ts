@@ -1,0 +1,141 @@
+import { FailedPrecondition, InvalidArgument, OutOfRange, Unsupported } from '../../../core/index.js';
+import type { ImageFile } from './file.js';
+import { mergeStatus } from './status.js';
+import { RwLock } from './rwlock.js';
+import type { BlockStatus, ChainEntry, CheckResult, Image, SnapshotOps } from './types.js';
+
+const CHUNK = 1 << 20;
+/** Hole granularity assumed for sparse raw files (the usual file-system block). */
+const HOLE_BLOCK = 4096;
+
+/** A raw image: the file is the disk. */
+export class RawImage implements Image {
+  readonly format = 'raw' as const;
+  readonly clusterSize = 512;
+  readonly header = undefined;
+  readonly backing = undefined;
+  readonly chain: ChainEntry[];
+  private readonly lock = new RwLock();
+  private closed = false;
+
+  constructor(readonly path: string, private readonly file: ImageFile, readonly readOnly: boolean, public virtualSize: number) {
+    this.chain = [{ filename: path, format: 'raw', virtualSize }];
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (this.closed) throw new FailedPrecondition(`${this.path}: image is closed`, { ref: this.path });
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new InvalidArgument(`${this.path}: bad range offset=${offset} length=${length}`, { ref: this.path });
+    }
+    if (offset + length > this.virtualSize) {
+      throw new OutOfRange(`${this.path}: range ${offset}+${length} is past the end of the image (${this.virtualSize} bytes)`, { ref: this.path });
+    }
+  }
+
+  private writable(): void {
+    if (this.readOnly) throw new FailedPrecondition(`${this.path}: image is open read-only`, { ref: this.path });
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.checkRange(offset, length);
+    return this.lock.shared(() => this.file.read(offset, length));
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.writable();
+    this.checkRange(offset, data.length);
+    await this.lock.shared(() => this.file.write(offset, data));
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.writable();
+    this.checkRange(offset, length);
+    await this.lock.shared(async () => {
+      for (let p = offset; p < offset + length; p += CHUNK) {
+        await this.file.write(p, new Uint8Array(Math.min(CHUNK, offset + length - p)));
+      }
+    });
+  }
+
+  /** Raw files cannot punch holes from here; a discard reads back as zeros, as QEMU's does. */
+  async discard(offset: number, length: number): Promise<void> {
+    await this.writeZeroes(offset, length);
+  }
+
+  /**
+   * Data vs holes. Node cannot SEEK_DATA, so: a fully allocated file is all data; a sparse one
+   * reports all-zero 4 KiB blocks as holes (what `qemu-img map` shows for file holes).
+   */
+  async blockStatus(offset = 0, length?: number): Promise<BlockStatus[]> {
+    const len = length ?? this.virtualSize - offset;
+    this.checkRange(offset, len);
+    return this.lock.shared(async () => {
+      const st = await this.file.stat();
+      const sparse = st.blocks * 512 < st.size;
+      const out: BlockStatus[] = [];
+      const push = (start: number, n: number, data: boolean) =>
+        out.push({ start, length: n, depth: 0, present: true, zero: !data, data, compressed: false, offset: start, filename: this.path });
+      if (!sparse) {
+        if (len > 0) push(offset, len, true);
+        return out;
+      }
+      for (let p = offset; p < offset + len; p += CHUNK) {
+        const n = Math.min(CHUNK, offset + len - p);
+        const buf = await this.file.read(p, n);
+        let q = p;
+        while (q < p + n) {
+          const blockEnd = Math.min(p + n, (Math.floor(q / HOLE_BLOCK) + 1) * HOLE_BLOCK);
+          const piece = buf.subarray(q - p, blockEnd - p);
+          push(q, blockEnd - q, piece.some((x) => x !== 0));
+          q = blockEnd;
+        }
+      }
+      return mergeStatus(out);
+    });
+  }
+
+  map(): Promise<BlockStatus[]> {
+    return this.blockStatus(0, this.virtualSize);
+  }
+
+  async resize(newSize: number): Promise<void> {
+    this.writable();
+    if (!Number.isSafeInteger(newSize) || newSize < 0) throw new InvalidArgument(`${this.path}: bad size ${newSize}`, { ref: this.path });
+    await this.lock.exclusive(async () => {
+      await this.file.truncate(newSize);
+      this.virtualSize = newSize;
+      this.chain[0]!.virtualSize = newSize;
+    });
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.file.sync();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.lock.exclusive(async () => {
+      this.closed = true;
+      await this.file.close();
+    });
+  }
+
+  fileSize(): Promise<number> {
+    return this.file.size();
+  }
+
+  readonly snapshots: SnapshotOps = {
+    list: async () => [],
+    create: () => this.noSnapshots(),
+    apply: () => this.noSnapshots(),
+    delete: () => this.noSnapshots(),
+  };
+
+  private noSnapshots(): never {
+    throw new Unsupported(`${this.path}: raw images have no internal snapshots`, { ref: this.path, hint: 'use a qcow2 image' });
+  }
+
+  async check(): Promise<CheckResult> {
+    throw new Unsupported(`${this.path}: this image format (raw) does not support checks`, { ref: this.path });
+  }
+}

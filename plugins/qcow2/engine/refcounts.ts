@@ -1,0 +1,217 @@
+import { Corrupt, OutOfRange } from '../../../core/index.js';
+import { setU64, view } from '../format/bytes.js';
+import { MAX_REFTABLE_BYTES } from '../format/constants.js';
+import { entriesPerBlock, getRefcount, maxRefcount, reftableEntry, setRefcount } from '../format/refcount-block.js';
+import type { ImageFile } from './file.js';
+import type { TableCache } from './table-cache.js';
+
+/**
+ * The refcount structure of an open image: lookups, allocation (lowest free run first, like
+ * QEMU) and updates, written through to disk at once so that the caller can order them
+ * against the references (increments before the reference, decrements after).
+ * Callers hold the image's exclusive lock for every mutation.
+ */
+export class Refcounts {
+  readonly epb: number;
+  private freeHint = 0;
+  /** One past the highest cluster known to be in use or in the file. */
+  highWater: number;
+  private readonly reserved: [number, number][] = [];
+  /** Called with the host offset of every cluster whose refcount drops to zero. */
+  onZero: ((offset: number) => void) | undefined;
+
+  constructor(
+    private readonly file: ImageFile,
+    private readonly clusterBits: number,
+    readonly order: number,
+    public table: Uint8Array,
+    public tableOffset: number,
+    private readonly cache: TableCache,
+    /** Persist a moved refcount table in the header (offset, clusters). */
+    private readonly onTableMoved: (offset: number, clusters: number) => Promise<void>,
+    fileSize: number,
+  ) {
+    this.epb = entriesPerBlock(1 << clusterBits, order);
+    this.highWater = Math.ceil(fileSize / (1 << clusterBits));
+  }
+
+  /** Switch to a rebuilt refcount table (check -r all). */
+  reset(table: Uint8Array, tableOffset: number, highWater: number): void {
+    this.table = table;
+    this.tableOffset = tableOffset;
+    this.cache.clear();
+    this.freeHint = 0;
+    this.highWater = Math.max(this.highWater, highWater);
+  }
+
+  private get cs(): number { return 1 << this.clusterBits; }
+  get tableEntries(): number { return this.table.length / 8; }
+  get max(): number { return maxRefcount(this.order); }
+
+  private async block(bi: number): Promise<Uint8Array | undefined> {
+    if (bi >= this.tableEntries) return undefined;
+    const off = reftableEntry(this.table, bi);
+    if (off === 0) return undefined;
+    let b = this.cache.get(off);
+    if (!b) {
+      if (off % this.cs !== 0) throw new Corrupt(`${this.file.path}: refcount block ${bi} at unaligned offset ${off}`, { ref: this.file.path });
+      b = await this.file.readExact(off, this.cs, `refcount block ${bi}`);
+      this.cache.set(off, b);
+    }
+    return b;
+  }
+
+  async get(cluster: number): Promise<number> {
+    const b = await this.block(Math.floor(cluster / this.epb));
+    return b ? getRefcount(b, cluster % this.epb, this.order) : 0;
+  }
+
+  private isReserved(c: number): boolean {
+    return this.reserved.some(([s, e]) => c >= s && c < e);
+  }
+
+  /** Find n contiguous free clusters, lowest first from the hint. */
+  private async findFree(n: number): Promise<number> {
+    let start = this.freeHint;
+    let run = 0;
+    let c = this.freeHint;
+    for (;;) {
+      const bi = Math.floor(c / this.epb);
+      const b = await this.block(bi);
+      const end = (bi + 1) * this.epb;
+      for (; c < end; c++) {
+        const free = (b ? getRefcount(b, c % this.epb, this.order) === 0 : true) && !this.isReserved(c);
+        if (free) {
+          if (run === 0) start = c;
+          if (++run === n) return start;
+        } else {
+          run = 0;
+        }
+      }
+    }
+  }
+
+  /** Allocate n contiguous clusters with refcount 1 (written before returning); host offset. */
+  async alloc(n: number): Promise<number> {
+    const c = await this.findFree(n);
+    this.reserved.push([c, c + n]);
+    try {
+      await this.update(c, n, 1);
+    } finally {
+      this.reserved.splice(this.reserved.findIndex(([s]) => s === c), 1);
+    }
+    this.freeHint = c + n;
+    this.highWater = Math.max(this.highWater, c + n);
+    return c * this.cs;
+  }
+
+  /** Drop one reference from n clusters starting at a host offset. */
+  async free(offset: number, n: number): Promise<void> {
+    const c = Math.floor(offset / this.cs);
+    await this.update(c, n, -1);
+  }
+
+  /** Add `delta` to the refcount of clusters [c, c+n), block by block, writing each block once. */
+  async update(c: number, n: number, delta: number): Promise<void> {
+    let i = c;
+    while (i < c + n) {
+      const bi = Math.floor(i / this.epb);
+      const stop = Math.min(c + n, (bi + 1) * this.epb);
+      let b = await this.block(bi);
+      if (!b) {
+        if (delta < 0) throw this.underflow(i);
+        await this.ensureBlock(bi);
+        b = (await this.block(bi))!;
+      }
+      for (let j = i; j < stop; j++) {
+        const v = getRefcount(b, j % this.epb, this.order) + delta;
+        if (v < 0) throw this.underflow(j);
+        if (v > this.max) throw new OutOfRange(`${this.file.path}: refcount of cluster ${j} would exceed ${this.max} (refcount_bits ${1 << this.order})`, { ref: this.file.path, hint: 'use an image with wider refcounts (refcount_bits=16)' });
+        setRefcount(b, j % this.epb, this.order, v);
+        if (v === 0) {
+          if (j < this.freeHint) this.freeHint = j;
+          this.onZero?.(j * this.cs);
+        }
+      }
+      const lo = ((i % this.epb) << this.order) >> 3;
+      const hi = Math.max(lo + 1, (((stop - 1) % this.epb + 1) << this.order) + 7 >> 3);
+      await this.file.write(reftableEntry(this.table, bi) + lo, b.subarray(lo, hi));
+      i = stop;
+    }
+  }
+
+  private underflow(c: number): Corrupt {
+    return new Corrupt(`${this.file.path}: refcount of cluster ${c} would drop below zero`, {
+      ref: this.file.path, hint: 'the refcounts are damaged; repair with `check -r all`',
+    });
+  }
+
+  /** Give block index bi a refcount block. */
+  private async ensureBlock(bi: number): Promise<void> {
+    if (bi >= this.tableEntries) await this.growTable(bi);
+    if (reftableEntry(this.table, bi) !== 0) return;
+    const k = await this.findFree(1);
+    const block = new Uint8Array(this.cs);
+    if (Math.floor(k / this.epb) === bi) {
+      setRefcount(block, k % this.epb, this.order, 1);
+      await this.file.write(k * this.cs, block);
+    } else {
+      this.reserved.push([k, k + 1]);
+      try {
+        await this.update(k, 1, 1);
+      } finally {
+        this.reserved.splice(this.reserved.findIndex(([s]) => s === k), 1);
+      }
+      await this.file.write(k * this.cs, block);
+    }
+    this.highWater = Math.max(this.highWater, k + 1);
+    this.cache.set(k * this.cs, block);
+    const entry = new Uint8Array(8);
+    setU64(view(entry), 0, k * this.cs);
+    // The block is on disk before the table points at it.
+    await this.file.write(this.tableOffset + bi * 8, entry);
+    this.table.set(entry, bi * 8);
+  }
+
+  /**
+   * The table is full: write a bigger one, with new self-describing refcount blocks, in a fresh
+   * area at the end of the file; switch the header to it; then free the old table.
+   */
+  private async growTable(needBi: number): Promise<void> {
+    const cs = this.cs;
+    let start = this.highWater;
+    for (const [, e] of this.reserved) start = Math.max(start, e);
+    const b0 = Math.floor(start / this.epb);
+    let nb = 1;
+    let t = Math.max(Math.ceil(this.table.length / cs) + 1, Math.ceil(((needBi + 1) * 8) / cs));
+    for (;;) {
+      const lastBi = Math.floor((start + nb + t - 1) / this.epb);
+      const nb2 = lastBi - b0 + 1;
+      const t2 = Math.max(t, Math.ceil(((Math.max(lastBi, needBi) + 1) * 8) / cs));
+      if (nb2 === nb && t2 === t) break;
+      nb = nb2;
+      t = t2;
+    }
+    if (t * cs > MAX_REFTABLE_BYTES) {
+      throw new OutOfRange(`${this.file.path}: the refcount table would exceed ${MAX_REFTABLE_BYTES} bytes`, { ref: this.file.path });
+    }
+    const area = new Uint8Array((nb + t) * cs);
+    for (let c = start; c < start + nb + t; c++) {
+      const bi = Math.floor(c / this.epb);
+      setRefcount(area.subarray((bi - b0) * cs, (bi - b0 + 1) * cs), c % this.epb, this.order, 1);
+    }
+    const newTable = area.subarray(nb * cs);
+    newTable.set(this.table);
+    const dv = view(newTable);
+    for (let j = 0; j < nb; j++) setU64(dv, (b0 + j) * 8, (start + j) * cs);
+    await this.file.write(start * cs, area);
+    const oldOffset = this.tableOffset;
+    const oldClusters = Math.ceil(this.table.length / cs);
+    await this.onTableMoved((start + nb) * cs, t);
+    this.table = newTable.slice();
+    this.tableOffset = (start + nb) * cs;
+    for (let j = 0; j < nb; j++) this.cache.set((start + j) * cs, area.slice(j * cs, (j + 1) * cs));
+    this.highWater = Math.max(this.highWater, start + nb + t);
+    await this.free(oldOffset, oldClusters);
+  }
+}
