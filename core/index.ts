@@ -27,3 +27,5 @@ export { createLogger, silentLogger } from './logger.js';
 export { hostCopyTask, COPY_CHUNK, type HostCopyParams } from './planner/host-copy.js';
 export { runCli, type RunCliOptions } from './cli/run-cli.js';
 export { parseSize, formatSize } from './cli/sizes.js';
+export { JobManager, type StartJobRequest, type TaskResolver } from './jobs/job-manager.js';
+export { JobStore, type JobRecord } from './jobs/job-store.js';

@@ -90,7 +90,7 @@ export function validateConfig(
   const substituted = substituteEnv(raw, opts.env ?? process.env);
   registerSecrets(substituted, byKind);
 
-  const env = envelopeSchema.safeParse(substituted);
+  const env = envelopeSchema.safeParse(substituted, { reportInput: true });
   if (!env.success) throw issuesError('', env.error.issues);
 
   const known = [...byKind.keys()].sort();
@@ -105,7 +105,7 @@ export function validateConfig(
     }
     if (seen.has(entry.name)) throw new ConfigError(`${path}.name: duplicate backend name "${entry.name}"`);
     seen.add(entry.name);
-    const parsed = factory.configSchema.safeParse(entry);
+    const parsed = factory.configSchema.safeParse(entry, { reportInput: true });
     if (!parsed.success) throw issuesError(path, parsed.error.issues);
     return parsed.data as BackendEntry & Record<string, unknown>;
   });

@@ -3,7 +3,7 @@
  * check (0 clean, 2 corrupted, 3 leaks, 63 unsupported), and `-r leaks` / `-r all` repair so that
  * qemu-img then finds the image clean.
  */
-import { copyFileSync, mkdtempSync, openSync, rmSync, writeSync, closeSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdtempSync, openSync, rmSync, truncateSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -28,6 +28,8 @@ describe.skipIf(!HAVE_QEMU)('offload img check on damaged images', () => {
     copyFileSync(join(dir, 'clean.qcow2'), join(dir, 'leak.qcow2'));
     setRefcount(join(dir, 'leak.qcow2'), 9, 1);
     setRefcount(join(dir, 'leak.qcow2'), 10, 1);
+    // qemu-img only checks clusters inside the file: make it reach past cluster 10.
+    truncateSync(join(dir, 'leak.qcow2'), 11 * 0x10000);
     copyFileSync(join(dir, 'clean.qcow2'), join(dir, 'corrupt.qcow2'));
     setRefcount(join(dir, 'corrupt.qcow2'), 5, 0); // the data cluster at 0x50000
     expect(run('qemu-img', ['create', '-f', 'raw', 'plain.raw', '1M'], dir).status).toBe(0);

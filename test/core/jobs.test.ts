@@ -1,0 +1,264 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import {
+  ADMIN, JOB_TRANSITIONS, JOB_VERBS, JobManager, JobStore, LockManager, RateLimiter, canTransition, createBroker,
+  silentLogger, verbAllowed, type Broker, type JobContext, type JobEvent, type JobStatus, type JobTask,
+} from '../../core/index.js';
+import { memoryModule } from '../support/memory-backend.js';
+import { tickerModule } from '../support/ticker-backend.js';
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+function manager(): JobManager {
+  const store = new JobStore(':memory:');
+  const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
+  cleanups.push(async () => {
+    await m.close();
+    store.close();
+  });
+  return m;
+}
+
+/** A task driven by the test: each `step()` lets it move one chunk. */
+function steppedTask(chunks: number, opts: { ready?: boolean } = {}) {
+  let release: (() => void) | undefined;
+  const gate = () => new Promise<void>((r) => (release = r));
+  let ctxRef: JobContext | undefined;
+  const task: JobTask = {
+    type: 'test',
+    params: { chunks },
+    async run(ctx) {
+      ctxRef = ctx;
+      ctx.setTotal(chunks * 100);
+      for (let i = 0; i < chunks; i++) {
+        await gate();
+        await ctx.checkpoint(100, { i });
+      }
+      if (opts.ready) {
+        ctx.ready();
+        await ctx.waitForComplete();
+      }
+    },
+  };
+  return {
+    task,
+    step: async () => {
+      for (let i = 0; i < 50 && !release; i++) await new Promise((r) => setTimeout(r, 2));
+      const r = release;
+      release = undefined;
+      r?.();
+      await new Promise((r2) => setTimeout(r2, 5));
+    },
+    ctx: () => ctxRef,
+  };
+}
+
+describe('job state machine (QEMU JobSTT and verb table)', () => {
+  it('has QEMU\'s transitions', () => {
+    expect(JOB_TRANSITIONS.running).toEqual(['paused', 'ready', 'waiting', 'aborting']);
+    expect(canTransition('paused', 'running')).toBe(true);
+    expect(canTransition('paused', 'concluded')).toBe(false);
+    expect(canTransition('concluded', 'running')).toBe(false);
+    expect(canTransition('ready', 'standby')).toBe(true);
+  });
+  it('allows verbs only where QEMU does', () => {
+    expect(verbAllowed('complete', 'running')).toBe(false);
+    expect(verbAllowed('complete', 'ready')).toBe(true);
+    expect(verbAllowed('cancel', 'aborting')).toBe(false);
+    expect(verbAllowed('dismiss', 'concluded')).toBe(true);
+    expect(JOB_VERBS.pause).toContain('standby');
+  });
+});
+
+describe('jobs', () => {
+  it('runs created → running → waiting → pending → concluded with progress in bytes and events', async () => {
+    const m = manager();
+    const t = steppedTask(3);
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] });
+    const statuses: JobStatus[] = [];
+    const progress: number[] = [];
+    job.on((e: JobEvent) => (e.type === 'status' ? statuses.push(e.job.status) : e.type === 'progress' && progress.push(e.job.progress.current)));
+    for (let i = 0; i < 3; i++) await t.step();
+    const info = await job.wait();
+    expect(info.error).toBeUndefined();
+    expect(statuses).toEqual(['waiting', 'pending', 'concluded']);
+    expect(progress).toEqual([100, 200, 300]);
+    expect(info.progress).toEqual({ current: 300, total: 300 });
+  });
+
+  it('pauses and resumes; verbs in the wrong state are refused', async () => {
+    const m = manager();
+    const t = steppedTask(3);
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
+    await t.step();
+    job.pause();
+    expect(job.info().status).toBe('paused');
+    expect(() => job.pause()).toThrow(/already paused/);
+    expect(() => job.complete()).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+    expect(() => job.dismiss()).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+    await t.step(); // the chunk finishes, then the task waits at its pause point
+    const held = job.info().progress.current;
+    await new Promise((r) => setTimeout(r, 30));
+    expect(job.info().progress.current).toBe(held);
+    job.resume();
+    expect(job.info().status).toBe('running');
+    await t.step();
+    const info = await job.wait();
+    expect(info.error).toBeUndefined();
+    job.dismiss();
+    expect(() => m.get(job.id)).toThrow(expect.objectContaining({ code: 'NotFound' }));
+  });
+
+  it('cancel (also of a paused job) concludes with Cancelled and releases its locks', async () => {
+    const locks = new LockManager();
+    const store = new JobStore(':memory:');
+    const m = new JobManager(store, locks, async () => undefined, silentLogger);
+    cleanups.push(async () => { await m.close(); store.close(); });
+    const t = steppedTask(5);
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] });
+    await t.step();
+    job.pause();
+    job.cancel();
+    await t.step();
+    const info = await job.wait();
+    expect(info.status).toBe('concluded');
+    expect(info.error?.code).toBe('Cancelled');
+    expect(info.cancelled).toBe(true);
+    expect(locks.list()).toHaveLength(0);
+    await expect(job.result()).rejects.toMatchObject({ code: 'Cancelled' });
+  });
+
+  it('a mirror-like job reaches ready, pauses into standby, and completes on request', async () => {
+    const m = manager();
+    const t = steppedTask(1, { ready: true });
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
+    await t.step();
+    for (let i = 0; i < 100 && job.info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(job.info().status).toBe('ready');
+    job.pause();
+    expect(job.info().status).toBe('standby');
+    job.resume();
+    expect(job.info().status).toBe('ready');
+    job.complete();
+    const info = await job.wait();
+    expect(info.error).toBeUndefined();
+  });
+
+  it('a failing task concludes with its typed error', async () => {
+    const m = manager();
+    const job = await m.start({
+      task: { type: 'boom', params: {}, run: async () => { throw new Error('disk on fire'); } },
+      ref: 'b/v', executor: 'host', principal: ADMIN, locks: [],
+    });
+    const info = await job.wait();
+    expect(info.error).toEqual({ code: 'Internal', message: expect.stringMatching(/disk on fire/) });
+  });
+
+  it('speed is validated and settable while running', async () => {
+    const m = manager();
+    const t = steppedTask(2);
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
+    expect(() => job.setSpeed(-1)).toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
+    job.setSpeed(1_000_000);
+    expect(job.info().speed).toBe(1_000_000);
+    await t.step();
+    await t.step();
+    await job.wait();
+    expect(() => job.setSpeed(5)).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+  });
+});
+
+describe('rate limiter', () => {
+  it('delays so that the average rate is the speed (100 ms burst allowed)', () => {
+    let now = 0;
+    const r = new RateLimiter(() => now);
+    expect(r.delayFor(1000)).toBe(0);
+    r.setSpeed(1000); // 1000 B/s
+    let waited = 0;
+    for (let i = 0; i < 10; i++) {
+      const d = r.delayFor(500);
+      waited += d;
+      now += d;
+    }
+    // 5000 bytes at 1000 B/s take 5 s, less the 100 ms burst.
+    expect(waited).toBeCloseTo(4900, -1);
+    r.setSpeed(0);
+    expect(r.delayFor(1e9)).toBe(0);
+  });
+});
+
+describe('jobs through the broker', () => {
+  async function broker(state: string, extra: Record<string, unknown> = {}): Promise<Broker> {
+    const b = await createBroker({ state, backends: [{ name: 'tick', kind: 'ticker', steps: 40, stepMs: 10, ...extra }] }, { plugins: [tickerModule], logger: silentLogger });
+    cleanups.push(() => b.close());
+    return b;
+  }
+
+  it('persists jobs: a new broker on the same state sees the concluded job', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-jobs-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    const b1 = await broker(state, { stepMs: 0 });
+    const job = await b1.stream('tick/v');
+    await job.wait();
+    await b1.close();
+    const b2 = await broker(state);
+    const info = b2.jobs.get(job.id).info();
+    expect(info).toMatchObject({ status: 'concluded', type: 'stream', executor: 'backend:tick', ref: 'tick/v', owner: 'admin' });
+    expect(info.plan).toMatchObject({ supported: true });
+  });
+
+  it('a verb from another broker (another process) reaches the running job', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-jobs-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    const b1 = await broker(state);
+    const b2 = await broker(state);
+    const job = await b1.stream('tick/v');
+    // the other broker refuses a conflicting job on the same volume, naming the job
+    await expect(b2.stream('tick/v')).rejects.toMatchObject({ code: 'Busy', message: expect.stringContaining(job.id) });
+    b2.jobs.cancel(job.id);
+    const info = await job.wait();
+    expect(info.error?.code).toBe('Cancelled');
+  });
+
+  it('a stream holds an exclusive lock: a second stream of the volume is Busy', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-jobs-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    const b = await broker(state);
+    const job = await b.stream('tick/v');
+    await expect(b.stream('tick/v')).rejects.toMatchObject({ code: 'Busy' });
+    job.cancel();
+    await job.wait();
+    const again = await b.stream('tick/v', { speed: 0 });
+    again.cancel();
+    await again.wait();
+  });
+});
+
+describe('memory stream through the broker', () => {
+  it('tenants see and control only their own jobs; an admin can cancel any', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-jobs-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    const admin = await createBroker({ state, backends: [{ name: 'm', kind: 'memory', streamDelayMs: 5 }] }, { plugins: [memoryModule], logger: silentLogger });
+    cleanups.push(() => admin.close());
+    const alice = admin.as({ id: 'alice', role: 'tenant' });
+    const bob = admin.as({ id: 'bob', role: 'tenant' });
+    await alice.volumes.create('m/base', { sizeBytes: 1 << 20 });
+    const dev = await alice.volumes.open('m/base', 'rw');
+    await dev.write(0, new Uint8Array(256 * 1024).fill(7));
+    await dev.close();
+    await alice.snapshots.create('m/base@s');
+    await alice.clone('m/base@s', 'm/child', { mode: 'linked' });
+    const job = await alice.stream('m/child');
+    expect(bob.jobs.list()).toHaveLength(0);
+    expect(() => bob.jobs.cancel(job.id)).toThrow(expect.objectContaining({ code: 'NotFound' }));
+    await expect(bob.volumes.get('m/child')).rejects.toMatchObject({ code: 'NotFound' });
+    expect(alice.jobs.list().map((j) => j.id)).toEqual([job.id]);
+    admin.jobs.cancel(job.id);
+    expect((await job.wait()).error?.code).toBe('Cancelled');
+  });
+});
