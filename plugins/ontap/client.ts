@@ -207,7 +207,7 @@ export class OntapClient {
               if (attempt >= maxAttempts) break;
             } else {
               const parsedError = buf.length > 0 ? ErrorBody.safeParse(safeJson(buf)) : undefined;
-              if (res.status >= 400 || parsedError?.success) {
+              if (res.status >= 400 || (parsedError?.success && isBareError(safeJson(buf)))) {
                 const err = parsedError?.success ? parsedError.data.error : undefined;
                 throw mapApiError({
                   what: opts.what,
@@ -246,6 +246,11 @@ export class OntapClient {
     const exp = Math.min(maxDelayMs, baseDelayMs * 2 ** (attempt - 1));
     return exp * (0.5 + 0.5 * this.random());
   }
+}
+
+/** A 2xx body that is only an error (a job object also has an `error`, legitimately). */
+function isBareError(body: unknown): boolean {
+  return typeof body === 'object' && body !== null && !('uuid' in body) && !('records' in body) && !('job' in body);
 }
 
 function looksLikeJson(buf: Buffer): boolean {
