@@ -1,6 +1,6 @@
 /** Running `offload img …` in-process with a CliContext that captures output (for tests). */
 import { Command } from 'commander';
-import type { CliContext } from '../../core/index.js';
+import { UsageError, type CliContext } from '../../core/index.js';
 import { registerImgCommands } from '../../plugins/qcow2/cli/img-command.js';
 import type { RunResult } from './img-qemu.js';
 
@@ -31,16 +31,19 @@ export async function runImg(args: string[], cwd: string, opts: { json?: boolean
     },
     progress: () => ({ update() {}, done() {} }),
   };
-  const program = new Command().exitOverride().configureOutput({ writeErr: (s) => (stderr += s), writeOut: (s) => (stdout += s) });
+  const program = new Command()
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => (stderr += s), writeOut: (s) => (stdout += s), outputError: () => undefined });
   registerImgCommands(program, ctx, { stderr: (line) => (stderr += line + '\n') });
   const prev = process.cwd();
   process.chdir(cwd);
   try {
     await program.parseAsync(['img', ...args], { from: 'user' });
   } catch (e) {
-    const err = e as { code?: string; exitCode?: number; message?: string; describe?: () => string };
+    const err = e as { code?: string; message?: string; describe?: () => string };
     stderr += (typeof err.describe === 'function' ? err.describe() : err.message) + '\n';
-    status = err.code?.startsWith('commander.') ? (err.exitCode ?? 2) : err.constructor?.name === 'UsageError' ? 2 : 1;
+    // As bin/offload maps them: commander errors, usage errors and InvalidArgument 2, the rest 1.
+    status = err.code?.startsWith('commander.') || err.code === 'InvalidArgument' || e instanceof UsageError ? 2 : 1;
   } finally {
     process.chdir(prev);
   }
