@@ -41,7 +41,8 @@ export async function runImg(args: string[], cwd: string, opts: { json?: boolean
     await program.parseAsync(['img', ...args], { from: 'user' });
   } catch (e) {
     const err = e as { code?: string; message?: string; describe?: () => string };
-    stderr += (typeof err.describe === 'function' ? err.describe() : err.message) + '\n';
+    // One line, as bin/offload prints it: "offload: CODE: message (hint)".
+    stderr += `offload: ${typeof err.describe === 'function' ? `${err.code}: ${err.describe()}` : err.message}\n`;
     // As bin/offload maps them: commander errors, usage errors and InvalidArgument 2, the rest 1.
     status = err.code?.startsWith('commander.') || err.code === 'InvalidArgument' || e instanceof UsageError ? 2 : 1;
   } finally {
