@@ -73,7 +73,7 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
     sessions.set(token, now);
   }
 
-  async function api(req: IncomingMessage, url: URL, version: string, resource: string, shortPage?: number): Promise<Reply> {
+  async function api(req: IncomingMessage, url: URL, resource: string, shortPage?: number): Promise<Reply> {
     const method = req.method ?? 'GET';
     const q = url.searchParams;
     if (resource === 'login' && method === 'POST') {
@@ -155,7 +155,6 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
         return { status: 200, body: {} };
       }
     }
-    void version;
     throw new ApiFault(404, Messages.notFoundPath, url.pathname);
   }
 
@@ -227,10 +226,18 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
     const apiMatch = /^\/api\/(\d+\.\d+)\/([a-z-]+)$/.exec(path);
     if (apiMatch) {
       if (!API_VERSIONS.includes(apiMatch[1]!)) throw new ApiFault(404, Messages.notFoundPath, path);
-      return api(req, url, apiMatch[1]!, apiMatch[2]!, shortPage);
+      return api(req, url, apiMatch[2]!, shortPage);
     }
     const dataMatch = /^\/data\/volumes\/([^/]+)(?:\/(extents|zeroes))?$/.exec(path);
-    if (dataMatch) return data(req, url, decodeURIComponent(dataMatch[1]!), dataMatch[2]);
+    if (dataMatch) {
+      let name: string;
+      try {
+        name = decodeURIComponent(dataMatch[1]!);
+      } catch {
+        throw new ApiFault(400, Messages.invalidName, dataMatch[1]);
+      }
+      return data(req, url, name, dataMatch[2]);
+    }
     throw new ApiFault(404, Messages.notFoundPath, path);
   }
 
