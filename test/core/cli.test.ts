@@ -1,0 +1,122 @@
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { runCli } from '../../core/index.js';
+import { memoryModule } from '../support/memory-backend.js';
+import { tickerModule } from '../support/ticker-backend.js';
+
+const root = resolve(import.meta.dirname, '../..');
+const dir = mkdtempSync(join(tmpdir(), 'offload-cli-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const SECRET = 'tok-Zq8-very-secret';
+const config = join(dir, 'offload.yaml');
+writeFileSync(config, [
+  'state: ./state',
+  'backends:',
+  '  - name: mem',
+  '    kind: memory',
+  '    secret: ${MEM_SECRET}',
+  '  - name: tick',
+  '    kind: ticker',
+  '    steps: 5',
+  '    stepMs: 1',
+].join('\n'));
+
+/** Run the CLI in this process (a new broker each time, as a new process would open). */
+async function offload(...args: string[]) {
+  let out = '';
+  let err = '';
+  const code = await runCli(['--config', config, ...args], {
+    plugins: [memoryModule, tickerModule],
+    env: { ...process.env, MEM_SECRET: SECRET },
+    io: { stdout: { write: (s: string) => (out += s) }, stderr: { write: (s: string) => (err += s) } },
+  });
+  return { code, out, err };
+}
+
+describe('offload CLI (core verbs)', () => {
+  it('lists backends with their capabilities, as a table and as JSON', async () => {
+    const t = await offload('backends');
+    expect(t.code).toBe(0);
+    expect(t.out).toMatch(/^NAME\s+KIND\s+CAPABILITIES/);
+    expect(t.out).toMatch(/mem\s+memory\s+volume\.create .*clone\.linked/);
+    expect(t.out).toMatch(/tick\s+ticker\s+volume\.list chain\.stream/);
+    const j = (await offload('--json', 'backends'));
+    expect(JSON.parse(j.out)).toEqual(expect.arrayContaining([expect.objectContaining({ name: 'mem', kind: 'memory', capabilities: expect.objectContaining({ 'clone.full': {} }) })]));
+  });
+
+  it('a broken config is one line naming the path, exit 2, no stack trace', async () => {
+    const bad = join(dir, 'bad.yaml');
+    writeFileSync(bad, 'backends:\n  - name: mem\n    kind: memory\n  - name: x\n    kind: nfs\n');
+    const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'test/support/cli-with-memory.ts'), '--config', bad, 'backends'], { cwd: root, encoding: 'utf8' });
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/backends\[1\]\.kind: unknown kind "nfs" \(known kinds: memory, ticker\)/);
+    expect(r.stderr).not.toMatch(/\s+at /);
+  });
+
+  it('exit codes: 0 success, 1 failed operation, 2 bad usage', async () => {
+    expect((await offload('volume', 'create', 'mem/v1', '64M')).code).toBe(0);
+    const missing = (await offload('volume', 'show', 'mem/ghost'));
+    expect(missing.code).toBe(1);
+    expect(missing.err).toMatch(/^offload: NotFound: volume mem\/ghost does not exist/);
+    expect((await offload('frobnicate')).code).toBe(2);
+    expect((await offload('volume', 'create', 'mem/v1')).code).toBe(2);
+    expect((await offload('volume', 'create', 'mem/bad name', '1M')).code).toBe(2);
+    expect((await offload('volume', 'create', 'mem/v2', '12X')).code).toBe(2);
+  });
+
+  it('never prints a secret: errors and --json output are redacted', async () => {
+    const r = (await offload('--json', 'volume', 'show', `mem/${SECRET}`));
+    expect(r.code).toBe(1);
+    expect(r.out + r.err).not.toContain(SECRET);
+    expect(r.err).toContain('***');
+    expect(JSON.parse(r.out)).toMatchObject({ error: { code: 'NotFound' } });
+  });
+
+  it('plans without running, and says when something is unsupported', async () => {
+    const p = (await offload('plan', 'clone', 'mem/a@s', 'mem/b', '--linked'));
+    expect(p.code).toBe(0);
+    expect(p.out).toMatch(/clone\.linked on backend:mem/);
+    const u = (await offload('plan', 'commit', 'mem/a'));
+    expect(u.code).toBe(1);
+    expect(u.out).toMatch(/unsupported: .*chain\.commit/);
+    expect((await offload('plan', 'teleport', 'x')).code).toBe(2);
+  });
+
+  it('runs a job to the end, and the job is listed afterwards from another process', async () => {
+    const s = (await offload('stream', 'tick/v'));
+    expect(s.code).toBe(0);
+    expect(s.out).toMatch(/stream tick\/v: done \(job stream-[0-9a-f]+, backend:tick, 5 MiB moved\)/);
+    const l = (await offload('--json', 'jobs', 'list'));
+    const jobs = JSON.parse(l.out) as { id: string; status: string; executor: string }[];
+    expect(jobs.some((j) => j.status === 'concluded' && j.executor === 'backend:tick')).toBe(true);
+    const id = jobs[0]!.id;
+    expect((await offload('jobs', 'show', id)).out).toMatch(/status: concluded/);
+    expect((await offload('jobs', 'cancel', id)).code).toBe(1); // concluded: cancel is not allowed
+    expect((await offload('jobs', 'dismiss', id)).code).toBe(0);
+    expect((await offload('jobs', 'show', id)).code).toBe(1);
+  });
+
+  it('maintenance locks outlive the process that placed them', async () => {
+    expect((await offload('locks', 'maintenance', 'mem/v1', '--reason', 'disk swap')).code).toBe(0);
+    const l = (await offload('locks', 'list'));
+    expect(l.out).toMatch(/mem\/v1\s+maintenance/);
+    expect((await offload('locks', 'release', 'mem/v1')).code).toBe(0);
+    expect((await offload('locks', 'list')).out).toMatch(/\(none\)/);
+  });
+});
+
+describe('bin/offload (the built executable)', () => {
+  it('runs after npm install and reports a broken config in one line with exit 2', () => {
+    const bad = join(dir, 'bad2.yaml');
+    writeFileSync(bad, 'backends:\n  - name: x\n    kind: flasharray\n    endpoint: nope\n');
+    const r = spawnSync(join(root, 'bin/offload'), ['--config', bad, 'backends'], { cwd: dir, encoding: 'utf8' });
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/^offload: config error: backends\[0\]\./);
+    expect(r.status).toBe(2);
+  });
+});
