@@ -1,10 +1,14 @@
 import { defineConfig } from 'vitest/config';
 
+// CI asks for a JSON report as well (to print "N passed, N failed, N skipped").
+const jsonReport = process.env.OFFLOAD_VITEST_JSON;
+
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts', 'plugins/**/*.test.ts', 'core/**/*.test.ts'],
-    testTimeout: 60_000,
-    hookTimeout: 60_000,
+    testTimeout: 120_000,
+    hookTimeout: 120_000,
     pool: 'forks',
+    ...(jsonReport ? { reporters: ['default', 'json'], outputFile: { json: jsonReport } } : {}),
   },
 });
