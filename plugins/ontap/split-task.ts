@@ -55,6 +55,11 @@ export class SplitTask implements JobTask {
         ctx.setProgress(0, 0);
         return;
       }
+      // Before the split, the appliance's estimate is exactly what it will copy.
+      if (!volume.clone.split_initiated && volume.clone.split_estimate !== undefined) {
+        this.total = volume.clone.split_estimate;
+        ctx.setProgress(0, this.total);
+      }
       jobUuid = volume.clone.split_initiated ? await this.findRunningJob(volume.uuid, what) : await this.start(volume.uuid, what);
       if (jobUuid !== undefined) ctx.saveState({ jobUuid } satisfies SplitState);
     }
@@ -142,6 +147,7 @@ export class SplitTask implements JobTask {
     const pct = v.clone?.split_complete_percent;
     const remaining = v.clone?.split_estimate;
     if (pct === undefined || remaining === undefined) return;
+    // Resumed mid-split: the total is inferred from the percentage (approximate).
     if (this.total === 0) this.total = pct < 100 ? Math.round((remaining * 100) / (100 - pct)) : remaining;
     this.current = Math.max(this.current, Math.min(this.total, this.total - remaining));
     ctx.setProgress(this.current, this.total);

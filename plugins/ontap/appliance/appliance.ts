@@ -215,15 +215,21 @@ export class OntapAppliance {
     if (!applies(fault)) return job;
     job.kind = 'split';
     job.volumeUuid = v.uuid;
-    const parent = this.volumes.get(v.clone.parentVolumeUuid);
-    const base = parent?.snapshots.find((s) => s.uuid === v.clone!.parentSnapshotUuid);
-    const pending: [number, number][] = [];
-    for (const [index, id] of v.map) if (base?.map.get(index) === id) pending.push([index, id]);
-    pending.sort((a, b) => a[0] - b[0]);
+    const pending = this.sharedWithBase(v);
     v.clone.split = { jobUuid: job.uuid, pending, totalBytes: pending.length * this.store.chunkSize, copiedBytes: 0, credit: 0 };
     job.message = 'Clone split 0% complete';
     this.save();
     return job;
+  }
+
+  /** The clone's chunks still shared with its parent snapshot: [index, chunk id], in order. */
+  private sharedWithBase(v: VolumeRecord): [number, number][] {
+    if (!v.clone) return [];
+    const parent = this.volumes.get(v.clone.parentVolumeUuid);
+    const base = parent?.snapshots.find((s) => s.uuid === v.clone!.parentSnapshotUuid);
+    const shared: [number, number][] = [];
+    for (const [index, id] of v.map) if (base?.map.get(index) === id) shared.push([index, id]);
+    return shared.sort((a, b) => a[0] - b[0]);
   }
 
   deleteVolume(uuid: string, fault: JobFault): JobRecord {
@@ -484,6 +490,9 @@ export class OntapAppliance {
       if (v.clone.split) {
         clone.split_complete_percent = percent(v.clone.split.copiedBytes, v.clone.split.totalBytes);
         clone.split_estimate = Math.max(0, v.clone.split.totalBytes - v.clone.split.copiedBytes);
+      } else {
+        // What a split would have to copy: the chunks still shared with the parent snapshot.
+        clone.split_estimate = this.sharedWithBase(v).length * this.store.chunkSize;
       }
     }
     return {
