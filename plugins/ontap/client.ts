@@ -187,58 +187,57 @@ export class OntapClient {
   ): Promise<RawResponse> {
     const { maxAttempts, requestTimeoutMs } = this.opts.retry;
     let problem = '';
-    for (let attempt = 1; ; attempt++) {
+    for (let attempt = 1; attempt <= maxAttempts; attempt++) {
+      if (attempt > 1) {
+        this.opts.logger?.debug('ontap: retrying', { what: opts.what, attempt, problem });
+      }
       if (opts.signal?.aborted) throw new Cancelled(`${opts.what}: cancelled`, { ref: opts.ref });
       const timeout = AbortSignal.timeout(requestTimeoutMs);
       const signal = opts.signal ? AbortSignal.any([opts.signal, timeout]) : timeout;
-      let delay: number | undefined;
+      let retryAfter: number | undefined;
       try {
         const res = await fetch(url, { method, headers: { ...headers, authorization: this.auth }, body, signal });
         const buf = Buffer.from(await res.arrayBuffer());
-        if (res.status === 429 || res.status >= 500) {
-          problem = `HTTP ${res.status}${describeError(buf)}`;
-          delay = retryAfterMs(res.headers.get('retry-after'));
-          if (attempt >= maxAttempts) break;
-        } else {
-          const isJson = buf.length === 0 || looksLikeJson(buf);
-          if (expectJson || res.status >= 400) {
-            if (!isJson) {
-              problem = `HTTP ${res.status} with a non-JSON body (${(res.headers.get('content-type') ?? 'no content type')})`;
-              if (attempt >= maxAttempts) break;
-            } else {
-              const parsedError = buf.length > 0 ? ErrorBody.safeParse(safeJson(buf)) : undefined;
-              if (res.status >= 400 || (parsedError?.success && isBareError(safeJson(buf)))) {
-                const err = parsedError?.success ? parsedError.data.error : undefined;
-                throw mapApiError({
-                  what: opts.what,
-                  ref: opts.ref,
-                  httpStatus: res.status,
-                  code: err?.code,
-                  message: err?.message ?? `HTTP ${res.status}`,
-                  target: err?.target,
-                });
-              }
-              return { status: res.status, headers: res.headers, body: buf };
-            }
-          } else {
-            return { status: res.status, headers: res.headers, body: buf };
-          }
-        }
+        const verdict = this.judge(res, buf, expectJson, opts);
+        if (verdict.ok) return { status: res.status, headers: res.headers, body: buf };
+        problem = verdict.problem;
+        retryAfter = verdict.retryAfterMs;
       } catch (e) {
         if (isOffloadError(e)) throw e;
         if (opts.signal?.aborted) throw new Cancelled(`${opts.what}: cancelled`, { ref: opts.ref });
         problem = timeout.aborted ? `no answer within ${requestTimeoutMs} ms` : `connection failed (${networkCause(e)})`;
-        if (attempt >= maxAttempts) break;
       }
-      const wait = delay !== undefined ? Math.min(delay, this.opts.retry.maxDelayMs) : this.backoff(attempt);
-      this.opts.logger?.debug('ontap: retrying', { what: opts.what, attempt, problem, waitMs: Math.round(wait) });
-      await sleep(wait, opts.signal, opts.what);
+      if (attempt < maxAttempts) {
+        await sleep(retryAfter !== undefined ? Math.min(retryAfter, this.opts.retry.maxDelayMs) : this.backoff(attempt), opts.signal, opts.what);
+      }
     }
     throw new BackendUnavailable(`${opts.what}: the appliance at ${this.base} failed ${maxAttempts} time(s); last: ${problem}`, {
       ref: opts.ref,
       hint: 'check that the appliance is up and reachable, or raise retry.maxAttempts',
       data: { attempts: maxAttempts, last: problem },
     });
+  }
+
+  /**
+   * An answer is usable, transient (retry: 429, 5xx, a non-JSON body where JSON was due), or an
+   * ONTAP error (thrown as its typed error, never retried).
+   */
+  private judge(res: Response, buf: Buffer, expectJson: boolean, opts: RequestOptions): { ok: true } | { ok: false; problem: string; retryAfterMs?: number } {
+    if (res.status === 429 || res.status >= 500) {
+      return { ok: false, problem: `HTTP ${res.status}${describeError(buf)}`, retryAfterMs: retryAfterMs(res.headers.get('retry-after')) };
+    }
+    if (!expectJson && res.status < 400) return { ok: true };
+    const json = buf.length === 0 ? {} : safeJson(buf);
+    if (json === undefined) {
+      return { ok: false, problem: `HTTP ${res.status} with a non-JSON body (${res.headers.get('content-type') ?? 'no content type'})` };
+    }
+    const error = ErrorBody.safeParse(json);
+    // A 2xx that is only an error object is an error too (a job object carries `error` legitimately).
+    if (res.status >= 400 || (error.success && isBareError(json))) {
+      const err = error.success ? error.data.error : undefined;
+      throw mapApiError({ what: opts.what, ref: opts.ref, httpStatus: res.status, code: err?.code, message: err?.message ?? `HTTP ${res.status}`, target: err?.target });
+    }
+    return { ok: true };
   }
 
   private backoff(attempt: number): number {
@@ -251,10 +250,6 @@ export class OntapClient {
 /** A 2xx body that is only an error (a job object also has an `error`, legitimately). */
 function isBareError(body: unknown): boolean {
   return typeof body === 'object' && body !== null && !('uuid' in body) && !('records' in body) && !('job' in body);
-}
-
-function looksLikeJson(buf: Buffer): boolean {
-  return safeJson(buf) !== undefined;
 }
 
 function safeJson(buf: Buffer): unknown {
