@@ -72,7 +72,7 @@ describe('thin chunk store', () => {
             await m.copyVolume(v, src, true);
             ref.set(v, Buffer.from(ref.get(src)!));
           } else if (o.t === 'grow') {
-            await m.resizeVolume(v, cur.length + CHUNK_SIZE / 2);
+            await m.resizeVolume(v, cur.length + CHUNK_SIZE / 2, false);
             ref.set(v, Buffer.concat([cur, Buffer.alloc(CHUNK_SIZE / 2)]));
           } else if (o.t === 'shrink') {
             const to = Math.min(o.to * 512, cur.length);
