@@ -57,7 +57,7 @@ function newResult(img: Qcow2Image): CheckResult {
  */
 export async function checkImage(img: Qcow2Image, opts: CheckOptions): Promise<CheckResult> {
   const first = await checkOnce(img, opts.repair);
-  if (opts.repair && (first.corruptionsFixed > 0 || first.leaksFixed > 0 || first.rebuilt)) {
+  if (first.error === undefined && opts.repair && (first.corruptionsFixed > 0 || first.leaksFixed > 0 || first.rebuilt)) {
     const again = await checkOnce(img, undefined);
     again.corruptionsFixed = first.corruptionsFixed;
     again.leaksFixed = first.leaksFixed;
@@ -75,23 +75,44 @@ async function checkOnce(img: Qcow2Image, repair: 'leaks' | 'all' | undefined): 
   const fileClusters = Math.ceil((await img.file.size()) / img.cs);
   const st: State = { img, res, refs: new RefArray(fileClusters), rebuild: false, nextContiguous: 0 };
   await calculate(st, true);
+  // As QEMU: compare once without fixing; then either rebuild, or compare again fixing.
+  const pre = { ...res, messages: [...res.messages] };
   let highest = { v: -1 };
-  await compare(st, fixLeaks, fixErrors, highest, true);
+  await compare(st, false, false, highest, true);
 
   if (st.rebuild && fixErrors) {
+    const old = { corruptions: res.corruptions, leaks: res.leaks };
     res.messages.push('Rebuilding refcount structure');
     await rebuildRefcounts(st);
     res.rebuilt = true;
     res.corruptions = 0;
     res.leaks = 0;
-    const st2: State = { img, res: newResult(img), refs: new RefArray(Math.ceil((await img.file.size()) / img.cs)), rebuild: false, nextContiguous: 0 };
+    const st2: State = { img, res, refs: new RefArray(Math.ceil((await img.file.size()) / img.cs)), rebuild: false, nextContiguous: 0 };
+    res.allocatedClusters = 0;
+    res.fragmentedClusters = 0;
+    res.compressedClusters = 0;
     await calculate(st2, true);
+    // Leaks the rebuild itself left are fixed here and not reported (QEMU does the same).
+    const scratch: State = { ...st2, res: newResult(img) };
     highest = { v: -1 };
-    await compare(st2, true, false, highest, false);
-    res.messages.push(...st2.res.messages);
-    res.corruptionsFixed += 1;
-  } else if (st.rebuild) {
-    // Without -r all we can only report it (qemu-img does the same).
+    await compare(scratch, true, false, highest, true);
+    res.messages.push(...scratch.res.messages);
+    if (scratch.rebuild) res.messages.push('ERROR rebuilt refcount structure is still broken');
+    if (res.corruptions < old.corruptions) res.corruptionsFixed += old.corruptions - res.corruptions;
+    if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
+    res.leaks += scratch.res.leaks;
+  } else if (repair) {
+    if (st.rebuild) {
+      res.messages.push('ERROR need to rebuild refcount structures');
+      res.checkErrors++;
+      res.error = 'the refcount structure must be rebuilt (repair with -r all)';
+      return res;
+    }
+    if (res.leaks || res.corruptions) {
+      Object.assign(res, pre);
+      highest = { v: -1 };
+      await compare(st, fixLeaks, fixErrors, highest, true);
+    }
   }
 
   await checkCopied(st, fixErrors);
@@ -298,53 +319,80 @@ async function checkCopied(st: State, fix: boolean): Promise<void> {
 }
 
 /**
- * Write a whole new refcount structure from the computed references (minus the old refcount
- * structure) past the end of everything in use, then point the header at it.
+ * Rebuild the refcount structure from the computed references, as QEMU's
+ * rebuild_refcount_structure places it: each needed refcount block, then the table, in the
+ * lowest free clusters of the in-memory counts (the old structure stays counted there, so it
+ * is left as leaks that the caller fixes). Blocks are written before the header points at them.
  */
 async function rebuildRefcounts(st: State): Promise<void> {
-  const { img } = st;
+  const { img, refs } = st;
   const cs = img.cs;
   const order = img.h.refcountOrder;
   const epb = entriesPerBlock(cs, order);
-  const fresh: State = { img, res: newResult(img), refs: new RefArray(st.refs.n), rebuild: false, nextContiguous: 0 };
-  // References without the old refcount table and blocks.
-  incRange(fresh, 0, cs);
-  await checkL1(fresh, img.h.l1TableOffset, img.l1Size, false, img.l1);
-  for (const sn of img.snapshotTable) {
-    if (sn.l1TableOffset % cs === 0 && sn.l1Size * 8 <= MAX_L1_BYTES) await checkL1(fresh, sn.l1TableOffset, sn.l1Size, false, undefined);
-  }
-  if (img.h.nbSnapshots > 0) incRange(fresh, img.h.snapshotsOffset, snapshotTableSize(img.snapshotTable));
-  const used = fresh.refs.size;
-  const start = Math.max(used, Math.ceil(img.fileLen / cs));
-  let nb = 1;
-  let t = 1;
+  let firstFree = 0;
+  const alloc = (n: number): number => {
+    let run = 0;
+    let c = firstFree;
+    let gapSeen = false;
+    for (; run < n; c++) {
+      if (refs.get(c) === 0) {
+        if (!gapSeen) { firstFree = c; gapSeen = true; }
+        run++;
+      } else {
+        run = 0;
+      }
+    }
+    const start = c - n;
+    for (let k = start; k < c; k++) refs.inc(k);
+    return start;
+  };
+  const blocks = new Map<number, number>();
+  const hasRefs = (bi: number): boolean => {
+    for (let k = bi * epb; k < (bi + 1) * epb && k < refs.size; k++) if (refs.get(k) !== 0) return true;
+    return false;
+  };
+  const placeBlocks = () => {
+    for (let changed = true; changed;) {
+      changed = false;
+      const nb = Math.ceil(refs.size / epb);
+      for (let bi = 0; bi < nb; bi++) {
+        if (!blocks.has(bi) && hasRefs(bi)) {
+          blocks.set(bi, alloc(1));
+          changed = true;
+        }
+      }
+    }
+  };
+  placeBlocks();
+  let tableClusters = 0;
+  let tableStart = 0;
   for (;;) {
-    const total = start + nb + t;
-    const nb2 = Math.ceil(total / epb);
-    const t2 = Math.ceil((nb2 * 8) / cs);
-    if (nb2 === nb && t2 === t) break;
-    nb = nb2;
-    t = t2;
+    const entries = Math.max(...blocks.keys()) + 1;
+    const need = Math.ceil((entries * 8) / cs);
+    if (need <= tableClusters) break;
+    tableClusters = need;
+    tableStart = alloc(need);
+    placeBlocks();
   }
-  const table = new Uint8Array(t * cs);
-  for (let b = 0; b < nb; b++) {
+  const table = new Uint8Array(tableClusters * cs);
+  for (const [bi, c] of [...blocks].sort((x, y) => x[0] - y[0])) {
     const block = new Uint8Array(cs);
     for (let k = 0; k < epb; k++) {
-      const c = b * epb + k;
-      const v = c < start ? fresh.refs.get(c) : c < start + nb + t ? 1 : 0;
+      const v = refs.get(bi * epb + k);
       if (v) setRefcount(block, k, order, Math.min(v, img.refcounts.max));
     }
-    await img.file.write((start + b) * cs, block);
-    setU64(view(table), b * 8, (start + b) * cs);
+    await img.file.write(c * cs, block);
+    img.fileLen = Math.max(img.fileLen, (c + 1) * cs);
+    setU64(view(table), bi * 8, c * cs);
   }
-  await img.file.write((start + nb) * cs, table);
-  img.fileLen = Math.max(img.fileLen, (start + nb + t) * cs);
+  await img.file.write(tableStart * cs, table);
+  img.fileLen = Math.max(img.fileLen, (tableStart + tableClusters) * cs);
   await img.file.sync();
   const hb = new Uint8Array(12);
-  setU64(view(hb), 0, (start + nb) * cs);
-  view(hb).setUint32(8, t);
+  setU64(view(hb), 0, tableStart * cs);
+  view(hb).setUint32(8, tableClusters);
   await img.file.write(48, hb);
-  img.h.refcountTableOffset = (start + nb) * cs;
-  img.h.refcountTableClusters = t;
-  img.refcounts.reset(table, (start + nb) * cs, start + nb + t);
+  img.h.refcountTableOffset = tableStart * cs;
+  img.h.refcountTableClusters = tableClusters;
+  img.refcounts.reset(table, tableStart * cs, Math.ceil(img.fileLen / cs));
 }

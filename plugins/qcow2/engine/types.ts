@@ -143,6 +143,11 @@ export interface CheckResult {
   messages: string[];
   /** True when repair rebuilt the whole refcount structure. */
   rebuilt: boolean;
+  /**
+   * Set when the check itself failed (qemu-img prints `Check failed: …`, no JSON, exit 1):
+   * e.g. `-r leaks` on an image whose refcount structure needs a rebuild.
+   */
+  error?: string;
 }
 
 export interface CheckOptions {
