@@ -89,8 +89,14 @@ export class FlashArrayClient {
       what, ref, query: { ...query, limit: page?.limit, continuation_token: page?.token, total_item_count: true },
     });
     const env = this.validate(ListEnvelope(item), body, what, ref);
-    const next = env.continuation_token ?? headers.get('x-next-token') ?? undefined;
-    return { items: env.items, next: next || undefined, total: env.total_item_count ?? undefined };
+    const next = env.continuation_token || headers.get('x-next-token') || undefined;
+    if (env.more_items_remaining === true && next === undefined) {
+      // Stopping here would silently return part of the list.
+      throw new BackendUnavailable(`${what} on flasharray "${this.opts.label}": the array says more items remain but gave no continuation token`, {
+        ref, hint: 'the listing would be incomplete; retry later',
+      });
+    }
+    return { items: env.items, next, total: env.total_item_count ?? undefined };
   }
 
   /**
@@ -203,6 +209,8 @@ export class FlashArrayClient {
         });
       }
       if (a.status >= 400) throw this.mapError(a, opts);
+      // Some gateways answer 2xx with an error body; take it for what it says, not for success.
+      if (json && ErrorEnvelope.safeParse(parseJson(a.bytes)).success) throw this.mapError(a, opts);
       return a;
     }
   }

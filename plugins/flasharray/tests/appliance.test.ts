@@ -111,6 +111,30 @@ describe('mock FlashArray REST 2.x', () => {
     expect((await apiError(await c.call('GET', 'volumes?limit=0'))).context).toBe('limit');
   });
 
+  it('paging under churn lists every volume that stays exactly once', async () => {
+    const stay = ['b1', 'b3', 'b5', 'b7', 'b9'];
+    for (const n of [...stay, 'b2', 'b4']) await c.call('POST', `volumes?names=${n}`, { provisioned: MiB });
+    const seen: string[] = [];
+    let token: string | null | undefined;
+    let round = 0;
+    do {
+      const p = await as(VolumeList, await c.call('GET', `volumes?limit=2${token ? `&continuation_token=${token}` : ''}`));
+      seen.push(...p.items.map((v) => v.name));
+      token = p.continuation_token;
+      // between pages: others come and go, before and after the cursor
+      round++;
+      await c.call('POST', `volumes?names=a${round}`, { provisioned: MiB });
+      await c.call('POST', `volumes?names=z${round}`, { provisioned: MiB });
+      if (round === 1) {
+        await c.call('PATCH', 'volumes?names=b4', { destroyed: true });
+        await c.call('DELETE', 'volumes?names=b4');
+      }
+    } while (token);
+    for (const n of stay) expect(seen.filter((x) => x === n)).toHaveLength(1);
+    expect(new Set(seen).size).toBe(seen.length);
+    expect(seen).not.toContain('b4');
+  });
+
   it('refuses bad names and sizes with the array messages', async () => {
     for (const bad of ['has.dot', '-x', 'x'.repeat(64), 'sp ace']) {
       expect((await apiError(await c.call('POST', `volumes?names=${encodeURIComponent(bad)}`, { provisioned: MiB }))).message).toBe(Messages.invalidName);

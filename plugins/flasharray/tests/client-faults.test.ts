@@ -183,6 +183,16 @@ describe('sessions', () => {
     expect(l.count()).toBe(2);
   });
 
+  it('a failed re-login after a 401 is PermissionDenied', async () => {
+    nock(BASE).post(`${API}/login`).reply(200, { items: [{ username: 'pureuser' }] }, { 'x-auth-token': 'S1' });
+    const relogin = nock(BASE).post(`${API}/login`).reply(401, arrayError(Messages.authFailed));
+    const get = nock(BASE).get(`${API}/volumes`).query(true).reply(401, arrayError(Messages.sessionExpired));
+    const be = await backend();
+    const e = await failure(be.getVolume('a'));
+    expect(e.code).toBe('PermissionDenied');
+    expect(relogin.isDone() && get.isDone()).toBe(true);
+  });
+
   it('a refused API token is PermissionDenied, and the token never appears in the error', async () => {
     nock(BASE).post(`${API}/login`).reply(401, arrayError(Messages.authFailed));
     const be = await backend();
@@ -319,6 +329,15 @@ describe('paging faults', () => {
     expect(n).toBe(2);
   });
 
+  it('"more items remain" without a token is BackendUnavailable, not a silently short list', async () => {
+    login();
+    nock(BASE).get(`${API}/volume-snapshots`).query(true).reply(200, { items: [snap('v', 'a')], continuation_token: null, more_items_remaining: true });
+    const be = await backend();
+    const e = await failure(be.listSnapshots('v'));
+    expect(e.code).toBe('BackendUnavailable');
+    expect(e.message).toMatch(/more items remain/);
+  });
+
   it('an invalid page token from a caller is InvalidArgument', async () => {
     login();
     nock(BASE).get(`${API}/volumes`).query(true).reply(400, arrayError(Messages.invalidToken, 'continuation_token'));
@@ -358,6 +377,15 @@ describe('malformed answers', () => {
     const e = await failure(be.getVolume('a'));
     expect(e.code).toBe('BackendUnavailable');
     expect(e.message).toMatch(/items\.0\.id/);
+  });
+
+  it('a 200 carrying an errors body is the error it says, not a success', async () => {
+    login();
+    nock(BASE).post(`${API}/volumes`).query(true).reply(200, arrayError(Messages.volumeExists, 'v'));
+    nock(BASE).get(`${API}/volumes`).query(true).reply(200, list([vol('v', 2 * MiB)]));
+    const be = await backend();
+    const e = await failure(be.createVolume({ name: 'v', sizeBytes: MiB }));
+    expect(e.code).toBe('AlreadyExists');
   });
 
   it('an API version the array does not serve is Unsupported', async () => {
