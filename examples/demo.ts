@@ -1,0 +1,97 @@
+/**
+ * The tour (`npm run demo`): starts the mock SAN (FlashArray-style) and NAS (ONTAP-style)
+ * appliances on loopback ports, builds one broker over both, and shows each operation, where it
+ * ran (offloaded to an appliance, or through the host data mover) and how many bytes crossed
+ * the host.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createBroker, formatSize, type Job, type Plan } from '../core/index.js';
+import { builtinPlugins } from '../plugins/index.js';
+import { startFlashArrayMock } from '../plugins/flasharray/index.js';
+import { startOntapMock, MOCK_DEFAULTS } from '../plugins/ontap/index.js';
+
+const MiB = 1024 * 1024;
+const say = (text: string) => process.stdout.write(`${text}\n`);
+const where = (plan: Plan) =>
+  plan.supported
+    ? plan.steps.map((s) => `${s.action} on ${s.executor}`).join(' → ')
+    : `unsupported: ${plan.reason}`;
+
+async function follow(job: Job, label: string): Promise<void> {
+  let last = -1;
+  job.on((e) => {
+    const pct = e.job.progress.total ? Math.floor((e.job.progress.current / e.job.progress.total) * 100) : 0;
+    if (pct >= last + 25) {
+      last = pct;
+      say(`   ${label}: ${e.job.status} ${pct}%`);
+    }
+  });
+  const info = await job.result();
+  say(`   ${label}: ${info.status} on ${info.executor}, ${formatSize(info.progress.current)} moved`);
+}
+
+const san = await startFlashArrayMock({ port: 0 });
+const nas = await startOntapMock({ port: 0, splitBytesPerSecond: 64 * MiB });
+const state = mkdtempSync(join(tmpdir(), 'offload-demo-'));
+say(`mock FlashArray on ${san.url}, mock ONTAP on ${nas.url}`);
+
+const broker = await createBroker(
+  {
+    state,
+    backends: [
+      { name: 'san1', kind: 'flasharray', endpoint: san.url, apiToken: san.apiToken },
+      { name: 'nas1', kind: 'ontap', endpoint: nas.url, username: nas.username, password: nas.password, svm: MOCK_DEFAULTS.svm },
+    ],
+  },
+  { plugins: builtinPlugins },
+);
+
+try {
+  say('\nbackends:');
+  for (const b of await broker.backends()) say(`   ${b.name} (${b.kind}): ${b.capabilities.names().join(' ')}`);
+
+  say('\n1. a golden image on the NAS, written over its data path');
+  await broker.volumes.create('nas1/golden', { sizeBytes: 256 * MiB });
+  const dev = await broker.volumes.open('nas1/golden', 'rw');
+  for (let i = 0; i < 8; i++) await dev.write(i * 16 * MiB, Buffer.alloc(MiB, 0x40 + i));
+  await dev.close();
+  say('   wrote 8 MiB in 8 extents');
+
+  say('\n2. snapshot and linked clone on the NAS (FlexClone)');
+  const p1 = await broker.plan({ op: 'clone', source: 'nas1/golden@base', target: 'nas1/vm1', mode: 'linked' });
+  await broker.snapshots.create('nas1/golden@base');
+  const vm1 = await broker.clone('nas1/golden@base', 'nas1/vm1', { mode: 'linked' });
+  say(`   nas1/vm1 parent=${vm1.parent ?? '-'}: ${where(p1)}`);
+
+  say('\n3. stream the clone so it stands alone (ONTAP clone split, offloaded)');
+  say(`   plan: ${where(await broker.plan({ op: 'stream', ref: 'nas1/vm1' }))}`);
+  await follow(await broker.stream('nas1/vm1'), 'stream nas1/vm1');
+
+  say('\n4. copy the NAS volume to the SAN: no native path between appliances, so the host moves only allocated data');
+  const p4 = await broker.plan({ op: 'clone', source: 'nas1/vm1', target: 'san1/vm1', mode: 'full' });
+  say(`   plan: ${where(p4)}`);
+  await broker.clone('nas1/vm1', 'san1/vm1', { mode: 'full' });
+  const copyJob = broker.jobs.list().find((j) => j.type === 'copy')!;
+  say(`   copy: ${copyJob.status} on ${copyJob.executor}, ${formatSize(copyJob.progress.current)} through the host (of a ${formatSize(256 * MiB)} volume)`);
+
+  say('\n5. on the SAN: snapshot, instant copy, revert — all offloaded');
+  await broker.snapshots.create('san1/vm1@before-upgrade');
+  const p5 = await broker.plan({ op: 'clone', source: 'san1/vm1@before-upgrade', target: 'san1/vm1-test' });
+  await broker.clone('san1/vm1@before-upgrade', 'san1/vm1-test');
+  say(`   san1/vm1-test: ${where(p5)}`);
+  await broker.snapshots.revert('san1/vm1@before-upgrade');
+  say(`   revert san1/vm1: ${where(await broker.plan({ op: 'revert', ref: 'san1/vm1@before-upgrade' }))}`);
+
+  say('\n6. what cannot be done says why');
+  say(`   linked clone SAN → NAS: ${where(await broker.plan({ op: 'clone', source: 'san1/vm1', target: 'nas1/x', mode: 'linked' }))}`);
+  say(`   commit on the SAN: ${where(await broker.plan({ op: 'commit', ref: 'san1/vm1' }))}`);
+
+  say('\njobs:');
+  for (const j of broker.jobs.list()) say(`   ${j.id} ${j.type} ${j.ref} ${j.status} on ${j.executor}${j.error ? ` (${j.error.code})` : ''}`);
+} finally {
+  await broker.close();
+  await Promise.all([san.close(), nas.close()]);
+  rmSync(state, { recursive: true, force: true });
+}
