@@ -161,7 +161,7 @@ describe('resuming a split after a broker restart (resumeTask)', () => {
   }
 
   it('from its checkpoint: follows the same appliance job to the end', async () => {
-    const { m, be, params, checkpoint } = await startedSplit(8 * MiB);
+    const { m, be, params, checkpoint } = await startedSplit(4 * MiB);
     expect(checkpoint).toMatchObject({ jobUuid: expect.any(String) });
     const task = await be.resumeTask('stream', params);
     expect(task).toBeDefined();
@@ -176,7 +176,7 @@ describe('resuming a split after a broker restart (resumeTask)', () => {
   });
 
   it('without a checkpoint: finds the running appliance job by its description', async () => {
-    const { m, be, params } = await startedSplit(4 * MiB);
+    const { m, be, params } = await startedSplit(2 * MiB);
     const task = await be.resumeTask('stream', params);
     const { ctx, saved } = context(undefined);
     await task!.run(ctx);
