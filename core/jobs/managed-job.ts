@@ -4,6 +4,7 @@ import type { Job, JobEvent, JobInfo, JobStatus } from './job.js';
 import type { JobContext, JobTask } from './job-task.js';
 import type { JobRecord, JobStore, StoredRequest } from './job-store.js';
 import { RateLimiter } from './rate-limiter.js';
+import { recordToInfo } from './remote-job.js';
 
 const PERSIST_EVERY_MS = 250;
 
@@ -43,8 +44,7 @@ export class ManagedJob implements Job {
   }
 
   info(): JobInfo {
-    const { backend: _b, checkpoint: _c, runnerPid: _p, runnerToken: _t, request: _r, locks: _l, ownerRole: _o, ...info } = this.record;
-    return structuredClone(info);
+    return structuredClone(recordToInfo(this.record));
   }
 
   /** Start (or resume after a restart) the task. */

@@ -49,60 +49,47 @@ export function hostCopyTask(params: HostCopyParams, open: DeviceOpener): JobTas
 
 async function copyDevice(src: BlockDevice, dst: BlockDevice, targetFresh: boolean, ctx: JobContext): Promise<void> {
   const size = Math.min(src.sizeBytes, dst.sizeBytes);
-  const start = typeof (ctx.resumeFrom as { offset?: unknown })?.offset === 'number' ? (ctx.resumeFrom as { offset: number }).offset : 0;
-  const pieces = plan(await src.extents(0, size), size, targetFresh).filter((p) => p.offset + p.length > start)
-    .map((p) => (p.offset < start ? { ...p, offset: start, length: p.offset + p.length - start } : p));
-  ctx.setTotal(pieces.reduce((n, p) => n + (p.kind === 'data' ? p.length : 0), 0));
+  const resume = ctx.resumeFrom as { offset?: unknown } | undefined;
+  const start = typeof resume?.offset === 'number' ? resume.offset : 0;
+  const chunks = split(plan(await src.extents(0, size), size, targetFresh), start);
+  ctx.setTotal(chunks.reduce((n, c) => n + (c.kind === 'data' ? c.length : 0), 0));
+
+  const move = async (c: Piece) => {
+    if (c.kind === 'data') await dst.write(c.offset, await src.read(c.offset, c.length));
+    else if (dst.writeZeroes) await dst.writeZeroes(c.offset, c.length);
+    else await dst.write(c.offset, new Uint8Array(c.length));
+  };
 
   // Pipelined: up to COPY_DEPTH requests in flight; the checkpoint is the lowest unfinished offset.
   const inFlight = new Map<number, Promise<void>>();
   const done = new Set<number>();
-  let next = 0;
-  const chunks: Piece[] = [];
-  for (const p of pieces) {
-    for (let off = p.offset; off < p.offset + p.length; off += COPY_CHUNK) {
-      chunks.push({ offset: off, length: Math.min(COPY_CHUNK, p.offset + p.length - off), kind: p.kind });
-    }
-  }
-  let lowestDone = 0;
-  const move = async (i: number) => {
-    const c = chunks[i]!;
-    if (c.kind === 'data') {
-      await dst.write(c.offset, await src.read(c.offset, c.length));
-    } else if (dst.writeZeroes) {
-      await dst.writeZeroes(c.offset, c.length);
-    } else {
-      await dst.write(c.offset, new Uint8Array(c.length));
-    }
-  };
   let failure: unknown;
+  let next = 0;
+  let lowest = 0;
   try {
-    await pump();
+    while (next < chunks.length || inFlight.size > 0) {
+      while (next < chunks.length && inFlight.size < COPY_DEPTH) {
+        const i = next++;
+        inFlight.set(i, move(chunks[i]!).then(
+          () => void done.add(i),
+          (e: unknown) => {
+            failure ??= e;
+            done.add(i);
+          },
+        ));
+      }
+      await Promise.race(inFlight.values());
+      if (failure !== undefined) throw failure;
+      for (const i of [...inFlight.keys()].filter((k) => done.has(k))) {
+        inFlight.delete(i);
+        while (done.has(lowest)) lowest++;
+        const safe = lowest < chunks.length ? chunks[lowest]!.offset : size;
+        await ctx.checkpoint(chunks[i]!.kind === 'data' ? chunks[i]!.length : 0, { offset: safe });
+      }
+    }
   } finally {
     // Never leave a request running behind a failure or a cancel.
     await Promise.allSettled(inFlight.values());
-  }
-
-  async function pump(): Promise<void> {
-  while (next < chunks.length || inFlight.size > 0) {
-    while (next < chunks.length && inFlight.size < COPY_DEPTH) {
-      const i = next++;
-      inFlight.set(i, move(i).then(() => void done.add(i), (e: unknown) => {
-        failure ??= e;
-        done.add(i);
-      }));
-    }
-    await Promise.race(inFlight.values());
-    if (failure !== undefined) throw failure;
-    for (const i of [...inFlight.keys()]) {
-      if (!done.has(i)) continue;
-      inFlight.delete(i);
-      const c = chunks[i]!;
-      while (done.has(lowestDone)) lowestDone++;
-      const safe = lowestDone < chunks.length ? chunks[lowestDone]!.offset : size;
-      await ctx.checkpoint(c.kind === 'data' ? c.length : 0, { offset: safe });
-    }
-  }
   }
 }
 
@@ -110,8 +97,7 @@ async function copyDevice(src: BlockDevice, dst: BlockDevice, targetFresh: boole
 function plan(extents: Extent[], size: number, targetFresh: boolean): Piece[] {
   const out: Piece[] = [];
   let pos = 0;
-  const sorted = [...extents].sort((a, b) => a.offset - b.offset);
-  for (const e of sorted) {
+  for (const e of [...extents].sort((a, b) => a.offset - b.offset)) {
     const s = Math.max(e.offset, pos);
     const t = Math.min(e.offset + e.length, size);
     if (t <= s) continue;
@@ -120,5 +106,17 @@ function plan(extents: Extent[], size: number, targetFresh: boolean): Piece[] {
     pos = t;
   }
   if (pos < size && !targetFresh) out.push({ offset: pos, length: size - pos, kind: 'zero' });
+  return out;
+}
+
+/** Cut pieces into requests of at most COPY_CHUNK bytes, dropping what lies below `start`. */
+function split(pieces: Piece[], start: number): Piece[] {
+  const out: Piece[] = [];
+  for (const p of pieces) {
+    const from = Math.max(p.offset, start);
+    for (let off = from; off < p.offset + p.length; off += COPY_CHUNK) {
+      out.push({ offset: off, length: Math.min(COPY_CHUNK, p.offset + p.length - off), kind: p.kind });
+    }
+  }
   return out;
 }
