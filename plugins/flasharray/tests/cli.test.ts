@@ -3,7 +3,7 @@
  * drive the API with plain HTTP the way curl would (login, create, snapshot, copy, list).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -82,8 +82,12 @@ describe('offload appliance flasharray', () => {
       let s = (await fetch(`${app.url}/api/2.26/login`, { method: 'POST', headers: { 'api-token': 'my-token-1' } })).headers.get('x-auth-token')!;
       await curl(`${app.url}/api/2.26/volumes?names=persist`, 'POST', s, { provisioned: MiB });
       await stop(app);
-      app = await start('--state', dir, '--api-token', 'my-token-1');
+      // restart, this time with a fault config file: the first volume listing gets a 503
+      const faults = join(dir, 'faults.json');
+      await writeFile(faults, JSON.stringify({ seed: 3, rules: [{ method: 'GET', path: '/api/*/volumes', nth: [1], action: { type: 'status', status: 503 } }] }));
+      app = await start('--state', dir, '--api-token', 'my-token-1', '--faults', faults);
       s = (await fetch(`${app.url}/api/2.26/login`, { method: 'POST', headers: { 'api-token': 'my-token-1' } })).headers.get('x-auth-token')!;
+      expect((await curl(`${app.url}/api/2.26/volumes`, 'GET', s)).status).toBe(503);
       const list = VolumeList.parse(await (await curl(`${app.url}/api/2.26/volumes`, 'GET', s)).json());
       expect(list.items.map((v) => v.name)).toEqual(['persist']);
       await stop(app);
