@@ -122,6 +122,18 @@ describe.skipIf(!HAVE_QEMU)('offload img commands next to qemu-img', () => {
     expect(statSync(join(dir, 'dst.qcow2')).size).toBeLessThan(1 << 20);
   });
 
+  it('convert refuses to overwrite its source or a backing file of it', async () => {
+    run('qemu-img', ['create', '-f', 'qcow2', '-b', 'back.qcow2', '-F', 'qcow2', 'over.qcow2'], dir);
+    const before = readFileSync(join(dir, 'back.qcow2'));
+    for (const target of ['over.qcow2', 'back.qcow2']) {
+      const o = await runImg(['convert', '-O', 'qcow2', 'over.qcow2', target], dir);
+      expect(o.status).toBe(2);
+      expect(o.stderr).toMatch(/convert: the target/);
+    }
+    expect(readFileSync(join(dir, 'back.qcow2')).equals(before)).toBe(true);
+    expect(run('qemu-img', ['check', 'over.qcow2'], dir).status).toBe(0);
+  });
+
   it('bad input: missing file, garbage file, bad option values — one line, exit 1 or 2', async () => {
     writeFileSync(join(dir, 'junk.qcow2'), Buffer.from('QFI\xfbgarbage'));
     const cases: [string[], number][] = [

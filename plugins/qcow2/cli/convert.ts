@@ -4,6 +4,8 @@
  * are not read, and 4 KiB blocks that read as zero are not written (qemu-img's default `-S 4k`),
  * so the target stays sparse. Memory is bounded by one chunk.
  */
+import { realpath } from 'node:fs/promises';
+import { InvalidArgument } from '../../../core/index.js';
 import { createImage, openImage, type Image, type ImageFormat } from '../index.js';
 import { engineOptions } from './create.js';
 import { parseCreationOptions, splitOptions, validateQcow2Options } from './create-options.js';
@@ -23,6 +25,7 @@ const SPARSE_BLOCK = 4096;
 export async function runConvert(args: ConvertArgs): Promise<void> {
   const src = await openImage(args.src, { readOnly: true, ...(args.srcFormat ? { format: args.srcFormat } : {}) });
   try {
+    await refuseOverwritingSource(src, args.dst);
     const opts = parseCreationOptions(args.dstFormat, args.options.flatMap(splitOptions));
     if (args.dstFormat === 'qcow2') validateQcow2Options(opts);
     opts.size = src.virtualSize;
@@ -37,6 +40,20 @@ export async function runConvert(args: ConvertArgs): Promise<void> {
   } finally {
     await src.close();
     args.progress?.done();
+  }
+}
+
+/** Creating the target truncates it: it must not be the source or one of its backing files. */
+async function refuseOverwritingSource(src: Image, dst: string): Promise<void> {
+  const target = await realpath(dst).catch(() => undefined);
+  if (target === undefined) return; // does not exist yet
+  for (let layer: Image | undefined = src; layer; layer = layer.backing) {
+    if ((await realpath(layer.path).catch(() => layer!.path)) === target) {
+      throw new InvalidArgument(`convert: the target ${dst} is ${layer === src ? 'the source image' : 'a backing file of the source'}`, {
+        ref: dst,
+        hint: 'write the converted image to a new file',
+      });
+    }
   }
 }
 
