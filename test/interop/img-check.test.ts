@@ -77,6 +77,17 @@ describe.skipIf(!HAVE_QEMU)('offload img check on damaged images', () => {
     expect(run('qemu-io', ['-r', '-c', 'read -P 0xab 0 128k', 'corrupt-m.qcow2'], dir).stdout).not.toContain('failed');
   });
 
+  it('-r leaks on an image that needs its refcounts rebuilt fails like qemu-img: no report, exit 1', async () => {
+    copyFileSync(join(dir, 'corrupt.qcow2'), join(dir, 'corrupt-q.qcow2'));
+    copyFileSync(join(dir, 'corrupt.qcow2'), join(dir, 'corrupt-l.qcow2'));
+    const q = run('qemu-img', ['check', '-r', 'leaks', 'corrupt-q.qcow2'], dir);
+    const o = await runImg(['check', '-r', 'leaks', 'corrupt-l.qcow2'], dir);
+    expect(q.status).toBe(1);
+    expect(o.status).toBe(1);
+    expect(o.stdout).toBe(q.stdout);
+    expect(o.stderr).toContain('Check failed');
+  });
+
   it('a raw image has no check: exit 63, like qemu-img', async () => {
     const q = run('qemu-img', ['check', '-f', 'raw', 'plain.raw'], dir);
     const o = await runImg(['check', '-f', 'raw', 'plain.raw'], dir);

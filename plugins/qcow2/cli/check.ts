@@ -47,6 +47,12 @@ export async function runCheck(args: CheckArgs, out: ImgOutput): Promise<void> {
   } finally {
     await img.close();
   }
+  if (result.checkErrors > 0) {
+    // qemu-img's check returns an error in these cases and prints no report, only this line.
+    out.warn('Check failed: Input/output error');
+    out.setExitCode(EXIT_CHECK_FAILED);
+    return;
+  }
   const json = checkJson(args.file, result, fixed);
   if (args.output === 'json') {
     out.print(json, qemuJsonPretty(json));
@@ -65,10 +71,7 @@ export async function runCheck(args: CheckArgs, out: ImgOutput): Promise<void> {
     lines.push(...humanCheck(result));
     out.print(json, lines.join('\n'));
   }
-  if (result.checkErrors > 0) {
-    out.warn('Check failed');
-    out.setExitCode(EXIT_CHECK_FAILED);
-  } else if (result.corruptions > 0) {
+  if (result.corruptions > 0) {
     out.setExitCode(EXIT_CORRUPT);
   } else if (result.leaks > 0) {
     out.setExitCode(EXIT_LEAKS);
