@@ -1,10 +1,10 @@
 import { ContainerModule } from 'inversify';
-import { CliContribution } from '../../core/index.js';
+import { BackendFactory, CliContribution } from '../../core/index.js';
 import { imgCliContribution } from './cli/index.js';
+import { qcow2Factory } from './factory.js';
 
 /** The qcow2 plugin: binds its CLI contribution (`offload img …`) and its BackendFactory. */
 export const qcow2Module = new ContainerModule(({ bind }) => {
   bind(CliContribution).toConstantValue(imgCliContribution);
-  // The `qcow2` BackendFactory (the local pool) is bound here once it exists:
-  // bind(BackendFactory).toConstantValue(qcow2BackendFactory);
+  bind(BackendFactory).toConstantValue(qcow2Factory);
 });

@@ -1,0 +1,124 @@
+/**
+ * One open read-write image per volume per process, shared by every BlockDevice and job on that
+ * volume, so live writes and jobs see each other's changes through the same caches and the
+ * same allocator (two writers on one qcow2 file would corrupt it).
+ *
+ * The image is opened lazily from the volume's current active layer and dropped when the
+ * layer changes (snapshot, revert, pivot after a commit, end of a stream): the next I/O opens
+ * the new top. Guest I/O holds the lock shared; a swap holds it exclusively.
+ */
+import type { Image } from '../index.js';
+import { FailedPrecondition } from '../../../core/index.js';
+import { RwLock } from './rw-lock.js';
+
+export class OpenVolume {
+  readonly lock = new RwLock();
+  private image: Image | undefined;
+  private opening: Promise<Image> | undefined;
+  /** BlockDevices and jobs using this volume. */
+  users = 0;
+  deleted = false;
+
+  constructor(readonly name: string, private readonly openActive: () => Promise<Image>) {}
+
+  /** The active image (opened on first use). Call under `lock.shared` or `lock.exclusive`. */
+  async current(): Promise<Image> {
+    if (this.deleted) throw new FailedPrecondition(`volume ${this.name} was deleted while open`, { ref: this.name, hint: 'close the device' });
+    if (this.image) return this.image;
+    this.opening ??= this.openActive().then((img) => {
+      this.image = img;
+      return img;
+    }).finally(() => { this.opening = undefined; });
+    return this.opening;
+  }
+
+  /** Whether an image is open right now (without opening one). */
+  get isOpen(): boolean {
+    return this.image !== undefined;
+  }
+
+  /**
+   * Quiesce I/O, flush the active image, run `change` (which may replace the active layer on
+   * disk and in the metadata), then close the old image so the next I/O opens the new top.
+   * If `change` throws, the open image stays as it was.
+   */
+  async swap<T>(change: () => Promise<T>): Promise<T> {
+    return this.lock.exclusive(async () => {
+      if (this.image) await this.image.flush();
+      const out = await change();
+      await this.dropImage();
+      return out;
+    });
+  }
+
+  /** Close the image (after a flush); the next I/O reopens. Call under the exclusive lock. */
+  async dropImage(): Promise<void> {
+    const img = this.image;
+    this.image = undefined;
+    if (img) await img.close();
+  }
+}
+
+export class OpenVolumes {
+  private readonly map = new Map<string, OpenVolume>();
+
+  constructor(private readonly openActive: (volume: string) => Promise<Image>) {}
+
+  /** Get (or make) the shared handle of a volume and count one more user. */
+  acquire(name: string): OpenVolume {
+    let ov = this.map.get(name);
+    if (!ov) {
+      ov = new OpenVolume(name, () => this.openActive(name));
+      this.map.set(name, ov);
+    }
+    ov.users++;
+    return ov;
+  }
+
+  /** One user fewer; the last one closes the image. */
+  async release(ov: OpenVolume): Promise<void> {
+    ov.users--;
+    if (ov.users > 0) return;
+    if (this.map.get(ov.name) === ov) this.map.delete(ov.name);
+    await ov.lock.exclusive(() => ov.dropImage());
+  }
+
+  get(name: string): OpenVolume | undefined {
+    return this.map.get(name);
+  }
+
+  /**
+   * Run a change of the volume's active layer: quiesced and re-opened afterwards when the
+   * volume is open in this process, plainly otherwise.
+   */
+  async change<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const ov = this.map.get(name);
+    return ov ? ov.swap(fn) : fn();
+  }
+
+  /** Volumes whose open image must be re-opened because their chain changed below the top. */
+  async reopen(names: Iterable<string>): Promise<void> {
+    for (const n of names) {
+      const ov = this.map.get(n);
+      if (ov) await ov.swap(async () => undefined);
+    }
+  }
+
+  /** A deleted volume: its devices fail from now on. */
+  async forget(name: string): Promise<void> {
+    const ov = this.map.get(name);
+    if (!ov) return;
+    this.map.delete(name);
+    await ov.lock.exclusive(async () => {
+      ov.deleted = true;
+      await ov.dropImage();
+    });
+  }
+
+  async closeAll(): Promise<void> {
+    for (const ov of [...this.map.values()]) {
+      this.map.delete(ov.name);
+      await ov.lock.exclusive(() => ov.dropImage()).catch(() => undefined);
+    }
+  }
+}
