@@ -1,0 +1,181 @@
+/**
+ * block-commit / qemu-img commit: write what `top` and the layers between it and `base` allocate
+ * into `base`. Intermediate commit then re-points the layer above `top` at `base`; active commit
+ * (top = the image in use) runs as a mirror until completed, then pivots the open image onto base.
+ */
+import { FailedPrecondition, InvalidArgument, type JobContext } from '../../../core/index.js';
+import { openImage } from '../engine/open.js';
+import type { Image } from '../engine/types.js';
+import { asQcow2, assertAbove, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
+import { relinkChains, switchBacking } from './backing-switch.js';
+import { makeEmptyLocked } from './cluster-ops.js';
+import { DirtyMap, LiveGate } from './live-gate.js';
+import { JOB_CHUNK, resumeOffset } from './resume.js';
+
+export interface CommitOptions {
+  /** The layer to commit (default: the image itself). */
+  top?: string | undefined;
+  /** Where to commit to (default: top's backing file). */
+  base?: string | undefined;
+  /** The image is in use: run as a mirror (ready, then pivot on complete). Only with top = image. */
+  active?: boolean | undefined;
+}
+
+/** The prototype's own I/O, bypassing a live gate installed on the object. */
+function direct(img: Image): Pick<Image, 'read' | 'blockStatus'> {
+  const proto = Object.getPrototypeOf(img) as Image;
+  return {
+    read: (o, l) => proto.read.call(img, o, l),
+    blockStatus: (o, l) => proto.blockStatus.call(img, o, l),
+  };
+}
+
+/**
+ * Commit. Resolves with the base image (open read-write) after an active commit pivoted — the
+ * `image` object then forwards to it too — and with undefined otherwise.
+ */
+export async function runCommit(image: Image, opts: CommitOptions, ctx: JobContext): Promise<Image | undefined> {
+  const layers = layersOf(image);
+  const t = opts.top !== undefined && opts.top !== '' ? findLayer(image, opts.top, 'top') : 0;
+  const top = layers[t]!;
+  if (t + 1 >= layers.length) {
+    throw new FailedPrecondition(`commit ${top.path}: the image has no backing file to commit into`, {
+      ref: top.path, hint: 'commit needs an overlay (an image with a backing file)',
+    });
+  }
+  const b = opts.base !== undefined && opts.base !== '' ? findLayer(image, opts.base, 'base') : t + 1;
+  assertAbove(image, t, b);
+  if (opts.active && t !== 0) {
+    throw new InvalidArgument(`commit ${image.path}: active commit needs top = the active image (it was ${top.path})`, {
+      ref: image.path, hint: 'leave out top, or run an intermediate commit without active',
+    });
+  }
+  if (t > 0 || opts.active) assertWritable(image, 'commit');
+  const baseLayer = layers[b]!;
+  const limit = b - t;
+
+  const dirty = opts.active ? new DirtyMap(Math.max(top.clusterSize, 64 << 10), top.virtualSize) : undefined;
+  const gate = dirty ? new LiveGate(image, dirty) : undefined;
+  gate?.install();
+  let pivoted = false;
+  const base = await openImage(baseLayer.path, { readOnly: false, format: baseLayer.format }).catch((e) => {
+    gate?.uninstall();
+    throw e;
+  });
+  try {
+    const src = direct(top);
+    const size = top.virtualSize;
+    if (base.virtualSize < size) await base.resize(size);
+    ctx.setTotal(size);
+    let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
+    if (offset > 0) ctx.setProgress(offset, size);
+    while (offset < size) {
+      const end = Math.min(size, offset + JOB_CHUNK);
+      const moved = await commitRange(src, limit, base, offset, end);
+      ctx.advance(end - offset - moved);
+      await ctx.checkpoint(moved, { offset: end });
+      offset = end;
+    }
+    await base.flush();
+
+    if (gate && dirty) {
+      await mirror(top, src, limit, base, dirty, ctx);
+      // Pivot: hold the writers, drain what is left, make base durable, then switch.
+      await gate.quiesce();
+      try {
+        await syncDirty(top, src, limit, base, dirty, undefined);
+        await base.flush();
+      } catch (e) {
+        gate.uninstall();
+        throw e;
+      }
+      gate.switchTo(base);
+      pivoted = true;
+      gate.release();
+      await (Object.getPrototypeOf(top) as Image).close.call(top);
+      return base;
+    }
+
+    if (t > 0) {
+      // Re-point the layer above top at base; it may be an intermediate opened read-only.
+      const above = asQcow2(layers[t - 1]!, 'commit');
+      const name = backingNameFor(above, layers[b - 1], baseLayer, image.chain[b - 1]?.backingFilename);
+      const writer = above.readOnly ? asQcow2(await openImage(above.path, { readOnly: false, noBacking: true }), 'commit') : above;
+      const next = await openImage(baseLayer.path, { readOnly: true, format: baseLayer.format });
+      try {
+        await switchBacking(above, { name, format: baseLayer.format, image: next }, writer);
+      } catch (e) {
+        await next.close();
+        throw e;
+      } finally {
+        if (writer !== above) await writer.close();
+      }
+      relinkChains(image);
+    }
+    return undefined;
+  } catch (e) {
+    gate?.uninstall();
+    throw e;
+  } finally {
+    if (!pivoted) await base.close();
+  }
+}
+
+/** Copy the ranges of [start, end) allocated in the committed layers into base; data bytes moved. */
+async function commitRange(src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, start: number, end: number): Promise<number> {
+  let moved = 0;
+  for (const s of await src.blockStatus(start, end - start)) {
+    if (!s.present || s.depth >= limit) continue;
+    if (s.zero) {
+      await base.writeZeroes(s.start, s.length);
+    } else {
+      for (let p = s.start; p < s.start + s.length; p += JOB_CHUNK) {
+        const n = Math.min(JOB_CHUNK, s.start + s.length - p);
+        await base.write(p, await src.read(p, n));
+        moved += n;
+      }
+    }
+  }
+  return moved;
+}
+
+/** Copy every dirty range into base (growing base with the top); bytes moved. */
+async function syncDirty(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, dirty: DirtyMap,
+  ctx: JobContext | undefined): Promise<number> {
+  let moved = 0;
+  if (base.virtualSize < top.virtualSize) await base.resize(top.virtualSize);
+  for (let r = dirty.take(JOB_CHUNK); r; r = dirty.take(JOB_CHUNK)) {
+    const end = Math.min(r.end, top.virtualSize);
+    if (r.start >= end) continue;
+    const n = await commitRange(src, limit, base, r.start, end);
+    moved += n;
+    if (ctx) await ctx.checkpoint(n);
+  }
+  return moved;
+}
+
+/** Converge, report ready, then keep base in sync until the user completes (or cancels). */
+async function mirror(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, dirty: DirtyMap, ctx: JobContext): Promise<void> {
+  // Converge: a few passes over what writers dirtied meanwhile (writers may never stop).
+  for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(top, src, limit, base, dirty, ctx);
+  await base.flush();
+  ctx.ready();
+  let completed = false;
+  const done = ctx.waitForComplete().then(() => { completed = true; });
+  // A rejection (cancel) surfaces through the race below; keep it from being unhandled meanwhile.
+  done.catch(() => {});
+  while (!completed) {
+    const changed = dirty.changed();
+    if (dirty.empty()) await Promise.race([done, changed]);
+    if (!completed) await syncDirty(top, src, limit, base, dirty, ctx);
+  }
+}
+
+/** Unallocate every cluster of a qcow2 image (qemu-img commit without -d does this to the top). */
+export async function makeEmpty(image: Image): Promise<void> {
+  const img = asQcow2(image, 'make empty');
+  assertWritable(img, 'make empty');
+  await img.lock.exclusive(() => makeEmptyLocked(img));
+  await img.flush();
+}
+

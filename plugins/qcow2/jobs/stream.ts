@@ -1,0 +1,77 @@
+/**
+ * block-stream: make an image independent of the layers above `base` (or of its whole chain).
+ * Runs on the open image while it is in use; see copy-on-read.ts for why writers win races.
+ */
+import type { JobContext } from '../../../core/index.js';
+import { openImage } from '../engine/open.js';
+import type { Image } from '../engine/types.js';
+import { backingNameFor, asQcow2, assertAbove, assertWritable, findLayer, layersOf } from './chain-layers.js';
+import { relinkChains, switchBacking } from './backing-switch.js';
+import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
+import { JOB_CHUNK, resumeOffset } from './resume.js';
+
+export interface StreamOptions {
+  /** Keep this layer (and those below it) as the backing; absent or '' = flatten the whole chain. */
+  base?: string | undefined;
+}
+
+export async function runStream(image: Image, opts: StreamOptions, ctx: JobContext): Promise<void> {
+  const img = asQcow2(image, 'stream');
+  assertWritable(img, 'stream');
+  const layers = layersOf(img);
+  let baseIndex = layers.length;
+  if (opts.base !== undefined && opts.base !== '') {
+    baseIndex = findLayer(img, opts.base, 'base');
+    assertAbove(img, 0, baseIndex);
+  }
+  const base = layers[baseIndex];
+  // Depth in the backing's own status (0 = img.backing) below which a range is "above base".
+  const limit = baseIndex - 1;
+  const size = img.virtualSize;
+  ctx.setTotal(size);
+  let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
+  if (offset > 0) ctx.setProgress(offset, size);
+
+  while (offset < size) {
+    const end = Math.min(size, offset + JOB_CHUNK);
+    const moved = await streamChunk(img, offset, end, limit, base !== undefined);
+    ctx.advance(end - offset - moved);
+    await ctx.checkpoint(moved, { offset: end });
+    offset = end;
+  }
+
+  const above = layers[baseIndex - 1]!;
+  const name = base ? backingNameFor(img, above, base, img.chain[baseIndex - 1]?.backingFilename) : undefined;
+  const next = base ? await openImage(base.path, { readOnly: true, format: base.format }) : undefined;
+  try {
+    await switchBacking(img, { name, format: base?.format, image: next });
+  } catch (e) {
+    await next?.close();
+    throw e;
+  }
+  relinkChains(img);
+}
+
+/** Copy one chunk's worth of chain data into the image; returns the data bytes written. */
+async function streamChunk(img: Parameters<typeof applyFills>[0], start: number, end: number, limit: number, keepBase: boolean): Promise<number> {
+  const backing = img.backing;
+  if (!backing || limit <= 0) return 0;
+  const fills: Fill[] = [];
+  for (const run of await unallocatedRuns(img, start, end)) {
+    const inBacking = Math.min(run.end, backing.virtualSize);
+    if (inBacking <= run.start) continue;
+    const status = await backing.blockStatus(run.start, inBacking - run.start);
+    const groups = groupClusters(run.start, run.end, img.cs, status, (over) => {
+      if (!over.some((s) => s.present && s.depth < limit)) return 'skip';
+      // Content that reads as zero: a zero cluster if a base stays below, else nothing at all.
+      if (over.every((s) => s.zero)) return keepBase ? 'zero' : 'skip';
+      return 'data';
+    });
+    for (const g of groups) {
+      if (g.kind === 'skip') continue;
+      if (g.kind === 'zero') fills.push({ start: g.start, end: g.end, kind: 'zero' });
+      else fills.push({ start: g.start, end: g.end, kind: 'data', data: await readPadded(backing, g.start, g.end) });
+    }
+  }
+  return applyFills(img, fills);
+}
