@@ -32,25 +32,21 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       ctx.print(v, `cloned ${source} to ${v.backend}/${v.name}${v.parent ? ` (linked to ${v.parent})` : ''}`);
     });
 
-  program.command('stream <ref>')
-    .description('make a volume independent of its parent (or of everything above --base)')
-    .option('--base <name>', 'stop at this ancestor')
-    .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
-    .action(async (ref: string, o: { base?: string; speed?: string }) => {
-      const speed = speedOption(o.speed);
-      const job = await (await ctx.broker()).stream(ref, { ...(o.base ? { base: o.base } : {}), ...(speed ? { speed } : {}) });
-      await followJob(ctx, job, `stream ${ref}`);
-    });
-
-  program.command('commit <ref>')
-    .description('merge a volume\'s changes into its parent (or --base)')
-    .option('--base <name>', 'commit into this ancestor')
-    .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
-    .action(async (ref: string, o: { base?: string; speed?: string }) => {
-      const speed = speedOption(o.speed);
-      const job = await (await ctx.broker()).commit(ref, { ...(o.base ? { base: o.base } : {}), ...(speed ? { speed } : {}) });
-      await followJob(ctx, job, `commit ${ref}`);
-    });
+  const chainJobs = [
+    { verb: 'stream', about: 'make a volume independent of its parent (or of everything above --base)', base: 'stop at this ancestor' },
+    { verb: 'commit', about: 'merge a volume\'s changes into its parent (or --base)', base: 'commit into this ancestor' },
+  ] as const;
+  for (const { verb, about, base } of chainJobs) {
+    program.command(`${verb} <ref>`)
+      .description(about)
+      .option('--base <name>', base)
+      .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
+      .action(async (ref: string, o: { base?: string; speed?: string }) => {
+        const speed = speedOption(o.speed);
+        const job = await (await ctx.broker())[verb](ref, { ...(o.base ? { base: o.base } : {}), ...(speed ? { speed } : {}) });
+        await followJob(ctx, job, `${verb} ${ref}`);
+      });
+  }
 
   program.command('copy <source> <target>')
     .description('copy a volume\'s data into another volume, on any backends (through the host when needed)')
