@@ -62,6 +62,7 @@ import { copyAllocated } from './full-copy.js';
 import { autoCompleting, inlineContext } from './inline-context.js';
 import { METADATA_FILE, PoolMetadata, type LayerRow, type VolumeRow } from './metadata.js';
 import { OpenVolumes } from './open-volumes.js';
+import { checkPool, type PoolCheckReport } from './pool-check.js';
 import { Serial } from './rw-lock.js';
 import { volumeDevice } from './volume-device.js';
 
@@ -533,6 +534,16 @@ export class Qcow2Pool implements StorageBackend {
       await this.open.release(ov);
       throw e;
     }
+  }
+
+  /** The files of a volume's chain, top (active) first, as absolute paths: what to give qemu or libvirt. */
+  chainFiles(volume: string): string[] {
+    return this.meta.chain(this.mustVolume(volume).active).map((l) => this.abs(l.file));
+  }
+
+  /** `pool check`: metadata against files (see pool-check.ts); `repair` finishes interrupted work. */
+  async check(opts: { repair?: boolean } = {}): Promise<PoolCheckReport> {
+    return this.serial.run(() => checkPool(this, opts));
   }
 
   async close(): Promise<void> {
