@@ -5,6 +5,7 @@
  * larger must be zero. Ranges both images report as zero are not read.
  */
 import { openImage, type BlockStatus, type Image, type ImageFormat } from '../index.js';
+import { dataMap } from './convert.js';
 import type { ImgOutput } from './output.js';
 
 export interface CompareArgs {
@@ -53,8 +54,8 @@ export async function runCompare(args: CompareArgs, out: ImgOutput): Promise<voi
 /** The sector-aligned offset of the first difference, or undefined when the contents are equal. */
 export async function firstMismatch(a: Image, b: Image): Promise<number | undefined> {
   const common = Math.min(a.virtualSize, b.virtualSize);
-  const zeroA = zeroRanges(await a.map());
-  const zeroB = zeroRanges(await b.map());
+  const zeroA = zeroRanges(await dataMap(a));
+  const zeroB = zeroRanges(await dataMap(b));
   let pos = 0;
   while (pos < common) {
     // Skip what both report as zeroes without reading it.
@@ -98,7 +99,7 @@ function diffIndex(a: Uint8Array, b: Uint8Array): number {
 }
 
 /** Sorted [start, end) ranges that read as zero. */
-function zeroRanges(status: readonly BlockStatus[]): [number, number][] {
+function zeroRanges(status: readonly Pick<BlockStatus, 'start' | 'length' | 'zero'>[]): [number, number][] {
   return status.filter((s) => s.zero).map((s) => [s.start, s.start + s.length] as [number, number]);
 }
 

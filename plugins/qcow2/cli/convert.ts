@@ -57,24 +57,51 @@ async function refuseOverwritingSource(src: Image, dst: string): Promise<void> {
   }
 }
 
-/** Copy every non-zero byte of `src` into `dst` (which reads as zeroes to begin with). */
+/**
+ * Copy every non-zero byte of `src` into `dst` (which reads as zeroes to begin with). The next
+ * chunk is read while the current one is written, so reading and writing overlap; at most two
+ * chunks are in memory.
+ */
 export async function copyContent(src: Image, dst: Image, progress?: ConvertArgs['progress']): Promise<void> {
   const total = src.virtualSize;
-  for (const seg of await src.map()) {
-    if (seg.zero) {
-      progress?.update(seg.start + seg.length, total);
-      continue;
+  const chunks = dataChunks(await dataMap(src));
+  const readNext = () => {
+    const c = chunks.next();
+    if (c.done) return undefined;
+    const [pos, n] = c.value;
+    const read = src.read(pos, n);
+    read.catch(() => undefined); // awaited below; never an unhandled rejection if a write fails first
+    return { pos, n, read };
+  };
+  let next = readNext();
+  while (next) {
+    const { pos, n, read } = next;
+    const data = await read;
+    next = readNext();
+    for (const [from, to] of nonZeroRuns(data)) {
+      await dst.write(pos + from, data.subarray(from, to));
     }
-    const end = seg.start + seg.length;
-    for (let pos = seg.start; pos < end; pos += CHUNK) {
-      const n = Math.min(CHUNK, end - pos);
-      const data = await src.read(pos, n);
-      for (const [from, to] of nonZeroRuns(data)) {
-        await dst.write(pos + from, data.subarray(from, to));
-      }
-      progress?.update(pos + n, total);
-    }
+    progress?.update(pos + n, total);
   }
+  progress?.update(total, total);
+}
+
+/** [offset, length] of each chunk to copy, generated as needed (the map may be long). */
+function* dataChunks(map: readonly { start: number; length: number; zero: boolean }[]): Generator<[number, number]> {
+  for (const seg of map) {
+    if (seg.zero) continue;
+    const end = seg.start + seg.length;
+    for (let pos = seg.start; pos < end; pos += CHUNK) yield [pos, Math.min(CHUNK, end - pos)];
+  }
+}
+
+/**
+ * The ranges to copy. A raw file is read straight through (zero blocks are skipped when writing):
+ * its block status costs a full scan of the file anyway.
+ */
+export async function dataMap(img: Image): Promise<{ start: number; length: number; zero: boolean }[]> {
+  if (img.format === 'raw') return [{ start: 0, length: img.virtualSize, zero: false }];
+  return img.map();
 }
 
 /** [from, to) runs of `data` made of SPARSE_BLOCK-sized blocks that are not all zero. */
