@@ -89,10 +89,11 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
         gate.uninstall();
         throw e;
       }
+      // The top (and its old chain) closes before the switch: nothing is in flight, calls are held.
+      await (Object.getPrototypeOf(top) as Image).close.call(top).catch(() => {});
       gate.switchTo(base);
       pivoted = true;
       gate.release();
-      await (Object.getPrototypeOf(top) as Image).close.call(top);
       return base;
     }
 
@@ -139,25 +140,37 @@ async function commitRange(src: Pick<Image, 'read' | 'blockStatus'>, limit: numb
   return moved;
 }
 
-/** Copy every dirty range into base (growing base with the top); bytes moved. */
+/** Progress of the mirror phase: the total grows by what writers dirty. */
+interface MirrorProgress { ctx: JobContext; total: number }
+
+/** Copy the ranges dirty now into base (growing base with the top); bytes moved. */
 async function syncDirty(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, dirty: DirtyMap,
-  ctx: JobContext | undefined): Promise<number> {
+  progress: MirrorProgress | undefined): Promise<number> {
   let moved = 0;
   if (base.virtualSize < top.virtualSize) await base.resize(top.virtualSize);
-  for (let r = dirty.take(JOB_CHUNK); r; r = dirty.take(JOB_CHUNK)) {
+  const runs = dirty.takeAll(JOB_CHUNK);
+  if (progress) {
+    progress.total += runs.reduce((n, r) => n + (r.end - r.start), 0);
+    progress.ctx.setTotal(progress.total);
+  }
+  for (const r of runs) {
     const end = Math.min(r.end, top.virtualSize);
     if (r.start >= end) continue;
     const n = await commitRange(src, limit, base, r.start, end);
     moved += n;
-    if (ctx) await ctx.checkpoint(n);
+    if (progress) {
+      progress.ctx.advance(r.end - r.start - n);
+      await progress.ctx.checkpoint(n);
+    }
   }
   return moved;
 }
 
 /** Converge, report ready, then keep base in sync until the user completes (or cancels). */
 async function mirror(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, dirty: DirtyMap, ctx: JobContext): Promise<void> {
+  const progress: MirrorProgress = { ctx, total: top.virtualSize };
   // Converge: a few passes over what writers dirtied meanwhile (writers may never stop).
-  for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(top, src, limit, base, dirty, ctx);
+  for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(top, src, limit, base, dirty, progress);
   await base.flush();
   ctx.ready();
   let completed = false;
@@ -167,7 +180,7 @@ async function mirror(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limi
   while (!completed) {
     const changed = dirty.changed();
     if (dirty.empty()) await Promise.race([done, changed]);
-    if (!completed) await syncDirty(top, src, limit, base, dirty, ctx);
+    if (!completed) await syncDirty(top, src, limit, base, dirty, progress);
   }
 }
 

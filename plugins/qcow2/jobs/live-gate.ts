@@ -37,19 +37,26 @@ export class DirtyMap {
     w?.();
   }
 
-  /** The first dirty run (up to maxBytes), cleared; undefined when nothing is dirty. */
-  take(maxBytes: number): { start: number; end: number } | undefined {
-    let i = this.bits.findIndex((x) => x !== 0);
-    if (i < 0) return undefined;
-    let b = i * 8;
-    while (!(this.bits[b >> 3]! & (1 << (b & 7)))) b++;
-    const first = b;
+  /**
+   * Every dirty run as it is now (each at most maxBytes), cleared. Writes that land later are
+   * left for the next call, so a pass ends even while writers keep going.
+   */
+  takeAll(maxBytes: number): { start: number; end: number }[] {
+    const out: { start: number; end: number }[] = [];
     const maxBits = Math.max(1, Math.floor(maxBytes / this.granularity));
-    while (b < this.bits.length * 8 && b - first < maxBits && this.bits[b >> 3]! & (1 << (b & 7))) {
-      this.bits[b >> 3]! &= ~(1 << (b & 7));
-      b++;
+    const bits = this.bits;
+    for (let i = 0; i < bits.length; i++) {
+      if (bits[i] === 0) continue;
+      for (let b = i * 8; b < i * 8 + 8; b++) {
+        if (!(bits[b >> 3]! & (1 << (b & 7)))) continue;
+        bits[b >> 3]! &= ~(1 << (b & 7));
+        const last = out[out.length - 1];
+        const start = b * this.granularity;
+        if (last && last.end === start && (last.end - last.start) / this.granularity < maxBits) last.end = start + this.granularity;
+        else out.push({ start, end: start + this.granularity });
+      }
     }
-    return { start: first * this.granularity, end: b * this.granularity };
+    return out;
   }
 
   empty(): boolean {
