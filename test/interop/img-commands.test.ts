@@ -122,6 +122,16 @@ describe.skipIf(!HAVE_QEMU)('offload img commands next to qemu-img', () => {
     expect(statSync(join(dir, 'dst.qcow2')).size).toBeLessThan(1 << 20);
   });
 
+  it('map --start-offset/--max-length: the same JSON as qemu-img, edge cases included', async () => {
+    run('qemu-img', ['create', '-f', 'qcow2', 'mm.qcow2', '8M'], dir);
+    run('qemu-io', ['-c', 'write -P 1 0 128k', '-c', 'write -P 2 1M 64k', 'mm.qcow2'], dir);
+    for (const extra of [['--start-offset=32k', '--max-length=1M'], ['--start-offset=100M'], ['--start-offset=7M', '--max-length=10M'], ['--max-length=0'], ['--start-offset=1000']]) {
+      const q = run('qemu-img', ['map', '--output=json', ...extra, 'mm.qcow2'], dir);
+      const o = await runImg(['map', '--output=json', ...extra, 'mm.qcow2'], dir);
+      expect(o.stdout, extra.join(' ')).toBe(q.stdout);
+    }
+  });
+
   it('convert refuses to overwrite its source or a backing file of it', async () => {
     run('qemu-img', ['create', '-f', 'qcow2', '-b', 'back.qcow2', '-F', 'qcow2', 'over.qcow2'], dir);
     const before = readFileSync(join(dir, 'back.qcow2'));

@@ -15,6 +15,7 @@ import { runMap } from './map.js';
 import { imgOutput, processStderr, type StderrSink } from './output.js';
 import { qemuJsonPretty } from './qemu-json.js';
 import { runResize } from './resize.js';
+import { parseImageSize } from './sizes.js';
 import { runSnapshot, type SnapshotAction } from './snapshot.js';
 
 export interface ImgCommandOptions {
@@ -111,11 +112,22 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
     .description('show the allocation map of an image and its backing chain')
     .option('-f <fmt>', 'image format (probed when absent)')
     .addOption(outputOption())
+    .option('--start-offset <offset>', 'first byte to map')
+    .option('--max-length <len>', 'bytes to map')
     .option('-U, --force-share', 'accepted for compatibility')
     .argument('<filename>')
     .action(async (filename: string, o: Record<string, unknown>) => {
       const format = parseFormat(o.f as string | undefined);
-      await runMap({ file: filename, output: o.output as 'human' | 'json', ...(format ? { format } : {}) }, out);
+      await runMap(
+        {
+          file: filename,
+          output: o.output as 'human' | 'json',
+          ...(format ? { format } : {}),
+          ...(o.startOffset !== undefined ? { startOffset: parseImageSize(o.startOffset as string, 'start offset') } : {}),
+          ...(o.maxLength !== undefined ? { maxLength: parseImageSize(o.maxLength as string, 'length') } : {}),
+        },
+        out,
+      );
     });
 
   img

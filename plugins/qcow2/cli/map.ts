@@ -12,6 +12,9 @@ export interface MapArgs {
   file: string;
   format?: ImageFormat;
   output: 'human' | 'json';
+  /** --start-offset / --max-length: map only this part of the image. */
+  startOffset?: number;
+  maxLength?: number;
 }
 
 export interface MapEntry {
@@ -30,7 +33,13 @@ export async function runMap(args: MapArgs, out: ImgOutput): Promise<void> {
   const img = await openImage(args.file, { readOnly: true, ...(args.format ? { format: args.format } : {}) });
   let entries: MapEntry[];
   try {
-    entries = mapEntries(await img.map(), layerNames(args.file, img));
+    const start = args.startOffset ?? 0;
+    const end = Math.min(img.virtualSize, args.maxLength === undefined ? Infinity : start + args.maxLength);
+    entries =
+      end > start
+        ? mapEntries(await img.blockStatus(start, end - start), layerNames(args.file, img))
+        : // qemu-img prints its empty, zero-length entry when the range is empty.
+          [{ start, length: 0, depth: 0, present: false, zero: false, data: false }];
   } finally {
     await img.close();
   }
