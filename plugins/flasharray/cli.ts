@@ -47,6 +47,8 @@ export const flasharrayCli: CliContribution = {
         } catch (e) {
           const err = e as NodeJS.ErrnoException;
           if (err.code === 'EADDRINUSE') throw new UsageError(`port ${port} on ${opts.host} is already in use; pick another with --port`);
+          if (err.code === 'EADDRNOTAVAIL' || err.code === 'ENOTFOUND') throw new UsageError(`--host ${opts.host}: not an address of this machine`);
+          if (opts.state && ['EACCES', 'ENOTDIR', 'EROFS', 'EEXIST'].includes(err.code ?? '')) throw new UsageError(`--state ${opts.state}: ${err.message}`);
           if (err.name === 'ZodError') throw new UsageError(`--faults ${opts.faults}: not a valid fault config (${err.message})`);
           throw e;
         }

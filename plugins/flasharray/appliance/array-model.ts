@@ -8,6 +8,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Corrupt } from '../../../core/index.js';
 import { ARRAY_NAME, MAX_PROVISIONED, Messages, SECTOR } from '../api/messages.js';
 import type { Volume as ApiVolume, VolumeSnapshot as ApiSnapshot, Space } from '../api/schemas.js';
 import { CHUNK_SIZE, FileChunkStore, MemoryChunkStore, type ChunkStore } from './chunk-store.js';
@@ -491,8 +492,15 @@ export class ArrayModel {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw e;
     }
-    const doc = JSON.parse(text) as Persisted;
-    if (doc.version !== 1) throw new Error(`${file}: unknown state version ${String(doc.version)}`);
+    let doc: Persisted;
+    try {
+      doc = JSON.parse(text) as Persisted;
+      if (doc.version !== 1 || !Array.isArray(doc.volumes) || !Array.isArray(doc.snapshots)) throw new Error(`unknown state version ${String(doc.version)}`);
+    } catch (e) {
+      throw new Corrupt(`the mock array's state ${file} is damaged: ${(e as Error).message}`, {
+        ref: file, hint: 'move the state folder away to start with an empty array',
+      });
+    }
     this.nextChunk = doc.nextChunk;
     for (const v of doc.volumes) this.volumes.set(v.name, { ...v, chunks: this.share(new Map(v.chunks)) });
     for (const s of doc.snapshots) this.snapshots.set(s.name, { ...s, chunks: this.share(new Map(s.chunks)) });

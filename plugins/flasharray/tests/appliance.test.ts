@@ -3,7 +3,7 @@
  * the destroy/eradicate life cycle, thin copies — and every answer validated against the shared
  * zod schemas the plugin parses with.
  */
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -272,6 +272,18 @@ describe('thin copies on disk', () => {
       expect(vols.items[0]!.space).toMatchObject({ virtual: MiB, unique: 65536 });
     } finally {
       await mock.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('mock state folder', () => {
+  it('a damaged state file is Corrupt, with what to do', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'fa-bad-'));
+    try {
+      await writeFile(join(dir, 'array.json'), '{"version":1,"volu');
+      await expect(startFlashArrayMock({ stateDir: dir })).rejects.toMatchObject({ code: 'Corrupt', hint: expect.stringMatching(/move the state folder/) });
+    } finally {
       await rm(dir, { recursive: true, force: true });
     }
   });
