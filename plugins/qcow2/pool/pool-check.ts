@@ -10,6 +10,7 @@
  * - a header whose backing file differs from the metadata: when it names a layer further down
  *   the recorded chain (a stream or merge that finished on disk but not in the metadata), repair
  *   records the header's view; anything else is an error;
+ * - a frozen layer nothing uses (a merge stopped after re-pointing its child) → repair deletes it;
  * - a file the metadata does not name is not ours: reported, never touched.
  */
 import { readdir, rm, stat } from 'node:fs/promises';
@@ -19,7 +20,7 @@ import type { Qcow2Pool } from './pool-backend.js';
 
 export type IssueKind =
   | 'interrupted-create' | 'interrupted-delete' | 'in-progress' | 'missing-file' | 'damaged' | 'leaks'
-  | 'backing-mismatch' | 'dangling-reference' | 'unknown-file';
+  | 'backing-mismatch' | 'unused-layer' | 'dangling-reference' | 'unknown-file';
 
 export interface PoolIssue {
   kind: IssueKind;
@@ -115,6 +116,16 @@ export async function checkPool(pool: Qcow2Pool, opts: { repair?: boolean } = {}
         try { await rw.check({ repair: 'leaks' }); } finally { await rw.close(); }
       });
     }
+  }
+
+  // A frozen layer that nothing uses any more (a merge stopped after re-pointing its child).
+  for (const row of meta.layers()) {
+    if (row.state !== 'ready' || meta.children(row.file).length > 0 || meta.snapshotsOnLayer(row.file).length > 0 || meta.volumeByActive(row.file)) continue;
+    await add({ file: row.file, volume: row.volume, kind: 'unused-layer', severity: 'repairable', message: `${row.file}: a layer of ${pool.ref(row.volume)} that no volume, snapshot or layer uses any more` }, async () => {
+      meta.setLayerState(row.file, 'deleting');
+      await rm(pool.abs(row.file), { force: true });
+      meta.removeLayer(row.file);
+    });
   }
 
   const rows = new Map(meta.layers().map((l) => [l.file, l]));
