@@ -29,7 +29,8 @@ import { apiMessage, type FlashArrayClient } from './client.js';
 const IO_SPLIT = 8 * 1024 * 1024;
 
 const CAPS = new CapabilitySet([
-  ['volume.create', { maxSizeBytes: MAX_PROVISIONED, sizeGranularity: SECTOR }],
+  // Names the array can hold are narrower than the broker's: say so where callers can see it.
+  ['volume.create', { maxSizeBytes: MAX_PROVISIONED, sizeGranularity: SECTOR, maxNameLength: 63, namePattern: ARRAY_NAME.source }],
   'volume.delete', 'volume.resize', 'volume.list',
   'snapshot.create', 'snapshot.delete', 'snapshot.revert',
   'clone.full',
