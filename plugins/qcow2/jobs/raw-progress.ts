@@ -16,7 +16,7 @@ import { JOB_CHUNK } from './resume.js';
 const HEADER_BYTES = 4096;
 const MAGIC = 'offload-raw-progress';
 /** Chunks whose bits are persisted together (after one flush of the target). */
-const PERSIST_EVERY = 16;
+const PERSIST_EVERY = 4;
 
 interface ProgressHeader { magic: string; version: 1; source: string; size: number; granularity: number }
 
