@@ -261,3 +261,46 @@ describe('qcow2 pool: bad input', () => {
     await expect(b.stream('local/solo', { base: 'nothing' })).rejects.toMatchObject({ code: 'NotFound' });
   });
 });
+
+describe('qcow2 pool: stream of a clone that has snapshots of its own', () => {
+  it('pulls the source data into the clone\'s lowest layer, keeps its snapshots, and frees the source', async () => {
+    const b = fx.broker;
+    await b.volumes.create('local/src', { sizeBytes: 32 * MiB });
+    await write(b, 'local/src', 0, pattern(1, MiB));
+    await b.snapshots.create('local/src@s');
+    await b.clone('local/src@s', 'local/c', { mode: 'linked' });
+    await write(b, 'local/c', MiB, pattern(2, MiB));
+    await b.snapshots.create('local/c@mine');
+    await write(b, 'local/c', 2 * MiB, pattern(3, MiB));
+    expect(fx.pool.chainFiles('c')).toHaveLength(3);
+
+    const info = await (await b.stream('local/c')).wait();
+    expect(info.error).toBeUndefined();
+    expect(fx.pool.chainFiles('c')).toHaveLength(2); // its top and its snapshot's layer, nothing of src
+    await b.snapshots.delete('local/src@s');
+    await b.volumes.delete('local/src');
+    await b.clone('local/c@mine', 'local/at-mine', { mode: 'full' });
+    expect(Buffer.compare(await read(b, 'local/at-mine', 0, MiB), Buffer.from(pattern(1, MiB)))).toBe(0);
+    expect(Buffer.compare(await read(b, 'local/at-mine', MiB, MiB), Buffer.from(pattern(2, MiB)))).toBe(0);
+    expect((await read(b, 'local/at-mine', 2 * MiB, MiB)).every((x) => x === 0)).toBe(true);
+    expect(Buffer.compare(await read(b, 'local/c', 2 * MiB, MiB), Buffer.from(pattern(3, MiB)))).toBe(0);
+    if (HAVE_QEMU_IMG) qemuCheckAll(fx.dir);
+  });
+
+  it('resumeTask rebuilds a stream from its stored params, and refuses params it cannot use', async () => {
+    const b = fx.broker;
+    await b.volumes.create('local/p', { sizeBytes: 32 * MiB });
+    await write(b, 'local/p', 0, pattern(7, MiB));
+    await b.snapshots.create('local/p@s');
+    await b.clone('local/p@s', 'local/r', { mode: 'linked' });
+    const made = await fx.pool.streamVolume('r', {});
+    const again = await fx.pool.resumeTask(made.type, JSON.parse(JSON.stringify(made.params)) as Record<string, unknown>);
+    expect(again).toBeDefined();
+    const { inlineContext } = await import('../../plugins/qcow2/pool/inline-context.js');
+    await again!.run(inlineContext('resumed'));
+    expect((await b.volumes.get('local/r')).parent).toBeUndefined();
+    expect(await fx.pool.resumeTask('stream', { volume: 'ghost', target: 'x', base: null })).toBeUndefined();
+    expect(await fx.pool.resumeTask('teleport', { volume: 'r' })).toBeUndefined();
+    expect(Buffer.compare(await read(b, 'local/r', 0, MiB), Buffer.from(pattern(7, MiB)))).toBe(0);
+  });
+});

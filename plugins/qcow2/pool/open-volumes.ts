@@ -18,12 +18,14 @@ export class OpenVolume {
   /** BlockDevices and jobs using this volume. */
   users = 0;
   deleted = false;
+  closed = false;
 
   constructor(readonly name: string, private readonly openActive: () => Promise<Image>) {}
 
   /** The active image (opened on first use). Call under `lock.shared` or `lock.exclusive`. */
   async current(): Promise<Image> {
     if (this.deleted) throw new FailedPrecondition(`volume ${this.name} was deleted while open`, { ref: this.name, hint: 'close the device' });
+    if (this.closed) throw new FailedPrecondition(`volume ${this.name}: its pool was closed`, { ref: this.name, hint: 'open the broker again' });
     if (this.image) return this.image;
     this.opening ??= this.openActive().then((img) => {
       this.image = img;
@@ -118,7 +120,10 @@ export class OpenVolumes {
   async closeAll(): Promise<void> {
     for (const ov of [...this.map.values()]) {
       this.map.delete(ov.name);
-      await ov.lock.exclusive(() => ov.dropImage()).catch(() => undefined);
+      await ov.lock.exclusive(async () => {
+        ov.closed = true;
+        await ov.dropImage();
+      }).catch(() => undefined);
     }
   }
 }
