@@ -27,7 +27,7 @@ export function findLayer(image: Image, name: string, what: string): number {
     if (i > 0 && image.chain[i - 1]?.backingFilename === name) return i;
     if (entry && candidates.has(resolve(entry.filename))) return i;
   }
-  throw new NotFound(`${image.path}: ${what} ${JSON.stringify(name)} is not in the backing chain`, {
+  throw new NotFound(`Did not find '${name}' in the backing chain of '${image.path}' (looking for the ${what})`, {
     ref: image.path,
     hint: `the chain is ${image.chain.map((c) => c.filename).join(' → ')}; name one of its images`,
   });

@@ -39,7 +39,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
   const t = opts.top !== undefined && opts.top !== '' ? findLayer(image, opts.top, 'top') : 0;
   const top = layers[t]!;
   if (t + 1 >= layers.length) {
-    throw new FailedPrecondition(`commit ${top.path}: the image has no backing file to commit into`, {
+    throw new FailedPrecondition(`commit ${top.path}: Image does not have a backing file`, {
       ref: top.path, hint: 'commit needs an overlay (an image with a backing file)',
     });
   }
