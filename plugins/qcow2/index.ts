@@ -8,7 +8,7 @@
  *
  *   openImage(path, { readOnly = true, format?, allowedRoot?, noBacking?, maxChainDepth?, cacheBytes? })
  *     → Promise<Image>, with its backing chain open read-only (qcow2 or raw; relative names resolve
- *       against the image's folder; a loop is Corrupt; leaving `allowedRoot` is PermissionDenied).
+ *       against the image's folder; a loop is Corrupt; leaving `allowedRoot` is Unsupported).
  *       A dirty (lazy-refcounts) image opened read-write has its refcounts rebuilt first.
  *
  *   Image:

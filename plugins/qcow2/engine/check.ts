@@ -1,3 +1,4 @@
+import { Corrupt } from '../../../core/index.js';
 import { setU64, view } from '../format/bytes.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES } from '../format/constants.js';
 import { COPIED_HI, decodeL1, decodeL2, readEntry, writeEntry } from '../format/entries.js';
@@ -27,6 +28,11 @@ class RefArray {
     let m = this.n;
     for (const k of this.big.keys()) m = Math.max(m, k + 1);
     return m;
+  }
+  /** Every index worth comparing: the file's clusters, then references past its end, in order. */
+  *indices(): Generator<number> {
+    for (let i = 0; i < this.n; i++) yield i;
+    for (const k of [...this.big.keys()].filter((x) => x >= this.n).sort((a, b) => a - b)) yield k;
   }
 }
 
@@ -240,8 +246,7 @@ function checkL2(st: State, l2: Uint8Array, active: boolean): void {
 
 async function compare(st: State, fixLeaks: boolean, fixErrors: boolean, highest: { v: number }, markRebuild: boolean): Promise<void> {
   const { img, res, refs } = st;
-  const n = Math.max(refs.size, 0);
-  for (let i = 0; i < n; i++) {
+  for (const i of refs.indices()) {
     let stored: number;
     try {
       stored = await img.refcounts.get(i);
@@ -329,6 +334,11 @@ async function rebuildRefcounts(st: State): Promise<void> {
   const cs = img.cs;
   const order = img.h.refcountOrder;
   const epb = entriesPerBlock(cs, order);
+  if (refs.size > refs.n) {
+    throw new Corrupt(`${img.path}: clusters are referenced past the end of the file; the refcounts cannot be rebuilt`, {
+      ref: img.path, hint: 'the mapping tables are damaged beyond repair; recover the data with `convert`',
+    });
+  }
   let firstFree = 0;
   const alloc = (n: number): number => {
     let run = 0;

@@ -1,6 +1,6 @@
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
-import { Corrupt, PermissionDenied, Unsupported, FailedPrecondition } from '../../../core/index.js';
+import { Corrupt, Unsupported, FailedPrecondition } from '../../../core/index.js';
 import {
   INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES,
 } from '../format/constants.js';
@@ -43,7 +43,8 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
   }
   const real = await realOrThrow(path);
   if (root !== undefined && real !== root && !real.startsWith(root + sep)) {
-    throw new PermissionDenied(`${path}: backing file lies outside the allowed root ${root}`, {
+    // Unsupported (not PermissionDenied): the image is fine, its chain is not acceptable here.
+    throw new Unsupported(`${path}: backing file lies outside the allowed root ${root}`, {
       ref: path, hint: 'keep every image of the chain inside the pool folder',
     });
   }

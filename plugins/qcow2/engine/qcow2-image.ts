@@ -174,7 +174,12 @@ export class Qcow2Image implements Image {
     let cur: Run | undefined;
     while (p < end) {
       const gc = Math.floor(p / this.cs);
-      const next = Math.min(end, (gc + 1) * this.cs);
+      let next = Math.min(end, (gc + 1) * this.cs);
+      const l1i = Math.floor(gc / this.l2Entries);
+      if (l1i >= this.l1Size || decodeL1(...readEntry(this.l1, l1i)).l2Offset === 0) {
+        // No L2 table: the whole range it would cover is unallocated (one step, not per cluster).
+        next = Math.min(end, (l1i + 1) * this.l2Entries * this.cs);
+      }
       const e = await this.lookup(gc);
       if (this.h.version === 2 && e.kind === 'zero') {
         throw new Corrupt(`${this.path}: zero flag set in a version 2 image (cluster ${gc})`, { ref: this.path });

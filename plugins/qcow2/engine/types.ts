@@ -34,7 +34,7 @@ export interface OpenOptions {
   format?: ImageFormat;
   /**
    * When set, every file of the backing chain must lie inside this folder (after resolving
-   * symlinks); a backing reference that leaves it is `PermissionDenied`.
+   * symlinks); a backing reference that leaves it is `Unsupported`.
    */
   allowedRoot?: string;
   /** Do not open the backing chain (reads of unallocated clusters return zeros). */
