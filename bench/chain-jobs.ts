@@ -1,0 +1,110 @@
+/**
+ * Benchmark (issue 4 item 10): our stream vs `qemu-img rebase -b ''` (flatten) and our commit vs
+ * `qemu-img commit`, on a base of 1 GiB virtual with 512 MiB written and an overlay with 256 MiB
+ * rewritten (64 KiB clusters), then the same data in a 16 GiB virtual image. Fresh copies of the
+ * chain every round, median of 5, times, ratio ours/qemu-img and our peak RSS (each of our runs is
+ * a child process; its time covers the job, not Node's start-up).
+ *
+ *   node --import tsx bench/chain-jobs.ts            (BENCH_ROUNDS=5, BENCH_DIR=$TMPDIR)
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const MiB = 1 << 20;
+
+async function child(job: string, dir: string): Promise<void> {
+  const { commitTask, streamTask } = await import('../plugins/qcow2/jobs/index.js');
+  const ctx = {
+    jobId: 'bench', signal: new AbortController().signal, resumeFrom: undefined, completeRequested: true,
+    setTotal() {}, advance() {}, setProgress() {}, async checkpoint() {}, saveState() {}, ready() {}, async waitForComplete() {},
+  };
+  const t0 = performance.now();
+  const task = job === 'stream' ? streamTask(join(dir, 'top.qcow2')) : commitTask(join(dir, 'top.qcow2'), { empty: true });
+  await task.run(ctx);
+  const ms = performance.now() - t0;
+  process.stdout.write(JSON.stringify({ ms, maxRssMiB: process.resourceUsage().maxRSS / 1024 }) + '\n');
+}
+
+function qemu(args: string[], cwd: string): void {
+  execFileSync('qemu-img', args, { cwd, stdio: 'ignore' });
+}
+
+function qemuIo(file: string, cmds: string[], cwd: string): void {
+  // Batches keep each command line short.
+  for (let i = 0; i < cmds.length; i += 128) {
+    execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(i, i + 128).flatMap((c) => ['-c', c]), file], { cwd, stdio: 'ignore' });
+  }
+}
+
+/** base: 512 × 1 MiB written, spread over the virtual size; top: 256 × 1 MiB rewritten over base data. */
+function buildTemplate(dir: string, virtual: number): void {
+  mkdirSync(dir, { recursive: true });
+  qemu(['create', '-f', 'qcow2', '-o', 'cluster_size=64k', 'base.qcow2', String(virtual)], dir);
+  const stride = virtual / 512;
+  qemuIo('base.qcow2', Array.from({ length: 512 }, (_, i) => `write -P ${1 + (i % 200)} ${i * stride} 1M`), dir);
+  qemu(['create', '-f', 'qcow2', '-o', 'cluster_size=64k', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  qemuIo('top.qcow2', Array.from({ length: 256 }, (_, i) => `write -P ${201 + (i % 50)} ${i * 2 * stride} 1M`), dir);
+}
+
+function fresh(template: string, dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  for (const f of ['base.qcow2', 'top.qcow2']) copyFileSync(join(template, f), join(dir, f));
+  execFileSync('sync');
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)]!;
+}
+
+function ours(job: string, dir: string): { ms: number; maxRssMiB: number } {
+  const self = fileURLToPath(import.meta.url);
+  const r = spawnSync(process.execPath, ['--import', 'tsx', self, '--child', job, dir], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`our ${job} failed: ${r.stderr}`);
+  return JSON.parse(r.stdout.trim().split('\n').pop()!);
+}
+
+function theirs(job: string, dir: string): number {
+  const t0 = performance.now();
+  if (job === 'stream') qemu(['rebase', '-b', '', 'top.qcow2'], dir);
+  else qemu(['commit', 'top.qcow2'], dir);
+  return performance.now() - t0;
+}
+
+async function main(): Promise<void> {
+  const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
+  const root = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'chain-bench-'));
+  try {
+    for (const [label, virtual] of [['1 GiB', 1024 * MiB], ['16 GiB', 16384 * MiB]] as const) {
+      const template = join(root, `template-${label.replace(' ', '')}`);
+      buildTemplate(template, virtual);
+      for (const job of ['stream', 'commit']) {
+        const ourMs: number[] = [];
+        const theirMs: number[] = [];
+        let rss = 0;
+        for (let i = 0; i < rounds; i++) {
+          const work = join(root, 'work');
+          fresh(template, work);
+          const o = ours(job, work);
+          ourMs.push(o.ms);
+          rss = Math.max(rss, o.maxRssMiB);
+          fresh(template, work);
+          theirMs.push(theirs(job, work));
+        }
+        const vs = job === 'stream' ? "qemu-img rebase -b ''" : 'qemu-img commit';
+        const [a, b] = [median(ourMs), median(theirMs)];
+        console.log(`${label} ${job.padEnd(6)}: ours ${(a / 1000).toFixed(2)} s, ${vs} ${(b / 1000).toFixed(2)} s, ratio ${(a / b).toFixed(2)}, our peak RSS ${rss.toFixed(0)} MiB (median of ${rounds})`);
+      }
+      rmSync(template, { recursive: true, force: true });
+    }
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+}
+
+if (process.argv[2] === '--child') await child(process.argv[3]!, process.argv[4]!);
+else await main();

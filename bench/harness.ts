@@ -1,0 +1,74 @@
+/** Shared benchmark plumbing: run commands, time them, take medians, report ours/qemu ratios. */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+export const ROOT = resolve(import.meta.dirname, '..');
+const MAIN = join(ROOT, 'dist/bin/main.js');
+
+export function requireBuilt(): void {
+  if (!existsSync(MAIN)) throw new Error('run `npm run build` first (benchmarks run the built CLI)');
+  if (spawnSync('qemu-img', ['--version']).status !== 0) throw new Error('qemu-img is not installed (apt-get install qemu-utils)');
+}
+
+export function workDir(prefix: string): string {
+  return mkdtempSync(join(process.env.OFFLOAD_BENCH_DIR ?? tmpdir(), prefix));
+}
+
+export function run(cmd: string, args: string[], cwd?: string): void {
+  const r = spawnSync(cmd, args, { cwd, encoding: 'utf8', maxBuffer: 64 << 20 });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.slice(0, 4).join(' ')}… failed (${r.status}): ${r.stderr || r.stdout}`);
+}
+
+/** Time a command; for our CLI, also read its peak RSS (KiB). */
+export function timed(cmd: string, args: string[], cwd?: string): { ms: number; rssKiB?: number } {
+  const t0 = process.hrtime.bigint();
+  run(cmd, args, cwd);
+  return { ms: Number(process.hrtime.bigint() - t0) / 1e6 };
+}
+
+export function timedOurs(args: string[], cwd?: string): { ms: number; rssKiB: number } {
+  const dir = mkdtempSync(join(tmpdir(), 'rss-'));
+  const out = join(dir, 'rss');
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync(process.execPath, ['--import', join(ROOT, 'bench/report-rss.mjs'), MAIN, ...args], {
+    cwd, encoding: 'utf8', env: { ...process.env, OFFLOAD_RSS_OUT: out }, maxBuffer: 64 << 20,
+  });
+  const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+  if (r.status !== 0) throw new Error(`offload ${args.slice(0, 4).join(' ')}… failed (${r.status}): ${r.stderr || r.stdout}`);
+  const rssKiB = Number(readFileSync(out, 'utf8'));
+  rmSync(dir, { recursive: true, force: true });
+  return { ms, rssKiB };
+}
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+}
+
+export interface Row { what: string; qemuMs: number; oursMs: number; oursRssMiB: number }
+
+export function report(title: string, rows: Row[]): void {
+  process.stdout.write(`\n${title}\n`);
+  process.stdout.write(`${'operation'.padEnd(46)} ${'qemu ms'.padStart(9)} ${'ours ms'.padStart(9)} ${'ratio'.padStart(6)} ${'our RSS'.padStart(9)}\n`);
+  for (const r of rows) {
+    process.stdout.write(`${r.what.padEnd(46)} ${r.qemuMs.toFixed(0).padStart(9)} ${r.oursMs.toFixed(0).padStart(9)} ${(r.oursMs / r.qemuMs).toFixed(2).padStart(6)} ${`${r.oursRssMiB.toFixed(0)} MiB`.padStart(9)}\n`);
+  }
+}
+
+/** `rounds` rounds of (prepare, qemu, ours, verify); medians. Alternating keeps cache effects fair. */
+export function compare(what: string, rounds: number, prepare: () => void, qemu: () => { ms: number }, ours: () => { ms: number; rssKiB: number }, verify?: () => void): Row {
+  const q: number[] = [];
+  const o: number[] = [];
+  let rss = 0;
+  for (let i = 0; i < rounds; i++) {
+    prepare();
+    q.push(qemu().ms);
+    const r = ours();
+    o.push(r.ms);
+    rss = Math.max(rss, r.rssKiB);
+    verify?.();
+  }
+  return { what, qemuMs: median(q), oursMs: median(o), oursRssMiB: rss / 1024 };
+}
