@@ -6,6 +6,7 @@ import { Command, Option } from 'commander';
 import { UsageError, commandGroup, type CliContext } from '../../../core/index.js';
 import { runCheck } from './check.js';
 import { runCompare } from './compare.js';
+import { registerChainCommands } from './img-chain-commands.js';
 import { runConvert } from './convert.js';
 import { runCreate } from './create.js';
 import { parseFormat } from './formats.js';
@@ -214,6 +215,9 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
       const format = parseFormat(o.f as string | undefined);
       await runIo({ file: filename, commands, readOnly: o.readOnly === true, ...(format ? { format } : {}) }, out);
     });
+
+  // stream / commit / rebase: the chain jobs, written alongside the jobs in ../jobs/.
+  registerChainCommands(img, ctx);
 
   return img;
 }
