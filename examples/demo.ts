@@ -1,10 +1,10 @@
 /**
  * The tour (`npm run demo`): starts the mock SAN (FlashArray-style) and NAS (ONTAP-style)
- * appliances on loopback ports, builds one broker over both, and shows each operation, where it
- * ran (offloaded to an appliance, or through the host data mover) and how many bytes crossed
- * the host.
+ * appliances on loopback ports and a local qcow2 pool in a temporary folder, builds one broker
+ * over all three, and shows each operation, where it ran (offloaded to an appliance, native on the
+ * host's qcow2 engine, or through the host data mover) and how many bytes crossed the host.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createBroker, formatSize, type Job, type Plan } from '../core/index.js';
@@ -29,13 +29,15 @@ async function follow(job: Job, label: string): Promise<void> {
     }
   });
   const info = await job.result();
-  say(`   ${label}: ${info.status} on ${info.executor}, ${formatSize(info.progress.current)} moved`);
+  say(`   ${label}: ${info.status} on ${info.executor}, ${formatSize(info.progress.current)} processed`);
 }
 
 const san = await startFlashArrayMock({ port: 0 });
 const nas = await startOntapMock({ port: 0, splitBytesPerSecond: 64 * MiB });
 const state = mkdtempSync(join(tmpdir(), 'offload-demo-'));
-say(`mock FlashArray on ${san.url}, mock ONTAP on ${nas.url}`);
+const pool = join(state, 'pool');
+mkdirSync(pool);
+say(`mock FlashArray on ${san.url}, mock ONTAP on ${nas.url}, local qcow2 pool in ${pool}`);
 
 const broker = await createBroker(
   {
@@ -43,6 +45,7 @@ const broker = await createBroker(
     backends: [
       { name: 'san1', kind: 'flasharray', endpoint: san.url, apiToken: san.apiToken },
       { name: 'nas1', kind: 'ontap', endpoint: nas.url, username: nas.username, password: nas.password, svm: MOCK_DEFAULTS.svm },
+      { name: 'local', kind: 'qcow2', path: pool },
     ],
   },
   { plugins: builtinPlugins },
@@ -84,7 +87,25 @@ try {
   await broker.snapshots.revert('san1/vm1@before-upgrade');
   say(`   revert san1/vm1: ${where(await broker.plan({ op: 'revert', ref: 'san1/vm1@before-upgrade' }))}`);
 
-  say('\n6. what cannot be done says why');
+  say('\n6. on the host: the SAN volume into the local qcow2 pool, then snapshot, linked clone, stream and commit natively');
+  await broker.clone('san1/vm1', 'local/vm1', { mode: 'full' });
+  const local = broker.jobs.list().filter((j) => j.type === 'copy').at(-1)!;
+  say(`   san1/vm1 → local/vm1: ${local.status} on ${local.executor}, ${formatSize(local.progress.current)} through the host`);
+  await broker.snapshots.create('local/vm1@golden');
+  const p6 = await broker.plan({ op: 'clone', source: 'local/vm1@golden', target: 'local/vm2' });
+  const vm2 = await broker.clone('local/vm1@golden', 'local/vm2', { mode: 'linked' });
+  say(`   local/vm2 parent=${vm2.parent ?? '-'}: ${where(p6)} (a new overlay, instant whatever the size)`);
+  const w = await broker.volumes.open('local/vm2', 'rw');
+  await w.write(0, Buffer.alloc(MiB, 0x77));
+  await w.close();
+  await follow(await broker.stream('local/vm2'), 'stream local/vm2');
+  await broker.snapshots.create('local/vm2@pre-patch');
+  const w2 = await broker.volumes.open('local/vm2', 'rw');
+  await w2.write(MiB, Buffer.alloc(MiB, 0x78));
+  await w2.close();
+  await follow(await broker.commit('local/vm2', { base: 'pre-patch' }), 'commit local/vm2 into @pre-patch');
+
+  say('\n7. what cannot be done says why');
   say(`   linked clone SAN → NAS: ${where(await broker.plan({ op: 'clone', source: 'san1/vm1', target: 'nas1/x', mode: 'linked' }))}`);
   say(`   commit on the SAN: ${where(await broker.plan({ op: 'commit', ref: 'san1/vm1' }))}`);
 

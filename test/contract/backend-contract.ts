@@ -279,6 +279,21 @@ export function describeBackendContract(target: ContractTarget): void {
       }
     });
 
+    it('maps the extents of a whole large volume in one call', async (ctx) => {
+      need(ctx, 'volume.create', 'data.read', 'data.write', 'data.extents');
+      const big = 1024 * MiB;
+      const v = await create('bigmap', big);
+      await write(v, big - 64 * 1024, pattern(8, 64 * 1024));
+      const dev = await broker.volumes.open(ref(v), 'r');
+      try {
+        const ext = (await dev.extents()).filter((e) => e.kind === 'data');
+        expect(ext.some((e) => e.offset <= big - 1 && big - 1 < e.offset + e.length)).toBe(true);
+        expect(ext.reduce((n, e) => n + e.length, 0)).toBeLessThan(big / 2);
+      } finally {
+        await dev.close();
+      }
+    });
+
     it('reverts a volume to a snapshot', async (ctx) => {
       need(ctx, 'volume.create', 'snapshot.create', 'snapshot.revert');
       const v = await create('revert');

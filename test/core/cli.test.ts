@@ -90,7 +90,7 @@ describe('offload CLI (core verbs)', () => {
   it('runs a job to the end, and the job is listed afterwards from another process', async () => {
     const s = (await offload('stream', 'tick/v'));
     expect(s.code).toBe(0);
-    expect(s.out).toMatch(/stream tick\/v: done \(job stream-[0-9a-f]+, backend:tick, 5 MiB moved\)/);
+    expect(s.out).toMatch(/stream tick\/v: done \(job stream-[0-9a-f]+, backend:tick, 5 MiB processed\)/);
     const l = (await offload('--json', 'jobs', 'list'));
     const jobs = JSON.parse(l.out) as { id: string; status: string; executor: string }[];
     expect(jobs.some((j) => j.status === 'concluded' && j.executor === 'backend:tick')).toBe(true);

@@ -297,7 +297,7 @@ export class ArrayModel {
   extents(name: string, offset: number, length: number): Promise<{ size: number; extents: ExtentInfo[] }> {
     return this.exclusive(() => {
       const o = this.dataObject(name, false);
-      checkRange(o, offset, length);
+      checkRange(o, offset, length, false);
       const end = offset + length;
       const out: ExtentInfo[] = [];
       const indexes = [...o.chunks.keys()].sort((a, b) => a - b);
@@ -526,11 +526,12 @@ function checkSize(provisioned: number, name: string): void {
   }
 }
 
-function checkRange(o: ObjectRecord, offset: number, length: number): void {
+/** A byte range of an object; `io` ranges (reads and writes) are also capped in size, extents queries are not. */
+function checkRange(o: ObjectRecord, offset: number, length: number, io = true): void {
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > o.provisioned) {
     throw new ApiFault(416, `Range ${offset}+${length} is outside the volume (${o.provisioned} bytes).`, o.name);
   }
-  if (length > MAX_IO) throw new ApiFault(400, `Range too large: at most ${MAX_IO} bytes per request.`, o.name);
+  if (io && length > MAX_IO) throw new ApiFault(400, `Range too large: at most ${MAX_IO} bytes per request.`, o.name);
 }
 
 /** The chunks a byte range touches, with the [from, to) part of each. */
