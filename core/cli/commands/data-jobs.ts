@@ -12,7 +12,7 @@ export async function followJob(ctx: CliContext, job: Job, label: string): Promi
   off();
   bar.done();
   if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref });
-  ctx.print(info, `${label}: done (job ${info.id}, ${info.executor}, ${formatSize(info.progress.current)} moved)`);
+  ctx.print(info, `${label}: done (job ${info.id}, ${info.executor}, ${formatSize(info.progress.current)} processed)`);
 }
 
 function speedOption(s: string | undefined): number | undefined {

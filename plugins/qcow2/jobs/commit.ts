@@ -5,6 +5,7 @@
  */
 import { FailedPrecondition, InvalidArgument, type JobContext } from '../../../core/index.js';
 import { openImage } from '../engine/open.js';
+import { Qcow2Image } from '../engine/qcow2-image.js';
 import type { Image } from '../engine/types.js';
 import { asQcow2, assertAbove, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
 import { relinkChains, switchBacking } from './backing-switch.js';
@@ -71,7 +72,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     if (offset > 0) ctx.setProgress(offset, size);
     while (offset < size) {
       const end = Math.min(size, offset + JOB_CHUNK);
-      const moved = await commitRange(src, limit, base, offset, end);
+      const moved = await commitRange(top, src, limit, base, offset, end);
       ctx.advance(end - offset - moved);
       await ctx.checkpoint(moved, { offset: end });
       offset = end;
@@ -122,11 +123,32 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
   }
 }
 
+/** A range the committed layers allocate: data to copy, or zeros. */
+interface Allocated { start: number; length: number; zero: boolean }
+
+/**
+ * The ranges of [start, end) allocated in the `limit` layers from `top` down. Committing into the
+ * direct backing (the usual case) needs only top's own mapping, not a walk of the whole chain.
+ */
+async function allocatedAbove(top: Image, src: Pick<Image, 'blockStatus'>, limit: number, start: number, end: number): Promise<Allocated[]> {
+  if (limit === 1 && top instanceof Qcow2Image) {
+    const out: Allocated[] = [];
+    for (const r of await top.lock.shared(() => top.runs(start, end - start))) {
+      if (r.entry.kind === 'unallocated') continue;
+      const zero = r.entry.kind === 'zero';
+      const last = out[out.length - 1];
+      if (last && last.zero === zero && last.start + last.length === r.start) last.length += r.length;
+      else out.push({ start: r.start, length: r.length, zero });
+    }
+    return out;
+  }
+  return (await src.blockStatus(start, end - start)).filter((s) => s.present && s.depth < limit);
+}
+
 /** Copy the ranges of [start, end) allocated in the committed layers into base; data bytes moved. */
-async function commitRange(src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, start: number, end: number): Promise<number> {
+async function commitRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, start: number, end: number): Promise<number> {
   let moved = 0;
-  for (const s of await src.blockStatus(start, end - start)) {
-    if (!s.present || s.depth >= limit) continue;
+  for (const s of await allocatedAbove(top, src, limit, start, end)) {
     if (s.zero) {
       await base.writeZeroes(s.start, s.length);
     } else {
@@ -156,7 +178,7 @@ async function syncDirty(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, l
   for (const r of runs) {
     const end = Math.min(r.end, top.virtualSize);
     if (r.start >= end) continue;
-    const n = await commitRange(src, limit, base, r.start, end);
+    const n = await commitRange(top, src, limit, base, r.start, end);
     moved += n;
     if (progress) {
       progress.ctx.advance(r.end - r.start - n);
