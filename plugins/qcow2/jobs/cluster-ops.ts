@@ -67,7 +67,29 @@ export async function makeEmptyLocked(img: Qcow2Image): Promise<void> {
     }
     if (olds.length > 0) {
       await img.file.write(l2off, table);
-      for (const e of olds) await img.release(e);
+      await releaseAll(img, olds);
     }
   }
+}
+
+/** Drop the references of many entries, host-contiguous data clusters in one refcount update each. */
+async function releaseAll(img: Qcow2Image, olds: L2Entry[]): Promise<void> {
+  const cs = img.cs;
+  let runStart = -1;
+  let runLen = 0;
+  const flush = async () => {
+    if (runLen > 0) await img.refcounts.update(runStart / cs, runLen, -1);
+    runLen = 0;
+  };
+  for (const e of olds) {
+    if ((e.kind === 'normal' || e.kind === 'zero') && e.offset !== 0) {
+      if (runLen > 0 && e.offset === runStart + runLen * cs) { runLen++; continue; }
+      await flush();
+      runStart = e.offset;
+      runLen = 1;
+    } else {
+      await img.release(e);
+    }
+  }
+  await flush();
 }

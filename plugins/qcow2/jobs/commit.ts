@@ -70,9 +70,18 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     ctx.setTotal(size);
     let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
     if (offset > 0) ctx.setProgress(offset, size);
+    // Read the next chunk while this one is written into base.
+    const prepare = (at: number) => {
+      const p = readRange(top, src, limit, at, Math.min(size, at + JOB_CHUNK));
+      p.catch(() => {});
+      return p;
+    };
+    let next = offset < size ? prepare(offset) : undefined;
     while (offset < size) {
       const end = Math.min(size, offset + JOB_CHUNK);
-      const moved = await commitRange(top, src, limit, base, offset, end);
+      const pieces = await next!;
+      next = end < size ? prepare(end) : undefined;
+      const moved = await writePieces(base, pieces);
       ctx.advance(end - offset - moved);
       await ctx.checkpoint(moved, { offset: end });
       offset = end;
@@ -145,21 +154,35 @@ async function allocatedAbove(top: Image, src: Pick<Image, 'blockStatus'>, limit
   return (await src.blockStatus(start, end - start)).filter((s) => s.present && s.depth < limit);
 }
 
-/** Copy the ranges of [start, end) allocated in the committed layers into base; data bytes moved. */
-async function commitRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, start: number, end: number): Promise<number> {
-  let moved = 0;
+/** A piece to put into base: zeros, or data read from the committed layers. */
+interface Piece { start: number; length: number; data?: Uint8Array }
+
+/** Find and read what [start, end) of the committed layers holds. */
+async function readRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, start: number, end: number): Promise<Piece[]> {
+  const out: Piece[] = [];
   for (const s of await allocatedAbove(top, src, limit, start, end)) {
-    if (s.zero) {
-      await base.writeZeroes(s.start, s.length);
+    if (s.zero) out.push({ start: s.start, length: s.length });
+    else out.push({ start: s.start, length: s.length, data: await src.read(s.start, s.length) });
+  }
+  return out;
+}
+
+async function writePieces(base: Image, pieces: Piece[]): Promise<number> {
+  let moved = 0;
+  for (const p of pieces) {
+    if (p.data) {
+      await base.write(p.start, p.data);
+      moved += p.length;
     } else {
-      for (let p = s.start; p < s.start + s.length; p += JOB_CHUNK) {
-        const n = Math.min(JOB_CHUNK, s.start + s.length - p);
-        await base.write(p, await src.read(p, n));
-        moved += n;
-      }
+      await base.writeZeroes(p.start, p.length);
     }
   }
   return moved;
+}
+
+/** Copy the ranges of [start, end) allocated in the committed layers into base; data bytes moved. */
+async function commitRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, start: number, end: number): Promise<number> {
+  return writePieces(base, await readRange(top, src, limit, start, end));
 }
 
 /** Progress of the mirror phase: the total grows by what writers dirty. */

@@ -4,6 +4,7 @@
  */
 import type { JobContext } from '../../../core/index.js';
 import { openImage } from '../engine/open.js';
+import type { Qcow2Image } from '../engine/qcow2-image.js';
 import type { Image } from '../engine/types.js';
 import { backingNameFor, asQcow2, assertAbove, assertWritable, findLayer, layersOf } from './chain-layers.js';
 import { relinkChains, switchBacking } from './backing-switch.js';
@@ -32,9 +33,19 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
   let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
   if (offset > 0) ctx.setProgress(offset, size);
 
+  // The next chunk is found and read while this one is written (reads need no lock; the write
+  // re-checks allocation under the lock, so reading ahead is safe).
+  const prepare = (at: number) => {
+    const p = prepareChunk(img, at, Math.min(size, at + JOB_CHUNK), limit, base !== undefined);
+    p.catch(() => {});
+    return p;
+  };
+  let ahead = offset < size ? prepare(offset) : undefined;
   while (offset < size) {
     const end = Math.min(size, offset + JOB_CHUNK);
-    const moved = await streamChunk(img, offset, end, limit, base !== undefined);
+    const fills = await ahead!;
+    ahead = end < size ? prepare(end) : undefined;
+    const moved = await applyFills(img, fills);
     ctx.advance(end - offset - moved);
     await ctx.checkpoint(moved, { offset: end });
     offset = end;
@@ -52,10 +63,10 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
   relinkChains(img);
 }
 
-/** Copy one chunk's worth of chain data into the image; returns the data bytes written. */
-async function streamChunk(img: Parameters<typeof applyFills>[0], start: number, end: number, limit: number, keepBase: boolean): Promise<number> {
+/** What one chunk needs: the chain's data for the clusters the image leaves unallocated. */
+async function prepareChunk(img: Qcow2Image, start: number, end: number, limit: number, keepBase: boolean): Promise<Fill[]> {
   const backing = img.backing;
-  if (!backing || limit <= 0) return 0;
+  if (!backing || limit <= 0) return [];
   const fills: Fill[] = [];
   for (const run of await unallocatedRuns(img, start, end)) {
     const inBacking = Math.min(run.end, backing.virtualSize);
@@ -73,5 +84,5 @@ async function streamChunk(img: Parameters<typeof applyFills>[0], start: number,
       else fills.push({ start: g.start, end: g.end, kind: 'data', data: await readPadded(backing, g.start, g.end) });
     }
   }
-  return applyFills(img, fills);
+  return fills;
 }
