@@ -1,0 +1,185 @@
+/**
+ * The chain jobs through their public API on chains made by our own engine (no qemu needed):
+ * typed errors for bad requests, resume from a checkpoint, the dirty map, task params, raw copy.
+ */
+import { readFileSync } from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unsupported, type JobContext } from '../../../core/index.js';
+import { createImage, openImage, type Image } from '../index.js';
+import { tempDir } from '../test/helpers.js';
+import { commitTask, copyToRaw, makeEmpty, rebaseTask, runCommit, runRebase, runStream, streamTask } from './index.js';
+import { DirtyMap } from './live-gate.js';
+
+const M = 1 << 20;
+let cleanup: (() => void) | undefined;
+afterEach(() => { cleanup?.(); cleanup = undefined; });
+
+interface TestContext extends JobContext { current: number; total: number; states: unknown[] }
+
+function context(resumeFrom?: unknown, cancelAfter = Infinity): TestContext {
+  let checkpoints = 0;
+  const ctx: TestContext = {
+    jobId: 't', signal: new AbortController().signal, resumeFrom, completeRequested: true,
+    current: 0, total: 0, states: [],
+    setTotal(n) { ctx.total = n; },
+    advance(n) { ctx.current += n; },
+    setProgress(c, t) { ctx.current = c; if (t !== undefined) ctx.total = t; },
+    async checkpoint(n, state) {
+      ctx.current += n;
+      if (state !== undefined) ctx.states.push(state);
+      if (++checkpoints >= cancelAfter) throw new Cancelled('cancelled by the test');
+    },
+    saveState(s) { ctx.states.push(s); },
+    ready() {},
+    async waitForComplete() {},
+  };
+  return ctx;
+}
+
+/** base (data 0–6M, pattern 1) ← top (data 2–3M, pattern 2), 12 MiB. */
+async function chain(): Promise<string> {
+  const t = tempDir('jobs-unit-');
+  cleanup = t.cleanup;
+  const d = t.dir;
+  await createImage(`${d}/base.qcow2`, { size: 12 * M });
+  const b = await openImage(`${d}/base.qcow2`, { readOnly: false });
+  await b.write(0, new Uint8Array(6 * M).fill(1));
+  await b.close();
+  await createImage(`${d}/top.qcow2`, { backingFile: 'base.qcow2', backingFormat: 'qcow2' });
+  const t2 = await openImage(`${d}/top.qcow2`, { readOnly: false });
+  await t2.write(2 * M, new Uint8Array(M).fill(2));
+  await t2.close();
+  return d;
+}
+
+async function bytes(img: Image): Promise<Buffer> {
+  return Buffer.from(await img.read(0, img.virtualSize));
+}
+
+describe('chain jobs: bad requests are typed errors and change nothing', () => {
+  it('stream/commit/rebase refuse what they cannot do', async () => {
+    const d = await chain();
+    const ro = await openImage(`${d}/top.qcow2`);
+    await expect(runStream(ro, {}, context())).rejects.toBeInstanceOf(FailedPrecondition);
+    await ro.close();
+    const img = await openImage(`${d}/top.qcow2`, { readOnly: false });
+    const before = await bytes(img);
+    await expect(runStream(img, { base: 'nope.qcow2' }, context())).rejects.toBeInstanceOf(NotFound);
+    await expect(runStream(img, { base: 'top.qcow2' }, context())).rejects.toBeInstanceOf(InvalidArgument);
+    await expect(runCommit(img, { top: 'base.qcow2' }, context())).rejects.toBeInstanceOf(FailedPrecondition);
+    await expect(runCommit(img, { top: 'top.qcow2', base: 'top.qcow2' }, context())).rejects.toBeInstanceOf(InvalidArgument);
+    await expect(runRebase(img, { backing: 'missing.qcow2', backingFormat: 'qcow2' }, context())).rejects.toBeInstanceOf(NotFound);
+    await expect(runRebase(img, { backing: 'base.qcow2', backingFormat: 'vmdk' }, context())).rejects.toBeInstanceOf(InvalidArgument);
+    expect((await bytes(img)).equals(before)).toBe(true);
+    expect(img.chain).toHaveLength(2);
+    await img.close();
+
+    const raw = `${d}/disk.raw`;
+    await createImage(raw, { format: 'raw', size: M });
+    const r = await openImage(raw, { readOnly: false });
+    await expect(runStream(r, {}, context())).rejects.toBeInstanceOf(Unsupported);
+    await expect(makeEmpty(r)).rejects.toBeInstanceOf(Unsupported);
+    await r.close();
+  });
+
+  it('a cancelled stream leaves the chain as it was; a run resumed from its checkpoint completes it', async () => {
+    const d = await chain();
+    const img = await openImage(`${d}/top.qcow2`, { readOnly: false });
+    const before = await bytes(img);
+    const first = context(undefined, 1);
+    await expect(runStream(img, {}, first)).rejects.toBeInstanceOf(Cancelled);
+    expect(img.chain).toHaveLength(2);
+    expect((await bytes(img)).equals(before)).toBe(true);
+    expect(first.states).toEqual([{ offset: 4 * M }]);
+
+    const second = context(first.states[0]);
+    await runStream(img, {}, second);
+    // Resumed: it started at the checkpoint, not at zero.
+    expect(second.states[0]).toEqual({ offset: 8 * M });
+    expect(second.current).toBe(12 * M);
+    expect(img.chain).toHaveLength(1);
+    expect(img.header!.backingFile).toBeUndefined();
+    expect((await bytes(img)).equals(before)).toBe(true);
+    await img.close();
+    const again = await openImage(`${d}/top.qcow2`);
+    expect(again.backing).toBeUndefined();
+    expect((await bytes(again)).equals(before)).toBe(true);
+    expect((await again.check()).corruptions).toBe(0);
+    await again.close();
+  });
+
+  it('a foreign or damaged checkpoint means starting over', async () => {
+    for (const bad of [{ offset: -4 }, { offset: 'x' }, { offset: 1e18 }, 'junk', null]) {
+      const d = await chain();
+      const img = await openImage(`${d}/top.qcow2`, { readOnly: false });
+      const before = await bytes(img);
+      const ctx = context(bad);
+      await runStream(img, {}, ctx);
+      expect(ctx.states[0]).toEqual({ offset: 4 * M });
+      expect((await bytes(img)).equals(before)).toBe(true);
+      await img.close();
+      cleanup?.();
+    }
+  });
+});
+
+describe('chain jobs as tasks', () => {
+  it('params are plain JSON and enough to rebuild the task', async () => {
+    expect(JSON.parse(JSON.stringify(streamTask('/p/top.qcow2', { base: 'b.qcow2' }).params))).toEqual({ path: '/p/top.qcow2', base: 'b.qcow2' });
+    expect(commitTask('/p/top.qcow2', { empty: true }).params).toEqual({ path: '/p/top.qcow2', empty: true });
+    expect(rebaseTask('/p/t', { backing: '', unsafe: true }).params).toEqual({ path: '/p/t', backing: '', unsafe: true });
+  });
+
+  it('commitTask commits and empties; the chain reads the same and base holds the data', async () => {
+    const d = await chain();
+    const img = await openImage(`${d}/top.qcow2`);
+    const before = await bytes(img);
+    await img.close();
+    await commitTask(`${d}/top.qcow2`, { empty: true }).run(context());
+    const top = await openImage(`${d}/top.qcow2`);
+    expect((await bytes(top)).equals(before)).toBe(true);
+    expect((await top.map()).every((s) => s.depth > 0 || !s.data)).toBe(true);
+    await top.close();
+    const base = await openImage(`${d}/base.qcow2`);
+    expect((await bytes(base)).equals(before)).toBe(true);
+    await base.close();
+  });
+});
+
+describe('copy into raw', () => {
+  it('writes the chain content, leaves zeros as holes, and removes its progress file; a stale progress file of another source is ignored', async () => {
+    const d = await chain();
+    const target = `${d}/out.raw`;
+    const { writeFileSync, existsSync } = await import('node:fs');
+    writeFileSync(`${target}.progress`, JSON.stringify({ magic: 'offload-raw-progress', version: 1, source: '/elsewhere', size: 1, granularity: 1 }));
+    const src = await openImage(`${d}/top.qcow2`);
+    const ctx = context();
+    await copyToRaw(src, target, ctx);
+    expect(Buffer.from(readFileSync(target)).equals(await bytes(src))).toBe(true);
+    expect(ctx.current).toBe(12 * M);
+    expect(existsSync(`${target}.progress`)).toBe(false);
+    await expect(copyToRaw(src, `${d}/top.qcow2`, context())).rejects.toBeInstanceOf(InvalidArgument);
+    await src.close();
+  });
+});
+
+describe('DirtyMap', () => {
+  it('marks ranges at its granularity, hands them out once, and wakes a waiter', async () => {
+    const m = new DirtyMap(64 * 1024, 4 * M);
+    expect(m.empty()).toBe(true);
+    const woke = m.changed();
+    m.mark(100, 10);
+    await woke;
+    m.mark(64 * 1024 * 3 - 1, 2);
+    m.mark(5 * M, 1); // past the size it was made for: grows
+    expect(m.takeAll(M)).toEqual([
+      { start: 0, end: 65536 },
+      { start: 131072, end: 262144 },
+      { start: 5 * M, end: 5 * M + 65536 },
+    ]);
+    expect(m.empty()).toBe(true);
+    expect(m.takeAll(M)).toEqual([]);
+    m.mark(0, 4 * M);
+    expect(m.takeAll(M)).toHaveLength(4);
+  });
+});
