@@ -1,7 +1,8 @@
-import { AlreadyExists, InvalidArgument, NotFound, Unsupported } from '../../../core/index.js';
+import { AlreadyExists, Corrupt, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../../../core/index.js';
 import { setU64, view } from '../format/bytes.js';
 import { MAX_SNAPSHOTS } from '../format/constants.js';
 import { COPIED_HI, decodeL1, decodeL2, encodeL1, readEntry, writeEntry } from '../format/entries.js';
+import { entriesPerBlock, setRefcount } from '../format/refcount-block.js';
 import {
   encodeSnapshotTable, makeExtra, snapshotDiskSize, snapshotIcount, snapshotVmStateSize, type SnapshotEntry,
 } from '../format/snapshot-table.js';
@@ -9,9 +10,12 @@ import type { Qcow2Image } from './qcow2-image.js';
 import type { SnapshotInfo, SnapshotOps } from './types.js';
 
 /**
- * Internal snapshots, QEMU's way: a snapshot is a copy of the active L1; every L2 table and
- * data cluster reachable through it gets one more reference; COPIED is cleared where a
- * refcount goes above 1 and set again where it returns to 1.
+ * Internal snapshots in QEMU's format: a snapshot is a copy of the active L1, and every L2
+ * table and data cluster counts one reference per L1 path that reaches it; COPIED is set
+ * exactly where a refcount is 1. Unlike QEMU (which updates refcounts and COPIED flags in
+ * place, leaving a window where `qemu-img check` sees corruption after a crash), create, apply
+ * and delete build the new state beside the old and switch the header once (`switchState`).
+ * On create, L2 tables whose data flags must change are copied for the active L1.
  */
 export class SnapshotManager implements SnapshotOps {
   constructor(private readonly img: Qcow2Image) {}
@@ -43,27 +47,14 @@ export class SnapshotManager implements SnapshotOps {
         throw new AlreadyExists(`${img.path}: a snapshot named ${JSON.stringify(name)} already exists`, { ref: img.path });
       }
       if (img.snapshotTable.length >= MAX_SNAPSHOTS) throw new Unsupported(`${img.path}: too many snapshots`, { ref: img.path });
-      const cs = img.cs;
-      // 1. One more reference to everything reachable from the active L1 (before anything points at it twice).
-      await this.adjustTree(img.l1, 1);
-      // 2. Nothing is exclusively ours any more.
-      await this.fixCopied();
-      // 3. The snapshot's copy of the L1.
-      const l1Bytes = img.l1Size * 8;
-      let l1Offset = 0;
-      if (l1Bytes > 0) {
-        l1Offset = await img.refcounts.alloc(Math.ceil(l1Bytes / cs));
-        await img.file.write(l1Offset, img.l1.slice());
-        img.fileLen = Math.max(img.fileLen, l1Offset + l1Bytes);
-      }
-      const ids = img.snapshotTable.map((s) => Number.parseInt(s.id, 10)).filter((n) => Number.isFinite(n));
+      const ids = img.snapshotTable.map((x) => Number.parseInt(x.id, 10)).filter((n) => Number.isFinite(n));
       const now = Date.now();
       const entry: SnapshotEntry = {
-        l1TableOffset: l1Offset, l1Size: img.l1Size, id: String(ids.length ? Math.max(...ids) + 1 : 1), name,
+        l1TableOffset: 0, l1Size: img.l1Size, id: String(ids.length ? Math.max(...ids) + 1 : 1), name,
         dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1_000_000, vmClockNsec: 0, vmStateSize: 0,
         extra: makeExtra(0, img.h.size),
       };
-      await this.writeTable([...img.snapshotTable, entry]);
+      await switchState(img, img.l1.slice(), [...img.snapshotTable, entry], img.h.size, { entry, l1: img.l1.slice() });
       return toInfo(entry);
     });
   }
@@ -74,22 +65,11 @@ export class SnapshotManager implements SnapshotOps {
     await img.lock.exclusive(async () => {
       const sn = img.snapshotTable[this.find(nameOrId)]!;
       const snL1 = await img.file.readExact(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table');
-      const diskSize = snapshotDiskSize(sn);
-      await this.adjustTree(snL1, 1);
-      if (sn.l1Size > img.l1Size) await img.growL1Locked(sn.l1Size);
-      const old = img.l1.slice();
-      const next = new Uint8Array(img.l1.length);
-      next.set(snL1.subarray(0, Math.min(snL1.length, next.length)));
-      await img.file.write(img.h.l1TableOffset, next);
-      img.l1 = next;
-      if (diskSize !== undefined && diskSize !== img.h.size) {
-        const b = new Uint8Array(8);
-        setU64(view(b), 0, diskSize);
-        await img.file.write(24, b);
-        img.h.size = diskSize;
-      }
-      await this.adjustTree(old, -1);
-      await this.fixCopied();
+      const size = snapshotDiskSize(sn) ?? img.h.size;
+      const entries = Math.max(img.l1Size, sn.l1Size, Math.ceil(size / (img.cs * img.l2Entries)));
+      const l1 = new Uint8Array(entries * 8);
+      l1.set(snL1);
+      await switchState(img, l1, img.snapshotTable, size);
     });
   }
 
@@ -98,99 +78,8 @@ export class SnapshotManager implements SnapshotOps {
     img.assertWritable();
     await img.lock.exclusive(async () => {
       const i = this.find(nameOrId);
-      const sn = img.snapshotTable[i]!;
-      const snL1 = await img.file.readExact(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table');
-      await this.writeTable(img.snapshotTable.filter((_, k) => k !== i));
-      await this.adjustTree(snL1, -1);
-      if (sn.l1Size > 0) await img.refcounts.free(sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / img.cs));
-      await this.fixCopied();
+      await switchState(img, img.l1.slice(), img.snapshotTable.filter((_, k) => k !== i), img.h.size);
     });
-  }
-
-  /** Write a new snapshot table in fresh clusters, switch the header to it, free the old one. */
-  private async writeTable(entries: SnapshotEntry[]): Promise<void> {
-    const img = this.img;
-    const cs = img.cs;
-    const bytes = encodeSnapshotTable(entries);
-    let offset = 0;
-    if (entries.length > 0) {
-      offset = await img.refcounts.alloc(Math.ceil(bytes.length / cs));
-      await img.file.write(offset, bytes);
-      img.fileLen = Math.max(img.fileLen, offset + bytes.length);
-    }
-    const oldOffset = img.h.snapshotsOffset;
-    const oldBytes = encodeSnapshotTable(img.snapshotTable).length;
-    const hb = new Uint8Array(12);
-    view(hb).setUint32(0, entries.length);
-    setU64(view(hb), 4, offset);
-    await img.file.write(60, hb);
-    img.h.nbSnapshots = entries.length;
-    img.h.snapshotsOffset = offset;
-    img.snapshotTable = entries;
-    if (oldOffset !== 0 && oldBytes > 0) await img.refcounts.free(oldOffset, Math.ceil(oldBytes / cs));
-  }
-
-  /** Add delta to the refcount of every L2 table and data cluster reachable from an L1. */
-  private async adjustTree(l1: Uint8Array, delta: number): Promise<void> {
-    const img = this.img;
-    const cs = img.cs;
-    for (let i = 0; i < l1.length / 8; i++) {
-      const e = decodeL1(...readEntry(l1, i));
-      if (e.l2Offset === 0) continue;
-      const t = await img.l2Table(e.l2Offset);
-      let runStart = -1;
-      let runLen = 0;
-      const flush = async () => {
-        if (runLen > 0) await img.refcounts.update(runStart, runLen, delta);
-        runLen = 0;
-      };
-      for (let j = 0; j < img.l2Entries; j++) {
-        const d = decodeL2(...readEntry(t, j), img.h.clusterBits);
-        if ((d.kind === 'normal' || d.kind === 'zero') && d.offset !== 0) {
-          const c = d.offset / cs;
-          if (runLen > 0 && c === runStart + runLen) { runLen++; continue; }
-          await flush();
-          runStart = c;
-          runLen = 1;
-        } else if (d.kind === 'compressed') {
-          await flush();
-          const [c0, n] = img.compressedClusters(d);
-          await img.refcounts.update(c0, n, delta);
-        }
-      }
-      await flush();
-      await img.refcounts.update(e.l2Offset / cs, 1, delta);
-    }
-  }
-
-  /** Set COPIED exactly where the refcount is 1, in the active L1 and its L2 tables. */
-  private async fixCopied(): Promise<void> {
-    const img = this.img;
-    const cs = img.cs;
-    let l1Changed = false;
-    for (let i = 0; i < img.l1Size; i++) {
-      const e = decodeL1(...readEntry(img.l1, i));
-      if (e.l2Offset === 0) continue;
-      const rc = await img.refcounts.get(e.l2Offset / cs);
-      if ((rc === 1) !== e.copied) {
-        writeEntry(img.l1, i, ...encodeL1(e.l2Offset, rc === 1));
-        l1Changed = true;
-      }
-      const t = await img.l2Table(e.l2Offset);
-      let changed = false;
-      for (let j = 0; j < img.l2Entries; j++) {
-        const [hi, lo] = readEntry(t, j);
-        const d = decodeL2(hi, lo, img.h.clusterBits);
-        if (!((d.kind === 'normal' || d.kind === 'zero') && d.offset !== 0)) continue;
-        const drc = await img.refcounts.get(d.offset / cs);
-        if ((drc === 1) !== d.copied) {
-          writeEntry(t, j, drc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0, lo);
-          changed = true;
-        }
-      }
-      if (changed) await img.file.write(e.l2Offset, t);
-    }
-    if (l1Changed) await img.file.write(img.h.l1TableOffset, img.l1);
   }
 }
 
@@ -204,4 +93,159 @@ function toInfo(s: SnapshotEntry): SnapshotInfo {
   const ic = snapshotIcount(s);
   if (ic !== undefined) info.icount = ic;
   return info;
+}
+
+/**
+ * Switch the image to a new active L1 and snapshot list in one header write (apply, delete).
+ * Everything new — L2 copies whose COPIED flags change, the L1, the snapshot table and a
+ * whole new refcount structure counting exactly the new state — is written past the end of
+ * everything in use first; then bytes 24–72 of the header (size, L1, refcount table, snapshot
+ * table) switch over at once. A crash before the switch leaves the old image untouched (the new
+ * clusters are not even leaks); after it, the new image is exact (the old structures are
+ * free). No instant shows a refcount and a COPIED flag that disagree.
+ */
+async function switchState(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
+  pending?: { entry: SnapshotEntry; l1: Uint8Array }): Promise<void> {
+  const cs = img.cs;
+  const end = Math.max(img.refcounts.highWater, Math.ceil(img.fileLen / cs));
+  const counts = new Uint32Array(end);
+  const bump = (c: number, n = 1) => {
+    if (c >= end) throw new Corrupt(`${img.path}: a table points past the end of the file (cluster ${c})`, { ref: img.path, hint: 'repair the image with `check -r all` first' });
+    counts[c] = counts[c]! + n;
+  };
+  const walk = async (table: Uint8Array) => {
+    for (let i = 0; i < table.length / 8; i++) {
+      const e = decodeL1(...readEntry(table, i));
+      if (e.l2Offset === 0) continue;
+      bump(e.l2Offset / cs);
+      const t = await img.l2Table(e.l2Offset);
+      for (let j = 0; j < img.l2Entries; j++) {
+        const d = decodeL2(...readEntry(t, j), img.h.clusterBits);
+        if ((d.kind === 'normal' || d.kind === 'zero') && d.offset !== 0) bump(d.offset / cs);
+        else if (d.kind === 'compressed') {
+          const [c0, n] = img.compressedClusters(d);
+          for (let k = 0; k < n; k++) bump(c0 + k);
+        }
+      }
+    }
+  };
+  await walk(l1);
+  const snapL1s: [number, number][] = [];
+  let next = end;
+  const appended: [number, Uint8Array][] = [];
+  if (pending) {
+    // The new snapshot's copy of the L1 goes first in the new area.
+    await walk(pending.l1);
+    pending.entry.l1TableOffset = next * cs;
+    if (pending.l1.length > 0) {
+      appended.push([next * cs, pending.l1]);
+      next += Math.ceil(pending.l1.length / cs);
+    }
+  }
+  for (const s of snaps) {
+    if (s === pending?.entry) continue;
+    const t = await img.file.readExact(s.l1TableOffset, s.l1Size * 8, 'snapshot L1 table');
+    await walk(t);
+    snapL1s.push([s.l1TableOffset / cs, Math.ceil((s.l1Size * 8) / cs)]);
+  }
+
+  // New active L1. An L2 whose data COPIED flags are wrong for the new counts is copied for
+  // the active L1 alone (the copy replaces the active's reference one for one, so no data
+  // count changes); otherwise it is kept, with COPIED in the L1 iff only the active uses it.
+  for (let i = 0; i < l1.length / 8; i++) {
+    const e = decodeL1(...readEntry(l1, i));
+    if (e.l2Offset === 0) continue;
+    const T = e.l2Offset / cs;
+    const t = await img.l2Table(e.l2Offset);
+    const fixed = t.slice();
+    let changed = false;
+    for (let j = 0; j < img.l2Entries; j++) {
+      const [hi, lo] = readEntry(fixed, j);
+      const d = decodeL2(hi, lo, img.h.clusterBits);
+      if (!((d.kind === 'normal' || d.kind === 'zero') && d.offset !== 0)) continue;
+      const want = counts[d.offset / cs] === 1;
+      if (want !== d.copied) {
+        writeEntry(fixed, j, want ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0, lo);
+        changed = true;
+      }
+    }
+    if (changed) {
+      counts[T] = counts[T]! - 1;
+      appended.push([next * cs, fixed]);
+      writeEntry(l1, i, ...encodeL1(next * cs, true));
+      next++;
+    } else {
+      writeEntry(l1, i, ...encodeL1(e.l2Offset, counts[T] === 1));
+    }
+  }
+  const l1Start = next;
+  const l1Clusters = Math.ceil(l1.length / cs);
+  if (l1.length > 0) appended.push([l1Start * cs, l1]);
+  next += l1Clusters;
+  const table = encodeSnapshotTable(snaps);
+  const tableStart = next;
+  if (snaps.length > 0) {
+    appended.push([tableStart * cs, table]);
+    next += Math.ceil(table.length / cs);
+  }
+  counts[0] = counts[0]! + 1;
+  for (const [c0, n] of snapL1s) for (let k = 0; k < n; k++) bump(c0 + k);
+
+  // A refcount structure for exactly this state, placed after it.
+  const order = img.h.refcountOrder;
+  const epb = entriesPerBlock(cs, order);
+  let nb = 1;
+  let tc = 1;
+  for (;;) {
+    const total = next + nb + tc;
+    const nb2 = Math.ceil(total / epb);
+    const tc2 = Math.ceil((nb2 * 8) / cs);
+    if (nb2 === nb && tc2 === tc) break;
+    nb = nb2;
+    tc = tc2;
+  }
+  const total = next + nb + tc;
+  const max = img.refcounts.max;
+  const reftable = new Uint8Array(tc * cs);
+  for (const [off, data] of appended) {
+    await img.file.write(off, data);
+  }
+  for (let b = 0; b < nb; b++) {
+    const block = new Uint8Array(cs);
+    for (let k = 0; k < epb; k++) {
+      const c = b * epb + k;
+      const v = c < end ? counts[c]! : c < total ? 1 : 0;
+      if (v > max) throw new OutOfRange(`${img.path}: refcount of cluster ${c} would exceed ${max}`, { ref: img.path });
+      if (v) setRefcount(block, k, order, v);
+    }
+    await img.file.write((next + b) * cs, block);
+    setU64(view(reftable), b * 8, (next + b) * cs);
+  }
+  await img.file.write((next + nb) * cs, reftable);
+  img.fileLen = Math.max(img.fileLen, total * cs);
+  await img.file.sync();
+
+  const hb = new Uint8Array(48);
+  const dv = view(hb);
+  setU64(dv, 0, size);
+  dv.setUint32(8, img.h.cryptMethod);
+  dv.setUint32(12, l1.length / 8);
+  setU64(dv, 16, l1.length > 0 ? l1Start * cs : 0);
+  setU64(dv, 24, (next + nb) * cs);
+  dv.setUint32(32, tc);
+  dv.setUint32(36, snaps.length);
+  setU64(dv, 40, snaps.length > 0 ? tableStart * cs : 0);
+  await img.file.write(24, hb);
+
+  img.h.size = size;
+  img.h.l1Size = l1.length / 8;
+  img.h.l1TableOffset = l1.length > 0 ? l1Start * cs : 0;
+  img.h.refcountTableOffset = (next + nb) * cs;
+  img.h.refcountTableClusters = tc;
+  img.h.nbSnapshots = snaps.length;
+  img.h.snapshotsOffset = snaps.length > 0 ? tableStart * cs : 0;
+  img.l1 = l1;
+  img.snapshotTable = snaps;
+  img.l2cache.clear();
+  img.refcounts.reset(reftable, (next + nb) * cs, total);
 }
