@@ -213,6 +213,8 @@ async function checkL1(st: State, l1Offset: number, l1Size: number, active: bool
 
 function checkL2(st: State, l2: Uint8Array, active: boolean): void {
   const { img, res } = st;
+  // QEMU's next_contiguous_offset is local to each L2 table.
+  st.nextContiguous = 0;
   for (let j = 0; j < img.l2Entries; j++) {
     const [hi, lo] = readEntry(l2, j);
     if (hi === 0 && lo === 0) continue;

@@ -549,9 +549,6 @@ export class Qcow2Image implements Image {
     if (!Number.isSafeInteger(newSize) || newSize < 0) throw new InvalidArgument(`${this.path}: bad size ${newSize}`, { ref: this.path });
     await this.lock.exclusive(async () => {
       if (newSize < this.h.size) {
-        if (this.snapshotTable.length > 0) {
-          throw new FailedPrecondition(`${this.path}: cannot shrink an image with internal snapshots`, { ref: this.path, hint: 'delete the snapshots first' });
-        }
         const from = Math.ceil(newSize / this.cs) * this.cs;
         if (from < this.h.size) {
           for (const r of await this.runs(from, this.h.size - from)) {

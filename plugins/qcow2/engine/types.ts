@@ -150,6 +150,11 @@ export interface CheckResult {
   error?: string;
 }
 
+/**
+ * `repair: 'leaks'` = `qemu-img check -r leaks`, `'all'` = `-r all`. As qemu-img reports it,
+ * when a repair fixed something the counts returned are those of a fresh check afterwards,
+ * with `leaksFixed`/`corruptionsFixed` from the repair. `error` set = qemu-img's "Check failed".
+ */
 export interface CheckOptions {
   repair?: 'leaks' | 'all';
 }
@@ -182,7 +187,10 @@ export interface Image {
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Make a range read as zeros: zero flag on v3, zeroed clusters on v2, zero bytes on raw. */
   writeZeroes(offset: number, length: number): Promise<void>;
-  /** Drop the data of a range; it then reads as the backing (or zeros). */
+  /**
+   * Drop the data of the whole clusters in a range (partial clusters are left alone, as QEMU
+   * does). v3: they then read as zeros (zero flag). v2: they read from the backing file (or zeros).
+   */
   discard(offset: number, length: number): Promise<void>;
   /** Allocation status of [offset, offset+length), merged like `qemu-img map`. */
   blockStatus(offset?: number, length?: number): Promise<BlockStatus[]>;
