@@ -96,5 +96,5 @@ describe.skipIf(!hasQemu)('crash safety: kill -9 a writer at random points', () 
       }
     }
     expect(kills).toBe(KILLS);
-  });
+  }, (KILLS * 8 + 60) * 1000);
 });
