@@ -6,7 +6,7 @@ import { copyFileSync, openSync, readSync, writeSync, closeSync } from 'node:fs'
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage, type CheckResult } from '../../plugins/qcow2/index.js';
-import { hasQemu, qemuCheckJson, qemuIo, tempDir, warnIfNoQemu } from '../../plugins/qcow2/test/helpers.js';
+import { hasQemu, qemuCheckJson, qemuIo, run, tempDir, warnIfNoQemu } from '../../plugins/qcow2/test/helpers.js';
 
 function u64(fd: number, pos: number): number {
   const b = Buffer.alloc(8);
@@ -144,6 +144,20 @@ describe.skipIf(!hasQemu)('check and repair agree with qemu-img check', () => {
       await img.close();
       expect(counts(await ourCheck(file))).toEqual(qemuCounts(qemuCheckJson(file).json));
     }
+  });
+
+  it('persistent bitmaps are counted like qemu-img while consistent; a read-write open leaves them to qemu as leaks', async () => {
+    const file = join(t.dir, 'bitmaps.qcow2');
+    await createImage(file, { size: 8 << 20 });
+    expect(qemuIo(file, ['write -P 1 0 1M']).status).toBe(0);
+    for (const name of ['b0', 'b1']) expect(run('qemu-img', ['bitmap', '--add', '-g', '64k', file, name]).status).toBe(0);
+    expect(qemuIo(file, ['write -P 2 2M 256k']).status).toBe(0);
+    expect(counts(await ourCheck(file))).toEqual(qemuCounts(qemuCheckJson(file).json));
+    const img = await openImage(file, { readOnly: false });
+    expect(img.header!.autoclearFeatures).toBe(0n);
+    await img.write(0, new Uint8Array(4096).fill(3));
+    await img.close();
+    expect(counts(await ourCheck(file))).toEqual(qemuCounts(qemuCheckJson(file).json));
   });
 
   it('a dirty lazy-refcounts image (qemu-io abort): same findings; opening read-write repairs it', async () => {

@@ -1,6 +1,6 @@
 import { Corrupt } from '../../../core/index.js';
-import { setU64, view } from '../format/bytes.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES } from '../format/constants.js';
+import { getU64, setU64, view } from '../format/bytes.js';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES } from '../format/constants.js';
 import { COPIED_HI, decodeL1, decodeL2, readEntry, writeEntry } from '../format/entries.js';
 import { entriesPerBlock, reftableEntry, setRefcount } from '../format/refcount-block.js';
 import { snapshotTableSize } from '../format/snapshot-table.js';
@@ -162,6 +162,7 @@ async function calculate(st: State, withActiveFrag: boolean): Promise<void> {
     await checkL1(st, sn.l1TableOffset, sn.l1Size, false, undefined);
   }
   if (h.nbSnapshots > 0) incRange(st, h.snapshotsOffset, snapshotTableSize(img.snapshotTable));
+  await countBitmaps(st);
   const rt = img.refcounts;
   incRange(st, rt.tableOffset, rt.table.length);
   // Refcount blocks last, so their own computed count is final when compared.
@@ -187,6 +188,46 @@ async function calculate(st: State, withActiveFrag: boolean): Promise<void> {
       res.corruptions++;
       st.rebuild = true;
     }
+  }
+}
+
+/**
+ * Persistent dirty bitmaps are counted only while the autoclear bit says they are consistent
+ * (QEMU ignores the extension otherwise): directory, each bitmap table, each data cluster.
+ */
+async function countBitmaps(st: State): Promise<void> {
+  const { img } = st;
+  if (!(img.h.autoclearFeatures & AUTOCLEAR_BITMAPS)) return;
+  const ext = img.h.extensions.find((e) => e.type === EXT_BITMAPS);
+  if (!ext || ext.data.length < 24) return;
+  const dv = view(ext.data);
+  const nb = dv.getUint32(0);
+  const dirSize = getU64(dv, 8);
+  const dirOffset = getU64(dv, 16);
+  if (dirSize > 64 << 20 || dirOffset + dirSize > st.refs.n * img.cs) {
+    st.res.messages.push('ERROR bitmap directory lies outside the image');
+    st.res.corruptions++;
+    return;
+  }
+  incRange(st, dirOffset, dirSize);
+  const dir = await img.file.read(dirOffset, dirSize);
+  const dd = view(dir);
+  let off = 0;
+  for (let i = 0; i < nb && off + 24 <= dir.length; i++) {
+    const tableOffset = getU64(dd, off);
+    const tableSize = dd.getUint32(off + 8);
+    const nameSize = dd.getUint16(off + 18);
+    const extra = dd.getUint32(off + 20);
+    incRange(st, tableOffset, tableSize * 8);
+    if (tableSize * 8 <= 64 << 20 && tableOffset + tableSize * 8 <= st.refs.n * img.cs) {
+      const table = await img.file.read(tableOffset, tableSize * 8);
+      for (let j = 0; j < tableSize; j++) {
+        const [hi, lo] = readEntry(table, j);
+        const data = (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
+        if (data !== 0) incRange(st, data, img.cs);
+      }
+    }
+    off += Math.ceil((24 + extra + nameSize) / 8) * 8;
   }
 }
 
