@@ -11,15 +11,6 @@ import { runImg } from './img-cli.js';
 import { HAVE_QEMU, run } from './img-qemu.js';
 import { VARIANTS, buildWithQemu, type Variant } from './img-variants.js';
 
-/**
- * Known engine bug (plugins/qcow2/engine/check.ts): qemu's check_refcounts_l2 restarts the
- * fragmentation count at each L2 table (`next_contiguous_offset` is local to it); the engine
- * carries it across tables, so images whose data spans several L2 tables report more fragmented
- * clusters than qemu-img. These variants are expected to differ until that is fixed — then this
- * test fails ("expected to fail") and the entry must be removed.
- */
-const KNOWN_FRAGMENTATION_BUG = new Set(['cs512', 'cs4k']);
-
 describe.skipIf(!HAVE_QEMU)('offload img reads images qemu made', () => {
   let dir: string;
   beforeAll(() => {
@@ -49,8 +40,7 @@ describe.skipIf(!HAVE_QEMU)('offload img reads images qemu made', () => {
       expect(o.stdout).toBe(q.stdout);
     });
 
-    const itCheck = KNOWN_FRAGMENTATION_BUG.has(v.name) ? it.fails : it;
-    itCheck('check (JSON and human) equals qemu-img check, exit 0', async () => {
+    it('check (JSON and human) equals qemu-img check, exit 0', async () => {
       for (const extra of [['--output=json'], []]) {
         const q = run('qemu-img', ['check', ...extra, file], dir);
         const o = await runImg(['check', ...extra, file], dir);
