@@ -24,7 +24,7 @@ export function crashOps(seed: number): CrashOp[] {
     if (k === 30) { ops.push({ kind: 'resize', size: CRASH_GROWN }); size = CRASH_GROWN; continue; }
     if (k === 45) { ops.push({ kind: 'snapshot-delete', name: 'a' }); continue; }
     const x = r();
-    const clusters = 1 + Math.floor(r() * 160);
+    const clusters = 1 + Math.floor(r() * 400);
     const off = Math.floor(r() * (size / CRASH_CS - clusters)) * CRASH_CS;
     const len = clusters * CRASH_CS;
     if (x < 0.6) ops.push({ kind: 'write', off, len, byte: 1 + (k % 250) });
