@@ -20,7 +20,15 @@
  *       ranges merged like `qemu-img map --output=json` (depth 0 = this image).
  *     resize(newSize)  flush()  close()  fileSize()
  *     snapshots.list() / create(name) / apply(nameOrId) / delete(nameOrId)
- *     check({ repair?: 'leaks'|'all' }) → CheckResult (qemu-img check's counters and messages)
+ *     check({ repair?: 'leaks'|'all' }) → CheckResult (qemu-img check's counters and messages; after a
+ *       repair that fixed something, the counts of a fresh check with the *Fixed counters kept, as
+ *       qemu-img prints them; `error` set where qemu-img says "Check failed" and exits 1)
+ *
+ *   Semantics worth knowing: discard drops whole clusters only (v3: they read as zeros; v2: as the
+ *   backing); writeZeroes uses the zero flag on v3; snapshot create/apply/delete switch the header
+ *   once, so a crash at any point leaves either the old or the new state, never a corruption.
+ *   A raw image has no snapshots and no check (Unsupported); its map reports all-zero 4 KiB blocks
+ *   of a sparse file as holes (Node cannot SEEK_DATA).
  *
  *   probeFormat(path) → 'qcow2' | 'raw'
  *
