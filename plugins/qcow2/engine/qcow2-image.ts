@@ -186,7 +186,7 @@ export class Qcow2Image implements Image {
       }
       const contiguous = cur && cur.entry.kind === e.kind && e.kind !== 'compressed' &&
         cur.entry.copied === e.copied &&
-        (e.kind !== 'normal' || cur.entry.offset + (p - cur.start) - (cur.start % this.cs) === e.offset);
+        (e.kind !== 'normal' || cur.entry.offset + (p - cur.start) + (cur.start % this.cs) === e.offset);
       if (cur && contiguous) {
         cur.length += next - p;
       } else {
