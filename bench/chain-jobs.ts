@@ -6,26 +6,38 @@
  * a child process; its time covers the job, not Node's start-up).
  *
  *   node --import tsx bench/chain-jobs.ts            (BENCH_ROUNDS=5, BENCH_DIR=$TMPDIR)
+ * Our side runs from dist/ when it exists (`npm run bench` builds first), else from the sources.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const MiB = 1 << 20;
 
-async function child(job: string, dir: string): Promise<void> {
-  const { commitTask, streamTask } = await import('../plugins/qcow2/jobs/index.js');
-  const ctx = {
-    jobId: 'bench', signal: new AbortController().signal, resumeFrom: undefined, completeRequested: true,
-    setTotal() {}, advance() {}, setProgress() {}, async checkpoint() {}, saveState() {}, ready() {}, async waitForComplete() {},
-  };
+/**
+ * Our side runs in a child process. With a build present (`npm run bench` builds first) the
+ * child is plain Node on dist/ — the runtime users get; otherwise it runs the sources with tsx,
+ * whose loader alone adds ~70 MiB of RSS.
+ */
+const root = fileURLToPath(new URL('..', import.meta.url));
+const DIST = join(process.env.BENCH_DIST ?? join(root, 'dist'), 'plugins', 'qcow2', 'jobs', 'index.js');
+const CHILD = (jobsModule: string) => `
+  const { commitTask, streamTask } = await import(${JSON.stringify(jobsModule)});
+  const [job, dir] = process.argv.slice(1);
+  const ctx = { jobId: 'bench', signal: new AbortController().signal, resumeFrom: undefined, completeRequested: true,
+    setTotal() {}, advance() {}, setProgress() {}, async checkpoint() {}, saveState() {}, ready() {}, async waitForComplete() {} };
+  const baseline = process.resourceUsage().maxRSS / 1024;
   const t0 = performance.now();
-  const task = job === 'stream' ? streamTask(join(dir, 'top.qcow2')) : commitTask(join(dir, 'top.qcow2'), { empty: true });
-  await task.run(ctx);
-  const ms = performance.now() - t0;
-  process.stdout.write(JSON.stringify({ ms, maxRssMiB: process.resourceUsage().maxRSS / 1024 }) + '\n');
+  const task = job === 'stream' ? streamTask(dir + '/top.qcow2') : commitTask(dir + '/top.qcow2', { empty: true });
+  if (job !== 'none') await task.run(ctx);
+  process.stdout.write(JSON.stringify({ ms: performance.now() - t0, maxRssMiB: process.resourceUsage().maxRSS / 1024, baseline }) + '\\n');
+`;
+
+function childArgs(): { args: string[]; runtime: string } {
+  if (existsSync(DIST)) return { args: ['--input-type=module', '-e', CHILD(pathToFileURL(DIST).href)], runtime: 'node on dist/' };
+  return { args: ['--import', 'tsx', '--input-type=module', '-e', CHILD(pathToFileURL(join(root, 'plugins', 'qcow2', 'jobs', 'index.ts')).href)], runtime: 'tsx on the sources' };
 }
 
 function qemu(args: string[], cwd: string): void {
@@ -61,9 +73,8 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-function ours(job: string, dir: string): { ms: number; maxRssMiB: number } {
-  const self = fileURLToPath(import.meta.url);
-  const r = spawnSync(process.execPath, ['--import', 'tsx', self, '--child', job, dir], { encoding: 'utf8' });
+function ours(job: string, dir: string): { ms: number; maxRssMiB: number; baseline: number } {
+  const r = spawnSync(process.execPath, [...childArgs().args, job, dir], { encoding: 'utf8', cwd: root });
   if (r.status !== 0) throw new Error(`our ${job} failed: ${r.stderr}`);
   return JSON.parse(r.stdout.trim().split('\n').pop()!);
 }
@@ -77,17 +88,19 @@ function theirs(job: string, dir: string): number {
 
 async function main(): Promise<void> {
   const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
-  const root = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'chain-bench-'));
+  const work0 = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'chain-bench-'));
+  const idle = ours('none', work0);
+  console.log(`our side: ${childArgs().runtime}; RSS of that runtime with the modules loaded, before any job: ${idle.maxRssMiB.toFixed(0)} MiB`);
   try {
     for (const [label, virtual] of [['1 GiB', 1024 * MiB], ['16 GiB', 16384 * MiB]] as const) {
-      const template = join(root, `template-${label.replace(' ', '')}`);
+      const template = join(work0, `template-${label.replace(' ', '')}`);
       buildTemplate(template, virtual);
       for (const job of ['stream', 'commit']) {
         const ourMs: number[] = [];
         const theirMs: number[] = [];
         let rss = 0;
         for (let i = 0; i < rounds; i++) {
-          const work = join(root, 'work');
+          const work = join(work0, 'work');
           fresh(template, work);
           const o = ours(job, work);
           ourMs.push(o.ms);
@@ -102,9 +115,8 @@ async function main(): Promise<void> {
       rmSync(template, { recursive: true, force: true });
     }
   } finally {
-    rmSync(root, { recursive: true, force: true });
+    rmSync(work0, { recursive: true, force: true });
   }
 }
 
-if (process.argv[2] === '--child') await child(process.argv[3]!, process.argv[4]!);
-else await main();
+await main();
