@@ -552,7 +552,7 @@ export class Qcow2Image implements Image {
         const from = Math.ceil(newSize / this.cs) * this.cs;
         if (from < this.h.size) {
           for (const r of await this.runs(from, this.h.size - from)) {
-            if (r.entry.kind !== 'unallocated') {
+            if (r.entry.kind === 'normal' || r.entry.kind === 'compressed') {
               throw new OutOfRange(`${this.path}: cannot shrink to ${newSize}: data is allocated at ${r.start}`, {
                 ref: this.path, hint: 'discard the tail first, or grow instead',
               });
@@ -562,10 +562,14 @@ export class Qcow2Image implements Image {
       }
       const need = Math.ceil(newSize / (this.cs * this.l2Entries));
       if (need > this.l1Size) await this.growL1Locked(need);
+      const oldSize = this.h.size;
       const b = new Uint8Array(8);
       setU64(view(b), 0, newSize);
       await this.file.write(24, b);
       this.h.size = newSize;
+      // As QEMU does: a grown area reads as zeros even where a bigger backing file has data.
+      const shadowEnd = Math.min(newSize, this.backing?.virtualSize ?? 0);
+      if (shadowEnd > oldSize) await this.zeroLocked(oldSize, shadowEnd - oldSize, 'zero');
     });
   }
 

@@ -126,9 +126,9 @@ export class RawImage implements Image {
 
   readonly snapshots: SnapshotOps = {
     list: async () => [],
-    create: () => this.noSnapshots(),
-    apply: () => this.noSnapshots(),
-    delete: () => this.noSnapshots(),
+    create: async () => this.noSnapshots(),
+    apply: async () => this.noSnapshots(),
+    delete: async () => this.noSnapshots(),
   };
 
   private noSnapshots(): never {
