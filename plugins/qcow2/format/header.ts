@@ -58,7 +58,9 @@ export function hasQcowMagic(buf: Uint8Array): boolean {
  * (`buf` = the first cluster, or the whole file when shorter). Structural damage is `Corrupt`;
  * versions we do not know are `Unsupported`.
  */
-export function decodeHeader(buf: Uint8Array, path = 'image'): Header {
+export function decodeHeader(input: Uint8Array, path = 'image'): Header {
+  // A plain view, so that slices are copies even when the caller passes a Buffer.
+  const buf = new Uint8Array(input.buffer, input.byteOffset, input.byteLength);
   if (buf.length < V2_HEADER_LENGTH) throw corrupt(path, `file too short for a header (${buf.length} bytes)`);
   const dv = view(buf);
   if (dv.getUint32(0) !== QCOW_MAGIC) throw corrupt(path, 'bad magic');

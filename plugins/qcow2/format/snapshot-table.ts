@@ -41,7 +41,8 @@ export function makeExtra(vmStateSize: number, diskSize: number): Uint8Array {
 }
 
 /** Decode `count` entries from the table bytes; every length is bounds-checked against `buf`. */
-export function decodeSnapshotTable(buf: Uint8Array, count: number, path = 'image'): SnapshotEntry[] {
+export function decodeSnapshotTable(input: Uint8Array, count: number, path = 'image'): SnapshotEntry[] {
+  const buf = new Uint8Array(input.buffer, input.byteOffset, input.byteLength);
   const dv = view(buf);
   const out: SnapshotEntry[] = [];
   let off = 0;

@@ -95,6 +95,29 @@ describe('Image API', () => {
     await img.close();
   });
 
+  it('a header rewrite keeps unknown header fields and unknown extensions (and qemu-img accepts it)', async () => {
+    const file = join(t.dir, 'unknown-ext.qcow2');
+    await createImage(file, { size: 1 << 20 });
+    const { readFileSync } = await import('node:fs');
+    const { decodeHeader, encodeHeader } = await import('../format/header.js');
+    const bytes = readFileSync(file);
+    const h = decodeHeader(bytes);
+    h.unknownFields = Uint8Array.from([0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 1]);
+    h.extensions.push({ type: 0x7a7a7a7a, data: Uint8Array.from([1, 2, 3]) });
+    h.incompatibleFeatures |= 1n; // dirty: a read-write open must repair and rewrite the header
+    Buffer.from(encodeHeader(h)).copy(bytes, 0);
+    writeFileSync(file, bytes);
+    const img = await openImage(file, { readOnly: false });
+    await img.write(0, new Uint8Array(10).fill(1));
+    await img.close();
+    const after = decodeHeader(readFileSync(file));
+    expect(after.incompatibleFeatures).toBe(0n);
+    expect(Array.from(after.unknownFields)).toEqual([0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 1]);
+    expect(after.headerLength).toBe(120);
+    expect(after.extensions.find((e) => e.type === 0x7a7a7a7a)?.data).toEqual(Uint8Array.from([1, 2, 3]));
+    if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
+  });
+
   it('opens a v3 header of 104 bytes (older QEMU) and rewrites it as 112', async () => {
     const file = join(t.dir, 'h104.qcow2');
     await createImage(file, { size: 1 << 20, lazyRefcounts: true });
