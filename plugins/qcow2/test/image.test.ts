@@ -49,6 +49,22 @@ describe('Image API', () => {
     if (hasQemu) expect(qemuIo(top, ['read -P 0 1M 2M', 'read -P 9 0 1M']).status).toBe(0);
   });
 
+  it('a 1 TiB sparse image opens, maps and reads at its far end without touching every cluster', async () => {
+    const file = join(t.dir, 'huge.qcow2');
+    await createImage(file, { size: 2 ** 40 });
+    const img = await openImage(file, { readOnly: false });
+    await img.write(2 ** 40 - 4096, new Uint8Array(4096).fill(3));
+    const map = await img.map();
+    expect(map.length).toBe(2);
+    expect(map[1]).toMatchObject({ start: 2 ** 40 - 65536, length: 65536, data: true });
+    expect((await img.read(2 ** 40 - 1, 1))[0]).toBe(3);
+    const c = await img.check();
+    expect(c.totalClusters).toBe(2 ** 24);
+    expect(c.allocatedClusters).toBe(1);
+    await img.close();
+    if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
+  });
+
   it('rejects bad requests with typed errors', async () => {
     const file = join(t.dir, 'edges.qcow2');
     await createImage(file, { size: 1 << 20 });
