@@ -583,6 +583,7 @@ export class Qcow2Image implements Image {
     nl1.set(this.l1);
     await this.file.write(off, nl1);
     this.fileLen = Math.max(this.fileLen, off + nl1.length);
+    await this.file.sync();
     const hb = new Uint8Array(12);
     view(hb).setUint32(0, entries);
     setU64(view(hb), 4, off);

@@ -205,6 +205,8 @@ export class Refcounts {
     const dv = view(newTable);
     for (let j = 0; j < nb; j++) setU64(dv, (b0 + j) * 8, (start + j) * cs);
     await this.file.write(start * cs, area);
+    // On disk before the header points at it (power loss, not just a killed process).
+    await this.file.sync();
     const oldOffset = this.tableOffset;
     const oldClusters = Math.ceil(this.table.length / cs);
     await this.onTableMoved((start + nb) * cs, t);
