@@ -2,7 +2,7 @@
  * `qemu-img convert [-f fmt] [-O qcow2|raw] [-o opts] [-p] src dst`: copies the guest-visible
  * content of `src` (with its backing chain) into a new image. Ranges the source reports as zero
  * are not read, and 4 KiB blocks that read as zero are not written (qemu-img's default `-S 4k`),
- * so the target stays sparse. Memory is bounded by one chunk.
+ * so the target stays sparse. Memory is bounded by a few chunks.
  */
 import { realpath } from 'node:fs/promises';
 import { InvalidArgument } from '../../../core/index.js';
@@ -20,6 +20,8 @@ export interface ConvertArgs {
 }
 
 const CHUNK = 2 * 1024 * 1024;
+/** Chunks copied at once. */
+const IN_FLIGHT = 8;
 const SPARSE_BLOCK = 4096;
 
 export async function runConvert(args: ConvertArgs): Promise<void> {
@@ -58,31 +60,31 @@ async function refuseOverwritingSource(src: Image, dst: string): Promise<void> {
 }
 
 /**
- * Copy every non-zero byte of `src` into `dst` (which reads as zeroes to begin with). The next
- * chunk is read while the current one is written, so reading and writing overlap; at most two
- * chunks are in memory.
+ * Copy every non-zero byte of `src` into `dst` (which reads as zeroes to begin with). Up to
+ * IN_FLIGHT chunks are read and written at once (like qemu-img's parallel requests), so the
+ * disk is kept busy; memory is bounded by IN_FLIGHT chunks.
  */
 export async function copyContent(src: Image, dst: Image, progress?: ConvertArgs['progress']): Promise<void> {
   const total = src.virtualSize;
   const chunks = dataChunks(await dataMap(src));
-  const readNext = () => {
-    const c = chunks.next();
-    if (c.done) return undefined;
-    const [pos, n] = c.value;
-    const read = src.read(pos, n);
-    read.catch(() => undefined); // awaited below; never an unhandled rejection if a write fails first
-    return { pos, n, read };
-  };
-  let next = readNext();
-  while (next) {
-    const { pos, n, read } = next;
-    const data = await read;
-    next = readNext();
-    for (const [from, to] of nonZeroRuns(data)) {
-      await dst.write(pos + from, data.subarray(from, to));
+  let failure: unknown;
+  let done = 0;
+  const worker = async () => {
+    for (let c = chunks.next(); !c.done && failure === undefined; c = chunks.next()) {
+      const [pos, n] = c.value;
+      try {
+        const data = await src.read(pos, n);
+        for (const [from, to] of nonZeroRuns(data)) await dst.write(pos + from, data.subarray(from, to));
+      } catch (e) {
+        failure ??= e;
+        return;
+      }
+      done = Math.max(done, pos + n);
+      progress?.update(done, total);
     }
-    progress?.update(pos + n, total);
-  }
+  };
+  await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
+  if (failure !== undefined) throw failure;
   progress?.update(total, total);
 }
 
