@@ -1,8 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
-import type { LockHolder, LockManager, LockMode, LockRequest } from '../locks/lock-manager.js';
+import { lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
-import { NotFound, toOffloadError } from '../model/errors.js';
+import { Busy, NotFound, toOffloadError } from '../model/errors.js';
 import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
 import type { JobTask } from './job-task.js';
@@ -31,6 +31,7 @@ export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
 const liveTokens = new Set<string>();
 
 function pidAlive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false; // released by its broker, or never set
   try {
     process.kill(pid, 0);
     return true;
@@ -54,7 +55,7 @@ export class JobManager {
 
   /** Take the job's locks (Busy if they conflict), record it, and start it. */
   async start(req: StartJobRequest): Promise<Job> {
-    const id = `${req.task.type}-${randomBytes(4).toString('hex')}`;
+    const id = `${req.task.type}-${randomBytes(6).toString('hex')}`;
     const description = `${req.task.type} ${req.ref}`;
     let job: ManagedJob | undefined;
     const lease = await this.locks.acquire(req.locks, {
@@ -78,7 +79,8 @@ export class JobManager {
       ...(req.backend !== undefined ? { backend: req.backend } : {}),
     };
     try {
-      this.store.put(record);
+      // Check other processes' jobs and insert ours atomically (this process's locks are held above).
+      this.store.insert(record, () => this.assertNoForeignConflict(req.locks, id));
     } catch (e) {
       lease.release();
       throw toOffloadError(e, 'recording the job');
@@ -112,12 +114,28 @@ export class JobManager {
     return out;
   }
 
+  /** Is the broker that runs this record alive (in this process or another)? */
+  private runnerAlive(r: JobRecord): boolean {
+    if (r.runnerToken === this.token) return this.running.has(r.id);
+    return liveTokens.has(r.runnerToken) || (r.runnerPid !== process.pid && pidAlive(r.runnerPid));
+  }
+
+  private assertNoForeignConflict(wanted: LockRequest[], id: string): void {
+    for (const held of this.foreignLocks()) {
+      const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
+      if (!w) continue;
+      throw new Busy(`${held.key} is busy: job ${held.holder.id} (${held.holder.description}) holds a ${held.mode} lock on it`, {
+        ref: held.key, hint: `wait for job ${held.holder.id} or cancel it`, data: { holder: held.holder.id, mode: held.mode, refused: id },
+      });
+    }
+  }
+
   /** A job of this process, or a view of one that another process runs or ran. */
   get(id: string): Job {
     const local = this.running.get(id);
     if (local) return local;
     if (!this.store.get(id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
-    return new RemoteJob(id, this.store);
+    return new RemoteJob(id, this.store, (r) => this.runnerAlive(r));
   }
 
   list(): JobInfo[] {
@@ -135,6 +153,11 @@ export class JobManager {
       if (!ACTIVE_STATUSES.includes(rec.status)) continue;
       if (liveTokens.has(rec.runnerToken)) continue;
       if (rec.runnerPid !== process.pid && pidAlive(rec.runnerPid)) continue;
+      // Exactly one broker takes an orphan over, however many start at once.
+      const stoppedPid = rec.runnerPid;
+      if (!this.store.claim(rec.id, rec.runnerToken, process.pid, this.token)) continue;
+      rec.runnerPid = process.pid;
+      rec.runnerToken = this.token;
       let task: JobTask | undefined;
       let why = 'its executor cannot resume it';
       if (!rec.cancelled) {
@@ -146,14 +169,17 @@ export class JobManager {
       } else {
         why = 'it had been cancelled';
       }
-      if (task && (await this.resume(rec, task))) {
-        resumed.push(rec.id);
-        continue;
+      if (task) {
+        if (await this.resume(rec, task)) {
+          resumed.push(rec.id);
+          continue;
+        }
+        why = 'the volumes it works on are locked by another job';
       }
       rec.status = 'concluded';
       rec.error = {
         code: rec.cancelled ? 'Cancelled' : 'Internal',
-        message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it (pid ${rec.runnerPid}) stopped, and ${why}; run it again`,
+        message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped, and ${why}; run it again`,
       };
       rec.updatedAt = new Date().toISOString();
       this.store.update(rec);
@@ -197,7 +223,7 @@ export class JobManager {
   async close(): Promise<void> {
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
-    await Promise.all(jobs.map((j) => j.wait()));
+    await Promise.allSettled(jobs.map((j) => j.wait()));
     liveTokens.delete(this.token);
   }
 }

@@ -85,8 +85,24 @@ export class JobStore {
     this.db.exec(SCHEMA);
   }
 
-  put(job: JobRecord): void {
-    this.db.prepare(`INSERT OR REPLACE INTO jobs
+  /**
+   * Record a new job. `check` runs in the same IMMEDIATE transaction, so two processes that
+   * check for conflicting jobs and then insert their own cannot both succeed.
+   */
+  insert(job: JobRecord, check: () => void = () => undefined): void {
+    this.db.transaction(() => {
+      check();
+      this.insertStmt(job);
+    }).immediate();
+  }
+
+  /** Take over an orphaned job: succeeds for exactly one process (compare-and-set on the runner). */
+  claim(id: string, oldToken: string, pid: number, token: string): boolean {
+    return this.db.prepare('UPDATE jobs SET runner_pid = ?, runner_token = ? WHERE id = ? AND runner_token = ?').run(pid, token, id, oldToken).changes === 1;
+  }
+
+  private insertStmt(job: JobRecord): void {
+    this.db.prepare(`INSERT INTO jobs
       (id, type, status, executor, backend, ref, owner, owner_role, progress_current, progress_total, speed, error_code, error_message,
        cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at)
       VALUES (@id, @type, @status, @executor, @backend, @ref, @owner, @owner_role, @progress_current, @progress_total, @speed, @error_code,
@@ -115,9 +131,15 @@ export class JobStore {
     this.db.prepare('DELETE FROM jobs WHERE id = ?').run(id);
   }
 
-  /** Ask the process running a job to apply a verb (read by that process's poll). */
+  /**
+   * Ask the process running a job to apply a verb (read by that process's poll). A pending
+   * cancel is never overwritten by another verb: cancel wins.
+   */
   setRequest(id: string, request: StoredRequest): void {
-    this.db.prepare('UPDATE jobs SET request = ? WHERE id = ?').run(JSON.stringify(request), id);
+    const sql = request.verb === 'cancel'
+      ? 'UPDATE jobs SET request = ? WHERE id = ?'
+      : `UPDATE jobs SET request = ? WHERE id = ? AND (request IS NULL OR json_extract(request, '$.verb') <> 'cancel')`;
+    this.db.prepare(sql).run(JSON.stringify(request), id);
   }
 
   /** Take (read and clear) a pending request. */

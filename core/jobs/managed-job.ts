@@ -1,4 +1,4 @@
-import { Cancelled, InvalidArgument, toOffloadError, type OffloadError } from '../model/errors.js';
+import { Cancelled, FailedPrecondition, InvalidArgument, toOffloadError, type OffloadError } from '../model/errors.js';
 import { canTransition, assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo, JobStatus } from './job.js';
 import type { JobContext, JobTask } from './job-task.js';
@@ -22,6 +22,7 @@ export class ManagedJob implements Job {
   private readonly limiter = new RateLimiter();
   private readonly concluded: Promise<JobInfo>;
   private resolveConcluded!: (info: JobInfo) => void;
+  private rejectConcluded!: (e: unknown) => void;
   private resumeWaiters: (() => void)[] = [];
   private completeWaiter?: { resolve: () => void; reject: (e: unknown) => void };
   private completeAsked = false;
@@ -36,7 +37,11 @@ export class ManagedJob implements Job {
     private readonly onEnd: (job: ManagedJob) => void,
   ) {
     this.limiter.setSpeed(record.speed);
-    this.concluded = new Promise((r) => (this.resolveConcluded = r));
+    this.concluded = new Promise((resolve, reject) => {
+      this.resolveConcluded = resolve;
+      this.rejectConcluded = reject;
+    });
+    this.concluded.catch(() => undefined); // a closed broker's job need not be awaited
   }
 
   get id(): string {
@@ -58,7 +63,7 @@ export class ManagedJob implements Job {
   pause(): void {
     assertVerb('pause', this.record.status, this.id);
     if (this.record.status === 'paused' || this.record.status === 'standby') {
-      throw new InvalidArgument(`job ${this.id} is already paused`, { ref: this.id });
+      throw new FailedPrecondition(`job ${this.id} is already paused`, { ref: this.id });
     }
     if (this.record.status === 'running' || this.record.status === 'created') this.transition('paused');
     else if (this.record.status === 'ready') this.transition('standby');
@@ -68,7 +73,7 @@ export class ManagedJob implements Job {
     assertVerb('resume', this.record.status, this.id);
     if (this.record.status === 'paused') this.transition('running');
     else if (this.record.status === 'standby') this.transition('ready');
-    else throw new InvalidArgument(`job ${this.id} is not paused`, { ref: this.id });
+    else throw new FailedPrecondition(`job ${this.id} is not paused`, { ref: this.id });
     this.wakeResumers();
   }
 
@@ -137,32 +142,54 @@ export class ManagedJob implements Job {
     try {
       await this.task.run(this.context(resumeFrom));
     } catch (e) {
-      if (this.shuttingDown) return this.abandon();
       failure = this.record.cancelled ? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
     }
-    if (this.shuttingDown) return this.abandon();
-    if (failure) {
-      this.transition('aborting');
-      this.record.error = { code: failure.code, message: failure.message };
-      this.transition('concluded');
-      this.emit({ type: this.record.cancelled ? 'cancelled' : 'error', job: this.info() });
-    } else {
+    try {
+      if (this.shuttingDown) return this.abandon();
+      // A job paused between chunks may still end (its chunk failed or was its last): leave the
+      // pause first, as QEMU allows no paused → aborting/waiting transition.
       if (this.record.status === 'paused') this.transition('running');
       if (this.record.status === 'standby') this.transition('ready');
-      this.record.progress.current = Math.max(this.record.progress.current, this.record.progress.total);
-      this.transition('waiting');
-      this.transition('pending');
-      this.transition('concluded');
-      this.emit({ type: 'completed', job: this.info() });
+      if (failure) {
+        this.transition('aborting');
+        this.record.error = { code: failure.code, message: failure.message };
+        this.transition('concluded');
+        this.emit({ type: this.record.cancelled ? 'cancelled' : 'error', job: this.info() });
+      } else {
+        this.record.progress.current = Math.max(this.record.progress.current, this.record.progress.total);
+        this.transition('waiting');
+        this.transition('pending');
+        this.transition('concluded');
+        this.emit({ type: 'completed', job: this.info() });
+      }
+    } catch (e) {
+      // Never leave a job hanging (or an unhandled rejection): record what went wrong.
+      this.record.status = 'concluded';
+      this.record.error ??= { code: 'Internal', message: `job ${this.id}: ${(e as Error).message}` };
+      try {
+        this.persist(true);
+      } catch {
+        // the store is gone; the next broker start fails the job as interrupted
+      }
     }
     this.end();
     this.resolveConcluded(this.info());
   }
 
-  /** The broker closed while the job ran: leave its record for the next start to resume. */
+  /**
+   * The broker closed while the job ran: its record stays active for the next broker to resume,
+   * released by this process (so another process may take it over now), and wait() rejects.
+   */
   private abandon(): void {
+    this.record.runnerPid = 0;
+    this.record.runnerToken = 'released';
+    try {
+      this.persist(true);
+    } catch {
+      // closing store: the dead-pid rule recovers it later
+    }
     this.end();
-    this.resolveConcluded(this.info());
+    this.rejectConcluded(new FailedPrecondition(`job ${this.id} stopped because its broker closed before it concluded; the next broker start resumes it or reports it as interrupted`, { ref: this.record.ref }));
   }
 
   private end(): void {
@@ -231,13 +258,14 @@ export class ManagedJob implements Job {
 
   private sleep(ms: number): Promise<void> {
     return new Promise((resolve) => {
-      const t = setTimeout(done, ms);
-      const onAbort = () => done();
-      this.abort.signal.addEventListener('abort', onAbort, { once: true });
-      function done() {
+      const signal = this.abort.signal;
+      const done = () => {
         clearTimeout(t);
+        signal.removeEventListener('abort', done);
         resolve();
-      }
+      };
+      const t = setTimeout(done, ms);
+      signal.addEventListener('abort', done, { once: true });
     });
   }
 

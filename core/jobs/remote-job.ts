@@ -1,4 +1,4 @@
-import { errorFromCode, NotFound } from '../model/errors.js';
+import { errorFromCode, FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
 import { assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo } from './job.js';
 import type { JobRecord, JobStore } from './job-store.js';
@@ -14,7 +14,12 @@ export function recordToInfo(r: JobRecord): JobInfo {
  * applies within a fraction of a second.
  */
 export class RemoteJob implements Job {
-  constructor(readonly id: string, private readonly store: JobStore) {}
+  constructor(
+    readonly id: string,
+    private readonly store: JobStore,
+    /** Whether the process that runs a record is still alive (else wait() would never end). */
+    private readonly runnerAlive: (r: JobRecord) => boolean,
+  ) {}
 
   private record(): JobRecord {
     const r = this.store.get(this.id);
@@ -27,12 +32,16 @@ export class RemoteJob implements Job {
   }
 
   pause(): void {
-    assertVerb('pause', this.record().status, this.id);
+    const { status } = this.record();
+    assertVerb('pause', status, this.id);
+    if (status === 'paused' || status === 'standby') throw new FailedPrecondition(`job ${this.id} is already paused`, { ref: this.id });
     this.store.setRequest(this.id, { verb: 'pause' });
   }
 
   resume(): void {
-    assertVerb('resume', this.record().status, this.id);
+    const { status } = this.record();
+    assertVerb('resume', status, this.id);
+    if (status !== 'paused' && status !== 'standby') throw new FailedPrecondition(`job ${this.id} is not paused`, { ref: this.id });
     this.store.setRequest(this.id, { verb: 'resume' });
   }
 
@@ -48,6 +57,9 @@ export class RemoteJob implements Job {
 
   setSpeed(bytesPerSecond: number): void {
     assertVerb('set-speed', this.record().status, this.id);
+    if (!Number.isFinite(bytesPerSecond) || bytesPerSecond < 0) {
+      throw new InvalidArgument(`speed must be a number of bytes per second ≥ 0 (0 = unlimited), got ${bytesPerSecond}`);
+    }
     this.store.setRequest(this.id, { verb: 'set-speed', speed: bytesPerSecond });
   }
 
@@ -58,8 +70,13 @@ export class RemoteJob implements Job {
 
   async wait(): Promise<JobInfo> {
     for (;;) {
-      const info = this.info();
-      if (info.status === 'concluded') return info;
+      const rec = this.record();
+      if (rec.status === 'concluded') return recordToInfo(rec);
+      if (!this.runnerAlive(rec)) {
+        throw new FailedPrecondition(`job ${this.id} is not running: the process that ran it stopped`, {
+          ref: rec.ref, hint: 'the next `offload` command resumes it (or reports it as interrupted); then wait again',
+        });
+      }
       await new Promise((r) => setTimeout(r, 200));
     }
   }
