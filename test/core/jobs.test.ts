@@ -262,3 +262,57 @@ describe('memory stream through the broker', () => {
     expect((await job.wait()).error?.code).toBe('Cancelled');
   });
 });
+
+describe('jobs: hard cases', () => {
+  it('a job whose chunk fails while it is paused concludes with the error and frees its locks', async () => {
+    const locks = new LockManager();
+    const store = new JobStore(':memory:');
+    const m = new JobManager(store, locks, async () => undefined, silentLogger);
+    cleanups.push(async () => { await m.close(); store.close(); });
+    let fail!: (e: Error) => void;
+    const job = await m.start({
+      task: { type: 't', params: {}, run: () => new Promise<void>((_, reject) => (fail = reject)) },
+      ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }],
+    });
+    job.pause();
+    fail(new Error('read error on chunk 3'));
+    const info = await job.wait();
+    expect(info.status).toBe('concluded');
+    expect(info.error?.message).toMatch(/read error on chunk 3/);
+    expect(locks.list()).toHaveLength(0);
+  });
+
+  it('two brokers starting a conflicting job at the same moment: exactly one runs', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-jobs-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    const open = async () => {
+      const b = await createBroker({ state, backends: [{ name: 'tick', kind: 'ticker', steps: 40, stepMs: 10 }] }, { plugins: [tickerModule], logger: silentLogger });
+      cleanups.push(() => b.close());
+      return b;
+    };
+    const [a, b] = [await open(), await open()];
+    const results = await Promise.allSettled([a.stream('tick/v'), b.stream('tick/v')]);
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    expect(results.find((r) => r.status === 'rejected')).toMatchObject({ reason: { code: 'Busy' } });
+    for (const r of results) if (r.status === 'fulfilled') r.value.cancel();
+  });
+
+  it('closing a broker stops its jobs without concluding them: wait() rejects, the next broker resumes', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-jobs-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    const cfg = { state, backends: [{ name: 'tick', kind: 'ticker', steps: 30, stepMs: 10 }] };
+    const b1 = await createBroker(cfg, { plugins: [tickerModule], logger: silentLogger });
+    const job = await b1.stream('tick/v');
+    await new Promise((r) => setTimeout(r, 60));
+    await b1.close();
+    await expect(job.wait()).rejects.toMatchObject({ code: 'FailedPrecondition' });
+    const [b2, b3] = await Promise.all([
+      createBroker(cfg, { plugins: [tickerModule], logger: silentLogger }),
+      createBroker(cfg, { plugins: [tickerModule], logger: silentLogger }),
+    ]);
+    cleanups.push(() => b2.close(), () => b3.close());
+    const info = await b2.jobs.wait(job.id).catch(() => b3.jobs.wait(job.id));
+    expect(info.error).toBeUndefined();
+    expect(info.progress.current).toBe(info.progress.total);
+  });
+});
