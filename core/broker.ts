@@ -19,7 +19,7 @@ import { ADMIN, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
 import type { Capability, CapabilitySet } from './model/capabilities.js';
 import {
-  BackendUnavailable, errorFromCode, FailedPrecondition, InvalidArgument, NotFound, OffloadError, OutOfRange, PermissionDenied,
+  AlreadyExists, BackendUnavailable, errorFromCode, FailedPrecondition, InvalidArgument, NotFound, OffloadError, OutOfRange, PermissionDenied,
   Unsupported, toOffloadError,
 } from './model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, volumeKey, type VolumeRef } from './model/refs.js';
@@ -183,7 +183,7 @@ class BrokerView implements Broker {
         this.s.locks.breakMaintenance(key, this.principal);
         leases.delete(key);
       },
-      list: () => this.s.locks.list(),
+      list: () => this.s.locks.list().filter((l) => this.principal.role === 'admin' || this.s.store.getOwner(l.key) === this.principal.id),
     };
   }
 
@@ -208,14 +208,29 @@ class BrokerView implements Broker {
     const size = checkSize(o?.sizeBytes, refText, b.capabilities);
     const owner = this.ownerFor(o?.owner);
     return this.short([{ key: volumeKey(ref), mode: 'exclusive' }], `create ${refText}`, async () => {
-      const existingOwner = this.s.store.getOwner(volumeKey(ref));
-      if (existingOwner !== undefined && existingOwner !== owner && this.principal.role !== 'admin') {
-        throw new PermissionDenied(`${refText} belongs to another tenant`, { ref: refText });
-      }
-      const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner }));
-      this.s.store.setOwner(volumeKey(ref), owner);
-      return { ...vol, owner };
+      const recorded = await this.targetOwner(ref, b.backend, owner, o?.owner !== undefined);
+      const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
+      this.s.store.setOwner(volumeKey(ref), recorded);
+      return { ...vol, owner: recorded };
     });
+  }
+
+  /**
+   * The owner a create or clone into `ref` records. Creating is idempotent, so the name may exist:
+   * then it keeps its owner, and nobody else's create may return it (AlreadyExists). A volume made
+   * outside the broker (no owner recorded) belongs to the administrators.
+   */
+  private async targetOwner(ref: VolumeRef, backend: StorageBackend, owner: string, explicit: boolean): Promise<string> {
+    const refText = volumeKey(ref);
+    const existing = this.s.store.getOwner(refText);
+    if (existing !== undefined) {
+      if (existing === owner || (this.principal.role === 'admin' && !explicit)) return existing;
+      throw new AlreadyExists(`${refText} already exists and belongs to ${this.principal.role === 'admin' ? existing : 'someone else'}`, { ref: refText, hint: 'choose another name' });
+    }
+    if (this.principal.role === 'tenant' && (await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) {
+      throw new AlreadyExists(`${refText} already exists and belongs to someone else`, { ref: refText, hint: 'choose another name' });
+    }
+    return owner;
   }
 
   private async getVolume(refText: string): Promise<Volume> {
@@ -337,13 +352,14 @@ class BrokerView implements Broker {
         [{ key: volumeKey(src), mode: 'shared' }, { key: volumeKey(dst), mode: 'exclusive' }],
         `clone ${source} to ${target}`,
         async () => {
+          const recorded = await this.targetOwner(dst, d.backend, owner, opts.owner !== undefined);
           const vol = await call(d.backend, 'clone', `${source} → ${target}`, () => d.backend.createVolume({
-            name: dst.volume, owner, mode,
+            name: dst.volume, owner: recorded, mode,
             source: { volume: src.volume, ...(isSnapshotRef(src) ? { snapshot: src.snapshot } : {}) },
             ...(size !== undefined ? { sizeBytes: size } : {}),
           }));
-          this.s.store.setOwner(volumeKey(dst), owner);
-          return { ...vol, owner };
+          this.s.store.setOwner(volumeKey(dst), recorded);
+          return { ...vol, owner: recorded };
         },
       );
     }
@@ -352,12 +368,17 @@ class BrokerView implements Broker {
     if (size !== undefined && size < srcVol.sizeBytes) {
       throw new OutOfRange(`clone size ${size} is smaller than the source's ${srcVol.sizeBytes} bytes`, { ref: target });
     }
+    // The copy fills a new, empty volume: an existing target is refused rather than overwritten.
+    if (await call(d.backend, 'get', target, () => d.backend.getVolume(dst.volume))) {
+      throw new AlreadyExists(`${target} already exists; a clone through the host needs a new volume`, { ref: target, hint: 'delete it first, or use `offload copy` to overwrite it' });
+    }
     const created = await this.createVolume(target, { sizeBytes: size ?? srcVol.sizeBytes, owner });
-    const job = await this.startCopy(source, target, true, plan, 0);
-    const info = await job.wait();
-    if (info.error) {
-      await this.deleteVolume(target).catch(() => undefined);
-      throw toTypedError(info);
+    try {
+      const info = await (await this.startCopy(source, target, true, plan, 0)).wait();
+      if (info.error) throw toTypedError(info);
+    } catch (e) {
+      await this.deleteVolume(target).catch(() => undefined); // we created it: nothing is left behind
+      throw e;
     }
     return created;
   }

@@ -160,4 +160,40 @@ describe('broker', () => {
     await b.clone('inst/big@s', 'inst/kid', { mode: 'linked' });
     expect(memoryBackends.get('inst')!.bytesCopied).toBe(0);
   });
+
+  it('no one takes over a volume through an idempotent create or clone', async () => {
+    const admin = await make([{ name: 'm', kind: 'memory' }]);
+    const a = admin.as(tenant('a'));
+    const b = admin.as(tenant('b'));
+    await b.volumes.create('m/bvol', { sizeBytes: 1 << 20 });
+    await a.volumes.create('m/avol', { sizeBytes: 1 << 20 });
+    await expect(a.volumes.create('m/bvol', { sizeBytes: 1 << 20 })).rejects.toMatchObject({ code: 'AlreadyExists' });
+    await expect(a.clone('m/avol', 'm/bvol', { mode: 'full' })).rejects.toMatchObject({ code: 'AlreadyExists' });
+    // an administrator's "make sure it exists" keeps the owner
+    expect((await admin.volumes.create('m/bvol', { sizeBytes: 1 << 20 })).owner).toBe('b');
+    expect((await b.volumes.get('m/bvol')).owner).toBe('b');
+    // a volume made by the administrator cannot be claimed by a tenant
+    await admin.volumes.create('m/infra', { sizeBytes: 1 << 20 });
+    await expect(a.volumes.create('m/infra', { sizeBytes: 1 << 20 })).rejects.toMatchObject({ code: 'AlreadyExists' });
+  });
+
+  it('a clone through the host refuses an existing target and leaves nothing behind when the copy fails', async () => {
+    const b = await make([{ name: 'a', kind: 'memory' }, { name: 'z', kind: 'memory' }]);
+    await b.volumes.create('a/src', { sizeBytes: 1 << 20 });
+    await b.volumes.create('z/keep', { sizeBytes: 1 << 20 });
+    const d = await b.volumes.open('z/keep', 'rw');
+    await d.write(0, fill(4096, 9));
+    await d.close();
+    await expect(b.clone('a/src', 'z/keep')).rejects.toMatchObject({ code: 'AlreadyExists' });
+    const r = await b.volumes.open('z/keep', 'r');
+    expect((await r.read(0, 4096))[0]).toBe(9);
+    await r.close();
+    // make the copy fail: the source disappears under it
+    const src = memoryBackends.get('a')!;
+    const open = src.openVolume.bind(src);
+    src.openVolume = async () => { throw new Error('source went away'); };
+    await expect(b.clone('a/src', 'z/new')).rejects.toThrow(/source went away/);
+    src.openVolume = open;
+    await expect(b.volumes.get('z/new')).rejects.toMatchObject({ code: 'NotFound' });
+  });
 });
