@@ -85,7 +85,9 @@ function allCommands(c: Command): Command[] {
 
 function reportError(e: unknown, out: Output): number {
   if (e instanceof CommanderError) {
-    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0;
+    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return 0;
+    // Help shown because a command was missing (`offload`, `offload volume`) is bad usage.
+    if (e.code === 'commander.help') return 2;
     out.error(`offload: ${e.message.replace(/^error: /, '')}`);
     return 2;
   }

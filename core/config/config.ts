@@ -50,7 +50,14 @@ export function readConfigFile(path: string): { raw: unknown; baseDir: string } 
     const raw = extname(abs).toLowerCase() === '.json' ? JSON.parse(text) : parseYaml(text);
     return { raw, baseDir: dirname(abs) };
   } catch (e) {
-    throw new ConfigError(`config file ${abs} is not valid ${extname(abs) === '.json' ? 'JSON' : 'YAML'}: ${firstLine((e as Error).message)}`);
+    // Never quote the file: secrets are not known until it parses. JSON: the position only.
+    if (extname(abs).toLowerCase() === '.json') {
+      const pos = /position (\d+)/.exec((e as Error).message)?.[1];
+      const where = pos === undefined ? '' : ` (${lineColumn(text, Number(pos))})`;
+      throw new ConfigError(`config file ${abs} is not valid JSON${where}`);
+    }
+    const lp = (e as { linePos?: { line: number; col: number }[] }).linePos?.[0];
+    throw new ConfigError(`config file ${abs} is not valid YAML${lp ? ` (line ${lp.line}, column ${lp.col})` : ''}`);
   }
 }
 
@@ -135,6 +142,7 @@ function issuesError(prefix: string, issues: readonly z.core.$ZodIssue[]): Confi
   return new ConfigError(secrets.redact(`${formatPath(prefix, first.path)}: ${describeIssue(first)}${more}`));
 }
 
-function firstLine(s: string): string {
-  return s.split('\n')[0]!;
+function lineColumn(text: string, pos: number): string {
+  const before = text.slice(0, pos).split('\n');
+  return `line ${before.length}, column ${before[before.length - 1]!.length + 1}`;
 }

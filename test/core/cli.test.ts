@@ -64,6 +64,9 @@ describe('offload CLI (core verbs)', () => {
     expect(missing.code).toBe(1);
     expect(missing.err).toMatch(/^offload: NotFound: volume mem\/ghost does not exist/);
     expect((await offload('frobnicate')).code).toBe(2);
+    expect((await offload()).code).toBe(2);
+    expect((await offload('volume')).code).toBe(2);
+    expect((await offload('--help')).code).toBe(0);
     expect((await offload('volume', 'create', 'mem/v1')).code).toBe(2);
     expect((await offload('volume', 'create', 'mem/bad name', '1M')).code).toBe(2);
     expect((await offload('volume', 'create', 'mem/v2', '12X')).code).toBe(2);

@@ -94,3 +94,29 @@ describe('config loading', () => {
     expect(secrets.redactValue({ a: [secret], b: 1 })).toEqual({ a: ['***'], b: 1 });
   });
 });
+
+describe('config parse errors never quote the file', () => {
+  it('JSON: the position only', () => {
+    const p = write('leak.json', '{"backends": [{"name": "s", "kind": "san", "apiToken": Sup3rS3cretValue}]}');
+    let msg = '';
+    try {
+      loadConfig(p, factories);
+    } catch (e) {
+      msg = (e as Error).message;
+    }
+    expect(msg).toMatch(/not valid JSON/);
+    expect(msg).not.toContain('Sup3rS3cret');
+  });
+
+  it('YAML: line and column only', () => {
+    const p = write('leak.yaml', 'backends:\n  - name: s\n    apiToken: "Sup3rS3cret\n    kind: [\n');
+    let msg = '';
+    try {
+      loadConfig(p, factories);
+    } catch (e) {
+      msg = (e as Error).message;
+    }
+    expect(msg).toMatch(/not valid YAML/);
+    expect(msg).not.toContain('Sup3rS3cret');
+  });
+});
