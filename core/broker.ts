@@ -15,7 +15,7 @@ import type { Job, JobInfo } from './jobs/job.js';
 import type { JobTask } from './jobs/job-task.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { LockManager, type LockLease, type LockRequest } from './locks/lock-manager.js';
-import { ADMIN, type Principal } from './locks/principal.js';
+import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
 import type { Capability, CapabilitySet } from './model/capabilities.js';
 import {
@@ -105,8 +105,16 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   const planner = new Planner(backends);
   const state = new BrokerState(validated, backends, store, logger, planner, undefined as unknown as JobManager);
   state.jobs = new JobManager(store, state.locks, (rec) => resolveTask(state, rec), logger);
-  if (opts.recoverJobs !== false) await state.jobs.recover();
-  return new BrokerView(state, opts.principal ?? ADMIN);
+  const broker = new BrokerView(state, opts.principal ?? ADMIN);
+  if (opts.recoverJobs !== false) {
+    try {
+      await state.jobs.recover();
+    } catch (e) {
+      await broker.close();
+      throw e;
+    }
+  }
+  return broker;
 }
 
 function prepareStateDir(dir: string): void {
@@ -188,7 +196,8 @@ class BrokerView implements Broker {
   }
 
   as(principal: Principal): Broker {
-    return new BrokerView(this.s, principal);
+    if (principal?.role !== 'admin' && principal?.role !== 'tenant') throw new InvalidArgument('a principal is { id, role: "admin" | "tenant" }');
+    return new BrokerView(this.s, principal.role === 'tenant' ? tenant(principal.id) : principal);
   }
 
   async backends(): Promise<BackendInfo[]> {

@@ -70,15 +70,16 @@ async function copyDevice(src: BlockDevice, dst: BlockDevice, targetFresh: boole
     while (next < chunks.length || inFlight.size > 0) {
       while (next < chunks.length && inFlight.size < COPY_DEPTH) {
         const i = next++;
+        // A failed chunk is never marked done, so the checkpoint cannot step over it.
         inFlight.set(i, move(chunks[i]!).then(
           () => void done.add(i),
           (e: unknown) => {
             failure ??= e;
-            done.add(i);
+            inFlight.delete(i);
           },
         ));
       }
-      await Promise.race(inFlight.values());
+      if (inFlight.size > 0) await Promise.race(inFlight.values());
       if (failure !== undefined) throw failure;
       for (const i of [...inFlight.keys()].filter((k) => done.has(k))) {
         inFlight.delete(i);
