@@ -529,10 +529,14 @@ class BrokerView implements Broker {
   private short<T>(locks: LockRequest[], description: string, fn: () => Promise<T>): Promise<T> {
     this.open();
     return this.s.mutex.run(locks.map((l) => l.key), async () => {
-      const lease = await this.s.locks.acquire(locks, { id: `op-${randomBytes(4).toString('hex')}`, principal: this.principal, description });
+      const id = `op-${randomBytes(6).toString('hex')}`;
+      const lease = await this.s.locks.acquire(locks, { id, principal: this.principal, description });
+      let unrecord: (() => void) | undefined;
       try {
+        unrecord = this.s.jobs.recordOperation(id, locks, this.principal, description);
         return await fn();
       } finally {
+        unrecord?.();
         lease.release();
       }
     });

@@ -111,7 +111,33 @@ export class JobManager {
         });
       }
     }
+    for (const op of this.store.listOpLocks()) {
+      if (op.runnerToken === this.token) continue;
+      const alive = liveTokens.has(op.runnerToken) || (op.runnerPid !== process.pid && pidAlive(op.runnerPid));
+      if (!alive) continue;
+      for (const l of op.locks) {
+        out.push({ key: l.key, mode: l.mode, holder: { id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (pid ${op.runnerPid})` } });
+      }
+    }
     return out;
+  }
+
+  /**
+   * Make a short operation's locks (already held in this process) visible to other processes,
+   * refusing with Busy when another process holds a conflicting one. Returns the release.
+   */
+  recordOperation(id: string, locks: LockRequest[], principal: Principal, description: string): () => void {
+    this.store.insertOpLocks(
+      { id, locks, principal: principal.id, role: principal.role, description, runnerPid: process.pid, runnerToken: this.token },
+      () => this.assertNoForeignConflict(locks, id),
+    );
+    return () => {
+      try {
+        this.store.deleteOpLocks(id);
+      } catch {
+        // the store is closed: the rows die with this process (dead runners are ignored)
+      }
+    };
   }
 
   /** Is the broker that runs this record alive (in this process or another)? */
@@ -124,7 +150,7 @@ export class JobManager {
     for (const held of this.foreignLocks()) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
-      throw new Busy(`${held.key} is busy: job ${held.holder.id} (${held.holder.description}) holds a ${held.mode} lock on it`, {
+      throw new Busy(`${held.key} is busy: ${held.holder.id.startsWith('op-') ? 'operation' : 'job'} ${held.holder.id} (${held.holder.description}) holds a ${held.mode} lock on it`, {
         ref: held.key, hint: `wait for job ${held.holder.id} or cancel it`, data: { holder: held.holder.id, mode: held.mode, refused: id },
       });
     }
@@ -149,6 +175,11 @@ export class JobManager {
   async recover(): Promise<{ resumed: string[]; failed: string[] }> {
     const resumed: string[] = [];
     const failed: string[] = [];
+    // Locks of short operations whose process died hold nothing any more.
+    for (const op of this.store.listOpLocks()) {
+      const alive = liveTokens.has(op.runnerToken) || (op.runnerPid !== process.pid && pidAlive(op.runnerPid));
+      if (!alive) this.store.deleteOpLocks(op.id);
+    }
     for (const rec of this.store.list()) {
       if (!ACTIVE_STATUSES.includes(rec.status)) continue;
       if (liveTokens.has(rec.runnerToken)) continue;

@@ -22,6 +22,17 @@ export interface JobRecord extends JobInfo {
   ownerRole: 'admin' | 'tenant';
 }
 
+/** The locks a short operation holds while it runs. */
+export interface OpLockRecord {
+  id: string;
+  locks: LockRequest[];
+  principal: string;
+  role: 'admin' | 'tenant';
+  description: string;
+  runnerPid: number;
+  runnerToken: string;
+}
+
 export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' } | { verb: 'set-speed'; speed: number };
 
 const SCHEMA = `
@@ -49,6 +60,16 @@ CREATE TABLE IF NOT EXISTS jobs (
   locks TEXT NOT NULL DEFAULT '[]',
   created_at TEXT NOT NULL,
   updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS op_locks (
+  id TEXT NOT NULL,
+  key TEXT NOT NULL,
+  mode TEXT NOT NULL,
+  principal TEXT NOT NULL,
+  role TEXT NOT NULL,
+  description TEXT NOT NULL,
+  runner_pid INTEGER NOT NULL,
+  runner_token TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS maintenance (
   key TEXT PRIMARY KEY,
@@ -151,6 +172,38 @@ export class JobStore {
       return JSON.parse(row.request) as StoredRequest;
     });
     return tx();
+  }
+
+  /**
+   * Record the locks of a short operation (create, resize, revert, delete …) so other processes
+   * see them; `check` runs in the same IMMEDIATE transaction.
+   */
+  insertOpLocks(op: OpLockRecord, check: () => void): void {
+    this.db.transaction(() => {
+      check();
+      const stmt = this.db.prepare('INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
+      for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken);
+    }).immediate();
+  }
+
+  deleteOpLocks(id: string): void {
+    this.db.prepare('DELETE FROM op_locks WHERE id = ?').run(id);
+  }
+
+  listOpLocks(): OpLockRecord[] {
+    const rows = this.db.prepare('SELECT * FROM op_locks ORDER BY id').all() as {
+      id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
+    }[];
+    const byId = new Map<string, OpLockRecord>();
+    for (const r of rows) {
+      const op = byId.get(r.id) ?? {
+        id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
+        runnerPid: r.runner_pid, runnerToken: r.runner_token, locks: [],
+      };
+      op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
+      byId.set(r.id, op);
+    }
+    return [...byId.values()];
   }
 
   listMaintenance(): { key: string; principal: string; reason: string }[] {

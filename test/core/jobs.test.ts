@@ -316,3 +316,31 @@ describe('jobs: hard cases', () => {
     expect(info.progress.current).toBe(info.progress.total);
   });
 });
+
+describe('locks across processes', () => {
+  it('a short operation in one broker holds off a job in another, and the reverse', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-ops-'));
+    const file = join(state, 'jobs.sqlite');
+    const s1 = new JobStore(file);
+    const s2 = new JobStore(file);
+    const m1 = new JobManager(s1, new LockManager(), async () => undefined, silentLogger);
+    const m2 = new JobManager(s2, new LockManager(), async () => undefined, silentLogger);
+    cleanups.push(async () => {
+      await m1.close();
+      await m2.close();
+      s1.close();
+      s2.close();
+      rmSync(state, { recursive: true, force: true });
+    });
+    const release = m1.recordOperation('op-revert', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'revert b/v@s');
+    const t = steppedTask(1);
+    await expect(m2.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] }))
+      .rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/operation op-revert \(revert b\/v@s/) });
+    release();
+    const job = await m2.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] });
+    expect(() => m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v')).toThrow(expect.objectContaining({ code: 'Busy' }));
+    await t.step();
+    await job.wait();
+    m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v')();
+  });
+});
