@@ -98,8 +98,9 @@ function reportError(e: unknown, out: Output): number {
   if (e instanceof OffloadError) {
     if (out.json) out.print({ error: e.toJSON() });
     out.error(`offload: ${isConfigError(e) ? 'config error' : e.code}: ${e.describe()}`);
-    // Bad input (a broken config, an invalid name or size) is bad usage: exit 2.
-    return e.code === 'InvalidArgument' ? 2 : 1;
+    // Bad input (a broken config, an invalid name or size) is bad usage: exit 2 — but a job that
+    // started and then failed is a failed operation, whatever its error.
+    return e.code === 'InvalidArgument' && e.data?.job === undefined ? 2 : 1;
   }
   const msg = e instanceof Error ? e.message : String(e);
   out.error(`offload: internal error: ${secrets.redact(msg.split('\n')[0]!)}`);

@@ -11,7 +11,7 @@ export async function followJob(ctx: CliContext, job: Job, label: string): Promi
   const info = await job.wait();
   off();
   bar.done();
-  if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref });
+  if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref, data: { job: info.id } });
   ctx.print(info, `${label}: done (job ${info.id}, ${info.executor}, ${formatSize(info.progress.current)} processed)`);
 }
 
