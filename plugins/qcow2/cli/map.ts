@@ -17,17 +17,8 @@ export interface MapArgs {
   maxLength?: number;
 }
 
-export interface MapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-  /** qemu's name of the file at `depth`. */
-  filename?: string;
-}
+/** One line of `qemu-img map` 7.2: a BlockStatus without `compressed` (7.2 does not print it); `filename` is qemu's name of the file at `depth`. */
+export type MapEntry = Omit<BlockStatus, 'compressed'>;
 
 export async function runMap(args: MapArgs, out: ImgOutput): Promise<void> {
   const img = await openImage(args.file, { readOnly: true, ...(args.format ? { format: args.format } : {}) });
