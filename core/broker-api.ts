@@ -75,7 +75,8 @@ export interface Broker {
   /** Merge a volume's changes into its parent (or `base`). */
   commit(ref: string, opts?: { base?: string; speed?: number }): Promise<Job>;
   /** Copy a volume's data into another volume, wherever they are. */
-  copy(source: string, target: string, opts?: { live?: boolean; speed?: number }): Promise<Job>;
+  /** A point-in-time copy: the source must not be written meanwhile (live copy is not offered yet). */
+  copy(source: string, target: string, opts?: { speed?: number }): Promise<Job>;
   /** Explain how an operation would run, without running it. */
   plan(op: Operation): Promise<Plan>;
   readonly jobs: JobsApi;

@@ -412,8 +412,7 @@ class BrokerView implements Broker {
     return this.startJob(task, refText, `backend:${ref.backend}`, ref.backend, [{ key: volumeKey(ref), mode: 'exclusive' }], plan, opts.speed);
   }
 
-  async copy(source: string, target: string, opts: { live?: boolean; speed?: number } = {}): Promise<Job> {
-    if (opts.live) throw new Unsupported('live copy is not implemented yet', { ref: source, hint: 'copy without --live while the source is not written' });
+  async copy(source: string, target: string, opts: { speed?: number } = {}): Promise<Job> {
     const plan = this.s.planner.plan({ op: 'copy', source, target });
     if (!plan.supported) throw new Unsupported(`cannot copy ${source} to ${target}: ${plan.reason}`, { ref: source });
     const src = parseVolumeRef(source);

@@ -4,7 +4,7 @@ export type Operation =
   | { op: 'clone'; source: string; target: string; mode?: 'linked' | 'full'; sizeBytes?: number }
   | { op: 'stream'; ref: string; base?: string }
   | { op: 'commit'; ref: string; base?: string }
-  | { op: 'copy'; source: string; target: string; live?: boolean }
+  | { op: 'copy'; source: string; target: string }
   | { op: 'snapshot'; ref: string }
   | { op: 'revert'; ref: string }
   | { op: 'delete'; ref: string }

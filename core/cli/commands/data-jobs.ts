@@ -50,11 +50,10 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
 
   program.command('copy <source> <target>')
     .description('copy a volume\'s data into another volume, on any backends (through the host when needed)')
-    .option('--live', 'keep copying while the source is written, then switch (not implemented yet)')
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
-    .action(async (source: string, target: string, o: { live?: boolean; speed?: string }) => {
+    .action(async (source: string, target: string, o: { speed?: string }) => {
       const speed = speedOption(o.speed);
-      const job = await (await ctx.broker()).copy(source, target, { ...(o.live ? { live: true } : {}), ...(speed ? { speed } : {}) });
+      const job = await (await ctx.broker()).copy(source, target, speed ? { speed } : {});
       await followJob(ctx, job, `copy ${source} → ${target}`);
     });
 }
