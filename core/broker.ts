@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { accessSync, constants, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { Container, type ContainerModule } from 'inversify';
+import type { ContainerModule } from 'inversify';
 import type { BlockDevice } from './backend/block-device.js';
-import { BackendFactory, type Logger } from './backend/plugin.js';
+import type { Logger } from './backend/plugin.js';
+import { loadPlugins } from './backend/plugin-container.js';
 import type { StorageBackend } from './backend/storage-backend.js';
 import type { BackendInfo, Broker, CloneOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
@@ -71,9 +72,7 @@ class BrokerState {
  */
 export async function createBroker(config: string | RawConfig | BrokerConfig, opts: CreateBrokerOptions): Promise<Broker> {
   const logger = opts.logger ?? createLogger();
-  const container = new Container();
-  await container.loadAsync(...opts.plugins);
-  const factories = container.isBound(BackendFactory) ? container.getAll<BackendFactory<object>>(BackendFactory) : [];
+  const { factories } = await loadPlugins(opts.plugins);
   const validated = typeof config === 'string'
     ? loadConfig(config, factories, opts.env)
     : 'baseDir' in config && typeof (config as BrokerConfig).baseDir === 'string' && typeof (config as BrokerConfig).state === 'string'

@@ -1,7 +1,14 @@
 /**
  * The public API of Offload Broker. Plugins and applications import core only through this file.
+ *
+ * Importing it is cheap: the broker, the config schemas, SQLite and inversify are loaded when
+ * `createBroker` or `runCli` is first called, so a plugin's engine code (and `offload img`)
+ * starts without them.
  */
-import 'reflect-metadata';
+import type { Broker } from './broker-api.js';
+import type { CreateBrokerOptions } from './broker.js';
+import type { BrokerConfig, RawConfig } from './config/config.js';
+import type { RunCliOptions } from './cli/run-cli.js';
 
 export * from './model/errors.js';
 export * from './model/refs.js';
@@ -19,13 +26,26 @@ export * from './cli/contribution.js';
 export type * from './broker-api.js';
 export * from './jobs/job-states.js';
 export { RateLimiter } from './jobs/rate-limiter.js';
-export { createBroker, type CreateBrokerOptions } from './broker.js';
-export { loadConfig, validateConfig, readConfigFile, substituteEnv, type BrokerConfig, type RawConfig } from './config/config.js';
+export type { CreateBrokerOptions } from './broker.js';
+export type { BrokerConfig, RawConfig } from './config/config.js';
 export { ConfigError, isConfigError } from './config/config-error.js';
 export { secrets, REDACTED } from './config/secrets.js';
 export { createLogger, silentLogger } from './logger.js';
 export { hostCopyTask, COPY_CHUNK, type HostCopyParams } from './planner/host-copy.js';
-export { runCli, type RunCliOptions } from './cli/run-cli.js';
+export type { RunCliOptions } from './cli/run-cli.js';
 export { parseSize, formatSize } from './cli/sizes.js';
-export { JobManager, type StartJobRequest, type TaskResolver } from './jobs/job-manager.js';
-export { JobStore, type JobRecord } from './jobs/job-store.js';
+export type { StartJobRequest, TaskResolver } from './jobs/job-manager.js';
+export type { JobRecord } from './jobs/job-store.js';
+
+/**
+ * Build a broker: load the plugins, validate the config (a path, a raw object or an already
+ * validated config), create one backend per entry, open the job store and recover its jobs.
+ */
+export async function createBroker(config: string | RawConfig | BrokerConfig, opts: CreateBrokerOptions): Promise<Broker> {
+  return (await import('./broker.js')).createBroker(config, opts);
+}
+
+/** Run the `offload` command line; resolves to the exit code (0 ok, 1 failed, 2 bad usage). */
+export async function runCli(argv: string[], opts: RunCliOptions): Promise<number> {
+  return (await import('./cli/run-cli.js')).runCli(argv, opts);
+}

@@ -1,6 +1,5 @@
 import { Command, CommanderError } from 'commander';
-import { Container, type ContainerModule } from 'inversify';
-import { createBroker } from '../broker.js';
+import type { ContainerModule } from 'inversify';
 import type { Broker } from '../broker-api.js';
 import { isConfigError } from '../config/config-error.js';
 import { secrets } from '../config/secrets.js';
@@ -10,7 +9,13 @@ import { Output, type OutputStreams } from './output.js';
 import { registerBrokerCommands } from './commands/index.js';
 
 export interface RunCliOptions {
+  /** Plugin modules: their CLI contributions are added, and the broker (when a command opens one) uses them. */
   plugins: readonly ContainerModule[];
+  /**
+   * Contributions given directly, without loading plugin modules: `offload img` starts this way,
+   * so a qemu-img–style call does not pay for inversify, the config schemas and SQLite.
+   */
+  contributions?: readonly CliContribution[];
   io?: OutputStreams;
   env?: NodeJS.ProcessEnv;
 }
@@ -45,6 +50,7 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
     broker: () => {
       brokerPromise ??= (async () => {
         const file = (program.opts().config as string | undefined) ?? env.OFFLOAD_CONFIG ?? './offload.yaml';
+        const { createBroker } = await import('../broker.js');
         broker = await createBroker(file, { plugins: opts.plugins, env });
         return broker;
       })();
@@ -59,11 +65,12 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
   };
 
   registerBrokerCommands(program, ctx);
-  const container = new Container();
-  await container.loadAsync(...opts.plugins);
-  if (container.isBound(CliContribution)) {
-    for (const c of container.getAll<CliContribution>(CliContribution)) c.register(program, ctx);
+  const contributions = [...(opts.contributions ?? [])];
+  if (opts.plugins.length > 0) {
+    const { loadPlugins } = await import('../backend/plugin-container.js');
+    contributions.push(...(await loadPlugins(opts.plugins)).contributions);
   }
+  for (const c of contributions) c.register(program, ctx);
   for (const cmd of allCommands(program)) {
     cmd.exitOverride();
     cmd.configureOutput({ writeOut: (s) => io.stdout.write(s), writeErr: (s) => io.stderr.write(s), outputError: () => undefined });

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { loadConfig, secrets, validateConfig, type BackendFactory } from '../../core/index.js';
+import { secrets, type BackendFactory } from '../../core/index.js';
+import { loadConfig, validateConfig } from '../../core/config/config.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'offload-config-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -3,9 +3,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  ADMIN, JOB_TRANSITIONS, JOB_VERBS, JobManager, JobStore, LockManager, RateLimiter, canTransition, createBroker,
+  ADMIN, JOB_TRANSITIONS, JOB_VERBS, LockManager, RateLimiter, canTransition, createBroker,
   silentLogger, verbAllowed, type Broker, type JobContext, type JobEvent, type JobStatus, type JobTask,
 } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
+import { JobStore } from '../../core/jobs/job-store.js';
 import { memoryModule } from '../support/memory-backend.js';
 import { tickerModule } from '../support/ticker-backend.js';
 

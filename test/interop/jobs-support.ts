@@ -3,7 +3,9 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ADMIN, JobManager, JobStore, LockManager, silentLogger, type Job, type JobContext, type JobTask } from '../../core/index.js';
+import { ADMIN, LockManager, silentLogger, type Job, type JobContext, type JobTask } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
+import { JobStore } from '../../core/jobs/job-store.js';
 
 export const HAVE_QEMU = spawnSync('qemu-img', ['--version']).status === 0 && spawnSync('qemu-io', ['--version']).status === 0;
 if (!HAVE_QEMU) process.stderr.write('\n*** qemu-img/qemu-io not found: chain-job interop tests are SKIPPED (install qemu-utils) ***\n\n');
