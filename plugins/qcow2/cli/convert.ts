@@ -3,9 +3,14 @@
  * content of `src` (with its backing chain) into a new image. Ranges the source reports as zero
  * are not read, and 4 KiB blocks that read as zero are not written (qemu-img's default `-S 4k`),
  * so the target stays sparse. Memory is bounded by a few chunks.
+ *
+ * Like qemu-img, the target is written with cache mode `unsafe` unless `-t` says otherwise: no
+ * flush to stable storage at the end (a convert that is interrupted leaves a target to throw away
+ * anyway). Any other mode flushes the target before returning.
  */
 import { realpath } from 'node:fs/promises';
 import { InvalidArgument } from '../../../core/index.js';
+import { uninitialized } from '../format/bytes.js';
 import { createImage, openImage, type Image, type ImageFormat } from '../index.js';
 import { engineOptions } from './create.js';
 import { parseCreationOptions, splitOptions, validateQcow2Options } from './create-options.js';
@@ -16,8 +21,13 @@ export interface ConvertArgs {
   srcFormat?: ImageFormat;
   dstFormat: ImageFormat;
   options: string[];
+  /** Target cache mode (qemu-img `-t`); only `unsafe` (the default) skips the final flush. */
+  cache?: CacheMode;
   progress?: { update(current: number, total: number): void; done(): void };
 }
+
+export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'] as const;
+export type CacheMode = (typeof CACHE_MODES)[number];
 
 const CHUNK = 2 * 1024 * 1024;
 /** Chunks copied at once. */
@@ -32,7 +42,10 @@ export async function runConvert(args: ConvertArgs): Promise<void> {
     if (args.dstFormat === 'qcow2') validateQcow2Options(opts);
     opts.size = src.virtualSize;
     await createImage(args.dst, engineOptions(args.dstFormat, opts));
-    const dst = await openImage(args.dst, { readOnly: false, format: args.dstFormat, noBacking: true });
+    const dst = await openImage(args.dst, {
+      readOnly: false, format: args.dstFormat, noBacking: true, deferMetadata: true,
+      cache: args.cache === 'unsafe' || args.cache === undefined ? 'unsafe' : 'writeback',
+    });
     try {
       await copyContent(src, dst, args.progress);
       await dst.flush();
@@ -70,10 +83,12 @@ export async function copyContent(src: Image, dst: Image, progress?: ConvertArgs
   let failure: unknown;
   let done = 0;
   const worker = async () => {
+    const buf = uninitialized(CHUNK); // one per worker, reused for every chunk
     for (let c = chunks.next(); !c.done && failure === undefined; c = chunks.next()) {
       const [pos, n] = c.value;
       try {
-        const data = await src.read(pos, n);
+        const data = buf.subarray(0, n);
+        await src.readInto(data, pos);
         for (const [from, to] of nonZeroRuns(data)) await dst.write(pos + from, data.subarray(from, to));
       } catch (e) {
         failure ??= e;

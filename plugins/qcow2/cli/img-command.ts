@@ -7,7 +7,7 @@ import { UsageError, commandGroup, type CliContext } from '../../../core/index.j
 import { runCheck } from './check.js';
 import { runCompare } from './compare.js';
 import { registerChainCommands } from './img-chain-commands.js';
-import { runConvert } from './convert.js';
+import { CACHE_MODES, runConvert, type CacheMode } from './convert.js';
 import { runCreate } from './create.js';
 import { parseFormat } from './formats.js';
 import { collectChainInfo, collectImageInfo, humanImageInfo } from './image-info.js';
@@ -185,6 +185,8 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
     .option('-f <fmt>', 'source format (probed when absent)')
     .option('-O <output_fmt>', 'target format: qcow2 or raw', 'raw')
     .option('-o <options>', 'creation options of the target', collect, [])
+    .addOption(new Option('-t <cache>', 'target cache mode; only unsafe (the default, as in qemu-img) skips the final flush').choices(CACHE_MODES))
+    .addOption(new Option('-T <src_cache>', 'source cache mode (accepted for compatibility)').choices(CACHE_MODES))
     .option('-p', 'show progress')
     .option('-q', 'quiet')
     .option('-U, --force-share', 'accepted for compatibility')
@@ -197,6 +199,7 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
         dst,
         dstFormat: parseFormat(o.O as string)!,
         options: o.o as string[],
+        ...(o.t ? { cache: o.t as CacheMode } : {}),
         ...(srcFormat ? { srcFormat } : {}),
         ...(o.p ? { progress: ctx.progress(`convert ${src}`) } : {}),
       });

@@ -11,7 +11,7 @@ export interface IoArgs {
 }
 
 export async function runIo(args: IoArgs, out: ImgOutput): Promise<void> {
-  const img = await openImage(args.file, { readOnly: args.readOnly ?? false, ...(args.format ? { format: args.format } : {}) });
+  const img = await openImage(args.file, { readOnly: args.readOnly ?? false, deferMetadata: true, ...(args.format ? { format: args.format } : {}) });
   let failed = false;
   try {
     const sink = { out: (line: string) => out.print(line, line), err: (line: string) => out.warn(line) };

@@ -3,11 +3,13 @@ import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError 
 
 /** Positional I/O on one image file; short reads past EOF come back zero-filled when allowed. */
 export class ImageFile {
-  private constructor(readonly path: string, private readonly fh: FileHandle, readonly readOnly: boolean) {}
+  private constructor(readonly path: string, private readonly fh: FileHandle, readonly readOnly: boolean,
+    /** Cache mode `unsafe`: sync() does nothing. */
+    private readonly skipSync = false) {}
 
-  static async open(path: string, readOnly: boolean): Promise<ImageFile> {
+  static async open(path: string, readOnly: boolean, skipSync = false): Promise<ImageFile> {
     try {
-      return new ImageFile(path, await open(path, readOnly ? 'r' : 'r+'), readOnly);
+      return new ImageFile(path, await open(path, readOnly ? 'r' : 'r+'), readOnly, skipSync);
     } catch (e) {
       throw fileError(e, path, readOnly ? 'open' : 'open for writing');
     }
@@ -73,7 +75,7 @@ export class ImageFile {
   }
 
   async sync(): Promise<void> {
-    if (!this.readOnly) await this.fh.datasync();
+    if (!this.readOnly && !this.skipSync) await this.fh.datasync();
   }
 
   async close(): Promise<void> {

@@ -53,7 +53,7 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
   }
   seen.add(real);
 
-  const file = await ImageFile.open(path, readOnly);
+  const file = await ImageFile.open(path, readOnly, opts.cache === 'unsafe');
   let backing: Image | undefined;
   try {
     const fileSize = await file.size();
@@ -93,6 +93,7 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
     const img = new Qcow2Image({
       path, file, header: h, l1, reftable, snapshots, backing, chain, readOnly, fileSize,
       cacheBytes: opts.cacheBytes ?? DEFAULT_CACHE,
+      deferMetadata: opts.deferMetadata === true && depth === 0,
     });
     if (!readOnly) await prepareForWriting(img);
     return img;

@@ -1,5 +1,5 @@
 import { Corrupt, FailedPrecondition, InvalidArgument, OutOfRange } from '../../../core/index.js';
-import { setU64, view } from '../format/bytes.js';
+import { setU64, uninitialized, view } from '../format/bytes.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES } from '../format/constants.js';
 import {
   decodeL1, decodeL2, encodeL1, encodeL2Normal, encodeL2Zero, readEntry, writeEntry, type L2Entry,
@@ -40,6 +40,8 @@ export interface Qcow2Parts {
   readOnly: boolean;
   fileSize: number;
   cacheBytes: number;
+  /** OpenOptions.deferMetadata. */
+  deferMetadata?: boolean;
 }
 
 export class Qcow2Image implements Image {
@@ -59,6 +61,15 @@ export class Qcow2Image implements Image {
   /** Bytes in the file as far as we know (grows with our writes). */
   fileLen: number;
   private closed = false;
+  /**
+   * Deferred metadata (OpenOptions.deferMetadata): L2 tables and L1 entries changed since the
+   * last flushMetadata(), kept here (pinned, whatever the cache evicts) until then.
+   */
+  private deferring: boolean;
+  private readonly dirtyL2 = new Map<number, Uint8Array>();
+  private readonly dirtyL1 = new Set<number>();
+  /** Dirty metadata beyond which a write flushes it (bounds memory). */
+  private readonly dirtyLimit: number;
 
   constructor(p: Qcow2Parts) {
     this.path = p.path;
@@ -84,8 +95,75 @@ export class Qcow2Image implements Image {
       },
       p.fileSize,
     );
-    this.refcounts.onZero = (off) => this.l2cache.delete(off);
+    this.refcounts.onZero = (off) => {
+      this.l2cache.delete(off);
+      this.dirtyL2.delete(off);
+    };
     this.snapshots = new SnapshotManager(this);
+    this.deferring = p.deferMetadata === true && !p.readOnly;
+    this.refcounts.deferring = this.deferring;
+    this.dirtyLimit = Math.max(p.cacheBytes / 2, 4 * this.cs);
+  }
+
+  // ---- deferred metadata --------------------------------------------------------------------
+
+  /** Write entries [from, to) of an L2 table (now, or at the next flushMetadata()). */
+  async writeL2(l2Offset: number, table: Uint8Array, from: number, to: number): Promise<void> {
+    if (this.deferring) {
+      this.dirtyL2.set(l2Offset, table);
+      return;
+    }
+    await this.file.write(l2Offset + from * 8, table.subarray(from * 8, to * 8));
+  }
+
+  /**
+   * Write the deferred metadata in crash-safe order: refcount increments, then the L2 tables
+   * and L1 entries that reference the new clusters, then the decrements of what they no longer
+   * reference. No fdatasync (flush() adds it). Caller holds the exclusive lock.
+   */
+  async flushMetadataLocked(): Promise<void> {
+    if (!this.deferring) return;
+    if (this.dirtyL2.size === 0 && this.dirtyL1.size === 0 && !this.refcounts.hasPending) return;
+    await this.refcounts.writeDirty();
+    const tables = [...this.dirtyL2];
+    this.dirtyL2.clear();
+    await Promise.all(tables.map(([off, t]) => this.file.write(off, t)));
+    for (const [off, t] of tables) this.l2cache.set(off, t);
+    const l1 = [...this.dirtyL1].sort((a, b) => a - b);
+    this.dirtyL1.clear();
+    for (let i = 0; i < l1.length;) {
+      let j = i + 1;
+      while (j < l1.length && l1[j] === l1[j - 1]! + 1) j++;
+      await this.file.write(this.h.l1TableOffset + l1[i]! * 8, this.l1.subarray(l1[i]! * 8, (l1[j - 1]! + 1) * 8));
+      i = j;
+    }
+    await this.refcounts.applyDeferredFrees();
+    await this.refcounts.writeDirty();
+  }
+
+  /** flushMetadataLocked() under the exclusive lock: after it, a killed process loses nothing. */
+  async flushMetadata(): Promise<void> {
+    this.checkOpen();
+    await this.lock.exclusive(() => this.flushMetadataLocked());
+  }
+
+  /**
+   * Run a structural change (snapshots, check, resize, header rewrites) with every metadata write
+   * going straight to the file, as its own ordering assumes. Caller holds the exclusive lock.
+   */
+  async writeThrough<T>(fn: () => Promise<T>): Promise<T> {
+    if (!this.deferring) return fn();
+    await this.flushMetadataLocked();
+    this.deferring = this.refcounts.deferring = false;
+    try {
+      return await fn();
+    } finally {
+      this.deferring = this.refcounts.deferring = true;
+    }
+  }
+
+  private async flushIfFull(): Promise<void> {
+    if (this.deferring && this.dirtyL2.size * this.cs + this.refcounts.dirtyBytes > this.dirtyLimit) await this.flushMetadataLocked();
   }
 
   get clusterSize(): number { return 1 << this.h.clusterBits; }
@@ -142,7 +220,7 @@ export class Qcow2Image implements Image {
   // ---- mapping ------------------------------------------------------------------------------
 
   async l2Table(l2Offset: number, what = 'L2 table'): Promise<Uint8Array> {
-    let t = this.l2cache.get(l2Offset);
+    let t = this.dirtyL2.get(l2Offset) ?? this.l2cache.get(l2Offset);
     if (!t) {
       if (l2Offset % this.cs !== 0) {
         throw new Corrupt(`${this.path}: ${what} at unaligned offset 0x${l2Offset.toString(16)}`, {
@@ -166,34 +244,48 @@ export class Qcow2Image implements Image {
     return decodeL2(h2, l2, this.h.clusterBits);
   }
 
-  /** Split [offset, offset+length) into runs of one mapping kind (host-contiguous for data). */
+  /**
+   * Split [offset, offset+length) into runs of one mapping kind (host-contiguous for data).
+   * Walks each L2 table in a plain loop: only a table that is not cached costs an await.
+   */
   async runs(offset: number, length: number): Promise<Run[]> {
     const out: Run[] = [];
+    const cs = this.cs;
     const end = offset + length;
-    let p = offset;
     let cur: Run | undefined;
-    while (p < end) {
-      const gc = Math.floor(p / this.cs);
-      let next = Math.min(end, (gc + 1) * this.cs);
-      const l1i = Math.floor(gc / this.l2Entries);
-      if (l1i >= this.l1Size || decodeL1(...readEntry(this.l1, l1i)).l2Offset === 0) {
-        // No L2 table: the whole range it would cover is unallocated (one step, not per cluster).
-        next = Math.min(end, (l1i + 1) * this.l2Entries * this.cs);
-      }
-      const e = await this.lookup(gc);
-      if (this.h.version === 2 && e.kind === 'zero') {
-        throw new Corrupt(`${this.path}: zero flag set in a version 2 image (cluster ${gc})`, { ref: this.path });
-      }
+    const add = (start: number, len: number, e: L2Entry) => {
       const contiguous = cur && cur.entry.kind === e.kind && e.kind !== 'compressed' &&
         cur.entry.copied === e.copied &&
-        (e.kind !== 'normal' || cur.entry.offset + (p - cur.start) + (cur.start % this.cs) === e.offset);
+        (e.kind !== 'normal' || cur.entry.offset + (start - cur.start) + (cur.start % cs) === e.offset);
       if (cur && contiguous) {
-        cur.length += next - p;
+        cur.length += len;
       } else {
-        cur = { start: p, length: next - p, entry: e };
+        cur = { start, length: len, entry: e };
         out.push(cur);
       }
-      p = next;
+    };
+    let p = offset;
+    while (p < end) {
+      const l1i = Math.floor(p / cs / this.l2Entries);
+      const sliceEnd = Math.min(end, (l1i + 1) * this.l2Entries * cs);
+      const l2Offset = l1i < this.l1Size ? decodeL1(...readEntry(this.l1, l1i)).l2Offset : 0;
+      if (l2Offset === 0) {
+        // No L2 table: the whole range it would cover is unallocated (one step, not per cluster).
+        add(p, sliceEnd - p, { kind: 'unallocated', offset: 0, copied: false, reserved: false });
+        p = sliceEnd;
+        continue;
+      }
+      const table = await this.l2Table(l2Offset);
+      while (p < sliceEnd) {
+        const gc = Math.floor(p / cs);
+        const next = Math.min(sliceEnd, (gc + 1) * cs);
+        const e = decodeL2(...readEntry(table, gc % this.l2Entries), this.h.clusterBits);
+        if (this.h.version === 2 && e.kind === 'zero') {
+          throw new Corrupt(`${this.path}: zero flag set in a version 2 image (cluster ${gc})`, { ref: this.path });
+        }
+        add(p, next - p, e);
+        p = next;
+      }
     }
     return out;
   }
@@ -206,12 +298,17 @@ export class Qcow2Image implements Image {
   // ---- read ---------------------------------------------------------------------------------
 
   async read(offset: number, length: number): Promise<Uint8Array> {
-    this.checkRange(offset, length);
-    const out = new Uint8Array(length);
-    await this.lock.shared(() => this.readLocked(out, offset));
+    const out = uninitialized(length);
+    await this.readInto(out, offset);
     return out;
   }
 
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    await this.lock.shared(() => this.readLocked(buf, offset));
+  }
+
+  /** Fill `out` with the guest bytes at `offset` (every byte is written). */
   async readLocked(out: Uint8Array, offset: number): Promise<void> {
     for (const run of await this.runs(offset, out.length)) {
       const dst = out.subarray(run.start - offset, run.start - offset + run.length);
@@ -223,10 +320,13 @@ export class Qcow2Image implements Image {
               ref: this.path, hint: 'the image is truncated or damaged',
             });
           }
-          await this.file.readInto(dst, host);
+          // Past the end of the file reads as zeros (QEMU does the same for a short file).
+          const n = await this.file.readInto(dst, host);
+          if (n < dst.length) dst.fill(0, n);
           break;
         }
         case 'zero':
+          dst.fill(0);
           break;
         case 'unallocated':
           await this.readBacking(dst, run.start);
@@ -241,11 +341,12 @@ export class Qcow2Image implements Image {
     }
   }
 
+  /** Fill `dst` from the backing chain; past its end (or with no backing file) with zeros. */
   async readBacking(dst: Uint8Array, guest: number): Promise<void> {
     const b = this.backing;
-    if (!b) return;
-    const n = Math.max(0, Math.min(dst.length, b.virtualSize - guest));
-    if (n > 0) dst.set(await b.read(guest, n));
+    const n = b ? Math.max(0, Math.min(dst.length, b.virtualSize - guest)) : 0;
+    if (n > 0) await b!.readInto(dst.subarray(0, n), guest);
+    if (n < dst.length) dst.fill(0, n);
   }
 
   async readCompressed(e: L2Entry): Promise<Uint8Array> {
@@ -275,7 +376,12 @@ export class Qcow2Image implements Image {
     this.checkRange(offset, data.length);
     if (data.length === 0) return;
     const done = await this.lock.shared(() => this.writeInPlace(offset, data));
-    if (!done) await this.lock.exclusive(() => this.writeLocked(offset, data));
+    if (!done) {
+      await this.lock.exclusive(async () => {
+        await this.writeLocked(offset, data);
+        await this.flushIfFull();
+      });
+    }
   }
 
   /** Fast path: every cluster is already ours (COPIED) — write without touching metadata. */
@@ -360,7 +466,7 @@ export class Qcow2Image implements Image {
     this.fileLen = Math.max(this.fileLen, host + n * cs);
     const idx0 = gc % this.l2Entries;
     for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));
-    await this.file.write(l2off + idx0 * 8, table.subarray(idx0 * 8, (idx0 + n) * 8));
+    await this.writeL2(l2off, table, idx0, idx0 + n);
     for (const e of olds) await this.release(e);
   }
 
@@ -390,7 +496,7 @@ export class Qcow2Image implements Image {
     if (e.l2Offset === 0) {
       const off = await this.refcounts.alloc(1);
       const t = new Uint8Array(this.cs);
-      await this.file.write(off, t);
+      await this.writeL2(off, t, 0, this.l2Entries);
       this.fileLen = Math.max(this.fileLen, off + this.cs);
       this.l2cache.set(off, t);
       await this.setL1(l1i, off, true);
@@ -404,7 +510,7 @@ export class Qcow2Image implements Image {
     }
     const off = await this.refcounts.alloc(1);
     const copy = t.slice();
-    await this.file.write(off, copy);
+    await this.writeL2(off, copy, 0, this.l2Entries);
     this.fileLen = Math.max(this.fileLen, off + this.cs);
     this.l2cache.set(off, copy);
     await this.setL1(l1i, off, true);
@@ -415,7 +521,8 @@ export class Qcow2Image implements Image {
   async setL1(l1i: number, l2Offset: number, copied: boolean): Promise<void> {
     const b = new Uint8Array(8);
     writeEntry(b, 0, ...encodeL1(l2Offset, copied));
-    await this.file.write(this.h.l1TableOffset + l1i * 8, b);
+    if (this.deferring) this.dirtyL1.add(l1i);
+    else await this.file.write(this.h.l1TableOffset + l1i * 8, b);
     this.l1.set(b, l1i * 8);
   }
 
@@ -424,13 +531,19 @@ export class Qcow2Image implements Image {
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.assertWritable();
     this.checkRange(offset, length);
-    await this.lock.exclusive(() => this.zeroLocked(offset, length, 'zero'));
+    await this.lock.exclusive(async () => {
+      await this.zeroLocked(offset, length, 'zero');
+      await this.flushIfFull();
+    });
   }
 
   async discard(offset: number, length: number): Promise<void> {
     this.assertWritable();
     this.checkRange(offset, length);
-    await this.lock.exclusive(() => this.zeroLocked(offset, length, 'discard'));
+    await this.lock.exclusive(async () => {
+      await this.zeroLocked(offset, length, 'discard');
+      await this.flushIfFull();
+    });
   }
 
   /**
@@ -482,7 +595,7 @@ export class Qcow2Image implements Image {
         olds.push(e);
       }
       if (olds.length > 0) {
-        await this.file.write(l2off + idx0 * 8, table.subarray(idx0 * 8, (idx0 + n) * 8));
+        await this.writeL2(l2off, table, idx0, idx0 + n);
         for (const e of olds) await this.release(e);
       }
       p = sliceEnd;
@@ -547,7 +660,7 @@ export class Qcow2Image implements Image {
   async resize(newSize: number): Promise<void> {
     this.assertWritable();
     if (!Number.isSafeInteger(newSize) || newSize < 0) throw new InvalidArgument(`${this.path}: bad size ${newSize}`, { ref: this.path });
-    await this.lock.exclusive(async () => {
+    await this.lock.exclusive(() => this.writeThrough(async () => {
       if (newSize < this.h.size) {
         const from = Math.ceil(newSize / this.cs) * this.cs;
         if (from < this.h.size) {
@@ -570,7 +683,7 @@ export class Qcow2Image implements Image {
       // As QEMU does: a grown area reads as zeros even where a bigger backing file has data.
       const shadowEnd = Math.min(newSize, this.backing?.virtualSize ?? 0);
       if (shadowEnd > oldSize) await this.zeroLocked(oldSize, shadowEnd - oldSize, 'zero');
-    });
+    }));
   }
 
   /** A bigger active L1: written fresh, header switched to it, then the old one freed. */
@@ -598,14 +711,22 @@ export class Qcow2Image implements Image {
 
   async flush(): Promise<void> {
     this.checkOpen();
-    if (!this.readOnly) await this.lock.exclusive(() => this.file.sync());
+    if (!this.readOnly) {
+      await this.lock.exclusive(async () => {
+        await this.flushMetadataLocked();
+        await this.file.sync();
+      });
+    }
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     await this.lock.exclusive(async () => {
       this.closed = true;
-      if (!this.readOnly) await this.file.sync();
+      if (!this.readOnly) {
+        await this.flushMetadataLocked();
+        await this.file.sync();
+      }
       await this.file.close();
       this.l2cache.clear();
     });
@@ -620,6 +741,6 @@ export class Qcow2Image implements Image {
   async check(opts: CheckOptions = {}): Promise<CheckResult> {
     this.checkOpen();
     if (opts.repair) this.assertWritable();
-    return this.lock.exclusive(() => checkImage(this, opts));
+    return this.lock.exclusive(() => this.writeThrough(() => checkImage(this, opts)));
   }
 }

@@ -41,6 +41,15 @@ export class RawImage implements Image {
     return this.lock.shared(() => this.file.read(offset, length));
   }
 
+  /** Raw images keep no metadata. */
+  async flushMetadata(): Promise<void> {}
+
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    const n = await this.lock.shared(() => this.file.readInto(buf, offset));
+    if (n < buf.length) buf.fill(0, n); // a file shorter than its size reads as zeros past its end
+  }
+
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.writable();
     this.checkRange(offset, data.length);

@@ -7,8 +7,14 @@ import type { TableCache } from './table-cache.js';
 
 /**
  * The refcount structure of an open image: lookups, allocation (lowest free run first, like
- * QEMU) and updates, written through to disk at once so that the caller can order them
- * against the references (increments before the reference, decrements after).
+ * QEMU) and updates. Written through to disk at once by default, so that the caller can order
+ * them against the references (increments before the reference, decrements after).
+ *
+ * Deferred mode (`deferring`): increments change the cached blocks, which stay pinned as dirty
+ * until writeDirty(); decrements are only queued, and applied by applyDeferredFrees() once the
+ * caller has written the references that no longer point at those clusters. A queued cluster
+ * keeps its refcount meanwhile, so it cannot be handed out again before the old reference is
+ * gone from the disk. Whatever moment the process dies, the file has at most leaks.
  * Callers hold the image's exclusive lock for every mutation.
  */
 export class Refcounts {
@@ -19,6 +25,13 @@ export class Refcounts {
   private readonly reserved: [number, number][] = [];
   /** Called with the host offset of every cluster whose refcount drops to zero. */
   onZero: ((offset: number) => void) | undefined;
+  /** Deferred mode (see the class comment). */
+  deferring = false;
+  /** Deferred mode: changed refcount blocks by host offset, and changed table entries. */
+  private readonly dirty = new Map<number, Uint8Array>();
+  private readonly dirtyEntries = new Set<number>();
+  /** Deferred mode: decrements waiting for applyDeferredFrees(), as [cluster, count]. */
+  private pendingFrees: [number, number][] = [];
 
   constructor(
     private readonly file: ImageFile,
@@ -37,6 +50,9 @@ export class Refcounts {
 
   /** Switch to a rebuilt refcount table (check -r all). */
   reset(table: Uint8Array, tableOffset: number, highWater: number): void {
+    this.dirty.clear();
+    this.dirtyEntries.clear();
+    this.pendingFrees = [];
     this.table = table;
     this.tableOffset = tableOffset;
     this.cache.clear();
@@ -52,7 +68,7 @@ export class Refcounts {
     if (bi >= this.tableEntries) return undefined;
     const off = reftableEntry(this.table, bi);
     if (off === 0) return undefined;
-    let b = this.cache.get(off);
+    let b = this.dirty.get(off) ?? this.cache.get(off);
     if (!b) {
       if (off % this.cs !== 0) throw new Corrupt(`${this.file.path}: refcount block ${bi} at unaligned offset ${off}`, { ref: this.file.path });
       b = await this.file.readExact(off, this.cs, `refcount block ${bi}`);
@@ -111,8 +127,52 @@ export class Refcounts {
     await this.update(c, n, -1);
   }
 
-  /** Add `delta` to the refcount of clusters [c, c+n), block by block, writing each block once. */
+  /** Bytes of metadata waiting for writeDirty(). */
+  get dirtyBytes(): number {
+    return this.dirty.size * this.cs + this.dirtyEntries.size * 8;
+  }
+
+  get hasPending(): boolean {
+    return this.dirty.size > 0 || this.dirtyEntries.size > 0 || this.pendingFrees.length > 0;
+  }
+
+  /** Write the dirty refcount blocks, then the table entries that point at new ones. */
+  async writeDirty(): Promise<void> {
+    const blocks = [...this.dirty];
+    this.dirty.clear();
+    await Promise.all(blocks.map(([off, b]) => this.file.write(off, b)));
+    for (const [off, b] of blocks) this.cache.set(off, b);
+    const entries = [...this.dirtyEntries].sort((a, b) => a - b);
+    this.dirtyEntries.clear();
+    for (let i = 0; i < entries.length;) {
+      let j = i + 1;
+      while (j < entries.length && entries[j] === entries[j - 1]! + 1) j++;
+      await this.file.write(this.tableOffset + entries[i]! * 8, this.table.subarray(entries[i]! * 8, (entries[j - 1]! + 1) * 8));
+      i = j;
+    }
+  }
+
+  /** Apply the queued decrements (in memory; writeDirty() writes them). */
+  async applyDeferredFrees(): Promise<void> {
+    const frees = this.pendingFrees;
+    this.pendingFrees = [];
+    for (const [c, n] of frees) await this.apply(c, n, -1);
+  }
+
+  /**
+   * Add `delta` to the refcount of clusters [c, c+n). Written through at once, or in deferred
+   * mode kept dirty in memory (increments) or queued (decrements).
+   */
   async update(c: number, n: number, delta: number): Promise<void> {
+    if (this.deferring && delta < 0) {
+      this.pendingFrees.push(...Array.from({ length: -delta }, (): [number, number] => [c, n]));
+      return;
+    }
+    await this.apply(c, n, delta);
+  }
+
+  /** Change the refcounts block by block, writing (or dirtying) each block once. */
+  private async apply(c: number, n: number, delta: number): Promise<void> {
     let i = c;
     while (i < c + n) {
       const bi = Math.floor(i / this.epb);
@@ -133,9 +193,13 @@ export class Refcounts {
           this.onZero?.(j * this.cs);
         }
       }
-      const lo = ((i % this.epb) << this.order) >> 3;
-      const hi = Math.max(lo + 1, (((stop - 1) % this.epb + 1) << this.order) + 7 >> 3);
-      await this.file.write(reftableEntry(this.table, bi) + lo, b.subarray(lo, hi));
+      if (this.deferring) {
+        this.dirty.set(reftableEntry(this.table, bi), b);
+      } else {
+        const lo = ((i % this.epb) << this.order) >> 3;
+        const hi = Math.max(lo + 1, (((stop - 1) % this.epb + 1) << this.order) + 7 >> 3);
+        await this.file.write(reftableEntry(this.table, bi) + lo, b.subarray(lo, hi));
+      }
       i = stop;
     }
   }
@@ -154,7 +218,6 @@ export class Refcounts {
     const block = new Uint8Array(this.cs);
     if (Math.floor(k / this.epb) === bi) {
       setRefcount(block, k % this.epb, this.order, 1);
-      await this.file.write(k * this.cs, block);
     } else {
       this.reserved.push([k, k + 1]);
       try {
@@ -162,12 +225,19 @@ export class Refcounts {
       } finally {
         this.reserved.splice(this.reserved.findIndex(([s]) => s === k), 1);
       }
-      await this.file.write(k * this.cs, block);
     }
     this.highWater = Math.max(this.highWater, k + 1);
-    this.cache.set(k * this.cs, block);
     const entry = new Uint8Array(8);
     setU64(view(entry), 0, k * this.cs);
+    if (this.deferring) {
+      // writeDirty() writes the blocks before the table entries.
+      this.dirty.set(k * this.cs, block);
+      this.table.set(entry, bi * 8);
+      this.dirtyEntries.add(bi);
+      return;
+    }
+    await this.file.write(k * this.cs, block);
+    this.cache.set(k * this.cs, block);
     // The block is on disk before the table points at it.
     await this.file.write(this.tableOffset + bi * 8, entry);
     this.table.set(entry, bi * 8);
@@ -178,6 +248,8 @@ export class Refcounts {
    * area at the end of the file; switch the header to it; then free the old table.
    */
   private async growTable(needBi: number): Promise<void> {
+    // The new table copies this one: every block it points at must be on disk first.
+    await this.writeDirty();
     const cs = this.cs;
     let start = this.highWater;
     for (const [, e] of this.reserved) start = Math.max(start, e);

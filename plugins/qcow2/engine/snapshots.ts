@@ -106,6 +106,12 @@ function toInfo(s: SnapshotEntry): SnapshotInfo {
  */
 async function switchState(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
   pending?: { entry: SnapshotEntry; l1: Uint8Array }): Promise<void> {
+  // The new state is built from the tables as they are now; deferred metadata goes first.
+  await img.writeThrough(() => buildAndSwitch(img, l1, snaps, size, pending));
+}
+
+async function buildAndSwitch(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
+  pending?: { entry: SnapshotEntry; l1: Uint8Array }): Promise<void> {
   const cs = img.cs;
   const end = Math.max(img.refcounts.highWater, Math.ceil(img.fileLen / cs));
   const counts = new Uint32Array(end);

@@ -43,6 +43,21 @@ export interface OpenOptions {
   maxChainDepth?: number;
   /** Bytes of L2 and refcount-block cache per image (default 8 MiB). */
   cacheBytes?: number;
+  /**
+   * QEMU's cache modes, as far as they concern us. `writeback` (default): flush() and close()
+   * make every write durable (fdatasync). `unsafe`: flushes are skipped, as `qemu-img convert`
+   * does by default — the writes still reach the file in crash-safe order, so a killed process
+   * loses nothing, but a power cut may.
+   */
+  cache?: 'writeback' | 'unsafe';
+  /**
+   * Keep changed L2 tables and refcount blocks in memory and write them, in crash-safe order, on
+   * flushMetadata(), flush(), close(), or when more than half the cache is dirty — as QEMU's
+   * qcow2 metadata cache does. A killed process then loses the writes since the last of these
+   * (the file is never corrupt: at most leaks). For a process that owns the image: another
+   * process reading the file meanwhile sees the older mapping. Default off (written through).
+   */
+  deferMetadata?: boolean;
 }
 
 export interface HeaderExtensionInfo {
@@ -184,6 +199,11 @@ export interface Image {
   readonly chain: ChainEntry[];
 
   read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Read `buf.length` bytes at `offset` into `buf` (every byte is set: holes and zero clusters
+   * are filled with zeros). Lets a copy loop reuse its buffers instead of allocating per read.
+   */
+  readInto(buf: Uint8Array, offset: number): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Make a range read as zeros: zero flag on v3, zeroed clusters on v2, zero bytes on raw. */
   writeZeroes(offset: number, length: number): Promise<void>;
@@ -198,6 +218,12 @@ export interface Image {
   map(): Promise<BlockStatus[]>;
   /** Grow; shrink only when nothing is allocated past the new end (else OutOfRange). */
   resize(newSize: number): Promise<void>;
+  /**
+   * Write deferred metadata (OpenOptions.deferMetadata) to the file, without fdatasync: after
+   * it a killed process loses nothing written so far. No-op when nothing is deferred.
+   */
+  flushMetadata(): Promise<void>;
+  /** flushMetadata(), then fdatasync (skipped with cache `unsafe`). */
   flush(): Promise<void>;
   close(): Promise<void>;
   /** Size of the image file in bytes. */

@@ -23,3 +23,11 @@ export function isSafeOffset(n: number): boolean {
 export function alignUp(n: number, a: number): number {
   return Math.ceil(n / a) * a;
 }
+
+/**
+ * A plain Uint8Array whose bytes are not zeroed first, for buffers that are about to be filled
+ * completely (zeroing a large buffer costs as much as reading into it). Never pooled.
+ */
+export function uninitialized(length: number): Uint8Array {
+  return new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length);
+}

@@ -2,7 +2,6 @@
  * L1 and L2 table entries. An entry is a big-endian u64; we keep it as two u32 halves so the
  * common paths stay in plain number arithmetic (offsets use bits 9–55).
  */
-import { view } from './bytes.js';
 
 export const COPIED_HI = 0x8000_0000;
 export const COMPRESSED_HI = 0x4000_0000;
@@ -26,15 +25,19 @@ function offsetOf(hi: number, lo: number): number {
   return (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
 }
 
+/** Big-endian u32 at byte `o` (by hand: this runs once per cluster on every lookup). */
+function u32(t: Uint8Array, o: number): number {
+  return ((t[o]! << 24) | (t[o + 1]! << 16) | (t[o + 2]! << 8) | t[o + 3]!) >>> 0;
+}
+
 export function readEntry(table: Uint8Array, index: number): [number, number] {
-  const dv = view(table);
-  return [dv.getUint32(index * 8), dv.getUint32(index * 8 + 4)];
+  return [u32(table, index * 8), u32(table, index * 8 + 4)];
 }
 
 export function writeEntry(table: Uint8Array, index: number, hi: number, lo: number): void {
-  const dv = view(table);
-  dv.setUint32(index * 8, hi >>> 0);
-  dv.setUint32(index * 8 + 4, lo >>> 0);
+  const o = index * 8;
+  table[o] = hi >>> 24; table[o + 1] = hi >>> 16; table[o + 2] = hi >>> 8; table[o + 3] = hi;
+  table[o + 4] = lo >>> 24; table[o + 5] = lo >>> 16; table[o + 6] = lo >>> 8; table[o + 7] = lo;
 }
 
 export interface L1Entry {

@@ -32,6 +32,9 @@ export async function openBackingOf(img: Image, name: string, format: ImageForma
  */
 export async function switchBacking(img: Qcow2Image, next: NewBacking, writer: Qcow2Image = img): Promise<void> {
   await img.lock.exclusive(async () => {
+    // The data the job copied is referenced and durable before the header drops the old backing.
+    if (writer !== img) await writer.flushMetadata();
+    await img.flushMetadataLocked();
     await writer.file.sync();
     for (const target of new Set([img, writer])) {
       target.h.backingFile = next.name;

@@ -38,7 +38,7 @@ export async function zeroClustersLocked(img: Qcow2Image, start: number, end: nu
       olds.push(e);
     }
     if (olds.length > 0) {
-      await img.file.write(l2off + i0 * 8, table.subarray(i0 * 8, (i0 + (stop - gc)) * 8));
+      await img.writeL2(l2off, table, i0, i0 + (stop - gc));
       for (const e of olds) await img.release(e);
     }
     gc = stop;
@@ -66,7 +66,7 @@ export async function makeEmptyLocked(img: Qcow2Image): Promise<void> {
       writeEntry(table, i, 0, 0);
     }
     if (olds.length > 0) {
-      await img.file.write(l2off, table);
+      await img.writeL2(l2off, table, 0, img.l2Entries);
       await releaseAll(img, olds);
     }
   }

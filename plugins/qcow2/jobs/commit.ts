@@ -60,7 +60,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
   const gate = dirty ? new LiveGate(image, dirty) : undefined;
   gate?.install();
   let pivoted = false;
-  const base = await openImage(baseLayer.path, { readOnly: false, format: baseLayer.format }).catch((e) => {
+  const base = await openImage(baseLayer.path, { readOnly: false, format: baseLayer.format, deferMetadata: true }).catch((e) => {
     gate?.uninstall();
     throw e;
   });
@@ -84,6 +84,8 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       next = end < size ? prepare(end) : undefined;
       const moved = await writePieces(base, pieces);
       ctx.advance(end - offset - moved);
+      // What the checkpoint says is copied must be in base's file first.
+      await base.flushMetadata();
       await ctx.checkpoint(moved, { offset: end });
       offset = end;
     }

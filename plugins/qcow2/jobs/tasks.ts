@@ -24,8 +24,12 @@ function clean(o: Record<string, unknown>): Record<string, unknown> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined));
 }
 
+/**
+ * Run a job on the image at `path`, opened read-write with deferred metadata (written in
+ * batches, as QEMU's cache does, not per copied run).
+ */
 async function withImage(path: string, fn: (img: Image) => Promise<void>): Promise<void> {
-  const img = await openImage(path, { readOnly: false });
+  const img = await openImage(path, { readOnly: false, deferMetadata: true });
   try {
     await fn(img);
   } finally {
@@ -33,11 +37,25 @@ async function withImage(path: string, fn: (img: Image) => Promise<void>): Promi
   }
 }
 
+/**
+ * The job's context, with one change: before a checkpoint is saved, the metadata of what was
+ * copied so far is written, so that a process killed after the checkpoint loses nothing the
+ * checkpoint says is done.
+ */
+export function flushingCheckpoints(ctx: JobContext, ...images: Image[]): JobContext {
+  const wrapped = Object.create(ctx) as JobContext;
+  wrapped.checkpoint = async (bytes, state) => {
+    if (state !== undefined) for (const img of images) await img.flushMetadata();
+    await ctx.checkpoint(bytes, state);
+  };
+  return wrapped;
+}
+
 export function streamTask(path: string, opts: StreamTaskParams = {}): JobTask {
   return {
     type: 'stream',
     params: clean({ path, base: opts.base }),
-    run: (ctx: JobContext) => withImage(path, (img) => runStream(img, { base: opts.base }, ctx)),
+    run: (ctx: JobContext) => withImage(path, (img) => runStream(img, { base: opts.base }, flushingCheckpoints(ctx, img))),
   };
 }
 
@@ -57,6 +75,6 @@ export function rebaseTask(path: string, opts: RebaseTaskParams): JobTask {
   return {
     type: 'rebase',
     params: clean({ path, backing: opts.backing, backingFormat: opts.backingFormat, unsafe: opts.unsafe }),
-    run: (ctx: JobContext) => withImage(path, (img) => runRebase(img, opts, ctx)),
+    run: (ctx: JobContext) => withImage(path, (img) => runRebase(img, opts, flushingCheckpoints(ctx, img))),
   };
 }

@@ -20,7 +20,9 @@ function rng(seed: number): () => number {
   };
 }
 
-async function campaign(dir: string, name: string, opts: CreateOptions & { withBacking: boolean; snapshotAt?: number }, seed: number) {
+type CaseOptions = CreateOptions & { withBacking: boolean; snapshotAt?: number; deferMetadata?: boolean };
+
+async function campaign(dir: string, name: string, opts: CaseOptions, seed: number) {
   const size = 4 << 20;
   const cs = opts.clusterSize!;
   const file = join(dir, `${name}.qcow2`);
@@ -37,7 +39,8 @@ async function campaign(dir: string, name: string, opts: CreateOptions & { withB
   } else {
     await createImage(file, { ...opts, size });
   }
-  const img = await openImage(file, { readOnly: false });
+  // Deferred metadata with a tiny cache: batches are flushed while other requests are in flight.
+  const img = await openImage(file, { readOnly: false, ...(opts.deferMetadata ? { deferMetadata: true, cacheBytes: 16 * 1024 } : {}) });
   const r = rng(seed);
   const batches = 40;
   let reads = 0;
@@ -108,8 +111,10 @@ describe('concurrent readers and writers on one image', () => {
   const t = tempDir('qcow2-conc-');
   afterAll(t.cleanup);
 
-  const cases: [string, CreateOptions & { withBacking: boolean; snapshotAt?: number }][] = [
+  const cases: [string, CaseOptions][] = [
     ['v3-4k-backed', { clusterSize: 4096, withBacking: true }],
+    ['v3-4k-backed-deferred-metadata', { clusterSize: 4096, withBacking: true, deferMetadata: true }],
+    ['v2-512-snapshot-deferred-metadata', { clusterSize: 512, compat: '0.10', withBacking: false, snapshotAt: 20, deferMetadata: true }],
     ['v2-512-snapshot', { clusterSize: 512, compat: '0.10', withBacking: false, snapshotAt: 20 }],
     ['v3-64k-refcount2-snapshot', { clusterSize: 65536, refcountBits: 2, withBacking: true, snapshotAt: 10 }],
   ];

@@ -1,15 +1,17 @@
 /**
  * Child process of the crash test: opens the image read-write and runs the op sequence,
  * printing `READY` and `END k` after each op. The parent kills it with SIGKILL at random.
- * Usage: node --import tsx crash-writer.ts IMAGE SEED
+ * Usage: node --import tsx crash-writer.ts IMAGE SEED [deferred]
+ * With `deferred` the image is opened with deferred metadata and a small cache, so that the
+ * metadata is written in batches (and the kill lands inside those batches too).
  */
 import { writeSync } from 'node:fs';
 import { openImage } from '../index.js';
 import { crashOps } from './crash-ops.js';
 
-const [file, seedArg] = process.argv.slice(2);
+const [file, seedArg, mode] = process.argv.slice(2);
 const ops = crashOps(Number(seedArg));
-const img = await openImage(file!, { readOnly: false });
+const img = await openImage(file!, { readOnly: false, ...(mode === 'deferred' ? { deferMetadata: true, cacheBytes: 16 * 1024 } : {}) });
 writeSync(1, 'READY\n');
 for (let k = 0; k < ops.length; k++) {
   const o = ops[k]!;
