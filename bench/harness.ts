@@ -57,17 +57,27 @@ export function report(title: string, rows: Row[]): void {
   }
 }
 
-/** `rounds` rounds of (prepare, qemu, ours, verify); medians. Alternating keeps cache effects fair. */
+/**
+ * `rounds` rounds of (prepare, qemu and ours, verify); medians. Which side runs first alternates
+ * by round: on this kind of machine the second command of a pair runs measurably slower (the
+ * device is still busy with the first one's writeback), whichever it is.
+ */
 export function compare(what: string, rounds: number, prepare: () => void, qemu: () => { ms: number }, ours: () => { ms: number; rssKiB: number }, verify?: () => void): Row {
   const q: number[] = [];
   const o: number[] = [];
   let rss = 0;
-  for (let i = 0; i < rounds; i++) {
-    prepare();
-    q.push(qemu().ms);
+  // Dirty pages left by the previous command are written back before each timed command.
+  const settle = () => spawnSync('sync');
+  const runQemu = () => { settle(); q.push(qemu().ms); };
+  const runOurs = () => {
+    settle();
     const r = ours();
     o.push(r.ms);
     rss = Math.max(rss, r.rssKiB);
+  };
+  for (let i = 0; i < rounds; i++) {
+    prepare();
+    if (i % 2 === 0) { runQemu(); runOurs(); } else { runOurs(); runQemu(); }
     verify?.();
   }
   return { what, qemuMs: median(q), oursMs: median(o), oursRssMiB: rss / 1024 };

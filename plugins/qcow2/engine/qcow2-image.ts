@@ -70,6 +70,13 @@ export class Qcow2Image implements Image {
   private readonly dirtyL1 = new Set<number>();
   /** Dirty metadata beyond which a write flushes it (bounds memory). */
   private readonly dirtyLimit: number;
+  /**
+   * Deferred mode: allocating writes run under the shared lock so that their data writes overlap.
+   * Their metadata steps take `metaLock` (used as a plain mutex); `inflight` holds the guest
+   * clusters whose new space is being written, which no other allocating write may touch.
+   */
+  private readonly metaLock = new RwLock();
+  private readonly inflight = new Set<number>();
 
   constructor(p: Qcow2Parts) {
     this.path = p.path;
@@ -375,13 +382,15 @@ export class Qcow2Image implements Image {
     this.assertWritable();
     this.checkRange(offset, data.length);
     if (data.length === 0) return;
-    const done = await this.lock.shared(() => this.writeInPlace(offset, data));
-    if (!done) {
-      await this.lock.exclusive(async () => {
-        await this.writeLocked(offset, data);
-        await this.flushIfFull();
-      });
+    if (await this.lock.shared(() => this.writeInPlace(offset, data))) return;
+    if (this.deferring && await this.writeAllocatingShared(offset, data)) {
+      if (this.dirtyL2.size * this.cs + this.refcounts.dirtyBytes > this.dirtyLimit) await this.lock.exclusive(() => this.flushIfFull());
+      return;
     }
+    await this.lock.exclusive(async () => {
+      await this.writeLocked(offset, data);
+      await this.flushIfFull();
+    });
   }
 
   /** Fast path: every cluster is already ours (COPIED) — write without touching metadata. */
@@ -392,6 +401,55 @@ export class Qcow2Image implements Image {
       await this.file.write(this.hostOf(r, r.start), data.subarray(r.start - offset, r.start - offset + r.length));
     }
     return true;
+  }
+
+  /**
+   * Deferred mode, a write whose clusters (in one L2 table) all need new space: allocate under
+   * `metaLock`, write the data with only the shared lock held (other such writes proceed at the
+   * same time), then point the L2 entries at it. False when the write does not qualify (mixed
+   * clusters, or one that another write is allocating): the caller takes the exclusive path.
+   * Safe because every other change of the mapping takes the exclusive lock, and in deferred
+   * mode freed clusters are only reused after a flush, which is exclusive too.
+   */
+  private async writeAllocatingShared(offset: number, data: Uint8Array): Promise<boolean> {
+    const cs = this.cs;
+    const gc0 = Math.floor(offset / cs);
+    const gcEnd = Math.ceil((offset + data.length) / cs);
+    const l1i = Math.floor(gc0 / this.l2Entries);
+    if (Math.floor((gcEnd - 1) / this.l2Entries) !== l1i) return false;
+    return this.lock.shared(async () => {
+      const plan = await this.metaLock.exclusive(async () => {
+        for (let g = gc0; g < gcEnd; g++) if (this.inflight.has(g)) return undefined;
+        const { table } = await this.l2ForWrite(l1i);
+        const olds: L2Entry[] = [];
+        for (let g = gc0; g < gcEnd; g++) {
+          const e = decodeL2(...readEntry(table, g % this.l2Entries), this.h.clusterBits);
+          if (e.kind === 'normal' && e.copied) return undefined;
+          olds.push(e);
+        }
+        const host = await this.refcounts.alloc(olds.length);
+        for (let g = gc0; g < gcEnd; g++) this.inflight.add(g);
+        return { host, olds };
+      });
+      if (!plan) return false;
+      try {
+        const { host, olds } = plan;
+        const n = olds.length;
+        const buf = await this.withOldEdges(gc0, olds, offset, offset + data.length, data);
+        await this.file.write(host, buf);
+        this.fileLen = Math.max(this.fileLen, host + n * cs);
+        await this.metaLock.exclusive(async () => {
+          const { offset: l2off, table } = await this.l2ForWrite(l1i);
+          const idx0 = gc0 % this.l2Entries;
+          for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));
+          await this.writeL2(l2off, table, idx0, idx0 + n);
+          for (const e of olds) await this.release(e);
+        });
+      } finally {
+        for (let g = gc0; g < gcEnd; g++) this.inflight.delete(g);
+      }
+      return true;
+    });
   }
 
   /** Write with allocation; caller holds the exclusive lock. */
@@ -448,26 +506,33 @@ export class Qcow2Image implements Image {
     const cs = this.cs;
     const n = olds.length;
     const host = await this.refcounts.alloc(n);
-    const base = gc * cs;
-    let buf: Uint8Array;
-    if (p === base && q === base + n * cs) {
-      buf = data;
-    } else {
-      buf = new Uint8Array(n * cs);
-      if (p > base) buf.set((await this.oldCluster(gc, olds[0]!)).subarray(0, p - base), 0);
-      const lastStart = base + (n - 1) * cs;
-      if (q < lastStart + cs) {
-        const last = await this.oldCluster(gc + n - 1, olds[n - 1]!);
-        buf.set(last.subarray(q - lastStart), q - base);
-      }
-      buf.set(data, p - base);
-    }
+    const buf = await this.withOldEdges(gc, olds, p, q, data);
     await this.file.write(host, buf);
     this.fileLen = Math.max(this.fileLen, host + n * cs);
     const idx0 = gc % this.l2Entries;
     for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));
     await this.writeL2(l2off, table, idx0, idx0 + n);
     for (const e of olds) await this.release(e);
+  }
+
+  /**
+   * Whole clusters gc… (old entries `olds`) holding guest bytes [p, q) = `data`: the head of the
+   * first and the tail of the last cluster come from their old content (copy-on-write).
+   */
+  private async withOldEdges(gc: number, olds: L2Entry[], p: number, q: number, data: Uint8Array): Promise<Uint8Array> {
+    const cs = this.cs;
+    const n = olds.length;
+    const base = gc * cs;
+    if (p === base && q === base + n * cs) return data;
+    const buf = new Uint8Array(n * cs);
+    if (p > base) buf.set((await this.oldCluster(gc, olds[0]!)).subarray(0, p - base), 0);
+    const lastStart = base + (n - 1) * cs;
+    if (q < lastStart + cs) {
+      const last = await this.oldCluster(gc + n - 1, olds[n - 1]!);
+      buf.set(last.subarray(q - lastStart), q - base);
+    }
+    buf.set(data, p - base);
+    return buf;
   }
 
   /** Drop the reference an L2 entry held (after the entry no longer points there). */
