@@ -3,42 +3,18 @@
  * `qemu-img commit`, on a base of 1 GiB virtual with 512 MiB written and an overlay with 256 MiB
  * rewritten (64 KiB clusters), then the same data in a 16 GiB virtual image. Fresh copies of the
  * chain every round, median of 5, times, ratio ours/qemu-img and our peak RSS (each of our runs is
- * a child process; its time covers the job, not Node's start-up).
+ * the built `offload img stream|commit` command, start-up included, as qemu-img's time is).
  *
  *   node --import tsx bench/chain-jobs.ts            (BENCH_ROUNDS=5, BENCH_DIR=$TMPDIR)
- * Our side runs from dist/ when it exists (`npm run bench` builds first), else from the sources.
+ * Needs the build (`npm run bench` builds first).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { requireBuilt, timedOurs } from './harness.js';
 
 const MiB = 1 << 20;
-
-/**
- * Our side runs in a child process. With a build present (`npm run bench` builds first) the
- * child is plain Node on dist/ — the runtime users get; otherwise it runs the sources with tsx,
- * whose loader alone adds ~70 MiB of RSS.
- */
-const root = fileURLToPath(new URL('..', import.meta.url));
-const DIST = join(process.env.BENCH_DIST ?? join(root, 'dist'), 'plugins', 'qcow2', 'jobs', 'index.js');
-const CHILD = (jobsModule: string) => `
-  const { commitTask, streamTask } = await import(${JSON.stringify(jobsModule)});
-  const [job, dir] = process.argv.slice(1);
-  const ctx = { jobId: 'bench', signal: new AbortController().signal, resumeFrom: undefined, completeRequested: true,
-    setTotal() {}, advance() {}, setProgress() {}, async checkpoint() {}, saveState() {}, ready() {}, async waitForComplete() {} };
-  const baseline = process.resourceUsage().maxRSS / 1024;
-  const t0 = performance.now();
-  const task = job === 'stream' ? streamTask(dir + '/top.qcow2') : commitTask(dir + '/top.qcow2', { empty: true });
-  if (job !== 'none') await task.run(ctx);
-  process.stdout.write(JSON.stringify({ ms: performance.now() - t0, maxRssMiB: process.resourceUsage().maxRSS / 1024, baseline }) + '\\n');
-`;
-
-function childArgs(): { args: string[]; runtime: string } {
-  if (existsSync(DIST)) return { args: ['--input-type=module', '-e', CHILD(pathToFileURL(DIST).href)], runtime: 'node on dist/' };
-  return { args: ['--import', 'tsx', '--input-type=module', '-e', CHILD(pathToFileURL(join(root, 'plugins', 'qcow2', 'jobs', 'index.ts')).href)], runtime: 'tsx on the sources' };
-}
 
 function qemu(args: string[], cwd: string): void {
   execFileSync('qemu-img', args, { cwd, stdio: 'ignore' });
@@ -73,12 +49,6 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-function ours(job: string, dir: string): { ms: number; maxRssMiB: number; baseline: number } {
-  const r = spawnSync(process.execPath, [...childArgs().args, job, dir], { encoding: 'utf8', cwd: root });
-  if (r.status !== 0) throw new Error(`our ${job} failed: ${r.stderr}`);
-  return JSON.parse(r.stdout.trim().split('\n').pop()!);
-}
-
 function theirs(job: string, dir: string): number {
   const t0 = performance.now();
   if (job === 'stream') qemu(['rebase', '-b', '', 'top.qcow2'], dir);
@@ -87,10 +57,9 @@ function theirs(job: string, dir: string): number {
 }
 
 async function main(): Promise<void> {
+  requireBuilt();
   const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
   const work0 = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'chain-bench-'));
-  const idle = ours('none', work0);
-  console.log(`our side: ${childArgs().runtime}; RSS of that runtime with the modules loaded, before any job: ${idle.maxRssMiB.toFixed(0)} MiB`);
   try {
     for (const [label, virtual] of [['1 GiB', 1024 * MiB], ['16 GiB', 16384 * MiB]] as const) {
       const template = join(work0, `template-${label.replace(' ', '')}`);
@@ -99,14 +68,21 @@ async function main(): Promise<void> {
         const ourMs: number[] = [];
         const theirMs: number[] = [];
         let rss = 0;
-        for (let i = 0; i < rounds; i++) {
-          const work = join(work0, 'work');
+        const work = join(work0, 'work');
+        const runOurs = () => {
           fresh(template, work);
-          const o = ours(job, work);
+          // The whole `offload img stream|commit` command, start-up included, as qemu-img's is.
+          const o = timedOurs(['img', job, 'top.qcow2'], work);
           ourMs.push(o.ms);
-          rss = Math.max(rss, o.maxRssMiB);
+          rss = Math.max(rss, o.rssKiB / 1024);
+        };
+        const runTheirs = () => {
           fresh(template, work);
           theirMs.push(theirs(job, work));
+        };
+        // Who goes first alternates (see harness.compare).
+        for (let i = 0; i < rounds; i++) {
+          if (i % 2 === 0) { runTheirs(); runOurs(); } else { runOurs(); runTheirs(); }
         }
         const vs = job === 'stream' ? "qemu-img rebase -b ''" : 'qemu-img commit';
         const [a, b] = [median(ourMs), median(theirMs)];
