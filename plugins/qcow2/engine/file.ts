@@ -70,6 +70,20 @@ export class ImageFile {
     }
   }
 
+  /**
+   * Write the 8-byte entries `indexes` of `table` (an L1 or refcount table held in memory) to its
+   * copy at `tableOffset`, one write per run of consecutive indexes.
+   */
+  async writeEntries(tableOffset: number, table: Uint8Array, indexes: Iterable<number>): Promise<void> {
+    const sorted = [...indexes].sort((a, b) => a - b);
+    for (let i = 0; i < sorted.length;) {
+      let j = i + 1;
+      while (j < sorted.length && sorted[j] === sorted[j - 1]! + 1) j++;
+      await this.write(tableOffset + sorted[i]! * 8, table.subarray(sorted[i]! * 8, (sorted[j - 1]! + 1) * 8));
+      i = j;
+    }
+  }
+
   async truncate(len: number): Promise<void> {
     await this.fh.truncate(len);
   }

@@ -136,14 +136,9 @@ export class Qcow2Image implements Image {
     this.dirtyL2.clear();
     await Promise.all(tables.map(([off, t]) => this.file.write(off, t)));
     for (const [off, t] of tables) this.l2cache.set(off, t);
-    const l1 = [...this.dirtyL1].sort((a, b) => a - b);
+    const l1 = [...this.dirtyL1];
     this.dirtyL1.clear();
-    for (let i = 0; i < l1.length;) {
-      let j = i + 1;
-      while (j < l1.length && l1[j] === l1[j - 1]! + 1) j++;
-      await this.file.write(this.h.l1TableOffset + l1[i]! * 8, this.l1.subarray(l1[i]! * 8, (l1[j - 1]! + 1) * 8));
-      i = j;
-    }
+    await this.file.writeEntries(this.h.l1TableOffset, this.l1, l1);
     await this.refcounts.applyDeferredFrees();
     await this.refcounts.writeDirty();
   }

@@ -142,14 +142,9 @@ export class Refcounts {
     this.dirty.clear();
     await Promise.all(blocks.map(([off, b]) => this.file.write(off, b)));
     for (const [off, b] of blocks) this.cache.set(off, b);
-    const entries = [...this.dirtyEntries].sort((a, b) => a - b);
+    const entries = [...this.dirtyEntries];
     this.dirtyEntries.clear();
-    for (let i = 0; i < entries.length;) {
-      let j = i + 1;
-      while (j < entries.length && entries[j] === entries[j - 1]! + 1) j++;
-      await this.file.write(this.tableOffset + entries[i]! * 8, this.table.subarray(entries[i]! * 8, (entries[j - 1]! + 1) * 8));
-      i = j;
-    }
+    await this.file.writeEntries(this.tableOffset, this.table, entries);
   }
 
   /** Apply the queued decrements (in memory; writeDirty() writes them). */
