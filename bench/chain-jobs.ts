@@ -8,13 +8,32 @@
  *   node --import tsx bench/chain-jobs.ts            (BENCH_ROUNDS=5, BENCH_DIR=$TMPDIR)
  * Needs the build (`npm run bench` builds first).
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { requireBuilt, timedOurs } from './harness.js';
+import { pathToFileURL } from 'node:url';
+import { ROOT, requireBuilt, timedOurs } from './harness.js';
 
 const MiB = 1 << 20;
+
+/**
+ * The job alone, as the broker runs it inside its long-lived process: a child process on dist/
+ * that loads the jobs module, then times only the job.
+ */
+const DIST = join(ROOT, 'dist', 'plugins', 'qcow2', 'jobs', 'index.js');
+const CHILD = (jobsModule: string) => `
+  const { commitTask, streamTask } = await import(${JSON.stringify(jobsModule)});
+  const [job, dir] = process.argv.slice(1);
+  const ctx = { jobId: 'bench', signal: new AbortController().signal, resumeFrom: undefined, completeRequested: true,
+    setTotal() {}, advance() {}, setProgress() {}, async checkpoint() {}, saveState() {}, ready() {}, async waitForComplete() {} };
+  const baseline = process.resourceUsage().maxRSS / 1024;
+  const t0 = performance.now();
+  const task = job === 'stream' ? streamTask(dir + '/top.qcow2') : commitTask(dir + '/top.qcow2', { empty: true });
+  if (job !== 'none') await task.run(ctx);
+  process.stdout.write(JSON.stringify({ ms: performance.now() - t0, maxRssMiB: process.resourceUsage().maxRSS / 1024, baseline }) + '\\n');
+`;
+
 
 function qemu(args: string[], cwd: string): void {
   execFileSync('qemu-img', args, { cwd, stdio: 'ignore' });
@@ -49,6 +68,12 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
+function ourJob(job: string, dir: string): number {
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD(pathToFileURL(DIST).href), job, dir], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`our ${job} job failed: ${r.stderr}`);
+  return (JSON.parse(r.stdout.trim().split('\n').pop()!) as { ms: number }).ms;
+}
+
 function theirs(job: string, dir: string): number {
   const t0 = performance.now();
   if (job === 'stream') qemu(['rebase', '-b', '', 'top.qcow2'], dir);
@@ -66,6 +91,7 @@ async function main(): Promise<void> {
       buildTemplate(template, virtual);
       for (const job of ['stream', 'commit']) {
         const ourMs: number[] = [];
+        const jobMs: number[] = [];
         const theirMs: number[] = [];
         let rss = 0;
         const work = join(work0, 'work');
@@ -76,6 +102,10 @@ async function main(): Promise<void> {
           ourMs.push(o.ms);
           rss = Math.max(rss, o.rssKiB / 1024);
         };
+        const runJob = () => {
+          fresh(template, work);
+          jobMs.push(ourJob(job, work));
+        };
         const runTheirs = () => {
           fresh(template, work);
           theirMs.push(theirs(job, work));
@@ -83,10 +113,12 @@ async function main(): Promise<void> {
         // Who goes first alternates (see harness.compare).
         for (let i = 0; i < rounds; i++) {
           if (i % 2 === 0) { runTheirs(); runOurs(); } else { runOurs(); runTheirs(); }
+          runJob();
         }
         const vs = job === 'stream' ? "qemu-img rebase -b ''" : 'qemu-img commit';
-        const [a, b] = [median(ourMs), median(theirMs)];
-        console.log(`${label} ${job.padEnd(6)}: ours ${(a / 1000).toFixed(2)} s, ${vs} ${(b / 1000).toFixed(2)} s, ratio ${(a / b).toFixed(2)}, our peak RSS ${rss.toFixed(0)} MiB (median of ${rounds})`);
+        const [a, b, j] = [median(ourMs), median(theirMs), median(jobMs)];
+        console.log(`${label} ${job.padEnd(6)}: ours ${(a / 1000).toFixed(2)} s, ${vs} ${(b / 1000).toFixed(2)} s, ratio ${(a / b).toFixed(2)}; ` +
+          `the job alone (as the broker runs it) ${(j / 1000).toFixed(2)} s, ratio ${(j / b).toFixed(2)}; our peak RSS ${rss.toFixed(0)} MiB (median of ${rounds})`);
       }
       rmSync(template, { recursive: true, force: true });
     }

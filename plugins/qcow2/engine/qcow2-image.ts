@@ -129,8 +129,7 @@ export class Qcow2Image implements Image {
    * reference. No fdatasync (flush() adds it). Caller holds the exclusive lock.
    */
   async flushMetadataLocked(): Promise<void> {
-    if (!this.deferring) return;
-    if (this.dirtyL2.size === 0 && this.dirtyL1.size === 0 && !this.refcounts.hasPending) return;
+    if (!this.hasDirtyMetadata()) return;
     await this.refcounts.writeDirty();
     const tables = [...this.dirtyL2];
     this.dirtyL2.clear();
@@ -146,7 +145,14 @@ export class Qcow2Image implements Image {
   /** flushMetadataLocked() under the exclusive lock: after it, a killed process loses nothing. */
   async flushMetadata(): Promise<void> {
     this.checkOpen();
+    // Nothing dirty: return without waiting for the exclusive lock (a job calls this per chunk,
+    // and waiting would stall its read-ahead).
+    if (!this.hasDirtyMetadata()) return;
     await this.lock.exclusive(() => this.flushMetadataLocked());
+  }
+
+  private hasDirtyMetadata(): boolean {
+    return this.deferring && (this.dirtyL2.size > 0 || this.dirtyL1.size > 0 || this.refcounts.hasPending);
   }
 
   /**

@@ -71,17 +71,25 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     ctx.setTotal(size);
     let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
     if (offset > 0) ctx.setProgress(offset, size);
-    // Read the next chunk while this one is written into base.
+    // Read the next chunks while this one is written into base (AHEAD chunks bound memory).
     const prepare = (at: number) => {
       const p = readRange(top, src, limit, at, Math.min(size, at + JOB_CHUNK));
       p.catch(() => {});
       return p;
     };
-    let next = offset < size ? prepare(offset) : undefined;
+    const ahead: Promise<Piece[]>[] = [];
+    let nextStart = offset;
+    const refill = () => {
+      while (ahead.length < AHEAD && nextStart < size) {
+        ahead.push(prepare(nextStart));
+        nextStart = Math.min(size, nextStart + JOB_CHUNK);
+      }
+    };
+    refill();
     while (offset < size) {
       const end = Math.min(size, offset + JOB_CHUNK);
-      const pieces = await next!;
-      next = end < size ? prepare(end) : undefined;
+      const pieces = await ahead.shift()!;
+      refill();
       const moved = await writePieces(base, pieces);
       ctx.advance(end - offset - moved);
       // What the checkpoint says is copied must be in base's file first.
@@ -146,6 +154,9 @@ async function allocatedAbove(top: Image, src: Pick<Image, 'blockStatus'>, limit
   if (limit === 1 && top instanceof Qcow2Image) return top.lock.shared(() => ownAllocations(top, start, end));
   return (await src.blockStatus(start, end - start)).filter((s) => s.present && s.depth < limit);
 }
+
+/** Chunks read ahead of the one being written. */
+const AHEAD = 4;
 
 /** A piece to put into base: zeros, or data read from the committed layers. */
 interface Piece { start: number; length: number; data?: Uint8Array }

@@ -11,6 +11,9 @@ import { relinkChains, switchBacking } from './backing-switch.js';
 import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
 
+/** Chunks read ahead of the one being written. */
+const AHEAD = 4;
+
 export interface StreamOptions {
   /** Keep this layer (and those below it) as the backing; absent or '' = flatten the whole chain. */
   base?: string | undefined;
@@ -33,18 +36,26 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
   let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
   if (offset > 0) ctx.setProgress(offset, size);
 
-  // The next chunk is found and read while this one is written (reads need no lock; the write
-  // re-checks allocation under the lock, so reading ahead is safe).
+  // The next chunks are found and read while this one is written (reads need no lock; the write
+  // re-checks allocation under the lock, so reading ahead is safe). AHEAD chunks bound memory.
   const prepare = (at: number) => {
     const p = prepareChunk(img, at, Math.min(size, at + JOB_CHUNK), limit, base !== undefined);
     p.catch(() => {});
     return p;
   };
-  let ahead = offset < size ? prepare(offset) : undefined;
+  const ahead: Promise<Fill[]>[] = [];
+  let nextStart = offset;
+  const refill = () => {
+    while (ahead.length < AHEAD && nextStart < size) {
+      ahead.push(prepare(nextStart));
+      nextStart = Math.min(size, nextStart + JOB_CHUNK);
+    }
+  };
+  refill();
   while (offset < size) {
     const end = Math.min(size, offset + JOB_CHUNK);
-    const fills = await ahead!;
-    ahead = end < size ? prepare(end) : undefined;
+    const fills = await ahead.shift()!;
+    refill();
     const moved = await applyFills(img, fills);
     ctx.advance(end - offset - moved);
     await ctx.checkpoint(moved, { offset: end });
