@@ -384,7 +384,9 @@ export class Qcow2Image implements Image {
     this.checkRange(offset, data.length);
     if (data.length === 0) return;
     if (await this.lock.shared(() => this.writeInPlace(offset, data))) return;
-    if (this.deferring && await this.writeAllocatingShared(offset, data)) {
+    // Clusters that are not ours may be freed by this write: only with deferred metadata, where a
+    // freed cluster is not reused before the flush (which is exclusive).
+    if (this.deferring && await this.writeAllocatingShared(offset, data, (e) => !(e.kind === 'normal' && e.copied))) {
       if (this.dirtyL2.size * this.cs + this.refcounts.dirtyBytes > this.dirtyLimit) await this.lock.exclusive(() => this.flushIfFull());
       return;
     }
@@ -412,7 +414,7 @@ export class Qcow2Image implements Image {
    * Safe because every other change of the mapping takes the exclusive lock, and in deferred
    * mode freed clusters are only reused after a flush, which is exclusive too.
    */
-  private async writeAllocatingShared(offset: number, data: Uint8Array): Promise<boolean> {
+  private async writeAllocatingShared(offset: number, data: Uint8Array, qualifies: (e: L2Entry) => boolean): Promise<boolean> {
     const cs = this.cs;
     const gc0 = Math.floor(offset / cs);
     const gcEnd = Math.ceil((offset + data.length) / cs);
@@ -425,7 +427,7 @@ export class Qcow2Image implements Image {
         const olds: L2Entry[] = [];
         for (let g = gc0; g < gcEnd; g++) {
           const e = decodeL2(...readEntry(table, g % this.l2Entries), this.h.clusterBits);
-          if (e.kind === 'normal' && e.copied) return undefined;
+          if (!qualifies(e)) return undefined;
           olds.push(e);
         }
         const host = await this.refcounts.alloc(olds.length);
@@ -451,6 +453,32 @@ export class Qcow2Image implements Image {
       }
       return true;
     });
+  }
+
+  /**
+   * Copy-on-read for the chain jobs: write `data` at `offset` only if every cluster it covers is
+   * still unallocated in this image (a guest write meanwhile wins), with the data write
+   * overlapping other such writes. Whole clusters only. Works L2 table by L2 table and stops at
+   * the first table whose clusters do not all qualify; returns the bytes written from the start
+   * (the caller handles the rest cluster by cluster under the exclusive lock).
+   */
+  async fillUnallocated(offset: number, data: Uint8Array): Promise<number> {
+    this.assertWritable();
+    this.checkRange(offset, data.length);
+    const cs = this.cs;
+    if (offset % cs !== 0 || (data.length % cs !== 0 && offset + data.length !== this.h.size)) {
+      throw new InvalidArgument(`${this.path}: fillUnallocated needs whole clusters`, { ref: this.path });
+    }
+    const span = this.l2Entries * cs;
+    let p = offset;
+    const end = offset + data.length;
+    while (p < end) {
+      const q = Math.min(end, (Math.floor(p / span) + 1) * span);
+      if (!(await this.writeAllocatingShared(p, data.subarray(p - offset, q - offset), (e) => e.kind === 'unallocated'))) break;
+      p = q;
+    }
+    if (this.dirtyL2.size * cs + this.refcounts.dirtyBytes > this.dirtyLimit) await this.lock.exclusive(() => this.flushIfFull());
+    return p - offset;
   }
 
   /** Write with allocation; caller holds the exclusive lock. */

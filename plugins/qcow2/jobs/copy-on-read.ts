@@ -59,8 +59,26 @@ export async function readPadded(source: Image, start: number, end: number): Pro
   return out;
 }
 
-/** Write the fills into clusters that are still unallocated; returns the data bytes written. */
+/**
+ * Write the fills into clusters that are still unallocated; returns the data bytes written.
+ * Data fills go first through the engine's concurrent copy-on-read write; what it leaves (a
+ * cluster a writer allocated meanwhile, zero fills, the last partial cluster) is done here
+ * cluster by cluster under the exclusive lock.
+ */
 export async function applyFills(img: Qcow2Image, fills: Fill[]): Promise<number> {
+  if (fills.length === 0) return 0;
+  let written = 0;
+  const rest: Fill[] = [];
+  await Promise.all(fills.map(async (f) => {
+    const whole = f.kind === 'data' && f.start % img.cs === 0 && (f.end % img.cs === 0 || f.end === img.virtualSize);
+    const n = whole ? await img.fillUnallocated(f.start, f.data!.subarray(0, f.end - f.start)) : 0;
+    written += n;
+    if (f.start + n < f.end) rest.push(f);
+  }));
+  return written + await applyFillsLocked(img, rest);
+}
+
+async function applyFillsLocked(img: Qcow2Image, fills: Fill[]): Promise<number> {
   if (fills.length === 0) return 0;
   const cs = img.cs;
   return img.lock.exclusive(async () => {

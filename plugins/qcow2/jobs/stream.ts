@@ -52,14 +52,30 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
     }
   };
   refill();
-  while (offset < size) {
-    const end = Math.min(size, offset + JOB_CHUNK);
-    const fills = await ahead.shift()!;
-    refill();
-    const moved = await applyFills(img, fills);
-    ctx.advance(end - offset - moved);
-    await ctx.checkpoint(moved, { offset: end });
-    offset = end;
+  // Up to AHEAD chunks are being written at once; they are checkpointed in order, so a saved
+  // offset never passes a chunk that is not done.
+  const writing: { start: number; end: number; moved: Promise<number> }[] = [];
+  const settle = async () => {
+    const c = writing.shift()!;
+    const moved = await c.moved;
+    ctx.advance(c.end - c.start - moved);
+    await ctx.checkpoint(moved, { offset: c.end });
+  };
+  try {
+    while (offset < size) {
+      const end = Math.min(size, offset + JOB_CHUNK);
+      const fills = await ahead.shift()!;
+      refill();
+      const moved = applyFills(img, fills);
+      moved.catch(() => {});
+      writing.push({ start: offset, end, moved });
+      if (writing.length >= AHEAD) await settle();
+      offset = end;
+    }
+    while (writing.length > 0) await settle();
+  } finally {
+    // On failure or cancel, no write may still be running when the caller closes the image.
+    await Promise.allSettled(writing.map((c) => c.moved));
   }
 
   const above = layers[baseIndex - 1]!;
