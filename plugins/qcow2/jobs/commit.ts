@@ -86,16 +86,31 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       }
     };
     refill();
-    while (offset < size) {
-      const end = Math.min(size, offset + JOB_CHUNK);
-      const pieces = await ahead.shift()!;
-      refill();
-      const moved = await writePieces(base, pieces);
-      ctx.advance(end - offset - moved);
+    // Up to AHEAD chunks are being written at once, checkpointed in order.
+    const writing: { start: number; end: number; moved: Promise<number> }[] = [];
+    const settle = async () => {
+      const c = writing.shift()!;
+      const moved = await c.moved;
+      ctx.advance(c.end - c.start - moved);
       // What the checkpoint says is copied must be in base's file first.
       await base.flushMetadata();
-      await ctx.checkpoint(moved, { offset: end });
-      offset = end;
+      await ctx.checkpoint(moved, { offset: c.end });
+    };
+    try {
+      while (offset < size) {
+        const end = Math.min(size, offset + JOB_CHUNK);
+        const pieces = await ahead.shift()!;
+        refill();
+        const moved = writePieces(base, pieces);
+        moved.catch(() => {});
+        writing.push({ start: offset, end, moved });
+        if (writing.length >= AHEAD) await settle();
+        offset = end;
+      }
+      while (writing.length > 0) await settle();
+    } finally {
+      // On failure or cancel, no write may still be running when base is closed.
+      await Promise.allSettled(writing.map((c) => c.moved));
     }
     await base.flush();
 
