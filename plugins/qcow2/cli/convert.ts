@@ -113,11 +113,17 @@ function* dataChunks(map: readonly { start: number; length: number; zero: boolea
 }
 
 /**
- * The ranges to copy. A raw file is read straight through (zero blocks are skipped when writing):
- * its block status costs a full scan of the file anyway.
+ * The ranges to copy. A raw file's holes come from the file system (SEEK_DATA, RawImage's
+ * exactBlockStatus) when the native helper can say where they are; otherwise the file is read
+ * straight through (zero blocks are skipped when writing): its block status would cost a full
+ * scan of the file anyway.
  */
 export async function dataMap(img: Image): Promise<{ start: number; length: number; zero: boolean }[]> {
-  if (img.format === 'raw') return [{ start: 0, length: img.virtualSize, zero: false }];
+  if (img.format === 'raw') {
+    type Seekable = { exactBlockStatus?: () => Promise<{ start: number; length: number; zero: boolean }[] | undefined> };
+    const exact = await (img as Image & Seekable).exactBlockStatus?.();
+    return exact ?? [{ start: 0, length: img.virtualSize, zero: false }];
+  }
   return img.map();
 }
 

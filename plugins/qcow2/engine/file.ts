@@ -1,5 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError } from '../../../core/index.js';
+import { dataExtents } from './seek-data.js';
 
 /** Positional I/O on one image file; short reads past EOF come back zero-filled when allowed. */
 export class ImageFile {
@@ -26,6 +27,18 @@ export class ImageFile {
   async stat(): Promise<{ size: number; blocks: number }> {
     const st = await this.fh.stat();
     return { size: st.size, blocks: st.blocks };
+  }
+
+  /**
+   * The ranges of [start, end) that hold data (lseek SEEK_DATA/SEEK_HOLE); undefined when that
+   * cannot be known here (no native helper, or a file system without hole seeking).
+   */
+  dataExtents(start: number, end: number): [number, number][] | undefined {
+    try {
+      return dataExtents(this.fh.fd, start, end);
+    } catch (e) {
+      throw fileError(e, this.path, 'find its data');
+    }
   }
 
   async size(): Promise<number> {

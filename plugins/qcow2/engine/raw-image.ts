@@ -72,35 +72,69 @@ export class RawImage implements Image {
   }
 
   /**
-   * Data vs holes. Node cannot SEEK_DATA, so: a fully allocated file is all data; a sparse one
-   * reports all-zero 4 KiB blocks as holes (what `qemu-img map` shows for file holes).
+   * Data vs holes, as `qemu-img map` shows a raw file: data where the file system holds data, a
+   * hole (zero) elsewhere, from lseek SEEK_DATA/SEEK_HOLE (the native helper, see seek-data.ts).
+   * Without it: a fully allocated file is all data; a sparse one reports all-zero 4 KiB blocks
+   * as holes (read from the content, so a written block of zeros is a hole here).
    */
   async blockStatus(offset = 0, length?: number): Promise<BlockStatus[]> {
     const len = length ?? this.virtualSize - offset;
     this.checkRange(offset, len);
-    return this.lock.shared(async () => {
-      const st = await this.file.stat();
-      const sparse = st.blocks * 512 < st.size;
-      const out: BlockStatus[] = [];
-      const push = (start: number, n: number, data: boolean) =>
-        out.push({ start, length: n, depth: 0, present: true, zero: !data, data, compressed: false, offset: start, filename: this.path });
-      if (!sparse) {
-        if (len > 0) push(offset, len, true);
-        return out;
+    return this.lock.shared(async () => this.seekStatus(offset, len) ?? (await this.scanStatus(offset, len)));
+  }
+
+  /**
+   * The block status from the file system's own allocation map, or undefined when it is not
+   * available (no native helper, or a file system that cannot seek holes). Costs no reads:
+   * `convert` uses it to skip the holes of a raw source.
+   */
+  async exactBlockStatus(offset = 0, length?: number): Promise<BlockStatus[] | undefined> {
+    const len = length ?? this.virtualSize - offset;
+    this.checkRange(offset, len);
+    return this.lock.shared(async () => this.seekStatus(offset, len));
+  }
+
+  private status(start: number, length: number, data: boolean): BlockStatus {
+    return { start, length, depth: 0, present: true, zero: !data, data, compressed: false, offset: start, filename: this.path };
+  }
+
+  private seekStatus(offset: number, len: number): BlockStatus[] | undefined {
+    const end = offset + len;
+    const extents = this.file.dataExtents(offset, end);
+    if (!extents) return undefined;
+    const out: BlockStatus[] = [];
+    let pos = offset;
+    for (const [from, to] of extents) {
+      if (from > pos) out.push(this.status(pos, from - pos, false));
+      out.push(this.status(from, to - from, true));
+      pos = to;
+    }
+    if (pos < end) out.push(this.status(pos, end - pos, false));
+    return mergeStatus(out);
+  }
+
+  /** The fallback: holes guessed from the content of a sparse file. */
+  private async scanStatus(offset: number, len: number): Promise<BlockStatus[]> {
+    const st = await this.file.stat();
+    const sparse = st.blocks * 512 < st.size;
+    const out: BlockStatus[] = [];
+    const push = (start: number, n: number, data: boolean) => out.push(this.status(start, n, data));
+    if (!sparse) {
+      if (len > 0) push(offset, len, true);
+      return out;
+    }
+    for (let p = offset; p < offset + len; p += CHUNK) {
+      const n = Math.min(CHUNK, offset + len - p);
+      const buf = await this.file.read(p, n);
+      let q = p;
+      while (q < p + n) {
+        const blockEnd = Math.min(p + n, (Math.floor(q / HOLE_BLOCK) + 1) * HOLE_BLOCK);
+        const piece = buf.subarray(q - p, blockEnd - p);
+        push(q, blockEnd - q, piece.some((x) => x !== 0));
+        q = blockEnd;
       }
-      for (let p = offset; p < offset + len; p += CHUNK) {
-        const n = Math.min(CHUNK, offset + len - p);
-        const buf = await this.file.read(p, n);
-        let q = p;
-        while (q < p + n) {
-          const blockEnd = Math.min(p + n, (Math.floor(q / HOLE_BLOCK) + 1) * HOLE_BLOCK);
-          const piece = buf.subarray(q - p, blockEnd - p);
-          push(q, blockEnd - q, piece.some((x) => x !== 0));
-          q = blockEnd;
-        }
-      }
-      return mergeStatus(out);
-    });
+    }
+    return mergeStatus(out);
   }
 
   map(): Promise<BlockStatus[]> {
