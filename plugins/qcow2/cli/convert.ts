@@ -11,6 +11,7 @@
 import { realpath } from 'node:fs/promises';
 import { InvalidArgument } from '../../../core/index.js';
 import { uninitialized } from '../format/bytes.js';
+import { nonZeroRuns } from '../engine/zero-scan.js';
 import { createImage, openImage, type Image, type ImageFormat } from '../index.js';
 import { engineOptions } from './create.js';
 import { parseCreationOptions, splitOptions, validateQcow2Options } from './create-options.js';
@@ -32,7 +33,6 @@ export type CacheMode = (typeof CACHE_MODES)[number];
 const CHUNK = 2 * 1024 * 1024;
 /** Chunks copied at once. */
 const IN_FLIGHT = 8;
-const SPARSE_BLOCK = 4096;
 
 export async function runConvert(args: ConvertArgs): Promise<void> {
   const src = await openImage(args.src, { readOnly: true, ...(args.srcFormat ? { format: args.srcFormat } : {}) });
@@ -125,56 +125,4 @@ export async function dataMap(img: Image): Promise<{ start: number; length: numb
     return exact ?? [{ start: 0, length: img.virtualSize, zero: false }];
   }
   return img.map();
-}
-
-/** [from, to) runs of `data` made of SPARSE_BLOCK-sized blocks that are not all zero. */
-export function nonZeroRuns(data: Uint8Array): [number, number][] {
-  const runs: [number, number][] = [];
-  const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  const len = buf.length;
-  let off = 0;
-  while (off < len) {
-    let end = off;
-    while (end < len && !isZeroRange(buf, end, Math.min(end + SPARSE_BLOCK, len))) end += SPARSE_BLOCK;
-    if (end > off) runs.push([off, Math.min(end, len)]);
-    if (end >= len) break;
-    off = endOfZeros(buf, end + SPARSE_BLOCK);
-  }
-  return runs;
-}
-
-const ZERO_CHUNK = Buffer.alloc(CHUNK);
-
-/**
- * Whether buf[from, to) is all zeros: a native memcmp against zeros (no views created). Data
- * usually shows a non-zero byte among its first 16, which settles it without the call.
- */
-function isZeroRange(buf: Buffer, from: number, to: number): boolean {
-  for (let i = from; i < Math.min(to, from + 16); i++) if (buf[i] !== 0) return false;
-  for (let p = from; p < to; p += ZERO_CHUNK.length) {
-    const n = Math.min(ZERO_CHUNK.length, to - p);
-    if (ZERO_CHUNK.compare(buf, p, p + n, 0, n) !== 0) return false;
-  }
-  return true;
-}
-
-/**
- * The start of the first non-zero SPARSE_BLOCK at or after `p` (a block boundary), or the end.
- * Galloping: spans double while they are zero and halve when not, so a long hole costs a few
- * large memcmps rather than one call per block.
- */
-function endOfZeros(buf: Buffer, p: number): number {
-  let step = SPARSE_BLOCK;
-  while (p < buf.length) {
-    const n = Math.min(step, buf.length - p);
-    if (isZeroRange(buf, p, p + n)) {
-      p += n;
-      step = Math.min(step * 2, ZERO_CHUNK.length);
-    } else if (n <= SPARSE_BLOCK) {
-      return p;
-    } else {
-      step = Math.max(SPARSE_BLOCK, Math.floor(n / 2 / SPARSE_BLOCK) * SPARSE_BLOCK);
-    }
-  }
-  return buf.length;
 }

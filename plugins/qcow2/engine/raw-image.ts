@@ -1,6 +1,7 @@
 import { FailedPrecondition, InvalidArgument, OutOfRange, Unsupported } from '../../../core/index.js';
 import type { ImageFile } from './file.js';
 import { mergeStatus } from './status.js';
+import { nonZeroRuns } from './zero-scan.js';
 import { RwLock } from './rwlock.js';
 import type { BlockStatus, ChainEntry, CheckResult, Image, SnapshotOps } from './types.js';
 
@@ -126,6 +127,17 @@ export class RawImage implements Image {
     for (let p = offset; p < offset + len; p += CHUNK) {
       const n = Math.min(CHUNK, offset + len - p);
       const buf = await this.file.read(p, n);
+      if (p % HOLE_BLOCK === 0) {
+        // Block-aligned: the fast scan (CHUNK is a multiple of HOLE_BLOCK, so blocks line up).
+        let q = p;
+        for (const [from, to] of nonZeroRuns(buf)) {
+          if (p + from > q) push(q, p + from - q, false);
+          push(p + from, to - from, true);
+          q = p + to;
+        }
+        if (q < p + n) push(q, p + n - q, false);
+        continue;
+      }
       let q = p;
       while (q < p + n) {
         const blockEnd = Math.min(p + n, (Math.floor(q / HOLE_BLOCK) + 1) * HOLE_BLOCK);
