@@ -27,8 +27,9 @@
  *   Semantics worth knowing: discard drops whole clusters only (v3: they read as zeros; v2: as the
  *   backing); writeZeroes uses the zero flag on v3; snapshot create/apply/delete switch the header
  *   once, so a crash at any point leaves either the old or the new state, never a corruption.
- *   A raw image has no snapshots and no check (Unsupported); its map reports all-zero 4 KiB blocks
- *   of a sparse file as holes (Node cannot SEEK_DATA).
+ *   A raw image has no snapshots and no check (Unsupported); its map reports the file's allocated
+ *   extents as data, as qemu-img does, through the optional native/seek addon (lseek SEEK_DATA);
+ *   without it, all-zero 4 KiB blocks of a sparse file count as holes.
  *
  *   probeFormat(path) → 'qcow2' | 'raw'
  *
