@@ -12,6 +12,7 @@ import { asQcow2, assertAbove, assertWritable, backingNameFor, findLayer, layers
 import { relinkChains, switchBacking } from './backing-switch.js';
 import { makeEmptyLocked } from './cluster-ops.js';
 import { DirtyMap, LiveGate } from './live-gate.js';
+import { runChunkPipeline } from './chunk-pipeline.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
 
 export interface CommitOptions {
@@ -69,49 +70,15 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     const size = top.virtualSize;
     if (base.virtualSize < size) await base.resize(size);
     ctx.setTotal(size);
-    let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
+    const offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
     if (offset > 0) ctx.setProgress(offset, size);
-    // Read the next chunks while this one is written into base (AHEAD chunks bound memory).
-    const prepare = (at: number) => {
-      const p = readRange(top, src, limit, at, Math.min(size, at + JOB_CHUNK));
-      p.catch(() => {});
-      return p;
-    };
-    const ahead: Promise<Piece[]>[] = [];
-    let nextStart = offset;
-    const refill = () => {
-      while (ahead.length < AHEAD && nextStart < size) {
-        ahead.push(prepare(nextStart));
-        nextStart = Math.min(size, nextStart + JOB_CHUNK);
-      }
-    };
-    refill();
-    // Up to AHEAD chunks are being written at once, checkpointed in order.
-    const writing: { start: number; end: number; moved: Promise<number> }[] = [];
-    const settle = async () => {
-      const c = writing.shift()!;
-      const moved = await c.moved;
-      ctx.advance(c.end - c.start - moved);
-      // What the checkpoint says is copied must be in base's file first.
-      await base.flushMetadata();
-      await ctx.checkpoint(moved, { offset: c.end });
-    };
-    try {
-      while (offset < size) {
-        const end = Math.min(size, offset + JOB_CHUNK);
-        const pieces = await ahead.shift()!;
-        refill();
-        const moved = writePieces(base, pieces);
-        moved.catch(() => {});
-        writing.push({ start: offset, end, moved });
-        if (writing.length >= AHEAD) await settle();
-        offset = end;
-      }
-      while (writing.length > 0) await settle();
-    } finally {
-      // On failure or cancel, no write may still be running when base is closed.
-      await Promise.allSettled(writing.map((c) => c.moved));
-    }
+    await runChunkPipeline({
+      offset, size, ctx,
+      prepare: (start, end) => readRange(top, src, limit, start, end),
+      apply: (pieces) => writePieces(base, pieces),
+      // What a checkpoint says is copied must be in base's file first.
+      beforeCheckpoint: () => base.flushMetadata(),
+    });
     await base.flush();
 
     if (gate && dirty) {
@@ -169,9 +136,6 @@ async function allocatedAbove(top: Image, src: Pick<Image, 'blockStatus'>, limit
   if (limit === 1 && top instanceof Qcow2Image) return top.lock.shared(() => ownAllocations(top, start, end));
   return (await src.blockStatus(start, end - start)).filter((s) => s.present && s.depth < limit);
 }
-
-/** Chunks read ahead of the one being written. */
-const AHEAD = 4;
 
 /** A piece to put into base: zeros, or data read from the committed layers. */
 interface Piece { start: number; length: number; data?: Uint8Array }

@@ -9,10 +9,8 @@ import type { Image } from '../engine/types.js';
 import { backingNameFor, asQcow2, assertAbove, assertWritable, findLayer, layersOf } from './chain-layers.js';
 import { relinkChains, switchBacking } from './backing-switch.js';
 import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
+import { runChunkPipeline } from './chunk-pipeline.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
-
-/** Chunks read ahead of the one being written. */
-const AHEAD = 4;
 
 export interface StreamOptions {
   /** Keep this layer (and those below it) as the backing; absent or '' = flatten the whole chain. */
@@ -33,50 +31,14 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
   const limit = baseIndex - 1;
   const size = img.virtualSize;
   ctx.setTotal(size);
-  let offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
+  const offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
   if (offset > 0) ctx.setProgress(offset, size);
 
-  // The next chunks are found and read while this one is written (reads need no lock; the write
-  // re-checks allocation under the lock, so reading ahead is safe). AHEAD chunks bound memory.
-  const prepare = (at: number) => {
-    const p = prepareChunk(img, at, Math.min(size, at + JOB_CHUNK), limit, base !== undefined);
-    p.catch(() => {});
-    return p;
-  };
-  const ahead: Promise<Fill[]>[] = [];
-  let nextStart = offset;
-  const refill = () => {
-    while (ahead.length < AHEAD && nextStart < size) {
-      ahead.push(prepare(nextStart));
-      nextStart = Math.min(size, nextStart + JOB_CHUNK);
-    }
-  };
-  refill();
-  // Up to AHEAD chunks are being written at once; they are checkpointed in order, so a saved
-  // offset never passes a chunk that is not done.
-  const writing: { start: number; end: number; moved: Promise<number> }[] = [];
-  const settle = async () => {
-    const c = writing.shift()!;
-    const moved = await c.moved;
-    ctx.advance(c.end - c.start - moved);
-    await ctx.checkpoint(moved, { offset: c.end });
-  };
-  try {
-    while (offset < size) {
-      const end = Math.min(size, offset + JOB_CHUNK);
-      const fills = await ahead.shift()!;
-      refill();
-      const moved = applyFills(img, fills);
-      moved.catch(() => {});
-      writing.push({ start: offset, end, moved });
-      if (writing.length >= AHEAD) await settle();
-      offset = end;
-    }
-    while (writing.length > 0) await settle();
-  } finally {
-    // On failure or cancel, no write may still be running when the caller closes the image.
-    await Promise.allSettled(writing.map((c) => c.moved));
-  }
+  await runChunkPipeline({
+    offset, size, ctx,
+    prepare: (start, end) => prepareChunk(img, start, end, limit, base !== undefined),
+    apply: (fills) => applyFills(img, fills),
+  });
 
   const above = layers[baseIndex - 1]!;
   const name = base ? backingNameFor(img, above, base, img.chain[baseIndex - 1]?.backingFilename) : undefined;
