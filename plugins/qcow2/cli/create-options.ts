@@ -3,7 +3,7 @@
  * escaped comma, several `-o` accumulating. Only the options our formats know are accepted.
  */
 import { InvalidArgument, Unsupported } from '../../../core/index.js';
-import type { ImageFormat } from '../index.js';
+import type { CreateOptions, ImageFormat } from '../index.js';
 import { parseQemuSizeBig } from './sizes.js';
 
 /** Split `a=1,b=x,,y` into [['a','1'],['b','x,y']]. */
@@ -34,14 +34,8 @@ export function splitOptions(text: string): [string, string][] {
 }
 
 /** The options of `create`/`convert -O` after parsing, with the text the user gave for each. */
-export interface CreationOptions {
-  clusterSize?: number;
-  compat?: '0.10' | '1.1';
-  lazyRefcounts?: boolean;
-  refcountBits?: number;
-  backingFile?: string;
-  backingFormat?: ImageFormat;
-  size?: number;
+export interface CreationOptions
+  extends Pick<CreateOptions, 'clusterSize' | 'compat' | 'lazyRefcounts' | 'refcountBits' | 'backingFile' | 'backingFormat' | 'size'> {
   /** What the user wrote for each option, for the "Formatting …" line. */
   given: Map<string, string>;
 }

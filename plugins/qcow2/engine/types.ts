@@ -3,6 +3,7 @@
  * `Image` offers. Offsets and lengths are plain numbers of bytes (exact up to 2^53, far beyond
  * any real file); the engine decodes 64-bit table entries with exact arithmetic.
  */
+import type { Header } from '../format/header.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
 
@@ -65,26 +66,16 @@ export interface HeaderExtensionInfo {
   length: number;
 }
 
-/** The decoded qcow2 header, as `qemu-img info` needs it. */
-export interface HeaderInfo {
-  version: 2 | 3;
-  clusterBits: number;
+/** The header fields that HeaderInfo shows as they are stored. */
+type StoredHeaderFields = 'version' | 'clusterBits' | 'cryptMethod' | 'l1Size' | 'l1TableOffset' |
+  'refcountTableOffset' | 'refcountTableClusters' | 'nbSnapshots' | 'snapshotsOffset' | 'incompatibleFeatures' |
+  'compatibleFeatures' | 'autoclearFeatures' | 'refcountOrder' | 'headerLength' | 'compressionType';
+
+/** The decoded qcow2 header, as `qemu-img info` needs it: the stored fields plus derived ones. */
+export interface HeaderInfo extends Pick<Header, StoredHeaderFields> {
   clusterSize: number;
   virtualSize: number;
-  cryptMethod: number;
-  l1Size: number;
-  l1TableOffset: number;
-  refcountTableOffset: number;
-  refcountTableClusters: number;
-  nbSnapshots: number;
-  snapshotsOffset: number;
-  incompatibleFeatures: bigint;
-  compatibleFeatures: bigint;
-  autoclearFeatures: bigint;
-  refcountOrder: number;
   refcountBits: number;
-  headerLength: number;
-  compressionType: number;
   /** Backing file name exactly as stored (undefined when none). */
   backingFile?: string;
   /** From the backing-format extension. */
