@@ -1,6 +1,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError } from '../../../core/index.js';
 import { dataExtents } from './seek-data.js';
+import { ioBuffer } from '../format/bytes.js';
 
 /** Positional I/O on one image file; short reads past EOF come back zero-filled when allowed. */
 export class ImageFile {
@@ -47,7 +48,7 @@ export class ImageFile {
 
   /** Read into a new buffer; bytes past EOF read as zero. */
   async read(pos: number, length: number): Promise<Uint8Array> {
-    const buf = new Uint8Array(length);
+    const buf = ioBuffer(length);
     await this.readInto(buf, pos);
     return buf;
   }
@@ -64,7 +65,7 @@ export class ImageFile {
 
   /** Read exactly; a short read is corruption (metadata that lies past the end of the file). */
   async readExact(pos: number, length: number, what: string): Promise<Uint8Array> {
-    const buf = new Uint8Array(length);
+    const buf = ioBuffer(length);
     const n = await this.readInto(buf, pos);
     if (n < length) {
       throw new Corrupt(`${this.path}: ${what} at offset ${pos} (+${length}) lies past the end of the file`, {

@@ -1,5 +1,5 @@
 import { Corrupt, FailedPrecondition, InvalidArgument, OutOfRange } from '../../../core/index.js';
-import { setU64, uninitialized, view } from '../format/bytes.js';
+import { ioBuffer, setU64, uninitialized, view } from '../format/bytes.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES } from '../format/constants.js';
 import {
   decodeL1, decodeL2, encodeL1, encodeL2Normal, encodeL2Zero, readEntry, writeEntry, type L2Entry,
@@ -367,7 +367,7 @@ export class Qcow2Image implements Image {
 
   /** The current guest content of one whole cluster (for copy-on-write). */
   private async oldCluster(gc: number, e: L2Entry): Promise<Uint8Array> {
-    const buf = new Uint8Array(this.cs);
+    const buf = ioBuffer(this.cs);
     switch (e.kind) {
       case 'normal': await this.file.readInto(buf, e.offset); break;
       case 'compressed': return this.readCompressed(e);

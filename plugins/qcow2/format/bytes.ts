@@ -25,9 +25,28 @@ export function alignUp(n: number, a: number): number {
 }
 
 /**
+ * Where a large I/O buffer starts inside its ArrayBuffer. On AMD Zen CPUs with fast `rep movsb`
+ * (FSRM) the kernel's copy into user memory runs several times slower when the destination sits at
+ * (nearly) the same offset within its 4 KiB page as the page-cache page it is copied from, and a
+ * page-aligned Node buffer is exactly that case for every cluster-aligned read. Measured on this
+ * project's EPYC build machine: 512 MiB of cached 1 MiB reads took 110–380 ms into page-aligned
+ * buffers and 35–70 ms at an offset of 16 to 4080 bytes. Writes are not affected.
+ */
+const IO_SKEW = 2048;
+/** Below this size the copy is too short for the slowdown to matter, and the skew would waste memory. */
+const SKEW_FROM = 4096;
+
+/**
  * A plain Uint8Array whose bytes are not zeroed first, for buffers that are about to be filled
  * completely (zeroing a large buffer costs as much as reading into it). Never pooled.
  */
 export function uninitialized(length: number): Uint8Array {
-  return new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length);
+  const skew = length >= SKEW_FROM ? IO_SKEW : 0;
+  return new Uint8Array(Buffer.allocUnsafeSlow(length + skew).buffer, skew, length);
+}
+
+/** A zero-filled buffer to read file data into (see IO_SKEW). */
+export function ioBuffer(length: number): Uint8Array {
+  const skew = length >= SKEW_FROM ? IO_SKEW : 0;
+  return new Uint8Array(new ArrayBuffer(length + skew), skew, length);
 }
