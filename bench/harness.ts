@@ -5,7 +5,9 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
 export const ROOT = resolve(import.meta.dirname, '..');
-const MAIN = join(ROOT, 'dist/bin/main.js');
+const MAIN = join(ROOT, 'dist/cli/main.js');
+/** Our CLI as users run it (the executable picks the bundled entry and its environment). */
+const OFFLOAD = join(ROOT, 'bin/offload');
 
 export function requireBuilt(): void {
   if (!existsSync(MAIN)) throw new Error('run `npm run build` first (benchmarks run the built CLI)');
@@ -32,8 +34,10 @@ export function timedOurs(args: string[], cwd?: string): { ms: number; rssKiB: n
   const dir = mkdtempSync(join(tmpdir(), 'rss-'));
   const out = join(dir, 'rss');
   const t0 = process.hrtime.bigint();
-  const r = spawnSync(process.execPath, ['--import', join(ROOT, 'bench/report-rss.mjs'), MAIN, ...args], {
-    cwd, encoding: 'utf8', env: { ...process.env, OFFLOAD_RSS_OUT: out }, maxBuffer: 64 << 20,
+  const preload = `--import=${join(ROOT, 'bench/report-rss.mjs')}`;
+  const r = spawnSync(OFFLOAD, args, {
+    cwd, encoding: 'utf8', maxBuffer: 64 << 20,
+    env: { ...process.env, OFFLOAD_RSS_OUT: out, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} ${preload}`.trim() },
   });
   const ms = Number(process.hrtime.bigint() - t0) / 1e6;
   if (r.status !== 0) throw new Error(`offload ${args.slice(0, 4).join(' ')}… failed (${r.status}): ${r.stderr || r.stdout}`);

@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -121,5 +121,22 @@ describe('bin/offload (the built executable)', () => {
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/^offload: config error: backends\[0\]\./);
     expect(r.status).toBe(2);
+  });
+
+  it('runs `img` commands from the bundle and ends quietly when its reader goes away', () => {
+    const img = join(dir, 'bin-img.qcow2');
+    const created = spawnSync(join(root, 'bin/offload'), ['img', 'create', '-f', 'qcow2', img, '64M'], { cwd: dir, encoding: 'utf8' });
+    expect(created.stderr).toBe('');
+    expect(created.status).toBe(0);
+    const info = spawnSync(join(root, 'bin/offload'), ['img', 'info', '--output=json', img], { cwd: dir, encoding: 'utf8' });
+    expect(JSON.parse(info.stdout)['virtual-size']).toBe(64 << 20);
+    // A raw file with 2048 data extents maps to ~200 KB of JSON, more than a pipe holds: `head -c 1`
+    // closes the pipe early and the next write fails with EPIPE, which must not print a stack trace.
+    const raw = join(dir, 'bin-many-extents.raw');
+    const fd = openSync(raw, 'w');
+    for (let i = 0; i < 2048; i++) writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, i * 8192);
+    closeSync(fd);
+    const piped = spawnSync('sh', ['-c', `"${join(root, 'bin/offload')}" img map --output=json -f raw "${raw}" | head -c 1 >/dev/null`], { cwd: dir, encoding: 'utf8' });
+    expect(piped.stderr).toBe('');
   });
 });
