@@ -53,7 +53,7 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
   }
   seen.add(real);
 
-  const file = await ImageFile.open(path, readOnly, opts.cache === 'unsafe');
+  const file = await ImageFile.open(path, readOnly, { skipSync: opts.cache === 'unsafe', writeBehind: opts.writeBehind ?? false });
   let backing: Image | undefined;
   try {
     const fileSize = await file.size();

@@ -59,6 +59,12 @@ export interface OpenOptions {
    * process reading the file meanwhile sees the older mapping. Default off (written through).
    */
   deferMetadata?: boolean;
+  /**
+   * For a caller that writes a lot and then flushes (the chain jobs): every 32 MiB written, start
+   * an fdatasync in the background, so the device works while the writes go on instead of all at
+   * the final flush. Durability is unchanged: only flush() promises it. Default off.
+   */
+  writeBehind?: boolean;
 }
 
 export interface HeaderExtensionInfo {

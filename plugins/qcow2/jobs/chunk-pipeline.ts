@@ -1,8 +1,12 @@
 /**
  * The copy loop shared by stream and commit. The range [offset, size) is taken in JOB_CHUNK
- * chunks: the next AHEAD chunks are found and read while earlier ones are written, up to AHEAD
- * chunks are written at once, and chunks are checkpointed in order, so a saved offset never
- * passes a chunk that is not done. Memory is bounded by AHEAD chunks read and AHEAD written.
+ * chunks: the next AHEAD chunks with work are found and read while earlier ones are written, up
+ * to AHEAD chunks are written at once, and chunks are checkpointed in order, so a saved offset
+ * never passes a chunk that is not done. Memory is bounded by AHEAD chunks read and AHEAD written.
+ *
+ * Stretches without work (nextWork) are skipped as one step: on a large, sparsely written image
+ * most chunks are empty, and a chunk each would both cost time and keep the read-ahead from
+ * reaching the next chunk that has data.
  */
 import type { JobContext } from '../../../core/index.js';
 import { JOB_CHUNK } from './resume.js';
@@ -17,21 +21,41 @@ export interface ChunkPipeline<T> {
   prepare(start: number, end: number): Promise<T>;
   /** Write a prepared chunk; the data bytes it moved. */
   apply(work: T): Promise<number>;
+  /**
+   * The first offset ≥ `from` where prepare could find work, or any offset past `from` up to which
+   * there is none (size: none at all). Optional; without it every chunk is prepared.
+   */
+  nextWork?(from: number): Promise<number>;
   /** Runs before each checkpoint is saved (e.g. write deferred metadata). */
   beforeCheckpoint?(): Promise<void>;
 }
 
+/** One step of the walk: a chunk to prepare, or (without `work`) a stretch with nothing to do. */
+interface Step<T> { start: number; end: number; work?: Promise<T> }
+
 export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
   const { size, ctx } = p;
-  const reading: Promise<T>[] = [];
+  const reading: Step<T>[] = [];
   const writing: { start: number; end: number; moved: Promise<number> }[] = [];
   let nextRead = p.offset;
-  const refill = () => {
-    while (reading.length < AHEAD && nextRead < size) {
-      const r = p.prepare(nextRead, Math.min(size, nextRead + JOB_CHUNK));
-      r.catch(() => {}); // surfaces when awaited below
-      reading.push(r);
-      nextRead = Math.min(size, nextRead + JOB_CHUNK);
+  let chunksAhead = 0;
+  const refill = async () => {
+    while (chunksAhead < AHEAD && nextRead < size) {
+      if (p.nextWork) {
+        const found = Math.min(size, await p.nextWork(nextRead));
+        const at = Math.max(nextRead, found - (found % JOB_CHUNK));
+        if (at > nextRead) {
+          reading.push({ start: nextRead, end: at });
+          nextRead = at;
+          continue;
+        }
+      }
+      const end = Math.min(size, nextRead + JOB_CHUNK);
+      const work = p.prepare(nextRead, end);
+      work.catch(() => {}); // surfaces when awaited below
+      reading.push({ start: nextRead, end, work });
+      chunksAhead++;
+      nextRead = end;
     }
   };
   const settle = async () => {
@@ -41,22 +65,27 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
     await p.beforeCheckpoint?.();
     await ctx.checkpoint(moved, { offset: c.end });
   };
-  let offset = p.offset;
   try {
-    refill();
-    while (offset < size) {
-      const end = Math.min(size, offset + JOB_CHUNK);
-      const work = await reading.shift()!;
-      refill();
-      const moved = p.apply(work);
-      moved.catch(() => {});
-      writing.push({ start: offset, end, moved });
+    await refill();
+    while (reading.length > 0) {
+      const step = reading.shift()!;
+      let moved: Promise<number>;
+      if (step.work) {
+        const work = await step.work;
+        chunksAhead--;
+        await refill();
+        moved = p.apply(work);
+        moved.catch(() => {});
+      } else {
+        await refill();
+        moved = Promise.resolve(0);
+      }
+      writing.push({ start: step.start, end: step.end, moved });
       if (writing.length >= AHEAD) await settle();
-      offset = end;
     }
     while (writing.length > 0) await settle();
   } finally {
     // On failure or cancel, nothing may still be running when the caller closes the images.
-    await Promise.allSettled([...reading, ...writing.map((c) => c.moved)]);
+    await Promise.allSettled([...reading.map((s) => s.work), ...writing.map((c) => c.moved)]);
   }
 }

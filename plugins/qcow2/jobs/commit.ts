@@ -61,7 +61,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
   const gate = dirty ? new LiveGate(image, dirty) : undefined;
   gate?.install();
   let pivoted = false;
-  const base = await openImage(baseLayer.path, { readOnly: false, format: baseLayer.format, deferMetadata: true }).catch((e) => {
+  const base = await openImage(baseLayer.path, { readOnly: false, format: baseLayer.format, deferMetadata: true, writeBehind: true }).catch((e) => {
     gate?.uninstall();
     throw e;
   });
@@ -76,6 +76,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       offset, size, ctx,
       prepare: (start, end) => readRange(top, src, limit, start, end),
       apply: (pieces) => writePieces(base, pieces),
+      nextWork: (from) => nextAllocated(top, src, limit, from, size),
       // What a checkpoint says is copied must be in base's file first.
       beforeCheckpoint: () => base.flushMetadata(),
     });
@@ -135,6 +136,15 @@ interface Allocated { start: number; length: number; zero: boolean }
 async function allocatedAbove(top: Image, src: Pick<Image, 'blockStatus'>, limit: number, start: number, end: number): Promise<Allocated[]> {
   if (limit === 1 && top instanceof Qcow2Image) return top.lock.shared(() => ownAllocations(top, start, end));
   return (await src.blockStatus(start, end - start)).filter((s) => s.present && s.depth < limit);
+}
+
+/** How far one look for the next allocated range reaches. */
+const SCAN_WINDOW = 64 * JOB_CHUNK;
+
+/** Where the committed layers next allocate something at or after `from` (or where the look stopped). */
+async function nextAllocated(top: Image, src: Pick<Image, 'blockStatus'>, limit: number, from: number, size: number): Promise<number> {
+  const end = Math.min(size, from + SCAN_WINDOW);
+  return (await allocatedAbove(top, src, limit, from, end))[0]?.start ?? end;
 }
 
 /** A piece to put into base: zeros, or data read from the committed layers. */

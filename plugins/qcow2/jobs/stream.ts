@@ -38,6 +38,7 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
     offset, size, ctx,
     prepare: (start, end) => prepareChunk(img, start, end, limit, base !== undefined),
     apply: (fills) => applyFills(img, fills),
+    nextWork: (from) => nextToFill(img, from, limit),
   });
 
   const above = layers[baseIndex - 1]!;
@@ -50,6 +51,26 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
     throw e;
   }
   relinkChains(img);
+}
+
+/** How far one look for the next cluster to fill reaches. */
+const SCAN_WINDOW = 64 * JOB_CHUNK;
+
+/**
+ * The first offset at or after `from` that may need filling: unallocated in the image, present
+ * in a layer above base (or where the look stopped).
+ */
+async function nextToFill(img: Qcow2Image, from: number, limit: number): Promise<number> {
+  const backing = img.backing;
+  if (!backing || limit <= 0) return img.virtualSize;
+  const end = Math.min(img.virtualSize, from + SCAN_WINDOW);
+  for (const run of await unallocatedRuns(img, from, end)) {
+    const inBacking = Math.min(run.end, backing.virtualSize);
+    if (inBacking <= run.start) continue;
+    const hit = (await backing.blockStatus(run.start, inBacking - run.start)).find((s) => s.present && s.depth < limit);
+    if (hit) return hit.start;
+  }
+  return end;
 }
 
 /** What one chunk needs: the chain's data for the clusters the image leaves unallocated. */

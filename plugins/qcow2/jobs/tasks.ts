@@ -29,7 +29,7 @@ function clean(o: Record<string, unknown>): Record<string, unknown> {
  * batches, as QEMU's cache does, not per copied run).
  */
 async function withImage(path: string, fn: (img: Image) => Promise<void>): Promise<void> {
-  const img = await openImage(path, { readOnly: false, deferMetadata: true });
+  const img = await openImage(path, { readOnly: false, deferMetadata: true, writeBehind: true });
   try {
     await fn(img);
   } finally {

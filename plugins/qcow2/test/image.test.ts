@@ -65,6 +65,28 @@ describe('Image API', () => {
     if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
   });
 
+  it('writeBehind: writes racing background writebacks all land; flush and close wait for them', async () => {
+    const file = join(t.dir, 'write-behind.qcow2');
+    await createImage(file, { size: 96 << 20 });
+    const img = await openImage(file, { readOnly: false, deferMetadata: true, writeBehind: true });
+    // 88 MiB in 1 MiB writes, 8 at a time: several 32 MiB writebacks start while writes go on.
+    const writes = Array.from({ length: 88 }, (_, i) => i);
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      for (let i = writes.shift(); i !== undefined; i = writes.shift()) {
+        await img.write(i * (1 << 20), new Uint8Array(1 << 20).fill((i % 250) + 1));
+      }
+    }));
+    await img.flush();
+    await img.write(90 << 20, new Uint8Array(4096).fill(7));
+    await img.close(); // with a writeback possibly still running
+    const again = await openImage(file);
+    for (const i of [0, 31, 32, 63, 64, 87]) expect((await again.read(i * (1 << 20) + 12345, 1))[0]).toBe((i % 250) + 1);
+    expect((await again.read(90 << 20, 1))[0]).toBe(7);
+    expect((await again.check()).corruptions).toBe(0);
+    await again.close();
+    if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
+  });
+
   it('rejects bad requests with typed errors', async () => {
     const file = join(t.dir, 'edges.qcow2');
     await createImage(file, { size: 1 << 20 });
