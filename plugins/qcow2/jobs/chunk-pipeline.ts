@@ -89,3 +89,21 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
     await Promise.allSettled([...reading.map((s) => s.work), ...writing.map((c) => c.moved)]);
   }
 }
+
+/** How far one nextWork look reaches at most. */
+const SCAN_WINDOW = 64 * JOB_CHUNK;
+
+/**
+ * A nextWork built from `probe(start, end)`, which says where in [start, end) the first work is
+ * (undefined: none). It probes one chunk, then windows twice as large each time, up to
+ * SCAN_WINDOW: a densely written image costs one small probe per chunk, a sparse one a few
+ * large probes per window.
+ */
+export async function scanForWork(from: number, size: number, probe: (start: number, end: number) => Promise<number | undefined>): Promise<number> {
+  const stop = Math.min(size, from + SCAN_WINDOW);
+  for (let at = from, step = JOB_CHUNK; at < stop; at += step, step *= 2) {
+    const found = await probe(at, Math.min(stop, at + step));
+    if (found !== undefined) return found;
+  }
+  return stop;
+}

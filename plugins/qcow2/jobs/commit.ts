@@ -12,7 +12,7 @@ import { asQcow2, assertAbove, assertWritable, backingNameFor, findLayer, layers
 import { relinkChains, switchBacking } from './backing-switch.js';
 import { makeEmptyLocked } from './cluster-ops.js';
 import { DirtyMap, LiveGate } from './live-gate.js';
-import { runChunkPipeline } from './chunk-pipeline.js';
+import { runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
 
 export interface CommitOptions {
@@ -138,13 +138,9 @@ async function allocatedAbove(top: Image, src: Pick<Image, 'blockStatus'>, limit
   return (await src.blockStatus(start, end - start)).filter((s) => s.present && s.depth < limit);
 }
 
-/** How far one look for the next allocated range reaches. */
-const SCAN_WINDOW = 64 * JOB_CHUNK;
-
 /** Where the committed layers next allocate something at or after `from` (or where the look stopped). */
-async function nextAllocated(top: Image, src: Pick<Image, 'blockStatus'>, limit: number, from: number, size: number): Promise<number> {
-  const end = Math.min(size, from + SCAN_WINDOW);
-  return (await allocatedAbove(top, src, limit, from, end))[0]?.start ?? end;
+function nextAllocated(top: Image, src: Pick<Image, 'blockStatus'>, limit: number, from: number, size: number): Promise<number> {
+  return scanForWork(from, size, async (start, end) => (await allocatedAbove(top, src, limit, start, end))[0]?.start);
 }
 
 /** A piece to put into base: zeros, or data read from the committed layers. */

@@ -9,7 +9,7 @@ import type { Image } from '../engine/types.js';
 import { backingNameFor, asQcow2, assertAbove, assertWritable, findLayer, layersOf } from './chain-layers.js';
 import { relinkChains, switchBacking } from './backing-switch.js';
 import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
-import { runChunkPipeline } from './chunk-pipeline.js';
+import { runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
 
 export interface StreamOptions {
@@ -53,24 +53,22 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
   relinkChains(img);
 }
 
-/** How far one look for the next cluster to fill reaches. */
-const SCAN_WINDOW = 64 * JOB_CHUNK;
-
 /**
  * The first offset at or after `from` that may need filling: unallocated in the image, present
  * in a layer above base (or where the look stopped).
  */
-async function nextToFill(img: Qcow2Image, from: number, limit: number): Promise<number> {
+function nextToFill(img: Qcow2Image, from: number, limit: number): Promise<number> {
   const backing = img.backing;
-  if (!backing || limit <= 0) return img.virtualSize;
-  const end = Math.min(img.virtualSize, from + SCAN_WINDOW);
-  for (const run of await unallocatedRuns(img, from, end)) {
-    const inBacking = Math.min(run.end, backing.virtualSize);
-    if (inBacking <= run.start) continue;
-    const hit = (await backing.blockStatus(run.start, inBacking - run.start)).find((s) => s.present && s.depth < limit);
-    if (hit) return hit.start;
-  }
-  return end;
+  if (!backing || limit <= 0) return Promise.resolve(img.virtualSize);
+  return scanForWork(from, img.virtualSize, async (start, end) => {
+    for (const run of await unallocatedRuns(img, start, end)) {
+      const inBacking = Math.min(run.end, backing.virtualSize);
+      if (inBacking <= run.start) continue;
+      const hit = (await backing.blockStatus(run.start, inBacking - run.start)).find((s) => s.present && s.depth < limit);
+      if (hit) return hit.start;
+    }
+    return undefined;
+  });
 }
 
 /** What one chunk needs: the chain's data for the clusters the image leaves unallocated. */
