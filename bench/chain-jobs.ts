@@ -13,7 +13,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { ROOT, requireBuilt, timedOurs } from './harness.js';
+import { ROOT, median, requireBuilt, timedOurs } from './harness.js';
 
 const MiB = 1 << 20;
 
@@ -61,11 +61,6 @@ function fresh(template: string, dir: string): void {
   mkdirSync(dir);
   for (const f of ['base.qcow2', 'top.qcow2']) copyFileSync(join(template, f), join(dir, f));
   execFileSync('sync');
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
 }
 
 function ourJob(job: string, dir: string): number {

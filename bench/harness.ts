@@ -62,27 +62,28 @@ export function report(title: string, rows: Row[]): void {
 }
 
 /**
- * `rounds` rounds of (prepare, qemu and ours, verify); medians. Which side runs first alternates
- * by round: on this kind of machine the second command of a pair runs measurably slower (the
- * device is still busy with the first one's writeback), whichever it is.
+ * `rounds` rounds of qemu and ours; medians. Each timed command starts from `prepare()` (which
+ * removes every output of earlier commands) and written-back dirty pages, so it runs alone: on
+ * this kind of machine a command runs up to 3x slower while another freshly written image of
+ * 512 MiB is still on disk, whichever tool wrote it (measured by hand for both tools). Our output
+ * is checked by `verify` before it is removed. Which side runs first still alternates by round.
  */
 export function compare(what: string, rounds: number, prepare: () => void, qemu: () => { ms: number }, ours: () => { ms: number; rssKiB: number }, verify?: () => void): Row {
   const q: number[] = [];
   const o: number[] = [];
   let rss = 0;
-  // Dirty pages left by the previous command are written back before each timed command.
-  const settle = () => spawnSync('sync');
+  const settle = () => { prepare(); spawnSync('sync'); };
   const runQemu = () => { settle(); q.push(qemu().ms); };
   const runOurs = () => {
     settle();
     const r = ours();
     o.push(r.ms);
     rss = Math.max(rss, r.rssKiB);
+    verify?.();
   };
   for (let i = 0; i < rounds; i++) {
-    prepare();
     if (i % 2 === 0) { runQemu(); runOurs(); } else { runOurs(); runQemu(); }
-    verify?.();
   }
+  prepare();
   return { what, qemuMs: median(q), oursMs: median(o), oursRssMiB: rss / 1024 };
 }

@@ -5,7 +5,11 @@
  * never loads the broker, SQLite or the appliance plugins. better-sqlite3 stays outside the
  * bundle: it is a native addon that finds its binary through node_modules.
  */
+import { rmSync } from 'node:fs';
 import { build } from 'esbuild';
+
+// Chunk names carry content hashes: old chunks would pile up.
+rmSync('dist/cli', { recursive: true, force: true });
 
 await build({
   entryPoints: ['dist/bin/main.js'],

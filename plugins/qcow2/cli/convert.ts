@@ -31,8 +31,12 @@ export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', '
 export type CacheMode = (typeof CACHE_MODES)[number];
 
 const CHUNK = 2 * 1024 * 1024;
-/** Chunks copied at once. */
-const IN_FLIGHT = 8;
+/**
+ * Chunks copied at once: as many as the thread pool has threads. Writes to the target go one at
+ * a time anyway (ImageFile); more readers only compete for the two cores (measured: 8 was ~8 %
+ * slower than 4, 1 was ~20 % slower).
+ */
+const IN_FLIGHT = 4;
 
 export async function runConvert(args: ConvertArgs): Promise<void> {
   const src = await openImage(args.src, { readOnly: true, ...(args.srcFormat ? { format: args.srcFormat } : {}) });
