@@ -2,13 +2,17 @@
  * The copy loop shared by stream and commit. The range [offset, size) is taken in JOB_CHUNK
  * chunks: the next AHEAD chunks with work are found and read while earlier ones are written, up
  * to AHEAD chunks are written at once, and chunks are checkpointed in order, so a saved offset
- * never passes a chunk that is not done. Memory is bounded by AHEAD chunks read and AHEAD written.
+ * never passes a chunk that is not done. Memory is bounded by AHEAD chunks read and AHEAD written:
+ * each chunk is read into one of at most 2 × AHEAD buffers that the pipeline reuses (fresh buffers
+ * per chunk became garbage faster than V8 collects external memory: 135 MiB peak on a 16 GiB
+ * stream).
  *
  * Stretches without work (nextWork) are skipped as one step: on a large, sparsely written image
  * most chunks are empty, and a chunk each would both cost time and keep the read-ahead from
  * reaching the next chunk that has data.
  */
 import type { JobContext } from '../../../core/index.js';
+import { uninitialized } from '../format/bytes.js';
 import { JOB_CHUNK } from './resume.js';
 
 const AHEAD = 4;
@@ -17,8 +21,11 @@ export interface ChunkPipeline<T> {
   offset: number;
   size: number;
   ctx: JobContext;
-  /** Find and read what chunk [start, end) needs (no lock held: the write re-checks). */
-  prepare(start: number, end: number): Promise<T>;
+  /**
+   * Find and read what chunk [start, end) needs (no lock held: the write re-checks). `buf`
+   * (JOB_CHUNK bytes, byte i for offset start + i) is the chunk's own until its apply resolves.
+   */
+  prepare(start: number, end: number, buf: Uint8Array): Promise<T>;
   /** Write a prepared chunk; the data bytes it moved. */
   apply(work: T): Promise<number>;
   /**
@@ -31,12 +38,13 @@ export interface ChunkPipeline<T> {
 }
 
 /** One step of the walk: a chunk to prepare, or (without `work`) a stretch with nothing to do. */
-interface Step<T> { start: number; end: number; work?: Promise<T> }
+interface Step<T> { start: number; end: number; work?: Promise<T>; buf?: Uint8Array }
 
 export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
   const { size, ctx } = p;
   const reading: Step<T>[] = [];
-  const writing: { start: number; end: number; moved: Promise<number> }[] = [];
+  const writing: { start: number; end: number; moved: Promise<number>; buf?: Uint8Array }[] = [];
+  const free: Uint8Array[] = [];
   let nextRead = p.offset;
   let chunksAhead = 0;
   const refill = async () => {
@@ -51,9 +59,10 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
         }
       }
       const end = Math.min(size, nextRead + JOB_CHUNK);
-      const work = p.prepare(nextRead, end);
+      const buf = free.pop() ?? uninitialized(JOB_CHUNK);
+      const work = p.prepare(nextRead, end, buf);
       work.catch(() => {}); // surfaces when awaited below
-      reading.push({ start: nextRead, end, work });
+      reading.push({ start: nextRead, end, work, buf });
       chunksAhead++;
       nextRead = end;
     }
@@ -61,6 +70,7 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
   const settle = async () => {
     const c = writing.shift()!;
     const moved = await c.moved;
+    if (c.buf) free.push(c.buf);
     ctx.advance(c.end - c.start - moved);
     await p.beforeCheckpoint?.();
     await ctx.checkpoint(moved, { offset: c.end });
@@ -80,7 +90,7 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
         await refill();
         moved = Promise.resolve(0);
       }
-      writing.push({ start: step.start, end: step.end, moved });
+      writing.push({ start: step.start, end: step.end, moved, ...(step.buf ? { buf: step.buf } : {}) });
       if (writing.length >= AHEAD) await settle();
     }
     while (writing.length > 0) await settle();

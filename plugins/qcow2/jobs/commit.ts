@@ -24,11 +24,15 @@ export interface CommitOptions {
   active?: boolean | undefined;
 }
 
+/** What commit reads from the committed layers. */
+type Source = Pick<Image, 'read' | 'readInto' | 'blockStatus'>;
+
 /** The prototype's own I/O, bypassing a live gate installed on the object. */
-function direct(img: Image): Pick<Image, 'read' | 'blockStatus'> {
+function direct(img: Image): Source {
   const proto = Object.getPrototypeOf(img) as Image;
   return {
     read: (o, l) => proto.read.call(img, o, l),
+    readInto: (b, o) => proto.readInto.call(img, b, o),
     blockStatus: (o, l) => proto.blockStatus.call(img, o, l),
   };
 }
@@ -74,7 +78,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     if (offset > 0) ctx.setProgress(offset, size);
     await runChunkPipeline({
       offset, size, ctx,
-      prepare: (start, end) => readRange(top, src, limit, start, end),
+      prepare: (start, end, buf) => readRange(top, src, limit, start, end, buf),
       apply: (pieces) => writePieces(base, pieces),
       nextWork: (from) => nextAllocated(top, src, limit, from, size),
       // What a checkpoint says is copied must be in base's file first.
@@ -146,14 +150,23 @@ function nextAllocated(top: Image, src: Pick<Image, 'blockStatus'>, limit: numbe
 /** A piece to put into base: zeros, or data read from the committed layers. */
 interface Piece { start: number; length: number; data?: Uint8Array }
 
-/** Find and read what [start, end) of the committed layers holds. */
-async function readRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, start: number, end: number): Promise<Piece[]> {
+/**
+ * Find and read what [start, end) of the committed layers holds: into `buf` (byte i for offset
+ * start + i) when given, else into new buffers.
+ */
+async function readRange(top: Image, src: Source, limit: number, start: number, end: number, buf?: Uint8Array): Promise<Piece[]> {
   const out: Piece[] = [];
   for (const s of await allocatedAbove(top, src, limit, start, end)) {
     if (s.zero) out.push({ start: s.start, length: s.length });
+    else if (buf) out.push({ start: s.start, length: s.length, data: await intoBuffer(src, buf.subarray(s.start - start, s.start - start + s.length), s.start) });
     else out.push({ start: s.start, length: s.length, data: await src.read(s.start, s.length) });
   }
   return out;
+}
+
+async function intoBuffer(src: Source, buf: Uint8Array, offset: number): Promise<Uint8Array> {
+  await src.readInto(buf, offset);
+  return buf;
 }
 
 async function writePieces(base: Image, pieces: Piece[]): Promise<number> {
@@ -204,7 +217,7 @@ async function ownAllocations(top: Qcow2Image, start: number, end: number): Prom
 }
 
 /** Copy the ranges of [start, end) allocated in the committed layers into base; data bytes moved. */
-async function commitRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, start: number, end: number): Promise<number> {
+async function commitRange(top: Image, src: Source, limit: number, base: Image, start: number, end: number): Promise<number> {
   return writePieces(base, await readRange(top, src, limit, start, end));
 }
 
@@ -212,7 +225,7 @@ async function commitRange(top: Image, src: Pick<Image, 'read' | 'blockStatus'>,
 interface MirrorProgress { ctx: JobContext; total: number }
 
 /** Copy the ranges dirty now into base (growing base with the top); bytes moved. */
-async function syncDirty(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, dirty: DirtyMap,
+async function syncDirty(top: Image, src: Source, limit: number, base: Image, dirty: DirtyMap,
   progress: MirrorProgress | undefined): Promise<number> {
   let moved = 0;
   if (base.virtualSize < top.virtualSize) await base.resize(top.virtualSize);
@@ -235,7 +248,7 @@ async function syncDirty(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, l
 }
 
 /** Converge, report ready, then keep base in sync until the user completes (or cancels). */
-async function mirror(top: Image, src: Pick<Image, 'read' | 'blockStatus'>, limit: number, base: Image, dirty: DirtyMap, ctx: JobContext): Promise<void> {
+async function mirror(top: Image, src: Source, limit: number, base: Image, dirty: DirtyMap, ctx: JobContext): Promise<void> {
   const progress: MirrorProgress = { ctx, total: top.virtualSize };
   // Converge: a few passes over what writers dirtied meanwhile (writers may never stop).
   for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(top, src, limit, base, dirty, progress);

@@ -59,6 +59,14 @@ export async function readPadded(source: Image, start: number, end: number): Pro
   return out;
 }
 
+/** Fill `buf` with `source` from offset `start` (zeros past its end); returns `buf`. */
+export async function readPaddedInto(source: Pick<Image, 'readInto' | 'virtualSize'>, buf: Uint8Array, start: number): Promise<Uint8Array> {
+  const n = Math.max(0, Math.min(buf.length, source.virtualSize - start));
+  if (n > 0) await source.readInto(buf.subarray(0, n), start);
+  if (n < buf.length) buf.fill(0, n);
+  return buf;
+}
+
 /**
  * Write the fills into clusters that are still unallocated; returns the data bytes written.
  * Data fills go first through the engine's concurrent copy-on-read write; what it leaves (a

@@ -8,7 +8,7 @@ import type { Qcow2Image } from '../engine/qcow2-image.js';
 import type { Image } from '../engine/types.js';
 import { backingNameFor, asQcow2, assertAbove, assertWritable, findLayer, layersOf } from './chain-layers.js';
 import { relinkChains, switchBacking } from './backing-switch.js';
-import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
+import { applyFills, groupClusters, readPaddedInto, unallocatedRuns, type Fill } from './copy-on-read.js';
 import { runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
 
@@ -36,7 +36,7 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
 
   await runChunkPipeline({
     offset, size, ctx,
-    prepare: (start, end) => prepareChunk(img, start, end, limit, base !== undefined),
+    prepare: (start, end, buf) => prepareChunk(img, start, end, buf, limit, base !== undefined),
     apply: (fills) => applyFills(img, fills),
     nextWork: (from) => nextToFill(img, from, limit),
   });
@@ -71,8 +71,11 @@ function nextToFill(img: Qcow2Image, from: number, limit: number): Promise<numbe
   });
 }
 
-/** What one chunk needs: the chain's data for the clusters the image leaves unallocated. */
-async function prepareChunk(img: Qcow2Image, start: number, end: number, limit: number, keepBase: boolean): Promise<Fill[]> {
+/**
+ * What one chunk needs: the chain's data for the clusters the image leaves unallocated, read into
+ * the chunk's buffer (`buf`, byte i for offset start + i).
+ */
+async function prepareChunk(img: Qcow2Image, start: number, end: number, buf: Uint8Array, limit: number, keepBase: boolean): Promise<Fill[]> {
   const backing = img.backing;
   if (!backing || limit <= 0) return [];
   const fills: Fill[] = [];
@@ -89,7 +92,7 @@ async function prepareChunk(img: Qcow2Image, start: number, end: number, limit: 
     for (const g of groups) {
       if (g.kind === 'skip') continue;
       if (g.kind === 'zero') fills.push({ start: g.start, end: g.end, kind: 'zero' });
-      else fills.push({ start: g.start, end: g.end, kind: 'data', data: await readPadded(backing, g.start, g.end) });
+      else fills.push({ start: g.start, end: g.end, kind: 'data', data: await readPaddedInto(backing, buf.subarray(g.start - start, g.end - start), g.start) });
     }
   }
   return fills;
