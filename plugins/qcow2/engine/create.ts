@@ -1,6 +1,6 @@
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { InvalidArgument } from '../../../core/index.js';
-import { setU64, view } from '../format/bytes.js';
+import { alignUp, setU64, view } from '../format/bytes.js';
 import { COMPAT_LAZY_REFCOUNTS, MAX_BACKING_NAME, MAX_L1_BYTES } from '../format/constants.js';
 import { encodeHeader, setBackingFormat, type Header } from '../format/header.js';
 import { entriesPerBlock, setRefcount } from '../format/refcount-block.js';
@@ -26,7 +26,8 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     if (opts.backingFile !== undefined) throw new InvalidArgument(`create ${path}: raw images cannot have a backing file`, { ref: path });
     if (size === undefined) throw new InvalidArgument(`create ${path}: size is required`, { ref: path });
     const f = await ImageFile.create(abs, opts.overwrite ?? false);
-    try { await f.truncate(size); } finally { await f.close(); }
+    // Like QEMU: a disk is whole 512-byte sectors.
+    try { await f.truncate(alignUp(size, 512)); } finally { await f.close(); }
     return;
   }
   if (format !== 'qcow2') throw new InvalidArgument(`create ${path}: unknown format ${JSON.stringify(format)}`, { ref: path, hint: 'use qcow2 or raw' });

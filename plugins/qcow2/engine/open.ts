@@ -6,6 +6,7 @@ import {
 } from '../format/constants.js';
 import { assertSupported, backingFormatOf, decodeHeader, hasQcowMagic, HEADER_PROBE_BYTES, type Header } from '../format/header.js';
 import { decodeSnapshotTable } from '../format/snapshot-table.js';
+import { alignUp } from '../format/bytes.js';
 import { ImageFile, fileError } from './file.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { RawImage } from './raw-image.js';
@@ -59,7 +60,8 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
     const fileSize = await file.size();
     const head = await file.read(0, Math.min(fileSize, HEADER_PROBE_BYTES));
     const fmt = format ?? (hasQcowMagic(head) ? 'qcow2' : 'raw');
-    if (fmt === 'raw') return new RawImage(path, file, readOnly, fileSize);
+    // As QEMU sees a raw file: whole 512-byte sectors, the part past the end of the file reads as zeros.
+    if (fmt === 'raw') return new RawImage(path, file, readOnly, alignUp(fileSize, 512));
 
     const h = decodeHeader(head, path);
     assertSupported(h, path);

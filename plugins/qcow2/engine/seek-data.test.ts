@@ -1,10 +1,10 @@
-import { closeSync, openSync, ftruncateSync, writeSync } from 'node:fs';
+import { closeSync, openSync, ftruncateSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { dataMap } from '../cli/convert.js';
 import { runMap } from '../cli/map.js';
 import type { ImgOutput } from '../cli/output.js';
-import { openImage } from '../index.js';
+import { createImage, openImage } from '../index.js';
 import { hasQemu, ok, qemuIo, tempDir, warnIfNoQemu } from '../test/helpers.js';
 import { dataExtents, seekDataAvailable, setSeekDataEnabled } from './seek-data.js';
 
@@ -98,6 +98,21 @@ describe('SEEK_DATA / SEEK_HOLE on raw files', () => {
     } finally {
       await img.close();
     }
+  });
+
+  it.skipIf(!hasQemu)('a raw file that is not whole sectors: size, map and create as qemu-img (rounded up to 512)', async () => {
+    const f = join(dir, 'odd.raw');
+    writeFileSync(f, Buffer.alloc(1000, 9));
+    const theirs = JSON.parse(ok('qemu-img', ['info', '--output=json', '-f', 'raw', f])) as { 'virtual-size': number };
+    const img = await openImage(f);
+    expect(img.virtualSize).toBe(theirs['virtual-size']);
+    expect(Array.from(await img.read(996, 28))).toEqual([9, 9, 9, 9, ...new Array(24).fill(0)]);
+    await img.close();
+    if (native) expect(await ourMap(f)).toBe(ok('qemu-img', ['map', '--output=json', '-f', 'raw', f]));
+    const made = join(dir, 'made-1000.raw');
+    await createImage(made, { format: 'raw', size: 1000 });
+    ok('qemu-img', ['create', '-q', '-f', 'raw', join(dir, 'theirs-1000.raw'), '1000']);
+    expect(statSync(made).size).toBe(statSync(join(dir, 'theirs-1000.raw')).size);
   });
 
   describe.skipIf(!hasQemu)('img map --output=json equals qemu-img map byte for byte', () => {
