@@ -18,11 +18,16 @@ export interface RunCliOptions {
   contributions?: readonly CliContribution[];
   io?: OutputStreams;
   env?: NodeJS.ProcessEnv;
+  /**
+   * Exit code for bad usage (default 2). `offload img` uses 1, as qemu-img does: there 2 means
+   * "corruptions found" to a script that runs `img check`.
+   */
+  usageExitCode?: number;
 }
 
 /**
  * Run the command line and return the exit code: 0 success, 1 the operation failed, 2 bad usage
- * (including a broken config). Errors are one line, without a stack trace.
+ * (including a broken config; see usageExitCode). Errors are one line, without a stack trace.
  */
 export async function runCli(argv: string[], opts: RunCliOptions): Promise<number> {
   const io = opts.io ?? { stdout: process.stdout, stderr: process.stderr };
@@ -79,7 +84,7 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
   try {
     await program.parseAsync(argv, { from: 'user' });
   } catch (e) {
-    exitCode = reportError(e, out);
+    exitCode = reportError(e, out, opts.usageExitCode ?? 2);
   } finally {
     if (broker) await broker.close().catch(() => undefined);
   }
@@ -90,24 +95,24 @@ function allCommands(c: Command): Command[] {
   return [c, ...c.commands.flatMap(allCommands)];
 }
 
-function reportError(e: unknown, out: Output): number {
+function reportError(e: unknown, out: Output, usage: number): number {
   if (e instanceof CommanderError) {
     if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return 0;
     // Help shown because a command was missing (`offload`, `offload volume`) is bad usage.
-    if (e.code === 'commander.help') return 2;
+    if (e.code === 'commander.help') return usage;
     out.error(`offload: ${e.message.replace(/^error: /, '')}`);
-    return 2;
+    return usage;
   }
   if (e instanceof UsageError) {
     out.error(`offload: ${e.message}`);
-    return 2;
+    return usage;
   }
   if (e instanceof OffloadError) {
     if (out.json) out.print({ error: e.toJSON() });
     out.error(`offload: ${isConfigError(e) ? 'config error' : e.code}: ${e.describe()}`);
     // Bad input (a broken config, an invalid name or size) is bad usage: exit 2 — but a job that
     // started and then failed is a failed operation, whatever its error.
-    return e.code === 'InvalidArgument' && e.data?.job === undefined ? 2 : 1;
+    return e.code === 'InvalidArgument' && e.data?.job === undefined ? usage : 1;
   }
   const msg = e instanceof Error ? e.message : String(e);
   out.error(`offload: internal error: ${secrets.redact(msg.split('\n')[0]!)}`);

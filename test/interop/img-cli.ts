@@ -1,6 +1,6 @@
 /** Running `offload img …` in-process with a CliContext that captures output (for tests). */
 import { Command } from 'commander';
-import { UsageError, type CliContext } from '../../core/index.js';
+import type { CliContext } from '../../core/index.js';
 import { registerImgCommands } from '../../plugins/qcow2/cli/img-command.js';
 import type { RunResult } from './img-qemu.js';
 
@@ -43,8 +43,8 @@ export async function runImg(args: string[], cwd: string, opts: { json?: boolean
     const err = e as { code?: string; message?: string; describe?: () => string };
     // One line, as bin/offload prints it: "offload: CODE: message (hint)".
     stderr += `offload: ${typeof err.describe === 'function' ? `${err.code}: ${err.describe()}` : err.message}\n`;
-    // As bin/offload maps them: commander errors, usage errors and InvalidArgument 2, the rest 1.
-    status = err.code?.startsWith('commander.') || err.code === 'InvalidArgument' || e instanceof UsageError ? 2 : 1;
+    // As bin/offload maps them for `img` (qemu-img's codes): a failure, bad usage included, is 1.
+    status = 1;
   } finally {
     process.chdir(prev);
   }

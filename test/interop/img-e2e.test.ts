@@ -68,4 +68,14 @@ describe.skipIf(!HAVE_QEMU)('offload img end to end (bin/main.ts)', () => {
     expect(o.stdout).toBe('');
     expect(o.stderr.trim().split('\n')).toHaveLength(1);
   });
+
+  it('bad usage exits 1 as qemu-img does (2 would read as "corruptions found" after img check)', () => {
+    for (const args of [['check', '--output=josn', 'top.qcow2'], ['check', '--no-such-flag', 'top.qcow2'], ['create', '-f', 'qcow2', 'x.qcow2', '-5']]) {
+      const q = run('qemu-img', args, dir);
+      const o = offload(['img', ...args], dir);
+      expect(q.status, `qemu-img ${args.join(' ')}`).toBe(1);
+      expect(o.status, `offload img ${args.join(' ')}`).toBe(1);
+      expect(o.stderr.trim().split('\n')).toHaveLength(1);
+    }
+  });
 });
