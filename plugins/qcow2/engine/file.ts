@@ -132,6 +132,17 @@ export class ImageFile {
   }
 
   /**
+   * Write the metadata clusters held dirty in `dirty` (host offset → contents) and empty it;
+   * returns what was written, for the caller's cache. Clusters dirtied meanwhile stay for later.
+   */
+  async writeTables(dirty: Map<number, Uint8Array>): Promise<[number, Uint8Array][]> {
+    const tables = [...dirty];
+    dirty.clear();
+    await Promise.all(tables.map(([off, t]) => this.write(off, t)));
+    return tables;
+  }
+
+  /**
    * Write the 8-byte entries `indexes` of `table` (an L1 or refcount table held in memory) to its
    * copy at `tableOffset`, one write per run of consecutive indexes.
    */

@@ -131,10 +131,7 @@ export class Qcow2Image implements Image {
   async flushMetadataLocked(): Promise<void> {
     if (!this.hasDirtyMetadata()) return;
     await this.refcounts.writeDirty();
-    const tables = [...this.dirtyL2];
-    this.dirtyL2.clear();
-    await Promise.all(tables.map(([off, t]) => this.file.write(off, t)));
-    for (const [off, t] of tables) this.l2cache.set(off, t);
+    for (const [off, t] of await this.file.writeTables(this.dirtyL2)) this.l2cache.set(off, t);
     const l1 = [...this.dirtyL1];
     this.dirtyL1.clear();
     await this.file.writeEntries(this.h.l1TableOffset, this.l1, l1);

@@ -138,10 +138,7 @@ export class Refcounts {
 
   /** Write the dirty refcount blocks, then the table entries that point at new ones. */
   async writeDirty(): Promise<void> {
-    const blocks = [...this.dirty];
-    this.dirty.clear();
-    await Promise.all(blocks.map(([off, b]) => this.file.write(off, b)));
-    for (const [off, b] of blocks) this.cache.set(off, b);
+    for (const [off, b] of await this.file.writeTables(this.dirty)) this.cache.set(off, b);
     const entries = [...this.dirtyEntries];
     this.dirtyEntries.clear();
     await this.file.writeEntries(this.tableOffset, this.table, entries);
