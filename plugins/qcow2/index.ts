@@ -28,7 +28,7 @@
  *   backing); writeZeroes uses the zero flag on v3; snapshot create/apply/delete switch the header
  *   once, so a crash at any point leaves either the old or the new state, never a corruption.
  *   A raw image has no snapshots and no check (Unsupported); its map reports the file's allocated
- *   extents as data, as qemu-img does, through the optional native/seek addon (lseek SEEK_DATA);
+ *   extents as data, as qemu-img does, through the optional native/fileio addon (lseek SEEK_DATA);
  *   without it, all-zero 4 KiB blocks of a sparse file count as holes.
  *
  *   probeFormat(path) → 'qcow2' | 'raw'

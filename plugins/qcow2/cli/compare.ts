@@ -5,7 +5,7 @@
  * larger must be zero. Ranges both images report as zero are not read.
  */
 import { openImage, type BlockStatus, type Image, type ImageFormat } from '../index.js';
-import { dataMap } from './convert.js';
+import { dataMap } from '../engine/copy-image.js';
 import type { ImgOutput } from './output.js';
 
 export interface CompareArgs {

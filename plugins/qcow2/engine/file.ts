@@ -1,7 +1,20 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError } from '../../../core/index.js';
 import { dataExtents } from './seek-data.js';
+import { nativeAddon, type CopyRangesOptions } from './native-addon.js';
 import { ioBuffer } from '../format/bytes.js';
+
+let nativeCopyOff = false;
+
+/** Whether ImageFile.copyIn can run: the native helper is built (and not switched off). */
+export function nativeCopyAvailable(): boolean {
+  return !nativeCopyOff && nativeAddon() !== null;
+}
+
+/** Switch the native copy off (tests of the fallback) or back on. */
+export function setNativeCopyEnabled(enabled: boolean): void {
+  nativeCopyOff = !enabled;
+}
 
 /** How an image file is synced (see OpenOptions.cache and OpenOptions.writeBehind). */
 export interface SyncMode {
@@ -117,6 +130,33 @@ export class ImageFile {
     }
     this.unsynced += data.length;
     if (this.mode.writeBehind && !this.mode.skipSync && this.unsynced >= WRITE_BEHIND) this.writeBehind();
+  }
+
+  /**
+   * Copy [srcPos, dstPos, length] triples (`ops`) from `src` into this file with the native
+   * helper (native/fileio/copy.c: a reader and a writer thread, blocks that are all zero left
+   * out), in order with this file's other writes. With `opts.alloc` (qcow2 targets) dstPos is a
+   * guest offset and each non-zero block goes to the next host offset from `alloc`; the result
+   * lists [guest, host] pairs. Only when nativeCopyAvailable().
+   */
+  async copyIn(src: ImageFile, ops: Float64Array, opts: CopyRangesOptions): Promise<Float64Array> {
+    if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
+    const addon = nativeCopyAvailable() ? nativeAddon() : null;
+    if (!addon) throw new FailedPrecondition(`${this.path}: the native copy helper is not available`, { ref: this.path });
+    const run = this.writeTail.then(async () => {
+      let pairs: Float64Array;
+      try {
+        pairs = await addon.copyRanges(src.fh.fd, this.fh.fd, ops, opts);
+      } catch (e) {
+        const read = String((e as Error)?.message).startsWith('read');
+        throw fileError(e, read ? src.path : this.path, read ? 'read' : 'write');
+      }
+      for (let i = 2; i < ops.length; i += 3) this.unsynced += ops[i]!;
+      if (this.mode.writeBehind && !this.mode.skipSync && this.unsynced >= WRITE_BEHIND) this.writeBehind();
+      return pairs;
+    });
+    this.writeTail = run.catch(() => {});
+    return run;
   }
 
   /**

@@ -478,6 +478,57 @@ export class Qcow2Image implements Image {
     return p - offset;
   }
 
+  /**
+   * Fill unallocated clusters straight from another file with the native copy (ImageFile.copyIn):
+   * `ops` are [srcPos, guest, length] triples over whole clusters (a length may end at the
+   * virtual size instead). Clusters that read as all zero stay unallocated; the others get
+   * new space in order, from the end of the allocated area.
+   * For `convert` into a new image: every cluster must be unallocated (InvalidArgument if not).
+   */
+  async copyFromFile(src: ImageFile, ops: Float64Array): Promise<void> {
+    this.assertWritable();
+    const cs = this.cs;
+    for (let i = 0; i < ops.length; i += 3) {
+      const guest = ops[i + 1]!;
+      const len = ops[i + 2]!;
+      this.checkRange(guest, len);
+      if (guest % cs !== 0 || (len % cs !== 0 && guest + len !== this.h.size)) {
+        throw new InvalidArgument(`${this.path}: copyFromFile needs whole clusters`, { ref: this.path });
+      }
+    }
+    if (ops.length === 0) return;
+    await this.lock.exclusive(async () => {
+      for (let i = 0; i < ops.length; i += 3) {
+        for (const r of await this.runs(ops[i + 1]!, ops[i + 2]!)) {
+          if (r.entry.kind !== 'unallocated') {
+            throw new InvalidArgument(`${this.path}: copyFromFile into allocated clusters at ${r.start}`, { ref: this.path });
+          }
+        }
+      }
+      // Past everything allocated: the native side hands these out in order, and nothing else
+      // allocates while the exclusive lock is held. Only what it used is then claimed.
+      const host = Math.ceil(Math.max(this.fileLen, this.refcounts.highWater * cs) / cs) * cs;
+      const pairs = await this.file.copyIn(src, ops, { block: cs, alloc: host });
+      const used = pairs.length / 2;
+      if (used > 0) await this.refcounts.claim(host, used);
+      this.fileLen = Math.max(this.fileLen, host + used * cs);
+      for (let i = 0; i < pairs.length;) {
+        const l1i = Math.floor(pairs[i]! / cs / this.l2Entries);
+        const { offset: l2off, table } = await this.l2ForWrite(l1i);
+        let lo = this.l2Entries;
+        let hi = 0;
+        for (; i < pairs.length && Math.floor(pairs[i]! / cs / this.l2Entries) === l1i; i += 2) {
+          const idx = (pairs[i]! / cs) % this.l2Entries;
+          writeEntry(table, idx, ...encodeL2Normal(pairs[i + 1]!, true));
+          lo = Math.min(lo, idx);
+          hi = Math.max(hi, idx + 1);
+        }
+        await this.writeL2(l2off, table, lo, hi);
+      }
+      await this.flushIfFull();
+    });
+  }
+
   /** Write with allocation; caller holds the exclusive lock. */
   async writeLocked(offset: number, data: Uint8Array): Promise<void> {
     const end = offset + data.length;

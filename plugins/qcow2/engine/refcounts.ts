@@ -121,6 +121,33 @@ export class Refcounts {
     return c * this.cs;
   }
 
+  /**
+   * Take the n clusters from `offset`, which lie at or past highWater (where nothing is in use)
+   * and already hold data written there: refcount 1 each. Corrupt if one is in use after all.
+   */
+  async claim(offset: number, n: number): Promise<void> {
+    const c = Math.floor(offset / this.cs);
+    for (let i = c; i < c + n;) {
+      const bi = Math.floor(i / this.epb);
+      const stop = Math.min(c + n, (bi + 1) * this.epb);
+      const b = await this.block(bi);
+      for (; i < stop; i++) {
+        if (b && getRefcount(b, i % this.epb, this.order) !== 0) {
+          throw new Corrupt(`${this.file.path}: cluster ${i} past the end of the image is marked in use`, {
+            ref: this.file.path, hint: 'the refcounts are damaged; repair with `check -r all`',
+          });
+        }
+      }
+    }
+    this.reserved.push([c, c + n]);
+    try {
+      await this.update(c, n, 1);
+    } finally {
+      this.reserved.splice(this.reserved.findIndex(([s]) => s === c), 1);
+    }
+    this.highWater = Math.max(this.highWater, c + n);
+  }
+
   /** Drop one reference from n clusters starting at a host offset. */
   async free(offset: number, n: number): Promise<void> {
     const c = Math.floor(offset / this.cs);

@@ -1,7 +1,7 @@
 import { closeSync, openSync, ftruncateSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { dataMap } from '../cli/convert.js';
+import { dataMap } from './copy-image.js';
 import { runMap } from '../cli/map.js';
 import type { ImgOutput } from '../cli/output.js';
 import { createImage, openImage } from '../index.js';
@@ -11,7 +11,7 @@ import { dataExtents, seekDataAvailable, setSeekDataEnabled } from './seek-data.
 const K = 1024;
 const M = 1024 * K;
 const native = seekDataAvailable();
-if (!native) console.warn('SKIPPED native SEEK_DATA tests: native/seek is not built (npm run build:native)');
+if (!native) console.warn('SKIPPED native SEEK_DATA tests: native/fileio is not built (npm run build:native)');
 warnIfNoQemu('raw map vs qemu-img map');
 
 /** A sparse file of `size` bytes with `fill` written at each [offset, length]. */

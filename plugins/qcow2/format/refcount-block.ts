@@ -20,8 +20,9 @@ export function getRefcount(block: Uint8Array, index: number, order: number): nu
       return (block[bitPos >> 3]! >> (bitPos & 7)) & ((1 << bits) - 1);
     }
     case 3: return block[index]!;
-    case 4: return view(block).getUint16(index * 2);
-    case 5: return view(block).getUint32(index * 4);
+    // 16 and 32 bits by hand: a DataView per entry was most of an allocation-heavy convert's CPU.
+    case 4: return (block[index * 2]! << 8) | block[index * 2 + 1]!;
+    case 5: return block[index * 4]! * 0x100_0000 + ((block[index * 4 + 1]! << 16) | (block[index * 4 + 2]! << 8) | block[index * 4 + 3]!);
     default: return getU64(view(block), index * 8);
   }
 }
@@ -37,8 +38,16 @@ export function setRefcount(block: Uint8Array, index: number, order: number, val
       return;
     }
     case 3: block[index] = value; return;
-    case 4: view(block).setUint16(index * 2, value); return;
-    case 5: view(block).setUint32(index * 4, value); return;
+    case 4:
+      block[index * 2] = value >>> 8;
+      block[index * 2 + 1] = value;
+      return;
+    case 5:
+      block[index * 4] = value >>> 24;
+      block[index * 4 + 1] = value >>> 16;
+      block[index * 4 + 2] = value >>> 8;
+      block[index * 4 + 3] = value;
+      return;
     default: setU64(view(block), index * 8, value);
   }
 }

@@ -1,5 +1,5 @@
 /*
- * offload_seek: lseek(SEEK_DATA / SEEK_HOLE) for Node, which has no binding for them.
+ * seek(): lseek(SEEK_DATA / SEEK_HOLE) for Node, which has no binding for them.
  *
  *   seek(fd, offset, whence) -> the resulting offset, or -1 when lseek fails with ENXIO
  *   (SEEK_DATA: no data at or after offset; either: offset is at or past the end of the file).
@@ -17,42 +17,9 @@
 #include <string.h>
 #include <sys/types.h>
 #include <unistd.h>
-#include <node_api.h>
+#include "fileio.h"
 
-#define CHECK(env, call)                                                   \
-  do {                                                                     \
-    if ((call) != napi_ok) {                                               \
-      napi_throw_error((env), "EINVAL", "offload_seek: " #call " failed"); \
-      return NULL;                                                         \
-    }                                                                      \
-  } while (0)
-
-static const char *errno_name(int err) {
-  switch (err) {
-    case EINVAL: return "EINVAL";
-    case EBADF: return "EBADF";
-    case ESPIPE: return "ESPIPE";
-    case EOVERFLOW: return "EOVERFLOW";
-    case ENXIO: return "ENXIO";
-    case EIO: return "EIO";
-#ifdef ENOTSUP
-    case ENOTSUP: return "ENOTSUP";
-#endif
-#if defined(EOPNOTSUPP) && (!defined(ENOTSUP) || EOPNOTSUPP != ENOTSUP)
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-#endif
-    default: return "EUNKNOWN";
-  }
-}
-
-static napi_value throw_errno(napi_env env, int err, const char *what) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
-  napi_throw_error(env, errno_name(err), msg);
-  return NULL;
-}
-
-static napi_value do_seek(napi_env env, napi_callback_info info) {
+napi_value offload_seek(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3];
   CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
@@ -73,25 +40,18 @@ static napi_value do_seek(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "EINVAL", "seek: whence must be 0 (SEEK_DATA) or 1 (SEEK_HOLE)");
     return NULL;
   }
-  if (offset < 0) return throw_errno(env, EINVAL, "lseek");
+  if (offset < 0) return offload_throw_errno(env, EINVAL, "lseek");
   off_t r = lseek(fd, (off_t)offset, which == 0 ? SEEK_DATA : SEEK_HOLE);
   if (r < 0) {
     int err = errno;
     if (err == ENXIO) r = -1;
-    else return throw_errno(env, err, which == 0 ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)");
+    else return offload_throw_errno(env, err, which == 0 ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)");
   }
   napi_value out;
   CHECK(env, napi_create_int64(env, (int64_t)r, &out));
   return out;
 #else
   (void)fd; (void)which; (void)offset;
-  return throw_errno(env, EINVAL, "lseek(SEEK_DATA/SEEK_HOLE) is not available on this system");
+  return offload_throw_errno(env, EINVAL, "lseek(SEEK_DATA/SEEK_HOLE) is not available on this system");
 #endif
-}
-
-NAPI_MODULE_INIT() {
-  napi_value fn;
-  CHECK(env, napi_create_function(env, "seek", NAPI_AUTO_LENGTH, do_seek, NULL, &fn));
-  CHECK(env, napi_set_named_property(env, exports, "seek", fn));
-  return exports;
 }

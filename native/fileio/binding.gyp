@@ -1,0 +1,11 @@
+{
+  "targets": [
+    {
+      "target_name": "offload_fileio",
+      "sources": ["addon.c", "common.c", "seek.c", "copy.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra"],
+      "libraries": ["-lpthread"],
+      "defines": ["NAPI_VERSION=8"]
+    }
+  ]
+}

@@ -1,0 +1,59 @@
+/**
+ * The optional native helper (native/fileio, built by `npm run build:native`, part of
+ * `npm install`): lseek SEEK_DATA/SEEK_HOLE, which Node does not expose (seek-data.ts), and a
+ * pipelined file-to-file copy (file.ts `copyIn`). Without it the engine still works: raw images
+ * are scanned for holes and copies go through Node's thread pool.
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface CopyRangesOptions {
+  /** Zero detection in bytes (a power of two, 512 .. 2 MiB); 0 writes everything. */
+  block: number;
+  /** Sequential allocation from this host offset (qcow2 targets); see native/fileio/copy.c. */
+  alloc?: number;
+}
+
+export interface NativeAddon {
+  /** The offset lseek(fd, offset, whence) returns, -1 for ENXIO; throws (with `code`) on other errors. */
+  seek(fd: number, offset: number, whence: 0 | 1): number;
+  /**
+   * Copy [srcPos, dstPos, length] triples from one descriptor to another off the main thread;
+   * with `alloc`, resolves to [guest, host] pairs of the blocks written. Rejects with `code`.
+   */
+  copyRanges(srcFd: number, dstFd: number, ops: Float64Array, opts: CopyRangesOptions): Promise<Float64Array>;
+}
+
+const ADDON = join('native', 'fileio', 'build', 'Release', 'offload_fileio.node');
+
+let addon: NativeAddon | null | undefined; // undefined: not loaded yet; null: unavailable
+
+/**
+ * The addon, from the package root: the first folder above this module that holds package.json
+ * (this file runs from plugins/qcow2/engine/ under tsx/vitest, from dist/plugins/qcow2/engine/
+ * when built and from dist/cli/ when bundled; dist/ has no package.json).
+ */
+export function nativeAddon(): NativeAddon | null {
+  if (addon !== undefined) return addon;
+  addon = null;
+  for (let dir = dirname(fileURLToPath(import.meta.url)); ; ) {
+    if (existsSync(join(dir, 'package.json'))) {
+      const path = join(dir, ADDON);
+      if (existsSync(path)) {
+        try {
+          const mod = createRequire(import.meta.url)(path) as Partial<NativeAddon>;
+          if (typeof mod.seek === 'function' && typeof mod.copyRanges === 'function') addon = mod as NativeAddon;
+        } catch {
+          // built for another Node ABI or platform: behave as if it were not built
+        }
+      }
+      break;
+    }
+    const up = dirname(dir);
+    if (up === dir) break;
+    dir = up;
+  }
+  return addon;
+}
