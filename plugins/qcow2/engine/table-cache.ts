@@ -17,6 +17,11 @@ export class TableCache {
     return t;
   }
 
+  /** Whether `offset` is cached (without making it the most recently used). */
+  has(offset: number): boolean {
+    return this.map.has(offset);
+  }
+
   set(offset: number, table: Uint8Array): void {
     const old = this.map.get(offset);
     if (old) { this.bytes -= old.length; this.map.delete(offset); }
