@@ -1,19 +1,15 @@
-import { Command, CommanderError } from 'commander';
 import type { ContainerModule } from 'inversify';
-import type { Broker } from '../broker-api.js';
-import { isConfigError } from '../config/config-error.js';
-import { secrets } from '../config/secrets.js';
-import { OffloadError } from '../model/errors.js';
-import { CliContribution, UsageError, type CliContext } from './contribution.js';
-import { Output, type OutputStreams } from './output.js';
+import type { CliContribution } from './contribution.js';
+import { runCommandLine } from './command-line.js';
+import type { OutputStreams } from './output.js';
 import { registerBrokerCommands } from './commands/index.js';
 
 export interface RunCliOptions {
   /** Plugin modules: their CLI contributions are added, and the broker (when a command opens one) uses them. */
   plugins: readonly ContainerModule[];
   /**
-   * Contributions given directly, without loading plugin modules: `offload img` starts this way,
-   * so a qemu-img–style call does not pay for inversify, the config schemas and SQLite.
+   * Contributions given directly, without loading plugin modules: bin/main.ts starts `offload img`
+   * this way, so a qemu-img–style call does not pay for inversify, the config schemas and SQLite.
    */
   contributions?: readonly CliContribution[];
   io?: OutputStreams;
@@ -26,96 +22,28 @@ export interface RunCliOptions {
 }
 
 /**
- * Run the command line and return the exit code: 0 success, 1 the operation failed, 2 bad usage
- * (including a broken config; see usageExitCode). Errors are one line, without a stack trace.
+ * Run the command line — the broker verbs (`backends`, `volume`, `jobs`, …) and the plugins'
+ * commands — and return the exit code: 0 success, 1 the operation failed, 2 bad usage (including
+ * a broken config; see usageExitCode). Errors are one line, without a stack trace.
  */
 export async function runCli(argv: string[], opts: RunCliOptions): Promise<number> {
-  const io = opts.io ?? { stdout: process.stdout, stderr: process.stderr };
   const env = opts.env ?? process.env;
-  const json = argv.includes('--json');
-  const out = new Output(io, json);
-  let exitCode = 0;
-  let broker: Broker | undefined;
-  let brokerPromise: Promise<Broker> | undefined;
-
-  const program = new Command('offload')
-    .description('Offload Broker: volumes, snapshots, clones and chain jobs, run where the data is')
-    .option('--config <file>', 'config file (default ./offload.yaml, or $OFFLOAD_CONFIG)')
-    .option('--json', 'print results as JSON')
-    .showHelpAfterError(false)
-    .exitOverride()
-    .configureOutput({
-      writeOut: (s) => io.stdout.write(s),
-      writeErr: (s) => io.stderr.write(s),
-      outputError: () => undefined, // printed below, once, in our format
-    });
-
-  const ctx: CliContext = {
-    json,
-    broker: () => {
-      brokerPromise ??= (async () => {
-        const file = (program.opts().config as string | undefined) ?? env.OFFLOAD_CONFIG ?? './offload.yaml';
-        const { createBroker } = await import('../broker.js');
-        broker = await createBroker(file, { plugins: opts.plugins, env });
-        return broker;
-      })();
-      return brokerPromise;
+  return runCommandLine(argv, {
+    io: opts.io,
+    env,
+    usageExitCode: opts.usageExitCode,
+    openBroker: async (file) => {
+      const { createBroker } = await import('../broker.js');
+      return createBroker(file, { plugins: opts.plugins, env });
     },
-    print: (value, human) => out.print(value, human),
-    table: (rows, columns) => out.table(rows, columns),
-    setExitCode: (code) => {
-      exitCode = code;
+    register: async (program, ctx) => {
+      registerBrokerCommands(program, ctx);
+      const contributions = [...(opts.contributions ?? [])];
+      if (opts.plugins.length > 0) {
+        const { loadPlugins } = await import('../backend/plugin-container.js');
+        contributions.push(...(await loadPlugins(opts.plugins)).contributions);
+      }
+      for (const c of contributions) c.register(program, ctx);
     },
-    progress: (label) => out.progress(label),
-  };
-
-  registerBrokerCommands(program, ctx);
-  const contributions = [...(opts.contributions ?? [])];
-  if (opts.plugins.length > 0) {
-    const { loadPlugins } = await import('../backend/plugin-container.js');
-    contributions.push(...(await loadPlugins(opts.plugins)).contributions);
-  }
-  for (const c of contributions) c.register(program, ctx);
-  for (const cmd of allCommands(program)) {
-    cmd.exitOverride();
-    cmd.configureOutput({ writeOut: (s) => io.stdout.write(s), writeErr: (s) => io.stderr.write(s), outputError: () => undefined });
-  }
-
-  try {
-    await program.parseAsync(argv, { from: 'user' });
-  } catch (e) {
-    exitCode = reportError(e, out, opts.usageExitCode ?? 2);
-  } finally {
-    if (broker) await broker.close().catch(() => undefined);
-  }
-  return exitCode;
-}
-
-function allCommands(c: Command): Command[] {
-  return [c, ...c.commands.flatMap(allCommands)];
-}
-
-function reportError(e: unknown, out: Output, usage: number): number {
-  if (e instanceof CommanderError) {
-    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return 0;
-    // Help shown because a command was missing (`offload`, `offload volume`) is bad usage.
-    if (e.code === 'commander.help') return usage;
-    out.error(`offload: ${e.message.replace(/^error: /, '')}`);
-    return usage;
-  }
-  if (e instanceof UsageError) {
-    out.error(`offload: ${e.message}`);
-    return usage;
-  }
-  if (e instanceof OffloadError) {
-    if (out.json) out.print({ error: e.toJSON() });
-    out.error(`offload: ${isConfigError(e) ? 'config error' : e.code}: ${e.describe()}`);
-    // Bad input (a broken config, an invalid name or size) is bad usage: exit 2 — but a job that
-    // started and then failed is a failed operation, whatever its error.
-    return e.code === 'InvalidArgument' && e.data?.job === undefined ? usage : 1;
-  }
-  const msg = e instanceof Error ? e.message : String(e);
-  out.error(`offload: internal error: ${secrets.redact(msg.split('\n')[0]!)}`);
-  if (process.env.OFFLOAD_DEBUG && e instanceof Error && e.stack) out.error(e.stack);
-  return 1;
+  });
 }

@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -138,5 +138,64 @@ describe('bin/offload (the built executable)', () => {
     closeSync(fd);
     const piped = spawnSync('sh', ['-c', `"${join(root, 'bin/offload')}" img map --output=json -f raw "${raw}" | head -c 1 >/dev/null`], { cwd: dir, encoding: 'utf8' });
     expect(piped.stderr).toBe('');
+  });
+
+  it('runs `img` from its own bundle with its code cache, without the modules it does not need', () => {
+    const img = join(dir, 'bin-own-bundle.qcow2');
+    expect(spawnSync(join(root, 'bin/offload'), ['img', 'create', '-q', '-f', 'qcow2', img, '1M']).status).toBe(0);
+    // A preload records which file node ran, which builtins got loaded and whether V8 took the
+    // code cache (vm.Script's cachedDataRejected: false taken, true rejected, undefined none given).
+    const preload = join(dir, 'record-start.cjs');
+    const record = join(dir, 'start.json');
+    writeFileSync(preload, [
+      "const vm = require('node:vm');",
+      'const rejected = [];',
+      'const Script = vm.Script;',
+      'vm.Script = class extends Script { constructor(...a) { super(...a); rejected.push(this.cachedDataRejected); } };',
+      "process.on('exit', () => require('node:fs').writeFileSync(process.env.RECORD_OUT, JSON.stringify({ main: process.argv[1], modules: process.moduleLoadList, rejected })));",
+    ].join('\n'));
+    const r = spawnSync(join(root, 'bin/offload'), ['img', 'info', img], {
+      cwd: dir, encoding: 'utf8', env: { ...process.env, RECORD_OUT: record, NODE_OPTIONS: `--require ${preload}` },
+    });
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toMatch(/^image: .*\nfile format: qcow2\n/);
+    const started = JSON.parse(readFileSync(record, 'utf8')) as { main: string; modules: string[]; rejected: (boolean | undefined)[] };
+    expect(started.main).toBe(join(realpathSync(root), 'dist/cli/img.cjs'));
+    expect(started.rejected).toEqual([false]);
+    // commander's child_process (which brings dgram) and zlib (compressed clusters only) are
+    // loaded when used.
+    for (const m of ['child_process', 'dgram', 'zlib']) expect(started.modules).not.toContain(`NativeModule ${m}`);
+  });
+
+  it('runs the img bundle the same without its code cache, or with one V8 rejects', () => {
+    const img = join(dir, 'bin-no-cache.qcow2');
+    const copy = mkdtempSync(join(tmpdir(), 'offload-img-copy-'));
+    try {
+      for (const f of ['img.cjs', 'img-bundle.cjs']) copyFileSync(join(root, 'dist/cli', f), join(copy, f));
+      const run = (...args: string[]) => spawnSync(process.execPath, [join(copy, 'img.cjs'), 'img', ...args], { cwd: dir, encoding: 'utf8' });
+      expect(run('create', '-f', 'qcow2', img, '1M').status).toBe(0);
+      const info = run('info', '--output=json', img);
+      expect(JSON.parse(info.stdout)['virtual-size']).toBe(1 << 20);
+      writeFileSync(join(copy, 'img-bundle.cjs.cache'), 'not a code cache');
+      const again = run('info', '--output=json', img);
+      expect(again.stderr).toBe('');
+      expect(again.stdout).toBe(info.stdout);
+      expect(run('info').status).toBe(1); // bad usage, as qemu-img
+    } finally {
+      rmSync(copy, { recursive: true, force: true });
+    }
+  });
+
+  it('runs through a symlink to bin/offload (as node_modules/.bin/offload), img and other commands', () => {
+    const link = join(dir, 'offload-link');
+    symlinkSync(join(root, 'bin/offload'), link);
+    const r = spawnSync(link, ['--help'], { cwd: dir, encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/^Usage: offload \[options\] \[command\]/);
+    expect(r.stdout).toMatch(/\n {2}volume /);
+    expect(r.stdout).toMatch(/\n {2}img /);
+    const img = spawnSync(link, ['img', 'create', '-f', 'qcow2', join(dir, 'via-link.qcow2'), '1M'], { cwd: dir, encoding: 'utf8' });
+    expect(img.stderr).toBe('');
+    expect(img.status).toBe(0);
   });
 });
