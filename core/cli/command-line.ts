@@ -32,7 +32,9 @@ export interface CommandLineOptions {
  * (including a broken config; see usageExitCode). Errors are one line, without a stack trace.
  */
 export async function runCommandLine(argv: string[], opts: CommandLineOptions): Promise<number> {
-  const io = opts.io ?? { stdout: process.stdout, stderr: process.stderr };
+  // Looked up when written to: Node creates process.stdout on first use, which costs a command
+  // that prints nothing (`img convert`) a few milliseconds.
+  const io: OutputStreams = opts.io ?? { get stdout() { return process.stdout; }, get stderr() { return process.stderr; } };
   const env = opts.env ?? process.env;
   const json = argv.includes('--json');
   const out = new Output(io, json);

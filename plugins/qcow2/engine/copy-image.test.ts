@@ -256,6 +256,12 @@ describe.skipIf(!hasQemu)('copyImageContent', () => {
       const file = (src as Image & { file: unknown }).file;
       await expect(copyFromFile(file, Float64Array.from([0, 0, 128 * K]))).rejects.toThrow(/allocated clusters/);
       await expect(copyFromFile(file, Float64Array.from([0, 4 * K, 64 * K]))).rejects.toThrow(/whole clusters/);
+      // Several ops in guest order (looked up at once) and out of order (one by one): refused
+      // when any of them overlaps the allocated cluster, taken when it lies between them.
+      await expect(copyFromFile(file, Float64Array.from([0, 0, 64 * K, 0, 64 * K, 64 * K]))).rejects.toThrow(/allocated clusters at 65536/);
+      await expect(copyFromFile(file, Float64Array.from([0, 256 * K, 64 * K, 0, 0, 128 * K]))).rejects.toThrow(/allocated clusters at 65536/);
+      await copyFromFile(file, Float64Array.from([0, 0, 64 * K, 64 * K, 128 * K, 64 * K]));
+      expect(Buffer.compare(Buffer.from(await dst.read(128 * K, 64 * K)), Buffer.from(pattern(M, 2).subarray(64 * K, 128 * K)))).toBe(0);
       await copyFromFile(file, Float64Array.from([0, M, M]));
       expect(Buffer.compare(Buffer.from(await dst.read(M, M)), Buffer.from(pattern(M, 2)))).toBe(0);
       expect(Buffer.compare(Buffer.from(await dst.read(64 * K, 4 * K)), Buffer.from(pattern(4 * K, 1)))).toBe(0);

@@ -2,17 +2,18 @@ import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
 import { Corrupt, Unsupported, FailedPrecondition } from '../../../core/index.js';
 import {
-  INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES,
+  INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES,
 } from '../format/constants.js';
 import { assertSupported, backingFormatOf, decodeHeader, hasQcowMagic, HEADER_PROBE_BYTES, type Header } from '../format/header.js';
 import { decodeSnapshotTable } from '../format/snapshot-table.js';
-import { alignUp } from '../format/bytes.js';
+import { alignUp, view } from '../format/bytes.js';
 import { ImageFile, fileError } from './file.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { RawImage } from './raw-image.js';
 import type { ChainEntry, Image, ImageFormat, OpenOptions } from './types.js';
 
 const DEFAULT_CACHE = 8 * 1024 * 1024;
+const FIRST_READ = 64 * 1024;
 
 export async function probeFormat(path: string): Promise<ImageFormat> {
   const f = await ImageFile.open(path, true);
@@ -58,10 +59,10 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
   let backing: Image | undefined;
   try {
     const fileSize = await file.size();
-    const head = await file.read(0, Math.min(fileSize, HEADER_PROBE_BYTES));
-    const fmt = format ?? (hasQcowMagic(head) ? 'qcow2' : 'raw');
     // As QEMU sees a raw file: whole 512-byte sectors, the part past the end of the file reads as zeros.
-    if (fmt === 'raw') return new RawImage(path, file, readOnly, alignUp(fileSize, 512));
+    if (format === 'raw') return new RawImage(path, file, readOnly, alignUp(fileSize, 512));
+    const head = await readHead(file, fileSize);
+    if (format === undefined && !hasQcowMagic(head)) return new RawImage(path, file, readOnly, alignUp(fileSize, 512));
 
     const h = decodeHeader(head, path);
     assertSupported(h, path);
@@ -104,6 +105,20 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
     if (backing) await backing.close().catch(() => {});
     throw e;
   }
+}
+
+/**
+ * The first cluster, where the header and its extensions live (or the whole file when shorter):
+ * 64 KiB, QEMU's default cluster size, then the rest when the header says the clusters are
+ * larger. Reading HEADER_PROBE_BYTES (2 MiB) every time cost a millisecond per open.
+ */
+async function readHead(file: ImageFile, fileSize: number): Promise<Uint8Array> {
+  const head = await file.read(0, Math.min(fileSize, FIRST_READ));
+  if (head.length === fileSize || !hasQcowMagic(head)) return head;
+  const clusterBits = view(head).getUint32(20);
+  // Out of range: decodeHeader reports it, from what we have.
+  if (1 << clusterBits <= head.length || clusterBits > MAX_CLUSTER_BITS) return head;
+  return file.read(0, Math.min(fileSize, HEADER_PROBE_BYTES, 1 << clusterBits));
 }
 
 /** Offsets and sizes of the tables must fit the file and QEMU's limits, before we allocate anything. */

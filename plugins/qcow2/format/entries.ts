@@ -1,3 +1,5 @@
+import { Buffer } from 'node:buffer';
+
 /**
  * L1 and L2 table entries. An entry is a big-endian u64; we keep it as two u32 halves so the
  * common paths stay in plain number arithmetic (offsets use bits 9–55).
@@ -32,6 +34,30 @@ function u32(t: Uint8Array, o: number): number {
 
 export function readEntry(table: Uint8Array, index: number): [number, number] {
   return [u32(table, index * 8), u32(table, index * 8 + 4)];
+}
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+const SWAP_FROM = 64;
+
+/**
+ * Entries [i0, i1) of an L1/L2 table as host-order u32 halves, `[lo, hi]` per entry, in one
+ * native byte swap (Buffer.swap64): a loop over a large range then reads plain typed-array
+ * elements instead of assembling each entry from bytes. Unsigned, as readEntry's halves.
+ */
+export function entryWords(table: Uint8Array, i0: number, i1: number): Uint32Array {
+  const words = new Uint32Array((i1 - i0) * 2);
+  // A Buffer over the words costs more than a few entries by hand (lookups of single clusters).
+  if (LITTLE_ENDIAN && i1 - i0 >= SWAP_FROM) {
+    const bytes = Buffer.from(words.buffer);
+    bytes.set(table.subarray(i0 * 8, i1 * 8));
+    bytes.swap64();
+  } else {
+    for (let i = i0; i < i1; i++) {
+      words[(i - i0) * 2] = u32(table, i * 8 + 4);
+      words[(i - i0) * 2 + 1] = u32(table, i * 8);
+    }
+  }
+  return words;
 }
 
 export function writeEntry(table: Uint8Array, index: number, hi: number, lo: number): void {
@@ -83,6 +109,14 @@ export function decodeL2(hi: number, lo: number, clusterBits: number): L2Entry {
 
 export function encodeL2Normal(offset: number, copied: boolean): [number, number] {
   return encodeL1(offset, copied);
+}
+
+/**
+ * writeEntry(table, index, ...encodeL2Normal(offset, true)) without the array in between: this
+ * runs once per cluster that a native copy allocates.
+ */
+export function writeCopiedEntry(table: Uint8Array, index: number, offset: number): void {
+  writeEntry(table, index, (Math.floor(offset / 0x1_0000_0000) | COPIED_HI) >>> 0, offset >>> 0);
 }
 
 export function encodeL2Zero(offset = 0, copied = false): [number, number] {
