@@ -13,7 +13,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { ROOT, median, requireBuilt, timedOurs } from './harness.js';
+import { ROOT, median, peakRssOurs, requireBuilt, timedOurs } from './harness.js';
 
 const MiB = 1 << 20;
 
@@ -88,14 +88,11 @@ async function main(): Promise<void> {
         const ourMs: number[] = [];
         const jobMs: number[] = [];
         const theirMs: number[] = [];
-        let rss = 0;
         const work = join(work0, 'work');
         const runOurs = () => {
           fresh(template, work);
           // The whole `offload img stream|commit` command, start-up included, as qemu-img's is.
-          const o = timedOurs(['img', job, 'top.qcow2'], work);
-          ourMs.push(o.ms);
-          rss = Math.max(rss, o.rssKiB / 1024);
+          ourMs.push(timedOurs(['img', job, 'top.qcow2'], work).ms);
         };
         const runJob = () => {
           fresh(template, work);
@@ -110,6 +107,8 @@ async function main(): Promise<void> {
           if (i % 2 === 0) { runTheirs(); runOurs(); } else { runOurs(); runTheirs(); }
           runJob();
         }
+        fresh(template, work);
+        const rss = peakRssOurs(['img', job, 'top.qcow2'], work) / 1024; // one more run, not timed
         const vs = job === 'stream' ? "qemu-img rebase -b ''" : 'qemu-img commit';
         const [a, b, j] = [median(ourMs), median(theirMs), median(jobMs)];
         console.log(`${label} ${job.padEnd(6)}: ours ${(a / 1000).toFixed(2)} s, ${vs} ${(b / 1000).toFixed(2)} s, ratio ${(a / b).toFixed(2)}; ` +

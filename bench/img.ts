@@ -10,7 +10,7 @@
  */
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { compare, report, requireBuilt, run, timed, timedOurs, workDir } from './harness.js';
+import { compare, peakRssOurs, report, requireBuilt, run, timed, timedOurs, workDir } from './harness.js';
 
 requireBuilt();
 const rounds = Number(process.env.OFFLOAD_BENCH_ROUNDS ?? 5);
@@ -32,10 +32,12 @@ try {
     compare('(a) convert qcow2 → raw', rounds, clean('q.raw', 'o.raw'),
       () => timed('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', p('src.qcow2'), p('q.raw')]),
       () => timedOurs(['img', 'convert', '-f', 'qcow2', '-O', 'raw', p('src.qcow2'), p('o.raw')]),
+      () => peakRssOurs(['img', 'convert', '-f', 'qcow2', '-O', 'raw', p('src.qcow2'), p('o.raw')]),
       same('src.qcow2', 'o.raw')),
     compare('(b) convert raw → qcow2', rounds, clean('q.qcow2', 'o.qcow2'),
       () => timed('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', p('src.raw'), p('q.qcow2')]),
       () => timedOurs(['img', 'convert', '-f', 'raw', '-O', 'qcow2', p('src.raw'), p('o.qcow2')]),
+      () => peakRssOurs(['img', 'convert', '-f', 'raw', '-O', 'qcow2', p('src.raw'), p('o.qcow2')]),
       same('src.raw', 'o.qcow2')),
     compare('(c) 512 sequential 1 MiB writes', rounds,
       () => {
@@ -46,6 +48,7 @@ try {
       },
       () => timed('qemu-io', ['-f', 'qcow2', ...seqWrites(), p('wq.qcow2')]),
       () => timedOurs(['img', 'io', ...seqWrites(), p('wo.qcow2')]),
+      () => peakRssOurs(['img', 'io', ...seqWrites(), p('wo.qcow2')]),
       () => run('qemu-io', ['-f', 'qcow2', '-c', 'read -q -P 7 0 512M', '-c', 'read -q -P 0 512M 512M', p('wo.qcow2')])),
   ];
   report(`img benchmark (median of ${rounds}; ratio = ours / qemu, ≤ 1.0 is the target; RSS target ≤ 128 MiB)`, rows);

@@ -30,6 +30,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include "fileio.h"
 
@@ -54,8 +55,9 @@ typedef struct {
   uint8_t *bufs[RING];
   void *mem;
   size_t got[RING];  /* bytes in each buffer (the piece's length) */
-  size_t produced, consumed;
-  int failed;
+  size_t produced, consumed; /* atomics: see await_turn */
+  int failed;                 /* atomic; set once, under mu */
+  int waiting;                /* atomic: threads blocked (or about to block) on cv */
   int err;
   const char *what;
   pthread_mutex_t mu;
@@ -71,12 +73,77 @@ typedef struct {
 static void fail(copy_t *c, int err, const char *what) {
   pthread_mutex_lock(&c->mu);
   if (!c->failed) {
-    c->failed = 1;
     c->err = err;
     c->what = what;
+    __atomic_store_n(&c->failed, 1, __ATOMIC_SEQ_CST);
   }
   pthread_cond_broadcast(&c->cv);
   pthread_mutex_unlock(&c->mu);
+}
+
+/*
+ * Hand-offs between the reader and the writer. A piece takes ~0.1-0.3 ms each side, so a wait is
+ * usually short: the waiting thread spins for up to SPIN_NS before it blocks on the condition
+ * variable. Blocking on every hand-off cost ~25 ms of a 512 MiB copy on this project's 2-core
+ * VM: a vCPU that halted has to be woken by the host (and the other side pays a futex wake).
+ * A thread that blocks says so in `waiting`, and only then does the other side take the lock
+ * to wake it. Everything here is sequentially consistent: the waiter counts itself in `waiting`
+ * before it looks at the counters one last time, and the other side moves its counter before
+ * it looks at `waiting`, so a wake-up cannot be missed.
+ */
+#define SPIN_NS 200000
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static size_t load(size_t *v) { return __atomic_load_n(v, __ATOMIC_SEQ_CST); }
+
+/* The reader may fill piece i once fewer than RING pieces are waiting to be written. */
+static int reader_may_go(copy_t *c, size_t i) { return i - load(&c->consumed) < RING; }
+/* The writer may write piece i once the reader has produced it. */
+static int writer_may_go(copy_t *c, size_t i) { return load(&c->produced) > i; }
+
+/* Wait until ready(c, i) or a failure; returns 0 to go on, 1 to stop. */
+static int await_turn(copy_t *c, size_t i, int (*ready)(copy_t *, size_t)) {
+  int64_t deadline = 0;
+  for (unsigned n = 0;; n++) {
+    if (__atomic_load_n(&c->failed, __ATOMIC_SEQ_CST)) return 1;
+    if (ready(c, i)) return 0;
+    if ((n & 63) == 63) { /* the clock, now and then */
+      int64_t t = now_ns();
+      if (deadline == 0) deadline = t + SPIN_NS;
+      else if (t > deadline) break;
+    }
+    cpu_relax();
+  }
+  pthread_mutex_lock(&c->mu);
+  __atomic_add_fetch(&c->waiting, 1, __ATOMIC_SEQ_CST);
+  while (!__atomic_load_n(&c->failed, __ATOMIC_SEQ_CST) && !ready(c, i)) pthread_cond_wait(&c->cv, &c->mu);
+  __atomic_sub_fetch(&c->waiting, 1, __ATOMIC_SEQ_CST);
+  int stop = __atomic_load_n(&c->failed, __ATOMIC_SEQ_CST);
+  pthread_mutex_unlock(&c->mu);
+  return stop;
+}
+
+/* Move a counter on, and wake the other side if it is blocked. */
+static void advance(copy_t *c, size_t *counter) {
+  __atomic_add_fetch(counter, 1, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&c->waiting, __ATOMIC_SEQ_CST)) {
+    pthread_mutex_lock(&c->mu);
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+  }
 }
 
 /* Read exactly len bytes at pos (zeros past the end of the file); 0 or an errno. */
@@ -126,22 +193,15 @@ static int is_zero(const uint8_t *p, size_t n) {
 static void *reader(void *arg) {
   copy_t *c = arg;
   for (size_t i = 0; i < c->npieces; i++) {
-    pthread_mutex_lock(&c->mu);
-    while (!c->failed && c->produced - c->consumed >= RING) pthread_cond_wait(&c->cv, &c->mu);
-    int stop = c->failed;
-    pthread_mutex_unlock(&c->mu);
-    if (stop) break;
+    if (await_turn(c, i, reader_may_go)) break;
     piece_t *p = &c->pieces[i];
     int err = read_full(c->src_fd, c->bufs[i % RING], (size_t)p->len, p->src);
     if (err) {
       fail(c, err, "read");
       break;
     }
-    pthread_mutex_lock(&c->mu);
     c->got[i % RING] = (size_t)p->len;
-    c->produced++;
-    pthread_cond_broadcast(&c->cv);
-    pthread_mutex_unlock(&c->mu);
+    advance(c, &c->produced); /* publishes got[] and the buffer too (sequentially consistent) */
   }
   return NULL;
 }
@@ -200,11 +260,7 @@ static void execute(napi_env env, void *data) {
     return;
   }
   for (size_t i = 0; i < c->npieces; i++) {
-    pthread_mutex_lock(&c->mu);
-    while (!c->failed && c->produced <= i) pthread_cond_wait(&c->cv, &c->mu);
-    int stop = c->failed;
-    pthread_mutex_unlock(&c->mu);
-    if (stop) break;
+    if (await_turn(c, i, writer_may_go)) break;
     piece_t *p = &c->pieces[i];
     uint8_t *buf = c->bufs[i % RING];
     err = c->alloc < 0 ? write_in_place(c, buf, c->got[i % RING], p->dst)
@@ -213,10 +269,7 @@ static void execute(napi_env env, void *data) {
       fail(c, err, "write");
       break;
     }
-    pthread_mutex_lock(&c->mu);
-    c->consumed++;
-    pthread_cond_broadcast(&c->cv);
-    pthread_mutex_unlock(&c->mu);
+    advance(c, &c->consumed);
   }
   pthread_join(t, NULL);
 }

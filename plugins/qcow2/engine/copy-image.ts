@@ -6,7 +6,7 @@
  * Two ways, chosen per range:
  * - Native: where the source's bytes lie as they are in one file (raw data, uncompressed qcow2
  *   clusters), and the target takes a native copy (raw, or qcow2 over whole clusters), the copy
- *   runs in the native helper (ImageFile.copyIn): one call per NATIVE_BATCH, with no JavaScript
+ *   runs in the native helper (ImageFile.copyIn): one call per nativeBatch(), with no JavaScript
  *   between a read and its write.
  * - Through the engine: everything else (compressed clusters, edges of clusters, no native
  *   helper), IN_FLIGHT chunks at a time; memory is bounded by those chunks.
@@ -41,10 +41,18 @@ const CHUNK = 2 * 1024 * 1024;
  */
 const IN_FLIGHT = 4;
 /**
- * Bytes per native copy call: progress is reported per call, and a qcow2 target reserves space
- * for one call at a time. A multiple of every cluster size.
+ * Bytes per native copy call: progress is reported per call, a qcow2 target reserves space for
+ * one call at a time, and the helper returns a [guest, host] pair (16 bytes) per cluster it
+ * writes there: 2^16 clusters a call, between 256 MiB and 1 GiB (both multiples of every cluster
+ * size). Each call starts the helper's pipeline afresh and, into qcow2, updates the L2 tables
+ * before the next can start: 2 calls instead of 1 cost ~6 ms of a 512 MiB convert.
  */
-const NATIVE_BATCH = 256 * 1024 * 1024;
+const MIN_BATCH = 256 * 1024 * 1024;
+const MAX_BATCH = 1024 * 1024 * 1024;
+function nativeBatch(dst: Image): number {
+  if (dst.format !== 'qcow2') return MAX_BATCH;
+  return Math.min(MAX_BATCH, Math.max(MIN_BATCH, dst.clusterSize * 2 ** 16));
+}
 
 /** Copy every non-zero byte of `src` into `dst`, a new image that reads as zeros. */
 export async function copyImageContent(src: Image, dst: Image, progress?: CopyProgress): Promise<void> {
@@ -76,7 +84,7 @@ export async function copyImageContent(src: Image, dst: Image, progress?: CopyPr
     progress?.update(dataBytes === 0 ? total : Math.floor((done / dataBytes) * total), total);
   };
   for (const [file, ops] of native) {
-    for (const batch of batches(ops)) {
+    for (const batch of batches(ops, nativeBatch(dst))) {
       await target!.copyFromFile(file, batch.ops);
       report(batch.bytes);
     }
@@ -85,20 +93,20 @@ export async function copyImageContent(src: Image, dst: Image, progress?: CopyPr
   progress?.update(total, total);
 }
 
-/** Ops in calls of at most NATIVE_BATCH bytes (a long op is cut at a multiple of NATIVE_BATCH). */
-function* batches(ops: number[]): Generator<{ ops: Float64Array; bytes: number }> {
+/** Ops in calls of at most `limit` bytes (a long op is cut at a multiple of `limit`). */
+function* batches(ops: number[], limit: number): Generator<{ ops: Float64Array; bytes: number }> {
   let cur: number[] = [];
   let bytes = 0;
   for (let i = 0; i < ops.length; i += 3) {
     let [srcPos, guest, len] = [ops[i]!, ops[i + 1]!, ops[i + 2]!];
     while (len > 0) {
-      const n = Math.min(len, NATIVE_BATCH - bytes);
+      const n = Math.min(len, limit - bytes);
       cur.push(srcPos, guest, n);
       bytes += n;
       srcPos += n;
       guest += n;
       len -= n;
-      if (bytes === NATIVE_BATCH) {
+      if (bytes === limit) {
         yield { ops: Float64Array.from(cur), bytes };
         cur = [];
         bytes = 0;
@@ -110,6 +118,7 @@ function* batches(ops: number[]): Generator<{ ops: Float64Array; bytes: number }
 
 /** Copy `ranges` of src into dst by reading and writing through the engine, IN_FLIGHT chunks at once. */
 async function copyThroughEngine(src: Image, dst: Image, ranges: [number, number][], report: (n: number) => void): Promise<void> {
+  if (ranges.length === 0) return; // not even the workers' buffers
   const chunks = chunksOf(ranges);
   let failure: unknown;
   const worker = async () => {

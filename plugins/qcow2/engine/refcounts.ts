@@ -127,12 +127,13 @@ export class Refcounts {
    */
   async claim(offset: number, n: number): Promise<void> {
     const c = Math.floor(offset / this.cs);
+    const { epb, order } = this; // locals: the loops run once per cluster
     for (let i = c; i < c + n;) {
-      const bi = Math.floor(i / this.epb);
-      const stop = Math.min(c + n, (bi + 1) * this.epb);
+      const bi = Math.floor(i / epb);
+      const stop = Math.min(c + n, (bi + 1) * epb);
       const b = await this.block(bi);
       for (; i < stop; i++) {
-        if (b && getRefcount(b, i % this.epb, this.order) !== 0) {
+        if (b && getRefcount(b, i - bi * epb, order) !== 0) {
           throw new Corrupt(`${this.file.path}: cluster ${i} past the end of the image is marked in use`, {
             ref: this.file.path, hint: 'the refcounts are damaged; repair with `check -r all`',
           });
@@ -192,21 +193,23 @@ export class Refcounts {
 
   /** Change the refcounts block by block, writing (or dirtying) each block once. */
   private async apply(c: number, n: number, delta: number): Promise<void> {
+    const { epb, order, max } = this; // locals: the inner loop runs once per cluster
     let i = c;
     while (i < c + n) {
-      const bi = Math.floor(i / this.epb);
-      const stop = Math.min(c + n, (bi + 1) * this.epb);
+      const bi = Math.floor(i / epb);
+      const stop = Math.min(c + n, (bi + 1) * epb);
       let b = await this.block(bi);
       if (!b) {
         if (delta < 0) throw this.underflow(i);
         await this.ensureBlock(bi);
         b = (await this.block(bi))!;
       }
+      const first = bi * epb;
       for (let j = i; j < stop; j++) {
-        const v = getRefcount(b, j % this.epb, this.order) + delta;
+        const v = getRefcount(b, j - first, order) + delta;
         if (v < 0) throw this.underflow(j);
-        if (v > this.max) throw new OutOfRange(`${this.file.path}: refcount of cluster ${j} would exceed ${this.max} (refcount_bits ${1 << this.order})`, { ref: this.file.path, hint: 'use an image with wider refcounts (refcount_bits=16)' });
-        setRefcount(b, j % this.epb, this.order, v);
+        if (v > max) throw new OutOfRange(`${this.file.path}: refcount of cluster ${j} would exceed ${max} (refcount_bits ${1 << order})`, { ref: this.file.path, hint: 'use an image with wider refcounts (refcount_bits=16)' });
+        setRefcount(b, j - first, order, v);
         if (v === 0) {
           if (j < this.freeHint) this.freeHint = j;
           this.onZero?.(j * this.cs);

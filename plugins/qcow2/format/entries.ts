@@ -116,7 +116,11 @@ export function encodeL2Normal(offset: number, copied: boolean): [number, number
  * runs once per cluster that a native copy allocates.
  */
 export function writeCopiedEntry(table: Uint8Array, index: number, offset: number): void {
-  writeEntry(table, index, (Math.floor(offset / 0x1_0000_0000) | COPIED_HI) >>> 0, offset >>> 0);
+  const hi = Math.floor(offset / 0x1_0000_0000) | COPIED_HI;
+  const lo = offset >>> 0;
+  const o = index * 8;
+  table[o] = hi >>> 24; table[o + 1] = hi >>> 16; table[o + 2] = hi >>> 8; table[o + 3] = hi;
+  table[o + 4] = lo >>> 24; table[o + 5] = lo >>> 16; table[o + 6] = lo >>> 8; table[o + 7] = lo;
 }
 
 export function encodeL2Zero(offset = 0, copied = false): [number, number] {
