@@ -560,11 +560,12 @@ export class Qcow2Image implements Image {
         const { offset: l2off, table } = await this.l2ForWrite(l1i);
         const base = l1i * this.l2Entries * cs;
         const limit = base + this.l2Entries * cs;
+        const dv = view(table);
         let lo = this.l2Entries;
         let hi = 0;
         for (; i < pairs.length && pairs[i]! >= base && pairs[i]! < limit; i += 2) {
           const idx = (pairs[i]! - base) / cs;
-          writeCopiedEntry(table, idx, pairs[i + 1]!);
+          writeCopiedEntry(dv, idx, pairs[i + 1]!);
           if (idx < lo) lo = idx;
           if (idx >= hi) hi = idx + 1;
         }

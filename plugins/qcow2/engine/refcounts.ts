@@ -147,6 +147,8 @@ export class Refcounts {
       this.reserved.splice(this.reserved.findIndex(([s]) => s === c), 1);
     }
     this.highWater = Math.max(this.highWater, c + n);
+    // The next findFree need not walk the claimed clusters (8192 of them after a 512 MiB copy).
+    if (this.freeHint >= c && this.freeHint < c + n) this.freeHint = c + n;
   }
 
   /** Drop one reference from n clusters starting at a host offset. */

@@ -112,15 +112,14 @@ export function encodeL2Normal(offset: number, copied: boolean): [number, number
 }
 
 /**
- * writeEntry(table, index, ...encodeL2Normal(offset, true)) without the array in between: this
- * runs once per cluster that a native copy allocates.
+ * writeEntry(table, index, ...encodeL2Normal(offset, true)) through the table's DataView and
+ * without the array in between: this runs once per cluster that a native copy allocates, in a
+ * short-lived process whose code has not been optimized (two DataView stores: half the time of
+ * eight byte stores).
  */
-export function writeCopiedEntry(table: Uint8Array, index: number, offset: number): void {
-  const hi = Math.floor(offset / 0x1_0000_0000) | COPIED_HI;
-  const lo = offset >>> 0;
-  const o = index * 8;
-  table[o] = hi >>> 24; table[o + 1] = hi >>> 16; table[o + 2] = hi >>> 8; table[o + 3] = hi;
-  table[o + 4] = lo >>> 24; table[o + 5] = lo >>> 16; table[o + 6] = lo >>> 8; table[o + 7] = lo;
+export function writeCopiedEntry(table: DataView, index: number, offset: number): void {
+  table.setUint32(index * 8, (Math.floor(offset / 0x1_0000_0000) | COPIED_HI) >>> 0);
+  table.setUint32(index * 8 + 4, offset >>> 0);
 }
 
 export function encodeL2Zero(offset = 0, copied = false): [number, number] {
