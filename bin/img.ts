@@ -10,11 +10,12 @@
 // split the command line into a chunk of its own, one more file for every other command to load.
 import { runCommandLine } from '../core/cli/command-line.js';
 import { imgCliContribution } from '../plugins/qcow2/cli/index.js';
-import { exitQuietlyOnEpipe } from './stdio.js';
+import { directStdio, exitQuietlyOnEpipe } from './stdio.js';
 
 exitQuietlyOnEpipe();
 void runCommandLine(process.argv.slice(2), {
   register: (program, ctx) => imgCliContribution.register(program, ctx),
+  io: directStdio(),
   usageExitCode: 1,
 }).then((code) => {
   process.exitCode = code;

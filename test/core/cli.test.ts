@@ -165,6 +165,40 @@ describe('bin/offload (the built executable)', () => {
     // commander's child_process (which brings dgram) and zlib (compressed clusters only) are
     // loaded when used.
     for (const m of ['child_process', 'dgram', 'zlib']) expect(started.modules).not.toContain(`NativeModule ${m}`);
+    // What it prints goes straight to the descriptor: no stream for stdout (a pipe here), so
+    // neither net nor tty is loaded.
+    for (const m of ['net', 'tty']) expect(started.modules).not.toContain(`NativeModule ${m}`);
+  });
+
+  it.skipIf(spawnSync('python3', ['--version']).status !== 0)('img output to a non-blocking pipe that is full waits for its reader (EAGAIN), nothing lost', () => {
+    // 2048 data extents: ~200 KB of map JSON into a 64 KiB pipe that nobody reads for 0.3 s,
+    // opened O_NONBLOCK (as some parents do), so a direct write fails with EAGAIN midway.
+    const raw = join(dir, 'nonblock-extents.raw');
+    const fd = openSync(raw, 'w');
+    for (let i = 0; i < 2048; i++) writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, i * 8192);
+    closeSync(fd);
+    const expected = spawnSync(join(root, 'bin/offload'), ['img', 'map', '--output=json', '-f', 'raw', raw], { encoding: 'utf8', maxBuffer: 1 << 24 });
+    expect(expected.status).toBe(0);
+    expect(expected.stdout.length).toBeGreaterThan(128 * 1024);
+    const script = [
+      'import fcntl, os, subprocess, sys, time',
+      'r, w = os.pipe()',
+      'fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)',
+      'p = subprocess.Popen(sys.argv[1:], stdout=w)',
+      'os.close(w)',
+      'time.sleep(0.3)',
+      'chunks = []',
+      'while True:',
+      '    b = os.read(r, 65536)',
+      '    if not b: break',
+      '    chunks.append(b)',
+      'sys.stdout.buffer.write(b"".join(chunks))',
+      'sys.exit(p.wait())',
+    ].join('\n');
+    const r = spawnSync('python3', ['-c', script, join(root, 'bin/offload'), 'img', 'map', '--output=json', '-f', 'raw', raw], { encoding: 'utf8', maxBuffer: 1 << 24 });
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(r.stdout).toBe(expected.stdout);
   });
 
   it('runs the img bundle the same without its code cache, or with one V8 rejects', () => {
