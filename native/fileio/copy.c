@@ -20,6 +20,11 @@
  * `block`, and the result holds one [dstPos of the block, host offset] pair per block written.
  * The last block of an op may be short: it is written zero-padded to a whole block.
  *
+ * With `alloc` and opts.entries (a Uint8Array of 8 bytes per block of the ops, in op order), each
+ * block's entry is written there as it goes: big-endian, its host offset with opts.entryHigh in
+ * the high 32 bits, or 0 for a block left out (qcow2 L2 entries, copied into the tables with one
+ * `set` per range instead of a JavaScript loop per cluster).
+ *
  * Reads past the end of the source read as zeros. The first error stops both threads; the
  * promise is rejected with an Error whose `code` is the errno name (ENOSPC, EIO, ...). Data
  * written before the error stays written.
@@ -65,6 +70,10 @@ typedef struct {
   /* output (alloc mode) */
   double *pairs;
   size_t npairs;
+  uint8_t *entries;  /* opts.entries' memory (kept alive by entries_ref), or NULL */
+  size_t nentries;
+  uint32_t entry_high;
+  napi_ref entries_ref;
   /* N-API */
   napi_async_work work;
   napi_deferred deferred;
@@ -223,6 +232,13 @@ static int write_in_place(copy_t *c, const uint8_t *buf, size_t len, int64_t dst
   return run < len ? write_full(c->dst_fd, buf + run, len - run, dst + (int64_t)run) : 0;
 }
 
+/* The next block's entry (see opts.entries): its host offset with entry_high, or 0, big-endian. */
+static void put_entry(copy_t *c, int64_t host) {
+  uint64_t v = host ? (uint64_t)host | ((uint64_t)c->entry_high << 32) : 0;
+  uint8_t *e = c->entries + 8 * c->nentries++;
+  for (int k = 7; k >= 0; k--, v >>= 8) e[k] = (uint8_t)v;
+}
+
 /* Write the non-zero blocks of one piece to the next host offsets, noting where each went. */
 static int write_allocating(copy_t *c, uint8_t *buf, size_t len, int64_t guest) {
   size_t b = (size_t)c->block;
@@ -234,6 +250,7 @@ static int write_allocating(copy_t *c, uint8_t *buf, size_t len, int64_t guest) 
   int64_t host = c->alloc;
   for (; pos <= len; pos += b) {
     int zero = pos == len || is_zero(buf + pos, b);
+    if (c->entries && pos < len) put_entry(c, zero ? 0 : host + (int64_t)(pos - run));
     if (!zero) {
       c->pairs[c->npairs++] = (double)(guest + (int64_t)pos);
       c->pairs[c->npairs++] = (double)(host + (int64_t)(pos - run));
@@ -303,6 +320,7 @@ static void complete(napi_env env, napi_status status, void *data) {
       napi_reject_deferred(env, c->deferred, offload_errno_error(env, ENOMEM, "copyRanges"));
     }
   }
+  if (c->entries_ref) napi_delete_reference(env, c->entries_ref);
   napi_delete_async_work(env, c->work);
   release(c);
 }
@@ -311,6 +329,37 @@ static int whole(double v) { return v >= 0 && v <= 9007199254740991.0 && v == (d
 
 static napi_value invalid(napi_env env, const char *msg) {
   napi_throw_type_error(env, "EINVAL", msg);
+  return NULL;
+}
+
+/*
+ * opts.entries / opts.entryHigh (alloc mode): the caller's Uint8Array of 8 bytes per block of
+ * the ops, in op order, and the bits to put in the high half of each. Returns NULL when fine
+ * (also when absent), else the message of the TypeError to throw.
+ */
+static const char *parse_entries(napi_env env, napi_value opts, copy_t *c, size_t nblocks, napi_value *out) {
+  bool has = false;
+  napi_value v;
+  napi_valuetype t;
+  if (napi_has_named_property(env, opts, "entries", &has) != napi_ok || !has) return NULL;
+  if (napi_get_named_property(env, opts, "entries", &v) != napi_ok || napi_typeof(env, v, &t) != napi_ok) return "copyRanges: opts.entries unreadable";
+  if (t == napi_undefined) return NULL;
+  if (c->alloc < 0) return "copyRanges: opts.entries needs opts.alloc";
+  bool is_ta = false;
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta ||
+      napi_get_typedarray_info(env, v, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array ||
+      length != nblocks * 8) return "copyRanges: opts.entries must be a Uint8Array of 8 bytes per block of the ops";
+  double high = 0;
+  if (napi_has_named_property(env, opts, "entryHigh", &has) == napi_ok && has) {
+    if (napi_get_named_property(env, opts, "entryHigh", &v) != napi_ok || napi_get_value_double(env, v, &high) != napi_ok ||
+        !whole(high) || high > 4294967295.0) return "copyRanges: opts.entryHigh must be a 32-bit unsigned number";
+  }
+  c->entries = data;
+  c->entry_high = (uint32_t)high;
+  napi_get_named_property(env, opts, "entries", out);
   return NULL;
 }
 
@@ -366,6 +415,12 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info) {
     npieces += (size_t)((ops[i + 2] + (double)c->piece - 1) / (double)c->piece);
     if (c->block) nblocks += (size_t)((ops[i + 2] + block - 1) / block);
   }
+  napi_value entries_value = NULL;
+  const char *bad = parse_entries(env, argv[3], c, nblocks, &entries_value);
+  if (bad) {
+    release(c);
+    return invalid(env, bad);
+  }
   c->pieces = malloc((npieces ? npieces : 1) * sizeof(piece_t));
   c->pairs = c->alloc >= 0 ? malloc((nblocks ? nblocks : 1) * 2 * sizeof(double)) : NULL;
   /* +SKEW, and a block of slack for zero padding; buffers only as large as the pieces need. */
@@ -393,6 +448,12 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info) {
   }
 
   napi_value promise, name;
+  /* Last, so that no early return leaks it: keeps opts.entries alive until complete(). */
+  if (entries_value && napi_create_reference(env, entries_value, 1, &c->entries_ref) != napi_ok) {
+    release(c);
+    napi_throw_error(env, "EINVAL", "copyRanges: could not hold opts.entries");
+    return NULL;
+  }
   if (napi_create_promise(env, &c->deferred, &promise) != napi_ok ||
       napi_create_string_utf8(env, "offload.copyRanges", NAPI_AUTO_LENGTH, &name) != napi_ok ||
       napi_create_async_work(env, NULL, name, execute, complete, c, &c->work) != napi_ok) {

@@ -86,8 +86,14 @@ describe.skipIf(!native)('native copyRanges', () => {
     try {
       const base = 5 * cs;
       // Guest offsets 10 and 20 clusters; the second op is 1 cluster + 100 bytes (ends at the virtual size).
-      const pairs = await copy(f.src, f.dst, Float64Array.from([0, 10 * cs, 3 * cs, 3 * cs, 20 * cs, cs + 100]), { block: cs, alloc: base });
+      const entries = new Uint8Array(5 * 8).fill(0xee); // 3 + 2 blocks; every byte is written
+      const pairs = await copy(f.src, f.dst, Float64Array.from([0, 10 * cs, 3 * cs, 3 * cs, 20 * cs, cs + 100]),
+        { block: cs, alloc: base, entries, entryHigh: 0x8000_0000 });
       expect(Array.from(pairs)).toEqual([10 * cs, base, 12 * cs, base + cs, 20 * cs, base + 2 * cs, 21 * cs, base + 3 * cs]);
+      // Big-endian, high bits OR'd in, 0 for the zero block left out.
+      const dv = new DataView(entries.buffer);
+      const entry = (k: number) => dv.getBigUint64(k * 8);
+      expect([0, 1, 2, 3, 4].map(entry)).toEqual([base, 0, base + cs, base + 2 * cs, base + 3 * cs].map((h) => (h === 0 ? 0n : BigInt(h) | (1n << 63n))));
       const out = readFileSync(f.dstPath);
       expect(out.length).toBe(base + 4 * cs);
       expect(Buffer.compare(out.subarray(base, base + cs), Buffer.from(data.subarray(0, cs)))).toBe(0);
@@ -121,6 +127,10 @@ describe.skipIf(!native)('native copyRanges', () => {
       [[0, 1, Float64Array.from([0, 0, 1]), { block: 3000 }], /power of two/],
       [[0, 1, Float64Array.from([0, 0, 1]), { block: 4 * M }], /power of two/],
       [[0, 1, Float64Array.from([0, 0, 1]), { block: 0, alloc: 0 }], /needs opts.block/],
+      [[0, 1, Float64Array.from([0, 0, 1]), { block: 512, entries: new Uint8Array(8) }], /entries needs opts.alloc/],
+      [[0, 1, Float64Array.from([0, 0, 1024]), { block: 512, alloc: 0, entries: new Uint8Array(8) }], /8 bytes per block/],
+      [[0, 1, Float64Array.from([0, 0, 512]), { block: 512, alloc: 0, entries: new Uint16Array(4) }], /Uint8Array/],
+      [[0, 1, Float64Array.from([0, 0, 512]), { block: 512, alloc: 0, entries: new Uint8Array(8), entryHigh: 2 ** 32 }], /entryHigh/],
       [[-1, 1, Float64Array.from([0, 0, 1]), { block: 0 }], /file descriptors/],
       [[0, 1, Float64Array.from([0, 0, 1])], /four arguments/],
     ];

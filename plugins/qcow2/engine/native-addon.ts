@@ -14,6 +14,12 @@ export interface CopyRangesOptions {
   block: number;
   /** Sequential allocation from this host offset (qcow2 targets); see native/fileio/copy.c. */
   alloc?: number;
+  /**
+   * With `alloc`: 8 bytes per block of the ops (in op order) that receive each block's entry,
+   * big-endian: its host offset with `entryHigh` in the high 32 bits, or 0 if left out.
+   */
+  entries?: Uint8Array;
+  entryHigh?: number;
 }
 
 export interface NativeAddon {

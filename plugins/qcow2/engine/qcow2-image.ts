@@ -2,7 +2,7 @@ import { Corrupt, FailedPrecondition, InvalidArgument, OutOfRange } from '../../
 import { ioBuffer, setU64, uninitialized, view } from '../format/bytes.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES } from '../format/constants.js';
 import {
-  decodeL1, decodeL2, encodeL1, encodeL2Normal, encodeL2Zero, entryWords, readEntry, writeCopiedEntry, writeEntry, type L2Entry,
+  COPIED_HI, decodeL1, decodeL2, encodeL1, encodeL2Normal, encodeL2Zero, entryWords, readEntry, writeEntry, type L2Entry,
 } from '../format/entries.js';
 import { backingFormatOf, encodeHeader, type Header } from '../format/header.js';
 import type { SnapshotEntry } from '../format/snapshot-table.js';
@@ -551,26 +551,40 @@ export class Qcow2Image implements Image {
       // Past everything allocated: the native side hands these out in order, and nothing else
       // allocates while the exclusive lock is held. Only what it used is then claimed.
       const host = Math.ceil(Math.max(this.fileLen, this.refcounts.highWater * cs) / cs) * cs;
-      const pairs = await this.file.copyIn(src, ops, { block: cs, alloc: host });
+      // The helper writes each cluster's L2 entry (COPIED: refcount 1) into `entries`, in op
+      // order; each op's run of them is then copied into its L2 table(s) at once. Clusters left
+      // out (all zero) get entry 0: they were unallocated (refuseAllocated), and stay so.
+      let clusters = 0;
+      for (let i = 2; i < ops.length; i += 3) clusters += Math.ceil(ops[i]! / cs);
+      const entries = new Uint8Array(clusters * 8);
+      const pairs = await this.file.copyIn(src, ops, { block: cs, alloc: host, entries, entryHigh: COPIED_HI });
       const used = pairs.length / 2;
       if (used > 0) await this.refcounts.claim(host, used);
       this.fileLen = Math.max(this.fileLen, host + used * cs);
-      for (let i = 0; i < pairs.length;) {
-        const l1i = Math.floor(pairs[i]! / cs / this.l2Entries);
-        const { offset: l2off, table } = await this.l2ForWrite(l1i);
-        const base = l1i * this.l2Entries * cs;
-        const limit = base + this.l2Entries * cs;
-        const dv = view(table);
-        let lo = this.l2Entries;
-        let hi = 0;
-        for (; i < pairs.length && pairs[i]! >= base && pairs[i]! < limit; i += 2) {
-          const idx = (pairs[i]! - base) / cs;
-          writeCopiedEntry(dv, idx, pairs[i + 1]!);
-          if (idx < lo) lo = idx;
-          if (idx >= hi) hi = idx + 1;
+      const l2e = this.l2Entries;
+      // The L2 table being filled; awaited only when the ops move on to another (an await per
+      // op was ~3 ms of a 512 MiB convert).
+      let cur: { l1i: number; offset: number; table: Uint8Array; lo: number; hi: number } | undefined;
+      let e = 0; // the next op's first entry
+      for (let i = 0; i < ops.length; i += 3) {
+        let gc = ops[i + 1]! / cs;
+        const end = gc + Math.ceil(ops[i + 2]! / cs);
+        while (gc < end) {
+          const l1i = Math.floor(gc / l2e);
+          const idx = gc - l1i * l2e;
+          const n = Math.min(end - gc, l2e - idx);
+          if (cur?.l1i !== l1i) {
+            if (cur) await this.writeL2(cur.offset, cur.table, cur.lo, cur.hi);
+            cur = { l1i, ...(await this.l2ForWrite(l1i)), lo: idx, hi: idx + n };
+          }
+          cur.table.set(entries.subarray(e * 8, (e + n) * 8), idx * 8);
+          cur.lo = Math.min(cur.lo, idx);
+          cur.hi = Math.max(cur.hi, idx + n);
+          e += n;
+          gc += n;
         }
-        await this.writeL2(l2off, table, lo, hi);
       }
+      if (cur) await this.writeL2(cur.offset, cur.table, cur.lo, cur.hi);
       await this.flushIfFull();
     });
   }

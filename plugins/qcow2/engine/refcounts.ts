@@ -1,7 +1,7 @@
 import { Corrupt, OutOfRange } from '../../../core/index.js';
 import { setU64, view } from '../format/bytes.js';
 import { MAX_REFTABLE_BYTES } from '../format/constants.js';
-import { entriesPerBlock, getRefcount, maxRefcount, reftableEntry, setRefcount } from '../format/refcount-block.js';
+import { entriesPerBlock, fillRefcounts, getRefcount, maxRefcount, refcountsAllZero, reftableEntry, setRefcount } from '../format/refcount-block.js';
 import type { ImageFile } from './file.js';
 import type { TableCache } from './table-cache.js';
 
@@ -127,22 +127,23 @@ export class Refcounts {
    */
   async claim(offset: number, n: number): Promise<void> {
     const c = Math.floor(offset / this.cs);
-    const { epb, order } = this; // locals: the loops run once per cluster
+    const { epb, order } = this;
     for (let i = c; i < c + n;) {
       const bi = Math.floor(i / epb);
       const stop = Math.min(c + n, (bi + 1) * epb);
       const b = await this.block(bi);
-      for (; i < stop; i++) {
-        if (b && getRefcount(b, i - bi * epb, order) !== 0) {
-          throw new Corrupt(`${this.file.path}: cluster ${i} past the end of the image is marked in use`, {
-            ref: this.file.path, hint: 'the refcounts are damaged; repair with `check -r all`',
-          });
-        }
+      if (b && !refcountsAllZero(b, i - bi * epb, stop - bi * epb, order)) {
+        let used = i;
+        while (getRefcount(b, used - bi * epb, order) === 0) used++;
+        throw new Corrupt(`${this.file.path}: cluster ${used} past the end of the image is marked in use`, {
+          ref: this.file.path, hint: 'the refcounts are damaged; repair with `check -r all`',
+        });
       }
+      i = stop;
     }
     this.reserved.push([c, c + n]);
     try {
-      await this.update(c, n, 1);
+      await this.apply(c, n, 1, true);
     } finally {
       this.reserved.splice(this.reserved.findIndex(([s]) => s === c), 1);
     }
@@ -193,8 +194,11 @@ export class Refcounts {
     await this.apply(c, n, delta);
   }
 
-  /** Change the refcounts block by block, writing (or dirtying) each block once. */
-  private async apply(c: number, n: number, delta: number): Promise<void> {
+  /**
+   * Change the refcounts block by block, writing (or dirtying) each block once. `fresh`: the
+   * entries are known to be zero (claim checked them) and become `delta`, in bulk.
+   */
+  private async apply(c: number, n: number, delta: number, fresh = false): Promise<void> {
     const { epb, order, max } = this; // locals: the inner loop runs once per cluster
     let i = c;
     while (i < c + n) {
@@ -207,7 +211,8 @@ export class Refcounts {
         b = (await this.block(bi))!;
       }
       const first = bi * epb;
-      for (let j = i; j < stop; j++) {
+      if (fresh) fillRefcounts(b, i - first, stop - first, order, delta);
+      else for (let j = i; j < stop; j++) {
         const v = getRefcount(b, j - first, order) + delta;
         if (v < 0) throw this.underflow(j);
         if (v > max) throw new OutOfRange(`${this.file.path}: refcount of cluster ${j} would exceed ${max} (refcount_bits ${1 << order})`, { ref: this.file.path, hint: 'use an image with wider refcounts (refcount_bits=16)' });

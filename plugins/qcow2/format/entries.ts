@@ -111,17 +111,6 @@ export function encodeL2Normal(offset: number, copied: boolean): [number, number
   return encodeL1(offset, copied);
 }
 
-/**
- * writeEntry(table, index, ...encodeL2Normal(offset, true)) through the table's DataView and
- * without the array in between: this runs once per cluster that a native copy allocates, in a
- * short-lived process whose code has not been optimized (two DataView stores: half the time of
- * eight byte stores).
- */
-export function writeCopiedEntry(table: DataView, index: number, offset: number): void {
-  table.setUint32(index * 8, (Math.floor(offset / 0x1_0000_0000) | COPIED_HI) >>> 0);
-  table.setUint32(index * 8 + 4, offset >>> 0);
-}
-
 export function encodeL2Zero(offset = 0, copied = false): [number, number] {
   const [hi, lo] = encodeL1(offset, copied);
   return [hi, (lo | ZERO_LO) >>> 0];

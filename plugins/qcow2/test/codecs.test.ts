@@ -7,7 +7,7 @@ import { decodeHeader, encodeHeader, type Header } from '../format/header.js';
 import {
   decodeL1, decodeL2, encodeL1, encodeL2Compressed, encodeL2Normal, encodeL2Zero, readEntry, writeEntry,
 } from '../format/entries.js';
-import { entriesPerBlock, getRefcount, setRefcount } from '../format/refcount-block.js';
+import { entriesPerBlock, fillRefcounts, getRefcount, refcountsAllZero, setRefcount } from '../format/refcount-block.js';
 import { decodeSnapshotTable, encodeSnapshotTable, makeExtra, type SnapshotEntry } from '../format/snapshot-table.js';
 import { EXT_BACKING_FORMAT, EXT_BITMAPS } from '../format/constants.js';
 import { createImage } from '../index.js';
@@ -166,6 +166,25 @@ describe('refcount block codec', () => {
       }
       for (let i = 0; i < n; i++) expect(getRefcount(block, i, order)).toBe(model.get(i) ?? 0);
     }));
+  });
+
+  it('fills and checks ranges of every width as entry by entry would', () => {
+    fc.assert(fc.property(fc.integer({ min: 0, max: 6 }), fc.nat(), fc.nat(), fc.nat(), fc.array(fc.nat(), { maxLength: 8 }), (order, x, y, v, noise) => {
+      const cs = 512;
+      const n = entriesPerBlock(cs, order);
+      const max = order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (1 << order) - 1;
+      const [from, to] = [Math.min(x % (n + 1), y % (n + 1)), Math.max(x % (n + 1), y % (n + 1))];
+      const value = 1 + (v % Math.min(max, 1000));
+      const block = new Uint8Array(cs);
+      for (const i of noise) setRefcount(block, i % n, order, 1); // entries around the range
+      const expected = Uint8Array.from(block);
+      for (let i = from; i < to; i++) setRefcount(expected, i, order, value);
+      const zeroBefore = Array.from({ length: to - from }, (_, k) => getRefcount(block, from + k, order)).every((e) => e === 0);
+      expect(refcountsAllZero(block, from, to, order)).toBe(zeroBefore);
+      fillRefcounts(block, from, to, order, value);
+      expect(Buffer.compare(Buffer.from(block), Buffer.from(expected))).toBe(0);
+      expect(refcountsAllZero(block, from, to, order)).toBe(from === to);
+    }), { numRuns: 500 });
   });
 
   it('packs sub-byte widths LSB first', () => {
