@@ -26,6 +26,8 @@ export * from './cli/contribution.js';
 export type * from './broker-api.js';
 export * from './jobs/job-states.js';
 export { RateLimiter } from './jobs/rate-limiter.js';
+export { RwLock } from './rw-lock.js';
+export { KeyedMutex } from './keyed-mutex.js';
 export type { CreateBrokerOptions } from './broker.js';
 export type { BrokerConfig, RawConfig } from './config/config.js';
 export { ConfigError, isConfigError } from './config/config-error.js';

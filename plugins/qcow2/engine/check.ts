@@ -4,7 +4,7 @@ import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L
 import { COPIED_HI, decodeL1, decodeL2, readEntry, writeEntry } from '../format/entries.js';
 import { entriesPerBlock, reftableEntry, setRefcount } from '../format/refcount-block.js';
 import { snapshotTableSize } from '../format/snapshot-table.js';
-import type { Qcow2Image } from './qcow2-image.js';
+import type { Qcow2State } from './qcow2-state.js';
 import type { CheckOptions, CheckResult } from './types.js';
 
 /**
@@ -37,7 +37,7 @@ class RefArray {
 }
 
 interface State {
-  img: Qcow2Image;
+  img: Qcow2State;
   res: CheckResult;
   refs: RefArray;
   /** Set when the refcount structure itself is broken and must be rebuilt. */
@@ -47,7 +47,7 @@ interface State {
 
 const hex = (n: number) => n.toString(16);
 
-function newResult(img: Qcow2Image): CheckResult {
+function newResult(img: Qcow2State): CheckResult {
   return {
     checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0,
     totalClusters: Math.ceil(img.h.size / img.cs), allocatedClusters: 0, fragmentedClusters: 0,
@@ -61,7 +61,7 @@ function newResult(img: Qcow2Image): CheckResult {
  * ones, then OFLAG_COPIED). With `repair`, fixes what qemu-img fixes; if anything was fixed the
  * counts of a fresh check are returned with the fixed counters kept, as qemu-img reports them.
  */
-export async function checkImage(img: Qcow2Image, opts: CheckOptions): Promise<CheckResult> {
+export async function checkImage(img: Qcow2State, opts: CheckOptions): Promise<CheckResult> {
   const first = await checkOnce(img, opts.repair);
   if (first.error === undefined && opts.repair && (first.corruptionsFixed > 0 || first.leaksFixed > 0 || first.rebuilt)) {
     const again = await checkOnce(img, undefined);
@@ -74,7 +74,7 @@ export async function checkImage(img: Qcow2Image, opts: CheckOptions): Promise<C
   return first;
 }
 
-async function checkOnce(img: Qcow2Image, repair: 'leaks' | 'all' | undefined): Promise<CheckResult> {
+async function checkOnce(img: Qcow2State, repair: 'leaks' | 'all' | undefined): Promise<CheckResult> {
   const fixLeaks = repair !== undefined;
   const fixErrors = repair === 'all';
   const res = newResult(img);
@@ -334,7 +334,7 @@ async function checkCopied(st: State, fix: boolean): Promise<void> {
       res.corruptions++;
       res.messages.push(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${l1entry.toString(16)} refcount=${rc}`);
       if (fix) {
-        await img.setL1(i, e.l2Offset, rc === 1);
+        await img.meta.setL1(i, e.l2Offset, rc === 1);
         res.corruptions--;
         res.corruptionsFixed++;
       }
@@ -359,7 +359,7 @@ async function checkCopied(st: State, fix: boolean): Promise<void> {
     }
     if (dirty > 0) {
       await img.file.write(e.l2Offset, l2);
-      img.l2cache.delete(e.l2Offset);
+      img.meta.forget(e.l2Offset);
       res.corruptions -= dirty;
       res.corruptionsFixed += dirty;
     }

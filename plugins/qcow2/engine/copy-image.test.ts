@@ -10,6 +10,7 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createImage, openImage, type Image } from '../index.js';
 import { hasQemu, ok, pattern, qemuIo, run, tempDir, warnIfNoQemu } from '../test/helpers.js';
 import { copyImageContent } from './copy-image.js';
+import { ImageHandle } from './image-handle.js';
 import { nativeCopyAvailable, setNativeCopyEnabled } from './file.js';
 import { nativeAddon } from './native-addon.js';
 import { dataExtents } from './seek-data.js';
@@ -262,8 +263,9 @@ describe.skipIf(!hasQemu)('copyImageContent', () => {
     const src = await openImage(srcFile, { format: 'raw', readOnly: true });
     try {
       await dst.write(64 * K, pattern(4 * K, 1));
-      const copyFromFile = (dst as Image & { copyFromFile(f: unknown, ops: Float64Array): Promise<void> }).copyFromFile.bind(dst);
-      const file = (src as Image & { file: unknown }).file;
+      const node = ImageHandle.nodeOf(dst)!;
+      const copyFromFile = node.copyFromFile!.bind(node);
+      const file = ImageHandle.nodeOf(src)!.file;
       await expect(copyFromFile(file, Float64Array.from([0, 0, 128 * K]))).rejects.toThrow(/allocated clusters/);
       await expect(copyFromFile(file, Float64Array.from([0, 4 * K, 64 * K]))).rejects.toThrow(/whole clusters/);
       // Several ops in guest order (looked up at once) and out of order (one by one): refused

@@ -13,6 +13,7 @@
  */
 import { uninitialized } from '../format/bytes.js';
 import { nativeCopyAvailable, type ImageFile } from './file.js';
+import { ImageHandle } from './image-handle.js';
 import type { Image } from './types.js';
 import { nonZeroRuns } from './zero-scan.js';
 
@@ -181,8 +182,7 @@ async function sourceSegments(img: Image, hosts: boolean): Promise<Segment[]> {
  */
 export async function dataMap(img: Image): Promise<{ start: number; length: number; zero: boolean }[]> {
   if (img.format === 'raw') {
-    type Seekable = { exactBlockStatus?: () => Promise<{ start: number; length: number; zero: boolean }[] | undefined> };
-    const exact = await (img as Image & Seekable).exactBlockStatus?.();
+    const exact = await ImageHandle.nodeOf(img)?.exactBlockStatus?.();
     return exact ?? [{ start: 0, length: img.virtualSize, zero: false }];
   }
   return img.map();
@@ -190,12 +190,12 @@ export async function dataMap(img: Image): Promise<{ start: number; length: numb
 
 /** The file an engine image reads from (RawImage, Qcow2Image); undefined for other Images. */
 function fileOf(img: Image): ImageFile | undefined {
-  return (img as Image & { file?: ImageFile }).file;
+  return ImageHandle.nodeOf(img)?.file;
 }
 
 function copyTarget(img: Image): CopyTarget | undefined {
-  const t = img as Image & Partial<CopyTarget>;
-  return typeof t.copyFromFile === 'function' ? (t as Image & CopyTarget) : undefined;
+  const node = ImageHandle.nodeOf(img);
+  return node?.copyFromFile ? { copyFromFile: (src, ops) => node.copyFromFile!(src, ops) } : undefined;
 }
 
 function alignUp(n: number, a: number): number {

@@ -2,12 +2,13 @@ import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
 import { Corrupt, Unsupported, FailedPrecondition } from '../../../core/index.js';
 import {
-  INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES,
+  INCOMPAT_CORRUPT, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES,
 } from '../format/constants.js';
 import { assertSupported, backingFormatOf, decodeHeader, hasQcowMagic, HEADER_PROBE_BYTES, type Header } from '../format/header.js';
 import { decodeSnapshotTable } from '../format/snapshot-table.js';
 import { alignUp, view } from '../format/bytes.js';
 import { ImageFile, fileError } from './file.js';
+import { ImageHandle } from './image-handle.js';
 import { Qcow2Image } from './qcow2-image.js';
 import { RawImage } from './raw-image.js';
 import type { ChainEntry, Image, ImageFormat, OpenOptions } from './types.js';
@@ -60,9 +61,9 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
   try {
     const fileSize = await file.size();
     // As QEMU sees a raw file: whole 512-byte sectors, the part past the end of the file reads as zeros.
-    if (format === 'raw') return new RawImage(path, file, readOnly, alignUp(fileSize, 512));
+    if (format === 'raw') return new ImageHandle(new RawImage(path, file, readOnly, alignUp(fileSize, 512)));
     const head = await readHead(file, fileSize);
-    if (format === undefined && !hasQcowMagic(head)) return new RawImage(path, file, readOnly, alignUp(fileSize, 512));
+    if (format === undefined && !hasQcowMagic(head)) return new ImageHandle(new RawImage(path, file, readOnly, alignUp(fileSize, 512)));
 
     const h = decodeHeader(head, path);
     assertSupported(h, path);
@@ -78,28 +79,25 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
     const snapshots = h.nbSnapshots === 0 ? [] : decodeSnapshotTable(
       await file.read(h.snapshotsOffset, Math.min(fileSize - h.snapshotsOffset, MAX_SNAPSHOT_TABLE_BYTES)), h.nbSnapshots, path);
 
-    const chain: ChainEntry[] = [{ filename: path, format: 'qcow2', virtualSize: h.size }];
+    const entry: ChainEntry = { filename: path, format: 'qcow2', virtualSize: h.size };
     if (h.backingFile !== undefined && h.backingFile !== '') {
       const full = isAbsolute(h.backingFile) ? h.backingFile : join(dirname(path), h.backingFile);
-      chain[0]!.backingFilename = h.backingFile;
-      chain[0]!.fullBackingFilename = full;
+      entry.backingFilename = h.backingFile;
+      entry.fullBackingFilename = full;
       const bfmt = backingFormatOf(h);
-      if (bfmt !== undefined) chain[0]!.backingFormat = bfmt;
+      if (bfmt !== undefined) entry.backingFormat = bfmt;
       if (bfmt !== undefined && bfmt !== 'qcow2' && bfmt !== 'raw') {
         throw new Unsupported(`${path}: backing format ${JSON.stringify(bfmt)} is not supported`, { ref: path, hint: 'only qcow2 and raw backing files are supported' });
       }
-      if (!opts.noBacking) {
-        backing = await openLayer(full, opts, true, bfmt as ImageFormat | undefined, depth + 1, seen, root);
-        chain.push(...backing.chain);
-      }
+      if (!opts.noBacking) backing = await openLayer(full, opts, true, bfmt as ImageFormat | undefined, depth + 1, seen, root);
     }
     const img = new Qcow2Image({
-      path, file, header: h, l1, reftable, snapshots, backing, chain, readOnly, fileSize,
+      path, file, header: h, l1, reftable, snapshots, backing, entry, readOnly, fileSize,
       cacheBytes: opts.cacheBytes ?? DEFAULT_CACHE,
       deferMetadata: opts.deferMetadata === true && depth === 0,
     });
-    if (!readOnly) await prepareForWriting(img);
-    return img;
+    if (!readOnly) await img.prepareForWriting();
+    return new ImageHandle(img);
   } catch (e) {
     await file.close().catch(() => {});
     if (backing) await backing.close().catch(() => {});
@@ -142,27 +140,5 @@ function validateLayout(h: Header, fileSize: number, path: string): void {
   if (h.nbSnapshots > 0) {
     if (h.snapshotsOffset % cs !== 0) throw bad('snapshot table offset is not cluster aligned');
     if (h.snapshotsOffset < cs || h.snapshotsOffset >= fileSize) throw bad('snapshot table lies outside the file');
-  }
-}
-
-/**
- * Read-write open: a dirty (lazy refcounts) image gets its refcounts rebuilt; autoclear bits
- * are cleared because we do not keep their data (bitmaps) up to date.
- */
-async function prepareForWriting(img: Qcow2Image): Promise<void> {
-  const h = img.h;
-  let rewrite = false;
-  if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
-    await img.check({ repair: 'all' });
-    h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
-    rewrite = true;
-  }
-  if (h.version === 3 && h.autoclearFeatures !== 0n) {
-    h.autoclearFeatures = 0n;
-    rewrite = true;
-  }
-  if (rewrite) {
-    await img.writeHeader();
-    await img.file.sync();
   }
 }

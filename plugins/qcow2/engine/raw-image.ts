@@ -1,26 +1,27 @@
-import { FailedPrecondition, InvalidArgument, OutOfRange, Unsupported } from '../../../core/index.js';
+import { FailedPrecondition, InvalidArgument, OutOfRange, RwLock, Unsupported } from '../../../core/index.js';
 import type { ImageFile } from './file.js';
+import type { ImageNode } from './image-node.js';
 import { mergeStatus } from './status.js';
 import { nonZeroRuns } from './zero-scan.js';
-import { RwLock } from './rwlock.js';
-import type { BlockStatus, ChainEntry, CheckResult, Image, SnapshotOps } from './types.js';
+import type { Allocation, BlockStatus, ChainEntry, CheckResult, SnapshotOps } from './types.js';
 
 const CHUNK = 1 << 20;
 /** Hole granularity assumed for sparse raw files (the usual file-system block). */
 const HOLE_BLOCK = 4096;
 
-/** A raw image: the file is the disk. */
-export class RawImage implements Image {
+/** A raw image: the file is the disk. It has no backing file and allocates everything. */
+export class RawImage implements ImageNode {
   readonly format = 'raw' as const;
   readonly clusterSize = 512;
   readonly header = undefined;
   readonly backing = undefined;
-  readonly chain: ChainEntry[];
   private readonly lock = new RwLock();
   private closed = false;
 
-  constructor(readonly path: string, readonly file: ImageFile, readonly readOnly: boolean, public virtualSize: number) {
-    this.chain = [{ filename: path, format: 'raw', virtualSize }];
+  constructor(readonly path: string, readonly file: ImageFile, readonly readOnly: boolean, public virtualSize: number) {}
+
+  get chain(): ChainEntry[] {
+    return [{ filename: this.path, format: 'raw', virtualSize: this.virtualSize }];
   }
 
   private checkRange(offset: number, length: number): void {
@@ -170,7 +171,6 @@ export class RawImage implements Image {
     await this.lock.exclusive(async () => {
       await this.file.truncate(newSize);
       this.virtualSize = newSize;
-      this.chain[0]!.virtualSize = newSize;
     });
   }
 
@@ -203,5 +203,31 @@ export class RawImage implements Image {
 
   async check(): Promise<CheckResult> {
     throw new Unsupported(`${this.path}: this image format (raw) does not support checks`, { ref: this.path });
+  }
+
+  // ---- block-job surface: a raw layer allocates every byte (its holes read as zeros) ----
+
+  async ownAllocations(offset: number, length: number): Promise<Allocation[]> {
+    return (await this.blockStatus(offset, length)).map((st) => ({ start: st.start, length: st.length, zero: st.zero }));
+  }
+
+  /** Nothing in a raw image is unallocated: nothing to fill. */
+  async fillUnallocated(offset: number, data: Uint8Array): Promise<number> {
+    this.writable();
+    this.checkRange(offset, data.length);
+    return 0;
+  }
+
+  async zeroUnallocated(offset: number, length: number): Promise<void> {
+    this.writable();
+    this.checkRange(offset, length);
+  }
+
+  async makeEmpty(): Promise<void> {
+    throw new Unsupported(`${this.path}: a raw image cannot be made empty (it has no backing file to fall through to)`, { ref: this.path });
+  }
+
+  async setBacking(): Promise<void> {
+    throw new Unsupported(`${this.path}: raw images have no backing file`, { ref: this.path, hint: 'use a qcow2 overlay' });
   }
 }

@@ -6,7 +6,8 @@ import { entriesPerBlock, setRefcount } from '../format/refcount-block.js';
 import {
   encodeSnapshotTable, makeExtra, snapshotDiskSize, snapshotIcount, snapshotVmStateSize, type SnapshotEntry,
 } from '../format/snapshot-table.js';
-import type { Qcow2Image } from './qcow2-image.js';
+import { compressedClusters } from './cluster-map.js';
+import type { Qcow2State } from './qcow2-state.js';
 import type { SnapshotInfo, SnapshotOps } from './types.js';
 
 /**
@@ -18,7 +19,7 @@ import type { SnapshotInfo, SnapshotOps } from './types.js';
  * On create, L2 tables whose data flags must change are copied for the active L1.
  */
 export class SnapshotManager implements SnapshotOps {
-  constructor(private readonly img: Qcow2Image) {}
+  constructor(private readonly img: Qcow2State) {}
 
   async list(): Promise<SnapshotInfo[]> {
     this.img.checkOpen();
@@ -104,13 +105,13 @@ function toInfo(s: SnapshotEntry): SnapshotInfo {
  * clusters are not even leaks); after it, the new image is exact (the old structures are
  * free). No instant shows a refcount and a COPIED flag that disagree.
  */
-async function switchState(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
+async function switchState(img: Qcow2State, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
   pending?: { entry: SnapshotEntry; l1: Uint8Array }): Promise<void> {
   // The new state is built from the tables as they are now; deferred metadata goes first.
-  await img.writeThrough(() => buildAndSwitch(img, l1, snaps, size, pending));
+  await img.meta.writeThrough(() => buildAndSwitch(img, l1, snaps, size, pending));
 }
 
-async function buildAndSwitch(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
+async function buildAndSwitch(img: Qcow2State, l1: Uint8Array, snaps: SnapshotEntry[], size: number,
   pending?: { entry: SnapshotEntry; l1: Uint8Array }): Promise<void> {
   const cs = img.cs;
   const end = Math.max(img.refcounts.highWater, Math.ceil(img.fileLen / cs));
@@ -124,12 +125,12 @@ async function buildAndSwitch(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEn
       const e = decodeL1(...readEntry(table, i));
       if (e.l2Offset === 0) continue;
       bump(e.l2Offset / cs);
-      const t = await img.l2Table(e.l2Offset);
+      const t = await img.meta.l2Table(e.l2Offset);
       for (let j = 0; j < img.l2Entries; j++) {
         const d = decodeL2(...readEntry(t, j), img.h.clusterBits);
         if ((d.kind === 'normal' || d.kind === 'zero') && d.offset !== 0) bump(d.offset / cs);
         else if (d.kind === 'compressed') {
-          const [c0, n] = img.compressedClusters(d);
+          const [c0, n] = compressedClusters(img, d);
           for (let k = 0; k < n; k++) bump(c0 + k);
         }
       }
@@ -162,7 +163,7 @@ async function buildAndSwitch(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEn
     const e = decodeL1(...readEntry(l1, i));
     if (e.l2Offset === 0) continue;
     const T = e.l2Offset / cs;
-    const t = await img.l2Table(e.l2Offset);
+    const t = await img.meta.l2Table(e.l2Offset);
     const fixed = t.slice();
     let changed = false;
     for (let j = 0; j < img.l2Entries; j++) {
@@ -252,6 +253,7 @@ async function buildAndSwitch(img: Qcow2Image, l1: Uint8Array, snaps: SnapshotEn
   img.h.snapshotsOffset = snaps.length > 0 ? tableStart * cs : 0;
   img.l1 = l1;
   img.snapshotTable = snaps;
-  img.l2cache.clear();
+  img.entry.virtualSize = size;
+  img.meta.clear();
   img.refcounts.reset(reftable, (next + nb) * cs, total);
 }

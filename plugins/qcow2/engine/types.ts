@@ -180,6 +180,45 @@ export interface SnapshotOps {
   delete(nameOrId: string): Promise<void>;
 }
 
+/**
+ * A range some layers of a chain allocate (see Image.allocatedAbove): its content comes from
+ * those layers, not from below them. `zero`: it reads as zeros there (zero clusters, holes).
+ */
+export interface Allocation {
+  start: number;
+  length: number;
+  zero: boolean;
+}
+
+/**
+ * Guest ranges written through an image since they were last taken (Image.trackWrites), at a
+ * fixed granularity: what QEMU hands a mirror job as its dirty bitmap.
+ */
+export interface DirtyMap {
+  readonly granularity: number;
+  /**
+   * Every dirty run as it is now (each at most maxBytes), cleared. Writes that land later are
+   * left for the next call, so a pass ends even while writers keep going.
+   */
+  takeAll(maxBytes: number): { start: number; end: number }[];
+  /** Mark a range dirty again (a copy of it failed, or the caller's own change). */
+  mark(offset: number, length: number): void;
+  empty(): boolean;
+  /** Resolves at the next mark. */
+  changed(): Promise<void>;
+  /** Stop tracking (the map is no longer marked). */
+  stop(): void;
+}
+
+/** The new backing of an image (Image.setBacking). */
+export interface NewBacking {
+  /** Name stored in the header, as given (relative names resolve against the image's folder); undefined = none. */
+  name: string | undefined;
+  format?: ImageFormat | undefined;
+  /** The new backing image, already open read-only; the image takes it over (and closes the old one). */
+  image?: Image | undefined;
+}
+
 /** An open image (qcow2 or raw) with its backing chain. */
 export interface Image {
   readonly path: string;
@@ -192,7 +231,7 @@ export interface Image {
   readonly header: HeaderInfo | undefined;
   /** The backing image, already open (read-only), if any. */
   readonly backing: Image | undefined;
-  /** This image then its backing images, top first. */
+  /** This image then its backing images, top first (built afresh on each read). */
   readonly chain: ChainEntry[];
 
   read(offset: number, length: number): Promise<Uint8Array>;
@@ -227,4 +266,45 @@ export interface Image {
   fileSize(): Promise<number>;
   readonly snapshots: SnapshotOps;
   check(opts?: CheckOptions): Promise<CheckResult>;
+
+  // ---- the block-job surface (QEMU's block layer gives the same to stream.c, commit.c, mirror.c) ----
+
+  /**
+   * bdrv_is_allocated_above: the ranges of [offset, offset+length) that this image or a layer of
+   * its chain above `base` allocates, merged, in order. `base` must be a layer of this chain
+   * (undefined: the whole chain counts; this image's own backing: this image alone). A raw layer
+   * allocates everything (its holes as zero ranges).
+   */
+  allocatedAbove(offset: number, length: number, base?: Image): Promise<Allocation[]>;
+  /**
+   * Copy-on-read: write `data` (what the chain reads at `offset` now) into the clusters of the
+   * range that this image still leaves unallocated, and only those: a guest write that got to a
+   * cluster first wins. Returns the bytes written. qcow2 only (raw allocates everything: 0).
+   */
+  fillUnallocated(offset: number, data: Uint8Array): Promise<number>;
+  /**
+   * Make the clusters of the range that this image leaves unallocated read as zeros (the zero
+   * flag on v3, zero bytes on v2) without touching allocated ones. qcow2 only (raw: nothing to do).
+   */
+  zeroUnallocated(offset: number, length: number): Promise<void>;
+  /** Unallocate every cluster of the active state (reads then come from the backing), then flush. qcow2 only. */
+  makeEmpty(): Promise<void>;
+  /**
+   * Point this image at another backing file, on disk and in memory. What the new reference
+   * depends on must be on disk already: the image is flushed first, then its header is rewritten
+   * in one write of its first cluster, then flushed again, so a kill leaves the old or the new
+   * header. Works on a read-only layer of a chain too (its header is written through a private
+   * read-write handle). qcow2 only.
+   */
+  setBacking(next: NewBacking): Promise<void>;
+  /** Observe writes: a map of every range written, zeroed or discarded through this image from now on. */
+  trackWrites(granularity: number): DirtyMap;
+  /**
+   * Replace the image behind this object by `target` (the pivot of an active commit or mirror):
+   * new calls are held, calls in flight are waited for, `final` runs (with the old image, which
+   * it may read), the old image closes (with its chain), and from then on every call on this
+   * object goes to `target`'s image. `target` is taken over: do not use or close it afterwards.
+   * If `final` fails, nothing switches and the held calls go on against the old image.
+   */
+  pivot(target: Image, final?: (old: Image) => Promise<void>): Promise<void>;
 }

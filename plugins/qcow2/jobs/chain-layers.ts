@@ -2,10 +2,9 @@
  * Finding layers of an open chain by the names users give (`--base`, `-b`), and the name to
  * store when an image is re-pointed at a layer further down.
  */
-import { dirname, isAbsolute, relative, resolve } from 'node:path';
+import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../../../core/index.js';
-import { Qcow2Image } from '../engine/qcow2-image.js';
-import type { Image } from '../engine/types.js';
+import { openImage, type Image, type ImageFormat } from '../engine/index.js';
 
 /** The open layers of a chain, top first (image, image.backing, …). */
 export function layersOf(image: Image): Image[] {
@@ -43,14 +42,19 @@ export function backingNameFor(image: Image, layerAbove: Image | undefined, targ
   return rel === '' ? target.path : rel;
 }
 
-/** The engine's qcow2 image behind an Image, for the jobs that change its metadata. */
-export function asQcow2(image: Image, job: string): Qcow2Image {
-  if (!(image instanceof Qcow2Image)) {
+/** A job that changes an image's metadata (allocation, backing file) needs a qcow2 image. */
+export function assertQcow2(image: Image, job: string): void {
+  if (image.format !== 'qcow2') {
     throw new Unsupported(`${job} ${image.path}: the image is ${image.format}; ${job} needs a qcow2 image`, {
       ref: image.path, hint: 'convert it to qcow2 first (`offload img convert -O qcow2`)',
     });
   }
-  return image;
+}
+
+/** Open the backing `name` of `img` read-only (relative to the image's folder), as the chain would. */
+export async function openBackingOf(img: Image, name: string, format: ImageFormat | undefined): Promise<Image> {
+  const full = isAbsolute(name) ? name : join(dirname(img.path), name);
+  return openImage(full, { readOnly: true, ...(format ? { format } : {}) });
 }
 
 export function assertWritable(image: Image, job: string): void {

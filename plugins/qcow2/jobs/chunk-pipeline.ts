@@ -12,7 +12,7 @@
  * reaching the next chunk that has data.
  */
 import type { JobContext } from '../../../core/index.js';
-import { uninitialized } from '../format/bytes.js';
+import { uninitialized } from '../engine/index.js';
 import { JOB_CHUNK } from './resume.js';
 
 const AHEAD = 4;

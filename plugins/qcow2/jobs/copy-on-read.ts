@@ -1,13 +1,11 @@
 /**
  * The core of stream and safe rebase: fill clusters the image does not allocate with the content
- * its chain shows there, copy-on-read style. Candidates are found and their data read without
- * holding the image's lock; then, under the exclusive lock, only clusters that are still
- * unallocated are written — a guest write that got there first wins, so live writers never
- * lose data to the job.
+ * its chain shows there, copy-on-read style. Candidates are found and their data read first; the
+ * engine then writes only clusters that are still unallocated (Image.fillUnallocated,
+ * zeroUnallocated) — a guest write that got there first wins, so live writers never lose data
+ * to the job.
  */
-import type { Qcow2Image } from '../engine/qcow2-image.js';
-import type { BlockStatus, Image } from '../engine/types.js';
-import { zeroClustersLocked } from './cluster-ops.js';
+import type { BlockStatus, Image } from '../engine/index.js';
 
 /** What to put in one run of clusters. */
 export interface Fill {
@@ -24,9 +22,15 @@ export type ClusterDecision = 'skip' | 'zero' | 'data';
  * The clusters of [start, end) that `img` leaves unallocated, as cluster-aligned runs
  * (end clipped to the image end).
  */
-export async function unallocatedRuns(img: Qcow2Image, start: number, end: number): Promise<{ start: number; end: number }[]> {
-  const runs = await img.lock.shared(() => img.runs(start, end - start));
-  return runs.filter((r) => r.entry.kind === 'unallocated').map((r) => ({ start: r.start, end: r.start + r.length }));
+export async function unallocatedRuns(img: Image, start: number, end: number): Promise<{ start: number; end: number }[]> {
+  const out: { start: number; end: number }[] = [];
+  let p = start;
+  for (const a of await img.allocatedAbove(start, end - start, img.backing)) {
+    if (a.start > p) out.push({ start: p, end: a.start });
+    p = a.start + a.length;
+  }
+  if (p < end) out.push({ start: p, end });
+  return out;
 }
 
 /**
@@ -68,47 +72,14 @@ export async function readPaddedInto(source: Pick<Image, 'readInto' | 'virtualSi
 }
 
 /**
- * Write the fills into clusters that are still unallocated; returns the data bytes written.
- * Data fills go first through the engine's concurrent copy-on-read write; what it leaves (a
- * cluster a writer allocated meanwhile, zero fills, the last partial cluster) is done here
- * cluster by cluster under the exclusive lock.
+ * Write the fills into clusters that are still unallocated, all at once (the engine writes whole
+ * clusters of different fills concurrently); returns the data bytes written.
  */
-export async function applyFills(img: Qcow2Image, fills: Fill[]): Promise<number> {
-  if (fills.length === 0) return 0;
+export async function applyFills(img: Image, fills: Fill[]): Promise<number> {
   let written = 0;
-  const rest: Fill[] = [];
   await Promise.all(fills.map(async (f) => {
-    const whole = f.kind === 'data' && f.start % img.cs === 0 && (f.end % img.cs === 0 || f.end === img.virtualSize);
-    const n = whole ? await img.fillUnallocated(f.start, f.data!.subarray(0, f.end - f.start)) : 0;
-    written += n;
-    if (f.start + n < f.end) rest.push(f);
+    if (f.kind === 'data') written += await img.fillUnallocated(f.start, f.data!.subarray(0, f.end - f.start));
+    else await img.zeroUnallocated(f.start, f.end - f.start);
   }));
-  return written + await applyFillsLocked(img, rest);
-}
-
-async function applyFillsLocked(img: Qcow2Image, fills: Fill[]): Promise<number> {
-  if (fills.length === 0) return 0;
-  const cs = img.cs;
-  return img.lock.exclusive(async () => {
-    let written = 0;
-    for (const f of fills) {
-      let p = f.start;
-      while (p < f.end) {
-        // Skip clusters a writer allocated meanwhile; gather the next run still unallocated.
-        while (p < f.end && (await img.lookup(Math.floor(p / cs))).kind !== 'unallocated') p = Math.min(f.end, p + cs);
-        let q = p;
-        while (q < f.end && (await img.lookup(Math.floor(q / cs))).kind === 'unallocated') q = Math.min(f.end, q + cs);
-        if (q > p) {
-          if (f.kind === 'data') {
-            await img.writeLocked(p, f.data!.subarray(p - f.start, q - f.start));
-            written += q - p;
-          } else {
-            await zeroClustersLocked(img, p, q);
-          }
-        }
-        p = q;
-      }
-    }
-    return written;
-  });
+  return written;
 }

@@ -2,13 +2,12 @@
  * The chain jobs through their public API on chains made by our own engine (no qemu needed):
  * typed errors for bad requests, resume from a checkpoint, the dirty map, task params, raw copy.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unsupported, type JobContext } from '../../../core/index.js';
 import { createImage, openImage, type Image } from '../index.js';
 import { tempDir } from '../test/helpers.js';
 import { commitTask, copyToRaw, makeEmpty, rebaseTask, runCommit, runRebase, runStream, streamTask } from './index.js';
-import { DirtyMap } from './live-gate.js';
 
 const M = 1 << 20;
 let cleanup: (() => void) | undefined;
@@ -151,6 +150,78 @@ describe('chain jobs as tasks', () => {
   });
 });
 
+describe('chain jobs over a raw base (through the engine\'s block-job surface)', () => {
+  /** base.raw (0–2M data) ← low.qcow2 (2–3M) ← mid.qcow2 (3–4M, zeros 1–2M) ← top.qcow2 (4–5M), 8 MiB. */
+  async function rawBased(): Promise<string> {
+    const tmp = tempDir('jobs-raw-');
+    cleanup = tmp.cleanup;
+    const d = tmp.dir;
+    writeFileSync(`${d}/base.raw`, Buffer.concat([Buffer.alloc(2 * M, 7), Buffer.alloc(6 * M)]));
+    let below = 'base.raw';
+    for (const [name, at, zero] of [['low', 2, 0], ['mid', 3, 1], ['top', 4, 0]] as const) {
+      await createImage(`${d}/${name}.qcow2`, { backingFile: below, backingFormat: below.endsWith('.raw') ? 'raw' : 'qcow2' });
+      const img = await openImage(`${d}/${name}.qcow2`, { readOnly: false });
+      await img.write(at * M, new Uint8Array(M).fill(at));
+      if (zero) await img.writeZeroes(zero * M, M);
+      await img.close();
+      below = `${name}.qcow2`;
+    }
+    return d;
+  }
+
+  it('stream down to the raw base, then flatten', async () => {
+    const d = await rawBased();
+    const img = await openImage(`${d}/top.qcow2`, { readOnly: false });
+    const before = await bytes(img);
+    await runStream(img, { base: 'base.raw' }, context());
+    expect(img.chain.map((c) => c.format)).toEqual(['qcow2', 'raw']);
+    expect(img.header!.backingFile).toBe('base.raw');
+    expect(img.header!.backingFormat).toBe('raw');
+    expect((await bytes(img)).equals(before)).toBe(true);
+    await runStream(img, {}, context());
+    expect(img.chain).toHaveLength(1);
+    expect((await bytes(img)).equals(before)).toBe(true);
+    await img.close();
+    const again = await openImage(`${d}/top.qcow2`);
+    expect((await bytes(again)).equals(before)).toBe(true);
+    expect((await again.check()).corruptions).toBe(0);
+    await again.close();
+  });
+
+  it('commit into the raw base (plain and intermediate, re-pointing a read-only layer of the chain)', async () => {
+    const d = await rawBased();
+    const img = await openImage(`${d}/top.qcow2`, { readOnly: false });
+    const before = await bytes(img);
+    // Intermediate: low and mid go into base.raw, and top (the image in use) is re-pointed at it.
+    expect(await runCommit(img, { top: 'mid.qcow2', base: 'base.raw' }, context())).toBe(false);
+    expect(img.chain.map((c) => c.filename.split('/').pop())).toEqual(['top.qcow2', 'base.raw']);
+    expect((await bytes(img)).equals(before)).toBe(true);
+    await img.close();
+    const raw = readFileSync(`${d}/base.raw`);
+    expect(raw.subarray(0, M).every((x) => x === 7)).toBe(true);
+    expect(raw.subarray(M, 2 * M).every((x) => x === 0)).toBe(true); // mid's zero clusters committed
+    expect(raw.subarray(2 * M, 3 * M).every((x) => x === 2)).toBe(true);
+    expect(raw.subarray(3 * M, 4 * M).every((x) => x === 3)).toBe(true);
+
+    // A layer below the top is re-pointed while it is open read-only inside the chain.
+    const d2 = await rawBased();
+    const img2 = await openImage(`${d2}/top.qcow2`, { readOnly: false });
+    const before2 = await bytes(img2);
+    await runCommit(img2, { top: 'low.qcow2', base: 'base.raw' }, context());
+    expect(img2.chain.map((c) => c.filename.split('/').pop())).toEqual(['top.qcow2', 'mid.qcow2', 'base.raw']);
+    expect(img2.backing!.readOnly).toBe(true);
+    expect((await bytes(img2)).equals(before2)).toBe(true);
+    // Plain commit of the top into its (qcow2) backing, then of that into the raw base.
+    await runCommit(img2, {}, context());
+    await img2.close();
+    const mid = await openImage(`${d2}/mid.qcow2`, { readOnly: false });
+    expect((await bytes(mid)).equals(before2)).toBe(true);
+    await runCommit(mid, {}, context());
+    await mid.close();
+    expect(readFileSync(`${d2}/base.raw`).equals(before2)).toBe(true);
+  });
+});
+
 describe('large sparse images', () => {
   /** 4 GiB virtual: base data at 1 GiB + 5 MiB and near the end, top data at 3 GiB. */
   async function sparseChain(): Promise<string> {
@@ -226,12 +297,17 @@ describe('copy into raw', () => {
   });
 });
 
-describe('DirtyMap', () => {
+describe('DirtyMap (Image.trackWrites)', () => {
   it('marks ranges at its granularity, hands them out once, and wakes a waiter', async () => {
-    const m = new DirtyMap(64 * 1024, 4 * M);
+    const t = tempDir('jobs-dirty-');
+    cleanup = t.cleanup;
+    const d = t.dir;
+    await createImage(`${d}/t.qcow2`, { size: 4 * M });
+    const img = await openImage(`${d}/t.qcow2`, { readOnly: false });
+    const m = img.trackWrites(64 * 1024);
     expect(m.empty()).toBe(true);
     const woke = m.changed();
-    m.mark(100, 10);
+    await img.write(100, new Uint8Array(10));
     await woke;
     m.mark(64 * 1024 * 3 - 1, 2);
     m.mark(5 * M, 1); // past the size it was made for: grows
@@ -244,5 +320,9 @@ describe('DirtyMap', () => {
     expect(m.takeAll(M)).toEqual([]);
     m.mark(0, 4 * M);
     expect(m.takeAll(M)).toHaveLength(4);
+    m.stop();
+    await img.write(0, new Uint8Array(10));
+    expect(m.empty()).toBe(true);
+    await img.close();
   });
 });

@@ -8,9 +8,7 @@
 import { open, rm, stat, type FileHandle } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { InvalidArgument, type JobContext, type JobTask } from '../../../core/index.js';
-import { fileError } from '../engine/file.js';
-import { openImage } from '../engine/open.js';
-import type { Image } from '../engine/types.js';
+import { fileError, openImage, type Image } from '../engine/index.js';
 import { JOB_CHUNK } from './resume.js';
 
 const HEADER_BYTES = 4096;

@@ -4,17 +4,12 @@
  * never leaves an image pointing at a backing that lacks its data — qemu-img 7.2's `-b ''` bug).
  * Unsafe (`-u`): the header only.
  */
-import { resolve } from 'node:path';
-import type { JobContext } from '../../../core/index.js';
-import { probeFormat } from '../engine/open.js';
-import type { Image, ImageFormat } from '../engine/types.js';
-import { asQcow2, assertWritable, layersOf } from './chain-layers.js';
-import { openBackingOf, relinkChains, switchBacking } from './backing-switch.js';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { InvalidArgument, type JobContext } from '../../../core/index.js';
+import { probeFormat, type Image, type ImageFormat } from '../engine/index.js';
+import { assertQcow2, assertWritable, layersOf, openBackingOf } from './chain-layers.js';
 import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
-import type { Qcow2Image } from '../engine/qcow2-image.js';
-import { InvalidArgument } from '../../../core/index.js';
-import { dirname, isAbsolute, join } from 'node:path';
 
 export interface RebaseOptions {
   /** New backing file name, stored as given (relative to the image's folder); '' = none. */
@@ -25,8 +20,8 @@ export interface RebaseOptions {
   unsafe?: boolean | undefined;
 }
 
-export async function runRebase(image: Image, opts: RebaseOptions, ctx: JobContext): Promise<void> {
-  const img = asQcow2(image, 'rebase');
+export async function runRebase(img: Image, opts: RebaseOptions, ctx: JobContext): Promise<void> {
+  assertQcow2(img, 'rebase');
   assertWritable(img, 'rebase');
   if (opts.backingFormat !== undefined && opts.backingFormat !== 'qcow2' && opts.backingFormat !== 'raw') {
     throw new InvalidArgument(`rebase ${img.path}: unknown backing format ${JSON.stringify(opts.backingFormat)}`, {
@@ -62,28 +57,27 @@ export async function runRebase(image: Image, opts: RebaseOptions, ctx: JobConte
         offset = end;
       }
     }
-    await switchBacking(img, { name, format: fmt, image: next });
+    await img.setBacking({ name, format: fmt, image: next });
   } catch (e) {
     await next?.close();
     throw e;
   }
-  relinkChains(img);
 }
 
 /**
  * When the new backing is a layer of the old chain, ranges that come from it or below read the
  * same either way: the depth (in the old backing's status) from which that holds.
  */
-function sharedDepth(img: Qcow2Image, next: Image | undefined): number {
+function sharedDepth(img: Image, next: Image | undefined): number {
   if (!next) return Infinity;
   const layers = layersOf(img);
   const i = layers.findIndex((l, k) => k > 0 && resolve(l.path) === resolve(next.path));
   return i < 0 ? Infinity : i - 1;
 }
 
-async function rebaseChunk(img: Qcow2Image, next: Image | undefined, same: number, start: number, end: number): Promise<number> {
+async function rebaseChunk(img: Image, next: Image | undefined, same: number, start: number, end: number): Promise<number> {
   const old = img.backing;
-  const cs = img.cs;
+  const cs = img.clusterSize;
   const fills: Fill[] = [];
   for (const run of await unallocatedRuns(img, start, end)) {
     const oldStatus = old && run.start < old.virtualSize ? await old.blockStatus(run.start, Math.min(run.end, old.virtualSize) - run.start) : [];

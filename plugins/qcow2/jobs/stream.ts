@@ -3,11 +3,8 @@
  * Runs on the open image while it is in use; see copy-on-read.ts for why writers win races.
  */
 import type { JobContext } from '../../../core/index.js';
-import { openImage } from '../engine/open.js';
-import type { Qcow2Image } from '../engine/qcow2-image.js';
-import type { Image } from '../engine/types.js';
-import { backingNameFor, asQcow2, assertAbove, assertWritable, findLayer, layersOf } from './chain-layers.js';
-import { relinkChains, switchBacking } from './backing-switch.js';
+import { openImage, type Image } from '../engine/index.js';
+import { assertAbove, assertQcow2, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
 import { applyFills, groupClusters, readPaddedInto, unallocatedRuns, type Fill } from './copy-on-read.js';
 import { runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 import { JOB_CHUNK, resumeOffset } from './resume.js';
@@ -17,8 +14,8 @@ export interface StreamOptions {
   base?: string | undefined;
 }
 
-export async function runStream(image: Image, opts: StreamOptions, ctx: JobContext): Promise<void> {
-  const img = asQcow2(image, 'stream');
+export async function runStream(img: Image, opts: StreamOptions, ctx: JobContext): Promise<void> {
+  assertQcow2(img, 'stream');
   assertWritable(img, 'stream');
   const layers = layersOf(img);
   let baseIndex = layers.length;
@@ -45,19 +42,18 @@ export async function runStream(image: Image, opts: StreamOptions, ctx: JobConte
   const name = base ? backingNameFor(img, above, base, img.chain[baseIndex - 1]?.backingFilename) : undefined;
   const next = base ? await openImage(base.path, { readOnly: true, format: base.format }) : undefined;
   try {
-    await switchBacking(img, { name, format: base?.format, image: next });
+    await img.setBacking({ name, format: base?.format, image: next });
   } catch (e) {
     await next?.close();
     throw e;
   }
-  relinkChains(img);
 }
 
 /**
  * The first offset at or after `from` that may need filling: unallocated in the image, present
  * in a layer above base (or where the look stopped).
  */
-function nextToFill(img: Qcow2Image, from: number, limit: number): Promise<number> {
+function nextToFill(img: Image, from: number, limit: number): Promise<number> {
   const backing = img.backing;
   if (!backing || limit <= 0) return Promise.resolve(img.virtualSize);
   return scanForWork(from, img.virtualSize, async (start, end) => {
@@ -75,7 +71,7 @@ function nextToFill(img: Qcow2Image, from: number, limit: number): Promise<numbe
  * What one chunk needs: the chain's data for the clusters the image leaves unallocated, read into
  * the chunk's buffer (`buf`, byte i for offset start + i).
  */
-async function prepareChunk(img: Qcow2Image, start: number, end: number, buf: Uint8Array, limit: number, keepBase: boolean): Promise<Fill[]> {
+async function prepareChunk(img: Image, start: number, end: number, buf: Uint8Array, limit: number, keepBase: boolean): Promise<Fill[]> {
   const backing = img.backing;
   if (!backing || limit <= 0) return [];
   const fills: Fill[] = [];
@@ -83,7 +79,7 @@ async function prepareChunk(img: Qcow2Image, start: number, end: number, buf: Ui
     const inBacking = Math.min(run.end, backing.virtualSize);
     if (inBacking <= run.start) continue;
     const status = await backing.blockStatus(run.start, inBacking - run.start);
-    const groups = groupClusters(run.start, run.end, img.cs, status, (over) => {
+    const groups = groupClusters(run.start, run.end, img.clusterSize, status, (over) => {
       if (!over.some((s) => s.present && s.depth < limit)) return 'skip';
       // Content that reads as zero: a zero cluster if a base stays below, else nothing at all.
       if (over.every((s) => s.zero)) return keepBase ? 'zero' : 'skip';

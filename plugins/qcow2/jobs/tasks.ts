@@ -3,8 +3,7 @@
  * restarted broker rebuilds from the stored params (`ctx.resumeFrom` carries the checkpoint).
  */
 import type { JobContext, JobTask } from '../../../core/index.js';
-import { openImage } from '../engine/open.js';
-import type { Image } from '../engine/types.js';
+import { openImage, type Image } from '../engine/index.js';
 import { makeEmpty, runCommit } from './commit.js';
 import { runRebase } from './rebase.js';
 import { runStream } from './stream.js';

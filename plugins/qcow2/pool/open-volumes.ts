@@ -7,9 +7,8 @@
  * layer changes (snapshot, revert, pivot after a commit, end of a stream): the next I/O opens
  * the new top. Guest I/O holds the lock shared; a swap holds it exclusively.
  */
-import type { Image } from '../index.js';
-import { FailedPrecondition } from '../../../core/index.js';
-import { RwLock } from './rw-lock.js';
+import { FailedPrecondition, RwLock } from '../../../core/index.js';
+import type { Image } from '../engine/index.js';
 
 export class OpenVolume {
   readonly lock = new RwLock();

@@ -63,7 +63,7 @@ import { autoCompleting, inlineContext } from './inline-context.js';
 import { METADATA_FILE, PoolMetadata, type LayerRow, type VolumeRow } from './metadata.js';
 import { OpenVolumes } from './open-volumes.js';
 import { checkPool, type PoolCheckReport } from './pool-check.js';
-import { Serial } from './rw-lock.js';
+import { Serial } from './serial.js';
 import { volumeDevice } from './volume-device.js';
 
 export interface PoolOptions {

@@ -1,6 +1,3 @@
-/** The pool's locks: the engine's reader/writer lock (shared I/O, exclusive image swaps) and a serialiser. */
-export { RwLock } from '../engine/rwlock.js';
-
 /** Runs async sections one at a time, in call order (the pool's structural changes). */
 export class Serial {
   private tail: Promise<unknown> = Promise.resolve();
