@@ -27,7 +27,7 @@ import { formatRef, isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, v
 import type { Page, PageRequest, Snapshot, Volume } from './model/types.js';
 import type { Operation, Plan } from './planner/plan.js';
 import { Planner, type PlannerBackend } from './planner/planner.js';
-import { hostCopyTask, type HostCopyParams } from './planner/host-copy.js';
+import { hostCopyTask, type HostCopyParams } from './copy/host-copy.js';
 
 export interface CreateBrokerOptions {
   /** Plugin modules (e.g. `builtinPlugins` from plugins/index.ts). */
@@ -136,12 +136,16 @@ async function resolveTask(state: BrokerState, rec: JobRecord): Promise<JobTask 
 }
 
 async function openDevice(state: BrokerState, ref: string, mode: 'r' | 'rw'): Promise<BlockDevice> {
-  const r = parseVolumeRef(ref);
+  const r = parseRef(ref);
   const b = state.backends.get(r.backend);
   if (!b) throw new NotFound(`backend "${r.backend}" is not configured`, { ref });
   const cap = mode === 'r' ? 'data.read' : 'data.write';
   if (!b.capabilities.has(cap) || !b.backend.openVolume) {
     throw new Unsupported(`${r.backend} (${b.backend.kind}) has no ${cap}: its volumes cannot be opened ${mode === 'r' ? 'for reading' : 'for writing'}`, { ref });
+  }
+  if (isSnapshotRef(r)) {
+    if (mode !== 'r' || !b.backend.openSnapshot) throw new Unsupported(`${r.backend} (${b.backend.kind}) cannot ${mode === 'r' ? 'read' : 'write'} a snapshot through its data path`, { ref });
+    return b.backend.openSnapshot(r.volume, r.snapshot);
   }
   return b.backend.openVolume(r.volume, mode);
 }

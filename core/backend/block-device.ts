@@ -1,8 +1,15 @@
 import type { Extent } from '../model/types.js';
 
+/** A byte range of a device. */
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
 /**
- * The data path of a volume: byte ranges and the allocation map. The host data mover copies
- * between two BlockDevices using only `extents`, `read`, `write` and `writeZeroes`.
+ * The data path of a volume: byte ranges and the allocation map. The host data mover (the
+ * copier, core/copy/) copies between two BlockDevices using `extents`, `read`, `write` and
+ * `writeZeroes`, and `copyFrom` where the target offers a faster way.
  */
 export interface BlockDevice {
   readonly sizeBytes: number;
@@ -16,6 +23,14 @@ export interface BlockDevice {
   extents(offset?: number, length?: number): Promise<Extent[]>;
   flush(): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Optional fast path of the copier: copy the data `ranges` of `source` into this device without
+   * passing the bytes through JavaScript (both are local files, say). Resolves with the ranges, or
+   * parts of them, it left for the copier to copy itself, or undefined when it cannot take this
+   * source at all. Called only on a device that reads as zeros wherever nothing was written (a
+   * new volume or image), so blocks of zeros may be left out.
+   */
+  copyFrom?(source: BlockDevice, ranges: ByteRange[]): Promise<ByteRange[] | undefined>;
 }
 
 /** Fill gaps between extents so that a reader sees the whole device described. */

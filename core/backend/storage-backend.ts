@@ -55,6 +55,11 @@ export interface StorageBackend {
   /** `data.*`: open the volume's data path. */
   openVolume?(name: string, mode: 'r' | 'rw'): Promise<BlockDevice>;
   /**
+   * `data.read` with the limit `snapshots: true`: a snapshot's data path, read-only (what a copy
+   * or clone through the host reads from a snapshot).
+   */
+  openSnapshot?(volume: string, snapshot: string): Promise<BlockDevice>;
+  /**
    * Rebuild a task of this backend from its stored type and params after a broker restart.
    * Return undefined when it cannot be resumed; the job is then concluded as interrupted.
    */

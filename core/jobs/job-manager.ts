@@ -49,6 +49,8 @@ export class JobManager {
     private readonly locks: LockManager,
     private readonly resolveTask: TaskResolver,
     private readonly logger: Logger,
+    /** How often a job saves its checkpoint at most (JobRunOptions.checkpointEveryMs). */
+    private readonly checkpointEveryMs?: number,
   ) {
     liveTokens.add(this.token);
   }
@@ -88,7 +90,7 @@ export class JobManager {
     job = new ManagedJob(record, req.task, this.store, (j) => {
       lease.release();
       this.running.delete(j.id);
-    });
+    }, this.runOptions());
     this.running.set(id, job);
     job.start();
     return job;
@@ -243,11 +245,15 @@ export class JobManager {
     job = new ManagedJob(rec, task, this.store, (j) => {
       theLease.release();
       this.running.delete(j.id);
-    });
+    }, { ...this.runOptions(), resumeFrom: rec.checkpoint });
     this.running.set(rec.id, job);
     this.logger.info('job resumed', { job: rec.id, type: rec.type, ref: rec.ref });
-    job.start(rec.checkpoint);
+    job.start();
     return true;
+  }
+
+  private runOptions(): { checkpointEveryMs?: number } {
+    return this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs };
   }
 
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */

@@ -27,11 +27,19 @@ export interface JobContext {
   setProgress(current: number, total?: number): void;
   /**
    * Call after each chunk: waits while the job is paused, sleeps as the speed limit requires for
-   * the bytes just moved, and throws Cancelled when the job has been cancelled.
+   * the bytes just moved, and throws Cancelled when the job has been cancelled. `state` is what a
+   * resumed run needs to continue after this chunk; it is saved at most once a second (and when
+   * the job is stopped for a later resume), after the beforeSave hooks have run.
    */
   checkpoint(bytesMoved: number, state?: unknown): Promise<void>;
-  /** Persist resumable state without throttling. */
+  /** Persist resumable state now (e.g. the id of an appliance's job, the moment it exists). */
   saveState(state: unknown): void;
+  /**
+   * What must be durable before a saved state may claim the work it describes (e.g. writing the
+   * deferred metadata of the image being written): run before every save. Returns the undo, for
+   * when that image is closed.
+   */
+  beforeSave(fn: () => Promise<void>): () => void;
   /** Mirror-like jobs: report `ready` (source and target in sync). */
   ready(): void;
   /** Resolves when a user completes a ready job; rejects with Cancelled when it is cancelled. */

@@ -1,15 +1,12 @@
 import { Cancelled, FailedPrecondition, InvalidArgument, toOffloadError, type OffloadError } from '../model/errors.js';
 import { canTransition, assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo, JobStatus } from './job.js';
-import type { JobContext, JobTask } from './job-task.js';
+import { JobRun, Shutdown } from './job-run.js';
+import type { JobTask } from './job-task.js';
 import type { JobRecord, JobStore, StoredRequest } from './job-store.js';
-import { RateLimiter } from './rate-limiter.js';
 import { recordToInfo } from './remote-job.js';
 
 const PERSIST_EVERY_MS = 250;
-
-/** Why a job stopped running without concluding (the broker is closing: it will be resumed). */
-class Shutdown extends Error {}
 
 /**
  * A job run by this process: drives a JobTask through QEMU's life cycle, persists every status
@@ -18,14 +15,10 @@ class Shutdown extends Error {}
  */
 export class ManagedJob implements Job {
   private readonly listeners = new Set<(e: JobEvent) => void>();
-  private readonly abort = new AbortController();
-  private readonly limiter = new RateLimiter();
+  private readonly run: JobRun;
   private readonly concluded: Promise<JobInfo>;
   private resolveConcluded!: (info: JobInfo) => void;
   private rejectConcluded!: (e: unknown) => void;
-  private resumeWaiters: (() => void)[] = [];
-  private completeWaiter?: { resolve: () => void; reject: (e: unknown) => void };
-  private completeAsked = false;
   private lastPersist = 0;
   private shuttingDown = false;
   private poller?: NodeJS.Timeout;
@@ -35,8 +28,31 @@ export class ManagedJob implements Job {
     private readonly task: JobTask,
     private readonly store: JobStore,
     private readonly onEnd: (job: ManagedJob) => void,
+    opts: { resumeFrom?: unknown; checkpointEveryMs?: number } = {},
   ) {
-    this.limiter.setSpeed(record.speed);
+    const rec = record;
+    this.run = new JobRun({
+      jobId: rec.id,
+      resumeFrom: opts.resumeFrom,
+      progress: rec.progress,
+      speed: rec.speed,
+      ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
+      onProgress: (current, total) => {
+        rec.progress = { current, total };
+        this.persist(false);
+        this.emit({ type: 'progress', job: this.info() });
+      },
+      onSave: (state) => {
+        rec.checkpoint = state;
+        this.persist(true);
+      },
+      onReady: () => {
+        if (rec.status === 'running') {
+          this.transition('ready');
+          this.emit({ type: 'ready', job: this.info() });
+        }
+      },
+    });
     this.concluded = new Promise((resolve, reject) => {
       this.resolveConcluded = resolve;
       this.rejectConcluded = reject;
@@ -53,11 +69,11 @@ export class ManagedJob implements Job {
   }
 
   /** Start (or resume after a restart) the task. */
-  start(resumeFrom?: unknown): void {
+  start(): void {
     this.poller = setInterval(() => this.pollRequests(), 200);
     this.poller.unref();
     this.transition('running');
-    void this.execute(resumeFrom);
+    void this.execute();
   }
 
   pause(): void {
@@ -67,6 +83,7 @@ export class ManagedJob implements Job {
     }
     if (this.record.status === 'running' || this.record.status === 'created') this.transition('paused');
     else if (this.record.status === 'ready') this.transition('standby');
+    this.run.pause();
   }
 
   resume(): void {
@@ -74,7 +91,7 @@ export class ManagedJob implements Job {
     if (this.record.status === 'paused') this.transition('running');
     else if (this.record.status === 'standby') this.transition('ready');
     else throw new FailedPrecondition(`job ${this.id} is not paused`, { ref: this.id });
-    this.wakeResumers();
+    this.run.resume();
   }
 
   cancel(): void {
@@ -85,15 +102,12 @@ export class ManagedJob implements Job {
     // Cancelling a paused job resumes it so that it can see the cancel.
     if (this.record.status === 'paused') this.transition('running');
     if (this.record.status === 'standby') this.transition('ready');
-    this.wakeResumers();
-    this.abort.abort(new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }));
-    this.completeWaiter?.reject(new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }));
+    this.run.cancel(new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }));
   }
 
   complete(): void {
     assertVerb('complete', this.record.status, this.id);
-    this.completeAsked = true;
-    this.completeWaiter?.resolve();
+    this.run.complete();
   }
 
   setSpeed(bytesPerSecond: number): void {
@@ -102,7 +116,7 @@ export class ManagedJob implements Job {
       throw new InvalidArgument(`speed must be a number of bytes per second ≥ 0 (0 = unlimited), got ${bytesPerSecond}`);
     }
     this.record.speed = Math.floor(bytesPerSecond);
-    this.limiter.setSpeed(this.record.speed);
+    this.run.setSpeed(this.record.speed);
     this.persist(true);
   }
 
@@ -132,15 +146,13 @@ export class ManagedJob implements Job {
   /** Stop running without concluding: the broker is closing; a later start resumes the job. */
   shutdown(): void {
     this.shuttingDown = true;
-    this.abort.abort(new Shutdown('broker closing'));
-    this.wakeResumers();
-    this.completeWaiter?.reject(new Shutdown('broker closing'));
+    this.run.stop(new Shutdown('broker closing'));
   }
 
-  private async execute(resumeFrom: unknown): Promise<void> {
+  private async execute(): Promise<void> {
     let failure: OffloadError | undefined;
     try {
-      await this.task.run(this.context(resumeFrom));
+      await this.task.run(this.run);
     } catch (e) {
       failure = this.record.cancelled ? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
     }
@@ -195,84 +207,6 @@ export class ManagedJob implements Job {
   private end(): void {
     if (this.poller) clearInterval(this.poller);
     this.onEnd(this);
-  }
-
-  private context(resumeFrom: unknown): JobContext {
-    const job = this;
-    const rec = this.record;
-    return {
-      jobId: rec.id,
-      signal: this.abort.signal,
-      resumeFrom,
-      setTotal(bytes) {
-        rec.progress.total = Math.max(0, bytes);
-        job.persist(false);
-      },
-      advance(bytes) {
-        rec.progress.current += Math.max(0, bytes);
-        job.persist(false);
-        job.emit({ type: 'progress', job: job.info() });
-      },
-      setProgress(current, total) {
-        rec.progress.current = Math.max(rec.progress.current, current);
-        if (total !== undefined) rec.progress.total = total;
-        job.persist(false);
-        job.emit({ type: 'progress', job: job.info() });
-      },
-      async checkpoint(bytesMoved, state) {
-        if (bytesMoved > 0) this.advance(bytesMoved);
-        if (state !== undefined) this.saveState(state);
-        job.throwIfStopped();
-        const delay = job.limiter.delayFor(bytesMoved);
-        if (delay > 0) await job.sleep(delay);
-        while (rec.status === 'paused' || rec.status === 'standby') {
-          await new Promise<void>((r) => job.resumeWaiters.push(r));
-          job.throwIfStopped();
-        }
-        job.throwIfStopped();
-      },
-      saveState(state) {
-        rec.checkpoint = state;
-        job.persist(true);
-      },
-      ready() {
-        if (rec.status === 'running') {
-          job.transition('ready');
-          job.emit({ type: 'ready', job: job.info() });
-        }
-      },
-      waitForComplete() {
-        job.throwIfStopped();
-        if (job.completeAsked) return Promise.resolve();
-        return new Promise<void>((resolve, reject) => (job.completeWaiter = { resolve, reject }));
-      },
-      get completeRequested() {
-        return job.completeAsked;
-      },
-    };
-  }
-
-  private throwIfStopped(): void {
-    if (this.abort.signal.aborted) throw this.abort.signal.reason;
-  }
-
-  private sleep(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const signal = this.abort.signal;
-      const done = () => {
-        clearTimeout(t);
-        signal.removeEventListener('abort', done);
-        resolve();
-      };
-      const t = setTimeout(done, ms);
-      signal.addEventListener('abort', done, { once: true });
-    });
-  }
-
-  private wakeResumers(): void {
-    const w = this.resumeWaiters;
-    this.resumeWaiters = [];
-    for (const r of w) r();
   }
 
   private transition(to: JobStatus): void {

@@ -88,7 +88,9 @@ export class Planner {
     if (!s.capabilities.has('data.read')) missing.push(`${src.backend} has no data.read`);
     if (!d.capabilities.has('data.write')) missing.push(`${dst.backend} has no data.write`);
     if (createTarget && !d.capabilities.has('volume.create')) missing.push(`${dst.backend} has no volume.create`);
-    if (isSnapshotRef(src)) missing.push('reading a snapshot through the host data path is not supported yet (clone it to a volume first)');
+    if (isSnapshotRef(src) && !(s.capabilities.limits('data.read')?.snapshots === true && s.backend.openSnapshot)) {
+      missing.push(`${src.backend} cannot read a snapshot through its data path (clone it to a volume first)`);
+    }
     if (missing.length > 0) return unsupported(op, `no native way and no host data path: ${missing.join('; ')}`);
     const steps: PlanStep[] = [];
     if (createTarget) steps.push({ action: 'volume.create', executor: `backend:${dst.backend}`, hostBytes: 0, reason: 'the target volume is created first, with the source\'s size' });

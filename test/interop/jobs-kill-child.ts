@@ -7,7 +7,7 @@
  */
 import { ImageFile } from '../../plugins/qcow2/engine/file.js';
 import { openImage } from '../../plugins/qcow2/index.js';
-import { commitTask, copyToRaw, setCheckpointInterval, streamTask } from '../../plugins/qcow2/jobs/index.js';
+import { commitTask, copyToRaw, streamTask } from '../../plugins/qcow2/jobs/index.js';
 import { fileContext } from './jobs-kill-support.js';
 
 const [job, dir, killAtArg, stateFile] = process.argv.slice(2);
@@ -20,7 +20,6 @@ ImageFile.prototype.write = async function (pos: number, data: Uint8Array) {
 };
 
 const ctx = fileContext(stateFile!, { autoComplete: true });
-setCheckpointInterval(0);
 if (job === 'raw') {
   // Raw target writes go through fs directly; count chunks instead via checkpoints.
   ctx.onCheckpoint = () => { if (++writes === killAt) process.kill(process.pid, 'SIGKILL'); };

@@ -1,38 +1,41 @@
-/** A JobContext without a job manager, checkpointing to a file: for the kill tests' child and resumes. */
+/** A job run without a job manager, saving every checkpoint to a file: for the kill tests' child and resumes. */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import type { JobContext } from '../../core/index.js';
+import { JobRun } from '../../core/index.js';
 
-export interface FileContext extends JobContext {
-  current: number;
-  total: number;
+/** JobRun plus what the kill tests look at: where progress started, and a hook per checkpoint. */
+export class FileContext extends JobRun {
   firstProgress: number | undefined;
   onCheckpoint: (() => void) | undefined;
+
+  constructor(stateFile: string, private readonly autoComplete: boolean) {
+    super({
+      jobId: 'kill-test',
+      resumeFrom: existsSync(stateFile) ? JSON.parse(readFileSync(stateFile, 'utf8')) : undefined,
+      checkpointEveryMs: 0,
+      onSave: (state) => writeFileSync(stateFile, JSON.stringify(state)),
+    });
+    if (autoComplete) this.complete();
+  }
+
+  get current(): number { return this.progress.current; }
+  get total(): number { return this.progress.total; }
+
+  override setProgress(current: number, total?: number): void {
+    this.firstProgress ??= current;
+    super.setProgress(current, total);
+  }
+
+  override async checkpoint(n: number, state?: unknown): Promise<void> {
+    await super.checkpoint(n, state);
+    this.onCheckpoint?.();
+  }
+
+  override waitForComplete(): Promise<void> {
+    if (!this.autoComplete) return Promise.reject(new Error('no one completes this job'));
+    return super.waitForComplete();
+  }
 }
 
 export function fileContext(stateFile: string, opts: { autoComplete?: boolean } = {}): FileContext {
-  const resumeFrom = existsSync(stateFile) ? JSON.parse(readFileSync(stateFile, 'utf8')) : undefined;
-  const ctx: FileContext = {
-    jobId: 'kill-test',
-    signal: new AbortController().signal,
-    resumeFrom,
-    current: 0,
-    total: 0,
-    firstProgress: undefined,
-    onCheckpoint: undefined,
-    completeRequested: opts.autoComplete ?? false,
-    setTotal(n) { ctx.total = n; },
-    advance(n) { ctx.current += n; },
-    setProgress(c, t) { ctx.current = c; ctx.firstProgress ??= c; if (t !== undefined) ctx.total = t; },
-    async checkpoint(n, state) {
-      ctx.current += n;
-      if (state !== undefined) ctx.saveState(state);
-      ctx.onCheckpoint?.();
-    },
-    saveState(state) { writeFileSync(stateFile, JSON.stringify(state)); },
-    ready() {},
-    async waitForComplete() {
-      if (!opts.autoComplete) throw new Error('no one completes this job');
-    },
-  };
-  return ctx;
+  return new FileContext(stateFile, opts.autoComplete ?? false);
 }

@@ -6,7 +6,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { createBroker, silentLogger } from '../../core/index.js';
+import { createBroker, JobRun, silentLogger } from '../../core/index.js';
+import { METADATA_FILE, PoolMetadata } from '../../plugins/qcow2/pool/metadata.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import {
   fileBytes, GiB, HAVE_QEMU_IMG, layerFiles, MiB, openPool, pattern, qemuImg, read, write, type PoolFixture,
@@ -236,7 +237,9 @@ describe('qcow2 pool: bad input', () => {
     }
     await expect(fx.pool.resizeVolume('nope', -5)).rejects.toMatchObject({ code: 'InvalidArgument' });
     expect(layerFiles(fx.dir)).toEqual([]);
-    expect(fx.pool.meta.layers()).toEqual([]);
+    const meta = new PoolMetadata(join(fx.dir, METADATA_FILE));
+    expect(meta.layers()).toEqual([]);
+    meta.close();
   });
 
   it('a missing pool folder or a file in its place is a one-line error at broker start', async () => {
@@ -296,8 +299,7 @@ describe('qcow2 pool: stream of a clone that has snapshots of its own', () => {
     const made = await fx.pool.streamVolume('r', {});
     const again = await fx.pool.resumeTask(made.type, JSON.parse(JSON.stringify(made.params)) as Record<string, unknown>);
     expect(again).toBeDefined();
-    const { inlineContext } = await import('../../plugins/qcow2/pool/inline-context.js');
-    await again!.run(inlineContext('resumed'));
+    await again!.run(new JobRun({ jobId: 'resumed' }));
     expect((await b.volumes.get('local/r')).parent).toBeUndefined();
     expect(await fx.pool.resumeTask('stream', { volume: 'ghost', target: 'x', base: null })).toBeUndefined();
     expect(await fx.pool.resumeTask('teleport', { volume: 'r' })).toBeUndefined();

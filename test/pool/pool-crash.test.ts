@@ -7,6 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, openSync, writeSync, closeSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { JobRun } from '../../core/index.js';
 import { layerFiles, MiB, openPool, pattern, read, write, type PoolFixture } from './pool-helpers.js';
 
 const CHILD = resolve(import.meta.dirname, 'crash-child.ts');
@@ -21,7 +22,7 @@ function crash(op: string): void {
 }
 
 describe('qcow2 pool: crashes between a file and its record', () => {
-  for (const op of ['create', 'snapshot', 'clone-full']) {
+  for (const op of ['create', 'snapshot', 'clone-linked']) {
     it(`${op}: no ghost volume; pool check reports the orphan, --repair removes it; the volume is intact`, async () => {
       const b = fx.broker;
       await b.volumes.create('local/v', { sizeBytes: 32 * MiB });
@@ -92,7 +93,6 @@ describe('qcow2 pool: pool check', () => {
 describe('qcow2 pool: a stream that finished on disk but not in the metadata', () => {
   it('pool check sees the header, --repair records it, and the parent can then go', async () => {
     const { streamTask } = await import('../../plugins/qcow2/jobs/index.js');
-    const { inlineContext } = await import('../../plugins/qcow2/pool/inline-context.js');
     const b = fx.broker;
     await b.volumes.create('local/p', { sizeBytes: 32 * MiB });
     await write(b, 'local/p', 0, pattern(4, MiB));
@@ -100,7 +100,7 @@ describe('qcow2 pool: a stream that finished on disk but not in the metadata', (
     await b.clone('local/p@s', 'local/c', { mode: 'linked' });
     const [top] = fx.pool.chainFiles('c');
     // The header rewrite happens, then the process dies before the metadata transaction.
-    await streamTask(top!, {}).run(inlineContext('test'));
+    await streamTask(top!, {}).run(new JobRun({ jobId: 'test' }));
 
     const report = await fx.pool.check();
     expect(report.issues).toEqual([expect.objectContaining({ kind: 'backing-mismatch', volume: 'c', severity: 'repairable' })]);

@@ -73,6 +73,7 @@ function context(resumeFrom?: unknown) {
     saveState(s) {
       saved.push(s);
     },
+    beforeSave: () => () => {},
     ready() {}, waitForComplete: async () => {}, completeRequested: false,
   };
   return { ctx, abort, progress, saved };

@@ -4,8 +4,7 @@
  * reports it. Unallocated reads as zero; of images of different sizes the extra part of the
  * larger must be zero. Ranges both images report as zero are not read.
  */
-import { openImage, type BlockStatus, type Image, type ImageFormat } from '../index.js';
-import { dataMap } from '../engine/copy-image.js';
+import { imageDevice, openImage, type Image, type ImageFormat } from '../engine/index.js';
 import type { ImgOutput } from './output.js';
 
 export interface CompareArgs {
@@ -54,8 +53,8 @@ export async function runCompare(args: CompareArgs, out: ImgOutput): Promise<voi
 /** The sector-aligned offset of the first difference, or undefined when the contents are equal. */
 export async function firstMismatch(a: Image, b: Image): Promise<number | undefined> {
   const common = Math.min(a.virtualSize, b.virtualSize);
-  const zeroA = zeroRanges(await dataMap(a));
-  const zeroB = zeroRanges(await dataMap(b));
+  const zeroA = await zeroRanges(a);
+  const zeroB = await zeroRanges(b);
   let pos = 0;
   while (pos < common) {
     // Skip what both report as zeroes without reading it.
@@ -98,9 +97,20 @@ function diffIndex(a: Uint8Array, b: Uint8Array): number {
   return -1;
 }
 
-/** Sorted [start, end) ranges that read as zero. */
-function zeroRanges(status: readonly Pick<BlockStatus, 'start' | 'length' | 'zero'>[]): [number, number][] {
-  return status.filter((s) => s.zero).map((s) => [s.start, s.start + s.length] as [number, number]);
+/**
+ * Sorted [start, end) ranges that read as zero: everywhere the image's data extents are not (the
+ * extents a copy of it would use: cheap for raw files, whose holes are not guessed by reading).
+ */
+async function zeroRanges(img: Image): Promise<[number, number][]> {
+  const data = (await (await imageDevice(img, { mode: 'r' })).extents()).filter((e) => e.kind === 'data');
+  const out: [number, number][] = [];
+  let p = 0;
+  for (const e of data) {
+    if (e.offset > p) out.push([p, e.offset]);
+    p = e.offset + e.length;
+  }
+  if (p < img.virtualSize) out.push([p, img.virtualSize]);
+  return out;
 }
 
 /** End of the zero range containing `pos`, or `pos` when `pos` is not in one. */

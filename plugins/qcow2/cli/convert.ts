@@ -1,7 +1,7 @@
 /**
  * `qemu-img convert [-f fmt] [-O qcow2|raw] [-o opts] [-p] src dst`: copies the guest-visible
- * content of `src` (with its backing chain) into a new image (engine/copy-image.ts: sparse, and
- * in the native helper where it can).
+ * content of `src` (with its backing chain) into a new image (engine/copy-image.ts: the core
+ * copier, sparse, and in the native helper where it can).
  *
  * Like qemu-img, the target is written with cache mode `unsafe` unless `-t` says otherwise: no
  * flush to stable storage at the end (a convert that is interrupted leaves a target to throw away
@@ -9,8 +9,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { InvalidArgument } from '../../../core/index.js';
-import { copyImageContent } from '../engine/copy-image.js';
-import { createImage, openImage, type Image, type ImageFormat } from '../index.js';
+import { copyImageContent, createImage, openImage, type Image, type ImageFormat } from '../engine/index.js';
 import { engineOptions } from './create.js';
 import { parseCreationOptions, splitOptions, validateQcow2Options } from './create-options.js';
 

@@ -1,40 +1,18 @@
 /**
  * `offload img stream|commit|rebase`: the chain jobs on files, with qemu-img 7.2's option letters,
  * messages and semantics (commit empties the top unless -d; -b implies -d; rebase needs -b or -u,
- * and -F with a non-empty -b). The jobs run in this process with a plain JobContext; `-p` shows
+ * and -F with a non-empty -b). The jobs run in this process (a core JobRun); `-p` shows
  * progress.
  */
 import type { Command } from 'commander';
-import { FailedPrecondition, InvalidArgument, RateLimiter, UsageError, parseSize, type CliContext, type JobContext } from '../../../core/index.js';
+import { FailedPrecondition, InvalidArgument, JobRun, UsageError, parseSize, type CliContext } from '../../../core/index.js';
 import { commitTask, rebaseTask, streamTask } from '../jobs/index.js';
 
 type Progress = { update(current: number, total: number): void; done(): void };
 
-/** A JobContext for a job run by the CLI itself: progress to the bar, an optional rate limit. */
-function cliContext(progress: Progress | undefined, rate: number): JobContext {
-  let current = 0;
-  let total = 0;
-  const limiter = new RateLimiter();
-  limiter.setSpeed(rate);
-  const show = () => progress?.update(Math.min(current, total), total);
-  const ctx: JobContext = {
-    jobId: 'cli',
-    signal: new AbortController().signal,
-    resumeFrom: undefined,
-    completeRequested: true,
-    setTotal(n) { total = n; show(); },
-    advance(n) { current += n; show(); },
-    setProgress(c, t) { current = c; if (t !== undefined) total = t; show(); },
-    async checkpoint(n) {
-      ctx.advance(n);
-      const delay = limiter.delayFor(n);
-      if (delay > 0) await new Promise((r) => setTimeout(r, delay));
-    },
-    saveState() {},
-    ready() {},
-    async waitForComplete() {},
-  };
-  return ctx;
+/** The run of a job the CLI runs itself: progress to the bar, an optional rate limit. */
+function cliRun(progress: Progress | undefined, rate: number): JobRun {
+  return new JobRun({ jobId: 'cli', speed: rate, onProgress: (current, total) => progress?.update(Math.min(current, total), total) });
 }
 
 function parseRate(rate: string | undefined): number {
@@ -64,7 +42,7 @@ export function registerChainCommands(img: Command, ctx: CliContext): void {
     .action(async (filename: string, o: Record<string, unknown>) => {
       const progress = o.p ? ctx.progress(`stream ${filename}`) : undefined;
       try {
-        await streamTask(filename, { base: o.base as string | undefined }).run(cliContext(progress, 0));
+        await streamTask(filename, { base: o.base as string | undefined }).run(cliRun(progress, 0));
       } finally {
         progress?.done();
       }
@@ -87,7 +65,7 @@ export function registerChainCommands(img: Command, ctx: CliContext): void {
       const progress = o.p ? ctx.progress(`commit ${filename}`) : undefined;
       try {
         const task = commitTask(filename, { base, empty: o.d !== true && base === undefined });
-        await task.run(cliContext(progress, parseRate(o.r as string | undefined)));
+        await task.run(cliRun(progress, parseRate(o.r as string | undefined)));
       } finally {
         progress?.done();
       }
@@ -116,7 +94,7 @@ export function registerChainCommands(img: Command, ctx: CliContext): void {
       }
       const progress = o.p ? ctx.progress(`rebase ${filename}`) : undefined;
       try {
-        await rebaseTask(filename, { backing: backing ?? '', backingFormat, unsafe: o.u === true }).run(cliContext(progress, 0));
+        await rebaseTask(filename, { backing: backing ?? '', backingFormat, unsafe: o.u === true }).run(cliRun(progress, 0));
       } finally {
         progress?.done();
       }

@@ -9,8 +9,8 @@
  *   probeFormat(path)        — 'qcow2' | 'raw'.
  *   ioBuffer(n), uninitialized(n) — buffers for reads through the engine (zeroed or not), placed
  *                            for the fastest copies.
- *   copyImageContent(src, dst, progress?) — `convert`'s copy (native helper where it can).
- *   dataMap(image)           — the ranges a copy of the image must consider (cheap for raw files).
+ *   imageDevice(image, opts) — a core BlockDevice over an image, with the copier's native fast path.
+ *   copyImageContent(src, dst, progress?) — `convert`'s copy (the core copier over two image devices).
  *
  * Errors are the core's typed errors: Corrupt (damaged image), Unsupported (a feature we refuse:
  * encryption, external data file, unknown incompatible bits, zstd), NotFound, PermissionDenied,
@@ -24,5 +24,6 @@ export type {
 export { createImage } from './create.js';
 export { openImage, probeFormat } from './open.js';
 export { ioBuffer, uninitialized } from '../format/bytes.js';
-export { copyImageContent, dataMap, type CopyProgress } from './copy-image.js';
+export { copyImageContent, type CopyProgress } from './copy-image.js';
+export { imageDevice, type ImageAccess, type ImageDeviceOptions } from './image-device.js';
 export { fileError } from './file.js';

@@ -1,8 +1,7 @@
-import { FailedPrecondition, InvalidArgument, OutOfRange, RwLock, Unsupported } from '../../../core/index.js';
+import { FailedPrecondition, InvalidArgument, nonZeroRuns, OutOfRange, RwLock, Unsupported } from '../../../core/index.js';
 import type { ImageFile } from './file.js';
 import type { ImageNode } from './image-node.js';
 import { mergeStatus } from './status.js';
-import { nonZeroRuns } from './zero-scan.js';
 import type { Allocation, BlockStatus, ChainEntry, CheckResult, SnapshotOps } from './types.js';
 
 const CHUNK = 1 << 20;

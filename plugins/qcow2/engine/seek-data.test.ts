@@ -1,7 +1,7 @@
 import { closeSync, openSync, ftruncateSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { dataMap } from './copy-image.js';
+import { imageDevice } from './image-device.js';
 import { runMap } from '../cli/map.js';
 import type { ImgOutput } from '../cli/output.js';
 import { createImage, openImage } from '../index.js';
@@ -79,7 +79,8 @@ describe('SEEK_DATA / SEEK_HOLE on raw files', () => {
       const st = (await img.blockStatus()).map((s) => [s.start, s.length, s.data, s.zero]);
       expect(st).toEqual([[0, 4 * K, true, false], [4 * K, 2 * M - 4 * K, false, true], [2 * M, 64 * K, true, false], [2 * M + 64 * K, 6 * M - 64 * K, false, true]]);
       // convert copies only the data extents of a raw source.
-      expect((await dataMap(img)).filter((s) => !s.zero).map((s) => [s.start, s.length])).toEqual([[0, 4 * K], [2 * M, 64 * K]]);
+      const dev = await imageDevice(img, { mode: 'r' });
+      expect((await dev.extents()).filter((e) => e.kind === 'data').map((e) => [e.offset, e.length])).toEqual([[0, 4 * K], [2 * M, 64 * K]]);
     } finally {
       await img.close();
     }
@@ -94,7 +95,7 @@ describe('SEEK_DATA / SEEK_HOLE on raw files', () => {
       const st = (await img.blockStatus()).map((s) => [s.start, s.length, s.data, s.zero]);
       expect(st).toEqual([[0, 4 * K, true, false], [4 * K, 3 * M - 4 * K, false, true], [3 * M, 8 * K, true, false], [3 * M + 8 * K, 5 * M - 8 * K, false, true]]);
       // Without SEEK_DATA convert reads the raw source straight through.
-      expect(await dataMap(img)).toEqual([{ start: 0, length: 8 * M, zero: false }]);
+      expect(await (await imageDevice(img, { mode: 'r' })).extents()).toEqual([{ offset: 0, length: 8 * M, kind: 'data' }]);
     } finally {
       await img.close();
     }

@@ -33,8 +33,6 @@ export interface ChunkPipeline<T> {
    * there is none (size: none at all). Optional; without it every chunk is prepared.
    */
   nextWork?(from: number): Promise<number>;
-  /** Runs before each checkpoint is saved (e.g. write deferred metadata). */
-  beforeCheckpoint?(): Promise<void>;
 }
 
 /** One step of the walk: a chunk to prepare, or (without `work`) a stretch with nothing to do. */
@@ -72,7 +70,6 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
     const moved = await c.moved;
     if (c.buf) free.push(c.buf);
     ctx.advance(c.end - c.start - moved);
-    await p.beforeCheckpoint?.();
     await ctx.checkpoint(moved, { offset: c.end });
   };
   try {

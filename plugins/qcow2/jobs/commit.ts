@@ -16,6 +16,8 @@ export interface CommitOptions {
   base?: string | undefined;
   /** The image is in use: run as a mirror (ready, then pivot on complete). Only with top = image. */
   active?: boolean | undefined;
+  /** Active commit: pivot as soon as base is in sync, without waiting for complete (virsh blockcommit --pivot). */
+  pivotWhenReady?: boolean | undefined;
 }
 
 /** The committed layers: `top` and those above `base` (a layer of top's chain). */
@@ -49,9 +51,12 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
   const dirty = opts.active ? image.trackWrites(Math.max(top.clusterSize, 64 << 10)) : undefined;
   let pivoted = false;
   let base: Image | undefined;
+  let undo: (() => void) | undefined;
   try {
     base = await openImage(baseLayer.path, { readOnly: false, format: baseLayer.format, deferMetadata: true, writeBehind: true });
     const into = base;
+    // What a saved checkpoint says is copied must be in base's file first.
+    undo = ctx.beforeSave(() => into.flushMetadata());
     const size = top.virtualSize;
     if (into.virtualSize < size) await into.resize(size);
     ctx.setTotal(size);
@@ -62,13 +67,11 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       prepare: (start, end, buf) => readRange(from, start, end, buf),
       apply: (pieces) => writePieces(into, pieces),
       nextWork: (at) => scanForWork(at, size, async (start, end) => (await from.top.allocatedAbove(start, end - start, from.base))[0]?.start),
-      // What a checkpoint says is copied must be in base's file first.
-      beforeCheckpoint: () => into.flushMetadata(),
     });
     await into.flush();
 
     if (dirty) {
-      await mirror(from, into, dirty, ctx);
+      await mirror(from, into, dirty, ctx, opts.pivotWhenReady === true);
       // Pivot: hold the writers, drain what is left from the old top, make base durable, then switch.
       await image.pivot(into, async (old) => {
         await syncDirty({ top: old, base: baseLayer }, into, dirty, undefined);
@@ -93,6 +96,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     }
     return false;
   } finally {
+    undo?.();
     dirty?.stop();
     if (!pivoted) await base?.close();
   }
@@ -165,13 +169,14 @@ async function syncDirty(from: Committed, base: Image, dirty: DirtyMap, progress
   return moved;
 }
 
-/** Converge, report ready, then keep base in sync until the user completes (or cancels). */
-async function mirror(from: Committed, base: Image, dirty: DirtyMap, ctx: JobContext): Promise<void> {
+/** Converge, report ready, then keep base in sync until the user completes (or cancels; or at once with `pivotWhenReady`). */
+async function mirror(from: Committed, base: Image, dirty: DirtyMap, ctx: JobContext, pivotWhenReady: boolean): Promise<void> {
   const progress: MirrorProgress = { ctx, total: from.top.virtualSize };
   // Converge: a few passes over what writers dirtied meanwhile (writers may never stop).
   for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(from, base, dirty, progress);
   await base.flush();
   ctx.ready();
+  if (pivotWhenReady) return;
   let completed = false;
   const done = ctx.waitForComplete().then(() => { completed = true; });
   // A rejection (cancel) surfaces through the race below; keep it from being unhandled meanwhile.

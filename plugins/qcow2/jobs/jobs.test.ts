@@ -4,7 +4,7 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unsupported, type JobContext } from '../../../core/index.js';
+import { Cancelled, FailedPrecondition, InvalidArgument, JobRun, NotFound, Unsupported } from '../../../core/index.js';
 import { createImage, openImage, type Image } from '../index.js';
 import { tempDir } from '../test/helpers.js';
 import { commitTask, copyToRaw, makeEmpty, rebaseTask, runCommit, runRebase, runStream, streamTask } from './index.js';
@@ -13,26 +13,28 @@ const M = 1 << 20;
 let cleanup: (() => void) | undefined;
 afterEach(() => { cleanup?.(); cleanup = undefined; });
 
-interface TestContext extends JobContext { current: number; total: number; states: unknown[] }
+/** A job run that saves every checkpoint (kept in `states`) and is cancelled at its `cancelAfter`-th checkpoint. */
+class TestRun extends JobRun {
+  readonly states: unknown[];
+  private checkpoints = 0;
 
-function context(resumeFrom?: unknown, cancelAfter = Infinity): TestContext {
-  let checkpoints = 0;
-  const ctx: TestContext = {
-    jobId: 't', signal: new AbortController().signal, resumeFrom, completeRequested: true,
-    current: 0, total: 0, states: [],
-    setTotal(n) { ctx.total = n; },
-    advance(n) { ctx.current += n; },
-    setProgress(c, t) { ctx.current = c; if (t !== undefined) ctx.total = t; },
-    async checkpoint(n, state) {
-      ctx.current += n;
-      if (state !== undefined) ctx.states.push(state);
-      if (++checkpoints >= cancelAfter) throw new Cancelled('cancelled by the test');
-    },
-    saveState(s) { ctx.states.push(s); },
-    ready() {},
-    async waitForComplete() {},
-  };
-  return ctx;
+  constructor(resumeFrom: unknown, private readonly cancelAfter: number) {
+    const states: unknown[] = [];
+    super({ jobId: 't', resumeFrom, checkpointEveryMs: 0, onSave: (s) => void states.push(s) });
+    this.states = states;
+  }
+
+  get current(): number { return this.progress.current; }
+  get total(): number { return this.progress.total; }
+
+  override async checkpoint(n: number, state?: unknown): Promise<void> {
+    await super.checkpoint(n, state);
+    if (++this.checkpoints >= this.cancelAfter) throw new Cancelled('cancelled by the test');
+  }
+}
+
+function context(resumeFrom?: unknown, cancelAfter = Infinity): TestRun {
+  return new TestRun(resumeFrom, cancelAfter);
 }
 
 /** base (data 0–6M, pattern 1) ← top (data 2–3M, pattern 2), 12 MiB. */

@@ -42,6 +42,7 @@ export async function runRebase(img: Image, opts: RebaseOptions, ctx: JobContext
       next = await openBackingOf(img, name, fmt);
     }
   }
+  const undo = ctx.beforeSave(() => img.flushMetadata());
   try {
     const size = img.virtualSize;
     ctx.setTotal(opts.unsafe ? 0 : size);
@@ -61,6 +62,8 @@ export async function runRebase(img: Image, opts: RebaseOptions, ctx: JobContext
   } catch (e) {
     await next?.close();
     throw e;
+  } finally {
+    undo();
   }
 }
 

@@ -31,12 +31,18 @@ export async function runStream(img: Image, opts: StreamOptions, ctx: JobContext
   const offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
   if (offset > 0) ctx.setProgress(offset, size);
 
-  await runChunkPipeline({
-    offset, size, ctx,
-    prepare: (start, end, buf) => prepareChunk(img, start, end, buf, limit, base !== undefined),
-    apply: (fills) => applyFills(img, fills),
-    nextWork: (from) => nextToFill(img, from, limit),
-  });
+  // What a saved checkpoint says is copied must be referenced in the image's file first.
+  const undo = ctx.beforeSave(() => img.flushMetadata());
+  try {
+    await runChunkPipeline({
+      offset, size, ctx,
+      prepare: (start, end, buf) => prepareChunk(img, start, end, buf, limit, base !== undefined),
+      apply: (fills) => applyFills(img, fills),
+      nextWork: (from) => nextToFill(img, from, limit),
+    });
+  } finally {
+    undo();
+  }
 
   const above = layers[baseIndex - 1]!;
   const name = base ? backingNameFor(img, above, base, img.chain[baseIndex - 1]?.backingFilename) : undefined;

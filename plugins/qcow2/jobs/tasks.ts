@@ -36,40 +36,11 @@ async function withImage(path: string, fn: (img: Image) => Promise<void>): Promi
   }
 }
 
-/**
- * How often a running job saves a checkpoint at most (1 s). Each one costs a metadata write here (and
- * a state write in the broker); a resumed job redoes at most this much work.
- */
-let checkpointEveryMs = 1000;
-
-/** Tests: save every checkpoint (0) or at another interval. */
-export function setCheckpointInterval(ms: number): void {
-  checkpointEveryMs = ms;
-}
-
-/**
- * The job's context, with two changes: a checkpoint's state is passed on at most every
- * the checkpoint interval (progress still on every call), and before it is, the metadata of what was
- * copied so far is written, so that a process killed after the checkpoint loses nothing the
- * checkpoint says is done.
- */
-export function flushingCheckpoints(ctx: JobContext, ...images: Image[]): JobContext {
-  const wrapped = Object.create(ctx) as JobContext;
-  let saved = Date.now();
-  wrapped.checkpoint = async (bytes, state) => {
-    if (state === undefined || Date.now() - saved < checkpointEveryMs) return ctx.checkpoint(bytes);
-    for (const img of images) await img.flushMetadata();
-    saved = Date.now();
-    await ctx.checkpoint(bytes, state);
-  };
-  return wrapped;
-}
-
 export function streamTask(path: string, opts: StreamTaskParams = {}): JobTask {
   return {
     type: 'stream',
     params: clean({ path, base: opts.base }),
-    run: (ctx: JobContext) => withImage(path, (img) => runStream(img, { base: opts.base }, flushingCheckpoints(ctx, img))),
+    run: (ctx: JobContext) => withImage(path, (img) => runStream(img, { base: opts.base }, ctx)),
   };
 }
 
@@ -78,7 +49,7 @@ export function commitTask(path: string, opts: CommitTaskParams = {}): JobTask {
     type: 'commit',
     params: clean({ path, top: opts.top, base: opts.base, active: opts.active, empty: opts.empty }),
     run: (ctx: JobContext) => withImage(path, async (img) => {
-      const pivoted = await runCommit(img, { top: opts.top, base: opts.base, active: opts.active }, flushingCheckpoints(ctx));
+      const pivoted = await runCommit(img, { top: opts.top, base: opts.base, active: opts.active }, ctx);
       // After a pivot `img` forwards to the base; closing it closes the base.
       if (!pivoted && opts.empty && (opts.top === undefined || opts.top === '')) await makeEmpty(img);
     }),
@@ -89,6 +60,6 @@ export function rebaseTask(path: string, opts: RebaseTaskParams): JobTask {
   return {
     type: 'rebase',
     params: clean({ path, backing: opts.backing, backingFormat: opts.backingFormat, unsafe: opts.unsafe }),
-    run: (ctx: JobContext) => withImage(path, (img) => runRebase(img, opts, flushingCheckpoints(ctx, img))),
+    run: (ctx: JobContext) => withImage(path, (img) => runRebase(img, opts, ctx)),
   };
 }

@@ -14,9 +14,9 @@
  * - a file the metadata does not name is not ours: reported, never touched.
  */
 import { readdir, rm, stat } from 'node:fs/promises';
-import { openImage } from '../index.js';
+import { openImage } from '../engine/index.js';
 import { METADATA_FILE } from './metadata.js';
-import type { Qcow2Pool } from './pool-backend.js';
+import type { PoolState } from './pool-state.js';
 
 export type IssueKind =
   | 'interrupted-create' | 'interrupted-delete' | 'in-progress' | 'missing-file' | 'damaged' | 'leaks'
@@ -42,7 +42,7 @@ export interface PoolCheckReport {
   clean: boolean;
 }
 
-export async function checkPool(pool: Qcow2Pool, opts: { repair?: boolean } = {}): Promise<PoolCheckReport> {
+export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}): Promise<PoolCheckReport> {
   const repair = opts.repair ?? false;
   const meta = pool.meta;
   const issues: PoolIssue[] = [];
@@ -152,7 +152,7 @@ export async function checkPool(pool: Qcow2Pool, opts: { repair?: boolean } = {}
   };
 }
 
-async function backingIssue(pool: Qcow2Pool, file: string, volume: string, recorded: string | null, header: string | null,
+async function backingIssue(pool: PoolState, file: string, volume: string, recorded: string | null, header: string | null,
   add: (i: Omit<PoolIssue, 'repaired'>, fix?: () => Promise<void>) => Promise<void>): Promise<void> {
   const below = recorded === null ? [] : pool.meta.chain(recorded).map((l) => l.file);
   // A stream or merge rewrote the header (to a layer further down, or to none) and stopped

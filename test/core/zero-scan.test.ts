@@ -1,6 +1,6 @@
-/** `convert` skips 4 KiB blocks of zeros (qemu-img's -S 4k): the fast scan must find exactly the blocks a plain scan finds. */
+/** The copier skips 4 KiB blocks of zeros (qemu-img's -S 4k): the fast scan must find exactly the blocks a plain scan finds. */
 import { expect, it } from 'vitest';
-import { nonZeroRuns } from './zero-scan.js';
+import { nonZeroRuns } from '../../core/index.js';
 function naive(d: Uint8Array): [number, number][] {
   const r: [number, number][] = []; let s = -1;
   for (let o = 0; o < d.length; o += 4096) { const e = Math.min(o + 4096, d.length); const z = d.subarray(o, e).every((x) => x === 0);

@@ -1,7 +1,7 @@
 /**
  * Finding the 4 KiB blocks of a buffer that are not all zero (qemu-img's `-S 4k` granularity):
- * `convert` skips the zero ones, and a raw file without SEEK_DATA reports them as holes. This
- * runs over every byte, so it avoids per-block views and calls where it can.
+ * the copier leaves the zero ones out of a fresh target, and a raw file without SEEK_DATA reports
+ * them as holes. This runs over every byte, so it avoids per-block views and calls where it can.
  */
 const BLOCK = 4096;
 

@@ -1,0 +1,205 @@
+import { Cancelled } from '../model/errors.js';
+import type { JobContext } from './job-task.js';
+import { RateLimiter } from './rate-limiter.js';
+
+export interface JobRunOptions {
+  jobId?: string;
+  /** The state a previous run saved: the task resumes from it. */
+  resumeFrom?: unknown;
+  /** Progress already made (a resumed job keeps its numbers). */
+  progress?: { current: number; total: number };
+  /** Speed limit in bytes/s (0 = unlimited). */
+  speed?: number;
+  /**
+   * Save a checkpoint's state at most this often (default 1000 ms; 0 = every one). Each save costs
+   * the task's beforeSave work (writing deferred metadata) and the owner's write; a resumed job
+   * redoes at most this much.
+   */
+  checkpointEveryMs?: number;
+  /** Progress changed. */
+  onProgress?(current: number, total: number): void;
+  /** Persist a state the task can be resumed from (the job store, a file beside a target…). */
+  onSave?(state: unknown): void | Promise<void>;
+  /** The task reported ready (its source and target are in sync). */
+  onReady?(): void;
+}
+
+/** Why a run stopped without concluding (its owner is shutting down: the job will be resumed). */
+export class Shutdown extends Error {}
+
+/**
+ * One run of a JobTask — the only JobContext implementation: progress, the speed limit, pause,
+ * cancel and complete, and checkpoints saved at most once per interval after what the task
+ * registered with beforeSave is durable. Its owner (the broker's ManagedJob, a CLI command, a
+ * short operation that runs a job inline, a test) drives it with pause/resume/cancel/stop/complete
+ * and hears back through the options' callbacks.
+ */
+export class JobRun implements JobContext {
+  readonly jobId: string;
+  readonly resumeFrom: unknown;
+  private readonly abort = new AbortController();
+  private readonly limiter = new RateLimiter();
+  private readonly checkpointEveryMs: number;
+  private readonly saveHooks: (() => Promise<void>)[] = [];
+  private doneBytes: number;
+  private totalBytes: number;
+  private paused = false;
+  private resumeWaiters: (() => void)[] = [];
+  private completeAsked = false;
+  private completeWaiter: { resolve: () => void; reject: (e: unknown) => void } | undefined;
+  private lastSave = -Infinity;
+  /** The newest state not saved yet (throttled). */
+  private unsaved: { state: unknown } | undefined;
+
+  constructor(private readonly opts: JobRunOptions = {}) {
+    this.jobId = opts.jobId ?? 'local';
+    this.resumeFrom = opts.resumeFrom;
+    this.doneBytes = opts.progress?.current ?? 0;
+    this.totalBytes = opts.progress?.total ?? 0;
+    this.checkpointEveryMs = opts.checkpointEveryMs ?? 1000;
+    this.limiter.setSpeed(opts.speed ?? 0);
+  }
+
+  // ---- the task's side (JobContext) ----
+
+  get signal(): AbortSignal {
+    return this.abort.signal;
+  }
+
+  setTotal(bytes: number): void {
+    this.totalBytes = Math.max(0, bytes);
+    this.opts.onProgress?.(this.doneBytes, this.totalBytes);
+  }
+
+  advance(bytes: number): void {
+    this.doneBytes += Math.max(0, bytes);
+    this.opts.onProgress?.(this.doneBytes, this.totalBytes);
+  }
+
+  setProgress(current: number, total?: number): void {
+    this.doneBytes = Math.max(this.doneBytes, current);
+    if (total !== undefined) this.totalBytes = total;
+    this.opts.onProgress?.(this.doneBytes, this.totalBytes);
+  }
+
+  async checkpoint(bytesMoved: number, state?: unknown): Promise<void> {
+    if (bytesMoved > 0) this.advance(bytesMoved);
+    if (state !== undefined) {
+      this.unsaved = { state };
+      if (Date.now() - this.lastSave >= this.checkpointEveryMs) await this.saveUnsaved();
+    }
+    await this.throwIfStopped();
+    const delay = this.limiter.delayFor(bytesMoved);
+    if (delay > 0) await this.sleep(delay);
+    while (this.paused) {
+      await new Promise<void>((r) => this.resumeWaiters.push(r));
+      await this.throwIfStopped();
+    }
+    await this.throwIfStopped();
+  }
+
+  saveState(state: unknown): void {
+    this.unsaved = { state };
+    void this.saveUnsaved().catch(() => undefined);
+  }
+
+  beforeSave(fn: () => Promise<void>): () => void {
+    this.saveHooks.push(fn);
+    return () => {
+      const i = this.saveHooks.indexOf(fn);
+      if (i >= 0) this.saveHooks.splice(i, 1);
+    };
+  }
+
+  ready(): void {
+    this.opts.onReady?.();
+  }
+
+  waitForComplete(): Promise<void> {
+    if (this.abort.signal.aborted) return Promise.reject(this.abort.signal.reason);
+    if (this.completeAsked) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => { this.completeWaiter = { resolve, reject }; });
+  }
+
+  get completeRequested(): boolean {
+    return this.completeAsked;
+  }
+
+  // ---- the owner's side ----
+
+  get progress(): { current: number; total: number } {
+    return { current: this.doneBytes, total: this.totalBytes };
+  }
+
+  setSpeed(bytesPerSecond: number): void {
+    this.limiter.setSpeed(bytesPerSecond);
+  }
+
+  pause(): void {
+    this.paused = true;
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.wake();
+  }
+
+  /** A user asked a ready job to finish (switch over). */
+  complete(): void {
+    this.completeAsked = true;
+    this.completeWaiter?.resolve();
+  }
+
+  /** Stop the task with Cancelled (at its next checkpoint, or at once where it waits). */
+  cancel(reason: unknown = new Cancelled(`job ${this.jobId} was cancelled`)): void {
+    this.end(reason);
+  }
+
+  /** Stop the task for a later resume: the newest checkpoint state is saved first. */
+  stop(reason: unknown = new Shutdown('the job\'s owner is shutting down')): void {
+    this.end(reason);
+  }
+
+  private end(reason: unknown): void {
+    if (this.abort.signal.aborted) return;
+    this.paused = false;
+    this.abort.abort(reason);
+    this.wake();
+    this.completeWaiter?.reject(reason);
+  }
+
+  private async throwIfStopped(): Promise<void> {
+    if (!this.abort.signal.aborted) return;
+    // Stopped for a resume: what the last checkpoint says is done is kept.
+    if (this.abort.signal.reason instanceof Shutdown) await this.saveUnsaved().catch(() => undefined);
+    throw this.abort.signal.reason;
+  }
+
+  private async saveUnsaved(): Promise<void> {
+    const pending = this.unsaved;
+    if (!pending) return;
+    this.unsaved = undefined;
+    for (const hook of this.saveHooks) await hook();
+    await this.opts.onSave?.(pending.state);
+    this.lastSave = Date.now();
+  }
+
+  private wake(): void {
+    const w = this.resumeWaiters;
+    this.resumeWaiters = [];
+    for (const r of w) r();
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const signal = this.abort.signal;
+      const done = () => {
+        clearTimeout(t);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      const t = setTimeout(done, ms);
+      signal.addEventListener('abort', done, { once: true });
+    });
+  }
+}

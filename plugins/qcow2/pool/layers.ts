@@ -1,0 +1,113 @@
+/**
+ * The life cycle of the pool's layer files: made only after a pending row names them, deleted only
+ * after their row turned `deleting`, and compacted when a frozen layer loses a user (see the
+ * plugin's README: "snapshot model").
+ */
+import { randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import { JobRun } from '../../../core/index.js';
+import { createImage, type Image } from '../engine/index.js';
+import { runStream } from '../jobs/index.js';
+import type { PoolState } from './pool-state.js';
+
+/** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
+export async function makeLayer(p: PoolState, volume: string, parent: string | null, size: number): Promise<string> {
+  const { format, clusterSize } = p.opts;
+  for (let attempt = 0; ; attempt++) {
+    const file = `${volume}.${randomBytes(4).toString('hex')}.${format}`;
+    if (p.meta.layer(file)) continue;
+    p.meta.addLayer({ file, volume, parent, state: 'pending', pid: process.pid });
+    p.inFlight.add(file);
+    try {
+      await createImage(p.abs(file), parent === null
+        ? { format, size, ...(format === 'qcow2' ? { clusterSize } : {}) }
+        : { format: 'qcow2', size, clusterSize, backingFile: parent, backingFormat: 'qcow2' });
+    } catch (e) {
+      p.meta.removeLayer(file);
+      p.inFlight.delete(file);
+      if ((e as { code?: string }).code === 'AlreadyExists' && attempt < 5) continue; // a foreign file has the name
+      throw e;
+    }
+    await p.opts.hooks?.afterFileCreated?.(file);
+    return file;
+  }
+}
+
+/** Record layers made by makeLayer as ready, together with `change` (one transaction). */
+export function commitLayers(p: PoolState, files: string[], change: () => void): void {
+  p.meta.tx(() => {
+    for (const f of files) p.meta.setLayerState(f, 'ready');
+    change();
+  });
+  for (const f of files) p.inFlight.delete(f);
+}
+
+/** Undo a layer that was made but never recorded as ready. */
+export async function abandonLayer(p: PoolState, file: string): Promise<void> {
+  await rm(p.abs(file), { force: true });
+  p.meta.removeLayer(file);
+  p.inFlight.delete(file);
+}
+
+/** Delete files whose rows are `deleting`, then the rows. */
+export async function unlinkLayers(p: PoolState, files: string[]): Promise<void> {
+  for (const f of files) {
+    await rm(p.abs(f), { force: true });
+    p.meta.removeLayer(f);
+  }
+}
+
+/**
+ * A frozen layer that lost a user (its snapshot name, a child): delete it when nothing sits on
+ * it, merge it into its one child, or keep it (hidden) while several layers sit on it.
+ */
+export async function compact(p: PoolState, file: string): Promise<void> {
+  const row = p.meta.layer(file);
+  if (!row || row.state !== 'ready') return;
+  if (p.meta.snapshotsOnLayer(file).length > 0 || p.meta.volumeByActive(file)) return;
+  const children = p.meta.children(file);
+  if (children.length === 0) {
+    p.meta.setLayerState(file, 'deleting');
+    await unlinkLayers(p, [file]);
+    if (row.parent !== null) await compact(p, row.parent);
+    return;
+  }
+  if (children.length > 1) return;
+  const child = children[0]!;
+  if (child.state !== 'ready' || p.isBusy(child.volume)) return;
+  // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
+  const affected = p.volumesAbove(child.file);
+  await withWritable(p, child.volume, child.file, (img) =>
+    runStream(img, row.parent === null ? {} : { base: p.abs(row.parent) }, new JobRun({ jobId: `merge ${file}` })));
+  p.meta.tx(() => {
+    p.meta.setParent(child.file, row.parent);
+    p.meta.setLayerState(file, 'deleting');
+  });
+  await p.open.reopen(affected);
+  await unlinkLayers(p, [file]);
+}
+
+/**
+ * Run `fn` on a read-write image of `file`: the volume's shared open image when `file` is its
+ * active layer, else a private read-write open of that frozen layer.
+ */
+export async function withWritable(p: PoolState, volume: string, file: string, fn: (img: Image) => Promise<void>): Promise<void> {
+  const v = p.mustVolume(volume);
+  if (v.active === file) {
+    const ov = p.open.acquire(volume);
+    try {
+      const img = await ov.lock.shared(() => ov.current());
+      await fn(img);
+    } finally {
+      await p.open.release(ov);
+    }
+    return;
+  }
+  const img = await p.openLayer(file, false);
+  try {
+    await fn(img);
+    await img.flush();
+  } finally {
+    await img.close();
+  }
+}

@@ -1,0 +1,164 @@
+import { statSync } from 'node:fs';
+import { join } from 'node:path';
+import { Busy, FailedPrecondition, NotFound, type Logger, type Snapshot, type Volume } from '../../../core/index.js';
+import { openImage, type Image } from '../engine/index.js';
+import { METADATA_FILE, PoolMetadata, type LayerRow, type VolumeRow } from './metadata.js';
+import { OpenVolumes } from './open-volumes.js';
+import { Serial } from './serial.js';
+
+export interface PoolOptions {
+  name: string;
+  /** Absolute path of the pool folder (exists, writable). */
+  dir: string;
+  format: 'qcow2' | 'raw';
+  clusterSize: number;
+  allowBackingOutsidePool: boolean;
+  logger?: Logger;
+  /** Test hooks: called right after a layer file was created, before it is recorded as ready. */
+  hooks?: { afterFileCreated?: (file: string) => void | Promise<void> };
+}
+
+/**
+ * What every part of the pool shares (the backend facade, the layer life cycle, the chain jobs,
+ * pool check): its folder and metadata, the open images, the serial section structural changes
+ * run in, the volumes a job works on, and how files and rows are named to users.
+ */
+export class PoolState {
+  readonly meta: PoolMetadata;
+  readonly open: OpenVolumes;
+  /** Structural changes (create, delete, snapshot, revert, the end of a job) run one at a time. */
+  readonly serial = new Serial();
+  /** Volumes a stream or commit job is working on: structural changes wait for it (Busy). */
+  private readonly busy = new Map<string, string>();
+  /** Layer files this process is creating right now (their pending rows are not orphans). */
+  readonly inFlight = new Set<string>();
+
+  constructor(readonly opts: PoolOptions) {
+    this.meta = new PoolMetadata(join(opts.dir, METADATA_FILE));
+    this.open = new OpenVolumes((v) => this.openLayer(this.mustVolume(v).active, false));
+  }
+
+  get name(): string { return this.opts.name; }
+  get dir(): string { return this.opts.dir; }
+
+  abs(file: string): string {
+    return join(this.dir, file);
+  }
+
+  ref(volume: string): string {
+    return `${this.name}/${volume}`;
+  }
+
+  openLayer(file: string, readOnly: boolean): Promise<Image> {
+    return openImage(this.abs(file), { readOnly, format: this.opts.format, ...(this.opts.allowBackingOutsidePool ? {} : { allowedRoot: this.dir }) });
+  }
+
+  mustVolume(name: string): VolumeRow {
+    const v = this.meta.volume(name);
+    if (!v) throw new NotFound(`volume ${this.ref(name)} does not exist`, { ref: this.ref(name), hint: `list volumes with \`offload volume list ${this.name}\`` });
+    return v;
+  }
+
+  needLayers(what: string): void {
+    if (this.opts.format !== 'qcow2') {
+      throw new FailedPrecondition(`${this.name} is a raw pool: ${what} needs qcow2 layers`, { ref: this.name, hint: 'use a pool with format qcow2' });
+    }
+  }
+
+  // ---- volumes a job works on ----
+
+  claim(volume: string, what: string): void {
+    this.assertNotBusy(volume, what);
+    this.busy.set(volume, what);
+  }
+
+  release(volume: string): void {
+    this.busy.delete(volume);
+  }
+
+  isBusy(volume: string): boolean {
+    return this.busy.has(volume);
+  }
+
+  assertNotBusy(volume: string, what: string): void {
+    const job = this.busy.get(volume);
+    if (job) throw new Busy(`cannot ${what} ${this.ref(volume)}: a ${job} job is running on it`, { ref: this.ref(volume), hint: 'wait for the job to end or cancel it' });
+  }
+
+  // ---- chains ----
+
+  /** The lowest layer of v's own chain, and the foreign layer under it (null when independent). */
+  bottomOwn(v: VolumeRow): { target: string; below: string | null } {
+    let target = v.active;
+    for (const l of this.meta.chain(v.active)) {
+      if (l.volume !== v.name) return { target, below: l.file };
+      target = l.file;
+    }
+    return { target, below: null };
+  }
+
+  /** Volumes whose chain goes through `file` (their open images hold it). */
+  volumesAbove(file: string): string[] {
+    return this.meta.volumes().filter((v) => this.meta.chain(v.active).some((l) => l.file === file)).map((v) => v.name);
+  }
+
+  // ---- how users see rows ----
+
+  /** A layer as users know it: `backend/vol@snap`, `backend/vol` (active or hidden layer of vol). */
+  layerRef(file: string): string {
+    const row = this.meta.layer(file);
+    if (!row) return file;
+    const snap = this.meta.snapshotsOnLayer(file)[0];
+    return snap ? `${this.ref(snap.volume)}@${snap.name}` : this.ref(row.volume);
+  }
+
+  /** The ref a volume still depends on: the first foreign layer of its chain. */
+  parentRef(v: VolumeRow): string | undefined {
+    const { below } = this.bottomOwn(v);
+    return below === null ? undefined : this.layerRef(below);
+  }
+
+  view(v: VolumeRow, withAllocation = false): Volume {
+    const parent = this.parentRef(v);
+    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.sizeBytes, createdAt: v.createdAt };
+    if (parent !== undefined) out.parent = parent;
+    if (v.owner !== null) out.owner = v.owner;
+    if (withAllocation) out.allocatedBytes = this.allocated(v.name);
+    return out;
+  }
+
+  snapView(s: { volume: string; name: string; sizeBytes: number; createdAt: string }): Snapshot {
+    return { backend: this.name, volume: s.volume, name: s.name, sizeBytes: s.sizeBytes, createdAt: s.createdAt };
+  }
+
+  /** Bytes the volume's own files take on disk (what deleting it frees). */
+  private allocated(volume: string): number {
+    let total = 0;
+    for (const l of this.meta.layersOf(volume)) {
+      try {
+        total += statSync(this.abs(l.file)).blocks * 512;
+      } catch {
+        // a missing file is pool check's business
+      }
+    }
+    return total;
+  }
+
+  // ---- for pool check ----
+
+  /** A pending row whose writer is gone. */
+  isAbandoned(row: LayerRow): boolean {
+    if (row.pid === process.pid) return !this.inFlight.has(row.file);
+    try {
+      process.kill(row.pid, 0);
+      return false;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === 'ESRCH';
+    }
+  }
+
+  /** The open layers of this process are not checked or repaired under a writer. */
+  isOpen(file: string): boolean {
+    return this.meta.volumes().some((v) => v.active === file && this.open.get(v.name)?.isOpen);
+  }
+}
