@@ -74,6 +74,13 @@ describe('dependency rule', () => {
     expect(bad).toEqual([]);
   });
 
+  it('both mock appliances use the kit, and plugins/index.ts does not list it (it binds nothing)', () => {
+    for (const mock of ['plugins/flasharray/appliance', 'plugins/ontap/appliance']) {
+      expect(tsFiles(join(root, mock)).some((f) => imports(f).includes(`${KIT}/index.js`)), mock).toBe(true);
+    }
+    expect(imports(join(root, 'plugins/index.ts')).some((i) => i.startsWith(`${KIT}/`))).toBe(false);
+  });
+
   it('the checker sees violations (it is not vacuous)', () => {
     expect(imports(join(root, 'plugins/index.ts')).some((i) => i.startsWith('plugins/'))).toBe(true);
     // The kit's rule: only appliance folders, only its index.ts; the kit itself never imports a plugin.
