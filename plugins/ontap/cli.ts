@@ -4,7 +4,7 @@ import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { commandGroup, UsageError, type CliContext, type CliContribution } from '../../core/index.js';
 import { MOCK_DEFAULTS, startOntapMock } from './appliance/server.js';
-import type { FaultRuleInput } from './appliance/faults.js';
+import type { FaultConfigInput } from './appliance/faults.js';
 
 function int(name: string) {
   return (v: string): number => {
@@ -27,16 +27,15 @@ export const ontapCli: CliContribution = {
       .option('--svm <names>', 'comma-separated SVM names', MOCK_DEFAULTS.svm)
       .option('--split-rate <bytesPerSecond>', 'clone split copy rate', int('--split-rate'), 64 * 1024 * 1024)
       .option('--job-expiry <ms>', 'how long finished jobs stay visible', int('--job-expiry'), 300_000)
-      .option('--faults <file>', 'JSON file with fault rules to load at start')
+      .option('--faults <file>', 'JSON fault config ({seed, rules}) to start with; see also POST /_admin/faults')
       .action(async (o: {
         port: number; host: string; state?: string; username: string; password: string; svm: string;
         splitRate: number; jobExpiry: number; faults?: string;
       }) => {
-        let faults: FaultRuleInput[] | undefined;
+        let faults: FaultConfigInput | undefined;
         if (o.faults) {
           try {
-            const parsed = JSON.parse(readFileSync(o.faults, 'utf8')) as FaultRuleInput | FaultRuleInput[];
-            faults = Array.isArray(parsed) ? parsed : [parsed];
+            faults = JSON.parse(readFileSync(o.faults, 'utf8')) as FaultConfigInput;
           } catch (e) {
             throw new UsageError(`--faults ${o.faults}: ${e instanceof Error ? e.message : String(e)}`);
           }
@@ -51,6 +50,9 @@ export const ontapCli: CliContribution = {
           splitBytesPerSecond: o.splitRate,
           jobExpiryMs: o.jobExpiry,
           faults,
+        }).catch((e: unknown) => {
+          if (e instanceof Error && e.name === 'ZodError') throw new UsageError(`--faults ${o.faults}: ${e.message}`);
+          throw e;
         });
         ctx.print(
           { url: mock.url, username: mock.username, svms: mock.appliance.svms, state: o.state ?? null, splitBytesPerSecond: o.splitRate, jobExpiryMs: o.jobExpiry },

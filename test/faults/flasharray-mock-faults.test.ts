@@ -29,7 +29,7 @@ describe('flasharray plugin vs injected faults on the mock', () => {
   let mock: FlashArrayMock;
   let be: FlashArrayBackend;
   const fault = (...rules: FaultRuleInput[]) => mock.faults.add(...rules);
-  const fired = () => mock.faults.state().map((r) => r.fired);
+  const fired = () => mock.faults.list().map((r) => r.fired);
 
   beforeEach(async () => {
     mock = await startFlashArrayMock({ apiToken: 'tok' });
@@ -68,7 +68,7 @@ describe('flasharray plugin vs injected faults on the mock', () => {
 
   it('a revoked session is re-established once and the work goes on', async () => {
     await be.createVolume({ name: 'v', sizeBytes: MiB });
-    fault({ path: '/api/*', nth: [1], action: { type: 'revoke-token' } });
+    fault({ path: '/api/**', nth: [1], action: { type: 'revoke-token' } });
     await be.createSnapshot('v', 's');
     expect((await be.listSnapshots('v')).map((s) => s.name)).toEqual(['s']);
   });
@@ -88,16 +88,16 @@ describe('flasharray plugin vs injected faults on the mock', () => {
   it('short pages and a refused continuation token still list every item exactly once', async () => {
     await be.createVolume({ name: 'v', sizeBytes: MiB });
     for (const s of ['a', 'b', 'c', 'd', 'e']) await be.createSnapshot('v', s);
-    fault({ method: 'GET', path: '/api/*/volume-snapshots', action: { type: 'short-page', size: 2 } });
+    fault({ method: 'GET', path: '/api/*/volume-snapshots', action: { type: 'short-page', items: 2 } });
     fault({ method: 'GET', path: '/api/*/volume-snapshots', nth: [2], action: { type: 'bad-continuation-token' } });
     expect((await be.listSnapshots('v')).map((s) => s.name)).toEqual(['a', 'b', 'c', 'd', 'e']);
-    const [short, bad] = mock.faults.state();
+    const [short, bad] = mock.faults.list();
     expect(bad!.fired).toBe(1);
     expect(short!.fired).toBeGreaterThanOrEqual(4); // 3 pages, restarted once after the refusal
   });
 
   it('a non-JSON answer is retried; one that persists is BackendUnavailable', async () => {
-    fault({ method: 'GET', path: '/api/*/volumes', nth: [1], action: { type: 'non-json' } });
+    fault({ method: 'GET', path: '/api/*/volumes', nth: [1], action: { type: 'non-json', status: 200 } });
     expect(await be.getVolume('nope')).toBeUndefined();
     fault({ method: 'GET', path: '/api/*/volumes', action: { type: 'non-json', status: 502 } });
     await expect(be.getVolume('nope')).rejects.toMatchObject({ code: 'BackendUnavailable' });
@@ -122,13 +122,13 @@ describe('flasharray plugin vs injected faults on the mock', () => {
     expect(bad.status).toBe(400);
     expect(((await bad.json()) as { errors: { message: string }[] }).errors[0]!.message).toMatch(/Invalid fault config/);
     expect((await fetch(`${mock.url}/_admin/faults`, { method: 'DELETE' })).status).toBe(200);
-    expect(mock.faults.state()).toEqual([]);
+    expect(mock.faults.list()).toEqual([]);
   });
 
   it('retries that run out end in the typed error, and nothing was created', async () => {
     fault({ method: 'POST', path: '/api/*/volumes', action: { type: 'status', status: 503 } });
     await expect(be.createVolume({ name: 'never', sizeBytes: MiB })).rejects.toMatchObject({ code: 'BackendUnavailable' });
-    expect(mock.faults.state()[0]!.fired).toBe(4);
+    expect(mock.faults.list()[0]!.fired).toBe(4);
     mock.faults.clear();
     fault({ method: 'GET', path: '/api/*/volumes', action: { type: 'late', ms: 400 } });
     await expect(be.getVolume('never')).rejects.toMatchObject({ code: 'Timeout' });
@@ -144,12 +144,12 @@ describe('a seeded storm of faults', () => {
       faults: {
         seed: 42,
         rules: [
-          { path: '/api/*', probability: 0.1, action: { type: 'status', status: 503 } },
-          { method: 'POST', path: '/api/*', probability: 0.1, action: { type: 'reset', afterProcessing: true } },
-          { method: 'PATCH', path: '/api/*', probability: 0.1, action: { type: 'late', ms: 150 } },
-          { path: '*', probability: 0.05, action: { type: 'status', status: 429, rateLimitHeaders: false } },
-          { path: '/api/*', probability: 0.03, action: { type: 'revoke-token' } },
-          { method: 'GET', path: '/api/*', probability: 0.3, action: { type: 'short-page', size: 1 } },
+          { path: '/api/**', probability: 0.1, action: { type: 'status', status: 503 } },
+          { method: 'POST', path: '/api/**', probability: 0.1, action: { type: 'reset', afterProcessing: true } },
+          { method: 'PATCH', path: '/api/**', probability: 0.1, action: { type: 'late', ms: 150 } },
+          { probability: 0.05, action: { type: 'status', status: 429, rateLimitHeaders: false } },
+          { path: '/api/**', probability: 0.03, action: { type: 'revoke-token' } },
+          { method: 'GET', path: '/api/**', probability: 0.3, action: { type: 'short-page', items: 1 } },
         ],
       },
     });
@@ -163,7 +163,7 @@ describe('a seeded storm of faults', () => {
       await be.resizeVolume('v1', 3 * MiB);
       await be.deleteSnapshot('v2', 'snap');
       for (const v of ['v2', 'v3']) await be.deleteVolume(v);
-      const fired = mock.faults.state().reduce((n, r) => n + r.fired, 0);
+      const fired = mock.faults.list().reduce((n, r) => n + r.fired, 0);
       expect(fired).toBeGreaterThan(5); // the storm did blow
       mock.faults.clear();
       expect(await arrayState(mock)).toEqual({ volumes: ['copy', 'v0', 'v1', 'v4', 'v5'], snapshots: ['v0.snap', 'v4.snap'], destroyed: [] });

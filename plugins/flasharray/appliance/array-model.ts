@@ -1,17 +1,17 @@
 /**
- * The mock array's state: volumes and snapshots over a thin chunk store. Copies and snapshots
- * are instant (they copy a chunk map and count references); writes are copy-on-write; destroyed
- * objects linger with `time_remaining` until eradicated. Every mutation runs under one queue and
- * ends by persisting the metadata atomically (temp file + rename), after its chunks are written
- * and before the chunks it replaced are released.
+ * The mock array's state: volumes and snapshots over the appliance kit's thin chunk store.
+ * Copies and snapshots are instant (they copy a chunk map, sharing its chunks); writes are
+ * copy-on-write; destroyed objects linger with `time_remaining` until eradicated. Every mutation
+ * runs under one queue and ends by persisting: new chunks, then the metadata (temp file +
+ * rename), then the files of the chunks it released.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Corrupt } from '../../../core/index.js';
+import { ChunkStore, type BlockMap, type MapExtent } from '../../appliance-kit/index.js';
 import { ARRAY_NAME, MAX_PROVISIONED, Messages, SECTOR } from '../api/messages.js';
 import type { Volume as ApiVolume, VolumeSnapshot as ApiSnapshot, Space } from '../api/schemas.js';
-import { CHUNK_SIZE, FileChunkStore, MemoryChunkStore, type ChunkStore } from './chunk-store.js';
 
 /** An error the array answers with: status plus `{errors:[{context, message}]}`. */
 export class ApiFault extends Error {
@@ -20,8 +20,8 @@ export class ApiFault extends Error {
   }
 }
 
-/** Chunk map value meaning "allocated, reads as zeros" (written zeros, no chunk stored). */
-const ZERO = 0;
+/** 64 KiB: small enough that a 512-byte write copies little, large enough to keep maps short. */
+export const CHUNK_SIZE = 64 * 1024;
 
 interface ObjectRecord {
   id: string;
@@ -31,8 +31,8 @@ interface ObjectRecord {
   /** When it was destroyed (ms), or null. */
   destroyedAt: number | null;
   provisioned: number;
-  /** chunk index → chunk id (ZERO for a zero chunk); absent = unallocated. */
-  chunks: Map<number, number>;
+  /** chunk index → chunk id; absent = unallocated. */
+  chunks: BlockMap;
 }
 interface VolumeRecord extends ObjectRecord {
   source: { id: string; name: string } | null;
@@ -59,16 +59,12 @@ export interface ArrayModelOptions {
   now?: () => number;
 }
 
-export interface ExtentInfo { offset: number; length: number; kind: 'data' | 'zero' }
-
 /** Largest byte range one data-plane request may read or write. */
 export const MAX_IO = 64 * 1024 * 1024;
 
 export class ArrayModel {
   private readonly volumes = new Map<string, VolumeRecord>();
   private readonly snapshots = new Map<string, SnapshotRecord>();
-  private readonly refs = new Map<number, number>();
-  private nextChunk = 1;
   private queue: Promise<unknown> = Promise.resolve();
   private readonly now: () => number;
   private readonly eradicationDelayMs: number;
@@ -79,11 +75,9 @@ export class ArrayModel {
   }
 
   static async open(opts: ArrayModelOptions = {}): Promise<ArrayModel> {
-    if (!opts.stateDir) return new ArrayModel(new MemoryChunkStore(), undefined, opts);
+    if (!opts.stateDir) return new ArrayModel(new ChunkStore(CHUNK_SIZE), undefined, opts);
     await mkdir(opts.stateDir, { recursive: true });
-    const store = new FileChunkStore(join(opts.stateDir, 'chunks'));
-    await store.init();
-    const model = new ArrayModel(store, opts.stateDir, opts);
+    const model = new ArrayModel(new ChunkStore(CHUNK_SIZE, join(opts.stateDir, 'chunks')), opts.stateDir, opts);
     await model.load();
     return model;
   }
@@ -130,15 +124,15 @@ export class ArrayModel {
         if (!existing) throw new ApiFault(400, Messages.volumeNotExist, name);
         if (existing.destroyedAt !== null) throw new ApiFault(400, Messages.volumeDestroyed, name);
         const old = existing.chunks;
-        existing.chunks = this.share(src.chunks);
+        existing.chunks = this.store.copyMap(src.chunks);
         existing.provisioned = src.provisioned;
+        this.store.dropMap(old);
         await this.persist();
-        await this.release(old.values());
         return this.volumeView(existing);
       }
       checkName(name);
       this.checkFree(name);
-      const v: VolumeRecord = { ...this.newObject(name, src.provisioned), source: { id: src.id, name: src.name }, chunks: this.share(src.chunks) };
+      const v: VolumeRecord = { ...this.newObject(name, src.provisioned), source: { id: src.id, name: src.name }, chunks: this.store.copyMap(src.chunks) };
       this.volumes.set(name, v);
       await this.persist();
       return this.volumeView(v);
@@ -151,14 +145,10 @@ export class ArrayModel {
       checkSize(provisioned, name);
       if (provisioned < v.provisioned) {
         if (!truncate) throw new ApiFault(400, Messages.truncation, name);
-        const released = await this.cut(v, provisioned);
-        v.provisioned = provisioned;
-        await this.persist();
-        await this.release(released);
-      } else {
-        v.provisioned = provisioned;
-        await this.persist();
+        this.store.truncate(v.chunks, provisioned);
       }
+      v.provisioned = provisioned;
+      await this.persist();
       return this.volumeView(v);
     });
   }
@@ -198,7 +188,7 @@ export class ArrayModel {
       const existing = this.snapshots.get(name);
       if (existing) throw new ApiFault(400, existing.destroyedAt === null ? Messages.snapshotExists : Messages.snapshotDestroyed, name);
       const s: SnapshotRecord = {
-        ...this.newObject(name, v.provisioned), chunks: this.share(v.chunks), suffix, volumeId: v.id, volumeName: v.name,
+        ...this.newObject(name, v.provisioned), chunks: this.store.copyMap(v.chunks), suffix, volumeId: v.id, volumeName: v.name,
       };
       this.snapshots.set(name, s);
       await this.persist();
@@ -237,17 +227,10 @@ export class ArrayModel {
   }
 
   read(name: string, offset: number, length: number): Promise<Buffer> {
-    return this.exclusive(async () => {
+    return this.exclusive(() => {
       const o = this.dataObject(name, false);
       checkRange(o, offset, length);
-      const out = Buffer.alloc(length);
-      for (const { index, from, to } of chunkSpans(offset, length)) {
-        const id = o.chunks.get(index);
-        if (id === undefined || id === ZERO) continue;
-        const chunk = await this.store.read(id);
-        chunk.copy(out, index * CHUNK_SIZE + from - offset, from, to);
-      }
-      return out;
+      return this.store.read(o.chunks, offset, length);
     });
   }
 
@@ -255,20 +238,8 @@ export class ArrayModel {
     return this.exclusive(async () => {
       const v = this.dataObject(name, true);
       checkRange(v, offset, data.length);
-      const released: number[] = [];
-      for (const { index, from, to } of chunkSpans(offset, data.length)) {
-        const part = data.subarray(index * CHUNK_SIZE + from - offset, index * CHUNK_SIZE + to - offset);
-        let chunk: Buffer;
-        if (from === 0 && to === CHUNK_SIZE) {
-          chunk = part;
-        } else {
-          chunk = await this.chunkData(v.chunks.get(index));
-          part.copy(chunk, from);
-        }
-        released.push(...this.replace(v, index, await this.storeChunk(chunk)));
-      }
+      this.store.write(v.chunks, offset, data);
       await this.persist();
-      await this.release(released);
     });
   }
 
@@ -277,40 +248,16 @@ export class ArrayModel {
     return this.exclusive(async () => {
       const v = this.dataObject(name, true);
       checkRange(v, offset, length);
-      const released: number[] = [];
-      for (const { index, from, to } of chunkSpans(offset, length)) {
-        let id = ZERO;
-        if (from !== 0 || to !== CHUNK_SIZE) {
-          const old = v.chunks.get(index);
-          if (old === undefined || old === ZERO) continue; // already reads as zeros
-          const chunk = await this.chunkData(old);
-          chunk.fill(0, from, to);
-          id = await this.storeChunk(chunk);
-        }
-        released.push(...this.replace(v, index, id));
-      }
+      this.store.zero(v.chunks, offset, length);
       await this.persist();
-      await this.release(released);
     });
   }
 
-  extents(name: string, offset: number, length: number): Promise<{ size: number; extents: ExtentInfo[] }> {
+  extents(name: string, offset: number, length: number): Promise<{ size: number; extents: MapExtent[] }> {
     return this.exclusive(() => {
       const o = this.dataObject(name, false);
       checkRange(o, offset, length, false);
-      const end = offset + length;
-      const out: ExtentInfo[] = [];
-      const indexes = [...o.chunks.keys()].sort((a, b) => a - b);
-      for (const index of indexes) {
-        const s = Math.max(index * CHUNK_SIZE, offset);
-        const t = Math.min((index + 1) * CHUNK_SIZE, end, o.provisioned);
-        if (t <= s) continue;
-        const kind = o.chunks.get(index) === ZERO ? 'zero' : 'data';
-        const last = out[out.length - 1];
-        if (last && last.kind === kind && last.offset + last.length === s) last.length += t - s;
-        else out.push({ offset: s, length: t - s, kind });
-      }
-      return { size: o.provisioned, extents: out };
+      return { size: o.provisioned, extents: this.store.extents(o.chunks, offset, length) };
     });
   }
 
@@ -354,70 +301,13 @@ export class ArrayModel {
     return [...this.snapshots.values()].filter((s) => s.volumeId === volumeId);
   }
 
-  /** A copy of a chunk map that holds its own references. */
-  private share(chunks: Map<number, number>): Map<number, number> {
-    for (const id of chunks.values()) if (id !== ZERO) this.refs.set(id, (this.refs.get(id) ?? 0) + 1);
-    return new Map(chunks);
-  }
-
-  private async chunkData(id: number | undefined): Promise<Buffer> {
-    if (id === undefined || id === ZERO) return Buffer.alloc(CHUNK_SIZE);
-    return Buffer.from(await this.store.read(id));
-  }
-
-  /** Store a chunk (all zeros stores nothing) and return its id with one reference. */
-  private async storeChunk(data: Buffer): Promise<number> {
-    if (isZero(data)) return ZERO;
-    const id = this.nextChunk++;
-    await this.store.write(id, data);
-    this.refs.set(id, 1);
-    return id;
-  }
-
-  /** Point `index` at `id`; returns the chunk it replaced, to release after persisting. */
-  private replace(o: ObjectRecord, index: number, id: number): number[] {
-    const old = o.chunks.get(index);
-    o.chunks.set(index, id);
-    return old === undefined ? [] : [old];
-  }
-
-  /** Drop chunks at or past `size` and zero the tail of a partial last chunk. */
-  private async cut(o: ObjectRecord, size: number): Promise<number[]> {
-    const released: number[] = [];
-    const lastIndex = Math.floor(size / CHUNK_SIZE);
-    for (const [index, id] of [...o.chunks]) {
-      if (index > lastIndex || (index === lastIndex && size % CHUNK_SIZE === 0)) {
-        o.chunks.delete(index);
-        released.push(id);
-      }
-    }
-    const tail = size % CHUNK_SIZE;
-    const partial = o.chunks.get(lastIndex);
-    if (tail !== 0 && partial !== undefined && partial !== ZERO) {
-      const chunk = await this.chunkData(partial);
-      chunk.fill(0, tail);
-      released.push(...this.replace(o, lastIndex, await this.storeChunk(chunk)));
-    }
-    return released;
-  }
-
-  private async release(ids: Iterable<number>): Promise<void> {
-    for (const id of ids) {
-      if (id === ZERO) continue;
-      const n = (this.refs.get(id) ?? 1) - 1;
-      if (n > 0) { this.refs.set(id, n); continue; }
-      this.refs.delete(id);
-      await this.store.remove(id);
-    }
-  }
-
   private async drop(objects: ObjectRecord[]): Promise<void> {
     for (const o of objects) {
       if (this.volumes.get(o.name) === o) this.volumes.delete(o.name);
       if (this.snapshots.get(o.name) === o) this.snapshots.delete(o.name);
+      this.store.dropMap(o.chunks);
     }
     await this.persist();
-    for (const o of objects) await this.release(o.chunks.values());
   }
 
   /** Eradicate what has been destroyed for longer than the eradication delay (lazily). */
@@ -433,15 +323,8 @@ export class ArrayModel {
   }
 
   private space(o: ObjectRecord): Space {
-    let virtual = 0;
-    let unique = 0;
-    for (const id of o.chunks.values()) {
-      if (id === ZERO) continue;
-      virtual += CHUNK_SIZE;
-      if (this.refs.get(id) === 1) unique += CHUNK_SIZE;
-    }
-    virtual = Math.min(virtual, o.provisioned);
-    unique = Math.min(unique, o.provisioned);
+    const virtual = Math.min(this.store.allocatedBytes(o.chunks), o.provisioned);
+    const unique = Math.min(this.store.uniqueBytes(o.chunks), o.provisioned);
     return {
       data_reduction: 1, snapshots: 0, thin_provisioning: o.provisioned ? 1 - virtual / o.provisioned : 0,
       total_physical: unique, total_provisioned: o.provisioned, unique, virtual,
@@ -466,14 +349,16 @@ export class ArrayModel {
 
   // ---------- persistence ----------
 
+  /** New chunks first, then the metadata that references them, then the files of released chunks. */
   private async persist(): Promise<void> {
     if (!this.stateDir) return;
+    this.store.writeNewChunks();
     const out = (o: ObjectRecord): PersistedObject => ({
       id: o.id, name: o.name, serial: o.serial, created: o.created, destroyedAt: o.destroyedAt, provisioned: o.provisioned,
       chunks: [...o.chunks],
     });
     const doc: Persisted = {
-      version: 1, nextChunk: this.nextChunk,
+      version: 1, nextChunk: this.store.nextChunkId,
       volumes: [...this.volumes.values()].map((v) => ({ ...out(v), source: v.source })),
       snapshots: [...this.snapshots.values()].map((s) => ({ ...out(s), suffix: s.suffix, volumeId: s.volumeId, volumeName: s.volumeName })),
     };
@@ -481,6 +366,7 @@ export class ArrayModel {
     const tmp = `${file}.tmp`;
     await writeFile(tmp, JSON.stringify(doc));
     await rename(tmp, file);
+    this.store.deleteReleasedChunks();
   }
 
   private async load(): Promise<void> {
@@ -501,14 +387,10 @@ export class ArrayModel {
         ref: file, hint: 'move the state folder away to start with an empty array',
       });
     }
-    this.nextChunk = doc.nextChunk;
-    for (const v of doc.volumes) this.volumes.set(v.name, { ...v, chunks: this.share(new Map(v.chunks)) });
-    for (const s of doc.snapshots) this.snapshots.set(s.name, { ...s, chunks: this.share(new Map(s.chunks)) });
-    // Chunks written by a mutation that crashed before persisting belong to nothing: sweep them.
-    for (const id of await this.store.list()) {
-      if (!this.refs.has(id)) await this.store.remove(id);
-      if (id >= this.nextChunk) this.nextChunk = id + 1;
-    }
+    for (const v of doc.volumes) this.volumes.set(v.name, { ...v, chunks: new Map(v.chunks) });
+    for (const s of doc.snapshots) this.snapshots.set(s.name, { ...s, chunks: new Map(s.chunks) });
+    // Chunks left by a mutation that crashed before or after persisting belong to nothing: the store sweeps them.
+    this.store.load([...this.volumes.values(), ...this.snapshots.values()].map((o) => o.chunks), doc.nextChunk);
   }
 }
 
@@ -532,22 +414,4 @@ function checkRange(o: ObjectRecord, offset: number, length: number, io = true):
     throw new ApiFault(416, `Range ${offset}+${length} is outside the volume (${o.provisioned} bytes).`, o.name);
   }
   if (io && length > MAX_IO) throw new ApiFault(400, `Range too large: at most ${MAX_IO} bytes per request.`, o.name);
-}
-
-/** The chunks a byte range touches, with the [from, to) part of each. */
-function* chunkSpans(offset: number, length: number): Generator<{ index: number; from: number; to: number }> {
-  let pos = offset;
-  const end = offset + length;
-  while (pos < end) {
-    const index = Math.floor(pos / CHUNK_SIZE);
-    const from = pos - index * CHUNK_SIZE;
-    const to = Math.min(CHUNK_SIZE, end - index * CHUNK_SIZE);
-    yield { index, from, to };
-    pos = index * CHUNK_SIZE + to;
-  }
-}
-
-const ZEROS = Buffer.alloc(CHUNK_SIZE);
-function isZero(b: Buffer): boolean {
-  return b.length <= CHUNK_SIZE && ZEROS.subarray(0, b.length).equals(b);
 }

@@ -9,15 +9,18 @@
  *   POST /data/volumes/{name}/zeroes     `{offset, length}`: make a range read as zeros; 204
  *
  * authenticated with `x-auth-token` like the API. Test hooks (no auth, loopback tool only):
- * `GET|POST|DELETE /_admin/faults` (see faults.ts).
+ * `GET|POST|DELETE /_admin/faults` (the appliance kit's fault rules, with this array's own
+ * actions from faults.ts).
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { createServer, STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
+import {
+  answerWithFaults, faultAdmin, HttpError, parseJson, readBody, sendReply, serveHttp, shortPageOf, type FaultInjectorOf, type Reply,
+} from '../../appliance-kit/index.js';
 import { Messages } from '../api/messages.js';
 import { VolumePatch, VolumePost, VolumeSnapshotPatch, VolumeSnapshotPost, ZeroRange } from '../api/schemas.js';
 import { ApiFault, ArrayModel, MAX_IO } from './array-model.js';
-import { FaultConfig, FaultInjector, type FaultAction, type FaultConfigInput } from './faults.js';
+import { faultGrammar, type FaultAction, type FaultConfigInput } from './faults.js';
 import { page, parseListQuery, splitNames } from './listing.js';
 
 /** API versions the mock answers to (`/api/2.0` … `/api/2.36`). */
@@ -35,21 +38,15 @@ export interface FlashArrayMockOptions {
   sessionTtlMs?: number;
   /** How long destroyed volumes linger before the array eradicates them (24 h by default). */
   eradicationDelayMs?: number;
+  /** Fault rules to start with (the appliance kit's grammar). */
   faults?: FaultConfigInput;
 }
 
 export interface FlashArrayMock {
   url: string;
   apiToken: string;
-  faults: FaultInjector;
+  faults: FaultInjectorOf<typeof faultGrammar>;
   close(): Promise<void>;
-}
-
-interface Reply {
-  status: number;
-  headers?: Record<string, string>;
-  body?: unknown;
-  raw?: Buffer;
 }
 
 const JSON_LIMIT = 1024 * 1024;
@@ -57,10 +54,10 @@ const JSON_LIMIT = 1024 * 1024;
 export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Promise<FlashArrayMock> {
   const model = await ArrayModel.open({ stateDir: opts.stateDir, eradicationDelayMs: opts.eradicationDelayMs });
   const apiToken = opts.apiToken ?? randomUUID();
-  const faults = new FaultInjector(opts.faults ?? {});
+  const faults = faultGrammar.injector();
+  if (opts.faults) faults.configure(opts.faults);
   const sessionTtlMs = opts.sessionTtlMs ?? 30 * 60 * 1000;
   const sessions = new Map<string, number>(); // token → last use (ms)
-  const sockets = new Set<Socket>();
 
   function requireSession(req: IncomingMessage): void {
     const token = header(req, 'x-auth-token');
@@ -178,7 +175,7 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
       const size = await model.sizeOf(name, false);
       const range = header(req, 'range');
       if (range === undefined) {
-        return { status: 200, raw: await model.read(name, 0, size), headers: { 'content-type': 'application/octet-stream' } };
+        return { status: 200, body: await model.read(name, 0, size) };
       }
       const m = /^bytes=(\d+)-(\d*)$/.exec(range);
       const start = m ? Number(m[1]) : NaN;
@@ -187,10 +184,7 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
         return { status: 416, headers: { 'content-range': `bytes */${size}` }, body: errors(`Invalid range ${range}.`, name) };
       }
       const bytes = await model.read(name, start, end - start + 1);
-      return {
-        status: 206, raw: bytes,
-        headers: { 'content-type': 'application/octet-stream', 'content-range': `bytes ${start}-${end}/${size}` },
-      };
+      return { status: 206, body: bytes, headers: { 'content-range': `bytes ${start}-${end}/${size}` } };
     }
     if (method === 'PUT') {
       const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(header(req, 'content-range') ?? '');
@@ -202,20 +196,6 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
       if (body.length !== end - start + 1) throw new ApiFault(400, 'Body length does not match Content-Range.', name);
       await model.write(name, start, body);
       return { status: 204 };
-    }
-    throw new ApiFault(404, Messages.notFoundPath, url.pathname);
-  }
-
-  async function admin(req: IncomingMessage, url: URL): Promise<Reply> {
-    if (url.pathname !== '/_admin/faults') throw new ApiFault(404, Messages.notFoundPath, url.pathname);
-    if (req.method === 'GET') return { status: 200, body: { rules: faults.state() } };
-    if (req.method === 'DELETE') { faults.clear(); return { status: 200, body: { rules: [] } }; }
-    if (req.method === 'POST') {
-      const parsed = FaultConfig.safeParse(await readJson(req));
-      if (!parsed.success) throw new ApiFault(400, `Invalid fault config: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
-      if (url.searchParams.get('append') === 'true') faults.add(...parsed.data.rules);
-      else faults.configure(parsed.data);
-      return { status: 200, body: { rules: faults.state() } };
     }
     throw new ApiFault(404, Messages.notFoundPath, url.pathname);
   }
@@ -243,52 +223,31 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://array.invalid');
-    if (url.pathname.startsWith('/_admin/')) return send(res, await safely(() => admin(req, url)));
-    const actions = faults.pick(req.method ?? 'GET', url.pathname, url.searchParams.has('continuation_token'));
-    const of = <T extends FaultAction['type']>(t: T) => actions.find((a) => a.type === t) as Extract<FaultAction, { type: T }> | undefined;
-    const latency = actions.reduce((ms, a) => ms + (a.type === 'latency' ? a.ms : 0), 0);
-    if (latency > 0) await sleep(latency);
-    if (of('revoke-token')) sessions.clear();
-    const reset = of('reset');
-    if (reset && !reset.afterProcessing) { req.socket.destroy(); return; }
-    const status = of('status');
-    if (status) { await drain(req); return send(res, injectedStatus(status)); }
-    const nonJson = of('non-json');
-    if (nonJson) {
-      await drain(req);
-      res.writeHead(nonJson.status, { 'content-type': 'text/html' });
-      res.end('<html><body><h1>Service Temporarily Unavailable</h1></body></html>');
-      return;
-    }
-    if (of('bad-continuation-token')) { await drain(req); return send(res, { status: 400, body: errors(Messages.invalidToken, 'continuation_token') }); }
-    const reply = await safely(() => route(req, url, of('short-page')?.size));
-    const late = of('late');
-    if (late) await sleep(late.ms);
-    if (reset?.afterProcessing) { req.socket.destroy(); return; }
-    send(res, reply);
+    if (url.pathname.startsWith('/_admin/')) return sendReply(res, await safely(() => faultAdmin(faults, req, url)));
+    const fired = faults.pick(req.method ?? 'GET', url);
+    await answerWithFaults<FaultAction>({
+      req, res, fired,
+      status: injectedStatus,
+      before(action) {
+        if (action.type === 'revoke-token') sessions.clear();
+        if (action.type === 'bad-continuation-token') return { status: 400, body: errors(Messages.invalidToken, 'continuation_token') };
+        return undefined;
+      },
+      handle: () => safely(() => route(req, url, shortPageOf(fired))),
+    });
   }
 
-  const server = createServer((req, res) => {
-    handle(req, res).catch((e: unknown) => {
-      if (!res.headersSent) send(res, { status: 500, body: errors(`Internal error: ${(e as Error).message}`) });
-      else res.destroy();
-    });
+  const http = await serveHttp(handle, {
+    port: opts.port ?? 0,
+    host: opts.host ?? '127.0.0.1',
+    crash: (e) => ({ status: 500, body: errors(`Internal error: ${(e as Error).message}`) }),
   });
-  server.on('connection', (s) => { sockets.add(s); s.on('close', () => sockets.delete(s)); });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(opts.port ?? 0, opts.host ?? '127.0.0.1', () => resolve());
-  });
-  const addr = server.address() as AddressInfo;
-  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
   return {
-    url: `http://${host}:${addr.port}`,
+    url: http.url,
     apiToken,
     faults,
     async close() {
-      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-      for (const s of sockets) s.destroy();
-      await closed;
+      await http.close();
       await model.idle();
     },
   };
@@ -304,7 +263,7 @@ function injectedStatus(a: Extract<FaultAction, { type: 'status' }>): Reply {
       : {};
     return { status: 429, headers, body: { message: Messages.rateLimited } };
   }
-  // 500 comes from the array itself; 502/503/504 from the gateway in front of it.
+  // 500 comes from the array itself; any other injected status from the gateway in front of it.
   if (a.status === 500) return { status: 500, body: errors('Internal server error.') };
   return { status: a.status, body: { message: STATUS_CODES[a.status] ?? 'Error' } };
 }
@@ -314,20 +273,9 @@ async function safely(fn: () => Promise<Reply>): Promise<Reply> {
     return await fn();
   } catch (e) {
     if (e instanceof ApiFault) return { status: e.status, body: errors(e.message, e.context) };
+    if (e instanceof HttpError) return { status: e.status, body: errors(e.message) };
     throw e;
   }
-}
-
-function send(res: ServerResponse, reply: Reply): void {
-  const headers: Record<string, string> = { ...reply.headers };
-  let payload: Buffer | undefined = reply.raw;
-  if (!payload && reply.body !== undefined) {
-    payload = Buffer.from(JSON.stringify(reply.body));
-    headers['content-type'] = 'application/json';
-  }
-  if (payload) headers['content-length'] = String(payload.length);
-  res.writeHead(reply.status, headers);
-  res.end(payload);
 }
 
 function errors(message: string, context?: string): unknown {
@@ -377,31 +325,12 @@ function intParam(q: URLSearchParams, name: string, dflt: number): number {
   return n;
 }
 
-async function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > limit) throw new ApiFault(413, 'Request body too large.');
-    parts.push(chunk as Buffer);
-  }
-  return Buffer.concat(parts);
-}
-
+/** A JSON body (empty = `{}`); anything else than JSON is the array's "bad request". */
 async function readJson(req: IncomingMessage): Promise<unknown> {
   const body = await readBody(req, JSON_LIMIT);
-  if (body.length === 0) return {};
   try {
-    return JSON.parse(body.toString('utf8'));
+    return parseJson(body) ?? {};
   } catch {
     throw new ApiFault(400, Messages.badRequest);
   }
-}
-
-async function drain(req: IncomingMessage): Promise<void> {
-  for await (const _ of req) { /* discard */ }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

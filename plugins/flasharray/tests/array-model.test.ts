@@ -8,8 +8,7 @@ import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ArrayModel } from '../appliance/array-model.js';
-import { CHUNK_SIZE } from '../appliance/chunk-store.js';
+import { ArrayModel, CHUNK_SIZE } from '../appliance/array-model.js';
 
 const SIZE = 6 * CHUNK_SIZE;
 

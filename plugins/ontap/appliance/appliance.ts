@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { OntapCode } from '../api/codes.js';
 import type { Job, Snapshot, Volume, VolumeCreateBody, VolumePatchBody } from '../api/schemas.js';
 import { ApiError, invalid, notFound } from './api-error.js';
-import { ChunkStore, type MapExtent } from './chunk-store.js';
+import { ChunkStore, type MapExtent } from '../../appliance-kit/index.js';
 import { fromSaved, toSaved, type JobRecord, type SavedState, type SnapshotRecord, type VolumeRecord } from './records.js';
 
 export interface ApplianceOptions {

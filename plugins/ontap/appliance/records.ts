@@ -1,5 +1,5 @@
 /** The mock appliance's in-memory records and their JSON form in `<state>/state.json`. */
-import type { BlockMap } from './chunk-store.js';
+import type { BlockMap } from '../../appliance-kit/index.js';
 import type { JobState } from '../api/schemas.js';
 
 export interface SnapshotRecord {

@@ -1,15 +1,18 @@
 /**
  * The ONTAP-style mock appliance as a real `node:http` server: the REST API under `/api`
  * (HTTP Basic auth on every request), the data plane under `/data` (a documented stand-in for
- * NFS access to a volume's disk image), and the fault injector's admin endpoint `/_admin/faults`.
+ * NFS access to a volume's disk image), and the fault rules' admin endpoint `/_admin/faults`
+ * (the appliance kit's grammar, with this appliance's own actions from faults.ts).
  */
-import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import {
+  answerWithFaults, drain, faultAdmin, HttpError, parseJson, readBody, sendReply, serveHttp, shortPageOf, sleep, type FaultInjectorOf, type Reply,
+} from '../../appliance-kit/index.js';
 import { OntapCode } from '../api/codes.js';
 import { SnapshotCreateBody, VolumeCreateBody, VolumePatchBody, type CollectionOf } from '../api/schemas.js';
 import { ApiError, invalid } from './api-error.js';
 import { OntapAppliance, type ApplianceOptions, type JobFault } from './appliance.js';
-import { FaultInjector, type FaultRuleInput } from './faults.js';
+import { faultGrammar, type FaultAction, type FaultConfigInput } from './faults.js';
 import { filterRecords, pageRecords, selectFields } from './query.js';
 import type { JobRecord } from './records.js';
 
@@ -18,7 +21,8 @@ export interface OntapMockOptions extends ApplianceOptions {
   host?: string;
   username?: string;
   password?: string;
-  faults?: FaultRuleInput[];
+  /** Fault rules to start with (the appliance kit's grammar). */
+  faults?: FaultConfigInput;
 }
 
 export interface OntapMock {
@@ -27,98 +31,45 @@ export interface OntapMock {
   readonly port: number;
   readonly username: string;
   readonly password: string;
-  readonly faults: FaultInjector;
+  readonly faults: FaultInjectorOf<typeof faultGrammar>;
   readonly appliance: OntapAppliance;
   close(): Promise<void>;
 }
 
 export const MOCK_DEFAULTS = { port: 8082, host: '127.0.0.1', username: 'admin', password: 'netapp123', svm: 'svm0' } as const;
 
-interface Reply {
-  status: number;
-  headers?: Record<string, string>;
-  body?: unknown;
-}
+/** Largest request body: a data-plane write (the plugin sends 4 MiB) or a JSON document. */
+const MAX_BODY = 64 * 1024 * 1024;
+const HAL_JSON = 'application/hal+json';
 
 const json = (status: number, body: unknown, headers?: Record<string, string>): Reply => ({ status, body, headers });
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export async function startOntapMock(opts: OntapMockOptions = {}): Promise<OntapMock> {
   const username = opts.username ?? MOCK_DEFAULTS.username;
   const password = opts.password ?? MOCK_DEFAULTS.password;
   const appliance = new OntapAppliance({ svms: [MOCK_DEFAULTS.svm], ...opts });
-  const faults = new FaultInjector();
-  if (opts.faults) faults.add(opts.faults);
+  const faults = faultGrammar.injector();
+  if (opts.faults) faults.configure(opts.faults);
   const expectedAuth = `Basic ${Buffer.from(`${username}:${password}`).toString('base64')}`;
-
-  const server = createServer((req, res) => {
-    void serve(req, res).catch((e: unknown) => {
-      if (!res.headersSent) write(res, json(500, { error: { code: '2', message: `internal error: ${String(e)}` } }));
-      else res.destroy();
-    });
-  });
 
   async function serve(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://mock');
     const method = (req.method ?? 'GET').toUpperCase();
     if (req.headers.authorization !== expectedAuth) {
       await drain(req);
-      write(res, json(401, { error: { code: OntapCode.NOT_AUTHORIZED, message: 'not authorized for that command' } }, { 'www-authenticate': 'Basic realm="ontap"' }));
-      return;
+      const body = { error: { code: OntapCode.NOT_AUTHORIZED, message: 'not authorized for that command' } };
+      return sendReply(res, json(401, body, { 'www-authenticate': 'Basic realm="ontap"' }), HAL_JSON);
     }
-    const actions = url.pathname.startsWith('/_admin/') ? [] : faults.match(method, url.pathname);
-    let delayAfter = 0;
-    const jobFault: JobFault = {};
-    let shortPage: number | undefined;
-    for (const a of actions) {
-      switch (a.type) {
-        case 'latency':
-          await sleep(a.ms);
-          break;
-        case 'reset':
-          req.socket.destroy();
-          return;
-        case 'status': {
-          await drain(req);
-          const headers: Record<string, string> = {};
-          if (a.retryAfter !== undefined) headers['retry-after'] = String(a.retryAfter);
-          write(res, json(a.status, { error: { code: a.code ?? String(a.status), message: a.message ?? statusText(a.status) } }, headers));
-          return;
-        }
-        case 'nonJson':
-          await drain(req);
-          res.writeHead(a.status, { 'content-type': 'text/html' });
-          res.end('<html><body><h1>Bad Gateway</h1></body></html>');
-          return;
-        case 'delayResponse':
-          delayAfter = a.ms;
-          break;
-        case 'jobFailure':
-          jobFault.failure = { code: a.code, message: a.message };
-          jobFault.failAfterPolls = a.afterPolls;
-          break;
-        case 'jobStuck':
-          jobFault.stuck = true;
-          break;
-        case 'jobExpired':
-          jobFault.expired = true;
-          break;
-        case 'shortPage':
-          shortPage = a.records;
-          break;
-        default:
-          unreachable(a);
-      }
-    }
-    let reply: Reply;
-    try {
-      const body = await readBody(req);
-      reply = await route(method, url, req, body, jobFault, shortPage);
-    } catch (e) {
-      reply = e instanceof ApiError ? json(e.status, e.body()) : json(500, { error: { code: '2', message: `internal error: ${String(e)}` } });
-    }
-    if (delayAfter > 0) await sleep(delayAfter);
-    if (!res.destroyed) write(res, reply);
+    if (url.pathname.startsWith('/_admin/')) return sendReply(res, await safely(() => faultAdmin(faults, req, url)), HAL_JSON);
+    const fired = faults.pick(method, url);
+    await answerWithFaults<FaultAction>({
+      req, res, fired, jsonType: HAL_JSON,
+      status: (a) => {
+        const headers: Record<string, string> = a.retryAfter === undefined ? {} : { 'retry-after': String(a.retryAfter) };
+        return json(a.status, { error: { code: a.code ?? String(a.status), message: a.message ?? statusText(a.status) } }, headers);
+      },
+      handle: () => safely(async () => route(method, url, req, await readBody(req, MAX_BODY), jobFault(fired), shortPageOf(fired))),
+    });
   }
 
   async function route(method: string, url: URL, req: IncomingMessage, body: Buffer, fault: JobFault, shortPage?: number): Promise<Reply> {
@@ -126,22 +77,6 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
     const q = url.searchParams;
     const seg = p.split('/').slice(1);
     appliance.tick();
-
-    if (p === '/_admin/faults') {
-      if (method === 'GET') return json(200, { records: faults.list() });
-      if (method === 'DELETE') {
-        faults.clear();
-        return json(200, {});
-      }
-      if (method === 'POST') {
-        try {
-          return json(201, { ids: faults.add(parseJson(body) as FaultRuleInput | FaultRuleInput[]) });
-        } catch (e) {
-          if (e instanceof ApiError) throw e;
-          throw invalid(`invalid fault rule: ${e instanceof Error ? e.message : String(e)}`);
-        }
-      }
-    }
 
     if (p === '/api/cluster' && method === 'GET') {
       return json(200, { name: 'offload-mock', version: { full: 'NetApp Release 9.14.1 (offload mock)', generation: 9, major: 14, minor: 1 }, _links: { self: { href: '/api/cluster' } } });
@@ -160,14 +95,14 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
           return collection(p, q, views, ['uuid', 'name'], shortPage);
         }
         if (method === 'POST') {
-          const req = validate(VolumeCreateBody, parseJson(body));
+          const req = validate(VolumeCreateBody, jsonBody(body));
           return mutation(appliance.createVolume(req, fault), q, 201);
         }
       } else if (sub === undefined) {
         if (method === 'GET') return json(200, selectFields(appliance.volumeView(appliance.volume(volUuid)), q.get('fields')));
         if (method === 'PATCH') {
           const restore = q.get('restore_to.snapshot.name') ?? undefined;
-          const patch = body.length > 0 ? validate(VolumePatchBody, parseJson(body)) : {};
+          const patch = body.length > 0 ? validate(VolumePatchBody, jsonBody(body)) : {};
           return mutation(appliance.patchVolume(volUuid, patch, restore, fault), q, 200);
         }
         if (method === 'DELETE') return mutation(appliance.deleteVolume(volUuid, fault), q, 200);
@@ -179,7 +114,7 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
             return collection(p, q, views, ['uuid', 'name'], shortPage);
           }
           if (method === 'POST') {
-            const req = validate(SnapshotCreateBody, parseJson(body));
+            const req = validate(SnapshotCreateBody, jsonBody(body));
             return mutation(appliance.createSnapshot(volUuid, req.name, req.comment, fault), q, 201);
           }
         } else {
@@ -276,62 +211,60 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
   const ticker = setInterval(() => appliance.tick(), 20);
   ticker.unref();
 
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(opts.port ?? 0, opts.host ?? MOCK_DEFAULTS.host, () => resolve());
+  const http = await serveHttp(serve, {
+    port: opts.port ?? 0,
+    host: opts.host ?? MOCK_DEFAULTS.host,
+    crash: internalError,
+    jsonType: HAL_JSON,
   });
-  const { port } = server.address() as AddressInfo;
-  const host = opts.host ?? MOCK_DEFAULTS.host;
   return {
-    url: `http://${host.includes(':') ? `[${host}]` : host}:${port}`,
-    port,
+    url: http.url,
+    port: http.port,
     username,
     password,
     faults,
     appliance,
     async close() {
       clearInterval(ticker);
-      server.closeAllConnections();
-      await new Promise<void>((r) => server.close(() => r()));
+      await http.close();
       appliance.save();
     },
   };
 }
 
-function write(res: ServerResponse, reply: Reply): void {
-  const headers = { ...reply.headers };
-  let payload: Buffer | string | undefined;
-  if (Buffer.isBuffer(reply.body)) {
-    payload = reply.body;
-    headers['content-type'] = 'application/octet-stream';
-  } else if (reply.body !== undefined) {
-    payload = JSON.stringify(reply.body);
-    headers['content-type'] = 'application/hal+json';
+/** What the fired actions ask of the job a mutation creates. */
+function jobFault(fired: readonly FaultAction[]): JobFault {
+  const fault: JobFault = {};
+  for (const a of fired) {
+    if (a.type === 'job-failure') {
+      fault.failure = { code: a.code, message: a.message };
+      fault.failAfterPolls = a.afterPolls;
+    } else if (a.type === 'job-stuck') fault.stuck = true;
+    else if (a.type === 'job-expired') fault.expired = true;
   }
-  if (payload !== undefined) headers['content-length'] = String(Buffer.byteLength(payload));
-  res.writeHead(reply.status, headers);
-  res.end(payload);
+  return fault;
 }
 
-async function readBody(req: IncomingMessage): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  for await (const chunk of req) parts.push(chunk as Buffer);
-  return Buffer.concat(parts);
-}
-
-async function drain(req: IncomingMessage): Promise<void> {
-  for await (const _ of req) {
-    // discard
-  }
-}
-
-function parseJson(body: Buffer): unknown {
-  if (body.length === 0) throw invalid('a JSON request body is required');
+/** Errors in ONTAP's envelope: the mock's own, HTTP-level ones (too large, not JSON, bad fault rules), anything else as 500. */
+async function safely(fn: () => Promise<Reply>): Promise<Reply> {
   try {
-    return JSON.parse(body.toString('utf8'));
-  } catch {
-    throw invalid('the request body is not valid JSON');
+    return await fn();
+  } catch (e) {
+    if (e instanceof ApiError) return json(e.status, e.body());
+    if (e instanceof HttpError) return json(e.status, new ApiError(e.status, OntapCode.INVALID_INPUT, e.message).body());
+    return internalError(e);
   }
+}
+
+function internalError(e: unknown): Reply {
+  return json(500, { error: { code: '2', message: `internal error: ${String(e)}` } });
+}
+
+/** A JSON request body, required. */
+function jsonBody(body: Buffer): unknown {
+  const value = parseJson(body);
+  if (value === undefined) throw invalid('a JSON request body is required');
+  return value;
 }
 
 function validate<T>(schema: { safeParse(v: unknown): { success: true; data: T } | { success: false; error: { issues: { path: PropertyKey[]; message: string }[] } } }, value: unknown): T {
@@ -372,8 +305,3 @@ function parseContentRange(header: string | undefined, length: number): number {
 function statusText(status: number): string {
   return status === 429 ? 'too many requests' : status === 503 ? 'service unavailable' : `server error ${status}`;
 }
-
-function unreachable(x: never): never {
-  throw new Error(`unhandled fault ${JSON.stringify(x)}`);
-}
-

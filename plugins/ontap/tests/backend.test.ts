@@ -199,7 +199,7 @@ describe('resuming a split after a broker restart (resumeTask)', () => {
 
 describe('appliance faults through the plugin', () => {
   it('a create answered after the client gave up (but done) is retried into "duplicate" and returns the volume', async () => {
-    const m = await mock({ faults: [{ route: 'POST /api/storage/volumes', nth: [1], action: { type: 'delayResponse', ms: 400 } }] });
+    const m = await mock({ faults: { rules: [{ method: 'POST', path: '/api/storage/volumes', nth: [1], action: { type: 'late', ms: 400 } }] } });
     const be = backendOf(m, { retry: { maxAttempts: 3, baseDelayMs: 1, maxDelayMs: 10, requestTimeoutMs: 100 } });
     const v = await be.createVolume({ name: 'late', sizeBytes: 2 * MiB });
     expect(v).toMatchObject({ name: 'late', sizeBytes: 2 * MiB });
@@ -208,7 +208,7 @@ describe('appliance faults through the plugin', () => {
   });
 
   it('a job stuck in running past the budget is Timeout; nothing was created', async () => {
-    const m = await mock({ faults: [{ route: 'POST /api/storage/volumes', action: { type: 'jobStuck' } }] });
+    const m = await mock({ faults: { rules: [{ method: 'POST', path: '/api/storage/volumes', action: { type: 'job-stuck' } }] } });
     const e = await failure(backendOf(m, { pollBudgetMs: 80 }).createVolume({ name: 'stuck', sizeBytes: MiB }));
     expect(e.code).toBe('Timeout');
     expect(e.hint).toMatch(/api\/cluster\/jobs/);
@@ -217,10 +217,12 @@ describe('appliance faults through the plugin', () => {
 
   it('a failed job is its typed error; an expired job is resolved by looking the volume up', async () => {
     const m = await mock({
-      faults: [
-        { route: 'POST /api/storage/volumes/*/snapshots', nth: [1], action: { type: 'jobFailure', afterPolls: 2, code: '1638555', message: 'Snapshot copy is busy' } },
-        { route: 'POST /api/storage/volumes', nth: [1], action: { type: 'jobExpired' } },
-      ],
+      faults: {
+        rules: [
+          { method: 'POST', path: '/api/storage/volumes/*/snapshots', nth: [1], action: { type: 'job-failure', afterPolls: 2, code: '1638555', message: 'Snapshot copy is busy' } },
+          { method: 'POST', path: '/api/storage/volumes', nth: [1], action: { type: 'job-expired' } },
+        ],
+      },
     });
     const be = backendOf(m);
     expect(await be.createVolume({ name: 'v', sizeBytes: MiB })).toMatchObject({ name: 'v' });
@@ -232,10 +234,12 @@ describe('appliance faults through the plugin', () => {
 
   it('429 with Retry-After and 503 from the appliance are ridden out', async () => {
     const m = await mock({
-      faults: [
-        { route: 'GET /api/storage/volumes', nth: [1], action: { type: 'status', status: 429, retryAfter: 0 } },
-        { route: 'GET /api/storage/volumes', nth: [2], action: { type: 'status', status: 503 } },
-      ],
+      faults: {
+        rules: [
+          { method: 'GET', path: '/api/storage/volumes', nth: [1], action: { type: 'status', status: 429, retryAfter: 0 } },
+          { method: 'GET', path: '/api/storage/volumes', nth: [2], action: { type: 'status', status: 503 } },
+        ],
+      },
     });
     const be = backendOf(m);
     expect(await be.getVolume('nothing')).toBeUndefined();

@@ -168,7 +168,7 @@ describe('the mock appliance, as curl drives it', () => {
     const full = await walk();
     expect(full.names.sort()).toEqual(['p0', 'p1', 'p2', 'p3', 'p4']);
     expect(full.pages).toEqual([2, 2, 1]);
-    m.faults.add({ route: 'GET /api/storage/volumes', nth: [1], action: { type: 'shortPage', records: 1 } });
+    m.faults.add({ method: 'GET', path: '/api/storage/volumes', nth: [1], action: { type: 'short-page', items: 1 } });
     const short = await walk();
     expect(short.names.sort()).toEqual(['p0', 'p1', 'p2', 'p3', 'p4']);
     expect(short.pages).toEqual([1, 2, 2]);
@@ -199,21 +199,21 @@ describe('the mock appliance, as curl drives it', () => {
     }
     expect(gone).toBe(404);
 
-    m.faults.add({ route: 'POST /api/storage/volumes', nth: [1], action: { type: 'jobFailure', afterPolls: 3, code: '13001', message: 'aggregate offline' } });
+    m.faults.add({ method: 'POST', path: '/api/storage/volumes', nth: [1], action: { type: 'job-failure', afterPolls: 3, code: '13001', message: 'aggregate offline' } });
     const failing = await c('POST', '/api/storage/volumes', JobLinkResponse, { name: 'f1', svm: { name: 'svm0' }, size: MiB });
     const polls = await pollJob(c, failing.json.job.uuid);
     expect(polls.length).toBeGreaterThanOrEqual(3);
     expect(polls[polls.length - 1]).toMatchObject({ state: 'failure', code: 13001, error: { code: '13001', message: 'aggregate offline' } });
     expect((await c('GET', '/api/storage/volumes?name=f1', Collection(Volume))).json.records).toEqual([]); // nothing changed
 
-    m.faults.add({ route: 'POST /api/storage/volumes', nth: [1], action: { type: 'jobStuck' } });
+    m.faults.add({ method: 'POST', path: '/api/storage/volumes', nth: [1], action: { type: 'job-stuck' } });
     const stuck = await c('POST', '/api/storage/volumes', JobLinkResponse, { name: 's1', svm: { name: 'svm0' }, size: MiB });
     await new Promise((r) => setTimeout(r, 60));
     expect((await c('GET', `/api/cluster/jobs/${stuck.json.job.uuid}`, Job)).json.state).toBe('running');
     expect((await c('PATCH', `/api/cluster/jobs/${stuck.json.job.uuid}?action=cancel`, null)).status).toBe(200);
     expect((await c('GET', `/api/cluster/jobs/${stuck.json.job.uuid}`, Job)).json.state).toBe('failure');
 
-    m.faults.add({ route: 'POST /api/storage/volumes', nth: [1], action: { type: 'jobExpired' } });
+    m.faults.add({ method: 'POST', path: '/api/storage/volumes', nth: [1], action: { type: 'job-expired' } });
     const vanished = await c('POST', '/api/storage/volumes', JobLinkResponse, { name: 'x1', svm: { name: 'svm0' }, size: MiB });
     expect((await c('GET', `/api/cluster/jobs/${vanished.json.job.uuid}`, null)).status).toBe(404);
     expect((await c('GET', '/api/storage/volumes?name=x1', Collection(Volume))).json.records).toHaveLength(1); // the work happened
@@ -222,13 +222,13 @@ describe('the mock appliance, as curl drives it', () => {
   it('transport faults: 429 with Retry-After, 503, reset, non-JSON; admin endpoint lists and clears rules', async () => {
     const m = await start();
     const c = curl(m);
-    const ids = (await c('POST', '/_admin/faults', null, [
-      { route: 'GET /api/storage/volumes', nth: [1], action: { type: 'status', status: 429, retryAfter: 2 } },
-      { route: 'GET /api/storage/volumes', nth: [2], action: { type: 'status', status: 503 } },
-      { route: 'GET /api/storage/volumes', nth: [3], action: { type: 'nonJson' } },
-      { route: 'GET /api/storage/volumes', nth: [4], action: { type: 'reset' } },
-    ])).json as unknown as { ids: number[] };
-    expect(ids.ids).toHaveLength(4);
+    const set = (await c('POST', '/_admin/faults', null, { rules: [
+      { method: 'GET', path: '/api/storage/volumes', nth: [1], action: { type: 'status', status: 429, retryAfter: 2 } },
+      { method: 'GET', path: '/api/storage/volumes', nth: [2], action: { type: 'status', status: 503 } },
+      { method: 'GET', path: '/api/storage/volumes', nth: [3], action: { type: 'non-json' } },
+      { method: 'GET', path: '/api/storage/volumes', nth: [4], action: { type: 'reset' } },
+    ] })).json as unknown as { rules: { id: number }[] };
+    expect(set.rules.map((r) => r.id)).toHaveLength(4);
     const r1 = await c('GET', '/api/storage/volumes', null);
     expect(r1.status).toBe(429);
     expect(r1.headers.get('retry-after')).toBe('2');
@@ -238,16 +238,16 @@ describe('the mock appliance, as curl drives it', () => {
     expect(r3.raw.toString()).toContain('<html>');
     await expect(c('GET', '/api/storage/volumes', null)).rejects.toThrow();
     expect((await c('GET', '/api/storage/volumes', Collection(Volume))).status).toBe(200);
-    const listed = (await c('GET', '/_admin/faults', null)).json as unknown as { records: { fired: number }[] };
-    expect(listed.records.map((r) => r.fired)).toEqual([1, 1, 1, 1]);
+    const listed = (await c('GET', '/_admin/faults', null)).json as unknown as { rules: { fired: number }[] };
+    expect(listed.rules.map((r) => r.fired)).toEqual([1, 1, 1, 1]);
     await c('DELETE', '/_admin/faults', null);
-    expect(((await c('GET', '/_admin/faults', null)).json as unknown as { records: unknown[] }).records).toEqual([]);
-    expect((await c('POST', '/_admin/faults', null, { action: { type: 'nope' } })).status).toBe(400);
+    expect(((await c('GET', '/_admin/faults', null)).json as unknown as { rules: unknown[] }).rules).toEqual([]);
+    expect((await c('POST', '/_admin/faults', null, { rules: [{ action: { type: 'nope' } }] })).status).toBe(400);
   });
 
   it('a seeded probabilistic fault replays identically', async () => {
     const pattern = async () => {
-      const m = await start({ faults: [{ route: 'GET /api/cluster', probability: 0.5, seed: 42, action: { type: 'status', status: 503 } }] });
+      const m = await start({ faults: { seed: 42, rules: [{ method: 'GET', path: '/api/cluster', probability: 0.5, action: { type: 'status', status: 503 } }] } });
       const c = curl(m);
       const out: number[] = [];
       for (let i = 0; i < 16; i++) out.push((await c('GET', '/api/cluster', null)).status);
