@@ -58,7 +58,28 @@ export interface CloneOptions {
   mode?: 'linked' | 'full';
   sizeBytes?: number;
   owner?: string;
+  /** `host`: copy through the host even where the backend could clone natively (to compare, or to distrust an appliance). */
+  prefer?: 'native' | 'host';
+  /** A clone through the host: compare checksums of source and target after the copy. */
+  verify?: boolean;
+  /** A clone through the host: rate limit in bytes/s. */
+  speed?: number;
 }
+
+export interface CopyOptions {
+  /** Rate limit in bytes/s (0 = unlimited). */
+  speed?: number;
+  /** Compare checksums of source and target after the copy. */
+  verify?: boolean;
+  /** Accepted for symmetry with clone: a copy between volumes always runs through the host. */
+  prefer?: 'native' | 'host';
+}
+
+/**
+ * A clone as started: a native clone is done at once (`volume`); a clone through the host is a job
+ * (`job`: progress, cancel, resume) whose target exists once the job has created it.
+ */
+export type CloneStart = { volume: Volume; job?: undefined } | { job: Job; volume?: undefined };
 
 export interface Broker {
   readonly principal: Principal;
@@ -68,15 +89,19 @@ export interface Broker {
   backend(name: string): StorageBackend;
   readonly volumes: VolumesApi;
   readonly snapshots: SnapshotsApi;
-  /** Clone a volume or snapshot into a new volume (on the same backend, or through the host). */
+  /** Clone a volume or snapshot into a new volume (on the same backend, or through the host); resolves when it is complete. */
   clone(source: string, target: string, opts?: CloneOptions): Promise<Volume>;
+  /** The same, without waiting for a clone through the host: its job is returned at once. */
+  startClone(source: string, target: string, opts?: CloneOptions): Promise<CloneStart>;
   /** Make a volume independent of its parent (or of everything above `base`). */
   stream(ref: string, opts?: { base?: string; speed?: number }): Promise<Job>;
   /** Merge a volume's changes into its parent (or `base`). */
   commit(ref: string, opts?: { base?: string; speed?: number }): Promise<Job>;
-  /** Copy a volume's data into another volume, wherever they are. */
-  /** A point-in-time copy: the source must not be written meanwhile (live copy is not offered yet). */
-  copy(source: string, target: string, opts?: { speed?: number }): Promise<Job>;
+  /**
+   * Copy a volume's data into another existing volume, wherever they are, through the host. A
+   * point-in-time copy: the source must not be written meanwhile (live copy is not offered yet).
+   */
+  copy(source: string, target: string, opts?: CopyOptions): Promise<Job>;
   /** Explain how an operation would run, without running it. */
   plan(op: Operation): Promise<Plan>;
   readonly jobs: JobsApi;

@@ -75,8 +75,8 @@ try {
   say('\n4. copy the NAS volume to the SAN: no native path between appliances, so the host moves only allocated data');
   const p4 = await broker.plan({ op: 'clone', source: 'nas1/vm1', target: 'san1/vm1', mode: 'full' });
   say(`   plan: ${where(p4)}`);
-  await broker.clone('nas1/vm1', 'san1/vm1', { mode: 'full' });
-  const copyJob = broker.jobs.list().find((j) => j.type === 'copy')!;
+  const toSan = await broker.startClone('nas1/vm1', 'san1/vm1', { mode: 'full' });
+  const copyJob = await toSan.job!.result(); // a clone through the host is a job: progress, cancel, resume
   say(`   copy: ${copyJob.status} on ${copyJob.executor}, ${formatSize(copyJob.progress.current)} through the host (of a ${formatSize(256 * MiB)} volume)`);
 
   say('\n5. on the SAN: snapshot, instant copy, revert — all offloaded');
@@ -88,8 +88,8 @@ try {
   say(`   revert san1/vm1: ${where(await broker.plan({ op: 'revert', ref: 'san1/vm1@before-upgrade' }))}`);
 
   say('\n6. on the host: the SAN volume into the local qcow2 pool, then snapshot, linked clone, stream and commit natively');
-  await broker.clone('san1/vm1', 'local/vm1', { mode: 'full' });
-  const local = broker.jobs.list().filter((j) => j.type === 'copy').at(-1)!;
+  const toLocal = await broker.startClone('san1/vm1', 'local/vm1', { mode: 'full' });
+  const local = await toLocal.job!.result();
   say(`   san1/vm1 → local/vm1: ${local.status} on ${local.executor}, ${formatSize(local.progress.current)} through the host`);
   await broker.snapshots.create('local/vm1@golden');
   const p6 = await broker.plan({ op: 'clone', source: 'local/vm1@golden', target: 'local/vm2' });

@@ -1,4 +1,5 @@
 import type { ContainerModule } from 'inversify';
+import type { LoadedPlugins } from '../backend/plugin-container.js';
 import type { CliContribution } from './contribution.js';
 import { runCommandLine } from './command-line.js';
 import type { OutputStreams } from './output.js';
@@ -28,20 +29,23 @@ export interface RunCliOptions {
  */
 export async function runCli(argv: string[], opts: RunCliOptions): Promise<number> {
   const env = opts.env ?? process.env;
+  // The plugins are loaded once: their commands are registered, and a broker a command opens uses them.
+  let loaded: LoadedPlugins | undefined;
   return runCommandLine(argv, {
     io: opts.io,
     env,
     usageExitCode: opts.usageExitCode,
     openBroker: async (file) => {
       const { createBroker } = await import('../broker.js');
-      return createBroker(file, { plugins: opts.plugins, env });
+      return createBroker(file, { plugins: loaded ?? opts.plugins, env });
     },
     register: async (program, ctx) => {
       registerBrokerCommands(program, ctx);
       const contributions = [...(opts.contributions ?? [])];
       if (opts.plugins.length > 0) {
         const { loadPlugins } = await import('../backend/plugin-container.js');
-        contributions.push(...(await loadPlugins(opts.plugins)).contributions);
+        loaded = await loadPlugins(opts.plugins);
+        contributions.push(...loaded.contributions);
       }
       for (const c of contributions) c.register(program, ctx);
     },

@@ -32,6 +32,8 @@ export interface CopyOptions {
   targetFresh?: boolean;
   /** After the copy, compare SHA-256 checksums of source and target over everything copied. */
   verify?: boolean;
+  /** More to save with every checkpoint (a task's own state beside the copier's `offset`). */
+  state?: Record<string, unknown>;
 }
 
 export interface CopyResult {
@@ -67,7 +69,7 @@ export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobConte
   if (start > 0) ctx.setProgress(dataIn(whole, 0, start));
   const pieces = clipFrom(whole, start);
   const result: CopyResult = { dataBytes: 0, zeroBytes: 0, verifiedBytes: 0 };
-  const mover = new Mover(src, dst, ctx, fresh, size, result);
+  const mover = new Mover(src, dst, ctx, fresh, size, result, opts.state ?? {});
   if (fresh && dst.copyFrom) await mover.inWindows(split(pieces, FAST_WINDOW));
   else await mover.pipeline(pieces);
   await dst.flush();
@@ -78,7 +80,12 @@ export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobConte
 /** Moves pieces: through the target's fast path in windows, or read and written, COPY_DEPTH at a time. */
 class Mover {
   constructor(private readonly src: BlockDevice, private readonly dst: BlockDevice, private readonly ctx: JobContext,
-    private readonly fresh: boolean, private readonly size: number, private readonly result: CopyResult) {}
+    private readonly fresh: boolean, private readonly size: number, private readonly result: CopyResult,
+    private readonly extraState: Record<string, unknown>) {}
+
+  private state(offset: number): Record<string, unknown> {
+    return { ...this.extraState, offset };
+  }
 
   /** The fast path a window at a time; what it leaves (edges, compressed data, …) goes through pipeline(). */
   async inWindows(pieces: Piece[]): Promise<void> {
@@ -93,7 +100,7 @@ class Mover {
       const fast = bytes - left.reduce((n, r) => n + r.length, 0);
       this.result.dataBytes += fast;
       await this.pipeline(left.map((r) => ({ ...r, kind: 'data' as const })), fast);
-      await this.ctx.checkpoint(0, { offset: j < pieces.length ? pieces[j]!.offset : this.size });
+      await this.ctx.checkpoint(0, this.state(j < pieces.length ? pieces[j]!.offset : this.size));
       i = j;
     }
   }
@@ -134,7 +141,7 @@ class Mover {
           while (done.has(lowest)) lowest++;
           const safe = lowest < chunks.length ? chunks[lowest]!.offset : chunks[chunks.length - 1]!.offset + chunks[chunks.length - 1]!.length;
           const c = chunks[i]!;
-          await this.ctx.checkpoint((c.kind === 'data' ? c.length : 0) + pending, { offset: safe });
+          await this.ctx.checkpoint((c.kind === 'data' ? c.length : 0) + pending, this.state(safe));
           pending = 0;
         }
       }

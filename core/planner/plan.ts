@@ -1,10 +1,10 @@
 /** An operation the planner can explain. Refs are `backend/volume[@snapshot]` strings. */
 export type Operation =
   | { op: 'create'; ref: string; sizeBytes: number }
-  | { op: 'clone'; source: string; target: string; mode?: 'linked' | 'full'; sizeBytes?: number }
+  | { op: 'clone'; source: string; target: string; mode?: 'linked' | 'full'; sizeBytes?: number; prefer?: 'native' | 'host' }
   | { op: 'stream'; ref: string; base?: string }
   | { op: 'commit'; ref: string; base?: string }
-  | { op: 'copy'; source: string; target: string }
+  | { op: 'copy'; source: string; target: string; prefer?: 'native' | 'host' }
   | { op: 'snapshot'; ref: string }
   | { op: 'revert'; ref: string }
   | { op: 'delete'; ref: string }

@@ -60,6 +60,10 @@ export class Planner {
     const dst = parseVolumeRef(op.target);
     const s = this.get(src.backend);
     const d = this.get(dst.backend);
+    if (op.prefer === 'host') {
+      if (op.mode === 'linked') return unsupported(op, 'a linked clone shares data with its source: it cannot be made through the host (drop --prefer host, or clone --full)');
+      return this.hostCopy(op, src, dst, s, d, true, 'asked to run through the host (--prefer host)');
+    }
     if (src.backend === dst.backend) {
       const order: ('clone.linked' | 'clone.full')[] = op.mode === 'linked' ? ['clone.linked'] : op.mode === 'full' ? ['clone.full'] : ['clone.linked', 'clone.full'];
       for (const cap of order) {
@@ -83,7 +87,7 @@ export class Planner {
     return this.hostCopy(op, src, dst, this.get(src.backend), this.get(dst.backend), false);
   }
 
-  private hostCopy(op: Operation, src: Ref, dst: Ref, s: PlannerBackend, d: PlannerBackend, createTarget: boolean): Plan {
+  private hostCopy(op: Operation, src: Ref, dst: Ref, s: PlannerBackend, d: PlannerBackend, createTarget: boolean, why?: string): Plan {
     const missing: string[] = [];
     if (!s.capabilities.has('data.read')) missing.push(`${src.backend} has no data.read`);
     if (!d.capabilities.has('data.write')) missing.push(`${dst.backend} has no data.write`);
@@ -91,14 +95,15 @@ export class Planner {
     if (isSnapshotRef(src) && !(s.capabilities.limits('data.read')?.snapshots === true && s.backend.openSnapshot)) {
       missing.push(`${src.backend} cannot read a snapshot through its data path (clone it to a volume first)`);
     }
-    if (missing.length > 0) return unsupported(op, `no native way and no host data path: ${missing.join('; ')}`);
+    if (missing.length > 0) return unsupported(op, `${why ? 'no' : 'no native way and no'} host data path: ${missing.join('; ')}`);
     const steps: PlanStep[] = [];
     if (createTarget) steps.push({ action: 'volume.create', executor: `backend:${dst.backend}`, hostBytes: 0, reason: 'the target volume is created first, with the source\'s size' });
     steps.push({
       action: 'data.copy', executor: 'host',
       reason: `${s.capabilities.has('data.extents') ? 'only allocated extents are copied' : 'the whole volume is copied (no extents on the source)'}, through the host data mover`,
     });
-    return { operation: op, supported: true, steps, reason: `host data mover: ${src.backend} → ${dst.backend} cannot be done natively` };
+    const reason = why ?? (src.backend === dst.backend ? `${src.backend} has no native full copy` : `${src.backend} → ${dst.backend} cannot be done natively`);
+    return { operation: op, supported: true, steps, reason: `host data mover: ${reason}` };
   }
 }
 

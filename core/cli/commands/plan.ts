@@ -3,9 +3,9 @@ import type { Operation } from '../../planner/plan.js';
 import { UsageError, type CliContext } from '../contribution.js';
 import { parseSize } from '../sizes.js';
 
-const USAGE = 'plan create REF SIZE | clone SRC DST [--full|--linked] | stream REF | commit REF | copy SRC DST | snapshot REF@S | revert REF@S | delete REF | resize REF SIZE';
+const USAGE = 'plan create REF SIZE | clone SRC DST [--full|--linked] [--prefer host] | stream REF | commit REF | copy SRC DST | snapshot REF@S | revert REF@S | delete REF | resize REF SIZE';
 
-function toOperation(words: string[], o: { full?: boolean; linked?: boolean; base?: string }): Operation {
+function toOperation(words: string[], o: PlanFlags): Operation {
   const [op, a, b] = words;
   const need = (n: number) => {
     if (words.length !== n + 1) throw new UsageError(`plan ${op} takes ${n} argument${n > 1 ? 's' : ''}; usage: ${USAGE}`);
@@ -13,12 +13,20 @@ function toOperation(words: string[], o: { full?: boolean; linked?: boolean; bas
   switch (op) {
     case 'create': need(2); return { op, ref: a!, sizeBytes: parseSize(b!) };
     case 'resize': need(2); return { op, ref: a!, sizeBytes: parseSize(b!) };
-    case 'clone': need(2); return { op, source: a!, target: b!, ...(o.full ? { mode: 'full' as const } : o.linked ? { mode: 'linked' as const } : {}) };
+    case 'clone': need(2); return { op, source: a!, target: b!, ...(o.full ? { mode: 'full' as const } : o.linked ? { mode: 'linked' as const } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}) };
     case 'copy': need(2); return { op, source: a!, target: b! };
     case 'stream': case 'commit': need(1); return { op, ref: a!, ...(o.base ? { base: o.base } : {}) };
     case 'snapshot': case 'revert': case 'delete': need(1); return { op, ref: a! };
     default: throw new UsageError(`unknown operation "${op ?? ''}"; usage: ${USAGE}`);
   }
+}
+
+interface PlanFlags { full?: boolean; linked?: boolean; base?: string; prefer?: string }
+
+/** `--prefer host|native`. */
+export function preferOption(p: string): 'host' | 'native' {
+  if (p !== 'host' && p !== 'native') throw new UsageError(`--prefer takes host or native, got ${JSON.stringify(p)}`);
+  return p;
 }
 
 export function registerPlanCommand(program: Command, ctx: CliContext): void {
@@ -27,11 +35,12 @@ export function registerPlanCommand(program: Command, ctx: CliContext): void {
     .option('--full', 'clone: an independent copy')
     .option('--linked', 'clone: share data with the source')
     .option('--base <name>', 'stream/commit: the base')
-    .action(async (words: string[], o: { full?: boolean; linked?: boolean; base?: string }) => {
+    .option('--prefer <where>', 'clone: host = through the host even where the backend could clone natively')
+    .action(async (words: string[], o: PlanFlags) => {
       const plan = await (await ctx.broker()).plan(toOperation(words, o));
       ctx.print(plan, () => [
         `${plan.supported ? 'plan' : 'unsupported'}: ${plan.reason}`,
-        ...plan.steps.map((s, i) => `  ${i + 1}. ${s.action} on ${s.executor}${s.hostBytes !== undefined ? ` (${s.hostBytes} bytes through the host)` : ''}: ${s.reason}`),
+        ...plan.steps.map((s, i) => `  ${i + 1}. ${s.action} on ${s.executor}${s.hostBytes !== undefined ? ` (${s.hostBytes} bytes through the host)` : s.executor === 'host' ? ' (the allocated data passes through the host)' : ''}: ${s.reason}`),
       ]);
       if (!plan.supported) ctx.setExitCode(1);
     });

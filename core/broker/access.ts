@@ -1,0 +1,66 @@
+import type { StorageBackend } from '../backend/storage-backend.js';
+import type { Principal } from '../locks/principal.js';
+import { AlreadyExists, NotFound, PermissionDenied } from '../model/errors.js';
+import { volumeKey, type VolumeRef } from '../model/refs.js';
+import type { Volume } from '../model/types.js';
+import { call, type BrokerState } from './state.js';
+
+/**
+ * Who may see and touch what: an administrator everything; a tenant only the volumes recorded as
+ * its own (others do not exist for it: NotFound), and only its own jobs.
+ */
+export class Access {
+  constructor(private readonly s: BrokerState, readonly principal: Principal) {}
+
+  get isAdmin(): boolean {
+    return this.principal.role === 'admin';
+  }
+
+  /** The owner a new volume gets: the tenant itself, or whom an administrator names (default: itself). */
+  ownerFor(requested: string | undefined): string {
+    if (this.principal.role === 'tenant') {
+      if (requested !== undefined && requested !== this.principal.id) throw new PermissionDenied(`tenant ${this.principal.id} cannot create volumes for ${requested}`);
+      return this.principal.id;
+    }
+    return requested ?? this.principal.id;
+  }
+
+  mayAccess(ref: VolumeRef): boolean {
+    return this.isAdmin || this.s.store.getOwner(volumeKey(ref)) === this.principal.id;
+  }
+
+  assertOwns(ref: VolumeRef): void {
+    if (!this.mayAccess(ref)) throw notFoundVolume(volumeKey(ref));
+  }
+
+  mayAccessJob(owner: string): boolean {
+    return this.isAdmin || owner === this.principal.id;
+  }
+
+  withOwner(v: Volume): Volume {
+    const owner = this.s.store.getOwner(`${v.backend}/${v.name}`);
+    return owner === undefined || v.owner !== undefined ? v : { ...v, owner };
+  }
+
+  /**
+   * The owner a create or clone into `ref` records. Creating is idempotent, so the name may exist:
+   * then it keeps its owner, and nobody else's create may return it (AlreadyExists). A volume made
+   * outside the broker (no owner recorded) belongs to the administrators.
+   */
+  async targetOwner(ref: VolumeRef, backend: StorageBackend, owner: string, explicit: boolean): Promise<string> {
+    const refText = volumeKey(ref);
+    const existing = this.s.store.getOwner(refText);
+    if (existing !== undefined) {
+      if (existing === owner || (this.isAdmin && !explicit)) return existing;
+      throw new AlreadyExists(`${refText} already exists and belongs to ${this.isAdmin ? existing : 'someone else'}`, { ref: refText, hint: 'choose another name' });
+    }
+    if (!this.isAdmin && (await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) {
+      throw new AlreadyExists(`${refText} already exists and belongs to someone else`, { ref: refText, hint: 'choose another name' });
+    }
+    return owner;
+  }
+}
+
+export function notFoundVolume(ref: string): NotFound {
+  return new NotFound(`volume ${ref} does not exist`, { ref, hint: 'list volumes with `offload volume list BACKEND`' });
+}

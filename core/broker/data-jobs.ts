@@ -1,0 +1,148 @@
+/**
+ * The broker's long operations for one principal: clone, stream, commit and copy. Each runs the
+ * plan the planner made — offloaded to the backend that owns the data, or on the host as a job —
+ * rather than deciding again here.
+ */
+import type { CloneOptions, CloneStart, CopyOptions } from '../broker-api.js';
+import { cloneTask, hostCopyTask, type HostCloneParams } from '../copy/host-copy.js';
+import type { Job } from '../jobs/job.js';
+import type { JobTask } from '../jobs/job-task.js';
+import type { LockRequest } from '../locks/lock-manager.js';
+import { AlreadyExists, errorFromCode, InternalError, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../model/errors.js';
+import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
+import type { Volume } from '../model/types.js';
+import type { Operation, Plan } from '../planner/plan.js';
+import type { Access } from './access.js';
+import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
+import { call, type BrokerState } from './state.js';
+import type { Volumes } from './volumes.js';
+
+export class DataJobs {
+  constructor(private readonly s: BrokerState, private readonly a: Access, private readonly volumes: Volumes) {}
+
+  async clone(source: string, target: string, opts: CloneOptions = {}): Promise<Volume> {
+    const started = await this.startClone(source, target, opts);
+    if (started.volume) return started.volume;
+    const info = await started.job.wait();
+    if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref, data: { job: info.id } });
+    return this.volumes.get(target);
+  }
+
+  async startClone(source: string, target: string, opts: CloneOptions = {}): Promise<CloneStart> {
+    if (opts.mode !== undefined && opts.mode !== 'linked' && opts.mode !== 'full') {
+      throw new InvalidArgument(`clone mode must be "linked" or "full", got ${String(opts.mode)}`);
+    }
+    checkPrefer(opts.prefer);
+    const src = parseRef(source);
+    const dst = parseVolumeRef(target);
+    this.a.assertOwns(src);
+    const op: Operation = { op: 'clone', source, target, ...(opts.mode ? { mode: opts.mode } : {}), ...(opts.prefer ? { prefer: opts.prefer } : {}) };
+    const plan = planOrRefuse(this.s, op, `clone ${source} to ${target}`, source);
+    const d = this.s.entry(dst.backend);
+    const size = opts.sizeBytes === undefined ? undefined : checkSize(opts.sizeBytes, target, d.capabilities);
+    const owner = this.a.ownerFor(opts.owner);
+    const [first] = plan.steps;
+    switch (first?.action) {
+      case 'clone.linked':
+      case 'clone.full':
+        return { volume: await this.nativeClone(src, dst, first.action === 'clone.linked' ? 'linked' : 'full', size, owner, opts.owner !== undefined) };
+      case 'volume.create':
+        if (plan.steps[1]?.action === 'data.copy') return { job: await this.hostClone(src, dst, plan, size, owner, opts) };
+    }
+    throw new InternalError(`clone ${source} to ${target}: the planner's steps (${plan.steps.map((st) => st.action).join(', ')}) are not a clone`);
+  }
+
+  private nativeClone(src: Ref, dst: VolumeRef, mode: 'linked' | 'full', size: number | undefined, owner: string, explicit: boolean): Promise<Volume> {
+    const source = `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`;
+    const target = volumeKey(dst);
+    const d = this.s.entry(dst.backend);
+    return runShort(this.s, this.a.principal,
+      [{ key: volumeKey(src), mode: 'shared' }, { key: target, mode: 'exclusive' }], `clone ${source} to ${target}`,
+      async () => {
+        const recorded = await this.a.targetOwner(dst, d.backend, owner, explicit);
+        const vol = await call(d.backend, 'clone', `${source} → ${target}`, () => d.backend.createVolume({
+          name: dst.volume, owner: recorded, mode,
+          source: { volume: src.volume, ...(isSnapshotRef(src) ? { snapshot: src.snapshot } : {}) },
+          ...(size !== undefined ? { sizeBytes: size } : {}),
+        }));
+        this.s.store.setOwner(target, recorded);
+        return { ...vol, owner: recorded };
+      });
+  }
+
+  /** The target is created by the clone job itself, under the job's exclusive lock (see cloneTask). */
+  private async hostClone(src: Ref, dst: VolumeRef, plan: Plan, size: number | undefined, owner: string, opts: CloneOptions): Promise<Job> {
+    const source = isSnapshotRef(src) ? `${src.backend}/${src.volume}@${src.snapshot}` : `${src.backend}/${src.volume}`;
+    const target = volumeKey(dst);
+    const srcSize = await this.sourceSize(src, source);
+    if (size !== undefined && size < srcSize) {
+      throw new OutOfRange(`clone size ${size} is smaller than the source's ${srcSize} bytes`, { ref: target });
+    }
+    const d = this.s.entry(dst.backend);
+    // Refused early for a clear error; the job checks again under its lock, where it counts.
+    if (await call(d.backend, 'get', target, () => d.backend.getVolume(dst.volume))) {
+      throw new AlreadyExists(`${target} already exists; a clone through the host needs a new volume`, { ref: target, hint: 'delete it first, or use `offload copy` to overwrite it' });
+    }
+    const recorded = await this.a.targetOwner(dst, d.backend, owner, opts.owner !== undefined);
+    const params: HostCloneParams = { source, target, targetFresh: true, sizeBytes: size ?? srcSize, owner: recorded, ...(opts.verify ? { verify: true } : {}) };
+    return this.startJob(cloneTask(params, this.s.cloneDeps()), target, 'host', undefined, [
+      { key: volumeKey(src), mode: 'shared' },
+      { key: target, mode: 'exclusive' },
+    ], plan, checkSpeed(opts.speed));
+  }
+
+  private async sourceSize(src: Ref, source: string): Promise<number> {
+    const vol = await this.volumes.get(`${src.backend}/${src.volume}`);
+    if (!isSnapshotRef(src)) return vol.sizeBytes;
+    const b = this.s.entry(src.backend).backend;
+    const snap = (await call(b, 'list snapshots of', source, () => b.listSnapshots(src.volume))).find((x) => x.name === src.snapshot);
+    if (!snap) throw new NotFound(`snapshot ${source} does not exist`, { ref: source });
+    return snap.sizeBytes;
+  }
+
+  async stream(refText: string, opts: { base?: string; speed?: number } = {}): Promise<Job> {
+    return this.chainJob('stream', refText, opts);
+  }
+
+  async commit(refText: string, opts: { base?: string; speed?: number } = {}): Promise<Job> {
+    return this.chainJob('commit', refText, opts);
+  }
+
+  private async chainJob(verb: 'stream' | 'commit', refText: string, opts: { base?: string; speed?: number }): Promise<Job> {
+    const ref = parseVolumeRef(refText);
+    const plan = planOrRefuse(this.s, { op: verb, ref: refText, ...(opts.base ? { base: opts.base } : {}) }, `${verb} ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    this.a.assertOwns(ref);
+    const make = verb === 'stream' ? b.backend.streamVolume : b.backend.commitVolume;
+    if (!make) throw new Unsupported(`${ref.backend} reports chain.${verb} but has no ${verb}Volume`, { ref: refText });
+    const task = await call(b.backend, verb, refText, () => make.call(b.backend, ref.volume, opts.base ? { base: opts.base } : {}));
+    return this.startJob(task, refText, `backend:${ref.backend}`, ref.backend, [{ key: volumeKey(ref), mode: 'exclusive' }], plan, checkSpeed(opts.speed));
+  }
+
+  async copy(source: string, target: string, opts: CopyOptions = {}): Promise<Job> {
+    checkPrefer(opts.prefer);
+    const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
+    const src = parseVolumeRef(source);
+    this.a.assertOwns(src);
+    this.a.assertOwns(parseVolumeRef(target));
+    const [s, t] = await Promise.all([this.volumes.get(source), this.volumes.get(target)]);
+    if (t.sizeBytes < s.sizeBytes) {
+      throw new OutOfRange(`${target} (${t.sizeBytes} bytes) is smaller than ${source} (${s.sizeBytes} bytes)`, { ref: target, hint: 'resize the target first' });
+    }
+    const task = hostCopyTask({ source, target, targetFresh: false, ...(opts.verify ? { verify: true } : {}) }, (ref, mode) => this.s.openDevice(ref, mode));
+    return this.startJob(task, target, 'host', undefined, [
+      { key: volumeKey(src), mode: 'shared' },
+      { key: volumeKey(parseVolumeRef(target)), mode: 'exclusive' },
+    ], plan, checkSpeed(opts.speed));
+  }
+
+  private startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed?: number): Promise<Job> {
+    this.s.assertOpen();
+    return this.s.mutex.run(locks.map((l) => l.key), () =>
+      this.s.jobs.start({ task, ref, executor, principal: this.a.principal, locks, plan, ...(backend ? { backend } : {}), ...(speed ? { speed } : {}) }));
+  }
+}
+
+function checkPrefer(prefer: unknown): void {
+  if (prefer !== undefined && prefer !== 'native' && prefer !== 'host') throw new InvalidArgument(`prefer must be "native" or "host", got ${String(prefer)}`);
+}

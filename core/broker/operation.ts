@@ -1,0 +1,59 @@
+import { randomBytes } from 'node:crypto';
+import type { LockRequest } from '../locks/lock-manager.js';
+import type { Principal } from '../locks/principal.js';
+import type { CapabilitySet } from '../model/capabilities.js';
+import { InvalidArgument, Unsupported } from '../model/errors.js';
+import type { Operation, Plan } from '../planner/plan.js';
+import type { BrokerState } from './state.js';
+
+/** Largest size the broker accepts before asking the backend: a safe integer. */
+const MAX_SAFE_SIZE = Number.MAX_SAFE_INTEGER;
+
+/**
+ * The plan of an operation, which is the one place capabilities are checked: an operation nothing
+ * can run is Unsupported with the planner's reason, before anything is touched.
+ */
+export function planOrRefuse(s: BrokerState, op: Operation, what: string, ref: string): Plan {
+  s.assertOpen();
+  const plan = s.planner.plan(op);
+  if (!plan.supported) throw new Unsupported(`cannot ${what}: ${plan.reason}`, { ref, hint: 'see `offload backends` for what each backend can do' });
+  return plan;
+}
+
+/**
+ * A short operation: serialised per volume in this process, its locks visible to other processes
+ * while it runs, and refused (Busy) while a job holds a conflicting lock.
+ */
+export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>): Promise<T> {
+  s.assertOpen();
+  return s.mutex.run(locks.map((l) => l.key), async () => {
+    const id = `op-${randomBytes(6).toString('hex')}`;
+    const lease = await s.locks.acquire(locks, { id, principal, description });
+    let unrecord: (() => void) | undefined;
+    try {
+      unrecord = s.jobs.recordOperation(id, locks, principal, description);
+      return await fn();
+    } finally {
+      unrecord?.();
+      lease.release();
+    }
+  });
+}
+
+/** A size a volume may have: a whole number of bytes, > 0, within the backend's stated maximum. */
+export function checkSize(size: unknown, ref: string, caps: CapabilitySet): number {
+  if (typeof size !== 'number' || !Number.isFinite(size) || !Number.isInteger(size)) {
+    throw new InvalidArgument(`size of ${ref} must be a whole number of bytes, got ${JSON.stringify(size) ?? String(size)}`, { ref });
+  }
+  if (size <= 0) throw new InvalidArgument(`size of ${ref} must be greater than 0, got ${size}`, { ref });
+  const max = caps.limits('volume.create')?.maxSizeBytes ?? MAX_SAFE_SIZE;
+  if (size > max) throw new InvalidArgument(`size of ${ref} (${size} bytes) exceeds the backend's maximum of ${max} bytes`, { ref });
+  return size;
+}
+
+/** A speed limit in bytes/s (0 = unlimited). */
+export function checkSpeed(speed: unknown): number | undefined {
+  if (speed === undefined) return undefined;
+  if (typeof speed !== 'number' || !Number.isFinite(speed) || speed < 0) throw new InvalidArgument(`speed must be ≥ 0 bytes/s, got ${String(speed)}`);
+  return speed;
+}

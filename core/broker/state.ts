@@ -1,0 +1,109 @@
+import type { BlockDevice } from '../backend/block-device.js';
+import type { Logger } from '../backend/plugin.js';
+import type { StorageBackend } from '../backend/storage-backend.js';
+import type { BrokerConfig } from '../config/config.js';
+import { cloneTask, hostCopyTask, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
+import type { JobManager } from '../jobs/job-manager.js';
+import type { JobRecord, JobStore } from '../jobs/job-store.js';
+import type { JobTask } from '../jobs/job-task.js';
+import { KeyedMutex } from '../keyed-mutex.js';
+import { LockManager } from '../locks/lock-manager.js';
+import { FailedPrecondition, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
+import { isSnapshotRef, parseRef } from '../model/refs.js';
+import type { Planner, PlannerBackend } from '../planner/planner.js';
+
+/** What every principal's view of one broker shares: its backends, stores, locks, planner and jobs. */
+export class BrokerState {
+  readonly locks: LockManager;
+  readonly mutex = new KeyedMutex();
+  closed = false;
+  jobs!: JobManager;
+
+  constructor(
+    readonly config: BrokerConfig,
+    readonly backends: Map<string, PlannerBackend>,
+    readonly store: JobStore,
+    readonly logger: Logger,
+    readonly planner: Planner,
+  ) {
+    this.locks = new LockManager({
+      foreign: () => (this.jobs ? this.jobs.foreignLocks() : []),
+      maintenance: () => this.store.listMaintenance().map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })),
+      placeMaintenance: (key, principal, reason) => this.store.placeMaintenance(key, principal.id, reason),
+      removeMaintenance: (key) => this.store.removeMaintenance(key),
+    });
+  }
+
+  assertOpen(): void {
+    if (this.closed) throw new FailedPrecondition('the broker is closed');
+  }
+
+  /** A configured backend (NotFound naming the configured ones otherwise). */
+  entry(name: string): PlannerBackend {
+    this.assertOpen();
+    const b = this.backends.get(name);
+    if (!b) throw new NotFound(`backend "${name}" is not configured`, { ref: name, hint: `configured backends: ${[...this.backends.keys()].join(', ') || 'none'}` });
+    return b;
+  }
+
+  /**
+   * The data path of a volume (or, read-only, of a snapshot). The caller has checked the
+   * capability (a plan, or the open verb); this only refuses a backend without the method.
+   */
+  async openDevice(ref: string, mode: 'r' | 'rw'): Promise<BlockDevice> {
+    const r = parseRef(ref);
+    const b = this.entry(r.backend);
+    if (!b.backend.openVolume) {
+      throw new Unsupported(`${r.backend} (${b.backend.kind}) has no data path: its volumes cannot be opened`, { ref });
+    }
+    if (isSnapshotRef(r)) {
+      if (mode !== 'r' || !b.backend.openSnapshot) throw new Unsupported(`${r.backend} (${b.backend.kind}) cannot ${mode === 'r' ? 'read' : 'write'} a snapshot through its data path`, { ref });
+      return call(b.backend, 'open', ref, () => b.backend.openSnapshot!(r.volume, r.snapshot));
+    }
+    return call(b.backend, 'open', ref, () => b.backend.openVolume!(r.volume, mode));
+  }
+
+  /** Rebuild a stored job's task after a restart (undefined: it cannot be resumed). */
+  async resolveTask(rec: JobRecord): Promise<JobTask | undefined> {
+    const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
+    if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open);
+    if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());
+    const b = rec.backend ? this.backends.get(rec.backend) : undefined;
+    if (!b?.backend.resumeTask) return undefined;
+    return b.backend.resumeTask(rec.type, rec.params);
+  }
+
+  /** What a clone through the host needs from the broker: create and delete the target, open data paths. */
+  cloneDeps(): Parameters<typeof cloneTask>[1] {
+    return {
+      open: (ref, mode) => this.openDevice(ref, mode),
+      exists: async (ref) => {
+        const r = parseRef(ref);
+        const b = this.entry(r.backend).backend;
+        return (await call(b, 'get', ref, () => b.getVolume(r.volume))) !== undefined;
+      },
+      create: async (ref, sizeBytes, owner) => {
+        const r = parseRef(ref);
+        const b = this.entry(r.backend).backend;
+        await call(b, 'create', ref, () => b.createVolume({ name: r.volume, sizeBytes, owner }));
+        this.store.setOwner(ref, owner);
+      },
+      remove: async (ref) => {
+        const r = parseRef(ref);
+        const b = this.entry(r.backend).backend;
+        await call(b, 'delete', ref, () => b.deleteVolume(r.volume));
+        this.store.deleteOwner(ref);
+      },
+    };
+  }
+}
+
+/** Run a backend call; anything untyped it throws becomes an Internal error naming the call. */
+export async function call<T>(backend: StorageBackend, what: string, ref: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (e instanceof OffloadError) throw e;
+    throw toOffloadError(e, `${backend.name} (${backend.kind}) failed to ${what} ${ref}`);
+  }
+}

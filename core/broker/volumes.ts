@@ -1,0 +1,143 @@
+/** The broker's volume and snapshot verbs for one principal: planned, locked, and checked for ownership. */
+import type { BlockDevice } from '../backend/block-device.js';
+import type { SnapshotsApi, VolumesApi } from '../broker-api.js';
+import type { Capability } from '../model/capabilities.js';
+import { BackendUnavailable, InvalidArgument, OutOfRange, Unsupported } from '../model/errors.js';
+import { parseSnapshotRef, parseVolumeRef, volumeKey } from '../model/refs.js';
+import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
+import type { PlannerBackend } from '../planner/planner.js';
+import { notFoundVolume, type Access } from './access.js';
+import { checkSize, planOrRefuse, runShort } from './operation.js';
+import { call, type BrokerState } from './state.js';
+
+export class Volumes implements VolumesApi {
+  constructor(private readonly s: BrokerState, private readonly a: Access) {}
+
+  async create(refText: string, o: { sizeBytes: number; owner?: string }): Promise<Volume> {
+    const ref = parseVolumeRef(refText);
+    planOrRefuse(this.s, { op: 'create', ref: refText, sizeBytes: o?.sizeBytes }, `create ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    const size = checkSize(o?.sizeBytes, refText, b.capabilities);
+    const owner = this.a.ownerFor(o?.owner);
+    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `create ${refText}`, async () => {
+      const recorded = await this.a.targetOwner(ref, b.backend, owner, o?.owner !== undefined);
+      const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
+      this.s.store.setOwner(volumeKey(ref), recorded);
+      return { ...vol, owner: recorded };
+    });
+  }
+
+  async get(refText: string): Promise<Volume> {
+    const ref = parseVolumeRef(refText);
+    const b = this.s.entry(ref.backend);
+    const vol = await call(b.backend, 'get', refText, () => b.backend.getVolume(ref.volume));
+    if (!vol || !this.a.mayAccess(ref)) throw notFoundVolume(refText);
+    return this.a.withOwner(vol);
+  }
+
+  async list(backend: string, page?: PageRequest): Promise<Page<Volume>> {
+    const b = need(this.s, backend, 'volume.list');
+    if (page?.limit !== undefined && (!Number.isInteger(page.limit) || page.limit < 1)) {
+      throw new InvalidArgument(`page limit must be a positive integer, got ${page.limit}`);
+    }
+    const res = await call(b.backend, 'list', backend, () => b.backend.listVolumes(page));
+    const items = res.items.filter((v) => this.a.mayAccess({ backend, volume: v.name })).map((v) => this.a.withOwner(v));
+    return res.next === undefined ? { items } : { items, next: res.next };
+  }
+
+  async listAll(backend: string): Promise<Volume[]> {
+    const out: Volume[] = [];
+    let token: string | undefined;
+    const seen = new Set<string>();
+    do {
+      const page = await this.list(backend, token === undefined ? undefined : { token });
+      out.push(...page.items);
+      if (page.next !== undefined && seen.has(page.next)) throw new BackendUnavailable(`${backend} returned the same page token twice while listing volumes`, { ref: backend });
+      if (page.next !== undefined) seen.add(page.next);
+      token = page.next;
+    } while (token !== undefined);
+    return out;
+  }
+
+  async resize(refText: string, sizeBytes: number): Promise<Volume> {
+    const ref = parseVolumeRef(refText);
+    planOrRefuse(this.s, { op: 'resize', ref: refText, sizeBytes }, `resize ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    const size = checkSize(sizeBytes, refText, b.capabilities);
+    this.a.assertOwns(ref);
+    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `resize ${refText}`, async () => {
+      const vol = await call(b.backend, 'get', refText, () => b.backend.getVolume(ref.volume));
+      if (!vol) throw notFoundVolume(refText);
+      if (size < vol.sizeBytes) {
+        throw new OutOfRange(`cannot shrink ${refText} from ${vol.sizeBytes} to ${size} bytes`, { ref: refText, hint: 'volumes can only grow' });
+      }
+      return this.a.withOwner(await call(b.backend, 'resize', refText, () => b.backend.resizeVolume(ref.volume, size)));
+    });
+  }
+
+  async delete(refText: string): Promise<void> {
+    const ref = parseVolumeRef(refText);
+    planOrRefuse(this.s, { op: 'delete', ref: refText }, `delete ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    if (!this.a.mayAccess(ref)) return; // a tenant deleting what it cannot see: as if gone, nothing changes
+    await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `delete ${refText}`, async () => {
+      await call(b.backend, 'delete', refText, () => b.backend.deleteVolume(ref.volume));
+      this.s.store.deleteOwner(volumeKey(ref));
+    });
+  }
+
+  async open(refText: string, mode: 'r' | 'rw' = 'r'): Promise<BlockDevice> {
+    if (mode !== 'r' && mode !== 'rw') throw new InvalidArgument(`open mode must be "r" or "rw", got ${String(mode)}`);
+    const ref = parseVolumeRef(refText);
+    need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
+    this.a.assertOwns(ref);
+    return this.s.openDevice(refText, mode);
+  }
+}
+
+export class Snapshots implements SnapshotsApi {
+  constructor(private readonly s: BrokerState, private readonly a: Access) {}
+
+  async create(refText: string): Promise<Snapshot> {
+    const ref = parseSnapshotRef(refText);
+    planOrRefuse(this.s, { op: 'snapshot', ref: refText }, `snapshot ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    this.a.assertOwns(ref);
+    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, () =>
+      call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot)));
+  }
+
+  async list(refText: string): Promise<Snapshot[]> {
+    const ref = parseVolumeRef(refText);
+    const b = need(this.s, ref.backend, 'snapshot.create');
+    if (!this.a.mayAccess(ref)) throw notFoundVolume(refText);
+    return call(b.backend, 'list snapshots of', refText, () => b.backend.listSnapshots(ref.volume));
+  }
+
+  async delete(refText: string): Promise<void> {
+    const ref = parseSnapshotRef(refText);
+    planOrRefuse(this.s, { op: 'delete', ref: refText }, `delete ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    if (!this.a.mayAccess(ref)) return;
+    await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `delete ${refText}`, () =>
+      call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot)));
+  }
+
+  async revert(refText: string): Promise<void> {
+    const ref = parseSnapshotRef(refText);
+    planOrRefuse(this.s, { op: 'revert', ref: refText }, `revert ${refText}`, refText);
+    const b = this.s.entry(ref.backend);
+    this.a.assertOwns(ref);
+    await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `revert ${refText}`, () =>
+      call(b.backend, 'revert', refText, () => b.backend.revertVolume(ref.volume, ref.snapshot)));
+  }
+}
+
+/** A backend that has `cap` (for the verbs the planner does not plan: listing, opening). */
+function need(s: BrokerState, name: string, cap: Capability): PlannerBackend {
+  const b = s.entry(name);
+  if (!b.capabilities.has(cap)) {
+    throw new Unsupported(`${name} (${b.backend.kind}) does not support ${cap}`, { ref: name, hint: 'see `offload backends` for what each backend can do' });
+  }
+  return b;
+}
