@@ -22,7 +22,8 @@ export function describeBackendContract(target: ContractTarget): void {
     describeBackendVolumes(fx);
     describeBackendData(fx);
 
-    // Last: a capability is proven only by a case that used it and passed.
+    // A capability is proven only by a case that used it and passed. Declared last, so it runs
+    // last: vitest runs a file's tests in order (unless told to shuffle them).
     it('every reported capability was exercised by a case that passed', () => {
       const unproven = fx.caps.names().filter((c) => !fx.exercised.has(c));
       expect(unproven, 'reported but not exercised by any passing case').toEqual([]);

@@ -20,7 +20,8 @@ import { CONFIG, MY_PLUGIN, TSCONFIG } from './out-of-tree.js';
 const root = resolve(import.meta.dirname, '../..');
 const readme = readFileSync(join(root, 'README.md'), 'utf8');
 
-interface Run { code: number | null; out: string }
+/** `out` has stdout and stderr as they came, for failure messages; `stdout` alone, to parse. */
+interface Run { code: number | null; out: string; stdout: string }
 
 /** The environment of a child: none of this vitest's own variables, so the project's vitest starts afresh. */
 function childEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
@@ -35,10 +36,14 @@ function run(cmd: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = 
   return new Promise((done, fail) => {
     const child = spawn(cmd, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
-    child.stdout.on('data', (d: Buffer) => (out += d));
+    let stdout = '';
+    child.stdout.on('data', (d: Buffer) => {
+      out += d;
+      stdout += d;
+    });
     child.stderr.on('data', (d: Buffer) => (out += d));
     child.on('error', fail);
-    child.on('close', (code) => done({ code, out }));
+    child.on('close', (code) => done({ code, out, stdout }));
   });
 }
 
@@ -85,7 +90,7 @@ describe('the packed package, installed into a project of its own', () => {
     // Packs dist/ as built; `prepare` (the build) is not run again here.
     const pack = await run('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', work], root);
     expect(pack.code, pack.out).toBe(0);
-    [packed] = JSON.parse(pack.out.slice(pack.out.indexOf('['))) as [typeof packed];
+    [packed] = JSON.parse(pack.stdout) as [typeof packed];
 
     const version = (pkg: string) => (JSON.parse(readFileSync(join(root, 'node_modules', pkg, 'package.json'), 'utf8')) as { version: string }).version;
     const sqlite = version('better-sqlite3');
