@@ -49,12 +49,20 @@ export function describeBackendData(fx: ContractFixture): void {
           expect(await be().getVolume(small)).toBeUndefined();
         });
 
-      fx.case(`a ${mode} clone of a volume has the source's size`, ['volume.create', `clone.${mode}`], async () => {
+      fx.case(`a ${mode} clone of a volume has its size and its data at clone time`, ['volume.create', `clone.${mode}`], async () => {
         const v = await fx.create(`bvsrc${mode}`);
+        const hasData = fx.caps.hasAll('data.read', 'data.write');
+        if (hasData) await write(v, 8192, pattern(31, 16 * 1024));
         const c = fx.name(`bvc${mode}`);
         const made = await be().createVolume({ name: c, source: { volume: v }, mode });
         expect(made.sizeBytes).toBe((await be().getVolume(v))!.sizeBytes);
         expect((await be().getVolume(c))?.sizeBytes).toBe(made.sizeBytes);
+        if (!hasData) return;
+        await write(v, 8192, pattern(32, 16 * 1024));
+        expect(same(await read(c, 8192, 16 * 1024), pattern(31, 16 * 1024))).toBe(true);
+        await write(c, 0, pattern(33, 4096));
+        expect((await read(v, 0, 4096)).every((x) => x === 0)).toBe(true);
+        expect(same(await read(v, 8192, 16 * 1024), pattern(32, 16 * 1024))).toBe(true);
       });
 
       fx.case(`a ${mode} clone holds the source's data at snapshot time; writes on either side stay there`,
@@ -147,6 +155,33 @@ export function describeBackendData(fx: ContractFixture): void {
           }
         } finally {
           await r.close();
+        }
+      });
+
+    fx.case('unaligned and concurrent writes on one device all land; a device opened before sees them',
+      ['volume.create', 'data.read', 'data.write'], async () => {
+        const v = await fx.create('bconc');
+        const early = await be().openVolume!(v, 'r');
+        try {
+          const dev = await be().openVolume!(v, 'rw');
+          try {
+            await dev.write(4097, pattern(34, 1000));
+            await Promise.all(Array.from({ length: 8 }, (_, i) => dev.write(MiB + i * 96 * 1024, pattern(40 + i, 64 * 1024))));
+            await dev.flush();
+          } finally {
+            await dev.close();
+          }
+          const around = await early.read(4096, 2048);
+          expect(around[0]).toBe(0);
+          expect(same(around.subarray(1, 1001), pattern(34, 1000))).toBe(true);
+          expect(around.subarray(1001).every((x) => x === 0)).toBe(true);
+          for (let i = 0; i < 8; i++) {
+            const at = MiB + i * 96 * 1024;
+            expect(same(await early.read(at, 64 * 1024), pattern(40 + i, 64 * 1024)), `write ${i}`).toBe(true);
+            expect((await early.read(at + 64 * 1024, 32 * 1024)).every((x) => x === 0)).toBe(true);
+          }
+        } finally {
+          await early.close();
         }
       });
 
