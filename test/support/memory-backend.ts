@@ -23,6 +23,8 @@ interface MemVolume extends Layer {
   owner?: string;
   /** A linked clone reads what it has not written from here. */
   parent?: { volume: string; snapshot: string };
+  /** What a full clone was copied from: asking for the name again is the same volume only with the same source. */
+  origin?: { volume: string; snapshot?: string };
   snapshots: Map<string, MemSnapshot>;
 }
 
@@ -59,7 +61,7 @@ export class MemoryBackend implements StorageBackend {
     const existing = this.volumes.get(req.name);
     if (req.source) return this.clone(req, existing);
     if (existing) {
-      if (existing.size === req.sizeBytes && !existing.parent) return this.view(existing);
+      if (existing.size === req.sizeBytes && !existing.parent && !existing.origin) return this.view(existing);
       throw new AlreadyExists(`volume ${this.name}/${req.name} already exists with ${existing.size} bytes`, { ref: `${this.name}/${req.name}` });
     }
     await tick();
@@ -78,7 +80,7 @@ export class MemoryBackend implements StorageBackend {
     if (existing) {
       const same = existing.size === size && (linked
         ? existing.parent?.volume === src.name && (req.source!.snapshot === undefined || existing.parent?.snapshot === req.source!.snapshot)
-        : true);
+        : existing.origin?.volume === src.name && existing.origin.snapshot === req.source!.snapshot);
       if (same) return this.view(existing);
       throw new AlreadyExists(`volume ${this.name}/${req.name} already exists`, { ref: `${this.name}/${req.name}` });
     }
@@ -93,6 +95,7 @@ export class MemoryBackend implements StorageBackend {
       vol.parent = { volume: src.name, snapshot: snap };
     } else {
       vol.chunks = new Map(layer.chunks);
+      vol.origin = { volume: src.name, ...(req.source!.snapshot === undefined ? {} : { snapshot: req.source!.snapshot }) };
     }
     this.volumes.set(req.name, vol);
     return this.view(vol);
