@@ -1,6 +1,6 @@
 import { flasharrayModule } from '../../plugins/flasharray/module.js';
 import { startFlashArrayMock } from '../../plugins/flasharray/appliance/index.js';
-import { describeBackendContract } from './backend-contract.js';
+import { describeBackendContract } from '../../testing/index.js';
 
 describeBackendContract({
   name: 'flasharray (mock array on a loopback port)',

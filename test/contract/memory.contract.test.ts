@@ -1,4 +1,4 @@
-import { describeBackendContract } from './backend-contract.js';
+import { describeBackendContract } from '../../testing/index.js';
 import { memoryModule } from '../support/memory-backend.js';
 
 describeBackendContract({

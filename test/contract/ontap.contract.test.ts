@@ -1,6 +1,6 @@
 import { ontapModule } from '../../plugins/ontap/module.js';
 import { startOntapMock } from '../../plugins/ontap/appliance/server.js';
-import { describeBackendContract } from './backend-contract.js';
+import { describeBackendContract } from '../../testing/index.js';
 
 describeBackendContract({
   name: 'ontap (mock NAS appliance on a loopback port)',

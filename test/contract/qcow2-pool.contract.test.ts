@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
-import { describeBackendContract } from './backend-contract.js';
+import { describeBackendContract } from '../../testing/index.js';
 
 describeBackendContract({
   name: 'qcow2 (local pool in a temporary folder)',

@@ -81,6 +81,14 @@ describe('dependency rule', () => {
     expect(imports(join(root, 'plugins/index.ts')).some((i) => i.startsWith(`${KIT}/`))).toBe(false);
   });
 
+  // Shipped as offload-broker/testing: it may use only the public API that a vendor's plugin sees.
+  it('testing/ imports core only through core/index.ts, and nothing from plugins/ or test/', () => {
+    const bad = tsFiles(join(root, 'testing')).flatMap((f) => imports(f)
+      .filter((i) => (i.startsWith('core') && i !== 'core/index.js') || i.startsWith('plugins/') || i.startsWith('test/'))
+      .map((i) => `${relative(root, f)} → ${i}`));
+    expect(bad).toEqual([]);
+  });
+
   it('the checker sees violations (it is not vacuous)', () => {
     expect(imports(join(root, 'plugins/index.ts')).some((i) => i.startsWith('plugins/'))).toBe(true);
     // The kit's rule: only appliance folders, only its index.ts; the kit itself never imports a plugin.

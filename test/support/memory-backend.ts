@@ -23,6 +23,8 @@ interface MemVolume extends Layer {
   owner?: string;
   /** A linked clone reads what it has not written from here. */
   parent?: { volume: string; snapshot: string };
+  /** What a full clone was copied from: asking for the name again is the same volume only with the same source. */
+  origin?: { volume: string; snapshot?: string };
   snapshots: Map<string, MemSnapshot>;
 }
 
@@ -55,10 +57,11 @@ export class MemoryBackend implements StorageBackend {
   }
 
   async createVolume(req: CreateVolumeRequest): Promise<Volume> {
+    if (req.sizeBytes !== undefined || !req.source) this.checkSize(req.sizeBytes, req.name);
     const existing = this.volumes.get(req.name);
     if (req.source) return this.clone(req, existing);
     if (existing) {
-      if (existing.size === req.sizeBytes && !existing.parent) return this.view(existing);
+      if (existing.size === req.sizeBytes && !existing.parent && !existing.origin) return this.view(existing);
       throw new AlreadyExists(`volume ${this.name}/${req.name} already exists with ${existing.size} bytes`, { ref: `${this.name}/${req.name}` });
     }
     await tick();
@@ -77,7 +80,7 @@ export class MemoryBackend implements StorageBackend {
     if (existing) {
       const same = existing.size === size && (linked
         ? existing.parent?.volume === src.name && (req.source!.snapshot === undefined || existing.parent?.snapshot === req.source!.snapshot)
-        : true);
+        : existing.origin?.volume === src.name && existing.origin.snapshot === req.source!.snapshot);
       if (same) return this.view(existing);
       throw new AlreadyExists(`volume ${this.name}/${req.name} already exists`, { ref: `${this.name}/${req.name}` });
     }
@@ -92,6 +95,7 @@ export class MemoryBackend implements StorageBackend {
       vol.parent = { volume: src.name, snapshot: snap };
     } else {
       vol.chunks = new Map(layer.chunks);
+      vol.origin = { volume: src.name, ...(req.source!.snapshot === undefined ? {} : { snapshot: req.source!.snapshot }) };
     }
     this.volumes.set(req.name, vol);
     return this.view(vol);
@@ -107,7 +111,8 @@ export class MemoryBackend implements StorageBackend {
     let start = 0;
     if (page?.token !== undefined) {
       const after = Buffer.from(page.token, 'base64url').toString();
-      if (!after) throw new InvalidArgument(`invalid page token "${page.token}"`);
+      // Only a token this backend issued: a volume name, base64url-encoded.
+      if (!after || Buffer.from(after).toString('base64url') !== page.token) throw new InvalidArgument(`invalid page token "${page.token}"`);
       start = names.findIndex((n) => n > after);
       if (start < 0) start = names.length;
     }
@@ -118,6 +123,7 @@ export class MemoryBackend implements StorageBackend {
   }
 
   async resizeVolume(name: string, sizeBytes: number): Promise<Volume> {
+    this.checkSize(sizeBytes, name);
     const v = this.mustGet(name);
     if (sizeBytes < v.size) throw new OutOfRange(`cannot shrink ${this.name}/${name}`);
     v.size = sizeBytes;
@@ -193,7 +199,9 @@ export class MemoryBackend implements StorageBackend {
   async openVolume(name: string, mode: 'r' | 'rw'): Promise<BlockDevice> {
     const v = this.mustGet(name);
     const self = this;
+    let closed = false;
     const check = (off: number, len: number) => {
+      if (closed) throw new FailedPrecondition(`${this.name}/${name} is closed`);
       if (!Number.isInteger(off) || !Number.isInteger(len) || off < 0 || len < 0 || off + len > v.size) {
         throw new OutOfRange(`I/O at ${off}+${len} is outside ${this.name}/${name} (${v.size} bytes)`);
       }
@@ -215,8 +223,8 @@ export class MemoryBackend implements StorageBackend {
         return out;
       },
       async write(off, data) {
-        if (mode !== 'rw') throw new InvalidArgument(`${self.name}/${name} is open read-only`);
         check(off, data.length);
+        if (mode !== 'rw') throw new FailedPrecondition(`${self.name}/${name} is open read-only`);
         for (let p = off; p < off + data.length;) {
           const i = Math.floor(p / CHUNK);
           const within = p % CHUNK;
@@ -230,6 +238,7 @@ export class MemoryBackend implements StorageBackend {
         }
       },
       async extents(off = 0, len = v.size - off) {
+        check(off, len);
         const out: Extent[] = [];
         const idx = new Set([...self.materialize(v).keys()]);
         for (const i of [...idx].sort((a, b) => a - b)) {
@@ -242,8 +251,12 @@ export class MemoryBackend implements StorageBackend {
         }
         return out;
       },
-      async flush() {},
-      async close() {},
+      async flush() {
+        check(0, 0);
+      },
+      async close() {
+        closed = true;
+      },
     };
   }
 
@@ -264,6 +277,14 @@ export class MemoryBackend implements StorageBackend {
 
   private dependents(name: string): string[] {
     return [...this.volumes.values()].filter((c) => c.parent?.volume === name).map((c) => c.name);
+  }
+
+  /** A size is a positive whole number of bytes, at most the reported maximum. */
+  private checkSize(size: unknown, name: string): asserts size is number {
+    if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0) {
+      throw new InvalidArgument(`size of ${this.name}/${name} must be a positive whole number of bytes, got ${String(size)}`);
+    }
+    if (size > this.cfg.maxSizeBytes) throw new InvalidArgument(`size of ${this.name}/${name} exceeds ${this.cfg.maxSizeBytes} bytes`);
   }
 
   private mustGet(name: string): MemVolume {
