@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import type { ContainerModule } from 'inversify';
 import { it, type TestContext } from 'vitest';
 import {
-  createBroker, type BlockDevice, type Broker, type CapabilitySet, type JobContext, type JobTask, type StorageBackend,
+  createBroker, JobRun, type BlockDevice, type Broker, type CapabilitySet, type JobTask, type StorageBackend,
 } from '../core/index.js';
 
 export interface ContractSetup {
@@ -165,25 +165,13 @@ export interface TaskRun {
  */
 export async function runTask(task: JobTask): Promise<TaskRun> {
   const run: TaskRun = { progress: { current: 0, total: 0 }, state: undefined };
-  const ctx: JobContext = {
+  const ctx = new JobRun({
     jobId: `contract-${Math.random().toString(36).slice(2, 10)}`,
-    signal: new AbortController().signal,
-    resumeFrom: undefined,
-    setTotal(bytes) { run.progress.total = bytes; },
-    advance(bytes) { run.progress.current += bytes; },
-    setProgress(current, total) {
-      run.progress.current = current;
-      if (total !== undefined) run.progress.total = total;
-    },
-    async checkpoint(bytes, state) {
-      run.progress.current += bytes;
-      if (state !== undefined) run.state = state;
-    },
-    saveState(state) { run.state = state; },
-    ready() {},
-    async waitForComplete() {},
-    completeRequested: true,
-  };
+    checkpointEveryMs: 0,
+    onProgress: (current, total) => { run.progress = { current, total }; },
+    onSave: (state) => { run.state = state; },
+  });
+  ctx.complete();
   await task.run(ctx);
   return run;
 }

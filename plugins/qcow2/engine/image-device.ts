@@ -45,8 +45,9 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
   const writable = () => {
     if (opts.mode !== 'rw') throw new FailedPrecondition(`${ref} is open read-only`, { ref, hint: 'open it with mode "rw" to write' });
   };
-  // Every call re-reads the size: a resize or revert behind the device changes it.
-  const io = <T>(fn: (img: Image) => Promise<T>) => {
+  // Every call re-reads the size: a resize or revert behind the device changes it. Checks fail as
+  // rejections, never as throws: callers await the promise.
+  const io = async <T>(fn: (img: Image) => Promise<T>) => {
     alive();
     return access(async (img) => {
       size = img.virtualSize;
@@ -57,14 +58,14 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
     get sizeBytes() { return size; },
     blockSize,
     read: (offset, length) => io(async (img) => { range(offset, length, 'read'); return img.read(offset, length); }),
-    write: (offset, data) => { writable(); return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data); }); },
-    writeZeroes: (offset, length) => { writable(); return io(async (img) => { range(offset, length, 'write zeroes'); await img.writeZeroes(offset, length); }); },
+    write: async (offset, data) => { writable(); return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data); }); },
+    writeZeroes: async (offset, length) => { writable(); return io(async (img) => { range(offset, length, 'write zeroes'); await img.writeZeroes(offset, length); }); },
     extents: (offset = 0, length?: number) => io(async (img) => {
       const len = length ?? size - offset;
       range(offset, len, 'extents');
       return extentsOf(img, offset, len);
     }),
-    flush: () => (opts.mode === 'rw' ? io((img) => img.flush()) : (alive(), Promise.resolve())),
+    flush: async () => { alive(); if (opts.mode === 'rw') await io((img) => img.flush()); },
     async close() {
       if (closed) return;
       if (opts.mode === 'rw') await io((img) => img.flush()).catch(() => undefined);
