@@ -70,7 +70,7 @@ export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobConte
   const pieces = clipFrom(whole, start);
   const result: CopyResult = { dataBytes: 0, zeroBytes: 0, verifiedBytes: 0 };
   const mover = new Mover(src, dst, ctx, fresh, size, result, opts.state ?? {});
-  if (fresh && dst.copyFrom) await mover.inWindows(split(pieces, FAST_WINDOW));
+  if (fresh && dst.copyFrom) await mover.inWindows(pieces);
   else await mover.pipeline(pieces);
   await dst.flush();
   if (opts.verify) result.verifiedBytes = await verify(src, dst, whole, ctx);
@@ -87,21 +87,23 @@ class Mover {
     return { ...this.extraState, offset };
   }
 
-  /** The fast path a window at a time; what it leaves (edges, compressed data, …) goes through pipeline(). */
+  /**
+   * The fast path a window at a time (FAST_WINDOW, or about a second's worth under a speed limit);
+   * what it leaves (edges, compressed data, …) goes through pipeline().
+   */
   async inWindows(pieces: Piece[]): Promise<void> {
-    let i = 0;
-    while (i < pieces.length) {
-      let j = i;
-      let bytes = 0;
-      while (j < pieces.length && bytes < FAST_WINDOW) bytes += pieces[j++]!.length;
-      const window = pieces.slice(i, j);
+    let rest = pieces;
+    while (rest.length > 0) {
+      const limit = this.ctx.speed > 0 ? Math.min(FAST_WINDOW, Math.max(COPY_CHUNK, this.ctx.speed)) : FAST_WINDOW;
+      const [window, after] = take(rest, limit);
+      const bytes = window.reduce((n, p) => n + p.length, 0);
       const left = await this.dst.copyFrom!(this.src, window.map(({ offset, length }) => ({ offset, length })));
-      if (left === undefined) return this.pipeline(pieces.slice(i)); // it cannot take this source
+      if (left === undefined) return this.pipeline(rest); // it cannot take this source
       const fast = bytes - left.reduce((n, r) => n + r.length, 0);
       this.result.dataBytes += fast;
       await this.pipeline(left.map((r) => ({ ...r, kind: 'data' as const })), fast);
-      await this.ctx.checkpoint(0, this.state(j < pieces.length ? pieces[j]!.offset : this.size));
-      i = j;
+      rest = after;
+      await this.ctx.checkpoint(0, this.state(rest.length > 0 ? rest[0]!.offset : this.size));
     }
   }
 
@@ -205,6 +207,21 @@ function clipFrom(pieces: Piece[], start: number): Piece[] {
     if (from < p.offset + p.length) out.push({ offset: from, length: p.offset + p.length - from, kind: p.kind });
   }
   return out;
+}
+
+/** The first `limit` bytes of the pieces (a piece that straddles it is cut), and the rest. */
+function take(pieces: Piece[], limit: number): [Piece[], Piece[]] {
+  const head: Piece[] = [];
+  let bytes = 0;
+  let i = 0;
+  for (; i < pieces.length && bytes < limit; i++) {
+    const p = pieces[i]!;
+    const n = Math.min(p.length, limit - bytes);
+    head.push({ offset: p.offset, length: n, kind: p.kind });
+    bytes += n;
+    if (n < p.length) return [head, [{ offset: p.offset + n, length: p.length - n, kind: p.kind }, ...pieces.slice(i + 1)]];
+  }
+  return [head, pieces.slice(i)];
 }
 
 /** Pieces cut into parts of at most `max` bytes (requests of COPY_CHUNK by default). */

@@ -39,6 +39,7 @@ export class JobRun implements JobContext {
   readonly resumeFrom: unknown;
   private readonly abort = new AbortController();
   private readonly limiter = new RateLimiter();
+  private speedLimit: number;
   private readonly checkpointEveryMs: number;
   private readonly saveHooks: (() => Promise<void>)[] = [];
   private doneBytes: number;
@@ -57,13 +58,18 @@ export class JobRun implements JobContext {
     this.doneBytes = opts.progress?.current ?? 0;
     this.totalBytes = opts.progress?.total ?? 0;
     this.checkpointEveryMs = opts.checkpointEveryMs ?? 1000;
-    this.limiter.setSpeed(opts.speed ?? 0);
+    this.speedLimit = Math.max(0, opts.speed ?? 0);
+    this.limiter.setSpeed(this.speedLimit);
   }
 
   // ---- the task's side (JobContext) ----
 
   get signal(): AbortSignal {
     return this.abort.signal;
+  }
+
+  get speed(): number {
+    return this.speedLimit;
   }
 
   setTotal(bytes: number): void {
@@ -132,7 +138,8 @@ export class JobRun implements JobContext {
   }
 
   setSpeed(bytesPerSecond: number): void {
-    this.limiter.setSpeed(bytesPerSecond);
+    this.speedLimit = Math.max(0, bytesPerSecond);
+    this.limiter.setSpeed(this.speedLimit);
   }
 
   pause(): void {

@@ -19,6 +19,12 @@ export interface JobContext {
   readonly signal: AbortSignal;
   /** The last checkpoint saved by a previous run of this job, when it is being resumed. */
   readonly resumeFrom: unknown;
+  /**
+   * The speed limit now, in bytes/s (0 = unlimited; a user may change it while the job runs). A
+   * task that moves data in large steps keeps each step near a second's worth, so the limit and
+   * the checkpoints stay smooth.
+   */
+  readonly speed: number;
   /** Total work in bytes (may change while running). */
   setTotal(bytes: number): void;
   /** Add done bytes to the progress. */

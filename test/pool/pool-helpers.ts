@@ -1,6 +1,6 @@
 /** A broker around one local qcow2 pool in a temporary folder, plus qemu-img helpers (pool tests). */
-import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createBroker, silentLogger, type Broker } from '../../core/index.js';
@@ -72,4 +72,39 @@ export function fileBytes(path: string): { size: number; allocated: number } {
 export function qemuImg(args: string[], cwd: string): { status: number; stdout: string; stderr: string } {
   const r = spawnSync('qemu-img', args, { cwd, encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } });
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Bytes this process has read through read(2)-like calls so far (Linux /proc/self/io `rchar`). */
+export function bytesReadByProcess(): number {
+  const m = /^rchar: (\d+)$/m.exec(readFileSync('/proc/self/io', 'utf8'));
+  if (!m) throw new Error('/proc/self/io has no rchar');
+  return Number(m[1]);
+}
+
+/**
+ * Run `test/pool/job-child.ts KIND STATE POOL` (a broker with a rate-limited job), wait until its
+ * job reports `atLeast` bytes done, then kill it with SIGKILL. Returns the job id.
+ */
+export async function runAndKill(kind: 'stream' | 'clone', state: string, pool: string, atLeast: number): Promise<string> {
+  const root = join(import.meta.dirname, '../..');
+  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'test/pool/job-child.ts'), kind, state, pool], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+  const exited = new Promise((r) => child.on('exit', r));
+  const id = await new Promise<string>((done, fail) => {
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (out.includes('\n')) done(out.trim());
+    });
+    child.on('exit', (c) => fail(new Error(`child exited with ${c}`)));
+  });
+  // Watch its progress from a broker that only looks (recoverJobs: false adopts nothing).
+  const watcher = await createBroker({ state, backends: [{ name: 'local', kind: 'qcow2', path: pool }] }, { plugins: [qcow2Module], logger: silentLogger, recoverJobs: false });
+  try {
+    for (let i = 0; i < 600 && watcher.jobs.get(id).info().progress.current < atLeast; i++) await new Promise((r) => setTimeout(r, 100));
+  } finally {
+    await watcher.close();
+  }
+  child.kill('SIGKILL');
+  await exited;
+  return id;
 }
