@@ -40,7 +40,7 @@ describe('pool full clone across a broker crash', () => {
     const broker = await open();
     try {
       const before = broker.jobs.get(id).info();
-          expect(before).toMatchObject({ type: 'clone', executor: 'host' });
+      expect(before).toMatchObject({ type: 'clone', executor: 'host' });
       expect(['created', 'running']).toContain(before.status);
       expect(before.progress.current).toBeGreaterThan(0);
       expect(before.progress.current).toBeLessThan(before.progress.total);
