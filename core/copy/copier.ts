@@ -34,6 +34,10 @@ export interface CopyOptions {
   verify?: boolean;
   /** More to save with every checkpoint (a task's own state beside the copier's `offset`). */
   state?: Record<string, unknown>;
+  /** Where to start, when the caller keeps its own record of what is copied (default: ctx.resumeFrom's offset). */
+  startAt?: number;
+  /** Data bytes the target's fast path takes between checkpoints (default 1 GiB, or about a second's worth under a speed limit). */
+  window?: number;
 }
 
 export interface CopyResult {
@@ -63,13 +67,13 @@ export function resumeOffset(state: unknown, size: number, align = 1): number {
 export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobContext, opts: CopyOptions = {}): Promise<CopyResult> {
   const fresh = opts.targetFresh === true;
   const size = Math.min(src.sizeBytes, dst.sizeBytes);
-  const start = resumeOffset(ctx.resumeFrom, size);
+  const start = opts.startAt !== undefined ? resumeOffset({ offset: opts.startAt }, size) : resumeOffset(ctx.resumeFrom, size);
   const whole = plan(await src.extents(0, size), size, fresh);
   ctx.setTotal(dataIn(whole, 0, size));
   if (start > 0) ctx.setProgress(dataIn(whole, 0, start));
   const pieces = clipFrom(whole, start);
   const result: CopyResult = { dataBytes: 0, zeroBytes: 0, verifiedBytes: 0 };
-  const mover = new Mover(src, dst, ctx, fresh, size, result, opts.state ?? {});
+  const mover = new Mover(src, dst, ctx, fresh, size, result, opts.state ?? {}, opts.window);
   if (fresh && dst.copyFrom) await mover.inWindows(pieces);
   else await mover.pipeline(pieces);
   await dst.flush();
@@ -81,7 +85,7 @@ export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobConte
 class Mover {
   constructor(private readonly src: BlockDevice, private readonly dst: BlockDevice, private readonly ctx: JobContext,
     private readonly fresh: boolean, private readonly size: number, private readonly result: CopyResult,
-    private readonly extraState: Record<string, unknown>) {}
+    private readonly extraState: Record<string, unknown>, private readonly window: number | undefined) {}
 
   private state(offset: number): Record<string, unknown> {
     return { ...this.extraState, offset };
@@ -94,7 +98,8 @@ class Mover {
   async inWindows(pieces: Piece[]): Promise<void> {
     let rest = pieces;
     while (rest.length > 0) {
-      const limit = this.ctx.speed > 0 ? Math.min(FAST_WINDOW, Math.max(COPY_CHUNK, this.ctx.speed)) : FAST_WINDOW;
+      const most = this.window ?? FAST_WINDOW;
+      const limit = this.ctx.speed > 0 ? Math.min(most, Math.max(COPY_CHUNK, this.ctx.speed)) : most;
       const [window, after] = take(rest, limit);
       const bytes = window.reduce((n, p) => n + p.length, 0);
       const left = await this.dst.copyFrom!(this.src, window.map(({ offset, length }) => ({ offset, length })));

@@ -41,7 +41,7 @@ export class JobRun implements JobContext {
   private readonly limiter = new RateLimiter();
   private speedLimit: number;
   private readonly checkpointEveryMs: number;
-  private readonly saveHooks: (() => Promise<void>)[] = [];
+  private readonly saveHooks: ((state: unknown) => Promise<void>)[] = [];
   private doneBytes: number;
   private totalBytes: number;
   private paused = false;
@@ -109,7 +109,7 @@ export class JobRun implements JobContext {
     void this.saveUnsaved().catch(() => undefined);
   }
 
-  beforeSave(fn: () => Promise<void>): () => void {
+  beforeSave(fn: (state: unknown) => Promise<void>): () => void {
     this.saveHooks.push(fn);
     return () => {
       const i = this.saveHooks.indexOf(fn);
@@ -186,7 +186,7 @@ export class JobRun implements JobContext {
     const pending = this.unsaved;
     if (!pending) return;
     this.unsaved = undefined;
-    for (const hook of this.saveHooks) await hook();
+    for (const hook of this.saveHooks) await hook(pending.state);
     await this.opts.onSave?.(pending.state);
     this.lastSave = Date.now();
   }

@@ -42,10 +42,10 @@ export interface JobContext {
   saveState(state: unknown): void;
   /**
    * What must be durable before a saved state may claim the work it describes (e.g. writing the
-   * deferred metadata of the image being written): run before every save. Returns the undo, for
-   * when that image is closed.
+   * deferred metadata of the image being written, or a record kept beside a raw target): run with
+   * the state before every save. Returns the undo, for when that image is closed.
    */
-  beforeSave(fn: () => Promise<void>): () => void;
+  beforeSave(fn: (state: unknown) => Promise<void>): () => void;
   /** Mirror-like jobs: report `ready` (source and target in sync). */
   ready(): void;
   /** Resolves when a user completes a ready job; rejects with Cancelled when it is cancelled. */

@@ -145,7 +145,7 @@ describe.skipIf(!HAVE_QEMU)('chain jobs killed at random points', () => {
     expect(fromCheckpoint).toBeGreaterThan(0);
   }, LONG ? 900_000 : 120_000);
 
-  it('a raw-target stream killed mid-way resumes from its progress bitmap, which is removed when done', async () => {
+  it('a raw-target stream killed mid-way resumes from its progress record, which is removed when done', async () => {
     const d = buildChain('64M');
     qio(d, 'top.qcow2', ['write -P 7 40M 8M', 'write -P 8 60M 1M']);
     qimg(d, 'convert', '-O', 'raw', 'top.qcow2', 'orig.raw');
@@ -157,7 +157,8 @@ describe.skipIf(!HAVE_QEMU)('chain jobs killed at random points', () => {
     try { await copyToRaw(src, `${d}/out.raw`, ctx); } finally { await src.close(); }
     // Resumed: progress started past what the killed run had already made durable.
     expect(ctx.firstProgress).toBeGreaterThan(0);
-    expect(ctx.current).toBe(64 << 20);
+    expect(ctx.current).toBe(ctx.total); // data bytes, as every copy counts them
+    expect(ctx.total).toBeGreaterThan(16 << 20);
     expect(existsSync(progressPathFor(`${d}/out.raw`))).toBe(false);
     expect(statSync(`${d}/out.raw`).size).toBe(64 << 20);
     expect(run('cmp', ['out.raw', 'orig.raw'], d).status).toBe(0);

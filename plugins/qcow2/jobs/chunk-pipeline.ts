@@ -13,9 +13,11 @@
  */
 import type { JobContext } from '../../../core/index.js';
 import { uninitialized } from '../engine/index.js';
-import { JOB_CHUNK } from './resume.js';
 
 const AHEAD = 4;
+
+/** Chunk of guest bytes a job examines between checkpoints (a multiple of every cluster size). */
+export const JOB_CHUNK = 4 << 20;
 
 export interface ChunkPipeline<T> {
   offset: number;

@@ -3,11 +3,10 @@
  * into `base`. Intermediate commit then re-points the layer above `top` at `base`; active commit
  * (top = the image in use) runs as a mirror until completed, then pivots the open image onto base.
  */
-import { FailedPrecondition, InvalidArgument, type JobContext } from '../../../core/index.js';
+import { FailedPrecondition, InvalidArgument, resumeOffset, type JobContext } from '../../../core/index.js';
 import { openImage, type DirtyMap, type Image } from '../engine/index.js';
 import { assertAbove, assertQcow2, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
-import { runChunkPipeline, scanForWork } from './chunk-pipeline.js';
-import { JOB_CHUNK, resumeOffset } from './resume.js';
+import { JOB_CHUNK, runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 
 export interface CommitOptions {
   /** The layer to commit (default: the image itself). */

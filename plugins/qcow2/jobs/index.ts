@@ -55,5 +55,5 @@
 export { runStream, type StreamOptions } from './stream.js';
 export { runCommit, makeEmpty, type CommitOptions } from './commit.js';
 export { runRebase, type RebaseOptions } from './rebase.js';
-export { copyToRaw, rawCopyTask, progressPathFor } from './raw-progress.js';
+export { copyToRaw, rawCopyTask, progressPathFor } from './copy-to-raw.js';
 export { streamTask, commitTask, rebaseTask, type StreamTaskParams, type CommitTaskParams, type RebaseTaskParams } from './tasks.js';

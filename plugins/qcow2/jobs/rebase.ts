@@ -5,11 +5,11 @@
  * Unsafe (`-u`): the header only.
  */
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { InvalidArgument, type JobContext } from '../../../core/index.js';
+import { InvalidArgument, resumeOffset, type JobContext } from '../../../core/index.js';
 import { probeFormat, type Image, type ImageFormat } from '../engine/index.js';
 import { assertQcow2, assertWritable, layersOf, openBackingOf } from './chain-layers.js';
 import { applyFills, groupClusters, readPadded, unallocatedRuns, type Fill } from './copy-on-read.js';
-import { JOB_CHUNK, resumeOffset } from './resume.js';
+import { JOB_CHUNK } from './chunk-pipeline.js';
 
 export interface RebaseOptions {
   /** New backing file name, stored as given (relative to the image's folder); '' = none. */

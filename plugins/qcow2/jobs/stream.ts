@@ -2,12 +2,11 @@
  * block-stream: make an image independent of the layers above `base` (or of its whole chain).
  * Runs on the open image while it is in use; see copy-on-read.ts for why writers win races.
  */
-import type { JobContext } from '../../../core/index.js';
+import { resumeOffset, type JobContext } from '../../../core/index.js';
 import { openImage, type Image } from '../engine/index.js';
 import { assertAbove, assertQcow2, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
 import { applyFills, groupClusters, readPaddedInto, unallocatedRuns, type Fill } from './copy-on-read.js';
-import { runChunkPipeline, scanForWork } from './chunk-pipeline.js';
-import { JOB_CHUNK, resumeOffset } from './resume.js';
+import { JOB_CHUNK, runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 
 export interface StreamOptions {
   /** Keep this layer (and those below it) as the backing; absent or '' = flatten the whole chain. */
