@@ -12,7 +12,9 @@ import { OntapCode } from '../api/codes.js';
 import type { Job, Snapshot, Volume, VolumeCreateBody, VolumePatchBody } from '../api/schemas.js';
 import { ApiError, invalid, notFound } from './api-error.js';
 import { ChunkStore, type MapExtent } from '../../appliance-kit/index.js';
-import { fromSaved, toSaved, type JobRecord, type SavedState, type SnapshotRecord, type VolumeRecord } from './records.js';
+import { finishJob, fromSaved, newJobRecord, toSaved, type JobRecord, type SavedState, type SnapshotRecord, type VolumeRecord } from './records.js';
+import { jobView, percent, snapshotView, volumeView } from './views.js';
+import { advanceJobs } from './job-clock.js';
 
 export interface ApplianceOptions {
   stateDir?: string;
@@ -332,17 +334,7 @@ export class OntapAppliance {
   // ---- jobs ----------------------------------------------------------------------------------
 
   private newJob(description: string, svm: string, fault: JobFault): JobRecord {
-    const job: JobRecord = {
-      uuid: randomUUID(),
-      description,
-      svm,
-      state: 'queued',
-      message: 'Queued',
-      createdAt: Date.now(),
-      polls: 0,
-      kind: 'op',
-      ...fault,
-    };
+    const job = newJobRecord(description, svm, fault);
     this.jobs.set(job.uuid, job);
     return job;
   }
@@ -380,58 +372,16 @@ export class OntapAppliance {
       // Chunks copied so far stay with the clone; it remains a FlexClone.
       if (v?.clone?.split?.jobUuid === job.uuid) delete v.clone.split;
     }
-    this.finish(job, { code: OntapCode.JOB_CANCELLED, message: 'Job cancelled by user request' });
+    finishJob(job, { code: OntapCode.JOB_CANCELLED, message: 'Job cancelled by user request' });
     this.save();
     return job;
-  }
-
-  private finish(job: JobRecord, failure?: { code: string; message: string }): void {
-    const now = Date.now();
-    job.state = failure ? 'failure' : 'success';
-    job.message = failure ? failure.message : 'success';
-    job.code = failure ? Number(failure.code) : 0;
-    if (failure) job.error = { ...failure };
-    job.startTime ??= new Date(now).toISOString();
-    job.endTime = new Date(now).toISOString();
-    job.endedAt = now;
   }
 
   /** Advance every job and split to the current time, and forget expired jobs. */
   tick(now = Date.now()): void {
     const elapsed = Math.max(0, now - this.lastTick);
     this.lastTick = now;
-    let changed = false;
-    for (const job of this.jobs.values()) {
-      if (job.state === 'success' || job.state === 'failure') {
-        if (job.endedAt !== undefined && now - job.endedAt >= this.jobExpiryMs) {
-          this.jobs.delete(job.uuid);
-          changed = true;
-        }
-        continue;
-      }
-      const age = now - job.createdAt;
-      if (job.state === 'queued' && age >= this.jobDurationMs / 4) {
-        job.state = 'running';
-        job.message = job.kind === 'split' ? job.message : 'Running';
-        job.startTime = new Date(now).toISOString();
-        changed = true;
-      }
-      if (job.state !== 'running') continue;
-      if (job.stuck) continue;
-      if (job.failure) {
-        if (job.polls >= (job.failAfterPolls ?? 0) && age >= this.jobDurationMs) {
-          this.finish(job, job.failure);
-          changed = true;
-        }
-        continue;
-      }
-      if (job.kind === 'split') {
-        changed = this.advanceSplit(job, elapsed) || changed;
-      } else if (age >= this.jobDurationMs) {
-        this.finish(job);
-        changed = true;
-      }
-    }
+    let changed = advanceJobs(this.jobs, now, { durationMs: this.jobDurationMs, expiryMs: this.jobExpiryMs }, (job) => this.advanceSplit(job, elapsed));
     // A split whose job record vanished (expired by fault) still runs to the end.
     for (const v of this.volumes.values()) {
       const split = v.clone?.split;
@@ -447,12 +397,12 @@ export class OntapAppliance {
     const v = job.volumeUuid ? this.volumes.get(job.volumeUuid) : undefined;
     const split = v?.clone?.split;
     if (!v || !split || split.jobUuid !== job.uuid) {
-      this.finish(job);
+      finishJob(job);
       return true;
     }
     this.copySplitChunks(v, elapsedMs);
     if (!v.clone) {
-      this.finish(job);
+      finishJob(job);
     } else {
       job.message = `Clone split ${percent(split.copiedBytes, split.totalBytes)}% complete`;
     }
@@ -479,63 +429,18 @@ export class OntapAppliance {
     }
   }
 
-  // ---- views (the REST representation) -------------------------------------------------------
+  // ---- views (the REST representation: views.ts) ------------------------------------------------
 
   volumeView(v: VolumeRecord): Volume {
-    const clone: NonNullable<Volume['clone']> = { is_flexclone: v.clone !== undefined };
-    if (v.clone) {
-      clone.parent_volume = { name: v.clone.parentVolumeName, uuid: v.clone.parentVolumeUuid };
-      clone.parent_snapshot = { name: v.clone.parentSnapshotName, uuid: v.clone.parentSnapshotUuid };
-      clone.split_initiated = v.clone.split !== undefined;
-      if (v.clone.split) {
-        clone.split_complete_percent = percent(v.clone.split.copiedBytes, v.clone.split.totalBytes);
-        clone.split_estimate = Math.max(0, v.clone.split.totalBytes - v.clone.split.copiedBytes);
-      } else {
-        // What a split would have to copy: the chunks still shared with the parent snapshot.
-        clone.split_estimate = this.sharedWithBase(v).length * this.store.chunkSize;
-      }
-    }
-    return {
-      uuid: v.uuid,
-      name: v.name,
-      svm: { name: v.svm },
-      size: v.size,
-      state: 'online',
-      type: 'rw',
-      style: 'flexvol',
-      create_time: v.createTime,
-      ...(v.comment !== undefined ? { comment: v.comment } : {}),
-      space: { size: v.size, used: this.store.allocatedBytes(v.map) },
-      clone,
-      _links: { self: { href: `/api/storage/volumes/${v.uuid}` } },
-    };
+    return volumeView(v, this.store, this.sharedWithBase(v).length * this.store.chunkSize);
   }
 
   snapshotView(v: VolumeRecord, s: SnapshotRecord): Snapshot {
-    return {
-      uuid: s.uuid,
-      name: s.name,
-      create_time: s.createTime,
-      ...(s.comment !== undefined ? { comment: s.comment } : {}),
-      volume: { name: v.name, uuid: v.uuid },
-      logical_size: s.size,
-      _links: { self: { href: `/api/storage/volumes/${v.uuid}/snapshots/${s.uuid}` } },
-    };
+    return snapshotView(v, s);
   }
 
   jobView(j: JobRecord): Job {
-    return {
-      uuid: j.uuid,
-      description: j.description,
-      state: j.state,
-      message: j.message,
-      ...(j.code !== undefined ? { code: j.code } : {}),
-      ...(j.error ? { error: j.error } : {}),
-      ...(j.startTime ? { start_time: j.startTime } : {}),
-      ...(j.endTime ? { end_time: j.endTime } : {}),
-      ...(j.svm ? { svm: { name: j.svm } } : {}),
-      _links: { self: { href: `/api/cluster/jobs/${j.uuid}` } },
-    };
+    return jobView(j);
   }
 }
 
@@ -545,10 +450,6 @@ function applies(fault: JobFault): boolean {
 
 function busy(v: VolumeRecord): ApiError {
   return new ApiError(409, OntapCode.VOLUME_BUSY, `volume "${v.name}" is busy: a clone split is in progress`, 'uuid');
-}
-
-function percent(done: number, total: number): number {
-  return total === 0 ? 100 : Math.min(100, Math.floor((done * 100) / total));
 }
 
 function stamp(): string {

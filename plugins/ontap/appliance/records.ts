@@ -1,4 +1,5 @@
 /** The mock appliance's in-memory records and their JSON form in `<state>/state.json`. */
+import { randomUUID } from 'node:crypto';
 import type { BlockMap } from '../../appliance-kit/index.js';
 import type { JobState } from '../api/schemas.js';
 
@@ -96,4 +97,21 @@ export function fromSaved(saved: SavedState): { volumes: VolumeRecord[]; jobs: J
     })),
     jobs: saved.jobs,
   };
+}
+
+/** A new job record, queued, carrying what fault injection asked of it. */
+export function newJobRecord(description: string, svm: string, fault: { failAfterPolls?: number; failure?: { code: string; message: string }; stuck?: boolean; expired?: boolean }): JobRecord {
+  return { uuid: randomUUID(), description, svm, state: 'queued', message: 'Queued', createdAt: Date.now(), polls: 0, kind: 'op', ...fault };
+}
+
+/** End a job: success, or failure with its ONTAP code and message. */
+export function finishJob(job: JobRecord, failure?: { code: string; message: string }): void {
+  const now = Date.now();
+  job.state = failure ? 'failure' : 'success';
+  job.message = failure ? failure.message : 'success';
+  job.code = failure ? Number(failure.code) : 0;
+  if (failure) job.error = { ...failure };
+  job.startTime ??= new Date(now).toISOString();
+  job.endTime = new Date(now).toISOString();
+  job.endedAt = now;
 }
