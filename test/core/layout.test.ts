@@ -6,7 +6,7 @@
  * is not a plugin (plugins/index.ts does not list it): it imports only core (through
  * core/index.ts), node built-ins and zod — never a plugin.
  */
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
@@ -49,7 +49,7 @@ function pluginViolations(rel: string, specs: string[]): string[] {
   const inKit = rel.startsWith(`${KIT}/`);
   const allowed = (i: string): boolean => {
     // The kit's own code: node built-ins and zod only (its tests may use test tools).
-    if (external(i)) return !(inKit && !rel.includes('/tests/') && i.startsWith('pkg:') && !KIT_PACKAGES.includes(i.slice(4)));
+    if (external(i)) return !(inKit && !rel.includes('/test/') && i.startsWith('pkg:') && !KIT_PACKAGES.includes(i.slice(4)));
     if (i.startsWith('core')) return i === 'core/index.js';
     if (inKit) return i.startsWith(`${KIT}/`);
     if (!i.startsWith('plugins/') || i.split('/')[1] === own) return true;
@@ -87,6 +87,25 @@ describe('dependency rule', () => {
       .filter((i) => (i.startsWith('core') && i !== 'core/index.js') || i.startsWith('plugins/') || i.startsWith('test/'))
       .map((i) => `${relative(root, f)} → ${i}`));
     expect(bad).toEqual([]);
+  });
+
+  it('outside the engine (engine/ and its codecs in format/), the qcow2 plugin uses it through engine/index.ts only (tests aside)', () => {
+    const inside = ['plugins/qcow2/engine/', 'plugins/qcow2/format/', 'plugins/qcow2/test/'];
+    const outside = tsFiles(join(root, 'plugins/qcow2')).map((f) => relative(root, f)).filter((rel) => !inside.some((d) => rel.startsWith(d)));
+    expect(outside.filter((rel) => rel.startsWith('plugins/qcow2/jobs/') || rel.startsWith('plugins/qcow2/pool/')).length).toBeGreaterThan(10);
+    const bad = outside
+      .flatMap((rel) => imports(join(root, rel))
+        .filter((i) => (i.startsWith('plugins/qcow2/engine/') && i !== 'plugins/qcow2/engine/index.js') || i.startsWith('plugins/qcow2/format/'))
+        .map((i) => `${rel} → ${i}`));
+    expect(bad).toEqual([]);
+  });
+
+  it('one place for tests: a plugin\'s in plugins/NAME/test/, everything else in test/ (none beside the code)', () => {
+    const misplaced = [...tsFiles(join(root, 'plugins')), ...tsFiles(join(root, 'core')), ...tsFiles(join(root, 'testing'))]
+      .map((f) => relative(root, f))
+      .filter((rel) => rel.endsWith('.test.ts') && !/^plugins\/[^/]+\/test\//.test(rel));
+    expect(misplaced).toEqual([]);
+    expect(readdirSync(join(root, 'plugins')).filter((p) => statSync(join(root, 'plugins', p)).isDirectory() && existsSync(join(root, 'plugins', p, 'tests')))).toEqual([]);
   });
 
   it('the checker sees violations (it is not vacuous)', () => {

@@ -7,7 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharray/appliance/index.js';
 import type { FlashArrayBackend } from '../../plugins/flasharray/backend.js';
 import type { FaultRuleInput } from '../../plugins/flasharray/appliance/faults.js';
-import { makeBackend, pattern } from '../../plugins/flasharray/tests/helpers.js';
+import { makeBackend, pattern } from '../../plugins/flasharray/test/helpers.js';
 
 const MiB = 1024 * 1024;
 

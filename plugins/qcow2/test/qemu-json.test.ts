@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { HAVE_QEMU, run } from '../../../test/interop/img-qemu.js';
-import { qdictKeyOrder, qemuJsonPretty, qemuJsonString, tdbHash, type QemuJsonValue } from './qemu-json.js';
+import { qdictKeyOrder, qemuJsonPretty, qemuJsonString, tdbHash, type QemuJsonValue } from '../cli/qemu-json.js';
 
 // QAPI member order (qapi/block-core.json, QEMU 7.2): the order QEMU inserts keys into its QDicts.
 const SCHEMA_ORDER = [

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { HAVE_QEMU, run } from '../../../test/interop/img-qemu.js';
-import { cvtstr, parseIoCommand, parsePattern, runIoCommand, type IoTarget } from './qemu-io-commands.js';
+import { cvtstr, parseIoCommand, parsePattern, runIoCommand, type IoTarget } from '../cli/qemu-io-commands.js';
 
 /** A raw file as an IoTarget: the simplest real image, so commands can be compared with `qemu-io -f raw`. */
 class RawFile implements IoTarget {

@@ -8,12 +8,12 @@ import { closeSync, openSync, ftruncateSync, readFileSync, writeFileSync } from 
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createImage, openImage, type Image } from '../index.js';
-import { hasQemu, ok, pattern, qemuIo, run, tempDir, warnIfNoQemu } from '../test/helpers.js';
-import { copyImageContent } from './copy-image.js';
-import { ImageHandle } from './image-handle.js';
-import { nativeCopyAvailable, setNativeCopyEnabled } from './file.js';
-import { nativeAddon } from './native-addon.js';
-import { dataExtents } from './seek-data.js';
+import { hasQemu, ok, pattern, qemuIo, run, tempDir, warnIfNoQemu } from './helpers.js';
+import { copyImageContent } from '../engine/copy-image.js';
+import { ImageHandle } from '../engine/image-handle.js';
+import { nativeCopyAvailable, setNativeCopyEnabled } from '../engine/file.js';
+import { nativeAddon } from '../engine/native-addon.js';
+import { dataExtents } from '../engine/seek-data.js';
 
 const K = 1024;
 const M = 1024 * K;

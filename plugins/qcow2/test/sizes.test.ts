@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isOffloadError } from '../../../core/index.js';
 import { HAVE_QEMU, run } from '../../../test/interop/img-qemu.js';
-import { cFixed, formatG3, parseImageSize, parseIoNumber, parseQemuSizeBig, sizeToStr } from './sizes.js';
+import { cFixed, formatG3, parseImageSize, parseIoNumber, parseQemuSizeBig, sizeToStr } from '../cli/sizes.js';
 
 const CASES = ['1k', '1K', '1.5M', '1b', '1B', '100', '0x100', '1T', '1.3k', '0.5k', '1.k', '7.99E', '1.5e', '+1', ' 1M',
   '00', '010', '9223372036854775807', '1x', '1e3', '1.5', '1M5', '', '1 ', '1kB', '1KiB', '.5k', '0x1.8M', '8E', '16E',

@@ -6,8 +6,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cancelled, FailedPrecondition, InvalidArgument, JobRun, NotFound, Unsupported } from '../../../core/index.js';
 import { createImage, openImage, type Image } from '../index.js';
-import { tempDir } from '../test/helpers.js';
-import { commitTask, copyToRaw, makeEmpty, rebaseTask, runCommit, runRebase, runStream, streamTask } from './index.js';
+import { tempDir } from './helpers.js';
+import { commitTask, copyToRaw, makeEmpty, rebaseTask, runCommit, runRebase, runStream, streamTask } from '../jobs/index.js';
 
 const M = 1 << 20;
 let cleanup: (() => void) | undefined;

@@ -1,12 +1,12 @@
 import { closeSync, openSync, ftruncateSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { imageDevice } from './image-device.js';
+import { imageDevice } from '../engine/image-device.js';
 import { runMap } from '../cli/map.js';
 import type { ImgOutput } from '../cli/output.js';
 import { createImage, openImage } from '../index.js';
-import { hasQemu, ok, qemuIo, tempDir, warnIfNoQemu } from '../test/helpers.js';
-import { dataExtents, seekDataAvailable, setSeekDataEnabled } from './seek-data.js';
+import { hasQemu, ok, qemuIo, tempDir, warnIfNoQemu } from './helpers.js';
+import { dataExtents, seekDataAvailable, setSeekDataEnabled } from '../engine/seek-data.js';
 
 const K = 1024;
 const M = 1024 * K;

@@ -1,8 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { isOffloadError } from '../../../core/index.js';
 import type { BlockStatus } from '../index.js';
-import { mapEntries, mapHuman, mapJson } from './map.js';
-import { pathCombine } from './names.js';
+import { mapEntries, mapHuman, mapJson } from '../cli/map.js';
+import { pathCombine } from '../cli/names.js';
 
 const st = (start: number, length: number, o: Partial<BlockStatus>): BlockStatus => ({
   start, length, depth: 0, present: true, zero: false, data: true, compressed: false, ...o,
