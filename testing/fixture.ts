@@ -32,6 +32,7 @@ export const MiB = 1024 * 1024;
 /** A test body; it runs only when the backend reports every capability the case needs. */
 export type CaseBody = (ctx: TestContext) => Promise<void> | void;
 
+/** One backend under test: its broker, backend, capabilities, and the volumes a suite made (deleted at the end). */
 export class ContractFixture {
   readonly size: number;
   broker!: Broker;

@@ -17,6 +17,7 @@ import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
 import type { Volumes } from './volumes.js';
 
+/** The long operations (clone, stream, commit, copy) of one principal's broker view. */
 export class DataJobs {
   constructor(private readonly s: BrokerState, private readonly a: Access, private readonly volumes: Volumes) {}
 

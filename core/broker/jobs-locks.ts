@@ -7,6 +7,7 @@ import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Access } from './access.js';
 import type { BrokerState } from './state.js';
 
+/** The jobs verbs of one principal's broker view. */
 export class Jobs implements JobsApi {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
@@ -32,6 +33,7 @@ export class Jobs implements JobsApi {
   wait(id: string): Promise<JobInfo> { return this.get(id).wait(); }
 }
 
+/** The locks verbs of one principal's broker view (maintenance locks are administrators' only). */
 export class Locks implements LocksApi {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 

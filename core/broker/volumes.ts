@@ -10,6 +10,7 @@ import { notFoundVolume, type Access } from './access.js';
 import { checkSize, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
 
+/** The volume verbs of one principal's broker view. */
 export class Volumes implements VolumesApi {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
@@ -95,6 +96,7 @@ export class Volumes implements VolumesApi {
   }
 }
 
+/** The snapshot verbs of one principal's broker view. */
 export class Snapshots implements SnapshotsApi {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 

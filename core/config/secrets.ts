@@ -4,6 +4,7 @@
  */
 export const REDACTED = '***';
 
+/** The secret values seen so far, to redact from every error, log line and output. */
 export class SecretRegistry {
   private readonly values = new Set<string>();
 

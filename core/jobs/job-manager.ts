@@ -40,6 +40,7 @@ function pidAlive(pid: number): boolean {
   }
 }
 
+/** Starts jobs under their locks, records them, and recovers (resumes or fails) those a previous process left. */
 export class JobManager {
   private readonly token = randomBytes(8).toString('hex');
   private readonly running = new Map<string, ManagedJob>();

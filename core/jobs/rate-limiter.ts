@@ -5,6 +5,7 @@
  */
 export const SLICE_MS = 100;
 
+/** A speed limit on a timeline of 100 ms slices (see above). */
 export class RateLimiter {
   private speed = 0;
   private nextFree = 0;

@@ -63,6 +63,7 @@ export function lockModesConflict(held: LockMode, wanted: LockMode): boolean {
   return !(held === 'shared' && wanted === 'shared');
 }
 
+/** Shared, exclusive and maintenance locks per volume, across the processes that share a state directory. */
 export class LockManager {
   private readonly held: Held[] = [];
   private readonly waiters = new Set<() => void>();

@@ -34,6 +34,7 @@ export interface ErrorDetails {
   data?: Record<string, unknown>;
 }
 
+/** The base of every typed error: a stable code, the ref it concerns, and a hint for what to do. */
 export class OffloadError extends Error {
   readonly code: ErrorCode;
   readonly ref?: string;
@@ -71,18 +72,31 @@ function make(code: ErrorCode) {
   };
 }
 
+/** A bad name, size, option or request: nothing was done. */
 export class InvalidArgument extends make('InvalidArgument') {}
+/** What was asked for does not exist (or is not the caller's to see). */
 export class NotFound extends make('NotFound') {}
+/** The name is taken by something else. */
 export class AlreadyExists extends make('AlreadyExists') {}
+/** The request is valid but the state does not allow it now (dependents, a closed device…). */
 export class FailedPrecondition extends make('FailedPrecondition') {}
+/** Locked by a job, an operation or a maintenance lock, which the error names. */
 export class Busy extends make('Busy') {}
+/** A size or range the target cannot take (shrinking, past the end). */
 export class OutOfRange extends make('OutOfRange') {}
+/** Nothing can do this here: the reason says what is missing. */
 export class Unsupported extends make('Unsupported') {}
+/** The principal may not do this. */
 export class PermissionDenied extends make('PermissionDenied') {}
+/** The backend did not answer usably, after retries. */
 export class BackendUnavailable extends make('BackendUnavailable') {}
+/** It took too long. */
 export class Timeout extends make('Timeout') {}
+/** Damaged data or metadata (an image, a checksum that does not match). */
 export class Corrupt extends make('Corrupt') {}
+/** A job was cancelled. */
 export class Cancelled extends make('Cancelled') {}
+/** A bug or an unexpected failure, with what was being done. */
 export class InternalError extends make('Internal') {}
 
 const BY_CODE: Record<ErrorCode, new (message: string, details?: ErrorDetails) => OffloadError> = {

@@ -37,6 +37,7 @@ const CAPS = new CapabilitySet([
   'data.read', 'data.write', 'data.extents',
 ]);
 
+/** The `flasharray` StorageBackend: volumes, snapshots and clones offloaded to the array, and its data path. */
 export class FlashArrayBackend implements StorageBackend {
   readonly kind = 'flasharray';
 

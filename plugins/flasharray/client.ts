@@ -62,6 +62,7 @@ export interface ApiErrorData extends Record<string, unknown> {
 
 export interface PageOf<T> { items: T[]; next?: string; total?: number }
 
+/** A FlashArray REST 2.x client: api-token login, retries with backoff, continuation tokens. */
 export class FlashArrayClient {
   private session: string | undefined;
   private loggingIn: Promise<string> | undefined;

@@ -25,6 +25,7 @@ const VOLUMES = '/api/storage/volumes';
 /** The volume comment records the owning principal: `offload:owner=<principal>`. */
 const OWNER_PREFIX = 'offload:owner=';
 
+/** The `ontap` StorageBackend: volumes, snapshots, FlexClones and clone split offloaded to the NAS, and its data path. */
 export class OntapBackend implements StorageBackend {
   readonly kind = 'ontap';
   readonly client: OntapClient;

@@ -53,6 +53,7 @@ export interface WaitOptions {
   onPoll?: (job: Job) => void | Promise<void>;
 }
 
+/** An ONTAP REST client: Basic auth, retries, `_links.next` paging and 202 + job polling. */
 export class OntapClient {
   private readonly base: string;
   private readonly auth: string;

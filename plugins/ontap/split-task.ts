@@ -27,6 +27,7 @@ export interface SplitDeps {
   findVolume(name: string): Promise<Volume | undefined>;
 }
 
+/** A clone split as a resumable broker job: the appliance's job uuid is its checkpoint. */
 export class SplitTask implements JobTask {
   readonly type = 'stream';
   readonly params: Record<string, unknown>;

@@ -9,6 +9,7 @@ import type { OntapClient } from './client.js';
 /** Largest body sent in one PUT. */
 const MAX_WRITE = 4 * 1024 * 1024;
 
+/** A NAS volume's data path through the appliance's data plane. */
 export class OntapVolumeDevice implements BlockDevice {
   private closed = false;
 

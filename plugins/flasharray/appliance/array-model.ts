@@ -62,6 +62,7 @@ export interface ArrayModelOptions {
 /** Largest byte range one data-plane request may read or write. */
 export const MAX_IO = 64 * 1024 * 1024;
 
+/** The mock array's state and rules (volumes, snapshots, destroy/eradicate, data), independent of HTTP. */
 export class ArrayModel {
   private readonly volumes = new Map<string, VolumeRecord>();
   private readonly snapshots = new Map<string, SnapshotRecord>();

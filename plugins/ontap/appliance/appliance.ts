@@ -38,6 +38,7 @@ export interface JobFault {
 
 const NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,202}$/;
 
+/** The mock ONTAP's state and rules (see above), independent of HTTP. */
 export class OntapAppliance {
   readonly svms: string[];
   readonly jobExpiryMs: number;

@@ -90,6 +90,7 @@ const volume = (r: RawVolume): VolumeRow => ({
 });
 const snapshot = (r: RawSnapshot): SnapshotRow => ({ volume: r.volume, name: r.name, layer: r.layer, sizeBytes: r.size, createdAt: r.created_at });
 
+/** The pool's SQLite metadata: layers, volumes, snapshots (see above). */
 export class PoolMetadata {
   private readonly db: Database.Database;
 

@@ -10,6 +10,7 @@
 import { FailedPrecondition, RwLock } from '../../../core/index.js';
 import type { Image } from '../engine/index.js';
 
+/** The one open image of a volume in this process, with the lock that guards swapping it. */
 export class OpenVolume {
   readonly lock = new RwLock();
   private image: Image | undefined;
@@ -60,6 +61,7 @@ export class OpenVolume {
   }
 }
 
+/** The open volumes of a pool, by name, counted by their users. */
 export class OpenVolumes {
   private readonly map = new Map<string, OpenVolume>();
 
