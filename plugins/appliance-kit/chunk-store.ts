@@ -12,7 +12,7 @@
  * `load` sweeps it. Only chunks not yet written are held in memory; the others are read from
  * their files, so memory does not grow with the data.
  */
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Corrupt } from '../../core/index.js';
 
@@ -30,6 +30,8 @@ export interface MapExtent {
 
 /** Chunk files are named by id; `.tmp` ones are writes a crash interrupted. */
 const CHUNK_FILE = /^(\d+)(\.tmp)?$/;
+/** How the FlashArray mock named its chunk files before the kit (`N.chunk`): renamed on load. */
+const OLD_CHUNK_FILE = /^(\d+)\.chunk$/;
 
 /** Reference-counted, immutable chunks shared by block maps (see the file header). */
 export class ChunkStore {
@@ -59,6 +61,10 @@ export class ChunkStore {
     for (const map of maps) this.share(map);
     if (!this.dir) return;
     const present = new Set<number>();
+    for (const old of readdirSync(this.dir)) {
+      const o = OLD_CHUNK_FILE.exec(old);
+      if (o && !existsSync(join(this.dir, o[1]!))) renameSync(join(this.dir, old), join(this.dir, o[1]!));
+    }
     for (const name of readdirSync(this.dir)) {
       const m = CHUNK_FILE.exec(name);
       if (!m) continue; // not ours: never delete what the store did not write

@@ -3,7 +3,7 @@
  * the destroy/eradicate life cycle, thin copies — and every answer validated against the shared
  * zod schemas the plugin parses with.
  */
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -278,6 +278,27 @@ describe('thin copies on disk', () => {
 });
 
 describe('mock state folder', () => {
+  it('a folder saved before the appliance kit (chunk files named N.chunk) still loads', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'fa-old-'));
+    try {
+      let mock = await startFlashArrayMock({ stateDir: dir });
+      let c = new Curl(mock);
+      await c.login();
+      await c.call('POST', 'volumes?names=v', { provisioned: MiB });
+      await c.call('PUT', '/data/volumes/v', Buffer.alloc(1000, 5), { 'content-range': 'bytes 0-999/*' });
+      await mock.close();
+      for (const f of await readdir(join(dir, 'chunks'))) await rename(join(dir, 'chunks', f), join(dir, 'chunks', `${f}.chunk`));
+      mock = await startFlashArrayMock({ stateDir: dir });
+      c = new Curl(mock);
+      await c.login();
+      const got = await c.call('GET', '/data/volumes/v', undefined, { range: 'bytes=0-999' });
+      expect(Buffer.from(await got.arrayBuffer())).toEqual(Buffer.alloc(1000, 5));
+      await mock.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a damaged state file is Corrupt, with what to do', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'fa-bad-'));
     try {

@@ -4,7 +4,7 @@
  * repair run is followed by a second, read-only check whose result is printed, carrying the
  * fixed counts over, as qemu-img does.
  */
-import { openImage, type CheckResult, type ImageFormat } from '../index.js';
+import { openImage, type CheckResult, type ImageFormat } from '../engine/index.js';
 import type { ImgOutput } from './output.js';
 import { qemuJsonPretty } from './qemu-json.js';
 import { cFixed } from './sizes.js';

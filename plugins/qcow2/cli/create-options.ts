@@ -3,7 +3,7 @@
  * escaped comma, several `-o` accumulating. Only the options our formats know are accepted.
  */
 import { InvalidArgument, Unsupported } from '../../../core/index.js';
-import type { CreateOptions, ImageFormat } from '../index.js';
+import type { CreateOptions, ImageFormat } from '../engine/index.js';
 import { parseQemuSizeBig } from './sizes.js';
 
 /** Split `a=1,b=x,,y` into [['a','1'],['b','x,y']]. */

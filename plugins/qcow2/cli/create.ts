@@ -5,7 +5,7 @@
  */
 import { dirname, resolve } from 'node:path';
 import { InvalidArgument } from '../../../core/index.js';
-import { createImage, openImage, type CreateOptions, type ImageFormat } from '../index.js';
+import { createImage, openImage, type CreateOptions, type ImageFormat } from '../engine/index.js';
 import { parseCreationOptions, splitOptions, validateQcow2Options, type CreationOptions } from './create-options.js';
 import type { ImgOutput } from './output.js';
 import { parseImageSize } from './sizes.js';

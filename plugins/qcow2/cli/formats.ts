@@ -1,6 +1,6 @@
 /** Format names accepted by `-f`, `-F`, `-O` (the engine knows qcow2 and raw). */
 import { InvalidArgument } from '../../../core/index.js';
-import type { ImageFormat } from '../index.js';
+import type { ImageFormat } from '../engine/index.js';
 
 export function parseFormat(name: string | undefined): ImageFormat | undefined {
   if (name === undefined) return undefined;

@@ -5,7 +5,7 @@
  */
 import { stat } from 'node:fs/promises';
 import { Corrupt } from '../../../core/index.js';
-import { openImage, type Image, type ImageFormat, type SnapshotInfo } from '../index.js';
+import { openImage, type Image, type ImageFormat, type SnapshotInfo } from '../engine/index.js';
 import { pathCombine } from './names.js';
 import { qdictKeyOrder, type QemuJsonValue } from './qemu-json.js';
 import { sizeToStr } from './sizes.js';

@@ -1,5 +1,5 @@
 /** `offload img io [-f fmt] [-r] -c CMD … file`: qemu-io's -c commands on one image. */
-import { openImage, type ImageFormat } from '../index.js';
+import { openImage, type ImageFormat } from '../engine/index.js';
 import type { ImgOutput } from './output.js';
 import { runIoCommand } from './qemu-io-commands.js';
 

@@ -4,7 +4,7 @@
  * form lists only the ranges whose data lives in a file, and refuses compressed data.
  */
 import { Unsupported } from '../../../core/index.js';
-import { openImage, type BlockStatus, type Image, type ImageFormat } from '../index.js';
+import { openImage, type BlockStatus, type Image, type ImageFormat } from '../engine/index.js';
 import { pathCombine } from './names.js';
 import type { ImgOutput } from './output.js';
 

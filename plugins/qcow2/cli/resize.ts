@@ -1,6 +1,6 @@
 /** `qemu-img resize [-f fmt] [--shrink] file [+|-]size`. */
 import { InvalidArgument, OutOfRange } from '../../../core/index.js';
-import { openImage, type ImageFormat } from '../index.js';
+import { openImage, type ImageFormat } from '../engine/index.js';
 import type { ImgOutput } from './output.js';
 import { parseImageSize } from './sizes.js';
 

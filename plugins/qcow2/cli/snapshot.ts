@@ -1,6 +1,6 @@
 /** `qemu-img snapshot -l | -c NAME | -a NAME | -d NAME file`. */
 import { Unsupported } from '../../../core/index.js';
-import { openImage, type ImageFormat } from '../index.js';
+import { openImage, type ImageFormat } from '../engine/index.js';
 import { humanSnapshotList, snapshotJson } from './image-info.js';
 import type { ImgOutput } from './output.js';
 
