@@ -22,11 +22,12 @@ const MiB = 1 << 20;
  * that loads the jobs module, then times only the job.
  */
 const DIST = join(ROOT, 'dist', 'plugins', 'qcow2', 'jobs', 'index.js');
-const CHILD = (jobsModule: string) => `
+const CORE = join(ROOT, 'dist', 'core', 'index.js');
+const CHILD = (jobsModule: string, coreModule: string) => `
   const { commitTask, streamTask } = await import(${JSON.stringify(jobsModule)});
+  const { JobRun } = await import(${JSON.stringify(coreModule)});
   const [job, dir] = process.argv.slice(1);
-  const ctx = { jobId: 'bench', signal: new AbortController().signal, resumeFrom: undefined, completeRequested: true,
-    setTotal() {}, advance() {}, setProgress() {}, async checkpoint() {}, saveState() {}, ready() {}, async waitForComplete() {} };
+  const ctx = new JobRun({ jobId: 'bench' }); // what the broker gives a job (checkpoints saved once a second)
   const baseline = process.resourceUsage().maxRSS / 1024;
   const t0 = performance.now();
   const task = job === 'stream' ? streamTask(dir + '/top.qcow2') : commitTask(dir + '/top.qcow2', { empty: true });
@@ -64,7 +65,7 @@ function fresh(template: string, dir: string): void {
 }
 
 function ourJob(job: string, dir: string): number {
-  const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD(pathToFileURL(DIST).href), job, dir], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', CHILD(pathToFileURL(DIST).href, pathToFileURL(CORE).href), job, dir], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`our ${job} job failed: ${r.stderr}`);
   return (JSON.parse(r.stdout.trim().split('\n').pop()!) as { ms: number }).ms;
 }

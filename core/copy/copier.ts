@@ -5,7 +5,6 @@
  * files) taking what it can. The broker's host copies, the pool's full clones, `img convert` and
  * the copy into a raw file all run here.
  */
-import { createHash } from 'node:crypto';
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { JobContext } from '../jobs/job-task.js';
 import { Corrupt } from '../model/errors.js';
@@ -243,6 +242,8 @@ function split(pieces: Piece[], max = COPY_CHUNK): Piece[] {
 /** Compare checksums of source and target, COPY_CHUNK at a time, over every piece; bytes compared. */
 async function verify(src: BlockDevice, dst: BlockDevice, pieces: Piece[], ctx: JobContext): Promise<number> {
   let compared = 0;
+  // Loaded here: node:crypto costs every `offload img` start a few milliseconds.
+  const { createHash } = await import('node:crypto');
   const digest = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
   for (const c of split(pieces)) {
     const [a, b] = await Promise.all([c.kind === 'data' ? src.read(c.offset, c.length) : Promise.resolve(new Uint8Array(c.length)), dst.read(c.offset, c.length)]);

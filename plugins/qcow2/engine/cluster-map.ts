@@ -130,38 +130,18 @@ export function hostOf(s: Qcow2State, run: Run, p: number): number {
 }
 
 /**
- * The image's own allocations in [start, end): data and zero clusters, merged, straight from the
- * L2 tables (an empty entry costs one compare). Caller holds the lock (shared is enough).
+ * The image's own allocations in [start, end): data and zero clusters, merged by kind, from the
+ * same run walk as every lookup (an entry that continues a run costs one compare). Caller holds
+ * the lock (shared is enough).
  */
 export async function ownAllocations(s: Qcow2State, start: number, end: number): Promise<Allocation[]> {
   const out: Allocation[] = [];
-  const cs = s.cs;
-  const push = (at: number, len: number, zero: boolean) => {
+  for (const r of await runs(s, start, end - start)) {
+    if (r.entry.kind === 'unallocated') continue;
+    const zero = r.entry.kind === 'zero';
     const last = out[out.length - 1];
-    if (last && last.zero === zero && last.start + last.length === at) last.length += len;
-    else out.push({ start: at, length: len, zero });
-  };
-  let gc = Math.floor(start / cs);
-  const gcEnd = Math.ceil(end / cs);
-  while (gc < gcEnd) {
-    const l1i = Math.floor(gc / s.l2Entries);
-    const stop = Math.min(gcEnd, (l1i + 1) * s.l2Entries);
-    const l2 = l2OffsetAt(s, l1i);
-    if (l2 !== 0) {
-      const table = await s.meta.l2Table(l2);
-      const dv = new DataView(table.buffer, table.byteOffset, table.byteLength);
-      for (let c = gc; c < stop; c++) {
-        const i = (c % s.l2Entries) * 8;
-        const hi = dv.getUint32(i);
-        const lo = dv.getUint32(i + 4);
-        if (hi === 0 && lo === 0) continue;
-        const kind = decodeL2(hi, lo, s.h.clusterBits).kind;
-        if (kind === 'unallocated') continue;
-        const at = Math.max(start, c * cs);
-        push(at, Math.min(end, (c + 1) * cs) - at, kind === 'zero');
-      }
-    }
-    gc = stop;
+    if (last && last.zero === zero && last.start + last.length === r.start) last.length += r.length;
+    else out.push({ start: r.start, length: r.length, zero });
   }
   return out;
 }

@@ -10,8 +10,8 @@ import { tempDir } from './helpers.js';
 import { commitTask, copyToRaw, makeEmpty, rebaseTask, runCommit, runRebase, runStream, streamTask } from '../jobs/index.js';
 
 const M = 1 << 20;
-let cleanup: (() => void) | undefined;
-afterEach(() => { cleanup?.(); cleanup = undefined; });
+const cleanups: (() => void)[] = [];
+afterEach(() => { for (const c of cleanups.splice(0)) c(); });
 
 /** A job run that saves every checkpoint (kept in `states`) and is cancelled at its `cancelAfter`-th checkpoint. */
 class TestRun extends JobRun {
@@ -40,7 +40,7 @@ function context(resumeFrom?: unknown, cancelAfter = Infinity): TestRun {
 /** base (data 0–6M, pattern 1) ← top (data 2–3M, pattern 2), 12 MiB. */
 async function chain(): Promise<string> {
   const t = tempDir('jobs-unit-');
-  cleanup = t.cleanup;
+  cleanups.push(t.cleanup);
   const d = t.dir;
   await createImage(`${d}/base.qcow2`, { size: 12 * M });
   const b = await openImage(`${d}/base.qcow2`, { readOnly: false });
@@ -124,7 +124,7 @@ describe('chain jobs: bad requests are typed errors and change nothing', () => {
       expect(ctx.states[0]).toEqual({ offset: 4 * M });
       expect((await bytes(img)).equals(before)).toBe(true);
       await img.close();
-      cleanup?.();
+      for (const c of cleanups.splice(0)) c();
     }
   });
 });
@@ -156,7 +156,7 @@ describe('chain jobs over a raw base (through the engine\'s block-job surface)',
   /** base.raw (0–2M data) ← low.qcow2 (2–3M) ← mid.qcow2 (3–4M, zeros 1–2M) ← top.qcow2 (4–5M), 8 MiB. */
   async function rawBased(): Promise<string> {
     const tmp = tempDir('jobs-raw-');
-    cleanup = tmp.cleanup;
+    cleanups.push(tmp.cleanup);
     const d = tmp.dir;
     writeFileSync(`${d}/base.raw`, Buffer.concat([Buffer.alloc(2 * M, 7), Buffer.alloc(6 * M)]));
     let below = 'base.raw';
@@ -228,7 +228,7 @@ describe('large sparse images', () => {
   /** 4 GiB virtual: base data at 1 GiB + 5 MiB and near the end, top data at 3 GiB. */
   async function sparseChain(): Promise<string> {
     const t = tempDir('jobs-sparse-');
-    cleanup = t.cleanup;
+    cleanups.push(t.cleanup);
     const d = t.dir;
     const G = 1 << 30;
     await createImage(`${d}/base.qcow2`, { size: 4 * G });
@@ -303,7 +303,7 @@ describe('copy into raw', () => {
 describe('DirtyMap (Image.trackWrites)', () => {
   it('marks ranges at its granularity, hands them out once, and wakes a waiter', async () => {
     const t = tempDir('jobs-dirty-');
-    cleanup = t.cleanup;
+    cleanups.push(t.cleanup);
     const d = t.dir;
     await createImage(`${d}/t.qcow2`, { size: 4 * M });
     const img = await openImage(`${d}/t.qcow2`, { readOnly: false });
