@@ -108,3 +108,24 @@ export async function runAndKill(kind: 'stream' | 'clone', state: string, pool: 
   await exited;
   return id;
 }
+
+/** Files of a pool folder that `qemu-img check` does not pass, with its output (empty when all pass). */
+export function failedChecks(dir: string): string[] {
+  return layerFiles(dir).filter((f) => f.endsWith('.qcow2')).flatMap((f) => {
+    const r = qemuImg(['check', f], dir);
+    return r.status === 0 ? [] : [`${f}: ${r.stdout}${r.stderr}`];
+  });
+}
+
+/** A pool and a state folder that outlive one broker: the restart tests open one, kill it, open another. */
+export function restartFixture(prefix: string): { state: string; pool: string; open(): Promise<Broker>; cleanup(): void } {
+  const root = mkdtempSync(join(tmpdir(), prefix));
+  const state = join(root, 'state');
+  const pool = join(root, 'pool');
+  mkdirSync(pool);
+  return {
+    state, pool,
+    open: () => createBroker({ state, backends: [{ name: 'local', kind: 'qcow2', path: pool }] }, { plugins: [qcow2Module], logger: silentLogger }),
+    cleanup: () => rmSync(root, { recursive: true, force: true }),
+  };
+}

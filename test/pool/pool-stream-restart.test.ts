@@ -3,23 +3,11 @@
  * resumes it from its checkpoint (it reads only what lies above it), the clone ends up
  * independent with the right data, and qemu-img check finds every file clean.
  */
-import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { createBroker, silentLogger, type Broker } from '../../core/index.js';
-import { qcow2Module } from '../../plugins/qcow2/module.js';
-import { bytesReadByProcess, HAVE_QEMU_IMG, MiB, runAndKill } from './pool-helpers.js';
+import { bytesReadByProcess, failedChecks, HAVE_QEMU_IMG, MiB, restartFixture, runAndKill } from './pool-helpers.js';
 
-const root = mkdtempSync(join(tmpdir(), 'offload-pool-restart-'));
-const state = join(root, 'state');
-const pool = join(root, 'pool');
-mkdirSync(pool);
-afterAll(() => rmSync(root, { recursive: true, force: true }));
-
-const open = (): Promise<Broker> =>
-  createBroker({ state, backends: [{ name: 'local', kind: 'qcow2', path: pool }] }, { plugins: [qcow2Module], logger: silentLogger });
+const { state, pool, open, cleanup } = restartFixture('offload-pool-restart-');
+afterAll(cleanup);
 const fill = (i: number) => Buffer.alloc(MiB, (i * 37 + 11) & 0xff);
 
 describe('pool stream across a broker crash', () => {
@@ -64,11 +52,6 @@ describe('pool stream across a broker crash', () => {
     } finally {
       await broker.close();
     }
-    if (HAVE_QEMU_IMG) {
-      for (const f of readdirSync(pool).filter((n) => n.endsWith('.qcow2'))) {
-        const c = spawnSync('qemu-img', ['check', join(pool, f)], { encoding: 'utf8' });
-        expect(c.status, `${f}: ${c.stdout}${c.stderr}`).toBe(0);
-      }
-    }
+    if (HAVE_QEMU_IMG) expect(failedChecks(pool)).toEqual([]);
   });
 });
