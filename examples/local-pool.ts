@@ -68,7 +68,7 @@ try {
     `its own file takes ${statSync(pool.chainFiles('tour-clone')[0]!).size} bytes; chain ${chain('tour-clone')}`);
 
   await broker.clone('local/tour-vm@golden', 'local/tour-copy', { mode: 'full' });
-  say(`full clone local/tour-copy: owns all its data, ${onDisk('tour-copy')} bytes on disk (sparse): ${chain('tour-copy')}`);
+  say(`full clone local/tour-copy (copied through the host, as a job): owns all its data, ${onDisk('tour-copy')} bytes on disk (sparse): ${chain('tour-copy')}`);
 
   await write(broker, 'local/tour-vm', 0, 'boot sector v2 (broken update)');
   await broker.snapshots.revert('local/tour-vm@golden');
