@@ -34,7 +34,7 @@ export type { BrokerConfig, RawConfig } from './config/config.js';
 export { ConfigError, isConfigError } from './config/config-error.js';
 export { secrets, REDACTED } from './config/secrets.js';
 export { createLogger, silentLogger } from './logger.js';
-export { copyData, resumeOffset, COPY_CHUNK, type CopyOptions, type CopyResult } from './copy/copier.js';
+export { copyData, resumeOffset, COPY_CHUNK, type CopyDataOptions, type CopyResult } from './copy/copier.js';
 export { nonZeroRuns } from './copy/zero-scan.js';
 export { hostCopyTask, type HostCopyParams } from './copy/host-copy.js';
 export type { RunCliOptions } from './cli/run-cli.js';

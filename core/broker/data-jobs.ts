@@ -46,6 +46,11 @@ export class DataJobs {
     switch (first?.action) {
       case 'clone.linked':
       case 'clone.full':
+        if (opts.verify || opts.speed) {
+          throw new InvalidArgument(`clone ${source} to ${target}: ${opts.verify ? '--verify' : '--speed'} applies to a copy through the host, and this clone is offloaded to ${dst.backend} (${first.action})`, {
+            hint: 'add --prefer host (and --full) to copy through the host, or leave the option out',
+          });
+        }
         return { volume: await this.nativeClone(src, dst, first.action === 'clone.linked' ? 'linked' : 'full', size, owner, opts.owner !== undefined) };
       case 'volume.create':
         if (plan.steps[1]?.action === 'data.copy') return { job: await this.hostClone(src, dst, plan, size, owner, opts) };
@@ -122,6 +127,9 @@ export class DataJobs {
 
   async copy(source: string, target: string, opts: CopyOptions = {}): Promise<Job> {
     checkPrefer(opts.prefer);
+    if (opts.prefer === 'native') {
+      throw new InvalidArgument(`copy ${source} to ${target}: a copy into an existing volume always runs through the host; there is no native way to prefer`, { hint: 'leave out --prefer' });
+    }
     const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
     const src = parseVolumeRef(source);
     this.a.assertOwns(src);

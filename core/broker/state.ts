@@ -2,7 +2,7 @@ import type { BlockDevice } from '../backend/block-device.js';
 import type { Logger } from '../backend/plugin.js';
 import type { StorageBackend } from '../backend/storage-backend.js';
 import type { BrokerConfig } from '../config/config.js';
-import { cloneTask, hostCopyTask, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
+import { cloneTask, hostCopyTask, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
 import type { JobManager } from '../jobs/job-manager.js';
 import type { JobRecord, JobStore } from '../jobs/job-store.js';
 import type { JobTask } from '../jobs/job-task.js';
@@ -74,23 +74,26 @@ export class BrokerState {
   }
 
   /** What a clone through the host needs from the broker: create and delete the target, open data paths. */
-  cloneDeps(): Parameters<typeof cloneTask>[1] {
+  cloneDeps(): CloneDeps {
+    const backendOf = (ref: string) => {
+      const r = parseRef(ref);
+      return { r, b: this.entry(r.backend).backend };
+    };
     return {
       open: (ref, mode) => this.openDevice(ref, mode),
-      exists: async (ref) => {
-        const r = parseRef(ref);
-        const b = this.entry(r.backend).backend;
-        return (await call(b, 'get', ref, () => b.getVolume(r.volume))) !== undefined;
+      find: async (ref) => {
+        const { r, b } = backendOf(ref);
+        return call(b, 'get', ref, () => b.getVolume(r.volume));
       },
       create: async (ref, sizeBytes, owner) => {
-        const r = parseRef(ref);
-        const b = this.entry(r.backend).backend;
-        await call(b, 'create', ref, () => b.createVolume({ name: r.volume, sizeBytes, owner }));
+        const { r, b } = backendOf(ref);
+        const vol = await call(b, 'create', ref, () => b.createVolume({ name: r.volume, sizeBytes, owner }));
         this.store.setOwner(ref, owner);
+        return vol;
       },
+      own: (ref, owner) => this.store.setOwner(ref, owner),
       remove: async (ref) => {
-        const r = parseRef(ref);
-        const b = this.entry(r.backend).backend;
+        const { r, b } = backendOf(ref);
         await call(b, 'delete', ref, () => b.deleteVolume(r.volume));
         this.store.deleteOwner(ref);
       },

@@ -90,8 +90,9 @@ export class Volumes implements VolumesApi {
   async open(refText: string, mode: 'r' | 'rw' = 'r'): Promise<BlockDevice> {
     if (mode !== 'r' && mode !== 'rw') throw new InvalidArgument(`open mode must be "r" or "rw", got ${String(mode)}`);
     const ref = parseVolumeRef(refText);
-    need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
+    this.s.entry(ref.backend);
     this.a.assertOwns(ref);
+    need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
     return this.s.openDevice(refText, mode);
   }
 }

@@ -7,7 +7,7 @@
  */
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { JobContext } from '../jobs/job-task.js';
-import { Corrupt } from '../model/errors.js';
+import { Corrupt, InvalidArgument } from '../model/errors.js';
 import type { Extent } from '../model/types.js';
 import { nonZeroRuns } from './zero-scan.js';
 
@@ -21,7 +21,7 @@ export const COPY_DEPTH = 4;
  */
 const FAST_WINDOW = 1024 * 1024 * 1024;
 
-export interface CopyOptions {
+export interface CopyDataOptions {
   /**
    * The target reads as zeros wherever nothing is written (a volume or image made for this copy):
    * holes and zero ranges of the source are skipped, and 4 KiB blocks of zeros inside data are
@@ -63,8 +63,11 @@ export function resumeOffset(state: unknown, size: number, align = 1): number {
  * `ctx` and checkpointing `{ offset }` (everything below is copied); a run with
  * `ctx.resumeFrom` set continues from there. The target is flushed before it resolves.
  */
-export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobContext, opts: CopyOptions = {}): Promise<CopyResult> {
+export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobContext, opts: CopyDataOptions = {}): Promise<CopyResult> {
   const fresh = opts.targetFresh === true;
+  if (opts.window !== undefined && !(Number.isSafeInteger(opts.window) && opts.window > 0)) {
+    throw new InvalidArgument(`copy: window must be a positive whole number of bytes, got ${String(opts.window)}`);
+  }
   const size = Math.min(src.sizeBytes, dst.sizeBytes);
   const start = opts.startAt !== undefined ? resumeOffset({ offset: opts.startAt }, size) : resumeOffset(ctx.resumeFrom, size);
   const whole = plan(await src.extents(0, size), size, fresh);
@@ -76,7 +79,12 @@ export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobConte
   if (fresh && dst.copyFrom) await mover.inWindows(pieces);
   else await mover.pipeline(pieces);
   await dst.flush();
-  if (opts.verify) result.verifiedBytes = await verify(src, dst, whole, ctx);
+  if (opts.verify) {
+    // Verifying reads both sides: it counts in the progress (and the speed limit) as a second pass.
+    const copied = dataIn(whole, 0, size);
+    ctx.setTotal(copied + whole.reduce((n, p) => n + p.length, 0));
+    result.verifiedBytes = await verify(src, dst, whole, ctx);
+  }
   return result;
 }
 
@@ -254,7 +262,7 @@ async function verify(src: BlockDevice, dst: BlockDevice, pieces: Piece[], ctx: 
       });
     }
     compared += c.length;
-    await ctx.checkpoint(0);
+    await ctx.checkpoint(c.length);
   }
   return compared;
 }

@@ -6,7 +6,7 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import { Shutdown } from '../jobs/job-run.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
-import { AlreadyExists } from '../model/errors.js';
+import { AlreadyExists, FailedPrecondition } from '../model/errors.js';
 import { copyData } from './copier.js';
 
 export interface HostCopyParams extends Record<string, unknown> {
@@ -46,43 +46,59 @@ export interface HostCloneParams extends HostCopyParams {
 
 export interface CloneDeps {
   open: DeviceOpener;
-  exists(ref: string): Promise<boolean>;
-  /** Create the target volume and record its owner. */
-  create(ref: string, sizeBytes: number, owner: string): Promise<void>;
+  /** The target as the backend reports it now (undefined: none). */
+  find(ref: string): Promise<{ createdAt?: string } | undefined>;
+  /** Create the target volume and record its owner; resolves with it. */
+  create(ref: string, sizeBytes: number, owner: string): Promise<{ createdAt?: string }>;
+  /** Record the target's owner (again, after a resume). */
+  own(ref: string, owner: string): void;
   /** Delete the target volume and its owner record. */
   remove(ref: string): Promise<void>;
 }
 
+/** What a clone job has saved about its target: about to create it, or created (and when, as the backend said). */
+interface CloneState { creating?: boolean; created?: boolean; createdAt?: string }
+
 /**
  * A clone through the host as one job, which holds the target's exclusive lock from before the
- * target exists until the copy ends: it creates the target (refusing a name that is taken: a
- * clone never adopts another's volume), records that it did in its checkpoint, copies, and
- * deletes what it created when it fails or is cancelled. Stopped for a resume (the broker
- * closing), it leaves the target for the resumed run.
+ * target exists until the copy ends: it refuses a name that is taken (a clone never adopts
+ * another's volume), records that it is about to create the target, creates it, records that it
+ * did, copies, and deletes what it created when it fails or is cancelled. Stopped for a resume
+ * (the broker closing), it leaves the target for the resumed run, which takes it back only when
+ * it is the one this job made.
  */
 export function cloneTask(params: HostCloneParams, deps: CloneDeps): JobTask {
+  const refuse = (why: string) => new AlreadyExists(`${params.target} already exists${why}; a clone through the host needs a new volume`, {
+    ref: params.target, hint: 'delete it first, or use `offload copy` to overwrite it',
+  });
   return {
     type: 'clone',
     params,
     async run(ctx) {
-      // A run resumed after the create began (`created`) takes the target as its own: the
-      // exclusive lock kept everyone else off the name while this job ran.
-      const resumed = ctx.resumeFrom as { created?: unknown } | undefined;
-      let created = resumed?.created === true;
-      try {
-        if (!created) {
-          if (await deps.exists(params.target)) {
-            throw new AlreadyExists(`${params.target} already exists; a clone through the host needs a new volume`, {
-              ref: params.target, hint: 'delete it first, or use `offload copy` to overwrite it',
-            });
-          }
-          ctx.saveState({ created: true });
-          created = true;
-          await deps.create(params.target, params.sizeBytes, params.owner);
-        } else if (!(await deps.exists(params.target))) {
-          await deps.create(params.target, params.sizeBytes, params.owner); // stopped between the record and the create
+      const was = (ctx.resumeFrom ?? {}) as CloneState;
+      const found = await deps.find(params.target);
+      let created = false;
+      let createdAt: string | undefined;
+      if (was.created === true) {
+        // Resumed after the create: the volume there must be the one this job made.
+        if (!found) throw new FailedPrecondition(`${params.target}, which this clone created, is gone`, { ref: params.target, hint: 'clone again' });
+        if (was.createdAt !== undefined && found.createdAt !== undefined && found.createdAt !== was.createdAt) {
+          throw refuse(' and is not the volume this clone created (it was replaced while the job was stopped)');
         }
-        await copyBetween(params, deps.open, ctx, { created: true });
+        created = true;
+        createdAt = was.createdAt;
+        deps.own(params.target, params.owner);
+      } else {
+        // A run stopped between recording `creating` and recording `created` cannot tell whether
+        // a volume there is its own: it leaves it alone.
+        if (found) throw refuse(was.creating === true ? ' (it may be the one this clone was creating when it stopped: check it, delete it and clone again)' : '');
+        await ctx.saveState({ creating: true } satisfies CloneState);
+        createdAt = (await deps.create(params.target, params.sizeBytes, params.owner)).createdAt;
+        created = true;
+        await ctx.saveState({ created: true, ...(createdAt !== undefined ? { createdAt } : {}) } satisfies CloneState);
+      }
+      try {
+        await copyBetween(params, deps.open, ctx, { created: true, ...(createdAt !== undefined ? { createdAt } : {}) });
       } catch (e) {
         if (created && !(e instanceof Shutdown)) await deps.remove(params.target).catch(() => undefined);
         throw e;

@@ -43,6 +43,7 @@ export class JobRun implements JobContext {
   private readonly checkpointEveryMs: number;
   private readonly saveHooks: ((state: unknown) => Promise<void>)[] = [];
   private doneBytes: number;
+  private readonly doneBytesAtStart: number;
   private totalBytes: number;
   private paused = false;
   private resumeWaiters: (() => void)[] = [];
@@ -56,6 +57,7 @@ export class JobRun implements JobContext {
     this.jobId = opts.jobId ?? 'local';
     this.resumeFrom = opts.resumeFrom;
     this.doneBytes = opts.progress?.current ?? 0;
+    this.doneBytesAtStart = this.doneBytes;
     this.totalBytes = opts.progress?.total ?? 0;
     this.checkpointEveryMs = opts.checkpointEveryMs ?? 1000;
     this.speedLimit = Math.max(0, opts.speed ?? 0);
@@ -78,7 +80,9 @@ export class JobRun implements JobContext {
   }
 
   advance(bytes: number): void {
+    // Never past the total (a resumed run redoes what followed its last saved checkpoint).
     this.doneBytes += Math.max(0, bytes);
+    if (this.totalBytes > 0) this.doneBytes = Math.min(this.doneBytes, Math.max(this.totalBytes, this.doneBytesAtStart));
     this.opts.onProgress?.(this.doneBytes, this.totalBytes);
   }
 
@@ -104,9 +108,9 @@ export class JobRun implements JobContext {
     await this.throwIfStopped();
   }
 
-  saveState(state: unknown): void {
+  saveState(state: unknown): Promise<void> {
     this.unsaved = { state };
-    void this.saveUnsaved().catch(() => undefined);
+    return this.saveUnsaved();
   }
 
   beforeSave(fn: (state: unknown) => Promise<void>): () => void {

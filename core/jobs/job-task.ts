@@ -38,8 +38,11 @@ export interface JobContext {
    * the job is stopped for a later resume), after the beforeSave hooks have run.
    */
   checkpoint(bytesMoved: number, state?: unknown): Promise<void>;
-  /** Persist resumable state now (e.g. the id of an appliance's job, the moment it exists). */
-  saveState(state: unknown): void;
+  /**
+   * Persist resumable state now (e.g. the id of an appliance's job, the moment it exists); await
+   * it where what comes next must not happen unrecorded.
+   */
+  saveState(state: unknown): void | Promise<void>;
   /**
    * What must be durable before a saved state may claim the work it describes (e.g. writing the
    * deferred metadata of the image being written, or a record kept beside a raw target): run with

@@ -8,7 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ContainerModule } from 'inversify';
 import { afterEach, describe, expect, it } from 'vitest';
-import { BackendFactory, createBroker, runCli, silentLogger, type BlockDevice, type Broker } from '../../core/index.js';
+import { BackendFactory, createBroker, JobRun, runCli, silentLogger, type BlockDevice, type Broker } from '../../core/index.js';
+import { cloneTask, type CloneDeps, type HostCloneParams } from '../../core/copy/host-copy.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { memoryBackends, memoryFactory, memoryModule, type MemoryBackend } from '../support/memory-backend.js';
 
@@ -135,6 +136,10 @@ describe('a clone through the host', () => {
     expect(native.volume?.name).toBe('dst2');
     await expect(b.clone('m/src', 'm/dst3', { mode: 'linked', prefer: 'host' })).rejects.toMatchObject({ code: 'Unsupported' });
     await expect(b.clone('m/src', 'm/dst4', { prefer: 'sideways' as never })).rejects.toMatchObject({ code: 'InvalidArgument' });
+    // Options of a copy through the host are refused on an offloaded clone, not ignored.
+    await expect(b.clone('m/src', 'm/dst5', { mode: 'full', verify: true })).rejects.toMatchObject({ code: 'InvalidArgument', hint: expect.stringMatching(/--prefer host/) });
+    await expect(b.clone('m/src', 'm/dst6', { speed: MiB })).rejects.toMatchObject({ code: 'InvalidArgument' });
+    await expect(b.copy('m/src', 'm/dst', { prefer: 'native' })).rejects.toMatchObject({ code: 'InvalidArgument' });
   });
 
   it('--verify compares checksums after the copy: a target that loses writes fails the job as Corrupt', async () => {
@@ -157,6 +162,58 @@ describe('a clone through the host', () => {
     await expect((await b.copy('a/src', 'z/bad', { verify: true })).result()).rejects.toMatchObject({
       code: 'Corrupt', message: expect.stringMatching(/at offset 4194304/),
     });
+  });
+});
+
+describe('the clone job across a stop (cloneTask resumed)', () => {
+  /** The clone task's broker side over memory backends a and z, counting what it removes and owns. */
+  async function setup() {
+    const b = await make([{ name: 'a', kind: 'memory' }, { name: 'z', kind: 'memory' }]);
+    await b.volumes.create('a/src', { sizeBytes: 2 * MiB });
+    await writeAt(b, 'a/src', 0, fill(MiB, 2));
+    const z = memoryBackends.get('z')!;
+    const removed: string[] = [];
+    const owned: string[] = [];
+    const deps: CloneDeps = {
+      open: (ref, mode) => b.volumes.open(ref, mode),
+      find: (ref) => z.getVolume(ref.split('/')[1]!),
+      create: (ref, sizeBytes, owner) => z.createVolume({ name: ref.split('/')[1]!, sizeBytes, owner }),
+      own: (ref) => void owned.push(ref),
+      remove: async (ref) => { removed.push(ref); await z.deleteVolume(ref.split('/')[1]!); },
+    };
+    const params: HostCloneParams = { source: 'a/src', target: 'z/dst', targetFresh: true, sizeBytes: 2 * MiB, owner: 'admin' };
+    return { b, z, deps, params, removed, owned };
+  }
+
+  it('stopped between "creating" and "created", it leaves a volume it finds there alone', async () => {
+    const { z, deps, params, removed } = await setup();
+    await z.createVolume({ name: 'dst', sizeBytes: 2 * MiB });
+    await expect(cloneTask(params, deps).run(new JobRun({ resumeFrom: { creating: true } }))).rejects.toMatchObject({
+      code: 'AlreadyExists', message: expect.stringMatching(/may be the one this clone was creating/),
+    });
+    expect(removed).toEqual([]);
+    expect(await z.getVolume('dst')).toBeDefined();
+  });
+
+  it('resumed after the create, it takes back the volume it made, but not one that replaced it', async () => {
+    const { z, deps, params, removed, owned } = await setup();
+    const made = await z.createVolume({ name: 'dst', sizeBytes: 2 * MiB });
+    await cloneTask(params, deps).run(new JobRun({ resumeFrom: { created: true, createdAt: made.createdAt, offset: 0 } }));
+    expect(owned).toEqual(['z/dst']);
+    const dev = await z.openVolume('dst', 'r');
+    expect((await dev.read(0, MiB)).every((x) => x === 2)).toBe(true);
+    await dev.close();
+    await expect(cloneTask(params, deps).run(new JobRun({ resumeFrom: { created: true, createdAt: '1999-01-01T00:00:00.000Z' } })))
+      .rejects.toMatchObject({ code: 'AlreadyExists', message: expect.stringMatching(/replaced while the job was stopped/) });
+    expect(removed).toEqual([]);
+  });
+
+  it('a create that fails (the name was taken outside the broker meanwhile) deletes nothing', async () => {
+    const { z, deps, params, removed } = await setup();
+    const taken: CloneDeps = { ...deps, create: async (ref, size, owner) => { await z.createVolume({ name: 'dst', sizeBytes: size * 2 }); return deps.create(ref, size, owner); } };
+    await expect(cloneTask(params, taken).run(new JobRun())).rejects.toMatchObject({ code: 'AlreadyExists' });
+    expect(removed).toEqual([]);
+    expect((await z.getVolume('dst'))!.sizeBytes).toBe(4 * MiB);
   });
 });
 
@@ -192,10 +249,15 @@ describe('the CLI', () => {
       return { code, out: out.join('') };
     };
     expect((await run('volume', 'create', 'a/src', '4M')).code).toBe(0);
+    // Data to copy and verify (a broker over the same pools writes it; the CLI has no write verb).
+    const writer = await createBroker(config, { plugins: [qcow2Module], logger: silentLogger });
+    await writeAt(writer, 'a/src', MiB, fill(MiB, 3));
+    await writer.close();
     const cloned = await run('--json', 'clone', 'a/src', 'z/dst', '--verify');
     expect(cloned.code).toBe(0);
-    const printed = JSON.parse(cloned.out) as { name: string; job: { type: string; executor: string; status: string } };
+    const printed = JSON.parse(cloned.out) as { name: string; job: { type: string; executor: string; status: string; progress: { current: number; total: number } } };
     expect(printed).toMatchObject({ name: 'dst', job: { type: 'clone', executor: 'host', status: 'concluded' } });
+    expect(printed.job.progress).toEqual({ current: 2 * MiB, total: 2 * MiB }); // 1 MiB copied, then verified
     const plan = await run('plan', 'clone', 'a/src', 'a/other', '--full', '--prefer', 'host');
     expect(plan.out).toMatch(/data\.copy on host/);
     expect((await run('clone', 'a/src', 'a/x', '--prefer', 'nowhere')).code).toBe(2);

@@ -20,8 +20,8 @@ function tsFiles(dir: string): string[] {
 function imports(file: string): string[] {
   const text = readFileSync(file, 'utf8');
   const out: string[] = [];
-  for (const m of text.matchAll(/(?:import|export)\s[^'";]*?from\s+['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g)) {
-    const spec = m[1] ?? m[2]!;
+  for (const m of text.matchAll(/(?:import|export)\s[^'";]*?from\s+['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)|^import\s+['"]([^'"]+)['"]/gm)) {
+    const spec = m[1] ?? m[2] ?? m[3]!;
     if (spec.startsWith('.')) out.push(relative(root, resolve(dirname(file), spec)).replace(/\.js$/, '.ts'));
   }
   return out;

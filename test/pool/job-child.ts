@@ -2,13 +2,14 @@
  * Child process for the broker-restart tests: opens a broker on an existing pool and state dir,
  * starts a rate-limited job, prints the job id, and runs until killed.
  *   node --import tsx job-child.ts stream|clone STATE_DIR POOL_DIR
- * stream: local/kid; clone: local/src into a new local/dst through the host.
+ * stream: local/kid; clone: local/src into a new local/dst through the host. Checkpoints are
+ * saved as the broker saves them (at most once a second): what a kill may cost.
  */
 import { createBroker, silentLogger } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 
 const [kind, state, pool] = process.argv.slice(2);
-const broker = await createBroker({ state: state!, backends: [{ name: 'local', kind: 'qcow2', path: pool! }] }, { plugins: [qcow2Module], logger: silentLogger, checkpointEveryMs: 0 });
+const broker = await createBroker({ state: state!, backends: [{ name: 'local', kind: 'qcow2', path: pool! }] }, { plugins: [qcow2Module], logger: silentLogger });
 const speed = 4 * 1024 * 1024;
 const job = kind === 'stream'
   ? await broker.stream('local/kid', { speed })

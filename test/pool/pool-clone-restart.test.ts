@@ -22,7 +22,7 @@ describe('pool full clone across a broker crash', () => {
       .toEqual([['volume.create', 'backend:local'], ['data.copy', 'host']]);
     await setup.close();
 
-    const id = await runAndKill('clone', state, pool, 12 * MiB);
+    const id = await runAndKill('clone', state, pool, 20 * MiB);
 
     const readBefore = bytesReadByProcess();
     const broker = await open();
@@ -34,9 +34,11 @@ describe('pool full clone across a broker crash', () => {
       expect(before.progress.current).toBeLessThan(before.progress.total);
       const info = await broker.jobs.wait(id);
       expect(info.error).toBeUndefined();
-      // Only the data above the checkpoint was read again (32 MiB in all; ≥ 12 MiB were done).
+      // Only the data above the checkpoint was read again (32 MiB in all; ≥ 20 MiB were done). The
+      // saved checkpoint may lag the progress by a window of the fast path and a second of saves
+      // (4 MiB each at 4 MiB/s); 2 MiB more for metadata. A restart from zero would read 32 MiB.
       const read = bytesReadByProcess() - readBefore;
-      expect(read).toBeLessThan(before.progress.total - before.progress.current + 4 * MiB);
+      expect(read).toBeLessThan(before.progress.total - before.progress.current + 10 * MiB);
       expect(read).toBeLessThan(24 * MiB);
       const r = await broker.volumes.open('local/dst', 'r');
       for (let i = 0; i < 32; i++) {

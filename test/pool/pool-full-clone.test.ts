@@ -21,11 +21,13 @@ describe('qcow2 pool: full clones are jobs', () => {
 
     const { job } = await b.startClone('local/src@s', 'local/full', { mode: 'full', speed: MiB });
     for (let i = 0; i < 500 && job!.info().progress.current === 0; i++) await new Promise((r) => setTimeout(r, 10));
-    job!.pause();
-    // Other changes to the pool go on while the clone job holds its volumes.
+    // Other changes to the pool go on while the clone job runs.
     await b.volumes.create('local/other', { sizeBytes: 8 * MiB });
     await b.snapshots.create('local/other@o');
     await write(b, 'local/src', 0, pattern(99, MiB)); // the source volume moved on: the clone reads the snapshot
+    expect(job!.info().status).toBe('running');
+    expect(job!.info().progress.current).toBeLessThan(8 * MiB);
+    job!.pause();
     expect(job!.info().status).toBe('paused');
     b.jobs.cancel(job!.id);
     await expect(job!.result()).rejects.toMatchObject({ code: 'Cancelled' });

@@ -5,6 +5,11 @@
  * qcow2 clusters), and this image takes a native copy (raw, or qcow2 over whole clusters that it
  * does not allocate yet), the bytes move in the native helper (ImageFile.copyIn) with no
  * JavaScript between a read and its write. Everything else is left to the copier.
+ *
+ * The native copy reads and writes the layers' files below their ImageHandles: its writes are not
+ * counted in flight, tracked or held by a pivot. That is sound for what the copier gives it — a
+ * target that reads as zeros where nothing was written, made for this copy and locked by its job,
+ * and a point-in-time source that nobody writes meanwhile — and for nothing else.
  */
 import { FailedPrecondition, OutOfRange, type BlockDevice, type ByteRange, type Extent } from '../../../core/index.js';
 import { nativeCopyAvailable, type ImageFile } from './file.js';

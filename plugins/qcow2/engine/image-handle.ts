@@ -69,16 +69,15 @@ export class ImageHandle implements Image {
     if (--this.inflight === 0) this.drained?.();
   };
 
-  /** A call that changes content: its range is marked in every tracker once it ends (also when it failed half-way). */
+  /**
+   * A call that changes content: its range is marked, once it ends (also when it failed half-way),
+   * in every tracker there is then — a tracker started while the write was in flight sees it too.
+   * Marked before the call counts as done, so a pivot's last pass never misses it.
+   */
   private changing(offset: number, length: number, fn: (node: ImageNode) => Promise<void>): Promise<void> {
-    if (this.trackers.size === 0) return this.call(fn);
-    return this.call(async (node) => {
-      try {
-        await fn(node);
-      } finally {
-        for (const t of this.trackers) t.mark(offset, length);
-      }
-    });
+    return this.call((node) => fn(node).finally(() => {
+      for (const t of this.trackers) t.mark(offset, length);
+    }));
   }
 
   read(offset: number, length: number): Promise<Uint8Array> { return this.call((n) => n.read(offset, length)); }

@@ -36,9 +36,11 @@ export interface Qcow2Parts {
  *   the in-memory change, never after a reader could act on it.
  * - Writes to the file follow the crash-safe order: data before the L2 entry that points at it,
  *   L2 before L1, refcount increments before the reference, decrements after it.
- * - Every change of the mapping holds `lock` exclusively, except deferred-mode allocating writes:
- *   those hold it shared and take `metaLock` for their metadata steps, with `inflight` naming
- *   the guest clusters whose new space is being written (no other allocating write touches them).
+ * - Every change of the mapping holds `lock` exclusively, except allocating writes that free
+ *   nothing reused before an exclusive step (deferred-mode guest writes, and copy-on-read fills of
+ *   unallocated clusters in either mode): those hold it shared and take `metaLock` for their
+ *   metadata steps, with `inflight` naming the guest clusters whose new space is being written
+ *   (no other allocating write touches them).
  * - `fileLen` is at least the end of everything written to the file.
  */
 export class Qcow2State {
@@ -56,7 +58,7 @@ export class Qcow2State {
   fileLen: number;
   closed = false;
   readonly lock = new RwLock();
-  /** Deferred mode: the metadata steps of allocating writes that run under the shared lock. */
+  /** The metadata steps of allocating writes that run under the shared lock (see above). */
   readonly metaLock = new RwLock();
   readonly inflight = new Set<number>();
   readonly refcounts: Refcounts;

@@ -59,7 +59,9 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     const size = top.virtualSize;
     if (into.virtualSize < size) await into.resize(size);
     ctx.setTotal(size);
-    const offset = resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
+    // An active commit starts over when resumed, as QEMU's mirror does: the writes its last run
+    // tracked were in that process's memory only, so a saved offset would skip what they changed.
+    const offset = opts.active ? 0 : resumeOffset(ctx.resumeFrom, size, JOB_CHUNK);
     if (offset > 0) ctx.setProgress(offset, size);
     await runChunkPipeline({
       offset, size, ctx,

@@ -15,7 +15,11 @@ const MAGIC = 'offload-raw-progress';
 
 interface ProgressRecord { magic: string; version: 2; source: string; size: number; offset: number }
 
-/** Data bytes copied between two updates of the record: a kill redoes at most this much. */
+/**
+ * Data bytes the copier's native fast path takes at a time: each step ends in a checkpoint, which
+ * moves the record on when its job context saves one (at most once a second in the broker; every
+ * time in the kill tests).
+ */
 const STEP = 1 << 20;
 
 export function progressPathFor(target: string): string {

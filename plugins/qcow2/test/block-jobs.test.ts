@@ -81,6 +81,30 @@ describe('copy-on-read fills', () => {
     if (hasQemu) expect(qemuCheckJson(join(dir, 'top.qcow2')).status).toBe(0);
   });
 
+  it('a guest write racing a fill of all-unallocated clusters wins, whichever lands first (deferred and not)', async () => {
+    for (const deferMetadata of [false, true]) {
+      const { dir, top } = await rawChain();
+      await top.close();
+      const img = await openImage(join(dir, 'top.qcow2'), { readOnly: false, deferMetadata });
+      for (let round = 0; round < 8; round++) {
+        const at = 6 * M + round * 256 * K; // fresh, unallocated clusters each round
+        const fill = Buffer.from(await img.read(at, 256 * K));
+        const guest = pattern(4 * K, 20 + round);
+        const off = at + (round % 4) * 64 * K + 100;
+        const order = round % 2 === 0
+          ? [img.fillUnallocated(at, fill), img.write(off, guest)]
+          : [img.write(off, guest), img.fillUnallocated(at, fill)];
+        await Promise.all(order);
+        const got = Buffer.from(await img.read(at, 256 * K));
+        expect(got.subarray(off - at, off - at + 4 * K).equals(Buffer.from(guest)), `round ${round}`).toBe(true);
+        expect(got.subarray(0, off - at).equals(fill.subarray(0, off - at))).toBe(true);
+        expect(got.subarray(off - at + 4 * K).equals(fill.subarray(off - at + 4 * K))).toBe(true);
+      }
+      await img.close();
+      if (hasQemu) expect(qemuCheckJson(join(dir, 'top.qcow2')).status).toBe(0);
+    }
+  });
+
   it('zeroUnallocated makes only unallocated clusters read as zeros, over a backing file with data (v3 and v2)', async () => {
     for (const compat of ['1.1', '0.10'] as const) {
       const dir = join(t.dir, `z${compat}`);
@@ -165,6 +189,16 @@ describe('trackWrites and pivot', () => {
     await top.write(0, new Uint8Array(10));
     expect(m.empty()).toBe(true);
     expect(() => top.trackWrites(1000)).toThrow(InvalidArgument);
+    await top.close();
+  });
+
+  it('a write already in flight when tracking starts is tracked', async () => {
+    const { top } = await rawChain();
+    const inFlight = top.write(5 * M, pattern(64 * K, 5));
+    const m = top.trackWrites(64 * K);
+    await inFlight;
+    expect(m.takeAll(M)).toEqual([{ start: 5 * M, end: 5 * M + 64 * K }]);
+    m.stop();
     await top.close();
   });
 
