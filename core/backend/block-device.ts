@@ -21,6 +21,16 @@ export interface BlockDevice {
   writeZeroes?(offset: number, length: number): Promise<void>;
   /** Allocated ranges within [offset, offset+length), in order. */
   extents(offset?: number, length?: number): Promise<Extent[]>;
+  /**
+   * Drop the data of a range where the device can (NBD TRIM): afterwards it reads as zeros or as
+   * before, the device's choice. Absent: a trim changes nothing.
+   */
+  discard?(offset: number, length: number): Promise<void>;
+  /**
+   * Where each range's data comes from in a layered volume (NBD `qemu:allocation-depth`): 0 not
+   * allocated anywhere, 1 the volume's own top layer, 2 the layer below it, and so on.
+   */
+  allocationDepth?(offset: number, length: number): Promise<{ offset: number; length: number; depth: number }[]>;
   flush(): Promise<void>;
   close(): Promise<void>;
   /**

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
-import { lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
+import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { Busy, NotFound, toOffloadError } from '../model/errors.js';
 import { ACTIVE_STATUSES } from './job-states.js';
@@ -153,8 +153,9 @@ export class JobManager {
     for (const held of this.foreignLocks()) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
-      throw new Busy(`${held.key} is busy: ${held.holder.id.startsWith('op-') ? 'operation' : 'job'} ${held.holder.id} (${held.holder.description}) holds a ${held.mode} lock on it`, {
-        ref: held.key, hint: `wait for job ${held.holder.id} or cancel it`, data: { holder: held.holder.id, mode: held.mode, refused: id },
+      const who = holderKind(held.holder.id);
+      throw new Busy(`${held.key} is busy: ${who.kind} ${who.name} (${held.holder.description}) holds a ${held.mode} lock on it`, {
+        ref: held.key, hint: holderHint(held.holder.id), data: { holder: held.holder.id, mode: held.mode, refused: id },
       });
     }
   }

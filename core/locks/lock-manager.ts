@@ -190,13 +190,26 @@ export class LockManager {
   }
 }
 
+/** What holds a lock, for messages: a job, a short operation (`op-…`) or an export (`export:NAME`). */
+export function holderKind(id: string): { kind: 'job' | 'operation' | 'export'; name: string } {
+  if (id.startsWith('export:')) return { kind: 'export', name: id.slice('export:'.length) };
+  return { kind: id.startsWith('op-') ? 'operation' : 'job', name: id };
+}
+
+/** What to do about a holder, for hints. */
+export function holderHint(id: string): string {
+  const h = holderKind(id);
+  return h.kind === 'export' ? `stop export ${h.name} (\`offload nbd stop ${h.name}\`, or end its \`offload nbd\`)` : `wait for ${h.kind} ${h.name} or cancel it`;
+}
+
 function busyError(h: Held, extra?: string): Busy {
+  const who = holderKind(h.holder.id);
   const by = h.mode === 'maintenance'
     ? `it is under maintenance by ${h.holder.principal.id} (${h.holder.description})`
-    : `job ${h.holder.id} (${h.holder.description}, ${h.holder.principal.id}) holds a ${h.mode} lock on it`;
+    : `${who.kind} ${who.name} (${h.holder.description}, ${h.holder.principal.id}) holds a ${h.mode} lock on it`;
   return new Busy(`${h.key} is busy: ${by}${extra ? `; ${extra}` : ''}`, {
     ref: h.key,
-    hint: h.mode === 'maintenance' ? 'wait until an administrator lifts the maintenance lock' : `wait for job ${h.holder.id} or cancel it`,
+    hint: h.mode === 'maintenance' ? 'wait until an administrator lifts the maintenance lock' : holderHint(h.holder.id),
     data: { holder: h.holder.id, mode: h.mode, principal: h.holder.principal.id },
   });
 }

@@ -1,0 +1,210 @@
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { chmod, lstat, rm } from 'node:fs/promises';
+import type { BlockDevice } from '../backend/block-device.js';
+import { AlreadyExists, Busy, InvalidArgument, NotFound, type OffloadError } from '../model/errors.js';
+import { Budget } from './budget.js';
+import { ByteReader } from './byte-reader.js';
+import { handshake, type ExportView } from './nbd-handshake.js';
+import { LIMITS } from './nbd-protocol.js';
+import { transmit } from './nbd-transmission.js';
+
+/** Where a server listens: TCP (default 127.0.0.1:10809; port 0 picks a free one) or a unix socket. */
+export type ListenAddress = { host?: string; port?: number } | { socket: string };
+
+export interface NbdExportOptions {
+  name: string;
+  device: BlockDevice;
+  readOnly: boolean;
+  description?: string;
+}
+
+/** A client in its transmission phase. */
+interface Conn { socket: Socket; reader: ByteReader; done: Promise<void> }
+
+interface Entry {
+  view: ExportView;
+  device: BlockDevice;
+  connections: Set<Conn>;
+}
+
+/** Payload bytes all connections of a server may hold at once (reads in flight, writes being taken in). */
+const BUDGET = 64 * 1024 * 1024;
+/** A client that has not finished its handshake by then is dropped (qemu-nbd's default too). */
+const HANDSHAKE_LIMIT_MS = 10_000;
+
+export interface NbdServerOptions {
+  /** Milliseconds a client has to finish the handshake (default 10 s). */
+  handshakeLimitMs?: number;
+}
+
+/**
+ * An NBD server over BlockDevices (fixed newstyle, structured replies, base:allocation and
+ * qemu:allocation-depth, several exports, TCP or a unix socket). It knows nothing of backends:
+ * the broker's export registry gives it devices. See core/export/README.md.
+ */
+export class NbdServer {
+  private readonly exports = new Map<string, Entry>();
+  private readonly budget = new Budget(BUDGET);
+  private closing = false;
+
+  private constructor(private readonly server: Server, readonly address: { host: string; port: number } | { socket: string },
+    private readonly opts: NbdServerOptions) {}
+
+  static async listen(addr: ListenAddress = {}, opts: NbdServerOptions = {}): Promise<NbdServer> {
+    const server = createServer({ noDelay: true });
+    let self: NbdServer | undefined;
+    server.on('connection', (socket) => self?.accept(socket));
+    const where = 'socket' in addr ? addr.socket : `${addr.host ?? '127.0.0.1'}:${addr.port ?? 10809}`;
+    const start = (fn: (done: () => void) => void) => new Promise<void>((resolve, reject) => {
+      server.once('error', (e: NodeJS.ErrnoException) => reject(listenError(e, where)));
+      fn(resolve);
+    });
+    if ('socket' in addr) {
+      await clearStaleSocket(addr.socket);
+      await start((done) => server.listen(addr.socket, done));
+      await chmod(addr.socket, 0o600);
+      self = new NbdServer(server, { socket: addr.socket }, opts);
+    } else {
+      const host = addr.host ?? '127.0.0.1';
+      const port = addr.port ?? 10809;
+      if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgument(`a TCP port is 0–65535, got ${String(port)}`);
+      await start((done) => server.listen(port, host, done));
+      const a = server.address();
+      self = new NbdServer(server, { host, port: typeof a === 'object' && a ? a.port : port }, opts);
+    }
+    return self;
+  }
+
+  /** The URI of an export as QEMU writes it. */
+  uri(name: string): string {
+    const a = this.address;
+    const path = encodeURIComponent(name).replace(/%2F/g, '/');
+    if ('socket' in a) return `nbd+unix:///${path}?socket=${a.socket}`;
+    const host = a.host.includes(':') ? `[${a.host}]` : a.host;
+    return `nbd://${host}:${a.port}/${path}`;
+  }
+
+  addExport(opts: NbdExportOptions): void {
+    if (typeof opts.name !== 'string' || opts.name.length === 0 || Buffer.byteLength(opts.name) > LIMITS.maxString) {
+      throw new InvalidArgument(`an export name is 1–${LIMITS.maxString} bytes, got ${JSON.stringify(opts.name)}`);
+    }
+    if (this.exports.has(opts.name)) throw new AlreadyExists(`an export named ${opts.name} is already served here`, { ref: opts.name });
+    const device = opts.device;
+    const bs = device.blockSize ?? 0;
+    const preferred = bs >= 512 && bs <= LIMITS.maxPayload && (bs & (bs - 1)) === 0 ? bs : 4096;
+    this.exports.set(opts.name, {
+      device,
+      connections: new Set(),
+      view: {
+        name: opts.name, readOnly: opts.readOnly, preferredBlockSize: Math.max(preferred, 4096),
+        hasDepth: typeof device.allocationDepth === 'function', fastZero: typeof device.writeZeroes === 'function',
+        size: () => device.sizeBytes,
+        ...(opts.description !== undefined ? { description: opts.description } : {}),
+      },
+    });
+  }
+
+  /** The names served now. */
+  exportNames(): string[] {
+    return [...this.exports.keys()];
+  }
+
+  /** Clients connected to an export now. */
+  connectionCount(name: string): number {
+    return this.exports.get(name)?.connections.size ?? 0;
+  }
+
+  /**
+   * Stop serving an export: no new connection gets it; its connections stop reading, finish what
+   * they were sent, and close. Resolves when they are gone (the device is the caller's to close).
+   */
+  async removeExport(name: string): Promise<void> {
+    const e = this.exports.get(name);
+    if (!e) throw new NotFound(`no export named ${name} is served here`, { ref: name });
+    this.exports.delete(name);
+    await this.drain(e);
+  }
+
+  /** Stop listening, and drain every connection. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    const all = [...this.exports.values()];
+    this.exports.clear();
+    await Promise.all(all.map((e) => this.drain(e)));
+    await closed;
+    if ('socket' in this.address) await rm(this.address.socket, { force: true });
+  }
+
+  private async drain(e: Entry): Promise<void> {
+    for (const c of e.connections) c.reader.stop();
+    await Promise.all([...e.connections].map((c) => c.done));
+  }
+
+  private accept(socket: Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    socket.setNoDelay(true);
+    const reader = new ByteReader(socket);
+    socket.on('error', () => undefined); // a client that vanished: its reads end the connection
+    void (async () => {
+      try {
+        const limit = setTimeout(() => socket.destroy(), this.opts.handshakeLimitMs ?? HANDSHAKE_LIMIT_MS);
+        const session = await handshake(socket, reader, {
+          lookup: (name) => this.exports.get(name)?.view,
+          list: () => [...this.exports.values()].map((x) => x.view),
+        }).finally(() => clearTimeout(limit));
+        if (!session) {
+          socket.end();
+          return;
+        }
+        const entry = this.exports.get(session.export.name);
+        if (!entry) {
+          socket.destroy(); // removed while this client negotiated
+          return;
+        }
+        let finished!: () => void;
+        const conn: Conn = { socket, reader, done: new Promise<void>((r) => { finished = r; }) };
+        entry.connections.add(conn);
+        try {
+          await transmit(socket, reader, session, entry.device, this.budget);
+          socket.end();
+        } finally {
+          entry.connections.delete(conn);
+          finished();
+        }
+      } catch (e) {
+        if (process.env.OFFLOAD_NBD_DEBUG) console.error('nbd connection dropped:', e);
+        // A protocol violation, or the client went away mid-handshake: drop it; others go on.
+        socket.destroy();
+      }
+    })();
+  }
+}
+
+/** Why a server could not listen, as a typed error. */
+function listenError(e: NodeJS.ErrnoException, where: string): OffloadError {
+  if (e.code === 'EADDRINUSE') return new Busy(`${where} is already in use`, { ref: where, hint: 'pick another port (--port 0 picks a free one) or socket path' });
+  if (e.code === 'EACCES' || e.code === 'EPERM') return new InvalidArgument(`not allowed to listen on ${where}: ${e.message}`, { ref: where, hint: 'ports below 1024 need privileges' });
+  return new InvalidArgument(`cannot listen on ${where}: ${e.message}`, { ref: where });
+}
+
+/**
+ * Remove a socket file left by a server that is gone, as qemu-nbd does; refuse a path that is not
+ * a socket (never delete a user's file) or one a live server still answers on.
+ */
+async function clearStaleSocket(path: string): Promise<void> {
+  const st = await lstat(path).catch(() => undefined);
+  if (!st) return;
+  if (!st.isSocket()) throw new InvalidArgument(`${path} exists and is not a socket`, { ref: path, hint: 'give a path that does not exist yet' });
+  const live = await new Promise<boolean>((resolve) => {
+    const c = connect(path);
+    c.once('connect', () => { c.destroy(); resolve(true); });
+    c.once('error', () => resolve(false));
+  });
+  if (live) throw new Busy(`a server is already listening on ${path}`, { ref: path, hint: 'pick another socket path' });
+  await rm(path, { force: true });
+}

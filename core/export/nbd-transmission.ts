@@ -1,0 +1,356 @@
+/**
+ * The transmission phase of one connection: requests are read one after another and served
+ * concurrently (replies may go out of order, each written whole); at most MAX_IN_FLIGHT requests
+ * and the server's byte budget of payloads are outstanding, so a fast client is held back by TCP.
+ * A write is answered once the device took it (FUA: once flushed); FLUSH covers every write
+ * answered before it, since it flushes the same device; DISC (or a vanished client) stops reading,
+ * lets what is in flight finish, then closes.
+ */
+import type { Socket } from 'node:net';
+import type { BlockDevice } from '../backend/block-device.js';
+import { OffloadError } from '../model/errors.js';
+import type { Extent } from '../model/types.js';
+import type { Budget } from './budget.js';
+import { PeerGone, type ByteReader } from './byte-reader.js';
+import { ProtocolViolation, type Session } from './nbd-handshake.js';
+import {
+  ALLOWED_FLAGS, CMD, CMD_FLAG, CONTEXT_ALLOCATION, ERR, LIMITS, REPLY, REPLY_FLAG_DONE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE,
+  STRUCTURED_REPLY_MAGIC,
+} from './nbd-protocol.js';
+
+/** Requests a connection may have outstanding (nbdcopy sends up to 64 at once). */
+const MAX_IN_FLIGHT = 64;
+/** Output queued on the socket beyond which a reply waits for it to drain before it counts as sent. */
+const OUTPUT_HIGH_WATER = 8 * 1024 * 1024;
+/** Device reads one READ may make for its data pieces; more pieces are served from one read. */
+const MAX_READS_PER_REQUEST = 16;
+/** Zeros written at a time where a device cannot zero a range itself. */
+const ZERO_CHUNK = 1024 * 1024;
+
+interface Request { flags: number; type: number; cookie: Buffer; offset: number; length: number }
+
+/** An error to answer a request with (an errno of the protocol) and a message for structured replies. */
+class RequestError extends Error {
+  constructor(readonly errno: number, message: string) {
+    super(message);
+  }
+}
+
+/** Serve requests until the client disconnects or sends DISC. */
+export async function transmit(socket: Socket, reader: ByteReader, session: Session, device: BlockDevice, budget: Budget): Promise<void> {
+  const conn = new Connection(socket, session, device, budget);
+  const inFlight = new Set<Promise<void>>();
+  try {
+    for (;;) {
+      let head: Buffer;
+      try {
+        head = await reader.read(28);
+      } catch (e) {
+        if (e instanceof PeerGone) break;
+        throw e;
+      }
+      if (head.readUInt32BE(0) !== REQUEST_MAGIC) throw new ProtocolViolation('bad request magic');
+      const offset = head.readBigUInt64BE(16);
+      const req: Request = {
+        flags: head.readUInt16BE(4), type: head.readUInt16BE(6), cookie: Buffer.from(head.subarray(8, 16)),
+        offset: offset > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(offset), length: head.readUInt32BE(24),
+      };
+      if (req.type === CMD.DISC) break;
+      let payload: Buffer | undefined;
+      let reserved = 0;
+      const problem = conn.check(req);
+      if (req.type === CMD.WRITE) {
+        if (problem && req.length > LIMITS.maxPayload) {
+          // More than any client may send: answer, then hang up rather than read it (as qemu-nbd).
+          await conn.serve(req, problem, undefined);
+          break;
+        }
+        if (problem) {
+          await reader.skip(req.length); // never held in memory: it is refused
+        } else {
+          reserved = req.length;
+          await budget.acquire(reserved);
+          payload = await reader.read(req.length);
+        }
+      } else if (req.type === CMD.READ && !problem) {
+        reserved = req.length;
+        await budget.acquire(reserved);
+      }
+      const done: Promise<void> = conn.serve(req, problem, payload)
+        .finally(() => {
+          budget.release(reserved);
+          inFlight.delete(done);
+        });
+      inFlight.add(done);
+      while (inFlight.size >= MAX_IN_FLIGHT) await Promise.race(inFlight);
+    }
+  } finally {
+    await Promise.allSettled(inFlight);
+  }
+}
+
+class Connection {
+  constructor(private readonly socket: Socket, private readonly session: Session, private readonly device: BlockDevice,
+    private readonly budget: Budget) {}
+
+  private get size(): number {
+    return this.session.export.size();
+  }
+
+  /** What is wrong with a request before it reaches the device (undefined: nothing). */
+  check(r: Request): RequestError | undefined {
+    const allowed = ALLOWED_FLAGS[r.type];
+    if (allowed === undefined) return new RequestError(ERR.EINVAL, `unknown command ${r.type}`);
+    if ((r.flags & ~allowed) !== 0) return new RequestError(ERR.EINVAL, `flags 0x${r.flags.toString(16)} are not valid for command ${r.type}`);
+    const exp = this.session.export;
+    const writes = r.type === CMD.WRITE || r.type === CMD.WRITE_ZEROES || r.type === CMD.TRIM;
+    if (writes && exp.readOnly) return new RequestError(ERR.EPERM, 'the export is read-only');
+    if ((r.type === CMD.READ || r.type === CMD.WRITE) && r.length > LIMITS.maxPayload) {
+      return new RequestError(this.session.structured ? ERR.EOVERFLOW : ERR.EINVAL, `${r.length} bytes is more than one request may carry (${LIMITS.maxPayload})`);
+    }
+    if (r.type === CMD.FLUSH) return undefined;
+    if (r.offset + r.length > this.size) {
+      const past = `${r.offset}+${r.length} is past the end of the export (${this.size} bytes)`;
+      return new RequestError(r.type === CMD.WRITE || r.type === CMD.WRITE_ZEROES ? ERR.ENOSPC : ERR.EINVAL, past);
+    }
+    if (r.type === CMD.BLOCK_STATUS) {
+      if (this.session.contexts.size === 0) return new RequestError(ERR.EINVAL, 'no meta context was selected');
+      if (r.length === 0) return new RequestError(ERR.EINVAL, 'block status of 0 bytes');
+    }
+    if (r.type === CMD.READ && (r.flags & CMD_FLAG.DF) && !this.session.structured) return new RequestError(ERR.EINVAL, 'DF needs structured replies');
+    return undefined;
+  }
+
+  async serve(r: Request, problem: RequestError | undefined, payload: Buffer | undefined): Promise<void> {
+    try {
+      if (problem) throw problem;
+      switch (r.type) {
+        case CMD.READ: return await this.read(r);
+        case CMD.WRITE:
+          await this.device.write(r.offset, payload!);
+          if (r.flags & CMD_FLAG.FUA) await this.device.flush();
+          return await this.simple(r, 0);
+        case CMD.FLUSH:
+          await this.device.flush();
+          return await this.simple(r, 0);
+        case CMD.TRIM:
+          if (r.length > 0) await this.device.discard?.(r.offset, r.length);
+          if (r.flags & CMD_FLAG.FUA) await this.device.flush();
+          return await this.simple(r, 0);
+        case CMD.WRITE_ZEROES:
+          await this.zero(r);
+          if (r.flags & CMD_FLAG.FUA) await this.device.flush();
+          return await this.simple(r, 0);
+        case CMD.BLOCK_STATUS: return await this.blockStatus(r);
+        default: throw new RequestError(ERR.EINVAL, `unknown command ${r.type}`);
+      }
+    } catch (e) {
+      const err = e instanceof RequestError ? e : toRequestError(e);
+      if (this.session.structured && (r.type === CMD.READ || r.type === CMD.BLOCK_STATUS)) await this.structuredError(r, err);
+      else await this.simple(r, err.errno);
+    }
+  }
+
+  private async zero(r: Request): Promise<void> {
+    const noHole = (r.flags & CMD_FLAG.NO_HOLE) !== 0;
+    const fast = (r.flags & CMD_FLAG.FAST_ZERO) !== 0;
+    if (r.length === 0) return;
+    if (!noHole && this.device.writeZeroes && this.session.export.fastZero) {
+      await this.device.writeZeroes(r.offset, r.length);
+      return;
+    }
+    // Zeroing would mean writing zeros: FAST_ZERO asks to be told at once instead.
+    if (fast) throw new RequestError(ERR.ENOTSUP, 'zeroing is no faster than writing here');
+    for (let p = r.offset; p < r.offset + r.length; p += ZERO_CHUNK) {
+      const n = Math.min(ZERO_CHUNK, r.offset + r.length - p);
+      await this.budget.acquire(n);
+      try {
+        await this.device.write(p, new Uint8Array(n));
+      } finally {
+        this.budget.release(n);
+      }
+    }
+  }
+
+  /** READ: a simple reply with the data, or structured chunks with holes sent as holes (unless DF). */
+  private async read(r: Request): Promise<void> {
+    if (!this.session.structured) {
+      const data = await this.device.read(r.offset, r.length);
+      return this.send([this.simpleHead(r, 0), data]);
+    }
+    if (r.length === 0 || (r.flags & CMD_FLAG.DF)) {
+      const data = await this.device.read(r.offset, r.length);
+      return this.send([this.chunkHead(r, REPLY_FLAG_DONE, REPLY.OFFSET_DATA, 8 + data.length), u64(r.offset), data]);
+    }
+    const pieces = cover(await this.device.extents(r.offset, r.length), r.offset, r.length);
+    const parts: (Uint8Array | Buffer)[] = [];
+    // Data pieces are read at once (or, when there are many small ones, the whole range in one
+    // read); holes and zero ranges go as OFFSET_HOLE (no bytes).
+    const dataPieces = pieces.filter((p) => p.kind === 'data').length;
+    const whole = dataPieces > MAX_READS_PER_REQUEST ? await this.device.read(r.offset, r.length) : undefined;
+    const datas = await Promise.all(pieces.map((p) => (p.kind !== 'data' ? undefined
+      : whole ? whole.subarray(p.offset - r.offset, p.offset - r.offset + p.length) : this.device.read(p.offset, p.length))));
+    pieces.forEach((p, i) => {
+      const last = i === pieces.length - 1 ? REPLY_FLAG_DONE : 0;
+      if (p.kind === 'data') {
+        parts.push(this.chunkHead(r, last, REPLY.OFFSET_DATA, 8 + p.length), u64(p.offset), datas[i]!);
+      } else {
+        const hole = Buffer.alloc(12);
+        hole.writeBigUInt64BE(BigInt(p.offset), 0);
+        hole.writeUInt32BE(p.length, 8);
+        parts.push(this.chunkHead(r, last, REPLY.OFFSET_HOLE, 12), hole);
+      }
+    });
+    return this.send(parts);
+  }
+
+  /** BLOCK_STATUS: one chunk per selected context, equal neighbours merged, at most maxExtents each. */
+  private async blockStatus(r: Request): Promise<void> {
+    const one = (r.flags & CMD_FLAG.REQ_ONE) !== 0;
+    const ids = [...this.session.contexts.keys()].sort((a, b) => a - b);
+    const parts: Buffer[] = [];
+    for (let k = 0; k < ids.length; k++) {
+      const id = ids[k]!;
+      let list: { length: number; flags: number }[];
+      if (this.session.contexts.get(id) === CONTEXT_ALLOCATION) {
+        list = cover(await this.device.extents(r.offset, r.length), r.offset, r.length)
+          .map((p) => ({ length: p.length, flags: p.kind === 'data' ? 0 : STATE.HOLE | STATE.ZERO }));
+      } else {
+        const depths = await this.device.allocationDepth!(r.offset, r.length);
+        list = depthCover(depths, r.offset, r.length);
+      }
+      list = merge(list);
+      if (one) list = list.slice(0, 1);
+      if (list.length > LIMITS.maxExtents) list = list.slice(0, LIMITS.maxExtents);
+      const body = Buffer.alloc(4 + 8 * list.length);
+      body.writeUInt32BE(id, 0);
+      list.forEach((e, i) => {
+        body.writeUInt32BE(e.length, 4 + 8 * i);
+        body.writeUInt32BE(e.flags >>> 0, 8 + 8 * i);
+      });
+      parts.push(this.chunkHead(r, k === ids.length - 1 ? REPLY_FLAG_DONE : 0, REPLY.BLOCK_STATUS, body.length), body);
+    }
+    return this.send(parts);
+  }
+
+  private simpleHead(r: Request, errno: number): Buffer {
+    const h = Buffer.alloc(16);
+    h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+    h.writeUInt32BE(errno, 4);
+    r.cookie.copy(h, 8);
+    return h;
+  }
+
+  private chunkHead(r: Request, flags: number, type: number, length: number): Buffer {
+    const h = Buffer.alloc(20);
+    h.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
+    h.writeUInt16BE(flags, 4);
+    h.writeUInt16BE(type, 6);
+    r.cookie.copy(h, 8);
+    h.writeUInt32BE(length, 16);
+    return h;
+  }
+
+  private simple(r: Request, errno: number): Promise<void> {
+    return this.send([this.simpleHead(r, errno)]);
+  }
+
+  private structuredError(r: Request, err: RequestError): Promise<void> {
+    const msg = Buffer.from(err.message.slice(0, 4096), 'utf8');
+    const body = Buffer.alloc(6 + msg.length);
+    body.writeUInt32BE(err.errno, 0);
+    body.writeUInt16BE(msg.length, 4);
+    msg.copy(body, 6);
+    return this.send([this.chunkHead(r, REPLY_FLAG_DONE, REPLY.ERROR, body.length), body]);
+  }
+
+  /** Write one reply whole (nothing of another reply comes between its parts), then wait while output piles up. */
+  private async send(parts: (Uint8Array | Buffer)[]): Promise<void> {
+    if (this.socket.destroyed) return;
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
+    if (this.socket.writableLength > OUTPUT_HIGH_WATER && !this.socket.destroyed) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          this.socket.off('drain', done);
+          this.socket.off('close', done);
+          resolve();
+        };
+        this.socket.on('drain', done);
+        this.socket.on('close', done);
+      });
+    }
+  }
+}
+
+function u64(n: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt(n), 0);
+  return b;
+}
+
+/** [offset, offset+length) covered in order: the device's extents, gaps as `zero` (unallocated reads as zeros). */
+function cover(extents: Extent[], offset: number, length: number): { offset: number; length: number; kind: 'data' | 'zero' }[] {
+  const out: { offset: number; length: number; kind: 'data' | 'zero' }[] = [];
+  const end = offset + length;
+  let p = offset;
+  const push = (at: number, len: number, kind: 'data' | 'zero') => {
+    const last = out[out.length - 1];
+    if (last && last.kind === kind && last.offset + last.length === at) last.length += len;
+    else out.push({ offset: at, length: len, kind });
+  };
+  for (const e of [...extents].sort((a, b) => a.offset - b.offset)) {
+    const s = Math.max(e.offset, p);
+    const t = Math.min(e.offset + e.length, end);
+    if (t <= s) continue;
+    if (s > p) push(p, s - p, 'zero');
+    push(s, t - s, e.kind);
+    p = t;
+  }
+  if (p < end) push(p, end - p, 'zero');
+  return out;
+}
+
+/** Depth ranges covering the request (gaps: depth 0, unallocated). */
+function depthCover(depths: { offset: number; length: number; depth: number }[], offset: number, length: number): { length: number; flags: number }[] {
+  const out: { length: number; flags: number }[] = [];
+  const end = offset + length;
+  let p = offset;
+  for (const d of [...depths].sort((a, b) => a.offset - b.offset)) {
+    const s = Math.max(d.offset, p);
+    const t = Math.min(d.offset + d.length, end);
+    if (t <= s) continue;
+    if (s > p) out.push({ length: s - p, flags: 0 });
+    out.push({ length: t - s, flags: d.depth });
+    p = t;
+  }
+  if (p < end) out.push({ length: end - p, flags: 0 });
+  return out;
+}
+
+/** Equal neighbours merged (a length stays within u32: requests are at most 4 GiB − 1). */
+function merge(list: { length: number; flags: number }[]): { length: number; flags: number }[] {
+  const out: { length: number; flags: number }[] = [];
+  for (const e of list) {
+    const last = out[out.length - 1];
+    if (last && last.flags === e.flags) last.length += e.length;
+    else out.push({ ...e });
+  }
+  return out;
+}
+
+/** A device's typed error as the protocol's errno. */
+function toRequestError(e: unknown): RequestError {
+  const msg = e instanceof Error ? e.message : String(e);
+  if (e instanceof OffloadError) {
+    switch (e.code) {
+      case 'OutOfRange': return new RequestError(ERR.EINVAL, msg);
+      case 'InvalidArgument': return new RequestError(ERR.EINVAL, msg);
+      case 'FailedPrecondition': case 'PermissionDenied': return new RequestError(ERR.EPERM, msg);
+      case 'Unsupported': return new RequestError(ERR.ENOTSUP, msg);
+      default: return new RequestError(ERR.EIO, msg);
+    }
+  }
+  return new RequestError(ERR.EIO, msg);
+}
