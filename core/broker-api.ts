@@ -1,5 +1,7 @@
 import type { BlockDevice } from './backend/block-device.js';
 import type { StorageBackend } from './backend/storage-backend.js';
+import type { ExportInfo } from './export/registry.js';
+import type { ListenAddress } from './export/nbd-server.js';
 import type { Job, JobInfo } from './jobs/job.js';
 import type { Principal } from './locks/principal.js';
 import type { LockInfo } from './locks/lock-manager.js';
@@ -54,6 +56,39 @@ export interface LocksApi {
   list(): LockInfo[];
 }
 
+export interface ExportOptions {
+  /** The export's name in the URI (default: the ref, `backend/volume`). Unique among this broker's exports. */
+  name?: string;
+  /** Serve read-only (a shared lock: others may read the volume too). Snapshots are always read-only. */
+  readOnly?: boolean;
+  /** Where to listen (default 127.0.0.1:10809; `port: 0` picks a free port; `{ socket }` a unix socket). */
+  listen?: ListenAddress;
+}
+
+/** A running export: its URI for clients, and how to end it. */
+export interface ExportHandle {
+  readonly name: string;
+  readonly ref: string;
+  readonly uri: string;
+  readonly readOnly: boolean;
+  /** Resolves once the export has stopped: by stop(), an administrator's preemption, or the broker closing. */
+  readonly stopped: Promise<void>;
+  /** Disconnect its clients (after their requests in flight), flush and close the volume, release its lock. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Volumes served over NBD to real clients (QEMU, qemu-img, nbdcopy, the kernel). A writable export
+ * holds an exclusive lock on its volume, a read-only one a shared lock: deleting, resizing,
+ * reverting or streaming an exported volume is Busy naming the export. An administrator can stop
+ * any export (and preempts a tenant's); a tenant exports and sees only its own.
+ */
+export interface ExportsApi {
+  start(ref: string, opts?: ExportOptions): Promise<ExportHandle>;
+  list(): ExportInfo[];
+  stop(name: string): Promise<void>;
+}
+
 export interface CloneOptions {
   mode?: 'linked' | 'full';
   sizeBytes?: number;
@@ -106,5 +141,8 @@ export interface Broker {
   plan(op: Operation): Promise<Plan>;
   readonly jobs: JobsApi;
   readonly locks: LocksApi;
+  /** NBD exports of volumes (`offload nbd`). */
+  readonly exports: ExportsApi;
+  /** Stop every export, finish or checkpoint running jobs, close the backends. */
   close(): Promise<void>;
 }

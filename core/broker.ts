@@ -11,10 +11,11 @@ import { loadPlugins, type LoadedPlugins } from './backend/plugin-container.js';
 import type { StorageBackend } from './backend/storage-backend.js';
 import { Access } from './broker/access.js';
 import { DataJobs } from './broker/data-jobs.js';
+import { Exports } from './broker/exports.js';
 import { Jobs, Locks } from './broker/jobs-locks.js';
 import { BrokerState } from './broker/state.js';
 import { Snapshots, Volumes } from './broker/volumes.js';
-import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
+import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
@@ -105,6 +106,7 @@ class BrokerView implements Broker {
   readonly snapshots: SnapshotsApi;
   readonly jobs: JobsApi;
   readonly locks: LocksApi;
+  readonly exports: ExportsApi;
   private readonly data: DataJobs;
 
   constructor(private readonly s: BrokerState, readonly principal: Principal) {
@@ -114,6 +116,7 @@ class BrokerView implements Broker {
     this.snapshots = new Snapshots(s, access);
     this.jobs = new Jobs(s, access);
     this.locks = new Locks(s, access);
+    this.exports = new Exports(s, access);
     this.data = new DataJobs(s, access, volumes);
   }
 
@@ -146,6 +149,7 @@ class BrokerView implements Broker {
   async close(): Promise<void> {
     if (this.s.closed) return;
     this.s.closed = true;
+    await this.s.exports.closeAll(); // clients see a clean disconnect; the volumes are flushed and closed
     await this.s.jobs.close();
     await Promise.allSettled([...this.s.backends.values()].map((b) => b.backend.close?.()));
     this.s.store.close();

@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import type { LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
-import type { CapabilitySet } from '../model/capabilities.js';
+import type { Capability, CapabilitySet } from '../model/capabilities.js';
 import { InvalidArgument, Unsupported } from '../model/errors.js';
 import type { Operation, Plan } from '../planner/plan.js';
+import type { PlannerBackend } from '../planner/planner.js';
 import type { BrokerState } from './state.js';
 
 /** Largest size the broker accepts before asking the backend: a safe integer. */
@@ -56,4 +57,13 @@ export function checkSpeed(speed: unknown): number | undefined {
   if (speed === undefined) return undefined;
   if (typeof speed !== 'number' || !Number.isFinite(speed) || speed < 0) throw new InvalidArgument(`speed must be ≥ 0 bytes/s, got ${String(speed)}`);
   return speed;
+}
+
+/** A backend that has `cap` (for the verbs the planner does not plan: listing, opening). */
+export function need(s: BrokerState, name: string, cap: Capability): PlannerBackend {
+  const b = s.entry(name);
+  if (!b.capabilities.has(cap)) {
+    throw new Unsupported(`${name} (${b.backend.kind}) does not support ${cap}`, { ref: name, hint: 'see `offload backends` for what each backend can do' });
+  }
+  return b;
 }

@@ -3,6 +3,7 @@ import type { Logger } from '../backend/plugin.js';
 import type { StorageBackend } from '../backend/storage-backend.js';
 import type { BrokerConfig } from '../config/config.js';
 import { cloneTask, hostCopyTask, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
+import { ExportRegistry } from '../export/registry.js';
 import type { JobManager } from '../jobs/job-manager.js';
 import type { JobRecord, JobStore } from '../jobs/job-store.js';
 import type { JobTask } from '../jobs/job-task.js';
@@ -16,6 +17,7 @@ import type { Planner, PlannerBackend } from '../planner/planner.js';
 export class BrokerState {
   readonly locks: LockManager;
   readonly mutex = new KeyedMutex();
+  readonly exports = new ExportRegistry();
   closed = false;
   jobs!: JobManager;
 

@@ -1,13 +1,11 @@
 /** The broker's volume and snapshot verbs for one principal: planned, locked, and checked for ownership. */
 import type { BlockDevice } from '../backend/block-device.js';
 import type { SnapshotsApi, VolumesApi } from '../broker-api.js';
-import type { Capability } from '../model/capabilities.js';
-import { BackendUnavailable, InvalidArgument, OutOfRange, Unsupported } from '../model/errors.js';
-import { parseSnapshotRef, parseVolumeRef, volumeKey } from '../model/refs.js';
+import { BackendUnavailable, InvalidArgument, OutOfRange } from '../model/errors.js';
+import { parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
-import type { PlannerBackend } from '../planner/planner.js';
 import { notFoundVolume, type Access } from './access.js';
-import { checkSize, planOrRefuse, runShort } from './operation.js';
+import { checkSize, need, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
 
 /** The volume verbs of one principal's broker view. */
@@ -122,7 +120,8 @@ export class Snapshots implements SnapshotsApi {
     planOrRefuse(this.s, { op: 'delete', ref: refText }, `delete ${refText}`, refText);
     const b = this.s.entry(ref.backend);
     if (!this.a.mayAccess(ref)) return;
-    await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `delete ${refText}`, () =>
+    const locks = [{ key: volumeKey(ref), mode: 'shared' as const }, { key: snapshotKey(ref), mode: 'exclusive' as const }];
+    await runShort(this.s, this.a.principal, locks, `delete ${refText}`, () =>
       call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot)));
   }
 
@@ -134,13 +133,4 @@ export class Snapshots implements SnapshotsApi {
     await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `revert ${refText}`, () =>
       call(b.backend, 'revert', refText, () => b.backend.revertVolume(ref.volume, ref.snapshot)));
   }
-}
-
-/** A backend that has `cap` (for the verbs the planner does not plan: listing, opening). */
-function need(s: BrokerState, name: string, cap: Capability): PlannerBackend {
-  const b = s.entry(name);
-  if (!b.capabilities.has(cap)) {
-    throw new Unsupported(`${name} (${b.backend.kind}) does not support ${cap}`, { ref: name, hint: 'see `offload backends` for what each backend can do' });
-  }
-  return b;
 }

@@ -65,7 +65,8 @@ export async function runCommandLine(argv: string[], opts: CommandLineOptions): 
       })();
       return brokerPromise;
     },
-    print: (value, human) => out.print(value, human),
+    print: (value, human, o) => out.print(value, human, o),
+    note: (text) => out.error(text),
     table: (rows, columns) => out.table(rows, columns),
     setExitCode: (code) => {
       exitCode = code;

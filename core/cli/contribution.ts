@@ -9,9 +9,12 @@ export interface CliContext {
   readonly json: boolean;
   /**
    * Print a result: `human` (lines, or a function producing them) on a terminal, `value` as JSON
-   * with `--json`. Secrets are redacted from JSON output.
+   * with `--json` (on one line with `oneLine`, for a script that reads while the command runs).
+   * Secrets are redacted from JSON output.
    */
-  print(value: unknown, human?: string | string[] | (() => string | string[])): void;
+  print(value: unknown, human?: string | string[] | (() => string | string[]), opts?: { oneLine?: boolean }): void;
+  /** A status line for the person watching (stderr): never part of a command's result. */
+  note(text: string): void;
   /** Print rows as an aligned table (or the rows as JSON with `--json`). */
   table(rows: Record<string, unknown>[], columns: string[]): void;
   /** Set the process exit code for a command whose result is not plain success (e.g. `img check`). */

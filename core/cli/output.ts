@@ -17,9 +17,9 @@ export class Output {
     this.io.stderr.write(`${secrets.redact(text)}\n`);
   }
 
-  print(value: unknown, human?: string | string[] | (() => string | string[])): void {
+  print(value: unknown, human?: string | string[] | (() => string | string[]), o: { oneLine?: boolean } = {}): void {
     if (this.json || human === undefined) {
-      this.io.stdout.write(`${JSON.stringify(secrets.redactValue(toPlain(value)), null, 2)}\n`);
+      this.io.stdout.write(`${JSON.stringify(secrets.redactValue(toPlain(value)), null, o.oneLine ? undefined : 2)}\n`);
       return;
     }
     const h = typeof human === 'function' ? human() : human;

@@ -78,7 +78,7 @@ export class NbdServer {
   /** The URI of an export as QEMU writes it. */
   uri(name: string): string {
     const a = this.address;
-    const path = encodeURIComponent(name).replace(/%2F/g, '/');
+    const path = uriPath(name);
     if ('socket' in a) return `nbd+unix:///${path}?socket=${a.socket}`;
     const host = a.host.includes(':') ? `[${a.host}]` : a.host;
     return `nbd://${host}:${a.port}/${path}`;
@@ -207,4 +207,14 @@ async function clearStaleSocket(path: string): Promise<void> {
   });
   if (live) throw new Busy(`a server is already listening on ${path}`, { ref: path, hint: 'pick another socket path' });
   await rm(path, { force: true });
+}
+
+/** A name as a URI path: RFC 3986 path characters (and '/') as they are, every other byte %-escaped. */
+function uriPath(name: string): string {
+  let out = '';
+  for (const b of Buffer.from(name, 'utf8')) {
+    const c = String.fromCharCode(b);
+    out += /[A-Za-z0-9\-._~!$&'()*+,;=:@/]/.test(c) ? c : `%${b.toString(16).toUpperCase().padStart(2, '0')}`;
+  }
+  return out;
 }

@@ -6,7 +6,7 @@ import { Busy, NotFound, toOffloadError } from '../model/errors.js';
 import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
 import type { JobTask } from './job-task.js';
-import type { JobRecord, JobStore } from './job-store.js';
+import type { ExportRecord, JobRecord, JobStore } from './job-store.js';
 import { ManagedJob } from './managed-job.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
 
@@ -119,7 +119,14 @@ export class JobManager {
       const alive = liveTokens.has(op.runnerToken) || (op.runnerPid !== process.pid && pidAlive(op.runnerPid));
       if (!alive) continue;
       for (const l of op.locks) {
-        out.push({ key: l.key, mode: l.mode, holder: { id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (pid ${op.runnerPid})` } });
+        out.push({
+          key: l.key, mode: l.mode,
+          holder: {
+            id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (pid ${op.runnerPid})`,
+            // A short operation ends by itself; a long-lived one (an export) is asked to stop.
+            ...(holderKind(op.id).kind === 'export' ? { preempt: () => this.store.requestOpStop(op.id) } : {}),
+          },
+        });
       }
     }
     return out;
@@ -129,18 +136,51 @@ export class JobManager {
    * Make a short operation's locks (already held in this process) visible to other processes,
    * refusing with Busy when another process holds a conflicting one. Returns the release.
    */
-  recordOperation(id: string, locks: LockRequest[], principal: Principal, description: string): () => void {
+  recordOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): () => void {
     this.store.insertOpLocks(
       { id, locks, principal: principal.id, role: principal.role, description, runnerPid: process.pid, runnerToken: this.token },
       () => this.assertNoForeignConflict(locks, id),
     );
+    // A long-lived operation listens for another process's request to stop (an administrator's preemption).
+    const poller = onStopRequest && setInterval(() => {
+      try {
+        if (this.store.takeOpStop(id)) onStopRequest();
+      } catch {
+        // the store is closed: this process is going away
+      }
+    }, 250);
+    poller?.unref();
     return () => {
+      if (poller) clearInterval(poller);
       try {
         this.store.deleteOpLocks(id);
       } catch {
         // the store is closed: the rows die with this process (dead runners are ignored)
       }
     };
+  }
+
+  /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */
+  recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken'>): () => void {
+    this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token });
+    return () => {
+      try {
+        this.store.deleteExport(e.id);
+      } catch {
+        // the store is closed: the row dies with this process (dead runners are ignored)
+      }
+    };
+  }
+
+  /** Exports served by other live brokers sharing this state (in other processes, or other brokers of this one). */
+  foreignExports(): ExportRecord[] {
+    return this.store.listExports().filter((e) => e.runnerToken !== this.token
+      && (liveTokens.has(e.runnerToken) || (e.runnerPid !== process.pid && pidAlive(e.runnerPid))));
+  }
+
+  /** Ask the process serving a foreign export to stop it. */
+  requestExportStop(id: string): void {
+    this.store.requestOpStop(id);
   }
 
   /** Is the broker that runs this record alive (in this process or another)? */
@@ -154,7 +194,7 @@ export class JobManager {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
       const who = holderKind(held.holder.id);
-      throw new Busy(`${held.key} is busy: ${who.kind} ${who.name} (${held.holder.description}) holds a ${held.mode} lock on it`, {
+      throw new Busy(`${held.key} is busy: ${who.kind} ${who.name} (${held.holder.description}) holds ${held.mode === 'exclusive' ? 'an' : 'a'} ${held.mode} lock on it`, {
         ref: held.key, hint: holderHint(held.holder.id), data: { holder: held.holder.id, mode: held.mode, refused: id },
       });
     }

@@ -33,6 +33,21 @@ export interface OpLockRecord {
   runnerToken: string;
 }
 
+/** An NBD export as other processes sharing the state see it (`offload nbd list`). */
+export interface ExportRecord {
+  /** Its lock holder id, `export:NAME#TAG`. */
+  id: string;
+  name: string;
+  ref: string;
+  uri: string;
+  readOnly: boolean;
+  owner: string;
+  role: 'admin' | 'tenant';
+  runnerPid: number;
+  runnerToken: string;
+  startedAt: string;
+}
+
 export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' } | { verb: 'set-speed'; speed: number };
 
 const SCHEMA = `
@@ -76,6 +91,22 @@ CREATE TABLE IF NOT EXISTS maintenance (
   principal TEXT NOT NULL,
   reason TEXT NOT NULL,
   created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS op_stop_requests (
+  id TEXT PRIMARY KEY,
+  requested_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exports (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  ref TEXT NOT NULL,
+  uri TEXT NOT NULL,
+  read_only INTEGER NOT NULL,
+  owner TEXT NOT NULL,
+  role TEXT NOT NULL,
+  runner_pid INTEGER NOT NULL,
+  runner_token TEXT NOT NULL,
+  started_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS owners (
   ref TEXT PRIMARY KEY,
@@ -188,6 +219,36 @@ export class JobStore {
 
   deleteOpLocks(id: string): void {
     this.db.prepare('DELETE FROM op_locks WHERE id = ?').run(id);
+    this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+  }
+
+  /** Ask the process holding a long-lived operation's locks (an export) to stop it and release them. */
+  requestOpStop(id: string): void {
+    this.db.prepare('INSERT OR IGNORE INTO op_stop_requests (id, requested_at) VALUES (?, ?)').run(id, new Date().toISOString());
+  }
+
+  /** Take (read and clear) a stop request for one of this process's operations. */
+  takeOpStop(id: string): boolean {
+    return this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id).changes > 0;
+  }
+
+  insertExport(e: ExportRecord): void {
+    this.db.prepare('INSERT OR REPLACE INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
+      .run(e.id, e.name, e.ref, e.uri, e.readOnly ? 1 : 0, e.owner, e.role, e.runnerPid, e.runnerToken, e.startedAt);
+  }
+
+  deleteExport(id: string): void {
+    this.db.prepare('DELETE FROM exports WHERE id = ?').run(id);
+  }
+
+  listExports(): ExportRecord[] {
+    const rows = this.db.prepare('SELECT * FROM exports ORDER BY name, id').all() as {
+      id: string; name: string; ref: string; uri: string; read_only: number; owner: string; role: string; runner_pid: number; runner_token: string; started_at: string;
+    }[];
+    return rows.map((r) => ({
+      id: r.id, name: r.name, ref: r.ref, uri: r.uri, readOnly: r.read_only !== 0, owner: r.owner, role: r.role === 'tenant' ? 'tenant' : 'admin',
+      runnerPid: r.runner_pid, runnerToken: r.runner_token, startedAt: r.started_at,
+    }));
   }
 
   listOpLocks(): OpLockRecord[] {

@@ -192,7 +192,11 @@ export class LockManager {
 
 /** What holds a lock, for messages: a job, a short operation (`op-…`) or an export (`export:NAME`). */
 export function holderKind(id: string): { kind: 'job' | 'operation' | 'export'; name: string } {
-  if (id.startsWith('export:')) return { kind: 'export', name: id.slice('export:'.length) };
+  if (id.startsWith('export:')) {
+    const rest = id.slice('export:'.length);
+    const tag = rest.lastIndexOf('#'); // `export:NAME#TAG`: the tag keeps two processes' exports of one name apart
+    return { kind: 'export', name: tag >= 0 ? rest.slice(0, tag) : rest };
+  }
   return { kind: id.startsWith('op-') ? 'operation' : 'job', name: id };
 }
 
@@ -206,7 +210,7 @@ function busyError(h: Held, extra?: string): Busy {
   const who = holderKind(h.holder.id);
   const by = h.mode === 'maintenance'
     ? `it is under maintenance by ${h.holder.principal.id} (${h.holder.description})`
-    : `${who.kind} ${who.name} (${h.holder.description}, ${h.holder.principal.id}) holds a ${h.mode} lock on it`;
+    : `${who.kind} ${who.name} (${h.holder.description}, ${h.holder.principal.id}) holds ${h.mode === 'exclusive' ? 'an' : 'a'} ${h.mode} lock on it`;
   return new Busy(`${h.key} is busy: ${by}${extra ? `; ${extra}` : ''}`, {
     ref: h.key,
     hint: h.mode === 'maintenance' ? 'wait until an administrator lifts the maintenance lock' : holderHint(h.holder.id),

@@ -65,3 +65,8 @@ export function formatRef(ref: Ref): string {
 export function volumeKey(ref: Ref): string {
   return `${ref.backend}/${ref.volume}`;
 }
+
+/** The lock key of one snapshot (held beside its volume's key by what reads or deletes that snapshot). */
+export function snapshotKey(ref: SnapshotRef): string {
+  return `${ref.backend}/${ref.volume}@${ref.snapshot}`;
+}

@@ -26,6 +26,9 @@ export async function runImg(args: string[], cwd: string, opts: { json?: boolean
     table(rows) {
       stdout += JSON.stringify(rows) + '\n';
     },
+    note(text) {
+      stderr += text + '\n';
+    },
     setExitCode(code) {
       status = code;
     },

@@ -7,6 +7,7 @@ import { registerDataJobCommands } from './data-jobs.js';
 import { registerPlanCommand } from './plan.js';
 import { registerJobsCommands } from './jobs.js';
 import { registerLocksCommands } from './locks.js';
+import { registerNbdCommand } from './nbd.js';
 
 /** The broker verbs on refs, the same for every backend. */
 export function registerBrokerCommands(program: Command, ctx: CliContext): void {
@@ -17,4 +18,5 @@ export function registerBrokerCommands(program: Command, ctx: CliContext): void 
   registerPlanCommand(program, ctx);
   registerJobsCommands(program, ctx);
   registerLocksCommands(program, ctx);
+  registerNbdCommand(program, ctx);
 }

@@ -80,6 +80,15 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
       if (img.readOnly && img.format === 'qcow2') self.status = { start: offset, end: offset + len, list: status };
       return extentsFrom(status);
     }),
+    discard: async (offset, length) => {
+      writable();
+      return io(async (img) => { range(offset, length, 'discard'); if (length > 0) await img.discard(offset, length); });
+    },
+    // Depth as NBD's qemu:allocation-depth counts it: 0 nowhere, 1 this image, 2 its backing file…
+    allocationDepth: (offset, length) => io(async (img) => {
+      range(offset, length, 'allocation depth');
+      return (await statusOf(img, offset, length)).map((st) => ({ offset: st.start, length: st.length, depth: st.present ? st.depth + 1 : 0 }));
+    }),
     flush: async () => { alive(); if (opts.mode === 'rw') await io((img) => img.flush()); },
     async close() {
       if (closed) return;

@@ -1,0 +1,132 @@
+/** The broker's NBD export verbs for one principal: who may export what, under which lock. */
+import { randomBytes } from 'node:crypto';
+import { resolve } from 'node:path';
+import type { ExportHandle, ExportOptions, ExportsApi } from '../broker-api.js';
+import type { ListenAddress } from '../export/nbd-server.js';
+import type { ExportInfo } from '../export/registry.js';
+import type { LockRequest } from '../locks/lock-manager.js';
+import { InvalidArgument, NotFound, Timeout } from '../model/errors.js';
+import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey } from '../model/refs.js';
+import type { Access } from './access.js';
+import { need } from './operation.js';
+import type { BrokerState } from './state.js';
+
+/** How long `stop` waits for another process to stop its export. */
+const STOP_WAIT_MS = 30_000;
+/** Longest export name: what an NBD client may send (proto.md: names are at most 4096 bytes). */
+const MAX_NAME = 4096;
+
+/** The export verbs of one principal's broker view. */
+export class Exports implements ExportsApi {
+  constructor(private readonly s: BrokerState, private readonly a: Access) {}
+
+  async start(refText: string, opts: ExportOptions = {}): Promise<ExportHandle> {
+    this.s.assertOpen();
+    if (opts === null || typeof opts !== 'object') throw new InvalidArgument('export options are an object: { name?, readOnly?, listen? }');
+    const ref = parseRef(refText);
+    const snapshot = isSnapshotRef(ref);
+    if (opts.readOnly !== undefined && typeof opts.readOnly !== 'boolean') throw new InvalidArgument(`readOnly is true or false, got ${String(opts.readOnly)}`);
+    if (snapshot && opts.readOnly === false) throw new InvalidArgument(`a snapshot is exported read-only: ${refText}`, { ref: refText });
+    const readOnly = opts.readOnly ?? snapshot;
+    const name = checkName(opts.name ?? formatRef(ref));
+    const listen = checkListen(opts.listen);
+    need(this.s, ref.backend, readOnly ? 'data.read' : 'data.write');
+    this.a.assertOwns(ref);
+
+    const unreserve = this.s.exports.reserve(name);
+    const principal = this.a.principal;
+    const locks: LockRequest[] = snapshot
+      ? [{ key: volumeKey(ref), mode: 'shared' }, { key: snapshotKey(ref), mode: 'shared' }]
+      : [{ key: volumeKey(ref), mode: readOnly ? 'shared' : 'exclusive' }];
+    const id = `export:${name}#${randomBytes(4).toString('hex')}`;
+    const description = `nbd export ${name} of ${refText} (${readOnly ? 'read-only' : 'read-write'})`;
+    // An administrator's conflicting request stops a tenant's export (here, or from another process).
+    const preempt = () => void this.s.exports.stop(name).catch(() => undefined);
+    let release: (() => void) | undefined;
+    try {
+      const lease = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.locks.acquire(locks, { id, principal, description, preempt }));
+      let unrecord: (() => void) | undefined;
+      let unlist: (() => void) | undefined;
+      release = () => {
+        unlist?.();
+        unrecord?.();
+        lease.release();
+      };
+      unrecord = this.s.jobs.recordOperation(id, locks, principal, description, preempt);
+      const device = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
+      let served: { info: ExportInfo; ended: Promise<void> };
+      try {
+        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: principal, listen, release });
+      } catch (e) {
+        await device.close().catch(() => undefined);
+        throw e;
+      }
+      release = undefined; // the registry releases from now on
+      const { info } = served;
+      unlist = this.s.jobs.recordExport({ id, name, ref: info.ref, uri: info.uri, readOnly, owner: principal.id, role: principal.role, startedAt: info.startedAt });
+      this.s.logger.info(`nbd export ${name} of ${info.ref} at ${info.uri}${readOnly ? ' (read-only)' : ''}`);
+      return { name, ref: info.ref, uri: info.uri, readOnly, stopped: served.ended, stop: () => this.s.exports.stop(name).catch(ignoreGone) };
+    } finally {
+      release?.();
+      unreserve();
+    }
+  }
+
+  /** This broker's exports, and those other live processes sharing its state serve (`offload nbd` elsewhere). */
+  list(): ExportInfo[] {
+    this.s.assertOpen();
+    const here = this.s.exports.list().map(({ ownerRole: _, ...e }) => e);
+    const elsewhere = this.s.jobs.foreignExports().map((e) => ({
+      name: e.name, ref: e.ref, uri: e.uri, readOnly: e.readOnly, owner: e.owner, startedAt: e.startedAt, pid: e.runnerPid,
+    }));
+    return [...here, ...elsewhere].filter((e) => this.a.isAdmin || e.owner === this.a.principal.id);
+  }
+
+  /**
+   * Stop an export: an administrator any, a tenant its own (another's does not exist for it). One
+   * that another process serves is asked to stop; this waits until it has (or its process is gone).
+   */
+  async stop(name: string): Promise<void> {
+    this.s.assertOpen();
+    const mine = (owner: string) => this.a.isAdmin || owner === this.a.principal.id;
+    const local = this.s.exports.get(name);
+    if (local && mine(local.owner)) return this.s.exports.stop(name);
+    const remote = this.s.jobs.foreignExports().filter((e) => e.name === name && mine(e.owner));
+    if (remote.length === 0) throw new NotFound(`no export named ${name}`, { ref: name, hint: 'list exports with `offload nbd list`' });
+    for (const e of remote) this.s.jobs.requestExportStop(e.id);
+    const deadline = Date.now() + STOP_WAIT_MS;
+    while (this.s.jobs.foreignExports().some((e) => remote.some((r) => r.id === e.id))) {
+      if (Date.now() > deadline) throw new Timeout(`export ${name} (pid ${remote[0]!.runnerPid}) did not stop within ${STOP_WAIT_MS / 1000} s`, { ref: name });
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
+/** Stopping an export that another caller stopped first is fine. */
+function ignoreGone(e: unknown): void {
+  if (!(e instanceof NotFound)) throw e;
+}
+
+function checkName(name: unknown): string {
+  if (typeof name !== 'string' || name.length === 0 || Buffer.byteLength(name) > MAX_NAME || /[\u0000-\u001f\u007f]/.test(name)) {
+    throw new InvalidArgument(`an export name is 1–${MAX_NAME} bytes without control characters, got ${JSON.stringify(name)}`);
+  }
+  return name;
+}
+
+function checkListen(l: unknown): ListenAddress {
+  if (l === undefined) return { host: '127.0.0.1', port: 10809 };
+  if (l === null || typeof l !== 'object') throw new InvalidArgument('listen is { host?, port? } or { socket }');
+  const a = l as { host?: unknown; port?: unknown; socket?: unknown };
+  if (a.socket !== undefined) {
+    if (typeof a.socket !== 'string' || a.socket.length === 0 || a.host !== undefined || a.port !== undefined) {
+      throw new InvalidArgument('listen { socket } takes a socket path and no host or port');
+    }
+    return { socket: resolve(a.socket) };
+  }
+  if (a.host !== undefined && (typeof a.host !== 'string' || a.host.length === 0)) throw new InvalidArgument(`listen host must be an address, got ${String(a.host)}`);
+  if (a.port !== undefined && (typeof a.port !== 'number' || !Number.isInteger(a.port) || a.port < 0 || a.port > 65535)) {
+    throw new InvalidArgument(`listen port is 0–65535 (0: a free one), got ${String(a.port)}`);
+  }
+  return { host: (a.host as string | undefined) ?? '127.0.0.1', port: (a.port as number | undefined) ?? 10809 };
+}

@@ -1,0 +1,77 @@
+import type { Command } from 'commander';
+import type { ExportOptions } from '../../broker-api.js';
+import { UsageError, type CliContext } from '../contribution.js';
+
+interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: string; bind?: string }
+
+/**
+ * `offload nbd REF`: serve a volume over NBD in the foreground, like qemu-nbd. The URI is the
+ * first line of stdout (a script reads it, then starts its client); SIGINT or SIGTERM stops the
+ * export — clients' requests in flight finish, the volume is flushed — and the command exits 0.
+ */
+export function registerNbdCommand(program: Command, ctx: CliContext): void {
+  const nbd = program.command('nbd')
+    .description('serve a volume (or, read-only, a snapshot) over NBD until interrupted, like qemu-nbd; `nbd list`, `nbd stop NAME`')
+    .argument('<ref>', 'the volume (backend/volume) or snapshot (backend/volume@snapshot) to serve')
+    .option('--name <name>', 'export name in the URI (default: the ref)')
+    .option('--read-only', 'serve read-only (a shared lock: others may read the volume meanwhile)')
+    .option('--port <port>', 'TCP port (default 10809; 0 picks a free one)')
+    .option('--socket <path>', 'listen on a unix socket instead of TCP')
+    .option('--bind <addr>', 'address to listen on (default 127.0.0.1)')
+    .action(async (ref: string, o: NbdFlags) => {
+      const opts: ExportOptions = { ...(o.name !== undefined ? { name: o.name } : {}), ...(o.readOnly ? { readOnly: true } : {}), listen: listenOf(o) };
+      const broker = await ctx.broker();
+      const exp = await broker.exports.start(ref, opts);
+      ctx.print({ name: exp.name, ref: exp.ref, uri: exp.uri, readOnly: exp.readOnly }, exp.uri, { oneLine: true });
+      ctx.note(`serving ${exp.ref}${exp.readOnly ? ' read-only' : ''} as ${exp.name}; Ctrl-C to stop`);
+      let signalled = false;
+      await new Promise<void>((done) => {
+        const stop = () => {
+          signalled = true;
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          void exp.stop().finally(done);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+        void exp.stopped.then(() => {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          done();
+        });
+      });
+      if (!signalled) {
+        // Stopped from elsewhere: an administrator's request on the volume preempted it.
+        ctx.note(`export ${exp.name} was stopped by another request on ${exp.ref}`);
+        ctx.setExitCode(1);
+      }
+    });
+
+  nbd.command('list')
+    .description('exports served now (by any offload process sharing this state)')
+    .action(async () => {
+      const all = (await ctx.broker()).exports.list();
+      if (ctx.json) return ctx.print(all);
+      ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write' })), ['name', 'ref', 'mode', 'uri', 'owner', 'pid']);
+    });
+
+  nbd.command('stop <name>')
+    .description('stop an export: its clients are disconnected after their requests in flight, the volume flushed')
+    .action(async (name: string) => {
+      await (await ctx.broker()).exports.stop(name);
+      ctx.print({ stopped: name }, `stopped export ${name}`);
+    });
+}
+
+function listenOf(o: NbdFlags): ExportOptions['listen'] {
+  if (o.socket !== undefined) {
+    if (o.port !== undefined || o.bind !== undefined) throw new UsageError('--socket cannot be combined with --port or --bind');
+    return { socket: o.socket };
+  }
+  let port = 10809;
+  if (o.port !== undefined) {
+    if (!/^\d+$/.test(o.port) || Number(o.port) > 65535) throw new UsageError(`--port takes 0–65535, got ${o.port}`);
+    port = Number(o.port);
+  }
+  return { host: o.bind ?? '127.0.0.1', port };
+}

@@ -1,0 +1,160 @@
+/**
+ * The exports one broker serves: which device is served under which name, on which server, for
+ * whom, and what to undo when it stops. One NbdServer per listen address, shared by the exports
+ * on it and closed with the last of them. Policy (who may export what, which locks) is the
+ * broker's (core/broker/exports.ts); this is the mechanism.
+ */
+import type { BlockDevice } from '../backend/block-device.js';
+import { KeyedMutex } from '../keyed-mutex.js';
+import type { Principal } from '../locks/principal.js';
+import { AlreadyExists, FailedPrecondition, NotFound } from '../model/errors.js';
+import { NbdServer, type ListenAddress } from './nbd-server.js';
+
+/** An export as listed. */
+export interface ExportInfo {
+  name: string;
+  /** The volume (or snapshot) served. */
+  ref: string;
+  /** As QEMU writes it: `nbd://127.0.0.1:10809/NAME`, `nbd+unix:///NAME?socket=PATH`. */
+  uri: string;
+  readOnly: boolean;
+  /** The principal that started it. */
+  owner: string;
+  /** Clients connected now (known for the exports of this process only). */
+  connections?: number;
+  startedAt: string;
+  /** The process serving it. */
+  pid: number;
+}
+
+export interface ServeRequest {
+  name: string;
+  ref: string;
+  device: BlockDevice;
+  readOnly: boolean;
+  owner: Principal;
+  listen: ListenAddress;
+  /** Run after the export is gone and its device closed (release locks). */
+  release: () => void;
+}
+
+interface Served {
+  info: Omit<ExportInfo, 'connections'>;
+  owner: Principal;
+  server: NbdServer;
+  serverKey: string;
+  device: BlockDevice;
+  release: () => void;
+  stopping?: Promise<void>;
+  ended: () => void;
+}
+
+/** Where an export listens, as a key: servers are shared by address. */
+function addressKey(a: ListenAddress): string | undefined {
+  if ('socket' in a) return `unix:${a.socket}`;
+  if (!a.port) return undefined; // port 0: a server of its own on a free port
+  return `tcp:${a.host ?? '127.0.0.1'}:${a.port}`;
+}
+
+/** The exports of one broker (every principal's view shares it). */
+export class ExportRegistry {
+  private readonly served = new Map<string, Served>();
+  private readonly reserved = new Set<string>();
+  private readonly servers = new Map<string, NbdServer>();
+  private readonly mutex = new KeyedMutex();
+  private closing = false;
+
+  /** Refuse a name that is served or being started (AlreadyExists), and hold it for a start. */
+  reserve(name: string): () => void {
+    if (this.served.has(name) || this.reserved.has(name)) {
+      throw new AlreadyExists(`an export named ${name} is already served`, { ref: name, hint: 'pick another name with --name, or stop that export' });
+    }
+    this.reserved.add(name);
+    return () => this.reserved.delete(name);
+  }
+
+  /**
+   * Serve a device (its name reserved first); the device and `release` are the registry's from now
+   * on. `ended` resolves once the export has stopped, whoever stopped it.
+   */
+  async serve(r: ServeRequest): Promise<{ info: ExportInfo; ended: Promise<void> }> {
+    if (this.closing) throw new FailedPrecondition('the broker is closing');
+    const key = addressKey(r.listen);
+    // Under the address's lock: a server is created, joined or closed by one caller at a time.
+    return this.mutex.run([key ?? `new:${r.name}`], async () => {
+      let server = key ? this.servers.get(key) : undefined;
+      if (!server) {
+        server = await NbdServer.listen(r.listen);
+        this.servers.set(keyOf(server), server);
+      }
+      try {
+        server.addExport({ name: r.name, device: r.device, readOnly: r.readOnly, description: r.ref });
+      } catch (e) {
+        if (server.exportNames().length === 0) {
+          this.servers.delete(keyOf(server));
+          await server.close();
+        }
+        throw e;
+      }
+      const info = { name: r.name, ref: r.ref, uri: server.uri(r.name), readOnly: r.readOnly, owner: r.owner.id, startedAt: new Date().toISOString(), pid: process.pid };
+      let ended!: () => void;
+      const done = new Promise<void>((res) => { ended = res; });
+      this.served.set(r.name, { info, owner: r.owner, server, serverKey: keyOf(server), device: r.device, release: r.release, ended });
+      return { info: { ...info, connections: 0 }, ended: done };
+    });
+  }
+
+  /** Exports served now. */
+  list(): (ExportInfo & { ownerRole: Principal['role'] })[] {
+    return [...this.served.values()].map((s) => ({ ...s.info, connections: s.server.connectionCount(s.info.name), ownerRole: s.owner.role }));
+  }
+
+  get(name: string): (ExportInfo & { ownerRole: Principal['role'] }) | undefined {
+    return this.list().find((e) => e.name === name);
+  }
+
+  /**
+   * Stop an export: no new client gets it; its clients' requests in flight finish, then they are
+   * disconnected; the device is flushed and closed, then its locks released. Stopping one that is
+   * already stopping waits for that.
+   */
+  stop(name: string): Promise<void> {
+    const s = this.served.get(name);
+    if (!s) return Promise.reject(new NotFound(`no export named ${name}`, { ref: name, hint: 'list exports with `offload nbd list`' }));
+    s.stopping ??= (async () => {
+      try {
+        await s.server.removeExport(name);
+        await s.device.flush().catch(() => undefined); // a device that cannot flush now: close still tries
+        await s.device.close().catch(() => undefined);
+      } finally {
+        this.served.delete(name);
+        s.release();
+        await this.closeIfIdle(s.serverKey);
+        s.ended();
+      }
+    })();
+    return s.stopping;
+  }
+
+  /** Stop every export (the broker is closing). */
+  async closeAll(): Promise<void> {
+    this.closing = true;
+    await Promise.allSettled([...this.served.keys()].map((n) => this.stop(n)));
+    await Promise.allSettled([...this.servers.values()].map((s) => s.close()));
+    this.servers.clear();
+  }
+
+  private async closeIfIdle(key: string): Promise<void> {
+    await this.mutex.run([key], async () => {
+      const server = this.servers.get(key);
+      if (!server || server.exportNames().length > 0) return;
+      this.servers.delete(key);
+      await server.close();
+    });
+  }
+}
+
+function keyOf(s: NbdServer): string {
+  const a = s.address;
+  return 'socket' in a ? `unix:${a.socket}` : `tcp:${a.host}:${a.port}`;
+}
