@@ -1,0 +1,129 @@
+/**
+ * `offload nbd` as a user runs it: the real executable in its own process, serving in the
+ * foreground like qemu-nbd. The URI is its first line of stdout; SIGTERM/SIGINT flush and exit 0;
+ * `nbd list` and `nbd stop` from another process see and stop it; an administrator's request in
+ * another process preempts a tenant's export.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createBroker, silentLogger, tenant } from '../../core/index.js';
+import { qcow2Module } from '../../plugins/qcow2/module.js';
+import { HAVE, ok, qemuIo, tool } from '../support/nbd-tools.js';
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '../..');
+const MiB = 1024 * 1024;
+
+interface Served { child: ChildProcess; first: string; exit: Promise<number | null>; stderr: () => string }
+
+describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
+  let dir: string;
+  let config: string;
+
+  const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, ...args], { cwd: ROOT, encoding: 'utf8' });
+
+  /** Start `offload nbd …` and wait for its first line. */
+  async function serve(...args: string[]): Promise<Served> {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'nbd', ...args], { cwd: ROOT });
+    let err = '';
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => { err += d; });
+    const exit = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
+    const lines = createInterface({ input: child.stdout! });
+    const first = await new Promise<string>((resolve, reject) => {
+      lines.once('line', resolve);
+      void exit.then((code) => reject(new Error(`offload nbd exited ${code} before printing its URI: ${err}`)));
+    });
+    return { child, first, exit, stderr: () => err };
+  }
+
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), 'offload-nbd-cli-'));
+    mkdirSync(join(dir, 'pool'));
+    config = join(dir, 'offload.yaml');
+    writeFileSync(config, `state: ./state\nbackends:\n  - name: local\n    kind: qcow2\n    path: ./pool\n`);
+    expect(cli('volume', 'create', 'local/vm1', '64M').status).toBe(0);
+  });
+
+  afterAll(() => {
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('prints the URI first, serves qemu-io, is listed by another process, and flushes and exits 0 on SIGTERM', async () => {
+    const s = await serve('local/vm1', '--port', '0');
+    expect(s.first).toMatch(/^nbd:\/\/127\.0\.0\.1:\d+\/local\/vm1$/);
+    await qemuIo(s.first, ['write -P 0x3c 0 1M', 'write -z 1M 1M', 'read -P 0x3c 0 1M']);
+    const list = cli('--json', 'nbd', 'list');
+    expect(list.status).toBe(0);
+    expect(JSON.parse(list.stdout)).toEqual([expect.objectContaining({ name: 'local/vm1', ref: 'local/vm1', uri: s.first, readOnly: false, pid: s.child.pid })]);
+    const busy = cli('volume', 'delete', 'local/vm1');
+    expect(busy.status).toBe(1);
+    expect(busy.stderr).toMatch(/Busy.*export local\/vm1/);
+    s.child.kill('SIGTERM');
+    expect(await s.exit).toBe(0);
+    // Flushed and closed: the pool's file is clean (qemu-img check) and holds the write.
+    for (const f of readdirSync(join(dir, 'pool')).filter((n) => n.endsWith('.qcow2'))) await ok('qemu-img', ['check', join(dir, 'pool', f)]);
+    const s2 = await serve('local/vm1', '--port', '0', '--read-only', '--name', 'again');
+    expect(s2.first).toMatch(/\/again$/);
+    await qemuIo(s2.first, ['read -P 0x3c 0 1M', 'read -P 0 1M 1M'], { readOnly: true });
+    s2.child.kill('SIGINT');
+    expect(await s2.exit).toBe(0);
+    expect(JSON.parse(cli('--json', 'nbd', 'list').stdout)).toEqual([]);
+  });
+
+  it('--json prints one line of JSON first; `nbd stop` from another process ends it (exit 1: stopped from elsewhere)', async () => {
+    const s = await serve('local/vm1', '--port', '0', '--json');
+    const info = JSON.parse(s.first) as { name: string; uri: string; readOnly: boolean };
+    expect(info).toMatchObject({ name: 'local/vm1', readOnly: false });
+    const stop = cli('nbd', 'stop', 'local/vm1');
+    expect(stop.status).toBe(0);
+    expect(stop.stdout).toMatch(/stopped export local\/vm1/);
+    expect(await s.exit).toBe(1);
+    expect(s.stderr()).toMatch(/stopped by another request/);
+    expect(cli('nbd', 'stop', 'local/vm1').status).toBe(1); // NotFound now
+  });
+
+  it('a unix socket', async () => {
+    const sock = join(dir, 'vm1.sock');
+    const s = await serve('local/vm1', '--socket', sock);
+    expect(s.first).toBe(`nbd+unix:///local/vm1?socket=${sock}`);
+    const info = JSON.parse(await ok('qemu-img', ['info', '--output=json', s.first])) as { 'virtual-size': number };
+    expect(info['virtual-size']).toBe(64 * MiB);
+    s.child.kill('SIGTERM');
+    expect(await s.exit).toBe(0);
+  });
+
+  it('bad usage exits 2 with one line; a port in use is Busy (exit 1)', async () => {
+    for (const args of [['local/vm1', '--socket', '/tmp/x.sock', '--port', '1'], ['local/vm1', '--port', 'abc'], ['local/vm1', '--port', '70000']]) {
+      const r = cli('nbd', ...args);
+      expect(r.status).toBe(2);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    const s = await serve('local/vm1', '--port', '0', '--read-only');
+    const port = /:(\d+)\//.exec(s.first)![1]!;
+    const r = cli('nbd', 'local/vm1', '--read-only', '--name', 'second', '--port', port);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/Busy.*in use/);
+    s.child.kill('SIGTERM');
+    expect(await s.exit).toBe(0);
+  });
+
+  it('an administrator in another process preempts a tenant\'s export: the export stops, the delete goes through', async () => {
+    const b = await createBroker(config, { plugins: [qcow2Module], logger: silentLogger, principal: tenant('t1') });
+    try {
+      await b.volumes.create('local/t1vm', { sizeBytes: 4 * MiB });
+      const e = await b.exports.start('local/t1vm', { listen: { port: 0 } });
+      // The CLI acts as the administrator; run without blocking this process, which must hear the request to stop.
+      const del = await tool(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'volume', 'delete', 'local/t1vm'], { cwd: ROOT });
+      expect(del.stderr).toBe('');
+      expect(del.status).toBe(0);
+      await e.stopped;
+      expect(b.exports.list()).toEqual([]);
+    } finally {
+      await b.close();
+    }
+  });
+});
