@@ -6,14 +6,9 @@
  * zeroed on purpose and holes; every byte of the target must equal the source, and whatever the
  * source has not allocated must read as zeros in the target.
  */
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { COPY_CHUNK, createBroker, type BlockDevice, type Broker, type Extent } from '../../core/index.js';
-import { builtinPlugins } from '../../plugins/index.js';
-import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharray/index.js';
-import { MOCK_DEFAULTS, startOntapMock, type OntapMock } from '../../plugins/ontap/index.js';
+import { COPY_CHUNK, type Broker, type Extent } from '../../core/index.js';
+import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 12 * MiB;
@@ -36,43 +31,17 @@ const LAYOUT: readonly [number, number, 'data' | 'zero'][] = [
   [SIZE - 8192, 8192, 'data'], // the last bytes
 ];
 
-async function withDevice<T>(broker: Broker, ref: string, mode: 'r' | 'rw', fn: (d: BlockDevice) => Promise<T>): Promise<T> {
-  const dev = await broker.volumes.open(ref, mode);
-  try {
-    return await fn(dev);
-  } finally {
-    await dev.close();
-  }
-}
-
 describe('host copies between the pool, the SAN mock and the NAS mock, checked byte for byte', () => {
-  let san: FlashArrayMock;
-  let nas: OntapMock;
+  let all: AllBackends;
   let broker: Broker;
-  let state: string;
 
   beforeAll(async () => {
-    san = await startFlashArrayMock({ port: 0 });
-    nas = await startOntapMock({ port: 0, jobDurationMs: 20 });
-    state = mkdtempSync(join(tmpdir(), 'offload-cross-'));
-    mkdirSync(join(state, 'pool'));
-    broker = await createBroker({
-      state,
-      backends: [
-        { name: 'local', kind: 'qcow2', path: join(state, 'pool') },
-        { name: 'san1', kind: 'flasharray', endpoint: san.url, apiToken: san.apiToken },
-        {
-          name: 'nas1', kind: 'ontap', endpoint: nas.url, username: nas.username, password: nas.password, svm: MOCK_DEFAULTS.svm,
-          pollIntervalMs: 5, pollMaxIntervalMs: 40,
-        },
-      ],
-    }, { plugins: builtinPlugins });
+    all = await startAllBackends({ prefix: 'offload-cross-' });
+    broker = all.broker;
   });
 
   afterAll(async () => {
-    await broker?.close();
-    await Promise.allSettled([san?.close(), nas?.close()]);
-    if (state) rmSync(state, { recursive: true, force: true });
+    await all?.close();
   });
 
   /** A source volume laid out as LAYOUT says, written through the broker's data path. */

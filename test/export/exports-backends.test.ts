@@ -6,14 +6,11 @@
  * path afterwards.
  */
 import { createHash } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createBroker, type BlockDevice, type Broker, type Extent } from '../../core/index.js';
-import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharray/index.js';
-import { builtinPlugins } from '../../plugins/index.js';
-import { MOCK_DEFAULTS, startOntapMock, type OntapMock } from '../../plugins/ontap/index.js';
+import type { Broker, Extent } from '../../core/index.js';
+import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
 import { memoryModule } from '../support/memory-backend.js';
 import { HAVE, ok, qemuIo, qemuMap, tool } from '../support/nbd-tools.js';
 
@@ -39,15 +36,6 @@ function digest(b: Uint8Array): string {
   return createHash('sha256').update(b).digest('hex');
 }
 
-async function withDevice<T>(broker: Broker, ref: string, mode: 'r' | 'rw', fn: (d: BlockDevice) => Promise<T>): Promise<T> {
-  const dev = await broker.volumes.open(ref, mode);
-  try {
-    return await fn(dev);
-  } finally {
-    await dev.close();
-  }
-}
-
 /** Data ranges as one list of [offset, length], neighbours merged (clients and backends split them differently). */
 function dataRanges(list: { offset: number; length: number; data: boolean }[]): [number, number][] {
   const out: [number, number][] = [];
@@ -61,36 +49,21 @@ function dataRanges(list: { offset: number; length: number; data: boolean }[]): 
 }
 
 describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('exports of every backend, used by real NBD clients', () => {
-  let san: FlashArrayMock;
-  let nas: OntapMock;
+  let all: AllBackends;
   let broker: Broker;
   let state: string;
 
   beforeAll(async () => {
-    san = await startFlashArrayMock({ port: 0 });
-    nas = await startOntapMock({ port: 0, jobDurationMs: 20 });
-    state = mkdtempSync(join(tmpdir(), 'offload-exports-'));
-    mkdirSync(join(state, 'pool'));
-    mkdirSync(join(state, 'rawpool'));
-    broker = await createBroker({
-      state,
-      backends: [
-        { name: 'local', kind: 'qcow2', path: join(state, 'pool') },
-        { name: 'localraw', kind: 'qcow2', path: join(state, 'rawpool'), format: 'raw' },
-        { name: 'san1', kind: 'flasharray', endpoint: san.url, apiToken: san.apiToken },
-        {
-          name: 'nas1', kind: 'ontap', endpoint: nas.url, username: nas.username, password: nas.password, svm: MOCK_DEFAULTS.svm,
-          pollIntervalMs: 5, pollMaxIntervalMs: 40,
-        },
-        { name: 'mem', kind: 'memory' },
-      ],
-    }, { plugins: [...builtinPlugins, memoryModule] });
+    all = await startAllBackends({ extra: (state) => {
+      mkdirSync(join(state, 'rawpool'));
+      return [{ name: 'localraw', kind: 'qcow2', path: join(state, 'rawpool'), format: 'raw' }, { name: 'mem', kind: 'memory' }];
+    }, plugins: [memoryModule], prefix: 'offload-exports-' });
+    broker = all.broker;
+    state = all.state;
   });
 
   afterAll(async () => {
-    await broker?.close();
-    await Promise.allSettled([san?.close(), nas?.close()]);
-    if (state) rmSync(state, { recursive: true, force: true });
+    await all?.close();
   });
 
   describe.each(BACKENDS)('%s', (be) => {

@@ -1,0 +1,58 @@
+/**
+ * One broker over every built-in backend with a data path, on loopback: the local qcow2 pool, the
+ * FlashArray mock (san1) and the ONTAP mock (nas1), plus whatever a test adds. For tests that
+ * run the same case on each.
+ */
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { ContainerModule } from 'inversify';
+import { createBroker, type BlockDevice, type Broker } from '../../core/index.js';
+import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
+import { builtinPlugins } from '../../plugins/index.js';
+import { MOCK_DEFAULTS, startOntapMock } from '../../plugins/ontap/index.js';
+
+export interface AllBackends {
+  broker: Broker;
+  /** The broker's state folder (the pool is `pool/` in it). */
+  state: string;
+  close(): Promise<void>;
+}
+
+export async function startAllBackends(o: { extra?: (state: string) => Record<string, unknown>[]; plugins?: ContainerModule[]; prefix?: string } = {}): Promise<AllBackends> {
+  const san = await startFlashArrayMock({ port: 0 });
+  const nas = await startOntapMock({ port: 0, jobDurationMs: 20 });
+  const state = mkdtempSync(join(tmpdir(), o.prefix ?? 'offload-all-'));
+  mkdirSync(join(state, 'pool'));
+  const broker = await createBroker({
+    state,
+    backends: [
+      { name: 'local', kind: 'qcow2', path: join(state, 'pool') },
+      { name: 'san1', kind: 'flasharray', endpoint: san.url, apiToken: san.apiToken },
+      {
+        name: 'nas1', kind: 'ontap', endpoint: nas.url, username: nas.username, password: nas.password, svm: MOCK_DEFAULTS.svm,
+        pollIntervalMs: 5, pollMaxIntervalMs: 40,
+      },
+      ...(o.extra?.(state) ?? []),
+    ] as never,
+  }, { plugins: [...builtinPlugins, ...(o.plugins ?? [])] });
+  return {
+    broker,
+    state,
+    async close() {
+      await broker.close();
+      await Promise.allSettled([san.close(), nas.close()]);
+      rmSync(state, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Run `fn` on a volume's data path, closing it afterwards. */
+export async function withDevice<T>(broker: Broker, ref: string, mode: 'r' | 'rw', fn: (d: BlockDevice) => Promise<T>): Promise<T> {
+  const dev = await broker.volumes.open(ref, mode);
+  try {
+    return await fn(dev);
+  } finally {
+    await dev.close();
+  }
+}
