@@ -137,6 +137,12 @@ export class NbdServer {
     if ('socket' in this.address) await rm(this.address.socket, { force: true });
   }
 
+  /** An export by name; the empty name (the default export, `nbd://host:port`) is the only one when one is served. */
+  private lookup(name: string): Entry | undefined {
+    if (name === '' && this.exports.size === 1) return this.exports.values().next().value;
+    return this.exports.get(name);
+  }
+
   private async drain(e: Entry): Promise<void> {
     for (const c of e.connections) c.reader.stop();
     await Promise.all([...e.connections].map((c) => c.done));
@@ -154,14 +160,14 @@ export class NbdServer {
       try {
         const limit = setTimeout(() => socket.destroy(), this.opts.handshakeLimitMs ?? HANDSHAKE_LIMIT_MS);
         const session = await handshake(socket, reader, {
-          lookup: (name) => this.exports.get(name)?.view,
+          lookup: (name) => this.lookup(name)?.view,
           list: () => [...this.exports.values()].map((x) => x.view),
         }).finally(() => clearTimeout(limit));
         if (!session) {
           socket.end();
           return;
         }
-        const entry = this.exports.get(session.export.name);
+        const entry = this.lookup(session.export.name);
         if (!entry) {
           socket.destroy(); // removed while this client negotiated
           return;

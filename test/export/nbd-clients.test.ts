@@ -168,6 +168,20 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('the NBD server with real clients', 
     expect(Buffer.from(await ro.read(0, 4096)).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
   });
 
+  it('the default export (no name) is the only one when one is served, and refused when there are several', async () => {
+    const s = await NbdServer.listen({ port: 0 });
+    try {
+      s.addExport({ name: 'only', device: memoryDevice(2 * MiB), readOnly: true });
+      const port = (s.address as { port: number }).port;
+      const info = JSON.parse(await ok('qemu-img', ['info', '--output=json', `nbd://127.0.0.1:${port}`])) as { 'virtual-size': number };
+      expect(info['virtual-size']).toBe(2 * MiB);
+      s.addExport({ name: 'second', device: memoryDevice(MiB), readOnly: true });
+      expect((await tool('qemu-img', ['info', `nbd://127.0.0.1:${port}`])).status).not.toBe(0);
+    } finally {
+      await s.close();
+    }
+  });
+
   it('an unknown export name is refused and the client says so', async () => {
     const r = await tool('qemu-img', ['info', server.uri('nope')]);
     expect(r.status).not.toBe(0);
