@@ -12,6 +12,7 @@ import { fileError } from '../backend/raw-file.js';
 import type { FileExportOptions, FileImportOptions, VolumesApi } from '../broker-api.js';
 import { exportTask, importTask, tooLarge, type FileExportParams, type FileImportParams } from '../copy/file-copy.js';
 import type { Job } from '../jobs/job.js';
+import type { JobTask } from '../jobs/job-task.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import { AlreadyExists, InvalidArgument, NotFound, PermissionDenied } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref } from '../model/refs.js';
@@ -84,7 +85,7 @@ export class FileJobs {
     if (!snaps.some((x) => x.name === ref.snapshot)) throw new NotFound(`snapshot ${text} does not exist`, { ref: text, hint: `list them with \`offload snapshot list ${volumeKey(ref)}\`` });
   }
 
-  private start(task: ReturnType<typeof exportTask>, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined): Promise<Job> {
+  private start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined): Promise<Job> {
     this.s.assertOpen();
     return this.s.mutex.run(locks.map((l) => l.key), () =>
       this.s.jobs.start({ task, ref, executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}) }));

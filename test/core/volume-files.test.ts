@@ -188,6 +188,20 @@ describe.skipIf(!HAVE_QEMU)('volume import', () => {
     expect(again.params.create).toBeUndefined();
   });
 
+  it('a qcow2 file is imported with its backing chain, as qemu-img convert reads it', async () => {
+    const base = qemuMade('chain-base.qcow2', 'qcow2');
+    const top = join(files, 'chain-top.qcow2');
+    expect(qemu('qemu-img', 'create', '-f', 'qcow2', '-b', 'chain-base.qcow2', '-F', 'qcow2', top).status).toBe(0);
+    expect(qemu('qemu-io', '-c', 'write -P 0x33 2M 64k', top).status).toBe(0);
+    await (await broker.volumes.importFrom(top, 'mem/chained', { create: true })).result();
+    const got = Buffer.from(await withDevice('mem/chained', 'r', (d) => d.read(0, 32 * MiB)));
+    const flat = join(files, 'chain-flat.raw');
+    expect(qemu('qemu-img', 'convert', '-O', 'raw', top, flat).status).toBe(0);
+    expect(got.equals(readFileSync(flat))).toBe(true);
+    expect(got[2 * MiB + 64 * 1024]).toBe(0x5a); // from the base
+    expect(existsSync(base)).toBe(true);
+  });
+
   it('a file larger than the volume is OutOfRange; a missing volume NotFound unless created', async () => {
     const file = qemuMade('big.raw', 'raw');
     await broker.volumes.create('mem/small', { sizeBytes: 16 * MiB });
