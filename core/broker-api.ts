@@ -26,6 +26,10 @@ export interface VolumesApi {
   delete(ref: string): Promise<void>;
   /** Open the data path of a volume (needs `data.read`, and `data.write` for `rw`). */
   open(ref: string, mode?: 'r' | 'rw'): Promise<BlockDevice>;
+  /** Copy a volume's (or a snapshot's) data into a new local image file, sparse, as a host job. */
+  exportTo(ref: string, file: string, opts?: FileExportOptions): Promise<Job>;
+  /** Copy a local image file's guest content into a volume, as a host job. */
+  importFrom(file: string, ref: string, opts?: FileImportOptions): Promise<Job>;
 }
 
 export interface SnapshotsApi {
@@ -108,6 +112,32 @@ export interface CopyOptions {
   verify?: boolean;
   /** Accepted for symmetry with clone: a copy between volumes always runs through the host. */
   prefer?: 'native' | 'host';
+}
+
+/** `volumes.exportTo`: the file is created (relative paths resolve against the working folder). */
+export interface FileExportOptions {
+  /** `raw` (the default, as for `qemu-img convert`), `qcow2`, or a format a plugin adds. */
+  format?: string;
+  /** Replace the file if it exists (otherwise AlreadyExists). */
+  overwrite?: boolean;
+  /** Rate limit in bytes/s (0 = unlimited). */
+  speed?: number;
+  /** Compare checksums of the volume and the file after the copy. */
+  verify?: boolean;
+}
+
+/** `volumes.importFrom`: bytes of the volume past the file's size are left as they are. */
+export interface FileImportOptions {
+  /** The file's format; probed when absent (qcow2 by its magic, else raw). */
+  format?: string;
+  /** Create the volume with the file's virtual size when it does not exist (otherwise NotFound). */
+  create?: boolean;
+  /** With `create`: the tenant that owns the new volume (administrators only, as for `volumes.create`). */
+  owner?: string;
+  /** Rate limit in bytes/s (0 = unlimited). */
+  speed?: number;
+  /** Compare checksums of the file and the volume after the copy. */
+  verify?: boolean;
 }
 
 /**

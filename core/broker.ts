@@ -28,6 +28,7 @@ import { InvalidArgument, toOffloadError } from './model/errors.js';
 import type { Volume } from './model/types.js';
 import type { Operation, Plan } from './planner/plan.js';
 import { Planner, type PlannerBackend } from './planner/planner.js';
+import { FileFormats } from './broker/file-formats.js';
 
 export interface CreateBrokerOptions {
   /** Plugin modules (e.g. `builtinPlugins` from plugins/index.ts), or plugins already loaded (the CLI loads them once). */
@@ -49,7 +50,7 @@ export interface CreateBrokerOptions {
  */
 export async function createBroker(config: string | RawConfig | BrokerConfig, opts: CreateBrokerOptions): Promise<Broker> {
   const logger = opts.logger ?? createLogger();
-  const { factories } = 'factories' in opts.plugins ? opts.plugins : await loadPlugins(opts.plugins);
+  const { factories, formats } = 'factories' in opts.plugins ? opts.plugins : await loadPlugins(opts.plugins);
   const validated = typeof config === 'string'
     ? loadConfig(config, factories, opts.env)
     : 'baseDir' in config && typeof (config as BrokerConfig).baseDir === 'string' && typeof (config as BrokerConfig).state === 'string'
@@ -77,7 +78,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     store.close();
     throw e;
   }
-  const state = new BrokerState(validated, backends, store, logger, new Planner(backends));
+  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats));
   state.jobs = new JobManager(store, state.locks, (rec) => state.resolveTask(rec), logger, opts.checkpointEveryMs);
   const broker = new BrokerView(state, opts.principal ?? ADMIN);
   if (opts.recoverJobs !== false) {

@@ -17,6 +17,7 @@ export type * from './model/types.js';
 export * from './backend/block-device.js';
 export type * from './backend/storage-backend.js';
 export * from './backend/plugin.js';
+export * from './backend/file-format.js';
 export type * from './jobs/job-task.js';
 export type * from './jobs/job.js';
 export * from './locks/principal.js';

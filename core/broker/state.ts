@@ -12,6 +12,8 @@ import { LockManager } from '../locks/lock-manager.js';
 import { FailedPrecondition, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
 import { isSnapshotRef, parseRef } from '../model/refs.js';
 import type { Planner, PlannerBackend } from '../planner/planner.js';
+import { exportTask, importTask, type FileExportParams, type FileImportParams, type FileJobDeps } from '../copy/file-copy.js';
+import { FileFormats } from './file-formats.js';
 
 /** What every principal's view of one broker shares: its backends, stores, locks, planner and jobs. */
 export class BrokerState {
@@ -27,6 +29,8 @@ export class BrokerState {
     readonly store: JobStore,
     readonly logger: Logger,
     readonly planner: Planner,
+    /** Image file formats for `volume export|import`. */
+    readonly formats: FileFormats = new FileFormats(),
   ) {
     this.locks = new LockManager({
       foreign: () => (this.jobs ? this.jobs.foreignLocks() : []),
@@ -70,9 +74,16 @@ export class BrokerState {
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
     if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open);
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());
+    if (rec.executor === 'host' && rec.type === 'export') return exportTask(rec.params as FileExportParams, this.fileJobDeps());
+    if (rec.executor === 'host' && rec.type === 'import') return importTask(rec.params as FileImportParams, this.fileJobDeps());
     const b = rec.backend ? this.backends.get(rec.backend) : undefined;
     if (!b?.backend.resumeTask) return undefined;
     return b.backend.resumeTask(rec.type, rec.params);
+  }
+
+  /** What `volume export|import` need from the broker: data paths, image formats, and making a volume. */
+  fileJobDeps(): FileJobDeps {
+    return { open: (ref, mode) => this.openDevice(ref, mode), format: (name) => this.formats.get(name), volumes: this.cloneDeps() };
   }
 
   /** What a clone through the host needs from the broker: create and delete the target, open data paths. */

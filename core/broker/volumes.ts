@@ -7,6 +7,9 @@ import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import { notFoundVolume, type Access } from './access.js';
 import { checkSize, need, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
+import type { FileExportOptions, FileImportOptions } from '../broker-api.js';
+import type { Job } from '../jobs/job.js';
+import { FileJobs } from './file-jobs.js';
 
 /** The volume verbs of one principal's broker view. */
 export class Volumes implements VolumesApi {
@@ -92,6 +95,14 @@ export class Volumes implements VolumesApi {
     this.a.assertOwns(ref);
     need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
     return this.s.openDevice(refText, mode);
+  }
+
+  exportTo(refText: string, file: string, opts?: FileExportOptions): Promise<Job> {
+    return new FileJobs(this.s, this.a, this).exportTo(refText, file, opts);
+  }
+
+  importFrom(file: string, refText: string, opts?: FileImportOptions): Promise<Job> {
+    return new FileJobs(this.s, this.a, this).importFrom(file, refText, opts);
   }
 }
 

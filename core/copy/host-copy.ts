@@ -59,6 +59,18 @@ export interface CloneDeps {
 /** What a clone job has saved about its target: about to create it, or created (and when, as the backend said). */
 interface CloneState { creating?: boolean; created?: boolean; createdAt?: string }
 
+/** Which job makes a new volume by copying into it (a clone, an import that creates its volume), for its type and messages. */
+export interface CloneKind {
+  /** The job type (`clone`, `import`). */
+  type: string;
+  /** What it is, in a sentence: `a clone through the host`. */
+  what: string;
+  /** What to do when the name is taken. */
+  hint: string;
+}
+
+const HOST_CLONE: CloneKind = { type: 'clone', what: 'a clone through the host', hint: 'delete it first, or use `offload copy` to overwrite it' };
+
 /**
  * A clone through the host as one job, which holds the target's exclusive lock from before the
  * target exists until the copy ends: it refuses a name that is taken (a clone never adopts
@@ -67,12 +79,12 @@ interface CloneState { creating?: boolean; created?: boolean; createdAt?: string
  * (the broker closing), it leaves the target for the resumed run, which takes it back only when
  * it is the one this job made.
  */
-export function cloneTask(params: HostCloneParams, deps: CloneDeps): JobTask {
-  const refuse = (why: string) => new AlreadyExists(`${params.target} already exists${why}; a clone through the host needs a new volume`, {
-    ref: params.target, hint: 'delete it first, or use `offload copy` to overwrite it',
+export function cloneTask(params: HostCloneParams, deps: CloneDeps, kind: CloneKind = HOST_CLONE): JobTask {
+  const refuse = (why: string) => new AlreadyExists(`${params.target} already exists${why}; ${kind.what} needs a new volume`, {
+    ref: params.target, hint: kind.hint,
   });
   return {
-    type: 'clone',
+    type: kind.type,
     params,
     async run(ctx) {
       const was = (ctx.resumeFrom ?? {}) as CloneState;
@@ -81,9 +93,9 @@ export function cloneTask(params: HostCloneParams, deps: CloneDeps): JobTask {
       let createdAt: string | undefined;
       if (was.created === true) {
         // Resumed after the create: the volume there must be the one this job made.
-        if (!found) throw new FailedPrecondition(`${params.target}, which this clone created, is gone`, { ref: params.target, hint: 'clone again' });
+        if (!found) throw new FailedPrecondition(`${params.target}, which this ${kind.type} created, is gone`, { ref: params.target, hint: `${kind.type} again` });
         if (was.createdAt !== undefined && found.createdAt !== undefined && found.createdAt !== was.createdAt) {
-          throw refuse(' and is not the volume this clone created (it was replaced while the job was stopped)');
+          throw refuse(` and is not the volume this ${kind.type} created (it was replaced while the job was stopped)`);
         }
         created = true;
         createdAt = was.createdAt;
@@ -91,7 +103,7 @@ export function cloneTask(params: HostCloneParams, deps: CloneDeps): JobTask {
       } else {
         // A run stopped between recording `creating` and recording `created` cannot tell whether
         // a volume there is its own: it leaves it alone.
-        if (found) throw refuse(was.creating === true ? ' (it may be the one this clone was creating when it stopped: check it, delete it and clone again)' : '');
+        if (found) throw refuse(was.creating === true ? ` (it may be the one this ${kind.type} was creating when it stopped: check it, delete it and ${kind.type} again)` : '');
         await ctx.saveState({ creating: true } satisfies CloneState);
         createdAt = (await deps.create(params.target, params.sizeBytes, params.owner)).createdAt;
         created = true;

@@ -8,7 +8,9 @@ export type Operation =
   | { op: 'snapshot'; ref: string }
   | { op: 'revert'; ref: string }
   | { op: 'delete'; ref: string }
-  | { op: 'resize'; ref: string; sizeBytes: number };
+  | { op: 'resize'; ref: string; sizeBytes: number }
+  | { op: 'export'; source: string; file: string; format?: string }
+  | { op: 'import'; file: string; target: string; create?: boolean };
 
 export interface PlanStep {
   /** What this step does, e.g. `clone.linked`, `chain.stream`, `data.copy`. */

@@ -37,6 +37,9 @@ export class Planner {
         return this.planClone(op);
       case 'copy':
         return this.planCopy(op);
+      case 'export':
+      case 'import':
+        return this.planFile(op);
     }
   }
 
@@ -85,6 +88,32 @@ export class Planner {
     const src = parseRef(op.source);
     const dst = parseVolumeRef(op.target);
     return this.hostCopy(op, src, dst, this.get(src.backend), this.get(dst.backend), false);
+  }
+
+  /** A volume's data into a local file, or a file's into a volume: always the host data mover. */
+  private planFile(op: Extract<Operation, { op: 'export' | 'import' }>): Plan {
+    const ref = op.op === 'export' ? parseRef(op.source) : parseVolumeRef(op.target);
+    const b = this.get(ref.backend);
+    const missing: string[] = [];
+    if (op.op === 'export') {
+      if (!b.capabilities.has('data.read')) missing.push(`${ref.backend} has no data.read`);
+      else if (isSnapshotRef(ref) && !(b.capabilities.limits('data.read')?.snapshots === true && b.backend.openSnapshot)) {
+        missing.push(`${ref.backend} cannot read a snapshot through its data path (clone it to a volume first)`);
+      }
+    } else {
+      if (!b.capabilities.has('data.write')) missing.push(`${ref.backend} has no data.write`);
+      if (op.create && !b.capabilities.has('volume.create')) missing.push(`${ref.backend} has no volume.create`);
+    }
+    if (missing.length > 0) return unsupported(op, `no host data path: ${missing.join('; ')}`);
+    const steps: PlanStep[] = [];
+    if (op.op === 'import' && op.create) steps.push({ action: 'volume.create', executor: `backend:${ref.backend}`, hostBytes: 0, reason: 'the target volume is created first, with the file\'s virtual size' });
+    steps.push({
+      action: 'data.copy', executor: 'host',
+      reason: op.op === 'export'
+        ? `${b.capabilities.has('data.extents') ? 'only allocated extents are read' : 'the whole volume is read (no extents)'}; the file gets data only where the volume has some (holes stay holes)`
+        : 'the file\'s data is copied and its holes are made zero in the volume, through the host data mover',
+    });
+    return { operation: op, supported: true, steps, reason: `host data mover: ${op.op === 'export' ? `${op.source} into ${op.file}` : `${op.file} into ${op.target}`}` };
   }
 
   private hostCopy(op: Operation, src: Ref, dst: Ref, s: PlannerBackend, d: PlannerBackend, createTarget: boolean, why?: string): Plan {

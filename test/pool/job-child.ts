@@ -1,18 +1,20 @@
 /**
  * Child process for the broker-restart tests: opens a broker on an existing pool and state dir,
  * starts a rate-limited job, prints the job id, and runs until killed.
- *   node --import tsx job-child.ts stream|clone STATE_DIR POOL_DIR
- * stream: local/kid; clone: local/src into a new local/dst through the host. Checkpoints are
+ *   node --import tsx job-child.ts stream|clone|export|import STATE_DIR POOL_DIR [FILE]
+ * stream: local/kid; clone: local/src into a new local/dst through the host; export: local/src
+ * into the qcow2 file FILE; import: the raw file FILE into local/dst. Checkpoints are
  * saved as the broker saves them (at most once a second): what a kill may cost.
  */
 import { createBroker, silentLogger } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 
-const [kind, state, pool] = process.argv.slice(2);
+const [kind, state, pool, file] = process.argv.slice(2);
 const broker = await createBroker({ state: state!, backends: [{ name: 'local', kind: 'qcow2', path: pool! }] }, { plugins: [qcow2Module], logger: silentLogger });
 const speed = 4 * 1024 * 1024;
-const job = kind === 'stream'
-  ? await broker.stream('local/kid', { speed })
-  : (await broker.startClone('local/src', 'local/dst', { mode: 'full', speed })).job!;
+const job = kind === 'stream' ? await broker.stream('local/kid', { speed })
+  : kind === 'export' ? await broker.volumes.exportTo('local/src', file!, { format: 'qcow2', speed })
+    : kind === 'import' ? await broker.volumes.importFrom(file!, 'local/dst', { format: 'raw', speed })
+      : (await broker.startClone('local/src', 'local/dst', { mode: 'full', speed })).job!;
 process.stdout.write(`${job.id}\n`);
 await job.wait();

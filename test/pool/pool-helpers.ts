@@ -82,12 +82,13 @@ export function bytesReadByProcess(): number {
 }
 
 /**
- * Run `test/pool/job-child.ts KIND STATE POOL` (a broker with a rate-limited job), wait until its
- * job reports `atLeast` bytes done, then kill it with SIGKILL. Returns the job id.
+ * Run `test/pool/job-child.ts KIND STATE POOL [FILE]` (a broker with a rate-limited job), wait until
+ * its job reports `atLeast` bytes done, then kill it with SIGKILL. Returns the job id.
  */
-export async function runAndKill(kind: 'stream' | 'clone', state: string, pool: string, atLeast: number): Promise<string> {
+export async function runAndKill(kind: 'stream' | 'clone' | 'export' | 'import', state: string, pool: string, atLeast: number, file?: string): Promise<string> {
   const root = join(import.meta.dirname, '../..');
-  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'test/pool/job-child.ts'), kind, state, pool], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+  const args = [join(root, 'test/pool/job-child.ts'), kind, state, pool, ...(file !== undefined ? [file] : [])];
+  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
   const exited = new Promise((r) => child.on('exit', r));
   const id = await new Promise<string>((done, fail) => {
     let out = '';

@@ -6,7 +6,7 @@ import { formatSize, parseSize } from '../sizes.js';
 import { preferOption } from './plan.js';
 
 /** Wait for a job with a progress bar on a TTY; fails with the job's error. */
-async function awaitJob(ctx: CliContext, job: Job, label: string): Promise<JobInfo> {
+export async function awaitJob(ctx: CliContext, job: Job, label: string): Promise<JobInfo> {
   const bar = ctx.progress(label);
   const off = job.on((e) => bar.update(e.job.progress.current, e.job.progress.total));
   const info = await job.wait();

@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import type { Volume } from '../../model/types.js';
 import type { CliContext } from '../contribution.js';
 import { formatSize, parseSize } from '../sizes.js';
+import { registerVolumeFileCommands } from './volume-files.js';
 
 export function volumeRow(v: Volume): Record<string, unknown> {
   return { ref: `${v.backend}/${v.name}`, size: formatSize(v.sizeBytes), bytes: v.sizeBytes, parent: v.parent, owner: v.owner, created: v.createdAt };
@@ -12,7 +13,7 @@ function showVolume(ctx: CliContext, v: Volume): void {
 }
 
 export function registerVolumeCommands(program: Command, ctx: CliContext): void {
-  const volume = program.command('volume').description('create, list, show, resize and delete volumes');
+  const volume = program.command('volume').description('create, list, show, resize and delete volumes; export them to image files and import them');
 
   volume.command('create <ref> <size>')
     .description('create a volume (size in bytes, or with a suffix k, M, G, T)')
@@ -45,4 +46,6 @@ export function registerVolumeCommands(program: Command, ctx: CliContext): void 
       await (await ctx.broker()).volumes.delete(ref);
       ctx.print({ deleted: ref }, `deleted ${ref}`);
     });
+
+  registerVolumeFileCommands(volume, ctx);
 }
