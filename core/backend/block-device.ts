@@ -16,6 +16,11 @@ export interface BlockDevice {
   /** Preferred I/O granularity (cluster size, block size); 0 or absent when any size is fine. */
   readonly blockSize?: number;
   read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * read() into the caller's buffer, every byte of it written: the NBD server reads into buffers
+   * it uses again rather than into a new one per request. Absent: the server calls read().
+   */
+  readInto?(buf: Uint8Array, offset: number): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Make a range read as zeros without sending zeros, where the device can. */
   writeZeroes?(offset: number, length: number): Promise<void>;
