@@ -50,6 +50,12 @@ export interface JobsApi {
   dismiss(id: string): void;
   setSpeed(id: string, bytesPerSecond: number): void;
   wait(id: string): Promise<JobInfo>;
+  /**
+   * Take over an orphaned job (JobInfo.orphaned: its runner stopped) and run it in this process
+   * from its checkpoint, or conclude it as interrupted when it cannot be resumed. Busy while
+   * another runner holds its lease.
+   */
+  takeOver(id: string): Promise<Job>;
 }
 
 export interface LocksApi {

@@ -38,7 +38,11 @@ export interface CreateBrokerOptions {
   logger?: Logger;
   /** Environment for `${VAR}` references (default process.env). */
   env?: NodeJS.ProcessEnv;
-  /** Resume or fail jobs left by a previous process (default true). */
+  /**
+   * Take over the orphaned jobs at start — those whose runner stopped (default true for a
+   * program that embeds the broker; the CLI passes false, so that listing or showing never adopts
+   * a job: `offload jobs resume ID` takes one over). A job somebody runs is never taken.
+   */
   recoverJobs?: boolean;
   /** How often a running job saves its checkpoint at most (default 1000 ms; tests of resumes use 0). */
   checkpointEveryMs?: number;
@@ -54,7 +58,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   const validated = typeof config === 'string'
     ? loadConfig(config, factories, opts.env)
     : 'baseDir' in config && typeof (config as BrokerConfig).baseDir === 'string' && typeof (config as BrokerConfig).state === 'string'
-      ? validateConfig({ state: (config as BrokerConfig).state, backends: config.backends }, factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
+      ? validateConfig({ state: (config as BrokerConfig).state, leaseSeconds: config.leaseSeconds, backends: config.backends }, factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
       : validateConfig(config, factories, { env: opts.env });
 
   prepareStateDir(validated.state);
@@ -79,7 +83,10 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     throw e;
   }
   const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats));
-  state.jobs = new JobManager(store, state.locks, (rec) => state.resolveTask(rec), logger, opts.checkpointEveryMs);
+  state.jobs = new JobManager(store, state.locks, (rec) => state.resolveTask(rec), logger, {
+    ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
+    ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
+  });
   const broker = new BrokerView(state, opts.principal ?? ADMIN);
   if (opts.recoverJobs !== false) {
     try {

@@ -31,6 +31,11 @@ export class Jobs implements JobsApi {
   dismiss(id: string): void { this.get(id).dismiss(); }
   setSpeed(id: string, bytesPerSecond: number): void { this.get(id).setSpeed(bytesPerSecond); }
   wait(id: string): Promise<JobInfo> { return this.get(id).wait(); }
+
+  takeOver(id: string): Promise<Job> {
+    this.get(id); // NotFound for a job this principal may not see
+    return this.s.jobs.takeOver(id);
+  }
 }
 
 /** The locks verbs of one principal's broker view (maintenance locks are administrators' only). */

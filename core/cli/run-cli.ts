@@ -37,7 +37,9 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
     usageExitCode: opts.usageExitCode,
     openBroker: async (file) => {
       const { createBroker } = await import('../broker.js');
-      return createBroker(file, { plugins: loaded ?? opts.plugins, env });
+      // A command never adopts another runner's job (it would run it only while the command
+      // lives): `offload jobs resume ID` takes one over explicitly.
+      return createBroker(file, { plugins: loaded ?? opts.plugins, env, recoverJobs: false });
     },
     register: async (program, ctx) => {
       registerBrokerCommands(program, ctx);

@@ -14,17 +14,21 @@ export interface BrokerConfig {
   state: string;
   /** Folder relative paths in backend entries are resolved against. */
   baseDir: string;
+  /** How long a runner's lease on a job lasts without renewal (seconds; default 15). */
+  leaseSeconds?: number;
   backends: (BackendEntry & Record<string, unknown>)[];
 }
 
 /** What a user writes (before validation). */
 export interface RawConfig {
   state?: string;
+  leaseSeconds?: number;
   backends: Record<string, unknown>[];
 }
 
 const envelopeSchema = z.strictObject({
   state: z.string().min(1).optional(),
+  leaseSeconds: z.number().positive().max(3600).optional(),
   backends: z.array(
     z.looseObject({
       name: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -'),
@@ -117,7 +121,10 @@ export function validateConfig(
     return parsed.data as BackendEntry & Record<string, unknown>;
   });
   const state = env.data.state ?? './.offload';
-  return { state: isAbsolute(state) ? state : resolve(baseDir, state), baseDir, backends };
+  return {
+    state: isAbsolute(state) ? state : resolve(baseDir, state), baseDir, backends,
+    ...(env.data.leaseSeconds !== undefined ? { leaseSeconds: env.data.leaseSeconds } : {}),
+  };
 }
 
 /** Read, substitute and validate a config file. */

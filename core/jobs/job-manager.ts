@@ -1,12 +1,13 @@
 import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
 import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
-import { Busy, NotFound, toOffloadError } from '../model/errors.js';
+import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
 import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
 import type { JobTask } from './job-task.js';
-import type { ExportRecord, JobRecord, JobStore } from './job-store.js';
+import { RELEASED, type ExportRecord, type JobRecord, type JobStore } from './job-store.js';
 import { ManagedJob } from './managed-job.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
 
@@ -30,6 +31,19 @@ export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
 /** Tokens of the job managers alive in this process (a pid alone may be reused or be ours). */
 const liveTokens = new Set<string>();
 
+/** This host's name, as runners record it: a dead pid on the same host needs no lease expiry to be known dead. */
+const HOST = hostname();
+
+/** A job's lease by default (the config's `leaseSeconds`). */
+export const DEFAULT_LEASE_MS = 15_000;
+
+export interface JobManagerOptions {
+  /** How often a job saves its checkpoint at most (JobRunOptions.checkpointEveryMs). */
+  checkpointEveryMs?: number;
+  /** How long a runner's lease on a job lasts without renewal (default 15 s); renewed every third of it. */
+  leaseMs?: number;
+}
+
 function pidAlive(pid: number): boolean {
   if (!Number.isInteger(pid) || pid <= 0) return false; // released by its broker, or never set
   try {
@@ -40,20 +54,51 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-/** Starts jobs under their locks, records them, and recovers (resumes or fails) those a previous process left. */
+/**
+ * Starts jobs under their locks and runs them under a lease (renewed while they run, with a
+ * fencing token on every write), shows other runners' jobs, and takes over orphaned ones —
+ * only when asked (recover, takeOver), never by listing or showing them.
+ */
 export class JobManager {
   private readonly token = randomBytes(8).toString('hex');
   private readonly running = new Map<string, ManagedJob>();
+  private readonly leaseMs: number;
+  private readonly checkpointEveryMs: number | undefined;
+  private readonly heartbeat: NodeJS.Timeout;
 
   constructor(
     private readonly store: JobStore,
     private readonly locks: LockManager,
     private readonly resolveTask: TaskResolver,
     private readonly logger: Logger,
-    /** How often a job saves its checkpoint at most (JobRunOptions.checkpointEveryMs). */
-    private readonly checkpointEveryMs?: number,
+    opts: JobManagerOptions = {},
   ) {
+    this.leaseMs = opts.leaseMs ?? DEFAULT_LEASE_MS;
+    this.checkpointEveryMs = opts.checkpointEveryMs;
     liveTokens.add(this.token);
+    this.heartbeat = setInterval(() => {
+      const until = Date.now() + this.leaseMs;
+      for (const job of this.running.values()) job.renewLease(until);
+    }, Math.max(50, Math.floor(this.leaseMs / 3)));
+    this.heartbeat.unref();
+  }
+
+  /** This manager as a job's runner: its pid, token and host. */
+  private get me(): { pid: number; token: string; host: string } {
+    return { pid: process.pid, token: this.token, host: HOST };
+  }
+
+  /**
+   * Whether nobody runs an active job: it was given up (released), its runner died on this host,
+   * or its lease ran out. A job of this process's other brokers is not orphaned while they live.
+   */
+  isOrphaned(r: JobRecord, now = Date.now()): boolean {
+    if (!ACTIVE_STATUSES.includes(r.status)) return false;
+    if (r.runnerToken === this.token) return !this.running.has(r.id);
+    if (liveTokens.has(r.runnerToken)) return false;
+    if (r.runnerToken === RELEASED) return true;
+    if (r.runnerHost === HOST && (r.runnerPid === process.pid || !pidAlive(r.runnerPid))) return true;
+    return r.leaseExpires <= now;
   }
 
   /** Take the job's locks (Busy if they conflict), record it, and start it. */
@@ -77,7 +122,8 @@ export class JobManager {
     const record: JobRecord = {
       id, type: req.task.type, status: 'created', executor: req.executor, ref: req.ref, owner: req.principal.id,
       progress: { current: 0, total: 0 }, speed: req.speed ?? 0, cancelled: false, createdAt: now, updatedAt: now,
-      params: req.task.params, runnerPid: process.pid, runnerToken: this.token, locks: req.locks, ownerRole: req.principal.role,
+      params: req.task.params, runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST,
+      leaseExpires: Date.now() + this.leaseMs, seenAt: Date.now(), fence: 1, locks: req.locks, ownerRole: req.principal.role,
       ...(req.plan !== undefined ? { plan: req.plan } : {}),
       ...(req.backend !== undefined ? { backend: req.backend } : {}),
     };
@@ -100,16 +146,19 @@ export class JobManager {
   /** Locks held by jobs that other live brokers (in other processes, or in this one) run. */
   foreignLocks(): { key: string; mode: LockMode; holder: LockHolder }[] {
     const out: { key: string; mode: LockMode; holder: LockHolder }[] = [];
+    const now = Date.now();
     for (const rec of this.store.list()) {
       if (!ACTIVE_STATUSES.includes(rec.status) || rec.runnerToken === this.token) continue;
-      const alive = liveTokens.has(rec.runnerToken) || (rec.runnerPid !== process.pid && pidAlive(rec.runnerPid));
-      if (!alive) continue;
+      // An orphaned job keeps its locks until it is taken over and concludes: the volumes it was
+      // changing (a half-streamed clone, a half-written target) stay as it left them.
+      const orphaned = this.isOrphaned(rec, now);
       for (const l of rec.locks) {
         out.push({
           key: l.key, mode: l.mode,
           holder: {
-            id: rec.id, principal: { id: rec.owner, role: rec.ownerRole }, description: `${rec.type} ${rec.ref} (pid ${rec.runnerPid})`,
-            preempt: () => this.store.setRequest(rec.id, { verb: 'cancel' }),
+            id: rec.id, principal: { id: rec.owner, role: rec.ownerRole },
+            description: orphaned ? `${rec.type} ${rec.ref}, orphaned: take it over with \`offload jobs resume ${rec.id}\`` : `${rec.type} ${rec.ref} (pid ${rec.runnerPid})`,
+            ...(orphaned ? {} : { preempt: () => this.store.setRequest(rec.id, { verb: 'cancel' }) }),
           },
         });
       }
@@ -183,12 +232,6 @@ export class JobManager {
     this.store.requestOpStop(id);
   }
 
-  /** Is the broker that runs this record alive (in this process or another)? */
-  private runnerAlive(r: JobRecord): boolean {
-    if (r.runnerToken === this.token) return this.running.has(r.id);
-    return liveTokens.has(r.runnerToken) || (r.runnerPid !== process.pid && pidAlive(r.runnerPid));
-  }
-
   private assertNoForeignConflict(wanted: LockRequest[], id: string): void {
     for (const held of this.foreignLocks()) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
@@ -205,11 +248,32 @@ export class JobManager {
     const local = this.running.get(id);
     if (local) return local;
     if (!this.store.get(id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
-    return new RemoteJob(id, this.store, (r) => this.runnerAlive(r));
+    return new RemoteJob(id, this.store, (r) => this.isOrphaned(r));
   }
 
   list(): JobInfo[] {
-    return this.store.list().map((r) => (this.running.get(r.id)?.info() ?? recordToInfo(r)));
+    const now = Date.now();
+    return this.store.list().map((r) => (this.running.get(r.id)?.info() ?? recordToInfo(r, this.isOrphaned(r, now))));
+  }
+
+  /**
+   * Take over one orphaned job (`offload jobs resume ID`): resume it here from its checkpoint, or
+   * conclude it as interrupted when it cannot be resumed. Busy while a runner holds its lease.
+   */
+  async takeOver(id: string): Promise<Job> {
+    const rec = this.store.get(id);
+    if (!rec) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
+    if (!ACTIVE_STATUSES.includes(rec.status)) throw new FailedPrecondition(`job ${id} has concluded: there is nothing to take over`, { ref: id });
+    if (!this.isOrphaned(rec)) {
+      if (this.running.has(id)) return this.running.get(id)!;
+      const left = Math.max(0, Math.ceil((rec.leaseExpires - Date.now()) / 1000));
+      throw new Busy(`job ${id} is run by pid ${rec.runnerPid} on ${rec.runnerHost || 'an unknown host'}, last seen ${ago(rec.seenAt)}; its lease ends in ${left} s unless renewed`, {
+        ref: id, hint: 'follow it with `offload jobs wait ID`, or take it over once its runner has stopped', data: { runnerHost: rec.runnerHost, runnerPid: rec.runnerPid },
+      });
+    }
+    const outcome = await this.adopt(rec);
+    if (outcome === 'lost') throw new Busy(`job ${id} was taken over by another runner just now`, { ref: id, hint: 'see who runs it with `offload jobs show ID`' });
+    return this.get(id);
   }
 
   /**
@@ -224,15 +288,29 @@ export class JobManager {
       const alive = liveTokens.has(op.runnerToken) || (op.runnerPid !== process.pid && pidAlive(op.runnerPid));
       if (!alive) this.store.deleteOpLocks(op.id);
     }
+    const now = Date.now();
     for (const rec of this.store.list()) {
-      if (!ACTIVE_STATUSES.includes(rec.status)) continue;
-      if (liveTokens.has(rec.runnerToken)) continue;
-      if (rec.runnerPid !== process.pid && pidAlive(rec.runnerPid)) continue;
-      // Exactly one broker takes an orphan over, however many start at once.
+      if (!this.isOrphaned(rec, now)) continue;
+      const outcome = await this.adopt(rec);
+      if (outcome === 'resumed') resumed.push(rec.id);
+      else if (outcome === 'failed') failed.push(rec.id);
+    }
+    return { resumed, failed };
+  }
+
+  /**
+   * Take an orphaned job over (exactly one runner wins, with the next fencing token), then resume
+   * it, or conclude it as interrupted when it cannot be resumed.
+   */
+  private async adopt(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
+    {
       const stoppedPid = rec.runnerPid;
-      if (!this.store.claim(rec.id, rec.runnerToken, process.pid, this.token)) continue;
-      rec.runnerPid = process.pid;
-      rec.runnerToken = this.token;
+      const stoppedHost = rec.runnerHost;
+      const until = Date.now() + this.leaseMs;
+      const fence = this.store.claim(rec.id, { token: rec.runnerToken, fence: rec.fence }, this.me, until);
+      if (fence === undefined) return 'lost';
+      Object.assign(rec, { runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: until, seenAt: Date.now(), fence });
+      this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
       let task: JobTask | undefined;
       let why = 'its executor cannot resume it';
       if (!rec.cancelled) {
@@ -245,10 +323,7 @@ export class JobManager {
         why = 'it had been cancelled';
       }
       if (task) {
-        if (await this.resume(rec, task)) {
-          resumed.push(rec.id);
-          continue;
-        }
+        if (await this.resume(rec, task)) return 'resumed';
         why = 'the volumes it works on are locked by another job';
       }
       rec.status = 'concluded';
@@ -257,11 +332,10 @@ export class JobManager {
         message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped, and ${why}; run it again`,
       };
       rec.updatedAt = new Date().toISOString();
-      this.store.update(rec);
+      if (!this.store.update(rec)) return 'lost';
       this.logger.warn('job interrupted', { job: rec.id, type: rec.type, ref: rec.ref });
-      failed.push(rec.id);
+      return 'failed';
     }
-    return { resumed, failed };
   }
 
   private async resume(rec: JobRecord, task: JobTask): Promise<boolean> {
@@ -279,10 +353,11 @@ export class JobManager {
     }
     // Restart the life cycle from `created`, keeping progress and the checkpoint.
     rec.status = 'created';
-    rec.runnerPid = process.pid;
-    rec.runnerToken = this.token;
     rec.updatedAt = new Date().toISOString();
-    this.store.update(rec);
+    if (!this.store.update(rec)) {
+      lease.release();
+      return false;
+    }
     const theLease = lease;
     job = new ManagedJob(rec, task, this.store, (j) => {
       theLease.release();
@@ -300,9 +375,17 @@ export class JobManager {
 
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */
   async close(): Promise<void> {
+    clearInterval(this.heartbeat);
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
     await Promise.allSettled(jobs.map((j) => j.wait()));
     liveTokens.delete(this.token);
   }
+}
+
+/** "12 s ago" from a time in ms (0: never). */
+function ago(ms: number): string {
+  if (ms <= 0) return 'never';
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 120 ? `${s} s ago` : `${Math.round(s / 60)} min ago`;
 }

@@ -22,10 +22,19 @@ export interface JobRunOptions {
   onSave?(state: unknown): void | Promise<void>;
   /** The task reported ready (its source and target are in sync). */
   onReady?(): void;
+  /**
+   * Whether this run may still act (its runner's lease on the job is current). Asked at every
+   * checkpoint, before the task goes on: false stops the run at once with LeaseLost, saving
+   * nothing — another runner may own the job by now.
+   */
+  mayContinue?(): boolean;
 }
 
 /** Why a run stopped without concluding (its owner is shutting down: the job will be resumed). */
 export class Shutdown extends Error {}
+
+/** Why a run stopped at once, saving nothing: its runner no longer holds the job (see mayContinue). */
+export class LeaseLost extends Error {}
 
 /**
  * One run of a JobTask — the only JobContext implementation: progress, the speed limit, pause,
@@ -93,6 +102,7 @@ export class JobRun implements JobContext {
   }
 
   async checkpoint(bytesMoved: number, state?: unknown): Promise<void> {
+    this.checkLease();
     if (bytesMoved > 0) this.advance(bytesMoved);
     if (state !== undefined) {
       this.unsaved = { state };
@@ -105,7 +115,15 @@ export class JobRun implements JobContext {
       await new Promise<void>((r) => this.resumeWaiters.push(r));
       await this.throwIfStopped();
     }
+    this.checkLease();
     await this.throwIfStopped();
+  }
+
+  /** Stop with LeaseLost when the owner says this run may no longer act. */
+  private checkLease(): void {
+    if (this.opts.mayContinue && !this.abort.signal.aborted && !this.opts.mayContinue()) {
+      this.end(new LeaseLost(`job ${this.jobId}: this runner's lease on it ended (another runner may have taken it over)`));
+    }
   }
 
   saveState(state: unknown): Promise<void> {
@@ -189,6 +207,8 @@ export class JobRun implements JobContext {
   private async saveUnsaved(): Promise<void> {
     const pending = this.unsaved;
     if (!pending) return;
+    this.checkLease();
+    if (this.abort.signal.reason instanceof LeaseLost) return;
     this.unsaved = undefined;
     for (const hook of this.saveHooks) await hook(pending.state);
     await this.opts.onSave?.(pending.state);

@@ -1,7 +1,7 @@
 import Database from 'better-sqlite3';
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
-import type { ErrorCode } from '../model/errors.js';
+import { FailedPrecondition, type ErrorCode } from '../model/errors.js';
 import type { JobInfo, JobStatus } from './job.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 
@@ -11,9 +11,21 @@ export interface JobRecord extends JobInfo {
   backend?: string;
   /** Last checkpoint saved by the task (JSON). */
   checkpoint?: unknown;
-  /** The process running it: pid and a per-process token (pids are reused). */
+  /** The process running it: pid and a per-process token (pids are reused), and its host. */
   runnerPid: number;
   runnerToken: string;
+  runnerHost: string;
+  /**
+   * The runner's lease: it renews `leaseExpires` (ms since the epoch) while it runs the job, and
+   * `seenAt` with it. Past the expiry another runner may take the job over.
+   */
+  leaseExpires: number;
+  seenAt: number;
+  /**
+   * The fencing token: grows by one on every takeover. Every write a runner makes to the record
+   * names the token it holds, and is refused once another runner has taken over.
+   */
+  fence: number;
   /** A verb asked from another process (`offload jobs cancel` while `offload stream` runs). */
   request?: StoredRequest;
   /** The locks the job holds, taken again when it is resumed. */
@@ -48,6 +60,9 @@ export interface ExportRecord {
   startedAt: string;
 }
 
+/** The runner token of a job that its runner gave up (JobStore.release). */
+export const RELEASED = 'released';
+
 export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' } | { verb: 'set-speed'; speed: number };
 
 const SCHEMA = `
@@ -74,7 +89,11 @@ CREATE TABLE IF NOT EXISTS jobs (
   request TEXT,
   locks TEXT NOT NULL DEFAULT '[]',
   created_at TEXT NOT NULL,
-  updated_at TEXT NOT NULL
+  updated_at TEXT NOT NULL,
+  runner_host TEXT NOT NULL DEFAULT '',
+  lease_expires INTEGER NOT NULL DEFAULT 0,
+  seen_at INTEGER NOT NULL DEFAULT 0,
+  fence INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS op_locks (
   id TEXT NOT NULL,
@@ -114,11 +133,30 @@ CREATE TABLE IF NOT EXISTS owners (
 );
 `;
 
+/**
+ * Schema versions (PRAGMA user_version) and how to reach each from the one before: a state
+ * directory written by an older build is migrated when a broker opens it.
+ */
+const MIGRATIONS: { version: number; sql: string }[] = [
+  // 1: the tables of SCHEMA before leases.
+  { version: 1, sql: '' },
+  // 2: job leases and fencing tokens.
+  {
+    version: 2,
+    sql: `ALTER TABLE jobs ADD COLUMN runner_host TEXT NOT NULL DEFAULT '';
+      ALTER TABLE jobs ADD COLUMN lease_expires INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE jobs ADD COLUMN seen_at INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;`,
+  },
+];
+const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
+
 interface Row {
   id: string; type: string; status: string; executor: string; backend: string | null; ref: string; owner: string; owner_role: string;
   progress_current: number; progress_total: number; speed: number; error_code: string | null; error_message: string | null;
   cancelled: number; params: string; plan: string | null; checkpoint: string | null; runner_pid: number; runner_token: string;
   request: string | null; locks: string; created_at: string; updated_at: string;
+  runner_host: string; lease_expires: number; seen_at: number; fence: number;
 }
 
 /**
@@ -134,7 +172,28 @@ export class JobStore {
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('busy_timeout = 5000');
     this.db.pragma('synchronous = NORMAL');
-    this.db.exec(SCHEMA);
+    this.migrate();
+  }
+
+  /** Create the tables (a new store) or bring an older store's up to SCHEMA_VERSION. */
+  private migrate(): void {
+    this.db.transaction(() => {
+      const version = this.db.pragma('user_version', { simple: true }) as number;
+      const fresh = !this.db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").get();
+      if (fresh) {
+        this.db.exec(SCHEMA);
+      } else {
+        if (version > SCHEMA_VERSION) {
+          throw new FailedPrecondition(`the job store ${this.db.name} has schema version ${version}, newer than this build knows (${SCHEMA_VERSION})`, {
+            ref: this.db.name, hint: 'upgrade offload-broker, or use another state directory',
+          });
+        }
+        // Tables added since version 1 without changing older ones.
+        this.db.exec(SCHEMA.replace(/CREATE TABLE IF NOT EXISTS jobs \([^;]*\);/, ''));
+        for (const m of MIGRATIONS) if (m.version > Math.max(version, 1) && m.sql) this.db.exec(m.sql);
+      }
+      this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
+    }).immediate();
   }
 
   /**
@@ -148,26 +207,54 @@ export class JobStore {
     }).immediate();
   }
 
-  /** Take over an orphaned job: succeeds for exactly one process (compare-and-set on the runner). */
-  claim(id: string, oldToken: string, pid: number, token: string): boolean {
-    return this.db.prepare('UPDATE jobs SET runner_pid = ?, runner_token = ? WHERE id = ? AND runner_token = ?').run(pid, token, id, oldToken).changes === 1;
+  /**
+   * Take over an orphaned job: succeeds for exactly one runner (compare-and-set on the runner and
+   * its fencing token), which gets the next fencing token; undefined if another was first.
+   */
+  claim(id: string, old: { token: string; fence: number }, runner: { pid: number; token: string; host: string }, leaseExpires: number): number | undefined {
+    const now = Date.now();
+    const changed = this.db.prepare(`UPDATE jobs SET runner_pid = ?, runner_token = ?, runner_host = ?, lease_expires = ?, seen_at = ?, fence = fence + 1
+      WHERE id = ? AND runner_token = ? AND fence = ?`).run(runner.pid, runner.token, runner.host, leaseExpires, now, id, old.token, old.fence).changes === 1;
+    return changed ? old.fence + 1 : undefined;
+  }
+
+  /** Renew a lease: false when the job is no longer this runner's (taken over, deleted). */
+  renew(id: string, token: string, fence: number, leaseExpires: number): boolean {
+    return this.db.prepare('UPDATE jobs SET lease_expires = ?, seen_at = ? WHERE id = ? AND runner_token = ? AND fence = ?')
+      .run(leaseExpires, Date.now(), id, token, fence).changes === 1;
   }
 
   private insertStmt(job: JobRecord): void {
     this.db.prepare(`INSERT INTO jobs
       (id, type, status, executor, backend, ref, owner, owner_role, progress_current, progress_total, speed, error_code, error_message,
-       cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at)
+       cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at, runner_host, lease_expires, seen_at, fence)
       VALUES (@id, @type, @status, @executor, @backend, @ref, @owner, @owner_role, @progress_current, @progress_total, @speed, @error_code,
-       @error_message, @cancelled, @params, @plan, @checkpoint, @runner_pid, @runner_token, @request, @locks, @created_at, @updated_at)`)
+       @error_message, @cancelled, @params, @plan, @checkpoint, @runner_pid, @runner_token, @request, @locks, @created_at, @updated_at,
+       @runner_host, @lease_expires, @seen_at, @fence)`)
       .run(toRow(job));
   }
 
-  /** Update the live fields of a job this process runs, keeping a pending cross-process request. */
-  update(job: JobRecord): void {
+  /**
+   * Update the live fields of a job this runner holds, keeping a pending cross-process request.
+   * Fenced: false (nothing written) when the record is no longer this runner's — another runner
+   * took it over (a newer fencing token) or it was deleted.
+   */
+  update(job: JobRecord): boolean {
     const r = toRow(job);
-    this.db.prepare(`UPDATE jobs SET status=@status, progress_current=@progress_current, progress_total=@progress_total,
+    return this.db.prepare(`UPDATE jobs SET status=@status, progress_current=@progress_current, progress_total=@progress_total,
       speed=@speed, error_code=@error_code, error_message=@error_message, cancelled=@cancelled, checkpoint=@checkpoint,
-      runner_pid=@runner_pid, runner_token=@runner_token, updated_at=@updated_at WHERE id=@id`).run(r);
+      runner_pid=@runner_pid, runner_token=@runner_token, runner_host=@runner_host, lease_expires=@lease_expires,
+      updated_at=@updated_at WHERE id=@id AND runner_token=@runner_token AND fence=@fence`).run(r).changes === 1;
+  }
+
+  /**
+   * A runner gives a job up without concluding it (its broker closes): the lease ends now, so
+   * another runner may take the job over at once. Fenced like update().
+   */
+  release(id: string, token: string, fence: number, checkpoint: unknown): boolean {
+    return this.db.prepare(`UPDATE jobs SET runner_pid = 0, runner_token = '${RELEASED}', lease_expires = 0, checkpoint = ?, updated_at = ?
+      WHERE id = ? AND runner_token = ? AND fence = ?`)
+      .run(checkpoint === undefined ? null : JSON.stringify(checkpoint), new Date().toISOString(), id, token, fence).changes === 1;
   }
 
   get(id: string): JobRecord | undefined {
@@ -304,6 +391,7 @@ function toRow(j: JobRecord): Row {
     params: JSON.stringify(j.params), plan: j.plan === undefined ? null : JSON.stringify(j.plan),
     checkpoint: j.checkpoint === undefined ? null : JSON.stringify(j.checkpoint), runner_pid: j.runnerPid,
     runner_token: j.runnerToken, request: j.request ? JSON.stringify(j.request) : null, locks: JSON.stringify(j.locks), created_at: j.createdAt, updated_at: j.updatedAt,
+    runner_host: j.runnerHost, lease_expires: j.leaseExpires, seen_at: j.seenAt, fence: j.fence,
   };
 }
 
@@ -312,7 +400,8 @@ function fromRow(r: Row): JobRecord {
     id: r.id, type: r.type, status: r.status as JobStatus, executor: r.executor, ref: r.ref, owner: r.owner,
     progress: { current: r.progress_current, total: r.progress_total }, speed: r.speed, cancelled: r.cancelled === 1,
     params: JSON.parse(r.params) as Record<string, unknown>, createdAt: r.created_at, updatedAt: r.updated_at,
-    runnerPid: r.runner_pid, runnerToken: r.runner_token, locks: JSON.parse(r.locks) as LockRequest[],
+    runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, seenAt: r.seen_at, fence: r.fence,
+    locks: JSON.parse(r.locks) as LockRequest[],
     ownerRole: r.owner_role === 'tenant' ? 'tenant' : 'admin',
   };
   if (r.backend !== null) rec.backend = r.backend;

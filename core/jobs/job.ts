@@ -33,6 +33,14 @@ export interface JobInfo {
   cancelled: boolean;
   createdAt: string;
   updatedAt: string;
+  /** The process that runs it (or ran it last): its host, pid, and when its lease was last renewed. */
+  runner?: { host: string; pid: number; seenAt: string };
+  /**
+   * The job is not concluded but nobody runs it: its runner stopped (its lease expired, or it
+   * died on this host, or it gave the job up). `offload jobs resume ID` (broker.jobs.takeOver)
+   * or a running service takes it over; listing or showing it never does.
+   */
+  orphaned?: boolean;
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

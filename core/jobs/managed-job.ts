@@ -1,7 +1,7 @@
 import { Cancelled, FailedPrecondition, InvalidArgument, toOffloadError, type OffloadError } from '../model/errors.js';
 import { canTransition, assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo, JobStatus } from './job.js';
-import { JobRun, Shutdown } from './job-run.js';
+import { JobRun, LeaseLost, Shutdown } from './job-run.js';
 import type { JobTask } from './job-task.js';
 import type { JobRecord, JobStore, StoredRequest } from './job-store.js';
 import { recordToInfo } from './remote-job.js';
@@ -21,6 +21,8 @@ export class ManagedJob implements Job {
   private rejectConcluded!: (e: unknown) => void;
   private lastPersist = 0;
   private shuttingDown = false;
+  /** Set once this runner learns it no longer holds the job: from then on it writes nothing. */
+  private lost: string | undefined;
   private poller?: NodeJS.Timeout;
 
   constructor(
@@ -52,6 +54,8 @@ export class ManagedJob implements Job {
           this.emit({ type: 'ready', job: this.info() });
         }
       },
+      // Past the lease's end another runner may own the job: act no more (see renewLease).
+      mayContinue: () => this.lost === undefined && Date.now() < rec.leaseExpires,
     });
     this.concluded = new Promise((resolve, reject) => {
       this.resolveConcluded = resolve;
@@ -143,6 +147,22 @@ export class ManagedJob implements Job {
     return () => this.listeners.delete(listener);
   }
 
+  /**
+   * Extend this runner's lease to `until`; when the store refuses (another runner took the job
+   * over, or it was deleted), stop at once without writing anything more.
+   */
+  renewLease(until: number): void {
+    if (this.lost !== undefined) return;
+    let held: boolean;
+    try {
+      held = this.store.renew(this.id, this.record.runnerToken, this.record.fence, until);
+    } catch {
+      return; // the store is closing; the lease runs out by itself
+    }
+    if (held) this.record.leaseExpires = until;
+    else this.loseLease('another runner took it over (or it was deleted)');
+  }
+
   /** Stop running without concluding: the broker is closing; a later start resumes the job. */
   shutdown(): void {
     this.shuttingDown = true;
@@ -154,8 +174,10 @@ export class ManagedJob implements Job {
     try {
       await this.task.run(this.run);
     } catch (e) {
+      if (e instanceof LeaseLost) this.loseLease(e.message);
       failure = this.record.cancelled ? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
     }
+    if (this.lost !== undefined) return this.giveUp();
     try {
       if (this.shuttingDown) return this.abandon();
       // A job paused between chunks may still end (its chunk failed or was its last): leave the
@@ -184,24 +206,40 @@ export class ManagedJob implements Job {
         // the store is gone; the next broker start fails the job as interrupted
       }
     }
+    if (this.lost !== undefined) return this.giveUp();
     this.end();
     this.resolveConcluded(this.info());
   }
 
   /**
-   * The broker closed while the job ran: its record stays active for the next broker to resume,
-   * released by this process (so another process may take it over now), and wait() rejects.
+   * The broker closed while the job ran: its record stays active, released by this runner (so
+   * another may take it over at once), and wait() rejects.
    */
   private abandon(): void {
-    this.record.runnerPid = 0;
-    this.record.runnerToken = 'released';
     try {
-      this.persist(true);
+      if (!this.store.release(this.id, this.record.runnerToken, this.record.fence, this.record.checkpoint)) {
+        return this.giveUp();
+      }
     } catch {
-      // closing store: the dead-pid rule recovers it later
+      // closing store: the lease runs out by itself
     }
     this.end();
-    this.rejectConcluded(new FailedPrecondition(`job ${this.id} stopped because its broker closed before it concluded; the next broker start resumes it or reports it as interrupted`, { ref: this.record.ref }));
+    this.rejectConcluded(new FailedPrecondition(`job ${this.id} stopped because its broker closed before it concluded; take it over with \`offload jobs resume ${this.id}\``, { ref: this.record.ref }));
+  }
+
+  /** This runner no longer holds the job (LeaseLost, a refused write): stop, writing nothing more. */
+  private loseLease(why: string): void {
+    if (this.lost !== undefined) return;
+    this.lost = why;
+    this.run.stop(new LeaseLost(`job ${this.id}: ${why}`));
+  }
+
+  /** End after losing the job: nothing is written; wait() rejects saying so. */
+  private giveUp(): void {
+    this.end();
+    this.rejectConcluded(new FailedPrecondition(`job ${this.id} stopped in this process: ${this.lost ?? 'its lease ended'}`, {
+      ref: this.record.ref, hint: `see who runs it now with \`offload jobs show ${this.id}\``,
+    }));
   }
 
   private end(): void {
@@ -218,12 +256,14 @@ export class ManagedJob implements Job {
     this.emit({ type: 'status', job: this.info() });
   }
 
+  /** Write the record; fenced: a refused write means another runner has the job, and this one stops. */
   private persist(force: boolean): void {
+    if (this.lost !== undefined) return;
     const now = Date.now();
     if (!force && now - this.lastPersist < PERSIST_EVERY_MS) return;
     this.lastPersist = now;
     this.record.updatedAt = new Date(now).toISOString();
-    this.store.update(this.record);
+    if (!this.store.update(this.record)) this.loseLease('its record was taken over by another runner (or deleted)');
   }
 
   private pollRequests(): void {

@@ -3,9 +3,16 @@ import { assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo } from './job.js';
 import type { JobRecord, JobStore } from './job-store.js';
 
-export function recordToInfo(r: JobRecord): JobInfo {
-  const { backend: _b, checkpoint: _c, runnerPid: _p, runnerToken: _t, request: _r, locks: _l, ownerRole: _o, ...info } = r;
-  return info;
+/** What a job's record shows of it: `orphaned` when nobody runs it (the job manager knows). */
+export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
+  const {
+    backend: _b, checkpoint: _c, runnerPid: _p, runnerToken: _t, runnerHost: _h, leaseExpires: _e, seenAt: _s, fence: _f,
+    request: _r, locks: _l, ownerRole: _o, ...info
+  } = r;
+  const out: JobInfo = info;
+  if (r.seenAt > 0) out.runner = { host: r.runnerHost, pid: r.runnerPid, seenAt: new Date(r.seenAt).toISOString() };
+  if (orphaned) out.orphaned = true;
+  return out;
 }
 
 /**
@@ -17,8 +24,8 @@ export class RemoteJob implements Job {
   constructor(
     readonly id: string,
     private readonly store: JobStore,
-    /** Whether the process that runs a record is still alive (else wait() would never end). */
-    private readonly runnerAlive: (r: JobRecord) => boolean,
+    /** Whether nobody runs a record any more (else wait() would never end). */
+    private readonly orphaned: (r: JobRecord) => boolean,
   ) {}
 
   private record(): JobRecord {
@@ -27,36 +34,48 @@ export class RemoteJob implements Job {
     return r;
   }
 
+  /** A verb needs a runner to apply it: an orphaned job has none until it is taken over. */
+  private runnable(): JobRecord {
+    const r = this.record();
+    if (this.orphaned(r)) {
+      throw new FailedPrecondition(`job ${this.id} is orphaned: nobody runs it to apply this`, {
+        ref: r.ref, hint: `take it over first (\`offload jobs resume ${this.id}\`, broker.jobs.takeOver)`,
+      });
+    }
+    return r;
+  }
+
   info(): JobInfo {
-    return recordToInfo(this.record());
+    const r = this.record();
+    return recordToInfo(r, this.orphaned(r));
   }
 
   pause(): void {
-    const { status } = this.record();
+    const { status } = this.runnable();
     assertVerb('pause', status, this.id);
     if (status === 'paused' || status === 'standby') throw new FailedPrecondition(`job ${this.id} is already paused`, { ref: this.id });
     this.store.setRequest(this.id, { verb: 'pause' });
   }
 
   resume(): void {
-    const { status } = this.record();
+    const { status } = this.runnable();
     assertVerb('resume', status, this.id);
     if (status !== 'paused' && status !== 'standby') throw new FailedPrecondition(`job ${this.id} is not paused`, { ref: this.id });
     this.store.setRequest(this.id, { verb: 'resume' });
   }
 
   cancel(): void {
-    assertVerb('cancel', this.record().status, this.id);
+    assertVerb('cancel', this.runnable().status, this.id);
     this.store.setRequest(this.id, { verb: 'cancel' });
   }
 
   complete(): void {
-    assertVerb('complete', this.record().status, this.id);
+    assertVerb('complete', this.runnable().status, this.id);
     this.store.setRequest(this.id, { verb: 'complete' });
   }
 
   setSpeed(bytesPerSecond: number): void {
-    assertVerb('set-speed', this.record().status, this.id);
+    assertVerb('set-speed', this.runnable().status, this.id);
     if (!Number.isFinite(bytesPerSecond) || bytesPerSecond < 0) {
       throw new InvalidArgument(`speed must be a number of bytes per second ≥ 0 (0 = unlimited), got ${bytesPerSecond}`);
     }
@@ -72,9 +91,9 @@ export class RemoteJob implements Job {
     for (;;) {
       const rec = this.record();
       if (rec.status === 'concluded') return recordToInfo(rec);
-      if (!this.runnerAlive(rec)) {
-        throw new FailedPrecondition(`job ${this.id} is not running: the process that ran it stopped`, {
-          ref: rec.ref, hint: 'the next `offload` command resumes it (or reports it as interrupted); then wait again',
+      if (this.orphaned(rec)) {
+        throw new FailedPrecondition(`job ${this.id} is orphaned: the process that ran it stopped`, {
+          ref: rec.ref, hint: `take it over with \`offload jobs resume ${this.id}\``,
         });
       }
       await new Promise((r) => setTimeout(r, 200));

@@ -10,11 +10,23 @@ import { createBroker, silentLogger } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 
 const [kind, state, pool, file] = process.argv.slice(2);
-const broker = await createBroker({ state: state!, backends: [{ name: 'local', kind: 'qcow2', path: pool! }] }, { plugins: [qcow2Module], logger: silentLogger });
+// OFFLOAD_TEST_LEASE_SECONDS: a short lease, for the tests of takeovers (job-leases.test.ts).
+const lease = process.env.OFFLOAD_TEST_LEASE_SECONDS;
+const broker = await createBroker(
+  { state: state!, ...(lease ? { leaseSeconds: Number(lease) } : {}), backends: [{ name: 'local', kind: 'qcow2', path: pool! }] },
+  { plugins: [qcow2Module], logger: silentLogger },
+);
 const speed = 4 * 1024 * 1024;
 const job = kind === 'stream' ? await broker.stream('local/kid', { speed })
   : kind === 'export' ? await broker.volumes.exportTo('local/src', file!, { format: 'qcow2', speed })
     : kind === 'import' ? await broker.volumes.importFrom(file!, 'local/dst', { format: 'raw', speed })
       : (await broker.startClone('local/src', 'local/dst', { mode: 'full', speed })).job!;
 process.stdout.write(`${job.id}\n`);
-await job.wait();
+try {
+  await job.wait();
+  process.stdout.write('concluded\n');
+} catch (e) {
+  // A runner that lost its job (taken over by another) says so and stops.
+  process.stdout.write(`stopped: ${(e as Error).message}\n`);
+  process.exitCode = 3;
+}

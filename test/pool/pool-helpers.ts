@@ -86,15 +86,24 @@ export function bytesReadByProcess(): number {
  * its job reports `atLeast` bytes done, then kill it with SIGKILL. Returns the job id.
  */
 export async function runAndKill(kind: 'stream' | 'clone' | 'export' | 'import', state: string, pool: string, atLeast: number, file?: string): Promise<string> {
+  const { child, id } = await startJobChild(kind, state, pool, atLeast, file);
+  const exited = new Promise((r) => child.on('exit', r));
+  child.kill('SIGKILL');
+  await exited;
+  return id;
+}
+
+/** A job child as runAndKill starts it, running, with its job `atLeast` bytes along; its stdout after the id in `out()`. */
+export async function startJobChild(kind: 'stream' | 'clone' | 'export' | 'import', state: string, pool: string, atLeast: number, file?: string,
+  env: NodeJS.ProcessEnv = {}): Promise<{ child: ReturnType<typeof spawn>; id: string; out(): string }> {
   const root = join(import.meta.dirname, '../..');
   const args = [join(root, 'test/pool/job-child.ts'), kind, state, pool, ...(file !== undefined ? [file] : [])];
-  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
-  const exited = new Promise((r) => child.on('exit', r));
+  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+  let out = '';
   const id = await new Promise<string>((done, fail) => {
-    let out = '';
     child.stdout.on('data', (d: Buffer) => {
       out += d.toString();
-      if (out.includes('\n')) done(out.trim());
+      if (out.includes('\n')) done(out.slice(0, out.indexOf('\n')).trim());
     });
     child.on('exit', (c) => fail(new Error(`child exited with ${c}`)));
   });
@@ -105,9 +114,7 @@ export async function runAndKill(kind: 'stream' | 'clone' | 'export' | 'import',
   } finally {
     await watcher.close();
   }
-  child.kill('SIGKILL');
-  await exited;
-  return id;
+  return { child, id, out: () => out.slice(out.indexOf('\n') + 1) };
 }
 
 /** Files of a pool folder that `qemu-img check` does not pass, with its output (empty when all pass). */

@@ -2,13 +2,21 @@ import type { Command } from 'commander';
 import type { JobInfo } from '../../jobs/job.js';
 import type { CliContext } from '../contribution.js';
 import { formatSize, parseSize } from '../sizes.js';
+import { followJob } from './data-jobs.js';
 
 function row(j: JobInfo): Record<string, unknown> {
   const pct = j.progress.total > 0 ? `${Math.floor((j.progress.current / j.progress.total) * 100)}%` : '-';
   return {
-    id: j.id, type: j.type, status: j.status, ref: j.ref, executor: j.executor, progress: `${formatSize(j.progress.current)}/${formatSize(j.progress.total)} ${pct}`,
-    owner: j.owner, error: j.error ? `${j.error.code}: ${j.error.message}` : undefined,
+    id: j.id, type: j.type, status: j.orphaned ? 'orphaned' : j.status, ref: j.ref, executor: j.executor,
+    progress: `${formatSize(j.progress.current)}/${formatSize(j.progress.total)} ${pct}`, owner: j.owner,
+    runner: j.runner && j.status !== 'concluded' ? `${j.runner.host} pid ${j.runner.pid}, seen ${ago(j.runner.seenAt)}` : undefined,
+    error: j.error ? `${j.error.code}: ${j.error.message}` : undefined,
   };
+}
+
+function ago(iso: string): string {
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+  return s < 120 ? `${s} s ago` : s < 7200 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
 }
 
 export function registerJobsCommands(program: Command, ctx: CliContext): void {
@@ -20,7 +28,7 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
     .action(async (o: { status?: string }) => {
       const list = (await ctx.broker()).jobs.list(o.status ? { status: o.status } : undefined);
       if (ctx.json) return ctx.print(list);
-      ctx.table(list.map(row), ['id', 'type', 'status', 'ref', 'executor', 'progress', 'error']);
+      ctx.table(list.map(row), ['id', 'type', 'status', 'ref', 'executor', 'progress', 'runner', 'error']);
     });
 
   jobs.command('show <id>')
@@ -35,9 +43,34 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
       (await ctx.broker()).jobs[name](id);
       ctx.print({ id, requested: name }, `${name}: requested for job ${id}`);
     });
-  verb('cancel', 'cancel a job (the chain stays valid)');
+  jobs.command('cancel <id>')
+    .description('cancel a job (the chain stays valid); an orphaned one is taken over to be cancelled here')
+    .action(async (id: string) => {
+      const broker = await ctx.broker();
+      if (!broker.jobs.get(id).info().orphaned) {
+        broker.jobs.cancel(id);
+        return ctx.print({ id, requested: 'cancel' }, `cancel: requested for job ${id}`);
+      }
+      // Its task cleans up as on any cancel (a clone removes its new volume): run it here to do so.
+      const job = await broker.jobs.takeOver(id);
+      if (job.info().status !== 'concluded') job.cancel();
+      const info = await job.wait();
+      ctx.print(info, `job ${id}: taken over and ${info.error?.code === 'Cancelled' ? 'cancelled' : info.error ? `ended: ${info.error.message}` : 'concluded before the cancel'}`);
+    });
   verb('pause', 'pause a running job');
-  verb('resume', 'resume a paused job');
+
+  jobs.command('resume <id>')
+    .description('resume a paused job; or take over an orphaned one (its runner stopped) and run it here to its end')
+    .action(async (id: string) => {
+      const broker = await ctx.broker();
+      const info = broker.jobs.get(id).info();
+      if (!info.orphaned) {
+        broker.jobs.resume(id);
+        return ctx.print({ id, requested: 'resume' }, `resume: requested for job ${id}`);
+      }
+      ctx.note(`job ${id} is orphaned (${info.runner ? `last run by ${info.runner.host} pid ${info.runner.pid}, seen ${ago(info.runner.seenAt)}` : 'no runner'}): taking it over`);
+      await followJob(ctx, await broker.jobs.takeOver(id), `${info.type} ${info.ref}`);
+    });
   verb('complete', 'switch over a job that is ready (active commit, live copy)');
   verb('dismiss', 'forget a concluded job');
 
