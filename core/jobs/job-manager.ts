@@ -303,39 +303,37 @@ export class JobManager {
    * it, or conclude it as interrupted when it cannot be resumed.
    */
   private async adopt(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
-    {
-      const stoppedPid = rec.runnerPid;
-      const stoppedHost = rec.runnerHost;
-      const until = Date.now() + this.leaseMs;
-      const fence = this.store.claim(rec.id, { token: rec.runnerToken, fence: rec.fence }, this.me, until);
-      if (fence === undefined) return 'lost';
-      Object.assign(rec, { runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: until, seenAt: Date.now(), fence });
-      this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
-      let task: JobTask | undefined;
-      let why = 'its executor cannot resume it';
-      if (!rec.cancelled) {
-        try {
-          task = await this.resolveTask(rec);
-        } catch (e) {
-          why = `resuming failed: ${toOffloadError(e).message}`;
-        }
-      } else {
-        why = 'it had been cancelled';
+    const stoppedPid = rec.runnerPid;
+    const stoppedHost = rec.runnerHost;
+    const until = Date.now() + this.leaseMs;
+    const fence = this.store.claim(rec.id, { token: rec.runnerToken, fence: rec.fence }, this.me, until);
+    if (fence === undefined) return 'lost';
+    Object.assign(rec, { runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: until, seenAt: Date.now(), fence });
+    this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
+    let task: JobTask | undefined;
+    let why = 'its executor cannot resume it';
+    if (!rec.cancelled) {
+      try {
+        task = await this.resolveTask(rec);
+      } catch (e) {
+        why = `resuming failed: ${toOffloadError(e).message}`;
       }
-      if (task) {
-        if (await this.resume(rec, task)) return 'resumed';
-        why = 'the volumes it works on are locked by another job';
-      }
-      rec.status = 'concluded';
-      rec.error = {
-        code: rec.cancelled ? 'Cancelled' : 'Internal',
-        message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped, and ${why}; run it again`,
-      };
-      rec.updatedAt = new Date().toISOString();
-      if (!this.store.update(rec)) return 'lost';
-      this.logger.warn('job interrupted', { job: rec.id, type: rec.type, ref: rec.ref });
-      return 'failed';
+    } else {
+      why = 'it had been cancelled';
     }
+    if (task) {
+      if (await this.resume(rec, task)) return 'resumed';
+      why = 'the volumes it works on are locked by another job';
+    }
+    rec.status = 'concluded';
+    rec.error = {
+      code: rec.cancelled ? 'Cancelled' : 'Internal',
+      message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped, and ${why}; run it again`,
+    };
+    rec.updatedAt = new Date().toISOString();
+    if (!this.store.update(rec)) return 'lost';
+    this.logger.warn('job interrupted', { job: rec.id, type: rec.type, ref: rec.ref });
+    return 'failed';
   }
 
   private async resume(rec: JobRecord, task: JobTask): Promise<boolean> {
