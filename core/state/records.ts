@@ -1,0 +1,67 @@
+/**
+ * What the broker persists, as plain records: jobs (with their runner's lease and fencing
+ * token), the locks of short operations, exports, and the verbs one process asks of another.
+ * Both state stores (core/state/) keep exactly these.
+ */
+import type { JobInfo } from '../jobs/job.js';
+import type { LockRequest } from '../locks/lock-manager.js';
+
+/** A job as stored: its info plus what a restarted broker needs to resume or fail it. */
+export interface JobRecord extends JobInfo {
+  /** The backend whose task this is (`resumeTask` is asked), or undefined for host tasks. */
+  backend?: string;
+  /** Last checkpoint saved by the task (JSON). */
+  checkpoint?: unknown;
+  /** The process running it: pid and a per-process token (pids are reused), and its host. */
+  runnerPid: number;
+  runnerToken: string;
+  runnerHost: string;
+  /**
+   * The runner's lease: it renews `leaseExpires` (ms since the epoch) while it runs the job, and
+   * `seenAt` with it. Past the expiry another runner may take the job over.
+   */
+  leaseExpires: number;
+  seenAt: number;
+  /**
+   * The fencing token: grows by one on every takeover. Every write a runner makes to the record
+   * names the token it holds, and is refused once another runner has taken over.
+   */
+  fence: number;
+  /** A verb asked from another process (`offload jobs cancel` while `offload stream` runs). */
+  request?: StoredRequest;
+  /** The locks the job holds, taken again when it is resumed. */
+  locks: LockRequest[];
+  /** The role of `owner`, so a resumed job holds its locks as the same principal. */
+  ownerRole: 'admin' | 'tenant';
+}
+
+/** The locks a short operation holds while it runs. */
+export interface OpLockRecord {
+  id: string;
+  locks: LockRequest[];
+  principal: string;
+  role: 'admin' | 'tenant';
+  description: string;
+  runnerPid: number;
+  runnerToken: string;
+}
+
+/** An NBD export as other processes sharing the state see it (`offload nbd list`). */
+export interface ExportRecord {
+  /** Its lock holder id, `export:NAME#TAG`. */
+  id: string;
+  name: string;
+  ref: string;
+  uri: string;
+  readOnly: boolean;
+  owner: string;
+  role: 'admin' | 'tenant';
+  runnerPid: number;
+  runnerToken: string;
+  startedAt: string;
+}
+
+/** The runner token of a job that its runner gave up (JobStore.release). */
+export const RELEASED = 'released';
+
+export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' } | { verb: 'set-speed'; speed: number };

@@ -1,0 +1,127 @@
+import { JobStore } from '../../jobs/job-store.js';
+import { KeyedMutex } from '../../keyed-mutex.js';
+import { AlreadyExists, FailedPrecondition } from '../../model/errors.js';
+import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from '../records.js';
+import type { Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
+
+/**
+ * The embedded StateStore: one SQLite file in the state directory (WAL), shared by the processes
+ * of one host. Its statements run synchronously (better-sqlite3); calls are queued one at a time
+ * so that an open transaction, which awaits its caller between statements, sees no statement of
+ * another call of this process. Across processes, a transaction is BEGIN IMMEDIATE: SQLite's one
+ * writer lock serializes them (waiting up to the busy timeout).
+ */
+export class SqliteStateStore implements StateStore {
+  readonly kind = 'sqlite';
+  private readonly db: JobStore;
+  private readonly queue = new KeyedMutex();
+  private readonly ops: StateOps;
+
+  constructor(file: string) {
+    this.db = new JobStore(file);
+    this.ops = syncOps(this.db);
+  }
+
+  transaction<T>(_lock: TransactionLock, fn: (tx: StateOps) => Promise<T>): Promise<T> {
+    return this.queue.run(['db'], async () => {
+      this.db.begin();
+      let live = true;
+      // Calls through a tx that outlived its transaction fail instead of running outside it.
+      const tx = guard(this.ops, () => {
+        if (!live) throw new FailedPrecondition('a state transaction was used after it ended');
+      });
+      try {
+        const out = await fn(tx);
+        this.db.commit();
+        return out;
+      } catch (e) {
+        this.db.rollback();
+        throw e;
+      } finally {
+        live = false;
+      }
+    });
+  }
+
+  private one<T>(fn: (ops: StateOps) => Promise<T>): Promise<T> {
+    return this.queue.run(['db'], () => fn(this.ops));
+  }
+
+  getJob(id: string) { return this.one((o) => o.getJob(id)); }
+  listJobs() { return this.one((o) => o.listJobs()); }
+  insertJob(job: JobRecord) { return this.one((o) => o.insertJob(job)); }
+  updateJob(job: JobRecord) { return this.one((o) => o.updateJob(job)); }
+  deleteJob(id: string) { return this.one((o) => o.deleteJob(id)); }
+  claimJob(id: string, from: { token: string; fence: number }, to: Runner, leaseExpires: number) { return this.one((o) => o.claimJob(id, from, to, leaseExpires)); }
+  renewLease(id: string, token: string, fence: number, leaseExpires: number) { return this.one((o) => o.renewLease(id, token, fence, leaseExpires)); }
+  releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.one((o) => o.releaseJob(id, token, fence, checkpoint)); }
+  setRequest(id: string, request: StoredRequest) { return this.one((o) => o.setRequest(id, request)); }
+  takeRequest(id: string) { return this.one((o) => o.takeRequest(id)); }
+  insertOpLocks(op: OpLockRecord) { return this.one((o) => o.insertOpLocks(op)); }
+  deleteOpLocks(id: string) { return this.one((o) => o.deleteOpLocks(id)); }
+  listOpLocks() { return this.one((o) => o.listOpLocks()); }
+  requestOpStop(id: string) { return this.one((o) => o.requestOpStop(id)); }
+  takeOpStop(id: string) { return this.one((o) => o.takeOpStop(id)); }
+  insertExport(e: ExportRecord) { return this.one((o) => o.insertExport(e)); }
+  deleteExport(id: string) { return this.one((o) => o.deleteExport(id)); }
+  listExports() { return this.one((o) => o.listExports()); }
+  listMaintenance() { return this.one((o) => o.listMaintenance()); }
+  placeMaintenance(key: string, principal: string, reason: string) { return this.one((o) => o.placeMaintenance(key, principal, reason)); }
+  removeMaintenance(key: string) { return this.one((o) => o.removeMaintenance(key)); }
+  setOwner(ref: string, owner: string) { return this.one((o) => o.setOwner(ref, owner)); }
+  getOwner(ref: string) { return this.one((o) => o.getOwner(ref)); }
+  deleteOwner(ref: string) { return this.one((o) => o.deleteOwner(ref)); }
+
+  async close(): Promise<void> {
+    await this.queue.run(['db'], async () => this.db.close());
+  }
+}
+
+/** The store's operations over the synchronous JobStore, as promises. */
+function syncOps(db: JobStore): StateOps {
+  return {
+    getJob: async (id) => db.get(id),
+    listJobs: async () => db.list(),
+    insertJob: async (job) => {
+      try {
+        db.insert(job);
+      } catch (e) {
+        if ((e as { code?: string }).code === 'SQLITE_CONSTRAINT_PRIMARYKEY') throw new AlreadyExists(`job ${job.id} already exists`, { ref: job.id });
+        throw e;
+      }
+    },
+    updateJob: async (job) => db.update(job),
+    deleteJob: async (id) => db.delete(id),
+    claimJob: async (id, from, to, leaseExpires) => db.claim(id, from, to, leaseExpires),
+    renewLease: async (id, token, fence, leaseExpires) => db.renew(id, token, fence, leaseExpires),
+    releaseJob: async (id, token, fence, checkpoint) => db.release(id, token, fence, checkpoint),
+    setRequest: async (id, request) => db.setRequest(id, request),
+    takeRequest: async (id) => db.takeRequest(id),
+    insertOpLocks: async (op) => db.insertOpLocks(op, () => undefined),
+    deleteOpLocks: async (id) => db.deleteOpLocks(id),
+    listOpLocks: async () => db.listOpLocks(),
+    requestOpStop: async (id) => db.requestOpStop(id),
+    takeOpStop: async (id) => db.takeOpStop(id),
+    insertExport: async (e) => db.insertExport(e),
+    deleteExport: async (id) => db.deleteExport(id),
+    listExports: async () => db.listExports(),
+    listMaintenance: async () => db.listMaintenance(),
+    placeMaintenance: async (key, principal, reason) => db.placeMaintenance(key, principal, reason),
+    removeMaintenance: async (key) => db.removeMaintenance(key),
+    setOwner: async (ref, owner) => db.setOwner(ref, owner),
+    getOwner: async (ref) => db.getOwner(ref),
+    deleteOwner: async (ref) => db.deleteOwner(ref),
+  };
+}
+
+/** `ops` with `check` run before every call. */
+function guard(ops: StateOps, check: () => void): StateOps {
+  const out = {} as Record<string, unknown>;
+  for (const [k, f] of Object.entries(ops) as [string, (...a: unknown[]) => Promise<unknown>][]) {
+    out[k] = async (...a: unknown[]) => {
+      check();
+      return f(...a);
+    };
+  }
+  return out as unknown as StateOps;
+}

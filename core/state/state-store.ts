@@ -1,0 +1,88 @@
+import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from './records.js';
+
+/** A runner as a job's record names it: a process (pid, a per-process token) on a host. */
+export interface Runner {
+  pid: number;
+  token: string;
+  host: string;
+}
+
+/**
+ * The reads and writes of the broker's durable state. Every method is atomic on its own; inside
+ * StateStore.transaction they are atomic together.
+ *
+ * Fencing: a job's record carries its runner's token and fencing token (`fence`). updateJob,
+ * renewLease and releaseJob write only while both still match — false, and nothing written, once
+ * another runner has taken the job over (claimJob, which hands out `fence + 1`) or it was deleted.
+ */
+export interface StateOps {
+  getJob(id: string): Promise<JobRecord | undefined>;
+  /** Every job, oldest first (created_at, then id). */
+  listJobs(): Promise<JobRecord[]>;
+  /** AlreadyExists if the id is taken. */
+  insertJob(job: JobRecord): Promise<void>;
+  /** The live fields (status, progress, speed, error, cancelled, checkpoint, runner, lease, updatedAt); fenced. */
+  updateJob(job: JobRecord): Promise<boolean>;
+  deleteJob(id: string): Promise<void>;
+  /**
+   * Take a job over from the runner `from` (its token and fence as the caller read them): exactly
+   * one of several racing takers wins and gets the next fencing token; the others get undefined.
+   */
+  claimJob(id: string, from: { token: string; fence: number }, to: Runner, leaseExpires: number): Promise<number | undefined>;
+  /** Extend a runner's lease (ms since the epoch) and note it was seen now; fenced. */
+  renewLease(id: string, token: string, fence: number, leaseExpires: number): Promise<boolean>;
+  /** A runner gives a job up unconcluded, saving its checkpoint: the lease ends now (token RELEASED); fenced. */
+  releaseJob(id: string, token: string, fence: number, checkpoint: unknown): Promise<boolean>;
+
+  /** Ask a job's runner to apply a verb. A pending cancel is never replaced by another verb. */
+  setRequest(id: string, request: StoredRequest): Promise<void>;
+  /** Read and clear a job's pending request. */
+  takeRequest(id: string): Promise<StoredRequest | undefined>;
+
+  /** The locks of a short (or long-lived) operation, visible to every process sharing the state. */
+  insertOpLocks(op: OpLockRecord): Promise<void>;
+  /** Remove an operation's locks and any stop request for it. */
+  deleteOpLocks(id: string): Promise<void>;
+  listOpLocks(): Promise<OpLockRecord[]>;
+  /** Ask the process holding a long-lived operation (an export) to stop it. */
+  requestOpStop(id: string): Promise<void>;
+  /** Read and clear a stop request: true if there was one. */
+  takeOpStop(id: string): Promise<boolean>;
+
+  /** Record an export (replacing one of the same id). */
+  insertExport(e: ExportRecord): Promise<void>;
+  deleteExport(id: string): Promise<void>;
+  /** Exports by name, then id. */
+  listExports(): Promise<ExportRecord[]>;
+
+  /** Maintenance locks by key. */
+  listMaintenance(): Promise<{ key: string; principal: string; reason: string }[]>;
+  /** Place (or replace) a maintenance lock. */
+  placeMaintenance(key: string, principal: string, reason: string): Promise<void>;
+  removeMaintenance(key: string): Promise<void>;
+
+  setOwner(ref: string, owner: string): Promise<void>;
+  getOwner(ref: string): Promise<string | undefined>;
+  deleteOwner(ref: string): Promise<void>;
+}
+
+/**
+ * Where the broker keeps its state: SQLite in the state directory (one host; the default) or
+ * PostgreSQL (brokers on many hosts sharing one database). Both pass one contract suite
+ * (test/state/). A store's schema is created on open and migrated from older versions; a
+ * database written by a newer build is refused.
+ */
+export interface StateStore extends StateOps {
+  readonly kind: 'sqlite' | 'postgres';
+  /**
+   * Run `fn` in one transaction, serialized against every other transaction on the same database
+   * that takes the same `lock` (a lock checks then inserts: two brokers that both check for a
+   * conflict and then insert cannot both succeed). Rolled back if `fn` throws. Nested calls are
+   * not allowed; `tx` is valid only until `fn` resolves.
+   */
+  transaction<T>(lock: TransactionLock, fn: (tx: StateOps) => Promise<T>): Promise<T>;
+  close(): Promise<void>;
+}
+
+/** What a transaction serializes on: every lock-taking step takes `locks`. */
+export type TransactionLock = 'locks';
