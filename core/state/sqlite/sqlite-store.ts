@@ -1,3 +1,4 @@
+import { realpathSync } from 'node:fs';
 import { JobStore } from '../../jobs/job-store.js';
 import { KeyedMutex } from '../../keyed-mutex.js';
 import { AlreadyExists, FailedPrecondition } from '../../model/errors.js';
@@ -8,17 +9,25 @@ import type { Runner, StateOps, StateStore, TransactionLock } from '../state-sto
  * The embedded StateStore: one SQLite file in the state directory (WAL), shared by the processes
  * of one host. Its statements run synchronously (better-sqlite3); calls are queued one at a time
  * so that an open transaction, which awaits its caller between statements, sees no statement of
- * another call of this process. Across processes, a transaction is BEGIN IMMEDIATE: SQLite's one
- * writer lock serializes them (waiting up to the busy timeout).
+ * another call of this process. The queue is per database file, not per store: a second store on
+ * the same file in this process waits for it in the queue, where SQLite's busy wait would block the
+ * event loop that the open transaction needs to finish (and fail with "database is locked" after
+ * the busy timeout). Across processes, a transaction is BEGIN IMMEDIATE: SQLite's one writer lock
+ * serializes them (waiting up to the busy timeout).
  */
 export class SqliteStateStore implements StateStore {
   readonly kind = 'sqlite';
   private readonly db: JobStore;
-  private readonly queue = new KeyedMutex();
+  private readonly file: string;
+  private readonly queue: KeyedMutex;
   private readonly ops: StateOps;
+  private closed = false;
 
   constructor(file: string) {
     this.db = new JobStore(file);
+    // ':memory:' is a database of its own for every connection.
+    this.file = file === ':memory:' ? `:memory:${++memories}` : realpathSync(file);
+    this.queue = openQueue(this.file);
     this.ops = syncOps(this.db);
   }
 
@@ -73,8 +82,27 @@ export class SqliteStateStore implements StateStore {
   deleteOwner(ref: string) { return this.one((o) => o.deleteOwner(ref)); }
 
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.queue.run(['db'], async () => this.db.close());
+    closeQueue(this.file);
   }
+}
+
+/** The queue of each database file open in this process, and how many stores use it. */
+const queues = new Map<string, { queue: KeyedMutex; stores: number }>();
+let memories = 0;
+
+function openQueue(file: string): KeyedMutex {
+  const q = queues.get(file) ?? { queue: new KeyedMutex(), stores: 0 };
+  q.stores++;
+  queues.set(file, q);
+  return q.queue;
+}
+
+function closeQueue(file: string): void {
+  const q = queues.get(file);
+  if (q && --q.stores === 0) queues.delete(file);
 }
 
 /** The store's operations over the synchronous JobStore, as promises. */
