@@ -1,0 +1,210 @@
+/**
+ * The PostgreSQL store's tables (the SQLite store's, in PostgreSQL types), their migrations, and
+ * how a job record maps to a row and back.
+ */
+import type pg from 'pg';
+import type { ErrorCode } from '../../model/errors.js';
+import { FailedPrecondition } from '../../model/errors.js';
+import type { JobStatus } from '../../jobs/job.js';
+import type { LockRequest } from '../../locks/lock-manager.js';
+import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from '../records.js';
+
+/**
+ * Advisory lock keys (pg_advisory_xact_lock, per database): one for creating or migrating the
+ * schema, one per TransactionLock. Fixed for ever: every build must take the same ones.
+ */
+export const ADVISORY_KEYS = {
+  schema: '7308893760230401',
+  locks: '7308893760230402',
+} as const;
+
+/**
+ * JSON fields are TEXT holding JSON.stringify's output, as in SQLite: a JSON `null` checkpoint
+ * stays distinct from no checkpoint (SQL NULL). Epoch milliseconds, sizes and fences are BIGINT
+ * (read back as numbers: see INT8 in postgres-store.ts). op_locks.seq keeps an operation's locks
+ * in the order they were inserted (SQLite's rowid does that there).
+ */
+const SCHEMA_V1 = `
+CREATE TABLE jobs (
+  id TEXT PRIMARY KEY,
+  type TEXT NOT NULL,
+  status TEXT NOT NULL,
+  executor TEXT NOT NULL,
+  backend TEXT,
+  ref TEXT NOT NULL,
+  owner TEXT NOT NULL,
+  owner_role TEXT NOT NULL DEFAULT 'admin',
+  progress_current BIGINT NOT NULL,
+  progress_total BIGINT NOT NULL,
+  speed BIGINT NOT NULL,
+  error_code TEXT,
+  error_message TEXT,
+  cancelled BOOLEAN NOT NULL DEFAULT FALSE,
+  params TEXT NOT NULL,
+  plan TEXT,
+  checkpoint TEXT,
+  runner_pid INTEGER NOT NULL,
+  runner_token TEXT NOT NULL,
+  request TEXT,
+  locks TEXT NOT NULL DEFAULT '[]',
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  runner_host TEXT NOT NULL DEFAULT '',
+  lease_expires BIGINT NOT NULL DEFAULT 0,
+  seen_at BIGINT NOT NULL DEFAULT 0,
+  fence BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE op_locks (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id TEXT NOT NULL,
+  key TEXT NOT NULL,
+  mode TEXT NOT NULL,
+  principal TEXT NOT NULL,
+  role TEXT NOT NULL,
+  description TEXT NOT NULL,
+  runner_pid INTEGER NOT NULL,
+  runner_token TEXT NOT NULL
+);
+CREATE INDEX op_locks_id ON op_locks (id);
+CREATE TABLE maintenance (
+  key TEXT PRIMARY KEY,
+  principal TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
+CREATE TABLE op_stop_requests (
+  id TEXT PRIMARY KEY,
+  requested_at TEXT NOT NULL
+);
+CREATE TABLE exports (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  ref TEXT NOT NULL,
+  uri TEXT NOT NULL,
+  read_only BOOLEAN NOT NULL,
+  owner TEXT NOT NULL,
+  role TEXT NOT NULL,
+  runner_pid INTEGER NOT NULL,
+  runner_token TEXT NOT NULL,
+  started_at TEXT NOT NULL
+);
+CREATE TABLE owners (
+  ref TEXT PRIMARY KEY,
+  owner TEXT NOT NULL
+);
+`;
+
+/** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
+const MIGRATIONS: { version: number; sql: string }[] = [
+  // 1: jobs with leases and fencing tokens (the SQLite store's version 2), op locks, exports, maintenance, owners.
+  { version: 1, sql: SCHEMA_V1 },
+];
+export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
+
+/**
+ * Create the schema (a new database) or migrate it, in one transaction under the schema's
+ * advisory lock, so brokers starting at once do not race. A database whose version is newer than
+ * this build knows is refused (FailedPrecondition), and nothing is written. `where` names the
+ * database in messages (never with a password).
+ */
+export async function migrate(client: pg.PoolClient, where: string): Promise<void> {
+  await client.query('BEGIN');
+  try {
+    await client.query('SELECT pg_advisory_xact_lock($1)', [ADVISORY_KEYS.schema]);
+    await client.query('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)');
+    const rows = (await client.query<{ version: number }>('SELECT version FROM schema_version')).rows;
+    const version = rows.length ? Math.max(...rows.map((r) => r.version)) : 0;
+    if (version > SCHEMA_VERSION) {
+      throw new FailedPrecondition(`the PostgreSQL state database ${where} has schema version ${version}, newer than this build knows (${SCHEMA_VERSION})`, {
+        ref: where, hint: 'upgrade offload-broker, or use another database',
+      });
+    }
+    for (const m of MIGRATIONS) if (m.version > version) await client.query(m.sql);
+    if (version < SCHEMA_VERSION) {
+      await client.query('DELETE FROM schema_version');
+      await client.query('INSERT INTO schema_version (version) VALUES ($1)', [SCHEMA_VERSION]);
+    }
+    await client.query('COMMIT');
+  } catch (e) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw e;
+  }
+}
+
+export interface JobRow {
+  id: string; type: string; status: string; executor: string; backend: string | null; ref: string; owner: string; owner_role: string;
+  progress_current: number; progress_total: number; speed: number; error_code: string | null; error_message: string | null;
+  cancelled: boolean; params: string; plan: string | null; checkpoint: string | null; runner_pid: number; runner_token: string;
+  request: string | null; locks: string; created_at: string; updated_at: string;
+  runner_host: string; lease_expires: number; seen_at: number; fence: number;
+}
+
+export const JOB_COLUMNS: readonly (keyof JobRow)[] = [
+  'id', 'type', 'status', 'executor', 'backend', 'ref', 'owner', 'owner_role', 'progress_current', 'progress_total', 'speed',
+  'error_code', 'error_message', 'cancelled', 'params', 'plan', 'checkpoint', 'runner_pid', 'runner_token', 'request', 'locks',
+  'created_at', 'updated_at', 'runner_host', 'lease_expires', 'seen_at', 'fence',
+];
+
+/** `$1, $2, … $n`. */
+export function placeholders(n: number, from = 1): string {
+  return Array.from({ length: n }, (_, i) => `$${i + from}`).join(', ');
+}
+
+const json = (v: unknown): string | null => (v === undefined ? null : JSON.stringify(v));
+
+export function toRow(j: JobRecord): JobRow {
+  return {
+    id: j.id, type: j.type, status: j.status, executor: j.executor, backend: j.backend ?? null, ref: j.ref, owner: j.owner, owner_role: j.ownerRole,
+    progress_current: Math.round(j.progress.current), progress_total: Math.round(j.progress.total), speed: Math.round(j.speed),
+    error_code: j.error?.code ?? null, error_message: j.error?.message ?? null, cancelled: j.cancelled,
+    params: JSON.stringify(j.params), plan: json(j.plan), checkpoint: json(j.checkpoint), runner_pid: j.runnerPid,
+    runner_token: j.runnerToken, request: j.request ? JSON.stringify(j.request) : null, locks: JSON.stringify(j.locks),
+    created_at: j.createdAt, updated_at: j.updatedAt, runner_host: j.runnerHost, lease_expires: j.leaseExpires, seen_at: j.seenAt, fence: j.fence,
+  };
+}
+
+export function fromRow(r: JobRow): JobRecord {
+  const rec: JobRecord = {
+    id: r.id, type: r.type, status: r.status as JobStatus, executor: r.executor, ref: r.ref, owner: r.owner,
+    progress: { current: r.progress_current, total: r.progress_total }, speed: r.speed, cancelled: r.cancelled,
+    params: JSON.parse(r.params) as Record<string, unknown>, createdAt: r.created_at, updatedAt: r.updated_at,
+    runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, seenAt: r.seen_at, fence: r.fence,
+    locks: JSON.parse(r.locks) as LockRequest[],
+    ownerRole: r.owner_role === 'tenant' ? 'tenant' : 'admin',
+  };
+  if (r.backend !== null) rec.backend = r.backend;
+  if (r.error_code !== null) rec.error = { code: r.error_code as ErrorCode, message: r.error_message ?? '' };
+  if (r.plan !== null) rec.plan = JSON.parse(r.plan) as unknown;
+  if (r.checkpoint !== null) rec.checkpoint = JSON.parse(r.checkpoint) as unknown;
+  if (r.request !== null) rec.request = JSON.parse(r.request) as StoredRequest;
+  return rec;
+}
+
+export interface OpLockRow {
+  id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
+}
+
+/** Rows (ordered by id, then insertion) grouped into one record per operation. */
+export function opLocksFromRows(rows: OpLockRow[]): OpLockRecord[] {
+  const byId = new Map<string, OpLockRecord>();
+  for (const r of rows) {
+    const op = byId.get(r.id) ?? {
+      id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
+      runnerPid: r.runner_pid, runnerToken: r.runner_token, locks: [],
+    };
+    op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
+    byId.set(r.id, op);
+  }
+  return [...byId.values()];
+}
+
+export interface ExportRow {
+  id: string; name: string; ref: string; uri: string; read_only: boolean; owner: string; role: string; runner_pid: number; runner_token: string; started_at: string;
+}
+
+export function exportFromRow(r: ExportRow): ExportRecord {
+  return {
+    id: r.id, name: r.name, ref: r.ref, uri: r.uri, readOnly: r.read_only, owner: r.owner, role: r.role === 'tenant' ? 'tenant' : 'admin',
+    runnerPid: r.runner_pid, runnerToken: r.runner_token, startedAt: r.started_at,
+  };
+}

@@ -1,0 +1,409 @@
+/**
+ * The StateStore contract (core/state/state-store.ts), one suite for every implementation. `a` and
+ * `b` are two stores on the same database, as two brokers would be: what one writes the other
+ * reads, and their races have one winner. The stores are opened once per suite; every case uses
+ * ids of its own.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Busy, isOffloadError } from '../../core/model/errors.js';
+import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord } from '../../core/state/records.js';
+import type { StateOps, StateStore } from '../../core/state/state-store.js';
+
+export interface OpenStores {
+  a: StateStore;
+  b: StateStore;
+  /** Another store on the same database (opened now: creates or migrates nothing new). */
+  another(): Promise<StateStore>;
+  /** The database's schema version, and a way to set it (as a newer build would have). */
+  schemaVersion(): Promise<number>;
+  setSchemaVersion(version: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+let unique = 0;
+/** A fresh id prefix for one case. */
+const prefix = (what: string) => `${what}-${Date.now().toString(36)}-${++unique}`;
+
+/** Epoch ms and sizes past 2^31 (and 2^40): a BIGINT read back as a string or an int32 would show. */
+const LEASE = 1_767_225_600_123;
+const BIG = 2 ** 40 + 3;
+
+function job(id: string, over: Partial<JobRecord> = {}): JobRecord {
+  return {
+    id, type: 'copy', status: 'running', executor: 'host', ref: 'pool/vol', owner: 'alice',
+    progress: { current: 5, total: 10 }, speed: 0, cancelled: false,
+    createdAt: '2026-01-01T00:00:00.000Z', updatedAt: '2026-01-01T00:00:01.000Z', params: { from: 'a', to: 'b' },
+    runnerPid: 4242, runnerToken: 'tok-a', runnerHost: 'host-a', leaseExpires: LEASE, seenAt: LEASE - 15_000, fence: 4,
+    locks: [{ key: 'vol:pool/vol', mode: 'exclusive' }], ownerRole: 'admin',
+    ...over,
+  };
+}
+
+function opLocks(id: string, keys: string[], over: Partial<OpLockRecord> = {}): OpLockRecord {
+  return {
+    id, locks: keys.map((key, i) => ({ key, mode: i % 2 ? 'shared' : 'exclusive' })), principal: 'alice', role: 'tenant',
+    description: `create ${keys.join(',')}`, runnerPid: 77, runnerToken: 'tok-op', ...over,
+  };
+}
+
+function exportRec(id: string, name: string, over: Partial<ExportRecord> = {}): ExportRecord {
+  return {
+    id, name, ref: `pool/${name}`, uri: `nbd+unix:///${name}?socket=/run/x.sock`, readOnly: true, owner: 'bob', role: 'tenant',
+    runnerPid: 55, runnerToken: 'tok-x', startedAt: '2026-01-01T00:00:00.000Z', ...over,
+  };
+}
+
+export function describeStateStore(kind: string, open: () => Promise<OpenStores>): void {
+  describe(`StateStore contract (${kind})`, () => {
+    let s: OpenStores;
+    let a: StateStore;
+    let b: StateStore;
+
+    beforeAll(async () => {
+      s = await open();
+      ({ a, b } = s);
+    });
+    afterAll(async () => {
+      await s?.close();
+    });
+
+    describe('jobs', () => {
+      it('round-trips every field of a record, and leaves absent optional fields absent', async () => {
+        const p = prefix('rt');
+        const full = job(`${p}-full`, {
+          type: 'live-copy', status: 'paused', executor: 'backend:array1', backend: 'array1', ref: 'array1/pool/vm-disk', owner: 'tenant-7',
+          progress: { current: BIG - 1, total: BIG }, speed: 3_000_000_000, cancelled: true,
+          error: { code: 'BackendUnavailable', message: 'the array did not answer' },
+          plan: { steps: [{ op: 'copy', bytes: BIG }], note: 'ünïcode ✓' }, params: { nested: { list: [1, 'two', null, true] }, n: 1.5 },
+          checkpoint: { offset: BIG - 7, bitmap: 'AAEC' }, request: { verb: 'set-speed', speed: 1_000_000 },
+          locks: [{ key: 'vol:array1/pool/vm-disk', mode: 'exclusive' }, { key: 'pool:array1/pool', mode: 'shared' }],
+          ownerRole: 'tenant', runnerPid: 31337, runnerToken: 'tok-full', runnerHost: 'host-full.example', leaseExpires: LEASE + 1, seenAt: LEASE - 2, fence: 2 ** 33,
+        });
+        const bare = job(`${p}-bare`);
+        const nullish = job(`${p}-null`, { checkpoint: null, plan: 0 });
+        for (const j of [full, bare, nullish]) await a.insertJob(j);
+        expect(await b.getJob(full.id)).toStrictEqual(full);
+        expect(await b.getJob(bare.id)).toStrictEqual(bare);
+        expect(await b.getJob(nullish.id)).toStrictEqual(nullish);
+        expect(await a.getJob(`${p}-none`)).toBeUndefined();
+      });
+
+      it('lists jobs oldest first (created_at, then id), deletes, and refuses a taken id (AlreadyExists)', async () => {
+        const p = prefix('list');
+        const jobs = [
+          job(`${p}-c`, { createdAt: '2030-01-01T00:00:02.000Z' }),
+          job(`${p}-b`, { createdAt: '2030-01-01T00:00:01.000Z' }),
+          job(`${p}-a`, { createdAt: '2030-01-01T00:00:02.000Z' }),
+          job(`${p}-B`, { createdAt: '2030-01-01T00:00:01.000Z' }),
+          job(`${p}-_`, { createdAt: '2029-12-31T23:59:59.999Z' }),
+        ];
+        for (const [i, j] of jobs.entries()) await (i % 2 ? a : b).insertJob(j);
+        const mine = (list: JobRecord[]) => list.filter((j) => j.id.startsWith(p)).map((j) => j.id);
+        expect(mine(await a.listJobs())).toEqual([`${p}-_`, `${p}-B`, `${p}-b`, `${p}-a`, `${p}-c`]);
+        expect(mine(await b.listJobs())).toEqual(mine(await a.listJobs()));
+
+        await expect(b.insertJob(job(`${p}-a`, { owner: 'mallory' }))).rejects.toMatchObject({ code: 'AlreadyExists' });
+        await expect(a.insertJob(job(`${p}-a`, { owner: 'mallory' }))).rejects.toMatchObject({ code: 'AlreadyExists' });
+        expect((await a.getJob(`${p}-a`))!.owner).toBe('alice');
+
+        await a.deleteJob(`${p}-b`);
+        await a.deleteJob(`${p}-missing`); // nothing to delete: no error
+        expect(await b.getJob(`${p}-b`)).toBeUndefined();
+        expect(mine(await b.listJobs())).toEqual([`${p}-_`, `${p}-B`, `${p}-a`, `${p}-c`]);
+      });
+    });
+
+    describe('fencing', () => {
+      it('a runner taken over writes nothing more; the new one writes; a released job goes to the next taker', async () => {
+        const id = prefix('fence');
+        await a.insertJob(job(id, { runnerToken: 'tok-a', fence: 4 }));
+        const before = Date.now();
+        expect(await b.claimJob(id, { token: 'tok-a', fence: 4 }, { pid: 2, token: 'tok-b', host: 'host-b' }, LEASE + 100)).toBe(5);
+        const taken = (await a.getJob(id))!;
+        expect(taken).toMatchObject({ runnerPid: 2, runnerToken: 'tok-b', runnerHost: 'host-b', fence: 5, leaseExpires: LEASE + 100 });
+        expect(taken.seenAt).toBeGreaterThanOrEqual(before);
+        expect(taken.seenAt).toBeLessThanOrEqual(Date.now());
+
+        // The old runner: token and fence stale, and either one stale alone, are all refused.
+        const old = job(id, { runnerToken: 'tok-a', fence: 4, status: 'concluded', progress: { current: 10, total: 10 }, checkpoint: { stale: true } });
+        expect(await a.updateJob(old)).toBe(false);
+        expect(await a.updateJob({ ...old, fence: 5 })).toBe(false);
+        expect(await a.updateJob({ ...old, runnerToken: 'tok-b' })).toBe(false);
+        expect(await a.renewLease(id, 'tok-a', 4, LEASE + 999)).toBe(false);
+        expect(await a.renewLease(id, 'tok-b', 4, LEASE + 999)).toBe(false);
+        expect(await a.releaseJob(id, 'tok-a', 4, { stale: true })).toBe(false);
+        expect(await a.releaseJob(id, 'tok-a', 5, { stale: true })).toBe(false);
+        expect(await a.claimJob(id, { token: 'tok-a', fence: 4 }, { pid: 3, token: 'tok-c', host: 'host-c' }, LEASE)).toBeUndefined();
+        expect(await b.getJob(id)).toStrictEqual(taken);
+
+        // The new runner writes the live fields only: a pending request, the plan, params, locks and fence stay.
+        await a.setRequest(id, { verb: 'pause' });
+        const live = {
+          ...taken, status: 'paused' as const, progress: { current: 7, total: BIG }, speed: 100, error: { code: 'Timeout' as const, message: 'slow' },
+          cancelled: true, checkpoint: { at: 7 }, runnerPid: 22, runnerHost: 'host-b2', leaseExpires: LEASE + 200, updatedAt: '2026-01-02T00:00:00.000Z',
+        };
+        expect(await b.updateJob({ ...live, plan: 'other', params: { other: 1 }, locks: [], ownerRole: 'tenant', request: undefined, seenAt: 1 })).toBe(true);
+        expect(await a.getJob(id)).toStrictEqual({ ...live, request: { verb: 'pause' } });
+
+        const renewed = Date.now();
+        expect(await b.renewLease(id, 'tok-b', 5, LEASE + 300)).toBe(true);
+        const r = (await a.getJob(id))!;
+        expect(r.leaseExpires).toBe(LEASE + 300);
+        expect(r.seenAt).toBeGreaterThanOrEqual(renewed);
+
+        expect(await b.releaseJob(id, 'tok-b', 5, { at: 9 })).toBe(true);
+        expect(await a.getJob(id)).toMatchObject({ runnerToken: RELEASED, runnerPid: 0, leaseExpires: 0, checkpoint: { at: 9 }, fence: 5 });
+        expect(await b.updateJob(live)).toBe(false);
+        expect(await b.renewLease(id, 'tok-b', 5, LEASE)).toBe(false);
+
+        expect(await a.claimJob(id, { token: RELEASED, fence: 5 }, { pid: 9, token: 'tok-a2', host: 'host-a' }, LEASE + 400)).toBe(6);
+        expect(await b.getJob(id)).toMatchObject({ runnerToken: 'tok-a2', runnerPid: 9, fence: 6, checkpoint: { at: 9 } });
+      });
+
+      it('a deleted job can be neither written, renewed, released nor claimed', async () => {
+        const id = prefix('gone');
+        await a.insertJob(job(id));
+        await b.deleteJob(id);
+        expect(await a.updateJob(job(id))).toBe(false);
+        expect(await a.renewLease(id, 'tok-a', 4, LEASE)).toBe(false);
+        expect(await a.releaseJob(id, 'tok-a', 4, undefined)).toBe(false);
+        expect(await a.claimJob(id, { token: 'tok-a', fence: 4 }, { pid: 1, token: 't', host: 'h' }, LEASE)).toBeUndefined();
+        expect(await a.getJob(id)).toBeUndefined();
+      });
+
+      it('of 20 racing takers (both stores, same `from`) exactly one wins, and the record names it', async () => {
+        for (let round = 0; round < 5; round++) {
+          const id = prefix('race');
+          await a.insertJob(job(id, { runnerToken: 'dead', fence: 7 }));
+          const results = await Promise.all(Array.from({ length: 20 }, (_, i) =>
+            (i % 2 ? a : b).claimJob(id, { token: 'dead', fence: 7 }, { pid: 100 + i, token: `r${i}`, host: `host-${i % 2}` }, LEASE + i)));
+          const winners = results.flatMap((f, i) => (f === undefined ? [] : [i]));
+          expect(winners, `round ${round}: ${JSON.stringify(results)}`).toHaveLength(1);
+          const w = winners[0]!;
+          expect(results[w]).toBe(8);
+          expect(results.filter((f) => f === undefined)).toHaveLength(19);
+          expect(await b.getJob(id)).toMatchObject({ runnerToken: `r${w}`, runnerPid: 100 + w, runnerHost: `host-${w % 2}`, leaseExpires: LEASE + w, fence: 8 });
+        }
+      });
+    });
+
+    describe('transactions', () => {
+      it('serialize a check-then-insert: two stores racing for one lock never both get it', async () => {
+        const p = prefix('lockrace');
+        for (let round = 0; round < 15; round++) {
+          const key = `vol:${p}/${round}`;
+          const take = (store: StateStore, me: string) => store.transaction('locks', async (tx) => {
+            const held = await tx.listOpLocks();
+            const conflict = held.find((op) => op.locks.some((l) => l.key === key));
+            if (conflict) throw new Busy(`${key} is locked by ${conflict.id}`);
+            await sleep(5); // the window in which an unserialized other would check too
+            await tx.insertOpLocks(opLocks(`${p}-${round}-${me}`, [key]));
+            return me;
+          });
+          const results = await Promise.allSettled([take(a, 'a'), take(b, 'b')]);
+          const won = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+          expect(won, `round ${round}`).toHaveLength(1);
+          const lost = results.find((r) => r.status === 'rejected');
+          expect(isOffloadError(lost?.reason, 'Busy'), `round ${round}: ${String(lost?.reason)}`).toBe(true);
+          const holders = (await a.listOpLocks()).filter((op) => op.locks.some((l) => l.key === key));
+          expect(holders.map((op) => op.id)).toEqual([`${p}-${round}-${won[0]}`]);
+        }
+      });
+
+      it('commit what fn wrote and return its value; roll everything back when fn throws', async () => {
+        const p = prefix('tx');
+        const out = await a.transaction('locks', async (tx) => {
+          await tx.insertJob(job(`${p}-kept`));
+          await tx.setOwner(`${p}/vol`, 'alice');
+          expect(await tx.getJob(`${p}-kept`)).toBeDefined(); // its own writes, before commit
+          return 42;
+        });
+        expect(out).toBe(42);
+        expect(await b.getJob(`${p}-kept`)).toBeDefined();
+        expect(await b.getOwner(`${p}/vol`)).toBe('alice');
+
+        const boom = new Error('boom');
+        await expect(b.transaction('locks', async (tx) => {
+          await tx.insertJob(job(`${p}-undone`));
+          await tx.insertOpLocks(opLocks(`${p}-op`, [`vol:${p}`]));
+          await tx.setOwner(`${p}/vol`, 'mallory');
+          await tx.deleteJob(`${p}-kept`);
+          await tx.placeMaintenance(`${p}-m`, 'admin', 'upgrade');
+          throw boom;
+        })).rejects.toBe(boom);
+        for (const store of [a, b]) {
+          expect(await store.getJob(`${p}-undone`)).toBeUndefined();
+          expect(await store.getJob(`${p}-kept`)).toBeDefined();
+          expect(await store.getOwner(`${p}/vol`)).toBe('alice');
+          expect((await store.listOpLocks()).filter((op) => op.id.startsWith(p))).toEqual([]);
+          expect((await store.listMaintenance()).filter((m) => m.key.startsWith(p))).toEqual([]);
+        }
+        // A failed transaction leaves the store usable, and the lock free.
+        expect(await a.transaction('locks', async (tx) => (await tx.getJob(`${p}-kept`))?.id)).toBe(`${p}-kept`);
+      });
+
+      it('a tx used after its transaction ended rejects (FailedPrecondition) and writes nothing', async () => {
+        const p = prefix('stale');
+        let kept: StateOps | undefined;
+        await a.transaction('locks', async (tx) => {
+          kept = tx;
+        });
+        await expect(kept!.getJob(`${p}-x`)).rejects.toMatchObject({ code: 'FailedPrecondition' });
+        await expect(kept!.insertJob(job(`${p}-x`))).rejects.toMatchObject({ code: 'FailedPrecondition' });
+        let failed: StateOps | undefined;
+        await expect(b.transaction('locks', async (tx) => {
+          failed = tx;
+          throw new Error('out');
+        })).rejects.toThrow('out');
+        await expect(failed!.setOwner(`${p}/vol`, 'x')).rejects.toMatchObject({ code: 'FailedPrecondition' });
+        expect(await a.getJob(`${p}-x`)).toBeUndefined();
+        expect(await b.getOwner(`${p}/vol`)).toBeUndefined();
+      });
+    });
+
+    describe('requests', () => {
+      it('a pending cancel is never replaced; other verbs replace each other; set-speed carries its speed', async () => {
+        const id = prefix('req');
+        await a.insertJob(job(id));
+        await b.setRequest(id, { verb: 'pause' });
+        expect((await a.getJob(id))!.request).toEqual({ verb: 'pause' });
+        await a.setRequest(id, { verb: 'set-speed', speed: 12_345_678_901 });
+        expect(await b.takeRequest(id)).toEqual({ verb: 'set-speed', speed: 12_345_678_901 });
+        expect(await b.takeRequest(id)).toBeUndefined();
+
+        await a.setRequest(id, { verb: 'pause' });
+        await b.setRequest(id, { verb: 'cancel' }); // cancel replaces anything
+        for (const verb of ['pause', 'resume', 'complete'] as const) await (verb === 'resume' ? a : b).setRequest(id, { verb });
+        await a.setRequest(id, { verb: 'set-speed', speed: 1 });
+        expect((await b.getJob(id))!.request).toEqual({ verb: 'cancel' });
+        expect(await a.takeRequest(id)).toEqual({ verb: 'cancel' });
+        expect(await a.takeRequest(id)).toBeUndefined();
+        expect((await b.getJob(id))!.request).toBeUndefined();
+        await a.setRequest(`${id}-missing`, { verb: 'cancel' }); // no such job: nothing to do
+        expect(await a.takeRequest(`${id}-missing`)).toBeUndefined();
+      });
+
+      it('a request is taken once, however many take it at once', async () => {
+        const id = prefix('take');
+        await a.insertJob(job(id));
+        for (let round = 0; round < 3; round++) {
+          await b.setRequest(id, { verb: 'cancel' });
+          const got = await Promise.all(Array.from({ length: 10 }, (_, i) => (i % 2 ? a : b).takeRequest(id)));
+          expect(got.filter((r) => r !== undefined)).toEqual([{ verb: 'cancel' }]);
+        }
+      });
+    });
+
+    describe('operations, exports, maintenance, owners', () => {
+      it('op locks: one record per operation, its locks in order, modes kept; delete drops a stop request too', async () => {
+        const p = prefix('ops');
+        const one = opLocks(`${p}-1`, [`vol:${p}/x`, `pool:${p}`, `vol:${p}/y`]);
+        const two = opLocks(`${p}-0`, [`vol:${p}/z`], { role: 'admin', principal: 'root', runnerPid: 1, runnerToken: 'tok-2', description: 'resize' });
+        await a.insertOpLocks(one);
+        await b.insertOpLocks(two);
+        const mine = async (s: StateStore) => (await s.listOpLocks()).filter((op) => op.id.startsWith(p));
+        expect(await mine(a)).toStrictEqual([two, one]);
+        expect(await mine(b)).toStrictEqual([two, one]);
+
+        expect(await a.takeOpStop(one.id)).toBe(false);
+        await b.requestOpStop(one.id);
+        await b.requestOpStop(one.id);
+        expect(await a.takeOpStop(one.id)).toBe(true);
+        expect(await a.takeOpStop(one.id)).toBe(false);
+
+        await b.requestOpStop(one.id);
+        const taken = await Promise.all(Array.from({ length: 10 }, (_, i) => (i % 2 ? a : b).takeOpStop(one.id)));
+        expect(taken.filter(Boolean)).toHaveLength(1);
+
+        await b.requestOpStop(one.id);
+        await a.deleteOpLocks(one.id);
+        expect(await mine(b)).toStrictEqual([two]);
+        expect(await b.takeOpStop(one.id)).toBe(false);
+        await b.deleteOpLocks(two.id);
+        expect(await mine(a)).toEqual([]);
+      });
+
+      it('exports: insert, replace by id, list by name then id, delete', async () => {
+        const p = prefix('exp');
+        const web2 = exportRec(`export:${p}-web#2`, `${p}-web`);
+        const web1 = exportRec(`export:${p}-web#1`, `${p}-web`, { readOnly: false, role: 'admin', owner: 'root' });
+        const db = exportRec(`export:${p}-db#1`, `${p}-db`);
+        await a.insertExport(web2);
+        await b.insertExport(web1);
+        await a.insertExport(db);
+        const mine = async (s: StateStore) => (await s.listExports()).filter((e) => e.id.startsWith(`export:${p}`));
+        expect(await mine(b)).toStrictEqual([db, web1, web2]);
+        const moved = { ...web2, uri: 'nbd://host-b:10809/web', readOnly: false, runnerPid: 56, runnerToken: 'tok-y', startedAt: '2026-02-01T00:00:00.000Z' };
+        await b.insertExport(moved);
+        expect(await mine(a)).toStrictEqual([db, web1, moved]);
+        await a.deleteExport(web1.id);
+        await a.deleteExport(`${web1.id}-missing`);
+        expect(await mine(b)).toStrictEqual([db, moved]);
+      });
+
+      it('maintenance: place, replace, list by key, remove', async () => {
+        const p = prefix('mnt');
+        await a.placeMaintenance(`${p}/b`, 'root', 'disk swap');
+        await b.placeMaintenance(`${p}/a`, 'ops', 'firmware');
+        await a.placeMaintenance(`${p}/b`, 'ops2', 'disk swap, again');
+        const mine = async (s: StateStore) => (await s.listMaintenance()).filter((m) => m.key.startsWith(p));
+        expect(await mine(b)).toStrictEqual([
+          { key: `${p}/a`, principal: 'ops', reason: 'firmware' },
+          { key: `${p}/b`, principal: 'ops2', reason: 'disk swap, again' },
+        ]);
+        await b.removeMaintenance(`${p}/a`);
+        await b.removeMaintenance(`${p}/missing`);
+        expect((await mine(a)).map((m) => m.key)).toEqual([`${p}/b`]);
+      });
+
+      it('owners: set, replace, get, delete', async () => {
+        const ref = `${prefix('own')}/vol`;
+        expect(await a.getOwner(ref)).toBeUndefined();
+        await a.setOwner(ref, 'alice');
+        expect(await b.getOwner(ref)).toBe('alice');
+        await b.setOwner(ref, 'bob');
+        expect(await a.getOwner(ref)).toBe('bob');
+        await a.deleteOwner(ref);
+        expect(await b.getOwner(ref)).toBeUndefined();
+      });
+    });
+
+    describe('schema', () => {
+      it('another store opens the same database as it is (migrations are idempotent) and sees its data', async () => {
+        const id = prefix('schema');
+        await a.insertJob(job(id));
+        const version = await s.schemaVersion();
+        expect(version).toBeGreaterThan(0);
+        const c = await s.another();
+        try {
+          expect(c.kind).toBe(a.kind);
+          expect(await c.getJob(id)).toStrictEqual(job(id));
+          await c.setOwner(`${id}/vol`, 'carol');
+          expect(await a.getOwner(`${id}/vol`)).toBe('carol');
+        } finally {
+          await c.close();
+        }
+        expect(await s.schemaVersion()).toBe(version);
+        expect(await b.getJob(id)).toStrictEqual(job(id)); // closing one store leaves the others working
+      });
+
+      it('refuses a database written by a newer build (FailedPrecondition), and changes nothing', async () => {
+        const version = await s.schemaVersion();
+        await s.setSchemaVersion(version + 97);
+        try {
+          const err: unknown = await s.another().then(async (c) => {
+            await c.close();
+            return undefined;
+          }, (e: unknown) => e);
+          expect(isOffloadError(err, 'FailedPrecondition'), String(err)).toBe(true);
+          expect((err as Error).message).toMatch(new RegExp(`schema version ${version + 97}, newer than this build knows \\(${version}\\)`));
+          expect(await s.schemaVersion()).toBe(version + 97);
+        } finally {
+          await s.setSchemaVersion(version);
+        }
+      });
+    });
+  });
+}
