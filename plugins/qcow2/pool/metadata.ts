@@ -69,6 +69,18 @@ CREATE TABLE IF NOT EXISTS volumes (
   origin_volume TEXT,
   origin_snapshot TEXT
 );
+CREATE TABLE IF NOT EXISTS pool_lock (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  holder TEXT NOT NULL,
+  pid INTEGER NOT NULL,
+  since TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS open_volumes (
+  volume TEXT NOT NULL,
+  holder TEXT NOT NULL,
+  pid INTEGER NOT NULL,
+  PRIMARY KEY (volume, holder)
+);
 CREATE TABLE IF NOT EXISTS snapshots (
   volume TEXT NOT NULL,
   name TEXT NOT NULL,
@@ -230,6 +242,39 @@ export class PoolMetadata {
 
   removeSnapshot(volumeName: string, name: string): void {
     this.db.prepare('DELETE FROM snapshots WHERE volume = ? AND name = ?').run(volumeName, name);
+  }
+
+  // ---- between processes (see pool-state.ts) ----
+
+  /**
+   * Take the pool's change lock for `holder` (a process's token) if it is free, or held by a
+   * process that is gone (`alive` says). Returns the holder's pid when it is someone else's.
+   */
+  tryLock(holder: string, alive: (pid: number) => boolean): number | undefined {
+    return this.tx(() => {
+      const r = this.db.prepare('SELECT holder, pid FROM pool_lock WHERE id = 1').get() as { holder: string; pid: number } | undefined;
+      if (r && r.holder !== holder && alive(r.pid)) return r.pid;
+      this.db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run(holder, process.pid, new Date().toISOString());
+      return undefined;
+    });
+  }
+
+  unlock(holder: string): void {
+    this.db.prepare('DELETE FROM pool_lock WHERE id = 1 AND holder = ?').run(holder);
+  }
+
+  /** `holder` has `volume` open (read-write data path) until closeVolume. */
+  openVolume(volume: string, holder: string): void {
+    this.db.prepare('INSERT OR REPLACE INTO open_volumes (volume, holder, pid) VALUES (?, ?, ?)').run(volume, holder, process.pid);
+  }
+
+  closeVolume(volume: string, holder: string): void {
+    this.db.prepare('DELETE FROM open_volumes WHERE volume = ? AND holder = ?').run(volume, holder);
+  }
+
+  /** Who else has `volume` open: holder tokens with their pids. */
+  openedBy(volume: string, except: string): { holder: string; pid: number }[] {
+    return this.db.prepare('SELECT holder, pid FROM open_volumes WHERE volume = ? AND holder <> ? ORDER BY holder').all(volume, except) as { holder: string; pid: number }[];
   }
 
   close(): void {

@@ -61,11 +61,19 @@ export class OpenVolume {
   }
 }
 
+/** What other processes sharing the pool learn of this one's open volumes (see PoolState). */
+export interface OpenVolumesShared {
+  opened(volume: string): void;
+  closed(volume: string): void;
+  /** Throws Busy when another process has the volume open (`what`: the change refused). */
+  elsewhere(volume: string, what: string): void;
+}
+
 /** The open volumes of a pool, by name, counted by their users. */
 export class OpenVolumes {
   private readonly map = new Map<string, OpenVolume>();
 
-  constructor(private readonly openActive: (volume: string) => Promise<Image>) {}
+  constructor(private readonly openActive: (volume: string) => Promise<Image>, private readonly shared?: OpenVolumesShared) {}
 
   /** Get (or make) the shared handle of a volume and count one more user. */
   acquire(name: string): OpenVolume {
@@ -73,6 +81,7 @@ export class OpenVolumes {
     if (!ov) {
       ov = new OpenVolume(name, () => this.openActive(name));
       this.map.set(name, ov);
+      this.shared?.opened(name);
     }
     ov.users++;
     return ov;
@@ -82,7 +91,10 @@ export class OpenVolumes {
   async release(ov: OpenVolume): Promise<void> {
     ov.users--;
     if (ov.users > 0) return;
-    if (this.map.get(ov.name) === ov) this.map.delete(ov.name);
+    if (this.map.get(ov.name) === ov) {
+      this.map.delete(ov.name);
+      this.shared?.closed(ov.name);
+    }
     await ov.lock.exclusive(() => ov.dropImage());
   }
 
@@ -94,17 +106,25 @@ export class OpenVolumes {
    * Run a change of the volume's active layer: quiesced and re-opened afterwards when the
    * volume is open in this process, plainly otherwise.
    */
-  async change<T>(name: string, fn: () => Promise<T>): Promise<T> {
+  async change<T>(name: string, fn: () => Promise<T>, what = 'changing its active layer'): Promise<T> {
+    this.shared?.elsewhere(name, what);
     const ov = this.map.get(name);
     return ov ? ov.swap(fn) : fn();
   }
 
   /** Volumes whose open image must be re-opened because their chain changed below the top. */
   async reopen(names: Iterable<string>): Promise<void> {
-    for (const n of names) {
+    const list = [...names];
+    for (const n of list) this.shared?.elsewhere(n, 'changing the layers below its top');
+    for (const n of list) {
       const ov = this.map.get(n);
       if (ov) await ov.swap(async () => undefined);
     }
+  }
+
+  /** Busy when another process has `name` open (a change is about to pull its layers away). */
+  assertNotOpenElsewhere(name: string, what: string): void {
+    this.shared?.elsewhere(name, what);
   }
 
   /** A deleted volume: its devices fail from now on. */
@@ -112,6 +132,7 @@ export class OpenVolumes {
     const ov = this.map.get(name);
     if (!ov) return;
     this.map.delete(name);
+    this.shared?.closed(name);
     await ov.lock.exclusive(async () => {
       ov.deleted = true;
       await ov.dropImage();
@@ -121,6 +142,11 @@ export class OpenVolumes {
   async closeAll(): Promise<void> {
     for (const ov of [...this.map.values()]) {
       this.map.delete(ov.name);
+      try {
+        this.shared?.closed(ov.name);
+      } catch {
+        // the metadata is closing too: the row dies with this process (its pid is checked)
+      }
       await ov.lock.exclusive(async () => {
         ov.closed = true;
         await ov.dropImage();

@@ -160,6 +160,7 @@ export class Qcow2Pool implements StorageBackend {
       }
       if (size === v.sizeBytes) return this.p.view(v);
       this.p.assertNotBusy(name, 'resize');
+      this.p.open.assertNotOpenElsewhere(name, 'resizing it');
       const ov = this.p.open.acquire(name);
       try {
         await ov.lock.exclusive(async () => (await ov.current()).resize(size));
@@ -176,6 +177,7 @@ export class Qcow2Pool implements StorageBackend {
       const v = this.p.meta.volume(name);
       if (!v) return;
       this.p.assertNotBusy(name, 'delete');
+      this.p.open.assertNotOpenElsewhere(name, 'deleting it');
       const own = this.p.meta.layersOf(name).filter((l) => l.state !== 'deleting');
       const ownFiles = new Set(own.map((l) => l.file));
       const dependents = new Set<string>();
@@ -329,7 +331,7 @@ export class Qcow2Pool implements StorageBackend {
   }
 
   async close(): Promise<void> {
-    await this.p.serial.run(async () => {
+    await this.p.serial.runLocal(async () => {
       await this.p.open.closeAll();
       this.p.meta.close();
     });

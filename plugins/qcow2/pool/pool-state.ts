@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { Busy, FailedPrecondition, NotFound, type Logger, type Snapshot, type Volume } from '../../../core/index.js';
@@ -26,8 +27,13 @@ export interface PoolOptions {
 export class PoolState {
   readonly meta: PoolMetadata;
   readonly open: OpenVolumes;
-  /** Structural changes (create, delete, snapshot, revert, the end of a job) run one at a time. */
-  readonly serial = new Serial();
+  /**
+   * Structural changes (create, delete, snapshot, revert, the end of a job) run one at a time, in
+   * this process and across the processes that open the pool (its metadata holds the lock).
+   */
+  readonly serial: Serial;
+  /** This pool object among the processes (and pool objects) sharing the folder. */
+  private readonly holder = randomBytes(8).toString('hex');
   /** Volumes a stream or commit job is working on: structural changes wait for it (Busy). */
   private readonly busy = new Map<string, string>();
   /** Layer files this process is creating right now (their pending rows are not orphans). */
@@ -35,7 +41,31 @@ export class PoolState {
 
   constructor(readonly opts: PoolOptions) {
     this.meta = new PoolMetadata(join(opts.dir, METADATA_FILE));
-    this.open = new OpenVolumes((v) => this.openLayer(this.mustVolume(v).active, false));
+    this.serial = new Serial({ tryLock: () => this.meta.tryLock(this.holder, pidAlive), unlock: () => this.meta.unlock(this.holder) }, `pool ${opts.name}`);
+    this.open = new OpenVolumes((v) => this.openLayer(this.mustVolume(v).active, false), {
+      opened: (v) => this.meta.openVolume(v, this.holder),
+      closed: (v) => this.meta.closeVolume(v, this.holder),
+      elsewhere: (v, what) => this.notOpenElsewhere(v, what),
+    });
+  }
+
+  /**
+   * Busy when another process (or another pool object of this one) has the volume open: changing
+   * its layers now would pull them from under that process's open image.
+   */
+  notOpenElsewhere(volume: string, what: string): void {
+    const others = this.meta.openedBy(volume, this.holder).filter((o) => {
+      if (o.pid !== process.pid && !pidAlive(o.pid)) {
+        this.meta.closeVolume(volume, o.holder); // its process is gone
+        return false;
+      }
+      return true;
+    });
+    if (others.length === 0) return;
+    const pids = [...new Set(others.map((o) => o.pid))].join(', ');
+    throw new Busy(`volume ${this.ref(volume)} is open in another process (pid ${pids}): ${what} would change its layers under that process's writes`, {
+      ref: this.ref(volume), hint: 'stop what uses it there (its export, job or open device) first', data: { pids: others.map((o) => o.pid) },
+    });
   }
 
   get name(): string { return this.opts.name; }
@@ -149,16 +179,21 @@ export class PoolState {
   /** A pending row whose writer is gone. */
   isAbandoned(row: LayerRow): boolean {
     if (row.pid === process.pid) return !this.inFlight.has(row.file);
-    try {
-      process.kill(row.pid, 0);
-      return false;
-    } catch (e) {
-      return (e as NodeJS.ErrnoException).code === 'ESRCH';
-    }
+    return !pidAlive(row.pid);
   }
 
   /** The open layers of this process are not checked or repaired under a writer. */
   isOpen(file: string): boolean {
     return this.meta.volumes().some((v) => v.active === file && this.open.get(v.name)?.isOpen);
+  }
+}
+
+/** Whether a process of this host is alive (EPERM: it is, someone else's). */
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ESRCH';
   }
 }
