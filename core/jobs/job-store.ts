@@ -113,10 +113,15 @@ export class JobStore {
   constructor(file: string) {
     if (file !== ':memory:') mkdirSync(dirname(file), { recursive: true });
     this.db = new Database(file);
-    this.db.pragma('journal_mode = WAL');
-    this.db.pragma('busy_timeout = 5000');
-    this.db.pragma('synchronous = NORMAL');
-    this.migrate();
+    try {
+      this.db.pragma('journal_mode = WAL');
+      this.db.pragma('busy_timeout = 5000');
+      this.db.pragma('synchronous = NORMAL');
+      this.migrate();
+    } catch (e) {
+      this.db.close();
+      throw e;
+    }
   }
 
   /** An explicit transaction (SqliteStateStore.transaction): BEGIN IMMEDIATE takes SQLite's writer lock now. */
@@ -246,7 +251,9 @@ export class JobStore {
       this.db.prepare('UPDATE jobs SET request = NULL WHERE id = ?').run(id);
       return JSON.parse(row.request) as StoredRequest;
     });
-    return tx();
+    // IMMEDIATE: of two processes taking at once, one gets the request and the other waits, then
+    // finds none (a deferred read would be upgraded to a write only to fail as busy).
+    return tx.immediate();
   }
 
   /**
@@ -262,8 +269,10 @@ export class JobStore {
   }
 
   deleteOpLocks(id: string): void {
-    this.db.prepare('DELETE FROM op_locks WHERE id = ?').run(id);
-    this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+    this.db.transaction(() => {
+      this.db.prepare('DELETE FROM op_locks WHERE id = ?').run(id);
+      this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+    }).immediate();
   }
 
   /** Ask the process holding a long-lived operation's locks (an export) to stop it and release them. */

@@ -42,6 +42,27 @@ describeStateStore('sqlite', async () => {
   };
 });
 
+describe('SQLite store errors', () => {
+  it('a database another connection keeps locked past the busy timeout is Busy, typed, and the store goes on afterwards', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'offload-state-busy-'));
+    const file = join(dir, 'state.sqlite');
+    const store = new SqliteStateStore(file);
+    const other = new Database(file);
+    try {
+      other.exec('BEGIN IMMEDIATE');
+      await expect(store.setOwner('local/v', 'alice')).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/stayed locked by another process/) });
+      await expect(store.transaction('locks', async (tx) => tx.setOwner('local/v', 'alice'))).rejects.toMatchObject({ code: 'Busy' });
+      other.exec('ROLLBACK');
+      await store.setOwner('local/v', 'alice');
+      expect(await store.getOwner('local/v')).toBe('alice');
+    } finally {
+      other.close();
+      await store.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
+});
+
 /** Run one statement on a database as the superuser. */
 async function sql<R extends pg.QueryResultRow>(url: string, text: string, params: unknown[] = []): Promise<R[]> {
   const c = new pg.Client({ connectionString: url });

@@ -1,7 +1,7 @@
 import { realpathSync } from 'node:fs';
 import { JobStore } from '../../jobs/job-store.js';
 import { KeyedMutex } from '../../keyed-mutex.js';
-import { AlreadyExists, FailedPrecondition } from '../../model/errors.js';
+import { AlreadyExists, Busy, FailedPrecondition, InternalError } from '../../model/errors.js';
 import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from '../records.js';
 import type { Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
 
@@ -33,7 +33,11 @@ export class SqliteStateStore implements StateStore {
 
   transaction<T>(_lock: TransactionLock, fn: (tx: StateOps) => Promise<T>): Promise<T> {
     return this.queue.run(['db'], async () => {
-      this.db.begin();
+      try {
+        this.db.begin();
+      } catch (e) {
+        throw typed(e, this.file);
+      }
       let live = true;
       // Calls through a tx that outlived its transaction fail instead of running outside it.
       const tx = guard(this.ops, () => {
@@ -45,7 +49,7 @@ export class SqliteStateStore implements StateStore {
         return out;
       } catch (e) {
         this.db.rollback();
-        throw e;
+        throw typed(e, this.file);
       } finally {
         live = false;
       }
@@ -53,7 +57,7 @@ export class SqliteStateStore implements StateStore {
   }
 
   private one<T>(fn: (ops: StateOps) => Promise<T>): Promise<T> {
-    return this.queue.run(['db'], () => fn(this.ops));
+    return this.queue.run(['db'], () => fn(this.ops).catch((e: unknown) => { throw typed(e, this.file); }));
   }
 
   getJob(id: string) { return this.one((o) => o.getJob(id)); }
@@ -152,4 +156,17 @@ function guard(ops: StateOps, check: () => void): StateOps {
     };
   }
   return out as unknown as StateOps;
+}
+
+/** SQLite's own errors as OffloadErrors (a busy database: Busy; the rest: Internal, with its code). */
+function typed(e: unknown, file: string): unknown {
+  const code = (e as { code?: unknown })?.code;
+  if (typeof code !== 'string' || !code.startsWith('SQLITE_')) return e;
+  const message = (e as Error).message;
+  if (code === 'SQLITE_BUSY' || code.startsWith('SQLITE_BUSY_') || code === 'SQLITE_LOCKED') {
+    return new Busy(`the state database ${file} stayed locked by another process past the busy timeout: ${message}`, {
+      ref: file, hint: 'try again; a process holding a transaction that long is stuck', cause: e, data: { sqlite: code },
+    });
+  }
+  return new InternalError(`the state database ${file}: ${message}`, { ref: file, cause: e, data: { sqlite: code } });
 }
