@@ -60,7 +60,7 @@ describe('SQLite store errors', () => {
       await store.close();
       rmSync(dir, { recursive: true, force: true });
     }
-  }, 30_000);
+  });
 });
 
 /** Run one statement on a database as the superuser. */
