@@ -367,8 +367,8 @@ export class JobManager {
     return true;
   }
 
-  private runOptions(): { checkpointEveryMs?: number } {
-    return this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs };
+  private runOptions(): { checkpointEveryMs?: number; leaseMs: number } {
+    return { leaseMs: this.leaseMs, ...(this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs }) };
   }
 
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */

@@ -28,6 +28,8 @@ export interface JobRunOptions {
    * nothing — another runner may own the job by now.
    */
   mayContinue?(): boolean;
+  /** JobContext.confirmLease: renew the lease through the store now; throws LeaseLost when refused. */
+  confirmLease?(): Promise<void>;
 }
 
 /** Why a run stopped without concluding (its owner is shutting down: the job will be resumed). */
@@ -141,6 +143,17 @@ export class JobRun implements JobContext {
 
   ready(): void {
     this.opts.onReady?.();
+  }
+
+  async confirmLease(): Promise<void> {
+    this.checkLease();
+    await this.throwIfStopped();
+    try {
+      await this.opts.confirmLease?.();
+    } catch (e) {
+      this.end(e);
+      throw e;
+    }
   }
 
   waitForComplete(): Promise<void> {

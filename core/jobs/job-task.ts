@@ -55,4 +55,11 @@ export interface JobContext {
   waitForComplete(): Promise<void>;
   /** True once a user asked a ready job to complete. */
   readonly completeRequested: boolean;
+  /**
+   * Before a side effect outside the job's own data (starting an appliance's job, switching a
+   * chain over), make sure this run still holds the job: the runner's lease is renewed through
+   * the store under the job's fencing token. Throws (and stops the run) when another runner has
+   * taken the job over or the lease ran out. A run with no lease (a test, `img` commands) passes.
+   */
+  confirmLease(): Promise<void>;
 }

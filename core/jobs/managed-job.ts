@@ -30,7 +30,7 @@ export class ManagedJob implements Job {
     private readonly task: JobTask,
     private readonly store: JobStore,
     private readonly onEnd: (job: ManagedJob) => void,
-    opts: { resumeFrom?: unknown; checkpointEveryMs?: number } = {},
+    opts: { resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number } = {},
   ) {
     const rec = record;
     this.run = new JobRun({
@@ -56,6 +56,12 @@ export class ManagedJob implements Job {
       },
       // Past the lease's end another runner may own the job: act no more (see renewLease).
       mayContinue: () => this.lost === undefined && Date.now() < rec.leaseExpires,
+      confirmLease: async () => {
+        if (opts.leaseMs !== undefined) this.renewLease(Date.now() + opts.leaseMs);
+        if (this.lost !== undefined || Date.now() >= rec.leaseExpires) {
+          throw new LeaseLost(`job ${this.id}: ${this.lost ?? 'this runner\'s lease on it ended'}`);
+        }
+      },
     });
     this.concluded = new Promise((resolve, reject) => {
       this.resolveConcluded = resolve;

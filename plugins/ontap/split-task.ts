@@ -61,6 +61,7 @@ export class SplitTask implements JobTask {
         this.total = volume.clone.split_estimate;
         ctx.setProgress(0, this.total);
       }
+      if (!volume.clone.split_initiated) await ctx.confirmLease(); // a split is started by one runner only
       jobUuid = volume.clone.split_initiated ? await this.findRunningJob(volume.uuid, what) : await this.start(volume.uuid, what);
       if (jobUuid !== undefined) ctx.saveState({ jobUuid } satisfies SplitState);
     }

@@ -73,6 +73,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
 
     if (dirty) {
       await mirror(from, into, dirty, ctx, opts.pivotWhenReady === true);
+      await ctx.confirmLease();
       // Pivot: hold the writers, drain what is left from the old top, make base durable, then switch.
       await image.pivot(into, async (old) => {
         await syncDirty({ top: old, base: baseLayer }, into, dirty, undefined);
@@ -87,6 +88,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       const above = layers[t - 1]!;
       assertQcow2(above, 'commit');
       const name = backingNameFor(above, layers[b - 1], baseLayer, image.chain[b - 1]?.backingFilename);
+      await ctx.confirmLease();
       const next = await openImage(baseLayer.path, { readOnly: true, format: baseLayer.format });
       try {
         await above.setBacking({ name, format: baseLayer.format, image: next });

@@ -43,6 +43,8 @@ export async function runStream(img: Image, opts: StreamOptions, ctx: JobContext
     undo();
   }
 
+  // Switching the backing file is the step another runner must not see twice.
+  await ctx.confirmLease();
   const above = layers[baseIndex - 1]!;
   const name = base ? backingNameFor(img, above, base, img.chain[baseIndex - 1]?.backingFilename) : undefined;
   const next = base ? await openImage(base.path, { readOnly: true, format: base.format }) : undefined;

@@ -42,6 +42,7 @@ export function streamTask(p: PoolState, volume: string, target: string, base: s
       p.claim(volume, 'stream');
       try {
         await withWritable(p, volume, target, (img) => runStream(img, base === null ? {} : { base: p.abs(base) }, ctx));
+        await ctx.confirmLease();
         await p.serial.run(async () => {
           const old = layer.parent;
           const affected = p.volumesAbove(target);

@@ -1,0 +1,82 @@
+/**
+ * JobContext.confirmLease: a task checks, right before a side effect outside its own data (an
+ * appliance's split, a chain switch), that its runner still holds the job. Once another runner has
+ * taken the job over, the check throws, the side effect never happens, and the old runner writes
+ * nothing more to the job's record.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { LockManager, silentLogger, type JobTask } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
+import { JobStore } from '../../core/jobs/job-store.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'offload-lease-confirm-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+/** A task that waits for `go`, confirms its lease, then makes its side effect. */
+function sideEffectTask(): { task: JobTask; go(): void; effects: number } {
+  let go!: () => void;
+  const gate = new Promise<void>((r) => { go = r; });
+  const out = {
+    effects: 0,
+    go: () => go(),
+    task: {
+      type: 'test', params: {},
+      async run(ctx) {
+        await ctx.checkpoint(1, { step: 1 });
+        await gate;
+        await ctx.confirmLease();
+        out.effects++;
+        await ctx.checkpoint(1, { step: 2 });
+      },
+    } satisfies JobTask,
+  };
+  return out;
+}
+
+describe('confirmLease', () => {
+  it('passes while the runner holds the job, so the side effect happens once', async () => {
+    const store = new JobStore(join(dir, 'a.sqlite'));
+    const jobs = new JobManager(store, new LockManager(), async () => undefined, silentLogger, { leaseMs: 60_000 });
+    try {
+      const t = sideEffectTask();
+      const job = await jobs.start({ task: t.task, ref: 'x/y', executor: 'host', principal: { id: 'admin', role: 'admin' }, locks: [] });
+      t.go();
+      const info = await job.wait();
+      expect(info.error).toBeUndefined();
+      expect(t.effects).toBe(1);
+      expect(store.get(job.id)).toMatchObject({ status: 'concluded', fence: 1 });
+    } finally {
+      await jobs.close();
+      store.close();
+    }
+  });
+
+  it('throws once another runner took the job over: no side effect, and the record stays the new runner\'s', async () => {
+    const file = join(dir, 'b.sqlite');
+    const store = new JobStore(file);
+    const other = new JobStore(file);
+    const jobs = new JobManager(store, new LockManager(), async () => undefined, silentLogger, { leaseMs: 60_000 });
+    try {
+      const t = sideEffectTask();
+      const job = await jobs.start({ task: t.task, ref: 'x/y', executor: 'host', principal: { id: 'admin', role: 'admin' }, locks: [] });
+      for (let i = 0; i < 100 && store.get(job.id)?.checkpoint === undefined; i++) await new Promise((r) => setTimeout(r, 10));
+      const rec = store.get(job.id)!;
+      // Another runner takes it over (as after a partition: this one never noticed its lease end).
+      expect(other.claim(job.id, { token: rec.runnerToken, fence: rec.fence }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(2);
+      const taken = other.get(job.id)!;
+      t.go();
+      const e = (await job.wait().catch((x: unknown) => x)) as { code?: string; message?: string };
+      expect(e.code).toBe('FailedPrecondition');
+      expect(e.message).toMatch(/another runner took it over/);
+      expect(t.effects).toBe(0);
+      expect(other.get(job.id)).toEqual(taken);
+    } finally {
+      await jobs.close();
+      store.close();
+      other.close();
+    }
+  });
+});
