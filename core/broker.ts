@@ -44,6 +44,11 @@ export interface CreateBrokerOptions {
    * a job: `offload jobs resume ID` takes one over). A job somebody runs is never taken.
    */
   recoverJobs?: boolean;
+  /**
+   * Keep taking over orphaned jobs while the broker is open (a service's broker): every `everyMs`
+   * (default a third of the lease), up to `maxJobs` running here (default 4).
+   */
+  adoptOrphans?: { everyMs?: number; maxJobs?: number };
   /** How often a running job saves its checkpoint at most (default 1000 ms; tests of resumes use 0). */
   checkpointEveryMs?: number;
 }
@@ -88,6 +93,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
   });
   const broker = new BrokerView(state, opts.principal ?? ADMIN);
+  if (opts.adoptOrphans) state.jobs.adoptOrphans(opts.adoptOrphans);
   if (opts.recoverJobs !== false) {
     try {
       await state.jobs.recover();

@@ -65,6 +65,8 @@ export class JobManager {
   private readonly leaseMs: number;
   private readonly checkpointEveryMs: number | undefined;
   private readonly heartbeat: NodeJS.Timeout;
+  private adopter: NodeJS.Timeout | undefined;
+  private closing = false;
 
   constructor(
     private readonly store: JobStore,
@@ -277,6 +279,28 @@ export class JobManager {
   }
 
   /**
+   * Be a runner for the jobs of every process sharing the state (what `offload serve` does): every
+   * `everyMs`, take over orphaned jobs — those whose runner died, gave them up, or let its lease
+   * run out — while fewer than `maxJobs` run here. Ends with close().
+   */
+  adoptOrphans(opts: { everyMs?: number; maxJobs?: number } = {}): void {
+    const max = opts.maxJobs ?? 4;
+    let scanning = false;
+    this.adopter ??= setInterval(() => {
+      if (scanning || this.closing) return;
+      scanning = true;
+      void (async () => {
+        const now = Date.now();
+        for (const rec of this.store.list()) {
+          if (this.running.size >= max || this.closing) break;
+          if (this.isOrphaned(rec, now)) await this.adopt(rec).catch((e: unknown) => this.logger.warn('taking over a job failed', { job: rec.id, error: toOffloadError(e).message }));
+        }
+      })().finally(() => { scanning = false; });
+    }, opts.everyMs ?? Math.max(100, Math.floor(this.leaseMs / 3)));
+    this.adopter.unref();
+  }
+
+  /**
    * Jobs left active by a process that is gone: resume those whose executor can rebuild the task
    * (from their last checkpoint), conclude the others with an error saying they were interrupted.
    */
@@ -373,7 +397,9 @@ export class JobManager {
 
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */
   async close(): Promise<void> {
+    this.closing = true;
     clearInterval(this.heartbeat);
+    if (this.adopter) clearInterval(this.adopter);
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
     await Promise.allSettled(jobs.map((j) => j.wait()));

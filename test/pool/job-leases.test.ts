@@ -14,11 +14,10 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createBroker, runCli, silentLogger, type Broker } from '../../core/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
-import { failedChecks, HAVE_QEMU_IMG, layerFiles, MiB, restartFixture, runAndKill, startJobChild } from './pool-helpers.js';
+import { failedChecks, fill, HAVE_QEMU_IMG, kidReadsRight, layerFiles, MiB, restartFixture, runAndKill, setUpKid, startJobChild } from './pool-helpers.js';
 
 const { state, pool, cleanup } = restartFixture('offload-job-leases-');
 afterAll(cleanup);
-const fill = (i: number) => Buffer.alloc(MiB, (i * 37 + 11) & 0xff);
 const config = join(state, '..', 'offload.yaml');
 writeFileSync(config, `state: ${state}\nleaseSeconds: 1\nbackends:\n  - name: local\n    kind: qcow2\n    path: ${pool}\n`);
 
@@ -42,30 +41,6 @@ function row(id: string): { status: string; runner_pid: number; runner_token: st
     return db.prepare('SELECT status, runner_pid, runner_token, fence, lease_expires, progress_current, checkpoint, error_message FROM jobs WHERE id = ?').get(id) as ReturnType<typeof row>;
   } finally {
     db.close();
-  }
-}
-
-/** A fresh linked clone local/kid of local/base@s (32 MiB of data in 64 MiB) for a stream job. */
-async function setUpKid(b: Broker): Promise<void> {
-  const names = (await b.volumes.list('local')).items.map((v) => v.name);
-  if (names.includes('kid')) await b.volumes.delete('local/kid');
-  if (!names.includes('base')) {
-    await b.volumes.create('local/base', { sizeBytes: 64 * MiB });
-    const dev = await b.volumes.open('local/base', 'rw');
-    for (let i = 0; i < 32; i++) await dev.write(i * 2 * MiB, fill(i));
-    await dev.close();
-    await b.snapshots.create('local/base@s');
-  }
-  await b.clone('local/base@s', 'local/kid', { mode: 'linked' });
-}
-
-async function kidReadsRight(b: Broker): Promise<void> {
-  expect((await b.volumes.get('local/kid')).parent).toBeUndefined();
-  const r = await b.volumes.open('local/kid', 'r');
-  try {
-    for (let i = 0; i < 32; i++) expect(Buffer.from(await r.read(i * 2 * MiB, MiB)).equals(fill(i))).toBe(true);
-  } finally {
-    await r.close();
   }
 }
 

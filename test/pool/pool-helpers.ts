@@ -3,6 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { expect } from 'vitest';
 import { createBroker, silentLogger, type Broker } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { Qcow2Pool } from '../../plugins/qcow2/pool/pool-backend.js';
@@ -136,4 +137,31 @@ export function restartFixture(prefix: string): { state: string; pool: string; o
     open: () => createBroker({ state, backends: [{ name: 'local', kind: 'qcow2', path: pool }] }, { plugins: [qcow2Module], logger: silentLogger }),
     cleanup: () => rmSync(root, { recursive: true, force: true }),
   };
+}
+
+/** The data of the restart and takeover tests: 1 MiB of it every 2 MiB. */
+export const fill = (i: number) => Buffer.alloc(MiB, (i * 37 + 11) & 0xff);
+
+/** A fresh linked clone local/kid of local/base@s (32 MiB of data in 64 MiB) for a stream job. */
+export async function setUpKid(b: Broker): Promise<void> {
+  const names = (await b.volumes.list('local')).items.map((v) => v.name);
+  if (names.includes('kid')) await b.volumes.delete('local/kid');
+  if (!names.includes('base')) {
+    await b.volumes.create('local/base', { sizeBytes: 64 * MiB });
+    const dev = await b.volumes.open('local/base', 'rw');
+    for (let i = 0; i < 32; i++) await dev.write(i * 2 * MiB, fill(i));
+    await dev.close();
+    await b.snapshots.create('local/base@s');
+  }
+  await b.clone('local/base@s', 'local/kid', { mode: 'linked' });
+}
+
+export async function kidReadsRight(b: Broker): Promise<void> {
+  expect((await b.volumes.get('local/kid')).parent).toBeUndefined();
+  const r = await b.volumes.open('local/kid', 'r');
+  try {
+    for (let i = 0; i < 32; i++) expect(Buffer.from(await r.read(i * 2 * MiB, MiB)).equals(fill(i))).toBe(true);
+  } finally {
+    await r.close();
+  }
 }
