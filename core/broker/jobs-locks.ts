@@ -13,7 +13,9 @@ export class Jobs implements JobsApi {
 
   list(filter?: { status?: string; all?: boolean }): JobInfo[] {
     this.s.assertOpen();
-    return this.s.jobs.list().filter((j) => this.a.mayAccessJob(j.owner) && (filter?.status === undefined || j.status === filter.status));
+    // `orphaned` is a status as the CLI shows it: the job's own status is the last its runner set.
+    const wanted = (j: JobInfo) => filter?.status === undefined || (filter.status === 'orphaned' ? j.orphaned === true : j.status === filter.status && !j.orphaned);
+    return this.s.jobs.list().filter((j) => this.a.mayAccessJob(j.owner) && wanted(j));
   }
 
   /** A job this principal may see (another tenant's is NotFound, as if it did not exist). */

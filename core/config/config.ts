@@ -28,7 +28,7 @@ export interface RawConfig {
 
 const envelopeSchema = z.strictObject({
   state: z.string().min(1).optional(),
-  leaseSeconds: z.number().positive().max(3600).optional(),
+  leaseSeconds: z.number().min(1).max(3600).optional(),
   backends: z.array(
     z.looseObject({
       name: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -'),

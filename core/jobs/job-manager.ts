@@ -67,6 +67,8 @@ export class JobManager {
   private readonly heartbeat: NodeJS.Timeout;
   private adopter: NodeJS.Timeout | undefined;
   private closing = false;
+  /** Jobs this manager is taking over right now (claimed, not running yet): not orphans. */
+  private readonly adopting = new Map<string, Promise<unknown>>();
 
   constructor(
     private readonly store: JobStore,
@@ -96,6 +98,7 @@ export class JobManager {
    */
   isOrphaned(r: JobRecord, now = Date.now()): boolean {
     if (!ACTIVE_STATUSES.includes(r.status)) return false;
+    if (this.adopting.has(r.id)) return false;
     if (r.runnerToken === this.token) return !this.running.has(r.id);
     if (liveTokens.has(r.runnerToken)) return false;
     if (r.runnerToken === RELEASED) return true;
@@ -150,7 +153,8 @@ export class JobManager {
     const out: { key: string; mode: LockMode; holder: LockHolder }[] = [];
     const now = Date.now();
     for (const rec of this.store.list()) {
-      if (!ACTIVE_STATUSES.includes(rec.status) || rec.runnerToken === this.token) continue;
+      // Jobs this manager runs hold their locks in the lock manager already.
+      if (!ACTIVE_STATUSES.includes(rec.status) || this.running.has(rec.id) || this.adopting.has(rec.id)) continue;
       // An orphaned job keeps its locks until it is taken over and concludes: the volumes it was
       // changing (a half-streamed clone, a half-written target) stay as it left them.
       const orphaned = this.isOrphaned(rec, now);
@@ -266,6 +270,11 @@ export class JobManager {
     const rec = this.store.get(id);
     if (!rec) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
     if (!ACTIVE_STATUSES.includes(rec.status)) throw new FailedPrecondition(`job ${id} has concluded: there is nothing to take over`, { ref: id });
+    const pending = this.adopting.get(id);
+    if (pending) {
+      await pending;
+      return this.get(id);
+    }
     if (!this.isOrphaned(rec)) {
       if (this.running.has(id)) return this.running.get(id)!;
       const left = Math.max(0, Math.ceil((rec.leaseExpires - Date.now()) / 1000));
@@ -326,13 +335,26 @@ export class JobManager {
    * Take an orphaned job over (exactly one runner wins, with the next fencing token), then resume
    * it, or conclude it as interrupted when it cannot be resumed.
    */
-  private async adopt(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
+  private adopt(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
+    // One takeover per job at a time in this manager: a second asker waits for the first.
+    const pending = this.adopting.get(rec.id) as Promise<'resumed' | 'failed' | 'lost'> | undefined;
+    if (pending) return pending;
+    if (this.closing) return Promise.resolve('lost');
+    const run = this.adoptNow(rec);
+    this.adopting.set(rec.id, run);
+    return run.finally(() => this.adopting.delete(rec.id));
+  }
+
+  private async adoptNow(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
     const stoppedPid = rec.runnerPid;
     const stoppedHost = rec.runnerHost;
     const until = Date.now() + this.leaseMs;
-    const fence = this.store.claim(rec.id, { token: rec.runnerToken, fence: rec.fence }, this.me, until);
+    const fence = this.store.claim(rec.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, this.me, until);
     if (fence === undefined) return 'lost';
-    Object.assign(rec, { runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: until, seenAt: Date.now(), fence });
+    // Go on from the record as it is now (what the stopped runner saved last), ours since the claim.
+    const now = this.store.get(rec.id);
+    if (!now) return 'lost';
+    rec = now;
     this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
     let task: JobTask | undefined;
     let why = 'its executor cannot resume it';
@@ -400,6 +422,7 @@ export class JobManager {
     this.closing = true;
     clearInterval(this.heartbeat);
     if (this.adopter) clearInterval(this.adopter);
+    await Promise.allSettled([...this.adopting.values()]);
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
     await Promise.allSettled(jobs.map((j) => j.wait()));

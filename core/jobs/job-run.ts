@@ -220,7 +220,12 @@ export class JobRun implements JobContext {
   private async saveUnsaved(): Promise<void> {
     const pending = this.unsaved;
     if (!pending) return;
-    this.checkLease();
+    // Not while another runner may own the job (also after a stop for another reason: the save
+    // hooks write data, a qcow2 target's metadata or a raw target's record).
+    if (this.opts.mayContinue && !this.opts.mayContinue()) {
+      this.checkLease();
+      return;
+    }
     if (this.abort.signal.reason instanceof LeaseLost) return;
     this.unsaved = undefined;
     for (const hook of this.saveHooks) await hook(pending.state);

@@ -94,6 +94,8 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   },
 ];
 const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
+/** The lease that active jobs of a store written before leases get when it is migrated. */
+const MIGRATION_GRACE_MS = 15_000;
 
 interface Row {
   id: string; type: string; status: string; executor: string; backend: string | null; ref: string; owner: string; owner_role: string;
@@ -153,6 +155,8 @@ export class JobStore {
         // Tables added since version 1 without changing older ones.
         this.db.exec(SCHEMA.replace(/CREATE TABLE IF NOT EXISTS jobs \([^;]*\);/, ''));
         for (const m of MIGRATIONS) if (m.version > Math.max(version, 1) && m.sql) this.db.exec(m.sql);
+        // Jobs of a build before leases get one lease's grace: their runner may still be alive.
+        if (version < 2) this.db.prepare("UPDATE jobs SET lease_expires = ? WHERE status <> 'concluded'").run(Date.now() + MIGRATION_GRACE_MS);
       }
       this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
     }).immediate();
@@ -170,13 +174,17 @@ export class JobStore {
   }
 
   /**
-   * Take over an orphaned job: succeeds for exactly one runner (compare-and-set on the runner and
-   * its fencing token), which gets the next fencing token; undefined if another was first.
+   * Take over an orphaned job: succeeds for exactly one runner (compare-and-set on the runner, its
+   * fencing token and its lease as the taker read them, on a job not concluded), which gets the
+   * next fencing token; undefined if another was first, or the view was stale.
    */
-  claim(id: string, old: { token: string; fence: number }, runner: { pid: number; token: string; host: string }, leaseExpires: number): number | undefined {
+  claim(id: string, old: { token: string; fence: number; leaseExpires: number }, runner: { pid: number; token: string; host: string }, leaseExpires: number): number | undefined {
     const now = Date.now();
+    // The lease as the taker read it: a runner that renewed since (it lives after all) or a job
+    // that concluded meanwhile makes the claim miss.
     const changed = this.db.prepare(`UPDATE jobs SET runner_pid = ?, runner_token = ?, runner_host = ?, lease_expires = ?, seen_at = ?, fence = fence + 1
-      WHERE id = ? AND runner_token = ? AND fence = ?`).run(runner.pid, runner.token, runner.host, leaseExpires, now, id, old.token, old.fence).changes === 1;
+      WHERE id = ? AND runner_token = ? AND fence = ? AND lease_expires = ? AND status <> 'concluded'`)
+      .run(runner.pid, runner.token, runner.host, leaseExpires, now, id, old.token, old.fence, old.leaseExpires).changes === 1;
     return changed ? old.fence + 1 : undefined;
   }
 

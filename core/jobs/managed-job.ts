@@ -294,6 +294,8 @@ export class ManagedJob implements Job {
   }
 
   private emit(e: JobEvent): void {
+    // A runner that lost the job tells nobody it progressed or concluded: the new runner will.
+    if (this.lost !== undefined) return;
     for (const l of this.listeners) {
       try {
         l(e);

@@ -25,10 +25,12 @@ export interface StateOps {
   updateJob(job: JobRecord): Promise<boolean>;
   deleteJob(id: string): Promise<void>;
   /**
-   * Take a job over from the runner `from` (its token and fence as the caller read them): exactly
-   * one of several racing takers wins and gets the next fencing token; the others get undefined.
+   * Take a job over from the runner `from` (its token, fence and lease as the caller read them,
+   * when it judged the job orphaned): exactly one of several racing takers wins and gets the next
+   * fencing token; the others get undefined — as does a taker whose view is stale (the runner
+   * renewed its lease since, or the job concluded).
    */
-  claimJob(id: string, from: { token: string; fence: number }, to: Runner, leaseExpires: number): Promise<number | undefined>;
+  claimJob(id: string, from: { token: string; fence: number; leaseExpires: number }, to: Runner, leaseExpires: number): Promise<number | undefined>;
   /** Extend a runner's lease (ms since the epoch) and note it was seen now; fenced. */
   renewLease(id: string, token: string, fence: number, leaseExpires: number): Promise<boolean>;
   /** A runner gives a job up unconcluded, saving its checkpoint: the lease ends now (token RELEASED); fenced. */

@@ -65,7 +65,7 @@ describe('confirmLease', () => {
       for (let i = 0; i < 100 && store.get(job.id)?.checkpoint === undefined; i++) await new Promise((r) => setTimeout(r, 10));
       const rec = store.get(job.id)!;
       // Another runner takes it over (as after a partition: this one never noticed its lease end).
-      expect(other.claim(job.id, { token: rec.runnerToken, fence: rec.fence }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(2);
+      expect(other.claim(job.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(2);
       const taken = other.get(job.id)!;
       t.go();
       const e = (await job.wait().catch((x: unknown) => x)) as { code?: string; message?: string };
@@ -77,6 +77,40 @@ describe('confirmLease', () => {
       await jobs.close();
       store.close();
       other.close();
+    }
+  });
+});
+
+describe('taking a job over in one process', () => {
+  it('takeOver and the runner loop at once take the job over once: one claim, one run', async () => {
+    const file = join(dir, 'c.sqlite');
+    const store = new JobStore(file);
+    let runs = 0;
+    let finish!: () => void;
+    const gate = new Promise<void>((r) => { finish = r; });
+    const task: JobTask = { type: 'test', params: {}, async run(ctx) { runs++; await gate; await ctx.checkpoint(1); } };
+    const now = new Date().toISOString();
+    store.insert({
+      id: 'orphan', type: 'test', status: 'running', executor: 'host', ref: 'x/y', owner: 'admin', ownerRole: 'admin',
+      progress: { current: 0, total: 1 }, speed: 0, cancelled: false, params: {}, createdAt: now, updatedAt: now,
+      runnerPid: 0, runnerToken: 'released', runnerHost: '', leaseExpires: 0, seenAt: 0, fence: 3, locks: [],
+    });
+    const jobs = new JobManager(store, new LockManager(), async () => task, silentLogger, { leaseMs: 60_000 });
+    try {
+      jobs.adoptOrphans({ everyMs: 1 });
+      const [a, b, r] = await Promise.all([jobs.takeOver('orphan'), jobs.takeOver('orphan'), jobs.recover()]);
+      expect(a.id).toBe('orphan');
+      expect(b.id).toBe('orphan');
+      expect(r.failed).toEqual([]);
+      await new Promise((res) => setTimeout(res, 50));
+      expect(store.get('orphan')).toMatchObject({ fence: 4, runnerPid: process.pid });
+      finish();
+      expect((await a.wait()).error).toBeUndefined();
+      expect(runs).toBe(1);
+      expect(store.get('orphan')).toMatchObject({ status: 'concluded', fence: 4 });
+    } finally {
+      await jobs.close();
+      store.close();
     }
   });
 });

@@ -28,10 +28,11 @@ describe('JobStore leases and fencing', () => {
     try {
       const rec = record('j1');
       a.insert(rec);
+      const lease = rec.leaseExpires;
       const me = { pid: 222, token: 'runner-b', host: 'host-b' };
-      expect(b.claim('j1', { token: 'runner-a', fence: 1 }, me, Date.now() + 5000)).toBe(2);
+      expect(b.claim('j1', { token: 'runner-a', fence: 1, leaseExpires: lease }, me, Date.now() + 5000)).toBe(2);
       // A second taker with the same view of the record loses.
-      expect(a.claim('j1', { token: 'runner-a', fence: 1 }, { pid: 333, token: 'runner-c', host: 'host-c' }, Date.now() + 5000)).toBeUndefined();
+      expect(a.claim('j1', { token: 'runner-a', fence: 1, leaseExpires: lease }, { pid: 333, token: 'runner-c', host: 'host-c' }, Date.now() + 5000)).toBeUndefined();
       // The old runner: fenced out everywhere.
       rec.progress.current = 50;
       expect(a.update(rec)).toBe(false);
@@ -46,14 +47,14 @@ describe('JobStore leases and fencing', () => {
       expect(b.release('j1', 'runner-b', 2, { offset: 60 })).toBe(true);
       expect(a.get('j1')).toMatchObject({ runnerToken: 'released', runnerPid: 0, leaseExpires: 0, fence: 2, checkpoint: { offset: 60 }, progress: { current: 60 } });
       // A released job is taken over like any orphan, with the next token.
-      expect(a.claim('j1', { token: 'released', fence: 2 }, { pid: 111, token: 'runner-a2', host: 'host-a' }, Date.now() + 5000)).toBe(3);
+      expect(a.claim('j1', { token: 'released', fence: 2, leaseExpires: 0 }, { pid: 111, token: 'runner-a2', host: 'host-a' }, Date.now() + 5000)).toBe(3);
     } finally {
       a.close();
       b.close();
     }
   });
 
-  it('a store written before leases is migrated when opened, its jobs kept (and orphaned: no lease)', () => {
+  it('a store written before leases is migrated when opened, its active jobs kept with a lease of grace', () => {
     const file = join(dir, 'old.sqlite');
     const db = new Database(file);
     db.exec(`CREATE TABLE jobs (id TEXT PRIMARY KEY, type TEXT NOT NULL, status TEXT NOT NULL, executor TEXT NOT NULL, backend TEXT,
@@ -67,8 +68,11 @@ describe('JobStore leases and fencing', () => {
     db.close();
     const s = new JobStore(file);
     try {
-      expect(s.get('old')).toMatchObject({ status: 'running', checkpoint: { offset: 5 }, runnerToken: 'tok', runnerHost: '', leaseExpires: 0, fence: 0 });
-      expect(s.claim('old', { token: 'tok', fence: 0 }, { pid: 1, token: 'new', host: 'h' }, Date.now() + 1000)).toBe(1);
+      const old = s.get('old')!;
+      // A lease's grace: the old build's runner may still be alive.
+      expect(old).toMatchObject({ status: 'running', checkpoint: { offset: 5 }, runnerToken: 'tok', runnerHost: '', fence: 0 });
+      expect(old.leaseExpires).toBeGreaterThan(Date.now() + 10_000);
+      expect(s.claim('old', { token: 'tok', fence: 0, leaseExpires: old.leaseExpires }, { pid: 1, token: 'new', host: 'h' }, Date.now() + 1000)).toBe(1);
       expect(s.listExports()).toEqual([]);
     } finally {
       s.close();

@@ -7,6 +7,7 @@
  */
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
@@ -87,5 +88,26 @@ describe('many processes on one pool', () => {
       await b.close();
     }
     if (HAVE_QEMU_IMG) expect(failedChecks(pool)).toEqual([]);
+  });
+
+  it('rows left by a process that died are not held against anyone, even when this process got its pid again', async () => {
+    const b = await open('stale');
+    try {
+      await b.volumes.create('local/left', { sizeBytes: MiB });
+      // As a container's pid 1 killed in a change and restarted as pid 1 again would have left them.
+      const db = new Database(join(pool, '.offload-pool.db'));
+      try {
+        db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run('dead-holder', process.pid, new Date().toISOString());
+        db.prepare('INSERT OR REPLACE INTO open_volumes (volume, holder, pid) VALUES (?, ?, ?)').run('left', 'dead-holder', process.pid);
+      } finally {
+        db.close();
+      }
+      await b.snapshots.create('local/left@s');
+      await b.volumes.resize('local/left', 2 * MiB);
+      await b.snapshots.delete('local/left@s');
+      await b.volumes.delete('local/left');
+    } finally {
+      await b.close();
+    }
   });
 });

@@ -120,7 +120,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         const id = prefix('fence');
         await a.insertJob(job(id, { runnerToken: 'tok-a', fence: 4 }));
         const before = Date.now();
-        expect(await b.claimJob(id, { token: 'tok-a', fence: 4 }, { pid: 2, token: 'tok-b', host: 'host-b' }, LEASE + 100)).toBe(5);
+        expect(await b.claimJob(id, { token: 'tok-a', fence: 4, leaseExpires: LEASE }, { pid: 2, token: 'tok-b', host: 'host-b' }, LEASE + 100)).toBe(5);
         const taken = (await a.getJob(id))!;
         expect(taken).toMatchObject({ runnerPid: 2, runnerToken: 'tok-b', runnerHost: 'host-b', fence: 5, leaseExpires: LEASE + 100 });
         expect(taken.seenAt).toBeGreaterThanOrEqual(before);
@@ -135,7 +135,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await a.renewLease(id, 'tok-b', 4, LEASE + 999)).toBe(false);
         expect(await a.releaseJob(id, 'tok-a', 4, { stale: true })).toBe(false);
         expect(await a.releaseJob(id, 'tok-a', 5, { stale: true })).toBe(false);
-        expect(await a.claimJob(id, { token: 'tok-a', fence: 4 }, { pid: 3, token: 'tok-c', host: 'host-c' }, LEASE)).toBeUndefined();
+        expect(await a.claimJob(id, { token: 'tok-a', fence: 4, leaseExpires: LEASE }, { pid: 3, token: 'tok-c', host: 'host-c' }, LEASE)).toBeUndefined();
         expect(await b.getJob(id)).toStrictEqual(taken);
 
         // The new runner writes the live fields only: a pending request, the plan, params, locks and fence stay.
@@ -158,8 +158,18 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await b.updateJob(live)).toBe(false);
         expect(await b.renewLease(id, 'tok-b', 5, LEASE)).toBe(false);
 
-        expect(await a.claimJob(id, { token: RELEASED, fence: 5 }, { pid: 9, token: 'tok-a2', host: 'host-a' }, LEASE + 400)).toBe(6);
+        expect(await a.claimJob(id, { token: RELEASED, fence: 5, leaseExpires: 0 }, { pid: 9, token: 'tok-a2', host: 'host-a' }, LEASE + 400)).toBe(6);
         expect(await b.getJob(id)).toMatchObject({ runnerToken: 'tok-a2', runnerPid: 9, fence: 6, checkpoint: { at: 9 } });
+      });
+
+      it('a claim from a stale view misses: the runner renewed its lease since, or the job concluded', async () => {
+        const id = prefix('stale');
+        await a.insertJob(job(id));
+        expect(await a.renewLease(id, 'tok-a', 4, LEASE + 50)).toBe(true);
+        expect(await b.claimJob(id, { token: 'tok-a', fence: 4, leaseExpires: LEASE }, { pid: 2, token: 'tok-b', host: 'host-b' }, LEASE + 100)).toBeUndefined();
+        expect(await a.updateJob(job(id, { leaseExpires: LEASE + 50, status: 'concluded' }))).toBe(true);
+        expect(await b.claimJob(id, { token: 'tok-a', fence: 4, leaseExpires: LEASE + 50 }, { pid: 2, token: 'tok-b', host: 'host-b' }, LEASE + 100)).toBeUndefined();
+        expect(await a.getJob(id)).toMatchObject({ runnerToken: 'tok-a', fence: 4, status: 'concluded' });
       });
 
       it('a deleted job can be neither written, renewed, released nor claimed', async () => {
@@ -169,7 +179,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await a.updateJob(job(id))).toBe(false);
         expect(await a.renewLease(id, 'tok-a', 4, LEASE)).toBe(false);
         expect(await a.releaseJob(id, 'tok-a', 4, undefined)).toBe(false);
-        expect(await a.claimJob(id, { token: 'tok-a', fence: 4 }, { pid: 1, token: 't', host: 'h' }, LEASE)).toBeUndefined();
+        expect(await a.claimJob(id, { token: 'tok-a', fence: 4, leaseExpires: LEASE }, { pid: 1, token: 't', host: 'h' }, LEASE)).toBeUndefined();
         expect(await a.getJob(id)).toBeUndefined();
       });
 
@@ -178,7 +188,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
           const id = prefix('race');
           await a.insertJob(job(id, { runnerToken: 'dead', fence: 7 }));
           const results = await Promise.all(Array.from({ length: 20 }, (_, i) =>
-            (i % 2 ? a : b).claimJob(id, { token: 'dead', fence: 7 }, { pid: 100 + i, token: `r${i}`, host: `host-${i % 2}` }, LEASE + i)));
+            (i % 2 ? a : b).claimJob(id, { token: 'dead', fence: 7, leaseExpires: LEASE }, { pid: 100 + i, token: `r${i}`, host: `host-${i % 2}` }, LEASE + i)));
           const winners = results.flatMap((f, i) => (f === undefined ? [] : [i]));
           expect(winners, `round ${round}: ${JSON.stringify(results)}`).toHaveLength(1);
           const w = winners[0]!;

@@ -130,7 +130,7 @@ export class PostgresStateStore implements StateStore {
   insertJob(job: JobRecord) { return this.ops.insertJob(job); }
   updateJob(job: JobRecord) { return this.ops.updateJob(job); }
   deleteJob(id: string) { return this.ops.deleteJob(id); }
-  claimJob(id: string, from: { token: string; fence: number }, to: Runner, leaseExpires: number) { return this.ops.claimJob(id, from, to, leaseExpires); }
+  claimJob(id: string, from: { token: string; fence: number; leaseExpires: number }, to: Runner, leaseExpires: number) { return this.ops.claimJob(id, from, to, leaseExpires); }
   renewLease(id: string, token: string, fence: number, leaseExpires: number) { return this.ops.renewLease(id, token, fence, leaseExpires); }
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.ops.releaseJob(id, token, fence, checkpoint); }
   setRequest(id: string, request: StoredRequest) { return this.ops.setRequest(id, request); }
@@ -194,8 +194,9 @@ function postgresOps(q: Query): StateOps {
       // One statement: of racing takers, the first to update the row wins; the others re-check the
       // WHERE against its new version (token, fence), match nothing, and get undefined.
       const res = await q<{ fence: number }>(`UPDATE jobs SET runner_pid = $1, runner_token = $2, runner_host = $3, lease_expires = $4,
-        seen_at = $5, fence = fence + 1 WHERE id = $6 AND runner_token = $7 AND fence = $8 RETURNING fence`,
-      [to.pid, to.token, to.host, leaseExpires, Date.now(), id, from.token, from.fence]);
+        seen_at = $5, fence = fence + 1 WHERE id = $6 AND runner_token = $7 AND fence = $8 AND lease_expires = $9 AND status <> 'concluded'
+        RETURNING fence`,
+      [to.pid, to.token, to.host, leaseExpires, Date.now(), id, from.token, from.fence, from.leaseExpires]);
       return res.rows[0]?.fence;
     },
     renewLease: async (id, token, fence, leaseExpires) => {

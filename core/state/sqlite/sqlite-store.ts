@@ -65,7 +65,7 @@ export class SqliteStateStore implements StateStore {
   insertJob(job: JobRecord) { return this.one((o) => o.insertJob(job)); }
   updateJob(job: JobRecord) { return this.one((o) => o.updateJob(job)); }
   deleteJob(id: string) { return this.one((o) => o.deleteJob(id)); }
-  claimJob(id: string, from: { token: string; fence: number }, to: Runner, leaseExpires: number) { return this.one((o) => o.claimJob(id, from, to, leaseExpires)); }
+  claimJob(id: string, from: { token: string; fence: number; leaseExpires: number }, to: Runner, leaseExpires: number) { return this.one((o) => o.claimJob(id, from, to, leaseExpires)); }
   renewLease(id: string, token: string, fence: number, leaseExpires: number) { return this.one((o) => o.renewLease(id, token, fence, leaseExpires)); }
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.one((o) => o.releaseJob(id, token, fence, checkpoint)); }
   setRequest(id: string, request: StoredRequest) { return this.one((o) => o.setRequest(id, request)); }

@@ -74,7 +74,8 @@ export async function compact(p: PoolState, file: string): Promise<void> {
   }
   if (children.length > 1) return;
   const child = children[0]!;
-  if (child.state !== 'ready' || p.isBusy(child.volume)) return;
+  // Not into a layer another process may be writing (the active layer of a volume open there).
+  if (child.state !== 'ready' || p.isBusy(child.volume) || p.isOpenElsewhere(child.volume)) return;
   // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
   const affected = p.volumesAbove(child.file);
   await withWritable(p, child.volume, child.file, (img) =>

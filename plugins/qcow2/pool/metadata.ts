@@ -250,10 +250,10 @@ export class PoolMetadata {
    * Take the pool's change lock for `holder` (a process's token) if it is free, or held by a
    * process that is gone (`alive` says). Returns the holder's pid when it is someone else's.
    */
-  tryLock(holder: string, alive: (pid: number) => boolean): number | undefined {
+  tryLock(holder: string, alive: (pid: number, holder: string) => boolean): number | undefined {
     return this.tx(() => {
       const r = this.db.prepare('SELECT holder, pid FROM pool_lock WHERE id = 1').get() as { holder: string; pid: number } | undefined;
-      if (r && r.holder !== holder && alive(r.pid)) return r.pid;
+      if (r && r.holder !== holder && alive(r.pid, r.holder)) return r.pid;
       this.db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run(holder, process.pid, new Date().toISOString());
       return undefined;
     });

@@ -8,7 +8,7 @@ import { commitTarget, commitTask, resolveBase, resumeChainTask, streamTask } fr
 import { abandonLayer, commitLayers, compact, makeLayer, unlinkLayers } from './layers.js';
 import type { VolumeRow } from './metadata.js';
 import { checkPool, type PoolCheckReport } from './pool-check.js';
-import { PoolState, type PoolOptions } from './pool-state.js';
+import { forgetHolder, PoolState, type PoolOptions } from './pool-state.js';
 
 export type { PoolOptions } from './pool-state.js';
 
@@ -291,8 +291,12 @@ export class Qcow2Pool implements StorageBackend {
 
   /** The volume's data path over its one shared open image (live writes and jobs see each other). */
   async openVolume(name: string, mode: 'r' | 'rw'): Promise<BlockDevice> {
-    this.p.mustVolume(name);
-    const ov = this.p.open.acquire(name);
+    // Registered under the pool's change lock: no other process is between its check that the
+    // volume is open nowhere else and its change of the volume's layers.
+    const ov = await this.p.serial.run(async () => {
+      this.p.mustVolume(name);
+      return this.p.open.acquire(name);
+    });
     try {
       return await imageDevice((fn) => ov.lock.shared(async () => fn(await ov.current())), {
         mode, ref: this.p.ref(name), blockSize: this.opts.format === 'qcow2' ? this.opts.clusterSize : 512,
@@ -333,6 +337,7 @@ export class Qcow2Pool implements StorageBackend {
   async close(): Promise<void> {
     await this.p.serial.runLocal(async () => {
       await this.p.open.closeAll();
+      forgetHolder(this.p);
       this.p.meta.close();
     });
   }

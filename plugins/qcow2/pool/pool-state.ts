@@ -34,6 +34,16 @@ export class PoolState {
   readonly serial: Serial;
   /** This pool object among the processes (and pool objects) sharing the folder. */
   private readonly holder = randomBytes(8).toString('hex');
+
+  /** This pool object's id in the rows it writes (pool_lock, open_volumes). */
+  get holderId(): string {
+    return this.holder;
+  }
+
+  /** Whether another process (or pool object) has the volume open: see notOpenElsewhere. */
+  isOpenElsewhere(volume: string): boolean {
+    return this.meta.openedBy(volume, this.holder).some((o) => holderAlive(o.pid, o.holder));
+  }
   /** Volumes a stream or commit job is working on: structural changes wait for it (Busy). */
   private readonly busy = new Map<string, string>();
   /** Layer files this process is creating right now (their pending rows are not orphans). */
@@ -41,7 +51,8 @@ export class PoolState {
 
   constructor(readonly opts: PoolOptions) {
     this.meta = new PoolMetadata(join(opts.dir, METADATA_FILE));
-    this.serial = new Serial({ tryLock: () => this.meta.tryLock(this.holder, pidAlive), unlock: () => this.meta.unlock(this.holder) }, `pool ${opts.name}`);
+    liveHolders.add(this.holder);
+    this.serial = new Serial({ tryLock: () => this.meta.tryLock(this.holder, holderAlive), unlock: () => this.meta.unlock(this.holder) }, `pool ${opts.name}`);
     this.open = new OpenVolumes((v) => this.openLayer(this.mustVolume(v).active, false), {
       opened: (v) => this.meta.openVolume(v, this.holder),
       closed: (v) => this.meta.closeVolume(v, this.holder),
@@ -55,7 +66,7 @@ export class PoolState {
    */
   notOpenElsewhere(volume: string, what: string): void {
     const others = this.meta.openedBy(volume, this.holder).filter((o) => {
-      if (o.pid !== process.pid && !pidAlive(o.pid)) {
+      if (!holderAlive(o.pid, o.holder)) {
         this.meta.closeVolume(volume, o.holder); // its process is gone
         return false;
       }
@@ -186,6 +197,23 @@ export class PoolState {
   isOpen(file: string): boolean {
     return this.meta.volumes().some((v) => v.active === file && this.open.get(v.name)?.isOpen);
   }
+}
+
+/**
+ * The pool objects alive in this process. A row of this pid with a holder not among them is left
+ * by a process that died and whose pid this one got again (a container's pid 1, restarted), or
+ * by a pool object of this process that was closed.
+ */
+const liveHolders = new Set<string>();
+
+/** Whether the holder of a pool_lock or open_volumes row still lives. */
+function holderAlive(pid: number, holder: string): boolean {
+  return pid === process.pid ? liveHolders.has(holder) : pidAlive(pid);
+}
+
+/** This pool object is closed: its rows no longer hold anything. */
+export function forgetHolder(state: PoolState): void {
+  liveHolders.delete(state.holderId);
 }
 
 /** Whether a process of this host is alive (EPERM: it is, someone else's). */
