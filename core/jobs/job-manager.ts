@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
 import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
@@ -31,8 +32,25 @@ export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
 /** Tokens of the job managers alive in this process (a pid alone may be reused or be ours). */
 const liveTokens = new Set<string>();
 
-/** This host's name, as runners record it: a dead pid on the same host needs no lease expiry to be known dead. */
-const HOST = hostname();
+/**
+ * This host as runners record it: its name, and — so that a pid is only judged where it means
+ * the same process — the boot and the pid namespace (containers may share a host's name but not
+ * its pids). A dead pid on the same host needs no lease expiry to be known dead.
+ */
+const HOST = hostIdentity();
+
+function hostIdentity(): string {
+  const part = (read: () => string) => {
+    try {
+      return read();
+    } catch {
+      return '';
+    }
+  };
+  const boot = part(() => readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim().slice(0, 8));
+  const pidns = part(() => String(statSync('/proc/self/ns/pid').ino));
+  return boot && pidns ? `${hostname()} (boot ${boot}, pid ns ${pidns})` : hostname();
+}
 
 /** A job's lease by default (the config's `leaseSeconds`). */
 export const DEFAULT_LEASE_MS = 15_000;
