@@ -41,14 +41,15 @@ export interface SnapshotsApi {
 }
 
 export interface JobsApi {
-  list(filter?: { status?: string; all?: boolean }): JobInfo[];
-  get(id: string): Job;
-  cancel(id: string): void;
-  pause(id: string): void;
-  resume(id: string): void;
-  complete(id: string): void;
-  dismiss(id: string): void;
-  setSpeed(id: string, bytesPerSecond: number): void;
+  /** Jobs this principal may see, oldest first; `status: 'orphaned'` lists the jobs nobody runs. */
+  list(filter?: { status?: string; all?: boolean }): Promise<JobInfo[]>;
+  get(id: string): Promise<Job>;
+  cancel(id: string): Promise<void>;
+  pause(id: string): Promise<void>;
+  resume(id: string): Promise<void>;
+  complete(id: string): Promise<void>;
+  dismiss(id: string): Promise<void>;
+  setSpeed(id: string, bytesPerSecond: number): Promise<void>;
   wait(id: string): Promise<JobInfo>;
   /**
    * Take over an orphaned job (JobInfo.orphaned: its runner stopped) and run it in this process
@@ -60,10 +61,10 @@ export interface JobsApi {
 
 export interface LocksApi {
   /** Administrators only: place a maintenance lock on a volume. */
-  maintenance(ref: string, reason: string): void;
+  maintenance(ref: string, reason: string): Promise<void>;
   /** Administrators only: remove a maintenance lock. */
-  release(ref: string): void;
-  list(): LockInfo[];
+  release(ref: string): Promise<void>;
+  list(): Promise<LockInfo[]>;
 }
 
 export interface ExportOptions {
@@ -95,7 +96,7 @@ export interface ExportHandle {
  */
 export interface ExportsApi {
   start(ref: string, opts?: ExportOptions): Promise<ExportHandle>;
-  list(): ExportInfo[];
+  list(): Promise<ExportInfo[]>;
   stop(name: string): Promise<void>;
 }
 

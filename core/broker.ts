@@ -20,7 +20,6 @@ import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from '.
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
 import { JobManager } from './jobs/job-manager.js';
-import { JobStore } from './jobs/job-store.js';
 import type { Job } from './jobs/job.js';
 import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
@@ -29,6 +28,8 @@ import type { Volume } from './model/types.js';
 import type { Operation, Plan } from './planner/plan.js';
 import { Planner, type PlannerBackend } from './planner/planner.js';
 import { FileFormats } from './broker/file-formats.js';
+import { SqliteStateStore } from './state/sqlite/sqlite-store.js';
+import type { StateStore } from './state/state-store.js';
 
 export interface CreateBrokerOptions {
   /** Plugin modules (e.g. `builtinPlugins` from plugins/index.ts), or plugins already loaded (the CLI loads them once). */
@@ -63,13 +64,13 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   const validated = typeof config === 'string'
     ? loadConfig(config, factories, opts.env)
     : 'baseDir' in config && typeof (config as BrokerConfig).baseDir === 'string' && typeof (config as BrokerConfig).state === 'string'
-      ? validateConfig({ state: (config as BrokerConfig).state, leaseSeconds: config.leaseSeconds, backends: config.backends }, factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
+      ? validateConfig(validatedToRaw(config as BrokerConfig), factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
       : validateConfig(config, factories, { env: opts.env });
 
   prepareStateDir(validated.state);
   const byKind = new Map(factories.map((f) => [f.kind, f]));
   const backends = new Map<string, PlannerBackend>();
-  const store = new JobStore(join(validated.state, 'jobs.sqlite'));
+  const store = await openStateStore(validated);
   try {
     for (const entry of validated.backends) {
       const factory = byKind.get(entry.kind)!;
@@ -84,7 +85,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     }
   } catch (e) {
     await Promise.allSettled([...backends.values()].map((b) => b.backend.close?.()));
-    store.close();
+    await store.close();
     throw e;
   }
   const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats));
@@ -103,6 +104,34 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     }
   }
   return broker;
+}
+
+/** A validated config as raw input again (validateConfig is not idempotent on its output). */
+function validatedToRaw(c: BrokerConfig): RawConfig {
+  return {
+    state: c.database ?? c.state, ...(c.database !== undefined ? { stateDir: c.state } : {}),
+    ...(c.leaseSeconds !== undefined ? { leaseSeconds: c.leaseSeconds } : {}),
+    ...(c.server !== undefined ? { server: c.server } : {}),
+    backends: c.backends,
+  };
+}
+
+/** SQLite in the state directory, or the PostgreSQL database the config names. */
+async function openStateStore(c: BrokerConfig): Promise<StateStore> {
+  if (c.database === undefined) {
+    try {
+      return new SqliteStateStore(join(c.state, 'jobs.sqlite'));
+    } catch (e) {
+      throw toOffloadError(e, 'opening the state store');
+    }
+  }
+  const { openPostgresStore } = await import('./state/postgres/postgres-store.js');
+  try {
+    return await openPostgresStore(c.database);
+  } catch (e) {
+    const err = toOffloadError(e);
+    throw new ConfigError(secrets.redact(`state: cannot use the PostgreSQL database: ${err.message}`), err.hint ?? 'check the URL, that the server runs, and that the user may connect and create tables');
+  }
 }
 
 function prepareStateDir(dir: string): void {
@@ -166,6 +195,6 @@ class BrokerView implements Broker {
     await this.s.exports.closeAll(); // clients see a clean disconnect; the volumes are flushed and closed
     await this.s.jobs.close();
     await Promise.allSettled([...this.s.backends.values()].map((b) => b.backend.close?.()));
-    this.s.store.close();
+    await this.s.store.close();
   }
 }

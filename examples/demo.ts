@@ -110,7 +110,7 @@ try {
   say(`   commit on the SAN: ${where(await broker.plan({ op: 'commit', ref: 'san1/vm1' }))}`);
 
   say('\njobs:');
-  for (const j of broker.jobs.list()) say(`   ${j.id} ${j.type} ${j.ref} ${j.status} on ${j.executor}${j.error ? ` (${j.error.code})` : ''}`);
+  for (const j of await broker.jobs.list()) say(`   ${j.id} ${j.type} ${j.ref} ${j.status} on ${j.executor}${j.error ? ` (${j.error.code})` : ''}`);
 } finally {
   await broker.close();
   await Promise.all([san.close(), nas.close()]);

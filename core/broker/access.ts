@@ -25,20 +25,21 @@ export class Access {
     return requested ?? this.principal.id;
   }
 
-  mayAccess(ref: VolumeRef): boolean {
-    return this.isAdmin || this.s.store.getOwner(volumeKey(ref)) === this.principal.id;
+  async mayAccess(ref: VolumeRef): Promise<boolean> {
+    return this.isAdmin || (await this.s.store.getOwner(volumeKey(ref))) === this.principal.id;
   }
 
-  assertOwns(ref: VolumeRef): void {
-    if (!this.mayAccess(ref)) throw notFoundVolume(volumeKey(ref));
+  async assertOwns(ref: VolumeRef): Promise<void> {
+    if (!(await this.mayAccess(ref))) throw notFoundVolume(volumeKey(ref));
   }
 
   mayAccessJob(owner: string): boolean {
     return this.isAdmin || owner === this.principal.id;
   }
 
-  withOwner(v: Volume): Volume {
-    const owner = this.s.store.getOwner(`${v.backend}/${v.name}`);
+  async withOwner(v: Volume): Promise<Volume> {
+    if (v.owner !== undefined) return v;
+    const owner = await this.s.store.getOwner(`${v.backend}/${v.name}`);
     return owner === undefined || v.owner !== undefined ? v : { ...v, owner };
   }
 
@@ -49,7 +50,7 @@ export class Access {
    */
   async targetOwner(ref: VolumeRef, backend: StorageBackend, owner: string, explicit: boolean): Promise<string> {
     const refText = volumeKey(ref);
-    const existing = this.s.store.getOwner(refText);
+    const existing = await this.s.store.getOwner(refText);
     if (existing !== undefined) {
       if (existing === owner || (this.isAdmin && !explicit)) return existing;
       throw new AlreadyExists(`${refText} already exists and belongs to ${this.isAdmin ? existing : 'someone else'}`, { ref: refText, hint: 'choose another name' });

@@ -36,7 +36,7 @@ export class DataJobs {
     checkPrefer(opts.prefer);
     const src = parseRef(source);
     const dst = parseVolumeRef(target);
-    this.a.assertOwns(src);
+    await this.a.assertOwns(src);
     const op: Operation = { op: 'clone', source, target, ...(opts.mode ? { mode: opts.mode } : {}), ...(opts.prefer ? { prefer: opts.prefer } : {}) };
     const plan = planOrRefuse(this.s, op, `clone ${source} to ${target}`, source);
     const d = this.s.entry(dst.backend);
@@ -71,7 +71,7 @@ export class DataJobs {
           source: { volume: src.volume, ...(isSnapshotRef(src) ? { snapshot: src.snapshot } : {}) },
           ...(size !== undefined ? { sizeBytes: size } : {}),
         }));
-        this.s.store.setOwner(target, recorded);
+        await this.s.store.setOwner(target, recorded);
         return { ...vol, owner: recorded };
       });
   }
@@ -118,7 +118,7 @@ export class DataJobs {
     const ref = parseVolumeRef(refText);
     const plan = planOrRefuse(this.s, { op: verb, ref: refText, ...(opts.base ? { base: opts.base } : {}) }, `${verb} ${refText}`, refText);
     const b = this.s.entry(ref.backend);
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
     const make = verb === 'stream' ? b.backend.streamVolume : b.backend.commitVolume;
     if (!make) throw new Unsupported(`${ref.backend} reports chain.${verb} but has no ${verb}Volume`, { ref: refText });
     const task = await call(b.backend, verb, refText, () => make.call(b.backend, ref.volume, opts.base ? { base: opts.base } : {}));
@@ -132,8 +132,8 @@ export class DataJobs {
     }
     const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
     const src = parseVolumeRef(source);
-    this.a.assertOwns(src);
-    this.a.assertOwns(parseVolumeRef(target));
+    await this.a.assertOwns(src);
+    await this.a.assertOwns(parseVolumeRef(target));
     const [s, t] = await Promise.all([this.volumes.get(source), this.volumes.get(target)]);
     if (t.sizeBytes < s.sizeBytes) {
       throw new OutOfRange(`${target} (${t.sizeBytes} bytes) is smaller than ${source} (${s.sizeBytes} bytes)`, { ref: target, hint: 'resize the target first' });

@@ -31,7 +31,7 @@ export class Exports implements ExportsApi {
     const name = checkName(opts.name ?? formatRef(ref));
     const listen = checkListen(opts.listen);
     need(this.s, ref.backend, readOnly ? 'data.read' : 'data.write');
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
 
     const unreserve = this.s.exports.reserve(name);
     const principal = this.a.principal;
@@ -42,17 +42,17 @@ export class Exports implements ExportsApi {
     const description = `nbd export ${name} of ${refText} (${readOnly ? 'read-only' : 'read-write'})`;
     // An administrator's conflicting request stops a tenant's export (here, or from another process).
     const preempt = () => void this.s.exports.stop(name).catch(() => undefined);
-    let release: (() => void) | undefined;
+    let release: (() => Promise<void>) | undefined;
     try {
       const lease = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.locks.acquire(locks, { id, principal, description, preempt }));
-      let unrecord: (() => void) | undefined;
-      let unlist: (() => void) | undefined;
-      release = () => {
-        unlist?.();
-        unrecord?.();
+      let unrecord: (() => Promise<void>) | undefined;
+      let unlist: (() => Promise<void>) | undefined;
+      release = async () => {
+        await unlist?.();
+        await unrecord?.();
         lease.release();
       };
-      unrecord = this.s.jobs.recordOperation(id, locks, principal, description, preempt);
+      unrecord = await this.s.jobs.recordOperation(id, locks, principal, description, preempt);
       const device = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
       let served: { info: ExportInfo; ended: Promise<void> };
       try {
@@ -63,20 +63,21 @@ export class Exports implements ExportsApi {
       }
       release = undefined; // the registry releases from now on
       const { info } = served;
-      unlist = this.s.jobs.recordExport({ id, name, ref: info.ref, uri: info.uri, readOnly, owner: principal.id, role: principal.role, startedAt: info.startedAt });
+      unlist = await this.s.jobs.recordExport({ id, name, ref: info.ref, uri: info.uri, readOnly, owner: principal.id, role: principal.role, startedAt: info.startedAt });
       this.s.logger.info(`nbd export ${name} of ${info.ref} at ${info.uri}${readOnly ? ' (read-only)' : ''}`);
       return { name, ref: info.ref, uri: info.uri, readOnly, stopped: served.ended, stop: () => this.s.exports.stop(name).catch(ignoreGone) };
     } finally {
-      release?.();
+      await release?.();
       unreserve();
     }
   }
 
   /** This broker's exports, and those other live processes sharing its state serve (`offload nbd` elsewhere). */
-  list(): ExportInfo[] {
+  async list(): Promise<ExportInfo[]> {
     this.s.assertOpen();
+    const foreign = await this.s.jobs.foreignExports();
     const here = this.s.exports.list().map(({ ownerRole: _, ...e }) => e);
-    const elsewhere = this.s.jobs.foreignExports().map((e) => ({
+    const elsewhere = foreign.map((e) => ({
       name: e.name, ref: e.ref, uri: e.uri, readOnly: e.readOnly, owner: e.owner, startedAt: e.startedAt, pid: e.runnerPid,
     }));
     return [...here, ...elsewhere].filter((e) => this.a.isAdmin || e.owner === this.a.principal.id);
@@ -91,11 +92,11 @@ export class Exports implements ExportsApi {
     const mine = (owner: string) => this.a.isAdmin || owner === this.a.principal.id;
     const local = this.s.exports.get(name);
     if (local && mine(local.owner)) return this.s.exports.stop(name);
-    const remote = this.s.jobs.foreignExports().filter((e) => e.name === name && mine(e.owner));
+    const remote = (await this.s.jobs.foreignExports()).filter((e) => e.name === name && mine(e.owner));
     if (remote.length === 0) throw new NotFound(`no export named ${name}`, { ref: name, hint: 'list exports with `offload nbd list`' });
-    for (const e of remote) this.s.jobs.requestExportStop(e.id);
+    for (const e of remote) await this.s.jobs.requestExportStop(e.id);
     const deadline = Date.now() + STOP_WAIT_MS;
-    while (this.s.jobs.foreignExports().some((e) => remote.some((r) => r.id === e.id))) {
+    while ((await this.s.jobs.foreignExports()).some((e) => remote.some((r) => r.id === e.id))) {
       if (Date.now() > deadline) throw new Timeout(`export ${name} (pid ${remote[0]!.runnerPid}) did not stop within ${STOP_WAIT_MS / 1000} s`, { ref: name });
       await new Promise((r) => setTimeout(r, 100));
     }

@@ -32,7 +32,7 @@ export class FileJobs {
     const format = this.s.formats.get(opts.format ?? 'raw', 'export format');
     const speed = checkSpeed(opts.speed);
     const plan = planOrRefuse(this.s, { op: 'export', source, file: path, format: format.name }, `export ${source} to ${path}`, source);
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
     await this.mustExist(ref);
     await checkNewFile(path, opts.overwrite === true);
     await format.checkCreate?.(path);
@@ -57,10 +57,10 @@ export class FileJobs {
     const existing = await call(b.backend, 'get', target, () => b.backend.getVolume(ref.volume));
     if (!opts.create) {
       if (!existing) throw new NotFound(`volume ${target} does not exist`, { ref: target, hint: 'create it first, or import with --create to make it with the file\'s size' });
-      this.a.assertOwns(ref);
+      await this.a.assertOwns(ref);
     }
     // With create, a volume that is there and ours is imported into as it is; someone else's is AlreadyExists (targetOwner).
-    const into = existing !== undefined && this.a.mayAccess(ref);
+    const into = existing !== undefined && (await this.a.mayAccess(ref));
     if (into && size > existing.sizeBytes) throw tooLarge(path, size, target, existing.sizeBytes);
     const plan = planOrRefuse(this.s, { op: 'import', file: path, target, create: !into }, `import ${path} into ${target}`, target);
     let create: FileImportParams['create'];

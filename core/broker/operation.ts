@@ -30,12 +30,12 @@ export function runShort<T>(s: BrokerState, principal: Principal, locks: LockReq
   return s.mutex.run(locks.map((l) => l.key), async () => {
     const id = `op-${randomBytes(6).toString('hex')}`;
     const lease = await s.locks.acquire(locks, { id, principal, description });
-    let unrecord: (() => void) | undefined;
+    let unrecord: (() => Promise<void>) | undefined;
     try {
-      unrecord = s.jobs.recordOperation(id, locks, principal, description);
+      unrecord = await s.jobs.recordOperation(id, locks, principal, description);
       return await fn();
     } finally {
-      unrecord?.();
+      await unrecord?.();
       lease.release();
     }
   });

@@ -5,7 +5,8 @@ import type { BrokerConfig } from '../config/config.js';
 import { cloneTask, hostCopyTask, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
 import { ExportRegistry } from '../export/registry.js';
 import type { JobManager } from '../jobs/job-manager.js';
-import type { JobRecord, JobStore } from '../jobs/job-store.js';
+import type { JobRecord } from '../state/records.js';
+import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
@@ -26,15 +27,15 @@ export class BrokerState {
   constructor(
     readonly config: BrokerConfig,
     readonly backends: Map<string, PlannerBackend>,
-    readonly store: JobStore,
+    readonly store: StateStore,
     readonly logger: Logger,
     readonly planner: Planner,
     /** Image file formats for `volume export|import`. */
     readonly formats: FileFormats = new FileFormats(),
   ) {
     this.locks = new LockManager({
-      foreign: () => (this.jobs ? this.jobs.foreignLocks() : []),
-      maintenance: () => this.store.listMaintenance().map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })),
+      foreign: async () => (this.jobs ? this.jobs.foreignLocks() : []),
+      maintenance: async () => (await this.store.listMaintenance()).map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })),
       placeMaintenance: (key, principal, reason) => this.store.placeMaintenance(key, principal.id, reason),
       removeMaintenance: (key) => this.store.removeMaintenance(key),
     });
@@ -101,14 +102,14 @@ export class BrokerState {
       create: async (ref, sizeBytes, owner) => {
         const { r, b } = backendOf(ref);
         const vol = await call(b, 'create', ref, () => b.createVolume({ name: r.volume, sizeBytes, owner }));
-        this.store.setOwner(ref, owner);
+        await this.store.setOwner(ref, owner);
         return vol;
       },
       own: (ref, owner) => this.store.setOwner(ref, owner),
       remove: async (ref) => {
         const { r, b } = backendOf(ref);
         await call(b, 'delete', ref, () => b.deleteVolume(r.volume));
-        this.store.deleteOwner(ref);
+        await this.store.deleteOwner(ref);
       },
     };
   }

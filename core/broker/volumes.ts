@@ -24,7 +24,7 @@ export class Volumes implements VolumesApi {
     return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `create ${refText}`, async () => {
       const recorded = await this.a.targetOwner(ref, b.backend, owner, o?.owner !== undefined);
       const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
-      this.s.store.setOwner(volumeKey(ref), recorded);
+      await this.s.store.setOwner(volumeKey(ref), recorded);
       return { ...vol, owner: recorded };
     });
   }
@@ -33,8 +33,8 @@ export class Volumes implements VolumesApi {
     const ref = parseVolumeRef(refText);
     const b = this.s.entry(ref.backend);
     const vol = await call(b.backend, 'get', refText, () => b.backend.getVolume(ref.volume));
-    if (!vol || !this.a.mayAccess(ref)) throw notFoundVolume(refText);
-    return this.a.withOwner(vol);
+    if (!vol || !(await this.a.mayAccess(ref))) throw notFoundVolume(refText);
+    return await this.a.withOwner(vol);
   }
 
   async list(backend: string, page?: PageRequest): Promise<Page<Volume>> {
@@ -43,7 +43,8 @@ export class Volumes implements VolumesApi {
       throw new InvalidArgument(`page limit must be a positive integer, got ${page.limit}`);
     }
     const res = await call(b.backend, 'list', backend, () => b.backend.listVolumes(page));
-    const items = res.items.filter((v) => this.a.mayAccess({ backend, volume: v.name })).map((v) => this.a.withOwner(v));
+    const visible = await Promise.all(res.items.map(async (v) => ((await this.a.mayAccess({ backend, volume: v.name })) ? this.a.withOwner(v) : undefined)));
+    const items = visible.filter((v): v is Volume => v !== undefined);
     return res.next === undefined ? { items } : { items, next: res.next };
   }
 
@@ -66,14 +67,14 @@ export class Volumes implements VolumesApi {
     planOrRefuse(this.s, { op: 'resize', ref: refText, sizeBytes }, `resize ${refText}`, refText);
     const b = this.s.entry(ref.backend);
     const size = checkSize(sizeBytes, refText, b.capabilities);
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
     return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `resize ${refText}`, async () => {
       const vol = await call(b.backend, 'get', refText, () => b.backend.getVolume(ref.volume));
       if (!vol) throw notFoundVolume(refText);
       if (size < vol.sizeBytes) {
         throw new OutOfRange(`cannot shrink ${refText} from ${vol.sizeBytes} to ${size} bytes`, { ref: refText, hint: 'volumes can only grow' });
       }
-      return this.a.withOwner(await call(b.backend, 'resize', refText, () => b.backend.resizeVolume(ref.volume, size)));
+      return await this.a.withOwner(await call(b.backend, 'resize', refText, () => b.backend.resizeVolume(ref.volume, size)));
     });
   }
 
@@ -81,10 +82,10 @@ export class Volumes implements VolumesApi {
     const ref = parseVolumeRef(refText);
     planOrRefuse(this.s, { op: 'delete', ref: refText }, `delete ${refText}`, refText);
     const b = this.s.entry(ref.backend);
-    if (!this.a.mayAccess(ref)) return; // a tenant deleting what it cannot see: as if gone, nothing changes
+    if (!(await this.a.mayAccess(ref))) return; // a tenant deleting what it cannot see: as if gone, nothing changes
     await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `delete ${refText}`, async () => {
       await call(b.backend, 'delete', refText, () => b.backend.deleteVolume(ref.volume));
-      this.s.store.deleteOwner(volumeKey(ref));
+      await this.s.store.deleteOwner(volumeKey(ref));
     });
   }
 
@@ -92,7 +93,7 @@ export class Volumes implements VolumesApi {
     if (mode !== 'r' && mode !== 'rw') throw new InvalidArgument(`open mode must be "r" or "rw", got ${String(mode)}`);
     const ref = parseVolumeRef(refText);
     this.s.entry(ref.backend);
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
     need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
     return this.s.openDevice(refText, mode);
   }
@@ -114,7 +115,7 @@ export class Snapshots implements SnapshotsApi {
     const ref = parseSnapshotRef(refText);
     planOrRefuse(this.s, { op: 'snapshot', ref: refText }, `snapshot ${refText}`, refText);
     const b = this.s.entry(ref.backend);
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
     return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, () =>
       call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot)));
   }
@@ -122,7 +123,7 @@ export class Snapshots implements SnapshotsApi {
   async list(refText: string): Promise<Snapshot[]> {
     const ref = parseVolumeRef(refText);
     const b = need(this.s, ref.backend, 'snapshot.create');
-    if (!this.a.mayAccess(ref)) throw notFoundVolume(refText);
+    if (!(await this.a.mayAccess(ref))) throw notFoundVolume(refText);
     return call(b.backend, 'list snapshots of', refText, () => b.backend.listSnapshots(ref.volume));
   }
 
@@ -130,7 +131,7 @@ export class Snapshots implements SnapshotsApi {
     const ref = parseSnapshotRef(refText);
     planOrRefuse(this.s, { op: 'delete', ref: refText }, `delete ${refText}`, refText);
     const b = this.s.entry(ref.backend);
-    if (!this.a.mayAccess(ref)) return;
+    if (!(await this.a.mayAccess(ref))) return;
     const locks = [{ key: volumeKey(ref), mode: 'shared' as const }, { key: snapshotKey(ref), mode: 'exclusive' as const }];
     await runShort(this.s, this.a.principal, locks, `delete ${refText}`, () =>
       call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot)));
@@ -140,7 +141,7 @@ export class Snapshots implements SnapshotsApi {
     const ref = parseSnapshotRef(refText);
     planOrRefuse(this.s, { op: 'revert', ref: refText }, `revert ${refText}`, refText);
     const b = this.s.entry(ref.backend);
-    this.a.assertOwns(ref);
+    await this.a.assertOwns(ref);
     await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `revert ${refText}`, () =>
       call(b.backend, 'revert', refText, () => b.backend.revertVolume(ref.volume, ref.snapshot)));
   }

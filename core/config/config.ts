@@ -10,8 +10,15 @@ import { secrets } from './secrets.js';
 
 /** A validated broker config: the envelope plus each backend entry as its plugin parsed it. */
 export interface BrokerConfig {
-  /** Absolute path of the state directory (job store). */
+  /** Absolute path of the state directory (the SQLite state store, plugins' local state). */
   state: string;
+  /**
+   * The shared state store, when `state:` is a PostgreSQL URL (`postgres://user@host/db`): the
+   * brokers of many hosts share jobs, leases and locks there. Absent: SQLite in `state`.
+   */
+  database?: string;
+  /** The service the CLI sends its commands to (`unix:PATH` or `http://HOST:PORT`); absent: embedded. */
+  server?: string;
   /** Folder relative paths in backend entries are resolved against. */
   baseDir: string;
   /** How long a runner's lease on a job lasts without renewal (seconds; default 15). */
@@ -21,13 +28,19 @@ export interface BrokerConfig {
 
 /** What a user writes (before validation). */
 export interface RawConfig {
+  /** A folder (default ./.offload), or a PostgreSQL URL for state shared by many hosts. */
   state?: string;
+  /** With a PostgreSQL `state`: the folder for local state (default ./.offload). */
+  stateDir?: string;
+  server?: string;
   leaseSeconds?: number;
   backends: Record<string, unknown>[];
 }
 
 const envelopeSchema = z.strictObject({
   state: z.string().min(1).optional(),
+  stateDir: z.string().min(1).optional(),
+  server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH or http://HOST:PORT').optional(),
   leaseSeconds: z.number().min(1).max(3600).optional(),
   backends: z.array(
     z.looseObject({
@@ -120,11 +133,23 @@ export function validateConfig(
     if (!parsed.success) throw issuesError(path, parsed.error.issues);
     return parsed.data as BackendEntry & Record<string, unknown>;
   });
-  const state = env.data.state ?? './.offload';
+  const database = env.data.state !== undefined && isDatabaseUrl(env.data.state) ? env.data.state : undefined;
+  if (env.data.stateDir !== undefined && database === undefined) {
+    throw new ConfigError('stateDir: only with a PostgreSQL `state:` (state: postgres://…); otherwise `state:` is the folder');
+  }
+  if (database !== undefined) secrets.add(database); // it may carry a password
+  const state = (database === undefined ? env.data.state : env.data.stateDir) ?? './.offload';
   return {
     state: isAbsolute(state) ? state : resolve(baseDir, state), baseDir, backends,
+    ...(database !== undefined ? { database } : {}),
+    ...(env.data.server !== undefined ? { server: env.data.server } : {}),
     ...(env.data.leaseSeconds !== undefined ? { leaseSeconds: env.data.leaseSeconds } : {}),
   };
+}
+
+/** Whether `state:` names a PostgreSQL database rather than a folder. */
+export function isDatabaseUrl(state: string): boolean {
+  return /^postgres(ql)?:\/\//.test(state);
 }
 
 /** Read, substitute and validate a config file. */

@@ -51,7 +51,7 @@ export interface CloneDeps {
   /** Create the target volume and record its owner; resolves with it. */
   create(ref: string, sizeBytes: number, owner: string): Promise<{ createdAt?: string }>;
   /** Record the target's owner (again, after a resume). */
-  own(ref: string, owner: string): void;
+  own(ref: string, owner: string): Promise<void>;
   /** Delete the target volume and its owner record. */
   remove(ref: string): Promise<void>;
 }
@@ -99,7 +99,7 @@ export function cloneTask(params: HostCloneParams, deps: CloneDeps, kind: CloneK
         }
         created = true;
         createdAt = was.createdAt;
-        deps.own(params.target, params.owner);
+        await deps.own(params.target, params.owner);
       } else {
         // A run stopped between recording `creating` and recording `created` cannot tell whether
         // a volume there is its own: it leaves it alone.

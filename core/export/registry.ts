@@ -35,7 +35,7 @@ export interface ServeRequest {
   owner: Principal;
   listen: ListenAddress;
   /** Run after the export is gone and its device closed (release locks). */
-  release: () => void;
+  release: () => void | Promise<void>;
 }
 
 interface Served {
@@ -44,7 +44,7 @@ interface Served {
   server: NbdServer;
   serverKey: string;
   device: BlockDevice;
-  release: () => void;
+  release: () => void | Promise<void>;
   stopping?: Promise<void>;
   ended: () => void;
 }
@@ -128,7 +128,7 @@ export class ExportRegistry {
         await s.device.close().catch(() => undefined);
       } finally {
         this.served.delete(name);
-        s.release();
+        await s.release();
         await this.closeIfIdle(s.serverKey);
         s.ended();
       }

@@ -1,16 +1,16 @@
 import { randomBytes } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
-import { hostname } from 'node:os';
 import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
+import { RELEASED, type ExportRecord, type JobRecord } from '../state/records.js';
+import type { StateOps, StateStore } from '../state/state-store.js';
 import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
 import type { JobTask } from './job-task.js';
-import { RELEASED, type ExportRecord, type JobRecord, type JobStore } from './job-store.js';
 import { ManagedJob } from './managed-job.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
+import { HOST, holderAlive, liveTokens, pidAlive } from './runner.js';
 
 export interface StartJobRequest {
   task: JobTask;
@@ -29,29 +29,6 @@ export interface StartJobRequest {
 /** Rebuilds the task of a stored job after a restart; undefined when it cannot be resumed. */
 export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
 
-/** Tokens of the job managers alive in this process (a pid alone may be reused or be ours). */
-const liveTokens = new Set<string>();
-
-/**
- * This host as runners record it: its name, and — so that a pid is only judged where it means
- * the same process — the boot and the pid namespace (containers may share a host's name but not
- * its pids). A dead pid on the same host needs no lease expiry to be known dead.
- */
-const HOST = hostIdentity();
-
-function hostIdentity(): string {
-  const part = (read: () => string) => {
-    try {
-      return read();
-    } catch {
-      return '';
-    }
-  };
-  const boot = part(() => readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim().slice(0, 8));
-  const pidns = part(() => String(statSync('/proc/self/ns/pid').ino));
-  return boot && pidns ? `${hostname()} (boot ${boot}, pid ns ${pidns})` : hostname();
-}
-
 /** A job's lease by default (the config's `leaseSeconds`). */
 export const DEFAULT_LEASE_MS = 15_000;
 
@@ -60,16 +37,6 @@ export interface JobManagerOptions {
   checkpointEveryMs?: number;
   /** How long a runner's lease on a job lasts without renewal (default 15 s); renewed every third of it. */
   leaseMs?: number;
-}
-
-function pidAlive(pid: number): boolean {
-  if (!Number.isInteger(pid) || pid <= 0) return false; // released by its broker, or never set
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /**
@@ -87,9 +54,11 @@ export class JobManager {
   private closing = false;
   /** Jobs this manager is taking over right now (claimed, not running yet): not orphans. */
   private readonly adopting = new Map<string, Promise<unknown>>();
+  /** Operations and exports this manager has recorded and not removed yet (their leases are renewed). */
+  private ops = 0;
 
   constructor(
-    private readonly store: JobStore,
+    private readonly store: StateStore,
     private readonly locks: LockManager,
     private readonly resolveTask: TaskResolver,
     private readonly logger: Logger,
@@ -101,6 +70,8 @@ export class JobManager {
     this.heartbeat = setInterval(() => {
       const until = Date.now() + this.leaseMs;
       for (const job of this.running.values()) job.renewLease(until);
+      // Operations and exports: their rows tell brokers on other hosts that this one still holds them.
+      if (this.ops > 0) this.store.renewOps(this.token, until).catch(() => undefined);
     }, Math.max(50, Math.floor(this.leaseMs / 3)));
     this.heartbeat.unref();
   }
@@ -133,13 +104,7 @@ export class JobManager {
       id,
       principal: req.principal,
       description,
-      preempt: () => {
-        try {
-          job?.cancel();
-        } catch {
-          // already ending
-        }
-      },
+      preempt: () => void job?.cancel().catch(() => undefined), // already ending
     });
     const now = new Date().toISOString();
     const record: JobRecord = {
@@ -152,7 +117,10 @@ export class JobManager {
     };
     try {
       // Check other processes' jobs and insert ours atomically (this process's locks are held above).
-      this.store.insert(record, () => this.assertNoForeignConflict(req.locks, id));
+      await this.store.transaction('locks', async (tx) => {
+        await this.assertNoForeignConflict(tx, req.locks, id);
+        await tx.insertJob(record);
+      });
     } catch (e) {
       lease.release();
       throw toOffloadError(e, 'recording the job');
@@ -166,11 +134,12 @@ export class JobManager {
     return job;
   }
 
-  /** Locks held by jobs that other live brokers (in other processes, or in this one) run. */
-  foreignLocks(): { key: string; mode: LockMode; holder: LockHolder }[] {
+  /** Locks held by jobs and operations of other live brokers (on other hosts, in other processes, or in this one). */
+  async foreignLocks(ops: StateOps = this.store): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
     const out: { key: string; mode: LockMode; holder: LockHolder }[] = [];
     const now = Date.now();
-    for (const rec of this.store.list()) {
+    const [jobs, opLocks] = await Promise.all([ops.listJobs(), ops.listOpLocks()]);
+    for (const rec of jobs) {
       // Jobs this manager runs hold their locks in the lock manager already.
       if (!ACTIVE_STATUSES.includes(rec.status) || this.running.has(rec.id) || this.adopting.has(rec.id)) continue;
       // An orphaned job keeps its locks until it is taken over and concludes: the volumes it was
@@ -181,23 +150,21 @@ export class JobManager {
           key: l.key, mode: l.mode,
           holder: {
             id: rec.id, principal: { id: rec.owner, role: rec.ownerRole },
-            description: orphaned ? `${rec.type} ${rec.ref}, orphaned: take it over with \`offload jobs resume ${rec.id}\`` : `${rec.type} ${rec.ref} (pid ${rec.runnerPid})`,
-            ...(orphaned ? {} : { preempt: () => this.store.setRequest(rec.id, { verb: 'cancel' }) }),
+            description: orphaned ? `${rec.type} ${rec.ref}, orphaned: take it over with \`offload jobs resume ${rec.id}\`` : `${rec.type} ${rec.ref} (${runnerText(rec)})`,
+            ...(orphaned ? {} : { preempt: () => void this.store.setRequest(rec.id, { verb: 'cancel' }).catch(() => undefined) }),
           },
         });
       }
     }
-    for (const op of this.store.listOpLocks()) {
-      if (op.runnerToken === this.token) continue;
-      const alive = liveTokens.has(op.runnerToken) || (op.runnerPid !== process.pid && pidAlive(op.runnerPid));
-      if (!alive) continue;
+    for (const op of opLocks) {
+      if (op.runnerToken === this.token || !holderAlive(op, now)) continue;
       for (const l of op.locks) {
         out.push({
           key: l.key, mode: l.mode,
           holder: {
-            id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (pid ${op.runnerPid})`,
+            id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (${runnerText(op)})`,
             // A short operation ends by itself; a long-lived one (an export) is asked to stop.
-            ...(holderKind(op.id).kind === 'export' ? { preempt: () => this.store.requestOpStop(op.id) } : {}),
+            ...(holderKind(op.id).kind === 'export' ? { preempt: () => void this.store.requestOpStop(op.id).catch(() => undefined) } : {}),
           },
         });
       }
@@ -209,55 +176,63 @@ export class JobManager {
    * Make a short operation's locks (already held in this process) visible to other processes,
    * refusing with Busy when another process holds a conflicting one. Returns the release.
    */
-  recordOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): () => void {
-    this.store.insertOpLocks(
-      { id, locks, principal: principal.id, role: principal.role, description, runnerPid: process.pid, runnerToken: this.token },
-      () => this.assertNoForeignConflict(locks, id),
-    );
+  async recordOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<() => Promise<void>> {
+    const row = {
+      id, locks, principal: principal.id, role: principal.role, description,
+      runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
+    };
+    await this.store.transaction('locks', async (tx) => {
+      await this.assertNoForeignConflict(tx, locks, id);
+      await tx.insertOpLocks(row);
+    });
+    this.ops++;
     // A long-lived operation listens for another process's request to stop (an administrator's preemption).
+    let polling = false;
     const poller = onStopRequest && setInterval(() => {
-      try {
-        if (this.store.takeOpStop(id)) onStopRequest();
-      } catch {
-        // the store is closed: this process is going away
-      }
+      if (polling) return;
+      polling = true;
+      this.store.takeOpStop(id).then((stop) => { if (stop) onStopRequest(); }, () => undefined).finally(() => { polling = false; });
     }, 250);
     poller?.unref();
+    let done: Promise<void> | undefined;
     return () => {
-      if (poller) clearInterval(poller);
-      try {
-        this.store.deleteOpLocks(id);
-      } catch {
-        // the store is closed: the rows die with this process (dead runners are ignored)
-      }
+      done ??= (async () => {
+        if (poller) clearInterval(poller);
+        this.ops--;
+        // A closed store: the rows die with this process (dead runners are ignored).
+        await this.store.deleteOpLocks(id).catch(() => undefined);
+      })();
+      return done;
     };
   }
 
   /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */
-  recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken'>): () => void {
-    this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token });
+  async recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken' | 'runnerHost' | 'leaseExpires'>): Promise<() => Promise<void>> {
+    await this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs });
+    this.ops++;
+    let done: Promise<void> | undefined;
     return () => {
-      try {
-        this.store.deleteExport(e.id);
-      } catch {
-        // the store is closed: the row dies with this process (dead runners are ignored)
-      }
+      done ??= (async () => {
+        this.ops--;
+        await this.store.deleteExport(e.id).catch(() => undefined);
+      })();
+      return done;
     };
   }
 
-  /** Exports served by other live brokers sharing this state (in other processes, or other brokers of this one). */
-  foreignExports(): ExportRecord[] {
-    return this.store.listExports().filter((e) => e.runnerToken !== this.token
-      && (liveTokens.has(e.runnerToken) || (e.runnerPid !== process.pid && pidAlive(e.runnerPid))));
+  /** Exports served by other live brokers sharing this state (on other hosts, in other processes, or other brokers of this one). */
+  async foreignExports(): Promise<ExportRecord[]> {
+    const now = Date.now();
+    return (await this.store.listExports()).filter((e) => e.runnerToken !== this.token && holderAlive(e, now));
   }
 
   /** Ask the process serving a foreign export to stop it. */
-  requestExportStop(id: string): void {
-    this.store.requestOpStop(id);
+  requestExportStop(id: string): Promise<void> {
+    return this.store.requestOpStop(id);
   }
 
-  private assertNoForeignConflict(wanted: LockRequest[], id: string): void {
-    for (const held of this.foreignLocks()) {
+  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string): Promise<void> {
+    for (const held of await this.foreignLocks(ops)) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
       const who = holderKind(held.holder.id);
@@ -268,16 +243,18 @@ export class JobManager {
   }
 
   /** A job of this process, or a view of one that another process runs or ran. */
-  get(id: string): Job {
+  async get(id: string): Promise<Job> {
     const local = this.running.get(id);
     if (local) return local;
-    if (!this.store.get(id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
-    return new RemoteJob(id, this.store, (r) => this.isOrphaned(r));
+    const rec = await this.store.getJob(id);
+    if (!rec) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
+    return this.running.get(id) ?? new RemoteJob(rec, this.store, (r) => this.isOrphaned(r));
   }
 
-  list(): JobInfo[] {
+  async list(): Promise<JobInfo[]> {
+    const records = await this.store.listJobs();
     const now = Date.now();
-    return this.store.list().map((r) => (this.running.get(r.id)?.info() ?? recordToInfo(r, this.isOrphaned(r, now))));
+    return records.map((r) => (this.running.get(r.id)?.info() ?? recordToInfo(r, this.isOrphaned(r, now))));
   }
 
   /**
@@ -285,7 +262,7 @@ export class JobManager {
    * conclude it as interrupted when it cannot be resumed. Busy while a runner holds its lease.
    */
   async takeOver(id: string): Promise<Job> {
-    const rec = this.store.get(id);
+    const rec = await this.store.getJob(id);
     if (!rec) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
     if (!ACTIVE_STATUSES.includes(rec.status)) throw new FailedPrecondition(`job ${id} has concluded: there is nothing to take over`, { ref: id });
     const pending = this.adopting.get(id);
@@ -296,7 +273,7 @@ export class JobManager {
     if (!this.isOrphaned(rec)) {
       if (this.running.has(id)) return this.running.get(id)!;
       const left = Math.max(0, Math.ceil((rec.leaseExpires - Date.now()) / 1000));
-      throw new Busy(`job ${id} is run by pid ${rec.runnerPid} on ${rec.runnerHost || 'an unknown host'}, last seen ${ago(rec.seenAt)}; its lease ends in ${left} s unless renewed`, {
+      throw new Busy(`job ${id} is run by ${runnerText(rec)}, last seen ${ago(rec.seenAt)}; its lease ends in ${left} s unless renewed`, {
         ref: id, hint: 'follow it with `offload jobs wait ID`, or take it over once its runner has stopped', data: { runnerHost: rec.runnerHost, runnerPid: rec.runnerPid },
       });
     }
@@ -317,12 +294,14 @@ export class JobManager {
       if (scanning || this.closing) return;
       scanning = true;
       void (async () => {
+        const records = await this.store.listJobs();
         const now = Date.now();
-        for (const rec of this.store.list()) {
+        for (const rec of records) {
           if (this.running.size >= max || this.closing) break;
           if (this.isOrphaned(rec, now)) await this.adopt(rec).catch((e: unknown) => this.logger.warn('taking over a job failed', { job: rec.id, error: toOffloadError(e).message }));
         }
-      })().finally(() => { scanning = false; });
+      })().catch((e: unknown) => this.logger.warn('looking for orphaned jobs failed', { error: toOffloadError(e).message }))
+        .finally(() => { scanning = false; });
     }, opts.everyMs ?? Math.max(100, Math.floor(this.leaseMs / 3)));
     this.adopter.unref();
   }
@@ -335,12 +314,11 @@ export class JobManager {
     const resumed: string[] = [];
     const failed: string[] = [];
     // Locks of short operations whose process died hold nothing any more.
-    for (const op of this.store.listOpLocks()) {
-      const alive = liveTokens.has(op.runnerToken) || (op.runnerPid !== process.pid && pidAlive(op.runnerPid));
-      if (!alive) this.store.deleteOpLocks(op.id);
-    }
     const now = Date.now();
-    for (const rec of this.store.list()) {
+    for (const op of await this.store.listOpLocks()) {
+      if (!holderAlive(op, now)) await this.store.deleteOpLocks(op.id);
+    }
+    for (const rec of await this.store.listJobs()) {
       if (!this.isOrphaned(rec, now)) continue;
       const outcome = await this.adopt(rec);
       if (outcome === 'resumed') resumed.push(rec.id);
@@ -367,10 +345,10 @@ export class JobManager {
     const stoppedPid = rec.runnerPid;
     const stoppedHost = rec.runnerHost;
     const until = Date.now() + this.leaseMs;
-    const fence = this.store.claim(rec.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, this.me, until);
+    const fence = await this.store.claimJob(rec.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, this.me, until);
     if (fence === undefined) return 'lost';
     // Go on from the record as it is now (what the stopped runner saved last), ours since the claim.
-    const now = this.store.get(rec.id);
+    const now = await this.store.getJob(rec.id);
     if (!now) return 'lost';
     rec = now;
     this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
@@ -395,7 +373,7 @@ export class JobManager {
       message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped, and ${why}; run it again`,
     };
     rec.updatedAt = new Date().toISOString();
-    if (!this.store.update(rec)) return 'lost';
+    if (!(await this.store.updateJob(rec))) return 'lost';
     this.logger.warn('job interrupted', { job: rec.id, type: rec.type, ref: rec.ref });
     return 'failed';
   }
@@ -408,7 +386,7 @@ export class JobManager {
         id: rec.id,
         principal: { id: rec.owner, role: rec.ownerRole },
         description: `${rec.type} ${rec.ref}`,
-        preempt: () => job?.cancel(),
+        preempt: () => void job?.cancel().catch(() => undefined),
       });
     } catch {
       return false;
@@ -416,7 +394,7 @@ export class JobManager {
     // Restart the life cycle from `created`, keeping progress and the checkpoint.
     rec.status = 'created';
     rec.updatedAt = new Date().toISOString();
-    if (!this.store.update(rec)) {
+    if (!(await this.store.updateJob(rec).catch(() => false))) {
       lease.release();
       return false;
     }
@@ -446,6 +424,11 @@ export class JobManager {
     await Promise.allSettled(jobs.map((j) => j.wait()));
     liveTokens.delete(this.token);
   }
+}
+
+/** Who runs (or ran) a job or holds an operation, for messages: `pid 42` here, `pid 42 on HOST` elsewhere. */
+function runnerText(r: { runnerPid: number; runnerHost: string }): string {
+  return r.runnerHost && r.runnerHost !== HOST ? `pid ${r.runnerPid} on ${r.runnerHost}` : `pid ${r.runnerPid}`;
 }
 
 /** "12 s ago" from a time in ms (0: never). */

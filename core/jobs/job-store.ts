@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS op_locks (
   role TEXT NOT NULL,
   description TEXT NOT NULL,
   runner_pid INTEGER NOT NULL,
-  runner_token TEXT NOT NULL
+  runner_token TEXT NOT NULL,
+  runner_host TEXT NOT NULL DEFAULT '',
+  lease_expires INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS maintenance (
   key TEXT PRIMARY KEY,
@@ -69,7 +71,9 @@ CREATE TABLE IF NOT EXISTS exports (
   role TEXT NOT NULL,
   runner_pid INTEGER NOT NULL,
   runner_token TEXT NOT NULL,
-  started_at TEXT NOT NULL
+  started_at TEXT NOT NULL,
+  runner_host TEXT NOT NULL DEFAULT '',
+  lease_expires INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS owners (
   ref TEXT PRIMARY KEY,
@@ -81,7 +85,7 @@ CREATE TABLE IF NOT EXISTS owners (
  * Schema versions (PRAGMA user_version) and how to reach each from the one before: a state
  * directory written by an older build is migrated when a broker opens it.
  */
-const MIGRATIONS: { version: number; sql: string }[] = [
+const MIGRATIONS: { version: number; sql: string; columns?: [table: string, column: string, type: string][] }[] = [
   // 1: the tables of SCHEMA before leases.
   { version: 1, sql: '' },
   // 2: job leases and fencing tokens.
@@ -92,6 +96,10 @@ const MIGRATIONS: { version: number; sql: string }[] = [
       ALTER TABLE jobs ADD COLUMN seen_at INTEGER NOT NULL DEFAULT 0;
       ALTER TABLE jobs ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;`,
   },
+  // 3: operations and exports name their runner's host and hold a lease (brokers on many hosts).
+  // Columns are added only where missing: a store older than these tables got them new above.
+  { version: 3, sql: '', columns: [['op_locks', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['op_locks', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0'],
+    ['exports', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['exports', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0']] },
 ];
 const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 /** The lease that active jobs of a store written before leases get when it is migrated. */
@@ -154,7 +162,14 @@ export class JobStore {
         }
         // Tables added since version 1 without changing older ones.
         this.db.exec(SCHEMA.replace(/CREATE TABLE IF NOT EXISTS jobs \([^;]*\);/, ''));
-        for (const m of MIGRATIONS) if (m.version > Math.max(version, 1) && m.sql) this.db.exec(m.sql);
+        for (const m of MIGRATIONS) {
+          if (m.version <= Math.max(version, 1)) continue;
+          if (m.sql) this.db.exec(m.sql);
+          for (const [table, column, type] of m.columns ?? []) {
+            const has = (this.db.pragma(`table_info(${table})`) as { name: string }[]).some((c) => c.name === column);
+            if (!has) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
+          }
+        }
         // Jobs of a build before leases get one lease's grace: their runner may still be alive.
         if (version < 2) this.db.prepare("UPDATE jobs SET lease_expires = ? WHERE status <> 'concluded'").run(Date.now() + MIGRATION_GRACE_MS);
       }
@@ -271,8 +286,9 @@ export class JobStore {
   insertOpLocks(op: OpLockRecord, check: () => void): void {
     this.db.transaction(() => {
       check();
-      const stmt = this.db.prepare('INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
-      for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken);
+      const stmt = this.db.prepare(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`);
+      for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken, op.runnerHost, op.leaseExpires);
     }).immediate();
   }
 
@@ -280,6 +296,14 @@ export class JobStore {
     this.db.transaction(() => {
       this.db.prepare('DELETE FROM op_locks WHERE id = ?').run(id);
       this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+    }).immediate();
+  }
+
+  /** Extend the lease of a runner's operations and exports. */
+  renewOps(token: string, leaseExpires: number): void {
+    this.db.transaction(() => {
+      this.db.prepare('UPDATE op_locks SET lease_expires = ? WHERE runner_token = ?').run(leaseExpires, token);
+      this.db.prepare('UPDATE exports SET lease_expires = ? WHERE runner_token = ?').run(leaseExpires, token);
     }).immediate();
   }
 
@@ -294,8 +318,9 @@ export class JobStore {
   }
 
   insertExport(e: ExportRecord): void {
-    this.db.prepare('INSERT OR REPLACE INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
-      .run(e.id, e.name, e.ref, e.uri, e.readOnly ? 1 : 0, e.owner, e.role, e.runnerPid, e.runnerToken, e.startedAt);
+    this.db.prepare(`INSERT OR REPLACE INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at, runner_host, lease_expires)
+      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+      .run(e.id, e.name, e.ref, e.uri, e.readOnly ? 1 : 0, e.owner, e.role, e.runnerPid, e.runnerToken, e.startedAt, e.runnerHost, e.leaseExpires);
   }
 
   deleteExport(id: string): void {
@@ -305,22 +330,24 @@ export class JobStore {
   listExports(): ExportRecord[] {
     const rows = this.db.prepare('SELECT * FROM exports ORDER BY name, id').all() as {
       id: string; name: string; ref: string; uri: string; read_only: number; owner: string; role: string; runner_pid: number; runner_token: string; started_at: string;
+      runner_host: string; lease_expires: number;
     }[];
     return rows.map((r) => ({
       id: r.id, name: r.name, ref: r.ref, uri: r.uri, readOnly: r.read_only !== 0, owner: r.owner, role: r.role === 'tenant' ? 'tenant' : 'admin',
-      runnerPid: r.runner_pid, runnerToken: r.runner_token, startedAt: r.started_at,
+      runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, startedAt: r.started_at,
     }));
   }
 
   listOpLocks(): OpLockRecord[] {
     const rows = this.db.prepare('SELECT * FROM op_locks ORDER BY id').all() as {
       id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
+      runner_host: string; lease_expires: number;
     }[];
     const byId = new Map<string, OpLockRecord>();
     for (const r of rows) {
       const op = byId.get(r.id) ?? {
         id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
-        runnerPid: r.runner_pid, runnerToken: r.runner_token, locks: [],
+        runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
       };
       op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
       byId.set(r.id, op);

@@ -57,15 +57,16 @@ export type JobEvent =
 /** A running or finished job, as the broker hands it out. */
 export interface Job {
   readonly id: string;
+  /** The job as last known: live for a job this process runs, as last read for one another runs. */
   info(): JobInfo;
-  pause(): void;
-  resume(): void;
-  cancel(): void;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  cancel(): Promise<void>;
   /** For jobs that reached `ready` (active commit, live copy): switch over and finish. */
-  complete(): void;
-  setSpeed(bytesPerSecond: number): void;
+  complete(): Promise<void>;
+  setSpeed(bytesPerSecond: number): Promise<void>;
   /** Forget a concluded job. */
-  dismiss(): void;
+  dismiss(): Promise<void>;
   /** Resolves with the final info once concluded (success or not; check `error`). */
   wait(): Promise<JobInfo>;
   /** Like wait(), but rejects with the job's typed error when it failed or was cancelled. */

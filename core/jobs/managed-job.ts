@@ -3,7 +3,8 @@ import { canTransition, assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo, JobStatus } from './job.js';
 import { JobRun, LeaseLost, Shutdown } from './job-run.js';
 import type { JobTask } from './job-task.js';
-import type { JobRecord, JobStore, StoredRequest } from './job-store.js';
+import type { JobRecord, StoredRequest } from '../state/records.js';
+import type { StateStore } from '../state/state-store.js';
 import { recordToInfo } from './remote-job.js';
 
 const PERSIST_EVERY_MS = 250;
@@ -12,6 +13,11 @@ const PERSIST_EVERY_MS = 250;
  * A job run by this process: drives a JobTask through QEMU's life cycle, persists every status
  * change (and progress at most every 250 ms), applies verbs asked from other processes, and
  * releases its locks when it concludes.
+ *
+ * The in-memory record is the truth while this runner holds the job; its writes to the store go
+ * one at a time, in order (`writes`), each writing the record as it is then, fenced: a refused
+ * write means another runner has the job, and this one stops writing at once. wait() resolves
+ * only once the concluded record is stored.
  */
 export class ManagedJob implements Job {
   private readonly listeners = new Set<(e: JobEvent) => void>();
@@ -24,11 +30,16 @@ export class ManagedJob implements Job {
   /** Set once this runner learns it no longer holds the job: from then on it writes nothing. */
   private lost: string | undefined;
   private poller?: NodeJS.Timeout;
+  private polling = false;
+  /** The store writes of this job, in order. */
+  private writes: Promise<void> = Promise.resolve();
+  /** A record write is queued and has not started: a later persist is covered by it. */
+  private recordQueued = false;
 
   constructor(
     private readonly record: JobRecord,
     private readonly task: JobTask,
-    private readonly store: JobStore,
+    private readonly store: StateStore,
     private readonly onEnd: (job: ManagedJob) => void,
     opts: { resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number } = {},
   ) {
@@ -41,12 +52,13 @@ export class ManagedJob implements Job {
       ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
       onProgress: (current, total) => {
         rec.progress = { current, total };
-        this.persist(false);
+        void this.persist(false);
         this.emit({ type: 'progress', job: this.info() });
       },
+      // A checkpoint is stored before the job goes on (a resume must never start past stored work).
       onSave: (state) => {
         rec.checkpoint = state;
-        this.persist(true);
+        return this.persist(true);
       },
       onReady: () => {
         if (rec.status === 'running') {
@@ -57,7 +69,7 @@ export class ManagedJob implements Job {
       // Past the lease's end another runner may own the job: act no more (see renewLease).
       mayContinue: () => this.lost === undefined && Date.now() < rec.leaseExpires,
       confirmLease: async () => {
-        if (opts.leaseMs !== undefined) this.renewLease(Date.now() + opts.leaseMs);
+        if (opts.leaseMs !== undefined) await this.renewLease(Date.now() + opts.leaseMs);
         if (this.lost !== undefined || Date.now() >= rec.leaseExpires) {
           throw new LeaseLost(`job ${this.id}: ${this.lost ?? 'this runner\'s lease on it ended'}`);
         }
@@ -80,13 +92,17 @@ export class ManagedJob implements Job {
 
   /** Start (or resume after a restart) the task. */
   start(): void {
-    this.poller = setInterval(() => this.pollRequests(), 200);
+    this.poller = setInterval(() => void this.pollRequests(), 200);
     this.poller.unref();
     this.transition('running');
     void this.execute();
   }
 
-  pause(): void {
+  async pause(): Promise<void> {
+    this.pauseNow();
+  }
+
+  private pauseNow(): void {
     assertVerb('pause', this.record.status, this.id);
     if (this.record.status === 'paused' || this.record.status === 'standby') {
       throw new FailedPrecondition(`job ${this.id} is already paused`, { ref: this.id });
@@ -96,7 +112,11 @@ export class ManagedJob implements Job {
     this.run.pause();
   }
 
-  resume(): void {
+  async resume(): Promise<void> {
+    this.resumeNow();
+  }
+
+  private resumeNow(): void {
     assertVerb('resume', this.record.status, this.id);
     if (this.record.status === 'paused') this.transition('running');
     else if (this.record.status === 'standby') this.transition('ready');
@@ -104,35 +124,44 @@ export class ManagedJob implements Job {
     this.run.resume();
   }
 
-  cancel(): void {
+  async cancel(): Promise<void> {
+    this.cancelNow();
+  }
+
+  private cancelNow(): void {
     assertVerb('cancel', this.record.status, this.id);
     if (this.record.cancelled) return;
     this.record.cancelled = true;
-    this.persist(true);
+    void this.persist(true);
     // Cancelling a paused job resumes it so that it can see the cancel.
     if (this.record.status === 'paused') this.transition('running');
     if (this.record.status === 'standby') this.transition('ready');
     this.run.cancel(new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }));
   }
 
-  complete(): void {
+  async complete(): Promise<void> {
     assertVerb('complete', this.record.status, this.id);
     this.run.complete();
   }
 
-  setSpeed(bytesPerSecond: number): void {
+  async setSpeed(bytesPerSecond: number): Promise<void> {
+    this.setSpeedNow(bytesPerSecond);
+  }
+
+  private setSpeedNow(bytesPerSecond: number): void {
     assertVerb('set-speed', this.record.status, this.id);
     if (!Number.isFinite(bytesPerSecond) || bytesPerSecond < 0) {
       throw new InvalidArgument(`speed must be a number of bytes per second ≥ 0 (0 = unlimited), got ${bytesPerSecond}`);
     }
     this.record.speed = Math.floor(bytesPerSecond);
     this.run.setSpeed(this.record.speed);
-    this.persist(true);
+    void this.persist(true);
   }
 
-  dismiss(): void {
+  async dismiss(): Promise<void> {
     assertVerb('dismiss', this.record.status, this.id);
-    this.store.delete(this.id);
+    await this.writes;
+    await this.store.deleteJob(this.id);
   }
 
   wait(): Promise<JobInfo> {
@@ -157,16 +186,12 @@ export class ManagedJob implements Job {
    * Extend this runner's lease to `until`; when the store refuses (another runner took the job
    * over, or it was deleted), stop at once without writing anything more.
    */
-  renewLease(until: number): void {
-    if (this.lost !== undefined) return;
-    let held: boolean;
-    try {
-      held = this.store.renew(this.id, this.record.runnerToken, this.record.fence, until);
-    } catch {
-      return; // the store is closing; the lease runs out by itself
-    }
-    if (held) this.record.leaseExpires = until;
-    else this.loseLease('another runner took it over (or it was deleted)');
+  renewLease(until: number): Promise<void> {
+    return this.enqueue(async () => {
+      const held = await this.store.renewLease(this.id, this.record.runnerToken, this.record.fence, until);
+      if (held) this.record.leaseExpires = Math.max(this.record.leaseExpires, until);
+      return held;
+    }, 'another runner took it over (or it was deleted)');
   }
 
   /** Stop running without concluding: the broker is closing; a later start resumes the job. */
@@ -185,7 +210,7 @@ export class ManagedJob implements Job {
     }
     if (this.lost !== undefined) return this.giveUp();
     try {
-      if (this.shuttingDown) return this.abandon();
+      if (this.shuttingDown) return await this.abandon();
       // A job paused between chunks may still end (its chunk failed or was its last): leave the
       // pause first, as QEMU allows no paused → aborting/waiting transition.
       if (this.record.status === 'paused') this.transition('running');
@@ -206,12 +231,10 @@ export class ManagedJob implements Job {
       // Never leave a job hanging (or an unhandled rejection): record what went wrong.
       this.record.status = 'concluded';
       this.record.error ??= { code: 'Internal', message: `job ${this.id}: ${(e as Error).message}` };
-      try {
-        this.persist(true);
-      } catch {
-        // the store is gone; the next broker start fails the job as interrupted
-      }
+      void this.persist(true);
     }
+    // The outcome is stored before anyone learns of it (a CLI that exits after wait() leaves it recorded).
+    await this.writes;
     if (this.lost !== undefined) return this.giveUp();
     this.end();
     this.resolveConcluded(this.info());
@@ -221,9 +244,12 @@ export class ManagedJob implements Job {
    * The broker closed while the job ran: its record stays active, released by this runner (so
    * another may take it over at once), and wait() rejects.
    */
-  private abandon(): void {
+  private async abandon(): Promise<void> {
+    await this.writes;
+    if (this.lost !== undefined) return this.giveUp();
     try {
-      if (!this.store.release(this.id, this.record.runnerToken, this.record.fence, this.record.checkpoint)) {
+      if (!(await this.store.releaseJob(this.id, this.record.runnerToken, this.record.fence, this.record.checkpoint))) {
+        this.lost = 'another runner took it over (or it was deleted)';
         return this.giveUp();
       }
     } catch {
@@ -258,35 +284,65 @@ export class ManagedJob implements Job {
     if (from === to && to !== 'aborting') return;
     if (from !== to && !canTransition(from, to)) throw new Error(`job ${this.id}: illegal transition ${from} → ${to}`);
     this.record.status = to;
-    this.persist(true);
+    void this.persist(true);
     this.emit({ type: 'status', job: this.info() });
   }
 
-  /** Write the record; fenced: a refused write means another runner has the job, and this one stops. */
-  private persist(force: boolean): void {
-    if (this.lost !== undefined) return;
+  /**
+   * Write the record (as it is when the write runs); fenced: a refused write means another runner
+   * has the job, and this one stops. Resolves once written (or skipped).
+   */
+  private persist(force: boolean): Promise<void> {
+    if (this.lost !== undefined) return this.writes;
     const now = Date.now();
-    if (!force && now - this.lastPersist < PERSIST_EVERY_MS) return;
+    if (!force && now - this.lastPersist < PERSIST_EVERY_MS) return this.writes;
     this.lastPersist = now;
-    this.record.updatedAt = new Date(now).toISOString();
-    if (!this.store.update(this.record)) this.loseLease('its record was taken over by another runner (or deleted)');
+    if (this.recordQueued) return this.writes; // the queued write will carry this change too
+    this.recordQueued = true;
+    return this.enqueue(() => {
+      this.recordQueued = false;
+      this.record.updatedAt = new Date().toISOString();
+      return this.store.updateJob(structuredClone(this.record));
+    }, 'its record was taken over by another runner (or deleted)');
   }
 
-  private pollRequests(): void {
+  /**
+   * Run a fenced store write after the ones before it. A write that fails (the store is closing,
+   * or unreachable) is skipped: the lease, no longer renewed, ends the job's run in time.
+   */
+  private enqueue(write: () => Promise<boolean>, refused: string): Promise<void> {
+    this.writes = this.writes.then(async () => {
+      if (this.lost !== undefined) return;
+      let ok: boolean;
+      try {
+        ok = await write();
+      } catch {
+        return;
+      }
+      if (!ok) this.loseLease(refused);
+    });
+    return this.writes;
+  }
+
+  private async pollRequests(): Promise<void> {
+    if (this.polling) return;
+    this.polling = true;
     let req: StoredRequest | undefined;
     try {
-      req = this.store.takeRequest(this.id);
+      req = await this.store.takeRequest(this.id);
     } catch {
       return; // the store is closing
+    } finally {
+      this.polling = false;
     }
     if (!req) return;
     try {
       switch (req.verb) {
-        case 'cancel': this.cancel(); break;
-        case 'pause': this.pause(); break;
-        case 'resume': this.resume(); break;
-        case 'complete': this.complete(); break;
-        case 'set-speed': this.setSpeed(req.speed); break;
+        case 'cancel': this.cancelNow(); break;
+        case 'pause': this.pauseNow(); break;
+        case 'resume': this.resumeNow(); break;
+        case 'complete': this.run.complete(); break;
+        case 'set-speed': this.setSpeedNow(req.speed); break;
       }
     } catch {
       // A verb that no longer applies (the job moved on) is dropped, as QEMU would refuse it.

@@ -1,7 +1,8 @@
 import { errorFromCode, FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
 import { assertVerb } from './job-states.js';
 import type { Job, JobEvent, JobInfo } from './job.js';
-import type { JobRecord, JobStore } from './job-store.js';
+import type { JobRecord } from '../state/records.js';
+import type { StateStore } from '../state/state-store.js';
 
 /** What a job's record shows of it: `orphaned` when nobody runs it (the job manager knows). */
 export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
@@ -18,25 +19,33 @@ export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
 /**
  * A job another process runs (e.g. `offload stream` in one terminal, `offload jobs cancel` in
  * another): reads come from the store, verbs are stored as requests that the running process
- * applies within a fraction of a second.
+ * applies within a fraction of a second. info() is the record as last read (when the job was
+ * looked up, and again by every verb, wait() and the on() poll).
  */
 export class RemoteJob implements Job {
+  readonly id: string;
+  private last: JobRecord;
+
   constructor(
-    readonly id: string,
-    private readonly store: JobStore,
+    record: JobRecord,
+    private readonly store: StateStore,
     /** Whether nobody runs a record any more (else wait() would never end). */
     private readonly orphaned: (r: JobRecord) => boolean,
-  ) {}
+  ) {
+    this.id = record.id;
+    this.last = record;
+  }
 
-  private record(): JobRecord {
-    const r = this.store.get(this.id);
+  private async record(): Promise<JobRecord> {
+    const r = await this.store.getJob(this.id);
     if (!r) throw new NotFound(`job ${this.id} does not exist`, { ref: this.id, hint: 'list jobs with `offload jobs list`' });
+    this.last = r;
     return r;
   }
 
   /** A verb needs a runner to apply it: an orphaned job has none until it is taken over. */
-  private runnable(): JobRecord {
-    const r = this.record();
+  private async runnable(): Promise<JobRecord> {
+    const r = await this.record();
     if (this.orphaned(r)) {
       throw new FailedPrecondition(`job ${this.id} is orphaned: nobody runs it to apply this`, {
         ref: r.ref, hint: `take it over first (\`offload jobs resume ${this.id}\`, broker.jobs.takeOver)`,
@@ -46,50 +55,49 @@ export class RemoteJob implements Job {
   }
 
   info(): JobInfo {
-    const r = this.record();
-    return recordToInfo(r, this.orphaned(r));
+    return recordToInfo(this.last, this.orphaned(this.last));
   }
 
-  pause(): void {
-    const { status } = this.runnable();
+  async pause(): Promise<void> {
+    const { status } = await this.runnable();
     assertVerb('pause', status, this.id);
     if (status === 'paused' || status === 'standby') throw new FailedPrecondition(`job ${this.id} is already paused`, { ref: this.id });
-    this.store.setRequest(this.id, { verb: 'pause' });
+    await this.store.setRequest(this.id, { verb: 'pause' });
   }
 
-  resume(): void {
-    const { status } = this.runnable();
+  async resume(): Promise<void> {
+    const { status } = await this.runnable();
     assertVerb('resume', status, this.id);
     if (status !== 'paused' && status !== 'standby') throw new FailedPrecondition(`job ${this.id} is not paused`, { ref: this.id });
-    this.store.setRequest(this.id, { verb: 'resume' });
+    await this.store.setRequest(this.id, { verb: 'resume' });
   }
 
-  cancel(): void {
-    assertVerb('cancel', this.runnable().status, this.id);
-    this.store.setRequest(this.id, { verb: 'cancel' });
+  async cancel(): Promise<void> {
+    assertVerb('cancel', (await this.runnable()).status, this.id);
+    await this.store.setRequest(this.id, { verb: 'cancel' });
   }
 
-  complete(): void {
-    assertVerb('complete', this.runnable().status, this.id);
-    this.store.setRequest(this.id, { verb: 'complete' });
+  async complete(): Promise<void> {
+    assertVerb('complete', (await this.runnable()).status, this.id);
+    await this.store.setRequest(this.id, { verb: 'complete' });
   }
 
-  setSpeed(bytesPerSecond: number): void {
-    assertVerb('set-speed', this.runnable().status, this.id);
+  async setSpeed(bytesPerSecond: number): Promise<void> {
+    assertVerb('set-speed', (await this.runnable()).status, this.id);
     if (!Number.isFinite(bytesPerSecond) || bytesPerSecond < 0) {
       throw new InvalidArgument(`speed must be a number of bytes per second ≥ 0 (0 = unlimited), got ${bytesPerSecond}`);
     }
-    this.store.setRequest(this.id, { verb: 'set-speed', speed: bytesPerSecond });
+    await this.store.setRequest(this.id, { verb: 'set-speed', speed: bytesPerSecond });
   }
 
-  dismiss(): void {
-    assertVerb('dismiss', this.record().status, this.id);
-    this.store.delete(this.id);
+  async dismiss(): Promise<void> {
+    assertVerb('dismiss', (await this.record()).status, this.id);
+    await this.store.deleteJob(this.id);
   }
 
   async wait(): Promise<JobInfo> {
     for (;;) {
-      const rec = this.record();
+      const rec = await this.record();
       if (rec.status === 'concluded') return recordToInfo(rec);
       if (this.orphaned(rec)) {
         throw new FailedPrecondition(`job ${this.id} is orphaned: the process that ran it stopped`, {
@@ -109,20 +117,19 @@ export class RemoteJob implements Job {
   /** Polls the store and reports status and progress changes. */
   on(listener: (event: JobEvent) => void): () => void {
     let last = '';
+    let busy = false;
     const timer = setInterval(() => {
-      let info: JobInfo;
-      try {
-        info = this.info();
-      } catch {
-        clearInterval(timer);
-        return;
-      }
-      const key = `${info.status}:${info.progress.current}:${info.progress.total}`;
-      if (key === last) return;
-      const statusChanged = !last.startsWith(`${info.status}:`);
-      last = key;
-      listener({ type: statusChanged ? 'status' : 'progress', job: info });
-      if (info.status === 'concluded') clearInterval(timer);
+      if (busy) return;
+      busy = true;
+      this.record().then((rec) => {
+        const info = recordToInfo(rec, this.orphaned(rec));
+        const key = `${info.status}:${info.progress.current}:${info.progress.total}`;
+        if (key === last) return;
+        const statusChanged = !last.startsWith(`${info.status}:`);
+        last = key;
+        listener({ type: statusChanged ? 'status' : 'progress', job: info });
+        if (info.status === 'concluded') clearInterval(timer);
+      }, () => clearInterval(timer)).finally(() => { busy = false; });
     }, 250);
     timer.unref();
     return () => clearInterval(timer);

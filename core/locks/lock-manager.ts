@@ -39,6 +39,11 @@ export interface LockLease {
   release(): void;
 }
 
+/** A maintenance lock placed in the shared state. */
+export interface StoredLease {
+  release(): Promise<void>;
+}
+
 interface Held {
   key: string;
   mode: LockMode;
@@ -46,15 +51,15 @@ interface Held {
 }
 
 /**
- * Locks held outside this process, so that two `offload` processes sharing a state directory
- * respect each other: the jobs other live processes run, and maintenance locks (kept in the
- * broker's SQLite store so they outlive the process that placed them).
+ * Locks held outside this process, so that brokers sharing a state store respect each other: the
+ * jobs and operations of other live brokers, and maintenance locks (kept in the store so they
+ * outlive the process that placed them).
  */
 export interface SharedLocks {
-  foreign(): { key: string; mode: LockMode; holder: LockHolder }[];
-  maintenance(): { key: string; principal: Principal; reason: string }[];
-  placeMaintenance(key: string, principal: Principal, reason: string): void;
-  removeMaintenance(key: string): void;
+  foreign(): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]>;
+  maintenance(): Promise<{ key: string; principal: Principal; reason: string }[]>;
+  placeMaintenance(key: string, principal: Principal, reason: string): Promise<void>;
+  removeMaintenance(key: string): Promise<void>;
 }
 
 /** Does a held lock of mode `held` conflict with a request of mode `wanted`? */
@@ -70,13 +75,13 @@ export class LockManager {
 
   constructor(private readonly shared?: SharedLocks) {}
 
-  /** Every lock that counts: this process's, other processes' jobs, and maintenance locks. */
-  private all(): Held[] {
-    if (!this.shared) return this.held;
+  /** Every lock held outside this broker: other brokers' jobs and operations, and maintenance locks. */
+  private async outside(): Promise<Held[]> {
+    if (!this.shared) return [];
+    const [foreign, maintenance] = await Promise.all([this.shared.foreign(), this.shared.maintenance()]);
     return [
-      ...this.held,
-      ...this.shared.foreign(),
-      ...this.shared.maintenance().map((m) => ({
+      ...foreign,
+      ...maintenance.map((m) => ({
         key: m.key, mode: 'maintenance' as const,
         holder: { id: `maintenance:${m.key}`, principal: m.principal, description: `maintenance: ${m.reason}` },
       })),
@@ -84,8 +89,9 @@ export class LockManager {
   }
 
   /** Locks currently held, for `offload locks` and tests. */
-  list(): LockInfo[] {
-    return this.all().map((h) => ({
+  async list(): Promise<LockInfo[]> {
+    const outside = await this.outside();
+    return [...this.held, ...outside].map((h) => ({
       key: h.key,
       mode: h.mode,
       holder: { id: h.holder.id, principal: h.holder.principal.id, role: h.holder.principal.role, description: h.holder.description },
@@ -99,7 +105,10 @@ export class LockManager {
   async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = 30_000): Promise<LockLease> {
     const deadline = Date.now() + preemptWaitMs;
     for (;;) {
-      const conflicts = this.conflicts(requests, holder);
+      // Read what others hold, then check against this broker's locks and grant in one step (no
+      // await between): two acquires of this process cannot both pass the check.
+      const outside = await this.outside();
+      const conflicts = this.conflicts(requests, holder, outside);
       if (conflicts.length === 0) return this.grant(requests.map((r) => ({ ...r, holder })));
       const blocking = conflicts.filter((c) => !this.canPreempt(holder.principal, c));
       if (blocking.length > 0) throw busyError(blocking[0]!);
@@ -112,39 +121,41 @@ export class LockManager {
   }
 
   /** Place a maintenance lock (administrators only). */
-  placeMaintenance(key: string, principal: Principal, reason: string): LockLease {
+  async placeMaintenance(key: string, principal: Principal, reason: string): Promise<StoredLease> {
     if (principal.role !== 'admin') {
       throw new PermissionDenied(`only an administrator can place a maintenance lock on ${key}`, { ref: key });
     }
-    const existing = this.all().find((h) => h.key === key && h.mode === 'maintenance');
+    const existing = [...this.held, ...(await this.outside())].find((h) => h.key === key && h.mode === 'maintenance');
     if (existing) throw busyError(existing);
     if (this.shared) {
-      this.shared.placeMaintenance(key, principal, reason);
+      await this.shared.placeMaintenance(key, principal, reason);
       return { release: () => this.shared!.removeMaintenance(key) };
     }
-    return this.grant([{ key, mode: 'maintenance', holder: { id: `maintenance:${key}`, principal, description: `maintenance: ${reason}` } }]);
+    const lease = this.grant([{ key, mode: 'maintenance', holder: { id: `maintenance:${key}`, principal, description: `maintenance: ${reason}` } }]);
+    return { release: async () => lease.release() };
   }
 
   /** Break a maintenance lock (administrators only). Breaking one that is absent is fine. */
-  breakMaintenance(key: string, principal: Principal): void {
+  async breakMaintenance(key: string, principal: Principal): Promise<void> {
     if (principal.role !== 'admin') {
       throw new PermissionDenied(`only an administrator can break the maintenance lock on ${key}`, { ref: key });
     }
-    this.shared?.removeMaintenance(key);
+    await this.shared?.removeMaintenance(key);
     this.remove((h) => h.key === key && h.mode === 'maintenance');
   }
 
   /** Check without taking: throws what acquire would throw for a non-administrator. */
-  check(requests: LockRequest[], principal: Principal): void {
-    const conflicts = this.conflicts(requests, { id: '', principal, description: '' });
+  async check(requests: LockRequest[], principal: Principal): Promise<void> {
+    const conflicts = this.conflicts(requests, { id: '', principal, description: '' }, await this.outside());
     const blocking = conflicts.filter((c) => !this.canPreempt(principal, c));
     if (blocking.length > 0) throw busyError(blocking[0]!);
   }
 
-  private conflicts(requests: LockRequest[], holder: LockHolder): Held[] {
+  private conflicts(requests: LockRequest[], holder: LockHolder, outside: Held[]): Held[] {
     const out: Held[] = [];
+    const all = [...this.held, ...outside];
     for (const r of requests) {
-      for (const h of this.all()) {
+      for (const h of all) {
         if (h.key !== r.key || h.holder.id === holder.id) continue;
         if (h.mode === 'maintenance') {
           if (holder.principal.role !== 'admin') out.push(h);

@@ -44,6 +44,9 @@ export interface OpLockRecord {
   description: string;
   runnerPid: number;
   runnerToken: string;
+  /** The runner's host (as a job's runnerHost) and its lease, renewed with its jobs' (StateOps.renewOps). */
+  runnerHost: string;
+  leaseExpires: number;
 }
 
 /** An NBD export as other processes sharing the state see it (`offload nbd list`). */
@@ -58,6 +61,8 @@ export interface ExportRecord {
   role: 'admin' | 'tenant';
   runnerPid: number;
   runnerToken: string;
+  runnerHost: string;
+  leaseExpires: number;
   startedAt: string;
 }
 

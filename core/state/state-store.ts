@@ -46,6 +46,8 @@ export interface StateOps {
   /** Remove an operation's locks and any stop request for it. */
   deleteOpLocks(id: string): Promise<void>;
   listOpLocks(): Promise<OpLockRecord[]>;
+  /** Extend the lease of every operation and export of the runner `token` (its heartbeat). */
+  renewOps(token: string, leaseExpires: number): Promise<void>;
   /** Ask the process holding a long-lived operation (an export) to stop it. */
   requestOpStop(id: string): Promise<void>;
   /** Read and clear a stop request: true if there was one. */

@@ -61,7 +61,7 @@ describe('broker', () => {
     expect(Buffer.from(await out.read(32 << 20, 4096)).equals(Buffer.from(fill(4096, 2)))).toBe(true);
     expect((await out.extents()).reduce((n, e) => n + e.length, 0)).toBe(8192 + 4096);
     await out.close();
-    const jobs = b.jobs.list();
+    const jobs = (await b.jobs.list());
     expect(jobs).toHaveLength(1);
     // A clone through the host is a job of its own (it created the target, and would delete it on failure).
     expect(jobs[0]).toMatchObject({ type: 'clone', executor: 'host', progress: { current: 12288, total: 12288 } });
@@ -117,13 +117,13 @@ describe('broker', () => {
     const admin = await make([{ name: 'm', kind: 'memory' }]);
     const alice = admin.as(tenant('alice'));
     await alice.volumes.create('m/v', { sizeBytes: 1 << 20 });
-    expect(() => alice.locks.maintenance('m/v', 'mine')).toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
-    admin.locks.maintenance('m/v', 'moving to new shelf');
+    await expect(alice.locks.maintenance('m/v', 'mine')).rejects.toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
+    await admin.locks.maintenance('m/v', 'moving to new shelf');
     await expect(alice.volumes.resize('m/v', 2 << 20)).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/new shelf/) });
     await admin.volumes.resize('m/v', 2 << 20);
-    expect(admin.locks.list()).toHaveLength(1);
-    expect(() => alice.locks.release('m/v')).toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
-    admin.locks.release('m/v');
+    expect((await admin.locks.list())).toHaveLength(1);
+    await expect(alice.locks.release('m/v')).rejects.toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
+    await admin.locks.release('m/v');
     await alice.volumes.resize('m/v', 3 << 20);
   });
 

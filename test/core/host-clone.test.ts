@@ -66,7 +66,7 @@ describe('a clone through the host', () => {
     expect(raced).toBe(true);
     // Theirs, untouched: not adopted, not overwritten, not deleted.
     expect((await readAt(b, 'z/dst', 0, MiB)).every((x) => x === 9)).toBe(true);
-    const jobs = b.jobs.list();
+    const jobs = (await b.jobs.list());
     expect(jobs).toHaveLength(1);
     expect(jobs[0]).toMatchObject({ type: 'clone', error: { code: 'AlreadyExists' } });
   });
@@ -91,13 +91,13 @@ describe('a clone through the host', () => {
     expect(started.volume).toBeUndefined();
     const job = started.job!;
     for (let i = 0; i < 500 && job.info().progress.current === 0; i++) await new Promise((r) => setTimeout(r, 10));
-    const listed = b.jobs.list().find((j) => j.id === job.id)!;
+    const listed = (await b.jobs.list()).find((j) => j.id === job.id)!;
     expect(listed).toMatchObject({ type: 'clone', executor: 'host', ref: 'z/dst', status: 'running' });
     expect(listed.progress.current).toBeGreaterThan(0);
     expect(listed.progress.current).toBeLessThan(32 * MiB);
     expect(listed.progress.total).toBe(32 * MiB);
     expect((await b.volumes.get('z/dst')).sizeBytes).toBe(32 * MiB);
-    b.jobs.cancel(job.id);
+    await b.jobs.cancel(job.id);
     await expect(job.result()).rejects.toMatchObject({ code: 'Cancelled' });
     await expect(b.volumes.get('z/dst')).rejects.toMatchObject({ code: 'NotFound' });
     expect(await memoryBackends.get('z')!.getVolume('dst')).toBeUndefined();
@@ -178,7 +178,7 @@ describe('the clone job across a stop (cloneTask resumed)', () => {
       open: (ref, mode) => b.volumes.open(ref, mode),
       find: (ref) => z.getVolume(ref.split('/')[1]!),
       create: (ref, sizeBytes, owner) => z.createVolume({ name: ref.split('/')[1]!, sizeBytes, owner }),
-      own: (ref) => void owned.push(ref),
+      own: async (ref) => void owned.push(ref),
       remove: async (ref) => { removed.push(ref); await z.deleteVolume(ref.split('/')[1]!); },
     };
     const params: HostCloneParams = { source: 'a/src', target: 'z/dst', targetFresh: true, sizeBytes: 2 * MiB, owner: 'admin' };

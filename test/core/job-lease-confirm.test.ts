@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { LockManager, silentLogger, type JobTask } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
-import { JobStore } from '../../core/jobs/job-store.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'offload-lease-confirm-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -38,7 +38,7 @@ function sideEffectTask(): { task: JobTask; go(): void; effects: number } {
 
 describe('confirmLease', () => {
   it('passes while the runner holds the job, so the side effect happens once', async () => {
-    const store = new JobStore(join(dir, 'a.sqlite'));
+    const store = new SqliteStateStore(join(dir, 'a.sqlite'));
     const jobs = new JobManager(store, new LockManager(), async () => undefined, silentLogger, { leaseMs: 60_000 });
     try {
       const t = sideEffectTask();
@@ -47,36 +47,36 @@ describe('confirmLease', () => {
       const info = await job.wait();
       expect(info.error).toBeUndefined();
       expect(t.effects).toBe(1);
-      expect(store.get(job.id)).toMatchObject({ status: 'concluded', fence: 1 });
+      expect(await store.getJob(job.id)).toMatchObject({ status: 'concluded', fence: 1 });
     } finally {
       await jobs.close();
-      store.close();
+      await store.close();
     }
   });
 
   it('throws once another runner took the job over: no side effect, and the record stays the new runner\'s', async () => {
     const file = join(dir, 'b.sqlite');
-    const store = new JobStore(file);
-    const other = new JobStore(file);
+    const store = new SqliteStateStore(file);
+    const other = new SqliteStateStore(file);
     const jobs = new JobManager(store, new LockManager(), async () => undefined, silentLogger, { leaseMs: 60_000 });
     try {
       const t = sideEffectTask();
       const job = await jobs.start({ task: t.task, ref: 'x/y', executor: 'host', principal: { id: 'admin', role: 'admin' }, locks: [] });
-      for (let i = 0; i < 100 && store.get(job.id)?.checkpoint === undefined; i++) await new Promise((r) => setTimeout(r, 10));
-      const rec = store.get(job.id)!;
+      for (let i = 0; i < 100 && (await store.getJob(job.id))?.checkpoint === undefined; i++) await new Promise((r) => setTimeout(r, 10));
+      const rec = (await store.getJob(job.id))!;
       // Another runner takes it over (as after a partition: this one never noticed its lease end).
-      expect(other.claim(job.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(2);
-      const taken = other.get(job.id)!;
+      expect(await other.claimJob(job.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(2);
+      const taken = (await other.getJob(job.id))!;
       t.go();
       const e = (await job.wait().catch((x: unknown) => x)) as { code?: string; message?: string };
       expect(e.code).toBe('FailedPrecondition');
       expect(e.message).toMatch(/another runner took it over/);
       expect(t.effects).toBe(0);
-      expect(other.get(job.id)).toEqual(taken);
+      expect(await other.getJob(job.id)).toEqual(taken);
     } finally {
       await jobs.close();
-      store.close();
-      other.close();
+      await store.close();
+      await other.close();
     }
   });
 });
@@ -84,13 +84,13 @@ describe('confirmLease', () => {
 describe('taking a job over in one process', () => {
   it('takeOver and the runner loop at once take the job over once: one claim, one run', async () => {
     const file = join(dir, 'c.sqlite');
-    const store = new JobStore(file);
+    const store = new SqliteStateStore(file);
     let runs = 0;
     let finish!: () => void;
     const gate = new Promise<void>((r) => { finish = r; });
     const task: JobTask = { type: 'test', params: {}, async run(ctx) { runs++; await gate; await ctx.checkpoint(1); } };
     const now = new Date().toISOString();
-    store.insert({
+    await store.insertJob({
       id: 'orphan', type: 'test', status: 'running', executor: 'host', ref: 'x/y', owner: 'admin', ownerRole: 'admin',
       progress: { current: 0, total: 1 }, speed: 0, cancelled: false, params: {}, createdAt: now, updatedAt: now,
       runnerPid: 0, runnerToken: 'released', runnerHost: '', leaseExpires: 0, seenAt: 0, fence: 3, locks: [],
@@ -103,14 +103,14 @@ describe('taking a job over in one process', () => {
       expect(b.id).toBe('orphan');
       expect(r.failed).toEqual([]);
       await new Promise((res) => setTimeout(res, 50));
-      expect(store.get('orphan')).toMatchObject({ fence: 4, runnerPid: process.pid });
+      expect(await store.getJob('orphan')).toMatchObject({ fence: 4, runnerPid: process.pid });
       finish();
       expect((await a.wait()).error).toBeUndefined();
       expect(runs).toBe(1);
-      expect(store.get('orphan')).toMatchObject({ status: 'concluded', fence: 4 });
+      expect(await store.getJob('orphan')).toMatchObject({ status: 'concluded', fence: 4 });
     } finally {
       await jobs.close();
-      store.close();
+      await store.close();
     }
   });
 });

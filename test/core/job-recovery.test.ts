@@ -83,12 +83,12 @@ describe('jobs survive a kill -9 of the process running them', () => {
       { plugins: [tickerModule], logger: silentLogger },
     );
     try {
-      const info = broker.jobs.get(id).info();
+      const info = (await broker.jobs.get(id)).info();
       expect(info.status).toBe('concluded');
       expect(info.error?.message).toMatch(/interrupted/);
       expect(info.error?.message).toMatch(/run it again/);
       // never left "running" again
-      expect(broker.jobs.list({ status: 'running' })).toHaveLength(0);
+      expect((await broker.jobs.list({ status: 'running' }))).toHaveLength(0);
     } finally {
       await broker.close();
     }

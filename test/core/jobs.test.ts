@@ -7,7 +7,7 @@ import {
   silentLogger, verbAllowed, type Broker, type JobContext, type JobEvent, type JobStatus, type JobTask,
 } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
-import { JobStore } from '../../core/jobs/job-store.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { memoryModule } from '../support/memory-backend.js';
 import { tickerModule } from '../support/ticker-backend.js';
 
@@ -17,11 +17,11 @@ afterEach(async () => {
 });
 
 function manager(): JobManager {
-  const store = new JobStore(':memory:');
+  const store = new SqliteStateStore(':memory:');
   const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
   cleanups.push(async () => {
     await m.close();
-    store.close();
+    await store.close();
   });
   return m;
 }
@@ -98,40 +98,40 @@ describe('jobs', () => {
     const t = steppedTask(3);
     const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
     await t.step();
-    job.pause();
+    await job.pause();
     expect(job.info().status).toBe('paused');
-    expect(() => job.pause()).toThrow(/already paused/);
-    expect(() => job.complete()).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
-    expect(() => job.dismiss()).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+    await expect(job.pause()).rejects.toThrow(/already paused/);
+    await expect(job.complete()).rejects.toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+    await expect(job.dismiss()).rejects.toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
     await t.step(); // the chunk finishes, then the task waits at its pause point
     const held = job.info().progress.current;
     await new Promise((r) => setTimeout(r, 30));
     expect(job.info().progress.current).toBe(held);
-    job.resume();
+    await job.resume();
     expect(job.info().status).toBe('running');
     await t.step();
     const info = await job.wait();
     expect(info.error).toBeUndefined();
-    job.dismiss();
-    expect(() => m.get(job.id)).toThrow(expect.objectContaining({ code: 'NotFound' }));
+    await job.dismiss();
+    await expect(m.get(job.id)).rejects.toThrow(expect.objectContaining({ code: 'NotFound' }));
   });
 
   it('cancel (also of a paused job) concludes with Cancelled and releases its locks', async () => {
     const locks = new LockManager();
-    const store = new JobStore(':memory:');
+    const store = new SqliteStateStore(':memory:');
     const m = new JobManager(store, locks, async () => undefined, silentLogger);
-    cleanups.push(async () => { await m.close(); store.close(); });
+    cleanups.push(async () => { await m.close(); await store.close(); });
     const t = steppedTask(5);
     const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] });
     await t.step();
-    job.pause();
-    job.cancel();
+    await job.pause();
+    await job.cancel();
     await t.step();
     const info = await job.wait();
     expect(info.status).toBe('concluded');
     expect(info.error?.code).toBe('Cancelled');
     expect(info.cancelled).toBe(true);
-    expect(locks.list()).toHaveLength(0);
+    expect(await locks.list()).toHaveLength(0);
     await expect(job.result()).rejects.toMatchObject({ code: 'Cancelled' });
   });
 
@@ -142,11 +142,11 @@ describe('jobs', () => {
     await t.step();
     for (let i = 0; i < 100 && job.info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 5));
     expect(job.info().status).toBe('ready');
-    job.pause();
+    await job.pause();
     expect(job.info().status).toBe('standby');
-    job.resume();
+    await job.resume();
     expect(job.info().status).toBe('ready');
-    job.complete();
+    await job.complete();
     const info = await job.wait();
     expect(info.error).toBeUndefined();
   });
@@ -165,13 +165,13 @@ describe('jobs', () => {
     const m = manager();
     const t = steppedTask(2);
     const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
-    expect(() => job.setSpeed(-1)).toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
-    job.setSpeed(1_000_000);
+    await expect(job.setSpeed(-1)).rejects.toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
+    await job.setSpeed(1_000_000);
     expect(job.info().speed).toBe(1_000_000);
     await t.step();
     await t.step();
     await job.wait();
-    expect(() => job.setSpeed(5)).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+    await expect(job.setSpeed(5)).rejects.toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
   });
 });
 
@@ -209,7 +209,7 @@ describe('jobs through the broker', () => {
     await job.wait();
     await b1.close();
     const b2 = await broker(state);
-    const info = b2.jobs.get(job.id).info();
+    const info = (await b2.jobs.get(job.id)).info();
     expect(info).toMatchObject({ status: 'concluded', type: 'stream', executor: 'backend:tick', ref: 'tick/v', owner: 'admin' });
     expect(info.plan).toMatchObject({ supported: true });
   });
@@ -222,7 +222,7 @@ describe('jobs through the broker', () => {
     const job = await b1.stream('tick/v');
     // the other broker refuses a conflicting job on the same volume, naming the job
     await expect(b2.stream('tick/v')).rejects.toMatchObject({ code: 'Busy', message: expect.stringContaining(job.id) });
-    b2.jobs.cancel(job.id);
+    await b2.jobs.cancel(job.id);
     const info = await job.wait();
     expect(info.error?.code).toBe('Cancelled');
   });
@@ -233,10 +233,10 @@ describe('jobs through the broker', () => {
     const b = await broker(state);
     const job = await b.stream('tick/v');
     await expect(b.stream('tick/v')).rejects.toMatchObject({ code: 'Busy' });
-    job.cancel();
+    await job.cancel();
     await job.wait();
     const again = await b.stream('tick/v', { speed: 0 });
-    again.cancel();
+    await again.cancel();
     await again.wait();
   });
 });
@@ -256,11 +256,11 @@ describe('memory stream through the broker', () => {
     await alice.snapshots.create('m/base@s');
     await alice.clone('m/base@s', 'm/child', { mode: 'linked' });
     const job = await alice.stream('m/child');
-    expect(bob.jobs.list()).toHaveLength(0);
-    expect(() => bob.jobs.cancel(job.id)).toThrow(expect.objectContaining({ code: 'NotFound' }));
+    expect((await bob.jobs.list())).toHaveLength(0);
+    await expect(bob.jobs.cancel(job.id)).rejects.toThrow(expect.objectContaining({ code: 'NotFound' }));
     await expect(bob.volumes.get('m/child')).rejects.toMatchObject({ code: 'NotFound' });
-    expect(alice.jobs.list().map((j) => j.id)).toEqual([job.id]);
-    admin.jobs.cancel(job.id);
+    expect((await alice.jobs.list()).map((j) => j.id)).toEqual([job.id]);
+    await admin.jobs.cancel(job.id);
     expect((await job.wait()).error?.code).toBe('Cancelled');
   });
 });
@@ -268,20 +268,20 @@ describe('memory stream through the broker', () => {
 describe('jobs: hard cases', () => {
   it('a job whose chunk fails while it is paused concludes with the error and frees its locks', async () => {
     const locks = new LockManager();
-    const store = new JobStore(':memory:');
+    const store = new SqliteStateStore(':memory:');
     const m = new JobManager(store, locks, async () => undefined, silentLogger);
-    cleanups.push(async () => { await m.close(); store.close(); });
+    cleanups.push(async () => { await m.close(); await store.close(); });
     let fail!: (e: Error) => void;
     const job = await m.start({
       task: { type: 't', params: {}, run: () => new Promise<void>((_, reject) => (fail = reject)) },
       ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }],
     });
-    job.pause();
+    await job.pause();
     fail(new Error('read error on chunk 3'));
     const info = await job.wait();
     expect(info.status).toBe('concluded');
     expect(info.error?.message).toMatch(/read error on chunk 3/);
-    expect(locks.list()).toHaveLength(0);
+    expect(await locks.list()).toHaveLength(0);
   });
 
   it('two brokers starting a conflicting job at the same moment: exactly one runs', async () => {
@@ -323,26 +323,26 @@ describe('locks across processes', () => {
   it('a short operation in one broker holds off a job in another, and the reverse', async () => {
     const state = mkdtempSync(join(tmpdir(), 'offload-ops-'));
     const file = join(state, 'jobs.sqlite');
-    const s1 = new JobStore(file);
-    const s2 = new JobStore(file);
+    const s1 = new SqliteStateStore(file);
+    const s2 = new SqliteStateStore(file);
     const m1 = new JobManager(s1, new LockManager(), async () => undefined, silentLogger);
     const m2 = new JobManager(s2, new LockManager(), async () => undefined, silentLogger);
     cleanups.push(async () => {
       await m1.close();
       await m2.close();
-      s1.close();
-      s2.close();
+      await s1.close();
+      await s2.close();
       rmSync(state, { recursive: true, force: true });
     });
-    const release = m1.recordOperation('op-revert', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'revert b/v@s');
+    const release = await m1.recordOperation('op-revert', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'revert b/v@s');
     const t = steppedTask(1);
     await expect(m2.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] }))
       .rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/operation op-revert \(revert b\/v@s/) });
-    release();
+    await release();
     const job = await m2.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] });
-    expect(() => m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v')).toThrow(expect.objectContaining({ code: 'Busy' }));
+    await expect(m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v')).rejects.toThrow(expect.objectContaining({ code: 'Busy' }));
     await t.step();
     await job.wait();
-    m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v')();
+    await (await m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v'))();
   });
 });

@@ -37,7 +37,7 @@ describe('lock conflict matrix', () => {
     lease.release();
     const again = await m.acquire([{ key: 'b/v', mode: 'exclusive' }], { id: 'x', principal: bob, description: 'x' });
     again.release();
-    expect(m.list()).toHaveLength(0);
+    expect((await m.list())).toHaveLength(0);
   });
 
   it('takes all requested locks or none', async () => {
@@ -45,23 +45,23 @@ describe('lock conflict matrix', () => {
     await m.acquire([{ key: 'b/two', mode: 'exclusive' }], { id: 'j1', principal: ADMIN, description: 'j1' });
     await expect(m.acquire([{ key: 'b/one', mode: 'shared' }, { key: 'b/two', mode: 'exclusive' }], { id: 'j2', principal: ADMIN, description: 'j2' }))
       .rejects.toMatchObject({ code: 'Busy' });
-    expect(m.list().map((l) => l.key)).toEqual(['b/two']);
+    expect((await m.list()).map((l) => l.key)).toEqual(['b/two']);
   });
 });
 
 describe('maintenance locks and principals', () => {
-  it('only an administrator can place or break a maintenance lock', () => {
+  it('only an administrator can place or break a maintenance lock', async () => {
     const m = new LockManager();
-    expect(() => m.placeMaintenance('b/v', alice, 'mine')).toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
-    m.placeMaintenance('b/v', ADMIN, 'firmware upgrade');
-    expect(() => m.breakMaintenance('b/v', alice)).toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
-    m.breakMaintenance('b/v', ADMIN);
-    expect(m.list()).toHaveLength(0);
+    await expect(m.placeMaintenance('b/v', alice, 'mine')).rejects.toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
+    await m.placeMaintenance('b/v', ADMIN, 'firmware upgrade');
+    await expect(m.breakMaintenance('b/v', alice)).rejects.toThrow(expect.objectContaining({ code: 'PermissionDenied' }));
+    await m.breakMaintenance('b/v', ADMIN);
+    expect((await m.list())).toHaveLength(0);
   });
 
   it('a maintenance lock refuses tenants (Busy with the reason) and lets administrators through', async () => {
     const m = new LockManager();
-    m.placeMaintenance('b/v', ADMIN, 'firmware upgrade');
+    await m.placeMaintenance('b/v', ADMIN, 'firmware upgrade');
     await expect(m.acquire([{ key: 'b/v', mode: 'shared' }], { id: 't', principal: alice, description: 'read' }))
       .rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/maintenance.*firmware upgrade/) });
     const lease = await m.acquire([{ key: 'b/v', mode: 'exclusive' }], { id: 'a', principal: ADMIN, description: 'fix' });
@@ -80,7 +80,7 @@ describe('maintenance locks and principals', () => {
     });
     const adminLease = await m.acquire([{ key: 'b/v', mode: 'exclusive' }], { id: 'delete-a', principal: ADMIN, description: 'delete b/v' });
     expect(preempted).toBe(true);
-    expect(m.list().map((l) => l.holder.id)).toEqual(['delete-a']);
+    expect((await m.list()).map((l) => l.holder.id)).toEqual(['delete-a']);
     adminLease.release();
   });
 

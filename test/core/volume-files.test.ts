@@ -89,7 +89,7 @@ describe.skipIf(!HAVE_QEMU)('volume export', () => {
     expect(info).toMatchObject({ type: 'export', executor: 'host', ref: `${be}/src`, status: 'concluded', params: { source: `${be}/src`, file, format } });
     expect(info.progress.current).toBe(info.progress.total);
     expect(info.progress.total).toBeLessThanOrEqual(2 * MiB + 64 * 1024 + 64 * 1024);
-    expect(broker.jobs.list().map((j) => j.id)).toContain(job.id);
+    expect((await broker.jobs.list()).map((j) => j.id)).toContain(job.id);
 
     const about = JSON.parse(qemu('qemu-img', 'info', '--output=json', file).out) as { format: string; 'virtual-size': number };
     expect(about).toMatchObject({ format, 'virtual-size': SIZE });
@@ -250,7 +250,7 @@ describe('bad input is refused with a typed error before anything runs', () => {
     for (const [call, code] of cases) await expect(call(), String(call)).rejects.toMatchObject({ code });
     for (const f of ['x.vmdk', 'ghost.raw', 'bad.raw', 'nowhere.raw', 'speed.raw']) expect(existsSync(join(files, f)), f).toBe(false);
     expect(existsSync(join(pool, 'inside.raw'))).toBe(false);
-    expect(broker.jobs.list().filter((j) => j.error)).toEqual([]);
+    expect((await broker.jobs.list()).filter((j) => j.error)).toEqual([]);
   });
 
   it.skipIf(process.getuid?.() === 0)('an unreadable file or an unwritable folder is PermissionDenied', async () => {
@@ -275,7 +275,7 @@ describe('tenants export and import their own volumes only', () => {
     const job = await alice.volumes.exportTo('mem/alice1', file);
     await job.result();
     expect(job.info().owner).toBe('alice');
-    expect(bob.jobs.list().map((j) => j.id)).not.toContain(job.id);
+    expect((await bob.jobs.list()).map((j) => j.id)).not.toContain(job.id);
 
     await expect(bob.volumes.exportTo('mem/alice1', join(files, 'stolen.raw'))).rejects.toMatchObject({ code: 'NotFound' });
     await expect(bob.volumes.importFrom(file, 'mem/alice1')).rejects.toMatchObject({ code: 'NotFound' });
@@ -304,8 +304,8 @@ describe('locks, cancel', () => {
     await expect(broker.volumes.importFrom(file, 'mem/src')).rejects.toMatchObject({ code: 'Busy' });
     const other = await broker.volumes.exportTo('local/busy', join(files, 'busy-too.raw')); // two readers are fine
     await other.result();
-    expect(broker.locks.list().map((l) => [l.key, l.mode])).toEqual(expect.arrayContaining([['local/busy', 'shared'], [`file:${realpathSync(files)}/busy.qcow2`, 'exclusive']]));
-    job.cancel();
+    expect((await broker.locks.list()).map((l) => [l.key, l.mode])).toEqual(expect.arrayContaining([['local/busy', 'shared'], [`file:${realpathSync(files)}/busy.qcow2`, 'exclusive']]));
+    await job.cancel();
     const info = await job.wait();
     expect(info.error?.code).toBe('Cancelled');
     expect(existsSync(file)).toBe(false);
@@ -320,7 +320,7 @@ describe('locks, cancel', () => {
     while (job.info().progress.current === 0) await new Promise((r) => setTimeout(r, 10));
     await expect(broker.volumes.exportTo('local/fresh', join(files, 'fresh.raw'))).rejects.toMatchObject({ code: 'Busy' });
     await expect(broker.volumes.importFrom(small, 'local/fresh')).rejects.toMatchObject({ code: 'Busy' });
-    job.cancel();
+    await job.cancel();
     expect((await job.wait()).error?.code).toBe('Cancelled');
     await expect(broker.volumes.get('local/fresh')).rejects.toMatchObject({ code: 'NotFound' });
   });

@@ -56,10 +56,10 @@ describe('broker.exports: locks, principals and life cycle', () => {
     const e = await t1.exports.start('mem/t1a', { listen: { port: 0 } });
     try {
       expect((await refusal(t2.exports.start('mem/t1a', { name: 'steal', listen: { port: 0 } }))).code).toBe('NotFound');
-      expect(t2.exports.list()).toEqual([]);
+      expect((await t2.exports.list())).toEqual([]);
       expect((await refusal(t2.exports.stop('mem/t1a'))).code).toBe('NotFound');
-      expect(t1.exports.list().map((x) => x.name)).toEqual(['mem/t1a']);
-      expect(broker.exports.list()).toEqual([expect.objectContaining({ name: 'mem/t1a', ref: 'mem/t1a', owner: 't1', readOnly: false, pid: process.pid, connections: 0 })]);
+      expect((await t1.exports.list()).map((x) => x.name)).toEqual(['mem/t1a']);
+      expect((await broker.exports.list())).toEqual([expect.objectContaining({ name: 'mem/t1a', ref: 'mem/t1a', owner: 't1', readOnly: false, pid: process.pid, connections: 0 })]);
     } finally {
       await e.stop();
     }
@@ -74,7 +74,7 @@ describe('broker.exports: locks, principals and life cycle', () => {
     await broker.volumes.delete('mem/t1b');
     await e.stopped;
     expect(await c.wire.waitClosed()).toBe(true);
-    expect(broker.exports.list()).toEqual([]);
+    expect((await broker.exports.list())).toEqual([]);
     expect((await refusal(broker.volumes.get('mem/t1b'))).code).toBe('NotFound');
   });
 
@@ -194,7 +194,7 @@ describe('broker.exports: locks, principals and life cycle', () => {
     // A port someone else listens on: Busy, and nothing is left held.
     const busy = await refusal(broker.exports.start('mem/opts', { name: 'clash', readOnly: true, listen: { port: portOf(one.uri), host: '0.0.0.0' } }));
     expect(busy.code).toBe('Busy');
-    expect(broker.locks.list().filter((l) => l.holder.id.includes('clash'))).toEqual([]);
+    expect((await broker.locks.list()).filter((l) => l.holder.id.includes('clash'))).toEqual([]);
     await one.stop();
     await ro.stop();
     await one.stop(); // stopping twice is fine
@@ -247,7 +247,7 @@ describe('broker.exports: locks, principals and life cycle', () => {
       const d = await b2.volumes.open('local/v', 'r');
       expect(Buffer.from(await d.read(0, 65536)).equals(Buffer.alloc(65536, 0x77))).toBe(true);
       await d.close();
-      expect(b2.exports.list()).toEqual([]);
+      expect((await b2.exports.list())).toEqual([]);
       await b2.volumes.delete('local/v');
     } finally {
       await b2.close();

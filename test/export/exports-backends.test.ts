@@ -164,9 +164,9 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('exports of every backend, used by r
         expect(e).toMatchObject({ code: 'Busy' });
         expect(String((e as Error).message)).toMatch(new RegExp(`export ${be}/disk`));
       }
-      expect(broker.exports.list().map((x) => x.name)).toContain(ref);
+      expect((await broker.exports.list()).map((x) => x.name)).toContain(ref);
       await stop();
-      expect(broker.exports.list().map((x) => x.name)).not.toContain(ref);
+      expect((await broker.exports.list()).map((x) => x.name)).not.toContain(ref);
       expect((await tool('qemu-img', ['info', uri])).status).not.toBe(0); // nobody serves it now
       await broker.volumes.resize(ref, SIZE * 2);
       await broker.volumes.delete(ref);

@@ -167,7 +167,7 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
       expect(del.stderr).toBe('');
       expect(del.status).toBe(0);
       await e.stopped;
-      expect(b.exports.list()).toEqual([]);
+      expect((await b.exports.list())).toEqual([]);
     } finally {
       await b.close();
     }

@@ -133,9 +133,9 @@ describe.skipIf(!HAVE_QEMU)('chain jobs on an image in use', () => {
     const running = load.run();
     const job = await startJob(newManager(), 'stream', (ctx) => runStream(img, {}, ctx), 12 << 20);
     await sleep(100);
-    job.pause();
+    await job.pause();
     await sleep(100);
-    job.resume();
+    await job.resume();
     const info = await job.result();
     await sleep(50);
     load.stop();
@@ -181,7 +181,7 @@ describe.skipIf(!HAVE_QEMU)('chain jobs on an image in use', () => {
     const opsAtReady = load.ops;
     await sleep(150);
     expect(load.ops).toBeGreaterThan(opsAtReady);
-    job.complete();
+    await job.complete();
     await job.result();
     // The same object is now the base, open read-write; writers never noticed.
     expect(img.path).toBe(`${d}/base.qcow2`);
@@ -210,7 +210,7 @@ describe.skipIf(!HAVE_QEMU)('chain jobs on an image in use', () => {
           : kind === 'intermediate' ? runCommit(img, { top: 'mid.qcow2' }, ctx)
             : runCommit(img, { active: true }, ctx), kind === 'active' ? 0 : 2 << 20);
       if (kind === 'active') await waitFor(job, 'ready'); else await sleep(300);
-      job.cancel();
+      await job.cancel();
       const info = await job.wait();
       expect(info.status).toBe('concluded');
       expect(info.error?.code, kind).toBe('Cancelled');

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ADMIN, LockManager, silentLogger, type Job, type JobContext, type JobTask } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
-import { JobStore } from '../../core/jobs/job-store.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 
 export const HAVE_QEMU = spawnSync('qemu-img', ['--version']).status === 0 && spawnSync('qemu-io', ['--version']).status === 0;
 if (!HAVE_QEMU) process.stderr.write('\n*** qemu-img/qemu-io not found: chain-job interop tests are SKIPPED (install qemu-utils) ***\n\n');
@@ -58,7 +58,7 @@ export function copyDir(from: string, to: string): void {
 }
 
 export function newManager(): JobManager {
-  return new JobManager(new JobStore(':memory:'), new LockManager(), async () => undefined, silentLogger);
+  return new JobManager(new SqliteStateStore(':memory:'), new LockManager(), async () => undefined, silentLogger);
 }
 
 /** Run `fn` as a core job (progress, pause, cancel, speed through a real JobManager). */

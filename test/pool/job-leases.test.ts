@@ -71,7 +71,7 @@ describe('job leases', () => {
     expect(waited.status).toBe(1);
     expect(waited.stderr).toMatch(/orphaned.*offload jobs resume/s);
     const looker = await open(false);
-    expect(looker.jobs.get(id).info()).toMatchObject({ orphaned: true });
+    expect((await looker.jobs.get(id)).info()).toMatchObject({ orphaned: true });
     await looker.close();
     // It keeps its locks (the half-streamed clone stays as it was left), and a verb that needs a
     // runner says to take it over first.
@@ -91,8 +91,8 @@ describe('job leases', () => {
     expect(row(id)).toMatchObject({ status: 'concluded', fence: 2, error_message: null });
     const b = await open();
     try {
-      expect(b.jobs.get(id).info()).toMatchObject({ status: 'concluded' });
-      expect(b.jobs.get(id).info().orphaned).toBeUndefined();
+      expect((await b.jobs.get(id)).info()).toMatchObject({ status: 'concluded' });
+      expect((await b.jobs.get(id)).info().orphaned).toBeUndefined();
       await kidReadsRight(b);
       await expect(b.jobs.takeOver(id)).rejects.toMatchObject({ code: 'FailedPrecondition' });
     } finally {
@@ -112,7 +112,7 @@ describe('job leases', () => {
     expect(row(id)).toMatchObject({ status: 'concluded', fence: 2 });
     const b = await open();
     try {
-      expect(b.jobs.get(id).info().error?.code).toBe('Cancelled');
+      expect((await b.jobs.get(id)).info().error?.code).toBe('Cancelled');
       // The chain is valid (the clone still reads its parent's data), and nothing holds it.
       const dev = await b.volumes.open('local/kid', 'r');
       for (let i = 0; i < 32; i += 7) expect(Buffer.from(await dev.read(i * 2 * MiB, MiB)).equals(fill(i))).toBe(true);
@@ -139,11 +139,11 @@ describe('job leases', () => {
           await expect(b.jobs.takeOver(id)).rejects.toMatchObject({ code: 'Busy' });
         }
         await new Promise((r) => setTimeout(r, 1500));
-        expect(b.jobs.get(id).info()).toMatchObject({ orphaned: true });
+        expect((await b.jobs.get(id)).info()).toMatchObject({ orphaned: true });
         const job = await b.jobs.takeOver(id);
         expect(row(id)).toMatchObject({ fence: 2, runner_pid: process.pid });
         // Hold the new runner still, so that any write from here on would be the old one's.
-        job.pause();
+        await job.pause();
         for (let i = 0; i < 100 && job.info().status !== 'paused'; i++) await new Promise((r) => setTimeout(r, 50));
         await new Promise((r) => setTimeout(r, 300));
         // The record without its lease's expiry, which the new runner keeps renewing meanwhile.
@@ -158,7 +158,7 @@ describe('job leases', () => {
         expect(out()).toMatch(/^stopped: job .*(lease|taken over|another runner)/m);
         expect(record()).toEqual(before.row);
         expect(poolFiles()).toEqual(before.files);
-        job.resume();
+        await job.resume();
         const info = await job.wait();
         expect(info.error).toBeUndefined();
         expect(row(id)).toMatchObject({ status: 'concluded', fence: 2, runner_pid: process.pid });

@@ -27,7 +27,7 @@ describe('pool full clone across a broker crash', () => {
     const readBefore = bytesReadByProcess();
     const broker = await open();
     try {
-      const before = broker.jobs.get(id).info();
+      const before = (await broker.jobs.get(id)).info();
       expect(before).toMatchObject({ type: 'clone', executor: 'host' });
       expect(['created', 'running']).toContain(before.status);
       expect(before.progress.current).toBeGreaterThan(0);

@@ -29,7 +29,7 @@ describe('qcow2 pool: full clones are jobs', () => {
     expect(job!.info().progress.current).toBeLessThan(8 * MiB);
     job!.pause();
     expect(job!.info().status).toBe('paused');
-    b.jobs.cancel(job!.id);
+    await b.jobs.cancel(job!.id);
     await expect(job!.result()).rejects.toMatchObject({ code: 'Cancelled' });
     await expect(b.volumes.get('local/full')).rejects.toMatchObject({ code: 'NotFound' });
 

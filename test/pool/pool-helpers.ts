@@ -111,7 +111,7 @@ export async function startJobChild(kind: 'stream' | 'clone' | 'export' | 'impor
   // Watch its progress from a broker that only looks (recoverJobs: false adopts nothing).
   const watcher = await createBroker({ state, backends: [{ name: 'local', kind: 'qcow2', path: pool }] }, { plugins: [qcow2Module], logger: silentLogger, recoverJobs: false });
   try {
-    for (let i = 0; i < 600 && watcher.jobs.get(id).info().progress.current < atLeast; i++) await new Promise((r) => setTimeout(r, 100));
+    for (let i = 0; i < 600 && (await watcher.jobs.get(id)).info().progress.current < atLeast; i++) await new Promise((r) => setTimeout(r, 100));
   } finally {
     await watcher.close();
   }

@@ -27,7 +27,7 @@ describe('pool stream across a broker crash', () => {
     const readBefore = bytesReadByProcess();
     const broker = await open();
     try {
-      const before = broker.jobs.get(id).info();
+      const before = (await broker.jobs.get(id)).info();
       // resumed (not restarted from zero, not already finished)
       expect(['created', 'running']).toContain(before.status);
       expect(before.progress.current).toBeGreaterThan(0);

@@ -26,7 +26,7 @@ async function resumeAndCheck(id: string, type: 'export' | 'import'): Promise<vo
   const readBefore = bytesReadByProcess();
   const broker = await open();
   try {
-    const before = broker.jobs.get(id).info();
+    const before = (await broker.jobs.get(id)).info();
     expect(before).toMatchObject({ type, executor: 'host' });
     expect(before.progress.current).toBeGreaterThan(0);
     expect(before.progress.current).toBeLessThan(before.progress.total);

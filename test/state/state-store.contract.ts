@@ -44,14 +44,14 @@ function job(id: string, over: Partial<JobRecord> = {}): JobRecord {
 function opLocks(id: string, keys: string[], over: Partial<OpLockRecord> = {}): OpLockRecord {
   return {
     id, locks: keys.map((key, i) => ({ key, mode: i % 2 ? 'shared' : 'exclusive' })), principal: 'alice', role: 'tenant',
-    description: `create ${keys.join(',')}`, runnerPid: 77, runnerToken: 'tok-op', ...over,
+    description: `create ${keys.join(',')}`, runnerPid: 77, runnerToken: 'tok-op', runnerHost: 'host-op', leaseExpires: LEASE, ...over,
   };
 }
 
 function exportRec(id: string, name: string, over: Partial<ExportRecord> = {}): ExportRecord {
   return {
     id, name, ref: `pool/${name}`, uri: `nbd+unix:///${name}?socket=/run/x.sock`, readOnly: true, owner: 'bob', role: 'tenant',
-    runnerPid: 55, runnerToken: 'tok-x', startedAt: '2026-01-01T00:00:00.000Z', ...over,
+    runnerPid: 55, runnerToken: 'tok-x', runnerHost: 'host-x', leaseExpires: LEASE, startedAt: '2026-01-01T00:00:00.000Z', ...over,
   };
 }
 
@@ -351,6 +351,27 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.deleteExport(web1.id);
         await a.deleteExport(`${web1.id}-missing`);
         expect(await mine(b)).toStrictEqual([db, moved]);
+      });
+
+      it('renewOps extends the lease of every operation and export of one runner, and of no other', async () => {
+        const p = prefix('renew');
+        const op1 = opLocks(`${p}-1`, [`vol:${p}/a`, `vol:${p}/b`], { runnerToken: `${p}-tok` });
+        const op2 = opLocks(`${p}-2`, [`vol:${p}/c`], { runnerToken: `${p}-other` });
+        const ex1 = exportRec(`export:${p}#1`, `${p}-e1`, { runnerToken: `${p}-tok` });
+        const ex2 = exportRec(`export:${p}#2`, `${p}-e2`, { runnerToken: `${p}-other` });
+        await a.insertOpLocks(op1);
+        await a.insertOpLocks(op2);
+        await a.insertExport(ex1);
+        await a.insertExport(ex2);
+        await b.renewOps(`${p}-tok`, LEASE + 5000);
+        const ops = (await a.listOpLocks()).filter((o) => o.id.startsWith(p));
+        expect(ops.map((o) => [o.id, o.leaseExpires])).toStrictEqual([[op1.id, LEASE + 5000], [op2.id, LEASE]]);
+        const exps = (await a.listExports()).filter((e) => e.id.startsWith(`export:${p}`));
+        expect(exps.map((e) => [e.id, e.leaseExpires])).toStrictEqual([[ex1.id, LEASE + 5000], [ex2.id, LEASE]]);
+        await a.deleteOpLocks(op1.id);
+        await a.deleteOpLocks(op2.id);
+        await a.deleteExport(ex1.id);
+        await a.deleteExport(ex2.id);
       });
 
       it('maintenance: place, replace, list by key, remove', async () => {

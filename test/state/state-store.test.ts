@@ -143,7 +143,7 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       const url = await server.createDatabase();
       const stores = await Promise.all(Array.from({ length: 6 }, () => openPostgresStore(url, { poolSize: 1 })));
       try {
-        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 1 }]);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 2 }]);
         await stores[0]!.setOwner('pool/v', 'alice');
         expect(await stores[5]!.getOwner('pool/v')).toBe('alice');
       } finally {
@@ -172,7 +172,7 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
             leaseExpires: 0, seenAt: 0, fence: 0, locks: [], ownerRole: 'admin',
           });
           await s.placeMaintenance(id, 'p', 'r');
-          await s.insertOpLocks({ id, locks: [{ key: id, mode: 'shared' }], principal: 'p', role: 'admin', description: '', runnerPid: 1, runnerToken: 't' });
+          await s.insertOpLocks({ id, locks: [{ key: id, mode: 'shared' }], principal: 'p', role: 'admin', description: '', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 0 });
         }
         expect((await s.listJobs()).map((j) => j.id)).toEqual(bytewise);
         expect((await s.listMaintenance()).map((m) => m.key)).toEqual(bytewise);

@@ -26,7 +26,7 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
     .description('list jobs (all that are stored, running or concluded)')
     .option('--status <status>', 'only jobs in this status')
     .action(async (o: { status?: string }) => {
-      const list = (await ctx.broker()).jobs.list(o.status ? { status: o.status } : undefined);
+      const list = await (await ctx.broker()).jobs.list(o.status ? { status: o.status } : undefined);
       if (ctx.json) return ctx.print(list);
       ctx.table(list.map(row), ['id', 'type', 'status', 'ref', 'executor', 'progress', 'runner', 'error']);
     });
@@ -34,26 +34,26 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
   jobs.command('show <id>')
     .description('show one job')
     .action(async (id: string) => {
-      const info = (await ctx.broker()).jobs.get(id).info();
+      const info = (await (await ctx.broker()).jobs.get(id)).info();
       ctx.print(info, () => Object.entries(row(info)).filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${String(v)}`));
     });
 
   const verb = (name: 'cancel' | 'pause' | 'resume' | 'complete' | 'dismiss', description: string) =>
     jobs.command(`${name} <id>`).description(description).action(async (id: string) => {
-      (await ctx.broker()).jobs[name](id);
+      await (await ctx.broker()).jobs[name](id);
       ctx.print({ id, requested: name }, `${name}: requested for job ${id}`);
     });
   jobs.command('cancel <id>')
     .description('cancel a job (the chain stays valid); an orphaned one is taken over to be cancelled here')
     .action(async (id: string) => {
       const broker = await ctx.broker();
-      if (!broker.jobs.get(id).info().orphaned) {
-        broker.jobs.cancel(id);
+      if (!(await broker.jobs.get(id)).info().orphaned) {
+        await broker.jobs.cancel(id);
         return ctx.print({ id, requested: 'cancel' }, `cancel: requested for job ${id}`);
       }
       // Its task cleans up as on any cancel (a clone removes its new volume): run it here to do so.
       const job = await broker.jobs.takeOver(id);
-      if (job.info().status !== 'concluded') job.cancel();
+      if (job.info().status !== 'concluded') await job.cancel();
       const info = await job.wait();
       ctx.print(info, `job ${id}: taken over and ${info.error?.code === 'Cancelled' ? 'cancelled' : info.error ? `ended: ${info.error.message}` : 'concluded before the cancel'}`);
     });
@@ -63,9 +63,9 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
     .description('resume a paused job; or take over an orphaned one (its runner stopped) and run it here to its end')
     .action(async (id: string) => {
       const broker = await ctx.broker();
-      const info = broker.jobs.get(id).info();
+      const info = (await broker.jobs.get(id)).info();
       if (!info.orphaned) {
-        broker.jobs.resume(id);
+        await broker.jobs.resume(id);
         return ctx.print({ id, requested: 'resume' }, `resume: requested for job ${id}`);
       }
       ctx.note(`job ${id} is orphaned (${info.runner ? `last run by ${info.runner.host} pid ${info.runner.pid}, seen ${ago(info.runner.seenAt)}` : 'no runner'}): taking it over`);
@@ -77,7 +77,7 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
   jobs.command('set-speed <id> <bytes-per-second>')
     .description('change a job\'s speed limit (0 = unlimited)')
     .action(async (id: string, speed: string) => {
-      (await ctx.broker()).jobs.setSpeed(id, parseSize(speed, 'speed'));
+      await (await ctx.broker()).jobs.setSpeed(id, parseSize(speed, 'speed'));
       ctx.print({ id, speed: parseSize(speed, 'speed') }, `speed of job ${id} set to ${speed}/s`);
     });
 

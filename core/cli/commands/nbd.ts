@@ -50,7 +50,7 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
   nbd.command('list')
     .description('exports served now (by any offload process sharing this state)')
     .action(async () => {
-      const all = (await ctx.broker()).exports.list();
+      const all = await (await ctx.broker()).exports.list();
       if (ctx.json) return ctx.print(all);
       ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write' })), ['name', 'ref', 'mode', 'uri', 'owner', 'pid']);
     });

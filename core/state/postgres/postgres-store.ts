@@ -138,6 +138,7 @@ export class PostgresStateStore implements StateStore {
   insertOpLocks(op: OpLockRecord) { return this.ops.insertOpLocks(op); }
   deleteOpLocks(id: string) { return this.ops.deleteOpLocks(id); }
   listOpLocks() { return this.ops.listOpLocks(); }
+  renewOps(token: string, leaseExpires: number) { return this.ops.renewOps(token, leaseExpires); }
   requestOpStop(id: string) { return this.ops.requestOpStop(id); }
   takeOpStop(id: string) { return this.ops.takeOpStop(id); }
   insertExport(e: ExportRecord) { return this.ops.insertExport(e); }
@@ -229,27 +230,31 @@ function postgresOps(q: Query): StateOps {
       if (op.locks.length === 0) return;
       const params: unknown[] = [];
       const rows = op.locks.map((l) => {
-        params.push(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken);
-        return `(${placeholders(8, params.length - 7)})`;
+        params.push(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken, op.runnerHost, op.leaseExpires);
+        return `(${placeholders(10, params.length - 9)})`;
       });
-      await q(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token) VALUES ${rows.join(', ')}`, params);
+      await q(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+        VALUES ${rows.join(', ')}`, params);
     },
     deleteOpLocks: async (id) => {
       await q('WITH stop AS (DELETE FROM op_stop_requests WHERE id = $1) DELETE FROM op_locks WHERE id = $1', [id]);
     },
     listOpLocks: async () => opLocksFromRows((await q<OpLockRow>(
-      `SELECT id, key, mode, principal, role, description, runner_pid, runner_token FROM op_locks ORDER BY id ${C}, seq`)).rows),
+      `SELECT id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires FROM op_locks ORDER BY id ${C}, seq`)).rows),
+    renewOps: async (token, leaseExpires) => {
+      await q('WITH e AS (UPDATE exports SET lease_expires = $2 WHERE runner_token = $1) UPDATE op_locks SET lease_expires = $2 WHERE runner_token = $1', [token, leaseExpires]);
+    },
     requestOpStop: async (id) => {
       await q('INSERT INTO op_stop_requests (id, requested_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING', [id, new Date().toISOString()]);
     },
     takeOpStop: async (id) => ((await q('DELETE FROM op_stop_requests WHERE id = $1 RETURNING id', [id])).rowCount ?? 0) > 0,
     insertExport: async (e) => {
-      await q(`INSERT INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+      await q(`INSERT INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at, runner_host, lease_expires)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, ref = EXCLUDED.ref, uri = EXCLUDED.uri, read_only = EXCLUDED.read_only,
           owner = EXCLUDED.owner, role = EXCLUDED.role, runner_pid = EXCLUDED.runner_pid, runner_token = EXCLUDED.runner_token,
-          started_at = EXCLUDED.started_at`,
-      [e.id, e.name, e.ref, e.uri, e.readOnly, e.owner, e.role, e.runnerPid, e.runnerToken, e.startedAt]);
+          started_at = EXCLUDED.started_at, runner_host = EXCLUDED.runner_host, lease_expires = EXCLUDED.lease_expires`,
+      [e.id, e.name, e.ref, e.uri, e.readOnly, e.owner, e.role, e.runnerPid, e.runnerToken, e.startedAt, e.runnerHost, e.leaseExpires]);
     },
     deleteExport: async (id) => {
       await q('DELETE FROM exports WHERE id = $1', [id]);

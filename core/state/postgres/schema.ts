@@ -98,6 +98,12 @@ CREATE TABLE owners (
 const MIGRATIONS: { version: number; sql: string }[] = [
   // 1: jobs with leases and fencing tokens (the SQLite store's version 2), op locks, exports, maintenance, owners.
   { version: 1, sql: SCHEMA_V1 },
+  // 2: operations and exports name their runner's host and hold a lease (the SQLite store's version 3).
+  {
+    version: 2,
+    sql: `ALTER TABLE op_locks ADD COLUMN runner_host TEXT NOT NULL DEFAULT '', ADD COLUMN lease_expires BIGINT NOT NULL DEFAULT 0;
+      ALTER TABLE exports ADD COLUMN runner_host TEXT NOT NULL DEFAULT '', ADD COLUMN lease_expires BIGINT NOT NULL DEFAULT 0;`,
+  },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 
@@ -182,6 +188,7 @@ export function fromRow(r: JobRow): JobRecord {
 
 export interface OpLockRow {
   id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
+  runner_host: string; lease_expires: number;
 }
 
 /** Rows (ordered by id, then insertion) grouped into one record per operation. */
@@ -190,7 +197,7 @@ export function opLocksFromRows(rows: OpLockRow[]): OpLockRecord[] {
   for (const r of rows) {
     const op = byId.get(r.id) ?? {
       id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
-      runnerPid: r.runner_pid, runnerToken: r.runner_token, locks: [],
+      runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
     };
     op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
     byId.set(r.id, op);
@@ -200,11 +207,12 @@ export function opLocksFromRows(rows: OpLockRow[]): OpLockRecord[] {
 
 export interface ExportRow {
   id: string; name: string; ref: string; uri: string; read_only: boolean; owner: string; role: string; runner_pid: number; runner_token: string; started_at: string;
+  runner_host: string; lease_expires: number;
 }
 
 export function exportFromRow(r: ExportRow): ExportRecord {
   return {
     id: r.id, name: r.name, ref: r.ref, uri: r.uri, readOnly: r.read_only, owner: r.owner, role: r.role === 'tenant' ? 'tenant' : 'admin',
-    runnerPid: r.runner_pid, runnerToken: r.runner_token, startedAt: r.started_at,
+    runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, startedAt: r.started_at,
   };
 }

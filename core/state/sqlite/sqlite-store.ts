@@ -73,6 +73,7 @@ export class SqliteStateStore implements StateStore {
   insertOpLocks(op: OpLockRecord) { return this.one((o) => o.insertOpLocks(op)); }
   deleteOpLocks(id: string) { return this.one((o) => o.deleteOpLocks(id)); }
   listOpLocks() { return this.one((o) => o.listOpLocks()); }
+  renewOps(token: string, leaseExpires: number) { return this.one((o) => o.renewOps(token, leaseExpires)); }
   requestOpStop(id: string) { return this.one((o) => o.requestOpStop(id)); }
   takeOpStop(id: string) { return this.one((o) => o.takeOpStop(id)); }
   insertExport(e: ExportRecord) { return this.one((o) => o.insertExport(e)); }
@@ -132,6 +133,7 @@ function syncOps(db: JobStore): StateOps {
     insertOpLocks: async (op) => db.insertOpLocks(op, () => undefined),
     deleteOpLocks: async (id) => db.deleteOpLocks(id),
     listOpLocks: async () => db.listOpLocks(),
+    renewOps: async (token, leaseExpires) => db.renewOps(token, leaseExpires),
     requestOpStop: async (id) => db.requestOpStop(id),
     takeOpStop: async (id) => db.takeOpStop(id),
     insertExport: async (e) => db.insertExport(e),

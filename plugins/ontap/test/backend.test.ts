@@ -114,7 +114,7 @@ describe('clone split as an offloaded broker job', () => {
     const job = await b.stream('nas1/vm1');
     for (let i = 0; i < 1000 && job.info().progress.current === 0; i++) await new Promise((r) => setTimeout(r, 10));
     expect(job.info().progress.current).toBeGreaterThan(0);
-    job.cancel();
+    await job.cancel();
     const info = await job.wait();
     expect(info.error?.code).toBe('Cancelled');
     const splitJobs = m.appliance.allJobs().filter((j) => j.kind === 'split');
