@@ -19,7 +19,7 @@ import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, Export
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
-import { JobManager } from './jobs/job-manager.js';
+import { JobManager, type JobEventHook } from './jobs/job-manager.js';
 import type { Job } from './jobs/job.js';
 import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
@@ -50,6 +50,8 @@ export interface CreateBrokerOptions {
    * (default a third of the lease), up to `maxJobs` running here (default 4).
    */
   adoptOrphans?: { everyMs?: number; maxJobs?: number };
+  /** Told of job takeovers this broker wins and jobs it loses to fencing (a service counts them). */
+  onJobEvent?: JobEventHook;
   /** How often a running job saves its checkpoint at most (default 1000 ms; tests of resumes use 0). */
   checkpointEveryMs?: number;
 }
@@ -91,6 +93,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats));
   state.jobs = new JobManager(store, state.locks, (rec) => state.resolveTask(rec), logger, {
     ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
+    ...(opts.onJobEvent ? { onEvent: opts.onJobEvent } : {}),
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
   });
   const broker = new BrokerView(state, opts.principal ?? ADMIN);

@@ -31,6 +31,7 @@ export { JobRun, Shutdown, LeaseLost, type JobRunOptions } from './jobs/job-run.
 export { RwLock } from './rw-lock.js';
 export { KeyedMutex } from './keyed-mutex.js';
 export type { CreateBrokerOptions } from './broker.js';
+export type { JobEventHook } from './jobs/job-manager.js';
 export type { BrokerConfig, RawConfig } from './config/config.js';
 export { ConfigError, isConfigError } from './config/config-error.js';
 export { secrets, REDACTED } from './config/secrets.js';

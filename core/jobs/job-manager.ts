@@ -32,7 +32,12 @@ export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
 /** A job's lease by default (the config's `leaseSeconds`). */
 export const DEFAULT_LEASE_MS = 15_000;
 
+/** What a runner's job life shows a service's metrics: takeovers, and writes refused by fencing. */
+export type JobEventHook = (e: { type: 'takeover'; job: string; fence: number } | { type: 'fenced'; job: string; why: string }) => void;
+
 export interface JobManagerOptions {
+  /** Told of every takeover this manager wins, and every job it loses to fencing. */
+  onEvent?: JobEventHook;
   /** How often a job saves its checkpoint at most (JobRunOptions.checkpointEveryMs). */
   checkpointEveryMs?: number;
   /** How long a runner's lease on a job lasts without renewal (default 15 s); renewed every third of it. */
@@ -56,6 +61,7 @@ export class JobManager {
   private readonly adopting = new Map<string, Promise<unknown>>();
   /** Operations and exports this manager has recorded and not removed yet (their leases are renewed). */
   private ops = 0;
+  private readonly onEvent: JobEventHook | undefined;
 
   constructor(
     private readonly store: StateStore,
@@ -66,6 +72,7 @@ export class JobManager {
   ) {
     this.leaseMs = opts.leaseMs ?? DEFAULT_LEASE_MS;
     this.checkpointEveryMs = opts.checkpointEveryMs;
+    this.onEvent = opts.onEvent;
     liveTokens.add(this.token);
     this.heartbeat = setInterval(() => {
       const until = Date.now() + this.leaseMs;
@@ -351,6 +358,7 @@ export class JobManager {
     const now = await this.store.getJob(rec.id);
     if (!now) return 'lost';
     rec = now;
+    this.onEvent?.({ type: 'takeover', job: rec.id, fence });
     this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
     let task: JobTask | undefined;
     let why = 'its executor cannot resume it';
@@ -409,8 +417,9 @@ export class JobManager {
     return true;
   }
 
-  private runOptions(): { checkpointEveryMs?: number; leaseMs: number } {
-    return { leaseMs: this.leaseMs, ...(this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs }) };
+  private runOptions(): { checkpointEveryMs?: number; leaseMs: number; onFenced?: (job: string, why: string) => void } {
+    const hook = this.onEvent;
+    return { leaseMs: this.leaseMs, ...(hook ? { onFenced: (job: string, why: string) => hook({ type: 'fenced', job, why }) } : {}), ...(this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs }) };
   }
 
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */

@@ -41,7 +41,7 @@ export class ManagedJob implements Job {
     private readonly task: JobTask,
     private readonly store: StateStore,
     private readonly onEnd: (job: ManagedJob) => void,
-    opts: { resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number } = {},
+    private readonly opts: { resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number; onFenced?: (job: string, why: string) => void } = {},
   ) {
     const rec = record;
     this.run = new JobRun({
@@ -263,6 +263,7 @@ export class ManagedJob implements Job {
   private loseLease(why: string): void {
     if (this.lost !== undefined) return;
     this.lost = why;
+    this.opts.onFenced?.(this.id, why);
     this.run.stop(new LeaseLost(`job ${this.id}: ${why}`));
   }
 
