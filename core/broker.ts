@@ -94,6 +94,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   state.jobs = new JobManager(store, state.locks, (rec) => state.resolveTask(rec), logger, {
     ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
     ...(opts.onJobEvent ? { onEvent: opts.onJobEvent } : {}),
+    placement: (rec) => state.placement(rec),
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
   });
   const broker = new BrokerView(state, opts.principal ?? ADMIN);

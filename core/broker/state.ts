@@ -8,6 +8,7 @@ import type { JobManager } from '../jobs/job-manager.js';
 import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
+import { HOST } from '../jobs/runner.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
 import { FailedPrecondition, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
@@ -68,6 +69,24 @@ export class BrokerState {
       return call(b.backend, 'open', ref, () => b.backend.openSnapshot!(r.volume, r.snapshot));
     }
     return call(b.backend, 'open', ref, () => b.backend.openVolume!(r.volume, mode));
+  }
+
+  /**
+   * Whether this broker can run a stored job (undefined) or why not: brokers sharing one database
+   * may configure different backends (each host its own pool), and a job that reads or writes a
+   * local file belongs to the host that has it.
+   */
+  placement(rec: JobRecord): string | undefined {
+    for (const l of rec.locks) {
+      if (l.key.startsWith('file:')) {
+        if (rec.runnerHost !== '' && rec.runnerHost !== HOST) return `it uses the file ${l.key.slice('file:'.length)} on ${rec.runnerHost}`;
+        continue;
+      }
+      const backend = l.key.slice(0, l.key.indexOf('/'));
+      if (!this.backends.has(backend)) return `it works on backend "${backend}", which this broker does not configure`;
+    }
+    if (rec.backend !== undefined && !this.backends.has(rec.backend)) return `it runs on backend "${rec.backend}", which this broker does not configure`;
+    return undefined;
   }
 
   /** Rebuild a stored job's task after a restart (undefined: it cannot be resumed). */

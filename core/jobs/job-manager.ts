@@ -35,7 +35,12 @@ export const DEFAULT_LEASE_MS = 15_000;
 /** What a runner's job life shows a service's metrics: takeovers, and writes refused by fencing. */
 export type JobEventHook = (e: { type: 'takeover'; job: string; fence: number } | { type: 'fenced'; job: string; why: string }) => void;
 
+/** Whether this broker can run a job at all (it configures the job's backends): undefined if so, else why not. */
+export type JobPlacement = (record: JobRecord) => string | undefined;
+
 export interface JobManagerOptions {
+  /** Which orphaned jobs this manager may take over (default: all). */
+  placement?: JobPlacement;
   /** Told of every takeover this manager wins, and every job it loses to fencing. */
   onEvent?: JobEventHook;
   /** How often a job saves its checkpoint at most (JobRunOptions.checkpointEveryMs). */
@@ -62,6 +67,7 @@ export class JobManager {
   /** Operations and exports this manager has recorded and not removed yet (their leases are renewed). */
   private ops = 0;
   private readonly onEvent: JobEventHook | undefined;
+  private readonly placement: JobPlacement;
 
   constructor(
     private readonly store: StateStore,
@@ -73,6 +79,7 @@ export class JobManager {
     this.leaseMs = opts.leaseMs ?? DEFAULT_LEASE_MS;
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;
+    this.placement = opts.placement ?? (() => undefined);
     liveTokens.add(this.token);
     this.heartbeat = setInterval(() => {
       const until = Date.now() + this.leaseMs;
@@ -284,6 +291,10 @@ export class JobManager {
         ref: id, hint: 'follow it with `offload jobs wait ID`, or take it over once its runner has stopped', data: { runnerHost: rec.runnerHost, runnerPid: rec.runnerPid },
       });
     }
+    const elsewhere = this.placement(rec);
+    if (elsewhere !== undefined) {
+      throw new FailedPrecondition(`job ${id} cannot be taken over here: ${elsewhere}`, { ref: id, hint: 'take it over from a broker that can reach its volumes' });
+    }
     const outcome = await this.adopt(rec);
     if (outcome === 'lost') throw new Busy(`job ${id} was taken over by another runner just now`, { ref: id, hint: 'see who runs it with `offload jobs show ID`' });
     return this.get(id);
@@ -305,7 +316,7 @@ export class JobManager {
         const now = Date.now();
         for (const rec of records) {
           if (this.running.size >= max || this.closing) break;
-          if (this.isOrphaned(rec, now)) await this.adopt(rec).catch((e: unknown) => this.logger.warn('taking over a job failed', { job: rec.id, error: toOffloadError(e).message }));
+          if (this.isOrphaned(rec, now) && this.placement(rec) === undefined) await this.adopt(rec).catch((e: unknown) => this.logger.warn('taking over a job failed', { job: rec.id, error: toOffloadError(e).message }));
         }
       })().catch((e: unknown) => this.logger.warn('looking for orphaned jobs failed', { error: toOffloadError(e).message }))
         .finally(() => { scanning = false; });
@@ -326,7 +337,7 @@ export class JobManager {
       if (!holderAlive(op, now)) await this.store.deleteOpLocks(op.id);
     }
     for (const rec of await this.store.listJobs()) {
-      if (!this.isOrphaned(rec, now)) continue;
+      if (!this.isOrphaned(rec, now) || this.placement(rec) !== undefined) continue;
       const outcome = await this.adopt(rec);
       if (outcome === 'resumed') resumed.push(rec.id);
       else if (outcome === 'failed') failed.push(rec.id);
