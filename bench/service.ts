@@ -1,0 +1,169 @@
+/**
+ * Issue 15 item 7's benchmark: what the broker's layers cost on control operations. N cycles
+ * (OFFLOAD_BENCH_CYCLES, default 1000) of create volume + snapshot + delete snapshot + delete
+ * volume on the FlashArray mock (its own process, `offload appliance flasharray`), each cycle one
+ * volume name, one after another:
+ *   (a) the plugin alone: the `flasharray` StorageBackend its factory makes, no broker;
+ *   (b) the embedded broker (createBroker), state in SQLite, then in PostgreSQL;
+ *   (c) the control API on a unix socket (`offload serve`, the CLI's client), SQLite and PostgreSQL;
+ * and the ratios to (a). Goals: ≤ 1.2 embedded, ≤ 1.5 through the service. Then the time a job
+ * takes to be taken over after its runner is killed with SIGKILL (two `host-runner` brokers on one
+ * PostgreSQL database, lease 2 s): from the kill to the other runner's takeover.
+ *
+ * PostgreSQL: a throwaway cluster (test/support/postgres.ts); skipped, with a note, without one.
+ *
+ *   npm run build && node --import tsx bench/service.ts
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { createBroker, silentLogger, type Broker, type RawConfig, type StorageBackend } from '../core/index.js';
+import { flasharrayFactory } from '../plugins/flasharray/index.js';
+import { builtinPlugins } from '../plugins/index.js';
+import { postgresAvailable, startPostgres, type Postgres } from '../test/support/postgres.js';
+import { ROOT, median, workDir } from './harness.js';
+
+const CYCLES = Number(process.env.OFFLOAD_BENCH_CYCLES ?? 1000);
+const ROUNDS = Number(process.env.OFFLOAD_BENCH_ROUNDS ?? 3);
+const dir = workDir('offload-bench-service-');
+
+/** A line of JSON a child prints first (the mock's URL and token, a runner's readiness). */
+function firstJson(child: ChildProcess): Promise<Record<string, unknown>> {
+  return new Promise((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      // One line (a runner), or one pretty-printed document (the CLI's --json).
+      for (const text of [out.slice(0, Math.max(0, out.indexOf('\n'))), out]) {
+        try {
+          return resolve(JSON.parse(text) as Record<string, unknown>);
+        } catch {
+          // not complete yet
+        }
+      }
+    });
+    child.on('exit', (c) => reject(new Error(`child exited (${c}) before it was ready`)));
+  });
+}
+
+const mock = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--json', 'appliance', 'flasharray', '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+const { url, apiToken } = (await firstJson(mock)) as { url: string; apiToken: string };
+const san = { name: 'san1', kind: 'flasharray', endpoint: url, apiToken };
+
+/** One cycle's four calls, through whatever `ops` is. */
+interface Ops {
+  create(name: string): Promise<unknown>;
+  snapshot(name: string): Promise<unknown>;
+  deleteSnapshot(name: string): Promise<unknown>;
+  delete(name: string): Promise<unknown>;
+}
+
+async function cycles(label: string, ops: Ops): Promise<number> {
+  const times: number[] = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    const t0 = process.hrtime.bigint();
+    for (let i = 0; i < CYCLES; i++) {
+      const name = `${label}-${r}-${i}`;
+      await ops.create(name);
+      await ops.snapshot(name);
+      await ops.deleteSnapshot(name);
+      await ops.delete(name);
+    }
+    times.push(Number(process.hrtime.bigint() - t0) / 1e6);
+  }
+  return median(times);
+}
+
+function viaBackend(b: StorageBackend): Ops {
+  return {
+    create: (n) => b.createVolume({ name: n, sizeBytes: 1 << 20 }),
+    snapshot: (n) => b.createSnapshot(n, 's'),
+    deleteSnapshot: (n) => b.deleteSnapshot(n, 's'),
+    delete: (n) => b.deleteVolume(n),
+  };
+}
+
+function viaBroker(b: Broker): Ops {
+  return {
+    create: (n) => b.volumes.create(`san1/${n}`, { sizeBytes: 1 << 20 }),
+    snapshot: (n) => b.snapshots.create(`san1/${n}@s`),
+    deleteSnapshot: (n) => b.snapshots.delete(`san1/${n}@s`),
+    delete: (n) => b.volumes.delete(`san1/${n}`),
+  };
+}
+
+const rows: { what: string; ms: number }[] = [];
+let pg: Postgres | undefined;
+try {
+  const backend = await flasharrayFactory.create(flasharrayFactory.configSchema.parse(san), { stateDir: dir, baseDir: dir, logger: silentLogger });
+  await cycles('warm', viaBackend(backend));
+  rows.push({ what: '(a) the plugin alone', ms: await cycles('a', viaBackend(backend)) });
+  await backend.close?.();
+
+  const states: { name: string; state: string; stateDir?: string }[] = [{ name: 'SQLite', state: join(dir, 'sqlite') }];
+  if (postgresAvailable()) {
+    pg = await startPostgres();
+    states.push({ name: 'PostgreSQL', state: await pg.createDatabase(), stateDir: join(dir, 'pg') });
+  } else {
+    process.stdout.write('PostgreSQL is not installed: its rows are skipped\n');
+  }
+  for (const s of states) {
+    const config: RawConfig = { state: s.state, ...(s.stateDir ? { stateDir: s.stateDir } : {}), backends: [san] };
+    const broker = await createBroker(config, { plugins: builtinPlugins, logger: silentLogger });
+    await cycles(`warm-${s.name}`, viaBroker(broker));
+    rows.push({ what: `(b) embedded broker, ${s.name}`, ms: await cycles(`b-${s.name}`, viaBroker(broker)) });
+    await broker.close();
+  }
+
+  const base = rows[0]!.ms;
+  process.stdout.write(`\n${CYCLES} × (create + snapshot + delete snapshot + delete) on the FlashArray mock, median of ${ROUNDS}\n`);
+  process.stdout.write(`${'through'.padEnd(40)} ${'ms'.padStart(8)} ${'ms/cycle'.padStart(9)} ${'ratio'.padStart(6)}\n`);
+  for (const r of rows) {
+    process.stdout.write(`${r.what.padEnd(40)} ${r.ms.toFixed(0).padStart(8)} ${(r.ms / CYCLES).toFixed(2).padStart(9)} ${(r.ms / base).toFixed(2).padStart(6)}\n`);
+  }
+
+  if (pg) process.stdout.write(`\njob takeover after SIGKILL (lease 2 s): ${(await takeoverMs(await pg.createDatabase())).toFixed(0)} ms\n`);
+} finally {
+  mock.kill('SIGTERM');
+  await pg?.stop();
+  rmSync(dir, { recursive: true, force: true });
+}
+
+/** Two runners on one database; one starts a slow copy and is killed; ms until the other takes it over. */
+async function takeoverMs(database: string): Promise<number> {
+  const config = (name: string) => {
+    const file = join(dir, `runner-${name}.json`);
+    mkdirSync(join(dir, `runner-${name}`), { recursive: true });
+    writeFileSync(file, JSON.stringify({ state: database, stateDir: join(dir, `runner-${name}`), leaseSeconds: 2, backends: [san] }));
+    return file;
+  };
+  const setup = await createBroker({ state: database, stateDir: join(dir, 'setup'), backends: [san] }, { plugins: builtinPlugins, logger: silentLogger, recoverJobs: false });
+  await setup.volumes.create('san1/tk-src', { sizeBytes: 64 << 20 });
+  await setup.volumes.create('san1/tk-dst', { sizeBytes: 64 << 20 });
+  // Data to copy (a host copy skips what is not allocated): 16 MiB at 1 MiB/s outlasts the kill.
+  const dev = await setup.volumes.open('san1/tk-src', 'rw');
+  await dev.write(0, Buffer.alloc(16 << 20, 7));
+  await dev.close();
+  await setup.close();
+  const runner = (name: string) => spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'test/multihost/host-runner.ts'), config(name)],
+    { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, OFFLOAD_RUNNER_HOST: `bench-${name}` } });
+  const a = runner('a');
+  const b = runner('b');
+  try {
+    await Promise.all([firstJson(a), firstJson(b)]);
+    const started = new Promise<void>((resolve, reject) => a.stdout!.on('data', (d: Buffer) => {
+      if (d.toString().includes('"job"')) resolve();
+      if (d.toString().includes('"error"')) reject(new Error(`the copy did not start: ${d.toString().trim()}`));
+    }));
+    a.stdin!.write('copy san1/tk-src san1/tk-dst 1048576\n');
+    await started;
+    await new Promise((r) => setTimeout(r, 500));
+    const taken = new Promise<number>((resolve) => b.stdout!.on('data', (d: Buffer) => { if (d.toString().includes('"takeover"')) resolve(Date.now()); }));
+    const killedAt = Date.now();
+    a.kill('SIGKILL');
+    return (await taken) - killedAt;
+  } finally {
+    a.kill('SIGKILL');
+    b.kill('SIGKILL');
+  }
+}
