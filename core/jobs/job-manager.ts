@@ -152,7 +152,7 @@ export class JobManager {
   async foreignLocks(ops: StateOps = this.store): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
     const out: { key: string; mode: LockMode; holder: LockHolder }[] = [];
     const now = Date.now();
-    const [jobs, opLocks] = await Promise.all([ops.listJobs(), ops.listOpLocks()]);
+    const [jobs, opLocks] = await Promise.all([ops.listJobs({ active: true }), ops.listOpLocks()]);
     for (const rec of jobs) {
       // Jobs this manager runs hold their locks in the lock manager already.
       if (!ACTIVE_STATUSES.includes(rec.status) || this.running.has(rec.id) || this.adopting.has(rec.id)) continue;
@@ -312,7 +312,7 @@ export class JobManager {
       if (scanning || this.closing) return;
       scanning = true;
       void (async () => {
-        const records = await this.store.listJobs();
+        const records = await this.store.listJobs({ active: true });
         const now = Date.now();
         for (const rec of records) {
           if (this.running.size >= max || this.closing) break;
@@ -336,7 +336,7 @@ export class JobManager {
     for (const op of await this.store.listOpLocks()) {
       if (!holderAlive(op, now)) await this.store.deleteOpLocks(op.id);
     }
-    for (const rec of await this.store.listJobs()) {
+    for (const rec of await this.store.listJobs({ active: true })) {
       if (!this.isOrphaned(rec, now) || this.placement(rec) !== undefined) continue;
       const outcome = await this.adopt(rec);
       if (outcome === 'resumed') resumed.push(rec.id);

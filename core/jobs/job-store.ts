@@ -247,8 +247,9 @@ export class JobStore {
     return row && fromRow(row);
   }
 
-  list(): JobRecord[] {
-    return (this.db.prepare('SELECT * FROM jobs ORDER BY created_at, id').all() as Row[]).map(fromRow);
+  list(filter?: { active?: boolean }): JobRecord[] {
+    const where = filter?.active ? " WHERE status <> 'concluded'" : '';
+    return (this.db.prepare(`SELECT * FROM jobs${where} ORDER BY created_at, id`).all() as Row[]).map(fromRow);
   }
 
   delete(id: string): void {

@@ -17,8 +17,8 @@ export interface Runner {
  */
 export interface StateOps {
   getJob(id: string): Promise<JobRecord | undefined>;
-  /** Every job, oldest first (created_at, then id). */
-  listJobs(): Promise<JobRecord[]>;
+  /** Every job, oldest first (created_at, then id); with `active`, only those not concluded (what lock checks and runners look at). */
+  listJobs(filter?: { active?: boolean }): Promise<JobRecord[]>;
   /** AlreadyExists if the id is taken. */
   insertJob(job: JobRecord): Promise<void>;
   /** The live fields (status, progress, speed, error, cancelled, checkpoint, runner, lease, updatedAt); fenced. */

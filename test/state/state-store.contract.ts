@@ -70,6 +70,17 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
     });
 
     describe('jobs', () => {
+      it('lists only the jobs not concluded when asked for active ones, oldest first', async () => {
+        const p = prefix('active');
+        await a.insertJob(job(`${p}-1`, { createdAt: '2026-03-01T00:00:00.000Z' }));
+        await a.insertJob(job(`${p}-2`, { status: 'concluded', createdAt: '2026-03-02T00:00:00.000Z' }));
+        await b.insertJob(job(`${p}-3`, { status: 'paused', createdAt: '2026-03-03T00:00:00.000Z' }));
+        const ids = async (filter?: { active?: boolean }) => (await b.listJobs(filter)).map((j) => j.id).filter((id) => id.startsWith(p));
+        expect(await ids({ active: true })).toEqual([`${p}-1`, `${p}-3`]);
+        expect(await ids()).toEqual([`${p}-1`, `${p}-2`, `${p}-3`]);
+        for (const i of [1, 2, 3]) await a.deleteJob(`${p}-${i}`);
+      });
+
       it('round-trips every field of a record, and leaves absent optional fields absent', async () => {
         const p = prefix('rt');
         const full = job(`${p}-full`, {

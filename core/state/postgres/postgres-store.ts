@@ -126,7 +126,7 @@ export class PostgresStateStore implements StateStore {
   }
 
   getJob(id: string) { return this.ops.getJob(id); }
-  listJobs() { return this.ops.listJobs(); }
+  listJobs(filter?: { active?: boolean }) { return this.ops.listJobs(filter); }
   insertJob(job: JobRecord) { return this.ops.insertJob(job); }
   updateJob(job: JobRecord) { return this.ops.updateJob(job); }
   deleteJob(id: string) { return this.ops.deleteJob(id); }
@@ -168,7 +168,8 @@ function postgresOps(q: Query): StateOps {
       const row = (await q<JobRow>('SELECT * FROM jobs WHERE id = $1', [id])).rows[0];
       return row && fromRow(row);
     },
-    listJobs: async () => (await q<JobRow>(`SELECT * FROM jobs ORDER BY created_at ${C}, id ${C}`)).rows.map(fromRow),
+    listJobs: async (filter) => (await q<JobRow>(
+      `SELECT * FROM jobs${filter?.active ? " WHERE status <> 'concluded'" : ''} ORDER BY created_at ${C}, id ${C}`)).rows.map(fromRow),
     insertJob: async (job) => {
       const row = toRow(job);
       try {

@@ -61,7 +61,7 @@ export class SqliteStateStore implements StateStore {
   }
 
   getJob(id: string) { return this.one((o) => o.getJob(id)); }
-  listJobs() { return this.one((o) => o.listJobs()); }
+  listJobs(filter?: { active?: boolean }) { return this.one((o) => o.listJobs(filter)); }
   insertJob(job: JobRecord) { return this.one((o) => o.insertJob(job)); }
   updateJob(job: JobRecord) { return this.one((o) => o.updateJob(job)); }
   deleteJob(id: string) { return this.one((o) => o.deleteJob(id)); }
@@ -114,7 +114,7 @@ function closeQueue(file: string): void {
 function syncOps(db: JobStore): StateOps {
   return {
     getJob: async (id) => db.get(id),
-    listJobs: async () => db.list(),
+    listJobs: async (filter) => db.list(filter),
     insertJob: async (job) => {
       try {
         db.insert(job);
