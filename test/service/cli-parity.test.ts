@@ -108,7 +108,7 @@ describe('the CLI embedded and through a service', () => {
     const running = (r: Result) => (JSON.parse(r.out) as { progress: { current: number } }[]).map((j) => ({ ...j, progress: { ...j.progress, current: 'N' } }));
     const [a, b] = await both(['--json', 'jobs', 'list', '--status', 'running']);
     expect(running(b)).toEqual(running(a));
-    const id = (s: Setup, r: Result) => (JSON.parse(r.out) as { id: string }[]).find((j) => j.ref === 'tick/x')!.id;
+    const id = (s: Setup, r: Result) => (JSON.parse(r.out) as { id: string; ref: string }[]).find((j) => j.ref === 'tick/x')!.id;
     const ids = new Map([[emb, id(emb, await offload(emb, ['--json', 'jobs', 'list', '--status', 'running']))], [svc, id(svc, await offload(svc, ['--server', service.addresses[0]!, '--json', 'jobs', 'list', '--status', 'running']))]]);
     await same(0, (s) => ['jobs', 'cancel', ids.get(s)!]);
     const waited = await same(1, (s) => ['jobs', 'wait', ids.get(s)!]); // concluded, cancelled: exit 1
