@@ -108,8 +108,9 @@ describe('the CLI embedded and through a service', () => {
     const running = (r: Result) => (JSON.parse(r.out) as { progress: { current: number } }[]).map((j) => ({ ...j, progress: { ...j.progress, current: 'N' } }));
     const [a, b] = await both(['--json', 'jobs', 'list', '--status', 'running']);
     expect(running(b)).toEqual(running(a));
-    const id = (s: Setup, r: Result) => (JSON.parse(r.out) as { id: string; ref: string }[]).find((j) => j.ref === 'tick/x')!.id;
-    const ids = new Map([[emb, id(emb, await offload(emb, ['--json', 'jobs', 'list', '--status', 'running']))], [svc, id(svc, await offload(svc, ['--server', service.addresses[0]!, '--json', 'jobs', 'list', '--status', 'running']))]]);
+    const runningId = async (s: Setup, server: string[]) => (JSON.parse((await offload(s, [...server, '--json', 'jobs', 'list', '--status', 'running'])).out) as { id: string; ref: string }[])
+      .find((j) => j.ref === 'tick/x')!.id;
+    const ids = new Map([[emb, await runningId(emb, [])], [svc, await runningId(svc, ['--server', service.addresses[0]!])]]);
     await same(0, (s) => ['jobs', 'cancel', ids.get(s)!]);
     const waited = await same(1, (s) => ['jobs', 'wait', ids.get(s)!]); // concluded, cancelled: exit 1
     expect(waited.out).toMatch(/failed: Cancelled/);
