@@ -2,6 +2,7 @@ import type { ContainerModule } from 'inversify';
 import type { LoadedPlugins } from '../backend/plugin-container.js';
 import type { CliContribution } from './contribution.js';
 import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { ConfigError } from '../config/config-error.js';
 import { secrets } from '../config/secrets.js';
 import { configFileOf, runCommandLine } from './command-line.js';
@@ -76,8 +77,14 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
 async function configuredServer(file: string, env: NodeJS.ProcessEnv): Promise<string | undefined> {
   if (!existsSync(file)) return undefined; // opening the broker says what is missing
   const { readConfigFile, substituteEnv } = await import('../config/config.js');
-  const server = (readConfigFile(file).raw as { server?: unknown } | null)?.server;
+  const { raw, baseDir } = readConfigFile(file);
+  const server = (raw as { server?: unknown } | null)?.server;
   if (server === undefined) return undefined;
   if (typeof server !== 'string') throw new ConfigError('server: expected unix:PATH or http://HOST:PORT');
-  return substituteEnv(server, env, 'server') as string;
+  return socketFromConfig(substituteEnv(server, env, 'server') as string, baseDir);
+}
+
+/** A relative `unix:` path in a config file is relative to the file, as its other paths are. */
+function socketFromConfig(server: string, baseDir: string): string {
+  return server.startsWith('unix:') ? `unix:${resolve(baseDir, server.slice(5))}` : server;
 }

@@ -5,7 +5,8 @@
  * finishes it from its checkpoint; a runner killed mid-job has its job taken over by the service
  * (counted in /metrics).
  */
-import { rmSync } from 'node:fs';
+import { appendFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { http, offload, offloadChild, serve, setup, tickSteps, until, type ServiceChild, type Setup } from './service-helpers.js';
 
@@ -50,6 +51,17 @@ describe('jobs in the service', () => {
     const embedded = await offload(s, ['stream', 'tick/f', '--detach']);
     expect(embedded.code).toBe(2);
     expect(embedded.err).toMatch(/^offload: --detach needs a service/);
+  });
+
+  it('server: in the config: `offload serve` listens there and the CLI sends its commands there', async () => {
+    s = setup();
+    appendFileSync(s.config, '\nserver: unix:./state/svc.sock\n');
+    const svc = await serve(s);
+    services.push(svc);
+    expect(svc.addresses).toEqual([`unix:${join(s.dir, 'state/svc.sock')}`]);
+    expect((await offload(s, ['volume', 'create', 'local/c1', '1M'])).code).toBe(0);
+    const metrics = await http(svc.addresses[0]!, 'GET', '/metrics');
+    expect(metrics.text).toMatch(/offload_http_request_duration_seconds_count\{method="PUT",route="\/v1\/volumes\/:backend\/:name",status="200"\} 1/);
   });
 
   it('a client killed with SIGKILL mid-stream: the job runs to its end in the service', async () => {

@@ -6,7 +6,7 @@
  * released (another runner takes them at once), its exports stopped (they come back at its next
  * start), the socket removed, exit 0.
  */
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import type { Logger } from '../../backend/plugin.js';
 import type { Broker } from '../../broker-api.js';
@@ -46,7 +46,8 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger });
       let service;
       try {
-        const socket = o.socket ?? (config.server?.startsWith('unix:') ? config.server.slice(5) : join(config.state, 'offload.sock'));
+        const configured = config.server?.startsWith('unix:') ? resolve(config.baseDir, config.server.slice(5)) : undefined;
+        const socket = resolve(o.socket ?? configured ?? join(config.state, 'offload.sock'));
         service = await startService({ broker, stateDir: config.state, socket, ...(tcp ? { tcp } : {}), ...(tokens ? { tokens } : {}), metrics, logger });
       } catch (e) {
         await broker.close();
