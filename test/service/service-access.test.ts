@@ -7,6 +7,8 @@
 import { chmodSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { tenant } from '../../core/index.js';
+import { connectBroker } from '../../core/service/client.js';
 import { ROUTES } from '../../core/service/routes.js';
 import { http, offload, offloadChild, serve, setup, type ServiceChild, type Setup } from './service-helpers.js';
 
@@ -129,6 +131,25 @@ describe('offload serve over TCP: tokens, tenants, the API description and metri
     expect(r.text).toMatch(/^offload_jobs\{status="concluded",executor="host"\} 1$/m);
     expect(r.text).toMatch(/^offload_job_processed_bytes\{where="host"\} \d+$/m);
     expect(r.text).toMatch(/offload_http_request_duration_seconds_count\{method="PUT",route="\/v1\/volumes\/:backend\/:name",status="200"\} 2/);
+  });
+
+  it('the client as a library: the same Broker, tenants by Offload-As, and what cannot cross the wire is Unsupported', async () => {
+    const admin = await connectBroker(service.addresses[0]!);
+    try {
+      expect(admin.principal).toEqual({ id: 'admin', role: 'admin' });
+      const alice = admin.as(tenant('alice'));
+      expect((await alice.volumes.listAll('local')).map((v) => v.name)).toEqual(expect.arrayContaining(['alice1']));
+      expect((await alice.volumes.listAll('local')).every((v) => v.owner === 'alice')).toBe(true);
+      await expect(alice.volumes.get('local/ops1')).rejects.toMatchObject({ code: 'NotFound', message: 'volume local/ops1 does not exist' });
+      await expect(admin.volumes.open('local/alice1')).rejects.toMatchObject({ code: 'Unsupported', hint: expect.stringMatching(/NBD/) });
+      expect(() => admin.backend('local')).toThrow(/cannot cross the control API/);
+      const caps = (await admin.backends()).find((b) => b.name === 'local')!.capabilities;
+      expect(caps.has('clone.linked')).toBe(true);
+    } finally {
+      await admin.close();
+    }
+    await expect(connectBroker(`unix:${join(s.dir, 'nobody.sock')}`)).rejects.toMatchObject({ code: 'BackendUnavailable', message: expect.stringMatching(/cannot reach the service/) });
+    await expect(connectBroker('ftp://x')).rejects.toMatchObject({ code: 'InvalidArgument' });
   });
 
   it('refuses a tokens file others may read, and TCP without tokens (exit 2)', async () => {
