@@ -80,6 +80,20 @@ describe('jobs in the service', () => {
     expect(runs(s)).toEqual([[svc.child.pid, 0, 39]]); // all of it, once, in the service
   });
 
+  it('a client interrupted (SIGINT) mid-stream says where its job goes on, exits 130, and the job ends in the service', async () => {
+    s = setup({ steps: 40, stepMs: 30 });
+    const svc = await serve(s);
+    services.push(svc);
+    const client = offloadChild(s, ['--server', svc.addresses[0]!, 'stream', 'tick/i']);
+    await until('the stream runs', () => tickSteps(s!).length >= 3);
+    client.child.kill('SIGINT');
+    expect(await client.exit).toBe(130);
+    const id = /job (stream-[0-9a-f]+) goes on in the service/.exec(client.err())?.[1];
+    expect(id).toBeDefined();
+    expect((await offload(s, ['--server', svc.addresses[0]!, 'jobs', 'wait', id!])).code).toBe(0);
+    expect(runs(s)).toEqual([[svc.child.pid, 0, 39]]);
+  });
+
   it('SIGTERM mid-job: the service releases the job at once, and the next service finishes it from its checkpoint', async () => {
     s = setup({ steps: 60, stepMs: 30 }); // the default lease (15 s): released, not expired
     const first = await serve(s);
