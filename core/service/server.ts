@@ -11,7 +11,7 @@ import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, ty
 import type { Logger } from '../backend/plugin.js';
 import type { Broker } from '../broker-api.js';
 import { ADMIN, tenant, type Principal } from '../locks/principal.js';
-import { Busy, InvalidArgument, isOffloadError, NotFound, OffloadError, PermissionDenied, toOffloadError } from '../model/errors.js';
+import { BackendUnavailable, Busy, InvalidArgument, isOffloadError, NotFound, OffloadError, PermissionDenied, toOffloadError } from '../model/errors.js';
 import type { Tokens } from './auth.js';
 import { HostedExports } from './hosted-exports.js';
 import { errorBody, invalidRequest, statusOf } from './http-errors.js';
@@ -95,13 +95,17 @@ async function freeSocketPath(path: string): Promise<void> {
 }
 
 function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate): FastifyInstance {
-  const app = Fastify({ logger: false, forceCloseConnections: 'idle' });
+  // Requests that arrive while the service stops are answered by the onRequest hook, in our format.
+  const app = Fastify({ logger: false, forceCloseConnections: 'idle', return503OnClosing: false });
   const principals = new WeakMap<FastifyRequest, Principal>();
 
   app.setErrorHandler((err: FastifyError | OffloadError, _req, reply) => sendError(reply, fromFastify(err)));
   app.setNotFoundHandler((req, reply) => sendError(reply, new NotFound(`no route ${req.method} ${req.url.split('?')[0]}`, { hint: 'see /openapi.json' })));
 
   app.addHook('onRequest', async (req, reply) => {
+    if (stopping.aborted) {
+      return reply.code(503).header('connection', 'close').send(errorBody(new BackendUnavailable('the service is stopping', { hint: 'try again once it has started again' })));
+    }
     if (req.url === '/openapi.json') return; // the description of the API is public
     const who = authenticate(req);
     if (!who) {
