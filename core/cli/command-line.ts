@@ -17,10 +17,11 @@ export interface CommandLineOptions {
   register(program: Command, ctx: CliContext): void | Promise<void>;
   /**
    * Open the broker a command asks for (`ctx.broker()`), from the config file named by `--config`,
-   * $OFFLOAD_CONFIG or ./offload.yaml; it is closed when the command ends. Without it,
-   * `ctx.broker()` rejects: the commands registered do not use a broker.
+   * $OFFLOAD_CONFIG or ./offload.yaml — or, given the address of a service (`--server`,
+   * $OFFLOAD_SERVER), its client; it is closed when the command ends. Without it, `ctx.broker()`
+   * rejects: the commands registered do not use a broker.
    */
-  openBroker?: (configFile: string) => Promise<Broker>;
+  openBroker?: (configFile: string, server: string | undefined) => Promise<Broker>;
   io?: OutputStreams;
   env?: NodeJS.ProcessEnv;
   /** Exit code for bad usage (default 2); see RunCliOptions.usageExitCode. */
@@ -46,6 +47,7 @@ export async function runCommandLine(argv: string[], opts: CommandLineOptions): 
     .description('Offload Broker: volumes, snapshots, clones and chain jobs, run where the data is')
     .option('--config <file>', 'config file (default ./offload.yaml, or $OFFLOAD_CONFIG)')
     .option('--json', 'print results as JSON')
+    .option('--server <address>', 'send the commands to a service (`offload serve`): unix:PATH or http://HOST:PORT (default $OFFLOAD_SERVER, or server: in the config)')
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({
@@ -59,8 +61,8 @@ export async function runCommandLine(argv: string[], opts: CommandLineOptions): 
     broker: () => {
       brokerPromise ??= (async () => {
         if (!opts.openBroker) throw new Error('this command line has no broker');
-        const file = (program.opts().config as string | undefined) ?? env.OFFLOAD_CONFIG ?? './offload.yaml';
-        broker = await opts.openBroker(file);
+        const server = (program.opts().server as string | undefined) ?? (env.OFFLOAD_SERVER || undefined);
+        broker = await opts.openBroker(configFileOf(program, env), server);
         return broker;
       })();
       return brokerPromise;
@@ -88,6 +90,11 @@ export async function runCommandLine(argv: string[], opts: CommandLineOptions): 
     if (broker) await broker.close().catch(() => undefined);
   }
   return exitCode;
+}
+
+/** The config file: `--config`, $OFFLOAD_CONFIG or ./offload.yaml. */
+export function configFileOf(program: Command, env: NodeJS.ProcessEnv): string {
+  return (program.opts().config as string | undefined) ?? env.OFFLOAD_CONFIG ?? './offload.yaml';
 }
 
 function allCommands(c: Command): Command[] {

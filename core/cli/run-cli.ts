@@ -1,7 +1,11 @@
 import type { ContainerModule } from 'inversify';
 import type { LoadedPlugins } from '../backend/plugin-container.js';
 import type { CliContribution } from './contribution.js';
-import { runCommandLine } from './command-line.js';
+import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { ConfigError } from '../config/config-error.js';
+import { secrets } from '../config/secrets.js';
+import { configFileOf, runCommandLine } from './command-line.js';
 import type { OutputStreams } from './output.js';
 import { registerBrokerCommands } from './commands/index.js';
 
@@ -35,14 +39,29 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
     io: opts.io,
     env,
     usageExitCode: opts.usageExitCode,
-    openBroker: async (file) => {
+    openBroker: async (file, server) => {
+      const address = server ?? await configuredServer(file, env);
+      if (address !== undefined) {
+        // A client of the service: no plugin or backend here, every verb is a request.
+        const { connectBroker } = await import('../service/client.js');
+        if (env.OFFLOAD_TOKEN) secrets.add(env.OFFLOAD_TOKEN);
+        return connectBroker(address, env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {});
+      }
       const { createBroker } = await import('../broker.js');
       // A command never adopts another runner's job (it would run it only while the command
       // lives): `offload jobs resume ID` takes one over explicitly.
       return createBroker(file, { plugins: loaded ?? opts.plugins, env, recoverJobs: false });
     },
     register: async (program, ctx) => {
-      registerBrokerCommands(program, ctx);
+      registerBrokerCommands(program, ctx, async (o) => {
+        // `offload serve` is the service: it opens the broker itself, whatever server: says.
+        const [{ createBroker }, { loadConfig }, { loadPlugins }] = await Promise.all([
+          import('../broker.js'), import('../config/config.js'), import('../backend/plugin-container.js'),
+        ]);
+        const plugins = loaded ?? await loadPlugins(opts.plugins);
+        const config = loadConfig(configFileOf(program, env), plugins.factories, env);
+        return { broker: await createBroker(config, { plugins, env, ...o }), config };
+      });
       const contributions = [...(opts.contributions ?? [])];
       if (opts.plugins.length > 0) {
         const { loadPlugins } = await import('../backend/plugin-container.js');
@@ -52,4 +71,20 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
       for (const c of contributions) c.register(program, ctx);
     },
   });
+}
+
+/** The `server:` of a config file (a service to send the commands to), if it names one. */
+async function configuredServer(file: string, env: NodeJS.ProcessEnv): Promise<string | undefined> {
+  if (!existsSync(file)) return undefined; // opening the broker says what is missing
+  const { readConfigFile, substituteEnv } = await import('../config/config.js');
+  const { raw, baseDir } = readConfigFile(file);
+  const server = (raw as { server?: unknown } | null)?.server;
+  if (server === undefined) return undefined;
+  if (typeof server !== 'string') throw new ConfigError('server: expected unix:PATH or http://HOST:PORT');
+  return socketFromConfig(substituteEnv(server, env, 'server') as string, baseDir);
+}
+
+/** A relative `unix:` path in a config file is relative to the file, as its other paths are. */
+function socketFromConfig(server: string, baseDir: string): string {
+  return server.startsWith('unix:') ? `unix:${resolve(baseDir, server.slice(5))}` : server;
 }

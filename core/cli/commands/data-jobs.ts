@@ -1,25 +1,59 @@
 import type { Command } from 'commander';
+import type { Broker } from '../../broker-api.js';
 import type { Job, JobInfo } from '../../jobs/job.js';
 import { errorFromCode } from '../../model/errors.js';
 import { UsageError, type CliContext } from '../contribution.js';
 import { formatSize, parseSize } from '../sizes.js';
+import { serviceOf } from '../../service/remote.js';
 import { preferOption } from './plan.js';
 
-/** Wait for a job with a progress bar on a TTY; fails with the job's error. */
-export async function awaitJob(ctx: CliContext, job: Job, label: string): Promise<JobInfo> {
+/**
+ * Wait for a job with a progress bar on a TTY; fails with the job's error. A job the service runs
+ * goes on there when this command is interrupted: Ctrl-C says so and exits.
+ */
+export async function awaitJob(ctx: CliContext, job: Job, label: string, broker?: Broker): Promise<JobInfo> {
   const bar = ctx.progress(label);
   const off = job.on((e) => bar.update(e.job.progress.current, e.job.progress.total));
-  const info = await job.wait();
-  off();
+  const service = broker && serviceOf(broker);
+  const interrupted = () => {
+    bar.done();
+    ctx.note(`offload: job ${job.id} goes on in the service at ${service}: \`offload jobs wait ${job.id}\` follows it, \`offload jobs cancel ${job.id}\` stops it`);
+    process.exit(130);
+  };
+  if (service) process.once('SIGINT', interrupted);
+  let info: JobInfo;
+  try {
+    info = await job.wait();
+  } finally {
+    process.off('SIGINT', interrupted);
+    off();
+  }
   bar.done();
   if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref, data: { job: info.id } });
   return info;
 }
 
-/** Follow a job to its end: a progress bar on a TTY, one final line otherwise; fails with the job's error. */
-export async function followJob(ctx: CliContext, job: Job, label: string): Promise<void> {
-  const info = await awaitJob(ctx, job, label);
+/**
+ * Follow a job to its end: a progress bar on a TTY, one final line otherwise; fails with the job's
+ * error. Detached (`--detach`): print the job (its id; --json: the job) and return at once.
+ */
+export async function followJob(ctx: CliContext, job: Job, label: string, broker: Broker, detach?: boolean): Promise<void> {
+  if (detach) return printDetached(ctx, job);
+  const info = await awaitJob(ctx, job, label, broker);
   ctx.print(info, `${label}: done (job ${info.id}, ${info.executor}, ${formatSize(info.progress.current)} processed)`);
+}
+
+export const DETACH_HELP = 'with a service (--server): print the job id and return at once; the job goes on in the service';
+
+/** `--detach` needs a service: an embedded job lives only as long as its command. */
+export function checkDetach(broker: Broker, detach: boolean | undefined): void {
+  if (detach && !serviceOf(broker)) {
+    throw new UsageError('--detach needs a service (--server ADDR, OFFLOAD_SERVER or server: in the config): an embedded job runs only as long as its command');
+  }
+}
+
+export function printDetached(ctx: CliContext, job: Job): void {
+  ctx.print(job.info(), job.id);
 }
 
 function speedOption(s: string | undefined): number | undefined {
@@ -35,17 +69,20 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--prefer <where>', 'host: copy through the host even where the backend could clone natively')
     .option('--verify', 'through the host: compare checksums of source and target after the copy')
     .option('--speed <bytes-per-second>', 'through the host: rate limit (suffixes k, M, G)')
-    .action(async (source: string, target: string, o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string }) => {
+    .option('--detach', DETACH_HELP)
+    .action(async (source: string, target: string, o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; detach?: boolean }) => {
       if (o.full && o.linked) throw new UsageError('--full and --linked exclude each other');
       const mode = o.full ? 'full' : o.linked ? 'linked' : undefined;
       const speed = speedOption(o.speed);
       const broker = await ctx.broker();
+      checkDetach(broker, o.detach);
       const started = await broker.startClone(source, target, {
         ...(mode ? { mode } : {}), ...(o.size ? { sizeBytes: parseSize(o.size) } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
         ...(o.verify ? { verify: true } : {}), ...(speed ? { speed } : {}),
       });
       if (started.job) {
-        const info = await awaitJob(ctx, started.job, `clone ${source} → ${target}`);
+        if (o.detach) return printDetached(ctx, started.job);
+        const info = await awaitJob(ctx, started.job, `clone ${source} → ${target}`, broker);
         const v = await broker.volumes.get(target);
         ctx.print({ ...v, job: info }, `cloned ${source} to ${v.backend}/${v.name} through the host (job ${info.id}, ${formatSize(info.progress.current)} copied)`);
         return;
@@ -63,10 +100,13 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       .description(about)
       .option('--base <name>', base)
       .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
-      .action(async (ref: string, o: { base?: string; speed?: string }) => {
+      .option('--detach', DETACH_HELP)
+      .action(async (ref: string, o: { base?: string; speed?: string; detach?: boolean }) => {
         const speed = speedOption(o.speed);
-        const job = await (await ctx.broker())[verb](ref, { ...(o.base ? { base: o.base } : {}), ...(speed ? { speed } : {}) });
-        await followJob(ctx, job, `${verb} ${ref}`);
+        const broker = await ctx.broker();
+        checkDetach(broker, o.detach);
+        const job = await broker[verb](ref, { ...(o.base ? { base: o.base } : {}), ...(speed ? { speed } : {}) });
+        await followJob(ctx, job, `${verb} ${ref}`, broker, o.detach);
       });
   }
 
@@ -75,11 +115,14 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
     .option('--verify', 'compare checksums of source and target after the copy')
     .option('--prefer <where>', 'host (the only way a copy runs; accepted for symmetry with clone)')
-    .action(async (source: string, target: string, o: { speed?: string; verify?: boolean; prefer?: string }) => {
+    .option('--detach', DETACH_HELP)
+    .action(async (source: string, target: string, o: { speed?: string; verify?: boolean; prefer?: string; detach?: boolean }) => {
       const speed = speedOption(o.speed);
-      const job = await (await ctx.broker()).copy(source, target, {
+      const broker = await ctx.broker();
+      checkDetach(broker, o.detach);
+      const job = await broker.copy(source, target, {
         ...(speed ? { speed } : {}), ...(o.verify ? { verify: true } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
       });
-      await followJob(ctx, job, `copy ${source} → ${target}`);
+      await followJob(ctx, job, `copy ${source} → ${target}`, broker, o.detach);
     });
 }

@@ -8,9 +8,10 @@ import { registerPlanCommand } from './plan.js';
 import { registerJobsCommands } from './jobs.js';
 import { registerLocksCommands } from './locks.js';
 import { registerNbdCommand } from './nbd.js';
+import { registerServeCommand, type OpenServiceBroker } from './serve.js';
 
-/** The broker verbs on refs, the same for every backend. */
-export function registerBrokerCommands(program: Command, ctx: CliContext): void {
+/** The broker verbs on refs, the same for every backend, and `offload serve` (which opens its broker with `openService`). */
+export function registerBrokerCommands(program: Command, ctx: CliContext, openService: OpenServiceBroker): void {
   registerBackendsCommand(program, ctx);
   registerVolumeCommands(program, ctx);
   registerSnapshotCommands(program, ctx);
@@ -19,4 +20,5 @@ export function registerBrokerCommands(program: Command, ctx: CliContext): void 
   registerJobsCommands(program, ctx);
   registerLocksCommands(program, ctx);
   registerNbdCommand(program, ctx);
+  registerServeCommand(program, ctx, openService);
 }

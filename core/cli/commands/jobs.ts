@@ -2,7 +2,7 @@ import type { Command } from 'commander';
 import type { JobInfo } from '../../jobs/job.js';
 import type { CliContext } from '../contribution.js';
 import { formatSize, parseSize } from '../sizes.js';
-import { followJob } from './data-jobs.js';
+import { checkDetach, DETACH_HELP, followJob } from './data-jobs.js';
 
 function row(j: JobInfo): Record<string, unknown> {
   const pct = j.progress.total > 0 ? `${Math.floor((j.progress.current / j.progress.total) * 100)}%` : '-';
@@ -60,16 +60,18 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
   verb('pause', 'pause a running job');
 
   jobs.command('resume <id>')
-    .description('resume a paused job; or take over an orphaned one (its runner stopped) and run it here to its end')
-    .action(async (id: string) => {
+    .description('resume a paused job; or take over an orphaned one (its runner stopped) and run it here (with --server: in the service) to its end')
+    .option('--detach', DETACH_HELP)
+    .action(async (id: string, o: { detach?: boolean }) => {
       const broker = await ctx.broker();
+      checkDetach(broker, o.detach);
       const info = (await broker.jobs.get(id)).info();
       if (!info.orphaned) {
         await broker.jobs.resume(id);
         return ctx.print({ id, requested: 'resume' }, `resume: requested for job ${id}`);
       }
       ctx.note(`job ${id} is orphaned (${info.runner ? `last run by ${info.runner.host} pid ${info.runner.pid}, seen ${ago(info.runner.seenAt)}` : 'no runner'}): taking it over`);
-      await followJob(ctx, await broker.jobs.takeOver(id), `${info.type} ${info.ref}`);
+      await followJob(ctx, await broker.jobs.takeOver(id), `${info.type} ${info.ref}`, broker, o.detach);
     });
   verb('complete', 'switch over a job that is ready (active commit, live copy)');
   verb('dismiss', 'forget a concluded job');

@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import type { ExportOptions } from '../../broker-api.js';
+import { serviceOf } from '../../service/remote.js';
 import { UsageError, type CliContext } from '../contribution.js';
 
 interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: string; bind?: string }
@@ -8,10 +9,11 @@ interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: 
  * `offload nbd REF`: serve a volume over NBD in the foreground, like qemu-nbd. The URI is the
  * first line of stdout (a script reads it, then starts its client); SIGINT or SIGTERM stops the
  * export — clients' requests in flight finish, the volume is flushed — and the command exits 0.
+ * With a service (--server) the service hosts the export: the command prints the URI and returns.
  */
 export function registerNbdCommand(program: Command, ctx: CliContext): void {
   const nbd = program.command('nbd')
-    .description('serve a volume (or, read-only, a snapshot) over NBD until interrupted, like qemu-nbd; `nbd list`, `nbd stop NAME`')
+    .description('serve a volume (or, read-only, a snapshot) over NBD until interrupted, like qemu-nbd (with --server: hosted by the service until `nbd stop`); `nbd list`, `nbd stop NAME`')
     .argument('<ref>', 'the volume (backend/volume) or snapshot (backend/volume@snapshot) to serve')
     .option('--name <name>', 'export name in the URI (default: the ref)')
     .option('--read-only', 'serve read-only (a shared lock: others may read the volume meanwhile)')
@@ -23,6 +25,12 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
       const broker = await ctx.broker();
       const exp = await broker.exports.start(ref, opts);
       ctx.print({ name: exp.name, ref: exp.ref, uri: exp.uri, readOnly: exp.readOnly }, exp.uri, { oneLine: true });
+      const service = serviceOf(broker);
+      if (service) {
+        // The service hosts it: it goes on after this command, and after a restart of the service.
+        ctx.note(`the service at ${service} serves ${exp.ref}${exp.readOnly ? ' read-only' : ''} as ${exp.name}; \`offload nbd stop ${exp.name}\` stops it`);
+        return;
+      }
       ctx.note(`serving ${exp.ref}${exp.readOnly ? ' read-only' : ''} as ${exp.name}; Ctrl-C to stop`);
       let signalled = false;
       await new Promise<void>((done) => {

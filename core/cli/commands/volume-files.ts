@@ -6,9 +6,9 @@
 import type { Command } from 'commander';
 import type { CliContext } from '../contribution.js';
 import { formatSize, parseSize } from '../sizes.js';
-import { awaitJob } from './data-jobs.js';
+import { awaitJob, checkDetach, DETACH_HELP, printDetached } from './data-jobs.js';
 
-interface Common { speed?: string; verify?: boolean }
+interface Common { speed?: string; verify?: boolean; detach?: boolean }
 
 function common(o: Common): { speed?: number; verify?: boolean } {
   return { ...(o.speed !== undefined ? { speed: parseSize(o.speed, 'speed') } : {}), ...(o.verify ? { verify: true } : {}) };
@@ -22,11 +22,14 @@ export function registerVolumeFileCommands(volume: Command, ctx: CliContext): vo
     .option('--force', 'replace the file if it exists')
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
     .option('--verify', 'compare checksums of the volume and the file afterwards')
+    .option('--detach', DETACH_HELP)
     .action(async (ref: string, file: string, o: Common & { outputFormat?: string; force?: boolean }) => {
       const broker = await ctx.broker();
+      checkDetach(broker, o.detach);
       const job = await broker.volumes.exportTo(ref, file, { ...(o.outputFormat ? { format: o.outputFormat } : {}), ...(o.force ? { overwrite: true } : {}), ...common(o) });
+      if (o.detach) return printDetached(ctx, job);
       const { file: path, format } = job.info().params as { file: string; format: string };
-      const info = await awaitJob(ctx, job, `export ${ref} → ${file}`);
+      const info = await awaitJob(ctx, job, `export ${ref} → ${file}`, broker);
       ctx.print(info, `exported ${ref} to ${path} (${format}; ${formatSize(info.progress.current)} processed, job ${info.id})`);
     });
 
@@ -37,13 +40,16 @@ export function registerVolumeFileCommands(volume: Command, ctx: CliContext): vo
     .option('--owner <principal>', 'with --create: the tenant that owns the new volume')
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
     .option('--verify', 'compare checksums of the file and the volume afterwards')
+    .option('--detach', DETACH_HELP)
     .action(async (file: string, ref: string, o: Common & { format?: string; create?: boolean; owner?: string }) => {
       const broker = await ctx.broker();
+      checkDetach(broker, o.detach);
       const job = await broker.volumes.importFrom(file, ref, {
         ...(o.format ? { format: o.format } : {}), ...(o.create ? { create: true } : {}), ...(o.owner ? { owner: o.owner } : {}), ...common(o),
       });
+      if (o.detach) return printDetached(ctx, job);
       const { file: path, format, create } = job.info().params as { file: string; format: string; create?: unknown };
-      const info = await awaitJob(ctx, job, `import ${file} → ${ref}`);
+      const info = await awaitJob(ctx, job, `import ${file} → ${ref}`, broker);
       ctx.print(info, `imported ${path} (${format}) into ${ref}${create ? ', which it created' : ''} (${formatSize(info.progress.current)} processed, job ${info.id})`);
     });
 }

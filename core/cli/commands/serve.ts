@@ -1,0 +1,79 @@
+/**
+ * `offload serve`: the long-running broker and its control API (core/service/). It runs every job
+ * it is asked to start, takes over orphaned ones (up to --max-jobs at a time), hosts NBD exports
+ * for its clients, and serves the CLI's `--server`. The listening addresses are the first line of
+ * stdout, once it is ready; SIGTERM or SIGINT stop it: no new requests, its jobs checkpointed and
+ * released (another runner takes them at once), its exports stopped (they come back at its next
+ * start), the socket removed, exit 0.
+ */
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import type { Logger } from '../../backend/plugin.js';
+import type { Broker } from '../../broker-api.js';
+import type { BrokerConfig } from '../../config/config.js';
+import type { JobEventHook } from '../../jobs/job-manager.js';
+import { createLogger } from '../../logger.js';
+import { UsageError, type CliContext } from '../contribution.js';
+
+/** How `offload serve` opens its broker: the CLI's plugins and config, with the service's options. */
+export type OpenServiceBroker = (o: {
+  recoverJobs: boolean;
+  adoptOrphans: { maxJobs: number };
+  onJobEvent: JobEventHook;
+  logger: Logger;
+}) => Promise<{ broker: Broker; config: BrokerConfig }>;
+
+interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string }
+
+export function registerServeCommand(program: Command, ctx: CliContext, open: OpenServiceBroker): void {
+  program.command('serve')
+    .description('run the broker as a service: the control API on a unix socket (and TCP with tokens), its jobs, orphans taken over, hosted NBD exports')
+    .option('--socket <path>', 'unix socket (default: the unix: path of server: in the config, else <state dir>/offload.sock); who may connect is the administrator')
+    .option('--listen <host:port>', 'also serve on TCP (needs --tokens); port 0 picks a free one')
+    .option('--tokens <file>', 'tokens file for TCP: tokens: [{ token, principal, role: admin | tenant }] (mode 600)')
+    .option('--max-jobs <n>', 'orphaned jobs to take over and run at a time (default 4)')
+    .action(async (o: ServeFlags) => {
+      const tcp = o.listen === undefined ? undefined : parseListen(o.listen);
+      if (tcp && o.tokens === undefined) throw new UsageError('--listen needs --tokens FILE: every request over TCP must name its principal');
+      const maxJobs = o.maxJobs === undefined ? 4 : Number(o.maxJobs);
+      if (!Number.isInteger(maxJobs) || maxJobs < 1) throw new UsageError(`--max-jobs takes a whole number ≥ 1, got ${o.maxJobs}`);
+      const logger = createLogger(process.env.OFFLOAD_LOG || 'warn');
+      const [{ Tokens }, { ServiceMetrics }, { startService }] = await Promise.all([
+        import('../../service/auth.js'), import('../../service/metrics.js'), import('../../service/server.js'),
+      ]);
+      const tokens = o.tokens === undefined ? undefined : Tokens.load(o.tokens, logger);
+      const metrics = new ServiceMetrics();
+      const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger });
+      let service;
+      try {
+        const configured = config.server?.startsWith('unix:') ? resolve(config.baseDir, config.server.slice(5)) : undefined;
+        const socket = resolve(o.socket ?? configured ?? join(config.state, 'offload.sock'));
+        service = await startService({ broker, stateDir: config.state, socket, ...(tcp ? { tcp } : {}), ...(tokens ? { tokens } : {}), metrics, logger });
+      } catch (e) {
+        await broker.close();
+        throw e;
+      }
+      const [socketAddress, httpAddress] = service.addresses;
+      ctx.print({ socket: socketAddress, ...(httpAddress ? { http: httpAddress } : {}), pid: process.pid }, service.addresses.join(' '), { oneLine: true });
+      ctx.note(`offload serve: ready (pid ${process.pid}); SIGTERM or Ctrl-C stops it`);
+      const signal = await new Promise<string>((done) => {
+        const stop = (s: string) => {
+          process.off('SIGINT', stop);
+          process.off('SIGTERM', stop);
+          done(s);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+      });
+      ctx.note(`offload serve: ${signal}: stopping`);
+      await service.close();
+      await broker.close(); // running jobs are checkpointed and released: another runner takes them at once
+    });
+}
+
+/** `HOST:PORT`, `[V6]:PORT` or `:PORT` (all addresses). */
+function parseListen(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
+  if (!m || Number(m[3]) > 65535) throw new UsageError(`--listen takes HOST:PORT (port 0–65535), got ${JSON.stringify(text)}`);
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port: Number(m[3]) };
+}

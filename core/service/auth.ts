@@ -1,0 +1,87 @@
+/**
+ * Who a request over TCP is: `Authorization: Bearer TOKEN`, looked up in the tokens file.
+ *
+ *   tokens:
+ *     - token: 9c1f0e…            # at least 16 characters; generate with `openssl rand -hex 32`
+ *       principal: alice
+ *       role: tenant              # tenant: its own volumes and jobs only; admin: everything
+ *     - token: 51aa7d…
+ *       principal: ops
+ *       role: admin
+ *
+ * The file holds secrets: one that others may read or write is refused (chmod 600), one the group
+ * may read is used with a warning. Tokens are compared in constant time (their SHA-256 digests,
+ * every entry, no early exit), so the answer's timing tells nothing about a token.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { statSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { z } from 'zod';
+import type { Logger } from '../backend/plugin.js';
+import { readConfigFile } from '../config/config.js';
+import { ConfigError } from '../config/config-error.js';
+import { describeIssue, formatPath } from '../config/format-issues.js';
+import { secrets } from '../config/secrets.js';
+import { tenant, type Principal } from '../locks/principal.js';
+
+const tokensFileSchema = z.strictObject({
+  tokens: z.array(z.strictObject({
+    token: z.string().min(16, 'a token has at least 16 characters'),
+    principal: z.string().min(1),
+    role: z.enum(['admin', 'tenant']),
+  })),
+});
+
+interface Entry { digest: Buffer; principal: Principal }
+
+export class Tokens {
+  private constructor(private readonly entries: readonly Entry[]) {}
+
+  /** Read and check a tokens file (ConfigError naming the problem: exit 2 for `offload serve`). */
+  static load(file: string, logger: Logger): Tokens {
+    const path = resolve(file);
+    let mode: number;
+    try {
+      mode = statSync(path).mode;
+    } catch (e) {
+      throw new ConfigError(`tokens file ${path}: ${(e as Error).message}`);
+    }
+    if (mode & 0o007) throw new ConfigError(`tokens file ${path} may be read or written by others (mode ${(mode & 0o777).toString(8)})`, `chmod 600 ${path}`);
+    if (mode & 0o070) logger.warn(`tokens file ${path} may be read by its group (mode ${(mode & 0o777).toString(8)}); chmod 600 keeps the tokens to the service's user`);
+    const { raw } = readConfigFile(path);
+    const tokens = (raw as { tokens?: unknown } | null)?.tokens;
+    if (Array.isArray(tokens)) for (const t of tokens) secrets.add((t as { token?: unknown } | null)?.token);
+    const parsed = tokensFileSchema.safeParse(raw);
+    if (!parsed.success) {
+      const first = parsed.error.issues[0]!;
+      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant }]');
+    }
+    const seen = new Set<string>();
+    const entries = parsed.data.tokens.map((t, i) => {
+      if (seen.has(t.token)) throw new ConfigError(`tokens file ${path}: tokens[${i}]: the same token is given twice`);
+      seen.add(t.token);
+      let principal: Principal;
+      try {
+        principal = t.role === 'admin' ? { id: t.principal, role: 'admin' } : tenant(t.principal);
+      } catch (e) {
+        throw new ConfigError(`tokens file ${path}: tokens[${i}].principal: ${(e as Error).message}`);
+      }
+      return { digest: digest(t.token), principal };
+    });
+    return new Tokens(entries);
+  }
+
+  /** The principal of an `Authorization` header's bearer token; undefined when absent or unknown. */
+  principalOf(authorization: string | undefined): Principal | undefined {
+    const m = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? '');
+    if (!m) return undefined;
+    const d = digest(m[1]!);
+    let found: Principal | undefined;
+    for (const e of this.entries) if (timingSafeEqual(e.digest, d) && !found) found = e.principal;
+    return found;
+  }
+}
+
+function digest(token: string): Buffer {
+  return createHash('sha256').update(token).digest();
+}

@@ -1,0 +1,101 @@
+/**
+ * The client's side of the wire: calls a route of the table (routes.ts) on a service at
+ * `unix:PATH` or `http://HOST:PORT`, and turns every error answer back into the typed error the
+ * broker threw there (http-errors.ts).
+ */
+import { Agent, request, type IncomingHttpHeaders } from 'node:http';
+import type { z } from 'zod';
+import { BackendUnavailable, errorFromCode, InvalidArgument } from '../model/errors.js';
+import { errorFromBody } from './http-errors.js';
+import type { Route } from './routes.js';
+
+export type ServerAddress = { socketPath: string; text: string } | { host: string; port: number; text: string };
+
+/** `unix:PATH` or `http://HOST:PORT` (as `--server`, OFFLOAD_SERVER and `server:` take it). */
+export function parseServerAddress(text: string): ServerAddress {
+  if (text.startsWith('unix:') && text.length > 5) return { socketPath: text.slice(5), text };
+  let url: URL | undefined;
+  try {
+    url = new URL(text);
+  } catch {
+    url = undefined;
+  }
+  if (!url || url.protocol !== 'http:' || (url.pathname !== '/' && url.pathname !== '') || url.search || url.username) {
+    throw new InvalidArgument(`invalid service address ${JSON.stringify(text)}: expected unix:PATH or http://HOST:PORT`);
+  }
+  return { host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port: Number(url.port || 80), text };
+}
+
+type Input<P extends z.ZodType, Q extends z.ZodType, B extends z.ZodType> = { params?: z.input<P>; query?: z.input<Q>; body?: z.input<B> };
+
+export class HttpTransport {
+  constructor(
+    readonly address: ServerAddress,
+    private readonly headers: Record<string, string> = {},
+    private readonly agent = new Agent({ keepAlive: true }),
+  ) {}
+
+  /** The same service, with more headers on every request (a token, the principal to act as); one connection pool. */
+  with(headers: Record<string, string>): HttpTransport {
+    return new HttpTransport(this.address, { ...this.headers, ...headers }, this.agent);
+  }
+
+  async call<P extends z.ZodType, Q extends z.ZodType, B extends z.ZodType, R extends z.ZodType | null>(
+    route: Route<P, Q, B, R>, input: Input<P, Q, B>,
+  ): Promise<R extends z.ZodType ? z.output<R> : void> {
+    const params = (input.params ?? {}) as Record<string, string>;
+    let path = route.path.replace(/:(\w+)/g, (_, k: string) => encodeURIComponent(params[k] ?? ''));
+    const query = Object.entries((input.query ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined);
+    if (query.length > 0) path += `?${new URLSearchParams(query.map(([k, v]): [string, string] => [k, String(v)])).toString()}`;
+    const { status, body } = await this.send(route.method, path, input.body);
+    if (status < 200 || status > 299) throw errorFromBody(status, body);
+    if (route.response === null) return undefined as never;
+    const checked = route.response.safeParse(body);
+    if (!checked.success) {
+      throw errorFromCode('Internal', `the service's answer to ${route.method} ${route.path} is not what this client expects: ${checked.error.issues[0]?.message ?? ''}`, {
+        hint: 'the service and this client may be of different versions',
+      });
+    }
+    return body as never; // as it came: fields this client does not know pass through
+  }
+
+  /** One request; the body as parsed JSON (text when it is not JSON). */
+  send(method: string, path: string, body?: unknown): Promise<{ status: number; headers: IncomingHttpHeaders; body: unknown }> {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const where = 'socketPath' in this.address ? { socketPath: this.address.socketPath } : { host: this.address.host, port: this.address.port };
+    return new Promise((resolve, reject) => {
+      const req = request({
+        ...where, method, path, agent: this.agent,
+        headers: { ...this.headers, accept: 'application/json', ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
+      }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('error', (e) => reject(this.unreachable(e)));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          let parsed: unknown = text;
+          if ((res.headers['content-type'] ?? '').includes('json') && text.length > 0) {
+            try {
+              parsed = JSON.parse(text);
+            } catch {
+              parsed = text;
+            }
+          }
+          resolve({ status: res.statusCode ?? 0, headers: res.headers, body: parsed });
+        });
+      });
+      req.on('error', (e) => reject(this.unreachable(e)));
+      req.end(payload);
+    });
+  }
+
+  close(): void {
+    this.agent.destroy();
+  }
+
+  private unreachable(e: Error): BackendUnavailable {
+    return new BackendUnavailable(`cannot reach the service at ${this.address.text}: ${e.message}`, {
+      hint: 'start it with `offload serve`, or check --server / OFFLOAD_SERVER / server: in the config',
+    });
+  }
+}

@@ -1,0 +1,102 @@
+/**
+ * NBD exports the service hosts for its clients (`offload --server … nbd REF`): they outlive the
+ * request that started them, and come back when the service starts again — each request is kept
+ * in `<state>/hosted-exports.json` until the export is stopped (`nbd stop`, or an administrator's
+ * request on its volume preempted it). One that cannot start again is logged and dropped, never
+ * fatal: the service serves the rest.
+ */
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { z } from 'zod';
+import type { Logger } from '../backend/plugin.js';
+import type { Broker, ExportOptions } from '../broker-api.js';
+import type { ListenAddress } from '../export/nbd-server.js';
+import { toOffloadError } from '../model/errors.js';
+import type { HostedExportsApi } from './routes.js';
+import { listenSchema } from './schemas.js';
+
+const hostedSchema = z.object({
+  name: z.string(),
+  ref: z.string(),
+  readOnly: z.boolean(),
+  listen: listenSchema,
+  principal: z.object({ id: z.string(), role: z.enum(['admin', 'tenant']) }),
+});
+type Hosted = z.infer<typeof hostedSchema>;
+const fileSchema = z.object({ version: z.literal(1), exports: z.array(hostedSchema) });
+
+export class HostedExports implements HostedExportsApi {
+  private readonly file: string;
+  private readonly hosted = new Map<string, Hosted>();
+  private closing = false;
+
+  constructor(stateDir: string, private readonly logger: Logger) {
+    this.file = join(stateDir, 'hosted-exports.json');
+  }
+
+  async start(broker: Broker, ref: string, opts: ExportOptions): Promise<{ name: string; ref: string; uri: string; readOnly: boolean }> {
+    const handle = await broker.exports.start(ref, opts);
+    const entry: Hosted = { name: handle.name, ref: handle.ref, readOnly: handle.readOnly, listen: asStarted(opts.listen, handle.uri), principal: { ...broker.principal } };
+    this.hosted.set(handle.name, entry);
+    this.save();
+    // Stopped other than by the service's shutdown (nbd stop, an administrator's preemption): forget it.
+    void handle.stopped.then(() => this.forget(entry));
+    return { name: handle.name, ref: handle.ref, uri: handle.uri, readOnly: handle.readOnly };
+  }
+
+  async stop(broker: Broker, name: string): Promise<void> {
+    await broker.exports.stop(name);
+    const entry = this.hosted.get(name);
+    if (entry) this.forget(entry);
+  }
+
+  /** Start again the exports hosted when the service last stopped (as the principals that asked). */
+  async restore(broker: Broker): Promise<void> {
+    const saved = this.read();
+    if (saved.length === 0) return;
+    for (const h of saved) {
+      try {
+        await this.start(broker.as(h.principal), h.ref, { name: h.name, readOnly: h.readOnly, listen: h.listen });
+        this.logger.info(`hosted export ${h.name} of ${h.ref} started again`);
+      } catch (e) {
+        const err = toOffloadError(e);
+        this.logger.error(`hosted export ${h.name} of ${h.ref} cannot start again, dropped: ${err.code}: ${err.describe()}`, { export: h });
+      }
+    }
+    this.save(); // the dropped ones are gone from the file
+  }
+
+  /** The service is stopping: its exports stop with the broker but stay in the file, to come back. */
+  shutdown(): void {
+    this.closing = true;
+  }
+
+  private forget(entry: Hosted): void {
+    if (this.closing || this.hosted.get(entry.name) !== entry) return;
+    this.hosted.delete(entry.name);
+    this.save();
+  }
+
+  private read(): Hosted[] {
+    if (!existsSync(this.file)) return [];
+    try {
+      return fileSchema.parse(JSON.parse(readFileSync(this.file, 'utf8'))).exports;
+    } catch (e) {
+      this.logger.error(`${this.file} is unreadable, no hosted export is started again: ${(e as Error).message}`);
+      return [];
+    }
+  }
+
+  private save(): void {
+    const tmp = `${this.file}.tmp`;
+    writeFileSync(tmp, `${JSON.stringify({ version: 1, exports: [...this.hosted.values()] }, null, 2)}\n`, { mode: 0o600 });
+    renameSync(tmp, this.file); // a crash leaves the old file or the new one, never half of one
+  }
+}
+
+/** Where an export listens, as it will listen again: a free port (0) becomes the port it got. */
+function asStarted(listen: ListenAddress | undefined, uri: string): ListenAddress {
+  if (listen && 'socket' in listen) return { socket: resolve(listen.socket) };
+  const port = Number(new URL(uri).port);
+  return { host: listen?.host ?? '127.0.0.1', port: listen?.port === 0 && port > 0 ? port : (listen?.port ?? 10809) };
+}

@@ -1,0 +1,69 @@
+/**
+ * The service's Prometheus metrics (prom-client, a registry of its own): jobs by status and
+ * executor and the bytes they processed on the host vs offloaded (read from the job store at each
+ * scrape, so they count every runner's jobs, not only this service's), lease takeovers and
+ * fencing rejections (from the broker's job events), and request latency by route.
+ */
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { JobEventHook } from '../jobs/job-manager.js';
+import type { JobInfo } from '../jobs/job.js';
+
+export class ServiceMetrics {
+  readonly registry = new Registry();
+  private jobs: () => Promise<JobInfo[]> = async () => [];
+  private readonly takeovers: Counter;
+  private readonly fenced: Counter;
+  private readonly latency: Histogram<'method' | 'route' | 'status'>;
+
+  constructor() {
+    const registers = [this.registry];
+    const metrics = this;
+    new Gauge({
+      name: 'offload_jobs', help: 'Jobs in the store by status (orphaned: nobody runs it) and executor (host, backend:NAME)',
+      labelNames: ['status', 'executor'], registers,
+      async collect() {
+        this.reset();
+        for (const j of await metrics.jobs()) this.inc({ status: j.orphaned ? 'orphaned' : j.status, executor: j.executor });
+      },
+    });
+    new Gauge({
+      name: 'offload_job_processed_bytes', help: 'Bytes processed by the jobs in the store: through the host, or offloaded to a backend',
+      labelNames: ['where'], registers,
+      async collect() {
+        const sum = { host: 0, offloaded: 0 };
+        for (const j of await metrics.jobs()) sum[j.executor === 'host' ? 'host' : 'offloaded'] += j.progress.current;
+        this.set({ where: 'host' }, sum.host);
+        this.set({ where: 'offloaded' }, sum.offloaded);
+      },
+    });
+    this.takeovers = new Counter({ name: 'offload_job_takeovers_total', help: 'Orphaned jobs this service took over (a new lease, the next fencing token)', registers });
+    this.fenced = new Counter({ name: 'offload_job_fencing_rejections_total', help: 'Jobs this service stopped running because another runner holds them (its write was fenced off)', registers });
+    this.latency = new Histogram({
+      name: 'offload_http_request_duration_seconds', help: 'Control API requests by route and status',
+      labelNames: ['method', 'route', 'status'], registers, buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, 60],
+    });
+  }
+
+  /** Where the job gauges read from (the administrator's view of the service's broker). */
+  readJobsFrom(list: () => Promise<JobInfo[]>): void {
+    this.jobs = list;
+  }
+
+  /** For createBroker({ onJobEvent }). */
+  readonly onJobEvent: JobEventHook = (e) => {
+    if (e.type === 'takeover') this.takeovers.inc();
+    else this.fenced.inc();
+  };
+
+  observe(method: string, route: string, status: number, seconds: number): void {
+    this.latency.observe({ method, route, status: String(status) }, seconds);
+  }
+
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+}

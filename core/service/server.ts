@@ -1,0 +1,179 @@
+/**
+ * The control API server (`offload serve`): one broker, served by Fastify from the route table on
+ * a unix socket (whoever may connect to it is the administrator: the socket is mode 0600 in the
+ * state directory) and optionally on TCP, where every request needs a bearer token from the tokens
+ * file. A request runs as its principal's view of the broker (`broker.as`): a tenant sees its own
+ * volumes, jobs and exports only, and another's are NotFound, as if absent.
+ */
+import { existsSync, chmodSync, rmSync } from 'node:fs';
+import { connect } from 'node:net';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { Logger } from '../backend/plugin.js';
+import type { Broker } from '../broker-api.js';
+import { ADMIN, tenant, type Principal } from '../locks/principal.js';
+import { BackendUnavailable, Busy, InvalidArgument, isOffloadError, NotFound, OffloadError, PermissionDenied, toOffloadError } from '../model/errors.js';
+import type { Tokens } from './auth.js';
+import { HostedExports } from './hosted-exports.js';
+import { errorBody, invalidRequest, statusOf } from './http-errors.js';
+import type { ServiceMetrics } from './metrics.js';
+import { openApiDocument } from './openapi.js';
+import { AS_HEADER } from './remote.js';
+import { ROUTES, type Route } from './routes.js';
+
+export const API_VERSION = '1.0.0';
+
+export interface ServiceOptions {
+  broker: Broker;
+  /** The broker's state directory: the hosted exports are kept there. */
+  stateDir: string;
+  /** The unix socket to serve on (its connections are the administrator). */
+  socket: string;
+  /** Also serve on TCP (needs `tokens`); port 0 picks a free one. */
+  tcp?: { host: string; port: number };
+  tokens?: Tokens;
+  metrics: ServiceMetrics;
+  logger: Logger;
+}
+
+export interface Service {
+  /** Where it listens: `unix:PATH`, then `http://HOST:PORT` when TCP is on; each usable as `--server`. */
+  readonly addresses: string[];
+  /** Stop accepting, answer pending long polls, wait for requests in flight. The broker stays open (its owner closes it). */
+  close(): Promise<void>;
+}
+
+/** How a listener learns who is asking. */
+type Authenticate = (req: FastifyRequest) => Principal | undefined;
+
+export async function startService(o: ServiceOptions): Promise<Service> {
+  if (o.tcp && !o.tokens) throw new InvalidArgument('serving on TCP needs a tokens file (--tokens FILE): every request there must name its principal');
+  const hosted = new HostedExports(o.stateDir, o.logger);
+  const stopping = new AbortController();
+  o.metrics.readJobsFrom(() => o.broker.jobs.list());
+  await hosted.restore(o.broker);
+
+  const apps: FastifyInstance[] = [];
+  const close = async () => {
+    hosted.shutdown();
+    stopping.abort();
+    await Promise.allSettled(apps.map((a) => a.close()));
+    rmSync(o.socket, { force: true });
+  };
+  try {
+    await freeSocketPath(o.socket);
+    const local = buildApp(o, hosted, stopping.signal, () => ADMIN);
+    apps.push(local);
+    await local.listen({ path: o.socket });
+    chmodSync(o.socket, 0o600);
+    const addresses = [`unix:${o.socket}`];
+    if (o.tcp) {
+      const tokens = o.tokens!;
+      const remote = buildApp(o, hosted, stopping.signal, (req) => tokens.principalOf(req.headers.authorization));
+      apps.push(remote);
+      await remote.listen({ host: o.tcp.host, port: o.tcp.port });
+      const addr = remote.server.address();
+      const port = typeof addr === 'object' && addr ? addr.port : o.tcp.port;
+      addresses.push(`http://${o.tcp.host.includes(':') ? `[${o.tcp.host}]` : o.tcp.host}:${port}`);
+    }
+    return { addresses, close };
+  } catch (e) {
+    await close();
+    throw toOffloadError(e, 'starting the service');
+  }
+}
+
+/** A socket file left by a service that died is removed; one a live service answers on is Busy. */
+async function freeSocketPath(path: string): Promise<void> {
+  if (!existsSync(path)) return;
+  const live = await new Promise<boolean>((done) => {
+    const s = connect(path);
+    s.once('connect', () => { s.destroy(); done(true); });
+    s.once('error', () => done(false));
+  });
+  if (live) throw new Busy(`a service already listens on ${path}`, { ref: path, hint: 'stop it first, or pass another --socket' });
+  rmSync(path, { force: true });
+}
+
+function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate): FastifyInstance {
+  // Requests that arrive while the service stops are answered by the onRequest hook, in our format.
+  const app = Fastify({ logger: false, forceCloseConnections: 'idle', return503OnClosing: false });
+  const principals = new WeakMap<FastifyRequest, Principal>();
+
+  app.setErrorHandler((err: FastifyError | OffloadError, _req, reply) => sendError(reply, fromFastify(err)));
+  app.setNotFoundHandler((req, reply) => sendError(reply, new NotFound(`no route ${req.method} ${req.url.split('?')[0]}`, { hint: 'see /openapi.json' })));
+
+  app.addHook('onRequest', async (req, reply) => {
+    if (stopping.aborted) {
+      return reply.code(503).header('connection', 'close').send(errorBody(new BackendUnavailable('the service is stopping', { hint: 'try again once it has started again' })));
+    }
+    if (req.url === '/openapi.json') return; // the description of the API is public
+    const who = authenticate(req);
+    if (!who) {
+      const err = new PermissionDenied(req.headers.authorization ? 'the bearer token is not known' : 'a bearer token is needed (Authorization: Bearer TOKEN)', {
+        hint: 'pass the token in OFFLOAD_TOKEN, as the tokens file of `offload serve` names it',
+      });
+      return reply.code(401).header('www-authenticate', 'Bearer').send(errorBody(err));
+    }
+    principals.set(req, actingAs(who, req.headers[AS_HEADER]));
+  });
+  app.addHook('onResponse', async (req, reply) => {
+    o.metrics.observe(req.method, req.routeOptions.url ?? 'unknown', reply.statusCode, reply.elapsedTime / 1000);
+  });
+
+  app.get('/openapi.json', async () => openApiDocument(API_VERSION));
+  app.get('/metrics', async (req, reply) => {
+    if (principals.get(req)!.role !== 'admin') throw new PermissionDenied('metrics are for administrators');
+    return reply.type(o.metrics.contentType).send(await o.metrics.text());
+  });
+
+  for (const r of Object.values(ROUTES) as Route[]) {
+    app.route({
+      method: r.method, url: r.path,
+      handler: async (req, reply) => {
+        const params = r.params.safeParse(req.params, { reportInput: true });
+        if (!params.success) throw invalidRequest('path', params.error);
+        const query = r.query.safeParse(req.query, { reportInput: true });
+        if (!query.success) throw invalidRequest('query', query.error);
+        const body = r.body.safeParse(req.body, { reportInput: true });
+        if (!body.success) throw invalidRequest('body', body.error);
+        const broker = o.broker.as(principals.get(req)!);
+        const result = await r.call(broker, { params: params.data, query: query.data, body: body.data }, { signal: requestSignal(reply, stopping), exports: hosted });
+        return r.response === null ? reply.code(204).send() : reply.send(result);
+      },
+    });
+  }
+  return app;
+}
+
+/** `Offload-As: TENANT`: an administrator acting as that tenant; a tenant may name only itself. */
+function actingAs(who: Principal, header: string | string[] | undefined): Principal {
+  if (header === undefined) return who;
+  const id = Array.isArray(header) ? header[0]! : header;
+  if (who.role === 'admin') return tenant(id);
+  if (id === who.id) return who;
+  throw new PermissionDenied(`tenant ${who.id} cannot act as ${id}`);
+}
+
+/** Aborted when the client goes away before its answer, or the service stops. */
+function requestSignal(reply: FastifyReply, stopping: AbortSignal): AbortSignal {
+  const ac = new AbortController();
+  const abort = () => ac.abort();
+  stopping.addEventListener('abort', abort, { once: true });
+  reply.raw.once('close', () => {
+    stopping.removeEventListener('abort', abort);
+    if (!reply.raw.writableEnded) abort();
+  });
+  return ac.signal;
+}
+
+function sendError(reply: FastifyReply, err: OffloadError): FastifyReply {
+  return reply.code(statusOf(err)).send(errorBody(err));
+}
+
+/** Fastify's own errors (bad JSON, an unknown content type, a body too large) are bad requests. */
+function fromFastify(err: FastifyError | OffloadError): OffloadError {
+  if (isOffloadError(err)) return err;
+  const status = (err as FastifyError).statusCode;
+  if (status !== undefined && status >= 400 && status < 500) return new InvalidArgument(`invalid request: ${err.message}`, { hint: 'send JSON (Content-Type: application/json); see /openapi.json' });
+  return toOffloadError(err);
+}

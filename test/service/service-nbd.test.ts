@@ -1,0 +1,69 @@
+/**
+ * NBD exports hosted by the service (`offload --server … nbd REF`): the command prints the URI and
+ * returns; the export serves real clients (qemu-img, qemu-io) after the client is gone, comes back
+ * at the same URI after the service restarts, and stays gone once stopped. One that cannot start
+ * again is logged and dropped, and the service serves on.
+ */
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { HAVE, ok, qemuIo } from '../support/nbd-tools.js';
+import { offload, serve, setup, until, type ServiceChild, type Setup } from './service-helpers.js';
+
+const MiB = 1024 * 1024;
+
+describe.skipIf(!HAVE.qemu)('NBD exports hosted by the service', () => {
+  let s: Setup;
+  let service: ServiceChild;
+  const client = (...args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
+  const hostedFile = () => JSON.parse(readFileSync(join(s.dir, 'state', 'hosted-exports.json'), 'utf8')) as { exports: { name: string }[] };
+
+  beforeAll(async () => {
+    s = setup();
+    service = await serve(s);
+    expect((await client('volume', 'create', 'local/vm1', '64M')).code).toBe(0);
+    expect((await client('volume', 'create', 'local/gone', '16M')).code).toBe(0);
+  });
+
+  afterAll(async () => {
+    if (service.child.exitCode === null) await service.stop();
+    rmSync(s.dir, { recursive: true, force: true });
+  });
+
+  it('outlive the client and come back after a restart; `nbd stop` ends them for good', async () => {
+    const started = await client('nbd', 'local/vm1', '--port', '0');
+    expect(started.code).toBe(0);
+    const uri = started.out.trim();
+    expect(uri).toMatch(/^nbd:\/\/127\.0\.0\.1:\d+\/local\/vm1$/);
+    expect(started.err).toMatch(/serves local\/vm1 as local\/vm1; `offload nbd stop local\/vm1` stops it/);
+    const sock = join(s.dir, 'gone.sock');
+    const other = await client('--json', 'nbd', 'local/gone', '--socket', sock, '--read-only', '--name', 'gone');
+    expect(JSON.parse(other.out)).toEqual({ name: 'gone', ref: 'local/gone', uri: `nbd+unix:///gone?socket=${sock}`, readOnly: true });
+
+    await qemuIo(uri, ['write -P 0x5a 0 1M']);
+    expect(JSON.parse((await client('--json', 'nbd', 'list')).out)).toEqual(expect.arrayContaining([
+      expect.objectContaining({ name: 'local/vm1', uri, readOnly: false, pid: service.child.pid }),
+      expect.objectContaining({ name: 'gone', readOnly: true }),
+    ]));
+    // The exported volume is locked as with `offload nbd`.
+    expect((await client('volume', 'delete', 'local/vm1')).err).toMatch(/Busy.*export local\/vm1/);
+
+    // Restart, with local/gone deleted meanwhile: vm1 comes back at the same URI, gone is dropped.
+    expect(await service.stop()).toBe(0);
+    expect((await offload(s, ['volume', 'delete', 'local/gone'])).code).toBe(0);
+    service = await serve(s);
+    await until('the dropped export is logged', () => /hosted export gone of local\/gone cannot start again, dropped: NotFound/.test(service.err()));
+    const info = JSON.parse(await ok('qemu-img', ['info', '--output=json', uri])) as { 'virtual-size': number };
+    expect(info['virtual-size']).toBe(64 * MiB);
+    await qemuIo(uri, ['read -P 0x5a 0 1M', 'read -P 0 1M 1M']);
+    expect(hostedFile().exports.map((e) => e.name)).toEqual(['local/vm1']);
+
+    const stopped = await client('nbd', 'stop', 'local/vm1');
+    expect(stopped.code).toBe(0);
+    expect(JSON.parse((await client('--json', 'nbd', 'list')).out)).toEqual([]);
+    expect(hostedFile().exports).toEqual([]);
+    expect(await service.stop()).toBe(0);
+    service = await serve(s);
+    expect(JSON.parse((await client('--json', 'nbd', 'list')).out)).toEqual([]);
+  });
+});
