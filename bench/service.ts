@@ -18,6 +18,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createBroker, silentLogger, type Broker, type RawConfig, type StorageBackend } from '../core/index.js';
+import { connectBroker } from '../core/service/client.js';
 import { flasharrayFactory } from '../plugins/flasharray/index.js';
 import { builtinPlugins } from '../plugins/index.js';
 import { postgresAvailable, startPostgres, type Postgres } from '../test/support/postgres.js';
@@ -41,6 +42,18 @@ function firstJson(child: ChildProcess): Promise<Record<string, unknown>> {
           // not complete yet
         }
       }
+    });
+    child.on('exit', (c) => reject(new Error(`child exited (${c}) before it was ready`)));
+  });
+}
+
+/** The first line a child prints (`offload serve` prints its addresses once it is ready). */
+function firstLine(child: ChildProcess): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (out.includes('\n')) resolve(out.slice(0, out.indexOf('\n')));
     });
     child.on('exit', (c) => reject(new Error(`child exited (${c}) before it was ready`)));
   });
@@ -113,6 +126,22 @@ try {
     await cycles(`warm-${s.name}`, viaBroker(broker));
     rows.push({ what: `(b) embedded broker, ${s.name}`, ms: await cycles(`b-${s.name}`, viaBroker(broker)) });
     await broker.close();
+  }
+  for (const s of states) {
+    // The service: `offload serve` in a process of its own, its control API on a unix socket.
+    const file = join(dir, `serve-${s.name}.json`);
+    const socket = join(dir, `serve-${s.name}.sock`);
+    writeFileSync(file, JSON.stringify({ state: s.state, ...(s.stateDir ? { stateDir: `${s.stateDir}-serve` } : { state: `${s.state}-serve` }), backends: [san] }));
+    const service = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', file, 'serve', '--socket', socket], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await firstLine(service);
+      const client = await connectBroker(`unix:${socket}`);
+      await cycles(`warm-c-${s.name}`, viaBroker(client));
+      rows.push({ what: `(c) the service, unix socket, ${s.name}`, ms: await cycles(`c-${s.name}`, viaBroker(client)) });
+      await client.close();
+    } finally {
+      service.kill('SIGTERM');
+    }
   }
 
   const base = rows[0]!.ms;
