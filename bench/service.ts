@@ -7,15 +7,15 @@
  *   (b) the embedded broker (createBroker), state in SQLite, then in PostgreSQL;
  *   (c) the control API on a unix socket (`offload serve`, the CLI's client), SQLite and PostgreSQL;
  * and the ratios to (a). Goals: ≤ 1.2 embedded, ≤ 1.5 through the service. Then the time a job
- * takes to be taken over after its runner is killed with SIGKILL (two `host-runner` brokers on one
- * PostgreSQL database, lease 2 s): from the kill to the other runner's takeover.
+ * takes to be taken over after its service is killed with SIGKILL (two `offload serve` on one
+ * PostgreSQL database, lease 2 s): from the kill to the other service's takeover.
  *
  * PostgreSQL: a throwaway cluster (test/support/postgres.ts); skipped, with a note, without one.
  *
  *   npm run build && node --import tsx bench/service.ts
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createBroker, silentLogger, type Broker, type RawConfig, type StorageBackend } from '../core/index.js';
 import { connectBroker } from '../core/service/client.js';
@@ -151,21 +151,18 @@ try {
     process.stdout.write(`${r.what.padEnd(40)} ${r.ms.toFixed(0).padStart(8)} ${(r.ms / CYCLES).toFixed(2).padStart(9)} ${(r.ms / base).toFixed(2).padStart(6)}\n`);
   }
 
-  if (pg) process.stdout.write(`\njob takeover after SIGKILL (lease 2 s): ${(await takeoverMs(await pg.createDatabase())).toFixed(0)} ms\n`);
+  if (pg) process.stdout.write(`\njob takeover after a service's SIGKILL (lease 2 s): ${(await takeoverMs(await pg.createDatabase())).toFixed(0)} ms\n`);
 } finally {
   mock.kill('SIGTERM');
   await pg?.stop();
   rmSync(dir, { recursive: true, force: true });
 }
 
-/** Two runners on one database; one starts a slow copy and is killed; ms until the other takes it over. */
+/**
+ * Two services on one database (two host identities: judged by lease); a copy started through
+ * one, which is then killed; ms from the kill until the job's record names the other as its runner.
+ */
 async function takeoverMs(database: string): Promise<number> {
-  const config = (name: string) => {
-    const file = join(dir, `runner-${name}.json`);
-    mkdirSync(join(dir, `runner-${name}`), { recursive: true });
-    writeFileSync(file, JSON.stringify({ state: database, stateDir: join(dir, `runner-${name}`), leaseSeconds: 2, backends: [san] }));
-    return file;
-  };
   const setup = await createBroker({ state: database, stateDir: join(dir, 'setup'), backends: [san] }, { plugins: builtinPlugins, logger: silentLogger, recoverJobs: false });
   await setup.volumes.create('san1/tk-src', { sizeBytes: 64 << 20 });
   await setup.volumes.create('san1/tk-dst', { sizeBytes: 64 << 20 });
@@ -173,26 +170,31 @@ async function takeoverMs(database: string): Promise<number> {
   const dev = await setup.volumes.open('san1/tk-src', 'rw');
   await dev.write(0, Buffer.alloc(16 << 20, 7));
   await dev.close();
-  await setup.close();
-  const runner = (name: string) => spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'test/multihost/host-runner.ts'), config(name)],
-    { stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, OFFLOAD_RUNNER_HOST: `bench-${name}` } });
-  const a = runner('a');
-  const b = runner('b');
+  const service = async (name: string) => {
+    const file = join(dir, `tk-${name}.json`);
+    const socket = join(dir, `tk-${name}.sock`);
+    writeFileSync(file, JSON.stringify({ state: database, stateDir: join(dir, `tk-${name}`), leaseSeconds: 2, backends: [san] }));
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', file, 'serve', '--socket', socket],
+      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, OFFLOAD_RUNNER_HOST: `bench-${name}` } });
+    await firstLine(child);
+    return { child, api: await connectBroker(`unix:${socket}`) };
+  };
+  const a = await service('a');
+  const b = await service('b');
   try {
-    await Promise.all([firstJson(a), firstJson(b)]);
-    const started = new Promise<void>((resolve, reject) => a.stdout!.on('data', (d: Buffer) => {
-      if (d.toString().includes('"job"')) resolve();
-      if (d.toString().includes('"error"')) reject(new Error(`the copy did not start: ${d.toString().trim()}`));
-    }));
-    a.stdin!.write('copy san1/tk-src san1/tk-dst 1048576\n');
-    await started;
+    const job = await a.api.copy('san1/tk-src', 'san1/tk-dst', { speed: 1 << 20 });
     await new Promise((r) => setTimeout(r, 500));
-    const taken = new Promise<number>((resolve) => b.stdout!.on('data', (d: Buffer) => { if (d.toString().includes('"takeover"')) resolve(Date.now()); }));
     const killedAt = Date.now();
-    a.kill('SIGKILL');
-    return (await taken) - killedAt;
+    a.child.kill('SIGKILL');
+    for (;;) {
+      const info = (await setup.jobs.get(job.id)).info();
+      if (info.runner?.host === 'bench-b') return Date.now() - killedAt;
+      await new Promise((r) => setTimeout(r, 20));
+    }
   } finally {
-    a.kill('SIGKILL');
-    b.kill('SIGKILL');
+    a.child.kill('SIGKILL');
+    b.child.kill('SIGTERM');
+    await Promise.allSettled([a.api.close(), b.api.close()]);
+    await setup.close();
   }
 }
