@@ -106,8 +106,8 @@ export class PostgresStateStore implements StateStore {
     });
     let broken: Error | undefined;
     try {
-      await q('BEGIN');
-      await q('SELECT pg_advisory_xact_lock($1)', [ADVISORY_KEYS[lock]]);
+      // One round trip: the simple protocol runs both statements (the key is a constant of ours, not input).
+      await q(`BEGIN; SELECT pg_advisory_xact_lock(${BigInt(ADVISORY_KEYS[lock])})`);
       const out = await this.inTransaction.run(true, () => fn(tx));
       await q('COMMIT');
       return out;
