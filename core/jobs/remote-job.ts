@@ -1,5 +1,6 @@
 import { errorFromCode, FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
 import { assertVerb } from './job-states.js';
+import { pollJobEvents } from './poll-events.js';
 import type { Job, JobEvent, JobInfo } from './job.js';
 import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
@@ -116,22 +117,9 @@ export class RemoteJob implements Job {
 
   /** Polls the store and reports status and progress changes. */
   on(listener: (event: JobEvent) => void): () => void {
-    let last = '';
-    let busy = false;
-    const timer = setInterval(() => {
-      if (busy) return;
-      busy = true;
-      this.record().then((rec) => {
-        const info = recordToInfo(rec, this.orphaned(rec));
-        const key = `${info.status}:${info.progress.current}:${info.progress.total}`;
-        if (key === last) return;
-        const statusChanged = !last.startsWith(`${info.status}:`);
-        last = key;
-        listener({ type: statusChanged ? 'status' : 'progress', job: info });
-        if (info.status === 'concluded') clearInterval(timer);
-      }, () => clearInterval(timer)).finally(() => { busy = false; });
-    }, 250);
-    timer.unref();
-    return () => clearInterval(timer);
+    return pollJobEvents(async () => {
+      const rec = await this.record();
+      return recordToInfo(rec, this.orphaned(rec));
+    }, listener);
   }
 }

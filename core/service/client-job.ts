@@ -5,6 +5,7 @@
  * interrupted or killed leaves it running there.
  */
 import type { Job, JobEvent, JobInfo } from '../jobs/job.js';
+import { pollJobEvents } from '../jobs/poll-events.js';
 import { errorFromCode } from '../model/errors.js';
 import type { HttpTransport } from './client-http.js';
 import { ROUTES } from './routes.js';
@@ -55,22 +56,7 @@ export class ServiceJob implements Job {
 
   /** Reports status and progress changes, as often as it polls. */
   on(listener: (event: JobEvent) => void): () => void {
-    let last = '';
-    let busy = false;
-    const timer = setInterval(() => {
-      if (busy) return;
-      busy = true;
-      this.refresh().then((info) => {
-        const key = `${info.status}:${info.progress.current}:${info.progress.total}`;
-        if (key === last) return;
-        const statusChanged = !last.startsWith(`${info.status}:`);
-        last = key;
-        listener({ type: statusChanged ? 'status' : 'progress', job: info });
-        if (info.status === 'concluded') clearInterval(timer);
-      }, () => clearInterval(timer)).finally(() => { busy = false; });
-    }, POLL_MS);
-    timer.unref();
-    return () => clearInterval(timer);
+    return pollJobEvents(() => this.refresh(), listener, POLL_MS);
   }
 
   private async verb(id: 'jobs.pause' | 'jobs.resume' | 'jobs.cancel' | 'jobs.complete'): Promise<void> {
