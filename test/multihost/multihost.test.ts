@@ -35,7 +35,7 @@ import { postgresAvailable, startPostgres, type Postgres } from '../support/post
 
 const ROOT = join(import.meta.dirname, '../..');
 const MiB = 1024 * 1024;
-const SIZE = 48 * MiB;
+const SIZE = 32 * MiB;
 
 interface Host {
   name: string;
