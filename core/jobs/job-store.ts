@@ -134,6 +134,18 @@ export class JobStore {
     }
   }
 
+  /** Statements are prepared once per SQL text (preparing costs more than running most of them). */
+  private readonly statements = new Map<string, Database.Statement>();
+
+  private stmt(sql: string): Database.Statement {
+    let st = this.statements.get(sql);
+    if (!st) {
+      st = this.db.prepare(sql);
+      this.statements.set(sql, st);
+    }
+    return st;
+  }
+
   /** An explicit transaction (SqliteStateStore.transaction): BEGIN IMMEDIATE takes SQLite's writer lock now. */
   begin(): void {
     this.db.exec('BEGIN IMMEDIATE');
@@ -151,7 +163,7 @@ export class JobStore {
   private migrate(): void {
     this.db.transaction(() => {
       const version = this.db.pragma('user_version', { simple: true }) as number;
-      const fresh = !this.db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").get();
+      const fresh = !this.stmt("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").get();
       if (fresh) {
         this.db.exec(SCHEMA);
       } else {
@@ -171,7 +183,7 @@ export class JobStore {
           }
         }
         // Jobs of a build before leases get one lease's grace: their runner may still be alive.
-        if (version < 2) this.db.prepare("UPDATE jobs SET lease_expires = ? WHERE status <> 'concluded'").run(Date.now() + MIGRATION_GRACE_MS);
+        if (version < 2) this.stmt("UPDATE jobs SET lease_expires = ? WHERE status <> 'concluded'").run(Date.now() + MIGRATION_GRACE_MS);
       }
       this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
     }).immediate();
@@ -197,7 +209,7 @@ export class JobStore {
     const now = Date.now();
     // The lease as the taker read it: a runner that renewed since (it lives after all) or a job
     // that concluded meanwhile makes the claim miss.
-    const changed = this.db.prepare(`UPDATE jobs SET runner_pid = ?, runner_token = ?, runner_host = ?, lease_expires = ?, seen_at = ?, fence = fence + 1
+    const changed = this.stmt(`UPDATE jobs SET runner_pid = ?, runner_token = ?, runner_host = ?, lease_expires = ?, seen_at = ?, fence = fence + 1
       WHERE id = ? AND runner_token = ? AND fence = ? AND lease_expires = ? AND status <> 'concluded'`)
       .run(runner.pid, runner.token, runner.host, leaseExpires, now, id, old.token, old.fence, old.leaseExpires).changes === 1;
     return changed ? old.fence + 1 : undefined;
@@ -205,12 +217,12 @@ export class JobStore {
 
   /** Renew a lease: false when the job is no longer this runner's (taken over, deleted). */
   renew(id: string, token: string, fence: number, leaseExpires: number): boolean {
-    return this.db.prepare('UPDATE jobs SET lease_expires = ?, seen_at = ? WHERE id = ? AND runner_token = ? AND fence = ?')
+    return this.stmt('UPDATE jobs SET lease_expires = ?, seen_at = ? WHERE id = ? AND runner_token = ? AND fence = ?')
       .run(leaseExpires, Date.now(), id, token, fence).changes === 1;
   }
 
   private insertStmt(job: JobRecord): void {
-    this.db.prepare(`INSERT INTO jobs
+    this.stmt(`INSERT INTO jobs
       (id, type, status, executor, backend, ref, owner, owner_role, progress_current, progress_total, speed, error_code, error_message,
        cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at, runner_host, lease_expires, seen_at, fence)
       VALUES (@id, @type, @status, @executor, @backend, @ref, @owner, @owner_role, @progress_current, @progress_total, @speed, @error_code,
@@ -226,7 +238,7 @@ export class JobStore {
    */
   update(job: JobRecord): boolean {
     const r = toRow(job);
-    return this.db.prepare(`UPDATE jobs SET status=@status, progress_current=@progress_current, progress_total=@progress_total,
+    return this.stmt(`UPDATE jobs SET status=@status, progress_current=@progress_current, progress_total=@progress_total,
       speed=@speed, error_code=@error_code, error_message=@error_message, cancelled=@cancelled, checkpoint=@checkpoint,
       runner_pid=@runner_pid, runner_token=@runner_token, runner_host=@runner_host, lease_expires=@lease_expires,
       updated_at=@updated_at WHERE id=@id AND runner_token=@runner_token AND fence=@fence`).run(r).changes === 1;
@@ -237,23 +249,23 @@ export class JobStore {
    * another runner may take the job over at once. Fenced like update().
    */
   release(id: string, token: string, fence: number, checkpoint: unknown): boolean {
-    return this.db.prepare(`UPDATE jobs SET runner_pid = 0, runner_token = '${RELEASED}', lease_expires = 0, checkpoint = ?, updated_at = ?
+    return this.stmt(`UPDATE jobs SET runner_pid = 0, runner_token = '${RELEASED}', lease_expires = 0, checkpoint = ?, updated_at = ?
       WHERE id = ? AND runner_token = ? AND fence = ?`)
       .run(checkpoint === undefined ? null : JSON.stringify(checkpoint), new Date().toISOString(), id, token, fence).changes === 1;
   }
 
   get(id: string): JobRecord | undefined {
-    const row = this.db.prepare('SELECT * FROM jobs WHERE id = ?').get(id) as Row | undefined;
+    const row = this.stmt('SELECT * FROM jobs WHERE id = ?').get(id) as Row | undefined;
     return row && fromRow(row);
   }
 
   list(filter?: { active?: boolean }): JobRecord[] {
     const where = filter?.active ? " WHERE status <> 'concluded'" : '';
-    return (this.db.prepare(`SELECT * FROM jobs${where} ORDER BY created_at, id`).all() as Row[]).map(fromRow);
+    return (this.stmt(`SELECT * FROM jobs${where} ORDER BY created_at, id`).all() as Row[]).map(fromRow);
   }
 
   delete(id: string): void {
-    this.db.prepare('DELETE FROM jobs WHERE id = ?').run(id);
+    this.stmt('DELETE FROM jobs WHERE id = ?').run(id);
   }
 
   /**
@@ -264,15 +276,15 @@ export class JobStore {
     const sql = request.verb === 'cancel'
       ? 'UPDATE jobs SET request = ? WHERE id = ?'
       : `UPDATE jobs SET request = ? WHERE id = ? AND (request IS NULL OR json_extract(request, '$.verb') <> 'cancel')`;
-    this.db.prepare(sql).run(JSON.stringify(request), id);
+    this.stmt(sql).run(JSON.stringify(request), id);
   }
 
   /** Take (read and clear) a pending request. */
   takeRequest(id: string): StoredRequest | undefined {
     const tx = this.db.transaction(() => {
-      const row = this.db.prepare('SELECT request FROM jobs WHERE id = ?').get(id) as { request: string | null } | undefined;
+      const row = this.stmt('SELECT request FROM jobs WHERE id = ?').get(id) as { request: string | null } | undefined;
       if (!row?.request) return undefined;
-      this.db.prepare('UPDATE jobs SET request = NULL WHERE id = ?').run(id);
+      this.stmt('UPDATE jobs SET request = NULL WHERE id = ?').run(id);
       return JSON.parse(row.request) as StoredRequest;
     });
     // IMMEDIATE: of two processes taking at once, one gets the request and the other waits, then
@@ -287,7 +299,7 @@ export class JobStore {
   insertOpLocks(op: OpLockRecord, check: () => void): void {
     this.db.transaction(() => {
       check();
-      const stmt = this.db.prepare(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+      const stmt = this.stmt(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`);
       for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken, op.runnerHost, op.leaseExpires);
     }).immediate();
@@ -295,41 +307,41 @@ export class JobStore {
 
   deleteOpLocks(id: string): void {
     this.db.transaction(() => {
-      this.db.prepare('DELETE FROM op_locks WHERE id = ?').run(id);
-      this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+      this.stmt('DELETE FROM op_locks WHERE id = ?').run(id);
+      this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id);
     }).immediate();
   }
 
   /** Extend the lease of a runner's operations and exports. */
   renewOps(token: string, leaseExpires: number): void {
     this.db.transaction(() => {
-      this.db.prepare('UPDATE op_locks SET lease_expires = ? WHERE runner_token = ?').run(leaseExpires, token);
-      this.db.prepare('UPDATE exports SET lease_expires = ? WHERE runner_token = ?').run(leaseExpires, token);
+      this.stmt('UPDATE op_locks SET lease_expires = ? WHERE runner_token = ?').run(leaseExpires, token);
+      this.stmt('UPDATE exports SET lease_expires = ? WHERE runner_token = ?').run(leaseExpires, token);
     }).immediate();
   }
 
   /** Ask the process holding a long-lived operation's locks (an export) to stop it and release them. */
   requestOpStop(id: string): void {
-    this.db.prepare('INSERT OR IGNORE INTO op_stop_requests (id, requested_at) VALUES (?, ?)').run(id, new Date().toISOString());
+    this.stmt('INSERT OR IGNORE INTO op_stop_requests (id, requested_at) VALUES (?, ?)').run(id, new Date().toISOString());
   }
 
   /** Take (read and clear) a stop request for one of this process's operations. */
   takeOpStop(id: string): boolean {
-    return this.db.prepare('DELETE FROM op_stop_requests WHERE id = ?').run(id).changes > 0;
+    return this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id).changes > 0;
   }
 
   insertExport(e: ExportRecord): void {
-    this.db.prepare(`INSERT OR REPLACE INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at, runner_host, lease_expires)
+    this.stmt(`INSERT OR REPLACE INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at, runner_host, lease_expires)
       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
       .run(e.id, e.name, e.ref, e.uri, e.readOnly ? 1 : 0, e.owner, e.role, e.runnerPid, e.runnerToken, e.startedAt, e.runnerHost, e.leaseExpires);
   }
 
   deleteExport(id: string): void {
-    this.db.prepare('DELETE FROM exports WHERE id = ?').run(id);
+    this.stmt('DELETE FROM exports WHERE id = ?').run(id);
   }
 
   listExports(): ExportRecord[] {
-    const rows = this.db.prepare('SELECT * FROM exports ORDER BY name, id').all() as {
+    const rows = this.stmt('SELECT * FROM exports ORDER BY name, id').all() as {
       id: string; name: string; ref: string; uri: string; read_only: number; owner: string; role: string; runner_pid: number; runner_token: string; started_at: string;
       runner_host: string; lease_expires: number;
     }[];
@@ -340,7 +352,7 @@ export class JobStore {
   }
 
   listOpLocks(): OpLockRecord[] {
-    const rows = this.db.prepare('SELECT * FROM op_locks ORDER BY id').all() as {
+    const rows = this.stmt('SELECT * FROM op_locks ORDER BY id').all() as {
       id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
       runner_host: string; lease_expires: number;
     }[];
@@ -357,27 +369,27 @@ export class JobStore {
   }
 
   listMaintenance(): { key: string; principal: string; reason: string }[] {
-    return this.db.prepare('SELECT key, principal, reason FROM maintenance ORDER BY key').all() as { key: string; principal: string; reason: string }[];
+    return this.stmt('SELECT key, principal, reason FROM maintenance ORDER BY key').all() as { key: string; principal: string; reason: string }[];
   }
 
   placeMaintenance(key: string, principal: string, reason: string): void {
-    this.db.prepare('INSERT OR REPLACE INTO maintenance (key, principal, reason, created_at) VALUES (?, ?, ?, ?)').run(key, principal, reason, new Date().toISOString());
+    this.stmt('INSERT OR REPLACE INTO maintenance (key, principal, reason, created_at) VALUES (?, ?, ?, ?)').run(key, principal, reason, new Date().toISOString());
   }
 
   removeMaintenance(key: string): void {
-    this.db.prepare('DELETE FROM maintenance WHERE key = ?').run(key);
+    this.stmt('DELETE FROM maintenance WHERE key = ?').run(key);
   }
 
   setOwner(ref: string, owner: string): void {
-    this.db.prepare('INSERT OR REPLACE INTO owners (ref, owner) VALUES (?, ?)').run(ref, owner);
+    this.stmt('INSERT OR REPLACE INTO owners (ref, owner) VALUES (?, ?)').run(ref, owner);
   }
 
   getOwner(ref: string): string | undefined {
-    return (this.db.prepare('SELECT owner FROM owners WHERE ref = ?').get(ref) as { owner: string } | undefined)?.owner;
+    return (this.stmt('SELECT owner FROM owners WHERE ref = ?').get(ref) as { owner: string } | undefined)?.owner;
   }
 
   deleteOwner(ref: string): void {
-    this.db.prepare('DELETE FROM owners WHERE ref = ?').run(ref);
+    this.stmt('DELETE FROM owners WHERE ref = ?').run(ref);
   }
 
   close(): void {
