@@ -3,12 +3,13 @@
  * plan the planner made — offloaded to the backend that owns the data, or on the host as a job —
  * rather than deciding again here.
  */
+import { cloneResult } from './clone-result.js';
 import type { CloneOptions, CloneStart, CopyOptions } from '../broker-api.js';
 import { cloneTask, hostCopyTask, type HostCloneParams } from '../copy/host-copy.js';
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
 import type { LockRequest } from '../locks/lock-manager.js';
-import { AlreadyExists, errorFromCode, InternalError, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../model/errors.js';
+import { AlreadyExists, InternalError, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
@@ -22,11 +23,7 @@ export class DataJobs {
   constructor(private readonly s: BrokerState, private readonly a: Access, private readonly volumes: Volumes) {}
 
   async clone(source: string, target: string, opts: CloneOptions = {}): Promise<Volume> {
-    const started = await this.startClone(source, target, opts);
-    if (started.volume) return started.volume;
-    const info = await started.job.wait();
-    if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref, data: { job: info.id } });
-    return this.volumes.get(target);
+    return cloneResult(await this.startClone(source, target, opts), () => this.volumes.get(target));
   }
 
   async startClone(source: string, target: string, opts: CloneOptions = {}): Promise<CloneStart> {

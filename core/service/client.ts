@@ -6,6 +6,7 @@
  */
 import { resolve } from 'node:path';
 import type { StorageBackend } from '../backend/storage-backend.js';
+import { cloneResult } from '../broker/clone-result.js';
 import type {
   BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportHandle, ExportOptions, ExportsApi, FileExportOptions, FileImportOptions,
   JobsApi, LocksApi, SnapshotsApi, VolumesApi,
@@ -16,7 +17,7 @@ import type { Job, JobInfo } from '../jobs/job.js';
 import type { LockInfo } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { CapabilitySet, type Capability, type CapabilityLimits } from '../model/capabilities.js';
-import { errorFromCode, Unsupported } from '../model/errors.js';
+import { Unsupported } from '../model/errors.js';
 import { parseRef } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
@@ -132,11 +133,7 @@ class ServiceClient implements Broker {
   }
 
   async clone(source: string, target: string, opts?: CloneOptions): Promise<Volume> {
-    const started = await this.startClone(source, target, opts);
-    if (started.volume) return started.volume;
-    const info = await started.job.wait();
-    if (info.error) throw errorFromCode(info.error.code, info.error.message, { ref: info.ref, data: { job: info.id } });
-    return this.volumes.get(target);
+    return cloneResult(await this.startClone(source, target, opts), () => this.volumes.get(target));
   }
 
   async startClone(source: string, target: string, opts: CloneOptions = {}): Promise<CloneStart> {
