@@ -136,7 +136,7 @@ export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Arra
           expected += cs;
           q = Math.min(sliceEnd, q + cs);
         }
-        await s.file.write(host, data.subarray(p - offset, q - offset));
+        await s.file.write(host, data.subarray(p - offset, q - offset), true);
         s.fileLen = Math.max(s.fileLen, host + (q - p));
         p = q;
         continue;
@@ -167,7 +167,7 @@ async function allocAndWrite(s: Qcow2State, gc: number, olds: L2Entry[], p: numb
   const n = olds.length;
   const host = await s.refcounts.alloc(n);
   const buf = await withOldEdges(s, gc, olds, p, q, data);
-  await s.file.write(host, buf);
+  await s.file.write(host, buf, true); // the caller's data, or made for this write
   s.fileLen = Math.max(s.fileLen, host + n * cs);
   const idx0 = gc % s.l2Entries;
   for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));

@@ -34,10 +34,11 @@ function nativeWriteBatch(): NativeAddon['writeBatch'] {
 export type WriteOp = readonly [pos: number, data: Uint8Array];
 
 /**
- * The largest write that batch() holds back. It holds a copy (the caller may change its buffer
- * once write() resolved: the metadata caches do), which for 64 KiB costs a few microseconds, far
- * less than the round trip it saves. A larger write is made at once, with everything held before
- * it, in one call: it costs more than a round trip anyway.
+ * The largest write that batch() holds back as a copy: the caller may change its buffer once
+ * write() resolved (the metadata caches do), and a copy of 64 KiB costs a few microseconds, far
+ * less than the round trip it saves. A larger one is made at once, with everything held before it,
+ * in one call: it costs more than a round trip anyway. A `stable` write (guest data) is held as
+ * it is, whatever its size.
  */
 const HOLD_MAX = 64 * 1024;
 
@@ -149,11 +150,17 @@ export class ImageFile {
     return buf;
   }
 
-  async write(pos: number, data: Uint8Array): Promise<void> {
+  /**
+   * Write `data` at `pos`, in order with this file's other writes. `stable`: the caller changes
+   * nothing of `data` before its own call ends (guest data, or a buffer made for this write), so a
+   * batch may hold it without a copy.
+   */
+  async write(pos: number, data: Uint8Array, stable = false): Promise<void> {
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
     if (this.held) {
-      if (data.length > HOLD_MAX) return this.writeHeld(false, [pos, data]);
-      if (data.length > 0) this.held.push([pos, data.slice()]);
+      if (stable) this.held.push([pos, data]);
+      else if (data.length > HOLD_MAX) return this.writeHeld(false, [pos, data]);
+      else if (data.length > 0) this.held.push([pos, data.slice()]);
       return;
     }
     const run = this.writeTail.then(() => this.writeNow(pos, data));
@@ -317,9 +324,10 @@ export class ImageFile {
 
   /**
    * Run `fn`, holding back every write it makes to this file, and make them together: a read,
-   * sync() (a barrier: held writes and the fdatasync go in one call) or a write larger than
-   * HOLD_MAX writes what is held so far, and when `fn` ends the rest is written, followed by an
-   * fdatasync if `durable` — with the native helper, usually all in one thread-pool round trip.
+   * sync() (a barrier: held writes and the fdatasync go in one call) or a write that is neither
+   * `stable` nor at most HOLD_MAX writes what is held so far, and when `fn` ends the rest is
+   * written, followed by an fdatasync if `durable` — with the native helper, usually all in one
+   * thread-pool round trip.
    * The writes and the barriers are made in the order `fn` asked for them, so the file goes through
    * the same states as without a batch. Without the native helper, `fn` runs with its writes made
    * as it goes, then sync() if `durable`.

@@ -123,6 +123,23 @@ describe('durable (FUA) writes', () => {
     if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
   });
 
+  it.skipIf(!native)('2 MiB clusters too: the cluster (guest data, held as it is) goes in the same call', async () => {
+    const file = join(t.dir, 'big-clusters.qcow2');
+    await createImage(file, { size: 64 << 20, clusterSize: 2 << 20 });
+    const img = await openImage(file, { readOnly: false });
+    await img.write(0, pattern(4096, 1));
+    const rec = recording();
+    setNativeWriteBatch(rec.fn);
+    await img.write(5 << 20, pattern(4096, 2), { fua: true });
+    setNativeWriteBatch(undefined);
+    expect(rec.calls).toHaveLength(1);
+    expect(rec.calls[0]!.ops.map(([, len]) => len)).toEqual([2, 2 << 20, 8]);
+    expect(rec.calls[0]!.sync).toBe(true);
+    expect(Buffer.from(await img.read(5 << 20, 4096)).equals(Buffer.from(pattern(4096, 2)))).toBe(true);
+    await img.close();
+    if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
+  });
+
   it.skipIf(!native)('a barrier inside a write stays one: the refcount table grows (synced) before the header points at it', async () => {
     const file = await fresh('barrier');
     const img = await openImage(file, { readOnly: false });
