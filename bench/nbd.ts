@@ -14,13 +14,12 @@
  *
  * (c) is timed after 500 untimed rewrites through each fresh server (a fresh node process runs
  * its first second slower while V8 compiles our code: 1.55–1.6 cold here, against 1.46–1.6
- * warm). qemu-io writes through with FUA by default, so every write of (c) is a pwrite and an
- * fdatasync on both sides. An allocating write of ours is four thread-pool round trips in a row
- * (refcount, the whole cluster with its zero edges, L2 entry, fdatasync), QEMU's six (fallocate
- * of the cluster, data, refcount block, fdatasync, L2 table, fdatasync), and still ours is the
- * slower: the engine alone takes ~0.9 ms per allocating write and flush and ~0.28 ms in place,
- * where a bare Node pwrite + fdatasync loop takes 0.15–0.2 ms. CPU is ~0.2 ms per request. What was
- * tried, with figures: plugins/qcow2/README.md ("Writes through an export").
+ * warm). qemu-io writes through with FUA by default, so every write of (c) must be durable when
+ * answered, on both sides. Ours is one thread-pool round trip per write (BlockDevice.writeFua:
+ * the refcount, the whole cluster with its zero edges and the L2 entry of an allocating write,
+ * or the data in place, then the fdatasync, in one native call), QEMU's up to six (fallocate of
+ * the cluster, data, refcount block, fdatasync, L2 table, fdatasync). What remains, measured, and
+ * what was tried: plugins/qcow2/README.md ("Writes through an export").
  *
  * qemu-nbd runs with `--shared=0` (any number of clients): a read-only export then advertises
  * multi-conn, as ours does, so nbdcopy opens its 4 connections to both (with qemu-nbd's default of

@@ -22,6 +22,14 @@ export interface BlockDevice {
    */
   readInto?(buf: Uint8Array, offset: number): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * write(), resolved only once the data is durable, as write() then flush() would promise (NBD's
+   * FUA), where the device can do that for less than the two calls: the qcow2 engine makes the
+   * write's file writes and the fdatasync in one round trip of the thread pool. Absent: the NBD
+   * server calls write() then flush(). A method of its own rather than an option of write(), so
+   * that a device (or a wrapper) that does not know it cannot drop the durability unnoticed.
+   */
+  writeFua?(offset: number, data: Uint8Array): Promise<void>;
   /** Make a range read as zeros without sending zeros, where the device can. */
   writeZeroes?(offset: number, length: number): Promise<void>;
   /** Allocated ranges within [offset, offset+length), in order. */

@@ -2,9 +2,9 @@
  * The transmission phase of one connection: requests are read one after another and served
  * concurrently (replies may go out of order, each written whole); at most MAX_IN_FLIGHT requests
  * and the server's byte budget of payloads are outstanding, so a fast client is held back by TCP.
- * A write is answered once the device took it (FUA: once flushed); FLUSH covers every write
- * answered before it, since it flushes the same device; DISC (or a vanished client) stops reading,
- * lets what is in flight finish, then closes.
+ * A write is answered once the device took it (FUA: once durable — the device's writeFua, or
+ * write then flush); FLUSH covers every write answered before it, since it flushes the same
+ * device; DISC (or a vanished client) stops reading, lets what is in flight finish, then closes.
  */
 import type { Socket } from 'node:net';
 import type { BlockDevice } from '../backend/block-device.js';
@@ -145,8 +145,12 @@ class Connection {
       switch (r.type) {
         case CMD.READ: return await this.read(r);
         case CMD.WRITE:
-          await this.device.write(r.offset, payload!);
-          if (r.flags & CMD_FLAG.FUA) await this.device.flush();
+          if ((r.flags & CMD_FLAG.FUA) && this.device.writeFua) {
+            await this.device.writeFua(r.offset, payload!);
+          } else {
+            await this.device.write(r.offset, payload!);
+            if (r.flags & CMD_FLAG.FUA) await this.device.flush();
+          }
           return await this.simple(r, 0);
         case CMD.FLUSH:
           await this.device.flush();

@@ -3,9 +3,12 @@
  *
  *   seek(fd, offset, whence)          lseek SEEK_DATA / SEEK_HOLE (seek.c)
  *   copyRanges(src, dst, ops, opts)   a pipelined file-to-file copy off the main thread (copy.c)
+ *   writeBatch(fd, positions, buffers, sync)  several pwrites, then fdatasync, in one work item
+ *                                     of the thread pool (writes.c)
  *
  * The engine works without it (engine/native-addon.ts): raw images are then scanned for holes,
- * and copies go through Node's thread pool one read and one write at a time.
+ * copies go through Node's thread pool one read and one write at a time, and so do the writes
+ * of a batch, each a round trip.
  */
 #include "fileio.h"
 
@@ -15,5 +18,7 @@ NAPI_MODULE_INIT() {
   CHECK(env, napi_set_named_property(env, exports, "seek", fn));
   CHECK(env, napi_create_function(env, "copyRanges", NAPI_AUTO_LENGTH, offload_copy_ranges, NULL, &fn));
   CHECK(env, napi_set_named_property(env, exports, "copyRanges", fn));
+  CHECK(env, napi_create_function(env, "writeBatch", NAPI_AUTO_LENGTH, offload_write_batch, NULL, &fn));
+  CHECK(env, napi_set_named_property(env, exports, "writeBatch", fn));
   return exports;
 }

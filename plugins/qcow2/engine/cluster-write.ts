@@ -27,10 +27,35 @@ export async function write(s: Qcow2State, offset: number, data: Uint8Array): Pr
   });
 }
 
-/** Fast path: every cluster is already ours (COPIED) — write without touching metadata. */
-async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array): Promise<boolean> {
+/**
+ * A guest write that resolves once it is durable, as write() then Image.flush() would be (NBD's
+ * FUA), in as few thread-pool round trips as the native helper allows: in place, the data and the
+ * fdatasync in one; allocating, the refcount update, the cluster, the L2 entry and the fdatasync
+ * in one (ImageFile.batch). The file sees the same writes in the same order as through write(),
+ * then the fdatasync of flush(). Written-through metadata only: with deferred metadata, durable
+ * needs its flush (the caller writes, then flushes).
+ */
+export async function writeDurable(s: Qcow2State, offset: number, data: Uint8Array): Promise<void> {
+  if (await s.lock.shared(() => writeInPlace(s, offset, data, true))) return;
+  await s.lock.exclusive(() => s.file.batch(() => writeLocked(s, offset, data), true, () => s.reloadTables()));
+}
+
+/**
+ * Fast path: every cluster is already ours (COPIED) — write without touching metadata; `durable`:
+ * with the fdatasync, in one call. Not while a copy-on-read fill is pointing one of the clusters
+ * at new space (`inflight`): its L2 entry may not be written yet, and the write would be durable
+ * without it (false: the caller's exclusive path waits for the fill).
+ */
+async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array, durable = false): Promise<boolean> {
   const rs = await runs(s, offset, data.length);
   if (!rs.every((r) => r.entry.kind === 'normal' && r.entry.copied)) return false;
+  if (durable) {
+    if (s.inflight.size > 0) {
+      for (let g = Math.floor(offset / s.cs); g < Math.ceil((offset + data.length) / s.cs); g++) if (s.inflight.has(g)) return false;
+    }
+    await s.file.writeBatch(rs.map((r) => [hostOf(s, r, r.start), data.subarray(r.start - offset, r.start - offset + r.length)] as const), true);
+    return true;
+  }
   for (const r of rs) {
     await s.file.write(hostOf(s, r, r.start), data.subarray(r.start - offset, r.start - offset + r.length));
   }
@@ -111,7 +136,7 @@ export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Arra
           expected += cs;
           q = Math.min(sliceEnd, q + cs);
         }
-        await s.file.write(host, data.subarray(p - offset, q - offset));
+        await s.file.write(host, data.subarray(p - offset, q - offset), true);
         s.fileLen = Math.max(s.fileLen, host + (q - p));
         p = q;
         continue;
@@ -142,7 +167,7 @@ async function allocAndWrite(s: Qcow2State, gc: number, olds: L2Entry[], p: numb
   const n = olds.length;
   const host = await s.refcounts.alloc(n);
   const buf = await withOldEdges(s, gc, olds, p, q, data);
-  await s.file.write(host, buf);
+  await s.file.write(host, buf, true); // the caller's data, or made for this write
   s.fileLen = Math.max(s.fileLen, host + n * cs);
   const idx0 = gc % s.l2Entries;
   for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));

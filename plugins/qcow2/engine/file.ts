@@ -1,10 +1,12 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError } from '../../../core/index.js';
 import { dataExtents } from './seek-data.js';
-import { nativeAddon, type CopyRangesOptions } from './native-addon.js';
+import { nativeAddon, type CopyRangesOptions, type NativeAddon } from './native-addon.js';
 import { ioBuffer } from '../format/bytes.js';
 
 let nativeCopyOff = false;
+/** Tests: the native batch write replaced (a wrapper that records or fails), or null for none. */
+let batchOverride: NativeAddon['writeBatch'] | null | undefined;
 
 /** Whether ImageFile.copyIn can run: the native helper is built (and not switched off). */
 export function nativeCopyAvailable(): boolean {
@@ -15,6 +17,30 @@ export function nativeCopyAvailable(): boolean {
 export function setNativeCopyEnabled(enabled: boolean): void {
   nativeCopyOff = !enabled;
 }
+
+/**
+ * Tests: replace the native batch write (native/fileio/writes.c) with `fn` — one that records what
+ * it is given, or fails part-way — or with null to run without it; undefined restores the helper's.
+ */
+export function setNativeWriteBatch(fn: NativeAddon['writeBatch'] | null | undefined): void {
+  batchOverride = fn;
+}
+
+function nativeWriteBatch(): NativeAddon['writeBatch'] {
+  return batchOverride !== undefined ? (batchOverride ?? undefined) : nativeAddon()?.writeBatch;
+}
+
+/** One write of a batch: `data` at file offset `pos`. */
+export type WriteOp = readonly [pos: number, data: Uint8Array];
+
+/**
+ * The largest write that batch() holds back as a copy: the caller may change its buffer once
+ * write() resolved (the metadata caches do), and a copy of 64 KiB costs a few microseconds, far
+ * less than the round trip it saves. A larger one is made at once, with everything held before it,
+ * in one call: it costs more than a round trip anyway. A `stable` write (guest data) is held as
+ * it is, whatever its size.
+ */
+const HOLD_MAX = 64 * 1024;
 
 /** How an image file is synced (see OpenOptions.cache and OpenOptions.writeBehind). */
 export interface SyncMode {
@@ -45,6 +71,10 @@ export class ImageFile {
   private writingBack: Promise<void> | undefined;
   /** A failed background writeback: reported by the next sync(), as the kernel would have. */
   private writeBackError: unknown;
+  /** The writes batch() holds back, in call order (undefined: no batch is running). */
+  private held: WriteOp[] | undefined;
+  /** Set when a batch's writes failed part-way: later ones were not made (see batch()). */
+  private lost = false;
 
   private constructor(readonly path: string, private readonly fh: FileHandle, readonly readOnly: boolean,
     private readonly mode: SyncMode = {}) {}
@@ -66,6 +96,7 @@ export class ImageFile {
   }
 
   async stat(): Promise<{ size: number; blocks: number }> {
+    if (this.held) await this.writeHeld(false);
     const st = await this.fh.stat();
     return { size: st.size, blocks: st.blocks };
   }
@@ -75,6 +106,7 @@ export class ImageFile {
    * cannot be known here (no native helper, or a file system without hole seeking).
    */
   dataExtents(start: number, end: number): [number, number][] | undefined {
+    if (this.held?.length) throw new InternalError(`${this.path}: dataExtents during a batch of writes`, { ref: this.path });
     try {
       return dataExtents(this.fh.fd, start, end);
     } catch (e) {
@@ -83,6 +115,7 @@ export class ImageFile {
   }
 
   async size(): Promise<number> {
+    if (this.held) await this.writeHeld(false);
     return (await this.fh.stat()).size;
   }
 
@@ -94,6 +127,8 @@ export class ImageFile {
   }
 
   async readInto(buf: Uint8Array, pos: number): Promise<number> {
+    // In a batch, a read sees what was written before it: what is held back is written first.
+    if (this.held) await this.writeHeld(false);
     let done = 0;
     while (done < buf.length) {
       const { bytesRead } = await this.fh.read(buf, done, buf.length - done, pos + done);
@@ -115,8 +150,19 @@ export class ImageFile {
     return buf;
   }
 
-  async write(pos: number, data: Uint8Array): Promise<void> {
+  /**
+   * Write `data` at `pos`, in order with this file's other writes. `stable`: the caller changes
+   * nothing of `data` before its own call ends (guest data, or a buffer made for this write), so a
+   * batch may hold it without a copy.
+   */
+  async write(pos: number, data: Uint8Array, stable = false): Promise<void> {
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
+    if (this.held) {
+      if (stable) this.held.push([pos, data]);
+      else if (data.length > HOLD_MAX) return this.writeHeld(false, [pos, data]);
+      else if (data.length > 0) this.held.push([pos, data.slice()]);
+      return;
+    }
     const run = this.writeTail.then(() => this.writeNow(pos, data));
     this.writeTail = run.catch(() => {});
     return run;
@@ -143,6 +189,7 @@ export class ImageFile {
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
     const addon = nativeCopyAvailable() ? nativeAddon() : null;
     if (!addon) throw new FailedPrecondition(`${this.path}: the native copy helper is not available`, { ref: this.path });
+    if (this.held) await this.writeHeld(false);
     const run = this.writeTail.then(async () => {
       let pairs: Float64Array;
       try {
@@ -197,19 +244,131 @@ export class ImageFile {
   }
 
   async truncate(len: number): Promise<void> {
+    if (this.held) await this.writeHeld(false);
     await this.fh.truncate(len);
   }
 
   async sync(): Promise<void> {
+    // In a batch: what is held back, then the fdatasync, in one call (a barrier stays a barrier).
+    if (this.held) return this.writeHeld(true);
     if (this.readOnly || this.mode.skipSync) return;
+    await this.settleWriteBehind();
+    this.unsynced = 0;
+    await this.fh.datasync();
+  }
+
+  /** Wait for a background writeback; throw what it failed with (once), as an fdatasync would. */
+  private async settleWriteBehind(): Promise<void> {
     await this.writingBack;
     const failed = this.writeBackError;
     if (failed !== undefined) {
       this.writeBackError = undefined;
       throw fileError(failed, this.path, 'write back');
     }
-    this.unsynced = 0;
-    await this.fh.datasync();
+  }
+
+  /**
+   * Write `ops` in order and, if `durable`, then make them and everything written before them
+   * durable (fdatasync; nothing with cache `unsafe`), in order with this file's other writes.
+   * With the native helper, when there is more than one write or a sync, that is one thread-pool
+   * round trip for all of it (native/fileio/writes.c); without it, one write at a time, then
+   * fdatasync. The first failure stops: the writes after it are not made.
+   */
+  writeBatch(ops: readonly WriteOp[], durable: boolean): Promise<void> {
+    if (this.readOnly) return Promise.reject(new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path }));
+    const run = this.writeTail.then(() => this.writeOps(ops, durable));
+    this.writeTail = run.catch(() => {});
+    return run;
+  }
+
+  private async writeOps(ops: readonly WriteOp[], durable: boolean): Promise<void> {
+    const sync = durable && !this.mode.skipSync;
+    if (ops.length === 0 && !sync) return;
+    if (sync) await this.settleWriteBehind();
+    const native = nativeWriteBatch();
+    if (native && (sync || ops.length > 1)) {
+      try {
+        await native(this.fh.fd, Float64Array.from(ops, (o) => o[0]), ops.map((o) => o[1]), sync);
+      } catch (e) {
+        if (this.held && !(Number((e as { done?: unknown }).done) >= ops.length)) this.lost = true;
+        throw e;
+      }
+      for (const [, d] of ops) this.unsynced += d.length;
+    } else {
+      try {
+        for (const [pos, d] of ops) await this.writeNow(pos, d);
+      } catch (e) {
+        if (this.held) this.lost = true;
+        throw e;
+      }
+      if (sync) await this.fh.datasync();
+    }
+    if (sync) this.unsynced = 0;
+    else if (this.mode.writeBehind && !this.mode.skipSync && this.unsynced >= WRITE_BEHIND) this.writeBehind();
+  }
+
+  /** In a batch: write what it holds back (then `last`) now, in one call; the batch goes on. */
+  private async writeHeld(durable: boolean, last?: WriteOp): Promise<void> {
+    if (!this.held) return;
+    if (this.lost) {
+      // Writes of this batch were not made: none held after them may be, or the file would skip some.
+      this.held = [];
+      throw new InternalError(`${this.path}: an earlier write of this batch failed`, { ref: this.path });
+    }
+    if (this.held.length === 0 && !last && !durable) return;
+    const ops = this.held;
+    this.held = [];
+    if (last) ops.push(last);
+    await this.writeBatch(ops, durable);
+  }
+
+  /**
+   * Run `fn`, holding back every write it makes to this file, and make them together: a read,
+   * sync() (a barrier: held writes and the fdatasync go in one call) or a write that is neither
+   * `stable` nor at most HOLD_MAX writes what is held so far, and when `fn` ends the rest is
+   * written, followed by an fdatasync if `durable` — with the native helper, usually all in one
+   * thread-pool round trip.
+   * The writes and the barriers are made in the order `fn` asked for them, so the file goes through
+   * the same states as without a batch. Without the native helper, `fn` runs with its writes made
+   * as it goes, then sync() if `durable`.
+   *
+   * A write held back resolves at once: `fn` goes on as if it were made. If making the writes
+   * fails part-way, the file holds the first of them and `fn`'s state in memory is ahead of it:
+   * `lost` is called (to read that state back from the file) before the error is thrown. What `fn`
+   * wrote before it failed is written too, as it would have been without a batch.
+   *
+   * The caller keeps every other writer of this file out meanwhile (the image's exclusive lock):
+   * their writes would be held back too, and resolve before they are made.
+   */
+  async batch<T>(fn: () => Promise<T>, durable: boolean, lost: () => Promise<void>): Promise<T> {
+    if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
+    if (this.held) throw new InternalError(`${this.path}: batches of writes do not nest`, { ref: this.path });
+    if (!nativeWriteBatch()) {
+      const value = await fn();
+      if (durable) await this.sync();
+      return value;
+    }
+    this.held = [];
+    this.lost = false;
+    let out: { value: T } | { error: unknown };
+    try {
+      out = { value: await fn() };
+    } catch (error) {
+      out = { error };
+    }
+    try {
+      await this.writeHeld(durable && 'value' in out);
+    } catch (error) {
+      if ('value' in out) out = { error };
+    } finally {
+      this.held = undefined;
+    }
+    if (this.lost) {
+      this.lost = false;
+      await lost().catch(() => undefined);
+    }
+    if ('error' in out) throw out.error;
+    return out.value;
   }
 
   async close(): Promise<void> {

@@ -72,6 +72,10 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
     read: (offset, length) => io(async (img) => { range(offset, length, 'read'); return img.read(offset, length); }),
     readInto: (buf, offset) => io(async (img) => { range(offset, buf.length, 'read'); await img.readInto(buf, offset); }),
     write: async (offset, data) => { writable(); return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data); }); },
+    writeFua: async (offset, data) => {
+      writable();
+      return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data, { fua: true }); });
+    },
     writeZeroes: async (offset, length) => { writable(); return io(async (img) => { range(offset, length, 'write zeroes'); await img.writeZeroes(offset, length); }); },
     extents: (offset = 0, length?: number) => io(async (img) => {
       const len = length ?? size - offset;

@@ -3,6 +3,7 @@ import { DirtyBitmap } from './dirty-map.js';
 import type { ImageNode } from './image-node.js';
 import type {
   Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, DirtyMap, HeaderInfo, Image, ImageFormat, NewBacking, SnapshotOps,
+  WriteOptions,
 } from './types.js';
 
 /**
@@ -82,7 +83,9 @@ export class ImageHandle implements Image {
 
   read(offset: number, length: number): Promise<Uint8Array> { return this.call((n) => n.read(offset, length)); }
   readInto(buf: Uint8Array, offset: number): Promise<void> { return this.call((n) => n.readInto(buf, offset)); }
-  write(offset: number, data: Uint8Array): Promise<void> { return this.changing(offset, data.length, (n) => n.write(offset, data)); }
+  write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void> {
+    return this.changing(offset, data.length, (n) => n.write(offset, data, opts));
+  }
   writeZeroes(offset: number, length: number): Promise<void> { return this.changing(offset, length, (n) => n.writeZeroes(offset, length)); }
   discard(offset: number, length: number): Promise<void> { return this.changing(offset, length, (n) => n.discard(offset, length)); }
   blockStatus(offset?: number, length?: number): Promise<BlockStatus[]> { return this.call((n) => n.blockStatus(offset, length)); }

@@ -19,7 +19,7 @@
  */
 export type {
   ImageFormat, CreateOptions, OpenOptions, HeaderInfo, HeaderExtensionInfo, ChainEntry, BlockStatus,
-  SnapshotInfo, CheckResult, CheckOptions, SnapshotOps, Image, Allocation, DirtyMap, NewBacking,
+  SnapshotInfo, CheckResult, CheckOptions, SnapshotOps, Image, Allocation, DirtyMap, NewBacking, WriteOptions,
 } from './types.js';
 export { createImage } from './create.js';
 export { openImage, probeFormat } from './open.js';

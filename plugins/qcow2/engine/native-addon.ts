@@ -1,8 +1,10 @@
 /**
  * The optional native helper (native/fileio, built by `npm run build:native`, part of
- * `npm install`): lseek SEEK_DATA/SEEK_HOLE, which Node does not expose (seek-data.ts), and a
- * pipelined file-to-file copy (file.ts `copyIn`). Without it the engine still works: raw images
- * are scanned for holes and copies go through Node's thread pool.
+ * `npm install`): lseek SEEK_DATA/SEEK_HOLE, which Node does not expose (seek-data.ts), a
+ * pipelined file-to-file copy (file.ts `copyIn`) and a batch of writes with an fdatasync in one
+ * thread-pool round trip (file.ts `writeBatch`, `batch`). Without it the engine still works: raw
+ * images are scanned for holes, copies go through Node's thread pool, and a batch's writes and its
+ * fdatasync are made one at a time.
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -30,6 +32,13 @@ export interface NativeAddon {
    * with `alloc`, resolves to [guest, host] pairs of the blocks written. Rejects with `code`.
    */
   copyRanges(srcFd: number, dstFd: number, ops: Float64Array, opts: CopyRangesOptions): Promise<Float64Array>;
+  /**
+   * pwrite buffers[i] at positions[i] in order, then fdatasync if `sync`, in one work item of the
+   * thread pool (native/fileio/writes.c). Rejects at the first failure with `code` and `done`
+   * (the writes made whole before it; none after it is made, nor the fdatasync). Absent from a
+   * helper built before it existed: callers then write one at a time.
+   */
+  writeBatch?(fd: number, positions: Float64Array, buffers: Uint8Array[], sync: boolean): Promise<void>;
 }
 
 const ADDON = join('native', 'fileio', 'build', 'Release', 'offload_fileio.node');

@@ -6,7 +6,7 @@ import { decodeHeader, encodeHeader, setBackingFormat, type Header } from '../fo
 import { checkImage } from './check.js';
 import { ownAllocations } from './cluster-map.js';
 import { readLocked, statusLocked } from './cluster-read.js';
-import { fillUnallocated, makeEmptyLocked, write, zeroLocked, zeroUnallocatedLocked } from './cluster-write.js';
+import { fillUnallocated, makeEmptyLocked, write, writeDurable, zeroLocked, zeroUnallocatedLocked } from './cluster-write.js';
 import { copyFromFile } from './copy-in.js';
 import { ImageFile } from './file.js';
 import { headerInfo } from './header-info.js';
@@ -15,7 +15,7 @@ import { Qcow2State, type Qcow2Parts } from './qcow2-state.js';
 import { resizeLocked } from './resize.js';
 import { SnapshotManager } from './snapshots.js';
 import type {
-  Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps,
+  Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, WriteOptions,
 } from './types.js';
 
 /** One open qcow2 layer: the public operations, each taking the lock it needs over the shared Qcow2State. */
@@ -73,11 +73,13 @@ export class Qcow2Image implements ImageNode {
     await this.s.lock.shared(() => readLocked(this.s, buf, offset));
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.s.assertWritable();
     this.s.checkRange(offset, data.length);
-    if (data.length === 0) return;
-    await write(this.s, offset, data);
+    // FUA: in one round trip where it can (writeDurable); deferred metadata needs its flush.
+    if (opts.fua && data.length > 0 && !this.s.meta.deferred) return writeDurable(this.s, offset, data);
+    if (data.length > 0) await write(this.s, offset, data);
+    if (opts.fua) await this.flush();
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
@@ -134,7 +136,8 @@ export class Qcow2Image implements ImageNode {
     if (s.closed) return;
     await s.lock.exclusive(async () => {
       s.closed = true;
-      if (!s.readOnly) {
+      // A failed state (see Qcow2State.reloadTables) is not flushed: its tables are not the file's.
+      if (!s.readOnly && s.failed === undefined) {
         await s.meta.flushLocked();
         await s.file.sync();
       }

@@ -1,5 +1,5 @@
 import { FailedPrecondition, InvalidArgument, OutOfRange, RwLock } from '../../../core/index.js';
-import { setU64, view } from '../format/bytes.js';
+import { getU64, setU64, view } from '../format/bytes.js';
 import { encodeHeader, type Header } from '../format/header.js';
 import type { SnapshotEntry } from '../format/snapshot-table.js';
 import type { ImageFile } from './file.js';
@@ -57,6 +57,8 @@ export class Qcow2State {
   /** Bytes in the file as far as we know (grows with our writes). */
   fileLen: number;
   closed = false;
+  /** Set when the tables could not be read back after a failed batch (reloadTables): only close() works. */
+  failed: unknown;
   readonly lock = new RwLock();
   /** The metadata steps of allocating writes that run under the shared lock (see above). */
   readonly metaLock = new RwLock();
@@ -97,6 +99,11 @@ export class Qcow2State {
 
   checkOpen(): void {
     if (this.closed) throw new FailedPrecondition(`${this.path}: image is closed`, { ref: this.path });
+    if (this.failed !== undefined) {
+      throw new FailedPrecondition(`${this.path}: a write failed and the image's tables could not be read back`, {
+        ref: this.path, hint: 'close the image and open it again', cause: this.failed,
+      });
+    }
   }
 
   checkRange(offset: number, length: number): void {
@@ -114,6 +121,32 @@ export class Qcow2State {
   assertWritable(): void {
     this.checkOpen();
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: image is open read-only`, { ref: this.path, hint: 'open it with readOnly: false' });
+  }
+
+  /**
+   * After a batch of writes failed part-way (ImageFile.batch, cluster-write.ts writeDurable): the
+   * file holds the first of them, in crash-safe order — what a crash then would have left, a
+   * consistent image — while the tables in memory hold them all. Read the tables back from the
+   * file, as an open does: the L1 table, the refcount table and where the header puts it (the one
+   * header change a write can make: Refcounts.growTable), and no cached L2 table or refcount
+   * block. Written-through metadata only (nothing is held dirty). Failing that, the image refuses
+   * everything but close(). Never throws.
+   */
+  async reloadTables(): Promise<void> {
+    try {
+      const head = view(await this.file.readExact(0, 64, 'header'));
+      const reftableOffset = getU64(head, 48);
+      const reftableClusters = head.getUint32(56);
+      const l1 = await this.file.readExact(this.h.l1TableOffset, this.l1.length, 'L1 table');
+      const reftable = await this.file.readExact(reftableOffset, reftableClusters * this.cs, 'refcount table');
+      this.h.refcountTableOffset = reftableOffset;
+      this.h.refcountTableClusters = reftableClusters;
+      this.l1.set(l1);
+      this.refcounts.reset(reftable, reftableOffset, this.refcounts.highWater);
+      this.meta.clear();
+    } catch (e) {
+      this.failed = e;
+    }
   }
 
   /** Rewrite the whole first cluster (QEMU's way). */

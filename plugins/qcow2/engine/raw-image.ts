@@ -2,7 +2,7 @@ import { FailedPrecondition, InvalidArgument, nonZeroRuns, OutOfRange, RwLock, U
 import type { ImageFile } from './file.js';
 import type { ImageNode } from './image-node.js';
 import { mergeStatus } from './status.js';
-import type { Allocation, BlockStatus, ChainEntry, CheckResult, SnapshotOps } from './types.js';
+import type { Allocation, BlockStatus, ChainEntry, CheckResult, SnapshotOps, WriteOptions } from './types.js';
 
 const CHUNK = 1 << 20;
 /** Hole granularity assumed for sparse raw files (the usual file-system block). */
@@ -51,10 +51,11 @@ export class RawImage implements ImageNode {
     if (n < buf.length) buf.fill(0, n); // a file shorter than its size reads as zeros past its end
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  /** FUA: the write and the fdatasync in one call (ImageFile.writeBatch). */
+  async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.writable();
     this.checkRange(offset, data.length);
-    await this.lock.shared(() => this.file.write(offset, data));
+    await this.lock.shared(() => opts.fua ? this.file.writeBatch([[offset, data]], true) : this.file.write(offset, data));
   }
 
   /**

@@ -67,6 +67,16 @@ export interface OpenOptions {
   writeBehind?: boolean;
 }
 
+export interface WriteOptions {
+  /**
+   * Force unit access (NBD's FUA): resolve only once the write is durable, as write() then
+   * flush() would promise — with the native helper, qcow2 with written-through metadata and raw
+   * make the write's file writes and the fdatasync in one thread-pool round trip (see
+   * plugins/qcow2/README.md, "Writes through an export"); otherwise it is write() then flush().
+   */
+  fua?: boolean;
+}
+
 export interface HeaderExtensionInfo {
   type: number;
   length: number;
@@ -240,7 +250,8 @@ export interface Image {
    * are filled with zeros). Lets a copy loop reuse its buffers instead of allocating per read.
    */
   readInto(buf: Uint8Array, offset: number): Promise<void>;
-  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Write `data` at `offset`; `fua`: resolve only once it is durable (see WriteOptions). */
+  write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void>;
   /** Make a range read as zeros: zero flag on v3, zeroed clusters on v2, zero bytes on raw. */
   writeZeroes(offset: number, length: number): Promise<void>;
   /**

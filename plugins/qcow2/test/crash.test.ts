@@ -17,7 +17,7 @@ const KILLS = process.env.OFFLOAD_LONG ? 60 : 10;
 
 interface Outcome { ended: number; killed: boolean; busyMs: number }
 
-type Mode = 'write-through' | 'deferred';
+type Mode = 'write-through' | 'deferred' | 'fua';
 
 function runWriter(file: string, seed: number, killAfterMs: number | undefined, mode: Mode): Promise<Outcome> {
   return new Promise((resolve, reject) => {
@@ -53,13 +53,14 @@ describe.skipIf(!hasQemu)('crash safety: kill -9 a writer at random points', () 
   afterAll(t.cleanup);
 
   /*
-   * Write-through: every op that ended is in the file, so each cluster reads as after the op in
-   * flight or before it. Deferred metadata: ops since the last (automatic) metadata flush may be
+   * Write-through (and FUA writes, whose file writes go in batches): every op that ended is in
+   * the file, so each cluster reads as after the op in flight or before it. Deferred metadata: ops since the last (automatic) metadata flush may be
    * lost, so each cluster reads as after some op up to the one in flight — never anything else.
    */
   it.each<[Mode, string]>([
     ['write-through', 'every cluster old or new'],
     ['deferred', 'every cluster as after some op up to the one in flight'],
+    ['fua', 'every cluster old or new'],
   ])(`%s: ${KILLS} kills: no corruption, %s`, async (mode) => {
     const dir = join(t.dir, mode);
     mkdirSync(dir);
