@@ -17,8 +17,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createBroker, silentLogger, type Broker, type RawConfig, type StorageBackend } from '../core/index.js';
-import { connectBroker } from '../core/service/client.js';
+import { connectBroker, createBroker, silentLogger, type Broker, type RawConfig, type StorageBackend } from '../core/index.js';
 import { flasharrayFactory } from '../plugins/flasharray/index.js';
 import { builtinPlugins } from '../plugins/index.js';
 import { postgresAvailable, startPostgres, type Postgres } from '../test/support/postgres.js';

@@ -54,6 +54,15 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   return (await import('./broker.js')).createBroker(config, opts);
 }
 
+/**
+ * The same `Broker` interface over the control API of an `offload serve` (`unix:PATH` or
+ * `http://HOST:PORT`, with a bearer token over TCP): jobs run in the service, and a program that
+ * exits leaves them running there. `volumes.open` and `backend()` cannot cross the wire (Unsupported).
+ */
+export async function connectBroker(address: string, opts: { token?: string } = {}): Promise<Broker> {
+  return (await import('./service/client.js')).connectBroker(address, opts);
+}
+
 /** Run the `offload` command line; resolves to the exit code (0 ok, 1 failed, 2 bad usage). */
 export async function runCli(argv: string[], opts: RunCliOptions): Promise<number> {
   return (await import('./cli/run-cli.js')).runCli(argv, opts);
