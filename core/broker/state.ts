@@ -35,8 +35,10 @@ export class BrokerState {
     readonly formats: FileFormats = new FileFormats(),
   ) {
     this.locks = new LockManager({
-      foreign: async () => (this.jobs ? this.jobs.foreignLocks() : []),
-      maintenance: async () => (await this.store.listMaintenance()).map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })),
+      outside: async () => {
+        const { foreign, maintenance } = this.jobs ? await this.jobs.outsideLocks() : { foreign: [], maintenance: await this.store.listMaintenance() };
+        return { foreign, maintenance: maintenance.map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })) };
+      },
       placeMaintenance: (key, principal, reason) => this.store.placeMaintenance(key, principal.id, reason),
       removeMaintenance: (key) => this.store.removeMaintenance(key),
     });

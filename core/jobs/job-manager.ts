@@ -3,7 +3,7 @@ import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
-import { RELEASED, type ExportRecord, type JobRecord } from '../state/records.js';
+import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord } from '../state/records.js';
 import type { StateOps, StateStore } from '../state/state-store.js';
 import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
@@ -148,11 +148,23 @@ export class JobManager {
     return job;
   }
 
-  /** Locks held by jobs and operations of other live brokers (on other hosts, in other processes, or in this one). */
+  /**
+   * Locks held outside this manager, from one read of the store: those of the jobs and operations
+   * of other live brokers (on other hosts, in other processes, or in this one), and maintenance locks.
+   */
+  async outsideLocks(ops: StateOps = this.store): Promise<{ foreign: { key: string; mode: LockMode; holder: LockHolder }[]; maintenance: { key: string; principal: string; reason: string }[] }> {
+    const holders = await ops.lockHolders();
+    return { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance };
+  }
+
+  /** Locks held by jobs and operations of other live brokers. */
   async foreignLocks(ops: StateOps = this.store): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
+    return (await this.outsideLocks(ops)).foreign;
+  }
+
+  private foreignOf(jobs: JobRecord[], opLocks: OpLockRecord[]): { key: string; mode: LockMode; holder: LockHolder }[] {
     const out: { key: string; mode: LockMode; holder: LockHolder }[] = [];
     const now = Date.now();
-    const [jobs, opLocks] = await Promise.all([ops.listJobs({ active: true }), ops.listOpLocks()]);
     for (const rec of jobs) {
       // Jobs this manager runs hold their locks in the lock manager already.
       if (!ACTIVE_STATUSES.includes(rec.status) || this.running.has(rec.id) || this.adopting.has(rec.id)) continue;

@@ -56,8 +56,8 @@ interface Held {
  * outlive the process that placed them).
  */
 export interface SharedLocks {
-  foreign(): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]>;
-  maintenance(): Promise<{ key: string; principal: Principal; reason: string }[]>;
+  /** Other brokers' job and operation locks, and maintenance locks: one read of the shared state. */
+  outside(): Promise<{ foreign: { key: string; mode: LockMode; holder: LockHolder }[]; maintenance: { key: string; principal: Principal; reason: string }[] }>;
   placeMaintenance(key: string, principal: Principal, reason: string): Promise<void>;
   removeMaintenance(key: string): Promise<void>;
 }
@@ -78,7 +78,7 @@ export class LockManager {
   /** Every lock held outside this broker: other brokers' jobs and operations, and maintenance locks. */
   private async outside(): Promise<Held[]> {
     if (!this.shared) return [];
-    const [foreign, maintenance] = await Promise.all([this.shared.foreign(), this.shared.maintenance()]);
+    const { foreign, maintenance } = await this.shared.outside();
     return [
       ...foreign,
       ...maintenance.map((m) => ({

@@ -66,6 +66,13 @@ export interface ExportRecord {
   startedAt: string;
 }
 
+/** Everything that may hold a lock, as one read: the jobs not concluded, operations' locks, maintenance locks. */
+export interface LockHolders {
+  jobs: JobRecord[];
+  ops: OpLockRecord[];
+  maintenance: { key: string; principal: string; reason: string }[];
+}
+
 /** The runner token of a job that its runner gave up (JobStore.release). */
 export const RELEASED = 'released';
 

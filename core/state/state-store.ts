@@ -1,4 +1,4 @@
-import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from './records.js';
+import type { ExportRecord, JobRecord, LockHolders, OpLockRecord, StoredRequest } from './records.js';
 
 /** A runner as a job's record names it: a process (pid, a per-process token) on a host. */
 export interface Runner {
@@ -41,6 +41,12 @@ export interface StateOps {
   /** Read and clear a job's pending request. */
   takeRequest(id: string): Promise<StoredRequest | undefined>;
 
+  /**
+   * What a lock check reads, in one go (one statement where the store can): the jobs not
+   * concluded (as listJobs({ active: true })), every operation's locks (listOpLocks) and every
+   * maintenance lock (listMaintenance).
+   */
+  lockHolders(): Promise<LockHolders>;
   /** The locks of a short (or long-lived) operation, visible to every process sharing the state. */
   insertOpLocks(op: OpLockRecord): Promise<void>;
   /** Remove an operation's locks and any stop request for it. */

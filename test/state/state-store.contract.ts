@@ -385,6 +385,26 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.deleteExport(ex2.id);
       });
 
+      it('lockHolders is the active jobs, the op locks and the maintenance locks, as their own lists give them', async () => {
+        const p = prefix('holders');
+        await a.insertJob(job(`${p}-run`, { createdAt: '2026-04-01T00:00:00.000Z', fence: 2 ** 33, checkpoint: { at: 1 }, plan: { steps: [] } }));
+        await a.insertJob(job(`${p}-done`, { status: 'concluded', createdAt: '2026-04-02T00:00:00.000Z' }));
+        await b.insertOpLocks(opLocks(`${p}-op`, [`vol:${p}/x`, `vol:${p}/y`], { leaseExpires: LEASE + 7 }));
+        await b.placeMaintenance(`${p}/m`, 'root', 'swap');
+        const got = await b.lockHolders();
+        const mine = <T extends { id?: string; key?: string }>(xs: T[]) => xs.filter((x) => (x.id ?? x.key ?? '').startsWith(p));
+        expect(mine(got.jobs)).toStrictEqual(mine(await a.listJobs({ active: true })));
+        expect(mine(got.jobs).map((j) => j.id)).toEqual([`${p}-run`]);
+        expect(mine(got.ops)).toStrictEqual(mine(await a.listOpLocks()));
+        expect(mine(got.ops)).toHaveLength(1);
+        expect(mine(got.maintenance)).toStrictEqual(mine(await a.listMaintenance()));
+        expect(mine(got.maintenance)).toEqual([{ key: `${p}/m`, principal: 'root', reason: 'swap' }]);
+        await a.deleteJob(`${p}-run`);
+        await a.deleteJob(`${p}-done`);
+        await a.deleteOpLocks(`${p}-op`);
+        await a.removeMaintenance(`${p}/m`);
+      });
+
       it('maintenance: place, replace, list by key, remove', async () => {
         const p = prefix('mnt');
         await a.placeMaintenance(`${p}/b`, 'root', 'disk swap');

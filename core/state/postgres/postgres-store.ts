@@ -139,6 +139,7 @@ export class PostgresStateStore implements StateStore {
   deleteOpLocks(id: string) { return this.ops.deleteOpLocks(id); }
   listOpLocks() { return this.ops.listOpLocks(); }
   renewOps(token: string, leaseExpires: number) { return this.ops.renewOps(token, leaseExpires); }
+  lockHolders() { return this.ops.lockHolders(); }
   requestOpStop(id: string) { return this.ops.requestOpStop(id); }
   takeOpStop(id: string) { return this.ops.takeOpStop(id); }
   insertExport(e: ExportRecord) { return this.ops.insertExport(e); }
@@ -226,6 +227,18 @@ function postgresOps(q: Query): StateOps {
         WHERE jobs.id = old.id AND old.request IS NOT NULL RETURNING old.request`, [id]);
       const request = res.rows[0]?.request;
       return request ? (JSON.parse(request) as StoredRequest) : undefined;
+    },
+    // One statement, one round trip: each part as a JSON array of its rows (BIGINT columns come
+    // back as JSON numbers, as INT8 is read elsewhere).
+    lockHolders: async () => {
+      const row = (await q<{ jobs: JobRow[]; ops: OpLockRow[]; maintenance: { key: string; principal: string; reason: string }[] }>(`SELECT
+        (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded') AS jobs,
+        (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
+           'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
+           'lease_expires', o.lease_expires) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o) AS ops,
+        (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
+           FROM maintenance m) AS maintenance`)).rows[0]!;
+      return { jobs: row.jobs.map(fromRow), ops: opLocksFromRows(row.ops), maintenance: row.maintenance };
     },
     insertOpLocks: async (op) => {
       if (op.locks.length === 0) return;

@@ -70,6 +70,7 @@ export class SqliteStateStore implements StateStore {
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.one((o) => o.releaseJob(id, token, fence, checkpoint)); }
   setRequest(id: string, request: StoredRequest) { return this.one((o) => o.setRequest(id, request)); }
   takeRequest(id: string) { return this.one((o) => o.takeRequest(id)); }
+  lockHolders() { return this.one((o) => o.lockHolders()); }
   insertOpLocks(op: OpLockRecord) { return this.one((o) => o.insertOpLocks(op)); }
   deleteOpLocks(id: string) { return this.one((o) => o.deleteOpLocks(id)); }
   listOpLocks() { return this.one((o) => o.listOpLocks()); }
@@ -130,6 +131,7 @@ function syncOps(db: JobStore): StateOps {
     releaseJob: async (id, token, fence, checkpoint) => db.release(id, token, fence, checkpoint),
     setRequest: async (id, request) => db.setRequest(id, request),
     takeRequest: async (id) => db.takeRequest(id),
+    lockHolders: async () => ({ jobs: db.list({ active: true }), ops: db.listOpLocks(), maintenance: db.listMaintenance() }),
     insertOpLocks: async (op) => db.insertOpLocks(op, () => undefined),
     deleteOpLocks: async (id) => db.deleteOpLocks(id),
     listOpLocks: async () => db.listOpLocks(),
