@@ -4,21 +4,15 @@
  * independent with the right data, and qemu-img check finds every file clean.
  */
 import { afterAll, describe, expect, it } from 'vitest';
-import { bytesReadByProcess, failedChecks, HAVE_QEMU_IMG, MiB, restartFixture, runAndKill } from './pool-helpers.js';
+import { bytesReadByProcess, failedChecks, fill, HAVE_QEMU_IMG, MiB, restartFixture, runAndKill, setUpKid } from './pool-helpers.js';
 
 const { state, pool, open, cleanup } = restartFixture('offload-pool-restart-');
 afterAll(cleanup);
-const fill = (i: number) => Buffer.alloc(MiB, (i * 37 + 11) & 0xff);
 
 describe('pool stream across a broker crash', () => {
   it('is resumed by the next broker and completes with the right data', async () => {
     const setup = await open();
-    await setup.volumes.create('local/base', { sizeBytes: 64 * MiB });
-    const dev = await setup.volumes.open('local/base', 'rw');
-    for (let i = 0; i < 32; i++) await dev.write(i * 2 * MiB, fill(i));
-    await dev.close();
-    await setup.snapshots.create('local/base@s');
-    await setup.clone('local/base@s', 'local/kid', { mode: 'linked' });
+    await setUpKid(setup);
     await setup.close();
 
     // Let it copy at 4 MiB/s until 40 of the 64 MiB are done, then kill it without warning.
