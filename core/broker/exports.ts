@@ -44,15 +44,13 @@ export class Exports implements ExportsApi {
     const preempt = () => void this.s.exports.stop(name).catch(() => undefined);
     let release: (() => Promise<void>) | undefined;
     try {
-      const lease = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.locks.acquire(locks, { id, principal, description, preempt }));
-      let unrecord: (() => Promise<void>) | undefined;
+      const lease = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.locks.acquirePublished(locks, { id, principal, description, preempt },
+        () => this.s.jobs.publishOperation(id, locks, principal, description, preempt)));
       let unlist: (() => Promise<void>) | undefined;
       release = async () => {
         await unlist?.();
-        await unrecord?.();
-        lease.release();
+        await lease.release();
       };
-      unrecord = await this.s.jobs.recordOperation(id, locks, principal, description, preempt);
       const device = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
       let served: { info: ExportInfo; ended: Promise<void> };
       try {

@@ -22,21 +22,20 @@ export function planOrRefuse(s: BrokerState, op: Operation, what: string, ref: s
 }
 
 /**
- * A short operation: serialised per volume in this process, its locks visible to other processes
- * while it runs, and refused (Busy) while a job holds a conflicting lock.
+ * A short operation: serialised per volume in this process, its locks visible to other brokers
+ * while it runs (they wait for it), and refused (Busy) while a job or an export holds a
+ * conflicting lock. It returns once done here; its locks leave the shared state just after (in the
+ * background: this broker ignores its own, another waits the moment it takes).
  */
 export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>): Promise<T> {
   s.assertOpen();
   return s.mutex.run(locks.map((l) => l.key), async () => {
     const id = `op-${randomBytes(6).toString('hex')}`;
-    const lease = await s.locks.acquire(locks, { id, principal, description });
-    let unrecord: (() => Promise<void>) | undefined;
+    const lease = await s.locks.acquirePublished(locks, { id, principal, description }, () => s.jobs.publishOperation(id, locks, principal, description));
     try {
-      unrecord = await s.jobs.recordOperation(id, locks, principal, description);
       return await fn();
     } finally {
-      await unrecord?.();
-      lease.release();
+      void lease.release();
     }
   });
 }

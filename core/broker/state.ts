@@ -35,10 +35,7 @@ export class BrokerState {
     readonly formats: FileFormats = new FileFormats(),
   ) {
     this.locks = new LockManager({
-      outside: async () => {
-        const { foreign, maintenance } = this.jobs ? await this.jobs.outsideLocks() : { foreign: [], maintenance: await this.store.listMaintenance() };
-        return { foreign, maintenance: maintenance.map((m) => ({ key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' as const } })) };
-      },
+      outside: async (keys) => this.jobs.outsideLocks(this.store, keys),
       placeMaintenance: (key, principal, reason) => this.store.placeMaintenance(key, principal.id, reason),
       removeMaintenance: (key) => this.store.removeMaintenance(key),
     });

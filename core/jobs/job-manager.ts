@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
-import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest } from '../locks/lock-manager.js';
+import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest, type Outside, type Publish } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
 import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord } from '../state/records.js';
@@ -66,6 +66,8 @@ export class JobManager {
   private readonly adopting = new Map<string, Promise<unknown>>();
   /** Operations and exports this manager has recorded and not removed yet (their leases are renewed). */
   private ops = 0;
+  /** Operations' locks being removed from the store (close waits for them). */
+  private readonly withdrawing = new Set<Promise<void>>();
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
 
@@ -152,14 +154,14 @@ export class JobManager {
    * Locks held outside this manager, from one read of the store: those of the jobs and operations
    * of other live brokers (on other hosts, in other processes, or in this one), and maintenance locks.
    */
-  async outsideLocks(ops: StateOps = this.store): Promise<{ foreign: { key: string; mode: LockMode; holder: LockHolder }[]; maintenance: { key: string; principal: string; reason: string }[] }> {
-    const holders = await ops.lockHolders();
-    return { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance };
+  async outsideLocks(ops: StateOps = this.store, keys?: string[]): Promise<Outside> {
+    const holders = await ops.lockHolders(keys);
+    return { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) };
   }
 
   /** Locks held by jobs and operations of other live brokers. */
-  async foreignLocks(ops: StateOps = this.store): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
-    return (await this.outsideLocks(ops)).foreign;
+  async foreignLocks(ops: StateOps = this.store, keys?: string[]): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
+    return (await this.outsideLocks(ops, keys)).foreign;
   }
 
   private foreignOf(jobs: JobRecord[], opLocks: OpLockRecord[]): { key: string; mode: LockMode; holder: LockHolder }[] {
@@ -199,20 +201,26 @@ export class JobManager {
   }
 
   /**
-   * Make a short operation's locks (already held in this process) visible to other processes,
-   * refusing with Busy when another process holds a conflicting one. Returns the release.
+   * Publish an operation's locks (already granted in this process) so that other brokers see
+   * them, and read the locks they hold, in one step of the store (StateOps.claimOpLocks): the
+   * lock manager's Publish for short operations and exports. The caller withdraws on a conflict.
+   * A long-lived operation (an export) listens for another process's request to stop it.
    */
-  async recordOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<() => Promise<void>> {
+  async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
     };
-    await this.store.transaction('locks', async (tx) => {
-      await this.assertNoForeignConflict(tx, locks, id);
-      await tx.insertOpLocks(row);
-    });
     this.ops++;
-    // A long-lived operation listens for another process's request to stop (an administrator's preemption).
+    let holders;
+    try {
+      holders = await this.store.claimOpLocks(row);
+    } catch (e) {
+      this.ops--;
+      // Not knowing whether the row was written: remove it if it was (a closed store: it dies with this process).
+      await this.store.deleteOpLocks(id).catch(() => undefined);
+      throw e;
+    }
     let polling = false;
     const poller = onStopRequest && setInterval(() => {
       if (polling) return;
@@ -221,15 +229,18 @@ export class JobManager {
     }, 250);
     poller?.unref();
     let done: Promise<void> | undefined;
-    return () => {
+    const withdraw = () => {
       done ??= (async () => {
         if (poller) clearInterval(poller);
         this.ops--;
         // A closed store: the rows die with this process (dead runners are ignored).
         await this.store.deleteOpLocks(id).catch(() => undefined);
       })();
+      this.withdrawing.add(done);
+      void done.then(() => this.withdrawing.delete(done!));
       return done;
     };
+    return { outside: { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) }, withdraw };
   }
 
   /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */
@@ -258,7 +269,7 @@ export class JobManager {
   }
 
   private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string): Promise<void> {
-    for (const held of await this.foreignLocks(ops)) {
+    for (const held of await this.foreignLocks(ops, wanted.map((w) => w.key))) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
       const who = holderKind(held.holder.id);
@@ -454,8 +465,14 @@ export class JobManager {
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
     await Promise.allSettled(jobs.map((j) => j.wait()));
+    await Promise.allSettled([...this.withdrawing]);
     liveTokens.delete(this.token);
   }
+}
+
+/** A maintenance lock as the store keeps it, as the lock manager sees it: placed by an administrator. */
+function maintenanceLock(m: { key: string; principal: string; reason: string }): Outside['maintenance'][number] {
+  return { key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' } };
 }
 
 /** Who runs (or ran) a job or holds an operation, for messages: `pid 42` here, `pid 42 on HOST` elsewhere. */

@@ -7,7 +7,7 @@ import type { LockRequest } from '../locks/lock-manager.js';
 
 export type { JobRecord, OpLockRecord, ExportRecord, StoredRequest } from '../state/records.js';
 export { RELEASED } from '../state/records.js';
-import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord, type StoredRequest } from '../state/records.js';
+import { RELEASED, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type StoredRequest } from '../state/records.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS jobs (
@@ -302,6 +302,25 @@ export class JobStore {
       const stmt = this.stmt(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`);
       for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken, op.runnerHost, op.leaseExpires);
+    }).immediate();
+  }
+
+  /** What a lock check reads (StateOps.lockHolders): every holder, or those with a lock on one of `keys`. */
+  lockHolders(keys?: string[]): LockHolders {
+    return this.db.transaction(() => {
+      const all = { jobs: this.list({ active: true }), ops: this.listOpLocks(), maintenance: this.listMaintenance() };
+      if (!keys) return all;
+      const wanted = new Set(keys);
+      const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => wanted.has(l.key));
+      return { jobs: all.jobs.filter(holds), ops: all.ops.filter(holds), maintenance: all.maintenance.filter((m) => wanted.has(m.key)) };
+    })();
+  }
+
+  /** insertOpLocks, then the holders of its keys (the claim included), in one IMMEDIATE transaction. */
+  claimOpLocks(op: OpLockRecord): LockHolders {
+    return this.db.transaction(() => {
+      this.insertOpLocks(op, () => undefined);
+      return this.lockHolders(op.locks.map((l) => l.key));
     }).immediate();
   }
 

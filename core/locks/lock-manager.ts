@@ -39,6 +39,24 @@ export interface LockLease {
   release(): void;
 }
 
+/** A lease whose locks other brokers see too: its release withdraws them from the shared state. */
+export interface PublishedLease {
+  release(): Promise<void>;
+}
+
+/**
+ * Make a holder's locks visible to the other brokers sharing the state and read what they hold,
+ * as one step serialized with every other broker's: of two publishing at once, the later sees the
+ * earlier's locks. `outside` excludes what was just published; `withdraw` removes it.
+ */
+export type Publish = () => Promise<{ outside: Outside; withdraw: () => Promise<void> }>;
+
+/** Locks held outside this broker, as SharedLocks.outside reads them. */
+export interface Outside {
+  foreign: { key: string; mode: LockMode; holder: LockHolder }[];
+  maintenance: { key: string; principal: Principal; reason: string }[];
+}
+
 /** A maintenance lock placed in the shared state. */
 export interface StoredLease {
   release(): Promise<void>;
@@ -56,10 +74,21 @@ interface Held {
  * outlive the process that placed them).
  */
 export interface SharedLocks {
-  /** Other brokers' job and operation locks, and maintenance locks: one read of the shared state. */
-  outside(): Promise<{ foreign: { key: string; mode: LockMode; holder: LockHolder }[]; maintenance: { key: string; principal: Principal; reason: string }[] }>;
+  /** Other brokers' job and operation locks, and maintenance locks (all, or those on `keys`): one read of the shared state. */
+  outside(keys?: string[]): Promise<Outside>;
   placeMaintenance(key: string, principal: Principal, reason: string): Promise<void>;
   removeMaintenance(key: string): Promise<void>;
+}
+
+/** Locks held outside, as this manager's entries. */
+function held({ foreign, maintenance }: Outside): Held[] {
+  return [
+    ...foreign,
+    ...maintenance.map((m) => ({
+      key: m.key, mode: 'maintenance' as const,
+      holder: { id: `maintenance:${m.key}`, principal: m.principal, description: `maintenance: ${m.reason}` },
+    })),
+  ];
 }
 
 /** Does a held lock of mode `held` conflict with a request of mode `wanted`? */
@@ -76,16 +105,8 @@ export class LockManager {
   constructor(private readonly shared?: SharedLocks) {}
 
   /** Every lock held outside this broker: other brokers' jobs and operations, and maintenance locks. */
-  private async outside(): Promise<Held[]> {
-    if (!this.shared) return [];
-    const { foreign, maintenance } = await this.shared.outside();
-    return [
-      ...foreign,
-      ...maintenance.map((m) => ({
-        key: m.key, mode: 'maintenance' as const,
-        holder: { id: `maintenance:${m.key}`, principal: m.principal, description: `maintenance: ${m.reason}` },
-      })),
-    ];
+  private async outside(keys?: string[]): Promise<Held[]> {
+    return this.shared ? held(await this.shared.outside(keys)) : [];
   }
 
   /** Locks currently held, for `offload locks` and tests. */
@@ -100,24 +121,66 @@ export class LockManager {
 
   /**
    * Take all requested locks at once or none. Rejects with Busy naming the conflicting holder;
-   * an administrator instead preempts tenant holders and waits (up to `preemptWaitMs`) for them.
+   * waits (up to `preemptWaitMs`) for short operations holding them to end, and an administrator
+   * for the tenant holders it preempts.
    */
   async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = 30_000): Promise<LockLease> {
     const deadline = Date.now() + preemptWaitMs;
-    for (;;) {
+    for (let attempt = 0; ; ) {
       // Read what others hold, then check against this broker's locks and grant in one step (no
       // await between): two acquires of this process cannot both pass the check.
-      const outside = await this.outside();
-      const conflicts = this.conflicts(requests, holder, outside);
+      const conflicts = this.conflicts(requests, holder, await this.outside(requests.map((r) => r.key)));
       if (conflicts.length === 0) return this.grant(requests.map((r) => ({ ...r, holder })));
-      const blocking = conflicts.filter((c) => !this.canPreempt(holder.principal, c));
-      if (blocking.length > 0) throw busyError(blocking[0]!);
-      // An administrator against tenant holders: ask them to stop, then wait for release.
-      for (const c of conflicts) c.holder.preempt?.();
-      const remaining = deadline - Date.now();
-      if (remaining <= 0) throw busyError(conflicts[0]!, 'did not stop in time after being preempted');
-      await this.waitForChange(remaining);
+      await this.stopOrRefuse(holder, conflicts, deadline, attempt++);
     }
+  }
+
+  /**
+   * acquire, for a holder that other brokers must see while it holds its locks: granted here
+   * first, then published (`publish`) and checked against what others hold as of that moment —
+   * one round trip to the shared state instead of a read, then a checked write. On a conflict the
+   * locks are withdrawn again before the holder is refused or waits for preempted tenants.
+   */
+  async acquirePublished(requests: LockRequest[], holder: LockHolder, publish: Publish, preemptWaitMs = 30_000): Promise<PublishedLease> {
+    const deadline = Date.now() + preemptWaitMs;
+    for (let attempt = 0; ; ) {
+      let conflicts = this.conflicts(requests, holder, []);
+      if (conflicts.length === 0) {
+        const lease = this.grant(requests.map((r) => ({ ...r, holder })));
+        let published: Awaited<ReturnType<Publish>>;
+        try {
+          published = await publish();
+        } catch (e) {
+          lease.release();
+          throw e;
+        }
+        conflicts = this.conflicts(requests, holder, held(published.outside));
+        const { withdraw } = published;
+        if (conflicts.length === 0) {
+          // Released here at once (this broker's checks ignore its own published locks), withdrawn from the shared state after.
+          return { release: () => { lease.release(); return withdraw(); } };
+        }
+        lease.release();
+        await withdraw();
+      }
+      await this.stopOrRefuse(holder, conflicts, deadline, attempt++);
+    }
+  }
+
+  /**
+   * Conflicts found. Busy if one can be neither preempted nor waited for. A short operation
+   * (`op-…`) ends by itself, or its lease runs out, so it is waited for, as this broker's keyed
+   * mutex waits for its own; tenants an administrator preempts are asked to stop, then waited for.
+   */
+  private async stopOrRefuse(holder: LockHolder, conflicts: Held[], deadline: number, attempt: number): Promise<void> {
+    const blocking = conflicts.filter((c) => !this.canPreempt(holder.principal, c));
+    const refusing = blocking.find((c) => holderKind(c.holder.id).kind !== 'operation');
+    if (refusing) throw busyError(refusing);
+    for (const c of conflicts) if (!blocking.includes(c)) c.holder.preempt?.();
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) throw busyError(conflicts[0]!, blocking.length > 0 ? 'did not end in time' : 'did not stop in time after being preempted');
+    // Soon at first (another broker's operation may have ended already), then less often.
+    await this.waitForChange(Math.min(remaining, 2 * 2 ** Math.min(attempt, 7)));
   }
 
   /** Place a maintenance lock (administrators only). */
@@ -125,7 +188,7 @@ export class LockManager {
     if (principal.role !== 'admin') {
       throw new PermissionDenied(`only an administrator can place a maintenance lock on ${key}`, { ref: key });
     }
-    const existing = [...this.held, ...(await this.outside())].find((h) => h.key === key && h.mode === 'maintenance');
+    const existing = [...this.held, ...(await this.outside([key]))].find((h) => h.key === key && h.mode === 'maintenance');
     if (existing) throw busyError(existing);
     if (this.shared) {
       await this.shared.placeMaintenance(key, principal, reason);
@@ -146,7 +209,7 @@ export class LockManager {
 
   /** Check without taking: throws what acquire would throw for a non-administrator. */
   async check(requests: LockRequest[], principal: Principal): Promise<void> {
-    const conflicts = this.conflicts(requests, { id: '', principal, description: '' }, await this.outside());
+    const conflicts = this.conflicts(requests, { id: '', principal, description: '' }, await this.outside(requests.map((r) => r.key)));
     const blocking = conflicts.filter((c) => !this.canPreempt(principal, c));
     if (blocking.length > 0) throw busyError(blocking[0]!);
   }
@@ -188,6 +251,7 @@ export class LockManager {
     for (const w of [...this.waiters]) w();
   }
 
+  /** Until a lock of this manager is released, or `ms` (at most 250 ms) pass: another broker's release is seen by polling. */
   private waitForChange(ms: number): Promise<void> {
     return new Promise((resolve) => {
       const done = () => {

@@ -44,11 +44,20 @@ export interface StateOps {
   /**
    * What a lock check reads, in one go (one statement where the store can): the jobs not
    * concluded (as listJobs({ active: true })), every operation's locks (listOpLocks) and every
-   * maintenance lock (listMaintenance).
+   * maintenance lock (listMaintenance). With `keys`, only those holding a lock on one of them
+   * (a job or an operation whole, with all its locks).
    */
-  lockHolders(): Promise<LockHolders>;
+  lockHolders(keys?: string[]): Promise<LockHolders>;
   /** The locks of a short (or long-lived) operation, visible to every process sharing the state. */
   insertOpLocks(op: OpLockRecord): Promise<void>;
+  /**
+   * insertOpLocks, then lockHolders, as one step serialized with every transaction on `locks`
+   * (one round trip where the store can): of two brokers claiming locks at once, the later sees
+   * the earlier's, so they cannot both find the way clear. The holders are those of the claimed
+   * keys (lockHolders(keys)), the claim itself included; the caller judges conflicts and, finding
+   * one, deletes its claim (deleteOpLocks).
+   */
+  claimOpLocks(op: OpLockRecord): Promise<LockHolders>;
   /** Remove an operation's locks and any stop request for it. */
   deleteOpLocks(id: string): Promise<void>;
   listOpLocks(): Promise<OpLockRecord[]>;

@@ -325,8 +325,14 @@ describe('locks across processes', () => {
     const file = join(state, 'jobs.sqlite');
     const s1 = new SqliteStateStore(file);
     const s2 = new SqliteStateStore(file);
-    const m1 = new JobManager(s1, new LockManager(), async () => undefined, silentLogger);
+    const l1 = new LockManager();
+    const m1 = new JobManager(s1, l1, async () => undefined, silentLogger);
     const m2 = new JobManager(s2, new LockManager(), async () => undefined, silentLogger);
+    // A short operation as runShort takes it: granted here, published and checked against the others in one step.
+    const operation = (id: string, description: string) => {
+      const locks = [{ key: 'b/v', mode: 'exclusive' as const }];
+      return l1.acquirePublished(locks, { id, principal: ADMIN, description }, () => m1.publishOperation(id, locks, ADMIN, description));
+    };
     cleanups.push(async () => {
       await m1.close();
       await m2.close();
@@ -334,15 +340,51 @@ describe('locks across processes', () => {
       await s2.close();
       rmSync(state, { recursive: true, force: true });
     });
-    const release = await m1.recordOperation('op-revert', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'revert b/v@s');
+    const revert = await operation('op-revert', 'revert b/v@s');
     const t = steppedTask(1);
     await expect(m2.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] }))
       .rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/operation op-revert \(revert b\/v@s/) });
-    await release();
+    await revert.release();
     const job = await m2.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [{ key: 'b/v', mode: 'exclusive' }] });
-    await expect(m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v')).rejects.toThrow(expect.objectContaining({ code: 'Busy' }));
+    await expect(operation('op-resize', 'resize b/v')).rejects.toThrow(expect.objectContaining({ code: 'Busy' }));
+    // The refused claim was withdrawn: only the job holds b/v.
+    expect((await s1.listOpLocks()).map((o) => o.id)).toEqual([]);
     await t.step();
     await job.wait();
-    await (await m1.recordOperation('op-resize', [{ key: 'b/v', mode: 'exclusive' }], ADMIN, 'resize b/v'))();
+    await (await operation('op-resize', 'resize b/v')).release();
+    expect(await s1.listOpLocks()).toEqual([]);
+  });
+
+  it("another broker's short operation is waited for, not refused, and its locks leave the store once it ends", async () => {
+    const state = mkdtempSync(join(tmpdir(), 'offload-ops-'));
+    const file = join(state, 'jobs.sqlite');
+    const stores = [new SqliteStateStore(file), new SqliteStateStore(file)];
+    const lockManagers = [new LockManager(), new LockManager()];
+    const managers = stores.map((st, i) => new JobManager(st, lockManagers[i]!, async () => undefined, silentLogger));
+    cleanups.push(async () => {
+      for (const m of managers) await m.close();
+      for (const st of stores) await st.close();
+      rmSync(state, { recursive: true, force: true });
+    });
+    const locks = [{ key: 'b/v', mode: 'exclusive' as const }];
+    const operation = (i: number, id: string) =>
+      lockManagers[i]!.acquirePublished(locks, { id, principal: ADMIN, description: id }, () => managers[i]!.publishOperation(id, locks, ADMIN, id));
+    const first = await operation(0, 'op-first');
+    let secondHeld = false;
+    const second = operation(1, 'op-second').then((l) => { secondHeld = true; return l; });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(secondHeld).toBe(false); // still waiting, not refused
+    expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual(['op-first']);
+    await first.release();
+    const lease = await second;
+    expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual(['op-second']);
+    // A job is not waited for: an operation meeting one is Busy at once.
+    await lease.release();
+    const t = steppedTask(1);
+    const job = await managers[0]!.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks });
+    await expect(operation(1, 'op-third')).rejects.toMatchObject({ code: 'Busy', message: expect.stringContaining(job.id) });
+    expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual([]);
+    await t.step();
+    await job.wait();
   });
 });

@@ -233,6 +233,33 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         }
       });
 
+      it('claimOpLocks: of two claims at once, and of a claim and a check-then-insert, the later always sees the earlier', async () => {
+        const p = prefix('claimrace');
+        const sees = (holders: { ops: OpLockRecord[] }, id: string) => holders.ops.some((o) => o.id === id);
+        for (let round = 0; round < 15; round++) {
+          const key = `vol:${p}/${round}`;
+          const [x, y] = await Promise.all([a.claimOpLocks(opLocks(`${p}-${round}-a`, [key])), b.claimOpLocks(opLocks(`${p}-${round}-b`, [key]))]);
+          // Each sees its own claim, and at least one sees the other's: they cannot both find the way clear.
+          expect(sees(x, `${p}-${round}-a`) && sees(y, `${p}-${round}-b`), `round ${round}`).toBe(true);
+          expect(sees(x, `${p}-${round}-b`) || sees(y, `${p}-${round}-a`), `round ${round}`).toBe(true);
+          // A transaction that checks, waits, then inserts, against a claim made while it waits.
+          const tkey = `vol:${p}/t${round}`;
+          let checked!: () => void;
+          const inWindow = new Promise<void>((r) => { checked = r; });
+          const txSaw = a.transaction('locks', async (tx) => {
+            const saw = (await tx.listOpLocks()).some((o) => o.id === `${p}-${round}-claim`);
+            checked();
+            await sleep(5); // the window in which an unserialized claim would insert and read
+            await tx.insertOpLocks(opLocks(`${p}-${round}-tx`, [tkey]));
+            return saw;
+          });
+          await inWindow;
+          const claim = await b.claimOpLocks(opLocks(`${p}-${round}-claim`, [tkey]));
+          expect((await txSaw) || sees(claim, `${p}-${round}-tx`), `round ${round}: neither saw the other`).toBe(true);
+        }
+        for (const op of (await a.listOpLocks()).filter((o) => o.id.startsWith(p))) await a.deleteOpLocks(op.id);
+      });
+
       it('commit what fn wrote and return its value; roll everything back when fn throws', async () => {
         const p = prefix('tx');
         const out = await a.transaction('locks', async (tx) => {
@@ -403,6 +430,50 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.deleteJob(`${p}-done`);
         await a.deleteOpLocks(`${p}-op`);
         await a.removeMaintenance(`${p}/m`);
+      });
+
+      it('lockHolders(keys) is only the holders of those keys: a job or an operation whole, maintenance by key', async () => {
+        const p = prefix('keyed');
+        const k = (n: string) => `${p}/${n}`;
+        await a.insertJob(job(`${p}-j1`, { locks: [{ key: k('x'), mode: 'shared' }, { key: k('y'), mode: 'exclusive' }] }));
+        await a.insertJob(job(`${p}-j2`, { locks: [{ key: k('z'), mode: 'exclusive' }] }));
+        await a.insertJob(job(`${p}-j3`, { status: 'concluded', locks: [{ key: k('x'), mode: 'exclusive' }] }));
+        await a.insertOpLocks(opLocks(`${p}-o1`, [k('q'), k('y')]));
+        await a.insertOpLocks(opLocks(`${p}-o2`, [k('w')]));
+        await a.placeMaintenance(k('y'), 'root', 'swap');
+        await a.placeMaintenance(k('w'), 'root', 'swap');
+        const got = await b.lockHolders([k('y'), k('nothing')]);
+        expect(got.jobs.map((j) => j.id)).toEqual([`${p}-j1`]);
+        expect(got.jobs[0]).toStrictEqual(await a.getJob(`${p}-j1`));
+        expect(got.ops).toStrictEqual([opLocks(`${p}-o1`, [k('q'), k('y')])]);
+        expect(got.maintenance).toEqual([{ key: k('y'), principal: 'root', reason: 'swap' }]);
+        expect(await b.lockHolders([])).toEqual({ jobs: [], ops: [], maintenance: [] });
+        for (const id of ['j1', 'j2', 'j3']) await a.deleteJob(`${p}-${id}`);
+        await a.deleteOpLocks(`${p}-o1`);
+        await a.deleteOpLocks(`${p}-o2`);
+        await a.removeMaintenance(k('y'));
+        await a.removeMaintenance(k('w'));
+      });
+
+      it('claimOpLocks records the locks in order and returns lockHolders as of just after, the claim included', async () => {
+        const p = prefix('claim');
+        await a.insertJob(job(`${p}-run`, { locks: [{ key: `vol:${p}/y`, mode: 'shared' }] }));
+        await a.insertJob(job(`${p}-other`, { locks: [{ key: `vol:${p}/elsewhere`, mode: 'shared' }] }));
+        await a.placeMaintenance(`vol:${p}/z`, 'root', 'swap');
+        await a.placeMaintenance(`vol:${p}/elsewhere`, 'root', 'swap');
+        const claim = opLocks(`${p}-op`, [`vol:${p}/x`, `vol:${p}/y`, `vol:${p}/z`], { leaseExpires: LEASE + 9 });
+        const got = await b.claimOpLocks(claim);
+        const mine = <T extends { id?: string; key?: string }>(xs: T[]) => xs.filter((x) => (x.id ?? x.key ?? '').startsWith(p));
+        expect(got.ops).toStrictEqual([claim]);
+        expect(mine(await a.listOpLocks())).toStrictEqual([claim]);
+        expect(got.jobs).toStrictEqual([await a.getJob(`${p}-run`)]);
+        expect(got.maintenance).toEqual([{ key: `vol:${p}/z`, principal: 'root', reason: 'swap' }]);
+        await a.deleteJob(`${p}-run`);
+        await a.deleteJob(`${p}-other`);
+        await a.deleteOpLocks(`${p}-op`);
+        await a.removeMaintenance(`vol:${p}/z`);
+        await a.removeMaintenance(`vol:${p}/elsewhere`);
+        expect(mine(await b.listOpLocks())).toEqual([]);
       });
 
       it('maintenance: place, replace, list by key, remove', async () => {

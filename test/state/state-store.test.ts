@@ -12,6 +12,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isOffloadError } from '../../core/model/errors.js';
 import { openPostgresStore } from '../../core/state/postgres/postgres-store.js';
+import { SCHEMA_VERSION } from '../../core/state/postgres/schema.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { postgresAvailable, postgresUrl, startPostgres, type Postgres } from '../support/postgres.js';
 import { describeStateStore } from './state-store.contract.js';
@@ -143,11 +144,29 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       const url = await server.createDatabase();
       const stores = await Promise.all(Array.from({ length: 6 }, () => openPostgresStore(url, { poolSize: 1 })));
       try {
-        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 2 }]);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: SCHEMA_VERSION }]);
         await stores[0]!.setOwner('pool/v', 'alice');
         expect(await stores[5]!.getOwner('pool/v')).toBe('alice');
       } finally {
         await Promise.all(stores.map((s) => s.close()));
+      }
+    });
+
+    it('migrates a version 2 database (no lock-holder functions) to version 3, keeping its rows', async () => {
+      const url = await server.createDatabase();
+      const first = await openPostgresStore(url, { poolSize: 1 });
+      await first.insertOpLocks({ id: 'op-old', locks: [{ key: 'pool/v', mode: 'exclusive' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 5 });
+      await first.close();
+      // As a build of schema 2 left it.
+      await sql(url, 'DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; UPDATE schema_version SET version = 2');
+      const s = await openPostgresStore(url, { poolSize: 1 });
+      try {
+        expect(SCHEMA_VERSION).toBe(3);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 3 }]);
+        const got = await s.claimOpLocks({ id: 'op-new', locks: [{ key: 'pool/v', mode: 'shared' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 6 });
+        expect(got.ops.map((o) => o.id)).toEqual(['op-new', 'op-old']);
+      } finally {
+        await s.close();
       }
     });
 

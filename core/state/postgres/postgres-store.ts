@@ -1,7 +1,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import { AlreadyExists, FailedPrecondition, isOffloadError } from '../../model/errors.js';
-import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord, type StoredRequest } from '../records.js';
+import { RELEASED, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type StoredRequest } from '../records.js';
 import type { Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
 import { describeUrl, toStoreError, type Target } from './errors.js';
 import {
@@ -16,6 +16,14 @@ export interface PostgresStoreOptions {
 
 /** Runs one statement: on the pool (its own transaction) or on a transaction's client. */
 type Query = <R extends pg.QueryResultRow>(sql: string, params?: unknown[]) => Promise<pg.QueryResult<R>>;
+
+/** Prepared statements' names, one per statement text. */
+const statementNames = new Map<string, string>();
+function statementName(sql: string): string {
+  let name = statementNames.get(sql);
+  if (name === undefined) statementNames.set(sql, (name = `offload_${statementNames.size + 1}`));
+  return name;
+}
 
 /** BIGINT (int8) columns — epoch milliseconds, sizes, fences — as JS numbers rather than pg's default strings. */
 const INT8 = 20;
@@ -82,7 +90,8 @@ export class PostgresStateStore implements StateStore {
     return async <R extends pg.QueryResultRow>(sql: string, params?: unknown[]) => {
       if (this.closing) throw new FailedPrecondition(`the PostgreSQL state store (${this.target.where}) is closed`, { ref: this.target.ref });
       try {
-        return await on.query<R>(sql, params);
+        // A statement with parameters is prepared once per connection (saves parsing and planning it on every call).
+        return await (params === undefined ? on.query<R>(sql) : on.query<R>({ name: statementName(sql), text: sql, values: params }));
       } catch (e) {
         throw toStoreError(e, this.target);
       }
@@ -139,7 +148,8 @@ export class PostgresStateStore implements StateStore {
   deleteOpLocks(id: string) { return this.ops.deleteOpLocks(id); }
   listOpLocks() { return this.ops.listOpLocks(); }
   renewOps(token: string, leaseExpires: number) { return this.ops.renewOps(token, leaseExpires); }
-  lockHolders() { return this.ops.lockHolders(); }
+  lockHolders(keys?: string[]) { return this.ops.lockHolders(keys); }
+  claimOpLocks(op: OpLockRecord) { return this.ops.claimOpLocks(op); }
   requestOpStop(id: string) { return this.ops.requestOpStop(id); }
   takeOpStop(id: string) { return this.ops.takeOpStop(id); }
   insertExport(e: ExportRecord) { return this.ops.insertExport(e); }
@@ -228,17 +238,16 @@ function postgresOps(q: Query): StateOps {
       const request = res.rows[0]?.request;
       return request ? (JSON.parse(request) as StoredRequest) : undefined;
     },
-    // One statement, one round trip: each part as a JSON array of its rows (BIGINT columns come
-    // back as JSON numbers, as INT8 is read elsewhere).
-    lockHolders: async () => {
-      const row = (await q<{ jobs: JobRow[]; ops: OpLockRow[]; maintenance: { key: string; principal: string; reason: string }[] }>(`SELECT
-        (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded') AS jobs,
-        (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
-           'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
-           'lease_expires', o.lease_expires) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o) AS ops,
-        (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
-           FROM maintenance m) AS maintenance`)).rows[0]!;
-      return { jobs: row.jobs.map(fromRow), ops: opLocksFromRows(row.ops), maintenance: row.maintenance };
+    // One statement, one round trip (offload_lock_holders, schema.ts): each part as a JSON array of
+    // its rows (BIGINT columns come back as JSON numbers, as INT8 is read elsewhere).
+    lockHolders: async (keys) => holdersFrom((await q<{ h: HoldersJson }>('SELECT offload_lock_holders($1::text[]) AS h', [keys ?? null])).rows[0]!.h),
+    claimOpLocks: async (op) => {
+      const claim = op.locks.map((l) => ({
+        id: op.id, key: l.key, mode: l.mode, principal: op.principal, role: op.role, description: op.description,
+        runner_pid: op.runnerPid, runner_token: op.runnerToken, runner_host: op.runnerHost, lease_expires: op.leaseExpires,
+      }));
+      const keys = [...new Set(op.locks.map((l) => l.key))];
+      return holdersFrom((await q<{ h: HoldersJson }>('SELECT offload_claim_op_locks($1::json, $2::text[]) AS h', [JSON.stringify(claim), keys])).rows[0]!.h);
     },
     insertOpLocks: async (op) => {
       if (op.locks.length === 0) return;
@@ -292,6 +301,12 @@ function postgresOps(q: Query): StateOps {
       await q('DELETE FROM owners WHERE ref = $1', [ref]);
     },
   };
+}
+
+type HoldersJson = { jobs: JobRow[]; ops: OpLockRow[]; maintenance: { key: string; principal: string; reason: string }[] };
+
+function holdersFrom(h: HoldersJson): LockHolders {
+  return { jobs: h.jobs.map(fromRow), ops: opLocksFromRows(h.ops), maintenance: h.maintenance };
 }
 
 /** `ops` with `check` run before every call. */

@@ -94,6 +94,34 @@ CREATE TABLE owners (
 );
 `;
 
+const C = 'COLLATE "C"';
+const SCHEMA_V3 = `
+CREATE INDEX jobs_active ON jobs (created_at) WHERE status <> 'concluded';
+CREATE INDEX op_locks_key ON op_locks (key);
+CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]) RETURNS json LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN json_build_object(
+    'jobs', (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded'
+       AND (keys IS NULL OR EXISTS (SELECT 1 FROM json_array_elements(j.locks::json) l WHERE l->>'key' = ANY (keys)))),
+    'ops', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
+       'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
+       'lease_expires', o.lease_expires) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o
+       WHERE keys IS NULL OR o.id IN (SELECT k.id FROM op_locks k WHERE k.key = ANY (keys))),
+    'maintenance', (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
+       FROM maintenance m WHERE keys IS NULL OR m.key = ANY (keys)));
+END
+$$;
+CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
+  INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+    SELECT r.id, r.key, r.mode, r.principal, r.role, r.description, r.runner_pid, r.runner_token, r.runner_host, r.lease_expires
+    FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;
+  RETURN offload_lock_holders(keys);
+END
+$$;
+`;
+
 /** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
 const MIGRATIONS: { version: number; sql: string }[] = [
   // 1: jobs with leases and fencing tokens (the SQLite store's version 2), op locks, exports, maintenance, owners.
@@ -104,6 +132,11 @@ const MIGRATIONS: { version: number; sql: string }[] = [
     sql: `ALTER TABLE op_locks ADD COLUMN runner_host TEXT NOT NULL DEFAULT '', ADD COLUMN lease_expires BIGINT NOT NULL DEFAULT 0;
       ALTER TABLE exports ADD COLUMN runner_host TEXT NOT NULL DEFAULT '', ADD COLUMN lease_expires BIGINT NOT NULL DEFAULT 0;`,
   },
+  // 3: what a lock check reads as one function (all holders, or those of some keys: indexes for
+  // both; PL/pgSQL, whose plans are kept per connection, where a SQL function is planned on every call), and claiming an operation's locks in one round trip (StateOps.claimOpLocks): a PL/pgSQL
+  // function takes the 'locks' advisory lock, inserts, then reads; being VOLATILE, each of its
+  // statements sees what was committed before it ran (READ COMMITTED).
+  { version: 3, sql: SCHEMA_V3 },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 
