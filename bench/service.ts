@@ -6,7 +6,7 @@
  *   (a) the plugin alone: the `flasharray` StorageBackend its factory makes, no broker;
  *   (b) the embedded broker (createBroker), state in SQLite, then in PostgreSQL;
  *   (c) the control API on a unix socket (`offload serve`, the CLI's client), SQLite and PostgreSQL;
- * and the ratios to (a). Goals: ≤ 1.2 embedded, ≤ 1.5 through the service. Then the time a job
+ * and the ratios to (a), rounds of each way interleaved. Goals: ≤ 1.2 embedded, ≤ 1.5 through the service. Then the time a job
  * takes to be taken over after its service is killed with SIGKILL (two `offload serve` on one
  * PostgreSQL database, lease 2 s): from the kill to the other service's takeover.
  *
@@ -70,20 +70,17 @@ interface Ops {
   delete(name: string): Promise<unknown>;
 }
 
+/** ms for CYCLES cycles through `ops`, names made unique by `label`. */
 async function cycles(label: string, ops: Ops): Promise<number> {
-  const times: number[] = [];
-  for (let r = 0; r < ROUNDS; r++) {
-    const t0 = process.hrtime.bigint();
-    for (let i = 0; i < CYCLES; i++) {
-      const name = `${label}-${r}-${i}`;
-      await ops.create(name);
-      await ops.snapshot(name);
-      await ops.deleteSnapshot(name);
-      await ops.delete(name);
-    }
-    times.push(Number(process.hrtime.bigint() - t0) / 1e6);
+  const t0 = process.hrtime.bigint();
+  for (let i = 0; i < CYCLES; i++) {
+    const name = `${label}-${i}`;
+    await ops.create(name);
+    await ops.snapshot(name);
+    await ops.deleteSnapshot(name);
+    await ops.delete(name);
   }
-  return median(times);
+  return Number(process.hrtime.bigint() - t0) / 1e6;
 }
 
 function viaBackend(b: StorageBackend): Ops {
@@ -104,13 +101,12 @@ function viaBroker(b: Broker): Ops {
   };
 }
 
-const rows: { what: string; ms: number }[] = [];
 let pg: Postgres | undefined;
+const closers: (() => Promise<unknown> | unknown)[] = [];
 try {
   const backend = await flasharrayFactory.create(flasharrayFactory.configSchema.parse(san), { stateDir: dir, baseDir: dir, logger: silentLogger });
-  await cycles('warm', viaBackend(backend));
-  rows.push({ what: '(a) the plugin alone', ms: await cycles('a', viaBackend(backend)) });
-  await backend.close?.();
+  closers.push(() => backend.close?.());
+  const ways: { what: string; ops: Ops }[] = [{ what: '(a) the plugin alone', ops: viaBackend(backend) }];
 
   const states: { name: string; state: string; stateDir?: string }[] = [{ name: 'SQLite', state: join(dir, 'sqlite') }];
   if (postgresAvailable()) {
@@ -122,9 +118,8 @@ try {
   for (const s of states) {
     const config: RawConfig = { state: s.state, ...(s.stateDir ? { stateDir: s.stateDir } : {}), backends: [san] };
     const broker = await createBroker(config, { plugins: builtinPlugins, logger: silentLogger });
-    await cycles(`warm-${s.name}`, viaBroker(broker));
-    rows.push({ what: `(b) embedded broker, ${s.name}`, ms: await cycles(`b-${s.name}`, viaBroker(broker)) });
-    await broker.close();
+    closers.push(() => broker.close());
+    ways.push({ what: `(b) embedded broker, ${s.name}`, ops: viaBroker(broker) });
   }
   for (const s of states) {
     // The service: `offload serve` in a process of its own, its control API on a unix socket.
@@ -132,26 +127,34 @@ try {
     const socket = join(dir, `serve-${s.name}.sock`);
     writeFileSync(file, JSON.stringify({ state: s.state, ...(s.stateDir ? { stateDir: `${s.stateDir}-serve` } : { state: `${s.state}-serve` }), backends: [san] }));
     const service = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', file, 'serve', '--socket', socket], { stdio: ['ignore', 'pipe', 'inherit'] });
-    try {
-      await firstLine(service);
-      const client = await connectBroker(`unix:${socket}`);
-      await cycles(`warm-c-${s.name}`, viaBroker(client));
-      rows.push({ what: `(c) the service, unix socket, ${s.name}`, ms: await cycles(`c-${s.name}`, viaBroker(client)) });
-      await client.close();
-    } finally {
-      service.kill('SIGTERM');
-    }
+    closers.push(() => service.kill('SIGTERM'));
+    await firstLine(service);
+    const client = await connectBroker(`unix:${socket}`);
+    closers.unshift(() => client.close());
+    ways.push({ what: `(c) the service, unix socket, ${s.name}`, ops: viaBroker(client) });
   }
 
-  const base = rows[0]!.ms;
-  process.stdout.write(`\n${CYCLES} × (create + snapshot + delete snapshot + delete) on the FlashArray mock, median of ${ROUNDS}\n`);
+  // Rounds interleave the ways (a, b…, c…, a, b…), so that each ratio compares runs made under the
+  // same conditions (the mock's state, the machine's other load); the figure is the median of the
+  // per-round ratios. The first round warms everything up and is not counted.
+  const ms = ways.map(() => [] as number[]);
+  for (let r = 0; r <= ROUNDS; r++) {
+    for (const [i, w] of ways.entries()) {
+      const t = await cycles(`r${r}-${i}`, w.ops);
+      if (r > 0) ms[i]!.push(t);
+    }
+  }
+  process.stdout.write(`\n${CYCLES} × (create + snapshot + delete snapshot + delete) on the FlashArray mock; ${ROUNDS} interleaved rounds (after one to warm up): medians\n`);
   process.stdout.write(`${'through'.padEnd(40)} ${'ms'.padStart(8)} ${'ms/cycle'.padStart(9)} ${'ratio'.padStart(6)}\n`);
-  for (const r of rows) {
-    process.stdout.write(`${r.what.padEnd(40)} ${r.ms.toFixed(0).padStart(8)} ${(r.ms / CYCLES).toFixed(2).padStart(9)} ${(r.ms / base).toFixed(2).padStart(6)}\n`);
+  for (const [i, w] of ways.entries()) {
+    const t = median(ms[i]!);
+    const ratio = median(ms[i]!.map((x, r) => x / ms[0]![r]!));
+    process.stdout.write(`${w.what.padEnd(40)} ${t.toFixed(0).padStart(8)} ${(t / CYCLES).toFixed(2).padStart(9)} ${ratio.toFixed(2).padStart(6)}\n`);
   }
 
   if (pg) process.stdout.write(`\njob takeover after a service's SIGKILL (lease 2 s): ${(await takeoverMs(await pg.createDatabase())).toFixed(0)} ms\n`);
 } finally {
+  for (const c of closers) await c();
   mock.kill('SIGTERM');
   await pg?.stop();
   rmSync(dir, { recursive: true, force: true });

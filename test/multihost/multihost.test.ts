@@ -16,6 +16,9 @@
  * - SIGSTOP of a service past its lease, SIGCONT after another finished its copy: the old runner
  *   learns it was fenced (its /metrics counts it) and writes nothing — the record keeps the new
  *   runner's fencing token, and the target keeps what the new runner left although the source changed.
+ * - throughout: a watch samples the lock holders every 20 ms (no two runners ever hold conflicting
+ *   locks on one key), and a trigger in the database records every conclusion (no job concludes
+ *   twice, none changes after it concluded).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -26,6 +29,8 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectBroker, createBroker, silentLogger, type Broker, type JobInfo, type RawConfig } from '../../core/index.js';
+import { openPostgresStore } from '../../core/state/postgres/postgres-store.js';
+import type { JobRecord } from '../../core/state/records.js';
 import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharray/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { MOCK_DEFAULTS, startOntapMock, type OntapMock } from '../../plugins/ontap/index.js';
@@ -53,6 +58,7 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
   let dir: string;
   let url: string;
   let client: Broker;
+  let monitor: ReturnType<typeof watchLocks> | undefined;
   const hosts: Host[] = [];
 
   const configOf = (name: string): RawConfig => ({
@@ -74,9 +80,12 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
     dir = mkdtempSync(join(tmpdir(), 'offload-multihost-'));
     for (const h of ['a', 'b', 'c', 'd', 'client']) mkdirSync(join(dir, h, 'pool'), { recursive: true });
     client = await createBroker(configOf('client'), { plugins: builtinPlugins, logger: silentLogger, recoverJobs: false });
+    await installAudit();
+    monitor = watchLocks();
   }, 60_000);
 
   afterAll(async () => {
+    await monitor?.stop();
     for (const h of hosts) {
       h.child.kill('SIGKILL');
       await h.api.close().catch(() => undefined);
@@ -113,6 +122,76 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
     const host: Host = { name, child, exited, api, metrics };
     hosts.push(host);
     return host;
+  }
+
+  /**
+   * Every job's conclusion, and every change to a job after it concluded, recorded by a trigger in
+   * the database (the test's own, beside the broker's tables): whoever writes, the database sees it.
+   */
+  async function installAudit(): Promise<void> {
+    await sqlRows(`
+      CREATE TABLE audit_conclusions (id TEXT NOT NULL, fence BIGINT NOT NULL, runner_host TEXT NOT NULL);
+      CREATE TABLE audit_after_conclusion (id TEXT NOT NULL, change TEXT NOT NULL);
+      CREATE FUNCTION audit_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF OLD.status = 'concluded' AND (NEW.status, NEW.progress_current, NEW.error_code, NEW.checkpoint, NEW.fence, NEW.runner_token)
+            IS DISTINCT FROM (OLD.status, OLD.progress_current, OLD.error_code, OLD.checkpoint, OLD.fence, OLD.runner_token) THEN
+          INSERT INTO audit_after_conclusion VALUES (NEW.id, format('%s fence %s -> %s, fence %s', OLD.status, OLD.fence, NEW.status, NEW.fence));
+        END IF;
+        IF NEW.status = 'concluded' AND OLD.status <> 'concluded' THEN
+          INSERT INTO audit_conclusions VALUES (NEW.id, NEW.fence, NEW.runner_host);
+        END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER audit_jobs AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION audit_jobs();`);
+  }
+
+  async function sqlRows<R extends pgLib.QueryResultRow>(text: string, values?: unknown[]): Promise<R[]> {
+    const db = new pgLib.Client({ connectionString: url });
+    await db.connect();
+    try {
+      return (await db.query<R>(text, values)).rows;
+    } finally {
+      await db.end();
+    }
+  }
+
+  /**
+   * Samples the lock holders every 20 ms for the whole file: two jobs whose runners both hold a
+   * live lease never hold conflicting locks on one key, nor does a job and an operation in two
+   * samples running (an operation's claim that meets a job is withdrawn at once: seen in one at most).
+   */
+  function watchLocks(): { violations: string[]; samples: () => number; stop(): Promise<void> } {
+    const violations: string[] = [];
+    let samples = 0;
+    let stopped = false;
+    let lastJobOp = new Set<string>();
+    const db = new pgLib.Client({ connectionString: url });
+    const run = (async () => {
+      await db.connect();
+      while (!stopped) {
+        const jobs = (await db.query<{ id: string; locks: string; runner_token: string; lease_expires: string }>(
+          "SELECT id, locks, runner_token, lease_expires::text FROM jobs WHERE status <> 'concluded'")).rows;
+        const ops = (await db.query<{ id: string; key: string; mode: string; lease_expires: string }>('SELECT id, key, mode, lease_expires::text FROM op_locks')).rows;
+        const now = Date.now();
+        const live = jobs.filter((j) => j.runner_token !== 'released' && Number(j.lease_expires) > now)
+          .flatMap((j) => (JSON.parse(j.locks) as { key: string; mode: string }[]).map((l) => ({ holder: j.id, ...l })));
+        const liveOps = ops.filter((o) => Number(o.lease_expires) > now).map((o) => ({ holder: o.id, key: o.key, mode: o.mode }));
+        const conflict = (x: { mode: string }, y: { mode: string }) => !(x.mode === 'shared' && y.mode === 'shared');
+        for (const [i, x] of live.entries()) {
+          for (const y of live.slice(i + 1)) {
+            if (x.holder !== y.holder && x.key === y.key && conflict(x, y)) violations.push(`jobs ${x.holder} and ${y.holder} both hold ${x.key}`);
+          }
+        }
+        const jobOp = new Set<string>();
+        for (const x of live) for (const y of liveOps) if (x.key === y.key && conflict(x, y)) jobOp.add(`job ${x.holder} and operation ${y.holder} both hold ${x.key}`);
+        for (const v of jobOp) if (lastJobOp.has(v)) violations.push(v);
+        lastJobOp = jobOp;
+        samples++;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    return { violations, samples: () => samples, stop: async () => { stopped = true; await run.catch(() => undefined); await db.end().catch(() => undefined); } };
   }
 
   const alive = () => hosts.filter((h) => h.child.exitCode === null && h.child.signalCode === null);
@@ -282,4 +361,32 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
       f.child.kill('SIGCONT');
     }
   }, 120_000);
+
+  it('throughout the cases above: no lock was held by two runners at once, and no job concluded twice or changed after it concluded', async () => {
+    const m = monitor!;
+    // The watch can see a conflict: two made-up jobs with live leases on one key, for a moment.
+    const store = await openPostgresStore(url, { poolSize: 1 });
+    const fake = (id: string): JobRecord => ({
+      id, type: 'copy', status: 'running', executor: 'host', ref: 'san1/fake', owner: 'admin', progress: { current: 0, total: 1 }, speed: 0,
+      cancelled: false, createdAt: new Date().toISOString(), updatedAt: new Date().toISOString(), params: {}, runnerPid: 1, runnerToken: `tok-${id}`,
+      runnerHost: 'nowhere', leaseExpires: Date.now() + 60_000, seenAt: Date.now(), fence: 1, locks: [{ key: 'san1/fake', mode: 'exclusive' }], ownerRole: 'admin',
+    });
+    await store.insertJob(fake('fake-1'));
+    await store.insertJob(fake('fake-2'));
+    await until('the watch sees the made-up conflict', async () => m.violations.some((v) => v.includes('fake-1') && v.includes('fake-2')), 5000);
+    await store.deleteJob('fake-1');
+    await store.deleteJob('fake-2');
+    await store.close();
+    await m.stop();
+    expect(m.samples()).toBeGreaterThan(100); // it watched the whole file, not a moment
+    expect(m.violations.filter((v) => !v.includes('fake-'))).toEqual([]);
+    const concluded = await sqlRows<{ id: string; n: number }>('SELECT id, count(*)::int AS n FROM audit_conclusions GROUP BY id');
+    expect(concluded.length).toBeGreaterThanOrEqual(4); // one per case at least: the audit saw them
+    expect(concluded.filter((c) => c.n !== 1)).toEqual([]);
+    expect(await sqlRows('SELECT * FROM audit_after_conclusion')).toEqual([]);
+    // Every job that concluded did so once, under the fencing token its record keeps.
+    const jobs = await sqlRows<{ id: string; fence: string; audited: string }>(
+      "SELECT j.id, j.fence::text, a.fence::text AS audited FROM jobs j JOIN audit_conclusions a ON a.id = j.id WHERE j.status = 'concluded'");
+    expect(jobs.filter((j) => j.fence !== j.audited)).toEqual([]);
+  });
 });
