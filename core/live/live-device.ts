@@ -1,0 +1,185 @@
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
+import { FailedPrecondition, InvalidArgument } from '../model/errors.js';
+import type { Extent } from '../model/types.js';
+import type { DirtyMap } from './dirty-map.js';
+import type { RangeLocks } from './range-locks.js';
+
+/** Where write-blocking writes go as well, and what keeps them from crossing the copier's ranges. */
+export interface SyncTarget {
+  device: BlockDevice;
+  locks: RangeLocks;
+  /** Told of a write the target refused: the range is marked dirty instead, for the copier. */
+  onError?(e: unknown, range: ByteRange): void;
+}
+
+/**
+ * A device in use — what an export serves — that a live job can watch and switch underneath its
+ * clients, as QEMU's block layer lets mirror.c do (dirty bitmaps, write notifiers, and
+ * bdrv_replace_node at the pivot):
+ *
+ * - every request goes to the current device;
+ * - a write (write, writeFua, writeZeroes, discard) marks the watching dirty maps once it has
+ *   landed, so a copier that read the range before it landed copies it again;
+ * - with a sync target (write-blocking mode), a write is also written to the target before it is
+ *   acknowledged, under the range lock the copier takes, and marks nothing unless the target
+ *   refused it;
+ * - `pause` holds new requests and waits for those in flight, so that a pivot (`switchTo`) or a
+ *   last pass sees both sides still; nothing in flight is ever sent to the old device afterwards.
+ */
+export class LiveDevice implements BlockDevice {
+  private dev: BlockDevice;
+  private readonly maps = new Set<DirtyMap>();
+  private sync: SyncTarget | undefined;
+  private inFlight = 0;
+  private drained: (() => void)[] = [];
+  private gate: Promise<void> | undefined;
+  private openGate: (() => void) | undefined;
+
+  constructor(device: BlockDevice) {
+    this.dev = device;
+  }
+
+  /** The device requests go to now. */
+  get current(): BlockDevice {
+    return this.dev;
+  }
+
+  get sizeBytes(): number {
+    return this.dev.sizeBytes;
+  }
+
+  get blockSize(): number | undefined {
+    return this.dev.blockSize;
+  }
+
+  /** Mark `map` with every write from now on; returns the detach. */
+  watch(map: DirtyMap): () => void {
+    if (map.sizeBytes !== this.sizeBytes) throw new InvalidArgument(`a dirty map of ${map.sizeBytes} bytes cannot watch a device of ${this.sizeBytes}`);
+    this.maps.add(map);
+    return () => void this.maps.delete(map);
+  }
+
+  /** Write-blocking mode on (a target) or off (undefined). */
+  setSyncTarget(target: SyncTarget | undefined): void {
+    if (target && target.device.sizeBytes < this.sizeBytes) {
+      throw new InvalidArgument(`the target (${target.device.sizeBytes} bytes) is smaller than the device (${this.sizeBytes})`);
+    }
+    this.sync = target;
+  }
+
+  /**
+   * Hold new requests and wait for those in flight; `fn` runs with the device quiet, then
+   * requests go on (to whatever device is current then). Pauses do not nest.
+   */
+  async paused<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.gate) throw new FailedPrecondition('the device is already paused');
+    this.gate = new Promise<void>((r) => (this.openGate = r));
+    try {
+      if (this.inFlight > 0) await new Promise<void>((r) => this.drained.push(r));
+      return await fn();
+    } finally {
+      const open = this.openGate!;
+      this.gate = undefined;
+      this.openGate = undefined;
+      open();
+    }
+  }
+
+  /** Send every later request to `device` (call within paused()); returns the device it replaces. */
+  switchTo(device: BlockDevice): BlockDevice {
+    if (!this.gate) throw new FailedPrecondition('switch devices only while paused: requests in flight would go to the old one');
+    if (device.sizeBytes < this.sizeBytes) throw new InvalidArgument(`the new device (${device.sizeBytes} bytes) is smaller than the old (${this.sizeBytes})`);
+    const old = this.dev;
+    this.dev = device;
+    this.sync = undefined;
+    this.maps.clear();
+    return old;
+  }
+
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.run(() => this.dev.read(offset, length));
+  }
+
+  get readInto(): ((buf: Uint8Array, offset: number) => Promise<void>) | undefined {
+    const dev = this.dev;
+    if (!dev.readInto) return undefined;
+    return (buf, offset) => this.run(() => (this.dev.readInto ? this.dev.readInto(buf, offset) : this.dev.read(offset, buf.length).then((d) => void buf.set(d))));
+  }
+
+  extents(offset?: number, length?: number): Promise<Extent[]> {
+    return this.run(() => this.dev.extents(offset, length));
+  }
+
+  get allocationDepth(): BlockDevice['allocationDepth'] {
+    if (!this.dev.allocationDepth) return undefined;
+    return (offset, length) => this.run(() => this.dev.allocationDepth ? this.dev.allocationDepth(offset, length) : Promise.resolve([{ offset, length, depth: 1 }]));
+  }
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.writing(offset, data.length, (d) => d.write(offset, data));
+  }
+
+  get writeFua(): BlockDevice['writeFua'] {
+    return (offset, data) => this.writing(offset, data.length, (d) => (d.writeFua ? d.writeFua(offset, data) : d.write(offset, data).then(() => d.flush())));
+  }
+
+  get writeZeroes(): BlockDevice['writeZeroes'] {
+    return (offset, length) => this.writing(offset, length, (d) => (d.writeZeroes ? d.writeZeroes(offset, length) : d.write(offset, new Uint8Array(length))));
+  }
+
+  get discard(): BlockDevice['discard'] {
+    if (!this.dev.discard) return undefined;
+    // A discarded range may read as zeros afterwards: the target must follow, so it counts as a write.
+    return (offset, length) => this.writing(offset, length, (d, isTarget) => (isTarget ? (d.writeZeroes ? d.writeZeroes(offset, length) : d.write(offset, new Uint8Array(length))) : d.discard ? d.discard(offset, length) : Promise.resolve()));
+  }
+
+  flush(): Promise<void> {
+    return this.run(async () => {
+      await this.dev.flush();
+      await this.sync?.device.flush();
+    });
+  }
+
+  close(): Promise<void> {
+    return this.dev.close();
+  }
+
+  /** A write to the current device, then to the sync target (under its range lock) or into the dirty maps. */
+  private writing(offset: number, length: number, op: (d: BlockDevice, isTarget: boolean) => Promise<void>): Promise<void> {
+    return this.run(async () => {
+      const sync = this.sync;
+      if (!sync) {
+        await op(this.dev, false);
+        this.mark(offset, length);
+        return;
+      }
+      const release = await sync.locks.lock(offset, length);
+      try {
+        await op(this.dev, false);
+        try {
+          await op(sync.device, true);
+        } catch (e) {
+          this.mark(offset, length);
+          sync.onError?.(e, { offset, length });
+        }
+      } finally {
+        release();
+      }
+    });
+  }
+
+  private mark(offset: number, length: number): void {
+    for (const m of this.maps) m.mark(offset, Math.min(length, m.sizeBytes - offset));
+  }
+
+  /** A request, counted in flight (held first while paused). */
+  private async run<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    this.inFlight++;
+    try {
+      return await fn();
+    } finally {
+      if (--this.inFlight === 0 && this.drained.length > 0) for (const r of this.drained.splice(0)) r();
+    }
+  }
+}

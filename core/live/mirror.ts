@@ -1,0 +1,225 @@
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
+import { Cancelled, FailedPrecondition, InvalidArgument } from '../model/errors.js';
+import { DEFAULT_GRANULARITY, DirtyMap } from './dirty-map.js';
+import type { LiveDevice } from './live-device.js';
+import { RangeLocks } from './range-locks.js';
+
+export type MirrorMode = 'background' | 'write-blocking';
+
+export interface MirrorOptions {
+  /** background: writes are tracked and copied again; write-blocking: a write to the source is written to the target before it is acknowledged. */
+  mode?: MirrorMode;
+  /** Bytes per dirty bit (default 64 KiB, as QEMU's mirror on qcow2). */
+  granularity?: number;
+  /** Largest copy at once (default 1 MiB). */
+  chunkBytes?: number;
+  /** Copies in flight (default 4). */
+  concurrency?: number;
+  /** Bytes copied so far, and what is dirty now: for a job's progress. */
+  onProgress?(p: { copied: number; dirty: number }): void;
+  /** The next copy waits for this (a job's speed limit). */
+  throttle?(bytes: number): Promise<void>;
+}
+
+/**
+ * Copies a device in use (a LiveDevice: what an export serves) to a target while it is written,
+ * after QEMU's mirror job (block/mirror.c): a dirty map watches the source from the start; the
+ * bulk pass marks what is allocated and copies it, writes that land meanwhile are copied again,
+ * and once nothing is dirty the mirror is `ready` — and stays in sync while writes go on. Then
+ * `pivot` makes the export serve the target (connections stay open), or `stop` leaves the target
+ * a point-in-time copy of the source as it was then.
+ */
+export class Mirror {
+  readonly mode: MirrorMode;
+  private readonly map: DirtyMap;
+  private readonly locks: RangeLocks;
+  private readonly chunk: number;
+  private readonly concurrency: number;
+  private detach: (() => void) | undefined;
+  private copied = 0;
+  private cursor = 0;
+  private running: Promise<void> | undefined;
+  private stopped = false;
+  private failure: unknown;
+  private readonly idle = new Set<() => void>();
+  private readyWaiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
+  private isReady = false;
+
+  constructor(private readonly source: LiveDevice, private readonly target: BlockDevice, private readonly o: MirrorOptions = {}) {
+    this.mode = o.mode ?? 'background';
+    if (this.mode !== 'background' && this.mode !== 'write-blocking') throw new InvalidArgument(`mirror mode must be background or write-blocking, got ${String(this.mode)}`);
+    if (target.sizeBytes < source.sizeBytes) throw new InvalidArgument(`the target (${target.sizeBytes} bytes) is smaller than the source (${source.sizeBytes})`);
+    const granularity = o.granularity ?? DEFAULT_GRANULARITY;
+    this.map = new DirtyMap(source.sizeBytes, granularity);
+    this.locks = new RangeLocks(granularity);
+    this.map.onMark = () => this.poke();
+    this.chunk = Math.max(granularity, Math.floor((o.chunkBytes ?? 1 << 20) / granularity) * granularity);
+    this.concurrency = Math.max(1, o.concurrency ?? 4);
+  }
+
+  /** Bytes copied so far (the bulk pass and every copy again). */
+  get bytesCopied(): number {
+    return this.copied;
+  }
+
+  /** Bytes the target is behind by now. */
+  get dirtyBytes(): number {
+    return this.map.dirtyBytes;
+  }
+
+  get ready(): boolean {
+    return this.isReady;
+  }
+
+  /**
+   * Start watching the source, mark what it has allocated, and copy until stopped. The watch is
+   * attached before the allocation is read, so a write in between is marked by one or the other.
+   */
+  async start(): Promise<void> {
+    if (this.running || this.stopped) throw new FailedPrecondition('a mirror starts once');
+    this.detach = this.source.watch(this.map);
+    if (this.mode === 'write-blocking') {
+      this.source.setSyncTarget({ device: this.target, locks: this.locks, onError: () => this.poke() });
+    }
+    try {
+      for (const e of await this.source.extents(0, this.source.sizeBytes)) this.map.mark(e.offset, e.length);
+    } catch (e) {
+      this.release();
+      throw e;
+    }
+    this.running = this.loop();
+    this.running.catch(() => undefined); // its failure reaches whenReady, pivot and stop
+  }
+
+  /** Resolves once the target is in sync (nothing dirty); rejects if the mirror fails or stops first. */
+  whenReady(): Promise<void> {
+    if (this.isReady) return Promise.resolve();
+    if (this.failure !== undefined) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => this.readyWaiters.push({ resolve, reject }));
+  }
+
+  /**
+   * Switch the source's clients to the target: hold their requests, copy what is still dirty,
+   * flush the target, run `commit` (where the caller records, durably, that the target is now the
+   * authoritative side), then send every request to the target. Returns the old device, for the
+   * caller to close. Only once ready.
+   */
+  async pivot(commit: () => Promise<void> = async () => undefined): Promise<BlockDevice> {
+    if (!this.isReady) throw new FailedPrecondition('the mirror is not ready: the target is not in sync yet');
+    if (this.stopped) throw new FailedPrecondition('the mirror has stopped');
+    return this.source.paused(async () => {
+      await this.finish();
+      await commit();
+      return this.source.switchTo(this.target);
+    });
+  }
+
+  /**
+   * Stop copying. With `consistent` (a cancel after ready), first bring the target in sync with
+   * the source as it is at this moment (clients held meanwhile): it is then a point-in-time copy.
+   */
+  async stop(opts: { consistent?: boolean } = {}): Promise<void> {
+    if (opts.consistent && this.isReady && !this.stopped) {
+      await this.source.paused(() => this.finish());
+      return;
+    }
+    this.stopped = true;
+    this.poke();
+    await this.running?.catch(() => undefined);
+    this.release();
+    this.fail(new Cancelled('the mirror was stopped'));
+  }
+
+  /** With the source paused: end the loop, copy what is dirty, flush the target, detach. */
+  private async finish(): Promise<void> {
+    this.stopped = true;
+    this.poke();
+    await this.running;
+    if (this.failure !== undefined) throw this.failure;
+    for (let r = this.map.next(0, this.chunk); r; r = this.map.next(r.offset, this.chunk)) await this.copy(r);
+    await this.target.flush();
+    this.release();
+  }
+
+  private release(): void {
+    this.detach?.();
+    this.detach = undefined;
+    if (this.mode === 'write-blocking') this.source.setSyncTarget(undefined);
+  }
+
+  /** Wake the workers waiting for something to copy. */
+  private poke(): void {
+    for (const w of [...this.idle]) w();
+  }
+
+  private fail(e: unknown): void {
+    this.failure ??= e;
+    for (const w of this.readyWaiters.splice(0)) w.reject(this.failure);
+  }
+
+  /** Copy dirty ranges with `concurrency` workers; ready when nothing is dirty and nothing in flight. */
+  private async loop(): Promise<void> {
+    let busy = 0;
+    const worker = async () => {
+      while (!this.stopped) {
+        const r = this.map.next(this.cursor, this.chunk);
+        if (!r) {
+          if (busy === 0 && !this.isReady) {
+            this.isReady = true;
+            for (const w of this.readyWaiters.splice(0)) w.resolve();
+          }
+          // Nothing to do: wait for a write to mark something, or a stop.
+          await new Promise<void>((resolve) => {
+            const done = () => {
+              this.idle.delete(done);
+              resolve();
+            };
+            this.idle.add(done);
+          });
+          continue;
+        }
+        this.cursor = r.offset + r.length;
+        busy++;
+        try {
+          await this.copy(r);
+        } finally {
+          busy--;
+        }
+      }
+    };
+    const results = await Promise.allSettled(Array.from({ length: this.concurrency }, () => worker().catch((e: unknown) => {
+      // One copy failed: the others stop after theirs.
+      this.stopped = true;
+      this.poke();
+      throw e;
+    })));
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed) {
+      this.fail(failed.reason);
+      throw failed.reason;
+    }
+  }
+
+  /** Copy one range: under its lock (write-blocking writes wait), cleared before it is read. */
+  private async copy(r: ByteRange): Promise<void> {
+    await this.o.throttle?.(r.length);
+    const release = await this.locks.lock(r.offset, r.length);
+    try {
+      // Cleared first: a write landing after this marks it again, and the range is copied again.
+      this.map.clear(r.offset, r.length);
+      const from = this.source.current;
+      try {
+        const data = await from.read(r.offset, r.length);
+        if (data.every((b) => b === 0) && this.target.writeZeroes) await this.target.writeZeroes(r.offset, r.length);
+        else await this.target.write(r.offset, data);
+      } catch (e) {
+        this.map.mark(r.offset, r.length);
+        throw e;
+      }
+      this.copied += r.length;
+      this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
+    } finally {
+      release();
+    }
+  }
+}

@@ -1,0 +1,291 @@
+/**
+ * The live layer's pieces (core/live/): the dirty map, the device a live job watches and switches,
+ * and the mirror — run against devices that answer after random delays, so that guest writes,
+ * the copier's reads and its writes interleave, with a model of every write the writer saw
+ * acknowledged.
+ */
+import { describe, expect, it } from 'vitest';
+import type { BlockDevice } from '../../core/index.js';
+import { DirtyMap } from '../../core/live/dirty-map.js';
+import { LiveDevice } from '../../core/live/live-device.js';
+import { Mirror } from '../../core/live/mirror.js';
+import { memoryDevice } from '../support/memory-device.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** A small deterministic PRNG (mulberry32), so a failure can be replayed from its seed. */
+function rng(seed: number): (n: number) => number {
+  let a = seed >>> 0;
+  return (n) => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
+  };
+}
+
+/** `dev` answering every call after 0–`ms` ms, before and after the work: requests overlap as on a real device. */
+function slow(dev: BlockDevice, ms: number, seed: number): BlockDevice {
+  const r = rng(seed);
+  const pause = () => new Promise<void>((res) => (r(3) === 0 ? setImmediate(res) : setTimeout(res, r(ms + 1))));
+  const wrap = <A extends unknown[], T>(f: (...a: A) => Promise<T>) => async (...a: A): Promise<T> => {
+    await pause();
+    const out = await f(...a);
+    await pause();
+    return out;
+  };
+  return {
+    sizeBytes: dev.sizeBytes,
+    blockSize: dev.blockSize,
+    read: wrap((o: number, l: number) => dev.read(o, l)),
+    write: wrap((o: number, d: Uint8Array) => dev.write(o, d)),
+    writeZeroes: wrap((o: number, l: number) => dev.writeZeroes!(o, l)),
+    extents: wrap((o?: number, l?: number) => dev.extents(o, l)),
+    flush: wrap(() => dev.flush()),
+    close: () => dev.close(),
+  };
+}
+
+/** Writes random data at random places through `dev` until stopped, keeping what each acknowledged write left in `model`. */
+function writer(dev: BlockDevice, model: Uint8Array, seed: number, o: { maxBytes?: number; zeroes?: boolean; region?: { offset: number; length: number } } = {}) {
+  const r = rng(seed);
+  const region = o.region ?? { offset: 0, length: model.length };
+  let stop = false;
+  let writes = 0;
+  const done = (async () => {
+    while (!stop) {
+      const length = 1 + r(o.maxBytes ?? 20 * KiB);
+      const offset = region.offset + r(region.length - length);
+      if (o.zeroes && r(8) === 0) {
+        await dev.writeZeroes!(offset, length);
+        model.fill(0, offset, offset + length);
+      } else {
+        const data = new Uint8Array(length).fill(1 + r(255));
+        data[0] = r(256);
+        await dev.write(offset, data);
+        model.set(data, offset);
+      }
+      writes++;
+    }
+  })();
+  return { stop: async () => { stop = true; await done; }, get writes() { return writes; } };
+}
+
+async function fill(dev: BlockDevice, model: Uint8Array, seed: number, chunks: number): Promise<void> {
+  const r = rng(seed);
+  for (let i = 0; i < chunks; i++) {
+    const offset = r(model.length / (64 * KiB)) * 64 * KiB;
+    const data = new Uint8Array(64 * KiB).fill(1 + r(255));
+    await dev.write(offset, data);
+    model.set(data, offset);
+  }
+}
+
+const same = (a: Uint8Array, b: Uint8Array) => Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.byteLength), Buffer.from(b.buffer, b.byteOffset, b.byteLength)) === 0;
+
+describe('DirtyMap', () => {
+  it('marks and clears whole granules, finds runs (wrapping), and counts bytes with a short last granule', () => {
+    const m = new DirtyMap(10 * 64 * KiB + 100, 64 * KiB);
+    expect(m.next()).toBeUndefined();
+    m.mark(64 * KiB - 1, 2); // touches granules 0 and 1
+    m.mark(10 * 64 * KiB + 99, 1); // the short last granule
+    expect(m.dirtyGranules).toBe(3);
+    expect(m.dirtyBytes).toBe(2 * 64 * KiB + 100);
+    expect(m.ranges()).toEqual([{ offset: 0, length: 128 * KiB }, { offset: 640 * KiB, length: 100 }]);
+    expect(m.next(128 * KiB)).toEqual({ offset: 640 * KiB, length: 100 });
+    expect(m.next(m.sizeBytes)).toEqual({ offset: 0, length: 128 * KiB }); // wraps
+    expect(m.next(0, 64 * KiB)).toEqual({ offset: 0, length: 64 * KiB }); // at most maxBytes
+    expect(m.isDirty(128 * KiB, 64 * KiB)).toBe(false);
+    m.clear(0, 1);
+    expect(m.ranges()[0]).toEqual({ offset: 64 * KiB, length: 64 * KiB });
+    m.mark(0, 0);
+    expect(m.dirtyGranules).toBe(2);
+    let marks = 0;
+    m.onMark = () => marks++;
+    m.mark(64 * KiB, 1); // already dirty: no news
+    m.mark(200 * KiB, 1);
+    expect(marks).toBe(1);
+  });
+
+  it('refuses a granularity that is not a power of two ≥ 512, and ranges outside it', () => {
+    expect(() => new DirtyMap(MiB, 1000)).toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
+    expect(() => new DirtyMap(MiB, 256)).toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
+    const m = new DirtyMap(MiB);
+    expect(() => m.mark(MiB - 1, 2)).toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
+    expect(() => m.mark(-1, 1)).toThrow(expect.objectContaining({ code: 'InvalidArgument' }));
+  });
+
+  it('finds far runs in a large map by skipping clean words (a 1 TiB device at 64 KiB: 16 M granules)', () => {
+    const m = new DirtyMap(2 ** 40);
+    m.mark(2 ** 40 - 1, 1);
+    expect(m.next()).toEqual({ offset: 2 ** 40 - 64 * KiB, length: 64 * KiB });
+  });
+});
+
+describe('LiveDevice', () => {
+  it('marks a write once it has landed; holds requests while paused and waits for those in flight; switches only while paused', async () => {
+    const a = memoryDevice(4 * MiB);
+    const b = memoryDevice(4 * MiB);
+    const live = new LiveDevice(slow(a, 3, 1));
+    const map = new DirtyMap(4 * MiB);
+    live.watch(map);
+    let landed = false;
+    const w = live.write(100 * KiB, new Uint8Array(10).fill(7)).then(() => { landed = true; });
+    expect(map.dirtyGranules).toBe(0); // not before it lands
+    await w;
+    expect(landed).toBe(true);
+    expect(map.ranges()).toEqual([{ offset: 64 * KiB, length: 64 * KiB }]);
+    expect(() => live.switchTo(b)).toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
+
+    const inFlight = live.write(0, new Uint8Array(4).fill(9));
+    let later = false;
+    const old = await live.paused(async () => {
+      // The write that was in flight has landed on the old device; the one sent meanwhile waits.
+      expect([...(await a.read(0, 4))]).toEqual([9, 9, 9, 9]);
+      void live.write(8, new Uint8Array(4).fill(5)).then(() => { later = true; });
+      await new Promise((r) => setTimeout(r, 20));
+      expect(later).toBe(false);
+      return live.switchTo(b);
+    });
+    await inFlight;
+    await new Promise((r) => setTimeout(r, 20));
+    expect(later).toBe(true);
+    expect(old).not.toBe(b);
+    expect([...(await b.read(8, 4))]).toEqual([5, 5, 5, 5]); // sent during the pause: went to the new device
+    expect([...(await a.read(8, 4))]).toEqual([0, 0, 0, 0]);
+  });
+});
+
+describe('Mirror', () => {
+  for (const mode of ['background', 'write-blocking'] as const) {
+    it(`${mode}: ready while a writer runs, pivot while it runs, the target holds every acknowledged write`, async () => {
+      const size = 8 * MiB;
+      const model = new Uint8Array(size);
+      const src = memoryDevice(size);
+      const dst = memoryDevice(size);
+      const live = new LiveDevice(slow(src, 2, 11));
+      await fill(live, model, 5, 40);
+      const w = writer(live, model, mode === 'background' ? 21 : 22, { zeroes: true });
+      const mirror = new Mirror(live, slow(dst, 2, 12), { mode, chunkBytes: 256 * KiB });
+      await mirror.start();
+      await mirror.whenReady();
+      const atReady = w.writes;
+      await new Promise((r) => setTimeout(r, 100)); // ready, and writes go on
+      expect(w.writes).toBeGreaterThan(atReady);
+      const old = await mirror.pivot();
+      expect(old).not.toBe(live.current);
+      const afterPivot = w.writes;
+      await new Promise((r) => setTimeout(r, 100));
+      await w.stop();
+      expect(w.writes).toBeGreaterThan(afterPivot); // the writer never saw an error or a stall
+      expect(same(await dst.read(0, size), model)).toBe(true);
+      expect(same(await live.read(0, size), model)).toBe(true);
+    });
+  }
+
+  for (const mode of ['background', 'write-blocking'] as const) {
+    it(`${mode}: four writers hammering a small device in small granules, then a pivot while they write: nothing lost`, async () => {
+      const size = 1 * MiB;
+      for (const seed of [1, 2, 3]) {
+        const model = new Uint8Array(size);
+        const src = memoryDevice(size, { blockSize: 4 * KiB });
+        const dst = memoryDevice(size, { blockSize: 4 * KiB });
+        const live = new LiveDevice(slow(src, 1, seed * 100));
+        await fill(live, model, seed, 48); // most of it allocated: a long bulk pass, while write-blocking writers write
+        const mirror = new Mirror(live, slow(dst, 2, seed * 100 + 1), { mode, granularity: 4 * KiB, chunkBytes: 8 * KiB, concurrency: 4 });
+        const start = () => [0, 1, 2, 3].map((i) => writer(live, model, seed * 10 + i, { maxBytes: 6 * KiB, region: { offset: i * 256 * KiB, length: 256 * KiB } }));
+        // Background mode cannot converge under four unthrottled writers (that is what write-blocking is for): they start once it is ready.
+        let ws = mode === 'write-blocking' ? start() : [];
+        await mirror.start();
+        await mirror.whenReady();
+        if (ws.length === 0) ws = start();
+        await new Promise((r) => setTimeout(r, 300));
+        await mirror.pivot();
+        await Promise.all(ws.map((w) => w.stop()));
+        if (mode === 'background') expect(mirror.bytesCopied).toBeGreaterThan(size); // copied again while written
+        else expect(mirror.dirtyBytes).toBe(0);
+        const got = await dst.read(0, size);
+        const firstBad = got.findIndex((b, i) => b !== model[i]);
+        expect(firstBad, `seed ${seed}: the target differs from every acknowledged write at byte ${firstBad}`).toBe(-1);
+      }
+    });
+  }
+
+  it('write-blocking: once ready, nothing becomes dirty while writes go on (it converges under any write rate)', async () => {
+    const size = 4 * MiB;
+    const model = new Uint8Array(size);
+    const live = new LiveDevice(slow(memoryDevice(size), 1, 31));
+    await fill(live, model, 6, 30);
+    const dst = memoryDevice(size);
+    const mirror = new Mirror(live, slow(dst, 1, 32), { mode: 'write-blocking' });
+    await mirror.start();
+    await mirror.whenReady();
+    const w = writer(live, model, 33);
+    let maxDirty = 0;
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 2));
+      maxDirty = Math.max(maxDirty, mirror.dirtyBytes);
+    }
+    await w.stop();
+    expect(w.writes).toBeGreaterThan(20);
+    expect(maxDirty).toBe(0);
+    expect(same(await dst.read(0, size), model)).toBe(true); // in sync without a pivot
+    await mirror.stop();
+  });
+
+  it('stop after ready with consistent: the target is in sync with the source then, and later writes do not reach it', async () => {
+    const size = 4 * MiB;
+    const model = new Uint8Array(size);
+    const src = memoryDevice(size);
+    const dst = memoryDevice(size);
+    const live = new LiveDevice(slow(src, 2, 41));
+    await fill(live, model, 7, 20);
+    const w = writer(live, model, 42);
+    const mirror = new Mirror(live, slow(dst, 2, 43));
+    await mirror.start();
+    await mirror.whenReady();
+    await new Promise((r) => setTimeout(r, 50));
+    await w.stop();
+    await mirror.stop({ consistent: true });
+    expect(same(await dst.read(0, size), model)).toBe(true);
+    await live.write(0, new Uint8Array(8).fill(3));
+    expect([...(await dst.read(0, 8))]).toEqual([...model.subarray(0, 8)]);
+    await expect(mirror.pivot()).rejects.toMatchObject({ code: 'FailedPrecondition' });
+  });
+
+  it('copies only what is allocated when nothing writes (bytes copied ≤ 1.1 × allocated), zero extents as zeroes', async () => {
+    const size = 16 * MiB;
+    const model = new Uint8Array(size);
+    const src = memoryDevice(size);
+    const live = new LiveDevice(src);
+    await fill(live, model, 8, 60);
+    const allocated = (await src.extents(0, size)).reduce((n, e) => n + e.length, 0);
+    const dst = memoryDevice(size);
+    const mirror = new Mirror(live, dst);
+    await mirror.start();
+    await mirror.whenReady();
+    expect(mirror.bytesCopied).toBeLessThanOrEqual(allocated * 1.1);
+    expect(mirror.bytesCopied).toBeGreaterThanOrEqual(allocated);
+    await mirror.pivot();
+    expect(same(await dst.read(0, size), model)).toBe(true);
+  });
+
+  it('a target that fails: whenReady rejects with its error, and the source serves on untouched', async () => {
+    const size = 2 * MiB;
+    const model = new Uint8Array(size);
+    const src = memoryDevice(size);
+    const live = new LiveDevice(src);
+    await fill(live, model, 9, 10);
+    const dst = memoryDevice(size);
+    dst.failNext('write', Object.assign(new Error('EIO on the target'), { code: 'EIO' }));
+    const mirror = new Mirror(live, dst);
+    await mirror.start();
+    await expect(mirror.whenReady()).rejects.toThrow('EIO on the target');
+    await live.write(0, new Uint8Array(3).fill(4));
+    model.set([4, 4, 4], 0);
+    expect(same(await live.read(0, size), model)).toBe(true);
+    await expect(mirror.pivot()).rejects.toMatchObject({ code: 'FailedPrecondition' });
+  });
+});
