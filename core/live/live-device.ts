@@ -153,8 +153,7 @@ export class LiveDevice implements BlockDevice {
         this.mark(offset, length);
         return;
       }
-      const release = await sync.locks.lock(offset, length);
-      try {
+      await sync.locks.run(offset, length, async () => {
         await op(this.dev, false);
         try {
           await op(sync.device, true);
@@ -162,9 +161,7 @@ export class LiveDevice implements BlockDevice {
           this.mark(offset, length);
           sync.onError?.(e, { offset, length });
         }
-      } finally {
-        release();
-      }
+      });
     });
   }
 

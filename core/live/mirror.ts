@@ -203,8 +203,7 @@ export class Mirror {
   /** Copy one range: under its lock (write-blocking writes wait), cleared before it is read. */
   private async copy(r: ByteRange): Promise<void> {
     await this.o.throttle?.(r.length);
-    const release = await this.locks.lock(r.offset, r.length);
-    try {
+    await this.locks.run(r.offset, r.length, async () => {
       // Cleared first: a write landing after this marks it again, and the range is copied again.
       this.map.clear(r.offset, r.length);
       const from = this.source.current;
@@ -218,8 +217,6 @@ export class Mirror {
       }
       this.copied += r.length;
       this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
-    } finally {
-      release();
-    }
+    });
   }
 }
