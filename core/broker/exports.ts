@@ -4,6 +4,7 @@ import { resolve } from 'node:path';
 import type { ExportHandle, ExportOptions, ExportsApi } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
 import type { ExportInfo } from '../export/registry.js';
+import { LiveDevice } from '../live/live-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import { InvalidArgument, NotFound, Timeout } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey } from '../model/refs.js';
@@ -51,7 +52,9 @@ export class Exports implements ExportsApi {
         await unlist?.();
         await lease.release();
       };
-      const device = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
+      const opened = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
+      // A writable export serves through a LiveDevice: what a live job of this broker watches and switches (core/live/).
+      const device = readOnly ? opened : new LiveDevice(opened);
       let served: { info: ExportInfo; ended: Promise<void> };
       try {
         served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: principal, listen, release });

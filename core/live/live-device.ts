@@ -37,6 +37,16 @@ export class LiveDevice implements BlockDevice {
 
   constructor(device: BlockDevice) {
     this.dev = device;
+    const zeroes = (d: BlockDevice, offset: number, length: number) => (d.writeZeroes ? d.writeZeroes(offset, length) : d.write(offset, new Uint8Array(length)));
+    this.readInto = device.readInto && ((buf, offset) => this.run(async () => {
+      if (this.dev.readInto) await this.dev.readInto(buf, offset);
+      else buf.set(await this.dev.read(offset, buf.length));
+    }));
+    this.writeFua = device.writeFua && ((offset, data) => this.writing(offset, data.length, (d) => (d.writeFua ? d.writeFua(offset, data) : d.write(offset, data).then(() => d.flush()))));
+    this.writeZeroes = device.writeZeroes && ((offset, length) => this.writing(offset, length, (d) => zeroes(d, offset, length)));
+    // A discarded range may read as zeros afterwards: the target follows with zeroes, so it counts as a write.
+    this.discard = device.discard && ((offset, length) => this.writing(offset, length, (d, isTarget) => (isTarget ? zeroes(d, offset, length) : d.discard ? d.discard(offset, length) : Promise.resolve())));
+    this.allocationDepth = device.allocationDepth && ((offset, length) => this.run(() => (this.dev.allocationDepth ? this.dev.allocationDepth(offset, length) : Promise.resolve([{ offset, length, depth: 1 }]))));
   }
 
   /** The device requests go to now. */
@@ -100,38 +110,21 @@ export class LiveDevice implements BlockDevice {
     return this.run(() => this.dev.read(offset, length));
   }
 
-  get readInto(): ((buf: Uint8Array, offset: number) => Promise<void>) | undefined {
-    const dev = this.dev;
-    if (!dev.readInto) return undefined;
-    return (buf, offset) => this.run(() => (this.dev.readInto ? this.dev.readInto(buf, offset) : this.dev.read(offset, buf.length).then((d) => void buf.set(d))));
-  }
-
   extents(offset?: number, length?: number): Promise<Extent[]> {
     return this.run(() => this.dev.extents(offset, length));
-  }
-
-  get allocationDepth(): BlockDevice['allocationDepth'] {
-    if (!this.dev.allocationDepth) return undefined;
-    return (offset, length) => this.run(() => this.dev.allocationDepth ? this.dev.allocationDepth(offset, length) : Promise.resolve([{ offset, length, depth: 1 }]));
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
     return this.writing(offset, data.length, (d) => d.write(offset, data));
   }
 
-  get writeFua(): BlockDevice['writeFua'] {
-    return (offset, data) => this.writing(offset, data.length, (d) => (d.writeFua ? d.writeFua(offset, data) : d.write(offset, data).then(() => d.flush())));
-  }
-
-  get writeZeroes(): BlockDevice['writeZeroes'] {
-    return (offset, length) => this.writing(offset, length, (d) => (d.writeZeroes ? d.writeZeroes(offset, length) : d.write(offset, new Uint8Array(length))));
-  }
-
-  get discard(): BlockDevice['discard'] {
-    if (!this.dev.discard) return undefined;
-    // A discarded range may read as zeros afterwards: the target must follow, so it counts as a write.
-    return (offset, length) => this.writing(offset, length, (d, isTarget) => (isTarget ? (d.writeZeroes ? d.writeZeroes(offset, length) : d.write(offset, new Uint8Array(length))) : d.discard ? d.discard(offset, length) : Promise.resolve()));
-  }
+  // The optional methods exist as the first device has them (an NBD server advertises what it
+  // finds, e.g. fast zeroes); after a switch to a device without one, it is done another way.
+  readonly readInto: BlockDevice['readInto'];
+  readonly writeFua: BlockDevice['writeFua'];
+  readonly writeZeroes: BlockDevice['writeZeroes'];
+  readonly discard: BlockDevice['discard'];
+  readonly allocationDepth: BlockDevice['allocationDepth'];
 
   flush(): Promise<void> {
     return this.run(async () => {
