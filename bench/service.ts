@@ -5,6 +5,8 @@
  * volume name, one after another:
  *   (a) the plugin alone: the `flasharray` StorageBackend its factory makes, no broker;
  *   (b) the embedded broker (createBroker), state in SQLite, then in PostgreSQL;
+ *   (c0) the plugin behind a bare Fastify server in another process (bench/plugin-hop.ts): no
+ *        broker, only the process hop and the HTTP round trip — the floor of (c);
  *   (c) the control API on a unix socket (`offload serve`, the CLI's client), SQLite and PostgreSQL;
  * and the ratios to (a), rounds of each way interleaved. Goals: ≤ 1.2 embedded, ≤ 1.5 through the service. Then the time a job
  * takes to be taken over after its service is killed with SIGKILL (two `offload serve` on one
@@ -15,6 +17,7 @@
  *   npm run build && node --import tsx bench/service.ts
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { Agent, request } from 'node:http';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connectBroker, createBroker, silentLogger, type Broker, type RawConfig, type StorageBackend } from '../core/index.js';
@@ -120,6 +123,27 @@ try {
     const broker = await createBroker(config, { plugins: builtinPlugins, logger: silentLogger });
     closers.push(() => broker.close());
     ways.push({ what: `(b) embedded broker, ${s.name}`, ops: viaBroker(broker) });
+  }
+  {
+    // The floor of (c): the plugin behind a bare Fastify server in a process of its own, no broker.
+    const socket = join(dir, 'hop.sock');
+    const hop = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bench/plugin-hop.ts'), JSON.stringify(san), socket], { stdio: ['ignore', 'pipe', 'inherit'] });
+    closers.push(() => hop.kill('SIGTERM'));
+    await firstLine(hop);
+    const agent = new Agent({ keepAlive: true });
+    closers.push(() => agent.destroy());
+    const call = (method: string, path: string) => new Promise<void>((resolve, reject) => {
+      const req = request({ socketPath: socket, method, path, agent }, (res) => {
+        res.resume();
+        res.on('end', () => (res.statusCode! < 300 ? resolve() : reject(new Error(`${method} ${path}: ${res.statusCode}`))));
+      });
+      req.on('error', reject);
+      req.end();
+    });
+    ways.push({
+      what: '(c0) bare HTTP hop to the plugin',
+      ops: { create: (n) => call('PUT', `/v/${n}`), snapshot: (n) => call('PUT', `/s/${n}`), deleteSnapshot: (n) => call('DELETE', `/s/${n}`), delete: (n) => call('DELETE', `/v/${n}`) },
+    });
   }
   for (const s of states) {
     // The service: `offload serve` in a process of its own, its control API on a unix socket.
