@@ -289,3 +289,152 @@ describe('Mirror', () => {
     await expect(mirror.pivot()).rejects.toMatchObject({ code: 'FailedPrecondition' });
   });
 });
+
+/**
+ * A device whose calls wait until the test lets them through, one by one: the interleavings the
+ * random-latency cases hit only sometimes, made on purpose.
+ */
+function gated(dev: BlockDevice) {
+  const waiting: { op: string; offset: number; go: () => void }[] = [];
+  let held: string[] = [];
+  let heldAfter: string[] = [];
+  const wait = (op: string, offset: number) => new Promise<void>((go) => waiting.push({ op, offset, go }));
+  const through = <A extends unknown[], T>(op: string, f: (...a: A) => Promise<T>) => async (...a: A): Promise<T> => {
+    if (held.includes(op)) await wait(op, a[0] as number);
+    const out = await f(...a);
+    // Done, but not answered yet: a read holding what it read, a write that has landed.
+    if (heldAfter.includes(op)) await wait(op, a[0] as number);
+    return out;
+  };
+  return {
+    device: {
+      sizeBytes: dev.sizeBytes,
+      blockSize: dev.blockSize,
+      read: through('read', (o: number, l: number) => dev.read(o, l)),
+      write: through('write', (o: number, d: Uint8Array) => dev.write(o, d)),
+      extents: (o?: number, l?: number) => dev.extents(o, l),
+      flush: () => dev.flush(),
+      close: () => dev.close(),
+    } satisfies BlockDevice,
+    /** Hold every later call of these ops, before it does anything, until released. */
+    hold(...ops: string[]) { held = ops; },
+    /** Hold every later call of these ops after it did its work, before it answers, until released. */
+    holdAfter(...ops: string[]) { heldAfter = ops; },
+    /** Calls waiting now. */
+    waiting: () => waiting.map((w) => w.op),
+    /** Let the first waiting call of `op` through. */
+    release(op: string) {
+      const i = waiting.findIndex((w) => w.op === op);
+      if (i < 0) throw new Error(`no ${op} is waiting (waiting: ${waiting.map((w) => w.op).join(', ') || 'none'})`);
+      waiting.splice(i, 1)[0]!.go();
+    },
+    releaseAll() { held = []; heldAfter = []; for (const w of waiting.splice(0)) w.go(); },
+  };
+}
+
+const tick = () => new Promise((r) => setTimeout(r, 10));
+
+describe('Mirror, interleavings made on purpose', () => {
+  it('background: a write that lands after the copier read its range is copied again (the copier clears before it reads)', async () => {
+    const size = 256 * KiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(64 * KiB).fill(1));
+    const gsrc = gated(src);
+    const live = new LiveDevice(gsrc.device);
+    const dst = memoryDevice(size);
+    const gdst = gated(dst);
+    const mirror = new Mirror(live, gdst.device, { concurrency: 1 });
+    gdst.hold('write');
+    await mirror.start();
+    await tick();
+    expect(gdst.waiting()).toEqual(['write']); // the copier read the old data and waits to write it
+    await live.write(0, new Uint8Array(10).fill(2)); // lands now, after the copier's read
+    gdst.releaseAll();
+    await mirror.whenReady();
+    await mirror.pivot();
+    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
+  });
+
+  it('background: a write that lands between the copier\'s read and its write is copied again (the bit was cleared before the read, not after)', async () => {
+    const size = 256 * KiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(64 * KiB).fill(1));
+    const gsrc = gated(src);
+    const live = new LiveDevice(gsrc.device);
+    const dst = memoryDevice(size);
+    const mirror = new Mirror(live, dst, { concurrency: 1 });
+    gsrc.holdAfter('read');
+    await mirror.start();
+    await tick();
+    expect(gsrc.waiting()).toEqual(['read']); // the copier holds the old data
+    await live.write(0, new Uint8Array(10).fill(2)); // lands and is marked now
+    gsrc.releaseAll();
+    await mirror.whenReady();
+    await mirror.pivot();
+    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
+  });
+
+  it('background: a write is marked once it has landed, not before (a copier in between would read the old data and clear the mark)', async () => {
+    const size = 256 * KiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(64 * KiB).fill(1));
+    const gsrc = gated(src);
+    const live = new LiveDevice(gsrc.device);
+    const dst = memoryDevice(size);
+    const mirror = new Mirror(live, dst, { concurrency: 1 });
+    await mirror.start();
+    await mirror.whenReady();
+    gsrc.hold('write');
+    const w = live.write(0, new Uint8Array(10).fill(2)); // sent, not landed
+    await tick();
+    expect(gsrc.waiting()).toEqual(['write']);
+    expect(mirror.dirtyBytes).toBe(0); // nothing to copy yet: the data is not there
+    gsrc.releaseAll();
+    await w;
+    await mirror.pivot();
+    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
+  });
+
+  it('write-blocking: a guest write to a range the copier is copying waits for it, then reaches both sides', async () => {
+    const size = 256 * KiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(64 * KiB).fill(1));
+    const live = new LiveDevice(src);
+    const dst = memoryDevice(size);
+    const gdst = gated(dst);
+    const mirror = new Mirror(live, gdst.device, { mode: 'write-blocking', concurrency: 1 });
+    gdst.hold('write');
+    await mirror.start();
+    await tick();
+    expect(gdst.waiting()).toEqual(['write']); // the copier holds granule 0, its old data not yet written
+    let acked = false;
+    const w = live.write(0, new Uint8Array(10).fill(2)).then(() => { acked = true; });
+    await tick();
+    expect(acked).toBe(false);
+    expect([...(await src.read(0, 1))]).toEqual([1]); // not even the source: it waits for the range lock
+    gdst.releaseAll();
+    await w;
+    await mirror.whenReady();
+    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]); // in sync without a pivot
+    expect(mirror.dirtyBytes).toBe(0);
+    await mirror.stop();
+  });
+
+  it('pivot holds a request that arrives during the last pass and sends it to the target', async () => {
+    const size = 256 * KiB;
+    const src = memoryDevice(size);
+    const live = new LiveDevice(src);
+    const dst = memoryDevice(size);
+    const mirror = new Mirror(live, dst);
+    await mirror.start();
+    await mirror.whenReady();
+    let during!: Promise<void>;
+    await mirror.pivot(async () => {
+      during = live.write(0, new Uint8Array(4).fill(9)); // a client's write while the switch is being recorded
+      await tick();
+    });
+    await during;
+    expect([...(await dst.read(0, 4))]).toEqual([9, 9, 9, 9]);
+    expect([...(await src.read(0, 4))]).toEqual([0, 0, 0, 0]); // never reached the old side
+  });
+});
