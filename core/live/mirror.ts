@@ -41,6 +41,8 @@ export class Mirror {
   private running: Promise<void> | undefined;
   private stopped = false;
   private failure: unknown;
+  /** Why the loop ended early without failing: the throttle refused (its job was cancelled or stopped). */
+  private halted: unknown;
   private readonly idle = new Set<() => void>();
   private readyWaiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
   private isReady = false;
@@ -94,7 +96,7 @@ export class Mirror {
   /** Resolves once the target is in sync (nothing dirty); rejects if the mirror fails or stops first. */
   whenReady(): Promise<void> {
     if (this.isReady) return Promise.resolve();
-    if (this.failure !== undefined) return Promise.reject(this.failure);
+    if (this.failure !== undefined || this.halted !== undefined) return Promise.reject(this.failure ?? this.halted);
     return new Promise((resolve, reject) => this.readyWaiters.push({ resolve, reject }));
   }
 
@@ -136,6 +138,7 @@ export class Mirror {
     this.poke();
     await this.running;
     if (this.failure !== undefined) throw this.failure;
+    // At full speed: the clients are held meanwhile (and a cancelled job's throttle refuses).
     for (let r = this.map.next(0, this.chunk); r; r = this.map.next(r.offset, this.chunk)) await this.copy(r);
     await this.target.flush();
     this.release();
@@ -178,6 +181,15 @@ export class Mirror {
           });
           continue;
         }
+        if (this.o.throttle) {
+          try {
+            await this.o.throttle(r.length);
+          } catch (e) {
+            this.halt(e);
+            break;
+          }
+          if (this.stopped) break;
+        }
         this.cursor = r.offset + r.length;
         busy++;
         try {
@@ -200,9 +212,16 @@ export class Mirror {
     }
   }
 
+  /** The throttle refused: end the loop (what is dirty stays dirty, for a last pass). */
+  private halt(e: unknown): void {
+    this.halted ??= e;
+    this.stopped = true;
+    this.poke();
+    if (!this.isReady) for (const w of this.readyWaiters.splice(0)) w.reject(e);
+  }
+
   /** Copy one range: under its lock (write-blocking writes wait), cleared before it is read. */
   private async copy(r: ByteRange): Promise<void> {
-    await this.o.throttle?.(r.length);
     await this.locks.run(r.offset, r.length, async () => {
       // Cleared first: a write landing after this marks it again, and the range is copied again.
       this.map.clear(r.offset, r.length);

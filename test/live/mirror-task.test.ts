@@ -1,0 +1,127 @@
+/**
+ * The live copy as a job (core/live/mirror-task.ts) under the real job manager: its states
+ * (running → ready → concluded on complete), the authoritative side it saves before the switch,
+ * and what cancel leaves, with a writer and a model of its acknowledged writes.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import { ADMIN, LockManager, silentLogger, type BlockDevice, type JobStatus } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
+import { LiveDevice } from '../../core/live/live-device.js';
+import { mirrorTask, type MirrorState } from '../../core/live/mirror-task.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import { memoryDevice } from '../support/memory-device.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+function setup(mode: 'background' | 'write-blocking' = 'background') {
+  const store = new SqliteStateStore(':memory:');
+  const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
+  cleanups.push(async () => {
+    await m.close();
+    await store.close();
+  });
+  const size = 4 * MiB;
+  const src = memoryDevice(size);
+  const dst = memoryDevice(size);
+  const live = new LiveDevice(src);
+  const model = new Uint8Array(size);
+  let closedOld: BlockDevice | undefined;
+  let targetClosed = 0;
+  const task = mirrorTask({ source: 'pool/src', target: 'pool/dst', mode }, {
+    source: live,
+    openTarget: async () => ({ ...dst, close: async () => { targetClosed++; } }),
+    pivoted: async (old) => { closedOld = old; },
+  });
+  const start = (speed?: number) => m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], ...(speed ? { speed } : {}) });
+  let stop = false;
+  let writes = 0;
+  const writer = (async () => {
+    let i = 0;
+    while (!stop) {
+      const offset = ((i * 7919) % 60) * 64 * KiB + (i % 13) * 512;
+      const data = new Uint8Array(4 * KiB).fill(1 + (i % 250));
+      await live.write(offset, data);
+      model.set(data, offset);
+      writes++;
+      i++;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  })();
+  return {
+    m, store, src, dst, live, model, start,
+    get writes() { return writes; },
+    get closedOld() { return closedOld; },
+    get targetClosed() { return targetClosed; },
+    stopWriter: async () => { stop = true; await writer; },
+  };
+}
+
+const untilStatus = async (m: JobManager, id: string, status: JobStatus) => {
+  for (let i = 0; i < 500; i++) {
+    if ((await m.get(id)).info().status === status) return;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error(`job ${id} never reached ${status}: ${(await m.get(id)).info().status}`);
+};
+
+const same = (a: Uint8Array, b: Uint8Array) => Buffer.compare(Buffer.from(a), Buffer.from(b)) === 0;
+
+describe('the mirror job', () => {
+  for (const mode of ['background', 'write-blocking'] as const) {
+    it(`${mode}: running → ready while written, complete pivots; "target" is saved before the switch; every acknowledged write is on the target`, async () => {
+      const t = setup(mode);
+      await new Promise((r) => setTimeout(r, 20));
+      const job = await t.start();
+      await untilStatus(t.m, job.id, 'ready');
+      expect(((await t.store.getJob(job.id))!.checkpoint as MirrorState).authoritative).toBe('source');
+      const atReady = t.writes;
+      await new Promise((r) => setTimeout(r, 50));
+      expect(t.writes).toBeGreaterThan(atReady);
+      await job.complete();
+      const info = await job.wait();
+      expect(info.error).toBeUndefined();
+      expect(((await t.store.getJob(job.id))!.checkpoint as MirrorState).authoritative).toBe('target');
+      expect(t.closedOld).toBeDefined();
+      expect(t.live.current).not.toBe(t.closedOld);
+      await t.stopWriter(); // writes after the pivot went to the target
+      expect(same(await t.dst.read(0, t.dst.sizeBytes), t.model)).toBe(true);
+      expect(t.targetClosed).toBe(0); // the export serves it now
+    });
+  }
+
+  it('cancel after ready: concluded Cancelled, the source still serves, and the target is the source as it was (a consistent copy)', async () => {
+    const t = setup();
+    const job = await t.start();
+    await untilStatus(t.m, job.id, 'ready');
+    await t.stopWriter();
+    await job.cancel();
+    const info = await job.wait();
+    expect(info.error?.code).toBe('Cancelled');
+    expect(t.closedOld).toBeUndefined();
+    expect(t.live.current).toBe(t.src);
+    expect(same(await t.dst.read(0, t.dst.sizeBytes), t.model)).toBe(true);
+    expect(((await t.store.getJob(job.id))!.checkpoint as MirrorState).authoritative).toBe('source');
+    expect(t.targetClosed).toBe(1);
+    await t.live.write(0, new Uint8Array(4).fill(99)); // the source is no longer watched or mirrored
+    expect([...(await t.dst.read(0, 4))]).not.toEqual([99, 99, 99, 99]);
+  });
+
+  it('cancel before ready (a speed limit keeps it in the bulk pass): concluded Cancelled, nothing switched', async () => {
+    const t = setup();
+    await new Promise((r) => setTimeout(r, 20));
+    const job = await t.start(64 * KiB);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(job.info().status).toBe('running');
+    await job.cancel();
+    const info = await job.wait();
+    expect(info.error?.code).toBe('Cancelled');
+    expect(t.live.current).toBe(t.src);
+    expect(t.targetClosed).toBe(1);
+    await t.stopWriter();
+  });
+});
