@@ -334,16 +334,23 @@ function gated(dev: BlockDevice) {
 
 const tick = () => new Promise((r) => setTimeout(r, 10));
 
+/** A 256 KiB source whose first 64 KiB hold ones, a target, both gated, and a mirror of one copier. */
+async function onesPair(mode: 'background' | 'write-blocking' = 'background') {
+  const src = memoryDevice(256 * KiB);
+  await src.write(0, new Uint8Array(64 * KiB).fill(1));
+  const dst = memoryDevice(256 * KiB);
+  const gsrc = gated(src);
+  const gdst = gated(dst);
+  const live = new LiveDevice(gsrc.device);
+  return { src, dst, gsrc, gdst, live, mirror: new Mirror(live, gdst.device, { mode, concurrency: 1 }) };
+}
+
+/** What the target holds at the start after the ten-byte write of twos over the ones. */
+const TWOS_OVER_ONES = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1];
+
 describe('Mirror, interleavings made on purpose', () => {
   it('background: a write that lands after the copier read its range is copied again (the copier clears before it reads)', async () => {
-    const size = 256 * KiB;
-    const src = memoryDevice(size);
-    await src.write(0, new Uint8Array(64 * KiB).fill(1));
-    const gsrc = gated(src);
-    const live = new LiveDevice(gsrc.device);
-    const dst = memoryDevice(size);
-    const gdst = gated(dst);
-    const mirror = new Mirror(live, gdst.device, { concurrency: 1 });
+    const { dst, gdst, live, mirror } = await onesPair();
     gdst.hold('write');
     await mirror.start();
     await tick();
@@ -352,17 +359,11 @@ describe('Mirror, interleavings made on purpose', () => {
     gdst.releaseAll();
     await mirror.whenReady();
     await mirror.pivot();
-    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
+    expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES);
   });
 
   it('background: a write that lands between the copier\'s read and its write is copied again (the bit was cleared before the read, not after)', async () => {
-    const size = 256 * KiB;
-    const src = memoryDevice(size);
-    await src.write(0, new Uint8Array(64 * KiB).fill(1));
-    const gsrc = gated(src);
-    const live = new LiveDevice(gsrc.device);
-    const dst = memoryDevice(size);
-    const mirror = new Mirror(live, dst, { concurrency: 1 });
+    const { dst, gsrc, live, mirror } = await onesPair();
     gsrc.holdAfter('read');
     await mirror.start();
     await tick();
@@ -371,17 +372,11 @@ describe('Mirror, interleavings made on purpose', () => {
     gsrc.releaseAll();
     await mirror.whenReady();
     await mirror.pivot();
-    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
+    expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES);
   });
 
   it('background: a write is marked once it has landed, not before (a copier in between would read the old data and clear the mark)', async () => {
-    const size = 256 * KiB;
-    const src = memoryDevice(size);
-    await src.write(0, new Uint8Array(64 * KiB).fill(1));
-    const gsrc = gated(src);
-    const live = new LiveDevice(gsrc.device);
-    const dst = memoryDevice(size);
-    const mirror = new Mirror(live, dst, { concurrency: 1 });
+    const { dst, gsrc, live, mirror } = await onesPair();
     await mirror.start();
     await mirror.whenReady();
     gsrc.hold('write');
@@ -392,17 +387,11 @@ describe('Mirror, interleavings made on purpose', () => {
     gsrc.releaseAll();
     await w;
     await mirror.pivot();
-    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]);
+    expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES);
   });
 
   it('write-blocking: a guest write to a range the copier is copying waits for it, then reaches both sides', async () => {
-    const size = 256 * KiB;
-    const src = memoryDevice(size);
-    await src.write(0, new Uint8Array(64 * KiB).fill(1));
-    const live = new LiveDevice(src);
-    const dst = memoryDevice(size);
-    const gdst = gated(dst);
-    const mirror = new Mirror(live, gdst.device, { mode: 'write-blocking', concurrency: 1 });
+    const { src, dst, gdst, live, mirror } = await onesPair('write-blocking');
     gdst.hold('write');
     await mirror.start();
     await tick();
@@ -415,7 +404,7 @@ describe('Mirror, interleavings made on purpose', () => {
     gdst.releaseAll();
     await w;
     await mirror.whenReady();
-    expect([...(await dst.read(0, 12))]).toEqual([2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1]); // in sync without a pivot
+    expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES); // in sync without a pivot
     expect(mirror.dirtyBytes).toBe(0);
     await mirror.stop();
   });
