@@ -179,8 +179,13 @@ export class LockManager {
     for (const c of conflicts) if (!blocking.includes(c)) c.holder.preempt?.();
     const remaining = deadline - Date.now();
     if (remaining <= 0) throw busyError(conflicts[0]!, blocking.length > 0 ? 'did not end in time' : 'did not stop in time after being preempted');
-    // Soon at first (another broker's operation may have ended already), then less often.
-    await this.waitForChange(Math.min(remaining, 2 * 2 ** Math.min(attempt, 7)));
+    // Held here: woken by the release. Held by another broker: polled, soon at first (its
+    // operation may have ended already), then less often, jittered so that two brokers whose claims
+    // met (each withdrew its own) do not meet again in step — and not woken by a release here,
+    // which would send this broker's waiters at the other's lock one after another without a pause.
+    const here = conflicts.every((c) => this.held.includes(c));
+    if (here) await this.waitForChange(remaining);
+    else await new Promise((r) => setTimeout(r, Math.min(remaining, (1 + Math.random()) * 2 ** Math.min(attempt, 7))));
   }
 
   /** Place a maintenance lock (administrators only). */

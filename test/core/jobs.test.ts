@@ -378,6 +378,19 @@ describe('locks across processes', () => {
     await first.release();
     const lease = await second;
     expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual(['op-second']);
+    // Operations of both brokers at once on one key: each waits its turn, none is refused, never two at once.
+    await lease.release();
+    let inside = 0;
+    let most = 0;
+    await Promise.all(Array.from({ length: 12 }, async (_, i) => {
+      const l = await operation(i % 2, `op-many-${i}`);
+      most = Math.max(most, ++inside);
+      await new Promise((r) => setTimeout(r, 3));
+      inside--;
+      await l.release();
+    }));
+    expect(most).toBe(1);
+    expect(await stores[0]!.listOpLocks()).toEqual([]);
     // A job is not waited for: an operation meeting one is Busy at once.
     await lease.release();
     const t = steppedTask(1);
