@@ -349,31 +349,27 @@ async function onesPair(mode: 'background' | 'write-blocking' = 'background') {
 const TWOS_OVER_ONES = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1];
 
 describe('Mirror, interleavings made on purpose', () => {
-  it('background: a write that lands after the copier read its range is copied again (the copier clears before it reads)', async () => {
-    const { dst, gdst, live, mirror } = await onesPair();
-    gdst.hold('write');
-    await mirror.start();
-    await tick();
-    expect(gdst.waiting()).toEqual(['write']); // the copier read the old data and waits to write it
-    await live.write(0, new Uint8Array(10).fill(2)); // lands now, after the copier's read
-    gdst.releaseAll();
-    await mirror.whenReady();
-    await mirror.pivot();
-    expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES);
-  });
-
-  it('background: a write that lands between the copier\'s read and its write is copied again (the bit was cleared before the read, not after)', async () => {
-    const { dst, gsrc, live, mirror } = await onesPair();
-    gsrc.holdAfter('read');
-    await mirror.start();
-    await tick();
-    expect(gsrc.waiting()).toEqual(['read']); // the copier holds the old data
-    await live.write(0, new Uint8Array(10).fill(2)); // lands and is marked now
-    gsrc.releaseAll();
-    await mirror.whenReady();
-    await mirror.pivot();
-    expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES);
-  });
+  const heldCopies = [
+    { what: 'a write that lands after the copier read its range (its write to the target held) is copied again', hold: 'target write' },
+    { what: 'a write that lands between the copier\'s read and its write is copied again (the bit was cleared before the read, not after)', hold: 'source read' },
+  ] as const;
+  for (const c of heldCopies) {
+    it(`background: ${c.what}`, async () => {
+      const { dst, gsrc, gdst, live, mirror } = await onesPair();
+      // The copier stops with the old data in hand: before writing it, or right after reading it.
+      if (c.hold === 'target write') gdst.hold('write');
+      else gsrc.holdAfter('read');
+      await mirror.start();
+      await tick();
+      expect([...gsrc.waiting(), ...gdst.waiting()]).toEqual([c.hold === 'target write' ? 'write' : 'read']);
+      await live.write(0, new Uint8Array(10).fill(2)); // lands and is marked now
+      gsrc.releaseAll();
+      gdst.releaseAll();
+      await mirror.whenReady();
+      await mirror.pivot();
+      expect([...(await dst.read(0, 12))]).toEqual(TWOS_OVER_ONES);
+    });
+  }
 
   it('background: a write is marked once it has landed, not before (a copier in between would read the old data and clear the mark)', async () => {
     const { dst, gsrc, live, mirror } = await onesPair();

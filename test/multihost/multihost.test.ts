@@ -240,6 +240,14 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
   /** Bytes a process has read (sockets included): what a host copy pulled from the source. */
   const rchar = (pid: number) => Number(/^rchar: (\d+)$/m.exec(readFileSync(`/proc/${pid}/io`, 'utf8'))![1]);
 
+  /** BACKEND/kidN: a linked clone of BACKEND/baseN@s, whose base holds data of seed N (what a stream splits off). */
+  async function linkedKid(backend: string, n: number): Promise<void> {
+    await client.volumes.create(`${backend}/base${n}`, { sizeBytes: SIZE });
+    await fillVolume(`${backend}/base${n}`, n);
+    await client.snapshots.create(`${backend}/base${n}@s`);
+    await client.clone(`${backend}/base${n}@s`, `${backend}/kid${n}`, { mode: 'linked' });
+  }
+
   /** A job's fencing token and runner host as stored. */
   async function stored(id: string): Promise<{ fence: number; runner_host: string; status: string }> {
     const db = new pgLib.Client({ connectionString: url });
@@ -284,10 +292,7 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
   }, 120_000);
 
   it('kill -9 of a service mid-stream (an offloaded clone split): another follows the same appliance job to its end', async () => {
-    await client.volumes.create('nas1/base2', { sizeBytes: SIZE });
-    await fillVolume('nas1/base2', 2);
-    await client.snapshots.create('nas1/base2@s');
-    await client.clone('nas1/base2@s', 'nas1/kid2', { mode: 'linked' });
+    await linkedKid('nas1', 2);
     const [d, e] = alive();
     const counted = await takeovers() - (await d!.metrics()).takeovers; // d's count dies with it
     const id = (await d!.api.stream('nas1/kid2')).id;
@@ -305,10 +310,7 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
   }, 120_000);
 
   it('a job on a host\'s own pool is left to that host: the others never take it; its next service does', async () => {
-    await client.volumes.create('pool-a/base4', { sizeBytes: SIZE });
-    await fillVolume('pool-a/base4', 4);
-    await client.snapshots.create('pool-a/base4@s');
-    await client.clone('pool-a/base4@s', 'pool-a/kid4', { mode: 'linked' });
+    await linkedKid('pool-a', 4);
     const a = await startHost('a');
     const others = alive().filter((h) => h !== a);
     expect(others.length).toBeGreaterThan(0);
