@@ -86,6 +86,8 @@ export interface ExportHandle {
   readonly stopped: Promise<void>;
   /** Disconnect its clients (after their requests in flight), flush and close the volume, release its lock. */
   stop(): Promise<void>;
+  /** Told the volume it serves now when a live copy switches it over (its `ref` stays the one it started with). */
+  onRetarget(listener: (ref: string) => void): void;
 }
 
 /**
@@ -97,7 +99,11 @@ export interface ExportHandle {
 export interface ExportsApi {
   start(ref: string, opts?: ExportOptions): Promise<ExportHandle>;
   list(): Promise<ExportInfo[]>;
-  stop(name: string): Promise<void>;
+  /**
+   * Stop an export. One whose volume is under a live copy (`liveJob` in its info) is refused
+   * (Busy naming the job) unless `force`, which cancels the job first: its source stays current.
+   */
+  stop(name: string, opts?: { force?: boolean }): Promise<void>;
 }
 
 export interface CloneOptions {
@@ -119,6 +125,20 @@ export interface CopyOptions {
   verify?: boolean;
   /** Accepted for symmetry with clone: a copy between volumes always runs through the host. */
   prefer?: 'native' | 'host';
+  /**
+   * Copy a volume in use: the source must be exported read-write by this broker (its writes are
+   * seen there). The target is created (the source's size) if it does not exist. The job reaches
+   * `ready` once the target is in sync and keeps it in sync; `complete` switches the export over
+   * to the target under its open connections; `cancel` leaves the source in use (after `ready`,
+   * the target a consistent point-in-time copy; before, a target the job created is deleted).
+   */
+  live?: boolean;
+  /**
+   * A live copy's writes: `background` (default) acknowledges a guest write once the source has
+   * it and copies it later; `write-blocking` writes an already-copied range to both sides before
+   * acknowledging, so the copy converges under any write rate.
+   */
+  mode?: 'background' | 'write-blocking';
 }
 
 /** `volumes.exportTo`: the file is created (relative paths resolve against the working folder). */
@@ -171,7 +191,8 @@ export interface Broker {
   commit(ref: string, opts?: { base?: string; speed?: number }): Promise<Job>;
   /**
    * Copy a volume's data into another existing volume, wherever they are, through the host. A
-   * point-in-time copy: the source must not be written meanwhile (live copy is not offered yet).
+   * point-in-time copy: the source must not be written meanwhile — or, with `live`, a copy of a
+   * volume in use that ends by switching its export over (CopyOptions.live).
    */
   copy(source: string, target: string, opts?: CopyOptions): Promise<Job>;
   /** Explain how an operation would run, without running it. */

@@ -41,7 +41,7 @@ export { nonZeroRuns } from './copy/zero-scan.js';
 export { hostCopyTask, type HostCopyParams } from './copy/host-copy.js';
 export type { RunCliOptions } from './cli/run-cli.js';
 export { parseSize, formatSize } from './cli/sizes.js';
-export type { StartJobRequest, TaskResolver } from './jobs/job-manager.js';
+export type { StartJobRequest, TaskResolver, Unresumable } from './jobs/job-manager.js';
 export { NbdServer, type ListenAddress, type NbdExportOptions, type NbdServerOptions } from './export/nbd-server.js';
 export type { ExportInfo } from './export/registry.js';
 export type { JobRecord } from './jobs/job-store.js';

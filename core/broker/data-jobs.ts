@@ -14,6 +14,7 @@ import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref, type Volu
 import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
+import { LiveCopies } from './live-copies.js';
 import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
 import type { Volumes } from './volumes.js';
@@ -127,7 +128,10 @@ export class DataJobs {
     if (opts.prefer === 'native') {
       throw new InvalidArgument(`copy ${source} to ${target}: a copy into an existing volume always runs through the host; there is no native way to prefer`, { hint: 'leave out --prefer' });
     }
+    if (opts.live !== undefined && typeof opts.live !== 'boolean') throw new InvalidArgument(`live is true or false, got ${String(opts.live)}`);
     const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
+    if (opts.live) return new LiveCopies(this.s, this.a).start(source, target, opts, plan);
+    if (opts.mode !== undefined) throw new InvalidArgument('--mode applies to a live copy', { hint: 'add --live, or leave out --mode' });
     const src = parseVolumeRef(source);
     await this.a.assertOwns(src);
     await this.a.assertOwns(parseVolumeRef(target));

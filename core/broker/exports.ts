@@ -6,8 +6,9 @@ import type { ListenAddress } from '../export/nbd-server.js';
 import type { ExportInfo } from '../export/registry.js';
 import { LiveDevice } from '../live/live-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
-import { InvalidArgument, NotFound, Timeout } from '../model/errors.js';
-import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey } from '../model/refs.js';
+import { Busy, InvalidArgument, NotFound, PermissionDenied, Timeout } from '../model/errors.js';
+import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref } from '../model/refs.js';
+import type { Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { need } from './operation.js';
 import type { BrokerState } from './state.js';
@@ -35,40 +36,30 @@ export class Exports implements ExportsApi {
     await this.a.assertOwns(ref);
 
     const unreserve = this.s.exports.reserve(name);
-    const principal = this.a.principal;
-    const locks: LockRequest[] = snapshot
-      ? [{ key: volumeKey(ref), mode: 'shared' }, { key: snapshotKey(ref), mode: 'shared' }]
-      : [{ key: volumeKey(ref), mode: readOnly ? 'shared' : 'exclusive' }];
-    const id = `export:${name}#${randomBytes(4).toString('hex')}`;
-    const description = `nbd export ${name} of ${refText} (${readOnly ? 'read-only' : 'read-write'})`;
-    // An administrator's conflicting request stops a tenant's export (here, or from another process).
-    const preempt = () => void this.s.exports.stop(name).catch(() => undefined);
-    let release: (() => Promise<void>) | undefined;
+    let hold: ExportHold | undefined;
     try {
-      const lease = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.locks.acquirePublished(locks, { id, principal, description, preempt },
-        () => this.s.jobs.publishOperation(id, locks, principal, description, preempt)));
-      let unlist: (() => Promise<void>) | undefined;
-      release = async () => {
-        await unlist?.();
-        await lease.release();
-      };
+      hold = await holdExport(this.s, { name, ref, readOnly, principal: this.a.principal });
       const opened = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
       // A writable export serves through a LiveDevice: what a live job of this broker watches and switches (core/live/).
       const device = readOnly ? opened : new LiveDevice(opened);
       let served: { info: ExportInfo; ended: Promise<void> };
+      const held = hold;
       try {
-        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: principal, listen, release });
+        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: this.a.principal, listen, release: () => held.release(), holder: held.id });
       } catch (e) {
         await device.close().catch(() => undefined);
         throw e;
       }
-      release = undefined; // the registry releases from now on
+      hold = undefined; // the registry releases from now on
       const { info } = served;
-      unlist = await this.s.jobs.recordExport({ id, name, ref: info.ref, uri: info.uri, readOnly, owner: principal.id, role: principal.role, startedAt: info.startedAt });
+      await held.list(info.uri, info.startedAt);
       this.s.logger.info(`nbd export ${name} of ${info.ref} at ${info.uri}${readOnly ? ' (read-only)' : ''}`);
-      return { name, ref: info.ref, uri: info.uri, readOnly, stopped: served.ended, stop: () => this.s.exports.stop(name).catch(ignoreGone) };
+      return {
+        name, ref: info.ref, uri: info.uri, readOnly, stopped: served.ended, stop: () => this.s.exports.stop(name).catch(ignoreGone),
+        onRetarget: (fn) => this.s.exports.onRetarget(name, fn),
+      };
     } finally {
-      await release?.();
+      await hold?.release();
       unreserve();
     }
   }
@@ -88,11 +79,25 @@ export class Exports implements ExportsApi {
    * Stop an export: an administrator any, a tenant its own (another's does not exist for it). One
    * that another process serves is asked to stop; this waits until it has (or its process is gone).
    */
-  async stop(name: string): Promise<void> {
+  async stop(name: string, opts: { force?: boolean } = {}): Promise<void> {
     this.s.assertOpen();
     const mine = (owner: string) => this.a.isAdmin || owner === this.a.principal.id;
     const local = this.s.exports.get(name);
-    if (local && mine(local.owner)) return this.s.exports.stop(name);
+    if (local && mine(local.owner)) {
+      if (local.liveJob !== undefined) {
+        // Hot-unplug under a live copy: refused, or with force the job is cancelled first (its source stays current).
+        const job = await this.s.jobs.get(local.liveJob);
+        if (!opts.force) {
+          throw new Busy(`export ${name} serves ${local.ref} under live job ${local.liveJob} (${job.info().type} to ${job.info().ref})`, {
+            ref: name, hint: `complete or cancel job ${local.liveJob} first, or stop with --force, which cancels it`, data: { holder: local.liveJob },
+          });
+        }
+        if (!this.a.isAdmin && job.info().owner !== this.a.principal.id) {
+          throw new PermissionDenied(`export ${name} is under live job ${local.liveJob} of ${job.info().owner}, which only its owner or an administrator may cancel`, { ref: name });
+        }
+      }
+      return this.s.exports.stop(name);
+    }
     const remote = (await this.s.jobs.foreignExports()).filter((e) => e.name === name && mine(e.owner));
     if (remote.length === 0) throw new NotFound(`no export named ${name}`, { ref: name, hint: 'list exports with `offload nbd list`' });
     for (const e of remote) await this.s.jobs.requestExportStop(e.id);
@@ -102,6 +107,44 @@ export class Exports implements ExportsApi {
       await new Promise((r) => setTimeout(r, 100));
     }
   }
+}
+
+/** What an export holds while it serves a volume: its locks, seen by the other brokers, and its export record. */
+export interface ExportHold {
+  /** The id its locks are held under. */
+  id: string;
+  /** Its record (what `nbd list` of other processes shows), once it serves. */
+  list(uri: string, startedAt: string): Promise<void>;
+  release(): Promise<void>;
+}
+
+/**
+ * Take an export's locks (a writable export exclusive, a read-only one shared) and publish them.
+ * `within`: the live job the export moves under at a switch-over, which holds the volume already.
+ */
+export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; readOnly: boolean; principal: Principal; within?: string }): Promise<ExportHold> {
+  const { ref, name, readOnly, principal } = e;
+  const locks: LockRequest[] = isSnapshotRef(ref)
+    ? [{ key: volumeKey(ref), mode: 'shared' }, { key: snapshotKey(ref), mode: 'shared' }]
+    : [{ key: volumeKey(ref), mode: readOnly ? 'shared' : 'exclusive' }];
+  const id = `export:${name}#${randomBytes(4).toString('hex')}`;
+  const description = `nbd export ${name} of ${formatRef(ref)} (${readOnly ? 'read-only' : 'read-write'})`;
+  // An administrator's conflicting request stops a tenant's export (here, or from another process).
+  const preempt = () => void s.exports.stop(name).catch(() => undefined);
+  const holder = { id, principal, description, preempt, ...(e.within !== undefined ? { within: e.within } : {}) };
+  const lease = await s.mutex.run(locks.map((l) => l.key), () => s.locks.acquirePublished(locks, holder,
+    () => s.jobs.publishOperation(id, locks, principal, description, preempt)));
+  let unlist: (() => Promise<void>) | undefined;
+  return {
+    id,
+    list: async (uri, startedAt) => {
+      unlist = await s.jobs.recordExport({ id, name, ref: formatRef(ref), uri, readOnly, owner: principal.id, role: principal.role, startedAt });
+    },
+    release: async () => {
+      await unlist?.();
+      await lease.release();
+    },
+  };
 }
 
 /** Stopping an export that another caller stopped first is fine. */

@@ -4,7 +4,8 @@ import type { StorageBackend } from '../backend/storage-backend.js';
 import type { BrokerConfig } from '../config/config.js';
 import { cloneTask, hostCopyTask, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
 import { ExportRegistry } from '../export/registry.js';
-import type { JobManager } from '../jobs/job-manager.js';
+import type { JobManager, Unresumable } from '../jobs/job-manager.js';
+import { mirrorAfterRestart } from '../live/mirror-task.js';
 import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
@@ -89,7 +90,8 @@ export class BrokerState {
   }
 
   /** Rebuild a stored job's task after a restart (undefined: it cannot be resumed). */
-  async resolveTask(rec: JobRecord): Promise<JobTask | undefined> {
+  async resolveTask(rec: JobRecord): Promise<JobTask | Unresumable | undefined> {
+    if (rec.type === 'mirror') return mirrorAfterRestart(rec);
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
     if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open);
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());

@@ -25,6 +25,15 @@ export interface ExportInfo {
   startedAt: string;
   /** The process serving it. */
   pid: number;
+  /** The live job (a live copy) that watches its writes, if one does. */
+  liveJob?: string;
+}
+
+/** A live job working within an export: stopping the export ends it first. */
+export interface LiveJobOfExport {
+  id: string;
+  /** End the job cleanly (its source stays in use) and wait until it has. */
+  cancel(): Promise<void>;
 }
 
 export interface ServeRequest {
@@ -36,6 +45,8 @@ export interface ServeRequest {
   listen: ListenAddress;
   /** Run after the export is gone and its device closed (release locks). */
   release: () => void | Promise<void>;
+  /** The id its locks are held under (a live job's locks are taken within it). */
+  holder: string;
 }
 
 interface Served {
@@ -47,6 +58,9 @@ interface Served {
   release: () => void | Promise<void>;
   stopping?: Promise<void>;
   ended: () => void;
+  holder: string;
+  live?: LiveJobOfExport;
+  retargeted: ((ref: string) => void)[];
 }
 
 /** Where an export listens, as a key: servers are shared by address. */
@@ -99,14 +113,51 @@ export class ExportRegistry {
       const info = { name: r.name, ref: r.ref, uri: server.uri(r.name), readOnly: r.readOnly, owner: r.owner.id, startedAt: new Date().toISOString(), pid: process.pid };
       let ended!: () => void;
       const done = new Promise<void>((res) => { ended = res; });
-      this.served.set(r.name, { info, owner: r.owner, server, serverKey: keyOf(server), device: r.device, release: r.release, ended });
+      this.served.set(r.name, { info, owner: r.owner, server, serverKey: keyOf(server), device: r.device, release: r.release, ended, holder: r.holder, retargeted: [] });
       return { info: { ...info, connections: 0 }, ended: done };
     });
   }
 
   /** Exports served now. */
   list(): (ExportInfo & { ownerRole: Principal['role'] })[] {
-    return [...this.served.values()].map((s) => ({ ...s.info, connections: s.server.connectionCount(s.info.name), ownerRole: s.owner.role }));
+    return [...this.served.values()].map((s) => ({
+      ...s.info, connections: s.server.connectionCount(s.info.name), ownerRole: s.owner.role, ...(s.live ? { liveJob: s.live.id } : {}),
+    }));
+  }
+
+  /** The device an export serves, and the id its locks are held under (for a live job of this broker); undefined once stopping. */
+  device(name: string): { device: BlockDevice; holder: string; owner: Principal } | undefined {
+    const s = this.served.get(name);
+    return s && !s.stopping ? { device: s.device, holder: s.holder, owner: s.owner } : undefined;
+  }
+
+  /** Call `fn` with the new ref when the export is switched over to another volume. */
+  onRetarget(name: string, fn: (ref: string) => void): void {
+    this.served.get(name)?.retargeted.push(fn);
+  }
+
+  /** Mark an export as under a live job, or no longer (undefined): stopping it ends the job first. */
+  setLive(name: string, live: LiveJobOfExport | undefined): void {
+    const s = this.served.get(name);
+    if (!s) throw new NotFound(`no export named ${name}`, { ref: name });
+    if (live && s.live) throw new FailedPrecondition(`export ${name} is already under live job ${s.live.id}`, { ref: name });
+    if (live) s.live = live;
+    else delete s.live;
+  }
+
+  /**
+   * The export now serves another volume (a live copy switched its device over): its ref, and what
+   * releases its locks, change; the old release is returned for the caller to run.
+   */
+  retarget(name: string, to: { ref: string; holder: string; release: () => void | Promise<void> }): () => void | Promise<void> {
+    const s = this.served.get(name);
+    if (!s) throw new NotFound(`no export named ${name}`, { ref: name });
+    const old = s.release;
+    s.info = { ...s.info, ref: to.ref };
+    s.release = to.release;
+    s.holder = to.holder;
+    for (const fn of s.retargeted) fn(to.ref);
+    return old;
   }
 
   get(name: string): (ExportInfo & { ownerRole: Principal['role'] }) | undefined {
@@ -122,6 +173,8 @@ export class ExportRegistry {
     const s = this.served.get(name);
     if (!s) return Promise.reject(new NotFound(`no export named ${name}`, { ref: name, hint: 'list exports with `offload nbd list`' }));
     s.stopping ??= (async () => {
+      // A live job within the export ends first, while its source is still served: cancelled, it leaves the source in use.
+      await s.live?.cancel().catch(() => undefined);
       try {
         await s.server.removeExport(name);
         await s.device.flush().catch(() => undefined); // a device that cannot flush now: close still tries

@@ -24,10 +24,22 @@ export interface StartJobRequest {
   plan?: unknown;
   locks: LockRequest[];
   speed?: number;
+  /** The holder whose locks the job's may overlap (LockHolder.within): a live copy's export. */
+  within?: string;
 }
 
-/** Rebuilds the task of a stored job after a restart; undefined when it cannot be resumed. */
-export type TaskResolver = (record: JobRecord) => Promise<JobTask | undefined>;
+/**
+ * Rebuilds the task of a stored job after a restart; undefined when it cannot be resumed, or an
+ * Unresumable saying why (and whether what the job was for had happened already).
+ */
+export type TaskResolver = (record: JobRecord) => Promise<JobTask | Unresumable | undefined>;
+
+/** A job that a restart cannot resume: why, and whether it is concluded as a success all the same. */
+export interface Unresumable {
+  why: string;
+  /** What the job was for happened before its runner stopped (a live copy's recorded switch-over). */
+  succeeded?: boolean;
+}
 
 /** A job's lease by default (the config's `leaseSeconds`). */
 export const DEFAULT_LEASE_MS = 15_000;
@@ -121,6 +133,7 @@ export class JobManager {
       principal: req.principal,
       description,
       preempt: () => void job?.cancel().catch(() => undefined), // already ending
+      ...(req.within !== undefined ? { within: req.within } : {}),
     });
     const now = new Date().toISOString();
     const record: JobRecord = {
@@ -372,9 +385,9 @@ export class JobManager {
    * Take an orphaned job over (exactly one runner wins, with the next fencing token), then resume
    * it, or conclude it as interrupted when it cannot be resumed.
    */
-  private adopt(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
+  private adopt(rec: JobRecord): Promise<'resumed' | 'failed' | 'concluded' | 'lost'> {
     // One takeover per job at a time in this manager: a second asker waits for the first.
-    const pending = this.adopting.get(rec.id) as Promise<'resumed' | 'failed' | 'lost'> | undefined;
+    const pending = this.adopting.get(rec.id) as Promise<'resumed' | 'failed' | 'concluded' | 'lost'> | undefined;
     if (pending) return pending;
     if (this.closing) return Promise.resolve('lost');
     const run = this.adoptNow(rec);
@@ -382,7 +395,7 @@ export class JobManager {
     return run.finally(() => this.adopting.delete(rec.id));
   }
 
-  private async adoptNow(rec: JobRecord): Promise<'resumed' | 'failed' | 'lost'> {
+  private async adoptNow(rec: JobRecord): Promise<'resumed' | 'failed' | 'concluded' | 'lost'> {
     const stoppedPid = rec.runnerPid;
     const stoppedHost = rec.runnerHost;
     const until = Date.now() + this.leaseMs;
@@ -396,9 +409,12 @@ export class JobManager {
     this.logger.info('job taken over', { job: rec.id, fence, from: stoppedPid > 0 ? `${stoppedHost} pid ${stoppedPid}` : 'released' });
     let task: JobTask | undefined;
     let why = 'its executor cannot resume it';
+    let succeeded = false;
     if (!rec.cancelled) {
       try {
-        task = await this.resolveTask(rec);
+        const resolved = await this.resolveTask(rec);
+        if (resolved && 'why' in resolved) ({ why, succeeded = false } = resolved);
+        else task = resolved;
       } catch (e) {
         why = `resuming failed: ${toOffloadError(e).message}`;
       }
@@ -410,9 +426,17 @@ export class JobManager {
       why = 'the volumes it works on are locked by another job';
     }
     rec.status = 'concluded';
+    const stopped = `the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped`;
+    if (succeeded) {
+      delete rec.error;
+      rec.updatedAt = new Date().toISOString();
+      if (!(await this.store.updateJob(rec))) return 'lost';
+      this.logger.info(`job ${rec.id} concluded after a restart: ${stopped}, and ${why}`, { job: rec.id, type: rec.type, ref: rec.ref });
+      return 'concluded';
+    }
     rec.error = {
       code: rec.cancelled ? 'Cancelled' : 'Internal',
-      message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: the process running it${stoppedPid > 0 ? ` (pid ${stoppedPid})` : ''} stopped, and ${why}; run it again`,
+      message: `job ${rec.id} (${rec.type} ${rec.ref}) was interrupted: ${stopped}, and ${why}; run it again`,
     };
     rec.updatedAt = new Date().toISOString();
     if (!(await this.store.updateJob(rec))) return 'lost';

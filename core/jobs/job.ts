@@ -41,6 +41,11 @@ export interface JobInfo {
    * or a running service takes it over; listing or showing it never does.
    */
   orphaned?: boolean;
+  /**
+   * A live job's switch-over record (its saved `authoritative`): which volume holds the data —
+   * the source until the switch-over is recorded, the target from then on.
+   */
+  authoritative?: { side: 'source' | 'target'; ref: string };
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

@@ -14,6 +14,9 @@ export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
   const out: JobInfo = info;
   if (r.seenAt > 0) out.runner = { host: r.runnerHost, pid: r.runnerPid, seenAt: new Date(r.seenAt).toISOString() };
   if (orphaned) out.orphaned = true;
+  const side = (r.checkpoint as { authoritative?: unknown } | undefined)?.authoritative;
+  const ref = side === 'source' || side === 'target' ? r.params[side] : undefined;
+  if (typeof ref === 'string') out.authoritative = { side: side as 'source' | 'target', ref };
   return out;
 }
 

@@ -22,6 +22,11 @@ export interface LockHolder {
   description: string;
   /** Called when an administrator preempts this holder; should end it and release its locks. */
   preempt?: () => void;
+  /**
+   * The holder this one works within, whose locks do not conflict with it: a live copy within the
+   * export whose writes it watches, that export within the live copy at the switch-over.
+   */
+  within?: string;
 }
 
 export interface LockInfo {
@@ -174,7 +179,8 @@ export class LockManager {
    */
   private async stopOrRefuse(holder: LockHolder, conflicts: Held[], deadline: number, attempt: number): Promise<void> {
     const blocking = conflicts.filter((c) => !this.canPreempt(holder.principal, c));
-    const refusing = blocking.find((c) => holderKind(c.holder.id).kind !== 'operation');
+    // A job is named before an export of the same volume: a live copy is what holds it up.
+    const refusing = blocking.find((c) => holderKind(c.holder.id).kind === 'job') ?? blocking.find((c) => holderKind(c.holder.id).kind !== 'operation');
     if (refusing) throw busyError(refusing);
     for (const c of conflicts) if (!blocking.includes(c)) c.holder.preempt?.();
     const remaining = deadline - Date.now();
@@ -216,7 +222,7 @@ export class LockManager {
   async check(requests: LockRequest[], principal: Principal): Promise<void> {
     const conflicts = this.conflicts(requests, { id: '', principal, description: '' }, await this.outside(requests.map((r) => r.key)));
     const blocking = conflicts.filter((c) => !this.canPreempt(principal, c));
-    if (blocking.length > 0) throw busyError(blocking[0]!);
+    if (blocking.length > 0) throw busyError(blocking.find((c) => holderKind(c.holder.id).kind === 'job') ?? blocking[0]!);
   }
 
   private conflicts(requests: LockRequest[], holder: LockHolder, outside: Held[]): Held[] {
@@ -224,7 +230,7 @@ export class LockManager {
     const all = [...this.held, ...outside];
     for (const r of requests) {
       for (const h of all) {
-        if (h.key !== r.key || h.holder.id === holder.id) continue;
+        if (h.key !== r.key || h.holder.id === holder.id || h.holder.id === holder.within) continue;
         if (h.mode === 'maintenance') {
           if (holder.principal.role !== 'admin') out.push(h);
           continue;

@@ -111,7 +111,7 @@ class ServiceClient implements Broker {
     this.exports = {
       start: (ref, o) => this.startExport(ref, o ?? {}),
       list: () => h.call(ROUTES['exports.list'], {}) as Promise<ExportInfo[]>,
-      stop: (name) => h.call(ROUTES['exports.stop'], { params: { name } }),
+      stop: (name, opts) => h.call(ROUTES['exports.stop'], { params: { name }, ...(opts?.force ? { query: { force: 'true' } } : {}) }),
     };
   }
 
@@ -173,6 +173,8 @@ class ServiceClient implements Broker {
       ...started,
       get stopped() { return (stopped ??= gone()); },
       stop: () => this.exports.stop(started.name),
+      // The service switches its exports over; a client hears of it from `nbd list`.
+      onRetarget: () => undefined,
     };
   }
 }

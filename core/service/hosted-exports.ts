@@ -11,6 +11,7 @@ import { z } from 'zod';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker, ExportOptions } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
+import type { JobInfo } from '../jobs/job.js';
 import { toOffloadError } from '../model/errors.js';
 import type { HostedExportsApi } from './routes.js';
 import { listenSchema } from './schemas.js';
@@ -21,6 +22,8 @@ const hostedSchema = z.object({
   readOnly: z.boolean(),
   listen: listenSchema,
   principal: z.object({ id: z.string(), role: z.enum(['admin', 'tenant']) }),
+  /** When `ref` was set (the export started, or a live copy switched it over): later switch-overs are found in the job records. */
+  since: z.string().optional(),
 });
 type Hosted = z.infer<typeof hostedSchema>;
 const fileSchema = z.object({ version: z.literal(1), exports: z.array(hostedSchema) });
@@ -36,16 +39,25 @@ export class HostedExports implements HostedExportsApi {
 
   async start(broker: Broker, ref: string, opts: ExportOptions): Promise<{ name: string; ref: string; uri: string; readOnly: boolean }> {
     const handle = await broker.exports.start(ref, opts);
-    const entry: Hosted = { name: handle.name, ref: handle.ref, readOnly: handle.readOnly, listen: asStarted(opts.listen, handle.uri), principal: { ...broker.principal } };
+    const entry: Hosted = {
+      name: handle.name, ref: handle.ref, readOnly: handle.readOnly, listen: asStarted(opts.listen, handle.uri), principal: { ...broker.principal }, since: new Date().toISOString(),
+    };
     this.hosted.set(handle.name, entry);
     this.save();
+    // A live copy switched it over: it comes back as the target (the job's record says so first, see restore).
+    handle.onRetarget((to) => {
+      if (this.hosted.get(entry.name) !== entry) return;
+      entry.ref = to;
+      entry.since = new Date().toISOString();
+      this.save();
+    });
     // Stopped other than by the service's shutdown (nbd stop, an administrator's preemption): forget it.
     void handle.stopped.then(() => this.forget(entry));
     return { name: handle.name, ref: handle.ref, uri: handle.uri, readOnly: handle.readOnly };
   }
 
-  async stop(broker: Broker, name: string): Promise<void> {
-    await broker.exports.stop(name);
+  async stop(broker: Broker, name: string, opts: { force?: boolean } = {}): Promise<void> {
+    await broker.exports.stop(name, opts);
     const entry = this.hosted.get(name);
     if (entry) this.forget(entry);
   }
@@ -54,10 +66,16 @@ export class HostedExports implements HostedExportsApi {
   async restore(broker: Broker): Promise<void> {
     const saved = this.read();
     if (saved.length === 0) return;
+    const jobs = await broker.jobs.list().catch((e: unknown) => {
+      this.logger.error(`the job records cannot be read; hosted exports start again from ${this.file} as it is: ${toOffloadError(e).message}`);
+      return [];
+    });
     for (const h of saved) {
       try {
-        await this.start(broker.as(h.principal), h.ref, { name: h.name, readOnly: h.readOnly, listen: h.listen });
-        this.logger.info(`hosted export ${h.name} of ${h.ref} started again`);
+        const ref = current(h, jobs);
+        if (ref !== h.ref) this.logger.info(`hosted export ${h.name}: a live copy had switched it over from ${h.ref} to ${ref} (the job's record says so), so it serves ${ref}`);
+        await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen });
+        this.logger.info(`hosted export ${h.name} of ${ref} started again`);
       } catch (e) {
         const err = toOffloadError(e);
         this.logger.error(`hosted export ${h.name} of ${h.ref} cannot start again, dropped: ${err.code}: ${err.describe()}`, { export: h });
@@ -92,6 +110,25 @@ export class HostedExports implements HostedExportsApi {
     writeFileSync(tmp, `${JSON.stringify({ version: 1, exports: [...this.hosted.values()] }, null, 2)}\n`, { mode: 0o600 });
     renameSync(tmp, this.file); // a crash leaves the old file or the new one, never half of one
   }
+}
+
+/**
+ * The volume an export must serve after a restart: its ref, or the target of a live copy of it
+ * whose switch-over was recorded after the ref was (a crash between the job's record and this
+ * file leaves the file behind; the record is what counts). Followed along later copies too.
+ */
+function current(h: Hosted, jobs: JobInfo[]): string {
+  let ref = h.ref;
+  let since = h.since ?? '';
+  for (let hops = 0; hops < jobs.length; hops++) {
+    const next = jobs
+      .filter((j) => j.type === 'mirror' && j.params.source === ref && j.createdAt >= since && j.authoritative?.side === 'target')
+      .sort((a, b) => a.createdAt.localeCompare(b.createdAt))[0];
+    if (!next) break;
+    ref = next.authoritative!.ref;
+    since = next.createdAt;
+  }
+  return ref;
 }
 
 /** Where an export listens, as it will listen again: a free port (0) becomes the port it got. */

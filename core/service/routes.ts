@@ -26,7 +26,7 @@ export interface RouteContext {
 /** Exports the service hosts: they outlive the request that started them (hosted-exports.ts). */
 export interface HostedExportsApi {
   start(broker: Broker, ref: string, opts: ExportOptions): Promise<z.input<typeof s.exportStartedSchema>>;
-  stop(broker: Broker, name: string): Promise<void>;
+  stop(broker: Broker, name: string, opts?: { force?: boolean }): Promise<void>;
 }
 
 export interface Route<P extends Schema = Schema, Q extends Schema = Schema, B extends Schema = Schema, R extends Schema | null = Schema | null> {
@@ -196,8 +196,8 @@ export const ROUTES = {
     call: (b) => b.exports.list(),
   }),
   'exports.stop': route({
-    method: 'DELETE', path: '/v1/exports/:name', summary: 'stop an export', params: s.exportParams, response: null,
-    call: (b, { params }, ctx) => ctx.exports.stop(b, params.name),
+    method: 'DELETE', path: '/v1/exports/:name', summary: 'stop an export (force: one under a live copy, cancelling the copy first)', params: s.exportParams, query: s.stopExportQuery, response: null,
+    call: (b, { params, query }, ctx) => ctx.exports.stop(b, params.name, query.force ? { force: true } : {}),
   }),
 } as const;
 

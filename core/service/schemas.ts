@@ -40,7 +40,10 @@ export const cloneBody = z.strictObject({
   owner: z.string().optional(), prefer, verify: z.boolean().optional(), speed,
 });
 export const chainBody = z.strictObject({ base: z.string().optional(), speed }).optional();
-export const copyBody = z.strictObject({ source: z.string(), target: z.string(), speed, verify: z.boolean().optional(), prefer });
+export const copyBody = z.strictObject({
+  source: z.string(), target: z.string(), speed, verify: z.boolean().optional(), prefer,
+  live: z.boolean().optional(), mode: z.enum(['background', 'write-blocking']).optional(),
+});
 
 const ref = z.string();
 /** An operation to plan (core/planner/plan.ts). */
@@ -62,6 +65,7 @@ export const jobsQuery = z.strictObject({ status: z.string().optional(), all: z.
 export const speedBody = z.strictObject({ bytesPerSecond: z.number() });
 /** A long poll: the answer comes when the job concludes or after timeoutMs (at most a minute), whichever is first. */
 export const waitQuery = z.strictObject({ timeoutMs: z.coerce.number().int().min(0).max(60_000).optional() });
+export const stopExportQuery = z.strictObject({ force: z.stringbool().optional() });
 export const maintenanceBody = z.strictObject({ reason: z.string() });
 export const listenSchema = z.union([
   z.strictObject({ host: z.string().optional(), port: z.number().optional() }),
@@ -92,6 +96,7 @@ export const jobInfoSchema = z.object({
   cancelled: z.boolean(), createdAt: z.string(), updatedAt: z.string(),
   runner: z.object({ host: z.string(), pid: z.number(), seenAt: z.string() }).optional(),
   orphaned: z.boolean().optional(), plan: z.unknown().optional(), params: z.record(z.string(), z.unknown()),
+  authoritative: z.object({ side: z.enum(['source', 'target']), ref: z.string() }).optional(),
 });
 export const jobWaitSchema = z.object({ concluded: z.boolean(), job: jobInfoSchema });
 /** startClone: a native clone is done (`volume`); one through the host is a job. */
@@ -107,7 +112,7 @@ export const lockSchema = z.object({
 });
 export const exportInfoSchema = z.object({
   name: z.string(), ref: z.string(), uri: z.string(), readOnly: z.boolean(), owner: z.string(),
-  connections: z.number().optional(), startedAt: z.string(), pid: z.number(),
+  connections: z.number().optional(), startedAt: z.string(), pid: z.number(), liveJob: z.string().optional(),
 });
 export const exportStartedSchema = z.object({ name: z.string(), ref: z.string(), uri: z.string(), readOnly: z.boolean() });
 

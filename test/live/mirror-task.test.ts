@@ -18,7 +18,7 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-function setup(mode: 'background' | 'write-blocking' = 'background') {
+function setup(mode: 'background' | 'write-blocking' = 'background', create = false) {
   const store = new SqliteStateStore(':memory:');
   const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
   cleanups.push(async () => {
@@ -32,10 +32,17 @@ function setup(mode: 'background' | 'write-blocking' = 'background') {
   const model = new Uint8Array(size);
   let closedOld: BlockDevice | undefined;
   let targetClosed = 0;
-  const task = mirrorTask({ source: 'pool/src', target: 'pool/dst', mode }, {
+  let removed = 0;
+  let undone = 0;
+  const attached: (string | undefined)[] = [];
+  const task = mirrorTask({ source: 'pool/src', target: 'pool/dst', mode, ...(create ? { create: { sizeBytes: size, owner: 'admin' } } : {}) }, {
     source: live,
+    attach: (id) => attached.push(id),
+    detach: () => attached.push(undefined),
     openTarget: async () => ({ ...dst, close: async () => { targetClosed++; } }),
-    pivoted: async (old) => { closedOld = old; },
+    prepareSwitch: async () => ({ done: async (old) => { closedOld = old; }, undo: async () => { undone++; } }),
+    removeTarget: async () => { removed++; },
+    failClosed: () => undefined,
   });
   const start = (speed?: number) => m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], ...(speed ? { speed } : {}) });
   let stop = false;
@@ -57,6 +64,9 @@ function setup(mode: 'background' | 'write-blocking' = 'background') {
     get writes() { return writes; },
     get closedOld() { return closedOld; },
     get targetClosed() { return targetClosed; },
+    get removed() { return removed; },
+    get undone() { return undone; },
+    attached,
     stopWriter: async () => { stop = true; await writer; },
   };
 }
@@ -91,6 +101,8 @@ describe('the mirror job', () => {
       await t.stopWriter(); // writes after the pivot went to the target
       expect(same(await t.dst.read(0, t.dst.sizeBytes), t.model)).toBe(true);
       expect(t.targetClosed).toBe(0); // the export serves it now
+      expect(t.attached).toEqual([job.id, undefined]);
+      expect(t.undone).toBe(0);
     });
   }
 
@@ -107,12 +119,23 @@ describe('the mirror job', () => {
     expect(same(await t.dst.read(0, t.dst.sizeBytes), t.model)).toBe(true);
     expect(((await t.store.getJob(job.id))!.checkpoint as MirrorState).authoritative).toBe('source');
     expect(t.targetClosed).toBe(1);
+    expect(t.removed).toBe(0); // it did not create the target
     await t.live.write(0, new Uint8Array(4).fill(99)); // the source is no longer watched or mirrored
     expect([...(await t.dst.read(0, 4))]).not.toEqual([99, 99, 99, 99]);
   });
 
-  it('cancel before ready (a speed limit keeps it in the bulk pass): concluded Cancelled, nothing switched', async () => {
-    const t = setup();
+  it('cancel after ready of a target the job created: the consistent copy is kept', async () => {
+    const t = setup('background', true);
+    const job = await t.start();
+    await untilStatus(t.m, job.id, 'ready');
+    await t.stopWriter();
+    await job.cancel();
+    expect((await job.wait()).error?.code).toBe('Cancelled');
+    expect(t.removed).toBe(0);
+  });
+
+  for (const create of [false, true]) it(`cancel before ready (a speed limit keeps it in the bulk pass): concluded Cancelled, nothing switched; a target it ${create ? 'created is deleted' : 'did not create is kept'}`, async () => {
+    const t = setup('background', create);
     await new Promise((r) => setTimeout(r, 20));
     const job = await t.start(64 * KiB);
     await new Promise((r) => setTimeout(r, 100));
@@ -122,6 +145,8 @@ describe('the mirror job', () => {
     expect(info.error?.code).toBe('Cancelled');
     expect(t.live.current).toBe(t.src);
     expect(t.targetClosed).toBe(1);
+    expect(t.removed).toBe(create ? 1 : 0);
+    expect(t.attached).toEqual([job.id, undefined]);
     await t.stopWriter();
   });
 });

@@ -13,7 +13,14 @@ import { preferOption } from './plan.js';
  */
 export async function awaitJob(ctx: CliContext, job: Job, label: string, broker?: Broker): Promise<JobInfo> {
   const bar = ctx.progress(label);
-  const off = job.on((e) => bar.update(e.job.progress.current, e.job.progress.total));
+  let saidReady = false;
+  const off = job.on((e) => {
+    bar.update(e.job.progress.current, e.job.progress.total);
+    if (e.job.status === 'ready' && !saidReady) {
+      saidReady = true;
+      ctx.note(`offload: job ${job.id} is ready (the target is in sync and kept so): \`offload jobs complete ${job.id}\` switches over, \`offload jobs cancel ${job.id}\` leaves the source in use`);
+    }
+  });
   const service = broker && serviceOf(broker);
   const interrupted = () => {
     bar.done();
@@ -111,17 +118,21 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
   }
 
   program.command('copy <source> <target>')
-    .description('copy a volume\'s data into another existing volume, on any backends, through the host')
+    .description('copy a volume\'s data into another existing volume, on any backends, through the host; --live: a volume in use, ending with its export switched over')
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
     .option('--verify', 'compare checksums of source and target after the copy')
     .option('--prefer <where>', 'host (the only way a copy runs; accepted for symmetry with clone)')
+    .option('--live', 'the source is exported read-write and in use: copy while it is written (the target is created if missing); the job is ready once in sync, `offload jobs complete ID` switches the export over')
+    .option('--mode <mode>', 'live copy: background (default) or write-blocking (a write to a copied range reaches both sides before it is acknowledged)')
     .option('--detach', DETACH_HELP)
-    .action(async (source: string, target: string, o: { speed?: string; verify?: boolean; prefer?: string; detach?: boolean }) => {
+    .action(async (source: string, target: string, o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; detach?: boolean }) => {
       const speed = speedOption(o.speed);
       const broker = await ctx.broker();
       checkDetach(broker, o.detach);
+      if (o.mode !== undefined && o.mode !== 'background' && o.mode !== 'write-blocking') throw new UsageError(`--mode is background or write-blocking, got ${o.mode}`);
       const job = await broker.copy(source, target, {
         ...(speed ? { speed } : {}), ...(o.verify ? { verify: true } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
+        ...(o.live ? { live: true } : {}), ...(o.mode ? { mode: o.mode } : {}),
       });
       await followJob(ctx, job, `copy ${source} → ${target}`, broker, o.detach);
     });

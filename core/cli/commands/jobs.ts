@@ -14,6 +14,15 @@ function row(j: JobInfo): Record<string, unknown> {
   };
 }
 
+/** A live job's switch-over record, as `jobs show` says it: which volume holds the data, and why. */
+function authoritative(j: JobInfo): string | undefined {
+  const a = j.authoritative;
+  if (!a) return undefined;
+  return a.side === 'target'
+    ? `${a.ref} (the target: the switch-over was recorded; ${String(j.params.source)} is no longer current)`
+    : `${a.ref} (the source: no switch-over has been recorded${j.status === 'concluded' ? '' : ' yet'})`;
+}
+
 function ago(iso: string): string {
   const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
   return s < 120 ? `${s} s ago` : s < 7200 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
@@ -35,7 +44,7 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
     .description('show one job')
     .action(async (id: string) => {
       const info = (await (await ctx.broker()).jobs.get(id)).info();
-      ctx.print(info, () => Object.entries(row(info)).filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${String(v)}`));
+      ctx.print(info, () => Object.entries({ ...row(info), data: authoritative(info) }).filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${String(v)}`));
     });
 
   const verb = (name: 'cancel' | 'pause' | 'resume' | 'complete' | 'dismiss', description: string) =>

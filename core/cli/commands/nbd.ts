@@ -60,13 +60,14 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     .action(async () => {
       const all = await (await ctx.broker()).exports.list();
       if (ctx.json) return ctx.print(all);
-      ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write' })), ['name', 'ref', 'mode', 'uri', 'owner', 'pid']);
+      ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write', live: e.liveJob ?? '' })), ['name', 'ref', 'mode', 'uri', 'owner', 'pid', 'live']);
     });
 
   nbd.command('stop <name>')
     .description('stop an export: its clients are disconnected after their requests in flight, the volume flushed')
-    .action(async (name: string) => {
-      await (await ctx.broker()).exports.stop(name);
+    .option('--force', 'stop one under a live copy: the copy is cancelled first (its source stays current)')
+    .action(async (name: string, o: { force?: boolean }) => {
+      await (await ctx.broker()).exports.stop(name, o.force ? { force: true } : {});
       ctx.print({ stopped: name }, `stopped export ${name}`);
     });
 }
