@@ -5,6 +5,7 @@
  * connections interleave; each also reads back what it wrote now and then, which catches a
  * stale read (after a switch-over, say) at once.
  */
+import { CMD_FLAG } from '../../core/export/nbd-protocol.js';
 import { CMD, openExport, readData, reply, request, type Opened } from './nbd-client.js';
 
 const STRIPE = 64 * 1024;
@@ -19,6 +20,8 @@ export interface NbdWriterOptions {
   pauseMs?: number;
   /** Told of every acknowledged write (a crash test logs them). */
   onAck?(offset: number, data: Buffer): void;
+  /** Send each write with FUA: acknowledged means durable (a crash test's writer). */
+  fua?: boolean;
 }
 
 export class NbdWriter {
@@ -26,6 +29,8 @@ export class NbdWriter {
   /** Offsets written at least once (so a comparison can skip what was never written by the writer). */
   acked = 0;
   readBacks = 0;
+  /** Each connection's write in flight (sent, not acknowledged): after a crash it may or may not have landed. */
+  readonly pending = new Map<number, { offset: number; data: Buffer }>();
   private stopping = false;
   private readonly loops: Promise<void>[] = [];
   private failure: Error | undefined;
@@ -53,10 +58,29 @@ export class NbdWriter {
     this.stopping = true;
     await Promise.all(this.loops);
     for (const c of this.conns) {
-      request(c.wire, CMD.DISC, 0, 0);
+      if (!c.wire.closed) request(c.wire, CMD.DISC, 0, 0);
       c.wire.socket.end();
     }
     if (this.failure) throw this.failure;
+  }
+
+  /**
+   * Where `image` (the volume as read back after a crash) departs from the model: ranges that are
+   * neither what was acknowledged nor a write that was in flight (either outcome is allowed).
+   */
+  lost(image: Buffer): { offset: number; length: number }[] {
+    const out: { offset: number; length: number }[] = [];
+    const inFlight = [...this.pending.values()];
+    for (let off = 0; off < this.model.length; off += 512) {
+      const a = image.subarray(off, off + 512);
+      if (a.equals(this.model.subarray(off, off + 512))) continue;
+      const p = inFlight.find((w) => off >= w.offset && off < w.offset + w.data.length);
+      if (p && a.equals(p.data.subarray(off - p.offset, off - p.offset + 512))) continue;
+      const last = out[out.length - 1];
+      if (last && last.offset + last.length === off) last.length += 512;
+      else out.push({ offset: off, length: 512 });
+    }
+    return out;
   }
 
   private async loop(c: Opened, index: number, n: number): Promise<void> {
@@ -69,10 +93,12 @@ export class NbdWriter {
         const offset = stripe * STRIPE + 512 * Math.floor(Math.random() * ((STRIPE - len) / 512 + 1));
         const data = Buffer.alloc(len, ((index * 97 + seq++) % 255) + 1);
         data.writeUInt32BE(seq, 0);
-        request(c.wire, CMD.WRITE, offset, len, { payload: data });
+        this.pending.set(index, { offset, data });
+        request(c.wire, CMD.WRITE, offset, len, { payload: data, ...(this.o.fua ? { flags: CMD_FLAG.FUA } : {}) });
         const r = await reply(c.wire);
         if (r.error !== 0) throw new Error(`write of ${len} at ${offset} failed: NBD error ${r.error}`);
         data.copy(this.model, offset);
+        this.pending.delete(index);
         this.acked++;
         this.o.onAck?.(offset, data);
         if (seq % 8 === 0) {

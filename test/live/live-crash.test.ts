@@ -1,0 +1,120 @@
+/**
+ * The durable switch-over (issue 16, item 2): `offload serve` hosts a writable export that a
+ * writer uses (FUA writes: acknowledged means durable; every acknowledgement kept), a live copy
+ * of it runs in the service, and the service is killed with SIGKILL at a random point — in the bulk
+ * pass, after ready, or just after `complete` was asked for. After each restart: the job is
+ * concluded and says which side holds the data; the export is back, serving that side and no
+ * other; the hosted-exports file names it; and that side holds every acknowledged write (a write
+ * in flight at the kill may have landed or not). The next round copies on from there, to the
+ * pool or the SAN mock by turns. OFFLOAD_LONG=1: 40 kills; otherwise 10.
+ */
+import { readFileSync, rmSync, appendFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
+import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
+import { NbdWriter } from '../support/nbd-writer.js';
+import { offload, serve, setup, until, type ServiceChild, type Setup } from '../service/service-helpers.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 32 * MiB;
+const KILLS = process.env.OFFLOAD_LONG === '1' ? 40 : 10;
+
+/** The whole export, read over NBD. */
+async function readExport(port: number, name: string): Promise<Buffer> {
+  const c = await openExport(port, name);
+  const out = Buffer.alloc(SIZE);
+  for (let off = 0; off < SIZE; off += 4 * MiB) {
+    request(c.wire, CMD.READ, off, 4 * MiB);
+    const r = await reply(c.wire, 4 * MiB);
+    if (r.error !== 0) throw new Error(`read at ${off}: NBD error ${r.error}`);
+    readData(r, off, 4 * MiB).copy(out, off);
+  }
+  request(c.wire, CMD.DISC, 0, 0);
+  c.wire.socket.end();
+  return out;
+}
+
+describe('kill -9 around ready and complete of a live copy', () => {
+  let s: Setup;
+  let service: ServiceChild;
+  let san: Awaited<ReturnType<typeof startFlashArrayMock>>;
+  const client = (...args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
+  const json = async (...args: string[]) => {
+    const r = await client('--json', ...args);
+    if (r.code !== 0) throw new Error(`offload ${args.join(' ')} exited ${r.code}: ${r.err}`);
+    return JSON.parse(r.out) as unknown;
+  };
+
+  beforeAll(async () => {
+    san = await startFlashArrayMock({ port: 0 });
+    s = setup();
+    appendFileSync(s.config, ['', '  - name: san1', '    kind: flasharray', `    endpoint: ${san.url}`, `    apiToken: ${san.apiToken}`, ''].join('\n'));
+    service = await serve(s);
+  });
+  afterAll(async () => {
+    if (service?.child.exitCode === null) await service.stop();
+    await san?.close();
+    if (s) rmSync(s.dir, { recursive: true, force: true });
+  });
+
+  it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
+    expect((await client('volume', 'create', 'local/vm-0', `${SIZE}`)).code).toBe(0);
+    const started = await client('nbd', 'local/vm-0', '--port', '0', '--name', 'vm');
+    expect(started.code).toBe(0);
+    const port = Number(new URL(started.out.trim()).port);
+    let current = 'local/vm-0';
+    const phases: Record<string, number> = { bulk: 0, ready: 0, complete: 0 };
+    const outcomes: Record<string, number> = { source: 0, target: 0 };
+    for (let round = 1; round <= KILLS; round++) {
+      const base = await readExport(port, 'vm');
+      const writer = await NbdWriter.start({ port, name: 'vm', connections: 2, fua: true, pauseMs: 2 }, base);
+      const target = `${round % 2 === 0 ? 'local' : 'san1'}/vm-${round}`;
+      const job = await json('copy', '--live', current, target, '--detach', ...(round % 3 === 0 ? ['--mode', 'write-blocking'] : [])) as { id: string };
+      const phase = (['bulk', 'ready', 'complete'] as const)[round % 3]!;
+      phases[phase]!++;
+      const status = async () => ((await json('jobs', 'show', job.id)) as { status: string }).status;
+      if (phase === 'bulk') {
+        await new Promise((r) => setTimeout(r, Math.random() * 120));
+      } else {
+        await until(`job ${job.id} ready`, async () => (await status()) === 'ready', 600, 20);
+        if (phase === 'ready') await new Promise((r) => setTimeout(r, Math.random() * 150));
+        else {
+          expect((await client('jobs', 'complete', job.id)).code).toBe(0);
+          await new Promise((r) => setTimeout(r, Math.random() * 100));
+        }
+      }
+      service.child.kill('SIGKILL');
+      await service.exit;
+      await writer.stop().catch(() => undefined); // its connections were cut
+      expect(writer.acked).toBeGreaterThan(0);
+
+      service = await serve(s);
+      const info = await json('jobs', 'show', job.id) as { status: string; error?: { message: string }; authoritative?: { side: 'source' | 'target'; ref: string } };
+      expect(info.status).toBe('concluded');
+      const side = info.authoritative ?? { side: 'source' as const, ref: current }; // killed before the job saved anything
+      expect(side.ref).toBe(side.side === 'source' ? current : target);
+      if (side.side === 'target') expect(info.error).toBeUndefined();
+      else if (info.authoritative) expect(info.error?.message).toMatch(new RegExp(`${current} holds the data and stays current`));
+      outcomes[side.side]!++;
+
+      await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'vm'));
+      const listed = ((await json('nbd', 'list')) as { name: string; ref: string }[]).find((e) => e.name === 'vm')!;
+      expect(listed.ref).toBe(side.ref); // the other side is never served as current
+      const hosted = JSON.parse(readFileSync(join(s.dir, 'state', 'hosted-exports.json'), 'utf8')) as { exports: { name: string; ref: string }[] };
+      expect(hosted.exports.find((e) => e.name === 'vm')?.ref).toBe(side.ref);
+      const image = await readExport(port, 'vm');
+      expect(writer.lost(image), `round ${round} (${phase}, ${side.side})`).toEqual([]);
+
+      // Go on from the side that holds the data; the other is deleted.
+      const other = side.side === 'target' ? current : target;
+      current = side.ref;
+      const gone = await client('volume', 'delete', other);
+      expect(gone.code === 0 || /NotFound/.test(gone.err), gone.err).toBe(true);
+    }
+    console.log(`live-crash: ${KILLS} kills by phase ${JSON.stringify(phases)}; the side that held the data ${JSON.stringify(outcomes)}`);
+    expect(outcomes.source! + outcomes.target!).toBe(KILLS);
+    expect(outcomes.target).toBeGreaterThan(0); // some kills landed after the switch-over was recorded
+    expect(outcomes.source).toBeGreaterThan(0);
+  });
+});

@@ -1,0 +1,72 @@
+/**
+ * What a restarted service serves (HostedExports.restore): the ref in its file, unless a live
+ * copy's record says the switch-over to another volume was recorded after that ref was written —
+ * the window a kill -9 can hit between the job's record and the file. Followed along a chain of
+ * copies; older copies (before the file's ref was set) and ones not switched over are ignored.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { silentLogger, type Broker, type ExportOptions, type JobInfo } from '../../core/index.js';
+import { HostedExports } from '../../core/service/hosted-exports.js';
+
+const dirs: string[] = [];
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+function mirror(source: string, target: string, createdAt: string, side: 'source' | 'target'): JobInfo {
+  return {
+    id: `mirror-${source}-${target}`, type: 'mirror', status: 'concluded', executor: 'host', ref: target, owner: 'admin',
+    progress: { current: 0, total: 0 }, speed: 0, cancelled: false, createdAt, updatedAt: createdAt,
+    params: { source, target, mode: 'background' }, authoritative: { side, ref: side === 'source' ? source : target },
+  };
+}
+
+/** Restore one hosted export whose file says `ref` since `since`, with these job records: what it starts. */
+async function restored(ref: string, since: string | undefined, jobs: JobInfo[]): Promise<string[]> {
+  const dir = mkdtempSync(join(tmpdir(), 'offload-hosted-'));
+  dirs.push(dir);
+  writeFileSync(join(dir, 'hosted-exports.json'), JSON.stringify({
+    version: 1, exports: [{ name: 'vm', ref, readOnly: false, listen: { host: '127.0.0.1', port: 10809 }, principal: { id: 'admin', role: 'admin' }, ...(since ? { since } : {}) }],
+  }));
+  const started: string[] = [];
+  const broker = {
+    principal: { id: 'admin', role: 'admin' },
+    as: () => broker,
+    jobs: { list: async () => jobs },
+    exports: {
+      start: async (r: string, o: ExportOptions) => {
+        started.push(r);
+        return { name: o.name!, ref: r, uri: 'nbd://127.0.0.1:10809/vm', readOnly: false, stopped: new Promise<void>(() => undefined), stop: async () => undefined, onRetarget: () => undefined };
+      },
+    },
+  } as unknown as Broker;
+  await new HostedExports(dir, silentLogger).restore(broker);
+  return started;
+}
+
+describe('hosted exports after a restart', () => {
+  const T0 = '2026-12-03T10:00:00.000Z';
+  const T1 = '2026-12-03T10:05:00.000Z';
+  const T2 = '2026-12-03T10:09:00.000Z';
+
+  it('serve the target of a switch-over recorded after the file was written', async () => {
+    expect(await restored('local/a', T0, [mirror('local/a', 'san1/b', T1, 'target')])).toEqual(['san1/b']);
+  });
+
+  it('follow a chain of switch-overs', async () => {
+    expect(await restored('local/a', T0, [mirror('san1/b', 'nas1/c', T2, 'target'), mirror('local/a', 'san1/b', T1, 'target')])).toEqual(['nas1/c']);
+  });
+
+  it('ignore a copy not switched over, and one older than the file\'s ref (a copy back and forth)', async () => {
+    expect(await restored('local/a', T0, [mirror('local/a', 'san1/b', T1, 'source')])).toEqual(['local/a']);
+    // a → b at T0 (switched), b → a at T1 (switched, file updated at T2): a is current, not b.
+    expect(await restored('local/a', T2, [mirror('local/a', 'san1/b', T0, 'target'), mirror('san1/b', 'local/a', T1, 'target')])).toEqual(['local/a']);
+  });
+
+  it('a file without `since` (written before it existed) still follows the records', async () => {
+    expect(await restored('local/a', undefined, [mirror('local/a', 'san1/b', T1, 'target')])).toEqual(['san1/b']);
+  });
+});
