@@ -116,6 +116,14 @@ export interface CloneOptions {
   verify?: boolean;
   /** A clone through the host: rate limit in bytes/s. */
   speed?: number;
+  /**
+   * Usable at once, across any backends: the new volume is created and can be exported right
+   * away (reads of what is not copied yet come from the source, writes go to the clone) while a
+   * job (type `fill`) copies the rest; its record of what is filled survives a restart. The source
+   * is locked (shared) until the fill ends. Cancelling the job abandons the clone (its exports
+   * stop and it is deleted). An export of the clone must be started in the broker that runs the job.
+   */
+  instant?: boolean;
 }
 
 export interface CopyOptions {

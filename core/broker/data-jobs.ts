@@ -15,6 +15,7 @@ import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
+import { InstantClones } from './instant-clones.js';
 import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
 import type { Volumes } from './volumes.js';
@@ -24,7 +25,10 @@ export class DataJobs {
   constructor(private readonly s: BrokerState, private readonly a: Access, private readonly volumes: Volumes) {}
 
   async clone(source: string, target: string, opts: CloneOptions = {}): Promise<Volume> {
-    return cloneResult(await this.startClone(source, target, opts), () => this.volumes.get(target));
+    const started = await this.startClone(source, target, opts);
+    // An instant clone is usable once started: its fill goes on in the background.
+    if (opts.instant && started.job) return this.volumes.get(target);
+    return cloneResult(started, () => this.volumes.get(target));
   }
 
   async startClone(source: string, target: string, opts: CloneOptions = {}): Promise<CloneStart> {
@@ -32,9 +36,15 @@ export class DataJobs {
       throw new InvalidArgument(`clone mode must be "linked" or "full", got ${String(opts.mode)}`);
     }
     checkPrefer(opts.prefer);
+    if (opts.instant !== undefined && typeof opts.instant !== 'boolean') throw new InvalidArgument(`instant is true or false, got ${String(opts.instant)}`);
     const src = parseRef(source);
     const dst = parseVolumeRef(target);
     await this.a.assertOwns(src);
+    if (opts.instant) {
+      if (opts.prefer === 'native') throw new InvalidArgument('an instant clone runs through the host', { hint: 'leave out --prefer native' });
+      const plan = planOrRefuse(this.s, { op: 'clone', source, target, mode: 'full', prefer: 'host' }, `clone ${source} to ${target}`, source);
+      return { job: await new InstantClones(this.s, this.a).start(source, target, opts, plan, await this.sourceSize(src, source)) };
+    }
     const op: Operation = { op: 'clone', source, target, ...(opts.mode ? { mode: opts.mode } : {}), ...(opts.prefer ? { prefer: opts.prefer } : {}) };
     const plan = planOrRefuse(this.s, op, `clone ${source} to ${target}`, source);
     const d = this.s.entry(dst.backend);

@@ -5,6 +5,8 @@ import type { ExportHandle, ExportOptions, ExportsApi } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
 import type { ExportInfo } from '../export/registry.js';
 import { LiveDevice } from '../live/live-device.js';
+import type { Fill } from '../live/fill.js';
+import type { BlockDevice } from '../backend/block-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import { Busy, InvalidArgument, NotFound, PermissionDenied, Timeout } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref } from '../model/refs.js';
@@ -38,8 +40,10 @@ export class Exports implements ExportsApi {
     const unreserve = this.s.exports.reserve(name);
     let hold: ExportHold | undefined;
     try {
-      hold = await holdExport(this.s, { name, ref, readOnly, principal: this.a.principal });
-      const opened = await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
+      // An instant clone still filling is served through its fill, within the fill job's locks.
+      const filling = snapshot ? undefined : await this.s.fills.get(formatRef(ref))?.ready.catch(() => undefined);
+      hold = await holdExport(this.s, { name, ref, readOnly, principal: this.a.principal, ...(filling ? { within: filling.jobId } : {}) });
+      const opened = filling ? await viewOrOpen(filling.fill, () => this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw')) : await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
       // A writable export serves through a LiveDevice: what a live job of this broker watches and switches (core/live/).
       const device = readOnly ? opened : new LiveDevice(opened);
       let served: { info: ExportInfo; ended: Promise<void> };
@@ -145,6 +149,15 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
       await lease.release();
     },
   };
+}
+
+/** The fill's view of its target, or (the fill ended just now) the target itself. */
+async function viewOrOpen(fill: Fill, open: () => Promise<BlockDevice>): Promise<BlockDevice> {
+  try {
+    return fill.view();
+  } catch {
+    return open();
+  }
 }
 
 /** Stopping an export that another caller stopped first is fine. */

@@ -423,6 +423,7 @@ export class JobManager {
     }
     if (task) {
       if (await this.resume(rec, task)) return 'resumed';
+      task.dropped?.();
       why = 'the volumes it works on are locked by another job';
     }
     rec.status = 'concluded';

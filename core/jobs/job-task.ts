@@ -11,6 +11,8 @@ export interface JobTask {
   readonly params: Record<string, unknown>;
   /** Run to the end; throw to fail (a Cancelled error after `ctx.signal` aborted means cancelled). */
   run(ctx: JobContext): Promise<void>;
+  /** A task rebuilt for a resume that will not run after all (its locks were held): undo what building it set up. */
+  dropped?(): void;
 }
 
 export interface JobContext {

@@ -23,8 +23,9 @@ export interface LockHolder {
   /** Called when an administrator preempts this holder; should end it and release its locks. */
   preempt?: () => void;
   /**
-   * The holder this one works within, whose locks do not conflict with it: a live copy within the
-   * export whose writes it watches, that export within the live copy at the switch-over.
+   * The holder this one works within: their locks do not conflict, either way. A live copy within
+   * the export whose writes it watches, that export within the live copy at the switch-over, an
+   * export of an instant clone within the job that fills it.
    */
   within?: string;
 }
@@ -230,7 +231,7 @@ export class LockManager {
     const all = [...this.held, ...outside];
     for (const r of requests) {
       for (const h of all) {
-        if (h.key !== r.key || h.holder.id === holder.id || h.holder.id === holder.within) continue;
+        if (h.key !== r.key || h.holder.id === holder.id || h.holder.id === holder.within || h.holder.within === holder.id) continue;
         if (h.mode === 'maintenance') {
           if (holder.principal.role !== 'admin') out.push(h);
           continue;

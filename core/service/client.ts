@@ -133,7 +133,9 @@ class ServiceClient implements Broker {
   }
 
   async clone(source: string, target: string, opts?: CloneOptions): Promise<Volume> {
-    return cloneResult(await this.startClone(source, target, opts), () => this.volumes.get(target));
+    const started = await this.startClone(source, target, opts);
+    if (opts?.instant && started.job) return this.volumes.get(target); // usable at once, as embedded
+    return cloneResult(started, () => this.volumes.get(target));
   }
 
   async startClone(source: string, target: string, opts: CloneOptions = {}): Promise<CloneStart> {

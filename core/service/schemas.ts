@@ -38,6 +38,7 @@ export const fileImportBody = z.strictObject({
 export const cloneBody = z.strictObject({
   source: z.string(), target: z.string(), mode: z.enum(['linked', 'full']).optional(), sizeBytes: z.number().optional(),
   owner: z.string().optional(), prefer, verify: z.boolean().optional(), speed,
+  instant: z.boolean().optional(),
 });
 export const chainBody = z.strictObject({ base: z.string().optional(), speed }).optional();
 export const copyBody = z.strictObject({

@@ -76,8 +76,9 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--prefer <where>', 'host: copy through the host even where the backend could clone natively')
     .option('--verify', 'through the host: compare checksums of source and target after the copy')
     .option('--speed <bytes-per-second>', 'through the host: rate limit (suffixes k, M, G)')
+    .option('--instant', 'usable at once, on any backend: the clone can be exported right away (in the same service) while a job fills it from the source')
     .option('--detach', DETACH_HELP)
-    .action(async (source: string, target: string, o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; detach?: boolean }) => {
+    .action(async (source: string, target: string, o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; instant?: boolean; detach?: boolean }) => {
       if (o.full && o.linked) throw new UsageError('--full and --linked exclude each other');
       const mode = o.full ? 'full' : o.linked ? 'linked' : undefined;
       const speed = speedOption(o.speed);
@@ -85,8 +86,14 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       checkDetach(broker, o.detach);
       const started = await broker.startClone(source, target, {
         ...(mode ? { mode } : {}), ...(o.size ? { sizeBytes: parseSize(o.size) } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
-        ...(o.verify ? { verify: true } : {}), ...(speed ? { speed } : {}),
+        ...(o.verify ? { verify: true } : {}), ...(speed ? { speed } : {}), ...(o.instant ? { instant: true } : {}),
       });
+      if (started.job && o.instant && serviceOf(broker)) {
+        // The fill goes on in the service; the clone is usable now (export it through the same service).
+        const v = await broker.volumes.get(target);
+        ctx.print({ ...v, job: started.job.info() }, `cloned ${source} to ${v.backend}/${v.name}: usable now; job ${started.job.id} fills it in the service (\`offload jobs wait ${started.job.id}\`)`);
+        return;
+      }
       if (started.job) {
         if (o.detach) return printDetached(ctx, started.job);
         const info = await awaitJob(ctx, started.job, `clone ${source} → ${target}`, broker);

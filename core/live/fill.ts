@@ -1,0 +1,207 @@
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
+import type { Extent } from '../model/types.js';
+import { FailedPrecondition } from '../model/errors.js';
+import { DirtyMap } from './dirty-map.js';
+import { RangeLocks } from './range-locks.js';
+
+/** What an instant clone's record keeps: the ranges of the target still served from the source. */
+export interface FillState {
+  granularity: number;
+  pending: [offset: number, length: number][];
+}
+
+/**
+ * An instant clone's target while it fills (after QEMU's copy-on-read and stream over a backing
+ * file, with the backing link kept outside the image so that any target — a SAN LUN too — can
+ * have one): a granule still pending reads from the source; the filler copies pending granules to
+ * the target; a client's write to a pending granule first fills it. The record of what is pending
+ * (`save`) is durable before a client write lands on a granule it covers, so that a resumed fill
+ * never copies the source over a client's write; and a granule is recorded filled only after its
+ * copy is flushed on the target, so that a resumed fill never trusts data that was lost.
+ */
+export class Fill {
+  readonly pending: DirtyMap;
+  private readonly locks: RangeLocks;
+  /** Granules filled since the last save began: recorded as pending still. */
+  private readonly unsaved: DirtyMap;
+  private saving: Promise<void> | undefined;
+  private source: BlockDevice | undefined;
+  private views = 0;
+  private closed = false;
+  /** Bytes copied from the source (by the filler and by client writes to pending granules). */
+  copied = 0;
+
+  constructor(
+    source: BlockDevice,
+    readonly target: BlockDevice,
+    state: FillState,
+    /** Make a FillState durable (the job's record). */
+    private readonly persist: (s: FillState) => Promise<void>,
+  ) {
+    this.source = source;
+    this.pending = new DirtyMap(target.sizeBytes, state.granularity);
+    for (const [o, l] of state.pending) this.pending.mark(o, l);
+    this.unsaved = new DirtyMap(target.sizeBytes, state.granularity);
+    this.locks = new RangeLocks(state.granularity);
+  }
+
+  get done(): boolean {
+    return this.pending.dirtyGranules === 0 && this.unsaved.dirtyGranules === 0;
+  }
+
+  /** Copy one pending run (or what of it is still pending) from the source; recorded by the next save. */
+  async fillRange(r: ByteRange): Promise<number> {
+    return this.locks.run(r.offset, r.length, () => this.copy(r.offset, r.length));
+  }
+
+  /**
+   * Record what is pending now, durably: the target is flushed first (what it was given is
+   * then on it), then the record is written. Saves run one at a time; one asked for meanwhile runs
+   * once after, for every caller waiting.
+   */
+  save(): Promise<void> {
+    if (this.saving) return this.saving.then(() => this.save(), () => this.save());
+    const run = (async () => {
+      const state: FillState = { granularity: this.pending.granularity, pending: this.pending.ranges().map((r) => [r.offset, r.length]) };
+      const covered = this.unsaved.ranges();
+      for (const r of covered) this.unsaved.clear(r.offset, r.length);
+      try {
+        await this.target.flush();
+        await this.persist(state);
+      } catch (e) {
+        for (const r of covered) this.unsaved.mark(r.offset, r.length);
+        throw e;
+      }
+    })();
+    this.saving = run;
+    return run.finally(() => { this.saving = undefined; });
+  }
+
+  /** The source is no longer needed (nothing pending, all saved): close it. */
+  async detachSource(): Promise<void> {
+    if (!this.done) throw new FailedPrecondition('the fill is not done: the source is still needed');
+    const s = this.source;
+    this.source = undefined;
+    await s?.close();
+  }
+
+  /** A device for an export of the target while it fills: its close leaves the fill's devices open. */
+  view(): BlockDevice {
+    if (this.closed) throw new FailedPrecondition('the fill has ended');
+    this.views++;
+    let open = true;
+    return {
+      sizeBytes: this.target.sizeBytes,
+      ...(this.target.blockSize !== undefined ? { blockSize: this.target.blockSize } : {}),
+      read: (o, l) => this.read(o, l),
+      write: (o, d) => this.write(o, d, false),
+      writeFua: (o, d) => this.write(o, d, true),
+      writeZeroes: async (o, l) => {
+        await this.ensureFilled(o, l);
+        if (this.target.writeZeroes) await this.target.writeZeroes(o, l);
+        else await this.target.write(o, new Uint8Array(l));
+      },
+      discard: async (o, l) => {
+        await this.ensureFilled(o, l);
+        await this.target.discard?.(o, l);
+      },
+      extents: (o, l) => this.extents(o ?? 0, l ?? this.target.sizeBytes - (o ?? 0)),
+      flush: () => this.target.flush(),
+      close: async () => {
+        if (!open) return;
+        open = false;
+        this.views--;
+        await this.closeIfUnused();
+      },
+    };
+  }
+
+  /** The job is done with the fill: the devices close once no export uses the target. */
+  async release(): Promise<void> {
+    this.closed = true;
+    await this.closeIfUnused();
+  }
+
+  private async closeIfUnused(): Promise<void> {
+    if (!this.closed || this.views > 0) return;
+    const s = this.source;
+    this.source = undefined;
+    await Promise.allSettled([s?.close(), this.target.close()]);
+  }
+
+  private async read(offset: number, length: number): Promise<Uint8Array> {
+    if (!this.pending.isDirty(offset, length)) return this.target.read(offset, length);
+    const out = new Uint8Array(length);
+    for (const run of this.runs(offset, length)) {
+      const from = run.pending ? this.needSource() : this.target;
+      out.set(await from.read(run.offset, run.length), run.offset - offset);
+    }
+    return out;
+  }
+
+  private async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    await this.ensureFilled(offset, data.length);
+    if (fua && this.target.writeFua) await this.target.writeFua(offset, data);
+    else {
+      await this.target.write(offset, data);
+      if (fua) await this.target.flush();
+    }
+  }
+
+  /** Before a client changes a range: its pending granules are filled, and recorded as filled. */
+  private async ensureFilled(offset: number, length: number): Promise<void> {
+    if (length === 0) return;
+    if (this.pending.isDirty(offset, length)) {
+      await this.locks.run(offset, length, async () => {
+        for (const run of this.runs(offset, length)) if (run.pending) await this.copy(run.offset, run.length);
+      });
+    }
+    if (this.unsaved.isDirty(offset, length)) await this.save();
+  }
+
+  /** Copy the pending granules [offset, offset+length) touches from the source (caller holds their range lock); bytes copied. */
+  private async copy(offset: number, length: number): Promise<number> {
+    const g = this.pending.granularity;
+    const start = Math.floor(offset / g) * g;
+    const end = Math.min(Math.ceil((offset + length) / g) * g, this.target.sizeBytes);
+    let n = 0;
+    for (const run of this.runs(start, end - start)) {
+      if (!run.pending) continue;
+      const data = await this.needSource().read(run.offset, run.length);
+      await this.target.write(run.offset, data);
+      n += run.length;
+      this.unsaved.mark(run.offset, run.length);
+      this.pending.clear(run.offset, run.length);
+    }
+    this.copied += n;
+    return n;
+  }
+
+  private async extents(offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    for (const run of this.runs(offset, length)) out.push(...(await (run.pending ? this.needSource() : this.target).extents(run.offset, run.length)));
+    return out;
+  }
+
+  /** [offset, offset+length) cut where pending changes. */
+  private runs(offset: number, length: number): { offset: number; length: number; pending: boolean }[] {
+    const out: { offset: number; length: number; pending: boolean }[] = [];
+    const g = this.pending.granularity;
+    let at = offset;
+    const end = offset + length;
+    while (at < end) {
+      const next = Math.min(end, (Math.floor(at / g) + 1) * g);
+      const pending = this.pending.isDirty(at, next - at);
+      const last = out[out.length - 1];
+      if (last && last.pending === pending) last.length += next - at;
+      else out.push({ offset: at, length: next - at, pending });
+      at = next;
+    }
+    return out;
+  }
+
+  private needSource(): BlockDevice {
+    if (!this.source) throw new FailedPrecondition('the instant clone\'s source is closed while ranges are still pending');
+    return this.source;
+  }
+}

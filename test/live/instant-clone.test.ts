@@ -1,0 +1,120 @@
+/**
+ * `clone --instant` through the broker on real backends (pool → SAN mock, SAN mock → NAS mock,
+ * NAS mock → pool): the clone is exported at once and written by an NBD writer (a model of every
+ * acknowledged write, read-backs on the way) while its fill job runs at a limited speed; reads of
+ * ranges not filled yet come from the source; at the end the clone equals the model and the
+ * source is free. Also: the source is Busy while the fill runs, and cancel abandons the clone.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Broker, Job, JobStatus } from '../../core/index.js';
+import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
+import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
+import { NbdWriter } from '../support/nbd-writer.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 16 * MiB;
+
+let all: AllBackends;
+let broker: Broker;
+let n = 0;
+
+beforeAll(async () => {
+  all = await startAllBackends({ prefix: 'offload-instant-' });
+  broker = all.broker;
+});
+afterAll(async () => {
+  await all?.close();
+});
+
+async function sourceVolume(backend: string): Promise<{ ref: string; bytes: Buffer }> {
+  const ref = `${backend}/inst-src-${++n}`;
+  await broker.volumes.create(ref, { sizeBytes: SIZE });
+  const bytes = Buffer.alloc(SIZE);
+  await withDevice(broker, ref, 'rw', async (d) => {
+    for (let off = 0; off < SIZE; off += 128 * 1024) {
+      const chunk = Buffer.alloc(64 * 1024, ((off >> 17) % 200) + 11);
+      await d.write(off, chunk);
+      chunk.copy(bytes, off);
+    }
+    await d.flush();
+  });
+  return { ref, bytes };
+}
+
+async function readExport(port: number, name: string): Promise<Buffer> {
+  const c = await openExport(port, name);
+  const out = Buffer.alloc(SIZE);
+  for (let off = 0; off < SIZE; off += 2 * MiB) {
+    request(c.wire, CMD.READ, off, 2 * MiB);
+    const r = await reply(c.wire, 2 * MiB);
+    if (r.error !== 0) throw new Error(`read at ${off}: NBD error ${r.error}`);
+    readData(r, off, 2 * MiB).copy(out, off);
+  }
+  request(c.wire, CMD.DISC, 0, 0);
+  c.wire.socket.end();
+  return out;
+}
+
+async function until(job: Job, status: JobStatus): Promise<void> {
+  for (let i = 0; i < 3000; i++) {
+    if ((await broker.jobs.get(job.id)).info().status === status) return;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error(`job ${job.id} never reached ${status}`);
+}
+
+describe('instant clone through the broker', () => {
+  for (const [from, to] of [['local', 'san1'], ['san1', 'nas1'], ['nas1', 'local']] as const) {
+    it(`${from} → ${to}: exported and written at once while it fills; unfilled ranges read from the source; at the end it equals the model and the source is free`, async () => {
+      const src = await sourceVolume(from);
+      const dst = `${to}/inst-dst-${++n}`;
+      const started = await broker.startClone(src.ref, dst, { instant: true, speed: 6 * MiB });
+      const job = started.job!;
+      expect(job.info().type).toBe('fill');
+      const exp = await broker.exports.start(dst, { listen: { port: 0 } });
+      const port = Number(new URL(exp.uri).port);
+      const writer = await NbdWriter.start({ port, name: exp.name, connections: 2, pauseMs: 2 }, src.bytes);
+      await new Promise((r) => setTimeout(r, 300));
+      await writer.stop();
+      expect(writer.acked).toBeGreaterThan(0);
+      const mid = (await broker.jobs.get(job.id)).info();
+      expect(mid.status).toBe('running'); // still filling: what was read below came partly from the source
+      expect(mid.progress.current).toBeLessThan(mid.progress.total);
+      expect((await readExport(port, exp.name)).equals(writer.model)).toBe(true);
+      await expect(broker.volumes.delete(src.ref)).rejects.toMatchObject({ code: 'Busy', data: { holder: job.id } });
+      const again = await NbdWriter.start({ port, name: exp.name, connections: 2, pauseMs: 2 }, writer.model);
+      const info = await job.wait();
+      expect(info.error).toBeUndefined();
+      await new Promise((r) => setTimeout(r, 100)); // writes after the fill ended go on through the same connections
+      await again.stop();
+      expect((await readExport(port, exp.name)).equals(again.model)).toBe(true);
+      await exp.stop();
+      await broker.volumes.delete(src.ref); // no longer needed
+      expect(await withDevice(broker, dst, 'r', async (d) => Buffer.from(await d.read(0, SIZE)).equals(again.model))).toBe(true);
+      await broker.volumes.delete(dst);
+    });
+  }
+
+  it('clone() returns the volume at once; cancel abandons the clone: its export stops and it is deleted', async () => {
+    const src = await sourceVolume('local');
+    const dst = `local/inst-dst-${++n}`;
+    const vol = await broker.clone(src.ref, dst, { instant: true, speed: 1 * MiB });
+    expect(vol.sizeBytes).toBe(SIZE);
+    const job = (await broker.jobs.list()).find((j) => j.type === 'fill' && j.ref === dst)!;
+    const exp = await broker.exports.start(dst, { listen: { port: 0 } });
+    await until(await broker.jobs.get(job.id), 'running');
+    await broker.jobs.cancel(job.id);
+    const info = await (await broker.jobs.get(job.id)).wait();
+    expect(info.error?.code).toBe('Cancelled');
+    await exp.stopped;
+    await expect(broker.volumes.get(dst)).rejects.toMatchObject({ code: 'NotFound' });
+    await broker.volumes.delete(src.ref);
+  });
+
+  it('refused clearly: an existing target, --linked, --verify', async () => {
+    const src = await sourceVolume('local');
+    await expect(broker.startClone(src.ref, src.ref, { instant: true })).rejects.toMatchObject({ code: 'AlreadyExists' });
+    await expect(broker.startClone(src.ref, `local/x-${++n}`, { instant: true, mode: 'linked' })).rejects.toMatchObject({ code: 'InvalidArgument' });
+    await expect(broker.startClone(src.ref, `local/x-${++n}`, { instant: true, verify: true })).rejects.toMatchObject({ code: 'InvalidArgument' });
+  });
+});
