@@ -4,6 +4,7 @@
  * over all three, and shows each operation, where it ran (offloaded to an appliance, native on the
  * host's qcow2 engine, or through the host data mover) and how many bytes crossed the host.
  */
+import { execFile } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,6 +31,18 @@ async function follow(job: Job, label: string): Promise<void> {
   });
   const info = await job.result();
   say(`   ${label}: ${info.status} on ${info.executor}, ${formatSize(info.progress.current)} processed`);
+}
+
+/** qemu-io writing 64 KiB blocks through an export, if it is installed: what it reports at the end. */
+function qemuIoWriter(uri: string): Promise<string> {
+  const cmds = Array.from({ length: 200 }, (_, i) => ['-c', `write -P ${(i % 200) + 1} ${(i * 64 * 1024) % (64 * MiB)} 64k`]).flat();
+  return new Promise((resolve) => {
+    execFile('qemu-io', ['-f', 'raw', ...cmds, uri], (err, stdout) => {
+      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return resolve('qemu-io is not installed: nothing wrote meanwhile');
+      const wrote = stdout.split('\n').filter((l) => l.startsWith('wrote')).length;
+      resolve(err ? `qemu-io failed: ${err.message}` : `qemu-io wrote ${wrote} × 64 KiB across the switch-over, no error`);
+    });
+  });
 }
 
 const san = await startFlashArrayMock({ port: 0 });
@@ -105,7 +118,29 @@ try {
   await w2.close();
   await follow(await broker.commit('local/vm2', { base: 'pre-patch' }), 'commit local/vm2 into @pre-patch');
 
-  say('\n7. what cannot be done says why');
+  say('\n7. live migration SAN → NAS while the volume is written (qemu-io over NBD stands in for the VM)');
+  const exp = await broker.exports.start('san1/vm1', { listen: { port: 0 } });
+  say(`   san1/vm1 served at ${exp.uri}`);
+  const writer = qemuIoWriter(exp.uri);
+  const mig = await broker.copy('san1/vm1', 'nas1/vm1-moved', { live: true });
+  while ((await broker.jobs.get(mig.id)).info().status !== 'ready') await new Promise((r) => setTimeout(r, 20));
+  say(`   ${mig.id}: ready (nas1/vm1-moved in sync; writes go on)`);
+  await broker.jobs.complete(mig.id);
+  const moved = await mig.result();
+  say(`   switched over: the export now serves ${moved.authoritative?.ref} (recorded before the switch), ${formatSize(moved.progress.current)} copied`);
+  say(`   writer: ${await writer}`);
+  await exp.stop();
+
+  say('\n8. instant clone across storage: local/vm1 → nas1/vm9, served at once while it fills');
+  const t0 = Date.now();
+  const inst = await broker.startClone('local/vm1', 'nas1/vm9', { instant: true });
+  const exp9 = await broker.exports.start('nas1/vm9', { listen: { port: 0 } });
+  say(`   nas1/vm9 usable after ${Date.now() - t0} ms at ${exp9.uri}; job ${inst.job!.id} fills it`);
+  const filled = await inst.job!.result();
+  say(`   fill: ${filled.status} on ${filled.executor}, ${formatSize(filled.progress.current)} copied; the source is free again`);
+  await exp9.stop();
+
+  say('\n9. what cannot be done says why');
   say(`   linked clone SAN → NAS: ${where(await broker.plan({ op: 'clone', source: 'san1/vm1', target: 'nas1/x', mode: 'linked' }))}`);
   say(`   commit on the SAN: ${where(await broker.plan({ op: 'commit', ref: 'san1/vm1' }))}`);
 

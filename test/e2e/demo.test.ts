@@ -15,5 +15,9 @@ describe('examples/demo.ts', () => {
     expect(r.stdout).toMatch(/local\/vm2 parent=local\/vm1@golden: clone\.linked on backend:local/);
     expect(r.stdout).toMatch(/commit local\/vm2 into @pre-patch: concluded on backend:local/);
     expect(r.stdout).toMatch(/linked clone SAN → NAS: unsupported: /);
+    expect(r.stdout).toMatch(/switched over: the export now serves nas1\/vm1-moved/);
+    expect(r.stdout).toMatch(/writer: (qemu-io wrote 200 × 64 KiB across the switch-over, no error|qemu-io is not installed)/);
+    expect(r.stdout).toMatch(/nas1\/vm9 usable after \d+ ms/);
+    expect(r.stdout).toMatch(/fill: concluded on host/);
   });
 });
