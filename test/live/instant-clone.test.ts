@@ -8,7 +8,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Broker, Job, JobStatus } from '../../core/index.js';
 import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
-import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
+import { readExport as readWhole } from '../support/live-service.js';
 import { NbdWriter } from '../support/nbd-writer.js';
 
 const MiB = 1024 * 1024;
@@ -41,19 +41,7 @@ async function sourceVolume(backend: string): Promise<{ ref: string; bytes: Buff
   return { ref, bytes };
 }
 
-async function readExport(port: number, name: string): Promise<Buffer> {
-  const c = await openExport(port, name);
-  const out = Buffer.alloc(SIZE);
-  for (let off = 0; off < SIZE; off += 2 * MiB) {
-    request(c.wire, CMD.READ, off, 2 * MiB);
-    const r = await reply(c.wire, 2 * MiB);
-    if (r.error !== 0) throw new Error(`read at ${off}: NBD error ${r.error}`);
-    readData(r, off, 2 * MiB).copy(out, off);
-  }
-  request(c.wire, CMD.DISC, 0, 0);
-  c.wire.socket.end();
-  return out;
-}
+const readExport = (port: number, name: string) => readWhole(port, name, SIZE);
 
 async function until(job: Job, status: JobStatus): Promise<void> {
   for (let i = 0; i < 3000; i++) {

@@ -6,55 +6,32 @@
  * resumed from its record, the export comes back through the fill, and the clone holds every
  * acknowledged write over the source's data (a write in flight may have landed or not). The
  * fill's progress never goes back by more than what one save interval covers (no restart from
- * zero); at the end the clone equals the model. OFFLOAD_LONG=1: 32 kills; otherwise 8.
+ * zero); at the end the clone equals the model. OFFLOAD_LONG=1: 32 kills (a slower fill); otherwise 8.
+ * The writer keeps to the first 4 MiB, so that its writes (each filling its granule first) do not
+ * finish the fill before the kills are done.
  */
-import { appendFileSync, rmSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
-import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
+import { until } from '../service/service-helpers.js';
+import { startLiveService, readExport as readWhole, type LiveService } from '../support/live-service.js';
+import { CMD, openExport, reply, request } from '../support/nbd-client.js';
 import { NbdWriter } from '../support/nbd-writer.js';
-import { offload, serve, setup, until, type ServiceChild, type Setup } from '../service/service-helpers.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
-const SPEED = 1 * MiB;
+const SPEED = process.env.OFFLOAD_LONG === '1' ? 512 * 1024 : 1 * MiB;
 const KILLS = process.env.OFFLOAD_LONG === '1' ? 32 : 8;
-
-async function readExport(port: number, name: string): Promise<Buffer> {
-  const c = await openExport(port, name);
-  const out = Buffer.alloc(SIZE);
-  for (let off = 0; off < SIZE; off += 4 * MiB) {
-    request(c.wire, CMD.READ, off, 4 * MiB);
-    const r = await reply(c.wire, 4 * MiB);
-    if (r.error !== 0) throw new Error(`read at ${off}: NBD error ${r.error}`);
-    readData(r, off, 4 * MiB).copy(out, off);
-  }
-  request(c.wire, CMD.DISC, 0, 0);
-  c.wire.socket.end();
-  return out;
-}
+const readExport = (port: number, name: string) => readWhole(port, name, SIZE);
 
 describe('kill -9 during an instant clone', () => {
-  let s: Setup;
-  let service: ServiceChild;
-  let san: Awaited<ReturnType<typeof startFlashArrayMock>>;
-  const client = (...args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
-  const json = async (...args: string[]) => {
-    const r = await client('--json', ...args);
-    if (r.code !== 0) throw new Error(`offload ${args.join(' ')} exited ${r.code}: ${r.err}`);
-    return JSON.parse(r.out) as unknown;
-  };
+  let ls: LiveService;
+  const client = (...args: string[]) => ls.client(...args);
+  const json = (...args: string[]) => ls.json(...args);
 
   beforeAll(async () => {
-    san = await startFlashArrayMock({ port: 0 });
-    s = setup();
-    appendFileSync(s.config, ['', '  - name: san1', '    kind: flasharray', `    endpoint: ${san.url}`, `    apiToken: ${san.apiToken}`, ''].join('\n'));
-    service = await serve(s);
+    ls = await startLiveService();
   });
   afterAll(async () => {
-    if (service?.child.exitCode === null) await service.stop();
-    await san?.close();
-    if (s) rmSync(s.dir, { recursive: true, force: true });
+    await ls?.close();
   });
 
   it(`${KILLS} kills while it fills and is written: resumed each time, never losing an acknowledged write, never starting over`, async () => {
@@ -84,13 +61,12 @@ describe('kill -9 during an instant clone', () => {
     for (; kills < KILLS; kills++) {
       const info = await json('jobs', 'show', jobId) as { status: string; progress: { current: number; total: number } };
       if (info.status === 'concluded') break;
-      const writer = await NbdWriter.start({ port, name: 'vm', connections: 2, fua: true, pauseMs: 20 }, model);
+      const writer = await NbdWriter.start({ port, name: 'vm', connections: 2, fua: true, pauseMs: 20, span: 4 * MiB }, model);
       await new Promise((r) => setTimeout(r, 50 + Math.random() * 400));
       const before = ((await json('jobs', 'show', jobId)) as { progress: { current: number } }).progress.current;
-      service.child.kill('SIGKILL');
-      await service.exit;
+      await ls.kill();
       await writer.stop().catch(() => undefined);
-      service = await serve(s);
+      await ls.restart();
       await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'vm'));
       const image = await readExport(port, 'vm');
       expect(writer.lost(image), `kill ${kills + 1}`).toEqual([]);

@@ -8,54 +8,28 @@
  * in flight at the kill may have landed or not). The next round copies on from there, to the
  * pool or the SAN mock by turns. OFFLOAD_LONG=1: 40 kills; otherwise 10.
  */
-import { readFileSync, rmSync, appendFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
-import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
+import { until } from '../service/service-helpers.js';
+import { startLiveService, readExport as readWhole, type LiveService } from '../support/live-service.js';
 import { NbdWriter } from '../support/nbd-writer.js';
-import { offload, serve, setup, until, type ServiceChild, type Setup } from '../service/service-helpers.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 const KILLS = process.env.OFFLOAD_LONG === '1' ? 40 : 10;
-
-/** The whole export, read over NBD. */
-async function readExport(port: number, name: string): Promise<Buffer> {
-  const c = await openExport(port, name);
-  const out = Buffer.alloc(SIZE);
-  for (let off = 0; off < SIZE; off += 4 * MiB) {
-    request(c.wire, CMD.READ, off, 4 * MiB);
-    const r = await reply(c.wire, 4 * MiB);
-    if (r.error !== 0) throw new Error(`read at ${off}: NBD error ${r.error}`);
-    readData(r, off, 4 * MiB).copy(out, off);
-  }
-  request(c.wire, CMD.DISC, 0, 0);
-  c.wire.socket.end();
-  return out;
-}
+const readExport = (port: number, name: string) => readWhole(port, name, SIZE);
 
 describe('kill -9 around ready and complete of a live copy', () => {
-  let s: Setup;
-  let service: ServiceChild;
-  let san: Awaited<ReturnType<typeof startFlashArrayMock>>;
-  const client = (...args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
-  const json = async (...args: string[]) => {
-    const r = await client('--json', ...args);
-    if (r.code !== 0) throw new Error(`offload ${args.join(' ')} exited ${r.code}: ${r.err}`);
-    return JSON.parse(r.out) as unknown;
-  };
+  let ls: LiveService;
+  const client = (...args: string[]) => ls.client(...args);
+  const json = (...args: string[]) => ls.json(...args);
 
   beforeAll(async () => {
-    san = await startFlashArrayMock({ port: 0 });
-    s = setup();
-    appendFileSync(s.config, ['', '  - name: san1', '    kind: flasharray', `    endpoint: ${san.url}`, `    apiToken: ${san.apiToken}`, ''].join('\n'));
-    service = await serve(s);
+    ls = await startLiveService();
   });
   afterAll(async () => {
-    if (service?.child.exitCode === null) await service.stop();
-    await san?.close();
-    if (s) rmSync(s.dir, { recursive: true, force: true });
+    await ls?.close();
   });
 
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
@@ -84,12 +58,11 @@ describe('kill -9 around ready and complete of a live copy', () => {
           await new Promise((r) => setTimeout(r, Math.random() * 100));
         }
       }
-      service.child.kill('SIGKILL');
-      await service.exit;
+      await ls.kill();
       await writer.stop().catch(() => undefined); // its connections were cut
       expect(writer.acked).toBeGreaterThan(0);
 
-      service = await serve(s);
+      await ls.restart();
       const info = await json('jobs', 'show', job.id) as { status: string; error?: { message: string }; authoritative?: { side: 'source' | 'target'; ref: string } };
       expect(info.status).toBe('concluded');
       const side = info.authoritative ?? { side: 'source' as const, ref: current }; // killed before the job saved anything
@@ -101,7 +74,7 @@ describe('kill -9 around ready and complete of a live copy', () => {
       await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'vm'));
       const listed = ((await json('nbd', 'list')) as { name: string; ref: string }[]).find((e) => e.name === 'vm')!;
       expect(listed.ref).toBe(side.ref); // the other side is never served as current
-      const hosted = JSON.parse(readFileSync(join(s.dir, 'state', 'hosted-exports.json'), 'utf8')) as { exports: { name: string; ref: string }[] };
+      const hosted = JSON.parse(readFileSync(join(ls.s.dir, 'state', 'hosted-exports.json'), 'utf8')) as { exports: { name: string; ref: string }[] };
       expect(hosted.exports.find((e) => e.name === 'vm')?.ref).toBe(side.ref);
       const image = await readExport(port, 'vm');
       expect(writer.lost(image), `round ${round} (${phase}, ${side.side})`).toEqual([]);

@@ -22,6 +22,8 @@ export interface NbdWriterOptions {
   onAck?(offset: number, data: Buffer): void;
   /** Send each write with FUA: acknowledged means durable (a crash test's writer). */
   fua?: boolean;
+  /** Write within the first `span` bytes only (default: the whole volume). */
+  span?: number;
 }
 
 export class NbdWriter {
@@ -85,7 +87,7 @@ export class NbdWriter {
 
   private async loop(c: Opened, index: number, n: number): Promise<void> {
     const len = this.o.writeBytes ?? 4096;
-    const stripes = Math.floor(this.model.length / STRIPE);
+    const stripes = Math.floor((this.o.span ?? this.model.length) / STRIPE);
     let seq = 0;
     try {
       while (!this.stopping) {
