@@ -149,6 +149,12 @@ export interface CopyOptions {
   mode?: 'background' | 'write-blocking';
 }
 
+/** What a group live copy takes (CopyOptions' live-copy part). */
+export interface LiveCopyOptions {
+  mode?: 'background' | 'write-blocking';
+  speed?: number;
+}
+
 /** `volumes.exportTo`: the file is created (relative paths resolve against the working folder). */
 export interface FileExportOptions {
   /** `raw` (the default, as for `qemu-img convert`), `qcow2`, or a format a plugin adds. */
@@ -203,6 +209,13 @@ export interface Broker {
    * volume in use that ends by switching its export over (CopyOptions.live).
    */
   copy(source: string, target: string, opts?: CopyOptions): Promise<Job>;
+  /**
+   * Live copy of several volumes in use as one job (the disks of one VM): each SRC exported
+   * read-write here, `ready` when every target is in sync, `complete` switches every export over
+   * after one record (all or none), `cancel` leaves every source in use. `copy(…, { live })` is
+   * the one-pair case.
+   */
+  liveCopy(pairs: { source: string; target: string }[], opts?: LiveCopyOptions): Promise<Job>;
   /** Explain how an operation would run, without running it. */
   plan(op: Operation): Promise<Plan>;
   readonly jobs: JobsApi;

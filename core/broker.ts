@@ -10,12 +10,15 @@ import type { Logger } from './backend/plugin.js';
 import { loadPlugins, type LoadedPlugins } from './backend/plugin-container.js';
 import type { StorageBackend } from './backend/storage-backend.js';
 import { Access } from './broker/access.js';
+import { instantCloneTask } from './broker/instant-clones.js';
+import type { FillParams } from './live/fill-task.js';
+import type { JobRecord } from './state/records.js';
 import { DataJobs } from './broker/data-jobs.js';
 import { Exports } from './broker/exports.js';
 import { Jobs, Locks } from './broker/jobs-locks.js';
 import { BrokerState } from './broker/state.js';
 import { Snapshots, Volumes } from './broker/volumes.js';
-import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
+import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
@@ -91,7 +94,9 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     throw e;
   }
   const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats));
-  state.jobs = new JobManager(store, state.locks, (rec) => state.resolveTask(rec), logger, {
+  // A fill job (an instant clone) is rebuilt here, where both the state and the broker's verbs are known.
+  const resolve = (rec: JobRecord) => rec.executor === 'host' && rec.type === 'fill' ? Promise.resolve(instantCloneTask(state, rec.params as unknown as FillParams)) : state.resolveTask(rec);
+  state.jobs = new JobManager(store, state.locks, resolve, logger, {
     ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
     ...(opts.onJobEvent ? { onEvent: opts.onJobEvent } : {}),
     placement: (rec) => state.placement(rec),
@@ -186,6 +191,7 @@ class BrokerView implements Broker {
   stream(ref: string, opts?: { base?: string; speed?: number }): Promise<Job> { return this.data.stream(ref, opts); }
   commit(ref: string, opts?: { base?: string; speed?: number }): Promise<Job> { return this.data.commit(ref, opts); }
   copy(source: string, target: string, opts?: CopyOptions): Promise<Job> { return this.data.copy(source, target, opts); }
+  liveCopy(pairs: { source: string; target: string }[], opts?: LiveCopyOptions): Promise<Job> { return this.data.liveCopy(pairs, opts); }
 
   async plan(op: Operation): Promise<Plan> {
     this.s.assertOpen();

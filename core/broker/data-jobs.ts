@@ -4,7 +4,7 @@
  * rather than deciding again here.
  */
 import { cloneResult } from './clone-result.js';
-import type { CloneOptions, CloneStart, CopyOptions } from '../broker-api.js';
+import type { CloneOptions, CloneStart, CopyOptions, LiveCopyOptions } from '../broker-api.js';
 import { cloneTask, hostCopyTask, type HostCloneParams } from '../copy/host-copy.js';
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
@@ -140,7 +140,7 @@ export class DataJobs {
     }
     if (opts.live !== undefined && typeof opts.live !== 'boolean') throw new InvalidArgument(`live is true or false, got ${String(opts.live)}`);
     const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
-    if (opts.live) return new LiveCopies(this.s, this.a).start(source, target, opts, plan);
+    if (opts.live) return new LiveCopies(this.s, this.a).start([{ source, target }], opts, plan);
     if (opts.mode !== undefined) throw new InvalidArgument('--mode applies to a live copy', { hint: 'add --live, or leave out --mode' });
     const src = parseVolumeRef(source);
     await this.a.assertOwns(src);
@@ -154,6 +154,14 @@ export class DataJobs {
       { key: volumeKey(src), mode: 'shared' },
       { key: volumeKey(parseVolumeRef(target)), mode: 'exclusive' },
     ], plan, checkSpeed(opts.speed));
+  }
+
+  async liveCopy(pairs: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {
+    if (opts === null || typeof opts !== 'object') throw new InvalidArgument('live copy options are an object: { mode?, speed? }');
+    if (!Array.isArray(pairs) || pairs.length === 0) throw new InvalidArgument('a live copy needs at least one { source, target } pair');
+    const first = pairs[0]!;
+    const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));
+    return new LiveCopies(this.s, this.a).start(pairs, { ...opts, live: true }, plan);
   }
 
   private startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed?: number): Promise<Job> {

@@ -7,7 +7,7 @@
 import type { CloneOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
-import type { Fill } from '../live/fill.js';
+import type { Fill, FillEntry } from '../live/fill.js';
 import { fillTask, type FillParams } from '../live/fill-task.js';
 import { AlreadyExists, InvalidArgument, toOffloadError } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey } from '../model/refs.js';
@@ -16,11 +16,6 @@ import type { Access } from './access.js';
 import { checkSize, checkSpeed } from './operation.js';
 import type { BrokerState } from './state.js';
 
-/** A fill in progress, as exports of its target find it. */
-export interface FillEntry {
-  /** Resolves once the job has its devices open and its record of what is pending (rejects if it ends first). */
-  ready: Promise<{ fill: Fill; jobId: string }>;
-}
 
 /**
  * The fill job's task, with the broker's side of it: the target's exports find the fill in

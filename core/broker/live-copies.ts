@@ -7,7 +7,7 @@ import type { BlockDevice } from '../backend/block-device.js';
 import type { CopyOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import { LiveDevice } from '../live/live-device.js';
-import { mirrorTask, type MirrorParams } from '../live/mirror-task.js';
+import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams } from '../live/mirror-task.js';
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
@@ -20,15 +20,48 @@ import { call, type BrokerState } from './state.js';
 export class LiveCopies {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
-  async start(source: string, target: string, opts: CopyOptions, plan: Plan): Promise<Job> {
+  /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
+  async start(pairs: { source: string; target: string }[], opts: CopyOptions, plan: Plan): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);
     if (opts.verify) throw new InvalidArgument('--verify compares a copy of a volume at rest; a live copy\'s source changes while it runs', { hint: 'leave out --verify' });
+    if (!Array.isArray(pairs) || pairs.length === 0) throw new InvalidArgument('a live copy needs at least one SRC=DST pair');
+    const seen = new Set<string>();
+    const refs = pairs.map((p) => {
+      if (p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.target !== 'string') throw new InvalidArgument('a live copy pair is { source, target }');
+      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)) };
+      for (const ref of [pair.source, pair.target]) {
+        if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in the live copy: each volume is one pair's source or target`, { ref });
+        seen.add(ref);
+      }
+      return pair;
+    });
+    const prepared: Prepared[] = [];
+    for (const p of refs) prepared.push(await this.prepare(p.source, p.target));
+    const params: MirrorParams = { mode, pairs: prepared.map((p) => p.pair) };
+    const s = this.s;
+    let jobId: string | undefined;
+    const task = mirrorTask(params, {
+      pairs: prepared.map((p) => p.deps(() => jobId, (id) => { jobId = id; })),
+      failClosed: (why) => {
+        s.logger.error(`the switch-over record of job ${jobId} cannot be made true again (${toOffloadError(why).message}); the exports stop rather than serve a side the record does not name`);
+        for (const p of prepared) void s.exports.stop(p.exportName).catch(() => undefined);
+      },
+    });
+    const locks = prepared.flatMap((p) => [{ key: p.pair.source, mode: 'exclusive' as const }, { key: p.pair.target, mode: 'exclusive' as const }]);
+    const speed = checkSpeed(opts.speed);
+    this.s.assertOpen();
+    // Within every source's export (LockHolder.within takes one holder: a group's exports are checked by the keyed mutex here).
+    return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
+      task, ref: prepared.map((p) => p.pair.target).join(','), executor: 'host', principal: this.a.principal, locks, plan,
+      within: prepared.map((p) => p.holder), ...(speed ? { speed } : {}),
+    }));
+  }
+
+  /** Check one pair and make its part of the job: the source's export and device, the target (made by the job if missing). */
+  private async prepare(source: string, target: string): Promise<Prepared> {
     const src = parseVolumeRef(source);
     const dst = parseVolumeRef(target);
-    source = volumeKey(src);
-    target = volumeKey(dst);
-    if (source === target) throw new InvalidArgument(`a live copy needs two volumes, got ${source} twice`, { ref: source });
     await this.a.assertOwns(src);
     const exp = this.s.exports.list().find((e) => e.ref === source && !e.readOnly);
     if (!exp) throw await this.notExportedHere(source);
@@ -42,7 +75,7 @@ export class LiveCopies {
 
     const d = this.s.entry(dst.backend);
     const existing = await call(d.backend, 'get', target, () => d.backend.getVolume(dst.volume));
-    let create: MirrorParams['create'];
+    let create: MirrorPair['create'];
     if (existing) {
       await this.a.assertOwns(dst);
       if (existing.sizeBytes < live.sizeBytes) {
@@ -53,60 +86,52 @@ export class LiveCopies {
       const owner = this.a.isAdmin ? (await this.s.store.getOwner(source)) ?? this.a.principal.id : this.a.ownerFor(undefined);
       create = { sizeBytes: live.sizeBytes, owner: await this.a.targetOwner(dst, d.backend, owner, false) };
     }
-    const params: MirrorParams = { source, target, mode, ...(create ? { create } : {}) };
+    const pair: MirrorPair = { source, target, ...(create ? { create } : {}) };
     const name = exp.name;
     const exportOwner = served.owner;
     const s = this.s;
-    let jobId: string | undefined;
-    const task = mirrorTask(params, {
-      source: live,
-      attach: (id) => {
-        jobId = id;
-        s.exports.setLive(name, { id, cancel: () => cancelAndWait(s, id) });
-      },
-      detach: () => {
-        try {
-          s.exports.setLive(name, undefined);
-        } catch {
-          // the export is gone already
-        }
-      },
-      openTarget: async (c) => {
-        const deps = s.cloneDeps();
-        if (c) {
-          if (await deps.find(target)) throw new FailedPrecondition(`${target} appeared while the live copy started; it copies into a volume it creates or one named when it starts`, { ref: target });
-          await deps.create(target, c.sizeBytes, c.owner);
-        }
-        return deps.open(target, 'rw');
-      },
-      prepareSwitch: async (id) => {
-        // The export's locks on the target, taken within the job that holds it now; published before the switch.
-        const hold = await holdExport(s, { name, ref: dst, readOnly: false, principal: exportOwner, within: id });
-        return {
-          undo: () => hold.release(),
-          done: async (old: BlockDevice) => {
-            const releaseSource = s.exports.retarget(name, { ref: target, holder: hold.id, release: () => hold.release() });
-            const info = s.exports.get(name);
-            if (info) await hold.list(info.uri, info.startedAt).catch((e: unknown) => s.logger.warn(`export ${name}: recording it as ${target} failed: ${toOffloadError(e).message}`));
-            await old.flush().catch(() => undefined);
-            await old.close().catch((e: unknown) => s.logger.warn(`closing ${source} after the switch-over failed: ${toOffloadError(e).message}`));
-            await releaseSource();
-            s.logger.info(`export ${name} switched over from ${source} to ${target}`, { job: jobId });
-          },
-        };
-      },
-      removeTarget: () => s.cloneDeps().remove(target),
-      failClosed: (why) => {
-        s.logger.error(`export ${name}: the switch-over record of job ${jobId} cannot be made true again (${toOffloadError(why).message}); the export stops rather than serve a side the record does not name`);
-        void s.exports.stop(name).catch(() => undefined);
-      },
-    });
-    const locks = [{ key: source, mode: 'exclusive' as const }, { key: target, mode: 'exclusive' as const }];
-    const speed = checkSpeed(opts.speed);
-    this.s.assertOpen();
-    return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
-      task, ref: target, executor: 'host', principal: this.a.principal, locks, plan, within: served.holder, ...(speed ? { speed } : {}),
-    }));
+    return {
+      pair, exportName: name, holder: served.holder,
+      deps: (jobId, setJobId) => ({
+        source: live,
+        attach: (id) => {
+          setJobId(id);
+          s.exports.setLive(name, { id, cancel: () => cancelAndWait(s, id) });
+        },
+        detach: () => {
+          try {
+            s.exports.setLive(name, undefined);
+          } catch {
+            // the export is gone already
+          }
+        },
+        openTarget: async (c) => {
+          const deps = s.cloneDeps();
+          if (c) {
+            if (await deps.find(target)) throw new FailedPrecondition(`${target} appeared while the live copy started; it copies into a volume it creates or one named when it starts`, { ref: target });
+            await deps.create(target, c.sizeBytes, c.owner);
+          }
+          return deps.open(target, 'rw');
+        },
+        prepareSwitch: async (id) => {
+          // The export's locks on the target, taken within the job that holds it now; published before the switch.
+          const hold = await holdExport(s, { name, ref: dst, readOnly: false, principal: exportOwner, within: id });
+          return {
+            undo: () => hold.release(),
+            done: async (old: BlockDevice) => {
+              const releaseSource = s.exports.retarget(name, { ref: target, holder: hold.id, release: () => hold.release() });
+              const info = s.exports.get(name);
+              if (info) await hold.list(info.uri, info.startedAt).catch((e: unknown) => s.logger.warn(`export ${name}: recording it as ${target} failed: ${toOffloadError(e).message}`));
+              await old.flush().catch(() => undefined);
+              await old.close().catch((e: unknown) => s.logger.warn(`closing ${source} after the switch-over failed: ${toOffloadError(e).message}`));
+              await releaseSource();
+              s.logger.info(`export ${name} switched over from ${source} to ${target}`, { job: jobId() });
+            },
+          };
+        },
+        removeTarget: () => s.cloneDeps().remove(target),
+      }),
+    };
   }
 
   /** Why a source exported elsewhere, or not at all, cannot be copied live here. */
@@ -121,6 +146,15 @@ export class LiveCopies {
       ref: source, hint: 'export it first (`offload --server ADDR nbd SRC`, with the VM using that export), then copy it live through the same service',
     });
   }
+}
+
+/** One pair, checked, before its job exists. */
+interface Prepared {
+  pair: MirrorPair;
+  exportName: string;
+  /** The id the export's locks are held under. */
+  holder: string;
+  deps(jobId: () => string | undefined, setJobId: (id: string) => void): MirrorPairDeps;
 }
 
 async function cancelAndWait(s: BrokerState, id: string): Promise<void> {

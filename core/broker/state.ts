@@ -6,8 +6,7 @@ import { cloneTask, hostCopyTask, type CloneDeps, type HostCloneParams, type Hos
 import { ExportRegistry } from '../export/registry.js';
 import type { JobManager, Unresumable } from '../jobs/job-manager.js';
 import { mirrorAfterRestart } from '../live/mirror-task.js';
-import type { FillParams } from '../live/fill-task.js';
-import { instantCloneTask, type FillEntry } from './instant-clones.js';
+import type { FillEntry } from '../live/fill.js';
 import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
@@ -96,7 +95,6 @@ export class BrokerState {
   /** Rebuild a stored job's task after a restart (undefined: it cannot be resumed). */
   async resolveTask(rec: JobRecord): Promise<JobTask | Unresumable | undefined> {
     if (rec.type === 'mirror') return mirrorAfterRestart(rec);
-    if (rec.executor === 'host' && rec.type === 'fill') return instantCloneTask(this, rec.params as unknown as FillParams);
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
     if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open);
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());

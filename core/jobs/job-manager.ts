@@ -24,8 +24,8 @@ export interface StartJobRequest {
   plan?: unknown;
   locks: LockRequest[];
   speed?: number;
-  /** The holder whose locks the job's may overlap (LockHolder.within): a live copy's export. */
-  within?: string;
+  /** The holders whose locks the job's may overlap (LockHolder.within): a live copy's exports. */
+  within?: string | readonly string[];
 }
 
 /**

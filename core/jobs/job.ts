@@ -45,7 +45,7 @@ export interface JobInfo {
    * A live job's switch-over record (its saved `authoritative`): which volume holds the data —
    * the source until the switch-over is recorded, the target from then on.
    */
-  authoritative?: { side: 'source' | 'target'; ref: string };
+  authoritative?: { side: 'source' | 'target'; ref: string; refs?: string[] };
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

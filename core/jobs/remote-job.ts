@@ -15,8 +15,11 @@ export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
   if (r.seenAt > 0) out.runner = { host: r.runnerHost, pid: r.runnerPid, seenAt: new Date(r.seenAt).toISOString() };
   if (orphaned) out.orphaned = true;
   const side = (r.checkpoint as { authoritative?: unknown } | undefined)?.authoritative;
-  const ref = side === 'source' || side === 'target' ? r.params[side] : undefined;
-  if (typeof ref === 'string') out.authoritative = { side: side as 'source' | 'target', ref };
+  const pairs = r.params.pairs;
+  if ((side === 'source' || side === 'target') && Array.isArray(pairs) && pairs.length > 0) {
+    const refs = (pairs as Record<string, unknown>[]).map((p) => String(p[side]));
+    out.authoritative = { side, ref: refs[0]!, ...(refs.length > 1 ? { refs } : {}) };
+  }
   return out;
 }
 

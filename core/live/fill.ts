@@ -4,6 +4,12 @@ import { FailedPrecondition } from '../model/errors.js';
 import { DirtyMap } from './dirty-map.js';
 import { RangeLocks } from './range-locks.js';
 
+/** A fill in progress, as exports of its target find it (BrokerState.fills). */
+export interface FillEntry {
+  /** Resolves once the job has its devices open and its record of what is pending (rejects if it ends first). */
+  ready: Promise<{ fill: Fill; jobId: string }>;
+}
+
 /** What an instant clone's record keeps: the ranges of the target still served from the source. */
 export interface FillState {
   granularity: number;

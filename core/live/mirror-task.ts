@@ -5,21 +5,26 @@ import type { JobRecord } from '../state/records.js';
 import type { LiveDevice } from './live-device.js';
 import { Mirror, type MirrorMode } from './mirror.js';
 
-export interface MirrorParams {
-  /** The volume in use (its export's device is `source`). */
+/** One disk of a live copy: the volume in use (its export's device is the pair's `source` dep) and its copy. */
+export interface MirrorPair {
   source: string;
   target: string;
-  mode: MirrorMode;
   /** The target did not exist: the job creates it (and deletes it again if it ends before ready). */
   create?: { sizeBytes: number; owner: string };
 }
 
-/** Which side holds the data, as the job's saved state says: written before the export switches. */
+export interface MirrorParams {
+  mode: MirrorMode;
+  /** The disks copied together: ready when all are, switched over all or none. */
+  pairs: MirrorPair[];
+}
+
+/** Which side holds the data, as the job's saved state says: written before the exports switch (one record for every pair). */
 export interface MirrorState {
   authoritative: 'source' | 'target';
 }
 
-/** What the export needs to serve the target, taken before the switch-over. */
+/** What an export needs to serve its target, taken before the switch-over. */
 export interface Switch {
   /** After the switch: the export serves the target; release the source (`old` is its device). */
   done(old: BlockDevice): Promise<void>;
@@ -27,29 +32,36 @@ export interface Switch {
   undo(): Promise<void>;
 }
 
-export interface MirrorDeps {
+/** The broker's side of one pair. */
+export interface MirrorPairDeps {
   /** The device the source's export serves. */
   source: LiveDevice;
   /** The job starts: the export is under it from now on (`cancel` ends it cleanly). */
   attach(jobId: string): void;
   /** The job ends, switched over or not. */
   detach(): void;
-  /** Open the target for writing; `create` (params.create): make it first. */
-  openTarget(create: MirrorParams['create']): Promise<BlockDevice>;
+  /** Open the target for writing; `create` (the pair's): make it first. */
+  openTarget(create: MirrorPair['create']): Promise<BlockDevice>;
   /** Before the switch-over (clients still on the source): take what the export needs to serve the target. */
   prepareSwitch(jobId: string): Promise<Switch>;
   /** The job ended before ready having created the target: delete it. */
   removeTarget(): Promise<void>;
+}
+
+export interface MirrorDeps {
+  /** One per pair, in the params' order. */
+  pairs: MirrorPairDeps[];
   /** The record of the authoritative side cannot be made true again: stop serving (not awaited). */
   failClosed(why: unknown): void;
 }
 
 /**
  * A live copy as a job (QEMU's mirror job, block/mirror.c, with its job states): running while
- * the bulk pass copies, `ready` once the target is in sync, and in sync while writes go on. On
- * `complete` it pivots: the saved state says, durably and before the export switches, that the
- * target is now authoritative. Cancelled after ready, the target is left a consistent
- * point-in-time copy; before, it is left as it is, or deleted if the job created it.
+ * the bulk passes copy, `ready` once every target is in sync, and in sync while writes go on. On
+ * `complete` it pivots every pair at once: the sources are held, the targets brought in sync and
+ * flushed, the saved state says — once, durably, before any export switches — that the targets
+ * are now authoritative, then every export switches. Cancelled after ready, the targets are left
+ * consistent point-in-time copies; before, as they are, or deleted where the job created them.
  */
 export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
   return {
@@ -57,31 +69,42 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
     params: { ...params },
     async run(ctx: JobContext) {
       await ctx.saveState({ authoritative: 'source' } satisfies MirrorState);
-      deps.attach(ctx.jobId);
-      let target: BlockDevice | undefined;
-      let created = false;
+      const n = params.pairs.length;
+      for (const d of deps.pairs) d.attach(ctx.jobId);
+      const targets: (BlockDevice | undefined)[] = new Array(n);
+      const created: boolean[] = new Array(n).fill(false);
+      const mirrors: Mirror[] = [];
+      const copied = new Array<number>(n).fill(0);
+      const dirty = new Array<number>(n).fill(0);
+      const sum = (a: number[]) => a.reduce((x, y) => x + y, 0);
       let pivoted = false;
-      let mirror: Mirror | undefined;
       try {
-        target = await deps.openTarget(params.create);
-        created = params.create !== undefined;
-        mirror = new Mirror(deps.source, target, {
-          mode: params.mode,
-          onProgress: ({ copied, dirty }) => ctx.setProgress(copied, copied + dirty),
-          // The speed limit, pause and cancel, between copies.
-          throttle: (bytes) => ctx.checkpoint(bytes),
-        });
-        await mirror.start();
-        await untilAborted(mirror.whenReady(), ctx.signal);
+        for (let i = 0; i < n; i++) {
+          targets[i] = await deps.pairs[i]!.openTarget(params.pairs[i]!.create);
+          created[i] = params.pairs[i]!.create !== undefined;
+          mirrors.push(new Mirror(deps.pairs[i]!.source, targets[i]!, {
+            mode: params.mode,
+            onProgress: (p) => {
+              copied[i] = p.copied;
+              dirty[i] = p.dirty;
+              ctx.setProgress(sum(copied), sum(copied) + sum(dirty));
+            },
+            // The speed limit, pause and cancel, between copies.
+            throttle: (bytes) => ctx.checkpoint(bytes),
+          }));
+        }
+        for (const m of mirrors) await m.start();
+        await untilAborted(Promise.all(mirrors.map((m) => m.whenReady())), ctx.signal);
         ctx.ready();
         await ctx.waitForComplete();
-        const sw = await deps.prepareSwitch(ctx.jobId);
-        let old: BlockDevice;
+        const switches: Switch[] = [];
+        let old: BlockDevice[];
         try {
-          old = await mirror.pivot(() => ctx.saveState({ authoritative: 'target' } satisfies MirrorState) ?? Promise.resolve());
+          for (let i = 0; i < n; i++) switches.push(await deps.pairs[i]!.prepareSwitch(ctx.jobId));
+          old = await Mirror.pivotAll(mirrors, () => ctx.saveState({ authoritative: 'target' } satisfies MirrorState) ?? Promise.resolve());
         } catch (e) {
-          await sw.undo();
-          // The record may say target (a write that failed after it committed) while the source is
+          for (const sw of switches) await sw.undo().catch(() => undefined);
+          // The record may say target (a write that failed after it committed) while the sources are
           // still served: say source again, or stop serving rather than leave the two apart.
           try {
             await ctx.saveState({ authoritative: 'source' } satisfies MirrorState);
@@ -91,14 +114,18 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
           throw e;
         }
         pivoted = true;
-        await sw.done(old);
+        for (let i = 0; i < n; i++) await switches[i]!.done(old[i]!);
       } catch (e) {
-        if (!pivoted) await mirror?.stop({ consistent: mirror.ready }).catch(() => undefined);
+        if (!pivoted) for (const m of mirrors) await m.stop({ consistent: m.ready }).catch(() => undefined);
         throw e;
       } finally {
-        deps.detach();
-        if (!pivoted) await target?.close().catch(() => undefined);
-        if (!pivoted && created && !mirror?.ready) await deps.removeTarget().catch(() => undefined);
+        for (const d of deps.pairs) d.detach();
+        if (!pivoted) {
+          for (let i = 0; i < n; i++) {
+            await targets[i]?.close().catch(() => undefined);
+            if (created[i] && !mirrors[i]?.ready) await deps.pairs[i]!.removeTarget().catch(() => undefined);
+          }
+        }
       }
     },
   };
@@ -119,11 +146,13 @@ function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
  * record says instead — which side holds the data, and why.
  */
 export function mirrorAfterRestart(rec: JobRecord): Unresumable {
-  const p = rec.params as unknown as MirrorParams;
+  const { pairs } = rec.params as unknown as MirrorParams;
   const side = (rec.checkpoint as MirrorState | undefined)?.authoritative ?? 'source';
+  const list = (pick: (p: MirrorPair) => string) => pairs.map(pick).join(', ');
   if (side === 'target') {
-    return { succeeded: true, why: `the switch-over had been recorded: ${p.target} holds the data, ${p.source} is no longer current` };
+    return { succeeded: true, why: `the switch-over had been recorded: ${list((p) => p.target)} hold${pairs.length === 1 ? 's' : ''} the data, ${list((p) => p.source)} no longer current` };
   }
-  const made = p.create ? `; ${p.target} was created by this job and is not a copy of anything: delete it` : `; ${p.target} is behind`;
-  return { why: `the switch-over had not been recorded: ${p.source} holds the data and stays current${made}` };
+  const made = pairs.filter((p) => p.create);
+  const behind = made.length > 0 ? `; ${made.map((p) => p.target).join(', ')} ${made.length === 1 ? 'was' : 'were'} created by this job and ${made.length === 1 ? 'is' : 'are'} not a copy of anything: delete ${made.length === 1 ? 'it' : 'them'}` : `; ${list((p) => p.target)} ${pairs.length === 1 ? 'is' : 'are'} behind`;
+  return { why: `the switch-over had not been recorded: ${list((p) => p.source)} hold${pairs.length === 1 ? 's' : ''} the data and stay${pairs.length === 1 ? 's' : ''} current${behind}` };
 }

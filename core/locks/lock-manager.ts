@@ -27,7 +27,12 @@ export interface LockHolder {
    * the export whose writes it watches, that export within the live copy at the switch-over, an
    * export of an instant clone within the job that fills it.
    */
-  within?: string;
+  within?: string | readonly string[];
+}
+
+/** Whether `h` works within the holder `id` (LockHolder.within). */
+function isWithin(h: LockHolder, id: string): boolean {
+  return h.within !== undefined && (typeof h.within === 'string' ? h.within === id : h.within.includes(id));
 }
 
 export interface LockInfo {
@@ -231,7 +236,7 @@ export class LockManager {
     const all = [...this.held, ...outside];
     for (const r of requests) {
       for (const h of all) {
-        if (h.key !== r.key || h.holder.id === holder.id || h.holder.id === holder.within || h.holder.within === holder.id) continue;
+        if (h.key !== r.key || h.holder.id === holder.id || isWithin(holder, h.holder.id) || isWithin(h.holder, holder.id)) continue;
         if (h.mode === 'maintenance') {
           if (holder.principal.role !== 'admin') out.push(h);
           continue;

@@ -122,13 +122,18 @@ function current(h: Hosted, jobs: JobInfo[]): string {
   let since = h.since ?? '';
   for (let hops = 0; hops < jobs.length; hops++) {
     const next = jobs
-      .filter((j) => j.type === 'mirror' && j.params.source === ref && j.createdAt >= since && j.authoritative?.side === 'target')
+      .filter((j) => j.type === 'mirror' && j.createdAt >= since && j.authoritative?.side === 'target' && pairsOf(j).some((p) => p.source === ref))
       .sort((a, b) => a.createdAt.localeCompare(b.createdAt))[0];
     if (!next) break;
-    ref = next.authoritative!.ref;
+    ref = pairsOf(next).find((p) => p.source === ref)!.target;
     since = next.createdAt;
   }
   return ref;
+}
+
+/** A mirror job's pairs, as its params list them. */
+function pairsOf(j: JobInfo): { source: string; target: string }[] {
+  return Array.isArray(j.params.pairs) ? (j.params.pairs as { source: string; target: string }[]) : [];
 }
 
 /** Where an export listens, as it will listen again: a free port (0) becomes the port it got. */

@@ -139,6 +139,10 @@ export const ROUTES = {
     method: 'POST', path: '/v1/copies', summary: 'copy a volume\'s data into another existing volume, as a job', body: s.copyBody, response: s.jobInfoSchema,
     call: async (b, { body: { source, target, ...opts } }) => info(await b.copy(source, target, opts)),
   }),
+  liveCopy: route({
+    method: 'POST', path: '/v1/live-copies', summary: 'live copy of several volumes in use as one job (the disks of one VM): ready when all are, complete switches all or none', body: s.liveCopyBody, response: s.jobInfoSchema,
+    call: async (b, { body: { pairs, ...opts } }) => info(await b.liveCopy(pairs, opts)),
+  }),
   plan: route({
     method: 'POST', path: '/v1/plan', summary: 'explain how an operation would run, without running it', body: s.operationBody, response: s.planSchema,
     call: async (b, { body }) => {

@@ -41,6 +41,9 @@ export const cloneBody = z.strictObject({
   instant: z.boolean().optional(),
 });
 export const chainBody = z.strictObject({ base: z.string().optional(), speed }).optional();
+export const liveCopyBody = z.strictObject({
+  pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, mode: z.enum(['background', 'write-blocking']).optional(),
+});
 export const copyBody = z.strictObject({
   source: z.string(), target: z.string(), speed, verify: z.boolean().optional(), prefer,
   live: z.boolean().optional(), mode: z.enum(['background', 'write-blocking']).optional(),
@@ -97,7 +100,7 @@ export const jobInfoSchema = z.object({
   cancelled: z.boolean(), createdAt: z.string(), updatedAt: z.string(),
   runner: z.object({ host: z.string(), pid: z.number(), seenAt: z.string() }).optional(),
   orphaned: z.boolean().optional(), plan: z.unknown().optional(), params: z.record(z.string(), z.unknown()),
-  authoritative: z.object({ side: z.enum(['source', 'target']), ref: z.string() }).optional(),
+  authoritative: z.object({ side: z.enum(['source', 'target']), ref: z.string(), refs: z.array(z.string()).optional() }).optional(),
 });
 export const jobWaitSchema = z.object({ concluded: z.boolean(), job: jobInfoSchema });
 /** startClone: a native clone is done (`volume`); one through the host is a job. */

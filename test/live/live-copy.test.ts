@@ -107,6 +107,35 @@ describe('live copy through the broker', () => {
     });
   }
 
+  it('the disks of one VM as one job (local → nas1, san1 → local): ready when both are, complete switches both exports; each target holds its writer\'s acknowledged writes', async () => {
+    const a = await sourceVolume('local');
+    const b = await sourceVolume('san1');
+    const [ta, tb] = [`nas1/vm-disk0-${++n}`, `local/vm-disk1-${n}`];
+    const ea = await broker.exports.start(a.ref, { listen: { port: 0 } });
+    const eb = await broker.exports.start(b.ref, { listen: { port: 0 } });
+    const wa = await NbdWriter.start({ port: portOf(ea), name: ea.name, connections: 2 }, a.bytes);
+    const wb = await NbdWriter.start({ port: portOf(eb), name: eb.name, connections: 2 }, b.bytes);
+    const job = await broker.liveCopy([{ source: a.ref, target: ta }, { source: b.ref, target: tb }], { mode: 'write-blocking' });
+    await untilStatus(job, 'ready');
+    const listed = await broker.exports.list();
+    expect(listed.filter((e) => e.liveJob === job.id).map((e) => e.name).sort()).toEqual([ea.name, eb.name].sort());
+    await expect(broker.volumes.delete(b.ref)).rejects.toMatchObject({ code: 'Busy', data: { holder: job.id } });
+    await broker.jobs.complete(job.id);
+    const done = await job.wait();
+    expect(done.error).toBeUndefined();
+    expect(done.authoritative).toEqual({ side: 'target', ref: ta, refs: [ta, tb] });
+    await new Promise((r) => setTimeout(r, 100));
+    await Promise.all([wa.stop(), wb.stop()]);
+    const after = await broker.exports.list();
+    expect(after.find((e) => e.name === ea.name)?.ref).toBe(ta);
+    expect(after.find((e) => e.name === eb.name)?.ref).toBe(tb);
+    await ea.stop();
+    await eb.stop();
+    expect((await readAll(ta)).equals(wa.model)).toBe(true);
+    expect((await readAll(tb)).equals(wb.model)).toBe(true);
+    await expect(broker.liveCopy([{ source: ta, target: `local/x-${++n}` }, { source: ta, target: `local/y-${n}` }])).rejects.toMatchObject({ code: 'InvalidArgument' });
+  });
+
   it.skipIf(!HAVE.qemu)('qemu-io writes through the export across the switch-over; its pattern reads back from the target', async () => {
     const src = await sourceVolume('local');
     const dst = `san1/live-dst-${++n}`;

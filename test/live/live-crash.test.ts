@@ -32,6 +32,26 @@ describe('kill -9 around ready and complete of a live copy', () => {
     await ls?.close();
   });
 
+  it('`copy --live A=B C=D` through the service: one job for both disks; complete switches both exports', async () => {
+    for (const v of ['local/g0', 'local/g1']) {
+      expect((await client('volume', 'create', v, '8M')).code).toBe(0);
+      expect((await client('nbd', v, '--port', '0')).code).toBe(0);
+    }
+    const job = await json('copy', '--live', 'local/g0=san1/g0', 'local/g1=san1/g1', '--detach') as { id: string; type: string };
+    expect(job.type).toBe('mirror');
+    await until('ready', async () => ((await json('jobs', 'show', job.id)) as { status: string }).status === 'ready', 600, 20);
+    expect((await client('nbd', 'stop', 'local/g0')).err).toMatch(new RegExp(`Busy: export local/g0 serves local/g0 under live job ${job.id}`));
+    expect((await client('jobs', 'complete', job.id)).code).toBe(0);
+    await until('concluded', async () => ((await json('jobs', 'show', job.id)) as { status: string }).status === 'concluded', 600, 20);
+    const shown = await client('jobs', 'show', job.id);
+    expect(shown.out).toMatch(/data: san1\/g0 \(the target: the switch-over was recorded/);
+    const listed = await json('nbd', 'list') as { name: string; ref: string }[];
+    expect(listed.filter((e) => e.name.startsWith('local/g')).map((e) => e.ref).sort()).toEqual(['san1/g0', 'san1/g1']);
+    expect((await client('copy', '--live', 'local/g0=san1/x', 'oops')).err).toMatch(/a live copy pair is SRC=DST/);
+    expect((await client('copy', 'local/g0=san1/x')).err).toMatch(/add --live/);
+    for (const n of ['local/g0', 'local/g1']) expect((await client('nbd', 'stop', n)).code).toBe(0);
+  });
+
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
     expect((await client('volume', 'create', 'local/vm-0', `${SIZE}`)).code).toBe(0);
     const started = await client('nbd', 'local/vm-0', '--port', '0', '--name', 'vm');

@@ -35,13 +35,15 @@ function setup(mode: 'background' | 'write-blocking' = 'background', create = fa
   let removed = 0;
   let undone = 0;
   const attached: (string | undefined)[] = [];
-  const task = mirrorTask({ source: 'pool/src', target: 'pool/dst', mode, ...(create ? { create: { sizeBytes: size, owner: 'admin' } } : {}) }, {
-    source: live,
-    attach: (id) => attached.push(id),
-    detach: () => attached.push(undefined),
-    openTarget: async () => ({ ...dst, close: async () => { targetClosed++; } }),
-    prepareSwitch: async () => ({ done: async (old) => { closedOld = old; }, undo: async () => { undone++; } }),
-    removeTarget: async () => { removed++; },
+  const task = mirrorTask({ mode, pairs: [{ source: 'pool/src', target: 'pool/dst', ...(create ? { create: { sizeBytes: size, owner: 'admin' } } : {}) }] }, {
+    pairs: [{
+      source: live,
+      attach: (id) => attached.push(id),
+      detach: () => attached.push(undefined),
+      openTarget: async () => ({ ...dst, close: async () => { targetClosed++; } }),
+      prepareSwitch: async () => ({ done: async (old) => { closedOld = old; }, undo: async () => { undone++; } }),
+      removeTarget: async () => { removed++; },
+    }],
     failClosed: () => undefined,
   });
   const start = (speed?: number) => m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], ...(speed ? { speed } : {}) });
@@ -150,3 +152,85 @@ describe('the mirror job', () => {
     await t.stopWriter();
   });
 });
+
+describe('a group of mirrors (the disks of one VM)', () => {
+  function group(failFlushOf?: number) {
+    const store = new SqliteStateStore(':memory:');
+    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
+    cleanups.push(async () => {
+      await m.close();
+      await store.close();
+    });
+    const size = 2 * MiB;
+    const disks = [0, 1].map((i) => {
+      const src = memoryDevice(size);
+      const dst = memoryDevice(size);
+      return { src, dst, live: new LiveDevice(src), model: new Uint8Array(size), switched: 0, undone: 0, i };
+    });
+    let stop = false;
+    const writers = disks.map((d) => (async () => {
+      for (let k = 0; !stop; k++) {
+        const off = ((k * 31) % 30) * 64 * KiB;
+        const data = new Uint8Array(4 * KiB).fill(1 + ((k + d.i * 7) % 250));
+        await d.live.write(off, data);
+        d.model.set(data, off);
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    })());
+    const task = mirrorTask({ mode: 'background', pairs: disks.map((d) => ({ source: `pool/s${d.i}`, target: `pool/d${d.i}` })) }, {
+      pairs: disks.map((d) => ({
+        source: d.live,
+        attach: () => undefined,
+        detach: () => undefined,
+        openTarget: async () => ({
+          ...d.dst,
+          close: async () => undefined,
+          flush: async () => { if (failFlushOf === d.i && d.live.current === d.src && readyAll) throw new Error(`flush of pool/d${d.i} failed`); },
+        }),
+        prepareSwitch: async () => ({ done: async () => { d.switched++; }, undo: async () => { d.undone++; } }),
+        removeTarget: async () => undefined,
+      })),
+      failClosed: () => undefined,
+    });
+    let readyAll = false;
+    const job = m.start({ task, ref: 'pool/d0,pool/d1', executor: 'host', principal: ADMIN, locks: [] });
+    return {
+      m, store, disks, job, setReady: () => { readyAll = true; },
+      stopWriters: async () => { stop = true; await Promise.all(writers); },
+    };
+  }
+
+  it('ready when both are; complete switches both, after one record; every acknowledged write of each disk is on its target', async () => {
+    const g = group();
+    const job = await g.job;
+    await untilStatus(g.m, job.id, 'ready');
+    await job.complete();
+    const info = await job.wait();
+    expect(info.error).toBeUndefined();
+    expect(((await g.store.getJob(job.id))!.checkpoint as MirrorState).authoritative).toBe('target');
+    await g.stopWriters();
+    for (const d of g.disks) {
+      expect(d.live.current).not.toBe(d.src);
+      expect(d.switched).toBe(1);
+      expect(same(await d.dst.read(0, d.dst.sizeBytes), d.model)).toBe(true);
+    }
+  });
+
+  it('all or none: a target that cannot be flushed at the switch-over fails the job and switches neither disk; the record says source', async () => {
+    const g = group(1);
+    const job = await g.job;
+    await untilStatus(g.m, job.id, 'ready');
+    g.setReady();
+    await job.complete();
+    const info = await job.wait();
+    expect(info.error?.message).toMatch(/flush of pool\/d1 failed/);
+    expect(((await g.store.getJob(job.id))!.checkpoint as MirrorState).authoritative).toBe('source');
+    await g.stopWriters();
+    for (const d of g.disks) {
+      expect(d.live.current).toBe(d.src);
+      expect(d.switched).toBe(0);
+      expect(d.undone).toBe(1);
+    }
+  });
+});
+

@@ -20,7 +20,7 @@ function mirror(source: string, target: string, createdAt: string, side: 'source
   return {
     id: `mirror-${source}-${target}`, type: 'mirror', status: 'concluded', executor: 'host', ref: target, owner: 'admin',
     progress: { current: 0, total: 0 }, speed: 0, cancelled: false, createdAt, updatedAt: createdAt,
-    params: { source, target, mode: 'background' }, authoritative: { side, ref: side === 'source' ? source : target },
+    params: { mode: 'background', pairs: [{ source, target }] }, authoritative: { side, ref: side === 'source' ? source : target },
   };
 }
 

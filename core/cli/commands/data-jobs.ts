@@ -124,23 +124,41 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       });
   }
 
-  program.command('copy <source> <target>')
-    .description('copy a volume\'s data into another existing volume, on any backends, through the host; --live: a volume in use, ending with its export switched over')
+  program.command('copy <args...>')
+    .usage('[options] SRC DST | --live SRC=DST [SRC=DST …]')
+    .description('copy a volume\'s data into another existing volume, on any backends, through the host; --live: a volume in use, ending with its export switched over (several SRC=DST pairs: the disks of one VM, switched over all or none)')
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
     .option('--verify', 'compare checksums of source and target after the copy')
     .option('--prefer <where>', 'host (the only way a copy runs; accepted for symmetry with clone)')
     .option('--live', 'the source is exported read-write and in use: copy while it is written (the target is created if missing); the job is ready once in sync, `offload jobs complete ID` switches the export over')
     .option('--mode <mode>', 'live copy: background (default) or write-blocking (a write to a copied range reaches both sides before it is acknowledged)')
     .option('--detach', DETACH_HELP)
-    .action(async (source: string, target: string, o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; detach?: boolean }) => {
+    .action(async (args: string[], o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; detach?: boolean }) => {
       const speed = speedOption(o.speed);
+      if (o.mode !== undefined && o.mode !== 'background' && o.mode !== 'write-blocking') throw new UsageError(`--mode is background or write-blocking, got ${o.mode}`);
+      const pairs = args.some((a) => a.includes('=')) ? args.map(pairOf) : undefined;
+      if (pairs && !o.live) throw new UsageError('SRC=DST pairs are for a live copy: add --live, or give SRC DST');
+      if (!pairs && args.length !== 2) throw new UsageError(`copy takes SRC DST (or, with --live, SRC=DST pairs), got ${args.length} argument${args.length === 1 ? '' : 's'}`);
       const broker = await ctx.broker();
       checkDetach(broker, o.detach);
-      if (o.mode !== undefined && o.mode !== 'background' && o.mode !== 'write-blocking') throw new UsageError(`--mode is background or write-blocking, got ${o.mode}`);
+      if (pairs) {
+        if (o.verify || o.prefer) throw new UsageError('--verify and --prefer do not apply to a live copy');
+        const job = await broker.liveCopy(pairs, { ...(speed ? { speed } : {}), ...(o.mode ? { mode: o.mode } : {}) });
+        await followJob(ctx, job, `live copy ${pairs.map((p) => `${p.source} → ${p.target}`).join(', ')}`, broker, o.detach);
+        return;
+      }
+      const [source, target] = args as [string, string];
       const job = await broker.copy(source, target, {
         ...(speed ? { speed } : {}), ...(o.verify ? { verify: true } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
         ...(o.live ? { live: true } : {}), ...(o.mode ? { mode: o.mode } : {}),
       });
       await followJob(ctx, job, `copy ${source} → ${target}`, broker, o.detach);
     });
+}
+
+/** `SRC=DST` of `copy --live`. */
+function pairOf(arg: string): { source: string; target: string } {
+  const at = arg.indexOf('=');
+  if (at <= 0 || at === arg.length - 1 || arg.indexOf('=', at + 1) >= 0) throw new UsageError(`a live copy pair is SRC=DST, got ${arg}`);
+  return { source: arg.slice(0, at), target: arg.slice(at + 1) };
 }
