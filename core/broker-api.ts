@@ -149,6 +149,12 @@ export interface CopyOptions {
   mode?: 'background' | 'write-blocking';
 }
 
+/** What a group instant clone takes. */
+export interface InstantCloneOptions {
+  speed?: number;
+  owner?: string;
+}
+
 /** What a group live copy takes (CopyOptions' live-copy part). */
 export interface LiveCopyOptions {
   mode?: 'background' | 'write-blocking';
@@ -216,6 +222,12 @@ export interface Broker {
    * the one-pair case.
    */
   liveCopy(pairs: { source: string; target: string }[], opts?: LiveCopyOptions): Promise<Job>;
+  /**
+   * Instant clones of several volumes as one job (the disks of one VM): every target created and
+   * usable at once, one fill job for all (cancel abandons all). `startClone(…, { instant })` is
+   * the one-pair case.
+   */
+  instantClone(pairs: { source: string; target: string }[], opts?: InstantCloneOptions): Promise<Job>;
   /** Explain how an operation would run, without running it. */
   plan(op: Operation): Promise<Plan>;
   readonly jobs: JobsApi;

@@ -18,7 +18,7 @@ import { Exports } from './broker/exports.js';
 import { Jobs, Locks } from './broker/jobs-locks.js';
 import { BrokerState } from './broker/state.js';
 import { Snapshots, Volumes } from './broker/volumes.js';
-import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
+import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, InstantCloneOptions, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
@@ -192,6 +192,7 @@ class BrokerView implements Broker {
   commit(ref: string, opts?: { base?: string; speed?: number }): Promise<Job> { return this.data.commit(ref, opts); }
   copy(source: string, target: string, opts?: CopyOptions): Promise<Job> { return this.data.copy(source, target, opts); }
   liveCopy(pairs: { source: string; target: string }[], opts?: LiveCopyOptions): Promise<Job> { return this.data.liveCopy(pairs, opts); }
+  instantClone(pairs: { source: string; target: string }[], opts?: InstantCloneOptions): Promise<Job> { return this.data.instantClone(pairs, opts); }
 
   async plan(op: Operation): Promise<Plan> {
     this.s.assertOpen();

@@ -4,7 +4,7 @@
  * rather than deciding again here.
  */
 import { cloneResult } from './clone-result.js';
-import type { CloneOptions, CloneStart, CopyOptions, LiveCopyOptions } from '../broker-api.js';
+import type { CloneOptions, CloneStart, CopyOptions, InstantCloneOptions, LiveCopyOptions } from '../broker-api.js';
 import { cloneTask, hostCopyTask, type HostCloneParams } from '../copy/host-copy.js';
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
@@ -43,7 +43,7 @@ export class DataJobs {
     if (opts.instant) {
       if (opts.prefer === 'native') throw new InvalidArgument('an instant clone runs through the host', { hint: 'leave out --prefer native' });
       const plan = planOrRefuse(this.s, { op: 'clone', source, target, mode: 'full', prefer: 'host' }, `clone ${source} to ${target}`, source);
-      return { job: await new InstantClones(this.s, this.a).start(source, target, opts, plan, await this.sourceSize(src, source)) };
+      return { job: await new InstantClones(this.s, this.a).start([{ source, target }], opts, plan, (ref) => this.sourceSize(parseRef(ref), ref)) };
     }
     const op: Operation = { op: 'clone', source, target, ...(opts.mode ? { mode: opts.mode } : {}), ...(opts.prefer ? { prefer: opts.prefer } : {}) };
     const plan = planOrRefuse(this.s, op, `clone ${source} to ${target}`, source);
@@ -162,6 +162,17 @@ export class DataJobs {
     const first = pairs[0]!;
     const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));
     return new LiveCopies(this.s, this.a).start(pairs, { ...opts, live: true }, plan);
+  }
+
+  async instantClone(pairs: { source: string; target: string }[], opts: InstantCloneOptions = {}): Promise<Job> {
+    if (opts === null || typeof opts !== 'object') throw new InvalidArgument('instant clone options are an object: { speed?, owner? }');
+    if (!Array.isArray(pairs) || pairs.length === 0) throw new InvalidArgument('an instant clone needs at least one { source, target } pair');
+    for (const p of pairs) {
+      if (p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.target !== 'string') throw new InvalidArgument('an instant clone pair is { source, target }');
+    }
+    const first = pairs[0]!;
+    const plan = planOrRefuse(this.s, { op: 'clone', source: first.source, target: first.target, mode: 'full', prefer: 'host' }, `clone ${first.source} to ${first.target}`, first.source);
+    return new InstantClones(this.s, this.a).start(pairs, { ...opts, instant: true }, plan, (ref) => this.sourceSize(parseRef(ref), ref));
   }
 
   private startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed?: number): Promise<Job> {

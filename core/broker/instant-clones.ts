@@ -8,7 +8,7 @@ import type { CloneOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
 import type { Fill, FillEntry } from '../live/fill.js';
-import { fillTask, type FillParams } from '../live/fill-task.js';
+import { fillTask, type FillPair, type FillPairDeps, type FillParams } from '../live/fill-task.js';
 import { AlreadyExists, InvalidArgument, toOffloadError } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
@@ -18,51 +18,57 @@ import type { BrokerState } from './state.js';
 
 
 /**
- * The fill job's task, with the broker's side of it: the target's exports find the fill in
- * `s.fills` while it runs; cancelled, the target's exports stop and it is deleted.
+ * The fill job's task, with the broker's side of it: each target's exports find its fill in
+ * `s.fills` while it runs; cancelled, the targets' exports stop and they are deleted.
  */
 export function instantCloneTask(s: BrokerState, params: FillParams): JobTask {
+  const parts = params.pairs.map((pair) => pairDeps(s, pair));
+  const task = fillTask(params, parts.map((p) => p.deps));
+  return {
+    ...task,
+    dropped: () => {
+      for (const p of parts) p.drop();
+    },
+  };
+}
+
+function pairDeps(s: BrokerState, pair: FillPair): { deps: FillPairDeps; drop(): void } {
   let resolve!: (v: { fill: Fill; jobId: string }) => void;
   let reject!: (e: unknown) => void;
   const ready = new Promise<{ fill: Fill; jobId: string }>((res, rej) => { resolve = res; reject = rej; });
   ready.catch(() => undefined);
   const entry: FillEntry = { ready };
-  s.fills.set(params.target, entry);
+  s.fills.set(pair.target, entry);
   const forget = () => {
-    if (s.fills.get(params.target) === entry) s.fills.delete(params.target);
+    if (s.fills.get(pair.target) === entry) s.fills.delete(pair.target);
   };
   const deps = s.cloneDeps();
   const stopExports = async () => {
-    await Promise.allSettled(s.exports.list().filter((e) => e.ref === params.target).map((e) => s.exports.stop(e.name)));
+    await Promise.allSettled(s.exports.list().filter((e) => e.ref === pair.target).map((e) => s.exports.stop(e.name)));
   };
-  let jobId = '';
-  const task = fillTask(params, {
-    openSource: () => deps.open(params.source, 'r'),
-    createTarget: async () => {
-      if (await deps.find(params.target)) throw new AlreadyExists(`${params.target} already exists; an instant clone makes a new volume`, { ref: params.target });
-      await deps.create(params.target, params.sizeBytes, params.owner);
-    },
-    openTarget: () => deps.open(params.target, 'rw'),
-    register: (fill) => resolve({ fill, jobId }),
-    unregister: (error) => {
-      forget();
-      reject(error ?? new InvalidArgument('the fill has ended'));
-    },
-    abandon: async () => {
-      await stopExports();
-      await deps.remove(params.target).catch((e: unknown) => s.logger.warn(`deleting ${params.target} after its instant clone was cancelled failed: ${toOffloadError(e).message}`));
-    },
-    stopExports,
-  });
   return {
-    ...task,
-    run: (ctx) => {
-      jobId = ctx.jobId;
-      return task.run(ctx);
+    deps: {
+      openSource: () => deps.open(pair.source, 'r'),
+      createTarget: async () => {
+        if (await deps.find(pair.target)) throw new AlreadyExists(`${pair.target} already exists; an instant clone makes a new volume`, { ref: pair.target });
+        await deps.create(pair.target, pair.sizeBytes, pair.owner);
+      },
+      openTarget: () => deps.open(pair.target, 'rw'),
+      register: (fill, jobId) => resolve({ fill, jobId }),
+      unregister: (error) => {
+        forget();
+        reject(error ?? new InvalidArgument('the fill has ended'));
+      },
+      abandon: async () => {
+        await stopExports();
+        if (!(await deps.find(pair.target).catch(() => undefined))) return;
+        await deps.remove(pair.target).catch((e: unknown) => s.logger.warn(`deleting ${pair.target} after its instant clone was cancelled failed: ${toOffloadError(e).message}`));
+      },
+      stopExports,
     },
-    dropped: () => {
+    drop: () => {
       forget();
-      reject(new InvalidArgument(`the instant clone into ${params.target} is not running`));
+      reject(new InvalidArgument(`the instant clone into ${pair.target} is not running`));
     },
   };
 }
@@ -71,33 +77,43 @@ export function instantCloneTask(s: BrokerState, params: FillParams): JobTask {
 export class InstantClones {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
-  async start(source: string, target: string, opts: CloneOptions, plan: Plan, sourceSize: number): Promise<Job> {
+  /** One job for every pair (the disks of one VM); `sourceSize` reads a source's size. */
+  async start(pairs: { source: string; target: string }[], opts: CloneOptions, plan: Plan, sourceSize: (source: string) => Promise<number>): Promise<Job> {
     if (opts.mode === 'linked') throw new InvalidArgument('an instant clone is a full copy made in the background; --linked shares data instead', { hint: 'leave out --linked' });
     if (opts.verify) throw new InvalidArgument('--verify does not apply to an instant clone: the clone may be written while it fills', { hint: 'leave out --verify' });
-    const src = parseRef(source);
-    const dst = parseVolumeRef(target);
-    const ref = volumeKey(dst);
-    const d = this.s.entry(dst.backend);
-    const size = opts.sizeBytes === undefined ? sourceSize : checkSize(opts.sizeBytes, ref, d.capabilities);
-    if (size < sourceSize) throw new InvalidArgument(`clone size ${size} is smaller than the source's ${sourceSize} bytes`, { ref });
-    if (await this.s.cloneDeps().find(ref)) throw new AlreadyExists(`${ref} already exists; an instant clone makes a new volume`, { ref, hint: 'delete it first, or name another' });
-    const owner = await this.a.targetOwner(dst, d.backend, this.a.ownerFor(opts.owner), opts.owner !== undefined);
-    const params: FillParams = { source: `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`, target: ref, sizeBytes: size, owner };
-    const locks = [{ key: volumeKey(src), mode: 'shared' as const }, { key: ref, mode: 'exclusive' as const }];
+    if (pairs.length > 1 && opts.sizeBytes !== undefined) throw new InvalidArgument('--size applies to one clone; several are each the size of their source');
+    const seen = new Set<string>();
+    const made: FillPair[] = [];
+    for (const p of pairs) {
+      const src = parseRef(p.source);
+      const dst = parseVolumeRef(p.target);
+      const ref = volumeKey(dst);
+      if (seen.has(ref)) throw new InvalidArgument(`${ref} is the target of two clones`, { ref });
+      seen.add(ref);
+      await this.a.assertOwns(src);
+      const d = this.s.entry(dst.backend);
+      const srcSize = await sourceSize(p.source);
+      const size = opts.sizeBytes === undefined ? srcSize : checkSize(opts.sizeBytes, ref, d.capabilities);
+      if (size < srcSize) throw new InvalidArgument(`clone size ${size} is smaller than the source's ${srcSize} bytes`, { ref });
+      if (await this.s.cloneDeps().find(ref)) throw new AlreadyExists(`${ref} already exists; an instant clone makes a new volume`, { ref, hint: 'delete it first, or name another' });
+      const owner = await this.a.targetOwner(dst, d.backend, this.a.ownerFor(opts.owner), opts.owner !== undefined);
+      made.push({ source: `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`, target: ref, sizeBytes: size, owner });
+    }
+    const locks = made.flatMap((p) => [{ key: volumeKey(parseRef(p.source)), mode: 'shared' as const }, { key: p.target, mode: 'exclusive' as const }]);
     const speed = checkSpeed(opts.speed);
     this.s.assertOpen();
-    const task = instantCloneTask(this.s, params);
+    const task = instantCloneTask(this.s, { pairs: made });
     let job: Job;
     try {
       job = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
-        task, ref, executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}),
+        task, ref: made.map((p) => p.target).join(','), executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}),
       }));
     } catch (e) {
       task.dropped?.();
       throw e;
     }
-    // Usable from here: the target exists and an export of it serves through the fill.
-    await this.s.fills.get(ref)?.ready.catch(() => undefined);
+    // Usable from here: the targets exist and an export of each serves through its fill.
+    for (const p of made) await this.s.fills.get(p.target)?.ready.catch(() => undefined);
     return job;
   }
 }

@@ -9,7 +9,7 @@ import type { StorageBackend } from '../backend/storage-backend.js';
 import { cloneResult } from '../broker/clone-result.js';
 import type {
   BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportHandle, ExportOptions, ExportsApi, FileExportOptions, FileImportOptions,
-  JobsApi, LiveCopyOptions, LocksApi, SnapshotsApi, VolumesApi,
+  InstantCloneOptions, JobsApi, LiveCopyOptions, LocksApi, SnapshotsApi, VolumesApi,
 } from '../broker-api.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { ExportInfo } from '../export/registry.js';
@@ -153,6 +153,10 @@ class ServiceClient implements Broker {
 
   async copy(source: string, target: string, opts: CopyOptions = {}): Promise<Job> {
     return new ServiceJob(this.http, await this.http.call(ROUTES.copy, { body: { source, target, ...opts } }) as JobInfo);
+  }
+
+  async instantClone(pairs: { source: string; target: string }[], opts: InstantCloneOptions = {}): Promise<Job> {
+    return new ServiceJob(this.http, await this.http.call(ROUTES.instantClone, { body: { pairs, ...opts } }) as JobInfo);
   }
 
   async liveCopy(pairs: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {

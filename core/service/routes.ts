@@ -139,6 +139,10 @@ export const ROUTES = {
     method: 'POST', path: '/v1/copies', summary: 'copy a volume\'s data into another existing volume, as a job', body: s.copyBody, response: s.jobInfoSchema,
     call: async (b, { body: { source, target, ...opts } }) => info(await b.copy(source, target, opts)),
   }),
+  instantClone: route({
+    method: 'POST', path: '/v1/instant-clones', summary: 'instant clones of several volumes as one fill job (the disks of one VM): every target usable at once', body: s.instantCloneBody, response: s.jobInfoSchema,
+    call: async (b, { body: { pairs, ...opts } }) => info(await b.instantClone(pairs, opts)),
+  }),
   liveCopy: route({
     method: 'POST', path: '/v1/live-copies', summary: 'live copy of several volumes in use as one job (the disks of one VM): ready when all are, complete switches all or none', body: s.liveCopyBody, response: s.jobInfoSchema,
     call: async (b, { body: { pairs, ...opts } }) => info(await b.liveCopy(pairs, opts)),

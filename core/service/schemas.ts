@@ -41,6 +41,9 @@ export const cloneBody = z.strictObject({
   instant: z.boolean().optional(),
 });
 export const chainBody = z.strictObject({ base: z.string().optional(), speed }).optional();
+export const instantCloneBody = z.strictObject({
+  pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, owner: z.string().optional(),
+});
 export const liveCopyBody = z.strictObject({
   pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, mode: z.enum(['background', 'write-blocking']).optional(),
 });

@@ -83,6 +83,29 @@ describe('instant clone through the broker', () => {
     });
   }
 
+  it('the disks of one VM as one fill job (local → san1, san1 → nas1): both usable at once, written while they fill; both equal their models at the end', async () => {
+    const a = await sourceVolume('local');
+    const b = await sourceVolume('san1');
+    const [ta, tb] = [`san1/inst-g0-${++n}`, `nas1/inst-g1-${n}`];
+    const job = await broker.instantClone([{ source: a.ref, target: ta }, { source: b.ref, target: tb }], { speed: 8 * MiB });
+    expect(job.info().ref).toBe(`${ta},${tb}`);
+    const ea = await broker.exports.start(ta, { listen: { port: 0 } });
+    const eb = await broker.exports.start(tb, { listen: { port: 0 } });
+    const wa = await NbdWriter.start({ port: Number(new URL(ea.uri).port), name: ea.name, connections: 1, pauseMs: 2 }, a.bytes);
+    const wb = await NbdWriter.start({ port: Number(new URL(eb.uri).port), name: eb.name, connections: 1, pauseMs: 2 }, b.bytes);
+    await new Promise((r) => setTimeout(r, 200));
+    expect((await broker.jobs.get(job.id)).info().status).toBe('running');
+    await expect(broker.volumes.delete(b.ref)).rejects.toMatchObject({ code: 'Busy', data: { holder: job.id } });
+    const info = await job.wait();
+    expect(info.error).toBeUndefined();
+    await Promise.all([wa.stop(), wb.stop()]);
+    expect((await readExport(Number(new URL(ea.uri).port), ea.name)).equals(wa.model)).toBe(true);
+    expect((await readExport(Number(new URL(eb.uri).port), eb.name)).equals(wb.model)).toBe(true);
+    await ea.stop();
+    await eb.stop();
+    await expect(broker.instantClone([{ source: a.ref, target: `local/x-${++n}` }, { source: b.ref, target: `local/x-${n}` }])).rejects.toMatchObject({ code: 'InvalidArgument' });
+  });
+
   it('clone() returns the volume at once; cancel abandons the clone: its export stops and it is deleted', async () => {
     const src = await sourceVolume('local');
     const dst = `local/inst-dst-${++n}`;

@@ -47,7 +47,7 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect(shown.out).toMatch(/data: san1\/g0 \(the target: the switch-over was recorded/);
     const listed = await json('nbd', 'list') as { name: string; ref: string }[];
     expect(listed.filter((e) => e.name.startsWith('local/g')).map((e) => e.ref).sort()).toEqual(['san1/g0', 'san1/g1']);
-    expect((await client('copy', '--live', 'local/g0=san1/x', 'oops')).err).toMatch(/a live copy pair is SRC=DST/);
+    expect((await client('copy', '--live', 'local/g0=san1/x', 'oops')).err).toMatch(/a pair is SRC=DST/);
     expect((await client('copy', 'local/g0=san1/x')).err).toMatch(/add --live/);
     for (const n of ['local/g0', 'local/g1']) expect((await client('nbd', 'stop', n)).code).toBe(0);
   });

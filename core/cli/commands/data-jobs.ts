@@ -68,7 +68,8 @@ function speedOption(s: string | undefined): number | undefined {
 }
 
 export function registerDataJobCommands(program: Command, ctx: CliContext): void {
-  program.command('clone <source> <target>')
+  program.command('clone <args...>')
+    .usage('[options] SRC DST | --instant SRC=DST [SRC=DST …]')
     .description('clone a volume or snapshot (backend/volume[@snapshot]) into a new volume: natively, or through the host as a job')
     .option('--full', 'an independent copy')
     .option('--linked', 'share unchanged data with the source')
@@ -78,12 +79,25 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--speed <bytes-per-second>', 'through the host: rate limit (suffixes k, M, G)')
     .option('--instant', 'usable at once, on any backend: the clone can be exported right away (in the same service) while a job fills it from the source')
     .option('--detach', DETACH_HELP)
-    .action(async (source: string, target: string, o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; instant?: boolean; detach?: boolean }) => {
+    .action(async (args: string[], o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; instant?: boolean; detach?: boolean }) => {
       if (o.full && o.linked) throw new UsageError('--full and --linked exclude each other');
       const mode = o.full ? 'full' : o.linked ? 'linked' : undefined;
       const speed = speedOption(o.speed);
+      const pairs = args.some((a) => a.includes('=')) ? args.map(pairOf) : undefined;
+      if (pairs && !o.instant) throw new UsageError('SRC=DST pairs are for an instant clone: add --instant, or give SRC DST');
+      if (!pairs && args.length !== 2) throw new UsageError(`clone takes SRC DST (or, with --instant, SRC=DST pairs), got ${args.length} argument${args.length === 1 ? '' : 's'}`);
       const broker = await ctx.broker();
       checkDetach(broker, o.detach);
+      if (pairs) {
+        if (mode === 'linked' || o.verify || o.prefer || o.size) throw new UsageError('--linked, --verify, --prefer and --size do not apply to several instant clones');
+        const job = await broker.instantClone(pairs, { ...(speed ? { speed } : {}) });
+        const what = pairs.map((p) => `${p.source} → ${p.target}`).join(', ');
+        if (serviceOf(broker) || o.detach) {
+          return ctx.print(job.info(), `instant clones ${what}: usable now; job ${job.id} fills them${serviceOf(broker) ? ' in the service' : ''} (\`offload jobs wait ${job.id}\`)`);
+        }
+        return followJob(ctx, job, `instant clones ${what}`, broker);
+      }
+      const [source, target] = args as [string, string];
       const started = await broker.startClone(source, target, {
         ...(mode ? { mode } : {}), ...(o.size ? { sizeBytes: parseSize(o.size) } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
         ...(o.verify ? { verify: true } : {}), ...(speed ? { speed } : {}), ...(o.instant ? { instant: true } : {}),
@@ -156,9 +170,9 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     });
 }
 
-/** `SRC=DST` of `copy --live`. */
+/** `SRC=DST` of `copy --live` and `clone --instant`. */
 function pairOf(arg: string): { source: string; target: string } {
   const at = arg.indexOf('=');
-  if (at <= 0 || at === arg.length - 1 || arg.indexOf('=', at + 1) >= 0) throw new UsageError(`a live copy pair is SRC=DST, got ${arg}`);
+  if (at <= 0 || at === arg.length - 1 || arg.indexOf('=', at + 1) >= 0) throw new UsageError(`a pair is SRC=DST, got ${arg}`);
   return { source: arg.slice(0, at), target: arg.slice(at + 1) };
 }
