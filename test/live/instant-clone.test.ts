@@ -106,6 +106,30 @@ describe('instant clone through the broker', () => {
     await expect(broker.instantClone([{ source: a.ref, target: `local/x-${++n}` }, { source: b.ref, target: `local/x-${n}` }])).rejects.toMatchObject({ code: 'InvalidArgument' });
   });
 
+  it('san1 → san1 while the SAN mock answers its data plane with 503s, resets and a stall (reads of the source and writes of the clone): retried, nothing lost', async () => {
+    const src = await sourceVolume('san1');
+    const dst = `san1/inst-faulty-${++n}`;
+    const job = (await broker.startClone(src.ref, dst, { instant: true, speed: 16 * MiB })).job!;
+    const exp = await broker.exports.start(dst, { listen: { port: 0 } });
+    const port = Number(new URL(exp.uri).port);
+    const writer = await NbdWriter.start({ port, name: exp.name, connections: 2, pauseMs: 2 }, src.bytes);
+    all.san.faults.add(
+      { method: 'GET', path: '/data/volumes/*', nth: [2, 6, 13], action: { type: 'status', status: 503 } },
+      { method: 'PUT', path: '/data/volumes/*', nth: [3, 8], action: { type: 'status', status: 503 } },
+      { method: 'PUT', path: '/data/volumes/*', nth: [5], action: { type: 'reset' } },
+      { method: 'GET', path: '/data/volumes/*', nth: [9], action: { type: 'latency', ms: 800 } },
+    );
+    try {
+      expect((await job.wait()).error).toBeUndefined();
+      await writer.stop();
+      expect(all.san.faults.list().map((r) => r.fired)).toEqual([3, 2, 1, 1]);
+    } finally {
+      all.san.faults.clear();
+    }
+    expect((await readExport(port, exp.name)).equals(writer.model)).toBe(true);
+    await exp.stop();
+  });
+
   it('clone() returns the volume at once; cancel abandons the clone: its export stops and it is deleted', async () => {
     const src = await sourceVolume('local');
     const dst = `local/inst-dst-${++n}`;

@@ -136,6 +136,33 @@ describe('live copy through the broker', () => {
     await expect(broker.liveCopy([{ source: ta, target: `local/x-${++n}` }, { source: ta, target: `local/y-${n}` }])).rejects.toMatchObject({ code: 'InvalidArgument' });
   });
 
+  for (const [from, to, path] of [['local', 'san1', 'PUT'], ['san1', 'local', 'GET']] as const) {
+    it(`${from} → ${to} while the SAN mock answers its data plane's ${path}s with 503s, resets and a stall: retried, nothing lost`, async () => {
+      const src = await sourceVolume(from);
+      const dst = `${to}/live-faulty-${++n}`;
+      const exp = await broker.exports.start(src.ref, { listen: { port: 0 } });
+      const writer = await NbdWriter.start({ port: portOf(exp), name: exp.name, connections: 2 }, src.bytes);
+      all.san.faults.add(
+        { method: path, path: '/data/volumes/*', nth: [2, 5, 9, 14], action: { type: 'status', status: 503 } },
+        { method: path, path: '/data/volumes/*', nth: [3, 11], action: { type: 'reset' } },
+        { method: path, path: '/data/volumes/*', nth: [7], action: { type: 'latency', ms: 800 } },
+      );
+      try {
+        const job = await broker.copy(src.ref, dst, { live: true });
+        await untilStatus(job, 'ready');
+        await broker.jobs.complete(job.id);
+        expect((await job.wait()).error).toBeUndefined();
+        await new Promise((r) => setTimeout(r, 100));
+        await writer.stop();
+        expect(all.san.faults.list().map((r) => r.fired)).toEqual([4, 2, 1]); // every fault happened
+      } finally {
+        all.san.faults.clear();
+      }
+      await exp.stop();
+      expect((await readAll(dst)).equals(writer.model)).toBe(true);
+    });
+  }
+
   it.skipIf(!HAVE.qemu)('qemu-io writes through the export across the switch-over; its pattern reads back from the target', async () => {
     const src = await sourceVolume('local');
     const dst = `san1/live-dst-${++n}`;

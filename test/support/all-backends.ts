@@ -14,6 +14,9 @@ import { MOCK_DEFAULTS, startOntapMock } from '../../plugins/ontap/index.js';
 
 export interface AllBackends {
   broker: Broker;
+  /** The mocks, for tests that inject faults (`san.faults.add(…)`). */
+  san: Awaited<ReturnType<typeof startFlashArrayMock>>;
+  nas: Awaited<ReturnType<typeof startOntapMock>>;
   /** The broker's state folder (the pool is `pool/` in it). */
   state: string;
   close(): Promise<void>;
@@ -38,6 +41,8 @@ export async function startAllBackends(o: { extra?: (state: string) => Record<st
   }, { plugins: [...builtinPlugins, ...(o.plugins ?? [])] });
   return {
     broker,
+    san,
+    nas,
     state,
     async close() {
       await broker.close();
