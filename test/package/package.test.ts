@@ -149,6 +149,7 @@ describe('the packed package, installed into a project of its own', () => {
     expect(r.code, r.out).toBe(0);
     expect(r.out).toContain("executor: 'host'"); // the plan printed: the host data mover
     expect(r.out).toContain("[ 'alice1' ]"); // the tenant sees its own volume only
+    expect(r.out).toContain("{ side: 'target', ref: 'nas1/vm1' }"); // the live copy switched the export over
   });
 
   it('type-checks the README example and an out-of-tree plugin against the shipped declarations', async () => {
