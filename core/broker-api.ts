@@ -124,6 +124,8 @@ export interface CloneOptions {
    * stop and it is deleted). An export of the clone must be started in the broker that runs the job.
    */
   instant?: boolean;
+  /** An instant clone: keep what clients read from the source (QEMU's copy-on-read), so it is read from the source once. */
+  copyOnRead?: boolean;
 }
 
 export interface CopyOptions {
@@ -153,6 +155,7 @@ export interface CopyOptions {
 export interface InstantCloneOptions {
   speed?: number;
   owner?: string;
+  copyOnRead?: boolean;
 }
 
 /** What a group live copy takes (CopyOptions' live-copy part). */

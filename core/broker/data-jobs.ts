@@ -37,6 +37,7 @@ export class DataJobs {
     }
     checkPrefer(opts.prefer);
     if (opts.instant !== undefined && typeof opts.instant !== 'boolean') throw new InvalidArgument(`instant is true or false, got ${String(opts.instant)}`);
+    if (opts.copyOnRead && !opts.instant) throw new InvalidArgument('copyOnRead applies to an instant clone', { hint: 'add --instant' });
     const src = parseRef(source);
     const dst = parseVolumeRef(target);
     await this.a.assertOwns(src);

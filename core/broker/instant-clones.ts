@@ -102,7 +102,7 @@ export class InstantClones {
     const locks = made.flatMap((p) => [{ key: volumeKey(parseRef(p.source)), mode: 'shared' as const }, { key: p.target, mode: 'exclusive' as const }]);
     const speed = checkSpeed(opts.speed);
     this.s.assertOpen();
-    const task = instantCloneTask(this.s, { pairs: made });
+    const task = instantCloneTask(this.s, { pairs: made, ...(opts.copyOnRead ? { copyOnRead: true } : {}) });
     let job: Job;
     try {
       job = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({

@@ -15,6 +15,8 @@ export interface FillPair {
 }
 
 export interface FillParams {
+  /** Keep what clients read from the sources (copy-on-read). */
+  copyOnRead?: boolean;
   /** The clones made together (the disks of one VM): created at once, filled by one job. */
   pairs: FillPair[];
 }
@@ -93,7 +95,7 @@ export function fillTask(params: FillParams, deps: FillPairDeps[]): JobTask {
           await write;
         };
         for (let i = 0; i < params.pairs.length; i++) {
-          fills.push(new Fill(opened[2 * i]!, opened[2 * i + 1]!, records[i]!, persist(i)));
+          fills.push(new Fill(opened[2 * i]!, opened[2 * i + 1]!, records[i]!, persist(i), params.copyOnRead === true));
           deps[i]!.register(fills[i]!, ctx.jobId);
         }
         opened.length = 0; // the fills own the devices now

@@ -43,6 +43,8 @@ export class Fill {
     state: FillState,
     /** Make a FillState durable (the job's record). */
     private readonly persist: (s: FillState) => Promise<void>,
+    /** Keep what a client reads from the source (QEMU's copy-on-read): a range read once is filled. */
+    private readonly copyOnRead = false,
   ) {
     this.source = source;
     this.pending = new DirtyMap(target.sizeBytes, state.granularity);
@@ -137,6 +139,11 @@ export class Fill {
 
   private async read(offset: number, length: number): Promise<Uint8Array> {
     if (!this.pending.isDirty(offset, length)) return this.target.read(offset, length);
+    if (this.copyOnRead) {
+      // Filled first (its record follows with the next save: a read needs nothing durable), then read from the target.
+      await this.locks.run(offset, length, () => this.copy(offset, length));
+      return this.target.read(offset, length);
+    }
     const out = new Uint8Array(length);
     for (const run of this.runs(offset, length)) {
       const from = run.pending ? this.needSource() : this.target;

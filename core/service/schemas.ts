@@ -38,11 +38,11 @@ export const fileImportBody = z.strictObject({
 export const cloneBody = z.strictObject({
   source: z.string(), target: z.string(), mode: z.enum(['linked', 'full']).optional(), sizeBytes: z.number().optional(),
   owner: z.string().optional(), prefer, verify: z.boolean().optional(), speed,
-  instant: z.boolean().optional(),
+  instant: z.boolean().optional(), copyOnRead: z.boolean().optional(),
 });
 export const chainBody = z.strictObject({ base: z.string().optional(), speed }).optional();
 export const instantCloneBody = z.strictObject({
-  pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, owner: z.string().optional(),
+  pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, owner: z.string().optional(), copyOnRead: z.boolean().optional(),
 });
 export const liveCopyBody = z.strictObject({
   pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, mode: z.enum(['background', 'write-blocking']).optional(),

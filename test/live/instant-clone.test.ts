@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Broker, Job, JobStatus } from '../../core/index.js';
 import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
 import { readExport as readWhole } from '../support/live-service.js';
+import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
 import { NbdWriter } from '../support/nbd-writer.js';
 
 const MiB = 1024 * 1024;
@@ -129,6 +130,40 @@ describe('instant clone through the broker', () => {
     expect((await readExport(port, exp.name)).equals(writer.model)).toBe(true);
     await exp.stop();
   });
+
+  for (const copyOnRead of [true, false]) {
+    it(`${copyOnRead ? 'copy-on-read: a range read once is kept, the second read does not reach the source' : 'without copy-on-read every read of an unfilled range reaches the source'}`, async () => {
+      const src = await sourceVolume('san1');
+      const dst = `local/inst-cor-${++n}`;
+      const job = (await broker.startClone(src.ref, dst, { instant: true, speed: 64 * 1024, ...(copyOnRead ? { copyOnRead: true } : {}) })).job!;
+      const exp = await broker.exports.start(dst, { listen: { port: 0 } });
+      const c = await openExport(Number(new URL(exp.uri).port), exp.name);
+      // Counts the source's reads (never fires).
+      all.san.faults.add({ method: 'GET', path: `/data/volumes/${src.ref.slice('san1/'.length)}`, nth: [1_000_000], action: { type: 'status', status: 503 } });
+      const readRange = async () => {
+        request(c.wire, CMD.READ, 8 * MiB, 4 * MiB);
+        const r = await reply(c.wire, 4 * MiB);
+        expect(r.error).toBe(0);
+        return readData(r, 8 * MiB, 4 * MiB);
+      };
+      try {
+        expect((await readRange()).equals(src.bytes.subarray(8 * MiB, 12 * MiB))).toBe(true);
+        const first = all.san.faults.list()[0]!.calls;
+        expect(first).toBeGreaterThan(0);
+        expect((await readRange()).equals(src.bytes.subarray(8 * MiB, 12 * MiB))).toBe(true);
+        const second = all.san.faults.list()[0]!.calls - first;
+        if (copyOnRead) expect(second).toBe(0);
+        else expect(second).toBeGreaterThan(0);
+      } finally {
+        all.san.faults.clear();
+        request(c.wire, CMD.DISC, 0, 0);
+        c.wire.socket.end();
+      }
+      await broker.jobs.cancel(job.id);
+      await job.wait();
+      await exp.stopped;
+    });
+  }
 
   it('clone() returns the volume at once; cancel abandons the clone: its export stops and it is deleted', async () => {
     const src = await sourceVolume('local');

@@ -78,19 +78,21 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--verify', 'through the host: compare checksums of source and target after the copy')
     .option('--speed <bytes-per-second>', 'through the host: rate limit (suffixes k, M, G)')
     .option('--instant', 'usable at once, on any backend: the clone can be exported right away (in the same service) while a job fills it from the source')
+    .option('--copy-on-read', 'with --instant: keep what clients read from the source, so each range is read from it once')
     .option('--detach', DETACH_HELP)
-    .action(async (args: string[], o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; instant?: boolean; detach?: boolean }) => {
+    .action(async (args: string[], o: { full?: boolean; linked?: boolean; size?: string; prefer?: string; verify?: boolean; speed?: string; instant?: boolean; copyOnRead?: boolean; detach?: boolean }) => {
       if (o.full && o.linked) throw new UsageError('--full and --linked exclude each other');
       const mode = o.full ? 'full' : o.linked ? 'linked' : undefined;
       const speed = speedOption(o.speed);
       const pairs = args.some((a) => a.includes('=')) ? args.map(pairOf) : undefined;
       if (pairs && !o.instant) throw new UsageError('SRC=DST pairs are for an instant clone: add --instant, or give SRC DST');
+      if (o.copyOnRead && !o.instant) throw new UsageError('--copy-on-read applies to an instant clone: add --instant');
       if (!pairs && args.length !== 2) throw new UsageError(`clone takes SRC DST (or, with --instant, SRC=DST pairs), got ${args.length} argument${args.length === 1 ? '' : 's'}`);
       const broker = await ctx.broker();
       checkDetach(broker, o.detach);
       if (pairs) {
         if (mode === 'linked' || o.verify || o.prefer || o.size) throw new UsageError('--linked, --verify, --prefer and --size do not apply to several instant clones');
-        const job = await broker.instantClone(pairs, { ...(speed ? { speed } : {}) });
+        const job = await broker.instantClone(pairs, { ...(speed ? { speed } : {}), ...(o.copyOnRead ? { copyOnRead: true } : {}) });
         const what = pairs.map((p) => `${p.source} → ${p.target}`).join(', ');
         if (serviceOf(broker) || o.detach) {
           return ctx.print(job.info(), `instant clones ${what}: usable now; job ${job.id} fills them${serviceOf(broker) ? ' in the service' : ''} (\`offload jobs wait ${job.id}\`)`);
@@ -101,6 +103,7 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       const started = await broker.startClone(source, target, {
         ...(mode ? { mode } : {}), ...(o.size ? { sizeBytes: parseSize(o.size) } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
         ...(o.verify ? { verify: true } : {}), ...(speed ? { speed } : {}), ...(o.instant ? { instant: true } : {}),
+        ...(o.copyOnRead ? { copyOnRead: true } : {}),
       });
       if (started.job && o.instant && serviceOf(broker)) {
         // The fill goes on in the service; the clone is usable now (export it through the same service).
