@@ -10,7 +10,8 @@ import type { Broker, Job, JobStatus } from '../../core/index.js';
 import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
 import { readExport as readWhole } from '../support/live-service.js';
 import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
-import { NbdWriter } from '../support/nbd-writer.js';
+import { NbdWriter, qemuIoWrites } from '../support/nbd-writer.js';
+import { HAVE } from '../support/nbd-tools.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
@@ -62,9 +63,12 @@ describe('instant clone through the broker', () => {
       expect(job.info().type).toBe('fill');
       const exp = await broker.exports.start(dst, { listen: { port: 0 } });
       const port = Number(new URL(exp.uri).port);
-      const writer = await NbdWriter.start({ port, name: exp.name, connections: 2, pauseMs: 2 }, src.bytes);
+      // Two guests on disjoint ranges: the in-process writer below 12 MiB, qemu-io above it.
+      const writer = await NbdWriter.start({ port, name: exp.name, connections: 2, pauseMs: 2, span: 12 * MiB }, src.bytes);
+      const qemu = HAVE.qemu ? qemuIoWrites(exp.uri, 12 * MiB, 32) : Promise.resolve([]);
       await new Promise((r) => setTimeout(r, 300));
       await writer.stop();
+      for (const w of await qemu) w.data.copy(writer.model, w.offset);
       expect(writer.acked).toBeGreaterThan(0);
       const mid = (await broker.jobs.get(job.id)).info();
       expect(mid.status).toBe('running'); // still filling: what was read below came partly from the source

@@ -10,7 +10,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Broker, ExportHandle, Job, JobStatus } from '../../core/index.js';
 import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
-import { NbdWriter } from '../support/nbd-writer.js';
+import { NbdWriter, qemuIoWrites } from '../support/nbd-writer.js';
 import { HAVE, qemuIo } from '../support/nbd-tools.js';
 
 const MiB = 1024 * 1024;
@@ -76,8 +76,10 @@ describe('live copy through the broker', () => {
       const exp = await broker.exports.start(src.ref, { listen: { port: 0 } });
       const switched: string[] = [];
       exp.onRetarget((r) => switched.push(r));
-      const writer = await NbdWriter.start({ port: portOf(exp), name: exp.name, connections: 3 }, src.bytes);
+      // Two guests on disjoint ranges: the in-process writer below 12 MiB, qemu-io above it.
+      const writer = await NbdWriter.start({ port: portOf(exp), name: exp.name, connections: 3, span: 12 * MiB }, src.bytes);
       const job = await broker.copy(src.ref, dst, { live: true, mode });
+      const qemu = HAVE.qemu ? qemuIoWrites(exp.uri, 12 * MiB, 64) : Promise.resolve([]);
       expect(job.info().type).toBe('mirror');
       await untilStatus(job, 'ready');
       expect(job.info().authoritative).toEqual({ side: 'source', ref: src.ref });
@@ -92,6 +94,7 @@ describe('live copy through the broker', () => {
       const afterPivot = writer.acked;
       await new Promise((r) => setTimeout(r, 150));
       await writer.stop(); // no NBD error, no stale read on the connections that stayed open
+      for (const w of await qemu) w.data.copy(writer.model, w.offset);
       expect(writer.acked).toBeGreaterThan(afterPivot);
       expect(writer.readBacks).toBeGreaterThan(0);
       const listed = (await broker.exports.list()).find((e) => e.name === exp.name);

@@ -117,3 +117,15 @@ export class NbdWriter {
     }
   }
 }
+
+/**
+ * qemu-io as a second guest: 64 KiB writes of a pattern per block at `from`, `from + 64 KiB`, …,
+ * in one connection, in order (its exit means every write was acknowledged). Resolves with the
+ * writes, for a model; rejects on any qemu-io error.
+ */
+export async function qemuIoWrites(uri: string, from: number, count: number): Promise<{ offset: number; data: Buffer }[]> {
+  const { qemuIo } = await import('./nbd-tools.js');
+  const writes = Array.from({ length: count }, (_, i) => ({ offset: from + i * 65536, data: Buffer.alloc(65536, (i % 200) + 40) }));
+  await qemuIo(uri, writes.map((w) => `write -P ${w.data[0]} ${w.offset} 64k`));
+  return writes;
+}
