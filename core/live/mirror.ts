@@ -179,11 +179,24 @@ export class Mirror {
   /** Copy dirty ranges with `concurrency` workers; ready when nothing is dirty and nothing in flight. */
   private async loop(): Promise<void> {
     let busy = 0;
+    let flushing = false;
     const worker = async () => {
       while (!this.stopped) {
         const r = this.map.next(this.cursor, this.chunk);
         if (!r) {
-          if (busy === 0 && !this.isReady) {
+          if (busy === 0 && !this.isReady && !flushing) {
+            // In sync: flush the target before saying so (as QEMU's mirror does), so that the
+            // switch-over's flush has little left — a whole bulk pass in the page cache held
+            // write-blocking writes ~300 ms there. Written meanwhile: copied, then flushed again.
+            flushing = true;
+            busy++;
+            try {
+              await this.target.flush();
+            } finally {
+              busy--;
+              flushing = false;
+            }
+            if (busy > 0 || this.map.dirtyGranules > 0 || this.stopped) continue;
             this.isReady = true;
             for (const w of this.readyWaiters.splice(0)) w.resolve();
           }
