@@ -146,13 +146,17 @@ export class LiveDevice implements BlockDevice {
         this.mark(offset, length);
         return;
       }
+      // Both sides at once (the range lock keeps the copier out meanwhile): the guest waits for the
+      // slower of the two, not their sum. Whatever failed leaves the range to be copied again.
       await sync.locks.run(offset, length, async () => {
-        await op(this.dev, false);
-        try {
-          await op(sync.device, true);
-        } catch (e) {
+        const [source, target] = await Promise.allSettled([op(this.dev, false), op(sync.device, true)]);
+        if (source.status === 'rejected') {
+          this.mark(offset, length); // the target may hold what the source does not: copied again from the source
+          throw source.reason;
+        }
+        if (target.status === 'rejected') {
           this.mark(offset, length);
-          sync.onError?.(e, { offset, length });
+          sync.onError?.(target.reason, { offset, length });
         }
       });
     });

@@ -9,6 +9,7 @@ import type { BlockDevice } from '../../core/index.js';
 import { DirtyMap } from '../../core/live/dirty-map.js';
 import { LiveDevice } from '../../core/live/live-device.js';
 import { Mirror } from '../../core/live/mirror.js';
+import { RangeLocks } from '../../core/live/range-locks.js';
 import { memoryDevice } from '../support/memory-device.js';
 
 const KiB = 1024;
@@ -155,6 +156,38 @@ describe('LiveDevice', () => {
     expect(old).not.toBe(b);
     expect([...(await b.read(8, 4))]).toEqual([5, 5, 5, 5]); // sent during the pause: went to the new device
     expect([...(await a.read(8, 4))]).toEqual([0, 0, 0, 0]);
+  });
+});
+
+describe('LiveDevice, write-blocking', () => {
+  it('writes both sides at once; a write the source refuses fails for the guest and leaves its range to be copied again (the target may have it)', async () => {
+    const src = memoryDevice(1 << 20);
+    const dst = memoryDevice(1 << 20);
+    let refuse = false;
+    let inFlight = 0;
+    let most = 0;
+    const slow = (d: BlockDevice, fail: () => boolean): BlockDevice => ({
+      ...d,
+      write: async (o, data) => {
+        inFlight++;
+        most = Math.max(most, inFlight);
+        await new Promise((r) => setTimeout(r, 5));
+        inFlight--;
+        if (fail()) throw new Error('the source refused the write');
+        await d.write(o, data);
+      },
+    });
+    const live = new LiveDevice(slow(src, () => refuse));
+    const map = new DirtyMap(1 << 20);
+    live.watch(map);
+    live.setSyncTarget({ device: slow(dst, () => false), locks: new RangeLocks(map.granularity) });
+    await live.write(0, new Uint8Array(4096).fill(1));
+    expect(most).toBe(2); // both sides at once
+    expect(map.isDirty(0, 4096)).toBe(false);
+    refuse = true;
+    await expect(live.write(128 * 1024, new Uint8Array(4096).fill(2))).rejects.toThrow('the source refused the write');
+    expect(map.isDirty(128 * 1024, 4096)).toBe(true);
+    expect([...(await dst.read(128 * 1024, 4))]).toEqual([2, 2, 2, 2]); // the target has it: the mark sends the source's data there again
   });
 });
 
