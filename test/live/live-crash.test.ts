@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { until } from '../service/service-helpers.js';
 import { startLiveService, readExport as readWhole, type LiveService } from '../support/live-service.js';
 import { NbdWriter } from '../support/nbd-writer.js';
+import { CMD, openExport, reply, request } from '../support/nbd-client.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -50,6 +51,32 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect((await client('copy', '--live', 'local/g0=san1/x', 'oops')).err).toMatch(/a pair is SRC=DST/);
     expect((await client('copy', 'local/g0=san1/x')).err).toMatch(/add --live/);
     for (const n of ['local/g0', 'local/g1']) expect((await client('nbd', 'stop', n)).code).toBe(0);
+  });
+
+  it('a clean stop (SIGTERM) cancels a live copy first — the source stays current and is served again — and keeps an instant clone\'s fill, resumed after the restart', async () => {
+    expect((await client('volume', 'create', 'local/t0', '8M')).code).toBe(0);
+    expect((await client('nbd', 'local/t0', '--port', '0')).code).toBe(0);
+    const mirror = await json('copy', '--live', 'local/t0', 'san1/t0', '--detach') as { id: string };
+    await until('ready', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
+    expect((await client('volume', 'create', 'local/t1', '32M')).code).toBe(0);
+    const g = await openExport(Number(new URL((await client('nbd', 'local/t1', '--port', '0', '--name', 't1')).out.trim()).port), 't1');
+    request(g.wire, CMD.WRITE, 0, 16 * MiB, { payload: Buffer.alloc(16 * MiB, 7) });
+    expect((await reply(g.wire)).error).toBe(0);
+    request(g.wire, CMD.DISC, 0, 0);
+    g.wire.socket.end();
+    expect((await client('nbd', 'stop', 't1')).code).toBe(0);
+    const fill = await json('clone', '--instant', 'local/t1', 'san1/t1', '--speed', `${MiB}`) as { job: { id: string } };
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(await ls.stop()).toBe(0);
+    await ls.restart();
+    const m = await json('jobs', 'show', mirror.id) as { status: string; error?: { code: string }; authoritative?: { side: string } };
+    expect(m).toMatchObject({ status: 'concluded', error: { code: 'Cancelled' }, authoritative: { side: 'source' } });
+    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string; ref: string }[]).some((e) => e.name === 'local/t0' && e.ref === 'local/t0'));
+    const f = await json('jobs', 'show', fill.job.id) as { status: string; progress: { current: number } };
+    expect(f.status).not.toBe('concluded'); // taken up again by the restarted service, from its record
+    expect(f.progress.current).toBeGreaterThan(0);
+    await client('jobs', 'cancel', fill.job.id);
+    expect((await client('nbd', 'stop', 'local/t0')).code).toBe(0);
   });
 
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {

@@ -34,6 +34,8 @@ export interface LiveService {
   json(...args: string[]): Promise<unknown>;
   /** SIGKILL the service. */
   kill(): Promise<void>;
+  /** SIGTERM the service (a clean stop): its exit code. */
+  stop(): Promise<number | null>;
   /** Start it again (its state folder as it was). */
   restart(): Promise<void>;
   close(): Promise<void>;
@@ -57,6 +59,7 @@ export async function startLiveService(): Promise<LiveService> {
       ls.service.child.kill('SIGKILL');
       await ls.service.exit;
     },
+    stop: () => ls.service.stop(),
     restart: async () => {
       ls.service = await serve(s);
     },
