@@ -1,5 +1,6 @@
 /** Shared benchmark plumbing: run commands, time them, take medians, report ours/qemu ratios. */
 import { spawnSync } from 'node:child_process';
+import { createServer } from 'node:net';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -96,4 +97,13 @@ export function compare(what: string, rounds: number, prepare: () => void, qemu:
   verify?.();
   prepare();
   return { what, qemuMs: median(q), oursMs: median(o), oursRssMiB: rss / 1024 };
+}
+
+/** A TCP port free on loopback now (for a server started next). */
+export async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as { port: number }).port;
+  await new Promise<void>((r) => srv.close(() => r()));
+  return port;
 }

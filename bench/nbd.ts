@@ -29,9 +29,8 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { copyFileSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
-import { ROOT, median, report, requireBuilt, run, timed, workDir, type Row } from './harness.js';
+import { ROOT, freePort, median, report, requireBuilt, run, timed, workDir, type Row } from './harness.js';
 
 const OFFLOAD = join(ROOT, 'bin/offload');
 const MiB = 1024 * 1024;
@@ -86,14 +85,6 @@ function peakKiB(s: Ours): number {
   const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync(`/proc/${s.pid}/status`, 'utf8'));
   if (!m) throw new Error(`no VmHWM for pid ${s.pid}`);
   return Number(m[1]);
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
 }
 
 /** qemu-nbd, forked into the background (it is listening when this returns). */

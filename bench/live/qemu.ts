@@ -1,7 +1,8 @@
 /** bench/live.ts's comparison, QEMU's mirror: qemu-storage-daemon serving the source over NBD, blockdev-mirror over QMP. */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
-import { connect, createServer, type Socket } from 'node:net';
+import { connect, type Socket } from 'node:net';
+import { freePort } from '../harness.js';
 import { join } from 'node:path';
 import { GRANULE, layout, sleep, type Mode, type Settings } from './common.js';
 import { measure, type Way } from './measure.js';
@@ -14,14 +15,6 @@ export function findQsd(): string | undefined {
   }
   const r = spawnSync('qemu-storage-daemon', ['--version']);
   return r.status === 0 ? 'qemu-storage-daemon' : undefined;
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
 }
 
 /** A QMP client: line-delimited JSON, commands answered by id, events kept and awaited. */

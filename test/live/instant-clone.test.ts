@@ -5,9 +5,9 @@
  * ranges not filled yet come from the source; at the end the clone equals the model and the
  * source is free. Also: the source is Busy while the fill runs, and cancel abandons the clone.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Broker, Job, JobStatus } from '../../core/index.js';
-import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
+import { allBackendsForFile, withDevice, type AllBackends } from '../support/all-backends.js';
 import { readExport as readWhole } from '../support/live-service.js';
 import { CMD, openExport, readData, reply, request } from '../support/nbd-client.js';
 import { NbdWriter, qemuIoWrites } from '../support/nbd-writer.js';
@@ -20,12 +20,9 @@ let all: AllBackends;
 let broker: Broker;
 let n = 0;
 
-beforeAll(async () => {
-  all = await startAllBackends({ prefix: 'offload-instant-' });
-  broker = all.broker;
-});
-afterAll(async () => {
-  await all?.close();
+allBackendsForFile('offload-instant-', (a) => {
+  all = a;
+  broker = a.broker;
 });
 
 async function sourceVolume(backend: string): Promise<{ ref: string; bytes: Buffer }> {

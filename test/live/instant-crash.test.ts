@@ -10,9 +10,9 @@
  * The writer keeps to the first 4 MiB, so that its writes (each filling its granule first) do not
  * finish the fill before the kills are done.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { until } from '../service/service-helpers.js';
-import { startLiveService, readExport as readWhole, type LiveService } from '../support/live-service.js';
+import { liveServiceForSuite, readExport as readWhole, type LiveService } from '../support/live-service.js';
 import { CMD, openExport, reply, request } from '../support/nbd-client.js';
 import { NbdWriter } from '../support/nbd-writer.js';
 
@@ -27,11 +27,8 @@ describe('kill -9 during an instant clone', () => {
   const client = (...args: string[]) => ls.client(...args);
   const json = (...args: string[]) => ls.json(...args);
 
-  beforeAll(async () => {
-    ls = await startLiveService();
-  });
-  afterAll(async () => {
-    await ls?.close();
+  liveServiceForSuite((started) => {
+    ls = started;
   });
 
   it(`${KILLS} kills while it fills and is written: resumed each time, never losing an acknowledged write, never starting over`, async () => {

@@ -7,9 +7,9 @@
  * refused or forced, cancel before and after ready, and a tenant's export under an
  * administrator's migration.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Broker, ExportHandle, Job, JobStatus } from '../../core/index.js';
-import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
+import { allBackendsForFile, withDevice, type AllBackends } from '../support/all-backends.js';
 import { NbdWriter, qemuIoWrites } from '../support/nbd-writer.js';
 import { HAVE, qemuIo } from '../support/nbd-tools.js';
 
@@ -20,12 +20,9 @@ let all: AllBackends;
 let broker: Broker;
 let n = 0;
 
-beforeAll(async () => {
-  all = await startAllBackends({ prefix: 'offload-live-' });
-  broker = all.broker;
-});
-afterAll(async () => {
-  await all?.close();
+allBackendsForFile('offload-live-', (a) => {
+  all = a;
+  broker = a.broker;
 });
 
 /** A new volume with data in its first half (every 64 KiB block's first 32 KiB), and its bytes. */

@@ -10,9 +10,9 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { until } from '../service/service-helpers.js';
-import { startLiveService, readExport as readWhole, type LiveService } from '../support/live-service.js';
+import { liveServiceForSuite, readExport as readWhole, type LiveService } from '../support/live-service.js';
 import { NbdWriter } from '../support/nbd-writer.js';
 import { CMD, openExport, reply, request } from '../support/nbd-client.js';
 
@@ -26,11 +26,8 @@ describe('kill -9 around ready and complete of a live copy', () => {
   const client = (...args: string[]) => ls.client(...args);
   const json = (...args: string[]) => ls.json(...args);
 
-  beforeAll(async () => {
-    ls = await startLiveService();
-  });
-  afterAll(async () => {
-    await ls?.close();
+  liveServiceForSuite((started) => {
+    ls = started;
   });
 
   it('`copy --live A=B C=D` through the service: one job for both disks; complete switches both exports', async () => {

@@ -7,6 +7,7 @@ import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ContainerModule } from 'inversify';
+import { afterAll, beforeAll } from 'vitest';
 import { createBroker, type BlockDevice, type Broker } from '../../core/index.js';
 import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
@@ -60,4 +61,16 @@ export async function withDevice<T>(broker: Broker, ref: string, mode: 'r' | 'rw
   } finally {
     await dev.close();
   }
+}
+
+/** startAllBackends for one test file: started before its tests (handed to `use`), closed after them. */
+export function allBackendsForFile(prefix: string, use: (all: AllBackends) => void): void {
+  let all: AllBackends | undefined;
+  beforeAll(async () => {
+    all = await startAllBackends({ prefix });
+    use(all);
+  });
+  afterAll(async () => {
+    await all?.close();
+  });
 }

@@ -4,6 +4,7 @@
  * and reading a whole export over NBD.
  */
 import { appendFileSync, rmSync } from 'node:fs';
+import { afterAll, beforeAll } from 'vitest';
 import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
 import { offload, serve, setup, type Result, type ServiceChild, type Setup } from '../service/service-helpers.js';
 import { CMD, openExport, readData, reply, request } from './nbd-client.js';
@@ -70,4 +71,16 @@ export async function startLiveService(): Promise<LiveService> {
     },
   };
   return ls;
+}
+
+/** startLiveService for one describe block: started before its tests (handed to `use`), closed after them. */
+export function liveServiceForSuite(use: (ls: LiveService) => void): void {
+  let ls: LiveService | undefined;
+  beforeAll(async () => {
+    ls = await startLiveService();
+    use(ls);
+  });
+  afterAll(async () => {
+    await ls?.close();
+  });
 }
