@@ -28,6 +28,65 @@ export interface MapExtent {
   kind: 'data' | 'zero';
 }
 
+/** A byte range: `[offset, offset + length)`. */
+export interface ByteSpan {
+  offset: number;
+  length: number;
+}
+
+/**
+ * The byte ranges within `[offset, offset+length)` where two block maps of one store may read
+ * differently: the chunks whose ids differ, merged where adjacent and clipped to the range. Absent
+ * and ZERO_CHUNK both read as zeros, so one against the other is no change; two different ids
+ * count as a change even if their bytes happen to match (over-reporting is allowed, missing a
+ * change is not). Pure: reads the maps only. The caller clips the range to the object's size.
+ */
+export function diffMaps(a: BlockMap, b: BlockMap, chunkSize: number, offset: number, length: number): ByteSpan[] {
+  const end = offset + length;
+  if (length <= 0) return [];
+  const first = Math.floor(offset / chunkSize);
+  const last = Math.ceil(end / chunkSize); // exclusive
+  const norm = (id: number | undefined) => (id === ZERO_CHUNK ? undefined : id);
+  const changed = new Set<number>();
+  // Walk whichever is smaller: the maps' entries, or the chunk indices of the range.
+  if (a.size + b.size < last - first) {
+    for (const m of [a, b]) {
+      for (const index of m.keys()) {
+        if (index >= first && index < last && norm(a.get(index)) !== norm(b.get(index))) changed.add(index);
+      }
+    }
+  } else {
+    for (let index = first; index < last; index++) if (norm(a.get(index)) !== norm(b.get(index))) changed.add(index);
+  }
+  const out: ByteSpan[] = [];
+  for (const index of [...changed].sort((x, y) => x - y)) {
+    const s = Math.max(index * chunkSize, offset);
+    const t = Math.min(index * chunkSize + chunkSize, end);
+    const prev = out[out.length - 1];
+    if (prev && prev.offset + prev.length === s) prev.length += t - s;
+    else out.push({ offset: s, length: t - s });
+  }
+  return out;
+}
+
+/**
+ * Widen spans to whole `unit`s (a coarser granularity than the one they were found at), merge
+ * what then touches or overlaps, and clip the result to `[offset, offset+length)`.
+ */
+export function coarsenSpans(spans: readonly ByteSpan[], unit: number, offset: number, length: number): ByteSpan[] {
+  const end = offset + length;
+  const out: ByteSpan[] = [];
+  for (const sp of spans) {
+    const s = Math.max(offset, Math.floor(sp.offset / unit) * unit);
+    const t = Math.min(end, Math.ceil((sp.offset + sp.length) / unit) * unit);
+    if (t <= s) continue;
+    const prev = out[out.length - 1];
+    if (prev && prev.offset + prev.length >= s) prev.length = Math.max(prev.offset + prev.length, t) - prev.offset;
+    else out.push({ offset: s, length: t - s });
+  }
+  return out;
+}
+
 /** Chunk files are named by id; `.tmp` ones are writes a crash interrupted. */
 const CHUNK_FILE = /^(\d+)(\.tmp)?$/;
 /** How the FlashArray mock named its chunk files before the kit (`N.chunk`): renamed on load. */
@@ -178,6 +237,11 @@ export class ChunkStore {
       else out.push({ offset: s, length: t - s, kind });
     }
     return out;
+  }
+
+  /** Where `a` and `b` may read differently within the range, in whole chunks (see `diffMaps`). */
+  diff(a: BlockMap, b: BlockMap, offset: number, length: number): ByteSpan[] {
+    return diffMaps(a, b, this.chunkSize, offset, length);
   }
 
   /** Bytes of `map` that hold data (ZERO_CHUNK entries store nothing). */

@@ -24,4 +24,4 @@ export {
 export { answerWithFaults, faultAdmin, shortPageOf, type FaultedRequest } from './fault-http.js';
 export { seededRandom, streamSeed } from './random.js';
 export { drain, HttpError, parseJson, readBody, sendReply, serveHttp, sleep, type HttpService, type Reply, type ServeOptions } from './http.js';
-export { ChunkStore, ZERO_CHUNK, type BlockMap, type MapExtent } from './chunk-store.js';
+export { ChunkStore, coarsenSpans, diffMaps, ZERO_CHUNK, type BlockMap, type ByteSpan, type MapExtent } from './chunk-store.js';
