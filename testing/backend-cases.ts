@@ -23,7 +23,7 @@ const METHODS: Record<(typeof CAPABILITIES)[number], readonly (keyof StorageBack
   'data.read': ['openVolume'],
   'data.write': ['openVolume'],
   'data.extents': ['openVolume'],
-  'data.dirty': ['openVolume'],
+  'data.dirty': ['changedExtents'],
 };
 
 /** Sizes no backend may accept: not a positive whole number of bytes. */

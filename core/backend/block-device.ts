@@ -44,6 +44,17 @@ export interface BlockDevice {
    * allocated anywhere, 1 the volume's own top layer, 2 the layer below it, and so on.
    */
   allocationDepth?(offset: number, length: number): Promise<{ offset: number; length: number; depth: number }[]>;
+  /**
+   * The names of the dirty bitmaps the device carries (a qcow2 image's persistent bitmaps), which
+   * an NBD export offers as `qemu:dirty-bitmap:NAME`. Absent or empty: none.
+   */
+  dirtyBitmaps?(): string[];
+  /**
+   * The dirty ranges of bitmap `name` within [offset, offset+length), in order, in whole units of
+   * the bitmap's granularity (clipped to the range). An unknown name is NotFound; a bitmap left
+   * inconsistent by a crash is FailedPrecondition (it is never served as if it were true).
+   */
+  dirtyExtents?(name: string, offset: number, length: number): Promise<ByteRange[]>;
   flush(): Promise<void>;
   close(): Promise<void>;
   /**

@@ -15,6 +15,31 @@ export interface CreateVolumeRequest {
   owner?: string;
 }
 
+/** `data.dirty`: which two points of a volume to compare, and over which range. */
+export interface ChangedExtentsRequest {
+  /** The earlier point: a snapshot of the volume. */
+  since: string;
+  /** The later point: a snapshot of the volume taken after `since`; absent = the volume's data now. */
+  until?: string;
+  /** The range to answer for (default: the whole volume at `until`). */
+  offset?: number;
+  length?: number;
+}
+
+/**
+ * The answer of `changedExtents`: every byte outside `extents` reads the same at `until` as at
+ * `since`; a byte inside may differ (a backend may over-report, never under-report). Extents are
+ * sorted, do not overlap, lie within the asked range and are multiples of `granularity` except
+ * where clipped to the range.
+ */
+export interface ChangedExtents {
+  extents: { offset: number; length: number }[];
+  /** The unit the backend tracks changes in (a cluster, a chunk, a block). */
+  granularity: number;
+  /** The volume's size at `until`. */
+  sizeBytes: number;
+}
+
 export interface StreamOptions {
   /** Stop at this ancestor (a volume or snapshot name in the chain); absent = make it independent. */
   base?: string;
@@ -59,6 +84,14 @@ export interface StorageBackend {
    * or clone through the host reads from a snapshot).
    */
   openSnapshot?(volume: string, snapshot: string): Promise<BlockDevice>;
+  /**
+   * `data.dirty`: the ranges whose data changed between the snapshot `since` and `until` (a later
+   * snapshot, or the volume now). An unknown volume or snapshot is NotFound; `until` older than
+   * `since` is InvalidArgument; when the backend cannot tell what changed (a bitmap left
+   * inconsistent by a crash, a snapshot from before tracking began) it is FailedPrecondition with
+   * the reason — never a guess that may leave a change out.
+   */
+  changedExtents?(volume: string, req: ChangedExtentsRequest): Promise<ChangedExtents>;
   /**
    * Rebuild a task of this backend from its stored type and params after a broker restart.
    * Return undefined when it cannot be resumed; the job is then concluded as interrupted.

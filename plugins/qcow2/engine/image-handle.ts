@@ -2,7 +2,7 @@ import { FailedPrecondition, InvalidArgument } from '../../../core/index.js';
 import { DirtyBitmap } from './dirty-map.js';
 import type { ImageNode } from './image-node.js';
 import type {
-  Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, DirtyMap, HeaderInfo, Image, ImageFormat, NewBacking, SnapshotOps,
+  Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, DirtyMap, HeaderInfo, Image, ImageFormat, NewBacking, BitmapOps, SnapshotOps,
   WriteOptions,
 } from './types.js';
 
@@ -47,6 +47,7 @@ export class ImageHandle implements Image {
   get backing(): Image | undefined { return this.n.backing; }
   get chain(): ChainEntry[] { return this.n.chain; }
   get snapshots(): SnapshotOps { return this.n.snapshots; }
+  get bitmaps(): BitmapOps { return this.n.bitmaps; }
 
   /**
    * Run a call on the node: held while a pivot switches nodes, counted while in flight. Not an

@@ -20,6 +20,7 @@
 export type {
   ImageFormat, CreateOptions, OpenOptions, HeaderInfo, HeaderExtensionInfo, ChainEntry, BlockStatus,
   SnapshotInfo, CheckResult, CheckOptions, SnapshotOps, Image, Allocation, DirtyMap, NewBacking, WriteOptions,
+  BitmapInfo, BitmapOps, ByteRange,
 } from './types.js';
 export { createImage } from './create.js';
 export { openImage, probeFormat } from './open.js';

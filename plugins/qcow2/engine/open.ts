@@ -96,7 +96,7 @@ async function openLayer(path: string, opts: OpenOptions, readOnly: boolean, for
       cacheBytes: opts.cacheBytes ?? DEFAULT_CACHE,
       deferMetadata: opts.deferMetadata === true && depth === 0,
     });
-    if (!readOnly) await img.prepareForWriting();
+    await img.init();
     return new ImageHandle(img);
   } catch (e) {
     await file.close().catch(() => {});

@@ -1,7 +1,7 @@
 import { dirname, isAbsolute, join } from 'node:path';
 import { InvalidArgument } from '../../../core/index.js';
 import { uninitialized } from '../format/bytes.js';
-import { INCOMPAT_DIRTY } from '../format/constants.js';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY } from '../format/constants.js';
 import { decodeHeader, encodeHeader, setBackingFormat, type Header } from '../format/header.js';
 import { checkImage } from './check.js';
 import { ownAllocations } from './cluster-map.js';
@@ -15,7 +15,7 @@ import { Qcow2State, type Qcow2Parts } from './qcow2-state.js';
 import { resizeLocked } from './resize.js';
 import { SnapshotManager } from './snapshots.js';
 import type {
-  Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, WriteOptions,
+  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, WriteOptions,
 } from './types.js';
 
 /** One open qcow2 layer: the public operations, each taking the lock it needs over the shared Qcow2State. */
@@ -29,6 +29,8 @@ export class Qcow2Image implements ImageNode {
     this.snapshots = new SnapshotManager(this.s);
   }
 
+  get bitmaps(): BitmapOps { return this.s.bitmaps; }
+
   get path(): string { return this.s.path; }
   get file(): ImageFile { return this.s.file; }
   get readOnly(): boolean { return this.s.readOnly; }
@@ -39,10 +41,20 @@ export class Qcow2Image implements ImageNode {
   get chain(): ChainEntry[] { return [{ ...this.s.entry }, ...(this.s.backing?.chain ?? [])]; }
 
   /**
-   * Read-write open: a dirty (lazy refcounts) image gets its refcounts rebuilt; autoclear bits
-   * are cleared because we do not keep their data (bitmaps) up to date.
+   * After the open: read the bitmap directory; read-write, also what prepareForWriting does.
    */
-  async prepareForWriting(): Promise<void> {
+  async init(): Promise<void> {
+    await this.s.bitmaps.load();
+    if (!this.s.readOnly) await this.prepareForWriting();
+  }
+
+  /**
+   * Read-write open: a dirty (lazy refcounts) image gets its refcounts rebuilt; autoclear bits we
+   * do not keep up to date are cleared, and so is a bitmaps extension that a program without
+   * bitmap support left stale (its autoclear bit clear: QEMU drops it too; its clusters leak);
+   * then the bitmaps are flagged in use (bitmaps.ts).
+   */
+  private async prepareForWriting(): Promise<void> {
     const h = this.s.h;
     let rewrite = false;
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
@@ -50,14 +62,21 @@ export class Qcow2Image implements ImageNode {
       h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
       rewrite = true;
     }
-    if (h.version === 3 && h.autoclearFeatures !== 0n) {
-      h.autoclearFeatures = 0n;
+    const stale = h.extensions.some((e) => e.type === EXT_BITMAPS) && !(h.autoclearFeatures & AUTOCLEAR_BITMAPS);
+    if (stale) {
+      h.extensions = h.extensions.filter((e) => e.type !== EXT_BITMAPS);
+      rewrite = true;
+    }
+    const keep = this.s.bitmaps.any || h.extensions.some((e) => e.type === EXT_BITMAPS) ? AUTOCLEAR_BITMAPS : 0n;
+    if (h.version === 3 && (h.autoclearFeatures & ~keep) !== 0n) {
+      h.autoclearFeatures &= keep;
       rewrite = true;
     }
     if (rewrite) {
       await this.s.writeHeader();
       await this.s.file.sync();
     }
+    await this.s.bitmaps.claim();
   }
 
   // ---- I/O ----
@@ -76,6 +95,7 @@ export class Qcow2Image implements ImageNode {
   async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.s.assertWritable();
     this.s.checkRange(offset, data.length);
+    this.s.bitmaps.mark(offset, data.length);
     // FUA: in one round trip where it can (writeDurable); deferred metadata needs its flush.
     if (opts.fua && data.length > 0 && !this.s.meta.deferred) return writeDurable(this.s, offset, data);
     if (data.length > 0) await write(this.s, offset, data);
@@ -93,6 +113,7 @@ export class Qcow2Image implements ImageNode {
   private async zeroOrDiscard(offset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
     this.s.assertWritable();
     this.s.checkRange(offset, length);
+    this.s.bitmaps.mark(offset, length);
     await this.s.lock.exclusive(async () => {
       await zeroLocked(this.s, offset, length, mode);
       await this.s.meta.flushIfFull();
@@ -111,7 +132,11 @@ export class Qcow2Image implements ImageNode {
 
   async resize(newSize: number): Promise<void> {
     this.s.assertWritable();
-    await this.s.lock.exclusive(() => this.s.meta.writeThrough(() => resizeLocked(this.s, newSize)));
+    await this.s.lock.exclusive(() => this.s.meta.writeThrough(async () => {
+      this.s.bitmaps.assertResizable();
+      await resizeLocked(this.s, newSize);
+      this.s.bitmaps.resize(newSize);
+    }));
   }
 
   async flushMetadata(): Promise<void> {
@@ -142,6 +167,7 @@ export class Qcow2Image implements ImageNode {
       if (!s.readOnly && s.failed === undefined) {
         await s.meta.flushLocked();
         await s.file.sync();
+        await s.bitmaps.closeLocked();
       }
       await s.file.close();
       s.meta.clear();
@@ -225,6 +251,7 @@ export class Qcow2Image implements ImageNode {
 
   /** For `convert` into this image: see copy-in.ts. */
   copyFromFile(src: ImageFile, ops: Float64Array): Promise<void> {
+    if (this.s.bitmaps.any) for (let i = 0; i < ops.length; i += 3) this.s.bitmaps.mark(ops[i + 1]!, ops[i + 2]!);
     return copyFromFile(this.s, src, ops);
   }
 }

@@ -3,6 +3,7 @@ import { getU64, setU64, view } from '../format/bytes.js';
 import { encodeHeader, type Header } from '../format/header.js';
 import type { SnapshotEntry } from '../format/snapshot-table.js';
 import type { ImageFile } from './file.js';
+import { Bitmaps } from './bitmaps.js';
 import { MetadataCache } from './metadata-cache.js';
 import { Refcounts } from './refcounts.js';
 import { TableCache } from './table-cache.js';
@@ -65,6 +66,8 @@ export class Qcow2State {
   readonly inflight = new Set<number>();
   readonly refcounts: Refcounts;
   readonly meta: MetadataCache;
+  /** Persistent dirty bitmaps (bitmaps.ts); loaded by Qcow2Image.init. */
+  readonly bitmaps: Bitmaps;
 
   constructor(p: Qcow2Parts) {
     this.path = p.path;
@@ -91,6 +94,7 @@ export class Qcow2State {
     );
     this.meta = new MetadataCache(this.file, this.refcounts, this, this.cs, p.cacheBytes, p.deferMetadata === true && !p.readOnly);
     this.refcounts.onZero = (off) => this.meta.forget(off);
+    this.bitmaps = new Bitmaps(this);
   }
 
   get cs(): number { return 1 << this.h.clusterBits; }

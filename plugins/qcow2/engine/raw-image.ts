@@ -2,7 +2,7 @@ import { FailedPrecondition, InvalidArgument, nonZeroRuns, OutOfRange, RwLock, U
 import type { ImageFile } from './file.js';
 import type { ImageNode } from './image-node.js';
 import { mergeStatus } from './status.js';
-import type { Allocation, BlockStatus, ChainEntry, CheckResult, SnapshotOps, WriteOptions } from './types.js';
+import type { Allocation, BlockStatus, ChainEntry, CheckResult, BitmapOps, SnapshotOps, WriteOptions } from './types.js';
 
 const CHUNK = 1 << 20;
 /** Hole granularity assumed for sparse raw files (the usual file-system block). */
@@ -196,6 +196,21 @@ export class RawImage implements ImageNode {
     apply: async () => this.noSnapshots(),
     delete: async () => this.noSnapshots(),
   };
+
+  readonly bitmaps: BitmapOps = {
+    info: async () => [],
+    add: async () => this.noBitmaps(),
+    remove: async () => this.noBitmaps(),
+    clear: async () => this.noBitmaps(),
+    enable: async () => this.noBitmaps(),
+    disable: async () => this.noBitmaps(),
+    merge: async () => this.noBitmaps(),
+    dirtyExtents: async () => this.noBitmaps(),
+  };
+
+  private noBitmaps(): never {
+    throw new Unsupported(`${this.path}: raw images have no dirty bitmaps`, { ref: this.path, hint: 'use a qcow2 image' });
+  }
 
   private noSnapshots(): never {
     throw new Unsupported(`${this.path}: raw images have no internal snapshots`, { ref: this.path, hint: 'use a qcow2 image' });

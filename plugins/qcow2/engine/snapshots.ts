@@ -70,7 +70,12 @@ export class SnapshotManager implements SnapshotOps {
       const entries = Math.max(img.l1Size, sn.l1Size, Math.ceil(size / (img.cs * img.l2Entries)));
       const l1 = new Uint8Array(entries * 8);
       l1.set(snL1);
+      const before = img.h.size;
+      if (size !== before) img.bitmaps.assertResizable();
       await switchState(img, l1, img.snapshotTable, size);
+      if (size !== before) img.bitmaps.resize(size);
+      // The content changed wherever the two states differ: every bitmap that records says all.
+      img.bitmaps.markAll();
     });
   }
 
@@ -196,6 +201,7 @@ async function buildAndSwitch(img: Qcow2State, l1: Uint8Array, snaps: SnapshotEn
     next += Math.ceil(table.length / cs);
   }
   counts[0] = counts[0]! + 1;
+  for (const c of await img.bitmaps.clusters()) bump(c);
   for (const [c0, n] of snapL1s) for (let k = 0; k < n; k++) bump(c0 + k);
 
   // A refcount structure for exactly this state, placed after it.

@@ -190,6 +190,43 @@ export interface SnapshotOps {
   delete(nameOrId: string): Promise<void>;
 }
 
+/** A byte range (a bitmap's dirty extents). */
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
+/** A persistent dirty bitmap as `qemu-img info` shows it. */
+export interface BitmapInfo {
+  name: string;
+  granularity: number;
+  /** The `auto` flag: writes mark it ("recording"). */
+  enabled: boolean;
+  /** Found `in_use`: its writer did not close the image cleanly; it may miss writes and is never used. */
+  inconsistent: boolean;
+  /** qemu-img's flag names, in its order: `in-use`, `auto`. */
+  flags: ('in-use' | 'auto')[];
+}
+
+/**
+ * Persistent dirty bitmaps in QEMU's format (qcow2 only; a raw image has none, and changing one
+ * is Unsupported). Every change is stored at once; the bits of enabled bitmaps are kept in
+ * memory while the image is open read-write and stored at close (bitmaps.ts).
+ */
+export interface BitmapOps {
+  info(): Promise<BitmapInfo[]>;
+  /** `qemu-img bitmap --add [-g G] [--disable]`: default granularity max(4 KiB, cluster size). */
+  add(name: string, opts?: { granularity?: number; disabled?: boolean }): Promise<void>;
+  remove(name: string): Promise<void>;
+  clear(name: string): Promise<void>;
+  enable(name: string): Promise<void>;
+  disable(name: string): Promise<void>;
+  /** Add the dirty bits of `from` (of this or another image of the same size) to `into`. */
+  merge(into: string, from: { image: Image; name: string }): Promise<void>;
+  /** The dirty ranges of a bitmap within a range, in whole granules clipped to it. */
+  dirtyExtents(name: string, offset?: number, length?: number): Promise<ByteRange[]>;
+}
+
 /**
  * A range some layers of a chain allocate (see Image.allocatedAbove): its content comes from
  * those layers, not from below them. `zero`: it reads as zeros there (zero clusters, holes).
@@ -276,6 +313,7 @@ export interface Image {
   /** Size of the image file in bytes. */
   fileSize(): Promise<number>;
   readonly snapshots: SnapshotOps;
+  readonly bitmaps: BitmapOps;
   check(opts?: CheckOptions): Promise<CheckResult>;
 
   // ---- the block-job surface (QEMU's block layer gives the same to stream.c, commit.c, mirror.c) ----
