@@ -7,7 +7,8 @@
 import type { Socket } from 'node:net';
 import type { ByteReader } from './byte-reader.js';
 import {
-  CONTEXT_ALLOCATION, CONTEXT_DEPTH, FLAG, HANDSHAKE, IHAVEOPT, INFO, LIMITS, NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP,
+  CONTEXT_ALLOCATION, CONTEXT_BITMAP_PREFIX, CONTEXT_DEPTH, CONTEXT_ID, CONTEXT_WILDCARDS, FLAG, HANDSHAKE, IHAVEOPT, INFO, LIMITS,
+  NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP,
 } from './nbd-protocol.js';
 
 /** One export as the protocol sees it. */
@@ -20,6 +21,12 @@ export interface ExportView {
   preferredBlockSize: number;
   /** Whether `qemu:allocation-depth` can be answered. */
   hasDepth: boolean;
+  /**
+   * The dirty bitmaps offered as `qemu:dirty-bitmap:NAME` now (the device's, read afresh each
+   * call): a connection reads them once, at its first meta-context option for the export, so its
+   * context ids stay what it was told.
+   */
+  bitmaps(): string[];
   /** Whether zeroing is cheaper than writing zeros (FAST_ZERO can be honoured). */
   fastZero: boolean;
 }
@@ -32,8 +39,8 @@ export interface Session {
   contexts: Map<number, string>;
 }
 
-/** Context ids as qemu-nbd numbers them. */
-const CONTEXT_IDS: Record<string, number> = { [CONTEXT_ALLOCATION]: 0, [CONTEXT_DEPTH]: 1 };
+/** A meta context an export offers, with its id on this connection. */
+interface OfferedContext { id: number; name: string }
 
 /** A client we stop talking to (bad magic, unknown flags, a message that makes no sense). */
 export class ProtocolViolation extends Error {}
@@ -57,6 +64,14 @@ export async function handshake(socket: Socket, reader: ByteReader, host: Handsh
   let structured = false;
   let contexts = new Map<number, string>();
   let contextsFor: string | undefined;
+  // What each export offers, read once per connection: a bitmap's context id (2 + its index) must
+  // not change between a LIST, the SET and the BLOCK_STATUS requests that use it.
+  const offeredBy = new Map<string, OfferedContext[]>();
+  const offered = (exp: ExportView): OfferedContext[] => {
+    let o = offeredBy.get(exp.name);
+    if (!o) offeredBy.set(exp.name, (o = offeredContexts(exp)));
+    return o;
+  };
 
   for (;;) {
     const head = await reader.read(16);
@@ -142,15 +157,15 @@ export async function handshake(socket: Socket, reader: ByteReader, host: Handsh
           reply(socket, opt, REP.ERR_UNKNOWN, message(`no export named ${JSON.stringify(req.exportName)}`));
           break;
         }
-        const matched = matchContexts(req.queries, exp, opt === OPT.LIST_META_CONTEXT);
+        const matched = matchContexts(req.queries, offered(exp), opt === OPT.LIST_META_CONTEXT);
         if (opt === OPT.SET_META_CONTEXT) {
-          contexts = new Map(matched.map((n) => [CONTEXT_IDS[n]!, n]));
+          contexts = new Map(matched.map((c) => [c.id, c.name]));
           contextsFor = exp.name;
         }
-        for (const n of matched) {
-          const name = Buffer.from(n, 'utf8');
+        for (const c of matched) {
+          const name = Buffer.from(c.name, 'utf8');
           const payload = Buffer.alloc(4 + name.length);
-          payload.writeUInt32BE(opt === OPT.SET_META_CONTEXT ? CONTEXT_IDS[n]! : 0, 0);
+          payload.writeUInt32BE(opt === OPT.SET_META_CONTEXT ? c.id : 0, 0); // LIST: ids are 0
           name.copy(payload, 4);
           reply(socket, opt, REP.META_CONTEXT, payload);
         }
@@ -245,17 +260,27 @@ function parseContextRequest(data: Buffer): { exportName: string; queries: strin
 }
 
 /**
- * The contexts a request names: exact names; for LIST, also `base:` and `qemu:` as wildcards,
- * and no query at all meaning every context. Unknown queries are ignored.
+ * The contexts an export offers, with ids as qemu-nbd gives them: base:allocation 0,
+ * qemu:allocation-depth 1 where the device knows its chain, the i-th dirty bitmap 2 + i.
  */
-function matchContexts(queries: string[], exp: ExportView, list: boolean): string[] {
-  const offered = exp.hasDepth ? [CONTEXT_ALLOCATION, CONTEXT_DEPTH] : [CONTEXT_ALLOCATION];
+function offeredContexts(exp: ExportView): OfferedContext[] {
+  const out: OfferedContext[] = [{ id: CONTEXT_ID.ALLOCATION, name: CONTEXT_ALLOCATION }];
+  if (exp.hasDepth) out.push({ id: CONTEXT_ID.DEPTH, name: CONTEXT_DEPTH });
+  exp.bitmaps().forEach((b, i) => out.push({ id: CONTEXT_ID.FIRST_BITMAP + i, name: CONTEXT_BITMAP_PREFIX + b }));
+  return out;
+}
+
+/**
+ * The contexts a request names, in the order of `offered` (base, depth, bitmaps, as qemu-nbd
+ * answers): exact names; for LIST also `base:`, `qemu:` and `qemu:dirty-bitmap:` as wildcards,
+ * and no query at all meaning every context. Unknown queries (an unknown bitmap) are ignored.
+ */
+function matchContexts(queries: string[], offered: OfferedContext[], list: boolean): OfferedContext[] {
   if (list && queries.length === 0) return offered;
-  const out = new Set<string>();
+  const hit = new Set<string>();
   for (const q of queries) {
-    for (const c of offered) {
-      if (q === c || (list && (q === 'base:' || q === 'qemu:') && c.startsWith(q))) out.add(c);
-    }
+    const wildcard = list && CONTEXT_WILDCARDS.includes(q);
+    for (const c of offered) if (q === c.name || (wildcard && c.name.startsWith(q))) hit.add(c.name);
   }
-  return [...out];
+  return offered.filter((c) => hit.has(c.name));
 }

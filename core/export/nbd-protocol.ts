@@ -1,7 +1,8 @@
 /**
  * The NBD protocol's numbers, as tables, from `NetworkBlockDevice/nbd: doc/proto.md` (current
  * numbering; the 2017 copies give 9 = BLOCK_SIZE, which is wrong today). Everything on the wire is
- * big-endian. QEMU's extensions (`qemu:allocation-depth`) are from `qemu/qemu: docs/interop/nbd.rst`.
+ * big-endian. QEMU's extensions (`qemu:allocation-depth`, `qemu:dirty-bitmap:NAME`) are from
+ * `qemu/qemu: docs/interop/nbd.rst`, their context ids and answers from `qemu/qemu: nbd/server.c`.
  */
 
 export const NBDMAGIC = 0x4e42444d41474943n; // "NBDMAGIC"
@@ -65,8 +66,20 @@ export const ERR = { EPERM: 1, EIO: 5, ENOMEM: 12, EINVAL: 22, ENOSPC: 28, EOVER
 /** `base:allocation` flags: a hole (unallocated), reads as zeros. */
 export const STATE = { HOLE: 1 << 0, ZERO: 1 << 1 } as const;
 
+/** `qemu:dirty-bitmap:NAME` flags: the range is dirty in the bitmap (0: clean). */
+export const STATE_DIRTY = 1 << 0;
+
 export const CONTEXT_ALLOCATION = 'base:allocation';
 export const CONTEXT_DEPTH = 'qemu:allocation-depth';
+/** A dirty bitmap's context is this prefix and the bitmap's name. */
+export const CONTEXT_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+/**
+ * Context ids as qemu-nbd numbers them (nbd/server.c NBD_META_ID_*): base:allocation 0,
+ * qemu:allocation-depth 1, the export's i-th dirty bitmap 2 + i (whether or not depth is offered).
+ */
+export const CONTEXT_ID = { ALLOCATION: 0, DEPTH: 1, FIRST_BITMAP: 2 } as const;
+/** LIST_META_CONTEXT queries that stand for every context starting with them (as qemu-nbd). */
+export const CONTEXT_WILDCARDS: readonly string[] = ['base:', 'qemu:', CONTEXT_BITMAP_PREFIX];
 
 /** Limits: nothing is sized by a number a client sent beyond these. */
 export const LIMITS = {

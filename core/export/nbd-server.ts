@@ -6,7 +6,7 @@ import { Budget } from './budget.js';
 import { BufferPool } from './buffer-pool.js';
 import { ByteReader } from './byte-reader.js';
 import { handshake, type ExportView } from './nbd-handshake.js';
-import { LIMITS } from './nbd-protocol.js';
+import { CONTEXT_BITMAP_PREFIX, LIMITS } from './nbd-protocol.js';
 import { transmit } from './nbd-transmission.js';
 
 /** Where a server listens: TCP (default 127.0.0.1:10809; port 0 picks a free one) or a unix socket. */
@@ -46,8 +46,8 @@ export interface NbdServerOptions {
 }
 
 /**
- * An NBD server over BlockDevices (fixed newstyle, structured replies, base:allocation and
- * qemu:allocation-depth, several exports, TCP or a unix socket). It knows nothing of backends:
+ * An NBD server over BlockDevices (fixed newstyle, structured replies, base:allocation,
+ * qemu:allocation-depth and qemu:dirty-bitmap:NAME, several exports, TCP or a unix socket). It knows nothing of backends:
  * the broker's export registry gives it devices. See core/export/README.md.
  */
 export class NbdServer {
@@ -108,7 +108,7 @@ export class NbdServer {
       view: {
         name: opts.name, readOnly: opts.readOnly, preferredBlockSize: Math.max(preferred, 4096),
         hasDepth: typeof device.allocationDepth === 'function', fastZero: typeof device.writeZeroes === 'function',
-        size: () => device.sizeBytes,
+        size: () => device.sizeBytes, bitmaps: () => exportedBitmaps(device),
         ...(opts.description !== undefined ? { description: opts.description } : {}),
       },
     });
@@ -199,6 +199,30 @@ export class NbdServer {
       }
     })();
   }
+}
+
+/**
+ * The dirty bitmaps of a device an export offers, in the device's order: each name once, none
+ * empty, with a NUL, or too long for its context name (4096 bytes); none at all when the device
+ * cannot tell which ranges are dirty, or cannot list its bitmaps now (the client then sees none).
+ */
+function exportedBitmaps(device: BlockDevice): string[] {
+  if (typeof device.dirtyBitmaps !== 'function' || typeof device.dirtyExtents !== 'function') return [];
+  let names: unknown;
+  try {
+    names = device.dirtyBitmaps();
+  } catch (e) {
+    if (process.env.OFFLOAD_NBD_DEBUG) console.error('nbd: the device could not list its dirty bitmaps:', e);
+    return [];
+  }
+  if (!Array.isArray(names)) return [];
+  const out: string[] = [];
+  for (const n of names) {
+    if (typeof n !== 'string' || n.length === 0 || n.includes('\0') || out.includes(n)) continue;
+    if (Buffer.byteLength(CONTEXT_BITMAP_PREFIX + n, 'utf8') > LIMITS.maxString) continue;
+    out.push(n);
+  }
+  return out;
 }
 
 /** Why a server could not listen, as a typed error. */

@@ -7,7 +7,7 @@
  * device; DISC (or a vanished client) stops reading, lets what is in flight finish, then closes.
  */
 import type { Socket } from 'node:net';
-import type { BlockDevice } from '../backend/block-device.js';
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import { OffloadError } from '../model/errors.js';
 import type { Extent } from '../model/types.js';
 import type { Budget } from './budget.js';
@@ -15,8 +15,8 @@ import type { BufferPool } from './buffer-pool.js';
 import { PeerGone, type ByteReader } from './byte-reader.js';
 import { ProtocolViolation, type Session } from './nbd-handshake.js';
 import {
-  ALLOWED_FLAGS, CMD, CMD_FLAG, CONTEXT_ALLOCATION, ERR, LIMITS, REPLY, REPLY_FLAG_DONE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE,
-  STRUCTURED_REPLY_MAGIC,
+  ALLOWED_FLAGS, CMD, CMD_FLAG, CONTEXT_ALLOCATION, CONTEXT_BITMAP_PREFIX, CONTEXT_DEPTH, ERR, LIMITS, REPLY, REPLY_FLAG_DONE,
+  REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE, STATE_DIRTY, STRUCTURED_REPLY_MAGIC,
 } from './nbd-protocol.js';
 
 /** Requests a connection may have outstanding (nbdcopy sends up to 64 at once). */
@@ -29,6 +29,16 @@ const FIRST_EXTENT_WINDOW = 8 * 1024 * 1024;
 const ZERO_CHUNK = 1024 * 1024;
 
 interface Request { flags: number; type: number; cookie: Buffer; offset: number; length: number }
+
+/** What a selected meta context reports: allocation, chain depth, or one dirty bitmap. */
+type ContextKind = { kind: 'allocation' } | { kind: 'depth' } | { kind: 'bitmap'; bitmap: string };
+
+function contextKind(name: string): ContextKind {
+  if (name === CONTEXT_ALLOCATION) return { kind: 'allocation' };
+  if (name === CONTEXT_DEPTH) return { kind: 'depth' };
+  if (name.startsWith(CONTEXT_BITMAP_PREFIX)) return { kind: 'bitmap', bitmap: name.slice(CONTEXT_BITMAP_PREFIX.length) };
+  throw new RequestError(ERR.EINVAL, `meta context ${name} is not served here`); // the handshake selects only those above
+}
 
 /** An error to answer a request with (an errno of the protocol) and a message for structured replies. */
 class RequestError extends Error {
@@ -248,10 +258,10 @@ class Connection {
     const parts: Buffer[] = [];
     for (let k = 0; k < ids.length; k++) {
       const id = ids[k]!;
-      const depth = this.session.contexts.get(id) !== CONTEXT_ALLOCATION;
+      const ctx = contextKind(this.session.contexts.get(id)!);
       let list: { length: number; flags: number }[];
       if (!one) {
-        list = await this.statusOf(depth, r.offset, r.length);
+        list = await this.statusOf(ctx, r.offset, r.length);
       } else {
         // Only the first extent is wanted. qemu-img convert asks so for the whole rest of the
         // device from every offset it reaches, and walking the rest each time made a convert of
@@ -259,7 +269,7 @@ class Connection {
         // our CPU. A window that grows until the first extent ends inside it (or the request
         // does) costs what that extent's length costs, and finds the same extent.
         for (let w = Math.min(r.length, FIRST_EXTENT_WINDOW); ; w = Math.min(r.length, w * 8)) {
-          list = await this.statusOf(depth, r.offset, w);
+          list = await this.statusOf(ctx, r.offset, w);
           if (list.length > 1 || w === r.length) break;
         }
         list = list.slice(0, 1);
@@ -276,11 +286,29 @@ class Connection {
     return this.send(parts);
   }
 
-  /** [offset, offset+length) as extents of one context (allocation, or depth), equal neighbours merged. */
-  private async statusOf(depth: boolean, offset: number, length: number): Promise<{ length: number; flags: number }[]> {
-    if (depth) return merge(depthCover(await this.device.allocationDepth!(offset, length), offset, length));
+  /** [offset, offset+length) as extents of one context, equal neighbours merged. */
+  private async statusOf(ctx: ContextKind, offset: number, length: number): Promise<{ length: number; flags: number }[]> {
+    if (ctx.kind === 'depth') return merge(depthCover(await this.device.allocationDepth!(offset, length), offset, length));
+    if (ctx.kind === 'bitmap') return merge(dirtyCover(await this.dirtyExtents(ctx.bitmap, offset, length), offset, length));
     return merge(cover(await this.device.extents(offset, length), offset, length)
       .map((p) => ({ length: p.length, flags: p.kind === 'data' ? 0 : STATE.HOLE | STATE.ZERO })));
+  }
+
+  /**
+   * A bitmap's dirty ranges, the device's refusal as this request's error: a bitmap the device
+   * holds inconsistent (FailedPrecondition) is EIO — its answer cannot be given, the request was
+   * fine — and one gone since the handshake (NotFound) EINVAL.
+   */
+  private async dirtyExtents(bitmap: string, offset: number, length: number): Promise<ByteRange[]> {
+    if (typeof this.device.dirtyExtents !== 'function') throw new RequestError(ERR.EINVAL, `the device has no dirty bitmap ${bitmap}`);
+    try {
+      return await this.device.dirtyExtents(bitmap, offset, length);
+    } catch (e) {
+      const msg = `dirty bitmap ${bitmap}: ${e instanceof Error ? e.message : String(e)}`;
+      if (e instanceof OffloadError && e.code === 'FailedPrecondition') throw new RequestError(ERR.EIO, msg);
+      if (e instanceof OffloadError && e.code === 'NotFound') throw new RequestError(ERR.EINVAL, msg);
+      throw toRequestError(e);
+    }
   }
 
   private simpleHead(r: Request, errno: number): Buffer {
@@ -383,6 +411,27 @@ function depthCover(depths: { offset: number; length: number; depth: number }[],
     if (t <= s) continue;
     if (s > p) out.push({ length: s - p, flags: 0 });
     out.push({ length: t - s, flags: d.depth });
+    p = t;
+  }
+  if (p < end) out.push({ length: end - p, flags: 0 });
+  return out;
+}
+
+/**
+ * Dirty ranges covering the request: STATE_DIRTY where the bitmap is set, 0 (clean) in the gaps, as
+ * qemu-nbd's bitmap_to_extents. The device's ranges are clipped to the request and taken in order;
+ * overlaps count once.
+ */
+function dirtyCover(dirty: ByteRange[], offset: number, length: number): { length: number; flags: number }[] {
+  const out: { length: number; flags: number }[] = [];
+  const end = offset + length;
+  let p = offset;
+  for (const d of [...dirty].sort((a, b) => a.offset - b.offset)) {
+    const s = Math.max(d.offset, p);
+    const t = Math.min(d.offset + d.length, end);
+    if (t <= s) continue;
+    if (s > p) out.push({ length: s - p, flags: 0 });
+    out.push({ length: t - s, flags: STATE_DIRTY });
     p = t;
   }
   if (p < end) out.push({ length: end - p, flags: 0 });
