@@ -8,6 +8,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { describeBackendData } from './backend-data-cases.js';
+import { describeBackendDirty } from './backend-dirty-cases.js';
 import { describeBackendVolumes } from './backend-cases.js';
 import { describeBrokerLayer } from './broker-cases.js';
 import { ContractFixture, type ContractTarget } from './fixture.js';
@@ -21,6 +22,7 @@ export function describeBackendContract(target: ContractTarget): void {
     describeBrokerLayer(fx);
     describeBackendVolumes(fx);
     describeBackendData(fx);
+    describeBackendDirty(fx);
 
     // A capability is proven only by a case that used it and passed. Declared last, so it runs
     // last: vitest runs a file's tests in order (unless told to shuffle them).

@@ -18,8 +18,8 @@
  */
 import {
   AlreadyExists, CapabilitySet, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unsupported,
-  type BlockDevice, type CreateVolumeRequest, type Extent, type Page, type PageRequest, type Snapshot,
-  type StorageBackend, type Volume,
+  type BlockDevice, type ChangedExtents, type ChangedExtentsRequest, type CreateVolumeRequest, type Extent, type Page,
+  type PageRequest, type Snapshot, type StorageBackend, type Volume,
 } from '../../core/index.js';
 import { ARRAY_NAME, MAX_PROVISIONED, Match, SECTOR } from './api/messages.js';
 import { Volume as ApiVolume, VolumeSnapshot as ApiSnapshot } from './api/schemas.js';
@@ -34,7 +34,7 @@ const CAPS = new CapabilitySet([
   'volume.delete', 'volume.resize', 'volume.list',
   'snapshot.create', 'snapshot.delete', 'snapshot.revert',
   'clone.full',
-  'data.read', 'data.write', 'data.extents',
+  'data.read', 'data.write', 'data.extents', 'data.dirty',
 ]);
 
 /** The `flasharray` StorageBackend: volumes, snapshots and clones offloaded to the array, and its data path. */
@@ -196,6 +196,44 @@ export class FlashArrayBackend implements StorageBackend {
     });
   }
 
+  // ---------- changed blocks ----------
+
+  /**
+   * `data.dirty` through the array's volume diff (`GET volumes/diff`): `names` is the volume, or
+   * its snapshot `volume.until`; `base_name` is `volume.since`. The array answers in whole blocks
+   * of its tracking unit, clipped to the segment; a snapshot pending eradication counts as gone.
+   */
+  async changedExtents(volume: string, req: ChangedExtentsRequest): Promise<ChangedExtents> {
+    const ref = this.ref(volume);
+    const snapRef = (s: string) => `${ref}@${s}`;
+    for (const [k, v] of [['offset', req.offset], ['length', req.length]] as const) {
+      if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) {
+        throw new InvalidArgument(`changed extents of ${ref}: ${k} must be a non-negative whole number of bytes, got ${v}`, { ref });
+      }
+    }
+    if (!ARRAY_NAME.test(volume)) throw new NotFound(`volume ${ref} does not exist`, { ref });
+    for (const s of [req.since, req.until]) {
+      if (s !== undefined && !ARRAY_NAME.test(s)) throw new NotFound(`snapshot ${snapRef(s)} does not exist`, { ref: snapRef(s) });
+    }
+    const name = req.until === undefined ? volume : `${volume}.${req.until}`;
+    const base = `${volume}.${req.since}`;
+    let answer: Awaited<ReturnType<FlashArrayClient['volumeDiff']>>;
+    try {
+      answer = await this.client.volumeDiff(name, base, { offset: req.offset, length: req.length }, req.until === undefined ? ref : snapRef(req.until));
+    } catch (e) {
+      const said = apiMessage(e);
+      if (said === undefined || !(e instanceof NotFound || said.includes(Match.destroyed))) throw e;
+      // Which one is missing: the volume itself, or one of the two snapshots.
+      const context = (e as NotFound).data?.context;
+      if (context === volume || !(await this.getVolume(volume))) throw new NotFound(`volume ${ref} does not exist`, { ref, cause: e });
+      const missing = context === base ? req.since : req.until ?? req.since;
+      throw new NotFound(`snapshot ${snapRef(missing)} does not exist`, { ref: snapRef(missing), cause: e });
+    }
+    const start = Math.min(req.offset ?? 0, answer.provisioned);
+    const end = req.length === undefined ? answer.provisioned : Math.min(answer.provisioned, start + req.length);
+    return { extents: mergeRanges(answer.ranges, start, end), granularity: answer.blockSize, sizeBytes: answer.provisioned };
+  }
+
   // ---------- data path ----------
 
   async openVolume(name: string, mode: 'r' | 'rw'): Promise<BlockDevice> {
@@ -333,6 +371,20 @@ export class FlashArrayBackend implements StorageBackend {
   private toSnapshot(s: ApiSnapshot): Snapshot {
     return { backend: this.name, volume: s.source.name ?? s.name.slice(0, -(s.suffix.length + 1)), name: s.suffix, sizeBytes: s.provisioned, createdAt: new Date(s.created).toISOString() };
   }
+}
+
+/** Ranges sorted, those that touch or overlap merged, and clipped to [start, end). */
+function mergeRanges(ranges: readonly { offset: number; length: number }[], start: number, end: number): { offset: number; length: number }[] {
+  const out: { offset: number; length: number }[] = [];
+  for (const r of [...ranges].sort((a, b) => a.offset - b.offset)) {
+    const s = Math.max(start, r.offset);
+    const t = Math.min(end, r.offset + r.length);
+    if (t <= s) continue;
+    const prev = out[out.length - 1];
+    if (prev && prev.offset + prev.length >= s) prev.length = Math.max(prev.offset + prev.length, t) - prev.offset;
+    else out.push({ offset: s, length: t - s });
+  }
+  return out;
 }
 
 /** The data path of one volume over the mock's HTTP data plane. */

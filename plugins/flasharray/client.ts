@@ -18,7 +18,7 @@ import {
 } from '../../core/index.js';
 import type { z } from 'zod';
 import { Match } from './api/messages.js';
-import { DataExtents, ErrorEnvelope, GatewayError, ListEnvelope } from './api/schemas.js';
+import { DataExtents, ErrorEnvelope, GatewayError, ListEnvelope, VolumeDiffList, type DiffRange, type ListPage } from './api/schemas.js';
 import type { RetryPolicy } from './config.js';
 
 export interface FlashArrayClientOptions {
@@ -105,19 +105,37 @@ export class FlashArrayClient {
    * array no longer accepts restarts the listing once; a token that repeats is a broken array.
    */
   async all<T extends z.ZodType>(resource: string, item: T, query: CallOptions['query'], what: string, ref?: string): Promise<z.infer<T>[]> {
+    const pages = await this.everyPage(resource, ListEnvelope(item), query, what, ref);
+    return pages.flatMap((p) => p.items as z.infer<T>[]);
+  }
+
+  /**
+   * Every page of a listing whose envelope is `envelope` (a list envelope, maybe with fields of
+   * its own), by continuation token, with the rules of `all`.
+   */
+  async everyPage<E extends z.ZodType<ListPage<unknown>>>(resource: string, envelope: E, query: CallOptions['query'], what: string, ref?: string): Promise<z.infer<E>[]> {
     for (let restart = 0; ; restart++) {
-      const out: z.infer<T>[] = [];
+      const out: z.infer<E>[] = [];
       const seen = new Set<string>();
       let token: string | undefined;
       try {
         do {
-          const p: PageOf<z.infer<T>> = await this.page(resource, item, query, token ? { token } : undefined, what, ref);
-          out.push(...p.items);
-          if (p.next !== undefined && seen.has(p.next)) {
+          const { body, headers } = await this.api('GET', resource, {
+            what, ref, query: { ...query, continuation_token: token, total_item_count: true },
+          });
+          const env = this.validate(envelope, body, what, ref);
+          out.push(env);
+          const next = env.continuation_token || headers.get('x-next-token') || undefined;
+          if (env.more_items_remaining === true && next === undefined) {
+            throw new BackendUnavailable(`${what} on flasharray "${this.opts.label}": the array says more items remain but gave no continuation token`, {
+              ref, hint: 'the listing would be incomplete; retry later',
+            });
+          }
+          if (next !== undefined && seen.has(next)) {
             throw new BackendUnavailable(`${what} on flasharray "${this.opts.label}": the array returned the same continuation token twice`, { ref, hint: 'the listing cannot make progress; retry later' });
           }
-          if (p.next !== undefined) seen.add(p.next);
-          token = p.next;
+          if (next !== undefined) seen.add(next);
+          token = next;
         } while (token !== undefined);
         return out;
       } catch (e) {
@@ -128,6 +146,20 @@ export class FlashArrayClient {
         throw e;
       }
     }
+  }
+
+  /**
+   * The ranges where `name` (a volume or `vol.suffix` snapshot) may differ from the snapshot
+   * `baseName`, every page of `GET volumes/diff` (the mock's stand-in for Purity's REST 1.x
+   * volume diff). `blockSize` and `provisioned` are the last page's: the unit and the size.
+   */
+  async volumeDiff(name: string, baseName: string, segment: { offset?: number; length?: number; blockSize?: number }, ref?: string): Promise<{ ranges: DiffRange[]; blockSize: number; provisioned: number }> {
+    const what = `diff ${name} against ${baseName}`;
+    const pages = await this.everyPage('volumes/diff', VolumeDiffList, {
+      names: name, base_name: baseName, segment_offset: segment.offset, segment_length: segment.length, block_size: segment.blockSize,
+    }, what, ref);
+    const last = pages[pages.length - 1]!;
+    return { ranges: pages.flatMap((p) => p.items), blockSize: last.block_size, provisioned: last.provisioned };
   }
 
   // ---------- data plane (the mock's HTTP stand-in for iSCSI/FC) ----------

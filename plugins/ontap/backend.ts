@@ -10,10 +10,10 @@
  */
 import {
   AlreadyExists, BackendUnavailable, CapabilitySet, isOffloadError, NotFound, OutOfRange, Unsupported, InvalidArgument,
-  type BlockDevice, type CreateVolumeRequest, type JobTask, type Logger, type Page, type PageRequest, type Snapshot,
-  type StorageBackend, type StreamOptions, type Volume,
+  type BlockDevice, type ChangedExtents, type ChangedExtentsRequest, type CreateVolumeRequest, type JobTask, type Logger,
+  type Page, type PageRequest, type Snapshot, type StorageBackend, type StreamOptions, type Volume,
 } from '../../core/index.js';
-import { Snapshot as ApiSnapshot, Volume as ApiVolume, type Volume as ApiVolumeT } from './api/schemas.js';
+import { BlockDiffCollection, Snapshot as ApiSnapshot, Volume as ApiVolume, type Volume as ApiVolumeT } from './api/schemas.js';
 import { OntapClient, type MutationOutcome } from './client.js';
 import type { OntapConfig } from './config.js';
 import { SplitTask } from './split-task.js';
@@ -46,7 +46,7 @@ export class OntapBackend implements StorageBackend {
       'volume.create', 'volume.delete', 'volume.resize', 'volume.list',
       'snapshot.create', 'snapshot.delete', 'snapshot.revert',
       'clone.linked', 'chain.stream',
-      'data.read', 'data.write', 'data.extents',
+      'data.read', 'data.write', 'data.extents', 'data.dirty',
     );
   }
 
@@ -310,6 +310,50 @@ export class OntapBackend implements StorageBackend {
   async resumeTask(type: string, params: Record<string, unknown>): Promise<JobTask | undefined> {
     if (type !== 'stream' || typeof params.volume !== 'string') return undefined;
     return this.splitTask(params.volume);
+  }
+
+  /**
+   * `data.dirty` through the appliance's block diff (`GET …/volumes/{uuid}/block-diff`, the mock's
+   * block-level stand-in for SnapDiff): base snapshot `since`, diff snapshot `until` (absent: the
+   * active file system), every page by `_links.next`.
+   */
+  async changedExtents(volume: string, req: ChangedExtentsRequest): Promise<ChangedExtents> {
+    const ref = this.ref(volume);
+    const what = `changed extents of ${ref} since ${req.since}${req.until === undefined ? '' : ` until ${req.until}`}`;
+    for (const [k, v] of [['offset', req.offset], ['length', req.length]] as const) {
+      if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) {
+        throw new InvalidArgument(`${what}: ${k} must be a non-negative whole number of bytes, got ${v}`, { ref });
+      }
+    }
+    const v = await this.requireVolume(volume, what);
+    let pages: BlockDiffCollection[];
+    try {
+      pages = await this.client.pages(`${VOLUMES}/${v.uuid}/block-diff`, BlockDiffCollection, {
+        what, ref,
+        query: { 'base_snapshot.name': req.since, 'diff_snapshot.name': req.until, offset: req.offset, length: req.length },
+      });
+    } catch (e) {
+      if (!isOffloadError(e, 'NotFound')) throw e;
+      const target = e.data?.target;
+      const missing = target === 'base_snapshot.name' ? req.since : target === 'diff_snapshot.name' ? req.until : undefined;
+      if (missing === undefined) throw new NotFound(`${what}: volume ${ref} does not exist`, { ref, cause: e });
+      throw new NotFound(`${what}: snapshot ${this.ref(volume, missing)} does not exist`, {
+        ref: this.ref(volume, missing), hint: `list snapshots with \`offload snapshot list ${ref}\``, cause: e,
+      });
+    }
+    const last = pages[pages.length - 1]!;
+    const start = Math.min(req.offset ?? 0, last.size);
+    const end = req.length === undefined ? last.size : Math.min(last.size, start + req.length);
+    const extents: { offset: number; length: number }[] = [];
+    for (const r of pages.flatMap((p) => p.records).sort((a, b) => a.offset - b.offset)) {
+      const s = Math.max(start, r.offset);
+      const t = Math.min(end, r.offset + r.length);
+      if (t <= s) continue;
+      const prev = extents[extents.length - 1];
+      if (prev && prev.offset + prev.length >= s) prev.length = Math.max(prev.offset + prev.length, t) - prev.offset;
+      else extents.push({ offset: s, length: t - s });
+    }
+    return { extents, granularity: last.block_size, sizeBytes: last.size };
   }
 
   async openVolume(name: string, mode: 'r' | 'rw'): Promise<BlockDevice> {

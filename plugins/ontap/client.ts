@@ -155,19 +155,30 @@ export class OntapClient {
 
   /** Every record of a collection, following `_links.next` (short pages included) to the end. */
   async all<T>(path: string, item: ZodType<T>, opts: RequestOptions): Promise<T[]> {
-    const out: T[] = [];
+    const pages = await this.pages(path, Collection(item) as unknown as ZodType<CollectionOf<T>>, opts);
+    return pages.flatMap((p) => p.records);
+  }
+
+  /**
+   * Every page of a collection whose body `schema` validates (a collection, maybe with fields of
+   * its own), following `_links.next` to the end; a repeating next link is an error.
+   */
+  async pages<P extends CollectionOf<unknown>>(path: string, schema: ZodType<P>, opts: RequestOptions): Promise<P[]> {
+    const out: P[] = [];
     let href: string | undefined = path;
     let query = opts.query;
     const seen = new Set<string>();
     while (href !== undefined) {
-      const p: { records: T[]; next?: string } = await this.page(href, item, { ...opts, query });
-      out.push(...p.records);
+      const answer: { data: P } = await this.request<P>('GET', href, { ...opts, query, schema });
+      const data: P = answer.data;
+      out.push(data);
+      const next: string | undefined = data._links?.next?.href;
       query = undefined; // the next link carries the query
-      if (p.next !== undefined && seen.has(p.next)) {
-        throw new InternalError(`${opts.what}: the appliance's next link repeats a page it already returned (${p.next})`, { ref: opts.ref });
+      if (next !== undefined && seen.has(next)) {
+        throw new InternalError(`${opts.what}: the appliance's next link repeats a page it already returned (${next})`, { ref: opts.ref });
       }
-      if (p.next !== undefined) seen.add(p.next);
-      href = p.next;
+      if (next !== undefined) seen.add(next);
+      href = next;
     }
     return out;
   }

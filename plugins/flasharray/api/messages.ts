@@ -23,6 +23,10 @@ export const Messages = {
   rateLimited: 'Rate limit exceeded.',
   forbidden: 'Forbidden.',
   notFoundPath: 'Not found.',
+  /** Diff: `base_name` is not a snapshot of the compared volume (or of the compared snapshot's volume). */
+  diffBaseLineage: 'The base must be a snapshot of the same volume.',
+  /** Diff: `base_name` was taken after the compared snapshot. */
+  diffBaseNewer: 'The base snapshot is newer than the compared snapshot.',
 } as const;
 
 /** Substrings a client classifies errors by (as Cinder's Pure driver does). */

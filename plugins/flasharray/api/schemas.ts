@@ -133,6 +133,23 @@ export const DataExtents = z.looseObject({
 });
 export type DataExtents = z.infer<typeof DataExtents>;
 
+/**
+ * `GET /api/2.N/volumes/diff` (the mock's stand-in for Purity's REST 1.x `GET volume/{name}/diff`):
+ * a list envelope of changed byte ranges, plus the unit they are in and the compared object's size.
+ */
+export const DiffRange = z.looseObject({
+  offset: z.number().int().nonnegative(),
+  length: z.number().int().positive(),
+});
+export type DiffRange = z.infer<typeof DiffRange>;
+export const VolumeDiffList = ListEnvelope(DiffRange).extend({
+  /** The unit of the answer, in bytes: ranges are whole units except where clipped to the segment. */
+  block_size: z.number().int().positive(),
+  /** The compared volume's or snapshot's size. */
+  provisioned: z.number().int().nonnegative(),
+});
+export type VolumeDiffList = z.infer<typeof VolumeDiffList>;
+
 export const ZeroRange = z.strictObject({
   offset: z.number().int().nonnegative(),
   length: z.number().int().nonnegative(),

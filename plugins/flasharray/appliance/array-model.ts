@@ -9,7 +9,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Corrupt } from '../../../core/index.js';
-import { ChunkStore, type BlockMap, type MapExtent } from '../../appliance-kit/index.js';
+import { ChunkStore, coarsenSpans, type BlockMap, type ByteSpan, type MapExtent } from '../../appliance-kit/index.js';
 import { ARRAY_NAME, MAX_PROVISIONED, Messages, SECTOR } from '../api/messages.js';
 import type { Volume as ApiVolume, VolumeSnapshot as ApiSnapshot, Space } from '../api/schemas.js';
 
@@ -262,6 +262,31 @@ export class ArrayModel {
     });
   }
 
+  /**
+   * Changed-block tracking: the ranges of `name` (a volume, or a snapshot `vol.suffix`) that may
+   * differ from the snapshot `baseName`, within the segment (clipped to the object's size), in
+   * whole `blockSize` units (at least one chunk: the array tracks changes per chunk). The base
+   * must be a snapshot of the same volume, taken no later than the compared snapshot.
+   */
+  diff(name: string, baseName: string, segment: { offset: number; length?: number }, blockSize: number): Promise<{ provisioned: number; blockSize: number; ranges: ByteSpan[] }> {
+    return this.exclusive(() => {
+      if (name.includes('.') && !this.snapshots.has(name)) throw new ApiFault(400, Messages.snapshotNotExist, name);
+      const target = this.dataObject(name, false);
+      const base = this.snapshots.get(baseName);
+      if (!base) throw new ApiFault(400, Messages.snapshotNotExist, baseName);
+      if (base.destroyedAt !== null) throw new ApiFault(400, Messages.snapshotDestroyed, baseName);
+      const targetSnap = this.snapshots.get(name) === target ? (target as SnapshotRecord) : undefined;
+      const volumeId = targetSnap ? targetSnap.volumeId : target.id;
+      if (base.volumeId !== volumeId) throw new ApiFault(400, Messages.diffBaseLineage, baseName);
+      if (targetSnap && this.takenAfter(base, targetSnap)) throw new ApiFault(400, Messages.diffBaseNewer, baseName);
+      const unit = Math.max(blockSize, CHUNK_SIZE);
+      const from = Math.min(segment.offset, target.provisioned);
+      const to = segment.length === undefined ? target.provisioned : Math.min(target.provisioned, from + segment.length);
+      const ranges = coarsenSpans(this.store.diff(base.chunks, target.chunks, from, to - from), unit, from, to - from);
+      return { provisioned: target.provisioned, blockSize: unit, ranges };
+    });
+  }
+
   /** Wait for queued work (used before closing). */
   async idle(): Promise<void> {
     await this.exclusive(() => undefined);
@@ -296,6 +321,18 @@ export class ArrayModel {
       return s;
     }
     return this.liveVolume(name);
+  }
+
+  /**
+   * Snapshots are kept in the order they were taken: the map's insertion order, which the saved
+   * state keeps too (a name freed by eradication and taken again goes to the end).
+   */
+  private takenAfter(a: SnapshotRecord, b: SnapshotRecord): boolean {
+    for (const s of this.snapshots.values()) {
+      if (s === b) return a !== b;
+      if (s === a) return false;
+    }
+    return false;
   }
 
   private snapshotsOf(volumeId: string): SnapshotRecord[] {

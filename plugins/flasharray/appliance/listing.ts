@@ -70,6 +70,29 @@ export function page<T extends { name: string }>(items: T[], q: ListQuery, pageC
   };
 }
 
+/**
+ * One page of byte ranges (sorted by offset, not overlapping): the continuation token holds the
+ * end of the last range returned, so the next page starts there even if the ranges were
+ * computed afresh in between.
+ */
+export function pageByOffset<T extends { offset: number; length: number }>(items: T[], q: ListQuery, pageCap?: number): ListResult<T> {
+  let from = 0;
+  if (q.after !== undefined) {
+    from = Number(q.after);
+    if (!Number.isSafeInteger(from) || from < 0) throw new ApiFault(400, Messages.invalidToken, 'continuation_token');
+  }
+  const rest = items.filter((i) => i.offset >= from);
+  const size = Math.min(q.limit ?? Infinity, pageCap ?? Infinity);
+  const pageItems = rest.slice(0, size);
+  const more = rest.length > pageItems.length;
+  const lastItem = pageItems[pageItems.length - 1];
+  const token = more && lastItem ? encodeToken(String(lastItem.offset + lastItem.length)) : more ? encodeToken(String(from)) : undefined;
+  return {
+    body: { continuation_token: token ?? null, more_items_remaining: more, total_item_count: q.totalItemCount ? items.length : null, items: pageItems },
+    nextToken: token,
+  };
+}
+
 function encodeToken(lastName: string): string {
   return Buffer.from(JSON.stringify({ v: 1, after: lastName })).toString('base64url');
 }

@@ -8,7 +8,13 @@
  *   GET  /data/volumes/{name}/extents    `?offset=&length=` → `{size, extents:[{offset,length,kind:'data'|'zero'}]}`
  *   POST /data/volumes/{name}/zeroes     `{offset, length}`: make a range read as zeros; 204
  *
- * authenticated with `x-auth-token` like the API. Test hooks (no auth, loopback tool only):
+ * authenticated with `x-auth-token` like the API; and, as the stand-in for Purity's REST 1.x
+ * `GET volume/{name}/diff?base=&block_size=&offset=&length=` (REST 2.x has no diff):
+ *
+ *   GET  /api/2.N/volumes/diff?names=VOL|VOL.SNAP&base_name=VOL.SNAP[&segment_offset=&segment_length=&block_size=&limit=&continuation_token=]
+ *        → `{items:[{offset,length}], continuation_token, more_items_remaining, total_item_count, block_size, provisioned}`
+ *
+ * Test hooks (no auth, loopback tool only):
  * `GET|POST|DELETE /_admin/faults` (the appliance kit's fault rules, with this array's own
  * actions from faults.ts).
  */
@@ -17,11 +23,11 @@ import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:ht
 import {
   answerWithFaults, faultAdmin, HttpError, parseJson, readBody, sendReply, serveHttp, shortPageOf, type FaultInjectorOf, type Reply,
 } from '../../appliance-kit/index.js';
-import { Messages } from '../api/messages.js';
+import { Messages, SECTOR } from '../api/messages.js';
 import { VolumePatch, VolumePost, VolumeSnapshotPatch, VolumeSnapshotPost, ZeroRange } from '../api/schemas.js';
-import { ApiFault, ArrayModel, MAX_IO } from './array-model.js';
+import { ApiFault, ArrayModel, CHUNK_SIZE, MAX_IO } from './array-model.js';
 import { faultGrammar, type FaultAction, type FaultConfigInput } from './faults.js';
-import { page, parseListQuery, splitNames } from './listing.js';
+import { page, pageByOffset, parseListQuery, splitNames } from './listing.js';
 
 /** API versions the mock answers to (`/api/2.0` … `/api/2.36`). */
 export const API_VERSIONS = Array.from({ length: 37 }, (_, i) => `2.${i}`);
@@ -50,6 +56,8 @@ export interface FlashArrayMock {
 }
 
 const JSON_LIMIT = 1024 * 1024;
+/** Largest `block_size` a diff accepts (1 GiB). */
+const MAX_DIFF_BLOCK = 1024 ** 3;
 
 export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Promise<FlashArrayMock> {
   const model = await ArrayModel.open({ stateDir: opts.stateDir, eradicationDelayMs: opts.eradicationDelayMs });
@@ -116,6 +124,20 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
         await model.eradicateVolume(name);
         return { status: 200, body: {} };
       }
+    }
+    if (resource === 'volumes/diff' && method === 'GET') {
+      const lq = parseListQuery(q);
+      const name = oneName(q, 'names');
+      const base = oneName(q, 'base_name');
+      const offset = intParam(q, 'segment_offset', 0);
+      const length = q.get('segment_length') === null ? undefined : intParam(q, 'segment_length', 0);
+      const blockSize = intParam(q, 'block_size', CHUNK_SIZE);
+      if (blockSize < SECTOR || blockSize % SECTOR !== 0 || blockSize > MAX_DIFF_BLOCK) {
+        throw new ApiFault(400, `Invalid block_size: a multiple of ${SECTOR} bytes up to ${MAX_DIFF_BLOCK} is needed.`, 'block_size');
+      }
+      const d = await model.diff(name, base, { offset, length }, blockSize);
+      const result = pageByOffset(d.ranges, lq, shortPage);
+      return listReply({ ...result, body: { ...result.body, block_size: d.blockSize, provisioned: d.provisioned } });
     }
     if (resource === 'volume-snapshots') {
       if (method === 'GET') {
@@ -203,7 +225,7 @@ export async function startFlashArrayMock(opts: FlashArrayMockOptions = {}): Pro
   async function route(req: IncomingMessage, url: URL, shortPage?: number): Promise<Reply> {
     const path = url.pathname;
     if (path === '/api/api_version' && req.method === 'GET') return { status: 200, body: { version: API_VERSIONS } };
-    const apiMatch = /^\/api\/(\d+\.\d+)\/([a-z-]+)$/.exec(path);
+    const apiMatch = /^\/api\/(\d+\.\d+)\/([a-z-]+|volumes\/diff)$/.exec(path);
     if (apiMatch) {
       if (!API_VERSIONS.includes(apiMatch[1]!)) throw new ApiFault(404, Messages.notFoundPath, path);
       return api(req, url, apiMatch[2]!, shortPage);
@@ -286,7 +308,7 @@ function items(item: unknown): Reply {
   return { status: 200, body: { items: item === undefined ? [] : [item] } };
 }
 
-function listReply(result: ReturnType<typeof page>): Reply {
+function listReply(result: { body: unknown; nextToken?: string }): Reply {
   return { status: 200, body: result.body, headers: result.nextToken ? { 'x-next-token': result.nextToken } : {} };
 }
 

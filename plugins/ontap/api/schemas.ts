@@ -127,3 +127,18 @@ export const ExtentList = z.object({
   extents: z.array(z.object({ offset: z.number().int(), length: z.number().int(), kind: z.enum(['data', 'zero']) })),
 });
 export type ExtentList = z.infer<typeof ExtentList>;
+
+/**
+ * `GET /api/storage/volumes/{uuid}/block-diff`: the mock's block-level stand-in for SnapDiff (real
+ * ONTAP diffs files, in sessions). A collection of byte ranges that may differ between the base
+ * snapshot and the diff snapshot (or the active file system), with the unit and the size.
+ */
+export const BlockRange = z.object({ offset: z.number().int().nonnegative(), length: z.number().int().positive() });
+export type BlockRange = z.infer<typeof BlockRange>;
+export const BlockDiffCollection = Collection(BlockRange).extend({
+  /** The unit ranges are whole multiples of (except where clipped to the asked range). */
+  block_size: z.number().int().positive(),
+  /** The compared snapshot's (or the volume's) size. */
+  size: z.number().int().nonnegative(),
+});
+export type BlockDiffCollection = z.infer<typeof BlockDiffCollection>;

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { OntapCode } from '../api/codes.js';
 import type { Job, Snapshot, Volume, VolumeCreateBody, VolumePatchBody } from '../api/schemas.js';
 import { ApiError, invalid, notFound } from './api-error.js';
-import { ChunkStore, type MapExtent } from '../../appliance-kit/index.js';
+import { ChunkStore, type ByteSpan, type MapExtent } from '../../appliance-kit/index.js';
 import { finishJob, fromSaved, newJobRecord, toSaved, type JobRecord, type SavedState, type SnapshotRecord, type VolumeRecord } from './records.js';
 import { jobView, percent, snapshotView, volumeView } from './views.js';
 import { advanceJobs } from './job-clock.js';
@@ -330,6 +330,22 @@ export class OntapAppliance {
 
   extents(v: VolumeRecord, offset: number, length: number): MapExtent[] {
     return this.store.extents(v.map, offset, length);
+  }
+
+  /**
+   * Block-level diff (the mock's stand-in for SnapDiff): the ranges of `diff` (a snapshot of `v`,
+   * or absent: the volume now) that may read differently from the snapshot `base`, in whole
+   * chunks, clipped to `[offset, offset+length)` and to the compared size. `base` must not be
+   * newer than `diff`; snapshots are kept in the order they were taken.
+   */
+  blockDiff(v: VolumeRecord, base: SnapshotRecord, diff: SnapshotRecord | undefined, offset: number, length: number | undefined): { size: number; blockSize: number; ranges: ByteSpan[] } {
+    if (diff && v.snapshots.indexOf(base) > v.snapshots.indexOf(diff)) {
+      throw invalid(`base snapshot "${base.name}" is newer than diff snapshot "${diff.name}" of volume "${v.name}"`, 'base_snapshot.name');
+    }
+    const target = diff ?? v;
+    const from = Math.min(offset, target.size);
+    const to = length === undefined ? target.size : Math.min(target.size, from + length);
+    return { size: target.size, blockSize: this.store.chunkSize, ranges: this.store.diff(base.map, target.map, from, to - from) };
   }
 
   // ---- jobs ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 /**
  * The ONTAP-style mock appliance as a real `node:http` server: the REST API under `/api`
- * (HTTP Basic auth on every request), the data plane under `/data` (a documented stand-in for
- * NFS access to a volume's disk image), and the fault rules' admin endpoint `/_admin/faults`
+ * (HTTP Basic auth on every request) with a block-level stand-in for SnapDiff
+ * (`GET /api/storage/volumes/{uuid}/block-diff`, README.md), the data plane under `/data` (a
+ * documented stand-in for NFS access to a volume's disk image), and the fault rules' admin
+ * endpoint `/_admin/faults`
  * (the appliance kit's grammar, with this appliance's own actions from faults.ts).
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -9,12 +11,12 @@ import {
   answerWithFaults, drain, faultAdmin, HttpError, parseJson, readBody, sendReply, serveHttp, shortPageOf, sleep, type FaultInjectorOf, type Reply,
 } from '../../appliance-kit/index.js';
 import { OntapCode } from '../api/codes.js';
-import { SnapshotCreateBody, VolumeCreateBody, VolumePatchBody, type CollectionOf } from '../api/schemas.js';
-import { ApiError, invalid } from './api-error.js';
+import { SnapshotCreateBody, VolumeCreateBody, VolumePatchBody, type BlockDiffCollection, type CollectionOf } from '../api/schemas.js';
+import { ApiError, invalid, notFound } from './api-error.js';
 import { OntapAppliance, type ApplianceOptions, type JobFault } from './appliance.js';
 import { faultGrammar, type FaultAction, type FaultConfigInput } from './faults.js';
 import { filterRecords, pageRecords, selectFields } from './query.js';
-import type { JobRecord } from './records.js';
+import type { JobRecord, SnapshotRecord, VolumeRecord } from './records.js';
 
 export interface OntapMockOptions extends ApplianceOptions {
   port?: number;
@@ -106,6 +108,8 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
           return mutation(appliance.patchVolume(volUuid, patch, restore, fault), q, 200);
         }
         if (method === 'DELETE') return mutation(appliance.deleteVolume(volUuid, fault), q, 200);
+      } else if (sub === 'block-diff' && snapUuid === undefined && method === 'GET') {
+        return blockDiff(p, q, appliance.volume(volUuid), shortPage);
       } else if (sub === 'snapshots') {
         const v = appliance.volume(volUuid);
         if (snapUuid === undefined) {
@@ -191,6 +195,44 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
       out._links!.next = { href: `${path}?${next.toString()}` };
     }
     return json(200, out);
+  }
+
+  /**
+   * `GET /api/storage/volumes/{uuid}/block-diff?base_snapshot.name|uuid=…[&diff_snapshot.name|uuid=…]
+   * [&offset=&length=][&max_records=N][&start.offset=X]`: one page of changed ranges; the next
+   * link carries `start.offset` (the end of the page's last range), so paging survives writes.
+   */
+  function blockDiff(path: string, q: URLSearchParams, v: VolumeRecord, shortPage?: number): Reply {
+    const base = snapshotParam(v, q, 'base_snapshot');
+    if (!base) throw invalid('"base_snapshot.name" or "base_snapshot.uuid" is required', 'base_snapshot.name');
+    const diff = snapshotParam(v, q, 'diff_snapshot');
+    const offset = intParam(q, 'offset', 0);
+    const length = q.get('length') === null ? undefined : intParam(q, 'length', 0);
+    const limit = intParam(q, 'max_records', Number.MAX_SAFE_INTEGER);
+    if (limit < 1) throw invalid('max_records must be at least 1', 'max_records');
+    const start = intParam(q, 'start.offset', 0);
+    const d = appliance.blockDiff(v, base, diff, offset, length);
+    const rest = d.ranges.filter((r) => r.offset >= start);
+    const records = rest.slice(0, Math.min(limit, shortPage ?? Infinity));
+    const self = `${path}${q.size ? `?${q.toString()}` : ''}`;
+    const out: BlockDiffCollection = { records, num_records: records.length, block_size: d.blockSize, size: d.size, _links: { self: { href: self } } };
+    if (rest.length > records.length) {
+      const last = records[records.length - 1];
+      const next = new URLSearchParams(q);
+      next.set('start.offset', String(last ? last.offset + last.length : start));
+      out._links!.next = { href: `${path}?${next.toString()}` };
+    }
+    return json(200, out);
+  }
+
+  /** A snapshot of `v` named by `PREFIX.name` or `PREFIX.uuid`; undefined when neither is given. */
+  function snapshotParam(v: VolumeRecord, q: URLSearchParams, prefix: string): SnapshotRecord | undefined {
+    const name = q.get(`${prefix}.name`);
+    const uuid = q.get(`${prefix}.uuid`);
+    if (name === null && uuid === null) return undefined;
+    const s = v.snapshots.find((x) => (name === null || x.name === name) && (uuid === null || x.uuid === uuid));
+    if (!s) throw notFound(`snapshot "${name ?? uuid}" of volume "${v.name}"`, `${prefix}.${name !== null ? 'name' : 'uuid'}`);
+    return s;
   }
 
   /** 202 with the job link, or `done` (201/200) when the job ends within `return_timeout`. */
