@@ -52,7 +52,7 @@ async function describe(name: string, img: Image): Promise<CollectedInfo> {
     'full-backing-filename': backingName !== undefined ? pathCombine(name, backingName) : undefined,
     'backing-filename-format': backingFormat,
     snapshots: snapshots.length > 0 ? snapshots.map(snapshotJson) : undefined,
-    'format-specific': h ? { type: 'qcow2', data: qcow2Specific(img) } : undefined,
+    'format-specific': h ? { type: 'qcow2', data: await qcow2Specific(img) } : undefined,
   };
   const out: CollectedInfo = { info };
   if (backingName !== undefined) {
@@ -62,17 +62,20 @@ async function describe(name: string, img: Image): Promise<CollectedInfo> {
   return out;
 }
 
-function qcow2Specific(img: Image): QemuObject {
+async function qcow2Specific(img: Image): Promise<QemuObject> {
   const h = img.header!;
   if (h.version === 2) {
     return { compat: '0.10', 'refcount-bits': h.refcountBits, 'compression-type': 'zlib' };
   }
+  const bitmaps = await img.bitmaps.info();
   return {
     compat: '1.1',
     'extended-l2': h.extendedL2,
     'lazy-refcounts': h.lazyRefcounts,
     corrupt: h.corrupt,
     'refcount-bits': h.refcountBits,
+    // Qcow2BitmapInfo in QAPI member order; absent when there are none, as in qemu-img.
+    bitmaps: bitmaps.length > 0 ? bitmaps.map((b) => ({ name: b.name, granularity: b.granularity, flags: b.flags })) : undefined,
     'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
   };
 }
@@ -177,6 +180,21 @@ function localDate(sec: number): string {
   return `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
 }
 
+/** qemu's `dump_qlist`: `[i]:` then the element, nested one level deeper when composite. */
+function dumpQlist(list: readonly QemuJsonValue[], level: number): string[] {
+  const indent = '    '.repeat(level);
+  const lines: string[] = [];
+  list.forEach((v, i) => {
+    if (v !== null && typeof v === 'object') {
+      lines.push(`${indent}[${i}]:`);
+      lines.push(...(Array.isArray(v) ? dumpQlist(v as QemuJsonValue[], level + 1) : dumpQdict(v as QemuObject, level + 1)));
+    } else {
+      lines.push(`${indent}[${i}]: ${String(v)}`);
+    }
+  });
+  return lines;
+}
+
 /** qemu's `dump_qdict`: one "key: value" line per member, '-' in keys shown as ' ', QDict order. */
 function dumpQdict(obj: QemuObject, level: number): string[] {
   const indent = '    '.repeat(level);
@@ -186,7 +204,7 @@ function dumpQdict(obj: QemuObject, level: number): string[] {
     const label = key.replace(/-/g, ' ');
     if (v !== null && typeof v === 'object') {
       lines.push(`${indent}${label}:`);
-      if (!Array.isArray(v)) lines.push(...dumpQdict(v as QemuObject, level + 1));
+      lines.push(...(Array.isArray(v) ? dumpQlist(v as QemuJsonValue[], level + 1) : dumpQdict(v as QemuObject, level + 1)));
     } else {
       lines.push(`${indent}${label}: ${String(v)}`);
     }

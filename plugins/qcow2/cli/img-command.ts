@@ -4,6 +4,7 @@
  */
 import { Command, Option } from 'commander';
 import { UsageError, commandGroup, type CliContext } from '../../../core/index.js';
+import { runBitmap, type BitmapAction } from './bitmap.js';
 import { runCheck } from './check.js';
 import { runCompare } from './compare.js';
 import { registerChainCommands } from './img-chain-commands.js';
@@ -166,6 +167,42 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
       await runSnapshot(filename, actions[0]!, parseFormat(o.f as string | undefined), out);
     });
 
+  // The actions run in the order given: each option's event records its place.
+  let bitmapActions: BitmapAction[] = [];
+  const bitmap = img
+    .command('bitmap')
+    .description('add, remove, clear, enable, disable or merge persistent dirty bitmaps (actions run in the order given)')
+    .option('--add', 'add the bitmap (enabled, unless --disable follows)')
+    .option('--remove', 'remove the bitmap')
+    .option('--clear', 'clear every bit')
+    .option('--enable', 'record writes')
+    .option('--disable', 'stop recording writes')
+    .option('--merge <source>', 'add the bits of bitmap SOURCE (of this image, or of -b FILE)')
+    .option('-g <granularity>', 'granularity of an added bitmap (default: the cluster size, at least 4 KiB)')
+    .option('-b <source_file>', 'the image holding the --merge source bitmap')
+    .option('-F <source_fmt>', 'its format')
+    .option('-f <fmt>', 'image format (probed when absent)')
+    .argument('[filename]')
+    .argument('[bitmap]')
+    .action(async (filename: string | undefined, name: string | undefined, o: Record<string, unknown>) => {
+      const actions = bitmapActions;
+      bitmapActions = [];
+      if (filename === undefined || name === undefined) throw new UsageError('Expecting filename and bitmap name');
+      const format = parseFormat(o.f as string | undefined);
+      const sourceFormat = parseFormat(o.F as string | undefined);
+      await runBitmap({
+        file: filename, bitmap: name, actions,
+        ...(format ? { format } : {}),
+        ...(o.g !== undefined ? { granularity: parseImageSize(o.g as string, 'granularity') } : {}),
+        ...(o.b !== undefined ? { sourceFile: o.b as string } : {}),
+        ...(sourceFormat ? { sourceFormat } : {}),
+      });
+    });
+  for (const kind of ['add', 'remove', 'clear', 'enable', 'disable'] as const) {
+    bitmap.on(`option:${kind}`, () => bitmapActions.push({ kind }));
+  }
+  bitmap.on('option:merge', (source: string) => bitmapActions.push({ kind: 'merge', source }));
+
   img
     .command('resize')
     .description('change the virtual size of an image ([+|-]size; shrinking needs --shrink)')
@@ -190,6 +227,8 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
     .option('-p', 'show progress')
     .option('-q', 'quiet')
     .option('-U, --force-share', 'accepted for compatibility')
+    .option('--bitmaps', 'copy the persistent bitmaps too (qcow2 to qcow2)')
+    .option('--skip-broken-bitmaps', 'with --bitmaps: leave inconsistent bitmaps out (a warning each)')
     .argument('<filename>')
     .argument('<output_filename>')
     .action(async (src: string, dst: string, o: Record<string, unknown>) => {
@@ -202,6 +241,9 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
         ...(o.t ? { cache: o.t as CacheMode } : {}),
         ...(srcFormat ? { srcFormat } : {}),
         ...(o.p ? { progress: ctx.progress(`convert ${src}`) } : {}),
+        bitmaps: o.bitmaps === true,
+        skipBrokenBitmaps: o.skipBrokenBitmaps === true,
+        warn: (line) => out.warn(line),
       });
     });
 

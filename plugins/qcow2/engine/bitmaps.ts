@@ -5,7 +5,7 @@ import {
   type BitmapDirEntry,
 } from '../format/bitmaps.js';
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS } from '../format/constants.js';
-import type { Qcow2State } from './qcow2-state.js';
+import type { Qcow2State, StateBitmaps } from './qcow2-state.js';
 import type { BitmapInfo, BitmapOps, ByteRange, Image } from './types.js';
 
 /** One bitmap as this process holds it. */
@@ -32,7 +32,7 @@ interface Bitmap {
  * then frees the old ones: a kill at any instant leaves the old set or the new one, plus leaks.
  * Guest writes mark the bits before their data is written (Qcow2Image calls `mark` first).
  */
-export class Bitmaps implements BitmapOps {
+export class Bitmaps implements BitmapOps, StateBitmaps {
   private list: Bitmap[] = [];
   /** The directory on disk (undefined: none). */
   private dir: { offset: number; size: number } | undefined;
@@ -170,7 +170,7 @@ export class Bitmaps implements BitmapOps {
     checkName(name, s.path);
     const g = opts.granularity ?? Math.max(4096, s.cs);
     if (!Number.isSafeInteger(g) || g < 512 || g > 2 ** BITMAP_LIMITS.maxGranularityBits || (g & (g - 1)) !== 0) {
-      throw new InvalidArgument(`${s.path}: granularity must be a power of 2 between 512 and 2 GiB, got ${String(g)}`, { ref: s.path });
+      throw new InvalidArgument(`${s.path}: Granularity must be power of 2 and at least 512`, { ref: s.path, hint: `got ${String(g)}; at most 2 GiB` });
     }
     await s.lock.exclusive(async () => {
       if (this.list.some((b) => b.name === name)) {
@@ -210,7 +210,7 @@ export class Bitmaps implements BitmapOps {
     const s = this.s;
     const srcSize = from.image.virtualSize;
     if (srcSize !== s.h.size) {
-      throw new FailedPrecondition(`${s.path}: cannot merge bitmap ${JSON.stringify(from.name)} of a ${srcSize}-byte image into a ${s.h.size}-byte one`, { ref: s.path });
+      throw new FailedPrecondition(`${s.path}: Bitmaps are of different sizes (destination size is ${s.h.size}, source size is ${srcSize}) and can't be merged`, { ref: s.path });
     }
     const same = from.image.path === s.path;
     // From another image: read its extents first (its own lock); from this one, inside ours.
@@ -428,7 +428,7 @@ export class Bitmaps implements BitmapOps {
 function checkName(name: string, path: string): void {
   const n = typeof name === 'string' ? new TextEncoder().encode(name).length : 0;
   if (n === 0 || n > BITMAP_LIMITS.maxNameSize) {
-    throw new InvalidArgument(`${path}: a bitmap name is 1 to ${BITMAP_LIMITS.maxNameSize} bytes`, { ref: path });
+    throw new InvalidArgument(n === 0 ? `${path}: a bitmap needs a name` : `${path}: Name length exceeds maximum (${BITMAP_LIMITS.maxNameSize} characters)`, { ref: path });
   }
 }
 

@@ -3,6 +3,7 @@ import { InvalidArgument } from '../../../core/index.js';
 import { uninitialized } from '../format/bytes.js';
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_DIRTY } from '../format/constants.js';
 import { decodeHeader, encodeHeader, setBackingFormat, type Header } from '../format/header.js';
+import { Bitmaps } from './bitmaps.js';
 import { checkImage } from './check.js';
 import { ownAllocations } from './cluster-map.js';
 import { readLocked, statusLocked } from './cluster-read.js';
@@ -23,13 +24,16 @@ export class Qcow2Image implements ImageNode {
   readonly format = 'qcow2' as const;
   readonly snapshots: SnapshotOps;
   private readonly s: Qcow2State;
+  private readonly bm: Bitmaps;
 
   constructor(p: Qcow2Parts) {
-    this.s = new Qcow2State(p);
+    let bm: Bitmaps | undefined;
+    this.s = new Qcow2State(p, (s) => (bm = new Bitmaps(s)));
+    this.bm = bm!;
     this.snapshots = new SnapshotManager(this.s);
   }
 
-  get bitmaps(): BitmapOps { return this.s.bitmaps; }
+  get bitmaps(): BitmapOps { return this.bm; }
 
   get path(): string { return this.s.path; }
   get file(): ImageFile { return this.s.file; }
@@ -44,7 +48,7 @@ export class Qcow2Image implements ImageNode {
    * After the open: read the bitmap directory; read-write, also what prepareForWriting does.
    */
   async init(): Promise<void> {
-    await this.s.bitmaps.load();
+    await this.bm.load();
     if (!this.s.readOnly) await this.prepareForWriting();
   }
 
@@ -67,7 +71,7 @@ export class Qcow2Image implements ImageNode {
       h.extensions = h.extensions.filter((e) => e.type !== EXT_BITMAPS);
       rewrite = true;
     }
-    const keep = this.s.bitmaps.any || h.extensions.some((e) => e.type === EXT_BITMAPS) ? AUTOCLEAR_BITMAPS : 0n;
+    const keep = this.bm.any || h.extensions.some((e) => e.type === EXT_BITMAPS) ? AUTOCLEAR_BITMAPS : 0n;
     if (h.version === 3 && (h.autoclearFeatures & ~keep) !== 0n) {
       h.autoclearFeatures &= keep;
       rewrite = true;
@@ -76,7 +80,7 @@ export class Qcow2Image implements ImageNode {
       await this.s.writeHeader();
       await this.s.file.sync();
     }
-    await this.s.bitmaps.claim();
+    await this.bm.claim();
   }
 
   // ---- I/O ----
@@ -95,7 +99,7 @@ export class Qcow2Image implements ImageNode {
   async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.s.assertWritable();
     this.s.checkRange(offset, data.length);
-    this.s.bitmaps.mark(offset, data.length);
+    this.bm.mark(offset, data.length);
     // FUA: in one round trip where it can (writeDurable); deferred metadata needs its flush.
     if (opts.fua && data.length > 0 && !this.s.meta.deferred) return writeDurable(this.s, offset, data);
     if (data.length > 0) await write(this.s, offset, data);
@@ -113,7 +117,7 @@ export class Qcow2Image implements ImageNode {
   private async zeroOrDiscard(offset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
     this.s.assertWritable();
     this.s.checkRange(offset, length);
-    this.s.bitmaps.mark(offset, length);
+    this.bm.mark(offset, length);
     await this.s.lock.exclusive(async () => {
       await zeroLocked(this.s, offset, length, mode);
       await this.s.meta.flushIfFull();
@@ -133,9 +137,9 @@ export class Qcow2Image implements ImageNode {
   async resize(newSize: number): Promise<void> {
     this.s.assertWritable();
     await this.s.lock.exclusive(() => this.s.meta.writeThrough(async () => {
-      this.s.bitmaps.assertResizable();
+      this.bm.assertResizable();
       await resizeLocked(this.s, newSize);
-      this.s.bitmaps.resize(newSize);
+      this.bm.resize(newSize);
     }));
   }
 
@@ -167,7 +171,7 @@ export class Qcow2Image implements ImageNode {
       if (!s.readOnly && s.failed === undefined) {
         await s.meta.flushLocked();
         await s.file.sync();
-        await s.bitmaps.closeLocked();
+        await this.bm.closeLocked();
       }
       await s.file.close();
       s.meta.clear();
@@ -251,7 +255,7 @@ export class Qcow2Image implements ImageNode {
 
   /** For `convert` into this image: see copy-in.ts. */
   copyFromFile(src: ImageFile, ops: Float64Array): Promise<void> {
-    if (this.s.bitmaps.any) for (let i = 0; i < ops.length; i += 3) this.s.bitmaps.mark(ops[i + 1]!, ops[i + 2]!);
+    if (this.bm.any) for (let i = 0; i < ops.length; i += 3) this.bm.mark(ops[i + 1]!, ops[i + 2]!);
     return copyFromFile(this.s, src, ops);
   }
 }

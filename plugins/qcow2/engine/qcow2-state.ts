@@ -3,7 +3,6 @@ import { getU64, setU64, view } from '../format/bytes.js';
 import { encodeHeader, type Header } from '../format/header.js';
 import type { SnapshotEntry } from '../format/snapshot-table.js';
 import type { ImageFile } from './file.js';
-import { Bitmaps } from './bitmaps.js';
 import { MetadataCache } from './metadata-cache.js';
 import { Refcounts } from './refcounts.js';
 import { TableCache } from './table-cache.js';
@@ -25,6 +24,16 @@ export interface Qcow2Parts {
   cacheBytes: number;
   /** OpenOptions.deferMetadata. */
   deferMetadata?: boolean;
+}
+
+/** What the other parts need of the persistent bitmaps (bitmaps.ts, which builds on this state). */
+export interface StateBitmaps {
+  /** Clusters the bitmaps use on disk: a refcount rebuild counts them. */
+  clusters(): Promise<number[]>;
+  /** The content was replaced (a snapshot applied): every recording bitmap marks everything. */
+  markAll(): void;
+  assertResizable(): void;
+  resize(newSize: number): void;
 }
 
 /**
@@ -67,9 +76,9 @@ export class Qcow2State {
   readonly refcounts: Refcounts;
   readonly meta: MetadataCache;
   /** Persistent dirty bitmaps (bitmaps.ts); loaded by Qcow2Image.init. */
-  readonly bitmaps: Bitmaps;
+  readonly bitmaps: StateBitmaps;
 
-  constructor(p: Qcow2Parts) {
+  constructor(p: Qcow2Parts, bitmaps: (s: Qcow2State) => StateBitmaps) {
     this.path = p.path;
     this.file = p.file;
     this.readOnly = p.readOnly;
@@ -94,7 +103,7 @@ export class Qcow2State {
     );
     this.meta = new MetadataCache(this.file, this.refcounts, this, this.cs, p.cacheBytes, p.deferMetadata === true && !p.readOnly);
     this.refcounts.onZero = (off) => this.meta.forget(off);
-    this.bitmaps = new Bitmaps(this);
+    this.bitmaps = bitmaps(this);
   }
 
   get cs(): number { return 1 << this.h.clusterBits; }
