@@ -1,5 +1,5 @@
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
-import { FailedPrecondition, InvalidArgument } from '../model/errors.js';
+import { FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
 import type { Extent } from '../model/types.js';
 import type { DirtyMap } from './dirty-map.js';
 import type { RangeLocks } from './range-locks.js';
@@ -47,6 +47,18 @@ export class LiveDevice implements BlockDevice {
     // A discarded range may read as zeros afterwards: the target follows with zeroes, so it counts as a write.
     this.discard = device.discard && ((offset, length) => this.writing(offset, length, (d, isTarget) => (isTarget ? zeroes(d, offset, length) : d.discard ? d.discard(offset, length) : Promise.resolve())));
     this.allocationDepth = device.allocationDepth && ((offset, length) => this.run(() => (this.dev.allocationDepth ? this.dev.allocationDepth(offset, length) : Promise.resolve([{ offset, length, depth: 1 }]))));
+  }
+
+  /** The bitmaps of the device requests go to now (after a switch, the target's). */
+  dirtyBitmaps(): string[] {
+    return this.dev.dirtyBitmaps?.() ?? [];
+  }
+
+  dirtyExtents(name: string, offset: number, length: number): Promise<ByteRange[]> {
+    return this.run(() => {
+      if (!this.dev.dirtyExtents) throw new NotFound(`no dirty bitmap ${JSON.stringify(name)} on this device`);
+      return this.dev.dirtyExtents(name, offset, length);
+    });
   }
 
   /** The device requests go to now. */

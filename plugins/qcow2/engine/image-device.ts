@@ -45,6 +45,9 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
   let size = await access(async (img) => img.virtualSize);
   const blockSize = opts.blockSize ?? (await access(async (img) => img.clusterSize));
   const ref = opts.ref ?? (await access(async (img) => img.path));
+  // The bitmaps' names, for NBD's qemu:dirty-bitmap contexts (dirtyBitmaps() answers at once):
+  // read now, and again with each dirtyExtents call.
+  let bitmapNames = await access(async (img) => (await img.bitmaps.info()).map((b) => b.name));
   let closed = false;
   const alive = () => {
     if (closed) throw new FailedPrecondition(`the device of ${ref} is closed`, { ref, hint: 'open it again' });
@@ -93,6 +96,12 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
     allocationDepth: (offset, length) => io(async (img) => {
       range(offset, length, 'allocation depth');
       return (await statusOf(img, offset, length)).map((st) => ({ offset: st.start, length: st.length, depth: st.present ? st.depth + 1 : 0 }));
+    }),
+    dirtyBitmaps: () => [...bitmapNames],
+    dirtyExtents: (name, offset, length) => io(async (img) => {
+      range(offset, length, 'dirty bitmap');
+      bitmapNames = (await img.bitmaps.info()).map((b) => b.name);
+      return img.bitmaps.dirtyExtents(name, offset, length);
     }),
     flush: async () => { alive(); if (opts.mode === 'rw') await io((img) => img.flush()); },
     async close() {

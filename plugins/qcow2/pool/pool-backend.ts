@@ -1,9 +1,10 @@
 import {
   AlreadyExists, CapabilitySet, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unsupported,
-  type BlockDevice, type Capability, type CommitOptions, type CreateVolumeRequest, type JobTask, type Page,
+  type BlockDevice, type Capability, type ChangedExtents, type ChangedExtentsRequest, type CommitOptions, type CreateVolumeRequest, type JobTask, type Page,
   type PageRequest, type Snapshot, type StorageBackend, type StreamOptions, type Volume,
 } from '../../../core/index.js';
 import { imageDevice } from '../engine/index.js';
+import { changedExtents } from './changes.js';
 import { commitTarget, commitTask, resolveBase, resumeChainTask, streamTask } from './chain-tasks.js';
 import { abandonLayer, commitLayers, compact, makeLayer, unlinkLayers } from './layers.js';
 import type { VolumeRow } from './metadata.js';
@@ -48,7 +49,7 @@ export class Qcow2Pool implements StorageBackend {
     // does (as a job: progress, cancel, resume) over the data path, snapshots included.
     const common: (Capability | [Capability, Record<string, boolean>])[] = ['volume.delete', 'volume.resize', 'volume.list', 'data.write', 'data.extents'];
     const layered: (Capability | [Capability, Record<string, boolean>])[] = this.opts.format === 'qcow2'
-      ? ['snapshot.create', 'snapshot.delete', 'snapshot.revert', 'clone.linked', 'chain.stream', 'chain.commit', ['data.read', { snapshots: true }]]
+      ? ['snapshot.create', 'snapshot.delete', 'snapshot.revert', 'clone.linked', 'chain.stream', 'chain.commit', ['data.read', { snapshots: true }], 'data.dirty']
       : ['data.read'];
     return new CapabilitySet([['volume.create', { maxSizeBytes: this.maxSize, sizeGranularity: 512 }], ...common, ...layered]);
   }
@@ -322,6 +323,11 @@ export class Qcow2Pool implements StorageBackend {
       await img.close();
       throw e;
     }
+  }
+
+  /** `data.dirty`: from the layers of the two points' chains (changes.ts). */
+  async changedExtents(volume: string, req: ChangedExtentsRequest): Promise<ChangedExtents> {
+    return changedExtents(this.p, volume, req);
   }
 
   /** The files of a volume's chain, top (active) first, as absolute paths: what to give qemu or libvirt. */
