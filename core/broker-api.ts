@@ -1,5 +1,5 @@
 import type { BlockDevice } from './backend/block-device.js';
-import type { StorageBackend } from './backend/storage-backend.js';
+import type { ChangedExtents, StorageBackend } from './backend/storage-backend.js';
 import type { ExportInfo } from './export/registry.js';
 import type { ListenAddress } from './export/nbd-server.js';
 import type { Job, JobInfo } from './jobs/job.js';
@@ -24,6 +24,12 @@ export interface VolumesApi {
   listAll(backend: string): Promise<Volume[]>;
   resize(ref: string, sizeBytes: number): Promise<Volume>;
   delete(ref: string): Promise<void>;
+  /**
+   * `data.dirty`: the ranges of `ref` (a volume now, or one of its snapshots) that changed since
+   * its snapshot `since` (a name, or `backend/volume@name`), as the backend tracks them.
+   * Unsupported when the backend cannot tell.
+   */
+  changes(ref: string, opts: { since: string; offset?: number; length?: number }): Promise<ChangedExtents>;
   /** Open the data path of a volume (needs `data.read`, and `data.write` for `rw`). */
   open(ref: string, mode?: 'r' | 'rw'): Promise<BlockDevice>;
   /** Copy a volume's (or a snapshot's) data into a new local image file, sparse, as a host job. */
@@ -149,6 +155,12 @@ export interface CopyOptions {
    * acknowledging, so the copy converges under any write rate.
    */
   mode?: 'background' | 'write-blocking';
+  /**
+   * An incremental copy: the target already holds the data of the source volume's snapshot of
+   * this name, and only what changed since then is copied (the source backend's `data.dirty`).
+   * The source may be a later snapshot (`vol@s2`) or the volume itself.
+   */
+  since?: string;
 }
 
 /** What a group instant clone takes. */

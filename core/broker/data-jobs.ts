@@ -17,7 +17,7 @@ import type { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
 import { InstantClones } from './instant-clones.js';
 import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
-import { call, type BrokerState } from './state.js';
+import { call, sinceName, type BrokerState } from './state.js';
 import type { Volumes } from './volumes.js';
 
 /** The long operations (clone, stream, commit, copy) of one principal's broker view. */
@@ -141,20 +141,37 @@ export class DataJobs {
     }
     if (opts.live !== undefined && typeof opts.live !== 'boolean') throw new InvalidArgument(`live is true or false, got ${String(opts.live)}`);
     const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
+    if (opts.live && opts.since !== undefined) {
+      throw new InvalidArgument('--since applies to a copy that is not live', { hint: 'copy the changes first (`copy SRC DST --since SNAP`), then start the live copy' });
+    }
     if (opts.live) return new LiveCopies(this.s, this.a).start([{ source, target }], opts, plan);
     if (opts.mode !== undefined) throw new InvalidArgument('--mode applies to a live copy', { hint: 'add --live, or leave out --mode' });
-    const src = parseVolumeRef(source);
+    const src = parseRef(source);
     await this.a.assertOwns(src);
     await this.a.assertOwns(parseVolumeRef(target));
-    const [s, t] = await Promise.all([this.volumes.get(source), this.volumes.get(target)]);
-    if (t.sizeBytes < s.sizeBytes) {
-      throw new OutOfRange(`${target} (${t.sizeBytes} bytes) is smaller than ${source} (${s.sizeBytes} bytes)`, { ref: target, hint: 'resize the target first' });
+    const [srcSize, t] = await Promise.all([this.sourceSize(src, source), this.volumes.get(target)]);
+    if (t.sizeBytes < srcSize) {
+      throw new OutOfRange(`${target} (${t.sizeBytes} bytes) is smaller than ${source} (${srcSize} bytes)`, { ref: target, hint: 'resize the target first' });
     }
-    const task = hostCopyTask({ source, target, targetFresh: false, ...(opts.verify ? { verify: true } : {}) }, (ref, mode) => this.s.openDevice(ref, mode));
+    const since = opts.since === undefined ? undefined : await this.checkSince(src, opts.since);
+    const params = { source, target, targetFresh: false, ...(opts.verify ? { verify: true } : {}), ...(since !== undefined ? { since } : {}) };
+    const task = hostCopyTask(params, (ref, mode) => this.s.openDevice(ref, mode), this.s.changeLister());
     return this.startJob(task, target, 'host', undefined, [
       { key: volumeKey(src), mode: 'shared' },
       { key: volumeKey(parseVolumeRef(target)), mode: 'exclusive' },
     ], plan, checkSpeed(opts.speed));
+  }
+
+  /**
+   * `since` of an incremental copy: a snapshot of the source volume, taken before the source
+   * point, on a backend that can say what changed since (else Unsupported, with the reason).
+   */
+  private async checkSince(src: Ref, since: unknown): Promise<string> {
+    const name = sinceName(src, since);
+    // Asked now for one byte, so that a backend that cannot tell, an unknown snapshot or a
+    // source older than it is refused before a job starts (the job asks again for everything).
+    await this.s.changes(src, { since: name, offset: 0, length: 1 });
+    return name;
   }
 
   async liveCopy(pairs: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {

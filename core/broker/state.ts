@@ -1,8 +1,8 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import type { Logger } from '../backend/plugin.js';
-import type { StorageBackend } from '../backend/storage-backend.js';
+import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.js';
 import type { BrokerConfig } from '../config/config.js';
-import { cloneTask, hostCopyTask, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
+import { cloneTask, hostCopyTask, type ChangeLister, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
 import { ExportRegistry } from '../export/registry.js';
 import type { JobManager, Unresumable } from '../jobs/job-manager.js';
 import { mirrorAfterRestart } from '../live/mirror-task.js';
@@ -13,8 +13,8 @@ import type { JobTask } from '../jobs/job-task.js';
 import { HOST } from '../jobs/runner.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
-import { FailedPrecondition, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
-import { isSnapshotRef, parseRef } from '../model/refs.js';
+import { FailedPrecondition, InvalidArgument, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
+import { formatRef, isSnapshotRef, parseRef, type Ref } from '../model/refs.js';
 import type { Planner, PlannerBackend } from '../planner/planner.js';
 import { exportTask, importTask, type FileExportParams, type FileImportParams, type FileJobDeps } from '../copy/file-copy.js';
 import { FileFormats } from './file-formats.js';
@@ -75,6 +75,34 @@ export class BrokerState {
   }
 
   /**
+   * The backend's answer for `ref` (a volume: its data now; a snapshot: that point) since `since`.
+   * A backend without `data.dirty` cannot say: Unsupported, with the way out.
+   */
+  async changes(ref: Ref, req: ChangesRequest): Promise<ChangedExtents> {
+    const text = formatRef(ref);
+    const b = this.entry(ref.backend);
+    const since = sinceName(ref, req.since);
+    if (!b.capabilities.has('data.dirty') || !b.backend.changedExtents) {
+      throw new Unsupported(`${ref.backend} (${b.backend.kind}) cannot say what changed in ${ref.backend}/${ref.volume} since ${since}: it does not track changed blocks (data.dirty)`, {
+        ref: text, hint: 'copy everything instead (leave out --since)',
+      });
+    }
+    for (const [k, v] of [['offset', req.offset], ['length', req.length]] as const) {
+      if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) throw new InvalidArgument(`${k} must be a whole number of bytes, got ${String(v)}`, { ref: text });
+    }
+    const until = isSnapshotRef(ref) ? ref.snapshot : undefined;
+    if (until === since) {
+      const snaps = await call(b.backend, 'list snapshots of', text, () => b.backend.listSnapshots(ref.volume));
+      const snap = snaps.find((x) => x.name === since);
+      if (!snap) throw new NotFound(`snapshot ${ref.backend}/${ref.volume}@${since} does not exist`, { ref: text });
+      return { extents: [], granularity: 512, sizeBytes: snap.sizeBytes };
+    }
+    return call(b.backend, 'list the changes of', text, () => b.backend.changedExtents!(ref.volume, {
+      since, ...(until !== undefined ? { until } : {}), ...(req.offset !== undefined ? { offset: req.offset } : {}), ...(req.length !== undefined ? { length: req.length } : {}),
+    }));
+  }
+
+  /**
    * Whether this broker can run a stored job (undefined) or why not: brokers sharing one database
    * may configure different backends (each host its own pool), and a job that reads or writes a
    * local file belongs to the host that has it.
@@ -96,13 +124,18 @@ export class BrokerState {
   async resolveTask(rec: JobRecord): Promise<JobTask | Unresumable | undefined> {
     if (rec.type === 'mirror') return mirrorAfterRestart(rec);
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
-    if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open);
+    if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open, this.changeLister());
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());
     if (rec.executor === 'host' && rec.type === 'export') return exportTask(rec.params as FileExportParams, this.fileJobDeps());
     if (rec.executor === 'host' && rec.type === 'import') return importTask(rec.params as FileImportParams, this.fileJobDeps());
     const b = rec.backend ? this.backends.get(rec.backend) : undefined;
     if (!b?.backend.resumeTask) return undefined;
     return b.backend.resumeTask(rec.type, rec.params);
+  }
+
+  /** What an incremental copy asks: the changed ranges of a source since its snapshot. */
+  changeLister(): ChangeLister {
+    return async (source, since) => (await this.changes(parseRef(source), { since })).extents;
   }
 
   /** What `volume export|import` need from the broker: data paths, image formats, and making a volume. */
@@ -136,6 +169,24 @@ export class BrokerState {
       },
     };
   }
+}
+
+export interface ChangesRequest {
+  /** The earlier point: a snapshot name of the volume (or its full ref `backend/volume@snapshot`). */
+  since: string;
+  offset?: number;
+  length?: number;
+}
+
+/** The snapshot name `since` gives, checked to be of the volume `ref` names. */
+export function sinceName(ref: Ref, since: unknown): string {
+  if (typeof since !== 'string' || since === '') throw new InvalidArgument('since names a snapshot of the source volume', { ref: formatRef(ref) });
+  if (!since.includes('@') && !since.includes('/')) return since;
+  const r = parseRef(since.includes('/') ? since : `${ref.backend}/${since}`);
+  if (!isSnapshotRef(r) || r.backend !== ref.backend || r.volume !== ref.volume) {
+    throw new InvalidArgument(`since must be a snapshot of ${ref.backend}/${ref.volume}, got ${since}`, { ref: formatRef(ref) });
+  }
+  return r.snapshot;
 }
 
 /** Run a backend call; anything untyped it throws becomes an Internal error naming the call. */

@@ -2,14 +2,15 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import type { SnapshotsApi, VolumesApi } from '../broker-api.js';
 import { BackendUnavailable, InvalidArgument, OutOfRange } from '../model/errors.js';
-import { parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey } from '../model/refs.js';
+import { parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import { notFoundVolume, type Access } from './access.js';
 import { checkSize, need, planOrRefuse, runShort } from './operation.js';
-import { call, type BrokerState } from './state.js';
+import { call, type BrokerState, type ChangesRequest } from './state.js';
 import type { FileExportOptions, FileImportOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import { FileJobs } from './file-jobs.js';
+import type { ChangedExtents } from '../backend/storage-backend.js';
 
 /** The volume verbs of one principal's broker view. */
 export class Volumes implements VolumesApi {
@@ -87,6 +88,14 @@ export class Volumes implements VolumesApi {
       await call(b.backend, 'delete', refText, () => b.backend.deleteVolume(ref.volume));
       await this.s.store.deleteOwner(volumeKey(ref));
     });
+  }
+
+  async changes(refText: string, req: ChangesRequest): Promise<ChangedExtents> {
+    if (req === null || typeof req !== 'object') throw new InvalidArgument('changes takes { since, offset?, length? }');
+    const ref = parseRef(refText);
+    this.s.entry(ref.backend);
+    if (!(await this.a.mayAccess(ref))) throw notFoundVolume(`${ref.backend}/${ref.volume}`);
+    return this.s.changes(ref, req);
   }
 
   async open(refText: string, mode: 'r' | 'rw' = 'r'): Promise<BlockDevice> {

@@ -35,6 +35,11 @@ export interface CopyDataOptions {
   state?: Record<string, unknown>;
   /** Where to start, when the caller keeps its own record of what is copied (default: ctx.resumeFrom's offset). */
   startAt?: number;
+  /**
+   * Copy only these ranges (sorted; an incremental copy's changes): inside them the target gets
+   * the source's data, and zeros where the source has none; outside them it is left alone.
+   */
+  only?: ByteRange[];
   /** Data bytes the target's fast path takes between checkpoints (default 1 GiB, or about a second's worth under a speed limit). */
   window?: number;
 }
@@ -70,7 +75,9 @@ export async function copyData(src: BlockDevice, dst: BlockDevice, ctx: JobConte
   }
   const size = Math.min(src.sizeBytes, dst.sizeBytes);
   const start = opts.startAt !== undefined ? resumeOffset({ offset: opts.startAt }, size) : resumeOffset(ctx.resumeFrom, size);
-  const whole = plan(await src.extents(0, size), size, fresh);
+  if (opts.only && fresh) throw new InvalidArgument('copy: only applies to a target that already holds data (not targetFresh)');
+  const planned = plan(await src.extents(0, size), size, fresh);
+  const whole = opts.only ? within(planned, opts.only) : planned;
   ctx.setTotal(dataIn(whole, 0, size));
   if (start > 0) ctx.setProgress(dataIn(whole, 0, start));
   const pieces = clipFrom(whole, start);
@@ -201,6 +208,23 @@ function plan(extents: Extent[], size: number, fresh: boolean): Piece[] {
     pos = t;
   }
   if (pos < size && !fresh) push(pos, size - pos, 'zero');
+  return out;
+}
+
+/** The parts of the pieces inside the ranges (both sorted). */
+function within(pieces: Piece[], ranges: ByteRange[]): Piece[] {
+  const out: Piece[] = [];
+  let i = 0;
+  for (const r of ranges) {
+    const end = r.offset + r.length;
+    while (i < pieces.length && pieces[i]!.offset + pieces[i]!.length <= r.offset) i++;
+    for (let j = i; j < pieces.length && pieces[j]!.offset < end; j++) {
+      const p = pieces[j]!;
+      const s = Math.max(p.offset, r.offset);
+      const t = Math.min(p.offset + p.length, end);
+      if (t > s) out.push({ offset: s, length: t - s, kind: p.kind });
+    }
+  }
   return out;
 }
 

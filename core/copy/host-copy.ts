@@ -3,7 +3,7 @@
  * the target, then copy into it). Their params are plain JSON, so a restarted broker rebuilds them
  * and they continue from their checkpoint.
  */
-import type { BlockDevice } from '../backend/block-device.js';
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import { Shutdown } from '../jobs/job-run.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { AlreadyExists, FailedPrecondition } from '../model/errors.js';
@@ -16,22 +16,36 @@ export interface HostCopyParams extends Record<string, unknown> {
   targetFresh: boolean;
   /** Compare checksums of source and target after the copy. */
   verify?: boolean;
+  /**
+   * Copy only what changed in the source since its snapshot of this name: the target holds that
+   * snapshot's data already (an incremental copy; the source's backend says what changed).
+   */
+  since?: string;
 }
+
+/** What changed in a source (a volume or snapshot ref) since its snapshot `since`; provided by the broker. */
+export type ChangeLister = (source: string, since: string) => Promise<ByteRange[]>;
 
 /** Opens a ref's data path; provided by the broker. */
 export type DeviceOpener = (ref: string, mode: 'r' | 'rw') => Promise<BlockDevice>;
 
 /** The host data mover as a JobTask: opens both data paths and runs the copier between them. */
-export function hostCopyTask(params: HostCopyParams, open: DeviceOpener): JobTask {
-  return { type: 'copy', params, run: (ctx) => copyBetween(params, open, ctx) };
+export function hostCopyTask(params: HostCopyParams, open: DeviceOpener, changes?: ChangeLister): JobTask {
+  return { type: 'copy', params, run: (ctx) => copyBetween(params, open, ctx, undefined, changes) };
 }
 
-async function copyBetween(params: HostCopyParams, open: DeviceOpener, ctx: JobContext, state?: Record<string, unknown>): Promise<void> {
+async function copyBetween(params: HostCopyParams, open: DeviceOpener, ctx: JobContext, state?: Record<string, unknown>, changes?: ChangeLister): Promise<void> {
+  // The changes are asked again on a resume: between two snapshots they are the same answer.
+  let only: ByteRange[] | undefined;
+  if (params.since !== undefined) {
+    if (!changes) throw new FailedPrecondition(`copy of ${params.source} since ${params.since}: no way to list the changes here`, { ref: params.source });
+    only = await changes(params.source, params.since);
+  }
   const src = await open(params.source, 'r');
   let dst: BlockDevice | undefined;
   try {
     dst = await open(params.target, 'rw');
-    await copyData(src, dst, ctx, { targetFresh: params.targetFresh, verify: params.verify === true, ...(state ? { state } : {}) });
+    await copyData(src, dst, ctx, { targetFresh: params.targetFresh, verify: params.verify === true, ...(state ? { state } : {}), ...(only ? { only } : {}) });
   } finally {
     await Promise.allSettled([src.close(), dst?.close()]);
   }

@@ -5,7 +5,7 @@
  * Unsupported, with a hint (an NBD export serves a volume's data).
  */
 import { resolve } from 'node:path';
-import type { StorageBackend } from '../backend/storage-backend.js';
+import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.js';
 import { cloneResult } from '../broker/clone-result.js';
 import type {
   BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportHandle, ExportOptions, ExportsApi, FileExportOptions, FileImportOptions,
@@ -76,6 +76,7 @@ class ServiceClient implements Broker {
       listAll: (backend) => h.call(ROUTES['volumes.listAll'], { params: { backend } }) as Promise<Volume[]>,
       resize: (ref, sizeBytes) => h.call(ROUTES['volumes.resize'], { params: refParams(ref), body: { sizeBytes } }) as Promise<Volume>,
       delete: (ref) => h.call(ROUTES['volumes.delete'], { params: refParams(ref) }),
+      changes: (ref, o) => h.call(ROUTES['volumes.changes'], { params: refParams(ref), query: o }) as Promise<ChangedExtents>,
       open: async (): Promise<BlockDevice> => { throw cannotCross('volumes.open (a block device)'); },
       exportTo: async (ref: string, file: string, o: FileExportOptions = {}) =>
         job(await h.call(ROUTES['volumes.exportTo'], { params: refParams(ref), body: { file: absolute(file), ...o } })),

@@ -90,6 +90,11 @@ export const ROUTES = {
     method: 'DELETE', path: '/v1/volumes/:backend/:name', summary: 'delete a volume', params: s.refParams, response: null,
     call: (b, { params }) => b.volumes.delete(refOf(params)),
   }),
+  'volumes.changes': route({
+    method: 'GET', path: '/v1/volumes/:backend/:name/changes', summary: 'the ranges that changed since a snapshot (name = volume or volume@snapshot; data.dirty)',
+    params: s.refParams, query: s.changesQuery, response: s.changesSchema,
+    call: (b, { params, query }) => b.volumes.changes(refOf(params), query),
+  }),
   'volumes.exportTo': route({
     method: 'POST', path: '/v1/volumes/:backend/:name/export', summary: 'copy a volume or snapshot into a new image file (a file of the service\'s host), as a job',
     params: s.refParams, body: s.fileExportBody, response: s.jobInfoSchema,

@@ -49,7 +49,7 @@ export const liveCopyBody = z.strictObject({
 });
 export const copyBody = z.strictObject({
   source: z.string(), target: z.string(), speed, verify: z.boolean().optional(), prefer,
-  live: z.boolean().optional(), mode: z.enum(['background', 'write-blocking']).optional(),
+  live: z.boolean().optional(), mode: z.enum(['background', 'write-blocking']).optional(), since: z.string().optional(),
 });
 
 const ref = z.string();
@@ -91,6 +91,13 @@ export const volumeSchema = z.object({
   owner: z.string().optional(), allocatedBytes: z.number().optional(),
 });
 export const volumePageSchema = z.object({ items: z.array(volumeSchema), next: z.string().optional() });
+export const changesQuery = z.strictObject({
+  since: z.string(), offset: z.coerce.number().int().optional(), length: z.coerce.number().int().optional(),
+});
+export const changesSchema = z.object({
+  extents: z.array(z.object({ offset: z.number(), length: z.number() })), granularity: z.number(), sizeBytes: z.number(),
+});
+
 export const snapshotSchema = z.object({
   backend: z.string(), volume: z.string(), name: z.string(), sizeBytes: z.number(), createdAt: z.string().optional(),
 });

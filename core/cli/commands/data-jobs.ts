@@ -149,8 +149,9 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--prefer <where>', 'host (the only way a copy runs; accepted for symmetry with clone)')
     .option('--live', 'the source is exported read-write and in use: copy while it is written (the target is created if missing); the job is ready once in sync, `offload jobs complete ID` switches the export over')
     .option('--mode <mode>', 'live copy: background (default) or write-blocking (a write to a copied range reaches both sides before it is acknowledged)')
+    .option('--since <snapshot>', 'incremental: DST holds the data of SRC\'s snapshot SNAPSHOT already; copy only what changed since (SRC may be a later snapshot, vol@s2)')
     .option('--detach', DETACH_HELP)
-    .action(async (args: string[], o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; detach?: boolean }) => {
+    .action(async (args: string[], o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; since?: string; detach?: boolean }) => {
       const speed = speedOption(o.speed);
       if (o.mode !== undefined && o.mode !== 'background' && o.mode !== 'write-blocking') throw new UsageError(`--mode is background or write-blocking, got ${o.mode}`);
       const pairs = args.some((a) => a.includes('=')) ? args.map(pairOf) : undefined;
@@ -167,9 +168,9 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       const [source, target] = args as [string, string];
       const job = await broker.copy(source, target, {
         ...(speed ? { speed } : {}), ...(o.verify ? { verify: true } : {}), ...(o.prefer ? { prefer: preferOption(o.prefer) } : {}),
-        ...(o.live ? { live: true } : {}), ...(o.mode ? { mode: o.mode } : {}),
+        ...(o.live ? { live: true } : {}), ...(o.mode ? { mode: o.mode } : {}), ...(o.since !== undefined ? { since: o.since } : {}),
       });
-      await followJob(ctx, job, `copy ${source} → ${target}`, broker, o.detach);
+      await followJob(ctx, job, `copy ${source} → ${target}${o.since !== undefined ? ` (changes since ${o.since})` : ''}`, broker, o.detach);
     });
 }
 

@@ -40,6 +40,18 @@ export function registerVolumeCommands(program: Command, ctx: CliContext): void 
     .description('grow a volume (shrinking is refused)')
     .action(async (ref: string, size: string) => showVolume(ctx, await (await ctx.broker()).volumes.resize(ref, parseSize(size))));
 
+  volume.command('changes <ref>')
+    .description('the ranges of a volume (or of its snapshot vol@s2) that changed since one of its snapshots (data.dirty)')
+    .requiredOption('--since <snapshot>', 'the earlier snapshot')
+    .action(async (ref: string, o: { since: string }) => {
+      const c = await (await ctx.broker()).volumes.changes(ref, { since: o.since });
+      const bytes = c.extents.reduce((n, e) => n + e.length, 0);
+      ctx.print(c, () => [
+        `${ref} since ${o.since}: ${formatSize(bytes)} changed in ${c.extents.length} range${c.extents.length === 1 ? '' : 's'} (granularity ${formatSize(c.granularity)}, size ${formatSize(c.sizeBytes)})`,
+        ...c.extents.map((e) => `${String(e.offset).padStart(14)}  ${String(e.length).padStart(12)}`),
+      ]);
+    });
+
   volume.command('delete <ref>')
     .description('delete a volume (refused while others depend on it)')
     .action(async (ref: string) => {
