@@ -208,6 +208,28 @@ export interface FileImportOptions {
  */
 export type CloneStart = { volume: Volume; job?: undefined } | { job: Job; volume?: undefined };
 
+/** A point of a backup (`backups.list`): the backup volume's snapshot `bN`. */
+export interface BackupPoint {
+  /** `backend/name@bN`: what `restore` takes. */
+  ref: string;
+  point: number;
+  sizeBytes: number;
+  createdAt?: string;
+}
+
+/**
+ * Incremental backup into a backup volume whose snapshots are the points (core/broker/backups.ts):
+ * the first point is a full copy, each later one moves only what changed since the previous one.
+ */
+export interface BackupsApi {
+  /** Take the next point of `source` in the backup volume `to` (created at the first), as a job. */
+  start(source: string, opts: { to: string; speed?: number }): Promise<Job>;
+  /** The points of a backup volume, oldest first. */
+  list(target: string): Promise<BackupPoint[]>;
+  /** Copy a point (`backend/name@bN`, or `backend/name` for the latest) into a volume: created when missing, overwritten otherwise. */
+  restore(point: string, opts: { to: string; speed?: number }): Promise<Job>;
+}
+
 export interface Broker {
   readonly principal: Principal;
   /** A view of the same broker acting as another principal. */
@@ -216,6 +238,7 @@ export interface Broker {
   backend(name: string): StorageBackend;
   readonly volumes: VolumesApi;
   readonly snapshots: SnapshotsApi;
+  readonly backups: BackupsApi;
   /** Clone a volume or snapshot into a new volume (on the same backend, or through the host); resolves when it is complete. */
   clone(source: string, target: string, opts?: CloneOptions): Promise<Volume>;
   /** The same, without waiting for a clone through the host: its job is returned at once. */

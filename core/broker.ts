@@ -18,7 +18,8 @@ import { Exports } from './broker/exports.js';
 import { Jobs, Locks } from './broker/jobs-locks.js';
 import { BrokerState } from './broker/state.js';
 import { Snapshots, Volumes } from './broker/volumes.js';
-import type { BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, InstantCloneOptions, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
+import { Backups } from './broker/backups.js';
+import type { BackendInfo, BackupsApi, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, InstantCloneOptions, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
@@ -159,17 +160,22 @@ class BrokerView implements Broker {
   readonly jobs: JobsApi;
   readonly locks: LocksApi;
   readonly exports: ExportsApi;
+  readonly backups: BackupsApi;
   private readonly data: DataJobs;
 
   constructor(private readonly s: BrokerState, readonly principal: Principal) {
     const access = new Access(s, principal);
     const volumes = new Volumes(s, access);
+    const snapshots = new Snapshots(s, access);
     this.volumes = volumes;
-    this.snapshots = new Snapshots(s, access);
+    this.snapshots = snapshots;
     this.jobs = new Jobs(s, access);
     this.locks = new Locks(s, access);
     this.exports = new Exports(s, access);
     this.data = new DataJobs(s, access, volumes);
+    this.backups = new Backups(s, access, {
+      volumes, snapshots, copy: (src, dst, o) => this.data.copy(src, dst, o), startClone: (src, dst, o) => this.data.startClone(src, dst, o),
+    });
   }
 
   as(principal: Principal): Broker {

@@ -27,11 +27,11 @@ export function planOrRefuse(s: BrokerState, op: Operation, what: string, ref: s
  * conflicting lock. It returns once done here; its locks leave the shared state just after (in the
  * background: this broker ignores its own, another waits the moment it takes).
  */
-export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>): Promise<T> {
+export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>, within?: string[]): Promise<T> {
   s.assertOpen();
   return s.mutex.run(locks.map((l) => l.key), async () => {
     const id = `op-${randomBytes(6).toString('hex')}`;
-    const lease = await s.locks.acquirePublished(locks, { id, principal, description }, () => s.jobs.publishOperation(id, locks, principal, description));
+    const lease = await s.locks.acquirePublished(locks, { id, principal, description, ...(within && within.length > 0 ? { within } : {}) }, () => s.jobs.publishOperation(id, locks, principal, description));
     try {
       return await fn();
     } finally {

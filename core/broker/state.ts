@@ -16,6 +16,7 @@ import { LockManager } from '../locks/lock-manager.js';
 import { FailedPrecondition, InvalidArgument, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, type Ref } from '../model/refs.js';
 import type { Planner, PlannerBackend } from '../planner/planner.js';
+import { backupTask, type BackupDeps, type BackupParams } from '../copy/backup-task.js';
 import { exportTask, importTask, type FileExportParams, type FileImportParams, type FileJobDeps } from '../copy/file-copy.js';
 import { FileFormats } from './file-formats.js';
 
@@ -126,6 +127,7 @@ export class BrokerState {
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
     if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open, this.changeLister());
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());
+    if (rec.executor === 'host' && rec.type === 'backup') return backupTask(rec.params as BackupParams, this.backupDeps());
     if (rec.executor === 'host' && rec.type === 'export') return exportTask(rec.params as FileExportParams, this.fileJobDeps());
     if (rec.executor === 'host' && rec.type === 'import') return importTask(rec.params as FileImportParams, this.fileJobDeps());
     const b = rec.backend ? this.backends.get(rec.backend) : undefined;
@@ -136,6 +138,46 @@ export class BrokerState {
   /** What an incremental copy asks: the changed ranges of a source since its snapshot. */
   changeLister(): ChangeLister {
     return async (source, since) => (await this.changes(parseRef(source), { since })).extents;
+  }
+
+  /** What a backup job does to volumes and snapshots (core/copy/backup-task.ts), straight on the backends. */
+  backupDeps(): BackupDeps {
+    const on = (ref: string) => {
+      const r = parseRef(ref);
+      return { r, b: this.entry(r.backend).backend };
+    };
+    const clone = this.cloneDeps();
+    const snap = (ref: string) => {
+      const { r, b } = on(ref);
+      if (!isSnapshotRef(r)) throw new InvalidArgument(`${ref} is not a snapshot ref`);
+      return { r, b };
+    };
+    return {
+      open: (ref, mode) => this.openDevice(ref, mode),
+      changes: this.changeLister(),
+      size: async (ref) => {
+        const { r, b } = on(ref);
+        return (await call(b, 'get', ref, () => b.getVolume(r.volume)))?.sizeBytes;
+      },
+      create: (ref, size, owner) => clone.create(ref, size, owner),
+      resize: async (ref, size) => {
+        const { r, b } = on(ref);
+        await call(b, 'resize', ref, () => b.resizeVolume(r.volume, size));
+      },
+      snapshot: async (ref) => {
+        const { r, b } = snap(ref);
+        await call(b, 'snapshot', ref, () => b.createSnapshot(r.volume, r.snapshot));
+      },
+      deleteSnapshot: async (ref) => {
+        const { r, b } = snap(ref);
+        await call(b, 'delete', ref, () => b.deleteSnapshot(r.volume, r.snapshot));
+      },
+      revert: async (ref) => {
+        const { r, b } = snap(ref);
+        await call(b, 'revert', ref, () => b.revertVolume(r.volume, r.snapshot));
+      },
+      remove: (ref) => clone.remove(ref),
+    };
   }
 
   /** What `volume export|import` need from the broker: data paths, image formats, and making a volume. */

@@ -125,8 +125,13 @@ export class Snapshots implements SnapshotsApi {
     planOrRefuse(this.s, { op: 'snapshot', ref: refText }, `snapshot ${refText}`, refText);
     const b = this.s.entry(ref.backend);
     await this.a.assertOwns(ref);
+    // A volume this broker exports read-write (a disk in use) can be snapshotted here, within the
+    // export's lock: the backend takes a crash-consistent point (the pool swaps its open image).
+    const volume = `${ref.backend}/${ref.volume}`;
+    const exports = this.s.exports.list().filter((e) => e.ref === volume).map((e) => this.s.exports.device(e.name)?.holder)
+      .filter((h): h is string => h !== undefined);
     return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, () =>
-      call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot)));
+      call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot)), exports);
   }
 
   async list(refText: string): Promise<Snapshot[]> {

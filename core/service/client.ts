@@ -8,7 +8,7 @@ import { resolve } from 'node:path';
 import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.js';
 import { cloneResult } from '../broker/clone-result.js';
 import type {
-  BackendInfo, Broker, CloneOptions, CloneStart, CopyOptions, ExportHandle, ExportOptions, ExportsApi, FileExportOptions, FileImportOptions,
+  BackendInfo, BackupPoint, BackupsApi, Broker, CloneOptions, CloneStart, CopyOptions, ExportHandle, ExportOptions, ExportsApi, FileExportOptions, FileImportOptions,
   InstantCloneOptions, JobsApi, LiveCopyOptions, LocksApi, SnapshotsApi, VolumesApi,
 } from '../broker-api.js';
 import type { BlockDevice } from '../backend/block-device.js';
@@ -64,6 +64,7 @@ class ServiceClient implements Broker {
   readonly jobs: JobsApi;
   readonly locks: LocksApi;
   readonly exports: ExportsApi;
+  readonly backups: BackupsApi;
 
   constructor(private readonly http: HttpTransport, readonly principal: Principal) {
     markRemote(this, http.address.text);
@@ -108,6 +109,11 @@ class ServiceClient implements Broker {
       maintenance: (ref, reason) => h.call(ROUTES['locks.maintenance'], { params: refParams(ref), body: { reason } }),
       release: (ref) => h.call(ROUTES['locks.release'], { params: refParams(ref) }),
       list: () => h.call(ROUTES['locks.list'], {}) as Promise<LockInfo[]>,
+    };
+    this.backups = {
+      start: async (source, o) => job(await h.call(ROUTES['backups.start'], { body: { source, ...o } })),
+      list: (target) => h.call(ROUTES['backups.list'], { params: refParams(target) }) as Promise<BackupPoint[]>,
+      restore: async (point, o) => job(await h.call(ROUTES['backups.restore'], { body: { point, ...o } })),
     };
     this.exports = {
       start: (ref, o) => this.startExport(ref, o ?? {}),

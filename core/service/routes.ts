@@ -123,6 +123,19 @@ export const ROUTES = {
     call: (b, { params }) => b.snapshots.revert(refOf(params)),
   }),
 
+  'backups.start': route({
+    method: 'POST', path: '/v1/backups', summary: 'take the next point of a volume\'s backup (full first, then only the changes), as a job', body: s.backupBody, response: s.jobInfoSchema,
+    call: async (b, { body: { source, ...opts } }) => info(await b.backups.start(source, opts)),
+  }),
+  'backups.list': route({
+    method: 'GET', path: '/v1/backups/:backend/:name', summary: 'the points of a backup volume, oldest first', params: s.refParams, response: z.array(s.backupPointSchema),
+    call: (b, { params }) => b.backups.list(refOf(params)),
+  }),
+  'backups.restore': route({
+    method: 'POST', path: '/v1/restores', summary: 'copy a backup point into a volume (created when missing), as a job', body: s.restoreBody, response: s.jobInfoSchema,
+    call: async (b, { body: { point, ...opts } }) => info(await b.backups.restore(point, opts)),
+  }),
+
   startClone: route({
     method: 'POST', path: '/v1/clones', summary: 'clone a volume or snapshot: done at once natively (volume), or a job through the host (job)', body: s.cloneBody, response: s.cloneStartSchema,
     call: async (b, { body: { source, target, ...opts } }) => {

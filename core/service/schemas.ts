@@ -91,6 +91,10 @@ export const volumeSchema = z.object({
   owner: z.string().optional(), allocatedBytes: z.number().optional(),
 });
 export const volumePageSchema = z.object({ items: z.array(volumeSchema), next: z.string().optional() });
+export const backupBody = z.strictObject({ source: z.string(), to: z.string(), speed });
+export const restoreBody = z.strictObject({ point: z.string(), to: z.string(), speed });
+export const backupPointSchema = z.object({ ref: z.string(), point: z.number(), sizeBytes: z.number(), createdAt: z.string().optional() });
+
 export const changesQuery = z.strictObject({
   since: z.string(), offset: z.coerce.number().int().optional(), length: z.coerce.number().int().optional(),
 });

@@ -63,7 +63,7 @@ export function printDetached(ctx: CliContext, job: Job): void {
   ctx.print(job.info(), job.id);
 }
 
-function speedOption(s: string | undefined): number | undefined {
+export function speedOption(s: string | undefined): number | undefined {
   return s === undefined ? undefined : parseSize(s, 'speed');
 }
 

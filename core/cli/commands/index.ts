@@ -4,6 +4,7 @@ import { registerBackendsCommand } from './backends.js';
 import { registerVolumeCommands } from './volume.js';
 import { registerSnapshotCommands } from './snapshot.js';
 import { registerDataJobCommands } from './data-jobs.js';
+import { registerBackupCommands } from './backup.js';
 import { registerPlanCommand } from './plan.js';
 import { registerJobsCommands } from './jobs.js';
 import { registerLocksCommands } from './locks.js';
@@ -16,6 +17,7 @@ export function registerBrokerCommands(program: Command, ctx: CliContext, openSe
   registerVolumeCommands(program, ctx);
   registerSnapshotCommands(program, ctx);
   registerDataJobCommands(program, ctx);
+  registerBackupCommands(program, ctx);
   registerPlanCommand(program, ctx);
   registerJobsCommands(program, ctx);
   registerLocksCommands(program, ctx);
