@@ -5,6 +5,7 @@ import type { ExportHandle, ExportOptions, ExportsApi } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
 import type { ExportInfo } from '../export/registry.js';
 import { LiveDevice } from '../live/live-device.js';
+import { withChangeBitmaps } from './change-bitmaps.js';
 import type { Fill } from '../live/fill.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
@@ -44,8 +45,12 @@ export class Exports implements ExportsApi {
       const filling = snapshot ? undefined : await this.s.fills.get(formatRef(ref))?.ready.catch(() => undefined);
       hold = await holdExport(this.s, { name, ref, readOnly, principal: this.a.principal, ...(filling ? { within: filling.jobId } : {}) });
       const opened = filling ? await viewOrOpen(filling.fill, () => this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw')) : await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
-      // A writable export serves through a LiveDevice: what a live job of this broker watches and switches (core/live/).
-      const device = readOnly ? opened : new LiveDevice(opened);
+      // A writable export serves through a LiveDevice: what a live job of this broker watches and
+      // switches (core/live/); a read-only one offers what changed since each earlier snapshot.
+      const device = readOnly ? await withChangeBitmaps(this.s, ref, opened).catch(async (e: unknown) => {
+        await opened.close().catch(() => undefined);
+        throw e;
+      }) : new LiveDevice(opened);
       let served: { info: ExportInfo; ended: Promise<void> };
       const held = hold;
       try {
