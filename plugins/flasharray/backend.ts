@@ -14,6 +14,7 @@
  * - grow only: shrinking is OutOfRange before the array is asked (it would need `truncate`).
  * - revert = overwrite the volume with a copy of its snapshot (instant); the size becomes the
  *   snapshot's.
+ * - a snapshot's data is read through the data plane as `vol.suffix` (openSnapshot), read-only.
  * Every request is therefore safe to repeat, which is what lets the client retry anything.
  */
 import {
@@ -34,7 +35,8 @@ const CAPS = new CapabilitySet([
   'volume.delete', 'volume.resize', 'volume.list',
   'snapshot.create', 'snapshot.delete', 'snapshot.revert',
   'clone.full',
-  'data.read', 'data.write', 'data.extents', 'data.dirty',
+  // Snapshots are readable through the data plane as `vol.suffix` (openSnapshot).
+  ['data.read', { snapshots: true }], 'data.write', 'data.extents', 'data.dirty',
 ]);
 
 /** The `flasharray` StorageBackend: volumes, snapshots and clones offloaded to the array, and its data path. */
@@ -175,7 +177,8 @@ export class FlashArrayBackend implements StorageBackend {
   async listSnapshots(volume: string): Promise<Snapshot[]> {
     if (!ARRAY_NAME.test(volume)) throw new NotFound(`volume ${this.ref(volume)} does not exist`, { ref: this.ref(volume) });
     const items = await this.client.all('volume-snapshots', ApiSnapshot, { source_names: volume, destroyed: false }, `list snapshots of ${volume}`, this.ref(volume));
-    return items.map((s) => this.toSnapshot(s));
+    // Oldest first, as the pool lists them (the array lists by name); a tie keeps the array's order.
+    return items.map((s, i) => ({ s, i })).sort((a, b) => a.s.created - b.s.created || a.i - b.i).map(({ s }) => this.toSnapshot(s));
   }
 
   async deleteSnapshot(volume: string, name: string): Promise<void> {
@@ -240,6 +243,24 @@ export class FlashArrayBackend implements StorageBackend {
     const v = await this.getVolume(name);
     if (!v) throw new NotFound(`volume ${this.ref(name)} does not exist`, { ref: this.ref(name) });
     return new FlashArrayDevice(this.client, name, this.ref(name), v.sizeBytes, mode);
+  }
+
+  /**
+   * `data.read` of a snapshot: its data as the data plane serves it (`vol.suffix`), read-only —
+   * every kind of write is refused (FailedPrecondition) without asking the array. A snapshot the
+   * array does not list, or lists destroyed (pending eradication), is NotFound.
+   */
+  async openSnapshot(volume: string, snapshot: string): Promise<BlockDevice> {
+    const ref = this.ref(volume);
+    const sref = `${ref}@${snapshot}`;
+    if (!ARRAY_NAME.test(volume)) throw new NotFound(`volume ${ref} does not exist`, { ref });
+    const full = `${volume}.${snapshot}`;
+    const s = ARRAY_NAME.test(snapshot) ? await this.findSnapshot(full) : undefined;
+    if (!s || s.destroyed) {
+      if (!(await this.getVolume(volume))) throw new NotFound(`volume ${ref} does not exist`, { ref });
+      throw new NotFound(`snapshot ${sref} does not exist`, { ref: sref, hint: `list them with \`offload snapshot list ${ref}\`` });
+    }
+    return new FlashArrayDevice(this.client, full, sref, s.provisioned, 'r', 'snapshot');
   }
 
   async close(): Promise<void> {
@@ -387,20 +408,30 @@ function mergeRanges(ranges: readonly { offset: number; length: number }[], star
   return out;
 }
 
-/** The data path of one volume over the mock's HTTP data plane. */
+/**
+ * The data path of one volume or snapshot over the mock's HTTP data plane. A read-only device (a
+ * volume opened "r", or a snapshot) refuses every kind of write, trim included, with
+ * FailedPrecondition and never asks the array; a read-write one has no `discard` (a trim changes
+ * nothing, on the source and on a mirror's target alike).
+ */
 class FlashArrayDevice implements BlockDevice {
   readonly blockSize = SECTOR;
+  /** Present on a read-only device only: a trim is refused like any write. */
+  readonly discard?: (offset: number, length: number) => Promise<void>;
   private closed = false;
 
-  constructor(private readonly client: FlashArrayClient, private readonly volume: string, private readonly ref: string,
-    readonly sizeBytes: number, private readonly mode: 'r' | 'rw') {}
+  /** `name` is the array's: a volume, or a snapshot `vol.suffix` (`kind: 'snapshot'`, always read-only). */
+  constructor(private readonly client: FlashArrayClient, private readonly name: string, private readonly ref: string,
+    readonly sizeBytes: number, private readonly mode: 'r' | 'rw', private readonly kind: 'volume' | 'snapshot' = 'volume') {
+    if (mode === 'r') this.discard = async (offset, length) => this.check(offset, length, true);
+  }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.check(offset, length, false);
     const out = Buffer.alloc(length);
     for (let done = 0; done < length; done += IO_SPLIT) {
       const n = Math.min(IO_SPLIT, length - done);
-      (await this.client.readData(this.volume, offset + done, n)).copy(out, done);
+      (await this.client.readData(this.name, offset + done, n)).copy(out, done);
     }
     return out;
   }
@@ -408,19 +439,19 @@ class FlashArrayDevice implements BlockDevice {
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.check(offset, data.length, true);
     for (let done = 0; done < data.length; done += IO_SPLIT) {
-      await this.client.writeData(this.volume, offset + done, data.subarray(done, Math.min(data.length, done + IO_SPLIT)));
+      await this.client.writeData(this.name, offset + done, data.subarray(done, Math.min(data.length, done + IO_SPLIT)));
     }
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
-    await this.client.zeroData(this.volume, offset, length);
+    await this.client.zeroData(this.name, offset, length);
   }
 
   async extents(offset = 0, length = this.sizeBytes - offset): Promise<Extent[]> {
     this.check(offset, length, false);
     if (length === 0) return [];
-    return (await this.client.extents(this.volume, offset, length)).extents;
+    return (await this.client.extents(this.name, offset, length)).extents;
   }
 
   async flush(): Promise<void> {
@@ -433,10 +464,14 @@ class FlashArrayDevice implements BlockDevice {
   }
 
   private check(offset: number, length: number, write: boolean): void {
-    if (this.closed) throw new FailedPrecondition(`volume ${this.ref} is closed`, { ref: this.ref });
-    if (write && this.mode !== 'rw') throw new FailedPrecondition(`volume ${this.ref} was opened read-only`, { ref: this.ref, hint: 'open it with mode "rw" to write' });
+    const ref = this.ref;
+    if (this.closed) throw new FailedPrecondition(`${this.kind} ${ref} is closed`, { ref });
+    if (write && this.kind === 'snapshot') {
+      throw new FailedPrecondition(`snapshot ${ref} is read-only`, { ref, hint: 'copy or clone it to a volume to change its data' });
+    }
+    if (write && this.mode !== 'rw') throw new FailedPrecondition(`volume ${ref} was opened read-only`, { ref, hint: 'open it with mode "rw" to write' });
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.sizeBytes) {
-      throw new OutOfRange(`range ${offset}+${length} is outside volume ${this.ref} (${this.sizeBytes} bytes)`, { ref: this.ref });
+      throw new OutOfRange(`range ${offset}+${length} is outside ${this.kind} ${ref} (${this.sizeBytes} bytes)`, { ref });
     }
   }
 }

@@ -339,6 +339,7 @@ export class FlashArrayClient {
     if (apiMessage.includes(Match.alreadyExists)) return new AlreadyExists(message, { ...d, hint: 'choose another name or delete the existing one' });
     if (apiMessage.includes(Match.doesNotExist) || apiMessage.includes(Match.noSuch)) return new NotFound(message, d);
     if (apiMessage.includes(Match.destroyed)) return new FailedPrecondition(message, { ...d, hint: 'it is pending eradication on the array' });
+    if (apiMessage.includes(Match.readOnly)) return new FailedPrecondition(message, { ...d, hint: 'a snapshot\'s data can only be read; copy it to a volume to write' });
     if (apiMessage.includes(Match.truncation)) return new OutOfRange(message, { ...d, hint: 'volumes can only grow' });
     if (apiMessage.includes(Match.continuation)) return new InvalidArgument(message, { ...d, hint: 'the page token is invalid or expired; list again from the start' });
     if (a.status === 403) return new PermissionDenied(message, { ...d, hint: 'the API token\'s user may not do this' });

@@ -6,14 +6,15 @@
  * — code "1", including after a retried request whose first attempt did happen — is looked up and
  * returned when it matches); deleting what is gone succeeds; deleting a volume with FlexClone
  * children or a snapshot backing a clone is FailedPrecondition and changes nothing; growing is
- * allowed, shrinking is OutOfRange. Revert is ONTAP's volume restore from a snapshot.
+ * allowed, shrinking is OutOfRange. Revert is ONTAP's volume restore from a snapshot. A
+ * snapshot's data is read (openSnapshot) through the data plane, read-only.
  */
 import {
   AlreadyExists, BackendUnavailable, CapabilitySet, isOffloadError, NotFound, OutOfRange, Unsupported, InvalidArgument,
   type BlockDevice, type ChangedExtents, type ChangedExtentsRequest, type CreateVolumeRequest, type JobTask, type Logger,
   type Page, type PageRequest, type Snapshot, type StorageBackend, type StreamOptions, type Volume,
 } from '../../core/index.js';
-import { BlockDiffCollection, Snapshot as ApiSnapshot, Volume as ApiVolume, type Volume as ApiVolumeT } from './api/schemas.js';
+import { BlockDiffCollection, ExtentList, Snapshot as ApiSnapshot, Volume as ApiVolume, type Volume as ApiVolumeT } from './api/schemas.js';
 import { OntapClient, type MutationOutcome } from './client.js';
 import type { OntapConfig } from './config.js';
 import { SplitTask } from './split-task.js';
@@ -24,6 +25,14 @@ const SNAPSHOT_FIELDS = 'create_time,logical_size';
 const VOLUMES = '/api/storage/volumes';
 /** The volume comment records the owning principal: `offload:owner=<principal>`. */
 const OWNER_PREFIX = 'offload:owner=';
+
+const CAPS = new CapabilitySet([
+  'volume.create', 'volume.delete', 'volume.resize', 'volume.list',
+  'snapshot.create', 'snapshot.delete', 'snapshot.revert',
+  'clone.linked', 'chain.stream',
+  // Snapshots are readable through the data plane (`?snapshot.uuid=`): openSnapshot.
+  ['data.read', { snapshots: true }], 'data.write', 'data.extents', 'data.dirty',
+]);
 
 /** The `ontap` StorageBackend: volumes, snapshots, FlexClones and clone split offloaded to the NAS, and its data path. */
 export class OntapBackend implements StorageBackend {
@@ -42,12 +51,7 @@ export class OntapBackend implements StorageBackend {
   }
 
   async capabilities(): Promise<CapabilitySet> {
-    return CapabilitySet.of(
-      'volume.create', 'volume.delete', 'volume.resize', 'volume.list',
-      'snapshot.create', 'snapshot.delete', 'snapshot.revert',
-      'clone.linked', 'chain.stream',
-      'data.read', 'data.write', 'data.extents', 'data.dirty',
-    );
+    return CAPS;
   }
 
   private ref(volume: string, snapshot?: string): string {
@@ -253,7 +257,12 @@ export class OntapBackend implements StorageBackend {
       ref: this.ref(volume),
       query: { fields: SNAPSHOT_FIELDS },
     });
-    return all.map((s) => this.toSnapshot(volume, s, v.size ?? 0));
+    // Oldest first, as the pool lists them (the appliance pages its collections by uuid, so its
+    // order says nothing about time); a tie keeps the appliance's order.
+    const time = (s: ApiSnapshot) => (s.create_time ? Date.parse(s.create_time) : NaN);
+    const sorted = all.map((s, i) => ({ s, i, t: time(s) }))
+      .sort((a, b) => (Number.isNaN(a.t) || Number.isNaN(b.t) || a.t === b.t ? a.i - b.i : a.t - b.t));
+    return sorted.map(({ s }) => this.toSnapshot(volume, s, v.size ?? 0));
   }
 
   async deleteSnapshot(volume: string, name: string): Promise<void> {
@@ -360,6 +369,25 @@ export class OntapBackend implements StorageBackend {
     const ref = this.ref(name);
     const v = await this.requireVolume(name, `open volume ${ref}`);
     return new OntapVolumeDevice(this.client, v.uuid, v.size ?? 0, mode, ref);
+  }
+
+  /**
+   * `data.read` of a snapshot: its data through the data plane (`?snapshot.uuid=`, the stand-in
+   * for the volume's `.snapshot` directory over NFS), read-only. The snapshot is named by uuid
+   * from here on, so one deleted and taken again under the same name is never read in its place.
+   */
+  async openSnapshot(volume: string, snapshot: string): Promise<BlockDevice> {
+    const ref = this.ref(volume, snapshot);
+    const what = `open snapshot ${ref}`;
+    const v = await this.requireVolume(volume, what);
+    const s = await this.findSnapshot(v.uuid, volume, snapshot);
+    if (!s) throw new NotFound(`${what}: snapshot ${ref} does not exist`, { ref, hint: `list snapshots with \`offload snapshot list ${this.ref(volume)}\`` });
+    // The size the volume had when the snapshot was taken; an appliance that does not list it
+    // tells it through the data plane.
+    const size = s.logical_size ?? (await this.client.request('GET', `/data/volumes/${v.uuid}/extents`, {
+      what: `${what}: its size`, ref, query: { 'snapshot.uuid': s.uuid, offset: 0, length: 0 }, schema: ExtentList,
+    })).data.size;
+    return new OntapVolumeDevice(this.client, v.uuid, size, 'r', ref, s.uuid);
   }
 }
 

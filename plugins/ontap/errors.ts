@@ -40,6 +40,8 @@ export function mapApiError(f: ApiFailure): OffloadError {
       return new FailedPrecondition(said, { ...d, hint: 'a FlexClone depends on this snapshot: delete the clone or split it with `offload stream` first' });
     case OntapCode.NOT_A_CLONE:
       return new FailedPrecondition(said, { ...d, hint: 'only a linked clone can be made independent' });
+    case OntapCode.READ_ONLY:
+      return new FailedPrecondition(said, { ...d, hint: 'a snapshot\'s data can only be read; clone it to a volume to write' });
     case OntapCode.JOB_CANCELLED:
       return new Cancelled(said, d);
     case OntapCode.INVALID_INPUT:

@@ -27,6 +27,8 @@ export const Messages = {
   diffBaseLineage: 'The base must be a snapshot of the same volume.',
   /** Diff: `base_name` was taken after the compared snapshot. */
   diffBaseNewer: 'The base snapshot is newer than the compared snapshot.',
+  /** Data plane: a write (`PUT`, `zeroes`) to a snapshot `vol.suffix`, whose data can only be read. */
+  snapshotReadOnly: 'Snapshot is read-only.',
 } as const;
 
 /** Substrings a client classifies errors by (as Cinder's Pure driver does). */
@@ -37,6 +39,7 @@ export const Match = {
   destroyed: 'has been destroyed',
   truncation: 'truncation not permitted',
   continuation: 'continuation token',
+  readOnly: 'is read-only',
 } as const;
 
 /** Names the array accepts: 1–63 of letters, digits, `_` and `-`, starting with a letter or digit. */

@@ -313,11 +313,12 @@ export class ArrayModel {
     return v;
   }
 
-  /** Data-plane target: a live volume; snapshots too when only reading. */
+  /** Data-plane target: a live volume; snapshots too when only reading (a write to one is refused). */
   private dataObject(name: string, forWrite: boolean): ObjectRecord {
-    const s = forWrite ? undefined : this.snapshots.get(name);
+    const s = this.snapshots.get(name);
     if (s) {
       if (s.destroyedAt !== null) throw new ApiFault(400, Messages.snapshotDestroyed, name);
+      if (forWrite) throw new ApiFault(400, Messages.snapshotReadOnly, name);
       return s;
     }
     return this.liveVolume(name);

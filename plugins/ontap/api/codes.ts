@@ -24,5 +24,7 @@ export const OntapCode = {
   NOT_AUTHORIZED: '6691623',
   /** Mock: the volume is not a FlexClone (split requested on a plain volume). */
   NOT_A_CLONE: '917888',
+  /** Mock: a data-plane write to a snapshot's data, which is read-only. */
+  READ_ONLY: '917905',
 } as const;
 export type OntapCode = (typeof OntapCode)[keyof typeof OntapCode];

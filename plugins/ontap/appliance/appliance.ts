@@ -319,8 +319,9 @@ export class OntapAppliance {
 
   // ---- data plane ----------------------------------------------------------------------------
 
-  read(v: VolumeRecord, offset: number, length: number): Buffer {
-    return this.store.read(v.map, offset, length);
+  /** Read a volume's data, or a snapshot's (its frozen map). */
+  read(o: VolumeRecord | SnapshotRecord, offset: number, length: number): Buffer {
+    return this.store.read(o.map, offset, length);
   }
 
   write(v: VolumeRecord, offset: number, data: Uint8Array): void {
@@ -328,8 +329,8 @@ export class OntapAppliance {
     this.save();
   }
 
-  extents(v: VolumeRecord, offset: number, length: number): MapExtent[] {
-    return this.store.extents(v.map, offset, length);
+  extents(o: VolumeRecord | SnapshotRecord, offset: number, length: number): MapExtent[] {
+    return this.store.extents(o.map, offset, length);
   }
 
   /**

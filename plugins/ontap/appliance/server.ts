@@ -2,7 +2,8 @@
  * The ONTAP-style mock appliance as a real `node:http` server: the REST API under `/api`
  * (HTTP Basic auth on every request) with a block-level stand-in for SnapDiff
  * (`GET /api/storage/volumes/{uuid}/block-diff`, README.md), the data plane under `/data` (a
- * documented stand-in for NFS access to a volume's disk image), and the fault rules' admin
+ * documented stand-in for NFS access to a volume's disk image, and read-only to a snapshot's with
+ * `?snapshot.name=` or `?snapshot.uuid=`), and the fault rules' admin
  * endpoint `/_admin/faults`
  * (the appliance kit's grammar, with this appliance's own actions from faults.ts).
  */
@@ -148,23 +149,30 @@ export async function startOntapMock(opts: OntapMockOptions = {}): Promise<Ontap
       }
     }
 
-    // Data plane: /data/volumes/{uuid-or-name}[/extents]
+    // Data plane: /data/volumes/{uuid-or-name}[/extents], a snapshot's data with
+    // ?snapshot.name= or ?snapshot.uuid= (read-only, as a volume's .snapshot directory over NFS).
     if (seg[0] === 'data' && seg[1] === 'volumes' && seg[2] !== undefined) {
       const v = appliance.volumeByUuidOrName(decodeURIComponent(seg[2]), q.get('svm') ?? undefined);
+      const snap = snapshotParam(v, q, 'snapshot');
+      const o = snap ?? v;
+      const what = snap ? `snapshot "${snap.name}" of volume "${v.name}"` : 'the volume';
       if (seg[3] === 'extents' && seg.length === 4 && method === 'GET') {
         const offset = intParam(q, 'offset', 0);
-        const length = intParam(q, 'length', Math.max(0, v.size - offset));
-        if (offset > v.size) throw new ApiError(416, OntapCode.INVALID_INPUT, `offset ${offset} is beyond the volume size ${v.size}`, 'offset');
-        return json(200, { size: v.size, extents: appliance.extents(v, offset, Math.min(length, v.size - offset)) });
+        const length = intParam(q, 'length', Math.max(0, o.size - offset));
+        if (offset > o.size) throw new ApiError(416, OntapCode.INVALID_INPUT, `offset ${offset} is beyond the size of ${what} (${o.size})`, 'offset');
+        return json(200, { size: o.size, extents: appliance.extents(o, offset, Math.min(length, o.size - offset)) });
       }
       if (seg.length === 3 && method === 'GET') {
-        const range = parseRange(req.headers.range, v.size);
-        if (!range) return json(200, appliance.read(v, 0, v.size));
+        const range = parseRange(req.headers.range, o.size);
+        if (!range) return json(200, appliance.read(o, 0, o.size));
         return {
           status: 206,
-          headers: { 'content-range': `bytes ${range.start}-${range.end}/${v.size}` },
-          body: appliance.read(v, range.start, range.end - range.start + 1),
+          headers: { 'content-range': `bytes ${range.start}-${range.end}/${o.size}` },
+          body: appliance.read(o, range.start, range.end - range.start + 1),
         };
+      }
+      if (snap && seg.length === 3 && method === 'PUT') {
+        throw new ApiError(409, OntapCode.READ_ONLY, `${what} is read-only`, q.get('snapshot.name') !== null ? 'snapshot.name' : 'snapshot.uuid');
       }
       if (seg.length === 3 && method === 'PUT') {
         const start = parseContentRange(req.headers['content-range'], body.length);

@@ -253,3 +253,16 @@ describe('paging', () => {
     expect((await failure(be.listVolumes({ token: otherSvm }))).code).toBe('InvalidArgument');
   });
 });
+
+describe('a snapshot\'s data path', () => {
+  it('openSnapshot: a snapshot listed without logical_size takes its size from the data plane, and is read by its uuid', async () => {
+    lookups('v', [vol('v', 2 * MiB)]);
+    api().get(`${VOLS}/u-v/snapshots`).query((q) => q.name === 's1').reply(200, coll([{ uuid: 'snap-1', name: 's1' }]));
+    api().get('/data/volumes/u-v/extents').query({ 'snapshot.uuid': 'snap-1', offset: '0', length: '0' }).reply(200, { size: MiB, extents: [] });
+    api().get('/data/volumes/u-v').query({ 'snapshot.uuid': 'snap-1' }).matchHeader('range', 'bytes=4-7').reply(206, Buffer.from('abcd'));
+    const snap = await makeBackend(BASE).openSnapshot('v', 's1');
+    expect(snap.sizeBytes).toBe(MiB);
+    expect(Buffer.from(await snap.read(4, 4)).toString()).toBe('abcd');
+    expect((await failure(snap.read(MiB - 1, 2))).code).toBe('OutOfRange');
+  });
+});
