@@ -16,9 +16,10 @@ export async function withChangeBitmaps(s: BrokerState, ref: Ref, device: BlockD
   if (!b.capabilities.has('data.dirty') || !b.backend.changedExtents) return device;
   const text = `${ref.backend}/${ref.volume}`;
   const snaps = await call(b.backend, 'list snapshots of', text, () => b.backend.listSnapshots(ref.volume));
-  const at = isSnapshotRef(ref) ? snaps.findIndex((x) => x.name === ref.snapshot) : snaps.length;
-  const point = isSnapshotRef(ref) ? snaps[at] : undefined;
-  const earlier = snaps.slice(0, Math.max(0, at)).filter((x) => point?.createdAt === undefined || x.createdAt === undefined || x.createdAt <= point.createdAt);
+  // Earlier than the exported point by creation time (a backend lists in no promised order);
+  // without times, every other snapshot is offered and the backend refuses a later one per request.
+  const point = isSnapshotRef(ref) ? snaps.find((x) => x.name === ref.snapshot) : undefined;
+  const earlier = snaps.filter((x) => x !== point && (point === undefined || point.createdAt === undefined || x.createdAt === undefined || x.createdAt < point.createdAt));
   const own = device.dirtyBitmaps?.() ?? [];
   const names = earlier.map((x) => x.name).filter((n) => !own.includes(n));
   if (names.length === 0) return device;

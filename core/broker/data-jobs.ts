@@ -141,9 +141,6 @@ export class DataJobs {
     }
     if (opts.live !== undefined && typeof opts.live !== 'boolean') throw new InvalidArgument(`live is true or false, got ${String(opts.live)}`);
     const plan = planOrRefuse(this.s, { op: 'copy', source, target }, `copy ${source} to ${target}`, source);
-    if (opts.live && opts.since !== undefined) {
-      throw new InvalidArgument('--since applies to a copy that is not live', { hint: 'copy the changes first (`copy SRC DST --since SNAP`), then start the live copy' });
-    }
     if (opts.live) return new LiveCopies(this.s, this.a).start([{ source, target }], opts, plan);
     if (opts.mode !== undefined) throw new InvalidArgument('--mode applies to a live copy', { hint: 'add --live, or leave out --mode' });
     const src = parseRef(source);

@@ -8,20 +8,20 @@ import type { CopyOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import { LiveDevice } from '../live/live-device.js';
 import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams } from '../live/mirror-task.js';
-import { Busy, FailedPrecondition, InternalError, InvalidArgument, OutOfRange, toOffloadError } from '../model/errors.js';
+import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
 import { checkSpeed } from './operation.js';
-import { call, type BrokerState } from './state.js';
+import { call, sinceName, type BrokerState } from './state.js';
 
 /** The live copies of one principal's broker view. */
 export class LiveCopies {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
-  async start(pairs: { source: string; target: string }[], opts: CopyOptions, plan: Plan): Promise<Job> {
+  async start(pairs: { source: string; target: string; since?: string }[], opts: CopyOptions, plan: Plan): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);
     if (opts.verify) throw new InvalidArgument('--verify compares a copy of a volume at rest; a live copy\'s source changes while it runs', { hint: 'leave out --verify' });
@@ -29,7 +29,7 @@ export class LiveCopies {
     const seen = new Set<string>();
     const refs = pairs.map((p) => {
       if (p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.target !== 'string') throw new InvalidArgument('a live copy pair is { source, target }');
-      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)) };
+      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since };
       for (const ref of [pair.source, pair.target]) {
         if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in the live copy: each volume is one pair's source or target`, { ref });
         seen.add(ref);
@@ -37,7 +37,7 @@ export class LiveCopies {
       return pair;
     });
     const prepared: Prepared[] = [];
-    for (const p of refs) prepared.push(await this.prepare(p.source, p.target));
+    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since));
     const params: MirrorParams = { mode, pairs: prepared.map((p) => p.pair) };
     const s = this.s;
     let jobId: string | undefined;
@@ -59,7 +59,7 @@ export class LiveCopies {
   }
 
   /** Check one pair and make its part of the job: the source's export and device, the target (made by the job if missing). */
-  private async prepare(source: string, target: string): Promise<Prepared> {
+  private async prepare(source: string, target: string, since?: unknown): Promise<Prepared> {
     const src = parseVolumeRef(source);
     const dst = parseVolumeRef(target);
     await this.a.assertOwns(src);
@@ -86,7 +86,14 @@ export class LiveCopies {
       const owner = this.a.isAdmin ? (await this.s.store.getOwner(source)) ?? this.a.principal.id : this.a.ownerFor(undefined);
       create = { sizeBytes: live.sizeBytes, owner: await this.a.targetOwner(dst, d.backend, owner, false) };
     }
-    const pair: MirrorPair = { source, target, ...(create ? { create } : {}) };
+    let resumeFrom: string | undefined;
+    if (since !== undefined) {
+      if (create) throw new NotFound(`${target} does not exist: a live copy resumed --since a snapshot copies into the target it left`, { ref: target });
+      resumeFrom = sinceName(src, since);
+      // Refused now (no snapshot, a backend that cannot tell) rather than in the job.
+      await this.s.changes(src, { since: resumeFrom, offset: 0, length: 1 });
+    }
+    const pair: MirrorPair = { source, target, ...(create ? { create } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}) };
     const name = exp.name;
     const exportOwner = served.owner;
     const s = this.s;
@@ -130,6 +137,18 @@ export class LiveCopies {
           };
         },
         removeTarget: () => s.cloneDeps().remove(target),
+        changesSince: async (since) => (await s.changes(src, { since })).extents,
+        markPoint: async (id) => {
+          const b = s.entry(src.backend);
+          if (!b.capabilities.hasAll('snapshot.create', 'data.dirty')) return undefined;
+          const name = `live-${id.slice(id.lastIndexOf('-') + 1)}`;
+          await call(b.backend, 'snapshot', `${source}@${name}`, () => b.backend.createSnapshot(src.volume, name));
+          return name;
+        },
+        dropSnapshot: async (name) => {
+          const b = s.entry(src.backend);
+          await call(b.backend, 'delete', `${source}@${name}`, () => b.backend.deleteSnapshot(src.volume, name));
+        },
       }),
     };
   }

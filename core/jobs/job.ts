@@ -46,6 +46,11 @@ export interface JobInfo {
    * the source until the switch-over is recorded, the target from then on.
    */
   authoritative?: { side: 'source' | 'target'; ref: string; refs?: string[] };
+  /**
+   * A live copy cancelled after ready: per pair, the snapshot of the source that its target
+   * equals (null where none could be taken); `copy --live SRC DST --since NAME` resumes from it.
+   */
+  resumeSince?: (string | null)[];
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

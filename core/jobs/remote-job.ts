@@ -20,6 +20,8 @@ export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
     const refs = (pairs as Record<string, unknown>[]).map((p) => String(p[side]));
     out.authoritative = { side, ref: refs[0]!, ...(refs.length > 1 ? { refs } : {}) };
   }
+  const points = (r.checkpoint as { points?: unknown } | undefined)?.points;
+  if (Array.isArray(points) && points.some((p) => typeof p === 'string')) out.resumeSince = points.map((p) => (typeof p === 'string' ? p : null));
   return out;
 }
 

@@ -1,4 +1,4 @@
-import type { BlockDevice } from '../backend/block-device.js';
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { Unresumable } from '../jobs/job-manager.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import type { JobRecord } from '../state/records.js';
@@ -11,6 +11,8 @@ export interface MirrorPair {
   target: string;
   /** The target did not exist: the job creates it (and deletes it again if it ends before ready). */
   create?: { sizeBytes: number; owner: string };
+  /** The target equals the source's snapshot of this name already: the first pass copies only what changed since. */
+  since?: string;
 }
 
 export interface MirrorParams {
@@ -22,6 +24,11 @@ export interface MirrorParams {
 /** Which side holds the data, as the job's saved state says: written before the exports switch (one record for every pair). */
 export interface MirrorState {
   authoritative: 'source' | 'target';
+  /**
+   * Cancelled after ready: per pair, the snapshot of the source that the target equals (taken
+   * while the clients were held), from which `copy --live --since` resumes; null where none could be taken.
+   */
+  points?: (string | null)[];
 }
 
 /** What an export needs to serve its target, taken before the switch-over. */
@@ -46,6 +53,15 @@ export interface MirrorPairDeps {
   prepareSwitch(jobId: string): Promise<Switch>;
   /** The job ended before ready having created the target: delete it. */
   removeTarget(): Promise<void>;
+  /** What changed in the source since its snapshot `since` (a resumed copy's first pass). */
+  changesSince(since: string): Promise<ByteRange[]>;
+  /**
+   * With the clients held and the target in sync: snapshot the source, naming the point the
+   * target equals (undefined: its backend cannot say later what changed since, so no resume).
+   */
+  markPoint(jobId: string): Promise<string | undefined>;
+  /** A snapshot of the source this job no longer needs (the point it resumed from). */
+  dropSnapshot(name: string): Promise<void>;
 }
 
 export interface MirrorDeps {
@@ -91,6 +107,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
             },
             // The speed limit, pause and cancel, between copies.
             throttle: (bytes) => ctx.checkpoint(bytes),
+            ...(params.pairs[i]!.since !== undefined ? { initial: () => deps.pairs[i]!.changesSince(params.pairs[i]!.since!) } : {}),
           }));
         }
         for (const m of mirrors) await m.start();
@@ -115,8 +132,9 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         }
         pivoted = true;
         for (let i = 0; i < n; i++) await switches[i]!.done(old[i]!);
+        await dropResumedFrom(params, deps);
       } catch (e) {
-        if (!pivoted) for (const m of mirrors) await m.stop({ consistent: m.ready }).catch(() => undefined);
+        if (!pivoted) await stopAll(params, deps, mirrors, ctx);
         throw e;
       } finally {
         for (const d of deps.pairs) d.detach();
@@ -129,6 +147,32 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
       }
     },
   };
+}
+
+/**
+ * Stop every mirror. Those that were ready leave their target a point-in-time copy and, where the
+ * backend can, a snapshot of the source at that point, recorded for a resume.
+ */
+async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext): Promise<void> {
+  const points: (string | null)[] = params.pairs.map(() => null);
+  await Promise.all(mirrors.map(async (m, i) => {
+    const atPoint = async () => {
+      points[i] = (await deps.pairs[i]!.markPoint(ctx.jobId).catch(() => undefined)) ?? null;
+    };
+    await m.stop({ consistent: m.ready, atPoint }).catch(() => undefined);
+  }));
+  if (points.some((p) => p !== null)) {
+    await Promise.resolve(ctx.saveState({ authoritative: 'source', points } satisfies MirrorState)).catch(() => undefined);
+    await dropResumedFrom(params, deps);
+  }
+}
+
+/** The points this job resumed from have served: newer ones (or the switch-over) replace them. */
+async function dropResumedFrom(params: MirrorParams, deps: MirrorDeps): Promise<void> {
+  for (let i = 0; i < params.pairs.length; i++) {
+    const since = params.pairs[i]!.since;
+    if (since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
+  }
 }
 
 /** `p`, or the signal's reason once it aborts. */

@@ -19,6 +19,11 @@ export interface MirrorOptions {
   onProgress?(p: { copied: number; dirty: number }): void;
   /** The next copy waits for this (a job's speed limit). */
   throttle?(bytes: number): Promise<void>;
+  /**
+   * What the first pass copies (default: what the source allocates). A resumed copy whose target
+   * already equals a snapshot of the source gives what changed since that snapshot.
+   */
+  initial?(): Promise<ByteRange[]>;
 }
 
 /**
@@ -84,7 +89,8 @@ export class Mirror {
       this.source.setSyncTarget({ device: this.target, locks: this.locks, onError: () => this.poke() });
     }
     try {
-      for (const e of await this.source.extents(0, this.source.sizeBytes)) this.map.mark(e.offset, e.length);
+      const first = this.o.initial ? await this.o.initial() : await this.source.extents(0, this.source.sizeBytes);
+      for (const e of first) this.map.mark(e.offset, e.length);
     } catch (e) {
       this.release();
       throw e;
@@ -134,11 +140,16 @@ export class Mirror {
 
   /**
    * Stop copying. With `consistent` (a cancel after ready), first bring the target in sync with
-   * the source as it is at this moment (clients held meanwhile): it is then a point-in-time copy.
+   * the source as it is at this moment (clients held meanwhile): it is then a point-in-time copy,
+   * and `atPoint` runs while the clients are still held (a snapshot of the source then names the
+   * point the target equals).
    */
-  async stop(opts: { consistent?: boolean } = {}): Promise<void> {
+  async stop(opts: { consistent?: boolean; atPoint?: () => Promise<void> } = {}): Promise<void> {
     if (opts.consistent && this.isReady && !this.stopped) {
-      await this.source.paused(() => this.finish());
+      await this.source.paused(async () => {
+        await this.finish();
+        await opts.atPoint?.();
+      });
       return;
     }
     this.stopped = true;

@@ -115,6 +115,7 @@ export const jobInfoSchema = z.object({
   runner: z.object({ host: z.string(), pid: z.number(), seenAt: z.string() }).optional(),
   orphaned: z.boolean().optional(), plan: z.unknown().optional(), params: z.record(z.string(), z.unknown()),
   authoritative: z.object({ side: z.enum(['source', 'target']), ref: z.string(), refs: z.array(z.string()).optional() }).optional(),
+  resumeSince: z.array(z.string().nullable()).optional(),
 });
 export const jobWaitSchema = z.object({ concluded: z.boolean(), job: jobInfoSchema });
 /** startClone: a native clone is done (`volume`); one through the host is a job. */

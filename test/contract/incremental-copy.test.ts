@@ -96,7 +96,7 @@ describe('incremental copies between every pair of backends equal full copies', 
     expect(want.equals(await read('san1/inc-snap-dst'))).toBe(true);
   });
 
-  it('refuses with the reason, before a job: no such snapshot, another volume\'s snapshot, a source older than since, live', async () => {
+  it('refuses with the reason, before a job: no such snapshot, another volume\'s snapshot, a source older than since, a live resume of a source not exported', async () => {
     const src = 'local/inc-bad';
     await broker.volumes.create(src, { sizeBytes: SIZE });
     await broker.volumes.create('local/inc-bad-dst', { sizeBytes: SIZE });
@@ -106,7 +106,8 @@ describe('incremental copies between every pair of backends equal full copies', 
     await expect(broker.copy(src, 'local/inc-bad-dst', { since: 'nope' })).rejects.toMatchObject({ code: 'NotFound' });
     await expect(broker.copy(src, 'local/inc-bad-dst', { since: 'local/other@a' })).rejects.toMatchObject({ code: 'InvalidArgument' });
     await expect(broker.copy(`${src}@a`, 'local/inc-bad-dst', { since: 'b' })).rejects.toMatchObject({ code: 'InvalidArgument' });
-    await expect(broker.copy(src, 'local/inc-bad-dst', { since: 'a', live: true })).rejects.toMatchObject({ code: 'InvalidArgument' });
+    // Live and --since resumes a cancelled live copy: its source must be exported here.
+    await expect(broker.copy(src, 'local/inc-bad-dst', { since: 'a', live: true })).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringContaining('not exported') });
     expect((await broker.jobs.list({ all: true })).length).toBe(before);
   });
 });

@@ -223,6 +223,45 @@ describe('live copy through the broker', () => {
     expect((await readAll(src.ref)).equals(writer.model)).toBe(true);
   });
 
+  for (const [from, to] of [['local', 'san1'], ['san1', 'local']] as const) {
+    it(`${from} → ${to}: cancelled after ready, it resumes with only what changed since (the source's snapshot at the cancel), and completes`, async () => {
+      const src = await sourceVolume(from);
+      const dst = `${to}/live-dst-${++n}`;
+      const exp = await broker.exports.start(src.ref, { listen: { port: 0 } });
+      const writer = await NbdWriter.start({ port: portOf(exp), name: exp.name, connections: 2, span: 2 * MiB }, src.bytes);
+      const first = await broker.copy(src.ref, dst, { live: true });
+      await untilStatus(first, 'ready');
+      await broker.jobs.cancel(first.id);
+      const cancelled = await first.wait();
+      expect(cancelled.error?.code).toBe('Cancelled');
+      const since = cancelled.resumeSince?.[0];
+      expect(since).toMatch(/^live-[0-9a-f]+$/);
+      expect((await broker.snapshots.list(src.ref)).map((x) => x.name)).toContain(since);
+      // The guest goes on writing (within its first 2 MiB); then the copy resumes from the point.
+      const ackedAtCancel = writer.acked;
+      for (let i = 0; i < 300 && writer.acked < ackedAtCancel + 50; i++) await new Promise((r) => setTimeout(r, 10));
+      await writer.stop();
+      const changed = (await broker.volumes.changes(src.ref, { since: since! })).extents.reduce((x, e) => x + e.length, 0);
+      expect(changed).toBeLessThanOrEqual(2 * MiB + 128 * 1024);
+      const second = await broker.copy(src.ref, dst, { live: true, since: since! });
+      await untilStatus(second, 'ready');
+      // The first pass moved the changes, not the volume's 8 MiB of data again (a quiet source: nothing else).
+      expect(second.info().progress.current).toBeLessThanOrEqual(changed);
+      // A guest writes again while the resumed copy is ready, and across the switch-over.
+      const again = await NbdWriter.start({ port: portOf(exp), name: exp.name, connections: 2 }, writer.model);
+      for (let i = 0; i < 300 && again.acked < 50; i++) await new Promise((r) => setTimeout(r, 10));
+      await broker.jobs.complete(second.id);
+      const done = await second.wait();
+      expect(done.error).toBeUndefined();
+      await again.stop();
+      expect((await broker.exports.list()).find((e) => e.name === exp.name)?.ref).toBe(dst);
+      expect((await readAll(dst)).equals(again.model)).toBe(true);
+      // The point it resumed from has served: it is gone.
+      expect((await broker.snapshots.list(src.ref)).map((x) => x.name)).not.toContain(since);
+      await exp.stop();
+    });
+  }
+
   it('refused clearly: a source nobody exports here, a read-only export, --verify, a bad mode, a target smaller than the source', async () => {
     const src = await sourceVolume('local');
     await expect(broker.copy(src.ref, `local/x-${++n}`, { live: true })).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringContaining('not exported read-write') });

@@ -23,6 +23,13 @@ function authoritative(j: JobInfo): string | undefined {
     : `${a.ref} (the source: no switch-over has been recorded${j.status === 'concluded' ? '' : ' yet'})`;
 }
 
+/** A live copy cancelled after ready: the command that resumes it with only the changes. */
+function resumeLine(j: JobInfo): string | undefined {
+  const pairs = (j.params.pairs as { source: string; target: string }[] | undefined) ?? [];
+  const parts = (j.resumeSince ?? []).flatMap((since, i) => (since && pairs[i] ? [`offload copy --live ${pairs[i]!.source} ${pairs[i]!.target} --since ${since}`] : []));
+  return parts.length > 0 ? parts.join('; ') : undefined;
+}
+
 function ago(iso: string): string {
   const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
   return s < 120 ? `${s} s ago` : s < 7200 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
@@ -44,7 +51,7 @@ export function registerJobsCommands(program: Command, ctx: CliContext): void {
     .description('show one job')
     .action(async (id: string) => {
       const info = (await (await ctx.broker()).jobs.get(id)).info();
-      ctx.print(info, () => Object.entries({ ...row(info), data: authoritative(info) }).filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${String(v)}`));
+      ctx.print(info, () => Object.entries({ ...row(info), data: authoritative(info), resume: resumeLine(info) }).filter(([, v]) => v !== undefined).map(([k, v]) => `${k}: ${String(v)}`));
     });
 
   const verb = (name: 'cancel' | 'pause' | 'resume' | 'complete' | 'dismiss', description: string) =>
