@@ -51,8 +51,9 @@ export interface BlockDevice {
   dirtyBitmaps?(): string[];
   /**
    * The dirty ranges of bitmap `name` within [offset, offset+length), in order, in whole units of
-   * the bitmap's granularity (clipped to the range). An unknown name is NotFound; a bitmap left
-   * inconsistent by a crash is FailedPrecondition (it is never served as if it were true).
+   * the bitmap's granularity (clipped to the range). An unknown name is NotFound. A bitmap left
+   * inconsistent by a crash is not offered; asked anyway, it answers the whole range dirty or
+   * FailedPrecondition — never an answer that may leave a write out.
    */
   dirtyExtents?(name: string, offset: number, length: number): Promise<ByteRange[]>;
   flush(): Promise<void>;

@@ -52,4 +52,28 @@ describe.skipIf(!HAVE.libnbd || !HAVE.qemu)('change bitmaps over NBD', () => {
       }
     });
   }
+
+  it('a pool volume whose image carries persistent bitmaps (qemu-img bitmap --add) offers them on a read-write export, marked by the writes it serves', async () => {
+    const vol = 'local/pbm';
+    await broker.volumes.create(vol, { sizeBytes: 8 * MiB });
+    const file = (broker.backend('local') as unknown as { chainFiles(v: string): string[] }).chainFiles('pbm')[0]!;
+    await ok('qemu-img', ['bitmap', '--add', file, 'b0']);
+    await ok('qemu-img', ['bitmap', '--add', '--disable', file, 'frozen']);
+    const exp = await broker.exports.start(vol, { name: 'pbm', listen: { port: 0 } });
+    try {
+      await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 5 1M 4k', '-c', 'write -P 6 5M 100k', exp.uri]);
+      const list = JSON.parse(await ok('nbdinfo', ['--json', '--content', exp.uri])) as { exports: { contexts: string[] }[] };
+      expect(list.exports[0]!.contexts).toEqual(expect.arrayContaining(['qemu:dirty-bitmap:b0', 'qemu:dirty-bitmap:frozen']));
+      const dirty = async (name: string) => (JSON.parse(await ok('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${name}`, exp.uri])) as { offset: number; length: number; type: number }[])
+        .filter((e) => e.type & 1).map((e) => [e.offset, e.length]);
+      expect(await dirty('b0')).toEqual([[MiB, 64 * 1024], [5 * MiB, 128 * 1024]]);
+      expect(await dirty('frozen')).toEqual([]);
+    } finally {
+      await exp.stop();
+    }
+    // Stored at close: qemu-img sees the same bits, the image checks clean.
+    const info = JSON.parse(await ok('qemu-img', ['info', '--output=json', file])) as { 'format-specific': { data: { bitmaps: { name: string; flags: string[] }[] } } };
+    expect(info['format-specific'].data.bitmaps.map((b) => [b.name, b.flags])).toEqual([['b0', ['auto']], ['frozen', []]]);
+    await ok('qemu-img', ['check', file]);
+  });
 });

@@ -213,6 +213,11 @@ export class Bitmaps implements BitmapOps, StateBitmaps {
       throw new FailedPrecondition(`${s.path}: Bitmaps are of different sizes (destination size is ${s.h.size}, source size is ${srcSize}) and can't be merged`, { ref: s.path });
     }
     const same = from.image.path === s.path;
+    // An inconsistent source is refused, as QEMU refuses it (merging "everything" would hide that).
+    const source = (await from.image.bitmaps.info()).find((x) => x.name === from.name);
+    if (source?.inconsistent) {
+      throw new FailedPrecondition(`${s.path}: Bitmap '${from.name}' is inconsistent and cannot be used`, { ref: s.path, hint: 'remove it and take a full copy' });
+    }
     // From another image: read its extents first (its own lock); from this one, inside ours.
     const ranges = same ? undefined : await from.image.bitmaps.dirtyExtents(from.name, 0, srcSize);
     await this.change(into, false, async (b) => {
@@ -228,7 +233,8 @@ export class Bitmaps implements BitmapOps, StateBitmaps {
     s.checkRange(offset, len);
     return s.lock.shared(async () => {
       const b = this.find(name);
-      this.usable(b);
+      // Never trusted: it may miss writes, so everything may have changed.
+      if (b.inconsistent) return len > 0 ? [{ offset, length: len }] : [];
       await this.bitsOf(b);
       return this.extentsLocked(b, offset, len);
     });

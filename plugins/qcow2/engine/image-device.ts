@@ -46,8 +46,10 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
   const blockSize = opts.blockSize ?? (await access(async (img) => img.clusterSize));
   const ref = opts.ref ?? (await access(async (img) => img.path));
   // The bitmaps' names, for NBD's qemu:dirty-bitmap contexts (dirtyBitmaps() answers at once):
-  // read now, and again with each dirtyExtents call.
-  let bitmapNames = await access(async (img) => (await img.bitmaps.info()).map((b) => b.name));
+  // read now, and again with each dirtyExtents call. An inconsistent one is not offered, as
+  // qemu-nbd refuses to export it.
+  const consistent = async (img: Image) => (await img.bitmaps.info()).filter((b) => !b.inconsistent).map((b) => b.name);
+  let bitmapNames = await access(consistent);
   let closed = false;
   const alive = () => {
     if (closed) throw new FailedPrecondition(`the device of ${ref} is closed`, { ref, hint: 'open it again' });
@@ -100,7 +102,7 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
     dirtyBitmaps: () => [...bitmapNames],
     dirtyExtents: (name, offset, length) => io(async (img) => {
       range(offset, length, 'dirty bitmap');
-      bitmapNames = (await img.bitmaps.info()).map((b) => b.name);
+      bitmapNames = await consistent(img);
       return img.bitmaps.dirtyExtents(name, offset, length);
     }),
     flush: async () => { alive(); if (opts.mode === 'rw') await io((img) => img.flush()); },

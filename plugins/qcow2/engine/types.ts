@@ -223,7 +223,10 @@ export interface BitmapOps {
   disable(name: string): Promise<void>;
   /** Add the dirty bits of `from` (of this or another image of the same size) to `into`. */
   merge(into: string, from: { image: Image; name: string }): Promise<void>;
-  /** The dirty ranges of a bitmap within a range, in whole granules clipped to it. */
+  /**
+   * The dirty ranges of a bitmap within a range, in whole granules clipped to it. An inconsistent
+   * bitmap answers the whole range: everything may have changed.
+   */
   dirtyExtents(name: string, offset?: number, length?: number): Promise<ByteRange[]>;
 }
 
