@@ -13,7 +13,7 @@ function normalize(r: Result, s: Setup): Result {
   const clean = (t: string) => t
     .split(s.dir).join('DIR')
     .replace(/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z/g, 'TIME')
-    .replace(/\b(stream|commit|clone|copy|export|import|op)-[0-9a-f]{8,}\b/g, 'ID')
+    .replace(/\b(stream|commit|clone|copy|export|import|backup|op)-[0-9a-f]{8,}\b/g, 'ID')
     .replace(/"pid": \d+/g, '"pid": 0').replace(/\bpid \d+/g, 'pid PID')
     .replace(/seen \d+ s ago/g, 'seen N s ago');
   return { code: r.code, out: clean(r.out), err: clean(r.err) };
@@ -88,6 +88,24 @@ describe('the CLI embedded and through a service', () => {
     await same(1, ['jobs', 'cancel', 'stream-000000000000']);
     await same(0, ['volume', 'delete', 'local/d']);
     await same(0, ['volume', 'delete', 'local/d']); // gone is fine
+  });
+
+  it('changed blocks: volume changes, copy --since, backup, backups, restore: same output, same exit codes', async () => {
+    await same(0, ['volume', 'create', 'local/cb', '32M']);
+    await same(0, ['snapshot', 'create', 'local/cb@s1']);
+    await same(0, ['copy', 'local/a', 'local/cb']); // a's data: the change
+    await same(0, ['volume', 'changes', 'local/cb', '--since', 's1']);
+    await same(0, ['--json', 'volume', 'changes', 'local/cb', '--since', 's1']);
+    await same(1, ['volume', 'changes', 'local/cb', '--since', 'nope']); // NotFound
+    await same(1, ['volume', 'changes', 'tick/x', '--since', 's1']); // a backend that cannot tell
+    await same(0, ['volume', 'create', 'local/cb2', '32M']);
+    await same(0, ['copy', 'local/cb', 'local/cb2', '--since', 's1']);
+    await same(0, ['backup', 'local/cb', '--to', 'local/cb-set']);
+    await same(0, ['backup', 'local/cb', '--to', 'local/cb-set']);
+    await same(0, ['--json', 'backups', 'local/cb-set']);
+    await same(0, ['restore', 'local/cb-set@b1', '--to', 'local/cb-back']);
+    await same(1, ['restore', 'local/cb-set@b9', '--to', 'local/cb-back']); // NotFound
+    await same(2, ['backup', 'local/cb']); // --to is required
   });
 
   it('a volume busy with a job: Busy naming it, and the job cancelled', async () => {
