@@ -5,9 +5,9 @@
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import type { Broker } from '../../core/index.js';
-import { MiB, restartFixture } from './pool-helpers.js';
+import { failedChecks, HAVE_QEMU_IMG, MiB, restartFixture, runAndKill } from './pool-helpers.js';
 
-const { open, cleanup } = restartFixture('offload-backup-restart-');
+const { open, cleanup, state, pool } = restartFixture('offload-backup-restart-');
 afterAll(cleanup);
 
 const SIZE = 32 * MiB;
@@ -77,5 +77,30 @@ describe('backup across a broker restart', () => {
     } finally {
       await b.close();
     }
+  });
+
+  it('kill -9 of the broker mid-point: the next broker resumes it from its checkpoint; the point restores right and every file checks clean', async () => {
+    let b = await open();
+    for (const v of ['local/back1', 'local/back2']) await b.volumes.delete(v);
+    for (const p of await b.backups.list('local/set')) await b.snapshots.delete(p.ref);
+    await b.volumes.delete('local/set');
+    await write(b, 'local/src', [[0, 20 * MiB, 7]]);
+    const want = await readAll(b, 'local/src');
+    await b.close();
+    const id = await runAndKill('backup', state, pool, 6 * MiB);
+    b = await open();
+    try {
+      const before = (await b.jobs.get(id)).info();
+      expect(before.progress.current).toBeGreaterThan(0); // resumed, not restarted from zero
+      expect(before.progress.current).toBeLessThan(before.progress.total);
+      const info = await b.jobs.wait(id);
+      expect(info.error).toBeUndefined();
+      const job = await b.backups.restore('local/set@b1', { to: 'local/back-k' });
+      expect((await job.wait()).error).toBeUndefined();
+      expect((await readAll(b, 'local/back-k')).equals(want)).toBe(true);
+    } finally {
+      await b.close();
+    }
+    if (HAVE_QEMU_IMG) expect(failedChecks(pool)).toEqual([]);
   });
 });

@@ -1,9 +1,10 @@
 /**
  * Child process for the broker-restart tests: opens a broker on an existing pool and state dir,
  * starts a rate-limited job, prints the job id, and runs until killed.
- *   node --import tsx job-child.ts stream|clone|export|import STATE_DIR POOL_DIR [FILE]
+ *   node --import tsx job-child.ts stream|clone|export|import|backup STATE_DIR POOL_DIR [FILE]
  * stream: local/kid; clone: local/src into a new local/dst through the host; export: local/src
- * into the qcow2 file FILE; import: the raw file FILE into local/dst. Checkpoints are
+ * into the qcow2 file FILE; import: the raw file FILE into local/dst; backup: local/src into the
+ * backup volume local/set. Checkpoints are
  * saved as the broker saves them (at most once a second): what a kill may cost.
  */
 import { createBroker, silentLogger } from '../../core/index.js';
@@ -20,6 +21,7 @@ const speed = 4 * 1024 * 1024;
 const job = kind === 'stream' ? await broker.stream('local/kid', { speed })
   : kind === 'export' ? await broker.volumes.exportTo('local/src', file!, { format: 'qcow2', speed })
     : kind === 'import' ? await broker.volumes.importFrom(file!, 'local/dst', { format: 'raw', speed })
+      : kind === 'backup' ? await broker.backups.start('local/src', { to: 'local/set', speed })
       : (await broker.startClone('local/src', 'local/dst', { mode: 'full', speed })).job!;
 process.stdout.write(`${job.id}\n`);
 try {

@@ -86,7 +86,7 @@ export function bytesReadByProcess(): number {
  * Run `test/pool/job-child.ts KIND STATE POOL [FILE]` (a broker with a rate-limited job), wait until
  * its job reports `atLeast` bytes done, then kill it with SIGKILL. Returns the job id.
  */
-export async function runAndKill(kind: 'stream' | 'clone' | 'export' | 'import', state: string, pool: string, atLeast: number, file?: string): Promise<string> {
+export async function runAndKill(kind: 'stream' | 'clone' | 'export' | 'import' | 'backup', state: string, pool: string, atLeast: number, file?: string): Promise<string> {
   const { child, id } = await startJobChild(kind, state, pool, atLeast, file);
   const exited = new Promise((r) => child.on('exit', r));
   child.kill('SIGKILL');
@@ -95,7 +95,7 @@ export async function runAndKill(kind: 'stream' | 'clone' | 'export' | 'import',
 }
 
 /** A job child as runAndKill starts it, running, with its job `atLeast` bytes along; its stdout after the id in `out()`. */
-export async function startJobChild(kind: 'stream' | 'clone' | 'export' | 'import', state: string, pool: string, atLeast: number, file?: string,
+export async function startJobChild(kind: 'stream' | 'clone' | 'export' | 'import' | 'backup', state: string, pool: string, atLeast: number, file?: string,
   env: NodeJS.ProcessEnv = {}): Promise<{ child: ReturnType<typeof spawn>; id: string; out(): string }> {
   const root = join(import.meta.dirname, '../..');
   const args = [join(root, 'test/pool/job-child.ts'), kind, state, pool, ...(file !== undefined ? [file] : [])];
