@@ -67,6 +67,18 @@ export class DirtyMap {
     return found;
   }
 
+  /** The dirty runs inside [offset, offset+length) (granule-aligned, clipped to the device's end). */
+  runsIn(offset: number, length: number): ByteRange[] {
+    const out: ByteRange[] = [];
+    const last = Math.min(this.granules, Math.ceil((offset + length) / this.granularity));
+    for (let g = this.find(Math.floor(offset / this.granularity), last); g >= 0; g = this.find(g, last)) {
+      const start = g;
+      while (g < last && this.has(g)) g++;
+      out.push({ offset: start * this.granularity, length: Math.min(g * this.granularity, this.sizeBytes) - start * this.granularity });
+    }
+    return out;
+  }
+
   /**
    * The first dirty run from the granule holding `from` on (wrapping to the start), at most
    * `maxBytes` long and granule-aligned (clipped to the device's end); undefined when nothing is dirty.

@@ -261,24 +261,27 @@ export class Mirror {
     if (!this.isReady) for (const w of this.readyWaiters.splice(0)) w.reject(e);
   }
 
-  /** Copy one range: under its lock (write-blocking writes wait), cleared before it is read. */
+  /**
+   * Copy one range: under its lock (write-blocking writes wait), only its granules that are still
+   * dirty (another worker may have copied part of it meanwhile), each run cleared before it is read.
+   */
   private async copy(r: ByteRange): Promise<void> {
     await this.locks.run(r.offset, r.length, async () => {
-      // Copied meanwhile by another worker (the cursor wrapped round), and not written since: nothing to do.
-      if (!this.map.isDirty(r.offset, r.length)) return;
-      // Cleared first: a write landing after this marks it again, and the range is copied again.
-      this.map.clear(r.offset, r.length);
-      const from = this.source.current;
-      try {
-        const data = await from.read(r.offset, r.length);
-        if (data.every((b) => b === 0) && this.target.writeZeroes) await this.target.writeZeroes(r.offset, r.length);
-        else await this.target.write(r.offset, data);
-      } catch (e) {
-        this.map.mark(r.offset, r.length);
-        throw e;
+      for (const run of this.map.runsIn(r.offset, r.length)) {
+        // Cleared first: a write landing after this marks it again, and the range is copied again.
+        this.map.clear(run.offset, run.length);
+        const from = this.source.current;
+        try {
+          const data = await from.read(run.offset, run.length);
+          if (data.every((b) => b === 0) && this.target.writeZeroes) await this.target.writeZeroes(run.offset, run.length);
+          else await this.target.write(run.offset, data);
+        } catch (e) {
+          this.map.mark(run.offset, run.length);
+          throw e;
+        }
+        this.copied += run.length;
+        this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
       }
-      this.copied += r.length;
-      this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
     });
   }
 }

@@ -108,6 +108,10 @@ describe('DirtyMap', () => {
     m.mark(64 * KiB, 1); // already dirty: no news
     m.mark(200 * KiB, 1);
     expect(marks).toBe(1);
+    // The runs still dirty inside a range (what a copy takes once it holds the range's lock).
+    expect(m.runsIn(0, 640 * KiB)).toEqual([{ offset: 64 * KiB, length: 64 * KiB }, { offset: 192 * KiB, length: 64 * KiB }]);
+    expect(m.runsIn(100 * KiB, 10)).toEqual([{ offset: 64 * KiB, length: 64 * KiB }]);
+    expect(m.runsIn(128 * KiB, 64 * KiB)).toEqual([]);
   });
 
   it('refuses a granularity that is not a power of two ≥ 512, and ranges outside it', () => {
