@@ -1,4 +1,4 @@
-import { AlreadyExists, Corrupt, FailedPrecondition, InvalidArgument, NotFound, OutOfRange } from '../../../core/index.js';
+import { AlreadyExists, Corrupt, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../../../core/index.js';
 import {
   BITMAP_LIMITS, BME_FLAG_AUTO, BME_FLAG_IN_USE, BT_DIRTY_TRACKING, bitmapDataBytes, decodeBitmapDirectory,
   decodeBitmapsExtension, decodeTableEntry, encodeBitmapDirectory, encodeBitmapsExtension, encodeTableEntry,
@@ -73,7 +73,9 @@ export class Bitmaps implements BitmapOps, StateBitmaps {
     if (typeof entries === 'string') throw bad(entries);
     for (const d of entries) {
       const want = Math.ceil(bitmapDataBytes(s.h.size, d.granularityBits) / s.cs);
-      if (d.tableSize !== want) throw bad(`bitmap ${JSON.stringify(d.name)} has ${d.tableSize} table entries, ${want} expected for the image's size`);
+      // An in-use bitmap may have the size from before a resize its writer did not live to
+      // store (QEMU does not check it either): it is never read, only kept or removed.
+      if (!(d.flags & BME_FLAG_IN_USE) && d.tableSize !== want) throw bad(`bitmap ${JSON.stringify(d.name)} has ${d.tableSize} table entries, ${want} expected for the image's size`);
       if (d.tableOffset % s.cs !== 0 || d.tableOffset + d.tableSize * 8 > s.fileLen) throw bad(`bitmap ${JSON.stringify(d.name)}: table lies outside the image`);
     }
     this.dir = { offset: e.directoryOffset, size: e.directorySize };
@@ -168,6 +170,10 @@ export class Bitmaps implements BitmapOps, StateBitmaps {
     const s = this.s;
     s.assertWritable();
     checkName(name, s.path);
+    if (s.h.version === 2) {
+      throw new Unsupported(`${s.path}: Cannot store dirty bitmaps in qcow2 v2 files`, { ref: s.path, hint: 'upgrade the image: qemu-img amend -o compat=1.1' });
+    }
+    if (s.h.size === 0) throw new InvalidArgument(`${s.path}: an empty image (0 bytes) cannot have a bitmap`, { ref: s.path });
     const g = opts.granularity ?? Math.max(4096, s.cs);
     if (!Number.isSafeInteger(g) || g < 512 || g > 2 ** BITMAP_LIMITS.maxGranularityBits || (g & (g - 1)) !== 0) {
       throw new InvalidArgument(`${s.path}: Granularity must be power of 2 and at least 512`, { ref: s.path, hint: `got ${String(g)}; at most 2 GiB` });

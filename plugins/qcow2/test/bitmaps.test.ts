@@ -241,6 +241,41 @@ setInterval(() => {}, 1000);
     expect(run('qemu-img', ['snapshot', '-l', f]).stdout).toMatch(/s1/);
   });
 
+  it('a crash after a resize leaves an in-use bitmap of the old size: the image still opens, qemu-img agrees', async () => {
+    const f = fresh(MiB);
+    ok('qemu-img', ['bitmap', '--add', f, 'b0']);
+    const script = join(t.dir, 'grow.mts');
+    writeFileSync(script, `import { openImage } from ${JSON.stringify(join(here, '..', 'index.ts'))};
+const img = await openImage(${JSON.stringify(f)}, { readOnly: false });
+await img.resize(${8 * 1024 * 1024 * 1024});
+process.stdout.write('GREW\\n');
+setInterval(() => {}, 1000);
+`);
+    await new Promise<void>((resolve, reject) => {
+      const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+      child.stdout.on('data', (d: Buffer) => { if (d.toString().includes('GREW')) child.kill('SIGKILL'); });
+      child.on('exit', () => resolve());
+      child.on('error', reject);
+    });
+    expect(qemuInfoBitmaps(f)).toEqual([{ flags: ['in-use', 'auto'], name: 'b0', granularity: 65536 }]);
+    await withImage(f, true, async (img) => {
+      expect(img.virtualSize).toBe(8 * 1024 * MiB);
+      expect((await img.bitmaps.info())[0]!.inconsistent).toBe(true);
+    });
+    await withImage(f, false, (img) => img.bitmaps.remove('b0'));
+    checkClean(f, true);
+  });
+
+  it('refuses what QEMU refuses: bitmaps in a v2 (compat=0.10) image, or in an empty one', async () => {
+    const v2 = join(t.dir, 'v2.qcow2');
+    ok('qemu-img', ['create', '-f', 'qcow2', '-o', 'compat=0.10', v2, '1M']);
+    await withImage(v2, false, async (img) => expect(img.bitmaps.add('b')).rejects.toMatchObject({ code: 'Unsupported', message: expect.stringMatching(/v2/) }));
+    const empty = fresh(0);
+    await withImage(empty, false, async (img) => expect(img.bitmaps.add('b')).rejects.toMatchObject({ code: 'InvalidArgument' }));
+    ok('qemu-img', ['info', v2]);
+    ok('qemu-img', ['info', empty]);
+  });
+
   it('raw images have no bitmaps: listing is empty, changing is Unsupported', async () => {
     const f = join(t.dir, 'r.raw');
     await createImage(f, { format: 'raw', size: MiB });
