@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto';
 import type { BackupPoint, BackupsApi, CloneOptions, CloneStart } from '../broker-api.js';
 import { backupTask, type BackupParams } from '../copy/backup-task.js';
 import type { Job } from '../jobs/job.js';
-import { FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../model/errors.js';
+import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
 import type { Snapshot } from '../model/types.js';
 import type { Access } from './access.js';
@@ -55,20 +55,29 @@ export class Backups implements BackupsApi {
     });
     if (existing) await this.a.assertOwns(dst);
     const points = existing ? await this.points(target) : [];
+    if (existing && points.length === 0) {
+      throw new AlreadyExists(`${target} exists and is not a backup (it has no points b1, b2, …): a backup would overwrite it`, {
+        ref: target, hint: 'name a new volume for the backup',
+      });
+    }
     const last = points[points.length - 1]?.point ?? 0;
     const id = createHash('sha256').update(target).digest('hex').slice(0, 8);
     const marker = (n: number) => `bk-${id}-${n}`;
     const sourceSnaps = await this.v.snapshots.list(source);
-    const base = last > 0 && sourceSnaps.some((x) => x.name === marker(last)) && sb.capabilities.has('data.dirty') ? marker(last) : undefined;
+    // Only the changes when the source can say what they are and the backup volume can be put
+    // back to the previous point first; a full copy otherwise.
+    const hasLast = last > 0 && sourceSnaps.some((x) => x.name === marker(last));
+    const base = hasLast && sb.capabilities.has('data.dirty') && this.s.entry(dst.backend).capabilities.has('snapshot.revert') ? marker(last) : undefined;
     // The new point's marker: a leftover of an attempt that died is not this point in time.
     const next = marker(last + 1);
+    const plan = planOrRefuse(this.s, { op: 'copy', source: `${source}@${next}`, target }, `back up ${source} to ${target}`, source);
     if (sourceSnaps.some((x) => x.name === next)) await this.v.snapshots.delete(`${source}@${next}`);
     const taken = await this.v.snapshots.create(`${source}@${next}`);
     const params: BackupParams = {
       source, target, point: last + 1, marker: next, sizeBytes: taken.sizeBytes, owner: existing?.owner ?? this.a.ownerFor(undefined),
       ...(base !== undefined ? { base } : {}), ...(last > 0 ? { previous: last } : {}),
+      ...(hasLast && base === undefined ? { previousMarker: marker(last) } : {}),
     };
-    const plan = planOrRefuse(this.s, { op: 'copy', source: `${source}@${next}`, target }, `back up ${source} to ${target}`, source);
     const locks = [
       { key: snapshotKey(parseRef(`${source}@${next}`) as SnapshotRef), mode: 'shared' as const },
       ...(base !== undefined ? [{ key: snapshotKey(parseRef(`${source}@${base}`) as SnapshotRef), mode: 'exclusive' as const }] : []),

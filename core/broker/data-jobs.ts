@@ -10,7 +10,7 @@ import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import { AlreadyExists, InternalError, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../model/errors.js';
-import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
+import { isSnapshotRef, parseRef, parseVolumeRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
@@ -155,6 +155,8 @@ export class DataJobs {
     const task = hostCopyTask(params, (ref, mode) => this.s.openDevice(ref, mode), this.s.changeLister());
     return this.startJob(task, target, 'host', undefined, [
       { key: volumeKey(src), mode: 'shared' },
+      // The snapshot the changes are counted from stays while the job may ask again (a resume).
+      ...(since !== undefined ? [{ key: snapshotKey({ backend: src.backend, volume: src.volume, snapshot: since }), mode: 'shared' as const }] : []),
       { key: volumeKey(parseVolumeRef(target)), mode: 'exclusive' },
     ], plan, checkSpeed(opts.speed));
   }

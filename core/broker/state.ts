@@ -137,7 +137,17 @@ export class BrokerState {
 
   /** What an incremental copy asks: the changed ranges of a source since its snapshot. */
   changeLister(): ChangeLister {
-    return async (source, since) => (await this.changes(parseRef(source), { since })).extents;
+    return async (source, since) => {
+      const ref = parseRef(source);
+      const answer = await this.changes(ref, { since });
+      // Grown since: the target holds nothing defined past the old end (it may be larger than
+      // the snapshot it was a copy of), so that part is copied too, zeros included.
+      const b = this.entry(ref.backend).backend;
+      const old = (await call(b, 'list snapshots of', source, () => b.listSnapshots(ref.volume))).find((x) => x.name === since)?.sizeBytes;
+      if (old === undefined || old >= answer.sizeBytes) return answer.extents;
+      const kept = answer.extents.flatMap((e) => (e.offset >= old ? [] : [{ offset: e.offset, length: Math.min(e.length, old - e.offset) }]));
+      return [...kept, { offset: old, length: answer.sizeBytes - old }];
+    };
   }
 
   /** What a backup job does to volumes and snapshots (core/copy/backup-task.ts), straight on the backends. */

@@ -12,6 +12,7 @@
  * new marker, so the next backup starts from a state it can trust.
  */
 import { Shutdown } from '../jobs/job-run.js';
+import { FailedPrecondition } from '../model/errors.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { copyData } from './copier.js';
 import type { ChangeLister, DeviceOpener } from './host-copy.js';
@@ -27,8 +28,10 @@ export interface BackupParams extends Record<string, unknown> {
   marker: string;
   /** The previous point's marker on the source: copy only what changed since. Absent: a full copy. */
   base?: string;
-  /** The previous point's number (what a failed run puts the backup volume back to). */
+  /** The previous point's number (what an incremental run starts from, and a failed run puts the backup volume back to). */
   previous?: number;
+  /** The previous point's marker when it is not `base` (a full point again): dropped once this point exists. */
+  previousMarker?: string;
   sizeBytes: number;
   owner: string;
 }
@@ -48,7 +51,7 @@ export interface BackupDeps {
 }
 
 /** Saved with each checkpoint (the copier adds its `offset`). */
-interface BackupState { phase?: 'copy' | 'point' | 'tidy'; created?: boolean }
+interface BackupState { phase?: 'copy' | 'point' | 'tidy' | 'undo'; created?: boolean; reverted?: boolean }
 
 export const pointName = (n: number): string => `b${n}`;
 
@@ -58,33 +61,49 @@ export function backupTask(params: BackupParams, deps: BackupDeps): JobTask {
     params,
     async run(ctx) {
       const was = (ctx.resumeFrom ?? {}) as BackupState;
+      if (was.phase === 'undo') {
+        // Stopped while putting the backup volume back: finish that, and end as failed.
+        await undo(params, deps, was.created === true);
+        throw new FailedPrecondition(`the backup point ${pointName(params.point)} of ${params.source} failed and was undone; back up again`, { ref: params.target });
+      }
       let created = was.created === true;
       try {
-        if (was.phase === undefined || was.phase === 'copy') created = await copyPoint(params, deps, ctx, created);
+        if (was.phase === undefined || was.phase === 'copy') created = await copyPoint(params, deps, ctx, was, created);
         if (was.phase !== 'tidy') {
           await deps.snapshot(`${params.target}@${pointName(params.point)}`);
           await ctx.saveState({ phase: 'tidy' } satisfies BackupState);
         }
       } catch (e) {
-        if (!(e instanceof Shutdown)) await undo(params, deps, created);
+        if (!(e instanceof Shutdown)) {
+          // Recorded first: a kill while undoing must not resume the copy over an undone volume.
+          await Promise.resolve(ctx.saveState({ phase: 'undo', created } satisfies BackupState)).catch(() => undefined);
+          await undo(params, deps, created);
+        }
         throw e;
       }
       // The point exists: the previous marker has served its purpose.
-      if (params.base !== undefined) await deps.deleteSnapshot(`${params.source}@${params.base}`).catch(() => undefined);
+      for (const old of [params.base, params.previousMarker]) {
+        if (old !== undefined) await deps.deleteSnapshot(`${params.source}@${old}`).catch(() => undefined);
+      }
     },
   };
 }
 
-async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, createdBefore: boolean): Promise<boolean> {
+async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was: BackupState, createdBefore: boolean): Promise<boolean> {
   let created = createdBefore;
   const size = await deps.size(p.target);
   if (size === undefined) {
     await ctx.saveState({ phase: 'copy', created: true } satisfies BackupState);
     await deps.create(p.target, p.sizeBytes, p.owner);
     created = true;
-  } else if (size < p.sizeBytes) {
-    await deps.resize(p.target, p.sizeBytes);
+  } else if (p.base !== undefined && p.previous !== undefined && was.reverted !== true) {
+    // Only the changes go on top: the backup volume must hold the previous point exactly, whatever
+    // happened to it since (a mount that replayed a journal, an earlier run that could not undo).
+    await deps.revert(`${p.target}@${pointName(p.previous)}`);
+    await ctx.saveState({ phase: 'copy', created, reverted: true } satisfies BackupState);
   }
+  const now = await deps.size(p.target);
+  if (now !== undefined && now < p.sizeBytes) await deps.resize(p.target, p.sizeBytes);
   const from = `${p.source}@${p.marker}`;
   const only = p.base !== undefined ? await deps.changes(from, p.base) : undefined;
   const src = await deps.open(from, 'r');
@@ -94,8 +113,16 @@ async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, cre
       // A backup volume this job made reads as zeros where nothing was written; one made before
       // holds the previous point, which everything outside the changes still equals.
       await copyData(src, dst, ctx, {
-        targetFresh: created && only === undefined, ...(only ? { only } : {}), state: { phase: 'copy', created } satisfies BackupState,
+        targetFresh: created && only === undefined, ...(only ? { only } : {}), state: { phase: 'copy', created, reverted: true } satisfies BackupState,
       });
+      // A backup volume larger than this point (the source shrank since an earlier one) reads
+      // zeros past the point's end, so that a restore or a later point never sees stale data.
+      const STEP = 64 * 1024 * 1024;
+      for (let off = src.sizeBytes; off < dst.sizeBytes; off += STEP) {
+        const n = Math.min(STEP, dst.sizeBytes - off);
+        await (dst.writeZeroes ? dst.writeZeroes(off, n) : dst.write(off, new Uint8Array(n)));
+      }
+      if (dst.sizeBytes > src.sizeBytes) await dst.flush();
     } finally {
       await dst.close();
     }

@@ -161,9 +161,16 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
     };
     await m.stop({ consistent: m.ready, atPoint }).catch(() => undefined);
   }));
-  if (points.some((p) => p !== null)) {
-    await Promise.resolve(ctx.saveState({ authoritative: 'source', points } satisfies MirrorState)).catch(() => undefined);
-    await dropResumedFrom(params, deps);
+  if (!points.some((p) => p !== null)) return;
+  try {
+    await ctx.saveState({ authoritative: 'source', points } satisfies MirrorState);
+  } catch {
+    return; // unrecorded: the points it resumed from stay the way back
+  }
+  // A pair with a new point no longer needs the one it resumed from; one without keeps it.
+  for (let i = 0; i < params.pairs.length; i++) {
+    const since = params.pairs[i]!.since;
+    if (points[i] !== null && since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
   }
 }
 

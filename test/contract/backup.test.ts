@@ -117,6 +117,36 @@ describe('backup and restore across backends', () => {
     expect((await read('local/bk-cancel-set')).equals(await read(src))).toBe(true);
   });
 
+  it('a backup volume changed between points is put back to its last point first; a source that shrank and grew leaves no stale data', async () => {
+    const src = 'local/bk-odd';
+    await broker.volumes.create(src, { sizeBytes: SIZE / 2 });
+    await write(src, [[0, MiB, 31]]);
+    await broker.snapshots.create(`${src}@small`);
+    await broker.volumes.resize(src, SIZE);
+    await write(src, [[12 * MiB, MiB, 32]]);
+    await done(broker.backups.start(src, { to: 'san1/bk-odd-set' }));
+    // Someone writes into the backup volume (a mount that replays a journal).
+    await write('san1/bk-odd-set', [[2 * MiB, MiB, 99], [12 * MiB, 4096, 98]]);
+    await write(src, [[3 * MiB, 64 * 1024, 33]]);
+    await done(broker.backups.start(src, { to: 'san1/bk-odd-set' }));
+    expect((await read('san1/bk-odd-set')).equals(await read(src))).toBe(true);
+    // The source goes back to its 8 MiB snapshot, is backed up, and grows again.
+    await broker.snapshots.revert(`${src}@small`);
+    await done(broker.backups.start(src, { to: 'san1/bk-odd-set' }));
+    const b3 = await read('san1/bk-odd-set');
+    expect(b3.subarray(SIZE / 2).every((x) => x === 0)).toBe(true); // no stale tail past the point's end
+    await broker.volumes.resize(src, SIZE);
+    await done(broker.backups.start(src, { to: 'san1/bk-odd-set' }));
+    expect((await read('san1/bk-odd-set')).equals(await read(src))).toBe(true);
+  });
+
+  it('refuses to back up into an existing volume that is not a backup', async () => {
+    await broker.volumes.create('local/bk-victim', { sizeBytes: MiB });
+    await broker.volumes.create('local/bk-src2', { sizeBytes: MiB });
+    await expect(broker.backups.start('local/bk-src2', { to: 'local/bk-victim' })).rejects.toMatchObject({ code: 'AlreadyExists' });
+    expect((await broker.snapshots.list('local/bk-src2')).length).toBe(0); // no marker left behind
+  });
+
   it('refuses what it cannot do, with the reason: into itself, a missing point, a volume of another tenant', async () => {
     await broker.volumes.create('local/bk-bad', { sizeBytes: MiB });
     await expect(broker.backups.start('local/bk-bad', { to: 'local/bk-bad' })).rejects.toMatchObject({ code: 'InvalidArgument' });
