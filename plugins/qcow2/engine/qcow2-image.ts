@@ -99,11 +99,16 @@ export class Qcow2Image implements ImageNode {
   async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.s.assertWritable();
     this.s.checkRange(offset, data.length);
+    // Marked before the data (a reader of the bitmap never misses a write that has landed) and
+    // again after it: a clear or a new bitmap that came in between must see it too.
     this.bm.mark(offset, data.length);
     // FUA: in one round trip where it can (writeDurable); deferred metadata needs its flush.
-    if (opts.fua && data.length > 0 && !this.s.meta.deferred) return writeDurable(this.s, offset, data);
-    if (data.length > 0) await write(this.s, offset, data);
-    if (opts.fua) await this.flush();
+    if (opts.fua && data.length > 0 && !this.s.meta.deferred) await writeDurable(this.s, offset, data);
+    else {
+      if (data.length > 0) await write(this.s, offset, data);
+      if (opts.fua) await this.flush();
+    }
+    this.bm.mark(offset, data.length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
@@ -122,6 +127,7 @@ export class Qcow2Image implements ImageNode {
       await zeroLocked(this.s, offset, length, mode);
       await this.s.meta.flushIfFull();
     });
+    this.bm.mark(offset, length);
   }
 
   async map(): Promise<BlockStatus[]> {
