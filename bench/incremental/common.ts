@@ -20,17 +20,8 @@ export function fmtBytes(n: number): string {
   return `${(n / 1024).toFixed(n % 1024 ? 1 : 0)} KiB`;
 }
 
-/** mulberry32: the same offsets for every way and every run with the same seed. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32 (the appliance kit's): the same offsets for every way and every run with the same seed. */
+export { seededRandom as rng } from '../../plugins/appliance-kit/index.js';
 
 /**
  * The allocated data: `allocated / 1 MiB` chunks of 1 MiB, evenly spread (at 4 GiB with 1 GiB

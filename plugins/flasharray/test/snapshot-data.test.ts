@@ -10,7 +10,7 @@ import { DataExtents, ErrorEnvelope } from '../api/schemas.js';
 import { startFlashArrayMock, type FlashArrayMock } from '../appliance/index.js';
 import type { FlashArrayBackend } from '../backend.js';
 import { FlashArrayClient } from '../client.js';
-import { fastRetry, makeBackend, pattern } from './helpers.js';
+import { callMock, fastRetry, makeBackend, pattern } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -20,16 +20,8 @@ describe('mock FlashArray: a snapshot through the data plane', () => {
   let mock: FlashArrayMock;
   let token: string;
 
-  const call = async (method: string, path: string, body?: Uint8Array | object, headers: Record<string, string> = {}) => {
-    const url = path.startsWith('/') ? `${mock.url}${path}` : `${mock.url}/api/2.26/${path}`;
-    const init: RequestInit = { method, headers: { 'x-auth-token': token, ...headers } };
-    if (body instanceof Uint8Array) init.body = body;
-    else if (body !== undefined) {
-      init.body = JSON.stringify(body);
-      (init.headers as Record<string, string>)['content-type'] = 'application/json';
-    }
-    return fetch(url, init);
-  };
+  const call = (method: string, path: string, body?: Uint8Array | object, headers: Record<string, string> = {}) =>
+    callMock(mock.url, token, method, path, body, headers);
   const put = (name: string, offset: number, data: Uint8Array) =>
     call('PUT', `/data/volumes/${name}`, data, { 'content-range': `bytes ${offset}-${offset + data.length - 1}/*` });
   const get = async (name: string, start: number, end: number) => {
