@@ -12,12 +12,20 @@ import type { Qcow2State } from './qcow2-state.js';
 /** Largest single buffer used for zero-filling. */
 const CHUNK = 1 << 20;
 
-/** A guest write, taking the lock it needs: shared when it allocates nothing (or, deferred, when it can), else exclusive. */
+/** Entries whose cluster a write can replace without freeing anything: no host cluster behind them. */
+const freesNothing = (e: L2Entry): boolean => e.kind === 'unallocated' || (e.kind === 'zero' && e.offset === 0);
+
+/**
+ * A guest write, taking the lock it needs: shared when it allocates nothing or when its new
+ * clusters free nothing reused before an exclusive step, else exclusive. So writes into fresh
+ * clusters go on beside reads, other such writes and a flush's fdatasync (a live copy's
+ * write-blocking writes into the target waited out the copier's writes and a whole sync).
+ */
 export async function write(s: Qcow2State, offset: number, data: Uint8Array): Promise<void> {
   if (await s.lock.shared(() => writeInPlace(s, offset, data))) return;
-  // Clusters that are not ours may be freed by this write: only with deferred metadata, where a
-  // freed cluster is not reused before the flush (which is exclusive).
-  if (s.meta.deferred && await writeAllocatingShared(s, offset, data, (e) => !(e.kind === 'normal' && e.copied))) {
+  // With deferred metadata, clusters that are not ours may be freed too: a freed cluster is not
+  // reused before the flush (which is exclusive). Written through, only clusters with nothing behind them.
+  if (await writeAllocatingShared(s, offset, data, s.meta.deferred ? (e) => !(e.kind === 'normal' && e.copied) : freesNothing)) {
     if (s.meta.overLimit) await s.lock.exclusive(() => s.meta.flushIfFull());
     return;
   }
@@ -69,7 +77,7 @@ async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array, dur
  * another write is allocating): the caller takes the exclusive path. Safe because every other
  * change of the mapping takes the exclusive lock, and in deferred mode freed clusters are only
  * reused after a flush, which is exclusive too (without deferral, only writes that free nothing
- * — copy-on-read fills of unallocated clusters — come here).
+ * come here: guest writes and copy-on-read fills of clusters with no host cluster behind them).
  */
 async function writeAllocatingShared(s: Qcow2State, offset: number, data: Uint8Array, qualifies: (e: L2Entry) => boolean): Promise<boolean> {
   const cs = s.cs;

@@ -47,8 +47,8 @@ export interface StateBitmaps {
  * - Writes to the file follow the crash-safe order: data before the L2 entry that points at it,
  *   L2 before L1, refcount increments before the reference, decrements after it.
  * - Every change of the mapping holds `lock` exclusively, except allocating writes that free
- *   nothing reused before an exclusive step (deferred-mode guest writes, and copy-on-read fills of
- *   unallocated clusters in either mode): those hold it shared and take `metaLock` for their
+ *   nothing reused before an exclusive step (deferred-mode guest writes, and in either mode guest
+ *   writes and copy-on-read fills of clusters with no host cluster behind them): those hold it shared and take `metaLock` for their
  *   metadata steps, with `inflight` naming the guest clusters whose new space is being written
  *   (no other allocating write touches them).
  * - `fileLen` is at least the end of everything written to the file.
