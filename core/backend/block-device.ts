@@ -57,6 +57,15 @@ export interface BlockDevice {
    */
   dirtyExtents?(name: string, offset: number, length: number): Promise<ByteRange[]>;
   flush(): Promise<void>;
+  /**
+   * Keep the device's own bookkeeping of writes (a qcow2 image's cluster tables and refcounts) in
+   * memory until the next flush (`true`), or write it with each write again (`false`, writing what
+   * is held first). While on, a process that dies before a flush loses writes it acknowledged, and
+   * other processes reading the volume do not see them: only for a device nothing else uses yet,
+   * as a live copy's target before its switch-over, whose writes then wait for no metadata I/O.
+   * Optional: a device without it writes through.
+   */
+  deferMetadata?(on: boolean): Promise<void>;
   close(): Promise<void>;
   /**
    * Optional fast path of the copier: copy the data `ranges` of `source` into this device without

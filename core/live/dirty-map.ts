@@ -67,6 +67,13 @@ export class DirtyMap {
     return found;
   }
 
+  /** Whether every granule of [offset, offset+length) is dirty. */
+  isAllDirty(offset: number, length: number): boolean {
+    let all = true;
+    this.each(offset, length, (g) => { all &&= this.has(g); });
+    return all;
+  }
+
   /** The dirty runs inside [offset, offset+length) (granule-aligned, clipped to the device's end). */
   runsIn(offset: number, length: number): ByteRange[] {
     const out: ByteRange[] = [];

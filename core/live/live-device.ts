@@ -8,6 +8,11 @@ import type { RangeLocks } from './range-locks.js';
 export interface SyncTarget {
   device: BlockDevice;
   locks: RangeLocks;
+  /**
+   * What the copier has still to copy: a write whose every granule is dirty in it goes to the
+   * source only (the copier copies it anyway); the target gets only writes to copied ranges.
+   */
+  pending?: DirtyMap;
   /** Told of a write the target refused: the range is marked dirty instead, for the copier. */
   onError?(e: unknown, range: ByteRange): void;
 }
@@ -20,9 +25,11 @@ export interface SyncTarget {
  * - every request goes to the current device;
  * - a write (write, writeFua, writeZeroes, discard) marks the watching dirty maps once it has
  *   landed, so a copier that read the range before it landed copies it again;
- * - with a sync target (write-blocking mode), a write is also written to the target before it is
- *   acknowledged, under the range lock the copier takes, and marks nothing unless the target
- *   refused it;
+ * - with a sync target (write-blocking mode), a write to a range the copier has copied is also
+ *   written to the target before it is acknowledged, under the range lock the copier takes, and
+ *   marks nothing unless the target refused it; a write to a range still to be copied goes to the
+ *   source only: the copier copies it anyway (QEMU's active mirror writes both sides always, and
+ *   the guest waits for the target where it need not);
  * - `pause` holds new requests and waits for those in flight, so that a pivot (`switchTo`) or a
  *   last pass sees both sides still; nothing in flight is ever sent to the old device afterwards.
  */
@@ -161,6 +168,12 @@ export class LiveDevice implements BlockDevice {
       // Both sides at once (the range lock keeps the copier out meanwhile): the guest waits for the
       // slower of the two, not their sum. Whatever failed leaves the range to be copied again.
       await sync.locks.run(offset, length, async () => {
+        if (sync.pending?.isAllDirty(offset, length)) {
+          // Still to be copied (the copier clears a range under this lock before reading it).
+          await op(this.dev, false);
+          this.mark(offset, length);
+          return;
+        }
         const [source, target] = await Promise.allSettled([op(this.dev, false), op(sync.device, true)]);
         if (source.status === 'rejected') {
           this.mark(offset, length); // the target may hold what the source does not: copied again from the source

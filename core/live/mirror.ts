@@ -13,7 +13,10 @@ export interface MirrorOptions {
   granularity?: number;
   /** Largest copy at once (default 1 MiB). */
   chunkBytes?: number;
-  /** Copies in flight (default 4). */
+  /**
+   * Copies in flight (default 2: with 4, a guest's writes during the copy waited about 1.4 × longer at
+   * p50 for a copy about 10 % faster — bench/live.ts, 2-core machine).
+   */
   concurrency?: number;
   /** Bytes copied so far, and what is dirty now: for a job's progress. */
   onProgress?(p: { copied: number; dirty: number }): void;
@@ -61,7 +64,7 @@ export class Mirror {
     this.locks = new RangeLocks(granularity);
     this.map.onMark = () => this.poke();
     this.chunk = Math.max(granularity, Math.floor((o.chunkBytes ?? 1 << 20) / granularity) * granularity);
-    this.concurrency = Math.max(1, o.concurrency ?? 4);
+    this.concurrency = Math.max(1, o.concurrency ?? 2);
   }
 
   /** Bytes copied so far (the bulk pass and every copy again). */
@@ -84,9 +87,13 @@ export class Mirror {
    */
   async start(): Promise<void> {
     if (this.running || this.stopped) throw new FailedPrecondition('a mirror starts once');
+    // Nothing else uses the target until the switch-over, which makes it durable first: its
+    // metadata waits in memory meanwhile, so no write into it (a guest's write-blocking write
+    // above all) waits for the copier's metadata I/O.
+    await this.target.deferMetadata?.(true);
     this.detach = this.source.watch(this.map);
     if (this.mode === 'write-blocking') {
-      this.source.setSyncTarget({ device: this.target, locks: this.locks, onError: () => this.poke() });
+      this.source.setSyncTarget({ device: this.target, locks: this.locks, pending: this.map, onError: () => this.poke() });
     }
     try {
       const first = this.o.initial ? await this.o.initial() : await this.source.extents(0, this.source.sizeBytes);
@@ -167,6 +174,8 @@ export class Mirror {
     if (this.failure !== undefined) throw this.failure;
     // At full speed: the clients are held meanwhile (and a cancelled job's throttle refuses).
     for (let r = this.map.next(0, this.chunk); r; r = this.map.next(r.offset, this.chunk)) await this.copy(r);
+    // Written through from now on: the target is about to be served (or left as the copy).
+    await this.target.deferMetadata?.(false);
     await this.target.flush();
     this.release();
   }

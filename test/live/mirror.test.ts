@@ -442,6 +442,62 @@ describe('Mirror, interleavings made on purpose', () => {
     await mirror.stop();
   });
 
+  it('write-blocking: a guest write to a range still to be copied goes to the source only (the copier copies it); once copied, to both sides', async () => {
+    const src = memoryDevice(256 * KiB);
+    await src.write(0, new Uint8Array(64 * KiB).fill(1));
+    await src.write(128 * KiB, new Uint8Array(64 * KiB).fill(1));
+    const dst = memoryDevice(256 * KiB);
+    const gdst = gated(dst);
+    const live = new LiveDevice(src);
+    const mirror = new Mirror(live, gdst.device, { mode: 'write-blocking', concurrency: 1 });
+    gdst.hold('write');
+    await mirror.start();
+    await tick();
+    expect(gdst.waiting()).toEqual(['write']); // the copier, on granule 0
+    // Granule 2 is still to be copied: acknowledged with the target's writes held, and not sent there.
+    await live.write(128 * KiB, new Uint8Array(10).fill(2));
+    expect(gdst.waiting()).toEqual(['write']);
+    gdst.releaseAll();
+    await mirror.whenReady();
+    expect([...(await dst.read(128 * KiB, 12))]).toEqual(TWOS_OVER_ONES); // copied by the copier
+    // Copied now: a write reaches both sides before it is acknowledged, and nothing becomes dirty.
+    gdst.hold('write');
+    let acked = false;
+    const w = live.write(128 * KiB, new Uint8Array(4).fill(3)).then(() => { acked = true; });
+    await tick();
+    expect(gdst.waiting()).toEqual(['write']);
+    expect(acked).toBe(false);
+    gdst.releaseAll();
+    await w;
+    expect([...(await dst.read(128 * KiB, 5))]).toEqual([3, 3, 3, 3, 2]);
+    expect(mirror.dirtyBytes).toBe(0);
+    await mirror.stop();
+  });
+
+  it('the target defers its metadata while the mirror copies, and writes it through again before the switch-over', async () => {
+    const src = memoryDevice(256 * KiB);
+    await src.write(0, new Uint8Array(64 * KiB).fill(1));
+    const dst = memoryDevice(256 * KiB);
+    const calls: string[] = [];
+    const target: BlockDevice = {
+      ...dst,
+      read: (o, l) => dst.read(o, l),
+      write: (o, d) => dst.write(o, d),
+      extents: (o, l) => dst.extents(o, l),
+      deferMetadata: async (on) => void calls.push(`defer ${on}`),
+      flush: async () => { calls.push('flush'); await dst.flush(); },
+    };
+    const live = new LiveDevice(src);
+    const mirror = new Mirror(live, target);
+    await mirror.start();
+    expect(calls).toEqual(['defer true']);
+    await mirror.whenReady();
+    calls.length = 0;
+    await mirror.pivot(async () => void calls.push('commit'));
+    // The last flush comes after it writes through again, and the commit after that.
+    expect(calls.slice(calls.lastIndexOf('defer false'))).toEqual(['defer false', 'flush', 'commit']);
+  });
+
   it('pivot holds a request that arrives during the last pass and sends it to the target', async () => {
     const size = 256 * KiB;
     const src = memoryDevice(size);

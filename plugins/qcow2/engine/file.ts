@@ -57,15 +57,30 @@ export interface SyncMode {
  */
 const WRITE_BEHIND = 32 << 20;
 
+/**
+ * Writes larger than this go one at a time (see ImageFile.pending); smaller ones — metadata
+ * entries and tables, a guest's 4 KiB write into its cluster — do not wait behind them.
+ */
+const SMALL_WRITE = 64 * 1024;
+
+/** A write made or waiting: its byte range, whether it is large, and when it has ended. */
+interface PendingWrite { start: number; end: number; large: boolean; done: Promise<unknown> }
+
 /** Positional I/O on one image file; short reads past EOF come back zero-filled when allowed. */
 export class ImageFile {
   /**
-   * Writes to one file go one at a time, in call order. Buffered writes to a file serialize on its
-   * inode lock in the kernel anyway (ext4, XFS), and with several in the thread pool the waiters
-   * spin on that lock, taking CPU from the one writing: on this project's 2-core machine a
-   * stream ran 8 % faster and a convert to raw 35 % faster, with far less spread, one at a time.
+   * The writes not ended yet, in call order. A write waits for every earlier one that overlaps it
+   * (the later-called lands last), a large write also for every earlier large one, and a barrier
+   * (a durable batch, a copy-in) for all of them. Large writes go one at a time because buffered
+   * writes to a file serialize on its inode lock in the kernel anyway (ext4, XFS), and with
+   * several in the thread pool the waiters spin on that lock, taking CPU from the one writing: on
+   * this project's 2-core machine a stream ran 8 % faster and a convert to raw 35 % faster, with
+   * far less spread, one at a time. Small writes do not queue behind them: with every write in one
+   * line, a live copy's guest writes and the metadata steps of its allocations waited out the
+   * copier's 1 MiB writes queued ahead (write-blocking writes into the target: p50 1.1 ms, of it
+   * 0.5 ms in this line and 0.7 ms for a metadata lock whose holders were in it).
    */
-  private writeTail: Promise<unknown> = Promise.resolve();
+  private pending: PendingWrite[] = [];
   private unsynced = 0;
   /** The background writeback running now, if any (at most one at a time). */
   private writingBack: Promise<void> | undefined;
@@ -163,8 +178,24 @@ export class ImageFile {
       else if (data.length > 0) this.held.push([pos, data.slice()]);
       return;
     }
-    const run = this.writeTail.then(() => this.writeNow(pos, data));
-    this.writeTail = run.catch(() => {});
+    return this.ordered(pos, pos + data.length, () => this.writeNow(pos, data));
+  }
+
+  /**
+   * Run `fn` (writes to [start, end); a barrier when `end` is Infinity) after the earlier writes it
+   * must follow (see `pending`).
+   */
+  private ordered<T>(start: number, end: number, fn: () => Promise<T>): Promise<T> {
+    const large = end - start > SMALL_WRITE;
+    const after: Promise<unknown>[] = [];
+    for (const p of this.pending) if ((p.start < end && start < p.end) || (large && p.large)) after.push(p.done);
+    const run = after.length === 0 ? fn() : Promise.all(after).then(fn);
+    const entry: PendingWrite = { start, end, large, done: run.catch(() => {}) };
+    this.pending.push(entry);
+    void entry.done.then(() => {
+      const i = this.pending.indexOf(entry);
+      if (i >= 0) this.pending.splice(i, 1);
+    });
     return run;
   }
 
@@ -190,7 +221,8 @@ export class ImageFile {
     const addon = nativeCopyAvailable() ? nativeAddon() : null;
     if (!addon) throw new FailedPrecondition(`${this.path}: the native copy helper is not available`, { ref: this.path });
     if (this.held) await this.writeHeld(false);
-    const run = this.writeTail.then(async () => {
+    // A barrier: where the blocks land is known only afterwards.
+    return this.ordered(0, Infinity, async () => {
       let pairs: Float64Array;
       try {
         pairs = await addon.copyRanges(src.fh.fd, this.fh.fd, ops, opts);
@@ -202,8 +234,6 @@ export class ImageFile {
       if (this.mode.writeBehind && !this.mode.skipSync && this.unsynced >= WRITE_BEHIND) this.writeBehind();
       return pairs;
     });
-    this.writeTail = run.catch(() => {});
-    return run;
   }
 
   /**
@@ -276,9 +306,15 @@ export class ImageFile {
    */
   writeBatch(ops: readonly WriteOp[], durable: boolean): Promise<void> {
     if (this.readOnly) return Promise.reject(new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path }));
-    const run = this.writeTail.then(() => this.writeOps(ops, durable));
-    this.writeTail = run.catch(() => {});
-    return run;
+    // Durable: a barrier (its fdatasync covers every write called before it). Else the range it spans.
+    let start = Infinity;
+    let end = -Infinity;
+    for (const [pos, d] of ops) {
+      start = Math.min(start, pos);
+      end = Math.max(end, pos + d.length);
+    }
+    if (durable || ops.length === 0) [start, end] = [0, Infinity];
+    return this.ordered(start, end, () => this.writeOps(ops, durable));
   }
 
   private async writeOps(ops: readonly WriteOp[], durable: boolean): Promise<void> {

@@ -51,6 +51,7 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
   const consistent = async (img: Image) => (await img.bitmaps.info()).filter((b) => !b.inconsistent).map((b) => b.name);
   let bitmapNames = await access(consistent);
   let closed = false;
+  let deferring = false;
   const alive = () => {
     if (closed) throw new FailedPrecondition(`the device of ${ref} is closed`, { ref, hint: 'open it again' });
   };
@@ -106,8 +107,15 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
       return img.bitmaps.dirtyExtents(name, offset, length);
     }),
     flush: async () => { alive(); if (opts.mode === 'rw') await io((img) => img.flush()); },
+    deferMetadata: async (on) => {
+      writable();
+      await io((img) => img.setDeferMetadata(on));
+      deferring = on;
+    },
     async close() {
       if (closed) return;
+      // The image may stay open for others (a pool volume's one shared image): it writes through again.
+      if (deferring) await io((img) => img.setDeferMetadata(false)).catch(() => undefined);
       if (opts.mode === 'rw') await io((img) => img.flush()).catch(() => undefined);
       closed = true;
       await opts.onClose?.();

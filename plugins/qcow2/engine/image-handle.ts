@@ -93,6 +93,7 @@ export class ImageHandle implements Image {
   map(): Promise<BlockStatus[]> { return this.call((n) => n.map()); }
   resize(newSize: number): Promise<void> { return this.call((n) => n.resize(newSize)); }
   flushMetadata(): Promise<void> { return this.call((n) => n.flushMetadata()); }
+  setDeferMetadata(on: boolean): Promise<void> { return this.call((n) => n.setDeferMetadata(on)); }
   flush(): Promise<void> { return this.call((n) => n.flush()); }
   fileSize(): Promise<number> { return this.call((n) => n.fileSize()); }
   check(opts?: CheckOptions): Promise<CheckResult> { return this.call((n) => n.check(opts)); }

@@ -122,6 +122,12 @@ export class MetadataCache {
     if (this.overLimit) await this.flushLocked();
   }
 
+  /** Defer from now on, or write through (what is held first). Caller holds the exclusive lock. */
+  async setDeferring(on: boolean): Promise<void> {
+    if (!on) await this.flushLocked();
+    this.deferring = this.refcounts.deferring = on;
+  }
+
   /**
    * Run a structural change (snapshots, check, resize, header rewrites) with every metadata write
    * going straight to the file, as its own ordering assumes. Caller holds the exclusive lock.

@@ -157,6 +157,12 @@ export class Qcow2Image implements ImageNode {
     await this.s.lock.exclusive(() => this.s.meta.flushLocked());
   }
 
+  async setDeferMetadata(on: boolean): Promise<void> {
+    this.s.checkOpen();
+    if (this.s.readOnly || this.s.meta.deferred === on) return;
+    await this.s.lock.exclusive(() => this.s.meta.setDeferring(on));
+  }
+
   async flush(): Promise<void> {
     this.s.checkOpen();
     if (this.s.readOnly) return;

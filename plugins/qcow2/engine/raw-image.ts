@@ -45,6 +45,8 @@ export class RawImage implements ImageNode {
   /** Raw images keep no metadata. */
   async flushMetadata(): Promise<void> {}
 
+  async setDeferMetadata(): Promise<void> {}
+
   async readInto(buf: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, buf.length);
     const n = await this.lock.shared(() => this.file.readInto(buf, offset));

@@ -310,6 +310,12 @@ export interface Image {
    * it a killed process loses nothing written so far. No-op when nothing is deferred.
    */
   flushMetadata(): Promise<void>;
+  /**
+   * Defer metadata (as OpenOptions.deferMetadata) from now on, or stop: off writes what is held
+   * first (no fdatasync). While on, a killed process loses the writes made since the last flush,
+   * and another process reading the file does not see them. Read-only and raw images ignore it.
+   */
+  setDeferMetadata(on: boolean): Promise<void>;
   /** flushMetadata(), then fdatasync (skipped with cache `unsafe`). */
   flush(): Promise<void>;
   close(): Promise<void>;
