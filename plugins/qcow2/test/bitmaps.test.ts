@@ -45,6 +45,23 @@ async function withImage<T>(file: string, readOnly: boolean, fn: (img: Image) =>
   }
 }
 
+/** Open `file` read-write in a child process, run `step` (with `img` in scope), and kill -9 it once the step is done. */
+async function killedAfter(dir: string, file: string, step: string): Promise<void> {
+  const script = join(dir, `killed-${Date.now()}.mts`);
+  writeFileSync(script, `import { openImage } from ${JSON.stringify(join(here, '..', 'index.ts'))};
+const img = await openImage(${JSON.stringify(file)}, { readOnly: false });
+${step}
+process.stdout.write('DONE\\n');
+setInterval(() => {}, 1000);
+`);
+  await new Promise<void>((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    child.stdout.on('data', (d: Buffer) => { if (d.toString().includes('DONE')) child.kill('SIGKILL'); });
+    child.on('exit', () => resolve());
+    child.on('error', reject);
+  });
+}
+
 describe('bitmap directory codec', () => {
   it('round-trips entries (name padding, extra data) and rejects what QEMU rejects', () => {
     const e: BitmapDirEntry[] = [
@@ -153,19 +170,7 @@ describe.skipIf(!hasQemu)('persistent bitmaps and qemu-img', () => {
   it('after a kill -9 of a writer, the bitmap is in-use: qemu-img and we call it inconsistent; only remove works', async () => {
     const f = fresh();
     ok('qemu-img', ['bitmap', '--add', f, 'b0']);
-    const script = join(t.dir, 'hang.mts');
-    writeFileSync(script, `import { openImage } from ${JSON.stringify(join(here, '..', 'index.ts'))};
-const img = await openImage(${JSON.stringify(f)}, { readOnly: false });
-await img.write(0, new Uint8Array(4096).fill(1));
-process.stdout.write('WROTE\\n');
-setInterval(() => {}, 1000);
-`);
-    await new Promise<void>((resolve, reject) => {
-      const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-      child.stdout.on('data', (d: Buffer) => { if (d.toString().includes('WROTE')) child.kill('SIGKILL'); });
-      child.on('exit', () => resolve());
-      child.on('error', reject);
-    });
+    await killedAfter(t.dir, f, 'await img.write(0, new Uint8Array(4096).fill(1));');
     expect(qemuInfoBitmaps(f)).toEqual([{ flags: ['in-use', 'auto'], name: 'b0', granularity: 65536 }]);
     checkClean(f);
     await withImage(f, false, async (img) => {
@@ -244,19 +249,7 @@ setInterval(() => {}, 1000);
   it('a crash after a resize leaves an in-use bitmap of the old size: the image still opens, qemu-img agrees', async () => {
     const f = fresh(MiB);
     ok('qemu-img', ['bitmap', '--add', f, 'b0']);
-    const script = join(t.dir, 'grow.mts');
-    writeFileSync(script, `import { openImage } from ${JSON.stringify(join(here, '..', 'index.ts'))};
-const img = await openImage(${JSON.stringify(f)}, { readOnly: false });
-await img.resize(${8 * 1024 * 1024 * 1024});
-process.stdout.write('GREW\\n');
-setInterval(() => {}, 1000);
-`);
-    await new Promise<void>((resolve, reject) => {
-      const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-      child.stdout.on('data', (d: Buffer) => { if (d.toString().includes('GREW')) child.kill('SIGKILL'); });
-      child.on('exit', () => resolve());
-      child.on('error', reject);
-    });
+    await killedAfter(t.dir, f, `await img.resize(${8 * 1024 * 1024 * 1024});`);
     expect(qemuInfoBitmaps(f)).toEqual([{ flags: ['in-use', 'auto'], name: 'b0', granularity: 65536 }]);
     await withImage(f, true, async (img) => {
       expect(img.virtualSize).toBe(8 * 1024 * MiB);
