@@ -7,6 +7,15 @@ export interface ByteRange {
 }
 
 /**
+ * How a read or a write is made. `background`: it is a bulk copy's (a live copy's passes), which
+ * should not hold up the device's other I/O (a guest's): a device may make it on threads of lower
+ * priority, or ignore the hint — the result is the same either way.
+ */
+export interface IoOptions {
+  background?: boolean;
+}
+
+/**
  * The data path of a volume: byte ranges and the allocation map. The host data mover (the
  * copier, core/copy/) copies between two BlockDevices using `extents`, `read`, `write` and
  * `writeZeroes`, and `copyFrom` where the target offers a faster way.
@@ -15,13 +24,13 @@ export interface BlockDevice {
   readonly sizeBytes: number;
   /** Preferred I/O granularity (cluster size, block size); 0 or absent when any size is fine. */
   readonly blockSize?: number;
-  read(offset: number, length: number): Promise<Uint8Array>;
+  read(offset: number, length: number, opts?: IoOptions): Promise<Uint8Array>;
   /**
    * read() into the caller's buffer, every byte of it written: the NBD server reads into buffers
    * it uses again rather than into a new one per request. Absent: the server calls read().
    */
-  readInto?(buf: Uint8Array, offset: number): Promise<void>;
-  write(offset: number, data: Uint8Array): Promise<void>;
+  readInto?(buf: Uint8Array, offset: number, opts?: IoOptions): Promise<void>;
+  write(offset: number, data: Uint8Array, opts?: IoOptions): Promise<void>;
   /**
    * write(), resolved only once the data is durable, as write() then flush() would promise (NBD's
    * FUA), where the device can do that for less than the two calls: the qcow2 engine makes the

@@ -21,6 +21,11 @@ export function nonZeroRuns(data: Uint8Array): [number, number][] {
   return runs;
 }
 
+/** Whether every byte of `data` is zero (a native memcmp, after a look at its first bytes). */
+export function isAllZero(data: Uint8Array): boolean {
+  return isZeroRange(Buffer.from(data.buffer, data.byteOffset, data.byteLength), 0, data.byteLength);
+}
+
 const ZERO_CHUNK = Buffer.alloc(2 << 20);
 
 /**

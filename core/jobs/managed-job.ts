@@ -53,7 +53,7 @@ export class ManagedJob implements Job {
       onProgress: (current, total) => {
         rec.progress = { current, total };
         void this.persist(false);
-        this.emit({ type: 'progress', job: this.info() });
+        if (this.listeners.size > 0) this.emit({ type: 'progress', job: this.info() });
       },
       // A checkpoint is stored before the job goes on (a resume must never start past stored work).
       onSave: (state) => {

@@ -1,10 +1,18 @@
-import type { BlockDevice, ByteRange } from '../backend/block-device.js';
+import type { BlockDevice, ByteRange, IoOptions } from '../backend/block-device.js';
+import { isAllZero } from '../copy/zero-scan.js';
+import { BufferPool } from '../export/buffer-pool.js';
 import { Cancelled, FailedPrecondition, InvalidArgument } from '../model/errors.js';
 import { DEFAULT_GRANULARITY, DirtyMap } from './dirty-map.js';
 import type { LiveDevice } from './live-device.js';
 import { RangeLocks } from './range-locks.js';
 
 export type MirrorMode = 'background' | 'write-blocking';
+
+/**
+ * The copier's reads and writes are a bulk copy's: devices that can make them on low-priority
+ * threads do (the qcow2 engine with its native helper), so the guest's own I/O is not held up.
+ */
+const BULK: IoOptions = { background: true };
 
 export interface MirrorOptions {
   /** background: writes are tracked and copied again; write-blocking: a write to the source is written to the target before it is acknowledged. */
@@ -54,6 +62,8 @@ export class Mirror {
   private readonly idle = new Set<() => void>();
   private readyWaiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
   private isReady = false;
+  /** Read buffers, used again: a new 1 MiB buffer per copy kept the garbage collector busy. */
+  private readonly buffers: BufferPool;
 
   constructor(private readonly source: LiveDevice, private readonly target: BlockDevice, private readonly o: MirrorOptions = {}) {
     this.mode = o.mode ?? 'background';
@@ -65,6 +75,7 @@ export class Mirror {
     this.map.onMark = () => this.poke();
     this.chunk = Math.max(granularity, Math.floor((o.chunkBytes ?? 1 << 20) / granularity) * granularity);
     this.concurrency = Math.max(1, o.concurrency ?? 2);
+    this.buffers = new BufferPool(this.concurrency * this.chunk);
   }
 
   /** Bytes copied so far (the bulk pass and every copy again). */
@@ -280,14 +291,19 @@ export class Mirror {
         // Cleared first: a write landing after this marks it again, and the range is copied again.
         this.map.clear(run.offset, run.length);
         const from = this.source.current;
+        // Into a buffer of the pool where the device can: the target is done with it once written.
+        const buf = from.readInto ? this.buffers.take(run.length) : undefined;
         try {
-          const data = await from.read(run.offset, run.length);
-          if (data.every((b) => b === 0) && this.target.writeZeroes) await this.target.writeZeroes(run.offset, run.length);
-          else await this.target.write(run.offset, data);
+          const data = buf ?? await from.read(run.offset, run.length, BULK);
+          if (buf) await from.readInto!(buf, run.offset, BULK);
+          if (this.target.writeZeroes && isAllZero(data)) await this.target.writeZeroes(run.offset, run.length);
+          else await this.target.write(run.offset, data, BULK);
         } catch (e) {
+          // The buffer is not used again: a device that failed may not be done with it.
           this.map.mark(run.offset, run.length);
           throw e;
         }
+        if (buf) this.buffers.give(buf);
         this.copied += run.length;
         this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
       }

@@ -5,6 +5,8 @@
  *   copyRanges(src, dst, ops, opts)   a pipelined file-to-file copy off the main thread (copy.c)
  *   writeBatch(fd, positions, buffers, sync)  several pwrites, then fdatasync, in one work item
  *                                     of the thread pool (writes.c)
+ *   backgroundRead / backgroundWrite(fd, buffer, position)  a pread or pwrite on the addon's own
+ *                                     lowest-priority threads (bgio.c)
  *
  * The engine works without it (engine/native-addon.ts): raw images are then scanned for holes,
  * copies go through Node's thread pool one read and one write at a time, and so do the writes
@@ -20,5 +22,9 @@ NAPI_MODULE_INIT() {
   CHECK(env, napi_set_named_property(env, exports, "copyRanges", fn));
   CHECK(env, napi_create_function(env, "writeBatch", NAPI_AUTO_LENGTH, offload_write_batch, NULL, &fn));
   CHECK(env, napi_set_named_property(env, exports, "writeBatch", fn));
+  CHECK(env, napi_create_function(env, "backgroundRead", NAPI_AUTO_LENGTH, offload_background_read, NULL, &fn));
+  CHECK(env, napi_set_named_property(env, exports, "backgroundRead", fn));
+  CHECK(env, napi_create_function(env, "backgroundWrite", NAPI_AUTO_LENGTH, offload_background_write, NULL, &fn));
+  CHECK(env, napi_set_named_property(env, exports, "backgroundWrite", fn));
   return exports;
 }

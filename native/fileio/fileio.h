@@ -21,5 +21,7 @@ napi_value offload_throw_errno(napi_env env, int err, const char *what);
 napi_value offload_seek(napi_env env, napi_callback_info info);
 napi_value offload_copy_ranges(napi_env env, napi_callback_info info);
 napi_value offload_write_batch(napi_env env, napi_callback_info info);
+napi_value offload_background_read(napi_env env, napi_callback_info info);
+napi_value offload_background_write(napi_env env, napi_callback_info info);
 
 #endif

@@ -309,6 +309,68 @@ describe('Mirror', () => {
     expect(same(await dst.read(0, size), model)).toBe(true);
   });
 
+  it('copies as bulk I/O: reads into buffers it uses again, asks both devices for background I/O, and sends runs of zeros as writeZeroes; guest I/O is not background', async () => {
+    const size = 8 * MiB;
+    const src = memoryDevice(size);
+    for (let i = 0; i < 6; i++) await src.write(i * MiB, new Uint8Array(MiB).fill(i + 1));
+    const dst = memoryDevice(size);
+    const seen: string[] = [];
+    const buffers = new Set<ArrayBufferLike>(); // of whole-MiB copies
+    const source: BlockDevice = {
+      ...src,
+      // Everything allocated: the last 2 MiB are allocated zeros.
+      extents: async (o = 0, l = size - o) => [{ offset: o, length: l, kind: 'data' as const }],
+      read: async (o, l, opts) => { seen.push(`source read ${opts?.background === true}`); return src.read(o, l); },
+      readInto: async (buf, o, opts) => {
+        seen.push(`source readInto ${opts?.background === true}`);
+        if (buf.length === MiB) buffers.add(buf.buffer);
+        buf.set(await src.read(o, buf.length));
+      },
+      write: async (o, d, opts) => { seen.push(`source write ${opts?.background === true}`); await src.write(o, d); },
+    };
+    const target: BlockDevice = {
+      ...dst,
+      read: (o, l) => dst.read(o, l),
+      extents: (o, l) => dst.extents(o, l),
+      write: async (o, d, opts) => { seen.push(`target write ${opts?.background === true}`); await dst.write(o, d); },
+      writeZeroes: async (o, l) => { seen.push('target zeroes'); await dst.writeZeroes!(o, l); },
+    };
+    const live = new LiveDevice(source);
+    const mirror = new Mirror(live, target);
+    await mirror.start();
+    await mirror.whenReady();
+    await live.write(0, new Uint8Array(4 * KiB).fill(9)); // the guest's
+    await mirror.whenReady();
+    const count = (what: string) => seen.filter((x) => x === what).length;
+    expect(count('source readInto true')).toBeGreaterThanOrEqual(8); // every MiB, and the guest's range again
+    expect(count('target write true')).toBeGreaterThanOrEqual(6);
+    expect(count('target zeroes')).toBe(2); // the two MiB of zeros, not written as data
+    expect(count('source write false')).toBe(1); // the guest's write: not background
+    expect(seen.filter((x) => x.endsWith('true') && !x.startsWith('source readInto') && !x.startsWith('target write'))).toEqual([]);
+    expect(count('source read true') + count('source read false')).toBe(0); // readInto where the device has it
+    expect(buffers.size).toBeLessThanOrEqual(2); // one per copy in flight, used again (not one per MiB)
+    await mirror.pivot();
+    const want = await src.read(0, size);
+    expect(same(await dst.read(0, size), want)).toBe(true);
+  });
+
+  it('copies from a device without readInto through read(), asking for background I/O', async () => {
+    const size = 2 * MiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(2 * MiB).fill(3));
+    const dst = memoryDevice(size);
+    const opts: (boolean | undefined)[] = [];
+    const source: BlockDevice = { ...src, read: async (o, l, io) => { opts.push(io?.background); return src.read(o, l); } };
+    delete (source as { readInto?: unknown }).readInto;
+    const mirror = new Mirror(new LiveDevice(source), dst);
+    await mirror.start();
+    await mirror.whenReady();
+    expect(opts.length).toBeGreaterThanOrEqual(2);
+    expect(opts.every((b) => b === true)).toBe(true);
+    await mirror.pivot();
+    expect(same(await dst.read(0, size), new Uint8Array(size).fill(3))).toBe(true);
+  });
+
   it('a target that fails: whenReady rejects with its error, and the source serves on untouched', async () => {
     const size = 2 * MiB;
     const model = new Uint8Array(size);

@@ -8,8 +8,11 @@ import type { Qcow2State } from './qcow2-state.js';
 import { mergeStatus } from './status.js';
 import type { BlockStatus } from './types.js';
 
-/** Fill `out` with the guest bytes at `offset` (every byte is written). Caller holds the lock. */
-export async function readLocked(s: Qcow2State, out: Uint8Array, offset: number): Promise<void> {
+/**
+ * Fill `out` with the guest bytes at `offset` (every byte is written). Caller holds the lock.
+ * `background`: a bulk copy's read (data reads on the low-priority threads, see ImageFile).
+ */
+export async function readLocked(s: Qcow2State, out: Uint8Array, offset: number, background = false): Promise<void> {
   for (const run of await runs(s, offset, out.length)) {
     const dst = out.subarray(run.start - offset, run.start - offset + run.length);
     switch (run.entry.kind) {
@@ -21,7 +24,7 @@ export async function readLocked(s: Qcow2State, out: Uint8Array, offset: number)
           });
         }
         // Past the end of the file reads as zeros (QEMU does the same for a short file).
-        const n = await s.file.readInto(dst, host);
+        const n = await s.file.readInto(dst, host, background);
         if (n < dst.length) dst.fill(0, n);
         break;
       }
@@ -29,7 +32,7 @@ export async function readLocked(s: Qcow2State, out: Uint8Array, offset: number)
         dst.fill(0);
         break;
       case 'unallocated':
-        await readBacking(s, dst, run.start);
+        await readBacking(s, dst, run.start, background);
         break;
       case 'compressed': {
         const data = await readCompressed(s, run.entry);
@@ -42,10 +45,10 @@ export async function readLocked(s: Qcow2State, out: Uint8Array, offset: number)
 }
 
 /** Fill `dst` from the backing chain; past its end (or with no backing file) with zeros. */
-export async function readBacking(s: Qcow2State, dst: Uint8Array, guest: number): Promise<void> {
+export async function readBacking(s: Qcow2State, dst: Uint8Array, guest: number, background = false): Promise<void> {
   const b = s.backing;
   const n = b ? Math.max(0, Math.min(dst.length, b.virtualSize - guest)) : 0;
-  if (n > 0) await b!.readInto(dst.subarray(0, n), guest);
+  if (n > 0) await b!.readInto(dst.subarray(0, n), guest, background ? { background } : undefined);
   if (n < dst.length) dst.fill(0, n);
 }
 

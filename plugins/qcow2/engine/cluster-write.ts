@@ -20,17 +20,18 @@ const freesNothing = (e: L2Entry): boolean => e.kind === 'unallocated' || (e.kin
  * clusters free nothing reused before an exclusive step, else exclusive. So writes into fresh
  * clusters go on beside reads, other such writes and a flush's fdatasync (a live copy's
  * write-blocking writes into the target waited out the copier's writes and a whole sync).
+ * `background`: a bulk copy's write (its data on the low-priority threads, see ImageFile).
  */
-export async function write(s: Qcow2State, offset: number, data: Uint8Array): Promise<void> {
-  if (await s.lock.shared(() => writeInPlace(s, offset, data))) return;
+export async function write(s: Qcow2State, offset: number, data: Uint8Array, background = false): Promise<void> {
+  if (await s.lock.shared(() => writeInPlace(s, offset, data, false, background))) return;
   // With deferred metadata, clusters that are not ours may be freed too: a freed cluster is not
   // reused before the flush (which is exclusive). Written through, only clusters with nothing behind them.
-  if (await writeAllocatingShared(s, offset, data, s.meta.deferred ? (e) => !(e.kind === 'normal' && e.copied) : freesNothing)) {
+  if (await writeAllocatingShared(s, offset, data, s.meta.deferred ? (e) => !(e.kind === 'normal' && e.copied) : freesNothing, background)) {
     if (s.meta.overLimit) await s.lock.exclusive(() => s.meta.flushIfFull());
     return;
   }
   await s.lock.exclusive(async () => {
-    await writeLocked(s, offset, data);
+    await writeLocked(s, offset, data, background);
     await s.meta.flushIfFull();
   });
 }
@@ -54,7 +55,7 @@ export async function writeDurable(s: Qcow2State, offset: number, data: Uint8Arr
  * at new space (`inflight`): its L2 entry may not be written yet, and the write would be durable
  * without it (false: the caller's exclusive path waits for the fill).
  */
-async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array, durable = false): Promise<boolean> {
+async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array, durable = false, background = false): Promise<boolean> {
   const rs = await runs(s, offset, data.length);
   if (!rs.every((r) => r.entry.kind === 'normal' && r.entry.copied)) return false;
   if (durable) {
@@ -65,7 +66,7 @@ async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array, dur
     return true;
   }
   for (const r of rs) {
-    await s.file.write(hostOf(s, r, r.start), data.subarray(r.start - offset, r.start - offset + r.length));
+    await s.file.write(hostOf(s, r, r.start), data.subarray(r.start - offset, r.start - offset + r.length), false, background);
   }
   return true;
 }
@@ -79,7 +80,8 @@ async function writeInPlace(s: Qcow2State, offset: number, data: Uint8Array, dur
  * reused after a flush, which is exclusive too (without deferral, only writes that free nothing
  * come here: guest writes and copy-on-read fills of clusters with no host cluster behind them).
  */
-async function writeAllocatingShared(s: Qcow2State, offset: number, data: Uint8Array, qualifies: (e: L2Entry) => boolean): Promise<boolean> {
+async function writeAllocatingShared(s: Qcow2State, offset: number, data: Uint8Array, qualifies: (e: L2Entry) => boolean,
+  background: boolean): Promise<boolean> {
   const cs = s.cs;
   const gc0 = Math.floor(offset / cs);
   const gcEnd = Math.ceil((offset + data.length) / cs);
@@ -104,7 +106,7 @@ async function writeAllocatingShared(s: Qcow2State, offset: number, data: Uint8A
       const { host, olds } = plan;
       const n = olds.length;
       const buf = await withOldEdges(s, gc0, olds, offset, offset + data.length, data);
-      await s.file.write(host, buf);
+      await s.file.write(host, buf, false, background);
       s.fileLen = Math.max(s.fileLen, host + n * cs);
       await s.metaLock.exclusive(async () => {
         const { offset: l2off, table } = await l2ForWrite(s, l1i);
@@ -121,7 +123,7 @@ async function writeAllocatingShared(s: Qcow2State, offset: number, data: Uint8A
 }
 
 /** Write with allocation; caller holds the exclusive lock. */
-export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Array): Promise<void> {
+export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Array, background = false): Promise<void> {
   const end = offset + data.length;
   const cs = s.cs;
   let p = offset;
@@ -144,7 +146,7 @@ export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Arra
           expected += cs;
           q = Math.min(sliceEnd, q + cs);
         }
-        await s.file.write(host, data.subarray(p - offset, q - offset), true);
+        await s.file.write(host, data.subarray(p - offset, q - offset), true, background);
         s.fileLen = Math.max(s.fileLen, host + (q - p));
         p = q;
         continue;
@@ -158,7 +160,7 @@ export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Arra
         olds.push(e);
         q = Math.min(sliceEnd, q + cs);
       }
-      await allocAndWrite(s, gc, olds, p, q, data.subarray(p - offset, q - offset), l2off, table);
+      await allocAndWrite(s, gc, olds, p, q, data.subarray(p - offset, q - offset), l2off, table, background);
       p = q;
     }
   }
@@ -170,12 +172,12 @@ export async function writeLocked(s: Qcow2State, offset: number, data: Uint8Arra
  * the old clusters. Order: refcounts → data → L2 → decrements.
  */
 async function allocAndWrite(s: Qcow2State, gc: number, olds: L2Entry[], p: number, q: number, data: Uint8Array,
-  l2off: number, table: Uint8Array): Promise<void> {
+  l2off: number, table: Uint8Array, background: boolean): Promise<void> {
   const cs = s.cs;
   const n = olds.length;
   const host = await s.refcounts.alloc(n);
   const buf = await withOldEdges(s, gc, olds, p, q, data);
-  await s.file.write(host, buf, true); // the caller's data, or made for this write
+  await s.file.write(host, buf, true, background); // the caller's data, or made for this write
   s.fileLen = Math.max(s.fileLen, host + n * cs);
   const idx0 = gc % s.l2Entries;
   for (let i = 0; i < n; i++) writeEntry(table, idx0 + i, ...encodeL2Normal(host + i * cs, true));
@@ -218,7 +220,7 @@ export async function fillUnallocated(s: Qcow2State, offset: number, data: Uint8
   let p = wholeStart;
   while (p < wholeEnd) {
     const q = Math.min(wholeEnd, (Math.floor(p / span) + 1) * span);
-    if (!(await writeAllocatingShared(s, p, data.subarray(p - offset, q - offset), (e) => e.kind === 'unallocated'))) break;
+    if (!(await writeAllocatingShared(s, p, data.subarray(p - offset, q - offset), (e) => e.kind === 'unallocated', false))) break;
     p = q;
   }
   const fast = p - wholeStart;

@@ -30,6 +30,22 @@ function nativeWriteBatch(): NativeAddon['writeBatch'] {
   return batchOverride !== undefined ? (batchOverride ?? undefined) : nativeAddon()?.writeBatch;
 }
 
+type BackgroundIO = Pick<NativeAddon, 'backgroundRead' | 'backgroundWrite'>;
+/** Tests: the native background reads and writes replaced (recorded), or null for none. */
+let backgroundOverride: BackgroundIO | null | undefined;
+
+/**
+ * Tests: replace the native background I/O (native/fileio/bgio.c) with `io` (one that records
+ * what goes through it), or with null to run without it; undefined restores the helper's.
+ */
+export function setNativeBackgroundIO(io: BackgroundIO | null | undefined): void {
+  backgroundOverride = io;
+}
+
+function backgroundIO(): BackgroundIO | undefined {
+  return backgroundOverride !== undefined ? (backgroundOverride ?? undefined) : (nativeAddon() ?? undefined);
+}
+
 /** One write of a batch: `data` at file offset `pos`. */
 export type WriteOp = readonly [pos: number, data: Uint8Array];
 
@@ -135,15 +151,21 @@ export class ImageFile {
   }
 
   /** Read into a new buffer; bytes past EOF read as zero. */
-  async read(pos: number, length: number): Promise<Uint8Array> {
+  async read(pos: number, length: number, background = false): Promise<Uint8Array> {
     const buf = ioBuffer(length);
-    await this.readInto(buf, pos);
+    await this.readInto(buf, pos, background);
     return buf;
   }
 
-  async readInto(buf: Uint8Array, pos: number): Promise<number> {
+  /**
+   * `background`: a bulk copy's read, made on the native helper's low-priority threads where it
+   * is built (bgio.c says why), so that it does not hold up the other I/O of the process.
+   */
+  async readInto(buf: Uint8Array, pos: number, background = false): Promise<number> {
     // In a batch, a read sees what was written before it: what is held back is written first.
     if (this.held) await this.writeHeld(false);
+    const bg = background ? backgroundIO()?.backgroundRead : undefined;
+    if (bg) return bg(this.fh.fd, buf, pos);
     let done = 0;
     while (done < buf.length) {
       const { bytesRead } = await this.fh.read(buf, done, buf.length - done, pos + done);
@@ -168,9 +190,9 @@ export class ImageFile {
   /**
    * Write `data` at `pos`, in order with this file's other writes. `stable`: the caller changes
    * nothing of `data` before its own call ends (guest data, or a buffer made for this write), so a
-   * batch may hold it without a copy.
+   * batch may hold it without a copy. `background`: a bulk copy's write (see readInto).
    */
-  async write(pos: number, data: Uint8Array, stable = false): Promise<void> {
+  async write(pos: number, data: Uint8Array, stable = false, background = false): Promise<void> {
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
     if (this.held) {
       if (stable) this.held.push([pos, data]);
@@ -178,7 +200,7 @@ export class ImageFile {
       else if (data.length > 0) this.held.push([pos, data.slice()]);
       return;
     }
-    return this.ordered(pos, pos + data.length, () => this.writeNow(pos, data));
+    return this.ordered(pos, pos + data.length, () => this.writeNow(pos, data, background));
   }
 
   /**
@@ -199,11 +221,16 @@ export class ImageFile {
     return run;
   }
 
-  private async writeNow(pos: number, data: Uint8Array): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.fh.write(data, done, data.length - done, pos + done);
-      done += bytesWritten;
+  private async writeNow(pos: number, data: Uint8Array, background: boolean): Promise<void> {
+    const bg = background ? backgroundIO()?.backgroundWrite : undefined;
+    if (bg) {
+      await bg(this.fh.fd, data, pos);
+    } else {
+      let done = 0;
+      while (done < data.length) {
+        const { bytesWritten } = await this.fh.write(data, done, data.length - done, pos + done);
+        done += bytesWritten;
+      }
     }
     this.unsynced += data.length;
     if (this.mode.writeBehind && !this.mode.skipSync && this.unsynced >= WRITE_BEHIND) this.writeBehind();
@@ -332,7 +359,7 @@ export class ImageFile {
       for (const [, d] of ops) this.unsynced += d.length;
     } else {
       try {
-        for (const [pos, d] of ops) await this.writeNow(pos, d);
+        for (const [pos, d] of ops) await this.writeNow(pos, d, false);
       } catch (e) {
         if (this.held) this.lost = true;
         throw e;

@@ -11,10 +11,14 @@
  * target that reads as zeros where nothing was written, made for this copy and locked by its job,
  * and a point-in-time source that nobody writes meanwhile — and for nothing else.
  */
-import { FailedPrecondition, OutOfRange, type BlockDevice, type ByteRange, type Extent } from '../../../core/index.js';
+import { FailedPrecondition, OutOfRange, type BlockDevice, type ByteRange, type Extent, type IoOptions } from '../../../core/index.js';
 import { nativeCopyAvailable, type ImageFile } from './file.js';
 import { ImageHandle } from './image-handle.js';
 import type { BlockStatus, Image } from './types.js';
+
+/** The engine's options for a device call: only the background hint carries over. */
+const BACKGROUND = { background: true } as const;
+const bg = (opts: IoOptions | undefined) => (opts?.background ? BACKGROUND : undefined);
 
 /** Runs `fn` with the image a device works on now (the pool: under its volume lock, on the current top). */
 export type ImageAccess = <T>(fn: (img: Image) => Promise<T>) => Promise<T>;
@@ -75,9 +79,12 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
   const device: BlockDevice = {
     get sizeBytes() { return size; },
     blockSize,
-    read: (offset, length) => io(async (img) => { range(offset, length, 'read'); return img.read(offset, length); }),
-    readInto: (buf, offset) => io(async (img) => { range(offset, buf.length, 'read'); await img.readInto(buf, offset); }),
-    write: async (offset, data) => { writable(); return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data); }); },
+    read: (offset, length, opts) => io(async (img) => { range(offset, length, 'read'); return img.read(offset, length, bg(opts)); }),
+    readInto: (buf, offset, opts) => io(async (img) => { range(offset, buf.length, 'read'); await img.readInto(buf, offset, bg(opts)); }),
+    write: async (offset, data, opts) => {
+      writable();
+      return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data, bg(opts)); });
+    },
     writeFua: async (offset, data) => {
       writable();
       return io(async (img) => { range(offset, data.length, 'write'); await img.write(offset, data, { fua: true }); });

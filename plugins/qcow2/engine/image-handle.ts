@@ -3,7 +3,7 @@ import { DirtyBitmap } from './dirty-map.js';
 import type { ImageNode } from './image-node.js';
 import type {
   Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, DirtyMap, HeaderInfo, Image, ImageFormat, NewBacking, BitmapOps, SnapshotOps,
-  WriteOptions,
+  ReadOptions, WriteOptions,
 } from './types.js';
 
 /**
@@ -82,8 +82,8 @@ export class ImageHandle implements Image {
     }));
   }
 
-  read(offset: number, length: number): Promise<Uint8Array> { return this.call((n) => n.read(offset, length)); }
-  readInto(buf: Uint8Array, offset: number): Promise<void> { return this.call((n) => n.readInto(buf, offset)); }
+  read(offset: number, length: number, opts?: ReadOptions): Promise<Uint8Array> { return this.call((n) => n.read(offset, length, opts)); }
+  readInto(buf: Uint8Array, offset: number, opts?: ReadOptions): Promise<void> { return this.call((n) => n.readInto(buf, offset, opts)); }
   write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void> {
     return this.changing(offset, data.length, (n) => n.write(offset, data, opts));
   }

@@ -2,9 +2,10 @@
  * The optional native helper (native/fileio, built by `npm run build:native`, part of
  * `npm install`): lseek SEEK_DATA/SEEK_HOLE, which Node does not expose (seek-data.ts), a
  * pipelined file-to-file copy (file.ts `copyIn`) and a batch of writes with an fdatasync in one
- * thread-pool round trip (file.ts `writeBatch`, `batch`). Without it the engine still works: raw
- * images are scanned for holes, copies go through Node's thread pool, and a batch's writes and its
- * fdatasync are made one at a time.
+ * thread-pool round trip (file.ts `writeBatch`, `batch`), and reads and writes on low-priority
+ * threads of its own for bulk copies (file.ts, `background`). Without it the engine still works: raw
+ * images are scanned for holes, copies go through Node's thread pool, a batch's writes and its
+ * fdatasync are made one at a time, and background I/O is ordinary I/O.
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -39,6 +40,13 @@ export interface NativeAddon {
    * helper built before it existed: callers then write one at a time.
    */
   writeBatch?(fd: number, positions: Float64Array, buffers: Uint8Array[], sync: boolean): Promise<void>;
+  /**
+   * pread until `buffer` is full or EOF, on the helper's own low-priority threads
+   * (native/fileio/bgio.c); resolves to the bytes read. Absent from an older build.
+   */
+  backgroundRead?(fd: number, buffer: Uint8Array, position: number): Promise<number>;
+  /** pwrite all of `buffer` on the helper's low-priority threads; rejects with `code`. */
+  backgroundWrite?(fd: number, buffer: Uint8Array, position: number): Promise<void>;
 }
 
 const ADDON = join('native', 'fileio', 'build', 'Release', 'offload_fileio.node');

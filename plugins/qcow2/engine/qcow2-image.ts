@@ -16,7 +16,7 @@ import { Qcow2State, type Qcow2Parts } from './qcow2-state.js';
 import { resizeLocked } from './resize.js';
 import { SnapshotManager } from './snapshots.js';
 import type {
-  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, WriteOptions,
+  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, ReadOptions, WriteOptions,
 } from './types.js';
 
 /** One open qcow2 layer: the public operations, each taking the lock it needs over the shared Qcow2State. */
@@ -85,15 +85,15 @@ export class Qcow2Image implements ImageNode {
 
   // ---- I/O ----
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
+  async read(offset: number, length: number, opts?: ReadOptions): Promise<Uint8Array> {
     const out = uninitialized(length);
-    await this.readInto(out, offset);
+    await this.readInto(out, offset, opts);
     return out;
   }
 
-  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+  async readInto(buf: Uint8Array, offset: number, opts?: ReadOptions): Promise<void> {
     this.s.checkRange(offset, buf.length);
-    await this.s.lock.shared(() => readLocked(this.s, buf, offset));
+    await this.s.lock.shared(() => readLocked(this.s, buf, offset, opts?.background));
   }
 
   async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
@@ -105,7 +105,7 @@ export class Qcow2Image implements ImageNode {
     // FUA: in one round trip where it can (writeDurable); deferred metadata needs its flush.
     if (opts.fua && data.length > 0 && !this.s.meta.deferred) await writeDurable(this.s, offset, data);
     else {
-      if (data.length > 0) await write(this.s, offset, data);
+      if (data.length > 0) await write(this.s, offset, data, opts.background);
       if (opts.fua) await this.flush();
     }
     this.bm.mark(offset, data.length);

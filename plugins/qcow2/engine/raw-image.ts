@@ -2,7 +2,7 @@ import { FailedPrecondition, InvalidArgument, nonZeroRuns, OutOfRange, RwLock, U
 import type { ImageFile } from './file.js';
 import type { ImageNode } from './image-node.js';
 import { mergeStatus } from './status.js';
-import type { Allocation, BlockStatus, ChainEntry, CheckResult, BitmapOps, SnapshotOps, WriteOptions } from './types.js';
+import type { Allocation, BlockStatus, ChainEntry, CheckResult, BitmapOps, ReadOptions, SnapshotOps, WriteOptions } from './types.js';
 
 const CHUNK = 1 << 20;
 /** Hole granularity assumed for sparse raw files (the usual file-system block). */
@@ -37,9 +37,9 @@ export class RawImage implements ImageNode {
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: image is open read-only`, { ref: this.path });
   }
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
+  async read(offset: number, length: number, opts?: ReadOptions): Promise<Uint8Array> {
     this.checkRange(offset, length);
-    return this.lock.shared(() => this.file.read(offset, length));
+    return this.lock.shared(() => this.file.read(offset, length, opts?.background));
   }
 
   /** Raw images keep no metadata. */
@@ -47,9 +47,9 @@ export class RawImage implements ImageNode {
 
   async setDeferMetadata(): Promise<void> {}
 
-  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+  async readInto(buf: Uint8Array, offset: number, opts?: ReadOptions): Promise<void> {
     this.checkRange(offset, buf.length);
-    const n = await this.lock.shared(() => this.file.readInto(buf, offset));
+    const n = await this.lock.shared(() => this.file.readInto(buf, offset, opts?.background));
     if (n < buf.length) buf.fill(0, n); // a file shorter than its size reads as zeros past its end
   }
 
@@ -57,7 +57,7 @@ export class RawImage implements ImageNode {
   async write(offset: number, data: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.writable();
     this.checkRange(offset, data.length);
-    await this.lock.shared(() => opts.fua ? this.file.writeBatch([[offset, data]], true) : this.file.write(offset, data));
+    await this.lock.shared(() => opts.fua ? this.file.writeBatch([[offset, data]], true) : this.file.write(offset, data, false, opts.background));
   }
 
   /**

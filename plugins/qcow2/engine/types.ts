@@ -67,7 +67,14 @@ export interface OpenOptions {
   writeBehind?: boolean;
 }
 
+/** `background`: a bulk copy's read (see core's IoOptions); its data is read on low-priority threads. */
+export interface ReadOptions {
+  background?: boolean;
+}
+
 export interface WriteOptions {
+  /** A bulk copy's write (see core's IoOptions): its data is written on low-priority threads. */
+  background?: boolean;
   /**
    * Force unit access (NBD's FUA): resolve only once the write is durable, as write() then
    * flush() would promise — with the native helper, qcow2 with written-through metadata and raw
@@ -284,12 +291,12 @@ export interface Image {
   /** This image then its backing images, top first (built afresh on each read). */
   readonly chain: ChainEntry[];
 
-  read(offset: number, length: number): Promise<Uint8Array>;
+  read(offset: number, length: number, opts?: ReadOptions): Promise<Uint8Array>;
   /**
    * Read `buf.length` bytes at `offset` into `buf` (every byte is set: holes and zero clusters
    * are filled with zeros). Lets a copy loop reuse its buffers instead of allocating per read.
    */
-  readInto(buf: Uint8Array, offset: number): Promise<void>;
+  readInto(buf: Uint8Array, offset: number, opts?: ReadOptions): Promise<void>;
   /** Write `data` at `offset`; `fua`: resolve only once it is durable (see WriteOptions). */
   write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void>;
   /** Make a range read as zeros: zero flag on v3, zeroed clusters on v2, zero bytes on raw. */
