@@ -1,8 +1,11 @@
-import type { BlockDevice, ByteRange } from '../backend/block-device.js';
+import type { BlockDevice, ByteRange, IoOptions } from '../backend/block-device.js';
 import type { Extent } from '../model/types.js';
 import { FailedPrecondition } from '../model/errors.js';
 import { DirtyMap } from './dirty-map.js';
 import { RangeLocks } from './range-locks.js';
+
+/** The background fill's reads and writes: bulk I/O, made where a device can at low priority (a client's own fills are not). */
+const BULK: IoOptions = { background: true };
 
 /** A fill in progress, as exports of its target find it (BrokerState.fills). */
 export interface FillEntry {
@@ -59,7 +62,7 @@ export class Fill {
 
   /** Copy one pending run (or what of it is still pending) from the source; recorded by the next save. */
   async fillRange(r: ByteRange): Promise<number> {
-    return this.locks.run(r.offset, r.length, () => this.copy(r.offset, r.length));
+    return this.locks.run(r.offset, r.length, () => this.copy(r.offset, r.length, BULK));
   }
 
   /**
@@ -166,22 +169,25 @@ export class Fill {
     if (length === 0) return;
     if (this.pending.isDirty(offset, length)) {
       await this.locks.run(offset, length, async () => {
-        for (const run of this.runs(offset, length)) if (run.pending) await this.copy(run.offset, run.length);
+        for (const run of this.runs(offset, length)) if (run.pending) await this.copy(run.offset, run.length); // a client waits: not bulk
       });
     }
     if (this.unsaved.isDirty(offset, length)) await this.save();
   }
 
-  /** Copy the pending granules [offset, offset+length) touches from the source (caller holds their range lock); bytes copied. */
-  private async copy(offset: number, length: number): Promise<number> {
+  /**
+   * Copy the pending granules [offset, offset+length) touches from the source (caller holds their
+   * range lock); bytes copied. `io`: the background fill's copies are bulk I/O (see IoOptions).
+   */
+  private async copy(offset: number, length: number, io?: IoOptions): Promise<number> {
     const g = this.pending.granularity;
     const start = Math.floor(offset / g) * g;
     const end = Math.min(Math.ceil((offset + length) / g) * g, this.target.sizeBytes);
     let n = 0;
     for (const run of this.runs(start, end - start)) {
       if (!run.pending) continue;
-      const data = await this.needSource().read(run.offset, run.length);
-      await this.target.write(run.offset, data);
+      const data = await this.needSource().read(run.offset, run.length, io);
+      await this.target.write(run.offset, data, io);
       n += run.length;
       this.unsaved.mark(run.offset, run.length);
       this.pending.clear(run.offset, run.length);

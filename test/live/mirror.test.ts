@@ -7,6 +7,7 @@
 import { describe, expect, it } from 'vitest';
 import type { BlockDevice } from '../../core/index.js';
 import { DirtyMap } from '../../core/live/dirty-map.js';
+import { Fill } from '../../core/live/fill.js';
 import { LiveDevice } from '../../core/live/live-device.js';
 import { Mirror } from '../../core/live/mirror.js';
 import { RangeLocks } from '../../core/live/range-locks.js';
@@ -576,5 +577,35 @@ describe('Mirror, interleavings made on purpose', () => {
     await during;
     expect([...(await dst.read(0, 4))]).toEqual([9, 9, 9, 9]);
     expect([...(await src.read(0, 4))]).toEqual([0, 0, 0, 0]); // never reached the old side
+  });
+});
+
+describe('Fill (an instant clone\'s target while it fills)', () => {
+  it('its background fill is bulk I/O on both devices; a client\'s write to a pending range fills it first with ordinary I/O', async () => {
+    const size = 4 * MiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(size).fill(4));
+    const dst = memoryDevice(size);
+    const seen: string[] = [];
+    const source: BlockDevice = { ...src, read: async (o, l, io) => { seen.push(`source read ${io?.background === true}`); return src.read(o, l); } };
+    const target: BlockDevice = {
+      ...dst,
+      read: (o, l) => dst.read(o, l),
+      extents: (o, l) => dst.extents(o, l),
+      write: async (o, d, io) => { seen.push(`target write ${io?.background === true}`); await dst.write(o, d); },
+    };
+    const fill = new Fill(source, target, { granularity: 64 * KiB, pending: [[0, size]] }, async () => undefined);
+    const view = fill.view();
+    // A client writes into a pending range: its granule is filled from the source first, then written; not bulk.
+    await view.write(3 * MiB + 100, new Uint8Array(10).fill(8));
+    expect(seen).toEqual(['source read false', 'target write false', 'target write false']);
+    seen.length = 0;
+    await fill.fillRange({ offset: 0, length: MiB });
+    expect(seen).toEqual(['source read true', 'target write true']);
+    const got = await view.read(3 * MiB, 128);
+    expect([...got.subarray(100, 110)]).toEqual(new Array(10).fill(8));
+    expect(got[99]).toBe(4);
+    await view.close();
+    await fill.release();
   });
 });
