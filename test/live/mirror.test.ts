@@ -355,6 +355,41 @@ describe('Mirror', () => {
     expect(same(await dst.read(0, size), want)).toBe(true);
   });
 
+  it('copies scattered small runs many at once (up to 16), whole chunks two at a time, and none twice', async () => {
+    for (const [what, runLength, stride] of [['scattered 64 KiB', 64 * KiB, 256 * KiB], ['whole 1 MiB chunks', MiB, 2 * MiB]] as const) {
+      const size = 32 * MiB;
+      const src = memoryDevice(size);
+      let allocated = 0;
+      for (let o = 0; o + runLength <= size; o += stride) {
+        await src.write(o, new Uint8Array(runLength).fill(5));
+        allocated += runLength;
+      }
+      const dst = memoryDevice(size);
+      let now = 0;
+      let most = 0;
+      const target: BlockDevice = {
+        ...dst,
+        read: (o, l) => dst.read(o, l),
+        extents: (o, l) => dst.extents(o, l),
+        write: async (o, d) => {
+          most = Math.max(most, ++now);
+          await new Promise((r) => setTimeout(r, 2));
+          await dst.write(o, d);
+          now--;
+        },
+      };
+      const mirror = new Mirror(new LiveDevice(src), target);
+      await mirror.start();
+      await mirror.whenReady();
+      expect(mirror.bytesCopied, what).toBe(allocated);
+      if (runLength === MiB) expect(most, what).toBe(2);
+      else expect(most, what).toBeGreaterThanOrEqual(8);
+      expect(most, what).toBeLessThanOrEqual(16);
+      await mirror.pivot();
+      expect(same(await dst.read(0, size), await src.read(0, size)), what).toBe(true);
+    }
+  });
+
   it('copies from a device without readInto through read(), asking for background I/O', async () => {
     const size = 2 * MiB;
     const src = memoryDevice(size);
@@ -442,7 +477,7 @@ async function onesPair(mode: 'background' | 'write-blocking' = 'background') {
   const gsrc = gated(src);
   const gdst = gated(dst);
   const live = new LiveDevice(gsrc.device);
-  return { src, dst, gsrc, gdst, live, mirror: new Mirror(live, gdst.device, { mode, concurrency: 1 }) };
+  return { src, dst, gsrc, gdst, live, mirror: new Mirror(live, gdst.device, { mode, concurrency: 1, maxCopies: 1 }) };
 }
 
 /** What the target holds at the start after the ten-byte write of twos over the ones. */
@@ -512,7 +547,7 @@ describe('Mirror, interleavings made on purpose', () => {
     const dst = memoryDevice(256 * KiB);
     const gdst = gated(dst);
     const live = new LiveDevice(src);
-    const mirror = new Mirror(live, gdst.device, { mode: 'write-blocking', concurrency: 1 });
+    const mirror = new Mirror(live, gdst.device, { mode: 'write-blocking', concurrency: 1, maxCopies: 1 });
     gdst.hold('write');
     await mirror.start();
     await tick();
