@@ -100,6 +100,8 @@ export class ImageFile {
   private unsynced = 0;
   /** The background writeback running now, if any (at most one at a time). */
   private writingBack: Promise<void> | undefined;
+  /** Reads and writes on the native helper's background threads, not settled yet. */
+  private readonly background = new Set<Promise<unknown>>();
   /** A failed background writeback: reported by the next sync(), as the kernel would have. */
   private writeBackError: unknown;
   /** The writes batch() holds back, in call order (undefined: no batch is running). */
@@ -165,7 +167,7 @@ export class ImageFile {
     // In a batch, a read sees what was written before it: what is held back is written first.
     if (this.held) await this.writeHeld(false);
     const bg = background ? backgroundIO()?.backgroundRead : undefined;
-    if (bg) return bg(this.fh.fd, buf, pos);
+    if (bg) return this.tracked(bg(this.fh.fd, buf, pos));
     let done = 0;
     while (done < buf.length) {
       const { bytesRead } = await this.fh.read(buf, done, buf.length - done, pos + done);
@@ -224,7 +226,7 @@ export class ImageFile {
   private async writeNow(pos: number, data: Uint8Array, background: boolean): Promise<void> {
     const bg = background ? backgroundIO()?.backgroundWrite : undefined;
     if (bg) {
-      await bg(this.fh.fd, data, pos);
+      await this.tracked(bg(this.fh.fd, data, pos));
     } else {
       let done = 0;
       while (done < data.length) {
@@ -436,7 +438,18 @@ export class ImageFile {
 
   async close(): Promise<void> {
     await this.writingBack;
+    // The helper's threads use the bare descriptor, which FileHandle does not know is in use:
+    // closed under them, it could be reused for another file before their pread or pwrite runs.
+    await Promise.allSettled(this.background);
     await this.fh.close();
+  }
+
+  /** A background read or write, kept until it settles (see close). */
+  private tracked<T>(p: Promise<T>): Promise<T> {
+    this.background.add(p);
+    const drop = () => this.background.delete(p);
+    p.then(drop, drop);
+    return p;
   }
 }
 

@@ -3,11 +3,11 @@
  * (native/fileio/bgio.c), and the engine's `background` option, which sends a bulk copy's data
  * reads and writes there and nothing else.
  */
-import { closeSync, openSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../index.js';
-import { setNativeBackgroundIO } from '../engine/file.js';
+import { ImageFile, setNativeBackgroundIO } from '../engine/file.js';
 import { imageDevice } from '../engine/image-device.js';
 import { nativeAddon, type NativeAddon } from '../engine/native-addon.js';
 import { hasQemu, pattern, qemuCheckJson, tempDir } from './helpers.js';
@@ -169,6 +169,31 @@ describe('the engine\'s background option', () => {
     expect(calls).toEqual([]);
     await dev.close();
     await img.close();
+  });
+
+  it('closing a file waits for its background reads and writes (their bare descriptor must not be reused under them)', async () => {
+    const path = join(dir, 'close.bin');
+    writeFileSync(path, Buffer.alloc(64 * KiB));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const events: string[] = [];
+    setNativeBackgroundIO({
+      backgroundRead: async (fd, buf, pos) => readSync(fd, buf, 0, buf.length, pos),
+      backgroundWrite: async (fd, buf, pos) => {
+        await gate; // held "in the kernel"
+        writeSync(fd, buf, 0, buf.length, pos);
+        events.push('written');
+      },
+    });
+    const f = await ImageFile.open(path, false);
+    const w = f.write(4096, new Uint8Array(4096).fill(0x5a), false, true);
+    const closed = f.close().then(() => events.push('closed'));
+    await new Promise((r) => setTimeout(r, 30));
+    expect(events).toEqual([]);
+    release();
+    await Promise.all([w, closed]);
+    expect(events).toEqual(['written', 'closed']);
+    expect(readFileSync(path).subarray(4096, 8192).every((b) => b === 0x5a)).toBe(true);
   });
 
   it('without the helper\'s background I/O, the option is only a hint: the same data, through the thread pool', async () => {
