@@ -337,7 +337,7 @@ describe('Mirror', () => {
       writeZeroes: async (o, l) => { seen.push('target zeroes'); await dst.writeZeroes!(o, l); },
     };
     const live = new LiveDevice(source);
-    const mirror = new Mirror(live, target);
+    const mirror = new Mirror(live, target, { chunkBytes: MiB });
     await mirror.start();
     await mirror.whenReady();
     await live.write(0, new Uint8Array(4 * KiB).fill(9)); // the guest's
