@@ -41,6 +41,15 @@
 
 #define BG_THREADS 2
 #define BG_NICE 19
+/*
+ * A write is made 64 KiB per pwrite. A buffered write holds its file's inode lock (ext4, XFS) for
+ * the whole copy into the page cache, and a thread at nice 19 may be preempted while it holds it:
+ * a guest's 4 KiB write into the same file (a live copy's write-blocking write into its target)
+ * then waited for it. Measured with bench/live.ts (256 KiB copies, rounds alternating in one run):
+ * the guest's p50 during the copy 0.46-0.53 ms against 0.60-0.69 ms (write-blocking) and
+ * 0.34-0.40 against 0.37-0.44 ms (background), the copy no slower.
+ */
+#define BG_WRITE_SLICE (64 * 1024)
 
 enum { BG_READ, BG_WRITE };
 
@@ -81,8 +90,9 @@ static void lower_priority(void) {
 static void run(bg_job *j) {
   while (j->done < j->len) {
     off_t at = (off_t)(j->pos + (int64_t)j->done);
-    ssize_t n = j->op == BG_WRITE ? pwrite(j->fd, j->buf + j->done, j->len - j->done, at)
-                                  : pread(j->fd, j->buf + j->done, j->len - j->done, at);
+    size_t want = j->len - j->done;
+    if (j->op == BG_WRITE && want > BG_WRITE_SLICE) want = BG_WRITE_SLICE;
+    ssize_t n = j->op == BG_WRITE ? pwrite(j->fd, j->buf + j->done, want, at) : pread(j->fd, j->buf + j->done, want, at);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       j->err = errno;
