@@ -6,7 +6,7 @@
  *   writeBatch(fd, positions, buffers, sync)  several pwrites, then fdatasync, in one work item
  *                                     of the thread pool (writes.c)
  *   backgroundRead / backgroundWrite(fd, buffer, position)  a pread or pwrite on the addon's own
- *                                     lowest-priority threads (bgio.c)
+ *                                     lowest-priority thread (bgio.c)
  *
  * The engine works without it (engine/native-addon.ts): raw images are then scanned for holes,
  * copies go through Node's thread pool one read and one write at a time, and so do the writes

@@ -2,8 +2,8 @@
  * backgroundRead(fd, buffer, position) -> Promise<number>     bytes read (fewer only at EOF)
  * backgroundWrite(fd, buffer, position) -> Promise<void>
  *
- * A pread or pwrite made whole on one of the addon's own two background threads, which run at
- * the lowest nice value (19, Linux; elsewhere at the process's priority). Bulk copies that must
+ * A pread or pwrite made whole on the addon's own background thread, which runs at the lowest
+ * nice value (19, Linux; elsewhere at the process's priority). Bulk copies that must
  * not slow a guest (a live copy's passes) do their I/O here rather than in Node's thread pool:
  * there the kernel's copying of their megabytes (page cache in and out) held the pool's threads
  * and competed on equal terms with the guest's own small writes, which go through the same pool.
@@ -11,6 +11,11 @@
  * write latency during the copy 0.43-0.60 ms here against 0.59-0.81 ms through the pool, the
  * copy no slower. A thread at nice 19 gives way to any normal one that wakes; alone on the
  * machine it runs at full speed.
+ *
+ * One thread, not two: a core is then always left to the guest's path (event loop, thread pool,
+ * its own syscalls). bench/live.ts on 2 cores, 3 rounds twice each: the guest's p50 during the
+ * copy was 0.19-0.20 ms (background) and 0.30-0.32 ms (write-blocking) with one thread, against
+ * 0.35-0.37 and 0.51-0.53 ms with two, the copy as fast (ready in 1.80-1.98 s against 1.85-1.95 s).
  *
  * Not done here, measured and left: starting the copy's writeback as it goes (sync_file_range
  * every 16 MiB), so that the fdatasync before `ready` has less to write. The copy got faster
@@ -20,7 +25,7 @@
  * Node's thread pool is left alone: it serves everything else, and a thread's priority cannot
  * be raised again without privilege.
  *
- * The threads start at the first call and live as long as the process. Completions reach the
+ * The thread starts at the first call and lives as long as the process. Completions reach the
  * JavaScript thread that asked (one thread-safe function per environment, referenced only while
  * something is in flight, so an idle helper keeps no event loop alive). Errors reject with an
  * Error whose `code` is the errno name. The buffer is held until the promise settles; the caller
@@ -39,7 +44,7 @@
 #endif
 #include "fileio.h"
 
-#define BG_THREADS 2
+#define BG_THREADS 1
 #define BG_NICE 19
 /*
  * A write is made 64 KiB per pwrite. A buffered write holds its file's inode lock (ext4, XFS) for

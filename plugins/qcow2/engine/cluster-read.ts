@@ -10,7 +10,7 @@ import type { BlockStatus } from './types.js';
 
 /**
  * Fill `out` with the guest bytes at `offset` (every byte is written). Caller holds the lock.
- * `background`: a bulk copy's read (data reads on the low-priority threads, see ImageFile).
+ * `background`: a bulk copy's read (data reads on the low-priority thread, see ImageFile).
  */
 export async function readLocked(s: Qcow2State, out: Uint8Array, offset: number, background = false): Promise<void> {
   for (const run of await runs(s, offset, out.length)) {

@@ -20,7 +20,7 @@ const freesNothing = (e: L2Entry): boolean => e.kind === 'unallocated' || (e.kin
  * clusters free nothing reused before an exclusive step, else exclusive. So writes into fresh
  * clusters go on beside reads, other such writes and a flush's fdatasync (a live copy's
  * write-blocking writes into the target waited out the copier's writes and a whole sync).
- * `background`: a bulk copy's write (its data on the low-priority threads, see ImageFile).
+ * `background`: a bulk copy's write (its data on the low-priority thread, see ImageFile).
  */
 export async function write(s: Qcow2State, offset: number, data: Uint8Array, background = false): Promise<void> {
   if (await s.lock.shared(() => writeInPlace(s, offset, data, false, background))) return;

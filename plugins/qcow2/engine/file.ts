@@ -100,7 +100,7 @@ export class ImageFile {
   private unsynced = 0;
   /** The background writeback running now, if any (at most one at a time). */
   private writingBack: Promise<void> | undefined;
-  /** Reads and writes on the native helper's background threads, not settled yet. */
+  /** Reads and writes on the native helper's background thread, not settled yet. */
   private readonly background = new Set<Promise<unknown>>();
   /** A failed background writeback: reported by the next sync(), as the kernel would have. */
   private writeBackError: unknown;
@@ -160,7 +160,7 @@ export class ImageFile {
   }
 
   /**
-   * `background`: a bulk copy's read, made on the native helper's low-priority threads where it
+   * `background`: a bulk copy's read, made on the native helper's low-priority thread where it
    * is built (bgio.c says why), so that it does not hold up the other I/O of the process.
    */
   async readInto(buf: Uint8Array, pos: number, background = false): Promise<number> {

@@ -41,11 +41,11 @@ export interface NativeAddon {
    */
   writeBatch?(fd: number, positions: Float64Array, buffers: Uint8Array[], sync: boolean): Promise<void>;
   /**
-   * pread until `buffer` is full or EOF, on the helper's own low-priority threads
+   * pread until `buffer` is full or EOF, on the helper's own low-priority thread
    * (native/fileio/bgio.c); resolves to the bytes read. Absent from an older build.
    */
   backgroundRead?(fd: number, buffer: Uint8Array, position: number): Promise<number>;
-  /** pwrite all of `buffer` on the helper's low-priority threads; rejects with `code`. */
+  /** pwrite all of `buffer` on the helper's low-priority thread; rejects with `code`. */
   backgroundWrite?(fd: number, buffer: Uint8Array, position: number): Promise<void>;
 }
 

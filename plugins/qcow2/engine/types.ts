@@ -67,13 +67,13 @@ export interface OpenOptions {
   writeBehind?: boolean;
 }
 
-/** `background`: a bulk copy's read (see core's IoOptions); its data is read on low-priority threads. */
+/** `background`: a bulk copy's read (see core's IoOptions); its data is read on a low-priority thread. */
 export interface ReadOptions {
   background?: boolean;
 }
 
 export interface WriteOptions {
-  /** A bulk copy's write (see core's IoOptions): its data is written on low-priority threads. */
+  /** A bulk copy's write (see core's IoOptions): its data is written on a low-priority thread. */
   background?: boolean;
   /**
    * Force unit access (NBD's FUA): resolve only once the write is durable, as write() then
