@@ -7,9 +7,11 @@ export interface ByteRange {
 }
 
 /**
- * How a read or a write is made. `background`: it is a bulk copy's (a live copy's passes), which
- * should not hold up the device's other I/O (a guest's): a device may make it on threads of lower
- * priority, or ignore the hint — the result is the same either way.
+ * How a read, a write or a flush is made. `background`: it is a bulk copy's (a live copy's
+ * passes, its target's flush before `ready`), which should not hold up the device's other I/O (a
+ * guest's): a device may make it on threads of lower priority, write a flush's data back a piece
+ * at a time before it syncs, or ignore the hint — the result is the same either way, and a flush
+ * is as durable.
  */
 export interface IoOptions {
   background?: boolean;
@@ -65,7 +67,7 @@ export interface BlockDevice {
    * FailedPrecondition — never an answer that may leave a write out.
    */
   dirtyExtents?(name: string, offset: number, length: number): Promise<ByteRange[]>;
-  flush(): Promise<void>;
+  flush(opts?: IoOptions): Promise<void>;
   /**
    * Keep the device's own bookkeeping of writes (a qcow2 image's cluster tables and refcounts) in
    * memory until the next flush (`true`), or write it with each write again (`false`, writing what

@@ -26,5 +26,7 @@ NAPI_MODULE_INIT() {
   CHECK(env, napi_set_named_property(env, exports, "backgroundRead", fn));
   CHECK(env, napi_create_function(env, "backgroundWrite", NAPI_AUTO_LENGTH, offload_background_write, NULL, &fn));
   CHECK(env, napi_set_named_property(env, exports, "backgroundWrite", fn));
+  CHECK(env, napi_create_function(env, "backgroundSync", NAPI_AUTO_LENGTH, offload_background_sync, NULL, &fn));
+  CHECK(env, napi_set_named_property(env, exports, "backgroundSync", fn));
   return exports;
 }

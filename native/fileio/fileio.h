@@ -23,5 +23,6 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info);
 napi_value offload_write_batch(napi_env env, napi_callback_info info);
 napi_value offload_background_read(napi_env env, napi_callback_info info);
 napi_value offload_background_write(napi_env env, napi_callback_info info);
+napi_value offload_background_sync(napi_env env, napi_callback_info info);
 
 #endif

@@ -310,7 +310,7 @@ describe('Mirror', () => {
     expect(same(await dst.read(0, size), model)).toBe(true);
   });
 
-  it('copies as bulk I/O: reads into buffers it uses again, asks both devices for background I/O, and sends runs of zeros as writeZeroes; guest I/O is not background', async () => {
+  it('copies as bulk I/O: reads into buffers it uses again, asks both devices for background I/O, and sends runs of zeros as writeZeroes; guest I/O is not background; the flushes while clients run are bulk, the one under the hold not', async () => {
     const size = 8 * MiB;
     const src = memoryDevice(size);
     for (let i = 0; i < 6; i++) await src.write(i * MiB, new Uint8Array(MiB).fill(i + 1));
@@ -335,6 +335,7 @@ describe('Mirror', () => {
       extents: (o, l) => dst.extents(o, l),
       write: async (o, d, opts) => { seen.push(`target write ${opts?.background === true}`); await dst.write(o, d); },
       writeZeroes: async (o, l) => { seen.push('target zeroes'); await dst.writeZeroes!(o, l); },
+      flush: async (opts) => { seen.push(`target flush ${opts?.background === true}`); await dst.flush(); },
     };
     const live = new LiveDevice(source);
     const mirror = new Mirror(live, target, { chunkBytes: MiB });
@@ -347,10 +348,16 @@ describe('Mirror', () => {
     expect(count('target write true')).toBeGreaterThanOrEqual(6);
     expect(count('target zeroes')).toBe(2); // the two MiB of zeros, not written as data
     expect(count('source write false')).toBe(1); // the guest's write: not background
-    expect(seen.filter((x) => x.endsWith('true') && !x.startsWith('source readInto') && !x.startsWith('target write'))).toEqual([]);
+    expect(seen.filter((x) => x.endsWith('true') && !x.startsWith('source readInto') && !x.startsWith('target write') && !x.startsWith('target flush'))).toEqual([]);
     expect(count('source read true') + count('source read false')).toBe(0); // readInto where the device has it
     expect(buffers.size).toBeLessThanOrEqual(2); // one per copy in flight, used again (not one per MiB)
+    // Before ready (once: in sync from then on, the target is flushed again at the switch-over): a bulk flush.
+    expect(count('target flush true')).toBe(1);
+    expect(count('target flush false')).toBe(0);
+    seen.length = 0;
     await mirror.pivot();
+    // The switch-over: a bulk flush while clients still run, then one under the hold, which they wait for.
+    expect(seen.filter((x) => x.startsWith('target flush'))).toEqual(['target flush true', 'target flush false']);
     const want = await src.read(0, size);
     expect(same(await dst.read(0, size), want)).toBe(true);
   });

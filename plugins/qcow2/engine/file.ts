@@ -30,8 +30,8 @@ function nativeWriteBatch(): NativeAddon['writeBatch'] {
   return batchOverride !== undefined ? (batchOverride ?? undefined) : nativeAddon()?.writeBatch;
 }
 
-type BackgroundIO = Pick<NativeAddon, 'backgroundRead' | 'backgroundWrite'>;
-/** Tests: the native background reads and writes replaced (recorded), or null for none. */
+type BackgroundIO = Pick<NativeAddon, 'backgroundRead' | 'backgroundWrite' | 'backgroundSync'>;
+/** Tests: the native background reads, writes and syncs replaced (recorded), or null for none. */
 let backgroundOverride: BackgroundIO | null | undefined;
 
 /**
@@ -307,10 +307,18 @@ export class ImageFile {
     await this.fh.truncate(len);
   }
 
-  async sync(): Promise<void> {
+  /**
+   * Make every write made so far durable. `background`: a bulk copy's flush, with the native
+   * helper written back a slice at a time on its low-priority thread, then synced there (bgio.c
+   * says why); else (or without the helper) one fdatasync from the thread pool.
+   */
+  async sync(background = false): Promise<void> {
     // In a batch: what is held back, then the fdatasync, in one call (a barrier stays a barrier).
     if (this.held) return this.writeHeld(true);
     if (this.readOnly || this.mode.skipSync) return;
+    const bg = background ? backgroundIO()?.backgroundSync : undefined;
+    // Tracked from the call on (close waits for it): the descriptor is used after a wait.
+    if (bg) return this.tracked(this.settleWriteBehind().then(() => { this.unsynced = 0; return bg(this.fh.fd); }));
     await this.settleWriteBehind();
     this.unsynced = 0;
     await this.fh.datasync();

@@ -113,7 +113,7 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
       bitmapNames = await consistent(img);
       return img.bitmaps.dirtyExtents(name, offset, length);
     }),
-    flush: async () => { alive(); if (opts.mode === 'rw') await io((img) => img.flush()); },
+    flush: async (o) => { alive(); if (opts.mode === 'rw') await io((img) => img.flush(o?.background ? { background: true } : undefined)); },
     deferMetadata: async (on) => {
       writable();
       await io((img) => img.setDeferMetadata(on));

@@ -3,7 +3,7 @@ import { DirtyBitmap } from './dirty-map.js';
 import type { ImageNode } from './image-node.js';
 import type {
   Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, DirtyMap, HeaderInfo, Image, ImageFormat, NewBacking, BitmapOps, SnapshotOps,
-  ReadOptions, WriteOptions,
+  FlushOptions, ReadOptions, WriteOptions,
 } from './types.js';
 
 /**
@@ -94,7 +94,7 @@ export class ImageHandle implements Image {
   resize(newSize: number): Promise<void> { return this.call((n) => n.resize(newSize)); }
   flushMetadata(): Promise<void> { return this.call((n) => n.flushMetadata()); }
   setDeferMetadata(on: boolean): Promise<void> { return this.call((n) => n.setDeferMetadata(on)); }
-  flush(): Promise<void> { return this.call((n) => n.flush()); }
+  flush(opts?: FlushOptions): Promise<void> { return this.call((n) => n.flush(opts)); }
   fileSize(): Promise<number> { return this.call((n) => n.fileSize()); }
   check(opts?: CheckOptions): Promise<CheckResult> { return this.call((n) => n.check(opts)); }
   fillUnallocated(offset: number, data: Uint8Array): Promise<number> { return this.call((n) => n.fillUnallocated(offset, data)); }

@@ -47,6 +47,11 @@ export interface NativeAddon {
   backgroundRead?(fd: number, buffer: Uint8Array, position: number): Promise<number>;
   /** pwrite all of `buffer` on the helper's low-priority thread; rejects with `code`. */
   backgroundWrite?(fd: number, buffer: Uint8Array, position: number): Promise<void>;
+  /**
+   * Write the file back a slice at a time (sync_file_range, Linux), then fdatasync, on the
+   * helper's low-priority thread; rejects with `code`.
+   */
+  backgroundSync?(fd: number): Promise<void>;
 }
 
 const ADDON = join('native', 'fileio', 'build', 'Release', 'offload_fileio.node');

@@ -16,7 +16,7 @@ import { Qcow2State, type Qcow2Parts } from './qcow2-state.js';
 import { resizeLocked } from './resize.js';
 import { SnapshotManager } from './snapshots.js';
 import type {
-  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, ReadOptions, WriteOptions,
+  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, FlushOptions, ReadOptions, WriteOptions,
 } from './types.js';
 
 /** One open qcow2 layer: the public operations, each taking the lock it needs over the shared Qcow2State. */
@@ -163,7 +163,7 @@ export class Qcow2Image implements ImageNode {
     await this.s.lock.exclusive(() => this.s.meta.setDeferring(on));
   }
 
-  async flush(): Promise<void> {
+  async flush(opts?: FlushOptions): Promise<void> {
     this.s.checkOpen();
     if (this.s.readOnly) return;
     await this.s.lock.exclusive(() => this.s.meta.flushLocked());
@@ -171,7 +171,7 @@ export class Qcow2Image implements ImageNode {
     // its data and (just now) its metadata in the file, so the sync covers it, while guest
     // writes go on meanwhile instead of waiting out the sync (a live copy's write-blocking writes
     // waited ~300 ms on a target's flush); close and structural changes still wait for it.
-    await this.s.lock.shared(() => this.s.file.sync());
+    await this.s.lock.shared(() => this.s.file.sync(opts?.background));
   }
 
   async close(): Promise<void> {

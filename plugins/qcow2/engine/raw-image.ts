@@ -2,7 +2,7 @@ import { FailedPrecondition, InvalidArgument, nonZeroRuns, OutOfRange, RwLock, U
 import type { ImageFile } from './file.js';
 import type { ImageNode } from './image-node.js';
 import { mergeStatus } from './status.js';
-import type { Allocation, BlockStatus, ChainEntry, CheckResult, BitmapOps, ReadOptions, SnapshotOps, WriteOptions } from './types.js';
+import type { Allocation, BlockStatus, ChainEntry, CheckResult, BitmapOps, FlushOptions, ReadOptions, SnapshotOps, WriteOptions } from './types.js';
 
 const CHUNK = 1 << 20;
 /** Hole granularity assumed for sparse raw files (the usual file-system block). */
@@ -176,8 +176,8 @@ export class RawImage implements ImageNode {
     });
   }
 
-  async flush(): Promise<void> {
-    if (!this.readOnly) await this.file.sync();
+  async flush(opts?: FlushOptions): Promise<void> {
+    if (!this.readOnly) await this.file.sync(opts?.background);
   }
 
   async close(): Promise<void> {

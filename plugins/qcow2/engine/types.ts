@@ -72,6 +72,14 @@ export interface ReadOptions {
   background?: boolean;
 }
 
+/**
+ * `background`: a bulk copy's flush (see core's IoOptions): the file is written back a slice at a
+ * time on the low-priority thread, then synced there; as durable as any flush.
+ */
+export interface FlushOptions {
+  background?: boolean;
+}
+
 export interface WriteOptions {
   /** A bulk copy's write (see core's IoOptions): its data is written on a low-priority thread. */
   background?: boolean;
@@ -324,7 +332,7 @@ export interface Image {
    */
   setDeferMetadata(on: boolean): Promise<void>;
   /** flushMetadata(), then fdatasync (skipped with cache `unsafe`). */
-  flush(): Promise<void>;
+  flush(opts?: FlushOptions): Promise<void>;
   close(): Promise<void>;
   /** Size of the image file in bytes. */
   fileSize(): Promise<number>;

@@ -3,7 +3,7 @@
  * (native/fileio/bgio.c), and the engine's `background` option, which sends a bulk copy's data
  * reads and writes there and nothing else.
  */
-import { closeSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fdatasyncSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../index.js';
@@ -19,7 +19,7 @@ afterAll(cleanup);
 afterEach(() => setNativeBackgroundIO(undefined));
 
 const addon = nativeAddon();
-const native = addon?.backgroundRead && addon.backgroundWrite ? addon as Required<Pick<NativeAddon, 'backgroundRead' | 'backgroundWrite'>> : undefined;
+const native = addon?.backgroundRead && addon.backgroundWrite && addon.backgroundSync ? addon as Required<Pick<NativeAddon, 'backgroundRead' | 'backgroundWrite' | 'backgroundSync'>> : undefined;
 
 describe.skipIf(!native)('the native helper\'s background reads and writes', () => {
   it('write and read back, many at once; a read past the end is short; errors carry their errno', async () => {
@@ -53,6 +53,41 @@ describe.skipIf(!native)('the native helper\'s background reads and writes', () 
     expect(() => native!.backgroundRead(0, new Uint8Array(1), 1.5)).toThrow(/whole offset/);
   });
 
+  it('a background sync writes the file back and syncs it, in order after the background writes before it; errors carry their errno', async () => {
+    const file = join(dir, 'sync.bin');
+    writeFileSync(file, Buffer.alloc(0));
+    const fd = openSync(file, 'r+');
+    try {
+      // 40 MiB: more than one slice of the writeback (16 MiB).
+      const parts = Array.from({ length: 40 }, (_, i) => pattern(MiB, i + 20));
+      const writes = parts.map((p, i) => native!.backgroundWrite(fd, p, i * MiB));
+      const synced = native!.backgroundSync(fd);
+      let written = 0;
+      for (const w of writes) void w.then(() => written++);
+      await synced;
+      // One thread, in order: every write queued before the sync is done when it resolves.
+      expect(written).toBe(40);
+      const back = readFileSync(file);
+      expect(back.length).toBe(40 * MiB);
+      parts.forEach((p, i) => expect(back.subarray(i * MiB, (i + 1) * MiB).equals(Buffer.from(p))).toBe(true));
+      // A file with nothing to write back, and an empty one.
+      await native!.backgroundSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    const empty = join(dir, 'sync-empty.bin');
+    writeFileSync(empty, Buffer.alloc(0));
+    const efd = openSync(empty, 'r+');
+    try {
+      await native!.backgroundSync(efd);
+    } finally {
+      closeSync(efd);
+    }
+    await expect(native!.backgroundSync(1 << 20)).rejects.toMatchObject({ code: 'EBADF' });
+    expect(() => native!.backgroundSync(-1)).toThrow(TypeError);
+    expect(() => native!.backgroundSync('3' as unknown as number)).toThrow(/descriptor/);
+  });
+
   it.skipIf(process.platform !== 'linux')('runs on one thread at nice 19 (Linux), beside a thread pool left at the process\'s priority', async () => {
     const file = join(dir, 'nice.bin');
     writeFileSync(file, Buffer.alloc(4096, 7));
@@ -71,7 +106,7 @@ describe.skipIf(!native)('the native helper\'s background reads and writes', () 
 
 /** The real helper wrapped so that it records what goes through it (or a fallback when it is not built). */
 function recording() {
-  const calls: { op: 'read' | 'write'; pos: number; length: number }[] = [];
+  const calls: { op: 'read' | 'write' | 'sync'; pos: number; length: number }[] = [];
   const fallbackRead = async (fd: number, buf: Uint8Array, pos: number) => {
     const { readSync } = await import('node:fs');
     return readSync(fd, buf, 0, buf.length, pos);
@@ -88,6 +123,10 @@ function recording() {
     backgroundWrite: (fd, buf, pos) => {
       calls.push({ op: 'write', pos, length: buf.length });
       return native ? native.backgroundWrite(fd, buf, pos) : fallbackWrite(fd, buf, pos);
+    },
+    backgroundSync: (fd) => {
+      calls.push({ op: 'sync', pos: 0, length: 0 });
+      return native ? native.backgroundSync(fd) : Promise.resolve(fdatasyncSync(fd));
     },
   });
   return calls;
@@ -170,6 +209,46 @@ describe('the engine\'s background option', () => {
     await img.close();
   });
 
+  it('a bulk flush (background) syncs on the background thread, after the held metadata is written: qcow2, raw and a volume\'s device; a plain flush and FUA writes do not', async () => {
+    const calls = recording();
+    const file = join(dir, 'flush.qcow2');
+    await createImage(file, { size: 8 * MiB, clusterSize: 64 * KiB });
+    const img = await openImage(file, { readOnly: false });
+    const dev = await imageDevice(img, { mode: 'rw' });
+    // A mirror's target: its tables held in memory until the flush.
+    await dev.deferMetadata!(true);
+    await dev.write(MiB, pattern(2 * MiB, 15), { background: true });
+    calls.length = 0;
+    await dev.flush({ background: true });
+    expect(calls.map((c) => c.op)).toEqual(['sync']);
+    // What the flush made durable is in the file: another open of it sees the data.
+    const other = await openImage(file);
+    expect(Buffer.from(await other.read(MiB, 2 * MiB)).equals(Buffer.from(pattern(2 * MiB, 15)))).toBe(true);
+    await other.close();
+    calls.length = 0;
+    await dev.write(0, pattern(64 * KiB, 16));
+    await dev.flush();
+    await dev.writeFua!(0, pattern(64 * KiB, 17));
+    await img.flush();
+    expect(calls).toEqual([]);
+    await img.flush({ background: true });
+    expect(calls.map((c) => c.op)).toEqual(['sync']);
+    await dev.close();
+    await img.close();
+    if (hasQemu) expect(qemuCheckJson(file).status).toBe(0);
+
+    const rawFile = join(dir, 'flush.raw');
+    writeFileSync(rawFile, Buffer.alloc(2 * MiB));
+    const raw = await openImage(rawFile, { readOnly: false, format: 'raw' });
+    calls.length = 0;
+    await raw.write(0, pattern(64 * KiB, 18));
+    await raw.flush();
+    expect(calls).toEqual([]);
+    await raw.flush({ background: true });
+    expect(calls.map((c) => c.op)).toEqual(['sync']);
+    await raw.close();
+  });
+
   it('closing a file waits for its background reads and writes (their bare descriptor must not be reused under them)', async () => {
     const path = join(dir, 'close.bin');
     writeFileSync(path, Buffer.alloc(64 * KiB));
@@ -193,6 +272,28 @@ describe('the engine\'s background option', () => {
     await Promise.all([w, closed]);
     expect(events).toEqual(['written', 'closed']);
     expect(readFileSync(path).subarray(4096, 8192).every((b) => b === 0x5a)).toBe(true);
+
+    // A background sync too.
+    let releaseSync!: () => void;
+    const syncGate = new Promise<void>((r) => (releaseSync = r));
+    events.length = 0;
+    setNativeBackgroundIO({
+      backgroundRead: async (fd, buf, pos) => readSync(fd, buf, 0, buf.length, pos),
+      backgroundWrite: async (fd, buf, pos) => { writeSync(fd, buf, 0, buf.length, pos); },
+      backgroundSync: async (fd) => {
+        await syncGate;
+        fdatasyncSync(fd);
+        events.push('synced');
+      },
+    });
+    const g = await ImageFile.open(path, false);
+    const synced = g.sync(true);
+    const gClosed = g.close().then(() => events.push('closed'));
+    await new Promise((r) => setTimeout(r, 30));
+    expect(events).toEqual([]);
+    releaseSync();
+    await Promise.all([synced, gClosed]);
+    expect(events).toEqual(['synced', 'closed']);
   });
 
   it('without the helper\'s background I/O, the option is only a hint: the same data, through the thread pool', async () => {
@@ -202,6 +303,7 @@ describe('the engine\'s background option', () => {
     const img = await openImage(file, { readOnly: false });
     await img.write(0, pattern(512 * KiB, 11), { background: true });
     expect(Buffer.from(await img.read(0, 512 * KiB, { background: true })).equals(Buffer.from(pattern(512 * KiB, 11)))).toBe(true);
+    await img.flush({ background: true });
     await img.close();
   });
 });
