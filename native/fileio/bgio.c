@@ -31,9 +31,12 @@
  * JavaScript thread that asked (one thread-safe function per environment, referenced only while
  * something is in flight, so an idle helper keeps no event loop alive). Errors reject with an
  * Error whose `code` is the errno name. The buffer is held until the promise settles; the caller
- * must not change it meanwhile (as with fs.write).
+ * must not change it meanwhile (as with fs.write). An environment that ends with jobs in flight (a
+ * worker thread terminated) drops those not started and waits for the one running, at most one
+ * read or write (a sync stops between slices): its buffers are freed only after.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -74,7 +77,12 @@ enum { BG_READ, BG_WRITE, BG_SYNC };
 
 typedef struct env_state {
   napi_threadsafe_function tsfn;
+  /* Jobs not settled yet (the JavaScript thread's count: the tsfn is referenced while > 0). */
   size_t in_flight;
+  /* Under mu: jobs queued or running whose buffer the helper may still touch. */
+  size_t unfinished;
+  /* Set (under mu) when the environment ends: its jobs are dropped, a sync stops between slices. */
+  int closing;
 } env_state;
 
 typedef struct bg_job {
@@ -95,6 +103,8 @@ typedef struct bg_job {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+/* Signalled when a job is finished with (its `unfinished` count went down). */
+static pthread_cond_t finished_cv = PTHREAD_COND_INITIALIZER;
 static bg_job *head, *tail;
 static int started;
 
@@ -111,6 +121,8 @@ static void run_sync(bg_job *j) {
   struct stat st;
   if (fstat(j->fd, &st) == 0) {
     for (off_t at = 0; at < st.st_size; at += BG_SYNC_SLICE) {
+      /* Its environment is ending (a worker terminated): nobody waits for the result. */
+      if (__atomic_load_n(&j->state->closing, __ATOMIC_ACQUIRE)) return;
       if (sync_file_range(j->fd, at, BG_SYNC_SLICE, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) != 0 && errno != EINTR) break;
     }
   }
@@ -155,17 +167,35 @@ static void *worker(void *arg) {
     if (!head) tail = NULL;
     pthread_mutex_unlock(&mu);
     run(j);
-    if (napi_call_threadsafe_function(j->state->tsfn, j, napi_tsfn_blocking) != napi_ok) {
-      /* The environment is going away: nobody is left to settle the promise. */
+    env_state *s = j->state;
+    /* An environment that is ending waits in env_ending() until this job is finished with. */
+    if (__atomic_load_n(&s->closing, __ATOMIC_ACQUIRE) || napi_call_threadsafe_function(s->tsfn, j, napi_tsfn_blocking) != napi_ok) {
+      /* Nobody is left to settle the promise. */
       free(j);
     }
+    pthread_mutex_lock(&mu);
+    s->unfinished--;
+    pthread_cond_broadcast(&finished_cv);
+    pthread_mutex_unlock(&mu);
   }
   return NULL;
+}
+
+/*
+ * The helper thread runs this library's code for as long as the process lives, so the library
+ * must never be unloaded: Node unloads an addon when the last environment that loaded it ends (a
+ * worker thread that terminated), and the thread then ran in unmapped code. Loaded once more,
+ * with RTLD_NODELETE, it stays.
+ */
+static void pin_library(void) {
+  Dl_info info;
+  if (dladdr((void *)&pin_library, &info) && info.dli_fname) dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE);
 }
 
 /* Start the threads once; 0 if none could be started. */
 static int start_threads(void) {
   pthread_mutex_lock(&mu);
+  if (started == 0) pin_library();
   for (int i = started; i < BG_THREADS; i++) {
     pthread_t t;
     pthread_attr_t a;
@@ -199,6 +229,35 @@ static void settle(napi_env env, napi_value js_cb, void *context, void *data) {
   free(j);
 }
 
+/*
+ * The environment is ending (a worker thread terminated, or the process exiting): its jobs that
+ * have not started are dropped, and the one running is waited for, so that the helper never
+ * reads or writes a buffer, or calls a thread-safe function, that the ending frees. Runs before
+ * the tsfn's own clean-up and the instance data's finalizer (hooks run last-added first).
+ */
+static void env_ending(void *arg) {
+  env_state *s = arg;
+  pthread_mutex_lock(&mu);
+  __atomic_store_n(&s->closing, 1, __ATOMIC_RELEASE);
+  bg_job *kept = NULL, *last = NULL;
+  for (bg_job *j = head, *next; j; j = next) {
+    next = j->next;
+    if (j->state == s) {
+      s->unfinished--;
+      free(j);
+      continue;
+    }
+    j->next = NULL;
+    if (last) last->next = j;
+    else kept = j;
+    last = j;
+  }
+  head = kept;
+  tail = last;
+  while (s->unfinished > 0) pthread_cond_wait(&finished_cv, &mu);
+  pthread_mutex_unlock(&mu);
+}
+
 static void finalize_state(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
@@ -223,6 +282,8 @@ static env_state *state_of(napi_env env) {
     free(s);
     return NULL;
   }
+  /* Added after the tsfn (whose clean-up then runs after this one); s lives until the finalizer. */
+  if (napi_add_env_cleanup_hook(env, env_ending, s) != napi_ok) return NULL;
   return s;
 }
 
@@ -280,6 +341,7 @@ static napi_value submit(napi_env env, napi_callback_info info, int op) {
   }
   if (s->in_flight++ == 0) napi_ref_threadsafe_function(env, s->tsfn);
   pthread_mutex_lock(&mu);
+  s->unfinished++;
   if (tail) tail->next = j;
   else head = j;
   tail = j;

@@ -4,7 +4,9 @@
  * reads and writes there and nothing else.
  */
 import { closeSync, fdatasyncSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../index.js';
 import { ImageFile, setNativeBackgroundIO } from '../engine/file.js';
@@ -86,6 +88,14 @@ describe.skipIf(!native)('the native helper\'s background reads and writes', () 
     await expect(native!.backgroundSync(1 << 20)).rejects.toMatchObject({ code: 'EBADF' });
     expect(() => native!.backgroundSync(-1)).toThrow(TypeError);
     expect(() => native!.backgroundSync('3' as unknown as number)).toThrow(/descriptor/);
+  });
+
+  it('worker threads terminated with reads, writes and a sync in flight: no crash, and the helper goes on serving the threads left', () => {
+    // Without waiting for the ending environment's jobs, the helper wrote into freed buffers; without
+    // pinning the library, it ran in code Node unloaded with the last worker that had loaded it.
+    const addonPath = fileURLToPath(new URL('../../../native/fileio/build/Release/offload_fileio.node', import.meta.url));
+    const child = spawnSync(process.execPath, [fileURLToPath(new URL('./bg-terminate.cjs', import.meta.url)), addonPath, join(dir, 'terminate.bin'), '20'], { encoding: 'utf8', timeout: 120_000 });
+    expect({ status: child.status, signal: child.signal, stdout: child.stdout.trim() }).toEqual({ status: 0, signal: null, stdout: `done ${MiB}` });
   });
 
   it.skipIf(process.platform !== 'linux')('runs on one thread at nice 19 (Linux), beside a thread pool left at the process\'s priority', async () => {
