@@ -85,12 +85,52 @@ describe('jobs', () => {
     const statuses: JobStatus[] = [];
     const progress: number[] = [];
     job.on((e: JobEvent) => (e.type === 'status' ? statuses.push(e.job.status) : e.type === 'progress' && progress.push(e.job.progress.current)));
-    for (let i = 0; i < 3; i++) await t.step();
+    // Steps further apart than progress events may come (100 ms): each is an event of its own.
+    for (let i = 0; i < 3; i++) {
+      await t.step();
+      await new Promise((r) => setTimeout(r, 110));
+    }
     const info = await job.wait();
     expect(info.error).toBeUndefined();
     expect(statuses).toEqual(['waiting', 'pending', 'concluded']);
     expect(progress).toEqual([100, 200, 300]);
     expect(info.progress).toEqual({ current: 300, total: 300 });
+  });
+
+  it('progress events come at most every 100 ms, the latest delivered; none after the conclusion', async () => {
+    const m = manager();
+    let finish!: () => void;
+    const finished = new Promise<void>((r) => (finish = r));
+    const task: JobTask = {
+      type: 'test',
+      params: {},
+      async run(ctx) {
+        ctx.setTotal(1000);
+        await new Promise((r) => setTimeout(r, 20)); // the listener is attached meanwhile
+        for (let i = 0; i < 10; i++) await ctx.checkpoint(50); // a burst: 500 bytes
+        await finished;
+        for (let i = 0; i < 10; i++) await ctx.checkpoint(50); // and one that the conclusion follows at once
+      },
+    };
+    const job = await m.start({ task, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
+    const events: { type: string; current: number; at: number }[] = [];
+    const t0 = Date.now();
+    job.on((e: JobEvent) => events.push({ type: e.type, current: e.job.progress.current, at: Date.now() - t0 }));
+    await new Promise((r) => setTimeout(r, 250));
+    const progress = events.filter((e) => e.type === 'progress');
+    // The first at once, the rest of the burst held back and sent once, as it was at the end.
+    expect(progress.map((e) => e.current)).toEqual([50, 500]);
+    expect(progress[1]!.at - progress[0]!.at).toBeGreaterThanOrEqual(90);
+    finish();
+    const info = await job.wait();
+    await new Promise((r) => setTimeout(r, 150));
+    expect(info.progress.current).toBe(1000);
+    // The second burst: its first event at once, the rest held back — dropped at the conclusion,
+    // which carries 1000 (or, on a machine slow enough that the conclusion came 100 ms later, sent before it).
+    const later = events.filter((e) => e.type === 'progress').map((e) => e.current);
+    expect(later.slice(0, 3)).toEqual([50, 500, 550]);
+    expect(later.slice(3).every((c) => c === 1000)).toBe(true);
+    expect(events.at(-1)).toMatchObject({ type: 'completed', current: 1000 }); // 150 ms after: nothing followed it
   });
 
   it('pauses and resumes; verbs in the wrong state are refused', async () => {
