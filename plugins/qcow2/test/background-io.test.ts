@@ -259,51 +259,37 @@ describe('the engine\'s background option', () => {
     await raw.close();
   });
 
-  it('closing a file waits for its background reads and writes (their bare descriptor must not be reused under them)', async () => {
+  it('closing a file waits for its background reads, writes and syncs (their bare descriptor must not be reused under them)', async () => {
     const path = join(dir, 'close.bin');
     writeFileSync(path, Buffer.alloc(64 * KiB));
-    let release!: () => void;
-    const gate = new Promise<void>((r) => (release = r));
     const events: string[] = [];
-    setNativeBackgroundIO({
-      backgroundRead: async (fd, buf, pos) => readSync(fd, buf, 0, buf.length, pos),
-      backgroundWrite: async (fd, buf, pos) => {
-        await gate; // held "in the kernel"
-        writeSync(fd, buf, 0, buf.length, pos);
-        events.push('written');
-      },
-    });
-    const f = await ImageFile.open(path, false);
-    const w = f.write(4096, new Uint8Array(4096).fill(0x5a), false, true);
-    const closed = f.close().then(() => events.push('closed'));
-    await new Promise((r) => setTimeout(r, 30));
-    expect(events).toEqual([]);
-    release();
-    await Promise.all([w, closed]);
-    expect(events).toEqual(['written', 'closed']);
+    /** The helper's I/O with one kind held "in the kernel" until released; `op` started on a file, then its close. */
+    const closeWaitsFor = async (held: 'write' | 'sync', op: (f: ImageFile) => Promise<void>) => {
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      const hold = async (what: string, io: () => void) => {
+        await gate;
+        io();
+        events.push(what);
+      };
+      setNativeBackgroundIO({
+        backgroundRead: async (fd, buf, pos) => readSync(fd, buf, 0, buf.length, pos),
+        backgroundWrite: async (fd, buf, pos) => (held === 'write' ? hold('written', () => writeSync(fd, buf, 0, buf.length, pos)) : void writeSync(fd, buf, 0, buf.length, pos)),
+        backgroundSync: async (fd) => (held === 'sync' ? hold('synced', () => fdatasyncSync(fd)) : fdatasyncSync(fd)),
+      });
+      events.length = 0;
+      const f = await ImageFile.open(path, false);
+      const running = op(f);
+      const closed = f.close().then(() => events.push('closed'));
+      await new Promise((r) => setTimeout(r, 30));
+      expect(events).toEqual([]);
+      release();
+      await Promise.all([running, closed]);
+      expect(events).toEqual([held === 'write' ? 'written' : 'synced', 'closed']);
+    };
+    await closeWaitsFor('write', (f) => f.write(4096, new Uint8Array(4096).fill(0x5a), false, true));
     expect(readFileSync(path).subarray(4096, 8192).every((b) => b === 0x5a)).toBe(true);
-
-    // A background sync too.
-    let releaseSync!: () => void;
-    const syncGate = new Promise<void>((r) => (releaseSync = r));
-    events.length = 0;
-    setNativeBackgroundIO({
-      backgroundRead: async (fd, buf, pos) => readSync(fd, buf, 0, buf.length, pos),
-      backgroundWrite: async (fd, buf, pos) => { writeSync(fd, buf, 0, buf.length, pos); },
-      backgroundSync: async (fd) => {
-        await syncGate;
-        fdatasyncSync(fd);
-        events.push('synced');
-      },
-    });
-    const g = await ImageFile.open(path, false);
-    const synced = g.sync(true);
-    const gClosed = g.close().then(() => events.push('closed'));
-    await new Promise((r) => setTimeout(r, 30));
-    expect(events).toEqual([]);
-    releaseSync();
-    await Promise.all([synced, gClosed]);
-    expect(events).toEqual(['synced', 'closed']);
+    await closeWaitsFor('sync', (f) => f.sync(true));
   });
 
   it('without the helper\'s background I/O, the option is only a hint: the same data, through the thread pool', async () => {
