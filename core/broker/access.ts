@@ -26,7 +26,7 @@ export class Access {
   }
 
   async mayAccess(ref: VolumeRef): Promise<boolean> {
-    return this.isAdmin || (await this.s.store.getOwner(volumeKey(ref))) === this.principal.id;
+    return this.isAdmin || (await this.s.ownerOf(volumeKey(ref))) === this.principal.id;
   }
 
   async assertOwns(ref: VolumeRef): Promise<void> {
@@ -39,7 +39,7 @@ export class Access {
 
   async withOwner(v: Volume): Promise<Volume> {
     if (v.owner !== undefined) return v;
-    const owner = await this.s.store.getOwner(`${v.backend}/${v.name}`);
+    const owner = await this.s.ownerOf(`${v.backend}/${v.name}`);
     return owner === undefined || v.owner !== undefined ? v : { ...v, owner };
   }
 
@@ -50,7 +50,7 @@ export class Access {
    */
   async targetOwner(ref: VolumeRef, backend: StorageBackend, owner: string, explicit: boolean): Promise<string> {
     const refText = volumeKey(ref);
-    const existing = await this.s.store.getOwner(refText);
+    const existing = await this.s.ownerOf(refText);
     if (existing !== undefined) {
       if (existing === owner || (this.isAdmin && !explicit)) return existing;
       throw new AlreadyExists(`${refText} already exists and belongs to ${this.isAdmin ? existing : 'someone else'}`, { ref: refText, hint: 'choose another name' });

@@ -80,7 +80,7 @@ export class DataJobs {
           source: { volume: src.volume, ...(isSnapshotRef(src) ? { snapshot: src.snapshot } : {}) },
           ...(size !== undefined ? { sizeBytes: size } : {}),
         }));
-        await this.s.store.setOwner(target, recorded);
+        await this.s.setOwner(target, recorded);
         return { ...vol, owner: recorded };
       });
   }

@@ -59,7 +59,7 @@ export class Locks implements LocksApi {
     this.s.assertOpen();
     const all = await this.s.locks.list();
     if (this.a.isAdmin) return all;
-    const mine = await Promise.all(all.map(async (l) => (await this.s.store.getOwner(l.key)) === this.a.principal.id));
+    const mine = await Promise.all(all.map(async (l) => (await this.s.ownerOf(l.key)) === this.a.principal.id));
     return all.filter((_, i) => mine[i]);
   }
 }

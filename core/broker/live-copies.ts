@@ -83,7 +83,7 @@ export class LiveCopies {
       }
     } else {
       // A migration keeps the volume's owner: the target is the source's owner's (a tenant's volume stays the tenant's).
-      const owner = this.a.isAdmin ? (await this.s.store.getOwner(source)) ?? this.a.principal.id : this.a.ownerFor(undefined);
+      const owner = this.a.isAdmin ? (await this.s.ownerOf(source)) ?? this.a.principal.id : this.a.ownerFor(undefined);
       create = { sizeBytes: live.sizeBytes, owner: await this.a.targetOwner(dst, d.backend, owner, false) };
     }
     let resumeFrom: string | undefined;

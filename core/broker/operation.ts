@@ -21,6 +21,10 @@ export function planOrRefuse(s: BrokerState, op: Operation, what: string, ref: s
   return plan;
 }
 
+/** Operation ids: unique across processes and hosts by their random prefix, then counted (a random id each cost ~17 µs). */
+const OP_ID_PREFIX = `${randomBytes(5).toString('hex')}-`;
+let opCount = 0;
+
 /**
  * A short operation: serialised per volume in this process, its locks visible to other brokers
  * while it runs (they wait for it), and refused (Busy) while a job or an export holds a
@@ -30,8 +34,8 @@ export function planOrRefuse(s: BrokerState, op: Operation, what: string, ref: s
 export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>, within?: string[]): Promise<T> {
   s.assertOpen();
   return s.mutex.run(locks.map((l) => l.key), async () => {
-    const id = `op-${randomBytes(6).toString('hex')}`;
-    const lease = await s.locks.acquirePublished(locks, { id, principal, description, ...(within && within.length > 0 ? { within } : {}) }, () => s.jobs.publishOperation(id, locks, principal, description));
+    const id = `op-${OP_ID_PREFIX}${(++opCount).toString(36)}`;
+    const lease = await s.locks.acquirePublished(locks, { id, principal, description, ...(within && within.length > 0 ? { within } : {}) }, () => s.jobs.publishShort(id, locks, principal, description));
     try {
       return await fn();
     } finally {

@@ -11,6 +11,7 @@ import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
 import { HOST } from '../jobs/runner.js';
+import { CLAIM_HOLD_MS } from '../jobs/op-claims.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
 import { FailedPrecondition, InvalidArgument, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
@@ -41,9 +42,32 @@ export class BrokerState {
   ) {
     this.locks = new LockManager({
       outside: async (keys) => this.jobs.outsideLocks(this.store, keys),
-      placeMaintenance: (key, principal, reason) => this.store.placeMaintenance(key, principal.id, reason),
+      placeMaintenance: async (key, principal, reason) => {
+        await this.store.placeMaintenance(key, principal.id, reason);
+        // Brokers' cached claims made before it lapse in this time (OpClaims): no operation starts under one after this returns.
+        await new Promise((r) => setTimeout(r, CLAIM_HOLD_MS));
+      },
       removeMaintenance: (key) => this.store.removeMaintenance(key),
     });
+  }
+
+  /**
+   * A volume's owner record (`backend/volume`): as this broker's live claim on the volume read it
+   * (nobody else can change it meanwhile: OpClaims), else from the store.
+   */
+  async ownerOf(ref: string): Promise<string | undefined> {
+    const known = this.jobs.knownOwner(ref);
+    return known === undefined ? this.store.getOwner(ref) : known ?? undefined;
+  }
+
+  async setOwner(ref: string, owner: string): Promise<void> {
+    await this.store.setOwner(ref, owner);
+    this.jobs.noteOwner(ref, owner);
+  }
+
+  async deleteOwner(ref: string): Promise<void> {
+    await this.store.deleteOwner(ref);
+    this.jobs.noteOwner(ref, null);
   }
 
   assertOpen(): void {
@@ -210,14 +234,14 @@ export class BrokerState {
       create: async (ref, sizeBytes, owner) => {
         const { r, b } = backendOf(ref);
         const vol = await call(b, 'create', ref, () => b.createVolume({ name: r.volume, sizeBytes, owner }));
-        await this.store.setOwner(ref, owner);
+        await this.setOwner(ref, owner);
         return vol;
       },
-      own: (ref, owner) => this.store.setOwner(ref, owner),
+      own: (ref, owner) => this.setOwner(ref, owner),
       remove: async (ref) => {
         const { r, b } = backendOf(ref);
         await call(b, 'delete', ref, () => b.deleteVolume(r.volume));
-        await this.store.deleteOwner(ref);
+        await this.deleteOwner(ref);
       },
     };
   }

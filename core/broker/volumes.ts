@@ -25,7 +25,7 @@ export class Volumes implements VolumesApi {
     return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `create ${refText}`, async () => {
       const recorded = await this.a.targetOwner(ref, b.backend, owner, o?.owner !== undefined);
       const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
-      await this.s.store.setOwner(volumeKey(ref), recorded);
+      await this.s.setOwner(volumeKey(ref), recorded);
       return { ...vol, owner: recorded };
     });
   }
@@ -86,7 +86,7 @@ export class Volumes implements VolumesApi {
     if (!(await this.a.mayAccess(ref))) return; // a tenant deleting what it cannot see: as if gone, nothing changes
     await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `delete ${refText}`, async () => {
       await call(b.backend, 'delete', refText, () => b.backend.deleteVolume(ref.volume));
-      await this.s.store.deleteOwner(volumeKey(ref));
+      await this.s.deleteOwner(volumeKey(ref));
     });
   }
 

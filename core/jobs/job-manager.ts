@@ -9,6 +9,7 @@ import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
 import type { JobTask } from './job-task.js';
 import { ManagedJob } from './managed-job.js';
+import { OpClaims, type Claimed } from './op-claims.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
 import { HOST, holderAlive, liveTokens, pidAlive } from './runner.js';
 
@@ -82,6 +83,8 @@ export class JobManager {
   private readonly withdrawing = new Set<Promise<void>>();
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
+  /** Short operations' claims, kept a moment for the next ones. */
+  private readonly claims = new OpClaims((ids) => this.withdrawClaims(ids));
 
   constructor(
     private readonly store: StateStore,
@@ -220,6 +223,38 @@ export class JobManager {
    * A long-lived operation (an export) listens for another process's request to stop it.
    */
   async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
+    const { outside, withdraw } = await this.claimOperation(id, locks, principal, description, onStopRequest);
+    return { outside, withdraw };
+  }
+
+  /**
+   * publishOperation for a short operation: its claim is kept for the next operations of this
+   * broker on the same volumes (OpClaims), which then make no round trip to the store.
+   */
+  publishShort(id: string, locks: LockRequest[], principal: Principal, description: string): ReturnType<Publish> {
+    return this.claims.claim(locks, () => this.claimOperation(id, locks, principal, description));
+  }
+
+  /** The owner record of a volume as this broker's live claims know it (OpClaims.owner): undefined if they do not. */
+  knownOwner(key: string): string | null | undefined {
+    return this.claims.owner(key);
+  }
+
+  /** This broker changed a volume's owner record (null: removed). */
+  noteOwner(key: string, owner: string | null): void {
+    this.claims.noteOwner(key, owner);
+  }
+
+  /** Lapsed claims' rows, removed in one statement. */
+  private withdrawClaims(ids: string[]): Promise<void> {
+    this.ops -= ids.length;
+    const done = this.store.deleteOpLocks(ids).catch(() => undefined); // a closed store: the rows die with this process
+    this.withdrawing.add(done);
+    void done.then(() => this.withdrawing.delete(done));
+    return done;
+  }
+
+  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<Claimed> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
@@ -253,7 +288,7 @@ export class JobManager {
       void done.then(() => this.withdrawing.delete(done!));
       return done;
     };
-    return { outside: { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) }, withdraw };
+    return { id, outside: { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) }, owners: holders.owners, withdraw };
   }
 
   /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */
@@ -490,6 +525,7 @@ export class JobManager {
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
     await Promise.allSettled(jobs.map((j) => j.wait()));
+    await this.claims.clear();
     await Promise.allSettled([...this.withdrawing]);
     liveTokens.delete(this.token);
   }

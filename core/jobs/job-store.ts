@@ -7,7 +7,7 @@ import type { LockRequest } from '../locks/lock-manager.js';
 
 export type { JobRecord, OpLockRecord, ExportRecord, StoredRequest } from '../state/records.js';
 export { RELEASED } from '../state/records.js';
-import { RELEASED, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type StoredRequest } from '../state/records.js';
+import { RELEASED, type ClaimedLocks, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type StoredRequest } from '../state/records.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS jobs (
@@ -100,6 +100,14 @@ const MIGRATIONS: { version: number; sql: string; columns?: [table: string, colu
   // Columns are added only where missing: a store older than these tables got them new above.
   { version: 3, sql: '', columns: [['op_locks', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['op_locks', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0'],
     ['exports', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['exports', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0']] },
+  // 4: a lock check of some keys reads only their holders (op locks by key and by id, active jobs
+  // without the concluded ones, which pile up): each claim read every row before.
+  {
+    version: 4,
+    sql: `CREATE INDEX IF NOT EXISTS op_locks_key ON op_locks (key);
+      CREATE INDEX IF NOT EXISTS op_locks_id ON op_locks (id);
+      CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at, id) WHERE status <> 'concluded';`,
+  },
 ];
 const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 /** The lease that active jobs of a store written before leases get when it is migrated. */
@@ -308,26 +316,33 @@ export class JobStore {
   /** What a lock check reads (StateOps.lockHolders): every holder, or those with a lock on one of `keys`. */
   lockHolders(keys?: string[]): LockHolders {
     return this.db.transaction(() => {
-      const all = { jobs: this.list({ active: true }), ops: this.listOpLocks(), maintenance: this.listMaintenance() };
-      if (!keys) return all;
+      if (!keys) return { jobs: this.list({ active: true }), ops: this.listOpLocks(), maintenance: this.listMaintenance() };
       const wanted = new Set(keys);
       const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => wanted.has(l.key));
-      return { jobs: all.jobs.filter(holds), ops: all.ops.filter(holds), maintenance: all.maintenance.filter((m) => wanted.has(m.key)) };
+      const list = JSON.stringify([...wanted]);
+      // Keys as one JSON array (one prepared statement whatever their number).
+      const ops = opLocksFrom(this.stmt('SELECT * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid').all(list) as OpLockRow[]);
+      const maintenance = this.stmt('SELECT key, principal, reason FROM maintenance WHERE key IN (SELECT value FROM json_each(?)) ORDER BY key').all(list) as { key: string; principal: string; reason: string }[];
+      return { jobs: this.list({ active: true }).filter(holds), ops, maintenance };
     })();
   }
 
-  /** insertOpLocks, then the holders of its keys (the claim included), in one IMMEDIATE transaction. */
-  claimOpLocks(op: OpLockRecord): LockHolders {
+  /** insertOpLocks, then the holders of its keys (the claim included) and their owner records, in one IMMEDIATE transaction. */
+  claimOpLocks(op: OpLockRecord): ClaimedLocks {
     return this.db.transaction(() => {
       this.insertOpLocks(op, () => undefined);
-      return this.lockHolders(op.locks.map((l) => l.key));
+      const keys = op.locks.map((l) => l.key);
+      const rows = this.stmt('SELECT ref, owner FROM owners WHERE ref IN (SELECT value FROM json_each(?))').all(JSON.stringify(keys)) as { ref: string; owner: string }[];
+      return { ...this.lockHolders(keys), owners: Object.fromEntries(rows.map((r) => [r.ref, r.owner])) };
     }).immediate();
   }
 
-  deleteOpLocks(id: string): void {
+  deleteOpLocks(ids: string | readonly string[]): void {
     this.db.transaction(() => {
-      this.stmt('DELETE FROM op_locks WHERE id = ?').run(id);
-      this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+      for (const id of typeof ids === 'string' ? [ids] : ids) {
+        this.stmt('DELETE FROM op_locks WHERE id = ?').run(id);
+        this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+      }
     }).immediate();
   }
 
@@ -371,20 +386,7 @@ export class JobStore {
   }
 
   listOpLocks(): OpLockRecord[] {
-    const rows = this.stmt('SELECT * FROM op_locks ORDER BY id').all() as {
-      id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
-      runner_host: string; lease_expires: number;
-    }[];
-    const byId = new Map<string, OpLockRecord>();
-    for (const r of rows) {
-      const op = byId.get(r.id) ?? {
-        id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
-        runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
-      };
-      op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
-      byId.set(r.id, op);
-    }
-    return [...byId.values()];
+    return opLocksFrom(this.stmt('SELECT * FROM op_locks ORDER BY id, rowid').all() as OpLockRow[]);
   }
 
   listMaintenance(): { key: string; principal: string; reason: string }[] {
@@ -443,4 +445,23 @@ function fromRow(r: Row): JobRecord {
   if (r.checkpoint !== null) rec.checkpoint = JSON.parse(r.checkpoint);
   if (r.request !== null) rec.request = JSON.parse(r.request) as StoredRequest;
   return rec;
+}
+
+interface OpLockRow {
+  id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
+  runner_host: string; lease_expires: number;
+}
+
+/** Operations from their lock rows (one per lock, an operation's in order). */
+function opLocksFrom(rows: OpLockRow[]): OpLockRecord[] {
+  const byId = new Map<string, OpLockRecord>();
+  for (const r of rows) {
+    const op = byId.get(r.id) ?? {
+      id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
+      runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
+    };
+    op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
+    byId.set(r.id, op);
+  }
+  return [...byId.values()];
 }

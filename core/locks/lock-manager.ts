@@ -58,9 +58,10 @@ export interface PublishedLease {
 /**
  * Make a holder's locks visible to the other brokers sharing the state and read what they hold,
  * as one step serialized with every other broker's: of two publishing at once, the later sees the
- * earlier's locks. `outside` excludes what was just published; `withdraw` removes it.
+ * earlier's locks. `outside` excludes what was just published; `withdraw` removes it (after a
+ * conflict, and when the holder is done unless `done` is given: what to do then instead).
  */
-export type Publish = () => Promise<{ outside: Outside; withdraw: () => Promise<void> }>;
+export type Publish = () => Promise<{ outside: Outside; withdraw: () => Promise<void>; done?: () => Promise<void> }>;
 
 /** Locks held outside this broker, as SharedLocks.outside reads them. */
 export interface Outside {
@@ -169,7 +170,8 @@ export class LockManager {
         const { withdraw } = published;
         if (conflicts.length === 0) {
           // Released here at once (this broker's checks ignore its own published locks), withdrawn from the shared state after.
-          return { release: () => { lease.release(); return withdraw(); } };
+          const done = published.done ?? withdraw;
+          return { release: () => { lease.release(); return done(); } };
         }
         lease.release();
         await withdraw();

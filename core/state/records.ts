@@ -73,6 +73,12 @@ export interface LockHolders {
   maintenance: { key: string; principal: string; reason: string }[];
 }
 
+/** What a claim of an operation's locks reads (StateOps.claimOpLocks): the holders of its keys and their owner records. */
+export interface ClaimedLocks extends LockHolders {
+  /** The owner record of each claimed key that has one. */
+  owners: Record<string, string>;
+}
+
 /** The runner token of a job that its runner gave up (JobStore.release). */
 export const RELEASED = 'released';
 

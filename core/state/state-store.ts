@@ -1,4 +1,4 @@
-import type { ExportRecord, JobRecord, LockHolders, OpLockRecord, StoredRequest } from './records.js';
+import type { ClaimedLocks, ExportRecord, JobRecord, LockHolders, OpLockRecord, StoredRequest } from './records.js';
 
 /** A runner as a job's record names it: a process (pid, a per-process token) on a host. */
 export interface Runner {
@@ -55,11 +55,12 @@ export interface StateOps {
    * (one round trip where the store can): of two brokers claiming locks at once, the later sees
    * the earlier's, so they cannot both find the way clear. The holders are those of the claimed
    * keys (lockHolders(keys)), the claim itself included; the caller judges conflicts and, finding
-   * one, deletes its claim (deleteOpLocks).
+   * one, deletes its claim (deleteOpLocks). With them, the owner records of the claimed keys, read
+   * in the same step.
    */
-  claimOpLocks(op: OpLockRecord): Promise<LockHolders>;
-  /** Remove an operation's locks and any stop request for it. */
-  deleteOpLocks(id: string): Promise<void>;
+  claimOpLocks(op: OpLockRecord): Promise<ClaimedLocks>;
+  /** Remove the locks of an operation (or of several at once) and any stop request for it. */
+  deleteOpLocks(id: string | readonly string[]): Promise<void>;
   listOpLocks(): Promise<OpLockRecord[]>;
   /** Extend the lease of every operation and export of the runner `token` (its heartbeat). */
   renewOps(token: string, leaseExpires: number): Promise<void>;

@@ -78,7 +78,7 @@ describe('JobStore leases and fencing', () => {
       s.close();
     }
     const check = new Database(file, { readonly: true });
-    expect(check.pragma('user_version', { simple: true })).toBe(3);
+    expect(check.pragma('user_version', { simple: true })).toBe(4);
     check.close();
   });
 

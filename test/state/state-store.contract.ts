@@ -406,8 +406,12 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(ops.map((o) => [o.id, o.leaseExpires])).toStrictEqual([[op1.id, LEASE + 5000], [op2.id, LEASE]]);
         const exps = (await a.listExports()).filter((e) => e.id.startsWith(`export:${p}`));
         expect(exps.map((e) => [e.id, e.leaseExpires])).toStrictEqual([[ex1.id, LEASE + 5000], [ex2.id, LEASE]]);
-        await a.deleteOpLocks(op1.id);
-        await a.deleteOpLocks(op2.id);
+        // Several operations' locks (and stop requests) removed at once, an absent id among them.
+        await b.requestOpStop(op2.id);
+        await a.deleteOpLocks([op1.id, `${p}-absent`, op2.id]);
+        expect((await b.listOpLocks()).filter((o) => o.id.startsWith(p))).toEqual([]);
+        expect(await b.takeOpStop(op2.id)).toBe(false);
+        await a.deleteOpLocks([]);
         await a.deleteExport(ex1.id);
         await a.deleteExport(ex2.id);
       });
@@ -461,10 +465,16 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.insertJob(job(`${p}-other`, { locks: [{ key: `vol:${p}/elsewhere`, mode: 'shared' }] }));
         await a.placeMaintenance(`vol:${p}/z`, 'root', 'swap');
         await a.placeMaintenance(`vol:${p}/elsewhere`, 'root', 'swap');
+        await a.setOwner(`vol:${p}/y`, 'alice');
+        await a.setOwner(`vol:${p}/elsewhere`, 'bob');
         const claim = opLocks(`${p}-op`, [`vol:${p}/x`, `vol:${p}/y`, `vol:${p}/z`], { leaseExpires: LEASE + 9 });
         const got = await b.claimOpLocks(claim);
         const mine = <T extends { id?: string; key?: string }>(xs: T[]) => xs.filter((x) => (x.id ?? x.key ?? '').startsWith(p));
         expect(got.ops).toStrictEqual([claim]);
+        // The owner records of the claimed keys, read with it (x and z have none).
+        expect(got.owners).toStrictEqual({ [`vol:${p}/y`]: 'alice' });
+        await a.deleteOwner(`vol:${p}/y`);
+        await a.deleteOwner(`vol:${p}/elsewhere`);
         expect(mine(await a.listOpLocks())).toStrictEqual([claim]);
         expect(got.jobs).toStrictEqual([await a.getJob(`${p}-run`)]);
         expect(got.maintenance).toEqual([{ key: `vol:${p}/z`, principal: 'root', reason: 'swap' }]);

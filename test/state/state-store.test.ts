@@ -152,19 +152,21 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       }
     });
 
-    it('migrates a version 2 database (no lock-holder functions) to version 3, keeping its rows', async () => {
+    it('migrates a version 2 database (no lock-holder functions) to the current version, keeping its rows', async () => {
       const url = await server.createDatabase();
       const first = await openPostgresStore(url, { poolSize: 1 });
       await first.insertOpLocks({ id: 'op-old', locks: [{ key: 'pool/v', mode: 'exclusive' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 5 });
+      await first.setOwner('pool/v', 'alice');
       await first.close();
       // As a build of schema 2 left it.
       await sql(url, 'DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; UPDATE schema_version SET version = 2');
       const s = await openPostgresStore(url, { poolSize: 1 });
       try {
-        expect(SCHEMA_VERSION).toBe(3);
-        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 3 }]);
+        expect(SCHEMA_VERSION).toBe(4);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 4 }]);
         const got = await s.claimOpLocks({ id: 'op-new', locks: [{ key: 'pool/v', mode: 'shared' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 6 });
         expect(got.ops.map((o) => o.id)).toEqual(['op-new', 'op-old']);
+        expect(got.owners).toEqual({ 'pool/v': 'alice' });
       } finally {
         await s.close();
       }

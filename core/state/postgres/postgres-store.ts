@@ -145,7 +145,7 @@ export class PostgresStateStore implements StateStore {
   setRequest(id: string, request: StoredRequest) { return this.ops.setRequest(id, request); }
   takeRequest(id: string) { return this.ops.takeRequest(id); }
   insertOpLocks(op: OpLockRecord) { return this.ops.insertOpLocks(op); }
-  deleteOpLocks(id: string) { return this.ops.deleteOpLocks(id); }
+  deleteOpLocks(id: string | readonly string[]) { return this.ops.deleteOpLocks(id); }
   listOpLocks() { return this.ops.listOpLocks(); }
   renewOps(token: string, leaseExpires: number) { return this.ops.renewOps(token, leaseExpires); }
   lockHolders(keys?: string[]) { return this.ops.lockHolders(keys); }
@@ -247,7 +247,8 @@ function postgresOps(q: Query): StateOps {
         runner_pid: op.runnerPid, runner_token: op.runnerToken, runner_host: op.runnerHost, lease_expires: op.leaseExpires,
       }));
       const keys = [...new Set(op.locks.map((l) => l.key))];
-      return holdersFrom((await q<{ h: HoldersJson }>('SELECT offload_claim_op_locks($1::json, $2::text[]) AS h', [JSON.stringify(claim), keys])).rows[0]!.h);
+      const h = (await q<{ h: { holders: HoldersJson; owners: Record<string, string> | null } }>('SELECT offload_claim_op_locks($1::json, $2::text[]) AS h', [JSON.stringify(claim), keys])).rows[0]!.h;
+      return { ...holdersFrom(h.holders), owners: h.owners ?? {} };
     },
     insertOpLocks: async (op) => {
       if (op.locks.length === 0) return;
@@ -259,8 +260,8 @@ function postgresOps(q: Query): StateOps {
       await q(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
         VALUES ${rows.join(', ')}`, params);
     },
-    deleteOpLocks: async (id) => {
-      await q('WITH stop AS (DELETE FROM op_stop_requests WHERE id = $1) DELETE FROM op_locks WHERE id = $1', [id]);
+    deleteOpLocks: async (ids) => {
+      await q('WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])) DELETE FROM op_locks WHERE id = ANY ($1::text[])', [typeof ids === 'string' ? [ids] : ids]);
     },
     listOpLocks: async () => opLocksFromRows((await q<OpLockRow>(
       `SELECT id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires FROM op_locks ORDER BY id ${C}, seq`)).rows),

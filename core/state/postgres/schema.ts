@@ -122,6 +122,19 @@ END
 $$;
 `;
 
+const SCHEMA_V4 = `
+CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
+  INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+    SELECT r.id, r.key, r.mode, r.principal, r.role, r.description, r.runner_pid, r.runner_token, r.runner_host, r.lease_expires
+    FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;
+  RETURN json_build_object('holders', offload_lock_holders(keys),
+    'owners', (SELECT json_object_agg(o.ref, o.owner) FROM owners o WHERE o.ref = ANY (keys)));
+END
+$$;
+`;
+
 /** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
 const MIGRATIONS: { version: number; sql: string }[] = [
   // 1: jobs with leases and fencing tokens (the SQLite store's version 2), op locks, exports, maintenance, owners.
@@ -137,6 +150,9 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   // function takes the 'locks' advisory lock, inserts, then reads; being VOLATILE, each of its
   // statements sees what was committed before it ran (READ COMMITTED).
   { version: 3, sql: SCHEMA_V3 },
+  // 4: a claim reads the owner records of its keys too (StateOps.claimOpLocks): an operation's
+  // lock and its volume's owner in one round trip. The result is { holders, owners }.
+  { version: 4, sql: SCHEMA_V4 },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 

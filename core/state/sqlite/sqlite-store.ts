@@ -73,7 +73,7 @@ export class SqliteStateStore implements StateStore {
   lockHolders(keys?: string[]) { return this.one((o) => o.lockHolders(keys)); }
   insertOpLocks(op: OpLockRecord) { return this.one((o) => o.insertOpLocks(op)); }
   claimOpLocks(op: OpLockRecord) { return this.one((o) => o.claimOpLocks(op)); }
-  deleteOpLocks(id: string) { return this.one((o) => o.deleteOpLocks(id)); }
+  deleteOpLocks(id: string | readonly string[]) { return this.one((o) => o.deleteOpLocks(id)); }
   listOpLocks() { return this.one((o) => o.listOpLocks()); }
   renewOps(token: string, leaseExpires: number) { return this.one((o) => o.renewOps(token, leaseExpires)); }
   requestOpStop(id: string) { return this.one((o) => o.requestOpStop(id)); }

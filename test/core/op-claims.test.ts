@@ -1,0 +1,154 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { createBroker, silentLogger, tenant, type Broker } from '../../core/index.js';
+import { OpClaims, type Claimed } from '../../core/jobs/op-claims.js';
+import type { LockRequest } from '../../core/locks/lock-manager.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import { memoryModule } from '../support/memory-backend.js';
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** OpClaims over a fake store: counts the claims made, records what is withdrawn and how. */
+function claims(holdMs = 60_000) {
+  const made: string[] = [];
+  const batches: string[][] = [];
+  const single: string[] = [];
+  let owners: Record<string, string> = {};
+  const c = new OpClaims(async (ids) => void batches.push(ids), holdMs);
+  const claim = async (locks: LockRequest[]) => c.claim(locks, async (): Promise<Claimed> => {
+    const id = `op-${made.length + 1}`;
+    made.push(id);
+    return { id, outside: { foreign: [], maintenance: [] }, owners, withdraw: async () => void single.push(id) };
+  });
+  return { c, claim, made, batches, single, setOwners: (o: Record<string, string>) => { owners = o; } };
+}
+
+const x = (key: string): LockRequest => ({ key, mode: 'exclusive' });
+const s = (key: string): LockRequest => ({ key, mode: 'shared' });
+
+describe('OpClaims: a broker keeps its short operations\' claims a moment', () => {
+  it('create, snapshot and delete of one volume make one claim; a snapshot key, a stronger mode or another volume needs its own', async () => {
+    const t = claims();
+    for (const locks of [[x('m/v')], [s('m/v')], [x('m/v')]]) await (await t.claim(locks)).done();
+    expect(t.made).toEqual(['op-1']);
+    await (await t.claim([s('m/v'), x('m/v@s')])).done(); // m/v is covered, m/v@s is not: one claim for both
+    expect(t.made).toEqual(['op-1', 'op-2']);
+    await (await t.claim([x('m/v@s')])).done(); // now covered by op-2
+    await (await t.claim([s('m/w')])).done();
+    await (await t.claim([x('m/w')])).done(); // shared does not cover exclusive
+    expect(t.made).toEqual(['op-1', 'op-2', 'op-3', 'op-4']);
+    expect(t.single).toEqual([]);
+    expect(t.batches).toEqual([]);
+  });
+
+  it('a claim is not used by others before its operation found the way clear, nor ever after it met a conflict', async () => {
+    const t = claims();
+    const first = await t.claim([x('m/v')]);
+    await (await t.claim([x('m/v')])).done(); // op-1 not confirmed yet: a claim of its own
+    expect(t.made).toEqual(['op-1', 'op-2']);
+    await first.withdraw(); // op-1 met a conflict
+    expect(t.single).toEqual(['op-1']);
+    await (await t.claim([x('m/v')])).done(); // op-2 covers it
+    expect(t.made).toEqual(['op-1', 'op-2']);
+  });
+
+  it('lapsed claims are removed together; one in use when it lapses goes when its operation ends, and is not used after', async () => {
+    const t = claims(40);
+    await (await t.claim([x('m/a')])).done();
+    await (await t.claim([x('m/b')])).done();
+    const busy = await t.claim([x('m/c')]);
+    await busy.done();
+    const again = await t.claim([x('m/c')]); // under op-3, which lapses while this runs
+    expect(t.made).toHaveLength(3);
+    for (let i = 0; i < 100 && t.batches.flat().length < 2; i++) await sleep(10);
+    await sleep(100); // a sweep or two more: op-3 lapses meanwhile, still in use
+    // Swept by one or two sweeps (each takes what lapsed since the last), not one statement each.
+    expect(t.batches.flat()).toEqual(['op-1', 'op-2']);
+    const swept = t.batches.length;
+    await (await t.claim([x('m/c')])).done(); // op-3 lapsed: a new claim
+    expect(t.made).toEqual(['op-1', 'op-2', 'op-3', 'op-4']);
+    await again.done();
+    expect(t.batches.slice(swept)).toEqual([['op-3']]);
+    await t.c.clear();
+    expect(t.batches.slice(swept)).toEqual([['op-3'], ['op-4']]);
+    expect(t.single).toEqual([]);
+  });
+
+  it('the owner records read with a claim answer while it stands, follow this broker\'s own writes, and are unknown without one', async () => {
+    const t = claims();
+    t.setOwners({ 'm/v': 'alice' });
+    expect(t.c.owner('m/v')).toBeUndefined();
+    const op = await t.claim([x('m/v'), s('m/w')]);
+    expect(t.c.owner('m/v')).toBe('alice'); // already during the operation that claimed it
+    expect(t.c.owner('m/w')).toBeNull(); // read: no record
+    await op.done();
+    t.c.noteOwner('m/w', 'bob');
+    t.c.noteOwner('m/v', null);
+    expect([t.c.owner('m/v'), t.c.owner('m/w'), t.c.owner('m/z')]).toEqual([null, 'bob', undefined]);
+    await t.c.clear();
+    expect(t.c.owner('m/w')).toBeUndefined();
+  });
+});
+
+describe('brokers sharing a state with claims kept', () => {
+  async function two(): Promise<{ a: Broker; b: Broker; store: SqliteStateStore }> {
+    const state = mkdtempSync(join(tmpdir(), 'offload-claims-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    // Each broker has its own memory backend of the same name: the locks' keys are the same.
+    const open = async () => {
+      const b = await createBroker({ state, backends: [{ name: 'm', kind: 'memory' }] as never }, { plugins: [memoryModule], logger: silentLogger });
+      cleanups.push(() => b.close());
+      return b;
+    };
+    const a = await open();
+    const b = await open();
+    const store = new SqliteStateStore(join(state, 'jobs.sqlite'));
+    cleanups.push(() => store.close());
+    return { a, b, store };
+  }
+  const opIds = async (store: SqliteStateStore) => (await store.listOpLocks()).map((o) => o.id);
+
+  it('one claim in the store for a volume\'s create and snapshot; another broker\'s conflicting create waits for it to lapse, then runs', async () => {
+    const { a, b, store } = await two();
+    await a.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    const claimed = await opIds(store);
+    expect(claimed).toHaveLength(1);
+    await a.snapshots.create('m/v@s');
+    expect(await opIds(store)).toEqual(claimed);
+    await a.snapshots.delete('m/v@s'); // its snapshot key needs a claim of its own
+    expect(await opIds(store)).toHaveLength(2);
+    await b.volumes.create('m/v', { sizeBytes: 1 << 20 }); // waits for a's claims: not Busy
+    for (let i = 0; i < 100 && (await opIds(store)).length > 0; i++) await sleep(20);
+    expect(await opIds(store)).toEqual([]);
+  });
+
+  it('placing a maintenance lock waits out other brokers\' claims: a tenant\'s next operation under one is refused', async () => {
+    const { a, b } = await two();
+    const alice = a.as(tenant('alice'));
+    await alice.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    await b.locks.maintenance('m/v', 'disk swap');
+    // a's claim on m/v was made before the maintenance lock: it must not let alice through.
+    await expect(alice.volumes.resize('m/v', 2 << 20)).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/disk swap/) });
+    await b.locks.release('m/v');
+    await alice.volumes.resize('m/v', 2 << 20);
+  });
+
+  it('an owner another broker records is seen once it could change it: the claim that knew the old one has lapsed', async () => {
+    const { a, b } = await two();
+    const alice = a.as(tenant('alice'));
+    await alice.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    expect((await alice.volumes.get('m/v')).owner).toBe('alice');
+    await b.volumes.delete('m/v'); // waits for a's claim to lapse
+    await b.volumes.create('m/v', { sizeBytes: 1 << 20, owner: 'bob' });
+    // m/v is still in a's own memory backend; its owner record is bob's now, and a reads it from the store.
+    await expect(alice.volumes.get('m/v')).rejects.toMatchObject({ code: 'NotFound' });
+    await a.as(tenant('bob')).volumes.resize('m/v', 2 << 20);
+  });
+});
