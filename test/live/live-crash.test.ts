@@ -6,7 +6,7 @@
  * concluded and says which side holds the data; the export is back, serving that side and no
  * other; the hosted-exports file names it; and that side holds every acknowledged write (a write
  * in flight at the kill may have landed or not). The next round copies on from there, to the
- * pool or the SAN mock by turns. OFFLOAD_LONG=1: 40 kills; otherwise 10.
+ * pool or the SAN mock by turns. OFFLOAD_LONG=1: 40 kills; otherwise 8.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -18,7 +18,7 @@ import { CMD, openExport, reply, request } from '../support/nbd-client.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
-const KILLS = process.env.OFFLOAD_LONG === '1' ? 40 : 10;
+const KILLS = process.env.OFFLOAD_LONG === '1' ? 40 : 8;
 const readExport = (port: number, name: string) => readWhole(port, name, SIZE);
 
 describe('kill -9 around ready and complete of a live copy', () => {
