@@ -7,7 +7,7 @@ import type { LockRequest } from '../locks/lock-manager.js';
 
 export type { JobRecord, OpLockRecord, ExportRecord, StoredRequest } from '../state/records.js';
 export { RELEASED } from '../state/records.js';
-import { RELEASED, type ClaimedLocks, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type StoredRequest } from '../state/records.js';
+import { RELEASED, opLocksFromRows, type ClaimedLocks, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type OpLockRow, type StoredRequest } from '../state/records.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS jobs (
@@ -321,7 +321,7 @@ export class JobStore {
       const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => wanted.has(l.key));
       const list = JSON.stringify([...wanted]);
       // Keys as one JSON array (one prepared statement whatever their number).
-      const ops = opLocksFrom(this.stmt('SELECT * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid').all(list) as OpLockRow[]);
+      const ops = opLocksFromRows(this.stmt('SELECT * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid').all(list) as OpLockRow[]);
       const maintenance = this.stmt('SELECT key, principal, reason FROM maintenance WHERE key IN (SELECT value FROM json_each(?)) ORDER BY key').all(list) as { key: string; principal: string; reason: string }[];
       return { jobs: this.list({ active: true }).filter(holds), ops, maintenance };
     })();
@@ -386,7 +386,7 @@ export class JobStore {
   }
 
   listOpLocks(): OpLockRecord[] {
-    return opLocksFrom(this.stmt('SELECT * FROM op_locks ORDER BY id, rowid').all() as OpLockRow[]);
+    return opLocksFromRows(this.stmt('SELECT * FROM op_locks ORDER BY id, rowid').all() as OpLockRow[]);
   }
 
   listMaintenance(): { key: string; principal: string; reason: string }[] {
@@ -445,23 +445,4 @@ function fromRow(r: Row): JobRecord {
   if (r.checkpoint !== null) rec.checkpoint = JSON.parse(r.checkpoint);
   if (r.request !== null) rec.request = JSON.parse(r.request) as StoredRequest;
   return rec;
-}
-
-interface OpLockRow {
-  id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
-  runner_host: string; lease_expires: number;
-}
-
-/** Operations from their lock rows (one per lock, an operation's in order). */
-function opLocksFrom(rows: OpLockRow[]): OpLockRecord[] {
-  const byId = new Map<string, OpLockRecord>();
-  for (const r of rows) {
-    const op = byId.get(r.id) ?? {
-      id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
-      runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
-    };
-    op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
-    byId.set(r.id, op);
-  }
-  return [...byId.values()];
 }

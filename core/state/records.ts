@@ -83,3 +83,23 @@ export interface ClaimedLocks extends LockHolders {
 export const RELEASED = 'released';
 
 export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' } | { verb: 'set-speed'; speed: number };
+
+/** An operation's lock as both stores keep it: one row per lock. */
+export interface OpLockRow {
+  id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
+  runner_host: string; lease_expires: number;
+}
+
+/** Rows (ordered by id, then insertion) grouped into one record per operation. */
+export function opLocksFromRows(rows: OpLockRow[]): OpLockRecord[] {
+  const byId = new Map<string, OpLockRecord>();
+  for (const r of rows) {
+    const op = byId.get(r.id) ?? {
+      id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
+      runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
+    };
+    op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
+    byId.set(r.id, op);
+  }
+  return [...byId.values()];
+}

@@ -1,12 +1,12 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import { AlreadyExists, FailedPrecondition, isOffloadError } from '../../model/errors.js';
-import { RELEASED, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type StoredRequest } from '../records.js';
+import { RELEASED, opLocksFromRows, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type OpLockRow, type StoredRequest } from '../records.js';
 import type { Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
 import { describeUrl, toStoreError, type Target } from './errors.js';
 import {
-  ADVISORY_KEYS, JOB_COLUMNS, exportFromRow, fromRow, migrate, opLocksFromRows, placeholders, toRow,
-  type ExportRow, type JobRow, type OpLockRow,
+  ADVISORY_KEYS, JOB_COLUMNS, exportFromRow, fromRow, migrate, placeholders, toRow,
+  type ExportRow, type JobRow,
 } from './schema.js';
 
 export interface PostgresStoreOptions {

@@ -7,7 +7,7 @@ import type { ErrorCode } from '../../model/errors.js';
 import { FailedPrecondition } from '../../model/errors.js';
 import type { JobStatus } from '../../jobs/job.js';
 import type { LockRequest } from '../../locks/lock-manager.js';
-import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from '../records.js';
+import type { ExportRecord, JobRecord, StoredRequest } from '../records.js';
 
 /**
  * Advisory lock keys (pg_advisory_xact_lock, per database): one for creating or migrating the
@@ -95,6 +95,11 @@ CREATE TABLE owners (
 `;
 
 const C = 'COLLATE "C"';
+/** The rows of a claim (a JSON array of op_locks rows) inserted in order: the claim functions' first step. */
+const INSERT_CLAIM = `  INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+    SELECT r.id, r.key, r.mode, r.principal, r.role, r.description, r.runner_pid, r.runner_token, r.runner_host, r.lease_expires
+    FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;`;
+
 const SCHEMA_V3 = `
 CREATE INDEX jobs_active ON jobs (created_at) WHERE status <> 'concluded';
 CREATE INDEX op_locks_key ON op_locks (key);
@@ -114,9 +119,7 @@ $$;
 CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
   PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
-  INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
-    SELECT r.id, r.key, r.mode, r.principal, r.role, r.description, r.runner_pid, r.runner_token, r.runner_host, r.lease_expires
-    FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;
+${INSERT_CLAIM}
   RETURN offload_lock_holders(keys);
 END
 $$;
@@ -126,9 +129,7 @@ const SCHEMA_V4 = `
 CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
   PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
-  INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
-    SELECT r.id, r.key, r.mode, r.principal, r.role, r.description, r.runner_pid, r.runner_token, r.runner_host, r.lease_expires
-    FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;
+${INSERT_CLAIM}
   RETURN json_build_object('holders', offload_lock_holders(keys),
     'owners', (SELECT json_object_agg(o.ref, o.owner) FROM owners o WHERE o.ref = ANY (keys)));
 END
@@ -235,24 +236,6 @@ export function fromRow(r: JobRow): JobRecord {
   return rec;
 }
 
-export interface OpLockRow {
-  id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
-  runner_host: string; lease_expires: number;
-}
-
-/** Rows (ordered by id, then insertion) grouped into one record per operation. */
-export function opLocksFromRows(rows: OpLockRow[]): OpLockRecord[] {
-  const byId = new Map<string, OpLockRecord>();
-  for (const r of rows) {
-    const op = byId.get(r.id) ?? {
-      id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
-      runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
-    };
-    op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
-    byId.set(r.id, op);
-  }
-  return [...byId.values()];
-}
 
 export interface ExportRow {
   id: string; name: string; ref: string; uri: string; read_only: boolean; owner: string; role: string; runner_pid: number; runner_token: string; started_at: string;
