@@ -9,6 +9,16 @@ export type { JobRecord, OpLockRecord, ExportRecord, StoredRequest } from '../st
 export { RELEASED } from '../state/records.js';
 import { RELEASED, opLocksFromRows, type ClaimedLocks, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type OpLockRow, type StoredRequest } from '../state/records.js';
 
+/**
+ * Since version 4 (new stores have them too): a lock check of some keys reads only their holders
+ * (op locks by key and by id), and the active jobs without the concluded ones, which pile up:
+ * each claim read every row before (7.7 ms a claim with 5,000 operations' rows).
+ */
+const INDEXES_V4 = `CREATE INDEX IF NOT EXISTS op_locks_key ON op_locks (key);
+CREATE INDEX IF NOT EXISTS op_locks_id ON op_locks (id);
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at, id) WHERE status <> 'concluded';
+`;
+
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY,
@@ -79,7 +89,7 @@ CREATE TABLE IF NOT EXISTS owners (
   ref TEXT PRIMARY KEY,
   owner TEXT NOT NULL
 );
-`;
+${INDEXES_V4}`;
 
 /**
  * Schema versions (PRAGMA user_version) and how to reach each from the one before: a state
@@ -100,14 +110,8 @@ const MIGRATIONS: { version: number; sql: string; columns?: [table: string, colu
   // Columns are added only where missing: a store older than these tables got them new above.
   { version: 3, sql: '', columns: [['op_locks', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['op_locks', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0'],
     ['exports', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['exports', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0']] },
-  // 4: a lock check of some keys reads only their holders (op locks by key and by id, active jobs
-  // without the concluded ones, which pile up): each claim read every row before.
-  {
-    version: 4,
-    sql: `CREATE INDEX IF NOT EXISTS op_locks_key ON op_locks (key);
-      CREATE INDEX IF NOT EXISTS op_locks_id ON op_locks (id);
-      CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at, id) WHERE status <> 'concluded';`,
-  },
+  // 4: a lock check of some keys reads only their holders (INDEXES_V4).
+  { version: 4, sql: INDEXES_V4 },
 ];
 const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 /** The lease that active jobs of a store written before leases get when it is migrated. */

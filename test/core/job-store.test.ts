@@ -21,6 +21,9 @@ function record(id: string): JobRecord {
   };
 }
 
+const INDEXES = ['jobs_active', 'op_locks_id', 'op_locks_key'];
+const indexes = (db: Database.Database) => (db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name").all() as { name: string }[]).map((r) => r.name);
+
 describe('JobStore leases and fencing', () => {
   it('a takeover wins once, with the next token; the old runner\'s writes and renewals are refused', () => {
     const a = new JobStore(join(dir, 'one.sqlite'));
@@ -79,7 +82,21 @@ describe('JobStore leases and fencing', () => {
     }
     const check = new Database(file, { readonly: true });
     expect(check.pragma('user_version', { simple: true })).toBe(4);
+    expect(indexes(check)).toEqual(INDEXES);
     check.close();
+  });
+
+  it('a lock check of some keys reads them through indexes, in a new store as in a migrated one', () => {
+    const s = new JobStore(join(dir, 'fresh.sqlite'));
+    s.close();
+    const db = new Database(join(dir, 'fresh.sqlite'), { readonly: true });
+    try {
+      expect(indexes(db)).toEqual(INDEXES);
+      const plan = (sql: string) => (db.prepare(`EXPLAIN QUERY PLAN ${sql}`).all('["m/v"]') as { detail: string }[]).map((r) => r.detail).join('; ');
+      expect(plan('SELECT * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid')).toMatch(/op_locks_key/);
+    } finally {
+      db.close();
+    }
   });
 
   it('refuses a store from a newer build', () => {
