@@ -11,7 +11,7 @@ import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
 import { HOST } from '../jobs/runner.js';
-import { CLAIM_HOLD_MS } from '../jobs/op-claims.js';
+import { waitOutClaims } from '../jobs/op-claims.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
 import { FailedPrecondition, InvalidArgument, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
@@ -45,7 +45,7 @@ export class BrokerState {
       placeMaintenance: async (key, principal, reason) => {
         await this.store.placeMaintenance(key, principal.id, reason);
         // Brokers' cached claims made before it lapse in this time (OpClaims): no operation starts under one after this returns.
-        await new Promise((r) => setTimeout(r, CLAIM_HOLD_MS));
+        await waitOutClaims();
       },
       removeMaintenance: (key) => this.store.removeMaintenance(key),
     });
@@ -60,14 +60,23 @@ export class BrokerState {
     return known === undefined ? this.store.getOwner(ref) : known ?? undefined;
   }
 
-  async setOwner(ref: string, owner: string): Promise<void> {
-    await this.store.setOwner(ref, owner);
-    this.jobs.noteOwner(ref, owner);
+  setOwner(ref: string, owner: string): Promise<void> {
+    return this.writeOwner(ref, owner, () => this.store.setOwner(ref, owner));
   }
 
-  async deleteOwner(ref: string): Promise<void> {
-    await this.store.deleteOwner(ref);
-    this.jobs.noteOwner(ref, null);
+  deleteOwner(ref: string): Promise<void> {
+    return this.writeOwner(ref, null, () => this.store.deleteOwner(ref));
+  }
+
+  /** A write of an owner record, and what this broker's claims know after it: the new value, or nothing if the write failed (it may have happened). */
+  private async writeOwner(ref: string, owner: string | null, write: () => Promise<void>): Promise<void> {
+    try {
+      await write();
+    } catch (e) {
+      this.jobs.noteOwner(ref, undefined);
+      throw e;
+    }
+    this.jobs.noteOwner(ref, owner);
   }
 
   assertOpen(): void {

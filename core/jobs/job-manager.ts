@@ -240,8 +240,8 @@ export class JobManager {
     return this.claims.owner(key);
   }
 
-  /** This broker changed a volume's owner record (null: removed). */
-  noteOwner(key: string, owner: string | null): void {
+  /** This broker changed a volume's owner record (null: removed; undefined: a write that failed, its outcome unknown). */
+  noteOwner(key: string, owner: string | null | undefined): void {
     this.claims.noteOwner(key, owner);
   }
 

@@ -57,6 +57,7 @@ export class OpClaims {
   private readonly byKey = new Map<string, Claim[]>();
   private readonly cached = new Set<Claim>();
   private sweeper: NodeJS.Timeout | undefined;
+  private closed = false;
 
   constructor(
     /** Remove the rows of lapsed claims (by id) at once; a claim's own `withdraw` is for one that met a conflict. */
@@ -86,37 +87,55 @@ export class OpClaims {
       owners: new Map(locks.map((l) => [l.key, claimed.owners[l.key] ?? null])),
     };
     for (const l of locks) this.byKey.set(l.key, [...(this.byKey.get(l.key) ?? []), c]);
+    let ended = false;
+    const remove = async () => {
+      c.users = 0;
+      this.drop(c);
+      await c.withdraw();
+    };
     return {
       outside: claimed.outside,
       // It met a conflict: gone at once, never used again.
-      withdraw: once(async () => {
-        c.users = 0;
-        this.drop(c);
-        await c.withdraw();
-      }),
-      done: once(async () => {
+      withdraw: async () => {
+        if (ended) return;
+        ended = true;
+        await remove();
+      },
+      done: async () => {
+        if (ended) return;
+        ended = true;
+        // Not kept when this broker is closing, nor when it passed a maintenance lock (an
+        // administrator's claim): covering others' requests, it would let a tenant through.
+        if (this.closed || c.expired || claimed.outside.maintenance.length > 0) return remove();
         c.pending = false;
         this.cached.add(c);
         this.sweepLater();
         this.unuse(c);
-      }),
+      },
     };
   }
 
   /** The owner record of `key` as a live claim of this broker knows it: a string, null for none, undefined if no claim knows. */
   owner(key: string): string | null | undefined {
     const now = performance.now();
-    for (const c of this.byKey.get(key) ?? []) if (!c.expired && c.validUntil > now) return c.owners.get(key);
+    for (const c of this.byKey.get(key) ?? []) if (!c.expired && c.validUntil > now && c.owners.has(key)) return c.owners.get(key);
     return undefined;
   }
 
-  /** This broker changed the owner record of `key` (null: removed): what its claims know follows. */
-  noteOwner(key: string, owner: string | null): void {
-    for (const c of this.byKey.get(key) ?? []) c.owners.set(key, owner);
+  /**
+   * This broker changed the owner record of `key` (null: removed): what its claims know follows.
+   * undefined: a write whose outcome is not known (it failed): they forget it, and the store is asked.
+   */
+  noteOwner(key: string, owner: string | null | undefined): void {
+    for (const c of this.byKey.get(key) ?? []) {
+      if (owner === undefined) c.owners.delete(key);
+      else c.owners.set(key, owner);
+    }
   }
 
-  /** Drop every cached claim at once (the broker is closing): their rows are removed. */
+  /** Drop every cached claim at once, and keep none from now on (the broker is closing): their rows are removed. */
   async clear(): Promise<void> {
+    this.closed = true;
     if (this.sweeper) clearTimeout(this.sweeper);
     this.sweeper = undefined;
     await this.sweep(Infinity);
@@ -173,6 +192,12 @@ export class OpClaims {
 
 function covers(held: LockMode, wanted: LockMode): boolean {
   return held === wanted || held === 'exclusive';
+}
+
+/** Waits until CLAIM_HOLD_MS have passed by performance.now() (a timer may fire a little early), and a little more. */
+export async function waitOutClaims(): Promise<void> {
+  const until = performance.now() + CLAIM_HOLD_MS + 2;
+  for (let left = until - performance.now(); left > 0; left = until - performance.now()) await new Promise((r) => setTimeout(r, Math.ceil(left)));
 }
 
 function once(f: () => Promise<void>): () => Promise<void> {

@@ -21,13 +21,18 @@ function claims(holdMs = 60_000) {
   const batches: string[][] = [];
   const single: string[] = [];
   let owners: Record<string, string> = {};
+  let maintenance: Claimed['outside']['maintenance'] = [];
   const c = new OpClaims(async (ids) => void batches.push(ids), holdMs);
   const claim = async (locks: LockRequest[]) => c.claim(locks, async (): Promise<Claimed> => {
     const id = `op-${made.length + 1}`;
     made.push(id);
-    return { id, outside: { foreign: [], maintenance: [] }, owners, withdraw: async () => void single.push(id) };
+    return { id, outside: { foreign: [], maintenance }, owners, withdraw: async () => void single.push(id) };
   });
-  return { c, claim, made, batches, single, setOwners: (o: Record<string, string>) => { owners = o; } };
+  return {
+    c, claim, made, batches, single,
+    setOwners: (o: Record<string, string>) => { owners = o; },
+    setMaintenance: (m: Claimed['outside']['maintenance']) => { maintenance = m; },
+  };
 }
 
 const x = (key: string): LockRequest => ({ key, mode: 'exclusive' });
@@ -54,9 +59,33 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     await (await t.claim([x('m/v')])).done(); // op-1 not confirmed yet: a claim of its own
     expect(t.made).toEqual(['op-1', 'op-2']);
     await first.withdraw(); // op-1 met a conflict
+    await first.done(); // and a late done changes nothing
     expect(t.single).toEqual(['op-1']);
     await (await t.claim([x('m/v')])).done(); // op-2 covers it
     expect(t.made).toEqual(['op-1', 'op-2']);
+  });
+
+  it('a claim that passed a maintenance lock (an administrator\'s) is not kept: it would cover a tenant\'s request', async () => {
+    const t = claims();
+    t.setMaintenance([{ key: 'm/v', principal: { id: 'root', role: 'admin' }, reason: 'disk swap' }]);
+    await (await t.claim([x('m/v')])).done();
+    expect(t.single).toEqual(['op-1']);
+    t.setMaintenance([]);
+    await (await t.claim([x('m/v')])).done();
+    expect(t.made).toEqual(['op-1', 'op-2']);
+  });
+
+  it('closing: cached claims are removed, and one whose operation ends after is removed then, not kept', async () => {
+    const t = claims();
+    await (await t.claim([x('m/a')])).done();
+    const late = await t.claim([x('m/b')]);
+    await t.c.clear();
+    expect(t.batches).toEqual([['op-1']]);
+    await late.done();
+    expect(t.single).toEqual(['op-2']);
+    await (await t.claim([x('m/b')])).done();
+    expect(t.made).toEqual(['op-1', 'op-2', 'op-3']);
+    expect(t.single).toEqual(['op-2', 'op-3']);
   });
 
   it('lapsed claims are removed together; one in use when it lapses goes when its operation ends, and is not used after', async () => {
@@ -92,6 +121,8 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     t.c.noteOwner('m/w', 'bob');
     t.c.noteOwner('m/v', null);
     expect([t.c.owner('m/v'), t.c.owner('m/w'), t.c.owner('m/z')]).toEqual([null, 'bob', undefined]);
+    t.c.noteOwner('m/w', undefined); // a write that failed: not known any more, the store is asked
+    expect(t.c.owner('m/w')).toBeUndefined();
     await t.c.clear();
     expect(t.c.owner('m/w')).toBeUndefined();
   });
@@ -138,6 +169,16 @@ describe('brokers sharing a state with claims kept', () => {
     await expect(alice.volumes.resize('m/v', 2 << 20)).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/disk swap/) });
     await b.locks.release('m/v');
     await alice.volumes.resize('m/v', 2 << 20);
+  });
+
+  it('an administrator\'s operation under a maintenance lock does not let a tenant through after it', async () => {
+    const { a } = await two();
+    const alice = a.as(tenant('alice'));
+    await alice.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    await a.locks.maintenance('m/v', 'disk swap');
+    await a.volumes.resize('m/v', 2 << 20); // the administrator passes it
+    await expect(alice.volumes.resize('m/v', 3 << 20)).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/disk swap/) });
+    await expect(alice.snapshots.create('m/v@s')).rejects.toMatchObject({ code: 'Busy' });
   });
 
   it('an owner another broker records is seen once it could change it: the claim that knew the old one has lapsed', async () => {

@@ -159,7 +159,7 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       await first.setOwner('pool/v', 'alice');
       await first.close();
       // As a build of schema 2 left it.
-      await sql(url, 'DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; UPDATE schema_version SET version = 2');
+      await sql(url, 'DROP FUNCTION offload_claim_op_locks_owners(json, text[]); DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; UPDATE schema_version SET version = 2');
       const s = await openPostgresStore(url, { poolSize: 1 });
       try {
         expect(SCHEMA_VERSION).toBe(4);

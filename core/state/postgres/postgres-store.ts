@@ -247,7 +247,7 @@ function postgresOps(q: Query): StateOps {
         runner_pid: op.runnerPid, runner_token: op.runnerToken, runner_host: op.runnerHost, lease_expires: op.leaseExpires,
       }));
       const keys = [...new Set(op.locks.map((l) => l.key))];
-      const h = (await q<{ h: { holders: HoldersJson; owners: Record<string, string> | null } }>('SELECT offload_claim_op_locks($1::json, $2::text[]) AS h', [JSON.stringify(claim), keys])).rows[0]!.h;
+      const h = (await q<{ h: { holders: HoldersJson; owners: Record<string, string> | null } }>('SELECT offload_claim_op_locks_owners($1::json, $2::text[]) AS h', [JSON.stringify(claim), keys])).rows[0]!.h;
       return { ...holdersFrom(h.holders), owners: h.owners ?? {} };
     },
     insertOpLocks: async (op) => {

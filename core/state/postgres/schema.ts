@@ -126,7 +126,7 @@ $$;
 `;
 
 const SCHEMA_V4 = `
-CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+CREATE OR REPLACE FUNCTION offload_claim_op_locks_owners(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
   PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
 ${INSERT_CLAIM}
@@ -151,8 +151,9 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   // function takes the 'locks' advisory lock, inserts, then reads; being VOLATILE, each of its
   // statements sees what was committed before it ran (READ COMMITTED).
   { version: 3, sql: SCHEMA_V3 },
-  // 4: a claim reads the owner records of its keys too (StateOps.claimOpLocks): an operation's
-  // lock and its volume's owner in one round trip. The result is { holders, owners }.
+  // 4: a claim that reads the owner records of its keys too (StateOps.claimOpLocks): an
+  // operation's lock and its volume's owner in one round trip; the result is { holders, owners }.
+  // A function of its own: brokers of the build before, still running, call schema 3's.
   { version: 4, sql: SCHEMA_V4 },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
