@@ -46,13 +46,17 @@ export class Access {
   /**
    * The owner a create or clone into `ref` records. Creating is idempotent, so the name may exist:
    * then it keeps its owner, and nobody else's create may return it (AlreadyExists). A volume made
-   * outside the broker (no owner recorded) belongs to the administrators.
+   * outside the broker (no owner recorded) belongs to the administrators. A record of a volume
+   * that is not there means nothing: its removal did not happen (a broker killed after deleting
+   * the volume, before the record went with its claim), and the name is free.
    */
   async targetOwner(ref: VolumeRef, backend: StorageBackend, owner: string, explicit: boolean): Promise<string> {
     const refText = volumeKey(ref);
     const existing = await this.s.ownerOf(refText);
     if (existing !== undefined) {
-      if (existing === owner || (this.isAdmin && !explicit)) return existing;
+      if (existing === owner) return existing;
+      if (!(await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) return owner;
+      if (this.isAdmin && !explicit) return existing;
       throw new AlreadyExists(`${refText} already exists and belongs to ${this.isAdmin ? existing : 'someone else'}`, { ref: refText, hint: 'choose another name' });
     }
     if (!this.isAdmin && (await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) {

@@ -22,10 +22,26 @@ export class Volumes implements VolumesApi {
     const b = this.s.entry(ref.backend);
     const size = checkSize(o?.sizeBytes, refText, b.capabilities);
     const owner = this.a.ownerFor(o?.owner);
-    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `create ${refText}`, async () => {
+    const key = volumeKey(ref);
+    return runShort(this.s, this.a.principal, [{ key, mode: 'exclusive' }], `create ${refText}`, async () => {
+      const before = await this.s.ownerOf(key);
       const recorded = await this.a.targetOwner(ref, b.backend, owner, o?.owner !== undefined);
-      const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
-      await this.s.setOwner(volumeKey(ref), recorded);
+      // The record is written while the backend creates, under the claim: nobody acts on the name
+      // meanwhile, and a reader finds no volume or the new one. A record that stays is written
+      // once; a create that fails takes it out again (one that did not get to: targetOwner).
+      const owning = before === recorded ? undefined : this.s.setOwner(key, recorded);
+      void owning?.catch(() => undefined); // awaited below, after the backend's answer
+      let vol: Volume;
+      try {
+        vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
+      } catch (e) {
+        if (owning) {
+          await owning.catch(() => undefined);
+          await this.s.deleteOwner(key).catch(() => undefined);
+        }
+        throw e;
+      }
+      await owning;
       return { ...vol, owner: recorded };
     });
   }

@@ -84,7 +84,7 @@ export class JobManager {
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
   /** Short operations' claims, kept a moment for the next ones. */
-  private readonly claims = new OpClaims((ids) => this.withdrawClaims(ids));
+  private readonly claims = new OpClaims((ids, gone) => this.withdrawClaims(ids, gone));
 
   constructor(
     private readonly store: StateStore,
@@ -245,16 +245,28 @@ export class JobManager {
     this.claims.noteOwner(key, owner);
   }
 
-  /** Lapsed claims' rows, removed in one statement. */
-  private withdrawClaims(ids: string[]): Promise<void> {
+  /** The operation under this broker's exclusive claim on `key` deleted the volume: its owner record goes with the claim (OpClaims.removeOwnerLater). */
+  removeOwnerLater(key: string): boolean {
+    return this.claims.removeOwnerLater(key);
+  }
+
+  /** Before this broker writes the owner record of `key` (OpClaims.beforeOwnerWrite). */
+  beforeOwnerWrite(key: string): Promise<void> {
+    return this.claims.beforeOwnerWrite(key);
+  }
+
+  /** Lapsed claims' rows, and the owner records of volumes deleted under them, removed in one statement. */
+  private withdrawClaims(ids: string[], gone: string[]): Promise<void> {
     this.ops -= ids.length;
-    const done = this.store.deleteOpLocks(ids).catch(() => undefined); // a closed store: the rows die with this process
+    // A closed store: the rows die with this process; an owner record left behind is stale, and
+    // known as such when the name is used again (Access.targetOwner).
+    const done = this.store.deleteOpLocks(ids, gone).catch(() => undefined);
     this.withdrawing.add(done);
     void done.then(() => this.withdrawing.delete(done));
     return done;
   }
 
-  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<Claimed> {
+  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<Claimed & { withdraw: () => Promise<void> }> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,

@@ -16,7 +16,6 @@ export interface Claimed {
   outside: Outside;
   /** Owner records of the claimed keys as read with the claim (a key without one is absent). */
   owners: Record<string, string>;
-  withdraw: () => Promise<void>;
 }
 
 interface Claim {
@@ -31,7 +30,8 @@ interface Claim {
   expired: boolean;
   /** Owner records of its keys as of the claim, kept up to date by this broker's own writes (null: none). */
   owners: Map<string, string | null>;
-  withdraw: () => Promise<void>;
+  /** Owner records its operations removed (volumes deleted under it): they leave the store with its rows. */
+  gone: Set<string>;
 }
 
 /**
@@ -51,7 +51,9 @@ interface Claim {
  * while the claim stands (owners change under an exclusive lock), so a claim reads the owners of
  * its keys along with the holders, and answers `owner` until it lapses.
  *
- * Lapsed claims are swept together, their rows removed by one `withdrawMany`.
+ * Lapsed claims are swept together, their rows removed by one `withdrawMany`. So are the owner
+ * records of the volumes deleted under them (`removeOwnerLater`): until the rows go, no other
+ * broker can act on such a volume, and this one knows the record is gone.
  */
 export class OpClaims {
   private readonly byKey = new Map<string, Claim[]>();
@@ -59,9 +61,12 @@ export class OpClaims {
   private sweeper: NodeJS.Timeout | undefined;
   private closed = false;
 
+  /** Owner records being removed with lapsed claims' rows, by key: claims of those keys wait for it. */
+  private readonly removing = new Map<string, Promise<void>>();
+
   constructor(
-    /** Remove the rows of lapsed claims (by id) at once; a claim's own `withdraw` is for one that met a conflict. */
-    private readonly withdrawMany: (ids: string[]) => Promise<void>,
+    /** Remove the rows of claims (by id) and the owner records `gone`, in one step. */
+    private readonly withdrawMany: (ids: string[], gone: string[]) => Promise<void>,
     private readonly holdMs = CLAIM_HOLD_MS,
   ) {}
 
@@ -80,18 +85,20 @@ export class OpClaims {
       });
       return { outside: { foreign: [], maintenance: [] }, withdraw: done, done };
     }
+    // An owner record of these keys on its way out: the claim reads it after.
+    await this.removed(locks.map((l) => l.key));
     const sent = performance.now();
     const claimed = await claim();
     const c: Claim = {
-      id: claimed.id, locks, validUntil: sent + this.holdMs, users: 1, pending: true, expired: false, withdraw: claimed.withdraw,
-      owners: new Map(locks.map((l) => [l.key, claimed.owners[l.key] ?? null])),
+      id: claimed.id, locks, validUntil: sent + this.holdMs, users: 1, pending: true, expired: false,
+      owners: new Map(locks.map((l) => [l.key, claimed.owners[l.key] ?? null])), gone: new Set(),
     };
     for (const l of locks) this.byKey.set(l.key, [...(this.byKey.get(l.key) ?? []), c]);
     let ended = false;
     const remove = async () => {
       c.users = 0;
       this.drop(c);
-      await c.withdraw();
+      await this.withdraw([c]);
     };
     return {
       outside: claimed.outside,
@@ -133,6 +140,25 @@ export class OpClaims {
     }
   }
 
+  /**
+   * The operation running under the claim that holds `key` exclusively deleted that volume: its
+   * owner record is removed with the claim's rows (one step, not one more), and meanwhile this
+   * broker knows it is gone. False when no live claim holds `key` exclusively (remove it now).
+   */
+  removeOwnerLater(key: string): boolean {
+    const c = this.byKey.get(key)?.find((c) => !c.expired && c.locks.some((h) => h.key === key && h.mode === 'exclusive'));
+    if (!c) return false;
+    c.gone.add(key);
+    this.noteOwner(key, null);
+    return true;
+  }
+
+  /** This broker is about to write the owner record of `key`: a removal still to come would undo the write, so it is cancelled, and one under way is waited for. */
+  async beforeOwnerWrite(key: string): Promise<void> {
+    for (const c of this.byKey.get(key) ?? []) c.gone.delete(key);
+    await this.removed([key]);
+  }
+
   /** Drop every cached claim at once, and keep none from now on (the broker is closing): their rows are removed. */
   async clear(): Promise<void> {
     this.closed = true;
@@ -155,7 +181,26 @@ export class OpClaims {
 
   private unuse(c: Claim): void {
     c.users--;
-    if (c.expired && c.users === 0) void this.withdrawMany([c.id]);
+    if (c.expired && c.users === 0) void this.withdraw([c]);
+  }
+
+  /** Remove claims' rows and the owner records their operations removed; until that is done, claims of those keys wait. */
+  private withdraw(claims: Claim[]): Promise<void> {
+    const gone = [...new Set(claims.flatMap((c) => [...c.gone]))];
+    const done = this.withdrawMany(claims.map((c) => c.id), gone);
+    for (const key of gone) this.removing.set(key, done);
+    void done.finally(() => {
+      for (const key of gone) if (this.removing.get(key) === done) this.removing.delete(key);
+    }).catch(() => undefined);
+    return done;
+  }
+
+  /** Resolves once no owner record of `keys` is being removed (whether the removal worked or not). */
+  private async removed(keys: string[]): Promise<void> {
+    for (const key of keys) {
+      const p = this.removing.get(key);
+      if (p) await p.catch(() => undefined);
+    }
   }
 
   private sweepLater(): void {
@@ -170,13 +215,13 @@ export class OpClaims {
 
   /** Expire the cached claims lapsed by `now`; remove the rows of those no operation uses, together. */
   private async sweep(now: number): Promise<void> {
-    const free: string[] = [];
+    const free: Claim[] = [];
     for (const c of this.cached) {
       if (c.validUntil > now) continue;
       this.drop(c);
-      if (c.users === 0) free.push(c.id);
+      if (c.users === 0) free.push(c);
     }
-    if (free.length > 0) await this.withdrawMany(free);
+    if (free.length > 0) await this.withdraw(free);
   }
 
   private drop(c: Claim): void {

@@ -15,21 +15,28 @@ afterEach(async () => {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** OpClaims over a fake store: counts the claims made, records what is withdrawn and how. */
+/** OpClaims over a fake store: counts the claims made, records what is withdrawn (ids, and owner records gone with them). */
 function claims(holdMs = 60_000) {
   const made: string[] = [];
   const batches: string[][] = [];
-  const single: string[] = [];
+  const gone: string[][] = [];
   let owners: Record<string, string> = {};
   let maintenance: Claimed['outside']['maintenance'] = [];
-  const c = new OpClaims(async (ids) => void batches.push(ids), holdMs);
+  let removal: Promise<void> = Promise.resolve();
+  const c = new OpClaims(async (ids, g) => {
+    batches.push(ids);
+    gone.push(g);
+    await removal;
+  }, holdMs);
   const claim = async (locks: LockRequest[]) => c.claim(locks, async (): Promise<Claimed> => {
     const id = `op-${made.length + 1}`;
     made.push(id);
-    return { id, outside: { foreign: [], maintenance }, owners, withdraw: async () => void single.push(id) };
+    return { id, outside: { foreign: [], maintenance }, owners };
   });
   return {
-    c, claim, made, batches, single,
+    c, claim, made, batches, gone,
+    /** Removals from now on end when `p` does. */
+    slowRemovals: (p: Promise<void>) => { removal = p; },
     setOwners: (o: Record<string, string>) => { owners = o; },
     setMaintenance: (m: Claimed['outside']['maintenance']) => { maintenance = m; },
   };
@@ -49,7 +56,6 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     await (await t.claim([s('m/w')])).done();
     await (await t.claim([x('m/w')])).done(); // shared does not cover exclusive
     expect(t.made).toEqual(['op-1', 'op-2', 'op-3', 'op-4']);
-    expect(t.single).toEqual([]);
     expect(t.batches).toEqual([]);
   });
 
@@ -60,7 +66,7 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     expect(t.made).toEqual(['op-1', 'op-2']);
     await first.withdraw(); // op-1 met a conflict
     await first.done(); // and a late done changes nothing
-    expect(t.single).toEqual(['op-1']);
+    expect(t.batches).toEqual([['op-1']]);
     await (await t.claim([x('m/v')])).done(); // op-2 covers it
     expect(t.made).toEqual(['op-1', 'op-2']);
   });
@@ -69,7 +75,7 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     const t = claims();
     t.setMaintenance([{ key: 'm/v', principal: { id: 'root', role: 'admin' }, reason: 'disk swap' }]);
     await (await t.claim([x('m/v')])).done();
-    expect(t.single).toEqual(['op-1']);
+    expect(t.batches).toEqual([['op-1']]);
     t.setMaintenance([]);
     await (await t.claim([x('m/v')])).done();
     expect(t.made).toEqual(['op-1', 'op-2']);
@@ -82,10 +88,10 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     await t.c.clear();
     expect(t.batches).toEqual([['op-1']]);
     await late.done();
-    expect(t.single).toEqual(['op-2']);
+    expect(t.batches).toEqual([['op-1'], ['op-2']]);
     await (await t.claim([x('m/b')])).done();
     expect(t.made).toEqual(['op-1', 'op-2', 'op-3']);
-    expect(t.single).toEqual(['op-2', 'op-3']);
+    expect(t.batches).toEqual([['op-1'], ['op-2'], ['op-3']]);
   });
 
   it('lapsed claims are removed together; one in use when it lapses goes when its operation ends, and is not used after', async () => {
@@ -107,7 +113,6 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     expect(t.batches.slice(swept)).toEqual([['op-3']]);
     await t.c.clear();
     expect(t.batches.slice(swept)).toEqual([['op-3'], ['op-4']]);
-    expect(t.single).toEqual([]);
   });
 
   it('the owner records read with a claim answer while it stands, follow this broker\'s own writes, and are unknown without one', async () => {
@@ -125,6 +130,46 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     expect(t.c.owner('m/w')).toBeUndefined();
     await t.c.clear();
     expect(t.c.owner('m/w')).toBeUndefined();
+  });
+
+  it('a volume deleted under an exclusive claim: its owner record goes with the claim\'s rows, in the same removal', async () => {
+    const t = claims(40);
+    t.setOwners({ 'm/v': 'alice', 'm/w': 'bob' });
+    const del = await t.claim([x('m/v')]);
+    expect(t.c.removeOwnerLater('m/v')).toBe(true);
+    expect(t.c.owner('m/v')).toBeNull(); // gone, as far as this broker is concerned
+    await del.done();
+    const snap = await t.claim([s('m/w')]);
+    expect(t.c.removeOwnerLater('m/w')).toBe(false); // a shared claim: the caller removes it itself
+    expect(t.c.removeOwnerLater('m/z')).toBe(false); // no claim at all
+    await snap.done();
+    for (let i = 0; i < 100 && t.batches.flat().length < 2; i++) await sleep(10);
+    expect(t.batches.flat().sort()).toEqual(['op-1', 'op-2']);
+    expect(t.gone.flat()).toEqual(['m/v']);
+  });
+
+  it('an owner write after a deferred removal cancels it; a claim of a key whose removal is under way waits for it', async () => {
+    const t = claims();
+    await (await t.claim([x('m/v')])).done();
+    t.c.removeOwnerLater('m/v');
+    await t.c.beforeOwnerWrite('m/v'); // re-created under the same claim: the removal must not undo the new record
+    t.c.noteOwner('m/v', 'bob');
+    await (await t.claim([x('m/w')])).done();
+    t.c.removeOwnerLater('m/w');
+    let finish!: () => void;
+    t.slowRemovals(new Promise<void>((r) => { finish = r; }));
+    const cleared = t.c.clear();
+    expect(t.gone).toEqual([['m/w']]);
+    await Promise.resolve();
+    // A new claim of m/w must read the owners after the removal: it waits for it.
+    let claimedAt = 0;
+    const next = t.claim([x('m/w')]).then((r) => { claimedAt = t.made.length; return r; });
+    await sleep(20);
+    expect(t.made).toEqual(['op-1', 'op-2']);
+    finish();
+    await (await next).done();
+    await cleared;
+    expect(claimedAt).toBe(3);
   });
 });
 
@@ -191,5 +236,47 @@ describe('brokers sharing a state with claims kept', () => {
     // m/v is still in a's own memory backend; its owner record is bob's now, and a reads it from the store.
     await expect(alice.volumes.get('m/v')).rejects.toMatchObject({ code: 'NotFound' });
     await a.as(tenant('bob')).volumes.resize('m/v', 2 << 20);
+  });
+
+  it('a delete\'s owner record leaves with its claim: still in the store just after, gone once the claim lapses; another broker\'s create waits for that', async () => {
+    const { a, b, store } = await two();
+    const alice = a.as(tenant('alice'));
+    await alice.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    await alice.volumes.delete('m/v');
+    expect(await store.getOwner('m/v')).toBe('alice'); // not one more statement: it goes with the claim's rows
+    await expect(alice.volumes.get('m/v')).rejects.toMatchObject({ code: 'NotFound' });
+    await b.as(tenant('bob')).volumes.create('m/v', { sizeBytes: 1 << 20 }); // waits for a's claim, and the record with it
+    expect(await store.getOwner('m/v')).toBe('bob');
+    // Re-created under the same claim: the removal still to come must not undo the new record.
+    await alice.volumes.create('m/w', { sizeBytes: 1 << 20 });
+    await alice.volumes.delete('m/w');
+    await alice.volumes.create('m/w', { sizeBytes: 1 << 20 });
+    for (let i = 0; i < 100 && (await opIds(store)).length > 0; i++) await sleep(20);
+    expect(await store.getOwner('m/w')).toBe('alice');
+  });
+
+  it('an owner record of a volume that is not there (a broker killed before the record went) does not keep the name, nor give it to its old owner', async () => {
+    const { a, store } = await two();
+    await store.setOwner('m/v', 'carol');
+    await store.setOwner('m/w', 'carol');
+    const bob = await a.as(tenant('bob')).volumes.create('m/v', { sizeBytes: 1 << 20 });
+    expect(bob.owner).toBe('bob');
+    expect((await a.volumes.create('m/w', { sizeBytes: 1 << 20 })).owner).toBe('admin');
+    await expect(a.as(tenant('carol')).volumes.get('m/w')).rejects.toMatchObject({ code: 'NotFound' });
+    // A volume that is there keeps its owner: an administrator's create returns it as it is, a tenant's is refused.
+    expect((await a.volumes.create('m/v', { sizeBytes: 1 << 20 })).owner).toBe('bob');
+    await expect(a.as(tenant('carol')).volumes.create('m/v', { sizeBytes: 1 << 20 })).rejects.toMatchObject({ code: 'AlreadyExists' });
+  });
+
+  it('a create the backend refuses leaves no owner record behind (it was written while the backend worked)', async () => {
+    const { a, b, store } = await two();
+    // m/v exists in b's backend only, with no owner record (made outside the broker): the administrators'.
+    await b.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    await store.deleteOwner('m/v');
+    await expect(b.volumes.create('m/v', { sizeBytes: 2 << 20, owner: 'bob' })).rejects.toMatchObject({ code: 'AlreadyExists' });
+    await expect(b.as(tenant('bob')).volumes.get('m/v')).rejects.toMatchObject({ code: 'NotFound' });
+    for (let i = 0; i < 100 && (await opIds(store)).length > 0; i++) await sleep(20);
+    expect(await store.getOwner('m/v')).toBeUndefined();
+    await expect(a.as(tenant('bob')).volumes.get('m/v')).rejects.toMatchObject({ code: 'NotFound' });
   });
 });

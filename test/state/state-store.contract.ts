@@ -511,6 +511,17 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.deleteOwner(ref);
         expect(await b.getOwner(ref)).toBeUndefined();
       });
+
+      it('deleteOpLocks with owners removes those owner records in the same step, and only those', async () => {
+        const p = prefix('gone');
+        await a.insertOpLocks(opLocks(`${p}-op`, [`${p}/v`]));
+        for (const v of ['v', 'w', 'x']) await a.setOwner(`${p}/${v}`, 'alice');
+        await b.deleteOpLocks([`${p}-op`], [`${p}/v`, `${p}/w`, `${p}/absent`]);
+        expect((await a.listOpLocks()).filter((o) => o.id.startsWith(p))).toEqual([]);
+        expect([await a.getOwner(`${p}/v`), await a.getOwner(`${p}/w`), await a.getOwner(`${p}/x`)]).toEqual([undefined, undefined, 'alice']);
+        await b.deleteOpLocks([], [`${p}/x`]);
+        expect(await a.getOwner(`${p}/x`)).toBeUndefined();
+      });
     });
 
     describe('schema', () => {
