@@ -1,0 +1,36 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { JobStore } from '../core/jobs/job-store.js';
+const dir = mkdtempSync(join(tmpdir(), 'psq-'));
+const db = new JobStore(join(dir, 'jobs.sqlite'));
+const N = 5000;
+const op = (i: number) => ({ id: `op-${i}`, locks: [{ key: `san1/v${i}`, mode: 'exclusive' as const }], principal: 'admin', role: 'admin' as const, description: `create san1/v${i}`, runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: Date.now() + 15000 });
+function time(what: string, f: (i: number) => void) {
+  const t0 = performance.now();
+  for (let i = 0; i < N; i++) f(i);
+  console.log(what.padEnd(30), ((performance.now() - t0) / N * 1000).toFixed(1), 'µs');
+}
+time('claimOpLocks', (i) => db.claimOpLocks(op(i)));
+time('deleteOpLocks (1 each)', (i) => db.deleteOpLocks(`op-${i}`));
+time('setOwner', (i) => db.setOwner(`san1/v${i}`, 'admin'));
+time('deleteOwner', (i) => db.deleteOwner(`san1/v${i}`));
+time('getOwner', (i) => db.getOwner(`san1/v${i}`));
+time('claimOpLocks again', (i) => db.claimOpLocks(op(i + N)));
+const ids = Array.from({ length: N }, (_, i) => `op-${i + N}`);
+const t0 = performance.now();
+for (let i = 0; i < N; i += 8) db.deleteOpLocks(ids.slice(i, i + 8));
+console.log('deleteOpLocks (8 each)'.padEnd(30), ((performance.now() - t0) / (N / 8) * 1000).toFixed(1), 'µs per batch');
+import Database from 'better-sqlite3';
+const raw = new Database(join(dir, 'jobs.sqlite'));
+raw.pragma('journal_mode = WAL'); raw.pragma('synchronous = NORMAL');
+const ins = raw.prepare(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`);
+const sel = raw.prepare('SELECT * FROM op_locks WHERE key = ?');
+const selj = raw.prepare(`SELECT * FROM jobs WHERE status <> 'concluded'`);
+const begin = raw.prepare('BEGIN IMMEDIATE'); const commit = raw.prepare('COMMIT');
+time('raw insert txn', (i) => { begin.run(); ins.run(`x-${i}`, `k${i}`, 'exclusive', 'a', 'admin', 'd', 1, 't', 'h', 0); commit.run(); });
+time('raw insert+select txn', (i) => { begin.run(); ins.run(`y-${i}`, `k${i}`, 'exclusive', 'a', 'admin', 'd', 1, 't', 'h', 0); sel.all(`k${i}`); selj.all(); commit.run(); });
+time('raw autocommit insert', (i) => { ins.run(`z-${i}`, `k${i}`, 'exclusive', 'a', 'admin', 'd', 1, 't', 'h', 0); });
+time('empty txn', () => { begin.run(); commit.run(); });
+raw.pragma('synchronous = OFF');
+time('raw insert txn sync=OFF', (i) => { begin.run(); ins.run(`w-${i}`, `k${i}`, 'exclusive', 'a', 'admin', 'd', 1, 't', 'h', 0); commit.run(); });
