@@ -223,8 +223,8 @@ export class JobManager {
    * A long-lived operation (an export) listens for another process's request to stop it.
    */
   async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
-    const { outside, withdraw } = await this.claimOperation(id, locks, principal, description, onStopRequest);
-    return { outside, withdraw };
+    const { outside, withdraw, recheck } = await this.claimOperation(id, locks, principal, description, onStopRequest);
+    return { outside, withdraw, ...(recheck ? { recheck } : {}) };
   }
 
   /**
@@ -266,7 +266,7 @@ export class JobManager {
     return done;
   }
 
-  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<Claimed & { withdraw: () => Promise<void> }> {
+  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside> }> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
@@ -300,7 +300,18 @@ export class JobManager {
       void done.then(() => this.withdrawing.delete(done!));
       return done;
     };
-    return { id, outside: { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) }, owners: holders.owners, withdraw };
+    // Its place in the order of claims: a recheck leaves out the operations claimed after it (Publish).
+    const seq = holders.ops.find((o) => o.id === id)?.seq;
+    const keys = [...new Set(locks.map((l) => l.key))];
+    const recheck = seq === undefined ? undefined : async (): Promise<Outside> => {
+      const now = await this.store.lockHolders(keys);
+      const before = now.ops.filter((o) => o.seq === undefined || o.seq < seq);
+      return { foreign: this.foreignOf(now.jobs, before), maintenance: now.maintenance.map(maintenanceLock) };
+    };
+    return {
+      id, outside: { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) }, owners: holders.owners, withdraw,
+      ...(recheck ? { recheck } : {}),
+    };
   }
 
   /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */

@@ -353,7 +353,7 @@ export class JobStore {
     const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => wanted.has(l.key));
     const list = JSON.stringify([...wanted]);
     // Keys as one JSON array (one prepared statement whatever their number).
-    const ops = opLocksFromRows(this.stmt('SELECT * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid').all(list) as OpLockRow[]);
+    const ops = opLocksFromRows(this.stmt('SELECT rowid AS seq, * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid').all(list) as OpLockRow[]);
     const maintenance = this.stmt('SELECT key, principal, reason FROM maintenance WHERE key IN (SELECT value FROM json_each(?)) ORDER BY key').all(list) as { key: string; principal: string; reason: string }[];
     return { jobs: this.list({ active: true }).filter(holds), ops, maintenance };
   }
@@ -408,7 +408,9 @@ export class JobStore {
   }
 
   listOpLocks(): OpLockRecord[] {
-    return opLocksFromRows(this.stmt('SELECT * FROM op_locks ORDER BY id, rowid').all() as OpLockRow[]);
+    // rowid: the order of claims (OpLockRecord.seq). Rows that are there together were inserted
+    // in that order: a new row's rowid is above every row's present then.
+    return opLocksFromRows(this.stmt('SELECT rowid AS seq, * FROM op_locks ORDER BY id, rowid').all() as OpLockRow[]);
   }
 
   listMaintenance(): { key: string; principal: string; reason: string }[] {

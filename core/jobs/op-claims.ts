@@ -16,6 +16,8 @@ export interface Claimed {
   outside: Outside;
   /** Owner records of the claimed keys as read with the claim (a key without one is absent). */
   owners: Record<string, string>;
+  /** What others hold now, leaving out claims made after this one (Publish.recheck). */
+  recheck?: () => Promise<Outside>;
 }
 
 interface Claim {
@@ -76,7 +78,7 @@ export class OpClaims {
    * is cached once the operation is done with it. The result's `withdraw` removes a claim that
    * found a conflict; `done` ends the operation's use of it.
    */
-  async claim(locks: LockRequest[], claim: () => Promise<Claimed>): Promise<{ outside: Outside; withdraw: () => Promise<void>; done: () => Promise<void> }> {
+  async claim(locks: LockRequest[], claim: () => Promise<Claimed>): Promise<{ outside: Outside; withdraw: () => Promise<void>; done: () => Promise<void>; recheck?: () => Promise<Outside> }> {
     const covering = this.covering(locks);
     if (covering) {
       for (const c of covering) c.users++;
@@ -102,6 +104,7 @@ export class OpClaims {
     };
     return {
       outside: claimed.outside,
+      ...(claimed.recheck ? { recheck: claimed.recheck } : {}),
       // It met a conflict: gone at once, never used again.
       withdraw: async () => {
         if (ended) return;

@@ -60,8 +60,11 @@ export interface PublishedLease {
  * as one step serialized with every other broker's: of two publishing at once, the later sees the
  * earlier's locks. `outside` excludes what was just published; `withdraw` removes it (after a
  * conflict, and when the holder is done unless `done` is given: what to do then instead).
+ * `recheck`, where the store can order claims: what others hold now, leaving out the operations
+ * published after this holder's locks (they saw these and wait for them): a holder that waits for
+ * another broker's operation keeps its locks published meanwhile, and reads again with it.
  */
-export type Publish = () => Promise<{ outside: Outside; withdraw: () => Promise<void>; done?: () => Promise<void> }>;
+export type Publish = () => Promise<{ outside: Outside; withdraw: () => Promise<void>; done?: () => Promise<void>; recheck?: () => Promise<Outside> }>;
 
 /** Locks held outside this broker, as SharedLocks.outside reads them. */
 export interface Outside {
@@ -166,12 +169,28 @@ export class LockManager {
           lease.release();
           throw e;
         }
-        conflicts = this.conflicts(requests, holder, held(published.outside));
         const { withdraw } = published;
-        if (conflicts.length === 0) {
-          // Released here at once (this broker's checks ignore its own published locks), withdrawn from the shared state after.
-          const done = published.done ?? withdraw;
-          return { release: () => { lease.release(); return done(); } };
+        try {
+          for (let outside = published.outside; ;) {
+            conflicts = this.conflicts(requests, holder, held(outside));
+            if (conflicts.length === 0) {
+              // Released here at once (this broker's checks ignore its own published locks), withdrawn from the shared state after.
+              const done = published.done ?? withdraw;
+              return { release: () => { lease.release(); return done(); } };
+            }
+            // In line: only other brokers' operations are in the way. This holder's locks stay
+            // published while it waits, so a claim made after them waits for it in turn; withdrawn
+            // and claimed again, a broker whose operations on a volume follow each other closely
+            // would keep the volume from the others (its rows never leave), who give up after
+            // `preemptWaitMs`.
+            if (!published.recheck || !conflicts.every((c) => !this.held.includes(c) && holderKind(c.holder.id).kind === 'operation')) break;
+            await this.stopOrRefuse(holder, conflicts, deadline, attempt++);
+            outside = await published.recheck();
+          }
+        } catch (e) {
+          lease.release();
+          await withdraw();
+          throw e;
         }
         lease.release();
         await withdraw();

@@ -47,6 +47,11 @@ export interface OpLockRecord {
   /** The runner's host (as a job's runnerHost) and its lease, renewed with its jobs' (StateOps.renewOps). */
   runnerHost: string;
   leaseExpires: number;
+  /**
+   * Where the store put it in the order of claims (read back, never written): of two operations
+   * whose locks conflict, the one with the greater `seq` was claimed later and saw the other.
+   */
+  seq?: number;
 }
 
 /** An NBD export as other processes sharing the state see it (`offload nbd list`). */
@@ -87,7 +92,7 @@ export type StoredRequest = { verb: 'cancel' | 'pause' | 'resume' | 'complete' }
 /** An operation's lock as both stores keep it: one row per lock. */
 export interface OpLockRow {
   id: string; key: string; mode: string; principal: string; role: string; description: string; runner_pid: number; runner_token: string;
-  runner_host: string; lease_expires: number;
+  runner_host: string; lease_expires: number; seq?: number;
 }
 
 /** Rows (ordered by id, then insertion) grouped into one record per operation. */
@@ -97,6 +102,7 @@ export function opLocksFromRows(rows: OpLockRow[]): OpLockRecord[] {
     const op = byId.get(r.id) ?? {
       id: r.id, principal: r.principal, role: r.role === 'tenant' ? 'tenant' : 'admin', description: r.description,
       runnerPid: r.runner_pid, runnerToken: r.runner_token, runnerHost: r.runner_host, leaseExpires: r.lease_expires, locks: [],
+      ...(r.seq !== undefined && r.seq !== null ? { seq: Number(r.seq) } : {}),
     };
     op.locks.push({ key: r.key, mode: r.mode === 'shared' ? 'shared' : 'exclusive' });
     byId.set(r.id, op);

@@ -92,3 +92,57 @@ describe('maintenance locks and principals', () => {
     await expect(m.acquire([{ key: 'b/t', mode: 'shared' }], { id: 'z', principal: bob, description: 'z' })).rejects.toMatchObject({ code: 'Busy' });
   });
 });
+
+describe('acquirePublished: waiting in line for another broker\'s operation', () => {
+  const op = (id: string, mode: 'shared' | 'exclusive' = 'exclusive') => ({ key: 'm/v', mode, holder: { id, principal: ADMIN, description: `snapshot m/v (${id})` } });
+  const none = { foreign: [], maintenance: [] };
+
+  it('keeps its locks published while another broker\'s operation holds the volume, reads again until it is gone, then holds', async () => {
+    const m = new LockManager();
+    const log: string[] = [];
+    const answers = [{ foreign: [op('op-b1')], maintenance: [] }, { foreign: [op('op-b2')], maintenance: [] }, none];
+    const lease = await m.acquirePublished([{ key: 'm/v', mode: 'exclusive' }], { id: 'op-a', principal: ADMIN, description: 'resize m/v' }, async () => {
+      log.push('publish');
+      return {
+        outside: answers.shift()!,
+        withdraw: async () => void log.push('withdraw'),
+        recheck: async () => { log.push('recheck'); return answers.shift()!; },
+      };
+    });
+    expect(log).toEqual(['publish', 'recheck', 'recheck']); // published once, never withdrawn meanwhile
+    await lease.release();
+    expect(log).toEqual(['publish', 'recheck', 'recheck', 'withdraw']);
+  });
+
+  it('does not wait in line for a job (Busy at once, its locks withdrawn), nor without a recheck (withdrawn, published again)', async () => {
+    const m = new LockManager();
+    const log: string[] = [];
+    const job = { key: 'm/v', mode: 'exclusive' as LockMode, holder: { id: 'copy-1', principal: ADMIN, description: 'copy m/v' } };
+    await expect(m.acquirePublished([{ key: 'm/v', mode: 'shared' }], { id: 'op-a', principal: ADMIN, description: 'snapshot m/v' }, async () => {
+      log.push('publish');
+      return { outside: { foreign: [op('op-b1'), job], maintenance: [] }, withdraw: async () => void log.push('withdraw'), recheck: async () => none };
+    })).rejects.toMatchObject({ code: 'Busy' });
+    expect(log).toEqual(['publish', 'withdraw']);
+    log.length = 0;
+    const answers = [{ foreign: [op('op-b1')], maintenance: [] }, none];
+    const lease = await m.acquirePublished([{ key: 'm/v', mode: 'exclusive' }], { id: 'op-a', principal: ADMIN, description: 'resize m/v' }, async () => {
+      log.push('publish');
+      return { outside: answers.shift()!, withdraw: async () => void log.push('withdraw') };
+    });
+    expect(log).toEqual(['publish', 'withdraw', 'publish']);
+    await lease.release();
+  });
+
+  it('gives up in line when the wait runs out: its locks are withdrawn, this broker\'s lock released', async () => {
+    const m = new LockManager();
+    const log: string[] = [];
+    await expect(m.acquirePublished([{ key: 'm/v', mode: 'exclusive' }], { id: 'op-a', principal: ADMIN, description: 'resize m/v' }, async () => ({
+      outside: { foreign: [op('op-b1')], maintenance: [] },
+      withdraw: async () => void log.push('withdraw'),
+      recheck: async () => { log.push('recheck'); return { foreign: [op('op-b1')], maintenance: [] }; },
+    }), 30)).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/did not end in time/) });
+    expect(log.at(-1)).toBe('withdraw');
+    expect(log.filter((l) => l === 'withdraw')).toHaveLength(1);
+    await m.acquire([{ key: 'm/v', mode: 'exclusive' }], { id: 'job-x', principal: ADMIN, description: 'x' }); // nothing left held here
+  });
+});

@@ -1,12 +1,13 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger, tenant, type Broker } from '../../core/index.js';
 import { OpClaims, type Claimed } from '../../core/jobs/op-claims.js';
 import type { LockRequest } from '../../core/locks/lock-manager.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { memoryModule } from '../support/memory-backend.js';
+import { postgresAvailable, startPostgres, type Postgres } from '../support/postgres.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -278,5 +279,61 @@ describe('brokers sharing a state with claims kept', () => {
     for (let i = 0; i < 100 && (await opIds(store)).length > 0; i++) await sleep(20);
     expect(await store.getOwner('m/v')).toBeUndefined();
     await expect(a.as(tenant('bob')).volumes.get('m/v')).rejects.toMatchObject({ code: 'NotFound' });
+  });
+});
+
+/**
+ * A broker whose operations on one volume follow each other closely keeps claims there without a
+ * gap (each is reused, then the next made before the last one's rows are gone). Another broker
+ * waiting for the volume waits in line, its claim published: the first broker's next claim sees it
+ * and waits in turn. Withdrawn and polled instead, the waiting broker gave up after 30 s (Busy).
+ */
+describe.each([
+  { store: 'SQLite', skip: false },
+  { store: 'PostgreSQL', skip: !postgresAvailable() },
+])('brokers taking turns on one volume ($store)', ({ store, skip }) => {
+  let pg: Postgres | undefined;
+  beforeAll(async () => {
+    if (store === 'PostgreSQL' && !skip) pg = await startPostgres();
+  });
+  afterAll(async () => {
+    await pg?.stop();
+  });
+
+  async function twoBrokers(): Promise<[Broker, Broker]> {
+    const dir = mkdtempSync(join(tmpdir(), 'offload-turns-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const state = pg ? await pg.createDatabase() : dir;
+    const open = async (n: number) => {
+      const b = await createBroker({ state, ...(pg ? { stateDir: join(dir, `b${n}`) } : {}), backends: [{ name: 'm', kind: 'memory' }] as never }, { plugins: [memoryModule], logger: silentLogger });
+      cleanups.push(() => b.close());
+      return b;
+    };
+    return [await open(1), await open(2)];
+  }
+
+  it.skipIf(skip)('a broker operating on a volume without pause does not keep another broker from it: the other gets in line, and both go on', async () => {
+    const [a, b] = await twoBrokers();
+    await a.volumes.create('m/v', { sizeBytes: 1 << 20 });
+    await b.volumes.create('m/v', { sizeBytes: 1 << 20 }); // each broker its own memory backend: the lock keys are the same
+    let ops = 0;
+    let bDoneAt: number | undefined;
+    // a: snapshot and delete, over and over, a moment apart; until it has done 10 more after b got through.
+    const looping = (async () => {
+      for (let i = 0; bDoneAt === undefined || ops < bDoneAt + 10; i++) {
+        await a.snapshots.create(`m/v@s${i}`);
+        await a.snapshots.delete(`m/v@s${i}`);
+        ops++;
+        await sleep(2);
+      }
+    })();
+    while (ops < 10) await sleep(5);
+    const startedAt = ops;
+    await b.volumes.resize('m/v', 2 << 20); // Busy ("did not end in time") after 30 s before
+    bDoneAt = ops;
+    await looping;
+    expect(bDoneAt).toBeGreaterThanOrEqual(startedAt); // a was still at it when b got its turn…
+    expect(ops).toBe(bDoneAt + 10); // …and went on after it
+    expect((await b.volumes.get('m/v')).sizeBytes).toBe(2 << 20);
   });
 });

@@ -41,6 +41,11 @@ function job(id: string, over: Partial<JobRecord> = {}): JobRecord {
   };
 }
 
+/** Operations as written: without the seq a store reads back with them (compared apart). */
+function bare(ops: OpLockRecord[]): OpLockRecord[] {
+  return ops.map(({ seq: _seq, ...rest }) => rest);
+}
+
 function opLocks(id: string, keys: string[], over: Partial<OpLockRecord> = {}): OpLockRecord {
   return {
     id, locks: keys.map((key, i) => ({ key, mode: i % 2 ? 'shared' : 'exclusive' })), principal: 'alice', role: 'tenant',
@@ -351,7 +356,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         const two = opLocks(`${p}-0`, [`vol:${p}/z`], { role: 'admin', principal: 'root', runnerPid: 1, runnerToken: 'tok-2', description: 'resize' });
         await a.insertOpLocks(one);
         await b.insertOpLocks(two);
-        const mine = async (s: StateStore) => (await s.listOpLocks()).filter((op) => op.id.startsWith(p));
+        const mine = async (s: StateStore) => bare((await s.listOpLocks()).filter((op) => op.id.startsWith(p)));
         expect(await mine(a)).toStrictEqual([two, one]);
         expect(await mine(b)).toStrictEqual([two, one]);
 
@@ -449,7 +454,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         const got = await b.lockHolders([k('y'), k('nothing')]);
         expect(got.jobs.map((j) => j.id)).toEqual([`${p}-j1`]);
         expect(got.jobs[0]).toStrictEqual(await a.getJob(`${p}-j1`));
-        expect(got.ops).toStrictEqual([opLocks(`${p}-o1`, [k('q'), k('y')])]);
+        expect(bare(got.ops)).toStrictEqual([opLocks(`${p}-o1`, [k('q'), k('y')])]);
         expect(got.maintenance).toEqual([{ key: k('y'), principal: 'root', reason: 'swap' }]);
         expect(await b.lockHolders([])).toEqual({ jobs: [], ops: [], maintenance: [] });
         for (const id of ['j1', 'j2', 'j3']) await a.deleteJob(`${p}-${id}`);
@@ -470,12 +475,12 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         const claim = opLocks(`${p}-op`, [`vol:${p}/x`, `vol:${p}/y`, `vol:${p}/z`], { leaseExpires: LEASE + 9 });
         const got = await b.claimOpLocks(claim);
         const mine = <T extends { id?: string; key?: string }>(xs: T[]) => xs.filter((x) => (x.id ?? x.key ?? '').startsWith(p));
-        expect(got.ops).toStrictEqual([claim]);
+        expect(bare(got.ops)).toStrictEqual([claim]);
         // The owner records of the claimed keys, read with it (x and z have none).
         expect(got.owners).toStrictEqual({ [`vol:${p}/y`]: 'alice' });
         await a.deleteOwner(`vol:${p}/y`);
         await a.deleteOwner(`vol:${p}/elsewhere`);
-        expect(mine(await a.listOpLocks())).toStrictEqual([claim]);
+        expect(bare(mine(await a.listOpLocks()))).toStrictEqual([claim]);
         expect(got.jobs).toStrictEqual([await a.getJob(`${p}-run`)]);
         expect(got.maintenance).toEqual([{ key: `vol:${p}/z`, principal: 'root', reason: 'swap' }]);
         await a.deleteJob(`${p}-run`);
@@ -510,6 +515,22 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await a.getOwner(ref)).toBe('bob');
         await a.deleteOwner(ref);
         expect(await b.getOwner(ref)).toBeUndefined();
+      });
+
+      it('operations come with their place in the order of claims (seq): a later claim\'s is greater, in every read', async () => {
+        const p = prefix('seq');
+        const first = await a.claimOpLocks(opLocks(`${p}-1`, [`${p}/v`, `${p}/w`]));
+        const second = await b.claimOpLocks(opLocks(`${p}-2`, [`${p}/v`]));
+        const seqOf = (ops: OpLockRecord[], id: string) => ops.find((o) => o.id === id)?.seq;
+        const s1 = seqOf(first.ops, `${p}-1`)!;
+        expect(typeof s1).toBe('number');
+        expect(seqOf(second.ops, `${p}-1`)).toBe(s1);
+        expect(seqOf(second.ops, `${p}-2`)!).toBeGreaterThan(s1);
+        const held = await a.lockHolders([`${p}/v`]);
+        expect(seqOf(held.ops, `${p}-2`)).toBe(seqOf(second.ops, `${p}-2`));
+        const listed = await b.listOpLocks();
+        expect([seqOf(listed, `${p}-1`), seqOf(listed, `${p}-2`)]).toEqual([s1, seqOf(second.ops, `${p}-2`)]);
+        await a.deleteOpLocks([`${p}-1`, `${p}-2`]);
       });
 
       it('deleteOpLocks with owners removes those owner records in the same step, and only those', async () => {

@@ -162,10 +162,12 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       await sql(url, 'DROP FUNCTION offload_claim_op_locks_owners(json, text[]); DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; UPDATE schema_version SET version = 2');
       const s = await openPostgresStore(url, { poolSize: 1 });
       try {
-        expect(SCHEMA_VERSION).toBe(4);
-        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 4 }]);
+        expect(SCHEMA_VERSION).toBe(5);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 5 }]);
         const got = await s.claimOpLocks({ id: 'op-new', locks: [{ key: 'pool/v', mode: 'shared' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 6 });
         expect(got.ops.map((o) => o.id)).toEqual(['op-new', 'op-old']);
+        // Version 5: with their place in the order of claims (the old row first).
+        expect(got.ops[1]!.seq!).toBeLessThan(got.ops[0]!.seq!);
         expect(got.owners).toEqual({ 'pool/v': 'alice' });
       } finally {
         await s.close();

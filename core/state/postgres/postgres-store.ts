@@ -270,7 +270,7 @@ function postgresOps(q: Query): StateOps {
       }
     },
     listOpLocks: async () => opLocksFromRows((await q<OpLockRow>(
-      `SELECT id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires FROM op_locks ORDER BY id ${C}, seq`)).rows),
+      `SELECT id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires, seq FROM op_locks ORDER BY id ${C}, seq`)).rows),
     renewOps: async (token, leaseExpires) => {
       await q('WITH e AS (UPDATE exports SET lease_expires = $2 WHERE runner_token = $1) UPDATE op_locks SET lease_expires = $2 WHERE runner_token = $1', [token, leaseExpires]);
     },

@@ -136,6 +136,22 @@ END
 $$;
 `;
 
+const SCHEMA_V5 = `
+CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]) RETURNS json LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN json_build_object(
+    'jobs', (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded'
+       AND (keys IS NULL OR EXISTS (SELECT 1 FROM json_array_elements(j.locks::json) l WHERE l->>'key' = ANY (keys)))),
+    'ops', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
+       'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
+       'lease_expires', o.lease_expires, 'seq', o.seq) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o
+       WHERE keys IS NULL OR o.id IN (SELECT k.id FROM op_locks k WHERE k.key = ANY (keys))),
+    'maintenance', (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
+       FROM maintenance m WHERE keys IS NULL OR m.key = ANY (keys)));
+END
+$$;
+`;
+
 /** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
 const MIGRATIONS: { version: number; sql: string }[] = [
   // 1: jobs with leases and fencing tokens (the SQLite store's version 2), op locks, exports, maintenance, owners.
@@ -155,6 +171,10 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   // operation's lock and its volume's owner in one round trip; the result is { holders, owners }.
   // A function of its own: brokers of the build before, still running, call schema 3's.
   { version: 4, sql: SCHEMA_V4 },
+  // 5: operations' locks come with their place in the order of claims (seq: OpLockRecord.seq), so
+  // that a claim waiting in line can tell which claims came after it. The same function, its
+  // result one field richer: brokers of the builds before read it as they did.
+  { version: 5, sql: SCHEMA_V5 },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 
