@@ -64,15 +64,12 @@ export class BrokerState {
     return this.writeOwner(ref, owner, () => this.store.setOwner(ref, owner));
   }
 
-  /** Remove a volume's owner record: at once, or with the claim of the operation that deleted the volume (JobManager.removeOwnerLater). */
-  async deleteOwner(ref: string): Promise<void> {
-    if (this.jobs.removeOwnerLater(ref)) return;
+  deleteOwner(ref: string): Promise<void> {
     return this.writeOwner(ref, null, () => this.store.deleteOwner(ref));
   }
 
   /** A write of an owner record, and what this broker's claims know after it: the new value, or nothing if the write failed (it may have happened). */
   private async writeOwner(ref: string, owner: string | null, write: () => Promise<void>): Promise<void> {
-    await this.jobs.beforeOwnerWrite(ref);
     try {
       await write();
     } catch (e) {

@@ -22,26 +22,10 @@ export class Volumes implements VolumesApi {
     const b = this.s.entry(ref.backend);
     const size = checkSize(o?.sizeBytes, refText, b.capabilities);
     const owner = this.a.ownerFor(o?.owner);
-    const key = volumeKey(ref);
-    return runShort(this.s, this.a.principal, [{ key, mode: 'exclusive' }], `create ${refText}`, async () => {
-      const before = await this.s.ownerOf(key);
+    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `create ${refText}`, async () => {
       const recorded = await this.a.targetOwner(ref, b.backend, owner, o?.owner !== undefined);
-      // The record is written while the backend creates, under the claim: nobody acts on the name
-      // meanwhile, and a reader finds no volume or the new one. A record that stays is written
-      // once; a create that fails takes it out again (one that did not get to: targetOwner).
-      const owning = before === recorded ? undefined : this.s.setOwner(key, recorded);
-      void owning?.catch(() => undefined); // awaited below, after the backend's answer
-      let vol: Volume;
-      try {
-        vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
-      } catch (e) {
-        if (owning) {
-          await owning.catch(() => undefined);
-          await this.s.deleteOwner(key).catch(() => undefined);
-        }
-        throw e;
-      }
-      await owning;
+      const vol = await call(b.backend, 'create', refText, () => b.backend.createVolume({ name: ref.volume, sizeBytes: size, owner: recorded }));
+      await this.s.setOwner(volumeKey(ref), recorded);
       return { ...vol, owner: recorded };
     });
   }
@@ -86,6 +70,7 @@ export class Volumes implements VolumesApi {
     const size = checkSize(sizeBytes, refText, b.capabilities);
     await this.a.assertOwns(ref);
     return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `resize ${refText}`, async () => {
+      await this.a.assertOwns(ref); // again under the lock: the volume may have changed hands while this waited for it
       const vol = await call(b.backend, 'get', refText, () => b.backend.getVolume(ref.volume));
       if (!vol) throw notFoundVolume(refText);
       if (size < vol.sizeBytes) {
@@ -101,6 +86,8 @@ export class Volumes implements VolumesApi {
     const b = this.s.entry(ref.backend);
     if (!(await this.a.mayAccess(ref))) return; // a tenant deleting what it cannot see: as if gone, nothing changes
     await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `delete ${refText}`, async () => {
+      // Again under the lock: deleted and made again by someone else while this waited, it is not this tenant's.
+      if (!(await this.a.mayAccess(ref))) return;
       await call(b.backend, 'delete', refText, () => b.backend.deleteVolume(ref.volume));
       await this.s.deleteOwner(volumeKey(ref));
     });
@@ -146,8 +133,10 @@ export class Snapshots implements SnapshotsApi {
     const volume = `${ref.backend}/${ref.volume}`;
     const exports = this.s.exports.list().filter((e) => e.ref === volume).map((e) => this.s.exports.device(e.name)?.holder)
       .filter((h): h is string => h !== undefined);
-    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, () =>
-      call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot)), exports);
+    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, async () => {
+      await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
+      return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
+    }, exports);
   }
 
   async list(refText: string): Promise<Snapshot[]> {
@@ -163,8 +152,10 @@ export class Snapshots implements SnapshotsApi {
     const b = this.s.entry(ref.backend);
     if (!(await this.a.mayAccess(ref))) return;
     const locks = [{ key: volumeKey(ref), mode: 'shared' as const }, { key: snapshotKey(ref), mode: 'exclusive' as const }];
-    await runShort(this.s, this.a.principal, locks, `delete ${refText}`, () =>
-      call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot)));
+    await runShort(this.s, this.a.principal, locks, `delete ${refText}`, async () => {
+      if (!(await this.a.mayAccess(ref))) return; // again under the lock (Volumes.delete)
+      await call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot));
+    });
   }
 
   async revert(refText: string): Promise<void> {
@@ -172,7 +163,9 @@ export class Snapshots implements SnapshotsApi {
     planOrRefuse(this.s, { op: 'revert', ref: refText }, `revert ${refText}`, refText);
     const b = this.s.entry(ref.backend);
     await this.a.assertOwns(ref);
-    await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `revert ${refText}`, () =>
-      call(b.backend, 'revert', refText, () => b.backend.revertVolume(ref.volume, ref.snapshot)));
+    await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `revert ${refText}`, async () => {
+      await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
+      await call(b.backend, 'revert', refText, () => b.backend.revertVolume(ref.volume, ref.snapshot));
+    });
   }
 }

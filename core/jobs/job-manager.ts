@@ -84,7 +84,7 @@ export class JobManager {
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
   /** Short operations' claims, kept a moment for the next ones. */
-  private readonly claims = new OpClaims((ids, gone) => this.withdrawClaims(ids, gone));
+  private readonly claims = new OpClaims((ids) => this.withdrawClaims(ids));
 
   constructor(
     private readonly store: StateStore,
@@ -223,8 +223,9 @@ export class JobManager {
    * A long-lived operation (an export) listens for another process's request to stop it.
    */
   async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
-    const { outside, withdraw, recheck } = await this.claimOperation(id, locks, principal, description, onStopRequest);
-    return { outside, withdraw, ...(recheck ? { recheck } : {}) };
+    // No recheck: an export does not wait in line (its rows would make others Busy before it serves).
+    const { outside, withdraw } = await this.claimOperation(id, locks, principal, description, onStopRequest);
+    return { outside, withdraw };
   }
 
   /**
@@ -245,22 +246,10 @@ export class JobManager {
     this.claims.noteOwner(key, owner);
   }
 
-  /** The operation under this broker's exclusive claim on `key` deleted the volume: its owner record goes with the claim (OpClaims.removeOwnerLater). */
-  removeOwnerLater(key: string): boolean {
-    return this.claims.removeOwnerLater(key);
-  }
-
-  /** Before this broker writes the owner record of `key` (OpClaims.beforeOwnerWrite). */
-  beforeOwnerWrite(key: string): Promise<void> {
-    return this.claims.beforeOwnerWrite(key);
-  }
-
-  /** Lapsed claims' rows, and the owner records of volumes deleted under them, removed in one statement. */
-  private withdrawClaims(ids: string[], gone: string[]): Promise<void> {
+  /** Claims' rows, removed in one statement. */
+  private withdrawClaims(ids: string[]): Promise<void> {
     this.ops -= ids.length;
-    // A closed store: the rows die with this process; an owner record left behind is stale, and
-    // known as such when the name is used again (Access.targetOwner).
-    const done = this.store.deleteOpLocks(ids, gone).catch(() => undefined);
+    const done = this.store.deleteOpLocks(ids).catch(() => undefined); // a closed store: the rows die with this process
     this.withdrawing.add(done);
     void done.then(() => this.withdrawing.delete(done));
     return done;

@@ -358,13 +358,12 @@ export class JobStore {
     return { jobs: this.list({ active: true }).filter(holds), ops, maintenance };
   }
 
-  deleteOpLocks(ids: string | readonly string[], owners: readonly string[] = []): void {
+  deleteOpLocks(ids: string | readonly string[]): void {
     this.db.transaction(() => {
       for (const id of typeof ids === 'string' ? [ids] : ids) {
         this.stmt('DELETE FROM op_locks WHERE id = ?').run(id);
         this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id);
       }
-      for (const ref of owners) this.deleteOwner(ref);
     }).immediate();
   }
 

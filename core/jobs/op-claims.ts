@@ -32,8 +32,6 @@ interface Claim {
   expired: boolean;
   /** Owner records of its keys as of the claim, kept up to date by this broker's own writes (null: none). */
   owners: Map<string, string | null>;
-  /** Owner records its operations removed (volumes deleted under it): they leave the store with its rows. */
-  gone: Set<string>;
 }
 
 /**
@@ -53,9 +51,10 @@ interface Claim {
  * while the claim stands (owners change under an exclusive lock), so a claim reads the owners of
  * its keys along with the holders, and answers `owner` until it lapses.
  *
- * Lapsed claims are swept together, their rows removed by one `withdrawMany`. So are the owner
- * records of the volumes deleted under them (`removeOwnerLater`): until the rows go, no other
- * broker can act on such a volume, and this one knows the record is gone.
+ * A claim that waits in line (Publish.recheck) forgets the owners it read: the operation it waits
+ * for may change them.
+ *
+ * Lapsed claims are swept together, their rows removed by one `withdrawMany`.
  */
 export class OpClaims {
   private readonly byKey = new Map<string, Claim[]>();
@@ -63,12 +62,9 @@ export class OpClaims {
   private sweeper: NodeJS.Timeout | undefined;
   private closed = false;
 
-  /** Owner records being removed with lapsed claims' rows, by key: claims of those keys wait for it. */
-  private readonly removing = new Map<string, Promise<void>>();
-
   constructor(
-    /** Remove the rows of claims (by id) and the owner records `gone`, in one step. */
-    private readonly withdrawMany: (ids: string[], gone: string[]) => Promise<void>,
+    /** Remove the rows of claims (by id), in one step. */
+    private readonly withdrawMany: (ids: string[]) => Promise<void>,
     private readonly holdMs = CLAIM_HOLD_MS,
   ) {}
 
@@ -87,24 +83,24 @@ export class OpClaims {
       });
       return { outside: { foreign: [], maintenance: [] }, withdraw: done, done };
     }
-    // An owner record of these keys on its way out: the claim reads it after.
-    await this.removed(locks.map((l) => l.key));
     const sent = performance.now();
     const claimed = await claim();
     const c: Claim = {
       id: claimed.id, locks, validUntil: sent + this.holdMs, users: 1, pending: true, expired: false,
-      owners: new Map(locks.map((l) => [l.key, claimed.owners[l.key] ?? null])), gone: new Set(),
+      owners: new Map(locks.map((l) => [l.key, claimed.owners[l.key] ?? null])),
     };
     for (const l of locks) this.byKey.set(l.key, [...(this.byKey.get(l.key) ?? []), c]);
     let ended = false;
     const remove = async () => {
       c.users = 0;
       this.drop(c);
-      await this.withdraw([c]);
+      await this.withdrawMany([c.id]);
     };
+    const recheck = claimed.recheck;
     return {
       outside: claimed.outside,
-      ...(claimed.recheck ? { recheck: claimed.recheck } : {}),
+      // Waiting in line: what it read of the owners may change meanwhile (the store is asked).
+      ...(recheck ? { recheck: () => { c.owners.clear(); return recheck(); } } : {}),
       // It met a conflict: gone at once, never used again.
       withdraw: async () => {
         if (ended) return;
@@ -116,7 +112,8 @@ export class OpClaims {
         ended = true;
         // Not kept when this broker is closing, nor when it passed a maintenance lock (an
         // administrator's claim): covering others' requests, it would let a tenant through.
-        if (this.closed || c.expired || claimed.outside.maintenance.length > 0) return remove();
+        // Nor one that lapsed while it waited in line: its rows would only hold the next in line.
+        if (this.closed || c.expired || c.validUntil <= performance.now() || claimed.outside.maintenance.length > 0) return remove();
         c.pending = false;
         this.cached.add(c);
         this.sweepLater();
@@ -143,25 +140,6 @@ export class OpClaims {
     }
   }
 
-  /**
-   * The operation running under the claim that holds `key` exclusively deleted that volume: its
-   * owner record is removed with the claim's rows (one step, not one more), and meanwhile this
-   * broker knows it is gone. False when no live claim holds `key` exclusively (remove it now).
-   */
-  removeOwnerLater(key: string): boolean {
-    const c = this.byKey.get(key)?.find((c) => !c.expired && c.locks.some((h) => h.key === key && h.mode === 'exclusive'));
-    if (!c) return false;
-    c.gone.add(key);
-    this.noteOwner(key, null);
-    return true;
-  }
-
-  /** This broker is about to write the owner record of `key`: a removal still to come would undo the write, so it is cancelled, and one under way is waited for. */
-  async beforeOwnerWrite(key: string): Promise<void> {
-    for (const c of this.byKey.get(key) ?? []) c.gone.delete(key);
-    await this.removed([key]);
-  }
-
   /** Drop every cached claim at once, and keep none from now on (the broker is closing): their rows are removed. */
   async clear(): Promise<void> {
     this.closed = true;
@@ -184,26 +162,7 @@ export class OpClaims {
 
   private unuse(c: Claim): void {
     c.users--;
-    if (c.expired && c.users === 0) void this.withdraw([c]);
-  }
-
-  /** Remove claims' rows and the owner records their operations removed; until that is done, claims of those keys wait. */
-  private withdraw(claims: Claim[]): Promise<void> {
-    const gone = [...new Set(claims.flatMap((c) => [...c.gone]))];
-    const done = this.withdrawMany(claims.map((c) => c.id), gone);
-    for (const key of gone) this.removing.set(key, done);
-    void done.finally(() => {
-      for (const key of gone) if (this.removing.get(key) === done) this.removing.delete(key);
-    }).catch(() => undefined);
-    return done;
-  }
-
-  /** Resolves once no owner record of `keys` is being removed (whether the removal worked or not). */
-  private async removed(keys: string[]): Promise<void> {
-    for (const key of keys) {
-      const p = this.removing.get(key);
-      if (p) await p.catch(() => undefined);
-    }
+    if (c.expired && c.users === 0) void this.withdrawMany([c.id]);
   }
 
   private sweepLater(): void {
@@ -218,13 +177,13 @@ export class OpClaims {
 
   /** Expire the cached claims lapsed by `now`; remove the rows of those no operation uses, together. */
   private async sweep(now: number): Promise<void> {
-    const free: Claim[] = [];
+    const free: string[] = [];
     for (const c of this.cached) {
       if (c.validUntil > now) continue;
       this.drop(c);
-      if (c.users === 0) free.push(c);
+      if (c.users === 0) free.push(c.id);
     }
-    if (free.length > 0) await this.withdraw(free);
+    if (free.length > 0) await this.withdrawMany(free);
   }
 
   private drop(c: Claim): void {

@@ -161,7 +161,7 @@ export class LockManager {
     for (let attempt = 0; ; ) {
       let conflicts = this.conflicts(requests, holder, []);
       if (conflicts.length === 0) {
-        const lease = this.grant(requests.map((r) => ({ ...r, holder })));
+        let lease = this.grant(requests.map((r) => ({ ...r, holder })));
         let published: Awaited<ReturnType<Publish>>;
         try {
           published = await publish();
@@ -176,15 +176,21 @@ export class LockManager {
             if (conflicts.length === 0) {
               // Released here at once (this broker's checks ignore its own published locks), withdrawn from the shared state after.
               const done = published.done ?? withdraw;
-              return { release: () => { lease.release(); return done(); } };
+              const granted = lease;
+              return { release: () => { granted.release(); return done(); } };
             }
             // In line: only other brokers' operations are in the way. This holder's locks stay
             // published while it waits, so a claim made after them waits for it in turn; withdrawn
             // and claimed again, a broker whose operations on a volume follow each other closely
             // would keep the volume from the others (its rows never leave), who give up after
-            // `preemptWaitMs`.
+            // `preemptWaitMs`. Not held here meanwhile (an administrator's job may preempt a
+            // tenant): granted again after the wait, or, meeting a lock here then, out of line.
             if (!published.recheck || !conflicts.every((c) => !this.held.includes(c) && holderKind(c.holder.id).kind === 'operation')) break;
+            lease.release();
             await this.stopOrRefuse(holder, conflicts, deadline, attempt++);
+            conflicts = this.conflicts(requests, holder, []);
+            if (conflicts.length > 0) break;
+            lease = this.grant(requests.map((r) => ({ ...r, holder })));
             outside = await published.recheck();
           }
         } catch (e) {

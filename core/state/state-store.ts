@@ -59,11 +59,8 @@ export interface StateOps {
    * in the same step.
    */
   claimOpLocks(op: OpLockRecord): Promise<ClaimedLocks>;
-  /**
-   * Remove the locks of an operation (or of several at once) and any stop request for it; with
-   * `owners`, the owner records of those refs in the same step (volumes deleted under the claims).
-   */
-  deleteOpLocks(id: string | readonly string[], owners?: readonly string[]): Promise<void>;
+  /** Remove the locks of an operation (or of several at once) and any stop request for it. */
+  deleteOpLocks(id: string | readonly string[]): Promise<void>;
   listOpLocks(): Promise<OpLockRecord[]>;
   /** Extend the lease of every operation and export of the runner `token` (its heartbeat). */
   renewOps(token: string, leaseExpires: number): Promise<void>;

@@ -146,3 +146,23 @@ describe('acquirePublished: waiting in line for another broker\'s operation', ()
     await m.acquire([{ key: 'm/v', mode: 'exclusive' }], { id: 'job-x', principal: ADMIN, description: 'x' }); // nothing left held here
   });
 });
+
+describe('acquirePublished: in line, nothing held here', () => {
+  it('an administrator\'s job here is not held up by a tenant\'s operation waiting in line; the operation then meets it', async () => {
+    const m = new LockManager();
+    const log: string[] = [];
+    let clear = false;
+    const foreign = { key: 'm/v', mode: 'exclusive' as LockMode, holder: { id: 'op-b1', principal: ADMIN, description: 'snapshot m/v (other host)' } };
+    const waiting = m.acquirePublished([{ key: 'm/v', mode: 'exclusive' }], { id: 'op-alice', principal: alice, description: 'resize m/v' }, async () => ({
+      outside: { foreign: [foreign], maintenance: [] },
+      withdraw: async () => void log.push('withdraw'),
+      recheck: async () => ({ foreign: clear ? [] : [foreign], maintenance: [] }),
+    }));
+    await new Promise((r) => setTimeout(r, 20));
+    const job = await m.acquire([{ key: 'm/v', mode: 'exclusive' }], { id: 'copy-1', principal: ADMIN, description: 'copy into m/v' });
+    clear = true; // the other host's operation ends: alice's comes out of line and meets the job here
+    await expect(waiting).rejects.toMatchObject({ code: 'Busy', message: expect.stringContaining('copy-1') });
+    expect(log).toEqual(['withdraw']);
+    job.release();
+  });
+});

@@ -532,17 +532,6 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect([seqOf(listed, `${p}-1`), seqOf(listed, `${p}-2`)]).toEqual([s1, seqOf(second.ops, `${p}-2`)]);
         await a.deleteOpLocks([`${p}-1`, `${p}-2`]);
       });
-
-      it('deleteOpLocks with owners removes those owner records in the same step, and only those', async () => {
-        const p = prefix('gone');
-        await a.insertOpLocks(opLocks(`${p}-op`, [`${p}/v`]));
-        for (const v of ['v', 'w', 'x']) await a.setOwner(`${p}/${v}`, 'alice');
-        await b.deleteOpLocks([`${p}-op`], [`${p}/v`, `${p}/w`, `${p}/absent`]);
-        expect((await a.listOpLocks()).filter((o) => o.id.startsWith(p))).toEqual([]);
-        expect([await a.getOwner(`${p}/v`), await a.getOwner(`${p}/w`), await a.getOwner(`${p}/x`)]).toEqual([undefined, undefined, 'alice']);
-        await b.deleteOpLocks([], [`${p}/x`]);
-        expect(await a.getOwner(`${p}/x`)).toBeUndefined();
-      });
     });
 
     describe('schema', () => {

@@ -145,7 +145,7 @@ export class PostgresStateStore implements StateStore {
   setRequest(id: string, request: StoredRequest) { return this.ops.setRequest(id, request); }
   takeRequest(id: string) { return this.ops.takeRequest(id); }
   insertOpLocks(op: OpLockRecord) { return this.ops.insertOpLocks(op); }
-  deleteOpLocks(id: string | readonly string[], owners?: readonly string[]) { return this.ops.deleteOpLocks(id, owners); }
+  deleteOpLocks(id: string | readonly string[]) { return this.ops.deleteOpLocks(id); }
   listOpLocks() { return this.ops.listOpLocks(); }
   renewOps(token: string, leaseExpires: number) { return this.ops.renewOps(token, leaseExpires); }
   lockHolders(keys?: string[]) { return this.ops.lockHolders(keys); }
@@ -260,14 +260,8 @@ function postgresOps(q: Query): StateOps {
       await q(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
         VALUES ${rows.join(', ')}`, params);
     },
-    deleteOpLocks: async (ids, owners) => {
-      const list = typeof ids === 'string' ? [ids] : ids;
-      if (owners && owners.length > 0) {
-        await q(`WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])), owner AS (DELETE FROM owners WHERE ref = ANY ($2::text[]))
-          DELETE FROM op_locks WHERE id = ANY ($1::text[])`, [list, owners]);
-      } else {
-        await q('WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])) DELETE FROM op_locks WHERE id = ANY ($1::text[])', [list]);
-      }
+    deleteOpLocks: async (ids) => {
+      await q('WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])) DELETE FROM op_locks WHERE id = ANY ($1::text[])', [typeof ids === 'string' ? [ids] : ids]);
     },
     listOpLocks: async () => opLocksFromRows((await q<OpLockRow>(
       `SELECT id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires, seq FROM op_locks ORDER BY id ${C}, seq`)).rows),

@@ -73,7 +73,7 @@ export class SqliteStateStore implements StateStore {
   lockHolders(keys?: string[]) { return this.one((o) => o.lockHolders(keys)); }
   insertOpLocks(op: OpLockRecord) { return this.one((o) => o.insertOpLocks(op)); }
   claimOpLocks(op: OpLockRecord) { return this.one((o) => o.claimOpLocks(op)); }
-  deleteOpLocks(id: string | readonly string[], owners?: readonly string[]) { return this.one((o) => o.deleteOpLocks(id, owners)); }
+  deleteOpLocks(id: string | readonly string[]) { return this.one((o) => o.deleteOpLocks(id)); }
   listOpLocks() { return this.one((o) => o.listOpLocks()); }
   renewOps(token: string, leaseExpires: number) { return this.one((o) => o.renewOps(token, leaseExpires)); }
   requestOpStop(id: string) { return this.one((o) => o.requestOpStop(id)); }
@@ -135,7 +135,7 @@ function syncOps(db: JobStore): StateOps {
     lockHolders: async (keys) => db.lockHolders(keys),
     insertOpLocks: async (op) => db.insertOpLocks(op, () => undefined),
     claimOpLocks: async (op) => db.claimOpLocks(op),
-    deleteOpLocks: async (id, owners) => db.deleteOpLocks(id, owners),
+    deleteOpLocks: async (id) => db.deleteOpLocks(id),
     listOpLocks: async () => db.listOpLocks(),
     renewOps: async (token, leaseExpires) => db.renewOps(token, leaseExpires),
     requestOpStop: async (id) => db.requestOpStop(id),
