@@ -48,7 +48,10 @@ export interface StateOps {
    * (a job or an operation whole, with all its locks).
    */
   lockHolders(keys?: string[]): Promise<LockHolders>;
-  /** The locks of a short (or long-lived) operation, visible to every process sharing the state. */
+  /**
+   * The locks of a short (or long-lived) operation, visible to every process sharing the state.
+   * Not serialized with claims: the order of claims (OpLockRecord.seq) holds only for claimOpLocks.
+   */
   insertOpLocks(op: OpLockRecord): Promise<void>;
   /**
    * insertOpLocks, then lockHolders, as one step serialized with every transaction on `locks`
