@@ -74,6 +74,7 @@ export class DataJobs {
     return runShort(this.s, this.a.principal,
       [{ key: volumeKey(src), mode: 'shared' }, { key: target, mode: 'exclusive' }], `clone ${source} to ${target}`,
       async () => {
+        await this.a.assertOwns(src); // again under the lock (Volumes.resize)
         const recorded = await this.a.targetOwner(dst, d.backend, owner, explicit);
         const vol = await call(d.backend, 'clone', `${source} → ${target}`, () => d.backend.createVolume({
           name: dst.volume, owner: recorded, mode,

@@ -44,6 +44,7 @@ export class Exports implements ExportsApi {
       // An instant clone still filling is served through its fill, within the fill job's locks.
       const filling = snapshot ? undefined : await this.s.fills.get(formatRef(ref))?.ready.catch(() => undefined);
       hold = await holdExport(this.s, { name, ref, readOnly, principal: this.a.principal, ...(filling ? { within: filling.jobId } : {}) });
+      await this.a.assertOwns(ref); // again under the lock: deleted and made again by someone else while this waited, it is not this tenant's
       const opened = filling ? await viewOrOpen(filling.fill, () => this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw')) : await this.s.openDevice(formatRef(ref), readOnly ? 'r' : 'rw');
       // A writable export serves through a LiveDevice: what a live job of this broker watches and
       // switches (core/live/); a read-only one offers what changed since each earlier snapshot.

@@ -87,7 +87,8 @@ export class OpClaims {
     const claimed = await claim();
     const c: Claim = {
       id: claimed.id, locks, validUntil: sent + this.holdMs, users: 1, pending: true, expired: false,
-      owners: new Map(locks.map((l) => [l.key, claimed.owners[l.key] ?? null])),
+      // Read while another's operation held a key: it may be changing them (the store is asked).
+      owners: new Map(claimed.outside.foreign.length > 0 ? [] : locks.map((l) => [l.key, claimed.owners[l.key] ?? null])),
     };
     for (const l of locks) this.byKey.set(l.key, [...(this.byKey.get(l.key) ?? []), c]);
     let ended = false;

@@ -161,7 +161,10 @@ export class LockManager {
     for (let attempt = 0; ; ) {
       let conflicts = this.conflicts(requests, holder, []);
       if (conflicts.length === 0) {
-        let lease = this.grant(requests.map((r) => ({ ...r, holder })));
+        // Asked to stop while in line (an administrator here preempts a tenant): it leaves the line.
+        let preempted = false;
+        const here: LockHolder = { ...holder, preempt: () => { preempted = true; holder.preempt?.(); } };
+        const lease = this.grant(requests.map((r) => ({ ...r, holder: here })));
         let published: Awaited<ReturnType<Publish>>;
         try {
           published = await publish();
@@ -176,21 +179,17 @@ export class LockManager {
             if (conflicts.length === 0) {
               // Released here at once (this broker's checks ignore its own published locks), withdrawn from the shared state after.
               const done = published.done ?? withdraw;
-              const granted = lease;
-              return { release: () => { granted.release(); return done(); } };
+              return { release: () => { lease.release(); return done(); } };
             }
             // In line: only other brokers' operations are in the way. This holder's locks stay
             // published while it waits, so a claim made after them waits for it in turn; withdrawn
             // and claimed again, a broker whose operations on a volume follow each other closely
             // would keep the volume from the others (its rows never leave), who give up after
-            // `preemptWaitMs`. Not held here meanwhile (an administrator's job may preempt a
-            // tenant): granted again after the wait, or, meeting a lock here then, out of line.
+            // `preemptWaitMs`. Held here meanwhile too (this broker's later requests wait behind
+            // it), except from an administrator preempting a tenant: then out of line.
             if (!published.recheck || !conflicts.every((c) => !this.held.includes(c) && holderKind(c.holder.id).kind === 'operation')) break;
-            lease.release();
             await this.stopOrRefuse(holder, conflicts, deadline, attempt++);
-            conflicts = this.conflicts(requests, holder, []);
-            if (conflicts.length > 0) break;
-            lease = this.grant(requests.map((r) => ({ ...r, holder })));
+            if (preempted) break;
             outside = await published.recheck();
           }
         } catch (e) {

@@ -147,7 +147,28 @@ describe('acquirePublished: waiting in line for another broker\'s operation', ()
   });
 });
 
-describe('acquirePublished: in line, nothing held here', () => {
+describe('acquirePublished: in line, held here too', () => {
+  it('a job of this broker asked for after an operation waiting in line waits behind it', async () => {
+    const m = new LockManager();
+    let clear = false;
+    const foreign = { key: 'm/v', mode: 'exclusive' as LockMode, holder: { id: 'op-b1', principal: ADMIN, description: 'snapshot m/v (other host)' } };
+    const waiting = m.acquirePublished([{ key: 'm/v', mode: 'shared' }], { id: 'op-alice', principal: alice, description: 'snapshot m/v' }, async () => ({
+      outside: { foreign: [foreign], maintenance: [] },
+      withdraw: async () => undefined,
+      recheck: async () => ({ foreign: clear ? [] : [foreign], maintenance: [] }),
+    }));
+    await new Promise((r) => setTimeout(r, 20));
+    let jobHeld = false;
+    const job = m.acquire([{ key: 'm/v', mode: 'exclusive' }], { id: 'backup-1', principal: alice, description: 'backup of m/v' }).then((l) => { jobHeld = true; return l; });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(jobHeld).toBe(false);
+    clear = true;
+    const op = await waiting; // its turn came first
+    expect(jobHeld).toBe(false);
+    await op.release();
+    (await job).release();
+  });
+
   it('an administrator\'s job here is not held up by a tenant\'s operation waiting in line; the operation then meets it', async () => {
     const m = new LockManager();
     const log: string[] = [];

@@ -100,23 +100,31 @@ const INSERT_CLAIM = `  INSERT INTO op_locks (id, key, mode, principal, role, de
     SELECT r.id, r.key, r.mode, r.principal, r.role, r.description, r.runner_pid, r.runner_token, r.runner_host, r.lease_expires
     FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;`;
 
-const SCHEMA_V3 = `
-CREATE INDEX jobs_active ON jobs (created_at) WHERE status <> 'concluded';
-CREATE INDEX op_locks_key ON op_locks (key);
-CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]) RETURNS json LANGUAGE plpgsql STABLE AS $$
+/**
+ * What a lock check reads, as one function (StateOps.lockHolders): schema 3's, and schema 5's
+ * with each operation's place in the order of claims (`seq`).
+ */
+function lockHoldersFunction(seq: boolean): string {
+  return `CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]) RETURNS json LANGUAGE plpgsql STABLE AS $$
 BEGIN
   RETURN json_build_object(
     'jobs', (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded'
        AND (keys IS NULL OR EXISTS (SELECT 1 FROM json_array_elements(j.locks::json) l WHERE l->>'key' = ANY (keys)))),
     'ops', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
        'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
-       'lease_expires', o.lease_expires) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o
+       'lease_expires', o.lease_expires${seq ? ", 'seq', o.seq" : ''}) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o
        WHERE keys IS NULL OR o.id IN (SELECT k.id FROM op_locks k WHERE k.key = ANY (keys))),
     'maintenance', (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
        FROM maintenance m WHERE keys IS NULL OR m.key = ANY (keys)));
 END
 $$;
-CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
+`;
+}
+
+const SCHEMA_V3 = `
+CREATE INDEX jobs_active ON jobs (created_at) WHERE status <> 'concluded';
+CREATE INDEX op_locks_key ON op_locks (key);
+${lockHoldersFunction(false)}CREATE OR REPLACE FUNCTION offload_claim_op_locks(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
   PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
 ${INSERT_CLAIM}
@@ -136,21 +144,7 @@ END
 $$;
 `;
 
-const SCHEMA_V5 = `
-CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]) RETURNS json LANGUAGE plpgsql STABLE AS $$
-BEGIN
-  RETURN json_build_object(
-    'jobs', (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded'
-       AND (keys IS NULL OR EXISTS (SELECT 1 FROM json_array_elements(j.locks::json) l WHERE l->>'key' = ANY (keys)))),
-    'ops', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
-       'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
-       'lease_expires', o.lease_expires, 'seq', o.seq) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o
-       WHERE keys IS NULL OR o.id IN (SELECT k.id FROM op_locks k WHERE k.key = ANY (keys))),
-    'maintenance', (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
-       FROM maintenance m WHERE keys IS NULL OR m.key = ANY (keys)));
-END
-$$;
-`;
+const SCHEMA_V5 = lockHoldersFunction(true);
 
 /** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
 const MIGRATIONS: { version: number; sql: string }[] = [
