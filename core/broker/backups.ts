@@ -87,6 +87,8 @@ export class Backups implements BackupsApi {
     try {
       return await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
         task: backupTask(params, this.s.backupDeps()), ref: target, executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}),
+        // The source's point was taken under its lock (Snapshots.create checks there); the backup volume is checked again under the job's.
+        ...(existing ? { check: () => this.a.assertOwns(dst) } : {}),
       }));
     } catch (e) {
       await this.v.snapshots.delete(`${source}@${next}`).catch(() => undefined);

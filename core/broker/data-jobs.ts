@@ -104,7 +104,7 @@ export class DataJobs {
     return this.startJob(cloneTask(params, this.s.cloneDeps()), target, 'host', undefined, [
       { key: volumeKey(src), mode: 'shared' },
       { key: target, mode: 'exclusive' },
-    ], plan, checkSpeed(opts.speed));
+    ], plan, checkSpeed(opts.speed), () => this.a.assertOwns(src));
   }
 
   private async sourceSize(src: Ref, source: string): Promise<number> {
@@ -132,7 +132,8 @@ export class DataJobs {
     const make = verb === 'stream' ? b.backend.streamVolume : b.backend.commitVolume;
     if (!make) throw new Unsupported(`${ref.backend} reports chain.${verb} but has no ${verb}Volume`, { ref: refText });
     const task = await call(b.backend, verb, refText, () => make.call(b.backend, ref.volume, opts.base ? { base: opts.base } : {}));
-    return this.startJob(task, refText, `backend:${ref.backend}`, ref.backend, [{ key: volumeKey(ref), mode: 'exclusive' }], plan, checkSpeed(opts.speed));
+    return this.startJob(task, refText, `backend:${ref.backend}`, ref.backend, [{ key: volumeKey(ref), mode: 'exclusive' }], plan, checkSpeed(opts.speed),
+      () => this.a.assertOwns(ref));
   }
 
   async copy(source: string, target: string, opts: CopyOptions = {}): Promise<Job> {
@@ -159,7 +160,10 @@ export class DataJobs {
       // The snapshot the changes are counted from stays while the job may ask again (a resume).
       ...(since !== undefined ? [{ key: snapshotKey({ backend: src.backend, volume: src.volume, snapshot: since }), mode: 'shared' as const }] : []),
       { key: volumeKey(parseVolumeRef(target)), mode: 'exclusive' },
-    ], plan, checkSpeed(opts.speed));
+    ], plan, checkSpeed(opts.speed), async () => {
+      await this.a.assertOwns(src);
+      await this.a.assertOwns(parseVolumeRef(target));
+    });
   }
 
   /**
@@ -193,10 +197,11 @@ export class DataJobs {
     return new InstantClones(this.s, this.a).start(pairs, { ...opts, instant: true }, plan, (ref) => this.sourceSize(parseRef(ref), ref));
   }
 
-  private startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed?: number): Promise<Job> {
+  /** `check`: the tenant's ownership again, once the job's locks are held (StartJobRequest.check). */
+  private startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>): Promise<Job> {
     this.s.assertOpen();
     return this.s.mutex.run(locks.map((l) => l.key), () =>
-      this.s.jobs.start({ task, ref, executor, principal: this.a.principal, locks, plan, ...(backend ? { backend } : {}), ...(speed ? { speed } : {}) }));
+      this.s.jobs.start({ task, ref, executor, principal: this.a.principal, locks, plan, check, ...(backend ? { backend } : {}), ...(speed ? { speed } : {}) }));
   }
 }
 

@@ -40,7 +40,7 @@ export class FileJobs {
     return this.start(exportTask(params, this.s.fileJobDeps()), source, [
       { key: volumeKey(ref), mode: 'shared' },
       { key: await fileKey(path), mode: 'exclusive' },
-    ], plan, speed);
+    ], plan, speed, () => this.a.assertOwns(ref));
   }
 
   async importFrom(file: string, refText: string, opts: FileImportOptions = {}): Promise<Job> {
@@ -72,7 +72,9 @@ export class FileJobs {
     return this.start(importTask(params, this.s.fileJobDeps()), target, [
       { key: target, mode: 'exclusive' },
       { key: await fileKey(path), mode: 'shared' },
-    ], plan, speed);
+    ], plan, speed, async () => {
+      if (into || !opts.create) await this.a.assertOwns(ref);
+    });
   }
 
   /** NotFound for a volume or snapshot that is not there (or not this principal's). */
@@ -85,10 +87,11 @@ export class FileJobs {
     if (!snaps.some((x) => x.name === ref.snapshot)) throw new NotFound(`snapshot ${text} does not exist`, { ref: text, hint: `list them with \`offload snapshot list ${volumeKey(ref)}\`` });
   }
 
-  private start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined): Promise<Job> {
+  /** `check`: the tenant's ownership again, once the job's locks are held (StartJobRequest.check). */
+  private start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>): Promise<Job> {
     this.s.assertOpen();
     return this.s.mutex.run(locks.map((l) => l.key), () =>
-      this.s.jobs.start({ task, ref, executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}) }));
+      this.s.jobs.start({ task, ref, executor: 'host', principal: this.a.principal, locks, plan, check, ...(speed ? { speed } : {}) }));
   }
 }
 

@@ -107,6 +107,9 @@ export class InstantClones {
     try {
       job = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
         task, ref: made.map((p) => p.target).join(','), executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}),
+        check: async () => {
+          for (const p of made) await this.a.assertOwns(parseRef(p.source)); // again under the job's locks
+        },
       }));
     } catch (e) {
       task.dropped?.();

@@ -55,6 +55,10 @@ export class LiveCopies {
     return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
       task, ref: prepared.map((p) => p.pair.target).join(','), executor: 'host', principal: this.a.principal, locks, plan,
       within: prepared.map((p) => p.holder), ...(speed ? { speed } : {}),
+      // A source is held by this broker's export (checked under its lock); a target that was there is checked again.
+      check: async () => {
+        for (const p of prepared) if (!p.pair.create) await this.a.assertOwns(parseVolumeRef(p.pair.target));
+      },
     }));
   }
 

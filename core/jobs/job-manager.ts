@@ -27,6 +27,12 @@ export interface StartJobRequest {
   speed?: number;
   /** The holders whose locks the job's may overlap (LockHolder.within): a live copy's exports. */
   within?: string | readonly string[];
+  /**
+   * Checks that count only under the job's locks (a tenant's ownership of what it reads and
+   * writes: the volume may have changed hands while the job waited for them). Run once they are
+   * held; if one throws, they are released and the job is not started.
+   */
+  check?: () => Promise<void>;
 }
 
 /**
@@ -138,6 +144,12 @@ export class JobManager {
       preempt: () => void job?.cancel().catch(() => undefined), // already ending
       ...(req.within !== undefined ? { within: req.within } : {}),
     });
+    try {
+      await req.check?.();
+    } catch (e) {
+      lease.release();
+      throw e;
+    }
     const now = new Date().toISOString();
     const record: JobRecord = {
       id, type: req.task.type, status: 'created', executor: req.executor, ref: req.ref, owner: req.principal.id,

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  ADMIN, JOB_TRANSITIONS, JOB_VERBS, LockManager, RateLimiter, canTransition, createBroker,
+  ADMIN, JOB_TRANSITIONS, JOB_VERBS, LockManager, NotFound, RateLimiter, canTransition, createBroker,
   silentLogger, verbAllowed, type Broker, type JobContext, type JobEvent, type JobStatus, type JobTask,
 } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
@@ -78,6 +78,26 @@ describe('job state machine (QEMU JobSTT and verb table)', () => {
 });
 
 describe('jobs', () => {
+  it('a check that fails once the job\'s locks are held starts nothing: the error comes back, the locks are free, no job is recorded', async () => {
+    const m = manager();
+    const locks = [{ key: 'b/v', mode: 'exclusive' as const }];
+    let checkedWhileHeld = false;
+    await expect(m.start({
+      task: steppedTask(1).task, ref: 'b/v', executor: 'host', principal: ADMIN, locks,
+      check: async () => {
+        // Run under the job's locks: another job on the same volume is refused meanwhile.
+        checkedWhileHeld = await m.start({ task: steppedTask(1).task, ref: 'b/v', executor: 'host', principal: ADMIN, locks }).then(() => false, (e: { code?: string }) => e.code === 'Busy');
+        throw new NotFound('volume b/v does not exist');
+      },
+    })).rejects.toMatchObject({ code: 'NotFound' });
+    expect(checkedWhileHeld).toBe(true);
+    expect(await m.list()).toEqual([]);
+    const t = steppedTask(1);
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'host', principal: ADMIN, locks }); // the locks were released
+    await t.step();
+    await job.wait();
+  });
+
   it('runs created → running → waiting → pending → concluded with progress in bytes and events', async () => {
     const m = manager();
     const t = steppedTask(3);

@@ -245,6 +245,32 @@ describe('brokers sharing a state with claims kept', () => {
     expect(await bob.snapshots.list('m/v')).toEqual([]);
   });
 
+  it('a tenant\'s copy checks the source\'s owner again under the job\'s locks: made again by another tenant while the job waited, it is not read', async () => {
+    const { a, b } = await two({ shared: true });
+    const alice = a.as(tenant('alice'));
+    await b.as(tenant('alice')).volumes.create('m/t', { sizeBytes: 1 << 20 });
+    await alice.volumes.create('m/v', { sizeBytes: 1 << 20 }); // a holds a claim on m/v a moment
+    const dev = await alice.volumes.open('m/v', 'rw');
+    await dev.write(0, Buffer.alloc(4096, 0x41));
+    await dev.close();
+    const copying = b.as(tenant('alice')).copy('m/v', 'm/t').then(async (j) => ((await j.wait()).error ? 'failed' : 'copied'), (e: { code?: string }) => e.code);
+    const swapping = (async () => {
+      await sleep(10); // the copy's checks before its locks are done: its job waits for a's claim
+      await alice.volumes.delete('m/v');
+      await a.as(tenant('bob')).volumes.create('m/v', { sizeBytes: 1 << 20 }); // bob's now: zeros
+      return 'swapped';
+    })().catch((e: { code?: string }) => e.code);
+    const [copy, swap] = await Promise.all([copying, swapping]);
+    // Whichever went first: refused under its locks, or alice's data copied before her delete (which then met the job, or came after it).
+    expect(['NotFound', 'copied']).toContain(copy);
+    expect(['swapped', 'Busy']).toContain(swap);
+    if (copy === 'copied') {
+      const t = await b.as(tenant('alice')).volumes.open('m/t', 'r');
+      expect(Buffer.from(await t.read(0, 4096)).equals(Buffer.alloc(4096, 0x41))).toBe(true);
+      await t.close();
+    }
+  });
+
   it('an owner record of a volume that is not there (a broker killed between deleting the volume and its record) does not keep the name, nor give it to its old owner', async () => {
     const { a, store } = await two();
     await store.setOwner('m/v', 'carol');
