@@ -1,5 +1,5 @@
 import type { StorageBackend } from '../backend/storage-backend.js';
-import type { Principal } from '../locks/principal.js';
+import { ADMIN, type Principal } from '../locks/principal.js';
 import { AlreadyExists, NotFound, PermissionDenied } from '../model/errors.js';
 import { volumeKey, type VolumeRef } from '../model/refs.js';
 import type { Volume } from '../model/types.js';
@@ -37,32 +37,29 @@ export class Access {
     return this.isAdmin || owner === this.principal.id;
   }
 
+  /** A volume with its owner: its record's, else the administrators' (ADMIN.id). */
   async withOwner(v: Volume): Promise<Volume> {
     if (v.owner !== undefined) return v;
-    const owner = await this.s.ownerOf(`${v.backend}/${v.name}`);
-    return owner === undefined || v.owner !== undefined ? v : { ...v, owner };
+    return { ...v, owner: (await this.s.ownerOf(`${v.backend}/${v.name}`)) ?? ADMIN.id };
   }
 
   /**
    * The owner a create or clone into `ref` records. Creating is idempotent, so the name may exist:
-   * then it keeps its owner, and nobody else's create may return it (AlreadyExists). A volume made
-   * outside the broker (no owner recorded) belongs to the administrators. A record of a volume
-   * that is not there means nothing: its removal did not happen (a broker killed after deleting
-   * the volume, before the record went with its claim), and the name is free.
+   * then it keeps its owner, and nobody else's create may return it (AlreadyExists). A volume
+   * without an owner record (an administrator's, or one made outside the broker) belongs to the
+   * administrators. A record of a volume that is not there means nothing: its removal did not
+   * happen (a broker killed after deleting the volume, before the record), and the name is free.
    */
   async targetOwner(ref: VolumeRef, backend: StorageBackend, owner: string, explicit: boolean): Promise<string> {
     const refText = volumeKey(ref);
     const existing = await this.s.ownerOf(refText);
-    if (existing !== undefined) {
-      if (existing === owner) return existing;
-      if (!(await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) return owner;
-      if (this.isAdmin && !explicit) return existing;
-      throw new AlreadyExists(`${refText} already exists and belongs to ${this.isAdmin ? existing : 'someone else'}`, { ref: refText, hint: 'choose another name' });
-    }
-    if (!this.isAdmin && (await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) {
-      throw new AlreadyExists(`${refText} already exists and belongs to someone else`, { ref: refText, hint: 'choose another name' });
-    }
-    return owner;
+    if ((existing ?? ADMIN.id) === owner) return owner;
+    // An administrator's own create of a name nobody holds: whatever is there is the administrators'.
+    if (existing === undefined && this.isAdmin && !explicit) return owner;
+    if (!(await call(backend, 'get', refText, () => backend.getVolume(ref.volume)))) return owner;
+    if (existing !== undefined && this.isAdmin && !explicit) return existing;
+    const holder = existing ?? 'the administrators';
+    throw new AlreadyExists(`${refText} already exists and belongs to ${this.isAdmin ? holder : 'someone else'}`, { ref: refText, hint: 'choose another name' });
   }
 }
 

@@ -11,6 +11,7 @@ import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams } f
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
+import { ADMIN } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
 import { checkSpeed } from './operation.js';
@@ -87,7 +88,7 @@ export class LiveCopies {
       }
     } else {
       // A migration keeps the volume's owner: the target is the source's owner's (a tenant's volume stays the tenant's).
-      const owner = this.a.isAdmin ? (await this.s.ownerOf(source)) ?? this.a.principal.id : this.a.ownerFor(undefined);
+      const owner = this.a.isAdmin ? (await this.s.ownerOf(source)) ?? ADMIN.id : this.a.ownerFor(undefined);
       create = { sizeBytes: live.sizeBytes, owner: await this.a.targetOwner(dst, d.backend, owner, false) };
     }
     let resumeFrom: string | undefined;

@@ -14,6 +14,7 @@ import { HOST } from '../jobs/runner.js';
 import { waitOutClaims } from '../jobs/op-claims.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
+import { ADMIN } from '../locks/principal.js';
 import { FailedPrecondition, InvalidArgument, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, type Ref } from '../model/refs.js';
 import type { Planner, PlannerBackend } from '../planner/planner.js';
@@ -60,8 +61,13 @@ export class BrokerState {
     return known === undefined ? this.store.getOwner(ref) : known ?? undefined;
   }
 
+  /**
+   * Record who owns a volume. The administrators' volumes have no record (none already means
+   * theirs: Access), and a write that would leave the record as this broker's claim read it is
+   * not made: an administrator's create and delete then cost no statement (bench/service.ts).
+   */
   setOwner(ref: string, owner: string): Promise<void> {
-    return this.writeOwner(ref, owner, () => this.store.setOwner(ref, owner));
+    return owner === ADMIN.id ? this.deleteOwner(ref) : this.writeOwner(ref, owner, () => this.store.setOwner(ref, owner));
   }
 
   deleteOwner(ref: string): Promise<void> {
@@ -70,6 +76,7 @@ export class BrokerState {
 
   /** A write of an owner record, and what this broker's claims know after it: the new value, or nothing if the write failed (it may have happened). */
   private async writeOwner(ref: string, owner: string | null, write: () => Promise<void>): Promise<void> {
+    if (this.jobs.knownOwner(ref) === owner) return;
     try {
       await write();
     } catch (e) {
