@@ -11,6 +11,7 @@ import type { JobTask } from './job-task.js';
 import { ManagedJob } from './managed-job.js';
 import { OpClaims, type Claimed } from './op-claims.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
+import { keysToRead, snapshotPrefixes, wholeVolumes, withWholeVolumes } from '../locks/whole-volume.js';
 import { HOST, holderAlive, liveTokens, pidAlive } from './runner.js';
 
 export interface StartJobRequest {
@@ -183,8 +184,9 @@ export class JobManager {
    * of other live brokers (on other hosts, in other processes, or in this one), and maintenance locks.
    */
   async outsideLocks(ops: StateOps = this.store, keys?: string[]): Promise<Outside> {
-    const holders = await ops.lockHolders(keys);
-    return { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) };
+    const holders = await ops.lockHolders(keys && keysToRead(keys));
+    const foreign = this.foreignOf(holders.jobs, holders.ops);
+    return { foreign: keys ? withWholeVolumes(foreign, keys) : foreign, maintenance: holders.maintenance.map(maintenanceLock) };
   }
 
   /** Locks held by jobs and operations of other live brokers. */
@@ -245,7 +247,7 @@ export class JobManager {
    * broker on the same volumes (OpClaims), which then make no round trip to the store.
    */
   publishShort(id: string, locks: LockRequest[], principal: Principal, description: string): ReturnType<Publish> {
-    return this.claims.claim(locks, () => this.claimOperation(id, locks, principal, description));
+    return this.claims.claim(locks, () => this.claimOperation(id, locks, principal, description, undefined, true));
   }
 
   /** The owner record of a volume as this broker's live claims know it (OpClaims.owner): undefined if they do not. */
@@ -267,7 +269,8 @@ export class JobManager {
     return done;
   }
 
-  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside> }> {
+  /** `covering`: a short operation's claim, read so that it may cover its volumes' snapshots (whole-volume.ts). */
+  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside> }> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
@@ -275,7 +278,7 @@ export class JobManager {
     this.ops++;
     let holders;
     try {
-      holders = await this.store.claimOpLocks(row);
+      holders = await this.store.claimOpLocks(row, { keys: keysToRead(locks.map((l) => l.key)), prefixes: covering ? snapshotPrefixes(locks) : [] });
     } catch (e) {
       this.ops--;
       // Not knowing whether the row was written: remove it if it was (a closed store: it dies with this process).
@@ -305,12 +308,17 @@ export class JobManager {
     const seq = holders.ops.find((o) => o.id === id)?.seq;
     const keys = [...new Set(locks.map((l) => l.key))];
     const recheck = seq === undefined ? undefined : async (): Promise<Outside> => {
-      const now = await this.store.lockHolders(keys);
+      const now = await this.store.lockHolders(keysToRead(keys));
       const before = now.ops.filter((o) => o.seq === undefined || o.seq < seq);
-      return { foreign: this.foreignOf(now.jobs, before), maintenance: now.maintenance.map(maintenanceLock) };
+      return { foreign: withWholeVolumes(this.foreignOf(now.jobs, before), keys), maintenance: now.maintenance.map(maintenanceLock) };
     };
+    // What it read of its volumes' snapshots decides what it covers; the rest is judged by key.
+    const all = { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) };
+    const requested = new Set(keys);
     return {
-      id, outside: { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) }, owners: holders.owners, withdraw,
+      id, owners: holders.owners, withdraw,
+      outside: { foreign: withWholeVolumes(all.foreign, keys).filter((f) => requested.has(f.key)), maintenance: all.maintenance.filter((m) => requested.has(m.key)) },
+      ...(covering ? { wholeVolumes: wholeVolumes(locks, all) } : {}),
       ...(recheck ? { recheck } : {}),
     };
   }

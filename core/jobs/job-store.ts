@@ -315,31 +315,31 @@ export class JobStore {
     }).immediate();
   }
 
-  /** What a lock check reads (StateOps.lockHolders): every holder, or those with a lock on one of `keys`. */
-  lockHolders(keys?: string[]): LockHolders {
+  /** What a lock check reads (StateOps.lockHolders): every holder, or those with a lock on one of `keys` or on a key starting with one of `prefixes`. */
+  lockHolders(keys?: string[], prefixes: string[] = []): LockHolders {
     return this.db.transaction(() => {
       if (!keys) return { jobs: this.list({ active: true }), ops: this.listOpLocks(), maintenance: this.listMaintenance() };
-      return this.holdersOf(keys);
+      return this.holdersOf(keys, prefixes);
     })();
   }
 
   /**
-   * insertOpLocks, then the holders of its keys (the claim included) and their owner records, in one IMMEDIATE transaction.
+   * insertOpLocks, then the holders of its keys (the claim included, and those `also` names) and their owner records, in one IMMEDIATE transaction.
    * Every short operation on another volume makes one: its statements are few, and no savepoints (0.06 → 0.03 ms a claim).
    */
-  claimOpLocks(op: OpLockRecord): ClaimedLocks {
-    this.claimTx ??= this.db.transaction((o: OpLockRecord): ClaimedLocks => {
+  claimOpLocks(op: OpLockRecord, also: { keys?: string[]; prefixes?: string[] } = {}): ClaimedLocks {
+    this.claimTx ??= this.db.transaction((o: OpLockRecord, more: { keys?: string[]; prefixes?: string[] }): ClaimedLocks => {
       this.insertOpRows(o);
       const keys = o.locks.map((l) => l.key);
       const rows = this.stmt('SELECT ref, owner FROM owners WHERE ref IN (SELECT value FROM json_each(?))').all(JSON.stringify(keys)) as { ref: string; owner: string }[];
       const owners: Record<string, string> = {};
       for (const r of rows) owners[r.ref] = r.owner;
-      return { ...this.holdersOf(keys), owners };
+      return { ...this.holdersOf([...keys, ...(more.keys ?? [])], more.prefixes ?? []), owners };
     });
-    return this.claimTx.immediate(op);
+    return this.claimTx.immediate(op, also);
   }
 
-  private claimTx: Database.Transaction<(op: OpLockRecord) => ClaimedLocks> | undefined;
+  private claimTx: Database.Transaction<(op: OpLockRecord, also: { keys?: string[]; prefixes?: string[] }) => ClaimedLocks> | undefined;
 
   private insertOpRows(op: OpLockRecord): void {
     const stmt = this.stmt(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
@@ -347,14 +347,19 @@ export class JobStore {
     for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken, op.runnerHost, op.leaseExpires);
   }
 
-  /** The holders of a lock on one of `keys`, inside a transaction of the caller's. */
-  private holdersOf(keys: string[]): LockHolders {
+  /** The holders of a lock on one of `keys` or on a key starting with one of `prefixes`, inside a transaction of the caller's. */
+  private holdersOf(keys: string[], prefixes: string[]): LockHolders {
     const wanted = new Set(keys);
-    const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => wanted.has(l.key));
-    const list = JSON.stringify([...wanted]);
-    // Keys as one JSON array (one prepared statement whatever their number).
-    const ops = opLocksFromRows(this.stmt('SELECT rowid AS seq, * FROM op_locks WHERE id IN (SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(?))) ORDER BY id, rowid').all(list) as OpLockRow[]);
-    const maintenance = this.stmt('SELECT key, principal, reason FROM maintenance WHERE key IN (SELECT value FROM json_each(?)) ORDER BY key').all(list) as { key: string; principal: string; reason: string }[];
+    const matches = (key: string) => wanted.has(key) || prefixes.some((p) => key.startsWith(p));
+    const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => matches(l.key));
+    // Keys and prefixes as JSON arrays (one prepared statement whatever their number); no prefixes, no scan for them.
+    const params = { keys: JSON.stringify([...wanted]), prefixes: JSON.stringify(prefixes) };
+    const ops = opLocksFromRows(this.stmt(`SELECT rowid AS seq, * FROM op_locks WHERE id IN (
+        SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(@keys))
+        UNION ALL SELECT o.id FROM json_each(@prefixes) p, op_locks o WHERE substr(o.key, 1, length(p.value)) = p.value)
+      ORDER BY id, rowid`).all(params) as OpLockRow[]);
+    const maintenance = this.stmt(`SELECT m.key, m.principal, m.reason FROM maintenance m WHERE m.key IN (SELECT value FROM json_each(@keys))
+      OR EXISTS (SELECT 1 FROM json_each(@prefixes) p WHERE substr(m.key, 1, length(p.value)) = p.value) ORDER BY m.key`).all(params) as { key: string; principal: string; reason: string }[];
     return { jobs: this.list({ active: true }).filter(holds), ops, maintenance };
   }
 

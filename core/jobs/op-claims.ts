@@ -1,5 +1,6 @@
 import { performance } from 'node:perf_hooks';
 import type { LockMode, LockRequest, Outside } from '../locks/lock-manager.js';
+import { snapshotVolume } from '../locks/whole-volume.js';
 
 /**
  * How long a short operation's published locks stay in the shared state after their claim, for
@@ -18,6 +19,8 @@ export interface Claimed {
   owners: Record<string, string>;
   /** What others hold now, leaving out claims made after this one (Publish.recheck). */
   recheck?: () => Promise<Outside>;
+  /** The volumes it holds exclusively whose snapshots nobody else held: it covers requests on those too (whole-volume.ts). */
+  wholeVolumes?: string[];
 }
 
 interface Claim {
@@ -32,6 +35,8 @@ interface Claim {
   expired: boolean;
   /** Owner records of its keys as of the claim, kept up to date by this broker's own writes (null: none). */
   owners: Map<string, string | null>;
+  /** Claimed.wholeVolumes. */
+  wholes: ReadonlySet<string>;
 }
 
 /**
@@ -44,7 +49,8 @@ interface Claim {
  * conflicts can have started since the claim was checked. The one thing a claim does not keep out
  * is a maintenance lock, which is placed without waiting for operations: hence claims lapse after
  * CLAIM_HOLD_MS, and placing one waits that long (`SharedLocks.placeMaintenance`). A claim covers a
- * request when it holds the request's key in a mode at least as strong (exclusive covers shared).
+ * request when it holds the request's key in a mode at least as strong (exclusive covers shared),
+ * or holds the volume of a snapshot key whole (`Claimed.wholeVolumes`, whole-volume.ts).
  * The broker's own lock manager still orders its operations; these rows are for the others.
  *
  * For the same reason the owner record of a claimed volume can change only through this broker
@@ -86,11 +92,11 @@ export class OpClaims {
     const sent = performance.now();
     const claimed = await claim();
     const c: Claim = {
-      id: claimed.id, locks, validUntil: sent + this.holdMs, users: 1, pending: true, expired: false,
+      id: claimed.id, locks, validUntil: sent + this.holdMs, users: 1, pending: true, expired: false, wholes: new Set(claimed.wholeVolumes),
       // Read while another's operation held a key: it may be changing them (the store is asked).
       owners: new Map(claimed.outside.foreign.length > 0 ? [] : locks.map((l) => [l.key, claimed.owners[l.key] ?? null])),
     };
-    for (const l of locks) this.byKey.set(l.key, [...(this.byKey.get(l.key) ?? []), c]);
+    for (const k of claimKeys(c)) this.byKey.set(k, [...(this.byKey.get(k) ?? []), c]);
     let ended = false;
     const remove = async () => {
       c.users = 0;
@@ -153,8 +159,11 @@ export class OpClaims {
   private covering(locks: LockRequest[]): Claim[] | undefined {
     const now = performance.now();
     const out = new Set<Claim>();
+    const live = (c: Claim) => !c.pending && !c.expired && c.validUntil > now;
     for (const l of locks) {
-      const c = this.byKey.get(l.key)?.find((c) => !c.pending && !c.expired && c.validUntil > now && c.locks.some((h) => h.key === l.key && covers(h.mode, l.mode)));
+      const volume = snapshotVolume(l.key);
+      const c = this.byKey.get(l.key)?.find((c) => live(c) && c.locks.some((h) => h.key === l.key && covers(h.mode, l.mode)))
+        ?? (volume === undefined ? undefined : this.byKey.get(volume)?.find((c) => live(c) && c.wholes.has(volume)));
       if (!c) return undefined;
       out.add(c);
     }
@@ -190,12 +199,17 @@ export class OpClaims {
   private drop(c: Claim): void {
     c.expired = true;
     this.cached.delete(c);
-    for (const l of c.locks) {
-      const left = (this.byKey.get(l.key) ?? []).filter((x) => x !== c);
-      if (left.length > 0) this.byKey.set(l.key, left);
-      else this.byKey.delete(l.key);
+    for (const k of claimKeys(c)) {
+      const left = (this.byKey.get(k) ?? []).filter((x) => x !== c);
+      if (left.length > 0) this.byKey.set(k, left);
+      else this.byKey.delete(k);
     }
   }
+}
+
+/** A claim's keys, once each (byKey lists a claim once under each). */
+function claimKeys(c: Claim): Set<string> {
+  return new Set(c.locks.map((l) => l.key));
 }
 
 function covers(held: LockMode, wanted: LockMode): boolean {

@@ -11,6 +11,8 @@ import type { Principal } from './principal.js';
  * - nothing a tenant holds can block an administrator: a tenant's conflicting lock is preempted
  *   (its holder is asked to stop, e.g. its job is cancelled) and the administrator's request
  *   proceeds once it is released.
+ * - another broker's short operation holding a volume exclusively holds its snapshots' keys too
+ *   (whole-volume.ts): the outside locks it is given say so.
  */
 export type LockMode = 'shared' | 'exclusive' | 'maintenance';
 

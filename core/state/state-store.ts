@@ -45,9 +45,10 @@ export interface StateOps {
    * What a lock check reads, in one go (one statement where the store can): the jobs not
    * concluded (as listJobs({ active: true })), every operation's locks (listOpLocks) and every
    * maintenance lock (listMaintenance). With `keys`, only those holding a lock on one of them
-   * (a job or an operation whole, with all its locks).
+   * (a job or an operation whole, with all its locks); with `prefixes` too, those holding a lock on a
+   * key that starts with one of them (`backend/volume@`: a volume's snapshots).
    */
-  lockHolders(keys?: string[]): Promise<LockHolders>;
+  lockHolders(keys?: string[], prefixes?: string[]): Promise<LockHolders>;
   /**
    * The locks of a short (or long-lived) operation, visible to every process sharing the state.
    * Not serialized with claims: the order of claims (OpLockRecord.seq) holds only for claimOpLocks.
@@ -59,9 +60,10 @@ export interface StateOps {
    * the earlier's, so they cannot both find the way clear. The holders are those of the claimed
    * keys (lockHolders(keys)), the claim itself included; the caller judges conflicts and, finding
    * one, deletes its claim (deleteOpLocks). With them, the owner records of the claimed keys, read
-   * in the same step.
+   * in the same step. `also`: the holders of more keys, and of keys starting with `prefixes`, read
+   * in the same step (lockHolders(keys, prefixes)).
    */
-  claimOpLocks(op: OpLockRecord): Promise<ClaimedLocks>;
+  claimOpLocks(op: OpLockRecord, also?: { keys?: string[]; prefixes?: string[] }): Promise<ClaimedLocks>;
   /** Remove the locks of an operation (or of several at once) and any stop request for it. */
   deleteOpLocks(id: string | readonly string[]): Promise<void>;
   listOpLocks(): Promise<OpLockRecord[]>;

@@ -23,16 +23,18 @@ function claims(holdMs = 60_000) {
   const batches: string[][] = [];
   let owners: Record<string, string> = {};
   let maintenance: Claimed['outside']['maintenance'] = [];
+  let whole: string[] | undefined;
   const c = new OpClaims(async (ids) => void batches.push(ids), holdMs);
   const claim = async (locks: LockRequest[]) => c.claim(locks, async (): Promise<Claimed> => {
     const id = `op-${made.length + 1}`;
     made.push(id);
-    return { id, outside: { foreign: [], maintenance }, owners, recheck: async () => ({ foreign: [], maintenance: [] }) };
+    return { id, outside: { foreign: [], maintenance }, owners, recheck: async () => ({ foreign: [], maintenance: [] }), ...(whole ? { wholeVolumes: whole } : {}) };
   });
   return {
     c, claim, made, batches,
     setOwners: (o: Record<string, string>) => { owners = o; },
     setMaintenance: (m: Claimed['outside']['maintenance']) => { maintenance = m; },
+    setWhole: (w: string[]) => { whole = w; },
   };
 }
 
@@ -51,6 +53,16 @@ describe('OpClaims: a broker keeps its short operations\' claims a moment', () =
     await (await t.claim([x('m/w')])).done(); // shared does not cover exclusive
     expect(t.made).toEqual(['op-1', 'op-2', 'op-3', 'op-4']);
     expect(t.batches).toEqual([]);
+  });
+
+  it('a claim that holds a volume whole covers requests on its snapshots, in any mode; not another volume\'s', async () => {
+    const t = claims();
+    t.setWhole(['m/v']);
+    await (await t.claim([x('m/v')])).done();
+    for (const locks of [[s('m/v'), x('m/v@s')], [x('m/v@t')], [s('m/v@s')]]) await (await t.claim(locks)).done();
+    expect(t.made).toEqual(['op-1']);
+    await (await t.claim([x('m/v2@s')])).done();
+    expect(t.made).toEqual(['op-1', 'op-2']);
   });
 
   it('a claim is not used by others before its operation found the way clear, nor ever after it met a conflict', async () => {
@@ -166,15 +178,15 @@ describe('brokers sharing a state with claims kept', () => {
   }
   const opIds = async (store: SqliteStateStore) => (await store.listOpLocks()).map((o) => o.id);
 
-  it('one claim in the store for a volume\'s create and snapshot; another broker\'s conflicting create waits for it to lapse, then runs', async () => {
+  it('one claim in the store for a volume\'s create, snapshot and snapshot delete; another broker\'s conflicting create waits for it to lapse, then runs', async () => {
     const { a, b, store } = await two();
     await a.volumes.create('m/v', { sizeBytes: 1 << 20 });
     const claimed = await opIds(store);
     expect(claimed).toHaveLength(1);
     await a.snapshots.create('m/v@s');
     expect(await opIds(store)).toEqual(claimed);
-    await a.snapshots.delete('m/v@s'); // its snapshot key needs a claim of its own
-    expect(await opIds(store)).toHaveLength(2);
+    await a.snapshots.delete('m/v@s'); // the volume's claim holds it whole (whole-volume.ts)
+    expect(await opIds(store)).toEqual(claimed);
     await b.volumes.create('m/v', { sizeBytes: 1 << 20 }); // waits for a's claims: not Busy
     for (let i = 0; i < 100 && (await opIds(store)).length > 0; i++) await sleep(20);
     expect(await opIds(store)).toEqual([]);

@@ -464,6 +464,33 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.removeMaintenance(k('w'));
       });
 
+      it('lockHolders(keys, prefixes) and claimOpLocks(op, also) read the holders of keys starting with a prefix too, and of more keys', async () => {
+        const p = prefix('pfx');
+        const k = (n: string) => `${p}/${n}`;
+        await a.insertJob(job(`${p}-j1`, { locks: [{ key: k('v@b1'), mode: 'shared' }] }));
+        await a.insertJob(job(`${p}-j2`, { locks: [{ key: k('v2@b1'), mode: 'shared' }] })); // another volume whose name starts the same
+        await a.insertOpLocks(opLocks(`${p}-o1`, [k('w'), k('v@s')]));
+        await a.insertOpLocks(opLocks(`${p}-o2`, [k('u')]));
+        await a.placeMaintenance(k('v@m'), 'root', 'check');
+        await a.placeMaintenance(k('v2@m'), 'root', 'check');
+        const got = await b.lockHolders([k('nothing')], [`${k('v')}@`]);
+        expect(got.jobs.map((j) => j.id)).toEqual([`${p}-j1`]);
+        expect(bare(got.ops)).toStrictEqual([opLocks(`${p}-o1`, [k('w'), k('v@s')])]);
+        expect(got.maintenance).toEqual([{ key: k('v@m'), principal: 'root', reason: 'check' }]);
+        // An operation matched both by key and by prefix comes once.
+        expect(bare((await b.lockHolders([k('w')], [`${k('v')}@`])).ops)).toStrictEqual([opLocks(`${p}-o1`, [k('w'), k('v@s')])]);
+        expect(await b.lockHolders([], [])).toEqual({ jobs: [], ops: [], maintenance: [] });
+        const claim = opLocks(`${p}-op`, [k('v')]);
+        const claimed = await b.claimOpLocks(claim, { keys: [k('u')], prefixes: [`${k('v')}@`] });
+        expect(claimed.jobs.map((j) => j.id)).toEqual([`${p}-j1`]);
+        expect(bare(claimed.ops).map((o) => o.id).sort()).toEqual([`${p}-o1`, `${p}-o2`, `${p}-op`]);
+        expect(claimed.maintenance.map((m) => m.key)).toEqual([k('v@m')]);
+        for (const id of ['j1', 'j2']) await a.deleteJob(`${p}-${id}`);
+        await a.deleteOpLocks([`${p}-o1`, `${p}-o2`, `${p}-op`]);
+        await a.removeMaintenance(k('v@m'));
+        await a.removeMaintenance(k('v2@m'));
+      });
+
       it('claimOpLocks records the locks in order and returns lockHolders as of just after, the claim included', async () => {
         const p = prefix('claim');
         await a.insertJob(job(`${p}-run`, { locks: [{ key: `vol:${p}/y`, mode: 'shared' }] }));

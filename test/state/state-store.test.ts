@@ -159,16 +159,19 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       await first.setOwner('pool/v', 'alice');
       await first.close();
       // As a build of schema 2 left it.
-      await sql(url, 'DROP FUNCTION offload_claim_op_locks_owners(json, text[]); DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; UPDATE schema_version SET version = 2');
+      await sql(url, 'DROP FUNCTION offload_claim_op_locks_owners(json, text[], text[]); DROP FUNCTION offload_lock_holders(text[], text[]); DROP FUNCTION offload_claim_op_locks_owners(json, text[]); DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; DROP INDEX op_locks_key_c; UPDATE schema_version SET version = 2');
       const s = await openPostgresStore(url, { poolSize: 1 });
       try {
-        expect(SCHEMA_VERSION).toBe(5);
-        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 5 }]);
+        expect(SCHEMA_VERSION).toBe(6);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 6 }]);
         const got = await s.claimOpLocks({ id: 'op-new', locks: [{ key: 'pool/v', mode: 'shared' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 6 });
         expect(got.ops.map((o) => o.id)).toEqual(['op-new', 'op-old']);
         // Version 5: with their place in the order of claims (the old row first).
         expect(got.ops[1]!.seq!).toBeLessThan(got.ops[0]!.seq!);
         expect(got.owners).toEqual({ 'pool/v': 'alice' });
+        // Version 6 adds overloads: the functions builds before it call are still there.
+        const old = await sql(url, `SELECT offload_claim_op_locks_owners('[]'::json, ARRAY['pool/v']) AS h`) as { h: { holders: { ops: { id: string }[] } } }[];
+        expect(old[0]!.h.holders.ops.map((o) => o.id).sort()).toEqual(['op-new', 'op-old']);
       } finally {
         await s.close();
       }

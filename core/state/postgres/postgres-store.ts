@@ -148,8 +148,8 @@ export class PostgresStateStore implements StateStore {
   deleteOpLocks(id: string | readonly string[]) { return this.ops.deleteOpLocks(id); }
   listOpLocks() { return this.ops.listOpLocks(); }
   renewOps(token: string, leaseExpires: number) { return this.ops.renewOps(token, leaseExpires); }
-  lockHolders(keys?: string[]) { return this.ops.lockHolders(keys); }
-  claimOpLocks(op: OpLockRecord) { return this.ops.claimOpLocks(op); }
+  lockHolders(keys?: string[], prefixes?: string[]) { return this.ops.lockHolders(keys, prefixes); }
+  claimOpLocks(op: OpLockRecord, also?: { keys?: string[]; prefixes?: string[] }) { return this.ops.claimOpLocks(op, also); }
   requestOpStop(id: string) { return this.ops.requestOpStop(id); }
   takeOpStop(id: string) { return this.ops.takeOpStop(id); }
   insertExport(e: ExportRecord) { return this.ops.insertExport(e); }
@@ -240,14 +240,15 @@ function postgresOps(q: Query): StateOps {
     },
     // One statement, one round trip (offload_lock_holders, schema.ts): each part as a JSON array of
     // its rows (BIGINT columns come back as JSON numbers, as INT8 is read elsewhere).
-    lockHolders: async (keys) => holdersFrom((await q<{ h: HoldersJson }>('SELECT offload_lock_holders($1::text[]) AS h', [keys ?? null])).rows[0]!.h),
-    claimOpLocks: async (op) => {
+    lockHolders: async (keys, prefixes) => holdersFrom((await q<{ h: HoldersJson }>('SELECT offload_lock_holders($1::text[], $2::text[]) AS h', [keys ?? null, prefixes ?? []])).rows[0]!.h),
+    claimOpLocks: async (op, also) => {
       const claim = op.locks.map((l) => ({
         id: op.id, key: l.key, mode: l.mode, principal: op.principal, role: op.role, description: op.description,
         runner_pid: op.runnerPid, runner_token: op.runnerToken, runner_host: op.runnerHost, lease_expires: op.leaseExpires,
       }));
-      const keys = [...new Set(op.locks.map((l) => l.key))];
-      const h = (await q<{ h: { holders: HoldersJson; owners: Record<string, string> | null } }>('SELECT offload_claim_op_locks_owners($1::json, $2::text[]) AS h', [JSON.stringify(claim), keys])).rows[0]!.h;
+      const keys = [...new Set([...op.locks.map((l) => l.key), ...(also?.keys ?? [])])];
+      const h = (await q<{ h: { holders: HoldersJson; owners: Record<string, string> | null } }>('SELECT offload_claim_op_locks_owners($1::json, $2::text[], $3::text[]) AS h',
+        [JSON.stringify(claim), keys, also?.prefixes ?? []])).rows[0]!.h;
       return { ...holdersFrom(h.holders), owners: h.owners ?? {} };
     },
     insertOpLocks: async (op) => {

@@ -101,21 +101,52 @@ const INSERT_CLAIM = `  INSERT INTO op_locks (id, key, mode, principal, role, de
     FROM json_populate_recordset(NULL::op_locks, claim) WITH ORDINALITY AS r ORDER BY r.ordinality;`;
 
 /**
- * What a lock check reads, as one function (StateOps.lockHolders): schema 3's, and schema 5's
- * with each operation's place in the order of claims (`seq`).
+ * Schema 6's functions plan their statements once per connection. PL/pgSQL keeps planning a
+ * statement for each call's values while that plan looks cheaper than the generic one, which
+ * these small, indexed reads never need: with `prefixes`, always (0.30 → 0.15 ms a lock check).
+ * PostgreSQL 12 or later.
  */
-function lockHoldersFunction(seq: boolean): string {
-  return `CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]) RETURNS json LANGUAGE plpgsql STABLE AS $$
+const GENERIC = ' SET plan_cache_mode = force_generic_plan';
+
+/**
+ * Keys starting with the prefix \`p\`, found through op_locks_key_c (bytewise order: a key that
+ * starts with p sorts from p up to p followed by the last code point) rather than by a scan of a
+ * table whose rows every claim inserts and deletes.
+ */
+const PREFIX_RANGE = (key: string) => `${key} ${C} >= p ${C} AND ${key} ${C} < (p || chr(1114111)) ${C} AND starts_with(${key}, p)`;
+
+/**
+ * What a lock check reads, as one function (StateOps.lockHolders): schema 3's, schema 5's with each
+ * operation's place in the order of claims (`seq`), and schema 6's that also takes `prefixes` (the
+ * holders of keys starting with one: a volume's snapshots), an overload of its own.
+ */
+function lockHoldersFunction(seq: boolean, prefixes = false): string {
+  // Each part's match: by key (an index), then, with prefixes, by prefix (no prefixes: nothing scanned).
+  const byPrefix = (key: string) => (prefixes ? ` OR EXISTS (SELECT 1 FROM unnest(prefixes) p WHERE starts_with(${key}, p))` : '');
+  return `CREATE OR REPLACE FUNCTION offload_lock_holders(keys text[]${prefixes ? ', prefixes text[]' : ''}) RETURNS json LANGUAGE plpgsql STABLE${prefixes ? GENERIC : ''} AS $$
 BEGIN
   RETURN json_build_object(
     'jobs', (SELECT coalesce(json_agg(j ORDER BY j.created_at ${C}, j.id ${C}), '[]'::json) FROM jobs j WHERE j.status <> 'concluded'
-       AND (keys IS NULL OR EXISTS (SELECT 1 FROM json_array_elements(j.locks::json) l WHERE l->>'key' = ANY (keys)))),
+       AND (keys IS NULL OR EXISTS (SELECT 1 FROM json_array_elements(j.locks::json) l WHERE l->>'key' = ANY (keys)${byPrefix("l->>'key'")}))),
     'ops', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'key', o.key, 'mode', o.mode, 'principal', o.principal, 'role', o.role,
        'description', o.description, 'runner_pid', o.runner_pid, 'runner_token', o.runner_token, 'runner_host', o.runner_host,
        'lease_expires', o.lease_expires${seq ? ", 'seq', o.seq" : ''}) ORDER BY o.id ${C}, o.seq), '[]'::json) FROM op_locks o
-       WHERE keys IS NULL OR o.id IN (SELECT k.id FROM op_locks k WHERE k.key = ANY (keys))),
+       WHERE keys IS NULL OR o.id IN (SELECT k.id FROM op_locks k WHERE k.key = ANY (keys)${prefixes ? ` UNION ALL SELECT k.id FROM unnest(prefixes) p, op_locks k WHERE ${PREFIX_RANGE('k.key')}` : ''})),
     'maintenance', (SELECT coalesce(json_agg(json_build_object('key', m.key, 'principal', m.principal, 'reason', m.reason) ORDER BY m.key ${C}), '[]'::json)
-       FROM maintenance m WHERE keys IS NULL OR m.key = ANY (keys)));
+       FROM maintenance m WHERE keys IS NULL OR m.key = ANY (keys)${byPrefix('m.key')}));
+END
+$$;
+`;
+}
+
+/** The claim with its keys' owner records (schema 4's), and schema 6's overload that reads holders by prefix too. */
+function claimFunction(prefixes: boolean): string {
+  return `CREATE OR REPLACE FUNCTION offload_claim_op_locks_owners(claim json, keys text[]${prefixes ? ', prefixes text[]' : ''}) RETURNS json LANGUAGE plpgsql VOLATILE${prefixes ? GENERIC : ''} AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
+${INSERT_CLAIM}
+  RETURN json_build_object('holders', offload_lock_holders(keys${prefixes ? ', prefixes' : ''}),
+    'owners', (SELECT json_object_agg(o.ref, o.owner) FROM owners o WHERE o.ref = ANY (keys)));
 END
 $$;
 `;
@@ -133,18 +164,12 @@ END
 $$;
 `;
 
-const SCHEMA_V4 = `
-CREATE OR REPLACE FUNCTION offload_claim_op_locks_owners(claim json, keys text[]) RETURNS json LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-  PERFORM pg_advisory_xact_lock(${ADVISORY_KEYS.locks});
-${INSERT_CLAIM}
-  RETURN json_build_object('holders', offload_lock_holders(keys),
-    'owners', (SELECT json_object_agg(o.ref, o.owner) FROM owners o WHERE o.ref = ANY (keys)));
-END
-$$;
-`;
+const SCHEMA_V4 = claimFunction(false);
 
 const SCHEMA_V5 = lockHoldersFunction(true);
+
+const SCHEMA_V6 = `CREATE INDEX op_locks_key_c ON op_locks (key ${C});
+${lockHoldersFunction(true, true)}${claimFunction(true)}`;
 
 /** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
 const MIGRATIONS: { version: number; sql: string }[] = [
@@ -169,6 +194,10 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   // that a claim waiting in line can tell which claims came after it. The same function, its
   // result one field richer: brokers of the builds before read it as they did.
   { version: 5, sql: SCHEMA_V5 },
+  // 6: a lock check that also reads the holders of keys by prefix (a volume's snapshots, for a
+  // claim whose exclusive lock on the volume covers them: OpClaims), as overloads of both
+  // functions: brokers of the builds before call theirs.
+  { version: 6, sql: SCHEMA_V6 },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 

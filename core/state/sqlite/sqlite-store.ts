@@ -70,9 +70,9 @@ export class SqliteStateStore implements StateStore {
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.one((o) => o.releaseJob(id, token, fence, checkpoint)); }
   setRequest(id: string, request: StoredRequest) { return this.one((o) => o.setRequest(id, request)); }
   takeRequest(id: string) { return this.one((o) => o.takeRequest(id)); }
-  lockHolders(keys?: string[]) { return this.one((o) => o.lockHolders(keys)); }
+  lockHolders(keys?: string[], prefixes?: string[]) { return this.one((o) => o.lockHolders(keys, prefixes)); }
   insertOpLocks(op: OpLockRecord) { return this.one((o) => o.insertOpLocks(op)); }
-  claimOpLocks(op: OpLockRecord) { return this.one((o) => o.claimOpLocks(op)); }
+  claimOpLocks(op: OpLockRecord, also?: { keys?: string[]; prefixes?: string[] }) { return this.one((o) => o.claimOpLocks(op, also)); }
   deleteOpLocks(id: string | readonly string[]) { return this.one((o) => o.deleteOpLocks(id)); }
   listOpLocks() { return this.one((o) => o.listOpLocks()); }
   renewOps(token: string, leaseExpires: number) { return this.one((o) => o.renewOps(token, leaseExpires)); }
@@ -132,9 +132,9 @@ function syncOps(db: JobStore): StateOps {
     releaseJob: async (id, token, fence, checkpoint) => db.release(id, token, fence, checkpoint),
     setRequest: async (id, request) => db.setRequest(id, request),
     takeRequest: async (id) => db.takeRequest(id),
-    lockHolders: async (keys) => db.lockHolders(keys),
+    lockHolders: async (keys, prefixes) => db.lockHolders(keys, prefixes),
     insertOpLocks: async (op) => db.insertOpLocks(op, () => undefined),
-    claimOpLocks: async (op) => db.claimOpLocks(op),
+    claimOpLocks: async (op, also) => db.claimOpLocks(op, also),
     deleteOpLocks: async (id) => db.deleteOpLocks(id),
     listOpLocks: async () => db.listOpLocks(),
     renewOps: async (token, leaseExpires) => db.renewOps(token, leaseExpires),

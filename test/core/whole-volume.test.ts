@@ -1,0 +1,134 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { ADMIN, LockManager, silentLogger, type JobTask, type LockRequest } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
+import { keysToRead, snapshotPrefixes, snapshotVolume, wholeVolumes, withWholeVolumes } from '../../core/locks/whole-volume.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import type { StateStore } from '../../core/state/state-store.js';
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  vi.restoreAllMocks();
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const x = (key: string): LockRequest => ({ key, mode: 'exclusive' });
+const s = (key: string): LockRequest => ({ key, mode: 'shared' });
+const op = (id: string) => ({ id, principal: ADMIN, description: `${id} m/v` });
+
+describe('whole volumes: the rule as functions', () => {
+  it('a snapshot key\'s volume; a file\'s key or a volume\'s has none', () => {
+    expect(snapshotVolume('m/v@s')).toBe('m/v');
+    expect(snapshotVolume('m/v')).toBeUndefined();
+    expect(snapshotVolume('file:/tmp/a@b')).toBeUndefined();
+    expect(snapshotVolume('file:/tmp/x/y@z')).toBeUndefined();
+    expect(keysToRead(['m/v@s', 'm/w', 'file:/a@b'])).toEqual(['m/v@s', 'm/w', 'file:/a@b', 'm/v']);
+    expect(snapshotPrefixes([x('m/v'), s('m/w'), x('m/u@s'), x('file:/f')])).toEqual(['m/v@']);
+  });
+
+  it('a volume held exclusively is whole unless another holds one of its snapshots (a lock or a maintenance lock)', () => {
+    const holder = { id: 'job-1', principal: ADMIN, description: 'backup' };
+    expect(wholeVolumes([x('m/v'), x('m/w'), s('m/u')], { foreign: [], maintenance: [] })).toEqual(['m/v', 'm/w']);
+    expect(wholeVolumes([x('m/v'), x('m/w')], { foreign: [{ key: 'm/v@b1', mode: 'shared', holder }], maintenance: [{ key: 'm/w@s', principal: ADMIN, reason: 'r' }] })).toEqual([]);
+    // A volume whose name starts like another's is another volume.
+    expect(wholeVolumes([x('m/v')], { foreign: [{ key: 'm/v2@s', mode: 'shared', holder }], maintenance: [] })).toEqual(['m/v']);
+  });
+
+  it('another broker\'s short operation holding a volume exclusively holds the requested snapshot keys; a job or an export does not, nor a shared lock', () => {
+    const f = (id: string, key: string, mode: 'shared' | 'exclusive') => ({ key, mode, holder: { id, principal: ADMIN, description: id } });
+    const got = withWholeVolumes([f('op-1', 'm/v', 'exclusive'), f('job-1', 'm/w', 'exclusive'), f('export:e', 'm/u', 'exclusive'), f('op-2', 'm/t', 'shared')], ['m/v@s', 'm/w@s', 'm/u@s', 'm/t@s', 'm/v']);
+    expect(got.slice(4).map((e) => [e.key, e.mode, e.holder.id])).toEqual([['m/v@s', 'exclusive', 'op-1']]);
+  });
+});
+
+/** Two brokers' job managers and lock managers on one SQLite state, as `createBroker` wires them. */
+function brokers(): { a: Side; b: Side } {
+  const dir = mkdtempSync(join(tmpdir(), 'offload-whole-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const side = (): Side => {
+    const store = new SqliteStateStore(join(dir, 'jobs.sqlite'));
+    const locks: LockManager = new LockManager({
+      outside: (keys) => jobs.outsideLocks(store, keys),
+      placeMaintenance: (key, p, reason) => store.placeMaintenance(key, p.id, reason),
+      removeMaintenance: (key) => store.removeMaintenance(key),
+    });
+    const jobs = new JobManager(store, locks, async () => undefined, silentLogger);
+    cleanups.push(async () => {
+      await jobs.close();
+      await store.close();
+    });
+    /** A short operation's locks as runShort takes them: acquirePublished through the broker's kept claims. */
+    const short = (id: string, wanted: LockRequest[]) => locks.acquirePublished(wanted, op(id), () => jobs.publishShort(id, wanted, ADMIN, `${id} m/v`), 2_000);
+    return { store, locks, jobs, short };
+  };
+  return { a: side(), b: side() };
+}
+interface Side {
+  store: StateStore;
+  locks: LockManager;
+  jobs: JobManager;
+  short: (id: string, wanted: LockRequest[]) => Promise<{ release(): Promise<void> }>;
+}
+
+/** A job that runs until `end()`. */
+function heldTask(): { task: JobTask; end: () => void } {
+  let end!: () => void;
+  const done = new Promise<void>((r) => (end = r));
+  cleanups.push(() => end()); // before its manager closes (cleanups run last first)
+  return { task: { type: 'test', params: {}, run: async () => done }, end };
+}
+
+describe('whole volumes: brokers on one state', () => {
+  it('a broker\'s claim on a volume covers its next requests on the volume\'s snapshots: one claim in the store', async () => {
+    const { a } = brokers();
+    const claims = vi.spyOn(a.store, 'claimOpLocks');
+    await (await a.short('op-1', [x('m/v')])).release(); // create
+    await (await a.short('op-2', [s('m/v')])).release(); // snapshot
+    await (await a.short('op-3', [s('m/v'), x('m/v@s')])).release(); // snapshot delete
+    await (await a.short('op-4', [x('m/v')])).release(); // delete
+    expect(claims).toHaveBeenCalledTimes(1);
+  });
+
+  it('another broker\'s job on a snapshot of the volume waits for the claim, then starts', async () => {
+    const { a, b } = brokers();
+    const lease = await a.short('op-1', [x('m/v')]);
+    const t = heldTask();
+    let started = false;
+    const starting = b.jobs.start({ task: t.task, ref: 'm/bk', executor: 'host', principal: ADMIN, locks: [s('m/v@b1')] }).then((j) => {
+      started = true;
+      return j;
+    });
+    await sleep(300);
+    expect(started).toBe(false); // the operation holds m/v whole
+    await lease.release();
+    const job = await starting; // once the claim lapses
+    t.end();
+    await job.wait();
+  });
+
+  it('a claim on a volume one of whose snapshots another broker holds does not cover that snapshot: the request is checked, and refused', async () => {
+    const { a, b } = brokers();
+    const t = heldTask();
+    const job = await b.jobs.start({ task: t.task, ref: 'm/bk', executor: 'host', principal: ADMIN, locks: [s('m/v@b1')] }); // a backup reading m/v@b1
+    const claims = vi.spyOn(a.store, 'claimOpLocks');
+    await (await a.short('op-1', [x('m/v')])).release(); // resize: m/v is not whole
+    await expect(a.short('op-2', [s('m/v'), x('m/v@b1')])).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/m\/v@b1.*job/) });
+    // Nor another of its snapshots: the claim covers none of them.
+    await (await a.short('op-3', [s('m/v'), x('m/v@other')])).release();
+    expect(claims).toHaveBeenCalledTimes(3);
+    t.end();
+    await job.wait();
+  });
+
+  it('a maintenance lock on a snapshot keeps the volume\'s claim from covering it', async () => {
+    const { a, b } = brokers();
+    await b.locks.placeMaintenance('m/v@s', ADMIN, 'checking');
+    const claims = vi.spyOn(a.store, 'claimOpLocks');
+    await (await a.short('op-1', [x('m/v')])).release();
+    await (await a.short('op-2', [s('m/v'), x('m/v@s')])).release(); // an administrator passes it, but it is checked
+    expect(claims).toHaveBeenCalledTimes(2);
+  });
+});
