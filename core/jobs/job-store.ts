@@ -19,6 +19,15 @@ CREATE INDEX IF NOT EXISTS op_locks_id ON op_locks (id);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at, id) WHERE status <> 'concluded';
 `;
 
+/**
+ * The lock rules this build follows (core/locks/whole-volume.ts): 1. The rows of operations and
+ * jobs carry it, and a row without (an older build's, which does not know the rules) is refused:
+ * brokers of two builds cannot take locks on one state at once.
+ */
+const LOCK_RULES = 1;
+const LOCK_RULES_V5 = ['op_locks', 'jobs'].map((t) => `CREATE TRIGGER IF NOT EXISTS ${t}_lock_rules BEFORE INSERT ON ${t} WHEN NEW.lock_rules < ${LOCK_RULES}
+BEGIN SELECT RAISE(ABORT, 'offload-broker: this state is used by a newer build, whose lock rules this one does not know: restart this broker with that build'); END;`).join('\n');
+
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY,
@@ -47,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   runner_host TEXT NOT NULL DEFAULT '',
   lease_expires INTEGER NOT NULL DEFAULT 0,
   seen_at INTEGER NOT NULL DEFAULT 0,
-  fence INTEGER NOT NULL DEFAULT 0
+  fence INTEGER NOT NULL DEFAULT 0,
+  lock_rules INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS op_locks (
   id TEXT NOT NULL,
@@ -59,7 +69,8 @@ CREATE TABLE IF NOT EXISTS op_locks (
   runner_pid INTEGER NOT NULL,
   runner_token TEXT NOT NULL,
   runner_host TEXT NOT NULL DEFAULT '',
-  lease_expires INTEGER NOT NULL DEFAULT 0
+  lease_expires INTEGER NOT NULL DEFAULT 0,
+  lock_rules INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS maintenance (
   key TEXT PRIMARY KEY,
@@ -112,6 +123,8 @@ const MIGRATIONS: { version: number; sql: string; columns?: [table: string, colu
     ['exports', 'runner_host', "TEXT NOT NULL DEFAULT ''"], ['exports', 'lease_expires', 'INTEGER NOT NULL DEFAULT 0']] },
   // 4: a lock check of some keys reads only their holders (INDEXES_V4).
   { version: 4, sql: INDEXES_V4 },
+  // 5: rows carry this build's lock rules, and an older build's are refused (LOCK_RULES).
+  { version: 5, sql: LOCK_RULES_V5, columns: [['op_locks', 'lock_rules', 'INTEGER NOT NULL DEFAULT 0'], ['jobs', 'lock_rules', 'INTEGER NOT NULL DEFAULT 0']] },
 ];
 const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 /** The lease that active jobs of a store written before leases get when it is migrated. */
@@ -178,6 +191,7 @@ export class JobStore {
       const fresh = !this.stmt("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").get();
       if (fresh) {
         this.db.exec(SCHEMA);
+        this.db.exec(LOCK_RULES_V5);
       } else {
         if (version > SCHEMA_VERSION) {
           throw new FailedPrecondition(`the job store ${this.db.name} has schema version ${version}, newer than this build knows (${SCHEMA_VERSION})`, {
@@ -188,11 +202,12 @@ export class JobStore {
         this.db.exec(SCHEMA.replace(/CREATE TABLE IF NOT EXISTS jobs \([^;]*\);/, ''));
         for (const m of MIGRATIONS) {
           if (m.version <= Math.max(version, 1)) continue;
-          if (m.sql) this.db.exec(m.sql);
+          // Columns first: the migration's statements may use them.
           for (const [table, column, type] of m.columns ?? []) {
             const has = (this.db.pragma(`table_info(${table})`) as { name: string }[]).some((c) => c.name === column);
             if (!has) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
           }
+          if (m.sql) this.db.exec(m.sql);
         }
         // Jobs of a build before leases get one lease's grace: their runner may still be alive.
         if (version < 2) this.stmt("UPDATE jobs SET lease_expires = ? WHERE status <> 'concluded'").run(Date.now() + MIGRATION_GRACE_MS);
@@ -236,10 +251,10 @@ export class JobStore {
   private insertStmt(job: JobRecord): void {
     this.stmt(`INSERT INTO jobs
       (id, type, status, executor, backend, ref, owner, owner_role, progress_current, progress_total, speed, error_code, error_message,
-       cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at, runner_host, lease_expires, seen_at, fence)
+       cancelled, params, plan, checkpoint, runner_pid, runner_token, request, locks, created_at, updated_at, runner_host, lease_expires, seen_at, fence, lock_rules)
       VALUES (@id, @type, @status, @executor, @backend, @ref, @owner, @owner_role, @progress_current, @progress_total, @speed, @error_code,
        @error_message, @cancelled, @params, @plan, @checkpoint, @runner_pid, @runner_token, @request, @locks, @created_at, @updated_at,
-       @runner_host, @lease_expires, @seen_at, @fence)`)
+       @runner_host, @lease_expires, @seen_at, @fence, ${LOCK_RULES})`)
       .run(toRow(job));
   }
 
@@ -342,8 +357,8 @@ export class JobStore {
   private claimTx: Database.Transaction<(op: OpLockRecord, also: { keys?: string[]; prefixes?: string[] }) => ClaimedLocks> | undefined;
 
   private insertOpRows(op: OpLockRecord): void {
-    const stmt = this.stmt(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
-      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`);
+    const stmt = this.stmt(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires, lock_rules)
+      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ${LOCK_RULES})`);
     for (const l of op.locks) stmt.run(op.id, l.key, l.mode, op.principal, op.role, op.description, op.runnerPid, op.runnerToken, op.runnerHost, op.leaseExpires);
   }
 

@@ -81,9 +81,40 @@ describe('JobStore leases and fencing', () => {
       s.close();
     }
     const check = new Database(file, { readonly: true });
-    expect(check.pragma('user_version', { simple: true })).toBe(4);
+    expect(check.pragma('user_version', { simple: true })).toBe(5);
     expect(indexes(check)).toEqual(INDEXES);
     check.close();
+  });
+
+  it.each(['new', 'migrated'])('a %s store refuses the locks of an older build, which does not know this one\'s lock rules; its own go in', (kind) => {
+    const file = join(dir, `${kind}-rules.sqlite`);
+    if (kind === 'migrated') {
+      new JobStore(file).close();
+      const db = new Database(file); // as version 4 left it
+      db.exec('DROP TRIGGER op_locks_lock_rules; DROP TRIGGER jobs_lock_rules; ALTER TABLE op_locks DROP COLUMN lock_rules; ALTER TABLE jobs DROP COLUMN lock_rules');
+      db.pragma('user_version = 4');
+      db.close();
+    }
+    const s = new JobStore(file);
+    try {
+      s.claimOpLocks({ id: 'op-new', locks: [{ key: 'm/v', mode: 'exclusive' }], principal: 'admin', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 5 });
+      s.insert(record('j-new'));
+      const db = new Database(file);
+      try {
+        expect(db.pragma('user_version', { simple: true })).toBe(5);
+        // An older build's statements, as 5868412 wrote them.
+        expect(() => db.prepare(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
+          VALUES ('op-old', 'm/v@b1', 'shared', 'admin', 'admin', 'backup', 1, 't', 'h', 5)`).run()).toThrow(/newer build.*restart this broker/);
+        expect(() => db.prepare(`INSERT INTO jobs (id, type, status, executor, ref, owner, progress_current, progress_total, speed, params,
+          runner_pid, runner_token, created_at, updated_at) VALUES ('j-old', 'backup', 'running', 'host', 'm/bk', 'admin', 0, 0, 0, '{}', 1, 't', 'x', 'x')`).run()).toThrow(/newer build/);
+      } finally {
+        db.close();
+      }
+      expect(s.listOpLocks().map((o) => o.id)).toEqual(['op-new']);
+      expect(s.list().map((j) => j.id)).toEqual(['j-new']);
+    } finally {
+      s.close();
+    }
   });
 
   it('a lock check of some keys reads them through indexes, in a new store as in a migrated one', () => {

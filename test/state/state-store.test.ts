@@ -169,9 +169,24 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
         // Version 5: with their place in the order of claims (the old row first).
         expect(got.ops[1]!.seq!).toBeLessThan(got.ops[0]!.seq!);
         expect(got.owners).toEqual({ 'pool/v': 'alice' });
-        // Version 6 adds overloads: the functions builds before it call are still there.
-        const old = await sql(url, `SELECT offload_claim_op_locks_owners('[]'::json, ARRAY['pool/v']) AS h`) as { h: { holders: { ops: { id: string }[] } } }[];
-        expect(old[0]!.h.holders.ops.map((o) => o.id).sort()).toEqual(['op-new', 'op-old']);
+        // Version 6: the functions builds before it call refuse, naming the cause (they do not know its lock rules).
+        for (const call of [`offload_claim_op_locks_owners('[]'::json, ARRAY['pool/v'])`, `offload_claim_op_locks('[]'::json, ARRAY['pool/v'])`, `offload_lock_holders(ARRAY['pool/v'])`]) {
+          await expect(sql(url, `SELECT ${call}`)).rejects.toThrow(/newer build \(schema 6\).*restart this broker/);
+        }
+      } finally {
+        await s.close();
+      }
+    });
+
+    it.each(['SQL_ASCII', 'LATIN1'])('works in a database whose encoding is %s: lock checks by key and by prefix, claims', async (encoding) => {
+      const name = `state_${encoding.toLowerCase()}`;
+      await sql(server.url, `CREATE DATABASE ${name} ENCODING '${encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0`);
+      const s = await openPostgresStore(postgresUrl(server.socketDir, name), { poolSize: 1 });
+      try {
+        await s.insertOpLocks({ id: 'op-1', locks: [{ key: 'm/v@s', mode: 'shared' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 5 });
+        expect((await s.lockHolders(['m/w'], ['m/v@'])).ops.map((o) => o.id)).toEqual(['op-1']);
+        const got = await s.claimOpLocks({ id: 'op-2', locks: [{ key: 'm/v', mode: 'exclusive' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 6 }, { prefixes: ['m/v@'] });
+        expect(got.ops.map((o) => o.id)).toEqual(['op-1', 'op-2']);
       } finally {
         await s.close();
       }

@@ -110,10 +110,25 @@ const GENERIC = ' SET plan_cache_mode = force_generic_plan';
 
 /**
  * Keys starting with the prefix \`p\`, found through op_locks_key_c (bytewise order: a key that
- * starts with p sorts from p up to p followed by the last code point) rather than by a scan of a
- * table whose rows every claim inserts and deletes.
+ * starts with p sorts from p up to p followed by DEL, as lock keys are ASCII: names are
+ * [A-Za-z0-9._-]) rather than by a scan of a table whose rows every claim inserts and deletes.
+ * chr(127) exists in every server encoding (a higher code point is refused by SQL_ASCII, LATIN1…).
  */
-const PREFIX_RANGE = (key: string) => `${key} ${C} >= p ${C} AND ${key} ${C} < (p || chr(1114111)) ${C} AND starts_with(${key}, p)`;
+const PREFIX_RANGE = (key: string) => `${key} ${C} >= p ${C} AND ${key} ${C} < (p || chr(127)) ${C} AND starts_with(${key}, p)`;
+
+/**
+ * Schema 6's lock rules (core/locks/whole-volume.ts) are unknown to older builds: the functions
+ * they call now refuse, so that a broker of an older build still running takes no lock on this
+ * database (its operations and new jobs fail, naming the cause) until it is restarted with this
+ * build. Its running jobs go on: they take no new lock.
+ */
+const REFUSE_OLDER = ['offload_lock_holders(keys text[])', 'offload_claim_op_locks(claim json, keys text[])', 'offload_claim_op_locks_owners(claim json, keys text[])']
+  .map((f) => `CREATE OR REPLACE FUNCTION ${f} RETURNS json LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RAISE EXCEPTION 'offload-broker: this database is used by a newer build (schema 6), whose lock rules this one does not know: restart this broker with that build';
+END
+$$;
+`).join('');
 
 /**
  * What a lock check reads, as one function (StateOps.lockHolders): schema 3's, schema 5's with each
@@ -169,7 +184,7 @@ const SCHEMA_V4 = claimFunction(false);
 const SCHEMA_V5 = lockHoldersFunction(true);
 
 const SCHEMA_V6 = `CREATE INDEX op_locks_key_c ON op_locks (key ${C});
-${lockHoldersFunction(true, true)}${claimFunction(true)}`;
+${lockHoldersFunction(true, true)}${claimFunction(true)}${REFUSE_OLDER}`;
 
 /** Schema versions (the one row of schema_version) and the SQL that reaches each from the one before. */
 const MIGRATIONS: { version: number; sql: string }[] = [
@@ -196,7 +211,7 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   { version: 5, sql: SCHEMA_V5 },
   // 6: a lock check that also reads the holders of keys by prefix (a volume's snapshots, for a
   // claim whose exclusive lock on the volume covers them: OpClaims), as overloads of both
-  // functions: brokers of the builds before call theirs.
+  // functions; the ones brokers of the builds before call refuse (REFUSE_OLDER).
   { version: 6, sql: SCHEMA_V6 },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
