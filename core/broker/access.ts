@@ -37,6 +37,18 @@ export class Access {
     return this.isAdmin || owner === this.principal.id;
   }
 
+  /** Of a backend's volumes, those this principal may see, each with its owner (withOwner): one read of the owner records. */
+  async visible(backend: string, vols: readonly Volume[]): Promise<Volume[]> {
+    const owners = await this.s.ownersOf(vols.map((v) => `${backend}/${v.name}`));
+    const out: Volume[] = [];
+    for (const v of vols) {
+      const owner = owners.get(`${backend}/${v.name}`);
+      if (!this.isAdmin && owner !== this.principal.id) continue;
+      out.push(v.owner !== undefined ? v : { ...v, owner: owner ?? ADMIN.id });
+    }
+    return out;
+  }
+
   /** A volume with its owner: its record's, else the administrators' (ADMIN.id). */
   async withOwner(v: Volume): Promise<Volume> {
     if (v.owner !== undefined) return v;

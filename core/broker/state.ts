@@ -61,6 +61,20 @@ export class BrokerState {
     return known === undefined ? this.store.getOwner(ref) : known ?? undefined;
   }
 
+  /** ownerOf for many volumes: those this broker's claims do not know, in one read. */
+  async ownersOf(refs: readonly string[]): Promise<Map<string, string | undefined>> {
+    const out = new Map<string, string | undefined>();
+    const ask: string[] = [];
+    for (const ref of refs) {
+      const known = this.jobs.knownOwner(ref);
+      if (known === undefined) ask.push(ref);
+      else out.set(ref, known ?? undefined);
+    }
+    const read = ask.length > 0 ? await this.store.getOwners(ask) : {};
+    for (const ref of ask) out.set(ref, read[ref]);
+    return out;
+  }
+
   /**
    * Record who owns a volume. The administrators' volumes have no record (none already means
    * theirs: Access), and a write that would leave the record as this broker's claim read it is

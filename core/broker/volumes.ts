@@ -44,8 +44,7 @@ export class Volumes implements VolumesApi {
       throw new InvalidArgument(`page limit must be a positive integer, got ${page.limit}`);
     }
     const res = await call(b.backend, 'list', backend, () => b.backend.listVolumes(page));
-    const visible = await Promise.all(res.items.map(async (v) => ((await this.a.mayAccess({ backend, volume: v.name })) ? this.a.withOwner(v) : undefined)));
-    const items = visible.filter((v): v is Volume => v !== undefined);
+    const items = await this.a.visible(backend, res.items);
     return res.next === undefined ? { items } : { items, next: res.next };
   }
 

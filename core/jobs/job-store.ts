@@ -456,6 +456,13 @@ export class JobStore {
     this.stmt('DELETE FROM owners WHERE ref = ?').run(ref);
   }
 
+  getOwners(refs: readonly string[]): Record<string, string> {
+    const out: Record<string, string> = {};
+    if (refs.length === 0) return out;
+    for (const r of this.stmt('SELECT ref, owner FROM owners WHERE ref IN (SELECT value FROM json_each(?))').all(JSON.stringify(refs)) as { ref: string; owner: string }[]) out[r.ref] = r.owner;
+    return out;
+  }
+
   close(): void {
     if (this.db.open) this.db.close();
   }

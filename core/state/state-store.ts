@@ -88,6 +88,8 @@ export interface StateOps {
 
   setOwner(ref: string, owner: string): Promise<void>;
   getOwner(ref: string): Promise<string | undefined>;
+  /** The owner records of `refs` in one read (a ref without one is absent): a listing's page. */
+  getOwners(refs: readonly string[]): Promise<Record<string, string>>;
   deleteOwner(ref: string): Promise<void>;
 }
 

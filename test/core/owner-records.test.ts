@@ -73,6 +73,22 @@ describe('owner records: the administrators\' volumes have none', () => {
     expect(del.mock.calls).toEqual([['m/w']]);
   });
 
+  it('a listing reads the owner records of its page at once: one statement, whoever lists', async () => {
+    const { b } = await broker();
+    for (const [name, owner] of [['a1', 'alice'], ['b1', 'bob'], ['x1', undefined], ['a2', 'alice']] as const) {
+      await b.volumes.create(`m/${name}`, { sizeBytes: 1 << 20, ...(owner ? { owner } : {}) });
+    }
+    await new Promise((r) => setTimeout(r, 80)); // the creates' claims lapse: their owners are no longer known here
+    const one = vi.spyOn(SqliteStateStore.prototype, 'getOwner');
+    const many = vi.spyOn(SqliteStateStore.prototype, 'getOwners');
+    const names = (vs: { name: string; owner?: string }[]) => vs.map((v) => `${v.name}:${v.owner}`).sort();
+    // The memory backend's pages hold 3 volumes: two pages, two reads, for each.
+    expect(names(await b.volumes.listAll('m'))).toEqual(['a1:alice', 'a2:alice', 'b1:bob', 'x1:admin']);
+    expect(names(await b.as(tenant('alice')).volumes.listAll('m'))).toEqual(['a1:alice', 'a2:alice']);
+    expect(names(await b.as(tenant('carol')).volumes.listAll('m'))).toEqual([]);
+    expect([one.mock.calls.length, many.mock.calls.length]).toEqual([0, 6]);
+  });
+
   it('an administrator\'s create over a tenant\'s record of a volume that is not there removes the record', async () => {
     const { b, store } = await broker();
     await store.setOwner('m/v', 'carol'); // left by a broker killed between deleting the volume and its record

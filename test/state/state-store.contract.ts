@@ -276,6 +276,8 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(out).toBe(42);
         expect(await b.getJob(`${p}-kept`)).toBeDefined();
         expect(await b.getOwner(`${p}/vol`)).toBe('alice');
+        expect(await b.getOwners([`${p}/vol`, `${p}/none`])).toStrictEqual({ [`${p}/vol`]: 'alice' });
+        expect(await b.getOwners([])).toStrictEqual({});
 
         const boom = new Error('boom');
         await expect(b.transaction('locks', async (tx) => {

@@ -160,6 +160,7 @@ export class PostgresStateStore implements StateStore {
   removeMaintenance(key: string) { return this.ops.removeMaintenance(key); }
   setOwner(ref: string, owner: string) { return this.ops.setOwner(ref, owner); }
   getOwner(ref: string) { return this.ops.getOwner(ref); }
+  getOwners(refs: readonly string[]) { return this.ops.getOwners(refs); }
   deleteOwner(ref: string) { return this.ops.deleteOwner(ref); }
 
   /** End the pool (waits for checked-out connections to come back). Idempotent. */
@@ -299,6 +300,12 @@ function postgresOps(q: Query): StateOps {
       await q('INSERT INTO owners (ref, owner) VALUES ($1, $2) ON CONFLICT (ref) DO UPDATE SET owner = EXCLUDED.owner', [ref, owner]);
     },
     getOwner: async (ref) => (await q<{ owner: string }>('SELECT owner FROM owners WHERE ref = $1', [ref])).rows[0]?.owner,
+    getOwners: async (refs) => {
+      const out: Record<string, string> = {};
+      if (refs.length === 0) return out;
+      for (const r of (await q<{ ref: string; owner: string }>('SELECT ref, owner FROM owners WHERE ref = ANY ($1::text[])', [refs])).rows) out[r.ref] = r.owner;
+      return out;
+    },
     deleteOwner: async (ref) => {
       await q('DELETE FROM owners WHERE ref = $1', [ref]);
     },

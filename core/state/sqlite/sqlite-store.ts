@@ -86,6 +86,7 @@ export class SqliteStateStore implements StateStore {
   removeMaintenance(key: string) { return this.one((o) => o.removeMaintenance(key)); }
   setOwner(ref: string, owner: string) { return this.one((o) => o.setOwner(ref, owner)); }
   getOwner(ref: string) { return this.one((o) => o.getOwner(ref)); }
+  getOwners(refs: readonly string[]) { return this.one((o) => o.getOwners(refs)); }
   deleteOwner(ref: string) { return this.one((o) => o.deleteOwner(ref)); }
 
   async close(): Promise<void> {
@@ -148,6 +149,7 @@ function syncOps(db: JobStore): StateOps {
     removeMaintenance: async (key) => db.removeMaintenance(key),
     setOwner: async (ref, owner) => db.setOwner(ref, owner),
     getOwner: async (ref) => db.getOwner(ref),
+    getOwners: async (refs) => db.getOwners(refs),
     deleteOwner: async (ref) => db.deleteOwner(ref),
   };
 }
