@@ -53,7 +53,11 @@ export interface Unresumable {
 export const DEFAULT_LEASE_MS = 15_000;
 
 /** What a runner's job life shows a service's metrics: takeovers, and writes refused by fencing. */
-export type JobEventHook = (e: { type: 'takeover'; job: string; fence: number } | { type: 'fenced'; job: string; why: string }) => void;
+export type JobEventHook = (e:
+  | { type: 'takeover'; job: string; fence: number }
+  | { type: 'fenced'; job: string; why: string }
+  /** A job this broker runs moved `bytes` further (its progress went forward here), through the host or offloaded (executor `backend:NAME`). */
+  | { type: 'processed'; job: string; executor: string; bytes: number }) => void;
 
 /** Whether this broker can run a job at all (it configures the job's backends): undefined if so, else why not. */
 export type JobPlacement = (record: JobRecord) => string | undefined;
@@ -543,9 +547,16 @@ export class JobManager {
     return true;
   }
 
-  private runOptions(): { checkpointEveryMs?: number; leaseMs: number; onFenced?: (job: string, why: string) => void } {
+  private runOptions(): ConstructorParameters<typeof ManagedJob>[4] {
     const hook = this.onEvent;
-    return { leaseMs: this.leaseMs, ...(hook ? { onFenced: (job: string, why: string) => hook({ type: 'fenced', job, why }) } : {}), ...(this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs }) };
+    return {
+      leaseMs: this.leaseMs,
+      ...(hook ? {
+        onFenced: (job: string, why: string) => hook({ type: 'fenced', job, why }),
+        onProcessed: (rec: JobRecord, bytes: number) => hook({ type: 'processed', job: rec.id, executor: rec.executor, bytes }),
+      } : {}),
+      ...(this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs }),
+    };
   }
 
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */

@@ -50,7 +50,11 @@ export class ManagedJob implements Job {
     private readonly task: JobTask,
     private readonly store: StateStore,
     private readonly onEnd: (job: ManagedJob) => void,
-    private readonly opts: { resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number; onFenced?: (job: string, why: string) => void } = {},
+    private readonly opts: {
+      resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number; onFenced?: (job: string, why: string) => void;
+      /** Bytes this runner moved on since the last call (progress going forward here; never back). */
+      onProcessed?: (job: JobRecord, bytes: number) => void;
+    } = {},
   ) {
     const rec = record;
     this.run = new JobRun({
@@ -60,6 +64,7 @@ export class ManagedJob implements Job {
       speed: rec.speed,
       ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
       onProgress: (current, total) => {
+        this.processed(current);
         rec.progress = { current, total };
         void this.persist(false);
         this.progressEvent();
@@ -230,6 +235,7 @@ export class ManagedJob implements Job {
         this.transition('concluded');
         this.emit({ type: this.record.cancelled ? 'cancelled' : 'error', job: this.info() });
       } else {
+        this.processed(this.record.progress.total);
         this.record.progress.current = Math.max(this.record.progress.current, this.record.progress.total);
         this.transition('waiting');
         this.transition('pending');
@@ -357,6 +363,12 @@ export class ManagedJob implements Job {
     } catch {
       // A verb that no longer applies (the job moved on) is dropped, as QEMU would refuse it.
     }
+  }
+
+  /** Progress reaching `current`: what it moved forward, for the bytes counters (a step back, as a resume from a checkpoint, counts nothing). */
+  private processed(current: number): void {
+    const moved = current - this.record.progress.current;
+    if (moved > 0) this.opts.onProcessed?.(this.record, moved);
   }
 
   /** A progress event now, or when the last one is PROGRESS_EVENT_EVERY_MS old (then with the progress as it is). */

@@ -1,7 +1,8 @@
 /**
  * The service's Prometheus metrics (prom-client, a registry of its own): jobs by status and
  * executor and the bytes they processed on the host vs offloaded (read from the job store at each
- * scrape, so they count every runner's jobs, not only this service's), lease takeovers and
+ * scrape, so they count every runner's jobs, not only this service's, and drop what a dismissed
+ * job had processed), the bytes this service's jobs processed as a counter, lease takeovers and
  * fencing rejections (from the broker's job events), and request latency by route.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
@@ -12,6 +13,7 @@ export class ServiceMetrics {
   readonly registry = new Registry();
   private jobs: () => Promise<JobInfo[]> = async () => [];
   private readonly takeovers: Counter;
+  private readonly processed: Counter<'where'>;
   private readonly fenced: Counter;
   private readonly latency: Histogram<'method' | 'route' | 'status'>;
 
@@ -36,6 +38,12 @@ export class ServiceMetrics {
         this.set({ where: 'offloaded' }, sum.offloaded);
       },
     });
+    this.processed = new Counter({
+      name: 'offload_job_processed_bytes_total', help: 'Bytes the jobs this service ran processed, through the host or offloaded to a backend (counted as they go: dismissing a job takes nothing off)',
+      labelNames: ['where'], registers,
+    });
+    this.processed.inc({ where: 'host' }, 0);
+    this.processed.inc({ where: 'offloaded' }, 0);
     this.takeovers = new Counter({ name: 'offload_job_takeovers_total', help: 'Orphaned jobs this service took over (a new lease, the next fencing token)', registers });
     this.fenced = new Counter({ name: 'offload_job_fencing_rejections_total', help: 'Jobs this service stopped running because another runner holds them (its write was fenced off)', registers });
     this.latency = new Histogram({
@@ -51,7 +59,8 @@ export class ServiceMetrics {
 
   /** For createBroker({ onJobEvent }). */
   readonly onJobEvent: JobEventHook = (e) => {
-    if (e.type === 'takeover') this.takeovers.inc();
+    if (e.type === 'processed') this.processed.inc({ where: e.executor === 'host' ? 'host' : 'offloaded' }, e.bytes);
+    else if (e.type === 'takeover') this.takeovers.inc();
     else this.fenced.inc();
   };
 

@@ -117,6 +117,25 @@ describe('jobs', () => {
     expect(info.progress).toEqual({ current: 300, total: 300 });
   });
 
+  it('the bytes a job moves forward are reported as they go (the hook of the bytes counters), by executor; what a resumed job redid counts again, nothing counts twice here', async () => {
+    const store = new SqliteStateStore(':memory:');
+    const events: { job: string; executor: string; bytes: number }[] = [];
+    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger, {
+      onEvent: (e) => { if (e.type === 'processed') events.push({ job: e.job, executor: e.executor, bytes: e.bytes }); },
+    });
+    cleanups.push(async () => { await m.close(); await store.close(); });
+    const t = steppedTask(3);
+    const job = await m.start({ task: t.task, ref: 'b/v', executor: 'backend:san', principal: ADMIN, locks: [] });
+    for (let i = 0; i < 3; i++) await t.step();
+    await job.wait();
+    expect(events).toEqual([100, 100, 100].map((bytes) => ({ job: job.id, executor: 'backend:san', bytes })));
+    // A job that reports its progress as a whole (setProgress), stepping back and then past its total: only the steps forward.
+    const jumpy: JobTask = { type: 'test', params: {}, async run(ctx) { ctx.setTotal(1000); ctx.setProgress(400); ctx.setProgress(300); ctx.setProgress(900); } };
+    events.length = 0;
+    await (await m.start({ task: jumpy, ref: 'b/w', executor: 'host', principal: ADMIN, locks: [] })).wait();
+    expect(events.map((e) => e.bytes)).toEqual([400, 500, 100]); // the last: the conclusion makes it whole
+  });
+
   it('progress events come at most every 100 ms, the latest delivered; none after the conclusion', async () => {
     const m = manager();
     let finish!: () => void;

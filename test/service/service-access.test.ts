@@ -133,6 +133,29 @@ describe('offload serve over TCP: tokens, tenants, the API description and metri
     expect(r.text).toMatch(/offload_http_request_duration_seconds_count\{method="PUT",route="\/v1\/volumes\/:backend\/:name",status="200"\} 2/);
   });
 
+  it('/metrics: the bytes this service\'s jobs processed are a counter, which a dismissed job does not take back (the gauge of the store\'s jobs drops)', async () => {
+    const bytes = async () => {
+      const text = (await http(tcp, 'GET', '/metrics', { token: TOKENS.admin })).text;
+      const value = (re: RegExp) => Number(re.exec(text)?.[1]);
+      return { gauge: value(/^offload_job_processed_bytes\{where="host"\} (\d+)$/m), counter: value(/^offload_job_processed_bytes_total\{where="host"\} (\d+)$/m), offloaded: value(/^offload_job_processed_bytes_total\{where="offloaded"\} (\d+)$/m) };
+    };
+    const before = await bytes();
+    const file = join(s.dir, 'data.raw');
+    writeFileSync(file, Buffer.alloc(1 << 20, 0x5a));
+    const started = await as('admin', ['--json', 'volume', 'import', file, 'local/metered', '--create', '--detach']);
+    expect(started.code).toBe(0);
+    const job = JSON.parse(started.out) as { id: string };
+    expect((await as('admin', ['jobs', 'wait', job.id])).code).toBe(0);
+    const after = await bytes();
+    expect(after.counter - before.counter).toBe(1 << 20);
+    expect(after.gauge - before.gauge).toBe(1 << 20);
+    expect(after.offloaded).toBe(0);
+    expect((await as('admin', ['jobs', 'dismiss', job.id])).code).toBe(0);
+    const dismissed = await bytes();
+    expect(dismissed.gauge).toBe(before.gauge);
+    expect(dismissed.counter).toBe(after.counter);
+  });
+
   it('the client as a library: the same Broker, tenants by Offload-As, and what cannot cross the wire is Unsupported', async () => {
     const admin = await connectBroker(service.addresses[0]!);
     try {
