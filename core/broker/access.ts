@@ -44,14 +44,16 @@ export class Access {
     for (const v of vols) {
       const owner = owners.get(`${backend}/${v.name}`);
       if (!this.isAdmin && owner !== this.principal.id) continue;
-      out.push(v.owner !== undefined ? v : { ...v, owner: owner ?? ADMIN.id });
+      out.push({ ...v, owner: owner ?? ADMIN.id });
     }
     return out;
   }
 
-  /** A volume with its owner: its record's, else the administrators' (ADMIN.id). */
+  /**
+   * A volume with its owner: its record's, else the administrators' (ADMIN.id), as access is
+   * judged; not an owner the backend keeps (ONTAP's comment), which anyone could have set.
+   */
   async withOwner(v: Volume): Promise<Volume> {
-    if (v.owner !== undefined) return v;
     return { ...v, owner: (await this.s.ownerOf(`${v.backend}/${v.name}`)) ?? ADMIN.id };
   }
 

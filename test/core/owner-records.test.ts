@@ -89,6 +89,15 @@ describe('owner records: the administrators\' volumes have none', () => {
     expect([one.mock.calls.length, many.mock.calls.length]).toEqual([0, 6]);
   });
 
+  it('the owner shown is the one access is judged by: not one the backend keeps for a volume made outside the broker', async () => {
+    const { b } = await broker();
+    await b.backend('m').createVolume({ name: 'tagged', sizeBytes: 1 << 20, owner: 'alice' }); // outside the broker, tagged for alice
+    expect((await b.volumes.get('m/tagged')).owner).toBe('admin');
+    expect((await b.volumes.listAll('m')).map((v) => v.owner)).toEqual(['admin']);
+    await expect(b.as(tenant('alice')).volumes.get('m/tagged')).rejects.toMatchObject({ code: 'NotFound' });
+    expect((await b.volumes.resize('m/tagged', 2 << 20)).owner).toBe('admin');
+  });
+
   it('an administrator\'s create over a tenant\'s record of a volume that is not there removes the record', async () => {
     const { b, store } = await broker();
     await store.setOwner('m/v', 'carol'); // left by a broker killed between deleting the volume and its record
