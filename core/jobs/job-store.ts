@@ -364,18 +364,21 @@ export class JobStore {
 
   /** The holders of a lock on one of `keys` or on a key starting with one of `prefixes`, inside a transaction of the caller's. */
   private holdersOf(keys: string[], prefixes: string[]): LockHolders {
-    const wanted = new Set(keys);
-    const matches = (key: string) => wanted.has(key) || prefixes.some((p) => key.startsWith(p));
-    const holds = (h: { locks: { key: string }[] }) => h.locks.some((l) => matches(l.key));
     // Keys and prefixes as JSON arrays (one prepared statement whatever their number); no prefixes, no scan for them.
-    const params = { keys: JSON.stringify([...wanted]), prefixes: JSON.stringify(prefixes) };
+    const params = { keys: JSON.stringify([...new Set(keys)]), prefixes: JSON.stringify(prefixes) };
+    // The active jobs that hold one, chosen in SQL: only those rows are read and parsed here (a
+    // claim read and parsed every active job: 5.9 ms with 500 of them, 0.08 with none).
+    const jobs = (this.stmt(`SELECT * FROM jobs j WHERE j.status <> 'concluded' AND EXISTS (SELECT 1 FROM json_each(j.locks) l
+        WHERE json_extract(l.value, '$.key') IN (SELECT value FROM json_each(@keys))
+        OR EXISTS (SELECT 1 FROM json_each(@prefixes) p WHERE substr(json_extract(l.value, '$.key'), 1, length(p.value)) = p.value))
+      ORDER BY j.created_at, j.id`).all(params) as Row[]).map(fromRow);
     const ops = opLocksFromRows(this.stmt(`SELECT rowid AS seq, * FROM op_locks WHERE id IN (
         SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(@keys))
         UNION ALL SELECT o.id FROM json_each(@prefixes) p, op_locks o WHERE substr(o.key, 1, length(p.value)) = p.value)
       ORDER BY id, rowid`).all(params) as OpLockRow[]);
     const maintenance = this.stmt(`SELECT m.key, m.principal, m.reason FROM maintenance m WHERE m.key IN (SELECT value FROM json_each(@keys))
       OR EXISTS (SELECT 1 FROM json_each(@prefixes) p WHERE substr(m.key, 1, length(p.value)) = p.value) ORDER BY m.key`).all(params) as { key: string; principal: string; reason: string }[];
-    return { jobs: this.list({ active: true }).filter(holds), ops, maintenance };
+    return { jobs, ops, maintenance };
   }
 
   deleteOpLocks(ids: string | readonly string[]): void {
