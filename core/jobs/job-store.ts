@@ -28,6 +28,24 @@ const LOCK_RULES = 1;
 const LOCK_RULES_V5 = ['op_locks', 'jobs'].map((t) => `CREATE TRIGGER IF NOT EXISTS ${t}_lock_rules BEFORE INSERT ON ${t} WHEN NEW.lock_rules < ${LOCK_RULES}
 BEGIN SELECT RAISE(ABORT, 'offload-broker: this state is used by a newer build, whose lock rules this one does not know: restart this broker with that build'); END;`).join('\n');
 
+/**
+ * Version 6: the keys of the active jobs' locks, one row each, kept by triggers (a job's
+ * locks are set when it is recorded and held until it concludes), so that a lock check finds the
+ * jobs holding its keys through an index rather than in every active job's locks: with 500 active
+ * jobs a claim took 5.9 ms parsing them all here, 0.87 reading their JSON in SQL, 0.05 this way.
+ */
+const JOB_LOCKS_V6 = `CREATE TABLE IF NOT EXISTS job_locks (job_id TEXT NOT NULL, key TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS job_locks_key ON job_locks (key);
+CREATE INDEX IF NOT EXISTS job_locks_job ON job_locks (job_id);
+CREATE TRIGGER IF NOT EXISTS jobs_locks_recorded AFTER INSERT ON jobs WHEN NEW.status <> 'concluded'
+BEGIN INSERT INTO job_locks (job_id, key) SELECT NEW.id, json_extract(l.value, '$.key') FROM json_each(NEW.locks) l; END;
+CREATE TRIGGER IF NOT EXISTS jobs_locks_concluded AFTER UPDATE OF status ON jobs WHEN NEW.status = 'concluded'
+BEGIN DELETE FROM job_locks WHERE job_id = NEW.id; END;
+CREATE TRIGGER IF NOT EXISTS jobs_locks_deleted AFTER DELETE ON jobs BEGIN DELETE FROM job_locks WHERE job_id = OLD.id; END;`;
+
+/** Version 6's job_locks for the active jobs of a store migrated to it. */
+const JOB_LOCKS_FILL = `DELETE FROM job_locks; INSERT INTO job_locks (job_id, key) SELECT j.id, json_extract(l.value, '$.key') FROM jobs j, json_each(j.locks) l WHERE j.status <> 'concluded';`
+
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY,
@@ -125,6 +143,8 @@ const MIGRATIONS: { version: number; sql: string; columns?: [table: string, colu
   { version: 4, sql: INDEXES_V4 },
   // 5: rows carry this build's lock rules, and an older build's are refused (LOCK_RULES).
   { version: 5, sql: LOCK_RULES_V5, columns: [['op_locks', 'lock_rules', 'INTEGER NOT NULL DEFAULT 0'], ['jobs', 'lock_rules', 'INTEGER NOT NULL DEFAULT 0']] },
+  // 6: the active jobs' lock keys in a table of their own, which lock checks find jobs through (JOB_LOCKS_V6).
+  { version: 6, sql: `${JOB_LOCKS_V6}\n${JOB_LOCKS_FILL}` },
 ];
 const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 /** The lease that active jobs of a store written before leases get when it is migrated. */
@@ -192,6 +212,7 @@ export class JobStore {
       if (fresh) {
         this.db.exec(SCHEMA);
         this.db.exec(LOCK_RULES_V5);
+        this.db.exec(JOB_LOCKS_V6);
       } else {
         if (version > SCHEMA_VERSION) {
           throw new FailedPrecondition(`the job store ${this.db.name} has schema version ${version}, newer than this build knows (${SCHEMA_VERSION})`, {
@@ -366,15 +387,16 @@ export class JobStore {
   private holdersOf(keys: string[], prefixes: string[]): LockHolders {
     // Keys and prefixes as JSON arrays (one prepared statement whatever their number); no prefixes, no scan for them.
     const params = { keys: JSON.stringify([...new Set(keys)]), prefixes: JSON.stringify(prefixes) };
-    // The active jobs that hold one, chosen in SQL: only those rows are read and parsed here (a
-    // claim read and parsed every active job: 5.9 ms with 500 of them, 0.08 with none).
-    const jobs = (this.stmt(`SELECT * FROM jobs j WHERE j.status <> 'concluded' AND EXISTS (SELECT 1 FROM json_each(j.locks) l
-        WHERE json_extract(l.value, '$.key') IN (SELECT value FROM json_each(@keys))
-        OR EXISTS (SELECT 1 FROM json_each(@prefixes) p WHERE substr(json_extract(l.value, '$.key'), 1, length(p.value)) = p.value))
+    // The active jobs that hold one, through job_locks (JOB_LOCKS_V6): only those rows are read.
+    // A prefix's keys run from it up to it followed by DEL (lock keys are ASCII), found through
+    // the key's index (CROSS JOIN: SQLite then loops over the prefixes, not over the rows).
+    const jobs = (this.stmt(`SELECT * FROM jobs j WHERE j.status <> 'concluded' AND j.id IN (
+        SELECT job_id FROM job_locks WHERE key IN (SELECT value FROM json_each(@keys))
+        UNION SELECT k.job_id FROM json_each(@prefixes) p CROSS JOIN job_locks k WHERE k.key >= p.value AND k.key < p.value || char(127))
       ORDER BY j.created_at, j.id`).all(params) as Row[]).map(fromRow);
     const ops = opLocksFromRows(this.stmt(`SELECT rowid AS seq, * FROM op_locks WHERE id IN (
         SELECT id FROM op_locks WHERE key IN (SELECT value FROM json_each(@keys))
-        UNION ALL SELECT o.id FROM json_each(@prefixes) p, op_locks o WHERE substr(o.key, 1, length(p.value)) = p.value)
+        UNION ALL SELECT o.id FROM json_each(@prefixes) p CROSS JOIN op_locks o WHERE o.key >= p.value AND o.key < p.value || char(127))
       ORDER BY id, rowid`).all(params) as OpLockRow[]);
     const maintenance = this.stmt(`SELECT m.key, m.principal, m.reason FROM maintenance m WHERE m.key IN (SELECT value FROM json_each(@keys))
       OR EXISTS (SELECT 1 FROM json_each(@prefixes) p WHERE substr(m.key, 1, length(p.value)) = p.value) ORDER BY m.key`).all(params) as { key: string; principal: string; reason: string }[];

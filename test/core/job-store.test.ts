@@ -21,7 +21,7 @@ function record(id: string): JobRecord {
   };
 }
 
-const INDEXES = ['jobs_active', 'op_locks_id', 'op_locks_key'];
+const INDEXES = ['job_locks_job', 'job_locks_key', 'jobs_active', 'op_locks_id', 'op_locks_key'];
 const indexes = (db: Database.Database) => (db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name").all() as { name: string }[]).map((r) => r.name);
 
 describe('JobStore leases and fencing', () => {
@@ -81,7 +81,7 @@ describe('JobStore leases and fencing', () => {
       s.close();
     }
     const check = new Database(file, { readonly: true });
-    expect(check.pragma('user_version', { simple: true })).toBe(5);
+    expect(check.pragma('user_version', { simple: true })).toBe(6);
     expect(indexes(check)).toEqual(INDEXES);
     check.close();
   });
@@ -91,8 +91,12 @@ describe('JobStore leases and fencing', () => {
     if (kind === 'migrated') {
       new JobStore(file).close();
       const db = new Database(file); // as version 4 left it
-      db.exec('DROP TRIGGER op_locks_lock_rules; DROP TRIGGER jobs_lock_rules; ALTER TABLE op_locks DROP COLUMN lock_rules; ALTER TABLE jobs DROP COLUMN lock_rules');
+      db.exec(`DROP TRIGGER op_locks_lock_rules; DROP TRIGGER jobs_lock_rules; ALTER TABLE op_locks DROP COLUMN lock_rules; ALTER TABLE jobs DROP COLUMN lock_rules;
+        DROP TABLE job_locks; DROP TRIGGER jobs_locks_recorded; DROP TRIGGER jobs_locks_concluded; DROP TRIGGER jobs_locks_deleted`);
       db.pragma('user_version = 4');
+      // An active job of that version: the migration lists its locks (job_locks).
+      db.prepare(`INSERT INTO jobs (id, type, status, executor, ref, owner, progress_current, progress_total, speed, params, runner_pid, runner_token,
+        created_at, updated_at, locks) VALUES ('j-v4', 'copy', 'running', 'host', 'm/t', 'admin', 0, 0, 0, '{}', 1, 't', 'x', 'x', '[{"key":"m/t","mode":"exclusive"},{"key":"m/v@b1","mode":"shared"}]')`).run();
       db.close();
     }
     const s = new JobStore(file);
@@ -101,7 +105,7 @@ describe('JobStore leases and fencing', () => {
       s.insert(record('j-new'));
       const db = new Database(file);
       try {
-        expect(db.pragma('user_version', { simple: true })).toBe(5);
+        expect(db.pragma('user_version', { simple: true })).toBe(6);
         // An older build's statements, as 5868412 wrote them.
         expect(() => db.prepare(`INSERT INTO op_locks (id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires)
           VALUES ('op-old', 'm/v@b1', 'shared', 'admin', 'admin', 'backup', 1, 't', 'h', 5)`).run()).toThrow(/newer build.*restart this broker/);
@@ -111,7 +115,11 @@ describe('JobStore leases and fencing', () => {
         db.close();
       }
       expect(s.listOpLocks().map((o) => o.id)).toEqual(['op-new']);
-      expect(s.list().map((j) => j.id)).toEqual(['j-new']);
+      expect(s.list().map((j) => j.id).sort()).toEqual(kind === 'migrated' ? ['j-new', 'j-v4'] : ['j-new']);
+      if (kind === 'migrated') {
+        expect(s.lockHolders(['m/t']).jobs.map((j) => j.id)).toEqual(['j-v4']);
+        expect(s.lockHolders([], ['m/v@']).jobs.map((j) => j.id)).toEqual(['j-v4']);
+      }
     } finally {
       s.close();
     }

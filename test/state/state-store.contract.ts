@@ -466,6 +466,29 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await a.removeMaintenance(k('w'));
       });
 
+      it('a job holds its locks from its record until it concludes or is deleted, whatever it updates meanwhile', async () => {
+        const p = prefix('jl');
+        const k = (n: string) => `${p}/${n}`;
+        const held = async (key: string) => (await b.lockHolders([key])).jobs.map((j) => j.id);
+        const j = job(`${p}-j`, { locks: [{ key: k('v'), mode: 'exclusive' }, { key: k('w@s'), mode: 'shared' }] });
+        await a.insertJob(j);
+        expect(await held(k('v'))).toEqual([j.id]);
+        expect((await b.lockHolders([], [`${k('w')}@`])).jobs.map((x) => x.id)).toEqual([j.id]);
+        expect(await a.updateJob({ ...j, status: 'paused', progress: { current: 7, total: 10 } })).toBe(true);
+        expect(await held(k('w@s'))).toEqual([j.id]);
+        expect(await a.updateJob({ ...j, status: 'concluded' })).toBe(true);
+        expect(await held(k('v'))).toEqual([]);
+        expect((await b.lockHolders([], [`${k('w')}@`])).jobs).toEqual([]);
+        const d = job(`${p}-d`, { locks: [{ key: k('x'), mode: 'shared' }] });
+        await a.insertJob(d);
+        expect(await held(k('x'))).toEqual([d.id]);
+        await a.deleteJob(d.id);
+        expect(await held(k('x'))).toEqual([]);
+        await a.insertJob(job(`${p}-c`, { status: 'concluded', locks: [{ key: k('y'), mode: 'shared' }] }));
+        expect(await held(k('y'))).toEqual([]);
+        for (const id of ['j', 'c']) await a.deleteJob(`${p}-${id}`);
+      });
+
       it('lockHolders(keys, prefixes) and claimOpLocks(op, also) read the holders of keys starting with a prefix too, and of more keys', async () => {
         const p = prefix('pfx');
         const k = (n: string) => `${p}/${n}`;
