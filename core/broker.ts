@@ -24,6 +24,8 @@ import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from '.
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
 import { JobManager, type JobEventHook } from './jobs/job-manager.js';
+import { ExportRegistry } from './export/registry.js';
+import { loadNbdTls } from './export/nbd-tls.js';
 import type { Job } from './jobs/job.js';
 import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
@@ -73,6 +75,8 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
       ? validateConfig(validatedToRaw(config as BrokerConfig), factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
       : validateConfig(config, factories, { env: opts.env });
 
+  // Before anything is opened: bad credentials are a ConfigError at start, as for qemu-nbd.
+  const nbdTls = validated.nbd?.tls ? loadNbdTls(validated.nbd.tls) : undefined;
   prepareStateDir(validated.state);
   const byKind = new Map(factories.map((f) => [f.kind, f]));
   const backends = new Map<string, PlannerBackend>();
@@ -94,7 +98,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     await store.close();
     throw e;
   }
-  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats));
+  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats), new ExportRegistry(nbdTls));
   // A fill job (an instant clone) is rebuilt here, where both the state and the broker's verbs are known.
   const resolve = (rec: JobRecord) => rec.executor === 'host' && rec.type === 'fill' ? Promise.resolve(instantCloneTask(state, rec.params as unknown as FillParams)) : state.resolveTask(rec);
   state.jobs = new JobManager(store, state.locks, resolve, logger, {
@@ -122,6 +126,7 @@ function validatedToRaw(c: BrokerConfig): RawConfig {
     state: c.database ?? c.state, ...(c.database !== undefined ? { stateDir: c.state } : {}),
     ...(c.leaseSeconds !== undefined ? { leaseSeconds: c.leaseSeconds } : {}),
     ...(c.server !== undefined ? { server: c.server } : {}),
+    ...(c.nbd !== undefined ? { nbd: c.nbd } : {}),
     backends: c.backends,
   };
 }

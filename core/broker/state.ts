@@ -26,7 +26,6 @@ import { FileFormats } from './file-formats.js';
 export class BrokerState {
   readonly locks: LockManager;
   readonly mutex = new KeyedMutex();
-  readonly exports = new ExportRegistry();
   /** Instant clones filling now, by target: exports of a target serve through its fill. */
   readonly fills = new Map<string, FillEntry>();
   closed = false;
@@ -40,6 +39,8 @@ export class BrokerState {
     readonly planner: Planner,
     /** Image file formats for `volume export|import`. */
     readonly formats: FileFormats = new FileFormats(),
+    /** The NBD exports this broker serves (with the config's TLS credentials, loaded). */
+    readonly exports: ExportRegistry = new ExportRegistry(),
   ) {
     this.locks = new LockManager({
       outside: async (keys) => this.jobs.outsideLocks(this.store, keys),

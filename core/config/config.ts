@@ -3,6 +3,7 @@ import { dirname, extname, isAbsolute, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import type { BackendEntry, BackendFactory } from '../backend/plugin.js';
+import type { NbdTlsConfig } from '../export/nbd-tls.js';
 import { isValidName } from '../model/refs.js';
 import { ConfigError } from './config-error.js';
 import { describeIssue, formatPath } from './format-issues.js';
@@ -23,6 +24,8 @@ export interface BrokerConfig {
   baseDir: string;
   /** How long a runner's lease on a job lasts without renewal (seconds; default 15). */
   leaseSeconds?: number;
+  /** NBD exports: TLS every client must start (paths absolute). */
+  nbd?: { tls?: NbdTlsConfig };
   backends: (BackendEntry & Record<string, unknown>)[];
 }
 
@@ -34,6 +37,12 @@ export interface RawConfig {
   stateDir?: string;
   server?: string;
   leaseSeconds?: number;
+  /**
+   * `nbd.tls`: every NBD export of this broker requires TLS, as qemu-nbd `--tls-creds`:
+   * `{ x509: DIR, verifyPeer? }` (DIR holds ca-cert.pem, server-cert.pem, server-key.pem) or
+   * `{ psk: FILE }` (identity:hexkey lines, as psktool writes). Relative paths: from the config's folder.
+   */
+  nbd?: { tls?: NbdTlsConfig };
   backends: Record<string, unknown>[];
 }
 
@@ -42,6 +51,12 @@ const envelopeSchema = z.strictObject({
   stateDir: z.string().min(1).optional(),
   server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH or http://HOST:PORT').optional(),
   leaseSeconds: z.number().min(1).max(3600).optional(),
+  nbd: z.strictObject({
+    tls: z.union([
+      z.strictObject({ x509: z.string().min(1), verifyPeer: z.boolean().optional() }),
+      z.strictObject({ psk: z.string().min(1) }),
+    ], { error: 'expected { x509: FOLDER, verifyPeer?: true|false } or { psk: FILE }' }).optional(),
+  }).optional(),
   backends: z.array(
     z.looseObject({
       name: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -'),
@@ -144,7 +159,13 @@ export function validateConfig(
     ...(database !== undefined ? { database } : {}),
     ...(env.data.server !== undefined ? { server: env.data.server } : {}),
     ...(env.data.leaseSeconds !== undefined ? { leaseSeconds: env.data.leaseSeconds } : {}),
+    ...(env.data.nbd?.tls !== undefined ? { nbd: { tls: absoluteTls(env.data.nbd.tls, baseDir) } } : {}),
   };
+}
+
+function absoluteTls(t: NbdTlsConfig, baseDir: string): NbdTlsConfig {
+  const abs = (p: string) => (isAbsolute(p) ? p : resolve(baseDir, p));
+  return 'psk' in t ? { psk: abs(t.psk) } : { ...t, x509: abs(t.x509) };
 }
 
 /** Whether `state:` names a PostgreSQL database rather than a folder. */

@@ -16,20 +16,35 @@ export class ByteReader {
   /** Bytes the current read waits for: a read larger than highWater must be let in whole. */
   private want = 0;
 
+  private readonly onData = (b: Buffer): void => {
+    this.chunks.push(b);
+    this.buffered += b.length;
+    if (this.buffered > Math.max(this.highWater, this.want)) this.socket.pause();
+    this.wake();
+  };
+
+  private readonly onEnd = (): void => {
+    this.gone ??= new PeerGone('the client closed the connection');
+    this.wake();
+  };
+
   constructor(private readonly socket: Socket, private readonly highWater = 4 * 1024 * 1024) {
-    socket.on('data', (b: Buffer) => {
-      this.chunks.push(b);
-      this.buffered += b.length;
-      if (this.buffered > Math.max(this.highWater, this.want)) socket.pause();
-      this.wake();
-    });
-    const end = () => {
-      this.gone ??= new PeerGone('the client closed the connection');
-      this.wake();
-    };
-    socket.on('end', end);
-    socket.on('close', end);
-    socket.on('error', end);
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
+    socket.on('close', this.onEnd);
+    socket.on('error', this.onEnd);
+  }
+
+  /**
+   * Stop reading this socket (another layer, TLS, takes it over); returns how many bytes were
+   * received and not read — what the peer sent too early.
+   */
+  detach(): number {
+    this.socket.off('data', this.onData);
+    this.socket.off('end', this.onEnd);
+    this.socket.off('close', this.onEnd);
+    this.socket.off('error', this.onEnd);
+    return this.buffered;
   }
 
   /** Read no more (the server is stopping this connection): a waiting or later read fails as if the peer left. */

@@ -5,11 +5,12 @@
  * EXTENDED_HEADERS first and falls back).
  */
 import type { Socket } from 'node:net';
-import type { ByteReader } from './byte-reader.js';
+import { ByteReader } from './byte-reader.js';
 import {
   CONTEXT_ALLOCATION, CONTEXT_BITMAP_PREFIX, CONTEXT_DEPTH, CONTEXT_ID, CONTEXT_WILDCARDS, FLAG, HANDSHAKE, IHAVEOPT, INFO, LIMITS,
   NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP,
 } from './nbd-protocol.js';
+import type { NbdTls } from './nbd-tls.js';
 
 /** One export as the protocol sees it. */
 export interface ExportView {
@@ -48,10 +49,16 @@ export class ProtocolViolation extends Error {}
 export interface HandshakeHost {
   lookup(name: string): ExportView | undefined;
   list(): ExportView[];
+  /** TLS is required (qemu-nbd with --tls-creds): every option but STARTTLS and ABORT is refused until it is up. */
+  tls?: NbdTls;
 }
 
+/** A connection's socket and its reader: both are replaced when STARTTLS wraps the socket. */
+export interface Link { socket: Socket; reader: ByteReader }
+
 /** Run the handshake; resolves with the session, or undefined when the client aborted. */
-export async function handshake(socket: Socket, reader: ByteReader, host: HandshakeHost): Promise<Session | undefined> {
+export async function handshake(link: Link, host: HandshakeHost): Promise<Session | undefined> {
+  let { socket, reader } = link;
   const greeting = Buffer.alloc(18);
   greeting.writeBigUInt64BE(NBDMAGIC, 0);
   greeting.writeBigUInt64BE(IHAVEOPT, 8);
@@ -72,6 +79,7 @@ export async function handshake(socket: Socket, reader: ByteReader, host: Handsh
     if (!o) offeredBy.set(exp.name, (o = offeredContexts(exp)));
     return o;
   };
+  let secured = false;
 
   for (;;) {
     const head = await reader.read(16);
@@ -86,7 +94,32 @@ export async function handshake(socket: Socket, reader: ByteReader, host: Handsh
       continue;
     }
     const data = await reader.read(len);
+    if (host.tls && !secured && opt !== OPT.STARTTLS && opt !== OPT.ABORT) {
+      // proto.md, FORCEDTLS: ERR_TLS_REQD to every other option; EXPORT_NAME has no error reply.
+      if (opt === OPT.EXPORT_NAME) throw new ProtocolViolation('EXPORT_NAME before STARTTLS on a server that requires TLS');
+      reply(socket, opt, REP.ERR_TLS_REQD, message('this server requires TLS: negotiate STARTTLS first'));
+      continue;
+    }
     switch (opt) {
+      case OPT.STARTTLS: {
+        // As QEMU's nbd/server.c: POLICY without credentials, INVALID once TLS is up.
+        if (!host.tls) {
+          reply(socket, opt, REP.ERR_POLICY, message('TLS is not configured on this server'));
+          break;
+        }
+        if (secured || len !== 0) {
+          reply(socket, opt, REP.ERR_INVALID, message(secured ? 'TLS is already up' : 'STARTTLS takes no data'));
+          break;
+        }
+        reply(socket, opt, REP.ACK);
+        // The client must wait for the ACK before its ClientHello: anything already here is a violation.
+        if (reader.detach() !== 0) throw new ProtocolViolation('data sent after STARTTLS before its reply');
+        socket = await host.tls.upgrade(socket);
+        reader = new ByteReader(socket);
+        Object.assign(link, { socket, reader });
+        secured = true;
+        break;
+      }
       case OPT.EXPORT_NAME: {
         const exp = host.lookup(data.toString('utf8'));
         // This option has no error reply: an unknown name ends the connection.
@@ -173,7 +206,7 @@ export async function handshake(socket: Socket, reader: ByteReader, host: Handsh
         break;
       }
       default:
-        // STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT and anything newer: not offered.
+        // EXTENDED_HEADERS, PEEK_EXPORT and anything newer: not offered.
         reply(socket, opt, REP.ERR_UNSUP, message(`option ${opt} is not supported by this server`));
     }
   }

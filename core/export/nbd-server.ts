@@ -5,8 +5,9 @@ import { AlreadyExists, Busy, InvalidArgument, NotFound, type OffloadError } fro
 import { Budget } from './budget.js';
 import { BufferPool } from './buffer-pool.js';
 import { ByteReader } from './byte-reader.js';
-import { handshake, type ExportView } from './nbd-handshake.js';
+import { handshake, type ExportView, type Link } from './nbd-handshake.js';
 import { CONTEXT_BITMAP_PREFIX, LIMITS } from './nbd-protocol.js';
+import type { NbdTls } from './nbd-tls.js';
 import { transmit } from './nbd-transmission.js';
 
 /** Where a server listens: TCP (default 127.0.0.1:10809; port 0 picks a free one) or a unix socket. */
@@ -43,6 +44,8 @@ const HANDSHAKE_LIMIT_MS = 10_000;
 export interface NbdServerOptions {
   /** Milliseconds a client has to finish the handshake (default 10 s). */
   handshakeLimitMs?: number;
+  /** Require TLS with these credentials (STARTTLS before anything else, as qemu-nbd --tls-creds). */
+  tls?: NbdTls;
 }
 
 /**
@@ -85,13 +88,19 @@ export class NbdServer {
     return self;
   }
 
-  /** The URI of an export as QEMU writes it. */
+  /** Whether clients must start TLS. */
+  get tls(): boolean {
+    return this.opts.tls !== undefined;
+  }
+
+  /** The URI of an export as QEMU writes it; `nbds` when TLS is required (the NBD URI spec, doc/uri.md). */
   uri(name: string): string {
     const a = this.address;
     const path = uriPath(name);
-    if ('socket' in a) return `nbd+unix:///${path}?socket=${a.socket}`;
+    const scheme = this.opts.tls ? 'nbds' : 'nbd';
+    if ('socket' in a) return `${scheme}+unix:///${path}?socket=${a.socket}`;
     const host = a.host.includes(':') ? `[${a.host}]` : a.host;
-    return `nbd://${host}:${a.port}/${path}`;
+    return `${scheme}://${host}:${a.port}/${path}`;
   }
 
   addExport(opts: NbdExportOptions): void {
@@ -164,17 +173,20 @@ export class NbdServer {
       return;
     }
     socket.setNoDelay(true);
-    const reader = new ByteReader(socket);
     socket.on('error', () => undefined); // a client that vanished: its reads end the connection
+    // STARTTLS replaces both with the TLS socket over this one.
+    const link: Link = { socket, reader: new ByteReader(socket) };
     void (async () => {
       try {
         const limit = setTimeout(() => socket.destroy(), this.opts.handshakeLimitMs ?? HANDSHAKE_LIMIT_MS);
-        const session = await handshake(socket, reader, {
+        const session = await handshake(link, {
           lookup: (name) => this.lookup(name)?.view,
           list: () => [...this.exports.values()].map((x) => x.view),
+          ...(this.opts.tls ? { tls: this.opts.tls } : {}),
         }).finally(() => clearTimeout(limit));
+        const { socket: s, reader } = link;
         if (!session) {
-          socket.end();
+          s.end();
           return;
         }
         const entry = this.lookup(session.export.name);
@@ -183,11 +195,11 @@ export class NbdServer {
           return;
         }
         let finished!: () => void;
-        const conn: Conn = { socket, reader, done: new Promise<void>((r) => { finished = r; }) };
+        const conn: Conn = { socket: s, reader, done: new Promise<void>((r) => { finished = r; }) };
         entry.connections.add(conn);
         try {
-          await transmit(socket, reader, session, entry.device, this.budget, this.pool);
-          socket.end();
+          await transmit(s, reader, session, entry.device, this.budget, this.pool);
+          s.end();
         } finally {
           entry.connections.delete(conn);
           finished();

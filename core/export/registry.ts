@@ -9,6 +9,7 @@ import { KeyedMutex } from '../keyed-mutex.js';
 import type { Principal } from '../locks/principal.js';
 import { AlreadyExists, FailedPrecondition, NotFound } from '../model/errors.js';
 import { NbdServer, type ListenAddress } from './nbd-server.js';
+import type { NbdTls } from './nbd-tls.js';
 
 /** An export as listed. */
 export interface ExportInfo {
@@ -78,6 +79,9 @@ export class ExportRegistry {
   private readonly mutex = new KeyedMutex();
   private closing = false;
 
+  /** `tls`: every server of this broker requires it (the config's `nbd.tls`). */
+  constructor(private readonly tls?: NbdTls) {}
+
   /** Refuse a name that is served or being started (AlreadyExists), and hold it for a start. */
   reserve(name: string): () => void {
     if (this.served.has(name) || this.reserved.has(name)) {
@@ -98,7 +102,7 @@ export class ExportRegistry {
     return this.mutex.run([key ?? `new:${r.name}`], async () => {
       let server = key ? this.servers.get(key) : undefined;
       if (!server) {
-        server = await NbdServer.listen(r.listen);
+        server = await NbdServer.listen(r.listen, this.tls ? { tls: this.tls } : {});
         this.servers.set(keyOf(server), server);
       }
       try {

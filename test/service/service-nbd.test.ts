@@ -4,10 +4,11 @@
  * at the same URI after the service restarts, and stays gone once stopped. One that cannot start
  * again is logged and dropped, and the service serves on.
  */
-import { readFileSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { appendFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { HAVE, ok, qemuIo } from '../support/nbd-tools.js';
+import { HAVE, ok, qemuIo, tool } from '../support/nbd-tools.js';
 import { offload, serve, setup, until, type ServiceChild, type Setup } from './service-helpers.js';
 
 const MiB = 1024 * 1024;
@@ -65,5 +66,45 @@ describe.skipIf(!HAVE.qemu)('NBD exports hosted by the service', () => {
     expect(await service.stop()).toBe(0);
     service = await serve(s);
     expect(JSON.parse((await client('--json', 'nbd', 'list')).out)).toEqual([]);
+  });
+});
+
+describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD exports of a service with nbd.tls in its config', () => {
+  let s: Setup;
+  let service: ServiceChild;
+  const client = (...args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
+
+  beforeAll(async () => {
+    s = setup();
+    // A relative PSK file (from the config's folder); qemu's tls-creds-psk reads keys.psk in a folder.
+    mkdirSync(join(s.dir, 'psk'));
+    writeFileSync(join(s.dir, 'psk', 'keys.psk'), `alice:${randomBytes(32).toString('hex')}\n`);
+    appendFileSync(s.config, '\nnbd:\n  tls:\n    psk: ./psk/keys.psk\n');
+    service = await serve(s);
+    expect((await client('volume', 'create', 'local/vm1', '16M')).code).toBe(0);
+  });
+
+  afterAll(async () => {
+    if (service.child.exitCode === null) await service.stop();
+    rmSync(s.dir, { recursive: true, force: true });
+  });
+
+  it('serves them with TLS only: the URI is nbds://, qemu-io writes with the key, nbdinfo reads, a plain client is refused', async () => {
+    const started = await client('nbd', 'local/vm1', '--port', '0');
+    expect(started.code).toBe(0);
+    const uri = started.out.trim();
+    expect(uri).toMatch(/^nbds:\/\/127\.0\.0\.1:\d+\/local\/vm1$/);
+    const port = /:(\d+)\//.exec(uri)![1]!;
+    const keys = join(s.dir, 'psk', 'keys.psk');
+    const out = await ok('qemu-io', ['--object', `tls-creds-psk,id=tls0,endpoint=client,dir=${join(s.dir, 'psk')},username=alice`,
+      '--image-opts', `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${port},export=local/vm1,tls-creds=tls0`,
+      '-c', 'write -P 0x6b 0 1M', '-c', 'read -P 0x6b 0 1M']);
+    expect(out).not.toMatch(/fail|error/i);
+    const copy = join(s.dir, 'copy.raw');
+    await ok('nbdcopy', [`${uri.replace('nbds://', 'nbds://alice@')}?tls-psk-file=${keys}`, copy]);
+    expect(readFileSync(copy).subarray(0, 1 << 20).equals(Buffer.alloc(1 << 20, 0x6b))).toBe(true);
+    const plain = await tool('qemu-img', ['info', uri.replace('nbds://', 'nbd://')]);
+    expect(plain.stderr).toMatch(/TLS negotiation required/);
+    expect((await client('nbd', 'stop', 'local/vm1')).code).toBe(0);
   });
 });

@@ -1,0 +1,108 @@
+/**
+ * TLS for NBD (`NBD_OPT_STARTTLS`), with the credentials qemu-nbd takes: an x509 folder as
+ * `tls-creds-x509` reads it (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`), or a PSK file as
+ * `tls-creds-psk` and nbdkit `--tls-psk` read it (`identity:hexkey` lines, what psktool writes).
+ */
+import { readFileSync } from 'node:fs';
+import type { Socket } from 'node:net';
+import { join } from 'node:path';
+import { createSecureContext, createServer, type TLSSocket, type TlsOptions } from 'node:tls';
+import { ConfigError } from '../config/config-error.js';
+
+/** What a broker's config says (`nbd.tls`): paths already absolute. */
+export type NbdTlsConfig = { x509: string; verifyPeer?: boolean } | { psk: string };
+
+/** Loaded credentials: what a server needs to turn a socket that asked for STARTTLS into TLS. */
+export interface NbdTls {
+  readonly kind: 'x509' | 'psk';
+  /** Start TLS on a socket (the server side); resolves once it is up and the peer accepted, rejects otherwise. */
+  upgrade(socket: Socket): Promise<TLSSocket>;
+}
+
+/**
+ * PSK key exchanges are off in OpenSSL's default list: TLS 1.2's PSK suites, forward-secret ones
+ * first (TLS 1.3 suites all take a PSK). GnuTLS clients (QEMU, libnbd) offer these.
+ */
+const PSK_CIPHERS = [
+  'ECDHE-PSK-CHACHA20-POLY1305', 'ECDHE-PSK-AES256-CBC-SHA384', 'ECDHE-PSK-AES128-CBC-SHA256',
+  'DHE-PSK-AES256-GCM-SHA384', 'DHE-PSK-AES128-GCM-SHA256', 'PSK-AES256-GCM-SHA384', 'PSK-AES128-GCM-SHA256',
+].join(':');
+
+/** Read the credentials a config names; a missing or bad file is a ConfigError naming it. */
+export function loadNbdTls(c: NbdTlsConfig): NbdTls {
+  if ('psk' in c) {
+    const keys = readPskFile(c.psk);
+    // An unknown identity gets null: OpenSSL ends the handshake with unknown_psk_identity.
+    return serverTls('psk', { ciphers: PSK_CIPHERS, dhparam: 'auto', pskCallback: (_s, identity) => keys.get(identity) ?? null });
+  }
+  const read = (file: string): Buffer => readConfigFile(join(c.x509, file), 'nbd.tls.x509');
+  const verifyPeer = c.verifyPeer === true;
+  const options: TlsOptions = {
+    cert: read('server-cert.pem'), key: read('server-key.pem'),
+    ...(verifyPeer ? { ca: read('ca-cert.pem'), requestCert: true, rejectUnauthorized: true } : {}),
+  };
+  try {
+    createSecureContext(options);
+  } catch (e) {
+    throw new ConfigError(`nbd.tls.x509: the credentials in ${c.x509} cannot be used: ${(e as Error).message}`,
+      'server-cert.pem and server-key.pem must be a certificate and its key, in PEM (as qemu-nbd --tls-creds reads them)');
+  }
+  return serverTls('x509', options);
+}
+
+/**
+ * TLS on a socket through a `tls.Server` of its own that never listens: the socket is handed to
+ * it as a connection (net.Server's documented injection), so node verifies a client's
+ * certificate as for any TLS server (a TLSSocket made by hand is never told whether it was
+ * verified), and drops one it refuses.
+ */
+function serverTls(kind: NbdTls['kind'], options: TlsOptions): NbdTls {
+  return {
+    kind,
+    upgrade: (socket) => new Promise((resolve, reject) => {
+      const server = createServer(options);
+      const fail = (e: Error) => {
+        socket.destroy();
+        reject(e);
+      };
+      const left = () => fail(new Error('the TLS handshake failed, or the client left during it'));
+      server.once('tlsClientError', fail);
+      socket.once('close', left);
+      server.once('secureConnection', (t: TLSSocket) => {
+        socket.off('close', left);
+        resolve(t);
+      });
+      server.emit('connection', socket);
+    }),
+  };
+}
+
+/**
+ * `identity:hexkey` per line (blank lines and `#` comments skipped): the keys.psk qemu's
+ * `tls-creds-psk` reads from its folder, nbdkit's `--tls-psk` and libnbd's `tls-psk-file`.
+ */
+export function readPskFile(path: string): Map<string, Buffer> {
+  const text = readConfigFile(path, 'nbd.tls.psk').toString('utf8');
+  const keys = new Map<string, Buffer>();
+  text.split(/\r?\n/).forEach((raw, i) => {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#')) return;
+    const colon = line.lastIndexOf(':');
+    const identity = line.slice(0, colon);
+    const hex = line.slice(colon + 1);
+    if (colon <= 0 || !/^([0-9a-fA-F]{2})+$/.test(hex)) {
+      throw new ConfigError(`nbd.tls.psk: ${path} line ${i + 1} is not identity:hexkey`, 'one client per line, as psktool writes: alice:<hex digits>');
+    }
+    keys.set(identity, Buffer.from(hex, 'hex'));
+  });
+  if (keys.size === 0) throw new ConfigError(`nbd.tls.psk: ${path} holds no key`, 'one client per line, as psktool writes: alice:<hex digits>');
+  return keys;
+}
+
+function readConfigFile(path: string, what: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (e) {
+    throw new ConfigError(`${what}: cannot read ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
+}

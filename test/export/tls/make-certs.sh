@@ -1,0 +1,24 @@
+#!/bin/sh
+# Test credentials for NBD over TLS (test/export/nbd-tls.test.ts), in the folder layouts qemu's
+# tls-creds-x509 and libnbd's tls-certificates read. Made once and committed (valid 100 years);
+# run again to replace them. Never use them for anything but tests.
+set -eu
+cd "$(dirname "$0")"
+rm -rf server client stranger && mkdir server client stranger
+t=$(mktemp -d) && trap 'rm -rf "$t"' EXIT
+ca() { # name subject
+  openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj "/CN=$2" -keyout "$t/$1.key" -out "$t/$1.pem" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+}
+leaf() { # ca out-key out-cert subject extensions
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$4" -keyout "$2" -out "$t/req.csr" 2>/dev/null
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" "$5" > "$t/ext"
+  openssl x509 -req -in "$t/req.csr" -CA "$t/$1.pem" -CAkey "$t/$1.key" -CAcreateserial -days 36500 -extfile "$t/ext" -out "$3" 2>/dev/null
+}
+ca ca 'offload test CA'
+ca other 'another CA'
+leaf ca server/server-key.pem server/server-cert.pem localhost 'extendedKeyUsage=serverAuth
+subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1'
+leaf ca client/client-key.pem client/client-cert.pem alice 'extendedKeyUsage=clientAuth'
+leaf other stranger/client-key.pem stranger/client-cert.pem mallory 'extendedKeyUsage=clientAuth'
+cp "$t/ca.pem" server/ca-cert.pem && cp "$t/ca.pem" client/ca-cert.pem && cp "$t/ca.pem" stranger/ca-cert.pem
