@@ -55,11 +55,13 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
 }
 
 /**
- * The same `Broker` interface over the control API of an `offload serve` (`unix:PATH` or
- * `http://HOST:PORT`, with a bearer token over TCP): jobs run in the service, and a program that
- * exits leaves them running there. `volumes.open` and `backend()` cannot cross the wire (Unsupported).
+ * The same `Broker` interface over the control API of an `offload serve` (`unix:PATH`,
+ * `http://HOST:PORT` or `https://HOST:PORT`, with a bearer token over TCP; `ca`: the CA
+ * certificates in PEM to trust for https instead of the system's): jobs run in the service, and a
+ * program that exits leaves them running there. `volumes.open` and `backend()` cannot cross the
+ * wire (Unsupported).
  */
-export async function connectBroker(address: string, opts: { token?: string } = {}): Promise<Broker> {
+export async function connectBroker(address: string, opts: { token?: string; ca?: string | Buffer } = {}): Promise<Broker> {
   return (await import('./service/client.js')).connectBroker(address, opts);
 }
 

@@ -47,7 +47,7 @@ export async function runCommandLine(argv: string[], opts: CommandLineOptions): 
     .description('Offload Broker: volumes, snapshots, clones and chain jobs, run where the data is')
     .option('--config <file>', 'config file (default ./offload.yaml, or $OFFLOAD_CONFIG)')
     .option('--json', 'print results as JSON')
-    .option('--server <address>', 'send the commands to a service (`offload serve`): unix:PATH or http://HOST:PORT (default $OFFLOAD_SERVER, or server: in the config)')
+    .option('--server <address>', 'send the commands to a service (`offload serve`): unix:PATH, http://HOST:PORT or https://HOST:PORT (default $OFFLOAD_SERVER, or server: in the config; $OFFLOAD_TOKEN, $OFFLOAD_CA)')
     .showHelpAfterError(false)
     .exitOverride()
     .configureOutput({

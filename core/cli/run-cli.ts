@@ -1,7 +1,7 @@
 import type { ContainerModule } from 'inversify';
 import type { LoadedPlugins } from '../backend/plugin-container.js';
 import type { CliContribution } from './contribution.js';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { ConfigError } from '../config/config-error.js';
 import { secrets } from '../config/secrets.js';
@@ -45,7 +45,7 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
         // A client of the service: no plugin or backend here, every verb is a request.
         const { connectBroker } = await import('../service/client.js');
         if (env.OFFLOAD_TOKEN) secrets.add(env.OFFLOAD_TOKEN);
-        return connectBroker(address, env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {});
+        return connectBroker(address, { ...(env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {}), ...(env.OFFLOAD_CA ? { ca: readCa(env.OFFLOAD_CA) } : {}) });
       }
       const { createBroker } = await import('../broker.js');
       // A command never adopts another runner's job (it would run it only while the command
@@ -73,6 +73,15 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
   });
 }
 
+/** $OFFLOAD_CA: the CA certificates (PEM) a client trusts for an https:// service. */
+function readCa(file: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (e) {
+    throw new ConfigError(`OFFLOAD_CA: cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, 'OFFLOAD_CA names a PEM file of the CA certificates to trust');
+  }
+}
+
 /** The `server:` of a config file (a service to send the commands to), if it names one. */
 async function configuredServer(file: string, env: NodeJS.ProcessEnv): Promise<string | undefined> {
   if (!existsSync(file)) return undefined; // opening the broker says what is missing
@@ -80,7 +89,7 @@ async function configuredServer(file: string, env: NodeJS.ProcessEnv): Promise<s
   const { raw, baseDir } = readConfigFile(file);
   const server = (raw as { server?: unknown } | null)?.server;
   if (server === undefined) return undefined;
-  if (typeof server !== 'string') throw new ConfigError('server: expected unix:PATH or http://HOST:PORT');
+  if (typeof server !== 'string') throw new ConfigError('server: expected unix:PATH, http://HOST:PORT or https://HOST:PORT');
   return socketFromConfig(substituteEnv(server, env, 'server') as string, baseDir);
 }
 

@@ -49,7 +49,7 @@ export interface RawConfig {
 const envelopeSchema = z.strictObject({
   state: z.string().min(1).optional(),
   stateDir: z.string().min(1).optional(),
-  server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH or http://HOST:PORT').optional(),
+  server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH, http://HOST:PORT or https://HOST:PORT').optional(),
   leaseSeconds: z.number().min(1).max(3600).optional(),
   nbd: z.strictObject({
     tls: z.union([

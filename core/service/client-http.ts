@@ -3,15 +3,16 @@
  * `unix:PATH` or `http://HOST:PORT`, and turns every error answer back into the typed error the
  * broker threw there (http-errors.ts).
  */
-import { Agent, request, type IncomingHttpHeaders } from 'node:http';
+import { Agent, request, type ClientRequest, type IncomingHttpHeaders, type IncomingMessage, type RequestOptions } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import type { z } from 'zod';
 import { BackendUnavailable, errorFromCode, InvalidArgument } from '../model/errors.js';
 import { errorFromBody } from './http-errors.js';
 import type { Route } from './routes.js';
 
-export type ServerAddress = { socketPath: string; text: string } | { host: string; port: number; text: string };
+export type ServerAddress = { socketPath: string; text: string } | { host: string; port: number; tls: boolean; text: string };
 
-/** `unix:PATH` or `http://HOST:PORT` (as `--server`, OFFLOAD_SERVER and `server:` take it). */
+/** `unix:PATH`, `http://HOST:PORT` or `https://HOST:PORT` (as `--server`, OFFLOAD_SERVER and `server:` take it). */
 export function parseServerAddress(text: string): ServerAddress {
   if (text.startsWith('unix:') && text.length > 5) return { socketPath: text.slice(5), text };
   let url: URL | undefined;
@@ -20,24 +21,39 @@ export function parseServerAddress(text: string): ServerAddress {
   } catch {
     url = undefined;
   }
-  if (!url || url.protocol !== 'http:' || (url.pathname !== '/' && url.pathname !== '') || url.search || url.username) {
-    throw new InvalidArgument(`invalid service address ${JSON.stringify(text)}: expected unix:PATH or http://HOST:PORT`);
+  if (!url || (url.protocol !== 'http:' && url.protocol !== 'https:') || (url.pathname !== '/' && url.pathname !== '') || url.search || url.username) {
+    throw new InvalidArgument(`invalid service address ${JSON.stringify(text)}: expected unix:PATH, http://HOST:PORT or https://HOST:PORT`);
   }
-  return { host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port: Number(url.port || 80), text };
+  const tls = url.protocol === 'https:';
+  return { host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port: Number(url.port || (tls ? 443 : 80)), tls, text };
+}
+
+/** How the transport reaches a service over HTTPS: the CAs to trust (PEM) instead of the system's. */
+export interface TransportTls { ca?: string | Buffer }
+
+/** One keep-alive pool for an address: plain HTTP (a unix socket or TCP), or HTTPS. */
+function agentFor(address: ServerAddress, tls: TransportTls): Agent {
+  if ('socketPath' in address || !address.tls) return new Agent({ keepAlive: true });
+  return new HttpsAgent({ keepAlive: true, ...(tls.ca !== undefined ? { ca: tls.ca } : {}) });
 }
 
 type Input<P extends z.ZodType, Q extends z.ZodType, B extends z.ZodType> = { params?: z.input<P>; query?: z.input<Q>; body?: z.input<B> };
 
 export class HttpTransport {
+  private readonly send1: (o: RequestOptions, cb: (res: IncomingMessage) => void) => ClientRequest;
+
   constructor(
     readonly address: ServerAddress,
     private readonly headers: Record<string, string> = {},
-    private readonly agent = new Agent({ keepAlive: true }),
-  ) {}
+    tls: TransportTls = {},
+    private readonly agent: Agent = agentFor(address, tls),
+  ) {
+    this.send1 = 'tls' in address && address.tls ? httpsRequest : request;
+  }
 
   /** The same service, with more headers on every request (a token, the principal to act as); one connection pool. */
   with(headers: Record<string, string>): HttpTransport {
-    return new HttpTransport(this.address, { ...this.headers, ...headers }, this.agent);
+    return new HttpTransport(this.address, { ...this.headers, ...headers }, {}, this.agent);
   }
 
   async call<P extends z.ZodType, Q extends z.ZodType, B extends z.ZodType, R extends z.ZodType | null>(
@@ -64,7 +80,7 @@ export class HttpTransport {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const where = 'socketPath' in this.address ? { socketPath: this.address.socketPath } : { host: this.address.host, port: this.address.port };
     return new Promise((resolve, reject) => {
-      const req = request({
+      const req = this.send1({
         ...where, method, path, agent: this.agent,
         headers: { ...this.headers, accept: 'application/json', ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
       }, (res) => {
@@ -94,8 +110,13 @@ export class HttpTransport {
   }
 
   private unreachable(e: Error): BackendUnavailable {
+    const code = (e as NodeJS.ErrnoException).code ?? '';
+    // node's codes for a certificate this client does not trust, or one for another name.
+    const untrusted = /CERT|SELF_SIGNED|UNABLE_TO_(GET|VERIFY)|ALTNAME/.test(code);
     return new BackendUnavailable(`cannot reach the service at ${this.address.text}: ${e.message}`, {
-      hint: 'start it with `offload serve`, or check --server / OFFLOAD_SERVER / server: in the config',
+      hint: untrusted
+        ? "the service's certificate is not trusted here: give its CA in OFFLOAD_CA=FILE (PEM), and reach it by a name the certificate holds"
+        : 'start it with `offload serve`, or check --server / OFFLOAD_SERVER / server: in the config (https:// for a service with --tls-cert)',
     });
   }
 }

@@ -29,11 +29,13 @@ import { ROUTES } from './routes.js';
 export interface ConnectOptions {
   /** The bearer token for a service on TCP (the CLI passes $OFFLOAD_TOKEN). */
   token?: string;
+  /** For `https://`: the CA certificates (PEM) to trust instead of the system's (the CLI reads $OFFLOAD_CA). */
+  ca?: string | Buffer;
 }
 
-/** Connect to a service (`unix:PATH` or `http://HOST:PORT`) and learn who we are there. */
+/** Connect to a service (`unix:PATH`, `http://HOST:PORT` or `https://HOST:PORT`) and learn who we are there. */
 export async function connectBroker(address: string, opts: ConnectOptions = {}): Promise<Broker> {
-  const http = new HttpTransport(parseServerAddress(address), opts.token ? { authorization: `Bearer ${opts.token}` } : {});
+  const http = new HttpTransport(parseServerAddress(address), opts.token ? { authorization: `Bearer ${opts.token}` } : {}, opts.ca !== undefined ? { ca: opts.ca } : {});
   try {
     const me = await http.call(ROUTES.whoami, {});
     return new ServiceClient(http, { id: me.id, role: me.role });

@@ -28,15 +28,15 @@ export interface ServiceOptions {
   stateDir: string;
   /** The unix socket to serve on (its connections are the administrator). */
   socket: string;
-  /** Also serve on TCP (needs `tokens`); port 0 picks a free one. */
-  tcp?: { host: string; port: number };
+  /** Also serve on TCP (needs `tokens`); port 0 picks a free one; with `tls` (PEM certificate and key), HTTPS. */
+  tcp?: { host: string; port: number; tls?: { cert: Buffer; key: Buffer } };
   tokens?: Tokens;
   metrics: ServiceMetrics;
   logger: Logger;
 }
 
 export interface Service {
-  /** Where it listens: `unix:PATH`, then `http://HOST:PORT` when TCP is on; each usable as `--server`. */
+  /** Where it listens: `unix:PATH`, then `http://HOST:PORT` (`https://` with TLS) when TCP is on; each usable as `--server`. */
   readonly addresses: string[];
   /** Stop accepting, answer pending long polls, wait for requests in flight. The broker stays open (its owner closes it). */
   close(): Promise<void>;
@@ -61,19 +61,22 @@ export async function startService(o: ServiceOptions): Promise<Service> {
   };
   try {
     await freeSocketPath(o.socket);
-    const local = buildApp(o, hosted, stopping.signal, () => ADMIN);
+    const local = buildApp(o, hosted, stopping.signal, () => ADMIN, Fastify(FASTIFY));
     apps.push(local);
     await local.listen({ path: o.socket });
     chmodSync(o.socket, 0o600);
     const addresses = [`unix:${o.socket}`];
     if (o.tcp) {
       const tokens = o.tokens!;
-      const remote = buildApp(o, hosted, stopping.signal, (req) => tokens.principalOf(req.headers.authorization));
+      const tls = o.tcp.tls;
+      // An HTTPS instance has its own server type; the routes and hooks are the same.
+      const app = tls ? Fastify({ ...FASTIFY, https: { cert: tls.cert, key: tls.key } }) as unknown as FastifyInstance : Fastify(FASTIFY);
+      const remote = buildApp(o, hosted, stopping.signal, (req) => tokens.principalOf(req.headers.authorization), app);
       apps.push(remote);
       await remote.listen({ host: o.tcp.host, port: o.tcp.port });
       const addr = remote.server.address();
       const port = typeof addr === 'object' && addr ? addr.port : o.tcp.port;
-      addresses.push(`http://${o.tcp.host.includes(':') ? `[${o.tcp.host}]` : o.tcp.host}:${port}`);
+      addresses.push(`${tls ? 'https' : 'http'}://${o.tcp.host.includes(':') ? `[${o.tcp.host}]` : o.tcp.host}:${port}`);
     }
     return { addresses, close };
   } catch (e) {
@@ -94,9 +97,10 @@ async function freeSocketPath(path: string): Promise<void> {
   rmSync(path, { force: true });
 }
 
-function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate): FastifyInstance {
-  // Requests that arrive while the service stops are answered by the onRequest hook, in our format.
-  const app = Fastify({ logger: false, forceCloseConnections: 'idle', return503OnClosing: false });
+/** Requests that arrive while the service stops are answered by the onRequest hook, in our format. */
+const FASTIFY = { logger: false, forceCloseConnections: 'idle', return503OnClosing: false } as const;
+
+function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate, app: FastifyInstance): FastifyInstance {
   const principals = new WeakMap<FastifyRequest, Principal>();
 
   app.setErrorHandler((err: FastifyError | OffloadError, _req, reply) => sendError(reply, fromFastify(err)));

@@ -1,6 +1,6 @@
 /**
  * NBD over TLS (STARTTLS), as qemu-nbd `--tls-creds` serves it: with a PSK file and with x509
- * credentials (test/export/tls/, made by make-certs.sh), against QEMU and libnbd, which speak it
+ * credentials (test/support/tls/, made by make-certs.sh), against QEMU and libnbd, which speak it
  * through GnuTLS; the handshake rules byte by byte with the test client; and the broker's config.
  */
 import { randomBytes } from 'node:crypto';
@@ -19,7 +19,7 @@ import { greet, nameData, option, optionReplies, optionReply, Wire } from '../su
 import { HAVE, ok, tool } from '../support/nbd-tools.js';
 
 const MiB = 1024 * 1024;
-const CREDS = join(import.meta.dirname, 'tls');
+const CREDS = join(import.meta.dirname, '../support/tls');
 const dir = mkdtempSync(join(tmpdir(), 'offload-nbd-tls-'));
 const pskFile = join(dir, 'keys.psk');
 const key = randomBytes(32).toString('hex');

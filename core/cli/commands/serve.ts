@@ -6,7 +6,9 @@
  * released (another runner takes them at once), its exports stopped (they come back at its next
  * start), the socket removed, exit 0.
  */
+import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { createSecureContext } from 'node:tls';
 import type { Command } from 'commander';
 import type { Logger } from '../../backend/plugin.js';
 import type { Broker } from '../../broker-api.js';
@@ -23,7 +25,7 @@ export type OpenServiceBroker = (o: {
   logger: Logger;
 }) => Promise<{ broker: Broker; config: BrokerConfig }>;
 
-interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string }
+interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string }
 
 export function registerServeCommand(program: Command, ctx: CliContext, open: OpenServiceBroker): void {
   program.command('serve')
@@ -31,10 +33,14 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
     .option('--socket <path>', 'unix socket (default: the unix: path of server: in the config, else <state dir>/offload.sock); who may connect is the administrator')
     .option('--listen <host:port>', 'also serve on TCP (needs --tokens); port 0 picks a free one')
     .option('--tokens <file>', 'tokens file for TCP: tokens: [{ token, principal, role: admin | tenant }] (mode 600)')
+    .option('--tls-cert <file>', 'serve TCP as HTTPS with this certificate (PEM; its chain after it), with --tls-key')
+    .option('--tls-key <file>', "the certificate's private key (PEM)")
     .option('--max-jobs <n>', 'orphaned jobs to take over and run at a time (default 4)')
     .action(async (o: ServeFlags) => {
-      const tcp = o.listen === undefined ? undefined : parseListen(o.listen);
-      if (tcp && o.tokens === undefined) throw new UsageError('--listen needs --tokens FILE: every request over TCP must name its principal');
+      const listen = o.listen === undefined ? undefined : parseListen(o.listen);
+      if (listen && o.tokens === undefined) throw new UsageError('--listen needs --tokens FILE: every request over TCP must name its principal');
+      const tls = tlsOf(o, listen !== undefined);
+      const tcp = listen && { ...listen, ...(tls ? { tls } : {}) };
       const maxJobs = o.maxJobs === undefined ? 4 : Number(o.maxJobs);
       if (!Number.isInteger(maxJobs) || maxJobs < 1) throw new UsageError(`--max-jobs takes a whole number ≥ 1, got ${o.maxJobs}`);
       const logger = createLogger(process.env.OFFLOAD_LOG || 'warn');
@@ -69,6 +75,27 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       await service.close();
       await broker.close(); // running jobs are checkpointed and released: another runner takes them at once
     });
+}
+
+/** --tls-cert and --tls-key, read and checked (a key that is not the certificate's is refused here). */
+function tlsOf(o: ServeFlags, tcp: boolean): { cert: Buffer; key: Buffer } | undefined {
+  if (o.tlsCert === undefined && o.tlsKey === undefined) return undefined;
+  if (o.tlsCert === undefined || o.tlsKey === undefined) throw new UsageError('--tls-cert and --tls-key go together');
+  if (!tcp) throw new UsageError('--tls-cert and --tls-key are for TCP (--listen): the unix socket is guarded by its file mode');
+  const read = (flag: string, file: string): Buffer => {
+    try {
+      return readFileSync(file);
+    } catch (e) {
+      throw new UsageError(`${flag}: cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  };
+  const tls = { cert: read('--tls-cert', o.tlsCert), key: read('--tls-key', o.tlsKey) };
+  try {
+    createSecureContext(tls);
+  } catch (e) {
+    throw new UsageError(`--tls-cert/--tls-key cannot be used: ${(e as Error).message}`);
+  }
+  return tls;
 }
 
 /** `HOST:PORT`, `[V6]:PORT` or `:PORT` (all addresses). */

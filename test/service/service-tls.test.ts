@@ -1,0 +1,103 @@
+/**
+ * The control API over HTTPS (`offload serve --listen … --tls-cert … --tls-key …`) against a real
+ * service: the CLI reaches it with https:// and the CA in OFFLOAD_CA; a client that does not trust
+ * the certificate, or speaks plain HTTP to it, is told why; bad TLS flags are usage errors.
+ * Credentials: test/support/tls/ (make-certs.sh).
+ */
+import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request } from 'node:https';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { connectBroker } from '../../core/index.js';
+import { offload, serve, setup, type ServiceChild, type Setup } from './service-helpers.js';
+
+const CREDS = join(import.meta.dirname, '../support/tls');
+const CA = join(CREDS, 'client', 'ca-cert.pem');
+const CERT = join(CREDS, 'server', 'server-cert.pem');
+const KEY = join(CREDS, 'server', 'server-key.pem');
+const TOKEN = randomBytes(24).toString('hex');
+
+/** GET over HTTPS trusting the test CA: status and body. */
+function get(url: string, token?: string): Promise<{ status: number; body: string }> {
+  return new Promise((done, fail) => {
+    const req = request(url, { ca: readFileSync(CA), headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
+      let body = '';
+      res.setEncoding('utf8').on('data', (d: string) => { body += d; }).on('end', () => done({ status: res.statusCode ?? 0, body }));
+    });
+    req.on('error', fail);
+    req.end();
+  });
+}
+
+describe('offload serve over HTTPS', () => {
+  let s: Setup;
+  let service: ServiceChild;
+  let https: string;
+  let tokensFile: string;
+  const client = (address: string, args: string[], env: NodeJS.ProcessEnv = {}) => offload(s, ['--server', address, ...args], { OFFLOAD_TOKEN: TOKEN, OFFLOAD_CA: CA, ...env });
+
+  beforeAll(async () => {
+    s = setup();
+    tokensFile = join(s.dir, 'tokens.yaml');
+    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n`, { mode: 0o600 });
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY]);
+    expect(service.addresses).toEqual([`unix:${s.socket}`, expect.stringMatching(/^https:\/\/127\.0\.0\.1:\d+$/)]);
+    https = service.addresses[1]!;
+  });
+
+  afterAll(async () => {
+    expect(await service.stop()).toBe(0);
+    rmSync(s.dir, { recursive: true, force: true });
+  });
+
+  it('the CLI works through https:// with the CA in OFFLOAD_CA, by address and by name', async () => {
+    expect((await client(https, ['volume', 'create', 'local/v1', '16M'])).code).toBe(0);
+    const byName = https.replace('127.0.0.1', 'localhost');
+    const list = await client(byName, ['--json', 'volume', 'list', 'local']);
+    expect(list.code).toBe(0);
+    expect((JSON.parse(list.out) as { name: string }[]).map((v) => v.name)).toEqual(['v1']);
+    // The library's client too, with the CA given as PEM.
+    const api = await connectBroker(https, { token: TOKEN, ca: readFileSync(CA) });
+    try {
+      expect(api.principal).toEqual({ id: 'ops', role: 'admin' });
+    } finally {
+      await api.close();
+    }
+  });
+
+  it('tokens still decide: the API description is public, metrics need a token (401 without)', async () => {
+    expect((await get(`${https}/openapi.json`)).status).toBe(200);
+    expect((await get(`${https}/metrics`)).status).toBe(401);
+    const m = await get(`${https}/metrics`, TOKEN);
+    expect(m.status).toBe(200);
+    expect(m.body).toMatch(/offload_http_request/);
+  });
+
+  it('a client without the CA is told the certificate is not trusted; plain HTTP to it fails; a bad OFFLOAD_CA is a config error', async () => {
+    const untrusted = await client(https, ['backends'], { OFFLOAD_CA: '' });
+    expect(untrusted.code).toBe(1);
+    expect(untrusted.err).toMatch(/BackendUnavailable: cannot reach the service at https:\/\/127\.0\.0\.1:\d+: .*certificate/);
+    expect(untrusted.err).toMatch(/OFFLOAD_CA/);
+    const plain = await client(https.replace('https:', 'http:'), ['backends']);
+    expect(plain.code).toBe(1);
+    expect(plain.err).toMatch(/BackendUnavailable: cannot reach the service at http:/);
+    const missing = await client(https, ['backends'], { OFFLOAD_CA: join(s.dir, 'no-such-ca.pem') });
+    expect(missing.code).toBe(2);
+    expect(missing.err).toMatch(/OFFLOAD_CA: cannot read .*no-such-ca\.pem: ENOENT/);
+  });
+
+  it('bad TLS flags are usage errors (exit 2), before anything listens', async () => {
+    const cases: [string[], RegExp][] = [
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT], /--tls-cert and --tls-key go together/],
+      [['--tls-cert', CERT, '--tls-key', KEY], /are for TCP \(--listen\)/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', join(CREDS, 'client', 'client-key.pem')], /cannot be used/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', join(s.dir, 'nope.pem'), '--tls-key', KEY], /--tls-cert: cannot read .*nope\.pem: ENOENT/],
+    ];
+    for (const [args, message] of cases) {
+      const r = await offload(s, ['serve', '--socket', join(s.dir, 'other.sock'), ...args]);
+      expect(r.code).toBe(2);
+      expect(r.err).toMatch(message);
+    }
+  });
+});
