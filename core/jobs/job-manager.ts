@@ -137,23 +137,39 @@ export class JobManager {
     return r.leaseExpires <= now;
   }
 
-  /** Take the job's locks (Busy if they conflict), record it, and start it. */
+  /**
+   * Take the job's locks (Busy if they conflict), record it, and start it. Its locks are published
+   * first as a claim under the job's id (others meeting it are refused, as by the job): a job
+   * waiting for other brokers' short operations waits in line with it, so that their later
+   * claims see it and do not cover its keys (whole-volume.ts) — without it, a broker running
+   * operations on a volume back to back kept a job on one of its snapshots out until Busy. Once
+   * recorded, the job's record holds the locks and the claim is withdrawn.
+   */
   async start(req: StartJobRequest): Promise<Job> {
     const id = `${req.task.type}-${randomBytes(6).toString('hex')}`;
     const description = `${req.task.type} ${req.ref}`;
     let job: ManagedJob | undefined;
-    const lease = await this.locks.acquire(req.locks, {
+    let claim: Awaited<ReturnType<JobManager['claimOperation']>> | undefined;
+    const lease = await this.locks.acquirePublished(req.locks, {
       id,
       principal: req.principal,
       description,
       preempt: () => void job?.cancel().catch(() => undefined), // already ending
       ...(req.within !== undefined ? { within: req.within } : {}),
+    }, async () => {
+      claim = await this.claimOperation(id, req.locks, req.principal, description);
+      // Released with the job; the claim is withdrawn once the record holds the locks (or start fails).
+      return { ...claim, done: async () => undefined };
     });
+    const withdrawn = async (e: unknown): Promise<never> => {
+      await lease.release();
+      await claim?.withdraw();
+      throw e;
+    };
     try {
       await req.check?.();
     } catch (e) {
-      lease.release();
-      throw e;
+      return withdrawn(e);
     }
     const now = new Date().toISOString();
     const record: JobRecord = {
@@ -165,17 +181,18 @@ export class JobManager {
       ...(req.backend !== undefined ? { backend: req.backend } : {}),
     };
     try {
-      // Check other processes' jobs and insert ours atomically (this process's locks are held above).
+      // Check other processes' jobs and insert ours atomically (this process's locks are held
+      // above). Claims made after ours saw it, and wait for it or left our keys alone.
       await this.store.transaction('locks', async (tx) => {
-        await this.assertNoForeignConflict(tx, req.locks, id);
+        await this.assertNoForeignConflict(tx, req.locks, id, claim?.seq);
         await tx.insertJob(record);
       });
     } catch (e) {
-      lease.release();
-      throw toOffloadError(e, 'recording the job');
+      return withdrawn(toOffloadError(e, 'recording the job'));
     }
+    await claim?.withdraw();
     job = new ManagedJob(record, req.task, this.store, (j) => {
-      lease.release();
+      void lease.release();
       this.running.delete(j.id);
     }, this.runOptions());
     this.running.set(id, job);
@@ -187,15 +204,17 @@ export class JobManager {
    * Locks held outside this manager, from one read of the store: those of the jobs and operations
    * of other live brokers (on other hosts, in other processes, or in this one), and maintenance locks.
    */
-  async outsideLocks(ops: StateOps = this.store, keys?: string[]): Promise<Outside> {
+  async outsideLocks(ops: StateOps = this.store, keys?: string[], claimedBefore?: number): Promise<Outside> {
     const holders = await ops.lockHolders(keys && keysToRead(keys));
-    const foreign = this.foreignOf(holders.jobs, holders.ops);
+    // Leaving out the claims made after `claimedBefore` (ours): they saw ours.
+    const claims = claimedBefore === undefined ? holders.ops : holders.ops.filter((o) => o.seq === undefined || o.seq < claimedBefore);
+    const foreign = this.foreignOf(holders.jobs, claims);
     return { foreign: keys ? withWholeVolumes(foreign, keys) : foreign, maintenance: holders.maintenance.map(maintenanceLock) };
   }
 
   /** Locks held by jobs and operations of other live brokers. */
-  async foreignLocks(ops: StateOps = this.store, keys?: string[]): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
-    return (await this.outsideLocks(ops, keys)).foreign;
+  async foreignLocks(ops: StateOps = this.store, keys?: string[], claimedBefore?: number): Promise<{ key: string; mode: LockMode; holder: LockHolder }[]> {
+    return (await this.outsideLocks(ops, keys, claimedBefore)).foreign;
   }
 
   private foreignOf(jobs: JobRecord[], opLocks: OpLockRecord[]): { key: string; mode: LockMode; holder: LockHolder }[] {
@@ -274,7 +293,7 @@ export class JobManager {
   }
 
   /** `covering`: a short operation's claim, read so that it may cover its volumes' snapshots (whole-volume.ts). */
-  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside> }> {
+  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside>; seq?: number }> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
@@ -323,7 +342,7 @@ export class JobManager {
       id, owners: holders.owners, withdraw,
       outside: { foreign: withWholeVolumes(all.foreign, keys).filter((f) => requested.has(f.key)), maintenance: all.maintenance.filter((m) => requested.has(m.key)) },
       ...(covering ? { wholeVolumes: wholeVolumes(locks, all) } : {}),
-      ...(recheck ? { recheck } : {}),
+      ...(recheck ? { recheck, seq } : {}),
     };
   }
 
@@ -352,8 +371,8 @@ export class JobManager {
     return this.store.requestOpStop(id);
   }
 
-  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string): Promise<void> {
-    for (const held of await this.foreignLocks(ops, wanted.map((w) => w.key))) {
+  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string, claimedBefore?: number): Promise<void> {
+    for (const held of await this.foreignLocks(ops, wanted.map((w) => w.key), claimedBefore)) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
       const who = holderKind(held.holder.id);

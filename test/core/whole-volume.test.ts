@@ -1,12 +1,14 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it, vi } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { ADMIN, LockManager, silentLogger, type JobTask, type LockRequest } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
 import { keysToRead, snapshotPrefixes, snapshotVolume, wholeVolumes, withWholeVolumes } from '../../core/locks/whole-volume.js';
+import { openPostgresStore } from '../../core/state/postgres/postgres-store.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import type { StateStore } from '../../core/state/state-store.js';
+import { postgresAvailable, startPostgres, type Postgres } from '../support/postgres.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -44,12 +46,12 @@ describe('whole volumes: the rule as functions', () => {
   });
 });
 
-/** Two brokers' job managers and lock managers on one SQLite state, as `createBroker` wires them. */
-function brokers(): { a: Side; b: Side } {
+/** Two brokers' job managers and lock managers on one state (SQLite, or PostgreSQL at `url`), as `createBroker` wires them. */
+async function brokers(url?: string): Promise<{ a: Side; b: Side }> {
   const dir = mkdtempSync(join(tmpdir(), 'offload-whole-'));
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const side = (): Side => {
-    const store = new SqliteStateStore(join(dir, 'jobs.sqlite'));
+  const side = async (): Promise<Side> => {
+    const store: StateStore = url ? await openPostgresStore(url, { poolSize: 2 }) : new SqliteStateStore(join(dir, 'jobs.sqlite'));
     const locks: LockManager = new LockManager({
       outside: (keys) => jobs.outsideLocks(store, keys),
       placeMaintenance: (key, p, reason) => store.placeMaintenance(key, p.id, reason),
@@ -64,7 +66,7 @@ function brokers(): { a: Side; b: Side } {
     const short = (id: string, wanted: LockRequest[]) => locks.acquirePublished(wanted, op(id), () => jobs.publishShort(id, wanted, ADMIN, `${id} m/v`), 2_000);
     return { store, locks, jobs, short };
   };
-  return { a: side(), b: side() };
+  return { a: await side(), b: await side() };
 }
 interface Side {
   store: StateStore;
@@ -81,9 +83,38 @@ function heldTask(): { task: JobTask; end: () => void } {
   return { task: { type: 'test', params: {}, run: async () => done }, end };
 }
 
+/** The liveness case: a job on a snapshot against another broker's operations on its volume, back to back. */
+async function jobWaitsInLine(url?: string): Promise<void> {
+  const { a, b } = await brokers(url);
+  const t = heldTask();
+  let started = false;
+  let ops = 0;
+  // A's operations on m/v (a millisecond of work each) follow each other with no gap: some claim
+  // of A's on m/v is always in the store, and until B's job waits in line each new one covers
+  // m/v@b1 as well.
+  const first = await a.short('op-0', [x('m/v')]);
+  const starting = b.jobs.start({ task: t.task, ref: 'm/bk', executor: 'host', principal: ADMIN, locks: [s('m/v@b1')] }).finally(() => {
+    started = true;
+  });
+  await first.release();
+  while (!started) {
+    const l = await a.short(`op-${++ops}`, [x('m/v')]);
+    await sleep(1);
+    await l.release();
+  }
+  const job = await starting; // Busy after 30 s before jobs waited in line
+  expect(ops).toBeGreaterThan(0);
+  // Once it runs, A's next claims do not cover m/v@b1: a request on it is checked, and refused.
+  await expect(a.short('op-x', [s('m/v'), x('m/v@b1')])).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/m\/v@b1.*job/) });
+  t.end();
+  await job.wait();
+}
+
 describe('whole volumes: brokers on one state', () => {
+  it('a job on a snapshot waits in line: another broker\'s operations on the volume, back to back, do not keep it out', () => jobWaitsInLine());
+
   it('a broker\'s claim on a volume covers its next requests on the volume\'s snapshots: one claim in the store', async () => {
-    const { a } = brokers();
+    const { a } = await brokers();
     const claims = vi.spyOn(a.store, 'claimOpLocks');
     await (await a.short('op-1', [x('m/v')])).release(); // create
     await (await a.short('op-2', [s('m/v')])).release(); // snapshot
@@ -93,7 +124,7 @@ describe('whole volumes: brokers on one state', () => {
   });
 
   it('another broker\'s job on a snapshot of the volume waits for the claim, then starts', async () => {
-    const { a, b } = brokers();
+    const { a, b } = await brokers();
     const lease = await a.short('op-1', [x('m/v')]);
     const t = heldTask();
     let started = false;
@@ -109,8 +140,25 @@ describe('whole volumes: brokers on one state', () => {
     await job.wait();
   });
 
+  it('while a job waits in line, other brokers meeting its claim are refused as by the job; once it runs, its record holds the keys', async () => {
+    const { a, b } = await brokers();
+    const lease = await a.short('op-1', [x('m/v')]);
+    const t = heldTask();
+    const starting = b.jobs.start({ task: t.task, ref: 'm/bk', executor: 'host', principal: ADMIN, locks: [s('m/v@b1')] });
+    // Its claim is in the store under the job's id while it waits for A's operation.
+    for (let i = 0; i < 500 && !(await a.store.lockHolders(['m/v@b1'])).ops.some((o) => o.id.startsWith('test-')); i++) await sleep(5);
+    await expect(a.short('op-2', [x('m/v@b1')])).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/m\/v@b1.*job test-/) });
+    await lease.release();
+    const job = await starting;
+    const held = await a.store.lockHolders(['m/v@b1']);
+    expect(held.ops).toEqual([]); // the claim is withdrawn…
+    expect(held.jobs.map((j) => j.id)).toEqual([job.id]); // …and the record holds the key
+    t.end();
+    await job.wait();
+  });
+
   it('a claim on a volume one of whose snapshots another broker holds does not cover that snapshot: the request is checked, and refused', async () => {
-    const { a, b } = brokers();
+    const { a, b } = await brokers();
     const t = heldTask();
     const job = await b.jobs.start({ task: t.task, ref: 'm/bk', executor: 'host', principal: ADMIN, locks: [s('m/v@b1')] }); // a backup reading m/v@b1
     const claims = vi.spyOn(a.store, 'claimOpLocks');
@@ -124,11 +172,21 @@ describe('whole volumes: brokers on one state', () => {
   });
 
   it('a maintenance lock on a snapshot keeps the volume\'s claim from covering it', async () => {
-    const { a, b } = brokers();
+    const { a, b } = await brokers();
     await b.locks.placeMaintenance('m/v@s', ADMIN, 'checking');
     const claims = vi.spyOn(a.store, 'claimOpLocks');
     await (await a.short('op-1', [x('m/v')])).release();
     await (await a.short('op-2', [s('m/v'), x('m/v@s')])).release(); // an administrator passes it, but it is checked
     expect(claims).toHaveBeenCalledTimes(2);
   });
+});
+
+describe.skipIf(!postgresAvailable())('whole volumes: brokers on one PostgreSQL database', () => {
+  let server: Postgres;
+  beforeAll(async () => {
+    server = await startPostgres();
+  });
+  afterAll(() => server?.stop());
+
+  it('a job on a snapshot waits in line: another broker\'s operations on the volume, back to back, do not keep it out', async () => jobWaitsInLine(await server.createDatabase()));
 });
