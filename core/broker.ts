@@ -25,7 +25,7 @@ import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
 import { JobManager, type JobEventHook } from './jobs/job-manager.js';
 import { ExportRegistry } from './export/registry.js';
-import { loadNbdTls } from './export/nbd-tls.js';
+import { loadNbdTls, type NbdTls } from './export/nbd-tls.js';
 import type { Job } from './jobs/job.js';
 import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
@@ -75,8 +75,14 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
       ? validateConfig(validatedToRaw(config as BrokerConfig), factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
       : validateConfig(config, factories, { env: opts.env });
 
-  // Before anything is opened: bad credentials are a ConfigError at start, as for qemu-nbd.
-  const nbdTls = validated.nbd?.tls ? loadNbdTls(validated.nbd.tls) : undefined;
+  // NBD's TLS credentials: read when first needed, and before anything is opened by a broker
+  // that recovers jobs (`offload serve`, a program): bad ones are a ConfigError at its start, as
+  // for qemu-nbd. A CLI command reads them at its first export only (`offload volume list` needs
+  // no server key).
+  const tlsConfig = validated.nbd?.tls;
+  let loadedTls: NbdTls | undefined;
+  const nbdTls = tlsConfig && ((): NbdTls => (loadedTls ??= loadNbdTls(tlsConfig)));
+  if (nbdTls && opts.recoverJobs !== false) nbdTls();
   prepareStateDir(validated.state);
   const byKind = new Map(factories.map((f) => [f.kind, f]));
   const backends = new Map<string, PlannerBackend>();

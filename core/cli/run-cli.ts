@@ -45,7 +45,8 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
         // A client of the service: no plugin or backend here, every verb is a request.
         const { connectBroker } = await import('../service/client.js');
         if (env.OFFLOAD_TOKEN) secrets.add(env.OFFLOAD_TOKEN);
-        return connectBroker(address, { ...(env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {}), ...(env.OFFLOAD_CA ? { ca: readCa(env.OFFLOAD_CA) } : {}) });
+        const https = address.startsWith('https:');
+        return connectBroker(address, { ...(env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {}), ...(https && env.OFFLOAD_CA ? { ca: readCa(env.OFFLOAD_CA) } : {}) });
       }
       const { createBroker } = await import('../broker.js');
       // A command never adopts another runner's job (it would run it only while the command
@@ -75,11 +76,15 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
 
 /** $OFFLOAD_CA: the CA certificates (PEM) a client trusts for an https:// service. */
 function readCa(file: string): Buffer {
+  const hint = 'OFFLOAD_CA names a PEM file of the CA certificates to trust';
+  let pem: Buffer;
   try {
-    return readFileSync(file);
+    pem = readFileSync(file);
   } catch (e) {
-    throw new ConfigError(`OFFLOAD_CA: cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, 'OFFLOAD_CA names a PEM file of the CA certificates to trust');
+    throw new ConfigError(`OFFLOAD_CA: cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, hint);
   }
+  if (!pem.includes('-----BEGIN CERTIFICATE-----')) throw new ConfigError(`OFFLOAD_CA: ${file} holds no certificate (PEM)`, hint);
+  return pem;
 }
 
 /** The `server:` of a config file (a service to send the commands to), if it names one. */

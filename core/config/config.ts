@@ -39,7 +39,8 @@ export interface RawConfig {
   leaseSeconds?: number;
   /**
    * `nbd.tls`: every NBD export of this broker requires TLS, as qemu-nbd `--tls-creds`:
-   * `{ x509: DIR, verifyPeer? }` (DIR holds ca-cert.pem, server-cert.pem, server-key.pem) or
+   * `{ x509: DIR, verifyPeer? }` (DIR holds ca-cert.pem, server-cert.pem, server-key.pem, and
+   * ca-crl.pem if any; verifyPeer, default true, asks clients for a certificate of the CA) or
    * `{ psk: FILE }` (identity:hexkey lines, as psktool writes). Relative paths: from the config's folder.
    */
   nbd?: { tls?: NbdTlsConfig };

@@ -3,13 +3,13 @@
  * `tls-creds-x509` reads it (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`), or a PSK file as
  * `tls-creds-psk` and nbdkit `--tls-psk` read it (`identity:hexkey` lines, what psktool writes).
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createSecureContext, createServer, type TLSSocket, type TlsOptions } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
 
-/** What a broker's config says (`nbd.tls`): paths already absolute. */
+/** What a broker's config says (`nbd.tls`): paths already absolute. `verifyPeer` defaults to true, as QEMU's. */
 export type NbdTlsConfig = { x509: string; verifyPeer?: boolean } | { psk: string };
 
 /** Loaded credentials: what a server needs to turn a socket that asked for STARTTLS into TLS. */
@@ -36,16 +36,20 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
     return serverTls('psk', { ciphers: PSK_CIPHERS, dhparam: 'auto', pskCallback: (_s, identity) => keys.get(identity) ?? null });
   }
   const read = (file: string): Buffer => readConfigFile(join(c.x509, file), 'nbd.tls.x509');
-  const verifyPeer = c.verifyPeer === true;
+  // As QEMU's tls-creds-x509: clients must show a certificate of the CA unless verify-peer is
+  // turned off, and a ca-crl.pem beside it revokes certificates.
+  const verifyPeer = c.verifyPeer !== false;
+  const crl = join(c.x509, 'ca-crl.pem');
   const options: TlsOptions = {
     cert: read('server-cert.pem'), key: read('server-key.pem'),
     ...(verifyPeer ? { ca: read('ca-cert.pem'), requestCert: true, rejectUnauthorized: true } : {}),
+    ...(verifyPeer && existsSync(crl) ? { crl: read('ca-crl.pem') } : {}),
   };
   try {
     createSecureContext(options);
   } catch (e) {
     throw new ConfigError(`nbd.tls.x509: the credentials in ${c.x509} cannot be used: ${(e as Error).message}`,
-      'server-cert.pem and server-key.pem must be a certificate and its key, in PEM (as qemu-nbd --tls-creds reads them)');
+      'server-cert.pem and server-key.pem must be a certificate and its key, ca-cert.pem the CA and ca-crl.pem (if there) its revocation list, in PEM (as qemu-nbd --tls-creds reads them)');
   }
   return serverTls('x509', options);
 }

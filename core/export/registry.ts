@@ -79,8 +79,8 @@ export class ExportRegistry {
   private readonly mutex = new KeyedMutex();
   private closing = false;
 
-  /** `tls`: every server of this broker requires it (the config's `nbd.tls`). */
-  constructor(private readonly tls?: NbdTls) {}
+  /** `tls`: every server of this broker requires it (the config's `nbd.tls`), loaded when the first one starts. */
+  constructor(private readonly tls?: () => NbdTls) {}
 
   /** Refuse a name that is served or being started (AlreadyExists), and hold it for a start. */
   reserve(name: string): () => void {
@@ -102,7 +102,7 @@ export class ExportRegistry {
     return this.mutex.run([key ?? `new:${r.name}`], async () => {
       let server = key ? this.servers.get(key) : undefined;
       if (!server) {
-        server = await NbdServer.listen(r.listen, this.tls ? { tls: this.tls } : {});
+        server = await NbdServer.listen(r.listen, this.tls ? { tls: this.tls() } : {});
         this.servers.set(keyOf(server), server);
       }
       try {

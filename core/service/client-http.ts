@@ -111,12 +111,16 @@ export class HttpTransport {
 
   private unreachable(e: Error): BackendUnavailable {
     const code = (e as NodeJS.ErrnoException).code ?? '';
-    // node's codes for a certificate this client does not trust, or one for another name.
+    // node's codes for a certificate this client does not trust, or one for another name; and
+    // for an answer that is not TLS (a plain-HTTP service at an https:// address).
     const untrusted = /CERT|SELF_SIGNED|UNABLE_TO_(GET|VERIFY)|ALTNAME/.test(code);
+    const plain = code === 'ERR_SSL_WRONG_VERSION_NUMBER' || code === 'EPROTO';
     return new BackendUnavailable(`cannot reach the service at ${this.address.text}: ${e.message}`, {
       hint: untrusted
         ? "the service's certificate is not trusted here: give its CA in OFFLOAD_CA=FILE (PEM), and reach it by a name the certificate holds"
-        : 'start it with `offload serve`, or check --server / OFFLOAD_SERVER / server: in the config (https:// for a service with --tls-cert)',
+        : plain
+          ? 'the service does not answer with TLS: use http:// for a service without --tls-cert'
+          : 'start it with `offload serve`, or check --server / OFFLOAD_SERVER / server: in the config (https:// for a service with --tls-cert)',
     });
   }
 }

@@ -6,7 +6,7 @@
  * volumes, jobs and exports only, and another's are NotFound, as if absent.
  */
 import { existsSync, chmodSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker } from '../broker-api.js';
@@ -53,15 +53,28 @@ export async function startService(o: ServiceOptions): Promise<Service> {
   await hosted.restore(o.broker);
 
   const apps: FastifyInstance[] = [];
+  // Every connection, from its first byte (a TLS handshake, a request not sent yet).
+  const sockets = new Set<Socket>();
   const close = async () => {
     hosted.shutdown();
     stopping.abort();
+    // Idle connections are closed at once and requests in flight answered; a client that keeps
+    // a connection open without a request (or stalls its TLS handshake) would hold the close.
+    const cut = setTimeout(() => { for (const s of sockets) s.destroy(); }, CLOSE_GRACE_MS);
     await Promise.allSettled(apps.map((a) => a.close()));
+    clearTimeout(cut);
     rmSync(o.socket, { force: true });
+  };
+  const track = (app: FastifyInstance): FastifyInstance => {
+    app.server.on('connection', (s: Socket) => {
+      sockets.add(s);
+      s.once('close', () => sockets.delete(s));
+    });
+    return app;
   };
   try {
     await freeSocketPath(o.socket);
-    const local = buildApp(o, hosted, stopping.signal, () => ADMIN, Fastify(FASTIFY));
+    const local = buildApp(o, hosted, stopping.signal, () => ADMIN, track(Fastify(FASTIFY)));
     apps.push(local);
     await local.listen({ path: o.socket });
     chmodSync(o.socket, 0o600);
@@ -71,7 +84,7 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       const tls = o.tcp.tls;
       // An HTTPS instance has its own server type; the routes and hooks are the same.
       const app = tls ? Fastify({ ...FASTIFY, https: { cert: tls.cert, key: tls.key } }) as unknown as FastifyInstance : Fastify(FASTIFY);
-      const remote = buildApp(o, hosted, stopping.signal, (req) => tokens.principalOf(req.headers.authorization), app);
+      const remote = buildApp(o, hosted, stopping.signal, (req) => tokens.principalOf(req.headers.authorization), track(app));
       apps.push(remote);
       await remote.listen({ host: o.tcp.host, port: o.tcp.port });
       const addr = remote.server.address();
@@ -96,6 +109,9 @@ async function freeSocketPath(path: string): Promise<void> {
   if (live) throw new Busy(`a service already listens on ${path}`, { ref: path, hint: 'stop it first, or pass another --socket' });
   rmSync(path, { force: true });
 }
+
+/** How long a stopping service waits for its connections before it cuts them. */
+const CLOSE_GRACE_MS = 5_000;
 
 /** Requests that arrive while the service stops are answered by the onRequest hook, in our format. */
 const FASTIFY = { logger: false, forceCloseConnections: 'idle', return503OnClosing: false } as const;

@@ -7,12 +7,13 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Duplex } from 'node:stream';
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger, type Broker } from '../../core/index.js';
 import { NbdServer } from '../../core/export/nbd-server.js';
 import { loadNbdTls } from '../../core/export/nbd-tls.js';
-import { OPT, REP } from '../../core/export/nbd-protocol.js';
+import { IHAVEOPT, OPT, REP } from '../../core/export/nbd-protocol.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { memoryDevice, type MemoryDevice } from '../support/memory-device.js';
 import { greet, nameData, option, optionReplies, optionReply, Wire } from '../support/nbd-client.js';
@@ -128,6 +129,7 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD over TLS with a PSK file (qemu 
 describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD over TLS with x509 credentials (qemu tls-creds-x509, libnbd tls-certificates)', () => {
   let server: NbdServer;
   let open: NbdServer;
+  let withCrl: NbdServer;
   const dev = memoryDevice(4 * MiB);
   const data = randomBytes(MiB);
   const client = (f: string) => readFileSync(join(CREDS, 'client', f));
@@ -135,18 +137,21 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD over TLS with x509 credentials 
 
   beforeAll(async () => {
     await dev.write(0, data);
-    server = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: true }) });
+    server = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server') }) }); // verify-peer: the default, as QEMU's
     server.addExport({ name: 'vol', device: dev, readOnly: true });
-    open = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server') }) });
+    open = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: false }) });
     open.addExport({ name: 'vol', device: dev, readOnly: true });
+    withCrl = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server-crl') }) });
+    withCrl.addExport({ name: 'vol', device: dev, readOnly: true });
   });
 
   afterAll(async () => {
     await server.close();
     await open.close();
+    await withCrl.close();
   });
 
-  it('verify-peer: a client with a certificate of the CA is served (qemu-img, nbdinfo, by address and by name)', async () => {
+  it('verify-peer (the default): a client with a certificate of the CA is served (qemu-img, nbdinfo, by address and by name)', async () => {
     const back = await qemuRead(`tls-creds-x509,id=tls0,endpoint=client,dir=${join(CREDS, 'client')}`, portOf(server), 'vol');
     expect(back.subarray(0, MiB).equals(data)).toBe(true);
     for (const host of ['127.0.0.1', 'localhost']) {
@@ -170,7 +175,19 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD over TLS with x509 credentials 
     good.wire.close();
   });
 
-  it('without verify-peer: a client needs only the CA', async () => {
+  it('ca-crl.pem beside the CA revokes a certificate: its holder is refused by the server, others are served', async () => {
+    const revoked = (f: string) => readFileSync(join(CREDS, 'revoked', f));
+    expect((await tool('nbdinfo', ['--size', `nbds://127.0.0.1:${portOf(withCrl)}/vol?tls-certificates=${join(CREDS, 'revoked')}`])).status).not.toBe(0);
+    const { wire } = await startTls(portOf(withCrl), { ca: revoked('ca-cert.pem'), cert: revoked('client-cert.pem'), key: revoked('client-key.pem') });
+    expect(await wire.waitClosed()).toBe(true);
+    // The same certificate where no CRL is given; and a certificate the CRL does not name.
+    const elsewhere = await ok('nbdinfo', ['--size', `nbds://127.0.0.1:${portOf(server)}/vol?tls-certificates=${join(CREDS, 'revoked')}`]);
+    expect(elsewhere.trim()).toBe(String(4 * MiB));
+    const alice = await ok('nbdinfo', ['--size', `nbds://127.0.0.1:${portOf(withCrl)}/vol?tls-certificates=${join(CREDS, 'client')}`]);
+    expect(alice.trim()).toBe(String(4 * MiB));
+  });
+
+  it('verifyPeer: false: a client needs only the CA', async () => {
     const caOnly = join(dir, 'ca-only-2');
     mkdirSync(caOnly, { recursive: true });
     writeFileSync(join(caOnly, 'ca-cert.pem'), client('ca-cert.pem'));
@@ -185,7 +202,7 @@ describe('the STARTTLS handshake, byte by byte', () => {
   const ca = readFileSync(join(CREDS, 'client', 'ca-cert.pem'));
 
   beforeAll(async () => {
-    tlsServer = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server') }), handshakeLimitMs: 1500 });
+    tlsServer = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: false }), handshakeLimitMs: 4000 });
     tlsServer.addExport({ name: 'vol', device: memoryDevice(MiB), readOnly: false });
     plain = await NbdServer.listen({ port: 0 });
     plain.addExport({ name: 'vol', device: memoryDevice(MiB), readOnly: false });
@@ -231,13 +248,21 @@ describe('the STARTTLS handshake, byte by byte', () => {
     wire.close();
   });
 
-  it('bytes sent after STARTTLS before its reply end the connection', async () => {
+  it('bytes sent after STARTTLS before its reply (here a real ClientHello) end the connection at once', async () => {
+    // Read by the server in the clear, they would be lost to TLS, which would then wait for a
+    // ClientHello until the handshake limit (4 s): the connection must close well before.
+    const hello = await new Promise<Buffer>((done) => {
+      const sink = new Duplex({ read() {}, write(chunk: Buffer, _e, cb) { done(Buffer.from(chunk)); cb(); } });
+      tlsConnect({ socket: sink as never, servername: 'localhost' }).on('error', () => undefined);
+    });
     const w = await Wire.open(portOf(tlsServer));
     await greet(w);
-    option(w, OPT.STARTTLS);
-    w.write(Buffer.from('too early'));
+    const head = Buffer.alloc(16);
+    head.writeBigUInt64BE(IHAVEOPT, 0);
+    head.writeUInt32BE(OPT.STARTTLS, 8);
+    w.write(Buffer.concat([head, hello]));
     await optionReply(w).catch(() => undefined);
-    expect(await w.waitClosed()).toBe(true);
+    expect(await w.waitClosed(2000)).toBe(true);
   });
 
   it('a client that stalls in the TLS handshake is dropped at the handshake limit', async () => {
@@ -245,7 +270,7 @@ describe('the STARTTLS handshake, byte by byte', () => {
     await greet(w);
     option(w, OPT.STARTTLS);
     expect((await optionReply(w)).type).toBe(REP.ACK);
-    expect(await w.waitClosed(5000)).toBe(true);
+    expect(await w.waitClosed(8000)).toBe(true);
   });
 
   it('a server without TLS answers STARTTLS with ERR_POLICY and goes on', async () => {
@@ -267,9 +292,9 @@ describe('TLS credentials in the config (nbd.tls)', () => {
     mkdirSync(mixed);
     writeFileSync(join(mixed, 'server-cert.pem'), readFileSync(join(CREDS, 'server', 'server-cert.pem')));
     writeFileSync(join(mixed, 'server-key.pem'), readFileSync(join(CREDS, 'client', 'client-key.pem')));
-    expect(() => loadNbdTls({ x509: mixed })).toThrow(/cannot be used/);
-    expect(() => loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: true })).not.toThrow();
-    expect(() => loadNbdTls({ x509: mixed, verifyPeer: true })).toThrow(/ca-cert\.pem: ENOENT/);
+    expect(() => loadNbdTls({ x509: mixed, verifyPeer: false })).toThrow(/cannot be used/);
+    expect(() => loadNbdTls({ x509: join(CREDS, 'server') })).not.toThrow();
+    expect(() => loadNbdTls({ x509: mixed })).toThrow(/ca-cert\.pem: ENOENT/); // verify-peer, the default, needs the CA
     const bad = join(dir, 'bad.psk');
     writeFileSync(bad, 'alice:0011\nbob:xyz\n');
     expect(() => loadNbdTls({ psk: bad })).toThrow(/line 2 is not identity:hexkey/);
@@ -308,6 +333,16 @@ describe('TLS credentials in the config (nbd.tls)', () => {
     it('a broker whose credentials cannot be read does not start', async () => {
       await expect(createBroker({ state: join(dir, 'state2'), nbd: { tls: { x509: 'no-such-folder' } }, backends: [] }, { plugins: builtinPlugins, logger: silentLogger }))
         .rejects.toMatchObject({ name: 'ConfigError', message: expect.stringMatching(/nbd\.tls\.x509: cannot read .*no-such-folder\/server-cert\.pem/) });
+      // A CLI command (no jobs recovered) reads them at its first export only.
+      const command = await createBroker({ state: join(dir, 'state3'), nbd: { tls: { x509: 'no-such-folder' } }, backends: [{ name: 'pool', kind: 'qcow2', path: join(dir, 'pool') }] },
+        { plugins: builtinPlugins, logger: silentLogger, recoverJobs: false });
+      try {
+        expect((await command.volumes.list('pool')).items.map((v) => v.name)).toEqual(['disk']);
+        await expect(command.exports.start('pool/disk', { readOnly: true, listen: { port: 0 } }))
+          .rejects.toMatchObject({ name: 'ConfigError', message: expect.stringMatching(/nbd\.tls\.x509: cannot read .*no-such-folder\/server-cert\.pem/) });
+      } finally {
+        await command.close();
+      }
       await expect(createBroker({ state: join(dir, 'state2'), nbd: { tls: { psk: pskFile, x509: CREDS } } as never, backends: [] }, { plugins: builtinPlugins, logger: silentLogger }))
         .rejects.toMatchObject({ name: 'ConfigError', message: expect.stringMatching(/^nbd\.tls: expected \{ x509/) });
     });

@@ -6,7 +6,9 @@
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
 import { request } from 'node:https';
+import { connect as connectTcp } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectBroker } from '../../core/index.js';
@@ -85,6 +87,36 @@ describe('offload serve over HTTPS', () => {
     const missing = await client(https, ['backends'], { OFFLOAD_CA: join(s.dir, 'no-such-ca.pem') });
     expect(missing.code).toBe(2);
     expect(missing.err).toMatch(/OFFLOAD_CA: cannot read .*no-such-ca\.pem: ENOENT/);
+    const notCa = await client(https, ['backends'], { OFFLOAD_CA: KEY });
+    expect(notCa.code).toBe(2);
+    expect(notCa.err).toMatch(/OFFLOAD_CA: .*server-key\.pem holds no certificate/);
+    // Read for https:// only: the unix socket works whatever it names.
+    expect((await client(service.addresses[0]!, ['backends'], { OFFLOAD_CA: join(s.dir, 'no-such-ca.pem') })).code).toBe(0);
+  });
+
+  it('https:// to a service without TLS says so', async () => {
+    const plain = createHttpServer((_req, res) => res.end('{}'));
+    await new Promise<void>((r) => plain.listen(0, '127.0.0.1', r));
+    try {
+      const r = await client(`https://127.0.0.1:${(plain.address() as { port: number }).port}`, ['backends']);
+      expect(r.code).toBe(1);
+      expect(r.err).toMatch(/does not answer with TLS: use http:\/\//);
+    } finally {
+      plain.close();
+    }
+  });
+
+  it('SIGTERM stops a service whose TCP clients hold connections without a request, over HTTP and HTTPS', async () => {
+    const stopped = await Promise.all([[], ['--tls-cert', CERT, '--tls-key', KEY]].map(async (tls, i) => {
+      const other = await serve(s, ['--socket', join(s.dir, `silent-${i}.sock`), '--listen', '127.0.0.1:0', '--tokens', tokensFile, ...tls]);
+      const silent = connectTcp(Number(new URL(other.addresses[1]!).port), '127.0.0.1');
+      silent.on('error', () => undefined);
+      await new Promise((r) => silent.once('connect', r));
+      const code = await other.stop(); // before: held until the client left (HTTP) or the TLS handshake timed out (120 s)
+      silent.destroy();
+      return code;
+    }));
+    expect(stopped).toEqual([0, 0]);
   });
 
   it('bad TLS flags are usage errors (exit 2), before anything listens', async () => {

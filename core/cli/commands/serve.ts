@@ -59,18 +59,22 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
         await broker.close();
         throw e;
       }
-      const [socketAddress, httpAddress] = service.addresses;
-      ctx.print({ socket: socketAddress, ...(httpAddress ? { http: httpAddress } : {}), pid: process.pid }, service.addresses.join(' '), { oneLine: true });
-      ctx.note(`offload serve: ready (pid ${process.pid}); SIGTERM or Ctrl-C stops it`);
-      const signal = await new Promise<string>((done) => {
-        const stop = (s: string) => {
+      // Listening for the signals before saying it is ready: one sent at once must stop it cleanly.
+      const signalled = new Promise<string>((done) => {
+        const stop = (sig: string) => {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);
-          done(s);
+          done(sig);
         };
         process.on('SIGINT', stop);
         process.on('SIGTERM', stop);
       });
+      const [socketAddress, httpAddress] = service.addresses;
+      // --json: `http` or, with TLS, `https`.
+      const tcpField = httpAddress ? { [httpAddress.startsWith('https:') ? 'https' : 'http']: httpAddress } : {};
+      ctx.print({ socket: socketAddress, ...tcpField, pid: process.pid }, service.addresses.join(' '), { oneLine: true });
+      ctx.note(`offload serve: ready (pid ${process.pid}); SIGTERM or Ctrl-C stops it`);
+      const signal = await signalled;
       ctx.note(`offload serve: ${signal}: stopping`);
       await service.close();
       await broker.close(); // running jobs are checkpointed and released: another runner takes them at once

@@ -5,7 +5,7 @@
 # run again to replace them. Never use them for anything but tests.
 set -eu
 cd "$(dirname "$0")"
-rm -rf server client stranger && mkdir server client stranger
+rm -rf server client stranger revoked server-crl && mkdir server client stranger revoked server-crl
 t=$(mktemp -d) && trap 'rm -rf "$t"' EXIT
 ca() { # name subject
   openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj "/CN=$2" -keyout "$t/$1.key" -out "$t/$1.pem" \
@@ -22,4 +22,12 @@ leaf ca server/server-key.pem server/server-cert.pem localhost 'extendedKeyUsage
 subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1'
 leaf ca client/client-key.pem client/client-cert.pem alice 'extendedKeyUsage=clientAuth'
 leaf other stranger/client-key.pem stranger/client-cert.pem mallory 'extendedKeyUsage=clientAuth'
-cp "$t/ca.pem" server/ca-cert.pem && cp "$t/ca.pem" client/ca-cert.pem && cp "$t/ca.pem" stranger/ca-cert.pem
+leaf ca revoked/client-key.pem revoked/client-cert.pem eve 'extendedKeyUsage=clientAuth'
+cp "$t/ca.pem" server/ca-cert.pem && cp "$t/ca.pem" client/ca-cert.pem && cp "$t/ca.pem" stranger/ca-cert.pem && cp "$t/ca.pem" revoked/ca-cert.pem
+# A server folder whose ca-crl.pem revokes eve's certificate (and only hers).
+cp server/* server-crl/
+touch "$t/index.txt"
+printf '%s\n' '[ca]' 'default_ca=d' '[d]' "database=$t/index.txt" 'default_md=sha256' "crlnumber=$t/crlnumber" > "$t/ca.cnf"
+echo 01 > "$t/crlnumber"
+openssl ca -config "$t/ca.cnf" -keyfile "$t/ca.key" -cert "$t/ca.pem" -revoke revoked/client-cert.pem 2>/dev/null
+openssl ca -config "$t/ca.cnf" -keyfile "$t/ca.key" -cert "$t/ca.pem" -gencrl -crldays 36500 -out server-crl/ca-crl.pem 2>/dev/null
