@@ -59,6 +59,8 @@ export class NbdServer {
   /** READ buffers, used again: as many bytes as the budget lets requests hold. */
   private readonly pool = new BufferPool(BUDGET);
   private closing = false;
+  /** Clients still negotiating (not yet under an export): a close cuts them instead of waiting out the handshake limit. */
+  private readonly negotiating = new Set<Socket>();
 
   private constructor(private readonly server: Server, readonly address: { host: string; port: number } | { socket: string },
     private readonly opts: NbdServerOptions) {}
@@ -149,6 +151,7 @@ export class NbdServer {
     if (this.closing) return;
     this.closing = true;
     const closed = new Promise<void>((r) => this.server.close(() => r()));
+    for (const s of this.negotiating) s.destroy();
     const all = [...this.exports.values()];
     this.exports.clear();
     await Promise.all(all.map((e) => this.drain(e)));
@@ -176,6 +179,7 @@ export class NbdServer {
     socket.on('error', () => undefined); // a client that vanished: its reads end the connection
     // STARTTLS replaces both with the TLS socket over this one.
     const link: Link = { socket, reader: new ByteReader(socket) };
+    this.negotiating.add(socket);
     void (async () => {
       try {
         const limit = setTimeout(() => socket.destroy(), this.opts.handshakeLimitMs ?? HANDSHAKE_LIMIT_MS);
@@ -183,7 +187,10 @@ export class NbdServer {
           lookup: (name) => this.lookup(name)?.view,
           list: () => [...this.exports.values()].map((x) => x.view),
           ...(this.opts.tls ? { tls: this.opts.tls } : {}),
-        }).finally(() => clearTimeout(limit));
+        }).finally(() => {
+          clearTimeout(limit);
+          this.negotiating.delete(socket);
+        });
         const { socket: s, reader } = link;
         if (!session) {
           s.end();

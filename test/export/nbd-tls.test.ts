@@ -273,6 +273,20 @@ describe('the STARTTLS handshake, byte by byte', () => {
     expect(await w.waitClosed(8000)).toBe(true);
   });
 
+  it('closing the server cuts clients still negotiating, in the clear or in the TLS handshake (it does not wait out the limit)', async () => {
+    const s = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: false }), handshakeLimitMs: 10 * 60_000 });
+    s.addExport({ name: 'vol', device: memoryDevice(MiB), readOnly: false });
+    const clear = await Wire.open(portOf(s));
+    await greet(clear);
+    const inTls = await Wire.open(portOf(s));
+    await greet(inTls);
+    option(inTls, OPT.STARTTLS);
+    expect((await optionReply(inTls)).type).toBe(REP.ACK);
+    await s.close(); // before: until the handshake limit (here ten minutes)
+    expect(await clear.waitClosed()).toBe(true);
+    expect(await inTls.waitClosed()).toBe(true);
+  });
+
   it('a server without TLS answers STARTTLS with ERR_POLICY and goes on', async () => {
     const w = await Wire.open(portOf(plain));
     await greet(w);
