@@ -40,7 +40,8 @@ export interface RawConfig {
   /**
    * `nbd.tls`: every NBD export of this broker requires TLS, as qemu-nbd `--tls-creds`:
    * `{ x509: DIR, verifyPeer? }` (DIR holds ca-cert.pem, server-cert.pem, server-key.pem, and
-   * ca-crl.pem if any; verifyPeer, default true, asks clients for a certificate of the CA) or
+   * ca-crl.pem if any; verifyPeer, default true, asks clients for a certificate of the CA; allow:
+   * only certificates with these subject common names, as QEMU's tls-authz) or
    * `{ psk: FILE }` (identity:hexkey lines, as psktool writes). Relative paths: from the config's folder.
    */
   nbd?: { tls?: NbdTlsConfig };
@@ -54,9 +55,9 @@ const envelopeSchema = z.strictObject({
   leaseSeconds: z.number().min(1).max(3600).optional(),
   nbd: z.strictObject({
     tls: z.union([
-      z.strictObject({ x509: z.string().min(1), verifyPeer: z.boolean().optional() }),
+      z.strictObject({ x509: z.string().min(1), verifyPeer: z.boolean().optional(), allow: z.array(z.string().min(1)).min(1).optional() }),
       z.strictObject({ psk: z.string().min(1) }),
-    ], { error: 'expected { x509: FOLDER, verifyPeer?: true|false } or { psk: FILE }' }).optional(),
+    ], { error: 'expected { x509: FOLDER, verifyPeer?: true|false, allow?: [NAME…] } or { psk: FILE }' }).optional(),
   }).optional(),
   backends: z.array(
     z.looseObject({

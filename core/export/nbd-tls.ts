@@ -10,7 +10,7 @@ import { createSecureContext, createServer, type TLSSocket, type TlsOptions } fr
 import { ConfigError } from '../config/config-error.js';
 
 /** What a broker's config says (`nbd.tls`): paths already absolute. `verifyPeer` defaults to true, as QEMU's. */
-export type NbdTlsConfig = { x509: string; verifyPeer?: boolean } | { psk: string };
+export type NbdTlsConfig = { x509: string; verifyPeer?: boolean; allow?: string[] } | { psk: string };
 
 /** Loaded credentials: what a server needs to turn a socket that asked for STARTTLS into TLS. */
 export interface NbdTls {
@@ -39,6 +39,7 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
   // As QEMU's tls-creds-x509: clients must show a certificate of the CA unless verify-peer is
   // turned off, and a ca-crl.pem beside it revokes certificates.
   const verifyPeer = c.verifyPeer !== false;
+  if (c.allow && !verifyPeer) throw new ConfigError('nbd.tls.allow: names clients by their certificates, which verifyPeer: false does not ask for');
   const crl = join(c.x509, 'ca-crl.pem');
   const options: TlsOptions = {
     cert: read('server-cert.pem'), key: read('server-key.pem'),
@@ -51,7 +52,13 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
     throw new ConfigError(`nbd.tls.x509: the credentials in ${c.x509} cannot be used: ${(e as Error).message}`,
       'server-cert.pem and server-key.pem must be a certificate and its key, ca-cert.pem the CA and ca-crl.pem (if there) its revocation list, in PEM (as qemu-nbd --tls-creds reads them)');
   }
-  return serverTls('x509', options);
+  // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
+  const allow = c.allow && new Set(c.allow);
+  return serverTls('x509', options, allow && ((t) => {
+    const cn = t.getPeerCertificate().subject?.CN;
+    const name = Array.isArray(cn) ? cn[0] : cn;
+    return name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`;
+  }));
 }
 
 /**
@@ -60,7 +67,7 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
  * certificate as for any TLS server (a TLSSocket made by hand is never told whether it was
  * verified), and drops one it refuses.
  */
-function serverTls(kind: NbdTls['kind'], options: TlsOptions): NbdTls {
+function serverTls(kind: NbdTls['kind'], options: TlsOptions, refused?: (t: TLSSocket) => string | undefined): NbdTls {
   return {
     kind,
     upgrade: (socket) => new Promise((resolve, reject) => {
@@ -74,7 +81,9 @@ function serverTls(kind: NbdTls['kind'], options: TlsOptions): NbdTls {
       socket.once('close', left);
       server.once('secureConnection', (t: TLSSocket) => {
         socket.off('close', left);
-        resolve(t);
+        const why = refused?.(t);
+        if (why) fail(new Error(why));
+        else resolve(t);
       });
       server.emit('connection', socket);
     }),

@@ -187,6 +187,22 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD over TLS with x509 credentials 
     expect(alice.trim()).toBe(String(4 * MiB));
   });
 
+  it('allow names the certificates let in by their common name, as QEMU\'s tls-authz: alice is served, eve (also of the CA) refused', async () => {
+    const only = await NbdServer.listen({ port: 0 }, { tls: loadNbdTls({ x509: join(CREDS, 'server'), allow: ['alice', 'carol'] }) });
+    try {
+      only.addExport({ name: 'vol', device: dev, readOnly: true });
+      const alice = await ok('nbdinfo', ['--size', `nbds://127.0.0.1:${portOf(only)}/vol?tls-certificates=${join(CREDS, 'client')}`]);
+      expect(alice.trim()).toBe(String(4 * MiB));
+      expect((await tool('nbdinfo', ['--size', `nbds://127.0.0.1:${portOf(only)}/vol?tls-certificates=${join(CREDS, 'revoked')}`])).status).not.toBe(0);
+      const revoked = (f: string) => readFileSync(join(CREDS, 'revoked', f));
+      const { wire } = await startTls(portOf(only), { ca: revoked('ca-cert.pem'), cert: revoked('client-cert.pem'), key: revoked('client-key.pem') });
+      expect(await wire.waitClosed()).toBe(true);
+    } finally {
+      await only.close();
+    }
+    expect(() => loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: false, allow: ['alice'] })).toThrow(/nbd\.tls\.allow: .*verifyPeer: false/);
+  });
+
   it('verifyPeer: false: a client needs only the CA', async () => {
     const caOnly = join(dir, 'ca-only-2');
     mkdirSync(caOnly, { recursive: true });
