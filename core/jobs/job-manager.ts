@@ -92,6 +92,12 @@ export class JobManager {
   private ops = 0;
   /** Operations' locks being removed from the store (close waits for them). */
   private readonly withdrawing = new Set<Promise<void>>();
+  /**
+   * Operations whose rows a removal failed to remove (the store was unreachable a moment): tried
+   * again at each heartbeat. Left alone, the rows of a broker whose leases are renewed would hold
+   * their keys against the other brokers for as long as it runs.
+   */
+  private readonly leftRows = new Set<string>();
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
   /** Short operations' claims, kept a moment for the next ones. */
@@ -114,6 +120,7 @@ export class JobManager {
       for (const job of this.running.values()) job.renewLease(until);
       // Operations and exports: their rows tell brokers on other hosts that this one still holds them.
       if (this.ops > 0) this.store.renewOps(this.token, until).catch(() => undefined);
+      if (this.leftRows.size > 0) void this.removeOpRows([...this.leftRows]);
     }, Math.max(50, Math.floor(this.leaseMs / 3)));
     this.heartbeat.unref();
   }
@@ -286,7 +293,15 @@ export class JobManager {
   /** Claims' rows, removed in one statement. */
   private withdrawClaims(ids: string[]): Promise<void> {
     this.ops -= ids.length;
-    const done = this.store.deleteOpLocks(ids).catch(() => undefined); // a closed store: the rows die with this process
+    return this.removeOpRows(ids);
+  }
+
+  /** Remove operations' rows; those a failure leaves are tried again at the next heartbeat (a closed store: they die with this process). */
+  private removeOpRows(ids: string[]): Promise<void> {
+    for (const id of ids) this.leftRows.delete(id);
+    const done = this.store.deleteOpLocks(ids).catch(() => {
+      if (!this.closing) for (const id of ids) this.leftRows.add(id);
+    });
     this.withdrawing.add(done);
     void done.then(() => this.withdrawing.delete(done));
     return done;
@@ -304,8 +319,8 @@ export class JobManager {
       holders = await this.store.claimOpLocks(row, { keys: keysToRead(locks.map((l) => l.key)), prefixes: covering ? snapshotPrefixes(locks) : [] });
     } catch (e) {
       this.ops--;
-      // Not knowing whether the row was written: remove it if it was (a closed store: it dies with this process).
-      await this.store.deleteOpLocks(id).catch(() => undefined);
+      // Not knowing whether the row was written: remove it if it was (tried again if that fails too).
+      await this.removeOpRows([id]);
       throw e;
     }
     let polling = false;
@@ -320,11 +335,8 @@ export class JobManager {
       done ??= (async () => {
         if (poller) clearInterval(poller);
         this.ops--;
-        // A closed store: the rows die with this process (dead runners are ignored).
-        await this.store.deleteOpLocks(id).catch(() => undefined);
+        await this.removeOpRows([id]);
       })();
-      this.withdrawing.add(done);
-      void done.then(() => this.withdrawing.delete(done!));
       return done;
     };
     // Its place in the order of claims: a recheck leaves out the operations claimed after it (Publish).

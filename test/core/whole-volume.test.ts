@@ -47,7 +47,7 @@ describe('whole volumes: the rule as functions', () => {
 });
 
 /** Two brokers' job managers and lock managers on one state (SQLite, or PostgreSQL at `url`), as `createBroker` wires them. */
-async function brokers(url?: string): Promise<{ a: Side; b: Side }> {
+async function brokers(url?: string, opts: { leaseMs?: number } = {}): Promise<{ a: Side; b: Side }> {
   const dir = mkdtempSync(join(tmpdir(), 'offload-whole-'));
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   const side = async (): Promise<Side> => {
@@ -57,7 +57,7 @@ async function brokers(url?: string): Promise<{ a: Side; b: Side }> {
       placeMaintenance: (key, p, reason) => store.placeMaintenance(key, p.id, reason),
       removeMaintenance: (key) => store.removeMaintenance(key),
     });
-    const jobs = new JobManager(store, locks, async () => undefined, silentLogger);
+    const jobs = new JobManager(store, locks, async () => undefined, silentLogger, opts);
     cleanups.push(async () => {
       await jobs.close();
       await store.close();
@@ -169,6 +169,28 @@ describe('whole volumes: brokers on one state', () => {
     expect(claims).toHaveBeenCalledTimes(3);
     t.end();
     await job.wait();
+  });
+
+  it('a claim whose removal failed is removed again at the next heartbeat: it does not hold its key against others while its broker runs on', async () => {
+    const { a, b } = await brokers(undefined, { leaseMs: 600 });
+    const removals = vi.spyOn(a.store, 'deleteOpLocks').mockRejectedValueOnce(new Error('the database was away for a moment'));
+    await (await a.short('op-1', [x('m/v')])).release(); // kept 50 ms; its sweep fails
+    // A works on another volume meanwhile: its leases are renewed, the row of op-1's with them.
+    let stop = false;
+    const working = (async () => {
+      for (let i = 2; !stop; i++) {
+        const l = await a.short(`op-${i}`, [x('m/w')]);
+        await sleep(5);
+        await l.release();
+      }
+    })();
+    try {
+      await (await b.short('op-b', [x('m/v')])).release(); // Busy after 2 s while the row stayed
+    } finally {
+      stop = true;
+      await working;
+    }
+    expect(removals.mock.calls.length).toBeGreaterThan(1);
   });
 
   it('a maintenance lock on a snapshot keeps the volume\'s claim from covering it', async () => {
