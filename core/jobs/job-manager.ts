@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest, type Outside, type Publish } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
-import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
+import { BackendUnavailable, Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
 import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord } from '../state/records.js';
 import type { StateOps, StateStore } from '../state/state-store.js';
 import { ACTIVE_STATUSES } from './job-states.js';
@@ -88,6 +88,8 @@ export class JobManager {
   private closing = false;
   /** Jobs this manager is taking over right now (claimed, not running yet): not orphans. */
   private readonly adopting = new Map<string, Promise<unknown>>();
+  /** Jobs this manager is recording right now (their record may be in the store before they run here): not orphans. */
+  private readonly starting = new Set<string>();
   /** Operations and exports this manager has recorded and not removed yet (their leases are renewed). */
   private ops = 0;
   /** Operations' locks being removed from the store (close waits for them). */
@@ -98,6 +100,8 @@ export class JobManager {
    * their keys against the other brokers for as long as it runs.
    */
   private readonly leftRows = new Set<string>();
+  /** Removals of operations' rows in flight, by id: a claim made again under one of those ids waits for them. */
+  private readonly removing = new Map<string, Promise<void>>();
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
   /** Short operations' claims, kept a moment for the next ones. */
@@ -136,7 +140,7 @@ export class JobManager {
    */
   isOrphaned(r: JobRecord, now = Date.now()): boolean {
     if (!ACTIVE_STATUSES.includes(r.status)) return false;
-    if (this.adopting.has(r.id)) return false;
+    if (this.adopting.has(r.id) || this.starting.has(r.id)) return false;
     if (r.runnerToken === this.token) return !this.running.has(r.id);
     if (liveTokens.has(r.runnerToken)) return false;
     if (r.runnerToken === RELEASED) return true;
@@ -187,23 +191,27 @@ export class JobManager {
       ...(req.plan !== undefined ? { plan: req.plan } : {}),
       ...(req.backend !== undefined ? { backend: req.backend } : {}),
     };
+    // From its insert on, the record is this manager's: never an orphan to adopt, nor foreign.
+    this.starting.add(id);
     try {
       // Check other processes' jobs and insert ours atomically (this process's locks are held
       // above). Claims made after ours saw it, and wait for it or left our keys alone.
       await this.store.transaction('locks', async (tx) => {
-        await this.assertNoForeignConflict(tx, req.locks, id, claim?.seq);
+        await this.assertNoForeignConflict(tx, req.locks, id, claim?.seq, req.principal);
         await tx.insertJob(record);
       });
     } catch (e) {
+      this.starting.delete(id);
       return withdrawn(toOffloadError(e, 'recording the job'));
     }
-    await claim?.withdraw();
     job = new ManagedJob(record, req.task, this.store, (j) => {
       void lease.release();
       this.running.delete(j.id);
     }, this.runOptions());
     this.running.set(id, job);
+    this.starting.delete(id);
     job.start();
+    await claim?.withdraw(); // the record holds the keys now
     return job;
   }
 
@@ -229,7 +237,7 @@ export class JobManager {
     const now = Date.now();
     for (const rec of jobs) {
       // Jobs this manager runs hold their locks in the lock manager already.
-      if (!ACTIVE_STATUSES.includes(rec.status) || this.running.has(rec.id) || this.adopting.has(rec.id)) continue;
+      if (!ACTIVE_STATUSES.includes(rec.status) || this.running.has(rec.id) || this.adopting.has(rec.id) || this.starting.has(rec.id)) continue;
       // An orphaned job keeps its locks until it is taken over and concludes: the volumes it was
       // changing (a half-streamed clone, a half-written target) stay as it left them.
       const orphaned = this.isOrphaned(rec, now);
@@ -302,8 +310,12 @@ export class JobManager {
     const done = this.store.deleteOpLocks(ids).catch(() => {
       if (!this.closing) for (const id of ids) this.leftRows.add(id);
     });
+    for (const id of ids) this.removing.set(id, done);
     this.withdrawing.add(done);
-    void done.then(() => this.withdrawing.delete(done));
+    void done.then(() => {
+      this.withdrawing.delete(done);
+      for (const id of ids) if (this.removing.get(id) === done) this.removing.delete(id);
+    });
     return done;
   }
 
@@ -313,6 +325,14 @@ export class JobManager {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
     };
+    // Claimed again under an id (a request that waited and publishes anew) whose earlier rows are
+    // being removed, or could not be: those go first. A removal that overtook the new rows would
+    // take them too, and the claim's place in line is its new rows'.
+    await this.removing.get(id);
+    if (this.leftRows.has(id)) {
+      await this.removeOpRows([id]);
+      if (this.leftRows.has(id)) throw new BackendUnavailable(`the state store did not remove the earlier locks of ${id}`, { ref: id, hint: 'try again once the state store answers' });
+    }
     this.ops++;
     let holders;
     try {
@@ -383,8 +403,17 @@ export class JobManager {
     return this.store.requestOpStop(id);
   }
 
-  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string, claimedBefore?: number): Promise<void> {
-    for (const held of await this.foreignLocks(ops, wanted.map((w) => w.key), claimedBefore)) {
+  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string, claimedBefore?: number, principal?: Principal): Promise<void> {
+    const outside = await this.outsideLocks(ops, wanted.map((w) => w.key), claimedBefore);
+    // A maintenance lock placed while the job waited: tenants are kept off, administrators pass.
+    const maintenance = principal?.role === 'tenant' ? outside.maintenance.find((m) => wanted.some((w) => w.key === m.key)) : undefined;
+    if (maintenance) {
+      throw new Busy(`${maintenance.key} is busy: it is under maintenance by ${maintenance.principal.id} (maintenance: ${maintenance.reason})`, {
+        ref: maintenance.key, hint: 'wait until an administrator lifts the maintenance lock',
+        data: { holder: `maintenance:${maintenance.key}`, mode: 'maintenance', principal: maintenance.principal.id, refused: id },
+      });
+    }
+    for (const held of outside.foreign) {
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
       const who = holderKind(held.holder.id);

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { ADMIN, LockManager, silentLogger, type JobTask, type LockRequest } from '../../core/index.js';
-import { JobManager } from '../../core/jobs/job-manager.js';
+import { JobManager, type JobManagerOptions } from '../../core/jobs/job-manager.js';
+import { tenant, type Principal } from '../../core/locks/principal.js';
 import { keysToRead, snapshotPrefixes, snapshotVolume, wholeVolumes, withWholeVolumes } from '../../core/locks/whole-volume.js';
 import { openPostgresStore } from '../../core/state/postgres/postgres-store.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
@@ -47,7 +48,7 @@ describe('whole volumes: the rule as functions', () => {
 });
 
 /** Two brokers' job managers and lock managers on one state (SQLite, or PostgreSQL at `url`), as `createBroker` wires them. */
-async function brokers(url?: string, opts: { leaseMs?: number } = {}): Promise<{ a: Side; b: Side }> {
+async function brokers(url?: string, opts: JobManagerOptions = {}): Promise<{ a: Side; b: Side }> {
   const dir = mkdtempSync(join(tmpdir(), 'offload-whole-'));
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   const side = async (): Promise<Side> => {
@@ -63,7 +64,8 @@ async function brokers(url?: string, opts: { leaseMs?: number } = {}): Promise<{
       await store.close();
     });
     /** A short operation's locks as runShort takes them: acquirePublished through the broker's kept claims. */
-    const short = (id: string, wanted: LockRequest[]) => locks.acquirePublished(wanted, op(id), () => jobs.publishShort(id, wanted, ADMIN, `${id} m/v`), 2_000);
+    const short = (id: string, wanted: LockRequest[], who: Principal = ADMIN) =>
+      locks.acquirePublished(wanted, { ...op(id), principal: who }, () => jobs.publishShort(id, wanted, who, `${id} m/v`), 2_000);
     return { store, locks, jobs, short };
   };
   return { a: await side(), b: await side() };
@@ -72,7 +74,7 @@ interface Side {
   store: StateStore;
   locks: LockManager;
   jobs: JobManager;
-  short: (id: string, wanted: LockRequest[]) => Promise<{ release(): Promise<void> }>;
+  short: (id: string, wanted: LockRequest[], who?: Principal) => Promise<{ release(): Promise<void> }>;
 }
 
 /** A job that runs until `end()`. */
@@ -191,6 +193,54 @@ describe('whole volumes: brokers on one state', () => {
       await working;
     }
     expect(removals.mock.calls.length).toBeGreaterThan(1);
+  });
+
+  it('a claim made again under its id after its removal failed keeps its new rows: the heartbeat\'s retry does not take them', async () => {
+    const { a, b } = await brokers(undefined, { leaseMs: 600 });
+    // B runs a tenant's job on m/v; an administrator's operation on A meets it, withdraws its claim
+    // (that removal fails, the tenant's job ending meanwhile), and claims again under the same id.
+    const t = heldTask();
+    const job = await b.jobs.start({ task: t.task, ref: 'm/v', executor: 'host', principal: tenant('t1'), locks: [x('m/v')] });
+    vi.spyOn(a.store, 'deleteOpLocks').mockImplementationOnce(async () => {
+      t.end();
+      await job.wait();
+      throw new Error('the database was away for a moment');
+    });
+    const lease = await a.short('op-admin', [x('m/v')]);
+    await sleep(500); // two of A's heartbeats
+    expect((await a.store.lockHolders(['m/v'])).ops.map((o) => o.id)).toEqual(['op-admin']);
+    await expect(b.short('op-b', [x('m/v')])).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/op-admin/) });
+    await lease.release();
+  });
+
+  it('a job being recorded is not an orphan to its own broker\'s adopter, however long its claim takes to withdraw', async () => {
+    const events: string[] = [];
+    const { a } = await brokers(undefined, { onEvent: (e) => void events.push(e.type) });
+    a.jobs.adoptOrphans({ everyMs: 5 });
+    const remove = a.store.deleteOpLocks.bind(a.store);
+    vi.spyOn(a.store, 'deleteOpLocks').mockImplementation(async (ids) => {
+      await sleep(100);
+      return remove(ids);
+    });
+    const t = heldTask();
+    const job = await a.jobs.start({ task: t.task, ref: 'm/bk', executor: 'host', principal: ADMIN, locks: [s('m/v@b1')] });
+    await sleep(50);
+    expect(events).not.toContain('takeover');
+    expect((await a.store.getJob(job.id))?.fence).toBe(1);
+    t.end();
+    await job.wait();
+  });
+
+  it('a maintenance lock placed while a tenant\'s job waits keeps the job out; an administrator\'s passes', async () => {
+    const { a, b } = await brokers();
+    const start = (who: Principal) => a.jobs.start({
+      task: heldTask().task, ref: 'm/bk', executor: 'host', principal: who, locks: [s('m/v@b1')],
+      check: () => b.store.placeMaintenance('m/v@b1', 'ops', 'checking the snapshot').catch(() => undefined), // placed after the job's checks, before it is recorded
+    });
+    await expect(start(tenant('t1'))).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/m\/v@b1 is busy: it is under maintenance by ops/) });
+    expect(await a.store.listJobs()).toEqual([]);
+    const job = await start(ADMIN);
+    expect((await a.store.getJob(job.id))?.status).not.toBe('concluded');
   });
 
   it('a maintenance lock on a snapshot keeps the volume\'s claim from covering it', async () => {
