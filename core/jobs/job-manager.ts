@@ -2,16 +2,17 @@ import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest, type Outside, type Publish } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
-import { BackendUnavailable, Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
+import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
 import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord } from '../state/records.js';
 import type { StateOps, StateStore } from '../state/state-store.js';
 import { ACTIVE_STATUSES } from './job-states.js';
 import type { Job, JobInfo } from './job.js';
 import type { JobTask } from './job-task.js';
 import { ManagedJob } from './managed-job.js';
-import { OpClaims, type Claimed } from './op-claims.js';
+import { OpClaims } from './op-claims.js';
+import { maintenanceLock, OpRows } from './op-rows.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
-import { keysToRead, snapshotPrefixes, wholeVolumes, withWholeVolumes } from '../locks/whole-volume.js';
+import { keysToRead, withWholeVolumes } from '../locks/whole-volume.js';
 import { HOST, holderAlive, liveTokens, pidAlive } from './runner.js';
 
 export interface StartJobRequest {
@@ -90,22 +91,12 @@ export class JobManager {
   private readonly adopting = new Map<string, Promise<unknown>>();
   /** Jobs this manager is recording right now (their record may be in the store before they run here): not orphans. */
   private readonly starting = new Set<string>();
-  /** Operations and exports this manager has recorded and not removed yet (their leases are renewed). */
-  private ops = 0;
-  /** Operations' locks being removed from the store (close waits for them). */
-  private readonly withdrawing = new Set<Promise<void>>();
-  /**
-   * Operations whose rows a removal failed to remove (the store was unreachable a moment): tried
-   * again at each heartbeat. Left alone, the rows of a broker whose leases are renewed would hold
-   * their keys against the other brokers for as long as it runs.
-   */
-  private readonly leftRows = new Set<string>();
-  /** Removals of operations' rows in flight, by id: a claim made again under one of those ids waits for them. */
-  private readonly removing = new Map<string, Promise<void>>();
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
+  /** This broker's operations and exports in the store: their rows, leases and removal. */
+  private readonly rows: OpRows;
   /** Short operations' claims, kept a moment for the next ones. */
-  private readonly claims = new OpClaims((ids) => this.withdrawClaims(ids));
+  private readonly claims: OpClaims;
 
   constructor(
     private readonly store: StateStore,
@@ -118,13 +109,13 @@ export class JobManager {
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;
     this.placement = opts.placement ?? (() => undefined);
+    this.rows = new OpRows(store, this.token, this.leaseMs, (jobs, ops) => this.foreignOf(jobs, ops));
+    this.claims = new OpClaims((ids) => this.rows.withdrawMany(ids));
     liveTokens.add(this.token);
     this.heartbeat = setInterval(() => {
       const until = Date.now() + this.leaseMs;
       for (const job of this.running.values()) job.renewLease(until);
-      // Operations and exports: their rows tell brokers on other hosts that this one still holds them.
-      if (this.ops > 0) this.store.renewOps(this.token, until).catch(() => undefined);
-      if (this.leftRows.size > 0) void this.removeOpRows([...this.leftRows]);
+      this.rows.heartbeat(until);
     }, Math.max(50, Math.floor(this.leaseMs / 3)));
     this.heartbeat.unref();
   }
@@ -160,7 +151,7 @@ export class JobManager {
     const id = `${req.task.type}-${randomBytes(6).toString('hex')}`;
     const description = `${req.task.type} ${req.ref}`;
     let job: ManagedJob | undefined;
-    let claim: Awaited<ReturnType<JobManager['claimOperation']>> | undefined;
+    let claim: Awaited<ReturnType<OpRows['claim']>> | undefined;
     const lease = await this.locks.acquirePublished(req.locks, {
       id,
       principal: req.principal,
@@ -168,7 +159,7 @@ export class JobManager {
       preempt: () => void job?.cancel().catch(() => undefined), // already ending
       ...(req.within !== undefined ? { within: req.within } : {}),
     }, async () => {
-      claim = await this.claimOperation(id, req.locks, req.principal, description);
+      claim = await this.rows.claim(id, req.locks, req.principal, description);
       // Released with the job; the claim is withdrawn once the record holds the locks (or start fails).
       return { ...claim, done: async () => undefined };
     });
@@ -268,6 +259,11 @@ export class JobManager {
     return out;
   }
 
+  /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */
+  recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken' | 'runnerHost' | 'leaseExpires'>): Promise<() => Promise<void>> {
+    return this.rows.recordExport(e);
+  }
+
   /**
    * Publish an operation's locks (already granted in this process) so that other brokers see
    * them, and read the locks they hold, in one step of the store (StateOps.claimOpLocks): the
@@ -276,7 +272,7 @@ export class JobManager {
    */
   async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
     // No recheck: an export does not wait in line (its rows would make others Busy before it serves).
-    const { outside, withdraw } = await this.claimOperation(id, locks, principal, description, onStopRequest);
+    const { outside, withdraw } = await this.rows.claim(id, locks, principal, description, onStopRequest);
     return { outside, withdraw };
   }
 
@@ -285,7 +281,7 @@ export class JobManager {
    * broker on the same volumes (OpClaims), which then make no round trip to the store.
    */
   publishShort(id: string, locks: LockRequest[], principal: Principal, description: string): ReturnType<Publish> {
-    return this.claims.claim(locks, () => this.claimOperation(id, locks, principal, description, undefined, true));
+    return this.claims.claim(locks, () => this.rows.claim(id, locks, principal, description, undefined, true));
   }
 
   /** The owner record of a volume as this broker's live claims know it (OpClaims.owner): undefined if they do not. */
@@ -296,100 +292,6 @@ export class JobManager {
   /** This broker changed a volume's owner record (null: removed; undefined: a write that failed, its outcome unknown). */
   noteOwner(key: string, owner: string | null | undefined): void {
     this.claims.noteOwner(key, owner);
-  }
-
-  /** Claims' rows, removed in one statement. */
-  private withdrawClaims(ids: string[]): Promise<void> {
-    this.ops -= ids.length;
-    return this.removeOpRows(ids);
-  }
-
-  /** Remove operations' rows; those a failure leaves are tried again at the next heartbeat (a closed store: they die with this process). */
-  private removeOpRows(ids: string[]): Promise<void> {
-    for (const id of ids) this.leftRows.delete(id);
-    const done = this.store.deleteOpLocks(ids).catch(() => {
-      if (!this.closing) for (const id of ids) this.leftRows.add(id);
-    });
-    for (const id of ids) this.removing.set(id, done);
-    this.withdrawing.add(done);
-    void done.then(() => {
-      this.withdrawing.delete(done);
-      for (const id of ids) if (this.removing.get(id) === done) this.removing.delete(id);
-    });
-    return done;
-  }
-
-  /** `covering`: a short operation's claim, read so that it may cover its volumes' snapshots (whole-volume.ts). */
-  private async claimOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside>; seq?: number }> {
-    const row = {
-      id, locks, principal: principal.id, role: principal.role, description,
-      runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
-    };
-    // Claimed again under an id (a request that waited and publishes anew) whose earlier rows are
-    // being removed, or could not be: those go first. A removal that overtook the new rows would
-    // take them too, and the claim's place in line is its new rows'.
-    await this.removing.get(id);
-    if (this.leftRows.has(id)) {
-      await this.removeOpRows([id]);
-      if (this.leftRows.has(id)) throw new BackendUnavailable(`the state store did not remove the earlier locks of ${id}`, { ref: id, hint: 'try again once the state store answers' });
-    }
-    this.ops++;
-    let holders;
-    try {
-      holders = await this.store.claimOpLocks(row, { keys: keysToRead(locks.map((l) => l.key)), prefixes: covering ? snapshotPrefixes(locks) : [] });
-    } catch (e) {
-      this.ops--;
-      // Not knowing whether the row was written: remove it if it was (tried again if that fails too).
-      await this.removeOpRows([id]);
-      throw e;
-    }
-    let polling = false;
-    const poller = onStopRequest && setInterval(() => {
-      if (polling) return;
-      polling = true;
-      this.store.takeOpStop(id).then((stop) => { if (stop) onStopRequest(); }, () => undefined).finally(() => { polling = false; });
-    }, 250);
-    poller?.unref();
-    let done: Promise<void> | undefined;
-    const withdraw = () => {
-      done ??= (async () => {
-        if (poller) clearInterval(poller);
-        this.ops--;
-        await this.removeOpRows([id]);
-      })();
-      return done;
-    };
-    // Its place in the order of claims: a recheck leaves out the operations claimed after it (Publish).
-    const seq = holders.ops.find((o) => o.id === id)?.seq;
-    const keys = [...new Set(locks.map((l) => l.key))];
-    const recheck = seq === undefined ? undefined : async (): Promise<Outside> => {
-      const now = await this.store.lockHolders(keysToRead(keys));
-      const before = now.ops.filter((o) => o.seq === undefined || o.seq < seq);
-      return { foreign: withWholeVolumes(this.foreignOf(now.jobs, before), keys), maintenance: now.maintenance.map(maintenanceLock) };
-    };
-    // What it read of its volumes' snapshots decides what it covers; the rest is judged by key.
-    const all = { foreign: this.foreignOf(holders.jobs, holders.ops), maintenance: holders.maintenance.map(maintenanceLock) };
-    const requested = new Set(keys);
-    return {
-      id, owners: holders.owners, withdraw,
-      outside: { foreign: withWholeVolumes(all.foreign, keys).filter((f) => requested.has(f.key)), maintenance: all.maintenance.filter((m) => requested.has(m.key)) },
-      ...(covering ? { wholeVolumes: wholeVolumes(locks, all) } : {}),
-      ...(recheck ? { recheck, seq } : {}),
-    };
-  }
-
-  /** Make an export visible to other processes sharing the state (`offload nbd list`, `nbd stop`). Returns the removal. */
-  async recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken' | 'runnerHost' | 'leaseExpires'>): Promise<() => Promise<void>> {
-    await this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs });
-    this.ops++;
-    let done: Promise<void> | undefined;
-    return () => {
-      done ??= (async () => {
-        this.ops--;
-        await this.store.deleteExport(e.id).catch(() => undefined);
-      })();
-      return done;
-    };
   }
 
   /** Exports served by other live brokers sharing this state (on other hosts, in other processes, or other brokers of this one). */
@@ -629,14 +531,9 @@ export class JobManager {
     for (const j of jobs) j.shutdown();
     await Promise.allSettled(jobs.map((j) => j.wait()));
     await this.claims.clear();
-    await Promise.allSettled([...this.withdrawing]);
+    await this.rows.close();
     liveTokens.delete(this.token);
   }
-}
-
-/** A maintenance lock as the store keeps it, as the lock manager sees it: placed by an administrator. */
-function maintenanceLock(m: { key: string; principal: string; reason: string }): Outside['maintenance'][number] {
-  return { key: m.key, reason: m.reason, principal: { id: m.principal, role: 'admin' } };
 }
 
 /** Who runs (or ran) a job or holds an operation, for messages: `pid 42` here, `pid 42 on HOST` elsewhere. */
