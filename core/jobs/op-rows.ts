@@ -83,7 +83,8 @@ export class OpRows {
     // Claimed again under an id (a request that waited and publishes anew) whose earlier rows are
     // being removed, or could not be: those go first. A removal that overtook the new rows would
     // take them too, and the claim's place in line is its new rows'.
-    await this.removing.get(id);
+    const removing = this.removing.get(id);
+    if (removing) await removing;
     if (this.leftRows.has(id)) {
       await this.removeOpRows([id]);
       if (this.leftRows.has(id)) throw new BackendUnavailable(`the state store did not remove the earlier locks of ${id}`, { ref: id, hint: 'try again once the state store answers' });
