@@ -1,7 +1,8 @@
 /**
  * Child process of the bitmap crash test: sessions of open read-write, random writes (and, now
  * and then, a bitmap added, cleared, disabled or enabled), close. Prints `ACK {op}` after each
- * op returns and `CLOSED` after each close. The parent kills it with SIGKILL at random.
+ * op returns and `CLOSED` after each close. The parent kills it with SIGKILL at random, or
+ * between two sessions.
  * Usage: node --import tsx bitmap-writer.ts IMAGE SEED
  */
 import { writeSync } from 'node:fs';
@@ -40,4 +41,6 @@ for (let session = 0; session < 1000; session++) {
   }
   await img.close();
   writeSync(1, 'CLOSED\n');
+  // A pause between sessions when asked (BETWEEN_MS): a parent that kills on CLOSED lands in it.
+  if (process.env.BETWEEN_MS) await new Promise((r) => setTimeout(r, Number(process.env.BETWEEN_MS)));
 }
