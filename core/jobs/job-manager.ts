@@ -267,13 +267,14 @@ export class JobManager {
   /**
    * Publish an operation's locks (already granted in this process) so that other brokers see
    * them, and read the locks they hold, in one step of the store (StateOps.claimOpLocks): the
-   * lock manager's Publish for short operations and exports. The caller withdraws on a conflict.
-   * A long-lived operation (an export) listens for another process's request to stop it.
+   * lock manager's Publish for exports (and, through publishShort, short operations). The caller
+   * withdraws on a conflict, or waits in line (`recheck`): others meeting the claim meanwhile are
+   * refused as by the export. A long-lived operation (an export) listens for another process's
+   * request to stop it.
    */
   async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
-    // No recheck: an export does not wait in line (its rows would make others Busy before it serves).
-    const { outside, withdraw } = await this.rows.claim(id, locks, principal, description, onStopRequest);
-    return { outside, withdraw };
+    const { outside, withdraw, recheck } = await this.rows.claim(id, locks, principal, description, onStopRequest);
+    return { outside, withdraw, ...(recheck ? { recheck } : {}) };
   }
 
   /**

@@ -453,7 +453,8 @@ describe('locks across processes', () => {
     const second = operation(1, 'op-second').then((l) => { secondHeld = true; return l; });
     await new Promise((r) => setTimeout(r, 300));
     expect(secondHeld).toBe(false); // still waiting, not refused
-    expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual(['op-first']);
+    // Waiting in line: its claim stays in the store, after the first's (a later claim waits for it).
+    expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual(['op-first', 'op-second']);
     await first.release();
     const lease = await second;
     expect((await stores[0]!.listOpLocks()).map((o) => o.id)).toEqual(['op-second']);

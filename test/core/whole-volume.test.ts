@@ -142,6 +142,34 @@ describe('whole volumes: brokers on one state', () => {
     await job.wait();
   });
 
+  it('an export of a snapshot waits in line too: another broker\'s operations on the volume, back to back, do not keep it out', async () => {
+    const { a, b } = await brokers();
+    let served = false;
+    let ops = 0;
+    const first = await a.short('op-0', [x('m/v')]);
+    // The locks of an export of m/v@b1 (core/broker/exports.ts holdExport), taken as it takes them.
+    const wanted = [s('m/v'), s('m/v@b1')];
+    const holder = { id: 'export:bk#1', principal: ADMIN, description: 'nbd export bk of m/v@b1' };
+    const serving = b.locks.acquirePublished(wanted, holder, () => b.jobs.publishOperation(holder.id, wanted, ADMIN, holder.description)).finally(() => {
+      served = true;
+    });
+    await first.release();
+    while (!served) {
+      try {
+        const l = await a.short(`op-${++ops}`, [x('m/v')]);
+        await sleep(1);
+        await l.release();
+      } catch (e) {
+        // Meeting the export's claim while it waits in line: refused, as by the export.
+        expect(e).toMatchObject({ code: 'Busy', message: expect.stringMatching(/export bk/) });
+        await sleep(1);
+      }
+    }
+    const lease = await serving; // Busy after 30 s before exports waited in line
+    expect(ops).toBeGreaterThan(0);
+    await lease.release();
+  });
+
   it('while a job waits in line, other brokers meeting its claim are refused as by the job; once it runs, its record holds the keys', async () => {
     const { a, b } = await brokers();
     const lease = await a.short('op-1', [x('m/v')]);
