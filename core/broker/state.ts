@@ -131,6 +131,25 @@ export class BrokerState {
   }
 
   /**
+   * A volume for a caller's own I/O (`volumes.open`): while an instant clone into it fills in this
+   * broker, the fill's view, as an export of it gets (ranges not filled yet read from the source, a
+   * write fills its range first; the target alone would read zeros there, and the fill would later
+   * copy the source over such a write); else the volume itself.
+   */
+  async openThroughFill(ref: string, mode: 'r' | 'rw'): Promise<BlockDevice> {
+    const filling = await this.fills.get(ref)?.ready.catch(() => undefined);
+    let view: BlockDevice;
+    try {
+      if (!filling) return await this.openDevice(ref, mode);
+      view = filling.fill.view();
+    } catch (e) {
+      if (filling && e instanceof FailedPrecondition) return this.openDevice(ref, mode); // the fill ended just now
+      throw e;
+    }
+    return mode === 'r' ? readOnlyView(view, ref) : view;
+  }
+
+  /**
    * The backend's answer for `ref` (a volume: its data now; a snapshot: that point) since `since`.
    * A backend without `data.dirty` cannot say: Unsupported, with the way out.
    */
@@ -304,4 +323,23 @@ export async function call<T>(backend: StorageBackend, what: string, ref: string
     if (e instanceof OffloadError) throw e;
     throw toOffloadError(e, `${backend.name} (${backend.kind}) failed to ${what} ${ref}`);
   }
+}
+
+/** A fill's view opened "r": writes refused as a volume opened read-only refuses them. */
+function readOnlyView(d: BlockDevice, ref: string): BlockDevice {
+  const refuse = async (): Promise<never> => {
+    throw new FailedPrecondition(`${ref} is open read-only`, { ref });
+  };
+  return {
+    sizeBytes: d.sizeBytes,
+    ...(d.blockSize !== undefined ? { blockSize: d.blockSize } : {}),
+    read: (o, l, opts) => d.read(o, l, opts),
+    extents: (o, l) => d.extents(o, l),
+    flush: () => d.flush(),
+    close: () => d.close(),
+    write: refuse,
+    writeFua: refuse,
+    writeZeroes: refuse,
+    discard: refuse,
+  };
 }

@@ -106,7 +106,7 @@ export class Volumes implements VolumesApi {
     this.s.entry(ref.backend);
     await this.a.assertOwns(ref);
     need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
-    return this.s.openDevice(refText, mode);
+    return this.s.openThroughFill(volumeKey(ref), mode);
   }
 
   exportTo(refText: string, file: string, opts?: FileExportOptions): Promise<Job> {

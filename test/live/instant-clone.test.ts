@@ -166,6 +166,42 @@ describe('instant clone through the broker', () => {
     });
   }
 
+  for (const to of ['local', 'san1'] as const) {
+    it(`volumes.open of a clone into ${to} still filling reads through the fill (unfilled ranges from the source); opened "rw" its writes land in the clone; opened "r" it refuses writes`, async () => {
+      const src = await sourceVolume('local');
+      const dst = `${to}/inst-open-${++n}`;
+      const job = (await broker.startClone(src.ref, dst, { instant: true, speed: 1 * MiB })).job!;
+      await until(job, 'running');
+      const r = await broker.volumes.open(dst, 'r');
+      try {
+        expect(Buffer.from(await r.read(0, SIZE)).equals(src.bytes)).toBe(true);
+        await expect(r.write(0, Buffer.alloc(4096, 1))).rejects.toMatchObject({ code: 'FailedPrecondition' });
+        await expect(r.discard!(0, 4096)).rejects.toMatchObject({ code: 'FailedPrecondition' });
+      } finally {
+        await r.close();
+      }
+      const model = Buffer.from(src.bytes);
+      const w = await broker.volumes.open(dst, 'rw');
+      try {
+        const data = Buffer.alloc(100_000, 0xa5);
+        await w.write(10 * MiB + 777, data);
+        data.copy(model, 10 * MiB + 777);
+        await w.flush();
+        expect(Buffer.from(await w.read(0, SIZE)).equals(model)).toBe(true);
+      } finally {
+        await w.close();
+      }
+      const mid = (await broker.jobs.get(job.id)).info();
+      expect(mid.status).toBe('running'); // the reads above went partly to the source
+      expect(mid.progress.current).toBeLessThan(mid.progress.total);
+      await broker.jobs.setSpeed(job.id, 0);
+      expect((await job.wait()).error).toBeUndefined();
+      expect(await withDevice(broker, dst, 'r', async (d) => Buffer.from(await d.read(0, SIZE)).equals(model))).toBe(true);
+      await broker.volumes.delete(dst);
+      await broker.volumes.delete(src.ref);
+    });
+  }
+
   it('clone() returns the volume at once; cancel abandons the clone: its export stops and it is deleted', async () => {
     const src = await sourceVolume('local');
     const dst = `local/inst-dst-${++n}`;
