@@ -224,6 +224,12 @@ export interface BackupPoint {
 export interface BackupsApi {
   /** Take the next point of `source` in the backup volume `to` (created at the first), as a job. */
   start(source: string, opts: { to: string; speed?: number }): Promise<Job>;
+  /**
+   * The next point of several volumes (the disks of one VM) as one job: their markers are taken at
+   * one instant (the clients of this broker's exports of them held meanwhile), and the points are
+   * made all or none.
+   */
+  startGroup(pairs: { source: string; to: string }[], opts?: { speed?: number }): Promise<Job>;
   /** The points of a backup volume, oldest first. */
   list(target: string): Promise<BackupPoint[]>;
   /** Copy a point (`backend/name@bN`, or `backend/name` for the latest) into a volume: created when missing, overwritten otherwise. */

@@ -5,17 +5,22 @@
  * (its marker, `bk-<id>-<n>`, id naming the backup volume): each backup takes the new marker
  * first, copies from it (a point in time even while VOL is in use), and drops the old one. Without
  * the previous marker (deleted, or VOL is not the set's source) the point is a full copy again.
- * `restore BACKEND/NAME[@bN] --to VOL` copies a point back. The job: core/copy/backup-task.ts.
+ * `restore BACKEND/NAME[@bN] --to VOL` copies a point back. `backup A=SET_A B=SET_B` (startGroup)
+ * backs up the disks of one VM in one job, their markers taken at one instant (takeMarkers). The
+ * job: core/copy/backup-task.ts.
  */
 import { createHash } from 'node:crypto';
 import type { BackupPoint, BackupsApi, CloneOptions, CloneStart } from '../broker-api.js';
 import { backupTask, type BackupParams } from '../copy/backup-task.js';
 import type { Job } from '../jobs/job.js';
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../model/errors.js';
-import { isSnapshotRef, parseRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
+import { isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
+import { LiveDevice } from '../live/live-device.js';
+import type { LockRequest } from '../locks/lock-manager.js';
+import type { Plan } from '../planner/plan.js';
 import type { Snapshot } from '../model/types.js';
 import type { Access } from './access.js';
-import { checkSpeed, need, planOrRefuse } from './operation.js';
+import { checkSpeed, need, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState } from './state.js';
 import type { Snapshots, Volumes } from './volumes.js';
 
@@ -34,12 +39,56 @@ export class Backups implements BackupsApi {
 
   async start(sourceText: string, opts: { to: string; speed?: number }): Promise<Job> {
     if (opts === null || typeof opts !== 'object' || typeof opts.to !== 'string') throw new InvalidArgument('backup takes { to: "backend/name", speed? }');
+    return this.run([{ source: sourceText, to: opts.to }], opts.speed, false);
+  }
+
+  async startGroup(pairs: { source: string; to: string }[], opts: { speed?: number } = {}): Promise<Job> {
+    if (!Array.isArray(pairs) || pairs.length === 0 || pairs.some((p) => p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.to !== 'string')) {
+      throw new InvalidArgument('a group backup takes pairs [{ source: "backend/volume", to: "backend/name" }, …] (at least one)');
+    }
+    if (opts === null || typeof opts !== 'object') throw new InvalidArgument('a group backup takes options { speed? }');
+    return this.run(pairs, opts.speed, true);
+  }
+
+  /** One job for every pair: each source's marker taken at one instant, then copied into its backup volume. */
+  private async run(pairs: { source: string; to: string }[], speedIn: number | undefined, group: boolean): Promise<Job> {
+    const speed = checkSpeed(speedIn);
+    const seen = new Set<string>();
+    for (const p of pairs) {
+      for (const ref of [volumeKey(parseVolumeRef(p.source)), volumeKey(parseVolumeRef(p.to))]) {
+        if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in one group backup (a disk and its backup volume are each named once)`, { ref });
+        seen.add(ref);
+      }
+    }
+    const prepared: Prepared[] = [];
+    for (const p of pairs) prepared.push(await this.prepare(p.source, p.to));
+    const markers = prepared.map((p) => `${p.params.source}@${p.params.marker}`);
+    const params = prepared.map((p) => p.params);
+    const sizes = await this.takeMarkers(prepared.map((p) => p.params.source), markers);
+    for (const [i, p] of params.entries()) p.sizeBytes = sizes[i]!;
+    const locks = prepared.flatMap((p) => p.locks);
+    const checks = prepared.flatMap((p) => (p.check ? [p.check] : []));
+    this.s.assertOpen();
+    try {
+      return await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
+        task: backupTask(group ? { pairs: params } : params[0]!, this.s.backupDeps()), ref: params.map((p) => p.target).join(','), executor: 'host', principal: this.a.principal,
+        locks, plan: prepared[0]!.plan, ...(speed ? { speed } : {}),
+        // The sources' points were taken under their locks; the backup volumes are checked again under the job's.
+        ...(checks.length > 0 ? { check: async () => { for (const c of checks) await c(); } } : {}),
+      }));
+    } catch (e) {
+      for (const m of markers) await this.v.snapshots.delete(m).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /** One pair checked, its point numbered and its marker named (not taken yet). */
+  private async prepare(sourceText: string, toText: string): Promise<Prepared> {
     const src = parseVolumeRef(sourceText);
-    const dst = parseVolumeRef(opts.to);
+    const dst = parseVolumeRef(toText);
     const source = `${src.backend}/${src.volume}`;
     const target = `${dst.backend}/${dst.volume}`;
     if (source === target) throw new InvalidArgument(`a volume cannot be backed up into itself: ${source}`, { ref: source });
-    const speed = checkSpeed(opts.speed);
     const sb = need(this.s, src.backend, 'snapshot.create');
     if (!sb.capabilities.limits('data.read')?.snapshots || !sb.backend.openSnapshot) {
       throw new Unsupported(`${src.backend} (${sb.backend.kind}) cannot read a snapshot through its data path, which a backup reads (a point in time of ${source})`, {
@@ -72,9 +121,8 @@ export class Backups implements BackupsApi {
     const next = marker(last + 1);
     const plan = planOrRefuse(this.s, { op: 'copy', source: `${source}@${next}`, target }, `back up ${source} to ${target}`, source);
     if (sourceSnaps.some((x) => x.name === next)) await this.v.snapshots.delete(`${source}@${next}`);
-    const taken = await this.v.snapshots.create(`${source}@${next}`);
     const params: BackupParams = {
-      source, target, point: last + 1, marker: next, sizeBytes: taken.sizeBytes, owner: existing?.owner ?? this.a.ownerFor(undefined),
+      source, target, point: last + 1, marker: next, sizeBytes: 0, owner: existing?.owner ?? this.a.ownerFor(undefined),
       ...(base !== undefined ? { base } : {}), ...(last > 0 ? { previous: last } : {}),
       ...(hasLast && base === undefined ? { previousMarker: marker(last) } : {}),
     };
@@ -83,17 +131,46 @@ export class Backups implements BackupsApi {
       ...(base !== undefined ? [{ key: snapshotKey(parseRef(`${source}@${base}`) as SnapshotRef), mode: 'exclusive' as const }] : []),
       { key: volumeKey(dst), mode: 'exclusive' as const },
     ];
-    this.s.assertOpen();
-    try {
-      return await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
-        task: backupTask(params, this.s.backupDeps()), ref: target, executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}),
-        // The source's point was taken under its lock (Snapshots.create checks there); the backup volume is checked again under the job's.
-        ...(existing ? { check: () => this.a.assertOwns(dst) } : {}),
-      }));
-    } catch (e) {
-      await this.v.snapshots.delete(`${source}@${next}`).catch(() => undefined);
-      throw e;
-    }
+    return { params, locks, plan, ...(existing ? { check: () => this.a.assertOwns(dst) } : {}) };
+  }
+
+  /**
+   * Take the markers (`volume@name`, one per source) at one instant, their sizes returned. One is a
+   * snapshot as any other. Several: under every source's lock, with the clients of each export
+   * this broker serves of them held (new requests wait, those in flight are waited for) from
+   * before the first snapshot to after the last — so that no write lands in one marker and not in
+   * another that a write acknowledged before it would — and those taken are deleted if one fails.
+   */
+  private async takeMarkers(sources: string[], markers: string[]): Promise<number[]> {
+    if (markers.length === 1) return [(await this.v.snapshots.create(markers[0]!)).sizeBytes];
+    for (const m of markers) planOrRefuse(this.s, { op: 'snapshot', ref: m }, `snapshot ${m}`, m);
+    const served = this.s.exports.list().filter((e) => sources.includes(e.ref));
+    const holders = served.map((e) => this.s.exports.device(e.name)?.holder).filter((h): h is string => h !== undefined);
+    const devices = served.map((e) => this.s.exports.device(e.name)?.device).filter((d): d is LiveDevice => d instanceof LiveDevice);
+    const locks = sources.map((v) => ({ key: volumeKey(parseVolumeRef(v)), mode: 'shared' as const }));
+    return runShort(this.s, this.a.principal, locks, `snapshot ${markers.join(', ')} at one instant`, async () => {
+      for (const v of sources) await this.a.assertOwns(parseVolumeRef(v)); // again under the locks (Snapshots.create)
+      const taken: string[] = [];
+      try {
+        return await pausedAll(devices, async () => {
+          const sizes: number[] = [];
+          for (const m of markers) {
+            const ref = parseSnapshotRef(m);
+            const b = this.s.entry(ref.backend).backend;
+            sizes.push((await call(b, 'snapshot', m, () => b.createSnapshot(ref.volume, ref.snapshot))).sizeBytes);
+            taken.push(m);
+          }
+          return sizes;
+        });
+      } catch (e) {
+        for (const m of taken) {
+          const ref = parseSnapshotRef(m);
+          const b = this.s.entry(ref.backend).backend;
+          await call(b, 'delete', m, () => b.deleteSnapshot(ref.volume, ref.snapshot)).catch(() => undefined);
+        }
+        throw e;
+      }
+    }, holders);
   }
 
   async list(targetText: string): Promise<BackupPoint[]> {
@@ -131,4 +208,17 @@ export class Backups implements BackupsApi {
       return m ? [{ ref: `${target}@${x.name}`, point: Number(m[1]), sizeBytes: x.sizeBytes, ...(x.createdAt ? { createdAt: x.createdAt } : {}) }] : [];
     }).sort((a, b) => a.point - b.point);
   }
+}
+
+/** One pair of a backup, checked: its job params (size filled in once its marker is taken), locks and plan. */
+interface Prepared {
+  params: BackupParams;
+  locks: LockRequest[];
+  plan: Plan;
+  check?: () => Promise<void>;
+}
+
+/** `fn` with every device paused at once (LiveDevice.paused, nested). */
+function pausedAll<T>(devices: LiveDevice[], fn: () => Promise<T>): Promise<T> {
+  return devices.reduceRight<() => Promise<T>>((inner, d) => () => d.paused(inner), fn)();
 }

@@ -18,7 +18,7 @@ import { ADMIN } from '../locks/principal.js';
 import { FailedPrecondition, InvalidArgument, NotFound, OffloadError, toOffloadError, Unsupported } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, type Ref } from '../model/refs.js';
 import type { Planner, PlannerBackend } from '../planner/planner.js';
-import { backupTask, type BackupDeps, type BackupParams } from '../copy/backup-task.js';
+import { backupTask, type BackupDeps, type BackupGroupParams, type BackupParams } from '../copy/backup-task.js';
 import { exportTask, importTask, type FileExportParams, type FileImportParams, type FileJobDeps } from '../copy/file-copy.js';
 import { FileFormats } from './file-formats.js';
 
@@ -201,7 +201,7 @@ export class BrokerState {
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
     if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open, this.changeLister());
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());
-    if (rec.executor === 'host' && rec.type === 'backup') return backupTask(rec.params as BackupParams, this.backupDeps());
+    if (rec.executor === 'host' && rec.type === 'backup') return backupTask(rec.params as BackupParams | BackupGroupParams, this.backupDeps());
     if (rec.executor === 'host' && rec.type === 'export') return exportTask(rec.params as FileExportParams, this.fileJobDeps());
     if (rec.executor === 'host' && rec.type === 'import') return importTask(rec.params as FileImportParams, this.fileJobDeps());
     const b = rec.backend ? this.backends.get(rec.backend) : undefined;

@@ -14,6 +14,7 @@
 import { Shutdown } from '../jobs/job-run.js';
 import { FailedPrecondition } from '../model/errors.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
+import { partContexts } from '../jobs/part-contexts.js';
 import { copyData } from './copier.js';
 import type { ChangeLister, DeviceOpener } from './host-copy.js';
 
@@ -50,50 +51,79 @@ export interface BackupDeps {
   remove(ref: string): Promise<void>;
 }
 
-/** Saved with each checkpoint (the copier adds its `offset`). */
+/** One backup run of several volumes (the disks of one VM, their markers taken at one instant): points all or none. */
+export interface BackupGroupParams extends Record<string, unknown> {
+  pairs: BackupParams[];
+}
+
+/** Saved with each checkpoint (the copier adds its `offset`); a group saves one per pair (core/jobs/part-contexts.ts). */
 interface BackupState { phase?: 'copy' | 'point' | 'tidy' | 'undo'; created?: boolean; reverted?: boolean }
 
 export const pointName = (n: number): string => `b${n}`;
 
-export function backupTask(params: BackupParams, deps: BackupDeps): JobTask {
+/** The pairs of a backup job's params: a group's, or the one of a single backup. */
+export function backupPairs(params: BackupParams | BackupGroupParams): BackupParams[] {
+  return Array.isArray(params.pairs) ? (params as BackupGroupParams).pairs : [params as BackupParams];
+}
+
+/**
+ * A backup job: one pair (its params are the pair's), or a group, whose pairs are copied one after
+ * the other and pointed together — a failure of any puts every backup volume back and drops every
+ * new marker, so that the points a group leaves are always of the same instant.
+ */
+export function backupTask(params: BackupParams | BackupGroupParams, deps: BackupDeps): JobTask {
+  const pairs = backupPairs(params);
   return {
     type: 'backup',
     params,
     async run(ctx) {
-      const was = (ctx.resumeFrom ?? {}) as BackupState;
-      if (was.phase === 'undo') {
-        // Stopped while putting the backup volume back: finish that, and end as failed.
-        await undo(params, deps, was.created === true);
-        throw new FailedPrecondition(`the backup point ${pointName(params.point)} of ${params.source} failed and was undone; back up again`, { ref: params.target });
+      const parts = Array.isArray(params.pairs) ? partContexts(ctx, pairs.length) : [ctx];
+      const was = parts.map((c) => (c.resumeFrom ?? {}) as BackupState);
+      const created = was.map((w) => w.created === true);
+      const undoAll = async () => {
+        for (const [i, p] of pairs.entries()) await undo(p, deps, created[i]!);
+      };
+      if (was.some((w) => w.phase === 'undo')) {
+        // Stopped while putting the backup volumes back: finish that, and end as failed.
+        await undoAll();
+        throw new FailedPrecondition(`the backup point${pairs.length > 1 ? 's' : ''} ${pairs.map((p) => `${pointName(p.point)} of ${p.source}`).join(', ')} failed and ${pairs.length > 1 ? 'were' : 'was'} undone; back up again`, {
+          ref: pairs.map((p) => p.target).join(','),
+        });
       }
-      let created = was.created === true;
       try {
-        if (was.phase === undefined || was.phase === 'copy') created = await copyPoint(params, deps, ctx, was, created);
-        if (was.phase !== 'tidy') {
-          await deps.snapshot(`${params.target}@${pointName(params.point)}`);
-          await ctx.saveState({ phase: 'tidy' } satisfies BackupState);
+        for (const [i, p] of pairs.entries()) {
+          // Told of its create at once: a copy that fails after it must remove the volume it made.
+          if (was[i]!.phase === undefined || was[i]!.phase === 'copy') await copyPoint(p, deps, parts[i]!, was[i]!, created[i]!, () => (created[i] = true));
+        }
+        for (const [i, p] of pairs.entries()) {
+          if (was[i]!.phase === 'tidy') continue;
+          await deps.snapshot(`${p.target}@${pointName(p.point)}`);
+          await parts[i]!.saveState({ phase: 'tidy', ...(created[i] ? { created: true } : {}) } satisfies BackupState);
         }
       } catch (e) {
         if (!(e instanceof Shutdown)) {
-          // Recorded first: a kill while undoing must not resume the copy over an undone volume.
-          await Promise.resolve(ctx.saveState({ phase: 'undo', created } satisfies BackupState)).catch(() => undefined);
-          await undo(params, deps, created);
+          // Recorded first (one pair's undo is the group's): a kill while undoing must not resume the copy over an undone volume.
+          for (const [i, c] of parts.entries()) await Promise.resolve(c.saveState({ phase: 'undo', created: created[i]! } satisfies BackupState)).catch(() => undefined);
+          await undoAll();
         }
         throw e;
       }
-      // The point exists: the previous marker has served its purpose.
-      for (const old of [params.base, params.previousMarker]) {
-        if (old !== undefined) await deps.deleteSnapshot(`${params.source}@${old}`).catch(() => undefined);
+      // Every point exists: the previous markers have served their purpose.
+      for (const p of pairs) {
+        for (const old of [p.base, p.previousMarker]) {
+          if (old !== undefined) await deps.deleteSnapshot(`${p.source}@${old}`).catch(() => undefined);
+        }
       }
     },
   };
 }
 
-async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was: BackupState, createdBefore: boolean): Promise<boolean> {
+async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was: BackupState, createdBefore: boolean, onCreated: () => void): Promise<void> {
   let created = createdBefore;
   const size = await deps.size(p.target);
   if (size === undefined) {
     await ctx.saveState({ phase: 'copy', created: true } satisfies BackupState);
+    onCreated();
     await deps.create(p.target, p.sizeBytes, p.owner);
     created = true;
   } else if (p.base !== undefined && p.previous !== undefined && was.reverted !== true) {
@@ -130,12 +160,14 @@ async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was
     await src.close();
   }
   await ctx.saveState({ phase: 'point', created } satisfies BackupState);
-  return created;
 }
 
-/** After a failure: the backup volume as it was (the previous point), and no new marker. */
+/** After a failure: the backup volume as it was (the previous point, without this one), and no new marker. */
 async function undo(p: BackupParams, deps: BackupDeps, created: boolean): Promise<void> {
   if (created) await deps.remove(p.target).catch(() => undefined);
-  else if (p.previous !== undefined) await deps.revert(`${p.target}@${pointName(p.previous)}`).catch(() => undefined);
+  else {
+    if (p.previous !== undefined) await deps.revert(`${p.target}@${pointName(p.previous)}`).catch(() => undefined);
+    await deps.deleteSnapshot(`${p.target}@${pointName(p.point)}`).catch(() => undefined);
+  }
   await deps.deleteSnapshot(`${p.source}@${p.marker}`).catch(() => undefined);
 }

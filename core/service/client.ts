@@ -114,6 +114,7 @@ class ServiceClient implements Broker {
     };
     this.backups = {
       start: async (source, o) => job(await h.call(ROUTES['backups.start'], { body: { source, ...o } })),
+      startGroup: async (pairs, o) => job(await h.call(ROUTES['backups.startGroup'], { body: { pairs, ...o } })),
       list: (target) => h.call(ROUTES['backups.list'], { params: refParams(target) }) as Promise<BackupPoint[]>,
       restore: async (point, o) => job(await h.call(ROUTES['backups.restore'], { body: { point, ...o } })),
     };

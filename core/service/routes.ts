@@ -127,6 +127,10 @@ export const ROUTES = {
     method: 'POST', path: '/v1/backups', summary: 'take the next point of a volume\'s backup (full first, then only the changes), as a job', body: s.backupBody, response: s.jobInfoSchema,
     call: async (b, { body: { source, ...opts } }) => info(await b.backups.start(source, opts)),
   }),
+  'backups.startGroup': route({
+    method: 'POST', path: '/v1/backup-groups', summary: 'the next point of several volumes\' backups (the disks of one VM) as one job: markers at one instant, points all or none', body: s.backupGroupBody, response: s.jobInfoSchema,
+    call: async (b, { body: { pairs, ...opts } }) => info(await b.backups.startGroup(pairs, opts)),
+  }),
   'backups.list': route({
     method: 'GET', path: '/v1/backups/:backend/:name', summary: 'the points of a backup volume, oldest first', params: s.refParams, response: z.array(s.backupPointSchema),
     call: (b, { params }) => b.backups.list(refOf(params)),

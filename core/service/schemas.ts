@@ -92,6 +92,7 @@ export const volumeSchema = z.object({
 });
 export const volumePageSchema = z.object({ items: z.array(volumeSchema), next: z.string().optional() });
 export const backupBody = z.strictObject({ source: z.string(), to: z.string(), speed });
+export const backupGroupBody = z.strictObject({ pairs: z.array(z.strictObject({ source: z.string(), to: z.string() })).min(1), speed });
 export const restoreBody = z.strictObject({ point: z.string(), to: z.string(), speed });
 export const backupPointSchema = z.object({ ref: z.string(), point: z.number(), sizeBytes: z.number(), createdAt: z.string().optional() });
 

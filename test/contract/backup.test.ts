@@ -117,6 +117,20 @@ describe('backup and restore across backends', () => {
     expect((await read('local/bk-cancel-set')).equals(await read(src))).toBe(true);
   });
 
+  it('a cancelled first point removes the backup volume it made, and the next backup starts it again', async () => {
+    const src = 'local/bk-cancel-first';
+    await broker.volumes.create(src, { sizeBytes: SIZE });
+    await write(src, [[0, 8 * MiB, 23]]);
+    const job = await broker.backups.start(src, { to: 'san1/bk-cancel-first-set', speed: 256 * 1024 });
+    for (let i = 0; i < 100 && job.info().progress.current === 0; i++) await new Promise((r) => setTimeout(r, 20));
+    await broker.jobs.cancel(job.info().id);
+    expect((await job.wait()).error?.code).toBe('Cancelled');
+    await expect(broker.volumes.get('san1/bk-cancel-first-set')).rejects.toMatchObject({ code: 'NotFound' });
+    expect((await broker.snapshots.list(src)).filter((x) => x.name.startsWith('bk-'))).toEqual([]);
+    await done(broker.backups.start(src, { to: 'san1/bk-cancel-first-set' }));
+    expect((await read('san1/bk-cancel-first-set')).equals(await read(src))).toBe(true);
+  });
+
   it('a backup volume changed between points is put back to its last point first; a source that shrank and grew leaves no stale data', async () => {
     const src = 'local/bk-odd';
     await broker.volumes.create(src, { sizeBytes: SIZE / 2 });

@@ -90,7 +90,7 @@ describe('the CLI embedded and through a service', () => {
     await same(0, ['volume', 'delete', 'local/d']); // gone is fine
   });
 
-  it('changed blocks: volume changes, copy --since, backup, backups, restore: same output, same exit codes', async () => {
+  it('changed blocks: volume changes, copy --since, backup (one volume and a group), backups, restore: same output, same exit codes', async () => {
     await same(0, ['volume', 'create', 'local/cb', '32M']);
     await same(0, ['snapshot', 'create', 'local/cb@s1']);
     await same(0, ['copy', 'local/a', 'local/cb']); // a's data: the change
@@ -106,6 +106,12 @@ describe('the CLI embedded and through a service', () => {
     await same(0, ['restore', 'local/cb-set@b1', '--to', 'local/cb-back']);
     await same(1, ['restore', 'local/cb-set@b9', '--to', 'local/cb-back']); // NotFound
     await same(2, ['backup', 'local/cb']); // --to is required
+    await same(0, ['backup', 'local/cb=local/cbg-set', 'local/cb2=local/cbg-set2']); // a group: one job
+    await same(0, ['backup', 'local/cb=local/cbg-set', 'local/cb2=local/cbg-set2']);
+    await same(0, ['--json', 'backups', 'local/cbg-set2']);
+    await same(2, ['backup', 'local/cb=local/cbg-set', 'local/cb=local/cbg-set2']); // a disk twice (InvalidArgument)
+    await same(2, ['backup', 'local/cb=local/cbg-set', '--to', 'local/x']);
+    await same(2, ['backup', 'local/cb', 'local/cb2', '--to', 'local/x']);
   });
 
   it('a volume busy with a job: Busy naming it, and the job cancelled', async () => {

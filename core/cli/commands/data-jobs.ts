@@ -174,8 +174,8 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     });
 }
 
-/** `SRC=DST` of `copy --live` and `clone --instant`. */
-function pairOf(arg: string): { source: string; target: string } {
+/** `SRC=DST` of `copy --live`, `clone --instant` and `backup`. */
+export function pairOf(arg: string): { source: string; target: string } {
   const at = arg.indexOf('=');
   if (at <= 0 || at === arg.length - 1 || arg.indexOf('=', at + 1) >= 0) throw new UsageError(`a pair is SRC=DST, got ${arg}`);
   return { source: arg.slice(0, at), target: arg.slice(at + 1) };
