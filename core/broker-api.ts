@@ -174,6 +174,12 @@ export interface InstantCloneOptions {
 export interface LiveCopyOptions {
   mode?: 'background' | 'write-blocking';
   speed?: number;
+  /**
+   * Copy on from where an earlier live copy left (the id of a mirror job cancelled after ready, or
+   * suspended when its service stopped): its pairs, each from the snapshot of its source it left
+   * and what its target was still behind on there. Pairs: none, or the same.
+   */
+  resume?: string;
 }
 
 /** `volumes.exportTo`: the file is created (relative paths resolve against the working folder). */

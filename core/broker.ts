@@ -60,6 +60,12 @@ export interface CreateBrokerOptions {
   onJobEvent?: JobEventHook;
   /** How often a running job saves its checkpoint at most (default 1000 ms; tests of resumes use 0). */
   checkpointEveryMs?: number;
+  /**
+   * A service that restores its exports when it starts again (`offload serve`): close() suspends
+   * its live copies at a snapshot of each source instead of cancelling them, for the next start to
+   * resume (`liveCopy([], { resume: ID })`) rather than copy everything again.
+   */
+  suspendLiveCopies?: boolean;
 }
 
 /**
@@ -113,6 +119,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     placement: (rec) => state.placement(rec),
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
   });
+  if (opts.suspendLiveCopies) state.suspendLiveCopies = true;
   const broker = new BrokerView(state, opts.principal ?? ADMIN);
   if (opts.adoptOrphans) state.jobs.adoptOrphans(opts.adoptOrphans);
   if (opts.recoverJobs !== false) {

@@ -178,8 +178,14 @@ export class DataJobs {
     return name;
   }
 
-  async liveCopy(pairs: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {
-    if (opts === null || typeof opts !== 'object') throw new InvalidArgument('live copy options are an object: { mode?, speed? }');
+  async liveCopy(pairsIn: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {
+    if (opts === null || typeof opts !== 'object') throw new InvalidArgument('live copy options are an object: { mode?, speed?, resume? }');
+    let pairs: { source: string; target: string; since?: string; pending?: unknown }[] = pairsIn;
+    if (opts.resume !== undefined) {
+      const resumed = await new LiveCopies(this.s, this.a).resumeOf(opts.resume, pairsIn);
+      pairs = resumed.pairs;
+      opts = { mode: resumed.mode, ...opts };
+    }
     if (!Array.isArray(pairs) || pairs.length === 0) throw new InvalidArgument('a live copy needs at least one { source, target } pair');
     const first = pairs[0]!;
     const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));

@@ -3,11 +3,11 @@
  * ending by switching that export over to the target (the mechanism: core/live/). It runs in the
  * broker that serves the export, because that is where the writes are seen.
  */
-import type { BlockDevice } from '../backend/block-device.js';
+import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { CopyOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import { LiveDevice } from '../live/live-device.js';
-import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams } from '../live/mirror-task.js';
+import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams, type MirrorState } from '../live/mirror-task.js';
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
@@ -22,7 +22,36 @@ export class LiveCopies {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
-  async start(pairs: { source: string; target: string; since?: string }[], opts: CopyOptions, plan: Plan): Promise<Job> {
+  /**
+   * The pairs and mode a live copy resumes with (LiveCopyOptions.resume): from the job `id`'s
+   * record, each pair from the point it left (and, suspended, what its target was behind on).
+   */
+  async resumeOf(id: unknown, given: unknown): Promise<{ pairs: ResumedPair[]; mode: MirrorParams['mode'] }> {
+    if (typeof id !== 'string' || id.length === 0) throw new InvalidArgument('resume takes the id of a live copy (a mirror job)');
+    const rec = await this.s.store.getJob(id);
+    if (!rec || (!this.a.isAdmin && rec.owner !== this.a.principal.id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
+    if (rec.type !== 'mirror') throw new InvalidArgument(`job ${id} is a ${rec.type} job, not a live copy`, { ref: id });
+    const params = rec.params as unknown as MirrorParams;
+    const state = (rec.checkpoint ?? {}) as MirrorState;
+    if (rec.status !== 'concluded') throw new FailedPrecondition(`live copy ${id} is ${rec.status}: only one that has ended can be resumed`, { ref: id });
+    if (state.authoritative !== 'source' || !Array.isArray(state.points) || state.points.length !== params.pairs.length || state.points.some((p) => typeof p !== 'string')) {
+      throw new FailedPrecondition(`live copy ${id} left no point to resume from (${state.authoritative === 'target' ? 'it switched over' : 'it ended before ready, or a source cannot take snapshots'})`, {
+        ref: id, hint: 'start the copy again: `offload copy --live SRC DST`',
+      });
+    }
+    const pairs = params.pairs.map((p, i): ResumedPair => ({
+      source: p.source, target: p.target, since: state.points![i]!,
+      ...(Array.isArray(state.pending?.[i]) ? { pending: state.pending[i] } : {}),
+    }));
+    if (Array.isArray(given) && given.length > 0) {
+      const same = given.length === pairs.length && given.every((g: { source?: unknown; target?: unknown }, i) =>
+        typeof g?.source === 'string' && typeof g?.target === 'string' && volumeKey(parseVolumeRef(g.source)) === pairs[i]!.source && volumeKey(parseVolumeRef(g.target)) === pairs[i]!.target);
+      if (!same) throw new InvalidArgument(`live copy ${id} copied ${pairs.map((p) => `${p.source}=${p.target}`).join(' ')}: give no pairs, or the same`, { ref: id });
+    }
+    return { pairs, mode: params.mode };
+  }
+
+  async start(pairs: { source: string; target: string; since?: string; pending?: unknown }[], opts: CopyOptions, plan: Plan): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);
     if (opts.verify) throw new InvalidArgument('--verify compares a copy of a volume at rest; a live copy\'s source changes while it runs', { hint: 'leave out --verify' });
@@ -30,7 +59,7 @@ export class LiveCopies {
     const seen = new Set<string>();
     const refs = pairs.map((p) => {
       if (p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.target !== 'string') throw new InvalidArgument('a live copy pair is { source, target }');
-      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since };
+      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since, pending: p.pending };
       for (const ref of [pair.source, pair.target]) {
         if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in the live copy: each volume is one pair's source or target`, { ref });
         seen.add(ref);
@@ -38,12 +67,13 @@ export class LiveCopies {
       return pair;
     });
     const prepared: Prepared[] = [];
-    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since));
+    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending));
     const params: MirrorParams = { mode, pairs: prepared.map((p) => p.pair) };
     const s = this.s;
     let jobId: string | undefined;
     const task = mirrorTask(params, {
       pairs: prepared.map((p) => p.deps(() => jobId, (id) => { jobId = id; })),
+      suspending: () => s.suspendLiveCopies && s.exports.isClosing,
       failClosed: (why) => {
         s.logger.error(`the switch-over record of job ${jobId} cannot be made true again (${toOffloadError(why).message}); the exports stop rather than serve a side the record does not name`);
         for (const p of prepared) void s.exports.stop(p.exportName).catch(() => undefined);
@@ -64,7 +94,7 @@ export class LiveCopies {
   }
 
   /** Check one pair and make its part of the job: the source's export and device, the target (made by the job if missing). */
-  private async prepare(source: string, target: string, since?: unknown): Promise<Prepared> {
+  private async prepare(source: string, target: string, since?: unknown, pending?: unknown): Promise<Prepared> {
     const src = parseVolumeRef(source);
     const dst = parseVolumeRef(target);
     await this.a.assertOwns(src);
@@ -98,7 +128,8 @@ export class LiveCopies {
       // Refused now (no snapshot, a backend that cannot tell) rather than in the job.
       await this.s.changes(src, { since: resumeFrom, offset: 0, length: 1 });
     }
-    const pair: MirrorPair = { source, target, ...(create ? { create } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}) };
+    const behind = resumeFrom !== undefined ? checkRanges(pending, live.sizeBytes, source) : [];
+    const pair: MirrorPair = { source, target, ...(create ? { create } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}), ...(behind.length > 0 ? { pending: behind } : {}) };
     const name = exp.name;
     const exportOwner = served.owner;
     const s = this.s;
@@ -143,15 +174,16 @@ export class LiveCopies {
         },
         removeTarget: () => s.cloneDeps().remove(target),
         changesSince: async (since) => (await s.changes(src, { since })).extents,
+        // Also while the broker closes (a suspend): the backend stays open until the jobs have ended.
         markPoint: async (id) => {
-          const b = s.entry(src.backend);
+          const b = s.backends.get(src.backend)!;
           if (!b.capabilities.hasAll('snapshot.create', 'data.dirty')) return undefined;
           const name = `live-${id.slice(id.lastIndexOf('-') + 1)}`;
           await call(b.backend, 'snapshot', `${source}@${name}`, () => b.backend.createSnapshot(src.volume, name));
           return name;
         },
         dropSnapshot: async (name) => {
-          const b = s.entry(src.backend);
+          const b = s.backends.get(src.backend)!;
           await call(b.backend, 'delete', `${source}@${name}`, () => b.backend.deleteSnapshot(src.volume, name));
         },
       }),
@@ -170,6 +202,19 @@ export class LiveCopies {
       ref: source, hint: 'export it first (`offload --server ADDR nbd SRC`, with the VM using that export), then copy it live through the same service',
     });
   }
+}
+
+/** A pair of a resumed live copy: from its source's snapshot `since`, plus where the target was behind on there. */
+interface ResumedPair { source: string; target: string; since: string; pending?: ByteRange[] }
+
+/** Ranges a record says a target was behind on: whole numbers within the source, else refused. */
+function checkRanges(value: unknown, size: number, ref: string): ByteRange[] {
+  if (value === undefined) return [];
+  const ok = (n: unknown): n is number => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
+  if (!Array.isArray(value) || !value.every((r: { offset?: unknown; length?: unknown }) => ok(r?.offset) && ok(r?.length) && r.offset! + r.length! <= size)) {
+    throw new InvalidArgument(`the ranges ${ref}'s copy was behind on are not byte ranges within its ${size} bytes`, { ref });
+  }
+  return value as ByteRange[];
 }
 
 /** One pair, checked, before its job exists. */

@@ -28,6 +28,8 @@ export class BrokerState {
   readonly mutex = new KeyedMutex();
   /** Instant clones filling now, by target: exports of a target serve through its fill. */
   readonly fills = new Map<string, FillEntry>();
+  /** Live copies are suspended, not cancelled, when the broker closes (CreateBrokerOptions.suspendLiveCopies). */
+  suspendLiveCopies = false;
   closed = false;
   jobs!: JobManager;
 

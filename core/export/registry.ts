@@ -79,6 +79,11 @@ export class ExportRegistry {
   private readonly mutex = new KeyedMutex();
   private closing = false;
 
+  /** True once closeAll() has begun. */
+  get isClosing(): boolean {
+    return this.closing;
+  }
+
   /** `tls`: every server of this broker requires it (the config's `nbd.tls`), loaded when the first one starts. */
   constructor(private readonly tls?: () => NbdTls) {}
 

@@ -51,6 +51,8 @@ export interface JobInfo {
    * equals (null where none could be taken); `copy --live SRC DST --since NAME` resumes from it.
    */
   resumeSince?: (string | null)[];
+  /** A live copy suspended when its service stopped: the service resumes it (as a new job) when it starts again. */
+  suspended?: boolean;
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

@@ -220,7 +220,9 @@ export class ManagedJob implements Job {
       await this.task.run(this.run);
     } catch (e) {
       if (e instanceof LeaseLost) this.loseLease(e.message);
-      failure = this.record.cancelled ? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
+      // A task that says how its cancel ended (a live copy suspended for its service's restart) is heard.
+      const told = e instanceof Cancelled && (e.data as { suspended?: unknown } | undefined)?.suspended === true ? e : undefined;
+      failure = this.record.cancelled ? told ?? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
     }
     if (this.lost !== undefined) return this.giveUp();
     try {

@@ -4,6 +4,7 @@ import type { JobContext, JobTask } from '../jobs/job-task.js';
 import type { JobRecord } from '../state/records.js';
 import type { LiveDevice } from './live-device.js';
 import { Mirror, type MirrorMode } from './mirror.js';
+import { Cancelled } from '../model/errors.js';
 
 /** One disk of a live copy: the volume in use (its export's device is the pair's `source` dep) and its copy. */
 export interface MirrorPair {
@@ -13,6 +14,8 @@ export interface MirrorPair {
   create?: { sizeBytes: number; owner: string };
   /** The target equals the source's snapshot of this name already: the first pass copies only what changed since. */
   since?: string;
+  /** With `since`: where the target was still behind the snapshot (a copy suspended before ready), copied as well. */
+  pending?: ByteRange[];
 }
 
 export interface MirrorParams {
@@ -29,6 +32,11 @@ export interface MirrorState {
    * while the clients were held), from which `copy --live --since` resumes; null where none could be taken.
    */
   points?: (string | null)[];
+  /**
+   * Suspended with its service (which resumes it as a new job when it starts again): per pair,
+   * what the target was still behind on at its point (`points` are all set).
+   */
+  pending?: ByteRange[][];
 }
 
 /** What an export needs to serve its target, taken before the switch-over. */
@@ -69,6 +77,8 @@ export interface MirrorDeps {
   pairs: MirrorPairDeps[];
   /** The record of the authoritative side cannot be made true again: stop serving (not awaited). */
   failClosed(why: unknown): void;
+  /** True while the service stops and will resume its live copies when it starts again: a cancel then suspends. */
+  suspending?(): boolean;
 }
 
 /** How often a mirror job's progress is reported while it copies (ms). */
@@ -106,6 +116,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         ctx.setProgress(sum(copied), sum(copied) + sum(dirty));
       };
       let pivoted = false;
+      let suspended = false;
       try {
         for (let i = 0; i < n; i++) {
           targets[i] = await deps.pairs[i]!.openTarget(params.pairs[i]!.create);
@@ -119,7 +130,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
             },
             // The speed limit, pause and cancel, between copies.
             throttle: (bytes) => ctx.checkpoint(bytes),
-            ...(params.pairs[i]!.since !== undefined ? { initial: () => deps.pairs[i]!.changesSince(params.pairs[i]!.since!) } : {}),
+            ...(params.pairs[i]!.since !== undefined ? { initial: async () => [...await deps.pairs[i]!.changesSince(params.pairs[i]!.since!), ...(params.pairs[i]!.pending ?? [])] } : {}),
           }));
         }
         for (const m of mirrors) await m.start();
@@ -147,6 +158,10 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         for (let i = 0; i < n; i++) await switches[i]!.done(old[i]!);
         await dropResumedFrom(params, deps);
       } catch (e) {
+        if (!pivoted && deps.suspending?.() && mirrors.length === n) suspended = await suspendAll(params, deps, mirrors, ctx);
+        if (suspended) {
+          throw new Cancelled(`stopped with its service, at a snapshot of ${n === 1 ? 'its source' : 'each source'}: the service resumes the copy as a new job when it starts again`, { data: { suspended: true } });
+        }
         if (!pivoted) await stopAll(params, deps, mirrors, ctx);
         throw e;
       } finally {
@@ -154,7 +169,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         if (!pivoted) {
           for (let i = 0; i < n; i++) {
             await targets[i]?.close().catch(() => undefined);
-            if (created[i] && !mirrors[i]?.ready) await deps.pairs[i]!.removeTarget().catch(() => undefined);
+            if (created[i] && !mirrors[i]?.ready && !suspended) await deps.pairs[i]!.removeTarget().catch(() => undefined);
           }
         }
       }
@@ -187,6 +202,42 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
   }
 }
 
+/**
+ * The service stops (a cancel while deps.suspending()): every mirror is suspended at a snapshot of
+ * its source, and the points with what each target is still behind on are recorded, for the
+ * service to resume the copy when it starts again. False (nothing suspended, the snapshots
+ * dropped) when a source's backend cannot take such a point or the record cannot be saved: the
+ * copy is then stopped as by a cancel.
+ */
+async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext): Promise<boolean> {
+  const points: (string | undefined)[] = params.pairs.map(() => undefined);
+  const pending: ByteRange[][] = params.pairs.map(() => []);
+  const results = await Promise.allSettled(mirrors.map(async (m, i) => {
+    pending[i] = await m.suspend(async () => {
+      points[i] = await deps.pairs[i]!.markPoint(ctx.jobId);
+    });
+  }));
+  const drop = async () => {
+    for (const [i, p] of points.entries()) if (p !== undefined) await deps.pairs[i]!.dropSnapshot(p).catch(() => undefined);
+  };
+  if (results.some((r) => r.status === 'rejected') || points.some((p) => p === undefined)) {
+    await drop();
+    return false;
+  }
+  try {
+    await ctx.saveState({ authoritative: 'source', points: points as string[], pending } satisfies MirrorState);
+  } catch {
+    await drop();
+    return false;
+  }
+  // The new points replace those this job resumed from.
+  for (let i = 0; i < params.pairs.length; i++) {
+    const since = params.pairs[i]!.since;
+    if (since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
+  }
+  return true;
+}
+
 /** The points this job resumed from have served: newer ones (or the switch-over) replace them. */
 async function dropResumedFrom(params: MirrorParams, deps: MirrorDeps): Promise<void> {
   for (let i = 0; i < params.pairs.length; i++) {
@@ -197,7 +248,10 @@ async function dropResumedFrom(params: MirrorParams, deps: MirrorDeps): Promise<
 
 /** `p`, or the signal's reason once it aborts. */
 function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason);
+  if (signal.aborted) {
+    p.catch(() => undefined); // its end is of no interest any more: not an unhandled rejection
+    return Promise.reject(signal.reason);
+  }
   return new Promise<T>((resolve, reject) => {
     const abort = () => reject(signal.reason);
     signal.addEventListener('abort', abort, { once: true });

@@ -195,6 +195,28 @@ export class Mirror {
     this.fail(new Cancelled('the mirror was stopped'));
   }
 
+  /**
+   * Stop copying for a later resume (the service stops): with the clients held, end the loop,
+   * make what the target was given durable (its metadata written through, flushed), run `atPoint`
+   * (a snapshot of the source names the point), and return what the target is still behind on at
+   * that point — what a resumed copy copies besides what changes after it.
+   */
+  async suspend(atPoint: () => Promise<void>): Promise<ByteRange[]> {
+    if (this.stopped && this.halted === undefined) throw new FailedPrecondition('the mirror has stopped');
+    return this.source.paused(async () => {
+      this.stopped = true;
+      this.poke();
+      await this.running?.catch(() => undefined); // a copy that failed marked its range again
+      const behind = this.map.ranges();
+      await this.target.deferMetadata?.(false);
+      await this.target.flush();
+      await atPoint();
+      this.release();
+      this.fail(new Cancelled('the mirror was suspended'));
+      return behind;
+    });
+  }
+
   /** With the source paused: end the loop, copy what is dirty, flush the target, detach. */
   private async finish(): Promise<void> {
     this.stopped = true;

@@ -70,11 +70,13 @@ export class HostedExports implements HostedExportsApi {
       this.logger.error(`the job records cannot be read; hosted exports start again from ${this.file} as it is: ${toOffloadError(e).message}`);
       return [];
     });
+    const writable = new Map<string, Hosted['principal']>();
     for (const h of saved) {
       try {
         const ref = current(h, jobs);
         if (ref !== h.ref) this.logger.info(`hosted export ${h.name}: a live copy had switched it over from ${h.ref} to ${ref} (the job's record says so), so it serves ${ref}`);
         await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen });
+        if (!h.readOnly) writable.set(ref, h.principal);
         this.logger.info(`hosted export ${h.name} of ${ref} started again`);
       } catch (e) {
         const err = toOffloadError(e);
@@ -82,6 +84,32 @@ export class HostedExports implements HostedExportsApi {
       }
     }
     this.save(); // the dropped ones are gone from the file
+    await this.resumeLiveCopies(broker, jobs, writable);
+  }
+
+  /**
+   * The live copies this service suspended when it stopped, copied on now that their sources are
+   * served again: each from the snapshots it left, as a new job (the last live copy of its
+   * sources: one resumed before, or started since, is not resumed again).
+   */
+  private async resumeLiveCopies(broker: Broker, jobs: JobInfo[], served: Map<string, Hosted['principal']>): Promise<void> {
+    const mirrors = jobs.filter((j) => j.type === 'mirror').sort((a, b) => a.createdAt.localeCompare(b.createdAt));
+    for (const j of mirrors) {
+      const pairs = pairsOf(j);
+      if (!j.suspended || pairs.length === 0 || !pairs.every((p) => served.has(p.source))) continue;
+      const later = mirrors.some((o) => o.createdAt > j.createdAt && pairsOf(o).some((p) => pairs.some((q) => q.source === p.source || q.target === p.target)));
+      if (later) continue;
+      // As its owner where the export's principal is that owner (a tenant's own copy), else as the service's administrator.
+      const exportOwner = served.get(pairs[0]!.source)!;
+      const as = exportOwner.id === j.owner ? broker.as(exportOwner) : broker;
+      try {
+        const job = await as.liveCopy([], { resume: j.id, ...(j.speed ? { speed: j.speed } : {}) });
+        this.logger.info(`live copy ${j.id} (suspended when the service stopped) resumed as job ${job.id}: ${pairs.map((p) => `${p.source} → ${p.target}`).join(', ')}`);
+      } catch (e) {
+        const err = toOffloadError(e);
+        this.logger.error(`live copy ${j.id}, suspended when the service stopped, cannot be resumed: ${err.code}: ${err.describe()}`, { job: j.id });
+      }
+    }
   }
 
   /** The service is stopping: its exports stop with the broker but stay in the file, to come back. */

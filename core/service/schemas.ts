@@ -45,7 +45,8 @@ export const instantCloneBody = z.strictObject({
   pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, owner: z.string().optional(), copyOnRead: z.boolean().optional(),
 });
 export const liveCopyBody = z.strictObject({
-  pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).min(1), speed, mode: z.enum(['background', 'write-blocking']).optional(),
+  pairs: z.array(z.strictObject({ source: z.string(), target: z.string() })).default([]), speed, mode: z.enum(['background', 'write-blocking']).optional(),
+  resume: z.string().optional(),
 });
 export const copyBody = z.strictObject({
   source: z.string(), target: z.string(), speed, verify: z.boolean().optional(), prefer,
@@ -117,6 +118,7 @@ export const jobInfoSchema = z.object({
   orphaned: z.boolean().optional(), plan: z.unknown().optional(), params: z.record(z.string(), z.unknown()),
   authoritative: z.object({ side: z.enum(['source', 'target']), ref: z.string(), refs: z.array(z.string()).optional() }).optional(),
   resumeSince: z.array(z.string().nullable()).optional(),
+  suspended: z.boolean().optional(),
 });
 export const jobWaitSchema = z.object({ concluded: z.boolean(), job: jobInfoSchema });
 /** startClone: a native clone is done (`volume`); one through the host is a job. */

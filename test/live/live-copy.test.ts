@@ -243,7 +243,9 @@ describe('live copy through the broker', () => {
       await writer.stop();
       const changed = (await broker.volumes.changes(src.ref, { since: since! })).extents.reduce((x, e) => x + e.length, 0);
       expect(changed).toBeLessThanOrEqual(2 * MiB + 128 * 1024);
-      const second = await broker.copy(src.ref, dst, { live: true, since: since! });
+      // One way names the snapshot; the other names the job (`copy --live --resume JOB`), whose record has it.
+      const second = from === 'local' ? await broker.copy(src.ref, dst, { live: true, since: since! }) : await broker.liveCopy([], { resume: first.id });
+      expect((second.info().params.pairs as { source: string; target: string; since?: string }[])[0]).toMatchObject({ source: src.ref, target: dst, since });
       await untilStatus(second, 'ready');
       // The first pass moved the changes, not the volume's 8 MiB of data again (a quiet source: nothing else).
       expect(second.info().progress.current).toBeLessThanOrEqual(changed);
@@ -261,6 +263,32 @@ describe('live copy through the broker', () => {
       await exp.stop();
     });
   }
+
+  it('resume refused clearly: an unknown job, one that is no live copy, one still running, one that left no point, other pairs', async () => {
+    const src = await sourceVolume('local');
+    const exp = await broker.exports.start(src.ref, { listen: { port: 0 } });
+    await expect(broker.liveCopy([], { resume: 'mirror-nope' })).rejects.toMatchObject({ code: 'NotFound' });
+    const snapJob = await broker.copy(src.ref, `local/plain-${++n}`, {}).catch(() => undefined);
+    if (snapJob) {
+      await snapJob.wait();
+      await expect(broker.liveCopy([], { resume: snapJob.id })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/not a live copy/) });
+    }
+    const dst = `local/live-rs-${++n}`;
+    const running = await broker.copy(src.ref, dst, { live: true, speed: 64 * 1024 });
+    await expect(broker.liveCopy([], { resume: running.id })).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringMatching(/only one that has ended/) });
+    await broker.jobs.cancel(running.id); // before ready: no point
+    await running.wait();
+    await expect(broker.liveCopy([], { resume: running.id })).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringMatching(/left no point/) });
+    const ready = await broker.copy(src.ref, dst, { live: true });
+    await untilStatus(ready, 'ready');
+    await broker.jobs.cancel(ready.id);
+    await ready.wait();
+    await expect(broker.liveCopy([{ source: src.ref, target: `local/other-${++n}` }], { resume: ready.id })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/give no pairs, or the same/) });
+    const resumed = await broker.liveCopy([{ source: src.ref, target: dst }], { resume: ready.id });
+    await broker.jobs.cancel(resumed.id);
+    await resumed.wait();
+    await exp.stop();
+  });
 
   it('refused clearly: a source nobody exports here, a read-only export, --verify, a bad mode, a target smaller than the source', async () => {
     const src = await sourceVolume('local');

@@ -30,6 +30,18 @@ describe('kill -9 around ready and complete of a live copy', () => {
     ls = started;
   });
 
+  /** The live copy the restarted service started to resume `id` (the newest mirror job of `source`). */
+  async function resumedFrom(id: string, source: string): Promise<{ id: string }> {
+    let found: { id: string } | undefined;
+    await until('the copy is resumed', async () => {
+      const all = await json('jobs', 'list') as { id: string; type: string; ref: string; createdAt: string; params: { pairs?: { source: string }[] } }[];
+      found = all.filter((j) => j.type === 'mirror' && j.id !== id && (j.params.pairs ?? []).some((p) => p.source === source)).sort((a, b) => b.createdAt.localeCompare(a.createdAt))[0];
+      return found !== undefined;
+    });
+    return found!;
+  }
+
+
   it('`copy --live A=B C=D` through the service: one job for both disks; complete switches both exports', async () => {
     for (const v of ['local/g0', 'local/g1']) {
       expect((await client('volume', 'create', v, '8M')).code).toBe(0);
@@ -50,9 +62,13 @@ describe('kill -9 around ready and complete of a live copy', () => {
     for (const n of ['local/g0', 'local/g1']) expect((await client('nbd', 'stop', n)).code).toBe(0);
   });
 
-  it('a clean stop (SIGTERM) cancels a live copy first — the source stays current and is served again — and keeps an instant clone\'s fill, resumed after the restart', async () => {
+  it('a clean stop (SIGTERM) suspends a ready live copy at a snapshot — the source stays current and is served again — and the restarted service resumes it as a new job with nothing to copy again; an instant clone\'s fill is kept and resumed', async () => {
     expect((await client('volume', 'create', 'local/t0', '8M')).code).toBe(0);
-    expect((await client('nbd', 'local/t0', '--port', '0')).code).toBe(0);
+    const t0 = await openExport(Number(new URL((await client('nbd', 'local/t0', '--port', '0')).out.trim()).port), 'local/t0');
+    request(t0.wire, CMD.WRITE, 0, 6 * MiB, { payload: Buffer.alloc(6 * MiB, 5) });
+    expect((await reply(t0.wire)).error).toBe(0);
+    request(t0.wire, CMD.DISC, 0, 0);
+    t0.wire.socket.end();
     const mirror = await json('copy', '--live', 'local/t0', 'san1/t0', '--detach') as { id: string };
     await until('ready', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
     expect((await client('volume', 'create', 'local/t1', '32M')).code).toBe(0);
@@ -66,14 +82,57 @@ describe('kill -9 around ready and complete of a live copy', () => {
     await new Promise((r) => setTimeout(r, 1500));
     expect(await ls.stop()).toBe(0);
     await ls.restart();
-    const m = await json('jobs', 'show', mirror.id) as { status: string; error?: { code: string }; authoritative?: { side: string } };
-    expect(m).toMatchObject({ status: 'concluded', error: { code: 'Cancelled' }, authoritative: { side: 'source' } });
+    const m = await json('jobs', 'show', mirror.id) as { status: string; error?: { code: string; message: string }; authoritative?: { side: string }; suspended?: boolean };
+    expect(m).toMatchObject({ status: 'concluded', error: { code: 'Cancelled', message: expect.stringMatching(/stopped with its service/) }, authoritative: { side: 'source' }, suspended: true });
     await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string; ref: string }[]).some((e) => e.name === 'local/t0' && e.ref === 'local/t0'));
+    const resumed = await resumedFrom(mirror.id, 'local/t0');
+    await until('the resumed copy is ready', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 600, 20);
+    const r = await json('jobs', 'show', resumed.id) as { progress: { total: number }; params: { pairs: { since?: string }[] } };
+    expect(r.progress.total).toBeLessThan(MiB); // in sync at the snapshot: only what changed since, nothing again
+    expect(r.params.pairs[0]!.since).toMatch(/^live-/);
     const f = await json('jobs', 'show', fill.job.id) as { status: string; progress: { current: number } };
     expect(f.status).not.toBe('concluded'); // taken up again by the restarted service, from its record
     expect(f.progress.current).toBeGreaterThan(0);
     await client('jobs', 'cancel', fill.job.id);
+    expect((await client('jobs', 'complete', resumed.id)).code).toBe(0);
+    await until('switched over', async () => ((await json('nbd', 'list')) as { name: string; ref: string }[]).some((e) => e.name === 'local/t0' && e.ref === 'san1/t0'));
+    const port = Number(new URL(((await json('nbd', 'list')) as { name: string; uri: string }[]).find((e) => e.name === 'local/t0')!.uri).port);
+    expect((await readWhole(port, 'local/t0', 8 * MiB)).subarray(0, 6 * MiB).equals(Buffer.alloc(6 * MiB, 5))).toBe(true);
+    // The snapshots it resumed from are gone with the switch-over.
+    expect(((await json('snapshot', 'list', 'local/t0')) as { name: string }[]).filter((x) => x.name.startsWith('live-'))).toEqual([]);
     expect((await client('nbd', 'stop', 'local/t0')).code).toBe(0);
+  });
+
+  it('a clean stop in the bulk pass suspends the copy where it was: the restarted service copies only what was left, and the target ends equal to the source', async () => {
+    expect((await client('volume', 'create', 'local/t2', '16M')).code).toBe(0);
+    const uri = (await client('nbd', 'local/t2', '--port', '0')).out.trim();
+    const c = await openExport(Number(new URL(uri).port), 'local/t2');
+    const data = Buffer.alloc(16 * MiB);
+    for (let i = 0; i < 16; i++) data.fill(i + 40, i * MiB, (i + 1) * MiB);
+    request(c.wire, CMD.WRITE, 0, 16 * MiB, { payload: data });
+    expect((await reply(c.wire)).error).toBe(0);
+    const mirror = await json('copy', '--live', 'local/t2', 'san1/t2', '--speed', `${4 * MiB}`, '--detach') as { id: string };
+    // Its progress runs up to 4 MiB ahead of the copies (counted as each is let through the speed limit): 4 MiB copied at least.
+    await until('part-way', async () => ((await json('jobs', 'show', mirror.id)) as { progress: { current: number } }).progress.current >= 8 * MiB, 600, 20);
+    // A write the copier has passed by (in its first MiB), acknowledged before the stop: it must reach the target.
+    request(c.wire, CMD.WRITE, 4096, 4096, { payload: Buffer.alloc(4096, 0xee) });
+    expect((await reply(c.wire)).error).toBe(0);
+    Buffer.alloc(4096, 0xee).copy(data, 4096);
+    request(c.wire, CMD.DISC, 0, 0);
+    c.wire.socket.end();
+    expect(await ls.stop()).toBe(0);
+    await ls.restart();
+    const m = await json('jobs', 'show', mirror.id) as { suspended?: boolean };
+    expect(m.suspended).toBe(true);
+    const resumed = await resumedFrom(mirror.id, 'local/t2');
+    const first = await json('jobs', 'show', resumed.id) as { progress: { total: number } };
+    expect(first.progress.total).toBeLessThanOrEqual(12 * MiB + 64 * 1024); // what was left (and the granule written), not everything again
+    await until('the resumed copy is ready', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 1200, 20);
+    expect((await client('jobs', 'complete', resumed.id)).code).toBe(0);
+    await until('switched over', async () => ((await json('nbd', 'list')) as { name: string; ref: string }[]).some((e) => e.name === 'local/t2' && e.ref === 'san1/t2'));
+    const port = Number(new URL(((await json('nbd', 'list')) as { name: string; uri: string }[]).find((e) => e.name === 'local/t2')!.uri).port);
+    expect((await readWhole(port, 'local/t2', 16 * MiB)).equals(data)).toBe(true);
+    expect((await client('nbd', 'stop', 'local/t2')).code).toBe(0);
   });
 
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {

@@ -141,8 +141,8 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       });
   }
 
-  program.command('copy <args...>')
-    .usage('[options] SRC DST | --live SRC=DST [SRC=DST …]')
+  program.command('copy [args...]')
+    .usage('[options] SRC DST | --live SRC=DST [SRC=DST …] | --live --resume JOB')
     .description('copy a volume\'s data into another existing volume, on any backends, through the host; --live: a volume in use, ending with its export switched over (several SRC=DST pairs: the disks of one VM, switched over all or none)')
     .option('--speed <bytes-per-second>', 'rate limit (suffixes k, M, G)')
     .option('--verify', 'compare checksums of source and target after the copy')
@@ -150,10 +150,20 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--live', 'the source is exported read-write and in use: copy while it is written (the target is created if missing); the job is ready once in sync, `offload jobs complete ID` switches the export over')
     .option('--mode <mode>', 'live copy: background (default) or write-blocking (a write to a copied range reaches both sides before it is acknowledged)')
     .option('--since <snapshot>', 'incremental: DST holds the data of SRC\'s snapshot SNAPSHOT already; copy only what changed since (SRC may be a later snapshot, vol@s2)')
+    .option('--resume <job>', 'live copy: copy on from where live copy JOB left (cancelled after ready, or suspended when its service stopped), each pair from its snapshot')
     .option('--detach', DETACH_HELP)
-    .action(async (args: string[], o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; since?: string; detach?: boolean }) => {
+    .action(async (args: string[], o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; since?: string; resume?: string; detach?: boolean }) => {
       const speed = speedOption(o.speed);
       if (o.mode !== undefined && o.mode !== 'background' && o.mode !== 'write-blocking') throw new UsageError(`--mode is background or write-blocking, got ${o.mode}`);
+      if (o.resume !== undefined) {
+        if (!o.live) throw new UsageError('--resume JOB resumes a live copy: add --live');
+        if (o.verify || o.prefer || o.since !== undefined) throw new UsageError('--verify, --prefer and --since do not apply to a resumed live copy (its snapshots are in its record)');
+        const broker = await ctx.broker();
+        checkDetach(broker, o.detach);
+        const job = await broker.liveCopy(args.map(pairOf), { resume: o.resume, ...(speed ? { speed } : {}), ...(o.mode ? { mode: o.mode } : {}) });
+        await followJob(ctx, job, `live copy ${o.resume} resumed as ${job.id}`, broker, o.detach);
+        return;
+      }
       const pairs = args.some((a) => a.includes('=')) ? args.map(pairOf) : undefined;
       if (pairs && !o.live) throw new UsageError('SRC=DST pairs are for a live copy: add --live, or give SRC DST');
       if (!pairs && args.length !== 2) throw new UsageError(`copy takes SRC DST (or, with --live, SRC=DST pairs), got ${args.length} argument${args.length === 1 ? '' : 's'}`);

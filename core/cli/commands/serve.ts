@@ -23,6 +23,7 @@ export type OpenServiceBroker = (o: {
   adoptOrphans: { maxJobs: number };
   onJobEvent: JobEventHook;
   logger: Logger;
+  suspendLiveCopies: boolean;
 }) => Promise<{ broker: Broker; config: BrokerConfig }>;
 
 interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string }
@@ -49,7 +50,7 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       ]);
       const tokens = o.tokens === undefined ? undefined : Tokens.load(o.tokens, logger);
       const metrics = new ServiceMetrics();
-      const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger });
+      const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger, suspendLiveCopies: true });
       let service;
       try {
         const configured = config.server?.startsWith('unix:') ? resolve(config.baseDir, config.server.slice(5)) : undefined;
