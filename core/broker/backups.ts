@@ -13,7 +13,7 @@ import { createHash } from 'node:crypto';
 import type { BackupPoint, BackupsApi, CloneOptions, CloneStart } from '../broker-api.js';
 import { backupTask, type BackupParams } from '../copy/backup-task.js';
 import type { Job } from '../jobs/job.js';
-import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../model/errors.js';
+import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Timeout, Unsupported } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
 import { LiveDevice } from '../live/live-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
@@ -54,7 +54,7 @@ export class Backups implements BackupsApi {
   private async run(pairs: { source: string; to: string }[], speedIn: number | undefined, group: boolean): Promise<Job> {
     const speed = checkSpeed(speedIn);
     const seen = new Set<string>();
-    for (const p of pairs) {
+    for (const p of group ? pairs : []) {
       for (const ref of [volumeKey(parseVolumeRef(p.source)), volumeKey(parseVolumeRef(p.to))]) {
         if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in one group backup (a disk and its backup volume are each named once)`, { ref });
         seen.add(ref);
@@ -140,6 +140,9 @@ export class Backups implements BackupsApi {
    * this broker serves of them held (new requests wait, those in flight are waited for) from
    * before the first snapshot to after the last — so that no write lands in one marker and not in
    * another that a write acknowledged before it would — and those taken are deleted if one fails.
+   * The snapshots are asked for at once, and the guests held MARKER_HOLD_MS at most: an array
+   * slow to answer (a rate limit waited out, a job polled) fails the group with Timeout rather
+   * than stall the VM's disks.
    */
   private async takeMarkers(sources: string[], markers: string[]): Promise<number[]> {
     if (markers.length === 1) return [(await this.v.snapshots.create(markers[0]!)).sizeBytes];
@@ -150,23 +153,34 @@ export class Backups implements BackupsApi {
     const locks = sources.map((v) => ({ key: volumeKey(parseVolumeRef(v)), mode: 'shared' as const }));
     return runShort(this.s, this.a.principal, locks, `snapshot ${markers.join(', ')} at one instant`, async () => {
       for (const v of sources) await this.a.assertOwns(parseVolumeRef(v)); // again under the locks (Snapshots.create)
-      const taken: string[] = [];
+      let asked: Promise<number>[] = [];
       try {
         return await pausedAll(devices, async () => {
-          const sizes: number[] = [];
-          for (const m of markers) {
+          asked = markers.map((m) => {
             const ref = parseSnapshotRef(m);
             const b = this.s.entry(ref.backend).backend;
-            sizes.push((await call(b, 'snapshot', m, () => b.createSnapshot(ref.volume, ref.snapshot))).sizeBytes);
-            taken.push(m);
+            return call(b, 'snapshot', m, () => b.createSnapshot(ref.volume, ref.snapshot)).then((x) => x.sizeBytes);
+          });
+          let timer: NodeJS.Timeout | undefined;
+          const late = new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new Timeout(`the snapshots of ${markers.join(', ')} took longer than ${holdMs() / 1000} s, the most the guests' I/O is held for them`, {
+              ref: markers.join(','), hint: 'back up again, or back up the disks one by one (each at its own instant)',
+            })), holdMs());
+          });
+          try {
+            return await Promise.race([Promise.all(asked), late]);
+          } finally {
+            clearTimeout(timer);
           }
-          return sizes;
         });
       } catch (e) {
-        for (const m of taken) {
-          const ref = parseSnapshotRef(m);
-          const b = this.s.entry(ref.backend).backend;
-          await call(b, 'delete', m, () => b.deleteSnapshot(ref.volume, ref.snapshot)).catch(() => undefined);
+        // Those taken, and those an array answers after the guests went on, are not the group's instant.
+        const settled = await Promise.allSettled(asked);
+        for (const [i, r] of settled.entries()) {
+          if (r.status !== 'fulfilled') continue;
+          const ref = parseSnapshotRef(markers[i]!);
+          const b = this.s.backends.get(ref.backend)!.backend;
+          await call(b, 'delete', markers[i]!, () => b.deleteSnapshot(ref.volume, ref.snapshot)).catch(() => undefined);
         }
         throw e;
       }
@@ -209,6 +223,10 @@ export class Backups implements BackupsApi {
     }).sort((a, b) => a.point - b.point);
   }
 }
+
+/** The longest the guests' I/O is held while a group's markers are taken (OFFLOAD_MARKER_HOLD_MS: tests). */
+const MARKER_HOLD_MS = 10_000;
+const holdMs = (): number => Number(process.env.OFFLOAD_MARKER_HOLD_MS) || MARKER_HOLD_MS;
 
 /** One pair of a backup, checked: its job params (size filled in once its marker is taken), locks and plan. */
 interface Prepared {

@@ -12,7 +12,7 @@
  * new marker, so the next backup starts from a state it can trust.
  */
 import { Shutdown } from '../jobs/job-run.js';
-import { FailedPrecondition } from '../model/errors.js';
+import { errorFromCode, FailedPrecondition, toOffloadError, type OffloadError } from '../model/errors.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { partContexts } from '../jobs/part-contexts.js';
 import { copyData } from './copier.js';
@@ -80,15 +80,23 @@ export function backupTask(params: BackupParams | BackupGroupParams, deps: Backu
       const parts = Array.isArray(params.pairs) ? partContexts(ctx, pairs.length) : [ctx];
       const was = parts.map((c) => (c.resumeFrom ?? {}) as BackupState);
       const created = was.map((w) => w.created === true);
-      const undoAll = async () => {
-        for (const [i, p] of pairs.entries()) await undo(p, deps, created[i]!);
+      /** Undo every pair; what could not be removed, said in the error the job ends with (`cause`'s, else its own). */
+      const undoAll = async (cause?: unknown): Promise<OffloadError> => {
+        const left: string[] = [];
+        for (const [i, p] of pairs.entries()) {
+          await undo(p, deps, created[i]!).catch((e: unknown) => left.push(`${p.target} (${toOffloadError(e).message})`));
+        }
+        const base = cause !== undefined ? toOffloadError(cause) : new FailedPrecondition(`the backup point${pairs.length > 1 ? 's' : ''} ${pairs.map((p) => `${pointName(p.point)} of ${p.source}`).join(', ')} failed and ${pairs.length > 1 ? 'were' : 'was'} undone; back up again`, {
+          ref: pairs.map((p) => p.target).join(','),
+        });
+        if (left.length === 0) return base;
+        return errorFromCode(base.code, `${base.message}; undoing it, the backup volume${left.length > 1 ? 's' : ''} it made could not be removed: ${left.join(', ')}`, {
+          ref: base.ref ?? pairs.map((p) => p.target).join(','), hint: 'delete them (they hold no point of a finished backup), then back up again', data: { leftover: true },
+        });
       };
       if (was.some((w) => w.phase === 'undo')) {
         // Stopped while putting the backup volumes back: finish that, and end as failed.
-        await undoAll();
-        throw new FailedPrecondition(`the backup point${pairs.length > 1 ? 's' : ''} ${pairs.map((p) => `${pointName(p.point)} of ${p.source}`).join(', ')} failed and ${pairs.length > 1 ? 'were' : 'was'} undone; back up again`, {
-          ref: pairs.map((p) => p.target).join(','),
-        });
+        throw await undoAll();
       }
       try {
         for (const [i, p] of pairs.entries()) {
@@ -104,7 +112,8 @@ export function backupTask(params: BackupParams | BackupGroupParams, deps: Backu
         if (!(e instanceof Shutdown)) {
           // Recorded first (one pair's undo is the group's): a kill while undoing must not resume the copy over an undone volume.
           for (const [i, c] of parts.entries()) await Promise.resolve(c.saveState({ phase: 'undo', created: created[i]! } satisfies BackupState)).catch(() => undefined);
-          await undoAll();
+          const after = await undoAll(e);
+          if (after !== e && after.message !== toOffloadError(e).message) throw after;
         }
         throw e;
       }
@@ -164,10 +173,9 @@ async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was
 
 /** After a failure: the backup volume as it was (the previous point, without this one), and no new marker. */
 async function undo(p: BackupParams, deps: BackupDeps, created: boolean): Promise<void> {
-  if (created) await deps.remove(p.target).catch(() => undefined);
-  else {
-    if (p.previous !== undefined) await deps.revert(`${p.target}@${pointName(p.previous)}`).catch(() => undefined);
-    await deps.deleteSnapshot(`${p.target}@${pointName(p.point)}`).catch(() => undefined);
-  }
+  // The point first: an array may refuse to delete a volume that has snapshots (FlashArray does).
+  await deps.deleteSnapshot(`${p.target}@${pointName(p.point)}`).catch(() => undefined);
+  if (created) await deps.remove(p.target);
+  else if (p.previous !== undefined) await deps.revert(`${p.target}@${pointName(p.previous)}`).catch(() => undefined);
   await deps.deleteSnapshot(`${p.source}@${p.marker}`).catch(() => undefined);
 }

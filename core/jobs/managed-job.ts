@@ -220,8 +220,10 @@ export class ManagedJob implements Job {
       await this.task.run(this.run);
     } catch (e) {
       if (e instanceof LeaseLost) this.loseLease(e.message);
-      // A task that says how its cancel ended (a live copy suspended for its service's restart) is heard.
-      const told = e instanceof Cancelled && (e.data as { suspended?: unknown } | undefined)?.suspended === true ? e : undefined;
+      // A task that says how its cancel ended (a live copy suspended for its service's restart, a
+      // backup volume its undo could not remove) is heard.
+      const said = e instanceof Cancelled ? (e.data as { suspended?: unknown; leftover?: unknown } | undefined) : undefined;
+      const told = said?.suspended === true || said?.leftover === true ? e as Cancelled : undefined;
       failure = this.record.cancelled ? told ?? new Cancelled(`job ${this.id} was cancelled`, { ref: this.record.ref }) : toOffloadError(e, `${this.record.type} ${this.record.ref}`);
     }
     if (this.lost !== undefined) return this.giveUp();

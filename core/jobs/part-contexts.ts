@@ -22,6 +22,11 @@ export function partContexts(ctx: JobContext, n: number): JobContext[] {
   const done = Array.from({ length: n }, (_, i) => count(at(saved?.done, i)));
   const totals = Array.from({ length: n }, (_, i) => count(at(saved?.totals, i)));
   const sum = (a: number[]) => a.reduce((x, y) => x + y, 0);
+  /** A part's progress never past its total (a resumed part redoes what followed its saved offset). */
+  const clamp = (i: number) => {
+    if (totals[i]! > 0) done[i] = Math.min(done[i]!, totals[i]!);
+  };
+  for (let i = 0; i < n; i++) clamp(i);
   const whole = (): PartsState => ({ parts: [...slots], done: [...done], totals: [...totals] });
   if (sum(totals) > 0) ctx.setProgress(sum(done), sum(totals));
   return slots.map((resumeFrom, i): JobContext => ({
@@ -36,19 +41,24 @@ export function partContexts(ctx: JobContext, n: number): JobContext[] {
     },
     setTotal(bytes) {
       totals[i] = Math.max(0, bytes);
+      clamp(i);
       ctx.setTotal(sum(totals));
     },
     advance(bytes) {
       done[i]! += Math.max(0, bytes);
+      clamp(i);
       ctx.advance(bytes);
     },
     setProgress(current, total) {
-      done[i] = Math.max(done[i]!, current);
+      // The part's own figure, as the part knows it now (a resumed copy starts again from its offset).
+      done[i] = Math.max(0, current);
       if (total !== undefined) totals[i] = total;
+      clamp(i);
       ctx.setProgress(sum(done), sum(totals));
     },
     checkpoint(bytesMoved, state) {
       done[i]! += Math.max(0, bytesMoved);
+      clamp(i);
       if (state === undefined) return ctx.checkpoint(bytesMoved);
       slots[i] = state;
       return ctx.checkpoint(bytesMoved, whole());

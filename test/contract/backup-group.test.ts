@@ -159,6 +159,48 @@ describe('group backup: the disks of one VM at one instant', () => {
     expect((await broker.backups.list(sets[0]!)).map((p) => p.ref)).toEqual([`${sets[0]}@b1`, `${sets[0]}@b2`]);
   });
 
+  it('a point that the array refuses for the second disk: the first disk\'s set (made by this job, with its point) is removed too, and both markers dropped', async () => {
+    const [a, b] = await disks('local', 'local');
+    const sets = [`san1/grp-fa-${++n}`, `san1/grp-fb-${n}`];
+    all.san.faults.add({ method: 'POST', path: '/**/volume-snapshots', nth: [2], action: { type: 'status', status: 400 } });
+    try {
+      const info = await (await broker.backups.startGroup([{ source: a!, to: sets[0]! }, { source: b!, to: sets[1]! }])).wait();
+      expect(info.error).toBeDefined();
+    } finally {
+      all.san.faults.clear();
+    }
+    for (const set of sets) await expect(broker.volumes.get(set)).rejects.toMatchObject({ code: 'NotFound' });
+    expect([await snapshotNames(a!), await snapshotNames(b!)]).toEqual([[], []]);
+    expect((await (await broker.backups.startGroup([{ source: a!, to: sets[0]! }, { source: b!, to: sets[1]! }])).wait()).error).toBeUndefined();
+  });
+
+  it('an array slow to take its snapshot: the guests are held no longer than the limit, the group fails with Timeout and no marker is left', async () => {
+    const [a, b] = await disks('local', 'san1');
+    const exA = await broker.exports.start(a!, { listen: { port: 0 } });
+    all.san.faults.add({ method: 'POST', path: '/**/volume-snapshots', action: { type: 'latency', ms: 1500 } });
+    process.env.OFFLOAD_MARKER_HOLD_MS = '300';
+    const ca = await openExport(Number(new URL(exA.uri).port), exA.name);
+    try {
+      let settled = false;
+      const started = broker.backups.startGroup([{ source: a!, to: `local/grp-ta-${++n}` }, { source: b!, to: `local/grp-tb-${n}` }]);
+      started.then(() => (settled = true), () => (settled = true));
+      // Once the array has the snapshot request (the guests held from before it), a guest write:
+      // answered after the limit, before the array's answer (and the group's end) comes.
+      while (all.san.faults.list()[0]!.calls === 0) await new Promise((r) => setTimeout(r, 5));
+      request(ca.wire, CMD.WRITE, 0, 4096, { payload: Buffer.alloc(4096, 9) });
+      expect((await reply(ca.wire)).error).toBe(0);
+      expect(settled).toBe(false);
+      await expect(started).rejects.toMatchObject({ code: 'Timeout' });
+    } finally {
+      delete process.env.OFFLOAD_MARKER_HOLD_MS;
+      all.san.faults.clear();
+      request(ca.wire, CMD.DISC, 0, 0);
+      ca.wire.socket.end();
+      await exA.stop();
+    }
+    expect([await snapshotNames(a!), await snapshotNames(b!)]).toEqual([[], []]);
+  });
+
   it('refused before anything is taken: no pairs, a volume twice, a set that is another pair\'s disk, a set that is not a backup', async () => {
     const [a, b] = await disks('local', 'local');
     const before = [await snapshotNames(a!), await snapshotNames(b!)];

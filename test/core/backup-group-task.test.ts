@@ -87,6 +87,22 @@ describe('a group backup job', () => {
     expect(run.progress).toMatchObject({ current: 2 * SIZE, total: 2 * SIZE });
   });
 
+  it('resumed with a saved count ahead of its offset (chunks done out of order), the progress never passes the total', async () => {
+    const { devices, deps } = setup();
+    await fillSources(devices);
+    devices.set('m/a-set', memoryDevice(SIZE));
+    devices.set('m/b-set', memoryDevice(SIZE));
+    // Counts past the parts' totals, as a run that counted chunks done beyond its saved offset left them.
+    const seen: { current: number; total: number }[] = [];
+    const run = new JobRun({
+      jobId: 'g', resumeFrom: { parts: [{ phase: 'point', created: true }, { phase: 'copy', created: true, offset: 0 }], done: [SIZE + MiB, SIZE - 1], totals: [SIZE, SIZE] },
+      onProgress: (current, total) => seen.push({ current, total }),
+    });
+    await backupTask({ pairs: [pair('a'), pair('b')] }, deps).run(run);
+    expect(seen.every((p) => p.current <= p.total || p.total === 0)).toBe(true);
+    expect(run.progress).toMatchObject({ current: 2 * SIZE, total: 2 * SIZE });
+  });
+
   it('a failure in the second disk undoes both: every set made is removed, every new marker dropped; resumed while undoing, it finishes the undo', async () => {
     const { devices, calls, deps } = setup();
     await fillSources(devices);
@@ -109,6 +125,6 @@ describe('a group backup job', () => {
     calls.length = 0;
     const again = new JobRun({ jobId: 'g', resumeFrom: { parts: [{ phase: 'point', created: true }, { phase: 'undo', created: true }] } });
     await expect(backupTask({ pairs: [pair('a'), pair('b')] }, deps).run(again)).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringMatching(/b1 of m\/a, b1 of m\/b failed and were undone/) });
-    expect(calls).toEqual(['remove m/a-set', 'deleteSnapshot m/a@bk-1', 'remove m/b-set', 'deleteSnapshot m/b@bk-1']);
+    expect(calls).toEqual(['deleteSnapshot m/a-set@b1', 'remove m/a-set', 'deleteSnapshot m/a@bk-1', 'deleteSnapshot m/b-set@b1', 'remove m/b-set', 'deleteSnapshot m/b@bk-1']);
   });
 });
