@@ -9,11 +9,11 @@ import { cloneTask, hostCopyTask, type HostCloneParams } from '../copy/host-copy
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
 import type { LockRequest } from '../locks/lock-manager.js';
-import { AlreadyExists, InternalError, InvalidArgument, NotFound, OutOfRange, Unsupported } from '../model/errors.js';
-import { isSnapshotRef, parseRef, parseVolumeRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
+import { AlreadyExists, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError, Unsupported } from '../model/errors.js';
+import { isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
-import type { Access } from './access.js';
+import { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
 import { InstantClones } from './instant-clones.js';
 import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
@@ -181,15 +181,26 @@ export class DataJobs {
   async liveCopy(pairsIn: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {
     if (opts === null || typeof opts !== 'object') throw new InvalidArgument('live copy options are an object: { mode?, speed?, resume? }');
     let pairs: { source: string; target: string; since?: string; pending?: unknown }[] = pairsIn;
+    let as = this.a;
+    let stale: string[] = [];
     if (opts.resume !== undefined) {
       const resumed = await new LiveCopies(this.s, this.a).resumeOf(opts.resume, pairsIn);
       pairs = resumed.pairs;
+      stale = resumed.stale;
       opts = { mode: resumed.mode, ...opts };
+      // An administrator resuming another's copy (the service after its restart) keeps it that principal's.
+      if (this.a.isAdmin && resumed.owner.id !== this.a.principal.id) as = new Access(this.s, resumed.owner);
     }
     if (!Array.isArray(pairs) || pairs.length === 0) throw new InvalidArgument('a live copy needs at least one { source, target } pair');
     const first = pairs[0]!;
     const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));
-    return new LiveCopies(this.s, this.a).start(pairs, { ...opts, live: true }, plan);
+    const job = await new LiveCopies(this.s, as).start(pairs, { ...opts, live: true }, plan);
+    for (const ref of stale) {
+      const snap = parseSnapshotRef(ref);
+      const b = this.s.entry(snap.backend).backend;
+      await call(b, 'delete', ref, () => b.deleteSnapshot(snap.volume, snap.snapshot)).catch((e: unknown) => this.s.logger.warn(`dropping ${ref}, a point live copy ${opts.resume} no longer needs, failed: ${toOffloadError(e).message}`));
+    }
+    return job;
   }
 
   async instantClone(pairs: { source: string; target: string }[], opts: InstantCloneOptions = {}): Promise<Job> {

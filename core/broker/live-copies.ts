@@ -11,7 +11,7 @@ import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams, ty
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
-import { ADMIN } from '../locks/principal.js';
+import { ADMIN, type Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
 import { checkSpeed } from './operation.js';
@@ -21,12 +21,11 @@ import { call, sinceName, type BrokerState } from './state.js';
 export class LiveCopies {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
-  /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
   /**
    * The pairs and mode a live copy resumes with (LiveCopyOptions.resume): from the job `id`'s
    * record, each pair from the point it left (and, suspended, what its target was behind on).
    */
-  async resumeOf(id: unknown, given: unknown): Promise<{ pairs: ResumedPair[]; mode: MirrorParams['mode'] }> {
+  async resumeOf(id: unknown, given: unknown): Promise<{ pairs: ResumedPair[]; mode: MirrorParams['mode']; owner: Principal; stale: string[] }> {
     if (typeof id !== 'string' || id.length === 0) throw new InvalidArgument('resume takes the id of a live copy (a mirror job)');
     const rec = await this.s.store.getJob(id);
     if (!rec || (!this.a.isAdmin && rec.owner !== this.a.principal.id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
@@ -48,9 +47,12 @@ export class LiveCopies {
         typeof g?.source === 'string' && typeof g?.target === 'string' && volumeKey(parseVolumeRef(g.source)) === pairs[i]!.source && volumeKey(parseVolumeRef(g.target)) === pairs[i]!.target);
       if (!same) throw new InvalidArgument(`live copy ${id} copied ${pairs.map((p) => `${p.source}=${p.target}`).join(' ')}: give no pairs, or the same`, { ref: id });
     }
-    return { pairs, mode: params.mode };
+    // Points the job resumed from itself and had not dropped yet (its runner stopped in between): not needed any more.
+    const stale = params.pairs.flatMap((p, i) => (p.since !== undefined && p.since !== state.points![i] ? [`${p.source}@${p.since}`] : []));
+    return { pairs, mode: params.mode, owner: { id: rec.owner, role: rec.ownerRole }, stale };
   }
 
+  /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
   async start(pairs: { source: string; target: string; since?: string; pending?: unknown }[], opts: CopyOptions, plan: Plan): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);

@@ -1,6 +1,6 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
-import { Cancelled } from '../model/errors.js';
+import { Cancelled, FailedPrecondition, toOffloadError } from '../model/errors.js';
 import { DEFAULT_GRANULARITY } from './dirty-map.js';
 import { Fill, type FillState } from './fill.js';
 
@@ -120,6 +120,9 @@ export function fillTask(params: FillParams, deps: FillPairDeps[]): JobTask {
         for (const d of deps) d.unregister();
       } catch (e) {
         const cancelled = e instanceof Cancelled || ctx.signal.reason instanceof Cancelled;
+        for (const fill of fills) {
+          fill.end(new FailedPrecondition(cancelled ? 'the instant clone was cancelled: this volume is deleted' : `the instant clone's fill stopped (${toOffloadError(e).message}): open the volume again`));
+        }
         // Stopped for a resume (the broker closing) or failed: keep what was filled (a save is
         // fenced: a runner that lost the job writes nothing).
         if (!cancelled) for (const fill of fills) await fill.save().catch(() => undefined);

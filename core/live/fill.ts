@@ -37,6 +37,8 @@ export class Fill {
   private source: BlockDevice | undefined;
   private views = 0;
   private closed = false;
+  /** Set when the fill failed or was cancelled: what its views answer from then on. */
+  private ended: Error | undefined;
   /** Bytes copied from the source (by the filler and by client writes to pending granules). */
   copied = 0;
 
@@ -101,23 +103,24 @@ export class Fill {
     if (this.closed) throw new FailedPrecondition('the fill has ended');
     this.views++;
     let open = true;
+    const live = <T>(fn: () => Promise<T>): Promise<T> => (this.ended ? Promise.reject(this.ended) : fn());
     return {
       sizeBytes: this.target.sizeBytes,
       ...(this.target.blockSize !== undefined ? { blockSize: this.target.blockSize } : {}),
-      read: (o, l) => this.read(o, l),
-      write: (o, d) => this.write(o, d, false),
-      writeFua: (o, d) => this.write(o, d, true),
-      writeZeroes: async (o, l) => {
+      read: (o, l) => live(() => this.read(o, l)),
+      write: (o, d) => live(() => this.write(o, d, false)),
+      writeFua: (o, d) => live(() => this.write(o, d, true)),
+      writeZeroes: (o, l) => live(async () => {
         await this.ensureFilled(o, l);
         if (this.target.writeZeroes) await this.target.writeZeroes(o, l);
         else await this.target.write(o, new Uint8Array(l));
-      },
-      discard: async (o, l) => {
+      }),
+      discard: (o, l) => live(async () => {
         await this.ensureFilled(o, l);
         await this.target.discard?.(o, l);
-      },
-      extents: (o, l) => this.extents(o ?? 0, l ?? this.target.sizeBytes - (o ?? 0)),
-      flush: () => this.target.flush(),
+      }),
+      extents: (o, l) => live(() => this.extents(o ?? 0, l ?? this.target.sizeBytes - (o ?? 0))),
+      flush: () => live(() => this.target.flush()),
       close: async () => {
         if (!open) return;
         open = false;
@@ -125,6 +128,14 @@ export class Fill {
         await this.closeIfUnused();
       },
     };
+  }
+
+  /**
+   * The fill failed or was cancelled: every view answers `why` from now on (its source and target
+   * are about to close, a cancelled clone to be deleted), not data from devices going away.
+   */
+  end(why: Error): void {
+    this.ended ??= why;
   }
 
   /** The job is done with the fill: the devices close once no export uses the target. */

@@ -117,6 +117,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
       };
       let pivoted = false;
       let suspended = false;
+      let started = 0;
       try {
         for (let i = 0; i < n; i++) {
           targets[i] = await deps.pairs[i]!.openTarget(params.pairs[i]!.create);
@@ -133,7 +134,10 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
             ...(params.pairs[i]!.since !== undefined ? { initial: async () => [...await deps.pairs[i]!.changesSince(params.pairs[i]!.since!), ...(params.pairs[i]!.pending ?? [])] } : {}),
           }));
         }
-        for (const m of mirrors) await m.start();
+        for (const m of mirrors) {
+          await m.start();
+          started++;
+        }
         await untilAborted(Promise.all(mirrors.map((m) => m.whenReady())), ctx.signal);
         report(true);
         ctx.ready();
@@ -158,7 +162,8 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         for (let i = 0; i < n; i++) await switches[i]!.done(old[i]!);
         await dropResumedFrom(params, deps);
       } catch (e) {
-        if (!pivoted && deps.suspending?.() && mirrors.length === n) suspended = await suspendAll(params, deps, mirrors, ctx);
+        // Only mirrors that all started know what their targets lack (one stopped while starting is cancelled).
+        if (!pivoted && deps.suspending?.() && started === n) suspended = await suspendAll(params, deps, mirrors, ctx);
         if (suspended) {
           throw new Cancelled(`stopped with its service, at a snapshot of ${n === 1 ? 'its source' : 'each source'}: the service resumes the copy as a new job when it starts again`, { data: { suspended: true } });
         }

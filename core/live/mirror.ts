@@ -199,14 +199,21 @@ export class Mirror {
    * Stop copying for a later resume (the service stops): with the clients held, end the loop,
    * make what the target was given durable (its metadata written through, flushed), run `atPoint`
    * (a snapshot of the source names the point), and return what the target is still behind on at
-   * that point — what a resumed copy copies besides what changes after it.
+   * that point — what a resumed copy copies besides what changes after it. A ready mirror first
+   * copies what is dirty, as a consistent stop does: its target is a point-in-time copy even if
+   * the point cannot be taken.
    */
   async suspend(atPoint: () => Promise<void>): Promise<ByteRange[]> {
+    // Never started: its map knows nothing of what the target lacks.
+    if (!this.running) throw new FailedPrecondition('the mirror has not started');
     if (this.stopped && this.halted === undefined) throw new FailedPrecondition('the mirror has stopped');
     return this.source.paused(async () => {
       this.stopped = true;
       this.poke();
       await this.running?.catch(() => undefined); // a copy that failed marked its range again
+      if (this.isReady && this.failure === undefined) {
+        for (let r = this.map.next(0, this.chunk); r; r = this.map.next(r.offset, this.chunk)) await this.copy(r);
+      }
       const behind = this.map.ranges();
       await this.target.deferMetadata?.(false);
       await this.target.flush();

@@ -89,21 +89,22 @@ export class HostedExports implements HostedExportsApi {
 
   /**
    * The live copies this service suspended when it stopped, copied on now that their sources are
-   * served again: each from the snapshots it left, as a new job (the last live copy of its
-   * sources: one resumed before, or started since, is not resumed again).
+   * served again: each from the snapshots it left, as a new job of the same owner. One is left
+   * alone once a later live copy of its volumes has gone further: still running, switched over,
+   * or left points of its own (a later one that failed without any does not count: the
+   * suspended one's points are still the way on).
    */
   private async resumeLiveCopies(broker: Broker, jobs: JobInfo[], served: Map<string, Hosted['principal']>): Promise<void> {
     const mirrors = jobs.filter((j) => j.type === 'mirror').sort((a, b) => a.createdAt.localeCompare(b.createdAt));
     for (const j of mirrors) {
       const pairs = pairsOf(j);
       if (!j.suspended || pairs.length === 0 || !pairs.every((p) => served.has(p.source))) continue;
-      const later = mirrors.some((o) => o.createdAt > j.createdAt && pairsOf(o).some((p) => pairs.some((q) => q.source === p.source || q.target === p.target)));
-      if (later) continue;
-      // As its owner where the export's principal is that owner (a tenant's own copy), else as the service's administrator.
-      const exportOwner = served.get(pairs[0]!.source)!;
-      const as = exportOwner.id === j.owner ? broker.as(exportOwner) : broker;
+      const further = mirrors.some((o) => o.createdAt > j.createdAt && pairsOf(o).some((p) => pairs.some((q) => q.source === p.source || q.target === p.target))
+        && (o.status !== 'concluded' || o.authoritative?.side === 'target' || (o.resumeSince ?? []).some((x) => x !== null)));
+      if (further) continue;
       try {
-        const job = await as.liveCopy([], { resume: j.id, ...(j.speed ? { speed: j.speed } : {}) });
+        // As the administrator: the broker keeps the job its owner's (a tenant's migration stays the tenant's).
+        const job = await broker.liveCopy([], { resume: j.id, ...(j.speed ? { speed: j.speed } : {}) });
         this.logger.info(`live copy ${j.id} (suspended when the service stopped) resumed as job ${job.id}: ${pairs.map((p) => `${p.source} → ${p.target}`).join(', ')}`);
       } catch (e) {
         const err = toOffloadError(e);

@@ -202,7 +202,7 @@ describe('instant clone through the broker', () => {
     });
   }
 
-  it('clone() returns the volume at once; cancel abandons the clone: its export stops and it is deleted', async () => {
+  it('clone() returns the volume at once; cancel abandons the clone: its export stops, it is deleted, a device opened on it answers so', async () => {
     const src = await sourceVolume('local');
     const dst = `local/inst-dst-${++n}`;
     const vol = await broker.clone(src.ref, dst, { instant: true, speed: 1 * MiB });
@@ -210,11 +210,15 @@ describe('instant clone through the broker', () => {
     const job = (await broker.jobs.list()).find((j) => j.type === 'fill' && j.ref === dst)!;
     const exp = await broker.exports.start(dst, { listen: { port: 0 } });
     await until(await broker.jobs.get(job.id), 'running');
+    const opened = await broker.volumes.open(dst, 'r'); // kept across the cancel
     await broker.jobs.cancel(job.id);
     const info = await (await broker.jobs.get(job.id)).wait();
     expect(info.error?.code).toBe('Cancelled');
     await exp.stopped;
     await expect(broker.volumes.get(dst)).rejects.toMatchObject({ code: 'NotFound' });
+    // A device opened through the fill answers that the clone is gone, not data of its source.
+    await expect(opened.read(0, 4096)).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringMatching(/cancelled/) });
+    await opened.close();
     await broker.volumes.delete(src.ref);
   });
 

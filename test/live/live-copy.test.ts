@@ -307,6 +307,23 @@ describe('live copy through the broker', () => {
     await exp.stop();
   });
 
+  it('a tenant\'s live copy resumed by an administrator (as a service does after its restart) stays the tenant\'s', async () => {
+    const alice = broker.as({ id: 'alice', role: 'tenant' });
+    const src = await sourceVolume('local', alice);
+    const exp = await alice.exports.start(src.ref, { listen: { port: 0 } });
+    const dst = `local/alice-rs-${++n}`;
+    const first = await alice.copy(src.ref, dst, { live: true });
+    await untilStatus(first, 'ready');
+    await alice.jobs.cancel(first.id);
+    await first.wait();
+    const again = await broker.liveCopy([], { resume: first.id });
+    expect(again.info().owner).toBe('alice');
+    expect((await alice.jobs.get(again.id)).info().id).toBe(again.id); // she sees it, and may end it
+    await alice.jobs.cancel(again.id);
+    await again.wait();
+    await exp.stop();
+  });
+
   it('a tenant cannot block an administrator\'s migration of its volume: its `nbd stop` is refused, forced is PermissionDenied; the switch-over keeps its export', async () => {
     const alice = broker.as({ id: 'alice', role: 'tenant' });
     const ref = `local/alice-${++n}`;

@@ -240,3 +240,83 @@ describe('a group of mirrors (the disks of one VM)', () => {
   });
 });
 
+
+describe('a live copy suspended when its service stops', () => {
+  function suspending(o: { point?: string; changesFail?: Promise<void> }) {
+    const store = new SqliteStateStore(':memory:');
+    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
+    cleanups.push(async () => {
+      await m.close();
+      await store.close();
+    });
+    const size = 4 * MiB;
+    const src = memoryDevice(size);
+    const dst = memoryDevice(size);
+    const live = new LiveDevice(src);
+    const calls: string[] = [];
+    const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst', since: 'live-old', pending: [{ offset: 0, length: 64 * KiB }] }] }, {
+      pairs: [{
+        source: live,
+        attach: () => undefined,
+        detach: () => undefined,
+        openTarget: async () => dst,
+        prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
+        removeTarget: async () => void calls.push('removeTarget'),
+        changesSince: async () => {
+          if (o.changesFail) {
+            await o.changesFail;
+            throw new Error('the broker is closed'); // as when the service stops while the copy starts
+          }
+          return [];
+        },
+        markPoint: async () => {
+          calls.push('markPoint');
+          return o.point;
+        },
+        dropSnapshot: async (name) => void calls.push(`drop ${name}`),
+      }],
+      failClosed: () => undefined,
+      suspending: () => true,
+    });
+    const start = () => m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }] });
+    return { m, store, src, dst, live, calls, start };
+  }
+
+  it('stopped while its mirrors start (what changed since its point cannot be read any more), it is cancelled, not suspended: no point taken, the one it resumed from kept', async () => {
+    let release!: () => void;
+    const t = suspending({ point: 'live-new', changesFail: new Promise<void>((r) => (release = r)) });
+    const job = await t.start();
+    await job.cancel();
+    release();
+    const info = await job.wait();
+    expect(info.error?.code).toBe('Cancelled');
+    expect(info.suspended).toBeUndefined();
+    expect(((await t.store.getJob(job.id))!.checkpoint as MirrorState).pending).toBeUndefined();
+    expect(t.calls).toEqual([]);
+  });
+
+  it('ready, on a source that cannot take a point: not suspended, and the target is still a consistent copy (what was dirty copied first)', async () => {
+    const t = suspending({});
+    const job = await t.start();
+    await untilStatus(t.m, job.id, 'ready');
+    const data = new Uint8Array(4 * KiB).fill(0x5a);
+    await t.live.write(MiB + 512, data); // dirty when the stop comes
+    await job.cancel();
+    const info = await job.wait();
+    expect(info.error?.code).toBe('Cancelled');
+    expect(info.suspended).toBeUndefined();
+    expect(t.calls).toEqual(['markPoint']);
+    expect(same(await t.dst.read(0, 4 * MiB), await t.src.read(0, 4 * MiB))).toBe(true);
+  });
+
+  it('suspended: the point and what the target lacks are recorded, the point it resumed from dropped', async () => {
+    const t = suspending({ point: 'live-new' });
+    const job = await t.start();
+    await untilStatus(t.m, job.id, 'ready');
+    await job.cancel();
+    const info = await job.wait();
+    expect(info).toMatchObject({ suspended: true, resumeSince: ['live-new'], error: { code: 'Cancelled', message: expect.stringMatching(/stopped with its service/) } });
+    expect(((await t.store.getJob(job.id))!.checkpoint as MirrorState)).toMatchObject({ authoritative: 'source', points: ['live-new'], pending: [[]] });
+    expect(t.calls).toEqual(['markPoint', 'drop live-old']);
+  });
+});

@@ -70,3 +70,55 @@ describe('hosted exports after a restart', () => {
     expect(await restored('local/a', undefined, [mirror('local/a', 'san1/b', T1, 'target')])).toEqual(['san1/b']);
   });
 });
+
+describe('live copies suspended when the service stopped', () => {
+  const T0 = '2026-12-03T10:00:00.000Z';
+  const T1 = '2026-12-03T10:05:00.000Z';
+  const T2 = '2026-12-03T10:09:00.000Z';
+  const suspended = (id: string, createdAt: string): JobInfo => ({
+    ...mirror('local/a', 'san1/b', createdAt, 'source'), id, cancelled: true, suspended: true, resumeSince: [`live-${id}`],
+  });
+
+  /** The jobs the restarted service resumes (the export of local/a restored read-write, or read-only). */
+  async function resumed(jobs: JobInfo[], readOnly = false): Promise<string[]> {
+    const dir = mkdtempSync(join(tmpdir(), 'offload-hosted-'));
+    dirs.push(dir);
+    writeFileSync(join(dir, 'hosted-exports.json'), JSON.stringify({
+      version: 1, exports: [{ name: 'vm', ref: 'local/a', readOnly, listen: { host: '127.0.0.1', port: 10809 }, principal: { id: 'admin', role: 'admin' }, since: T0 }],
+    }));
+    const asked: string[] = [];
+    const broker = {
+      principal: { id: 'admin', role: 'admin' },
+      as: () => broker,
+      jobs: { list: async () => jobs },
+      liveCopy: async (_pairs: unknown, o: { resume: string }) => {
+        asked.push(o.resume);
+        return { id: `again-${o.resume}` };
+      },
+      exports: {
+        start: async (r: string, o: ExportOptions) => ({ name: o.name!, ref: r, uri: 'nbd://127.0.0.1:10809/vm', readOnly, stopped: new Promise<void>(() => undefined), stop: async () => undefined, onRetarget: () => undefined }),
+      },
+    } as unknown as Broker;
+    await new HostedExports(dir, silentLogger).restore(broker);
+    return asked;
+  }
+
+  it('one suspended copy of a restored export: resumed', async () => {
+    expect(await resumed([suspended('j1', T1)])).toEqual(['j1']);
+  });
+
+  it('not for a read-only export', async () => {
+    expect(await resumed([suspended('j1', T1)], true)).toEqual([]);
+  });
+
+  it('a later copy that failed without a point does not hide it (its point is still the way on)', async () => {
+    const failed: JobInfo = { ...mirror('local/a', 'san1/b', T2, 'source'), id: 'j2', error: { code: 'Internal', message: 'x' } };
+    expect(await resumed([suspended('j1', T1), failed])).toEqual(['j1']);
+  });
+
+  it('a later copy that went further does: suspended again (that one is resumed), switched over, or still running', async () => {
+    expect(await resumed([suspended('j1', T1), suspended('j2', T2)])).toEqual(['j2']);
+    expect(await resumed([suspended('j1', T1), { ...mirror('local/a', 'san1/b', T2, 'target'), id: 'j2' }])).toEqual([]);
+    expect(await resumed([suspended('j1', T1), { ...mirror('local/a', 'san1/b', T2, 'source'), id: 'j2', status: 'running' }])).toEqual([]);
+  });
+});
