@@ -103,9 +103,17 @@ export class JobRun implements JobContext {
     this.opts.onProgress?.(this.doneBytes, this.totalBytes);
   }
 
-  async checkpoint(bytesMoved: number, state?: unknown): Promise<void> {
+  pace(bytes: number): Promise<void> {
+    return this.step(bytes, undefined, false);
+  }
+
+  checkpoint(bytesMoved: number, state?: unknown): Promise<void> {
+    return this.step(bytesMoved, state, true);
+  }
+
+  private async step(bytesMoved: number, state: unknown, count: boolean): Promise<void> {
     this.checkLease();
-    if (bytesMoved > 0) this.advance(bytesMoved);
+    if (bytesMoved > 0 && count) this.advance(bytesMoved);
     if (state !== undefined) {
       this.unsaved = { state };
       if (Date.now() - this.lastSave >= this.checkpointEveryMs) await this.saveUnsaved();

@@ -41,6 +41,12 @@ export interface JobContext {
    */
   checkpoint(bytesMoved: number, state?: unknown): Promise<void>;
   /**
+   * What checkpoint() does for `bytes` about to move — the pause, the speed limit, a cancel — but
+   * without counting them as progress: for a task that reports its progress itself (setProgress),
+   * as a live copy does, whose copies may be made again. Absent: use checkpoint().
+   */
+  pace?(bytes: number): Promise<void>;
+  /**
    * Persist resumable state now (e.g. the id of an appliance's job, the moment it exists); await
    * it where what comes next must not happen unrecorded.
    */

@@ -67,6 +67,7 @@ export function partContexts(ctx: JobContext, n: number): JobContext[] {
       slots[i] = state;
       return ctx.saveState(whole());
     },
+    pace: (bytes) => (ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes)),
     beforeSave: (fn) => ctx.beforeSave(fn),
     ready: () => ctx.ready(),
     waitForComplete: () => ctx.waitForComplete(),

@@ -130,7 +130,8 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
               report(false);
             },
             // The speed limit, pause and cancel, between copies.
-            throttle: (bytes) => ctx.checkpoint(bytes),
+            // Not counted when let through: the progress is what the copies report (onProgress).
+            throttle: (bytes) => (ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes)),
             ...(params.pairs[i]!.since !== undefined ? { initial: async () => [...await deps.pairs[i]!.changesSince(params.pairs[i]!.since!), ...(params.pairs[i]!.pending ?? [])] } : {}),
           }));
         }

@@ -320,3 +320,43 @@ describe('a live copy suspended when its service stops', () => {
     expect(t.calls).toEqual(['markPoint', 'drop live-old']);
   });
 });
+
+describe('a live copy\'s progress', () => {
+  it('counts what reached the target, not what the speed limit let through before it was copied', async () => {
+    const store = new SqliteStateStore(':memory:');
+    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
+    cleanups.push(async () => {
+      await m.close();
+      await store.close();
+    });
+    const size = 8 * MiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(size).fill(3));
+    const dst = memoryDevice(size);
+    let written = 0;
+    const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
+      pairs: [{
+        source: new LiveDevice(src),
+        attach: () => undefined,
+        detach: () => undefined,
+        openTarget: async () => ({ ...dst, write: async (o: number, d: Uint8Array) => { await dst.write(o, d); written += d.length; } }),
+        prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
+        removeTarget: async () => undefined,
+        changesSince: async () => [],
+        markPoint: async () => undefined,
+        dropSnapshot: async () => undefined,
+      }],
+      failClosed: () => undefined,
+    });
+    const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], speed: 4 * MiB });
+    const seen: { current: number; written: number }[] = [];
+    for (let i = 0; i < 400 && (await m.get(job.id)).info().status !== 'ready'; i++) {
+      seen.push({ current: (await m.get(job.id)).info().progress.current, written });
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(seen.length).toBeGreaterThan(20);
+    expect(seen.filter((s) => s.current > s.written)).toEqual([]);
+    await job.cancel();
+    await job.wait();
+  });
+});
