@@ -329,7 +329,7 @@ describe('a live copy\'s progress', () => {
       await m.close();
       await store.close();
     });
-    const size = 8 * MiB;
+    const size = 4 * MiB;
     const src = memoryDevice(size);
     await src.write(0, new Uint8Array(size).fill(3));
     const dst = memoryDevice(size);
@@ -352,7 +352,7 @@ describe('a live copy\'s progress', () => {
     const seen: { current: number; written: number }[] = [];
     for (let i = 0; i < 400 && (await m.get(job.id)).info().status !== 'ready'; i++) {
       seen.push({ current: (await m.get(job.id)).info().progress.current, written });
-      await new Promise((r) => setTimeout(r, 10));
+      await new Promise((r) => setTimeout(r, 5));
     }
     expect(seen.length).toBeGreaterThan(20);
     expect(seen.filter((s) => s.current > s.written)).toEqual([]);

@@ -85,21 +85,21 @@ describe('backup across a broker restart', () => {
     for (const v of ['local/ga', 'local/gb']) {
       await b.volumes.create(v, { sizeBytes: SIZE });
     }
-    await write(b, 'local/ga', [[0, 12 * MiB, 31]]);
-    await write(b, 'local/gb', [[4 * MiB, 12 * MiB, 32]]);
+    await write(b, 'local/ga', [[0, 8 * MiB, 31]]);
+    await write(b, 'local/gb', [[4 * MiB, 8 * MiB, 32]]);
     const want = [await readAll(b, 'local/ga'), await readAll(b, 'local/gb')];
     const job = await b.backups.startGroup([{ source: 'local/ga', to: 'local/gset-a' }, { source: 'local/gb', to: 'local/gset-b' }], { speed: 4 * MiB });
     const id = job.info().id;
-    for (let i = 0; i < 1000 && (await b.jobs.get(id)).info().progress.current < 16 * MiB; i++) await new Promise((r) => setTimeout(r, 20));
+    for (let i = 0; i < 1000 && (await b.jobs.get(id)).info().progress.current < 10 * MiB; i++) await new Promise((r) => setTimeout(r, 20));
     await b.close();
 
     b = await open();
     try {
       // The first disk counted as done (test/core/backup-group-task.test.ts shows it is not read again).
-      expect((await b.jobs.get(id)).info().progress.current).toBeGreaterThanOrEqual(12 * MiB);
+      expect((await b.jobs.get(id)).info().progress.current).toBeGreaterThanOrEqual(8 * MiB);
       const info = await b.jobs.wait(id);
       expect(info.error).toBeUndefined();
-      expect(info.progress).toMatchObject({ current: 24 * MiB, total: 24 * MiB }); // nothing copied twice, as far as progress tells
+      expect(info.progress).toMatchObject({ current: 16 * MiB, total: 16 * MiB }); // nothing copied twice, as far as progress tells
       for (const [i, set] of ['local/gset-a', 'local/gset-b'].entries()) {
         expect((await b.backups.list(set)).map((p) => p.point)).toEqual([1]);
         const r = await b.backups.restore(`${set}@b1`, { to: `local/gback-${i}` });
