@@ -72,6 +72,8 @@ export interface JobManagerOptions {
   checkpointEveryMs?: number;
   /** How long a runner's lease on a job lasts without renewal (default 15 s); renewed every third of it. */
   leaseMs?: number;
+  /** How long a job waits in line behind other brokers' operations before it is refused Busy (default 30 s). */
+  lineWaitMs?: number;
 }
 
 /**
@@ -83,6 +85,7 @@ export class JobManager {
   private readonly token = randomBytes(8).toString('hex');
   private readonly running = new Map<string, ManagedJob>();
   private readonly leaseMs: number;
+  private readonly lineWaitMs: number | undefined;
   private readonly checkpointEveryMs: number | undefined;
   private readonly heartbeat: NodeJS.Timeout;
   private adopter: NodeJS.Timeout | undefined;
@@ -106,6 +109,7 @@ export class JobManager {
     opts: JobManagerOptions = {},
   ) {
     this.leaseMs = opts.leaseMs ?? DEFAULT_LEASE_MS;
+    this.lineWaitMs = opts.lineWaitMs;
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;
     this.placement = opts.placement ?? (() => undefined);
@@ -162,7 +166,7 @@ export class JobManager {
       claim = await this.rows.claim(id, req.locks, req.principal, description);
       // Released with the job; the claim is withdrawn once the record holds the locks (or start fails).
       return { ...claim, done: async () => undefined };
-    });
+    }, this.lineWaitMs);
     const withdrawn = async (e: unknown): Promise<never> => {
       await lease.release();
       await claim?.withdraw();

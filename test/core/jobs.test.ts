@@ -406,7 +406,8 @@ describe('locks across processes', () => {
     const s2 = new SqliteStateStore(file);
     const l1 = new LockManager();
     const m1 = new JobManager(s1, l1, async () => undefined, silentLogger);
-    const m2 = new JobManager(s2, new LockManager(), async () => undefined, silentLogger);
+    // Its jobs wait in line 1 s (not 30) before Busy.
+    const m2 = new JobManager(s2, new LockManager(), async () => undefined, silentLogger, { lineWaitMs: 1000 });
     // A short operation as runShort takes it: granted here, published and checked against the others in one step.
     const operation = (id: string, description: string) => {
       const locks = [{ key: 'b/v', mode: 'exclusive' as const }];
