@@ -2,6 +2,7 @@ import type { BlockDevice } from './backend/block-device.js';
 import type { ChangedExtents, StorageBackend } from './backend/storage-backend.js';
 import type { ExportInfo } from './export/registry.js';
 import type { ListenAddress } from './export/nbd-server.js';
+import type { NbdTlsConfig } from './export/nbd-tls.js';
 import type { Job, JobInfo } from './jobs/job.js';
 import type { Principal } from './locks/principal.js';
 import type { LockInfo } from './locks/lock-manager.js';
@@ -80,6 +81,12 @@ export interface ExportOptions {
   readOnly?: boolean;
   /** Where to listen (default 127.0.0.1:10809; `port: 0` picks a free port; `{ socket }` a unix socket). */
   listen?: ListenAddress;
+  /**
+   * Require TLS with these credentials on this export's server (as qemu-nbd `--tls-creds`), in
+   * place of the config's `nbd.tls`; relative paths are the working folder's. Exports sharing an
+   * address must agree on it.
+   */
+  tls?: NbdTlsConfig;
 }
 
 /** A running export: its URI for clients, and how to end it. */

@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
 import type { ExportHandle, ExportOptions, ExportsApi } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
+import { loadNbdTls, type NbdTls, type NbdTlsConfig } from '../export/nbd-tls.js';
 import type { ExportInfo } from '../export/registry.js';
 import { LiveDevice } from '../live/live-device.js';
 import { withChangeBitmaps } from './change-bitmaps.js';
@@ -35,6 +36,7 @@ export class Exports implements ExportsApi {
     const readOnly = opts.readOnly ?? snapshot;
     const name = checkName(opts.name ?? formatRef(ref));
     const listen = checkListen(opts.listen);
+    const tls = opts.tls === undefined ? undefined : exportTls(opts.tls);
     need(this.s, ref.backend, readOnly ? 'data.read' : 'data.write');
     await this.a.assertOwns(ref);
 
@@ -55,7 +57,7 @@ export class Exports implements ExportsApi {
       let served: { info: ExportInfo; ended: Promise<void> };
       const held = hold;
       try {
-        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: this.a.principal, listen, release: () => held.release(), holder: held.id });
+        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: this.a.principal, listen, release: () => held.release(), holder: held.id, ...(tls ? { tls } : {}) });
       } catch (e) {
         await device.close().catch(() => undefined);
         throw e;
@@ -155,6 +157,19 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
       await lease.release();
     },
   };
+}
+
+/** An export's own TLS credentials (ExportOptions.tls), checked and read now: a bad file fails the start. */
+function exportTls(value: unknown): { creds: () => NbdTls; id: string } {
+  const v = value as Record<string, unknown> | null;
+  const str = (x: unknown) => typeof x === 'string' && x.length > 0;
+  const x509 = v !== null && typeof v === 'object' && str(v.x509) && Object.keys(v).every((k) => ['x509', 'verifyPeer', 'allow'].includes(k))
+    && (v.verifyPeer === undefined || typeof v.verifyPeer === 'boolean') && (v.allow === undefined || (Array.isArray(v.allow) && v.allow.length > 0 && v.allow.every(str)));
+  const psk = v !== null && typeof v === 'object' && str(v.psk) && Object.keys(v).length === 1;
+  if (!x509 && !psk) throw new InvalidArgument('tls is { x509: FOLDER, verifyPeer?, allow?: [NAME…] } or { psk: FILE }, as the config\'s nbd.tls');
+  const config: NbdTlsConfig = psk ? { psk: resolve(v!.psk as string) } : { ...(v as { x509: string }), x509: resolve(v!.x509 as string) };
+  const creds = loadNbdTls(config);
+  return { creds: () => creds, id: JSON.stringify(config) };
 }
 
 /** The fill's view of its target, or (the fill ended just now) the target itself. */

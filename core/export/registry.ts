@@ -7,7 +7,7 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import type { Principal } from '../locks/principal.js';
-import { AlreadyExists, FailedPrecondition, NotFound } from '../model/errors.js';
+import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
 import { NbdServer, type ListenAddress } from './nbd-server.js';
 import type { NbdTls } from './nbd-tls.js';
 
@@ -48,6 +48,8 @@ export interface ServeRequest {
   release: () => void | Promise<void>;
   /** The id its locks are held under (a live job's locks are taken within it). */
   holder: string;
+  /** TLS for this export's server in place of the broker's (`id`: the same credentials, the same id). */
+  tls?: { creds: () => NbdTls; id: string };
 }
 
 interface Served {
@@ -76,6 +78,8 @@ export class ExportRegistry {
   private readonly served = new Map<string, Served>();
   private readonly reserved = new Set<string>();
   private readonly servers = new Map<string, NbdServer>();
+  /** Which credentials each server requires ('' none, 'config' the broker's): exports sharing a server must agree. */
+  private readonly serverTls = new Map<string, string>();
   private readonly mutex = new KeyedMutex();
   private closing = false;
 
@@ -105,16 +109,24 @@ export class ExportRegistry {
     const key = addressKey(r.listen);
     // Under the address's lock: a server is created, joined or closed by one caller at a time.
     return this.mutex.run([key ?? `new:${r.name}`], async () => {
+      const tls = r.tls ?? (this.tls ? { creds: this.tls, id: 'config' } : undefined);
       let server = key ? this.servers.get(key) : undefined;
+      if (server && (this.serverTls.get(keyOf(server)) ?? '') !== (tls?.id ?? '')) {
+        throw new InvalidArgument(`${keyOf(server)} serves exports ${this.serverTls.get(keyOf(server)) ? 'with other TLS credentials' : 'without TLS'}: exports sharing an address share its TLS`, {
+          ref: r.name, hint: 'listen on another port (--port) or socket for this export',
+        });
+      }
       if (!server) {
-        server = await NbdServer.listen(r.listen, this.tls ? { tls: this.tls() } : {});
+        server = await NbdServer.listen(r.listen, tls ? { tls: tls.creds() } : {});
         this.servers.set(keyOf(server), server);
+        this.serverTls.set(keyOf(server), tls?.id ?? '');
       }
       try {
         server.addExport({ name: r.name, device: r.device, readOnly: r.readOnly, description: r.ref });
       } catch (e) {
         if (server.exportNames().length === 0) {
           this.servers.delete(keyOf(server));
+          this.serverTls.delete(keyOf(server));
           await server.close();
         }
         throw e;
@@ -204,6 +216,7 @@ export class ExportRegistry {
     await Promise.allSettled([...this.served.keys()].map((n) => this.stop(n)));
     await Promise.allSettled([...this.servers.values()].map((s) => s.close()));
     this.servers.clear();
+    this.serverTls.clear();
   }
 
   private async closeIfIdle(key: string): Promise<void> {
@@ -211,6 +224,7 @@ export class ExportRegistry {
       const server = this.servers.get(key);
       if (!server || server.exportNames().length > 0) return;
       this.servers.delete(key);
+      this.serverTls.delete(key);
       await server.close();
     });
   }

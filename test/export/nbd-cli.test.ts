@@ -5,6 +5,7 @@
  * another process preempts a tenant's export.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -96,6 +97,41 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
     expect(info['virtual-size']).toBe(64 * MiB);
     s.child.kill('SIGTERM');
     expect(await s.exit).toBe(0);
+  });
+
+  it('--tls psk:FILE and x509:FOLDER, as qemu-nbd --tls-creds: QEMU reads and writes with the credentials, a plain client is refused; bad --tls exits 2', async () => {
+    const key = randomBytes(32).toString('hex');
+    const psk = join(dir, 'keys.psk');
+    writeFileSync(psk, `alice:${key}\n`);
+    mkdirSync(join(dir, 'qemu-psk'), { recursive: true });
+    writeFileSync(join(dir, 'qemu-psk', 'keys.psk'), `alice:${key}\n`);
+    const s = await serve('local/vm1', '--port', '0', '--tls', `psk:${psk}`);
+    expect(s.first).toMatch(/^nbds:\/\/127\.0\.0\.1:\d+\/local\/vm1$/);
+    const port = /:(\d+)\//.exec(s.first)![1]!;
+    const target = (creds: string) => `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${port},export=local/vm1,tls-creds=${creds}`;
+    await ok('qemu-io', ['--object', `tls-creds-psk,id=tls0,endpoint=client,dir=${join(dir, 'qemu-psk')},username=alice`, '--image-opts', target('tls0'),
+      '-c', 'write -P 0x6d 2M 64k', '-c', 'read -P 0x6d 2M 64k']);
+    const plain = spawnSync('qemu-img', ['info', `nbd://127.0.0.1:${port}/local/vm1`], { encoding: 'utf8' });
+    expect(plain.status).not.toBe(0);
+    expect(plain.stderr).toMatch(/TLS/);
+    s.child.kill('SIGTERM');
+    expect(await s.exit).toBe(0);
+
+    const creds = join(ROOT, 'test/support/tls');
+    const x = await serve('local/vm1', '--port', '0', '--read-only', '--tls', `x509:${join(creds, 'server')}`, '--tls-allow', 'alice');
+    const xport = /:(\d+)\//.exec(x.first)![1]!;
+    await ok('qemu-img', ['info', '--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${join(creds, 'client')}`,
+      '--image-opts', `driver=nbd,server.type=inet,server.host=localhost,server.port=${xport},export=local/vm1,tls-creds=tls0`]);
+    x.child.kill('SIGTERM');
+    expect(await x.exit).toBe(0);
+
+    for (const args of [['--tls', 'nope:x'], ['--tls-allow', 'alice'], ['--tls', `psk:${psk}`, '--tls-allow', 'alice']]) {
+      const r = cli('nbd', 'local/vm1', '--port', '0', ...args);
+      expect(r.status, r.stderr).toBe(2);
+    }
+    const missing = cli('nbd', 'local/vm1', '--port', '0', '--tls', `psk:${join(dir, 'absent.psk')}`);
+    expect(missing.status).not.toBe(0);
+    expect(missing.stderr).toMatch(/absent\.psk/);
   });
 
   it('bad usage exits 2 with one line; a port in use is Busy (exit 1)', async () => {

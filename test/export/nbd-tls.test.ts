@@ -345,6 +345,22 @@ describe('TLS credentials in the config (nbd.tls)', () => {
 
     afterAll(() => broker?.close());
 
+    it('an export\'s own credentials (ExportOptions.tls) replace the config\'s; exports sharing an address must agree; bad ones are refused', async () => {
+      const own = await broker.exports.start('pool/disk', { name: 'own', readOnly: true, listen: { port: 0 }, tls: { x509: join(CREDS, 'server') } });
+      try {
+        expect(own.uri).toMatch(/^nbds:\/\//);
+        const port = Number(new URL(own.uri).port);
+        // The config's PSK is not what this server asks for; the x509 client certificate is.
+        expect((await tool('nbdinfo', ['--size', `nbds://alice@127.0.0.1:${port}/own?tls-psk-file=${pskFile}`])).status).not.toBe(0);
+        await expect(broker.exports.start('pool/disk', { name: 'beside', readOnly: true, listen: { port } })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/other TLS credentials/) });
+      } finally {
+        await own.stop();
+      }
+      await expect(broker.exports.start('pool/disk', { name: 'bad', readOnly: true, listen: { port: 0 }, tls: { x509: join(dir, 'nowhere') } })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/nowhere/) });
+      await expect(broker.exports.start('pool/disk', { name: 'bad', readOnly: true, listen: { port: 0 }, tls: { psk: pskFile, x509: CREDS } as never })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/tls is/) });
+      expect((await broker.exports.list()).map((e) => e.name)).toEqual([]);
+    });
+
     it('serves every export with TLS: nbds:// on TCP, nbds+unix:// on a socket, and nbdinfo reads both with the key', async () => {
       const tcp = await broker.exports.start('pool/disk', { readOnly: true, listen: { port: 0 } });
       const unix = await broker.exports.start('pool/disk', { name: 'disk-unix', readOnly: true, listen: { socket: join(dir, 'nbd.sock') } });

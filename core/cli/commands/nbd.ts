@@ -3,7 +3,7 @@ import type { ExportOptions } from '../../broker-api.js';
 import { serviceOf } from '../../service/remote.js';
 import { UsageError, type CliContext } from '../contribution.js';
 
-interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: string; bind?: string }
+interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: string; bind?: string; tls?: string; tlsAllow?: string }
 
 /**
  * `offload nbd REF`: serve a volume over NBD in the foreground, like qemu-nbd. The URI is the
@@ -20,9 +20,13 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     .option('--port <port>', 'TCP port (default 10809; 0 picks a free one)')
     .option('--socket <path>', 'listen on a unix socket instead of TCP')
     .option('--bind <addr>', 'address to listen on (default 127.0.0.1)')
+    .option('--tls <creds>', 'require TLS, as qemu-nbd --tls-creds: x509:FOLDER (ca-cert.pem, server-cert.pem, server-key.pem, ca-crl.pem; clients need a certificate of the CA) or psk:FILE (psktool\'s identity:hexkey lines)')
+    .option('--tls-allow <names>', 'with x509: only clients whose certificate names one of these (comma-separated common names), as QEMU\'s tls-authz')
     .action(async (ref: string, o: NbdFlags) => {
-      const opts: ExportOptions = { ...(o.name !== undefined ? { name: o.name } : {}), ...(o.readOnly ? { readOnly: true } : {}), listen: listenOf(o) };
+      const tls = tlsOf(o);
+      const opts: ExportOptions = { ...(o.name !== undefined ? { name: o.name } : {}), ...(o.readOnly ? { readOnly: true } : {}), listen: listenOf(o), ...(tls ? { tls } : {}) };
       const broker = await ctx.broker();
+      if (tls && serviceOf(broker)) throw new UsageError('--tls is for an export this command serves: a service\'s exports use the nbd.tls of its config');
       const exp = await broker.exports.start(ref, opts);
       ctx.print({ name: exp.name, ref: exp.ref, uri: exp.uri, readOnly: exp.readOnly }, exp.uri, { oneLine: true });
       const service = serviceOf(broker);
@@ -83,4 +87,21 @@ function listenOf(o: NbdFlags): ExportOptions['listen'] {
     port = Number(o.port);
   }
   return { host: o.bind ?? '127.0.0.1', port };
+}
+
+/** `--tls x509:FOLDER | psk:FILE` and `--tls-allow NAMES`. */
+function tlsOf(o: NbdFlags): ExportOptions['tls'] {
+  if (o.tls === undefined) {
+    if (o.tlsAllow !== undefined) throw new UsageError('--tls-allow goes with --tls x509:FOLDER');
+    return undefined;
+  }
+  const m = /^(x509|psk):(.+)$/.exec(o.tls);
+  if (!m) throw new UsageError(`--tls takes x509:FOLDER or psk:FILE, got ${o.tls}`);
+  if (m[1] === 'psk') {
+    if (o.tlsAllow !== undefined) throw new UsageError('--tls-allow names certificates: it goes with --tls x509:FOLDER');
+    return { psk: m[2]! };
+  }
+  const allow = o.tlsAllow?.split(',').map((n) => n.trim()).filter((n) => n.length > 0);
+  if (o.tlsAllow !== undefined && allow!.length === 0) throw new UsageError('--tls-allow takes one or more names, comma-separated');
+  return { x509: m[2]!, ...(allow ? { allow } : {}) };
 }
