@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest, type Outside, type Publish } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
-import { Busy, FailedPrecondition, NotFound, toOffloadError } from '../model/errors.js';
+import { Busy, FailedPrecondition, InvalidArgument, NotFound, toOffloadError } from '../model/errors.js';
 import { RELEASED, type ExportRecord, type JobRecord, type OpLockRecord } from '../state/records.js';
 import type { StateOps, StateStore } from '../state/state-store.js';
 import { ACTIVE_STATUSES } from './job-states.js';
@@ -72,7 +72,10 @@ export interface JobManagerOptions {
   checkpointEveryMs?: number;
   /** How long a runner's lease on a job lasts without renewal (default 15 s); renewed every third of it. */
   leaseMs?: number;
-  /** How long a job waits in line behind other brokers' operations before it is refused Busy (default 30 s). */
+  /**
+   * How long a job's start waits for its locks — in line behind other brokers' operations, or for
+   * tenants an administrator's job preempts — before it is refused Busy (default 30 s).
+   */
   lineWaitMs?: number;
 }
 
@@ -109,6 +112,7 @@ export class JobManager {
     opts: JobManagerOptions = {},
   ) {
     this.leaseMs = opts.leaseMs ?? DEFAULT_LEASE_MS;
+    if (opts.lineWaitMs !== undefined && !(Number.isFinite(opts.lineWaitMs) && opts.lineWaitMs >= 0)) throw new InvalidArgument(`lineWaitMs must be a number of milliseconds ≥ 0, got ${String(opts.lineWaitMs)}`);
     this.lineWaitMs = opts.lineWaitMs;
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;

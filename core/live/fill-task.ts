@@ -1,6 +1,7 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { Cancelled, FailedPrecondition, toOffloadError } from '../model/errors.js';
+import { Shutdown } from '../jobs/job-run.js';
 import { DEFAULT_GRANULARITY } from './dirty-map.js';
 import { Fill, type FillState } from './fill.js';
 
@@ -120,18 +121,21 @@ export function fillTask(params: FillParams, deps: FillPairDeps[]): JobTask {
         for (const d of deps) d.unregister();
       } catch (e) {
         const cancelled = e instanceof Cancelled || ctx.signal.reason instanceof Cancelled;
-        for (const fill of fills) {
-          fill.end(new FailedPrecondition(cancelled ? 'the instant clone was cancelled: this volume is deleted' : `the instant clone's fill stopped (${toOffloadError(e).message}): open the volume again`));
-        }
         // Stopped for a resume (the broker closing) or failed: keep what was filled (a save is
         // fenced: a runner that lost the job writes nothing).
         if (!cancelled) for (const fill of fills) await fill.save().catch(() => undefined);
+        // The exports first, while their views still serve (their clients see a clean end); then
+        // every other view (a volumes.open) answers why, rather than reading devices going away.
+        for (const d of deps) await d.stopExports().catch(() => undefined);
+        const why = cancelled ? 'the instant clone was cancelled: this volume is deleted'
+          : e instanceof Shutdown || ctx.signal.reason instanceof Shutdown ? 'the broker stopped: the fill goes on when it starts again; open the volume then'
+            : `the instant clone's fill failed (${toOffloadError(e).message}): the clone is incomplete; delete it and clone again`;
+        for (const fill of fills) fill.end(new FailedPrecondition(why));
         for (const d of deps) d.unregister(e);
         for (const dev of opened) await dev.close().catch(() => undefined);
         for (const [i, d] of deps.entries()) {
           // A first run that failed before its record leaves no half-made clone behind.
           if (cancelled || i < createdUnrecorded) await d.abandon().catch(() => undefined);
-          else await d.stopExports().catch(() => undefined);
         }
         throw e;
       } finally {

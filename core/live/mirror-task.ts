@@ -109,9 +109,19 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
       // The job's progress (an event with a copy of its record) at most every PROGRESS_EVERY_MS, not
       // per copied MiB: that was ~3 % of the serving thread during a copy at full speed.
       let reported = 0;
+      // One report after a skipped one, so that the last copies before a quiet spell are shown.
+      let trailing: NodeJS.Timeout | undefined;
       const report = (force: boolean) => {
         const now = Date.now();
-        if (!force && now - reported < PROGRESS_EVERY_MS) return;
+        if (!force && now - reported < PROGRESS_EVERY_MS) {
+          trailing ??= setTimeout(() => {
+            trailing = undefined;
+            report(true);
+          }, PROGRESS_EVERY_MS - (now - reported)).unref();
+          return;
+        }
+        clearTimeout(trailing);
+        trailing = undefined;
         reported = now;
         ctx.setProgress(sum(copied), sum(copied) + sum(dirty));
       };
@@ -171,6 +181,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         if (!pivoted) await stopAll(params, deps, mirrors, ctx);
         throw e;
       } finally {
+        clearTimeout(trailing);
         for (const d of deps.pairs) d.detach();
         if (!pivoted) {
           for (let i = 0; i < n; i++) {
