@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ADMIN, LockManager, silentLogger, type BlockDevice, type JobStatus } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
 import { LiveDevice } from '../../core/live/live-device.js';
-import { mirrorTask, type MirrorState } from '../../core/live/mirror-task.js';
+import { mirrorTask, type MirrorPairDeps, type MirrorState } from '../../core/live/mirror-task.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { memoryDevice } from '../support/memory-device.js';
 
@@ -18,13 +18,35 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-function setup(mode: 'background' | 'write-blocking' = 'background', create = false) {
+/** A job manager on a store in memory, closed after the test. */
+function jobManager(): { store: SqliteStateStore; m: JobManager } {
   const store = new SqliteStateStore(':memory:');
   const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
   cleanups.push(async () => {
     await m.close();
     await store.close();
   });
+  return { store, m };
+}
+
+/** A pair's deps that do nothing but serve `source` and `target` (what a test overrides aside). */
+function plainPair(source: LiveDevice, target: BlockDevice, over: Partial<MirrorPairDeps> = {}): MirrorPairDeps {
+  return {
+    source,
+    attach: () => undefined,
+    detach: () => undefined,
+    openTarget: async () => target,
+    prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
+    removeTarget: async () => undefined,
+    changesSince: async () => [],
+    markPoint: async () => undefined,
+    dropSnapshot: async () => undefined,
+    ...over,
+  };
+}
+
+function setup(mode: 'background' | 'write-blocking' = 'background', create = false) {
+  const { store, m } = jobManager();
   const size = 4 * MiB;
   const src = memoryDevice(size);
   const dst = memoryDevice(size);
@@ -158,12 +180,7 @@ describe('the mirror job', () => {
 
 describe('a group of mirrors (the disks of one VM)', () => {
   function group(failFlushOf?: number) {
-    const store = new SqliteStateStore(':memory:');
-    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
-    cleanups.push(async () => {
-      await m.close();
-      await store.close();
-    });
+    const { store, m } = jobManager();
     const size = 2 * MiB;
     const disks = [0, 1].map((i) => {
       const src = memoryDevice(size);
@@ -243,24 +260,14 @@ describe('a group of mirrors (the disks of one VM)', () => {
 
 describe('a live copy suspended when its service stops', () => {
   function suspending(o: { point?: string; changesFail?: Promise<void> }) {
-    const store = new SqliteStateStore(':memory:');
-    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
-    cleanups.push(async () => {
-      await m.close();
-      await store.close();
-    });
+    const { store, m } = jobManager();
     const size = 4 * MiB;
     const src = memoryDevice(size);
     const dst = memoryDevice(size);
     const live = new LiveDevice(src);
     const calls: string[] = [];
     const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst', since: 'live-old', pending: [{ offset: 0, length: 64 * KiB }] }] }, {
-      pairs: [{
-        source: live,
-        attach: () => undefined,
-        detach: () => undefined,
-        openTarget: async () => dst,
-        prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
+      pairs: [plainPair(live, dst, {
         removeTarget: async () => void calls.push('removeTarget'),
         changesSince: async () => {
           if (o.changesFail) {
@@ -274,7 +281,7 @@ describe('a live copy suspended when its service stops', () => {
           return o.point;
         },
         dropSnapshot: async (name) => void calls.push(`drop ${name}`),
-      }],
+      })],
       failClosed: () => undefined,
       suspending: () => true,
     });
@@ -323,12 +330,7 @@ describe('a live copy suspended when its service stops', () => {
 
 describe('a live copy\'s progress', () => {
   it('counts what reached the target, not what the speed limit let through before it was copied', async () => {
-    const store = new SqliteStateStore(':memory:');
-    const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
-    cleanups.push(async () => {
-      await m.close();
-      await store.close();
-    });
+    const { store, m } = jobManager();
     const size = 4 * MiB;
     const src = memoryDevice(size);
     await src.write(0, new Uint8Array(size).fill(3));
@@ -336,17 +338,7 @@ describe('a live copy\'s progress', () => {
     let written = 0;
     const live = new LiveDevice(src);
     const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
-      pairs: [{
-        source: live,
-        attach: () => undefined,
-        detach: () => undefined,
-        openTarget: async () => ({ ...dst, write: async (o: number, d: Uint8Array) => { await dst.write(o, d); written += d.length; } }),
-        prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
-        removeTarget: async () => undefined,
-        changesSince: async () => [],
-        markPoint: async () => undefined,
-        dropSnapshot: async () => undefined,
-      }],
+      pairs: [plainPair(live, { ...dst, write: async (o: number, d: Uint8Array) => { await dst.write(o, d); written += d.length; } })],
       failClosed: () => undefined,
     });
     const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], speed: 4 * MiB });
