@@ -7,15 +7,13 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { Broker, JobInfo } from '../../core/index.js';
-import { allBackendsForFile, withDevice, type AllBackends } from '../support/all-backends.js';
+import { allBackendsForFile, patternBytes, withDevice, type AllBackends } from '../support/all-backends.js';
 import { openExport, reply, request, CMD } from '../support/nbd-client.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 
-function bytes(seed: number, length: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => ((seed * 131 + i * 7) % 251) + 1);
-}
+const bytes = (seed: number, length: number): Uint8Array => patternBytes(seed, 0, length);
 
 describe('group backup: the disks of one VM at one instant', () => {
   let broker: Broker;

@@ -7,15 +7,13 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { Broker } from '../../core/index.js';
-import { allBackendsForFile, withDevice } from '../support/all-backends.js';
+import { allBackendsForFile, patternBytes, withDevice } from '../support/all-backends.js';
 import { NbdWriter } from '../support/nbd-writer.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 
-function bytes(seed: number, length: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => ((seed * 131 + i * 7) % 251) + 1);
-}
+const bytes = (seed: number, length: number): Uint8Array => patternBytes(seed, 0, length);
 
 describe('backup and restore across backends', () => {
   let broker: Broker;

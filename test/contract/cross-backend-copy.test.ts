@@ -8,16 +8,12 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { COPY_CHUNK, type Broker, type Extent } from '../../core/index.js';
-import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
+import { patternBytes as bytes, startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 12 * MiB;
 const BACKENDS = ['local', 'san1', 'nas1'] as const;
 
-/** Bytes that depend on the offset and the seed and are never zero. */
-function bytes(seed: number, offset: number, length: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => ((seed * 131 + (offset + i) * 7) % 251) + 1);
-}
 
 /** What the source gets: [offset, length, 'data' | 'zero']. Everything else stays a hole. */
 const LAYOUT: readonly [number, number, 'data' | 'zero'][] = [

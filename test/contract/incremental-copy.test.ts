@@ -8,15 +8,12 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { Broker } from '../../core/index.js';
-import { allBackendsForFile, withDevice } from '../support/all-backends.js';
+import { allBackendsForFile, patternBytes as bytes, withDevice } from '../support/all-backends.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const BACKENDS = ['local', 'san1', 'nas1'] as const;
 
-function bytes(seed: number, offset: number, length: number): Uint8Array {
-  return Uint8Array.from({ length }, (_, i) => ((seed * 131 + (offset + i) * 7) % 251) + 1);
-}
 
 /** Before S1: data here; the rest stays a hole. */
 const BEFORE: readonly [number, number][] = [[0, 2 * MiB], [5 * MiB, MiB], [SIZE - 64 * 1024, 64 * 1024]];

@@ -10,7 +10,7 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Broker, Extent } from '../../core/index.js';
-import { startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
+import { patternBytes, startAllBackends, withDevice, type AllBackends } from '../support/all-backends.js';
 import { memoryModule } from '../support/memory-backend.js';
 import { HAVE, ok, qemuIo, qemuMap, tool } from '../support/nbd-tools.js';
 
@@ -18,10 +18,7 @@ const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const BACKENDS = ['local', 'localraw', 'san1', 'nas1', 'mem'] as const;
 
-/** Data that depends on the offset and seed, never zero. */
-function bytes(seed: number, offset: number, length: number): Buffer {
-  return Buffer.from(Uint8Array.from({ length }, (_, i) => ((seed * 131 + (offset + i) * 7) % 251) + 1));
-}
+const bytes = (seed: number, offset: number, length: number): Buffer => Buffer.from(patternBytes(seed, offset, length));
 
 /** [offset, length, 'data' | 'zero'] written before the export starts; the rest stays a hole. */
 const LAYOUT: readonly [number, number, 'data' | 'zero'][] = [

@@ -74,3 +74,8 @@ export function allBackendsForFile(prefix: string, use: (all: AllBackends) => vo
     await all?.close();
   });
 }
+
+/** Test data that depends on the seed and on the offset it is written at, never a zero byte. */
+export function patternBytes(seed: number, offset: number, length: number): Uint8Array {
+  return Uint8Array.from({ length }, (_, i) => ((seed * 131 + (offset + i) * 7) % 251) + 1);
+}
