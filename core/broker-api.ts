@@ -87,6 +87,14 @@ export interface ExportOptions {
    * address must agree on it.
    */
   tls?: NbdTlsConfig;
+  /**
+   * A writable export: hold its clients' writes (reads go on) until a live copy resumed after a
+   * crash guards them (its write-intent record takes each in before it lands), or this settles —
+   * what a restarting service does for the sources of such copies. Without it, starting a
+   * writable export takes away the write-intent records of earlier live copies of the volume:
+   * they cannot account for its writes. Embedded brokers only.
+   */
+  holdWrites?: Promise<unknown>;
 }
 
 /** A running export: its URI for clients, and how to end it. */

@@ -12,7 +12,6 @@ import type { StorageBackend } from './backend/storage-backend.js';
 import { Access } from './broker/access.js';
 import { instantCloneTask } from './broker/instant-clones.js';
 import type { FillParams } from './live/fill-task.js';
-import type { JobRecord } from './state/records.js';
 import { DataJobs } from './broker/data-jobs.js';
 import { Exports } from './broker/exports.js';
 import { Jobs, Locks } from './broker/jobs-locks.js';
@@ -23,7 +22,7 @@ import type { BackendInfo, BackupsApi, Broker, CloneOptions, CloneStart, CopyOpt
 import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
-import { JobManager, type JobEventHook } from './jobs/job-manager.js';
+import { JobManager, type JobEventHook, type TaskResolver } from './jobs/job-manager.js';
 import { ExportRegistry } from './export/registry.js';
 import { loadNbdTls, type NbdTls } from './export/nbd-tls.js';
 import type { Job } from './jobs/job.js';
@@ -112,7 +111,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   }
   const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats), new ExportRegistry(nbdTls));
   // A fill job (an instant clone) is rebuilt here, where both the state and the broker's verbs are known.
-  const resolve = (rec: JobRecord) => rec.executor === 'host' && rec.type === 'fill' ? Promise.resolve(instantCloneTask(state, rec.params as unknown as FillParams)) : state.resolveTask(rec);
+  const resolve: TaskResolver = (rec, stopped) => rec.executor === 'host' && rec.type === 'fill' ? Promise.resolve(instantCloneTask(state, rec.params as unknown as FillParams)) : state.resolveTask(rec, stopped);
   state.jobs = new JobManager(store, state.locks, resolve, logger, {
     ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
     ...(opts.onJobEvent ? { onEvent: opts.onJobEvent } : {}),

@@ -15,6 +15,7 @@ import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
 import { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
+import { dropWriteIntent } from '../live/mirror-task.js';
 import { InstantClones } from './instant-clones.js';
 import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
@@ -180,13 +181,18 @@ export class DataJobs {
 
   async liveCopy(pairsIn: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {
     if (opts === null || typeof opts !== 'object') throw new InvalidArgument('live copy options are an object: { mode?, speed?, resume? }');
-    let pairs: { source: string; target: string; since?: string; pending?: unknown }[] = pairsIn;
+    // Only a resume says where a target is behind: given pairs are { source, target }, nothing more.
+    let pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number }[] = Array.isArray(pairsIn)
+      ? pairsIn.map((p) => (p !== null && typeof p === 'object' ? { source: p.source, target: p.target } : p))
+      : pairsIn;
     let as = this.a;
     let stale: string[] = [];
+    let crashed = false;
     if (opts.resume !== undefined) {
       const resumed = await new LiveCopies(this.s, this.a).resumeOf(opts.resume, pairsIn);
       pairs = resumed.pairs;
       stale = resumed.stale;
+      crashed = resumed.crashed;
       opts = { mode: resumed.mode, ...opts };
       // An administrator resuming another's copy (the service after its restart) keeps it that principal's.
       if (this.a.isAdmin && resumed.owner.id !== this.a.principal.id) as = new Access(this.s, resumed.owner);
@@ -195,6 +201,8 @@ export class DataJobs {
     const first = pairs[0]!;
     const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));
     const job = await new LiveCopies(this.s, as).start(pairs, { ...opts, live: true }, plan);
+    // The new job's own record takes over from the crashed one's (the sources' writes wait for its guard meanwhile).
+    if (crashed) await dropWriteIntent(this.s.store, String(opts.resume)).catch((e: unknown) => this.s.logger.warn(`dropping the write-intent record of live copy ${String(opts.resume)}, which job ${job.id} resumes, failed: ${toOffloadError(e).message}`));
     for (const ref of stale) {
       const snap = parseSnapshotRef(ref);
       const b = this.s.entry(snap.backend).backend;

@@ -10,8 +10,8 @@ import { withChangeBitmaps } from './change-bitmaps.js';
 import type { Fill } from '../live/fill.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
-import { Busy, InvalidArgument, NotFound, PermissionDenied, Timeout } from '../model/errors.js';
-import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref } from '../model/refs.js';
+import { Busy, InvalidArgument, NotFound, PermissionDenied, Timeout, toOffloadError } from '../model/errors.js';
+import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { need } from './operation.js';
@@ -37,6 +37,9 @@ export class Exports implements ExportsApi {
     const name = checkName(opts.name ?? formatRef(ref));
     const listen = checkListen(opts.listen);
     const tls = opts.tls === undefined ? undefined : exportTls(opts.tls);
+    if (opts.holdWrites !== undefined && (readOnly || typeof (opts.holdWrites as { then?: unknown } | null)?.then !== 'function')) {
+      throw new InvalidArgument('holdWrites is a promise, for a writable export');
+    }
     need(this.s, ref.backend, readOnly ? 'data.read' : 'data.write');
     await this.a.assertOwns(ref);
 
@@ -54,6 +57,14 @@ export class Exports implements ExportsApi {
         await opened.close().catch(() => undefined);
         throw e;
       }) : new LiveDevice(opened);
+      if (device instanceof LiveDevice) {
+        try {
+          await this.forgetOrHold(device, ref as VolumeRef, name, opts.holdWrites);
+        } catch (e) {
+          await device.close().catch(() => undefined);
+          throw e;
+        }
+      }
       let served: { info: ExportInfo; ended: Promise<void> };
       const held = hold;
       try {
@@ -74,6 +85,33 @@ export class Exports implements ExportsApi {
       await hold?.release();
       unreserve();
     }
+  }
+
+  /**
+   * Earlier live copies of a volume exported writable here cannot account for its writes: their
+   * write-intent records (the way on of a copy whose service died) are taken away before it
+   * serves — or, with `hold` (a restarting service that resumes such a copy), the writes wait
+   * until the resumed copy guards them, or until `hold` settles without it (the records are then
+   * taken away first; failing that, the export stops rather than let writes land unaccounted for).
+   */
+  private async forgetOrHold(device: LiveDevice, ref: VolumeRef, name: string, hold: Promise<unknown> | undefined): Promise<void> {
+    const key = volumeKey(ref);
+    if (!hold) {
+      await this.s.dropCrashIntents(key);
+      return;
+    }
+    const s = this.s;
+    device.holdWrites((async () => {
+      await hold.catch(() => undefined);
+      if (!device.writesHeld) return;
+      try {
+        await s.dropCrashIntents(key);
+      } catch (e) {
+        s.logger.error(`export ${name} of ${key}: the write-intent records of its interrupted live copies cannot be taken away (${toOffloadError(e).message}); it stops rather than let writes land they do not account for`);
+        void s.exports.stop(name).catch(() => undefined);
+        throw e;
+      }
+    })());
   }
 
   /** This broker's exports, and those other live processes sharing its state serve (`offload nbd` elsewhere). */

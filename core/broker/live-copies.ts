@@ -7,7 +7,7 @@ import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { CopyOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
 import { LiveDevice } from '../live/live-device.js';
-import { mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams, type MirrorState } from '../live/mirror-task.js';
+import { dropWriteIntent, mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams, type MirrorState } from '../live/mirror-task.js';
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
@@ -16,6 +16,7 @@ import type { Access } from './access.js';
 import { holdExport } from './exports.js';
 import { checkSpeed } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
+import { checkIntentRecord, intentRanges } from '../live/write-intent.js';
 
 /** The live copies of one principal's broker view. */
 export class LiveCopies {
@@ -25,7 +26,7 @@ export class LiveCopies {
    * The pairs and mode a live copy resumes with (LiveCopyOptions.resume): from the job `id`'s
    * record, each pair from the point it left (and, suspended, what its target was behind on).
    */
-  async resumeOf(id: unknown, given: unknown): Promise<{ pairs: ResumedPair[]; mode: MirrorParams['mode']; owner: Principal; stale: string[] }> {
+  async resumeOf(id: unknown, given: unknown): Promise<{ pairs: ResumedPair[]; mode: MirrorParams['mode']; owner: Principal; stale: string[]; crashed: boolean }> {
     if (typeof id !== 'string' || id.length === 0) throw new InvalidArgument('resume takes the id of a live copy (a mirror job)');
     const rec = await this.s.store.getJob(id);
     if (!rec || (!this.a.isAdmin && rec.owner !== this.a.principal.id)) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
@@ -33,27 +34,32 @@ export class LiveCopies {
     const params = rec.params as unknown as MirrorParams;
     const state = (rec.checkpoint ?? {}) as MirrorState;
     if (rec.status !== 'concluded') throw new FailedPrecondition(`live copy ${id} is ${rec.status}: only one that has ended can be resumed`, { ref: id });
-    if (state.authoritative !== 'source' || !Array.isArray(state.points) || state.points.length !== params.pairs.length || state.points.some((p) => typeof p !== 'string')) {
+    // Its service died while it copied: it goes on from its write-intent record.
+    const crashed = !rec.cancelled && state.authoritative === 'source' && Array.isArray(state.intent) && state.intent.length === params.pairs.length;
+    if (!crashed && (state.authoritative !== 'source' || !Array.isArray(state.points) || state.points.length !== params.pairs.length || state.points.some((p) => typeof p !== 'string'))) {
       throw new FailedPrecondition(`live copy ${id} left no point to resume from (${state.authoritative === 'target' ? 'it switched over' : 'it ended before ready, or a source cannot take snapshots'})`, {
         ref: id, hint: 'start the copy again: `offload copy --live SRC DST`',
       });
     }
-    const pairs = params.pairs.map((p, i): ResumedPair => ({
-      source: p.source, target: p.target, since: state.points![i]!,
-      ...(Array.isArray(state.pending?.[i]) ? { pending: state.pending[i] } : {}),
-    }));
+    const pairs = params.pairs.map((p, i): ResumedPair => {
+      if (crashed) {
+        const intent = checkIntentRecord(state.intent![i], (state.intent![i] as { sizeBytes?: number } | undefined)?.sizeBytes ?? -1, p.source);
+        return { source: p.source, target: p.target, pending: intentRanges(intent), sizeBytes: intent.sizeBytes };
+      }
+      return { source: p.source, target: p.target, since: state.points![i]!, ...(Array.isArray(state.pending?.[i]) ? { pending: state.pending[i] } : {}) };
+    });
     if (Array.isArray(given) && given.length > 0) {
       const same = given.length === pairs.length && given.every((g: { source?: unknown; target?: unknown }, i) =>
         typeof g?.source === 'string' && typeof g?.target === 'string' && volumeKey(parseVolumeRef(g.source)) === pairs[i]!.source && volumeKey(parseVolumeRef(g.target)) === pairs[i]!.target);
       if (!same) throw new InvalidArgument(`live copy ${id} copied ${pairs.map((p) => `${p.source}=${p.target}`).join(' ')}: give no pairs, or the same`, { ref: id });
     }
     // Points the job resumed from itself and had not dropped yet (its runner stopped in between): not needed any more.
-    const stale = params.pairs.flatMap((p, i) => (p.since !== undefined && p.since !== state.points![i] ? [`${p.source}@${p.since}`] : []));
-    return { pairs, mode: params.mode, owner: { id: rec.owner, role: rec.ownerRole }, stale };
+    const stale = params.pairs.flatMap((p, i) => (p.since !== undefined && (crashed || p.since !== state.points![i]) ? [`${p.source}@${p.since}`] : []));
+    return { pairs, mode: params.mode, owner: { id: rec.owner, role: rec.ownerRole }, stale, crashed };
   }
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
-  async start(pairs: { source: string; target: string; since?: string; pending?: unknown }[], opts: CopyOptions, plan: Plan): Promise<Job> {
+  async start(pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number }[], opts: CopyOptions, plan: Plan): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);
     if (opts.verify) throw new InvalidArgument('--verify compares a copy of a volume at rest; a live copy\'s source changes while it runs', { hint: 'leave out --verify' });
@@ -61,7 +67,7 @@ export class LiveCopies {
     const seen = new Set<string>();
     const refs = pairs.map((p) => {
       if (p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.target !== 'string') throw new InvalidArgument('a live copy pair is { source, target }');
-      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since, pending: p.pending };
+      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since, pending: p.pending, sizeBytes: p.sizeBytes };
       for (const ref of [pair.source, pair.target]) {
         if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in the live copy: each volume is one pair's source or target`, { ref });
         seen.add(ref);
@@ -69,13 +75,15 @@ export class LiveCopies {
       return pair;
     });
     const prepared: Prepared[] = [];
-    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending));
+    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending, p.sizeBytes));
     const params: MirrorParams = { mode, pairs: prepared.map((p) => p.pair) };
     const s = this.s;
     let jobId: string | undefined;
     const task = mirrorTask(params, {
       pairs: prepared.map((p) => p.deps(() => jobId, (id) => { jobId = id; })),
       suspending: () => s.suspendLiveCopies && s.exports.isClosing,
+      dropIntent: (id) => dropWriteIntent(s.store, id),
+      warn: (message) => s.logger.warn(message),
       failClosed: (why) => {
         s.logger.error(`the switch-over record of job ${jobId} cannot be made true again (${toOffloadError(why).message}); the exports stop rather than serve a side the record does not name`);
         for (const p of prepared) void s.exports.stop(p.exportName).catch(() => undefined);
@@ -96,7 +104,7 @@ export class LiveCopies {
   }
 
   /** Check one pair and make its part of the job: the source's export and device, the target (made by the job if missing). */
-  private async prepare(source: string, target: string, since?: unknown, pending?: unknown): Promise<Prepared> {
+  private async prepare(source: string, target: string, since?: unknown, pending?: unknown, intentSize?: number): Promise<Prepared> {
     const src = parseVolumeRef(source);
     const dst = parseVolumeRef(target);
     await this.a.assertOwns(src);
@@ -130,8 +138,16 @@ export class LiveCopies {
       // Refused now (no snapshot, a backend that cannot tell) rather than in the job.
       await this.s.changes(src, { since: resumeFrom, offset: 0, length: 1 });
     }
-    const behind = resumeFrom !== undefined ? checkRanges(pending, live.sizeBytes, source) : [];
-    const pair: MirrorPair = { source, target, ...(create ? { create } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}), ...(behind.length > 0 ? { pending: behind } : {}) };
+    // Resumed after a crash: the target equals the source but where the write-intent record says.
+    const crashed = resumeFrom === undefined && pending !== undefined;
+    if (crashed) {
+      if (create) throw new NotFound(`${target} does not exist: a live copy resumed after a crash copies into the target it left`, { ref: target });
+      if (intentSize !== live.sizeBytes) throw new FailedPrecondition(`${source} is ${live.sizeBytes} bytes, its live copy's write-intent record covers ${String(intentSize)}: start the copy again`, { ref: source });
+    }
+    const behind = resumeFrom !== undefined || crashed ? checkRanges(pending, live.sizeBytes, source) : [];
+    const pair: MirrorPair = {
+      source, target, ...(create ? { create } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}), ...(behind.length > 0 || crashed ? { pending: behind } : {}),
+    };
     const name = exp.name;
     const exportOwner = served.owner;
     const s = this.s;
@@ -206,8 +222,12 @@ export class LiveCopies {
   }
 }
 
-/** A pair of a resumed live copy: from its source's snapshot `since`, plus where the target was behind on there. */
-interface ResumedPair { source: string; target: string; since: string; pending?: ByteRange[] }
+/**
+ * A pair of a resumed live copy: from its source's snapshot `since`, plus where the target was
+ * behind on there; or, after a crash, where its write-intent record said it might differ
+ * (`pending`, no `since`), for a source of `sizeBytes`.
+ */
+interface ResumedPair { source: string; target: string; since?: string; pending?: ByteRange[]; sizeBytes?: number }
 
 /** Ranges a record says a target was behind on: whole numbers within the source, else refused. */
 function checkRanges(value: unknown, size: number, ref: string): ByteRange[] {

@@ -4,8 +4,8 @@ import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.
 import type { BrokerConfig } from '../config/config.js';
 import { cloneTask, hostCopyTask, type ChangeLister, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
 import { ExportRegistry } from '../export/registry.js';
-import type { JobManager, Unresumable } from '../jobs/job-manager.js';
-import { mirrorAfterRestart } from '../live/mirror-task.js';
+import type { JobManager, StoppedRunner, Unresumable } from '../jobs/job-manager.js';
+import { dropWriteIntent, mirrorAfterRestart, type MirrorParams } from '../live/mirror-task.js';
 import type { FillEntry } from '../live/fill.js';
 import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
@@ -197,9 +197,23 @@ export class BrokerState {
     return undefined;
   }
 
+  /**
+   * Take away the write-intent records of the concluded live copies that copied `volume` (as
+   * source or target): it is about to be written in a way they cannot account for.
+   */
+  async dropCrashIntents(volume: string): Promise<void> {
+    for (const rec of await this.store.listJobs()) {
+      if (rec.type !== 'mirror' || rec.status !== 'concluded' || (rec.checkpoint as { intent?: unknown } | undefined)?.intent === undefined) continue;
+      const pairs = (rec.params as unknown as MirrorParams).pairs ?? [];
+      if (!pairs.some((p) => p.source === volume || p.target === volume)) continue;
+      await dropWriteIntent(this.store, rec.id);
+      this.logger.info(`live copy ${rec.id} can no longer be resumed from its write-intent record: ${volume} is exported writable without it`, { job: rec.id });
+    }
+  }
+
   /** Rebuild a stored job's task after a restart (undefined: it cannot be resumed). */
-  async resolveTask(rec: JobRecord): Promise<JobTask | Unresumable | undefined> {
-    if (rec.type === 'mirror') return mirrorAfterRestart(rec);
+  async resolveTask(rec: JobRecord, stopped: StoppedRunner): Promise<JobTask | Unresumable | undefined> {
+    if (rec.type === 'mirror') return mirrorAfterRestart(rec, stopped);
     const open = (ref: string, mode: 'r' | 'rw') => this.openDevice(ref, mode);
     if (rec.executor === 'host' && rec.type === 'copy') return hostCopyTask(rec.params as HostCopyParams, open, this.changeLister());
     if (rec.executor === 'host' && rec.type === 'clone') return cloneTask(rec.params as HostCloneParams, this.cloneDeps());

@@ -39,15 +39,27 @@ export interface StartJobRequest {
 
 /**
  * Rebuilds the task of a stored job after a restart; undefined when it cannot be resumed, or an
- * Unresumable saying why (and whether what the job was for had happened already).
+ * Unresumable saying why (and whether what the job was for had happened already). `stopped`: the
+ * runner it was taken from, and whether that process is known to have ended (it ran on this host
+ * and its pid is gone; a runner elsewhere, or one that gave the job up, may still act).
  */
-export type TaskResolver = (record: JobRecord) => Promise<JobTask | Unresumable | undefined>;
+export type TaskResolver = (record: JobRecord, stopped: StoppedRunner) => Promise<JobTask | Unresumable | undefined>;
+
+/** The runner a job was taken over from. */
+export interface StoppedRunner {
+  host: string;
+  pid: number;
+  /** Its process ran on this host and has ended. */
+  gone: boolean;
+}
 
 /** A job that a restart cannot resume: why, and whether it is concluded as a success all the same. */
 export interface Unresumable {
   why: string;
   /** What the job was for happened before its runner stopped (a live copy's recorded switch-over). */
   succeeded?: boolean;
+  /** The checkpoint to conclude it with, in place of the one it has (a promise it can no longer keep taken out). */
+  checkpoint?: unknown;
 }
 
 /** A job's lease by default (the config's `leaseSeconds`). */
@@ -454,9 +466,12 @@ export class JobManager {
     let succeeded = false;
     if (!rec.cancelled) {
       try {
-        const resolved = await this.resolveTask(rec);
-        if (resolved && 'why' in resolved) ({ why, succeeded = false } = resolved);
-        else task = resolved;
+        const gone = stoppedPid > 0 && stoppedHost === HOST && !pidAlive(stoppedPid);
+        const resolved = await this.resolveTask(rec, { host: stoppedHost, pid: stoppedPid, gone });
+        if (resolved && 'why' in resolved) {
+          ({ why, succeeded = false } = resolved);
+          if ('checkpoint' in resolved) rec.checkpoint = resolved.checkpoint;
+        } else task = resolved;
       } catch (e) {
         why = `resuming failed: ${toOffloadError(e).message}`;
       }

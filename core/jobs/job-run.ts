@@ -18,8 +18,12 @@ export interface JobRunOptions {
   checkpointEveryMs?: number;
   /** Progress changed. */
   onProgress?(current: number, total: number): void;
-  /** Persist a state the task can be resumed from (the job store, a file beside a target…). */
-  onSave?(state: unknown): void | Promise<void>;
+  /**
+   * Persist a state the task can be resumed from (the job store, a file beside a target…).
+   * `strict` (JobContext.saveState): reject when it was not persisted; else a failed write may be
+   * skipped (a periodic checkpoint: the next one carries the state too).
+   */
+  onSave?(state: unknown, strict: boolean): void | Promise<void>;
   /** The task reported ready (its source and target are in sync). */
   onReady?(): void;
   /**
@@ -116,7 +120,7 @@ export class JobRun implements JobContext {
     if (bytesMoved > 0 && count) this.advance(bytesMoved);
     if (state !== undefined) {
       this.unsaved = { state };
-      if (Date.now() - this.lastSave >= this.checkpointEveryMs) await this.saveUnsaved();
+      if (Date.now() - this.lastSave >= this.checkpointEveryMs) await this.saveUnsaved(false);
     }
     await this.throwIfStopped();
     const delay = this.limiter.delayFor(bytesMoved);
@@ -138,7 +142,7 @@ export class JobRun implements JobContext {
 
   saveState(state: unknown): Promise<void> {
     this.unsaved = { state };
-    return this.saveUnsaved();
+    return this.saveUnsaved(true);
   }
 
   beforeSave(fn: (state: unknown) => Promise<void>): () => void {
@@ -221,23 +225,32 @@ export class JobRun implements JobContext {
   private async throwIfStopped(): Promise<void> {
     if (!this.abort.signal.aborted) return;
     // Stopped for a resume: what the last checkpoint says is done is kept.
-    if (this.abort.signal.reason instanceof Shutdown) await this.saveUnsaved().catch(() => undefined);
+    if (this.abort.signal.reason instanceof Shutdown) await this.saveUnsaved(false).catch(() => undefined);
     throw this.abort.signal.reason;
   }
 
-  private async saveUnsaved(): Promise<void> {
+  /**
+   * `strict` (saveState): what the task goes on to do must not happen unrecorded, so a state that
+   * is not saved — the lease lost, the store failing — rejects rather than resolving unsaved.
+   */
+  private async saveUnsaved(strict: boolean): Promise<void> {
     const pending = this.unsaved;
     if (!pending) return;
+    const refused = () => new LeaseLost(`job ${this.jobId}: this runner's lease on it ended (another runner may have taken it over); its state was not saved`);
     // Not while another runner may own the job (also after a stop for another reason: the save
     // hooks write data, a qcow2 target's metadata or a raw target's record).
     if (this.opts.mayContinue && !this.opts.mayContinue()) {
       this.checkLease();
+      if (strict) throw refused();
       return;
     }
-    if (this.abort.signal.reason instanceof LeaseLost) return;
+    if (this.abort.signal.reason instanceof LeaseLost) {
+      if (strict) throw refused();
+      return;
+    }
     this.unsaved = undefined;
     for (const hook of this.saveHooks) await hook(pending.state);
-    await this.opts.onSave?.(pending.state);
+    await this.opts.onSave?.(pending.state, strict);
     this.lastSave = Date.now();
   }
 

@@ -302,6 +302,11 @@ export class JobStore {
       .run(checkpoint === undefined ? null : JSON.stringify(checkpoint), new Date().toISOString(), id, token, fence).changes === 1;
   }
 
+  replaceCheckpoint(id: string, expected: unknown, next: unknown): boolean {
+    const json = (v: unknown) => (v === undefined ? null : JSON.stringify(v));
+    return this.stmt('UPDATE jobs SET checkpoint = ? WHERE id = ? AND checkpoint IS ?').run(json(next), id, json(expected)).changes === 1;
+  }
+
   get(id: string): JobRecord | undefined {
     const row = this.stmt('SELECT * FROM jobs WHERE id = ?').get(id) as Row | undefined;
     return row && fromRow(row);

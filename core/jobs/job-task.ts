@@ -48,7 +48,8 @@ export interface JobContext {
   pace?(bytes: number): Promise<void>;
   /**
    * Persist resumable state now (e.g. the id of an appliance's job, the moment it exists); await
-   * it where what comes next must not happen unrecorded.
+   * it where what comes next must not happen unrecorded: it rejects when the state was not saved
+   * (the store failed, or this runner no longer holds the job).
    */
   saveState(state: unknown): void | Promise<void>;
   /**

@@ -53,6 +53,12 @@ export interface JobInfo {
   resumeSince?: (string | null)[];
   /** A live copy suspended when its service stopped: the service resumes it (as a new job) when it starts again. */
   suspended?: boolean;
+  /**
+   * A live copy whose service died while it copied: its write-intent record says where its
+   * targets may differ, and the service resumes it from there (as a new job) when it serves the
+   * sources again. Taken away once anything else exports a source or target read-write.
+   */
+  crashed?: boolean;
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

@@ -70,9 +70,9 @@ export class ManagedJob implements Job {
         this.progressEvent();
       },
       // A checkpoint is stored before the job goes on (a resume must never start past stored work).
-      onSave: (state) => {
+      onSave: (state, strict) => {
         rec.checkpoint = state;
-        return this.persist(true);
+        return strict ? this.persistNow() : this.persist(true);
       },
       onReady: () => {
         if (rec.status === 'running') {
@@ -324,6 +324,30 @@ export class ManagedJob implements Job {
       this.record.updatedAt = new Date().toISOString();
       return this.store.updateJob(structuredClone(this.record));
     }, 'its record was taken over by another runner (or deleted)');
+  }
+
+  /**
+   * The record written now, after the writes before it (JobContext.saveState): rejects when it was
+   * not — the store failed, or another runner holds the job — where persist() would skip it.
+   */
+  private persistNow(): Promise<void> {
+    const refused = 'its record was taken over by another runner (or deleted)';
+    if (this.lost !== undefined) return Promise.reject(new LeaseLost(`job ${this.id}: ${this.lost}; its state was not saved`));
+    this.lastPersist = Date.now();
+    let failure: unknown;
+    const done = this.enqueue(async () => {
+      this.record.updatedAt = new Date().toISOString();
+      try {
+        return await this.store.updateJob(structuredClone(this.record));
+      } catch (e) {
+        failure = e;
+        throw e;
+      }
+    }, refused);
+    return done.then(() => {
+      if (failure !== undefined) throw failure;
+      if (this.lost !== undefined) throw new LeaseLost(`job ${this.id}: ${this.lost}; its state was not saved`);
+    });
   }
 
   /**

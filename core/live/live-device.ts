@@ -17,6 +17,14 @@ export interface SyncTarget {
   onError?(e: unknown, range: ByteRange): void;
 }
 
+/** What a live copy's write-intent record asks of each write to the source (core/live/write-intent.ts). */
+export interface WriteGuard {
+  /** Before the write lands: resolves once it may (undefined: at once); rejects when it must not. */
+  begin(offset: number, length: number): Promise<void> | undefined;
+  /** The write has ended, landed or not. */
+  end(offset: number, length: number): void;
+}
+
 /**
  * A device in use — what an export serves — that a live job can watch and switch underneath its
  * clients, as QEMU's block layer lets mirror.c do (dirty bitmaps, write notifiers, and
@@ -31,7 +39,10 @@ export interface SyncTarget {
  *   source only: the copier copies it anyway (QEMU's active mirror writes both sides always, and
  *   the guest waits for the target where it need not);
  * - `pause` holds new requests and waits for those in flight, so that a pivot (`switchTo`) or a
- *   last pass sees both sides still; nothing in flight is ever sent to the old device afterwards.
+ *   last pass sees both sides still; nothing in flight is ever sent to the old device afterwards;
+ * - with a guard (a live copy's write-intent record), a write lands only once the guard lets it;
+ *   `holdWrites` holds writes (reads go on) until a guard is set: a copy resumed after a crash
+ *   records them before any lands.
  */
 export class LiveDevice implements BlockDevice {
   private dev: BlockDevice;
@@ -41,6 +52,9 @@ export class LiveDevice implements BlockDevice {
   private drained: (() => void)[] = [];
   private gate: Promise<void> | undefined;
   private openGate: (() => void) | undefined;
+  private guard: WriteGuard | undefined;
+  private writeHold: Promise<void> | undefined;
+  private openWrites: (() => void) | undefined;
 
   constructor(device: BlockDevice) {
     this.dev = device;
@@ -88,6 +102,38 @@ export class LiveDevice implements BlockDevice {
     return () => void this.maps.delete(map);
   }
 
+  /** Every write to the source asks `guard` first, from now until the returned detach (or a switch). */
+  setGuard(guard: WriteGuard): () => void {
+    if (this.guard) throw new FailedPrecondition('the device has a write guard already');
+    this.guard = guard;
+    this.openWrites?.();
+    return () => {
+      if (this.guard === guard) this.guard = undefined;
+    };
+  }
+
+  /** Whether writes are held (holdWrites) and no guard has let them go. */
+  get writesHeld(): boolean {
+    return this.writeHold !== undefined && this.guard === undefined;
+  }
+
+  /**
+   * Hold every write (reads go on) until a guard is set, or `until` settles: resolved, the writes
+   * go on unguarded; rejected, they fail with its reason.
+   */
+  holdWrites(until: Promise<void>): void {
+    if (this.writeHold) throw new FailedPrecondition('the device holds its writes already');
+    const hold = new Promise<void>((resolve, reject) => {
+      this.openWrites = resolve;
+      until.then(resolve, reject);
+    });
+    hold.catch(() => undefined);
+    this.writeHold = hold;
+    void hold.then(() => {
+      if (this.writeHold === hold) this.writeHold = undefined;
+    }, () => undefined);
+  }
+
   /** Write-blocking mode on (a target) or off (undefined). */
   setSyncTarget(target: SyncTarget | undefined): void {
     if (target && target.device.sizeBytes < this.sizeBytes) {
@@ -122,6 +168,7 @@ export class LiveDevice implements BlockDevice {
     this.dev = device;
     this.sync = undefined;
     this.maps.clear();
+    this.guard = undefined;
     return old;
   }
 
@@ -157,33 +204,47 @@ export class LiveDevice implements BlockDevice {
   }
 
   /** A write to the current device, then to the sync target (under its range lock) or into the dirty maps. */
-  private writing(offset: number, length: number, op: (d: BlockDevice, isTarget: boolean) => Promise<void>): Promise<void> {
+  private async writing(offset: number, length: number, op: (d: BlockDevice, isTarget: boolean) => Promise<void>): Promise<void> {
+    // Held before it counts as in flight: a pause does not wait for a write that waits for a guard.
+    if (this.writeHold && !this.guard) await this.writeHold;
     return this.run(async () => {
-      const sync = this.sync;
-      if (!sync) {
+      const guard = this.guard;
+      const wait = guard?.begin(offset, length);
+      try {
+        if (wait) await wait;
+        await this.landing(offset, length, op);
+      } finally {
+        guard?.end(offset, length);
+      }
+    });
+  }
+
+  /** The write itself: to the current device, then to the sync target (under its range lock) or into the dirty maps. */
+  private async landing(offset: number, length: number, op: (d: BlockDevice, isTarget: boolean) => Promise<void>): Promise<void> {
+    const sync = this.sync;
+    if (!sync) {
+      await op(this.dev, false);
+      this.mark(offset, length);
+      return;
+    }
+    // Both sides at once (the range lock keeps the copier out meanwhile): the guest waits for the
+    // slower of the two, not their sum. Whatever failed leaves the range to be copied again.
+    await sync.locks.run(offset, length, async () => {
+      if (sync.pending?.isAllDirty(offset, length)) {
+        // Still to be copied (the copier clears a range under this lock before reading it).
         await op(this.dev, false);
         this.mark(offset, length);
         return;
       }
-      // Both sides at once (the range lock keeps the copier out meanwhile): the guest waits for the
-      // slower of the two, not their sum. Whatever failed leaves the range to be copied again.
-      await sync.locks.run(offset, length, async () => {
-        if (sync.pending?.isAllDirty(offset, length)) {
-          // Still to be copied (the copier clears a range under this lock before reading it).
-          await op(this.dev, false);
-          this.mark(offset, length);
-          return;
-        }
-        const [source, target] = await Promise.allSettled([op(this.dev, false), op(sync.device, true)]);
-        if (source.status === 'rejected') {
-          this.mark(offset, length); // the target may hold what the source does not: copied again from the source
-          throw source.reason;
-        }
-        if (target.status === 'rejected') {
-          this.mark(offset, length);
-          sync.onError?.(target.reason, { offset, length });
-        }
-      });
+      const [source, target] = await Promise.allSettled([op(this.dev, false), op(sync.device, true)]);
+      if (source.status === 'rejected') {
+        this.mark(offset, length); // the target may hold what the source does not: copied again from the source
+        throw source.reason;
+      }
+      if (target.status === 'rejected') {
+        this.mark(offset, length);
+        sync.onError?.(target.reason, { offset, length });
+      }
     });
   }
 

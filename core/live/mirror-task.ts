@@ -1,10 +1,12 @@
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
-import type { Unresumable } from '../jobs/job-manager.js';
+import type { StoppedRunner, Unresumable } from '../jobs/job-manager.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import type { JobRecord } from '../state/records.js';
+import type { StateOps } from '../state/state-store.js';
 import type { LiveDevice } from './live-device.js';
 import { Mirror, type MirrorMode } from './mirror.js';
-import { Cancelled } from '../model/errors.js';
+import { IntentLog, type IntentRecord } from './write-intent.js';
+import { Busy, Cancelled } from '../model/errors.js';
 
 /** One disk of a live copy: the volume in use (its export's device is the pair's `source` dep) and its copy. */
 export interface MirrorPair {
@@ -14,7 +16,11 @@ export interface MirrorPair {
   create?: { sizeBytes: number; owner: string };
   /** The target equals the source's snapshot of this name already: the first pass copies only what changed since. */
   since?: string;
-  /** With `since`: where the target was still behind the snapshot (a copy suspended before ready), copied as well. */
+  /**
+   * With `since`: where the target was still behind the snapshot (a copy suspended before ready),
+   * copied as well. Without: the target equals the source but here (a copy resumed after a crash,
+   * from its write-intent record).
+   */
   pending?: ByteRange[];
 }
 
@@ -37,6 +43,11 @@ export interface MirrorState {
    * what the target was still behind on at its point (`points` are all set).
    */
   pending?: ByteRange[][];
+  /**
+   * While it copies: per pair, the write-intent record (write-intent.ts) — every region where the
+   * target may differ from the source; a copy whose service died goes on from it.
+   */
+  intent?: IntentRecord[];
 }
 
 /** What an export needs to serve its target, taken before the switch-over. */
@@ -79,7 +90,17 @@ export interface MirrorDeps {
   failClosed(why: unknown): void;
   /** True while the service stops and will resume its live copies when it starts again: a cancel then suspends. */
   suspending?(): boolean;
+  /** Take the write-intent record out of the job's record (when the record that ends the job could not be written). */
+  dropIntent(jobId: string): Promise<void>;
+  /** Told what went wrong where nobody waits for it. */
+  warn?(message: string): void;
 }
+
+/**
+ * How often the write-intent record lets go of regions in sync (ms): after a crash, the copy goes
+ * on from what it had copied up to about this long before, and copies again what was written then.
+ */
+const TRIM_EVERY_MS = 1000;
 
 /** How often a mirror job's progress is reported while it copies (ms). */
 const PROGRESS_EVERY_MS = 100;
@@ -97,8 +118,15 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
     type: 'mirror',
     params: { ...params },
     async run(ctx: JobContext) {
-      await ctx.saveState({ authoritative: 'source' } satisfies MirrorState);
       const n = params.pairs.length;
+      // The write-intent record: at first everything may differ; each trim lets go of what is in sync.
+      const log = new IntentLog(async (intent) => {
+        await ctx.saveState({ authoritative: 'source', intent } satisfies MirrorState);
+      }, () => deps.dropIntent(ctx.jobId));
+      const intents = deps.pairs.map((d) => log.add(d.source.sizeBytes, 'all'));
+      await log.save();
+      const unguard: (() => void)[] = [];
+      let trimmer: NodeJS.Timeout | undefined;
       for (const d of deps.pairs) d.attach(ctx.jobId);
       const targets: (BlockDevice | undefined)[] = new Array(n);
       const created: boolean[] = new Array(n).fill(false);
@@ -142,22 +170,33 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
             // The speed limit, pause and cancel, between copies.
             // Not counted when let through: the progress is what the copies report (onProgress).
             throttle: (bytes) => (ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes)),
-            ...(params.pairs[i]!.since !== undefined ? { initial: async () => [...await deps.pairs[i]!.changesSince(params.pairs[i]!.since!), ...(params.pairs[i]!.pending ?? [])] } : {}),
+            intent: intents[i]!,
+            ...firstPass(params.pairs[i]!, deps.pairs[i]!),
           }));
         }
-        for (const m of mirrors) {
+        // Every write to a source is in the record before it lands; its mirror watches from the
+        // same moment (start's first step, before anything is awaited): a resumed copy's held
+        // writes, let go by the guard, are all seen.
+        for (const [i, m] of mirrors.entries()) {
+          unguard.push(deps.pairs[i]!.source.setGuard(intents[i]!));
           await m.start();
           started++;
         }
+        trimmer = setInterval(() => {
+          void log.trim(async () => { await Promise.all(mirrors.map((m) => m.flushTarget())); }, (i, o, l) => !mirrors[i]!.isDirty(o, l)).catch(() => undefined);
+        }, TRIM_EVERY_MS);
+        trimmer.unref();
         await untilAborted(Promise.all(mirrors.map((m) => m.whenReady())), ctx.signal);
         report(true);
         ctx.ready();
         await ctx.waitForComplete();
         const switches: Switch[] = [];
         let old: BlockDevice[];
+        clearInterval(trimmer);
         try {
           for (let i = 0; i < n; i++) switches.push(await deps.pairs[i]!.prepareSwitch(ctx.jobId));
-          old = await Mirror.pivotAll(mirrors, () => ctx.saveState({ authoritative: 'target' } satisfies MirrorState) ?? Promise.resolve());
+          // The clients are held: no write waits for the record, and none lands before the switch.
+          old = await Mirror.pivotAll(mirrors, () => log.close(async () => ctx.saveState({ authoritative: 'target' } satisfies MirrorState)));
         } catch (e) {
           for (const sw of switches) await sw.undo().catch(() => undefined);
           // The record may say target (a write that failed after it committed) while the sources are
@@ -173,15 +212,23 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         for (let i = 0; i < n; i++) await switches[i]!.done(old[i]!);
         await dropResumedFrom(params, deps);
       } catch (e) {
+        // No trim once a mirror may stop watching: it would take a region written since for in sync.
+        clearInterval(trimmer);
         // Only mirrors that all started know what their targets lack (one stopped while starting is cancelled).
-        if (!pivoted && deps.suspending?.() && started === n) suspended = await suspendAll(params, deps, mirrors, ctx);
+        if (!pivoted && deps.suspending?.() && started === n) suspended = await suspendAll(params, deps, mirrors, ctx, log);
         if (suspended) {
           throw new Cancelled(`stopped with its service, at a snapshot of ${n === 1 ? 'its source' : 'each source'}: the service resumes the copy as a new job when it starts again`, { data: { suspended: true } });
         }
-        if (!pivoted) await stopAll(params, deps, mirrors, ctx);
+        if (!pivoted) await stopAll(params, deps, mirrors, ctx, log);
         throw e;
       } finally {
         clearTimeout(trailing);
+        clearInterval(trimmer);
+        // The record names no write intent any more (a last record, or the intent dropped): the
+        // guards can go. Else they stay, and a write where none was recorded fails until it can be dropped.
+        await log.close(() => deps.dropIntent(ctx.jobId)).then(() => {
+          for (const u of unguard) u();
+        }, (e: unknown) => deps.warn?.(`live copy ${ctx.jobId}: its write-intent record could not be dropped (${(e as Error).message}); writes to its sources outside the regions it names fail until it can be`));
         for (const d of deps.pairs) d.detach();
         if (!pivoted) {
           for (let i = 0; i < n; i++) {
@@ -198,7 +245,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
  * Stop every mirror. Those that were ready leave their target a point-in-time copy and, where the
  * backend can, a snapshot of the source at that point, recorded for a resume.
  */
-async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext): Promise<void> {
+async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext, log: IntentLog): Promise<void> {
   const points: (string | null)[] = params.pairs.map(() => null);
   await Promise.all(mirrors.map(async (m, i) => {
     const atPoint = async () => {
@@ -208,7 +255,7 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
   }));
   if (!points.some((p) => p !== null)) return;
   try {
-    await ctx.saveState({ authoritative: 'source', points } satisfies MirrorState);
+    await log.close(async () => ctx.saveState({ authoritative: 'source', points } satisfies MirrorState));
   } catch {
     return; // unrecorded: the points it resumed from stay the way back
   }
@@ -226,7 +273,7 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
  * dropped) when a source's backend cannot take such a point or the record cannot be saved: the
  * copy is then stopped as by a cancel.
  */
-async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext): Promise<boolean> {
+async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext, log: IntentLog): Promise<boolean> {
   const points: (string | undefined)[] = params.pairs.map(() => undefined);
   const pending: ByteRange[][] = params.pairs.map(() => []);
   const results = await Promise.allSettled(mirrors.map(async (m, i) => {
@@ -242,7 +289,7 @@ async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirro
     return false;
   }
   try {
-    await ctx.saveState({ authoritative: 'source', points: points as string[], pending } satisfies MirrorState);
+    await log.close(async () => ctx.saveState({ authoritative: 'source', points: points as string[], pending } satisfies MirrorState));
   } catch {
     await drop();
     return false;
@@ -253,6 +300,17 @@ async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirro
     if (since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
   }
   return true;
+}
+
+/**
+ * What a pair's first pass copies: what changed since the snapshot it resumes from and where its
+ * target was behind there; or, resumed after a crash, the regions its write-intent record named;
+ * else (undefined) what the source allocates.
+ */
+function firstPass(pair: MirrorPair, deps: MirrorPairDeps): { initial?: () => Promise<ByteRange[]> } {
+  if (pair.since !== undefined) return { initial: async () => [...await deps.changesSince(pair.since!), ...(pair.pending ?? [])] };
+  if (pair.pending !== undefined) return { initial: async () => pair.pending! };
+  return {};
 }
 
 /** The points this job resumed from have served: newer ones (or the switch-over) replace them. */
@@ -277,12 +335,24 @@ function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
 }
 
 /**
- * A mirror job whose runner stopped is not resumed (its export went with that process): what its
- * record says instead — which side holds the data, and why.
+ * A mirror job whose runner stopped is not resumed as it is (its export went with that process):
+ * what its record says instead — which side holds the data, and why. Its write-intent record is
+ * kept only when that process is known to have ended (`stopped.gone`): the service that serves
+ * the source again then resumes the copy from it. A runner that may still be alive (paused past
+ * its lease, on another host) may still let writes land, so the record is taken out.
  */
-export function mirrorAfterRestart(rec: JobRecord): Unresumable {
+export function mirrorAfterRestart(rec: JobRecord, stopped: StoppedRunner): Unresumable {
   const { pairs } = rec.params as unknown as MirrorParams;
-  const side = (rec.checkpoint as MirrorState | undefined)?.authoritative ?? 'source';
+  const state = rec.checkpoint as MirrorState | undefined;
+  const side = state?.authoritative ?? 'source';
+  if (side === 'source' && state?.intent !== undefined) {
+    const list = pairs.map((p) => p.source).join(', ');
+    if (stopped.gone) {
+      return { why: `the switch-over had not been recorded: ${list} hold${pairs.length === 1 ? 's' : ''} the data and stay${pairs.length === 1 ? 's' : ''} current; the copy goes on from its write-intent record when the service serving ${list} starts again (or \`offload copy --live --resume ${rec.id}\` there)` };
+    }
+    const { intent: _, ...rest } = state;
+    return { ...mirrorAfterRestart({ ...rec, checkpoint: rest }, stopped), checkpoint: rest };
+  }
   const list = (pick: (p: MirrorPair) => string) => pairs.map(pick).join(', ');
   if (side === 'target') {
     return { succeeded: true, why: `the switch-over had been recorded: ${list((p) => p.target)} hold${pairs.length === 1 ? 's' : ''} the data, ${list((p) => p.source)} no longer current` };
@@ -290,4 +360,18 @@ export function mirrorAfterRestart(rec: JobRecord): Unresumable {
   const made = pairs.filter((p) => p.create);
   const behind = made.length > 0 ? `; ${made.map((p) => p.target).join(', ')} ${made.length === 1 ? 'was' : 'were'} created by this job and ${made.length === 1 ? 'is' : 'are'} not a copy of anything: delete ${made.length === 1 ? 'it' : 'them'}` : `; ${list((p) => p.target)} ${pairs.length === 1 ? 'is' : 'are'} behind`;
   return { why: `the switch-over had not been recorded: ${list((p) => p.source)} hold${pairs.length === 1 ? 's' : ''} the data and stay${pairs.length === 1 ? 's' : ''} current${behind}` };
+}
+
+/**
+ * Take the write-intent record out of a mirror job's record (MirrorDeps.dropIntent): the
+ * checkpoint is swapped only while it is still the one read, so nothing the job writes is lost.
+ */
+export async function dropWriteIntent(store: Pick<StateOps, 'getJob' | 'replaceCheckpoint'>, jobId: string): Promise<void> {
+  for (let tries = 0; tries < 10; tries++) {
+    const state = (await store.getJob(jobId))?.checkpoint as MirrorState | undefined;
+    if (state?.intent === undefined) return;
+    const { intent: _, ...rest } = state;
+    if (await store.replaceCheckpoint(jobId, state, rest)) return;
+  }
+  throw new Busy(`job ${jobId}'s record kept changing while its write-intent record was being dropped`);
 }

@@ -5,6 +5,7 @@ import { Cancelled, FailedPrecondition, InvalidArgument } from '../model/errors.
 import { DEFAULT_GRANULARITY, DirtyMap } from './dirty-map.js';
 import type { LiveDevice } from './live-device.js';
 import { RangeLocks } from './range-locks.js';
+import type { WriteIntent } from './write-intent.js';
 
 /**
  * Copies in flight at most, however small (QEMU's mirror: MAX_IN_FLIGHT 16). The bytes in flight
@@ -52,6 +53,8 @@ export interface MirrorOptions {
    * already equals a snapshot of the source gives what changed since that snapshot.
    */
   initial?(): Promise<ByteRange[]>;
+  /** The source's write-intent record (its guard is the caller's): the copier's ranges are not trimmed from it while copied. */
+  intent?: WriteIntent;
 }
 
 /**
@@ -109,21 +112,33 @@ export class Mirror {
     return this.isReady;
   }
 
+  /** Whether the target is behind on any of these bytes (a copy in flight has cleared its range already). */
+  isDirty(offset: number, length: number): boolean {
+    return this.map.isDirty(offset, length);
+  }
+
+  /** Make what the target was given durable, as bulk I/O (its deferred metadata too). */
+  flushTarget(): Promise<void> {
+    return this.target.flush(BULK);
+  }
+
   /**
    * Start watching the source, mark what it has allocated, and copy until stopped. The watch is
    * attached before the allocation is read, so a write in between is marked by one or the other.
    */
   async start(): Promise<void> {
-    if (this.running || this.stopped) throw new FailedPrecondition('a mirror starts once');
-    // Nothing else uses the target until the switch-over, which makes it durable first: its
-    // metadata waits in memory meanwhile, so no write into it (a guest's write-blocking write
-    // above all) waits for the copier's metadata I/O.
-    await this.target.deferMetadata?.(true);
+    if (this.running || this.stopped || this.detach) throw new FailedPrecondition('a mirror starts once');
+    // Watching before anything is awaited: a write let through just before the call (a resumed
+    // copy's sources, whose held writes go once their guard is set) is never missed.
     this.detach = this.source.watch(this.map);
-    if (this.mode === 'write-blocking') {
-      this.source.setSyncTarget({ device: this.target, locks: this.locks, pending: this.map, onError: () => this.poke() });
-    }
     try {
+      // Nothing else uses the target until the switch-over, which makes it durable first: its
+      // metadata waits in memory meanwhile, so no write into it (a guest's write-blocking write
+      // above all) waits for the copier's metadata I/O.
+      await this.target.deferMetadata?.(true);
+      if (this.mode === 'write-blocking') {
+        this.source.setSyncTarget({ device: this.target, locks: this.locks, pending: this.map, onError: () => this.poke() });
+      }
       const first = this.o.initial ? await this.o.initial() : await this.source.extents(0, this.source.sizeBytes);
       for (const e of first) this.map.mark(e.offset, e.length);
     } catch (e) {
@@ -367,25 +382,36 @@ export class Mirror {
   private async copy(r: ByteRange): Promise<void> {
     await this.locks.run(r.offset, r.length, async () => {
       for (const run of this.map.runsIn(r.offset, r.length)) {
-        // Cleared first: a write landing after this marks it again, and the range is copied again.
-        this.map.clear(run.offset, run.length);
-        const from = this.source.current;
-        // Into a buffer of the pool where the device can: the target is done with it once written.
-        const buf = from.readInto ? this.buffers.take(run.length) : undefined;
+        // Kept in the write-intent record until the target holds it durably (the map is clean meanwhile).
+        this.o.intent?.copying(run.offset, run.length);
         try {
-          const data = buf ?? await from.read(run.offset, run.length, BULK);
-          if (buf) await from.readInto!(buf, run.offset, BULK);
-          if (this.target.writeZeroes && isAllZero(data)) await this.target.writeZeroes(run.offset, run.length);
-          else await this.target.write(run.offset, data, BULK);
-        } catch (e) {
-          // The buffer is not used again: a device that failed may not be done with it.
-          this.map.mark(run.offset, run.length);
-          throw e;
+          await this.copyRun(run);
+        } finally {
+          this.o.intent?.end(run.offset, run.length);
         }
-        if (buf) this.buffers.give(buf);
-        this.copied += run.length;
-        this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
       }
     });
+  }
+
+  /** One dirty run, under its range lock: cleared, read from the source, written to the target. */
+  private async copyRun(run: ByteRange): Promise<void> {
+    // Cleared first: a write landing after this marks it again, and the range is copied again.
+    this.map.clear(run.offset, run.length);
+    const from = this.source.current;
+    // Into a buffer of the pool where the device can: the target is done with it once written.
+    const buf = from.readInto ? this.buffers.take(run.length) : undefined;
+    try {
+      const data = buf ?? await from.read(run.offset, run.length, BULK);
+      if (buf) await from.readInto!(buf, run.offset, BULK);
+      if (this.target.writeZeroes && isAllZero(data)) await this.target.writeZeroes(run.offset, run.length);
+      else await this.target.write(run.offset, data, BULK);
+    } catch (e) {
+      // The buffer is not used again: a device that failed may not be done with it.
+      this.map.mark(run.offset, run.length);
+      throw e;
+    }
+    if (buf) this.buffers.give(buf);
+    this.copied += run.length;
+    this.o.onProgress?.({ copied: this.copied, dirty: this.map.dirtyBytes });
   }
 }

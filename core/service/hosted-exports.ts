@@ -71,11 +71,25 @@ export class HostedExports implements HostedExportsApi {
       return [];
     });
     const writable = new Map<string, Hosted['principal']>();
+    // The sources of live copies whose service died come back with their writes held until the
+    // resumed copy's write-intent record takes them in (or it cannot be resumed).
+    const held = new Map<string, { promise: Promise<void>; release: () => void }>();
+    const holdFor = (ref: string): Promise<void> | undefined => {
+      const j = jobs.filter((x) => x.type === 'mirror' && x.crashed && pairsOf(x).some((p) => p.source === ref)).at(-1);
+      if (!j) return undefined;
+      if (!held.has(j.id)) {
+        let release!: () => void;
+        const promise = new Promise<void>((r) => { release = r; });
+        held.set(j.id, { promise, release });
+      }
+      return held.get(j.id)!.promise;
+    };
     for (const h of saved) {
       try {
         const ref = current(h, jobs);
         if (ref !== h.ref) this.logger.info(`hosted export ${h.name}: a live copy had switched it over from ${h.ref} to ${ref} (the job's record says so), so it serves ${ref}`);
-        await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen });
+        const hold = h.readOnly ? undefined : holdFor(ref);
+        await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen, ...(hold ? { holdWrites: hold } : {}) });
         if (!h.readOnly) writable.set(ref, h.principal);
         this.logger.info(`hosted export ${h.name} of ${ref} started again`);
       } catch (e) {
@@ -84,31 +98,44 @@ export class HostedExports implements HostedExportsApi {
       }
     }
     this.save(); // the dropped ones are gone from the file
-    await this.resumeLiveCopies(broker, jobs, writable);
+    try {
+      await this.resumeLiveCopies(broker, jobs, writable, held);
+    } finally {
+      // Not resumed (a source not served again, a later copy went further, or it failed to start): the writes go on.
+      for (const h of held.values()) h.release();
+    }
   }
 
   /**
-   * The live copies this service suspended when it stopped, copied on now that their sources are
-   * served again: each from the snapshots it left, as a new job of the same owner. One is left
-   * alone once a later live copy of its volumes has gone further: still running, switched over,
-   * or left points of its own (a later one that failed without any does not count: the
-   * suspended one's points are still the way on).
+   * The live copies this service suspended when it stopped, or that it was running when it died,
+   * copied on now that their sources are served again: each from the snapshots it left, or from
+   * its write-intent record, as a new job of the same owner. One is left alone once a later live
+   * copy of its volumes has gone further: still running, switched over, left points of its own,
+   * or died with a write-intent record of its own (a later one that failed without any does not
+   * count: the earlier one's record is still the way on). A crashed copy's sources hold their
+   * writes (`held`) until the resumed job guards them, or it ends.
    */
-  private async resumeLiveCopies(broker: Broker, jobs: JobInfo[], served: Map<string, Hosted['principal']>): Promise<void> {
+  private async resumeLiveCopies(broker: Broker, jobs: JobInfo[], served: Map<string, Hosted['principal']>, held: Map<string, { release: () => void }>): Promise<void> {
     const mirrors = jobs.filter((j) => j.type === 'mirror').sort((a, b) => a.createdAt.localeCompare(b.createdAt));
     for (const j of mirrors) {
       const pairs = pairsOf(j);
-      if (!j.suspended || pairs.length === 0 || !pairs.every((p) => served.has(p.source))) continue;
+      if (!(j.suspended || j.crashed) || pairs.length === 0 || !pairs.every((p) => served.has(p.source))) continue;
       const further = mirrors.some((o) => o.createdAt > j.createdAt && pairsOf(o).some((p) => pairs.some((q) => q.source === p.source || q.target === p.target))
-        && (o.status !== 'concluded' || o.authoritative?.side === 'target' || (o.resumeSince ?? []).some((x) => x !== null)));
+        && (o.status !== 'concluded' || o.authoritative?.side === 'target' || (o.resumeSince ?? []).some((x) => x !== null) || o.crashed === true));
       if (further) continue;
+      const why = j.suspended ? 'suspended when the service stopped' : 'its service died while it copied';
       try {
         // As the administrator: the broker keeps the job its owner's (a tenant's migration stays the tenant's).
         const job = await broker.liveCopy([], { resume: j.id, ...(j.speed ? { speed: j.speed } : {}) });
-        this.logger.info(`live copy ${j.id} (suspended when the service stopped) resumed as job ${job.id}: ${pairs.map((p) => `${p.source} → ${p.target}`).join(', ')}`);
+        const hold = held.get(j.id);
+        if (hold) {
+          held.delete(j.id);
+          void job.wait().then(hold.release, hold.release);
+        }
+        this.logger.info(`live copy ${j.id} (${why}) resumed as job ${job.id}: ${pairs.map((p) => `${p.source} → ${p.target}`).join(', ')}`);
       } catch (e) {
         const err = toOffloadError(e);
-        this.logger.error(`live copy ${j.id}, suspended when the service stopped, cannot be resumed: ${err.code}: ${err.describe()}`, { job: j.id });
+        this.logger.error(`live copy ${j.id} (${why}) cannot be resumed: ${err.code}: ${err.describe()}`, { job: j.id });
       }
     }
   }

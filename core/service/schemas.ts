@@ -119,6 +119,7 @@ export const jobInfoSchema = z.object({
   authoritative: z.object({ side: z.enum(['source', 'target']), ref: z.string(), refs: z.array(z.string()).optional() }).optional(),
   resumeSince: z.array(z.string().nullable()).optional(),
   suspended: z.boolean().optional(),
+  crashed: z.boolean().optional(),
 });
 export const jobWaitSchema = z.object({ concluded: z.boolean(), job: jobInfoSchema });
 /** startClone: a native clone is done (`volume`); one through the host is a job. */

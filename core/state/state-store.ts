@@ -35,6 +35,12 @@ export interface StateOps {
   renewLease(id: string, token: string, fence: number, leaseExpires: number): Promise<boolean>;
   /** A runner gives a job up unconcluded, saving its checkpoint: the lease ends now (token RELEASED); fenced. */
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown): Promise<boolean>;
+  /**
+   * Replace a job's checkpoint, and nothing else, while it is still `expected` (compared as JSON):
+   * unfenced, for a change that only takes away from what a record promises (a live copy's
+   * write-intent record dropped by whoever ends it). False, nothing written, if it changed.
+   */
+  replaceCheckpoint(id: string, expected: unknown, next: unknown): Promise<boolean>;
 
   /** Ask a job's runner to apply a verb. A pending cancel is never replaced by another verb. */
   setRequest(id: string, request: StoredRequest): Promise<void>;

@@ -114,3 +114,62 @@ describe('taking a job over in one process', () => {
     }
   });
 });
+
+describe('saveState', () => {
+  /** A task that saves its state when told, and reports how that went. */
+  function savingTask(): { task: JobTask; save(): Promise<unknown>; end(): void } {
+    let ctxOf: Parameters<JobTask['run']>[0] | undefined;
+    let started!: () => void;
+    const running = new Promise<void>((r) => { started = r; });
+    let end!: () => void;
+    const ended = new Promise<void>((r) => { end = r; });
+    return {
+      end: () => end(),
+      task: {
+        type: 'test', params: {},
+        async run(ctx) {
+          ctxOf = ctx;
+          started();
+          await ended;
+        },
+      },
+      save: async () => {
+        await running;
+        return Promise.resolve(ctxOf!.saveState({ step: 2 })).then(() => 'saved', (e: unknown) => e);
+      },
+    };
+  }
+
+  it('rejects when the state was not saved — the store failing, or another runner holding the job — where a checkpoint would go on', async () => {
+    const file = join(dir, 'd.sqlite');
+    const store = new SqliteStateStore(file);
+    const other = new SqliteStateStore(file);
+    const jobs = new JobManager(store, new LockManager(), async () => undefined, silentLogger, { leaseMs: 60_000 });
+    try {
+      const t = savingTask();
+      const job = await jobs.start({ task: t.task, ref: 'x/y', executor: 'host', principal: { id: 'admin', role: 'admin' }, locks: [] });
+      expect(await t.save()).toBe('saved');
+      expect((await store.getJob(job.id))?.checkpoint).toEqual({ step: 2 });
+      // The store fails this write.
+      const update = store.updateJob.bind(store);
+      store.updateJob = async () => { throw new Error('disk I/O error'); };
+      expect(String(await t.save())).toMatch(/disk I\/O error/);
+      store.updateJob = update;
+      expect(await t.save()).toBe('saved');
+      // Another runner takes it over: refused, and nothing written.
+      const rec = (await store.getJob(job.id))!;
+      expect(await other.claimJob(job.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(2);
+      const taken = (await other.getJob(job.id))!;
+      expect(String(await t.save())).toMatch(/taken over|lease/);
+      expect(String(await t.save())).toMatch(/taken over|lease/);
+      expect(await other.getJob(job.id)).toEqual(taken);
+      t.end();
+      await job.wait().catch(() => undefined);
+      expect(await other.getJob(job.id)).toEqual(taken);
+    } finally {
+      await jobs.close();
+      await store.close();
+      await other.close();
+    }
+  });
+});

@@ -70,6 +70,7 @@ function setup(mode: 'background' | 'write-blocking' = 'background', create = fa
       dropSnapshot: async () => undefined,
     }],
     failClosed: () => undefined,
+    dropIntent: async () => undefined,
   });
   const start = (speed?: number) => m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], ...(speed ? { speed } : {}) });
   let stop = false;
@@ -214,6 +215,7 @@ describe('a group of mirrors (the disks of one VM)', () => {
         removeTarget: async () => undefined,
       })),
       failClosed: () => undefined,
+      dropIntent: async () => undefined,
     });
     let readyAll = false;
     const job = m.start({ task, ref: 'pool/d0,pool/d1', executor: 'host', principal: ADMIN, locks: [] });
@@ -283,6 +285,7 @@ describe('a live copy suspended when its service stops', () => {
         dropSnapshot: async (name) => void calls.push(`drop ${name}`),
       })],
       failClosed: () => undefined,
+      dropIntent: async () => undefined,
       suspending: () => true,
     });
     const start = () => m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }] });
@@ -340,6 +343,7 @@ describe('a live copy\'s progress', () => {
     const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
       pairs: [plainPair(live, { ...dst, write: async (o: number, d: Uint8Array) => { await dst.write(o, d); written += d.length; } })],
       failClosed: () => undefined,
+      dropIntent: async () => undefined,
     });
     const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }], speed: 4 * MiB });
     const seen: { current: number; written: number }[] = [];

@@ -199,6 +199,24 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await a.getJob(id)).toBeUndefined();
       });
 
+      it('replaceCheckpoint swaps the checkpoint only while it is the one expected, whoever runs the job, and touches nothing else', async () => {
+        const id = prefix('cas');
+        const intent = { authoritative: 'source', intent: [{ sizeBytes: BIG, regionBytes: 1 << 20, bits: 'AQ==' }] };
+        await a.insertJob(job(id, { status: 'concluded', checkpoint: intent }));
+        expect(await b.replaceCheckpoint(id, { authoritative: 'source' }, { x: 1 })).toBe(false);
+        expect(await b.replaceCheckpoint(id, intent, { authoritative: 'source' })).toBe(true);
+        expect(await a.getJob(id)).toMatchObject({ checkpoint: { authoritative: 'source' }, status: 'concluded', runnerToken: 'tok-a', fence: 4, progress: { current: 5, total: 10 } });
+        expect(await a.replaceCheckpoint(id, intent, { again: true })).toBe(false); // changed since: nothing written
+        // Of two racing swaps from the same view, one wins.
+        const wins = await Promise.all([a.replaceCheckpoint(id, { authoritative: 'source' }, { by: 'a' }), b.replaceCheckpoint(id, { authoritative: 'source' }, { by: 'b' })]);
+        expect(wins.filter(Boolean)).toHaveLength(1);
+        const none = prefix('cas-none');
+        await a.insertJob(job(none));
+        expect(await b.replaceCheckpoint(none, undefined, { first: 1 })).toBe(true);
+        expect((await a.getJob(none))?.checkpoint).toEqual({ first: 1 });
+        expect(await b.replaceCheckpoint(prefix('missing'), undefined, {})).toBe(false);
+      });
+
       it('of 20 racing takers (both stores, same `from`) exactly one wins, and the record names it', async () => {
         for (let round = 0; round < 5; round++) {
           const id = prefix('race');

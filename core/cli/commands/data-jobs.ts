@@ -150,7 +150,7 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
     .option('--live', 'the source is exported read-write and in use: copy while it is written (the target is created if missing); the job is ready once in sync, `offload jobs complete ID` switches the export over')
     .option('--mode <mode>', 'live copy: background (default) or write-blocking (a write to a copied range reaches both sides before it is acknowledged)')
     .option('--since <snapshot>', 'incremental: DST holds the data of SRC\'s snapshot SNAPSHOT already; copy only what changed since (SRC may be a later snapshot, vol@s2)')
-    .option('--resume <job>', 'live copy: copy on from where live copy JOB left (cancelled after ready, or suspended when its service stopped), each pair from its snapshot')
+    .option('--resume <job>', 'live copy: copy on from where live copy JOB left (cancelled after ready, or suspended when its service stopped), each pair from its snapshot; one whose service died, from its write-intent record')
     .option('--detach', DETACH_HELP)
     .action(async (args: string[], o: { speed?: string; verify?: boolean; prefer?: string; live?: boolean; mode?: string; since?: string; resume?: string; detach?: boolean }) => {
       const speed = speedOption(o.speed);

@@ -26,6 +26,7 @@ function authoritative(j: JobInfo): string | undefined {
 /** A live copy cancelled after ready (or suspended): the command that resumes it with only the changes. */
 function resumeLine(j: JobInfo): string | undefined {
   if (j.suspended) return `suspended when its service stopped: the service resumes it when it starts again (or: offload copy --live --resume ${j.id})`;
+  if (j.crashed) return `its service died while it copied: the service resumes it from its write-intent record when it serves the source again`;
   const pairs = (j.params.pairs as { source: string; target: string }[] | undefined) ?? [];
   const parts = (j.resumeSince ?? []).flatMap((since, i) => (since && pairs[i] ? [`offload copy --live ${pairs[i]!.source} ${pairs[i]!.target} --since ${since}`] : []));
   return parts.length > 0 ? parts.join('; ') : undefined;

@@ -142,6 +142,7 @@ export class PostgresStateStore implements StateStore {
   claimJob(id: string, from: { token: string; fence: number; leaseExpires: number }, to: Runner, leaseExpires: number) { return this.ops.claimJob(id, from, to, leaseExpires); }
   renewLease(id: string, token: string, fence: number, leaseExpires: number) { return this.ops.renewLease(id, token, fence, leaseExpires); }
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.ops.releaseJob(id, token, fence, checkpoint); }
+  replaceCheckpoint(id: string, expected: unknown, next: unknown) { return this.ops.replaceCheckpoint(id, expected, next); }
   setRequest(id: string, request: StoredRequest) { return this.ops.setRequest(id, request); }
   takeRequest(id: string) { return this.ops.takeRequest(id); }
   insertOpLocks(op: OpLockRecord) { return this.ops.insertOpLocks(op); }
@@ -222,6 +223,11 @@ function postgresOps(q: Query): StateOps {
       const res = await q(`UPDATE jobs SET runner_pid = 0, runner_token = $1, lease_expires = 0, checkpoint = $2, updated_at = $3
         WHERE id = $4 AND runner_token = $5 AND fence = $6`,
       [RELEASED, checkpoint === undefined ? null : JSON.stringify(checkpoint), new Date().toISOString(), id, token, fence]);
+      return res.rowCount === 1;
+    },
+    replaceCheckpoint: async (id, expected, next) => {
+      const json = (v: unknown) => (v === undefined ? null : JSON.stringify(v));
+      const res = await q('UPDATE jobs SET checkpoint = $1 WHERE id = $2 AND checkpoint IS NOT DISTINCT FROM $3', [json(next), id, json(expected)]);
       return res.rowCount === 1;
     },
     setRequest: async (id, request) => {

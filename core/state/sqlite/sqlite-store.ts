@@ -68,6 +68,7 @@ export class SqliteStateStore implements StateStore {
   claimJob(id: string, from: { token: string; fence: number; leaseExpires: number }, to: Runner, leaseExpires: number) { return this.one((o) => o.claimJob(id, from, to, leaseExpires)); }
   renewLease(id: string, token: string, fence: number, leaseExpires: number) { return this.one((o) => o.renewLease(id, token, fence, leaseExpires)); }
   releaseJob(id: string, token: string, fence: number, checkpoint: unknown) { return this.one((o) => o.releaseJob(id, token, fence, checkpoint)); }
+  replaceCheckpoint(id: string, expected: unknown, next: unknown) { return this.one((o) => o.replaceCheckpoint(id, expected, next)); }
   setRequest(id: string, request: StoredRequest) { return this.one((o) => o.setRequest(id, request)); }
   takeRequest(id: string) { return this.one((o) => o.takeRequest(id)); }
   lockHolders(keys?: string[], prefixes?: string[]) { return this.one((o) => o.lockHolders(keys, prefixes)); }
@@ -131,6 +132,7 @@ function syncOps(db: JobStore): StateOps {
     claimJob: async (id, from, to, leaseExpires) => db.claim(id, from, to, leaseExpires),
     renewLease: async (id, token, fence, leaseExpires) => db.renew(id, token, fence, leaseExpires),
     releaseJob: async (id, token, fence, checkpoint) => db.release(id, token, fence, checkpoint),
+    replaceCheckpoint: async (id, expected, next) => db.replaceCheckpoint(id, expected, next),
     setRequest: async (id, request) => db.setRequest(id, request),
     takeRequest: async (id) => db.takeRequest(id),
     lockHolders: async (keys, prefixes) => db.lockHolders(keys, prefixes),

@@ -1,0 +1,223 @@
+/**
+ * The write-intent record of a live copy (core/live/write-intent.ts) and its guard on the source
+ * (LiveDevice.setGuard / holdWrites): a write lands only once a saved record names its region; a
+ * region leaves the record only after the target's flush, and never while written or copied.
+ */
+import { spawnSync } from 'node:child_process';
+import { describe, expect, it } from 'vitest';
+import { LockManager, silentLogger } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
+import { HOST } from '../../core/jobs/runner.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import { LiveDevice } from '../../core/live/live-device.js';
+import { checkIntentRecord, IntentLog, intentRanges, regionBytesFor, type IntentRecord } from '../../core/live/write-intent.js';
+import { mirrorAfterRestart, type MirrorState } from '../../core/live/mirror-task.js';
+import type { JobRecord } from '../../core/state/records.js';
+import { memoryDevice } from '../support/memory-device.js';
+
+const MiB = 1024 * 1024;
+
+/** A log whose saves are recorded (and can be made to wait or fail). */
+function recordingLog() {
+  const saved: IntentRecord[][] = [];
+  let gate: Promise<void> | undefined;
+  let failWith: Error | undefined;
+  let drops = 0;
+  let dropFails: Error | undefined;
+  const log = new IntentLog(async (records) => {
+    await gate;
+    if (failWith) throw failWith;
+    saved.push(records);
+  }, async () => {
+    drops++;
+    if (dropFails) throw dropFails;
+  });
+  return {
+    log, saved,
+    hold() {
+      let open!: () => void;
+      gate = new Promise<void>((r) => { open = r; });
+      return () => { gate = undefined; open(); };
+    },
+    fail(e: Error | undefined) { failWith = e; },
+    failDrop(e: Error | undefined) { dropFails = e; },
+    get drops() { return drops; },
+  };
+}
+
+const named = (rec: IntentRecord | undefined) => (rec ? intentRanges(rec) : []);
+
+describe('write-intent record', () => {
+  it('a write to a recorded region goes at once; one to a region trimmed away waits for a save naming it, shared by every write waiting then', async () => {
+    const t = recordingLog();
+    const d = t.log.add(8 * MiB, 'all');
+    await t.log.save();
+    expect(named(t.saved[0]![0])).toEqual([{ offset: 0, length: 8 * MiB }]);
+    expect(d.begin(100, 4096)).toBeUndefined();
+    d.end(100, 4096);
+    // Regions 2–7 in sync and idle through a trim: they leave the record.
+    const clean = (_: number, o: number) => o >= 2 * MiB;
+    let flushed = 0;
+    await t.log.trim(async () => { flushed++; }, clean);
+    expect(flushed).toBeGreaterThan(0);
+    expect(named(t.saved.at(-1)![0])).toEqual([{ offset: 0, length: 2 * MiB }]);
+    const before = t.saved.length;
+    const release = t.hold();
+    const waits = [3, 4, 5, 3, 6].map((r) => d.begin(r * MiB + 512, 512));
+    expect(waits.every((w) => w instanceof Promise)).toBe(true);
+    let landed = 0;
+    for (const w of waits) void w!.then(() => landed++);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(landed).toBe(0); // not before the record names them
+    release();
+    await Promise.all(waits);
+    expect(t.saved.length - before).toBeLessThanOrEqual(2);
+    expect(named(t.saved.at(-1)![0])).toEqual([{ offset: 0, length: 2 * MiB }, { offset: 3 * MiB, length: 4 * MiB }]);
+  });
+
+  it('a trim keeps a region written while the target flushed, one a write or a copy is in flight in, and one not in sync', async () => {
+    const t = recordingLog();
+    const d = t.log.add(4 * MiB, 'all');
+    await t.log.save();
+    await t.log.trim(async () => undefined, () => false); // nothing in sync yet
+    d.begin(0, 512); // a write in flight in region 0 (not ended)
+    d.copying(MiB, 512); // a copy in flight in region 1
+    const notInSync = (_: number, o: number) => o !== 3 * MiB;
+    // Region 2 is written (and ends) while the target flushes.
+    await t.log.trim(async () => {
+      void d.begin(2 * MiB, 512);
+      d.end(2 * MiB, 512);
+    }, notInSync);
+    // Nothing left the record: 0 and 1 busy, 2 touched during the flush, 3 dirty.
+    expect(named(t.saved.at(-1)![0])).toEqual([{ offset: 0, length: 4 * MiB }]);
+    d.end(0, 512);
+    d.end(MiB, 512);
+    await t.log.trim(async () => undefined, () => true);
+    await t.log.trim(async () => undefined, () => true);
+    expect(named(t.saved.at(-1)![0])).toEqual([]);
+  });
+
+  it('a save that fails fails the writes waiting for it; through a LiveDevice, such a write never lands', async () => {
+    const t = recordingLog();
+    const src = memoryDevice(4 * MiB);
+    const live = new LiveDevice(src);
+    const d = t.log.add(4 * MiB, []);
+    await t.log.save();
+    const unguard = live.setGuard(d);
+    t.fail(new Error('the store is unreachable'));
+    await expect(live.write(MiB, new Uint8Array(512).fill(7))).rejects.toThrow(/unreachable/);
+    expect((await src.read(MiB, 512)).every((b) => b === 0)).toBe(true);
+    t.fail(undefined);
+    await live.write(MiB, new Uint8Array(512).fill(7));
+    expect((await src.read(MiB, 512))[0]).toBe(7);
+    expect(named(t.saved.at(-1)![0])).toEqual([{ offset: MiB, length: MiB }]);
+    unguard();
+  });
+
+  it('closed: writes wait for the last record; if it fails, the intent is dropped for them, tried again while that fails', async () => {
+    const t = recordingLog();
+    const d = t.log.add(4 * MiB, []);
+    await t.log.save();
+    let last!: () => void;
+    const closing = t.log.close(() => new Promise<void>((r) => { last = r; }));
+    const w = d.begin(0, 512)!;
+    let went = false;
+    void w.then(() => { went = true; });
+    await new Promise((r) => setTimeout(r, 10));
+    expect(went).toBe(false);
+    last();
+    await closing;
+    await w;
+    expect(t.drops).toBe(0);
+
+    const u = recordingLog();
+    const e = u.log.add(4 * MiB, []);
+    await u.log.save();
+    u.failDrop(new Error('still unreachable'));
+    await expect(u.log.close(async () => { throw new Error('the last record failed'); })).rejects.toThrow(/last record/);
+    await expect(e.begin(0, 512)!).rejects.toThrow(/still unreachable/);
+    expect(u.drops).toBe(1);
+    u.failDrop(undefined);
+    await e.begin(MiB, 512);
+    expect(u.drops).toBe(2);
+    expect(e.begin(2 * MiB, 512) === undefined || await e.begin(2 * MiB, 512) === undefined).toBe(true);
+    expect(u.drops).toBe(2); // dropped once: every later write goes on
+  });
+
+  it('a LiveDevice holding its writes lets reads through, and the writes go once a guard is set (or the hold ends)', async () => {
+    const src = memoryDevice(4 * MiB);
+    const live = new LiveDevice(src);
+    let end!: () => void;
+    live.holdWrites(new Promise<void>((r) => { end = r; }));
+    let written = false;
+    const w = live.write(0, new Uint8Array(512).fill(9)).then(() => { written = true; });
+    expect((await live.read(0, 512))[0]).toBe(0);
+    await new Promise((r) => setTimeout(r, 10));
+    expect(written).toBe(false);
+    expect(live.writesHeld).toBe(true);
+    const t = recordingLog();
+    const d = t.log.add(4 * MiB, 'all');
+    await t.log.save();
+    live.setGuard(d);
+    await w;
+    expect(live.writesHeld).toBe(false);
+    end();
+
+    const other = new LiveDevice(memoryDevice(MiB));
+    let fail!: (e: Error) => void;
+    other.holdWrites(new Promise<void>((_, reject) => { fail = reject; }));
+    const refused = other.write(0, new Uint8Array(512));
+    fail(new Error('the export stops'));
+    await expect(refused).rejects.toThrow(/export stops/);
+  });
+
+  it('records: regions of at least 1 MiB, at most 16384 per disk; ranges coalesce; a record that does not fit the disk is refused', () => {
+    expect(regionBytesFor(8 * MiB)).toBe(MiB);
+    expect(regionBytesFor(64 * 1024 * MiB)).toBe(4 * MiB);
+    const t = recordingLog();
+    const d = t.log.add(5 * MiB + 512, [{ offset: 0, length: 1 }, { offset: MiB, length: MiB }, { offset: 5 * MiB, length: 512 }]);
+    const rec = d.record();
+    expect(intentRanges(rec)).toEqual([{ offset: 0, length: 2 * MiB }, { offset: 5 * MiB, length: 512 }]);
+    expect(checkIntentRecord(rec, 5 * MiB + 512, 'pool/a')).toEqual(rec);
+    expect(() => checkIntentRecord(rec, 6 * MiB, 'pool/a')).toThrow(/does not fit its 6291456 bytes/);
+    expect(() => checkIntentRecord({ ...rec, bits: 'AAAAAAAA' }, 5 * MiB + 512, 'pool/a')).toThrow(/InvalidArgument|does not fit/);
+  });
+
+  it('after its runner stopped, a mirror job keeps its write-intent record only if that process is known gone', () => {
+    const intent = [{ sizeBytes: MiB, regionBytes: MiB, bits: 'AQ==' }];
+    const rec = {
+      id: 'mirror-1', type: 'mirror', params: { mode: 'background', pairs: [{ source: 'pool/a', target: 'san/a' }] }, checkpoint: { authoritative: 'source', intent } satisfies MirrorState,
+    } as unknown as JobRecord;
+    const gone = mirrorAfterRestart(rec, { host: 'h', pid: 12, gone: true });
+    expect(gone.why).toMatch(/pool\/a holds the data.*goes on from its write-intent record/);
+    expect('checkpoint' in gone).toBe(false);
+    const alive = mirrorAfterRestart(rec, { host: 'other', pid: 12, gone: false });
+    expect(alive.checkpoint).toEqual({ authoritative: 'source' });
+    expect(alive.why).toMatch(/pool\/a holds the data and stays current; san\/a is behind/);
+    const switched = mirrorAfterRestart({ ...rec, checkpoint: { authoritative: 'target' } } as JobRecord, { host: 'h', pid: 12, gone: true });
+    expect(switched.succeeded).toBe(true);
+  });
+
+  it('taken over, a mirror job keeps its write-intent record only if its runner ran on this host and its process is gone', async () => {
+    const store = new SqliteStateStore(':memory:');
+    const jobs = new JobManager(store, new LockManager(), async (rec, stopped) => mirrorAfterRestart(rec, stopped), silentLogger);
+    const checkpoint = { authoritative: 'source', intent: [{ sizeBytes: MiB, regionBytes: MiB, bits: 'AQ==' }] };
+    const now = new Date().toISOString();
+    const rec = (id: string, over: Partial<JobRecord>): JobRecord => ({
+      id, type: 'mirror', status: 'running', executor: 'host', ref: 'san/a', owner: 'admin', ownerRole: 'admin', progress: { current: 0, total: 1 }, speed: 0,
+      cancelled: false, params: { mode: 'background', pairs: [{ source: 'pool/a', target: 'san/a' }] }, createdAt: now, updatedAt: now, checkpoint,
+      runnerPid: 1, runnerToken: `tok-${id}`, runnerHost: HOST, leaseExpires: Date.now() + 60_000, seenAt: Date.now(), fence: 1, locks: [], ...over,
+    });
+    try {
+      const deadPid = spawnSync(process.execPath, ['-e', '0']).pid!;
+      await store.insertJob(rec('mirror-died-here', { runnerPid: deadPid }));
+      await store.insertJob(rec('mirror-elsewhere', { runnerHost: 'other-host', leaseExpires: Date.now() - 1 }));
+      await jobs.recover();
+      expect(await store.getJob('mirror-died-here')).toMatchObject({ status: 'concluded', checkpoint });
+      expect(await store.getJob('mirror-elsewhere')).toMatchObject({ status: 'concluded', checkpoint: { authoritative: 'source' } });
+    } finally {
+      await jobs.close();
+      await store.close();
+    }
+  });
+});
