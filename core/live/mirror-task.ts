@@ -119,13 +119,23 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
     params: { ...params },
     async run(ctx: JobContext) {
       const n = params.pairs.length;
+      // Every state goes through here: whether the job's stored record may still name a write
+      // intent (until a state without one is saved). What the job concludes with is the last
+      // state asked for, saved or not.
+      let intentRecorded = false;
+      const save = async (state: MirrorState) => {
+        if (state.intent !== undefined) intentRecorded = true;
+        await ctx.saveState(state);
+        intentRecorded = state.intent !== undefined;
+      };
       // The write-intent record: at first everything may differ; each trim lets go of what is in sync.
-      const log = new IntentLog(async (intent) => {
-        await ctx.saveState({ authoritative: 'source', intent } satisfies MirrorState);
-      }, () => deps.dropIntent(ctx.jobId));
+      const log = new IntentLog((intent) => save({ authoritative: 'source', intent }), () => deps.dropIntent(ctx.jobId));
       const intents = deps.pairs.map((d) => log.add(d.source.sizeBytes, 'all'));
       await log.save();
       const unguard: (() => void)[] = [];
+      // Once the record names no intent (a last record, or, failing it, the intent dropped — maybe
+      // only by a later write that asks again), the guards go.
+      log.onFree = () => { for (const u of unguard.splice(0)) u(); };
       let trimmer: NodeJS.Timeout | undefined;
       for (const d of deps.pairs) d.attach(ctx.jobId);
       const targets: (BlockDevice | undefined)[] = new Array(n);
@@ -196,13 +206,13 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         try {
           for (let i = 0; i < n; i++) switches.push(await deps.pairs[i]!.prepareSwitch(ctx.jobId));
           // The clients are held: no write waits for the record, and none lands before the switch.
-          old = await Mirror.pivotAll(mirrors, () => log.close(async () => ctx.saveState({ authoritative: 'target' } satisfies MirrorState)));
+          old = await Mirror.pivotAll(mirrors, () => log.close(() => save({ authoritative: 'target' })));
         } catch (e) {
           for (const sw of switches) await sw.undo().catch(() => undefined);
           // The record may say target (a write that failed after it committed) while the sources are
           // still served: say source again, or stop serving rather than leave the two apart.
           try {
-            await ctx.saveState({ authoritative: 'source' } satisfies MirrorState);
+            await save({ authoritative: 'source' });
           } catch (again) {
             deps.failClosed(again);
           }
@@ -215,20 +225,21 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         // No trim once a mirror may stop watching: it would take a region written since for in sync.
         clearInterval(trimmer);
         // Only mirrors that all started know what their targets lack (one stopped while starting is cancelled).
-        if (!pivoted && deps.suspending?.() && started === n) suspended = await suspendAll(params, deps, mirrors, ctx, log);
+        if (!pivoted && deps.suspending?.() && started === n) suspended = await suspendAll(params, deps, mirrors, ctx, log, save);
         if (suspended) {
           throw new Cancelled(`stopped with its service, at a snapshot of ${n === 1 ? 'its source' : 'each source'}: the service resumes the copy as a new job when it starts again`, { data: { suspended: true } });
         }
-        if (!pivoted) await stopAll(params, deps, mirrors, ctx, log);
+        if (!pivoted) await stopAll(params, deps, mirrors, ctx, log, save);
         throw e;
       } finally {
         clearTimeout(trailing);
         clearInterval(trimmer);
-        // The record names no write intent any more (a last record, or the intent dropped): the
-        // guards can go. Else they stay, and a write where none was recorded fails until it can be dropped.
-        await log.close(() => deps.dropIntent(ctx.jobId)).then(() => {
-          for (const u of unguard) u();
-        }, (e: unknown) => deps.warn?.(`live copy ${ctx.jobId}: its write-intent record could not be dropped (${(e as Error).message}); writes to its sources outside the regions it names fail until it can be`));
+        // The job ends: its record names no write intent (it concludes with it, so written through
+        // the job, not only in the store). Failing that, the guards stay (log.onFree), and a write
+        // where none was recorded fails until the intent can be dropped.
+        await log.close(async () => {
+          if (intentRecorded) await save({ authoritative: 'source' });
+        }).catch((e: unknown) => deps.warn?.(`live copy ${ctx.jobId}: its write-intent record could not be dropped (${(e as Error).message}); writes to its sources outside the regions it names fail until it can be`));
         for (const d of deps.pairs) d.detach();
         if (!pivoted) {
           for (let i = 0; i < n; i++) {
@@ -245,7 +256,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
  * Stop every mirror. Those that were ready leave their target a point-in-time copy and, where the
  * backend can, a snapshot of the source at that point, recorded for a resume.
  */
-async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext, log: IntentLog): Promise<void> {
+async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext, log: IntentLog, save: (s: MirrorState) => Promise<void>): Promise<void> {
   const points: (string | null)[] = params.pairs.map(() => null);
   await Promise.all(mirrors.map(async (m, i) => {
     const atPoint = async () => {
@@ -255,7 +266,7 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
   }));
   if (!points.some((p) => p !== null)) return;
   try {
-    await log.close(async () => ctx.saveState({ authoritative: 'source', points } satisfies MirrorState));
+    await log.close(() => save({ authoritative: 'source', points }));
   } catch {
     return; // unrecorded: the points it resumed from stay the way back
   }
@@ -273,7 +284,7 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
  * dropped) when a source's backend cannot take such a point or the record cannot be saved: the
  * copy is then stopped as by a cancel.
  */
-async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext, log: IntentLog): Promise<boolean> {
+async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[], ctx: JobContext, log: IntentLog, save: (s: MirrorState) => Promise<void>): Promise<boolean> {
   const points: (string | undefined)[] = params.pairs.map(() => undefined);
   const pending: ByteRange[][] = params.pairs.map(() => []);
   const results = await Promise.allSettled(mirrors.map(async (m, i) => {
@@ -289,7 +300,7 @@ async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirro
     return false;
   }
   try {
-    await log.close(async () => ctx.saveState({ authoritative: 'source', points: points as string[], pending } satisfies MirrorState));
+    await log.close(() => save({ authoritative: 'source', points: points as string[], pending }));
   } catch {
     await drop();
     return false;

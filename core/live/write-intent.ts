@@ -5,6 +5,15 @@ import { InvalidArgument } from '../model/errors.js';
 const MIN_REGION = 1 << 20;
 /** Regions per disk at most: its record is 2 KiB of bits (about 2.7 KB of base64) whatever its size. */
 const MAX_REGIONS = 16384;
+/**
+ * Trims a region must stay untouched through before it leaves the record, at most: a region
+ * written again after it left waits twice as long next time (1, 2, 4 … trims). bench/probe: 4 KiB
+ * writes at 200/s, random over 1 GiB, after the copy was in sync — with one trim always, 85 % of
+ * the writes waited for a save of the record (p50 0.29 ms against 0.06 ms unguarded, in process).
+ */
+const MAX_IDLE_TRIMS = 64;
+/** What a region written again after it left needs at least (a copied region needs one). */
+const FIRST_RETURN_TRIMS = 8;
 
 /** One disk's write-intent record, as a live copy's saved state holds it. */
 export interface IntentRecord {
@@ -63,6 +72,9 @@ export class WriteIntent {
   readonly durable: Uint8Array;
   /** Written or copied since the last trim: not trimmed at the next. */
   private readonly touched: Uint8Array;
+  /** Trims since the region was last written or copied, and how many it needs before it may leave the record. */
+  private readonly idle: Uint8Array;
+  private readonly needs: Uint8Array;
   /** Writes and copies in flight. */
   private readonly busy: Uint32Array;
 
@@ -72,6 +84,8 @@ export class WriteIntent {
     this.want = new Uint8Array(this.n);
     this.durable = new Uint8Array(this.n);
     this.touched = new Uint8Array(this.n);
+    this.idle = new Uint8Array(this.n);
+    this.needs = new Uint8Array(this.n).fill(1);
     this.busy = new Uint32Array(this.n);
     if (initial === 'all') this.want.fill(1);
     else for (const r of initial) this.each(r.offset, r.length, (i) => { this.want[i] = 1; });
@@ -88,6 +102,9 @@ export class WriteIntent {
       this.busy[i]!++;
       this.touched[i] = 1;
       if (this.want[i] === 0 || this.durable[i] === 0) {
+        // Written after it left: a region a guest writes is likely written again, so it stays
+        // longer next time (8 trims, then twice as long at each return).
+        if (this.want[i] === 0) this.needs[i] = Math.min(MAX_IDLE_TRIMS, Math.max(FIRST_RETURN_TRIMS, this.needs[i]! * 2));
         this.want[i] = 1;
         missing = true;
       }
@@ -108,11 +125,16 @@ export class WriteIntent {
     });
   }
 
-  /** Regions recorded whose bytes are all in sync by `clean`, idle and untouched since the last trim; the trim after this starts now. */
+  /**
+   * Regions recorded whose bytes are all in sync by `clean`, idle, and untouched through as many
+   * trims as they need (one at first); the trim after this starts now.
+   */
   candidates(clean: (offset: number, length: number) => boolean): number[] {
     const out: number[] = [];
     for (let i = 0; i < this.n; i++) {
-      if (this.want[i] === 1 && this.touched[i] === 0 && this.busy[i] === 0 && clean(i * this.regionBytes, this.span(i))) out.push(i);
+      if (this.touched[i] === 1) this.idle[i] = 0;
+      else if (this.idle[i]! < 255) this.idle[i]!++;
+      if (this.want[i] === 1 && this.idle[i]! >= this.needs[i]! && this.busy[i] === 0 && clean(i * this.regionBytes, this.span(i))) out.push(i);
     }
     this.touched.fill(0);
     return out;
@@ -167,6 +189,9 @@ export class IntentLog {
   private waiters: { after: number; resolve: () => void; reject: (e: unknown) => void }[] = [];
   private closing: Promise<void> | undefined;
   private dropping: Promise<void> | undefined;
+  private freed = false;
+  /** Called once the job's record names no write intent any more (its guards can go). */
+  onFree: (() => void) | undefined;
   private trimming = false;
 
   /**
@@ -221,16 +246,29 @@ export class IntentLog {
    * `last` just runs.
    */
   close(last: () => Promise<void>): Promise<void> {
-    if (this.closing) return last();
+    if (this.closing) {
+      const again = last();
+      again.then(() => {
+        this.closing = Promise.resolve();
+        this.free();
+      }, () => undefined);
+      return again;
+    }
     const running = this.running?.catch(() => undefined);
     const done = (async () => {
       await running;
       await last();
     })();
     this.closing = done;
-    done.catch(() => undefined);
+    done.then(() => this.free(), () => undefined);
     for (const w of this.waiters.splice(0)) this.afterClose().then(w.resolve, w.reject);
     return done;
+  }
+
+  private free(): void {
+    if (this.freed) return;
+    this.freed = true;
+    this.onFree?.();
   }
 
   /** Once the record names no intent: the last record, or else `drop`, tried again at each ask while it fails (the store may come back). */
@@ -238,6 +276,7 @@ export class IntentLog {
     return this.closing!.catch(() => {
       this.dropping ??= this.drop().then(() => {
         this.closing = Promise.resolve();
+        this.free();
       }).finally(() => {
         this.dropping = undefined;
       });
@@ -250,6 +289,9 @@ export class IntentLog {
     const gen = ++this.started;
     const snaps = this.disks.map((d) => ({ d, want: d.want.slice() }));
     const records = this.disks.map((d) => d.record());
+    // A region this save leaves out is no longer recorded from now on, whichever save lands last:
+    // a write to it waits for the next save, not this one.
+    for (const { d, want } of snaps) for (let i = 0; i < want.length; i++) if (want[i] === 0) d.durable[i] = 0;
     this.running = this.write(records).then(() => {
       for (const { d, want } of snaps) d.durable.set(want);
       this.settle(gen, undefined);

@@ -289,5 +289,6 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect(outcomes.source! + outcomes.target!).toBe(KILLS);
     expect(outcomes.target).toBeGreaterThan(0); // some kills landed after the switch-over was recorded
     expect(outcomes.source).toBeGreaterThan(0);
+    expect(outcomes.resumed).toBeGreaterThan(0); // copies killed with the source current went on from their records
   });
 });

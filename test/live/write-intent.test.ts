@@ -4,18 +4,23 @@
  * region leaves the record only after the target's flush, and never while written or copied.
  */
 import { spawnSync } from 'node:child_process';
-import { describe, expect, it } from 'vitest';
-import { LockManager, silentLogger } from '../../core/index.js';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ADMIN, LockManager, silentLogger, type BlockDevice } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
 import { HOST } from '../../core/jobs/runner.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { LiveDevice } from '../../core/live/live-device.js';
 import { checkIntentRecord, IntentLog, intentRanges, regionBytesFor, type IntentRecord } from '../../core/live/write-intent.js';
-import { mirrorAfterRestart, type MirrorState } from '../../core/live/mirror-task.js';
+import { dropWriteIntent, mirrorAfterRestart, mirrorTask, type MirrorPairDeps, type MirrorState } from '../../core/live/mirror-task.js';
+import { recordToInfo } from '../../core/jobs/remote-job.js';
 import type { JobRecord } from '../../core/state/records.js';
 import { memoryDevice } from '../support/memory-device.js';
 
 const MiB = 1024 * 1024;
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
 
 /** A log whose saves are recorded (and can be made to wait or fail). */
 function recordingLog() {
@@ -94,6 +99,27 @@ describe('write-intent record', () => {
     d.end(MiB, 512);
     await t.log.trim(async () => undefined, () => true);
     await t.log.trim(async () => undefined, () => true);
+    expect(named(t.saved.at(-1)![0])).toEqual([]);
+  });
+
+  it('a region written again after it left stays longer next time: 8 trims, then twice as many at each return', async () => {
+    const t = recordingLog();
+    const d = t.log.add(MiB, 'all');
+    await t.log.save();
+    const trims = async (k: number) => { for (let i = 0; i < k; i++) await t.log.trim(async () => undefined, () => true); };
+    await trims(1);
+    expect(named(t.saved.at(-1)![0])).toEqual([]); // copied, idle: out after one trim
+    await d.begin(0, 512);
+    d.end(0, 512);
+    await trims(8);
+    expect(named(t.saved.at(-1)![0])).toEqual([{ offset: 0, length: MiB }]); // touched at the first of those: 7 idle trims so far
+    await trims(1);
+    expect(named(t.saved.at(-1)![0])).toEqual([]);
+    await d.begin(0, 512);
+    d.end(0, 512);
+    await trims(16);
+    expect(named(t.saved.at(-1)![0])).toEqual([{ offset: 0, length: MiB }]);
+    await trims(1);
     expect(named(t.saved.at(-1)![0])).toEqual([]);
   });
 
@@ -219,5 +245,99 @@ describe('write-intent record', () => {
       await jobs.close();
       await store.close();
     }
+  });
+
+  it('a write lands only while the saved record names its region: a second write into a region a trim is taking out waits too', async () => {
+    const saved: IntentRecord[][] = [];
+    let gate: Promise<void> | undefined;
+    let inFlight: IntentRecord[] | undefined;
+    const log = new IntentLog(async (records) => {
+      inFlight = records;
+      await gate;
+      saved.push(records);
+    }, async () => undefined);
+    const d = log.add(4 * MiB, 'all');
+    await log.save();
+    // Regions 1–3 in sync and idle: a trim drops them; its save is held in flight.
+    let open!: () => void;
+    gate = new Promise<void>((r) => { open = r; });
+    void log.trim(async () => undefined, (_i, o) => o >= MiB);
+    await new Promise((r) => setTimeout(r, 5));
+    expect(intentRanges(inFlight![0]!)).toEqual([{ offset: 0, length: MiB }]);
+    // The guest writes region 1 twice meanwhile: neither may land before a record names it again.
+    const a = d.begin(MiB, 512);
+    const b = d.begin(MiB + 4096, 512);
+    expect(a).toBeInstanceOf(Promise);
+    expect(b).toBeInstanceOf(Promise);
+    let landed = false;
+    void b!.then(() => { landed = true; });
+    gate = new Promise<void>(() => undefined); // the next save (the one they wait for) never ends: a crash here
+    open();
+    await new Promise((r) => setTimeout(r, 5));
+    expect(intentRanges(saved.at(-1)![0]!)).toEqual([{ offset: 0, length: MiB }]);
+    expect(landed).toBe(false);
+  });
+});
+
+/** A pair's deps that serve `source` and `target` and do nothing else. */
+function plainPair(source: LiveDevice, target: BlockDevice): MirrorPairDeps {
+  return {
+    source, attach: () => undefined, detach: () => undefined, openTarget: async () => target,
+    prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
+    removeTarget: async () => undefined, changesSince: async () => [], markPoint: async () => undefined, dropSnapshot: async () => undefined,
+  };
+}
+
+function jobManager(): { store: SqliteStateStore; m: JobManager } {
+  const store = new SqliteStateStore(':memory:');
+  const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
+  cleanups.push(async () => {
+    await m.close();
+    await store.close();
+  });
+  return { store, m };
+}
+
+describe('a live copy\'s write-intent record as the job ends', () => {
+  it('a copy that fails concludes without it (else a restart would resume from a record the writes since have outgrown)', async () => {
+    const { store, m } = jobManager();
+    const src = memoryDevice(4 * MiB);
+    await src.write(3 * MiB, new Uint8Array(MiB).fill(5)); // only region 3 to copy
+    const live = new LiveDevice(src);
+    let failCopy!: (e: Error) => void;
+    const stuck = new Promise<void>((_, reject) => { failCopy = reject; });
+    const target: BlockDevice = { ...memoryDevice(4 * MiB), write: async () => stuck, writeZeroes: undefined, close: async () => undefined };
+    const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
+      pairs: [plainPair(live, target)], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id),
+    });
+    const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }] });
+    await new Promise((r) => setTimeout(r, 1500)); // a trim drops regions 0–2 (in sync, idle)
+    const during = (await store.getJob(job.id))!.checkpoint as MirrorState;
+    expect(intentRanges(during.intent![0]!)).toEqual([{ offset: 3 * MiB, length: MiB }]);
+    failCopy(new Error('target I/O error'));
+    expect((await job.wait()).error?.message).toMatch(/target I\/O error/);
+    await live.write(0, new Uint8Array(4096).fill(9)); // unguarded now: not in any record
+    const rec = (await store.getJob(job.id))!;
+    expect({ intent: (rec.checkpoint as MirrorState).intent, crashed: recordToInfo(rec).crashed }).toEqual({ intent: undefined, crashed: undefined });
+  });
+
+  it('its guard stays while the record cannot be written, and goes once a later write gets the intent dropped: the source can be copied again', async () => {
+    const { m } = jobManager();
+    const live = new LiveDevice(memoryDevice(4 * MiB));
+    let storeDown = true;
+    const dropIntent = async () => { if (storeDown) throw new Error('store unreachable'); };
+    const mk = () => mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
+      pairs: [plainPair(live, { ...memoryDevice(4 * MiB), close: async () => undefined })], failClosed: () => undefined, dropIntent,
+    });
+    const first = await m.start({ task: mk(), ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [], speed: 1 });
+    await new Promise((r) => setTimeout(r, 50));
+    await first.cancel();
+    await first.wait().catch(() => undefined);
+    storeDown = false;
+    await live.write(0, new Uint8Array(512).fill(1)); // its wait drops the intent: the write goes, the guard with it
+    const second = await m.start({ task: mk(), ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [] });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(second.info().error?.message ?? second.info().status).not.toMatch(/write guard already/);
+    await second.cancel();
   });
 });
