@@ -206,7 +206,10 @@ export class DataJobs {
     for (const ref of stale) {
       const snap = parseSnapshotRef(ref);
       const b = this.s.entry(snap.backend).backend;
-      await call(b, 'delete', ref, () => b.deleteSnapshot(snap.volume, snap.snapshot)).catch((e: unknown) => this.s.logger.warn(`dropping ${ref}, a point live copy ${opts.resume} no longer needs, failed: ${toOffloadError(e).message}`));
+      await call(b, 'delete', ref, () => b.deleteSnapshot(snap.volume, snap.snapshot)).catch((e: unknown) => {
+        const err = toOffloadError(e);
+        if (err.code !== 'NotFound') this.s.logger.warn(`dropping ${ref}, a point live copy ${opts.resume} no longer needs, failed: ${err.message}`);
+      });
     }
     return job;
   }

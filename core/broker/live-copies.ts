@@ -55,6 +55,12 @@ export class LiveCopies {
     }
     // Points the job resumed from itself and had not dropped yet (its runner stopped in between): not needed any more.
     const stale = params.pairs.flatMap((p, i) => (p.since !== undefined && (crashed || p.since !== state.points![i]) ? [`${p.source}@${p.since}`] : []));
+    // Killed while it stopped or suspended, it may have taken its point and not recorded it.
+    if (crashed) {
+      for (const p of params.pairs) {
+        if (this.s.backends.get(parseVolumeRef(p.source).backend)?.capabilities.hasAll('snapshot.create', 'data.dirty')) stale.push(`${p.source}@${pointName(id)}`);
+      }
+    }
     return { pairs, mode: params.mode, owner: { id: rec.owner, role: rec.ownerRole }, stale, crashed };
   }
 
@@ -196,7 +202,7 @@ export class LiveCopies {
         markPoint: async (id) => {
           const b = s.backends.get(src.backend)!;
           if (!b.capabilities.hasAll('snapshot.create', 'data.dirty')) return undefined;
-          const name = `live-${id.slice(id.lastIndexOf('-') + 1)}`;
+          const name = pointName(id);
           await call(b.backend, 'snapshot', `${source}@${name}`, () => b.backend.createSnapshot(src.volume, name));
           return name;
         },
@@ -220,6 +226,11 @@ export class LiveCopies {
       ref: source, hint: 'export it first (`offload --server ADDR nbd SRC`, with the VM using that export), then copy it live through the same service',
     });
   }
+}
+
+/** The snapshot a live copy names the point its target equals (its sources' `live-<job>`). */
+function pointName(jobId: string): string {
+  return `live-${jobId.slice(jobId.lastIndexOf('-') + 1)}`;
 }
 
 /**
