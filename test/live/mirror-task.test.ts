@@ -3,47 +3,16 @@
  * (running → ready → concluded on complete), the authoritative side it saves before the switch,
  * and what cancel leaves, with a writer and a model of its acknowledged writes.
  */
-import { afterEach, describe, expect, it } from 'vitest';
-import { ADMIN, LockManager, silentLogger, type BlockDevice, type JobStatus } from '../../core/index.js';
-import { JobManager } from '../../core/jobs/job-manager.js';
+import { describe, expect, it } from 'vitest';
+import { ADMIN, type BlockDevice, type JobStatus } from '../../core/index.js';
+import type { JobManager } from '../../core/jobs/job-manager.js';
 import { LiveDevice } from '../../core/live/live-device.js';
-import { mirrorTask, type MirrorPairDeps, type MirrorState } from '../../core/live/mirror-task.js';
-import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import { mirrorTask, type MirrorState } from '../../core/live/mirror-task.js';
 import { memoryDevice } from '../support/memory-device.js';
+import { jobManager, plainPair } from '../support/mirror-jobs.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const cleanups: (() => Promise<void> | void)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-/** A job manager on a store in memory, closed after the test. */
-function jobManager(): { store: SqliteStateStore; m: JobManager } {
-  const store = new SqliteStateStore(':memory:');
-  const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
-  cleanups.push(async () => {
-    await m.close();
-    await store.close();
-  });
-  return { store, m };
-}
-
-/** A pair's deps that do nothing but serve `source` and `target` (what a test overrides aside). */
-function plainPair(source: LiveDevice, target: BlockDevice, over: Partial<MirrorPairDeps> = {}): MirrorPairDeps {
-  return {
-    source,
-    attach: () => undefined,
-    detach: () => undefined,
-    openTarget: async () => target,
-    prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
-    removeTarget: async () => undefined,
-    changesSince: async () => [],
-    markPoint: async () => undefined,
-    dropSnapshot: async () => undefined,
-    ...over,
-  };
-}
 
 function setup(mode: 'background' | 'write-blocking' = 'background', create = false) {
   const { store, m } = jobManager();

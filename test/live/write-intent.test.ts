@@ -4,23 +4,20 @@
  * region leaves the record only after the target's flush, and never while written or copied.
  */
 import { spawnSync } from 'node:child_process';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ADMIN, LockManager, silentLogger, type BlockDevice } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
 import { HOST } from '../../core/jobs/runner.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { LiveDevice } from '../../core/live/live-device.js';
 import { checkIntentRecord, IntentLog, intentRanges, regionBytesFor, type IntentRecord } from '../../core/live/write-intent.js';
-import { dropWriteIntent, mirrorAfterRestart, mirrorTask, type MirrorPairDeps, type MirrorState } from '../../core/live/mirror-task.js';
+import { dropWriteIntent, mirrorAfterRestart, mirrorTask, type MirrorState } from '../../core/live/mirror-task.js';
 import { recordToInfo } from '../../core/jobs/remote-job.js';
 import type { JobRecord } from '../../core/state/records.js';
 import { memoryDevice } from '../support/memory-device.js';
+import { jobManager, plainPair } from '../support/mirror-jobs.js';
 
 const MiB = 1024 * 1024;
-const cleanups: (() => Promise<void>)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
 
 /** A log whose saves are recorded (and can be made to wait or fail). */
 function recordingLog() {
@@ -278,25 +275,6 @@ describe('write-intent record', () => {
     expect(landed).toBe(false);
   });
 });
-
-/** A pair's deps that serve `source` and `target` and do nothing else. */
-function plainPair(source: LiveDevice, target: BlockDevice): MirrorPairDeps {
-  return {
-    source, attach: () => undefined, detach: () => undefined, openTarget: async () => target,
-    prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
-    removeTarget: async () => undefined, changesSince: async () => [], markPoint: async () => undefined, dropSnapshot: async () => undefined,
-  };
-}
-
-function jobManager(): { store: SqliteStateStore; m: JobManager } {
-  const store = new SqliteStateStore(':memory:');
-  const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
-  cleanups.push(async () => {
-    await m.close();
-    await store.close();
-  });
-  return { store, m };
-}
 
 describe('a live copy\'s write-intent record as the job ends', () => {
   it('a copy that fails concludes without it (else a restart would resume from a record the writes since have outgrown)', async () => {
