@@ -6,6 +6,7 @@
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { CopyOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
+import type { JobRecord } from '../state/records.js';
 import { LiveDevice } from '../live/live-device.js';
 import { dropWriteIntent, mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams, type MirrorState } from '../live/mirror-task.js';
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
@@ -40,6 +41,14 @@ export class LiveCopies {
       throw new FailedPrecondition(`live copy ${id} left no point to resume from (${state.authoritative === 'target' ? 'it switched over' : 'it ended before ready, or a source cannot take snapshots'})`, {
         ref: id, hint: 'start the copy again: `offload copy --live SRC DST`',
       });
+    }
+    if (crashed) {
+      // Writes made while a later copy of these volumes ran are in no record this one has.
+      const touches = (o: JobRecord) => ((o.params as unknown as MirrorParams).pairs ?? []).some((p) => params.pairs.some((q) => q.source === p.source || q.target === p.target || q.source === p.target || q.target === p.source));
+      const later = (await this.s.store.listJobs()).find((o) => o.type === 'mirror' && o.id !== rec.id && o.createdAt > rec.createdAt && touches(o));
+      if (later) {
+        throw new FailedPrecondition(`live copy ${id} cannot be resumed from its write-intent record: live copy ${later.id} of the same volumes ran since`, { ref: id, hint: 'start the copy again: `offload copy --live SRC DST`' });
+      }
     }
     const pairs = params.pairs.map((p, i): ResumedPair => {
       if (crashed) {

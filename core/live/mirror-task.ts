@@ -7,6 +7,7 @@ import type { LiveDevice } from './live-device.js';
 import { Mirror, type MirrorMode } from './mirror.js';
 import { IntentLog, type IntentRecord } from './write-intent.js';
 import { Busy, Cancelled } from '../model/errors.js';
+import { LeaseLost } from '../jobs/job-run.js';
 
 /** One disk of a live copy: the volume in use (its export's device is the pair's `source` dep) and its copy. */
 export interface MirrorPair {
@@ -101,6 +102,8 @@ export interface MirrorDeps {
  * on from what it had copied up to about this long before, and copies again what was written then.
  */
 const TRIM_EVERY_MS = 1000;
+/** How often a job's record is asked again to drop its write intent after the job ended without (ms). */
+const INTENT_RETRY_MS = 5000;
 
 /** How often a mirror job's progress is reported while it copies (ms). */
 const PROGRESS_EVERY_MS = 100;
@@ -131,7 +134,6 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
       // The write-intent record: at first everything may differ; each trim lets go of what is in sync.
       const log = new IntentLog((intent) => save({ authoritative: 'source', intent }), () => deps.dropIntent(ctx.jobId));
       const intents = deps.pairs.map((d) => log.add(d.source.sizeBytes, 'all'));
-      await log.save();
       const unguard: (() => void)[] = [];
       // Once the record names no intent (a last record, or, failing it, the intent dropped — maybe
       // only by a later write that asks again), the guards go.
@@ -166,7 +168,10 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
       let pivoted = false;
       let suspended = false;
       let started = 0;
+      let refused: LeaseLost | undefined;
       try {
+        // Within the try: if it fails, the record it may have left in the job is replaced at the end.
+        await log.save();
         for (let i = 0; i < n; i++) {
           targets[i] = await deps.pairs[i]!.openTarget(params.pairs[i]!.create);
           created[i] = params.pairs[i]!.create !== undefined;
@@ -239,7 +244,15 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         // where none was recorded fails until the intent can be dropped.
         await log.close(async () => {
           if (intentRecorded) await save({ authoritative: 'source' });
-        }).catch((e: unknown) => deps.warn?.(`live copy ${ctx.jobId}: its write-intent record could not be dropped (${(e as Error).message}); writes to its sources outside the regions it names fail until it can be`));
+        }).catch((e: unknown) => {
+          // Refused for the lease: the job's own record still names the intent, so it must not
+          // conclude with it (the runner gives the job up; whoever takes it over drops it).
+          if (e instanceof LeaseLost) refused = e;
+          deps.warn?.(`live copy ${ctx.jobId}: its write-intent record could not be dropped (${(e as Error).message}); writes to its sources outside the regions it names fail until it can be`);
+          // Tried again in the background too: a guest writing only where the record names never asks.
+          const retry = setInterval(() => void log.save().then(() => clearInterval(retry), () => undefined), INTENT_RETRY_MS);
+          retry.unref();
+        });
         for (const d of deps.pairs) d.detach();
         if (!pivoted) {
           for (let i = 0; i < n; i++) {
@@ -247,6 +260,8 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
             if (created[i] && !mirrors[i]?.ready && !suspended) await deps.pairs[i]!.removeTarget().catch(() => undefined);
           }
         }
+        // The lease's refusal, not the copy's error, says how the job ends: it is given up, not concluded.
+        if (refused) throw refused;
       }
     },
   };
@@ -268,7 +283,9 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
   try {
     await log.close(() => save({ authoritative: 'source', points }));
   } catch {
-    return; // unrecorded: the points it resumed from stay the way back
+    // Unrecorded: the points it resumed from stay the way back, and the new ones are of no use.
+    for (const [i, p] of points.entries()) if (p !== null) await deps.pairs[i]!.dropSnapshot(p).catch(() => undefined);
+    return;
   }
   // A pair with a new point no longer needs the one it resumed from; one without keeps it.
   for (let i = 0; i < params.pairs.length; i++) {
@@ -359,7 +376,7 @@ export function mirrorAfterRestart(rec: JobRecord, stopped: StoppedRunner): Unre
   if (side === 'source' && state?.intent !== undefined) {
     const list = pairs.map((p) => p.source).join(', ');
     if (stopped.gone) {
-      return { why: `the switch-over had not been recorded: ${list} hold${pairs.length === 1 ? 's' : ''} the data and stay${pairs.length === 1 ? 's' : ''} current; the copy goes on from its write-intent record when the service serving ${list} starts again (or \`offload copy --live --resume ${rec.id}\` there)` };
+      return { why: `the switch-over had not been recorded: ${list} hold${pairs.length === 1 ? 's' : ''} the data and stay${pairs.length === 1 ? 's' : ''} current; the copy goes on from its write-intent record when the service that served ${list} starts again` };
     }
     const { intent: _, ...rest } = state;
     return { ...mirrorAfterRestart({ ...rec, checkpoint: rest }, stopped), checkpoint: rest };

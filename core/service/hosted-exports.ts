@@ -112,7 +112,8 @@ export class HostedExports implements HostedExportsApi {
    * its write-intent record, as a new job of the same owner. One is left alone once a later live
    * copy of its volumes has gone further: still running, switched over, left points of its own,
    * or died with a write-intent record of its own (a later one that failed without any does not
-   * count: the earlier one's record is still the way on). A crashed copy's sources hold their
+   * count for a suspended one: its points are still the way on; for a crashed one any later copy
+   * does: the writes during it are in no record it has). A crashed copy's sources hold their
    * writes (`held`) until the resumed job guards them, or it ends.
    */
   private async resumeLiveCopies(broker: Broker, jobs: JobInfo[], served: Map<string, Hosted['principal']>, held: Map<string, { release: () => void }>): Promise<void> {
@@ -120,8 +121,10 @@ export class HostedExports implements HostedExportsApi {
     for (const j of mirrors) {
       const pairs = pairsOf(j);
       if (!(j.suspended || j.crashed) || pairs.length === 0 || !pairs.every((p) => served.has(p.source))) continue;
+      // A crashed one's record stops counting once any later copy of its volumes ran: the writes
+      // during that one were not recorded in it.
       const further = mirrors.some((o) => o.createdAt > j.createdAt && pairsOf(o).some((p) => pairs.some((q) => q.source === p.source || q.target === p.target))
-        && (o.status !== 'concluded' || o.authoritative?.side === 'target' || (o.resumeSince ?? []).some((x) => x !== null) || o.crashed === true));
+        && (j.crashed === true || o.status !== 'concluded' || o.authoritative?.side === 'target' || (o.resumeSince ?? []).some((x) => x !== null) || o.crashed === true));
       if (further) continue;
       const why = j.suspended ? 'suspended when the service stopped' : 'its service died while it copied';
       try {

@@ -318,4 +318,56 @@ describe('a live copy\'s write-intent record as the job ends', () => {
     expect(second.info().error?.message ?? second.info().status).not.toMatch(/write guard already/);
     await second.cancel();
   });
+
+  it('a copy whose first record cannot be saved fails, and does not conclude as one whose service died', async () => {
+    const { store, m } = jobManager();
+    const live = new LiveDevice(memoryDevice(4 * MiB));
+    const update = store.updateJob.bind(store);
+    let blips = 0;
+    store.updateJob = async (rec) => {
+      // A short store blip: the writes carrying the first record fail.
+      if (blips < 2 && (rec.checkpoint as MirrorState | undefined)?.intent !== undefined) {
+        blips++;
+        throw new Error('store blip');
+      }
+      return update(rec);
+    };
+    const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
+      pairs: [plainPair(live, { ...memoryDevice(4 * MiB), close: async () => undefined })], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id),
+    });
+    const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [] });
+    await job.wait().catch(() => undefined);
+    const rec = (await store.getJob(job.id))!;
+    expect({ failed: blips > 0, status: rec.status, error: rec.error?.message, crashed: recordToInfo(rec).crashed })
+      .toEqual({ failed: true, status: 'concluded', error: expect.stringMatching(/store blip/), crashed: undefined });
+  });
+
+  it('a copy whose lease lapsed as it failed is given up, not concluded with the record a later write had dropped', async () => {
+    const { store, m } = jobManager();
+    const src = memoryDevice(4 * MiB);
+    await src.write(3 * MiB, new Uint8Array(MiB).fill(5));
+    const live = new LiveDevice(src);
+    let failCopy!: (e: Error) => void;
+    const stuck = new Promise<void>((_, reject) => { failCopy = reject; });
+    let openClose!: () => void;
+    const closeGate = new Promise<void>((r) => { openClose = r; });
+    const target: BlockDevice = { ...memoryDevice(4 * MiB), write: async () => stuck, writeZeroes: undefined, close: async () => closeGate };
+    const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
+      pairs: [plainPair(live, target)], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id),
+    });
+    const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }] });
+    await new Promise((r) => setTimeout(r, 1500)); // regions 0–2 trimmed away; region 3 being copied (stuck)
+    expect(intentRanges(((await store.getJob(job.id))!.checkpoint as MirrorState).intent![0]!)).toEqual([{ offset: 3 * MiB, length: MiB }]);
+    // The runner stalled past its lease; the renewal has not come yet.
+    (job as unknown as { record: { leaseExpires: number } }).record.leaseExpires = Date.now() - 1;
+    failCopy(new Error('target I/O error'));
+    await new Promise((r) => setTimeout(r, 50)); // the job's last record was refused; it closes its target
+    await live.write(0, new Uint8Array(4096).fill(9)); // region 0: its wait drops the intent in the store, then it lands
+    expect(((await store.getJob(job.id))!.checkpoint as MirrorState).intent).toBeUndefined();
+    openClose();
+    await job.wait().catch(() => undefined);
+    const rec = (await store.getJob(job.id))!;
+    // Not concluded by this runner (whoever takes it over concludes it), and no record to resume from.
+    expect({ status: rec.status, intent: (rec.checkpoint as MirrorState).intent, crashed: recordToInfo(rec).crashed }).toEqual({ status: 'running', intent: undefined, crashed: undefined });
+  });
 });

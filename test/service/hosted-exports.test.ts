@@ -93,10 +93,13 @@ describe('live copies suspended when the service stopped', () => {
       jobs: { list: async () => jobs },
       liveCopy: async (_pairs: unknown, o: { resume: string }) => {
         asked.push(o.resume);
-        return { id: `again-${o.resume}` };
+        return { id: `again-${o.resume}`, wait: () => new Promise(() => undefined) };
       },
       exports: {
-        start: async (r: string, o: ExportOptions) => ({ name: o.name!, ref: r, uri: 'nbd://127.0.0.1:10809/vm', readOnly, stopped: new Promise<void>(() => undefined), stop: async () => undefined, onRetarget: () => undefined }),
+        start: async (r: string, o: ExportOptions) => {
+          if (o.holdWrites) asked.push(`held ${r}`);
+          return { name: o.name!, ref: r, uri: 'nbd://127.0.0.1:10809/vm', readOnly, stopped: new Promise<void>(() => undefined), stop: async () => undefined, onRetarget: () => undefined };
+        },
       },
     } as unknown as Broker;
     await new HostedExports(dir, silentLogger).restore(broker);
@@ -121,4 +124,13 @@ describe('live copies suspended when the service stopped', () => {
     expect(await resumed([suspended('j1', T1), { ...mirror('local/a', 'san1/b', T2, 'target'), id: 'j2' }])).toEqual([]);
     expect(await resumed([suspended('j1', T1), { ...mirror('local/a', 'san1/b', T2, 'source'), id: 'j2', status: 'running' }])).toEqual([]);
   });
+
+  it('a copy whose service died: its source comes back with its writes held, and it is resumed; not once any later copy of its volumes ran (the writes then are in no record of its)', async () => {
+    const crashed: JobInfo = { ...mirror('local/a', 'san1/b', T1, 'source'), id: 'j1', crashed: true, error: { code: 'Internal', message: 'interrupted' } };
+    expect(await resumed([crashed])).toEqual(['held local/a', 'j1']);
+    const cancelledLater: JobInfo = { ...mirror('local/a', 'san1/b', T2, 'source'), id: 'j2', cancelled: true, error: { code: 'Cancelled', message: 'cancelled' } };
+    expect(await resumed([crashed, cancelledLater])).toEqual(['held local/a']);
+    expect(await resumed([crashed, { ...crashed, id: 'j2', createdAt: T2 }])).toEqual(['held local/a', 'j2']);
+  });
 });
+
