@@ -15,7 +15,7 @@ import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
 import { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
-import { dropWriteIntent } from '../live/mirror-task.js';
+import { markResumed } from '../live/mirror-task.js';
 import { InstantClones } from './instant-clones.js';
 import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
@@ -201,8 +201,11 @@ export class DataJobs {
     const first = pairs[0]!;
     const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));
     const job = await new LiveCopies(this.s, as).start(pairs, { ...opts, live: true }, plan);
-    // The new job's own record takes over from the crashed one's (the sources' writes wait for its guard meanwhile).
-    if (crashed) await dropWriteIntent(this.s.store, String(opts.resume)).catch((e: unknown) => this.s.logger.warn(`dropping the write-intent record of live copy ${String(opts.resume)}, which job ${job.id} resumes, failed: ${toOffloadError(e).message}`));
+    // The new job's own record takes over from the one it resumes (a crashed one's write intent is
+    // dropped; the sources' writes wait for the new job's guard meanwhile).
+    if (opts.resume !== undefined) {
+      await markResumed(this.s.store, String(opts.resume), job.id).catch((e: unknown) => this.s.logger.warn(`marking live copy ${String(opts.resume)} as resumed by job ${job.id} failed${crashed ? ' (its write-intent record stays, and is no longer trusted: a later copy of its volumes ran)' : ''}: ${toOffloadError(e).message}`));
+    }
     for (const ref of stale) {
       const snap = parseSnapshotRef(ref);
       const b = this.s.entry(snap.backend).backend;

@@ -35,6 +35,9 @@ export class LiveCopies {
     const params = rec.params as unknown as MirrorParams;
     const state = (rec.checkpoint ?? {}) as MirrorState;
     if (rec.status !== 'concluded') throw new FailedPrecondition(`live copy ${id} is ${rec.status}: only one that has ended can be resumed`, { ref: id });
+    if (state.resumedBy !== undefined) {
+      throw new FailedPrecondition(`live copy ${id} was resumed as job ${state.resumedBy}`, { ref: id, hint: `see \`offload jobs show ${state.resumedBy}\`, and resume that one if it has ended` });
+    }
     // Its service died while it copied: it goes on from its write-intent record.
     const crashed = !rec.cancelled && state.authoritative === 'source' && Array.isArray(state.intent) && state.intent.length === params.pairs.length;
     if (!crashed && (state.authoritative !== 'source' || !Array.isArray(state.points) || state.points.length !== params.pairs.length || state.points.some((p) => typeof p !== 'string'))) {

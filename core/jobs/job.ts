@@ -59,6 +59,8 @@ export interface JobInfo {
    * sources again. Taken away once anything else exports a source or target read-write.
    */
   crashed?: boolean;
+  /** A live copy resumed (from its points or its write-intent record) as this job. */
+  resumedBy?: string;
   /** The plan the job was started from, as `plan()` explained it. */
   plan?: unknown;
   params: Record<string, unknown>;

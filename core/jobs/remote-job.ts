@@ -22,8 +22,10 @@ export function recordToInfo(r: JobRecord, orphaned = false): JobInfo {
   }
   const points = (r.checkpoint as { points?: unknown } | undefined)?.points;
   if (Array.isArray(points) && points.some((p) => typeof p === 'string')) out.resumeSince = points.map((p) => (typeof p === 'string' ? p : null));
-  if (out.resumeSince && Array.isArray((r.checkpoint as { pending?: unknown }).pending)) out.suspended = true;
-  if (r.status === 'concluded' && !r.cancelled && side === 'source' && Array.isArray((r.checkpoint as { intent?: unknown }).intent)) out.crashed = true;
+  const resumedBy = (r.checkpoint as { resumedBy?: unknown } | undefined)?.resumedBy;
+  if (typeof resumedBy === 'string') out.resumedBy = resumedBy;
+  else if (out.resumeSince && Array.isArray((r.checkpoint as { pending?: unknown }).pending)) out.suspended = true;
+  else if (r.status === 'concluded' && !r.cancelled && side === 'source' && Array.isArray((r.checkpoint as { intent?: unknown }).intent)) out.crashed = true;
   return out;
 }
 

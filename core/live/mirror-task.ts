@@ -49,6 +49,8 @@ export interface MirrorState {
    * target may differ from the source; a copy whose service died goes on from it.
    */
   intent?: IntentRecord[];
+  /** Resumed (from its points or its write-intent record) as this job: not the way on any more. */
+  resumedBy?: string;
 }
 
 /** What an export needs to serve its target, taken before the switch-over. */
@@ -395,11 +397,32 @@ export function mirrorAfterRestart(rec: JobRecord, stopped: StoppedRunner): Unre
  * checkpoint is swapped only while it is still the one read, so nothing the job writes is lost.
  */
 export async function dropWriteIntent(store: Pick<StateOps, 'getJob' | 'replaceCheckpoint'>, jobId: string): Promise<void> {
+  await changeState(store, jobId, (state) => {
+    if (state?.intent === undefined) return undefined;
+    const { intent: _, ...rest } = state;
+    return rest;
+  });
+}
+
+/**
+ * Mark a concluded mirror job as resumed by `by` (its write-intent record dropped with it): its
+ * points or record are the new job's way on now, and `jobs show` says so.
+ */
+export async function markResumed(store: Pick<StateOps, 'getJob' | 'replaceCheckpoint'>, jobId: string, by: string): Promise<void> {
+  await changeState(store, jobId, (state) => {
+    if (!state || state.resumedBy === by) return undefined;
+    const { intent: _, ...rest } = state;
+    return { ...rest, resumedBy: by };
+  });
+}
+
+/** Swap a job's checkpoint for `change(it)` while it is still the one read (undefined: leave it). */
+async function changeState(store: Pick<StateOps, 'getJob' | 'replaceCheckpoint'>, jobId: string, change: (s: MirrorState | undefined) => MirrorState | undefined): Promise<void> {
   for (let tries = 0; tries < 10; tries++) {
     const state = (await store.getJob(jobId))?.checkpoint as MirrorState | undefined;
-    if (state?.intent === undefined) return;
-    const { intent: _, ...rest } = state;
-    if (await store.replaceCheckpoint(jobId, state, rest)) return;
+    const next = change(state);
+    if (next === undefined) return;
+    if (await store.replaceCheckpoint(jobId, state, next)) return;
   }
-  throw new Busy(`job ${jobId}'s record kept changing while its write-intent record was being dropped`);
+  throw new Busy(`job ${jobId}'s record kept changing while it was being updated`);
 }

@@ -120,6 +120,7 @@ export const jobInfoSchema = z.object({
   resumeSince: z.array(z.string().nullable()).optional(),
   suspended: z.boolean().optional(),
   crashed: z.boolean().optional(),
+  resumedBy: z.string().optional(),
 });
 export const jobWaitSchema = z.object({ concluded: z.boolean(), job: jobInfoSchema });
 /** startClone: a native clone is done (`volume`); one through the host is a job. */

@@ -85,10 +85,15 @@ describe('kill -9 around ready and complete of a live copy', () => {
     await new Promise((r) => setTimeout(r, 1500));
     expect(await ls.stop()).toBe(0);
     await ls.restart();
-    const m = await json('jobs', 'show', mirror.id) as { status: string; error?: { code: string; message: string }; authoritative?: { side: string }; suspended?: boolean };
-    expect(m).toMatchObject({ status: 'concluded', error: { code: 'Cancelled', message: expect.stringMatching(/stopped with its service/) }, authoritative: { side: 'source' }, suspended: true });
+    const m = await json('jobs', 'show', mirror.id) as { status: string; error?: { code: string; message: string }; authoritative?: { side: string }; resumeSince?: string[] };
+    expect(m).toMatchObject({ status: 'concluded', error: { code: 'Cancelled', message: expect.stringMatching(/stopped with its service/) }, authoritative: { side: 'source' }, resumeSince: [expect.stringMatching(/^live-/)] });
     await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string; ref: string }[]).some((e) => e.name === 'local/t0' && e.ref === 'local/t0'));
     const resumed = await resumedFrom(mirror.id, 'local/t0');
+    // Resumed once: the first job says by which, and is not the way on any more.
+    expect(await json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
+    expect((await client('jobs', 'show', mirror.id)).out).toMatch(new RegExp(`resumed as job ${resumed.id}`));
+    const twice = await client('copy', '--live', '--resume', mirror.id);
+    expect(twice.err).toMatch(new RegExp(`FailedPrecondition: live copy ${mirror.id} was resumed as job ${resumed.id}`));
     await until('the resumed copy is ready', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 600, 20);
     const r = await json('jobs', 'show', resumed.id) as { progress: { total: number }; params: { pairs: { since?: string }[] } };
     expect(r.progress.total).toBeLessThan(MiB); // in sync at the snapshot: only what changed since, nothing again
@@ -124,9 +129,8 @@ describe('kill -9 around ready and complete of a live copy', () => {
     c.wire.socket.end();
     expect(await ls.stop()).toBe(0);
     await ls.restart();
-    const m = await json('jobs', 'show', mirror.id) as { suspended?: boolean };
-    expect(m.suspended).toBe(true);
     const resumed = await resumedFrom(mirror.id, 'local/t2');
+    expect(await json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
     const first = await json('jobs', 'show', resumed.id) as { progress: { total: number } };
     expect(first.progress.total).toBeLessThanOrEqual(6 * MiB + 64 * 1024); // what was left (and the granule written), not everything again
     await until('the resumed copy is ready', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 1200, 20);
@@ -177,7 +181,9 @@ describe('kill -9 around ready and complete of a live copy', () => {
     // first 4 MiB), not the whole volume: at least the 4 MiB copied after those are not again.
     expect(first.progress.total).toBeLessThanOrEqual(size - 4 * MiB);
     expect(first.progress.total).toBeGreaterThan(0);
-    expect(((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed).toBeUndefined(); // the new job's record took over
+    // The new job's record took over.
+    expect(await json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
+    expect(((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed).toBeUndefined();
     await new Promise((r) => setTimeout(r, 1500));
     await again.stop(); // (at 2 MiB/s a background copy would not catch up with it)
     expect(again.acked).toBeGreaterThan(0);

@@ -25,6 +25,7 @@ function authoritative(j: JobInfo): string | undefined {
 
 /** A live copy cancelled after ready (or suspended): the command that resumes it with only the changes. */
 function resumeLine(j: JobInfo): string | undefined {
+  if (j.resumedBy) return `resumed as job ${j.resumedBy}`;
   if (j.suspended) return `suspended when its service stopped: the service resumes it when it starts again (or: offload copy --live --resume ${j.id})`;
   if (j.crashed) return `its service died while it copied: the service resumes it from its write-intent record when it serves the source again`;
   const pairs = (j.params.pairs as { source: string; target: string }[] | undefined) ?? [];
