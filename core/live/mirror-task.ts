@@ -97,6 +97,8 @@ export interface MirrorDeps {
   dropIntent(jobId: string): Promise<void>;
   /** Told what went wrong where nobody waits for it. */
   warn?(message: string): void;
+  /** How often the write-intent record lets go of regions in sync (ms), once ready and before (default TRIM_EVERY_MS, BULK_TRIM_EVERY_MS). */
+  trimEveryMs?: { ready: number; bulk: number };
 }
 
 /**
@@ -104,6 +106,14 @@ export interface MirrorDeps {
  * on from what it had copied up to about this long before, and copies again what was written then.
  */
 const TRIM_EVERY_MS = 1000;
+/**
+ * The same before the mirrors are ready. Each trim flushes the targets, and a write-blocking
+ * write into a target waits behind that flush: bench/live.ts, 5 rounds, trims every second during
+ * the copy, write-blocking rounds with a p99 of 16–20 ms against baselines of 1.5–3 ms (the
+ * code before: 2.3–3.3 ms in the quiet rounds). A kill in the bulk pass then copies again up to
+ * about twice this much of the copy.
+ */
+const BULK_TRIM_EVERY_MS = 4000;
 /** How often a job's record is asked again to drop its write intent after the job ended without (ms). */
 const INTENT_RETRY_MS = 5000;
 
@@ -199,9 +209,13 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
           await m.start();
           started++;
         }
+        const every = deps.trimEveryMs ?? { ready: TRIM_EVERY_MS, bulk: BULK_TRIM_EVERY_MS };
+        let lastTrim = Date.now();
         trimmer = setInterval(() => {
+          if (!mirrors.every((m) => m.ready) && Date.now() - lastTrim < every.bulk - every.ready / 2) return;
+          lastTrim = Date.now();
           void log.trim(async () => { await Promise.all(mirrors.map((m) => m.flushTarget())); }, (i, o, l) => !mirrors[i]!.isDirty(o, l)).catch(() => undefined);
-        }, TRIM_EVERY_MS);
+        }, every.ready);
         trimmer.unref();
         await untilAborted(Promise.all(mirrors.map((m) => m.whenReady())), ctx.signal);
         report(true);

@@ -286,7 +286,7 @@ describe('a live copy\'s write-intent record as the job ends', () => {
     const stuck = new Promise<void>((_, reject) => { failCopy = reject; });
     const target: BlockDevice = { ...memoryDevice(4 * MiB), write: async () => stuck, writeZeroes: undefined, close: async () => undefined };
     const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
-      pairs: [plainPair(live, target)], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id),
+      pairs: [plainPair(live, target)], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id), trimEveryMs: { ready: 1000, bulk: 1000 },
     });
     const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }] });
     await new Promise((r) => setTimeout(r, 1500)); // a trim drops regions 0–2 (in sync, idle)
@@ -353,7 +353,7 @@ describe('a live copy\'s write-intent record as the job ends', () => {
     const closeGate = new Promise<void>((r) => { openClose = r; });
     const target: BlockDevice = { ...memoryDevice(4 * MiB), write: async () => stuck, writeZeroes: undefined, close: async () => closeGate };
     const task = mirrorTask({ mode: 'background', pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
-      pairs: [plainPair(live, target)], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id),
+      pairs: [plainPair(live, target)], failClosed: () => undefined, dropIntent: (id) => dropWriteIntent(store, id), trimEveryMs: { ready: 1000, bulk: 1000 },
     });
     const job = await m.start({ task, ref: 'pool/src', executor: 'host', principal: ADMIN, locks: [{ key: 'pool/dst', mode: 'exclusive' }] });
     await new Promise((r) => setTimeout(r, 1500)); // regions 0–2 trimmed away; region 3 being copied (stuck)
