@@ -183,6 +183,7 @@ describe('kill -9 around ready and complete of a live copy', () => {
     // 4 MiB) and the late write's, not the whole volume: some of what was copied first is not again.
     expect(first.progress.total).toBeLessThanOrEqual(size - 2 * MiB);
     expect(first.progress.total).toBeGreaterThan(0);
+    expect((await client('jobs', 'set-speed', resumed.id, '0')).code).toBe(0); // the rest at full speed
     // The new job's record took over.
     expect(await json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
     expect(((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed).toBeUndefined();
@@ -233,6 +234,7 @@ describe('kill -9 around ready and complete of a live copy', () => {
     await until('the leaked point dropped', async () => !((await json('snapshot', 'list', 'local/m0')) as { name: string }[]).some((x) => x.name === point));
     const r = await json('jobs', 'show', resumed.id) as { params: { pairs: { source: string; target: string }[] }; progress: { total: number } };
     expect(r.params.pairs.map((p) => `${p.source}=${p.target}`)).toEqual(['local/m0=san1/m0', 'local/m1=san1/m1']);
+    expect((await client('jobs', 'set-speed', resumed.id, '0')).code).toBe(0);
     await until('the resumed copy is ready', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 1200, 20);
     const sources = await Promise.all([0, 1].map((i) => readWhole(ports[i]!, `m${i}`, size)));
     for (const [i, w] of writers.entries()) expect(w.lost(sources[i]!)).toEqual([]);
