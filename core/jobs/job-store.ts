@@ -191,17 +191,50 @@ export class JobStore {
     return st;
   }
 
-  /** An explicit transaction (SqliteStateStore.transaction): BEGIN IMMEDIATE takes SQLite's writer lock now. */
+  /**
+   * An explicit transaction (SqliteStateStore.transaction, which records a job): BEGIN IMMEDIATE
+   * takes SQLite's writer lock now; its commit is durable (see durably).
+   */
   begin(): void {
-    this.db.exec('BEGIN IMMEDIATE');
+    this.db.pragma('synchronous = FULL');
+    try {
+      this.db.exec('BEGIN IMMEDIATE');
+    } catch (e) {
+      this.db.pragma('synchronous = NORMAL');
+      throw e;
+    }
   }
 
   commit(): void {
-    this.db.exec('COMMIT');
+    try {
+      this.db.exec('COMMIT');
+    } finally {
+      if (!this.db.inTransaction) this.db.pragma('synchronous = NORMAL');
+    }
   }
 
   rollback(): void {
     if (this.db.inTransaction) this.db.exec('ROLLBACK');
+    this.db.pragma('synchronous = NORMAL');
+  }
+
+  /**
+   * Run `fn`, a write, so that its commit outlives a power loss, not only a crash of this process:
+   * in WAL mode, synchronous=FULL syncs the log at each commit, where NORMAL (the store's default)
+   * leaves the last commits to the next checkpoint's sync. What a job, a guest or a user was told
+   * rests on such writes (a live copy's write-intent record and switch-over, a fill's progress, a
+   * job, an owner); a lease's renewal or an operation's lock rows mean nothing after the machine
+   * restarts, and a sync costs ~0.2 ms against 0.015 ms here. Inside a transaction, its begin()
+   * decided.
+   */
+  durably<T>(fn: () => T): T {
+    if (this.db.inTransaction) return fn();
+    this.db.pragma('synchronous = FULL');
+    try {
+      return fn();
+    } finally {
+      this.db.pragma('synchronous = NORMAL');
+    }
   }
 
   /** Create the tables (a new store) or bring an older store's up to SCHEMA_VERSION. */

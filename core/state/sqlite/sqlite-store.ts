@@ -114,26 +114,30 @@ function closeQueue(file: string): void {
   if (q && --q.stores === 0) queues.delete(file);
 }
 
-/** The store's operations over the synchronous JobStore, as promises. */
+/**
+ * The store's operations over the synchronous JobStore, as promises. The writes someone was told
+ * of (a job's record, an owner, a maintenance lock, a cancel) are made durable across a power loss
+ * (JobStore.durably); leases, operations' and exports' rows are not: they mean nothing after a restart.
+ */
 function syncOps(db: JobStore): StateOps {
   return {
     getJob: async (id) => db.get(id),
     listJobs: async (filter) => db.list(filter),
     insertJob: async (job) => {
       try {
-        db.insert(job);
+        db.durably(() => db.insert(job));
       } catch (e) {
         if ((e as { code?: string }).code === 'SQLITE_CONSTRAINT_PRIMARYKEY') throw new AlreadyExists(`job ${job.id} already exists`, { ref: job.id });
         throw e;
       }
     },
-    updateJob: async (job) => db.update(job),
-    deleteJob: async (id) => db.delete(id),
-    claimJob: async (id, from, to, leaseExpires) => db.claim(id, from, to, leaseExpires),
+    updateJob: async (job) => db.durably(() => db.update(job)),
+    deleteJob: async (id) => db.durably(() => db.delete(id)),
+    claimJob: async (id, from, to, leaseExpires) => db.durably(() => db.claim(id, from, to, leaseExpires)),
     renewLease: async (id, token, fence, leaseExpires) => db.renew(id, token, fence, leaseExpires),
-    releaseJob: async (id, token, fence, checkpoint) => db.release(id, token, fence, checkpoint),
-    replaceCheckpoint: async (id, expected, next) => db.replaceCheckpoint(id, expected, next),
-    setRequest: async (id, request) => db.setRequest(id, request),
+    releaseJob: async (id, token, fence, checkpoint) => db.durably(() => db.release(id, token, fence, checkpoint)),
+    replaceCheckpoint: async (id, expected, next) => db.durably(() => db.replaceCheckpoint(id, expected, next)),
+    setRequest: async (id, request) => db.durably(() => db.setRequest(id, request)),
     takeRequest: async (id) => db.takeRequest(id),
     lockHolders: async (keys, prefixes) => db.lockHolders(keys, prefixes),
     insertOpLocks: async (op) => db.insertOpLocks(op, () => undefined),
@@ -147,9 +151,9 @@ function syncOps(db: JobStore): StateOps {
     deleteExport: async (id) => db.deleteExport(id),
     listExports: async () => db.listExports(),
     listMaintenance: async () => db.listMaintenance(),
-    placeMaintenance: async (key, principal, reason) => db.placeMaintenance(key, principal, reason),
-    removeMaintenance: async (key) => db.removeMaintenance(key),
-    setOwner: async (ref, owner) => db.setOwner(ref, owner),
+    placeMaintenance: async (key, principal, reason) => db.durably(() => db.placeMaintenance(key, principal, reason)),
+    removeMaintenance: async (key) => db.durably(() => db.removeMaintenance(key)),
+    setOwner: async (ref, owner) => db.durably(() => db.setOwner(ref, owner)),
     getOwner: async (ref) => db.getOwner(ref),
     getOwners: async (refs) => db.getOwners(refs),
     deleteOwner: async (ref) => db.deleteOwner(ref),
