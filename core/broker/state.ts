@@ -10,7 +10,7 @@ import type { FillEntry } from '../live/fill.js';
 import type { JobRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { JobTask } from '../jobs/job-task.js';
-import { HOST } from '../jobs/runner.js';
+import { sameMachine } from '../jobs/runner.js';
 import { waitOutClaims } from '../jobs/op-claims.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import { LockManager } from '../locks/lock-manager.js';
@@ -187,7 +187,7 @@ export class BrokerState {
   placement(rec: JobRecord): string | undefined {
     for (const l of rec.locks) {
       if (l.key.startsWith('file:')) {
-        if (rec.runnerHost !== '' && rec.runnerHost !== HOST) return `it uses the file ${l.key.slice('file:'.length)} on ${rec.runnerHost}`;
+        if (rec.runnerHost !== '' && !sameMachine(rec.runnerHost, this.jobs.host)) return `it uses the file ${l.key.slice('file:'.length)} on ${rec.runnerHost}`;
         continue;
       }
       const backend = l.key.slice(0, l.key.indexOf('/'));

@@ -24,6 +24,11 @@ export interface BrokerConfig {
   baseDir: string;
   /** How long a runner's lease on a job lasts without renewal (seconds; default 15). */
   leaseSeconds?: number;
+  /**
+   * This machine's id among those sharing the state, the same across its boots (RawConfig.hostId):
+   * a runner recorded under it in an earlier boot is known gone without waiting for its lease.
+   */
+  hostId?: string;
   /** NBD exports: TLS every client must start (paths absolute). */
   nbd?: { tls?: NbdTlsConfig };
   backends: (BackendEntry & Record<string, unknown>)[];
@@ -37,6 +42,14 @@ export interface RawConfig {
   stateDir?: string;
   server?: string;
   leaseSeconds?: number;
+  /**
+   * A name for this machine, unique among the machines sharing the state and the same across its
+   * reboots (the node's name; `${NODE_NAME}` takes it from the environment; default: none). With it, a job or export whose
+   * process ran here before a reboot (a power loss) is known gone at once: its jobs are taken over
+   * without waiting for their leases, and a live copy goes on from its write-intent record.
+   * Two machines must never share one: each would take the other's running jobs for dead.
+   */
+  hostId?: string;
   /**
    * `nbd.tls`: every NBD export of this broker requires TLS, as qemu-nbd `--tls-creds`:
    * `{ x509: DIR, verifyPeer? }` (DIR holds ca-cert.pem, server-cert.pem, server-key.pem, and
@@ -53,6 +66,7 @@ const envelopeSchema = z.strictObject({
   stateDir: z.string().min(1).optional(),
   server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH, http://HOST:PORT or https://HOST:PORT').optional(),
   leaseSeconds: z.number().min(1).max(3600).optional(),
+  hostId: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -').optional(),
   nbd: z.strictObject({
     tls: z.union([
       z.strictObject({ x509: z.string().min(1), verifyPeer: z.boolean().optional(), allow: z.array(z.string().min(1)).min(1).optional() }),
@@ -161,6 +175,7 @@ export function validateConfig(
     ...(database !== undefined ? { database } : {}),
     ...(env.data.server !== undefined ? { server: env.data.server } : {}),
     ...(env.data.leaseSeconds !== undefined ? { leaseSeconds: env.data.leaseSeconds } : {}),
+    ...(env.data.hostId !== undefined ? { hostId: env.data.hostId } : {}),
     ...(env.data.nbd?.tls !== undefined ? { nbd: { tls: absoluteTls(env.data.nbd.tls, baseDir) } } : {}),
   };
 }

@@ -13,7 +13,7 @@ import { OpClaims } from './op-claims.js';
 import { maintenanceLock, OpRows } from './op-rows.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
 import { keysToRead, withWholeVolumes } from '../locks/whole-volume.js';
-import { HOST, holderAlive, liveTokens, pidAlive } from './runner.js';
+import { holderAlive, liveTokens, runnerGone, runnerHost } from './runner.js';
 
 export interface StartJobRequest {
   task: JobTask;
@@ -89,6 +89,11 @@ export interface JobManagerOptions {
    * tenants an administrator's job preempts — before it is refused Busy (default 30 s).
    */
   lineWaitMs?: number;
+  /**
+   * This host's id (the config's `hostId`): unique among the machines sharing the state, stable
+   * across boots. A runner recorded under it in an earlier boot is known gone at once.
+   */
+  hostId?: string;
 }
 
 /**
@@ -98,6 +103,8 @@ export interface JobManagerOptions {
  */
 export class JobManager {
   private readonly token = randomBytes(8).toString('hex');
+  /** This broker's host as its runners record it (runnerHost). */
+  readonly host: string;
   private readonly running = new Map<string, ManagedJob>();
   private readonly leaseMs: number;
   private readonly lineWaitMs: number | undefined;
@@ -124,12 +131,13 @@ export class JobManager {
     opts: JobManagerOptions = {},
   ) {
     this.leaseMs = opts.leaseMs ?? DEFAULT_LEASE_MS;
+    this.host = runnerHost(opts.hostId);
     if (opts.lineWaitMs !== undefined && !(Number.isFinite(opts.lineWaitMs) && opts.lineWaitMs >= 0)) throw new InvalidArgument(`lineWaitMs must be a number of milliseconds ≥ 0, got ${String(opts.lineWaitMs)}`);
     this.lineWaitMs = opts.lineWaitMs;
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;
     this.placement = opts.placement ?? (() => undefined);
-    this.rows = new OpRows(store, this.token, this.leaseMs, (jobs, ops) => this.foreignOf(jobs, ops));
+    this.rows = new OpRows(store, this.token, this.host, this.leaseMs, (jobs, ops) => this.foreignOf(jobs, ops));
     this.claims = new OpClaims((ids) => this.rows.withdrawMany(ids));
     liveTokens.add(this.token);
     this.heartbeat = setInterval(() => {
@@ -142,12 +150,12 @@ export class JobManager {
 
   /** This manager as a job's runner: its pid, token and host. */
   private get me(): { pid: number; token: string; host: string } {
-    return { pid: process.pid, token: this.token, host: HOST };
+    return { pid: process.pid, token: this.token, host: this.host };
   }
 
   /**
-   * Whether nobody runs an active job: it was given up (released), its runner died on this host,
-   * or its lease ran out. A job of this process's other brokers is not orphaned while they live.
+   * Whether nobody runs an active job: it was given up (released), its runner died on this host
+   * (or in a boot of this machine that ended), or its lease ran out. A job of this process's other brokers is not orphaned while they live.
    */
   isOrphaned(r: JobRecord, now = Date.now()): boolean {
     if (!ACTIVE_STATUSES.includes(r.status)) return false;
@@ -155,7 +163,8 @@ export class JobManager {
     if (r.runnerToken === this.token) return !this.running.has(r.id);
     if (liveTokens.has(r.runnerToken)) return false;
     if (r.runnerToken === RELEASED) return true;
-    if (r.runnerHost === HOST && (r.runnerPid === process.pid || !pidAlive(r.runnerPid))) return true;
+    if (r.runnerHost === this.host && r.runnerPid === process.pid) return true;
+    if (runnerGone(r, this.host)) return true;
     return r.leaseExpires <= now;
   }
 
@@ -197,7 +206,7 @@ export class JobManager {
     const record: JobRecord = {
       id, type: req.task.type, status: 'created', executor: req.executor, ref: req.ref, owner: req.principal.id,
       progress: { current: 0, total: 0 }, speed: req.speed ?? 0, cancelled: false, createdAt: now, updatedAt: now,
-      params: req.task.params, runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST,
+      params: req.task.params, runnerPid: process.pid, runnerToken: this.token, runnerHost: this.host,
       leaseExpires: Date.now() + this.leaseMs, seenAt: Date.now(), fence: 1, locks: req.locks, ownerRole: req.principal.role,
       ...(req.plan !== undefined ? { plan: req.plan } : {}),
       ...(req.backend !== undefined ? { backend: req.backend } : {}),
@@ -257,19 +266,19 @@ export class JobManager {
           key: l.key, mode: l.mode,
           holder: {
             id: rec.id, principal: { id: rec.owner, role: rec.ownerRole },
-            description: orphaned ? `${rec.type} ${rec.ref}, orphaned: take it over with \`offload jobs resume ${rec.id}\`` : `${rec.type} ${rec.ref} (${runnerText(rec)})`,
+            description: orphaned ? `${rec.type} ${rec.ref}, orphaned: take it over with \`offload jobs resume ${rec.id}\`` : `${rec.type} ${rec.ref} (${runnerText(rec, this.host)})`,
             ...(orphaned ? {} : { preempt: () => void this.store.setRequest(rec.id, { verb: 'cancel' }).catch(() => undefined) }),
           },
         });
       }
     }
     for (const op of opLocks) {
-      if (op.runnerToken === this.token || !holderAlive(op, now)) continue;
+      if (op.runnerToken === this.token || !holderAlive(op, this.host, now)) continue;
       for (const l of op.locks) {
         out.push({
           key: l.key, mode: l.mode,
           holder: {
-            id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (${runnerText(op)})`,
+            id: op.id, principal: { id: op.principal, role: op.role }, description: `${op.description} (${runnerText(op, this.host)})`,
             // A short operation ends by itself; a long-lived one (an export) is asked to stop.
             ...(holderKind(op.id).kind === 'export' ? { preempt: () => void this.store.requestOpStop(op.id).catch(() => undefined) } : {}),
           },
@@ -318,7 +327,7 @@ export class JobManager {
   /** Exports served by other live brokers sharing this state (on other hosts, in other processes, or other brokers of this one). */
   async foreignExports(): Promise<ExportRecord[]> {
     const now = Date.now();
-    return (await this.store.listExports()).filter((e) => e.runnerToken !== this.token && holderAlive(e, now));
+    return (await this.store.listExports()).filter((e) => e.runnerToken !== this.token && holderAlive(e, this.host, now));
   }
 
   /** Ask the process serving a foreign export to stop it. */
@@ -377,7 +386,7 @@ export class JobManager {
     if (!this.isOrphaned(rec)) {
       if (this.running.has(id)) return this.running.get(id)!;
       const left = Math.max(0, Math.ceil((rec.leaseExpires - Date.now()) / 1000));
-      throw new Busy(`job ${id} is run by ${runnerText(rec)}, last seen ${ago(rec.seenAt)}; its lease ends in ${left} s unless renewed`, {
+      throw new Busy(`job ${id} is run by ${runnerText(rec, this.host)}, last seen ${ago(rec.seenAt)}; its lease ends in ${left} s unless renewed`, {
         ref: id, hint: 'follow it with `offload jobs wait ID`, or take it over once its runner has stopped', data: { runnerHost: rec.runnerHost, runnerPid: rec.runnerPid },
       });
     }
@@ -424,7 +433,7 @@ export class JobManager {
     // Locks of short operations whose process died hold nothing any more.
     const now = Date.now();
     for (const op of await this.store.listOpLocks()) {
-      if (!holderAlive(op, now)) await this.store.deleteOpLocks(op.id);
+      if (!holderAlive(op, this.host, now)) await this.store.deleteOpLocks(op.id);
     }
     for (const rec of await this.store.listJobs({ active: true })) {
       if (!this.isOrphaned(rec, now) || this.placement(rec) !== undefined) continue;
@@ -466,7 +475,7 @@ export class JobManager {
     let succeeded = false;
     if (!rec.cancelled) {
       try {
-        const gone = stoppedPid > 0 && stoppedHost === HOST && !pidAlive(stoppedPid);
+        const gone = stoppedPid > 0 && runnerGone({ runnerPid: stoppedPid, runnerHost: stoppedHost }, this.host);
         const resolved = await this.resolveTask(rec, { host: stoppedHost, pid: stoppedPid, gone });
         if (resolved && 'why' in resolved) {
           ({ why, succeeded = false } = resolved);
@@ -561,8 +570,8 @@ export class JobManager {
 }
 
 /** Who runs (or ran) a job or holds an operation, for messages: `pid 42` here, `pid 42 on HOST` elsewhere. */
-function runnerText(r: { runnerPid: number; runnerHost: string }): string {
-  return r.runnerHost && r.runnerHost !== HOST ? `pid ${r.runnerPid} on ${r.runnerHost}` : `pid ${r.runnerPid}`;
+function runnerText(r: { runnerPid: number; runnerHost: string }, host: string): string {
+  return r.runnerHost && r.runnerHost !== host ? `pid ${r.runnerPid} on ${r.runnerHost}` : `pid ${r.runnerPid}`;
 }
 
 /** "12 s ago" from a time in ms (0: never). */

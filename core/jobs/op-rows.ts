@@ -13,7 +13,6 @@ import { BackendUnavailable } from '../model/errors.js';
 import type { ExportRecord, JobRecord, OpLockRecord } from '../state/records.js';
 import type { StateStore } from '../state/state-store.js';
 import type { Claimed } from './op-claims.js';
-import { HOST } from './runner.js';
 
 /** Other live brokers' locks among records read from the store (the job manager judges jobs and runners). */
 export type ForeignOf = (jobs: JobRecord[], ops: OpLockRecord[]) => { key: string; mode: LockMode; holder: LockHolder }[];
@@ -32,6 +31,8 @@ export class OpRows {
   constructor(
     private readonly store: StateStore,
     private readonly token: string,
+    /** This broker's host as its runners record it (runnerHost). */
+    private readonly host: string,
     private readonly leaseMs: number,
     private readonly foreignOf: ForeignOf,
   ) {}
@@ -78,7 +79,7 @@ export class OpRows {
   async claim(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside>; seq?: number }> {
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
-      runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs,
+      runnerPid: process.pid, runnerToken: this.token, runnerHost: this.host, leaseExpires: Date.now() + this.leaseMs,
     };
     // Claimed again under an id (a request that waited and publishes anew) whose earlier rows are
     // being removed, or could not be: those go first. A removal that overtook the new rows would
@@ -136,7 +137,7 @@ export class OpRows {
 
   /** Record an export (`offload nbd list`, `nbd stop` elsewhere): its lease is renewed with the claims'. Returns the removal. */
   async recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken' | 'runnerHost' | 'leaseExpires'>): Promise<() => Promise<void>> {
-    await this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token, runnerHost: HOST, leaseExpires: Date.now() + this.leaseMs });
+    await this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token, runnerHost: this.host, leaseExpires: Date.now() + this.leaseMs });
     this.count++;
     let done: Promise<void> | undefined;
     return () => {

@@ -110,4 +110,23 @@ describe('many processes on one pool', () => {
       await b.close();
     }
   });
+
+  it('rows of an earlier boot (a power loss) are not held against anyone, whatever process has their pid now', async () => {
+    const b = await open('reboot');
+    try {
+      await b.volumes.create('local/before', { sizeBytes: MiB });
+      // Written before the reboot by a process whose pid a live process (our parent) has now.
+      const db = new Database(join(pool, '.offload-pool.db'));
+      try {
+        db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run('00000000.0123456789abcdef', process.ppid, new Date().toISOString());
+        db.prepare('INSERT OR REPLACE INTO open_volumes (volume, holder, pid) VALUES (?, ?, ?)').run('before', '00000000.0123456789abcdef', process.ppid);
+      } finally {
+        db.close();
+      }
+      await b.snapshots.create('local/before@s');
+      await b.volumes.delete('local/before');
+    } finally {
+      await b.close();
+    }
+  });
 });

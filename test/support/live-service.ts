@@ -37,19 +37,24 @@ export interface LiveService {
   kill(): Promise<void>;
   /** SIGTERM the service (a clean stop): its exit code. */
   stop(): Promise<number | null>;
-  /** Start it again (its state folder as it was). */
-  restart(): Promise<void>;
+  /** Start it again (its state folder as it was), with `env` if given (else as before). */
+  restart(env?: NodeJS.ProcessEnv): Promise<void>;
   close(): Promise<void>;
 }
 
-/** `offload serve` with backends `local` (qcow2 pool) and `san1` (a FlashArray mock in this process). */
-export async function startLiveService(): Promise<LiveService> {
+/**
+ * `offload serve` with backends `local` (qcow2 pool) and `san1` (a FlashArray mock in this
+ * process); `env`: the service's environment (OFFLOAD_RUNNER_HOST: another host, or this one in
+ * another boot).
+ */
+export async function startLiveService(o: { leaseSeconds?: number; env?: NodeJS.ProcessEnv } = {}): Promise<LiveService> {
   const san = await startFlashArrayMock({ port: 0 });
-  const s = setup();
+  const s = setup(o.leaseSeconds !== undefined ? { leaseSeconds: o.leaseSeconds } : {});
+  let env = o.env ?? {};
   appendFileSync(s.config, ['', '  - name: san1', '    kind: flasharray', `    endpoint: ${san.url}`, `    apiToken: ${san.apiToken}`, ''].join('\n'));
   const ls: LiveService = {
     s,
-    service: await serve(s),
+    service: await serve(s, [], env),
     client: (...args) => offload(s, ['--server', ls.service.addresses[0]!, ...args]),
     json: async (...args) => {
       const r = await ls.client('--json', ...args);
@@ -61,8 +66,9 @@ export async function startLiveService(): Promise<LiveService> {
       await ls.service.exit;
     },
     stop: () => ls.service.stop(),
-    restart: async () => {
-      ls.service = await serve(s);
+    restart: async (next) => {
+      env = next ?? env;
+      ls.service = await serve(s, [], env);
     },
     close: async () => {
       if (ls.service.child.exitCode === null) await ls.service.stop();
@@ -74,10 +80,10 @@ export async function startLiveService(): Promise<LiveService> {
 }
 
 /** startLiveService for one describe block: started before its tests (handed to `use`), closed after them. */
-export function liveServiceForSuite(use: (ls: LiveService) => void): void {
+export function liveServiceForSuite(use: (ls: LiveService) => void, o: Parameters<typeof startLiveService>[0] = {}): void {
   let ls: LiveService | undefined;
   beforeAll(async () => {
-    ls = await startLiveService();
+    ls = await startLiveService(o);
     use(ls);
   });
   afterAll(async () => {

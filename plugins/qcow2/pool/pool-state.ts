@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
-import { Busy, FailedPrecondition, NotFound, type Logger, type Snapshot, type Volume } from '../../../core/index.js';
+import { Busy, currentBoot, FailedPrecondition, NotFound, type Logger, type Snapshot, type Volume } from '../../../core/index.js';
 import { openImage, type Image } from '../engine/index.js';
 import { METADATA_FILE, PoolMetadata, type LayerRow, type VolumeRow } from './metadata.js';
 import { OpenVolumes } from './open-volumes.js';
@@ -32,8 +32,8 @@ export class PoolState {
    * this process and across the processes that open the pool (its metadata holds the lock).
    */
   readonly serial: Serial;
-  /** This pool object among the processes (and pool objects) sharing the folder. */
-  private readonly holder = randomBytes(8).toString('hex');
+  /** This pool object among the processes (and pool objects) sharing the folder: `BOOT.RANDOM`. */
+  private readonly holder = `${BOOT}.${randomBytes(8).toString('hex')}`;
 
   /** This pool object's id in the rows it writes (pool_lock, open_volumes). */
   get holderId(): string {
@@ -206,8 +206,17 @@ export class PoolState {
  */
 const liveHolders = new Set<string>();
 
-/** Whether the holder of a pool_lock or open_volumes row still lives. */
+/** This machine's boot, in the holders this process writes. */
+const BOOT = currentBoot();
+
+/**
+ * Whether the holder of a pool_lock or open_volumes row still lives. A row of an earlier boot
+ * (after a power loss) does not, whatever process has its pid now. (Holders of builds before the
+ * boot was in them have no dot: judged by pid alone.)
+ */
 function holderAlive(pid: number, holder: string): boolean {
+  const dot = holder.indexOf('.');
+  if (dot >= 0 && holder.slice(0, dot) !== BOOT) return false;
   return pid === process.pid ? liveHolders.has(holder) : pidAlive(pid);
 }
 
