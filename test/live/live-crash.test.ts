@@ -351,3 +351,56 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect(outcomes.resumed).toBeGreaterThan(0); // copies killed with the source current went on from their records
   });
 });
+
+describe('a live copy across a reboot of its host (a power loss), with a host id', () => {
+  // One machine (host id node1) before and after a reboot: another boot id, another pid namespace.
+  // The lease outlasts the test: only the boot rule lets the restarted service take the job at once.
+  const before = { OFFLOAD_RUNNER_HOST: 'id node1 (boot aaaa0001, pid ns 4026531836)' };
+  const after = { OFFLOAD_RUNNER_HOST: 'id node1 (boot bbbb0002, pid ns 4026531836)' };
+  let ls: LiveService;
+  liveServiceForSuite((started) => {
+    ls = started;
+  }, { leaseSeconds: 3600, env: before });
+
+  it('the service of the next boot takes the copy at once and resumes it from its write-intent record: only what the record names is copied again, and the switch-over holds every acknowledged write', async () => {
+    const size = 8 * MiB;
+    expect((await ls.client('volume', 'create', 'local/b0', `${size}`)).code).toBe(0);
+    const port = Number(new URL((await ls.client('nbd', 'local/b0', '--port', '0', '--name', 'b0')).out.trim()).port);
+    const c = await openExport(port, 'b0');
+    const data = Buffer.alloc(size, 0x51);
+    request(c.wire, CMD.WRITE, 0, size, { payload: data });
+    expect((await reply(c.wire)).error).toBe(0);
+    request(c.wire, CMD.DISC, 0, 0);
+    c.wire.socket.end();
+    const mirror = await ls.json('copy', '--live', 'local/b0', 'san1/b0', '--detach') as { id: string };
+    // A writer in the first 2 MiB all along (FUA); the rest of the disk, in sync and idle, leaves the record a trim after ready.
+    const writer = await NbdWriter.start({ port, name: 'b0', connections: 1, fua: true, pauseMs: 5, span: 2 * MiB }, data);
+    await until('ready', async () => ((await ls.json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
+    await new Promise((r) => setTimeout(r, 2500));
+    await ls.kill();
+    await writer.stop().catch(() => undefined);
+    expect(writer.acked).toBeGreaterThan(0);
+
+    await ls.restart(after);
+    expect(await ls.json('jobs', 'show', mirror.id)).toMatchObject({ status: 'concluded' });
+    let resumed!: { id: string };
+    await until('the copy is resumed', async () => {
+      const all = await ls.json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
+      resumed = all.find((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/b0'))!;
+      return resumed !== undefined;
+    });
+    expect(await ls.json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
+    const first = await ls.json('jobs', 'show', resumed.id) as { progress: { total: number } };
+    expect(first.progress.total).toBeGreaterThan(0);
+    expect(first.progress.total).toBeLessThanOrEqual(size - 4 * MiB); // the writer's regions, not the whole disk again
+    await until('the resumed copy is ready', async () => ((await ls.json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 600, 20);
+    const source = await readWhole(port, 'b0', size);
+    expect(writer.lost(source)).toEqual([]);
+    expect((await ls.client('jobs', 'complete', resumed.id)).code).toBe(0);
+    await until('switched over', async () => ((await ls.json('nbd', 'list')) as { name: string; ref: string }[]).some((e) => e.name === 'b0' && e.ref === 'san1/b0'));
+    const moved = await readWhole(port, 'b0', size);
+    expect(writer.lost(moved)).toEqual([]);
+    expect(moved.equals(source)).toBe(true);
+    expect((await ls.client('nbd', 'stop', 'b0')).code).toBe(0);
+  });
+});
