@@ -214,7 +214,9 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         trimmer = setInterval(() => {
           if (!mirrors.every((m) => m.ready) && Date.now() - lastTrim < every.bulk - every.ready / 2) return;
           lastTrim = Date.now();
-          void log.trim(async () => { await Promise.all(mirrors.map((m) => m.flushTarget())); }, (i, o, l) => !mirrors[i]!.isDirty(o, l)).catch(() => undefined);
+          void log.trim(async (sources) => {
+            await Promise.all(mirrors.flatMap((m, i) => (sources[i] ? [m.flushTarget(), m.flushSource()] : [m.flushTarget()])));
+          }, (i, o, l) => !mirrors[i]!.isDirty(o, l)).catch(() => undefined);
         }, every.ready);
         trimmer.unref();
         await untilAborted(Promise.all(mirrors.map((m) => m.whenReady())), ctx.signal);

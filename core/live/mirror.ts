@@ -122,6 +122,11 @@ export class Mirror {
     return this.target.flush(BULK);
   }
 
+  /** Make what the source was written durable (the write-intent record's trim, before it lets a region go). */
+  flushSource(): Promise<void> {
+    return this.source.flushSource();
+  }
+
   /**
    * Start watching the source, mark what it has allocated, and copy until stopped. The watch is
    * attached before the allocation is read, so a write in between is marked by one or the other.
@@ -199,7 +204,11 @@ export class Mirror {
     if (opts.consistent && this.isReady && !this.stopped) {
       await this.source.paused(async () => {
         await this.finish();
-        await opts.atPoint?.();
+        if (opts.atPoint) {
+          // The point names what the target equals: the source's writes before it must be as durable as the target's copies of them.
+          await this.source.flushSource();
+          await opts.atPoint();
+        }
       });
       return;
     }
@@ -231,7 +240,9 @@ export class Mirror {
       }
       const behind = this.map.ranges();
       await this.target.deferMetadata?.(false);
-      await this.target.flush();
+      // Both sides durable before the point names where they differ: a power loss after it must
+      // not leave the source without a write its target holds (a region the point does not name).
+      await Promise.all([this.target.flush(), this.source.flushSource()]);
       await atPoint();
       this.release();
       this.fail(new Cancelled('the mirror was suspended'));

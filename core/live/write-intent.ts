@@ -77,6 +77,8 @@ export class WriteIntent {
   private readonly needs: Uint8Array;
   /** Writes and copies in flight. */
   private readonly busy: Uint32Array;
+  /** Written on the source since the last flush of the source (that began after the write ended). */
+  private readonly unflushed: Uint8Array;
 
   constructor(readonly sizeBytes: number, private readonly log: IntentLog, initial: ByteRange[] | 'all') {
     this.regionBytes = regionBytesFor(sizeBytes);
@@ -87,6 +89,7 @@ export class WriteIntent {
     this.idle = new Uint8Array(this.n);
     this.needs = new Uint8Array(this.n).fill(1);
     this.busy = new Uint32Array(this.n);
+    this.unflushed = new Uint8Array(this.n);
     if (initial === 'all') this.want.fill(1);
     else for (const r of initial) this.each(r.offset, r.length, (i) => { this.want[i] = 1; });
   }
@@ -101,6 +104,7 @@ export class WriteIntent {
     this.each(offset, length, (i) => {
       this.busy[i]!++;
       this.touched[i] = 1;
+      this.unflushed[i] = 1;
       if (this.want[i] === 0 || this.durable[i] === 0) {
         // Written after it left: a region a guest writes is likely written again, so it stays
         // longer next time (8 trims, then twice as long at each return).
@@ -140,7 +144,25 @@ export class WriteIntent {
     return out;
   }
 
-  /** After the target's flush: those candidates still untouched, idle and clean leave the next record. */
+  /**
+   * Whether any of `candidates` was written on the source since its last flush. If so, the flush
+   * about to start covers them: they are marked flushed now, and `flushFailed` marks them again.
+   */
+  sourceFlush(candidates: number[]): { flushFailed: () => void } | undefined {
+    const marked = candidates.filter((i) => this.unflushed[i] === 1);
+    if (marked.length === 0) return undefined;
+    // Every region with no write in flight: what the flush covers (a write ending later marks it again).
+    const covered: number[] = [];
+    for (let i = 0; i < this.n; i++) {
+      if (this.unflushed[i] === 1 && this.busy[i] === 0) {
+        this.unflushed[i] = 0;
+        covered.push(i);
+      }
+    }
+    return { flushFailed: () => { for (const i of covered) this.unflushed[i] = 1; } };
+  }
+
+  /** After the flushes: those candidates still untouched, idle and clean leave the next record. */
   drop(candidates: number[], clean: (offset: number, length: number) => boolean): boolean {
     let changed = false;
     for (const i of candidates) {
@@ -220,16 +242,25 @@ export class IntentLog {
   }
 
   /**
-   * Drop from the record the regions in sync and idle since the last trim: `flush` makes the
-   * target's copies of them durable first. Skipped while one runs.
+   * Drop from the record the regions in sync and idle since the last trim. `flush` makes them
+   * durable first on both sides: on the targets, their copies; on the sources named (`sources[i]`
+   * true), the guest's writes to them since the source was last flushed — else a power loss could
+   * leave the source without a write its target holds, in a region no record names, and the
+   * resumed copy would not see that they differ. Skipped while one runs.
    */
-  async trim(flush: () => Promise<void>, clean: (disk: number, offset: number, length: number) => boolean): Promise<void> {
+  async trim(flush: (sources: boolean[]) => Promise<void>, clean: (disk: number, offset: number, length: number) => boolean): Promise<void> {
     if (this.trimming || this.closing) return;
     this.trimming = true;
     try {
       const found = this.disks.map((d, i) => d.candidates((o, l) => clean(i, o, l)));
       if (found.every((c) => c.length === 0)) return;
-      await flush();
+      const sources = this.disks.map((d, i) => d.sourceFlush(found[i]!));
+      try {
+        await flush(sources.map((x) => x !== undefined));
+      } catch (e) {
+        for (const x of sources) x?.flushFailed();
+        throw e;
+      }
       if (this.closing) return;
       let changed = false;
       for (const [i, d] of this.disks.entries()) if (d.drop(found[i]!, (o, l) => clean(i, o, l))) changed = true;
