@@ -5,8 +5,8 @@
  * request on its volume preempted it). One that cannot start again is logged and dropped, never
  * fatal: the service serves the rest.
  */
-import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker, ExportOptions } from '../broker-api.js';
@@ -164,10 +164,23 @@ export class HostedExports implements HostedExportsApi {
     }
   }
 
+  /** A crash or a power loss leaves the old file or the new one, never half of one (synced, then renamed, then the folder synced). */
   private save(): void {
     const tmp = `${this.file}.tmp`;
-    writeFileSync(tmp, `${JSON.stringify({ version: 1, exports: [...this.hosted.values()] }, null, 2)}\n`, { mode: 0o600 });
-    renameSync(tmp, this.file); // a crash leaves the old file or the new one, never half of one
+    const fd = openSync(tmp, 'w', 0o600);
+    try {
+      writeFileSync(fd, `${JSON.stringify({ version: 1, exports: [...this.hosted.values()] }, null, 2)}\n`);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, this.file);
+    const dir = openSync(dirname(this.file), 'r');
+    try {
+      fsyncSync(dir);
+    } finally {
+      closeSync(dir);
+    }
   }
 }
 
