@@ -118,6 +118,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     placement: (rec) => state.placement(rec),
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
     ...(validated.hostId !== undefined ? { hostId: validated.hostId } : {}),
+    runnerLockDir: join(validated.state, 'runners'),
   });
   if (opts.suspendLiveCopies) state.suspendLiveCopies = true;
   const broker = new BrokerView(state, opts.principal ?? ADMIN);

@@ -14,6 +14,7 @@ import { maintenanceLock, OpRows } from './op-rows.js';
 import { RemoteJob, recordToInfo } from './remote-job.js';
 import { keysToRead, withWholeVolumes } from '../locks/whole-volume.js';
 import { holderAlive, liveTokens, runnerGone, runnerHost } from './runner.js';
+import { RunnerLocks } from './runner-lock.js';
 
 export interface StartJobRequest {
   task: JobTask;
@@ -94,6 +95,12 @@ export interface JobManagerOptions {
    * across boots. A runner recorded under it in an earlier boot is known gone at once.
    */
   hostId?: string;
+  /**
+   * Where this manager holds its runner lock, and finds those of the other runners of this
+   * machine (`<state>/runners`, RunnerLocks): one whose lock is free is gone, whatever its pid
+   * namespace or boot. Absent: runners are judged by pid and lease only.
+   */
+  runnerLockDir?: string;
 }
 
 /**
@@ -122,6 +129,7 @@ export class JobManager {
   private readonly rows: OpRows;
   /** Short operations' claims, kept a moment for the next ones. */
   private readonly claims: OpClaims;
+  private readonly runnerLocks: RunnerLocks | undefined;
 
   constructor(
     private readonly store: StateStore,
@@ -137,7 +145,8 @@ export class JobManager {
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;
     this.placement = opts.placement ?? (() => undefined);
-    this.rows = new OpRows(store, this.token, this.host, this.leaseMs, (jobs, ops) => this.foreignOf(jobs, ops));
+    this.runnerLocks = opts.runnerLockDir !== undefined ? new RunnerLocks(opts.runnerLockDir) : undefined;
+    this.rows = new OpRows(store, this.token, this.host, this.leaseMs, (jobs, ops) => this.foreignOf(jobs, ops), () => this.holdLock());
     this.claims = new OpClaims((ids) => this.rows.withdrawMany(ids));
     liveTokens.add(this.token);
     this.heartbeat = setInterval(() => {
@@ -165,7 +174,28 @@ export class JobManager {
     if (r.runnerToken === RELEASED) return true;
     if (r.runnerHost === this.host && r.runnerPid === process.pid) return true;
     if (runnerGone(r, this.host)) return true;
-    return r.leaseExpires <= now;
+    if (r.leaseExpires <= now) return true;
+    return this.lockGone(r.runnerToken);
+  }
+
+  /** Hold this manager's runner lock before anything names its token in the store (once). */
+  private holdLock(): void {
+    try {
+      this.runnerLocks?.hold(this.token);
+    } catch (e) {
+      // Without it, others judge this runner by pid and lease, as before there were locks.
+      this.logger.warn(`the runner lock cannot be held: ${toOffloadError(e).message}`);
+    }
+  }
+
+  /** Whether a runner of this machine is gone: its lock is free (RunnerLocks). */
+  private lockGone(token: string): boolean {
+    return this.runnerLocks?.gone(token) ?? false;
+  }
+
+  /** Whether the runner with this token ran on this machine (its lock file is in this state folder). */
+  ranHere(token: string): boolean {
+    return this.runnerLocks?.isHere(token) ?? false;
   }
 
   /**
@@ -273,7 +303,7 @@ export class JobManager {
       }
     }
     for (const op of opLocks) {
-      if (op.runnerToken === this.token || !holderAlive(op, this.host, now)) continue;
+      if (op.runnerToken === this.token || !holderAlive(op, this.host, now, (t) => this.lockGone(t))) continue;
       for (const l of op.locks) {
         out.push({
           key: l.key, mode: l.mode,
@@ -327,7 +357,7 @@ export class JobManager {
   /** Exports served by other live brokers sharing this state (on other hosts, in other processes, or other brokers of this one). */
   async foreignExports(): Promise<ExportRecord[]> {
     const now = Date.now();
-    return (await this.store.listExports()).filter((e) => e.runnerToken !== this.token && holderAlive(e, this.host, now));
+    return (await this.store.listExports()).filter((e) => e.runnerToken !== this.token && holderAlive(e, this.host, now, (t) => this.lockGone(t)));
   }
 
   /** Ask the process serving a foreign export to stop it. */
@@ -432,15 +462,20 @@ export class JobManager {
     const failed: string[] = [];
     // Locks of short operations whose process died hold nothing any more.
     const now = Date.now();
-    for (const op of await this.store.listOpLocks()) {
-      if (!holderAlive(op, this.host, now)) await this.store.deleteOpLocks(op.id);
+    const ops = await this.store.listOpLocks();
+    for (const op of ops) {
+      if (!holderAlive(op, this.host, now, (t) => this.lockGone(t))) await this.store.deleteOpLocks(op.id);
     }
-    for (const rec of await this.store.listJobs({ active: true })) {
+    const active = await this.store.listJobs({ active: true });
+    for (const rec of active) {
       if (!this.isOrphaned(rec, now) || this.placement(rec) !== undefined) continue;
       const outcome = await this.adopt(rec);
       if (outcome === 'resumed') resumed.push(rec.id);
       else if (outcome === 'failed') failed.push(rec.id);
     }
+    // The lock files of runners gone that no active job or operation names any more.
+    const named = new Set([...ops, ...active].map((r) => r.runnerToken));
+    this.runnerLocks?.sweep((token) => named.has(token) || liveTokens.has(token));
     return { resumed, failed };
   }
 
@@ -461,7 +496,9 @@ export class JobManager {
   private async adoptNow(rec: JobRecord): Promise<'resumed' | 'failed' | 'concluded' | 'lost'> {
     const stoppedPid = rec.runnerPid;
     const stoppedHost = rec.runnerHost;
+    const stoppedToken = rec.runnerToken;
     const until = Date.now() + this.leaseMs;
+    this.holdLock();
     const fence = await this.store.claimJob(rec.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, this.me, until);
     if (fence === undefined) return 'lost';
     // Go on from the record as it is now (what the stopped runner saved last), ours since the claim.
@@ -475,7 +512,7 @@ export class JobManager {
     let succeeded = false;
     if (!rec.cancelled) {
       try {
-        const gone = stoppedPid > 0 && runnerGone({ runnerPid: stoppedPid, runnerHost: stoppedHost }, this.host);
+        const gone = stoppedPid > 0 && (runnerGone({ runnerPid: stoppedPid, runnerHost: stoppedHost }, this.host) || this.lockGone(stoppedToken));
         const resolved = await this.resolveTask(rec, { host: stoppedHost, pid: stoppedPid, gone });
         if (resolved && 'why' in resolved) {
           ({ why, succeeded = false } = resolved);
@@ -566,6 +603,7 @@ export class JobManager {
     await this.claims.clear();
     await this.rows.close();
     liveTokens.delete(this.token);
+    this.runnerLocks?.release(this.token);
   }
 }
 

@@ -35,6 +35,8 @@ export class OpRows {
     private readonly host: string,
     private readonly leaseMs: number,
     private readonly foreignOf: ForeignOf,
+    /** Called before the first row naming this runner's token is written (its runner lock). */
+    private readonly beforeFirstRow: () => void = () => undefined,
   ) {}
 
   /** The broker's heartbeat: the rows tell brokers on other hosts that this one still holds them; failed removals are tried again. */
@@ -77,6 +79,7 @@ export class OpRows {
    * snapshots (whole-volume.ts).
    */
   async claim(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside>; seq?: number }> {
+    this.beforeFirstRow();
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
       runnerPid: process.pid, runnerToken: this.token, runnerHost: this.host, leaseExpires: Date.now() + this.leaseMs,
@@ -137,6 +140,7 @@ export class OpRows {
 
   /** Record an export (`offload nbd list`, `nbd stop` elsewhere): its lease is renewed with the claims'. Returns the removal. */
   async recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken' | 'runnerHost' | 'leaseExpires'>): Promise<() => Promise<void>> {
+    this.beforeFirstRow();
     await this.store.insertExport({ ...e, runnerPid: process.pid, runnerToken: this.token, runnerHost: this.host, leaseExpires: Date.now() + this.leaseMs });
     this.count++;
     let done: Promise<void> | undefined;

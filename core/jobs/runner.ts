@@ -85,12 +85,13 @@ export function pidAlive(pid: number): boolean {
 /**
  * Whether the runner of an operation's locks or of an export still holds them: a broker of this
  * process that is open; on this host (`host`, as its broker records runners), a live pid; on this
- * machine in a boot that ended, never; elsewhere, a lease it keeps renewing. (Rows of a build
+ * machine in a boot that ended, never; elsewhere, a lease it keeps renewing, unless `lockGone`
+ * (its runner lock in this state folder is free: RunnerLocks) says its process is gone. (Rows of a build
  * before hosts were recorded name no host: they were written on this one.)
  */
-export function holderAlive(r: { runnerToken: string; runnerPid: number; runnerHost: string; leaseExpires: number }, host: string, now = Date.now()): boolean {
+export function holderAlive(r: { runnerToken: string; runnerPid: number; runnerHost: string; leaseExpires: number }, host: string, now = Date.now(), lockGone?: (token: string) => boolean): boolean {
   if (liveTokens.has(r.runnerToken)) return true;
   if (r.runnerHost === host || r.runnerHost === '') return r.runnerPid !== process.pid && pidAlive(r.runnerPid);
   if (bootEnded(r.runnerHost, host)) return false;
-  return r.leaseExpires > now;
+  return r.leaseExpires > now && !lockGone?.(r.runnerToken);
 }

@@ -1,0 +1,95 @@
+import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+
+/**
+ * Whether a runner of this machine is alive, told by the kernel: each job manager that records
+ * anything under its token holds an exclusive lock on `<state>/runners/<token>.lock` for as long
+ * as its process lives. The lock goes with the process — a kill -9, a container's restart (another
+ * pid namespace, where a pid tells nothing), a power loss or a reboot — so a lock that can be
+ * taken says its runner is gone, at once and without a lease's wait. The lock is SQLite's
+ * (POSIX record locks, per process; better-sqlite3 is here already): the holder's connection runs
+ * `locking_mode=EXCLUSIVE` after one write, a prober's `BEGIN IMMEDIATE` is refused while it does.
+ * A state folder on a filesystem without working locks (some FUSE ones) makes every runner look
+ * gone: keep it on a local filesystem, as SQLite's own state must be.
+ */
+export class RunnerLocks {
+  private held: Database.Database | undefined;
+
+  constructor(private readonly dir: string) {}
+
+  /** Hold this runner's lock (once; later calls do nothing). */
+  hold(token: string): void {
+    if (this.held) return;
+    mkdirSync(this.dir, { recursive: true });
+    const db = new Database(this.fileOf(token));
+    try {
+      db.pragma('journal_mode = DELETE');
+      db.pragma('locking_mode = EXCLUSIVE');
+      db.exec('BEGIN EXCLUSIVE');
+      db.exec('COMMIT');
+    } catch (e) {
+      db.close();
+      throw e;
+    }
+    this.held = db;
+  }
+
+  /** Let go of it (the broker closes): its file goes too. */
+  release(token: string): void {
+    if (!this.held) return;
+    this.held.close();
+    this.held = undefined;
+    rmSync(this.fileOf(token), { force: true });
+    rmSync(`${this.fileOf(token)}-journal`, { force: true });
+  }
+
+  /**
+   * Whether the runner with this token is known gone: its lock file is in this state folder (it
+   * ran on this machine) and nobody holds it. False where it is held, or there is none.
+   */
+  gone(token: string): boolean {
+    if (!/^[0-9a-f]{1,64}$/.test(token)) return false; // `released`, or not a token of ours
+    let db: Database.Database;
+    try {
+      db = new Database(this.fileOf(token), { fileMustExist: true, timeout: 0 });
+    } catch {
+      return false; // no such file: not a runner of this folder (or it closed cleanly)
+    }
+    try {
+      db.exec('BEGIN IMMEDIATE');
+      db.exec('ROLLBACK');
+      return true;
+    } catch {
+      return false; // SQLITE_BUSY: held by a live process
+    } finally {
+      db.close();
+    }
+  }
+
+  /** Whether the runner with this token ran on this machine (its lock file is here), alive or not. */
+  isHere(token: string): boolean {
+    return /^[0-9a-f]{1,64}$/.test(token) && existsSync(this.fileOf(token));
+  }
+
+  /** Remove the files of gone runners that `inUse` says no record names any more. */
+  sweep(inUse: (token: string) => boolean): void {
+    for (const f of this.files()) {
+      const token = f.endsWith('.lock') ? f.slice(0, -'.lock'.length) : undefined;
+      if (token === undefined || inUse(token) || !this.gone(token)) continue;
+      rmSync(join(this.dir, f), { force: true });
+    }
+  }
+
+  private files(): string[] {
+    try {
+      return readdirSync(this.dir);
+    } catch {
+      return [];
+    }
+  }
+
+  private fileOf(token: string): string {
+    return join(this.dir, `${token}.lock`);
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * A runner of this machine is known gone when its process is (core/jobs/runner-lock.ts): the lock
+ * it holds on a file in the state folder goes with the process — a kill -9, and (where this
+ * machine lets a test make one) a process in another pid namespace, where a pid tells nothing.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { RunnerLocks } from '../../core/jobs/runner-lock.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'offload-runners-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+/** A process holding `token`'s lock (in a new pid namespace with `unshare`); resolves once it holds it. */
+function holder(token: string, unshare = false): Promise<{ kill: () => Promise<void> }> {
+  const args = ['--import', 'tsx', 'test/core/runner-lock-child.ts', dir, token];
+  // Its own process group: a kill takes `unshare` and the process it forked together.
+  const child = unshare ? spawn('unshare', ['--pid', '--fork', process.execPath, ...args], { stdio: ['ignore', 'pipe', 'inherit'], detached: true })
+    : spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'], detached: true });
+  return new Promise((resolve, reject) => {
+    child.stdout!.once('data', () => resolve({
+      kill: async () => {
+        process.kill(-child.pid!, 'SIGKILL');
+        // Until every process of the group is gone (the one in the new namespace exits on its own time).
+        const left = () => {
+          try {
+            process.kill(-child.pid!, 0);
+            return true;
+          } catch {
+            return false;
+          }
+        };
+        while (left()) await new Promise((r) => setTimeout(r, 10));
+      },
+    }));
+    child.once('exit', (c) => reject(new Error(`the holder exited (${c})`)));
+  });
+}
+
+const canUnshare = spawnSync('unshare', ['--pid', '--fork', 'true']).status === 0;
+
+describe('runner locks', () => {
+  it('held while its process lives; gone once it is killed; a token with no file here is not judged', async () => {
+    const locks = new RunnerLocks(dir);
+    const h = await holder('a1');
+    expect(locks.isHere('a1')).toBe(true);
+    expect(locks.gone('a1')).toBe(false);
+    await h.kill();
+    expect(locks.gone('a1')).toBe(true);
+    expect(locks.gone('b2')).toBe(false); // never ran here
+    expect(locks.isHere('b2')).toBe(false);
+    expect(locks.gone('released')).toBe(false);
+    // Its file stays while a record names it; then a sweep removes it (not a live one's).
+    const live = await holder('c3');
+    locks.sweep((t) => t === 'a1');
+    expect(locks.isHere('a1')).toBe(true);
+    locks.sweep(() => false);
+    expect(locks.isHere('a1')).toBe(false);
+    expect(locks.isHere('c3')).toBe(true);
+    await live.kill();
+  });
+
+  it.skipIf(!canUnshare)('in another pid namespace (a container restarted) as well', async () => {
+    const locks = new RunnerLocks(dir);
+    const h = await holder('d4', true);
+    expect(locks.gone('d4')).toBe(false);
+    await h.kill();
+    expect(locks.gone('d4')).toBe(true);
+  });
+
+  it('a runner of this process: held, and its file removed when it lets go', () => {
+    const locks = new RunnerLocks(dir);
+    locks.hold('e5');
+    locks.hold('e5'); // once
+    expect(new RunnerLocks(dir).gone('e5')).toBe(false);
+    locks.release('e5');
+    expect(existsSync(join(dir, 'e5.lock'))).toBe(false);
+  });
+});
