@@ -44,10 +44,10 @@ export interface RawConfig {
   leaseSeconds?: number;
   /**
    * A name for this machine, unique among the machines sharing the state and the same across its
-   * reboots (the node's name; `${NODE_NAME}` takes it from the environment; default: none). With it, a job or export whose
-   * process ran here before a reboot (a power loss) is known gone at once: its jobs are taken over
-   * without waiting for their leases, and a live copy goes on from its write-intent record.
-   * Two machines must never share one: each would take the other's running jobs for dead.
+   * reboots (the node's name; `${NODE_NAME}` takes it from the environment; default: none). With
+   * it, a job or export whose process ran here in an earlier boot is known gone at once even if
+   * the state folder (whose runner locks tell it otherwise) did not survive the reboot. Two
+   * machines must never share one: each would take the other's running jobs for dead.
    */
   hostId?: string;
   /**
