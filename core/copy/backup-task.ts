@@ -12,7 +12,7 @@
  * new marker, so the next backup starts from a state it can trust.
  */
 import { Shutdown } from '../jobs/job-run.js';
-import { errorFromCode, FailedPrecondition, toOffloadError, type OffloadError } from '../model/errors.js';
+import { Cancelled, errorFromCode, FailedPrecondition, toOffloadError, type OffloadError } from '../model/errors.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { partContexts } from '../jobs/part-contexts.js';
 import { copyData } from './copier.js';
@@ -67,8 +67,8 @@ export function backupPairs(params: BackupParams | BackupGroupParams): BackupPar
 }
 
 /**
- * A backup job: one pair (its params are the pair's), or a group, whose pairs are copied one after
- * the other and pointed together — a failure of any puts every backup volume back and drops every
+ * A backup job: one pair (its params are the pair's), or a group, whose pairs are copied at once
+ * and pointed together — a failure of any puts every backup volume back and drops every
  * new marker, so that the points a group leaves are always of the same instant.
  */
 export function backupTask(params: BackupParams | BackupGroupParams, deps: BackupDeps): JobTask {
@@ -99,10 +99,10 @@ export function backupTask(params: BackupParams | BackupGroupParams, deps: Backu
         throw await undoAll();
       }
       try {
-        for (const [i, p] of pairs.entries()) {
-          // Told of its create at once: a copy that fails after it must remove the volume it made.
-          if (was[i]!.phase === undefined || was[i]!.phase === 'copy') await copyPoint(p, deps, parts[i]!, was[i]!, created[i]!, () => (created[i] = true));
-        }
+        // The disks are copied at once (their sources and targets are as many devices); the
+        // first to fail stops the others at their next checkpoint, before anything is undone.
+        const toCopy = pairs.flatMap((_, i) => (was[i]!.phase === undefined || was[i]!.phase === 'copy' ? [i] : []));
+        await allOrNone(toCopy, (i, halting) => copyPoint(pairs[i]!, deps, halting(parts[i]!), was[i]!, created[i]!, () => (created[i] = true)));
         for (const [i, p] of pairs.entries()) {
           if (was[i]!.phase === 'tidy') continue;
           await deps.snapshot(`${p.target}@${pointName(p.point)}`);
@@ -125,6 +125,47 @@ export function backupTask(params: BackupParams | BackupGroupParams, deps: Backu
       }
     },
   };
+}
+
+/** How many disks of a group are copied at once, at most. */
+const GROUP_COPIES = 4;
+
+/**
+ * Run `copy` for every index, GROUP_COPIES at once; once one fails, the others stop at their next
+ * checkpoint (their context, made by `halting`, throws there) and no more start; resolves when all
+ * have ended, rejects with the first failure. Every copy has ended when it settles.
+ */
+async function allOrNone(indices: number[], copy: (i: number, halting: (ctx: JobContext) => JobContext) => Promise<void>): Promise<void> {
+  let failure: { error: unknown } | undefined;
+  const halting = (ctx: JobContext): JobContext => {
+    const stopIfFailed = () => {
+      if (failure) throw new Cancelled('another disk of the group failed');
+    };
+    // The part's own context underneath (its getters stay live), stopping at each checkpoint once another failed.
+    const halted = Object.create(ctx) as JobContext;
+    halted.checkpoint = (bytes, state) => {
+      stopIfFailed();
+      return ctx.checkpoint(bytes, state);
+    };
+    halted.pace = (bytes) => {
+      stopIfFailed();
+      return ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes);
+    };
+    return halted;
+  };
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (failure === undefined && next < indices.length) {
+      const i = indices[next++]!;
+      try {
+        await copy(i, halting);
+      } catch (e) {
+        failure ??= { error: e };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(GROUP_COPIES, indices.length) }, worker));
+  if (failure) throw failure.error;
 }
 
 async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was: BackupState, createdBefore: boolean, onCreated: () => void): Promise<void> {

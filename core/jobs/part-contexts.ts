@@ -9,7 +9,7 @@ export interface PartsState {
 }
 
 /**
- * A job made of parts run in turn (a backup of a VM's disks, one disk after another), each part
+ * A job made of parts (a backup of a VM's disks, copied at once), each part
  * written as if it were the whole job: part i's context resumes from and saves its own slot of
  * the job's state (`{ parts: [...] }`, every slot saved together), and its progress adds to the
  * other parts'. Everything else (cancel, pause, the speed limit, the lease) is the job's.

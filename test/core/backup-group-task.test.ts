@@ -1,8 +1,8 @@
 /**
  * The group backup job (core/copy/backup-task.ts with core/jobs/part-contexts.ts) on in-memory
- * devices: resumed, it does not copy again a disk it had copied and goes on in the next one from
- * its offset; a failure in one disk undoes every disk (and a run resumed while undoing finishes
- * the undo); the job's progress counts every disk.
+ * devices: its disks are copied at once; resumed, it does not copy again a disk it had copied and
+ * goes on in the other from its offset; a failure in one disk stops the others and undoes every
+ * disk (and a run resumed while undoing finishes the undo); the job's progress counts every disk.
  */
 import { describe, expect, it } from 'vitest';
 import { JobRun, type BlockDevice } from '../../core/index.js';
@@ -101,6 +101,56 @@ describe('a group backup job', () => {
     await backupTask({ pairs: [pair('a'), pair('b')] }, deps).run(run);
     expect(seen.every((p) => p.current <= p.total || p.total === 0)).toBe(true);
     expect(run.progress).toMatchObject({ current: 2 * SIZE, total: 2 * SIZE });
+  });
+
+  it('the disks are copied at once: the second disk is read while the first is still being copied', async () => {
+    const { devices, calls, deps } = setup();
+    await fillSources(devices);
+    let bStarted!: () => void;
+    const bStarts = new Promise<void>((r) => { bStarted = r; });
+    let overlapped = false;
+    const gated: BackupDeps = {
+      ...deps,
+      open: async (ref, mode) => {
+        const d = await deps.open(ref, mode);
+        if (ref === 'm/b@bk-1') return { ...d, read: (o, l) => { bStarted(); return d.read(o, l); } };
+        if (ref !== 'm/a@bk-1') return d;
+        // Disk a's copy waits for disk b's to begin (2 s at most: one after the other, it never would).
+        return { ...d, read: async (o, l) => {
+          overlapped = await Promise.race([bStarts.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 2000))]);
+          return d.read(o, l);
+        } };
+      },
+    };
+    await backupTask({ pairs: [pair('a'), pair('b')] }, gated).run(new JobRun({ jobId: 'g' }));
+    expect(overlapped).toBe(true);
+    for (const [v, byte] of [['a', 1], ['b', 2]] as const) expect(Buffer.from(await devices.get(`m/${v}-set`)!.read(0, SIZE)).equals(Buffer.alloc(SIZE, byte))).toBe(true);
+    expect(calls.filter((c) => c.startsWith('snapshot'))).toEqual(['snapshot m/a-set@b1', 'snapshot m/b-set@b1']);
+  });
+
+  it('a failure in one disk: the others\' copies have ended before anything is undone (no write lands on a removed disk)', async () => {
+    const { devices, calls, deps } = setup();
+    await fillSources(devices);
+    let writesAfterUndo = 0;
+    let undone = false;
+    const failing: BackupDeps = {
+      ...deps,
+      remove: async (ref) => {
+        undone = true;
+        await deps.remove(ref);
+      },
+      open: async (ref, mode) => {
+        const d = await deps.open(ref, mode);
+        // Disk a's write lands 50 ms after it is asked, well after disk b failed (20 ms).
+        if (ref === 'm/a-set') return { ...d, write: async (o, data) => { await new Promise((r) => setTimeout(r, 50)); if (undone) writesAfterUndo++; return d.write(o, data); } };
+        if (ref !== 'm/b-set') return d;
+        return { ...d, write: async () => { await new Promise((r) => setTimeout(r, 20)); throw new Error('the array went away'); } };
+      },
+    };
+    await expect(backupTask({ pairs: [pair('a'), pair('b')] }, failing).run(new JobRun({ jobId: 'g', checkpointEveryMs: 0 }))).rejects.toThrow(/went away/);
+    await new Promise((r) => setTimeout(r, 100)); // a write still in flight would land by now
+    expect(writesAfterUndo).toBe(0);
+    expect(calls).toEqual(expect.arrayContaining(['remove m/a-set', 'remove m/b-set']));
   });
 
   it('a failure in the second disk undoes both: every set made is removed, every new marker dropped; resumed while undoing, it finishes the undo', async () => {
