@@ -1,7 +1,7 @@
 /**
  * The SQLite state store's promises outlive a power loss, not only a crash of the process: a job's
  * record (its insert and every checkpoint: a live copy's write-intent record, its switch-over, a
- * fill's progress) is synced to the disk at its commit; a lease's renewal and an operation's lock
+ * fill's progress) is synced to the disk before its call resolves; a lease's renewal and an operation's lock
  * rows, which mean nothing after a restart, are not (a sync each would cost them ~15×). Counted
  * as the fsync/fdatasync calls on the write-ahead log of a child process, under strace.
  */
@@ -25,7 +25,7 @@ function walSyncs(kind: string, count: number): number {
 }
 
 describe.skipIf(!strace)('the SQLite state store across a power loss', () => {
-  it('a job\'s record and each of its checkpoints is synced at its commit; lease renewals and lock rows are not', () => {
+  it('a job\'s record and each of its checkpoints is synced before the call resolves; lease renewals and lock rows are not', () => {
     const N = 20;
     const inserted = walSyncs('insert', 0);
     expect(inserted).toBeGreaterThan(walSyncs('open', 0)); // the job's insert, one transaction

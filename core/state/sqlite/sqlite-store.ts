@@ -46,18 +46,39 @@ export class SqliteStateStore implements StateStore {
       try {
         const out = await fn(tx);
         this.db.commit();
-        return out;
+        return { out, durable: this.db.takeDurable() };
       } catch (e) {
         this.db.rollback();
+        this.db.takeDurable();
         throw typed(e, this.file);
       } finally {
         live = false;
       }
-    });
+    }).then((r) => this.synced(r));
   }
 
   private one<T>(fn: (ops: StateOps) => Promise<T>): Promise<T> {
-    return this.queue.run(['db'], () => fn(this.ops).catch((e: unknown) => { throw typed(e, this.file); }));
+    return this.queue.run(['db'], async () => {
+      try {
+        const out = await fn(this.ops);
+        return { out, durable: this.db.takeDurable() };
+      } catch (e) {
+        this.db.takeDurable();
+        throw typed(e, this.file);
+      }
+    }).then((r) => this.synced(r));
+  }
+
+  /** A call's outcome once what it wrote durably is synced (outside the queue: the next statements go on meanwhile). */
+  private async synced<T>(r: { out: T; durable: boolean }): Promise<T> {
+    if (r.durable) {
+      try {
+        await this.db.syncLog();
+      } catch (e) {
+        throw typed(e, this.file);
+      }
+    }
+    return r.out;
   }
 
   getJob(id: string) { return this.one((o) => o.getJob(id)); }
@@ -115,9 +136,10 @@ function closeQueue(file: string): void {
 }
 
 /**
- * The store's operations over the synchronous JobStore, as promises. The writes someone was told
- * of (a job's record, an owner, a maintenance lock, a cancel) are made durable across a power loss
- * (JobStore.durably); leases, operations' and exports' rows are not: they mean nothing after a restart.
+ * The store's operations over the synchronous JobStore, as promises. The writes someone is told
+ * of (a job's record, an owner, a maintenance lock, a cancel) are synced before their call
+ * resolves (JobStore.durably, then syncLog); leases, operations' and exports' rows are not: they
+ * mean nothing after a restart.
  */
 function syncOps(db: JobStore): StateOps {
   return {
