@@ -89,7 +89,9 @@ export class WriteIntent {
     this.idle = new Uint8Array(this.n);
     this.needs = new Uint8Array(this.n).fill(1);
     this.busy = new Uint32Array(this.n);
-    this.unflushed = new Uint8Array(this.n);
+    // At first every region may hold writes the source has not flushed (made before the copy, in
+    // flight as the guard was set, or by a runner that died): the first trim flushes the source.
+    this.unflushed = new Uint8Array(this.n).fill(1);
     if (initial === 'all') this.want.fill(1);
     else for (const r of initial) this.each(r.offset, r.length, (i) => { this.want[i] = 1; });
   }

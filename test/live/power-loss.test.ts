@@ -21,7 +21,11 @@ const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
 
 describe('a live copy across a power loss', () => {
-  it.each(['background', 'write-blocking'] as const)('%s: no region leaves the record before both sides hold it durably (the guest\'s unflushed writes are flushed on the source first)', async (mode) => {
+  it.each([
+    { mode: 'background', before: 'flushed' },
+    { mode: 'write-blocking', before: 'flushed' },
+    { mode: 'background', before: 'not flushed' },
+  ] as const)('$mode, the source\'s data from before the copy $before: no region leaves the record before both sides hold it durably (the source flushed first)', async ({ mode, before }) => {
     const store = new SqliteStateStore(':memory:');
     // The record as saved: set once a job write has committed (before anything waiting for it goes on).
     let saved: IntentRecord | undefined;
@@ -41,7 +45,8 @@ describe('a live copy across a power loss', () => {
     const m = new JobManager(watched, new LockManager(), async () => undefined, silentLogger, { checkpointEveryMs: 0 });
     const src = volatileDevice(SIZE);
     for (let r = 0; r < 8; r++) await src.write(r * MiB, new Uint8Array(MiB).fill(r + 1));
-    await src.flush();
+    // Not flushed: as writes a guest made before the copy began, or a dead runner let land, sit in the cache.
+    if (before === 'flushed') await src.flush();
     const dst = volatileDevice(SIZE);
     const live = new LiveDevice(src);
     const task = mirrorTask({ mode, pairs: [{ source: 'pool/src', target: 'pool/dst' }] }, {
@@ -72,7 +77,8 @@ describe('a live copy across a power loss', () => {
       let seq = 0;
       for (let burst = 0; burst < 6; burst++) {
         for (let i = 0; i < 12; i++) {
-          const r = (burst * 3 + i) % 8;
+          // With the source's earlier data not flushed, the guest keeps to region 0: the others are left with only that data to lose.
+          const r = before === 'flushed' ? (burst * 3 + i) % 8 : 0;
           written.add(r);
           await live.write(r * MiB + ((seq * 4096) % MiB), new Uint8Array(4096).fill(100 + (seq++ % 100)));
           await new Promise((res) => setTimeout(res, 2));
