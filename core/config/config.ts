@@ -47,7 +47,8 @@ export interface RawConfig {
    * reboots (the node's name; `${NODE_NAME}` takes it from the environment; default: none). With
    * it, a job or export whose process ran here in an earlier boot is known gone at once even if
    * the state folder (whose runner locks tell it otherwise) did not survive the reboot. Two
-   * machines must never share one: each would take the other's running jobs for dead.
+   * machines — two kernels: a sandboxed pod that runs its own is one — must never share one:
+   * each would take the other's running jobs for dead.
    */
   hostId?: string;
   /**

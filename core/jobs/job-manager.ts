@@ -473,9 +473,11 @@ export class JobManager {
       if (outcome === 'resumed') resumed.push(rec.id);
       else if (outcome === 'failed') failed.push(rec.id);
     }
-    // The lock files of runners gone that no active job or operation names any more.
-    const named = new Set([...ops, ...active].map((r) => r.runnerToken));
-    this.runnerLocks?.sweep((token) => named.has(token) || liveTokens.has(token));
+    // The lock files of runners gone that no active job, operation or export names any more.
+    if (this.runnerLocks) {
+      const named = new Set([...ops, ...active, ...(await this.store.listExports())].map((r) => r.runnerToken));
+      this.runnerLocks.sweep((token) => named.has(token) || liveTokens.has(token));
+    }
     return { resumed, failed };
   }
 

@@ -22,26 +22,30 @@ export class RunnerLocks {
   hold(token: string): void {
     if (this.held) return;
     mkdirSync(this.dir, { recursive: true });
-    const db = new Database(this.fileOf(token));
+    const file = this.fileOf(token);
+    let db: Database.Database | undefined;
     try {
-      db.pragma('journal_mode = DELETE');
+      db = new Database(file);
+      // Its journal in memory: nothing is ever written; the lock is all there is (and no -journal file is left).
+      db.pragma('journal_mode = MEMORY');
       db.pragma('locking_mode = EXCLUSIVE');
       db.exec('BEGIN EXCLUSIVE');
       db.exec('COMMIT');
     } catch (e) {
-      db.close();
+      // A file left unlocked would say a live runner is gone: it goes (unlinking needs no space).
+      db?.close();
+      removeFiles(file);
       throw e;
     }
     this.held = db;
   }
 
-  /** Let go of it (the broker closes): its file goes too. */
+  /** Let go of it (the broker closes): its file goes first, then the lock (never a file free while this process lives). */
   release(token: string): void {
     if (!this.held) return;
+    removeFiles(this.fileOf(token));
     this.held.close();
     this.held = undefined;
-    rmSync(this.fileOf(token), { force: true });
-    rmSync(`${this.fileOf(token)}-journal`, { force: true });
   }
 
   /**
@@ -77,7 +81,7 @@ export class RunnerLocks {
     for (const f of this.files()) {
       const token = f.endsWith('.lock') ? f.slice(0, -'.lock'.length) : undefined;
       if (token === undefined || inUse(token) || !this.gone(token)) continue;
-      rmSync(join(this.dir, f), { force: true });
+      removeFiles(join(this.dir, f));
     }
   }
 
@@ -92,4 +96,10 @@ export class RunnerLocks {
   private fileOf(token: string): string {
     return join(this.dir, `${token}.lock`);
   }
+}
+
+/** A lock file, and a journal a prober may have left beside it. */
+function removeFiles(file: string): void {
+  rmSync(file, { force: true });
+  rmSync(`${file}-journal`, { force: true });
 }

@@ -175,11 +175,15 @@ export class HostedExports implements HostedExportsApi {
       closeSync(fd);
     }
     renameSync(tmp, this.file);
-    const dir = openSync(dirname(this.file), 'r');
     try {
-      fsyncSync(dir);
-    } finally {
-      closeSync(dir);
+      const dir = openSync(dirname(this.file), 'r');
+      try {
+        fsyncSync(dir);
+      } finally {
+        closeSync(dir);
+      }
+    } catch {
+      // A filesystem that cannot sync a folder (some FUSE and 9p ones): the rename stands as it is.
     }
   }
 }
