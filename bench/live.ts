@@ -40,7 +40,9 @@
  * Options: --size, --allocated, --rate (writes/s, all connections together), --connections (1–2
  * or more), --seconds (baseline), --rounds (or OFFLOAD_BENCH_ROUNDS), --modes background,write-blocking,
  * --fua (every write FUA: durable when answered), --speed (the copy's speed limit, e.g. 100M: bytes/s
- * for both mirrors; default none), --no-qemu, --json (the figures as JSON on stdout,
+ * for both mirrors; default none), --hold SECONDS (leave the copy ready that long before `complete`,
+ * and give the writes' latency then: a ready copy's write-intent record trims once a second, each
+ * trim flushing the target and, where the guest wrote, the source), --no-qemu, --json (the figures as JSON on stdout,
  * progress on stderr). OFFLOAD_BENCH_DIR: where the temporary folder goes (default $TMPDIR).
  *
  * Files: this one (options, the rounds, our way, the table); bench/live/writer.ts (the writer's
@@ -72,6 +74,7 @@ async function main(): Promise<void> {
       modes: { type: 'string', default: 'background,write-blocking' },
       fua: { type: 'boolean', default: false },
       speed: { type: 'string', default: '0' },
+      hold: { type: 'string', default: '0' },
       'no-qemu': { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
     },
@@ -79,12 +82,13 @@ async function main(): Promise<void> {
   });
   const s: Settings = {
     size: parseSize(values.size), allocated: parseSize(values.allocated), rate: Number(values.rate),
-    connections: Number(values.connections), seconds: Number(values.seconds), fua: values.fua, speed: parseSize(values.speed),
+    connections: Number(values.connections), seconds: Number(values.seconds), fua: values.fua, speed: parseSize(values.speed), hold: Number(values.hold),
   };
   const rounds = Number(values.rounds);
   const modes = values.modes.split(',').map((m) => m.trim()) as Mode[];
   for (const m of modes) if (m !== 'background' && m !== 'write-blocking') throw new Error(`--modes: background and/or write-blocking, got ${m}`);
   if (!(s.rate > 0) || !(s.seconds > 0) || !(rounds >= 1) || !(s.connections >= 1)) throw new Error('--rate, --seconds, --rounds and --connections must be positive');
+  if (!(s.hold >= 0)) throw new Error('--hold takes seconds ≥ 0');
   if (s.size % GRANULE) throw new Error('--size must be a multiple of 64 KiB');
   layout(s.size, s.allocated);
   const out = values.json ? process.stderr : process.stdout;
@@ -199,7 +203,7 @@ async function main(): Promise<void> {
     // the first copy of the process into fresh page-cache memory took 1.3–1.7 s against 0.65 s for
     // the same copy afterwards, in whichever way ran first.
     {
-      const warm: Settings = { ...s, seconds: 1 };
+      const warm: Settings = { ...s, seconds: 1, hold: 0 };
       for (const w of ways.filter((x) => x.kind === 'ours')) {
         await w.run(warm, `warm-${w.mode}`, writer);
         say(`  warm-up: ${w.what} done`);
@@ -230,6 +234,8 @@ async function main(): Promise<void> {
         writesDuringCopy: med((x) => x.copyWrites), lateDuringCopy: med((x) => x.copyLate),
         copiedBytes: med((x) => x.copied), allocatedBytes: med((x) => x.allocatedAtStart), copiedRatio: med((x) => x.copied / x.allocatedAtStart),
         switchMs: med((x) => x.switchMs), switchMaxLatencyMs: med((x) => x.switchMaxLatency),
+        heldP50Ms: med((x) => x.heldP50), heldP99Ms: med((x) => x.heldP99),
+        heldP50Ratio: med((x) => x.heldP50 / x.baseP50), heldP99Ratio: med((x) => x.heldP99 / x.baseP99),
         rounds: rs,
       };
     });
@@ -259,6 +265,12 @@ async function main(): Promise<void> {
     row('allocated at the start', (x) => fmtBytes(x.allocatedBytes));
     row('bytes copied at ready', (x) => fmtBytes(x.copiedBytes));
     row(`  copied / allocated (goal ≤ ${COPY_GOAL})`, (x) => withMark(x.copiedRatio.toFixed(3), x.copiedRatio <= COPY_GOAL, x));
+    if (s.hold > 0) {
+      row(`write p50 held ready ${s.hold} s (ms)`, (x) => x.heldP50Ms.toFixed(3));
+      row('  p50 ratio (goal as during the copy)', (x) => withMark(x.heldP50Ratio.toFixed(2), x.heldP50Ratio <= goalLatency(x.mode), x));
+      row(`write p99 held ready (ms)`, (x) => x.heldP99Ms.toFixed(3));
+      row('  p99 ratio (goal as during the copy)', (x) => withMark(x.heldP99Ratio.toFixed(2), x.heldP99Ratio <= goalLatency(x.mode), x));
+    }
     row('switch-over (complete → ended, ms)', (x) => x.switchMs.toFixed(0));
     row('  longest write across it (ms)', (x) => x.switchMaxLatencyMs.toFixed(1));
     if (qemuNote) say(`QEMU's mirror (blockdev-mirror on qemu-storage-daemon): ${qemuNote}`);

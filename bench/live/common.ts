@@ -18,6 +18,8 @@ export interface Settings {
   size: number; allocated: number; rate: number; connections: number; seconds: number; fua: boolean;
   /** The copy's speed limit (bytes/s; 0 = none). */
   speed: number;
+  /** Seconds the copy is left ready (in sync, mirroring) before the switch-over; measured when > 0. */
+  hold: number;
 }
 
 /** One way's one round. */
@@ -32,6 +34,8 @@ export interface RoundResult {
   readyS: number;
   copied: number; allocatedAtStart: number;
   switchMs: number; switchMaxLatency: number;
+  /** Latency of the writes sent while the copy was held ready (its first half second left out); NaN without --hold. */
+  heldP50: number; heldP99: number;
   /** The serving process's CPU during the copy (% of one core); ours: also its event loop's delay, p99 (ms). */
   serverCpuPct: number; loopDelayP99?: number;
 }

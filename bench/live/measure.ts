@@ -46,8 +46,8 @@ export async function measure(s: Settings, writer: Writer, served: { port: numbe
   const tReady = now();
   const cpu = served.cpuMs() - cpu0;
   loop?.disable();
-  // In sync for a moment (writes go on), then the switch-over under the writer's connections.
-  await sleep(500);
+  // In sync for a moment, or `hold` seconds (writes go on), then the switch-over under the writer's connections.
+  await sleep(Math.max(500, s.hold * 1000));
   const tComplete = now();
   await copy.complete();
   const tDone = now();
@@ -58,6 +58,7 @@ export async function measure(s: Settings, writer: Writer, served: { port: numbe
   const lat = window(samples, tCopy, tReady).map((x) => x[1]);
   const due = samples.filter((x) => x[2] >= tCopy && x[2] < tReady);
   const period = 1000 / s.rate;
+  const held = s.hold > 0 ? window(samples, tReady + 500, tComplete).map((x) => x[1]) : [];
   return {
     baseP50: percentile(base, 0.5), baseP99: percentile(base, 0.99),
     copyP50: percentile(lat, 0.5), copyP99: percentile(lat, 0.99), copyMax: Math.max(0, ...lat),
@@ -66,6 +67,7 @@ export async function measure(s: Settings, writer: Writer, served: { port: numbe
     readyS: (tReady - tCopy) / 1000,
     copied, allocatedAtStart: allocatedAfter(s, window(samples, 0, tCopy)),
     switchMs: tDone - tComplete,
+    heldP50: held.length > 0 ? percentile(held, 0.5) : NaN, heldP99: held.length > 0 ? percentile(held, 0.99) : NaN,
     // Writes in flight at the switch-over's start count too: sent up to one latency before it.
     switchMaxLatency: Math.max(0, ...samples.filter((x) => x[0] < tDone && x[0] + x[1] > tComplete).map((x) => x[1])),
     serverCpuPct: (100 * cpu) / (tReady - tCopy),
