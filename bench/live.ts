@@ -41,7 +41,7 @@
  * or more), --seconds (baseline), --rounds (or OFFLOAD_BENCH_ROUNDS), --modes background,write-blocking,
  * --fua (every write FUA: durable when answered), --speed (the copy's speed limit, e.g. 100M: bytes/s
  * for both mirrors; default none), --hold SECONDS (leave the copy ready that long before `complete`,
- * and give the writes' latency then: a ready copy's write-intent record trims once a second, each
+ * and give the writes' latency then: a ready copy's write-intent record trims every 4 s, each
  * trim flushing the target and, where the guest wrote, the source), --no-qemu, --json (the figures as JSON on stdout,
  * progress on stderr). OFFLOAD_BENCH_DIR: where the temporary folder goes (default $TMPDIR).
  *
