@@ -45,14 +45,7 @@ export class LiveCopies {
         ref: id, hint: 'start the copy again: `offload copy --live SRC DST`',
       });
     }
-    if (crashed) {
-      // Writes made while a later copy of these volumes ran are in no record this one has.
-      const touches = (o: JobRecord) => ((o.params as unknown as MirrorParams).pairs ?? []).some((p) => params.pairs.some((q) => q.source === p.source || q.target === p.target || q.source === p.target || q.target === p.source));
-      const later = (await this.s.store.listJobs()).find((o) => o.type === 'mirror' && o.id !== rec.id && o.createdAt > rec.createdAt && touches(o));
-      if (later) {
-        throw new FailedPrecondition(`live copy ${id} cannot be resumed from its write-intent record: live copy ${later.id} of the same volumes ran since`, { ref: id, hint: 'start the copy again: `offload copy --live SRC DST`' });
-      }
-    }
+    if (crashed) await this.assertUnchangedSince(rec, params);
     const pairs = params.pairs.map((p, i): ResumedPair => {
       if (crashed) {
         const intent = checkIntentRecord(state.intent![i], (state.intent![i] as { sizeBytes?: number } | undefined)?.sizeBytes ?? -1, p.source);
@@ -74,6 +67,31 @@ export class LiveCopies {
       }
     }
     return { pairs, mode: params.mode, owner: { id: rec.owner, role: rec.ownerRole }, stale, crashed };
+  }
+
+  /**
+   * A crashed copy's record accounts only for the writes its guard saw: refused once anything else
+   * may have changed its volumes since — a later live copy of them, any later job that held one
+   * exclusively (a copy into it, a restore), or one deleted. A revert drops such records itself
+   * (Volumes.revert), as a writable export does. (A volume deleted and made again under its name
+   * is not told apart.)
+   */
+  private async assertUnchangedSince(rec: JobRecord, params: MirrorParams): Promise<void> {
+    const refuse = (why: string) => new FailedPrecondition(`live copy ${rec.id} cannot be resumed from its write-intent record: ${why}`, { ref: rec.id, hint: 'start the copy again: `offload copy --live SRC DST`' });
+    const volumes = new Set(params.pairs.flatMap((p) => [p.source, p.target]));
+    const touches = (o: JobRecord) => ((o.params as unknown as MirrorParams).pairs ?? []).some((p) => volumes.has(p.source) || volumes.has(p.target));
+    for (const o of await this.s.store.listJobs()) {
+      if (o.id === rec.id || o.createdAt <= rec.createdAt) continue;
+      if (o.type === 'mirror' && touches(o)) throw refuse(`live copy ${o.id} of the same volumes ran since`);
+      const held = o.locks.find((l) => l.mode === 'exclusive' && volumes.has(l.key));
+      if (held) throw refuse(`${o.type} job ${o.id} held ${held.key} since`);
+    }
+    for (const ref of volumes) {
+      const v = parseVolumeRef(ref);
+      const b = this.s.backends.get(v.backend);
+      const vol = b ? await call(b.backend, 'get', ref, () => b.backend.getVolume(v.volume)) : undefined;
+      if (!vol) throw refuse(`${ref} does not exist any more`);
+    }
   }
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */

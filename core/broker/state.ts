@@ -201,13 +201,13 @@ export class BrokerState {
    * Take away the write-intent records of the concluded live copies that copied `volume` (as
    * source or target): it is about to be written in a way they cannot account for.
    */
-  async dropCrashIntents(volume: string): Promise<void> {
+  async dropCrashIntents(volume: string, why = 'exported writable without it'): Promise<void> {
     for (const rec of await this.store.listJobs()) {
       if (rec.type !== 'mirror' || rec.status !== 'concluded' || (rec.checkpoint as { intent?: unknown } | undefined)?.intent === undefined) continue;
       const pairs = (rec.params as unknown as MirrorParams).pairs ?? [];
       if (!pairs.some((p) => p.source === volume || p.target === volume)) continue;
       await dropWriteIntent(this.store, rec.id);
-      this.logger.info(`live copy ${rec.id} can no longer be resumed from its write-intent record: ${volume} is exported writable without it`, { job: rec.id });
+      this.logger.info(`live copy ${rec.id} can no longer be resumed from its write-intent record: ${volume} is ${why}`, { job: rec.id });
     }
   }
 

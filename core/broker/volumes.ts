@@ -164,6 +164,8 @@ export class Snapshots implements SnapshotsApi {
     await this.a.assertOwns(ref);
     await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'exclusive' }], `revert ${refText}`, async () => {
       await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
+      // A live copy whose service died could not account for this change: its record goes first.
+      await this.s.dropCrashIntents(volumeKey(ref), 'reverted');
       await call(b.backend, 'revert', refText, () => b.backend.revertVolume(ref.volume, ref.snapshot));
     });
   }

@@ -274,6 +274,32 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect((await client('nbd', 'stop', 'x0')).code).toBe(0);
   });
 
+  it('a copy whose service died is not resumed once another job wrote its target meanwhile (taken over while the service was down, then a copy into its target)', async () => {
+    expect((await client('volume', 'create', 'local/y0', '8M')).code).toBe(0);
+    expect((await client('nbd', 'local/y0', '--port', '0', '--name', 'y0')).code).toBe(0);
+    const mirror = await json('copy', '--live', 'local/y0', 'san1/y0', '--speed', `${2 * MiB}`, '--detach') as { id: string };
+    await until('the target made', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'running', 600, 20);
+    await new Promise((r) => setTimeout(r, 300));
+    await ls.kill();
+    // While the dead copy's job holds its target, nothing else may write it: taken over here first
+    // (`jobs resume`: concluded, its record kept), then a copy into its target, embedded.
+    expect((await offload(ls.s, ['volume', 'create', 'local/z0', '8M'])).code).toBe(0);
+    expect((await offload(ls.s, ['copy', 'local/z0', 'san1/y0'])).err).toMatch(/Busy: san1\/y0 is busy: job .*orphaned/);
+    await offload(ls.s, ['jobs', 'resume', mirror.id]);
+    expect(await offload(ls.s, ['--json', 'jobs', 'show', mirror.id]).then((r) => JSON.parse(r.out) as unknown)).toMatchObject({ status: 'concluded', crashed: true });
+    const over = await offload(ls.s, ['copy', 'local/z0', 'san1/y0']);
+    expect(over.code, over.err).toBe(0);
+    await ls.restart();
+    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'y0'));
+    // Not resumed: its record is dropped once the export's writes go on, and no copy of local/y0 runs.
+    await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
+    const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
+    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/y0'))).toEqual([]);
+    const again = await client('copy', '--live', '--resume', mirror.id);
+    expect(again.err).toMatch(/FailedPrecondition: live copy/);
+    expect((await client('nbd', 'stop', 'y0')).code).toBe(0);
+  });
+
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
     expect((await client('volume', 'create', 'local/vm-0', `${SIZE}`)).code).toBe(0);
     const started = await client('nbd', 'local/vm-0', '--port', '0', '--name', 'vm');
@@ -378,10 +404,12 @@ describe.each([
     request(c.wire, CMD.DISC, 0, 0);
     c.wire.socket.end();
     const mirror = await ls.json('copy', '--live', 'local/b0', 'san1/b0', '--detach') as { id: string };
-    // A writer in the first 2 MiB all along (FUA); the rest of the disk, in sync and idle, leaves the record a trim after ready.
+    // A writer in the first 2 MiB all along (FUA); the rest of the disk, copied in the first trim
+    // period (4 s) and idle through the next, leaves the record at the second trim.
     const writer = await NbdWriter.start({ port, name: 'b0', connections: 1, fua: true, pauseMs: 5, span: 2 * MiB }, data);
     await until('ready', async () => ((await ls.json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
-    await new Promise((r) => setTimeout(r, 2500));
+    const started = Date.parse(((await ls.json('jobs', 'show', mirror.id)) as { createdAt: string }).createdAt);
+    await new Promise((r) => setTimeout(r, Math.max(0, started + 9000 - Date.now())));
     await ls.kill();
     await writer.stop().catch(() => undefined);
     expect(writer.acked).toBeGreaterThan(0);
