@@ -141,17 +141,34 @@ async function allOrNone(indices: number[], copy: (i: number, halting: (ctx: Job
     const stopIfFailed = () => {
       if (failure) throw new Cancelled('another disk of the group failed');
     };
-    // The part's own context underneath (its getters stay live), stopping at each checkpoint once another failed.
-    const halted = Object.create(ctx) as JobContext;
-    halted.checkpoint = (bytes, state) => {
-      stopIfFailed();
-      return ctx.checkpoint(bytes, state);
+    // The part's own context, stopping at each checkpoint once another failed.
+    return {
+      jobId: ctx.jobId,
+      signal: ctx.signal,
+      resumeFrom: ctx.resumeFrom,
+      get speed() {
+        return ctx.speed;
+      },
+      get completeRequested() {
+        return ctx.completeRequested;
+      },
+      setTotal: (bytes) => ctx.setTotal(bytes),
+      advance: (bytes) => ctx.advance(bytes),
+      setProgress: (current, total) => ctx.setProgress(current, total),
+      checkpoint: (bytes, state) => {
+        stopIfFailed();
+        return ctx.checkpoint(bytes, state);
+      },
+      pace: (bytes) => {
+        stopIfFailed();
+        return ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes);
+      },
+      saveState: (state) => ctx.saveState(state),
+      beforeSave: (fn) => ctx.beforeSave(fn),
+      ready: () => ctx.ready(),
+      waitForComplete: () => ctx.waitForComplete(),
+      confirmLease: () => ctx.confirmLease(),
     };
-    halted.pace = (bytes) => {
-      stopIfFailed();
-      return ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes);
-    };
-    return halted;
   };
   let next = 0;
   const worker = async (): Promise<void> => {
