@@ -78,6 +78,22 @@ export function describeBackendVolumes(fx: ContractFixture): void {
       expect(await be().getVolume(fx.name('bnope'))).toBeUndefined();
     });
 
+    fx.case('a volume\'s id, where the backend gives one, is what getVolume and listVolumes say, and a volume deleted and made again at once under its name has another', ['volume.create', 'volume.delete'], async () => {
+      const v = fx.name('bid');
+      const made = await be().createVolume({ name: v, sizeBytes: fx.size });
+      expect((await be().getVolume(v))?.id).toBe(made.id);
+      if (fx.caps.has('volume.list')) expect((await listAll()).find((x) => x.name === v)?.id).toBe(made.id);
+      await be().deleteVolume(v);
+      const again = await be().createVolume({ name: v, sizeBytes: fx.size });
+      if (made.id === undefined) {
+        expect(again.id).toBeUndefined(); // ids are optional, but given always or never
+        return;
+      }
+      expect(typeof made.id).toBe('string');
+      expect(again.id).not.toBe(made.id);
+      expect((await be().getVolume(v))?.id).toBe(again.id);
+    });
+
     fx.case('createVolume again: the same size is the same volume, another size AlreadyExists and nothing changes', ['volume.create'], async () => {
       const v = fx.name('bidem');
       const first = await be().createVolume({ name: v, sizeBytes: fx.size });

@@ -56,6 +56,8 @@ export interface CommitOptions {
  * AlreadyExists); deleting what is gone succeeds; deleting a volume others depend on is
  * FailedPrecondition and changes nothing; a missing source is NotFound; growing is allowed and
  * shrinking is OutOfRange. Names reaching a backend have already been validated by the broker.
+ * A volume's `id`, where given, is the same in every answer about it and differs for a volume
+ * deleted and made again under its name (a live copy's crash record is checked against it).
  */
 export interface StorageBackend {
   readonly name: string;

@@ -12,12 +12,13 @@ import { dropWriteIntent, mirrorTask, type MirrorPair, type MirrorPairDeps, type
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
 import { parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
+import type { Volume } from '../model/types.js';
 import { ADMIN, type Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
 import { checkSpeed } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
-import { checkIntentRecord, intentRanges } from '../live/write-intent.js';
+import { checkIntentRecord, intentRanges, type IntentRecord } from '../live/write-intent.js';
 
 /** The live copies of one principal's broker view. */
 export class LiveCopies {
@@ -45,7 +46,7 @@ export class LiveCopies {
         ref: id, hint: 'start the copy again: `offload copy --live SRC DST`',
       });
     }
-    if (crashed) await this.assertUnchangedSince(rec, params);
+    if (crashed) await this.assertUnchangedSince(rec, params, state.intent!);
     const pairs = params.pairs.map((p, i): ResumedPair => {
       if (crashed) {
         const intent = checkIntentRecord(state.intent![i], (state.intent![i] as { sizeBytes?: number } | undefined)?.sizeBytes ?? -1, p.source);
@@ -72,11 +73,11 @@ export class LiveCopies {
   /**
    * A crashed copy's record accounts only for the writes its guard saw: refused once anything else
    * may have changed its volumes since — a later live copy of them, any later job that held one
-   * exclusively (a copy into it, a restore), or one deleted. A revert drops such records itself
-   * (Volumes.revert), as a writable export does. (A volume deleted and made again under its name
-   * is not told apart.)
+   * exclusively (a copy into it, a restore), one deleted, or one deleted and made again under its
+   * name (another id than the record names; told only where the backend gives ids). A revert
+   * drops such records itself (Volumes.revert), as a writable export does.
    */
-  private async assertUnchangedSince(rec: JobRecord, params: MirrorParams): Promise<void> {
+  private async assertUnchangedSince(rec: JobRecord, params: MirrorParams, intents: IntentRecord[]): Promise<void> {
     const refuse = (why: string) => new FailedPrecondition(`live copy ${rec.id} cannot be resumed from its write-intent record: ${why}`, { ref: rec.id, hint: 'start the copy again: `offload copy --live SRC DST`' });
     const volumes = new Set(params.pairs.flatMap((p) => [p.source, p.target]));
     const touches = (o: JobRecord) => ((o.params as unknown as MirrorParams).pairs ?? []).some((p) => volumes.has(p.source) || volumes.has(p.target));
@@ -86,12 +87,20 @@ export class LiveCopies {
       const held = o.locks.find((l) => l.mode === 'exclusive' && volumes.has(l.key));
       if (held) throw refuse(`${o.type} job ${o.id} held ${held.key} since`);
     }
-    for (const ref of volumes) {
-      const v = parseVolumeRef(ref);
-      const b = this.s.backends.get(v.backend);
-      const vol = b ? await call(b.backend, 'get', ref, () => b.backend.getVolume(v.volume)) : undefined;
-      if (!vol) throw refuse(`${ref} does not exist any more`);
+    for (const [i, p] of params.pairs.entries()) {
+      for (const [ref, was] of [[p.source, intents[i]?.volumes?.source], [p.target, intents[i]?.volumes?.target]] as const) {
+        const vol = await this.volume(ref);
+        if (!vol) throw refuse(`${ref} does not exist any more`);
+        if (was !== undefined && vol.id !== was) throw refuse(`${ref} is not the volume it copied (id ${String(vol.id)}, was ${was}): it was deleted and made again`);
+      }
     }
+  }
+
+  /** A volume as its backend has it now (undefined: none of that name, or its backend is not configured here). */
+  private async volume(ref: string): Promise<Volume | undefined> {
+    const v = parseVolumeRef(ref);
+    const b = this.s.backends.get(v.backend);
+    return b ? call(b.backend, 'get', ref, () => b.backend.getVolume(v.volume)) : undefined;
   }
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
@@ -209,6 +218,10 @@ export class LiveCopies {
             await deps.create(target, c.sizeBytes, c.owner);
           }
           return deps.open(target, 'rw');
+        },
+        identify: async () => {
+          const [sv, tv] = [await this.volume(source), await this.volume(target)];
+          return { ...(sv?.id !== undefined ? { source: sv.id } : {}), ...(tv?.id !== undefined ? { target: tv.id } : {}) };
         },
         prepareSwitch: async (id) => {
           // The export's locks on the target, taken within the job that holds it now; published before the switch.

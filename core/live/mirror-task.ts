@@ -5,7 +5,7 @@ import type { JobRecord } from '../state/records.js';
 import type { StateOps } from '../state/state-store.js';
 import type { LiveDevice } from './live-device.js';
 import { Mirror, type MirrorMode } from './mirror.js';
-import { IntentLog, type IntentRecord } from './write-intent.js';
+import { IntentLog, type IntentRecord, type PairIds } from './write-intent.js';
 import { Busy, Cancelled } from '../model/errors.js';
 import { LeaseLost } from '../jobs/job-run.js';
 
@@ -71,6 +71,8 @@ export interface MirrorPairDeps {
   detach(): void;
   /** Open the target for writing; `create` (the pair's): make it first. */
   openTarget(create: MirrorPair['create']): Promise<BlockDevice>;
+  /** The ids of the source and the (open) target, where their backends give them (Volume.id). */
+  identify(): Promise<PairIds>;
   /** Before the switch-over (clients still on the source): take what the export needs to serve the target. */
   prepareSwitch(jobId: string): Promise<Switch>;
   /** The job ended before ready having created the target: delete it. */
@@ -193,6 +195,8 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         for (let i = 0; i < n; i++) {
           targets[i] = await deps.pairs[i]!.openTarget(params.pairs[i]!.create);
           created[i] = params.pairs[i]!.create !== undefined;
+          // Before any region can leave the record (the trims start once every copy has).
+          intents[i]!.volumes = await deps.pairs[i]!.identify();
           mirrors.push(new Mirror(deps.pairs[i]!.source, targets[i]!, {
             mode: params.mode,
             onProgress: (p) => {

@@ -21,6 +21,18 @@ export interface IntentRecord {
   regionBytes: number;
   /** One bit per region, LSB first, base64: set where the target may differ from the source. */
   bits: string;
+  /**
+   * The ids of the pair's volumes (Volume.id, where their backends give one), named before any
+   * region leaves the record: a volume deleted and made again under its name is not the one the
+   * record accounts for.
+   */
+  volumes?: PairIds;
+}
+
+/** The backends' ids of a live copy's source and target (Volume.id). */
+export interface PairIds {
+  source?: string;
+  target?: string;
 }
 
 /** Where a record's regions are set, as byte ranges within the disk (coalesced, in order). */
@@ -79,6 +91,8 @@ export class WriteIntent {
   private readonly busy: Uint32Array;
   /** Written on the source since the last flush of the source (that began after the write ended). */
   private readonly unflushed: Uint8Array;
+  /** The volumes the record is of, once the target is open (before the first trim): in every record saved from then on. */
+  volumes: PairIds | undefined;
 
   constructor(readonly sizeBytes: number, private readonly log: IntentLog, initial: ByteRange[] | 'all') {
     this.regionBytes = regionBytesFor(sizeBytes);
@@ -180,7 +194,7 @@ export class WriteIntent {
   record(): IntentRecord {
     const bits = new Uint8Array(Math.ceil(this.n / 8));
     for (let i = 0; i < this.n; i++) if (this.want[i] === 1) bits[i >>> 3]! |= 1 << (i & 7);
-    return { sizeBytes: this.sizeBytes, regionBytes: this.regionBytes, bits: Buffer.from(bits).toString('base64') };
+    return { sizeBytes: this.sizeBytes, regionBytes: this.regionBytes, bits: Buffer.from(bits).toString('base64'), ...(this.volumes ? { volumes: this.volumes } : {}) };
   }
 
   /** Bytes the next record names. */

@@ -5,6 +5,12 @@ export interface Volume {
   sizeBytes: number;
   /** ISO-8601 creation time, when the backend knows it. */
   createdAt?: string;
+  /**
+   * The backend's own identity of the volume, where it has one (an array's volume id, a uuid):
+   * a volume deleted and made again under the same name has another. What a live copy's
+   * write-intent record is checked against before a crashed copy goes on from it.
+   */
+  id?: string;
   /** The ref this volume still depends on (a linked clone's parent), if any. */
   parent?: string;
   /** The principal that owns the volume, when the backend records it. */

@@ -88,7 +88,7 @@ const limits = z.record(z.string(), z.union([z.number(), z.string(), z.boolean()
 export const backendSchema = z.object({ name: z.string(), kind: z.string(), capabilities: z.record(z.string(), limits) });
 
 export const volumeSchema = z.object({
-  backend: z.string(), name: z.string(), sizeBytes: z.number(), createdAt: z.string().optional(), parent: z.string().optional(),
+  backend: z.string(), name: z.string(), sizeBytes: z.number(), createdAt: z.string().optional(), id: z.string().optional(), parent: z.string().optional(),
   owner: z.string().optional(), allocatedBytes: z.number().optional(),
 });
 export const volumePageSchema = z.object({ items: z.array(volumeSchema), next: z.string().optional() });

@@ -384,7 +384,7 @@ export class FlashArrayBackend implements StorageBackend {
   }
 
   private toVolume(v: ApiVolume): Volume {
-    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.provisioned, createdAt: new Date(v.created).toISOString() };
+    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.provisioned, createdAt: new Date(v.created).toISOString(), id: v.id };
     if (typeof v.space.virtual === 'number') out.allocatedBytes = v.space.virtual;
     return out;
   }

@@ -86,7 +86,7 @@ export class OntapBackend implements StorageBackend {
   }
 
   private toVolume(v: ApiVolumeT): Volume {
-    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.size ?? 0 };
+    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.size ?? 0, id: v.uuid };
     if (v.create_time) out.createdAt = v.create_time;
     if (v.clone?.is_flexclone && v.clone.parent_volume) {
       out.parent = this.ref(v.clone.parent_volume.name, v.clone.parent_snapshot?.name);

@@ -12,6 +12,8 @@
  */
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import type { MirrorState } from '../../core/live/mirror-task.js';
 import { describe, expect, it } from 'vitest';
 import { offload, until } from '../service/service-helpers.js';
 import { liveServiceForSuite, readExport as readWhole, type LiveService } from '../support/live-service.js';
@@ -298,6 +300,41 @@ describe('kill -9 around ready and complete of a live copy', () => {
     const again = await client('copy', '--live', '--resume', mirror.id);
     expect(again.err).toMatch(/FailedPrecondition: live copy/);
     expect((await client('nbd', 'stop', 'y0')).code).toBe(0);
+  });
+
+  it('a copy whose service died is not resumed once its target was deleted and made again under its name (another volume id than its record names)', async () => {
+    expect((await client('volume', 'create', 'local/u0', '8M')).code).toBe(0);
+    const port = Number(new URL((await client('nbd', 'local/u0', '--port', '0', '--name', 'u0')).out.trim()).port);
+    const w = await NbdWriter.start({ port, name: 'u0', connections: 1, fua: true, pauseMs: 0 }, Buffer.alloc(8 * MiB));
+    await new Promise((r) => setTimeout(r, 200));
+    await w.stop();
+    const mirror = await json('copy', '--live', 'local/u0', 'san1/u0', '--detach') as { id: string };
+    await until('ready', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
+    // Two trims (every 4 s): the record lets go of the regions in sync, and names the volumes' ids.
+    const record = () => {
+      const db = new Database(join(ls.s.dir, 'state', 'jobs.sqlite'), { readonly: true });
+      try {
+        return (JSON.parse((db.prepare('SELECT checkpoint FROM jobs WHERE id = ?').get(mirror.id) as { checkpoint: string }).checkpoint) as MirrorState).intent?.[0];
+      } finally {
+        db.close();
+      }
+    };
+    await until('regions out of the record', async () => record()?.bits === 'AA==', 75, 200);
+    expect(record()?.volumes).toMatchObject({ source: expect.any(String), target: expect.any(String) });
+    await ls.kill();
+    // Taken over here (its record kept), then its target deleted and made again, embedded: empty.
+    await offload(ls.s, ['jobs', 'resume', mirror.id]);
+    expect(await offload(ls.s, ['--json', 'jobs', 'show', mirror.id]).then((r) => JSON.parse(r.out) as unknown)).toMatchObject({ status: 'concluded', crashed: true });
+    expect((await offload(ls.s, ['volume', 'delete', 'san1/u0'])).code).toBe(0);
+    expect((await offload(ls.s, ['volume', 'create', 'san1/u0', '8M'])).code).toBe(0);
+    await ls.restart();
+    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'u0'));
+    await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
+    // Resumed from the record, the copy would skip what it had copied into the old san1/u0.
+    expect(ls.service.err()).toMatch(/san1\/u0 is not the volume it copied \(id [^,]+, was [^)]+\): it was deleted and made again/);
+    const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
+    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/u0'))).toEqual([]);
+    expect((await client('nbd', 'stop', 'u0')).code).toBe(0);
   });
 
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {

@@ -29,6 +29,7 @@ export function plainPair(source: LiveDevice, target: BlockDevice, over: Partial
     attach: () => undefined,
     detach: () => undefined,
     openTarget: async () => target,
+    identify: async () => ({}),
     prepareSwitch: async () => ({ done: async () => undefined, undo: async () => undefined }),
     removeTarget: async () => undefined,
     changesSince: async () => [],

@@ -9,7 +9,7 @@ import { commitTarget, commitTask, resolveBase, resumeChainTask, streamTask } fr
 import { abandonLayer, commitLayers, compact, makeLayer, unlinkLayers } from './layers.js';
 import type { VolumeRow } from './metadata.js';
 import { checkPool, type PoolCheckReport } from './pool-check.js';
-import { forgetHolder, PoolState, type PoolOptions } from './pool-state.js';
+import { creationTime, forgetHolder, PoolState, type PoolOptions } from './pool-state.js';
 
 export type { PoolOptions } from './pool-state.js';
 
@@ -70,7 +70,7 @@ export class Qcow2Pool implements StorageBackend {
         });
       }
       const file = await makeLayer(this.p, req.name, null, size);
-      const row: VolumeRow = { name: req.name, active: file, sizeBytes: size, owner: req.owner ?? null, createdAt: new Date().toISOString(), originVolume: null, originSnapshot: null };
+      const row: VolumeRow = { name: req.name, active: file, sizeBytes: size, owner: req.owner ?? null, createdAt: creationTime(), originVolume: null, originSnapshot: null };
       commitLayers(this.p, [file], () => this.p.meta.addVolume(row));
       return this.p.view(row);
     });
@@ -103,7 +103,7 @@ export class Qcow2Pool implements StorageBackend {
       });
     }
     const row: VolumeRow = {
-      name: req.name, active: '', sizeBytes: size, owner: req.owner ?? null, createdAt: new Date().toISOString(),
+      name: req.name, active: '', sizeBytes: size, owner: req.owner ?? null, createdAt: creationTime(),
       originVolume: null, originSnapshot: null,
     };
     this.p.assertNotBusy(src.volume, 'clone');

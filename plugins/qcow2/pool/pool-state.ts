@@ -161,7 +161,8 @@ export class PoolState {
 
   view(v: VolumeRow, withAllocation = false): Volume {
     const parent = this.parentRef(v);
-    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.sizeBytes, createdAt: v.createdAt };
+    // Its id: the time it was made, to the millisecond (the pool's rows have no other identity a volume made again under its name would not share).
+    const out: Volume = { backend: this.name, name: v.name, sizeBytes: v.sizeBytes, createdAt: v.createdAt, id: v.createdAt };
     if (parent !== undefined) out.parent = parent;
     if (v.owner !== null) out.owner = v.owner;
     if (withAllocation) out.allocatedBytes = this.allocated(v.name);
@@ -214,6 +215,16 @@ const BOOT = currentBoot();
  * (after a power loss) does not, whatever process has its pid now. (Holders of builds before the
  * boot was in them have no dot: judged by pid alone.)
  */
+/**
+ * A new volume's creation time, which is also its id (Volume.id): never the same twice in this
+ * process, so that a volume deleted and made again at once under its name still has another.
+ */
+export function creationTime(): string {
+  lastCreation = Math.max(Date.now(), lastCreation + 1);
+  return new Date(lastCreation).toISOString();
+}
+let lastCreation = 0;
+
 function holderAlive(pid: number, holder: string): boolean {
   const dot = holder.indexOf('.');
   if (dot >= 0 && holder.slice(0, dot) !== BOOT) return false;
