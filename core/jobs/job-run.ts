@@ -62,6 +62,11 @@ export class JobRun implements JobContext {
   private totalBytes: number;
   private paused = false;
   private resumeWaiters: (() => void)[] = [];
+  /**
+   * Paced waits in progress, woken by the one abort listener (a mirror's 16 workers each wait for
+   * the speed limit: a listener each made Node warn of a leak at the 11th).
+   */
+  private readonly sleepers = new Set<() => void>();
   private completeAsked = false;
   private completeWaiter: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   private lastSave = -Infinity;
@@ -261,15 +266,21 @@ export class JobRun implements JobContext {
   }
 
   private sleep(ms: number): Promise<void> {
+    if (this.abort.signal.aborted) return Promise.resolve();
+    if (this.sleepers.size === 0) this.abort.signal.addEventListener('abort', this.wakeSleepers, { once: true });
     return new Promise((resolve) => {
-      const signal = this.abort.signal;
       const done = () => {
         clearTimeout(t);
-        signal.removeEventListener('abort', done);
+        this.sleepers.delete(done);
+        if (this.sleepers.size === 0) this.abort.signal.removeEventListener('abort', this.wakeSleepers);
         resolve();
       };
       const t = setTimeout(done, ms);
-      signal.addEventListener('abort', done, { once: true });
+      this.sleepers.add(done);
     });
   }
+
+  private readonly wakeSleepers = (): void => {
+    for (const s of [...this.sleepers]) s();
+  };
 }

@@ -252,6 +252,36 @@ describe('jobs', () => {
     await job.wait();
     await expect(job.setSpeed(5)).rejects.toThrow(expect.objectContaining({ code: 'FailedPrecondition' }));
   });
+  it('many copies waiting for the speed limit at once are all woken by a cancel, with no leak warning (one abort listener for them all)', async () => {
+    const m = manager();
+    const warnings: Error[] = [];
+    const onWarning = (w: Error) => warnings.push(w);
+    process.on('warning', onWarning);
+    cleanups.push(() => { process.off('warning', onWarning); });
+    let waiting = 0;
+    const job = await m.start({
+      task: {
+        type: 'paced', params: {},
+        run: async (ctx) => {
+          // 32 workers, as a mirror's copy workers pace themselves, each far beyond the speed.
+          await Promise.all(Array.from({ length: 32 }, async () => {
+            for (;;) {
+              waiting++;
+              await ctx.pace!(1 << 20);
+              waiting--;
+            }
+          }));
+        },
+      },
+      ref: 'b/v', executor: 'host', principal: ADMIN, locks: [], speed: 1024,
+    });
+    for (let i = 0; i < 200 && waiting < 32; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(waiting).toBe(32);
+    await job.cancel();
+    expect(await job.wait()).toMatchObject({ status: 'concluded', cancelled: true });
+    await new Promise((r) => setImmediate(r)); // warnings are emitted on the next tick
+    expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([]);
+  });
 });
 
 describe('rate limiter', () => {
