@@ -187,7 +187,7 @@ export class BrokerState {
   placement(rec: JobRecord): string | undefined {
     for (const l of rec.locks) {
       if (l.key.startsWith('file:')) {
-        if (rec.runnerHost !== '' && !sameMachine(rec.runnerHost, this.jobs.host) && !this.jobs.ranHere(rec.runnerToken)) return `it uses the file ${l.key.slice('file:'.length)} on ${rec.runnerHost}`;
+        if (rec.runnerHost !== '' && !sameMachine(rec.runnerHost, this.jobs.host) && !this.jobs.ranHere(rec)) return `it uses the file ${l.key.slice('file:'.length)} on ${rec.runnerHost}`;
         continue;
       }
       const backend = l.key.slice(0, l.key.indexOf('/'));

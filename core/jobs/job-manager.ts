@@ -181,7 +181,7 @@ export class JobManager {
   /** Hold this manager's runner lock before anything names its token in the store (once). */
   private holdLock(): void {
     try {
-      this.runnerLocks?.hold(this.token);
+      this.runnerLocks?.hold(this.token, this.host);
     } catch (e) {
       // Without it, others judge this runner by pid and lease, as before there were locks.
       this.logger.warn(`the runner lock cannot be held: ${toOffloadError(e).message}`);
@@ -193,9 +193,13 @@ export class JobManager {
     return this.runnerLocks?.gone(token) ?? false;
   }
 
-  /** Whether the runner with this token ran on this machine (its lock file is in this state folder). */
-  ranHere(token: string): boolean {
-    return this.runnerLocks?.isHere(token) ?? false;
+  /**
+   * Whether the runner of a record ran on this machine: its lock file is in this state folder, or
+   * runners recorded under its host worked with this folder (one that released the job at a
+   * clean stop, before a container's restart or a reboot).
+   */
+  ranHere(r: { runnerToken: string; runnerHost: string }): boolean {
+    return (this.runnerLocks?.isHere(r.runnerToken) || this.runnerLocks?.ranAs(r.runnerHost)) ?? false;
   }
 
   /**
@@ -475,8 +479,10 @@ export class JobManager {
     }
     // The lock files of runners gone that no active job, operation or export names any more.
     if (this.runnerLocks) {
-      const named = new Set([...ops, ...active, ...(await this.store.listExports())].map((r) => r.runnerToken));
-      this.runnerLocks.sweep((token) => named.has(token) || liveTokens.has(token));
+      const records = [...ops, ...active, ...(await this.store.listExports())];
+      const named = new Set(records.map((r) => r.runnerToken));
+      const hosts = new Set([this.host, ...records.map((r) => r.runnerHost)]);
+      this.runnerLocks.sweep((token) => named.has(token) || liveTokens.has(token), (host) => hosts.has(host));
     }
     return { resumed, failed };
   }

@@ -1,4 +1,5 @@
-import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 
@@ -18,9 +19,15 @@ export class RunnerLocks {
 
   constructor(private readonly dir: string) {}
 
-  /** Hold this runner's lock (once; later calls do nothing). */
-  hold(token: string): void {
+  /**
+   * Hold this runner's lock (once; later calls do nothing), and note that runners recorded under
+   * `host` (runnerHost) work with this state folder: a job one of them gave up at a clean stop
+   * (its token is `released` then, its lock file gone) is still known to be this machine's — the
+   * next container or boot records another host, and the job's files are here (ranAs).
+   */
+  hold(token: string, host?: string): void {
     if (this.held) return;
+    if (host !== undefined) this.noteHost(host);
     mkdirSync(this.dir, { recursive: true });
     const file = this.fileOf(token);
     let db: Database.Database | undefined;
@@ -76,18 +83,49 @@ export class RunnerLocks {
     return /^[0-9a-f]{1,64}$/.test(token) && existsSync(this.fileOf(token));
   }
 
-  /** Remove the files of gone runners that `inUse` says no record names any more. */
-  sweep(inUse: (token: string) => boolean): void {
+  /** Whether runners recorded under `host` worked with this state folder (hold noted it). */
+  ranAs(host: string): boolean {
+    return existsSync(this.hostFile(host));
+  }
+
+  /**
+   * Remove the files of gone runners that `inUse` says no record names any more, and the notes of
+   * hosts that `hostInUse` says none does.
+   */
+  sweep(inUse: (token: string) => boolean, hostInUse: (host: string) => boolean = () => true): void {
     for (const f of this.files()) {
       const token = f.endsWith('.lock') ? f.slice(0, -'.lock'.length) : undefined;
       if (token === undefined || inUse(token) || !this.gone(token)) continue;
       removeFiles(join(this.dir, f));
     }
+    for (const f of this.files(HOSTS)) {
+      const file = join(this.dir, HOSTS, f);
+      let host: string;
+      try {
+        host = readFileSync(file, 'utf8').trimEnd();
+      } catch {
+        continue;
+      }
+      if (!hostInUse(host)) rmSync(file, { force: true });
+    }
   }
 
-  private files(): string[] {
+  private noteHost(host: string): void {
     try {
-      return readdirSync(this.dir);
+      mkdirSync(join(this.dir, HOSTS), { recursive: true });
+      if (!existsSync(this.hostFile(host))) writeFileSync(this.hostFile(host), `${host}\n`);
+    } catch {
+      // Without the note, a job released here is judged by its recorded host alone, as before.
+    }
+  }
+
+  private hostFile(host: string): string {
+    return join(this.dir, HOSTS, createHash('sha256').update(host).digest('hex').slice(0, 32));
+  }
+
+  private files(sub = ''): string[] {
+    try {
+      return readdirSync(join(this.dir, sub), { withFileTypes: true }).filter((e) => e.isFile()).map((e) => e.name);
     } catch {
       return [];
     }
@@ -97,6 +135,9 @@ export class RunnerLocks {
     return join(this.dir, `${token}.lock`);
   }
 }
+
+/** The folder of the host notes (beside the lock files). */
+const HOSTS = 'hosts';
 
 /** A lock file, and a journal a prober may have left beside it. */
 function removeFiles(file: string): void {

@@ -78,4 +78,17 @@ describe('runner locks', () => {
     locks.release('e5');
     expect(existsSync(join(dir, 'e5.lock'))).toBe(false);
   });
+
+  it('the hosts its runners were recorded under stay noted after a clean release (a released job is still this machine\'s), until no record names them', () => {
+    const locks = new RunnerLocks(dir);
+    locks.hold('e6', 'box (boot b1, pid ns 1)');
+    locks.release('e6');
+    const later = new RunnerLocks(dir);
+    expect(later.ranAs('box (boot b1, pid ns 1)')).toBe(true);
+    expect(later.ranAs('elsewhere (boot b1, pid ns 1)')).toBe(false);
+    later.sweep(() => false, (host) => host === 'box (boot b1, pid ns 1)');
+    expect(later.ranAs('box (boot b1, pid ns 1)')).toBe(true);
+    later.sweep(() => false, () => false);
+    expect(later.ranAs('box (boot b1, pid ns 1)')).toBe(false);
+  });
 });

@@ -92,4 +92,36 @@ describe('volume export and import across a broker crash', () => {
       await broker.close();
     }
   });
+  it('an export given up at a clean stop is taken by the next broker of this state folder in a restarted container (another host recorded), not left to the host it names', async () => {
+    // After the tests above, local/src holds expected().
+    const file = join(root, 'released.qcow2');
+    const was = process.env.OFFLOAD_RUNNER_HOST;
+    try {
+      process.env.OFFLOAD_RUNNER_HOST = 'box (boot b1, pid ns 1)';
+      const first = await open();
+      const job = await first.volumes.exportTo('local/src', file, { format: 'qcow2', speed: 8 * MiB });
+      while (job.info().progress.current < 4 * MiB) await new Promise((r) => setTimeout(r, 20));
+      await first.close(); // the job is released with its checkpoint
+      // The container restarted: another host name and pid namespace (and no host id configured).
+      process.env.OFFLOAD_RUNNER_HOST = 'box-7f3a (boot b1, pid ns 2)';
+      const next = await open();
+      try {
+        const info = (await next.jobs.get(job.id)).info();
+        expect(info.orphaned).toBeFalsy();
+        expect(info.runner?.host).toBe('box-7f3a (boot b1, pid ns 2)');
+        next.jobs.setSpeed(job.id, 0);
+        expect((await next.jobs.wait(job.id)).error).toBeUndefined();
+      } finally {
+        await next.close();
+      }
+    } finally {
+      if (was === undefined) delete process.env.OFFLOAD_RUNNER_HOST;
+      else process.env.OFFLOAD_RUNNER_HOST = was;
+    }
+    if (HAVE_QEMU_IMG) {
+      const dump = join(root, 'src.dump');
+      writeFileSync(dump, expected());
+      expect(qemuImg(['compare', '-f', 'raw', '-F', 'qcow2', dump, file], root)).toMatchObject({ status: 0, stdout: 'Images are identical.\n' });
+    }
+  });
 });
