@@ -88,6 +88,13 @@ export interface ExportOptions {
    */
   tls?: NbdTlsConfig;
   /**
+   * Only these TLS clients may open it — a certificate's common name, or the identity a PSK
+   * client gives — with the server's TLS (the config's `nbd.tls` or `tls` here) telling them
+   * apart; to any other client it does not exist (no such export, not listed). Without it, every
+   * client the server's TLS lets in.
+   */
+  clients?: string[];
+  /**
    * A writable export: hold its clients' writes (reads go on) until a live copy resumed after a
    * crash guards them (its write-intent record takes each in before it lands), or this settles —
    * what a restarting service does for the sources of such copies. Without it, starting a
@@ -103,6 +110,8 @@ export interface ExportHandle {
   readonly ref: string;
   readonly uri: string;
   readonly readOnly: boolean;
+  /** The only TLS clients it admits (ExportOptions.clients, or its principal's binding). */
+  readonly clients?: readonly string[];
   /** Resolves once the export has stopped: by stop(), an administrator's preemption, or the broker closing. */
   readonly stopped: Promise<void>;
   /** Disconnect its clients (after their requests in flight), flush and close the volume, release its lock. */

@@ -199,8 +199,13 @@ class BrokerView implements Broker {
   }
 
   as(principal: Principal): Broker {
-    if (principal?.role !== 'admin' && principal?.role !== 'tenant') throw new InvalidArgument('a principal is { id, role: "admin" | "tenant" }');
-    return new BrokerView(this.s, principal.role === 'tenant' ? tenant(principal.id) : principal);
+    if (principal?.role !== 'admin' && principal?.role !== 'tenant') throw new InvalidArgument('a principal is { id, role: "admin" | "tenant", nbdClients?: [NAME…] }');
+    const clients = principal.nbdClients;
+    if (clients !== undefined && (!Array.isArray(clients) || clients.length === 0 || !clients.every((c) => typeof c === 'string' && c.length > 0))) {
+      throw new InvalidArgument(`a principal's nbdClients are one or more TLS client names, got ${JSON.stringify(clients)}`);
+    }
+    const p = principal.role === 'tenant' ? tenant(principal.id) : principal;
+    return new BrokerView(this.s, clients !== undefined ? { ...p, nbdClients: Object.freeze([...clients]) } : p);
   }
 
   async backends(): Promise<BackendInfo[]> {

@@ -37,6 +37,7 @@ export class Exports implements ExportsApi {
     const name = checkName(opts.name ?? formatRef(ref));
     const listen = checkListen(opts.listen);
     const tls = opts.tls === undefined ? undefined : exportTls(opts.tls);
+    const clients = this.clientsFor(checkClients(opts.clients));
     if (opts.holdWrites !== undefined && (readOnly || typeof (opts.holdWrites as { then?: unknown } | null)?.then !== 'function')) {
       throw new InvalidArgument('holdWrites is a promise, for a writable export');
     }
@@ -68,7 +69,7 @@ export class Exports implements ExportsApi {
       let served: { info: ExportInfo; ended: Promise<void> };
       const held = hold;
       try {
-        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: this.a.principal, listen, release: () => held.release(), holder: held.id, ...(tls ? { tls } : {}) });
+        served = await this.s.exports.serve({ name, ref: formatRef(ref), device, readOnly, owner: this.a.principal, listen, release: () => held.release(), holder: held.id, ...(tls ? { tls } : {}), ...(clients ? { clients } : {}) });
       } catch (e) {
         await device.close().catch(() => undefined);
         throw e;
@@ -78,13 +79,29 @@ export class Exports implements ExportsApi {
       await held.list(info.uri, info.startedAt);
       this.s.logger.info(`nbd export ${name} of ${info.ref} at ${info.uri}${readOnly ? ' (read-only)' : ''}`);
       return {
-        name, ref: info.ref, uri: info.uri, readOnly, stopped: served.ended, stop: () => this.s.exports.stop(name).catch(ignoreGone),
+        name, ref: info.ref, uri: info.uri, readOnly, ...(clients ? { clients } : {}), stopped: served.ended, stop: () => this.s.exports.stop(name).catch(ignoreGone),
         onRetarget: (fn) => this.s.exports.onRetarget(name, fn),
       };
     } finally {
       await hold?.release();
       unreserve();
     }
+  }
+
+  /**
+   * The clients an export admits: those asked for, within the principal's binding (a tenant bound
+   * to its hosts cannot open its disks to others); the binding itself when none are asked for.
+   */
+  private clientsFor(asked: string[] | undefined): string[] | undefined {
+    const bound = this.a.principal.nbdClients;
+    if (!bound) return asked;
+    const outside = (asked ?? []).filter((c) => !bound.includes(c));
+    if (outside.length > 0) {
+      throw new PermissionDenied(`${this.a.principal.id}'s exports admit only its NBD clients (${bound.join(', ')}), not ${outside.join(', ')}`, {
+        hint: 'name clients among those, or leave them out',
+      });
+    }
+    return asked ?? [...bound];
   }
 
   /**
@@ -195,6 +212,15 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
       await lease.release();
     },
   };
+}
+
+/** ExportOptions.clients, checked: one name or more. */
+function checkClients(value: unknown): string[] | undefined {
+  if (value === undefined) return undefined;
+  if (!Array.isArray(value) || value.length === 0 || !value.every((n) => typeof n === 'string' && n.length > 0 && n.length <= 255)) {
+    throw new InvalidArgument(`clients is a list of one or more TLS client names (certificate common names, PSK identities), got ${JSON.stringify(value)}`);
+  }
+  return [...new Set(value as string[])];
 }
 
 /** An export's own TLS credentials (ExportOptions.tls), checked and read now: a bad file fails the start. */

@@ -30,6 +30,11 @@ export interface ExportView {
   bitmaps(): string[];
   /** Whether zeroing is cheaper than writing zeros (FAST_ZERO can be honoured). */
   fastZero: boolean;
+  /**
+   * Only these TLS clients (NbdTls.upgrade's `client`) may open it; to others it does not exist
+   * (ERR_UNKNOWN, left out of LIST), as a tenant's volume to another tenant. Undefined: any client.
+   */
+  clients?: ReadonlySet<string>;
 }
 
 /** What the handshake settled. */
@@ -80,6 +85,13 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
     return o;
   };
   let secured = false;
+  /** Who the client is, once TLS is up: an export with `clients` is seen only by those. */
+  let client: string | undefined;
+  const mayOpen = (exp: ExportView) => exp.clients === undefined || (client !== undefined && exp.clients.has(client));
+  const lookup = (name: string) => {
+    const exp = host.lookup(name);
+    return exp && mayOpen(exp) ? exp : undefined;
+  };
 
   for (;;) {
     const head = await reader.read(16);
@@ -114,14 +126,14 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
         reply(socket, opt, REP.ACK);
         // The client must wait for the ACK before its ClientHello: anything already here is a violation.
         if (reader.detach() !== 0) throw new ProtocolViolation('data sent after STARTTLS before its reply');
-        socket = await host.tls.upgrade(socket);
+        ({ socket, client } = await host.tls.upgrade(socket));
         reader = new ByteReader(socket);
         Object.assign(link, { socket, reader });
         secured = true;
         break;
       }
       case OPT.EXPORT_NAME: {
-        const exp = host.lookup(data.toString('utf8'));
+        const exp = lookup(data.toString('utf8'));
         // This option has no error reply: an unknown name ends the connection.
         if (!exp) throw new ProtocolViolation(`no export named ${JSON.stringify(data.toString('utf8'))}`);
         const out = Buffer.alloc(noZeroes ? 10 : 134);
@@ -138,7 +150,7 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
           reply(socket, opt, REP.ERR_INVALID, message('LIST takes no data'));
           break;
         }
-        for (const e of host.list()) {
+        for (const e of host.list().filter(mayOpen)) {
           const name = Buffer.from(e.name, 'utf8');
           const desc = Buffer.from(e.description ?? '', 'utf8');
           const payload = Buffer.alloc(4 + name.length + desc.length);
@@ -156,7 +168,7 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
           reply(socket, opt, REP.ERR_INVALID, message('malformed INFO/GO request'));
           break;
         }
-        const exp = host.lookup(req.name);
+        const exp = lookup(req.name);
         if (!exp) {
           reply(socket, opt, REP.ERR_UNKNOWN, message(`no export named ${JSON.stringify(req.name)}`));
           break;
@@ -185,7 +197,7 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
           reply(socket, opt, REP.ERR_INVALID, message('malformed meta context request'));
           break;
         }
-        const exp = host.lookup(req.exportName);
+        const exp = lookup(req.exportName);
         if (!exp) {
           reply(socket, opt, REP.ERR_UNKNOWN, message(`no export named ${JSON.stringify(req.exportName)}`));
           break;

@@ -18,6 +18,8 @@ export interface NbdExportOptions {
   device: BlockDevice;
   readOnly: boolean;
   description?: string;
+  /** Only these TLS clients may open it (ExportView.clients); the server must require TLS. */
+  clients?: readonly string[];
 }
 
 /** A client in its transmission phase. */
@@ -110,6 +112,9 @@ export class NbdServer {
       throw new InvalidArgument(`an export name is 1–${LIMITS.maxString} bytes, got ${JSON.stringify(opts.name)}`);
     }
     if (this.exports.has(opts.name)) throw new AlreadyExists(`an export named ${opts.name} is already served here`, { ref: opts.name });
+    if (opts.clients !== undefined && !this.opts.tls) {
+      throw new InvalidArgument(`export ${opts.name}: clients are told apart by TLS, which this server does not require`, { ref: opts.name, hint: 'configure nbd.tls (or give the export TLS credentials)' });
+    }
     const device = opts.device;
     const bs = device.blockSize ?? 0;
     const preferred = bs >= 512 && bs <= LIMITS.maxPayload && (bs & (bs - 1)) === 0 ? bs : 4096;
@@ -121,6 +126,7 @@ export class NbdServer {
         hasDepth: typeof device.allocationDepth === 'function', fastZero: typeof device.writeZeroes === 'function',
         size: () => device.sizeBytes, bitmaps: () => exportedBitmaps(device),
         ...(opts.description !== undefined ? { description: opts.description } : {}),
+        ...(opts.clients !== undefined ? { clients: new Set(opts.clients) } : {}),
       },
     });
   }

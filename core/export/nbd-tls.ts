@@ -15,8 +15,12 @@ export type NbdTlsConfig = { x509: string; verifyPeer?: boolean; allow?: string[
 /** Loaded credentials: what a server needs to turn a socket that asked for STARTTLS into TLS. */
 export interface NbdTls {
   readonly kind: 'x509' | 'psk';
-  /** Start TLS on a socket (the server side); resolves once it is up and the peer accepted, rejects otherwise. */
-  upgrade(socket: Socket): Promise<TLSSocket>;
+  /**
+   * Start TLS on a socket (the server side); resolves once it is up and the peer accepted, rejects
+   * otherwise. `client`: who the peer is — its certificate's common name (x509), or the identity
+   * it gave its key under (PSK); what an export's `clients` are matched against.
+   */
+  upgrade(socket: Socket): Promise<{ socket: TLSSocket; client?: string }>;
 }
 
 /**
@@ -32,8 +36,15 @@ const PSK_CIPHERS = [
 export function loadNbdTls(c: NbdTlsConfig): NbdTls {
   if ('psk' in c) {
     const keys = readPskFile(c.psk);
+    const identities = new WeakMap<TLSSocket, string>();
     // An unknown identity gets null: OpenSSL ends the handshake with unknown_psk_identity.
-    return serverTls('psk', { ciphers: PSK_CIPHERS, dhparam: 'auto', pskCallback: (_s, identity) => keys.get(identity) ?? null });
+    return serverTls('psk', {
+      ciphers: PSK_CIPHERS, dhparam: 'auto',
+      pskCallback: (s, identity) => {
+        identities.set(s, identity);
+        return keys.get(identity) ?? null;
+      },
+    }, (t) => identities.get(t));
   }
   const read = (file: string): Buffer => readConfigFile(join(c.x509, file), 'nbd.tls.x509');
   // As QEMU's tls-creds-x509: clients must show a certificate of the CA unless verify-peer is
@@ -54,11 +65,13 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
   }
   // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
   const allow = c.allow && new Set(c.allow);
-  return serverTls('x509', options, allow && ((t) => {
-    const cn = t.getPeerCertificate().subject?.CN;
-    const name = Array.isArray(cn) ? cn[0] : cn;
-    return name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`;
-  }));
+  return serverTls('x509', options, commonName, allow && ((name) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`)));
+}
+
+/** A verified client certificate's subject common name (undefined: no certificate). */
+function commonName(t: TLSSocket): string | undefined {
+  const cn = t.getPeerCertificate()?.subject?.CN;
+  return Array.isArray(cn) ? cn[0] : cn;
 }
 
 /**
@@ -67,7 +80,7 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
  * certificate as for any TLS server (a TLSSocket made by hand is never told whether it was
  * verified), and drops one it refuses.
  */
-function serverTls(kind: NbdTls['kind'], options: TlsOptions, refused?: (t: TLSSocket) => string | undefined): NbdTls {
+function serverTls(kind: NbdTls['kind'], options: TlsOptions, identify: (t: TLSSocket) => string | undefined, refused?: (client: string | undefined) => string | undefined): NbdTls {
   return {
     kind,
     upgrade: (socket) => new Promise((resolve, reject) => {
@@ -81,9 +94,10 @@ function serverTls(kind: NbdTls['kind'], options: TlsOptions, refused?: (t: TLSS
       socket.once('close', left);
       server.once('secureConnection', (t: TLSSocket) => {
         socket.off('close', left);
-        const why = refused?.(t);
+        const client = identify(t);
+        const why = refused?.(client);
         if (why) fail(new Error(why));
-        else resolve(t);
+        else resolve({ socket: t, ...(client !== undefined ? { client } : {}) });
       });
       server.emit('connection', socket);
     }),

@@ -28,6 +28,8 @@ export interface ExportInfo {
   pid: number;
   /** The live job (a live copy) that watches its writes, if one does. */
   liveJob?: string;
+  /** Only these TLS clients may open it (ExportOptions.clients). */
+  clients?: string[];
 }
 
 /** A live job working within an export: stopping the export ends it first. */
@@ -50,6 +52,8 @@ export interface ServeRequest {
   holder: string;
   /** TLS for this export's server in place of the broker's (`id`: the same credentials, the same id). */
   tls?: { creds: () => NbdTls; id: string };
+  /** Only these TLS clients may open it (ExportOptions.clients). */
+  clients?: readonly string[];
 }
 
 interface Served {
@@ -122,7 +126,7 @@ export class ExportRegistry {
         this.serverTls.set(keyOf(server), tls?.id ?? '');
       }
       try {
-        server.addExport({ name: r.name, device: r.device, readOnly: r.readOnly, description: r.ref });
+        server.addExport({ name: r.name, device: r.device, readOnly: r.readOnly, description: r.ref, ...(r.clients ? { clients: r.clients } : {}) });
       } catch (e) {
         if (server.exportNames().length === 0) {
           this.servers.delete(keyOf(server));
@@ -131,7 +135,7 @@ export class ExportRegistry {
         }
         throw e;
       }
-      const info = { name: r.name, ref: r.ref, uri: server.uri(r.name), readOnly: r.readOnly, owner: r.owner.id, startedAt: new Date().toISOString(), pid: process.pid };
+      const info = { name: r.name, ref: r.ref, uri: server.uri(r.name), readOnly: r.readOnly, owner: r.owner.id, startedAt: new Date().toISOString(), pid: process.pid, ...(r.clients ? { clients: [...r.clients] } : {}) };
       let ended!: () => void;
       const done = new Promise<void>((res) => { ended = res; });
       this.served.set(r.name, { info, owner: r.owner, server, serverKey: keyOf(server), device: r.device, release: r.release, ended, holder: r.holder, retargeted: [] });

@@ -4,6 +4,12 @@ import { InvalidArgument } from '../model/errors.js';
 export interface Principal {
   id: string;
   role: 'admin' | 'tenant';
+  /**
+   * The TLS clients (certificate common names, PSK identities) this principal's NBD exports
+   * admit, and no others (a tokens file's `nbdClients`): a tenant's disks reach only its hosts.
+   * Undefined: not bound.
+   */
+  nbdClients?: readonly string[];
 }
 
 export const ADMIN: Principal = Object.freeze({ id: 'admin', role: 'admin' });

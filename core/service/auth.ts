@@ -5,6 +5,7 @@
  *     - token: 9c1f0e…            # at least 16 characters; generate with `openssl rand -hex 32`
  *       principal: alice
  *       role: tenant              # tenant: its own volumes and jobs only; admin: everything
+ *       nbdClients: [alice-kvm1]  # optional: its NBD exports admit only these TLS clients
  *     - token: 51aa7d…
  *       principal: ops
  *       role: admin
@@ -29,6 +30,7 @@ const tokensFileSchema = z.strictObject({
     token: z.string().min(16, 'a token has at least 16 characters'),
     principal: z.string().min(1),
     role: z.enum(['admin', 'tenant']),
+    nbdClients: z.array(z.string().min(1).max(255)).min(1).optional(),
   })),
 });
 
@@ -54,7 +56,7 @@ export class Tokens {
     const parsed = tokensFileSchema.safeParse(raw);
     if (!parsed.success) {
       const first = parsed.error.issues[0]!;
-      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant }]');
+      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant, nbdClients?: [NAME…] }]');
     }
     const seen = new Set<string>();
     const entries = parsed.data.tokens.map((t, i) => {
@@ -63,6 +65,7 @@ export class Tokens {
       let principal: Principal;
       try {
         principal = t.role === 'admin' ? { id: t.principal, role: 'admin' } : tenant(t.principal);
+        if (t.nbdClients) principal = { ...principal, nbdClients: Object.freeze([...new Set(t.nbdClients)]) };
       } catch (e) {
         throw new ConfigError(`tokens file ${path}: tokens[${i}].principal: ${(e as Error).message}`);
       }

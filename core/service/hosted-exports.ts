@@ -22,6 +22,8 @@ const hostedSchema = z.object({
   readOnly: z.boolean(),
   listen: listenSchema,
   principal: z.object({ id: z.string(), role: z.enum(['admin', 'tenant']) }),
+  /** The only TLS clients it admits (as it started: a binding changed in the tokens file since does not widen it). */
+  clients: z.array(z.string()).optional(),
   /** When `ref` was set (the export started, or a live copy switched it over): later switch-overs are found in the job records. */
   since: z.string().optional(),
 });
@@ -37,10 +39,12 @@ export class HostedExports implements HostedExportsApi {
     this.file = join(stateDir, 'hosted-exports.json');
   }
 
-  async start(broker: Broker, ref: string, opts: ExportOptions): Promise<{ name: string; ref: string; uri: string; readOnly: boolean }> {
+  async start(broker: Broker, ref: string, opts: ExportOptions): Promise<{ name: string; ref: string; uri: string; readOnly: boolean; clients?: string[] }> {
     const handle = await broker.exports.start(ref, opts);
+    const clients = handle.clients ? { clients: [...handle.clients] } : {};
     const entry: Hosted = {
-      name: handle.name, ref: handle.ref, readOnly: handle.readOnly, listen: asStarted(opts.listen, handle.uri), principal: { ...broker.principal }, since: new Date().toISOString(),
+      name: handle.name, ref: handle.ref, readOnly: handle.readOnly, listen: asStarted(opts.listen, handle.uri), principal: { id: broker.principal.id, role: broker.principal.role },
+      ...clients, since: new Date().toISOString(),
     };
     this.hosted.set(handle.name, entry);
     this.save();
@@ -53,7 +57,7 @@ export class HostedExports implements HostedExportsApi {
     });
     // Stopped other than by the service's shutdown (nbd stop, an administrator's preemption): forget it.
     void handle.stopped.then(() => this.forget(entry));
-    return { name: handle.name, ref: handle.ref, uri: handle.uri, readOnly: handle.readOnly };
+    return { name: handle.name, ref: handle.ref, uri: handle.uri, readOnly: handle.readOnly, ...clients };
   }
 
   async stop(broker: Broker, name: string, opts: { force?: boolean } = {}): Promise<void> {
@@ -89,7 +93,7 @@ export class HostedExports implements HostedExportsApi {
         const ref = current(h, jobs);
         if (ref !== h.ref) this.logger.info(`hosted export ${h.name}: a live copy had switched it over from ${h.ref} to ${ref} (the job's record says so), so it serves ${ref}`);
         const hold = h.readOnly ? undefined : holdFor(ref);
-        await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen, ...(hold ? { holdWrites: hold } : {}) });
+        await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen, ...(h.clients ? { clients: h.clients } : {}), ...(hold ? { holdWrites: hold } : {}) });
         if (!h.readOnly) writable.set(ref, h.principal);
         this.logger.info(`hosted export ${h.name} of ${ref} started again`);
       } catch (e) {

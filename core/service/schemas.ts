@@ -79,7 +79,7 @@ export const listenSchema = z.union([
   z.strictObject({ host: z.string().optional(), port: z.number().optional() }),
   z.strictObject({ socket: z.string() }),
 ]);
-export const exportBody = z.strictObject({ ref: z.string(), name: z.string().optional(), readOnly: z.boolean().optional(), listen: listenSchema.optional() });
+export const exportBody = z.strictObject({ ref: z.string(), name: z.string().optional(), readOnly: z.boolean().optional(), listen: listenSchema.optional(), clients: z.array(z.string()).optional() });
 
 // ---- responses ----
 
@@ -136,9 +136,9 @@ export const lockSchema = z.object({
 });
 export const exportInfoSchema = z.object({
   name: z.string(), ref: z.string(), uri: z.string(), readOnly: z.boolean(), owner: z.string(),
-  connections: z.number().optional(), startedAt: z.string(), pid: z.number(), liveJob: z.string().optional(),
+  connections: z.number().optional(), startedAt: z.string(), pid: z.number(), liveJob: z.string().optional(), clients: z.array(z.string()).optional(),
 });
-export const exportStartedSchema = z.object({ name: z.string(), ref: z.string(), uri: z.string(), readOnly: z.boolean() });
+export const exportStartedSchema = z.object({ name: z.string(), ref: z.string(), uri: z.string(), readOnly: z.boolean(), clients: z.array(z.string()).optional() });
 
 /** Every error answer: `{ error: OffloadError.toJSON() }`. */
 export const errorSchema = z.object({

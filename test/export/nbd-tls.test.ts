@@ -303,6 +303,16 @@ describe('the STARTTLS handshake, byte by byte', () => {
     expect(await inTls.waitClosed()).toBe(true);
   });
 
+  it('a server without TLS cannot tell clients apart: an export with clients is refused there', async () => {
+    const plain = await NbdServer.listen({ port: 0 });
+    try {
+      expect(() => plain.addExport({ name: 'vol', device: memoryDevice(MiB), readOnly: true, clients: ['alice'] })).toThrow(/clients are told apart by TLS, which this server does not require/);
+      expect(plain.exportNames()).toEqual([]);
+    } finally {
+      await plain.close();
+    }
+  });
+
   it('a server without TLS answers STARTTLS with ERR_POLICY and goes on', async () => {
     const w = await Wire.open(portOf(plain));
     await greet(w);
@@ -359,6 +369,55 @@ describe('TLS credentials in the config (nbd.tls)', () => {
       await expect(broker.exports.start('pool/disk', { name: 'bad', readOnly: true, listen: { port: 0 }, tls: { x509: join(dir, 'nowhere') } })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/nowhere/) });
       await expect(broker.exports.start('pool/disk', { name: 'bad', readOnly: true, listen: { port: 0 }, tls: { psk: pskFile, x509: CREDS } as never })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/tls is/) });
       expect((await broker.exports.list()).map((e) => e.name)).toEqual([]);
+    });
+
+    it('an export\'s clients: only those open it (a PSK identity, a certificate\'s common name); to the others it does not exist, not even in LIST; a principal bound to its clients cannot widen them', async () => {
+      const asBob = (uri: string) => `${uri.replace('nbds://', 'nbds://bob@')}?tls-psk-file=${pskFile}`;
+      const asAlice = (uri: string) => `${uri.replace('nbds://', 'nbds://alice@')}?tls-psk-file=${pskFile}`;
+      const mine = await broker.exports.start('pool/disk', { name: 'mine', readOnly: true, listen: { port: 0 }, clients: ['alice'] });
+      const port = Number(new URL(mine.uri).port);
+      const open = await broker.exports.start('pool/disk', { name: 'open', readOnly: true, listen: { port } });
+      try {
+        expect(mine.clients).toEqual(['alice']);
+        expect((await broker.exports.list()).find((e) => e.name === 'mine')).toMatchObject({ clients: ['alice'] });
+        expect((await ok('nbdinfo', ['--size', asAlice(mine.uri)])).trim()).toBe(String(2 * MiB));
+        const bob = await tool('nbdinfo', ['--size', asBob(mine.uri)]);
+        expect(bob.status).not.toBe(0);
+        expect(bob.stderr).toMatch(/no export named ['"]mine['"]/);
+        // LIST: bob sees only what he may open, alice both.
+        const listed = async (who: string) => (await ok('nbdinfo', ['--list', '--json', `nbds://${who}@127.0.0.1:${port}?tls-psk-file=${pskFile}`]).then((t) => JSON.parse(t) as { exports: { 'export-name': string }[] })).exports.map((e) => e['export-name']).sort();
+        expect(await listed('bob')).toEqual(['open']);
+        expect(await listed('alice')).toEqual(['mine', 'open']);
+        expect((await ok('nbdinfo', ['--size', asBob(open.uri)])).trim()).toBe(String(2 * MiB));
+      } finally {
+        await mine.stop();
+        await open.stop();
+      }
+      // x509: the certificate's common name (alice's folder is CN alice, revoked's is another of the CA).
+      const cert = await broker.exports.start('pool/disk', { name: 'cert', readOnly: true, listen: { port: 0 }, tls: { x509: join(CREDS, 'server') }, clients: ['alice'] });
+      try {
+        expect((await ok('nbdinfo', ['--size', `${cert.uri}?tls-certificates=${join(CREDS, 'client')}`])).trim()).toBe(String(2 * MiB));
+        const other = await tool('nbdinfo', ['--size', `${cert.uri}?tls-certificates=${join(CREDS, 'revoked')}`]);
+        expect(other.stderr).toMatch(/no export named ['"]cert['"]/);
+      } finally {
+        await cert.stop();
+      }
+      // A tenant bound to bob: its exports admit bob only, and it cannot name others.
+      const t = broker.as({ id: 'tina', role: 'tenant', nbdClients: ['bob'] });
+      await t.volumes.create('pool/tina', { sizeBytes: MiB });
+      await expect(t.exports.start('pool/tina', { readOnly: true, listen: { port: 0 }, clients: ['bob', 'alice'] })).rejects.toMatchObject({ code: 'PermissionDenied', message: expect.stringMatching(/only its NBD clients \(bob\), not alice/) });
+      const bound = await t.exports.start('pool/tina', { readOnly: true, listen: { port: 0 } });
+      try {
+        expect(bound.clients).toEqual(['bob']);
+        expect((await ok('nbdinfo', ['--size', asBob(bound.uri)])).trim()).toBe(String(MiB));
+        expect((await tool('nbdinfo', ['--size', asAlice(bound.uri)])).stderr).toMatch(/no export named ['"]pool\/tina['"]/);
+      } finally {
+        await bound.stop();
+        await t.volumes.delete('pool/tina');
+      }
+      for (const bad of [[], [''], ['x', 3], 'alice']) {
+        await expect(broker.exports.start('pool/disk', { readOnly: true, listen: { port: 0 }, clients: bad as never })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/^clients is a list/) });
+      }
     });
 
     it('serves every export with TLS: nbds:// on TCP, nbds+unix:// on a socket, and nbdinfo reads both with the key', async () => {

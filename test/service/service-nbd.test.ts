@@ -78,7 +78,7 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD exports of a service with nbd.t
     s = setup();
     // A relative PSK file (from the config's folder); qemu's tls-creds-psk reads keys.psk in a folder.
     mkdirSync(join(s.dir, 'psk'));
-    writeFileSync(join(s.dir, 'psk', 'keys.psk'), `alice:${randomBytes(32).toString('hex')}\n`);
+    writeFileSync(join(s.dir, 'psk', 'keys.psk'), `alice:${randomBytes(32).toString('hex')}\nbob:${randomBytes(32).toString('hex')}\n`);
     appendFileSync(s.config, '\nnbd:\n  tls:\n    psk: ./psk/keys.psk\n');
     service = await serve(s);
     expect((await client('volume', 'create', 'local/vm1', '16M')).code).toBe(0);
@@ -106,5 +106,35 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD exports of a service with nbd.t
     const plain = await tool('qemu-img', ['info', uri.replace('nbds://', 'nbd://')]);
     expect(plain.stderr).toMatch(/TLS negotiation required/);
     expect((await client('nbd', 'stop', 'local/vm1')).code).toBe(0);
+  });
+  it('a tenant bound to its NBD clients (the tokens file\'s nbdClients): its exports admit only those, it cannot name others, and the binding outlives a restart', async () => {
+    const keys = join(s.dir, 'psk', 'keys.psk');
+    const tokens = join(s.dir, 'tokens.yaml');
+    const TINA = randomBytes(16).toString('hex');
+    writeFileSync(tokens, ['tokens:', `  - { token: ${TINA}, principal: tina, role: tenant, nbdClients: [bob] }`].join('\n'), { mode: 0o600 });
+    expect(await service.stop()).toBe(0);
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens]);
+    const tina = (...args: string[]) => offload(s, ['--server', service.addresses[1]!, ...args], { OFFLOAD_TOKEN: TINA });
+    expect((await tina('volume', 'create', 'local/t1', '8M')).code).toBe(0);
+    const started = await tina('nbd', 'local/t1', '--port', '0');
+    expect(started.code, started.err).toBe(0);
+    const uri = started.out.trim();
+    const as = (who: string) => `${uri.replace('nbds://', `nbds://${who}@`)}?tls-psk-file=${keys}`;
+    const check = async () => {
+      expect((await ok('nbdinfo', ['--size', as('bob')])).trim()).toBe(String(8 * MiB));
+      expect((await tool('nbdinfo', ['--size', as('alice')])).stderr).toMatch(/no export named ['"]local\/t1['"]/);
+    };
+    await check();
+    const wider = await tina('nbd', 'local/t1', '--name', 't1-alice', '--port', '0', '--clients', 'bob,alice');
+    expect(wider.code).toBe(1);
+    expect(wider.err).toMatch(/PermissionDenied: tina's exports admit only its NBD clients \(bob\), not alice/);
+    expect(await tina('--json', 'nbd', 'list').then((r) => JSON.parse(r.out) as unknown)).toEqual([expect.objectContaining({ name: 'local/t1', clients: ['bob'] })]);
+    // Back after a restart with the same binding (kept with the export, whatever the tokens file says by then).
+    writeFileSync(tokens, ['tokens:', `  - { token: ${TINA}, principal: tina, role: tenant }`].join('\n'), { mode: 0o600 });
+    expect(await service.stop()).toBe(0);
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens]);
+    await until('the export is back', async () => (await client('--json', 'nbd', 'list').then((r) => JSON.parse(r.out) as { name: string }[])).some((e) => e.name === 'local/t1'));
+    await check();
+    expect((await client('nbd', 'stop', 'local/t1')).code).toBe(0);
   });
 });

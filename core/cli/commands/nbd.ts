@@ -3,7 +3,7 @@ import type { ExportOptions } from '../../broker-api.js';
 import { serviceOf } from '../../service/remote.js';
 import { UsageError, type CliContext } from '../contribution.js';
 
-interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: string; bind?: string; tls?: string; tlsAllow?: string }
+interface NbdFlags { name?: string; readOnly?: boolean; port?: string; socket?: string; bind?: string; tls?: string; tlsAllow?: string; clients?: string }
 
 /**
  * `offload nbd REF`: serve a volume over NBD in the foreground, like qemu-nbd. The URI is the
@@ -22,9 +22,13 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     .option('--bind <addr>', 'address to listen on (default 127.0.0.1)')
     .option('--tls <creds>', 'require TLS, as qemu-nbd --tls-creds: x509:FOLDER (ca-cert.pem, server-cert.pem, server-key.pem, ca-crl.pem; clients need a certificate of the CA) or psk:FILE (psktool\'s identity:hexkey lines)')
     .option('--tls-allow <names>', 'with x509: only clients whose certificate names one of these (comma-separated common names), as QEMU\'s tls-authz')
+    .option('--clients <names>', 'only these TLS clients may open this export (comma-separated certificate common names or PSK identities); to others it does not exist. Needs TLS (--tls, or nbd.tls in the config, or the service\'s)')
     .action(async (ref: string, o: NbdFlags) => {
       const tls = tlsOf(o);
-      const opts: ExportOptions = { ...(o.name !== undefined ? { name: o.name } : {}), ...(o.readOnly ? { readOnly: true } : {}), listen: listenOf(o), ...(tls ? { tls } : {}) };
+      const clients = namesOf(o.clients, '--clients');
+      const opts: ExportOptions = {
+        ...(o.name !== undefined ? { name: o.name } : {}), ...(o.readOnly ? { readOnly: true } : {}), listen: listenOf(o), ...(tls ? { tls } : {}), ...(clients ? { clients } : {}),
+      };
       const broker = await ctx.broker();
       if (tls && serviceOf(broker)) throw new UsageError('--tls is for an export this command serves: a service\'s exports use the nbd.tls of its config');
       const exp = await broker.exports.start(ref, opts);
@@ -89,6 +93,14 @@ function listenOf(o: NbdFlags): ExportOptions['listen'] {
   return { host: o.bind ?? '127.0.0.1', port };
 }
 
+/** A comma-separated list of names (undefined: the option was not given). */
+function namesOf(text: string | undefined, option: string): string[] | undefined {
+  if (text === undefined) return undefined;
+  const names = text.split(',').map((n) => n.trim()).filter((n) => n.length > 0);
+  if (names.length === 0) throw new UsageError(`${option} takes one or more names, comma-separated`);
+  return names;
+}
+
 /** `--tls x509:FOLDER | psk:FILE` and `--tls-allow NAMES`. */
 function tlsOf(o: NbdFlags): ExportOptions['tls'] {
   if (o.tls === undefined) {
@@ -101,7 +113,6 @@ function tlsOf(o: NbdFlags): ExportOptions['tls'] {
     if (o.tlsAllow !== undefined) throw new UsageError('--tls-allow names certificates: it goes with --tls x509:FOLDER');
     return { psk: m[2]! };
   }
-  const allow = o.tlsAllow?.split(',').map((n) => n.trim()).filter((n) => n.length > 0);
-  if (o.tlsAllow !== undefined && allow!.length === 0) throw new UsageError('--tls-allow takes one or more names, comma-separated');
+  const allow = namesOf(o.tlsAllow, '--tls-allow');
   return { x509: m[2]!, ...(allow ? { allow } : {}) };
 }

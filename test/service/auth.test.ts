@@ -1,0 +1,34 @@
+/** The tokens file: principals, and a principal's NBD clients (`nbdClients`). */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { silentLogger } from '../../core/index.js';
+import { Tokens } from '../../core/service/auth.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'offload-tokens-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function file(lines: string[]): string {
+  const f = join(dir, `tokens-${Math.random().toString(16).slice(2)}.yaml`);
+  writeFileSync(f, ['tokens:', ...lines].join('\n'), { mode: 0o600 });
+  return f;
+}
+
+describe('tokens file', () => {
+  it('nbdClients bind a principal\'s NBD exports to those TLS clients; a principal without is not bound', () => {
+    const t = Tokens.load(file([
+      '  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, nbdClients: [kvm-1, kvm-2, kvm-1] }',
+      '  - { token: bbbbbbbbbbbbbbbbbbbb, principal: ops, role: admin }',
+    ]), silentLogger);
+    expect(t.principalOf('Bearer aaaaaaaaaaaaaaaaaaaa')).toEqual({ id: 'tina', role: 'tenant', nbdClients: ['kvm-1', 'kvm-2'] });
+    expect(t.principalOf('Bearer bbbbbbbbbbbbbbbbbbbb')).toEqual({ id: 'ops', role: 'admin' });
+  });
+
+  it('an empty or blank nbdClients is a ConfigError naming it', () => {
+    for (const bad of ['[]', '[""]', 'kvm-1']) {
+      expect(() => Tokens.load(file([`  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, nbdClients: ${bad} }`]), silentLogger))
+        .toThrow(expect.objectContaining({ name: 'ConfigError', message: expect.stringMatching(/tokens\[0\]\.nbdClients/) }));
+    }
+  });
+});
