@@ -52,6 +52,7 @@ interface OfferedContext { id: number; name: string }
 export class ProtocolViolation extends Error {}
 
 export interface HandshakeHost {
+  /** An export by its name (not the empty one: the handshake picks the default export itself). */
   lookup(name: string): ExportView | undefined;
   list(): ExportView[];
   /** TLS is required (qemu-nbd with --tls-creds): every option but STARTTLS and ABORT is refused until it is up. */
@@ -89,6 +90,11 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
   let client: string | undefined;
   const mayOpen = (exp: ExportView) => exp.clients === undefined || (client !== undefined && exp.clients.has(client));
   const lookup = (name: string) => {
+    // The default export (the empty name) is the only one this client may open, if only one.
+    if (name === '') {
+      const open = host.list().filter(mayOpen);
+      return open.length === 1 ? open[0] : undefined;
+    }
     const exp = host.lookup(name);
     return exp && mayOpen(exp) ? exp : undefined;
   };

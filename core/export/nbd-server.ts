@@ -115,6 +115,9 @@ export class NbdServer {
     if (opts.clients !== undefined && !this.opts.tls) {
       throw new InvalidArgument(`export ${opts.name}: clients are told apart by TLS, which this server does not require`, { ref: opts.name, hint: 'configure nbd.tls (or give the export TLS credentials)' });
     }
+    if (opts.clients !== undefined && !this.opts.tls!.namesClients) {
+      throw new InvalidArgument(`export ${opts.name}: clients are named by their certificates, which this server's TLS (verifyPeer: false) does not ask for`, { ref: opts.name, hint: 'leave verifyPeer on, or use PSK identities' });
+    }
     const device = opts.device;
     const bs = device.blockSize ?? 0;
     const preferred = bs >= 512 && bs <= LIMITS.maxPayload && (bs & (bs - 1)) === 0 ? bs : 4096;
@@ -165,9 +168,8 @@ export class NbdServer {
     if ('socket' in this.address) await rm(this.address.socket, { force: true });
   }
 
-  /** An export by name; the empty name (the default export, `nbd://host:port`) is the only one when one is served. */
+  /** An export by name (the default export, `nbd://host:port`, is the handshake's to pick: the only one its client may open). */
   private lookup(name: string): Entry | undefined {
-    if (name === '' && this.exports.size === 1) return this.exports.values().next().value;
     return this.exports.get(name);
   }
 
@@ -203,8 +205,8 @@ export class NbdServer {
           return;
         }
         const entry = this.lookup(session.export.name);
-        if (!entry) {
-          socket.destroy(); // removed while this client negotiated
+        if (entry?.view !== session.export) {
+          socket.destroy(); // removed (or replaced) while this client negotiated
           return;
         }
         let finished!: () => void;

@@ -15,6 +15,8 @@ export type NbdTlsConfig = { x509: string; verifyPeer?: boolean; allow?: string[
 /** Loaded credentials: what a server needs to turn a socket that asked for STARTTLS into TLS. */
 export interface NbdTls {
   readonly kind: 'x509' | 'psk';
+  /** Whether the upgrade names every client (PSK identities; x509 only when client certificates are asked for). */
+  readonly namesClients: boolean;
   /**
    * Start TLS on a socket (the server side); resolves once it is up and the peer accepted, rejects
    * otherwise. `client`: who the peer is — its certificate's common name (x509), or the identity
@@ -44,7 +46,7 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
         identities.set(s, identity);
         return keys.get(identity) ?? null;
       },
-    }, (t) => identities.get(t));
+    }, true, (t) => identities.get(t));
   }
   const read = (file: string): Buffer => readConfigFile(join(c.x509, file), 'nbd.tls.x509');
   // As QEMU's tls-creds-x509: clients must show a certificate of the CA unless verify-peer is
@@ -65,7 +67,7 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
   }
   // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
   const allow = c.allow && new Set(c.allow);
-  return serverTls('x509', options, commonName, allow && ((name) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`)));
+  return serverTls('x509', options, verifyPeer, commonName, allow && ((name) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`)));
 }
 
 /** A verified client certificate's subject common name (undefined: no certificate). */
@@ -80,9 +82,10 @@ function commonName(t: TLSSocket): string | undefined {
  * certificate as for any TLS server (a TLSSocket made by hand is never told whether it was
  * verified), and drops one it refuses.
  */
-function serverTls(kind: NbdTls['kind'], options: TlsOptions, identify: (t: TLSSocket) => string | undefined, refused?: (client: string | undefined) => string | undefined): NbdTls {
+function serverTls(kind: NbdTls['kind'], options: TlsOptions, namesClients: boolean, identify: (t: TLSSocket) => string | undefined, refused?: (client: string | undefined) => string | undefined): NbdTls {
   return {
     kind,
+    namesClients,
     upgrade: (socket) => new Promise((resolve, reject) => {
       const server = createServer(options);
       const fail = (e: Error) => {

@@ -611,7 +611,7 @@ export class JobManager {
     await this.claims.clear();
     await this.rows.close();
     liveTokens.delete(this.token);
-    this.runnerLocks?.release(this.token);
+    this.runnerLocks?.release(this.token, this.host);
   }
 }
 

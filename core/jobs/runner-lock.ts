@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 
@@ -47,9 +47,14 @@ export class RunnerLocks {
     this.held = db;
   }
 
-  /** Let go of it (the broker closes): its file goes first, then the lock (never a file free while this process lives). */
-  release(token: string): void {
+  /**
+   * Let go of it (the broker closes): its file goes first, then the lock (never a file free while
+   * this process lives). `host` is noted again: the jobs it released name it (another broker's
+   * sweep may have taken the note while none did).
+   */
+  release(token: string, host?: string): void {
     if (!this.held) return;
+    if (host !== undefined) this.noteHost(host);
     removeFiles(this.fileOf(token));
     this.held.close();
     this.held = undefined;
@@ -99,6 +104,7 @@ export class RunnerLocks {
       removeFiles(join(this.dir, f));
     }
     for (const f of this.files(HOSTS)) {
+      if (f.endsWith('.tmp')) continue;
       const file = join(this.dir, HOSTS, f);
       let host: string;
       try {
@@ -113,7 +119,11 @@ export class RunnerLocks {
   private noteHost(host: string): void {
     try {
       mkdirSync(join(this.dir, HOSTS), { recursive: true });
-      if (!existsSync(this.hostFile(host))) writeFileSync(this.hostFile(host), `${host}\n`);
+      const file = this.hostFile(host);
+      if (existsSync(file)) return;
+      // Whole or not at all: a sweep reading it half-written would take it for no host's.
+      writeFileSync(`${file}.${process.pid}.tmp`, `${host}\n`);
+      renameSync(`${file}.${process.pid}.tmp`, file);
     } catch {
       // Without the note, a job released here is judged by its recorded host alone, as before.
     }

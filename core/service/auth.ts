@@ -37,7 +37,22 @@ const tokensFileSchema = z.strictObject({
 interface Entry { digest: Buffer; principal: Principal }
 
 export class Tokens {
-  private constructor(private readonly entries: readonly Entry[]) {}
+  /** Each bound principal's NBD clients, by `role:id` (one binding per principal, whichever token it came by). */
+  private readonly bindings = new Map<string, readonly string[]>();
+
+  private constructor(private readonly entries: readonly Entry[]) {
+    for (const e of entries) if (e.principal.nbdClients) this.bindings.set(`${e.principal.role}:${e.principal.id}`, e.principal.nbdClients);
+  }
+
+  /**
+   * A principal with the binding the file gives it (its `nbdClients`): for one that did not come
+   * by its own token — an administrator acting as a tenant, a hosted export started again.
+   */
+  bound(p: Principal): Principal {
+    const clients = this.bindings.get(`${p.role}:${p.id}`);
+    const { nbdClients: _, ...rest } = p;
+    return clients ? { ...rest, nbdClients: clients } : rest;
+  }
 
   /** Read and check a tokens file (ConfigError naming the problem: exit 2 for `offload serve`). */
   static load(file: string, logger: Logger): Tokens {
@@ -59,9 +74,17 @@ export class Tokens {
       throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant, nbdClients?: [NAME…] }]');
     }
     const seen = new Set<string>();
+    const bindings = new Map<string, string>();
     const entries = parsed.data.tokens.map((t, i) => {
       if (seen.has(t.token)) throw new ConfigError(`tokens file ${path}: tokens[${i}]: the same token is given twice`);
       seen.add(t.token);
+      // A principal's NBD clients bind the principal, not one of its tokens: its tokens must agree.
+      const binding = JSON.stringify([...new Set(t.nbdClients ?? [])].sort());
+      const key = `${t.role}:${t.principal}`;
+      if (bindings.has(key) && bindings.get(key) !== binding) {
+        throw new ConfigError(`tokens file ${path}: tokens[${i}].nbdClients: ${t.principal}'s tokens give it different NBD clients`, 'give every token of one principal the same nbdClients (or none)');
+      }
+      bindings.set(key, binding);
       let principal: Principal;
       try {
         principal = t.role === 'admin' ? { id: t.principal, role: 'admin' } : tenant(t.principal);

@@ -12,7 +12,8 @@ import type { Logger } from '../backend/plugin.js';
 import type { Broker, ExportOptions } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
 import type { JobInfo } from '../jobs/job.js';
-import { toOffloadError } from '../model/errors.js';
+import { PermissionDenied, toOffloadError } from '../model/errors.js';
+import type { Principal } from '../locks/principal.js';
 import type { HostedExportsApi } from './routes.js';
 import { listenSchema } from './schemas.js';
 
@@ -67,7 +68,11 @@ export class HostedExports implements HostedExportsApi {
   }
 
   /** Start again the exports hosted when the service last stopped (as the principals that asked). */
-  async restore(broker: Broker): Promise<void> {
+  /**
+   * `bind`: a principal as it is bound now (the tokens file's nbdClients): an export comes back
+   * admitting its clients that the binding still names — none left, it does not come back.
+   */
+  async restore(broker: Broker, bind: (p: Principal) => Principal = (p) => p): Promise<void> {
     const saved = this.read();
     if (saved.length === 0) return;
     const jobs = await broker.jobs.list().catch((e: unknown) => {
@@ -93,7 +98,13 @@ export class HostedExports implements HostedExportsApi {
         const ref = current(h, jobs);
         if (ref !== h.ref) this.logger.info(`hosted export ${h.name}: a live copy had switched it over from ${h.ref} to ${ref} (the job's record says so), so it serves ${ref}`);
         const hold = h.readOnly ? undefined : holdFor(ref);
-        await this.start(broker.as(h.principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen, ...(h.clients ? { clients: h.clients } : {}), ...(hold ? { holdWrites: hold } : {}) });
+        const principal = bind(h.principal);
+        const bound = principal.nbdClients;
+        const clients = h.clients && bound ? h.clients.filter((c) => bound.includes(c)) : h.clients;
+        if (clients?.length === 0) {
+          throw new PermissionDenied(`none of its clients (${h.clients!.join(', ')}) is among ${principal.id}'s NBD clients (${bound!.join(', ')}) any more`);
+        }
+        await this.start(broker.as(principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen, ...(clients ? { clients } : {}), ...(hold ? { holdWrites: hold } : {}) });
         if (!h.readOnly) writable.set(ref, h.principal);
         this.logger.info(`hosted export ${h.name} of ${ref} started again`);
       } catch (e) {

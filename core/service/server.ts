@@ -50,7 +50,7 @@ export async function startService(o: ServiceOptions): Promise<Service> {
   const hosted = new HostedExports(o.stateDir, o.logger);
   const stopping = new AbortController();
   o.metrics.readJobsFrom(() => o.broker.jobs.list());
-  await hosted.restore(o.broker);
+  await hosted.restore(o.broker, (p) => o.tokens?.bound(p) ?? p);
 
   const apps: FastifyInstance[] = [];
   // Every connection, from its first byte (a TLS handshake, a request not sent yet).
@@ -136,7 +136,7 @@ function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSigna
       return reply.code(401).header('www-authenticate', 'Bearer').send(errorBody(err));
     }
     try {
-      principals.set(req, actingAs(who, req.headers[AS_HEADER]));
+      principals.set(req, actingAs(who, req.headers[AS_HEADER], o.tokens));
     } catch (e) {
       return done(e as Error);
     }
@@ -175,11 +175,11 @@ function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSigna
   return app;
 }
 
-/** `Offload-As: TENANT`: an administrator acting as that tenant; a tenant may name only itself. */
-function actingAs(who: Principal, header: string | string[] | undefined): Principal {
+/** `Offload-As: TENANT`: an administrator acting as that tenant (bound as the tokens file binds it); a tenant may name only itself. */
+function actingAs(who: Principal, header: string | string[] | undefined, tokens: Tokens | undefined): Principal {
   if (header === undefined) return who;
   const id = Array.isArray(header) ? header[0]! : header;
-  if (who.role === 'admin') return tenant(id);
+  if (who.role === 'admin') return tokens ? tokens.bound(tenant(id)) : tenant(id);
   if (id === who.id) return who;
   throw new PermissionDenied(`tenant ${who.id} cannot act as ${id}`);
 }

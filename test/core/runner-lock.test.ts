@@ -90,5 +90,12 @@ describe('runner locks', () => {
     expect(later.ranAs('box (boot b1, pid ns 1)')).toBe(true);
     later.sweep(() => false, () => false);
     expect(later.ranAs('box (boot b1, pid ns 1)')).toBe(false);
+    // Swept by another broker while its runner held no record, noted again when it lets go (its released jobs name it).
+    const held = new RunnerLocks(dir);
+    held.hold('e7', 'box (boot b2, pid ns 1)');
+    new RunnerLocks(dir).sweep(() => true, () => false);
+    expect(held.ranAs('box (boot b2, pid ns 1)')).toBe(false);
+    held.release('e7', 'box (boot b2, pid ns 1)');
+    expect(new RunnerLocks(dir).ranAs('box (boot b2, pid ns 1)')).toBe(true);
   });
 });

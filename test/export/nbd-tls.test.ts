@@ -12,7 +12,7 @@ import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger, type Broker } from '../../core/index.js';
 import { NbdServer } from '../../core/export/nbd-server.js';
-import { loadNbdTls } from '../../core/export/nbd-tls.js';
+import { loadNbdTls, readPskFile } from '../../core/export/nbd-tls.js';
 import { IHAVEOPT, OPT, REP } from '../../core/export/nbd-protocol.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { memoryDevice, type MemoryDevice } from '../support/memory-device.js';
@@ -203,6 +203,10 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD over TLS with x509 credentials 
     expect(() => loadNbdTls({ x509: join(CREDS, 'server'), verifyPeer: false, allow: ['alice'] })).toThrow(/nbd\.tls\.allow: .*verifyPeer: false/);
   });
 
+  it('verifyPeer: false asks for no certificate, so it names no client: an export with clients is refused there', () => {
+    expect(() => open.addExport({ name: 'bound', device: dev, readOnly: true, clients: ['alice'] })).toThrow(/named by their certificates, which this server's TLS \(verifyPeer: false\) does not ask for/);
+  });
+
   it('verifyPeer: false: a client needs only the CA', async () => {
     const caOnly = join(dir, 'ca-only-2');
     mkdirSync(caOnly, { recursive: true });
@@ -389,6 +393,21 @@ describe('TLS credentials in the config (nbd.tls)', () => {
         expect(await listed('bob')).toEqual(['open']);
         expect(await listed('alice')).toEqual(['mine', 'open']);
         expect((await ok('nbdinfo', ['--size', asBob(open.uri)])).trim()).toBe(String(2 * MiB));
+        // The default export (no name) is the only one the client may open: bob's is `open`; alice has two.
+        const byDefault = (who: string) => tool('nbdinfo', ['--json', `nbds://${who}@127.0.0.1:${port}?tls-psk-file=${pskFile}`]);
+        expect(JSON.parse((await byDefault('bob')).stdout) as unknown).toMatchObject({ exports: [{ 'export-name': 'open' }] }); // the server names it (NBD_INFO_NAME)
+        expect((await byDefault('alice')).status).not.toBe(0);
+        // Byte by byte, as bob: GO and INFO say unknown, EXPORT_NAME (no error reply) ends the connection.
+        const bobKey = readPskFile(pskFile).get('bob')!;
+        for (const opt of [OPT.GO, OPT.INFO]) {
+          const { wire } = await startTls(port, { psk: { identity: 'bob', key: bobKey } });
+          option(wire, opt, Buffer.concat([nameData('mine'), Buffer.from([0, 0])]));
+          expect((await optionReplies(wire)).map((r) => r.type)).toEqual([REP.ERR_UNKNOWN]);
+          wire.close();
+        }
+        const { wire } = await startTls(port, { psk: { identity: 'bob', key: bobKey } });
+        option(wire, OPT.EXPORT_NAME, Buffer.from('mine'));
+        expect(await wire.waitClosed()).toBe(true);
       } finally {
         await mine.stop();
         await open.stop();

@@ -23,6 +23,21 @@ describe('tokens file', () => {
     ]), silentLogger);
     expect(t.principalOf('Bearer aaaaaaaaaaaaaaaaaaaa')).toEqual({ id: 'tina', role: 'tenant', nbdClients: ['kvm-1', 'kvm-2'] });
     expect(t.principalOf('Bearer bbbbbbbbbbbbbbbbbbbb')).toEqual({ id: 'ops', role: 'admin' });
+    // A principal that did not come by its token (an administrator acting as tina, a hosted export started again).
+    expect(t.bound({ id: 'tina', role: 'tenant' })).toEqual({ id: 'tina', role: 'tenant', nbdClients: ['kvm-1', 'kvm-2'] });
+    expect(t.bound({ id: 'tom', role: 'tenant', nbdClients: ['x'] })).toEqual({ id: 'tom', role: 'tenant' });
+  });
+
+  it('the binding is the principal\'s: its tokens must agree on it', () => {
+    expect(() => Tokens.load(file([
+      '  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, nbdClients: [kvm-1] }',
+      '  - { token: cccccccccccccccccccc, principal: tina, role: tenant }',
+    ]), silentLogger)).toThrow(expect.objectContaining({ name: 'ConfigError', message: expect.stringMatching(/tokens\[1\]\.nbdClients: tina's tokens give it different NBD clients/) }));
+    const same = Tokens.load(file([
+      '  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, nbdClients: [kvm-1, kvm-2] }',
+      '  - { token: cccccccccccccccccccc, principal: tina, role: tenant, nbdClients: [kvm-2, kvm-1] }',
+    ]), silentLogger);
+    expect(same.principalOf('Bearer cccccccccccccccccccc')?.nbdClients).toEqual(['kvm-2', 'kvm-1']);
   });
 
   it('an empty or blank nbdClients is a ConfigError naming it', () => {

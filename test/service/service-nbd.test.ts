@@ -9,7 +9,7 @@ import { appendFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from '
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HAVE, ok, qemuIo, tool } from '../support/nbd-tools.js';
-import { offload, serve, setup, until, type ServiceChild, type Setup } from './service-helpers.js';
+import { http, offload, serve, setup, until, type ServiceChild, type Setup } from './service-helpers.js';
 
 const MiB = 1024 * 1024;
 
@@ -107,34 +107,49 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD exports of a service with nbd.t
     expect(plain.stderr).toMatch(/TLS negotiation required/);
     expect((await client('nbd', 'stop', 'local/vm1')).code).toBe(0);
   });
-  it('a tenant bound to its NBD clients (the tokens file\'s nbdClients): its exports admit only those, it cannot name others, and the binding outlives a restart', async () => {
+  it('a tenant bound to its NBD clients (the tokens file\'s nbdClients): its exports admit only those, also when an administrator acts as it; it cannot name others; a restart keeps what the file still allows', async () => {
     const keys = join(s.dir, 'psk', 'keys.psk');
     const tokens = join(s.dir, 'tokens.yaml');
     const TINA = randomBytes(16).toString('hex');
-    writeFileSync(tokens, ['tokens:', `  - { token: ${TINA}, principal: tina, role: tenant, nbdClients: [bob] }`].join('\n'), { mode: 0o600 });
-    expect(await service.stop()).toBe(0);
-    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens]);
+    const OPS = randomBytes(16).toString('hex');
+    const tokensFile = (tina: string) => writeFileSync(tokens, ['tokens:', `  - { token: ${TINA}, principal: tina, role: tenant${tina} }`, `  - { token: ${OPS}, principal: ops, role: admin }`].join('\n'), { mode: 0o600 });
+    tokensFile(', nbdClients: [bob]');
+    const restart = async () => {
+      expect(await service.stop()).toBe(0);
+      service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens]);
+    };
+    await restart();
     const tina = (...args: string[]) => offload(s, ['--server', service.addresses[1]!, ...args], { OFFLOAD_TOKEN: TINA });
     expect((await tina('volume', 'create', 'local/t1', '8M')).code).toBe(0);
     const started = await tina('nbd', 'local/t1', '--port', '0');
     expect(started.code, started.err).toBe(0);
     const uri = started.out.trim();
-    const as = (who: string) => `${uri.replace('nbds://', `nbds://${who}@`)}?tls-psk-file=${keys}`;
-    const check = async () => {
-      expect((await ok('nbdinfo', ['--size', as('bob')])).trim()).toBe(String(8 * MiB));
-      expect((await tool('nbdinfo', ['--size', as('alice')])).stderr).toMatch(/no export named ['"]local\/t1['"]/);
+    const as = (who: string, u = uri) => `${u.replace('nbds://', `nbds://${who}@`)}?tls-psk-file=${keys}`;
+    const admits = async (u: string, who: string[], not: string[]) => {
+      for (const w of who) expect((await ok('nbdinfo', ['--size', as(w, u)])).trim()).toBe(String(8 * MiB));
+      for (const w of not) expect((await tool('nbdinfo', ['--size', as(w, u)])).stderr).toMatch(/no export named/);
     };
-    await check();
+    await admits(uri, ['bob'], ['alice']);
     const wider = await tina('nbd', 'local/t1', '--name', 't1-alice', '--port', '0', '--clients', 'bob,alice');
     expect(wider.code).toBe(1);
     expect(wider.err).toMatch(/PermissionDenied: tina's exports admit only its NBD clients \(bob\), not alice/);
+    // An administrator acting as tina (Offload-As) is bound as tina is.
+    expect((await tina('volume', 'create', 'local/t2', '8M')).code).toBe(0);
+    const byAdmin = await http(service.addresses[1]!, 'POST', '/v1/exports', { token: OPS, headers: { 'offload-as': 'tina' }, body: JSON.stringify({ ref: 'local/t2', name: 't2-ops', listen: { port: 0 } }) });
+    expect(byAdmin.status).toBe(200);
+    expect(byAdmin.body).toMatchObject({ clients: ['bob'] });
+    await admits((byAdmin.body as { uri: string }).uri, ['bob'], ['alice']);
+    expect((await client('nbd', 'stop', 't2-ops')).code).toBe(0);
     expect(await tina('--json', 'nbd', 'list').then((r) => JSON.parse(r.out) as unknown)).toEqual([expect.objectContaining({ name: 'local/t1', clients: ['bob'] })]);
-    // Back after a restart with the same binding (kept with the export, whatever the tokens file says by then).
-    writeFileSync(tokens, ['tokens:', `  - { token: ${TINA}, principal: tina, role: tenant }`].join('\n'), { mode: 0o600 });
-    expect(await service.stop()).toBe(0);
-    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens]);
+    // Restarted with tina unbound: the export keeps the clients it started with.
+    tokensFile('');
+    await restart();
     await until('the export is back', async () => (await client('--json', 'nbd', 'list').then((r) => JSON.parse(r.out) as { name: string }[])).some((e) => e.name === 'local/t1'));
-    await check();
-    expect((await client('nbd', 'stop', 'local/t1')).code).toBe(0);
+    await admits(uri, ['bob'], ['alice']);
+    // Restarted with tina bound to alice only: bob is no longer hers, and nobody else may open it: it does not come back.
+    tokensFile(', nbdClients: [alice]');
+    await restart();
+    await until('logged', () => /hosted export local\/t1 of local\/t1 cannot start again, dropped: PermissionDenied: none of its clients \(bob\) is among tina's NBD clients \(alice\) any more/.test(service.err()));
+    expect(await client('--json', 'nbd', 'list').then((r) => JSON.parse(r.out) as unknown)).toEqual([]);
   });
 });

@@ -211,11 +211,6 @@ const liveHolders = new Set<string>();
 const BOOT = currentBoot();
 
 /**
- * Whether the holder of a pool_lock or open_volumes row still lives. A row of an earlier boot
- * (after a power loss) does not, whatever process has its pid now. (Holders of builds before the
- * boot was in them have no dot: judged by pid alone.)
- */
-/**
  * A new volume's creation time, which is also its id (Volume.id): never the same twice in this
  * process, so that a volume deleted and made again at once under its name still has another.
  */
@@ -225,6 +220,11 @@ export function creationTime(): string {
 }
 let lastCreation = 0;
 
+/**
+ * Whether the holder of a pool_lock or open_volumes row still lives. A row of an earlier boot
+ * (after a power loss) does not, whatever process has its pid now. (Holders of builds before the
+ * boot was in them have no dot: judged by pid alone.)
+ */
 function holderAlive(pid: number, holder: string): boolean {
   const dot = holder.indexOf('.');
   if (dot >= 0 && holder.slice(0, dot) !== BOOT) return false;
