@@ -117,6 +117,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     ...(opts.onJobEvent ? { onEvent: opts.onJobEvent } : {}),
     placement: (rec) => state.placement(rec),
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
+    ...(validated.lockWaitSeconds !== undefined ? { lineWaitMs: validated.lockWaitSeconds * 1000 } : {}),
     ...(validated.hostId !== undefined ? { hostId: validated.hostId } : {}),
     runnerLockDir: join(validated.state, 'runners'),
   });
@@ -139,6 +140,7 @@ function validatedToRaw(c: BrokerConfig): RawConfig {
   return {
     state: c.database ?? c.state, ...(c.database !== undefined ? { stateDir: c.state } : {}),
     ...(c.leaseSeconds !== undefined ? { leaseSeconds: c.leaseSeconds } : {}),
+    ...(c.lockWaitSeconds !== undefined ? { lockWaitSeconds: c.lockWaitSeconds } : {}),
     ...(c.hostId !== undefined ? { hostId: c.hostId } : {}),
     ...(c.server !== undefined ? { server: c.server } : {}),
     ...(c.nbd !== undefined ? { nbd: c.nbd } : {}),

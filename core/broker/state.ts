@@ -52,7 +52,7 @@ export class BrokerState {
         await waitOutClaims();
       },
       removeMaintenance: (key) => this.store.removeMaintenance(key),
-    });
+    }, config.lockWaitSeconds !== undefined ? config.lockWaitSeconds * 1000 : undefined);
   }
 
   /**

@@ -24,6 +24,8 @@ export interface BrokerConfig {
   baseDir: string;
   /** How long a runner's lease on a job lasts without renewal (seconds; default 15). */
   leaseSeconds?: number;
+  /** How long a job, an export or an operation waits in line for its locks before it is refused Busy (seconds; default 30). */
+  lockWaitSeconds?: number;
   /**
    * This machine's id among those sharing the state, the same across its boots (RawConfig.hostId):
    * a runner recorded under it in an earlier boot is known gone without waiting for its lease.
@@ -42,6 +44,12 @@ export interface RawConfig {
   stateDir?: string;
   server?: string;
   leaseSeconds?: number;
+  /**
+   * How long a job, an export or a short operation waits for locks others hold — behind other
+   * brokers' operations, or an administrator for the tenants it preempts — before it is refused
+   * Busy (seconds, 0–3600; default 30).
+   */
+  lockWaitSeconds?: number;
   /**
    * A name for this machine, unique among the machines sharing the state and the same across its
    * reboots (the node's name; `${NODE_NAME}` takes it from the environment; default: none). With
@@ -67,6 +75,7 @@ const envelopeSchema = z.strictObject({
   stateDir: z.string().min(1).optional(),
   server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH, http://HOST:PORT or https://HOST:PORT').optional(),
   leaseSeconds: z.number().min(1).max(3600).optional(),
+  lockWaitSeconds: z.number().min(0).max(3600).optional(),
   hostId: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -').optional(),
   nbd: z.strictObject({
     tls: z.union([
@@ -176,6 +185,7 @@ export function validateConfig(
     ...(database !== undefined ? { database } : {}),
     ...(env.data.server !== undefined ? { server: env.data.server } : {}),
     ...(env.data.leaseSeconds !== undefined ? { leaseSeconds: env.data.leaseSeconds } : {}),
+    ...(env.data.lockWaitSeconds !== undefined ? { lockWaitSeconds: env.data.lockWaitSeconds } : {}),
     ...(env.data.hostId !== undefined ? { hostId: env.data.hostId } : {}),
     ...(env.data.nbd?.tls !== undefined ? { nbd: { tls: absoluteTls(env.data.nbd.tls, baseDir) } } : {}),
   };

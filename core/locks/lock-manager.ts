@@ -119,7 +119,8 @@ export class LockManager {
   private readonly held: Held[] = [];
   private readonly waiters = new Set<() => void>();
 
-  constructor(private readonly shared?: SharedLocks) {}
+  /** `waitMs`: how long an acquire waits for locks others hold before it is refused (default 30 s; the config's lockWaitSeconds). */
+  constructor(private readonly shared?: SharedLocks, private readonly waitMs = 30_000) {}
 
   /** Every lock held outside this broker: other brokers' jobs and operations, and maintenance locks. */
   private async outside(keys?: string[]): Promise<Held[]> {
@@ -141,7 +142,7 @@ export class LockManager {
    * waits (up to `preemptWaitMs`) for short operations holding them to end, and an administrator
    * for the tenant holders it preempts.
    */
-  async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = 30_000): Promise<LockLease> {
+  async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = this.waitMs): Promise<LockLease> {
     const deadline = Date.now() + preemptWaitMs;
     for (let attempt = 0; ; ) {
       // Read what others hold, then check against this broker's locks and grant in one step (no
@@ -158,7 +159,7 @@ export class LockManager {
    * one round trip to the shared state instead of a read, then a checked write. On a conflict the
    * locks are withdrawn again before the holder is refused or waits for preempted tenants.
    */
-  async acquirePublished(requests: LockRequest[], holder: LockHolder, publish: Publish, preemptWaitMs = 30_000): Promise<PublishedLease> {
+  async acquirePublished(requests: LockRequest[], holder: LockHolder, publish: Publish, preemptWaitMs = this.waitMs): Promise<PublishedLease> {
     const deadline = Date.now() + preemptWaitMs;
     for (let attempt = 0; ; ) {
       let conflicts = this.conflicts(requests, holder, []);

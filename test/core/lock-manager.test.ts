@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { ADMIN, LockManager, lockModesConflict, tenant, type LockMode } from '../../core/index.js';
+import { validateConfig } from '../../core/config/config.js';
 
 const alice = tenant('alice');
 const bob = tenant('bob');
@@ -144,6 +145,33 @@ describe('acquirePublished: waiting in line for another broker\'s operation', ()
     expect(log.at(-1)).toBe('withdraw');
     expect(log.filter((l) => l === 'withdraw')).toHaveLength(1);
     await m.acquire([{ key: 'm/v', mode: 'exclusive' }], { id: 'job-x', principal: ADMIN, description: 'x' }); // nothing left held here
+  });
+});
+
+describe('how long a request waits in line (the config\'s lockWaitSeconds)', () => {
+  it('a manager made with a wait refuses Busy once it has passed (an operation waiting in line behind another broker\'s)', async () => {
+    const op = (id: string) => ({ key: 'm/v', mode: 'exclusive' as LockMode, holder: { id, principal: ADMIN, description: `snapshot m/v (${id})` } });
+    const m = new LockManager(undefined, 40);
+    let rechecks = 0;
+    const stuck = async () => ({
+      outside: { foreign: [op('op-b1')], maintenance: [] },
+      withdraw: async () => undefined,
+      recheck: async () => { rechecks++; return { foreign: [op('op-b1')], maintenance: [] }; },
+    });
+    await expect(m.acquirePublished([{ key: 'm/v', mode: 'exclusive' }], { id: 'op-a', principal: ADMIN, description: 'resize m/v' }, stuck))
+      .rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/did not end in time/) });
+    expect(rechecks).toBeGreaterThan(0); // it waited in line before it gave up
+    // No wait at all: refused at the first look.
+    rechecks = 0;
+    await expect(new LockManager(undefined, 0).acquirePublished([{ key: 'm/v', mode: 'exclusive' }], { id: 'op-c', principal: ADMIN, description: 'resize m/v' }, stuck))
+      .rejects.toMatchObject({ code: 'Busy' });
+  });
+
+  it('lockWaitSeconds in the config: 0–3600 seconds, or a clear error', () => {
+    expect(validateConfig({ lockWaitSeconds: 5, backends: [] }, []).lockWaitSeconds).toBe(5);
+    expect(validateConfig({ lockWaitSeconds: 0, backends: [] }, []).lockWaitSeconds).toBe(0);
+    expect(() => validateConfig({ lockWaitSeconds: -1, backends: [] }, [])).toThrow(/^lockWaitSeconds/);
+    expect(() => validateConfig({ lockWaitSeconds: '30' as never, backends: [] }, [])).toThrow(/^lockWaitSeconds/);
   });
 });
 
