@@ -129,6 +129,7 @@ export class LiveCopies {
       suspending: () => s.suspendLiveCopies && s.exports.isClosing,
       dropIntent: (id) => dropWriteIntent(s.store, id),
       warn: (message) => s.logger.warn(message),
+      ...trimEveryFromEnv(),
       failClosed: (why) => {
         s.logger.error(`the switch-over record of job ${jobId} cannot be made true again (${toOffloadError(why).message}); the exports stop rather than serve a side the record does not name`);
         for (const p of prepared) void s.exports.stop(p.exportName).catch(() => undefined);
@@ -281,6 +282,16 @@ function pointName(jobId: string): string {
  * behind on there; or, after a crash, where its write-intent record said it might differ
  * (`pending`, no `since`), for a source of `sizeBytes`.
  */
+/**
+ * OFFLOAD_LIVE_TRIM_MS (tests): how often a live copy's write-intent record lets go of regions in
+ * sync, before ready and after, in place of mirror-task.ts's periods — so that a test of a record
+ * with regions gone waits a second, not two 4 s periods.
+ */
+function trimEveryFromEnv(): { trimEveryMs?: { ready: number; bulk: number } } {
+  const ms = Number(process.env.OFFLOAD_LIVE_TRIM_MS);
+  return Number.isInteger(ms) && ms > 0 ? { trimEveryMs: { ready: ms, bulk: ms } } : {};
+}
+
 interface ResumedPair { source: string; target: string; since?: string; pending?: ByteRange[]; sizeBytes?: number }
 
 /** Ranges a record says a target was behind on: whole numbers within the source, else refused. */

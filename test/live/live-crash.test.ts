@@ -302,41 +302,6 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect((await client('nbd', 'stop', 'y0')).code).toBe(0);
   });
 
-  it('a copy whose service died is not resumed once its target was deleted and made again under its name (another volume id than its record names)', async () => {
-    expect((await client('volume', 'create', 'local/u0', '8M')).code).toBe(0);
-    const port = Number(new URL((await client('nbd', 'local/u0', '--port', '0', '--name', 'u0')).out.trim()).port);
-    const w = await NbdWriter.start({ port, name: 'u0', connections: 1, fua: true, pauseMs: 0 }, Buffer.alloc(8 * MiB));
-    await new Promise((r) => setTimeout(r, 200));
-    await w.stop();
-    const mirror = await json('copy', '--live', 'local/u0', 'san1/u0', '--detach') as { id: string };
-    await until('ready', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
-    // Two trims (every 4 s): the record lets go of the regions in sync, and names the volumes' ids.
-    const record = () => {
-      const db = new Database(join(ls.s.dir, 'state', 'jobs.sqlite'), { readonly: true });
-      try {
-        return (JSON.parse((db.prepare('SELECT checkpoint FROM jobs WHERE id = ?').get(mirror.id) as { checkpoint: string }).checkpoint) as MirrorState).intent?.[0];
-      } finally {
-        db.close();
-      }
-    };
-    await until('regions out of the record', async () => record()?.bits === 'AA==', 75, 200);
-    expect(record()?.volumes).toMatchObject({ source: expect.any(String), target: expect.any(String) });
-    await ls.kill();
-    // Taken over here (its record kept), then its target deleted and made again, embedded: empty.
-    await offload(ls.s, ['jobs', 'resume', mirror.id]);
-    expect(await offload(ls.s, ['--json', 'jobs', 'show', mirror.id]).then((r) => JSON.parse(r.out) as unknown)).toMatchObject({ status: 'concluded', crashed: true });
-    expect((await offload(ls.s, ['volume', 'delete', 'san1/u0'])).code).toBe(0);
-    expect((await offload(ls.s, ['volume', 'create', 'san1/u0', '8M'])).code).toBe(0);
-    await ls.restart();
-    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'u0'));
-    await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
-    // Resumed from the record, the copy would skip what it had copied into the old san1/u0.
-    expect(ls.service.err()).toMatch(/san1\/u0 is not the volume it copied \(id [^,]+, was [^)]+\): it was deleted and made again/);
-    const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
-    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/u0'))).toEqual([]);
-    expect((await client('nbd', 'stop', 'u0')).code).toBe(0);
-  });
-
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
     expect((await client('volume', 'create', 'local/vm-0', `${SIZE}`)).code).toBe(0);
     const started = await client('nbd', 'local/vm-0', '--port', '0', '--name', 'vm');
@@ -415,6 +380,49 @@ describe('kill -9 around ready and complete of a live copy', () => {
   });
 });
 
+// Trims every 250 ms (OFFLOAD_LIVE_TRIM_MS): a record with its regions gone in a second.
+describe('a crashed live copy\'s record is of two volumes, not two names', () => {
+  let ls: LiveService;
+  liveServiceForSuite((started) => {
+    ls = started;
+  }, { env: { OFFLOAD_LIVE_TRIM_MS: '250' } });
+
+  it('a copy whose service died is not resumed once its target was deleted and made again under its name (another volume id than its record names)', async () => {
+    expect((await ls.client('volume', 'create', 'local/u0', '8M')).code).toBe(0);
+    const port = Number(new URL((await ls.client('nbd', 'local/u0', '--port', '0', '--name', 'u0')).out.trim()).port);
+    const w = await NbdWriter.start({ port, name: 'u0', connections: 1, fua: true, pauseMs: 0 }, Buffer.alloc(8 * MiB));
+    await new Promise((r) => setTimeout(r, 200));
+    await w.stop();
+    const mirror = await ls.json('copy', '--live', 'local/u0', 'san1/u0', '--detach') as { id: string };
+    await until('ready', async () => ((await ls.json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
+    // Two trims: the record lets go of the regions in sync, and names the volumes' ids.
+    const record = () => {
+      const db = new Database(join(ls.s.dir, 'state', 'jobs.sqlite'), { readonly: true });
+      try {
+        return (JSON.parse((db.prepare('SELECT checkpoint FROM jobs WHERE id = ?').get(mirror.id) as { checkpoint: string }).checkpoint) as MirrorState).intent?.[0];
+      } finally {
+        db.close();
+      }
+    };
+    await until('regions out of the record', async () => record()?.bits === 'AA==', 75, 200);
+    expect(record()?.volumes).toMatchObject({ source: expect.any(String), target: expect.any(String) });
+    await ls.kill();
+    // Taken over here (its record kept), then its target deleted and made again, embedded: empty.
+    await offload(ls.s, ['jobs', 'resume', mirror.id]);
+    expect(await offload(ls.s, ['--json', 'jobs', 'show', mirror.id]).then((r) => JSON.parse(r.out) as unknown)).toMatchObject({ status: 'concluded', crashed: true });
+    expect((await offload(ls.s, ['volume', 'delete', 'san1/u0'])).code).toBe(0);
+    expect((await offload(ls.s, ['volume', 'create', 'san1/u0', '8M'])).code).toBe(0);
+    await ls.restart();
+    await until('the export is back', async () => ((await ls.json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'u0'));
+    await until('the record dropped', async () => ((await ls.json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
+    // Resumed from the record, the copy would skip what it had copied into the old san1/u0.
+    expect(ls.service.err()).toMatch(/san1\/u0 is not the volume it copied \(id [^,]+, was [^)]+\): it was deleted and made again/);
+    const all = await ls.json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
+    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/u0'))).toEqual([]);
+    expect((await ls.client('nbd', 'stop', 'u0')).code).toBe(0);
+  });
+});
+
 // One machine before and after a restart the pid rule cannot see through: the lease outlasts the
 // test, so only the boot rule (a host id) or the runner lock (core/jobs/runner-lock.ts) lets the
 // restarted service take the job at once and keep its write-intent record.
@@ -423,8 +431,9 @@ describe.each([
   { what: 'a reboot of its host (a power loss), with a host id', before: 'id node1 (boot aaaa0001, pid ns 4026531836)', after: 'id node1 (boot bbbb0002, pid ns 4026531836)', locksLost: true },
   { what: 'a restart of its container (another pid namespace), without a host id', before: 'node1 (boot aaaa0001, pid ns 4026531836)', after: 'node1 (boot aaaa0001, pid ns 4026532001)', locksLost: false },
 ])('a live copy across $what', ({ before: b, after: a, locksLost }) => {
-  const before = { OFFLOAD_RUNNER_HOST: b };
-  const after = { OFFLOAD_RUNNER_HOST: a };
+  // Trims every 500 ms (OFFLOAD_LIVE_TRIM_MS), so that the record lets regions go within the test's second or two.
+  const before = { OFFLOAD_RUNNER_HOST: b, OFFLOAD_LIVE_TRIM_MS: '500' };
+  const after = { OFFLOAD_RUNNER_HOST: a, OFFLOAD_LIVE_TRIM_MS: '500' };
   let ls: LiveService;
   liveServiceForSuite((started) => {
     ls = started;
@@ -442,11 +451,11 @@ describe.each([
     c.wire.socket.end();
     const mirror = await ls.json('copy', '--live', 'local/b0', 'san1/b0', '--detach') as { id: string };
     // A writer in the first 2 MiB all along (FUA); the rest of the disk, copied in the first trim
-    // period (4 s) and idle through the next, leaves the record at the second trim.
+    // period and idle through the next, leaves the record at the second trim (of several here).
     const writer = await NbdWriter.start({ port, name: 'b0', connections: 1, fua: true, pauseMs: 5, span: 2 * MiB }, data);
     await until('ready', async () => ((await ls.json('jobs', 'show', mirror.id)) as { status: string }).status === 'ready', 600, 20);
     const started = Date.parse(((await ls.json('jobs', 'show', mirror.id)) as { createdAt: string }).createdAt);
-    await new Promise((r) => setTimeout(r, Math.max(0, started + 9000 - Date.now())));
+    await new Promise((r) => setTimeout(r, Math.max(0, started + 2500 - Date.now())));
     await ls.kill();
     await writer.stop().catch(() => undefined);
     expect(writer.acked).toBeGreaterThan(0);

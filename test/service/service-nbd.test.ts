@@ -141,6 +141,7 @@ describe.skipIf(!HAVE.qemu || !HAVE.libnbd)('NBD exports of a service with nbd.t
     await admits((byAdmin.body as { uri: string }).uri, ['bob'], ['alice']);
     expect((await client('nbd', 'stop', 't2-ops')).code).toBe(0);
     expect(await tina('--json', 'nbd', 'list').then((r) => JSON.parse(r.out) as unknown)).toEqual([expect.objectContaining({ name: 'local/t1', clients: ['bob'] })]);
+    expect((await tina('nbd', 'list')).out).toMatch(/^local\/t1 +local\/t1 +read-write +nbds:\S+ +tina +bob +\d+/m);
     // Restarted with tina unbound: the export keeps the clients it started with.
     tokensFile('');
     await restart();

@@ -68,7 +68,7 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     .action(async () => {
       const all = await (await ctx.broker()).exports.list();
       if (ctx.json) return ctx.print(all);
-      ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write', live: e.liveJob ?? '' })), ['name', 'ref', 'mode', 'uri', 'owner', 'pid', 'live']);
+      ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write', clients: e.clients?.join(',') ?? '', live: e.liveJob ?? '' })), ['name', 'ref', 'mode', 'uri', 'owner', 'clients', 'pid', 'live']);
     });
 
   nbd.command('stop <name>')
