@@ -166,12 +166,13 @@ interface Row {
 export class JobStore {
   private readonly db: Database.Database;
 
-  constructor(private readonly file: string) {
+  /** `busyTimeoutMs`: how long a statement waits for another process's lock before Busy (default 5 s). */
+  constructor(private readonly file: string, busyTimeoutMs = 5000) {
     if (file !== ':memory:') mkdirSync(dirname(file), { recursive: true });
     this.db = new Database(file);
     try {
       this.db.pragma('journal_mode = WAL');
-      this.db.pragma('busy_timeout = 5000');
+      this.db.pragma(`busy_timeout = ${Math.trunc(busyTimeoutMs)}`);
       this.db.pragma('synchronous = NORMAL');
       this.migrate();
     } catch (e) {

@@ -47,7 +47,7 @@ describe('SQLite store errors', () => {
   it('a database another connection keeps locked past the busy timeout is Busy, typed, and the store goes on afterwards', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'offload-state-busy-'));
     const file = join(dir, 'state.sqlite');
-    const store = new SqliteStateStore(file);
+    const store = new SqliteStateStore(file, { busyTimeoutMs: 300 });
     const other = new Database(file);
     try {
       other.exec('BEGIN IMMEDIATE');

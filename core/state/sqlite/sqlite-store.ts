@@ -23,8 +23,9 @@ export class SqliteStateStore implements StateStore {
   private readonly ops: StateOps;
   private closed = false;
 
-  constructor(file: string) {
-    this.db = new JobStore(file);
+  /** `opts.busyTimeoutMs`: how long a statement waits for another process's lock before Busy (default 5 s; tests). */
+  constructor(file: string, opts: { busyTimeoutMs?: number } = {}) {
+    this.db = new JobStore(file, opts.busyTimeoutMs);
     // ':memory:' is a database of its own for every connection.
     this.file = file === ':memory:' ? `:memory:${++memories}` : realpathSync(file);
     this.queue = openQueue(this.file);
