@@ -4,11 +4,14 @@
  * machine lets a test make one) a process in another pid namespace, where a pid tells nothing.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { ADMIN, LockManager, silentLogger } from '../../core/index.js';
+import { JobManager } from '../../core/jobs/job-manager.js';
 import { RunnerLocks } from '../../core/jobs/runner-lock.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'offload-runners-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -60,6 +63,28 @@ describe('runner locks', () => {
     expect(locks.isHere('a1')).toBe(false);
     expect(locks.isHere('c3')).toBe(true);
     await live.kill();
+  });
+
+  it('a lock that cannot be held (its folder cannot be made) leaves no file behind and fails the hold; a job manager then runs on, warning, judged by pid and lease', async () => {
+    const blocked = join(dir, 'not-a-folder');
+    writeFileSync(blocked, 'a file where the runners folder would be');
+    const locks = new RunnerLocks(blocked);
+    expect(() => locks.hold('f8')).toThrow();
+    expect(locks.isHere('f8')).toBe(false);
+    expect(locks.gone('f8')).toBe(false); // no file: never judged gone here
+    const warnings: string[] = [];
+    const logger = { ...silentLogger, warn: (m: string) => void warnings.push(m) };
+    const store = new SqliteStateStore(':memory:');
+    const m = new JobManager(store, new LockManager(), async () => undefined, logger, { runnerLockDir: blocked });
+    try {
+      const job = await m.start({ task: { type: 'noop', params: {}, run: async (ctx) => { await ctx.checkpoint(1, { at: 1 }); } }, ref: 'b/v', executor: 'host', principal: ADMIN, locks: [] });
+      expect((await job.wait()).status).toBe('concluded');
+      expect((await job.wait()).error).toBeUndefined();
+      expect(warnings.some((w) => /the runner lock cannot be held/.test(w))).toBe(true);
+    } finally {
+      await m.close();
+      await store.close();
+    }
   });
 
   it.skipIf(!canUnshare)('in another pid namespace (a container restarted) as well', async () => {
