@@ -182,7 +182,7 @@ export class DataJobs {
   async liveCopy(pairsIn: { source: string; target: string }[], opts: LiveCopyOptions = {}): Promise<Job> {
     if (opts === null || typeof opts !== 'object') throw new InvalidArgument('live copy options are an object: { mode?, speed?, resume? }');
     // Only a resume says where a target is behind: given pairs are { source, target }, nothing more.
-    let pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number }[] = Array.isArray(pairsIn)
+    let pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number; made?: true }[] = Array.isArray(pairsIn)
       ? pairsIn.map((p) => (p !== null && typeof p === 'object' ? { source: p.source, target: p.target } : p))
       : pairsIn;
     let as = this.a;

@@ -50,9 +50,9 @@ export class LiveCopies {
     const pairs = params.pairs.map((p, i): ResumedPair => {
       if (crashed) {
         const intent = checkIntentRecord(state.intent![i], (state.intent![i] as { sizeBytes?: number } | undefined)?.sizeBytes ?? -1, p.source);
-        return { source: p.source, target: p.target, pending: intentRanges(intent), sizeBytes: intent.sizeBytes };
+        return { source: p.source, target: p.target, pending: intentRanges(intent), sizeBytes: intent.sizeBytes, ...madeBy(p) };
       }
-      return { source: p.source, target: p.target, since: state.points![i]!, ...(Array.isArray(state.pending?.[i]) ? { pending: state.pending[i] } : {}) };
+      return { source: p.source, target: p.target, since: state.points![i]!, ...(Array.isArray(state.pending?.[i]) ? { pending: state.pending[i] } : {}), ...madeBy(p) };
     });
     if (Array.isArray(given) && given.length > 0) {
       const same = given.length === pairs.length && given.every((g: { source?: unknown; target?: unknown }, i) =>
@@ -104,7 +104,7 @@ export class LiveCopies {
   }
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
-  async start(pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number }[], opts: CopyOptions, plan: Plan): Promise<Job> {
+  async start(pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number; made?: true }[], opts: CopyOptions, plan: Plan): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);
     if (opts.verify) throw new InvalidArgument('--verify compares a copy of a volume at rest; a live copy\'s source changes while it runs', { hint: 'leave out --verify' });
@@ -112,7 +112,9 @@ export class LiveCopies {
     const seen = new Set<string>();
     const refs = pairs.map((p) => {
       if (p === null || typeof p !== 'object' || typeof p.source !== 'string' || typeof p.target !== 'string') throw new InvalidArgument('a live copy pair is { source, target }');
-      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since, pending: p.pending, sizeBytes: p.sizeBytes };
+      // `made` comes from the record of the copy resumed (a caller's pairs are { source, target } only: DataJobs.liveCopy).
+      const made = p.made === true;
+      const pair = { source: volumeKey(parseVolumeRef(p.source)), target: volumeKey(parseVolumeRef(p.target)), since: (p as { since?: unknown }).since ?? opts.since, pending: p.pending, sizeBytes: p.sizeBytes, made };
       for (const ref of [pair.source, pair.target]) {
         if (seen.has(ref)) throw new InvalidArgument(`${ref} appears twice in the live copy: each volume is one pair's source or target`, { ref });
         seen.add(ref);
@@ -120,7 +122,7 @@ export class LiveCopies {
       return pair;
     });
     const prepared: Prepared[] = [];
-    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending, p.sizeBytes));
+    for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending, p.sizeBytes, p.made));
     const params: MirrorParams = { mode, pairs: prepared.map((p) => p.pair) };
     const s = this.s;
     let jobId: string | undefined;
@@ -150,7 +152,7 @@ export class LiveCopies {
   }
 
   /** Check one pair and make its part of the job: the source's export and device, the target (made by the job if missing). */
-  private async prepare(source: string, target: string, since?: unknown, pending?: unknown, intentSize?: number): Promise<Prepared> {
+  private async prepare(source: string, target: string, since?: unknown, pending?: unknown, intentSize?: number, made = false): Promise<Prepared> {
     const src = parseVolumeRef(source);
     const dst = parseVolumeRef(target);
     await this.a.assertOwns(src);
@@ -192,7 +194,7 @@ export class LiveCopies {
     }
     const behind = resumeFrom !== undefined || crashed ? checkRanges(pending, live.sizeBytes, source) : [];
     const pair: MirrorPair = {
-      source, target, ...(create ? { create } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}), ...(behind.length > 0 || crashed ? { pending: behind } : {}),
+      source, target, ...(create ? { create } : {}), ...(made && !create ? { made: true as const } : {}), ...(resumeFrom !== undefined ? { since: resumeFrom } : {}), ...(behind.length > 0 || crashed ? { pending: behind } : {}),
     };
     const name = exp.name;
     const exportOwner = served.owner;
@@ -292,7 +294,12 @@ function trimEveryFromEnv(): { trimEveryMs?: { ready: number; bulk: number } } {
   return Number.isInteger(ms) && ms > 0 ? { trimEveryMs: { ready: ms, bulk: ms } } : {};
 }
 
-interface ResumedPair { source: string; target: string; since?: string; pending?: ByteRange[]; sizeBytes?: number }
+interface ResumedPair { source: string; target: string; since?: string; pending?: ByteRange[]; sizeBytes?: number; made?: true }
+
+/** A resumed pair's target was made by the copy (its first job, or one resumed before). */
+function madeBy(p: MirrorPair): { made?: true } {
+  return p.create !== undefined || p.made === true ? { made: true } : {};
+}
 
 /** Ranges a record says a target was behind on: whole numbers within the source, else refused. */
 function checkRanges(value: unknown, size: number, ref: string): ByteRange[] {

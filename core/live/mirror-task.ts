@@ -15,6 +15,8 @@ export interface MirrorPair {
   target: string;
   /** The target did not exist: the job creates it (and deletes it again if it ends before ready). */
   create?: { sizeBytes: number; owner: string };
+  /** A resumed copy whose earlier job created the target: deleted as `create`'s is if this job ends before ready. */
+  made?: true;
   /** The target equals the source's snapshot of this name already: the first pass copies only what changed since. */
   since?: string;
   /**
@@ -194,7 +196,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         await log.save();
         for (let i = 0; i < n; i++) {
           targets[i] = await deps.pairs[i]!.openTarget(params.pairs[i]!.create);
-          created[i] = params.pairs[i]!.create !== undefined;
+          created[i] = params.pairs[i]!.create !== undefined || params.pairs[i]!.made === true;
           // Before any region can leave the record (the trims start once every copy has).
           intents[i]!.volumes = await deps.pairs[i]!.identify();
           mirrors.push(new Mirror(deps.pairs[i]!.source, targets[i]!, {

@@ -143,6 +143,26 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect((await client('nbd', 'stop', 'local/t2')).code).toBe(0);
   });
 
+  it('a copy into a target it made, resumed after a clean stop and cancelled before ready, deletes that target as its first job would have; the source is served on', async () => {
+    expect((await client('volume', 'create', 'local/t3', '8M')).code).toBe(0);
+    const uri = (await client('nbd', 'local/t3', '--port', '0')).out.trim();
+    const c = await openExport(Number(new URL(uri).port), 'local/t3');
+    request(c.wire, CMD.WRITE, 0, 8 * MiB, { payload: Buffer.alloc(8 * MiB, 0x33) });
+    expect((await reply(c.wire)).error).toBe(0);
+    request(c.wire, CMD.DISC, 0, 0);
+    c.wire.socket.end();
+    const mirror = await json('copy', '--live', 'local/t3', 'san1/t3', '--speed', `${MiB}`, '--detach') as { id: string };
+    await until('part-way', async () => ((await json('jobs', 'show', mirror.id)) as { progress: { current: number } }).progress.current >= MiB, 600, 20);
+    expect(await ls.stop()).toBe(0);
+    await ls.restart();
+    const resumed = await resumedFrom(mirror.id, 'local/t3');
+    expect((await client('jobs', 'cancel', resumed.id)).code).toBe(0);
+    await until('cancelled', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'concluded', 600, 20);
+    expect((await client('volume', 'show', 'san1/t3')).err).toMatch(/NotFound/);
+    expect(((await json('nbd', 'list')) as { name: string; ref: string }[]).find((e) => e.name === 'local/t3')?.ref).toBe('local/t3');
+    expect((await client('nbd', 'stop', 'local/t3')).code).toBe(0);
+  });
+
   it('kill -9 in the bulk pass under a writer: the restarted service resumes the copy from its write-intent record — not from zero — and after the switch-over the target holds every acknowledged write', async () => {
     const size = 24 * MiB;
     expect((await client('volume', 'create', 'local/w0', `${size}`)).code).toBe(0);
