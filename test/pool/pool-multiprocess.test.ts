@@ -33,6 +33,17 @@ function worker(args: string[]): { done: Promise<string>; firstLine: Promise<str
 
 const open = (dir: string) => createBroker({ state: join(state, dir), backends: [{ name: 'local', kind: 'qcow2', path: pool }] }, { plugins: [qcow2Module], logger: silentLogger });
 
+/** The pool's lock row and an open-volume row as a process `holder` with `pid` would have left them. */
+function leaveRows(volume: string, holder: string, pid: number): void {
+  const db = new Database(join(pool, '.offload-pool.db'));
+  try {
+    db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run(holder, pid, new Date().toISOString());
+    db.prepare('INSERT OR REPLACE INTO open_volumes (volume, holder, pid) VALUES (?, ?, ?)').run(volume, holder, pid);
+  } finally {
+    db.close();
+  }
+}
+
 describe('many processes on one pool', () => {
   it('three processes create, snapshot, clone and delete at once: no failures, each shared name goes to one, all files check clean', async () => {
     const N = 12;
@@ -95,13 +106,7 @@ describe('many processes on one pool', () => {
     try {
       await b.volumes.create('local/left', { sizeBytes: MiB });
       // As a container's pid 1 killed in a change and restarted as pid 1 again would have left them.
-      const db = new Database(join(pool, '.offload-pool.db'));
-      try {
-        db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run('dead-holder', process.pid, new Date().toISOString());
-        db.prepare('INSERT OR REPLACE INTO open_volumes (volume, holder, pid) VALUES (?, ?, ?)').run('left', 'dead-holder', process.pid);
-      } finally {
-        db.close();
-      }
+      leaveRows('left', 'dead-holder', process.pid);
       await b.snapshots.create('local/left@s');
       await b.volumes.resize('local/left', 2 * MiB);
       await b.snapshots.delete('local/left@s');
@@ -116,13 +121,7 @@ describe('many processes on one pool', () => {
     try {
       await b.volumes.create('local/before', { sizeBytes: MiB });
       // Written before the reboot by a process whose pid a live process (our parent) has now.
-      const db = new Database(join(pool, '.offload-pool.db'));
-      try {
-        db.prepare('INSERT OR REPLACE INTO pool_lock (id, holder, pid, since) VALUES (1, ?, ?, ?)').run('00000000.0123456789abcdef', process.ppid, new Date().toISOString());
-        db.prepare('INSERT OR REPLACE INTO open_volumes (volume, holder, pid) VALUES (?, ?, ?)').run('before', '00000000.0123456789abcdef', process.ppid);
-      } finally {
-        db.close();
-      }
+      leaveRows('before', '00000000.0123456789abcdef', process.ppid);
       await b.snapshots.create('local/before@s');
       await b.volumes.delete('local/before');
     } finally {
