@@ -134,6 +134,13 @@ export interface ExportsApi {
    * (Busy naming the job) unless `force`, which cancels the job first: its source stays current.
    */
   stop(name: string, opts?: { force?: boolean }): Promise<void>;
+  /**
+   * Read this broker's NBD TLS credentials again (the config's `nbd.tls` and each export's own):
+   * a renewed certificate, a new ca-crl.pem, PSK keys added or taken away count for every
+   * handshake from now on; clients connected already stay. Administrators only. The number of
+   * credentials read; a ConfigError naming each that could not be (those keep what they had).
+   */
+  reloadTls(): Promise<{ reloaded: number }>;
 }
 
 export interface CloneOptions {

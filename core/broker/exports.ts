@@ -131,6 +131,12 @@ export class Exports implements ExportsApi {
     })());
   }
 
+  async reloadTls(): Promise<{ reloaded: number }> {
+    this.s.assertOpen();
+    if (!this.a.isAdmin) throw new PermissionDenied('reloading the NBD TLS credentials is for administrators');
+    return { reloaded: this.s.exports.reloadTls() };
+  }
+
   /** This broker's exports, and those other live processes sharing its state serve (`offload nbd` elsewhere). */
   async list(): Promise<ExportInfo[]> {
     this.s.assertOpen();

@@ -23,6 +23,12 @@ export interface NbdTls {
    * it gave its key under (PSK); what an export's `clients` are matched against.
    */
   upgrade(socket: Socket): Promise<{ socket: TLSSocket; client?: string }>;
+  /**
+   * Read the files again (a renewed certificate, a new ca-crl.pem, PSK keys added or taken away):
+   * handshakes from now on use them; clients connected already stay. A file that cannot be used
+   * throws its ConfigError and the credentials in use stay as they were.
+   */
+  reload(): void;
 }
 
 /**
@@ -36,17 +42,39 @@ const PSK_CIPHERS = [
 
 /** Read the credentials a config names; a missing or bad file is a ConfigError naming it. */
 export function loadNbdTls(c: NbdTlsConfig): NbdTls {
+  let current = readCredentials(c);
+  return {
+    kind: current.kind,
+    namesClients: current.namesClients,
+    upgrade: (socket) => upgrade(current, socket),
+    reload: () => {
+      current = readCredentials(c);
+    },
+  };
+}
+
+/** What one reading of the files gives: the options of a TLS server, and how it names and refuses clients. */
+interface Credentials {
+  kind: NbdTls['kind'];
+  options: TlsOptions;
+  namesClients: boolean;
+  identify: (t: TLSSocket) => string | undefined;
+  refused?: (client: string | undefined) => string | undefined;
+}
+
+function readCredentials(c: NbdTlsConfig): Credentials {
   if ('psk' in c) {
     const keys = readPskFile(c.psk);
     const identities = new WeakMap<TLSSocket, string>();
     // An unknown identity gets null: OpenSSL ends the handshake with unknown_psk_identity.
-    return serverTls('psk', {
+    const options: TlsOptions = {
       ciphers: PSK_CIPHERS, dhparam: 'auto',
       pskCallback: (s, identity) => {
         identities.set(s, identity);
         return keys.get(identity) ?? null;
       },
-    }, true, (t) => identities.get(t));
+    };
+    return { kind: 'psk', options, namesClients: true, identify: (t) => identities.get(t) };
   }
   const read = (file: string): Buffer => readConfigFile(join(c.x509, file), 'nbd.tls.x509');
   // As QEMU's tls-creds-x509: clients must show a certificate of the CA unless verify-peer is
@@ -67,7 +95,8 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
   }
   // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
   const allow = c.allow && new Set(c.allow);
-  return serverTls('x509', options, verifyPeer, commonName, allow && ((name) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`)));
+  const refused = allow && ((name: string | undefined) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`));
+  return { kind: 'x509', options, namesClients: verifyPeer, identify: commonName, ...(refused ? { refused } : {}) };
 }
 
 /** A verified client certificate's subject common name (undefined: no certificate). */
@@ -82,29 +111,25 @@ function commonName(t: TLSSocket): string | undefined {
  * certificate as for any TLS server (a TLSSocket made by hand is never told whether it was
  * verified), and drops one it refuses.
  */
-function serverTls(kind: NbdTls['kind'], options: TlsOptions, namesClients: boolean, identify: (t: TLSSocket) => string | undefined, refused?: (client: string | undefined) => string | undefined): NbdTls {
-  return {
-    kind,
-    namesClients,
-    upgrade: (socket) => new Promise((resolve, reject) => {
-      const server = createServer(options);
-      const fail = (e: Error) => {
-        socket.destroy();
-        reject(e);
-      };
-      const left = () => fail(new Error('the TLS handshake failed, or the client left during it'));
-      server.once('tlsClientError', fail);
-      socket.once('close', left);
-      server.once('secureConnection', (t: TLSSocket) => {
-        socket.off('close', left);
-        const client = identify(t);
-        const why = refused?.(client);
-        if (why) fail(new Error(why));
-        else resolve({ socket: t, ...(client !== undefined ? { client } : {}) });
-      });
-      server.emit('connection', socket);
-    }),
-  };
+function upgrade(c: Credentials, socket: Socket): Promise<{ socket: TLSSocket; client?: string }> {
+  return new Promise((resolve, reject) => {
+    const server = createServer(c.options);
+    const fail = (e: Error) => {
+      socket.destroy();
+      reject(e);
+    };
+    const left = () => fail(new Error('the TLS handshake failed, or the client left during it'));
+    server.once('tlsClientError', fail);
+    socket.once('close', left);
+    server.once('secureConnection', (t: TLSSocket) => {
+      socket.off('close', left);
+      const client = c.identify(t);
+      const why = c.refused?.(client);
+      if (why) fail(new Error(why));
+      else resolve({ socket: t, ...(client !== undefined ? { client } : {}) });
+    });
+    server.emit('connection', socket);
+  });
 }
 
 /**

@@ -8,6 +8,7 @@ import type { BlockDevice } from '../backend/block-device.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import type { Principal } from '../locks/principal.js';
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
+import { ConfigError } from '../config/config-error.js';
 import { NbdServer, type ListenAddress } from './nbd-server.js';
 import type { NbdTls } from './nbd-tls.js';
 
@@ -82,8 +83,8 @@ export class ExportRegistry {
   private readonly served = new Map<string, Served>();
   private readonly reserved = new Set<string>();
   private readonly servers = new Map<string, NbdServer>();
-  /** Which credentials each server requires ('' none, 'config' the broker's): exports sharing a server must agree. */
-  private readonly serverTls = new Map<string, string>();
+  /** Which credentials each server requires (id '' none, 'config' the broker's): exports sharing a server must agree. */
+  private readonly serverTls = new Map<string, { id: string; creds?: NbdTls }>();
   private readonly mutex = new KeyedMutex();
   private closing = false;
 
@@ -115,15 +116,16 @@ export class ExportRegistry {
     return this.mutex.run([key ?? `new:${r.name}`], async () => {
       const tls = r.tls ?? (this.tls ? { creds: this.tls, id: 'config' } : undefined);
       let server = key ? this.servers.get(key) : undefined;
-      if (server && (this.serverTls.get(keyOf(server)) ?? '') !== (tls?.id ?? '')) {
-        throw new InvalidArgument(`${keyOf(server)} serves exports ${this.serverTls.get(keyOf(server)) ? 'with other TLS credentials' : 'without TLS'}: exports sharing an address share its TLS`, {
+      if (server && (this.serverTls.get(keyOf(server))?.id ?? '') !== (tls?.id ?? '')) {
+        throw new InvalidArgument(`${keyOf(server)} serves exports ${this.serverTls.get(keyOf(server))?.id ? 'with other TLS credentials' : 'without TLS'}: exports sharing an address share its TLS`, {
           ref: r.name, hint: 'listen on another port (--port) or socket for this export',
         });
       }
       if (!server) {
-        server = await NbdServer.listen(r.listen, tls ? { tls: tls.creds() } : {});
+        const creds = tls?.creds();
+        server = await NbdServer.listen(r.listen, creds ? { tls: creds } : {});
         this.servers.set(keyOf(server), server);
-        this.serverTls.set(keyOf(server), tls?.id ?? '');
+        this.serverTls.set(keyOf(server), { id: tls?.id ?? '', ...(creds ? { creds } : {}) });
       }
       try {
         server.addExport({ name: r.name, device: r.device, readOnly: r.readOnly, description: r.ref, ...(r.clients ? { clients: r.clients } : {}) });
@@ -212,6 +214,34 @@ export class ExportRegistry {
       }
     })();
     return s.stopping;
+  }
+
+  /**
+   * Read every TLS credential in use again — the config's, and each export's own — for the
+   * handshakes from now on (connected clients stay). All are tried; the count of those read, or
+   * a ConfigError naming each that failed (they serve on with what they had).
+   */
+  reloadTls(): number {
+    const all = new Set<NbdTls>();
+    const failed: string[] = [];
+    try {
+      const config = this.tls?.();
+      if (config) all.add(config);
+    } catch (e) {
+      failed.push((e as Error).message); // never loaded yet, and cannot be: no export uses it
+    }
+    for (const t of this.serverTls.values()) if (t.creds) all.add(t.creds);
+    let reloaded = 0;
+    for (const creds of all) {
+      try {
+        creds.reload();
+        reloaded++;
+      } catch (e) {
+        failed.push((e as Error).message);
+      }
+    }
+    if (failed.length > 0) throw new ConfigError(`${failed.join('; ')} (the credentials in use stay)`, 'fix the files, then reload again');
+    return reloaded;
   }
 
   /** Stop every export (the broker is closing). */

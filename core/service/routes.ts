@@ -229,6 +229,11 @@ export const ROUTES = {
     method: 'DELETE', path: '/v1/exports/:name', summary: 'stop an export (force: one under a live copy, cancelling the copy first)', params: s.exportParams, query: s.stopExportQuery, response: null,
     call: (b, { params, query }, ctx) => ctx.exports.stop(b, params.name, query.force ? { force: true } : {}),
   }),
+  'exports.reloadTls': route({
+    method: 'POST', path: '/v1/exports/reload-tls', summary: "read the service's NBD TLS credentials again (administrators): new handshakes use them, connected clients stay",
+    response: z.object({ reloaded: z.number().int() }),
+    call: (b) => b.exports.reloadTls(),
+  }),
 } as const;
 
 export type RouteId = keyof typeof ROUTES;

@@ -1,11 +1,11 @@
 #!/bin/sh
 # Test credentials for TLS (NBD: test/export/nbd-tls.test.ts; the control API:
-# test/service/service-tls.test.ts), in the folder layouts qemu's
+# test/service/service-tls.test.ts, reloads: test/service/service-reload.test.ts), in the folder layouts qemu's
 # tls-creds-x509 and libnbd's tls-certificates read. Made once and committed (valid 100 years);
 # run again to replace them. Never use them for anything but tests.
 set -eu
 cd "$(dirname "$0")"
-rm -rf server client stranger revoked server-crl && mkdir server client stranger revoked server-crl
+rm -rf server client stranger revoked server-crl renewed && mkdir server client stranger revoked server-crl renewed
 t=$(mktemp -d) && trap 'rm -rf "$t"' EXIT
 ca() { # name subject
   openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj "/CN=$2" -keyout "$t/$1.key" -out "$t/$1.pem" \
@@ -20,10 +20,13 @@ ca ca 'offload test CA'
 ca other 'another CA'
 leaf ca server/server-key.pem server/server-cert.pem localhost 'extendedKeyUsage=serverAuth
 subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1'
+# The same server's certificate renewed (a new key, the same CA and names): what a reload picks up.
+leaf ca renewed/server-key.pem renewed/server-cert.pem localhost 'extendedKeyUsage=serverAuth
+subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1'
 leaf ca client/client-key.pem client/client-cert.pem alice 'extendedKeyUsage=clientAuth'
 leaf other stranger/client-key.pem stranger/client-cert.pem mallory 'extendedKeyUsage=clientAuth'
 leaf ca revoked/client-key.pem revoked/client-cert.pem eve 'extendedKeyUsage=clientAuth'
-cp "$t/ca.pem" server/ca-cert.pem && cp "$t/ca.pem" client/ca-cert.pem && cp "$t/ca.pem" stranger/ca-cert.pem && cp "$t/ca.pem" revoked/ca-cert.pem
+cp "$t/ca.pem" server/ca-cert.pem && cp "$t/ca.pem" renewed/ca-cert.pem && cp "$t/ca.pem" client/ca-cert.pem && cp "$t/ca.pem" stranger/ca-cert.pem && cp "$t/ca.pem" revoked/ca-cert.pem
 # A server folder whose ca-crl.pem revokes eve's certificate (and only hers).
 cp server/* server-crl/
 touch "$t/index.txt"
