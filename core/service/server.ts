@@ -7,6 +7,7 @@
  */
 import { existsSync, chmodSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
+import type { Server as TlsServer } from 'node:tls';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker } from '../broker-api.js';
@@ -38,9 +39,19 @@ export interface ServiceOptions {
 export interface Service {
   /** Where it listens: `unix:PATH`, then `http://HOST:PORT` (`https://` with TLS) when TCP is on; each usable as `--server`. */
   readonly addresses: string[];
+  /**
+   * From the next request on (`offload serve` on SIGHUP): `tokens`, a tokens file read again
+   * (a token added, one taken away, a principal's NBD clients — for exports started after);
+   * `tls`, the TCP listener's renewed certificate and key (for handshakes after; connections
+   * made stay).
+   */
+  reload(o: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }): void;
   /** Stop accepting, answer pending long polls, wait for requests in flight. The broker stays open (its owner closes it). */
   close(): Promise<void>;
 }
+
+/** The tokens in use, replaced whole when the file is read again. */
+interface Auth { tokens: Tokens | undefined }
 
 /** How a listener learns who is asking. */
 type Authenticate = (req: FastifyRequest) => Principal | undefined;
@@ -49,8 +60,9 @@ export async function startService(o: ServiceOptions): Promise<Service> {
   if (o.tcp && !o.tokens) throw new InvalidArgument('serving on TCP needs a tokens file (--tokens FILE): every request there must name its principal');
   const hosted = new HostedExports(o.stateDir, o.logger);
   const stopping = new AbortController();
+  const auth: Auth = { tokens: o.tokens };
   o.metrics.readJobsFrom(() => o.broker.jobs.list());
-  await hosted.restore(o.broker, (p) => o.tokens?.bound(p) ?? p);
+  await hosted.restore(o.broker, (p) => auth.tokens?.bound(p) ?? p);
 
   const apps: FastifyInstance[] = [];
   // Every connection, from its first byte (a TLS handshake, a request not sent yet).
@@ -74,24 +86,35 @@ export async function startService(o: ServiceOptions): Promise<Service> {
   };
   try {
     await freeSocketPath(o.socket);
-    const local = buildApp(o, hosted, stopping.signal, () => ADMIN, track(Fastify(FASTIFY)));
+    const local = buildApp(o, auth, hosted, stopping.signal, () => ADMIN, track(Fastify(FASTIFY)));
     apps.push(local);
     await local.listen({ path: o.socket });
     chmodSync(o.socket, 0o600);
     const addresses = [`unix:${o.socket}`];
+    let secure: ((tls: { cert: Buffer; key: Buffer }) => void) | undefined;
     if (o.tcp) {
-      const tokens = o.tokens!;
       const tls = o.tcp.tls;
       // An HTTPS instance has its own server type; the routes and hooks are the same.
       const app = tls ? Fastify({ ...FASTIFY, https: { cert: tls.cert, key: tls.key } }) as unknown as FastifyInstance : Fastify(FASTIFY);
-      const remote = buildApp(o, hosted, stopping.signal, (req) => tokens.principalOf(req.headers.authorization), track(app));
+      const remote = buildApp(o, auth, hosted, stopping.signal, (req) => auth.tokens!.principalOf(req.headers.authorization), track(app));
       apps.push(remote);
+      if (tls) secure = (t) => (remote.server as unknown as TlsServer).setSecureContext(t);
       await remote.listen({ host: o.tcp.host, port: o.tcp.port });
       const addr = remote.server.address();
       const port = typeof addr === 'object' && addr ? addr.port : o.tcp.port;
       addresses.push(`${tls ? 'https' : 'http'}://${o.tcp.host.includes(':') ? `[${o.tcp.host}]` : o.tcp.host}:${port}`);
     }
-    return { addresses, close };
+    const reload = (r: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }) => {
+      if (r.tls) {
+        if (!secure) throw new InvalidArgument('this service serves no HTTPS: there is no certificate to renew');
+        secure(r.tls);
+      }
+      if (r.tokens) {
+        if (!auth.tokens) throw new InvalidArgument('this service was started without a tokens file');
+        auth.tokens = r.tokens;
+      }
+    };
+    return { addresses, reload, close };
   } catch (e) {
     await close();
     throw toOffloadError(e, 'starting the service');
@@ -116,7 +139,7 @@ const CLOSE_GRACE_MS = 5_000;
 /** Requests that arrive while the service stops are answered by the onRequest hook, in our format. */
 const FASTIFY = { logger: false, forceCloseConnections: 'idle', return503OnClosing: false } as const;
 
-function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate, app: FastifyInstance): FastifyInstance {
+function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate, app: FastifyInstance): FastifyInstance {
   const principals = new WeakMap<FastifyRequest, Principal>();
 
   app.setErrorHandler((err: FastifyError | OffloadError, _req, reply) => sendError(reply, fromFastify(err)));
@@ -136,7 +159,7 @@ function buildApp(o: ServiceOptions, hosted: HostedExports, stopping: AbortSigna
       return reply.code(401).header('www-authenticate', 'Bearer').send(errorBody(err));
     }
     try {
-      principals.set(req, actingAs(who, req.headers[AS_HEADER], o.tokens));
+      principals.set(req, actingAs(who, req.headers[AS_HEADER], auth.tokens));
     } catch (e) {
       return done(e as Error);
     }

@@ -4,7 +4,8 @@
  * for its clients, and serves the CLI's `--server`. The listening addresses are the first line of
  * stdout, once it is ready; SIGTERM or SIGINT stop it: no new requests, its jobs checkpointed and
  * released (another runner takes them at once), its exports stopped (they come back at its next
- * start), the socket removed, exit 0.
+ * start), the socket removed, exit 0. SIGHUP reads the tokens file, the HTTPS certificate and the
+ * NBD TLS credentials again, without a restart (which would cut every export's clients).
  */
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -60,11 +61,32 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
         await broker.close();
         throw e;
       }
+      const running = service;
+      // SIGHUP: the credentials read again, each on its own (one that fails keeps what it had).
+      let stopping = false;
+      const reload = () => void (async () => {
+        if (stopping) return; // still listened for: SIGHUP's default would end the process mid-stop
+        const done: string[] = [];
+        const attempt = async (what: string, fn: () => unknown) => {
+          try {
+            const n = await fn();
+            if (n !== 0) done.push(what);
+          } catch (e) {
+            logger.error(`SIGHUP: ${what} not reloaded, the old ones stay: ${(e as Error).message}`);
+          }
+        };
+        if (o.tokens !== undefined) await attempt('the tokens file', () => running.reload({ tokens: Tokens.load(o.tokens!, logger) }));
+        if (tls) await attempt('the HTTPS certificate', () => running.reload({ tls: tlsOf(o, true)! }));
+        await attempt('the NBD TLS credentials', async () => (await broker.exports.reloadTls()).reloaded);
+        ctx.note(`offload serve: SIGHUP: reloaded ${done.length > 0 ? done.join(', ') : 'nothing'}`);
+      })();
       // Listening for the signals before saying it is ready: one sent at once must stop it cleanly.
+      process.on('SIGHUP', reload);
       const signalled = new Promise<string>((done) => {
         const stop = (sig: string) => {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);
+          stopping = true;
           done(sig);
         };
         process.on('SIGINT', stop);

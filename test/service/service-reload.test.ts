@@ -1,0 +1,128 @@
+/**
+ * `offload serve` reads its credentials again on SIGHUP, without a restart (which would cut every
+ * NBD client of its exports): the tokens file, the HTTPS certificate and the NBD TLS credentials.
+ * Each that cannot be read keeps what it had, and the service serves on. Credentials:
+ * test/support/tls/ (make-certs.sh; `renewed` is the server's certificate renewed by the same CA).
+ */
+import { randomBytes, X509Certificate } from 'node:crypto';
+import { appendFileSync, copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:tls';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { connectBroker, type Broker } from '../../core/index.js';
+import { HAVE, tool } from '../support/nbd-tools.js';
+import { http as plainHttp, offload, serve, setup, until, type ServiceChild, type Setup } from './service-helpers.js';
+
+const CREDS = join(import.meta.dirname, '../support/tls');
+const CA = readFileSync(join(CREDS, 'client', 'ca-cert.pem'));
+const OPS = randomBytes(24).toString('hex');
+const BOB = randomBytes(24).toString('hex');
+const fingerprint = (folder: string) => new X509Certificate(readFileSync(join(CREDS, folder, 'server-cert.pem'))).fingerprint256;
+
+/** The certificate an HTTPS listener shows a new connection. */
+function servedCertificate(url: string): Promise<string> {
+  const u = new URL(url);
+  return new Promise((done, fail) => {
+    const s = connect({ host: u.hostname, port: Number(u.port), ca: CA, servername: 'localhost' }, () => {
+      done(s.getPeerX509Certificate()!.fingerprint256);
+      s.end();
+    });
+    s.on('error', fail);
+  });
+}
+
+/** Whether a token is let in over HTTPS (the library's client asks who it is): 200, or 401 when refused. */
+async function status(url: string, token: string): Promise<number> {
+  const api = await connectBroker(url, { token, ca: CA }).catch((e: { code?: string }) => e);
+  if ('close' in api) {
+    await api.close();
+    return 200;
+  }
+  return api.code === 'PermissionDenied' ? 401 : 0;
+}
+
+describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again', () => {
+  let s: Setup;
+  let service: ServiceChild;
+  let https: string;
+  let tokens: string;
+  let admin: Broker;
+  const cert = () => join(s.dir, 'https');
+  const nbdTls = () => join(s.dir, 'nbd-tls');
+
+  /** SIGHUP, and the line the service says once it has reloaded. */
+  async function hangUp(): Promise<string> {
+    const before = service.err().split('SIGHUP: reloaded').length;
+    service.child.kill('SIGHUP');
+    await until('the service says it reloaded', () => service.err().split('SIGHUP: reloaded').length > before);
+    return service.err();
+  }
+
+  beforeAll(async () => {
+    s = setup();
+    tokens = join(s.dir, 'tokens.yaml');
+    writeFileSync(tokens, `tokens:\n  - { token: ${OPS}, principal: ops, role: admin }\n`, { mode: 0o600 });
+    mkdirSync(cert());
+    for (const f of ['server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'server', f), join(cert(), f));
+    mkdirSync(nbdTls());
+    for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'server', f), join(nbdTls(), f));
+    appendFileSync(s.config, '\nnbd:\n  tls:\n    x509: ./nbd-tls\n');
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens, '--tls-cert', join(cert(), 'server-cert.pem'), '--tls-key', join(cert(), 'server-key.pem')]);
+    https = service.addresses[1]!;
+    admin = await connectBroker(service.addresses[0]!);
+  });
+
+  afterAll(async () => {
+    await admin?.close();
+    if (service) expect(await service.stop()).toBe(0);
+    rmSync(s.dir, { recursive: true, force: true });
+  });
+
+  it('a token added works and one taken away is refused; the renewed certificate is served; a CRL put beside the NBD CA refuses its certificate; the export serves on', async () => {
+    expect((await offload(s, ['volume', 'create', 'local/disk', '4M'])).code).toBe(0);
+    const exported = await admin.exports.start('local/disk', { name: 'disk', readOnly: true, listen: { port: 0 } });
+    const size = (who: string) => tool('nbdinfo', ['--size', `${exported.uri}?tls-certificates=${join(CREDS, who)}`]);
+    expect((await size('revoked')).status).toBe(0);
+    expect(await status(https, OPS)).toBe(200);
+    expect(await status(https, BOB)).toBe(401);
+    expect(await servedCertificate(https)).toBe(fingerprint('server'));
+
+    writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant }\n`, { mode: 0o600 });
+    for (const f of ['server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'renewed', f), join(cert(), f));
+    copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), join(nbdTls(), 'ca-crl.pem'));
+    expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials\n/);
+
+    expect(await status(https, OPS)).toBe(401);
+    const bob = await connectBroker(https, { token: BOB, ca: CA });
+    try {
+      expect(bob.principal).toEqual({ id: 'bob', role: 'tenant' });
+      // The control API's route for the NBD credentials is for administrators.
+      await expect(bob.exports.reloadTls()).rejects.toMatchObject({ code: 'PermissionDenied' });
+    } finally {
+      await bob.close();
+    }
+    expect(await servedCertificate(https)).toBe(fingerprint('renewed'));
+    expect((await size('revoked')).status).not.toBe(0);
+    expect((await size('client')).status).toBe(0);
+    expect(await admin.exports.reloadTls()).toEqual({ reloaded: 1 });
+    expect((await admin.exports.list()).map((e) => e.name)).toEqual(['disk']);
+    expect(service.child.exitCode).toBeNull();
+  });
+
+  it('a tokens file or a certificate that cannot be used is logged and the old one stays; the service serves on', async () => {
+    writeFileSync(tokens, 'tokens:\n  - { token: short, principal: bob, role: tenant }\n', { mode: 0o600 });
+    writeFileSync(join(cert(), 'server-key.pem'), readFileSync(join(CREDS, 'client', 'client-key.pem')));
+    rmSync(join(nbdTls(), 'ca-cert.pem'));
+    const err = await hangUp();
+    expect(err).toMatch(/SIGHUP: the tokens file not reloaded, the old ones stay: tokens file .*: tokens\[0\]\.token: a token has at least 16 characters/);
+    expect(err).toMatch(/SIGHUP: the HTTPS certificate not reloaded, the old ones stay: --tls-cert\/--tls-key cannot be used/);
+    expect(err).toMatch(/SIGHUP: the NBD TLS credentials not reloaded, the old ones stay: nbd\.tls\.x509: cannot read .*ca-cert\.pem/);
+    expect(err).toMatch(/SIGHUP: reloaded nothing\n/);
+    expect(err).not.toContain('short'); // the bad token is not echoed
+    expect(await status(https, BOB)).toBe(200);
+    expect(await servedCertificate(https)).toBe(fingerprint('renewed'));
+    const list = await plainHttp(service.addresses[0]!, 'GET', '/v1/exports');
+    expect(list.status).toBe(200);
+    expect(service.child.exitCode).toBeNull();
+  });
+});
