@@ -141,6 +141,13 @@ export interface ExportsApi {
    * credentials read; a ConfigError naming each that could not be (those keep what they had).
    */
   reloadTls(): Promise<{ reloaded: number }>;
+  /**
+   * Change which TLS clients an export of this broker admits (ExportOptions.clients) from now on:
+   * a VM moving to another host, a host shut out. Clients connected already stay; an empty list
+   * admits no new one. An administrator's any export, a tenant's its own (within its `nbdClients`).
+   * Its info as it is now; an export another process serves is FailedPrecondition (change it there).
+   */
+  setClients(name: string, clients: string[]): Promise<ExportInfo>;
 }
 
 export interface CloneOptions {

@@ -10,7 +10,7 @@ import { withChangeBitmaps } from './change-bitmaps.js';
 import type { Fill } from '../live/fill.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
-import { Busy, InvalidArgument, NotFound, PermissionDenied, Timeout, toOffloadError } from '../model/errors.js';
+import { Busy, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Timeout, toOffloadError } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
@@ -95,12 +95,7 @@ export class Exports implements ExportsApi {
   private clientsFor(asked: string[] | undefined): string[] | undefined {
     const bound = this.a.principal.nbdClients;
     if (!bound) return asked;
-    const outside = (asked ?? []).filter((c) => !bound.includes(c));
-    if (outside.length > 0) {
-      throw new PermissionDenied(`${this.a.principal.id}'s exports admit only its NBD clients (${bound.join(', ')}), not ${outside.join(', ')}`, {
-        hint: 'name clients among those, or leave them out',
-      });
-    }
+    assertWithin(this.a.principal, bound, asked ?? []);
     return asked ?? [...bound];
   }
 
@@ -129,6 +124,22 @@ export class Exports implements ExportsApi {
         throw e;
       }
     })());
+  }
+
+  async setClients(name: string, clients: string[]): Promise<ExportInfo> {
+    this.s.assertOpen();
+    const asked = Array.isArray(clients) && clients.length === 0 ? [] : checkClients(clients ?? null);
+    const local = this.s.exports.get(name);
+    if (!local || !(this.a.isAdmin || local.owner === this.a.principal.id)) {
+      const remote = (await this.s.jobs.foreignExports()).find((e) => e.name === name && (this.a.isAdmin || e.owner === this.a.principal.id));
+      if (remote) throw new FailedPrecondition(`export ${name} is served by another process (pid ${remote.runnerPid}): its clients are changed there`, { ref: name });
+      throw new NotFound(`no export named ${name}`, { ref: name, hint: 'list exports with `offload nbd list`' });
+    }
+    const owner = this.s.exports.device(name)?.owner;
+    const admitted = this.clientsFor(asked)!;
+    if (owner?.nbdClients) assertWithin(owner, owner.nbdClients, admitted);
+    const { ownerRole: _, ...info } = this.s.exports.setClients(name, admitted);
+    return info;
   }
 
   async reloadTls(): Promise<{ reloaded: number }> {
@@ -218,6 +229,16 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
       await lease.release();
     },
   };
+}
+
+/** A principal bound to its NBD clients (`bound`) may name only those: PermissionDenied naming the others. */
+export function assertWithin(p: Principal, bound: readonly string[], clients: readonly string[]): void {
+  const outside = clients.filter((c) => !bound.includes(c));
+  if (outside.length > 0) {
+    throw new PermissionDenied(`${p.id}'s exports admit only its NBD clients (${bound.join(', ')}), not ${outside.join(', ')}`, {
+      hint: 'name clients among those, or leave them out',
+    });
+  }
 }
 
 /** ExportOptions.clients, checked: one name or more. */

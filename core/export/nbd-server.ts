@@ -112,12 +112,7 @@ export class NbdServer {
       throw new InvalidArgument(`an export name is 1–${LIMITS.maxString} bytes, got ${JSON.stringify(opts.name)}`);
     }
     if (this.exports.has(opts.name)) throw new AlreadyExists(`an export named ${opts.name} is already served here`, { ref: opts.name });
-    if (opts.clients !== undefined && !this.opts.tls) {
-      throw new InvalidArgument(`export ${opts.name}: clients are told apart by TLS, which this server does not require`, { ref: opts.name, hint: 'configure nbd.tls (or give the export TLS credentials)' });
-    }
-    if (opts.clients !== undefined && !this.opts.tls!.namesClients) {
-      throw new InvalidArgument(`export ${opts.name}: clients are named by their certificates, which this server's TLS (verifyPeer: false) does not ask for`, { ref: opts.name, hint: 'leave verifyPeer on, or use PSK identities' });
-    }
+    if (opts.clients !== undefined) this.assertNamesClients(opts.name);
     const device = opts.device;
     const bs = device.blockSize ?? 0;
     const preferred = bs >= 512 && bs <= LIMITS.maxPayload && (bs & (bs - 1)) === 0 ? bs : 4096;
@@ -132,6 +127,27 @@ export class NbdServer {
         ...(opts.clients !== undefined ? { clients: new Set(opts.clients) } : {}),
       },
     });
+  }
+
+  /**
+   * Admit only these TLS clients to an export from now on (undefined: every client TLS lets in).
+   * Connected clients stay; one still negotiating is dropped (it was let in by the old list).
+   */
+  setClients(name: string, clients: readonly string[] | undefined): void {
+    const e = this.exports.get(name);
+    if (!e) throw new NotFound(`no export named ${name} is served here`, { ref: name });
+    if (clients !== undefined) this.assertNamesClients(name);
+    const { clients: _, ...view } = e.view;
+    e.view = clients !== undefined ? { ...view, clients: new Set(clients) } : view;
+  }
+
+  private assertNamesClients(name: string): void {
+    if (!this.opts.tls) {
+      throw new InvalidArgument(`export ${name}: clients are told apart by TLS, which this server does not require`, { ref: name, hint: 'configure nbd.tls (or give the export TLS credentials)' });
+    }
+    if (!this.opts.tls.namesClients) {
+      throw new InvalidArgument(`export ${name}: clients are named by their certificates, which this server's TLS (verifyPeer: false) does not ask for`, { ref: name, hint: 'leave verifyPeer on, or use PSK identities' });
+    }
   }
 
   /** The names served now. */

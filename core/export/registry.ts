@@ -187,6 +187,15 @@ export class ExportRegistry {
     return old;
   }
 
+  /** Admit only these TLS clients to an export from now on (NbdServer.setClients); its info as it is now. */
+  setClients(name: string, clients: readonly string[]): ExportInfo & { ownerRole: Principal['role'] } {
+    const s = this.served.get(name);
+    if (!s || s.stopping) throw new NotFound(`no export named ${name}`, { ref: name });
+    s.server.setClients(name, clients);
+    s.info = { ...s.info, clients: [...clients] };
+    return this.get(name)!;
+  }
+
   get(name: string): (ExportInfo & { ownerRole: Principal['role'] }) | undefined {
     return this.list().find((e) => e.name === name);
   }

@@ -122,6 +122,7 @@ class ServiceClient implements Broker {
       start: (ref, o) => this.startExport(ref, o ?? {}),
       list: () => h.call(ROUTES['exports.list'], {}) as Promise<ExportInfo[]>,
       stop: (name, opts) => h.call(ROUTES['exports.stop'], { params: { name }, ...(opts?.force ? { query: { force: 'true' } } : {}) }),
+      setClients: (name, clients) => h.call(ROUTES['exports.setClients'], { params: { name }, body: { clients } }) as Promise<ExportInfo>,
       reloadTls: () => h.call(ROUTES['exports.reloadTls'], {}),
     };
   }

@@ -11,6 +11,8 @@ import { z } from 'zod';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker, ExportOptions } from '../broker-api.js';
 import type { ListenAddress } from '../export/nbd-server.js';
+import { assertWithin } from '../broker/exports.js';
+import type { ExportInfo } from '../export/registry.js';
 import type { JobInfo } from '../jobs/job.js';
 import { PermissionDenied, toOffloadError } from '../model/errors.js';
 import type { Principal } from '../locks/principal.js';
@@ -35,6 +37,8 @@ export class HostedExports implements HostedExportsApi {
   private readonly file: string;
   private readonly hosted = new Map<string, Hosted>();
   private closing = false;
+  /** A principal as the tokens file binds it now (its nbdClients). */
+  private bind: (p: Principal) => Principal = (p) => p;
 
   constructor(stateDir: string, private readonly logger: Logger) {
     this.file = join(stateDir, 'hosted-exports.json');
@@ -67,12 +71,50 @@ export class HostedExports implements HostedExportsApi {
     if (entry) this.forget(entry);
   }
 
+  /** Change the clients of an export: the entry of a hosted one too, so that it comes back admitting those. */
+  async setClients(broker: Broker, name: string, clients: string[]): Promise<ExportInfo> {
+    const entry = this.hosted.get(name);
+    // Its owner as the tokens file binds it now (the broker knows the binding it started with).
+    const owner = entry && this.bind(entry.principal);
+    if (owner?.nbdClients && Array.isArray(clients)) assertWithin(owner, owner.nbdClients, clients);
+    const info = await broker.exports.setClients(name, clients);
+    if (entry) {
+      entry.clients = [...(info.clients ?? clients)];
+      this.save();
+    }
+    return info;
+  }
+
+  /**
+   * The tokens file was read again (`bind`: a principal as it is bound now): each hosted export
+   * admits from now on only those of its clients its principal's binding still names (a binding
+   * never widens an export; narrowed to none, it admits no new client, and comes back no more).
+   */
+  async rebind(broker: Broker, bind: (p: Principal) => Principal): Promise<void> {
+    this.bind = bind;
+    for (const h of [...this.hosted.values()]) {
+      const bound = bind(h.principal).nbdClients;
+      if (!bound) continue;
+      const clients = (h.clients ?? bound).filter((c) => bound.includes(c));
+      if (h.clients && clients.length === h.clients.length) continue;
+      try {
+        await this.setClients(broker, h.name, clients);
+        if (clients.length > 0) this.logger.info(`hosted export ${h.name}: ${h.principal.id}'s NBD clients changed; it admits ${clients.join(', ')} from now on`);
+        else this.logger.warn(`hosted export ${h.name}: none of its clients is among ${h.principal.id}'s NBD clients (${bound.join(', ')}) any more; it admits no new client (those connected stay until \`offload nbd stop ${h.name}\`)`);
+      } catch (e) {
+        const err = toOffloadError(e);
+        this.logger.error(`hosted export ${h.name}: its clients could not be narrowed to ${h.principal.id}'s NBD clients: ${err.code}: ${err.describe()}`, { export: h.name });
+      }
+    }
+  }
+
   /** Start again the exports hosted when the service last stopped (as the principals that asked). */
   /**
    * `bind`: a principal as it is bound now (the tokens file's nbdClients): an export comes back
    * admitting its clients that the binding still names — none left, it does not come back.
    */
   async restore(broker: Broker, bind: (p: Principal) => Principal = (p) => p): Promise<void> {
+    this.bind = bind;
     const saved = this.read();
     if (saved.length === 0) return;
     const jobs = await broker.jobs.list().catch((e: unknown) => {
@@ -101,6 +143,7 @@ export class HostedExports implements HostedExportsApi {
         const principal = bind(h.principal);
         const bound = principal.nbdClients;
         const clients = h.clients && bound ? h.clients.filter((c) => bound.includes(c)) : h.clients;
+        if (h.clients?.length === 0) throw new PermissionDenied('it admitted no client when the service stopped');
         if (clients?.length === 0) {
           throw new PermissionDenied(`none of its clients (${h.clients!.join(', ')}) is among ${principal.id}'s NBD clients (${bound!.join(', ')}) any more`);
         }

@@ -9,6 +9,7 @@
  */
 import { z } from 'zod';
 import type { Broker, ExportOptions } from '../broker-api.js';
+import type { ExportInfo } from '../export/registry.js';
 import type { Job, JobInfo } from '../jobs/job.js';
 import type { Operation } from '../planner/plan.js';
 import * as s from './schemas.js';
@@ -27,6 +28,7 @@ export interface RouteContext {
 export interface HostedExportsApi {
   start(broker: Broker, ref: string, opts: ExportOptions): Promise<z.input<typeof s.exportStartedSchema>>;
   stop(broker: Broker, name: string, opts?: { force?: boolean }): Promise<void>;
+  setClients(broker: Broker, name: string, clients: string[]): Promise<ExportInfo>;
 }
 
 export interface Route<P extends Schema = Schema, Q extends Schema = Schema, B extends Schema = Schema, R extends Schema | null = Schema | null> {
@@ -228,6 +230,10 @@ export const ROUTES = {
   'exports.stop': route({
     method: 'DELETE', path: '/v1/exports/:name', summary: 'stop an export (force: one under a live copy, cancelling the copy first)', params: s.exportParams, query: s.stopExportQuery, response: null,
     call: (b, { params, query }, ctx) => ctx.exports.stop(b, params.name, query.force ? { force: true } : {}),
+  }),
+  'exports.setClients': route({
+    method: 'PUT', path: '/v1/exports/:name/clients', summary: 'the TLS clients an export admits from now on (connected ones stay; [] admits none)', params: s.exportParams, body: s.exportClientsBody, response: s.exportInfoSchema,
+    call: (b, { params, body }, ctx) => ctx.exports.setClients(b, params.name, body.clients),
   }),
   'exports.reloadTls': route({
     method: 'POST', path: '/v1/exports/reload-tls', summary: "read the service's NBD TLS credentials again (administrators): new handshakes use them, connected clients stay",

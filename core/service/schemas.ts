@@ -73,6 +73,7 @@ export const jobsQuery = z.strictObject({ status: z.string().optional(), all: z.
 export const speedBody = z.strictObject({ bytesPerSecond: z.number() });
 /** A long poll: the answer comes when the job concludes or after timeoutMs (at most a minute), whichever is first. */
 export const waitQuery = z.strictObject({ timeoutMs: z.coerce.number().int().min(0).max(60_000).optional() });
+export const exportClientsBody = z.strictObject({ clients: z.array(z.string()) });
 export const stopExportQuery = z.strictObject({ force: z.stringbool().optional() });
 export const maintenanceBody = z.strictObject({ reason: z.string() });
 export const listenSchema = z.union([

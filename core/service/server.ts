@@ -41,11 +41,11 @@ export interface Service {
   readonly addresses: string[];
   /**
    * From the next request on (`offload serve` on SIGHUP): `tokens`, a tokens file read again
-   * (a token added, one taken away, a principal's NBD clients — for exports started after);
-   * `tls`, the TCP listener's renewed certificate and key (for handshakes after; connections
-   * made stay).
+   * (a token added, one taken away; a principal's NBD clients narrowed, its hosted exports with
+   * them); `tls`, the TCP listener's renewed certificate and key (for handshakes after;
+   * connections made stay).
    */
-  reload(o: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }): void;
+  reload(o: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }): Promise<void>;
   /** Stop accepting, answer pending long polls, wait for requests in flight. The broker stays open (its owner closes it). */
   close(): Promise<void>;
 }
@@ -104,7 +104,7 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       const port = typeof addr === 'object' && addr ? addr.port : o.tcp.port;
       addresses.push(`${tls ? 'https' : 'http'}://${o.tcp.host.includes(':') ? `[${o.tcp.host}]` : o.tcp.host}:${port}`);
     }
-    const reload = (r: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }) => {
+    const reload = async (r: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }) => {
       if (r.tls) {
         if (!secure) throw new InvalidArgument('this service serves no HTTPS: there is no certificate to renew');
         secure(r.tls);
@@ -112,6 +112,7 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       if (r.tokens) {
         if (!auth.tokens) throw new InvalidArgument('this service was started without a tokens file');
         auth.tokens = r.tokens;
+        await hosted.rebind(o.broker, (p) => r.tokens!.bound(p));
       }
     };
     return { addresses, reload, close };

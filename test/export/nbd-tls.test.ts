@@ -439,6 +439,48 @@ describe('TLS credentials in the config (nbd.tls)', () => {
       }
     });
 
+    it("an export's clients changed while it serves (setClients): those shut out see no such export, a client connected before reads on, [] admits none; bound tenants and strangers are refused", async () => {
+      const as = (who: string, uri: string) => `${uri.replace('nbds://', `nbds://${who}@`)}?tls-psk-file=${pskFile}`;
+      const exp = await broker.exports.start('pool/disk', { name: 'moving', readOnly: true, listen: { port: 0 }, clients: ['alice'] });
+      const port = Number(new URL(exp.uri).port);
+      const aliceKey = readPskFile(pskFile).get('alice')!;
+      try {
+        const before = await startTls(port, { psk: { identity: 'alice', key: aliceKey } });
+        expect(await go(before.wire, 'moving')).toContain(REP.ACK);
+        expect(await broker.exports.setClients('moving', ['bob'])).toMatchObject({ name: 'moving', clients: ['bob'] });
+        expect((await broker.exports.list()).find((e) => e.name === 'moving')).toMatchObject({ clients: ['bob'] });
+        expect((await tool('nbdinfo', ['--size', as('alice', exp.uri)])).stderr).toMatch(/no export named ['"]moving['"]/);
+        expect((await ok('nbdinfo', ['--size', as('bob', exp.uri)])).trim()).toBe(String(2 * MiB));
+        const cookie = request(before.wire, CMD.READ, 0, 4096);
+        expect(await reply(before.wire, 4096)).toMatchObject({ cookie, error: 0 });
+        before.wire.close();
+
+        expect((await broker.exports.setClients('moving', [])).clients).toEqual([]);
+        for (const who of ['alice', 'bob']) expect((await tool('nbdinfo', ['--size', as(who, exp.uri)])).stderr).toMatch(/no export named ['"]moving['"]/);
+
+        // A tenant bound to bob cannot open its export to alice; another tenant's export does not exist for it.
+        const t = broker.as({ id: 'tina', role: 'tenant', nbdClients: ['bob'] });
+        await t.volumes.create('pool/tina2', { sizeBytes: MiB });
+        const hers = await t.exports.start('pool/tina2', { readOnly: true, listen: { port } });
+        try {
+          await expect(t.exports.setClients(hers.name, ['alice'])).rejects.toMatchObject({ code: 'PermissionDenied', message: expect.stringMatching(/only its NBD clients \(bob\), not alice/) });
+          // Nor can an administrator: the export is bound as its owner was when it started.
+          await expect(broker.exports.setClients(hers.name, ['alice'])).rejects.toMatchObject({ code: 'PermissionDenied' });
+          await expect(t.exports.setClients('moving', ['bob'])).rejects.toMatchObject({ code: 'NotFound' });
+          await expect(broker.as({ id: 'other', role: 'tenant' }).exports.setClients(hers.name, [])).rejects.toMatchObject({ code: 'NotFound' });
+        } finally {
+          await hers.stop();
+          await t.volumes.delete('pool/tina2');
+        }
+        for (const bad of [[''], 'alice', undefined]) {
+          await expect(broker.exports.setClients('moving', bad as never)).rejects.toMatchObject({ code: 'InvalidArgument' });
+        }
+        await expect(broker.exports.setClients('nothing', ['bob'])).rejects.toMatchObject({ code: 'NotFound' });
+      } finally {
+        await exp.stop();
+      }
+    });
+
     it('serves every export with TLS: nbds:// on TCP, nbds+unix:// on a socket, and nbdinfo reads both with the key', async () => {
       const tcp = await broker.exports.start('pool/disk', { readOnly: true, listen: { port: 0 } });
       const unix = await broker.exports.start('pool/disk', { name: 'disk-unix', readOnly: true, listen: { socket: join(dir, 'nbd.sock') } });

@@ -71,6 +71,16 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
       ctx.table(all.map((e) => ({ ...e, mode: e.readOnly ? 'read-only' : 'read-write', clients: e.clients?.join(',') ?? '', live: e.liveJob ?? '' })), ['name', 'ref', 'mode', 'uri', 'owner', 'clients', 'pid', 'live']);
     });
 
+  nbd.command('clients <name> [names]')
+    .description('change which TLS clients an export admits from now on (comma-separated certificate common names or PSK identities); connected ones stay')
+    .option('--none', 'admit no new client')
+    .action(async (name: string, names: string | undefined, o: { none?: boolean }) => {
+      if (o.none && names !== undefined) throw new UsageError('give NAMES or --none, not both');
+      const clients = o.none ? [] : namesOf(names ?? '', 'NAMES');
+      const info = await (await ctx.broker()).exports.setClients(name, clients!);
+      ctx.print(info, `export ${name} admits ${clients!.length > 0 ? clients!.join(', ') : 'no new client'}`);
+    });
+
   nbd.command('stop <name>')
     .description('stop an export: its clients are disconnected after their requests in flight, the volume flushed')
     .option('--force', 'stop one under a live copy: the copy is cancelled first (its source stays current)')
