@@ -17,6 +17,8 @@ const CREDS = join(import.meta.dirname, '../support/tls');
 const CA = readFileSync(join(CREDS, 'client', 'ca-cert.pem'));
 const OPS = randomBytes(24).toString('hex');
 const BOB = randomBytes(24).toString('hex');
+const CAROL = randomBytes(24).toString('hex');
+const MiB = 1024 * 1024;
 const fingerprint = (folder: string) => new X509Certificate(readFileSync(join(CREDS, folder, 'server-cert.pem'))).fingerprint256;
 
 /** The certificate an HTTPS listener shows a new connection. */
@@ -61,7 +63,7 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
   beforeAll(async () => {
     s = setup();
     tokens = join(s.dir, 'tokens.yaml');
-    writeFileSync(tokens, `tokens:\n  - { token: ${OPS}, principal: ops, role: admin }\n`, { mode: 0o600 });
+    writeFileSync(tokens, `tokens:\n  - { token: ${OPS}, principal: ops, role: admin }\n  - { token: ${CAROL}, principal: carol, role: tenant, nbdClients: [alice, eve] }\n`, { mode: 0o600 });
     mkdirSync(cert());
     for (const f of ['server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'server', f), join(cert(), f));
     mkdirSync(nbdTls());
@@ -78,16 +80,23 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     rmSync(s.dir, { recursive: true, force: true });
   });
 
-  it('a token added works and one taken away is refused; the renewed certificate is served; a CRL put beside the NBD CA refuses its certificate; the export serves on', async () => {
+  it("a token added works and one taken away is refused; the renewed certificate is served; a CRL put beside the NBD CA refuses its certificate; a tenant's export narrowed to its new nbdClients; the exports serve on", async () => {
     expect((await offload(s, ['volume', 'create', 'local/disk', '4M'])).code).toBe(0);
     const exported = await admin.exports.start('local/disk', { name: 'disk', readOnly: true, listen: { port: 0 } });
-    const size = (who: string) => tool('nbdinfo', ['--size', `${exported.uri}?tls-certificates=${join(CREDS, who)}`]);
+    const size = (who: string, uri = exported.uri) => tool('nbdinfo', ['--size', `${uri}?tls-certificates=${join(CREDS, who)}`]);
+    // carol's export admits her two hosts (the binding, as none are named).
+    const carol = await connectBroker(https, { token: CAROL, ca: CA });
+    await carol.volumes.create('local/c1', { sizeBytes: MiB });
+    const hers = await carol.exports.start('local/c1', { readOnly: true, listen: { port: 0 } });
+    await carol.close();
+    expect(hers.clients).toEqual(['alice', 'eve']);
+    expect((await size('client', hers.uri)).status).toBe(0);
     expect((await size('revoked')).status).toBe(0);
     expect(await status(https, OPS)).toBe(200);
     expect(await status(https, BOB)).toBe(401);
     expect(await servedCertificate(https)).toBe(fingerprint('server'));
 
-    writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant }\n`, { mode: 0o600 });
+    writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant }\n  - { token: ${CAROL}, principal: carol, role: tenant, nbdClients: [eve] }\n`, { mode: 0o600 });
     for (const f of ['server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'renewed', f), join(cert(), f));
     copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), join(nbdTls(), 'ca-crl.pem'));
     expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials\n/);
@@ -105,7 +114,19 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     expect((await size('revoked')).status).not.toBe(0);
     expect((await size('client')).status).toBe(0);
     expect(await admin.exports.reloadTls()).toEqual({ reloaded: 1 });
-    expect((await admin.exports.list()).map((e) => e.name)).toEqual(['disk']);
+    // carol's export: alice is no longer among her hosts, so it does not exist for alice; kept so in the service's file.
+    expect((await size('client', hers.uri)).stderr).toMatch(/no export named ['"]local\/c1['"]/);
+    expect((await admin.exports.list()).map((e) => [e.name, e.clients])).toEqual([['disk', undefined], ['local/c1', ['eve']]]);
+    const saved = () => (JSON.parse(readFileSync(join(s.dir, 'state', 'hosted-exports.json'), 'utf8')) as { exports: { name: string; clients?: string[] }[] }).exports;
+    expect(saved().find((e) => e.name === 'local/c1')?.clients).toEqual(['eve']);
+    // Through the CLI: not wider than carol's binding, even for an administrator; --none admits no new client.
+    const cli = (args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
+    const wider = await cli(['nbd', 'clients', 'local/c1', 'alice']);
+    expect(wider.code).not.toBe(0);
+    expect(wider.err).toMatch(/carol's exports admit only its NBD clients \(eve\), not alice/);
+    expect(await cli(['nbd', 'clients', 'local/c1', '--none'])).toMatchObject({ code: 0, out: 'export local/c1 admits no new client\n' });
+    expect(saved().find((e) => e.name === 'local/c1')?.clients).toEqual([]);
+    expect((await admin.exports.list()).map((e) => e.name)).toEqual(['disk', 'local/c1']);
     expect(service.child.exitCode).toBeNull();
   });
 
@@ -124,5 +145,17 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     const list = await plainHttp(service.addresses[0]!, 'GET', '/v1/exports');
     expect(list.status).toBe(200);
     expect(service.child.exitCode).toBeNull();
+  });
+
+  it('started again, the service brings back its exports as their clients now stand: one that admitted no client is dropped, with the reason', async () => {
+    writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant }\n`, { mode: 0o600 });
+    copyFileSync(join(CREDS, 'server', 'ca-cert.pem'), join(nbdTls(), 'ca-cert.pem'));
+    copyFileSync(join(CREDS, 'renewed', 'server-key.pem'), join(cert(), 'server-key.pem'));
+    await admin.close();
+    expect(await service.stop()).toBe(0);
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens, '--tls-cert', join(cert(), 'server-cert.pem'), '--tls-key', join(cert(), 'server-key.pem')], { OFFLOAD_LOG: 'info' });
+    admin = await connectBroker(service.addresses[0]!);
+    expect((await admin.exports.list()).map((e) => e.name)).toEqual(['disk']);
+    expect(service.err()).toMatch(/hosted export local\/c1 of local\/c1 cannot start again, dropped: PermissionDenied: it admitted no client when the service stopped/);
   });
 });
