@@ -135,12 +135,13 @@ export interface ExportsApi {
    */
   stop(name: string, opts?: { force?: boolean }): Promise<void>;
   /**
-   * Read this broker's NBD TLS credentials again (the config's `nbd.tls` and each export's own):
-   * a renewed certificate, a new ca-crl.pem, PSK keys added or taken away count for every
-   * handshake from now on; clients connected already stay. Administrators only. The number of
-   * credentials read; a ConfigError naming each that could not be (those keep what they had).
+   * Read this broker's NBD TLS credentials again (the files of the config's `nbd.tls` and of each
+   * export's own; the settings themselves are read at start only): a renewed certificate, a new
+   * ca-crl.pem, PSK keys added or taken away count for every handshake from now on; clients
+   * connected already stay. Administrators only. How many were read, and why each of the others
+   * could not be (those keep what they had).
    */
-  reloadTls(): Promise<{ reloaded: number }>;
+  reloadTls(): Promise<{ reloaded: number; failed: string[] }>;
   /**
    * Change which TLS clients an export of this broker admits (ExportOptions.clients) from now on:
    * a VM moving to another host, a host shut out. Clients connected already stay; an empty list

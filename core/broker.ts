@@ -109,7 +109,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     await store.close();
     throw e;
   }
-  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats), new ExportRegistry(nbdTls));
+  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats), new ExportRegistry(nbdTls, () => loadedTls));
   // A fill job (an instant clone) is rebuilt here, where both the state and the broker's verbs are known.
   const resolve: TaskResolver = (rec, stopped) => rec.executor === 'host' && rec.type === 'fill' ? Promise.resolve(instantCloneTask(state, rec.params as unknown as FillParams)) : state.resolveTask(rec, stopped);
   state.jobs = new JobManager(store, state.locks, resolve, logger, {

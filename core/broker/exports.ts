@@ -142,10 +142,10 @@ export class Exports implements ExportsApi {
     return info;
   }
 
-  async reloadTls(): Promise<{ reloaded: number }> {
+  async reloadTls(): Promise<{ reloaded: number; failed: string[] }> {
     this.s.assertOpen();
     if (!this.a.isAdmin) throw new PermissionDenied('reloading the NBD TLS credentials is for administrators');
-    return { reloaded: this.s.exports.reloadTls() };
+    return this.s.exports.reloadTls();
   }
 
   /** This broker's exports, and those other live processes sharing its state serve (`offload nbd` elsewhere). */

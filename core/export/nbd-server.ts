@@ -131,7 +131,8 @@ export class NbdServer {
 
   /**
    * Admit only these TLS clients to an export from now on (undefined: every client TLS lets in).
-   * Connected clients stay; one still negotiating is dropped (it was let in by the old list).
+   * Connected clients stay; one still negotiating meets the new list at its next option (the
+   * handshake looks the export up for each).
    */
   setClients(name: string, clients: readonly string[] | undefined): void {
     const e = this.exports.get(name);

@@ -8,7 +8,6 @@ import type { BlockDevice } from '../backend/block-device.js';
 import { KeyedMutex } from '../keyed-mutex.js';
 import type { Principal } from '../locks/principal.js';
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from '../model/errors.js';
-import { ConfigError } from '../config/config-error.js';
 import { NbdServer, type ListenAddress } from './nbd-server.js';
 import type { NbdTls } from './nbd-tls.js';
 
@@ -93,8 +92,11 @@ export class ExportRegistry {
     return this.closing;
   }
 
-  /** `tls`: every server of this broker requires it (the config's `nbd.tls`), loaded when the first one starts. */
-  constructor(private readonly tls?: () => NbdTls) {}
+  /**
+   * `tls`: every server of this broker requires it (the config's `nbd.tls`), loaded when the first
+   * one starts; `loaded`: those credentials if they are loaded already (what reloadTls reads again).
+   */
+  constructor(private readonly tls?: () => NbdTls, private readonly loaded?: () => NbdTls | undefined) {}
 
   /** Refuse a name that is served or being started (AlreadyExists), and hold it for a start. */
   reserve(name: string): () => void {
@@ -226,21 +228,17 @@ export class ExportRegistry {
   }
 
   /**
-   * Read every TLS credential in use again — the config's, and each export's own — for the
-   * handshakes from now on (connected clients stay). All are tried; the count of those read, or
-   * a ConfigError naming each that failed (they serve on with what they had).
+   * Read every TLS credential loaded again — the config's, and each export's own — for the
+   * handshakes from now on (connected clients stay). Each on its own: how many were read, and why
+   * each of the others could not be (those serve on with what they had).
    */
-  reloadTls(): number {
+  reloadTls(): { reloaded: number; failed: string[] } {
     const all = new Set<NbdTls>();
-    const failed: string[] = [];
-    try {
-      const config = this.tls?.();
-      if (config) all.add(config);
-    } catch (e) {
-      failed.push((e as Error).message); // never loaded yet, and cannot be: no export uses it
-    }
+    const config = this.loaded?.();
+    if (config) all.add(config);
     for (const t of this.serverTls.values()) if (t.creds) all.add(t.creds);
     let reloaded = 0;
+    const failed: string[] = [];
     for (const creds of all) {
       try {
         creds.reload();
@@ -249,8 +247,7 @@ export class ExportRegistry {
         failed.push((e as Error).message);
       }
     }
-    if (failed.length > 0) throw new ConfigError(`${failed.join('; ')} (the credentials in use stay)`, 'fix the files, then reload again');
-    return reloaded;
+    return { reloaded, failed };
   }
 
   /** Stop every export (the broker is closing). */

@@ -46,7 +46,21 @@ export class HostedExports implements HostedExportsApi {
 
   async start(broker: Broker, ref: string, opts: ExportOptions): Promise<{ name: string; ref: string; uri: string; readOnly: boolean; clients?: string[] }> {
     const handle = await broker.exports.start(ref, opts);
-    const clients = handle.clients ? { clients: [...handle.clients] } : {};
+    // Its principal as the tokens file binds it now: one read again while this started (the
+    // request was let in under the old file) narrows it at once, as it narrowed those started before.
+    const bound = this.bind(broker.principal).nbdClients;
+    let admitted = handle.clients;
+    if (bound && (!admitted || admitted.some((c) => !bound.includes(c)))) {
+      admitted = (admitted ?? bound).filter((c) => bound.includes(c));
+      try {
+        if (admitted.length === 0) throw new PermissionDenied(`${broker.principal.id}'s exports admit only its NBD clients (${bound.join(', ')}), not ${(handle.clients ?? []).join(', ')}`);
+        await broker.exports.setClients(handle.name, [...admitted]);
+      } catch (e) {
+        await handle.stop().catch(() => undefined);
+        throw e;
+      }
+    }
+    const clients = admitted ? { clients: [...admitted] } : {};
     const entry: Hosted = {
       name: handle.name, ref: handle.ref, readOnly: handle.readOnly, listen: asStarted(opts.listen, handle.uri), principal: { id: broker.principal.id, role: broker.principal.role },
       ...clients, since: new Date().toISOString(),
@@ -74,8 +88,9 @@ export class HostedExports implements HostedExportsApi {
   /** Change the clients of an export: the entry of a hosted one too, so that it comes back admitting those. */
   async setClients(broker: Broker, name: string, clients: string[]): Promise<ExportInfo> {
     const entry = this.hosted.get(name);
-    // Its owner as the tokens file binds it now (the broker knows the binding it started with).
-    const owner = entry && this.bind(entry.principal);
+    // Its owner as the tokens file binds it now (the broker knows the binding it started with);
+    // to anyone but its owner and administrators the broker answers NotFound, as for any export.
+    const owner = entry && (broker.principal.role === 'admin' || broker.principal.id === entry.principal.id) ? this.bind(entry.principal) : undefined;
     if (owner?.nbdClients && Array.isArray(clients)) assertWithin(owner, owner.nbdClients, clients);
     const info = await broker.exports.setClients(name, clients);
     if (entry) {
@@ -102,8 +117,10 @@ export class HostedExports implements HostedExportsApi {
         if (clients.length > 0) this.logger.info(`hosted export ${h.name}: ${h.principal.id}'s NBD clients changed; it admits ${clients.join(', ')} from now on`);
         else this.logger.warn(`hosted export ${h.name}: none of its clients is among ${h.principal.id}'s NBD clients (${bound.join(', ')}) any more; it admits no new client (those connected stay until \`offload nbd stop ${h.name}\`)`);
       } catch (e) {
+        // Left as it is, it would admit clients the file no longer lets in: it stops instead.
         const err = toOffloadError(e);
-        this.logger.error(`hosted export ${h.name}: its clients could not be narrowed to ${h.principal.id}'s NBD clients: ${err.code}: ${err.describe()}`, { export: h.name });
+        this.logger.error(`hosted export ${h.name}: its clients cannot be narrowed to ${h.principal.id}'s NBD clients (${err.code}: ${err.describe()}); it stops`, { export: h.name });
+        await this.stop(broker, h.name).catch((s: unknown) => this.logger.error(`hosted export ${h.name} could not be stopped either: ${toOffloadError(s).message}`, { export: h.name }));
       }
     }
   }

@@ -237,7 +237,7 @@ export const ROUTES = {
   }),
   'exports.reloadTls': route({
     method: 'POST', path: '/v1/exports/reload-tls', summary: "read the service's NBD TLS credentials again (administrators): new handshakes use them, connected clients stay",
-    response: z.object({ reloaded: z.number().int() }),
+    response: z.object({ reloaded: z.number().int(), failed: z.array(z.string()) }),
     call: (b) => b.exports.reloadTls(),
   }),
 } as const;

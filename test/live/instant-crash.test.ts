@@ -77,7 +77,8 @@ describe('kill -9 during an instant clone', () => {
     }
     expect(kills).toBeGreaterThanOrEqual(Math.min(KILLS, 4));
     expect(resumedAt.some((p) => p > 0)).toBe(true);
-    // Let it finish; the clone then equals the model, and the source is free.
+    // Let it finish (the rest at full speed); the clone then equals the model, and the source is free.
+    expect((await client('jobs', 'set-speed', jobId, '0')).code).toBe(0);
     await until('the fill ends', async () => ((await json('jobs', 'show', jobId)) as { status: string }).status === 'concluded', 600, 100);
     const done = await json('jobs', 'show', jobId) as { error?: unknown };
     expect(done.error).toBeUndefined();

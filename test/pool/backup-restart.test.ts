@@ -54,6 +54,7 @@ describe('backup across a broker restart', () => {
     const before = (await b.jobs.get(id1)).info();
     expect(before.progress.current).toBeGreaterThan(0); // resumed, not restarted from zero
     expect(before.progress.current).toBeLessThan(before.progress.total);
+    await b.jobs.setSpeed(id1, 0); // the rest at full speed: the limit only made the stop land half-way
     const info1 = await b.jobs.wait(id1);
     expect(info1.error).toBeUndefined();
     expect(info1.status).toBe('concluded');
@@ -67,6 +68,7 @@ describe('backup across a broker restart', () => {
       const mid = (await b.jobs.get(id2)).info();
       expect(mid.progress.current).toBeGreaterThan(0);
       expect(mid.progress.total).toBeLessThanOrEqual(14 * MiB + 256 * 1024); // only the changes
+      await b.jobs.setSpeed(id2, 0);
       const info2 = await b.jobs.wait(id2);
       expect(info2.error).toBeUndefined();
       expect((await b.backups.list('local/set')).map((p) => p.point)).toEqual([1, 2]);
@@ -97,6 +99,7 @@ describe('backup across a broker restart', () => {
     try {
       // The first disk counted as done (test/core/backup-group-task.test.ts shows it is not read again).
       expect((await b.jobs.get(id)).info().progress.current).toBeGreaterThanOrEqual(8 * MiB);
+      await b.jobs.setSpeed(id, 0);
       const info = await b.jobs.wait(id);
       expect(info.error).toBeUndefined();
       expect(info.progress).toMatchObject({ current: 16 * MiB, total: 16 * MiB }); // nothing copied twice, as far as progress tells
@@ -125,6 +128,7 @@ describe('backup across a broker restart', () => {
       const before = (await b.jobs.get(id)).info();
       expect(before.progress.current).toBeGreaterThan(0); // resumed, not restarted from zero
       expect(before.progress.current).toBeLessThan(before.progress.total);
+      await b.jobs.setSpeed(id, 0);
       const info = await b.jobs.wait(id);
       expect(info.error).toBeUndefined();
       const job = await b.backups.restore('local/set@b1', { to: 'local/back-k' });

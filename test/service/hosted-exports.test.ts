@@ -134,3 +134,52 @@ describe('live copies suspended when the service stopped', () => {
   });
 });
 
+
+describe("hosted exports and the tokens file's nbdClients read again", () => {
+  /** A broker view of carol whose exports start admitting `clients`; what is done to them is logged. */
+  function carolsBroker(clients: string[], o: { setFails?: boolean } = {}): { broker: Broker; log: string[] } {
+    const log: string[] = [];
+    const broker = {
+      principal: { id: 'carol', role: 'tenant', nbdClients: ['alice', 'eve'] },
+      as: () => broker,
+      exports: {
+        start: async (r: string, opt: ExportOptions) => ({
+          name: opt.name ?? r, ref: r, uri: 'nbds://127.0.0.1:10809/vm', readOnly: true, clients, stopped: new Promise<void>(() => undefined),
+          stop: async () => { log.push(`stop ${opt.name ?? r}`); }, onRetarget: () => undefined,
+        }),
+        setClients: async (name: string, c: string[]) => {
+          if (o.setFails) throw Object.assign(new Error('clients are told apart by TLS, which this server does not require'), { code: 'InvalidArgument' });
+          log.push(`clients ${name} ${c.join(',')}`);
+          return { name, clients: c };
+        },
+        stop: async (name: string) => { log.push(`stop ${name}`); },
+      },
+    } as unknown as Broker;
+    return { broker, log };
+  }
+  const hosted = () => {
+    const dir = mkdtempSync(join(tmpdir(), 'offload-hosted-'));
+    dirs.push(dir);
+    return new HostedExports(dir, silentLogger);
+  };
+  const narrowed = (p: { id: string; role: 'admin' | 'tenant' }) => (p.id === 'carol' ? { ...p, nbdClients: ['eve'] } : p);
+
+  it('an export started under the file before it was read again (its request let in then) is narrowed at once; one left with none is refused and stopped', async () => {
+    const h = hosted();
+    await h.rebind(carolsBroker([]).broker, narrowed); // the file read again: carol's hosts are eve's only
+    const { broker, log } = carolsBroker(['alice', 'eve']);
+    expect(await h.start(broker, 'local/c1', { name: 'c1', readOnly: true })).toMatchObject({ clients: ['eve'] });
+    expect(log).toEqual(['clients c1 eve']);
+    const only = carolsBroker(['alice']);
+    await expect(h.start(only.broker, 'local/c2', { name: 'c2', readOnly: true, clients: ['alice'] })).rejects.toMatchObject({ code: 'PermissionDenied' });
+    expect(only.log).toEqual(['stop c2']);
+  });
+
+  it('an export whose clients cannot be narrowed stops, rather than admit the hosts the file took away', async () => {
+    const h = hosted();
+    const { broker, log } = carolsBroker(['alice', 'eve'], { setFails: true });
+    await h.start(broker, 'local/c1', { name: 'c1', readOnly: true });
+    await h.rebind(broker, narrowed);
+    expect(log).toEqual(['stop c1']);
+  });
+});

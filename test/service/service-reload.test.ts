@@ -98,24 +98,29 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
 
     writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant }\n  - { token: ${CAROL}, principal: carol, role: tenant, nbdClients: [eve] }\n`, { mode: 0o600 });
     for (const f of ['server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'renewed', f), join(cert(), f));
-    copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), join(nbdTls(), 'ca-crl.pem'));
-    expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials\n/);
+    expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials \(1\)\n/);
 
     expect(await status(https, OPS)).toBe(401);
     const bob = await connectBroker(https, { token: BOB, ca: CA });
     try {
       expect(bob.principal).toEqual({ id: 'bob', role: 'tenant' });
-      // The control API's route for the NBD credentials is for administrators.
+      // The control API's route for the NBD credentials is for administrators; carol's export does not exist for bob.
       await expect(bob.exports.reloadTls()).rejects.toMatchObject({ code: 'PermissionDenied' });
+      await expect(bob.exports.setClients('local/c1', ['alice'])).rejects.toMatchObject({ code: 'NotFound', message: 'no export named local/c1' });
     } finally {
       await bob.close();
     }
     expect(await servedCertificate(https)).toBe(fingerprint('renewed'));
+    // carol's export: alice is no longer among her hosts, so it does not exist for alice; eve's is served; kept so in the service's file.
+    expect((await size('client', hers.uri)).stderr).toMatch(/no export named ['"]local\/c1['"]/);
+    expect((await size('revoked', hers.uri)).status).toBe(0);
+
+    // The CA's revocation list put beside it: eve's certificate is refused from the next handshake.
+    copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), join(nbdTls(), 'ca-crl.pem'));
+    expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials \(1\)\n/);
     expect((await size('revoked')).status).not.toBe(0);
     expect((await size('client')).status).toBe(0);
-    expect(await admin.exports.reloadTls()).toEqual({ reloaded: 1 });
-    // carol's export: alice is no longer among her hosts, so it does not exist for alice; kept so in the service's file.
-    expect((await size('client', hers.uri)).stderr).toMatch(/no export named ['"]local\/c1['"]/);
+    expect(await admin.exports.reloadTls()).toEqual({ reloaded: 1, failed: [] });
     expect((await admin.exports.list()).map((e) => [e.name, e.clients])).toEqual([['disk', undefined], ['local/c1', ['eve']]]);
     const saved = () => (JSON.parse(readFileSync(join(s.dir, 'state', 'hosted-exports.json'), 'utf8')) as { exports: { name: string; clients?: string[] }[] }).exports;
     expect(saved().find((e) => e.name === 'local/c1')?.clients).toEqual(['eve']);
@@ -135,15 +140,18 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     writeFileSync(join(cert(), 'server-key.pem'), readFileSync(join(CREDS, 'client', 'client-key.pem')));
     rmSync(join(nbdTls(), 'ca-cert.pem'));
     const err = await hangUp();
-    expect(err).toMatch(/SIGHUP: the tokens file not reloaded, the old ones stay: tokens file .*: tokens\[0\]\.token: a token has at least 16 characters/);
-    expect(err).toMatch(/SIGHUP: the HTTPS certificate not reloaded, the old ones stay: --tls-cert\/--tls-key cannot be used/);
-    expect(err).toMatch(/SIGHUP: the NBD TLS credentials not reloaded, the old ones stay: nbd\.tls\.x509: cannot read .*ca-cert\.pem/);
+    expect(err).toMatch(/SIGHUP: the tokens file not reloaded, the one in use stays: tokens file .*: tokens\[0\]\.token: a token has at least 16 characters/);
+    expect(err).toMatch(/SIGHUP: the HTTPS certificate not reloaded, the one in use stays: --tls-cert\/--tls-key cannot be used/);
+    expect(err).toMatch(/SIGHUP: NBD TLS credentials not reloaded, the one in use stays: nbd\.tls\.x509: cannot read .*ca-cert\.pem/);
     expect(err).toMatch(/SIGHUP: reloaded nothing\n/);
     expect(err).not.toContain('short'); // the bad token is not echoed
     expect(await status(https, BOB)).toBe(200);
     expect(await servedCertificate(https)).toBe(fingerprint('renewed'));
     const list = await plainHttp(service.addresses[0]!, 'GET', '/v1/exports');
     expect(list.status).toBe(200);
+    const disk = (list.body as { name: string; uri: string }[]).find((e) => e.name === 'disk')!;
+    expect((await tool('nbdinfo', ['--size', `${disk.uri}?tls-certificates=${join(CREDS, 'client')}`])).status).toBe(0); // NBD serves on with what it had
+    expect((await tool('nbdinfo', ['--size', `${disk.uri}?tls-certificates=${join(CREDS, 'revoked')}`])).status).not.toBe(0);
     expect(service.child.exitCode).toBeNull();
   });
 

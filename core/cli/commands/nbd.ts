@@ -77,7 +77,10 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     .action(async (name: string, names: string | undefined, o: { none?: boolean }) => {
       if (o.none && names !== undefined) throw new UsageError('give NAMES or --none, not both');
       const clients = o.none ? [] : namesOf(names ?? '', 'NAMES');
-      const info = await (await ctx.broker()).exports.setClients(name, clients!);
+      const broker = await ctx.broker();
+      // An export this command could change lives in this process only: a service's, or a program's.
+      if (!serviceOf(broker)) throw new UsageError('nbd clients changes an export of the service: pass --server (a foreground `offload nbd` takes --clients when it starts)');
+      const info = await broker.exports.setClients(name, clients!);
       ctx.print(info, `export ${name} admits ${clients!.length > 0 ? clients!.join(', ') : 'no new client'}`);
     });
 

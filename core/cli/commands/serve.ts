@@ -49,6 +49,10 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       const [{ Tokens }, { ServiceMetrics }, { startService }] = await Promise.all([
         import('../../service/auth.js'), import('../../service/metrics.js'), import('../../service/server.js'),
       ]);
+      // SIGHUP reads the credentials again: listened for from here on, as its default would end
+      // the process; one that comes before the service is ready runs once it is.
+      const hangUp = hangUps();
+      process.on('SIGHUP', hangUp.signal);
       const tokens = o.tokens === undefined ? undefined : Tokens.load(o.tokens, logger);
       const metrics = new ServiceMetrics();
       const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger, suspendLiveCopies: true });
@@ -62,31 +66,34 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
         throw e;
       }
       const running = service;
-      // SIGHUP: the credentials read again, each on its own (one that fails keeps what it had).
-      let stopping = false;
-      const reload = () => void (async () => {
-        if (stopping) return; // still listened for: SIGHUP's default would end the process mid-stop
+      hangUp.ready(async () => {
         const done: string[] = [];
-        const attempt = async (what: string, fn: () => unknown) => {
+        const failed = (what: string, e: unknown) => logger.error(`SIGHUP: ${what} not reloaded, the one in use stays: ${(e as Error).message}`);
+        const attempt = async (what: string, fn: () => Promise<unknown>) => {
           try {
-            const n = await fn();
-            if (n !== 0) done.push(what);
+            await fn();
+            done.push(what);
           } catch (e) {
-            logger.error(`SIGHUP: ${what} not reloaded, the old ones stay: ${(e as Error).message}`);
+            failed(what, e);
           }
         };
         if (o.tokens !== undefined) await attempt('the tokens file', () => running.reload({ tokens: Tokens.load(o.tokens!, logger) }));
         if (tls) await attempt('the HTTPS certificate', () => running.reload({ tls: tlsOf(o, true)! }));
-        await attempt('the NBD TLS credentials', async () => (await broker.exports.reloadTls()).reloaded);
+        try {
+          const nbd = await broker.exports.reloadTls();
+          if (nbd.reloaded > 0) done.push(`the NBD TLS credentials (${nbd.reloaded})`);
+          for (const why of nbd.failed) failed('NBD TLS credentials', new Error(why));
+        } catch (e) {
+          failed('the NBD TLS credentials', e);
+        }
         ctx.note(`offload serve: SIGHUP: reloaded ${done.length > 0 ? done.join(', ') : 'nothing'}`);
-      })();
+      });
       // Listening for the signals before saying it is ready: one sent at once must stop it cleanly.
-      process.on('SIGHUP', reload);
       const signalled = new Promise<string>((done) => {
         const stop = (sig: string) => {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);
-          stopping = true;
+          hangUp.stop();
           done(sig);
         };
         process.on('SIGINT', stop);
@@ -102,6 +109,34 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       await service.close();
       await broker.close(); // running jobs are checkpointed and released: another runner takes them at once
     });
+}
+
+/**
+ * SIGHUPs while `offload serve` runs: each runs the reload once the service is ready (one that
+ * came before runs then), one at a time; once it stops, none (the process must not end mid-stop).
+ */
+function hangUps(): { signal: () => void; ready(reload: () => Promise<void>): void; stop(): void } {
+  let reload: (() => Promise<void>) | undefined;
+  let pending = false;
+  let stopped = false;
+  let chain = Promise.resolve();
+  const run = () => {
+    chain = chain.then(() => (stopped ? undefined : reload!())).catch(() => undefined);
+  };
+  return {
+    signal: () => {
+      if (stopped) return;
+      if (reload) run();
+      else pending = true;
+    },
+    ready: (r) => {
+      reload = r;
+      if (pending) run();
+    },
+    stop: () => {
+      stopped = true;
+    },
+  };
 }
 
 /** --tls-cert and --tls-key, read and checked (a key that is not the certificate's is refused here). */
