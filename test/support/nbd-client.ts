@@ -4,8 +4,9 @@
  * sent on purpose. Real clients (qemu-img, qemu-io, nbdinfo, nbdcopy) are the other half of the tests.
  */
 import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import {
-  CMD, HANDSHAKE, IHAVEOPT, NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+  CMD, HANDSHAKE, IHAVEOPT, NBDMAGIC, OPT, OPTION_REPLY_MAGIC, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 } from '../../core/export/nbd-protocol.js';
 
 export interface OptionReply { option: number; type: number; data: Buffer }
@@ -208,6 +209,29 @@ export function readData(r: Reply, offset: number, length: number): Buffer {
     }
   }
   return out;
+}
+
+/** Greet, STARTTLS, then TLS on the socket (the client side): the wire over TLS. */
+export async function startTls(port: number, creds: { ca?: Buffer; cert?: Buffer; key?: Buffer; psk?: { identity: string; key: Buffer } }): Promise<{ wire: Wire; tls: TLSSocket }> {
+  const raw = await Wire.open(port);
+  await greet(raw);
+  option(raw, OPT.STARTTLS);
+  const ack = await optionReply(raw);
+  if (ack.type !== REP.ACK) throw new Error(`STARTTLS was answered ${ack.type}, not ACK`);
+  raw.socket.removeAllListeners('data');
+  const tls = tlsConnect({
+    socket: raw.socket, servername: 'localhost',
+    ...(creds.ca ? { ca: creds.ca } : {}), ...(creds.cert ? { cert: creds.cert, key: creds.key } : {}),
+    ...(creds.psk ? { ciphers: 'PSK-AES128-GCM-SHA256', maxVersion: 'TLSv1.2' as const, checkServerIdentity: () => undefined, pskCallback: () => ({ identity: creds.psk!.identity, psk: creds.psk!.key }) } : {}),
+  });
+  await new Promise<void>((resolve, reject) => tls.once('secureConnect', resolve).once('error', reject));
+  return { wire: new Wire(tls), tls };
+}
+
+/** GO to `name` over a wire; the replies. */
+export async function go(w: Wire, name: string): Promise<number[]> {
+  option(w, OPT.GO, Buffer.concat([nameData(name), Buffer.from([0, 0])]));
+  return (await optionReplies(w)).map((r) => r.type);
 }
 
 export { CMD };

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Test credentials for TLS (NBD: test/export/nbd-tls.test.ts; the control API:
-# test/service/service-tls.test.ts, reloads: test/service/service-reload.test.ts), in the folder layouts qemu's
+# test/service/service-tls.test.ts, reloads: test/export/nbd-tls-access.test.ts and
+# test/service/service-reload.test.ts), in the folder layouts qemu's
 # tls-creds-x509 and libnbd's tls-certificates read. Made once and committed (valid 100 years);
 # run again to replace them. Never use them for anything but tests.
 set -eu
