@@ -3,7 +3,8 @@
  * executor and the bytes they processed on the host vs offloaded (read from the job store at each
  * scrape, so they count every runner's jobs, not only this service's, and drop what a dismissed
  * job had processed), the bytes this service's jobs processed as a counter, lease takeovers and
- * fencing rejections (from the broker's job events), and request latency by route.
+ * fencing rejections (from the broker's job events), request latency by route, and credentials
+ * read again on SIGHUP.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { JobEventHook } from '../jobs/job-manager.js';
@@ -16,6 +17,7 @@ export class ServiceMetrics {
   private readonly processed: Counter<'where'>;
   private readonly fenced: Counter;
   private readonly latency: Histogram<'method' | 'route' | 'status'>;
+  private readonly reloads: Counter<'credentials' | 'result'>;
 
   constructor() {
     const registers = [this.registry];
@@ -50,6 +52,15 @@ export class ServiceMetrics {
       name: 'offload_http_request_duration_seconds', help: 'Control API requests by route and status',
       labelNames: ['method', 'route', 'status'], registers, buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, 60],
     });
+    this.reloads = new Counter({
+      name: 'offload_credential_reloads_total', help: 'Credentials read again on SIGHUP (tokens, https, nbd-tls) and whether they could be (failed: the ones in use stay; alert on it before a certificate expires)',
+      labelNames: ['credentials', 'result'], registers,
+    });
+  }
+
+  /** A credential read again (SIGHUP), or not. */
+  reloaded(credentials: 'tokens' | 'https' | 'nbd-tls', ok: boolean): void {
+    this.reloads.inc({ credentials, result: ok ? 'ok' : 'failed' });
   }
 
   /** Where the job gauges read from (the administrator's view of the service's broker). */

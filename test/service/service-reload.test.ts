@@ -152,6 +152,12 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     const disk = (list.body as { name: string; uri: string }[]).find((e) => e.name === 'disk')!;
     expect((await tool('nbdinfo', ['--size', `${disk.uri}?tls-certificates=${join(CREDS, 'client')}`])).status).toBe(0); // NBD serves on with what it had
     expect((await tool('nbdinfo', ['--size', `${disk.uri}?tls-certificates=${join(CREDS, 'revoked')}`])).status).not.toBe(0);
+    // What an operator alerts on: two SIGHUPs that read everything, then one that read nothing.
+    const metrics = (await plainHttp(service.addresses[0]!, 'GET', '/metrics')).text;
+    for (const kind of ['tokens', 'https', 'nbd-tls']) {
+      expect(metrics).toContain(`offload_credential_reloads_total{credentials="${kind}",result="ok"} 2`);
+      expect(metrics).toContain(`offload_credential_reloads_total{credentials="${kind}",result="failed"} 1`);
+    }
     expect(service.child.exitCode).toBeNull();
   });
 

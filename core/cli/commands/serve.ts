@@ -68,23 +68,29 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       const running = service;
       hangUp.ready(async () => {
         const done: string[] = [];
-        const failed = (what: string, e: unknown) => logger.error(`SIGHUP: ${what} not reloaded, the one in use stays: ${(e as Error).message}`);
-        const attempt = async (what: string, fn: () => Promise<unknown>) => {
+        type Kind = Parameters<typeof metrics.reloaded>[0];
+        const failed = (kind: Kind, what: string, e: unknown) => {
+          metrics.reloaded(kind, false);
+          logger.error(`SIGHUP: ${what} not reloaded, the one in use stays: ${(e as Error).message}`);
+        };
+        const attempt = async (kind: Kind, what: string, fn: () => Promise<unknown>) => {
           try {
             await fn();
+            metrics.reloaded(kind, true);
             done.push(what);
           } catch (e) {
-            failed(what, e);
+            failed(kind, what, e);
           }
         };
-        if (o.tokens !== undefined) await attempt('the tokens file', () => running.reload({ tokens: Tokens.load(o.tokens!, logger) }));
-        if (tls) await attempt('the HTTPS certificate', () => running.reload({ tls: tlsOf(o, true)! }));
+        if (o.tokens !== undefined) await attempt('tokens', 'the tokens file', () => running.reload({ tokens: Tokens.load(o.tokens!, logger) }));
+        if (tls) await attempt('https', 'the HTTPS certificate', () => running.reload({ tls: tlsOf(o, true)! }));
         try {
           const nbd = await broker.exports.reloadTls();
+          for (let i = 0; i < nbd.reloaded; i++) metrics.reloaded('nbd-tls', true);
           if (nbd.reloaded > 0) done.push(`the NBD TLS credentials (${nbd.reloaded})`);
-          for (const why of nbd.failed) failed('NBD TLS credentials', new Error(why));
+          for (const why of nbd.failed) failed('nbd-tls', 'NBD TLS credentials', new Error(why));
         } catch (e) {
-          failed('the NBD TLS credentials', e);
+          failed('nbd-tls', 'the NBD TLS credentials', e);
         }
         ctx.note(`offload serve: SIGHUP: reloaded ${done.length > 0 ? done.join(', ') : 'nothing'}`);
       });
