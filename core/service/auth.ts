@@ -6,6 +6,7 @@
  *       principal: alice
  *       role: tenant              # tenant: its own volumes and jobs only; admin: everything
  *       nbdClients: [alice-kvm1]  # optional: its NBD exports admit only these TLS clients
+ *       expires: 2027-06-30T00:00:00Z  # optional: refused from then on (401 "has expired")
  *     - token: 51aa7d…
  *       principal: ops
  *       role: admin
@@ -31,10 +32,11 @@ const tokensFileSchema = z.strictObject({
     principal: z.string().min(1),
     role: z.enum(['admin', 'tenant']),
     nbdClients: z.array(z.string().min(1).max(255)).min(1).optional(),
+    expires: z.iso.datetime({ offset: true, error: 'expires is a date and time with its zone, e.g. 2027-06-30T00:00:00Z' }).optional(),
   })),
 });
 
-interface Entry { digest: Buffer; principal: Principal }
+interface Entry { digest: Buffer; principal: Principal; expiresAt?: number }
 
 export class Tokens {
   /** Each bound principal's NBD clients, by `role:id` (one binding per principal, whichever token it came by). */
@@ -71,7 +73,7 @@ export class Tokens {
     const parsed = tokensFileSchema.safeParse(raw);
     if (!parsed.success) {
       const first = parsed.error.issues[0]!;
-      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant, nbdClients?: [NAME…] }]');
+      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant, nbdClients?: [NAME…], expires?: DATETIME }]');
     }
     const seen = new Set<string>();
     const bindings = new Map<string, string>();
@@ -92,20 +94,37 @@ export class Tokens {
       } catch (e) {
         throw new ConfigError(`tokens file ${path}: tokens[${i}].principal: ${(e as Error).message}`);
       }
-      return { digest: digest(t.token), principal };
+      const expiresAt = t.expires === undefined ? undefined : Date.parse(t.expires);
+      if (expiresAt !== undefined && expiresAt <= Date.now()) logger.warn(`tokens file ${path}: tokens[${i}] (${t.principal}) expired at ${t.expires}: it is refused`);
+      return { digest: digest(t.token), principal, ...(expiresAt !== undefined ? { expiresAt } : {}) };
     });
     return new Tokens(entries);
   }
 
-  /** The principal of an `Authorization` header's bearer token; undefined when absent or unknown. */
+  /** The principal of an `Authorization` header's bearer token; undefined when absent, unknown or expired. */
   principalOf(authorization: string | undefined): Principal | undefined {
+    const e = this.entryOf(authorization);
+    return e && !expired(e) ? e.principal : undefined;
+  }
+
+  /** Whether the header's bearer token is one of the file's, past its `expires` (for the 401's message). */
+  expired(authorization: string | undefined): boolean {
+    const e = this.entryOf(authorization);
+    return e !== undefined && expired(e);
+  }
+
+  private entryOf(authorization: string | undefined): Entry | undefined {
     const m = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? '');
     if (!m) return undefined;
     const d = digest(m[1]!);
-    let found: Principal | undefined;
-    for (const e of this.entries) if (timingSafeEqual(e.digest, d) && !found) found = e.principal;
+    let found: Entry | undefined;
+    for (const e of this.entries) if (timingSafeEqual(e.digest, d) && !found) found = e;
     return found;
   }
+}
+
+function expired(e: Entry): boolean {
+  return e.expiresAt !== undefined && Date.now() >= e.expiresAt;
 }
 
 function digest(token: string): Buffer {

@@ -154,7 +154,8 @@ function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping
     if (req.url === '/openapi.json') return done(); // the description of the API is public
     const who = authenticate(req);
     if (!who) {
-      const err = new PermissionDenied(req.headers.authorization ? 'the bearer token is not known' : 'a bearer token is needed (Authorization: Bearer TOKEN)', {
+      const header = req.headers.authorization;
+      const err = new PermissionDenied(!header ? 'a bearer token is needed (Authorization: Bearer TOKEN)' : auth.tokens?.expired(header) ? 'the bearer token has expired' : 'the bearer token is not known', {
         hint: 'pass the token in OFFLOAD_TOKEN, as the tokens file of `offload serve` names it',
       });
       return reply.code(401).header('www-authenticate', 'Bearer').send(errorBody(err));

@@ -40,6 +40,26 @@ describe('tokens file', () => {
     expect(same.principalOf('Bearer cccccccccccccccccccc')?.nbdClients).toEqual(['kvm-2', 'kvm-1']);
   });
 
+  it('expires: a token is refused from then on (and said to have expired); a token expired already is warned of; a bad date is a ConfigError', () => {
+    const warnings: string[] = [];
+    const logger = { ...silentLogger, warn: (m: string) => { warnings.push(m); } };
+    const later = new Date(Date.now() + 3_600_000).toISOString();
+    const t = Tokens.load(file([
+      `  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, expires: "${later}" }`,
+      '  - { token: bbbbbbbbbbbbbbbbbbbb, principal: tina, role: tenant, expires: "2020-01-01T00:00:00+01:00" }',
+    ]), logger);
+    expect(t.principalOf('Bearer aaaaaaaaaaaaaaaaaaaa')).toEqual({ id: 'tina', role: 'tenant' });
+    expect(t.expired('Bearer aaaaaaaaaaaaaaaaaaaa')).toBe(false);
+    expect(t.principalOf('Bearer bbbbbbbbbbbbbbbbbbbb')).toBeUndefined();
+    expect(t.expired('Bearer bbbbbbbbbbbbbbbbbbbb')).toBe(true);
+    expect(t.expired('Bearer cccccccccccccccccccc')).toBe(false); // not known: not "expired"
+    expect(warnings).toEqual([expect.stringMatching(/tokens\[1\] \(tina\) expired at 2020-01-01T00:00:00\+01:00: it is refused/)]);
+    for (const bad of ['tomorrow', '2027-01-01', '"2027-01-01T00:00:00"']) {
+      expect(() => Tokens.load(file([`  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, expires: ${bad} }`]), silentLogger))
+        .toThrow(expect.objectContaining({ name: 'ConfigError', message: expect.stringMatching(/tokens\[0\]\.expires: expires is a date and time with its zone/) }));
+    }
+  });
+
   it('an empty or blank nbdClients is a ConfigError naming it', () => {
     for (const bad of ['[]', '[""]', 'kvm-1']) {
       expect(() => Tokens.load(file([`  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, nbdClients: ${bad} }`]), silentLogger))
