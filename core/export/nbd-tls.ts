@@ -48,7 +48,13 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
     namesClients: current.namesClients,
     upgrade: (socket) => upgrade(current, socket),
     reload: () => {
-      current = readCredentials(c);
+      const next = readCredentials(c);
+      // A revocation list that vanished would let in again every certificate it revoked: a
+      // restart takes one away, a reload does not (a newer list replaces it).
+      if (current.options.crl && !next.options.crl && 'x509' in c) {
+        throw new ConfigError(`nbd.tls.x509: ${join(c.x509, 'ca-crl.pem')} was in use and is gone; the certificates it revoked stay refused until a restart`, 'put it back, or a newer one of the CA');
+      }
+      current = next;
     },
   };
 }

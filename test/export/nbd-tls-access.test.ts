@@ -126,6 +126,12 @@ describe.skipIf(!HAVE.libnbd)('reading the credentials again (NbdTls.reload, bro
       expect({ cookie: r.cookie, error: r.error, same: r.data?.equals(data) }).toEqual({ cookie, error: 0, same: true });
       eve.wire.close();
 
+      // The revocation list taken away: refused (eve would be let in again), and she stays refused.
+      rmSync(join(folder, 'ca-crl.pem'));
+      expect(() => tls.reload()).toThrow(/ca-crl\.pem was in use and is gone; the certificates it revoked stay refused until a restart/);
+      expect((await size('revoked')).status).not.toBe(0);
+      writeFileSync(join(folder, 'ca-crl.pem'), readFileSync(join(CREDS, 'server-crl', 'ca-crl.pem')));
+
       // A key that is not the certificate's: refused, and the server serves on with what it had.
       writeFileSync(join(folder, 'server-key.pem'), readFileSync(join(CREDS, 'client', 'client-key.pem')));
       expect(() => tls.reload()).toThrow(/nbd\.tls\.x509: the credentials in .*reload-x509 cannot be used/);
