@@ -46,7 +46,9 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
         const { connectBroker } = await import('../service/client.js');
         if (env.OFFLOAD_TOKEN) secrets.add(env.OFFLOAD_TOKEN);
         const https = address.startsWith('https:');
-        return connectBroker(address, { ...(env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {}), ...(https && env.OFFLOAD_CA ? { ca: readCa(env.OFFLOAD_CA) } : {}) });
+        return connectBroker(address, {
+          ...(env.OFFLOAD_TOKEN ? { token: env.OFFLOAD_TOKEN } : {}), ...(https && env.OFFLOAD_CA ? { ca: readCa(env.OFFLOAD_CA) } : {}), ...(https ? await clientCertificate(env) : {}),
+        });
       }
       const { createBroker } = await import('../broker.js');
       // A command never adopts another runner's job (it would run it only while the command
@@ -85,6 +87,28 @@ function readCa(file: string): Buffer {
   }
   if (!pem.includes('-----BEGIN CERTIFICATE-----')) throw new ConfigError(`OFFLOAD_CA: ${file} holds no certificate (PEM)`, hint);
   return pem;
+}
+
+/** $OFFLOAD_CERT and $OFFLOAD_KEY: this client's certificate and key (PEM), for a service that asks for one. */
+async function clientCertificate(env: NodeJS.ProcessEnv): Promise<{ cert?: Buffer; key?: Buffer }> {
+  if (!env.OFFLOAD_CERT && !env.OFFLOAD_KEY) return {};
+  const hint = 'OFFLOAD_CERT and OFFLOAD_KEY name the PEM files of this client\'s certificate and its key';
+  if (!env.OFFLOAD_CERT || !env.OFFLOAD_KEY) throw new ConfigError('OFFLOAD_CERT and OFFLOAD_KEY go together', hint);
+  const read = (name: string, file: string): Buffer => {
+    try {
+      return readFileSync(file);
+    } catch (e) {
+      throw new ConfigError(`${name}: cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, hint);
+    }
+  };
+  const out = { cert: read('OFFLOAD_CERT', env.OFFLOAD_CERT), key: read('OFFLOAD_KEY', env.OFFLOAD_KEY) };
+  const { createSecureContext } = await import('node:tls'); // only here: the CLI's start-up stays as it was
+  try {
+    createSecureContext(out);
+  } catch (e) {
+    throw new ConfigError(`OFFLOAD_CERT/OFFLOAD_KEY cannot be used: ${(e as Error).message}`, hint);
+  }
+  return out;
 }
 
 /** The `server:` of a config file (a service to send the commands to), if it names one. */

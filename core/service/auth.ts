@@ -10,6 +10,9 @@
  *     - token: 51aa7d…
  *       principal: ops
  *       role: admin
+ *     - certificate: backup-robot   # a client certificate's common name (HTTPS with --tls-client-ca)
+ *       principal: ops
+ *       role: admin
  *
  * The file holds secrets: one that others may read or write is refused (chmod 600), one the group
  * may read is used with a warning. Tokens are compared in constant time (their SHA-256 digests,
@@ -28,15 +31,17 @@ import { tenant, type Principal } from '../locks/principal.js';
 
 const tokensFileSchema = z.strictObject({
   tokens: z.array(z.strictObject({
-    token: z.string().min(16, 'a token has at least 16 characters'),
+    token: z.string().min(16, 'a token has at least 16 characters').optional(),
+    certificate: z.string().min(1).max(255).optional(),
     principal: z.string().min(1),
     role: z.enum(['admin', 'tenant']),
     nbdClients: z.array(z.string().min(1).max(255)).min(1).optional(),
     expires: z.iso.datetime({ offset: true, error: 'expires is a date and time with its zone, e.g. 2027-06-30T00:00:00Z' }).optional(),
-  })),
+  }).refine((t) => (t.token === undefined) !== (t.certificate === undefined), 'give a token or a certificate (a client certificate\'s common name), one of them')),
 });
 
-interface Entry { digest: Buffer; principal: Principal; expiresAt?: number }
+/** A token (its digest) or a client certificate (its common name), and whom it names. */
+interface Entry { digest?: Buffer; certificate?: string; principal: Principal; expiresAt?: number }
 
 export class Tokens {
   /** Each bound principal's NBD clients, by `role:id` (one binding per principal, whichever token it came by). */
@@ -73,13 +78,14 @@ export class Tokens {
     const parsed = tokensFileSchema.safeParse(raw);
     if (!parsed.success) {
       const first = parsed.error.issues[0]!;
-      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token, principal, role: admin | tenant, nbdClients?: [NAME…], expires?: DATETIME }]');
+      throw new ConfigError(secrets.redact(`tokens file ${path}: ${formatPath('', first.path)}: ${describeIssue(first)}`), 'expected tokens: [{ token | certificate, principal, role: admin | tenant, nbdClients?: [NAME…], expires?: DATETIME }]');
     }
     const seen = new Set<string>();
     const bindings = new Map<string, string>();
     const entries = parsed.data.tokens.map((t, i) => {
-      if (seen.has(t.token)) throw new ConfigError(`tokens file ${path}: tokens[${i}]: the same token is given twice`);
-      seen.add(t.token);
+      const id = t.token !== undefined ? `token ${t.token}` : `certificate ${t.certificate!}`;
+      if (seen.has(id)) throw new ConfigError(`tokens file ${path}: tokens[${i}]: the same ${t.token !== undefined ? 'token' : 'certificate'} is given twice`);
+      seen.add(id);
       // A principal's NBD clients bind the principal, not one of its tokens: its tokens must agree.
       const binding = JSON.stringify([...new Set(t.nbdClients ?? [])].sort());
       const key = `${t.role}:${t.principal}`;
@@ -96,7 +102,7 @@ export class Tokens {
       }
       const expiresAt = t.expires === undefined ? undefined : Date.parse(t.expires);
       if (expiresAt !== undefined && expiresAt <= Date.now()) logger.warn(`tokens file ${path}: tokens[${i}] (${t.principal}) expired at ${t.expires}: it is refused`);
-      return { digest: digest(t.token), principal, ...(expiresAt !== undefined ? { expiresAt } : {}) };
+      return { ...(t.token !== undefined ? { digest: digest(t.token) } : { certificate: t.certificate! }), principal, ...(expiresAt !== undefined ? { expiresAt } : {}) };
     });
     return new Tokens(entries);
   }
@@ -118,8 +124,22 @@ export class Tokens {
     if (!m) return undefined;
     const d = digest(m[1]!);
     let found: Entry | undefined;
-    for (const e of this.entries) if (timingSafeEqual(e.digest, d) && !found) found = e;
+    for (const e of this.entries) if (e.digest && timingSafeEqual(e.digest, d) && !found) found = e;
     return found;
+  }
+
+  /**
+   * The principal a verified client certificate names (its subject's common name, as an entry's
+   * `certificate`); undefined when none does or it expired. For a request without a bearer token.
+   */
+  principalOfCertificate(commonName: string | undefined): Principal | undefined {
+    const e = commonName === undefined ? undefined : this.entries.find((x) => x.certificate === commonName);
+    return e && !expired(e) ? e.principal : undefined;
+  }
+
+  /** Whether any entry names a client certificate (the service then asks clients for one). */
+  get namesCertificates(): boolean {
+    return this.entries.some((e) => e.certificate !== undefined);
   }
 }
 

@@ -28,13 +28,13 @@ export function parseServerAddress(text: string): ServerAddress {
   return { host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port: Number(url.port || (tls ? 443 : 80)), tls, text };
 }
 
-/** How the transport reaches a service over HTTPS: the CAs to trust (PEM) instead of the system's. */
-export interface TransportTls { ca?: string | Buffer }
+/** How the transport reaches a service over HTTPS: the CAs to trust (PEM) instead of the system's; a client certificate and its key. */
+export interface TransportTls { ca?: string | Buffer; cert?: string | Buffer; key?: string | Buffer }
 
 /** One keep-alive pool for an address: plain HTTP (a unix socket or TCP), or HTTPS. */
 function agentFor(address: ServerAddress, tls: TransportTls): Agent {
   if ('socketPath' in address || !address.tls) return new Agent({ keepAlive: true });
-  return new HttpsAgent({ keepAlive: true, ...(tls.ca !== undefined ? { ca: tls.ca } : {}) });
+  return new HttpsAgent({ keepAlive: true, ...(tls.ca !== undefined ? { ca: tls.ca } : {}), ...(tls.cert !== undefined ? { cert: tls.cert, key: tls.key } : {}) });
 }
 
 type Input<P extends z.ZodType, Q extends z.ZodType, B extends z.ZodType> = { params?: z.input<P>; query?: z.input<Q>; body?: z.input<B> };

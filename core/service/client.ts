@@ -31,11 +31,15 @@ export interface ConnectOptions {
   token?: string;
   /** For `https://`: the CA certificates (PEM) to trust instead of the system's (the CLI reads $OFFLOAD_CA). */
   ca?: string | Buffer;
+  /** For `https://` to a service with --tls-client-ca: this client's certificate and key (PEM; $OFFLOAD_CERT, $OFFLOAD_KEY). */
+  cert?: string | Buffer;
+  key?: string | Buffer;
 }
 
 /** Connect to a service (`unix:PATH`, `http://HOST:PORT` or `https://HOST:PORT`) and learn who we are there. */
 export async function connectBroker(address: string, opts: ConnectOptions = {}): Promise<Broker> {
-  const http = new HttpTransport(parseServerAddress(address), opts.token ? { authorization: `Bearer ${opts.token}` } : {}, opts.ca !== undefined ? { ca: opts.ca } : {});
+  const tls = { ...(opts.ca !== undefined ? { ca: opts.ca } : {}), ...(opts.cert !== undefined ? { cert: opts.cert } : {}), ...(opts.key !== undefined ? { key: opts.key } : {}) };
+  const http = new HttpTransport(parseServerAddress(address), opts.token ? { authorization: `Bearer ${opts.token}` } : {}, tls);
   try {
     const me = await http.call(ROUTES.whoami, {});
     return new ServiceClient(http, { id: me.id, role: me.role });

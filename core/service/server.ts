@@ -7,7 +7,7 @@
  */
 import { existsSync, chmodSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
-import type { Server as TlsServer } from 'node:tls';
+import type { Server as TlsServer, TLSSocket } from 'node:tls';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker } from '../broker-api.js';
@@ -29,8 +29,12 @@ export interface ServiceOptions {
   stateDir: string;
   /** The unix socket to serve on (its connections are the administrator). */
   socket: string;
-  /** Also serve on TCP (needs `tokens`); port 0 picks a free one; with `tls` (PEM certificate and key), HTTPS. */
-  tcp?: { host: string; port: number; tls?: { cert: Buffer; key: Buffer } };
+  /**
+   * Also serve on TCP (needs `tokens`); port 0 picks a free one; with `tls` (PEM certificate and
+   * key), HTTPS — and with `tls.clientCa`, client certificates of that CA stand for the principals
+   * the tokens file names by `certificate`.
+   */
+  tcp?: { host: string; port: number; tls?: ServiceTls };
   tokens?: Tokens;
   metrics: ServiceMetrics;
   logger: Logger;
@@ -45,10 +49,13 @@ export interface Service {
    * them); `tls`, the TCP listener's renewed certificate and key (for handshakes after;
    * connections made stay).
    */
-  reload(o: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }): Promise<void>;
+  reload(o: { tokens?: Tokens; tls?: ServiceTls }): Promise<void>;
   /** Stop accepting, answer pending long polls, wait for requests in flight. The broker stays open (its owner closes it). */
   close(): Promise<void>;
 }
+
+/** HTTPS: the service's certificate and key (PEM), and the CA whose client certificates are asked for. */
+export interface ServiceTls { cert: Buffer; key: Buffer; clientCa?: Buffer }
 
 /** The tokens in use, replaced whole when the file is read again. */
 interface Auth { tokens: Tokens | undefined }
@@ -91,20 +98,26 @@ export async function startService(o: ServiceOptions): Promise<Service> {
     await local.listen({ path: o.socket });
     chmodSync(o.socket, 0o600);
     const addresses = [`unix:${o.socket}`];
-    let secure: ((tls: { cert: Buffer; key: Buffer }) => void) | undefined;
+    let secure: ((tls: ServiceTls) => void) | undefined;
     if (o.tcp) {
       const tls = o.tcp.tls;
       // An HTTPS instance has its own server type; the routes and hooks are the same.
-      const app = tls ? Fastify({ ...FASTIFY, https: { cert: tls.cert, key: tls.key } }) as unknown as FastifyInstance : Fastify(FASTIFY);
-      const remote = buildApp(o, auth, hosted, stopping.signal, (req) => auth.tokens!.principalOf(req.headers.authorization), track(app));
+      // Client certificates are asked for, not required: a client may come with a token instead.
+      const https = tls && { cert: tls.cert, key: tls.key, ...(tls.clientCa ? { ca: tls.clientCa, requestCert: true, rejectUnauthorized: false } : {}) };
+      const app = https ? Fastify({ ...FASTIFY, https }) as unknown as FastifyInstance : Fastify(FASTIFY);
+      // A bearer token, when one is sent, decides; without one, a client certificate the CA signed.
+      const authenticate: Authenticate = (req) => req.headers.authorization !== undefined || !tls?.clientCa
+        ? auth.tokens!.principalOf(req.headers.authorization)
+        : auth.tokens!.principalOfCertificate(verifiedName(req.raw.socket as TLSSocket));
+      const remote = buildApp(o, auth, hosted, stopping.signal, authenticate, track(app));
       apps.push(remote);
-      if (tls) secure = (t) => (remote.server as unknown as TlsServer).setSecureContext(t);
+      if (tls) secure = (t) => (remote.server as unknown as TlsServer).setSecureContext({ cert: t.cert, key: t.key, ...(t.clientCa ? { ca: t.clientCa } : {}) });
       await remote.listen({ host: o.tcp.host, port: o.tcp.port });
       const addr = remote.server.address();
       const port = typeof addr === 'object' && addr ? addr.port : o.tcp.port;
       addresses.push(`${tls ? 'https' : 'http'}://${o.tcp.host.includes(':') ? `[${o.tcp.host}]` : o.tcp.host}:${port}`);
     }
-    const reload = async (r: { tokens?: Tokens; tls?: { cert: Buffer; key: Buffer } }) => {
+    const reload = async (r: { tokens?: Tokens; tls?: ServiceTls }) => {
       if (r.tls) {
         if (!secure) throw new InvalidArgument('this service serves no HTTPS: there is no certificate to renew');
         secure(r.tls);
@@ -155,7 +168,8 @@ function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping
     const who = authenticate(req);
     if (!who) {
       const header = req.headers.authorization;
-      const err = new PermissionDenied(!header ? 'a bearer token is needed (Authorization: Bearer TOKEN)' : auth.tokens?.expired(header) ? 'the bearer token has expired' : 'the bearer token is not known', {
+      const needed = `a bearer token is needed (Authorization: Bearer TOKEN)${o.tcp?.tls?.clientCa ? ', or a client certificate the tokens file names' : ''}`;
+      const err = new PermissionDenied(!header ? needed : auth.tokens?.expired(header) ? 'the bearer token has expired' : 'the bearer token is not known', {
         hint: 'pass the token in OFFLOAD_TOKEN, as the tokens file of `offload serve` names it',
       });
       return reply.code(401).header('www-authenticate', 'Bearer').send(errorBody(err));
@@ -198,6 +212,13 @@ function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping
     });
   }
   return app;
+}
+
+/** The common name of a client certificate the service's client CA verified (undefined: none, or not verified). */
+function verifiedName(socket: TLSSocket): string | undefined {
+  if (!socket.authorized) return undefined;
+  const cn = socket.getPeerCertificate()?.subject?.CN;
+  return Array.isArray(cn) ? cn[0] : cn;
 }
 
 /** `Offload-As: TENANT`: an administrator acting as that tenant (bound as the tokens file binds it); a tenant may name only itself. */

@@ -60,6 +60,25 @@ describe('tokens file', () => {
     }
   });
 
+  it('certificate: a client certificate\'s common name stands for its principal (never a bearer token); an entry gives a token or a certificate, once each', () => {
+    const t = Tokens.load(file([
+      '  - { certificate: backup-robot, principal: ops, role: admin }',
+      '  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant }',
+    ]), silentLogger);
+    expect(t.namesCertificates).toBe(true);
+    expect(t.principalOfCertificate('backup-robot')).toEqual({ id: 'ops', role: 'admin' });
+    expect(t.principalOfCertificate('tina')).toBeUndefined();
+    expect(t.principalOfCertificate(undefined)).toBeUndefined();
+    expect(t.principalOf('Bearer backup-robot')).toBeUndefined();
+    for (const [lines, message] of [
+      [['  - { principal: tina, role: tenant }'], /tokens\[0\]: give a token or a certificate/],
+      [['  - { token: aaaaaaaaaaaaaaaaaaaa, certificate: x, principal: tina, role: tenant }'], /tokens\[0\]: give a token or a certificate/],
+      [['  - { certificate: x, principal: a, role: admin }', '  - { certificate: x, principal: b, role: admin }'], /tokens\[1\]: the same certificate is given twice/],
+    ] as [string[], RegExp][]) {
+      expect(() => Tokens.load(file(lines), silentLogger)).toThrow(expect.objectContaining({ name: 'ConfigError', message: expect.stringMatching(message) }));
+    }
+  });
+
   it('an empty or blank nbdClients is a ConfigError naming it', () => {
     for (const bad of ['[]', '[""]', 'kvm-1']) {
       expect(() => Tokens.load(file([`  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant, nbdClients: ${bad} }`]), silentLogger))

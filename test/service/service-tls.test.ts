@@ -125,11 +125,73 @@ describe('offload serve over HTTPS', () => {
       [['--tls-cert', CERT, '--tls-key', KEY], /are for TCP \(--listen\)/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', join(CREDS, 'client', 'client-key.pem')], /cannot be used/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', join(s.dir, 'nope.pem'), '--tls-key', KEY], /--tls-cert: cannot read .*nope\.pem: ENOENT/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-client-ca', CA], /--tls-client-ca goes with --tls-cert and --tls-key/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', KEY], /--tls-client-ca: .* holds no certificate/],
     ];
     for (const [args, message] of cases) {
       const r = await offload(s, ['serve', '--socket', join(s.dir, 'other.sock'), ...args]);
       expect(r.code).toBe(2);
       expect(r.err).toMatch(message);
     }
+  });
+});
+
+describe('offload serve over HTTPS with client certificates (--tls-client-ca)', () => {
+  let s: Setup;
+  let service: ServiceChild;
+  let https: string;
+  const cert = (who: string) => ({ cert: readFileSync(join(CREDS, who, 'client-cert.pem')), key: readFileSync(join(CREDS, who, 'client-key.pem')) });
+  const env = (who: string) => ({ OFFLOAD_CA: CA, OFFLOAD_CERT: join(CREDS, who, 'client-cert.pem'), OFFLOAD_KEY: join(CREDS, who, 'client-key.pem') });
+
+  beforeAll(async () => {
+    s = setup();
+    const tokensFile = join(s.dir, 'tokens.yaml');
+    // alice's certificate (of the test CA) stands for the tenant robot; eve's (the same CA) for no one.
+    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n`, { mode: 0o600 });
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA]);
+    https = service.addresses[1]!;
+  });
+
+  afterAll(async () => {
+    expect(await service.stop()).toBe(0);
+    rmSync(s.dir, { recursive: true, force: true });
+  });
+
+  it('a client certificate the tokens file names is its principal, without a token; a token, when sent, decides', async () => {
+    const robot = await connectBroker(https, { ca: readFileSync(CA), ...cert('client') });
+    try {
+      expect(robot.principal).toEqual({ id: 'robot', role: 'tenant' });
+      await robot.volumes.create('local/r1', { sizeBytes: 1 << 20 });
+    } finally {
+      await robot.close();
+    }
+    const withToken = await connectBroker(https, { ca: readFileSync(CA), token: TOKEN, ...cert('client') });
+    try {
+      expect(withToken.principal).toEqual({ id: 'ops', role: 'admin' });
+    } finally {
+      await withToken.close();
+    }
+    // The CLI: OFFLOAD_CERT and OFFLOAD_KEY; the tenant sees its own volume.
+    const list = await offload(s, ['--server', https, '--json', 'volume', 'list', 'local'], env('client'));
+    expect(list.code, list.err).toBe(0);
+    expect((JSON.parse(list.out) as { name: string; owner: string }[]).map((v) => [v.name, v.owner])).toEqual([['r1', 'robot']]);
+  });
+
+  it("a certificate the file does not name, one of another CA, or none: 401; bad OFFLOAD_CERT/OFFLOAD_KEY are config errors", async () => {
+    for (const who of ['revoked', 'stranger']) {
+      await expect(connectBroker(https, { ca: readFileSync(CA), ...cert(who) })).rejects.toMatchObject({
+        code: 'PermissionDenied', message: 'a bearer token is needed (Authorization: Bearer TOKEN), or a client certificate the tokens file names',
+      });
+    }
+    await expect(connectBroker(https, { ca: readFileSync(CA) })).rejects.toMatchObject({ code: 'PermissionDenied' });
+    const eve = await offload(s, ['--server', https, 'volume', 'list', 'local'], env('revoked'));
+    expect(eve.code).not.toBe(0);
+    expect(eve.err).toMatch(/PermissionDenied: a bearer token is needed/);
+    const half = await offload(s, ['--server', https, 'volume', 'list', 'local'], { OFFLOAD_CA: CA, OFFLOAD_CERT: join(CREDS, 'client', 'client-cert.pem') });
+    expect(half.code).toBe(2);
+    expect(half.err).toMatch(/OFFLOAD_CERT and OFFLOAD_KEY go together/);
+    const mixed = await offload(s, ['--server', https, 'volume', 'list', 'local'], { ...env('client'), OFFLOAD_KEY: join(CREDS, 'revoked', 'client-key.pem') });
+    expect(mixed.code).toBe(2);
+    expect(mixed.err).toMatch(/OFFLOAD_CERT\/OFFLOAD_KEY cannot be used/);
   });
 });

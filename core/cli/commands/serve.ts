@@ -16,6 +16,7 @@ import type { Broker } from '../../broker-api.js';
 import type { BrokerConfig } from '../../config/config.js';
 import type { JobEventHook } from '../../jobs/job-manager.js';
 import { createLogger } from '../../logger.js';
+import type { ServiceTls } from '../../service/server.js';
 import { UsageError, type CliContext } from '../contribution.js';
 
 /** How `offload serve` opens its broker: the CLI's plugins and config, with the service's options. */
@@ -27,7 +28,7 @@ export type OpenServiceBroker = (o: {
   suspendLiveCopies: boolean;
 }) => Promise<{ broker: Broker; config: BrokerConfig }>;
 
-interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string }
+interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string; tlsClientCa?: string }
 
 export function registerServeCommand(program: Command, ctx: CliContext, open: OpenServiceBroker): void {
   program.command('serve')
@@ -37,6 +38,7 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
     .option('--tokens <file>', 'tokens file for TCP: tokens: [{ token, principal, role: admin | tenant }] (mode 600)')
     .option('--tls-cert <file>', 'serve TCP as HTTPS with this certificate (PEM; its chain after it), with --tls-key')
     .option('--tls-key <file>', "the certificate's private key (PEM)")
+    .option('--tls-client-ca <file>', 'ask HTTPS clients for a certificate of this CA (PEM): one the tokens file names (certificate: COMMON-NAME) stands for its principal, without a token')
     .option('--max-jobs <n>', 'orphaned jobs to take over and run at a time (default 4)')
     .action(async (o: ServeFlags) => {
       const listen = o.listen === undefined ? undefined : parseListen(o.listen);
@@ -54,6 +56,7 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       const hangUp = hangUps();
       process.on('SIGHUP', hangUp.signal);
       const tokens = o.tokens === undefined ? undefined : Tokens.load(o.tokens, logger);
+      if (tokens?.namesCertificates && !tls?.clientCa) logger.warn('the tokens file names client certificates, which only --tls-client-ca asks for: those entries let no one in');
       const metrics = new ServiceMetrics();
       const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger, suspendLiveCopies: true });
       let service;
@@ -145,9 +148,12 @@ function hangUps(): { signal: () => void; ready(reload: () => Promise<void>): vo
   };
 }
 
-/** --tls-cert and --tls-key, read and checked (a key that is not the certificate's is refused here). */
-function tlsOf(o: ServeFlags, tcp: boolean): { cert: Buffer; key: Buffer } | undefined {
-  if (o.tlsCert === undefined && o.tlsKey === undefined) return undefined;
+/** --tls-cert, --tls-key and --tls-client-ca, read and checked (a key that is not the certificate's is refused here). */
+function tlsOf(o: ServeFlags, tcp: boolean): ServiceTls | undefined {
+  if (o.tlsCert === undefined && o.tlsKey === undefined) {
+    if (o.tlsClientCa !== undefined) throw new UsageError('--tls-client-ca goes with --tls-cert and --tls-key: client certificates are asked for over HTTPS');
+    return undefined;
+  }
   if (o.tlsCert === undefined || o.tlsKey === undefined) throw new UsageError('--tls-cert and --tls-key go together');
   if (!tcp) throw new UsageError('--tls-cert and --tls-key are for TCP (--listen): the unix socket is guarded by its file mode');
   const read = (flag: string, file: string): Buffer => {
@@ -157,11 +163,13 @@ function tlsOf(o: ServeFlags, tcp: boolean): { cert: Buffer; key: Buffer } | und
       throw new UsageError(`${flag}: cannot read ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
     }
   };
-  const tls = { cert: read('--tls-cert', o.tlsCert), key: read('--tls-key', o.tlsKey) };
+  const clientCa = o.tlsClientCa === undefined ? undefined : read('--tls-client-ca', o.tlsClientCa);
+  if (clientCa && !clientCa.includes('-----BEGIN CERTIFICATE-----')) throw new UsageError(`--tls-client-ca: ${o.tlsClientCa} holds no certificate (PEM)`);
+  const tls = { cert: read('--tls-cert', o.tlsCert), key: read('--tls-key', o.tlsKey), ...(clientCa ? { clientCa } : {}) };
   try {
-    createSecureContext(tls);
+    createSecureContext({ cert: tls.cert, key: tls.key, ...(clientCa ? { ca: clientCa } : {}) });
   } catch (e) {
-    throw new UsageError(`--tls-cert/--tls-key cannot be used: ${(e as Error).message}`);
+    throw new UsageError(`--tls-cert/--tls-key${clientCa ? '/--tls-client-ca' : ''} cannot be used: ${(e as Error).message}`);
   }
   return tls;
 }
