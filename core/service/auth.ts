@@ -1,5 +1,6 @@
 /**
- * Who a request over TCP is: `Authorization: Bearer TOKEN`, looked up in the tokens file.
+ * Who a request over TCP is: `Authorization: Bearer TOKEN`, or (HTTPS with a client CA) a verified
+ * client certificate's common name, looked up in the tokens file.
  *
  *   tokens:
  *     - token: 9c1f0e…            # at least 16 characters; generate with `openssl rand -hex 32`
