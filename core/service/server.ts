@@ -8,6 +8,8 @@
 import { existsSync, chmodSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import type { Server as TlsServer, TLSSocket } from 'node:tls';
+import { ClientCertificates, httpsOptions, type ServiceTls } from './client-certs.js';
+export type { ServiceTls } from './client-certs.js';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from '../backend/plugin.js';
 import type { Broker } from '../broker-api.js';
@@ -54,9 +56,6 @@ export interface Service {
   close(): Promise<void>;
 }
 
-/** HTTPS: the service's certificate and key (PEM), and the CA whose client certificates are asked for. */
-export interface ServiceTls { cert: Buffer; key: Buffer; clientCa?: Buffer }
-
 /** The tokens in use, replaced whole when the file is read again. */
 interface Auth { tokens: Tokens | undefined }
 
@@ -102,16 +101,15 @@ export async function startService(o: ServiceOptions): Promise<Service> {
     if (o.tcp) {
       const tls = o.tcp.tls;
       // An HTTPS instance has its own server type; the routes and hooks are the same.
-      // Client certificates are asked for, not required: a client may come with a token instead.
-      const https = tls && { cert: tls.cert, key: tls.key, ...(tls.clientCa ? { ca: tls.clientCa, requestCert: true, rejectUnauthorized: false } : {}) };
-      const app = https ? Fastify({ ...FASTIFY, https }) as unknown as FastifyInstance : Fastify(FASTIFY);
+      const app = tls ? Fastify({ ...FASTIFY, https: httpsOptions(tls) }) as unknown as FastifyInstance : Fastify(FASTIFY);
+      const certs = tls && new ClientCertificates(app.server as unknown as TlsServer, tls.clientCa);
       // A bearer token, when one is sent, decides; without one, a client certificate the CA signed.
       const authenticate: Authenticate = (req) => req.headers.authorization !== undefined || !tls?.clientCa
         ? auth.tokens!.principalOf(req.headers.authorization)
-        : auth.tokens!.principalOfCertificate(verifiedName(req.raw.socket as TLSSocket));
+        : auth.tokens!.principalOfCertificate(certs!.nameOf(req.raw.socket as TLSSocket));
       const remote = buildApp(o, auth, hosted, stopping.signal, authenticate, track(app));
       apps.push(remote);
-      if (tls) secure = (t) => (remote.server as unknown as TlsServer).setSecureContext({ cert: t.cert, key: t.key, ...(t.clientCa ? { ca: t.clientCa } : {}) });
+      if (certs) secure = (t) => certs.renew(t);
       await remote.listen({ host: o.tcp.host, port: o.tcp.port });
       const addr = remote.server.address();
       const port = typeof addr === 'object' && addr ? addr.port : o.tcp.port;
@@ -212,13 +210,6 @@ function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping
     });
   }
   return app;
-}
-
-/** The common name of a client certificate the service's client CA verified (undefined: none, or not verified). */
-function verifiedName(socket: TLSSocket): string | undefined {
-  if (!socket.authorized) return undefined;
-  const cn = socket.getPeerCertificate()?.subject?.CN;
-  return Array.isArray(cn) ? cn[0] : cn;
 }
 
 /** `Offload-As: TENANT`: an administrator acting as that tenant (bound as the tokens file binds it); a tenant may name only itself. */

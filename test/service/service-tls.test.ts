@@ -9,6 +9,7 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { request } from 'node:https';
 import { connect as connectTcp } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectBroker } from '../../core/index.js';
@@ -146,8 +147,9 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
   beforeAll(async () => {
     s = setup();
     const tokensFile = join(s.dir, 'tokens.yaml');
-    // alice's certificate (of the test CA) stands for the tenant robot; eve's (the same CA) for no one.
-    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n`, { mode: 0o600 });
+    // alice's certificate (of the test CA) stands for the tenant robot; eve's (the same CA) for no
+    // one; mallory's is named too, but another CA signed it: it must not count.
+    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n  - { certificate: mallory, principal: mal, role: admin }\n`, { mode: 0o600 });
     service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA]);
     https = service.addresses[1]!;
   });
@@ -193,5 +195,29 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
     const mixed = await offload(s, ['--server', https, 'volume', 'list', 'local'], { ...env('client'), OFFLOAD_KEY: join(CREDS, 'revoked', 'client-key.pem') });
     expect(mixed.code).toBe(2);
     expect(mixed.err).toMatch(/OFFLOAD_CERT\/OFFLOAD_KEY cannot be used/);
+  });
+
+  it('a TLS 1.2 renegotiation cannot put another certificate behind a connection verified with one the file does not name', async () => {
+    const u = new URL(https);
+    const sock = tlsConnect({ host: u.hostname, port: Number(u.port), ca: readFileSync(CA), servername: 'localhost', maxVersion: 'TLSv1.2', ...cert('revoked') });
+    await new Promise<void>((resolve, reject) => sock.once('secureConnect', resolve).once('error', reject));
+    let text = '';
+    const ended = new Promise<string>((done) => {
+      sock.on('data', (d: Buffer) => { text += d.toString(); });
+      sock.on('error', (e) => done(e.message));
+      sock.once('close', () => done('closed'));
+    });
+    sock.setKeyCert(cert('stranger')); // mallory's: named in the file as an administrator, but another CA's
+    // The server refuses to renegotiate (OpenSSL: "no renegotiation") and the connection ends; a
+    // service that let it would answer the request below as mallory.
+    const renegotiated = await Promise.race([
+      new Promise<string>((done) => { if (!sock.renegotiate({ rejectUnauthorized: false }, (e) => done(e ? e.message : 'renegotiated'))) done('not started'); }),
+      ended,
+    ]);
+    if (!sock.destroyed) sock.write('GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+    await Promise.race([ended, new Promise((r) => setTimeout(r, 2000))]);
+    sock.destroy();
+    expect(renegotiated).toMatch(/no renegotiation|closed/);
+    expect(text).not.toMatch(/^HTTP\/1\.1 200/);
   });
 });

@@ -1,0 +1,61 @@
+/**
+ * Client certificates on the control API's HTTPS listener (`--tls-client-ca`): who a connection's
+ * certificate names, judged once, at its handshake, under the CA of that moment.
+ *
+ * Node decides `socket.authorized` at the first handshake and never again, while a TLS 1.2
+ * renegotiation can put another certificate — one no CA signed — behind `getPeerCertificate()`
+ * of the same socket. So renegotiation is refused (SSL_OP_NO_RENEGOTIATION, in every secure
+ * context the server is given), and the name a connection stands for is the one recorded at its
+ * handshake, for as long as its certificate is the same, unexpired, and verified under the CA in
+ * use now (a CA changed on SIGHUP does not keep letting in the connections it verified).
+ */
+import { constants } from 'node:crypto';
+import type { Server as TlsServer, TLSSocket } from 'node:tls';
+
+/** HTTPS: the service's certificate and key (PEM), and the CA whose client certificates are asked for. */
+export interface ServiceTls { cert: Buffer; key: Buffer; clientCa?: Buffer }
+
+/** The options of the HTTPS server (and of each secure context it is given again). */
+export function httpsOptions(tls: ServiceTls) {
+  return {
+    cert: tls.cert, key: tls.key, secureOptions: constants.SSL_OP_NO_RENEGOTIATION,
+    // Asked for, not required: a client may come with a bearer token instead.
+    ...(tls.clientCa ? { ca: tls.clientCa, requestCert: true, rejectUnauthorized: false } : {}),
+  };
+}
+
+interface Verified { fingerprint: string; name: string; validTo: number; generation: number }
+
+export class ClientCertificates {
+  private readonly verified = new WeakMap<TLSSocket, Verified>();
+  /** Bumped whenever the client CA changes: connections verified under the one before no longer count. */
+  private generation = 0;
+
+  constructor(private readonly server: TlsServer, private clientCa: Buffer | undefined) {
+    server.on('secureConnection', (s: TLSSocket) => {
+      if (!s.authorized || s.authorizationError) return;
+      const cert = s.getPeerCertificate();
+      const cn = cert?.subject?.CN;
+      // One common name, or none counted (several would be a guess).
+      if (typeof cn !== 'string' || cn.length === 0) return;
+      this.verified.set(s, { fingerprint: cert.fingerprint256, name: cn, validTo: Date.parse(cert.valid_to), generation: this.generation });
+    });
+  }
+
+  /**
+   * New credentials (SIGHUP), from the next handshake on. A client CA changed: the connections it
+   * verified stop counting (their clients are asked to connect again by a 401); the same CA: they go on.
+   */
+  renew(tls: ServiceTls): void {
+    this.server.setSecureContext(httpsOptions(tls));
+    if (!(tls.clientCa && this.clientCa && tls.clientCa.equals(this.clientCa))) this.generation++;
+    this.clientCa = tls.clientCa;
+  }
+
+  /** The common name a connection's client certificate stands for; undefined when none does. */
+  nameOf(socket: TLSSocket): string | undefined {
+    const v = this.verified.get(socket);
+    if (!v || v.generation !== this.generation || !(Date.now() < v.validTo)) return undefined;
+    return socket.getPeerCertificate()?.fingerprint256 === v.fingerprint ? v.name : undefined;
+  }
+}
