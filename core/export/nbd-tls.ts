@@ -3,6 +3,7 @@
  * `tls-creds-x509` reads it (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`), or a PSK file as
  * `tls-creds-psk` and nbdkit `--tls-psk` read it (`identity:hexkey` lines, what psktool writes).
  */
+import { constants } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { join } from 'node:path';
@@ -119,7 +120,8 @@ function commonName(t: TLSSocket): string | undefined {
  */
 function upgrade(c: Credentials, socket: Socket): Promise<{ socket: TLSSocket; client?: string }> {
   return new Promise((resolve, reject) => {
-    const server = createServer(c.options);
+    // Who the client is is judged at its handshake: a renegotiation (TLS 1.2) is refused.
+    const server = createServer({ ...c.options, secureOptions: constants.SSL_OP_NO_RENEGOTIATION });
     const fail = (e: Error) => {
       socket.destroy();
       reject(e);
