@@ -12,8 +12,11 @@
 import { constants } from 'node:crypto';
 import type { Server as TlsServer, TLSSocket } from 'node:tls';
 
-/** HTTPS: the service's certificate and key (PEM), and the CA whose client certificates are asked for. */
-export interface ServiceTls { cert: Buffer; key: Buffer; clientCa?: Buffer }
+/**
+ * HTTPS: the service's certificate and key (PEM), the CA whose client certificates are asked for,
+ * and that CA's revocation list (a revoked certificate stands for no one).
+ */
+export interface ServiceTls { cert: Buffer; key: Buffer; clientCa?: Buffer; clientCrl?: Buffer }
 
 /** The options of the HTTPS server (and of each secure context it is given again). */
 export function httpsOptions(tls: ServiceTls) {
@@ -21,6 +24,7 @@ export function httpsOptions(tls: ServiceTls) {
     cert: tls.cert, key: tls.key, secureOptions: constants.SSL_OP_NO_RENEGOTIATION,
     // Asked for, not required: a client may come with a bearer token instead.
     ...(tls.clientCa ? { ca: tls.clientCa, requestCert: true, rejectUnauthorized: false } : {}),
+    ...(tls.clientCrl ? { crl: tls.clientCrl } : {}),
   };
 }
 
@@ -28,10 +32,10 @@ interface Verified { fingerprint: string; name: string; validTo: number; generat
 
 export class ClientCertificates {
   private readonly verified = new WeakMap<TLSSocket, Verified>();
-  /** Bumped whenever the client CA changes: connections verified under the one before no longer count. */
+  /** Bumped whenever the client CA or its revocation list changes: connections verified under the ones before no longer count. */
   private generation = 0;
 
-  constructor(private readonly server: TlsServer, private clientCa: Buffer | undefined) {
+  constructor(private readonly server: TlsServer, private clientCa: Buffer | undefined, private clientCrl: Buffer | undefined) {
     server.on('secureConnection', (s: TLSSocket) => {
       if (!s.authorized || s.authorizationError) return;
       const cert = s.getPeerCertificate();
@@ -43,13 +47,16 @@ export class ClientCertificates {
   }
 
   /**
-   * New credentials (SIGHUP), from the next handshake on. A client CA changed: the connections it
-   * verified stop counting (their clients are asked to connect again by a 401); the same CA: they go on.
+   * New credentials (SIGHUP), from the next handshake on. A client CA or revocation list changed:
+   * the connections verified before stop counting (their clients are asked to connect again by a
+   * 401); the same ones: they go on.
    */
   renew(tls: ServiceTls): void {
     this.server.setSecureContext(httpsOptions(tls));
-    if (!(tls.clientCa && this.clientCa && tls.clientCa.equals(this.clientCa))) this.generation++;
+    const same = (a: Buffer | undefined, b: Buffer | undefined) => (a === undefined ? b === undefined : b !== undefined && a.equals(b));
+    if (!(tls.clientCa && same(tls.clientCa, this.clientCa) && same(tls.clientCrl, this.clientCrl))) this.generation++;
     this.clientCa = tls.clientCa;
+    this.clientCrl = tls.clientCrl;
   }
 
   /** The common name a connection's client certificate stands for; undefined when none does. */

@@ -102,7 +102,7 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       const tls = o.tcp.tls;
       // An HTTPS instance has its own server type; the routes and hooks are the same.
       const app = tls ? Fastify({ ...FASTIFY, https: httpsOptions(tls) }) as unknown as FastifyInstance : Fastify(FASTIFY);
-      const certs = tls && new ClientCertificates(app.server as unknown as TlsServer, tls.clientCa);
+      const certs = tls && new ClientCertificates(app.server as unknown as TlsServer, tls.clientCa, tls.clientCrl);
       // A bearer token, when one is sent, decides; without one, a client certificate the CA signed.
       const authenticate: Authenticate = (req) => req.headers.authorization !== undefined || !tls?.clientCa
         ? auth.tokens!.principalOf(req.headers.authorization)

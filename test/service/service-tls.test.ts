@@ -126,7 +126,8 @@ describe('offload serve over HTTPS', () => {
       [['--tls-cert', CERT, '--tls-key', KEY], /are for TCP \(--listen\)/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', join(CREDS, 'client', 'client-key.pem')], /cannot be used/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', join(s.dir, 'nope.pem'), '--tls-key', KEY], /--tls-cert: cannot read .*nope\.pem: ENOENT/],
-      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-client-ca', CA], /--tls-client-ca goes with --tls-cert and --tls-key/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-client-ca', CA], /--tls-client-ca and --tls-client-crl go with --tls-cert and --tls-key/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-crl', CA], /--tls-client-crl goes with --tls-client-ca/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', KEY], /--tls-client-ca: .* holds no certificate/],
     ];
     for (const [args, message] of cases) {
@@ -147,10 +148,12 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
   beforeAll(async () => {
     s = setup();
     const tokensFile = join(s.dir, 'tokens.yaml');
-    // alice's certificate (of the test CA) stands for the tenant robot; eve's (the same CA) for no
-    // one; mallory's is named too, but another CA signed it: it must not count.
-    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n  - { certificate: mallory, principal: mal, role: admin }\n`, { mode: 0o600 });
-    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA]);
+    // alice's certificate (of the test CA) stands for the tenant robot; mallory's is named too, but
+    // another CA signed it; eve's, of the CA and named, is revoked by the CA's list: neither counts.
+    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n`
+      + '  - { certificate: mallory, principal: mal, role: admin }\n  - { certificate: eve, principal: evil, role: admin }\n', { mode: 0o600 });
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA,
+      '--tls-client-crl', join(CREDS, 'server-crl', 'ca-crl.pem')]);
     https = service.addresses[1]!;
   });
 
@@ -179,7 +182,7 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
     expect((JSON.parse(list.out) as { name: string; owner: string }[]).map((v) => [v.name, v.owner])).toEqual([['r1', 'robot']]);
   });
 
-  it("a certificate the file does not name, one of another CA, or none: 401; bad OFFLOAD_CERT/OFFLOAD_KEY are config errors", async () => {
+  it("a certificate the CA's list revokes, one of another CA, or none: 401; bad OFFLOAD_CERT/OFFLOAD_KEY are config errors", async () => {
     for (const who of ['revoked', 'stranger']) {
       await expect(connectBroker(https, { ca: readFileSync(CA), ...cert(who) })).rejects.toMatchObject({
         code: 'PermissionDenied', message: 'a bearer token is needed (Authorization: Bearer TOKEN), or a client certificate the tokens file names',
@@ -197,7 +200,7 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
     expect(mixed.err).toMatch(/OFFLOAD_CERT\/OFFLOAD_KEY cannot be used/);
   });
 
-  it('a TLS 1.2 renegotiation cannot put another certificate behind a connection verified with one the file does not name', async () => {
+  it('a TLS 1.2 renegotiation cannot put another certificate behind a connection: it is refused', async () => {
     const u = new URL(https);
     const sock = tlsConnect({ host: u.hostname, port: Number(u.port), ca: readFileSync(CA), servername: 'localhost', maxVersion: 'TLSv1.2', ...cert('revoked') });
     await new Promise<void>((resolve, reject) => sock.once('secureConnect', resolve).once('error', reject));

@@ -28,7 +28,7 @@ export type OpenServiceBroker = (o: {
   suspendLiveCopies: boolean;
 }) => Promise<{ broker: Broker; config: BrokerConfig }>;
 
-interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string; tlsClientCa?: string }
+interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string; tlsClientCa?: string; tlsClientCrl?: string }
 
 export function registerServeCommand(program: Command, ctx: CliContext, open: OpenServiceBroker): void {
   program.command('serve')
@@ -39,6 +39,7 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
     .option('--tls-cert <file>', 'serve TCP as HTTPS with this certificate (PEM; its chain after it), with --tls-key')
     .option('--tls-key <file>', "the certificate's private key (PEM)")
     .option('--tls-client-ca <file>', 'ask HTTPS clients for a certificate of this CA (PEM): one the tokens file names (certificate: COMMON-NAME) stands for its principal, without a token')
+    .option('--tls-client-crl <file>', "the client CA's revocation list (PEM): a revoked certificate stands for no one (read again on SIGHUP)")
     .option('--max-jobs <n>', 'orphaned jobs to take over and run at a time (default 4)')
     .action(async (o: ServeFlags) => {
       const listen = o.listen === undefined ? undefined : parseListen(o.listen);
@@ -151,7 +152,7 @@ function hangUps(): { signal: () => void; ready(reload: () => Promise<void>): vo
 /** --tls-cert, --tls-key and --tls-client-ca, read and checked (a key that is not the certificate's is refused here). */
 function tlsOf(o: ServeFlags, tcp: boolean): ServiceTls | undefined {
   if (o.tlsCert === undefined && o.tlsKey === undefined) {
-    if (o.tlsClientCa !== undefined) throw new UsageError('--tls-client-ca goes with --tls-cert and --tls-key: client certificates are asked for over HTTPS');
+    if (o.tlsClientCa !== undefined || o.tlsClientCrl !== undefined) throw new UsageError('--tls-client-ca and --tls-client-crl go with --tls-cert and --tls-key: client certificates are asked for over HTTPS');
     return undefined;
   }
   if (o.tlsCert === undefined || o.tlsKey === undefined) throw new UsageError('--tls-cert and --tls-key go together');
@@ -165,11 +166,13 @@ function tlsOf(o: ServeFlags, tcp: boolean): ServiceTls | undefined {
   };
   const clientCa = o.tlsClientCa === undefined ? undefined : read('--tls-client-ca', o.tlsClientCa);
   if (clientCa && !clientCa.includes('-----BEGIN CERTIFICATE-----')) throw new UsageError(`--tls-client-ca: ${o.tlsClientCa} holds no certificate (PEM)`);
-  const tls = { cert: read('--tls-cert', o.tlsCert), key: read('--tls-key', o.tlsKey), ...(clientCa ? { clientCa } : {}) };
+  if (o.tlsClientCrl !== undefined && !clientCa) throw new UsageError('--tls-client-crl goes with --tls-client-ca: it revokes certificates of that CA');
+  const clientCrl = o.tlsClientCrl === undefined ? undefined : read('--tls-client-crl', o.tlsClientCrl);
+  const tls = { cert: read('--tls-cert', o.tlsCert), key: read('--tls-key', o.tlsKey), ...(clientCa ? { clientCa } : {}), ...(clientCrl ? { clientCrl } : {}) };
   try {
-    createSecureContext({ cert: tls.cert, key: tls.key, ...(clientCa ? { ca: clientCa } : {}) });
+    createSecureContext({ cert: tls.cert, key: tls.key, ...(clientCa ? { ca: clientCa } : {}), ...(clientCrl ? { crl: clientCrl } : {}) });
   } catch (e) {
-    throw new UsageError(`--tls-cert/--tls-key${clientCa ? '/--tls-client-ca' : ''} cannot be used: ${(e as Error).message}`);
+    throw new UsageError(`--tls-cert/--tls-key${clientCa ? '/--tls-client-ca' : ''}${clientCrl ? '/--tls-client-crl' : ''} cannot be used: ${(e as Error).message}`);
   }
   return tls;
 }
