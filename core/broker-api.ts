@@ -9,6 +9,7 @@ import type { LockInfo } from './locks/lock-manager.js';
 import type { CapabilitySet } from './model/capabilities.js';
 import type { Page, PageRequest, Snapshot, Volume } from './model/types.js';
 import type { Operation, Plan } from './planner/plan.js';
+import type { RawConfig } from './config/config.js';
 
 export interface BackendInfo {
   name: string;
@@ -281,12 +282,34 @@ export interface BackupsApi {
   restore(point: string, opts: { to: string; speed?: number }): Promise<Job>;
 }
 
+/** What Broker.reconfigure changed, and what it could not. */
+export interface Reconfigured {
+  /** Backends new to the config, made. */
+  added: string[];
+  /** Backends whose entries changed, made anew: operations from now on use them (exports and jobs running keep the old ones). */
+  replaced: string[];
+  /** Backends left out of the config, taken away. */
+  removed: string[];
+  /** Backends left out of the config that stay while this broker uses them (an export, a job: `reason`). */
+  kept: { name: string; reason: string }[];
+  /** Entries (a backend's name, or `nbd.tls`) that could not be used: the ones in use stay. */
+  failed: { name: string; reason: string }[];
+  /** Settings changed that take a restart (`state`, `hostId`, `leaseSeconds`, `lockWaitSeconds`, `nbd.tls` turned on, off or to another kind): the ones in use stay. */
+  restartNeeded: string[];
+}
+
 export interface Broker {
   readonly principal: Principal;
   /** A view of the same broker acting as another principal. */
   as(principal: Principal): Broker;
   backends(): Promise<BackendInfo[]>;
   backend(name: string): StorageBackend;
+  /**
+   * Use a changed config without a restart (administrators): backends added, changed (made anew)
+   * and taken away, `nbd.tls`'s settings; a config that does not validate is a ConfigError and
+   * changes nothing. See Reconfigured. A service reads its config file again on SIGHUP.
+   */
+  reconfigure(config: string | RawConfig, opts?: { env?: NodeJS.ProcessEnv }): Promise<Reconfigured>;
   readonly volumes: VolumesApi;
   readonly snapshots: SnapshotsApi;
   readonly backups: BackupsApi;

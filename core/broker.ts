@@ -11,6 +11,7 @@ import { loadPlugins, type LoadedPlugins } from './backend/plugin-container.js';
 import type { StorageBackend } from './backend/storage-backend.js';
 import { Access } from './broker/access.js';
 import { instantCloneTask } from './broker/instant-clones.js';
+import { reconfigure, startBackend } from './broker/reconfigure.js';
 import type { FillParams } from './live/fill-task.js';
 import { DataJobs } from './broker/data-jobs.js';
 import { Exports } from './broker/exports.js';
@@ -18,17 +19,17 @@ import { Jobs, Locks } from './broker/jobs-locks.js';
 import { BrokerState } from './broker/state.js';
 import { Snapshots, Volumes } from './broker/volumes.js';
 import { Backups } from './broker/backups.js';
-import type { BackendInfo, BackupsApi, Broker, CloneOptions, CloneStart, CopyOptions, ExportsApi, InstantCloneOptions, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
-import { loadConfig, validateConfig, type BrokerConfig, type RawConfig } from './config/config.js';
+import type { BackendInfo, BackupsApi, Broker, Reconfigured, CloneOptions, CloneStart, CopyOptions, ExportsApi, InstantCloneOptions, LiveCopyOptions, JobsApi, LocksApi, SnapshotsApi, VolumesApi } from './broker-api.js';
+import { toBrokerConfig, type BrokerConfig, type RawConfig } from './config/config.js';
 import { ConfigError } from './config/config-error.js';
 import { secrets } from './config/secrets.js';
 import { JobManager, type JobEventHook, type TaskResolver } from './jobs/job-manager.js';
 import { ExportRegistry } from './export/registry.js';
-import { loadNbdTls, type NbdTls } from './export/nbd-tls.js';
+import { ConfiguredNbdTls } from './export/nbd-tls.js';
 import type { Job } from './jobs/job.js';
 import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
-import { InvalidArgument, toOffloadError } from './model/errors.js';
+import { InvalidArgument, PermissionDenied, toOffloadError } from './model/errors.js';
 import type { Volume } from './model/types.js';
 import type { Operation, Plan } from './planner/plan.js';
 import { Planner, type PlannerBackend } from './planner/planner.js';
@@ -74,42 +75,29 @@ export interface CreateBrokerOptions {
 export async function createBroker(config: string | RawConfig | BrokerConfig, opts: CreateBrokerOptions): Promise<Broker> {
   const logger = opts.logger ?? createLogger();
   const { factories, formats } = 'factories' in opts.plugins ? opts.plugins : await loadPlugins(opts.plugins);
-  const validated = typeof config === 'string'
-    ? loadConfig(config, factories, opts.env)
-    : 'baseDir' in config && typeof (config as BrokerConfig).baseDir === 'string' && typeof (config as BrokerConfig).state === 'string'
-      ? validateConfig(validatedToRaw(config as BrokerConfig), factories, { baseDir: (config as BrokerConfig).baseDir, env: opts.env })
-      : validateConfig(config, factories, { env: opts.env });
+  const validated = toBrokerConfig(config, factories, opts.env);
 
   // NBD's TLS credentials: read when first needed, and before anything is opened by a broker
   // that recovers jobs (`offload serve`, a program): bad ones are a ConfigError at its start, as
   // for qemu-nbd. A CLI command reads them at its first export only (`offload volume list` needs
   // no server key).
-  const tlsConfig = validated.nbd?.tls;
-  let loadedTls: NbdTls | undefined;
-  const nbdTls = tlsConfig && ((): NbdTls => (loadedTls ??= loadNbdTls(tlsConfig)));
-  if (nbdTls && opts.recoverJobs !== false) nbdTls();
+  const nbdTls = validated.nbd?.tls && new ConfiguredNbdTls(validated.nbd.tls);
+  if (nbdTls && opts.recoverJobs !== false) nbdTls.get();
   prepareStateDir(validated.state);
   const byKind = new Map(factories.map((f) => [f.kind, f]));
   const backends = new Map<string, PlannerBackend>();
   const store = await openStateStore(validated);
   try {
     for (const entry of validated.backends) {
-      const factory = byKind.get(entry.kind)!;
-      let backend: StorageBackend;
-      try {
-        backend = await factory.create(entry, { stateDir: validated.state, baseDir: validated.baseDir, logger });
-      } catch (e) {
-        const err = toOffloadError(e);
-        throw new ConfigError(secrets.redact(`backend "${entry.name}" (${entry.kind}) cannot start: ${err.message}`), err.hint);
-      }
-      backends.set(entry.name, { backend, capabilities: await backend.capabilities() });
+      backends.set(entry.name, await startBackend(byKind.get(entry.kind)!, entry, { stateDir: validated.state, baseDir: validated.baseDir, logger }));
     }
   } catch (e) {
     await Promise.allSettled([...backends.values()].map((b) => b.backend.close?.()));
     await store.close();
     throw e;
   }
-  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats), new ExportRegistry(nbdTls, () => loadedTls));
+  const state = new BrokerState(validated, backends, store, logger, new Planner(backends), new FileFormats(formats),
+    new ExportRegistry(nbdTls?.get, () => nbdTls?.current), byKind, nbdTls);
   // A fill job (an instant clone) is rebuilt here, where both the state and the broker's verbs are known.
   const resolve: TaskResolver = (rec, stopped) => rec.executor === 'host' && rec.type === 'fill' ? Promise.resolve(instantCloneTask(state, rec.params as unknown as FillParams)) : state.resolveTask(rec, stopped);
   state.jobs = new JobManager(store, state.locks, resolve, logger, {
@@ -133,19 +121,6 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     }
   }
   return broker;
-}
-
-/** A validated config as raw input again (validateConfig is not idempotent on its output). */
-function validatedToRaw(c: BrokerConfig): RawConfig {
-  return {
-    state: c.database ?? c.state, ...(c.database !== undefined ? { stateDir: c.state } : {}),
-    ...(c.leaseSeconds !== undefined ? { leaseSeconds: c.leaseSeconds } : {}),
-    ...(c.lockWaitSeconds !== undefined ? { lockWaitSeconds: c.lockWaitSeconds } : {}),
-    ...(c.hostId !== undefined ? { hostId: c.hostId } : {}),
-    ...(c.server !== undefined ? { server: c.server } : {}),
-    ...(c.nbd !== undefined ? { nbd: c.nbd } : {}),
-    backends: c.backends,
-  };
 }
 
 /** SQLite in the state directory, or the PostgreSQL database the config names. */
@@ -219,6 +194,12 @@ class BrokerView implements Broker {
     return this.s.entry(name).backend;
   }
 
+  async reconfigure(config: string | RawConfig | BrokerConfig, opts: { env?: NodeJS.ProcessEnv } = {}): Promise<Reconfigured> {
+    this.s.assertOpen();
+    if (this.principal.role !== 'admin') throw new PermissionDenied("changing the broker's config is for administrators");
+    return reconfigure(this.s, toBrokerConfig(config, [...this.s.factories.values()], opts.env));
+  }
+
   clone(source: string, target: string, opts?: CloneOptions): Promise<Volume> { return this.data.clone(source, target, opts); }
   startClone(source: string, target: string, opts?: CloneOptions): Promise<CloneStart> { return this.data.startClone(source, target, opts); }
   stream(ref: string, opts?: { base?: string; speed?: number }): Promise<Job> { return this.data.stream(ref, opts); }
@@ -239,6 +220,7 @@ class BrokerView implements Broker {
     await this.s.exports.closeAll(); // clients see a clean disconnect; the volumes are flushed and closed
     await this.s.jobs.close();
     await Promise.allSettled([...this.s.backends.values()].map((b) => b.backend.close?.()));
+    await this.s.closeRetired();
     await this.s.store.close();
   }
 }

@@ -1,9 +1,10 @@
 import type { BlockDevice } from '../backend/block-device.js';
-import type { Logger } from '../backend/plugin.js';
+import type { BackendFactory, Logger } from '../backend/plugin.js';
 import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.js';
 import type { BrokerConfig } from '../config/config.js';
 import { cloneTask, hostCopyTask, type ChangeLister, type CloneDeps, type HostCloneParams, type HostCopyParams } from '../copy/host-copy.js';
 import { ExportRegistry } from '../export/registry.js';
+import type { ConfiguredNbdTls } from '../export/nbd-tls.js';
 import type { JobManager, StoppedRunner, Unresumable } from '../jobs/job-manager.js';
 import { dropWriteIntent, mirrorAfterRestart, type MirrorParams } from '../live/mirror-task.js';
 import type { FillEntry } from '../live/fill.js';
@@ -32,9 +33,12 @@ export class BrokerState {
   suspendLiveCopies = false;
   closed = false;
   jobs!: JobManager;
+  /** Backends a reconfiguration replaced or took away: what still runs on them keeps them until the broker closes. */
+  private readonly retired: StorageBackend[] = [];
 
   constructor(
-    readonly config: BrokerConfig,
+    /** The config in use (Broker.reconfigure changes its backends and nbd.tls). */
+    public config: BrokerConfig,
     readonly backends: Map<string, PlannerBackend>,
     readonly store: StateStore,
     readonly logger: Logger,
@@ -43,6 +47,9 @@ export class BrokerState {
     readonly formats: FileFormats = new FileFormats(),
     /** The NBD exports this broker serves (with the config's TLS credentials, loaded). */
     readonly exports: ExportRegistry = new ExportRegistry(),
+    /** The plugins' factories by kind (the backends a reconfiguration adds), and the config's nbd.tls. */
+    readonly factories: ReadonlyMap<string, BackendFactory<object>> = new Map(),
+    readonly nbdTls?: ConfiguredNbdTls,
   ) {
     this.locks = new LockManager({
       outside: async (keys) => this.jobs.outsideLocks(this.store, keys),
@@ -101,6 +108,15 @@ export class BrokerState {
       throw e;
     }
     this.jobs.noteOwner(ref, owner);
+  }
+
+  /** Keep a backend taken out of use open until the broker closes (closeRetired). */
+  retire(backend: StorageBackend): void {
+    this.retired.push(backend);
+  }
+
+  closeRetired(): Promise<unknown> {
+    return Promise.allSettled(this.retired.splice(0).map((b) => b.close?.()));
   }
 
   assertOpen(): void {

@@ -62,8 +62,10 @@ export async function runCli(argv: string[], opts: RunCliOptions): Promise<numbe
           import('../broker.js'), import('../config/config.js'), import('../backend/plugin-container.js'),
         ]);
         const plugins = loaded ?? await loadPlugins(opts.plugins);
-        const config = loadConfig(configFileOf(program, env), plugins.factories, env);
-        return { broker: await createBroker(config, { plugins, env, ...o }), config };
+        const file = configFileOf(program, env);
+        const config = loadConfig(file, plugins.factories, env);
+        const broker = await createBroker(config, { plugins, env, ...o });
+        return { broker, config, reconfigure: () => broker.reconfigure(file, { env }) };
       });
       const contributions = [...(opts.contributions ?? [])];
       if (opts.plugins.length > 0) {

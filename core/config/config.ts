@@ -201,6 +201,29 @@ export function isDatabaseUrl(state: string): boolean {
   return /^postgres(ql)?:\/\//.test(state);
 }
 
+/** A config as createBroker takes it — a file, a raw object, or one validated already — validated. */
+export function toBrokerConfig(config: string | RawConfig | BrokerConfig, factories: readonly BackendFactory<object>[], env?: NodeJS.ProcessEnv): BrokerConfig {
+  if (typeof config === 'string') return loadConfig(config, factories, env);
+  if (config !== null && typeof config === 'object' && typeof (config as BrokerConfig).baseDir === 'string' && typeof (config as BrokerConfig).state === 'string') {
+    const c = config as BrokerConfig;
+    return validateConfig(validatedToRaw(c), factories, { baseDir: c.baseDir, env });
+  }
+  return validateConfig(config, factories, { env });
+}
+
+/** A validated config as raw input again (validateConfig is not idempotent on its output). */
+function validatedToRaw(c: BrokerConfig): RawConfig {
+  return {
+    state: c.database ?? c.state, ...(c.database !== undefined ? { stateDir: c.state } : {}),
+    ...(c.leaseSeconds !== undefined ? { leaseSeconds: c.leaseSeconds } : {}),
+    ...(c.lockWaitSeconds !== undefined ? { lockWaitSeconds: c.lockWaitSeconds } : {}),
+    ...(c.hostId !== undefined ? { hostId: c.hostId } : {}),
+    ...(c.server !== undefined ? { server: c.server } : {}),
+    ...(c.nbd !== undefined ? { nbd: c.nbd } : {}),
+    backends: c.backends,
+  };
+}
+
 /** Read, substitute and validate a config file. */
 export function loadConfig(path: string, factories: readonly BackendFactory<object>[], env?: NodeJS.ProcessEnv): BrokerConfig {
   const { raw, baseDir } = readConfigFile(path);

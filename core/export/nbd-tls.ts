@@ -27,9 +27,10 @@ export interface NbdTls {
   /**
    * Read the files again (a renewed certificate, a new ca-crl.pem, PSK keys added or taken away):
    * handshakes from now on use them; clients connected already stay. A file that cannot be used
-   * throws its ConfigError and the credentials in use stay as they were.
+   * throws its ConfigError and the credentials in use stay as they were. `next`: the settings
+   * changed too (another folder, an `allow` list; ConfiguredNbdTls.change keeps the kind).
    */
-  reload(): void;
+  reload(next?: NbdTlsConfig): void;
 }
 
 /**
@@ -48,16 +49,47 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
     kind: current.kind,
     namesClients: current.namesClients,
     upgrade: (socket) => upgrade(current, socket),
-    reload: () => {
-      const next = readCredentials(c);
+    reload: (settings = c) => {
+      const next = readCredentials(settings);
       // A revocation list that vanished would let in again every certificate it revoked: a
       // restart takes one away, a reload does not (a newer list replaces it).
-      if (current.options.crl && !next.options.crl && 'x509' in c) {
-        throw new ConfigError(`nbd.tls.x509: ${join(c.x509, 'ca-crl.pem')} was in use and is gone; the certificates it revoked stay refused until a restart`, 'put it back, or a newer one of the CA');
+      if (current.options.crl && !next.options.crl && 'x509' in settings) {
+        throw new ConfigError(`nbd.tls.x509: ${join(settings.x509, 'ca-crl.pem')} was in use and is gone; the certificates it revoked stay refused until a restart`, 'put it back, or a newer one of the CA');
       }
       current = next;
+      c = settings;
     },
   };
+}
+
+/**
+ * The config's `nbd.tls`: loaded when first needed (`get`), and its settings changed while the
+ * broker runs (Broker.reconfigure) within what its servers were started with.
+ */
+export class ConfiguredNbdTls {
+  private loaded?: NbdTls;
+
+  constructor(private config: NbdTlsConfig) {}
+
+  readonly get = (): NbdTls => (this.loaded ??= loadNbdTls(this.config));
+
+  /** The credentials if loaded already (what a reload reads again). */
+  get current(): NbdTls | undefined {
+    return this.loaded;
+  }
+
+  /**
+   * New settings: true once in use (files read now if loaded; a file that cannot be used throws
+   * its ConfigError and nothing changes); false when they need a restart — another kind, or
+   * verifyPeer changed (whether clients are named is fixed for the servers running).
+   */
+  change(next: NbdTlsConfig): boolean {
+    const peer = (t: NbdTlsConfig) => ('psk' in t ? 'psk' : `x509:${t.verifyPeer !== false}`);
+    if (peer(next) !== peer(this.config)) return false;
+    this.loaded?.reload(next);
+    this.config = next;
+    return true;
+  }
 }
 
 /** What one reading of the files gives: the options of a TLS server, and how it names and refuses clients. */

@@ -115,6 +115,10 @@ export function lockModesConflict(held: LockMode, wanted: LockMode): boolean {
 }
 
 /** Shared, exclusive and maintenance locks per volume, across the processes that share a state directory. */
+function lockInfo(h: Held): LockInfo {
+  return { key: h.key, mode: h.mode, holder: { id: h.holder.id, principal: h.holder.principal.id, role: h.holder.principal.role, description: h.holder.description } };
+}
+
 export class LockManager {
   private readonly held: Held[] = [];
   private readonly waiters = new Set<() => void>();
@@ -130,11 +134,12 @@ export class LockManager {
   /** Locks currently held, for `offload locks` and tests. */
   async list(): Promise<LockInfo[]> {
     const outside = await this.outside();
-    return [...this.held, ...outside].map((h) => ({
-      key: h.key,
-      mode: h.mode,
-      holder: { id: h.holder.id, principal: h.holder.principal.id, role: h.holder.principal.role, description: h.holder.description },
-    }));
+    return [...this.held, ...outside].map(lockInfo);
+  }
+
+  /** The locks this broker holds (its jobs, exports and operations), none of the others'. */
+  heldHere(): LockInfo[] {
+    return this.held.map(lockInfo);
   }
 
   /**

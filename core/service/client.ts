@@ -9,7 +9,7 @@ import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.
 import { cloneResult } from '../broker/clone-result.js';
 import type {
   BackendInfo, BackupPoint, BackupsApi, Broker, CloneOptions, CloneStart, CopyOptions, ExportHandle, ExportOptions, ExportsApi, FileExportOptions, FileImportOptions,
-  InstantCloneOptions, JobsApi, LiveCopyOptions, LocksApi, SnapshotsApi, VolumesApi,
+  InstantCloneOptions, JobsApi, LiveCopyOptions, LocksApi, Reconfigured, SnapshotsApi, VolumesApi,
 } from '../broker-api.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { ExportInfo } from '../export/registry.js';
@@ -146,6 +146,12 @@ class ServiceClient implements Broker {
 
   backend(name: string): StorageBackend {
     throw cannotCross(`backend ${name} (a StorageBackend object)`);
+  }
+
+  async reconfigure(): Promise<Reconfigured> {
+    throw new Unsupported("a service's config cannot be sent over the control API: the service reads its own config file", {
+      hint: 'edit the config file on its host and send the service SIGHUP (`systemctl reload`, `kill -HUP PID`)',
+    });
   }
 
   async clone(source: string, target: string, opts?: CloneOptions): Promise<Volume> {

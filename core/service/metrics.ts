@@ -53,13 +53,13 @@ export class ServiceMetrics {
       labelNames: ['method', 'route', 'status'], registers, buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, 60],
     });
     this.reloads = new Counter({
-      name: 'offload_credential_reloads_total', help: 'Credentials read again on SIGHUP (tokens, https, nbd-tls) and whether they could be (failed: the ones in use stay; alert on it before a certificate expires)',
+      name: 'offload_credential_reloads_total', help: 'Credentials read again on SIGHUP (tokens, https, nbd-tls, and the config file with its backends: config) and whether they could be (failed: the ones in use stay; alert on it before a certificate expires)',
       labelNames: ['credentials', 'result'], registers,
     });
   }
 
   /** A credential read again (SIGHUP), or not. */
-  reloaded(credentials: 'tokens' | 'https' | 'nbd-tls', ok: boolean): void {
+  reloaded(credentials: 'tokens' | 'https' | 'nbd-tls' | 'config', ok: boolean): void {
     this.reloads.inc({ credentials, result: ok ? 'ok' : 'failed' });
   }
 

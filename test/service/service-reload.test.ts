@@ -1,6 +1,7 @@
 /**
- * `offload serve` reads its credentials again on SIGHUP, without a restart (which would cut every
- * NBD client of its exports): the tokens file, the HTTPS certificate and the NBD TLS credentials.
+ * `offload serve` reads its config and credentials again on SIGHUP, without a restart (which would
+ * cut every NBD client of its exports): the config file's backends, the tokens file, the HTTPS
+ * certificate and the NBD TLS credentials.
  * Each that cannot be read keeps what it had, and the service serves on. Credentials:
  * test/support/tls/ (make-certs.sh; `renewed` is the server's certificate renewed by the same CA).
  */
@@ -98,7 +99,7 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
 
     writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant }\n  - { token: ${CAROL}, principal: carol, role: tenant, nbdClients: [eve] }\n`, { mode: 0o600 });
     for (const f of ['server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'renewed', f), join(cert(), f));
-    expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials \(1\)\n/);
+    expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(no change\), the tokens file, the HTTPS certificate, the NBD TLS credentials \(1\)\n/);
 
     expect(await status(https, OPS)).toBe(401);
     const bob = await connectBroker(https, { token: BOB, ca: CA });
@@ -117,7 +118,7 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
 
     // The CA's revocation list put beside it: eve's certificate is refused from the next handshake.
     copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), join(nbdTls(), 'ca-crl.pem'));
-    expect(await hangUp()).toMatch(/SIGHUP: reloaded the tokens file, the HTTPS certificate, the NBD TLS credentials \(1\)\n/);
+    expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(no change\), the tokens file, the HTTPS certificate, the NBD TLS credentials \(1\)\n/);
     expect((await size('revoked')).status).not.toBe(0);
     expect((await size('client')).status).toBe(0);
     expect(await admin.exports.reloadTls()).toEqual({ reloaded: 1, failed: [] });
@@ -143,7 +144,7 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     expect(err).toMatch(/SIGHUP: the tokens file not reloaded, the one in use stays: tokens file .*: tokens\[0\]\.token: a token has at least 16 characters/);
     expect(err).toMatch(/SIGHUP: the HTTPS certificate not reloaded, the one in use stays: --tls-cert\/--tls-key cannot be used/);
     expect(err).toMatch(/SIGHUP: NBD TLS credentials not reloaded, the one in use stays: nbd\.tls\.x509: cannot read .*ca-cert\.pem/);
-    expect(err).toMatch(/SIGHUP: reloaded nothing\n/);
+    expect(err).toMatch(/SIGHUP: reloaded the config \(no change\)\n/);
     expect(err).not.toContain('short'); // the bad token is not echoed
     expect(await status(https, BOB)).toBe(200);
     expect(await servedCertificate(https)).toBe(fingerprint('renewed'));
@@ -157,6 +158,38 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     for (const kind of ['tokens', 'https', 'nbd-tls']) {
       expect(metrics).toContain(`offload_credential_reloads_total{credentials="${kind}",result="ok"} 2`);
       expect(metrics).toContain(`offload_credential_reloads_total{credentials="${kind}",result="failed"} 1`);
+    }
+    expect(service.child.exitCode).toBeNull();
+  });
+
+  it('the config file read again: a pool added is used at once; one left out stays while its export serves, and goes once it stops; a file that does not parse keeps the one in use', async () => {
+    const original = readFileSync(s.config, 'utf8');
+    const withExtra = original.replace('backends:\n', 'backends:\n  - name: extra\n    kind: qcow2\n    path: ./extra\n');
+    expect(withExtra).not.toBe(original);
+    mkdirSync(join(s.dir, 'extra'));
+    const cli = (args: string[]) => offload(s, ['--server', service.addresses[0]!, ...args]);
+    try {
+      writeFileSync(s.config, withExtra);
+      expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(extra added\)\n/);
+      expect(await cli(['volume', 'create', 'extra/v', '1M'])).toMatchObject({ code: 0 });
+      const exp = await admin.exports.start('extra/v', { name: 'extra-disk', readOnly: true, listen: { port: 0 } });
+      writeFileSync(s.config, original);
+      expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(extra kept\)/);
+      expect(service.err()).toMatch(/backend extra is no longer configured but stays, in use here: nbd export extra-disk of extra\/v/);
+      expect((await cli(['volume', 'list', 'extra'])).out).toContain('v');
+      await exp.stop();
+      expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(extra removed\)/);
+      expect((await cli(['volume', 'list', 'extra'])).err).toMatch(/backend "extra" is not configured/);
+
+      writeFileSync(s.config, `${original}\n  - [unclosed`);
+      expect(await hangUp()).toMatch(/SIGHUP: the config file not reloaded, the one in use stays: config file .*offload\.yaml is not valid YAML/);
+      expect(await cli(['volume', 'create', 'local/after-bad-config', '1M'])).toMatchObject({ code: 0 });
+      await expect(admin.reconfigure(s.config)).rejects.toMatchObject({ code: 'Unsupported', hint: expect.stringMatching(/SIGHUP/) });
+      const metrics = (await plainHttp(service.addresses[0]!, 'GET', '/metrics')).text;
+      expect(metrics).toContain('offload_credential_reloads_total{credentials="config",result="ok"} 6');
+      expect(metrics).toContain('offload_credential_reloads_total{credentials="config",result="failed"} 1');
+    } finally {
+      writeFileSync(s.config, original);
     }
     expect(service.child.exitCode).toBeNull();
   });

@@ -4,15 +4,16 @@
  * for its clients, and serves the CLI's `--server`. The listening addresses are the first line of
  * stdout, once it is ready; SIGTERM or SIGINT stop it: no new requests, its jobs checkpointed and
  * released (another runner takes them at once), its exports stopped (they come back at its next
- * start), the socket removed, exit 0. SIGHUP reads the tokens file, the HTTPS certificate and the
- * NBD TLS credentials again, without a restart (which would cut every export's clients).
+ * start), the socket removed, exit 0. SIGHUP reads the config file (its backends), the tokens
+ * file, the HTTPS certificate and the NBD TLS credentials again, without a restart (which would
+ * cut every export's clients).
  */
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { createSecureContext } from 'node:tls';
 import type { Command } from 'commander';
 import type { Logger } from '../../backend/plugin.js';
-import type { Broker } from '../../broker-api.js';
+import type { Broker, Reconfigured } from '../../broker-api.js';
 import type { BrokerConfig } from '../../config/config.js';
 import type { JobEventHook } from '../../jobs/job-manager.js';
 import { createLogger } from '../../logger.js';
@@ -26,7 +27,7 @@ export type OpenServiceBroker = (o: {
   onJobEvent: JobEventHook;
   logger: Logger;
   suspendLiveCopies: boolean;
-}) => Promise<{ broker: Broker; config: BrokerConfig }>;
+}) => Promise<{ broker: Broker; config: BrokerConfig; reconfigure: () => Promise<Reconfigured> }>;
 
 interface ServeFlags { socket?: string; listen?: string; tokens?: string; maxJobs?: string; tlsCert?: string; tlsKey?: string; tlsClientCa?: string; tlsClientCrl?: string }
 
@@ -59,7 +60,7 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       const tokens = o.tokens === undefined ? undefined : Tokens.load(o.tokens, logger);
       if (tokens?.namesCertificates && !tls?.clientCa) logger.warn('the tokens file names client certificates, which only --tls-client-ca asks for: those entries let no one in');
       const metrics = new ServiceMetrics();
-      const { broker, config } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger, suspendLiveCopies: true });
+      const { broker, config, reconfigure } = await open({ recoverJobs: true, adoptOrphans: { maxJobs }, onJobEvent: metrics.onJobEvent, logger, suspendLiveCopies: true });
       let service;
       try {
         const configured = config.server?.startsWith('unix:') ? resolve(config.baseDir, config.server.slice(5)) : undefined;
@@ -86,6 +87,13 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
             failed(kind, what, e);
           }
         };
+        try {
+          const r = await reconfigure(); // what could not be used is logged by the broker
+          metrics.reloaded('config', r.failed.length === 0);
+          done.push(`the config (${changes(r)})`);
+        } catch (e) {
+          failed('config', 'the config file', e);
+        }
         if (o.tokens !== undefined) await attempt('tokens', 'the tokens file', () => running.reload({ tokens: Tokens.load(o.tokens!, logger) }));
         if (tls) await attempt('https', 'the HTTPS certificate', () => running.reload({ tls: tlsOf(o, true)! }));
         try {
@@ -119,6 +127,15 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
       await service.close();
       await broker.close(); // running jobs are checkpointed and released: another runner takes them at once
     });
+}
+
+/** What a reconfiguration changed, in a few words. */
+function changes(r: Reconfigured): string {
+  const said = [
+    ...r.added.map((n) => `${n} added`), ...r.replaced.map((n) => `${n} replaced`), ...r.removed.map((n) => `${n} removed`),
+    ...r.kept.map((k) => `${k.name} kept`), ...r.failed.map((f) => `${f.name} failed`), ...r.restartNeeded.map((k) => `${k} needs a restart`),
+  ];
+  return said.length > 0 ? said.join(', ') : 'no change';
 }
 
 /**

@@ -1,0 +1,136 @@
+/**
+ * Broker.reconfigure: a running broker's config changed without a restart — backends added,
+ * changed (made anew: another array, a rotated token) and taken away, and nbd.tls's settings —
+ * with the real plugins: qcow2 pools and two FlashArray mocks (two "arrays"). What `offload serve`
+ * does on SIGHUP (test/service/service-reload.test.ts).
+ */
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createBroker, silentLogger, type Broker, type RawConfig } from '../../core/index.js';
+import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharray/appliance/index.js';
+import { builtinPlugins } from '../../plugins/index.js';
+import { HAVE, tool } from '../support/nbd-tools.js';
+
+const MiB = 1024 * 1024;
+const CREDS = join(import.meta.dirname, '../support/tls');
+const dir = mkdtempSync(join(tmpdir(), 'offload-reconfigure-'));
+let arrayA: FlashArrayMock;
+let arrayB: FlashArrayMock;
+let broker: Broker;
+
+const pool = (name: string, extra: Record<string, unknown> = {}) => ({ name, kind: 'qcow2', path: join(dir, name), ...extra });
+const san = (array: FlashArrayMock, apiToken = array.apiToken) => ({ name: 'san', kind: 'flasharray', endpoint: array.url, apiToken, retry: { maxAttempts: 1 } });
+const config = (backends: Record<string, unknown>[], more: Partial<RawConfig> = {}): RawConfig => ({ state: join(dir, 'state'), ...more, backends });
+const names = async () => (await broker.backends()).map((b) => b.name).sort();
+
+beforeAll(async () => {
+  for (const p of ['local', 'second']) mkdirSync(join(dir, p));
+  [arrayA, arrayB] = await Promise.all([startFlashArrayMock(), startFlashArrayMock()]);
+  broker = await createBroker(config([pool('local'), san(arrayA)]), { plugins: builtinPlugins, logger: silentLogger });
+});
+
+afterAll(async () => {
+  await broker?.close();
+  await Promise.all([arrayA?.close(), arrayB?.close()]);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('Broker.reconfigure', () => {
+  it('a backend added is used at once; a changed entry takes the old one’s place for what comes after; one left out is taken away', async () => {
+    await broker.volumes.create('san/on-a', { sizeBytes: MiB });
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA), pool('second')]))).toEqual({
+      added: ['second'], replaced: [], removed: [], kept: [], failed: [], restartNeeded: [],
+    });
+    expect(await names()).toEqual(['local', 'san', 'second']);
+    await broker.volumes.create('second/v', { sizeBytes: MiB });
+    expect(await broker.clone('second/v', 'local/from-second')).toMatchObject({ sizeBytes: MiB });
+
+    // The array's entry changed (here another array): what comes after goes to the new one.
+    expect(await broker.reconfigure(config([pool('local'), san(arrayB), pool('second')]))).toMatchObject({ replaced: ['san'], added: [], removed: [] });
+    await expect(broker.volumes.get('san/on-a')).rejects.toMatchObject({ code: 'NotFound' });
+    await broker.volumes.create('san/on-b', { sizeBytes: MiB });
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA), pool('second')]))).toMatchObject({ replaced: ['san'] });
+    expect(await broker.volumes.get('san/on-a')).toMatchObject({ name: 'on-a' });
+    await expect(broker.volumes.get('san/on-b')).rejects.toMatchObject({ code: 'NotFound' });
+
+    // The same config again changes nothing; a pool left out is gone.
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA), pool('second')]))).toEqual({
+      added: [], replaced: [], removed: [], kept: [], failed: [], restartNeeded: [],
+    });
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA)]))).toMatchObject({ removed: ['second'] });
+    await expect(broker.volumes.get('second/v')).rejects.toMatchObject({ code: 'NotFound', message: 'backend "second" is not configured' });
+    expect(await names()).toEqual(['local', 'san']);
+  });
+
+  it('a backend in use here (an export) stays until it is not; the export serves on meanwhile', async () => {
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA), pool('second')]))).toMatchObject({ added: ['second'] });
+    const exp = await broker.exports.start('second/v', { name: 'busy', readOnly: true, listen: { port: 0 } });
+    try {
+      const r = await broker.reconfigure(config([pool('local'), san(arrayA)]));
+      expect(r).toMatchObject({ removed: [], kept: [{ name: 'second', reason: 'in use here: nbd export busy of second/v (read-only)' }] });
+      expect(await names()).toEqual(['local', 'san', 'second']);
+      if (HAVE.libnbd) expect((await tool('nbdinfo', ['--size', exp.uri])).stdout.trim()).toBe(String(MiB));
+    } finally {
+      await exp.stop();
+    }
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA)]))).toMatchObject({ removed: ['second'], kept: [] });
+    expect(await names()).toEqual(['local', 'san']);
+  });
+
+  it('what cannot be used changes nothing: a rotated token the array refuses, a pool folder that is not there, a config that does not validate; settings for a restart are named', async () => {
+    const r = await broker.reconfigure(config([pool('local'), san(arrayA, 'not-the-token'), pool('nowhere')], { leaseSeconds: 30, state: join(dir, 'elsewhere') }));
+    expect(r.added).toEqual([]);
+    expect(r.replaced).toEqual([]);
+    expect(r.failed.map((f) => f.name)).toEqual(['san', 'nowhere']);
+    expect(r.failed[0]!.reason).toMatch(/^backend "san" \(flasharray\) cannot be used: /);
+    expect(r.failed[0]!.reason).not.toContain('not-the-token');
+    expect(r.failed[1]!.reason).toMatch(/^backend "nowhere" \(qcow2\) cannot start: /);
+    expect(r.restartNeeded).toEqual(['state', 'leaseSeconds']);
+    // The array's old entry stays in use; the next reconfiguration tries the new one again.
+    await broker.volumes.create('san/still-a', { sizeBytes: MiB });
+    expect(await broker.volumes.get('san/on-a')).toMatchObject({ name: 'on-a' });
+    expect(await broker.reconfigure(config([pool('local'), san(arrayA, 'not-the-token')]))).toMatchObject({ failed: [{ name: 'san' }] });
+
+    await expect(broker.reconfigure(config([pool('local'), { name: 'x', kind: 'tape' }]))).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/unknown kind "tape"/) });
+    await expect(broker.reconfigure(join(dir, 'missing.yaml'))).rejects.toMatchObject({ message: expect.stringMatching(/does not exist/) });
+    expect(await names()).toEqual(['local', 'san']);
+    await expect(broker.as({ id: 'tina', role: 'tenant' }).reconfigure(config([pool('local')]))).rejects.toMatchObject({ code: 'PermissionDenied' });
+    expect(await names()).toEqual(['local', 'san']);
+  });
+});
+
+describe.skipIf(!HAVE.libnbd)('Broker.reconfigure: nbd.tls', () => {
+  it("nbd.tls's allow list and folder change for the next handshake; another kind needs a restart", async () => {
+    const creds = join(dir, 'nbd-tls');
+    mkdirSync(creds);
+    for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) copyFileSync(join(CREDS, 'server', f), join(creds, f));
+    const tlsDir = join(dir, 'tls-state');
+    const withTls = (allow: string[], folder = creds): RawConfig => ({ state: tlsDir, nbd: { tls: { x509: folder, allow } }, backends: [pool('local')] });
+    const b = await createBroker(withTls(['alice']), { plugins: builtinPlugins, logger: silentLogger });
+    try {
+      await b.volumes.create('local/tls-disk', { sizeBytes: MiB });
+      const exp = await b.exports.start('local/tls-disk', { readOnly: true, listen: { port: 0 } });
+      const size = (who: string) => tool('nbdinfo', ['--size', `${exp.uri}?tls-certificates=${join(CREDS, who)}`]);
+      expect((await size('client')).status).toBe(0);
+      expect((await size('revoked')).status).not.toBe(0); // eve: not allowed
+
+      expect(await b.reconfigure(withTls(['alice', 'eve']))).toMatchObject({ restartNeeded: [], failed: [] });
+      expect((await size('revoked')).status).toBe(0);
+      expect(await b.reconfigure(withTls(['eve']))).toMatchObject({ restartNeeded: [], failed: [] });
+      expect((await size('client')).status).not.toBe(0);
+
+      // A folder that cannot be used keeps what is in use; another kind is for a restart.
+      const bad = await b.reconfigure(withTls(['alice'], join(dir, 'no-such-folder')));
+      expect(bad.failed).toEqual([{ name: 'nbd.tls', reason: expect.stringMatching(/^nbd\.tls\.x509: cannot read .*no-such-folder/) }]);
+      expect((await size('client')).status).not.toBe(0);
+      expect((await size('revoked')).status).toBe(0);
+      expect(await b.reconfigure({ state: tlsDir, nbd: { tls: { psk: join(dir, 'keys.psk') } }, backends: [pool('local')] })).toMatchObject({ restartNeeded: ['nbd.tls'], failed: [] });
+      expect(await b.reconfigure({ state: tlsDir, backends: [pool('local')] })).toMatchObject({ restartNeeded: ['nbd.tls'] });
+      expect((await size('revoked')).status).toBe(0);
+    } finally {
+      await b.close();
+    }
+  });
+});
