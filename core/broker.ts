@@ -104,6 +104,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     ...(opts.checkpointEveryMs !== undefined ? { checkpointEveryMs: opts.checkpointEveryMs } : {}),
     ...(opts.onJobEvent ? { onEvent: opts.onJobEvent } : {}),
     placement: (rec) => state.placement(rec),
+    beforeDismiss: (rec) => state.beforeDismiss(rec),
     ...(validated.leaseSeconds !== undefined ? { leaseMs: validated.leaseSeconds * 1000 } : {}),
     ...(validated.lockWaitSeconds !== undefined ? { lineWaitMs: validated.lockWaitSeconds * 1000 } : {}),
     ...(validated.hostId !== undefined ? { hostId: validated.hostId } : {}),

@@ -215,16 +215,33 @@ export class BrokerState {
 
   /**
    * Take away the write-intent records of the concluded live copies that copied `volume` (as
-   * source or target): it is about to be written in a way they cannot account for.
+   * source or target; or any of several): it is about to be written in a way they cannot account
+   * for. `before`: only those of copies started before then.
    */
-  async dropCrashIntents(volume: string, why = 'exported writable without it'): Promise<void> {
+  async dropCrashIntents(volume: string | readonly string[], why = 'exported writable without it', before?: string): Promise<void> {
+    const volumes = new Set(typeof volume === 'string' ? [volume] : volume);
     for (const rec of await this.store.listJobs()) {
       if (rec.type !== 'mirror' || rec.status !== 'concluded' || (rec.checkpoint as { intent?: unknown } | undefined)?.intent === undefined) continue;
-      const pairs = (rec.params as unknown as MirrorParams).pairs ?? [];
-      if (!pairs.some((p) => p.source === volume || p.target === volume)) continue;
+      if (before !== undefined && rec.createdAt >= before) continue;
+      const hit = ((rec.params as unknown as MirrorParams).pairs ?? []).flatMap((p) => [p.source, p.target]).find((v) => volumes.has(v));
+      if (hit === undefined) continue;
       await dropWriteIntent(this.store, rec.id);
-      this.logger.info(`live copy ${rec.id} can no longer be resumed from its write-intent record: ${volume} is ${why}`, { job: rec.id });
+      this.logger.info(`live copy ${rec.id} can no longer be resumed from its write-intent record: ${hit} is ${why}`, { job: rec.id });
     }
+  }
+
+  /**
+   * A job's record is about to be dismissed. A crashed live copy is resumed only if no job wrote
+   * its volumes after it — a later live copy of them, or a job that held one exclusively — which
+   * the records tell (LiveCopies.assertUnchangedSince): the copies older than this job that it
+   * would refuse lose their write-intent records first, so that the record's going cannot let one
+   * resume over what this job wrote.
+   */
+  async beforeDismiss(rec: JobRecord): Promise<void> {
+    const wrote = rec.type === 'mirror'
+      ? ((rec.params as unknown as MirrorParams).pairs ?? []).flatMap((p) => [p.source, p.target])
+      : rec.locks.filter((l) => l.mode === 'exclusive').map((l) => l.key);
+    if (wrote.length > 0) await this.dropCrashIntents(wrote, `written by job ${rec.id} (dismissed)`, rec.createdAt);
   }
 
   /** Rebuild a stored job's task after a restart (undefined: it cannot be resumed). */

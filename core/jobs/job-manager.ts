@@ -79,6 +79,12 @@ export type JobPlacement = (record: JobRecord) => string | undefined;
 export interface JobManagerOptions {
   /** Which orphaned jobs this manager may take over (default: all). */
   placement?: JobPlacement;
+  /**
+   * A concluded job's record is about to be deleted (dismissed): what its being in the history
+   * vouched for must go first (a crashed live copy resumes only if no job wrote its volumes
+   * since, which it learns from the records). A failure fails the dismissal.
+   */
+  beforeDismiss?: (record: JobRecord) => Promise<void>;
   /** Told of every takeover this manager wins, and every job it loses to fencing. */
   onEvent?: JobEventHook;
   /** How often a job saves its checkpoint at most (JobRunOptions.checkpointEveryMs). */
@@ -125,6 +131,7 @@ export class JobManager {
   private readonly starting = new Set<string>();
   private readonly onEvent: JobEventHook | undefined;
   private readonly placement: JobPlacement;
+  private readonly beforeDismiss: ((record: JobRecord) => Promise<void>) | undefined;
   /** This broker's operations and exports in the store: their rows, leases and removal. */
   private readonly rows: OpRows;
   /** Short operations' claims, kept a moment for the next ones. */
@@ -145,6 +152,7 @@ export class JobManager {
     this.checkpointEveryMs = opts.checkpointEveryMs;
     this.onEvent = opts.onEvent;
     this.placement = opts.placement ?? (() => undefined);
+    this.beforeDismiss = opts.beforeDismiss;
     this.runnerLocks = opts.runnerLockDir !== undefined ? new RunnerLocks(opts.runnerLockDir) : undefined;
     this.rows = new OpRows(store, this.token, this.host, this.leaseMs, (jobs, ops) => this.foreignOf(jobs, ops), () => this.holdLock());
     this.claims = new OpClaims((ids) => this.rows.withdrawMany(ids));
@@ -395,7 +403,7 @@ export class JobManager {
     if (local) return local;
     const rec = await this.store.getJob(id);
     if (!rec) throw new NotFound(`job ${id} does not exist`, { ref: id, hint: 'list jobs with `offload jobs list`' });
-    return this.running.get(id) ?? new RemoteJob(rec, this.store, (r) => this.isOrphaned(r));
+    return this.running.get(id) ?? new RemoteJob(rec, this.store, (r) => this.isOrphaned(r), this.beforeDismiss);
   }
 
   async list(): Promise<JobInfo[]> {
@@ -596,6 +604,7 @@ export class JobManager {
         onProcessed: (rec: JobRecord, bytes: number) => hook({ type: 'processed', job: rec.id, executor: rec.executor, bytes }),
       } : {}),
       ...(this.checkpointEveryMs === undefined ? {} : { checkpointEveryMs: this.checkpointEveryMs }),
+      ...(this.beforeDismiss ? { beforeDismiss: this.beforeDismiss } : {}),
     };
   }
 

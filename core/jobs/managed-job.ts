@@ -54,6 +54,8 @@ export class ManagedJob implements Job {
       resumeFrom?: unknown; checkpointEveryMs?: number; leaseMs?: number; onFenced?: (job: string, why: string) => void;
       /** Bytes this runner moved on since the last call (progress going forward here; never back). */
       onProcessed?: (job: JobRecord, bytes: number) => void;
+      /** Run before the record is deleted (JobManagerOptions.beforeDismiss). */
+      beforeDismiss?: (job: JobRecord) => Promise<void>;
     } = {},
   ) {
     const rec = record;
@@ -175,6 +177,7 @@ export class ManagedJob implements Job {
   async dismiss(): Promise<void> {
     assertVerb('dismiss', this.record.status, this.id);
     await this.writes;
+    await this.opts.beforeDismiss?.(this.record);
     await this.store.deleteJob(this.id);
   }
 

@@ -44,6 +44,8 @@ export class RemoteJob implements Job {
     private readonly store: StateStore,
     /** Whether nobody runs a record any more (else wait() would never end). */
     private readonly orphaned: (r: JobRecord) => boolean,
+    /** Run before the record is deleted (JobManagerOptions.beforeDismiss). */
+    private readonly beforeDismiss?: (r: JobRecord) => Promise<void>,
   ) {
     this.id = record.id;
     this.last = record;
@@ -104,7 +106,9 @@ export class RemoteJob implements Job {
   }
 
   async dismiss(): Promise<void> {
-    assertVerb('dismiss', (await this.record()).status, this.id);
+    const rec = await this.record();
+    assertVerb('dismiss', rec.status, this.id);
+    await this.beforeDismiss?.(rec);
     await this.store.deleteJob(this.id);
   }
 

@@ -322,6 +322,29 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect((await client('nbd', 'stop', 'y0')).code).toBe(0);
   });
 
+  it('nor once the job that wrote its target meanwhile was dismissed (its record gone, the copy\'s record is dropped with it)', async () => {
+    expect((await client('volume', 'create', 'local/y1', '8M')).code).toBe(0);
+    expect((await client('nbd', 'local/y1', '--port', '0', '--name', 'y1')).code).toBe(0);
+    const mirror = await json('copy', '--live', 'local/y1', 'san1/y1', '--speed', `${2 * MiB}`, '--detach') as { id: string };
+    await until('the target made', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'running', 600, 20);
+    await new Promise((r) => setTimeout(r, 300));
+    await ls.kill();
+    expect((await offload(ls.s, ['volume', 'create', 'local/z1', '8M'])).code).toBe(0);
+    await offload(ls.s, ['jobs', 'resume', mirror.id]);
+    const over = await offload(ls.s, ['--json', 'copy', 'local/z1', 'san1/y1']);
+    expect(over.code, over.err).toBe(0);
+    const listed = JSON.parse((await offload(ls.s, ['--json', 'jobs', 'list'])).out) as { id: string; type: string; ref: string }[];
+    const writer = listed.find((j) => j.id !== mirror.id && j.ref.includes('san1/y1'));
+    expect(writer).toBeDefined();
+    expect((await offload(ls.s, ['jobs', 'dismiss', writer!.id])).code).toBe(0);
+    await ls.restart();
+    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'y1'));
+    await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
+    const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
+    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/y1'))).toEqual([]);
+    expect((await client('nbd', 'stop', 'y1')).code).toBe(0);
+  });
+
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
     expect((await client('volume', 'create', 'local/vm-0', `${SIZE}`)).code).toBe(0);
     const started = await client('nbd', 'local/vm-0', '--port', '0', '--name', 'vm');
