@@ -32,7 +32,11 @@ export interface VolumesApi {
    * Unsupported when the backend cannot tell.
    */
   changes(ref: string, opts: { since: string; offset?: number; length?: number }): Promise<ChangedExtents>;
-  /** Open the data path of a volume (needs `data.read`, and `data.write` for `rw`). */
+  /**
+   * Open the data path of a volume (needs `data.read`, and `data.write` for `rw`). No lock is
+   * taken: the caller answers for what else writes it. `rw` drops a crashed live copy's
+   * write-intent record of it (the copy cannot be resumed over writes it never saw).
+   */
   open(ref: string, mode?: 'r' | 'rw'): Promise<BlockDevice>;
   /** Copy a volume's (or a snapshot's) data into a new local image file, sparse, as a host job. */
   exportTo(ref: string, file: string, opts?: FileExportOptions): Promise<Job>;

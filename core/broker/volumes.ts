@@ -106,6 +106,8 @@ export class Volumes implements VolumesApi {
     this.s.entry(ref.backend);
     await this.a.assertOwns(ref);
     need(this.s, ref.backend, mode === 'r' ? 'data.read' : 'data.write');
+    // Written through no export or job: a crashed live copy's record could not account for it.
+    if (mode === 'rw') await this.s.dropCrashIntents(volumeKey(ref), 'opened for writing (volumes.open)');
     return this.s.openThroughFill(volumeKey(ref), mode);
   }
 
