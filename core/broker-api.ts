@@ -298,7 +298,7 @@ export interface Reconfigured {
   kept: { name: string; reason: string }[];
   /** Entries (a backend's name, or `nbd.tls`) that could not be used: the ones in use stay. */
   failed: { name: string; reason: string }[];
-  /** Settings changed that take a restart (`state`, `hostId`, `leaseSeconds`, `lockWaitSeconds`, `nbd.tls` turned on, off or to another kind): the ones in use stay. */
+  /** Settings changed that take a restart (`state`, `hostId`, `leaseSeconds`, `lockWaitSeconds`, `jobRetentionDays`, `nbd.tls` turned on, off or to another kind): the ones in use stay. */
   restartNeeded: string[];
 }
 

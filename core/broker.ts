@@ -37,6 +37,9 @@ import { FileFormats } from './broker/file-formats.js';
 import { SqliteStateStore } from './state/sqlite/sqlite-store.js';
 import type { StateStore } from './state/state-store.js';
 
+/** How long a long-running broker keeps concluded jobs by default (the config's jobRetentionDays). */
+const DEFAULT_JOB_RETENTION_DAYS = 7;
+
 export interface CreateBrokerOptions {
   /** Plugin modules (e.g. `builtinPlugins` from plugins/index.ts), or plugins already loaded (the CLI loads them once). */
   plugins: readonly ContainerModule[] | LoadedPlugins;
@@ -53,7 +56,8 @@ export interface CreateBrokerOptions {
   recoverJobs?: boolean;
   /**
    * Keep taking over orphaned jobs while the broker is open (a service's broker): every `everyMs`
-   * (default a third of the lease), up to `maxJobs` running here (default 4).
+   * (default a third of the lease), up to `maxJobs` running here (default 4). Such a broker also
+   * dismisses concluded jobs older than the config's jobRetentionDays (at start, then hourly).
    */
   adoptOrphans?: { everyMs?: number; maxJobs?: number };
   /** Told of job takeovers this broker wins and jobs it loses to fencing (a service counts them). */
@@ -112,7 +116,11 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   });
   if (opts.suspendLiveCopies) state.suspendLiveCopies = true;
   const broker = new BrokerView(state, opts.principal ?? ADMIN);
-  if (opts.adoptOrphans) state.jobs.adoptOrphans(opts.adoptOrphans);
+  if (opts.adoptOrphans) {
+    state.jobs.adoptOrphans(opts.adoptOrphans);
+    const days = validated.jobRetentionDays ?? DEFAULT_JOB_RETENTION_DAYS;
+    if (days > 0) state.jobs.sweepConcluded({ retentionMs: days * 86_400_000, keep: (rec) => state.resumable(rec) });
+  }
   if (opts.recoverJobs !== false) {
     try {
       await state.jobs.recover();

@@ -52,12 +52,13 @@ async function probe(name: string, b: PlannerBackend): Promise<void> {
   }
 }
 
-/** Settings a running broker keeps until it restarts: its state, its identity, its jobs' leases and lock waits. */
+/** Settings a running broker keeps until it restarts: its state, its identity, its jobs' leases, lock waits and retention. */
 const RESTART_ONLY: { key: string; of: (c: BrokerConfig) => unknown }[] = [
   { key: 'state', of: (c) => [c.database, c.state] },
   { key: 'hostId', of: (c) => c.hostId },
   { key: 'leaseSeconds', of: (c) => c.leaseSeconds },
   { key: 'lockWaitSeconds', of: (c) => c.lockWaitSeconds },
+  { key: 'jobRetentionDays', of: (c) => c.jobRetentionDays },
 ];
 
 /**

@@ -231,6 +231,17 @@ export class BrokerState {
   }
 
   /**
+   * Whether a concluded job's record is still a way on, kept by the sweep of old jobs: a live
+   * copy not resumed yet that left points (snapshots of its sources, which its resumption or
+   * cancellation deletes) or a write-intent record.
+   */
+  resumable(rec: JobRecord): boolean {
+    if (rec.type !== 'mirror') return false;
+    const state = rec.checkpoint as { points?: (string | null)[]; intent?: unknown; resumedBy?: string } | undefined;
+    return state?.resumedBy === undefined && (state?.intent !== undefined || (state?.points ?? []).some((p) => p !== null));
+  }
+
+  /**
    * A job's record is about to be dismissed. A crashed live copy is resumed only if no job wrote
    * its volumes after it — a later live copy of them, or a job that held one exclusively — which
    * the records tell (LiveCopies.assertUnchangedSince): the copies older than this job that it

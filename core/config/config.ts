@@ -26,6 +26,8 @@ export interface BrokerConfig {
   leaseSeconds?: number;
   /** How long a job, an export or an operation waits in line for its locks before it is refused Busy (seconds; default 30). */
   lockWaitSeconds?: number;
+  /** How long a concluded job is kept before a service dismisses it (days; default 7; 0: kept until dismissed). */
+  jobRetentionDays?: number;
   /**
    * This machine's id among those sharing the state, the same across its boots (RawConfig.hostId):
    * a runner recorded under it in an earlier boot is known gone without waiting for its lease.
@@ -50,6 +52,12 @@ export interface RawConfig {
    * Busy (seconds, 0–3600; default 30).
    */
   lockWaitSeconds?: number;
+  /**
+   * How long a concluded job stays listed before a long-running broker (`offload serve`) dismisses
+   * it (days, 0–3650, fractions allowed; default 7; 0 keeps every job until it is dismissed). A live
+   * copy that can still be resumed is kept.
+   */
+  jobRetentionDays?: number;
   /**
    * A name for this machine, unique among the machines sharing the state and the same across its
    * reboots (the node's name; `${NODE_NAME}` takes it from the environment; default: none). With
@@ -76,6 +84,7 @@ const envelopeSchema = z.strictObject({
   server: z.string().regex(/^(unix:.+|https?:\/\/.+)$/, 'expected unix:PATH, http://HOST:PORT or https://HOST:PORT').optional(),
   leaseSeconds: z.number().min(1).max(3600).optional(),
   lockWaitSeconds: z.number().min(0).max(3600).optional(),
+  jobRetentionDays: z.number().min(0).max(3650).optional(),
   hostId: z.string().refine(isValidName, 'expected a name of 1–128 characters of A-Z a-z 0-9 . _ - not starting with . or -').optional(),
   nbd: z.strictObject({
     tls: z.union([
@@ -186,6 +195,7 @@ export function validateConfig(
     ...(env.data.server !== undefined ? { server: env.data.server } : {}),
     ...(env.data.leaseSeconds !== undefined ? { leaseSeconds: env.data.leaseSeconds } : {}),
     ...(env.data.lockWaitSeconds !== undefined ? { lockWaitSeconds: env.data.lockWaitSeconds } : {}),
+    ...(env.data.jobRetentionDays !== undefined ? { jobRetentionDays: env.data.jobRetentionDays } : {}),
     ...(env.data.hostId !== undefined ? { hostId: env.data.hostId } : {}),
     ...(env.data.nbd?.tls !== undefined ? { nbd: { tls: absoluteTls(env.data.nbd.tls, baseDir) } } : {}),
   };
@@ -217,6 +227,7 @@ function validatedToRaw(c: BrokerConfig): RawConfig {
     state: c.database ?? c.state, ...(c.database !== undefined ? { stateDir: c.state } : {}),
     ...(c.leaseSeconds !== undefined ? { leaseSeconds: c.leaseSeconds } : {}),
     ...(c.lockWaitSeconds !== undefined ? { lockWaitSeconds: c.lockWaitSeconds } : {}),
+    ...(c.jobRetentionDays !== undefined ? { jobRetentionDays: c.jobRetentionDays } : {}),
     ...(c.hostId !== undefined ? { hostId: c.hostId } : {}),
     ...(c.server !== undefined ? { server: c.server } : {}),
     ...(c.nbd !== undefined ? { nbd: c.nbd } : {}),

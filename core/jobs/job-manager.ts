@@ -124,6 +124,8 @@ export class JobManager {
   private readonly checkpointEveryMs: number | undefined;
   private readonly heartbeat: NodeJS.Timeout;
   private adopter: NodeJS.Timeout | undefined;
+  private sweeper: NodeJS.Timeout | undefined;
+  private sweeping: Promise<void> | undefined;
   private closing = false;
   /** Jobs this manager is taking over right now (claimed, not running yet): not orphans. */
   private readonly adopting = new Map<string, Promise<unknown>>();
@@ -466,6 +468,34 @@ export class JobManager {
   }
 
   /**
+   * Dismiss the concluded jobs that have not changed for `retentionMs` (a long-running broker:
+   * once now, then every `everyMs`, default an hour), but those `keep` holds on to — each as a
+   * user's dismissal is (beforeDismiss first). Brokers sharing a store may sweep it at once: a
+   * job another dismissed first is passed over.
+   */
+  sweepConcluded(opts: { retentionMs: number; everyMs?: number; keep?: (rec: JobRecord) => boolean }): void {
+    const sweep = () => {
+      if (this.sweeping || this.closing) return;
+      this.sweeping = (async () => {
+        const before = new Date(Date.now() - opts.retentionMs).toISOString();
+        for (const rec of await this.store.listJobs()) {
+          if (this.closing) break;
+          if (rec.status !== 'concluded' || rec.updatedAt >= before || opts.keep?.(rec)) continue;
+          const job = await this.get(rec.id).catch(() => undefined);
+          await job?.dismiss().catch((e: unknown) => {
+            if (!(e instanceof NotFound)) this.logger.warn('dismissing a concluded job failed', { job: rec.id, error: toOffloadError(e).message });
+          });
+        }
+      })().catch((e: unknown) => this.logger.warn('looking for concluded jobs to dismiss failed', { error: toOffloadError(e).message }))
+        .finally(() => { this.sweeping = undefined; });
+    };
+    if (this.sweeper) return;
+    this.sweeper = setInterval(sweep, opts.everyMs ?? 3_600_000);
+    this.sweeper.unref();
+    sweep();
+  }
+
+  /**
    * Jobs left active by a process that is gone: resume those whose executor can rebuild the task
    * (from their last checkpoint), conclude the others with an error saying they were interrupted.
    */
@@ -613,6 +643,8 @@ export class JobManager {
     this.closing = true;
     clearInterval(this.heartbeat);
     if (this.adopter) clearInterval(this.adopter);
+    if (this.sweeper) clearInterval(this.sweeper);
+    await this.sweeping;
     await Promise.allSettled([...this.adopting.values()]);
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
