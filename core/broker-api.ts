@@ -290,15 +290,15 @@ export interface BackupsApi {
 export interface Reconfigured {
   /** Backends new to the config, made. */
   added: string[];
-  /** Backends whose entries changed, made anew: operations from now on use them (exports and jobs running keep the old ones). */
+  /** Backends whose entries changed, made anew: operations from now on use them (one this broker uses — an export, a job — is `kept` instead until they end). */
   replaced: string[];
   /** Backends left out of the config, taken away. */
   removed: string[];
-  /** Backends left out of the config that stay while this broker uses them (an export, a job: `reason`). */
+  /** Backends left out of the config, or whose entries changed, that stay as they are while this broker uses them (an export, a job: `reason`). */
   kept: { name: string; reason: string }[];
   /** Entries (a backend's name, or `nbd.tls`) that could not be used: the ones in use stay. */
   failed: { name: string; reason: string }[];
-  /** Settings changed that take a restart (`state`, `hostId`, `leaseSeconds`, `lockWaitSeconds`, `jobRetentionDays`, `nbd.tls` turned on, off or to another kind): the ones in use stay. */
+  /** Settings changed that take a restart (`state`, `server`, `hostId`, `leaseSeconds`, `lockWaitSeconds`, `jobRetentionDays`, `nbd.tls` turned on, off or to another kind): the ones in use stay. */
   restartNeeded: string[];
 }
 

@@ -200,7 +200,11 @@ export class DataJobs {
     if (!Array.isArray(pairs) || pairs.length === 0) throw new InvalidArgument('a live copy needs at least one { source, target } pair');
     const first = pairs[0]!;
     const plan = planOrRefuse(this.s, { op: 'copy', source: String(first?.source), target: String(first?.target) }, `copy ${String(first?.source)} to ${String(first?.target)}`, String(first?.source));
-    const job = await new LiveCopies(this.s, as).start(pairs, { ...opts, live: true }, plan);
+    // A resumption is checked again once the job holds the volumes: its record may have lost its
+    // write-intent record since (a writer dismissed, a volume opened for writing).
+    const resume = opts.resume;
+    const recheck = resume === undefined ? undefined : () => new LiveCopies(this.s, this.a).resumeOf(resume, pairsIn);
+    const job = await new LiveCopies(this.s, as).start(pairs, { ...opts, live: true }, plan, recheck);
     // The new job's own record takes over from the one it resumes (a crashed one's write intent is
     // dropped; the sources' writes wait for the new job's guard meanwhile).
     if (opts.resume !== undefined) {

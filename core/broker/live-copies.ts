@@ -104,7 +104,8 @@ export class LiveCopies {
   }
 
   /** One job for every pair (the disks of one VM): ready when all are, switched over all or none. */
-  async start(pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number; made?: true }[], opts: CopyOptions, plan: Plan): Promise<Job> {
+  /** `recheck`: run again under the job's locks (a resumption's checks: its record may have changed since). */
+  async start(pairs: { source: string; target: string; since?: string; pending?: unknown; sizeBytes?: number; made?: true }[], opts: CopyOptions, plan: Plan, recheck?: () => Promise<unknown>): Promise<Job> {
     const mode = opts.mode ?? 'background';
     if (mode !== 'background' && mode !== 'write-blocking') throw new InvalidArgument(`a live copy's mode is background or write-blocking, got ${String(mode)}`);
     if (opts.verify) throw new InvalidArgument('--verify compares a copy of a volume at rest; a live copy\'s source changes while it runs', { hint: 'leave out --verify' });
@@ -147,6 +148,7 @@ export class LiveCopies {
       // A source is held by this broker's export (checked under its lock); a target that was there is checked again.
       check: async () => {
         for (const p of prepared) if (!p.pair.create) await this.a.assertOwns(parseVolumeRef(p.pair.target));
+        await recheck?.();
       },
     }));
   }

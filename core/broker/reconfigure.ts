@@ -55,6 +55,7 @@ async function probe(name: string, b: PlannerBackend): Promise<void> {
 /** Settings a running broker keeps until it restarts: its state, its identity, its jobs' leases, lock waits and retention. */
 const RESTART_ONLY: { key: string; of: (c: BrokerConfig) => unknown }[] = [
   { key: 'state', of: (c) => [c.database, c.state] },
+  { key: 'server', of: (c) => c.server },
   { key: 'hostId', of: (c) => c.hostId },
   { key: 'leaseSeconds', of: (c) => c.leaseSeconds },
   { key: 'lockWaitSeconds', of: (c) => c.lockWaitSeconds },
@@ -64,8 +65,9 @@ const RESTART_ONLY: { key: string; of: (c: BrokerConfig) => unknown }[] = [
 /**
  * Apply `next` (validated) to the broker, one reconfiguration at a time:
  * - a backend new to the config is made; one whose entry changed (another endpoint, a rotated
- *   password) is made anew and takes the old one's place for every operation from now on, while
- *   the exports and jobs running on the old one keep it (it is closed with the broker);
+ *   password) is made anew and takes the old one's place for every operation from now on — once
+ *   this broker holds no lock on its volumes (no export, job or operation: until then it is in
+ *   `kept`, and a later reconfiguration replaces it); the old one is closed with the broker;
  * - a backend left out is taken away unless this broker holds a lock on one of its volumes (an
  *   export, a job, an operation): then it stays, with the reason in `kept`; once idle, the next
  *   reconfiguration takes it away. Jobs of other brokers are theirs: this one only stops taking
@@ -97,6 +99,13 @@ export function reconfigure(s: BrokerState, next: BrokerConfig): Promise<Reconfi
     for (const entry of next.backends) {
       const was = current.get(entry.name);
       if (was && sameValue(was, entry)) continue;
+      // A job looks its backend up by name at every step: one replaced under it would go on
+      // against another array or pool (and its clean-up delete a volume there).
+      const users = was ? usersHere(s, entry.name) : undefined;
+      if (users) {
+        out.kept.push({ name: entry.name, reason: `its entry changed, but it is in use here: ${users}` });
+        continue;
+      }
       try {
         const b = await startBackend(s.factories.get(entry.kind)!, entry, { stateDir: old.state, baseDir: next.baseDir, logger: s.logger });
         await probe(entry.name, b);
@@ -110,12 +119,12 @@ export function reconfigure(s: BrokerState, next: BrokerConfig): Promise<Reconfi
       s.assertOpen();
     }
     const wanted = new Set(next.backends.map((e) => e.name));
-    const held = s.locks.heldHere();
+    const unused: PlannerBackend[] = [];
     for (const name of current.keys()) {
       if (wanted.has(name)) continue;
-      const users = [...new Set(held.filter((h) => h.key.startsWith(`${name}/`)).map((h) => h.holder.description))];
-      if (users.length > 0) {
-        out.kept.push({ name, reason: `in use here: ${users.join('; ')}` });
+      const users = usersHere(s, name);
+      if (users) {
+        out.kept.push({ name, reason: `it is no longer configured, but it is in use here: ${users}` });
         continue;
       }
       s.retire(s.backends.get(name)!.backend);
@@ -124,10 +133,19 @@ export function reconfigure(s: BrokerState, next: BrokerConfig): Promise<Reconfi
     }
     for (const [name, b] of made) {
       const was = s.backends.get(name);
+      // Taken into use while the new one was made: it stays, and the new one goes.
+      const users = was ? usersHere(s, name) : undefined;
+      if (users) {
+        out.kept.push({ name, reason: `its entry changed, but it is in use here: ${users}` });
+        made.delete(name);
+        unused.push(b);
+        continue;
+      }
       if (was) s.retire(was.backend);
       s.backends.set(name, b);
       (was ? out.replaced : out.added).push(name);
     }
+    await Promise.allSettled(unused.map((b) => b.backend.close?.()));
 
     // What is in use now, as a config: the new entries made, the old ones kept or failed to replace.
     const inUse = (name: string): BackendEntry & Record<string, unknown> =>
@@ -141,11 +159,17 @@ export function reconfigure(s: BrokerState, next: BrokerConfig): Promise<Reconfi
       ...(nbd !== old.nbd ? ['nbd.tls changed'] : []),
     ];
     if (said.length > 0) s.logger.info(`config: ${said.join(', ')}`);
-    for (const k of out.kept) s.logger.warn(`config: backend ${k.name} is no longer configured but stays, ${k.reason}`);
+    for (const k of out.kept) s.logger.warn(`config: backend ${k.name} stays as it is: ${k.reason}`);
     for (const f of out.failed) s.logger.error(`config: ${f.name} not changed, the one in use stays: ${f.reason}`);
     if (out.restartNeeded.length > 0) s.logger.warn(`config: ${out.restartNeeded.join(', ')} changed; the ones in use stay until a restart`);
     return out;
   });
+}
+
+/** What of this broker holds a lock on one of a backend's volumes (its exports, jobs, operations), or undefined. */
+function usersHere(s: BrokerState, backend: string): string | undefined {
+  const users = [...new Set(s.locks.heldHere().filter((h) => h.key.startsWith(`${backend}/`)).map((h) => h.holder.description))];
+  return users.length > 0 ? users.join('; ') : undefined;
 }
 
 /** Two config values alike: JSON with keys in order (entries are plain data). */

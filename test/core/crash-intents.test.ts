@@ -63,6 +63,16 @@ describe("a crashed live copy's write-intent record", () => {
     await expect(broker.jobs.get('copy-after')).rejects.toMatchObject({ code: 'NotFound' });
   });
 
+  it("a job this broker ran, dismissed through its own handle, takes it too", async () => {
+    const job = await broker.copy('local/a', 'local/b');
+    await job.wait();
+    // A copy that died before this job started (a record as its service left it).
+    await crashedCopy('mirror-0', new Date(Date.parse(job.info().createdAt) - 1000).toISOString());
+    expect(await crashed('mirror-0')).toBe(true);
+    await job.dismiss();
+    expect(await crashed('mirror-0')).toBe(false);
+  });
+
   it('a later live copy of the same volumes dismissed takes it too', async () => {
     await crashedCopy('mirror-2', '2026-07-01T00:00:00.000Z');
     await store.insertJob(record('mirror-later', '2026-07-02T00:00:00.000Z', { type: 'mirror', ref: 'local/a', params: { mode: 'copy', pairs: [{ source: 'local/a', target: 'local/b' }] }, checkpoint: { authoritative: 'target' } }));

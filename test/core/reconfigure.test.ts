@@ -69,7 +69,7 @@ describe('Broker.reconfigure', () => {
     const exp = await broker.exports.start('second/v', { name: 'busy', readOnly: true, listen: { port: 0 } });
     try {
       const r = await broker.reconfigure(config([pool('local'), san(arrayA)]));
-      expect(r).toMatchObject({ removed: [], kept: [{ name: 'second', reason: 'in use here: nbd export busy of second/v (read-only)' }] });
+      expect(r).toMatchObject({ removed: [], kept: [{ name: 'second', reason: 'it is no longer configured, but it is in use here: nbd export busy of second/v (read-only)' }] });
       expect(await names()).toEqual(['local', 'san', 'second']);
       if (HAVE.libnbd) expect((await tool('nbdinfo', ['--size', exp.uri])).stdout.trim()).toBe(String(MiB));
     } finally {
@@ -79,15 +79,39 @@ describe('Broker.reconfigure', () => {
     expect(await names()).toEqual(['local', 'san']);
   });
 
+  it('a backend whose entry changed stays while a job of this broker runs on it (the job never goes on against the new one), and is replaced once it ended', async () => {
+    for (const d of ['dst-a', 'dst-b']) mkdirSync(join(dir, d));
+    const dst = (folder: string) => ({ name: 'dst', kind: 'qcow2', path: join(dir, folder) });
+    const base = [pool('local'), san(arrayA)];
+    expect(await broker.reconfigure(config([...base, dst('dst-b')]))).toMatchObject({ added: ['dst'] });
+    await broker.volumes.create('dst/tgt', { sizeBytes: MiB }); // in folder B: not the clone's
+    expect(await broker.reconfigure(config([...base, dst('dst-a')]))).toMatchObject({ replaced: ['dst'] });
+    await broker.volumes.create('local/src', { sizeBytes: 4 * MiB });
+    const dev = await broker.volumes.open('local/src', 'rw');
+    await dev.write(0, new Uint8Array(4 * MiB).fill(7));
+    await dev.close();
+    const started = await broker.startClone('local/src', 'dst/tgt', { mode: 'full', prefer: 'host', speed: MiB });
+    const r = await broker.reconfigure(config([...base, dst('dst-b')]));
+    expect(r).toMatchObject({ replaced: [], kept: [{ name: 'dst', reason: expect.stringMatching(/^its entry changed, but it is in use here: clone /) }] });
+    await started.job!.cancel();
+    await started.job!.wait();
+    // The cancelled clone cleaned up after itself in folder A; B's volume of that name is untouched.
+    expect(await broker.reconfigure(config([...base, dst('dst-b')]))).toMatchObject({ replaced: ['dst'], kept: [] });
+    expect(await broker.volumes.get('dst/tgt')).toMatchObject({ name: 'tgt', sizeBytes: MiB });
+    expect(await broker.reconfigure(config([...base, dst('dst-a')]))).toMatchObject({ replaced: ['dst'] });
+    await expect(broker.volumes.get('dst/tgt')).rejects.toMatchObject({ code: 'NotFound' });
+    expect(await broker.reconfigure(config(base))).toMatchObject({ removed: ['dst'] });
+  });
+
   it('what cannot be used changes nothing: a rotated token the array refuses, a pool folder that is not there, a config that does not validate; settings for a restart are named', async () => {
-    const r = await broker.reconfigure(config([pool('local'), san(arrayA, 'not-the-token'), pool('nowhere')], { leaseSeconds: 30, state: join(dir, 'elsewhere') }));
+    const r = await broker.reconfigure(config([pool('local'), san(arrayA, 'not-the-token'), pool('nowhere')], { leaseSeconds: 30, state: join(dir, 'elsewhere'), server: 'unix:/tmp/elsewhere.sock' }));
     expect(r.added).toEqual([]);
     expect(r.replaced).toEqual([]);
     expect(r.failed.map((f) => f.name)).toEqual(['san', 'nowhere']);
     expect(r.failed[0]!.reason).toMatch(/^backend "san" \(flasharray\) cannot be used: /);
     expect(r.failed[0]!.reason).not.toContain('not-the-token');
     expect(r.failed[1]!.reason).toMatch(/^backend "nowhere" \(qcow2\) cannot start: /);
-    expect(r.restartNeeded).toEqual(['state', 'leaseSeconds']);
+    expect(r.restartNeeded).toEqual(['state', 'server', 'leaseSeconds']);
     // The array's old entry stays in use; the next reconfiguration tries the new one again.
     await broker.volumes.create('san/still-a', { sizeBytes: MiB });
     expect(await broker.volumes.get('san/on-a')).toMatchObject({ name: 'on-a' });
