@@ -220,7 +220,7 @@ export class BrokerState {
    */
   async dropCrashIntents(volume: string | readonly string[], why = 'exported writable without it', before?: string): Promise<void> {
     const volumes = new Set(typeof volume === 'string' ? [volume] : volume);
-    for (const rec of await this.store.listJobs()) {
+    for (const rec of await this.store.listJobs({ type: 'mirror' })) {
       if (rec.type !== 'mirror' || rec.status !== 'concluded' || (rec.checkpoint as { intent?: unknown } | undefined)?.intent === undefined) continue;
       if (before !== undefined && rec.createdAt >= before) continue;
       const hit = ((rec.params as unknown as MirrorParams).pairs ?? []).flatMap((p) => [p.source, p.target]).find((v) => volumes.has(v));

@@ -359,9 +359,10 @@ export class JobStore {
     return row && fromRow(row);
   }
 
-  list(filter?: { active?: boolean }): JobRecord[] {
-    const where = filter?.active ? " WHERE status <> 'concluded'" : '';
-    return (this.stmt(`SELECT * FROM jobs${where} ORDER BY created_at, id`).all() as Row[]).map(fromRow);
+  list(filter?: { active?: boolean; type?: string }): JobRecord[] {
+    const where = [...(filter?.active ? ["status <> 'concluded'"] : []), ...(filter?.type !== undefined ? ['type = ?'] : [])];
+    const sql = `SELECT * FROM jobs${where.length > 0 ? ` WHERE ${where.join(' AND ')}` : ''} ORDER BY created_at, id`;
+    return (this.stmt(sql).all(...(filter?.type !== undefined ? [filter.type] : [])) as Row[]).map(fromRow);
   }
 
   delete(id: string): void {

@@ -15,10 +15,16 @@ export interface Runner {
  * renewLease and releaseJob write only while both still match — false, and nothing written, once
  * another runner has taken the job over (claimJob, which hands out `fence + 1`) or it was deleted.
  */
+/** Which jobs listJobs returns: `active`, those not concluded; `type`, those of that type (both: both). */
+export interface JobFilter {
+  active?: boolean;
+  type?: string;
+}
+
 export interface StateOps {
   getJob(id: string): Promise<JobRecord | undefined>;
-  /** Every job, oldest first (created_at, then id); with `active`, only those not concluded (what lock checks and runners look at). */
-  listJobs(filter?: { active?: boolean }): Promise<JobRecord[]>;
+  /** Every job, oldest first (created_at, then id); with `active`, only those not concluded (what lock checks and runners look at); with `type`, only those of it. */
+  listJobs(filter?: JobFilter): Promise<JobRecord[]>;
   /** AlreadyExists if the id is taken. */
   insertJob(job: JobRecord): Promise<void>;
   /** The live fields (status, progress, speed, error, cancelled, checkpoint, runner, lease, updatedAt); fenced. */

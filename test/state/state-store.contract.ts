@@ -129,6 +129,18 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await b.getJob(`${p}-b`)).toBeUndefined();
         expect(mine(await b.listJobs())).toEqual([`${p}-_`, `${p}-B`, `${p}-a`, `${p}-c`]);
       });
+
+      it('lists the jobs of one type, and those of it not concluded', async () => {
+        const p = prefix('type');
+        await a.insertJob(job(`${p}-m1`, { type: 'mirror', status: 'concluded', createdAt: '2030-02-01T00:00:01.000Z' }));
+        await b.insertJob(job(`${p}-c1`, { type: 'copy', createdAt: '2030-02-01T00:00:02.000Z' }));
+        await a.insertJob(job(`${p}-m2`, { type: 'mirror', createdAt: '2030-02-01T00:00:03.000Z' }));
+        const mine = (list: JobRecord[]) => list.filter((j) => j.id.startsWith(p)).map((j) => j.id);
+        expect(mine(await b.listJobs({ type: 'mirror' }))).toEqual([`${p}-m1`, `${p}-m2`]);
+        expect(mine(await b.listJobs({ type: 'mirror', active: true }))).toEqual([`${p}-m2`]);
+        expect(mine(await a.listJobs({ type: 'copy' }))).toEqual([`${p}-c1`]);
+        expect(mine(await a.listJobs({ type: "none' OR '1'='1" }))).toEqual([]);
+      });
     });
 
     describe('fencing', () => {

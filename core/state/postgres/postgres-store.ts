@@ -2,7 +2,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import { AlreadyExists, FailedPrecondition, isOffloadError } from '../../model/errors.js';
 import { RELEASED, opLocksFromRows, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type OpLockRow, type StoredRequest } from '../records.js';
-import type { Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
+import type { JobFilter, Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
 import { describeUrl, toStoreError, type Target } from './errors.js';
 import {
   ADVISORY_KEYS, JOB_COLUMNS, exportFromRow, fromRow, migrate, placeholders, toRow,
@@ -135,7 +135,7 @@ export class PostgresStateStore implements StateStore {
   }
 
   getJob(id: string) { return this.ops.getJob(id); }
-  listJobs(filter?: { active?: boolean }) { return this.ops.listJobs(filter); }
+  listJobs(filter?: JobFilter) { return this.ops.listJobs(filter); }
   insertJob(job: JobRecord) { return this.ops.insertJob(job); }
   updateJob(job: JobRecord) { return this.ops.updateJob(job); }
   deleteJob(id: string) { return this.ops.deleteJob(id); }
@@ -181,8 +181,11 @@ function postgresOps(q: Query): StateOps {
       const row = (await q<JobRow>('SELECT * FROM jobs WHERE id = $1', [id])).rows[0];
       return row && fromRow(row);
     },
-    listJobs: async (filter) => (await q<JobRow>(
-      `SELECT * FROM jobs${filter?.active ? " WHERE status <> 'concluded'" : ''} ORDER BY created_at ${C}, id ${C}`)).rows.map(fromRow),
+    listJobs: async (filter) => {
+      const where = [...(filter?.active ? ["status <> 'concluded'"] : []), ...(filter?.type !== undefined ? ['type = $1'] : [])];
+      return (await q<JobRow>(`SELECT * FROM jobs${where.length > 0 ? ` WHERE ${where.join(' AND ')}` : ''} ORDER BY created_at ${C}, id ${C}`,
+        filter?.type !== undefined ? [filter.type] : [])).rows.map(fromRow);
+    },
     insertJob: async (job) => {
       const row = toRow(job);
       try {

@@ -3,7 +3,7 @@ import { JobStore } from '../../jobs/job-store.js';
 import { KeyedMutex } from '../../keyed-mutex.js';
 import { AlreadyExists, Busy, FailedPrecondition, InternalError } from '../../model/errors.js';
 import type { ExportRecord, JobRecord, OpLockRecord, StoredRequest } from '../records.js';
-import type { Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
+import type { JobFilter, Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
 
 /**
  * The embedded StateStore: one SQLite file in the state directory (WAL), shared by the processes
@@ -83,7 +83,7 @@ export class SqliteStateStore implements StateStore {
   }
 
   getJob(id: string) { return this.one((o) => o.getJob(id)); }
-  listJobs(filter?: { active?: boolean }) { return this.one((o) => o.listJobs(filter)); }
+  listJobs(filter?: JobFilter) { return this.one((o) => o.listJobs(filter)); }
   insertJob(job: JobRecord) { return this.one((o) => o.insertJob(job)); }
   updateJob(job: JobRecord) { return this.one((o) => o.updateJob(job)); }
   deleteJob(id: string) { return this.one((o) => o.deleteJob(id)); }
