@@ -9,6 +9,7 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createSecureContext, createServer, type TLSSocket, type TlsOptions } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
+import { olderCrl, readCrls, type CrlInfo } from './crl.js';
 
 /** What a broker's config says (`nbd.tls`): paths already absolute. `verifyPeer` defaults to true, as QEMU's. */
 export type NbdTlsConfig = { x509: string; verifyPeer?: boolean; allow?: string[] } | { psk: string };
@@ -51,10 +52,13 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
     upgrade: (socket) => upgrade(current, socket),
     reload: (settings = c) => {
       const next = readCredentials(settings);
-      // A revocation list that vanished would let in again every certificate it revoked: a
-      // restart takes one away, a reload does not (a newer list replaces it).
-      if (current.options.crl && !next.options.crl && 'x509' in settings) {
-        throw new ConfigError(`nbd.tls.x509: ${join(settings.x509, 'ca-crl.pem')} was in use and is gone; the certificates it revoked stay refused until a restart`, 'put it back, or a newer one of the CA');
+      // A revocation list that vanished, or an older one, would let in again what the one in use
+      // revoked: a restart takes one away, a reload does not (a newer list replaces it).
+      const older = current.crls && olderCrl(current.crls, next.crls ?? []);
+      if (older && 'x509' in settings) {
+        const file = join(settings.x509, 'ca-crl.pem');
+        throw new ConfigError(next.crls ? `nbd.tls.x509: ${file} cannot replace the revocation list in use: ${older}; the certificates it revoked stay refused until a restart` : `nbd.tls.x509: ${file} was in use and is gone; the certificates it revoked stay refused until a restart`,
+          'put back the one in use, or a newer one of the CA');
       }
       current = next;
       c = settings;
@@ -99,6 +103,8 @@ interface Credentials {
   namesClients: boolean;
   identify: (t: TLSSocket) => string | undefined;
   refused?: (client: string | undefined) => string | undefined;
+  /** The revocation lists in use (x509 with a ca-crl.pem). */
+  crls?: CrlInfo[];
 }
 
 function readCredentials(c: NbdTlsConfig): Credentials {
@@ -120,12 +126,14 @@ function readCredentials(c: NbdTlsConfig): Credentials {
   // turned off, and a ca-crl.pem beside it revokes certificates.
   const verifyPeer = c.verifyPeer !== false;
   if (c.allow && !verifyPeer) throw new ConfigError('nbd.tls.allow: names clients by their certificates, which verifyPeer: false does not ask for');
-  const crl = join(c.x509, 'ca-crl.pem');
+  const crlFile = join(c.x509, 'ca-crl.pem');
+  const crl = verifyPeer && existsSync(crlFile) ? read('ca-crl.pem') : undefined;
   const options: TlsOptions = {
     cert: read('server-cert.pem'), key: read('server-key.pem'),
     ...(verifyPeer ? { ca: read('ca-cert.pem'), requestCert: true, rejectUnauthorized: true } : {}),
-    ...(verifyPeer && existsSync(crl) ? { crl: read('ca-crl.pem') } : {}),
+    ...(crl ? { crl } : {}),
   };
+  const crls = crl && readCrls(crl, `nbd.tls.x509: ${crlFile}`);
   try {
     createSecureContext(options);
   } catch (e) {
@@ -135,7 +143,7 @@ function readCredentials(c: NbdTlsConfig): Credentials {
   // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
   const allow = c.allow && new Set(c.allow);
   const refused = allow && ((name: string | undefined) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`));
-  return { kind: 'x509', options, namesClients: verifyPeer, identify: commonName, ...(refused ? { refused } : {}) };
+  return { kind: 'x509', options, namesClients: verifyPeer, identify: commonName, ...(refused ? { refused } : {}), ...(crls ? { crls } : {}) };
 }
 
 /** A verified client certificate's subject common name (undefined: no certificate). */

@@ -130,7 +130,19 @@ describe.skipIf(!HAVE.libnbd)('reading the credentials again (NbdTls.reload, bro
       rmSync(join(folder, 'ca-crl.pem'));
       expect(() => tls.reload()).toThrow(/ca-crl\.pem was in use and is gone; the certificates it revoked stay refused until a restart/);
       expect((await size('revoked')).status).not.toBe(0);
+      // Nor an older list of the CA (issued before eve was revoked), nor another CA's list.
+      writeFileSync(join(folder, 'ca-crl.pem'), readFileSync(join(CREDS, 'old-crl', 'ca-crl.pem')));
+      expect(() => tls.reload()).toThrow(/ca-crl\.pem cannot replace the revocation list in use: it was issued 2020-01-01T00:00:00\.000Z, before the one in use \(20\d\d-/);
+      writeFileSync(join(folder, 'ca-crl.pem'), readFileSync(join(CREDS, 'other-crl', 'ca-crl.pem')));
+      expect(() => tls.reload()).toThrow(/ca-crl\.pem cannot replace the revocation list in use: it has no list of an issuer the one in use has/);
+      expect((await size('revoked')).status).not.toBe(0);
       writeFileSync(join(folder, 'ca-crl.pem'), readFileSync(join(CREDS, 'server-crl', 'ca-crl.pem')));
+      tls.reload(); // the same list again: taken
+      // One that cannot be read is a ConfigError at the start.
+      const broken = join(dir, 'broken-crl');
+      files('server', broken);
+      writeFileSync(join(broken, 'ca-crl.pem'), '-----BEGIN X509 CRL-----\nMIIBAAAA\n-----END X509 CRL-----\n');
+      expect(() => loadNbdTls({ x509: broken })).toThrow(/nbd\.tls\.x509: .*broken-crl\/ca-crl\.pem: revocation list 1 cannot be read: truncated/);
 
       // A key that is not the certificate's: refused, and the server serves on with what it had.
       writeFileSync(join(folder, 'server-key.pem'), readFileSync(join(CREDS, 'client', 'client-key.pem')));

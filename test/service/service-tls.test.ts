@@ -5,7 +5,7 @@
  * Credentials: test/support/tls/ (make-certs.sh).
  */
 import { randomBytes } from 'node:crypto';
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { request } from 'node:https';
 import { connect as connectTcp } from 'node:net';
@@ -13,7 +13,7 @@ import { connect as tlsConnect } from 'node:tls';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { connectBroker } from '../../core/index.js';
-import { offload, serve, setup, type ServiceChild, type Setup } from './service-helpers.js';
+import { offload, serve, setup, until, type ServiceChild, type Setup } from './service-helpers.js';
 
 const CREDS = join(import.meta.dirname, '../support/tls');
 const CA = join(CREDS, 'client', 'ca-cert.pem');
@@ -144,6 +144,7 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
   let https: string;
   const cert = (who: string) => ({ cert: readFileSync(join(CREDS, who, 'client-cert.pem')), key: readFileSync(join(CREDS, who, 'client-key.pem')) });
   const env = (who: string) => ({ OFFLOAD_CA: CA, OFFLOAD_CERT: join(CREDS, who, 'client-cert.pem'), OFFLOAD_KEY: join(CREDS, who, 'client-key.pem') });
+  const crl = () => join(s.dir, 'client-crl.pem');
 
   beforeAll(async () => {
     s = setup();
@@ -152,8 +153,8 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
     // another CA signed it; eve's, of the CA and named, is revoked by the CA's list: neither counts.
     writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n`
       + '  - { certificate: mallory, principal: mal, role: admin }\n  - { certificate: eve, principal: evil, role: admin }\n', { mode: 0o600 });
-    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA,
-      '--tls-client-crl', join(CREDS, 'server-crl', 'ca-crl.pem')]);
+    copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), crl());
+    service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA, '--tls-client-crl', crl()]);
     https = service.addresses[1]!;
   });
 
@@ -198,6 +199,18 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
     const mixed = await offload(s, ['--server', https, 'volume', 'list', 'local'], { ...env('client'), OFFLOAD_KEY: join(CREDS, 'revoked', 'client-key.pem') });
     expect(mixed.code).toBe(2);
     expect(mixed.err).toMatch(/OFFLOAD_CERT\/OFFLOAD_KEY cannot be used/);
+  });
+
+  it("on SIGHUP, an older list of the CA (issued before eve was revoked) or another CA's is refused, and eve stays refused", async () => {
+    for (const [folder, why] of [['old-crl', /it was issued 2020-01-01T00:00:00\.000Z, before the one in use/], ['other-crl', /it has no list of an issuer the one in use has/]] as const) {
+      copyFileSync(join(CREDS, folder, 'ca-crl.pem'), crl());
+      const before = service.err().split('SIGHUP: reloaded').length;
+      service.child.kill('SIGHUP');
+      await until('the service says it reloaded', () => service.err().split('SIGHUP: reloaded').length > before);
+      expect(service.err()).toMatch(new RegExp(`SIGHUP: the HTTPS certificate not reloaded, the one in use stays: --tls-client-crl cannot replace the revocation list in use: ${why.source}`));
+      await expect(connectBroker(https, { ca: readFileSync(CA), ...cert('revoked') })).rejects.toMatchObject({ code: 'PermissionDenied' });
+    }
+    copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), crl());
   });
 
   it('a TLS 1.2 renegotiation cannot put another certificate behind a connection: it is refused', async () => {

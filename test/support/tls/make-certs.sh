@@ -6,7 +6,7 @@
 # run again to replace them. Never use them for anything but tests.
 set -eu
 cd "$(dirname "$0")"
-rm -rf server client stranger revoked server-crl renewed && mkdir server client stranger revoked server-crl renewed
+rm -rf server client stranger revoked server-crl renewed old-crl other-crl && mkdir server client stranger revoked server-crl renewed old-crl other-crl
 t=$(mktemp -d) && trap 'rm -rf "$t"' EXIT
 ca() { # name subject
   openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj "/CN=$2" -keyout "$t/$1.key" -out "$t/$1.pem" \
@@ -33,5 +33,11 @@ cp server/* server-crl/
 touch "$t/index.txt"
 printf '%s\n' '[ca]' 'default_ca=d' '[d]' "database=$t/index.txt" 'default_md=sha256' "crlnumber=$t/crlnumber" > "$t/ca.cnf"
 echo 01 > "$t/crlnumber"
+# The same CA's list as it was before eve was revoked (issued in 2020): a reload must not take it
+# back in place of the newer one. And a list of another CA.
+openssl ca -config "$t/ca.cnf" -keyfile "$t/ca.key" -cert "$t/ca.pem" -gencrl -crl_lastupdate 20200101000000Z -crldays 36500 -out old-crl/ca-crl.pem 2>/dev/null
 openssl ca -config "$t/ca.cnf" -keyfile "$t/ca.key" -cert "$t/ca.pem" -revoke revoked/client-cert.pem 2>/dev/null
 openssl ca -config "$t/ca.cnf" -keyfile "$t/ca.key" -cert "$t/ca.pem" -gencrl -crldays 36500 -out server-crl/ca-crl.pem 2>/dev/null
+: > "$t/other-index.txt"
+sed "s#$t/index.txt#$t/other-index.txt#" "$t/ca.cnf" > "$t/other.cnf"
+openssl ca -config "$t/other.cnf" -keyfile "$t/other.key" -cert "$t/other.pem" -gencrl -crldays 36500 -out other-crl/ca-crl.pem 2>/dev/null
