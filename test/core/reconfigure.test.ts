@@ -12,6 +12,9 @@ import { createBroker, silentLogger, type Broker, type RawConfig } from '../../c
 import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharray/appliance/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { HAVE, tool } from '../support/nbd-tools.js';
+import { tickerModule } from '../support/ticker-backend.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import { until } from '../service/service-helpers.js';
 
 const MiB = 1024 * 1024;
 const CREDS = join(import.meta.dirname, '../support/tls');
@@ -122,6 +125,33 @@ describe('Broker.reconfigure', () => {
     expect(await names()).toEqual(['local', 'san']);
     await expect(broker.as({ id: 'tina', role: 'tenant' }).reconfigure(config([pool('local')]))).rejects.toMatchObject({ code: 'PermissionDenied' });
     expect(await names()).toEqual(['local', 'san']);
+  });
+});
+
+describe('Broker.reconfigure: jobs of another broker', () => {
+  it("an orphaned job on a backend this service lacks is left alone, and taken over once a reconfiguration adds it", async () => {
+    const state = join(dir, 'orphan-state');
+    mkdirSync(state);
+    const store = new SqliteStateStore(join(state, 'jobs.sqlite'));
+    const now = new Date().toISOString();
+    // A ticker stream whose runner (on another host) stopped after step 2 of 4.
+    await store.insertJob({
+      id: 'stream-orphan', type: 'stream', status: 'running', executor: 'backend:tick', backend: 'tick', ref: 'tick/v', owner: 'admin',
+      progress: { current: 2, total: 4 }, speed: 0, cancelled: false, createdAt: now, updatedAt: now, params: { volume: 'v' }, checkpoint: { step: 2 },
+      runnerPid: 1, runnerToken: 'gone', runnerHost: 'elsewhere', leaseExpires: 0, seenAt: 0, fence: 1, locks: [{ key: 'tick/v', mode: 'exclusive' }], ownerRole: 'admin',
+    });
+    const service = await createBroker({ state, backends: [pool('local')] }, { plugins: [...builtinPlugins, tickerModule], logger: silentLogger, adoptOrphans: { everyMs: 20 } });
+    try {
+      await new Promise((r) => setTimeout(r, 200));
+      expect(await store.getJob('stream-orphan')).toMatchObject({ status: 'running', runnerToken: 'gone', fence: 1 });
+      expect(await service.reconfigure({ state, backends: [pool('local'), { name: 'tick', kind: 'ticker', steps: 4, stepMs: 5 }] })).toMatchObject({ added: ['tick'] });
+      await until('the job taken over and finished', async () => (await store.getJob('stream-orphan'))?.status === 'concluded');
+      expect(await store.getJob('stream-orphan')).toMatchObject({ fence: 2, progress: { current: 4 * MiB } });
+      expect((await store.getJob('stream-orphan'))?.error).toBeUndefined();
+    } finally {
+      await service.close();
+      await store.close();
+    }
   });
 });
 
