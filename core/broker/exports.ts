@@ -37,7 +37,7 @@ export class Exports implements ExportsApi {
     const name = checkName(opts.name ?? formatRef(ref));
     const listen = checkListen(opts.listen);
     const tls = opts.tls === undefined ? undefined : exportTls(opts.tls);
-    const clients = this.clientsFor(checkClients(opts.clients));
+    const clients = this.clientsFor(Array.isArray(opts.clients) && opts.clients.length === 0 ? [] : checkClients(opts.clients));
     if (opts.holdWrites !== undefined && (readOnly || typeof (opts.holdWrites as { then?: unknown } | null)?.then !== 'function')) {
       throw new InvalidArgument('holdWrites is a promise, for a writable export');
     }

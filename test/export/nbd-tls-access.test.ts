@@ -62,6 +62,13 @@ describe.skipIf(!HAVE.libnbd)("an export's clients changed while it serves", () 
 
       expect((await broker.exports.setClients('moving', [])).clients).toEqual([]);
       for (const who of ['alice', 'bob']) expect((await tool('nbdinfo', ['--size', as(who, exp.uri)])).stderr).toMatch(/no export named ['"]moving['"]/);
+      // Started admitting none (a service brings one back so): opened by setClients.
+      const fenced = await broker.exports.start('pool/disk', { name: 'fenced', readOnly: true, listen: { port }, clients: [] });
+      expect(fenced.clients).toEqual([]);
+      expect((await tool('nbdinfo', ['--size', as('bob', exp.uri.replace('/moving', '/fenced'))])).stderr).toMatch(/no export named ['"]fenced['"]/);
+      await broker.exports.setClients('fenced', ['bob']);
+      expect((await ok('nbdinfo', ['--size', as('bob', exp.uri.replace('/moving', '/fenced'))])).trim()).toBe(String(2 * MiB));
+      await fenced.stop();
 
       // A tenant bound to bob cannot open its export to alice; another tenant's export does not exist for it.
       const t = broker.as({ id: 'tina', role: 'tenant', nbdClients: ['bob'] });

@@ -194,7 +194,7 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     expect(service.child.exitCode).toBeNull();
   });
 
-  it('started again, the service brings back its exports as their clients now stand: one that admitted no client is dropped, with the reason; an expired token is told so', async () => {
+  it('started again, the service brings back its exports as their clients now stand: one that admitted no client admits none, until its clients are set again; an expired token is told so', async () => {
     writeFileSync(tokens, `tokens:\n  - { token: ${BOB}, principal: bob, role: tenant, expires: "2026-01-01T00:00:00Z" }\n`, { mode: 0o600 });
     copyFileSync(join(CREDS, 'server', 'ca-cert.pem'), join(nbdTls(), 'ca-cert.pem'));
     copyFileSync(join(CREDS, 'renewed', 'server-key.pem'), join(cert(), 'server-key.pem'));
@@ -203,8 +203,13 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
     service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokens, '--tls-cert', join(cert(), 'server-cert.pem'), '--tls-key', join(cert(), 'server-key.pem')], { OFFLOAD_LOG: 'info' });
     admin = await connectBroker(service.addresses[0]!);
     https = service.addresses[1]!;
-    expect((await admin.exports.list()).map((e) => e.name)).toEqual(['disk']);
-    expect(service.err()).toMatch(/hosted export local\/c1 of local\/c1 cannot start again, dropped: PermissionDenied: it admitted no client when the service stopped/);
+    expect((await admin.exports.list()).map((e) => [e.name, e.clients])).toEqual([['disk', undefined], ['local/c1', []]]);
+    expect(service.err()).toMatch(/hosted export local\/c1 admits no client, as when the service stopped/);
+    const c1 = (await admin.exports.list()).find((e) => e.name === 'local/c1')!;
+    const size = () => tool('nbdinfo', ['--size', `${c1.uri}?tls-certificates=${join(CREDS, 'client')}`]);
+    expect((await size()).stderr).toMatch(/no export named ['"]local\/c1['"]/);
+    expect((await admin.exports.setClients('local/c1', ['alice'])).clients).toEqual(['alice']);
+    expect((await size()).stdout.trim()).toBe(String(MiB));
     await expect(connectBroker(https, { token: BOB, ca: CA })).rejects.toMatchObject({ code: 'PermissionDenied', message: 'the bearer token has expired' });
     await expect(connectBroker(https, { token: OPS, ca: CA })).rejects.toMatchObject({ code: 'PermissionDenied', message: 'the bearer token is not known' });
   });
