@@ -125,10 +125,10 @@ export class HostedExports implements HostedExportsApi {
     }
   }
 
-  /** Start again the exports hosted when the service last stopped (as the principals that asked). */
   /**
+   * Start again the exports hosted when the service last stopped (as the principals that asked).
    * `bind`: a principal as it is bound now (the tokens file's nbdClients): an export comes back
-   * admitting its clients that the binding still names — none left, it does not come back.
+   * admitting its clients that the binding still names — none left, it admits none.
    */
   async restore(broker: Broker, bind: (p: Principal) => Principal = (p) => p): Promise<void> {
     this.bind = bind;
@@ -160,11 +160,10 @@ export class HostedExports implements HostedExportsApi {
         const principal = bind(h.principal);
         const bound = principal.nbdClients;
         const clients = h.clients && bound ? h.clients.filter((c) => bound.includes(c)) : h.clients;
-        // One narrowed to none (`nbd clients NAME --none`) comes back so, for setClients to open again.
+        // Narrowed to none (`nbd clients NAME --none`, or its owner's binding): it comes back so,
+        // holding its name and volume, for `nbd clients` to open again.
         if (h.clients?.length === 0) this.logger.info(`hosted export ${h.name} admits no client, as when the service stopped`);
-        else if (clients?.length === 0) {
-          throw new PermissionDenied(`none of its clients (${h.clients!.join(', ')}) is among ${principal.id}'s NBD clients (${bound!.join(', ')}) any more`);
-        }
+        else if (clients?.length === 0) this.logger.warn(`hosted export ${h.name} admits no client: none of its clients (${h.clients!.join(', ')}) is among ${principal.id}'s NBD clients (${bound!.join(', ')}) any more`);
         await this.start(broker.as(principal), ref, { name: h.name, readOnly: h.readOnly, listen: h.listen, ...(clients ? { clients } : {}), ...(hold ? { holdWrites: hold } : {}) });
         if (!h.readOnly) writable.set(ref, h.principal);
         this.logger.info(`hosted export ${h.name} of ${ref} started again`);
