@@ -138,6 +138,12 @@ export class Tokens {
     return e && !expired(e) ? e.principal : undefined;
   }
 
+  /** Whether the entry naming a certificate's common name is past its `expires` (for the 401's message). */
+  certificateExpired(commonName: string | undefined): boolean {
+    const e = commonName === undefined ? undefined : this.entries.find((x) => x.certificate === commonName);
+    return e !== undefined && expired(e);
+  }
+
   /** Whether any entry names a client certificate (the service then asks clients for one). */
   get namesCertificates(): boolean {
     return this.entries.some((e) => e.certificate !== undefined);

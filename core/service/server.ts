@@ -107,7 +107,10 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       const authenticate: Authenticate = (req) => req.headers.authorization !== undefined || !tls?.clientCa
         ? auth.tokens!.principalOf(req.headers.authorization)
         : auth.tokens!.principalOfCertificate(certs!.nameOf(req.raw.socket as TLSSocket));
-      const remote = buildApp(o, auth, hosted, stopping.signal, authenticate, track(app));
+      // Why a certificate the file names let no one in, when it is the entry that expired.
+      const refusal = (req: FastifyRequest) => (req.headers.authorization === undefined && tls?.clientCa && auth.tokens!.certificateExpired(certs!.nameOf(req.raw.socket as TLSSocket))
+        ? "the client certificate's entry in the tokens file has expired" : undefined);
+      const remote = buildApp(o, auth, hosted, stopping.signal, authenticate, track(app), refusal);
       apps.push(remote);
       if (certs) secure = (t) => certs.renew(t);
       await remote.listen({ host: o.tcp.host, port: o.tcp.port });
@@ -151,7 +154,8 @@ const CLOSE_GRACE_MS = 5_000;
 /** Requests that arrive while the service stops are answered by the onRequest hook, in our format. */
 const FASTIFY = { logger: false, forceCloseConnections: 'idle', return503OnClosing: false } as const;
 
-function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate, app: FastifyInstance): FastifyInstance {
+function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping: AbortSignal, authenticate: Authenticate, app: FastifyInstance,
+  refusal?: (req: FastifyRequest) => string | undefined): FastifyInstance {
   const principals = new WeakMap<FastifyRequest, Principal>();
 
   app.setErrorHandler((err: FastifyError | OffloadError, _req, reply) => sendError(reply, fromFastify(err)));
@@ -167,7 +171,7 @@ function buildApp(o: ServiceOptions, auth: Auth, hosted: HostedExports, stopping
     if (!who) {
       const header = req.headers.authorization;
       const needed = `a bearer token is needed (Authorization: Bearer TOKEN)${o.tcp?.tls?.clientCa ? ', or a client certificate the tokens file names' : ''}`;
-      const err = new PermissionDenied(!header ? needed : auth.tokens?.expired(header) ? 'the bearer token has expired' : 'the bearer token is not known', {
+      const err = new PermissionDenied(refusal?.(req) ?? (!header ? needed : auth.tokens?.expired(header) ? 'the bearer token has expired' : 'the bearer token is not known'), {
         hint: 'pass the token in OFFLOAD_TOKEN, as the tokens file of `offload serve` names it',
       });
       return reply.code(401).header('www-authenticate', 'Bearer').send(errorBody(err));

@@ -145,14 +145,21 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
   const cert = (who: string) => ({ cert: readFileSync(join(CREDS, who, 'client-cert.pem')), key: readFileSync(join(CREDS, who, 'client-key.pem')) });
   const env = (who: string) => ({ OFFLOAD_CA: CA, OFFLOAD_CERT: join(CREDS, who, 'client-cert.pem'), OFFLOAD_KEY: join(CREDS, who, 'client-key.pem') });
   const crl = () => join(s.dir, 'client-crl.pem');
+  let tokensFile: string;
+  const entries = (aliceExpires?: string) => `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant${aliceExpires ? `, expires: "${aliceExpires}"` : ''} }\n`
+    + '  - { certificate: mallory, principal: mal, role: admin }\n  - { certificate: eve, principal: evil, role: admin }\n';
+  async function hangUp(): Promise<void> {
+    const before = service.err().split('SIGHUP: reloaded').length;
+    service.child.kill('SIGHUP');
+    await until('the service says it reloaded', () => service.err().split('SIGHUP: reloaded').length > before);
+  }
 
   beforeAll(async () => {
     s = setup();
-    const tokensFile = join(s.dir, 'tokens.yaml');
+    tokensFile = join(s.dir, 'tokens.yaml');
     // alice's certificate (of the test CA) stands for the tenant robot; mallory's is named too, but
     // another CA signed it; eve's, of the CA and named, is revoked by the CA's list: neither counts.
-    writeFileSync(tokensFile, `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant }\n`
-      + '  - { certificate: mallory, principal: mal, role: admin }\n  - { certificate: eve, principal: evil, role: admin }\n', { mode: 0o600 });
+    writeFileSync(tokensFile, entries(), { mode: 0o600 });
     copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), crl());
     service = await serve(s, ['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA, '--tls-client-crl', crl()]);
     https = service.addresses[1]!;
@@ -204,13 +211,24 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
   it("on SIGHUP, an older list of the CA (issued before eve was revoked) or another CA's is refused, and eve stays refused", async () => {
     for (const [folder, why] of [['old-crl', /it was issued 2020-01-01T00:00:00\.000Z, before the one in use/], ['other-crl', /it has no list of an issuer the one in use has/]] as const) {
       copyFileSync(join(CREDS, folder, 'ca-crl.pem'), crl());
-      const before = service.err().split('SIGHUP: reloaded').length;
-      service.child.kill('SIGHUP');
-      await until('the service says it reloaded', () => service.err().split('SIGHUP: reloaded').length > before);
+      await hangUp();
       expect(service.err()).toMatch(new RegExp(`SIGHUP: the HTTPS certificate not reloaded, the one in use stays: --tls-client-crl cannot replace the revocation list in use: ${why.source}`));
       await expect(connectBroker(https, { ca: readFileSync(CA), ...cert('revoked') })).rejects.toMatchObject({ code: 'PermissionDenied' });
     }
     copyFileSync(join(CREDS, 'server-crl', 'ca-crl.pem'), crl());
+  });
+
+  it("a certificate's entry past its expires is refused with that reason; renewed on SIGHUP, it counts again", async () => {
+    writeFileSync(tokensFile, entries('2026-01-01T00:00:00Z'), { mode: 0o600 });
+    await hangUp();
+    await expect(connectBroker(https, { ca: readFileSync(CA), ...cert('client') })).rejects.toMatchObject({
+      code: 'PermissionDenied', message: "the client certificate's entry in the tokens file has expired",
+    });
+    writeFileSync(tokensFile, entries('2099-01-01T00:00:00Z'), { mode: 0o600 });
+    await hangUp();
+    const robot = await connectBroker(https, { ca: readFileSync(CA), ...cert('client') });
+    expect(robot.principal).toEqual({ id: 'robot', role: 'tenant' });
+    await robot.close();
   });
 
   it('a TLS 1.2 renegotiation cannot put another certificate behind a connection: it is refused', async () => {
