@@ -296,54 +296,40 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect((await client('nbd', 'stop', 'x0')).code).toBe(0);
   });
 
-  it('a copy whose service died is not resumed once another job wrote its target meanwhile (taken over while the service was down, then a copy into its target)', async () => {
-    expect((await client('volume', 'create', 'local/y0', '8M')).code).toBe(0);
-    expect((await client('nbd', 'local/y0', '--port', '0', '--name', 'y0')).code).toBe(0);
-    const mirror = await json('copy', '--live', 'local/y0', 'san1/y0', '--speed', `${2 * MiB}`, '--detach') as { id: string };
-    await until('the target made', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'running', 600, 20);
-    await new Promise((r) => setTimeout(r, 300));
-    await ls.kill();
-    // While the dead copy's job holds its target, nothing else may write it: taken over here first
-    // (`jobs resume`: concluded, its record kept), then a copy into its target, embedded.
-    expect((await offload(ls.s, ['volume', 'create', 'local/z0', '8M'])).code).toBe(0);
-    expect((await offload(ls.s, ['copy', 'local/z0', 'san1/y0'])).err).toMatch(/Busy: san1\/y0 is busy: job .*orphaned/);
-    await offload(ls.s, ['jobs', 'resume', mirror.id]);
-    expect(await offload(ls.s, ['--json', 'jobs', 'show', mirror.id]).then((r) => JSON.parse(r.out) as unknown)).toMatchObject({ status: 'concluded', crashed: true });
-    const over = await offload(ls.s, ['copy', 'local/z0', 'san1/y0']);
-    expect(over.code, over.err).toBe(0);
-    await ls.restart();
-    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'y0'));
-    // Not resumed: its record is dropped once the export's writes go on, and no copy of local/y0 runs.
-    await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
-    const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
-    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/y0'))).toEqual([]);
-    const again = await client('copy', '--live', '--resume', mirror.id);
-    expect(again.err).toMatch(/FailedPrecondition: live copy/);
-    expect((await client('nbd', 'stop', 'y0')).code).toBe(0);
-  });
-
-  it('nor once the job that wrote its target meanwhile was dismissed (its record gone, the copy\'s record is dropped with it)', async () => {
-    expect((await client('volume', 'create', 'local/y1', '8M')).code).toBe(0);
-    expect((await client('nbd', 'local/y1', '--port', '0', '--name', 'y1')).code).toBe(0);
-    const mirror = await json('copy', '--live', 'local/y1', 'san1/y1', '--speed', `${2 * MiB}`, '--detach') as { id: string };
-    await until('the target made', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'running', 600, 20);
-    await new Promise((r) => setTimeout(r, 300));
-    await ls.kill();
-    expect((await offload(ls.s, ['volume', 'create', 'local/z1', '8M'])).code).toBe(0);
-    await offload(ls.s, ['jobs', 'resume', mirror.id]);
-    const over = await offload(ls.s, ['--json', 'copy', 'local/z1', 'san1/y1']);
-    expect(over.code, over.err).toBe(0);
-    const listed = JSON.parse((await offload(ls.s, ['--json', 'jobs', 'list'])).out) as { id: string; type: string; ref: string }[];
-    const writer = listed.find((j) => j.id !== mirror.id && j.ref.includes('san1/y1'));
-    expect(writer).toBeDefined();
-    expect((await offload(ls.s, ['jobs', 'dismiss', writer!.id])).code).toBe(0);
-    await ls.restart();
-    await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === 'y1'));
-    await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
-    const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
-    expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === 'local/y1'))).toEqual([]);
-    expect((await client('nbd', 'stop', 'y1')).code).toBe(0);
-  });
+  // The writer's record is what tells the restarted service; dismissed, it drops the copy's record first.
+  for (const [n, dismissed] of [[0, false], [1, true]] as const) {
+    it(`a copy whose service died is not resumed once another job wrote its target meanwhile (taken over while the service was down, then a copy into its target${dismissed ? ', whose job was then dismissed' : ''})`, async () => {
+      const [src, dst, other, name] = [`local/y${n}`, `san1/y${n}`, `local/z${n}`, `y${n}`];
+      expect((await client('volume', 'create', src, '8M')).code).toBe(0);
+      expect((await client('nbd', src, '--port', '0', '--name', name)).code).toBe(0);
+      const mirror = await json('copy', '--live', src, dst, '--speed', `${2 * MiB}`, '--detach') as { id: string };
+      await until('the target made', async () => ((await json('jobs', 'show', mirror.id)) as { status: string }).status === 'running', 600, 20);
+      await new Promise((r) => setTimeout(r, 300));
+      await ls.kill();
+      // While the dead copy's job holds its target, nothing else may write it: taken over here first
+      // (`jobs resume`: concluded, its record kept), then a copy into its target, embedded.
+      expect((await offload(ls.s, ['volume', 'create', other, '8M'])).code).toBe(0);
+      expect((await offload(ls.s, ['copy', other, dst])).err).toMatch(new RegExp(`Busy: ${dst} is busy: job .*orphaned`));
+      await offload(ls.s, ['jobs', 'resume', mirror.id]);
+      expect(await offload(ls.s, ['--json', 'jobs', 'show', mirror.id]).then((r) => JSON.parse(r.out) as unknown)).toMatchObject({ status: 'concluded', crashed: true });
+      const over = await offload(ls.s, ['copy', other, dst]);
+      expect(over.code, over.err).toBe(0);
+      if (dismissed) {
+        const listed = JSON.parse((await offload(ls.s, ['--json', 'jobs', 'list'])).out) as { id: string; ref: string }[];
+        const writer = listed.find((j) => j.id !== mirror.id && j.ref.includes(dst));
+        expect((await offload(ls.s, ['jobs', 'dismiss', writer!.id])).code).toBe(0);
+      }
+      await ls.restart();
+      await until('the export is back', async () => ((await json('nbd', 'list')) as { name: string }[]).some((e) => e.name === name));
+      // Not resumed: its record is dropped once the export's writes go on, and no copy of the source runs.
+      await until('the record dropped', async () => ((await json('jobs', 'show', mirror.id)) as { crashed?: boolean }).crashed === undefined);
+      const all = await json('jobs', 'list') as { id: string; type: string; params: { pairs?: { source: string }[] } }[];
+      expect(all.filter((j) => j.type === 'mirror' && j.id !== mirror.id && (j.params.pairs ?? []).some((p) => p.source === src))).toEqual([]);
+      const again = await client('copy', '--live', '--resume', mirror.id);
+      expect(again.err).toMatch(/FailedPrecondition: live copy/);
+      expect((await client('nbd', 'stop', name)).code).toBe(0);
+    });
+  }
 
   it(`${KILLS} kills: after each restart the side the record names is served, and holds every acknowledged write`, async () => {
     expect((await client('volume', 'create', 'local/vm-0', `${SIZE}`)).code).toBe(0);
