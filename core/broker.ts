@@ -228,6 +228,8 @@ class BrokerView implements Broker {
     this.s.closed = true;
     await this.s.exports.closeAll(); // clients see a clean disconnect; the volumes are flushed and closed
     await this.s.jobs.close();
+    // A reconfiguration under way (making a backend) ends first: it finds the broker closed and closes what it made.
+    await this.s.mutex.run(['reconfigure'], async () => undefined);
     await Promise.allSettled([...this.s.backends.values()].map((b) => b.backend.close?.()));
     await this.s.closeRetired();
     await this.s.store.close();

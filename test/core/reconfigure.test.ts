@@ -128,6 +128,17 @@ describe('Broker.reconfigure', () => {
   });
 });
 
+describe('Broker.reconfigure and close', () => {
+  it('a reconfiguration caught by close() is refused, and close waits for it', async () => {
+    const state = join(dir, 'closing-state');
+    mkdirSync(join(dir, 'late'));
+    const b = await createBroker({ state, backends: [pool('local')] }, { plugins: builtinPlugins, logger: silentLogger });
+    const changing = b.reconfigure({ state, backends: [pool('local'), pool('late')] });
+    await b.close();
+    await expect(changing).rejects.toMatchObject({ code: 'FailedPrecondition', message: 'the broker is closed' });
+  });
+});
+
 describe('Broker.reconfigure: jobs of another broker', () => {
   it("an orphaned job on a backend this service lacks is left alone, and taken over once a reconfiguration adds it", async () => {
     const state = join(dir, 'orphan-state');
