@@ -69,7 +69,8 @@ const RESTART_ONLY: { key: string; of: (c: BrokerConfig) => unknown }[] = [
  *   this broker holds no lock on its volumes (no export, job or operation: until then it is in
  *   `kept`, and a later reconfiguration replaces it); the old one is closed with the broker;
  * - a backend left out is taken away unless this broker holds a lock on one of its volumes (an
- *   export, a job, an operation): then it stays, with the reason in `kept`; once idle, the next
+ *   export, a job, an operation): then it stays, with the reason in `kept`, draining — what runs
+ *   on it goes on, nothing new starts (BrokerState.draining); once idle, the next
  *   reconfiguration takes it away. Jobs of other brokers are theirs: this one only stops taking
  *   over those on a backend it no longer has (BrokerState.placement);
  * - an entry whose backend cannot start is in `failed`, and what was in use stays;
@@ -119,16 +120,19 @@ export function reconfigure(s: BrokerState, next: BrokerConfig): Promise<Reconfi
       s.assertOpen();
     }
     const wanted = new Set(next.backends.map((e) => e.name));
+    for (const name of wanted) s.draining.delete(name); // configured again: it takes new work
     const unused: PlannerBackend[] = [];
     for (const name of current.keys()) {
       if (wanted.has(name)) continue;
       const users = usersHere(s, name);
       if (users) {
-        out.kept.push({ name, reason: `it is no longer configured, but it is in use here: ${users}` });
+        out.kept.push({ name, reason: `it is no longer configured, but it is in use here (nothing new starts on it): ${users}` });
+        s.draining.add(name);
         continue;
       }
       s.retire(s.backends.get(name)!.backend);
       s.backends.delete(name);
+      s.draining.delete(name);
       out.removed.push(name);
     }
     for (const [name, b] of made) {

@@ -33,6 +33,11 @@ export class BrokerState {
   suspendLiveCopies = false;
   closed = false;
   jobs!: JobManager;
+  /**
+   * Backends left out of the config that stay while this broker uses them (Broker.reconfigure):
+   * their exports and jobs go on, nothing new starts on them, nor is a job of theirs taken over.
+   */
+  readonly draining = new Set<string>();
   /** Backends a reconfiguration replaced or took away: what still runs on them keeps them until the broker closes. */
   private readonly retired: StorageBackend[] = [];
 
@@ -59,7 +64,14 @@ export class BrokerState {
         await waitOutClaims();
       },
       removeMaintenance: (key) => this.store.removeMaintenance(key),
-    }, config.lockWaitSeconds !== undefined ? config.lockWaitSeconds * 1000 : undefined);
+    }, config.lockWaitSeconds !== undefined ? config.lockWaitSeconds * 1000 : undefined, (requests) => {
+      for (const r of requests) {
+        const backend = r.key.slice(0, r.key.indexOf('/'));
+        if (this.draining.has(backend)) {
+          throw new FailedPrecondition(`backend "${backend}" is being taken out of this broker's config: it takes no new operation (those running go on)`, { ref: r.key });
+        }
+      }
+    });
   }
 
   /**
@@ -207,9 +219,9 @@ export class BrokerState {
         continue;
       }
       const backend = l.key.slice(0, l.key.indexOf('/'));
-      if (!this.backends.has(backend)) return `it works on backend "${backend}", which this broker does not configure`;
+      if (!this.backends.has(backend) || this.draining.has(backend)) return `it works on backend "${backend}", which this broker does not configure`;
     }
-    if (rec.backend !== undefined && !this.backends.has(rec.backend)) return `it runs on backend "${rec.backend}", which this broker does not configure`;
+    if (rec.backend !== undefined && (!this.backends.has(rec.backend) || this.draining.has(rec.backend))) return `it runs on backend "${rec.backend}", which this broker does not configure`;
     return undefined;
   }
 

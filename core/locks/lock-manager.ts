@@ -123,8 +123,12 @@ export class LockManager {
   private readonly held: Held[] = [];
   private readonly waiters = new Set<() => void>();
 
-  /** `waitMs`: how long an acquire waits for locks others hold before it is refused (default 30 s; the config's lockWaitSeconds). */
-  constructor(private readonly shared?: SharedLocks, private readonly waitMs = 30_000) {}
+  /**
+   * `waitMs`: how long an acquire waits for locks others hold before it is refused (default 30 s;
+   * the config's lockWaitSeconds). `admit`: throws for requests this broker takes no more (a
+   * backend being taken out of its config); a holder working within another is not asked.
+   */
+  constructor(private readonly shared?: SharedLocks, private readonly waitMs = 30_000, private readonly admit?: (requests: LockRequest[]) => void) {}
 
   /** Every lock held outside this broker: other brokers' jobs and operations, and maintenance locks. */
   private async outside(keys?: string[]): Promise<Held[]> {
@@ -148,6 +152,7 @@ export class LockManager {
    * for the tenant holders it preempts.
    */
   async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = this.waitMs): Promise<LockLease> {
+    if (holder.within === undefined) this.admit?.(requests);
     const deadline = Date.now() + preemptWaitMs;
     for (let attempt = 0; ; ) {
       // Read what others hold, then check against this broker's locks and grant in one step (no
@@ -165,6 +170,7 @@ export class LockManager {
    * locks are withdrawn again before the holder is refused or waits for preempted tenants.
    */
   async acquirePublished(requests: LockRequest[], holder: LockHolder, publish: Publish, preemptWaitMs = this.waitMs): Promise<PublishedLease> {
+    if (holder.within === undefined) this.admit?.(requests);
     const deadline = Date.now() + preemptWaitMs;
     for (let attempt = 0; ; ) {
       let conflicts = this.conflicts(requests, holder, []);

@@ -72,9 +72,19 @@ describe('Broker.reconfigure', () => {
     const exp = await broker.exports.start('second/v', { name: 'busy', readOnly: true, listen: { port: 0 } });
     try {
       const r = await broker.reconfigure(config([pool('local'), san(arrayA)]));
-      expect(r).toMatchObject({ removed: [], kept: [{ name: 'second', reason: 'it is no longer configured, but it is in use here: nbd export busy of second/v (read-only)' }] });
+      expect(r).toMatchObject({ removed: [], kept: [{ name: 'second', reason: 'it is no longer configured, but it is in use here (nothing new starts on it): nbd export busy of second/v (read-only)' }] });
       expect(await names()).toEqual(['local', 'san', 'second']);
       if (HAVE.libnbd) expect((await tool('nbdinfo', ['--size', exp.uri])).stdout.trim()).toBe(String(MiB));
+      // Draining: what runs goes on, nothing new starts on it.
+      const draining = { code: 'FailedPrecondition', message: `backend "second" is being taken out of this broker's config: it takes no new operation (those running go on)` };
+      await expect(broker.volumes.create('second/new', { sizeBytes: MiB })).rejects.toMatchObject(draining);
+      await expect(broker.exports.start('second/v', { name: 'another', readOnly: true, listen: { port: 0 } })).rejects.toMatchObject(draining);
+      await expect(broker.clone('second/v', 'local/v-copy')).rejects.toMatchObject(draining);
+      // Configured again, it takes new work.
+      expect(await broker.reconfigure(config([pool('local'), san(arrayA), pool('second')]))).toMatchObject({ added: [], removed: [], kept: [] });
+      await broker.volumes.create('second/new', { sizeBytes: MiB });
+      await broker.volumes.delete('second/new');
+      expect(await broker.reconfigure(config([pool('local'), san(arrayA)]))).toMatchObject({ kept: [{ name: 'second' }] });
     } finally {
       await exp.stop();
     }

@@ -175,7 +175,7 @@ describe.skipIf(!HAVE.libnbd)('offload serve: SIGHUP reads the credentials again
       const exp = await admin.exports.start('extra/v', { name: 'extra-disk', readOnly: true, listen: { port: 0 } });
       writeFileSync(s.config, original);
       expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(extra kept\)/);
-      expect(service.err()).toMatch(/backend extra stays as it is: it is no longer configured, but it is in use here: nbd export extra-disk of extra\/v/);
+      expect(service.err()).toMatch(/backend extra stays as it is: it is no longer configured, but it is in use here \(nothing new starts on it\): nbd export extra-disk of extra\/v/);
       expect((await cli(['volume', 'list', 'extra'])).out).toContain('v');
       await exp.stop();
       expect(await hangUp()).toMatch(/SIGHUP: reloaded the config \(extra removed\)/);
