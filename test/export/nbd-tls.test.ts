@@ -412,9 +412,13 @@ describe('TLS credentials in the config (nbd.tls)', () => {
         await bound.stop();
         await t.volumes.delete('pool/tina');
       }
-      for (const bad of [[], [''], ['x', 3], 'alice']) {
+      for (const bad of [[''], ['x', 3], 'alice']) {
         await expect(broker.exports.start('pool/disk', { readOnly: true, listen: { port: 0 }, clients: bad as never })).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/^clients is a list/) });
       }
+      // [] admits none (until setClients): started, and stopped here.
+      const none = await broker.exports.start('pool/disk', { name: 'none', readOnly: true, listen: { port: 0 }, clients: [] });
+      expect(none.clients).toEqual([]);
+      await none.stop();
     });
 
     it('serves every export with TLS: nbds:// on TCP, nbds+unix:// on a socket, and nbdinfo reads both with the key', async () => {
