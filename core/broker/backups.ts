@@ -64,9 +64,11 @@ export class Backups implements BackupsApi {
     for (const p of pairs) prepared.push(await this.prepare(p.source, p.to));
     const markers = prepared.map((p) => `${p.params.source}@${p.params.marker}`);
     const params = prepared.map((p) => p.params);
+    const locks = prepared.flatMap((p) => p.locks);
+    // A backend being taken out of the config refuses the job: before its markers are taken.
+    this.s.locks.assertAdmitted(locks);
     const sizes = await this.takeMarkers(prepared.map((p) => p.params.source), markers);
     for (const [i, p] of params.entries()) p.sizeBytes = sizes[i]!;
-    const locks = prepared.flatMap((p) => p.locks);
     const checks = prepared.flatMap((p) => (p.check ? [p.check] : []));
     this.s.assertOpen();
     try {

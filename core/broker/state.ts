@@ -250,7 +250,8 @@ export class BrokerState {
   resumable(rec: JobRecord): boolean {
     if (rec.type !== 'mirror') return false;
     const state = rec.checkpoint as { points?: (string | null)[]; intent?: unknown; resumedBy?: string } | undefined;
-    return state?.resumedBy === undefined && (state?.intent !== undefined || (state?.points ?? []).some((p) => p !== null));
+    // As LiveCopies.resumeOf takes them: a write-intent record of one not cancelled, or its points.
+    return state?.resumedBy === undefined && ((state?.intent !== undefined && !rec.cancelled) || (state?.points ?? []).some((p) => p !== null));
   }
 
   /**

@@ -29,11 +29,13 @@ export function readCrls(pem: string | Buffer, what: string): CrlInfo[] {
 
 /**
  * Why `next` may not take `current`'s place (undefined: it may): for each issuer the lists in use
- * have, the new ones must have one issued no earlier — a list gone, or an older one, would let
- * in again what the one in use revoked. A restart takes one away.
+ * have that is still a trusted CA (`trusted`: the new CA file's subjects, caSubjects), the new
+ * ones must have one issued no earlier — a list gone, or an older one, would let in again what the
+ * one in use revoked. A CA no longer trusted needs no list (a CA rotated). A restart takes one away.
  */
-export function olderCrl(current: readonly CrlInfo[], next: readonly CrlInfo[]): string | undefined {
+export function olderCrl(current: readonly CrlInfo[], next: readonly CrlInfo[], trusted: ReadonlySet<string>): string | undefined {
   for (const c of current) {
+    if (!trusted.has(c.issuer)) continue;
     const n = next.filter((x) => x.issuer === c.issuer);
     if (n.length === 0) return `it has no list of an issuer the one in use has (issued ${c.issued.toISOString()})`;
     const newest = Math.max(...n.map((x) => x.issued.getTime()));
@@ -42,8 +44,28 @@ export function olderCrl(current: readonly CrlInfo[], next: readonly CrlInfo[]):
   return undefined;
 }
 
-/** One DER element: its tag, and where its contents are. */
-interface Element { tag: number; start: number; end: number }
+/** The subjects (DER, hex: as CrlInfo.issuer) of the certificates of a PEM file (a CA file). */
+export function caSubjects(pem: string | Buffer): Set<string> {
+  const out = new Set<string>();
+  for (const m of pem.toString().matchAll(/-----BEGIN CERTIFICATE-----([\s\S]*?)-----END CERTIFICATE-----/g)) {
+    try {
+      const der = Buffer.from(m[1]!.replace(/\s+/g, ''), 'base64');
+      const cert = element(der, 0);
+      const tbs = element(der, cert.start, cert.end);
+      let e = element(der, tbs.start, tbs.end);
+      if (e.tag === EXPLICIT_0) e = element(der, e.end, tbs.end); // version
+      // serialNumber, signature, issuer, validity, then the subject.
+      for (let i = 0; i < 4; i++) e = element(der, e.end, tbs.end);
+      if (e.tag === SEQUENCE) out.add(der.subarray(e.at, e.end).toString('hex'));
+    } catch {
+      // Not a certificate this can read: it names no issuer (the TLS library judges the file).
+    }
+  }
+  return out;
+}
+
+/** One DER element: where it begins, its tag, and where its contents are. */
+interface Element { at: number; tag: number; start: number; end: number }
 
 function element(der: Buffer, at: number, limit = der.length): Element {
   if (at + 2 > limit) throw new Error('truncated');
@@ -58,10 +80,11 @@ function element(der: Buffer, at: number, limit = der.length): Element {
     start += n;
   }
   if (start + len > limit) throw new Error('truncated');
-  return { tag, start, end: start + len };
+  return { at, tag, start, end: start + len };
 }
 
 const SEQUENCE = 0x30;
+const EXPLICIT_0 = 0xa0;
 const INTEGER = 0x02;
 const UTC_TIME = 0x17;
 const GENERALIZED_TIME = 0x18;
@@ -71,14 +94,13 @@ function crlInfo(der: Buffer): CrlInfo {
   if (list.tag !== SEQUENCE) throw new Error('not a DER sequence');
   const tbs = element(der, list.start, list.end);
   if (tbs.tag !== SEQUENCE) throw new Error('no tbsCertList');
-  let at = tbs.start;
-  let e = element(der, at, tbs.end);
-  if (e.tag === INTEGER) e = element(der, (at = e.end), tbs.end); // version
+  let e = element(der, tbs.start, tbs.end);
+  if (e.tag === INTEGER) e = element(der, e.end, tbs.end); // version
   if (e.tag !== SEQUENCE) throw new Error('no signature algorithm');
-  const issuer = element(der, (at = e.end), tbs.end);
+  const issuer = element(der, e.end, tbs.end);
   if (issuer.tag !== SEQUENCE) throw new Error('no issuer');
   const time = element(der, issuer.end, tbs.end);
-  return { issuer: der.subarray(at, issuer.end).toString('hex'), issued: parseTime(der.subarray(time.start, time.end).toString('latin1'), time.tag) };
+  return { issuer: der.subarray(issuer.at, issuer.end).toString('hex'), issued: parseTime(der.subarray(time.start, time.end).toString('latin1'), time.tag) };
 }
 
 /** UTCTime (YYMMDDHHMMSSZ, years 1950–2049) or GeneralizedTime (YYYYMMDDHHMMSSZ), as RFC 5280 §4.1.2.5 writes them. */

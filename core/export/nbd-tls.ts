@@ -9,7 +9,7 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createSecureContext, createServer, type TLSSocket, type TlsOptions } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
-import { olderCrl, readCrls, type CrlInfo } from './crl.js';
+import { caSubjects, olderCrl, readCrls, type CrlInfo } from './crl.js';
 
 /** What a broker's config says (`nbd.tls`): paths already absolute. `verifyPeer` defaults to true, as QEMU's. */
 export type NbdTlsConfig = { x509: string; verifyPeer?: boolean; allow?: string[] } | { psk: string };
@@ -54,7 +54,7 @@ export function loadNbdTls(c: NbdTlsConfig): NbdTls {
       const next = readCredentials(settings);
       // A revocation list that vanished, or an older one, would let in again what the one in use
       // revoked: a restart takes one away, a reload does not (a newer list replaces it).
-      const older = current.crls && olderCrl(current.crls, next.crls ?? []);
+      const older = current.crls && olderCrl(current.crls, next.crls ?? [], caSubjects(next.options.ca?.toString() ?? ''));
       if (older && 'x509' in settings) {
         const file = join(settings.x509, 'ca-crl.pem');
         throw new ConfigError(next.crls ? `nbd.tls.x509: ${file} cannot replace the revocation list in use: ${older}; the certificates it revoked stay refused until a restart` : `nbd.tls.x509: ${file} was in use and is gone; the certificates it revoked stay refused until a restart`,

@@ -126,7 +126,8 @@ export class LockManager {
   /**
    * `waitMs`: how long an acquire waits for locks others hold before it is refused (default 30 s;
    * the config's lockWaitSeconds). `admit`: throws for requests this broker takes no more (a
-   * backend being taken out of its config); a holder working within another is not asked.
+   * backend being taken out of its config); a holder working within another is not asked about
+   * the keys that one holds already.
    */
   constructor(private readonly shared?: SharedLocks, private readonly waitMs = 30_000, private readonly admit?: (requests: LockRequest[]) => void) {}
 
@@ -141,6 +142,17 @@ export class LockManager {
     return [...this.held, ...outside].map(lockInfo);
   }
 
+  /** `admit` for the keys a holder asks for that the holder it works within does not hold already (those are its work going on). */
+  private admitNew(requests: LockRequest[], holder: LockHolder): void {
+    if (!this.admit) return;
+    this.admit(holder.within === undefined ? requests : requests.filter((r) => !this.held.some((h) => h.key === r.key && isWithin(holder, h.holder.id))));
+  }
+
+  /** Throws as acquiring these locks would for a backend being taken out of the config (`admit`), taking nothing. */
+  assertAdmitted(requests: LockRequest[]): void {
+    this.admit?.(requests);
+  }
+
   /** The locks this broker holds (its jobs, exports and operations), none of the others'. */
   heldHere(): LockInfo[] {
     return this.held.map(lockInfo);
@@ -152,7 +164,7 @@ export class LockManager {
    * for the tenant holders it preempts.
    */
   async acquire(requests: LockRequest[], holder: LockHolder, preemptWaitMs = this.waitMs): Promise<LockLease> {
-    if (holder.within === undefined) this.admit?.(requests);
+    this.admitNew(requests, holder);
     const deadline = Date.now() + preemptWaitMs;
     for (let attempt = 0; ; ) {
       // Read what others hold, then check against this broker's locks and grant in one step (no
@@ -170,7 +182,7 @@ export class LockManager {
    * locks are withdrawn again before the holder is refused or waits for preempted tenants.
    */
   async acquirePublished(requests: LockRequest[], holder: LockHolder, publish: Publish, preemptWaitMs = this.waitMs): Promise<PublishedLease> {
-    if (holder.within === undefined) this.admit?.(requests);
+    this.admitNew(requests, holder);
     const deadline = Date.now() + preemptWaitMs;
     for (let attempt = 0; ; ) {
       let conflicts = this.conflicts(requests, holder, []);

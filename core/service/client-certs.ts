@@ -12,7 +12,7 @@
 import { constants } from 'node:crypto';
 import type { Server as TlsServer, TLSSocket } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
-import { olderCrl, readCrls } from '../export/crl.js';
+import { caSubjects, olderCrl, readCrls } from '../export/crl.js';
 
 /**
  * HTTPS: the service's certificate and key (PEM), the CA whose client certificates are asked for,
@@ -55,7 +55,7 @@ export class ClientCertificates {
    */
   renew(tls: ServiceTls): void {
     // An older revocation list, or none of an issuer, would let in again what the one in use revoked.
-    const older = this.clientCrl && olderCrl(readCrls(this.clientCrl, '--tls-client-crl'), tls.clientCrl ? readCrls(tls.clientCrl, '--tls-client-crl') : []);
+    const older = this.clientCrl && olderCrl(readCrls(this.clientCrl, '--tls-client-crl'), tls.clientCrl ? readCrls(tls.clientCrl, '--tls-client-crl') : [], caSubjects(tls.clientCa ?? ''));
     if (older) throw new ConfigError(`--tls-client-crl cannot replace the revocation list in use: ${older}; the certificates it revoked stay refused until a restart`, 'put back the one in use, or a newer one of the CA');
     this.server.setSecureContext(httpsOptions(tls));
     const same = (a: Buffer | undefined, b: Buffer | undefined) => (a === undefined ? b === undefined : b !== undefined && a.equals(b));

@@ -80,6 +80,13 @@ describe('Broker.reconfigure', () => {
       await expect(broker.volumes.create('second/new', { sizeBytes: MiB })).rejects.toMatchObject(draining);
       await expect(broker.exports.start('second/v', { name: 'another', readOnly: true, listen: { port: 0 } })).rejects.toMatchObject(draining);
       await expect(broker.clone('second/v', 'local/v-copy')).rejects.toMatchObject(draining);
+      // Nor a live copy into it, though it works within its source's export here; nor a backup of it (before its marker is taken).
+      await broker.volumes.create('local/lsrc', { sizeBytes: MiB });
+      const src = await broker.exports.start('local/lsrc', { name: 'lsrc', listen: { port: 0 } });
+      await expect(broker.copy('local/lsrc', 'second/ltgt', { live: true })).rejects.toMatchObject(draining);
+      await src.stop();
+      await expect(broker.backups.start('second/v', { to: 'local/v-bk' })).rejects.toMatchObject(draining);
+      expect((await broker.snapshots.list('second/v')).map((x) => x.name)).toEqual([]);
       // Configured again, it takes new work.
       expect(await broker.reconfigure(config([pool('local'), san(arrayA), pool('second')]))).toMatchObject({ added: [], removed: [], kept: [] });
       await broker.volumes.create('second/new', { sizeBytes: MiB });

@@ -145,6 +145,12 @@ describe.skipIf(!HAVE.libnbd)('reading the credentials again (NbdTls.reload, bro
       expect((await size('revoked')).status).not.toBe(0);
       writeFileSync(join(folder, 'ca-crl.pem'), readFileSync(join(CREDS, 'server-crl', 'ca-crl.pem')));
       tls.reload(); // the same list again: taken
+      // A CA rotated, with its own list: the old CA's list is no longer needed.
+      for (const f of ['ca-cert.pem', 'ca-crl.pem']) writeFileSync(join(folder, f), readFileSync(join(CREDS, 'other-crl', f)));
+      tls.reload();
+      expect((await size('client')).status).not.toBe(0); // alice's certificate is of the CA no longer trusted
+      for (const f of ['ca-cert.pem', 'ca-crl.pem']) writeFileSync(join(folder, f), readFileSync(join(CREDS, 'server-crl', f)));
+      tls.reload();
       // One that cannot be read is a ConfigError at the start.
       const broken = join(dir, 'broken-crl');
       files('server', broken);

@@ -129,6 +129,7 @@ describe('offload serve over HTTPS', () => {
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-client-ca', CA], /--tls-client-ca and --tls-client-crl go with --tls-cert and --tls-key/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-crl', CA], /--tls-client-crl goes with --tls-client-ca/],
       [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', KEY], /--tls-client-ca: .* holds no certificate/],
+      [['--listen', '127.0.0.1:0', '--tokens', tokensFile, '--tls-cert', CERT, '--tls-key', KEY, '--tls-client-ca', CA, '--tls-client-crl', CA], /--tls-client-crl: .* holds no revocation list/],
     ];
     for (const [args, message] of cases) {
       const r = await offload(s, ['serve', '--socket', join(s.dir, 'other.sock'), ...args]);

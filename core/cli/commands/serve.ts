@@ -16,6 +16,7 @@ import type { Logger } from '../../backend/plugin.js';
 import type { Broker, Reconfigured } from '../../broker-api.js';
 import type { BrokerConfig } from '../../config/config.js';
 import type { JobEventHook } from '../../jobs/job-manager.js';
+import { readCrls } from '../../export/crl.js';
 import { createLogger } from '../../logger.js';
 import type { ServiceTls } from '../../service/server.js';
 import { UsageError, type CliContext } from '../contribution.js';
@@ -185,6 +186,13 @@ function tlsOf(o: ServeFlags, tcp: boolean): ServiceTls | undefined {
   if (clientCa && !clientCa.includes('-----BEGIN CERTIFICATE-----')) throw new UsageError(`--tls-client-ca: ${o.tlsClientCa} holds no certificate (PEM)`);
   if (o.tlsClientCrl !== undefined && !clientCa) throw new UsageError('--tls-client-crl goes with --tls-client-ca: it revokes certificates of that CA');
   const clientCrl = o.tlsClientCrl === undefined ? undefined : read('--tls-client-crl', o.tlsClientCrl);
+  if (clientCrl) {
+    try {
+      readCrls(clientCrl, `--tls-client-crl: ${o.tlsClientCrl}`); // as a reload will read it
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  }
   const tls = { cert: read('--tls-cert', o.tlsCert), key: read('--tls-key', o.tlsKey), ...(clientCa ? { clientCa } : {}), ...(clientCrl ? { clientCrl } : {}) };
   try {
     createSecureContext({ cert: tls.cert, key: tls.key, ...(clientCa ? { ca: clientCa } : {}), ...(clientCrl ? { crl: clientCrl } : {}) });

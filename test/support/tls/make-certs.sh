@@ -41,3 +41,4 @@ openssl ca -config "$t/ca.cnf" -keyfile "$t/ca.key" -cert "$t/ca.pem" -gencrl -c
 : > "$t/other-index.txt"
 sed "s#$t/index.txt#$t/other-index.txt#" "$t/ca.cnf" > "$t/other.cnf"
 openssl ca -config "$t/other.cnf" -keyfile "$t/other.key" -cert "$t/other.pem" -gencrl -crldays 36500 -out other-crl/ca-crl.pem 2>/dev/null
+cp "$t/other.pem" other-crl/ca-cert.pem # a CA rotated: the other CA with its own list
