@@ -44,6 +44,8 @@ beforeAll(async () => {
   await store.insertJob(record('suspended-mirror', LONG_AGO, { ...mirror, checkpoint: { authoritative: 'source', points: ['offload-live-x'] } }));
   await store.insertJob(record('resumed-mirror', LONG_AGO, { ...mirror, checkpoint: { authoritative: 'source', points: ['offload-live-y'], resumedBy: 'mirror-next' } }));
   await store.insertJob(record('crashed-mirror', '2019-12-01T00:00:00.000Z', { ...mirror, checkpoint: { authoritative: 'source', intent: [{ regions: [[0, 1]] }] } }));
+  // Cancelled: its record is no way on (a resume refuses it), whatever it holds.
+  await store.insertJob(record('cancelled-mirror', LONG_AGO, { ...mirror, cancelled: true, checkpoint: { authoritative: 'source', intent: [{ regions: [[0, 1]] }] } }));
   // Wrote the crashed copy's target after it: its dismissal drops that copy's record.
   await store.insertJob(record('old-writer', LONG_AGO, { locks: [{ key: 'local/b', mode: 'exclusive' }] }));
 });
