@@ -6,7 +6,7 @@
  * resumed from its record, the export comes back through the fill, and the clone holds every
  * acknowledged write over the source's data (a write in flight may have landed or not). The
  * fill's progress never goes back by more than the chunk in flight and one save interval (no restart from
- * zero); at the end the clone equals the model. OFFLOAD_LONG=1: 32 kills (a slower fill); otherwise 6.
+ * zero); at the end the clone equals the model. OFFLOAD_LONG=1: 32 kills (a slower fill); otherwise 4.
  * The writer keeps to the first 4 MiB, so that its writes (each filling its granule first) do not
  * finish the fill before the kills are done.
  */
@@ -19,7 +19,7 @@ import { NbdWriter } from '../support/nbd-writer.js';
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 const SPEED = process.env.OFFLOAD_LONG === '1' ? 512 * 1024 : 1 * MiB;
-const KILLS = process.env.OFFLOAD_LONG === '1' ? 32 : 6;
+const KILLS = process.env.OFFLOAD_LONG === '1' ? 32 : 4;
 const readExport = (port: number, name: string) => readWhole(port, name, SIZE);
 
 describe('kill -9 during an instant clone', () => {

@@ -8,7 +8,7 @@
  * in flight at the kill may have landed or not). Where the source holds the data, the restarted
  * service has resumed the copy from its write-intent record: it switches over, and the target
  * holds every acknowledged write too. The next round copies on from there, to the pool or the
- * SAN mock by turns. OFFLOAD_LONG=1: 40 kills; otherwise 8.
+ * SAN mock by turns. OFFLOAD_LONG=1: 40 kills; otherwise 6.
  */
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,7 +23,7 @@ import { CMD, openExport, reply, request } from '../support/nbd-client.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
-const KILLS = process.env.OFFLOAD_LONG === '1' ? 40 : 8;
+const KILLS = process.env.OFFLOAD_LONG === '1' ? 40 : 6;
 const readExport = (port: number, name: string) => readWhole(port, name, SIZE);
 
 describe('kill -9 around ready and complete of a live copy', () => {
