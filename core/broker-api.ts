@@ -93,7 +93,7 @@ export interface ExportOptions {
    */
   tls?: NbdTlsConfig;
   /**
-   * Only these TLS clients may open it — a certificate's common name, or the identity a PSK
+   * Only these TLS clients may open it — a certificate's common name or subject alternative name (`DNS:…`, `URI:…`: certificateNames), or the identity a PSK
    * client gives — with the server's TLS (the config's `nbd.tls` or `tls` here) telling them
    * apart; to any other client it does not exist (no such export, not listed). Without it, every
    * client the server's TLS lets in; `[]`: none, until `setClients` names some.

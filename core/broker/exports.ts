@@ -245,7 +245,7 @@ export function assertWithin(p: Principal, bound: readonly string[], clients: re
 function checkClients(value: unknown): string[] | undefined {
   if (value === undefined) return undefined;
   if (!Array.isArray(value) || value.length === 0 || !value.every((n) => typeof n === 'string' && n.length > 0 && n.length <= 255)) {
-    throw new InvalidArgument(`clients is a list of one or more TLS client names (certificate common names, PSK identities), got ${JSON.stringify(value)}`);
+    throw new InvalidArgument(`clients is a list of one or more TLS client names (certificate common names, DNS:…/URI:… subject alternative names, PSK identities), got ${JSON.stringify(value)}`);
   }
   return [...new Set(value as string[])];
 }

@@ -86,9 +86,9 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
     return o;
   };
   let secured = false;
-  /** Who the client is, once TLS is up: an export with `clients` is seen only by those. */
-  let client: string | undefined;
-  const mayOpen = (exp: ExportView) => exp.clients === undefined || (client !== undefined && exp.clients.has(client));
+  /** Who the client is (its names), once TLS is up: an export with `clients` is seen only by those. */
+  let clients: string[] = [];
+  const mayOpen = (exp: ExportView) => exp.clients === undefined || clients.some((n) => exp.clients!.has(n));
   const lookup = (name: string) => {
     // The default export (the empty name) is the only one this client may open, if only one.
     if (name === '') {
@@ -132,7 +132,7 @@ export async function handshake(link: Link, host: HandshakeHost): Promise<Sessio
         reply(socket, opt, REP.ACK);
         // The client must wait for the ACK before its ClientHello: anything already here is a violation.
         if (reader.detach() !== 0) throw new ProtocolViolation('data sent after STARTTLS before its reply');
-        ({ socket, client } = await host.tls.upgrade(socket));
+        ({ socket, clients } = await host.tls.upgrade(socket));
         reader = new ByteReader(socket);
         Object.assign(link, { socket, reader });
         secured = true;

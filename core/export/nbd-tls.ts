@@ -9,6 +9,7 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createSecureContext, createServer, type TLSSocket, type TlsOptions } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
+import { certificateNames } from './cert-names.js';
 import { caSubjects, olderCrl, readCrls, type CrlInfo } from './crl.js';
 
 /** What a broker's config says (`nbd.tls`): paths already absolute. `verifyPeer` defaults to true, as QEMU's. */
@@ -21,10 +22,12 @@ export interface NbdTls {
   readonly namesClients: boolean;
   /**
    * Start TLS on a socket (the server side); resolves once it is up and the peer accepted, rejects
-   * otherwise. `client`: who the peer is — its certificate's common name (x509), or the identity
+   * otherwise. `clients`: who the peer is — its certificate's names (certificateNames: its common
+   * name, `DNS:…`, `URI:…`), or the identity it gave its key under (PSK); what an export's
+   * `clients` and `allow` are matched against. `client`: the first of them, for messages.
    * it gave its key under (PSK); what an export's `clients` are matched against.
    */
-  upgrade(socket: Socket): Promise<{ socket: TLSSocket; client?: string }>;
+  upgrade(socket: Socket): Promise<{ socket: TLSSocket; client?: string; clients: string[] }>;
   /**
    * Read the files again (a renewed certificate, a new ca-crl.pem, PSK keys added or taken away):
    * handshakes from now on use them; clients connected already stay. A file that cannot be used
@@ -101,8 +104,8 @@ interface Credentials {
   kind: NbdTls['kind'];
   options: TlsOptions;
   namesClients: boolean;
-  identify: (t: TLSSocket) => string | undefined;
-  refused?: (client: string | undefined) => string | undefined;
+  identify: (t: TLSSocket) => string[];
+  refused?: (names: string[]) => string | undefined;
   /** The revocation lists in use (x509 with a ca-crl.pem). */
   crls?: CrlInfo[];
 }
@@ -119,7 +122,7 @@ function readCredentials(c: NbdTlsConfig): Credentials {
         return keys.get(identity) ?? null;
       },
     };
-    return { kind: 'psk', options, namesClients: true, identify: (t) => identities.get(t) };
+    return { kind: 'psk', options, namesClients: true, identify: (t) => { const id = identities.get(t); return id === undefined ? [] : [id]; } };
   }
   const read = (file: string): Buffer => readConfigFile(join(c.x509, file), 'nbd.tls.x509');
   // As QEMU's tls-creds-x509: clients must show a certificate of the CA unless verify-peer is
@@ -142,14 +145,8 @@ function readCredentials(c: NbdTlsConfig): Credentials {
   }
   // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
   const allow = c.allow && new Set(c.allow);
-  const refused = allow && ((name: string | undefined) => (name !== undefined && allow.has(name) ? undefined : `client certificate ${JSON.stringify(name ?? '')} is not in nbd.tls.allow`));
-  return { kind: 'x509', options, namesClients: verifyPeer, identify: commonName, ...(refused ? { refused } : {}), ...(crls ? { crls } : {}) };
-}
-
-/** A verified client certificate's subject common name (undefined: no certificate). */
-function commonName(t: TLSSocket): string | undefined {
-  const cn = t.getPeerCertificate()?.subject?.CN;
-  return Array.isArray(cn) ? cn[0] : cn;
+  const refused = allow && ((names: string[]) => (names.some((n) => allow.has(n)) ? undefined : `client certificate ${JSON.stringify(names.join(', '))} is not in nbd.tls.allow`));
+  return { kind: 'x509', options, namesClients: verifyPeer, identify: (t) => certificateNames(t.getPeerCertificate()), ...(refused ? { refused } : {}), ...(crls ? { crls } : {}) };
 }
 
 /**
@@ -158,7 +155,7 @@ function commonName(t: TLSSocket): string | undefined {
  * certificate as for any TLS server (a TLSSocket made by hand is never told whether it was
  * verified), and drops one it refuses.
  */
-function upgrade(c: Credentials, socket: Socket): Promise<{ socket: TLSSocket; client?: string }> {
+function upgrade(c: Credentials, socket: Socket): Promise<{ socket: TLSSocket; client?: string; clients: string[] }> {
   return new Promise((resolve, reject) => {
     // Who the client is is judged at its handshake: a renegotiation (TLS 1.2) is refused.
     const server = createServer({ ...c.options, secureOptions: constants.SSL_OP_NO_RENEGOTIATION });
@@ -171,10 +168,10 @@ function upgrade(c: Credentials, socket: Socket): Promise<{ socket: TLSSocket; c
     socket.once('close', left);
     server.once('secureConnection', (t: TLSSocket) => {
       socket.off('close', left);
-      const client = c.identify(t);
-      const why = c.refused?.(client);
+      const clients = c.identify(t);
+      const why = c.refused?.(clients);
       if (why) fail(new Error(why));
-      else resolve({ socket: t, ...(client !== undefined ? { client } : {}) });
+      else resolve({ socket: t, clients, ...(clients.length > 0 ? { client: clients[0] } : {}) });
     });
     server.emit('connection', socket);
   });

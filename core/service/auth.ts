@@ -1,6 +1,6 @@
 /**
  * Who a request over TCP is: `Authorization: Bearer TOKEN`, or (HTTPS with a client CA) a verified
- * client certificate's common name, looked up in the tokens file.
+ * client certificate's names (common name, subject alternative names), looked up in the tokens file.
  *
  *   tokens:
  *     - token: 9c1f0e…            # at least 16 characters; generate with `openssl rand -hex 32`
@@ -11,7 +11,7 @@
  *     - token: 51aa7d…
  *       principal: ops
  *       role: admin
- *     - certificate: backup-robot   # a client certificate's common name (HTTPS with --tls-client-ca)
+ *     - certificate: backup-robot   # a client certificate's common name, or a subject alternative name ("URI:spiffe://…", "DNS:…"; HTTPS with --tls-client-ca)
  *       principal: ops
  *       role: admin
  *
@@ -41,7 +41,7 @@ const tokensFileSchema = z.strictObject({
   }).refine((t) => (t.token === undefined) !== (t.certificate === undefined), 'give a token or a certificate (a client certificate\'s common name), one of them')),
 });
 
-/** A token (its digest) or a client certificate (its common name), and whom it names. */
+/** A token (its digest) or a client certificate (one of its names: certificateNames), and whom it names. */
 interface Entry { digest?: Buffer; certificate?: string; principal: Principal; expiresAt?: number }
 
 export class Tokens {
@@ -130,18 +130,22 @@ export class Tokens {
   }
 
   /**
-   * The principal a verified client certificate names (its subject's common name, as an entry's
-   * `certificate`); undefined when none does or it expired. For a request without a bearer token.
+   * The principal a verified client certificate stands for: the entry whose `certificate` is one
+   * of its names (certificateNames: its common name, `DNS:…`, `URI:…`); undefined when none is,
+   * it expired, or its names pick entries of more than one principal (which would be a guess).
+   * For a request without a bearer token.
    */
-  principalOfCertificate(commonName: string | undefined): Principal | undefined {
-    const e = commonName === undefined ? undefined : this.entries.find((x) => x.certificate === commonName);
-    return e && !expired(e) ? e.principal : undefined;
+  principalOfCertificate(names: readonly string[]): Principal | undefined {
+    const found = this.entries.filter((x) => x.certificate !== undefined && names.includes(x.certificate));
+    if (new Set(found.map((e) => e.principal.id)).size !== 1) return undefined;
+    const e = found.find((x) => !expired(x));
+    return e?.principal;
   }
 
-  /** Whether the entry naming a certificate's common name is past its `expires` (for the 401's message). */
-  certificateExpired(commonName: string | undefined): boolean {
-    const e = commonName === undefined ? undefined : this.entries.find((x) => x.certificate === commonName);
-    return e !== undefined && expired(e);
+  /** Whether the entries naming a certificate (by any of its names) are past their `expires` (for the 401's message). */
+  certificateExpired(names: readonly string[]): boolean {
+    const found = this.entries.filter((x) => x.certificate !== undefined && names.includes(x.certificate));
+    return found.length > 0 && found.every(expired);
   }
 
   /** Whether any entry names a client certificate (the service then asks clients for one). */

@@ -12,6 +12,7 @@
 import { constants } from 'node:crypto';
 import type { Server as TlsServer, TLSSocket } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
+import { certificateNames } from '../export/cert-names.js';
 import { caSubjects, olderCrl, readCrls } from '../export/crl.js';
 
 /**
@@ -30,7 +31,7 @@ export function httpsOptions(tls: ServiceTls) {
   };
 }
 
-interface Verified { fingerprint: string; name: string; validTo: number; generation: number }
+interface Verified { fingerprint: string; names: string[]; validTo: number; generation: number }
 
 export class ClientCertificates {
   private readonly verified = new WeakMap<TLSSocket, Verified>();
@@ -41,10 +42,9 @@ export class ClientCertificates {
     server.on('secureConnection', (s: TLSSocket) => {
       if (!s.authorized || s.authorizationError) return;
       const cert = s.getPeerCertificate();
-      const cn = cert?.subject?.CN;
-      // One common name, or none counted (several would be a guess).
-      if (typeof cn !== 'string' || cn.length === 0) return;
-      this.verified.set(s, { fingerprint: cert.fingerprint256, name: cn, validTo: Date.parse(cert.valid_to), generation: this.generation });
+      const names = certificateNames(cert);
+      if (names.length === 0) return;
+      this.verified.set(s, { fingerprint: cert.fingerprint256, names, validTo: Date.parse(cert.valid_to), generation: this.generation });
     });
   }
 
@@ -64,10 +64,10 @@ export class ClientCertificates {
     this.clientCrl = tls.clientCrl;
   }
 
-  /** The common name a connection's client certificate stands for; undefined when none does. */
-  nameOf(socket: TLSSocket): string | undefined {
+  /** The names a connection's client certificate stands for (certificateNames); none when it stands for none. */
+  namesOf(socket: TLSSocket): string[] {
     const v = this.verified.get(socket);
-    if (!v || v.generation !== this.generation || !(Date.now() < v.validTo)) return undefined;
-    return socket.getPeerCertificate()?.fingerprint256 === v.fingerprint ? v.name : undefined;
+    if (!v || v.generation !== this.generation || !(Date.now() < v.validTo)) return [];
+    return socket.getPeerCertificate()?.fingerprint256 === v.fingerprint ? v.names : [];
   }
 }

@@ -106,9 +106,9 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       // A bearer token, when one is sent, decides; without one, a client certificate the CA signed.
       const authenticate: Authenticate = (req) => req.headers.authorization !== undefined || !tls?.clientCa
         ? auth.tokens!.principalOf(req.headers.authorization)
-        : auth.tokens!.principalOfCertificate(certs!.nameOf(req.raw.socket as TLSSocket));
+        : auth.tokens!.principalOfCertificate(certs!.namesOf(req.raw.socket as TLSSocket));
       // Why a certificate the file names let no one in, when it is the entry that expired.
-      const refusal = (req: FastifyRequest) => (req.headers.authorization === undefined && tls?.clientCa && auth.tokens!.certificateExpired(certs!.nameOf(req.raw.socket as TLSSocket))
+      const refusal = (req: FastifyRequest) => (req.headers.authorization === undefined && tls?.clientCa && auth.tokens!.certificateExpired(certs!.namesOf(req.raw.socket as TLSSocket))
         ? "the client certificate's entry in the tokens file has expired" : undefined);
       const remote = buildApp(o, auth, hosted, stopping.signal, authenticate, track(app), refusal);
       apps.push(remote);

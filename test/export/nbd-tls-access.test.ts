@@ -104,6 +104,24 @@ describe.skipIf(!HAVE.libnbd)('reading the credentials again (NbdTls.reload, bro
   const creds = (who: string) => ({ ca: readFileSync(join(CREDS, who, 'ca-cert.pem')), cert: readFileSync(join(CREDS, who, 'client-cert.pem')), key: readFileSync(join(CREDS, who, 'client-key.pem')) });
   const fingerprint = (folder: string) => new X509Certificate(readFileSync(join(CREDS, folder, 'server-cert.pem'))).fingerprint256;
 
+  it("x509: a certificate is named by its subject alternative names too (DNS:…, URI:…), in nbd.tls.allow and an export's clients — one with no common name, as SPIFFE issues", async () => {
+    const folder = join(dir, 'san-x509');
+    files('server', folder);
+    const tls = loadNbdTls({ x509: folder, allow: ['alice', 'DNS:kvm9.example'] });
+    const server = await NbdServer.listen({ port: 0 }, { tls });
+    try {
+      server.addExport({ name: 'vm9', device: dev, readOnly: true, clients: ['URI:spiffe://offload.test/kvm9'] });
+      server.addExport({ name: 'any', device: dev, readOnly: true });
+      const size = (who: string, name: string) => tool('nbdinfo', ['--size', `nbds://localhost:${portOf(server)}/${name}?tls-certificates=${join(CREDS, who)}`]);
+      expect((await size('san', 'vm9')).stdout.trim()).toBe(String(MiB));
+      expect((await size('client', 'vm9')).stderr).toMatch(/no export named ['"]vm9['"]/);
+      expect((await size('client', 'any')).status).toBe(0);
+      expect((await size('revoked', 'any')).status).not.toBe(0); // eve: not in allow
+    } finally {
+      await server.close();
+    }
+  });
+
   it('x509: a ca-crl.pem put beside the CA revokes eve for new connections (hers made before reads on), a renewed certificate is served, a broken folder keeps what it had', async () => {
     await dev.write(0, data);
     const folder = join(dir, 'reload-x509');

@@ -64,11 +64,18 @@ describe('tokens file', () => {
     const t = Tokens.load(file([
       '  - { certificate: backup-robot, principal: ops, role: admin }',
       '  - { token: aaaaaaaaaaaaaaaaaaaa, principal: tina, role: tenant }',
+      '  - { certificate: "URI:spiffe://cluster/ns/vm/sa/kvm1", principal: tina, role: tenant }',
+      '  - { certificate: "DNS:kvm1.example.com", principal: tina, role: tenant }',
     ]), silentLogger);
     expect(t.namesCertificates).toBe(true);
-    expect(t.principalOfCertificate('backup-robot')).toEqual({ id: 'ops', role: 'admin' });
-    expect(t.principalOfCertificate('tina')).toBeUndefined();
-    expect(t.principalOfCertificate(undefined)).toBeUndefined();
+    expect(t.principalOfCertificate(['backup-robot'])).toEqual({ id: 'ops', role: 'admin' });
+    expect(t.principalOfCertificate(['tina'])).toBeUndefined();
+    expect(t.principalOfCertificate([])).toBeUndefined();
+    // Subject alternative names: one certificate's names may pick entries of one principal, not two.
+    expect(t.principalOfCertificate(['URI:spiffe://cluster/ns/vm/sa/kvm1', 'DNS:kvm1.example.com'])).toEqual({ id: 'tina', role: 'tenant' });
+    expect(t.principalOfCertificate(['DNS:kvm1.example.com'])).toEqual({ id: 'tina', role: 'tenant' });
+    expect(t.principalOfCertificate(['backup-robot', 'DNS:kvm1.example.com'])).toBeUndefined();
+    expect(t.principalOfCertificate(['kvm1.example.com'])).toBeUndefined(); // a common name is not a DNS name
     expect(t.principalOf('Bearer backup-robot')).toBeUndefined();
     for (const [lines, message] of [
       [['  - { principal: tina, role: tenant }'], /tokens\[0\]: give a token or a certificate/],

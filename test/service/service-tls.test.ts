@@ -148,7 +148,8 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
   const crl = () => join(s.dir, 'client-crl.pem');
   let tokensFile: string;
   const entries = (aliceExpires?: string) => `tokens:\n  - { token: ${TOKEN}, principal: ops, role: admin }\n  - { certificate: alice, principal: robot, role: tenant${aliceExpires ? `, expires: "${aliceExpires}"` : ''} }\n`
-    + '  - { certificate: mallory, principal: mal, role: admin }\n  - { certificate: eve, principal: evil, role: admin }\n';
+    + '  - { certificate: mallory, principal: mal, role: admin }\n  - { certificate: eve, principal: evil, role: admin }\n'
+    + '  - { certificate: "URI:spiffe://offload.test/kvm9", principal: kvm9, role: tenant }\n';
   async function hangUp(): Promise<void> {
     const before = service.err().split('SIGHUP: reloaded').length;
     service.child.kill('SIGHUP');
@@ -189,6 +190,15 @@ describe('offload serve over HTTPS with client certificates (--tls-client-ca)', 
     const list = await offload(s, ['--server', https, '--json', 'volume', 'list', 'local'], env('client'));
     expect(list.code, list.err).toBe(0);
     expect((JSON.parse(list.out) as { name: string; owner: string }[]).map((v) => [v.name, v.owner])).toEqual([['r1', 'robot']]);
+  });
+
+  it('a certificate with no common name is named by its subject alternative names (URI:…, DNS:…)', async () => {
+    const kvm9 = await connectBroker(https, { ca: readFileSync(CA), ...cert('san') });
+    try {
+      expect(kvm9.principal).toEqual({ id: 'kvm9', role: 'tenant' });
+    } finally {
+      await kvm9.close();
+    }
   });
 
   it("a certificate the CA's list revokes, one of another CA, or none: 401; bad OFFLOAD_CERT/OFFLOAD_KEY are config errors", async () => {

@@ -21,8 +21,8 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     .option('--socket <path>', 'listen on a unix socket instead of TCP')
     .option('--bind <addr>', 'address to listen on (default 127.0.0.1)')
     .option('--tls <creds>', 'require TLS, as qemu-nbd --tls-creds: x509:FOLDER (ca-cert.pem, server-cert.pem, server-key.pem, ca-crl.pem; clients need a certificate of the CA) or psk:FILE (psktool\'s identity:hexkey lines)')
-    .option('--tls-allow <names>', 'with x509: only clients whose certificate names one of these (comma-separated common names), as QEMU\'s tls-authz')
-    .option('--clients <names>', 'only these TLS clients may open this export (comma-separated certificate common names or PSK identities); to others it does not exist. Needs TLS (--tls, or nbd.tls in the config, or the service\'s)')
+    .option('--tls-allow <names>', 'with x509: only clients whose certificate names one of these (comma-separated common names, or DNS:…/URI:… subject alternative names), as QEMU\'s tls-authz')
+    .option('--clients <names>', 'only these TLS clients may open this export (comma-separated certificate common names, DNS:…/URI:… subject alternative names, or PSK identities); to others it does not exist. Needs TLS (--tls, or nbd.tls in the config, or the service\'s)')
     .action(async (ref: string, o: NbdFlags) => {
       const tls = tlsOf(o);
       const clients = namesOf(o.clients, '--clients');
@@ -72,7 +72,7 @@ export function registerNbdCommand(program: Command, ctx: CliContext): void {
     });
 
   nbd.command('clients <name> [names]')
-    .description('change which TLS clients an export admits from now on (comma-separated certificate common names or PSK identities); connected ones stay')
+    .description('change which TLS clients an export admits from now on (comma-separated certificate common names, DNS:…/URI:… names, or PSK identities); connected ones stay')
     .option('--none', 'admit no new client')
     .action(async (name: string, names: string | undefined, o: { none?: boolean }) => {
       if (o.none && names !== undefined) throw new UsageError('give NAMES or --none, not both');

@@ -6,7 +6,7 @@
 # run again to replace them. Never use them for anything but tests.
 set -eu
 cd "$(dirname "$0")"
-rm -rf server client stranger revoked server-crl renewed old-crl other-crl && mkdir server client stranger revoked server-crl renewed old-crl other-crl
+rm -rf server client stranger revoked server-crl renewed old-crl other-crl san && mkdir server client stranger revoked server-crl renewed old-crl other-crl san
 t=$(mktemp -d) && trap 'rm -rf "$t"' EXIT
 ca() { # name subject
   openssl req -x509 -newkey rsa:2048 -nodes -days 36500 -subj "/CN=$2" -keyout "$t/$1.key" -out "$t/$1.pem" \
@@ -27,6 +27,11 @@ subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1'
 leaf ca client/client-key.pem client/client-cert.pem alice 'extendedKeyUsage=clientAuth'
 leaf other stranger/client-key.pem stranger/client-cert.pem mallory 'extendedKeyUsage=clientAuth'
 leaf ca revoked/client-key.pem revoked/client-cert.pem eve 'extendedKeyUsage=clientAuth'
+# A client certificate named only by its subject alternative names (no common name), as SPIFFE and cert-manager issue them.
+openssl req -newkey rsa:2048 -nodes -subj "/O=offload test" -keyout san/client-key.pem -out "$t/req.csr" 2>/dev/null
+printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=clientAuth" "subjectAltName=URI:spiffe://offload.test/kvm9,DNS:kvm9.example" > "$t/ext"
+openssl x509 -req -in "$t/req.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial -days 36500 -extfile "$t/ext" -out san/client-cert.pem 2>/dev/null
+cp "$t/ca.pem" san/ca-cert.pem
 cp "$t/ca.pem" server/ca-cert.pem && cp "$t/ca.pem" renewed/ca-cert.pem && cp "$t/ca.pem" client/ca-cert.pem && cp "$t/ca.pem" stranger/ca-cert.pem && cp "$t/ca.pem" revoked/ca-cert.pem
 # A server folder whose ca-crl.pem revokes eve's certificate (and only hers).
 cp server/* server-crl/
