@@ -13,8 +13,10 @@ const KINDS: Record<string, string> = { DNS: 'DNS', URI: 'URI', email: 'email', 
 export function certificateNames(cert: PeerCertificate | undefined): string[] {
   if (!cert) return [];
   const cn = cert.subject?.CN;
-  // One common name, or none counted (several would be a guess).
-  return [...(typeof cn === 'string' && cn.length > 0 ? [cn] : []), ...subjectAltNames(cert.subjectaltname)];
+  // One common name, or none counted (several would be a guess); not one written as an
+  // alternative name is (`DNS:…`), which it would stand in for.
+  const named = typeof cn === 'string' && cn.length > 0 && !/^(DNS|URI|email|IP):/.test(cn);
+  return [...(named ? [cn] : []), ...subjectAltNames(cert.subjectaltname)];
 }
 
 /**
