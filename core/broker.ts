@@ -26,6 +26,7 @@ import { secrets } from './config/secrets.js';
 import { JobManager, type JobEventHook, type TaskResolver } from './jobs/job-manager.js';
 import { ExportRegistry } from './export/registry.js';
 import { ConfiguredNbdTls } from './export/nbd-tls.js';
+import { clientName } from './export/cert-names.js';
 import type { Job } from './jobs/job.js';
 import { ADMIN, tenant, type Principal } from './locks/principal.js';
 import { createLogger } from './logger.js';
@@ -191,7 +192,7 @@ class BrokerView implements Broker {
       throw new InvalidArgument(`a principal's nbdClients are one or more TLS client names, got ${JSON.stringify(clients)}`);
     }
     const p = principal.role === 'tenant' ? tenant(principal.id) : principal;
-    return new BrokerView(this.s, clients !== undefined ? { ...p, nbdClients: Object.freeze([...clients]) } : p);
+    return new BrokerView(this.s, clients !== undefined ? { ...p, nbdClients: Object.freeze(clients.map(clientName)) } : p);
   }
 
   async backends(): Promise<BackendInfo[]> {

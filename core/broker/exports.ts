@@ -2,6 +2,7 @@
 import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
 import type { ExportHandle, ExportOptions, ExportsApi } from '../broker-api.js';
+import { clientName } from '../export/cert-names.js';
 import type { ListenAddress } from '../export/nbd-server.js';
 import { loadNbdTls, type NbdTls, type NbdTlsConfig } from '../export/nbd-tls.js';
 import type { ExportInfo } from '../export/registry.js';
@@ -247,7 +248,7 @@ function checkClients(value: unknown): string[] | undefined {
   if (!Array.isArray(value) || value.length === 0 || !value.every((n) => typeof n === 'string' && n.length > 0 && n.length <= 255)) {
     throw new InvalidArgument(`clients is a list of one or more TLS client names (certificate common names, DNS:…/URI:… subject alternative names, PSK identities), got ${JSON.stringify(value)}`);
   }
-  return [...new Set(value as string[])];
+  return [...new Set((value as string[]).map(clientName))];
 }
 
 /** An export's own TLS credentials (ExportOptions.tls), checked and read now: a bad file fails the start. */

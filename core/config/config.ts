@@ -71,7 +71,8 @@ export interface RawConfig {
    * `nbd.tls`: every NBD export of this broker requires TLS, as qemu-nbd `--tls-creds`:
    * `{ x509: DIR, verifyPeer? }` (DIR holds ca-cert.pem, server-cert.pem, server-key.pem, and
    * ca-crl.pem if any; verifyPeer, default true, asks clients for a certificate of the CA; allow:
-   * only certificates with these subject common names, as QEMU's tls-authz) or
+   * only certificates with these names — common names, or DNS:…/URI:…/email:…/IP:… alternative
+   * names — as QEMU's tls-authz) or
    * `{ psk: FILE }` (identity:hexkey lines, as psktool writes). Relative paths: from the config's folder.
    */
   nbd?: { tls?: NbdTlsConfig };

@@ -29,13 +29,13 @@ export function readCrls(pem: string | Buffer, what: string): CrlInfo[] {
 
 /**
  * Why `next` may not take `current`'s place (undefined: it may): for each issuer the lists in use
- * have that is still a trusted CA (`trusted`: the new CA file's subjects, caSubjects), the new
+ * have that is still a trusted CA (`trusted`: the new CA file's subjects, caSubjects; undefined: all), the new
  * ones must have one issued no earlier — a list gone, or an older one, would let in again what the
  * one in use revoked. A CA no longer trusted needs no list (a CA rotated). A restart takes one away.
  */
-export function olderCrl(current: readonly CrlInfo[], next: readonly CrlInfo[], trusted: ReadonlySet<string>): string | undefined {
+export function olderCrl(current: readonly CrlInfo[], next: readonly CrlInfo[], trusted: ReadonlySet<string> | undefined): string | undefined {
   for (const c of current) {
-    if (!trusted.has(c.issuer)) continue;
+    if (trusted && !trusted.has(c.issuer)) continue;
     const n = next.filter((x) => x.issuer === c.issuer);
     if (n.length === 0) return `it has no list of an issuer the one in use has (issued ${c.issued.toISOString()})`;
     const newest = Math.max(...n.map((x) => x.issued.getTime()));
@@ -44,10 +44,13 @@ export function olderCrl(current: readonly CrlInfo[], next: readonly CrlInfo[], 
   return undefined;
 }
 
-/** The subjects (DER, hex: as CrlInfo.issuer) of the certificates of a PEM file (a CA file). */
-export function caSubjects(pem: string | Buffer): Set<string> {
+/**
+ * The subjects (DER, hex: as CrlInfo.issuer) of the certificates of a PEM file (a CA file);
+ * undefined when one cannot be read (then every issuer counts as trusted: olderCrl checks all).
+ */
+export function caSubjects(pem: string | Buffer): Set<string> | undefined {
   const out = new Set<string>();
-  for (const m of pem.toString().matchAll(/-----BEGIN CERTIFICATE-----([\s\S]*?)-----END CERTIFICATE-----/g)) {
+  for (const m of pem.toString().matchAll(/-----BEGIN (?:TRUSTED |X509 )?CERTIFICATE-----([\s\S]*?)-----END (?:TRUSTED |X509 )?CERTIFICATE-----/g)) {
     try {
       const der = Buffer.from(m[1]!.replace(/\s+/g, ''), 'base64');
       const cert = element(der, 0);
@@ -56,9 +59,10 @@ export function caSubjects(pem: string | Buffer): Set<string> {
       if (e.tag === EXPLICIT_0) e = element(der, e.end, tbs.end); // version
       // serialNumber, signature, issuer, validity, then the subject.
       for (let i = 0; i < 4; i++) e = element(der, e.end, tbs.end);
-      if (e.tag === SEQUENCE) out.add(der.subarray(e.at, e.end).toString('hex'));
+      if (e.tag !== SEQUENCE) return undefined;
+      out.add(der.subarray(e.at, e.end).toString('hex'));
     } catch {
-      // Not a certificate this can read: it names no issuer (the TLS library judges the file).
+      return undefined;
     }
   }
   return out;

@@ -9,7 +9,7 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createSecureContext, createServer, type TLSSocket, type TlsOptions } from 'node:tls';
 import { ConfigError } from '../config/config-error.js';
-import { certificateNames } from './cert-names.js';
+import { certificateNames, clientName } from './cert-names.js';
 import { caSubjects, olderCrl, readCrls, type CrlInfo } from './crl.js';
 
 /** What a broker's config says (`nbd.tls`): paths already absolute. `verifyPeer` defaults to true, as QEMU's. */
@@ -25,7 +25,6 @@ export interface NbdTls {
    * otherwise. `clients`: who the peer is — its certificate's names (certificateNames: its common
    * name, `DNS:…`, `URI:…`), or the identity it gave its key under (PSK); what an export's
    * `clients` and `allow` are matched against. `client`: the first of them, for messages.
-   * it gave its key under (PSK); what an export's `clients` are matched against.
    */
   upgrade(socket: Socket): Promise<{ socket: TLSSocket; client?: string; clients: string[] }>;
   /**
@@ -144,7 +143,12 @@ function readCredentials(c: NbdTlsConfig): Credentials {
       'server-cert.pem and server-key.pem must be a certificate and its key, ca-cert.pem the CA and ca-crl.pem (if there) its revocation list, in PEM (as qemu-nbd --tls-creds reads them)');
   }
   // As QEMU's tls-authz on an NBD server: of the certificates the CA signed, only these subjects'.
-  const allow = c.allow && new Set(c.allow);
+  let allow: Set<string> | undefined;
+  try {
+    allow = c.allow && new Set(c.allow.map(clientName));
+  } catch (e) {
+    throw new ConfigError(`nbd.tls.allow: ${(e as Error).message}`);
+  }
   const refused = allow && ((names: string[]) => (names.some((n) => allow.has(n)) ? undefined : `client certificate ${JSON.stringify(names.join(', '))} is not in nbd.tls.allow`));
   return { kind: 'x509', options, namesClients: verifyPeer, identify: (t) => certificateNames(t.getPeerCertificate()), ...(refused ? { refused } : {}), ...(crls ? { crls } : {}) };
 }

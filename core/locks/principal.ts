@@ -5,7 +5,7 @@ export interface Principal {
   id: string;
   role: 'admin' | 'tenant';
   /**
-   * The TLS clients (certificate common names, PSK identities) this principal's NBD exports
+   * The TLS clients (certificate common names or DNS:…/URI:… names, PSK identities) this principal's NBD exports
    * admit, and no others (a tokens file's `nbdClients`): a tenant's disks reach only its hosts.
    * Undefined: not bound.
    */

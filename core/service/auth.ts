@@ -28,6 +28,7 @@ import { readConfigFile } from '../config/config.js';
 import { ConfigError } from '../config/config-error.js';
 import { describeIssue, formatPath } from '../config/format-issues.js';
 import { secrets } from '../config/secrets.js';
+import { clientName } from '../export/cert-names.js';
 import { tenant, type Principal } from '../locks/principal.js';
 
 const tokensFileSchema = z.strictObject({
@@ -38,7 +39,7 @@ const tokensFileSchema = z.strictObject({
     role: z.enum(['admin', 'tenant']),
     nbdClients: z.array(z.string().min(1).max(255)).min(1).optional(),
     expires: z.iso.datetime({ offset: true, error: 'expires is a date and time with its zone, e.g. 2027-06-30T00:00:00Z' }).optional(),
-  }).refine((t) => (t.token === undefined) !== (t.certificate === undefined), 'give a token or a certificate (a client certificate\'s common name), one of them')),
+  }).refine((t) => (t.token === undefined) !== (t.certificate === undefined), 'give a token or a certificate (a client certificate\'s common name, or DNS:…/URI:… name), one of them')),
 });
 
 /** A token (its digest) or a client certificate (one of its names: certificateNames), and whom it names. */
@@ -83,7 +84,14 @@ export class Tokens {
     }
     const seen = new Set<string>();
     const bindings = new Map<string, string>();
-    const entries = parsed.data.tokens.map((t, i) => {
+    const entries = parsed.data.tokens.map((raw, i) => {
+      // Names as certificates' names are compared (clientName): `DNS:` in lower case, IPv6 compressed.
+      let t = raw;
+      try {
+        t = { ...raw, ...(raw.certificate !== undefined ? { certificate: clientName(raw.certificate) } : {}), ...(raw.nbdClients ? { nbdClients: raw.nbdClients.map(clientName) } : {}) };
+      } catch (e) {
+        throw new ConfigError(`tokens file ${path}: tokens[${i}]: ${(e as Error).message}`);
+      }
       const id = t.token !== undefined ? `token ${t.token}` : `certificate ${t.certificate!}`;
       if (seen.has(id)) throw new ConfigError(`tokens file ${path}: tokens[${i}]: the same ${t.token !== undefined ? 'token' : 'certificate'} is given twice`);
       seen.add(id);
@@ -137,7 +145,7 @@ export class Tokens {
    */
   principalOfCertificate(names: readonly string[]): Principal | undefined {
     const found = this.entries.filter((x) => x.certificate !== undefined && names.includes(x.certificate));
-    if (new Set(found.map((e) => e.principal.id)).size !== 1) return undefined;
+    if (new Set(found.map((e) => `${e.principal.role}:${e.principal.id}`)).size !== 1) return undefined;
     const e = found.find((x) => !expired(x));
     return e?.principal;
   }

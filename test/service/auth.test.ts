@@ -76,6 +76,14 @@ describe('tokens file', () => {
     expect(t.principalOfCertificate(['DNS:kvm1.example.com'])).toEqual({ id: 'tina', role: 'tenant' });
     expect(t.principalOfCertificate(['backup-robot', 'DNS:kvm1.example.com'])).toBeUndefined();
     expect(t.principalOfCertificate(['kvm1.example.com'])).toBeUndefined(); // a common name is not a DNS name
+    // Written in another case, compared in one; one name of an administrator and one of a tenant of the same id: neither.
+    const u = Tokens.load(file([
+      '  - { certificate: "DNS:KVM2.example.com", principal: ops, role: tenant }',
+      '  - { certificate: ops-admin, principal: ops, role: admin }',
+    ]), silentLogger);
+    expect(u.principalOfCertificate(['DNS:kvm2.example.com'])).toEqual({ id: 'ops', role: 'tenant' });
+    expect(u.principalOfCertificate(['ops-admin', 'DNS:kvm2.example.com'])).toBeUndefined();
+    expect(() => Tokens.load(file(['  - { certificate: "dns:kvm3", principal: ops, role: admin }']), silentLogger)).toThrow(/tokens\[0\]: "dns:kvm3": a subject alternative name is written DNS:/);
     expect(t.principalOf('Bearer backup-robot')).toBeUndefined();
     for (const [lines, message] of [
       [['  - { principal: tina, role: tenant }'], /tokens\[0\]: give a token or a certificate/],

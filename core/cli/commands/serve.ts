@@ -40,7 +40,7 @@ export function registerServeCommand(program: Command, ctx: CliContext, open: Op
     .option('--tokens <file>', 'tokens file for TCP: tokens: [{ token, principal, role: admin | tenant }] (mode 600)')
     .option('--tls-cert <file>', 'serve TCP as HTTPS with this certificate (PEM; its chain after it), with --tls-key')
     .option('--tls-key <file>', "the certificate's private key (PEM)")
-    .option('--tls-client-ca <file>', 'ask HTTPS clients for a certificate of this CA (PEM): one the tokens file names (certificate: COMMON-NAME) stands for its principal, without a token')
+    .option('--tls-client-ca <file>', 'ask HTTPS clients for a certificate of this CA (PEM): one the tokens file names (certificate: COMMON-NAME, or DNS:…/URI:… of its alternative names) stands for its principal, without a token')
     .option('--tls-client-crl <file>', "the client CA's revocation list (PEM): a revoked certificate stands for no one (read again on SIGHUP)")
     .option('--max-jobs <n>', 'orphaned jobs to take over and run at a time (default 4)')
     .action(async (o: ServeFlags) => {
