@@ -60,13 +60,21 @@ export const VolumeSnapshot = z.looseObject({
 export type VolumeSnapshot = z.infer<typeof VolumeSnapshot>;
 
 /** The list envelope of every collection GET (and of POST/PATCH answers). */
-export function ListEnvelope<T extends z.ZodType>(item: T) {
+function makeListEnvelope<T extends z.ZodType>(item: T) {
   return z.looseObject({
     continuation_token: z.string().nullable().optional(),
     more_items_remaining: z.boolean().optional(),
     total_item_count: z.number().int().nullable().optional(),
     items: z.array(item),
   });
+}
+// One envelope per item schema: the client asks for one on every list call, and a new zod schema
+// compiles its parser again on first use: ~0.15 ms of the 1.45 a volume's delete took on the mock.
+const envelopes = new WeakMap<z.ZodType, ReturnType<typeof makeListEnvelope>>();
+export function ListEnvelope<T extends z.ZodType>(item: T): ReturnType<typeof makeListEnvelope<T>> {
+  let env = envelopes.get(item);
+  if (!env) envelopes.set(item, (env = makeListEnvelope(item)));
+  return env as ReturnType<typeof makeListEnvelope<T>>;
 }
 export interface ListPage<T> {
   continuation_token?: string | null;
