@@ -1,10 +1,12 @@
 /**
- * `qemu-img compare [-f fmt] [-F fmt] file1 file2`: "Images are identical." (exit 0) or
+ * `qemu-img compare [-f fmt] [-F fmt] [-s] file1 file2`: "Images are identical." (exit 0) or
  * "Content mismatch at offset N!" (exit 1), N the first differing 512-byte sector as qemu-img 7.2
  * reports it. Unallocated reads as zero; of images of different sizes the extra part of the
- * larger must be zero. Ranges both images report as zero are not read.
+ * larger must be zero. Ranges both images report as zero are not read. Strict (`-s`): the sizes
+ * must be equal and so must the block status of every range (see statusWord).
  */
-import { imageDevice, openImage, type Image, type ImageFormat } from '../engine/index.js';
+import { imageDevice, openImage, type BlockStatus, type Image, type ImageFormat } from '../engine/index.js';
+import { mapEntries, type MapEntry } from './map.js';
 import type { ImgOutput } from './output.js';
 
 export interface CompareArgs {
@@ -12,6 +14,8 @@ export interface CompareArgs {
   file2: string;
   format1?: ImageFormat;
   format2?: ImageFormat;
+  /** `-s`: different sizes, or a range allocated (or zero, or compressed…) in one and not so in the other, is a difference. */
+  strict?: boolean;
 }
 
 const SECTOR = 512;
@@ -34,9 +38,21 @@ export async function runCompare(args: CompareArgs, out: ImgOutput): Promise<voi
       return;
     }
     const lines: string[] = [];
-    if (a.virtualSize !== b.virtualSize) lines.push('Warning: Image size mismatch!');
+    if (a.virtualSize !== b.virtualSize) {
+      if (args.strict) {
+        out.print({ identical: false, mismatch: 'size' }, 'Strict mode: Image size mismatch!');
+        out.setExitCode(EXIT_DIFFERENT);
+        return;
+      }
+      lines.push('Warning: Image size mismatch!');
+    }
     const mismatch = await firstMismatch(a, b);
-    if (mismatch === undefined) {
+    // qemu-img steps through both images' block status, comparing it before the data of each step.
+    const statusAt = args.strict ? await firstStatusMismatch(a, b) : undefined;
+    if (statusAt !== undefined && (mismatch === undefined || statusAt <= mismatch)) {
+      out.print({ identical: false, offset: statusAt, mismatch: 'block status' }, `Strict mode: Offset ${statusAt} block status mismatch!`);
+      out.setExitCode(EXIT_DIFFERENT);
+    } else if (mismatch === undefined) {
       lines.push('Images are identical.');
       out.print({ identical: true }, lines.join('\n'));
     } else {
@@ -125,4 +141,68 @@ function zeroEnd(ranges: readonly [number, number][], pos: number): number {
     else return e;
   }
   return pos;
+}
+
+/**
+ * Where the block status of two images of one size first differs, as qemu-img's strict mode sees
+ * it: it asks each image for the status of the rest of it from an offset, compares the flag words
+ * (allocated, zero, data, offset valid, compressed, and EOF: the answer runs to the end), and
+ * steps by the shorter answer. A qcow2 image answers at most to the end of an L2 table (so one
+ * whose data crosses one differs from a raw copy: its first answer does not reach the end), and
+ * status found in a backing file carries no EOF.
+ */
+export async function firstStatusMismatch(a: Image, b: Image): Promise<number | undefined> {
+  const size = a.virtualSize;
+  const ra = statusRuns(a, await a.blockStatus());
+  const rb = statusRuns(b, await b.blockStatus());
+  let i = 0;
+  let j = 0;
+  for (let pos = 0; pos < size;) {
+    while (ra[i]!.start + ra[i]!.length <= pos) i++;
+    while (rb[j]!.start + rb[j]!.length <= pos) j++;
+    const ea = answerEnd(a, ra[i]!, pos);
+    const eb = answerEnd(b, rb[j]!, pos);
+    if (statusWord(ra[i]!, ea === size) !== statusWord(rb[j]!, eb === size)) return pos;
+    pos = Math.min(ea, eb);
+  }
+  return undefined;
+}
+
+type Run = MapEntry & { compressed: boolean };
+
+/**
+ * The image's status as qemu's answers divide it: runs merged by map's rule (mapEntries), and a
+ * compressed cluster an answer of its own (its data lies nowhere else's).
+ */
+function statusRuns(img: Image, status: readonly BlockStatus[]): Run[] {
+  const out: Run[] = [];
+  for (const s of status) {
+    if (s.length === 0) continue;
+    if (s.compressed) {
+      const cs = img.clusterSize;
+      for (let p = s.start; p < s.start + s.length; p = (Math.floor(p / cs) + 1) * cs) {
+        out.push({ ...mapEntries([s], [])[0]!, start: p, length: Math.min(s.start + s.length, (Math.floor(p / cs) + 1) * cs) - p, compressed: true });
+      }
+      continue;
+    }
+    const e: Run = { ...mapEntries([s], [])[0]!, compressed: false };
+    const prev = out[out.length - 1];
+    if (prev && !prev.compressed && mapEntries([prev, e], []).length === 1) prev.length += e.length;
+    else out.push(e);
+  }
+  return out;
+}
+
+/** Where an answer for `pos` ends: the run's end, within the L2 table of a qcow2 layer asked at depth 0. */
+function answerEnd(img: Image, run: MapEntry, pos: number): number {
+  const end = run.start + run.length;
+  if (img.format !== 'qcow2' || run.depth !== 0) return end;
+  const span = img.clusterSize * (img.clusterSize / 8);
+  return Math.min(end, (Math.floor(pos / span) + 1) * span);
+}
+
+/** qemu's BDRV_BLOCK_* flags of a run: DATA 1, ZERO 2, OFFSET_VALID 4, ALLOCATED 16, EOF 32, COMPRESSED 64. */
+function statusWord(run: Run, toEnd: boolean): number {
+  return (run.data ? 1 : 0) | (run.zero ? 2 : 0) | (run.offset !== undefined ? 4 : 0) | (run.present ? 16 : 0) |
+    (toEnd && (run.depth === 0 || !run.present) ? 32 : 0) | (run.compressed ? 64 : 0);
 }

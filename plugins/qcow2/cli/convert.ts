@@ -1,17 +1,21 @@
 /**
- * `qemu-img convert [-f fmt] [-O qcow2|raw] [-o opts] [-p] [--bitmaps [--skip-broken-bitmaps]] src dst`: copies the guest-visible
- * content of `src` (with its backing chain) into a new image (engine/copy-image.ts: the core
- * copier, sparse, and in the native helper where it can).
+ * `qemu-img convert [-f fmt] [-O qcow2|raw] [-o opts] [-B backing -F fmt] [-c] [-n] [-p]
+ * [--bitmaps [--skip-broken-bitmaps]] src dst`: copies the guest-visible content of `src` (with
+ * its backing chain) into a new image (engine/copy-image.ts: the core copier, sparse, and in the
+ * native helper where it can), or into an existing one (`-n`). With a backing file for the target
+ * (`-B`), only what the source's top image allocates is copied, as qemu-img does: the backing file
+ * is taken to hold what the source's backing chain holds. `-c` writes compressed clusters.
  *
  * Like qemu-img, the target is written with cache mode `unsafe` unless `-t` says otherwise: no
  * flush to stable storage at the end (a convert that is interrupted leaves a target to throw away
  * anyway). Any other mode flushes the target before returning.
  */
 import { realpath } from 'node:fs/promises';
-import { FailedPrecondition, InvalidArgument, Unsupported, UsageError } from '../../../core/index.js';
+import { dirname, resolve } from 'node:path';
+import { FailedPrecondition, InvalidArgument, Unsupported, UsageError, type ByteRange } from '../../../core/index.js';
 import { copyImageContent, createImage, openImage, type BitmapInfo, type Image, type ImageFormat } from '../engine/index.js';
 import { engineOptions } from './create.js';
-import { parseCreationOptions, splitOptions, validateQcow2Options } from './create-options.js';
+import { parseCreationOptions, splitOptions, validateQcow2Options, type CreationOptions } from './create-options.js';
 
 export interface ConvertArgs {
   src: string;
@@ -28,6 +32,15 @@ export interface ConvertArgs {
   skipBrokenBitmaps?: boolean;
   /** Where warnings go (qemu-img prints them on stderr). */
   warn?: (line: string) => void;
+  /** `-n`: write into the existing target instead of creating it (it must be at least as large as the source). */
+  skipCreate?: boolean;
+  /** `-O` was given: without it, `-n` refuses a target that is not raw (qemu-img would overwrite it as raw). */
+  dstFormatGiven?: boolean;
+  /** `-B`/`-F`: the target's backing file and its format; only the source's top image's allocations are copied. */
+  backingFile?: string;
+  backingFormat?: ImageFormat;
+  /** `-c`: compressed clusters (qcow2 targets). */
+  compress?: boolean;
 }
 
 export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'] as const;
@@ -35,20 +48,25 @@ export type CacheMode = (typeof CACHE_MODES)[number];
 
 export async function runConvert(args: ConvertArgs): Promise<void> {
   if (args.skipBrokenBitmaps && !args.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
+  if (args.skipCreate && args.options.length > 0) throw new UsageError('-o has no effect when skipping image creation');
+  if (args.compress && args.dstFormat !== 'qcow2') {
+    throw new Unsupported('Compression not supported for this file format', { hint: 'compressed clusters are a qcow2 feature: convert with -O qcow2' });
+  }
   const src = await openImage(args.src, { readOnly: true, ...(args.srcFormat ? { format: args.srcFormat } : {}) });
   try {
     await refuseOverwritingSource(src, args.dst);
     const carried = args.bitmaps ? await bitmapsToCarry(src, args) : [];
-    const opts = parseCreationOptions(args.dstFormat, args.options.flatMap(splitOptions));
-    if (args.dstFormat === 'qcow2') validateQcow2Options(opts);
-    opts.size = src.virtualSize;
-    await createImage(args.dst, engineOptions(args.dstFormat, opts));
-    const dst = await openImage(args.dst, {
-      readOnly: false, format: args.dstFormat, noBacking: true, deferMetadata: true,
+    const opts = args.skipCreate ? undefined : await creationOptions(args, src.virtualSize);
+    // A target with a backing file gets only what the source's top image allocates (qemu-img's -B).
+    const withBacking = args.skipCreate ? args.backingFile !== undefined : opts!.backingFile !== undefined;
+    const only = withBacking ? await topAllocations(src) : undefined;
+    if (opts) await createImage(args.dst, engineOptions(args.dstFormat, opts));
+    const dst = args.skipCreate ? await openExisting(args, src.virtualSize) : await openImage(args.dst, {
+      readOnly: false, format: args.dstFormat, deferMetadata: true, ...(withBacking ? {} : { noBacking: true }),
       cache: args.cache === 'unsafe' || args.cache === undefined ? 'unsafe' : 'writeback',
     });
     try {
-      await copyImageContent(src, dst, args.progress);
+      await copyImageContent(src, dst, { fresh: !args.skipCreate && !withBacking, ...(only ? { only } : {}), compress: args.compress === true }, args.progress);
       // After the data, as qemu-img does: the copy itself marks nothing.
       for (const b of carried) {
         await dst.bitmaps.add(b.name, { granularity: b.granularity, disabled: !b.enabled });
@@ -62,6 +80,59 @@ export async function runConvert(args: ConvertArgs): Promise<void> {
     await src.close();
     args.progress?.done();
   }
+}
+
+/** The new target's options: -o, then -B/-F over them (as `create` takes -b/-F); its backing file must open. */
+async function creationOptions(args: ConvertArgs, size: number): Promise<CreationOptions> {
+  const opts = parseCreationOptions(args.dstFormat, args.options.flatMap(splitOptions));
+  if (args.backingFile !== undefined) {
+    opts.backingFile = args.backingFile;
+    opts.given.set('backing_file', args.backingFile);
+  }
+  if (args.backingFormat !== undefined) {
+    opts.backingFormat = args.backingFormat;
+    opts.given.set('backing_fmt', args.backingFormat);
+  }
+  if (args.dstFormat === 'qcow2') validateQcow2Options(opts);
+  opts.size = size;
+  if (opts.backingFile !== undefined) {
+    if (args.dstFormat === 'raw') throw new InvalidArgument("Backing file not supported for file format 'raw'", { hint: 'convert to qcow2 (-O qcow2)' });
+    if (opts.backingFormat === undefined) throw new InvalidArgument('Use of backing file requires explicit backing format', { hint: 'give it with -F qcow2 or -F raw' });
+    // Before the target is made: a backing file that does not open leaves no target behind.
+    const backing = await openImage(resolve(dirname(args.dst), opts.backingFile), { readOnly: true, noBacking: true, format: opts.backingFormat });
+    await backing.close();
+  }
+  return opts;
+}
+
+/** `-n`: the target as it is, in the format -O names (or, without -O, a raw file only), at least as large as the source. */
+async function openExisting(args: ConvertArgs, size: number): Promise<Image> {
+  const dst = await openImage(args.dst, { readOnly: false, ...(args.dstFormatGiven ? { format: args.dstFormat } : {}), cache: args.cache === 'unsafe' || args.cache === undefined ? 'unsafe' : 'writeback' });
+  try {
+    if (dst.format !== args.dstFormat) {
+      throw new InvalidArgument(`${args.dst} is a ${dst.format} image, and -O is ${args.dstFormat} (the default): -n would overwrite it as ${args.dstFormat}`, {
+        ref: args.dst, hint: `give -O ${dst.format} to write into the image, or -O ${args.dstFormat} to overwrite the file's bytes`,
+      });
+    }
+    if (dst.virtualSize < size) throw new InvalidArgument('output file is smaller than input file', { ref: args.dst, hint: `resize it to ${size} bytes at least first` });
+    if (args.compress && dst.format !== 'qcow2') throw new Unsupported('Compression not supported for this file format', { ref: args.dst });
+    return dst;
+  } catch (e) {
+    await dst.close();
+    throw e;
+  }
+}
+
+/** Where the source's top image allocates (data or zeros): the ranges a target with a backing file gets. */
+async function topAllocations(src: Image): Promise<ByteRange[]> {
+  const out: ByteRange[] = [];
+  for (const st of await src.blockStatus()) {
+    if (st.depth !== 0 || !st.present || st.length === 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.offset + last.length === st.start) last.length += st.length;
+    else out.push({ offset: st.start, length: st.length });
+  }
+  return out;
 }
 
 /** The source's bitmaps that `--bitmaps` copies (its top image's, as qemu-img copies them). */

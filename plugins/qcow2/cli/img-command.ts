@@ -137,13 +137,14 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
     .description('compare the contents of two images (exit 0 identical, 1 different, 2 error)')
     .option('-f <fmt>', 'format of the first image')
     .option('-F <fmt>', 'format of the second image')
+    .option('-s', 'strict: different sizes, or a range allocated in one image and not in the other, differ')
     .option('-U, --force-share', 'accepted for compatibility')
     .argument('<filename1>')
     .argument('<filename2>')
     .action(async (file1: string, file2: string, o: Record<string, unknown>) => {
       const format1 = parseFormat(o.f as string | undefined);
       const format2 = parseFormat(o.F as string | undefined);
-      await runCompare({ file1, file2, ...(format1 ? { format1 } : {}), ...(format2 ? { format2 } : {}) }, out);
+      await runCompare({ file1, file2, ...(format1 ? { format1 } : {}), ...(format2 ? { format2 } : {}), strict: o.s === true }, out);
     });
 
   img
@@ -218,10 +219,14 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
 
   img
     .command('convert')
-    .description('copy an image (with its backing chain) into a new qcow2 or raw image')
+    .description('copy an image (with its backing chain) into a new qcow2 or raw image, or into an existing one (-n)')
     .option('-f <fmt>', 'source format (probed when absent)')
-    .option('-O <output_fmt>', 'target format: qcow2 or raw', 'raw')
+    .option('-O <output_fmt>', 'target format: qcow2 or raw (default raw)')
     .option('-o <options>', 'creation options of the target', collect, [])
+    .option('-B <backing_file>', "the target's backing file: only what the source's top image allocates is copied")
+    .option('-F <backing_fmt>', 'format of the backing file: qcow2 or raw')
+    .option('-c', 'compressed clusters (qcow2 target)')
+    .option('-n', 'write into the existing target instead of creating it')
     .addOption(new Option('-t <cache>', 'target cache mode; only unsafe (the default, as in qemu-img) skips the final flush').choices(CACHE_MODES))
     .addOption(new Option('-T <src_cache>', 'source cache mode (accepted for compatibility)').choices(CACHE_MODES))
     .option('-p', 'show progress')
@@ -233,10 +238,16 @@ export function registerImgCommands(program: Command, ctx: CliContext, options: 
     .argument('<output_filename>')
     .action(async (src: string, dst: string, o: Record<string, unknown>) => {
       const srcFormat = parseFormat(o.f as string | undefined);
+      const backingFormat = parseFormat(o.F as string | undefined);
       await runConvert({
         src,
         dst,
-        dstFormat: parseFormat(o.O as string)!,
+        dstFormat: parseFormat((o.O as string | undefined) ?? 'raw')!,
+        dstFormatGiven: o.O !== undefined,
+        skipCreate: o.n === true,
+        compress: o.c === true,
+        ...(o.B !== undefined ? { backingFile: o.B as string } : {}),
+        ...(backingFormat ? { backingFormat } : {}),
         options: o.o as string[],
         ...(o.t ? { cache: o.t as CacheMode } : {}),
         ...(srcFormat ? { srcFormat } : {}),

@@ -87,6 +87,7 @@ export class ImageHandle implements Image {
   write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void> {
     return this.changing(offset, data.length, (n) => n.write(offset, data, opts));
   }
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> { return this.changing(offset, data.length, (n) => n.writeCompressed(offset, data)); }
   writeZeroes(offset: number, length: number): Promise<void> { return this.changing(offset, length, (n) => n.writeZeroes(offset, length)); }
   discard(offset: number, length: number): Promise<void> { return this.changing(offset, length, (n) => n.discard(offset, length)); }
   blockStatus(offset?: number, length?: number): Promise<BlockStatus[]> { return this.call((n) => n.blockStatus(offset, length)); }

@@ -8,6 +8,7 @@ import { checkImage } from './check.js';
 import { ownAllocations } from './cluster-map.js';
 import { readLocked, statusLocked } from './cluster-read.js';
 import { fillUnallocated, makeEmptyLocked, write, writeDurable, zeroLocked, zeroUnallocatedLocked } from './cluster-write.js';
+import { writeCompressed } from './compressed-write.js';
 import { copyFromFile } from './copy-in.js';
 import { ImageFile } from './file.js';
 import { headerInfo } from './header-info.js';
@@ -108,6 +109,14 @@ export class Qcow2Image implements ImageNode {
       if (data.length > 0) await write(this.s, offset, data, opts.background);
       if (opts.fua) await this.flush();
     }
+    this.bm.mark(offset, data.length);
+  }
+
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    this.s.assertWritable();
+    this.s.checkRange(offset, data.length);
+    this.bm.mark(offset, data.length);
+    if (data.length > 0) await writeCompressed(this.s, offset, data);
     this.bm.mark(offset, data.length);
   }
 

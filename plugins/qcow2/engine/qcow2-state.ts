@@ -73,6 +73,11 @@ export class Qcow2State {
   /** The metadata steps of allocating writes that run under the shared lock (see above). */
   readonly metaLock = new RwLock();
   readonly inflight = new Set<number>();
+  /**
+   * Where the next compressed cluster may go: the end of the last one written, inside a host
+   * cluster it shares with them (QEMU's free_byte_offset); 0 when there is none.
+   */
+  compressedTail = 0;
   readonly refcounts: Refcounts;
   readonly meta: MetadataCache;
   /** Persistent dirty bitmaps (bitmaps.ts); loaded by Qcow2Image.init. */
@@ -102,7 +107,11 @@ export class Qcow2State {
       p.fileSize,
     );
     this.meta = new MetadataCache(this.file, this.refcounts, this, this.cs, p.cacheBytes, p.deferMetadata === true && !p.readOnly);
-    this.refcounts.onZero = (off) => this.meta.forget(off);
+    this.refcounts.onZero = (off) => {
+      this.meta.forget(off);
+      // A freed cluster may be handed out whole: no compressed cluster goes after its data then.
+      if (this.compressedTail - (this.compressedTail % this.cs) === off) this.compressedTail = 0;
+    };
     this.bitmaps = bitmaps(this);
   }
 

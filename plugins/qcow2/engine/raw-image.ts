@@ -71,6 +71,10 @@ export class RawImage implements ImageNode {
     await this.lock.shared(() => this.file.copyIn(src, ops, { block: HOLE_BLOCK }));
   }
 
+  writeCompressed(): Promise<void> {
+    return Promise.reject(new Unsupported('Compression not supported for this file format', { ref: this.path, hint: 'compressed clusters are a qcow2 feature: write a qcow2 image' }));
+  }
+
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.writable();
     this.checkRange(offset, length);

@@ -307,6 +307,12 @@ export interface Image {
   readInto(buf: Uint8Array, offset: number, opts?: ReadOptions): Promise<void>;
   /** Write `data` at `offset`; `fua`: resolve only once it is durable (see WriteOptions). */
   write(offset: number, data: Uint8Array, opts?: WriteOptions): Promise<void>;
+  /**
+   * Write whole clusters (the last may end at the virtual size) as compressed clusters, each one
+   * deflate does not shrink as a normal cluster (`convert -c`). qcow2 only, where nothing is
+   * allocated (FailedPrecondition otherwise); raw: Unsupported.
+   */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void>;
   /** Make a range read as zeros: zero flag on v3, zeroed clusters on v2, zero bytes on raw. */
   writeZeroes(offset: number, length: number): Promise<void>;
   /**

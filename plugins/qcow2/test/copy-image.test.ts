@@ -223,7 +223,7 @@ describe.skipIf(!hasQemu)('copyImageContent', () => {
         const dst = await openImage(out, { format, readOnly: false, noBacking: true, deferMetadata: true, cache: 'unsafe' });
         const seen: number[] = [];
         try {
-          await copyImageContent(src, dst, { update: (c, t) => { expect(t).toBe(src.virtualSize); seen.push(c); } });
+          await copyImageContent(src, dst, { fresh: true }, { update: (c, t) => { expect(t).toBe(src.virtualSize); seen.push(c); } });
           await dst.flush();
           expect(Buffer.compare(Buffer.from(await contentOf(dst)), Buffer.from(expected))).toBe(0);
         } finally {
