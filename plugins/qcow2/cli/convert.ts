@@ -14,7 +14,7 @@ import { realpath } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { FailedPrecondition, InvalidArgument, Unsupported, UsageError, type ByteRange } from '../../../core/index.js';
 import { copyImageContent, createImage, openImage, type BitmapInfo, type Image, type ImageFormat } from '../engine/index.js';
-import { engineOptions } from './create.js';
+import { engineOptions, withBacking } from './create.js';
 import { parseCreationOptions, splitOptions, validateQcow2Options, type CreationOptions } from './create-options.js';
 
 export interface ConvertArgs {
@@ -84,15 +84,7 @@ export async function runConvert(args: ConvertArgs): Promise<void> {
 
 /** The new target's options: -o, then -B/-F over them (as `create` takes -b/-F); its backing file must open. */
 async function creationOptions(args: ConvertArgs, size: number): Promise<CreationOptions> {
-  const opts = parseCreationOptions(args.dstFormat, args.options.flatMap(splitOptions));
-  if (args.backingFile !== undefined) {
-    opts.backingFile = args.backingFile;
-    opts.given.set('backing_file', args.backingFile);
-  }
-  if (args.backingFormat !== undefined) {
-    opts.backingFormat = args.backingFormat;
-    opts.given.set('backing_fmt', args.backingFormat);
-  }
+  const opts = withBacking(parseCreationOptions(args.dstFormat, args.options.flatMap(splitOptions)), args.backingFile, args.backingFormat);
   if (args.dstFormat === 'qcow2') validateQcow2Options(opts);
   opts.size = size;
   if (opts.backingFile !== undefined) {

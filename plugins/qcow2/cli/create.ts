@@ -22,15 +22,7 @@ export interface CreateArgs {
 }
 
 export async function runCreate(args: CreateArgs, out: ImgOutput): Promise<void> {
-  const opts = parseCreationOptions(args.format, args.options.flatMap(splitOptions));
-  if (args.backingFile !== undefined) {
-    opts.backingFile = args.backingFile;
-    opts.given.set('backing_file', args.backingFile);
-  }
-  if (args.backingFormat !== undefined) {
-    opts.backingFormat = args.backingFormat;
-    opts.given.set('backing_fmt', args.backingFormat);
-  }
+  const opts = withBacking(parseCreationOptions(args.format, args.options.flatMap(splitOptions)), args.backingFile, args.backingFormat);
   if (args.size !== undefined) opts.size = parseImageSize(args.size);
   if (args.format === 'raw' && opts.backingFile !== undefined) {
     throw new InvalidArgument(`${args.file}: raw images cannot have a backing file`);
@@ -53,6 +45,19 @@ export async function runCreate(args: CreateArgs, out: ImgOutput): Promise<void>
   }
   if (!args.quiet) out.print({ filename: args.file, format: args.format, size: opts.size }, formattingLine(args.file, args.format, opts));
   await createImage(args.file, engineOptions(args.format, opts));
+}
+
+/** `-b`/`-F` (`convert`'s `-B`/`-F`) over what `-o` said: the options, changed. */
+export function withBacking(opts: CreationOptions, file: string | undefined, format: ImageFormat | undefined): CreationOptions {
+  if (file !== undefined) {
+    opts.backingFile = file;
+    opts.given.set('backing_file', file);
+  }
+  if (format !== undefined) {
+    opts.backingFormat = format;
+    opts.given.set('backing_fmt', format);
+  }
+  return opts;
 }
 
 export function engineOptions(format: ImageFormat, o: CreationOptions): CreateOptions {
