@@ -57,8 +57,26 @@ describe.skipIf(!HAVE_QEMU)('offload img convert -B -n -c and compare -s next to
     identical('top.qcow2', 'o-b512.qcow2');
   });
 
-  it('-B refusals: no -F, a raw target, a backing file that does not open (no target left behind)', async () => {
+  it('-B from a source with no backing file, and past the end of a shorter one: zeros there, not the new backing\'s bytes', async () => {
+    sh('qemu-img', 'create', '-f', 'qcow2', 'full.qcow2', '4M');
+    io('full.qcow2', 'write -P 7 0 4M');
+    sh('qemu-img', 'create', '-f', 'qcow2', 'alone.qcow2', '4M');
+    io('alone.qcow2', 'write -P 1 1M 64k');
+    sh('qemu-img', 'create', '-f', 'qcow2', 'short.qcow2', '2M');
+    io('short.qcow2', 'write -P 7 0 2M');
+    sh('qemu-img', 'create', '-f', 'qcow2', '-b', 'short.qcow2', '-F', 'qcow2', 'long.qcow2', '4M');
+    io('long.qcow2', 'write -P 2 2M 64k');
+    for (const source of ['alone.qcow2', 'long.qcow2']) {
+      const { q, o } = await both(['convert', '-O', 'qcow2', '-B', 'full.qcow2', '-F', 'qcow2', source, 'X'], (w) => `${w}-${source}`);
+      expect([q.status, o.status], o.stderr).toEqual([0, 0]);
+      identical(source, `o-${source}`);
+      expect(map(`o-${source}`)).toBe(map(`q-${source}`));
+    }
+  });
+
+  it('-B refusals: no -F, a raw target, a backing file that does not open (no target left behind), -F alone', async () => {
     const cases: [string[], RegExp][] = [
+      [['-O', 'qcow2', '-F', 'qcow2', 'top.qcow2', 'bad0.qcow2'], /Backing format cannot be used without backing file/],
       [['-O', 'qcow2', '-B', 'base2.qcow2', 'top.qcow2', 'bad1.qcow2'], /Use of backing file requires explicit backing format/],
       [['-B', 'base2.qcow2', '-F', 'qcow2', 'top.qcow2', 'bad2.raw'], /Backing file not supported for file format 'raw'/],
       [['-O', 'qcow2', '-B', 'missing.qcow2', '-F', 'qcow2', 'top.qcow2', 'bad3.qcow2'], /missing\.qcow2/],
@@ -178,11 +196,18 @@ describe.skipIf(!HAVE_QEMU)('offload img convert -B -n -c and compare -s next to
     io('g2.qcow2', 'write -z 0 64k', 'write -P 6 1M 64k'); // status differs before the content does
     sh('qemu-img', 'convert', '-O', 'qcow2', 'top.qcow2', 'flat.qcow2');
     sh('qemu-img', 'convert', '-c', '-O', 'qcow2', 'f1.qcow2', 'f1c.qcow2');
+    // Chains: an empty overlay (over qcow2, over raw), one over a shorter backing file, and their flattened copies.
+    sh('qemu-img', 'create', '-f', 'qcow2', '-b', 'f1.qcow2', '-F', 'qcow2', 'ov.qcow2');
+    sh('qemu-img', 'create', '-f', 'qcow2', '-b', 'f1.raw', '-F', 'raw', 'ovr.qcow2');
+    sh('qemu-img', 'create', '-f', 'qcow2', '-b', 'g1.qcow2', '-F', 'qcow2', 'ovl.qcow2', '8M');
+    io('ovl.qcow2', 'write -P 8 5M 64k');
+    sh('qemu-img', 'convert', '-O', 'qcow2', 'ovl.qcow2', 'ovl-flat.qcow2');
     const pairs = [
       ['e1.qcow2', 'e1.qcow2'], ['e1.qcow2', 'e2.qcow2'], ['e2.qcow2', 'e3.qcow2'], ['e1.qcow2', 'e4.qcow2'], ['f1.qcow2', 'f2.qcow2'],
       ['f1.qcow2', 'f1.raw'], ['hole.raw', 'e1.qcow2'], ['hole.raw', 'hole.raw'], ['k.qcow2', 'f1.raw'], ['k2.qcow2', 'f1.raw'], ['k2.qcow2', 'k2.qcow2'], ['g1.qcow2', 'g2.qcow2'],
       ['g2.qcow2', 'g1.qcow2'], ['top.qcow2', 'flat.qcow2'], ['top.qcow2', 'base.qcow2'], ['f1.qcow2', 'f1c.qcow2'], ['f1c.qcow2', 'f1c.qcow2'],
-      ['top.qcow2', 'q-b.qcow2'],
+      ['top.qcow2', 'q-b.qcow2'], ['f1.qcow2', 'ov.qcow2'], ['f1.raw', 'ovr.qcow2'], ['ov.qcow2', 'ovr.qcow2'], ['ovl.qcow2', 'ovl-flat.qcow2'],
+      ['ovl.qcow2', 'e4.qcow2'], ['ovl.qcow2', 'ovl.qcow2'],
     ];
     for (const [a, b] of pairs) {
       const q = run('qemu-img', ['compare', '-s', a!, b!], dir);

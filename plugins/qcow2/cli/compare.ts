@@ -160,10 +160,10 @@ export async function firstStatusMismatch(a: Image, b: Image): Promise<number | 
   for (let pos = 0; pos < size;) {
     while (ra[i]!.start + ra[i]!.length <= pos) i++;
     while (rb[j]!.start + rb[j]!.length <= pos) j++;
-    const ea = answerEnd(a, ra[i]!, pos);
-    const eb = answerEnd(b, rb[j]!, pos);
-    if (statusWord(ra[i]!, ea === size) !== statusWord(rb[j]!, eb === size)) return pos;
-    pos = Math.min(ea, eb);
+    const wa = answer(a, ra, i, pos);
+    const wb = answer(b, rb, j, pos);
+    if (wa.word !== wb.word) return pos;
+    pos = Math.min(wa.end, wb.end);
   }
   return undefined;
 }
@@ -193,16 +193,43 @@ function statusRuns(img: Image, status: readonly BlockStatus[]): Run[] {
   return out;
 }
 
-/** Where an answer for `pos` ends: the run's end, within the L2 table of a qcow2 layer asked at depth 0. */
-function answerEnd(img: Image, run: MapEntry, pos: number): number {
-  const end = run.start + run.length;
-  if (img.format !== 'qcow2' || run.depth !== 0) return end;
+/**
+ * qemu's answer for `pos` (bdrv_block_status_above): its flag word and where it ends. The top
+ * layer answers first — to the end of its run, within its L2 table; where the top allocates
+ * nothing, the layer below answers within that, and so on. An answer from below the top carries
+ * EOF only when the top's reached the end and it does too; past the end of a shorter backing
+ * file the answer is zeros, allocated there.
+ */
+function answer(img: Image, runs: readonly Run[], i: number, pos: number): { word: number; end: number } {
+  const size = img.virtualSize;
+  const run = runs[i]!;
+  if (run.depth === 0 && run.present) {
+    const end = Math.min(run.start + run.length, sliceEnd(img, pos));
+    return { word: statusWord(run, end === size), end };
+  }
+  let topEnd = run.start + run.length;
+  for (let k = i + 1; k < runs.length && !(runs[k]!.depth === 0 && runs[k]!.present); k++) topEnd = runs[k]!.start + runs[k]!.length;
+  topEnd = Math.min(topEnd, sliceEnd(img, pos));
+  let layer: Image | undefined = img;
+  for (let d = 0; d < run.depth && layer; d++) layer = layer.backing;
+  const end = Math.min(run.start + run.length, topEnd, run.present && layer ? sliceEnd(layer, pos) : Infinity);
+  let bottom: Image = img;
+  while (bottom.backing) bottom = bottom.backing;
+  // Unallocated all the way down: the bottom layer's own answer, EOF at its own end.
+  const toEnd = (topEnd === size && end === size) || (!run.present && bottom !== img && end === bottom.virtualSize);
+  let shorter = false;
+  for (let l = img.backing; l && !run.present; l = l.backing) if (l.virtualSize <= pos) shorter = true;
+  return { word: shorter ? 2 | 16 | (toEnd ? 32 : 0) : statusWord(run, toEnd), end };
+}
+
+/** Where a qcow2 layer's answer for `pos` must end: the end of the L2 table that maps it. */
+function sliceEnd(img: Image, pos: number): number {
+  if (img.format !== 'qcow2') return Infinity;
   const span = img.clusterSize * (img.clusterSize / 8);
-  return Math.min(end, (Math.floor(pos / span) + 1) * span);
+  return (Math.floor(pos / span) + 1) * span;
 }
 
 /** qemu's BDRV_BLOCK_* flags of a run: DATA 1, ZERO 2, OFFSET_VALID 4, ALLOCATED 16, EOF 32, COMPRESSED 64. */
 function statusWord(run: Run, toEnd: boolean): number {
-  return (run.data ? 1 : 0) | (run.zero ? 2 : 0) | (run.offset !== undefined ? 4 : 0) | (run.present ? 16 : 0) |
-    (toEnd && (run.depth === 0 || !run.present) ? 32 : 0) | (run.compressed ? 64 : 0);
+  return (run.data ? 1 : 0) | (run.zero ? 2 : 0) | (run.offset !== undefined ? 4 : 0) | (run.present ? 16 : 0) | (toEnd ? 32 : 0) | (run.compressed ? 64 : 0);
 }

@@ -49,6 +49,7 @@ export type CacheMode = (typeof CACHE_MODES)[number];
 export async function runConvert(args: ConvertArgs): Promise<void> {
   if (args.skipBrokenBitmaps && !args.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
   if (args.skipCreate && args.options.length > 0) throw new UsageError('-o has no effect when skipping image creation');
+  if (args.backingFormat !== undefined && args.backingFile === undefined) throw new UsageError('Backing format cannot be used without backing file');
   if (args.compress && args.dstFormat !== 'qcow2') {
     throw new Unsupported('Compression not supported for this file format', { hint: 'compressed clusters are a qcow2 feature: convert with -O qcow2' });
   }
@@ -115,14 +116,24 @@ async function openExisting(args: ConvertArgs, size: number): Promise<Image> {
   }
 }
 
-/** Where the source's top image allocates (data or zeros): the ranges a target with a backing file gets. */
+/**
+ * The ranges a target with a backing file gets, as qemu-img decides them: where the source's top
+ * image allocates (data or zeros), and where the source reads zeros of its own — it has no
+ * backing file, or the range lies past its backing file's end. The rest shows the target's backing.
+ */
 async function topAllocations(src: Image): Promise<ByteRange[]> {
   const out: ByteRange[] = [];
-  for (const st of await src.blockStatus()) {
-    if (st.depth !== 0 || !st.present || st.length === 0) continue;
+  const add = (offset: number, end: number) => {
+    if (end <= offset) return;
     const last = out[out.length - 1];
-    if (last && last.offset + last.length === st.start) last.length += st.length;
-    else out.push({ offset: st.start, length: st.length });
+    if (last && last.offset + last.length === offset) last.length += end - offset;
+    else out.push({ offset, length: end - offset });
+  };
+  const backingEnd = src.backing ? src.backing.virtualSize : 0;
+  for (const st of await src.blockStatus()) {
+    const end = st.start + st.length;
+    if (st.depth === 0 && st.present) add(st.start, end);
+    else if (!st.present) add(Math.max(st.start, backingEnd), end);
   }
   return out;
 }

@@ -112,6 +112,8 @@ export class Qcow2State {
       // A freed cluster may be handed out whole: no compressed cluster goes after its data then.
       if (this.compressedTail - (this.compressedTail % this.cs) === off) this.compressedTail = 0;
     };
+    // Rebuilt refcounts (a snapshot applied or deleted, a repair) free clusters without onZero.
+    this.refcounts.onReset = () => { this.compressedTail = 0; };
     this.bitmaps = bitmaps(this);
   }
 

@@ -48,8 +48,12 @@ export class Refcounts {
     this.highWater = Math.ceil(fileSize / (1 << clusterBits));
   }
 
+  /** Called when reset() switches to a rebuilt table: every cluster's refcount may have changed. */
+  onReset: (() => void) | undefined;
+
   /** Switch to a rebuilt refcount table (check -r all). */
   reset(table: Uint8Array, tableOffset: number, highWater: number): void {
+    this.onReset?.();
     this.dirty.clear();
     this.dirtyEntries.clear();
     this.pendingFrees = [];

@@ -1,7 +1,7 @@
 /**
  * Image.writeCompressed: compressed clusters packed into shared host clusters (and across one
- * into the next), refcounts as qemu-img check counts them, a freed host cluster never written
- * into again as a compressed cluster's tail, refcounts that cannot count past 1, and refusals.
+ * into the next), refcounts as qemu-img check counts them, a freed host cluster (a discard, a
+ * snapshot applied) never written into again as a compressed cluster's tail, refcounts that cannot count past 1, and refusals.
  */
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -73,6 +73,27 @@ describe('Image.writeCompressed', () => {
       expect(Buffer.from(await img.read(CS, CS)).equals(Buffer.from(plain))).toBe(true);
       expect(Buffer.from(await img.read(2 * CS, CS)).equals(Buffer.from(b))).toBe(true);
       expect((await img.check()).corruptions).toBe(0);
+    } finally {
+      await img.close();
+    }
+    await expectClean(file);
+  });
+
+  it('a host cluster freed by a snapshot applied (refcounts rebuilt) is not written into by the next either', async () => {
+    const file = join(dir, 'applied.qcow2');
+    await createImage(file, { size: 64 * CS, clusterSize: CS });
+    const img = await openImage(file, { readOnly: false });
+    const plain = (i: number) => cluster(200 + i, 1);
+    try {
+      await img.write(0, cluster(100, 1));
+      await img.snapshots.create('s1');
+      await img.writeCompressed(CS, cluster(1, 0.2));
+      await img.snapshots.apply('s1'); // the compressed cluster's host cluster is free again
+      for (let i = 2; i < 12; i++) await img.write(i * CS, plain(i));
+      const b = cluster(2, 0.2);
+      await img.writeCompressed(20 * CS, b);
+      for (let i = 2; i < 12; i++) expect(Buffer.from(await img.read(i * CS, CS)).equals(Buffer.from(plain(i))), `cluster ${i}`).toBe(true);
+      expect(Buffer.from(await img.read(20 * CS, CS)).equals(Buffer.from(b))).toBe(true);
     } finally {
       await img.close();
     }
