@@ -14,9 +14,11 @@ import type { LockRequest } from '../locks/lock-manager.js';
 import { Busy, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Timeout, toOffloadError } from '../model/errors.js';
 import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Principal } from '../locks/principal.js';
-import type { Access } from './access.js';
+import { Access } from './access.js';
+import { answerCall } from './op-calls.js';
 import { need } from './operation.js';
 import type { BrokerState } from './state.js';
+import { Snapshots } from './volumes.js';
 
 /** How long `stop` waits for another process to stop its export. */
 const STOP_WAIT_MS = 30_000;
@@ -217,8 +219,11 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
   // An administrator's conflicting request stops a tenant's export (here, or from another process).
   const preempt = () => void s.exports.stop(name).catch(() => undefined);
   const holder = { id, principal, description, preempt, ...(e.within !== undefined ? { within: e.within } : {}) };
+  // A writable export answers other processes' snapshots of its volume (op-calls.ts), within its lock.
+  const onCall = readOnly || isSnapshotRef(ref) ? undefined
+    : (call: string) => answerCall(formatRef(ref), call, (p, r) => new Snapshots(s, new Access(s, p)).create(r));
   const lease = await s.mutex.run(locks.map((l) => l.key), () => s.locks.acquirePublished(locks, holder,
-    () => s.jobs.publishOperation(id, locks, principal, description, preempt)));
+    () => s.jobs.publishOperation(id, locks, principal, description, preempt, onCall)));
   let unlist: (() => Promise<void>) | undefined;
   return {
     id,

@@ -26,6 +26,8 @@ import { FileFormats } from './file-formats.js';
 /** What every principal's view of one broker shares: its backends, stores, locks, planner and jobs. */
 export class BrokerState {
   readonly locks: LockManager;
+  /** The config's lockWaitSeconds, in ms: how long a request waits in line (or for another process's answer). */
+  get lockWaitMs(): number { return this.config.lockWaitSeconds !== undefined ? this.config.lockWaitSeconds * 1000 : 30_000; }
   readonly mutex = new KeyedMutex();
   /** Instant clones filling now, by target: exports of a target serve through its fill. */
   readonly fills = new Map<string, FillEntry>();

@@ -1,10 +1,11 @@
 /** The broker's volume and snapshot verbs for one principal: planned, locked, and checked for ownership. */
 import type { BlockDevice } from '../backend/block-device.js';
 import type { SnapshotsApi, VolumesApi } from '../broker-api.js';
-import { BackendUnavailable, InvalidArgument, OutOfRange } from '../model/errors.js';
+import { BackendUnavailable, Busy, InvalidArgument, OutOfRange } from '../model/errors.js';
 import { parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import { notFoundVolume, type Access } from './access.js';
+import { callExportHolder, GONE } from './op-calls.js';
 import { checkSize, need, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState, type ChangesRequest } from './state.js';
 import type { FileExportOptions, FileImportOptions } from '../broker-api.js';
@@ -124,7 +125,12 @@ export class Volumes implements VolumesApi {
 export class Snapshots implements SnapshotsApi {
   constructor(private readonly s: BrokerState, private readonly a: Access) {}
 
-  async create(refText: string): Promise<Snapshot> {
+  create(refText: string): Promise<Snapshot> {
+    return this.take(refText, 1);
+  }
+
+  /** `retries`: times to take it again when the export of another process that was asked ended first. */
+  private async take(refText: string, retries: number): Promise<Snapshot> {
     const ref = parseSnapshotRef(refText);
     planOrRefuse(this.s, { op: 'snapshot', ref: refText }, `snapshot ${refText}`, refText);
     const b = this.s.entry(ref.backend);
@@ -134,10 +140,21 @@ export class Snapshots implements SnapshotsApi {
     const volume = `${ref.backend}/${ref.volume}`;
     const exports = this.s.exports.list().filter((e) => e.ref === volume).map((e) => this.s.exports.device(e.name)?.holder)
       .filter((h): h is string => h !== undefined);
-    return runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, async () => {
-      await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
-      return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
-    }, exports);
+    try {
+      return await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, async () => {
+        await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
+        return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
+      }, exports);
+    } catch (e) {
+      // Exported read-write by another process (a disk in use there): that process takes it.
+      const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;
+      const elsewhere = holder && (await this.s.jobs.foreignExports()).find((x) => x.id === holder && x.ref === volume && !x.readOnly);
+      if (!elsewhere || retries < 0) throw e;
+      const answer = await callExportHolder(this.s, elsewhere.id, { kind: 'snapshot', ref: refText, principal: { id: this.a.principal.id, role: this.a.principal.role } },
+        `snapshot ${refText}`);
+      // Its export ended before it answered: its lock is gone, so the snapshot is taken here.
+      return answer === GONE ? this.take(refText, retries - 1) : answer as Snapshot;
+    }
   }
 
   async list(refText: string): Promise<Snapshot[]> {

@@ -343,10 +343,11 @@ export class JobManager {
    * lock manager's Publish for exports (and, through publishShort, short operations). The caller
    * withdraws on a conflict, or waits in line (`recheck`): others meeting the claim meanwhile are
    * refused as by the export. A long-lived operation (an export) listens for another process's
-   * request to stop it.
+   * request to stop it, and for its calls (a snapshot of the volume it serves: broker/op-calls.ts).
    */
-  async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void): ReturnType<Publish> {
-    const { outside, withdraw, recheck } = await this.rows.claim(id, locks, principal, description, onStopRequest);
+  async publishOperation(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void,
+    onCall?: (call: string) => Promise<string>): ReturnType<Publish> {
+    const { outside, withdraw, recheck } = await this.rows.claim(id, locks, principal, description, onStopRequest, false, onCall);
     return { outside, withdraw, ...(recheck ? { recheck } : {}) };
   }
 

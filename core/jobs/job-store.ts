@@ -101,6 +101,15 @@ CREATE TABLE IF NOT EXISTS op_stop_requests (
   id TEXT PRIMARY KEY,
   requested_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS op_calls (
+  id TEXT PRIMARY KEY,
+  op_id TEXT NOT NULL,
+  call TEXT NOT NULL,
+  taken INTEGER NOT NULL DEFAULT 0,
+  answer TEXT,
+  requested_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS op_calls_op ON op_calls (op_id);
 CREATE TABLE IF NOT EXISTS exports (
   id TEXT PRIMARY KEY,
   name TEXT NOT NULL,
@@ -461,6 +470,7 @@ export class JobStore {
       for (const id of typeof ids === 'string' ? [ids] : ids) {
         this.stmt('DELETE FROM op_locks WHERE id = ?').run(id);
         this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id);
+        this.stmt('DELETE FROM op_calls WHERE op_id = ? AND answer IS NULL').run(id);
       }
     }).immediate();
   }
@@ -481,6 +491,36 @@ export class JobStore {
   /** Take (read and clear) a stop request for one of this process's operations. */
   takeOpStop(id: string): boolean {
     return this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id).changes > 0;
+  }
+
+  requestOpCall(id: string, opId: string, call: string): void {
+    this.stmt('INSERT INTO op_calls (id, op_id, call, requested_at) VALUES (?, ?, ?, ?)').run(id, opId, call, new Date().toISOString());
+  }
+
+  takeOpCalls(opId: string): { id: string; call: string }[] {
+    return this.db.transaction(() => {
+      const calls = this.stmt('SELECT id, call FROM op_calls WHERE op_id = ? AND taken = 0 ORDER BY requested_at').all(opId) as { id: string; call: string }[];
+      for (const c of calls) this.stmt('UPDATE op_calls SET taken = 1 WHERE id = ?').run(c.id);
+      return calls;
+    }).immediate();
+  }
+
+  answerOpCall(id: string, answer: string): void {
+    this.stmt('UPDATE op_calls SET answer = ? WHERE id = ?').run(answer, id);
+  }
+
+  takeOpCallAnswer(id: string): string | undefined | null {
+    return this.db.transaction(() => {
+      const row = this.stmt('SELECT answer FROM op_calls WHERE id = ?').get(id) as { answer: string | null } | undefined;
+      if (!row) return null;
+      if (row.answer === null) return undefined;
+      this.stmt('DELETE FROM op_calls WHERE id = ?').run(id);
+      return row.answer;
+    }).immediate();
+  }
+
+  withdrawOpCall(id: string): boolean {
+    return this.stmt('DELETE FROM op_calls WHERE id = ? AND taken = 0').run(id).changes > 0;
   }
 
   insertExport(e: ExportRecord): void {

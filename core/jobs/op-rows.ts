@@ -75,10 +75,11 @@ export class OpRows {
   /**
    * Write an operation's locks as its rows and read what other brokers hold, in one step of the
    * store (StateOps.claimOpLocks). `onStopRequest`: another process may ask it to stop (an
-   * export). `covering`: a short operation's claim, read so that it may cover its volumes'
+   * export); `onCall`: to make a call on its behalf (StateOps.requestOpCall), answered with its result. `covering`: a short operation's claim, read so that it may cover its volumes'
    * snapshots (whole-volume.ts).
    */
-  async claim(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside>; seq?: number }> {
+  async claim(id: string, locks: LockRequest[], principal: Principal, description: string, onStopRequest?: () => void, covering = false,
+    onCall?: (call: string) => Promise<string>): Promise<Claimed & { withdraw: () => Promise<void>; recheck?: () => Promise<Outside>; seq?: number }> {
     this.beforeFirstRow();
     const row = {
       id, locks, principal: principal.id, role: principal.role, description,
@@ -104,10 +105,15 @@ export class OpRows {
       throw e;
     }
     let polling = false;
-    const poller = onStopRequest && setInterval(() => {
+    // A call is answered as it ends, while the polling goes on (a snapshot waits for the export's writes in flight).
+    const answer = (c: { id: string; call: string }) => void onCall!(c.call).then((a) => this.store.answerOpCall(c.id, a)).catch(() => undefined);
+    const poller = (onStopRequest || onCall) && setInterval(() => {
       if (polling) return;
       polling = true;
-      this.store.takeOpStop(id).then((stop) => { if (stop) onStopRequest(); }, () => undefined).finally(() => { polling = false; });
+      Promise.all([
+        onStopRequest && this.store.takeOpStop(id).then((stop) => { if (stop) onStopRequest(); }),
+        onCall && this.store.takeOpCalls(id).then((calls) => calls.forEach(answer)),
+      ]).catch(() => undefined).finally(() => { polling = false; });
     }, 250);
     poller?.unref();
     let done: Promise<void> | undefined;

@@ -85,6 +85,20 @@ export interface StateOps {
   requestOpStop(id: string): Promise<void>;
   /** Read and clear a stop request: true if there was one. */
   takeOpStop(id: string): Promise<boolean>;
+  /**
+   * Ask the process holding a long-lived operation (an export) to make a call on this one's
+   * behalf (`call`: JSON, a snapshot of the volume it serves), under the id `id`. Calls not yet
+   * answered go with the operation's locks (deleteOpLocks).
+   */
+  requestOpCall(id: string, opId: string, call: string): Promise<void>;
+  /** Take the calls made to one of this process's operations, each once. */
+  takeOpCalls(opId: string): Promise<{ id: string; call: string }[]>;
+  /** Answer a call taken (JSON). */
+  answerOpCall(id: string, answer: string): Promise<void>;
+  /** A call's answer, removed with the call; undefined while it has none, null when the call is gone unanswered (its operation ended). */
+  takeOpCallAnswer(id: string): Promise<string | undefined | null>;
+  /** Remove a call not taken yet (the asker gave up waiting): false if it was taken (or is gone). */
+  withdrawOpCall(id: string): Promise<boolean>;
 
   /** Record an export (replacing one of the same id). */
   insertExport(e: ExportRecord): Promise<void>;

@@ -410,6 +410,34 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await mine(a)).toEqual([]);
       });
 
+      it('op calls: taken once by the holder, answered, the answer read once; withdrawn only untaken; unanswered ones go with the op', async () => {
+        const p = prefix('calls');
+        const op = opLocks(`${p}-op`, [`vol:${p}/x`]);
+        await a.insertOpLocks(op);
+        expect(await a.takeOpCalls(op.id)).toEqual([]);
+        await b.requestOpCall(`${p}-c1`, op.id, '{"n":1}');
+        await b.requestOpCall(`${p}-c2`, op.id, '{"n":2}');
+        expect(await b.takeOpCallAnswer(`${p}-c1`)).toBeUndefined();
+        // Two takers at once: each call to one of them.
+        const [x, y] = await Promise.all([a.takeOpCalls(op.id), b.takeOpCalls(op.id)]);
+        expect([...x!, ...y!].map((c) => c.call).sort()).toEqual(['{"n":1}', '{"n":2}']);
+        expect(await a.takeOpCalls(op.id)).toEqual([]);
+        expect(await b.withdrawOpCall(`${p}-c1`)).toBe(false); // taken
+        await a.answerOpCall(`${p}-c1`, '{"ok":true}');
+        expect(await b.takeOpCallAnswer(`${p}-c1`)).toBe('{"ok":true}');
+        expect(await b.takeOpCallAnswer(`${p}-c1`)).toBeNull();
+        // Not taken yet: withdrawn, and the holder never sees it.
+        await b.requestOpCall(`${p}-c3`, op.id, '{"n":3}');
+        expect(await b.withdrawOpCall(`${p}-c3`)).toBe(true);
+        expect(await a.takeOpCalls(op.id)).toEqual([]);
+        // The op ends: its unanswered calls are gone (null), an answered one is still read.
+        await b.requestOpCall(`${p}-c4`, op.id, '{"n":4}');
+        await a.answerOpCall(`${p}-c2`, '{"ok":false}');
+        await a.deleteOpLocks(op.id);
+        expect(await b.takeOpCallAnswer(`${p}-c4`)).toBeNull();
+        expect(await b.takeOpCallAnswer(`${p}-c2`)).toBe('{"ok":false}');
+      });
+
       it('exports: insert, replace by id, list by name then id, delete', async () => {
         const p = prefix('exp');
         const web2 = exportRec(`export:${p}-web#2`, `${p}-web`);

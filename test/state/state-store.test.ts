@@ -159,14 +159,14 @@ describe.skipIf(!postgresAvailable())('PostgreSQL', () => {
       await first.setOwner('pool/v', 'alice');
       await first.close();
       // As a build of schema 2 left it.
-      await sql(url, 'DROP FUNCTION offload_claim_op_locks_owners(json, text[], text[]); DROP FUNCTION offload_lock_holders(text[], text[]); DROP FUNCTION offload_claim_op_locks_owners(json, text[]); DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; DROP INDEX op_locks_key_c; DROP TRIGGER jobs_job_locks ON jobs; DROP FUNCTION offload_job_locks(); DROP TABLE job_locks; UPDATE schema_version SET version = 2');
+      await sql(url, 'DROP FUNCTION offload_claim_op_locks_owners(json, text[], text[]); DROP FUNCTION offload_lock_holders(text[], text[]); DROP FUNCTION offload_claim_op_locks_owners(json, text[]); DROP FUNCTION offload_claim_op_locks(json, text[]); DROP FUNCTION offload_lock_holders(text[]); DROP INDEX jobs_active; DROP INDEX op_locks_key; DROP INDEX op_locks_key_c; DROP TRIGGER jobs_job_locks ON jobs; DROP FUNCTION offload_job_locks(); DROP TABLE job_locks; DROP TABLE op_calls; UPDATE schema_version SET version = 2');
       // An active job of that version: the migration lists its locks (job_locks).
       await sql(url, `INSERT INTO jobs (id, type, status, executor, ref, owner, progress_current, progress_total, speed, params, runner_pid, runner_token, created_at, updated_at, locks)
         VALUES ('j-v2', 'copy', 'running', 'host', 'pool/t', 'admin', 0, 0, 0, '{}', 1, 't', 'x', 'x', '[{"key":"pool/t","mode":"exclusive"},{"key":"pool/v@b1","mode":"shared"}]')`);
       const s = await openPostgresStore(url, { poolSize: 1 });
       try {
-        expect(SCHEMA_VERSION).toBe(7);
-        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 7 }]);
+        expect(SCHEMA_VERSION).toBe(8);
+        expect(await sql(url, 'SELECT version FROM schema_version')).toEqual([{ version: 8 }]);
         const got = await s.claimOpLocks({ id: 'op-new', locks: [{ key: 'pool/v', mode: 'shared' }], principal: 'p', role: 'admin', description: 'd', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: 6 });
         expect(got.ops.map((o) => o.id)).toEqual(['op-new', 'op-old']);
         expect((await s.lockHolders(['pool/t'])).jobs.map((j) => j.id)).toEqual(['j-v2']);

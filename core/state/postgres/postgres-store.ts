@@ -153,6 +153,11 @@ export class PostgresStateStore implements StateStore {
   claimOpLocks(op: OpLockRecord, also?: { keys?: string[]; prefixes?: string[] }) { return this.ops.claimOpLocks(op, also); }
   requestOpStop(id: string) { return this.ops.requestOpStop(id); }
   takeOpStop(id: string) { return this.ops.takeOpStop(id); }
+  requestOpCall(id: string, opId: string, call: string) { return this.ops.requestOpCall(id, opId, call); }
+  takeOpCalls(opId: string) { return this.ops.takeOpCalls(opId); }
+  answerOpCall(id: string, answer: string) { return this.ops.answerOpCall(id, answer); }
+  takeOpCallAnswer(id: string) { return this.ops.takeOpCallAnswer(id); }
+  withdrawOpCall(id: string) { return this.ops.withdrawOpCall(id); }
   insertExport(e: ExportRecord) { return this.ops.insertExport(e); }
   deleteExport(id: string) { return this.ops.deleteExport(id); }
   listExports() { return this.ops.listExports(); }
@@ -272,7 +277,9 @@ function postgresOps(q: Query): StateOps {
         VALUES ${rows.join(', ')}`, params);
     },
     deleteOpLocks: async (ids) => {
-      await q('WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])) DELETE FROM op_locks WHERE id = ANY ($1::text[])', [typeof ids === 'string' ? [ids] : ids]);
+      await q(`WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])),
+        calls AS (DELETE FROM op_calls WHERE op_id = ANY ($1::text[]) AND answer IS NULL)
+        DELETE FROM op_locks WHERE id = ANY ($1::text[])`, [typeof ids === 'string' ? [ids] : ids]);
     },
     listOpLocks: async () => opLocksFromRows((await q<OpLockRow>(
       `SELECT id, key, mode, principal, role, description, runner_pid, runner_token, runner_host, lease_expires, seq FROM op_locks ORDER BY id ${C}, seq`)).rows),
@@ -283,6 +290,20 @@ function postgresOps(q: Query): StateOps {
       await q('INSERT INTO op_stop_requests (id, requested_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING', [id, new Date().toISOString()]);
     },
     takeOpStop: async (id) => ((await q('DELETE FROM op_stop_requests WHERE id = $1 RETURNING id', [id])).rowCount ?? 0) > 0,
+    requestOpCall: async (id, opId, call) => {
+      await q('INSERT INTO op_calls (id, op_id, call, requested_at) VALUES ($1, $2, $3, $4)', [id, opId, call, new Date().toISOString()]);
+    },
+    takeOpCalls: async (opId) => (await q<{ id: string; call: string }>(
+      'UPDATE op_calls SET taken = true WHERE op_id = $1 AND NOT taken RETURNING id, call', [opId])).rows.map((r) => ({ id: r.id, call: r.call })),
+    answerOpCall: async (id, answer) => {
+      await q('UPDATE op_calls SET answer = $2 WHERE id = $1', [id, answer]);
+    },
+    withdrawOpCall: async (id) => ((await q('DELETE FROM op_calls WHERE id = $1 AND NOT taken', [id])).rowCount ?? 0) > 0,
+    takeOpCallAnswer: async (id) => {
+      const taken = (await q<{ answer: string }>('DELETE FROM op_calls WHERE id = $1 AND answer IS NOT NULL RETURNING answer', [id])).rows[0];
+      if (taken) return taken.answer;
+      return (await q('SELECT 1 FROM op_calls WHERE id = $1', [id])).rows.length > 0 ? undefined : null;
+    },
     insertExport: async (e) => {
       await q(`INSERT INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at, runner_host, lease_expires)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)

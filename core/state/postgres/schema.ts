@@ -245,6 +245,13 @@ const MIGRATIONS: { version: number; sql: string }[] = [
   { version: 6, sql: SCHEMA_V6 },
   // 7: the active jobs' lock keys in a table of their own, which lock checks find jobs through (JOB_LOCKS).
   { version: 7, sql: SCHEMA_V7 },
+  // 8: calls one broker asks of the process serving an export (a snapshot of its volume: StateOps.requestOpCall).
+  {
+    version: 8,
+    sql: `CREATE TABLE op_calls (id TEXT PRIMARY KEY, op_id TEXT NOT NULL, call TEXT NOT NULL, taken BOOLEAN NOT NULL DEFAULT false,
+      answer TEXT, requested_at TEXT NOT NULL);
+      CREATE INDEX op_calls_op ON op_calls (op_id);`,
+  },
 ];
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
 

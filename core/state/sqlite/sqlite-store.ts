@@ -101,6 +101,11 @@ export class SqliteStateStore implements StateStore {
   renewOps(token: string, leaseExpires: number) { return this.one((o) => o.renewOps(token, leaseExpires)); }
   requestOpStop(id: string) { return this.one((o) => o.requestOpStop(id)); }
   takeOpStop(id: string) { return this.one((o) => o.takeOpStop(id)); }
+  requestOpCall(id: string, opId: string, call: string) { return this.one((o) => o.requestOpCall(id, opId, call)); }
+  takeOpCalls(opId: string) { return this.one((o) => o.takeOpCalls(opId)); }
+  answerOpCall(id: string, answer: string) { return this.one((o) => o.answerOpCall(id, answer)); }
+  takeOpCallAnswer(id: string) { return this.one((o) => o.takeOpCallAnswer(id)); }
+  withdrawOpCall(id: string) { return this.one((o) => o.withdrawOpCall(id)); }
   insertExport(e: ExportRecord) { return this.one((o) => o.insertExport(e)); }
   deleteExport(id: string) { return this.one((o) => o.deleteExport(id)); }
   listExports() { return this.one((o) => o.listExports()); }
@@ -170,6 +175,11 @@ function syncOps(db: JobStore): StateOps {
     renewOps: async (token, leaseExpires) => db.renewOps(token, leaseExpires),
     requestOpStop: async (id) => db.requestOpStop(id),
     takeOpStop: async (id) => db.takeOpStop(id),
+    requestOpCall: async (id, opId, call) => db.requestOpCall(id, opId, call),
+    takeOpCalls: async (opId) => db.takeOpCalls(opId),
+    answerOpCall: async (id, answer) => db.answerOpCall(id, answer),
+    takeOpCallAnswer: async (id) => db.takeOpCallAnswer(id),
+    withdrawOpCall: async (id) => db.withdrawOpCall(id),
     insertExport: async (e) => db.insertExport(e),
     deleteExport: async (id) => db.deleteExport(id),
     listExports: async () => db.listExports(),

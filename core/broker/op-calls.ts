@@ -1,0 +1,72 @@
+/**
+ * Calls one broker asks of the process that serves an export, through the state store
+ * (StateOps.requestOpCall): a snapshot of a volume that another process exports read-write is
+ * taken there, within the export's lock — as that process takes its own (the pool swaps its open
+ * image; an array snapshots what the export has written) — and the answer comes back here.
+ */
+import { randomBytes } from 'node:crypto';
+import { parseSnapshotRef } from '../model/refs.js';
+import { errorFromCode, InvalidArgument, Timeout, toOffloadError } from '../model/errors.js';
+import type { Snapshot } from '../model/types.js';
+import type { Principal } from '../locks/principal.js';
+import type { BrokerState } from './state.js';
+
+/** What may be asked: a snapshot, made as the principal who asked. */
+export interface OpCall { kind: 'snapshot'; ref: string; principal: { id: string; role: 'admin' | 'tenant' } }
+
+type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string } };
+
+/** The export's operation ended before it answered (its locks are gone: the caller may go on itself). */
+export const GONE = Symbol('gone');
+
+/** How often the asker looks for the answer. */
+const POLL_MS = 50;
+
+/**
+ * Ask the holder of export operation `opId` (another process) to make `call`; its result, its
+ * error thrown here as the same typed error, or GONE. Timeout after the config's lockWaitSeconds.
+ */
+export async function callExportHolder(s: BrokerState, opId: string, call: OpCall, what: string): Promise<unknown> {
+  const id = `call-${randomBytes(8).toString('hex')}`;
+  await s.store.requestOpCall(id, opId, JSON.stringify(call));
+  const deadline = Date.now() + s.lockWaitMs;
+  for (;;) {
+    const text = await s.store.takeOpCallAnswer(id);
+    if (text === null) return GONE;
+    if (text !== undefined) {
+      const answer = JSON.parse(text) as Answer;
+      if (answer.ok) return answer.value;
+      throw errorFromCode(answer.error.code, answer.error.message, answer.error.hint !== undefined ? { hint: answer.error.hint } : {});
+    }
+    if (Date.now() > deadline) {
+      // Withdrawn unless that process has taken it: then it may yet be made.
+      const withdrawn = await s.store.withdrawOpCall(id).catch(() => false);
+      throw new Timeout(`${what}: the process serving its export (${opId}) did not answer within ${s.lockWaitMs / 1000} s${withdrawn ? '' : '; it had taken the request, which may still be carried out'}`, {
+        ref: call.ref, hint: 'that process may be paused or overloaded; try again, or stop its export first',
+      });
+    }
+    await new Promise((r) => setTimeout(r, POLL_MS));
+  }
+}
+
+/**
+ * Answer a call made to an export of this process serving `volume` (holdExport's onCall):
+ * `snapshot` makes it as the asking principal's view of this broker does.
+ */
+export async function answerCall(volume: string, text: string, snapshot: (p: Principal, ref: string) => Promise<Snapshot>): Promise<string> {
+  let answer: Answer;
+  try {
+    const call = JSON.parse(text) as Partial<OpCall>;
+    if (call.kind !== 'snapshot' || typeof call.ref !== 'string' || !call.principal || typeof call.principal.id !== 'string') {
+      throw new InvalidArgument(`a call this build does not know: ${text.slice(0, 200)}`);
+    }
+    const ref = parseSnapshotRef(call.ref);
+    if (`${ref.backend}/${ref.volume}` !== volume) throw new InvalidArgument(`${call.ref} is not a snapshot of ${volume}, which this export serves`);
+    const principal: Principal = { id: call.principal.id, role: call.principal.role === 'admin' ? 'admin' : 'tenant' };
+    answer = { ok: true, value: await snapshot(principal, call.ref) };
+  } catch (e) {
+    const err = toOffloadError(e);
+    answer = { ok: false, error: { code: err.code, message: err.message, ...(err.hint !== undefined ? { hint: err.hint } : {}) } };
+  }
+  return JSON.stringify(answer);
+}

@@ -1,0 +1,88 @@
+/**
+ * Calls through the state store to the process serving an export (core/broker/op-calls.ts): the
+ * asker gets the holder's result, or its error as the same typed error; GONE when the export ends
+ * first; Timeout after lockWaitSeconds with its call withdrawn (never carried out later). The
+ * holder's side answers only snapshots of the volume it serves.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { answerCall, callExportHolder, GONE, type OpCall } from '../../core/broker/op-calls.js';
+import type { BrokerState } from '../../core/broker/state.js';
+import { NotFound } from '../../core/model/errors.js';
+import type { Snapshot } from '../../core/model/types.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'offload-op-calls-'));
+const asker = new SqliteStateStore(join(dir, 'state.sqlite'));
+const holder = new SqliteStateStore(join(dir, 'state.sqlite'));
+afterAll(async () => {
+  await Promise.all([asker.close(), holder.close()]);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** What callExportHolder uses of a broker's state: its store and its lock wait. */
+const state = (lockWaitMs: number) => ({ store: asker, lockWaitMs }) as unknown as BrokerState;
+const call: OpCall = { kind: 'snapshot', ref: 'pool/vm1@s1', principal: { id: 'alice', role: 'tenant' } };
+const snap: Snapshot = { backend: 'pool', volume: 'vm1', name: 's1', sizeBytes: 1 << 20, createdAt: '2026-12-06T00:00:00.000Z' };
+let n = 0;
+
+/** An export's op row, and a holder that answers its calls with `respond` (as op-rows' poller does). */
+async function exportOp(respond?: (text: string) => Promise<string>): Promise<{ id: string; stop: () => void }> {
+  const id = `export:vm1#${++n}`;
+  await holder.insertOpLocks({ id, locks: [{ key: 'pool/vm1', mode: 'exclusive' }], principal: 'admin', role: 'admin', description: 'nbd export', runnerPid: 1, runnerToken: 't', runnerHost: 'h', leaseExpires: Date.now() + 60_000 });
+  const timer = respond && setInterval(() => {
+    void holder.takeOpCalls(id).then((calls) => calls.forEach((c) => void respond(c.call).then((a) => holder.answerOpCall(c.id, a))));
+  }, 20);
+  return { id, stop: () => clearInterval(timer) };
+}
+
+describe('calls to the process serving an export', () => {
+  it('the holder makes the snapshot as the asking principal, and the asker gets it', async () => {
+    const asked: string[] = [];
+    const op = await exportOp((text) => answerCall('pool/vm1', text, async (p, ref) => {
+      asked.push(`${p.role}:${p.id}:${ref}`);
+      return snap;
+    }));
+    try {
+      expect(await callExportHolder(state(5000), op.id, call, 'snapshot pool/vm1@s1')).toEqual(snap);
+      expect(asked).toEqual(['tenant:alice:pool/vm1@s1']);
+    } finally {
+      op.stop();
+    }
+  });
+
+  it('its error comes back typed, with its hint; a call for another volume, or of a kind not known, is refused there', async () => {
+    const op = await exportOp((text) => answerCall('pool/vm1', text, async () => {
+      throw new NotFound('volume pool/vm1 does not exist', { hint: 'list volumes' });
+    }));
+    try {
+      await expect(callExportHolder(state(5000), op.id, call, 'snapshot')).rejects.toMatchObject({ code: 'NotFound', message: 'volume pool/vm1 does not exist', hint: 'list volumes' });
+      await expect(callExportHolder(state(5000), op.id, { ...call, ref: 'pool/vm2@s1' }, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/not a snapshot of pool\/vm1/) });
+      await expect(callExportHolder(state(5000), op.id, { ...call, kind: 'delete' } as unknown as OpCall, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument' });
+    } finally {
+      op.stop();
+    }
+  });
+
+  it('the export ends before it answers: GONE (the asker may take the snapshot itself)', async () => {
+    const op = await exportOp();
+    setTimeout(() => void holder.deleteOpLocks(op.id), 200);
+    expect(await callExportHolder(state(5000), op.id, call, 'snapshot')).toBe(GONE);
+  });
+
+  it('no answer within lockWaitSeconds: Timeout, and the call withdrawn, so that a holder that wakes up does not carry it out', async () => {
+    const op = await exportOp();
+    await expect(callExportHolder(state(300), op.id, call, 'snapshot pool/vm1@s1')).rejects.toMatchObject({
+      code: 'Timeout', message: expect.stringMatching(/snapshot pool\/vm1@s1: the process serving its export .* did not answer within 0.3 s$/),
+    });
+    expect(await holder.takeOpCalls(op.id)).toEqual([]);
+    // Taken but not answered in time: the message says it may still be carried out.
+    const late = callExportHolder(state(300), op.id, call, 'snapshot');
+    await new Promise((r) => setTimeout(r, 100));
+    expect(await holder.takeOpCalls(op.id)).toHaveLength(1);
+    await expect(late).rejects.toMatchObject({ code: 'Timeout', message: expect.stringMatching(/it had taken the request, which may still be carried out/) });
+    await holder.deleteOpLocks(op.id);
+  });
+});
