@@ -21,7 +21,7 @@ function record(id: string): JobRecord {
   };
 }
 
-const INDEXES = ['job_locks_job', 'job_locks_key', 'jobs_active', 'op_locks_id', 'op_locks_key'];
+const INDEXES = ['job_locks_job', 'job_locks_key', 'jobs_active', 'op_calls_op', 'op_locks_id', 'op_locks_key'];
 const indexes = (db: Database.Database) => (db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name").all() as { name: string }[]).map((r) => r.name);
 
 describe('JobStore leases and fencing', () => {

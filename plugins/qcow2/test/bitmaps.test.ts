@@ -1,7 +1,7 @@
 /**
  * Persistent dirty bitmaps in QEMU's format: interop with qemu-img, qemu-io and qemu-nbd both
  * ways, QEMU 7.2's behaviour after a crash (in_use = inconsistent, never trusted), the crash-safe
- * store, and a kill -9 campaign with bitmaps enabled (20 kills; OFFLOAD_LONG=1 runs 60).
+ * store, and a kill -9 campaign with bitmaps enabled (12 kills; OFFLOAD_LONG=1 runs 60).
  */
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -14,7 +14,7 @@ import { hasQemu, ok, qemuCheckJson, qemuIo, run, tempDir, warnIfNoQemu } from '
 
 const here = dirname(fileURLToPath(import.meta.url));
 const MiB = 1024 * 1024;
-const KILLS = process.env.OFFLOAD_LONG ? 60 : 20;
+const KILLS = process.env.OFFLOAD_LONG ? 60 : 12;
 
 /** The dirty map qemu-nbd serves for a bitmap, read with nbdinfo: [offset, length] of dirty runs. */
 function qemuDirty(file: string, name: string): [number, number][] {
@@ -303,7 +303,7 @@ describe.skipIf(!hasQemu)('persistent bitmaps and qemu-img', () => {
         });
       }
       // Every third round between two sessions (on its first CLOSED, in a pause the writer makes):
-      // at a fixed delay, a machine under load put all 20 kills inside sessions once.
+      // at a fixed delay, a machine under load put all the kills inside sessions once.
       const log = await runKilled(f, k + 1, k % 3 === 2 ? 'between' : 40 + ((k * 37) % 400));
       const c = qemuCheckJson(f);
       expect(c.json['corruptions'] ?? 0, `kill ${k}: ${JSON.stringify(c.json)}`).toBe(0);
