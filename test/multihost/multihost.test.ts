@@ -35,6 +35,7 @@ import { startFlashArrayMock, type FlashArrayMock } from '../../plugins/flasharr
 import { builtinPlugins } from '../../plugins/index.js';
 import { MOCK_DEFAULTS, startOntapMock, type OntapMock } from '../../plugins/ontap/index.js';
 import pgLib from 'pg';
+import { HAVE, qemuIo } from '../support/nbd-tools.js';
 import { postgresAvailable, startPostgres, type Postgres } from '../support/postgres.js';
 
 const ROOT = join(import.meta.dirname, '../..');
@@ -363,6 +364,27 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
       f.child.kill('SIGCONT');
     }
   }, 120_000);
+
+  it.skipIf(!HAVE.qemu)('a snapshot from another host of a disk a service exports read-write: asked of that service through PostgreSQL, taken within its export', async () => {
+    await client.volumes.create('san1/inuse', { sizeBytes: 8 * MiB });
+    const e = await startHost('a');
+    const served = await e.api.exports.start('san1/inuse', { name: 'inuse', listen: { host: '127.0.0.1', port: 0 } });
+    try {
+      await qemuIo(served.uri, ['write -P 0x5a 0 1M']);
+      expect((await client.snapshots.create('san1/inuse@s1')).name).toBe('s1'); // the client broker: another host's runner
+      await qemuIo(served.uri, ['write -P 0x66 0 64k', 'read -P 0x5a 64k 960k']);
+    } finally {
+      await e.api.exports.stop('inuse');
+      e.child.kill('SIGTERM');
+    }
+    // The snapshot holds the writes before it, not the one after.
+    const snap = await client.exports.start('san1/inuse@s1', { name: 'inuse-s1', readOnly: true, listen: { host: '127.0.0.1', port: 0 } });
+    try {
+      await qemuIo(snap.uri, ['read -P 0x5a 0 1M'], { readOnly: true });
+    } finally {
+      await client.exports.stop('inuse-s1');
+    }
+  });
 
   it('throughout the cases above: no lock was held by two runners at once, and no job concluded twice or changed after it concluded', async () => {
     const m = monitor!;
