@@ -186,7 +186,7 @@ export class Backups implements BackupsApi {
         }
         throw e;
       }
-    }, holders);
+    }, holders, { preempts: false });
   }
 
   async list(targetText: string): Promise<BackupPoint[]> {

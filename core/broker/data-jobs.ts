@@ -9,7 +9,8 @@ import { cloneTask, hostCopyTask, type HostCloneParams } from '../copy/host-copy
 import type { Job } from '../jobs/job.js';
 import type { JobTask } from '../jobs/job-task.js';
 import type { LockRequest } from '../locks/lock-manager.js';
-import { AlreadyExists, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError, Unsupported } from '../model/errors.js';
+import type { StorageBackend } from '../backend/storage-backend.js';
+import { AlreadyExists, Busy, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError, Unsupported } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Volume } from '../model/types.js';
 import type { Operation, Plan } from '../planner/plan.js';
@@ -132,9 +133,28 @@ export class DataJobs {
     await this.a.assertOwns(ref);
     const make = verb === 'stream' ? b.backend.streamVolume : b.backend.commitVolume;
     if (!make) throw new Unsupported(`${ref.backend} reports chain.${verb} but has no ${verb}Volume`, { ref: refText });
+    // A commit writes the volume's data into a snapshot (and merges the layers between): it holds
+    // every snapshot of the volume exclusively, so that nothing reads one while it changes — a
+    // backup copying from its marker, a read-only export of a snapshot.
+    const snapshots = verb === 'commit' ? await this.snapshotNames(b.backend, ref) : [];
+    const locks: LockRequest[] = [
+      { key: volumeKey(ref), mode: 'exclusive' },
+      ...snapshots.map((snapshot) => ({ key: snapshotKey({ ...ref, snapshot }), mode: 'exclusive' as const })),
+    ];
     const task = await call(b.backend, verb, refText, () => make.call(b.backend, ref.volume, opts.base ? { base: opts.base } : {}));
-    return this.startJob(task, refText, `backend:${ref.backend}`, ref.backend, [{ key: volumeKey(ref), mode: 'exclusive' }], plan, checkSpeed(opts.speed),
-      () => this.a.assertOwns(ref));
+    return this.startJob(task, refText, `backend:${ref.backend}`, ref.backend, locks, plan, checkSpeed(opts.speed), async () => {
+      await this.a.assertOwns(ref);
+      // Under the job's locks: a snapshot taken between the listing and them would not be held.
+      const now = verb === 'commit' ? await this.snapshotNames(b.backend, ref) : [];
+      const added = now.filter((n) => !snapshots.includes(n));
+      if (added.length > 0) {
+        throw new Busy(`${refText} got snapshot ${added.join(', ')} while its commit started`, { ref: refText, hint: 'start the commit again' });
+      }
+    });
+  }
+
+  private async snapshotNames(backend: StorageBackend, ref: VolumeRef): Promise<string[]> {
+    return (await call(backend, 'list snapshots of', `${ref.backend}/${ref.volume}`, () => backend.listSnapshots(ref.volume))).map((x) => x.name);
   }
 
   async copy(source: string, target: string, opts: CopyOptions = {}): Promise<Job> {

@@ -14,7 +14,7 @@ import type { BrokerState } from './state.js';
 /** What may be asked: a snapshot, made as the principal who asked. */
 export interface OpCall { kind: 'snapshot'; ref: string; principal: { id: string; role: 'admin' | 'tenant' } }
 
-type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string } };
+type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string; ref?: string; data?: Record<string, unknown> } };
 
 /** The export's operation ended before it answered (its locks are gone: the caller may go on itself). */
 export const GONE = Symbol('gone');
@@ -24,11 +24,12 @@ const POLL_MS = 50;
 
 /**
  * Ask the holder of export operation `opId` (another process) to make `call`; its result, its
- * error thrown here as the same typed error, or GONE. Timeout after the config's lockWaitSeconds.
+ * error thrown here as the same typed error (code, message, hint, ref, data), or GONE when the
+ * export ended before taking it. Timeout after the config's lockWaitSeconds.
  */
 export async function callExportHolder(s: BrokerState, opId: string, call: OpCall, what: string): Promise<unknown> {
   const id = `call-${randomBytes(8).toString('hex')}`;
-  await s.store.requestOpCall(id, opId, JSON.stringify(call));
+  if (!(await s.store.requestOpCall(id, opId, JSON.stringify(call)))) return GONE;
   const deadline = Date.now() + s.lockWaitMs;
   for (;;) {
     const text = await s.store.takeOpCallAnswer(id);
@@ -36,7 +37,8 @@ export async function callExportHolder(s: BrokerState, opId: string, call: OpCal
     if (text !== undefined) {
       const answer = JSON.parse(text) as Answer;
       if (answer.ok) return answer.value;
-      throw errorFromCode(answer.error.code, answer.error.message, answer.error.hint !== undefined ? { hint: answer.error.hint } : {});
+      const { code, message, ...details } = answer.error;
+      throw errorFromCode(code, message, details);
     }
     if (Date.now() > deadline) {
       // Withdrawn unless that process has taken it: then it may yet be made.
@@ -66,7 +68,10 @@ export async function answerCall(volume: string, text: string, snapshot: (p: Pri
     answer = { ok: true, value: await snapshot(principal, call.ref) };
   } catch (e) {
     const err = toOffloadError(e);
-    answer = { ok: false, error: { code: err.code, message: err.message, ...(err.hint !== undefined ? { hint: err.hint } : {}) } };
+    answer = {
+      ok: false,
+      error: { code: err.code, message: err.message, ...(err.hint !== undefined ? { hint: err.hint } : {}), ...(err.ref !== undefined ? { ref: err.ref } : {}), ...(err.data !== undefined ? { data: err.data } : {}) },
+    };
   }
   return JSON.stringify(answer);
 }

@@ -31,11 +31,13 @@ let opCount = 0;
  * conflicting lock. It returns once done here; its locks leave the shared state just after (in the
  * background: this broker ignores its own, another waits the moment it takes).
  */
-export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>, within?: string[]): Promise<T> {
+export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>, within?: string[],
+  o: { preempts?: false } = {}): Promise<T> {
   s.assertOpen();
   return s.mutex.run(locks.map((l) => l.key), async () => {
     const id = `op-${OP_ID_PREFIX}${(++opCount).toString(36)}`;
-    const lease = await s.locks.acquirePublished(locks, { id, principal, description, ...(within && within.length > 0 ? { within } : {}) }, () => s.jobs.publishShort(id, locks, principal, description));
+    const holder = { id, principal, description, ...(within && within.length > 0 ? { within } : {}), ...(o.preempts === false ? { preempts: false as const } : {}) };
+    const lease = await s.locks.acquirePublished(locks, holder, () => s.jobs.publishShort(id, locks, principal, description));
     try {
       return await fn();
     } finally {

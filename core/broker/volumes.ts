@@ -144,7 +144,7 @@ export class Snapshots implements SnapshotsApi {
       return await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, async () => {
         await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
         return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
-      }, exports);
+      }, exports, { preempts: false });
     } catch (e) {
       // Exported read-write by another process (a disk in use there): that process takes it.
       const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;

@@ -470,7 +470,7 @@ export class JobStore {
       for (const id of typeof ids === 'string' ? [ids] : ids) {
         this.stmt('DELETE FROM op_locks WHERE id = ?').run(id);
         this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id);
-        this.stmt('DELETE FROM op_calls WHERE op_id = ? AND answer IS NULL').run(id);
+        this.stmt('DELETE FROM op_calls WHERE op_id = ? AND taken = 0').run(id);
       }
     }).immediate();
   }
@@ -493,16 +493,16 @@ export class JobStore {
     return this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id).changes > 0;
   }
 
-  requestOpCall(id: string, opId: string, call: string): void {
-    this.stmt('INSERT INTO op_calls (id, op_id, call, requested_at) VALUES (?, ?, ?, ?)').run(id, opId, call, new Date().toISOString());
+  requestOpCall(id: string, opId: string, call: string): boolean {
+    return this.stmt(`INSERT INTO op_calls (id, op_id, call, requested_at) SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM op_locks WHERE id = ?)`)
+      .run(id, opId, call, new Date().toISOString(), opId).changes > 0;
   }
 
   takeOpCalls(opId: string): { id: string; call: string }[] {
-    return this.db.transaction(() => {
-      const calls = this.stmt('SELECT id, call FROM op_calls WHERE op_id = ? AND taken = 0 ORDER BY requested_at').all(opId) as { id: string; call: string }[];
-      for (const c of calls) this.stmt('UPDATE op_calls SET taken = 1 WHERE id = ?').run(c.id);
-      return calls;
-    }).immediate();
+    // Read first: an export polls this every 250 ms, and a write transaction each time would
+    // queue behind (and hold up) every writer of the file. Each call is taken by one UPDATE.
+    const calls = this.stmt('SELECT id, call FROM op_calls WHERE op_id = ? AND taken = 0 ORDER BY requested_at').all(opId) as { id: string; call: string }[];
+    return calls.filter((c) => this.stmt('UPDATE op_calls SET taken = 1 WHERE id = ? AND taken = 0').run(c.id).changes > 0);
   }
 
   answerOpCall(id: string, answer: string): void {

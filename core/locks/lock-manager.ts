@@ -25,6 +25,12 @@ export interface LockHolder {
   /** Called when an administrator preempts this holder; should end it and release its locks. */
   preempt?: () => void;
   /**
+   * false: an administrator's request that preempts no one — a snapshot, which another process's
+   * export takes itself (broker/op-calls.ts) rather than be stopped for it. It waits or is Busy
+   * as a tenant's would.
+   */
+  preempts?: false;
+  /**
    * The holder this one works within: their locks do not conflict, either way. A live copy within
    * the export whose writes it watches, that export within the live copy at the switch-over, an
    * export of an instant clone within the job that fills it.
@@ -236,7 +242,7 @@ export class LockManager {
    * mutex waits for its own; tenants an administrator preempts are asked to stop, then waited for.
    */
   private async stopOrRefuse(holder: LockHolder, conflicts: Held[], deadline: number, attempt: number): Promise<void> {
-    const blocking = conflicts.filter((c) => !this.canPreempt(holder.principal, c));
+    const blocking = conflicts.filter((c) => holder.preempts === false || !this.canPreempt(holder.principal, c));
     // A job is named before an export of the same volume: a live copy is what holds it up.
     const refusing = blocking.find((c) => holderKind(c.holder.id).kind === 'job') ?? blocking.find((c) => holderKind(c.holder.id).kind !== 'operation');
     if (refusing) throw busyError(refusing);

@@ -87,15 +87,16 @@ export interface StateOps {
   takeOpStop(id: string): Promise<boolean>;
   /**
    * Ask the process holding a long-lived operation (an export) to make a call on this one's
-   * behalf (`call`: JSON, a snapshot of the volume it serves), under the id `id`. Calls not yet
-   * answered go with the operation's locks (deleteOpLocks).
+   * behalf (`call`: JSON, a snapshot of the volume it serves), under the id `id`: false, and
+   * nothing recorded, when the operation holds no locks (any more). Calls not taken yet go with
+   * the operation's locks (deleteOpLocks); a taken one stays for its answer.
    */
-  requestOpCall(id: string, opId: string, call: string): Promise<void>;
+  requestOpCall(id: string, opId: string, call: string): Promise<boolean>;
   /** Take the calls made to one of this process's operations, each once. */
   takeOpCalls(opId: string): Promise<{ id: string; call: string }[]>;
   /** Answer a call taken (JSON). */
   answerOpCall(id: string, answer: string): Promise<void>;
-  /** A call's answer, removed with the call; undefined while it has none, null when the call is gone unanswered (its operation ended). */
+  /** A call's answer, removed with the call; undefined while it has none, null when the call is gone unanswered (its operation ended before taking it). */
   takeOpCallAnswer(id: string): Promise<string | undefined | null>;
   /** Remove a call not taken yet (the asker gave up waiting): false if it was taken (or is gone). */
   withdrawOpCall(id: string): Promise<boolean>;

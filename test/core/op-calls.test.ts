@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { answerCall, callExportHolder, GONE, type OpCall } from '../../core/broker/op-calls.js';
 import type { BrokerState } from '../../core/broker/state.js';
-import { NotFound } from '../../core/model/errors.js';
+import { Busy } from '../../core/model/errors.js';
 import type { Snapshot } from '../../core/model/types.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 
@@ -55,10 +55,12 @@ describe('calls to the process serving an export', () => {
 
   it('its error comes back typed, with its hint; a call for another volume, or of a kind not known, is refused there', async () => {
     const op = await exportOp((text) => answerCall('pool/vm1', text, async () => {
-      throw new NotFound('volume pool/vm1 does not exist', { hint: 'list volumes' });
+      throw new Busy('pool/vm1 is busy', { hint: 'wait', ref: 'pool/vm1', data: { holder: 'job-7' } });
     }));
     try {
-      await expect(callExportHolder(state(5000), op.id, call, 'snapshot')).rejects.toMatchObject({ code: 'NotFound', message: 'volume pool/vm1 does not exist', hint: 'list volumes' });
+      await expect(callExportHolder(state(5000), op.id, call, 'snapshot')).rejects.toMatchObject({
+        code: 'Busy', message: 'pool/vm1 is busy', hint: 'wait', ref: 'pool/vm1', data: { holder: 'job-7' },
+      });
       await expect(callExportHolder(state(5000), op.id, { ...call, ref: 'pool/vm2@s1' }, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/not a snapshot of pool\/vm1/) });
       await expect(callExportHolder(state(5000), op.id, { ...call, kind: 'delete' } as unknown as OpCall, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument' });
     } finally {
@@ -66,10 +68,22 @@ describe('calls to the process serving an export', () => {
     }
   });
 
-  it('the export ends before it answers: GONE (the asker may take the snapshot itself)', async () => {
+  it('the export ends before it takes the call, or had ended already: GONE (the asker may take the snapshot itself)', async () => {
     const op = await exportOp();
     setTimeout(() => void holder.deleteOpLocks(op.id), 200);
     expect(await callExportHolder(state(5000), op.id, call, 'snapshot')).toBe(GONE);
+    // Asked after it ended: no call is recorded (a waiting asker would end in Timeout, not GONE).
+    expect(await callExportHolder(state(5000), op.id, call, 'snapshot')).toBe(GONE);
+  });
+
+  it('the export ends while it makes the call: the answer still comes', async () => {
+    const op = await exportOp();
+    const asked = callExportHolder(state(5000), op.id, call, 'snapshot');
+    await new Promise((r) => setTimeout(r, 100));
+    const [taken] = await holder.takeOpCalls(op.id);
+    await holder.deleteOpLocks(op.id);
+    await holder.answerOpCall(taken!.id, await answerCall('pool/vm1', taken!.call, async () => snap));
+    expect(await asked).toEqual(snap);
   });
 
   it('no answer within lockWaitSeconds: Timeout, and the call withdrawn, so that a holder that wakes up does not carry it out', async () => {

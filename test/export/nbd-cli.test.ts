@@ -235,11 +235,16 @@ backends:
     }
   });
 
-  it('an administrator in another process preempts a tenant\'s export: the export stops, the delete goes through', async () => {
+  it('an administrator in another process preempts a tenant\'s export for a delete (the export stops, the delete goes through), not for a snapshot', async () => {
     const b = await createBroker(config, { plugins: [qcow2Module], logger: silentLogger, principal: tenant('t1') });
     try {
       await b.volumes.create('local/t1vm', { sizeBytes: 4 * MiB });
       const e = await b.exports.start('local/t1vm', { listen: { port: 0 } });
+      // An administrator's snapshot does not stop it: this process takes the snapshot (and must be free to hear the call).
+      const snap = await tool(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'snapshot', 'create', 'local/t1vm@adm'], { cwd: ROOT });
+      expect(snap.status, snap.stderr).toBe(0);
+      expect((await b.exports.list()).map((x) => x.name)).toEqual(['local/t1vm']);
+      expect((await b.snapshots.list('local/t1vm')).map((x) => x.name)).toEqual(['adm']);
       // The CLI acts as the administrator; run without blocking this process, which must hear the request to stop.
       const del = await tool(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'volume', 'delete', 'local/t1vm'], { cwd: ROOT });
       expect(del.stderr).toBe('');

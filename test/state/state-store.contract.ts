@@ -430,12 +430,15 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await b.requestOpCall(`${p}-c3`, op.id, '{"n":3}');
         expect(await b.withdrawOpCall(`${p}-c3`)).toBe(true);
         expect(await a.takeOpCalls(op.id)).toEqual([]);
-        // The op ends: its unanswered calls are gone (null), an answered one is still read.
-        await b.requestOpCall(`${p}-c4`, op.id, '{"n":4}');
-        await a.answerOpCall(`${p}-c2`, '{"ok":false}');
+        // The op ends: its calls not taken are gone (null); one taken is answered after, and read.
+        expect(await b.requestOpCall(`${p}-c4`, op.id, '{"n":4}')).toBe(true);
         await a.deleteOpLocks(op.id);
         expect(await b.takeOpCallAnswer(`${p}-c4`)).toBeNull();
+        await a.answerOpCall(`${p}-c2`, '{"ok":false}');
         expect(await b.takeOpCallAnswer(`${p}-c2`)).toBe('{"ok":false}');
+        // An op that holds no locks (any more) takes no call.
+        expect(await b.requestOpCall(`${p}-c5`, op.id, '{"n":5}')).toBe(false);
+        expect(await b.takeOpCallAnswer(`${p}-c5`)).toBeNull();
       });
 
       it('exports: insert, replace by id, list by name then id, delete', async () => {

@@ -278,7 +278,7 @@ function postgresOps(q: Query): StateOps {
     },
     deleteOpLocks: async (ids) => {
       await q(`WITH stop AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[])),
-        calls AS (DELETE FROM op_calls WHERE op_id = ANY ($1::text[]) AND answer IS NULL)
+        calls AS (DELETE FROM op_calls WHERE op_id = ANY ($1::text[]) AND NOT taken)
         DELETE FROM op_locks WHERE id = ANY ($1::text[])`, [typeof ids === 'string' ? [ids] : ids]);
     },
     listOpLocks: async () => opLocksFromRows((await q<OpLockRow>(
@@ -290,9 +290,9 @@ function postgresOps(q: Query): StateOps {
       await q('INSERT INTO op_stop_requests (id, requested_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING', [id, new Date().toISOString()]);
     },
     takeOpStop: async (id) => ((await q('DELETE FROM op_stop_requests WHERE id = $1 RETURNING id', [id])).rowCount ?? 0) > 0,
-    requestOpCall: async (id, opId, call) => {
-      await q('INSERT INTO op_calls (id, op_id, call, requested_at) VALUES ($1, $2, $3, $4)', [id, opId, call, new Date().toISOString()]);
-    },
+    requestOpCall: async (id, opId, call) => ((await q(
+      'INSERT INTO op_calls (id, op_id, call, requested_at) SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM op_locks WHERE id = $2)',
+      [id, opId, call, new Date().toISOString()])).rowCount ?? 0) > 0,
     takeOpCalls: async (opId) => (await q<{ id: string; call: string }>(
       'UPDATE op_calls SET taken = true WHERE op_id = $1 AND NOT taken RETURNING id, call', [opId])).rows.map((r) => ({ id: r.id, call: r.call })),
     answerOpCall: async (id, answer) => {
