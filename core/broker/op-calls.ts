@@ -11,8 +11,12 @@ import type { Snapshot } from '../model/types.js';
 import type { Principal } from '../locks/principal.js';
 import type { BrokerState } from './state.js';
 
-/** What may be asked: a snapshot, made as the principal who asked. */
-export interface OpCall { kind: 'snapshot'; ref: string; principal: { id: string; role: 'admin' | 'tenant' } }
+/**
+ * What may be asked: a snapshot, made as the principal who asked — not after `deadline` (ms since
+ * the epoch, the asker's clock), when the asker has stopped waiting (a holder paused past it, an
+ * asker that died).
+ */
+export interface OpCall { kind: 'snapshot'; ref: string; principal: { id: string; role: 'admin' | 'tenant' }; deadline?: number }
 
 type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string; ref?: string; data?: Record<string, unknown> } };
 
@@ -29,8 +33,8 @@ const POLL_MS = 50;
  */
 export async function callExportHolder(s: BrokerState, opId: string, call: OpCall, what: string): Promise<unknown> {
   const id = `call-${randomBytes(8).toString('hex')}`;
-  if (!(await s.store.requestOpCall(id, opId, JSON.stringify(call)))) return GONE;
   const deadline = Date.now() + s.lockWaitMs;
+  if (!(await s.store.requestOpCall(id, opId, JSON.stringify({ ...call, deadline })))) return GONE;
   for (;;) {
     const text = await s.store.takeOpCallAnswer(id);
     if (text === null) return GONE;
@@ -61,6 +65,9 @@ export async function answerCall(volume: string, text: string, snapshot: (p: Pri
     const call = JSON.parse(text) as Partial<OpCall>;
     if (call.kind !== 'snapshot' || typeof call.ref !== 'string' || !call.principal || typeof call.principal.id !== 'string') {
       throw new InvalidArgument(`a call this build does not know: ${text.slice(0, 200)}`);
+    }
+    if (typeof call.deadline === 'number' && Date.now() > call.deadline) {
+      throw new Timeout(`${call.ref}: the request came after its asker stopped waiting (${new Date(call.deadline).toISOString()})`, { ref: call.ref });
     }
     const ref = parseSnapshotRef(call.ref);
     if (`${ref.backend}/${ref.volume}` !== volume) throw new InvalidArgument(`${call.ref} is not a snapshot of ${volume}, which this export serves`);

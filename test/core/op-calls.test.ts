@@ -68,6 +68,16 @@ describe('calls to the process serving an export', () => {
     }
   });
 
+  it('a call taken after its asker stopped waiting is not made', async () => {
+    let made = 0;
+    const answer = JSON.parse(await answerCall('pool/vm1', JSON.stringify({ ...call, deadline: Date.now() - 1 }), async () => {
+      made++;
+      return snap;
+    })) as { ok: boolean; error?: { code: string } };
+    expect(answer).toMatchObject({ ok: false, error: { code: 'Timeout' } });
+    expect(made).toBe(0);
+  });
+
   it('the export ends before it takes the call, or had ended already: GONE (the asker may take the snapshot itself)', async () => {
     const op = await exportOp();
     setTimeout(() => void holder.deleteOpLocks(op.id), 200);
