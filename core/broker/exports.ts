@@ -218,10 +218,14 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
   const description = `nbd export ${name} of ${formatRef(ref)} (${readOnly ? 'read-only' : 'read-write'})`;
   // An administrator's conflicting request stops a tenant's export (here, or from another process).
   const preempt = () => void s.exports.stop(name).catch(() => undefined);
-  const holder = { id, principal, description, preempt, ...(e.within !== undefined ? { within: e.within } : {}) };
+  const within = [...(e.within !== undefined ? [e.within] : []), ...await exportsAlongside(s, ref, readOnly)];
+  const holder = { id, principal, description, preempt, ...(within.length > 0 ? { within } : {}) };
   // A writable export answers other processes' snapshots of its volume (op-calls.ts), within its lock.
-  const onCall = readOnly || isSnapshotRef(ref) ? undefined
-    : (call: string) => answerCall(formatRef(ref), call, (p, r) => new Snapshots(s, new Access(s, p)).create(r));
+  const snapshots = (p: Principal) => new Snapshots(s, new Access(s, p));
+  const onCall = readOnly || isSnapshotRef(ref) ? undefined : (call: string) => answerCall(formatRef(ref), call, {
+    snapshot: (p, r) => snapshots(p).create(r),
+    'snapshot.delete': (p, r) => snapshots(p).delete(r),
+  });
   const lease = await s.mutex.run(locks.map((l) => l.key), () => s.locks.acquirePublished(locks, holder,
     () => s.jobs.publishOperation(id, locks, principal, description, preempt, onCall)));
   let unlist: (() => Promise<void>) | undefined;
@@ -235,6 +239,23 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
       await lease.release();
     },
   };
+}
+
+/**
+ * The exports, of this process and of others, that an export of `ref` works alongside: a snapshot
+ * is read while its volume is written (a backup application reading a point of a running VM's
+ * disk), so an export of a snapshot and a writable export of its volume do not keep each other out,
+ * whichever starts first. The volume's other keepers stay: it cannot be deleted, reverted or
+ * resized while one of its snapshots is exported, nor written by a second writer.
+ */
+async function exportsAlongside(s: BrokerState, ref: Ref, readOnly: boolean): Promise<string[]> {
+  const volume = `${ref.backend}/${ref.volume}`;
+  const snapshot = isSnapshotRef(ref);
+  if (!snapshot && readOnly) return []; // its shared lock keeps no snapshot export out
+  const fits = (r: string, ro: boolean) => (snapshot ? r === volume && !ro : r.startsWith(`${volume}@`));
+  const here = s.exports.list().filter((x) => fits(x.ref, x.readOnly)).map((x) => s.exports.device(x.name)?.holder).filter((h): h is string => h !== undefined);
+  const elsewhere = (await s.jobs.foreignExports()).filter((x) => fits(x.ref, x.readOnly)).map((x) => x.id);
+  return [...here, ...elsewhere];
 }
 
 /** A principal bound to its NBD clients (`bound`) may name only those: PermissionDenied naming the others. */

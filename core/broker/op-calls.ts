@@ -1,22 +1,26 @@
 /**
  * Calls one broker asks of the process that serves an export, through the state store
  * (StateOps.requestOpCall): a snapshot of a volume that another process exports read-write is
- * taken there, within the export's lock — as that process takes its own (the pool swaps its open
- * image; an array snapshots what the export has written) — and the answer comes back here.
+ * taken (or deleted) there, within the export's lock — as that process takes its own (the pool
+ * swaps its open image, or merges a deleted snapshot's layer into it; an array snapshots what the
+ * export has written) — and the answer comes back here.
  */
 import { randomBytes } from 'node:crypto';
 import { parseSnapshotRef } from '../model/refs.js';
 import { errorFromCode, InvalidArgument, Timeout, toOffloadError } from '../model/errors.js';
-import type { Snapshot } from '../model/types.js';
 import type { Principal } from '../locks/principal.js';
 import type { BrokerState } from './state.js';
 
 /**
- * What may be asked: a snapshot, made as the principal who asked — not after `deadline` (ms since
- * the epoch, the asker's clock), when the asker has stopped waiting (a holder paused past it, an
- * asker that died).
+ * What may be asked: a snapshot made (`snapshot`) or deleted (`snapshot.delete`), as the principal
+ * who asked — not after `deadline` (ms since the epoch, the asker's clock), when the asker has
+ * stopped waiting (a holder paused past it, an asker that died).
  */
-export interface OpCall { kind: 'snapshot'; ref: string; principal: { id: string; role: 'admin' | 'tenant' }; deadline?: number }
+export interface OpCall { kind: OpCallKind; ref: string; principal: { id: string; role: 'admin' | 'tenant' }; deadline?: number }
+export type OpCallKind = 'snapshot' | 'snapshot.delete';
+
+/** How the serving process carries out each kind of call: as `principal`'s view of its broker would. */
+export type OpCallHandlers = Record<OpCallKind, (principal: Principal, ref: string) => Promise<unknown>>;
 
 type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string; ref?: string; data?: Record<string, unknown> } };
 
@@ -55,15 +59,13 @@ export async function callExportHolder(s: BrokerState, opId: string, call: OpCal
   }
 }
 
-/**
- * Answer a call made to an export of this process serving `volume` (holdExport's onCall):
- * `snapshot` makes it as the asking principal's view of this broker does.
- */
-export async function answerCall(volume: string, text: string, snapshot: (p: Principal, ref: string) => Promise<Snapshot>): Promise<string> {
+/** Answer a call made to an export of this process serving `volume` (holdExport's onCall) with `handlers`. */
+export async function answerCall(volume: string, text: string, handlers: OpCallHandlers): Promise<string> {
   let answer: Answer;
   try {
     const call = JSON.parse(text) as Partial<OpCall>;
-    if (call.kind !== 'snapshot' || typeof call.ref !== 'string' || !call.principal || typeof call.principal.id !== 'string') {
+    const handler = typeof call.kind === 'string' && Object.hasOwn(handlers, call.kind) ? handlers[call.kind] : undefined;
+    if (!handler || typeof call.ref !== 'string' || !call.principal || typeof call.principal.id !== 'string') {
       throw new InvalidArgument(`a call this build does not know: ${text.slice(0, 200)}`);
     }
     if (typeof call.deadline === 'number' && Date.now() > call.deadline) {
@@ -72,7 +74,7 @@ export async function answerCall(volume: string, text: string, snapshot: (p: Pri
     const ref = parseSnapshotRef(call.ref);
     if (`${ref.backend}/${ref.volume}` !== volume) throw new InvalidArgument(`${call.ref} is not a snapshot of ${volume}, which this export serves`);
     const principal: Principal = { id: call.principal.id, role: call.principal.role === 'admin' ? 'admin' : 'tenant' };
-    answer = { ok: true, value: await snapshot(principal, call.ref) };
+    answer = { ok: true, value: (await handler(principal, call.ref)) ?? null };
   } catch (e) {
     const err = toOffloadError(e);
     answer = {

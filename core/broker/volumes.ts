@@ -2,10 +2,10 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import type { SnapshotsApi, VolumesApi } from '../broker-api.js';
 import { BackendUnavailable, Busy, InvalidArgument, OutOfRange } from '../model/errors.js';
-import { parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey } from '../model/refs.js';
+import { parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import { notFoundVolume, type Access } from './access.js';
-import { callExportHolder, GONE } from './op-calls.js';
+import { callExportHolder, GONE, type OpCallKind } from './op-calls.js';
 import { checkSize, need, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState, type ChangesRequest } from './state.js';
 import type { FileExportOptions, FileImportOptions } from '../broker-api.js';
@@ -137,24 +137,38 @@ export class Snapshots implements SnapshotsApi {
     await this.a.assertOwns(ref);
     // A volume this broker exports read-write (a disk in use) can be snapshotted here, within the
     // export's lock: the backend takes a crash-consistent point (the pool swaps its open image).
-    const volume = `${ref.backend}/${ref.volume}`;
-    const exports = this.s.exports.list().filter((e) => e.ref === volume).map((e) => this.s.exports.device(e.name)?.holder)
-      .filter((h): h is string => h !== undefined);
     try {
       return await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, async () => {
         await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
         return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
-      }, exports, { preempts: false });
+      }, this.servingHere(ref), { preempts: false });
     } catch (e) {
-      // Exported read-write by another process (a disk in use there): that process takes it.
-      const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;
-      const elsewhere = holder && (await this.s.jobs.foreignExports()).find((x) => x.id === holder && x.ref === volume && !x.readOnly);
-      if (!elsewhere || retries < 0) throw e;
-      const answer = await callExportHolder(this.s, elsewhere.id, { kind: 'snapshot', ref: refText, principal: { id: this.a.principal.id, role: this.a.principal.role } },
-        `snapshot ${refText}`);
+      const answer = await this.askServingProcess(e, refText, 'snapshot', retries);
       // Its export ended before it answered: its lock is gone, so the snapshot is taken here.
       return answer === GONE ? this.take(refText, retries - 1) : answer as Snapshot;
     }
+  }
+
+  /** The holders of this process's exports of the volume of `ref`: a snapshot is made (or deleted) within their locks. */
+  private servingHere(ref: SnapshotRef): string[] {
+    const volume = `${ref.backend}/${ref.volume}`;
+    return this.s.exports.list().filter((e) => e.ref === volume).map((e) => this.s.exports.device(e.name)?.holder)
+      .filter((h): h is string => h !== undefined);
+  }
+
+  /**
+   * `e` is the refusal of `kind` on `refText`: when it is Busy because another process exports the
+   * volume read-write (a disk in use there), that process is asked to do it (op-calls.ts), and its
+   * answer (or GONE: its export ended first) returned; otherwise, or with no retries left, `e`.
+   */
+  private async askServingProcess(e: unknown, refText: string, kind: OpCallKind, retries: number): Promise<unknown> {
+    const ref = parseSnapshotRef(refText);
+    const volume = `${ref.backend}/${ref.volume}`;
+    const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;
+    const elsewhere = holder && (await this.s.jobs.foreignExports()).find((x) => x.id === holder && x.ref === volume && !x.readOnly);
+    if (!elsewhere || retries < 0) throw e;
+    return callExportHolder(this.s, elsewhere.id, { kind, ref: refText, principal: { id: this.a.principal.id, role: this.a.principal.role } },
+      `${kind === 'snapshot' ? 'snapshot' : 'delete'} ${refText}`);
   }
 
   async list(refText: string): Promise<Snapshot[]> {
@@ -164,16 +178,27 @@ export class Snapshots implements SnapshotsApi {
     return call(b.backend, 'list snapshots of', refText, () => b.backend.listSnapshots(ref.volume));
   }
 
-  async delete(refText: string): Promise<void> {
+  delete(refText: string): Promise<void> {
+    return this.drop(refText, 1);
+  }
+
+  /** `retries` as take's. */
+  private async drop(refText: string, retries: number): Promise<void> {
     const ref = parseSnapshotRef(refText);
     planOrRefuse(this.s, { op: 'delete', ref: refText }, `delete ${refText}`, refText);
     const b = this.s.entry(ref.backend);
     if (!(await this.a.mayAccess(ref))) return;
+    // A snapshot of a disk in use is deleted within its export's lock, as one is taken (the pool
+    // merges its layer into the open image while the guest writes; an array drops it).
     const locks = [{ key: volumeKey(ref), mode: 'shared' as const }, { key: snapshotKey(ref), mode: 'exclusive' as const }];
-    await runShort(this.s, this.a.principal, locks, `delete ${refText}`, async () => {
-      if (!(await this.a.mayAccess(ref))) return; // again under the lock (Volumes.delete)
-      await call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot));
-    });
+    try {
+      await runShort(this.s, this.a.principal, locks, `delete ${refText}`, async () => {
+        if (!(await this.a.mayAccess(ref))) return; // again under the lock (Volumes.delete)
+        await call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot));
+      }, this.servingHere(ref), { preempts: false });
+    } catch (e) {
+      if (await this.askServingProcess(e, refText, 'snapshot.delete', retries) === GONE) await this.drop(refText, retries - 1);
+    }
   }
 
   async revert(refText: string): Promise<void> {

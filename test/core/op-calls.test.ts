@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { answerCall, callExportHolder, GONE, type OpCall } from '../../core/broker/op-calls.js';
+import { answerCall, callExportHolder, GONE, type OpCall, type OpCallHandlers } from '../../core/broker/op-calls.js';
 import type { BrokerState } from '../../core/broker/state.js';
 import { Busy } from '../../core/model/errors.js';
 import type { Snapshot } from '../../core/model/types.js';
@@ -28,6 +28,9 @@ const call: OpCall = { kind: 'snapshot', ref: 'pool/vm1@s1', principal: { id: 'a
 const snap: Snapshot = { backend: 'pool', volume: 'vm1', name: 's1', sizeBytes: 1 << 20, createdAt: '2026-12-06T00:00:00.000Z' };
 let n = 0;
 
+/** The same handler for every kind of call. */
+const both = (f: () => Promise<unknown>): OpCallHandlers => ({ snapshot: f, 'snapshot.delete': f });
+
 /** An export's op row, and a holder that answers its calls with `respond` (as op-rows' poller does). */
 async function exportOp(respond?: (text: string) => Promise<string>): Promise<{ id: string; stop: () => void }> {
   const id = `export:vm1#${++n}`;
@@ -41,28 +44,36 @@ async function exportOp(respond?: (text: string) => Promise<string>): Promise<{ 
 describe('calls to the process serving an export', () => {
   it('the holder makes the snapshot as the asking principal, and the asker gets it', async () => {
     const asked: string[] = [];
-    const op = await exportOp((text) => answerCall('pool/vm1', text, async (p, ref) => {
-      asked.push(`${p.role}:${p.id}:${ref}`);
-      return snap;
+    const op = await exportOp((text) => answerCall('pool/vm1', text, {
+      snapshot: async (p, ref) => {
+        asked.push(`snapshot ${p.role}:${p.id}:${ref}`);
+        return snap;
+      },
+      'snapshot.delete': async (p, ref) => {
+        asked.push(`delete ${p.role}:${p.id}:${ref}`);
+      },
     }));
     try {
       expect(await callExportHolder(state(5000), op.id, call, 'snapshot pool/vm1@s1')).toEqual(snap);
-      expect(asked).toEqual(['tenant:alice:pool/vm1@s1']);
+      expect(await callExportHolder(state(5000), op.id, { ...call, kind: 'snapshot.delete' }, 'delete pool/vm1@s1')).toBeNull();
+      expect(asked).toEqual(['snapshot tenant:alice:pool/vm1@s1', 'delete tenant:alice:pool/vm1@s1']);
     } finally {
       op.stop();
     }
   });
 
   it('its error comes back typed, with its hint; a call for another volume, or of a kind not known, is refused there', async () => {
-    const op = await exportOp((text) => answerCall('pool/vm1', text, async () => {
+    const op = await exportOp((text) => answerCall('pool/vm1', text, both(async () => {
       throw new Busy('pool/vm1 is busy', { hint: 'wait', ref: 'pool/vm1', data: { holder: 'job-7' } });
-    }));
+    })));
     try {
       await expect(callExportHolder(state(5000), op.id, call, 'snapshot')).rejects.toMatchObject({
         code: 'Busy', message: 'pool/vm1 is busy', hint: 'wait', ref: 'pool/vm1', data: { holder: 'job-7' },
       });
       await expect(callExportHolder(state(5000), op.id, { ...call, ref: 'pool/vm2@s1' }, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/not a snapshot of pool\/vm1/) });
-      await expect(callExportHolder(state(5000), op.id, { ...call, kind: 'delete' } as unknown as OpCall, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument' });
+      for (const kind of ['delete', 'toString', 'constructor']) {
+        await expect(callExportHolder(state(5000), op.id, { ...call, kind } as unknown as OpCall, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument' });
+      }
     } finally {
       op.stop();
     }
@@ -70,10 +81,10 @@ describe('calls to the process serving an export', () => {
 
   it('a call taken after its asker stopped waiting is not made', async () => {
     let made = 0;
-    const answer = JSON.parse(await answerCall('pool/vm1', JSON.stringify({ ...call, deadline: Date.now() - 1 }), async () => {
+    const answer = JSON.parse(await answerCall('pool/vm1', JSON.stringify({ ...call, deadline: Date.now() - 1 }), both(async () => {
       made++;
       return snap;
-    })) as { ok: boolean; error?: { code: string } };
+    }))) as { ok: boolean; error?: { code: string } };
     expect(answer).toMatchObject({ ok: false, error: { code: 'Timeout' } });
     expect(made).toBe(0);
   });
@@ -92,7 +103,7 @@ describe('calls to the process serving an export', () => {
     await new Promise((r) => setTimeout(r, 100));
     const [taken] = await holder.takeOpCalls(op.id);
     await holder.deleteOpLocks(op.id);
-    await holder.answerOpCall(taken!.id, await answerCall('pool/vm1', taken!.call, async () => snap));
+    await holder.answerOpCall(taken!.id, await answerCall('pool/vm1', taken!.call, both(async () => snap)));
     expect(await asked).toEqual(snap);
   });
 

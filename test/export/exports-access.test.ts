@@ -142,6 +142,54 @@ describe('broker.exports: locks, principals and life cycle', () => {
     await broker.snapshots.delete('local/base@s1');
   });
 
+  it('a snapshot of a volume in use is exported while the volume is written (either started first); the volume keeps its other keepers', async () => {
+    await broker.volumes.create('local/inuse', { sizeBytes: 8 * MiB });
+    const d = await broker.volumes.open('local/inuse', 'rw');
+    await d.write(0, Buffer.alloc(65536, 0x31));
+    await d.close();
+    await broker.snapshots.create('local/inuse@s1');
+    const readSnap = async (uri: string) => {
+      const c = await openExport(portOf(uri), 'local/inuse@s1');
+      request(c.wire, CMD.READ, 0, 65536);
+      const got = readData(await reply(c.wire), 0, 65536);
+      c.wire.close();
+      return got;
+    };
+    const writeVolume = async (uri: string, byte: number) => {
+      const c = await openExport(portOf(uri), 'local/inuse');
+      request(c.wire, CMD.WRITE, 0, 65536, { payload: Buffer.alloc(65536, byte) });
+      expect((await reply(c.wire)).error).toBe(0);
+      c.wire.close();
+    };
+    // The disk exported first, then its snapshot (a backup application reading a point of it).
+    let rw = await broker.exports.start('local/inuse', { listen: { port: 0 } });
+    const ro = await broker.exports.start('local/inuse@s1', { listen: { port: 0 } });
+    try {
+      await writeVolume(rw.uri, 0x32);
+      expect((await readSnap(ro.uri)).equals(Buffer.alloc(65536, 0x31))).toBe(true);
+      // A snapshot taken and another deleted meanwhile; the exported one stays.
+      await broker.snapshots.create('local/inuse@s2');
+      await broker.snapshots.delete('local/inuse@s2');
+      for (const op of [broker.volumes.delete('local/inuse'), broker.volumes.resize('local/inuse', 16 * MiB), broker.snapshots.revert('local/inuse@s1'), broker.snapshots.delete('local/inuse@s1')]) {
+        expect((await refusal(op)).code).toBe('Busy');
+      }
+      expect((await refusal(broker.exports.start('local/inuse', { name: 'second', listen: { port: 0 } }))).message).toMatch(/export local\/inuse /);
+      // The disk's export stopped and started again (a VM restarted) while its snapshot is read.
+      await rw.stop();
+      rw = await broker.exports.start('local/inuse', { listen: { port: 0 } });
+      await writeVolume(rw.uri, 0x33);
+      expect((await readSnap(ro.uri)).equals(Buffer.alloc(65536, 0x31))).toBe(true);
+    } finally {
+      await ro.stop();
+      await rw.stop();
+    }
+    const after = await broker.volumes.open('local/inuse', 'r');
+    expect(Buffer.from(await after.read(0, 65536)).equals(Buffer.alloc(65536, 0x33))).toBe(true);
+    await after.close();
+    await broker.snapshots.delete('local/inuse@s1');
+    await broker.volumes.delete('local/inuse');
+  });
+
   it.skipIf(!HAVE.qemu)('qemu-img reads a snapshot export by its URI (the @ of the name in the path)', async () => {
     await broker.volumes.create('local/snapq', { sizeBytes: 4 * MiB });
     await broker.snapshots.create('local/snapq@before');

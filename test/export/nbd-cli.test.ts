@@ -89,7 +89,7 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
     expect(cli('nbd', 'stop', 'local/vm1').status).toBe(1); // NotFound now
   });
 
-  it('a snapshot from another process of a volume exported read-write is taken by the serving process, within its export, with every write acknowledged before it', async () => {
+  it('a snapshot from another process of a volume exported read-write is taken (and deleted) by the serving process, within its export, with every write acknowledged before it; one is exported alongside', async () => {
     const s = await serve('local/vm1', '--port', '0');
     await qemuIo(s.first, ['write -P 0x11 0 1M']);
     const snap = cli('snapshot', 'create', 'local/vm1@live1');
@@ -99,6 +99,22 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
     // A backup from another process too: its marker is taken by the serving process, and the point copied from it here.
     const bk = cli('backup', 'local/vm1', '--to', 'local/vm1-bk');
     expect(bk.status, bk.stderr).toBe(0);
+    // A rotation from another process (this one): a snapshot taken and deleted by the serving
+    // process (its layer merged into the image qemu-io writes to), the export going on.
+    const here = await createBroker(config, { plugins: [qcow2Module], logger: silentLogger });
+    try {
+      await here.snapshots.create('local/vm1@rot');
+      await here.snapshots.delete('local/vm1@rot');
+      expect((await here.snapshots.list('local/vm1')).map((x) => x.name)).not.toContain('rot');
+      // A snapshot exported read-only here while that process serves the volume read-write.
+      const point = await here.exports.start('local/vm1@live1', { name: 'point', listen: { host: '127.0.0.1', port: 0 } });
+      await qemuIo(point.uri, ['read -P 0x11 0 1M'], { readOnly: true });
+      await qemuIo(s.first, ['write -P 0x23 1M 64k']);
+      await point.stop();
+    } finally {
+      await here.close();
+    }
+    await qemuIo(s.first, ['read -P 0x22 0 64k', 'read -P 0x11 64k 960k', 'read -P 0x23 1M 64k']);
     // A serving process that does not answer (stopped): Timeout after lockWaitSeconds, the request withdrawn — it is not made later.
     const quick = join(dir, 'quick.yaml');
     writeFileSync(quick, 'state: ./state\nlockWaitSeconds: 1\nbackends:\n  - name: local\n    kind: qcow2\n    path: ./pool\n');
