@@ -13,14 +13,14 @@ import { createHash } from 'node:crypto';
 import type { BackupPoint, BackupsApi, CloneOptions, CloneStart } from '../broker-api.js';
 import { backupTask, type BackupParams } from '../copy/backup-task.js';
 import type { Job } from '../jobs/job.js';
-import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Timeout, Unsupported } from '../model/errors.js';
+import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../model/errors.js';
 import { isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
-import { LiveDevice } from '../live/live-device.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import type { Plan } from '../planner/plan.js';
 import type { Snapshot } from '../model/types.js';
 import type { Access } from './access.js';
-import { checkSpeed, need, planOrRefuse, runShort } from './operation.js';
+import { snapshotsAtOneInstant } from './group-snapshots.js';
+import { checkSpeed, need, planOrRefuse } from './operation.js';
 import { call, type BrokerState } from './state.js';
 import type { Snapshots, Volumes } from './volumes.js';
 
@@ -67,7 +67,7 @@ export class Backups implements BackupsApi {
     const locks = prepared.flatMap((p) => p.locks);
     // A backend being taken out of the config refuses the job: before its markers are taken.
     this.s.locks.assertAdmitted(locks);
-    const sizes = await this.takeMarkers(prepared.map((p) => p.params.source), markers);
+    const sizes = await this.takeMarkers(markers);
     for (const [i, p] of params.entries()) p.sizeBytes = sizes[i]!;
     const checks = prepared.flatMap((p) => (p.check ? [p.check] : []));
     this.s.assertOpen();
@@ -136,57 +136,10 @@ export class Backups implements BackupsApi {
     return { params, locks, plan, ...(existing ? { check: () => this.a.assertOwns(dst) } : {}) };
   }
 
-  /**
-   * Take the markers (`volume@name`, one per source) at one instant, their sizes returned. One is a
-   * snapshot as any other. Several: under every source's lock, with the clients of each export
-   * this broker serves of them held (new requests wait, those in flight are waited for) from
-   * before the first snapshot to after the last — so that no write lands in one marker and not in
-   * another that a write acknowledged before it would — and those taken are deleted if one fails.
-   * The snapshots are asked for at once, and the guests held MARKER_HOLD_MS at most: an array
-   * slow to answer (a rate limit waited out, a job polled) fails the group with Timeout rather
-   * than stall the VM's disks.
-   */
-  private async takeMarkers(sources: string[], markers: string[]): Promise<number[]> {
+  /** Take the markers (`volume@name`, one per source) at one instant (group-snapshots.ts), their sizes returned. One is a snapshot as any other. */
+  private async takeMarkers(markers: string[]): Promise<number[]> {
     if (markers.length === 1) return [(await this.v.snapshots.create(markers[0]!)).sizeBytes];
-    for (const m of markers) planOrRefuse(this.s, { op: 'snapshot', ref: m }, `snapshot ${m}`, m);
-    const served = this.s.exports.list().filter((e) => sources.includes(e.ref));
-    const holders = served.map((e) => this.s.exports.device(e.name)?.holder).filter((h): h is string => h !== undefined);
-    const devices = served.map((e) => this.s.exports.device(e.name)?.device).filter((d): d is LiveDevice => d instanceof LiveDevice);
-    const locks = sources.map((v) => ({ key: volumeKey(parseVolumeRef(v)), mode: 'shared' as const }));
-    return runShort(this.s, this.a.principal, locks, `snapshot ${markers.join(', ')} at one instant`, async () => {
-      for (const v of sources) await this.a.assertOwns(parseVolumeRef(v)); // again under the locks (Snapshots.create)
-      let asked: Promise<number>[] = [];
-      try {
-        return await pausedAll(devices, async () => {
-          asked = markers.map((m) => {
-            const ref = parseSnapshotRef(m);
-            const b = this.s.entry(ref.backend).backend;
-            return call(b, 'snapshot', m, () => b.createSnapshot(ref.volume, ref.snapshot)).then((x) => x.sizeBytes);
-          });
-          let timer: NodeJS.Timeout | undefined;
-          const late = new Promise<never>((_, reject) => {
-            timer = setTimeout(() => reject(new Timeout(`the snapshots of ${markers.join(', ')} took longer than ${holdMs() / 1000} s, the most the guests' I/O is held for them`, {
-              ref: markers.join(','), hint: 'back up again, or back up the disks one by one (each at its own instant)',
-            })), holdMs());
-          });
-          try {
-            return await Promise.race([Promise.all(asked), late]);
-          } finally {
-            clearTimeout(timer);
-          }
-        });
-      } catch (e) {
-        // Those taken, and those an array answers after the guests went on, are not the group's instant.
-        const settled = await Promise.allSettled(asked);
-        for (const [i, r] of settled.entries()) {
-          if (r.status !== 'fulfilled') continue;
-          const ref = parseSnapshotRef(markers[i]!);
-          const b = this.s.backends.get(ref.backend)!.backend;
-          await call(b, 'delete', markers[i]!, () => b.deleteSnapshot(ref.volume, ref.snapshot)).catch(() => undefined);
-        }
-        throw e;
-      }
-    }, holders, { preempts: false });
+    return (await snapshotsAtOneInstant(this.s, this.a, markers)).map((x) => x.sizeBytes);
   }
 
   async list(targetText: string): Promise<BackupPoint[]> {
@@ -226,19 +179,10 @@ export class Backups implements BackupsApi {
   }
 }
 
-/** The longest the guests' I/O is held while a group's markers are taken (OFFLOAD_MARKER_HOLD_MS: tests). */
-const MARKER_HOLD_MS = 10_000;
-const holdMs = (): number => Number(process.env.OFFLOAD_MARKER_HOLD_MS) || MARKER_HOLD_MS;
-
 /** One pair of a backup, checked: its job params (size filled in once its marker is taken), locks and plan. */
 interface Prepared {
   params: BackupParams;
   locks: LockRequest[];
   plan: Plan;
   check?: () => Promise<void>;
-}
-
-/** `fn` with every device paused at once (LiveDevice.paused, nested). */
-function pausedAll<T>(devices: LiveDevice[], fn: () => Promise<T>): Promise<T> {
-  return devices.reduceRight<() => Promise<T>>((inner, d) => () => d.paused(inner), fn)();
 }

@@ -15,6 +15,7 @@ import { Busy, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, 
 import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Principal } from '../locks/principal.js';
 import { Access } from './access.js';
+import { snapshotsAtOneInstant } from './group-snapshots.js';
 import { answerCall } from './op-calls.js';
 import { need } from './operation.js';
 import type { BrokerState } from './state.js';
@@ -223,8 +224,10 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
   // A writable export answers other processes' snapshots of its volume (op-calls.ts), within its lock.
   const snapshots = (p: Principal) => new Snapshots(s, new Access(s, p));
   const onCall = readOnly || isSnapshotRef(ref) ? undefined : (call: string) => answerCall(formatRef(ref), call, {
-    snapshot: (p, r) => snapshots(p).create(r),
-    'snapshot.delete': (p, r) => snapshots(p).delete(r),
+    snapshot: (p, c) => snapshots(p).create(c.ref),
+    'snapshot.delete': (p, c) => snapshots(p).delete(c.ref),
+    // Taken here or refused: never asked of yet another process.
+    'snapshot.group': (p, c) => snapshotsAtOneInstant(s, new Access(s, p), c.refs ?? [c.ref], -1),
   });
   const lease = await s.mutex.run(locks.map((l) => l.key), () => s.locks.acquirePublished(locks, holder,
     () => s.jobs.publishOperation(id, locks, principal, description, preempt, onCall)));

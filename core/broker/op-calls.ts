@@ -7,7 +7,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { parseSnapshotRef } from '../model/refs.js';
-import { errorFromCode, InvalidArgument, Timeout, toOffloadError } from '../model/errors.js';
+import { Busy, errorFromCode, InvalidArgument, Timeout, toOffloadError } from '../model/errors.js';
 import type { Principal } from '../locks/principal.js';
 import type { BrokerState } from './state.js';
 
@@ -16,11 +16,19 @@ import type { BrokerState } from './state.js';
  * who asked — not after `deadline` (ms since the epoch, the asker's clock), when the asker has
  * stopped waiting (a holder paused past it, an asker that died).
  */
-export interface OpCall { kind: OpCallKind; ref: string; principal: { id: string; role: 'admin' | 'tenant' }; deadline?: number }
-export type OpCallKind = 'snapshot' | 'snapshot.delete';
+export interface OpCall {
+  kind: OpCallKind;
+  /** The snapshot, of the export's volume. */
+  ref: string;
+  /** `snapshot.group`: every snapshot of the group (`ref` among them), taken at one instant. */
+  refs?: string[];
+  principal: { id: string; role: 'admin' | 'tenant' };
+  deadline?: number;
+}
+export type OpCallKind = 'snapshot' | 'snapshot.delete' | 'snapshot.group';
 
 /** How the serving process carries out each kind of call: as `principal`'s view of its broker would. */
-export type OpCallHandlers = Record<OpCallKind, (principal: Principal, ref: string) => Promise<unknown>>;
+export type OpCallHandlers = Record<OpCallKind, (principal: Principal, call: OpCall) => Promise<unknown>>;
 
 type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string; ref?: string; data?: Record<string, unknown> } };
 
@@ -59,6 +67,20 @@ export async function callExportHolder(s: BrokerState, opId: string, call: OpCal
   }
 }
 
+/**
+ * `e` is a refusal of `what` on the snapshot `call.ref`: when it is Busy because another process
+ * exports that snapshot's volume read-write (a disk in use there), that process is asked to make
+ * `call` as `principal`, and its answer (or GONE: its export ended first) returned; otherwise `e`.
+ */
+export async function askServingProcess(s: BrokerState, e: unknown, call: Omit<OpCall, 'principal' | 'deadline'>, principal: Principal, what: string): Promise<unknown> {
+  const ref = parseSnapshotRef(call.ref);
+  const volume = `${ref.backend}/${ref.volume}`;
+  const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;
+  const elsewhere = holder && (await s.jobs.foreignExports()).find((x) => x.id === holder && x.ref === volume && !x.readOnly);
+  if (!elsewhere) throw e;
+  return callExportHolder(s, elsewhere.id, { ...call, principal: { id: principal.id, role: principal.role } }, what);
+}
+
 /** Answer a call made to an export of this process serving `volume` (holdExport's onCall) with `handlers`. */
 export async function answerCall(volume: string, text: string, handlers: OpCallHandlers): Promise<string> {
   let answer: Answer;
@@ -73,8 +95,11 @@ export async function answerCall(volume: string, text: string, handlers: OpCallH
     }
     const ref = parseSnapshotRef(call.ref);
     if (`${ref.backend}/${ref.volume}` !== volume) throw new InvalidArgument(`${call.ref} is not a snapshot of ${volume}, which this export serves`);
+    if (call.refs !== undefined && (!Array.isArray(call.refs) || !call.refs.every((r) => typeof r === 'string') || !call.refs.includes(call.ref))) {
+      throw new InvalidArgument(`a group of snapshots is a list of references that holds ${call.ref}`);
+    }
     const principal: Principal = { id: call.principal.id, role: call.principal.role === 'admin' ? 'admin' : 'tenant' };
-    answer = { ok: true, value: (await handler(principal, call.ref)) ?? null };
+    answer = { ok: true, value: (await handler(principal, call as OpCall)) ?? null };
   } catch (e) {
     const err = toOffloadError(e);
     answer = {

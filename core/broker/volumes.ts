@@ -5,7 +5,7 @@ import { BackendUnavailable, Busy, InvalidArgument, OutOfRange } from '../model/
 import { parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import { notFoundVolume, type Access } from './access.js';
-import { callExportHolder, GONE, type OpCallKind } from './op-calls.js';
+import { askServingProcess, GONE } from './op-calls.js';
 import { checkSize, need, planOrRefuse, runShort } from './operation.js';
 import { call, type BrokerState, type ChangesRequest } from './state.js';
 import type { FileExportOptions, FileImportOptions } from '../broker-api.js';
@@ -143,7 +143,8 @@ export class Snapshots implements SnapshotsApi {
         return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
       }, this.servingHere(ref), { preempts: false });
     } catch (e) {
-      const answer = await this.askServingProcess(e, refText, 'snapshot', retries);
+      if (retries < 0) throw e;
+      const answer = await askServingProcess(this.s, e, { kind: 'snapshot', ref: refText }, this.a.principal, `snapshot ${refText}`);
       // Its export ended before it answered: its lock is gone, so the snapshot is taken here.
       return answer === GONE ? this.take(refText, retries - 1) : answer as Snapshot;
     }
@@ -154,21 +155,6 @@ export class Snapshots implements SnapshotsApi {
     const volume = `${ref.backend}/${ref.volume}`;
     return this.s.exports.list().filter((e) => e.ref === volume).map((e) => this.s.exports.device(e.name)?.holder)
       .filter((h): h is string => h !== undefined);
-  }
-
-  /**
-   * `e` is the refusal of `kind` on `refText`: when it is Busy because another process exports the
-   * volume read-write (a disk in use there), that process is asked to do it (op-calls.ts), and its
-   * answer (or GONE: its export ended first) returned; otherwise, or with no retries left, `e`.
-   */
-  private async askServingProcess(e: unknown, refText: string, kind: OpCallKind, retries: number): Promise<unknown> {
-    const ref = parseSnapshotRef(refText);
-    const volume = `${ref.backend}/${ref.volume}`;
-    const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;
-    const elsewhere = holder && (await this.s.jobs.foreignExports()).find((x) => x.id === holder && x.ref === volume && !x.readOnly);
-    if (!elsewhere || retries < 0) throw e;
-    return callExportHolder(this.s, elsewhere.id, { kind, ref: refText, principal: { id: this.a.principal.id, role: this.a.principal.role } },
-      `${kind === 'snapshot' ? 'snapshot' : 'delete'} ${refText}`);
   }
 
   async list(refText: string): Promise<Snapshot[]> {
@@ -197,7 +183,9 @@ export class Snapshots implements SnapshotsApi {
         await call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot));
       }, this.servingHere(ref), { preempts: false });
     } catch (e) {
-      if (await this.askServingProcess(e, refText, 'snapshot.delete', retries) === GONE) await this.drop(refText, retries - 1);
+      if (retries < 0) throw e;
+      const answer = await askServingProcess(this.s, e, { kind: 'snapshot.delete', ref: refText }, this.a.principal, `delete ${refText}`);
+      if (answer === GONE) await this.drop(refText, retries - 1);
     }
   }
 

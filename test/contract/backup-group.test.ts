@@ -6,7 +6,8 @@
  * next group is incremental again; bad groups are refused before anything is taken.
  */
 import { describe, expect, it } from 'vitest';
-import type { Broker, JobInfo } from '../../core/index.js';
+import { createBroker, silentLogger, type Broker, type JobInfo } from '../../core/index.js';
+import { builtinPlugins } from '../../plugins/index.js';
 import { allBackendsForFile, patternBytes, withDevice, type AllBackends } from '../support/all-backends.js';
 import { openExport, reply, request, CMD } from '../support/nbd-client.js';
 
@@ -73,10 +74,13 @@ describe('group backup: the disks of one VM at one instant', () => {
     }
   });
 
-  it('a guest writing disk A then disk B through exports: no point ever holds its write to B without the write to A before it', async () => {
+  for (const from of ['this broker', 'another broker (the markers taken by the one serving the disks)']) {
+  it(`a guest writing disk A then disk B through exports: no point ever holds its write to B without the write to A before it; backed up from ${from}`, async () => {
     // Disks on two backends, the array's snapshot slow to come (150 ms before the mock takes it):
     // without the clients held, the guest writes both disks again between the two snapshots.
     const [a, b] = await disks('local', 'san1');
+    const other = from === 'this broker' ? undefined : await createBroker(all.config, { plugins: builtinPlugins, logger: silentLogger });
+    const backups = (other ?? broker).backups;
     all.san.faults.add({ method: 'POST', path: '/**/volume-snapshots', action: { type: 'latency', ms: 150 } });
     const sets = [`local/grp-ia-${++n}`, `nas1/grp-ib-${n}`];
     const exA = await broker.exports.start(a!, { listen: { port: 0 } });
@@ -105,8 +109,8 @@ describe('group backup: the disks of one VM at one instant', () => {
       }
     })();
     try {
-      for (let round = 0; round < 4; round++) {
-        const info = await (await broker.backups.startGroup([{ source: a!, to: sets[0]! }, { source: b!, to: sets[1]! }])).wait();
+      for (let round = 0; round < (other ? 2 : 4); round++) {
+        const info = await (await backups.startGroup([{ source: a!, to: sets[0]! }, { source: b!, to: sets[1]! }])).wait();
         expect(info.error).toBeUndefined();
         const [inA, inB] = [(await read(sets[0]!, 4096)).readUInt32LE(0), (await read(sets[1]!, 4096)).readUInt32LE(0)];
         expect(inA).toBeGreaterThan(0);
@@ -123,8 +127,29 @@ describe('group backup: the disks of one VM at one instant', () => {
       }
       await exA.stop();
       await exB.stop();
+      await other?.close();
     }
     expect(seq).toBeGreaterThan(4); // the guest wrote throughout
+    // Each source keeps only the newest marker (the previous ones deleted through the serving broker).
+    for (const d of [a!, b!]) expect((await snapshotNames(d)).filter((x) => x.startsWith('bk-'))).toHaveLength(1);
+  });
+  }
+
+  it('disks in use in two processes: Busy, as one instant cannot span the guests of two; no marker is left', async () => {
+    const [a, b] = await disks('local', 'san1');
+    const other = await createBroker(all.config, { plugins: builtinPlugins, logger: silentLogger });
+    const exA = await broker.exports.start(a!, { listen: { port: 0 } });
+    const exB = await other.exports.start(b!, { listen: { port: 0 } });
+    try {
+      const refused = await broker.backups.startGroup([{ source: a!, to: `local/grp-two-${++n}` }, { source: b!, to: `nas1/grp-two-${n}` }]).then(() => undefined, (e: Error & { code?: string }) => e);
+      expect(refused?.code).toBe('Busy');
+      expect(refused?.message).toMatch(/served by more than one process/);
+      for (const d of [a!, b!]) expect((await snapshotNames(d)).filter((x) => x.startsWith('bk-'))).toEqual([]);
+    } finally {
+      await exA.stop();
+      await exB.stop();
+      await other.close();
+    }
   });
 
   it('cancelled half-way: neither disk keeps a new point or marker, both sets read as their last point; the next group is incremental again', async () => {

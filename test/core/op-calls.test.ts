@@ -29,7 +29,7 @@ const snap: Snapshot = { backend: 'pool', volume: 'vm1', name: 's1', sizeBytes: 
 let n = 0;
 
 /** The same handler for every kind of call. */
-const both = (f: () => Promise<unknown>): OpCallHandlers => ({ snapshot: f, 'snapshot.delete': f });
+const both = (f: () => Promise<unknown>): OpCallHandlers => ({ snapshot: f, 'snapshot.delete': f, 'snapshot.group': f });
 
 /** An export's op row, and a holder that answers its calls with `respond` (as op-rows' poller does). */
 async function exportOp(respond?: (text: string) => Promise<string>): Promise<{ id: string; stop: () => void }> {
@@ -45,18 +45,27 @@ describe('calls to the process serving an export', () => {
   it('the holder makes the snapshot as the asking principal, and the asker gets it', async () => {
     const asked: string[] = [];
     const op = await exportOp((text) => answerCall('pool/vm1', text, {
-      snapshot: async (p, ref) => {
-        asked.push(`snapshot ${p.role}:${p.id}:${ref}`);
+      snapshot: async (p, c) => {
+        asked.push(`snapshot ${p.role}:${p.id}:${c.ref}`);
         return snap;
       },
-      'snapshot.delete': async (p, ref) => {
-        asked.push(`delete ${p.role}:${p.id}:${ref}`);
+      'snapshot.delete': async (p, c) => {
+        asked.push(`delete ${p.role}:${p.id}:${c.ref}`);
+      },
+      'snapshot.group': async (p, c) => {
+        asked.push(`group ${p.role}:${p.id}:${c.refs!.join(',')}`);
+        return [snap];
       },
     }));
     try {
       expect(await callExportHolder(state(5000), op.id, call, 'snapshot pool/vm1@s1')).toEqual(snap);
       expect(await callExportHolder(state(5000), op.id, { ...call, kind: 'snapshot.delete' }, 'delete pool/vm1@s1')).toBeNull();
-      expect(asked).toEqual(['snapshot tenant:alice:pool/vm1@s1', 'delete tenant:alice:pool/vm1@s1']);
+      expect(await callExportHolder(state(5000), op.id, { ...call, kind: 'snapshot.group', refs: ['pool/vm1@s1', 'pool/vm2@s1'] }, 'group')).toEqual([snap]);
+      // A group that does not hold the export's snapshot, or is not a list of references, is refused there.
+      for (const refs of [['pool/vm2@s1'], 'pool/vm1@s1', [7]]) {
+        await expect(callExportHolder(state(5000), op.id, { ...call, kind: 'snapshot.group', refs } as unknown as OpCall, 'group')).rejects.toMatchObject({ code: 'InvalidArgument' });
+      }
+      expect(asked).toEqual(['snapshot tenant:alice:pool/vm1@s1', 'delete tenant:alice:pool/vm1@s1', 'group tenant:alice:pool/vm1@s1,pool/vm2@s1']);
     } finally {
       op.stop();
     }

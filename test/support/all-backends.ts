@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ContainerModule } from 'inversify';
 import { afterAll, beforeAll } from 'vitest';
-import { createBroker, type BlockDevice, type Broker } from '../../core/index.js';
+import { createBroker, type BlockDevice, type Broker, type RawConfig } from '../../core/index.js';
 import { startFlashArrayMock } from '../../plugins/flasharray/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { MOCK_DEFAULTS, startOntapMock } from '../../plugins/ontap/index.js';
@@ -20,6 +20,8 @@ export interface AllBackends {
   nas: Awaited<ReturnType<typeof startOntapMock>>;
   /** The broker's state folder (the pool is `pool/` in it). */
   state: string;
+  /** The broker's config: another broker made from it shares the state and the backends (another process, as far as locks go). */
+  config: RawConfig;
   close(): Promise<void>;
 }
 
@@ -28,7 +30,7 @@ export async function startAllBackends(o: { extra?: (state: string) => Record<st
   const nas = await startOntapMock({ port: 0, jobDurationMs: 20 });
   const state = mkdtempSync(join(tmpdir(), o.prefix ?? 'offload-all-'));
   mkdirSync(join(state, 'pool'));
-  const broker = await createBroker({
+  const config = {
     state,
     backends: [
       { name: 'local', kind: 'qcow2', path: join(state, 'pool') },
@@ -39,9 +41,11 @@ export async function startAllBackends(o: { extra?: (state: string) => Record<st
       },
       ...(o.extra?.(state) ?? []),
     ] as never,
-  }, { plugins: [...builtinPlugins, ...(o.plugins ?? [])] });
+  } satisfies RawConfig;
+  const broker = await createBroker(config, { plugins: [...builtinPlugins, ...(o.plugins ?? [])] });
   return {
     broker,
+    config,
     san,
     nas,
     state,
