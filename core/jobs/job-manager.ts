@@ -66,6 +66,9 @@ export interface Unresumable {
 /** A job's lease by default (the config's `leaseSeconds`). */
 export const DEFAULT_LEASE_MS = 15_000;
 
+/** How long a call to an export stays in the store, answered or not: far longer than any asker waits (lockWaitSeconds). */
+const OP_CALL_RETENTION_MS = 86_400_000;
+
 /** What a runner's job life shows a service's metrics: takeovers, and writes refused by fencing. */
 export type JobEventHook = (e:
   | { type: 'takeover'; job: string; fence: number }
@@ -479,6 +482,8 @@ export class JobManager {
       if (this.sweeping || this.closing) return;
       this.sweeping = (async () => {
         const before = new Date(Date.now() - opts.retentionMs).toISOString();
+        // Calls to exports whose askers died before reading the answer (an asker waits lockWaitSeconds).
+        await this.store.sweepOpCalls(new Date(Date.now() - OP_CALL_RETENTION_MS).toISOString());
         for (const rec of await this.store.listJobs()) {
           if (this.closing) break;
           if (rec.status !== 'concluded' || rec.updatedAt >= before || opts.keep?.(rec)) continue;

@@ -523,6 +523,10 @@ export class JobStore {
     return this.stmt('DELETE FROM op_calls WHERE id = ? AND taken = 0').run(id).changes > 0;
   }
 
+  sweepOpCalls(before: string): number {
+    return this.stmt('DELETE FROM op_calls WHERE requested_at < ?').run(before).changes;
+  }
+
   insertExport(e: ExportRecord): void {
     this.stmt(`INSERT OR REPLACE INTO exports (id, name, ref, uri, read_only, owner, role, runner_pid, runner_token, started_at, runner_host, lease_expires)
       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)

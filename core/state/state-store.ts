@@ -100,6 +100,8 @@ export interface StateOps {
   takeOpCallAnswer(id: string): Promise<string | undefined | null>;
   /** Remove a call not taken yet (the asker gave up waiting): false if it was taken (or is gone). */
   withdrawOpCall(id: string): Promise<boolean>;
+  /** Remove the calls made before `before` (ISO time), answered or not: their askers stopped waiting long ago (an asker that died). How many. */
+  sweepOpCalls(before: string): Promise<number>;
 
   /** Record an export (replacing one of the same id). */
   insertExport(e: ExportRecord): Promise<void>;

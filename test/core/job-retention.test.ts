@@ -8,6 +8,7 @@
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger, type JobRecord, type RawConfig } from '../../core/index.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
@@ -48,6 +49,15 @@ beforeAll(async () => {
   await store.insertJob(record('cancelled-mirror', LONG_AGO, { ...mirror, cancelled: true, checkpoint: { authoritative: 'source', intent: [{ regions: [[0, 1]] }] } }));
   // Wrote the crashed copy's target after it: its dismissal drops that copy's record.
   await store.insertJob(record('old-writer', LONG_AGO, { locks: [{ key: 'local/b', mode: 'exclusive' }] }));
+  // Calls to an export: one answered a day and more ago, its asker gone without reading it; one just made.
+  await store.insertOpLocks({ id: 'export:x#1', locks: [{ key: 'local/x', mode: 'exclusive' }], principal: 'admin', role: 'admin', description: 'nbd export',
+    runnerPid: 1, runnerToken: 'gone', runnerHost: 'elsewhere', leaseExpires: Date.now() + 3_600_000 });
+  for (const c of ['old-call', 'new-call']) await store.requestOpCall(c, 'export:x#1', '{}');
+  await store.takeOpCalls('export:x#1');
+  await store.answerOpCall('old-call', '{"ok":true}');
+  const raw = new Database(join(dir, 'state', 'jobs.sqlite'));
+  raw.prepare('UPDATE op_calls SET requested_at = ? WHERE id = ?').run(new Date(Date.now() - 25 * 3_600_000).toISOString(), 'old-call');
+  raw.close();
 });
 
 afterAll(async () => {
@@ -79,6 +89,9 @@ describe('concluded jobs kept for jobRetentionDays', () => {
       await until('the old jobs dismissed', async () => !(await ids()).includes('old-writer'));
       expect(await ids()).toEqual(['crashed-mirror', 'old-running', 'recent-copy', 'suspended-mirror']);
       expect((await service.jobs.get('crashed-mirror')).info().crashed).toBeUndefined();
+      // The call older than a day is gone with them; the new one stays for its answer.
+      expect(await store.takeOpCallAnswer('old-call')).toBeNull();
+      expect(await store.takeOpCallAnswer('new-call')).toBeUndefined();
     } finally {
       await service.close();
     }

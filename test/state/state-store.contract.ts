@@ -439,6 +439,16 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         // An op that holds no locks (any more) takes no call.
         expect(await b.requestOpCall(`${p}-c5`, op.id, '{"n":5}')).toBe(false);
         expect(await b.takeOpCallAnswer(`${p}-c5`)).toBeNull();
+        // A call answered whose asker never read it: swept once it is older than the sweep's bound, not before.
+        const op2 = opLocks(`${p}-op2`, [`vol:${p}/y`]);
+        await a.insertOpLocks(op2);
+        expect(await b.requestOpCall(`${p}-c6`, op2.id, '{"n":6}')).toBe(true);
+        await a.takeOpCalls(op2.id);
+        await a.answerOpCall(`${p}-c6`, '{"ok":true}');
+        expect(await a.sweepOpCalls(new Date(Date.now() - 3_600_000).toISOString())).toBe(0);
+        expect(await a.sweepOpCalls(new Date(Date.now() + 1000).toISOString())).toBeGreaterThanOrEqual(1);
+        expect(await b.takeOpCallAnswer(`${p}-c6`)).toBeNull();
+        await a.deleteOpLocks(op2.id);
       });
 
       it('exports: insert, replace by id, list by name then id, delete', async () => {

@@ -158,6 +158,7 @@ export class PostgresStateStore implements StateStore {
   answerOpCall(id: string, answer: string) { return this.ops.answerOpCall(id, answer); }
   takeOpCallAnswer(id: string) { return this.ops.takeOpCallAnswer(id); }
   withdrawOpCall(id: string) { return this.ops.withdrawOpCall(id); }
+  sweepOpCalls(before: string) { return this.ops.sweepOpCalls(before); }
   insertExport(e: ExportRecord) { return this.ops.insertExport(e); }
   deleteExport(id: string) { return this.ops.deleteExport(id); }
   listExports() { return this.ops.listExports(); }
@@ -299,6 +300,7 @@ function postgresOps(q: Query): StateOps {
       await q('UPDATE op_calls SET answer = $2 WHERE id = $1', [id, answer]);
     },
     withdrawOpCall: async (id) => ((await q('DELETE FROM op_calls WHERE id = $1 AND NOT taken', [id])).rowCount ?? 0) > 0,
+    sweepOpCalls: async (before) => (await q(`DELETE FROM op_calls WHERE requested_at < $1 ${C}`, [before])).rowCount ?? 0,
     takeOpCallAnswer: async (id) => {
       const taken = (await q<{ answer: string }>('DELETE FROM op_calls WHERE id = $1 AND answer IS NOT NULL RETURNING answer', [id])).rows[0];
       if (taken) return taken.answer;

@@ -106,6 +106,7 @@ export class SqliteStateStore implements StateStore {
   answerOpCall(id: string, answer: string) { return this.one((o) => o.answerOpCall(id, answer)); }
   takeOpCallAnswer(id: string) { return this.one((o) => o.takeOpCallAnswer(id)); }
   withdrawOpCall(id: string) { return this.one((o) => o.withdrawOpCall(id)); }
+  sweepOpCalls(before: string) { return this.one((o) => o.sweepOpCalls(before)); }
   insertExport(e: ExportRecord) { return this.one((o) => o.insertExport(e)); }
   deleteExport(id: string) { return this.one((o) => o.deleteExport(id)); }
   listExports() { return this.one((o) => o.listExports()); }
@@ -180,6 +181,7 @@ function syncOps(db: JobStore): StateOps {
     answerOpCall: async (id, answer) => db.answerOpCall(id, answer),
     takeOpCallAnswer: async (id) => db.takeOpCallAnswer(id),
     withdrawOpCall: async (id) => db.withdrawOpCall(id),
+    sweepOpCalls: async (before) => db.sweepOpCalls(before),
     insertExport: async (e) => db.insertExport(e),
     deleteExport: async (id) => db.deleteExport(id),
     listExports: async () => db.listExports(),
