@@ -14,7 +14,7 @@ import type { BackupPoint, BackupsApi, CloneOptions, CloneStart } from '../broke
 import { backupTask, type BackupParams } from '../copy/backup-task.js';
 import type { Job } from '../jobs/job.js';
 import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../model/errors.js';
-import { isSnapshotRef, parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
+import { isSnapshotRef, parseRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import type { Plan } from '../planner/plan.js';
 import type { Snapshot } from '../model/types.js';
@@ -130,7 +130,8 @@ export class Backups implements BackupsApi {
     };
     const locks = [
       { key: snapshotKey(parseRef(`${source}@${next}`) as SnapshotRef), mode: 'shared' as const },
-      ...(base !== undefined ? [{ key: snapshotKey(parseRef(`${source}@${base}`) as SnapshotRef), mode: 'exclusive' as const }] : []),
+      // The previous marker, which the job deletes once its point exists (an export reading it keeps the job out).
+      ...(hasLast ? [{ key: snapshotKey(parseRef(`${source}@${marker(last)}`) as SnapshotRef), mode: 'exclusive' as const }] : []),
       { key: volumeKey(dst), mode: 'exclusive' as const },
     ];
     return { params, locks, plan, ...(existing ? { check: () => this.a.assertOwns(dst) } : {}) };

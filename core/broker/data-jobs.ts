@@ -18,7 +18,7 @@ import { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
 import { markResumed } from '../live/mirror-task.js';
 import { InstantClones } from './instant-clones.js';
-import { checkSize, checkSpeed, planOrRefuse, runShort } from './operation.js';
+import { checkSize, checkSpeed, planOrRefuse, readLocks, runShort } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
 import type { Volumes } from './volumes.js';
 
@@ -74,7 +74,7 @@ export class DataJobs {
     const target = volumeKey(dst);
     const d = this.s.entry(dst.backend);
     return runShort(this.s, this.a.principal,
-      [{ key: volumeKey(src), mode: 'shared' }, { key: target, mode: 'exclusive' }], `clone ${source} to ${target}`,
+      [...readLocks(src), { key: target, mode: 'exclusive' }], `clone ${source} to ${target}`,
       async () => {
         await this.a.assertOwns(src); // again under the lock (Volumes.resize)
         const recorded = await this.a.targetOwner(dst, d.backend, owner, explicit);
@@ -104,7 +104,7 @@ export class DataJobs {
     const recorded = await this.a.targetOwner(dst, d.backend, owner, opts.owner !== undefined);
     const params: HostCloneParams = { source, target, targetFresh: true, sizeBytes: size ?? srcSize, owner: recorded, ...(opts.verify ? { verify: true } : {}) };
     return this.startJob(cloneTask(params, this.s.cloneDeps()), target, 'host', undefined, [
-      { key: volumeKey(src), mode: 'shared' },
+      ...readLocks(src),
       { key: target, mode: 'exclusive' },
     ], plan, checkSpeed(opts.speed), () => this.a.assertOwns(src));
   }
@@ -177,7 +177,7 @@ export class DataJobs {
     const params = { source, target, targetFresh: false, ...(opts.verify ? { verify: true } : {}), ...(since !== undefined ? { since } : {}) };
     const task = hostCopyTask(params, (ref, mode) => this.s.openDevice(ref, mode), this.s.changeLister());
     return this.startJob(task, target, 'host', undefined, [
-      { key: volumeKey(src), mode: 'shared' },
+      ...readLocks(src),
       // The snapshot the changes are counted from stays while the job may ask again (a resume).
       ...(since !== undefined ? [{ key: snapshotKey({ backend: src.backend, volume: src.volume, snapshot: since }), mode: 'shared' as const }] : []),
       { key: volumeKey(parseVolumeRef(target)), mode: 'exclusive' },

@@ -219,7 +219,10 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
   const description = `nbd export ${name} of ${formatRef(ref)} (${readOnly ? 'read-only' : 'read-write'})`;
   // An administrator's conflicting request stops a tenant's export (here, or from another process).
   const preempt = () => void s.exports.stop(name).catch(() => undefined);
-  const within = [...(e.within !== undefined ? [e.within] : []), ...await exportsAlongside(s, ref, readOnly)];
+  const alongside = await exportsAlongside(s, ref, readOnly);
+  // Alongside is not within another's work going on: a backend being taken out of the config admits no new export.
+  if (alongside.length > 0) s.locks.assertAdmitted(locks);
+  const within = [...(e.within !== undefined ? [e.within] : []), ...alongside];
   const holder = { id, principal, description, preempt, ...(within.length > 0 ? { within } : {}) };
   // A writable export answers other processes' snapshots of its volume (op-calls.ts), within its lock.
   const snapshots = (p: Principal) => new Snapshots(s, new Access(s, p));

@@ -18,7 +18,7 @@ import { AlreadyExists, InvalidArgument, NotFound, PermissionDenied } from '../m
 import { formatRef, isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
-import { checkSize, checkSpeed, planOrRefuse } from './operation.js';
+import { checkSize, checkSpeed, planOrRefuse, readLocks } from './operation.js';
 import { call, type BrokerState } from './state.js';
 
 /** The export and import verbs of one principal's broker view (exposed on `broker.volumes`). */
@@ -38,7 +38,7 @@ export class FileJobs {
     await format.checkCreate?.(path);
     const params: FileExportParams = { source, file: path, format: format.name, ...(opts.overwrite ? { overwrite: true } : {}), ...(opts.verify ? { verify: true } : {}) };
     return this.start(exportTask(params, this.s.fileJobDeps()), source, [
-      { key: volumeKey(ref), mode: 'shared' },
+      ...readLocks(ref),
       { key: await fileKey(path), mode: 'exclusive' },
     ], plan, speed, () => this.a.assertOwns(ref));
   }

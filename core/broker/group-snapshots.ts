@@ -8,7 +8,7 @@ import { parseSnapshotRef, volumeKey } from '../model/refs.js';
 import type { Snapshot } from '../model/types.js';
 import type { Access } from './access.js';
 import { callExportHolder, GONE } from './op-calls.js';
-import { planOrRefuse, runShort } from './operation.js';
+import { planOrRefuse, runShort, sparesDisksInUse } from './operation.js';
 import { call, type BrokerState } from './state.js';
 
 /** The longest the guests' I/O is held while a group's snapshots are taken (OFFLOAD_MARKER_HOLD_MS: tests). */
@@ -75,7 +75,7 @@ export async function snapshotsAtOneInstant(s: BrokerState, a: Access, refs: str
         }
         throw e;
       }
-    }, holders, { preempts: false });
+    }, holders, { spares: sparesDisksInUse });
   } catch (e) {
     const holder = e instanceof Busy && typeof e.data?.holder === 'string' && e.data.holder.startsWith('export:') ? e.data.holder : undefined;
     if (!holder || retries < 0) throw e;

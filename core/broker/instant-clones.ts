@@ -13,7 +13,7 @@ import { AlreadyExists, InvalidArgument, toOffloadError } from '../model/errors.
 import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
-import { checkSize, checkSpeed } from './operation.js';
+import { checkSize, checkSpeed, readLocks } from './operation.js';
 import type { BrokerState } from './state.js';
 
 
@@ -99,7 +99,7 @@ export class InstantClones {
       const owner = await this.a.targetOwner(dst, d.backend, this.a.ownerFor(opts.owner), opts.owner !== undefined);
       made.push({ source: `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`, target: ref, sizeBytes: size, owner });
     }
-    const locks = made.flatMap((p) => [{ key: volumeKey(parseRef(p.source)), mode: 'shared' as const }, { key: p.target, mode: 'exclusive' as const }]);
+    const locks = made.flatMap((p) => [...readLocks(parseRef(p.source)), { key: p.target, mode: 'exclusive' as const }]);
     const speed = checkSpeed(opts.speed);
     this.s.assertOpen();
     const task = instantCloneTask(this.s, { pairs: made, ...(opts.copyOnRead ? { copyOnRead: true } : {}) });

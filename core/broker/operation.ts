@@ -1,8 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import type { LockRequest } from '../locks/lock-manager.js';
+import { holderKind, type HeldLock, type LockHolder, type LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import type { Capability, CapabilitySet } from '../model/capabilities.js';
 import { InvalidArgument, Unsupported } from '../model/errors.js';
+import { isSnapshotRef, snapshotKey, volumeKey, type Ref } from '../model/refs.js';
 import type { Operation, Plan } from '../planner/plan.js';
 import type { PlannerBackend } from '../planner/planner.js';
 import type { BrokerState } from './state.js';
@@ -32,11 +33,11 @@ let opCount = 0;
  * background: this broker ignores its own, another waits the moment it takes).
  */
 export function runShort<T>(s: BrokerState, principal: Principal, locks: LockRequest[], description: string, fn: () => Promise<T>, within?: string[],
-  o: { preempts?: false } = {}): Promise<T> {
+  o: { spares?: LockHolder['spares'] } = {}): Promise<T> {
   s.assertOpen();
   return s.mutex.run(locks.map((l) => l.key), async () => {
     const id = `op-${OP_ID_PREFIX}${(++opCount).toString(36)}`;
-    const holder = { id, principal, description, ...(within && within.length > 0 ? { within } : {}), ...(o.preempts === false ? { preempts: false as const } : {}) };
+    const holder = { id, principal, description, ...(within && within.length > 0 ? { within } : {}), ...(o.spares ? { spares: o.spares } : {}) };
     const lease = await s.locks.acquirePublished(locks, holder, () => s.jobs.publishShort(id, locks, principal, description));
     try {
       return await fn();
@@ -44,6 +45,23 @@ export function runShort<T>(s: BrokerState, principal: Principal, locks: LockReq
       void lease.release();
     }
   });
+}
+
+/**
+ * LockHolder.spares of a snapshot taken or deleted: the writable exports of its volume (the only
+ * exports that hold one exclusively), here or in another process — a disk in use is not stopped
+ * for it; the snapshot is made within that export, or asked of its process.
+ */
+export function sparesDisksInUse(held: HeldLock): boolean {
+  return held.mode === 'exclusive' && holderKind(held.holder.id).kind === 'export';
+}
+
+/**
+ * The locks a reader of `src` holds: its volume shared (not deleted, reverted or written over
+ * by another under it), and a snapshot it reads shared too (not deleted under it).
+ */
+export function readLocks(src: Ref): LockRequest[] {
+  return [{ key: volumeKey(src), mode: 'shared' }, ...(isSnapshotRef(src) ? [{ key: snapshotKey(src), mode: 'shared' as const }] : [])];
 }
 
 /** A size a volume may have: a whole number of bytes, > 0, within the backend's stated maximum. */

@@ -1,12 +1,12 @@
 /** The broker's volume and snapshot verbs for one principal: planned, locked, and checked for ownership. */
 import type { BlockDevice } from '../backend/block-device.js';
 import type { SnapshotsApi, VolumesApi } from '../broker-api.js';
-import { BackendUnavailable, Busy, InvalidArgument, OutOfRange } from '../model/errors.js';
+import { BackendUnavailable, InvalidArgument, OutOfRange } from '../model/errors.js';
 import { parseRef, parseSnapshotRef, parseVolumeRef, snapshotKey, volumeKey, type SnapshotRef } from '../model/refs.js';
 import type { Page, PageRequest, Snapshot, Volume } from '../model/types.js';
 import { notFoundVolume, type Access } from './access.js';
 import { askServingProcess, GONE } from './op-calls.js';
-import { checkSize, need, planOrRefuse, runShort } from './operation.js';
+import { checkSize, need, planOrRefuse, runShort, sparesDisksInUse } from './operation.js';
 import { call, type BrokerState, type ChangesRequest } from './state.js';
 import type { FileExportOptions, FileImportOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
@@ -141,7 +141,7 @@ export class Snapshots implements SnapshotsApi {
       return await runShort(this.s, this.a.principal, [{ key: volumeKey(ref), mode: 'shared' }], `snapshot ${refText}`, async () => {
         await this.a.assertOwns(ref); // again under the lock (Volumes.resize)
         return call(b.backend, 'snapshot', refText, () => b.backend.createSnapshot(ref.volume, ref.snapshot));
-      }, this.servingHere(ref), { preempts: false });
+      }, this.servingHere(ref), { spares: sparesDisksInUse });
     } catch (e) {
       if (retries < 0) throw e;
       const answer = await askServingProcess(this.s, e, { kind: 'snapshot', ref: refText }, this.a.principal, `snapshot ${refText}`);
@@ -181,7 +181,7 @@ export class Snapshots implements SnapshotsApi {
       await runShort(this.s, this.a.principal, locks, `delete ${refText}`, async () => {
         if (!(await this.a.mayAccess(ref))) return; // again under the lock (Volumes.delete)
         await call(b.backend, 'delete', refText, () => b.backend.deleteSnapshot(ref.volume, ref.snapshot));
-      }, this.servingHere(ref), { preempts: false });
+      }, this.servingHere(ref), { spares: sparesDisksInUse });
     } catch (e) {
       if (retries < 0) throw e;
       const answer = await askServingProcess(this.s, e, { kind: 'snapshot.delete', ref: refText }, this.a.principal, `delete ${refText}`);

@@ -5,6 +5,7 @@ import { dirname } from 'node:path';
 import { FailedPrecondition, type ErrorCode } from '../model/errors.js';
 import type { JobInfo, JobStatus } from './job.js';
 import type { LockRequest } from '../locks/lock-manager.js';
+import type { OpRequests } from '../state/state-store.js';
 
 export type { JobRecord, OpLockRecord, ExportRecord, StoredRequest } from '../state/records.js';
 export { RELEASED } from '../state/records.js';
@@ -488,21 +489,23 @@ export class JobStore {
     this.stmt('INSERT OR IGNORE INTO op_stop_requests (id, requested_at) VALUES (?, ?)').run(id, new Date().toISOString());
   }
 
-  /** Take (read and clear) a stop request for one of this process's operations. */
-  takeOpStop(id: string): boolean {
-    return this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(id).changes > 0;
-  }
 
   requestOpCall(id: string, opId: string, call: string): boolean {
     return this.stmt(`INSERT INTO op_calls (id, op_id, call, requested_at) SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM op_locks WHERE id = ?)`)
       .run(id, opId, call, new Date().toISOString(), opId).changes > 0;
   }
 
-  takeOpCalls(opId: string): { id: string; call: string }[] {
-    // Read first: an export polls this every 250 ms, and a write transaction each time would
-    // queue behind (and hold up) every writer of the file. Each call is taken by one UPDATE.
-    const calls = this.stmt('SELECT id, call FROM op_calls WHERE op_id = ? AND taken = 0 ORDER BY requested_at').all(opId) as { id: string; call: string }[];
-    return calls.filter((c) => this.stmt('UPDATE op_calls SET taken = 1 WHERE id = ? AND taken = 0').run(c.id).changes > 0);
+  takeOpRequests(opIds: readonly string[]): OpRequests {
+    // Read first: a process polls this every 250 ms, and a write transaction each time would
+    // queue behind (and hold up) every writer of the file. Each one is taken by one write.
+    const ids = JSON.stringify(opIds);
+    const stops = (this.stmt('SELECT id FROM op_stop_requests WHERE id IN (SELECT value FROM json_each(?))').all(ids) as { id: string }[])
+      .filter((r) => this.stmt('DELETE FROM op_stop_requests WHERE id = ?').run(r.id).changes > 0).map((r) => r.id);
+    const calls = (this.stmt('SELECT id, op_id, call FROM op_calls WHERE op_id IN (SELECT value FROM json_each(?)) AND taken = 0 ORDER BY requested_at')
+      .all(ids) as { id: string; op_id: string; call: string }[])
+      .filter((c) => this.stmt('UPDATE op_calls SET taken = 1 WHERE id = ? AND taken = 0').run(c.id).changes > 0)
+      .map((c) => ({ id: c.id, opId: c.op_id, call: c.call }));
+    return { stops, calls };
   }
 
   answerOpCall(id: string, answer: string): void {

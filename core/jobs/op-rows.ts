@@ -27,6 +27,10 @@ export class OpRows {
   /** Removals in flight, by id: a claim made again under one of those ids waits for them. */
   private readonly removing = new Map<string, Promise<void>>();
   private closing = false;
+  /** The operations that listen for other processes' requests (exports), by id: polled together, one step of the store. */
+  private readonly listeners = new Map<string, Listener>();
+  private poller: NodeJS.Timeout | undefined;
+  private polling = false;
 
   constructor(
     private readonly store: StateStore,
@@ -48,6 +52,7 @@ export class OpRows {
   /** Wait for the removals in flight (the broker is closing: rows left die with it, as dead runners' are ignored). */
   async close(): Promise<void> {
     this.closing = true;
+    if (this.poller) clearInterval(this.poller);
     await Promise.allSettled([...this.withdrawing]);
   }
 
@@ -104,22 +109,11 @@ export class OpRows {
       await this.removeOpRows([id]);
       throw e;
     }
-    let polling = false;
-    // A call is answered as it ends, while the polling goes on (a snapshot waits for the export's writes in flight).
-    const answer = (c: { id: string; call: string }) => void onCall!(c.call).then((a) => this.store.answerOpCall(c.id, a)).catch(() => undefined);
-    const poller = (onStopRequest || onCall) && setInterval(() => {
-      if (polling) return;
-      polling = true;
-      Promise.all([
-        onStopRequest && this.store.takeOpStop(id).then((stop) => { if (stop) onStopRequest(); }),
-        onCall && this.store.takeOpCalls(id).then((calls) => calls.forEach(answer)),
-      ]).catch(() => undefined).finally(() => { polling = false; });
-    }, 250);
-    poller?.unref();
+    if (onStopRequest || onCall) this.listen(id, { ...(onStopRequest ? { onStopRequest } : {}), ...(onCall ? { onCall } : {}) });
     let done: Promise<void> | undefined;
     const withdraw = () => {
       done ??= (async () => {
-        if (poller) clearInterval(poller);
+        this.unlisten(id);
         this.count--;
         await this.removeOpRows([id]);
       })();
@@ -144,6 +138,35 @@ export class OpRows {
     };
   }
 
+  private listen(id: string, l: Listener): void {
+    this.listeners.set(id, l);
+    if (this.poller || this.closing) return;
+    this.poller = setInterval(() => this.poll(), POLL_MS);
+    this.poller.unref();
+  }
+
+  private unlisten(id: string): void {
+    this.listeners.delete(id);
+    if (this.listeners.size > 0 || !this.poller) return;
+    clearInterval(this.poller);
+    this.poller = undefined;
+  }
+
+  /** One step of the store for every listening operation: stop requests acted on, calls answered (each as it ends, while the polling goes on: a snapshot waits for the export's writes in flight). */
+  private poll(): void {
+    if (this.polling || this.listeners.size === 0) return;
+    this.polling = true;
+    // Those listening when it was asked: a call taken for one withdrawn meanwhile is still answered.
+    const asked = new Map(this.listeners);
+    this.store.takeOpRequests([...asked.keys()]).then(({ stops, calls }) => {
+      for (const id of stops) asked.get(id)?.onStopRequest?.();
+      for (const c of calls) {
+        const onCall = asked.get(c.opId)?.onCall;
+        if (onCall) void onCall(c.call).then((a) => this.store.answerOpCall(c.id, a)).catch(() => undefined);
+      }
+    }).catch(() => undefined).finally(() => { this.polling = false; });
+  }
+
   /** Record an export (`offload nbd list`, `nbd stop` elsewhere): its lease is renewed with the claims'. Returns the removal. */
   async recordExport(e: Omit<ExportRecord, 'runnerPid' | 'runnerToken' | 'runnerHost' | 'leaseExpires'>): Promise<() => Promise<void>> {
     this.beforeFirstRow();
@@ -158,6 +181,15 @@ export class OpRows {
       return done;
     };
   }
+}
+
+/** How often a process looks for what others ask of its exports. */
+const POLL_MS = 250;
+
+/** What an operation listens for: another process asking it to stop, or to make a call (op-calls.ts). */
+interface Listener {
+  onStopRequest?: () => void;
+  onCall?: (call: string) => Promise<string>;
 }
 
 /** A maintenance lock as the store keeps it, as the lock manager sees it: placed by an administrator. */

@@ -25,11 +25,12 @@ export interface LockHolder {
   /** Called when an administrator preempts this holder; should end it and release its locks. */
   preempt?: () => void;
   /**
-   * false: an administrator's request that preempts no one — a snapshot, which another process's
-   * export takes itself (broker/op-calls.ts) rather than be stopped for it. It waits or is Busy
-   * as a tenant's would.
+   * The holders in its way that an administrator's request does not stop (it waits for them, or
+   * is Busy, as a tenant's would): a snapshot taken or deleted spares the writable exports of
+   * its volume — a disk in use, whose process makes it itself (broker/op-calls.ts) — and stops
+   * a tenant's other holders as any request of an administrator does.
    */
-  preempts?: false;
+  spares?: (held: HeldLock) => boolean;
   /**
    * The holder this one works within: their locks do not conflict, either way. A live copy within
    * the export whose writes it watches, that export within the live copy at the switch-over, an
@@ -85,11 +86,12 @@ export interface StoredLease {
   release(): Promise<void>;
 }
 
-interface Held {
+export interface HeldLock {
   key: string;
   mode: LockMode;
   holder: LockHolder;
 }
+type Held = HeldLock;
 
 /**
  * Locks held outside this process, so that brokers sharing a state store respect each other: the
@@ -242,7 +244,7 @@ export class LockManager {
    * mutex waits for its own; tenants an administrator preempts are asked to stop, then waited for.
    */
   private async stopOrRefuse(holder: LockHolder, conflicts: Held[], deadline: number, attempt: number): Promise<void> {
-    const blocking = conflicts.filter((c) => holder.preempts === false || !this.canPreempt(holder.principal, c));
+    const blocking = conflicts.filter((c) => holder.spares?.(c) === true || !this.canPreempt(holder.principal, c));
     // A job is named before an export of the same volume: a live copy is what holds it up.
     const refusing = blocking.find((c) => holderKind(c.holder.id).kind === 'job') ?? blocking.find((c) => holderKind(c.holder.id).kind !== 'operation');
     if (refusing) throw busyError(refusing);

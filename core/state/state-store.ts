@@ -21,6 +21,12 @@ export interface JobFilter {
   type?: string;
 }
 
+/** What StateOps.takeOpRequests takes: operations asked to stop, and calls made to operations. */
+export interface OpRequests {
+  stops: string[];
+  calls: { id: string; opId: string; call: string }[];
+}
+
 export interface StateOps {
   getJob(id: string): Promise<JobRecord | undefined>;
   /** Every job, oldest first (created_at, then id); with `active`, only those not concluded (what lock checks and runners look at); with `type`, only those of it. */
@@ -83,8 +89,6 @@ export interface StateOps {
   renewOps(token: string, leaseExpires: number): Promise<void>;
   /** Ask the process holding a long-lived operation (an export) to stop it. */
   requestOpStop(id: string): Promise<void>;
-  /** Read and clear a stop request: true if there was one. */
-  takeOpStop(id: string): Promise<boolean>;
   /**
    * Ask the process holding a long-lived operation (an export) to make a call on this one's
    * behalf (`call`: JSON, a snapshot of the volume it serves), under the id `id`: false, and
@@ -92,8 +96,12 @@ export interface StateOps {
    * the operation's locks (deleteOpLocks); a taken one stays for its answer.
    */
   requestOpCall(id: string, opId: string, call: string): Promise<boolean>;
-  /** Take the calls made to one of this process's operations, each once. */
-  takeOpCalls(opId: string): Promise<{ id: string; call: string }[]>;
+  /**
+   * Take what other processes asked of this process's long-lived operations `opIds`, each once:
+   * the stop requests (read and cleared: the ids asked to stop), and the calls not taken yet,
+   * oldest first. One step for all of a process's exports (it polls this every 250 ms).
+   */
+  takeOpRequests(opIds: readonly string[]): Promise<OpRequests>;
   /** Answer a call taken (JSON). */
   answerOpCall(id: string, answer: string): Promise<void>;
   /** A call's answer, removed with the call; undefined while it has none, null when the call is gone unanswered (its operation ended before taking it). */

@@ -53,7 +53,7 @@ beforeAll(async () => {
   await store.insertOpLocks({ id: 'export:x#1', locks: [{ key: 'local/x', mode: 'exclusive' }], principal: 'admin', role: 'admin', description: 'nbd export',
     runnerPid: 1, runnerToken: 'gone', runnerHost: 'elsewhere', leaseExpires: Date.now() + 3_600_000 });
   for (const c of ['old-call', 'new-call']) await store.requestOpCall(c, 'export:x#1', '{}');
-  await store.takeOpCalls('export:x#1');
+  await store.takeOpRequests(['export:x#1']);
   await store.answerOpCall('old-call', '{"ok":true}');
   const raw = new Database(join(dir, 'state', 'jobs.sqlite'));
   raw.prepare('UPDATE op_calls SET requested_at = ? WHERE id = ?').run(new Date(Date.now() - 25 * 3_600_000).toISOString(), 'old-call');

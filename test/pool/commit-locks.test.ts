@@ -2,7 +2,8 @@
  * A commit writes a volume's data into its snapshots: it holds them exclusively, so it waits for
  * (and is refused while) anything reading one — a backup copying from its marker, a read-only
  * export of a snapshot. Until now it held the volume only: a commit into the marker while a
- * backup copied from it put data written after the point into the point.
+ * backup copied from it put data written after the point into the point. And a job that reads a
+ * snapshot (a copy, a clone, an export to a file) holds it, so it is not deleted under the job.
  */
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -76,5 +77,28 @@ describe('a commit holds the snapshots it writes into', () => {
     const done = await (await b.commit('p/v2', { base: 's1' })).wait();
     expect(done.error).toBeUndefined();
     expect(await count('p/v2', 8 * MiB)).toEqual({ 4: 8 * MiB });
+  });
+});
+
+describe('a job reading a snapshot holds it', () => {
+  it('a copy, a clone through the host, an instant clone and an export to a file from a snapshot: its delete is Busy naming the job until it ends', async () => {
+    await b.volumes.create('p/r1', { sizeBytes: 8 * MiB });
+    await fill('p/r1', 5);
+    await b.snapshots.create('p/r1@s');
+    await b.volumes.create('p/r1-copy', { sizeBytes: 8 * MiB });
+    const slow = { speed: 2 * MiB };
+    const jobs = [
+      await b.copy('p/r1@s', 'p/r1-copy', slow),
+      (await b.startClone('p/r1@s', 'p/r1-clone', { mode: 'full', prefer: 'host', ...slow })).job!,
+      (await b.startClone('p/r1@s', 'p/r1-instant', { instant: true, ...slow })).job!,
+      await b.volumes.exportTo('p/r1@s', join(dir, 'r1.raw'), slow),
+    ];
+    for (const job of jobs) {
+      await expect(b.snapshots.delete('p/r1@s')).rejects.toMatchObject({ code: 'Busy', message: expect.stringContaining(job.id) });
+      await job.cancel();
+      await job.wait();
+    }
+    await b.snapshots.delete('p/r1@s');
+    expect(await b.snapshots.list('p/r1')).toEqual([]);
   });
 });

@@ -53,6 +53,11 @@ function opLocks(id: string, keys: string[], over: Partial<OpLockRecord> = {}): 
   };
 }
 
+/** Whether a stop request for `id` was there, taken (StateOps.takeOpRequests, as a process polls for one export). */
+const stopTaken = async (s: StateStore, id: string) => (await s.takeOpRequests([id])).stops.includes(id);
+/** The calls to `opId` not taken yet, taken. */
+const callsOf = async (s: StateStore, opId: string) => (await s.takeOpRequests([opId])).calls;
+
 function exportRec(id: string, name: string, over: Partial<ExportRecord> = {}): ExportRecord {
   return {
     id, name, ref: `pool/${name}`, uri: `nbd+unix:///${name}?socket=/run/x.sock`, readOnly: true, owner: 'bob', role: 'tenant',
@@ -392,20 +397,20 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         expect(await mine(a)).toStrictEqual([two, one]);
         expect(await mine(b)).toStrictEqual([two, one]);
 
-        expect(await a.takeOpStop(one.id)).toBe(false);
+        expect(await stopTaken(a, one.id)).toBe(false);
         await b.requestOpStop(one.id);
         await b.requestOpStop(one.id);
-        expect(await a.takeOpStop(one.id)).toBe(true);
-        expect(await a.takeOpStop(one.id)).toBe(false);
+        expect(await stopTaken(a, one.id)).toBe(true);
+        expect(await stopTaken(a, one.id)).toBe(false);
 
         await b.requestOpStop(one.id);
-        const taken = await Promise.all(Array.from({ length: 10 }, (_, i) => (i % 2 ? a : b).takeOpStop(one.id)));
+        const taken = await Promise.all(Array.from({ length: 10 }, (_, i) => stopTaken(i % 2 ? a : b, one.id)));
         expect(taken.filter(Boolean)).toHaveLength(1);
 
         await b.requestOpStop(one.id);
         await a.deleteOpLocks(one.id);
         expect(await mine(b)).toStrictEqual([two]);
-        expect(await b.takeOpStop(one.id)).toBe(false);
+        expect(await stopTaken(b, one.id)).toBe(false);
         await b.deleteOpLocks(two.id);
         expect(await mine(a)).toEqual([]);
       });
@@ -414,14 +419,14 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         const p = prefix('calls');
         const op = opLocks(`${p}-op`, [`vol:${p}/x`]);
         await a.insertOpLocks(op);
-        expect(await a.takeOpCalls(op.id)).toEqual([]);
+        expect(await callsOf(a, op.id)).toEqual([]);
         await b.requestOpCall(`${p}-c1`, op.id, '{"n":1}');
         await b.requestOpCall(`${p}-c2`, op.id, '{"n":2}');
         expect(await b.takeOpCallAnswer(`${p}-c1`)).toBeUndefined();
         // Two takers at once: each call to one of them.
-        const [x, y] = await Promise.all([a.takeOpCalls(op.id), b.takeOpCalls(op.id)]);
+        const [x, y] = await Promise.all([callsOf(a, op.id), callsOf(b, op.id)]);
         expect([...x!, ...y!].map((c) => c.call).sort()).toEqual(['{"n":1}', '{"n":2}']);
-        expect(await a.takeOpCalls(op.id)).toEqual([]);
+        expect(await callsOf(a, op.id)).toEqual([]);
         expect(await b.withdrawOpCall(`${p}-c1`)).toBe(false); // taken
         await a.answerOpCall(`${p}-c1`, '{"ok":true}');
         expect(await b.takeOpCallAnswer(`${p}-c1`)).toBe('{"ok":true}');
@@ -429,7 +434,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         // Not taken yet: withdrawn, and the holder never sees it.
         await b.requestOpCall(`${p}-c3`, op.id, '{"n":3}');
         expect(await b.withdrawOpCall(`${p}-c3`)).toBe(true);
-        expect(await a.takeOpCalls(op.id)).toEqual([]);
+        expect(await callsOf(a, op.id)).toEqual([]);
         // The op ends: its calls not taken are gone (null); one taken is answered after, and read.
         expect(await b.requestOpCall(`${p}-c4`, op.id, '{"n":4}')).toBe(true);
         await a.deleteOpLocks(op.id);
@@ -443,12 +448,32 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         const op2 = opLocks(`${p}-op2`, [`vol:${p}/y`]);
         await a.insertOpLocks(op2);
         expect(await b.requestOpCall(`${p}-c6`, op2.id, '{"n":6}')).toBe(true);
-        await a.takeOpCalls(op2.id);
+        await callsOf(a, op2.id);
         await a.answerOpCall(`${p}-c6`, '{"ok":true}');
         expect(await a.sweepOpCalls(new Date(Date.now() - 3_600_000).toISOString())).toBe(0);
         expect(await a.sweepOpCalls(new Date(Date.now() + 1000).toISOString())).toBeGreaterThanOrEqual(1);
         expect(await b.takeOpCallAnswer(`${p}-c6`)).toBeNull();
         await a.deleteOpLocks(op2.id);
+      });
+
+      it('op requests of several operations in one step: stops and calls of those named, each once; others left', async () => {
+        const p = prefix('reqs');
+        const ops = [1, 2, 3].map((i) => opLocks(`${p}-op${i}`, [`vol:${p}/v${i}`]));
+        for (const op of ops) await a.insertOpLocks(op);
+        expect(await a.takeOpRequests([])).toEqual({ stops: [], calls: [] });
+        await b.requestOpStop(ops[0]!.id);
+        await b.requestOpStop(ops[2]!.id);
+        await b.requestOpCall(`${p}-c1`, ops[1]!.id, '{"n":1}');
+        await sleep(2); // requested_at: the order calls are taken in
+        await b.requestOpCall(`${p}-c2`, ops[0]!.id, '{"n":2}');
+        await b.requestOpCall(`${p}-c3`, ops[2]!.id, '{"n":3}');
+        expect(await a.takeOpRequests([ops[0]!.id, ops[1]!.id])).toEqual({
+          stops: [ops[0]!.id],
+          calls: [{ id: `${p}-c1`, opId: ops[1]!.id, call: '{"n":1}' }, { id: `${p}-c2`, opId: ops[0]!.id, call: '{"n":2}' }],
+        });
+        expect(await b.takeOpRequests([ops[0]!.id, ops[1]!.id])).toEqual({ stops: [], calls: [] });
+        expect(await b.takeOpRequests([ops[2]!.id])).toEqual({ stops: [ops[2]!.id], calls: [{ id: `${p}-c3`, opId: ops[2]!.id, call: '{"n":3}' }] });
+        await a.deleteOpLocks(ops.map((o) => o.id));
       });
 
       it('exports: insert, replace by id, list by name then id, delete', async () => {
@@ -488,7 +513,7 @@ export function describeStateStore(kind: string, open: () => Promise<OpenStores>
         await b.requestOpStop(op2.id);
         await a.deleteOpLocks([op1.id, `${p}-absent`, op2.id]);
         expect((await b.listOpLocks()).filter((o) => o.id.startsWith(p))).toEqual([]);
-        expect(await b.takeOpStop(op2.id)).toBe(false);
+        expect(await stopTaken(b, op2.id)).toBe(false);
         await a.deleteOpLocks([]);
         await a.deleteExport(ex1.id);
         await a.deleteExport(ex2.id);

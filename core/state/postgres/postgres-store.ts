@@ -2,7 +2,7 @@ import { AsyncLocalStorage } from 'node:async_hooks';
 import pg from 'pg';
 import { AlreadyExists, FailedPrecondition, isOffloadError } from '../../model/errors.js';
 import { RELEASED, opLocksFromRows, type ExportRecord, type JobRecord, type LockHolders, type OpLockRecord, type OpLockRow, type StoredRequest } from '../records.js';
-import type { JobFilter, Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
+import type { JobFilter, OpRequests, Runner, StateOps, StateStore, TransactionLock } from '../state-store.js';
 import { describeUrl, toStoreError, type Target } from './errors.js';
 import {
   ADVISORY_KEYS, JOB_COLUMNS, exportFromRow, fromRow, migrate, placeholders, toRow,
@@ -152,9 +152,8 @@ export class PostgresStateStore implements StateStore {
   lockHolders(keys?: string[], prefixes?: string[]) { return this.ops.lockHolders(keys, prefixes); }
   claimOpLocks(op: OpLockRecord, also?: { keys?: string[]; prefixes?: string[] }) { return this.ops.claimOpLocks(op, also); }
   requestOpStop(id: string) { return this.ops.requestOpStop(id); }
-  takeOpStop(id: string) { return this.ops.takeOpStop(id); }
   requestOpCall(id: string, opId: string, call: string) { return this.ops.requestOpCall(id, opId, call); }
-  takeOpCalls(opId: string) { return this.ops.takeOpCalls(opId); }
+  takeOpRequests(opIds: readonly string[]) { return this.ops.takeOpRequests(opIds); }
   answerOpCall(id: string, answer: string) { return this.ops.answerOpCall(id, answer); }
   takeOpCallAnswer(id: string) { return this.ops.takeOpCallAnswer(id); }
   withdrawOpCall(id: string) { return this.ops.withdrawOpCall(id); }
@@ -290,12 +289,15 @@ function postgresOps(q: Query): StateOps {
     requestOpStop: async (id) => {
       await q('INSERT INTO op_stop_requests (id, requested_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING', [id, new Date().toISOString()]);
     },
-    takeOpStop: async (id) => ((await q('DELETE FROM op_stop_requests WHERE id = $1 RETURNING id', [id])).rowCount ?? 0) > 0,
     requestOpCall: async (id, opId, call) => ((await q(
       'INSERT INTO op_calls (id, op_id, call, requested_at) SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM op_locks WHERE id = $2)',
       [id, opId, call, new Date().toISOString()])).rowCount ?? 0) > 0,
-    takeOpCalls: async (opId) => (await q<{ id: string; call: string }>(
-      'UPDATE op_calls SET taken = true WHERE op_id = $1 AND NOT taken RETURNING id, call', [opId])).rows.map((r) => ({ id: r.id, call: r.call })),
+    // One statement for all of a process's exports; one that matches nothing writes nothing.
+    takeOpRequests: async (opIds) => (await q<{ r: OpRequests }>(`WITH stops AS (DELETE FROM op_stop_requests WHERE id = ANY ($1::text[]) RETURNING id),
+      calls AS (UPDATE op_calls SET taken = true WHERE op_id = ANY ($1::text[]) AND NOT taken RETURNING id, op_id, call, requested_at)
+      SELECT json_build_object('stops', (SELECT coalesce(json_agg(id), '[]') FROM stops),
+        'calls', (SELECT coalesce(json_agg(json_build_object('id', id, 'opId', op_id, 'call', call) ORDER BY requested_at), '[]') FROM calls)) AS r`,
+    [opIds])).rows[0]!.r,
     answerOpCall: async (id, answer) => {
       await q('UPDATE op_calls SET answer = $2 WHERE id = $1', [id, answer]);
     },

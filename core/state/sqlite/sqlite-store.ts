@@ -100,9 +100,8 @@ export class SqliteStateStore implements StateStore {
   listOpLocks() { return this.one((o) => o.listOpLocks()); }
   renewOps(token: string, leaseExpires: number) { return this.one((o) => o.renewOps(token, leaseExpires)); }
   requestOpStop(id: string) { return this.one((o) => o.requestOpStop(id)); }
-  takeOpStop(id: string) { return this.one((o) => o.takeOpStop(id)); }
   requestOpCall(id: string, opId: string, call: string) { return this.one((o) => o.requestOpCall(id, opId, call)); }
-  takeOpCalls(opId: string) { return this.one((o) => o.takeOpCalls(opId)); }
+  takeOpRequests(opIds: readonly string[]) { return this.one((o) => o.takeOpRequests(opIds)); }
   answerOpCall(id: string, answer: string) { return this.one((o) => o.answerOpCall(id, answer)); }
   takeOpCallAnswer(id: string) { return this.one((o) => o.takeOpCallAnswer(id)); }
   withdrawOpCall(id: string) { return this.one((o) => o.withdrawOpCall(id)); }
@@ -175,9 +174,8 @@ function syncOps(db: JobStore): StateOps {
     listOpLocks: async () => db.listOpLocks(),
     renewOps: async (token, leaseExpires) => db.renewOps(token, leaseExpires),
     requestOpStop: async (id) => db.requestOpStop(id),
-    takeOpStop: async (id) => db.takeOpStop(id),
     requestOpCall: async (id, opId, call) => db.requestOpCall(id, opId, call),
-    takeOpCalls: async (opId) => db.takeOpCalls(opId),
+    takeOpRequests: async (opIds) => db.takeOpRequests(opIds),
     answerOpCall: async (id, answer) => db.answerOpCall(id, answer),
     takeOpCallAnswer: async (id) => db.takeOpCallAnswer(id),
     withdrawOpCall: async (id) => db.withdrawOpCall(id),
