@@ -11,6 +11,7 @@ import { loadPlugins, type LoadedPlugins } from './backend/plugin-container.js';
 import type { StorageBackend } from './backend/storage-backend.js';
 import { Access } from './broker/access.js';
 import { instantCloneTask } from './broker/instant-clones.js';
+import { snapshotsAtOneInstant } from './broker/group-snapshots.js';
 import { reconfigure, startBackend } from './broker/reconfigure.js';
 import type { FillParams } from './live/fill-task.js';
 import { DataJobs } from './broker/data-jobs.js';
@@ -116,6 +117,18 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     runnerLockDir: join(validated.state, 'runners'),
   });
   if (opts.suspendLiveCopies) state.suspendLiveCopies = true;
+  // What other processes ask of this broker's exports (op-calls.ts), made as the asking principal's view of it.
+  state.callHandlers = {
+    snapshot: (p, c) => new BrokerView(state, p).snapshots.create(c.ref),
+    'snapshot.delete': (p, c) => new BrokerView(state, p).snapshots.delete(c.ref),
+    // Taken here or refused: never asked of yet another process.
+    'snapshot.group': (p, c) => snapshotsAtOneInstant(state, new Access(state, p), c.refs ?? [c.ref], -1),
+    'copy.live': async (p, c) => {
+      const o = c.options ?? {};
+      const options = { ...(o.mode !== undefined ? { mode: o.mode as LiveCopyOptions['mode'] } : {}), ...(o.speed !== undefined ? { speed: o.speed } : {}) };
+      return { job: (await new BrokerView(state, p).liveCopy(c.pairs ?? [], options)).id };
+    },
+  };
   const broker = new BrokerView(state, opts.principal ?? ADMIN);
   if (opts.adoptOrphans) {
     state.jobs.adoptOrphans(opts.adoptOrphans);

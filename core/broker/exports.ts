@@ -15,11 +15,9 @@ import { Busy, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, 
 import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, type VolumeRef } from '../model/refs.js';
 import type { Principal } from '../locks/principal.js';
 import { Access } from './access.js';
-import { snapshotsAtOneInstant } from './group-snapshots.js';
 import { answerCall } from './op-calls.js';
 import { need } from './operation.js';
 import type { BrokerState } from './state.js';
-import { Snapshots } from './volumes.js';
 
 /** How long `stop` waits for another process to stop its export. */
 const STOP_WAIT_MS = 30_000;
@@ -224,14 +222,9 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
   if (alongside.length > 0) s.locks.assertAdmitted(locks);
   const within = [...(e.within !== undefined ? [e.within] : []), ...alongside];
   const holder = { id, principal, description, preempt, ...(within.length > 0 ? { within } : {}) };
-  // A writable export answers other processes' snapshots of its volume (op-calls.ts), within its lock.
-  const snapshots = (p: Principal) => new Snapshots(s, new Access(s, p));
-  const onCall = readOnly || isSnapshotRef(ref) ? undefined : (call: string) => answerCall(formatRef(ref), call, {
-    snapshot: (p, c) => snapshots(p).create(c.ref),
-    'snapshot.delete': (p, c) => snapshots(p).delete(c.ref),
-    // Taken here or refused: never asked of yet another process.
-    'snapshot.group': (p, c) => snapshotsAtOneInstant(s, new Access(s, p), c.refs ?? [c.ref], -1),
-  });
+  // A writable export answers what other processes ask of its volume (op-calls.ts: a snapshot, within its lock; a live copy).
+  const handlers = s.callHandlers;
+  const onCall = readOnly || isSnapshotRef(ref) || !handlers ? undefined : (call: string) => answerCall(formatRef(ref), call, handlers);
   const lease = await s.mutex.run(locks.map((l) => l.key), () => s.locks.acquirePublished(locks, holder,
     () => s.jobs.publishOperation(id, locks, principal, description, preempt, onCall)));
   let unlist: (() => Promise<void>) | undefined;

@@ -6,7 +6,7 @@
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
 import type { CopyOptions } from '../broker-api.js';
 import type { Job } from '../jobs/job.js';
-import type { JobRecord } from '../state/records.js';
+import type { ExportRecord, JobRecord } from '../state/records.js';
 import { LiveDevice } from '../live/live-device.js';
 import { dropWriteIntent, mirrorTask, type MirrorPair, type MirrorPairDeps, type MirrorParams, type MirrorState } from '../live/mirror-task.js';
 import { Busy, FailedPrecondition, InternalError, InvalidArgument, NotFound, OutOfRange, toOffloadError } from '../model/errors.js';
@@ -16,6 +16,7 @@ import type { Volume } from '../model/types.js';
 import { ADMIN, type Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
+import { callExportHolder, GONE } from './op-calls.js';
 import { checkSpeed } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
 import { checkIntentRecord, intentRanges, type IntentRecord } from '../live/write-intent.js';
@@ -122,6 +123,12 @@ export class LiveCopies {
       }
       return pair;
     });
+    // Sources another process serves (a control node copying a running VM's disks): a new copy is
+    // asked of that process, where their writes are seen; the job is followed here through the store.
+    if (recheck === undefined && refs.every((p) => p.since === undefined && p.pending === undefined && !p.made)) {
+      const elsewhere = await this.servedElsewhere(refs.map((p) => p.source));
+      if (elsewhere) return this.askServingProcess(elsewhere, refs, mode, opts.speed);
+    }
     const prepared: Prepared[] = [];
     for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending, p.sizeBytes, p.made));
     const params: MirrorParams = { mode, pairs: prepared.map((p) => p.pair) };
@@ -260,6 +267,34 @@ export class LiveCopies {
         },
       }),
     };
+  }
+
+  /**
+   * The export record of the process that serves every source read-write when none is served
+   * here: that process runs the copy. Undefined when a source is served here or by no one (the
+   * copy is made, or refused, here); FailedPrecondition when two processes serve them.
+   */
+  private async servedElsewhere(sources: string[]): Promise<ExportRecord | undefined> {
+    if (this.s.exports.list().some((e) => sources.includes(e.ref) && !e.readOnly)) return undefined;
+    const foreign = (await this.s.jobs.foreignExports()).filter((e) => sources.includes(e.ref) && !e.readOnly);
+    if (!sources.every((src) => foreign.some((e) => e.ref === src))) return undefined;
+    if (foreign.some((e) => e.runnerToken !== foreign[0]!.runnerToken)) {
+      throw new FailedPrecondition(`${sources.join(', ')} are served by more than one process: a live copy of them runs in the one process that sees all their writes`, {
+        ref: sources.join(','), hint: "serve one VM's disks from one service, or copy them one by one",
+      });
+    }
+    return foreign.find((e) => e.ref === sources[0])!;
+  }
+
+  /** Ask the process serving the sources (its export `exp`) to start the copy; the job as this broker sees it, run there. */
+  private async askServingProcess(exp: ExportRecord, pairs: { source: string; target: string }[], mode: MirrorParams['mode'], speed: number | undefined): Promise<Job> {
+    const what = `copy ${pairs.map((p) => `${p.source} to ${p.target}`).join(', ')} live`;
+    const answer = await callExportHolder(this.s, exp.id, {
+      kind: 'copy.live', ref: exp.ref, pairs: pairs.map((p) => ({ source: p.source, target: p.target })),
+      options: { mode, ...(speed !== undefined ? { speed } : {}) }, principal: { id: this.a.principal.id, role: this.a.principal.role },
+    }, what);
+    if (answer === GONE) throw await this.notExportedHere(exp.ref); // its export ended first
+    return this.s.jobs.get((answer as { job: string }).job);
   }
 
   /** Why a source exported elsewhere, or not at all, cannot be copied live here. */

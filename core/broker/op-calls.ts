@@ -6,7 +6,7 @@
  * export has written) — and the answer comes back here.
  */
 import { randomBytes } from 'node:crypto';
-import { parseSnapshotRef } from '../model/refs.js';
+import { parseRef, parseSnapshotRef } from '../model/refs.js';
 import { Busy, errorFromCode, InvalidArgument, Timeout, toOffloadError } from '../model/errors.js';
 import type { Principal } from '../locks/principal.js';
 import type { BrokerState } from './state.js';
@@ -18,14 +18,17 @@ import type { BrokerState } from './state.js';
  */
 export interface OpCall {
   kind: OpCallKind;
-  /** The snapshot, of the export's volume. */
+  /** A snapshot of the export's volume, or (`copy.live`) that volume. */
   ref: string;
   /** `snapshot.group`: every snapshot of the group (`ref` among them), taken at one instant. */
   refs?: string[];
+  /** `copy.live`: the pairs (`ref` a source among them) and the copy's mode and speed. */
+  pairs?: { source: string; target: string }[];
+  options?: { mode?: string; speed?: number };
   principal: { id: string; role: 'admin' | 'tenant' };
   deadline?: number;
 }
-export type OpCallKind = 'snapshot' | 'snapshot.delete' | 'snapshot.group';
+export type OpCallKind = 'snapshot' | 'snapshot.delete' | 'snapshot.group' | 'copy.live';
 
 /** How the serving process carries out each kind of call: as `principal`'s view of its broker would. */
 export type OpCallHandlers = Record<OpCallKind, (principal: Principal, call: OpCall) => Promise<unknown>>;
@@ -93,10 +96,14 @@ export async function answerCall(volume: string, text: string, handlers: OpCallH
     if (typeof call.deadline === 'number' && Date.now() > call.deadline) {
       throw new Timeout(`${call.ref}: the request came after its asker stopped waiting (${new Date(call.deadline).toISOString()})`, { ref: call.ref });
     }
-    const ref = parseSnapshotRef(call.ref);
-    if (`${ref.backend}/${ref.volume}` !== volume) throw new InvalidArgument(`${call.ref} is not a snapshot of ${volume}, which this export serves`);
+    const ref = parseRef(call.ref);
+    if (`${ref.backend}/${ref.volume}` !== volume) throw new InvalidArgument(`${call.ref} is not ${volume}, which this export serves, nor a snapshot of it`);
     if (call.refs !== undefined && (!Array.isArray(call.refs) || !call.refs.every((r) => typeof r === 'string') || !call.refs.includes(call.ref))) {
       throw new InvalidArgument(`a group of snapshots is a list of references that holds ${call.ref}`);
+    }
+    if (call.pairs !== undefined && (!Array.isArray(call.pairs) || !call.pairs.every((p) => typeof p?.source === 'string' && typeof p.target === 'string')
+      || !call.pairs.some((p) => p.source === call.ref))) {
+      throw new InvalidArgument(`a live copy's pairs are a list of { source, target } with ${call.ref} a source`);
     }
     const principal: Principal = { id: call.principal.id, role: call.principal.role === 'admin' ? 'admin' : 'tenant' };
     answer = { ok: true, value: (await handler(principal, call as OpCall)) ?? null };

@@ -1,3 +1,4 @@
+import type { OpCallHandlers } from './op-calls.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { BackendFactory, Logger } from '../backend/plugin.js';
 import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.js';
@@ -33,6 +34,11 @@ export class BrokerState {
   readonly fills = new Map<string, FillEntry>();
   /** Live copies are suspended, not cancelled, when the broker closes (CreateBrokerOptions.suspendLiveCopies). */
   suspendLiveCopies = false;
+  /**
+   * How this broker's writable exports answer what other processes ask of them (op-calls.ts): set
+   * where the broker's verbs are known (createBroker). Unset, they take no call.
+   */
+  callHandlers: OpCallHandlers | undefined;
   closed = false;
   jobs!: JobManager;
   /**

@@ -3,7 +3,7 @@ import { mkdirSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { FailedPrecondition, type ErrorCode } from '../model/errors.js';
-import type { JobInfo, JobStatus } from './job.js';
+import type { JobStatus } from './job.js';
 import type { LockRequest } from '../locks/lock-manager.js';
 import type { OpRequests } from '../state/state-store.js';
 

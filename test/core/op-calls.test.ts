@@ -32,7 +32,7 @@ let n = 0;
 const takeCalls = async (id: string) => (await holder.takeOpRequests([id])).calls;
 
 /** The same handler for every kind of call. */
-const both = (f: () => Promise<unknown>): OpCallHandlers => ({ snapshot: f, 'snapshot.delete': f, 'snapshot.group': f });
+const both = (f: () => Promise<unknown>): OpCallHandlers => ({ snapshot: f, 'snapshot.delete': f, 'snapshot.group': f, 'copy.live': f });
 
 /** An export's op row, and a holder that answers its calls with `respond` (as op-rows' poller does). */
 async function exportOp(respond?: (text: string) => Promise<string>): Promise<{ id: string; stop: () => void }> {
@@ -59,6 +59,10 @@ describe('calls to the process serving an export', () => {
         asked.push(`group ${p.role}:${p.id}:${c.refs!.join(',')}`);
         return [snap];
       },
+      'copy.live': async (p, c) => {
+        asked.push(`live ${p.role}:${p.id}:${c.pairs!.map((x) => `${x.source}=${x.target}`).join(',')}:${c.options?.mode}`);
+        return { job: 'mirror-1' };
+      },
     }));
     try {
       expect(await callExportHolder(state(5000), op.id, call, 'snapshot pool/vm1@s1')).toEqual(snap);
@@ -68,7 +72,14 @@ describe('calls to the process serving an export', () => {
       for (const refs of [['pool/vm2@s1'], 'pool/vm1@s1', [7]]) {
         await expect(callExportHolder(state(5000), op.id, { ...call, kind: 'snapshot.group', refs } as unknown as OpCall, 'group')).rejects.toMatchObject({ code: 'InvalidArgument' });
       }
-      expect(asked).toEqual(['snapshot tenant:alice:pool/vm1@s1', 'delete tenant:alice:pool/vm1@s1', 'group tenant:alice:pool/vm1@s1,pool/vm2@s1']);
+      const live = { ...call, kind: 'copy.live' as const, ref: 'pool/vm1', pairs: [{ source: 'pool/vm1', target: 'san/vm1' }], options: { mode: 'write-blocking' } };
+      expect(await callExportHolder(state(5000), op.id, live, 'live')).toEqual({ job: 'mirror-1' });
+      // Pairs that do not copy the export's volume, or are not pairs, are refused there.
+      for (const pairs of [[{ source: 'pool/vm2', target: 'san/vm2' }], [{ source: 'pool/vm1' }], 'pool/vm1=san/vm1']) {
+        await expect(callExportHolder(state(5000), op.id, { ...live, pairs } as unknown as OpCall, 'live')).rejects.toMatchObject({ code: 'InvalidArgument' });
+      }
+      expect(asked).toEqual(['snapshot tenant:alice:pool/vm1@s1', 'delete tenant:alice:pool/vm1@s1', 'group tenant:alice:pool/vm1@s1,pool/vm2@s1',
+        'live tenant:alice:pool/vm1=san/vm1:write-blocking']);
     } finally {
       op.stop();
     }

@@ -89,7 +89,7 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
     expect(cli('nbd', 'stop', 'local/vm1').status).toBe(1); // NotFound now
   });
 
-  it('a snapshot from another process of a volume exported read-write is taken (and deleted) by the serving process, within its export, with every write acknowledged before it; one is exported alongside', async () => {
+  it('a snapshot from another process of a volume exported read-write is taken (and deleted) by the serving process, within its export, with every write acknowledged before it; one is exported alongside; a live copy is run there', async () => {
     const s = await serve('local/vm1', '--port', '0');
     await qemuIo(s.first, ['write -P 0x11 0 1M']);
     const snap = cli('snapshot', 'create', 'local/vm1@live1');
@@ -124,6 +124,20 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
     expect(stalled.status).toBe(1);
     expect(stalled.stderr).toMatch(/Timeout: snapshot local\/vm1@late: the process serving its export .* did not answer within 1 s/);
     await new Promise((r) => setTimeout(r, 600)); // its poller runs again
+    // A live copy from another process's CLI (no service named): run by the serving process, which
+    // switches its export over; completed and followed from here.
+    const live = cli('copy', '--live', 'local/vm1', 'local/vm1-moved', '--detach');
+    expect(live.status, live.stderr).toBe(0);
+    const moved = await createBroker(config, { plugins: [qcow2Module], logger: silentLogger });
+    try {
+      const id = live.stdout.trim();
+      for (let i = 0; i < 1000 && (await moved.jobs.get(id)).info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 20));
+      await moved.jobs.complete(id);
+      expect((await (await moved.jobs.get(id)).wait()).authoritative).toEqual({ side: 'target', ref: 'local/vm1-moved' });
+    } finally {
+      await moved.close();
+    }
+    await qemuIo(s.first, ['write -P 0x44 2M 64k', 'read -P 0x23 1M 64k']);
     s.child.kill('SIGTERM');
     expect(await s.exit).toBe(0);
     for (const f of readdirSync(join(dir, 'pool')).filter((n) => n.endsWith('.qcow2'))) await ok('qemu-img', ['check', join(dir, 'pool', f)]);
@@ -134,7 +148,8 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
       const names = (await b.snapshots.list('local/vm1')).map((x) => x.name);
       expect(names).toContain('live1');
       expect(names).not.toContain('late');
-      for (const [ref, cmds] of [['local/vm1@live1', ['read -P 0x11 0 1M']], ['local/vm1-bk@b1', ['read -P 0x22 0 64k', 'read -P 0x11 64k 960k']]] as const) {
+      for (const [ref, cmds] of [['local/vm1@live1', ['read -P 0x11 0 1M']], ['local/vm1-bk@b1', ['read -P 0x22 0 64k', 'read -P 0x11 64k 960k']],
+        ['local/vm1-moved', ['read -P 0x22 0 64k', 'read -P 0x11 64k 960k', 'read -P 0x23 1M 64k', 'read -P 0x44 2M 64k']], ['local/vm1', ['read -P 0 2M 64k']]] as const) {
         const e = await b.exports.start(ref, { name: 'check', readOnly: true, listen: { host: '127.0.0.1', port: 0 } });
         try {
           await qemuIo(e.uri, [...cmds], { readOnly: true });

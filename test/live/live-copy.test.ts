@@ -8,7 +8,8 @@
  * administrator's migration.
  */
 import { describe, expect, it } from 'vitest';
-import type { Broker, ExportHandle, Job, JobStatus } from '../../core/index.js';
+import { createBroker, silentLogger, type Broker, type ExportHandle, type Job, type JobStatus } from '../../core/index.js';
+import { builtinPlugins } from '../../plugins/index.js';
 import { allBackendsForFile, withDevice, type AllBackends } from '../support/all-backends.js';
 import { NbdWriter, qemuIoWrites } from '../support/nbd-writer.js';
 import { HAVE, qemuIo } from '../support/nbd-tools.js';
@@ -107,7 +108,10 @@ describe('live copy through the broker', () => {
     });
   }
 
-  it('the disks of one VM as one job (local → nas1, san1 → local): ready when both are, complete switches both exports; each target holds its writer\'s acknowledged writes', async () => {
+  for (const from of ['this broker', 'another broker (it asks the one serving the disks to run the job, and follows it)']) {
+  it(`the disks of one VM as one job (local → nas1, san1 → local): ready when both are, complete switches both exports; each target holds its writer's acknowledged writes; started from ${from}`, async () => {
+    const other = from === 'this broker' ? undefined : await createBroker(all.config, { plugins: builtinPlugins, logger: silentLogger });
+    const asker = other ?? broker;
     const a = await sourceVolume('local');
     const b = await sourceVolume('san1');
     const [ta, tb] = [`nas1/vm-disk0-${++n}`, `local/vm-disk1-${n}`];
@@ -115,13 +119,14 @@ describe('live copy through the broker', () => {
     const eb = await broker.exports.start(b.ref, { listen: { port: 0 } });
     const wa = await NbdWriter.start({ port: portOf(ea), name: ea.name, connections: 2 }, a.bytes);
     const wb = await NbdWriter.start({ port: portOf(eb), name: eb.name, connections: 2 }, b.bytes);
-    const job = await broker.liveCopy([{ source: a.ref, target: ta }, { source: b.ref, target: tb }], { mode: 'write-blocking' });
-    await untilStatus(job, 'ready');
+    const job = await asker.liveCopy([{ source: a.ref, target: ta }, { source: b.ref, target: tb }], { mode: 'write-blocking' });
+    await untilStatus(job, 'ready', asker);
     const listed = await broker.exports.list();
     expect(listed.filter((e) => e.liveJob === job.id).map((e) => e.name).sort()).toEqual([ea.name, eb.name].sort());
-    await expect(broker.volumes.delete(b.ref)).rejects.toMatchObject({ code: 'Busy', data: { holder: job.id } });
-    await broker.jobs.complete(job.id);
+    await expect(asker.volumes.delete(b.ref)).rejects.toMatchObject({ code: 'Busy', data: { holder: job.id } });
+    await asker.jobs.complete(job.id);
     const done = await job.wait();
+    await other?.close();
     expect(done.error).toBeUndefined();
     expect(done.authoritative).toEqual({ side: 'target', ref: ta, refs: [ta, tb] });
     await new Promise((r) => setTimeout(r, 100));
@@ -135,6 +140,7 @@ describe('live copy through the broker', () => {
     expect((await readAll(tb)).equals(wb.model)).toBe(true);
     await expect(broker.liveCopy([{ source: ta, target: `local/x-${++n}` }, { source: ta, target: `local/y-${n}` }])).rejects.toMatchObject({ code: 'InvalidArgument' });
   });
+  }
 
   for (const [from, to, path] of [['local', 'san1', 'PUT'], ['san1', 'local', 'GET']] as const) {
     it(`${from} → ${to} while the SAN mock answers its data plane's ${path}s with 503s, resets and a stall: retried, nothing lost`, async () => {

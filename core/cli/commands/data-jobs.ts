@@ -168,7 +168,8 @@ export function registerDataJobCommands(program: Command, ctx: CliContext): void
       if (pairs && !o.live) throw new UsageError('SRC=DST pairs are for a live copy: add --live, or give SRC DST');
       if (!pairs && args.length !== 2) throw new UsageError(`copy takes SRC DST (or, with --live, SRC=DST pairs), got ${args.length} argument${args.length === 1 ? '' : 's'}`);
       const broker = await ctx.broker();
-      checkDetach(broker, o.detach);
+      // A live copy runs where its source is served (asked of that process when it is another), never in this command.
+      if (!o.live) checkDetach(broker, o.detach);
       if (pairs) {
         if (o.verify || o.prefer) throw new UsageError('--verify and --prefer do not apply to a live copy');
         const job = await broker.liveCopy(pairs, { ...(speed ? { speed } : {}), ...(o.mode ? { mode: o.mode } : {}) });
