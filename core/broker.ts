@@ -133,7 +133,7 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
   if (opts.adoptOrphans) {
     state.jobs.adoptOrphans(opts.adoptOrphans);
     const days = validated.jobRetentionDays ?? DEFAULT_JOB_RETENTION_DAYS;
-    if (days > 0) state.jobs.sweepConcluded({ retentionMs: days * 86_400_000, keep: (rec) => state.resumable(rec) });
+    state.jobs.sweepConcluded({ ...(days > 0 ? { retentionMs: days * 86_400_000 } : {}), keep: (rec) => state.resumable(rec) });
   }
   if (opts.recoverJobs !== false) {
     try {

@@ -301,8 +301,8 @@ export class LiveCopies {
   private async notExportedHere(source: string): Promise<FailedPrecondition> {
     const elsewhere = (await this.s.jobs.foreignExports()).find((e) => e.ref === source && !e.readOnly);
     if (elsewhere) {
-      return new FailedPrecondition(`${source} is exported by another process (${elsewhere.runnerHost} pid ${elsewhere.runnerPid}, export ${elsewhere.name}): a live copy runs in the process that serves its source's writes`, {
-        ref: source, hint: 'export it from `offload serve` and run the copy there: `offload --server ADDR copy --live …`',
+      return new FailedPrecondition(`${source} is exported by another process (${elsewhere.runnerHost} pid ${elsewhere.runnerPid}, export ${elsewhere.name}): a live copy resumed, or one of disks not all served by that one process, runs only in the process that serves its sources' writes`, {
+        ref: source, hint: 'run it there: `offload --server ADDR copy --live …` (a new copy of disks that one process serves is asked of it)',
       });
     }
     return new FailedPrecondition(`${source} is not exported read-write by this broker: a live copy sees the writes to its source through its export`, {

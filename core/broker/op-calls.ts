@@ -10,28 +10,9 @@ import { parseRef, parseSnapshotRef } from '../model/refs.js';
 import { Busy, errorFromCode, InvalidArgument, Timeout, toOffloadError } from '../model/errors.js';
 import type { Principal } from '../locks/principal.js';
 import type { BrokerState } from './state.js';
+import type { OpCall, OpCallHandlers } from './op-call.js';
+export type { OpCall, OpCallHandlers, OpCallKind } from './op-call.js';
 
-/**
- * What may be asked: a snapshot made (`snapshot`) or deleted (`snapshot.delete`), as the principal
- * who asked — not after `deadline` (ms since the epoch, the asker's clock), when the asker has
- * stopped waiting (a holder paused past it, an asker that died).
- */
-export interface OpCall {
-  kind: OpCallKind;
-  /** A snapshot of the export's volume, or (`copy.live`) that volume. */
-  ref: string;
-  /** `snapshot.group`: every snapshot of the group (`ref` among them), taken at one instant. */
-  refs?: string[];
-  /** `copy.live`: the pairs (`ref` a source among them) and the copy's mode and speed. */
-  pairs?: { source: string; target: string }[];
-  options?: { mode?: string; speed?: number };
-  principal: { id: string; role: 'admin' | 'tenant' };
-  deadline?: number;
-}
-export type OpCallKind = 'snapshot' | 'snapshot.delete' | 'snapshot.group' | 'copy.live';
-
-/** How the serving process carries out each kind of call: as `principal`'s view of its broker would. */
-export type OpCallHandlers = Record<OpCallKind, (principal: Principal, call: OpCall) => Promise<unknown>>;
 
 type Answer = { ok: true; value: unknown } | { ok: false; error: { code: string; message: string; hint?: string; ref?: string; data?: Record<string, unknown> } };
 

@@ -48,13 +48,17 @@ export function runShort<T>(s: BrokerState, principal: Principal, locks: LockReq
 }
 
 /**
- * LockHolder.spares of a snapshot taken or deleted: the writable exports of its volume (the only
- * exports that hold one exclusively), here or in another process — a disk in use is not stopped
- * for it; the snapshot is made within that export, or asked of its process.
+ * LockHolder.spares of a snapshot taken or deleted: what a disk in use works through, here or in
+ * another process — its writable export (the only exports that hold a volume exclusively: the
+ * snapshot is made within it, or asked of its process), a live copy moving it, a fill making it
+ * (jobs, known by the type their ids begin with: the snapshot waits for them, or is Busy).
  */
 export function sparesDisksInUse(held: HeldLock): boolean {
-  return held.mode === 'exclusive' && holderKind(held.holder.id).kind === 'export';
+  if (held.mode !== 'exclusive') return false;
+  const h = holderKind(held.holder.id);
+  return h.kind === 'export' || (h.kind === 'job' && DISK_IN_USE_JOBS.some((type) => held.holder.id.startsWith(`${type}-`)));
 }
+const DISK_IN_USE_JOBS = ['mirror', 'fill'];
 
 /**
  * The locks a reader of `src` holds: its volume shared (not deleted, reverted or written over

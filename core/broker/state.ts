@@ -1,4 +1,4 @@
-import type { OpCallHandlers } from './op-calls.js';
+import type { OpCallHandlers } from './op-call.js';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { BackendFactory, Logger } from '../backend/plugin.js';
 import type { ChangedExtents, StorageBackend } from '../backend/storage-backend.js';

@@ -473,17 +473,19 @@ export class JobManager {
 
   /**
    * Dismiss the concluded jobs that have not changed for `retentionMs` (a long-running broker:
-   * once now, then every `everyMs`, default an hour), but those `keep` holds on to — each as a
-   * user's dismissal is (beforeDismiss first). Brokers sharing a store may sweep it at once: a
-   * job another dismissed first is passed over.
+   * once now, then every `everyMs`, default an hour; no `retentionMs`: none), but those `keep`
+   * holds on to — each as a user's dismissal is (beforeDismiss first) — and drop the calls to
+   * exports a day old. Brokers sharing a store may sweep it at once: a job another dismissed
+   * first is passed over.
    */
-  sweepConcluded(opts: { retentionMs: number; everyMs?: number; keep?: (rec: JobRecord) => boolean }): void {
+  sweepConcluded(opts: { retentionMs?: number; everyMs?: number; keep?: (rec: JobRecord) => boolean }): void {
     const sweep = () => {
       if (this.sweeping || this.closing) return;
       this.sweeping = (async () => {
-        const before = new Date(Date.now() - opts.retentionMs).toISOString();
         // Calls to exports whose askers died before reading the answer (an asker waits lockWaitSeconds).
         await this.store.sweepOpCalls(new Date(Date.now() - OP_CALL_RETENTION_MS).toISOString());
+        if (opts.retentionMs === undefined) return;
+        const before = new Date(Date.now() - opts.retentionMs).toISOString();
         for (const rec of await this.store.listJobs()) {
           if (this.closing) break;
           if (rec.status !== 'concluded' || rec.updatedAt >= before || opts.keep?.(rec)) continue;

@@ -93,7 +93,7 @@ describe('calls to the process serving an export', () => {
       await expect(callExportHolder(state(5000), op.id, call, 'snapshot')).rejects.toMatchObject({
         code: 'Busy', message: 'pool/vm1 is busy', hint: 'wait', ref: 'pool/vm1', data: { holder: 'job-7' },
       });
-      await expect(callExportHolder(state(5000), op.id, { ...call, ref: 'pool/vm2@s1' }, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/not a snapshot of pool\/vm1/) });
+      await expect(callExportHolder(state(5000), op.id, { ...call, ref: 'pool/vm2@s1' }, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument', message: expect.stringMatching(/is not pool\/vm1, which this export serves, nor a snapshot of it/) });
       for (const kind of ['delete', 'toString', 'constructor']) {
         await expect(callExportHolder(state(5000), op.id, { ...call, kind } as unknown as OpCall, 'snapshot')).rejects.toMatchObject({ code: 'InvalidArgument' });
       }

@@ -55,6 +55,22 @@ describe('exports alongside: preemption and a draining backend', () => {
     }
   });
 
+  it("an administrator's snapshot of a tenant's disk under a live copy: Busy naming the copy, which goes on (not stopped for it)", async () => {
+    const t1 = broker.as(tenant('t1'));
+    await t1.volumes.create('local/mv', { sizeBytes: 4 * MiB });
+    const disk = await t1.exports.start('local/mv', { listen: { port: 0 } });
+    try {
+      const job = await t1.liveCopy([{ source: 'local/mv', target: 'local/mv-to' }]);
+      for (let i = 0; i < 500 && (await broker.jobs.get(job.id)).info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+      await expect(broker.snapshots.create('local/mv@adm')).rejects.toMatchObject({ code: 'Busy', message: expect.stringContaining(job.id) });
+      expect((await broker.jobs.get(job.id)).info().status).toBe('ready');
+      await job.cancel();
+      await job.wait();
+    } finally {
+      await disk.stop();
+    }
+  });
+
   it("an administrator deletes the marker a tenant's backup job reads: the job is stopped, the delete goes through", async () => {
     const t1 = broker.as(tenant('t1'));
     await t1.volumes.create('local/c', { sizeBytes: 8 * MiB });
