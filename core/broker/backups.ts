@@ -65,8 +65,12 @@ export class Backups implements BackupsApi {
     const markers = prepared.map((p) => `${p.params.source}@${p.params.marker}`);
     const params = prepared.map((p) => p.params);
     const locks = prepared.flatMap((p) => p.locks);
-    // A backend being taken out of the config refuses the job: before its markers are taken.
+    // A backend being taken out of the config refuses the job, and so does a backup volume or a
+    // previous marker held (another backup into the set, an export reading the marker): before
+    // the markers are taken, so that no guest is held for a point that cannot be made.
     this.s.locks.assertAdmitted(locks);
+    const markerKeys = new Set(markers.map((m) => snapshotKey(parseRef(m) as SnapshotRef)));
+    await this.s.locks.check(locks.filter((l) => !markerKeys.has(l.key)), this.a.principal);
     const sizes = await this.takeMarkers(markers);
     for (const [i, p] of params.entries()) p.sizeBytes = sizes[i]!;
     const checks = prepared.flatMap((p) => (p.check ? [p.check] : []));

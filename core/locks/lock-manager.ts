@@ -284,10 +284,13 @@ export class LockManager {
     this.remove((h) => h.key === key && h.mode === 'maintenance');
   }
 
-  /** Check without taking: throws what acquire would throw for a non-administrator. */
+  /**
+   * Check without taking: throws the Busy acquire would throw for `principal` — a holder it can
+   * neither preempt nor wait for (short operations end by themselves: acquire waits for them).
+   */
   async check(requests: LockRequest[], principal: Principal): Promise<void> {
     const conflicts = this.conflicts(requests, { id: '', principal, description: '' }, await this.outside(requests.map((r) => r.key)));
-    const blocking = conflicts.filter((c) => !this.canPreempt(principal, c));
+    const blocking = conflicts.filter((c) => !this.canPreempt(principal, c) && holderKind(c.holder.id).kind !== 'operation');
     if (blocking.length > 0) throw busyError(blocking.find((c) => holderKind(c.holder.id).kind === 'job') ?? blocking[0]!);
   }
 

@@ -9,7 +9,7 @@
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createBroker, silentLogger, tenant, type Broker } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { memoryModule } from '../support/memory-backend.js';
@@ -90,10 +90,13 @@ describe('exports alongside: preemption and a draining backend', () => {
     expect((await (await broker.backups.start('local/src', { to: 'norevert/set' })).wait()).error).toBeUndefined();
     const [marker] = (await broker.snapshots.list('local/src')).map((x) => x.name);
     const reading = await broker.exports.start(`local/src@${marker}`, { listen: { port: 0 } });
+    const snapshots = vi.spyOn(broker.backend('local'), 'createSnapshot');
     try {
       await expect(broker.backups.start('local/src', { to: 'norevert/set' })).rejects.toMatchObject({ code: 'Busy', message: expect.stringMatching(/export local\/src@bk-/) });
+      expect(snapshots).not.toHaveBeenCalled(); // refused before its marker was taken
       expect((await broker.snapshots.list('local/src')).map((x) => x.name)).toEqual([marker]); // the new marker dropped, the read one kept
     } finally {
+      snapshots.mockRestore();
       await reading.stop();
     }
     expect((await (await broker.backups.start('local/src', { to: 'norevert/set' })).wait()).error).toBeUndefined();
