@@ -4,10 +4,10 @@
  * plugin's README: "snapshot model").
  */
 import { randomBytes } from 'node:crypto';
-import { open, rename, rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { JobRun } from '../../../core/index.js';
 import { createImage, type Image } from '../engine/index.js';
-import { runCommit, runStream } from '../jobs/index.js';
+import { runStream } from '../jobs/index.js';
 import type { PoolState } from './pool-state.js';
 
 /** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
@@ -76,54 +76,16 @@ export async function compact(p: PoolState, file: string): Promise<void> {
   const child = children[0]!;
   // Not into a layer another process may be writing (the active layer of a volume open there).
   if (child.state !== 'ready' || p.isBusy(child.volume) || p.isOpenElsewhere(child.volume)) return;
+  // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
   const affected = p.volumesAbove(child.file);
-  if (!(await commitDown(p, file, child.file))) {
-    // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
-    await withWritable(p, child.volume, child.file, (img) =>
-      runStream(img, row.parent === null ? {} : { base: p.abs(row.parent) }, new JobRun({ jobId: `merge ${file}` })));
-  }
+  await withWritable(p, child.volume, child.file, (img) =>
+    runStream(img, row.parent === null ? {} : { base: p.abs(row.parent) }, new JobRun({ jobId: `merge ${file}` })));
   p.meta.tx(() => {
     p.meta.setParent(child.file, row.parent);
     p.meta.setLayerState(file, 'deleting');
   });
   await p.open.reopen(affected);
   await unlinkLayers(p, [file]);
-}
-
-/**
- * The cheaper way round for a frozen child smaller than the layer merged into it — a rotation
- * deleting the oldest snapshot, whose layer holds the disk as it was while the next holds only
- * its changes: the child is committed down into the layer (only what the child holds is copied,
- * as QEMU's block-commit), and the layer then takes the child's file name by one rename, so that
- * no header or row that names the child changes. False (nothing done) when the child is a
- * volume's active layer (written), or either carries persistent bitmaps (the rename would put
- * the layer's in place of the child's), or the child is not the smaller; the caller streams.
- * Content: the layer is read only through the child, whose clusters hide what the commit writes;
- * after the rename the name reads as before. A crash after the rename, before the metadata
- * records it, leaves the layer's row without its file and the child's header naming the layer's
- * parent: `pool check --repair` records that (pool-check.ts).
- */
-async function commitDown(p: PoolState, file: string, child: string): Promise<boolean> {
-  if (p.meta.volumeByActive(child)) return false;
-  const [layerSize, childSize] = await Promise.all([stat(p.abs(file)), stat(p.abs(child))]).then((s) => s.map((x) => x.size));
-  if (childSize! >= layerSize!) return false;
-  const top = await p.openLayer(child, true);
-  try {
-    if ((await top.bitmaps.info()).length > 0 || (await top.backing!.bitmaps.info()).length > 0) return false;
-    await runCommit(top, {}, new JobRun({ jobId: `merge ${file}` }));
-  } finally {
-    await top.close();
-  }
-  await rename(p.abs(file), p.abs(child));
-  // The rename made durable before the metadata says it happened (else a power cut could undo it under the record).
-  const dir = await open(p.dir, 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
-  await p.opts.hooks?.afterRename?.(file, child);
-  return true;
 }
 
 /**

@@ -5,9 +5,7 @@
  *   recording it (no volume refers to it) → repair deletes the file and the row;
  * - a `deleting` row: a delete interrupted after it was decided → repair finishes it;
  * - a recorded layer whose file is missing, or which qemu-img check would call corrupt → error,
- *   reported only (a damaged volume is the user's to save or delete) — but for a layer merged
- *   down into its child that took the child's name (its one child's header names its parent), or
- *   one nothing uses: repair records the merge, or drops the row;
+ *   reported only (a damaged volume is the user's to save or delete);
  * - leaked clusters → repair reclaims them (not in a layer this process has open for writing);
  * - a header whose backing file differs from the metadata: when it names a layer further down
  *   the recorded chain (a stream or merge that finished on disk but not in the metadata), repair
@@ -21,7 +19,7 @@ import { METADATA_FILE } from './metadata.js';
 import type { PoolState } from './pool-state.js';
 
 export type IssueKind =
-  | 'interrupted-create' | 'interrupted-delete' | 'interrupted-merge' | 'in-progress' | 'missing-file' | 'damaged' | 'leaks'
+  | 'interrupted-create' | 'interrupted-delete' | 'in-progress' | 'missing-file' | 'damaged' | 'leaks'
   | 'backing-mismatch' | 'unused-layer' | 'dangling-reference' | 'unknown-file';
 
 export interface PoolIssue {
@@ -85,19 +83,6 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
       continue;
     }
     if (!(await exists(row.file))) {
-      const merged = await mergedDown(pool, row.file, row.parent);
-      if (merged !== undefined) {
-        await add({
-          ...base, kind: 'interrupted-merge', severity: 'repairable',
-          message: `${row.file}: ${merged === null ? 'its file is gone and nothing uses it' : `merged into ${merged} on disk (it took that name), not yet in the metadata`}`,
-        }, async () => {
-          meta.tx(() => {
-            if (merged !== null) meta.setParent(merged, row.parent);
-            meta.removeLayer(row.file);
-          });
-        });
-        continue;
-      }
       await add({ ...base, kind: 'missing-file', severity: 'error', message: `${row.file}: recorded as a layer of ${pool.ref(row.volume)} but the file is missing` });
       continue;
     }
@@ -112,8 +97,7 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
     let leaks = 0;
     try {
       const header = img.header?.backingFile ?? null;
-      const parent = meta.layer(row.file)?.parent ?? row.parent; // as a repair above may have left it
-      if (header !== parent) await backingIssue(pool, row.file, row.volume, parent, header, add);
+      if (header !== row.parent) await backingIssue(pool, row.file, row.volume, row.parent, header, add);
       const res = await img.check();
       if (res.corruptions > 0 || res.checkErrors > 0) {
         await add({ ...base, kind: 'damaged', severity: 'error', message: `${row.file}: ${res.corruptions} corruptions, ${res.checkErrors} check errors (${res.messages.slice(0, 3).join('; ')})` });
@@ -166,27 +150,6 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
     backend: pool.name, path: pool.dir, volumes: meta.volumes().length, layers: meta.layers().length, issues,
     clean: issues.every((i) => i.severity === 'warning' || i.repaired),
   };
-}
-
-/**
- * For a layer whose file is missing: the child it was merged down into (layers.ts commitDown: the
- * layer took the child's name, and the child's header names the layer's parent), null when
- * nothing uses it at all (its row alone is left), undefined when something still needs the file.
- */
-async function mergedDown(pool: PoolState, file: string, parent: string | null): Promise<string | null | undefined> {
-  const meta = pool.meta;
-  if (pool.opts.format !== 'qcow2' || meta.snapshotsOnLayer(file).length > 0 || meta.volumeByActive(file)) return undefined;
-  const children = meta.children(file);
-  if (children.length === 0) return null;
-  if (children.length > 1) return undefined;
-  const child = children[0]!.file;
-  const img = await openImage(pool.abs(child), { readOnly: true, noBacking: true }).catch(() => undefined);
-  if (!img) return undefined;
-  try {
-    return (img.header?.backingFile ?? null) === parent ? child : undefined;
-  } finally {
-    await img.close();
-  }
 }
 
 async function backingIssue(pool: PoolState, file: string, volume: string, recorded: string | null, header: string | null,

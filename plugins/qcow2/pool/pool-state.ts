@@ -15,11 +15,8 @@ export interface PoolOptions {
   clusterSize: number;
   allowBackingOutsidePool: boolean;
   logger?: Logger;
-  /**
-   * Test hooks: called right after a layer file was created, before it is recorded as ready; and
-   * right after a layer merged down took its child's name, before the metadata records it (layers.ts commitDown).
-   */
-  hooks?: { afterFileCreated?: (file: string) => void | Promise<void>; afterRename?: (file: string, child: string) => void | Promise<void> };
+  /** Test hooks: called right after a layer file was created, before it is recorded as ready. */
+  hooks?: { afterFileCreated?: (file: string) => void | Promise<void> };
 }
 
 /**
