@@ -125,7 +125,10 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
     'snapshot.group': (p, c) => snapshotsAtOneInstant(state, new Access(state, p), c.refs ?? [c.ref], -1),
     'copy.live': async (p, c) => {
       const o = c.options ?? {};
-      const options = { ...(o.mode !== undefined ? { mode: o.mode as LiveCopyOptions['mode'] } : {}), ...(o.speed !== undefined ? { speed: o.speed } : {}) };
+      const options = {
+        ...(o.mode !== undefined ? { mode: o.mode as LiveCopyOptions['mode'] } : {}), ...(o.speed !== undefined ? { speed: o.speed } : {}),
+        ...(o.resume !== undefined ? { resume: o.resume } : {}),
+      };
       return { job: (await new BrokerView(state, p).liveCopy(c.pairs ?? [], options)).id };
     },
   };

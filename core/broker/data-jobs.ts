@@ -210,6 +210,14 @@ export class DataJobs {
     let crashed = false;
     if (opts.resume !== undefined) {
       const resumed = await new LiveCopies(this.s, this.a).resumeOf(opts.resume, pairsIn);
+      // Its sources served by another process (a copy cancelled there after ready): resumed there.
+      const live = new LiveCopies(this.s, this.a);
+      const elsewhere = await live.servedElsewhere(resumed.pairs.map((p) => p.source));
+      if (elsewhere) {
+        return live.askServingProcess(elsewhere, resumed.pairs, {
+          resume: String(opts.resume), ...(opts.mode !== undefined ? { mode: opts.mode } : {}), ...(opts.speed !== undefined ? { speed: opts.speed } : {}),
+        });
+      }
       pairs = resumed.pairs;
       stale = resumed.stale;
       crashed = resumed.crashed;

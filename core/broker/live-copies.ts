@@ -16,7 +16,7 @@ import type { Volume } from '../model/types.js';
 import { ADMIN, type Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
-import { callExportHolder, GONE } from './op-calls.js';
+import { callExportHolder, GONE, type OpCall } from './op-calls.js';
 import { checkSpeed } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
 import { checkIntentRecord, intentRanges, type IntentRecord } from '../live/write-intent.js';
@@ -127,7 +127,7 @@ export class LiveCopies {
     // asked of that process, where their writes are seen; the job is followed here through the store.
     if (recheck === undefined && refs.every((p) => p.since === undefined && p.pending === undefined && !p.made)) {
       const elsewhere = await this.servedElsewhere(refs.map((p) => p.source));
-      if (elsewhere) return this.askServingProcess(elsewhere, refs, mode, opts.speed);
+      if (elsewhere) return this.askServingProcess(elsewhere, refs, { mode, ...(opts.speed !== undefined ? { speed: opts.speed } : {}) });
     }
     const prepared: Prepared[] = [];
     for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending, p.sizeBytes, p.made));
@@ -274,7 +274,7 @@ export class LiveCopies {
    * here: that process runs the copy. Undefined when a source is served here or by no one (the
    * copy is made, or refused, here); FailedPrecondition when two processes serve them.
    */
-  private async servedElsewhere(sources: string[]): Promise<ExportRecord | undefined> {
+  async servedElsewhere(sources: string[]): Promise<ExportRecord | undefined> {
     if (this.s.exports.list().some((e) => sources.includes(e.ref) && !e.readOnly)) return undefined;
     const foreign = (await this.s.jobs.foreignExports()).filter((e) => sources.includes(e.ref) && !e.readOnly);
     if (!sources.every((src) => foreign.some((e) => e.ref === src))) return undefined;
@@ -286,12 +286,15 @@ export class LiveCopies {
     return foreign.find((e) => e.ref === sources[0])!;
   }
 
-  /** Ask the process serving the sources (its export `exp`) to start the copy; the job as this broker sees it, run there. */
-  private async askServingProcess(exp: ExportRecord, pairs: { source: string; target: string }[], mode: MirrorParams['mode'], speed: number | undefined): Promise<Job> {
+  /**
+   * Ask the process serving the sources (its export `exp`) to start the copy (or, `options.resume`,
+   * to resume the live copy of that id); the job as this broker sees it, run there.
+   */
+  async askServingProcess(exp: ExportRecord, pairs: { source: string; target: string }[], options: NonNullable<OpCall['options']>): Promise<Job> {
     const what = `copy ${pairs.map((p) => `${p.source} to ${p.target}`).join(', ')} live`;
     const answer = await callExportHolder(this.s, exp.id, {
       kind: 'copy.live', ref: exp.ref, pairs: pairs.map((p) => ({ source: p.source, target: p.target })),
-      options: { mode, ...(speed !== undefined ? { speed } : {}) }, principal: { id: this.a.principal.id, role: this.a.principal.role },
+      options, principal: { id: this.a.principal.id, role: this.a.principal.role },
     }, what);
     if (answer === GONE) throw await this.notExportedHere(exp.ref); // its export ended first
     return this.s.jobs.get((answer as { job: string }).job);
@@ -301,8 +304,8 @@ export class LiveCopies {
   private async notExportedHere(source: string): Promise<FailedPrecondition> {
     const elsewhere = (await this.s.jobs.foreignExports()).find((e) => e.ref === source && !e.readOnly);
     if (elsewhere) {
-      return new FailedPrecondition(`${source} is exported by another process (${elsewhere.runnerHost} pid ${elsewhere.runnerPid}, export ${elsewhere.name}): a live copy resumed, or one of disks not all served by that one process, runs only in the process that serves its sources' writes`, {
-        ref: source, hint: 'run it there: `offload --server ADDR copy --live …` (a new copy of disks that one process serves is asked of it)',
+      return new FailedPrecondition(`${source} is exported by another process (${elsewhere.runnerHost} pid ${elsewhere.runnerPid}, export ${elsewhere.name}): a live copy from a snapshot (--since), or one of disks not all served by that one process, runs only in the process that serves its sources' writes`, {
+        ref: source, hint: 'run it there: `offload --server ADDR copy --live …` (a new or resumed copy of disks that one process serves is asked of it)',
       });
     }
     return new FailedPrecondition(`${source} is not exported read-write by this broker: a live copy sees the writes to its source through its export`, {

@@ -230,7 +230,7 @@ describe('live copy through the broker', () => {
   });
 
   for (const [from, to] of [['local', 'san1'], ['san1', 'local']] as const) {
-    it(`${from} → ${to}: cancelled after ready, it resumes with only what changed since (the source's snapshot at the cancel), and completes`, async () => {
+    it(`${from} → ${to}: cancelled after ready, it resumes with only what changed since (the source's snapshot at the cancel), and completes${from === 'san1' ? ' (resumed from another broker)' : ''}`, async () => {
       const src = await sourceVolume(from);
       const dst = `${to}/live-dst-${++n}`;
       const exp = await broker.exports.start(src.ref, { listen: { port: 0 } });
@@ -249,17 +249,21 @@ describe('live copy through the broker', () => {
       await writer.stop();
       const changed = (await broker.volumes.changes(src.ref, { since: since! })).extents.reduce((x, e) => x + e.length, 0);
       expect(changed).toBeLessThanOrEqual(2 * MiB + 128 * 1024);
-      // One way names the snapshot; the other names the job (`copy --live --resume JOB`), whose record has it.
-      const second = from === 'local' ? await broker.copy(src.ref, dst, { live: true, since: since! }) : await broker.liveCopy([], { resume: first.id });
+      // One way names the snapshot; the other names the job (`copy --live --resume JOB`), whose record
+      // has it — from another broker, which asks this one (it serves the source) to resume it.
+      const other = from === 'local' ? undefined : await createBroker(all.config, { plugins: builtinPlugins, logger: silentLogger });
+      const asker = other ?? broker;
+      const second = other ? await other.liveCopy([], { resume: first.id }) : await broker.copy(src.ref, dst, { live: true, since: since! });
       expect((second.info().params.pairs as { source: string; target: string; since?: string }[])[0]).toMatchObject({ source: src.ref, target: dst, since });
-      await untilStatus(second, 'ready');
+      await untilStatus(second, 'ready', asker);
       // The first pass moved the changes, not the volume's 8 MiB of data again (a quiet source: nothing else).
-      expect(second.info().progress.current).toBeLessThanOrEqual(changed);
+      expect((await asker.jobs.get(second.id)).info().progress.current).toBeLessThanOrEqual(changed);
       // A guest writes again while the resumed copy is ready, and across the switch-over.
       const again = await NbdWriter.start({ port: portOf(exp), name: exp.name, connections: 2 }, writer.model);
       for (let i = 0; i < 300 && again.acked < 50; i++) await new Promise((r) => setTimeout(r, 10));
-      await broker.jobs.complete(second.id);
+      await asker.jobs.complete(second.id);
       const done = await second.wait();
+      await other?.close();
       expect(done.error).toBeUndefined();
       await again.stop();
       expect((await broker.exports.list()).find((e) => e.name === exp.name)?.ref).toBe(dst);
