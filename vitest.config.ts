@@ -9,6 +9,8 @@ export default defineConfig({
     testTimeout: 120_000,
     hookTimeout: 120_000,
     pool: 'forks',
+    // Bundles of the entry points tests start as child processes (test/support/ts-child.ts).
+    globalSetup: ['test/support/child-bundles.ts'],
     ...(jsonReport ? { reporters: ['default', 'json'], outputFile: { json: jsonReport } } : {}),
   },
 });

@@ -6,6 +6,7 @@ import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger } from '../../core/index.js';
 import { tickerModule } from '../support/ticker-backend.js';
+import { tsChild } from '../support/ts-child.js';
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -14,7 +15,7 @@ afterEach(() => {
 
 /** Start the child, wait until its job has made progress, then kill -9 it. Returns the job id. */
 async function runAndKill(stateDir: string, resumable: boolean, log: string): Promise<string> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/ticker-child.ts', stateDir, String(resumable), log], {
+  const child = spawn(process.execPath, [...tsChild('test/support/ticker-child.ts'), stateDir, String(resumable), log], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const id = await new Promise<string>((resolve, reject) => {

@@ -2,6 +2,8 @@
 import { RunnerLocks } from '../../core/jobs/runner-lock.js';
 
 const [dir, token] = process.argv.slice(2) as [string, string];
-new RunnerLocks(dir).hold(token);
+const locks = new RunnerLocks(dir);
+locks.hold(token);
 process.stdout.write('held\n');
-setInterval(() => undefined, 60_000);
+// Kept referenced: a collected RunnerLocks closes its database, and with it the lock.
+setInterval(() => locks, 60_000);

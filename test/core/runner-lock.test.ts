@@ -12,13 +12,14 @@ import { ADMIN, LockManager, silentLogger } from '../../core/index.js';
 import { JobManager } from '../../core/jobs/job-manager.js';
 import { RunnerLocks } from '../../core/jobs/runner-lock.js';
 import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
+import { tsChild } from '../support/ts-child.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'offload-runners-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** A process holding `token`'s lock (in a new pid namespace with `unshare`); resolves once it holds it. */
 function holder(token: string, unshare = false): Promise<{ kill: () => Promise<void> }> {
-  const args = ['--import', 'tsx', 'test/core/runner-lock-child.ts', dir, token];
+  const args = [...tsChild('test/core/runner-lock-child.ts'), dir, token];
   // Its own process group: a kill takes `unshare` and the process it forked together.
   const child = unshare ? spawn('unshare', ['--pid', '--fork', process.execPath, ...args], { stdio: ['ignore', 'pipe', 'inherit'], detached: true })
     : spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'], detached: true });

@@ -6,6 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { tsChild } from '../support/ts-child.js';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 let child: ChildProcess;
@@ -14,7 +15,7 @@ let output = '';
 const auth = `Basic ${Buffer.from('ops:pa55word').toString('base64')}`;
 
 beforeAll(async () => {
-  child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), 'appliance', 'ontap', '--port', '0', '--username', 'ops', '--password', 'pa55word'], {
+  child = spawn(process.execPath, [...tsChild('bin/main.ts'), 'appliance', 'ontap', '--port', '0', '--username', 'ops', '--password', 'pa55word'], {
     cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'],
   });
   url = await new Promise<string>((done, fail) => {

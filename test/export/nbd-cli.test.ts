@@ -17,6 +17,7 @@ import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { CMD, CMD_FLAG } from '../../core/export/nbd-protocol.js';
 import { openExport, reply, request } from '../support/nbd-client.js';
 import { HAVE, ok, qemuIo, tool } from '../support/nbd-tools.js';
+import { tsChild } from '../support/ts-child.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '../..');
 const MiB = 1024 * 1024;
@@ -27,11 +28,11 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
   let dir: string;
   let config: string;
 
-  const cli = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, ...args], { cwd: ROOT, encoding: 'utf8' });
+  const cli = (...args: string[]) => spawnSync(process.execPath, [...tsChild('bin/main.ts'), '--config', config, ...args], { cwd: ROOT, encoding: 'utf8' });
 
   /** Start `offload nbd …` and wait for its first line. */
   async function serve(...args: string[]): Promise<Served> {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'nbd', ...args], { cwd: ROOT });
+    const child = spawn(process.execPath, [...tsChild('bin/main.ts'), '--config', config, 'nbd', ...args], { cwd: ROOT });
     let err = '';
     child.stderr!.setEncoding('utf8').on('data', (d: string) => { err += d; });
     const exit = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
@@ -119,7 +120,7 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
     const quick = join(dir, 'quick.yaml');
     writeFileSync(quick, 'state: ./state\nlockWaitSeconds: 1\nbackends:\n  - name: local\n    kind: qcow2\n    path: ./pool\n');
     s.child.kill('SIGSTOP');
-    const stalled = spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', quick, 'snapshot', 'create', 'local/vm1@late'], { cwd: ROOT, encoding: 'utf8' });
+    const stalled = spawnSync(process.execPath, [...tsChild('bin/main.ts'), '--config', quick, 'snapshot', 'create', 'local/vm1@late'], { cwd: ROOT, encoding: 'utf8' });
     s.child.kill('SIGCONT');
     expect(stalled.status).toBe(1);
     expect(stalled.stderr).toMatch(/Timeout: snapshot local\/vm1@late: the process serving its export .* did not answer within 1 s/);
@@ -273,12 +274,12 @@ describe.skipIf(!HAVE.qemu)('offload nbd, the command', () => {
       await b.volumes.create('local/t1vm', { sizeBytes: 4 * MiB });
       const e = await b.exports.start('local/t1vm', { listen: { port: 0 } });
       // An administrator's snapshot does not stop it: this process takes the snapshot (and must be free to hear the call).
-      const snap = await tool(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'snapshot', 'create', 'local/t1vm@adm'], { cwd: ROOT });
+      const snap = await tool(process.execPath, [...tsChild('bin/main.ts'), '--config', config, 'snapshot', 'create', 'local/t1vm@adm'], { cwd: ROOT });
       expect(snap.status, snap.stderr).toBe(0);
       expect((await b.exports.list()).map((x) => x.name)).toEqual(['local/t1vm']);
       expect((await b.snapshots.list('local/t1vm')).map((x) => x.name)).toEqual(['adm']);
       // The CLI acts as the administrator; run without blocking this process, which must hear the request to stop.
-      const del = await tool(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', config, 'volume', 'delete', 'local/t1vm'], { cwd: ROOT });
+      const del = await tool(process.execPath, [...tsChild('bin/main.ts'), '--config', config, 'volume', 'delete', 'local/t1vm'], { cwd: ROOT });
       expect(del.stderr).toBe('');
       expect(del.status).toBe(0);
       await e.stopped;

@@ -13,6 +13,7 @@ import { openImage } from '../../plugins/qcow2/index.js';
 import { commitTask, copyToRaw, progressPathFor, streamTask } from '../../plugins/qcow2/jobs/index.js';
 import { HAVE_QEMU, backingOf, check, compare, copyDir, qimg, qio, rng, run, tempDir } from './jobs-support.js';
 import { fileContext, type FileContext } from './jobs-kill-support.js';
+import { tsChild } from '../support/ts-child.js';
 
 const LONG = process.env.OFFLOAD_LONG === '1';
 const KILLS = LONG ? 30 : 1;
@@ -41,7 +42,7 @@ function buildChain(size = '16M'): string {
 }
 
 function child(job: string, d: string, killAt: number): { killed: boolean; writes: number } {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'test/interop/jobs-kill-child.ts', job, d, String(killAt), `${d}/state.json`], {
+  const r = spawnSync(process.execPath, [...tsChild('test/interop/jobs-kill-child.ts'), job, d, String(killAt), `${d}/state.json`], {
     encoding: 'utf8', timeout: 60_000,
   });
   if (r.signal === 'SIGKILL') return { killed: true, writes: killAt };

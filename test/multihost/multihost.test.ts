@@ -37,6 +37,7 @@ import { MOCK_DEFAULTS, startOntapMock, type OntapMock } from '../../plugins/ont
 import pgLib from 'pg';
 import { HAVE, qemuIo } from '../support/nbd-tools.js';
 import { postgresAvailable, startPostgres, type Postgres } from '../support/postgres.js';
+import { tsChild } from '../support/ts-child.js';
 
 const ROOT = join(import.meta.dirname, '../..');
 const MiB = 1024 * 1024;
@@ -101,7 +102,7 @@ describe.skipIf(!postgresAvailable())('brokers on three hosts, one PostgreSQL da
     const file = join(dir, `${name}-${hosts.length}.json`);
     const socket = join(dir, `${name}-${hosts.length}.sock`);
     writeFileSync(file, JSON.stringify(configOf(name)));
-    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bin/main.ts'), '--config', file, 'serve', '--socket', socket], {
+    const child = spawn(process.execPath, [...tsChild('bin/main.ts'), '--config', file, 'serve', '--socket', socket], {
       cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, OFFLOAD_RUNNER_HOST: `host-${name}`, OFFLOAD_SERVER: '' },
     });
     const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));

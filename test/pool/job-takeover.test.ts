@@ -13,6 +13,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createBroker, silentLogger } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { failedChecks, HAVE_QEMU_IMG, kidReadsRight, MiB, restartFixture, setUpKid } from './pool-helpers.js';
+import { tsChild } from '../support/ts-child.js';
 
 const { state, pool, open, cleanup } = restartFixture('offload-job-takeover-');
 const ROOT = join(import.meta.dirname, '../..');
@@ -24,7 +25,7 @@ afterAll(() => {
 
 /** A runner child; resolves with it and the first line it printed (a job id, or "ready"). */
 async function runner(stream: boolean): Promise<{ child: ChildProcess; line: string; exited: Promise<number | null> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'test/pool/runner-child.ts'), state, pool, ...(stream ? ['stream'] : [])],
+  const child = spawn(process.execPath, [...tsChild('test/pool/runner-child.ts'), state, pool, ...(stream ? ['stream'] : [])],
     { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
   children.push(child);
   const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));

@@ -9,6 +9,7 @@ import { join, resolve } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { JobRun } from '../../core/index.js';
 import { layerFiles, MiB, openPool, pattern, read, write, type PoolFixture } from './pool-helpers.js';
+import { tsChild } from '../support/ts-child.js';
 
 const CHILD = resolve(import.meta.dirname, 'crash-child.ts');
 let fx: PoolFixture;
@@ -16,7 +17,7 @@ beforeEach(async () => { fx = await openPool(); });
 afterEach(async () => { await fx.close(); });
 
 function crash(op: string): void {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', CHILD, fx.dir, op], { encoding: 'utf8', cwd: resolve(import.meta.dirname, '../..') });
+  const r = spawnSync(process.execPath, [...tsChild(CHILD), fx.dir, op], { encoding: 'utf8', cwd: resolve(import.meta.dirname, '../..') });
   expect(r.signal, r.stderr).toBe('SIGKILL');
   expect(r.stdout).not.toContain('not killed');
 }

@@ -7,6 +7,7 @@ import { expect } from 'vitest';
 import { createBroker, silentLogger, type Broker } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { Qcow2Pool } from '../../plugins/qcow2/pool/pool-backend.js';
+import { tsChild } from '../support/ts-child.js';
 
 export const MiB = 1024 * 1024;
 export const GiB = 1024 * MiB;
@@ -99,7 +100,7 @@ export async function startJobChild(kind: 'stream' | 'clone' | 'export' | 'impor
   env: NodeJS.ProcessEnv = {}): Promise<{ child: ReturnType<typeof spawn>; id: string; out(): string }> {
   const root = join(import.meta.dirname, '../..');
   const args = [join(root, 'test/pool/job-child.ts'), kind, state, pool, ...(file !== undefined ? [file] : [])];
-  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+  const child = spawn(process.execPath, [...tsChild(args[0]!), ...args.slice(1)], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env } });
   let out = '';
   const id = await new Promise<string>((done, fail) => {
     child.stdout.on('data', (d: Buffer) => {

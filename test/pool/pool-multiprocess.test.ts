@@ -13,13 +13,14 @@ import { createBroker, silentLogger } from '../../core/index.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import type { Qcow2Pool } from '../../plugins/qcow2/pool/pool-backend.js';
 import { failedChecks, HAVE_QEMU_IMG, MiB, restartFixture } from './pool-helpers.js';
+import { tsChild } from '../support/ts-child.js';
 
 const { state, pool, cleanup } = restartFixture('offload-pool-multi-');
 afterAll(cleanup);
 const ROOT = join(import.meta.dirname, '../..');
 
 function worker(args: string[]): { done: Promise<string>; firstLine: Promise<string>; end(): void; go(): void } {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'test/pool/pool-worker.ts'), ...args], { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, [...tsChild('test/pool/pool-worker.ts'), ...args], { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'] });
   let out = '';
   let first!: (s: string) => void;
   const firstLine = new Promise<string>((r) => { first = r; });

@@ -13,6 +13,7 @@ import { createInterface } from 'node:readline';
 import { runCli } from '../../core/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
 import { tickerModule } from '../support/ticker-backend.js';
+import { tsChild } from '../support/ts-child.js';
 
 export const ROOT = resolve(import.meta.dirname, '../..');
 const CHILD = join(ROOT, 'test/service/cli-child.ts');
@@ -64,7 +65,7 @@ export interface Child { child: ChildProcess; first: Promise<string>; exit: Prom
 
 /** The CLI as a child process; `first` resolves with its first line of stdout. */
 export function offloadChild(s: Setup, args: string[], env: NodeJS.ProcessEnv = {}): Child {
-  const child = spawn(process.execPath, ['--import', 'tsx', CHILD, '--config', s.config, ...args], {
+  const child = spawn(process.execPath, [...tsChild(CHILD), '--config', s.config, ...args], {
     cwd: ROOT, env: { ...process.env, OFFLOAD_SERVER: '', OFFLOAD_TOKEN: '', ...env },
   });
   let out = '';

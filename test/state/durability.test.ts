@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { tsChild } from '../support/ts-child.js';
 
 // Where strace is missing, or may not trace (a container without ptrace), the case is skipped.
 const strace = spawnSync('strace', ['-f', '-e', 'trace=none', 'true']).status === 0;
@@ -19,7 +20,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 /** Syncs of the store's write-ahead log while a child makes `count` writes of `kind`. */
 function walSyncs(kind: string, count: number): number {
   const file = join(dir, `${kind}.sqlite`);
-  const r = spawnSync('strace', ['-f', '-y', '-e', 'trace=fsync,fdatasync', process.execPath, '--import', 'tsx', 'test/state/sync-child.ts', file, kind, String(count)], { encoding: 'utf8' });
+  const r = spawnSync('strace', ['-f', '-y', '-e', 'trace=fsync,fdatasync', process.execPath, ...tsChild('test/state/sync-child.ts'), file, kind, String(count)], { encoding: 'utf8' });
   expect(r.stdout, r.stderr).toBe('done\n');
   return r.stderr.split('\n').filter((l) => /^(\[pid +\d+\] )?f(data)?sync\(\d+<[^>]*-wal>/.test(l)).length;
 }

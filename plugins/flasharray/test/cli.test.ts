@@ -8,9 +8,10 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { VolumeList, VolumeSnapshotList } from '../api/schemas.js';
+import { tsChild } from '../../../test/support/ts-child.js';
 
 const ROOT = resolve(import.meta.dirname, '../../..');
-const ARGS = ['--import', 'tsx', join(ROOT, 'bin/main.ts'), 'appliance', 'flasharray'];
+const ARGS = [...tsChild('bin/main.ts'), 'appliance', 'flasharray'];
 const MiB = 1024 * 1024;
 
 interface Running { child: ChildProcess; url: string; token: string; output: () => string }

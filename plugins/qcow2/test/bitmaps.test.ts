@@ -11,6 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage, type ByteRange, type Image } from '../index.js';
 import { decodeBitmapDirectory, encodeBitmapDirectory, type BitmapDirEntry } from '../format/bitmaps.js';
 import { hasQemu, ok, qemuCheckJson, qemuIo, run, tempDir, warnIfNoQemu } from './helpers.js';
+import { tsChild } from '../../../test/support/ts-child.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const MiB = 1024 * 1024;
@@ -353,7 +354,7 @@ function covered(dirty: ByteRange[], off: number, len: number): boolean {
 
 function runKilled(file: string, seed: number, killAfter: number | 'between'): Promise<Op[]> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(here, 'bitmap-writer.ts'), file, String(seed)],
+    const child = spawn(process.execPath, [...tsChild(join(here, 'bitmap-writer.ts')), file, String(seed)],
       { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...(killAfter === 'between' ? { BETWEEN_MS: '2000' } : {}) } });
     let out = '';
     let err = '';

@@ -11,6 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../index.js';
 import { CRASH_CS, CRASH_SIZE, crashOps, stateAfter } from './crash-ops.js';
 import { hasQemu, pattern, qemuCheckJson, tempDir, warnIfNoQemu } from './helpers.js';
+import { tsChild } from '../../../test/support/ts-child.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const KILLS = process.env.OFFLOAD_LONG ? 60 : 5;
@@ -21,7 +22,7 @@ type Mode = 'write-through' | 'deferred' | 'fua';
 
 function runWriter(file: string, seed: number, killAfterMs: number | undefined, mode: Mode): Promise<Outcome> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(here, 'crash-writer.ts'), file, String(seed), mode], {
+    const child = spawn(process.execPath, [...tsChild(join(here, 'crash-writer.ts')), file, String(seed), mode], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
