@@ -1,7 +1,8 @@
 /**
  * A stream job on the local pool survives a kill -9 of the broker process: the next broker
  * resumes it from its checkpoint (it reads only what lies above it), the clone ends up
- * independent with the right data, and qemu-img check finds every file clean.
+ * independent with the right data, and qemu-img check finds no file damaged (the kill may leave
+ * leaked clusters: space, as QEMU leaves them).
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { bytesReadByProcess, failedChecks, fill, HAVE_QEMU_IMG, MiB, restartFixture, runAndKill, setUpKid } from './pool-helpers.js';
@@ -48,6 +49,6 @@ describe('pool stream across a broker crash', () => {
     } finally {
       await broker.close();
     }
-    if (HAVE_QEMU_IMG) expect(failedChecks(pool)).toEqual([]);
+    if (HAVE_QEMU_IMG) expect(failedChecks(pool, { killed: true })).toEqual([]);
   });
 });
