@@ -18,7 +18,7 @@ import { Access } from './access.js';
 import { LiveCopies } from './live-copies.js';
 import { markResumed } from '../live/mirror-task.js';
 import { InstantClones } from './instant-clones.js';
-import { checkSize, checkSpeed, planOrRefuse, readLocks, runShort } from './operation.js';
+import { checkSize, checkSpeed, planOrRefuse, readerWithin, readLocks, runShort } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
 import type { Volumes } from './volumes.js';
 
@@ -69,12 +69,12 @@ export class DataJobs {
     throw new InternalError(`clone ${source} to ${target}: the planner's steps (${plan.steps.map((st) => st.action).join(', ')}) are not a clone`);
   }
 
-  private nativeClone(src: Ref, dst: VolumeRef, mode: 'linked' | 'full', size: number | undefined, owner: string, explicit: boolean): Promise<Volume> {
+  private async nativeClone(src: Ref, dst: VolumeRef, mode: 'linked' | 'full', size: number | undefined, owner: string, explicit: boolean): Promise<Volume> {
     const source = `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`;
     const target = volumeKey(dst);
     const d = this.s.entry(dst.backend);
-    return runShort(this.s, this.a.principal,
-      [...readLocks(src), { key: target, mode: 'exclusive' }], `clone ${source} to ${target}`,
+    const locks: LockRequest[] = [...readLocks(src), { key: target, mode: 'exclusive' }];
+    return runShort(this.s, this.a.principal, locks, `clone ${source} to ${target}`,
       async () => {
         await this.a.assertOwns(src); // again under the lock (Volumes.resize)
         const recorded = await this.a.targetOwner(dst, d.backend, owner, explicit);
@@ -85,7 +85,7 @@ export class DataJobs {
         }));
         await this.s.setOwner(target, recorded);
         return { ...vol, owner: recorded };
-      });
+      }, await readerWithin(this.s, src, locks));
   }
 
   /** The target is created by the clone job itself, under the job's exclusive lock (see cloneTask). */
@@ -106,7 +106,7 @@ export class DataJobs {
     return this.startJob(cloneTask(params, this.s.cloneDeps()), target, 'host', undefined, [
       ...readLocks(src),
       { key: target, mode: 'exclusive' },
-    ], plan, checkSpeed(opts.speed), () => this.a.assertOwns(src));
+    ], plan, checkSpeed(opts.speed), () => this.a.assertOwns(src), src);
   }
 
   private async sourceSize(src: Ref, source: string): Promise<number> {
@@ -184,7 +184,7 @@ export class DataJobs {
     ], plan, checkSpeed(opts.speed), async () => {
       await this.a.assertOwns(src);
       await this.a.assertOwns(parseVolumeRef(target));
-    });
+    }, src);
   }
 
   /**
@@ -261,10 +261,14 @@ export class DataJobs {
   }
 
   /** `check`: the tenant's ownership again, once the job's locks are held (StartJobRequest.check). */
-  private startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>): Promise<Job> {
+  /** `reads`: the volume or snapshot the job reads (a snapshot of a disk in use is read within what it is in use through: inUseAlongside). */
+  private async startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed: number | undefined,
+    check: () => Promise<void>, reads?: Ref): Promise<Job> {
     this.s.assertOpen();
-    return this.s.mutex.run(locks.map((l) => l.key), () =>
-      this.s.jobs.start({ task, ref, executor, principal: this.a.principal, locks, plan, check, ...(backend ? { backend } : {}), ...(speed ? { speed } : {}) }));
+    const within = reads ? await readerWithin(this.s, reads, locks) : [];
+    return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
+      task, ref, executor, principal: this.a.principal, locks, plan, check, ...(backend ? { backend } : {}), ...(speed ? { speed } : {}), ...(within.length > 0 ? { within } : {}),
+    }));
   }
 }
 

@@ -16,7 +16,7 @@ import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, t
 import type { Principal } from '../locks/principal.js';
 import { Access } from './access.js';
 import { answerCall } from './op-calls.js';
-import { need } from './operation.js';
+import { need, readerWithin, snapshotReaders } from './operation.js';
 import type { BrokerState } from './state.js';
 
 /** How long `stop` waits for another process to stop its export. */
@@ -241,20 +241,16 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
 }
 
 /**
- * The exports, of this process and of others, that an export of `ref` works alongside: a snapshot
+ * The holders, of this process and of others, that an export of `ref` works alongside: a snapshot
  * is read while its volume is written (a backup application reading a point of a running VM's
- * disk), so an export of a snapshot and a writable export of its volume do not keep each other out,
- * whichever starts first. The volume's other keepers stay: it cannot be deleted, reverted or
- * resized while one of its snapshots is exported, nor written by a second writer.
+ * disk), so an export of a snapshot and what the volume is in use through (its writable export, a
+ * live copy of it) do not keep each other out, whichever starts first; nor a writable export and
+ * a job reading a snapshot (a clone or copy of it). The volume's other keepers stay: it cannot be
+ * deleted, reverted or resized while one of its snapshots is read, nor written by a second writer.
  */
 async function exportsAlongside(s: BrokerState, ref: Ref, readOnly: boolean): Promise<string[]> {
-  const volume = `${ref.backend}/${ref.volume}`;
-  const snapshot = isSnapshotRef(ref);
-  if (!snapshot && readOnly) return []; // its shared lock keeps no snapshot export out
-  const fits = (r: string, ro: boolean) => (snapshot ? r === volume && !ro : r.startsWith(`${volume}@`));
-  const here = s.exports.list().filter((x) => fits(x.ref, x.readOnly)).map((x) => s.exports.device(x.name)?.holder).filter((h): h is string => h !== undefined);
-  const elsewhere = (await s.jobs.foreignExports()).filter((x) => fits(x.ref, x.readOnly)).map((x) => x.id);
-  return [...here, ...elsewhere];
+  if (isSnapshotRef(ref)) return readerWithin(s, ref, []);
+  return readOnly ? [] : snapshotReaders(s, volumeKey(ref)); // a shared lock keeps no reader of a snapshot out
 }
 
 /** A principal bound to its NBD clients (`bound`) may name only those: PermissionDenied naming the others. */

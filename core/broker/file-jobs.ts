@@ -18,7 +18,7 @@ import { AlreadyExists, InvalidArgument, NotFound, PermissionDenied } from '../m
 import { formatRef, isSnapshotRef, parseRef, parseVolumeRef, volumeKey, type Ref } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
-import { checkSize, checkSpeed, planOrRefuse, readLocks } from './operation.js';
+import { checkSize, checkSpeed, planOrRefuse, readerWithin, readLocks } from './operation.js';
 import { call, type BrokerState } from './state.js';
 
 /** The export and import verbs of one principal's broker view (exposed on `broker.volumes`). */
@@ -40,7 +40,7 @@ export class FileJobs {
     return this.start(exportTask(params, this.s.fileJobDeps()), source, [
       ...readLocks(ref),
       { key: await fileKey(path), mode: 'exclusive' },
-    ], plan, speed, () => this.a.assertOwns(ref));
+    ], plan, speed, () => this.a.assertOwns(ref), ref);
   }
 
   async importFrom(file: string, refText: string, opts: FileImportOptions = {}): Promise<Job> {
@@ -88,10 +88,12 @@ export class FileJobs {
   }
 
   /** `check`: the tenant's ownership again, once the job's locks are held (StartJobRequest.check). */
-  private start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>): Promise<Job> {
+  /** `reads`: what an export to a file reads (a snapshot of a disk in use is read within what it is in use through: inUseAlongside). */
+  private async start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>, reads?: Ref): Promise<Job> {
     this.s.assertOpen();
+    const within = reads ? await readerWithin(this.s, reads, locks) : [];
     return this.s.mutex.run(locks.map((l) => l.key), () =>
-      this.s.jobs.start({ task, ref, executor: 'host', principal: this.a.principal, locks, plan, check, ...(speed ? { speed } : {}) }));
+      this.s.jobs.start({ task, ref, executor: 'host', principal: this.a.principal, locks, plan, check, ...(speed ? { speed } : {}), ...(within.length > 0 ? { within } : {}) }));
   }
 }
 

@@ -13,7 +13,7 @@ import { AlreadyExists, InvalidArgument, toOffloadError } from '../model/errors.
 import { isSnapshotRef, parseRef, parseVolumeRef, volumeKey } from '../model/refs.js';
 import type { Plan } from '../planner/plan.js';
 import type { Access } from './access.js';
-import { checkSize, checkSpeed, readLocks } from './operation.js';
+import { checkSize, checkSpeed, readerWithin, readLocks } from './operation.js';
 import type { BrokerState } from './state.js';
 
 
@@ -100,13 +100,15 @@ export class InstantClones {
       made.push({ source: `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`, target: ref, sizeBytes: size, owner });
     }
     const locks = made.flatMap((p) => [...readLocks(parseRef(p.source)), { key: p.target, mode: 'exclusive' as const }]);
+    // A snapshot of a disk in use is read within what it is in use through (inUseAlongside).
+    const within = [...new Set((await Promise.all(made.map((p) => readerWithin(this.s, parseRef(p.source), locks)))).flat())];
     const speed = checkSpeed(opts.speed);
     this.s.assertOpen();
     const task = instantCloneTask(this.s, { pairs: made, ...(opts.copyOnRead ? { copyOnRead: true } : {}) });
     let job: Job;
     try {
       job = await this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
-        task, ref: made.map((p) => p.target).join(','), executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}),
+        task, ref: made.map((p) => p.target).join(','), executor: 'host', principal: this.a.principal, locks, plan, ...(speed ? { speed } : {}), ...(within.length > 0 ? { within } : {}),
         check: async () => {
           for (const p of made) await this.a.assertOwns(parseRef(p.source)); // again under the job's locks
         },

@@ -17,7 +17,7 @@ import { ADMIN, type Principal } from '../locks/principal.js';
 import type { Access } from './access.js';
 import { holdExport } from './exports.js';
 import { callExportHolder, GONE, type OpCall } from './op-calls.js';
-import { checkSpeed } from './operation.js';
+import { checkSpeed, snapshotReaders } from './operation.js';
 import { call, sinceName, type BrokerState } from './state.js';
 import { checkIntentRecord, intentRanges, type IntentRecord } from '../live/write-intent.js';
 
@@ -147,11 +147,13 @@ export class LiveCopies {
     });
     const locks = prepared.flatMap((p) => [{ key: p.pair.source, mode: 'exclusive' as const }, { key: p.pair.target, mode: 'exclusive' as const }]);
     const speed = checkSpeed(opts.speed);
+    // And within what reads a snapshot of a source (a clone of a point of the VM's disk): the copy moves the disk, not its points.
+    const readers = (await Promise.all(prepared.map((p) => snapshotReaders(this.s, p.pair.source)))).flat();
     this.s.assertOpen();
     // Within every source's export (LockHolder.within takes one holder: a group's exports are checked by the keyed mutex here).
     return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
       task, ref: prepared.map((p) => p.pair.target).join(','), executor: 'host', principal: this.a.principal, locks, plan,
-      within: prepared.map((p) => p.holder), ...(speed ? { speed } : {}),
+      within: [...prepared.map((p) => p.holder), ...readers], ...(speed ? { speed } : {}),
       // A source is held by this broker's export (checked under its lock); a target that was there is checked again.
       check: async () => {
         for (const p of prepared) if (!p.pair.create) await this.a.assertOwns(parseVolumeRef(p.pair.target));

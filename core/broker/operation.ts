@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { holderKind, type HeldLock, type LockHolder, type LockRequest } from '../locks/lock-manager.js';
+import { diskUsers, snapshotReadersIn, usesDisk } from '../locks/disks-in-use.js';
+import type { HeldLock, LockHolder, LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import type { Capability, CapabilitySet } from '../model/capabilities.js';
 import { InvalidArgument, Unsupported } from '../model/errors.js';
@@ -49,16 +50,12 @@ export function runShort<T>(s: BrokerState, principal: Principal, locks: LockReq
 
 /**
  * LockHolder.spares of a snapshot taken or deleted: what a disk in use works through, here or in
- * another process — its writable export (the only exports that hold a volume exclusively: the
- * snapshot is made within it, or asked of its process), a live copy moving it, a fill making it
- * (jobs, known by the type their ids begin with: the snapshot waits for them, or is Busy).
+ * another process (usesDisk) — its writable export (the snapshot is made within it, or asked of
+ * its process), a live copy moving it, a fill making it (the snapshot waits for them, or is Busy).
  */
 export function sparesDisksInUse(held: HeldLock): boolean {
-  if (held.mode !== 'exclusive') return false;
-  const h = holderKind(held.holder.id);
-  return h.kind === 'export' || (h.kind === 'job' && DISK_IN_USE_JOBS.some((type) => held.holder.id.startsWith(`${type}-`)));
+  return held.mode !== 'maintenance' && usesDisk(held.mode, held.holder.id);
 }
-const DISK_IN_USE_JOBS = ['mirror', 'fill'];
 
 /**
  * The locks a reader of `src` holds: its volume shared (not deleted, reverted or written over
@@ -66,6 +63,24 @@ const DISK_IN_USE_JOBS = ['mirror', 'fill'];
  */
 export function readLocks(src: Ref): LockRequest[] {
   return [{ key: volumeKey(src), mode: 'shared' }, ...(isSnapshotRef(src) ? [{ key: snapshotKey(src), mode: 'shared' as const }] : [])];
+}
+
+/**
+ * The holders a reader of `src` works within (LockHolder.within), in this process or another:
+ * for a snapshot, what its volume is in use through (core/locks/disks-in-use.ts). A holder working
+ * within another is not asked about the keys that one holds, so its locks' admission (a backend
+ * being taken out of the config admits no new reader) is checked here.
+ */
+export async function readerWithin(s: BrokerState, src: Ref, locks: LockRequest[]): Promise<string[]> {
+  if (!isSnapshotRef(src)) return [];
+  const within = diskUsers(await s.locks.list(), [volumeKey(src)]);
+  if (within.length > 0) s.locks.assertAdmitted(locks);
+  return within;
+}
+
+/** The holders reading a snapshot of `volume`, here or in another process, that its writable export or a live copy of it works within. */
+export async function snapshotReaders(s: BrokerState, volume: string): Promise<string[]> {
+  return snapshotReadersIn(await s.locks.list(), volume);
 }
 
 /** A size a volume may have: a whole number of bytes, > 0, within the backend's stated maximum. */

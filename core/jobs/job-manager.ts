@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../backend/plugin.js';
+import { diskUsers, snapshotsRead } from '../locks/disks-in-use.js';
 import { holderHint, holderKind, lockModesConflict, type LockHolder, type LockManager, type LockMode, type LockRequest, type Outside, type Publish } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import { Busy, FailedPrecondition, InvalidArgument, NotFound, toOffloadError } from '../model/errors.js';
@@ -264,7 +265,7 @@ export class JobManager {
       // Check other processes' jobs and insert ours atomically (this process's locks are held
       // above). Claims made after ours saw it, and wait for it or left our keys alone.
       await this.store.transaction('locks', async (tx) => {
-        await this.assertNoForeignConflict(tx, req.locks, id, claim?.seq, req.principal);
+        await this.assertNoForeignConflict(tx, req.locks, id, claim?.seq, req.principal, req.within);
         await tx.insertJob(record);
       });
     } catch (e) {
@@ -383,7 +384,9 @@ export class JobManager {
     return this.store.requestOpStop(id);
   }
 
-  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string, claimedBefore?: number, principal?: Principal): Promise<void> {
+  /** `within`: the holders the job works within (LockHolder.within), another process's export of a disk whose snapshot it reads among them. */
+  private async assertNoForeignConflict(ops: StateOps, wanted: LockRequest[], id: string, claimedBefore?: number, principal?: Principal,
+    within?: string | readonly string[]): Promise<void> {
     const outside = await this.outsideLocks(ops, wanted.map((w) => w.key), claimedBefore);
     // A maintenance lock placed while the job waited: tenants are kept off, administrators pass.
     const maintenance = principal?.role === 'tenant' ? outside.maintenance.find((m) => wanted.some((w) => w.key === m.key)) : undefined;
@@ -394,6 +397,7 @@ export class JobManager {
       });
     }
     for (const held of outside.foreign) {
+      if (within !== undefined && (typeof within === 'string' ? within === held.holder.id : within.includes(held.holder.id))) continue;
       const w = wanted.find((r) => r.key === held.key && lockModesConflict(held.mode, r.mode));
       if (!w) continue;
       const who = holderKind(held.holder.id);
@@ -606,11 +610,15 @@ export class JobManager {
     let job: ManagedJob | undefined;
     let lease;
     try {
+      // A job reading a snapshot of a disk in use (here or elsewhere) works within what it is in use through, as when it started.
+      const reads = snapshotsRead(rec.locks);
+      const within = reads.length > 0 ? diskUsers(await this.locks.list(), reads) : [];
       lease = await this.locks.acquire(rec.locks, {
         id: rec.id,
         principal: { id: rec.owner, role: rec.ownerRole },
         description: `${rec.type} ${rec.ref}`,
         preempt: () => void job?.cancel().catch(() => undefined),
+        ...(within.length > 0 ? { within } : {}),
       });
     } catch {
       return false;
