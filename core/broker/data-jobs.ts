@@ -85,7 +85,7 @@ export class DataJobs {
         }));
         await this.s.setOwner(target, recorded);
         return { ...vol, owner: recorded };
-      }, await readerWithin(this.s, src, locks));
+      }, await readerWithin(this.s, locks));
   }
 
   /** The target is created by the clone job itself, under the job's exclusive lock (see cloneTask). */
@@ -106,7 +106,7 @@ export class DataJobs {
     return this.startJob(cloneTask(params, this.s.cloneDeps()), target, 'host', undefined, [
       ...readLocks(src),
       { key: target, mode: 'exclusive' },
-    ], plan, checkSpeed(opts.speed), () => this.a.assertOwns(src), src);
+    ], plan, checkSpeed(opts.speed), () => this.a.assertOwns(src));
   }
 
   private async sourceSize(src: Ref, source: string): Promise<number> {
@@ -184,7 +184,7 @@ export class DataJobs {
     ], plan, checkSpeed(opts.speed), async () => {
       await this.a.assertOwns(src);
       await this.a.assertOwns(parseVolumeRef(target));
-    }, src);
+    });
   }
 
   /**
@@ -261,11 +261,11 @@ export class DataJobs {
   }
 
   /** `check`: the tenant's ownership again, once the job's locks are held (StartJobRequest.check). */
-  /** `reads`: the volume or snapshot the job reads (a snapshot of a disk in use is read within what it is in use through: inUseAlongside). */
+  /** A job reading points of a disk in use works within what it is in use through (readerWithin). */
   private async startJob(task: JobTask, ref: string, executor: string, backend: string | undefined, locks: LockRequest[], plan: Plan, speed: number | undefined,
-    check: () => Promise<void>, reads?: Ref): Promise<Job> {
+    check: () => Promise<void>): Promise<Job> {
     this.s.assertOpen();
-    const within = reads ? await readerWithin(this.s, reads, locks) : [];
+    const within = await readerWithin(this.s, locks);
     return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({
       task, ref, executor, principal: this.a.principal, locks, plan, check, ...(backend ? { backend } : {}), ...(speed ? { speed } : {}), ...(within.length > 0 ? { within } : {}),
     }));

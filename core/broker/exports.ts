@@ -16,7 +16,7 @@ import { formatRef, isSnapshotRef, parseRef, snapshotKey, volumeKey, type Ref, t
 import type { Principal } from '../locks/principal.js';
 import { Access } from './access.js';
 import { answerCall } from './op-calls.js';
-import { need, readerWithin, snapshotReaders } from './operation.js';
+import { need, readerWithin, readLocks, snapshotReaders } from './operation.js';
 import type { BrokerState } from './state.js';
 
 /** How long `stop` waits for another process to stop its export. */
@@ -210,14 +210,12 @@ export interface ExportHold {
  */
 export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; readOnly: boolean; principal: Principal; within?: string }): Promise<ExportHold> {
   const { ref, name, readOnly, principal } = e;
-  const locks: LockRequest[] = isSnapshotRef(ref)
-    ? [{ key: volumeKey(ref), mode: 'shared' }, { key: snapshotKey(ref), mode: 'shared' }]
-    : [{ key: volumeKey(ref), mode: readOnly ? 'shared' : 'exclusive' }];
+  const locks: LockRequest[] = isSnapshotRef(ref) ? readLocks(ref) : [{ key: volumeKey(ref), mode: readOnly ? 'shared' : 'exclusive' }];
   const id = `export:${name}#${randomBytes(4).toString('hex')}`;
   const description = `nbd export ${name} of ${formatRef(ref)} (${readOnly ? 'read-only' : 'read-write'})`;
   // An administrator's conflicting request stops a tenant's export (here, or from another process).
   const preempt = () => void s.exports.stop(name).catch(() => undefined);
-  const alongside = await exportsAlongside(s, ref, readOnly);
+  const alongside = await exportsAlongside(s, ref, readOnly, locks);
   // Alongside is not within another's work going on: a backend being taken out of the config admits no new export.
   if (alongside.length > 0) s.locks.assertAdmitted(locks);
   const within = [...(e.within !== undefined ? [e.within] : []), ...alongside];
@@ -248,9 +246,9 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
  * a job reading a snapshot (a clone or copy of it). The volume's other keepers stay: it cannot be
  * deleted, reverted or resized while one of its snapshots is read, nor written by a second writer.
  */
-async function exportsAlongside(s: BrokerState, ref: Ref, readOnly: boolean): Promise<string[]> {
-  if (isSnapshotRef(ref)) return readerWithin(s, ref, []);
-  return readOnly ? [] : snapshotReaders(s, volumeKey(ref)); // a shared lock keeps no reader of a snapshot out
+async function exportsAlongside(s: BrokerState, ref: Ref, readOnly: boolean, locks: LockRequest[]): Promise<string[]> {
+  if (isSnapshotRef(ref)) return readerWithin(s, locks);
+  return readOnly ? [] : snapshotReaders(s, volumeKey(ref), locks); // a shared lock keeps no reader of a snapshot out
 }
 
 /** A principal bound to its NBD clients (`bound`) may name only those: PermissionDenied naming the others. */

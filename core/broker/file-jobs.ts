@@ -40,7 +40,7 @@ export class FileJobs {
     return this.start(exportTask(params, this.s.fileJobDeps()), source, [
       ...readLocks(ref),
       { key: await fileKey(path), mode: 'exclusive' },
-    ], plan, speed, () => this.a.assertOwns(ref), ref);
+    ], plan, speed, () => this.a.assertOwns(ref));
   }
 
   async importFrom(file: string, refText: string, opts: FileImportOptions = {}): Promise<Job> {
@@ -88,10 +88,10 @@ export class FileJobs {
   }
 
   /** `check`: the tenant's ownership again, once the job's locks are held (StartJobRequest.check). */
-  /** `reads`: what an export to a file reads (a snapshot of a disk in use is read within what it is in use through: inUseAlongside). */
-  private async start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>, reads?: Ref): Promise<Job> {
+  /** An export to a file of a point of a disk in use works within what it is in use through (readerWithin). */
+  private async start(task: JobTask, ref: string, locks: LockRequest[], plan: Plan, speed: number | undefined, check: () => Promise<void>): Promise<Job> {
     this.s.assertOpen();
-    const within = reads ? await readerWithin(this.s, reads, locks) : [];
+    const within = await readerWithin(this.s, locks);
     return this.s.mutex.run(locks.map((l) => l.key), () =>
       this.s.jobs.start({ task, ref, executor: 'host', principal: this.a.principal, locks, plan, check, ...(speed ? { speed } : {}), ...(within.length > 0 ? { within } : {}) }));
   }

@@ -99,9 +99,9 @@ export class InstantClones {
       const owner = await this.a.targetOwner(dst, d.backend, this.a.ownerFor(opts.owner), opts.owner !== undefined);
       made.push({ source: `${src.backend}/${src.volume}${isSnapshotRef(src) ? `@${src.snapshot}` : ''}`, target: ref, sizeBytes: size, owner });
     }
-    const locks = made.flatMap((p) => [...readLocks(parseRef(p.source)), { key: p.target, mode: 'exclusive' as const }]);
-    // A snapshot of a disk in use is read within what it is in use through (inUseAlongside).
-    const within = [...new Set((await Promise.all(made.map((p) => readerWithin(this.s, parseRef(p.source), locks)))).flat())];
+    const locks = [...readLocks(...made.map((p) => parseRef(p.source))), ...made.map((p) => ({ key: p.target, mode: 'exclusive' as const }))];
+    // Points of a disk in use are read within what it is in use through (readerWithin).
+    const within = await readerWithin(this.s, locks);
     const speed = checkSpeed(opts.speed);
     this.s.assertOpen();
     const task = instantCloneTask(this.s, { pairs: made, ...(opts.copyOnRead ? { copyOnRead: true } : {}) });

@@ -148,7 +148,7 @@ export class LiveCopies {
     const locks = prepared.flatMap((p) => [{ key: p.pair.source, mode: 'exclusive' as const }, { key: p.pair.target, mode: 'exclusive' as const }]);
     const speed = checkSpeed(opts.speed);
     // And within what reads a snapshot of a source (a clone of a point of the VM's disk): the copy moves the disk, not its points.
-    const readers = (await Promise.all(prepared.map((p) => snapshotReaders(this.s, p.pair.source)))).flat();
+    const readers = (await Promise.all(prepared.map((p) => snapshotReaders(this.s, p.pair.source, locks)))).flat();
     this.s.assertOpen();
     // Within every source's export (LockHolder.within takes one holder: a group's exports are checked by the keyed mutex here).
     return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({

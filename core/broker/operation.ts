@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { diskUsers, snapshotReadersIn, usesDisk } from '../locks/disks-in-use.js';
+import { diskUsers, pointsKey, snapshotReadersIn, snapshotsRead, usesDisk } from '../locks/disks-in-use.js';
 import type { HeldLock, LockHolder, LockRequest } from '../locks/lock-manager.js';
 import type { Principal } from '../locks/principal.js';
 import type { Capability, CapabilitySet } from '../model/capabilities.js';
@@ -58,29 +58,41 @@ export function sparesDisksInUse(held: HeldLock): boolean {
 }
 
 /**
- * The locks a reader of `src` holds: its volume shared (not deleted, reverted or written over
- * by another under it), and a snapshot it reads shared too (not deleted under it).
+ * The locks a reader of `srcs` holds: each volume shared (not deleted, reverted or written over by
+ * another under it), each snapshot it reads shared too (not deleted under it), and the points key
+ * of a volume it reads only snapshots of (disks-in-use.ts) — not one a live copy makes and drops
+ * itself (`live-…`, deleted under no lock of the reader's: its reader waits for the disk's users).
  */
-export function readLocks(src: Ref): LockRequest[] {
-  return [{ key: volumeKey(src), mode: 'shared' }, ...(isSnapshotRef(src) ? [{ key: snapshotKey(src), mode: 'shared' as const }] : [])];
+export function readLocks(...srcs: Ref[]): LockRequest[] {
+  const out = new Map<string, LockRequest>();
+  const live = new Set(srcs.filter((r) => !isSnapshotRef(r)).map(volumeKey));
+  for (const r of srcs) {
+    const volume = volumeKey(r);
+    out.set(volume, { key: volume, mode: 'shared' });
+    if (!isSnapshotRef(r)) continue;
+    out.set(snapshotKey(r), { key: snapshotKey(r), mode: 'shared' });
+    if (!live.has(volume) && !r.snapshot.startsWith('live-')) out.set(pointsKey(volume), { key: pointsKey(volume), mode: 'shared' });
+  }
+  return [...out.values()];
 }
 
 /**
- * The holders a reader of `src` works within (LockHolder.within), in this process or another:
- * for a snapshot, what its volume is in use through (core/locks/disks-in-use.ts). A holder working
+ * The holders a reader with `locks` works within (LockHolder.within), in this process or another:
+ * what the volumes whose points it reads are in use through (disks-in-use.ts). A holder working
  * within another is not asked about the keys that one holds, so its locks' admission (a backend
  * being taken out of the config admits no new reader) is checked here.
  */
-export async function readerWithin(s: BrokerState, src: Ref, locks: LockRequest[]): Promise<string[]> {
-  if (!isSnapshotRef(src)) return [];
-  const within = diskUsers(await s.locks.list(), [volumeKey(src)]);
+export async function readerWithin(s: BrokerState, locks: LockRequest[]): Promise<string[]> {
+  const volumes = snapshotsRead(locks);
+  if (volumes.length === 0) return [];
+  const within = diskUsers(await s.locks.list(), volumes, locks);
   if (within.length > 0) s.locks.assertAdmitted(locks);
   return within;
 }
 
-/** The holders reading a snapshot of `volume`, here or in another process, that its writable export or a live copy of it works within. */
-export async function snapshotReaders(s: BrokerState, volume: string): Promise<string[]> {
-  return snapshotReadersIn(await s.locks.list(), volume);
+/** The holders reading points of `volume`, here or in another process, that a holder of `wanted` — its writable export, a live copy of it — works within. */
+export async function snapshotReaders(s: BrokerState, volume: string, wanted: LockRequest[]): Promise<string[]> {
+  return snapshotReadersIn(await s.locks.list(), volume, wanted);
 }
 
 /** A size a volume may have: a whole number of bytes, > 0, within the backend's stated maximum. */

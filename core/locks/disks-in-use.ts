@@ -1,5 +1,4 @@
 import { holderKind, type LockInfo, type LockMode, type LockRequest } from './lock-manager.js';
-import { snapshotVolume } from './whole-volume.js';
 
 /**
  * A disk in use — a volume a VM writes through its writable export, moved by a live copy, made by
@@ -7,7 +6,18 @@ import { snapshotVolume } from './whole-volume.js';
  * a snapshot is frozen, so its readers and what the disk is in use through work within each
  * other's locks (LockHolder.within), whichever starts first, in one process or several. The
  * volume's other keepers stay: it is not deleted, reverted or resized under a reader.
+ *
+ * A holder that reads points of a volume and none of its moving data holds the key `VOLUME@`
+ * (no snapshot has an empty name) shared besides, so that the others learn it from the lock rows
+ * of any process: an incremental copy of the volume itself, which holds its base snapshot too,
+ * does not. Within applies to all of a holder's locks, so only a holder that wants nothing else
+ * the other holds (a target of both) is worked within.
  */
+
+/** The key a reader of points of `volume` (and of nothing else of it) holds shared. */
+export function pointsKey(volume: string): string {
+  return `${volume}@`;
+}
 
 /** Whether a holder of `mode` with this id is what a disk in use works through: its writable export, a live copy, a fill (jobs known by the type their ids begin with). */
 export function usesDisk(mode: LockMode, id: string): boolean {
@@ -17,20 +27,35 @@ export function usesDisk(mode: LockMode, id: string): boolean {
 }
 const DISK_IN_USE_JOBS = ['mirror', 'fill'];
 
-/** The volumes whose snapshots `locks` read: each held shared with a snapshot of it, none of them exclusively. */
-export function snapshotsRead(locks: readonly LockRequest[]): string[] {
-  const volumes = new Set(locks.filter((l) => l.mode === 'shared').map((l) => snapshotVolume(l.key)).filter((v): v is string => v !== undefined));
-  return [...volumes].filter((v) => locks.some((l) => l.key === v && l.mode === 'shared') && !locks.some((l) => l.mode !== 'shared' && (l.key === v || l.key.startsWith(`${v}@`))));
+const ofVolume = (key: string, volume: string) => key === volume || key.startsWith(`${volume}@`);
+
+/** The volumes whose points `locks` read, and nothing else of them: `VOLUME@` held shared, nothing of the volume exclusively. */
+export function snapshotsRead(locks: readonly { key: string; mode: LockMode }[]): string[] {
+  return locks.filter((l) => l.mode === 'shared' && l.key.endsWith('@')).map((l) => l.key.slice(0, -1))
+    .filter((v) => !locks.some((l) => l.mode !== 'shared' && ofVolume(l.key, v)));
 }
 
-/** The holders in `held` (every lock, here and elsewhere) that a reader of snapshots of `volumes` works within. */
-export function diskUsers(held: readonly LockInfo[], volumes: readonly string[]): string[] {
-  return [...new Set(held.filter((l) => volumes.includes(l.key) && usesDisk(l.mode, l.holder.id)).map((l) => l.holder.id))];
+/** The locks of each holder in `held`, by holder id. */
+function byHolder(held: readonly LockInfo[]): Map<string, LockInfo[]> {
+  const out = new Map<string, LockInfo[]>();
+  for (const l of held) out.set(l.holder.id, [...(out.get(l.holder.id) ?? []), l]);
+  return out;
 }
 
-/** The holders in `held` reading a snapshot of `volume`, which what makes it a disk in use works within. */
-export function snapshotReadersIn(held: readonly LockInfo[], volume: string): string[] {
-  const byHolder = new Map<string, LockRequest[]>();
-  for (const l of held) if (l.mode !== 'maintenance') byHolder.set(l.holder.id, [...(byHolder.get(l.holder.id) ?? []), { key: l.key, mode: l.mode }]);
-  return [...byHolder].filter(([, locks]) => snapshotsRead(locks).includes(volume)).map(([id]) => id);
+/** Whether a holder with `locks` wants none of `wanted`'s keys but those of `volumes`. */
+function apartBut(locks: readonly LockInfo[], wanted: readonly LockRequest[], volumes: readonly string[]): boolean {
+  return locks.every((l) => !wanted.some((w) => w.key === l.key) || volumes.some((v) => ofVolume(l.key, v)));
+}
+
+/** The holders in `held` (every lock, here and elsewhere) that a holder of `wanted`, reading points of `volumes`, works within. */
+export function diskUsers(held: readonly LockInfo[], volumes: readonly string[], wanted: readonly LockRequest[]): string[] {
+  if (volumes.length === 0) return [];
+  return [...byHolder(held)].filter(([id, locks]) => locks.some((l) => volumes.includes(l.key) && usesDisk(l.mode, id)) && apartBut(locks, wanted, volumes))
+    .map(([id]) => id);
+}
+
+/** The holders in `held` reading points of `volume` that a holder of `wanted` making it a disk in use (its writable export, a live copy) works within. */
+export function snapshotReadersIn(held: readonly LockInfo[], volume: string, wanted: readonly LockRequest[]): string[] {
+  return [...byHolder(held)].filter(([, locks]) => snapshotsRead(locks as { key: string; mode: LockMode }[]).includes(volume) && apartBut(locks, wanted, [volume]))
+    .map(([id]) => id);
 }

@@ -49,8 +49,9 @@ describe('a snapshot of a volume exported read-write, cloned and copied while a 
     const writer = await NbdWriter.start({ port: portOf(exp), name, pauseMs: 1 }, Buffer.alloc(SIZE));
     const writes = async (n: number) => {
       const until = writer.acked + n;
-      for (let i = 0; i < 500 && writer.acked < until && !writer.failed; i++) await new Promise((r) => setTimeout(r, 5));
+      for (let i = 0; i < 2000 && writer.acked < until && !writer.failed; i++) await new Promise((r) => setTimeout(r, 5));
       expect(writer.failed).toBeUndefined();
+      expect(writer.acked).toBeGreaterThanOrEqual(until);
     };
     await writes(30);
     await broker.snapshots.create(`${ref}@p`);
@@ -67,7 +68,7 @@ describe('a snapshot of a volume exported read-write, cloned and copied while a 
         const native = await broker.clone(`${ref}@p`, `${backend}/from-p`);
         expect(native.name).toBe('from-p');
         // A slow one first: while it reads the point, the volume's keepers are refused.
-        const host = await broker.startClone(`${ref}@p`, `${other}/host-p`, { mode: 'full', prefer: 'host', speed: 512 * 1024 });
+        const host = await broker.startClone(`${ref}@p`, `${other}/host-p`, { mode: 'full', prefer: 'host', speed: 64 * 1024 });
         await expect(broker.volumes.delete(ref)).rejects.toMatchObject({ code: 'Busy', data: { holder: host.job!.id } });
         await expect(broker.snapshots.revert(`${ref}@p`)).rejects.toMatchObject({ code: 'Busy' });
         await expect(broker.snapshots.delete(`${ref}@p`)).rejects.toMatchObject({ code: 'Busy' });
@@ -98,15 +99,16 @@ describe('a snapshot of a volume exported read-write, cloned and copied while a 
     await writer.stop();
     await exp.stop();
     await broker.volumes.create('san1/restart-copy', { sizeBytes: SIZE });
-    const copy = await broker.copy(`${ref}@p`, 'san1/restart-copy', { speed: 256 * 1024 });
+    const copy = await broker.copy(`${ref}@p`, 'san1/restart-copy', { speed: 64 * 1024 });
     const again = await broker.exports.start(ref, { name, listen: { port: 0 } });
     const writer2 = await NbdWriter.start({ port: portOf(again), name, pauseMs: 1 }, writer.model);
     for (let i = 0; i < 500 && writer2.acked < 30; i++) await new Promise((r) => setTimeout(r, 5));
-    expect(copy.info().status).toBe('running'); // ~2 MiB of data at 256 KiB/s: still reading the point
+    expect(copy.info().status).toBe('running'); // its data at 64 KiB/s: still reading the point
     // And migrated meanwhile: a live copy of the disk works alongside the copy of its point too.
     const live = await broker.copy(ref, 'nas1/restart-moved', { live: true });
     for (let i = 0; i < 500 && live.info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
     expect(live.info().status).toBe('ready');
+    expect(copy.info().status).toBe('running');
     await broker.jobs.cancel(live.id);
     await live.wait();
     await broker.jobs.setSpeed(copy.id, 0);
@@ -156,5 +158,39 @@ describe('a snapshot of a volume exported read-write, cloned and copied while a 
       await exp.stop();
     }
     expect((await read(broker, ref)).equals(writer.model)).toBe(true);
+  });
+  it('what must still wait: a live copy and a copy of the point into one target; an incremental copy of the volume itself (it reads the moving disk); a point a live copy made itself', async () => {
+    const ref = 'local/apart';
+    const { exp, writer, name } = await diskInUse(ref);
+    try {
+      await broker.volumes.create('san1/apart-t', { sizeBytes: SIZE });
+      // A copy of the point into T, then a live copy of the disk into T: two writers of T.
+      const copy = await broker.copy(`${ref}@p`, 'san1/apart-t', { speed: 16 * 1024 });
+      await expect(broker.copy(ref, 'san1/apart-t', { live: true })).rejects.toMatchObject({ code: 'Busy', data: { holder: copy.id } });
+      await broker.jobs.cancel(copy.id);
+      await copy.wait();
+      // The other way round.
+      const live = await broker.copy(ref, 'san1/apart-t', { live: true });
+      await expect(broker.copy(`${ref}@p`, 'san1/apart-t')).rejects.toMatchObject({ code: 'Busy', data: { holder: live.id } });
+      for (let i = 0; i < 500 && live.info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+      await broker.jobs.cancel(live.id);
+      const cancelled = await live.wait();
+      // The point that copy made at its cancel (to resume from): not read alongside the disk's
+      // users — a live copy drops such points itself, under no lock of their readers.
+      const point = cancelled.resumeSince?.[0];
+      expect(point).toMatch(/^live-/);
+      await broker.volumes.create('san1/apart-u', { sizeBytes: SIZE });
+      await expect(broker.copy(`${ref}@${point!}`, 'san1/apart-u')).rejects.toMatchObject({ code: 'Busy' });
+    } finally {
+      await writer.stop();
+      await exp.stop();
+    }
+    // An incremental copy of the volume itself reads its moving data: its export waits for it.
+    await broker.volumes.create('san1/apart-v', { sizeBytes: SIZE });
+    await broker.copy(`${ref}@p`, 'san1/apart-v').then((j) => j.wait());
+    const incremental = await broker.copy(ref, 'san1/apart-v', { since: 'p', speed: 1024 });
+    await expect(broker.exports.start(ref, { name, listen: { port: 0 } })).rejects.toMatchObject({ code: 'Busy', data: { holder: incremental.id } });
+    await broker.jobs.cancel(incremental.id);
+    await incremental.wait();
   });
 });
