@@ -129,7 +129,11 @@ export async function createBroker(config: string | RawConfig | BrokerConfig, op
         ...(o.mode !== undefined ? { mode: o.mode as LiveCopyOptions['mode'] } : {}), ...(o.speed !== undefined ? { speed: o.speed } : {}),
         ...(o.resume !== undefined ? { resume: o.resume } : {}),
       };
-      return { job: (await new BrokerView(state, p).liveCopy(c.pairs ?? [], options)).id };
+      const view = new BrokerView(state, p);
+      // From a snapshot its target holds (`copy --live SRC DST --since S`): one pair.
+      const one = c.pairs?.length === 1 ? c.pairs[0]! : undefined;
+      if (o.since !== undefined && one) return { job: (await view.copy(one.source, one.target, { ...options, live: true, since: o.since })).id };
+      return { job: (await view.liveCopy(c.pairs ?? [], options)).id };
     },
   };
   const broker = new BrokerView(state, opts.principal ?? ADMIN);

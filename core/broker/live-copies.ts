@@ -125,9 +125,15 @@ export class LiveCopies {
     });
     // Sources another process serves (a control node copying a running VM's disks): a new copy is
     // asked of that process, where their writes are seen; the job is followed here through the store.
-    if (recheck === undefined && refs.every((p) => p.since === undefined && p.pending === undefined && !p.made)) {
+    // A new copy's pairs are { source, target } (DataJobs.liveCopy), with the caller's --since, if any.
+    if (recheck === undefined && refs.every((p) => p.pending === undefined && !p.made)) {
       const elsewhere = await this.servedElsewhere(refs.map((p) => p.source));
-      if (elsewhere) return this.askServingProcess(elsewhere, refs, { mode, ...(opts.speed !== undefined ? { speed: opts.speed } : {}) });
+      if (elsewhere) {
+        if (opts.since !== undefined && typeof opts.since !== 'string') throw new InvalidArgument(`since is a snapshot name, got ${String(opts.since)}`);
+        return this.askServingProcess(elsewhere, refs, {
+          mode, ...(opts.speed !== undefined ? { speed: opts.speed } : {}), ...(opts.since !== undefined ? { since: opts.since } : {}),
+        });
+      }
     }
     const prepared: Prepared[] = [];
     for (const p of refs) prepared.push(await this.prepare(p.source, p.target, p.since, p.pending, p.sizeBytes, p.made));
@@ -306,7 +312,7 @@ export class LiveCopies {
   private async notExportedHere(source: string): Promise<FailedPrecondition> {
     const elsewhere = (await this.s.jobs.foreignExports()).find((e) => e.ref === source && !e.readOnly);
     if (elsewhere) {
-      return new FailedPrecondition(`${source} is exported by another process (${elsewhere.runnerHost} pid ${elsewhere.runnerPid}, export ${elsewhere.name}): a live copy from a snapshot (--since), or one of disks not all served by that one process, runs only in the process that serves its sources' writes`, {
+      return new FailedPrecondition(`${source} is exported by another process (${elsewhere.runnerHost} pid ${elsewhere.runnerPid}, export ${elsewhere.name}): a live copy of disks not all served by that one process runs only in the process that serves its sources' writes`, {
         ref: source, hint: 'run it there: `offload --server ADDR copy --live …` (a new or resumed copy of disks that one process serves is asked of it)',
       });
     }

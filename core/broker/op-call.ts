@@ -13,9 +13,9 @@ export interface OpCall {
   ref: string;
   /** `snapshot.group`: every snapshot of the group (`ref` among them), taken at one instant. */
   refs?: string[];
-  /** `copy.live`: the pairs (`ref` a source among them), the copy's mode and speed, or the live copy it resumes. */
+  /** `copy.live`: the pairs (`ref` a source among them), the copy's mode and speed, the snapshot its target holds (`since`: one pair), or the live copy it resumes. */
   pairs?: { source: string; target: string }[];
-  options?: { mode?: string; speed?: number; resume?: string };
+  options?: { mode?: string; speed?: number; resume?: string; since?: string };
   principal: { id: string; role: 'admin' | 'tenant' };
   deadline?: number;
 }

@@ -229,8 +229,9 @@ describe('live copy through the broker', () => {
     expect((await readAll(src.ref)).equals(writer.model)).toBe(true);
   });
 
-  for (const [from, to] of [['local', 'san1'], ['san1', 'local']] as const) {
-    it(`${from} → ${to}: cancelled after ready, it resumes with only what changed since (the source's snapshot at the cancel), and completes${from === 'san1' ? ' (resumed from another broker)' : ''}`, async () => {
+  // Resumed here naming the point (`copy --live SRC DST --since live-…`), from another broker naming the job (`--resume JOB`), from another broker naming the point.
+  for (const [from, to, how] of [['local', 'san1', 'since'], ['san1', 'local', 'resume elsewhere'], ['nas1', 'local', 'since elsewhere']] as const) {
+    it(`${from} → ${to}: cancelled after ready, it resumes with only what changed since (the source's snapshot at the cancel), and completes${how === 'since' ? '' : ` (${how === 'resume elsewhere' ? 'resumed' : 'started --since the point'} from another broker)`}`, async () => {
       const src = await sourceVolume(from);
       const dst = `${to}/live-dst-${++n}`;
       const exp = await broker.exports.start(src.ref, { listen: { port: 0 } });
@@ -249,11 +250,12 @@ describe('live copy through the broker', () => {
       await writer.stop();
       const changed = (await broker.volumes.changes(src.ref, { since: since! })).extents.reduce((x, e) => x + e.length, 0);
       expect(changed).toBeLessThanOrEqual(2 * MiB + 128 * 1024);
-      // One way names the snapshot; the other names the job (`copy --live --resume JOB`), whose record
-      // has it — from another broker, which asks this one (it serves the source) to resume it.
-      const other = from === 'local' ? undefined : await createBroker(all.config, { plugins: builtinPlugins, logger: silentLogger });
+      // One way names the snapshot; another names the job (`copy --live --resume JOB`), whose record
+      // has it — from another broker, which asks this one (it serves the source) to resume it, as
+      // it asks it to start a copy from the snapshot.
+      const other = how === 'since' ? undefined : await createBroker(all.config, { plugins: builtinPlugins, logger: silentLogger });
       const asker = other ?? broker;
-      const second = other ? await other.liveCopy([], { resume: first.id }) : await broker.copy(src.ref, dst, { live: true, since: since! });
+      const second = how === 'resume elsewhere' ? await other!.liveCopy([], { resume: first.id }) : await asker.copy(src.ref, dst, { live: true, since: since! });
       expect((second.info().params.pairs as { source: string; target: string; since?: string }[])[0]).toMatchObject({ source: src.ref, target: dst, since });
       await untilStatus(second, 'ready', asker);
       // The first pass moved the changes, not the volume's 8 MiB of data again (a quiet source: nothing else).

@@ -133,7 +133,8 @@ describe('kill -9 around ready and complete of a live copy', () => {
     await ls.restart();
     const resumed = await resumedFrom(mirror.id, 'local/t2');
     expect(await json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
-    const first = await json('jobs', 'show', resumed.id) as { progress: { total: number } };
+    let first!: { progress: { total: number } };
+    await until('the resumed copy counted its first pass', async () => (first = await json('jobs', 'show', resumed.id) as typeof first).progress.total > 0, 600, 20);
     expect(first.progress.total).toBeLessThanOrEqual(6 * MiB + 64 * 1024); // what was left (and the granule written), not everything again
     await until('the resumed copy is ready', async () => ((await json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 1200, 20);
     expect((await client('jobs', 'complete', resumed.id)).code).toBe(0);
@@ -199,7 +200,9 @@ describe('kill -9 around ready and complete of a live copy', () => {
     expect(m.status).toBe('concluded');
     expect(m.error?.message).toMatch(/write-intent record/);
     const resumed = await resumedFrom(mirror.id, 'local/w0');
-    const first = await json('jobs', 'show', resumed.id) as { progress: { total: number }; params: { pairs: { pending?: unknown; since?: string }[] } };
+    let first!: { progress: { total: number }; params: { pairs: { pending?: unknown; since?: string }[] } };
+    // Its first pass's total, once it has counted it (the job is listed before it starts).
+    await until('the resumed copy counted its first pass', async () => (first = await json('jobs', 'show', resumed.id) as typeof first).progress.total > 0, 600, 20);
     expect(first.params.pairs[0]!.since).toBeUndefined();
     // What the record still named: the part not copied yet, the regions written lately (the first
     // 4 MiB) and the late write's, not the whole volume: some of what was copied first is not again.
@@ -499,8 +502,9 @@ describe.each([
       return resumed !== undefined;
     });
     expect(await ls.json('jobs', 'show', mirror.id)).toMatchObject({ resumedBy: resumed.id });
-    const first = await ls.json('jobs', 'show', resumed.id) as { progress: { total: number } };
-    expect(first.progress.total).toBeGreaterThan(0);
+    // Its first pass's total, once it has counted it (the job is listed before it starts).
+    let first!: { progress: { total: number } };
+    await until('the resumed copy counted its first pass', async () => (first = await ls.json('jobs', 'show', resumed.id) as typeof first).progress.total > 0, 600, 20);
     expect(first.progress.total).toBeLessThanOrEqual(size - 4 * MiB); // the writer's regions, not the whole disk again
     await until('the resumed copy is ready', async () => ((await ls.json('jobs', 'show', resumed.id)) as { status: string }).status === 'ready', 600, 20);
     const source = await readWhole(port, 'b0', size);
