@@ -248,7 +248,7 @@ export async function holdExport(s: BrokerState, e: { name: string; ref: Ref; re
  */
 async function exportsAlongside(s: BrokerState, ref: Ref, readOnly: boolean, locks: LockRequest[]): Promise<string[]> {
   if (isSnapshotRef(ref)) return readerWithin(s, locks);
-  return readOnly ? [] : snapshotReaders(s, volumeKey(ref), locks); // a shared lock keeps no reader of a snapshot out
+  return readOnly ? [] : snapshotReaders(s, [volumeKey(ref)], locks); // a shared lock keeps no reader of a snapshot out
 }
 
 /** A principal bound to its NBD clients (`bound`) may name only those: PermissionDenied naming the others. */

@@ -61,7 +61,8 @@ export class LiveCopies {
       if (!same) throw new InvalidArgument(`live copy ${id} copied ${pairs.map((p) => `${p.source}=${p.target}`).join(' ')}: give no pairs, or the same`, { ref: id });
     }
     // Points the job resumed from itself and had not dropped yet (its runner stopped in between): not needed any more.
-    const stale = params.pairs.flatMap((p, i) => (p.since !== undefined && (crashed || p.since !== state.points![i]) ? [`${p.source}@${p.since}`] : []));
+    // (Only points a live copy made: a snapshot its caller named is the caller's.)
+    const stale = params.pairs.flatMap((p, i) => (p.since?.startsWith('live-') && (crashed || p.since !== state.points![i]) ? [`${p.source}@${p.since}`] : []));
     // Killed while it stopped or suspended, it may have taken its point and not recorded it.
     if (crashed) {
       for (const p of params.pairs) {
@@ -129,10 +130,18 @@ export class LiveCopies {
     if (recheck === undefined && refs.every((p) => p.pending === undefined && !p.made)) {
       const elsewhere = await this.servedElsewhere(refs.map((p) => p.source));
       if (elsewhere) {
-        if (opts.since !== undefined && typeof opts.since !== 'string') throw new InvalidArgument(`since is a snapshot name, got ${String(opts.since)}`);
-        return this.askServingProcess(elsewhere, refs, {
-          mode, ...(opts.speed !== undefined ? { speed: opts.speed } : {}), ...(opts.since !== undefined ? { since: opts.since } : {}),
-        });
+        if (opts.since === undefined) return this.askServingProcess(elsewhere, refs, { mode, ...(opts.speed !== undefined ? { speed: opts.speed } : {}) });
+        if (typeof opts.since !== 'string' || refs.length !== 1) throw new InvalidArgument('a live copy from a snapshot (since) is of one volume: since is its snapshot\'s name');
+        const job = await this.askServingProcess(elsewhere, refs, { mode, ...(opts.speed !== undefined ? { speed: opts.speed } : {}), since: opts.since });
+        // A serving process of an older build knows no `since`: it would copy the whole volume.
+        const started = (job.info().params as { pairs?: { since?: string }[] }).pairs?.[0]?.since;
+        if (started !== sinceName(parseVolumeRef(refs[0]!.source), opts.since)) {
+          await job.cancel().catch(() => undefined);
+          throw new FailedPrecondition(`the process serving ${refs[0]!.source} started the copy without --since (an older build?): cancelled`, {
+            ref: refs[0]!.source, hint: 'run it there (`offload --server ADDR copy --live … --since …`), or update that service',
+          });
+        }
+        return job;
       }
     }
     const prepared: Prepared[] = [];
@@ -154,7 +163,7 @@ export class LiveCopies {
     const locks = prepared.flatMap((p) => [{ key: p.pair.source, mode: 'exclusive' as const }, { key: p.pair.target, mode: 'exclusive' as const }]);
     const speed = checkSpeed(opts.speed);
     // And within what reads a snapshot of a source (a clone of a point of the VM's disk): the copy moves the disk, not its points.
-    const readers = (await Promise.all(prepared.map((p) => snapshotReaders(this.s, p.pair.source, locks)))).flat();
+    const readers = await snapshotReaders(this.s, prepared.map((p) => p.pair.source), locks);
     this.s.assertOpen();
     // Within every source's export (LockHolder.within takes one holder: a group's exports are checked by the keyed mutex here).
     return this.s.mutex.run(locks.map((l) => l.key), () => this.s.jobs.start({

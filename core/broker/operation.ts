@@ -90,9 +90,9 @@ export async function readerWithin(s: BrokerState, locks: LockRequest[]): Promis
   return within;
 }
 
-/** The holders reading points of `volume`, here or in another process, that a holder of `wanted` — its writable export, a live copy of it — works within. */
-export async function snapshotReaders(s: BrokerState, volume: string, wanted: LockRequest[]): Promise<string[]> {
-  return snapshotReadersIn(await s.locks.list(), volume, wanted);
+/** The holders reading points of `volumes`, here or in another process, that a holder of `wanted` — their writable export, a live copy of them — works within. */
+export async function snapshotReaders(s: BrokerState, volumes: string[], wanted: LockRequest[]): Promise<string[]> {
+  return snapshotReadersIn(await s.locks.list(), volumes, wanted);
 }
 
 /** A size a volume may have: a whole number of bytes, > 0, within the backend's stated maximum. */

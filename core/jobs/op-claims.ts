@@ -120,7 +120,9 @@ export class OpClaims {
         // Not kept when this broker is closing, nor when it passed a maintenance lock (an
         // administrator's claim): covering others' requests, it would let a tenant through.
         // Nor one that lapsed while it waited in line: its rows would only hold the next in line.
-        if (this.closed || c.expired || c.validUntil <= performance.now() || claimed.outside.maintenance.length > 0) return remove();
+        // Nor one that went ahead beside other processes' holders (within them: a reader of a
+        // disk in use's points): covering the next requests, it would let them past those holders.
+        if (this.closed || c.expired || c.validUntil <= performance.now() || claimed.outside.maintenance.length > 0 || claimed.outside.foreign.length > 0) return remove();
         c.pending = false;
         this.cached.add(c);
         this.sweepLater();

@@ -320,7 +320,7 @@ async function stopAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirror[]
   // A pair with a new point no longer needs the one it resumed from; one without keeps it.
   for (let i = 0; i < params.pairs.length; i++) {
     const since = params.pairs[i]!.since;
-    if (points[i] !== null && since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
+    if (points[i] !== null && ownPoint(since)) await deps.pairs[i]!.dropSnapshot(since!).catch(() => undefined);
   }
 }
 
@@ -355,7 +355,7 @@ async function suspendAll(params: MirrorParams, deps: MirrorDeps, mirrors: Mirro
   // The new points replace those this job resumed from.
   for (let i = 0; i < params.pairs.length; i++) {
     const since = params.pairs[i]!.since;
-    if (since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
+    if (ownPoint(since)) await deps.pairs[i]!.dropSnapshot(since!).catch(() => undefined);
   }
   return true;
 }
@@ -375,8 +375,16 @@ function firstPass(pair: MirrorPair, deps: MirrorPairDeps): { initial?: () => Pr
 async function dropResumedFrom(params: MirrorParams, deps: MirrorDeps): Promise<void> {
   for (let i = 0; i < params.pairs.length; i++) {
     const since = params.pairs[i]!.since;
-    if (since !== undefined) await deps.pairs[i]!.dropSnapshot(since).catch(() => undefined);
+    if (ownPoint(since)) await deps.pairs[i]!.dropSnapshot(since!).catch(() => undefined);
   }
+}
+
+/**
+ * Whether a point a copy resumed from is one a live copy made (`live-<job>`, dropped once it has
+ * served): a snapshot the caller named (`--since nightly`) is the caller's, and stays.
+ */
+function ownPoint(since: string | undefined): boolean {
+  return since !== undefined && since.startsWith('live-');
 }
 
 /** `p`, or the signal's reason once it aborts. */

@@ -42,9 +42,13 @@ function byHolder(held: readonly LockInfo[]): Map<string, LockInfo[]> {
   return out;
 }
 
-/** Whether a holder with `locks` wants none of `wanted`'s keys but those of `volumes`. */
+/**
+ * Whether a holder with `locks` and one wanting `wanted` meet on no key but `volumes` (where the
+ * one is in use and the other reads its points): another key both hold, one of them exclusively
+ * (a target of both, a snapshot one of them drops), keeps them apart as before.
+ */
 function apartBut(locks: readonly LockInfo[], wanted: readonly LockRequest[], volumes: readonly string[]): boolean {
-  return locks.every((l) => !wanted.some((w) => w.key === l.key) || volumes.some((v) => ofVolume(l.key, v)));
+  return locks.every((l) => volumes.includes(l.key) || !wanted.some((w) => w.key === l.key && (w.mode !== 'shared' || l.mode !== 'shared')));
 }
 
 /** The holders in `held` (every lock, here and elsewhere) that a holder of `wanted`, reading points of `volumes`, works within. */
@@ -54,8 +58,8 @@ export function diskUsers(held: readonly LockInfo[], volumes: readonly string[],
     .map(([id]) => id);
 }
 
-/** The holders in `held` reading points of `volume` that a holder of `wanted` making it a disk in use (its writable export, a live copy) works within. */
-export function snapshotReadersIn(held: readonly LockInfo[], volume: string, wanted: readonly LockRequest[]): string[] {
-  return [...byHolder(held)].filter(([, locks]) => snapshotsRead(locks as { key: string; mode: LockMode }[]).includes(volume) && apartBut(locks, wanted, [volume]))
+/** The holders in `held` reading points of `volumes` that a holder of `wanted` making them disks in use (their writable export, a live copy of them) works within. */
+export function snapshotReadersIn(held: readonly LockInfo[], volumes: readonly string[], wanted: readonly LockRequest[]): string[] {
+  return [...byHolder(held)].filter(([, locks]) => snapshotsRead(locks as { key: string; mode: LockMode }[]).some((v) => volumes.includes(v)) && apartBut(locks, wanted, volumes))
     .map(([id]) => id);
 }

@@ -159,6 +159,29 @@ describe('a snapshot of a volume exported read-write, cloned and copied while a 
     }
     expect((await read(broker, ref)).equals(writer.model)).toBe(true);
   });
+  it('migrated from a snapshot the caller named (copy --live --since S) while a clone reads S: the clone goes on, S stays the caller\'s, the target holds every acknowledged write', async () => {
+    const ref = 'san1/keep';
+    const { exp, writer, point } = await diskInUse(ref);
+    try {
+      await broker.volumes.create('nas1/keep-t', { sizeBytes: SIZE });
+      expect((await (await broker.copy(`${ref}@p`, 'nas1/keep-t')).wait()).error).toBeUndefined();
+      const clone = await broker.startClone(`${ref}@p`, 'local/keep-c', { mode: 'full', prefer: 'host', speed: 16 * 1024 });
+      const live = await broker.copy(ref, 'nas1/keep-t', { live: true, since: 'p' });
+      for (let i = 0; i < 500 && live.info().status !== 'ready'; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(clone.job!.info().status).toBe('running');
+      await broker.jobs.complete(live.id);
+      expect((await live.wait()).error).toBeUndefined();
+      expect((await broker.snapshots.list(ref)).map((x) => x.name)).toContain('p');
+      await broker.jobs.setSpeed(clone.job!.id, 0);
+      expect((await clone.job!.wait()).error).toBeUndefined();
+      expect((await read(broker, 'local/keep-c')).equals(point)).toBe(true);
+    } finally {
+      await writer.stop();
+      await exp.stop();
+    }
+    expect((await read(broker, 'nas1/keep-t')).equals(writer.model)).toBe(true);
+  });
+
   it('what must still wait: a live copy and a copy of the point into one target; an incremental copy of the volume itself (it reads the moving disk); a point a live copy made itself', async () => {
     const ref = 'local/apart';
     const { exp, writer, name } = await diskInUse(ref);
