@@ -85,14 +85,15 @@ export function readLocks(...srcs: Ref[]): LockRequest[] {
 export async function readerWithin(s: BrokerState, locks: LockRequest[]): Promise<string[]> {
   const volumes = snapshotsRead(locks);
   if (volumes.length === 0) return [];
-  const within = diskUsers(await s.locks.list(), volumes, locks);
+  const within = diskUsers(await s.locks.listOn([...new Set([...locks.map((l) => l.key), ...volumes])]), volumes, locks);
   if (within.length > 0) s.locks.assertAdmitted(locks);
   return within;
 }
 
 /** The holders reading points of `volumes`, here or in another process, that a holder of `wanted` — their writable export, a live copy of them — works within. */
 export async function snapshotReaders(s: BrokerState, volumes: string[], wanted: LockRequest[]): Promise<string[]> {
-  return snapshotReadersIn(await s.locks.list(), volumes, wanted);
+  const keys = new Set([...wanted.map((l) => l.key), ...volumes, ...volumes.map(pointsKey)]);
+  return snapshotReadersIn(await s.locks.listOn([...keys]), volumes, wanted);
 }
 
 /** A size a volume may have: a whole number of bytes, > 0, within the backend's stated maximum. */

@@ -612,7 +612,7 @@ export class JobManager {
     try {
       // A job reading a snapshot of a disk in use (here or elsewhere) works within what it is in use through, as when it started.
       const reads = snapshotsRead(rec.locks);
-      const within = reads.length > 0 ? diskUsers(await this.locks.list(), reads, rec.locks) : [];
+      const within = reads.length > 0 ? diskUsers(await this.locks.listOn([...new Set([...rec.locks.map((l) => l.key), ...reads])]), reads, rec.locks) : [];
       lease = await this.locks.acquire(rec.locks, {
         id: rec.id,
         principal: { id: rec.owner, role: rec.ownerRole },

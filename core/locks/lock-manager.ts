@@ -161,6 +161,12 @@ export class LockManager {
     this.admit?.(requests);
   }
 
+  /** The locks held on `keys`, by this broker and the others: one keyed read of the shared state. */
+  async listOn(keys: string[]): Promise<LockInfo[]> {
+    const on = (h: Held) => keys.includes(h.key);
+    return [...this.held.filter(on), ...(await this.outside(keys)).filter(on)].map(lockInfo);
+  }
+
   /** The locks this broker holds (its jobs, exports and operations), none of the others'. */
   heldHere(): LockInfo[] {
     return this.held.map(lockInfo);
