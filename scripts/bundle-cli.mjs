@@ -28,7 +28,8 @@ const common = {
   bundle: true,
   platform: 'node',
   target: 'node20',
-  external: ['better-sqlite3'],
+  // Packages that load files beside their own code (a native addon, a wasm module) stay in node_modules.
+  external: ['better-sqlite3', '@bokuweb/zstd-wasm'],
   logLevel: 'warning',
 };
 

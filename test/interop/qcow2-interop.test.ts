@@ -3,7 +3,7 @@
  * and wrote are read by us (map JSON equal, whole content equal to `qemu-img convert -O raw`);
  * images we made and wrote pass `qemu-img check` and read back right through qemu.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage, type CreateOptions, type Image } from '../../plugins/qcow2/index.js';
@@ -77,6 +77,9 @@ function expectQemuCheckClean(file: string): void {
     .toEqual({ status: 0, corruptions: 0, leaks: 0, errors: 0 });
 }
 
+/** zstd clusters as qemu-img writes them, in the smallest, the default and the largest cluster size. */
+const ZSTD_OPTIONS = [['-o', 'compression_type=zstd,cluster_size=512'], ['-o', 'compression_type=zstd'], ['-o', 'compression_type=zstd,cluster_size=2M']];
+
 const flavours: { name: string; opts: string[]; ours: CreateOptions; cs: number }[] = [
   { name: 'v2 (compat=0.10)', opts: ['-o', 'compat=0.10'], ours: { compat: '0.10' }, cs: 65536 },
   { name: 'v3 default', opts: [], ours: {}, cs: 65536 },
@@ -88,6 +91,7 @@ const flavours: { name: string; opts: string[]; ours: CreateOptions; cs: number 
   { name: 'refcount_bits=64', opts: ['-o', 'refcount_bits=64'], ours: { refcountBits: 64 }, cs: 65536 },
   { name: 'lazy_refcounts=on', opts: ['-o', 'lazy_refcounts=on'], ours: { lazyRefcounts: true }, cs: 65536 },
   { name: 'v2 with 512-byte clusters', opts: ['-o', 'compat=0.10,cluster_size=512'], ours: { compat: '0.10', clusterSize: 512 }, cs: 512 },
+  { name: 'compression_type=zstd', opts: ['-o', 'compression_type=zstd'], ours: { compressionType: 'zstd' }, cs: 65536 },
 ];
 
 describe.skipIf(!hasQemu)('qcow2 interop with qemu-img', () => {
@@ -135,9 +139,18 @@ describe.skipIf(!hasQemu)('qcow2 interop with qemu-img', () => {
     const raw = join(t.dir, 'src.raw');
     ok('qemu-img', ['create', '-f', 'raw', raw, '4M']);
     expect(qemuIo(raw, ['write -P 0x61 0 1M', 'write -P 0x62 1536k 100k', 'write -P 0x63 3M 1M'], 'raw').status).toBe(0);
-    for (const opts of [[], ['-o', 'cluster_size=4096'], ['-o', 'compat=0.10']]) {
+    // Text-like data (words from a fixed seed): clusters that compress into real entropy-coded
+    // blocks of varied lengths, packed at odd byte offsets — not only runs of one byte.
+    const words = ['qcow2', 'cluster', 'refcount', 'backing', 'snapshot', 'zstd', 'deflate', 'offload', 'volume', 'layer', '\n'];
+    let seed = 7;
+    const text = Buffer.from(Array.from({ length: 200_000 }, () => words[(seed = (seed * 1103515245 + 12345) & 0x7fffffff) % words.length]).join(' ').slice(0, 1 << 20));
+    const fd = openSync(raw, 'r+');
+    writeSync(fd, text, 0, text.length, 2 << 20);
+    closeSync(fd);
+    for (const opts of [[], ['-o', 'cluster_size=4096'], ['-o', 'compat=0.10'], ...ZSTD_OPTIONS]) {
       const c = join(t.dir, `compressed-${opts.join('')}.qcow2`.replace(/[=,]/g, '_'));
       ok('qemu-img', ['convert', '-c', '-O', 'qcow2', ...opts, raw, c]);
+      if (opts.join().includes('zstd')) expect(ok('qemu-img', ['info', c])).toContain('compression type: zstd');
       await expectReadsLikeQemu(c, t.dir);
     }
   });

@@ -35,7 +35,7 @@ export function splitOptions(text: string): [string, string][] {
 
 /** The options of `create`/`convert -O` after parsing, with the text the user gave for each. */
 export interface CreationOptions
-  extends Pick<CreateOptions, 'clusterSize' | 'compat' | 'lazyRefcounts' | 'refcountBits' | 'backingFile' | 'backingFormat' | 'size'> {
+  extends Pick<CreateOptions, 'clusterSize' | 'compat' | 'lazyRefcounts' | 'refcountBits' | 'backingFile' | 'backingFormat' | 'size' | 'compressionType'> {
   /** What the user wrote for each option, for the "Formatting …" line. */
   given: Map<string, string>;
 }
@@ -78,7 +78,8 @@ export function parseCreationOptions(format: ImageFormat, pairs: readonly [strin
         if (boolOption(key, value)) throw new Unsupported('extended_l2=on is not supported', { hint: 'create the image with extended_l2=off' });
         break;
       case 'compression_type':
-        if (value !== 'zlib') throw new Unsupported(`compression_type=${value} is not supported`, { hint: 'only zlib is supported' });
+        if (value !== 'zlib' && value !== 'zstd') throw new InvalidArgument(`Parameter 'compression-type' does not accept value '${value}'`, { hint: 'use compression_type=zlib or compression_type=zstd' });
+        out.compressionType = value;
         break;
       case 'preallocation':
         if (value !== 'off') throw new Unsupported(`preallocation=${value} is not supported`, { hint: 'only preallocation=off is supported' });

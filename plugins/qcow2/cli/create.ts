@@ -70,6 +70,7 @@ export function engineOptions(format: ImageFormat, o: CreationOptions): CreateOp
   if (o.refcountBits !== undefined) c.refcountBits = o.refcountBits;
   if (o.backingFile !== undefined) c.backingFile = o.backingFile;
   if (o.backingFormat !== undefined) c.backingFormat = o.backingFormat;
+  if (o.compressionType !== undefined) c.compressionType = o.compressionType;
   return c;
 }
 

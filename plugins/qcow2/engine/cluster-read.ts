@@ -3,7 +3,7 @@ import { Corrupt } from '../../../core/index.js';
 import { ioBuffer } from '../format/bytes.js';
 import type { L2Entry } from '../format/entries.js';
 import { hostOf, runs, type Run } from './cluster-map.js';
-import { inflateCluster } from './compressed.js';
+import { decompressCluster } from './compressed.js';
 import type { Qcow2State } from './qcow2-state.js';
 import { mergeStatus } from './status.js';
 import type { BlockStatus } from './types.js';
@@ -57,7 +57,7 @@ export async function readCompressed(s: Qcow2State, e: L2Entry): Promise<Uint8Ar
   const len = Math.min(e.compressedBytes!, Math.max(0, s.fileLen - off), 2 * s.cs);
   if (off >= s.fileLen) throw new Corrupt(`${s.path}: compressed cluster at 0x${off.toString(16)} lies past the end of the file`, { ref: s.path });
   const data = await s.file.read(off, len);
-  return inflateCluster(data, s.cs, s.path);
+  return decompressCluster(s.h.compressionType, data, s.cs, s.path);
 }
 
 /** The current guest content of one whole cluster (for copy-on-write). */

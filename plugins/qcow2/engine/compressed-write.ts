@@ -1,15 +1,16 @@
 /**
- * Compressed writes (`convert -c`): each whole cluster deflated and packed at byte granularity
- * into host clusters that compressed clusters share, a host cluster's refcount counting the
- * compressed clusters that touch it — QEMU's layout (qcow2_alloc_bytes), so `qemu-img check`
- * agrees with it. As in QEMU, a compressed cluster goes only where nothing is allocated; one that
- * deflate does not shrink is written as a normal cluster.
+ * Compressed writes (`convert -c`): each whole cluster compressed (deflate or zstd, as the
+ * header's compression type says) and packed at byte granularity into host clusters that
+ * compressed clusters share, a host cluster's refcount counting the compressed clusters that touch
+ * it — QEMU's layout (qcow2_alloc_bytes), so `qemu-img check` agrees with it. As in QEMU, a
+ * compressed cluster goes only where nothing is allocated; one that compression does not shrink is
+ * written as a normal cluster.
  */
 import { FailedPrecondition } from '../../../core/index.js';
 import { decodeL2, encodeL2Compressed, readEntry, writeEntry } from '../format/entries.js';
 import { l2ForWrite, release } from './cluster-map.js';
 import { assertWholeClusters, writeLocked } from './cluster-write.js';
-import { deflateCluster } from './compressed.js';
+import { compressCluster } from './compressed.js';
 import type { Qcow2State } from './qcow2-state.js';
 
 /** Write whole clusters at `offset` (the last may end at the virtual size), compressed where that saves space. */
@@ -24,8 +25,8 @@ export async function writeCompressed(s: Qcow2State, offset: number, data: Uint8
     padded.set(part);
     return padded;
   };
-  // Deflate outside the lock, on the thread pool (both cores for a convert).
-  const packed = await Promise.all(Array.from({ length: n }, (_, i) => deflateCluster(cluster(i))));
+  // Compressed outside the lock (deflate on the thread pool: both cores for a convert).
+  const packed = await Promise.all(Array.from({ length: n }, (_, i) => compressCluster(s.h.compressionType, cluster(i))));
   await s.lock.exclusive(async () => {
     for (let i = 0; i < n; i++) {
       const guest = offset + i * cs;

@@ -1,7 +1,7 @@
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { InvalidArgument } from '../../../core/index.js';
 import { alignUp, setU64, view } from '../format/bytes.js';
-import { COMPAT_LAZY_REFCOUNTS, MAX_BACKING_NAME, MAX_L1_BYTES } from '../format/constants.js';
+import { COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, MAX_BACKING_NAME, MAX_L1_BYTES } from '../format/constants.js';
 import { encodeHeader, setBackingFormat, type Header } from '../format/header.js';
 import { entriesPerBlock, setRefcount } from '../format/refcount-block.js';
 import { ImageFile } from './file.js';
@@ -50,6 +50,11 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
   if (version === 2 && opts.lazyRefcounts) {
     throw new InvalidArgument(`create ${path}: lazy refcounts require compat=1.1`, { ref: path });
   }
+  const compression = opts.compressionType ?? 'zlib';
+  if (compression !== 'zlib' && compression !== 'zstd') throw new InvalidArgument(`create ${path}: compression type must be zlib or zstd`, { ref: path });
+  if (version === 2 && compression !== 'zlib') {
+    throw new InvalidArgument(`create ${path}: compression type ${compression} requires compat=1.1`, { ref: path, hint: 'v2 images compress with zlib only' });
+  }
 
   let backingFormat = opts.backingFormat;
   if (opts.backingFile !== undefined) {
@@ -79,8 +84,8 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     version, backingFileOffset: 0, backingFileSize: 0, clusterBits, size: simple ? size : 0, cryptMethod: 0,
     l1Size: simple ? l1Size : 0, l1TableOffset: simple && l1Size > 0 ? 3 * cs : 0,
     refcountTableOffset: cs, refcountTableClusters: 1, nbSnapshots: 0, snapshotsOffset: 0,
-    incompatibleFeatures: 0n, compatibleFeatures: opts.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
-    autoclearFeatures: 0n, refcountOrder: order, headerLength: 0, compressionType: 0,
+    incompatibleFeatures: compression === 'zstd' ? INCOMPAT_COMPRESSION : 0n, compatibleFeatures: opts.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
+    autoclearFeatures: 0n, refcountOrder: order, headerLength: 0, compressionType: compression === 'zstd' ? COMPRESSION_ZSTD : COMPRESSION_ZLIB,
     unknownFields: new Uint8Array(0), extensions: [],
   };
   if (opts.backingFile !== undefined) {

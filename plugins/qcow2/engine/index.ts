@@ -13,7 +13,7 @@
  *   copyImageContent(src, dst, progress?) — `convert`'s copy (the core copier over two image devices).
  *
  * Errors are the core's typed errors: Corrupt (damaged image), Unsupported (a feature we refuse:
- * encryption, external data file, unknown incompatible bits, zstd), NotFound, PermissionDenied,
+ * encryption, external data file, unknown incompatible bits or compression types), NotFound, PermissionDenied,
  * InvalidArgument / OutOfRange (bad offsets and sizes), FailedPrecondition (write to a read-only
  * image). Many async readers and writers may use one open Image at once.
  */

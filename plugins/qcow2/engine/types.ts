@@ -24,6 +24,8 @@ export interface CreateOptions {
   backingFile?: string;
   /** The backing file's format; stored as the backing-format extension. Probed when absent. */
   backingFormat?: ImageFormat;
+  /** How compressed clusters are coded: `zlib` (deflate, default) or `zstd` (v3 only). */
+  compressionType?: 'zlib' | 'zstd';
   /** Overwrite an existing file (default false → AlreadyExists). */
   overwrite?: boolean;
 }

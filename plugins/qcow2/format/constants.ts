@@ -24,6 +24,9 @@ export const INCOMPAT_CORRUPT = 1n << 1n;
 export const INCOMPAT_DATA_FILE = 1n << 2n;
 export const INCOMPAT_COMPRESSION = 1n << 3n;
 export const INCOMPAT_EXTL2 = 1n << 4n;
+/** The header's compression type (byte 104): how every compressed cluster of the image is coded. */
+export const COMPRESSION_ZLIB = 0;
+export const COMPRESSION_ZSTD = 1;
 export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 export const AUTOCLEAR_BITMAPS = 1n << 0n;

@@ -143,7 +143,7 @@ export function decodeHeader(input: Uint8Array, path = 'image'): Header {
   return h;
 }
 
-/** Refuse images we would misread: encryption, external data file, unknown incompatible bits, zstd, … */
+/** Refuse images we would misread: encryption, external data file, unknown incompatible bits or compression types, … */
 export function assertSupported(h: Header, path: string): void {
   const refuse = (what: string, hint: string) => new Unsupported(`${path}: ${what}`, { ref: path, hint });
   if (h.cryptMethod !== 0) throw refuse(`encrypted image (crypt_method ${h.cryptMethod}) is not supported`, 'decrypt it with `qemu-img convert` first');
@@ -154,8 +154,11 @@ export function assertSupported(h: Header, path: string): void {
   }
   if (h.extensions.some((e) => e.type === EXT_CRYPTO)) throw refuse('encrypted image (LUKS header) is not supported', 'decrypt it first');
   if (h.incompatibleFeatures & INCOMPAT_EXTL2) throw refuse('extended L2 entries (subclusters) are not supported', 'convert it with `qemu-img convert -o extended_l2=off`');
-  if (h.incompatibleFeatures & INCOMPAT_COMPRESSION || h.compressionType !== 0) {
-    throw refuse(`compression type ${h.compressionType} is not supported (deflate only)`, 'recompress with `qemu-img convert -c -o compression_type=zlib`');
+  // As QEMU's validate_compression_type: zlib (0) or zstd (1), the feature bit set exactly for a type other than zlib.
+  if (h.compressionType > 1) throw refuse(`unknown compression type ${h.compressionType}`, 'this image needs a newer qcow2 implementation (types known: 0 zlib, 1 zstd)');
+  const flagged = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
+  if (flagged !== (h.compressionType !== 0)) {
+    throw new Corrupt(`${path}: the compression type incompatible feature bit must ${flagged ? 'not ' : ''}be set for compression type ${h.compressionType}`, { ref: path });
   }
 }
 
