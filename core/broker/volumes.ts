@@ -175,7 +175,8 @@ export class Snapshots implements SnapshotsApi {
     const b = this.s.entry(ref.backend);
     if (!(await this.a.mayAccess(ref))) return;
     // A snapshot of a disk in use is deleted within its export's lock, as one is taken (the pool
-    // merges its layer into the open image while the guest writes; an array drops it).
+    // commits the open image down into its layer, or merges the layer up, while the guest writes;
+    // an array drops it).
     const locks = [{ key: volumeKey(ref), mode: 'shared' as const }, { key: snapshotKey(ref), mode: 'exclusive' as const }];
     try {
       await runShort(this.s, this.a.principal, locks, `delete ${refText}`, async () => {

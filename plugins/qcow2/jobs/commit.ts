@@ -17,6 +17,17 @@ export interface CommitOptions {
   active?: boolean | undefined;
   /** Active commit: pivot as soon as base is in sync, without waiting for complete (virsh blockcommit --pivot). */
   pivotWhenReady?: boolean | undefined;
+  /**
+   * Active commit: how the pivot runs (the caller's lock around it, say); `pivot` holds the
+   * writers, drains the old top into base, makes base durable, calls `record`, then switches.
+   */
+  aroundPivot?: ((pivot: () => Promise<void>) => Promise<void>) | undefined;
+  /**
+   * Active commit: called while the writers are held, base in sync and durable, before the image
+   * switches to base: the caller records that base is the active layer now (a crash after it
+   * finds every acknowledged write in base). If it throws, the image stays on top.
+   */
+  record?: (() => void | Promise<void>) | undefined;
 }
 
 /** The committed layers: `top` and those above `base` (a layer of top's chain). */
@@ -75,10 +86,12 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       await mirror(from, into, dirty, ctx, opts.pivotWhenReady === true);
       await ctx.confirmLease();
       // Pivot: hold the writers, drain what is left from the old top, make base durable, then switch.
-      await image.pivot(into, async (old) => {
+      const pivot = () => image.pivot(into, async (old) => {
         await syncDirty({ top: old, base: baseLayer }, into, dirty, undefined);
         await into.flush();
+        await opts.record?.();
       });
+      await (opts.aroundPivot ? opts.aroundPivot(pivot) : pivot());
       pivoted = true;
       return true;
     }

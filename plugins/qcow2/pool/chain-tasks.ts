@@ -109,17 +109,20 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
         const ov = p.open.acquire(volume);
         try {
           const img = await ov.lock.shared(() => ov.current());
-          // One operation for the caller: it pivots as soon as base is in sync.
-          await runCommit(img, { base: p.abs(into), active: true, pivotWhenReady: true }, ctx);
-          // The open image now writes to `into`; record the pivot and drop the old top.
+          // One operation for the caller: it pivots as soon as base is in sync, recording the
+          // pivot while the writers are held (a crash after the switch finds the volume on `into`).
+          await runCommit(img, {
+            base: p.abs(into), active: true, pivotWhenReady: true,
+            aroundPivot: (pivot) => p.serial.run(pivot),
+            record: () => p.meta.tx(() => {
+              for (const s of p.meta.snapshotsOnLayer(into)) p.meta.removeSnapshot(s.volume, s.name);
+              p.meta.updateVolume(volume, { active: into });
+              p.meta.setLayerState(top, 'deleting');
+            }),
+          }, ctx);
+          // Open `into` again as the pool opens an active layer, and drop the old top.
           await p.serial.run(async () => {
-            await ov.swap(async () => {
-              p.meta.tx(() => {
-                for (const s of p.meta.snapshotsOnLayer(into)) p.meta.removeSnapshot(s.volume, s.name);
-                p.meta.updateVolume(volume, { active: into });
-                p.meta.setLayerState(top, 'deleting');
-              });
-            });
+            await ov.swap(async () => undefined);
             await unlinkLayers(p, [top]);
           });
         } finally {

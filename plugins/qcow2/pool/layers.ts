@@ -4,10 +4,12 @@
  * plugin's README: "snapshot model").
  */
 import { randomBytes } from 'node:crypto';
+import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { JobRun } from '../../../core/index.js';
+import { FailedPrecondition, JobRun } from '../../../core/index.js';
 import { createImage, type Image } from '../engine/index.js';
-import { runStream } from '../jobs/index.js';
+import { runCommit, runStream } from '../jobs/index.js';
+import type { OpenVolume } from './open-volumes.js';
 import type { PoolState } from './pool-state.js';
 
 /** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
@@ -74,8 +76,10 @@ export async function compact(p: PoolState, file: string): Promise<void> {
   }
   if (children.length > 1) return;
   const child = children[0]!;
-  // Not into a layer another process may be writing (the active layer of a volume open there).
+  // Not into a layer another process may be writing (the active layer of a volume open there),
+  // nor under a volume a job here works on outside the change lock (the merge re-opens it).
   if (child.state !== 'ready' || p.isBusy(child.volume) || p.isOpenElsewhere(child.volume)) return;
+  if (p.volumesAbove(child.file).some((v) => p.isBusy(v))) return;
   // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
   const affected = p.volumesAbove(child.file);
   await withWritable(p, child.volume, child.file, (img) =>
@@ -110,5 +114,76 @@ export async function withWritable(p: PoolState, volume: string, file: string, f
     await img.flush();
   } finally {
     await img.close();
+  }
+}
+
+/** A commit down prepared under the change lock (its volume claimed and open here), run after it. */
+export interface CommitDown { volume: string; top: string; into: string; ov: OpenVolume }
+
+/**
+ * The cheaper way round for a frozen layer that lost its last snapshot when its one child is its
+ * own volume's active layer (the volume's only or newest snapshot deleted): the active layer's
+ * clusters are committed down into it and it becomes the active layer (QEMU's active commit, as
+ * `offload commit --base` runs it), copying what was written since the snapshot rather than
+ * streaming the whole layer up. Chosen when the active layer's file is the smaller and the volume
+ * is open in no other process. Call under the change lock; run with runCommitDown after it.
+ */
+export function prepareCommitDown(p: PoolState, file: string): CommitDown | undefined {
+  const row = p.meta.layer(file);
+  if (p.opts.format !== 'qcow2' || !row || row.state !== 'ready') return undefined;
+  if (p.meta.snapshotsOnLayer(file).length > 0 || p.meta.volumeByActive(file)) return undefined;
+  const children = p.meta.children(file);
+  if (children.length !== 1) return undefined;
+  const top = children[0]!;
+  const v = p.meta.volume(top.volume);
+  if (!v || v.active !== top.file || top.volume !== row.volume || top.state !== 'ready') return undefined;
+  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name)) return undefined;
+  let cheaper: boolean;
+  try {
+    cheaper = statSync(p.abs(top.file)).size < statSync(p.abs(file)).size;
+  } catch {
+    return undefined;
+  }
+  if (!cheaper) return undefined;
+  p.claim(v.name, 'snapshot delete');
+  // Open here before the lock is let go: other processes see the volume in use and leave its layers be.
+  return { volume: v.name, top: top.file, into: file, ov: p.open.acquire(v.name) };
+}
+
+/**
+ * Copy outside the change lock while the volume's writers go on; then, under the lock with the
+ * writers held, drain the last writes, record the layer as active and switch the open image to
+ * it (a crash before the record finds the volume on its old top, after it on the new one, every
+ * acknowledged write in either). The old top is deleted last.
+ */
+export async function runCommitDown(p: PoolState, c: CommitDown): Promise<void> {
+  try {
+    const img = await c.ov.lock.shared(() => c.ov.current());
+    await p.opts.hooks?.commitDown?.('copying');
+    await runCommit(img, {
+      base: p.abs(c.into), active: true, pivotWhenReady: true,
+      aroundPivot: (pivot) => p.serial.run(pivot),
+      record: async () => {
+        await p.opts.hooks?.commitDown?.('in-sync');
+        const v = p.meta.volume(c.volume);
+        if (!v || v.active !== c.top || p.meta.layer(c.top)?.parent !== c.into) {
+          throw new FailedPrecondition(`${p.ref(c.volume)}: its layers changed while a snapshot delete committed them`, { ref: p.ref(c.volume) });
+        }
+        p.meta.tx(() => {
+          p.meta.updateVolume(c.volume, { active: c.into });
+          p.meta.setLayerState(c.top, 'deleting');
+        });
+        await p.opts.hooks?.commitDown?.('recorded');
+      },
+    }, new JobRun({ jobId: `commit ${c.top} into ${c.into}` }));
+    // The pivoted image runs as the commit opened its base (metadata deferred to flushes): opened
+    // again as the pool opens an active layer on the next I/O.
+    await p.serial.run(async () => {
+      await c.ov.swap(async () => undefined);
+      await unlinkLayers(p, [c.top]);
+    });
+  } finally {
+    await p.open.release(c.ov);
+    p.release(c.volume);
   }
 }

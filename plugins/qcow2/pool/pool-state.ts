@@ -15,8 +15,15 @@ export interface PoolOptions {
   clusterSize: number;
   allowBackingOutsidePool: boolean;
   logger?: Logger;
-  /** Test hooks: called right after a layer file was created, before it is recorded as ready. */
-  hooks?: { afterFileCreated?: (file: string) => void | Promise<void> };
+  /** Test hooks: the points where the crash tests stop the process (afterFileCreated: a layer file made, not yet recorded as ready). */
+  hooks?: {
+    afterFileCreated?: (file: string) => void | Promise<void>;
+    /**
+     * A snapshot delete's commit down: about to copy (outside the change lock); then, with the
+     * volume's writers held and the change lock taken, in sync (before its record) and recorded (before the switch).
+     */
+    commitDown?: (stage: 'copying' | 'in-sync' | 'recorded') => void | Promise<void>;
+  };
 }
 
 /**
