@@ -186,7 +186,7 @@ describe('qcow2 pool: deleting a snapshot right under the active layer commits d
     mkdirSync(dir);
     const pool = new Qcow2Pool({
       name: 'local', dir, format: 'qcow2', clusterSize: 65536, allowBackingOutsidePool: false,
-      hooks: { commitDown: async (at) => { if (at === 'copying') { reached(); await held; } } },
+      hooks: { activeCommit: async (at) => { if (at === 'copying') { reached(); await held; } } },
     });
     await pool.createVolume({ name: 'w', sizeBytes: SIZE });
     const wModel = Buffer.alloc(SIZE);
@@ -226,14 +226,16 @@ describe('qcow2 pool: deleting a snapshot right under the active layer commits d
   });
 });
 
-describe('qcow2 pool: killed in a snapshot delete\'s commit down', () => {
-  for (const stage of ['in-sync', 'recorded'] as const) {
-    it(`${stage === 'in-sync' ? 'in sync, before the record' : 'after the record, before the switch'}: every acknowledged write reads back; pool check --repair leaves the pool clean`, async () => {
+describe('qcow2 pool: killed in an active commit (a snapshot delete\'s commit down, a commit job)', () => {
+  const cases = [['in-sync', 'delete'], ['recorded', 'delete'], ['switched', 'delete'], ['in-sync', 'job'], ['switched', 'job']] as const;
+  const when = { 'in-sync': 'in sync, before the record', recorded: 'after the record, before the switch', switched: 'with writes acknowledged after the switch' };
+  for (const [stage, how] of cases) {
+    it(`${how === 'job' ? 'commit job' : 'snapshot delete'}, ${when[stage]}: every acknowledged write reads back; pool check --repair leaves the pool clean`, async () => {
       const { pool, dir } = poolAt();
       const model = await filledWithSnapshot(pool);
       const chain = pool.chainFiles('v').map((f) => basename(f));
       await pool.close();
-      const child = spawn(process.execPath, [...tsChild(join(import.meta.dirname, 'commit-down-child.ts')), dir, stage], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const child = spawn(process.execPath, [...tsChild(join(import.meta.dirname, 'commit-down-child.ts')), dir, stage, ...(how === 'job' ? ['job'] : [])], { stdio: ['ignore', 'pipe', 'inherit'] });
       let out = '';
       child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
       const code = await new Promise<number | null>((r) => child.on('exit', (c, s) => r(s === 'SIGKILL' ? -9 : c)));
@@ -248,10 +250,12 @@ describe('qcow2 pool: killed in a snapshot delete\'s commit down', () => {
       expect((await after.check()).issues).toEqual([]);
       // Before its record the volume is on its old top; after it, on the snapshot's layer.
       expect(after.chainFiles('v').map((f) => basename(f))).toEqual(stage === 'in-sync' ? chain : chain.slice(1));
+      if (stage === 'switched') expect(out).toMatch(/ack/); // and writes went to the new layer before the kill
       const dev = await after.openVolume('v', 'r');
       expect((await readAll(dev)).equals(model)).toBe(true);
       await dev.close();
-      expect(await after.listSnapshots('v')).toEqual([]);
+      // A commit job gives its base snapshot up at its switch (until then the job resumes); a snapshot delete at once.
+      expect((await after.listSnapshots('v')).map((x) => x.name)).toEqual(how === 'job' && stage === 'in-sync' ? ['s'] : []);
       if (HAVE_QEMU_IMG) expect(failedChecks(dir, { killed: true })).toEqual([]);
       // The pool works on: a new snapshot, a write, its delete.
       await after.createSnapshot('v', 'next');

@@ -114,12 +114,17 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
           await runCommit(img, {
             base: p.abs(into), active: true, pivotWhenReady: true,
             aroundPivot: (pivot) => p.serial.run(pivot),
-            record: () => p.meta.tx(() => {
-              for (const s of p.meta.snapshotsOnLayer(into)) p.meta.removeSnapshot(s.volume, s.name);
-              p.meta.updateVolume(volume, { active: into });
-              p.meta.setLayerState(top, 'deleting');
-            }),
+            record: async () => {
+              await p.opts.hooks?.activeCommit?.('in-sync');
+              p.meta.tx(() => {
+                for (const s of p.meta.snapshotsOnLayer(into)) p.meta.removeSnapshot(s.volume, s.name);
+                p.meta.updateVolume(volume, { active: into });
+                p.meta.setLayerState(top, 'deleting');
+              });
+              await p.opts.hooks?.activeCommit?.('recorded');
+            },
           }, ctx);
+          await p.opts.hooks?.activeCommit?.('switched');
           // Open `into` again as the pool opens an active layer, and drop the old top.
           await p.serial.run(async () => {
             await ov.swap(async () => undefined);

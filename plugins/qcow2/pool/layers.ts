@@ -159,12 +159,12 @@ export function prepareCommitDown(p: PoolState, file: string): CommitDown | unde
 export async function runCommitDown(p: PoolState, c: CommitDown): Promise<void> {
   try {
     const img = await c.ov.lock.shared(() => c.ov.current());
-    await p.opts.hooks?.commitDown?.('copying');
+    await p.opts.hooks?.activeCommit?.('copying');
     await runCommit(img, {
       base: p.abs(c.into), active: true, pivotWhenReady: true,
       aroundPivot: (pivot) => p.serial.run(pivot),
       record: async () => {
-        await p.opts.hooks?.commitDown?.('in-sync');
+        await p.opts.hooks?.activeCommit?.('in-sync');
         const v = p.meta.volume(c.volume);
         if (!v || v.active !== c.top || p.meta.layer(c.top)?.parent !== c.into) {
           throw new FailedPrecondition(`${p.ref(c.volume)}: its layers changed while a snapshot delete committed them`, { ref: p.ref(c.volume) });
@@ -173,9 +173,10 @@ export async function runCommitDown(p: PoolState, c: CommitDown): Promise<void> 
           p.meta.updateVolume(c.volume, { active: c.into });
           p.meta.setLayerState(c.top, 'deleting');
         });
-        await p.opts.hooks?.commitDown?.('recorded');
+        await p.opts.hooks?.activeCommit?.('recorded');
       },
     }, new JobRun({ jobId: `commit ${c.top} into ${c.into}` }));
+    await p.opts.hooks?.activeCommit?.('switched');
     // The pivoted image runs as the commit opened its base (metadata deferred to flushes): opened
     // again as the pool opens an active layer on the next I/O.
     await p.serial.run(async () => {

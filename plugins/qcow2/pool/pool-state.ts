@@ -19,10 +19,11 @@ export interface PoolOptions {
   hooks?: {
     afterFileCreated?: (file: string) => void | Promise<void>;
     /**
-     * A snapshot delete's commit down: about to copy (outside the change lock); then, with the
-     * volume's writers held and the change lock taken, in sync (before its record) and recorded (before the switch).
+     * An active commit (a snapshot delete's commit down, a commit job): about to copy (outside
+     * the change lock); with the volume's writers held and the change lock taken, in sync (before
+     * its record) and recorded (before the switch); switched (writes go to the new layer).
      */
-    commitDown?: (stage: 'copying' | 'in-sync' | 'recorded') => void | Promise<void>;
+    activeCommit?: (stage: 'copying' | 'in-sync' | 'recorded' | 'switched') => void | Promise<void>;
   };
 }
 
