@@ -9,7 +9,7 @@ import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { BlockDevice } from '../../core/index.js';
+import { JobRun, type BlockDevice } from '../../core/index.js';
 import { Qcow2Pool } from '../../plugins/qcow2/pool/pool-backend.js';
 import { tsChild } from '../support/ts-child.js';
 import { failedChecks, HAVE_QEMU_IMG, layerFiles, MiB, pattern } from './pool-helpers.js';
@@ -161,33 +161,143 @@ describe('qcow2 pool: deleting a snapshot right under the active layer commits d
     await pool.close();
   });
 
-  it('a snapshot of the volume while its commit down runs is Busy (it would switch the image under the copy)', async () => {
+  it('a snapshot of the volume asked for meanwhile waits for the delete, and is taken on the new layer', async () => {
     const { pool } = poolAt();
-    await filledWithSnapshot(pool);
+    const model = await filledWithSnapshot(pool);
     const dev = await pool.openVolume('v', 'rw');
-    await dev.write(0, pattern(3, 4096));
+    await put(dev, model, 0, pattern(3, 4096));
     const del = pool.deleteSnapshot('v', 's');
-    await expect(pool.createSnapshot('v', 'meanwhile')).rejects.toMatchObject({ code: 'Busy' });
+    const snap = pool.createSnapshot('v', 'meanwhile');
     await del;
+    await snap;
+    expect((await pool.listSnapshots('v')).map((x) => x.name)).toEqual(['meanwhile']);
+    await put(dev, model, MiB, pattern(4, 4096));
+    expect((await readAll(dev)).equals(model)).toBe(true);
     await dev.close();
     await pool.close();
   });
 
-  it('a merge below a volume whose commit down runs is left for later: it would re-open that volume under the commit', async () => {
-    // w: y ← z ← active; v: a linked clone of w@z, with its only snapshot s. v's commit down is held
-    // as it starts to copy while w@y goes: y's layer has one child, w@z's layer, under v — not merged now.
+  /** A pool whose active commits stop as they start copying until `release`. */
+  function heldPool(): { pool: Qcow2Pool; dir: string; copying: Promise<void>; release: () => void } {
     let release!: () => void;
     const held = new Promise<void>((r) => { release = r; });
     let reached!: () => void;
     const copying = new Promise<void>((r) => { reached = r; });
-    const root = mkdtempSync(join(tmpdir(), 'offload-commit-down-'));
-    dirs.push(root);
-    const dir = join(root, 'pool');
-    mkdirSync(dir);
+    const { dir } = poolAt();
     const pool = new Qcow2Pool({
       name: 'local', dir, format: 'qcow2', clusterSize: 65536, allowBackingOutsidePool: false,
       hooks: { activeCommit: async (at) => { if (at === 'copying') { reached(); await held; } } },
     });
+    return { pool, dir, copying, release };
+  }
+
+  it('another process opening the volume during the delete waits for it, then writes on the new layer', async () => {
+    const { pool, dir, copying, release } = heldPool();
+    const model = await filledWithSnapshot(pool);
+    const d = await pool.openVolume('v', 'rw');
+    await put(d, model, 0, pattern(7, 4096));
+    await d.close();
+    const del = pool.deleteSnapshot('v', 's');
+    await copying;
+    const { pool: other } = poolAt(dir);
+    let opened = false;
+    const opening = other.openVolume('v', 'rw').then((dev) => { opened = true; return dev; });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(opened).toBe(false); // the change lock is held through the commit
+    release();
+    await del;
+    const dev = await opening;
+    await put(dev, model, 2 * MiB, pattern(41, 65536));
+    await dev.flush();
+    await dev.close();
+    const { pool: fresh } = poolAt(dir);
+    const r = await fresh.openVolume('v', 'r');
+    expect((await readAll(r)).equals(model)).toBe(true);
+    await r.close();
+    expect(fresh.chainFiles('v')).toHaveLength(1);
+    await fresh.close();
+    await other.close();
+    await pool.close();
+  });
+
+  it("a linked clone's only snapshot, whose layer lies over another volume's, is merged up (a stream of the clone writes that layer)", async () => {
+    const { pool, dir } = poolAt();
+    const model = await filledWithSnapshot(pool);
+    await pool.createVolume({ name: 'c', sizeBytes: SIZE, source: { volume: 'v', snapshot: 's' }, mode: 'linked' } as never);
+    let d = await pool.openVolume('c', 'rw');
+    for (let m = 0; m < 4; m++) await put(d, model, m * MiB, pattern(60 + m, MiB));
+    await d.close();
+    await pool.createSnapshot('c', 'cs');
+    const [top, own] = pool.chainFiles('c').map((f) => basename(f));
+    d = await pool.openVolume('c', 'rw');
+    await put(d, model, 4096, pattern(70, 4096));
+    await d.close();
+    await pool.deleteSnapshot('c', 'cs');
+    expect(pool.chainFiles('c').map((f) => basename(f))[0]).toBe(top); // not committed down into `own`
+    expect(layerFiles(dir)).not.toContain(own);
+    d = await pool.openVolume('c', 'r');
+    expect((await readAll(d)).equals(model)).toBe(true);
+    await d.close();
+    await pool.close();
+  });
+
+  it('a stream of a volume below that ends meanwhile waits for the delete (its end re-opens the volumes above)', async () => {
+    const { pool, dir, copying, release } = heldPool();
+    // u ← w (a linked clone of u@u0) ← v (a linked clone of w@z), v with snapshots s0 and s: s's
+    // layer lies over v's own s0 layer, so deleting s commits down.
+    const model = Buffer.alloc(SIZE);
+    await pool.createVolume({ name: 'u', sizeBytes: SIZE });
+    let d = await pool.openVolume('u', 'rw');
+    for (let m = 0; m < SIZE / MiB; m++) await put(d, model, m * MiB, pattern(m + 1, MiB));
+    await d.close();
+    await pool.createSnapshot('u', 'u0');
+    await pool.createVolume({ name: 'w', sizeBytes: SIZE, source: { volume: 'u', snapshot: 'u0' }, mode: 'linked' } as never);
+    d = await pool.openVolume('w', 'rw');
+    await put(d, model, MiB, pattern(20, MiB));
+    await d.close();
+    await pool.createSnapshot('w', 'z');
+    const wModel = Buffer.from(model);
+    await pool.createVolume({ name: 'v', sizeBytes: SIZE, source: { volume: 'w', snapshot: 'z' }, mode: 'linked' } as never);
+    d = await pool.openVolume('v', 'rw');
+    await put(d, model, 7 * MiB, pattern(29, 4096));
+    await d.close();
+    await pool.createSnapshot('v', 's0');
+    d = await pool.openVolume('v', 'rw');
+    for (let m = 2; m < SIZE / MiB; m++) await put(d, model, m * MiB, pattern(30 + m, MiB));
+    await d.close();
+    await pool.createSnapshot('v', 's');
+    const dev = await pool.openVolume('v', 'rw');
+    await put(dev, model, 4096, pattern(60, 4096));
+
+    const del = pool.deleteSnapshot('v', 's');
+    await copying;
+    const ended: string[] = [];
+    const stream = pool.streamVolume('w', {}).then((t) => t.run(new JobRun({ jobId: 'stream w' }))).then(() => { ended.push('stream'); });
+    await new Promise((r) => setTimeout(r, 300));
+    release();
+    await del.then(() => { ended.push('delete'); });
+    await stream;
+    expect(ended).toEqual(['delete', 'stream']);
+    await put(dev, model, 6 * MiB, pattern(61, 4096));
+    await dev.flush();
+    expect((await readAll(dev)).equals(model)).toBe(true);
+    await dev.close();
+    const { pool: fresh } = poolAt(dir);
+    for (const [name, want] of [['v', model], ['w', wModel]] as const) {
+      const r = await fresh.openVolume(name, 'r');
+      expect((await readAll(r)).equals(want), name).toBe(true);
+      await r.close();
+    }
+    expect((await fresh.check()).issues).toEqual([]);
+    if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
+    await fresh.close();
+    await pool.close();
+  });
+
+  it('a merge below a volume a commit job works on is left for later: it would re-open that volume under the job', async () => {
+    // w: y ← z ← active; v: a linked clone of w@z, committing its active layer into its snapshot's
+    // (a job, copying outside the change lock) while w@y goes: y's layer has one child, w@z's layer, under v.
+    const { pool, dir, copying, release } = heldPool();
     await pool.createVolume({ name: 'w', sizeBytes: SIZE });
     const wModel = Buffer.alloc(SIZE);
     let d = await pool.openVolume('w', 'rw');
@@ -208,12 +318,12 @@ describe('qcow2 pool: deleting a snapshot right under the active layer commits d
     await put(v, vModel, 4 * MiB, pattern(4, 4096));
     const files = layerFiles(dir).length;
 
-    const del = pool.deleteSnapshot('v', 's');
+    const job = (await pool.commitVolume('v', { base: 's' })).run(new JobRun({ jobId: 'commit v' }));
     await copying;
     await pool.deleteSnapshot('w', 'y');
-    expect(layerFiles(dir)).toHaveLength(files); // y's layer kept (hidden), v's old top not yet gone
+    expect(layerFiles(dir)).toHaveLength(files); // y's layer kept (hidden), v's top not yet gone
     release();
-    await del;
+    await job;
     await put(v, vModel, 6 * MiB, pattern(5, 4096));
     expect((await readAll(v)).equals(vModel)).toBe(true);
     await v.close();

@@ -109,6 +109,7 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
         const ov = p.open.acquire(volume);
         try {
           const img = await ov.lock.shared(() => ov.current());
+          await p.opts.hooks?.activeCommit?.('copying');
           // One operation for the caller: it pivots as soon as base is in sync, recording the
           // pivot while the writers are held (a crash after the switch finds the volume on `into`).
           await runCommit(img, {

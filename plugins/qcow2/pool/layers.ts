@@ -6,10 +6,9 @@
 import { randomBytes } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { FailedPrecondition, JobRun } from '../../../core/index.js';
+import { JobRun } from '../../../core/index.js';
 import { createImage, type Image } from '../engine/index.js';
 import { runCommit, runStream } from '../jobs/index.js';
-import type { OpenVolume } from './open-volumes.js';
 import type { PoolState } from './pool-state.js';
 
 /** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
@@ -117,74 +116,59 @@ export async function withWritable(p: PoolState, volume: string, file: string, f
   }
 }
 
-/** A commit down prepared under the change lock (its volume claimed and open here), run after it. */
-export interface CommitDown { volume: string; top: string; into: string; ov: OpenVolume }
-
 /**
  * The cheaper way round for a frozen layer that lost its last snapshot when its one child is its
  * own volume's active layer (the volume's only or newest snapshot deleted): the active layer's
  * clusters are committed down into it and it becomes the active layer (QEMU's active commit, as
  * `offload commit --base` runs it), copying what was written since the snapshot rather than
- * streaming the whole layer up. Chosen when the active layer's file is the smaller and the volume
- * is open in no other process. Call under the change lock; run with runCommitDown after it.
+ * streaming the whole layer up. Chosen when the active layer's file is the smaller, the volume is
+ * open in no other process and busy with no job here, and the layer is not the volume's lowest own
+ * layer over another volume's (a stream of the volume, here or elsewhere, writes that one). Runs
+ * under the change lock, as a merge does, while the volume's writers go on; the switch holds them,
+ * drains their last writes, and records the layer as active before the open image moves to it (a
+ * crash before the record finds the volume on its old top, after it on the new one: every
+ * acknowledged write in either). Returns false when it does not apply (compact then).
  */
-export function prepareCommitDown(p: PoolState, file: string): CommitDown | undefined {
+export async function commitDown(p: PoolState, file: string): Promise<boolean> {
   const row = p.meta.layer(file);
-  if (p.opts.format !== 'qcow2' || !row || row.state !== 'ready') return undefined;
-  if (p.meta.snapshotsOnLayer(file).length > 0 || p.meta.volumeByActive(file)) return undefined;
+  if (p.opts.format !== 'qcow2' || !row || row.state !== 'ready') return false;
+  if (p.meta.snapshotsOnLayer(file).length > 0 || p.meta.volumeByActive(file)) return false;
   const children = p.meta.children(file);
-  if (children.length !== 1) return undefined;
+  if (children.length !== 1) return false;
   const top = children[0]!;
   const v = p.meta.volume(top.volume);
-  if (!v || v.active !== top.file || top.volume !== row.volume || top.state !== 'ready') return undefined;
-  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name)) return undefined;
-  let cheaper: boolean;
+  if (!v || v.active !== top.file || top.volume !== row.volume || top.state !== 'ready') return false;
+  if (row.parent !== null && p.meta.layer(row.parent)?.volume !== v.name) return false;
+  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name)) return false;
   try {
-    cheaper = statSync(p.abs(top.file)).size < statSync(p.abs(file)).size;
+    if (statSync(p.abs(top.file)).size >= statSync(p.abs(file)).size) return false;
   } catch {
-    return undefined;
+    return false;
   }
-  if (!cheaper) return undefined;
   p.claim(v.name, 'snapshot delete');
-  // Open here before the lock is let go: other processes see the volume in use and leave its layers be.
-  return { volume: v.name, top: top.file, into: file, ov: p.open.acquire(v.name) };
-}
-
-/**
- * Copy outside the change lock while the volume's writers go on; then, under the lock with the
- * writers held, drain the last writes, record the layer as active and switch the open image to
- * it (a crash before the record finds the volume on its old top, after it on the new one, every
- * acknowledged write in either). The old top is deleted last.
- */
-export async function runCommitDown(p: PoolState, c: CommitDown): Promise<void> {
+  const ov = p.open.acquire(v.name);
   try {
-    const img = await c.ov.lock.shared(() => c.ov.current());
+    const img = await ov.lock.shared(() => ov.current());
     await p.opts.hooks?.activeCommit?.('copying');
     await runCommit(img, {
-      base: p.abs(c.into), active: true, pivotWhenReady: true,
-      aroundPivot: (pivot) => p.serial.run(pivot),
+      base: p.abs(file), active: true, pivotWhenReady: true,
       record: async () => {
         await p.opts.hooks?.activeCommit?.('in-sync');
-        const v = p.meta.volume(c.volume);
-        if (!v || v.active !== c.top || p.meta.layer(c.top)?.parent !== c.into) {
-          throw new FailedPrecondition(`${p.ref(c.volume)}: its layers changed while a snapshot delete committed them`, { ref: p.ref(c.volume) });
-        }
         p.meta.tx(() => {
-          p.meta.updateVolume(c.volume, { active: c.into });
-          p.meta.setLayerState(c.top, 'deleting');
+          p.meta.updateVolume(v.name, { active: file });
+          p.meta.setLayerState(top.file, 'deleting');
         });
         await p.opts.hooks?.activeCommit?.('recorded');
       },
-    }, new JobRun({ jobId: `commit ${c.top} into ${c.into}` }));
+    }, new JobRun({ jobId: `commit ${top.file} into ${file}` }));
     await p.opts.hooks?.activeCommit?.('switched');
     // The pivoted image runs as the commit opened its base (metadata deferred to flushes): opened
     // again as the pool opens an active layer on the next I/O.
-    await p.serial.run(async () => {
-      await c.ov.swap(async () => undefined);
-      await unlinkLayers(p, [c.top]);
-    });
+    await ov.swap(async () => undefined);
+    await unlinkLayers(p, [top.file]);
   } finally {
-    await p.open.release(c.ov);
-    p.release(c.volume);
+    await p.open.release(ov);
+    p.release(v.name);
   }
+  return true;
 }

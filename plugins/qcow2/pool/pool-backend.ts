@@ -6,7 +6,7 @@ import {
 import { imageDevice } from '../engine/index.js';
 import { changedExtents } from './changes.js';
 import { commitTarget, commitTask, resolveBase, resumeChainTask, streamTask } from './chain-tasks.js';
-import { abandonLayer, commitLayers, compact, makeLayer, prepareCommitDown, runCommitDown, unlinkLayers, type CommitDown } from './layers.js';
+import { abandonLayer, commitDown, commitLayers, compact, makeLayer, unlinkLayers } from './layers.js';
 import type { VolumeRow } from './metadata.js';
 import { checkPool, type PoolCheckReport } from './pool-check.js';
 import { creationTime, forgetHolder, PoolState, type PoolOptions } from './pool-state.js';
@@ -229,8 +229,7 @@ export class Qcow2Pool implements StorageBackend {
   }
 
   async deleteSnapshot(volume: string, name: string): Promise<void> {
-    let down: CommitDown | undefined;
-    await this.p.serial.run(async () => {
+    return this.p.serial.run(async () => {
       const s = this.p.meta.snapshot(volume, name);
       if (!s) return;
       const sref = `${this.p.ref(volume)}@${name}`;
@@ -243,10 +242,8 @@ export class Qcow2Pool implements StorageBackend {
       }
       this.p.assertNotBusy(volume, 'delete a snapshot of');
       this.p.meta.removeSnapshot(volume, name);
-      down = prepareCommitDown(this.p, s.layer);
-      if (!down) await compact(this.p, s.layer);
+      if (!(await commitDown(this.p, s.layer))) await compact(this.p, s.layer);
     });
-    if (down) await runCommitDown(this.p, down);
   }
 
   async revertVolume(volume: string, snapshot: string): Promise<void> {

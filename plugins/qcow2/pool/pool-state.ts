@@ -19,9 +19,9 @@ export interface PoolOptions {
   hooks?: {
     afterFileCreated?: (file: string) => void | Promise<void>;
     /**
-     * An active commit (a snapshot delete's commit down, a commit job): about to copy (outside
-     * the change lock); with the volume's writers held and the change lock taken, in sync (before
-     * its record) and recorded (before the switch); switched (writes go to the new layer).
+     * An active commit (a snapshot delete's commit down, a commit job): about to copy; with the
+     * volume's writers held and the change lock taken, in sync (before its record) and recorded
+     * (before the switch); switched (writes go to the new layer).
      */
     activeCommit?: (stage: 'copying' | 'in-sync' | 'recorded' | 'switched') => void | Promise<void>;
   };
