@@ -161,6 +161,23 @@ describe('qcow2 pool: deleting a snapshot right under the active layer commits d
     await pool.close();
   });
 
+  it('a reader of the snapshot open here while it is deleted reads it as it was (its layer is merged up, not written)', async () => {
+    const { pool, dir } = poolAt();
+    const model = await filledWithSnapshot(pool);
+    const before = Buffer.from(model);
+    const top = basename(pool.chainFiles('v')[0]!);
+    const dev = await pool.openVolume('v', 'rw');
+    await put(dev, model, 0, pattern(11, 8192));
+    const reader = await pool.openSnapshot('v', 's');
+    await pool.deleteSnapshot('v', 's');
+    expect(Buffer.from(await reader.read(0, SIZE)).equals(before)).toBe(true);
+    await reader.close();
+    expect(layerFiles(dir)).toEqual([top]);
+    expect((await readAll(dev)).equals(model)).toBe(true);
+    await dev.close();
+    await pool.close();
+  });
+
   it('a snapshot of the volume asked for meanwhile waits for the delete, and is taken on the new layer', async () => {
     const { pool } = poolAt();
     const model = await filledWithSnapshot(pool);

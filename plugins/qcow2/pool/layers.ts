@@ -122,7 +122,8 @@ export async function withWritable(p: PoolState, volume: string, file: string, f
  * clusters are committed down into it and it becomes the active layer (QEMU's active commit, as
  * `offload commit --base` runs it), copying what was written since the snapshot rather than
  * streaming the whole layer up. Chosen when the active layer's file is the smaller, the volume is
- * open in no other process and busy with no job here, and the layer is not the volume's lowest own
+ * open in no other process and busy with no job here, the layer is read by no snapshot reader here
+ * (openSnapshot: the snapshot was deleted under it), and the layer is not the volume's lowest own
  * layer over another volume's (a stream of the volume, here or elsewhere, writes that one). Runs
  * under the change lock, as a merge does, while the volume's writers go on; the switch holds them,
  * drains their last writes, and records the layer as active before the open image moves to it (a
@@ -139,7 +140,7 @@ export async function commitDown(p: PoolState, file: string): Promise<boolean> {
   const v = p.meta.volume(top.volume);
   if (!v || v.active !== top.file || top.volume !== row.volume || top.state !== 'ready') return false;
   if (row.parent !== null && p.meta.layer(row.parent)?.volume !== v.name) return false;
-  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name)) return false;
+  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name) || p.snapshotReaders.has(file)) return false;
   try {
     if (statSync(p.abs(top.file)).size >= statSync(p.abs(file)).size) return false;
   } catch {

@@ -317,9 +317,17 @@ export class Qcow2Pool implements StorageBackend {
     const sref = `${this.p.ref(volume)}@${snapshot}`;
     if (!s) throw new NotFound(`snapshot ${sref} does not exist`, { ref: sref, hint: `list them with \`offload snapshot list ${this.p.ref(volume)}\`` });
     const img = await this.p.openLayer(s.layer, true);
+    const readers = this.p.snapshotReaders;
+    readers.set(s.layer, (readers.get(s.layer) ?? 0) + 1);
+    const done = () => {
+      const n = (readers.get(s.layer) ?? 1) - 1;
+      if (n > 0) readers.set(s.layer, n);
+      else readers.delete(s.layer);
+    };
     try {
-      return await imageDevice(img, { mode: 'r', ref: sref, onClose: () => img.close() });
+      return await imageDevice(img, { mode: 'r', ref: sref, onClose: () => { done(); return img.close(); } });
     } catch (e) {
+      done();
       await img.close();
       throw e;
     }

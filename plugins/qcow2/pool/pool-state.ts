@@ -56,6 +56,8 @@ export class PoolState {
   private readonly busy = new Map<string, string>();
   /** Layer files this process is creating right now (their pending rows are not orphans). */
   readonly inFlight = new Set<string>();
+  /** Snapshot layers open for reading in this process (openSnapshot), by file: a commit down would change what they read. */
+  readonly snapshotReaders = new Map<string, number>();
 
   constructor(readonly opts: PoolOptions) {
     this.meta = new PoolMetadata(join(opts.dir, METADATA_FILE));
