@@ -4,20 +4,112 @@
  * sectors, so the bytes read for it may run on into the next compressed cluster. QEMU decodes
  * frames with the streaming API until the cluster is full; here each frame's end is found from
  * its block headers (RFC 8878 §3.1) and the frame alone is handed to the decoder, zstd's own C
- * compiled to WebAssembly (@bokuweb/zstd-wasm: Node 20 has no zstd in node:zlib).
+ * compiled to WebAssembly (the build @bokuweb/zstd-wasm ships: Node 20 has no zstd in node:zlib).
  */
+import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
-import { Corrupt } from '../../../core/index.js';
+import { dirname, join } from 'node:path';
+import { Corrupt, OffloadError } from '../../../core/index.js';
 
-type ZstdWasm = typeof import('@bokuweb/zstd-wasm');
+/**
+ * zstd's C as the package builds it (its zstd.wasm), in an instance of our own: the package's own
+ * wrapper keeps one instance per process, and a second `init()` by anything else in the process
+ * swaps it under the wrappers (compression then writes garbage that qemu-img cannot read). The
+ * module's imports and exports are the package's emscripten build's (pinned by the lockfile:
+ * `^0.0.27` takes no other version); the tests fail on another layout.
+ */
+/** What of WebAssembly this file uses (the project's TypeScript lib has no WebAssembly types). */
+interface WasmMemory { readonly buffer: ArrayBuffer; grow(pages: number): number }
+const wasm = (globalThis as unknown as {
+  WebAssembly: { instantiate(bytes: Uint8Array, imports: object): Promise<{ instance: { exports: unknown } }> };
+}).WebAssembly;
 
-// Loaded (and its module compiled) on the first zstd cluster: most images have none.
-let loading: Promise<ZstdWasm> | undefined;
-function load(): Promise<ZstdWasm> {
+interface ZstdExports {
+  f: WasmMemory;
+  g(): void;
+  h(code: number): number; // ZSTD_isError
+  i(size: number): number; // ZSTD_compressBound
+  m(dst: number, dstCapacity: number, src: number, srcSize: number, level: number): number; // ZSTD_compress
+  r(dst: number, dstCapacity: number, src: number, srcSize: number): number; // ZSTD_decompress
+  s(size: number): number; // malloc
+  t(ptr: number): void; // free
+}
+
+const HEAP_MAX = 2 ** 31;
+
+class Zstd {
+  constructor(private readonly x: ZstdExports) {}
+
+  /** Run `fn` with `data` copied into the instance and `outSize` bytes for its answer; frees both. */
+  private with<T>(data: Uint8Array, outSize: number, fn: (src: number, dst: number) => T): T {
+    const src = this.x.s(Math.max(1, data.length));
+    const dst = this.x.s(Math.max(1, outSize));
+    if (src === 0 || dst === 0) {
+      if (src) this.x.t(src);
+      if (dst) this.x.t(dst);
+      throw new OffloadError('Internal', `zstd: out of WebAssembly memory for ${data.length + outSize} bytes`);
+    }
+    try {
+      new Uint8Array(this.x.f.buffer).set(data, src);
+      return fn(src, dst);
+    } finally {
+      this.x.t(src);
+      this.x.t(dst);
+    }
+  }
+
+  private failed(code: number): boolean {
+    return this.x.h(code) !== 0;
+  }
+
+  compress(data: Uint8Array, level: number): Uint8Array {
+    return this.with(data, this.x.i(data.length), (src, dst) => {
+      const n = this.x.m(dst, this.x.i(data.length), src, data.length, level);
+      if (this.failed(n)) throw new OffloadError('Internal', `zstd: compression failed (code ${n | 0})`);
+      return new Uint8Array(this.x.f.buffer, dst, n >>> 0).slice();
+    });
+  }
+
+  /** One or more whole frames into at most `capacity` bytes; undefined when zstd refuses them. */
+  decompress(frames: Uint8Array, capacity: number): Uint8Array | undefined {
+    return this.with(frames, capacity, (src, dst) => {
+      const n = this.x.r(dst, capacity, src, frames.length);
+      return this.failed(n) ? undefined : new Uint8Array(this.x.f.buffer, dst, n >>> 0).slice();
+    });
+  }
+}
+
+// Loaded (and compiled) on the first zstd cluster: most images have none.
+let loading: Promise<Zstd> | undefined;
+function load(): Promise<Zstd> {
   return (loading ??= (async () => {
-    const z = createRequire(import.meta.url)('@bokuweb/zstd-wasm') as ZstdWasm;
-    await z.init();
-    return z;
+    const main = createRequire(import.meta.url).resolve('@bokuweb/zstd-wasm');
+    const bytes = await readFile(join(dirname(main), 'zstd.wasm'));
+    let memory: WasmMemory | undefined;
+    const fail = (what: string) => () => { throw new OffloadError('Internal', `zstd: ${what}`); };
+    const { instance } = await wasm.instantiate(bytes, {
+      a: {
+        a: fail('exit called'), // proc_exit
+        b: () => undefined, // emscripten_runtime_keepalive_clear
+        c: fail('aborted'), // abort
+        d: () => 0, // setitimer: not used by the codec
+        e: (requested: number) => { // emscripten_resize_heap
+          const m = memory!;
+          const want = requested >>> 0;
+          if (want > HEAP_MAX) return 0;
+          try {
+            m.grow(Math.ceil((want - m.buffer.byteLength) / 65536));
+            return 1;
+          } catch {
+            return 0;
+          }
+        },
+      },
+    });
+    const x = instance.exports as unknown as ZstdExports;
+    memory = x.f;
+    x.g();
+    return new Zstd(x);
   })());
 }
 
@@ -85,13 +177,8 @@ export async function zstdDecompressCluster(data: Uint8Array, clusterSize: numbe
     if (f.contentSize !== undefined && f.contentSize > room) {
       throw new Corrupt(`${where}: zstd cluster data is damaged (a frame of ${f.contentSize} bytes where ${room} are left of the cluster)`);
     }
-    let part: Uint8Array;
-    try {
-      part = z.decompress(data.subarray(f.start, f.end), { defaultHeapSize: room });
-    } catch (e) {
-      throw new Corrupt(`${where}: zstd cluster data does not decode (${(e as Error).message})`, { cause: e });
-    }
-    if (part.length > room) throw new Corrupt(`${where}: zstd cluster decodes to more than a cluster`);
+    const part = z.decompress(data.subarray(f.start, f.end), room);
+    if (!part) throw new Corrupt(`${where}: zstd cluster data does not decode (or decodes to more than the cluster)`);
     out.set(part, filled);
     filled += part.length;
   }
