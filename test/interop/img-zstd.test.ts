@@ -123,8 +123,12 @@ describe.skipIf(!HAVE_QEMU)('qcow2 zstd compression next to qemu-img', () => {
     const broken = await runImg(['convert', '-O', 'raw', 'd.qcow2', 'd.raw'], dir);
     expect(broken.status).toBe(1);
     expect(broken.stderr).toMatch(/offload: Corrupt: .*d\.qcow2: zstd cluster data (does not decode|is damaged)/);
-    // qemu-img fails on it too.
+    // qemu-img fails on it too; compare says "cannot read" (4) as qemu-img does, not "different" (1).
     expect(run('qemu-img', ['convert', '-O', 'raw', 'd.qcow2', 'q-d.raw'], dir).status).toBe(1);
+    expect(run('qemu-img', ['compare', 'src.raw', 'd.qcow2'], dir).status).toBe(4);
+    const cmp = await runImg(['compare', 'src.raw', 'd.qcow2'], dir);
+    expect(cmp.status).toBe(4);
+    expect(cmp.stderr).toMatch(/Corrupt: .*d\.qcow2: zstd cluster data/);
     // Its magic gone: Corrupt too (not a hang or a crash).
     writeFileSync(join(dir, 'd2.qcow2'), bytes);
     const fd2 = openSync(join(dir, 'd2.qcow2'), 'r+');

@@ -1,6 +1,7 @@
 /**
  * `qemu-img compare [-f fmt] [-F fmt] [-s] file1 file2`: "Images are identical." (exit 0) or
- * "Content mismatch at offset N!" (exit 1), N the first differing 512-byte sector as qemu-img 7.2
+ * "Content mismatch at offset N!" (exit 1; 2 when an image cannot be opened, 4 when one cannot be
+ * read, as qemu-img), N the first differing 512-byte sector as qemu-img 7.2
  * reports it. Unallocated reads as zero; of images of different sizes the extra part of the
  * larger must be zero. Ranges both images report as zero are not read. Strict (`-s`): the sizes
  * must be equal and so must the block status of every range (see statusWord).
@@ -23,6 +24,8 @@ const CHUNK = 4 * 1024 * 1024;
 
 export const EXIT_DIFFERENT = 1;
 export const EXIT_COMPARE_ERROR = 2;
+/** qemu-img compare's 4: an image could not be read (a damaged cluster, an I/O error) — not "different". */
+export const EXIT_READ_ERROR = 4;
 
 export async function runCompare(args: CompareArgs, out: ImgOutput): Promise<void> {
   let a: Image | undefined;
@@ -46,9 +49,17 @@ export async function runCompare(args: CompareArgs, out: ImgOutput): Promise<voi
       }
       lines.push('Warning: Image size mismatch!');
     }
-    const mismatch = await firstMismatch(a, b);
-    // qemu-img steps through both images' block status, comparing it before the data of each step.
-    const statusAt = args.strict ? await firstStatusMismatch(a, b) : undefined;
+    let mismatch: number | undefined;
+    let statusAt: number | undefined;
+    try {
+      mismatch = await firstMismatch(a, b);
+      // qemu-img steps through both images' block status, comparing it before the data of each step.
+      statusAt = args.strict ? await firstStatusMismatch(a, b) : undefined;
+    } catch (e) {
+      out.warn(`${(e as { code?: string }).code ? `${(e as { code: string }).code}: ` : ''}${(e as Error).message}`);
+      out.setExitCode(EXIT_READ_ERROR);
+      return;
+    }
     if (statusAt !== undefined && (mismatch === undefined || statusAt <= mismatch)) {
       out.print({ identical: false, offset: statusAt, mismatch: 'block status' }, `Strict mode: Offset ${statusAt} block status mismatch!`);
       out.setExitCode(EXIT_DIFFERENT);
