@@ -11,7 +11,7 @@
  * backup volume back to the previous point (or deletes it, when this run made it) and drops the
  * new marker, so the next backup starts from a state it can trust.
  */
-import { Shutdown } from '../jobs/job-run.js';
+import { leftForNextRun } from '../jobs/job-run.js';
 import { Cancelled, errorFromCode, FailedPrecondition, toOffloadError, type OffloadError } from '../model/errors.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { partContexts } from '../jobs/part-contexts.js';
@@ -109,7 +109,7 @@ export function backupTask(params: BackupParams | BackupGroupParams, deps: Backu
           await parts[i]!.saveState({ phase: 'tidy', ...(created[i] ? { created: true } : {}) } satisfies BackupState);
         }
       } catch (e) {
-        if (!(e instanceof Shutdown)) {
+        if (!leftForNextRun(e, ctx.signal)) {
           // Recorded first (one pair's undo is the group's): a kill while undoing must not resume the copy over an undone volume.
           for (const [i, c] of parts.entries()) await Promise.resolve(c.saveState({ phase: 'undo', created: created[i]! } satisfies BackupState)).catch(() => undefined);
           const after = await undoAll(e);
@@ -168,6 +168,7 @@ async function allOrNone(indices: number[], copy: (i: number, halting: (ctx: Job
       ready: () => ctx.ready(),
       waitForComplete: () => ctx.waitForComplete(),
       confirmLease: () => ctx.confirmLease(),
+      checkLease: () => ctx.checkLease(),
     };
   };
   let next = 0;
@@ -217,6 +218,7 @@ async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was
       const STEP = 64 * 1024 * 1024;
       for (let off = src.sizeBytes; off < dst.sizeBytes; off += STEP) {
         const n = Math.min(STEP, dst.sizeBytes - off);
+        ctx.checkLease();
         await (dst.writeZeroes ? dst.writeZeroes(off, n) : dst.write(off, new Uint8Array(n)));
       }
       if (dst.sizeBytes > src.sizeBytes) await dst.flush();

@@ -116,6 +116,7 @@ class Mover {
       const limit = this.ctx.speed > 0 ? Math.min(most, Math.max(COPY_CHUNK, this.ctx.speed)) : most;
       const [window, after] = take(rest, limit);
       const bytes = window.reduce((n, p) => n + p.length, 0);
+      this.ctx.checkLease();
       const left = await this.dst.copyFrom!(this.src, window.map(({ offset, length }) => ({ offset, length })));
       if (left === undefined) return this.pipeline(rest); // it cannot take this source
       const fast = bytes - left.reduce((n, r) => n + r.length, 0);
@@ -173,18 +174,25 @@ class Mover {
   }
 
   private async move(c: Piece): Promise<void> {
+    // Each write right after a lease check (JobContext.checkLease): the read before it, or the
+    // pipeline's wait, may have lasted past the lease (a process stopped by the system).
     if (c.kind === 'zero') {
+      this.ctx.checkLease();
       if (this.dst.writeZeroes) await this.dst.writeZeroes(c.offset, c.length);
       else await this.dst.write(c.offset, new Uint8Array(c.length));
       this.result.zeroBytes += c.length;
       return;
     }
     const data = await this.src.read(c.offset, c.length);
+    this.ctx.checkLease();
     if (!this.fresh) {
       await this.dst.write(c.offset, data);
     } else {
       // A fresh target already reads as zeros: leave blocks of zeros out.
-      for (const [from, to] of nonZeroRuns(data)) await this.dst.write(c.offset + from, data.subarray(from, to));
+      for (const [from, to] of nonZeroRuns(data)) {
+        this.ctx.checkLease();
+        await this.dst.write(c.offset + from, data.subarray(from, to));
+      }
     }
     this.result.dataBytes += c.length;
   }

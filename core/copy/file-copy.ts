@@ -8,7 +8,7 @@
 import { rm, stat } from 'node:fs/promises';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { FileFormat } from '../backend/file-format.js';
-import { Shutdown } from '../jobs/job-run.js';
+import { leftForNextRun } from '../jobs/job-run.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { AlreadyExists, FailedPrecondition, isOffloadError, OutOfRange } from '../model/errors.js';
 import { copyData } from './copier.js';
@@ -113,7 +113,7 @@ async function runExport(params: FileExportParams, deps: FileJobDeps, ctx: JobCo
       undo();
     }
   } catch (e) {
-    if (ours !== undefined && !(e instanceof Shutdown)) {
+    if (ours !== undefined && !leftForNextRun(e, ctx.signal)) {
       await dst?.close().catch(() => undefined);
       dst = undefined;
       if ((await identity(params.file)) === ours) await rm(params.file, { force: true }).catch(() => undefined);

@@ -4,7 +4,7 @@
  * and they continue from their checkpoint.
  */
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
-import { Shutdown } from '../jobs/job-run.js';
+import { leftForNextRun } from '../jobs/job-run.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { AlreadyExists, FailedPrecondition } from '../model/errors.js';
 import { copyData } from './copier.js';
@@ -126,7 +126,7 @@ export function cloneTask(params: HostCloneParams, deps: CloneDeps, kind: CloneK
       try {
         await copyBetween(params, deps.open, ctx, { created: true, ...(createdAt !== undefined ? { createdAt } : {}) });
       } catch (e) {
-        if (created && !(e instanceof Shutdown)) await deps.remove(params.target).catch(() => undefined);
+        if (created && !leftForNextRun(e, ctx.signal)) await deps.remove(params.target).catch(() => undefined);
         throw e;
       }
     },

@@ -43,6 +43,16 @@ export class Shutdown extends Error {}
 export class LeaseLost extends Error {}
 
 /**
+ * Whether a run that ended with `e` leaves the job to a later run — its owner shut down (Shutdown),
+ * or another runner holds the job now (LeaseLost, or the run's `signal` aborted for it) — so that
+ * its undo (removing the target it made, reverting a backup) must not run: the next run goes on
+ * with what is there, and may be writing it already.
+ */
+export function leftForNextRun(e: unknown, signal?: AbortSignal): boolean {
+  return e instanceof Shutdown || e instanceof LeaseLost || signal?.reason instanceof LeaseLost;
+}
+
+/**
  * One run of a JobTask — the only JobContext implementation: progress, the speed limit, pause,
  * cancel and complete, and checkpoints saved at most once per interval after what the task
  * registered with beforeSave is durable. Its owner (the broker's ManagedJob, a CLI command, a
@@ -121,7 +131,7 @@ export class JobRun implements JobContext {
   }
 
   private async step(bytesMoved: number, state: unknown, count: boolean): Promise<void> {
-    this.checkLease();
+    this.endIfLeaseLost();
     if (bytesMoved > 0 && count) this.advance(bytesMoved);
     if (state !== undefined) {
       this.unsaved = { state };
@@ -134,12 +144,17 @@ export class JobRun implements JobContext {
       await new Promise<void>((r) => this.resumeWaiters.push(r));
       await this.throwIfStopped();
     }
-    this.checkLease();
+    this.endIfLeaseLost();
     await this.throwIfStopped();
   }
 
+  checkLease(): void {
+    this.endIfLeaseLost();
+    if (this.abort.signal.reason instanceof LeaseLost) throw this.abort.signal.reason;
+  }
+
   /** Stop with LeaseLost when the owner says this run may no longer act. */
-  private checkLease(): void {
+  private endIfLeaseLost(): void {
     if (this.opts.mayContinue && !this.abort.signal.aborted && !this.opts.mayContinue()) {
       this.end(new LeaseLost(`job ${this.jobId}: this runner's lease on it ended (another runner may have taken it over)`));
     }
@@ -163,7 +178,7 @@ export class JobRun implements JobContext {
   }
 
   async confirmLease(): Promise<void> {
-    this.checkLease();
+    this.endIfLeaseLost();
     await this.throwIfStopped();
     try {
       await this.opts.confirmLease?.();
@@ -245,7 +260,7 @@ export class JobRun implements JobContext {
     // Not while another runner may own the job (also after a stop for another reason: the save
     // hooks write data, a qcow2 target's metadata or a raw target's record).
     if (this.opts.mayContinue && !this.opts.mayContinue()) {
-      this.checkLease();
+      this.endIfLeaseLost();
       if (strict) throw refused();
       return;
     }

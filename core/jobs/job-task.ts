@@ -71,4 +71,12 @@ export interface JobContext {
    * taken the job over or the lease ran out. A run with no lease (a test, `img` commands) passes.
    */
   confirmLease(): Promise<void>;
+  /**
+   * Right before each write of the job's data that follows an await (a read, a wait): throw
+   * LeaseLost, stopping the run, when this runner no longer holds the job by its own clock — no
+   * store call, cheap enough for every write. A process the system paused between a read and its
+   * write (SIGSTOP, a frozen VM, a long GC) wakes up past its lease, when another runner may be
+   * writing the same data from the job's last checkpoint. A run with no lease passes.
+   */
+  checkLease(): void;
 }

@@ -72,5 +72,6 @@ export function partContexts(ctx: JobContext, n: number): JobContext[] {
     ready: () => ctx.ready(),
     waitForComplete: () => ctx.waitForComplete(),
     confirmLease: () => ctx.confirmLease(),
+    checkLease: () => ctx.checkLease(),
   }));
 }

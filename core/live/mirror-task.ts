@@ -209,6 +209,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
             // The speed limit, pause and cancel, between copies.
             // Not counted when let through: the progress is what the copies report (onProgress).
             throttle: (bytes) => (ctx.pace ? ctx.pace(bytes) : ctx.checkpoint(bytes)),
+            mayWrite: () => ctx.checkLease(),
             intent: intents[i]!,
             ...firstPass(params.pairs[i]!, deps.pairs[i]!),
           }));
@@ -285,9 +286,11 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         });
         for (const d of deps.pairs) d.detach();
         if (!pivoted) {
+          // A target this run made stays when another runner holds the job now: it copies into it.
+          const handedOn = refused !== undefined || ctx.signal.reason instanceof LeaseLost;
           for (let i = 0; i < n; i++) {
             await targets[i]?.close().catch(() => undefined);
-            if (created[i] && !mirrors[i]?.ready && !suspended) await deps.pairs[i]!.removeTarget().catch(() => undefined);
+            if (created[i] && !mirrors[i]?.ready && !suspended && !handedOn) await deps.pairs[i]!.removeTarget().catch(() => undefined);
           }
         }
         // The lease's refusal, not the copy's error, says how the job ends: it is given up, not concluded.

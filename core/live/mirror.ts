@@ -48,6 +48,8 @@ export interface MirrorOptions {
   onProgress?(p: { copied: number; dirty: number }): void;
   /** The next copy waits for this (a job's speed limit). */
   throttle?(bytes: number): Promise<void>;
+  /** Asked right before each copy's write to the target, after its read: throws when the copier may no longer write (a job's JobContext.checkLease). */
+  mayWrite?(): void;
   /**
    * What the first pass copies (default: what the source allocates). A resumed copy whose target
    * already equals a snapshot of the source gives what changed since that snapshot.
@@ -414,6 +416,7 @@ export class Mirror {
     try {
       const data = buf ?? await from.read(run.offset, run.length, BULK);
       if (buf) await from.readInto!(buf, run.offset, BULK);
+      this.o.mayWrite?.();
       if (this.target.writeZeroes && isAllZero(data)) await this.target.writeZeroes(run.offset, run.length);
       else await this.target.write(run.offset, data, BULK);
     } catch (e) {

@@ -5,7 +5,7 @@
  * job. There is no poll budget: a split takes as long as the data it copies, and the user can
  * cancel it.
  */
-import { Cancelled, isOffloadError, NotFound, type JobContext, type JobTask } from '../../core/index.js';
+import { Cancelled, isOffloadError, leftForNextRun, NotFound, type JobContext, type JobTask } from '../../core/index.js';
 import { Collection, Job, JobLinkResponse, type Volume } from './api/schemas.js';
 import type { OntapClient } from './client.js';
 import { mapApiError } from './errors.js';
@@ -134,6 +134,10 @@ export class SplitTask implements JobTask {
 
   private async cancelled(e: unknown, jobUuid: string | undefined, what: string, ctx: JobContext): Promise<unknown> {
     if (!ctx.signal.aborted && !isOffloadError(e, 'Cancelled')) return e;
+    // Stopped for a later run (the broker shutting down) or lost to another runner: that run
+    // follows the appliance's split, which goes on meanwhile.
+    if (leftForNextRun(e)) return e;
+    if (leftForNextRun(ctx.signal.reason)) return ctx.signal.reason;
     if (jobUuid !== undefined) {
       try {
         await this.deps.client.request('PATCH', `/api/cluster/jobs/${jobUuid}`, { what: `${what}: cancel`, ref: this.ref, query: { action: 'cancel' } });

@@ -143,9 +143,16 @@ describe('job leases', () => {
         const job = await b.jobs.takeOver(id);
         expect(row(id)).toMatchObject({ fence: 2, runner_pid: process.pid });
         // Hold the new runner still, so that any write from here on would be the old one's.
+        // Paused, it finishes the writes it had started (a pause point comes before each write)
+        // and starts none: wait for the files to stay as they are.
         await job.pause();
         for (let i = 0; i < 100 && job.info().status !== 'paused'; i++) await new Promise((r) => setTimeout(r, 50));
-        await new Promise((r) => setTimeout(r, 300));
+        for (let last = poolFiles(), i = 0; i < 50; i++) {
+          await new Promise((r) => setTimeout(r, 300));
+          const now = poolFiles();
+          if (JSON.stringify(now) === JSON.stringify(last)) break;
+          last = now;
+        }
         // The record without its lease's expiry, which the new runner keeps renewing meanwhile.
         const record = () => {
           const { lease_expires: _renewed, ...rest } = row(id);

@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { createBroker, silentLogger, type Broker, type JobContext, type JobInfo } from '../../../core/index.js';
+import { createBroker, LeaseLost, Shutdown, silentLogger, type Broker, type JobContext, type JobInfo } from '../../../core/index.js';
 import { startOntapMock, type OntapMock, type OntapMockOptions } from '../appliance/server.js';
 import { ontapModule } from '../module.js';
 import { failure, makeBackend } from './helpers.js';
@@ -61,7 +61,7 @@ function context(resumeFrom?: unknown) {
   const progress: [number, number][] = [];
   const saved: unknown[] = [];
   const ctx: JobContext = {
-    jobId: 'test-job', signal: abort.signal, resumeFrom, speed: 0, confirmLease: async () => undefined,
+    jobId: 'test-job', signal: abort.signal, resumeFrom, speed: 0, confirmLease: async () => undefined, checkLease: () => undefined,
     setTotal() {}, advance() {},
     setProgress(current, total) {
       progress.push([current, total ?? 0]);
@@ -175,6 +175,33 @@ describe('resuming a split after a broker restart (resumeTask)', () => {
     expect(m.appliance.allJobs().filter((j) => j.kind === 'split')).toHaveLength(1); // no second split
     expect((await be.getVolume('vm1'))?.parent).toBeUndefined();
   });
+
+  for (const [why, reason] of [['lost to another runner (LeaseLost)', () => new LeaseLost('taken over')], ['stopped for a later run (Shutdown)', () => new Shutdown('closing')]] as const) {
+    it(`a runner ${why} leaves the appliance's split running; the next run follows it to the end`, async () => {
+      const m = await mock({ splitBytesPerSecond: 1 * MiB });
+      const be = backendOf(m);
+      await be.createVolume({ name: 'gold', sizeBytes: 8 * MiB });
+      const dev = await be.openVolume('gold', 'rw');
+      await dev.write(0, Buffer.alloc(2 * MiB, 7));
+      await dev.close();
+      await be.createSnapshot('gold', 'base');
+      await be.createVolume({ name: 'vm1', source: { volume: 'gold', snapshot: 'base' }, mode: 'linked' });
+      const first = await be.streamVolume('vm1', {});
+      const { ctx, abort, saved } = context();
+      const running = first.run(ctx);
+      for (let i = 0; i < 500 && saved.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+      const stop = reason();
+      abort.abort(stop);
+      await expect(running).rejects.toBe(stop);
+      const splits = m.appliance.allJobs().filter((j) => j.kind === 'split');
+      expect(splits).toHaveLength(1);
+      expect(splits[0]!.state).not.toBe('failure'); // not cancelled on the appliance
+      const task = await be.resumeTask('stream', first.params);
+      await task!.run(context(saved[0]).ctx);
+      expect(m.appliance.allJobs().filter((j) => j.kind === 'split')).toMatchObject([{ state: 'success' }]);
+      expect((await be.getVolume('vm1'))?.parent).toBeUndefined();
+    });
+  }
 
   it('without a checkpoint: finds the running appliance job by its description', async () => {
     const { m, be, params } = await startedSplit(2 * MiB);

@@ -7,6 +7,11 @@
  * per chunk became garbage faster than V8 collects external memory: 135 MiB peak on a 16 GiB
  * stream).
  *
+ * Nothing is written without a pause point just before it (ctx.checkpoint(0), then the lease's
+ * own-clock check): a pause holds the next write, not the checkpoint AHEAD chunks later, and a
+ * process stopped by the system between a chunk's read and its write wakes to LeaseLost instead of
+ * writing over the runner that took the job over meanwhile.
+ *
  * Stretches without work (nextWork) are skipped as one step: on a large, sparsely written image
  * most chunks are empty, and a chunk each would both cost time and keep the read-ahead from
  * reaching the next chunk that has data.
@@ -83,6 +88,10 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
         const work = await step.work;
         chunksAhead--;
         await refill();
+        // A pause point before each write (a pause holds the writes, not only the next
+        // checkpoint, AHEAD chunks later), which also stops a runner that lost its lease meanwhile.
+        await ctx.checkpoint(0);
+        ctx.checkLease();
         moved = p.apply(work);
         moved.catch(() => {});
       } else {

@@ -52,7 +52,7 @@ export async function runRebase(img: Image, opts: RebaseOptions, ctx: JobContext
       const same = sharedDepth(img, next);
       while (offset < size) {
         const end = Math.min(size, offset + JOB_CHUNK);
-        const moved = await rebaseChunk(img, next, same, offset, end);
+        const moved = await rebaseChunk(img, next, same, offset, end, ctx);
         ctx.advance(end - offset - moved);
         await ctx.checkpoint(moved, { offset: end });
         offset = end;
@@ -78,7 +78,7 @@ function sharedDepth(img: Image, next: Image | undefined): number {
   return i < 0 ? Infinity : i - 1;
 }
 
-async function rebaseChunk(img: Image, next: Image | undefined, same: number, start: number, end: number): Promise<number> {
+async function rebaseChunk(img: Image, next: Image | undefined, same: number, start: number, end: number, ctx: JobContext): Promise<number> {
   const old = img.backing;
   const cs = img.clusterSize;
   const fills: Fill[] = [];
@@ -111,6 +111,7 @@ async function rebaseChunk(img: Image, next: Image | undefined, same: number, st
       }
     }
   }
+  ctx.checkLease(); // the reads may have outlasted the lease (JobContext.checkLease)
   return applyFills(img, fills);
 }
 
