@@ -84,8 +84,12 @@ export interface BlockDevice {
    * parts of them, it left for the copier to copy itself, or undefined when it cannot take this
    * source at all. Called only on a device that reads as zeros wherever nothing was written (a
    * new volume or image), so blocks of zeros may be left out.
+   *
+   * `opts.until` (a job's JobContext.leaseUntil): nothing may be written once this host's clock
+   * reaches until[0], which its owner moves on while the copy runs; past it the copy rejects with
+   * LeaseLost. A device that cannot honour it resolves undefined (the copier copies itself).
    */
-  copyFrom?(source: BlockDevice, ranges: ByteRange[]): Promise<ByteRange[] | undefined>;
+  copyFrom?(source: BlockDevice, ranges: ByteRange[], opts?: { until?: Float64Array }): Promise<ByteRange[] | undefined>;
 }
 
 /** Fill gaps between extents so that a reader sees the whole device described. */

@@ -146,6 +146,7 @@ async function allOrNone(indices: number[], copy: (i: number, halting: (ctx: Job
       jobId: ctx.jobId,
       signal: ctx.signal,
       resumeFrom: ctx.resumeFrom,
+      leaseUntil: ctx.leaseUntil,
       get speed() {
         return ctx.speed;
       },

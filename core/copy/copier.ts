@@ -117,7 +117,8 @@ class Mover {
       const [window, after] = take(rest, limit);
       const bytes = window.reduce((n, p) => n + p.length, 0);
       this.ctx.checkLease();
-      const left = await this.dst.copyFrom!(this.src, window.map(({ offset, length }) => ({ offset, length })));
+      const until = this.ctx.leaseUntil;
+      const left = await this.dst.copyFrom!(this.src, window.map(({ offset, length }) => ({ offset, length })), until ? { until } : undefined);
       if (left === undefined) return this.pipeline(rest); // it cannot take this source
       const fast = bytes - left.reduce((n, r) => n + r.length, 0);
       this.result.dataBytes += fast;

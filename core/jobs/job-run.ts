@@ -34,6 +34,8 @@ export interface JobRunOptions {
   mayContinue?(): boolean;
   /** JobContext.confirmLease: renew the lease through the store now; throws LeaseLost when refused. */
   confirmLease?(): Promise<void>;
+  /** JobContext.leaseUntil: kept current by the owner (renewals, a loss). */
+  leaseUntil?: Float64Array;
 }
 
 /** Why a run stopped without concluding (its owner is shutting down: the job will be resumed). */
@@ -62,6 +64,7 @@ export function leftForNextRun(e: unknown, signal?: AbortSignal): boolean {
 export class JobRun implements JobContext {
   readonly jobId: string;
   readonly resumeFrom: unknown;
+  readonly leaseUntil: Float64Array | undefined;
   private readonly abort = new AbortController();
   private readonly limiter = new RateLimiter();
   private speedLimit: number;
@@ -86,6 +89,7 @@ export class JobRun implements JobContext {
   constructor(private readonly opts: JobRunOptions = {}) {
     this.jobId = opts.jobId ?? 'local';
     this.resumeFrom = opts.resumeFrom;
+    this.leaseUntil = opts.leaseUntil;
     this.doneBytes = opts.progress?.current ?? 0;
     this.doneBytesAtStart = this.doneBytes;
     this.totalBytes = opts.progress?.total ?? 0;

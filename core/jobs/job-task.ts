@@ -79,4 +79,11 @@ export interface JobContext {
    * writing the same data from the job's last checkpoint. A run with no lease passes.
    */
   checkLease(): void;
+  /**
+   * The time (ms since the epoch, this host's clock) up to which this runner holds the job, as one
+   * element, moved on in place as the lease is renewed and set to 0 when it is lost: for writes
+   * that run outside JavaScript, which cannot ask checkLease (a native copy reads it before each
+   * piece it writes; BlockDevice.copyFrom's `until`). Undefined for a run with no lease.
+   */
+  readonly leaseUntil: Float64Array | undefined;
 }

@@ -35,6 +35,8 @@ export class ManagedJob implements Job {
   private shuttingDown = false;
   /** Set once this runner learns it no longer holds the job: from then on it writes nothing. */
   private lost: string | undefined;
+  /** JobContext.leaseUntil: the lease's end as this runner knows it, 0 once lost. */
+  private readonly leaseUntil = new Float64Array(1);
   private poller?: NodeJS.Timeout;
   private polling = false;
   /** The store writes of this job, in order. */
@@ -59,8 +61,10 @@ export class ManagedJob implements Job {
     } = {},
   ) {
     const rec = record;
+    this.leaseUntil[0] = rec.leaseExpires;
     this.run = new JobRun({
       jobId: rec.id,
+      leaseUntil: this.leaseUntil,
       resumeFrom: opts.resumeFrom,
       progress: rec.progress,
       speed: rec.speed,
@@ -206,7 +210,10 @@ export class ManagedJob implements Job {
   renewLease(until: number): Promise<void> {
     return this.enqueue(async () => {
       const held = await this.store.renewLease(this.id, this.record.runnerToken, this.record.fence, until);
-      if (held) this.record.leaseExpires = Math.max(this.record.leaseExpires, until);
+      if (held) {
+        this.record.leaseExpires = Math.max(this.record.leaseExpires, until);
+        if (this.lost === undefined) this.leaseUntil[0] = this.record.leaseExpires;
+      }
       return held;
     }, 'another runner took it over (or it was deleted)');
   }
@@ -285,6 +292,7 @@ export class ManagedJob implements Job {
   private loseLease(why: string): void {
     if (this.lost !== undefined) return;
     this.lost = why;
+    this.leaseUntil[0] = 0; // a native copy under way writes no more
     this.opts.onFenced?.(this.id, why);
     this.run.stop(new LeaseLost(`job ${this.id}: ${why}`));
   }

@@ -33,6 +33,7 @@ export function partContexts(ctx: JobContext, n: number): JobContext[] {
     jobId: ctx.jobId,
     signal: ctx.signal,
     resumeFrom,
+    leaseUntil: ctx.leaseUntil,
     get speed() {
       return ctx.speed;
     },

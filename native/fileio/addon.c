@@ -20,6 +20,9 @@ NAPI_MODULE_INIT() {
   CHECK(env, napi_set_named_property(env, exports, "seek", fn));
   CHECK(env, napi_create_function(env, "copyRanges", NAPI_AUTO_LENGTH, offload_copy_ranges, NULL, &fn));
   CHECK(env, napi_set_named_property(env, exports, "copyRanges", fn));
+  napi_value yes;
+  CHECK(env, napi_get_boolean(env, true, &yes));
+  CHECK(env, napi_set_named_property(env, exports, "copyRangesUntil", yes)); /* honours opts.until */
   CHECK(env, napi_create_function(env, "writeBatch", NAPI_AUTO_LENGTH, offload_write_batch, NULL, &fn));
   CHECK(env, napi_set_named_property(env, exports, "writeBatch", fn));
   CHECK(env, napi_create_function(env, "backgroundRead", NAPI_AUTO_LENGTH, offload_background_read, NULL, &fn));

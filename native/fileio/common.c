@@ -21,6 +21,7 @@ const char *offload_errno_name(int err) {
     case EPERM: return "EPERM";
     case ENOMEM: return "ENOMEM";
     case EAGAIN: return "EAGAIN";
+    case ETIMEDOUT: return "ETIMEDOUT";
 #ifdef ENOTSUP
     case ENOTSUP: return "ENOTSUP";
 #endif

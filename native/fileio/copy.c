@@ -25,6 +25,14 @@
  * the high 32 bits, or 0 for a block left out (qcow2 L2 entries, copied into the tables with one
  * `set` per range instead of a JavaScript loop per cluster).
  *
+ * opts.until (a Float64Array of at least one element): the copy writes nothing once this host's
+ * clock (CLOCK_REALTIME, ms since the epoch) reaches until[0], read again before every piece's
+ * write; the promise is then rejected with code ETIMEDOUT and a message starting "fence". Its
+ * owner moves until[0] on as it may (a job's lease, renewed): a process stopped while the copy
+ * runs (SIGSTOP, a frozen VM) and woken past its lease writes no more of it, where the runner that
+ * took the job over may be allocating the same host offsets. The module's `copyRangesUntil` is
+ * true where this is honoured.
+ *
  * Reads past the end of the source read as zeros. The first error stops both threads; the
  * promise is rejected with an Error whose `code` is the errno name (ENOSPC, EIO, ...). Data
  * written before the error stays written.
@@ -74,6 +82,9 @@ typedef struct {
   size_t nentries;
   uint32_t entry_high;
   napi_ref entries_ref;
+  /* opts.until: no write once the clock reaches until[0] (kept alive by until_ref), or NULL */
+  double *until;
+  napi_ref until_ref;
   /* N-API */
   napi_async_work work;
   napi_deferred deferred;
@@ -267,6 +278,17 @@ static int write_allocating(copy_t *c, uint8_t *buf, size_t len, int64_t guest) 
   return 0;
 }
 
+/* Whether the clock has reached opts.until (the owner may move it on meanwhile, from JavaScript). */
+static int fenced(copy_t *c) {
+  if (!c->until) return 0;
+  uint64_t bits = __atomic_load_n((uint64_t *)c->until, __ATOMIC_RELAXED);
+  double until;
+  memcpy(&until, &bits, sizeof until);
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6 >= until;
+}
+
 static void execute(napi_env env, void *data) {
   (void)env;
   copy_t *c = data;
@@ -280,6 +302,10 @@ static void execute(napi_env env, void *data) {
     if (await_turn(c, i, writer_may_go)) break;
     piece_t *p = &c->pieces[i];
     uint8_t *buf = c->bufs[i % RING];
+    if (fenced(c)) {
+      fail(c, ETIMEDOUT, "fence: the copy's time to write ran out (opts.until)");
+      break;
+    }
     err = c->alloc < 0 ? write_in_place(c, buf, c->got[i % RING], p->dst)
                        : write_allocating(c, buf, c->got[i % RING], p->dst);
     if (err) {
@@ -321,6 +347,7 @@ static void complete(napi_env env, napi_status status, void *data) {
     }
   }
   if (c->entries_ref) napi_delete_reference(env, c->entries_ref);
+  if (c->until_ref) napi_delete_reference(env, c->until_ref);
   napi_delete_async_work(env, c->work);
   release(c);
 }
@@ -360,6 +387,26 @@ static const char *parse_entries(napi_env env, napi_value opts, copy_t *c, size_
   c->entries = data;
   c->entry_high = (uint32_t)high;
   napi_get_named_property(env, opts, "entries", out);
+  return NULL;
+}
+
+/* opts.until: NULL when fine (also when absent), else the message of the TypeError to throw. */
+static const char *parse_until(napi_env env, napi_value opts, copy_t *c, napi_value *out) {
+  bool has = false;
+  napi_value v;
+  napi_valuetype t;
+  if (napi_has_named_property(env, opts, "until", &has) != napi_ok || !has) return NULL;
+  if (napi_get_named_property(env, opts, "until", &v) != napi_ok || napi_typeof(env, v, &t) != napi_ok) return "copyRanges: opts.until unreadable";
+  if (t == napi_undefined) return NULL;
+  bool is_ta = false;
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta ||
+      napi_get_typedarray_info(env, v, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_float64_array ||
+      length < 1) return "copyRanges: opts.until must be a Float64Array of at least one element";
+  c->until = data;
+  *out = v;
   return NULL;
 }
 
@@ -416,7 +463,9 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info) {
     if (c->block) nblocks += (size_t)((ops[i + 2] + block - 1) / block);
   }
   napi_value entries_value = NULL;
+  napi_value until_value = NULL;
   const char *bad = parse_entries(env, argv[3], c, nblocks, &entries_value);
+  if (!bad) bad = parse_until(env, argv[3], c, &until_value);
   if (bad) {
     release(c);
     return invalid(env, bad);
@@ -452,6 +501,12 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info) {
   if (entries_value && napi_create_reference(env, entries_value, 1, &c->entries_ref) != napi_ok) {
     release(c);
     napi_throw_error(env, "EINVAL", "copyRanges: could not hold opts.entries");
+    return NULL;
+  }
+  if (until_value && napi_create_reference(env, until_value, 1, &c->until_ref) != napi_ok) {
+    if (c->entries_ref) napi_delete_reference(env, c->entries_ref);
+    release(c);
+    napi_throw_error(env, "EINVAL", "copyRanges: could not hold opts.until");
     return NULL;
   }
   if (napi_create_promise(env, &c->deferred, &promise) != napi_ok ||

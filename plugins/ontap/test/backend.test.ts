@@ -61,7 +61,7 @@ function context(resumeFrom?: unknown) {
   const progress: [number, number][] = [];
   const saved: unknown[] = [];
   const ctx: JobContext = {
-    jobId: 'test-job', signal: abort.signal, resumeFrom, speed: 0, confirmLease: async () => undefined, checkLease: () => undefined,
+    jobId: 'test-job', signal: abort.signal, resumeFrom, speed: 0, confirmLease: async () => undefined, checkLease: () => undefined, leaseUntil: undefined,
     setTotal() {}, advance() {},
     setProgress(current, total) {
       progress.push([current, total ?? 0]);

@@ -14,8 +14,9 @@ import type { Qcow2State } from './qcow2-state.js';
  * [srcPos, guest, length] triples over whole clusters (a length may end at the virtual size
  * instead). Clusters that read as all zero stay unallocated; the others get new space in order,
  * from the end of the allocated area. Every cluster must be unallocated (InvalidArgument if not).
+ * `until`: see ImageFile.copyIn.
  */
-export async function copyFromFile(s: Qcow2State, src: ImageFile, ops: Float64Array): Promise<void> {
+export async function copyFromFile(s: Qcow2State, src: ImageFile, ops: Float64Array, until?: Float64Array): Promise<void> {
   s.assertWritable();
   const cs = s.cs;
   for (let i = 0; i < ops.length; i += 3) {
@@ -34,7 +35,9 @@ export async function copyFromFile(s: Qcow2State, src: ImageFile, ops: Float64Ar
     let clusters = 0;
     for (let i = 2; i < ops.length; i += 3) clusters += Math.ceil(ops[i]! / cs);
     const entries = new Uint8Array(clusters * 8);
-    const pairs = await s.file.copyIn(src, ops, { block: cs, alloc: host, entries, entryHigh: COPIED_HI });
+    // Past `until` (a job's lease) it writes no more and throws: nothing it wrote is claimed (the
+    // runner that holds the job now may be allocating the same space).
+    const pairs = await s.file.copyIn(src, ops, { block: cs, alloc: host, entries, entryHigh: COPIED_HI, ...(until ? { until } : {}) });
     const used = pairs.length / 2;
     if (used > 0) await s.refcounts.claim(host, used);
     s.fileLen = Math.max(s.fileLen, host + used * cs);

@@ -1,5 +1,5 @@
 import { open, type FileHandle } from 'node:fs/promises';
-import { Corrupt, FailedPrecondition, NotFound, PermissionDenied, InternalError } from '../../../core/index.js';
+import { Corrupt, FailedPrecondition, InternalError, LeaseLost, NotFound, PermissionDenied } from '../../../core/index.js';
 import { dataExtents } from './seek-data.js';
 import { nativeAddon, type CopyRangesOptions, type NativeAddon } from './native-addon.js';
 import { ioBuffer } from '../format/bytes.js';
@@ -11,6 +11,11 @@ let batchOverride: NativeAddon['writeBatch'] | null | undefined;
 /** Whether ImageFile.copyIn can run: the native helper is built (and not switched off). */
 export function nativeCopyAvailable(): boolean {
   return !nativeCopyOff && nativeAddon() !== null;
+}
+
+/** Whether the native copy honours CopyRangesOptions.until (a helper built before it does not). */
+export function nativeCopyHonoursUntil(): boolean {
+  return nativeCopyAvailable() && nativeAddon()!.copyRangesUntil === true;
 }
 
 /** Switch the native copy off (tests of the fallback) or back on. */
@@ -244,18 +249,26 @@ export class ImageFile {
    * out), in order with this file's other writes. With `opts.alloc` (qcow2 targets) dstPos is a
    * guest offset and each non-zero block goes to the next host offset from `alloc`; the result
    * lists [guest, host] pairs. Only when nativeCopyAvailable().
+   *
+   * `opts.until` (a job's lease, see JobContext.leaseUntil): nothing is written once the clock
+   * reaches until[0] — the helper reads it before each piece — and the copy rejects with
+   * LeaseLost. Only where nativeCopyHonoursUntil().
    */
   async copyIn(src: ImageFile, ops: Float64Array, opts: CopyRangesOptions): Promise<Float64Array> {
     if (this.readOnly) throw new FailedPrecondition(`${this.path}: opened read-only`, { ref: this.path });
     const addon = nativeCopyAvailable() ? nativeAddon() : null;
     if (!addon) throw new FailedPrecondition(`${this.path}: the native copy helper is not available`, { ref: this.path });
+    if (opts.until && addon.copyRangesUntil !== true) throw new FailedPrecondition(`${this.path}: the native copy helper predates opts.until: rebuild it (npm run build:native)`, { ref: this.path });
     if (this.held) await this.writeHeld(false);
     // A barrier: where the blocks land is known only afterwards.
     return this.ordered(0, Infinity, async () => {
       let pairs: Float64Array;
       try {
+        if (opts.until && Date.now() >= opts.until[0]!) throw fenced(this.path);
         pairs = await addon.copyRanges(src.fh.fd, this.fh.fd, ops, opts);
       } catch (e) {
+        if (e instanceof LeaseLost) throw e;
+        if ((e as NodeJS.ErrnoException)?.code === 'ETIMEDOUT' && String((e as Error).message).startsWith('fence')) throw fenced(this.path);
         const read = String((e as Error)?.message).startsWith('read');
         throw fileError(e, read ? src.path : this.path, read ? 'read' : 'write');
       }
@@ -459,6 +472,11 @@ export class ImageFile {
     p.then(drop, drop);
     return p;
   }
+}
+
+/** A native copy stopped at its `until`: the lease of the job writing `path` ran out. */
+function fenced(path: string): LeaseLost {
+  return new LeaseLost(`${path}: the copy stopped writing when its job's lease ran out (another runner may hold the job now)`);
 }
 
 export function fileError(e: unknown, path: string, what: string): Error {

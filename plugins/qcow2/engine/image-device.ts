@@ -12,7 +12,7 @@
  * and a point-in-time source that nobody writes meanwhile — and for nothing else.
  */
 import { FailedPrecondition, OutOfRange, type BlockDevice, type ByteRange, type Extent, type IoOptions } from '../../../core/index.js';
-import { nativeCopyAvailable, type ImageFile } from './file.js';
+import { nativeCopyAvailable, nativeCopyHonoursUntil, type ImageFile } from './file.js';
 import { ImageHandle } from './image-handle.js';
 import type { BlockStatus, Image } from './types.js';
 
@@ -127,11 +127,11 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
       closed = true;
       await opts.onClose?.();
     },
-    async copyFrom(source: BlockDevice, ranges: ByteRange[]): Promise<ByteRange[] | undefined> {
+    async copyFrom(source: BlockDevice, ranges: ByteRange[], o?: { until?: Float64Array }): Promise<ByteRange[] | undefined> {
       writable();
       const from = sources.get(source);
-      if (!from || !nativeCopyAvailable()) return undefined;
-      return from.access((src) => io((dst) => nativeCopy(src, dst, ranges, from.status)));
+      if (!from || !nativeCopyAvailable() || (o?.until && !nativeCopyHonoursUntil())) return undefined;
+      return from.access((src) => io((dst) => nativeCopy(src, dst, ranges, from.status, o?.until)));
     },
   };
   const self: Source = { access };
@@ -180,7 +180,7 @@ const MAX_BATCH = 1024 * 1024 * 1024;
  * file, clusters the target already allocates (a resumed copy), or everything when `dst` takes
  * no native copy.
  */
-async function nativeCopy(src: Image, dst: Image, ranges: ByteRange[], known?: Source['status']): Promise<ByteRange[]> {
+async function nativeCopy(src: Image, dst: Image, ranges: ByteRange[], known?: Source['status'], until?: Float64Array): Promise<ByteRange[]> {
   const target = ImageHandle.nodeOf(dst);
   if (!target?.copyFromFile || ranges.length === 0) return ranges;
   const align = dst.format === 'qcow2' ? dst.clusterSize : 1;
@@ -212,7 +212,7 @@ async function nativeCopy(src: Image, dst: Image, ranges: ByteRange[], known?: S
   }
   const batch = dst.format === 'qcow2' ? Math.min(MAX_BATCH, Math.max(MIN_BATCH, dst.clusterSize * 2 ** 16)) : MAX_BATCH;
   for (const [file, list] of ops) {
-    for (const b of batches(list, batch)) await target.copyFromFile(file, b);
+    for (const b of batches(list, batch)) await target.copyFromFile(file, b, until);
   }
   return left.sort((x, y) => x.offset - y.offset);
 }

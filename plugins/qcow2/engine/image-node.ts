@@ -11,8 +11,11 @@ export interface ImageNode extends Omit<Image, 'trackWrites' | 'pivot' | 'alloca
   readonly file: ImageFile;
   /** This layer's own allocations in [offset, offset+length) (allocatedAbove with base = its backing). */
   ownAllocations(offset: number, length: number): Promise<Allocation[]>;
-  /** Native copy into this layer (see copy-in.ts and RawImage); absent where it cannot take one. */
-  copyFromFile?(src: ImageFile, ops: Float64Array): Promise<void>;
+  /**
+   * Native copy into this layer (see copy-in.ts and RawImage); absent where it cannot take one.
+   * `until`: ImageFile.copyIn's (nothing written past it; LeaseLost).
+   */
+  copyFromFile?(src: ImageFile, ops: Float64Array, until?: Float64Array): Promise<void>;
   /** The file system's own allocation map (raw files), undefined when it cannot be known cheaply. */
   exactBlockStatus?(offset?: number, length?: number): Promise<BlockStatus[] | undefined>;
 }

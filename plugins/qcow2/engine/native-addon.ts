@@ -23,6 +23,12 @@ export interface CopyRangesOptions {
    */
   entries?: Uint8Array;
   entryHigh?: number;
+  /**
+   * No write once this host's clock (ms since the epoch) reaches until[0], read before each piece
+   * (its owner may move it on meanwhile): then rejected with code ETIMEDOUT. Only where the
+   * helper says `copyRangesUntil`.
+   */
+  until?: Float64Array;
 }
 
 export interface NativeAddon {
@@ -33,6 +39,8 @@ export interface NativeAddon {
    * with `alloc`, resolves to [guest, host] pairs of the blocks written. Rejects with `code`.
    */
   copyRanges(srcFd: number, dstFd: number, ops: Float64Array, opts: CopyRangesOptions): Promise<Float64Array>;
+  /** True where copyRanges honours opts.until (absent from a helper built before it). */
+  copyRangesUntil?: boolean;
   /**
    * pwrite buffers[i] at positions[i] in order, then fdatasync if `sync`, in one work item of the
    * thread pool (native/fileio/writes.c). Rejects at the first failure with `code` and `done`

@@ -275,9 +275,9 @@ export class Qcow2Image implements ImageNode {
   }
 
   /** For `convert` into this image: see copy-in.ts. */
-  copyFromFile(src: ImageFile, ops: Float64Array): Promise<void> {
+  copyFromFile(src: ImageFile, ops: Float64Array, until?: Float64Array): Promise<void> {
     if (this.bm.any) for (let i = 0; i < ops.length; i += 3) this.bm.mark(ops[i + 1]!, ops[i + 2]!);
-    return copyFromFile(this.s, src, ops);
+    return copyFromFile(this.s, src, ops, until);
   }
 }
 

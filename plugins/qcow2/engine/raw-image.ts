@@ -65,10 +65,10 @@ export class RawImage implements ImageNode {
    * copy (ImageFile.copyIn), leaving out the 4 KiB blocks that are all zero (qemu-img's `-S 4k`):
    * for `convert` into a new file, which reads as zero where nothing is written.
    */
-  async copyFromFile(src: ImageFile, ops: Float64Array): Promise<void> {
+  async copyFromFile(src: ImageFile, ops: Float64Array, until?: Float64Array): Promise<void> {
     this.writable();
     for (let i = 0; i < ops.length; i += 3) this.checkRange(ops[i + 1]!, ops[i + 2]!);
-    await this.lock.shared(() => this.file.copyIn(src, ops, { block: HOLE_BLOCK }));
+    await this.lock.shared(() => this.file.copyIn(src, ops, { block: HOLE_BLOCK, ...(until ? { until } : {}) }));
   }
 
   writeCompressed(): Promise<void> {

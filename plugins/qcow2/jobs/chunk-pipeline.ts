@@ -7,7 +7,7 @@
  * per chunk became garbage faster than V8 collects external memory: 135 MiB peak on a 16 GiB
  * stream).
  *
- * Nothing is written without a pause point just before it (ctx.checkpoint(0), then the lease's
+ * Nothing is written without a pause point just before it (ctx.pace(0), then the lease's
  * own-clock check): a pause holds the next write, not the checkpoint AHEAD chunks later, and a
  * process stopped by the system between a chunk's read and its write wakes to LeaseLost instead of
  * writing over the runner that took the job over meanwhile.
@@ -90,7 +90,7 @@ export async function runChunkPipeline<T>(p: ChunkPipeline<T>): Promise<void> {
         await refill();
         // A pause point before each write (a pause holds the writes, not only the next
         // checkpoint, AHEAD chunks later), which also stops a runner that lost its lease meanwhile.
-        await ctx.checkpoint(0);
+        await (ctx.pace ? ctx.pace(0) : ctx.checkpoint(0));
         ctx.checkLease();
         moved = p.apply(work);
         moved.catch(() => {});
