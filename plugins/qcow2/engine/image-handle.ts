@@ -3,7 +3,7 @@ import { DirtyBitmap } from './dirty-map.js';
 import type { ImageNode } from './image-node.js';
 import type {
   Allocation, BlockStatus, ChainEntry, CheckOptions, CheckResult, DirtyMap, HeaderInfo, Image, ImageFormat, NewBacking, BitmapOps, SnapshotOps,
-  FlushOptions, ReadOptions, WriteOptions,
+  CloseOptions, FlushOptions, ReadOptions, WriteOptions,
 } from './types.js';
 
 /**
@@ -103,9 +103,9 @@ export class ImageHandle implements Image {
   makeEmpty(): Promise<void> { return this.call((n) => n.makeEmpty()); }
   setBacking(next: NewBacking): Promise<void> { return this.call((n) => n.setBacking(next)); }
 
-  async close(): Promise<void> {
+  async close(opts?: CloseOptions): Promise<void> {
     if (!this.node) return; // taken over by a pivot: the other handle closes the image
-    await this.call((n) => n.close());
+    await this.call((n) => n.close(opts));
   }
 
   async allocatedAbove(offset: number, length: number, base?: Image): Promise<Allocation[]> {

@@ -19,7 +19,7 @@
  */
 export type {
   ImageFormat, CreateOptions, OpenOptions, HeaderInfo, HeaderExtensionInfo, ChainEntry, BlockStatus,
-  SnapshotInfo, CheckResult, CheckOptions, SnapshotOps, Image, Allocation, DirtyMap, NewBacking, FlushOptions, WriteOptions,
+  SnapshotInfo, CheckResult, CheckOptions, SnapshotOps, Image, Allocation, DirtyMap, NewBacking, FlushOptions, CloseOptions, WriteOptions,
   BitmapInfo, BitmapOps, ByteRange,
 } from './types.js';
 export { createImage } from './create.js';

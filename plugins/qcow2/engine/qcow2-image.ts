@@ -17,7 +17,7 @@ import { Qcow2State, type Qcow2Parts } from './qcow2-state.js';
 import { resizeLocked } from './resize.js';
 import { SnapshotManager } from './snapshots.js';
 import type {
-  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, HeaderInfo, Image, NewBacking, SnapshotOps, FlushOptions, ReadOptions, WriteOptions,
+  Allocation, BitmapOps, BlockStatus, ChainEntry, CheckOptions, CheckResult, CloseOptions, HeaderInfo, Image, NewBacking, SnapshotOps, FlushOptions, ReadOptions, WriteOptions,
 } from './types.js';
 
 /** One open qcow2 layer: the public operations, each taking the lock it needs over the shared Qcow2State. */
@@ -183,13 +183,13 @@ export class Qcow2Image implements ImageNode {
     await this.s.lock.shared(() => this.s.file.sync(opts?.background));
   }
 
-  async close(): Promise<void> {
+  async close(opts?: CloseOptions): Promise<void> {
     const s = this.s;
     if (s.closed) return;
     await s.lock.exclusive(async () => {
       s.closed = true;
       // A failed state (see Qcow2State.reloadTables) is not flushed: its tables are not the file's.
-      if (!s.readOnly && s.failed === undefined) {
+      if (!s.readOnly && s.failed === undefined && opts?.writeNothing !== true) {
         await s.meta.flushLocked();
         await s.file.sync();
         await this.bm.closeLocked();

@@ -82,6 +82,11 @@ export interface FlushOptions {
   background?: boolean;
 }
 
+/** Image.close: `writeNothing` drops what is held in memory instead of writing it. */
+export interface CloseOptions {
+  writeNothing?: boolean;
+}
+
 export interface WriteOptions {
   /** A bulk copy's write (see core's IoOptions): its data is written on a low-priority thread. */
   background?: boolean;
@@ -341,7 +346,12 @@ export interface Image {
   setDeferMetadata(on: boolean): Promise<void>;
   /** flushMetadata(), then fdatasync (skipped with cache `unsafe`). */
   flush(opts?: FlushOptions): Promise<void>;
-  close(): Promise<void>;
+  /**
+   * Flush (as flush()) and close. `writeNothing`: close without writing anything more — metadata
+   * held in memory (deferred), bitmaps' state — for a writer that no longer owns the file (its
+   * job's lease ran out: another runner writes it now); the file stays as its last flush left it.
+   */
+  close(opts?: CloseOptions): Promise<void>;
   /** Size of the image file in bytes. */
   fileSize(): Promise<number>;
   readonly snapshots: SnapshotOps;

@@ -5,7 +5,7 @@
  */
 import { FailedPrecondition, InvalidArgument, resumeOffset, type JobContext } from '../../../core/index.js';
 import { openImage, type DirtyMap, type Image } from '../engine/index.js';
-import { assertAbove, assertQcow2, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
+import { assertAbove, assertQcow2, assertWritable, backingNameFor, closeAfter, findLayer, layersOf } from './chain-layers.js';
 import { JOB_CHUNK, runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 
 export interface CommitOptions {
@@ -114,7 +114,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
   } finally {
     undo?.();
     dirty?.stop();
-    if (!pivoted) await base?.close();
+    if (!pivoted) await base?.close(closeAfter(ctx));
   }
 }
 

@@ -7,6 +7,7 @@ import { openImage, type Image } from '../engine/index.js';
 import { makeEmpty, runCommit } from './commit.js';
 import { runRebase } from './rebase.js';
 import { runStream } from './stream.js';
+import { closeAfter } from './chain-layers.js';
 
 export interface StreamTaskParams { base?: string | undefined }
 export interface CommitTaskParams {
@@ -27,12 +28,12 @@ function clean(o: Record<string, unknown>): Record<string, unknown> {
  * Run a job on the image at `path`, opened read-write with deferred metadata (written in
  * batches, as QEMU's cache does, not per copied run).
  */
-async function withImage(path: string, fn: (img: Image) => Promise<void>): Promise<void> {
+async function withImage(path: string, ctx: JobContext, fn: (img: Image) => Promise<void>): Promise<void> {
   const img = await openImage(path, { readOnly: false, deferMetadata: true, writeBehind: true });
   try {
     await fn(img);
   } finally {
-    await img.close();
+    await img.close(closeAfter(ctx));
   }
 }
 
@@ -40,7 +41,7 @@ export function streamTask(path: string, opts: StreamTaskParams = {}): JobTask {
   return {
     type: 'stream',
     params: clean({ path, base: opts.base }),
-    run: (ctx: JobContext) => withImage(path, (img) => runStream(img, { base: opts.base }, ctx)),
+    run: (ctx: JobContext) => withImage(path, ctx, (img) => runStream(img, { base: opts.base }, ctx)),
   };
 }
 
@@ -48,7 +49,7 @@ export function commitTask(path: string, opts: CommitTaskParams = {}): JobTask {
   return {
     type: 'commit',
     params: clean({ path, top: opts.top, base: opts.base, active: opts.active, empty: opts.empty }),
-    run: (ctx: JobContext) => withImage(path, async (img) => {
+    run: (ctx: JobContext) => withImage(path, ctx, async (img) => {
       const pivoted = await runCommit(img, { top: opts.top, base: opts.base, active: opts.active }, ctx);
       // After a pivot `img` forwards to the base; closing it closes the base.
       if (!pivoted && opts.empty && (opts.top === undefined || opts.top === '')) await makeEmpty(img);
@@ -60,6 +61,6 @@ export function rebaseTask(path: string, opts: RebaseTaskParams): JobTask {
   return {
     type: 'rebase',
     params: clean({ path, backing: opts.backing, backingFormat: opts.backingFormat, unsafe: opts.unsafe }),
-    run: (ctx: JobContext) => withImage(path, (img) => runRebase(img, opts, ctx)),
+    run: (ctx: JobContext) => withImage(path, ctx, (img) => runRebase(img, opts, ctx)),
   };
 }

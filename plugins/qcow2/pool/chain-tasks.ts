@@ -5,7 +5,7 @@
  * with resumeTask, and they continue from their checkpoint.
  */
 import { FailedPrecondition, InvalidArgument, NotFound, type JobTask } from '../../../core/index.js';
-import { runCommit, runStream } from '../jobs/index.js';
+import { closeAfter, runCommit, runStream } from '../jobs/index.js';
 import { compact, unlinkLayers, withWritable } from './layers.js';
 import type { VolumeRow } from './metadata.js';
 import type { PoolState } from './pool-state.js';
@@ -41,7 +41,7 @@ export function streamTask(p: PoolState, volume: string, target: string, base: s
       if (layer.parent === base) return; // nothing above base to pull
       p.claim(volume, 'stream');
       try {
-        await withWritable(p, volume, target, (img) => runStream(img, base === null ? {} : { base: p.abs(base) }, ctx));
+        await withWritable(p, volume, target, (img) => runStream(img, base === null ? {} : { base: p.abs(base) }, ctx), ctx);
         await ctx.confirmLease();
         await p.serial.run(async () => {
           const old = layer.parent;
@@ -132,7 +132,7 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
             await unlinkLayers(p, [top]);
           });
         } finally {
-          await p.open.release(ov);
+          await p.open.release(ov, closeAfter(ctx));
         }
       } finally {
         p.release(volume);

@@ -6,9 +6,9 @@
 import { randomBytes } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { JobRun } from '../../../core/index.js';
+import { JobRun, type JobContext } from '../../../core/index.js';
 import { createImage, type Image } from '../engine/index.js';
-import { runCommit, runStream } from '../jobs/index.js';
+import { closeAfter, runCommit, runStream } from '../jobs/index.js';
 import type { PoolState } from './pool-state.js';
 
 /** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
@@ -95,15 +95,18 @@ export async function compact(p: PoolState, file: string): Promise<void> {
  * Run `fn` on a read-write image of `file`: the volume's shared open image when `file` is its
  * active layer, else a private read-write open of that frozen layer.
  */
-export async function withWritable(p: PoolState, volume: string, file: string, fn: (img: Image) => Promise<void>): Promise<void> {
+export async function withWritable(p: PoolState, volume: string, file: string, fn: (img: Image) => Promise<void>, ctx?: JobContext): Promise<void> {
   const v = p.mustVolume(volume);
+  // A job's run that lost its lease writes nothing more at the close (closeAfter): another
+  // runner writes the file now. The volume's shared image is kept as it is by its other users.
+  const closing = () => (ctx ? closeAfter(ctx) : {});
   if (v.active === file) {
     const ov = p.open.acquire(volume);
     try {
       const img = await ov.lock.shared(() => ov.current());
       await fn(img);
     } finally {
-      await p.open.release(ov);
+      await p.open.release(ov, closing());
     }
     return;
   }
@@ -112,7 +115,7 @@ export async function withWritable(p: PoolState, volume: string, file: string, f
     await fn(img);
     await img.flush();
   } finally {
-    await img.close();
+    await img.close(closing());
   }
 }
 

@@ -8,7 +8,7 @@
  * the new top. Guest I/O holds the lock shared; a swap holds it exclusively.
  */
 import { FailedPrecondition, RwLock } from '../../../core/index.js';
-import type { Image } from '../engine/index.js';
+import type { CloseOptions, Image } from '../engine/index.js';
 
 /** The one open image of a volume in this process, with the lock that guards swapping it. */
 export class OpenVolume {
@@ -53,11 +53,11 @@ export class OpenVolume {
     });
   }
 
-  /** Close the image (after a flush); the next I/O reopens. Call under the exclusive lock. */
-  async dropImage(): Promise<void> {
+  /** Close the image (after a flush, or as `opts` says); the next I/O reopens. Call under the exclusive lock. */
+  async dropImage(opts?: CloseOptions): Promise<void> {
     const img = this.image;
     this.image = undefined;
-    if (img) await img.close();
+    if (img) await img.close(opts);
   }
 }
 
@@ -87,15 +87,15 @@ export class OpenVolumes {
     return ov;
   }
 
-  /** One user fewer; the last one closes the image. */
-  async release(ov: OpenVolume): Promise<void> {
+  /** One user fewer; the last one closes the image (as `opts` says: Image.close). */
+  async release(ov: OpenVolume, opts?: CloseOptions): Promise<void> {
     ov.users--;
     if (ov.users > 0) return;
     if (this.map.get(ov.name) === ov) {
       this.map.delete(ov.name);
       this.shared?.closed(ov.name);
     }
-    await ov.lock.exclusive(() => ov.dropImage());
+    await ov.lock.exclusive(() => ov.dropImage(opts));
   }
 
   get(name: string): OpenVolume | undefined {

@@ -1,9 +1,12 @@
 /**
- * The native copy's fence (CopyRangesOptions.until, BlockDevice.copyFrom's `until`): a job's
+ * A job's writes into qcow2 images once its lease is lost. The native copy's fence
+ * (CopyRangesOptions.until, BlockDevice.copyFrom's `until`): a job's
  * copy through the helper's threads writes nothing once the clock reaches the job's lease, which
  * its owner moves on while the copy runs (renewed) or sets to 0 (lost). A process stopped in the
  * middle of a copy window and woken past its lease would otherwise write the rest of the window
- * (up to 1 GiB) into space the runner that took the job over may be allocating.
+ * (up to 1 GiB) into space the runner that took the job over may be allocating. And the close
+ * of an image a job wrote with deferred metadata (closeAfter): the run that lost its lease drops
+ * what it held, so as not to write its stale tables over the other runner's.
  */
 import { statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
@@ -11,6 +14,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyData, JobRun, LeaseLost } from '../../../core/index.js';
 import { createImage, openImage } from '../index.js';
+import { commitTask } from '../jobs/index.js';
 import { nativeCopyHonoursUntil } from '../engine/file.js';
 import { imageDevice } from '../engine/image-device.js';
 import { nativeAddon } from '../engine/native-addon.js';
@@ -97,5 +101,47 @@ describe.skipIf(!addon || !nativeCopyHonoursUntil())('the native copy\'s fence (
     await dstImg.close();
     await srcImg.close();
     if (hasQemu) expect(qemuCheckJson(dstPath).status).toBe(0);
+  });
+});
+
+async function readAll(path: string): Promise<Buffer> {
+  const img = await openImage(path);
+  try {
+    return Buffer.from(await img.read(0, img.virtualSize));
+  } finally {
+    await img.close();
+  }
+}
+
+describe('a job that lost its lease closes its image writing nothing more', () => {
+  it('a commit into a base with deferred metadata: what it held unflushed when the lease ran out never reaches the base; it checks clean', async () => {
+    const basePath = join(dir, 'commit-base.qcow2');
+    const topPath = join(dir, 'commit-top.qcow2');
+    await createImage(basePath, { size: 64 * MiB });
+    const b = await openImage(basePath, { readOnly: false });
+    await b.write(48 * MiB, new Uint8Array(16 * MiB).fill(1));
+    await b.close();
+    const before = await readAll(basePath);
+    await createImage(topPath, { size: 64 * MiB, backingFile: 'commit-base.qcow2', backingFormat: 'qcow2' });
+    const t = await openImage(topPath, { readOnly: false });
+    await t.write(0, new Uint8Array(48 * MiB).fill(2));
+    await t.close();
+    // 4 MiB/s: chunks are committed after the first checkpoint's save (the only one: the next
+    // would be an hour later) until the lease runs out.
+    const until = Date.now() + 3500;
+    const saved: { offset: number }[] = [];
+    const run = new JobRun({
+      jobId: 'commit', speed: 4 * MiB, checkpointEveryMs: 3_600_000, mayContinue: () => Date.now() < until,
+      onSave: (state) => void saved.push(state as { offset: number }),
+    });
+    await expect(commitTask(topPath).run(run)).rejects.toBeInstanceOf(LeaseLost);
+    // The one flush (the first save's) wrote the tables of the AHEAD (4) chunks applied by
+    // then; chunks were committed after it, their tables held, then dropped at the close.
+    expect(saved).toEqual([{ offset: 4 * MiB }]);
+    expect(run.progress.current).toBeGreaterThanOrEqual(8 * MiB); // chunk 1 settled: chunk 4 was applied before it
+    const after = await readAll(basePath);
+    expect(after.subarray(0, 16 * MiB).every((x) => x === 2)).toBe(true);
+    expect(after.subarray(16 * MiB).equals(before.subarray(16 * MiB))).toBe(true);
+    if (hasQemu) expect(qemuCheckJson(basePath).status).toBe(0);
   });
 });
