@@ -77,7 +77,12 @@ export interface BlockDevice {
    * Optional: a device without it writes through.
    */
   deferMetadata?(on: boolean): Promise<void>;
-  close(): Promise<void>;
+  /**
+   * Flush and close. `writeNothing`: close without writing anything more (what the device holds
+   * in memory, deferred metadata, is dropped) — for a job's run that lost its lease, whose target
+   * another runner writes now. A device that holds nothing back may ignore it.
+   */
+  close(opts?: { writeNothing?: boolean }): Promise<void>;
   /**
    * Optional fast path of the copier: copy the data `ranges` of `source` into this device without
    * passing the bytes through JavaScript (both are local files, say). Resolves with the ranges, or

@@ -260,6 +260,12 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
       } catch (e) {
         // No trim once a mirror may stop watching: it would take a region written since for in sync.
         clearInterval(trimmer);
+        // Another runner holds the job: the mirrors stop without a last copy or a point (their
+        // targets are that runner's to write now).
+        if (!pivoted && (e instanceof LeaseLost || ctx.signal.reason instanceof LeaseLost)) {
+          await Promise.all(mirrors.map((m) => m.stop().catch(() => undefined)));
+          throw e;
+        }
         // Only mirrors that all started know what their targets lack (one stopped while starting is cancelled).
         if (!pivoted && deps.suspending?.() && started === n) suspended = await suspendAll(params, deps, mirrors, ctx, log, save);
         if (suspended) {
@@ -289,7 +295,7 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
           // A target this run made stays when another runner holds the job now: it copies into it.
           const handedOn = refused !== undefined || ctx.signal.reason instanceof LeaseLost;
           for (let i = 0; i < n; i++) {
-            await targets[i]?.close().catch(() => undefined);
+            await targets[i]?.close(handedOn ? { writeNothing: true } : undefined).catch(() => undefined);
             if (created[i] && !mirrors[i]?.ready && !suspended && !handedOn) await deps.pairs[i]!.removeTarget().catch(() => undefined);
           }
         }

@@ -18,7 +18,7 @@ async function open(path: string, format: ImageFormat, mode: 'r' | 'rw'): Promis
   // checkpoint it saves) rather than with every cluster.
   const img = await openImage(path, mode === 'r' ? { format } : { format, readOnly: false, noBacking: true, deferMetadata: true });
   try {
-    return await imageDevice(img, { mode, ref: path, onClose: () => img.close() });
+    return await imageDevice(img, { mode, ref: path, onClose: (o) => img.close(o) });
   } catch (e) {
     await img.close();
     throw e;

@@ -3,19 +3,23 @@
  * (running → ready → concluded on complete), the authoritative side it saves before the switch,
  * and what cancel leaves, with a writer and a model of its acknowledged writes.
  */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ADMIN, type BlockDevice, type JobStatus } from '../../core/index.js';
 import type { JobManager } from '../../core/jobs/job-manager.js';
 import { LiveDevice } from '../../core/live/live-device.js';
 import { mirrorTask, type MirrorState } from '../../core/live/mirror-task.js';
+import { SqliteStateStore } from '../../core/state/sqlite/sqlite-store.js';
 import { memoryDevice } from '../support/memory-device.js';
 import { jobManager, plainPair } from '../support/mirror-jobs.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
-function setup(mode: 'background' | 'write-blocking' = 'background', create = false) {
-  const { store, m } = jobManager();
+function setup(mode: 'background' | 'write-blocking' = 'background', create = false, storeFile?: string) {
+  const { store, m } = jobManager(storeFile);
   const size = 4 * MiB;
   const src = memoryDevice(size);
   const dst = memoryDevice(size);
@@ -23,6 +27,8 @@ function setup(mode: 'background' | 'write-blocking' = 'background', create = fa
   const model = new Uint8Array(size);
   let closedOld: BlockDevice | undefined;
   let targetClosed = 0;
+  const closedWith: unknown[] = [];
+  let points = 0;
   let removed = 0;
   let undone = 0;
   const attached: (string | undefined)[] = [];
@@ -31,12 +37,12 @@ function setup(mode: 'background' | 'write-blocking' = 'background', create = fa
       source: live,
       attach: (id) => attached.push(id),
       detach: () => attached.push(undefined),
-      openTarget: async () => ({ ...dst, close: async () => { targetClosed++; } }),
+      openTarget: async () => ({ ...dst, close: async (o) => { targetClosed++; closedWith.push(o); } }),
       identify: async () => ({}),
       prepareSwitch: async () => ({ done: async (old) => { closedOld = old; }, undo: async () => { undone++; } }),
       removeTarget: async () => { removed++; },
       changesSince: async () => [],
-      markPoint: async () => undefined,
+      markPoint: async () => { points++; return 'point'; },
       dropSnapshot: async () => undefined,
     }],
     failClosed: () => undefined,
@@ -62,6 +68,8 @@ function setup(mode: 'background' | 'write-blocking' = 'background', create = fa
     get writes() { return writes; },
     get closedOld() { return closedOld; },
     get targetClosed() { return targetClosed; },
+    closedWith,
+    get points() { return points; },
     get removed() { return removed; },
     get undone() { return undone; },
     attached,
@@ -330,5 +338,31 @@ describe('a live copy\'s progress', () => {
     expect((await m.get(job.id)).info().progress.current).toBe(written);
     await job.cancel();
     await job.wait();
+  });
+});
+
+describe('a live copy whose runner lost the job (another runner took it over)', () => {
+  it('stops its mirror without a last copy or a point, closes its target writing nothing more, and keeps the target it made', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'offload-mirror-lost-'));
+    try {
+      const t = setup('background', true, join(dir, 'jobs.sqlite'));
+      const other = new SqliteStateStore(join(dir, 'jobs.sqlite'));
+      try {
+        const job = await t.start(256 * KiB); // slow: in the bulk pass for seconds
+        for (let i = 0; i < 200 && (await t.store.getJob(job.id))!.progress.current === 0; i++) await new Promise((r) => setTimeout(r, 10));
+        const rec = (await t.store.getJob(job.id))!;
+        expect(await other.claimJob(job.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(rec.fence + 1);
+        const e = (await job.wait().catch((x: unknown) => x)) as { message?: string };
+        expect(e.message).toMatch(/taken over by another runner/);
+        expect(t.removed).toBe(0);
+        expect(t.points).toBe(0);
+        expect(t.closedWith).toEqual([{ writeNothing: true }]);
+      } finally {
+        await t.stopWriter();
+        await other.close();
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -11,9 +11,9 @@ afterEach(async () => {
   for (const c of open.splice(0).reverse()) await c();
 });
 
-/** A job manager on a store in memory, closed after the test. */
-export function jobManager(): { store: SqliteStateStore; m: JobManager } {
-  const store = new SqliteStateStore(':memory:');
+/** A job manager on a store in memory (or in `file`), closed after the test. */
+export function jobManager(file = ':memory:'): { store: SqliteStateStore; m: JobManager } {
+  const store = new SqliteStateStore(file);
   const m = new JobManager(store, new LockManager(), async () => undefined, silentLogger);
   open.push(async () => {
     await m.close();

@@ -14,7 +14,7 @@
 import { FailedPrecondition, OutOfRange, type BlockDevice, type ByteRange, type Extent, type IoOptions } from '../../../core/index.js';
 import { nativeCopyAvailable, nativeCopyHonoursUntil, type ImageFile } from './file.js';
 import { ImageHandle } from './image-handle.js';
-import type { BlockStatus, Image } from './types.js';
+import type { BlockStatus, CloseOptions, Image } from './types.js';
 
 /** The engine's options for a device call: only the background hint carries over. */
 const BACKGROUND = { background: true } as const;
@@ -29,8 +29,8 @@ export interface ImageDeviceOptions {
   ref?: string;
   /** Preferred I/O granularity (default: the image's cluster size). */
   blockSize?: number;
-  /** Called once by close(), after a read-write device's flush (release a volume, close the image…). */
-  onClose?: () => Promise<void>;
+  /** Called once by close(), after a read-write device's flush (release a volume, close the image…), with close's options. */
+  onClose?: (opts?: CloseOptions) => Promise<void>;
 }
 
 /** What copyFrom needs of a source device of this module. */
@@ -119,13 +119,16 @@ export async function imageDevice(image: Image | ImageAccess, opts: ImageDeviceO
       await io((img) => img.setDeferMetadata(on));
       deferring = on;
     },
-    async close() {
+    async close(o) {
       if (closed) return;
-      // The image may stay open for others (a pool volume's one shared image): it writes through again.
-      if (deferring) await io((img) => img.setDeferMetadata(false)).catch(() => undefined);
-      if (opts.mode === 'rw') await io((img) => img.flush()).catch(() => undefined);
+      // The image may stay open for others (a pool volume's one shared image): it writes through
+      // again — unless this closer no longer owns what it wrote (onClose passes writeNothing on).
+      if (o?.writeNothing !== true) {
+        if (deferring) await io((img) => img.setDeferMetadata(false)).catch(() => undefined);
+        if (opts.mode === 'rw') await io((img) => img.flush()).catch(() => undefined);
+      }
       closed = true;
-      await opts.onClose?.();
+      await opts.onClose?.(o);
     },
     async copyFrom(source: BlockDevice, ranges: ByteRange[], o?: { until?: Float64Array }): Promise<ByteRange[] | undefined> {
       writable();

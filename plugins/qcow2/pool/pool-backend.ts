@@ -301,7 +301,7 @@ export class Qcow2Pool implements StorageBackend {
     try {
       return await imageDevice((fn) => ov.lock.shared(async () => fn(await ov.current())), {
         mode, ref: this.p.ref(name), blockSize: this.opts.format === 'qcow2' ? this.opts.clusterSize : 512,
-        onClose: () => this.p.open.release(ov),
+        onClose: (o) => this.p.open.release(ov, o),
       });
     } catch (e) {
       await this.p.open.release(ov);
