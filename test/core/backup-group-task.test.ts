@@ -5,7 +5,7 @@
  * disk (and a run resumed while undoing finishes the undo); the job's progress counts every disk.
  */
 import { describe, expect, it } from 'vitest';
-import { JobRun, type BlockDevice } from '../../core/index.js';
+import { JobRun, LeaseLost, type BlockDevice } from '../../core/index.js';
 import { backupTask, type BackupDeps, type BackupParams } from '../../core/copy/backup-task.js';
 import { memoryDevice, type MemoryDevice } from '../support/memory-device.js';
 
@@ -176,5 +176,27 @@ describe('a group backup job', () => {
     const again = new JobRun({ jobId: 'g', resumeFrom: { parts: [{ phase: 'point', created: true }, { phase: 'undo', created: true }] } });
     await expect(backupTask({ pairs: [pair('a'), pair('b')] }, deps).run(again)).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringMatching(/b1 of m\/a, b1 of m\/b failed and were undone/) });
     expect(calls).toEqual(['deleteSnapshot m/a-set@b1', 'remove m/a-set', 'deleteSnapshot m/a@bk-1', 'deleteSnapshot m/b-set@b1', 'remove m/b-set', 'deleteSnapshot m/b@bk-1']);
+  });
+
+  it('a run that lost its lease (its process stopped past it between a read and its write) undoes nothing and writes nothing more: the runner holding the job now goes on with the sets', async () => {
+    const { devices, calls, deps } = setup();
+    await fillSources(devices);
+    const lease = { held: true };
+    let writesUnheld = 0;
+    const stalling: BackupDeps = {
+      ...deps,
+      open: async (ref, mode) => {
+        const d = await deps.open(ref, mode);
+        if (ref === 'm/b@bk-1') {
+          return { ...d, read: async (o, l) => { const data = await d.read(o, l); lease.held = false; return data; } };
+        }
+        return { ...d, write: async (o, data) => { if (!lease.held) writesUnheld++; return d.write(o, data); } };
+      },
+    };
+    const run = new JobRun({ jobId: 'g', mayContinue: () => lease.held });
+    await expect(backupTask({ pairs: [pair('a'), pair('b')] }, stalling).run(run)).rejects.toBeInstanceOf(LeaseLost);
+    expect(writesUnheld).toBe(0);
+    expect(calls.filter((c) => /^(remove|revert|deleteSnapshot|snapshot) /.test(c))).toEqual([]);
+    expect(devices.has('m/a-set') && devices.has('m/b-set')).toBe(true);
   });
 });
