@@ -4,10 +4,13 @@
  * does, with the next fencing token, and finishes it from its checkpoint. A runner stopped with
  * SIGSTOP past its lease is taken over; when it wakes (SIGCONT) it stops at once without writing
  * anything more: neither the job's record (fencing) nor its data (it checks its lease before each
- * step), and exactly one runner concludes the job.
+ * write), and exactly one runner concludes the job. Stopped in the middle of a native copy window
+ * (a clone with no speed limit), it writes no more of the window once it wakes (the helper reads
+ * the lease's end before each piece): without that, the rest of the window landed where the new
+ * runner had allocated its own clusters, and the clone read wrong.
  */
 import { createHash } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -177,5 +180,54 @@ describe('job leases', () => {
       child.kill('SIGKILL');
     }
     if (HAVE_QEMU_IMG) expect(failedChecks(pool, { killed: true })).toEqual([]);
+  });
+
+  it('a runner paused in the middle of a native copy window and woken past its lease writes no more of it: the clone the new runner made reads right and checks clean', async () => {
+    // 256 MiB of data: the clone (no speed limit) is one window of the native copy, a few tenths of a second.
+    const setup = await open();
+    try {
+      for (const v of ['dst', 'src']) if ((await setup.volumes.list('local')).items.some((x) => x.name === v)) await setup.volumes.delete(`local/${v}`);
+      await setup.volumes.create('local/src', { sizeBytes: 256 * MiB });
+      const dev = await setup.volumes.open('local/src', 'rw');
+      for (let i = 0; i < 32; i++) await dev.write(i * 8 * MiB, Buffer.alloc(8 * MiB, (i % 250) + 1));
+      await dev.close();
+    } finally {
+      await setup.close();
+    }
+    const { child, id } = await startJobChild('clone', state, pool, 0, undefined, { OFFLOAD_TEST_LEASE_SECONDS: '1', OFFLOAD_TEST_SPEED: '0' });
+    const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+    const dstFile = () => layerFiles(pool).find((f) => f.startsWith('dst.'));
+    const dstBytes = () => (dstFile() ? readFileSync(join(pool, dstFile()!)) : Buffer.alloc(0));
+    try {
+      // Stopped once the helper has written some of the window and not all of it.
+      for (let i = 0; i < 2000 && (dstFile() === undefined || statSync(join(pool, dstFile()!)).size < 32 * MiB); i++) await new Promise((r) => setTimeout(r, 2));
+      child.kill('SIGSTOP');
+      const atStop = statSync(join(pool, dstFile()!)).size;
+      expect(atStop).toBeGreaterThanOrEqual(32 * MiB);
+      expect(atStop).toBeLessThan(240 * MiB); // mid-window (else this case tests nothing)
+      expect(row(id).status).toBe('running');
+      await new Promise((r) => setTimeout(r, 1500));
+      const b = await open();
+      try {
+        const job = await b.jobs.takeOver(id);
+        expect((await job.wait()).error).toBeUndefined();
+        const before = createHash('sha256').update(dstBytes()).digest('hex');
+        child.kill('SIGCONT');
+        expect(await exited).toBe(3);
+        // Nothing of the old runner's window landed after it woke.
+        expect(createHash('sha256').update(dstBytes()).digest('hex')).toBe(before);
+        const d = await b.volumes.open('local/dst', 'r');
+        try {
+          for (let i = 0; i < 32; i++) expect(Buffer.from(await d.read(i * 8 * MiB, 8 * MiB)).equals(Buffer.alloc(8 * MiB, (i % 250) + 1)), `at ${i * 8} MiB`).toBe(true);
+        } finally {
+          await d.close();
+        }
+      } finally {
+        await b.close();
+      }
+    } finally {
+      child.kill('SIGKILL');
+    }
+    if (HAVE_QEMU_IMG) expect(failedChecks(pool)).toEqual([]);
   });
 });
