@@ -106,6 +106,11 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
       commitTarget(p, v, p.meta.snapshotsOnLayer(into)[0]?.name);
       p.claim(volume, 'commit');
       try {
+        // The snapshots on `into` go as the copy into it starts, not at the switch: from the first
+        // cluster copied their content is no longer the point they named (QEMU's commit
+        // invalidates its base as it starts). A cancelled or failed job leaves `into` hidden.
+        const given = p.meta.snapshotsOnLayer(into);
+        if (given.length > 0) await p.serial.run(async () => p.meta.tx(() => { for (const s of given) p.meta.removeSnapshot(s.volume, s.name); }));
         const ov = p.open.acquire(volume);
         try {
           const img = await ov.lock.shared(() => ov.current());
@@ -118,7 +123,6 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
             record: async () => {
               await p.opts.hooks?.activeCommit?.('in-sync');
               p.meta.tx(() => {
-                for (const s of p.meta.snapshotsOnLayer(into)) p.meta.removeSnapshot(s.volume, s.name);
                 p.meta.updateVolume(volume, { active: into });
                 p.meta.setLayerState(top, 'deleting');
               });
