@@ -106,7 +106,7 @@ export function fillTask(params: FillParams, deps: FillPairDeps[]): JobTask {
         let lastSave = Date.now();
         for (const fill of fills) {
           for (let r = fill.pending.next(0, CHUNK); r; r = fill.pending.next(r.offset + r.length, CHUNK)) {
-            const n = await fill.fillRange(r);
+            const n = await fill.fillRange(r, () => ctx.checkLease());
             progress();
             // Saved before the speed limit's wait, so that a kill during it loses nothing copied.
             if (Date.now() - lastSave >= SAVE_EVERY_MS) {

@@ -62,9 +62,13 @@ export class Fill {
     return this.pending.dirtyGranules === 0 && this.unsaved.dirtyGranules === 0;
   }
 
-  /** Copy one pending run (or what of it is still pending) from the source; recorded by the next save. */
-  async fillRange(r: ByteRange): Promise<number> {
-    return this.locks.run(r.offset, r.length, () => this.copy(r.offset, r.length, BULK));
+  /**
+   * Copy one pending run (or what of it is still pending) from the source; recorded by the next
+   * save. `beforeWrite` is asked right before each write to the target, after its read (a job's
+   * JobContext.checkLease: it throws once another runner may be filling the target).
+   */
+  async fillRange(r: ByteRange, beforeWrite?: () => void): Promise<number> {
+    return this.locks.run(r.offset, r.length, () => this.copy(r.offset, r.length, BULK, beforeWrite));
   }
 
   /**
@@ -190,7 +194,7 @@ export class Fill {
    * Copy the pending granules [offset, offset+length) touches from the source (caller holds their
    * range lock); bytes copied. `io`: the background fill's copies are bulk I/O (see IoOptions).
    */
-  private async copy(offset: number, length: number, io?: IoOptions): Promise<number> {
+  private async copy(offset: number, length: number, io?: IoOptions, beforeWrite?: () => void): Promise<number> {
     const g = this.pending.granularity;
     const start = Math.floor(offset / g) * g;
     const end = Math.min(Math.ceil((offset + length) / g) * g, this.target.sizeBytes);
@@ -198,6 +202,7 @@ export class Fill {
     for (const run of this.runs(start, end - start)) {
       if (!run.pending) continue;
       const data = await this.needSource().read(run.offset, run.length, io);
+      beforeWrite?.();
       await this.target.write(run.offset, data, io);
       n += run.length;
       this.unsaved.mark(run.offset, run.length);

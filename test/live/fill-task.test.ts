@@ -4,9 +4,9 @@
  * ended under it — and a device opened through the fill afterwards says why the fill ended.
  */
 import { describe, expect, it } from 'vitest';
-import { JobRun, type BlockDevice } from '../../core/index.js';
+import { JobRun, LeaseLost, type BlockDevice } from '../../core/index.js';
 import { fillTask } from '../../core/live/fill-task.js';
-import type { Fill } from '../../core/live/fill.js';
+import { Fill } from '../../core/live/fill.js';
 import { memoryDevice } from '../support/memory-device.js';
 
 const MiB = 1024 * 1024;
@@ -77,5 +77,24 @@ describe('a fill job that fails', () => {
     expect(errorsWhileServed).toEqual([]);
     await expect(opened!.read(0, 4096)).rejects.toMatchObject({ code: 'FailedPrecondition', message: expect.stringMatching(/incomplete; delete it and clone again/) });
     await opened!.close();
+  });
+});
+
+describe('the fill\'s background copy', () => {
+  it('asks beforeWrite after each read and writes nothing once it throws (a runner whose lease ran out while it read)', async () => {
+    const size = 4 * MiB;
+    const src = memoryDevice(size);
+    await src.write(0, new Uint8Array(size).fill(7));
+    const dst = memoryDevice(size);
+    const fill = new Fill(src, dst, { granularity: 64 * 1024, pending: [[0, size]] }, async () => undefined);
+    let held = true;
+    const reading: BlockDevice = { ...src, read: async (o, l, io) => { const d = await src.read(o, l, io); held = false; return d; } };
+    const stalled = new Fill(reading, dst, { granularity: 64 * 1024, pending: [[0, size]] }, async () => undefined);
+    const lost = new LeaseLost('taken over');
+    await expect(stalled.fillRange({ offset: 0, length: MiB }, () => { if (!held) throw lost; })).rejects.toBe(lost);
+    expect(dst.allocated).toBe(0);
+    // With the lease held, the same range is written.
+    expect(await fill.fillRange({ offset: 0, length: MiB }, () => undefined)).toBe(MiB);
+    expect(Buffer.from(await dst.read(0, MiB)).every((x) => x === 7)).toBe(true);
   });
 });
