@@ -27,7 +27,7 @@ export * from './cli/contribution.js';
 export type * from './broker-api.js';
 export * from './jobs/job-states.js';
 export { RateLimiter } from './jobs/rate-limiter.js';
-export { JobRun, Shutdown, LeaseLost, leftForNextRun, type JobRunOptions } from './jobs/job-run.js';
+export { JobRun, Shutdown, LeaseLost, leftForNextRun, holdsLease, closeAfter, type JobRunOptions } from './jobs/job-run.js';
 export { currentBoot } from './jobs/runner.js';
 export { RwLock } from './rw-lock.js';
 export { KeyedMutex } from './keyed-mutex.js';

@@ -11,7 +11,7 @@
  * backup volume back to the previous point (or deletes it, when this run made it) and drops the
  * new marker, so the next backup starts from a state it can trust.
  */
-import { leftForNextRun } from '../jobs/job-run.js';
+import { closeAfter, leftForNextRun } from '../jobs/job-run.js';
 import { Cancelled, errorFromCode, FailedPrecondition, toOffloadError, type OffloadError } from '../model/errors.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { partContexts } from '../jobs/part-contexts.js';
@@ -109,7 +109,7 @@ export function backupTask(params: BackupParams | BackupGroupParams, deps: Backu
           await parts[i]!.saveState({ phase: 'tidy', ...(created[i] ? { created: true } : {}) } satisfies BackupState);
         }
       } catch (e) {
-        if (!leftForNextRun(e, ctx.signal)) {
+        if (!leftForNextRun(e, ctx)) {
           // Recorded first (one pair's undo is the group's): a kill while undoing must not resume the copy over an undone volume.
           for (const [i, c] of parts.entries()) await Promise.resolve(c.saveState({ phase: 'undo', created: created[i]! } satisfies BackupState)).catch(() => undefined);
           const after = await undoAll(e);
@@ -224,7 +224,7 @@ async function copyPoint(p: BackupParams, deps: BackupDeps, ctx: JobContext, was
       }
       if (dst.sizeBytes > src.sizeBytes) await dst.flush();
     } finally {
-      await dst.close();
+      await dst.close(closeAfter(ctx));
     }
   } finally {
     await src.close();

@@ -8,7 +8,7 @@
 import { rm, stat } from 'node:fs/promises';
 import type { BlockDevice } from '../backend/block-device.js';
 import type { FileFormat } from '../backend/file-format.js';
-import { leftForNextRun } from '../jobs/job-run.js';
+import { closeAfter, leftForNextRun } from '../jobs/job-run.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { AlreadyExists, FailedPrecondition, isOffloadError, OutOfRange } from '../model/errors.js';
 import { copyData } from './copier.js';
@@ -113,14 +113,15 @@ async function runExport(params: FileExportParams, deps: FileJobDeps, ctx: JobCo
       undo();
     }
   } catch (e) {
-    if (ours !== undefined && !leftForNextRun(e, ctx.signal)) {
+    if (ours !== undefined && !leftForNextRun(e, ctx)) {
       await dst?.close().catch(() => undefined);
       dst = undefined;
       if ((await identity(params.file)) === ours) await rm(params.file, { force: true }).catch(() => undefined);
     }
     throw e;
   } finally {
-    await Promise.allSettled([src.close(), dst?.close()]);
+    // Writing nothing more (its held metadata dropped) once another runner may write the file.
+    await Promise.allSettled([src.close(), dst?.close(closeAfter(ctx))]);
   }
 }
 

@@ -4,7 +4,7 @@
  * and they continue from their checkpoint.
  */
 import type { BlockDevice, ByteRange } from '../backend/block-device.js';
-import { leftForNextRun } from '../jobs/job-run.js';
+import { closeAfter, leftForNextRun } from '../jobs/job-run.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { AlreadyExists, FailedPrecondition } from '../model/errors.js';
 import { copyData } from './copier.js';
@@ -47,7 +47,7 @@ async function copyBetween(params: HostCopyParams, open: DeviceOpener, ctx: JobC
     dst = await open(params.target, 'rw');
     await copyData(src, dst, ctx, { targetFresh: params.targetFresh, verify: params.verify === true, ...(state ? { state } : {}), ...(only ? { only } : {}) });
   } finally {
-    await Promise.allSettled([src.close(), dst?.close()]);
+    await Promise.allSettled([src.close(), dst?.close(closeAfter(ctx))]);
   }
 }
 
@@ -126,7 +126,7 @@ export function cloneTask(params: HostCloneParams, deps: CloneDeps, kind: CloneK
       try {
         await copyBetween(params, deps.open, ctx, { created: true, ...(createdAt !== undefined ? { createdAt } : {}) });
       } catch (e) {
-        if (created && !leftForNextRun(e, ctx.signal)) await deps.remove(params.target).catch(() => undefined);
+        if (created && !leftForNextRun(e, ctx)) await deps.remove(params.target).catch(() => undefined);
         throw e;
       }
     },

@@ -45,13 +45,37 @@ export class Shutdown extends Error {}
 export class LeaseLost extends Error {}
 
 /**
- * Whether a run that ended with `e` leaves the job to a later run — its owner shut down (Shutdown),
- * or another runner holds the job now (LeaseLost, or the run's `signal` aborted for it) — so that
- * its undo (removing the target it made, reverting a backup) must not run: the next run goes on
- * with what is there, and may be writing it already.
+ * Whether the run behind `ctx` still holds its job (JobContext.checkLease passes): false once its
+ * lease ended by its own clock or it learnt another runner took the job over, whatever else ended
+ * the run meanwhile (a cancel taken after the lease ran out, a shutdown's last writes).
  */
-export function leftForNextRun(e: unknown, signal?: AbortSignal): boolean {
-  return e instanceof Shutdown || e instanceof LeaseLost || signal?.reason instanceof LeaseLost;
+export function holdsLease(ctx: Pick<JobContext, 'checkLease'>): boolean {
+  try {
+    ctx.checkLease();
+    return true;
+  } catch (e) {
+    if (e instanceof LeaseLost) return false;
+    throw e;
+  }
+}
+
+/**
+ * How a job closes what it wrote (BlockDevice.close, the qcow2 engine's Image.close): as usual
+ * while its run holds the lease; else writing nothing more — what it holds back (deferred
+ * metadata) is dropped rather than written over what the runner that holds the job now wrote.
+ */
+export function closeAfter(ctx: Pick<JobContext, 'checkLease'>): { writeNothing?: boolean } {
+  return holdsLease(ctx) ? {} : { writeNothing: true };
+}
+
+/**
+ * Whether a run that ended with `e` leaves the job to a later run — its owner shut down (Shutdown),
+ * or another runner holds the job now (LeaseLost, or the run no longer holds its lease) — so that
+ * its undo (removing the target it made, reverting a backup, cancelling an appliance's job) must
+ * not run: the next run goes on with what is there, and may be writing it already.
+ */
+export function leftForNextRun(e: unknown, ctx?: Pick<JobContext, 'checkLease'>): boolean {
+  return e instanceof Shutdown || e instanceof LeaseLost || (ctx !== undefined && !holdsLease(ctx));
 }
 
 /**
@@ -153,8 +177,14 @@ export class JobRun implements JobContext {
   }
 
   checkLease(): void {
-    this.endIfLeaseLost();
     if (this.abort.signal.reason instanceof LeaseLost) throw this.abort.signal.reason;
+    // Asked whatever ended the run before (a cancel, a shutdown still writing its last state):
+    // the clock says whether this runner may still write.
+    if (this.opts.mayContinue && !this.opts.mayContinue()) {
+      const lost = new LeaseLost(`job ${this.jobId}: this runner's lease on it ended (another runner may have taken it over)`);
+      this.end(lost);
+      throw lost;
+    }
   }
 
   /** Stop with LeaseLost when the owner says this run may no longer act. */

@@ -380,7 +380,8 @@ export class ManagedJob implements Job {
   }
 
   private async pollRequests(): Promise<void> {
-    if (this.polling) return;
+    // A runner past its lease (woken from a stop) takes no request: it may be the new runner's.
+    if (this.polling || this.lost !== undefined || Date.now() >= this.record.leaseExpires) return;
     this.polling = true;
     let req: StoredRequest | undefined;
     try {

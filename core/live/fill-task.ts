@@ -1,7 +1,7 @@
 import type { BlockDevice } from '../backend/block-device.js';
 import type { JobContext, JobTask } from '../jobs/job-task.js';
 import { Cancelled, FailedPrecondition, toOffloadError } from '../model/errors.js';
-import { Shutdown } from '../jobs/job-run.js';
+import { closeAfter, holdsLease, Shutdown } from '../jobs/job-run.js';
 import { DEFAULT_GRANULARITY } from './dirty-map.js';
 import { Fill, type FillState } from './fill.js';
 
@@ -110,20 +110,24 @@ export function fillTask(params: FillParams, deps: FillPairDeps[]): JobTask {
             progress();
             // Saved before the speed limit's wait, so that a kill during it loses nothing copied.
             if (Date.now() - lastSave >= SAVE_EVERY_MS) {
+              ctx.checkLease(); // a save flushes the target first
               await fill.save();
               lastSave = Date.now();
             }
             await ctx.checkpoint(n);
           }
+          ctx.checkLease();
           await fill.save();
         }
         for (const fill of fills) await fill.detachSource();
         for (const d of deps) d.unregister();
       } catch (e) {
         const cancelled = e instanceof Cancelled || ctx.signal.reason instanceof Cancelled;
-        // Stopped for a resume (the broker closing) or failed: keep what was filled (a save is
-        // fenced: a runner that lost the job writes nothing).
-        if (!cancelled) for (const fill of fills) await fill.save().catch(() => undefined);
+        // Another runner holds the job (its lease ran out, whatever else ended this run): the
+        // target and its record are that runner's; nothing is saved, flushed or deleted here.
+        const held = holdsLease(ctx);
+        // Stopped for a resume (the broker closing) or failed: keep what was filled.
+        if (!cancelled && held) for (const fill of fills) await fill.save().catch(() => undefined);
         // The exports first, while their views still serve (their clients see a clean end); then
         // every other view (a volumes.open) answers why, rather than reading devices going away.
         for (const d of deps) await d.stopExports().catch(() => undefined);
@@ -135,11 +139,11 @@ export function fillTask(params: FillParams, deps: FillPairDeps[]): JobTask {
         for (const dev of opened) await dev.close().catch(() => undefined);
         for (const [i, d] of deps.entries()) {
           // A first run that failed before its record leaves no half-made clone behind.
-          if (cancelled || i < createdUnrecorded) await d.abandon().catch(() => undefined);
+          if ((cancelled && held) || i < createdUnrecorded) await d.abandon().catch(() => undefined);
         }
         throw e;
       } finally {
-        for (const fill of fills) await fill.release();
+        for (const fill of fills) await fill.release(closeAfter(ctx));
       }
     },
   };

@@ -37,6 +37,8 @@ export class Fill {
   private source: BlockDevice | undefined;
   private views = 0;
   private closed = false;
+  /** How release() asked the target to close. */
+  private closing: { writeNothing?: boolean } | undefined;
   /** Set when the fill failed or was cancelled: what its views answer from then on. */
   private ended: Error | undefined;
   /** Bytes copied from the source (by the filler and by client writes to pending granules). */
@@ -142,9 +144,13 @@ export class Fill {
     this.ended ??= why;
   }
 
-  /** The job is done with the fill: the devices close once no export uses the target. */
-  async release(): Promise<void> {
+  /**
+   * The job is done with the fill: the devices close once no export uses the target (`opts`:
+   * the target's close, writing nothing more when the job's runner lost it).
+   */
+  async release(opts?: { writeNothing?: boolean }): Promise<void> {
     this.closed = true;
+    this.closing = opts;
     await this.closeIfUnused();
   }
 
@@ -152,7 +158,7 @@ export class Fill {
     if (!this.closed || this.views > 0) return;
     const s = this.source;
     this.source = undefined;
-    await Promise.allSettled([s?.close(), this.target.close()]);
+    await Promise.allSettled([s?.close(), this.target.close(this.closing)]);
   }
 
   private async read(offset: number, length: number): Promise<Uint8Array> {

@@ -7,7 +7,7 @@ import type { LiveDevice } from './live-device.js';
 import { Mirror, type MirrorMode } from './mirror.js';
 import { IntentLog, type IntentRecord, type PairIds } from './write-intent.js';
 import { Busy, Cancelled } from '../model/errors.js';
-import { LeaseLost } from '../jobs/job-run.js';
+import { holdsLease, LeaseLost } from '../jobs/job-run.js';
 
 /** One disk of a live copy: the volume in use (its export's device is the pair's `source` dep) and its copy. */
 export interface MirrorPair {
@@ -225,6 +225,8 @@ export function mirrorTask(params: MirrorParams, deps: MirrorDeps): JobTask {
         const every = deps.trimEveryMs ?? { ready: TRIM_EVERY_MS, bulk: BULK_TRIM_EVERY_MS };
         let lastTrim = Date.now();
         trimmer = setInterval(() => {
+          // A trim flushes the targets (their held metadata): not once the lease is gone.
+          if (!holdsLease(ctx)) return;
           if (!mirrors.every((m) => m.ready) && Date.now() - lastTrim < every.bulk - every.ready / 2) return;
           lastTrim = Date.now();
           void log.trim(async (sources) => {

@@ -326,6 +326,13 @@ static void release(copy_t *c) {
   free(c);
 }
 
+/* The references that keep opts.entries and opts.until alive while the copy runs. */
+static void drop_refs(napi_env env, copy_t *c) {
+  if (c->entries_ref) napi_delete_reference(env, c->entries_ref);
+  if (c->until_ref) napi_delete_reference(env, c->until_ref);
+  c->entries_ref = c->until_ref = NULL;
+}
+
 static void complete(napi_env env, napi_status status, void *data) {
   copy_t *c = data;
   napi_value result = NULL;
@@ -346,8 +353,7 @@ static void complete(napi_env env, napi_status status, void *data) {
       napi_reject_deferred(env, c->deferred, offload_errno_error(env, ENOMEM, "copyRanges"));
     }
   }
-  if (c->entries_ref) napi_delete_reference(env, c->entries_ref);
-  if (c->until_ref) napi_delete_reference(env, c->until_ref);
+  drop_refs(env, c);
   napi_delete_async_work(env, c->work);
   release(c);
 }
@@ -504,7 +510,7 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info) {
     return NULL;
   }
   if (until_value && napi_create_reference(env, until_value, 1, &c->until_ref) != napi_ok) {
-    if (c->entries_ref) napi_delete_reference(env, c->entries_ref);
+    drop_refs(env, c);
     release(c);
     napi_throw_error(env, "EINVAL", "copyRanges: could not hold opts.until");
     return NULL;
@@ -512,12 +518,14 @@ napi_value offload_copy_ranges(napi_env env, napi_callback_info info) {
   if (napi_create_promise(env, &c->deferred, &promise) != napi_ok ||
       napi_create_string_utf8(env, "offload.copyRanges", NAPI_AUTO_LENGTH, &name) != napi_ok ||
       napi_create_async_work(env, NULL, name, execute, complete, c, &c->work) != napi_ok) {
+    drop_refs(env, c);
     release(c);
     napi_throw_error(env, "EINVAL", "copyRanges: could not start the copy");
     return NULL;
   }
   if (napi_queue_async_work(env, c->work) != napi_ok) {
     napi_delete_async_work(env, c->work);
+    drop_refs(env, c);
     release(c);
     napi_throw_error(env, "EINVAL", "copyRanges: could not start the copy");
     return NULL;

@@ -5,7 +5,7 @@
  * job. There is no poll budget: a split takes as long as the data it copies, and the user can
  * cancel it.
  */
-import { Cancelled, isOffloadError, leftForNextRun, NotFound, type JobContext, type JobTask } from '../../core/index.js';
+import { Cancelled, isOffloadError, LeaseLost, leftForNextRun, NotFound, type JobContext, type JobTask } from '../../core/index.js';
 import { Collection, Job, JobLinkResponse, type Volume } from './api/schemas.js';
 import type { OntapClient } from './client.js';
 import { mapApiError } from './errors.js';
@@ -137,7 +137,7 @@ export class SplitTask implements JobTask {
     // Stopped for a later run (the broker shutting down) or lost to another runner: that run
     // follows the appliance's split, which goes on meanwhile.
     if (leftForNextRun(e)) return e;
-    if (leftForNextRun(ctx.signal.reason)) return ctx.signal.reason;
+    if (leftForNextRun(ctx.signal.reason, ctx)) return leftForNextRun(ctx.signal.reason) ? ctx.signal.reason : new LeaseLost(`${what}: this runner no longer holds the job; the split goes on for the one that does`);
     if (jobUuid !== undefined) {
       try {
         await this.deps.client.request('PATCH', `/api/cluster/jobs/${jobUuid}`, { what: `${what}: cancel`, ref: this.ref, query: { action: 'cancel' } });

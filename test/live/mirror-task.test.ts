@@ -342,19 +342,21 @@ describe('a live copy\'s progress', () => {
 });
 
 describe('a live copy whose runner lost the job (another runner took it over)', () => {
-  it('stops its mirror without a last copy or a point, closes its target writing nothing more, and keeps the target it made', async () => {
+  for (const when of ['in its bulk pass', 'ready'] as const) it(`${when}: stops its mirror without a last copy or a point, closes its target writing nothing more, and keeps the target it made`, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'offload-mirror-lost-'));
     try {
       const t = setup('background', true, join(dir, 'jobs.sqlite'));
       const other = new SqliteStateStore(join(dir, 'jobs.sqlite'));
       try {
-        const job = await t.start(256 * KiB); // slow: in the bulk pass for seconds
-        for (let i = 0; i < 200 && (await t.store.getJob(job.id))!.progress.current === 0; i++) await new Promise((r) => setTimeout(r, 10));
+        const job = await t.start(when === 'ready' ? undefined : 256 * KiB); // slow: in the bulk pass for seconds
+        if (when === 'ready') await untilStatus(t.m, job.id, 'ready');
+        else for (let i = 0; i < 200 && (await t.store.getJob(job.id))!.progress.current === 0; i++) await new Promise((r) => setTimeout(r, 10));
         const rec = (await t.store.getJob(job.id))!;
         expect(await other.claimJob(job.id, { token: rec.runnerToken, fence: rec.fence, leaseExpires: rec.leaseExpires }, { pid: 1, token: 'elsewhere', host: 'other-host' }, Date.now() + 60_000)).toBe(rec.fence + 1);
         const e = (await job.wait().catch((x: unknown) => x)) as { message?: string };
         expect(e.message).toMatch(/taken over by another runner/);
         expect(t.removed).toBe(0);
+        // A ready mirror would have copied what was dirty and taken a point of its source (stopAll).
         expect(t.points).toBe(0);
         expect(t.closedWith).toEqual([{ writeNothing: true }]);
       } finally {

@@ -16,6 +16,7 @@ import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createBroker, runCli, silentLogger, type Broker } from '../../core/index.js';
 import { builtinPlugins } from '../../plugins/index.js';
+import { nativeCopyHonoursUntil } from '../../plugins/qcow2/engine/file.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
 import { failedChecks, fill, HAVE_QEMU_IMG, kidReadsRight, layerFiles, MiB, restartFixture, runAndKill, setUpKid, startJobChild } from './pool-helpers.js';
 
@@ -182,7 +183,8 @@ describe('job leases', () => {
     if (HAVE_QEMU_IMG) expect(failedChecks(pool, { killed: true })).toEqual([]);
   });
 
-  it('a runner paused in the middle of a native copy window and woken past its lease writes no more of it: the clone the new runner made reads right and checks clean', async () => {
+  // Only where the native helper honours the lease's end (else the copy goes through JavaScript, checked before each write).
+  it.skipIf(!nativeCopyHonoursUntil())('a runner paused in the middle of a native copy window and woken past its lease writes no more of it: the clone the new runner made reads right and checks clean', async () => {
     // 256 MiB of data: the clone (no speed limit) is one window of the native copy, a few tenths of a second.
     const setup = await open();
     try {

@@ -3,8 +3,8 @@
  * store when an image is re-pointed at a layer further down.
  */
 import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
-import { FailedPrecondition, InvalidArgument, LeaseLost, NotFound, Unsupported, type JobContext } from '../../../core/index.js';
-import { openImage, type CloseOptions, type Image, type ImageFormat } from '../engine/index.js';
+import { FailedPrecondition, InvalidArgument, NotFound, Unsupported } from '../../../core/index.js';
+import { openImage, type Image, type ImageFormat } from '../engine/index.js';
 
 /** The open layers of a chain, top first (image, image.backing, …). */
 export function layersOf(image: Image): Image[] {
@@ -71,13 +71,4 @@ export function assertAbove(image: Image, topIndex: number, baseIndex: number): 
       ref: image.path, hint: 'name a backing file further down the chain as base',
     });
   }
-}
-
-/**
- * How a job closes an image it wrote: as usual, or — when its run lost the job's lease, so that
- * another runner writes the file now — writing nothing more (its deferred metadata dropped: the
- * file stays as its last checkpoint's flush left it, which is where the other runner began).
- */
-export function closeAfter(ctx: JobContext): CloseOptions {
-  return ctx.signal.reason instanceof LeaseLost ? { writeNothing: true } : {};
 }

@@ -3,9 +3,9 @@
  * into `base`. Intermediate commit then re-points the layer above `top` at `base`; active commit
  * (top = the image in use) runs as a mirror until completed, then pivots the open image onto base.
  */
-import { FailedPrecondition, InvalidArgument, resumeOffset, type JobContext } from '../../../core/index.js';
+import { closeAfter, FailedPrecondition, InvalidArgument, resumeOffset, type JobContext } from '../../../core/index.js';
 import { openImage, type DirtyMap, type Image } from '../engine/index.js';
-import { assertAbove, assertQcow2, assertWritable, backingNameFor, closeAfter, findLayer, layersOf } from './chain-layers.js';
+import { assertAbove, assertQcow2, assertWritable, backingNameFor, findLayer, layersOf } from './chain-layers.js';
 import { JOB_CHUNK, runChunkPipeline, scanForWork } from './chunk-pipeline.js';
 
 export interface CommitOptions {
@@ -77,7 +77,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
     await runChunkPipeline({
       offset, size, ctx,
       prepare: (start, end, buf) => readRange(from, start, end, buf),
-      apply: (pieces) => writePieces(into, pieces),
+      apply: (pieces) => writePieces(into, pieces, ctx),
       nextWork: (at) => scanForWork(at, size, async (start, end) => (await from.top.allocatedAbove(start, end - start, from.base))[0]?.start),
     });
     await into.flush();
@@ -87,7 +87,7 @@ export async function runCommit(image: Image, opts: CommitOptions, ctx: JobConte
       await ctx.confirmLease();
       // Pivot: hold the writers, drain what is left from the old top, make base durable, then switch.
       const pivot = () => image.pivot(into, async (old) => {
-        await syncDirty({ top: old, base: baseLayer }, into, dirty, undefined);
+        await syncDirty({ top: old, base: baseLayer }, into, dirty, ctx, false);
         await into.flush();
         await opts.record?.();
       });
@@ -141,9 +141,11 @@ async function readRange(from: Committed, start: number, end: number, buf?: Uint
   return out;
 }
 
-async function writePieces(base: Image, pieces: Piece[]): Promise<number> {
+/** Write pieces into base, each right after a lease check (the reads before may have outlasted it). */
+async function writePieces(base: Image, pieces: Piece[], ctx: JobContext): Promise<number> {
   let moved = 0;
   for (const p of pieces) {
+    ctx.checkLease();
     if (p.data) {
       await base.write(p.start, p.data);
       moved += p.length;
@@ -155,31 +157,36 @@ async function writePieces(base: Image, pieces: Piece[]): Promise<number> {
 }
 
 /** Copy the ranges of [start, end) allocated in the committed layers into base; data bytes moved. */
-async function commitRange(from: Committed, base: Image, start: number, end: number): Promise<number> {
-  return writePieces(base, await readRange(from, start, end));
+async function commitRange(from: Committed, base: Image, start: number, end: number, ctx: JobContext): Promise<number> {
+  return writePieces(base, await readRange(from, start, end), ctx);
 }
 
 /** Progress of the mirror phase: the total grows by what writers dirty. */
-interface MirrorProgress { ctx: JobContext; total: number }
+interface MirrorProgress { total: number }
 
-/** Copy the ranges dirty now into base (growing base with the top); bytes moved. */
-async function syncDirty(from: Committed, base: Image, dirty: DirtyMap, progress: MirrorProgress | undefined): Promise<number> {
+/**
+ * Copy the ranges dirty now into base (growing base with the top); bytes moved. With `progress`,
+ * counted in the job's progress and checkpointed after each run (not at the pivot, whose writers
+ * are held).
+ */
+async function syncDirty(from: Committed, base: Image, dirty: DirtyMap, ctx: JobContext, progress: MirrorProgress | false): Promise<number> {
   const top = from.top;
   let moved = 0;
+  ctx.checkLease();
   if (base.virtualSize < top.virtualSize) await base.resize(top.virtualSize);
   const runs = dirty.takeAll(JOB_CHUNK);
   if (progress) {
     progress.total += runs.reduce((n, r) => n + (r.end - r.start), 0);
-    progress.ctx.setTotal(progress.total);
+    ctx.setTotal(progress.total);
   }
   for (const r of runs) {
     const end = Math.min(r.end, top.virtualSize);
     if (r.start >= end) continue;
-    const n = await commitRange(from, base, r.start, end);
+    const n = await commitRange(from, base, r.start, end, ctx);
     moved += n;
     if (progress) {
-      progress.ctx.advance(r.end - r.start - n);
-      await progress.ctx.checkpoint(n);
+      ctx.advance(r.end - r.start - n);
+      await ctx.checkpoint(n);
     }
   }
   return moved;
@@ -187,9 +194,9 @@ async function syncDirty(from: Committed, base: Image, dirty: DirtyMap, progress
 
 /** Converge, report ready, then keep base in sync until the user completes (or cancels; or at once with `pivotWhenReady`). */
 async function mirror(from: Committed, base: Image, dirty: DirtyMap, ctx: JobContext, pivotWhenReady: boolean): Promise<void> {
-  const progress: MirrorProgress = { ctx, total: from.top.virtualSize };
+  const progress: MirrorProgress = { total: from.top.virtualSize };
   // Converge: a few passes over what writers dirtied meanwhile (writers may never stop).
-  for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(from, base, dirty, progress);
+  for (let pass = 0; pass < 3 && !dirty.empty(); pass++) await syncDirty(from, base, dirty, ctx, progress);
   await base.flush();
   ctx.ready();
   if (pivotWhenReady) return;
@@ -200,7 +207,7 @@ async function mirror(from: Committed, base: Image, dirty: DirtyMap, ctx: JobCon
   while (!completed) {
     const changed = dirty.changed();
     if (dirty.empty()) await Promise.race([done, changed]);
-    if (!completed) await syncDirty(from, base, dirty, progress);
+    if (!completed) await syncDirty(from, base, dirty, ctx, progress);
   }
 }
 

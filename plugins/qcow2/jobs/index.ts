@@ -5,7 +5,6 @@
  * refuses: plugins/qcow2/README.md ("Chain jobs").
  */
 export { runStream, type StreamOptions } from './stream.js';
-export { closeAfter } from './chain-layers.js';
 export { runCommit, makeEmpty, type CommitOptions } from './commit.js';
 export { runRebase, type RebaseOptions } from './rebase.js';
 export { copyToRaw, rawCopyTask, progressPathFor } from './copy-to-raw.js';

@@ -2,12 +2,11 @@
  * The jobs as core JobTasks that open the image themselves: what the CLI runs and what a
  * restarted broker rebuilds from the stored params (`ctx.resumeFrom` carries the checkpoint).
  */
-import type { JobContext, JobTask } from '../../../core/index.js';
+import { closeAfter, type JobContext, type JobTask } from '../../../core/index.js';
 import { openImage, type Image } from '../engine/index.js';
 import { makeEmpty, runCommit } from './commit.js';
 import { runRebase } from './rebase.js';
 import { runStream } from './stream.js';
-import { closeAfter } from './chain-layers.js';
 
 export interface StreamTaskParams { base?: string | undefined }
 export interface CommitTaskParams {

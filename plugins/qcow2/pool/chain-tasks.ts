@@ -4,8 +4,8 @@
  * pivots by itself once in sync). Their params are plain JSON: a restarted broker rebuilds them
  * with resumeTask, and they continue from their checkpoint.
  */
-import { FailedPrecondition, InvalidArgument, NotFound, type JobTask } from '../../../core/index.js';
-import { closeAfter, runCommit, runStream } from '../jobs/index.js';
+import { closeAfter, FailedPrecondition, InvalidArgument, NotFound, type JobTask } from '../../../core/index.js';
+import { runCommit, runStream } from '../jobs/index.js';
 import { compact, unlinkLayers, withWritable } from './layers.js';
 import type { VolumeRow } from './metadata.js';
 import type { PoolState } from './pool-state.js';
@@ -110,6 +110,7 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
         // cluster copied their content is no longer the point they named (QEMU's commit
         // invalidates its base as it starts). A cancelled or failed job leaves `into` hidden.
         const given = p.meta.snapshotsOnLayer(into);
+        if (given.length > 0) await ctx.confirmLease(); // a change of the pool's record: one runner
         if (given.length > 0) await p.serial.run(async () => p.meta.tx(() => { for (const s of given) p.meta.removeSnapshot(s.volume, s.name); }));
         const ov = p.open.acquire(volume);
         try {

@@ -6,9 +6,9 @@
 import { randomBytes } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { JobRun, type JobContext } from '../../../core/index.js';
+import { closeAfter, JobRun, type JobContext } from '../../../core/index.js';
 import { createImage, type Image } from '../engine/index.js';
-import { closeAfter, runCommit, runStream } from '../jobs/index.js';
+import { runCommit, runStream } from '../jobs/index.js';
 import type { PoolState } from './pool-state.js';
 
 /** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
