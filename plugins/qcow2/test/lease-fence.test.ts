@@ -8,13 +8,13 @@
  * of an image a job wrote with deferred metadata (closeAfter): the run that lost its lease drops
  * what it held, so as not to write its stale tables over the other runner's.
  */
-import { statSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyData, JobRun, LeaseLost } from '../../../core/index.js';
 import { createImage, openImage } from '../index.js';
-import { commitTask } from '../jobs/index.js';
+import { commitTask, runCommit } from '../jobs/index.js';
 import { nativeCopyHonoursUntil } from '../engine/file.js';
 import { imageDevice } from '../engine/image-device.js';
 import { nativeAddon } from '../engine/native-addon.js';
@@ -143,5 +143,27 @@ describe('a job that lost its lease closes its image writing nothing more', () =
     expect(after.subarray(0, 16 * MiB).every((x) => x === 2)).toBe(true);
     expect(after.subarray(16 * MiB).equals(before.subarray(16 * MiB))).toBe(true);
     if (hasQemu) expect(qemuCheckJson(basePath).status).toBe(0);
+  });
+
+  it('an active commit, ready, whose lease ran out: a guest write after it is not copied into the base, and the job stops with LeaseLost', async () => {
+    const basePath = join(dir, 'active-base.qcow2');
+    const topPath = join(dir, 'active-top.qcow2');
+    await createImage(basePath, { size: 16 * MiB });
+    await createImage(topPath, { size: 16 * MiB, backingFile: 'active-base.qcow2', backingFormat: 'qcow2' });
+    const img = await openImage(topPath, { readOnly: false });
+    await img.write(0, new Uint8Array(2 * MiB).fill(3));
+    let ready!: () => void;
+    const isReady = new Promise<void>((r) => { ready = r; });
+    let held = true;
+    const run = new JobRun({ jobId: 'active', mayContinue: () => held, onReady: () => ready() });
+    const job = runCommit(img, { active: true }, run);
+    job.catch(() => undefined);
+    await isReady;
+    const before = readFileSync(basePath);
+    held = false; // the lease ran out (the process was stopped past it)
+    await img.write(8 * MiB, new Uint8Array(MiB).fill(5)); // the guest writes on: the mirror sees it dirty
+    await expect(job).rejects.toBeInstanceOf(LeaseLost);
+    expect(readFileSync(basePath).equals(before)).toBe(true);
+    await img.close();
   });
 });
