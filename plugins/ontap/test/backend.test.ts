@@ -158,7 +158,12 @@ describe('resuming a split after a broker restart (resumeTask)', () => {
       return running.catch(() => undefined);
     };
     cleanups.push(abandon);
-    return { m, be, params: first.params, checkpoint: saved[0], abandon };
+    /** Stop the first run as its owner would (a reason); resolves to how the run ended. */
+    const stop = (reason: Error) => {
+      abort.abort(reason);
+      return running.then(() => undefined, (e: unknown) => e);
+    };
+    return { m, be, params: first.params, checkpoint: saved[0], abandon, stop };
   }
 
   it('from its checkpoint: follows the same appliance job to the end', async () => {
@@ -178,26 +183,14 @@ describe('resuming a split after a broker restart (resumeTask)', () => {
 
   for (const [why, reason] of [['lost to another runner (LeaseLost)', () => new LeaseLost('taken over')], ['stopped for a later run (Shutdown)', () => new Shutdown('closing')]] as const) {
     it(`a runner ${why} leaves the appliance's split running; the next run follows it to the end`, async () => {
-      const m = await mock({ splitBytesPerSecond: 1 * MiB });
-      const be = backendOf(m);
-      await be.createVolume({ name: 'gold', sizeBytes: 8 * MiB });
-      const dev = await be.openVolume('gold', 'rw');
-      await dev.write(0, Buffer.alloc(2 * MiB, 7));
-      await dev.close();
-      await be.createSnapshot('gold', 'base');
-      await be.createVolume({ name: 'vm1', source: { volume: 'gold', snapshot: 'base' }, mode: 'linked' });
-      const first = await be.streamVolume('vm1', {});
-      const { ctx, abort, saved } = context();
-      const running = first.run(ctx);
-      for (let i = 0; i < 500 && saved.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
-      const stop = reason();
-      abort.abort(stop);
-      await expect(running).rejects.toBe(stop);
+      const { m, be, params, checkpoint, stop } = await startedSplit(1 * MiB);
+      const why = reason();
+      expect(await stop(why)).toBe(why);
       const splits = m.appliance.allJobs().filter((j) => j.kind === 'split');
       expect(splits).toHaveLength(1);
       expect(splits[0]!.state).not.toBe('failure'); // not cancelled on the appliance
-      const task = await be.resumeTask('stream', first.params);
-      await task!.run(context(saved[0]).ctx);
+      const task = await be.resumeTask('stream', params);
+      await task!.run(context(checkpoint).ctx);
       expect(m.appliance.allJobs().filter((j) => j.kind === 'split')).toMatchObject([{ state: 'success' }]);
       expect((await be.getVolume('vm1'))?.parent).toBeUndefined();
     });
