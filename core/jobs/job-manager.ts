@@ -657,14 +657,16 @@ export class JobManager {
   /** Stop running jobs without concluding them; a later broker start resumes or fails them. */
   async close(): Promise<void> {
     this.closing = true;
-    clearInterval(this.heartbeat);
     if (this.adopter) clearInterval(this.adopter);
     if (this.sweeper) clearInterval(this.sweeper);
     await this.sweeping;
     await Promise.allSettled([...this.adopting.values()]);
     const jobs = [...this.running.values()];
     for (const j of jobs) j.shutdown();
+    // Leases renewed until the jobs have stopped and been released: one that takes longer than a
+    // lease to stop (a live copy suspending, a last flush) is not taken over while it still writes.
     await Promise.allSettled(jobs.map((j) => j.wait()));
+    clearInterval(this.heartbeat);
     await this.claims.clear();
     await this.rows.close();
     liveTokens.delete(this.token);

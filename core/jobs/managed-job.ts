@@ -33,6 +33,8 @@ export class ManagedJob implements Job {
   private rejectConcluded!: (e: unknown) => void;
   private lastPersist = 0;
   private shuttingDown = false;
+  /** Set once the run ended for a shutdown and the job is being released: no more renewals. */
+  private releasing = false;
   /** Set once this runner learns it no longer holds the job: from then on it writes nothing. */
   private lost: string | undefined;
   /** JobContext.leaseUntil: the lease's end as this runner knows it, 0 once lost. */
@@ -209,6 +211,8 @@ export class ManagedJob implements Job {
    */
   renewLease(until: number): Promise<void> {
     return this.enqueue(async () => {
+      // Released (or about to be): the release says who holds the job, a renewal after it would be refused.
+      if (this.releasing) return true;
       const held = await this.store.renewLease(this.id, this.record.runnerToken, this.record.fence, until);
       if (held) {
         this.record.leaseExpires = Math.max(this.record.leaseExpires, until);
@@ -274,6 +278,7 @@ export class ManagedJob implements Job {
    * another may take it over at once), and wait() rejects.
    */
   private async abandon(): Promise<void> {
+    this.releasing = true;
     await this.writes;
     if (this.lost !== undefined) return this.giveUp();
     try {
