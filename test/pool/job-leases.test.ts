@@ -18,7 +18,8 @@ import { createBroker, runCli, silentLogger, type Broker } from '../../core/inde
 import { builtinPlugins } from '../../plugins/index.js';
 import { nativeCopyHonoursUntil } from '../../plugins/qcow2/engine/file.js';
 import { qcow2Module } from '../../plugins/qcow2/module.js';
-import { failedChecks, fill, HAVE_QEMU_IMG, kidReadsRight, layerFiles, MiB, restartFixture, runAndKill, setUpKid, startJobChild } from './pool-helpers.js';
+import { failedChecks, fill, HAVE_QEMU_IMG, kidReadsRight, layerFiles, MiB, qemuImg, restartFixture, runAndKill, setUpKid, startJobChild } from './pool-helpers.js';
+import { openImage } from '../../plugins/qcow2/index.js';
 
 const { state, pool, cleanup } = restartFixture('offload-job-leases-');
 afterAll(cleanup);
@@ -181,6 +182,59 @@ describe('job leases', () => {
       child.kill('SIGKILL');
     }
     if (HAVE_QEMU_IMG) expect(failedChecks(pool, { killed: true })).toEqual([]);
+  });
+
+  it('an export into a qcow2 file: a runner paused past its lease and woken drops the metadata it held instead of writing it over the new runner\'s; the file ends whole', async () => {
+    const setup = await open();
+    try {
+      for (const v of ['dst', 'src']) if ((await setup.volumes.list('local')).items.some((x) => x.name === v)) await setup.volumes.delete(`local/${v}`);
+      await setup.volumes.create('local/src', { sizeBytes: 64 * MiB });
+      const dev = await setup.volumes.open('local/src', 'rw');
+      for (let i = 0; i < 32; i++) await dev.write(i * 2 * MiB, fill(i));
+      await dev.close();
+    } finally {
+      await setup.close();
+    }
+    const file = join(state, '..', 'exported.qcow2');
+    const digest = () => createHash('sha256').update(readFileSync(file)).digest('hex');
+    const { child, id, out } = await startJobChild('export', state, pool, 12 * MiB, file, { OFFLOAD_TEST_LEASE_SECONDS: '1' });
+    const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+    try {
+      child.kill('SIGSTOP');
+      await new Promise((r) => setTimeout(r, 1500));
+      const b = await open();
+      try {
+        const job = await b.jobs.takeOver(id);
+        await job.pause();
+        // The new runner finishes the writes it had started, then holds still.
+        for (let last = digest(), i = 0; i < 50; i++) {
+          await new Promise((r) => setTimeout(r, 300));
+          const now = digest();
+          if (now === last) break;
+          last = now;
+        }
+        const before = digest();
+        child.kill('SIGCONT');
+        expect(await exited).toBe(3);
+        expect(out()).toMatch(/^stopped: job /m);
+        expect(digest()).toBe(before);
+        await job.resume();
+        expect((await job.wait()).error).toBeUndefined();
+      } finally {
+        await b.close();
+      }
+    } finally {
+      child.kill('SIGKILL');
+    }
+    if (HAVE_QEMU_IMG) {
+      expect(qemuImg(['check', file], pool)).toMatchObject({ status: 0 });
+      const img = await openImage(file);
+      try {
+        for (let i = 0; i < 32; i++) expect(Buffer.from(await img.read(i * 2 * MiB, MiB)).equals(fill(i)), `at ${i * 2} MiB`).toBe(true);
+      } finally {
+        await img.close();
+      }
+    }
   });
 
   // Only where the native helper honours the lease's end (else the copy goes through JavaScript, checked before each write).
