@@ -3,8 +3,10 @@
  * of SIZE MiB (OFFLOAD_BENCH_MIB, default 512) filled, its only snapshot taken, 4 MiB written
  * since, then the snapshot deleted. The pool commits the 4 MiB down into the snapshot's layer (the
  * layer then serves the volume); qemu-img's equivalent is `qemu-img commit` of the overlay into
- * its base (libvirt's blockcommit of an external snapshot). Also the oldest of two snapshots,
- * which the pool still merges up (the whole disk), against `qemu-img commit` of the middle layer.
+ * its base (libvirt's blockcommit of an external snapshot). Also the oldest of two snapshots (a
+ * rotation), where the pool commits the next snapshot's layer down into the deleted one's, whose
+ * file then takes that layer's name (until 2026-12-06 it merged the whole disk up), against
+ * `qemu-img commit` of the middle layer.
  *
  *   npm run build && node --import tsx bench/snapshot-delete.ts
  */
@@ -68,7 +70,7 @@ function qemu(snaps: number): number {
 
 try {
   process.stdout.write(`snapshot delete of a ${SIZE / MiB} MiB volume, 4 MiB written since each snapshot; medians of ${ROUNDS}\n`);
-  for (const [what, snaps] of [['the only snapshot (committed down)', 1], ['the oldest of two (merged up)', 2]] as const) {
+  for (const [what, snaps] of [['the only snapshot (committed down)', 1], ['the oldest of two (next one committed down)', 2]] as const) {
     const o: number[] = [];
     const q: number[] = [];
     for (let r = 0; r < ROUNDS; r++) {
@@ -77,7 +79,7 @@ try {
     }
     const om = median(o);
     const qm = median(q);
-    process.stdout.write(`${what.padEnd(36)} offload ${om.toFixed(0).padStart(6)} ms   qemu-img commit ${qm.toFixed(0).padStart(6)} ms   ratio ${(om / qm).toFixed(2)}\n`);
+    process.stdout.write(`${what.padEnd(44)} offload ${om.toFixed(0).padStart(6)} ms   qemu-img commit ${qm.toFixed(0).padStart(6)} ms   ratio ${(om / qm).toFixed(2)}\n`);
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

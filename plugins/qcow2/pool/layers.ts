@@ -4,11 +4,12 @@
  * plugin's README: "snapshot model").
  */
 import { randomBytes } from 'node:crypto';
-import { statSync } from 'node:fs';
-import { rm } from 'node:fs/promises';
-import { closeAfter, JobRun, type JobContext } from '../../../core/index.js';
+import { existsSync, statSync } from 'node:fs';
+import { open, rename, rm } from 'node:fs/promises';
+import { closeAfter, Corrupt, JobRun, type JobContext } from '../../../core/index.js';
 import { createImage, type Image } from '../engine/index.js';
 import { runCommit, runStream } from '../jobs/index.js';
+import type { LayerRow } from './metadata.js';
 import type { PoolState } from './pool-state.js';
 
 /** Create a layer file, named by a pending row first (so a crash leaves a row pointing at it). */
@@ -79,6 +80,7 @@ export async function compact(p: PoolState, file: string): Promise<void> {
   // nor under a volume a job here works on outside the change lock (the merge re-opens it).
   if (child.state !== 'ready' || p.isBusy(child.volume) || p.isOpenElsewhere(child.volume)) return;
   if (p.volumesAbove(child.file).some((v) => p.isBusy(v))) return;
+  if (await commitChildDown(p, row, child)) return;
   // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
   const affected = p.volumesAbove(child.file);
   await withWritable(p, child.volume, child.file, (img) =>
@@ -89,6 +91,100 @@ export async function compact(p: PoolState, file: string): Promise<void> {
   });
   await p.open.reopen(affected);
   await unlinkLayers(p, [file]);
+}
+
+/**
+ * The cheaper way round when the one child of a frozen layer that lost its last snapshot is a
+ * frozen layer too (the oldest of several snapshots deleted: a rotation): the child's clusters are
+ * committed down into the layer (QEMU's intermediate commit) rather than the layer — the whole disk,
+ * when it is the base — streamed up into the child. Then the layer's file takes the child's name
+ * (rename), so that the layers above, whose headers name the child as their backing file, read the
+ * merged file without a header of theirs rewritten, in this process or another.
+ *
+ * While it copies, what every layer above reads is unchanged: only ranges the child holds are
+ * written, and reads of those stop at the child. Once the layer is durable its row says `merged`
+ * (its file holds its child's content too and replaces the child's); finishMerge renames it and
+ * records the child on the layer's parent — a crash between is finished by the next pool object
+ * that opens the pool, or by `pool check --repair` (the chain reads right meanwhile, by the
+ * headers: the child's names the merged file before the rename, the merged file names the parent
+ * after it). Chosen when the child's file is the smaller, both layers are the same volume's (as
+ * commitDown: a stream of a linked clone writes its lowest own layer), and no snapshot reader, here or in
+ * another process, reads the deleted layer. Returns false when it does not apply (the merge up then).
+ */
+export async function commitChildDown(p: PoolState, row: LayerRow, child: LayerRow): Promise<boolean> {
+  if (p.opts.format !== 'qcow2' || p.meta.volumeByActive(child.file)) return false;
+  if (row.volume !== child.volume || (row.parent !== null && p.meta.layer(row.parent)?.volume !== child.volume)) return false;
+  if (p.isReadAsSnapshot(row.file)) return false;
+  const affected = p.volumesAbove(child.file);
+  if (affected.some((v) => p.isOpenElsewhere(v))) return false;
+  try {
+    if (statSync(p.abs(child.file)).size >= statSync(p.abs(row.file)).size) return false;
+  } catch {
+    return false;
+  }
+  const top = await p.openLayer(child.file, true);
+  try {
+    await runCommit(top, {}, new JobRun({ jobId: `commit ${child.file} into ${row.file}` }));
+  } finally {
+    await top.close();
+  }
+  await p.opts.hooks?.commitChildDown?.('copied');
+  p.meta.setLayerState(row.file, 'merged');
+  await p.opts.hooks?.commitChildDown?.('marked');
+  await finishMerge(p, row.file);
+  await p.open.reopen(affected);
+  return true;
+}
+
+/**
+ * A `merged` layer (commitChildDown): its file replaces its child's, and the child's row is
+ * backed by the layer's parent. Each step is done again harmlessly: a file already renamed is not
+ * there any more. Call under the change lock.
+ */
+export async function finishMerge(p: PoolState, file: string): Promise<void> {
+  const row = p.meta.layer(file);
+  if (row?.state !== 'merged') return;
+  const children = p.meta.children(file);
+  if (children.length !== 1) {
+    throw new Corrupt(`pool ${p.name}: the merged layer ${file} has ${children.length} layers on it, not one`, { ref: p.name, hint: '`offload pool check` reports what else is wrong' });
+  }
+  const child = children[0]!;
+  if (existsSync(p.abs(file))) {
+    await rename(p.abs(file), p.abs(child.file));
+    await syncDir(p.dir);
+  }
+  await p.opts.hooks?.commitChildDown?.('renamed');
+  p.meta.tx(() => {
+    p.meta.setParent(child.file, row.parent);
+    p.meta.removeLayer(file);
+  });
+}
+
+/**
+ * The volume's hidden layers (no snapshot on them, not its active layer) that an earlier delete
+ * left — killed before its merge, or skipped while the volume was open in another process — are
+ * committed down or merged as a delete's own layer is; one that several layers sit on stays.
+ */
+export async function compactHidden(p: PoolState, volume: string): Promise<void> {
+  for (const l of p.meta.layersOf(volume)) {
+    if (l.state !== 'ready' || p.meta.snapshotsOnLayer(l.file).length > 0 || p.meta.volumeByActive(l.file)) continue;
+    if (!(await commitDown(p, l.file))) await compact(p, l.file);
+  }
+}
+
+/** Finish what a process killed in commitChildDown left `merged`. Call under the change lock. */
+export async function finishMerges(p: PoolState): Promise<void> {
+  for (const l of p.meta.layers()) if (l.state === 'merged') await finishMerge(p, l.file);
+}
+
+/** Make a rename in `dir` durable. */
+async function syncDir(dir: string): Promise<void> {
+  const fd = await open(dir, 'r');
+  try {
+    await fd.sync();
+  } finally {
+    await fd.close();
+  }
 }
 
 /**
@@ -126,7 +222,7 @@ export async function withWritable(p: PoolState, volume: string, file: string, f
  * `offload commit --base` runs it), copying what was written since the snapshot rather than
  * streaming the whole layer up. Chosen when the active layer's file is the smaller, the volume is
  * open in no other process and busy with no job here, the layer is read by no snapshot reader here
- * (openSnapshot: the snapshot was deleted under it), and the layer is not the volume's lowest own
+ * or in another process (openSnapshot: the snapshot was deleted under it), and the layer is not the volume's lowest own
  * layer over another volume's (a stream of the volume, here or elsewhere, writes that one). Runs
  * under the change lock, as a merge does, while the volume's writers go on; the switch holds them,
  * drains their last writes, and records the layer as active before the open image moves to it (a
@@ -143,7 +239,7 @@ export async function commitDown(p: PoolState, file: string): Promise<boolean> {
   const v = p.meta.volume(top.volume);
   if (!v || v.active !== top.file || top.volume !== row.volume || top.state !== 'ready') return false;
   if (row.parent !== null && p.meta.layer(row.parent)?.volume !== v.name) return false;
-  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name) || p.snapshotReaders.has(file)) return false;
+  if (p.isBusy(v.name) || p.isOpenElsewhere(v.name) || p.isReadAsSnapshot(file)) return false;
   try {
     if (statSync(p.abs(top.file)).size >= statSync(p.abs(file)).size) return false;
   } catch {

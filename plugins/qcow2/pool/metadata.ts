@@ -13,7 +13,8 @@ import { BackendUnavailable } from '../../../core/index.js';
 
 export const METADATA_FILE = '.offload-pool.db';
 
-export type LayerState = 'pending' | 'ready' | 'deleting';
+/** `merged`: a layer whose file holds its one child's content too and is to replace the child's file (layers.ts, commitChildDown). */
+export type LayerState = 'pending' | 'ready' | 'merged' | 'deleting';
 
 export interface LayerRow {
   /** File name inside the pool folder (also the backing name other layers store). */
@@ -80,6 +81,12 @@ CREATE TABLE IF NOT EXISTS open_volumes (
   holder TEXT NOT NULL,
   pid INTEGER NOT NULL,
   PRIMARY KEY (volume, holder)
+);
+CREATE TABLE IF NOT EXISTS snapshot_readers (
+  layer TEXT NOT NULL,
+  holder TEXT NOT NULL,
+  pid INTEGER NOT NULL,
+  PRIMARY KEY (layer, holder)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
   volume TEXT NOT NULL,
@@ -275,6 +282,20 @@ export class PoolMetadata {
   /** Who else has `volume` open: holder tokens with their pids. */
   openedBy(volume: string, except: string): { holder: string; pid: number }[] {
     return this.db.prepare('SELECT holder, pid FROM open_volumes WHERE volume = ? AND holder <> ? ORDER BY holder').all(volume, except) as { holder: string; pid: number }[];
+  }
+
+  /** `holder` reads the snapshot layer `file` (openSnapshot) until stopReading: no delete writes into that layer meanwhile. */
+  startReading(file: string, holder: string): void {
+    this.db.prepare('INSERT OR REPLACE INTO snapshot_readers (layer, holder, pid) VALUES (?, ?, ?)').run(file, holder, process.pid);
+  }
+
+  stopReading(file: string, holder: string): void {
+    this.db.prepare('DELETE FROM snapshot_readers WHERE layer = ? AND holder = ?').run(file, holder);
+  }
+
+  /** Who else reads the snapshot layer `file`: holder tokens with their pids. */
+  readersOf(file: string, except: string): { holder: string; pid: number }[] {
+    return this.db.prepare('SELECT holder, pid FROM snapshot_readers WHERE layer = ? AND holder <> ? ORDER BY holder').all(file, except) as { holder: string; pid: number }[];
   }
 
   close(): void {

@@ -6,7 +6,7 @@ import {
 import { imageDevice } from '../engine/index.js';
 import { changedExtents } from './changes.js';
 import { commitTarget, commitTask, resolveBase, resumeChainTask, streamTask } from './chain-tasks.js';
-import { abandonLayer, commitDown, commitLayers, compact, makeLayer, unlinkLayers } from './layers.js';
+import { abandonLayer, commitDown, commitLayers, compact, compactHidden, finishMerges, makeLayer, unlinkLayers } from './layers.js';
 import type { VolumeRow } from './metadata.js';
 import { checkPool, type PoolCheckReport } from './pool-check.js';
 import { creationTime, forgetHolder, PoolState, type PoolOptions } from './pool-state.js';
@@ -37,6 +37,11 @@ export class Qcow2Pool implements StorageBackend {
   constructor(readonly opts: PoolOptions) {
     this.name = opts.name;
     this.p = new PoolState(opts);
+    // A process killed while it committed a layer down in a snapshot delete left it `merged`: the
+    // first structural change of this pool object finishes it (the chain reads right meanwhile).
+    if (this.p.meta.layers().some((l) => l.state === 'merged')) {
+      void this.p.serial.run(() => finishMerges(this.p)).catch((e: unknown) => opts.logger?.warn(`pool ${opts.name}: finishing an interrupted snapshot delete: ${(e as Error).message}`));
+    }
     this.maxSize = opts.format === 'qcow2' ? maxQcow2Size(opts.clusterSize) : Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % 512) - 511;
   }
 
@@ -243,6 +248,7 @@ export class Qcow2Pool implements StorageBackend {
       this.p.assertNotBusy(volume, 'delete a snapshot of');
       this.p.meta.removeSnapshot(volume, name);
       if (!(await commitDown(this.p, s.layer))) await compact(this.p, s.layer);
+      await compactHidden(this.p, volume);
     });
   }
 
@@ -317,13 +323,7 @@ export class Qcow2Pool implements StorageBackend {
     const sref = `${this.p.ref(volume)}@${snapshot}`;
     if (!s) throw new NotFound(`snapshot ${sref} does not exist`, { ref: sref, hint: `list them with \`offload snapshot list ${this.p.ref(volume)}\`` });
     const img = await this.p.openLayer(s.layer, true);
-    const readers = this.p.snapshotReaders;
-    readers.set(s.layer, (readers.get(s.layer) ?? 0) + 1);
-    const done = () => {
-      const n = (readers.get(s.layer) ?? 1) - 1;
-      if (n > 0) readers.set(s.layer, n);
-      else readers.delete(s.layer);
-    };
+    const done = this.p.readSnapshot(s.layer);
     try {
       return await imageDevice(img, { mode: 'r', ref: sref, onClose: () => { done(); return img.close(); } });
     } catch (e) {

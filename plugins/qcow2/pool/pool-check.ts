@@ -4,6 +4,9 @@
  * - a `pending` row whose writer is gone: a create interrupted between making the file and
  *   recording it (no volume refers to it) → repair deletes the file and the row;
  * - a `deleting` row: a delete interrupted after it was decided → repair finishes it;
+ * - a `merged` row: a snapshot delete that committed a layer down into it, interrupted before its
+ *   file replaced the layer's (layers.ts, commitChildDown) → repair finishes it (a pool object
+ *   opened on the folder does too);
  * - a recorded layer whose file is missing, or which qemu-img check would call corrupt → error,
  *   reported only (a damaged volume is the user's to save or delete);
  * - leaked clusters → repair reclaims them (not in a layer this process has open for writing);
@@ -15,11 +18,12 @@
  */
 import { readdir, rm, stat } from 'node:fs/promises';
 import { openImage } from '../engine/index.js';
+import { finishMerge } from './layers.js';
 import { METADATA_FILE } from './metadata.js';
 import type { PoolState } from './pool-state.js';
 
 export type IssueKind =
-  | 'interrupted-create' | 'interrupted-delete' | 'in-progress' | 'missing-file' | 'damaged' | 'leaks'
+  | 'interrupted-create' | 'interrupted-delete' | 'interrupted-merge' | 'in-progress' | 'missing-file' | 'damaged' | 'leaks'
   | 'backing-mismatch' | 'unused-layer' | 'dangling-reference' | 'unknown-file';
 
 export interface PoolIssue {
@@ -73,6 +77,11 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
         await rm(pool.abs(row.file), { force: true });
         meta.removeLayer(row.file);
       });
+      continue;
+    }
+    if (row.state === 'merged') {
+      await add({ ...base, kind: 'interrupted-merge', severity: 'repairable', message: `${row.file}: a snapshot delete committed the layer above into it and was interrupted before its file replaced that layer's` },
+        () => finishMerge(pool, row.file));
       continue;
     }
     if (row.state === 'deleting') {

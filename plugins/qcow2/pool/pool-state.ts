@@ -24,6 +24,8 @@ export interface PoolOptions {
      * (before the switch); switched (writes go to the new layer).
      */
     activeCommit?: (stage: 'copying' | 'in-sync' | 'recorded' | 'switched') => void | Promise<void>;
+    /** A snapshot delete committing a frozen layer down into the deleted snapshot's: copied (durable), marked `merged`, renamed over the child's file. */
+    commitChildDown?: (stage: 'copied' | 'marked' | 'renamed') => void | Promise<void>;
   };
 }
 
@@ -57,7 +59,37 @@ export class PoolState {
   /** Layer files this process is creating right now (their pending rows are not orphans). */
   readonly inFlight = new Set<string>();
   /** Snapshot layers open for reading in this process (openSnapshot), by file: a commit down would change what they read. */
-  readonly snapshotReaders = new Map<string, number>();
+  private readonly snapshotReaders = new Map<string, number>();
+
+  /** openSnapshot of the layer `file`: registered here and, for the other processes, in the metadata; the returned function ends it. */
+  readSnapshot(file: string): () => void {
+    const n = this.snapshotReaders.get(file) ?? 0;
+    this.snapshotReaders.set(file, n + 1);
+    if (n === 0) this.meta.startReading(file, this.holder);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      const left = (this.snapshotReaders.get(file) ?? 1) - 1;
+      if (left > 0) return void this.snapshotReaders.set(file, left);
+      this.snapshotReaders.delete(file);
+      try {
+        this.meta.stopReading(file, this.holder);
+      } catch {
+        // the metadata is closing: the row dies with this holder (closeAll, or its pid is checked)
+      }
+    };
+  }
+
+  /** Whether a snapshot reader, in this process or another, has the layer `file` open: nothing may write into it. */
+  isReadAsSnapshot(file: string): boolean {
+    if (this.snapshotReaders.has(file)) return true;
+    return this.meta.readersOf(file, this.holder).some((r) => {
+      if (holderAlive(r.pid, r.holder)) return true;
+      this.meta.stopReading(file, r.holder); // its process is gone
+      return false;
+    });
+  }
 
   constructor(readonly opts: PoolOptions) {
     this.meta = new PoolMetadata(join(opts.dir, METADATA_FILE));
