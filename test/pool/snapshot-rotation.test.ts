@@ -4,6 +4,7 @@
  * instead of streaming the whole disk up into the next layer under the pool's change lock.
  */
 import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
@@ -66,6 +67,31 @@ async function twoSnapshots(pool: Qcow2Pool): Promise<{ s1: Buffer; s2: Buffer; 
   return { s1, s2, v };
 }
 
+/** `v` written in full, `s0`, much changed, `s1`, a little changed, `s2`, more: the models of each point. */
+async function threeSnapshots(pool: Qcow2Pool): Promise<{ s0: Buffer; s2: Buffer; v: Buffer }> {
+  await pool.createVolume({ name: 'v', sizeBytes: SIZE });
+  const v = Buffer.alloc(SIZE);
+  let dev = await pool.openVolume('v', 'rw');
+  for (let m = 0; m < SIZE / MiB; m++) await put(dev, v, m * MiB, pattern(m + 1, MiB));
+  await dev.close();
+  await pool.createSnapshot('v', 's0');
+  const s0 = Buffer.from(v);
+  dev = await pool.openVolume('v', 'rw');
+  for (let m = 0; m < 4; m++) await put(dev, v, m * MiB + 4096, pattern(30 + m, MiB - 8192));
+  await dev.close();
+  await pool.createSnapshot('v', 's1');
+  dev = await pool.openVolume('v', 'rw');
+  await put(dev, v, 100_000, pattern(40, 200_000));
+  await put(dev, v, 6 * MiB + 5, pattern(41, 9000));
+  await dev.close();
+  await pool.createSnapshot('v', 's2');
+  const s2 = Buffer.from(v);
+  dev = await pool.openVolume('v', 'rw');
+  await put(dev, v, 3 * MiB, pattern(42, 4096));
+  await dev.close();
+  return { s0, s2, v };
+}
+
 describe('qcow2 pool: deleting the oldest snapshot commits the next layer down into it', () => {
   it("the next snapshot's layer is committed down and its name kept; every point reads as before; qemu-img and pool check agree", async () => {
     const stages: string[] = [];
@@ -84,6 +110,22 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
     expect((await pool.listSnapshots('v')).map((s) => s.name)).toEqual(['s2']);
     expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true);
     expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+    expect((await pool.check()).issues).toEqual([]);
+    if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
+    await pool.close();
+  });
+
+  it('a middle snapshot: the next layer is committed into its layer, and the merged file names the older snapshot\'s layer', async () => {
+    const stages: string[] = [];
+    const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { stages.push(s); } });
+    const model = await threeSnapshots(pool);
+    const [top, s2Layer, , s0Layer] = pool.chainFiles('v').map((f) => basename(f));
+    await pool.deleteSnapshot('v', 's1');
+    expect(stages).toEqual(['copied', 'marked', 'renamed']);
+    expect(pool.chainFiles('v').map((f) => basename(f))).toEqual([top, s2Layer, s0Layer]);
+    for (const s of ['s0', 's2'] as const) expect((await reads(pool, 'v', s)).equals(model[s]), s).toBe(true);
+    expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+    expect((await pool.changedExtents('v', { since: 's0', until: 's2' })).extents.length).toBeGreaterThan(0);
     expect((await pool.check()).issues).toEqual([]);
     if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
     await pool.close();
@@ -123,18 +165,21 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
   });
 
   it('a reader of the next snapshot open during the delete reads it right before, during and after', async () => {
-    const { pool } = poolAt();
+    const stages: string[] = [];
+    let reads2 = 0;
+    // Each stage waits for a whole read of the next snapshot made at that point.
+    const { pool } = poolAt(undefined, { commitChildDown: async (s) => { stages.push(s); const n = reads2; while (reads2 < n + 1) await new Promise((r) => setTimeout(r, 1)); } });
     const model = await twoSnapshots(pool);
     const reader = await pool.openSnapshot('v', 's2');
     let reading = true;
-    const reads2 = (async () => {
-      let n = 0;
-      for (; reading || n < 3; n++) expect(Buffer.from(await reader.read(0, SIZE)).equals(model.s2)).toBe(true);
-      return n;
+    const reader2 = (async () => {
+      for (; reading; reads2++) expect(Buffer.from(await reader.read(0, SIZE)).equals(model.s2)).toBe(true);
     })();
     await pool.deleteSnapshot('v', 's1');
     reading = false;
-    expect(await reads2).toBeGreaterThan(0);
+    await reader2;
+    expect(stages).toEqual(['copied', 'marked', 'renamed']);
+    expect(reads2).toBeGreaterThanOrEqual(3);
     await reader.close();
     expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true);
     await pool.close();
@@ -184,8 +229,36 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
     await pool.close();
   });
 
+  it('a reader of the deleted snapshot in another process keeps it from being committed into; once that process is killed, its registration no longer counts', async () => {
+    const stages: string[] = [];
+    const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { stages.push(s); } });
+    const model = await twoSnapshots(pool);
+    const child = spawn(process.execPath, [...tsChild(join(import.meta.dirname, 'snapshot-reader-child.ts')), dir, 'v', 's1'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const lines: string[] = [];
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => { out += d.toString(); while (out.includes('\n')) { lines.push(out.slice(0, out.indexOf('\n'))); out = out.slice(out.indexOf('\n') + 1); } });
+    const line = async (n: number) => { while (lines.length < n) await new Promise((r) => setTimeout(r, 10)); return lines[n - 1]!; };
+    expect(await line(1)).toBe('open');
+    await pool.deleteSnapshot('v', 's1');
+    expect(stages).toEqual([]); // merged up: the reader's layer is not written
+    child.stdin.write('read\n');
+    expect(await line(2)).toBe(createHash('sha256').update(model.s1).digest('hex'));
+    // Killed, it never unregistered: a later delete finds its process gone and commits down.
+    const r2 = spawn(process.execPath, [...tsChild(join(import.meta.dirname, 'snapshot-reader-child.ts')), dir, 'v', 's2'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    await new Promise<void>((resolve) => r2.stdout.once('data', () => resolve()));
+    r2.kill('SIGKILL');
+    await new Promise((r) => r2.once('exit', r));
+    await pool.createSnapshot('v', 's3');
+    await pool.deleteSnapshot('v', 's2');
+    expect(stages).toEqual(['copied', 'marked', 'renamed']);
+    expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+    child.kill('SIGKILL');
+    await pool.close();
+  });
+
   it('the volume grown between the snapshots: the deleted layer grows with the commit', async () => {
-    const { pool, dir } = poolAt();
+    const stages: string[] = [];
+    const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { stages.push(s); } });
     await pool.createVolume({ name: 'v', sizeBytes: SIZE });
     let dev = await pool.openVolume('v', 'rw');
     const model = Buffer.alloc(2 * SIZE);
@@ -198,6 +271,7 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
     await dev.close();
     await pool.createSnapshot('v', 's2');
     await pool.deleteSnapshot('v', 's1');
+    expect(stages).toEqual(['copied', 'marked', 'renamed']);
     expect(layerFiles(dir)).toHaveLength(2);
     expect((await reads(pool, 'v', 's2')).equals(model)).toBe(true);
     expect((await reads(pool, 'v')).equals(model)).toBe(true);
@@ -227,24 +301,52 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
     await pool.close();
   });
 
-  it('an error after the mark leaves the layer `merged`: pool check reports it and --repair finishes it', async () => {
+  it('an error after the mark leaves the layer `merged`: the next structural change finishes it first (the next rotation reads right)', async () => {
     let fail = true;
     const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { if (s === 'marked' && fail) throw new Error('injected'); } });
     const model = await twoSnapshots(pool);
-    const [top, s2Layer] = pool.chainFiles('v').map((f) => basename(f));
     await expect(pool.deleteSnapshot('v', 's1')).rejects.toThrow('injected');
     fail = false;
-    expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true); // by the headers meanwhile
-    const found = await pool.check();
-    expect(found.issues.map((i) => [i.kind, i.severity])).toEqual([['interrupted-merge', 'repairable']]);
-    expect((await pool.check({ repair: true })).clean).toBe(true);
-    expect((await pool.check()).issues).toEqual([]);
-    expect(pool.chainFiles('v').map((f) => basename(f))).toEqual([top, s2Layer]);
-    expect(layerFiles(dir).sort()).toEqual([top, s2Layer].sort());
-    expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true);
+    await pool.createSnapshot('v', 's3');
+    const dev = await pool.openVolume('v', 'rw');
+    await put(dev, model.v, 4 * MiB, pattern(90, 65536));
+    await pool.deleteSnapshot('v', 's2');
+    await put(dev, model.v, 5 * MiB, pattern(91, 65536));
+    expect(Buffer.from(await dev.read(0, SIZE)).equals(model.v)).toBe(true);
+    await dev.close();
     expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+    expect(layerFiles(dir)).toHaveLength(2);
+    expect((await pool.check()).issues).toEqual([]);
+    if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
     await pool.close();
   });
+
+  for (const at of ['marked', 'renamed'] as const) {
+    for (const which of ['oldest', 'middle'] as const) {
+      it(`an error once ${at} (the ${which} snapshot) leaves the layer \`merged\`: pool check reports it and --repair finishes it, in whatever order its rows come`, async () => {
+        let fail = true;
+        const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { if (s === at && fail) throw new Error('injected'); } });
+        const model: { s0?: Buffer; s2: Buffer; v: Buffer } = which === 'oldest' ? await twoSnapshots(pool) : await threeSnapshots(pool);
+        const without = pool.chainFiles('v').map((f) => basename(f)).filter((_, i) => i !== 2);
+        await expect(pool.deleteSnapshot('v', 's1')).rejects.toThrow('injected');
+        fail = false;
+        expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true); // by the headers meanwhile
+        expect(pool.chainFiles('v').map((f) => basename(f))).toEqual(at === 'renamed' ? without : [...without.slice(0, 2), expect.any(String), ...without.slice(2)]);
+        const found = await pool.check();
+        expect(found.issues.map((i) => [i.kind, i.severity])).toEqual(at === 'marked'
+          ? [['interrupted-merge', 'repairable']]
+          : [['interrupted-merge', 'repairable'], ['backing-mismatch', 'repairable']]); // the renamed file names the parent already
+        expect((await pool.check({ repair: true })).clean).toBe(true);
+        expect((await pool.check()).issues).toEqual([]);
+        expect(pool.chainFiles('v').map((f) => basename(f))).toEqual(without);
+        expect(layerFiles(dir).sort()).toEqual([...without].sort());
+        expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true);
+        if (model.s0) expect((await reads(pool, 'v', 's0')).equals(model.s0)).toBe(true);
+        expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+        await pool.close();
+      });
+    }
+  }
 
   it("when the next layer is the larger, the deleted one is merged up as before (its file goes, the next layer's stays)", async () => {
     const stages: string[] = [];
@@ -270,46 +372,50 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
 
 describe('qcow2 pool: killed while it commits a layer down in a snapshot delete', () => {
   const when = { copied: 'copied, not marked', marked: 'marked merged, not renamed', renamed: 'renamed, not recorded' } as const;
-  for (const stage of ['copied', 'marked', 'renamed'] as const) {
-    it(`${when[stage]}: the next pool object finishes it; every point and acknowledged write reads back; pool check clean`, async () => {
-      const { pool, dir } = poolAt();
-      const model = await twoSnapshots(pool);
-      const [top, s2Layer] = pool.chainFiles('v').map((f) => basename(f));
-      await pool.close();
-      const child = spawn(process.execPath, [...tsChild(join(import.meta.dirname, 'commit-child-down-child.ts')), dir, stage], { stdio: ['ignore', 'pipe', 'inherit'] });
-      let out = '';
-      child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
-      const code = await new Promise<number | null>((r) => child.on('exit', (c, s) => r(s === 'SIGKILL' ? -9 : c)));
-      expect(code).toBe(-9);
-      const acks = out.split('\n').filter((l) => l.startsWith('ack ')).map((l) => l.split(' ').map(Number) as [unknown, number, number]);
-      expect(acks.length).toBeGreaterThanOrEqual(30);
-      for (const [, off, seed] of acks) model.v.set(pattern(seed, 4096), off);
+  for (const which of ['oldest', 'middle'] as const) {
+    for (const stage of ['copied', 'marked', 'renamed'] as const) {
+      it(`the ${which} snapshot, ${when[stage]}: the next pool object finishes it; every point and acknowledged write reads back; pool check clean`, async () => {
+        const { pool, dir } = poolAt();
+        const model: { s0?: Buffer; s2: Buffer; v: Buffer } = which === 'oldest' ? await twoSnapshots(pool) : await threeSnapshots(pool);
+        const kept = which === 'oldest' ? ['s2'] : ['s0', 's2'];
+        const chain = pool.chainFiles('v').map((f) => basename(f));
+        const without = chain.filter((_, i) => i !== 2); // s1's layer, third from the top either way
+        await pool.close();
+        const child = spawn(process.execPath, [...tsChild(join(import.meta.dirname, 'commit-child-down-child.ts')), dir, stage], { stdio: ['ignore', 'pipe', 'inherit'] });
+        let out = '';
+        child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+        const code = await new Promise<number | null>((r) => child.on('exit', (c, s) => r(s === 'SIGKILL' ? -9 : c)));
+        expect(code).toBe(-9);
+        const acks = out.split('\n').filter((l) => l.startsWith('ack ')).map((l) => l.split(' ').map(Number) as [unknown, number, number]);
+        expect(acks.length).toBeGreaterThanOrEqual(30);
+        for (const [, off, seed] of acks) model.v.set(pattern(seed, 4096), off);
 
-      const { pool: after } = poolAt(dir);
-      // Killed before its mark, s1 is gone and its layer hidden (committed into, harmlessly); after
-      // it, finished. What there is to repair is a killed writer's leaked clusters, if any.
-      const found = await after.check(); // after the pool object's own first change: the finish
-      expect(found.issues.filter((i) => i.kind !== 'leaks'), JSON.stringify(found.issues)).toEqual([]);
-      expect((await after.check({ repair: true })).clean).toBe(true);
-      expect(await after.listSnapshots('v').then((l) => l.map((s) => s.name))).toEqual(['s2']);
-      expect((await reads(after, 'v', 's2')).equals(model.s2)).toBe(true);
-      // The write under way at the kill, never acknowledged, may have landed or not.
-      const got = await reads(after, 'v');
-      const next = ((acks.length * 2654435761) % 2048) * 4096;
-      if (got.subarray(next, next + 4096).equals(pattern(1000 + acks.length, 4096))) model.v.set(pattern(1000 + acks.length, 4096), next);
-      expect(got.equals(model.v)).toBe(true);
-      if (stage !== 'copied') {
-        expect(after.chainFiles('v').map((f) => basename(f))).toEqual([top, s2Layer]);
-        expect(layerFiles(dir).sort()).toEqual([top, s2Layer].sort());
-      }
-      if (HAVE_QEMU_IMG) expect(failedChecks(dir, { killed: true })).toEqual([]);
-      // The pool works on: the next rotation.
-      await after.createSnapshot('v', 's3');
-      await after.deleteSnapshot('v', 's2');
-      expect((await reads(after, 'v', 's3')).equals(model.v)).toBe(true);
-      expect(layerFiles(dir)).toHaveLength(2);
-      expect((await after.check()).issues).toEqual([]);
-      await after.close();
-    });
+        const { pool: after } = poolAt(dir);
+        // Killed before its mark, s1 is gone and its layer hidden (committed into, harmlessly);
+        // after it, finished by the pool object's first change, before this check. What there is
+        // to repair is a killed writer's leaked clusters, if any.
+        const found = await after.check();
+        expect(found.issues.filter((i) => i.kind !== 'leaks'), JSON.stringify(found.issues)).toEqual([]);
+        expect((await after.check({ repair: true })).clean).toBe(true);
+        expect(await after.listSnapshots('v').then((l) => l.map((s) => s.name).sort())).toEqual(kept);
+        for (const name of kept) expect((await reads(after, 'v', name)).equals(model[name as 's0' | 's2']!), name).toBe(true);
+        // The write under way at the kill, never acknowledged, may have landed or not.
+        const got = await reads(after, 'v');
+        const next = ((acks.length * 2654435761) % 2048) * 4096;
+        if (got.subarray(next, next + 4096).equals(pattern(1000 + acks.length, 4096))) model.v.set(pattern(1000 + acks.length, 4096), next);
+        expect(got.equals(model.v)).toBe(true);
+        expect(after.chainFiles('v').map((f) => basename(f))).toEqual(stage === 'copied' ? chain : without);
+        if (stage !== 'copied') expect(layerFiles(dir).sort()).toEqual([...without].sort());
+        if (HAVE_QEMU_IMG) expect(failedChecks(dir, { killed: true })).toEqual([]);
+        // The pool works on: the next rotation (a hidden layer a kill left goes with it).
+        await after.createSnapshot('v', 's3');
+        await after.deleteSnapshot('v', 's2');
+        expect((await reads(after, 'v', 's3')).equals(model.v)).toBe(true);
+        if (model.s0) expect((await reads(after, 'v', 's0')).equals(model.s0)).toBe(true);
+        expect(layerFiles(dir)).toHaveLength(kept.length + 1);
+        expect((await after.check()).issues).toEqual([]);
+        await after.close();
+      });
+    }
   }
 });

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { open, rename, rm } from 'node:fs/promises';
 import { closeAfter, Corrupt, JobRun, type JobContext } from '../../../core/index.js';
-import { createImage, type Image } from '../engine/index.js';
+import { createImage, openImage, type Image } from '../engine/index.js';
 import { runCommit, runStream } from '../jobs/index.js';
 import type { LayerRow } from './metadata.js';
 import type { PoolState } from './pool-state.js';
@@ -79,18 +79,25 @@ export async function compact(p: PoolState, file: string): Promise<void> {
   // Not into a layer another process may be writing (the active layer of a volume open there),
   // nor under a volume a job here works on outside the change lock (the merge re-opens it).
   if (child.state !== 'ready' || p.isBusy(child.volume) || p.isOpenElsewhere(child.volume)) return;
-  if (p.volumesAbove(child.file).some((v) => p.isBusy(v))) return;
-  if (await commitChildDown(p, row, child)) return;
-  // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
   const affected = p.volumesAbove(child.file);
-  await withWritable(p, child.volume, child.file, (img) =>
-    runStream(img, row.parent === null ? {} : { base: p.abs(row.parent) }, new JobRun({ jobId: `merge ${file}` })));
-  p.meta.tx(() => {
-    p.meta.setParent(child.file, row.parent);
-    p.meta.setLayerState(file, 'deleting');
-  });
-  await p.open.reopen(affected);
-  await unlinkLayers(p, [file]);
+  if (affected.some((v) => p.isBusy(v))) return;
+  // The volumes above are this change's until it ends: a job here (a commit into the child, which
+  // takes no change lock when the child has no snapshot) would write into a file about to move.
+  for (const v of affected) p.claim(v, 'snapshot delete');
+  try {
+    if (await commitChildDown(p, row, child)) return;
+    // Merge into the child: it pulls the clusters it lacks from this layer, then skips it.
+    await withWritable(p, child.volume, child.file, (img) =>
+      runStream(img, row.parent === null ? {} : { base: p.abs(row.parent) }, new JobRun({ jobId: `merge ${file}` })));
+    p.meta.tx(() => {
+      p.meta.setParent(child.file, row.parent);
+      p.meta.setLayerState(file, 'deleting');
+    });
+    await p.open.reopen(affected);
+    await unlinkLayers(p, [file]);
+  } finally {
+    for (const v of affected) p.release(v);
+  }
 }
 
 /**
@@ -144,12 +151,22 @@ export async function commitChildDown(p: PoolState, row: LayerRow, child: LayerR
 export async function finishMerge(p: PoolState, file: string): Promise<void> {
   const row = p.meta.layer(file);
   if (row?.state !== 'merged') return;
+  const there = existsSync(p.abs(file));
   const children = p.meta.children(file);
+  // Renamed, and the child already recorded on the parent (pool check's repair of its header): only the row is left.
+  if (children.length === 0 && !there) return p.meta.removeLayer(file);
   if (children.length !== 1) {
     throw new Corrupt(`pool ${p.name}: the merged layer ${file} has ${children.length} layers on it, not one`, { ref: p.name, hint: '`offload pool check` reports what else is wrong' });
   }
   const child = children[0]!;
-  if (existsSync(p.abs(file))) {
+  if (there) {
+    // Only over the child that names this layer as its backing file: the one it was merged with.
+    const header = await readBacking(p, child.file);
+    if (header !== file) {
+      throw new Corrupt(`pool ${p.name}: the merged layer ${file} is to replace ${child.file}, whose header names ${header ?? 'no backing file'}`, {
+        ref: p.name, hint: '`offload pool check` reports what else is wrong',
+      });
+    }
     await rename(p.abs(file), p.abs(child.file));
     await syncDir(p.dir);
   }
@@ -174,7 +191,18 @@ export async function compactHidden(p: PoolState, volume: string): Promise<void>
 
 /** Finish what a process killed in commitChildDown left `merged`. Call under the change lock. */
 export async function finishMerges(p: PoolState): Promise<void> {
+  if (!p.meta.hasMerged()) return;
   for (const l of p.meta.layers()) if (l.state === 'merged') await finishMerge(p, l.file);
+}
+
+/** The backing file a layer's header names (null: none). */
+async function readBacking(p: PoolState, file: string): Promise<string | null> {
+  const img = await openImage(p.abs(file), { readOnly: true, noBacking: true });
+  try {
+    return img.header?.backingFile ?? null;
+  } finally {
+    await img.close();
+  }
 }
 
 /** Make a rename in `dir` durable. */

@@ -169,6 +169,11 @@ export class PoolMetadata {
     this.db.prepare('DELETE FROM layers WHERE file = ?').run(file);
   }
 
+  /** Whether a layer is `merged` (a rotation's delete to finish). */
+  hasMerged(): boolean {
+    return this.db.prepare("SELECT 1 FROM layers WHERE state = 'merged' LIMIT 1").get() !== undefined;
+  }
+
   /** The chain of layer rows from `file` down to its base. */
   chain(file: string): LayerRow[] {
     const out: LayerRow[] = [];

@@ -3,6 +3,7 @@ import {
   type BlockDevice, type Capability, type ChangedExtents, type ChangedExtentsRequest, type CommitOptions, type CreateVolumeRequest, type JobTask, type Page,
   type PageRequest, type Snapshot, type StorageBackend, type StreamOptions, type Volume,
 } from '../../../core/index.js';
+import { existsSync } from 'node:fs';
 import { imageDevice } from '../engine/index.js';
 import { changedExtents } from './changes.js';
 import { commitTarget, commitTask, resolveBase, resumeChainTask, streamTask } from './chain-tasks.js';
@@ -36,11 +37,13 @@ export class Qcow2Pool implements StorageBackend {
 
   constructor(readonly opts: PoolOptions) {
     this.name = opts.name;
-    this.p = new PoolState(opts);
-    // A process killed while it committed a layer down in a snapshot delete left it `merged`: the
-    // first structural change of this pool object finishes it (the chain reads right meanwhile).
-    if (this.p.meta.layers().some((l) => l.state === 'merged')) {
-      void this.p.serial.run(() => finishMerges(this.p)).catch((e: unknown) => opts.logger?.warn(`pool ${opts.name}: finishing an interrupted snapshot delete: ${(e as Error).message}`));
+    // Every structural change first finishes a rotation's delete that a killed process left
+    // `merged` (layers.ts, commitChildDown): no change may build on a chain whose file is to move.
+    this.p = new PoolState(opts, finishMerges);
+    // A process killed while it committed a layer down in a snapshot delete left it `merged`:
+    // finished at once (every structural change would first; the chain reads right meanwhile).
+    if (this.p.meta.hasMerged()) {
+      void this.p.serial.run(async () => undefined).catch((e: unknown) => opts.logger?.warn(`pool ${opts.name}: finishing an interrupted snapshot delete: ${(e as Error).message}`));
     }
     this.maxSize = opts.format === 'qcow2' ? maxQcow2Size(opts.clusterSize) : Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % 512) - 511;
   }
@@ -248,7 +251,8 @@ export class Qcow2Pool implements StorageBackend {
       this.p.assertNotBusy(volume, 'delete a snapshot of');
       this.p.meta.removeSnapshot(volume, name);
       if (!(await commitDown(this.p, s.layer))) await compact(this.p, s.layer);
-      await compactHidden(this.p, volume);
+      // Leftovers of earlier deletes: the snapshot asked for is gone whatever becomes of them.
+      await compactHidden(this.p, volume).catch((e: unknown) => this.opts.logger?.warn(`pool ${this.name}: compacting the hidden layers of ${this.p.ref(volume)}: ${(e as Error).message}`));
     });
   }
 
@@ -322,8 +326,17 @@ export class Qcow2Pool implements StorageBackend {
     const s = this.p.meta.snapshot(volume, snapshot);
     const sref = `${this.p.ref(volume)}@${snapshot}`;
     if (!s) throw new NotFound(`snapshot ${sref} does not exist`, { ref: sref, hint: `list them with \`offload snapshot list ${this.p.ref(volume)}\`` });
-    const img = await this.p.openLayer(s.layer, true);
+    // Registered before the layer is opened, then the snapshot looked up again: a delete that
+    // did not see this reader removed the snapshot first (a delete's reader check comes after).
     const done = this.p.readSnapshot(s.layer);
+    let img;
+    try {
+      if (this.p.meta.snapshot(volume, snapshot)?.layer !== s.layer) throw new NotFound(`snapshot ${sref} does not exist`, { ref: sref });
+      img = await this.p.openLayer(s.layer, true);
+    } catch (e) {
+      done();
+      throw e;
+    }
     try {
       return await imageDevice(img, { mode: 'r', ref: sref, onClose: () => { done(); return img.close(); } });
     } catch (e) {
@@ -340,12 +353,14 @@ export class Qcow2Pool implements StorageBackend {
 
   /** The files of a volume's chain, top (active) first, as absolute paths: what to give qemu or libvirt. */
   chainFiles(volume: string): string[] {
-    return this.p.meta.chain(this.p.mustVolume(volume).active).map((l) => this.p.abs(l.file));
+    // A `merged` layer whose file is gone was renamed over its child's (commitChildDown): the
+    // files' headers no longer name it, whatever the metadata says until the change is finished.
+    return this.p.meta.chain(this.p.mustVolume(volume).active).filter((l) => l.state !== 'merged' || existsSync(this.p.abs(l.file))).map((l) => this.p.abs(l.file));
   }
 
   /** `pool check`: metadata against files (see pool-check.ts); `repair` finishes interrupted work. */
   async check(opts: { repair?: boolean } = {}): Promise<PoolCheckReport> {
-    return this.p.serial.run(() => checkPool(this.p, opts));
+    return this.p.serial.run(() => checkPool(this.p, opts), { bare: true });
   }
 
   async close(): Promise<void> {

@@ -62,6 +62,14 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
   };
   const exists = async (f: string) => stat(pool.abs(f)).then(() => true, () => false);
 
+  // First, as every structural change does: the rows after it are read as the repair left them.
+  for (const row of meta.layers().filter((l) => l.state === 'merged')) {
+    await add({
+      file: row.file, volume: row.volume, kind: 'interrupted-merge', severity: 'repairable',
+      message: `${row.file}: a snapshot delete committed the layer above into it and was interrupted before its file replaced that layer's`,
+    }, () => finishMerge(pool, row.file));
+  }
+
   for (const row of meta.layers()) {
     const base = { file: row.file, volume: row.volume };
     if (row.state === 'pending') {
@@ -79,11 +87,7 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
       });
       continue;
     }
-    if (row.state === 'merged') {
-      await add({ ...base, kind: 'interrupted-merge', severity: 'repairable', message: `${row.file}: a snapshot delete committed the layer above into it and was interrupted before its file replaced that layer's` },
-        () => finishMerge(pool, row.file));
-      continue;
-    }
+    if (row.state === 'merged') continue; // reported above
     if (row.state === 'deleting') {
       await add({ ...base, kind: 'interrupted-delete', severity: 'repairable', message: `${row.file}: a delete was interrupted; the file is no longer used` }, async () => {
         await rm(pool.abs(row.file), { force: true });

@@ -91,10 +91,12 @@ export class PoolState {
     });
   }
 
-  constructor(readonly opts: PoolOptions) {
+  /** `beforeChange`: run at the start of every structural change, under the change lock (Serial's `first`). */
+  constructor(readonly opts: PoolOptions, beforeChange?: (p: PoolState) => Promise<void>) {
     this.meta = new PoolMetadata(join(opts.dir, METADATA_FILE));
     liveHolders.add(this.holder);
-    this.serial = new Serial({ tryLock: () => this.meta.tryLock(this.holder, holderAlive), unlock: () => this.meta.unlock(this.holder) }, `pool ${opts.name}`);
+    this.serial = new Serial({ tryLock: () => this.meta.tryLock(this.holder, holderAlive), unlock: () => this.meta.unlock(this.holder) }, `pool ${opts.name}`,
+      async () => beforeChange?.(this));
     this.open = new OpenVolumes((v) => this.openLayer(this.mustVolume(v).active, false), {
       opened: (v) => this.meta.openVolume(v, this.holder),
       closed: (v) => this.meta.closeVolume(v, this.holder),

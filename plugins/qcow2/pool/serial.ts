@@ -19,12 +19,18 @@ const WAIT_MS = 60_000;
 export class Serial {
   private tail: Promise<unknown> = Promise.resolve();
 
-  constructor(private readonly shared?: CrossProcessLock, private readonly what = 'the pool') {}
+  /**
+   * `first`: run at the start of every section, under the lock, before its own work (the pool
+   * finishes what a process killed in a change left half done); a section that only looks (pool
+   * check) passes `bare`.
+   */
+  constructor(private readonly shared?: CrossProcessLock, private readonly what = 'the pool', private readonly first?: () => Promise<void>) {}
 
-  run<T>(fn: () => Promise<T>): Promise<T> {
+  run<T>(fn: () => Promise<T>, opts: { bare?: boolean } = {}): Promise<T> {
     return this.runLocal(async () => {
       await this.lock();
       try {
+        if (!opts.bare) await this.first?.();
         return await fn();
       } finally {
         this.shared?.unlock();
