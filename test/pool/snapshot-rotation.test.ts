@@ -9,7 +9,7 @@ import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { BlockDevice } from '../../core/index.js';
+import { JobRun, type BlockDevice } from '../../core/index.js';
 import { Qcow2Pool } from '../../plugins/qcow2/pool/pool-backend.js';
 import type { PoolOptions } from '../../plugins/qcow2/pool/pool-state.js';
 import { tsChild } from '../support/ts-child.js';
@@ -347,6 +347,32 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
       });
     }
   }
+
+  it('a commit job started while a merge runs is Busy: the volumes above are the merge\'s until it ends (a hidden next layer takes no change lock)', async () => {
+    let job: Promise<unknown> | undefined;
+    const { pool, dir } = poolAt(undefined, {
+      commitChildDown: (s) => {
+        // Not awaited: without the merge's claim the job would copy into the next layer's file as it moves.
+        if (s === 'copied') job = pool.commitVolume('v', {}).then((t) => t.run(new JobRun({ jobId: 'commit v' }))).then(() => 'ran', (e: { code?: string }) => e.code);
+      },
+    });
+    const model = await twoSnapshots(pool);
+    // s2 deleted while the volume is open in another pool object: its layer stays, hidden.
+    const { pool: other } = poolAt(dir);
+    const there = await other.openVolume('v', 'rw');
+    await pool.deleteSnapshot('v', 's2');
+    await there.close();
+    await other.close();
+    expect(pool.chainFiles('v')).toHaveLength(3);
+    await pool.deleteSnapshot('v', 's1');
+    expect(await job).toBe('Busy');
+    expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+    // And the hidden layer went too (the delete compacts the volume's leftovers): one layer.
+    expect(pool.chainFiles('v')).toHaveLength(1);
+    expect(layerFiles(dir)).toHaveLength(1);
+    if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
+    await pool.close();
+  });
 
   it("when the next layer is the larger, the deleted one is merged up as before (its file goes, the next layer's stays)", async () => {
     const stages: string[] = [];
