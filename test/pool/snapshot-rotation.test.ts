@@ -5,7 +5,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, renameSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -348,11 +348,11 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
     }
   }
 
-  it('a commit job started while a merge runs is Busy: the volumes above are the merge\'s until it ends (a hidden next layer takes no change lock)', async () => {
+  it('a commit job started while a merge runs waits for it (it starts in a structural section), then runs on what the delete left', async () => {
     let job: Promise<unknown> | undefined;
     const { pool, dir } = poolAt(undefined, {
       commitChildDown: (s) => {
-        // Not awaited: without the merge's claim the job would copy into the next layer's file as it moves.
+        // Not awaited: a job that did not wait would copy into the next layer's file as it moves.
         if (s === 'copied') job = pool.commitVolume('v', {}).then((t) => t.run(new JobRun({ jobId: 'commit v' }))).then(() => 'ran', (e: { code?: string }) => e.code);
       },
     });
@@ -365,12 +365,60 @@ describe('qcow2 pool: deleting the oldest snapshot commits the next layer down i
     await other.close();
     expect(pool.chainFiles('v')).toHaveLength(3);
     await pool.deleteSnapshot('v', 's1');
-    expect(await job).toBe('Busy');
+    expect(await job).toBe('ran');
     expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
     // And the hidden layer went too (the delete compacts the volume's leftovers): one layer.
     expect(pool.chainFiles('v')).toHaveLength(1);
     expect(layerFiles(dir)).toHaveLength(1);
     if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
+    await pool.close();
+  });
+
+  it('a commit job into a hidden next layer, started while a merge waits to be finished, runs after it: the volume reads every write', async () => {
+    let fail = true;
+    const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { if (s === 'marked' && fail) throw new Error('injected'); } });
+    const model = await twoSnapshots(pool);
+    const { pool: other } = poolAt(dir);
+    const there = await other.openVolume('v', 'rw');
+    await pool.deleteSnapshot('v', 's2'); // open there: s2's layer stays, hidden
+    await there.close();
+    await other.close();
+    const dev = await pool.openVolume('v', 'rw');
+    await put(dev, model.v, 2 * MiB + 4096, pattern(95, 65536));
+    await expect(pool.deleteSnapshot('v', 's1')).rejects.toThrow('injected');
+    fail = false;
+    // Nothing else between: the job is the first to change the pool after the error.
+    await (await pool.commitVolume('v', {})).run(new JobRun({ jobId: 'commit v' }));
+    await put(dev, model.v, 7 * MiB, pattern(96, 4096));
+    expect(Buffer.from(await dev.read(0, SIZE)).equals(model.v)).toBe(true);
+    await dev.close();
+    expect((await reads(pool, 'v')).equals(model.v)).toBe(true);
+    expect(pool.chainFiles('v')).toHaveLength(1);
+    expect((await pool.check()).issues).toEqual([]);
+    if (HAVE_QEMU_IMG) expect(failedChecks(dir)).toEqual([]);
+    await pool.close();
+  });
+
+  it('a merge that cannot be finished holds up changes of its volume only; pool check reports it and repairs the rest; once it can, it is finished', async () => {
+    let fail = true;
+    const { pool, dir } = poolAt(undefined, { commitChildDown: (s) => { if (s === 'marked' && fail) throw new Error('injected'); } });
+    const model = await twoSnapshots(pool);
+    const s2Layer = basename(pool.chainFiles('v')[1]!);
+    await pool.createVolume({ name: 'w', sizeBytes: MiB });
+    await expect(pool.deleteSnapshot('v', 's1')).rejects.toThrow('injected');
+    fail = false;
+    // The next layer's file goes missing (a failing disk, a hand in the folder): the merge cannot be finished.
+    renameSync(join(dir, s2Layer), join(dir, '..', 'aside'));
+    await expect(pool.createSnapshot('v', 'x')).rejects.toMatchObject({ code: 'Busy' });
+    await pool.createSnapshot('w', 'ok'); // the rest of the pool changes on
+    await pool.deleteSnapshot('w', 'ok');
+    const report = await pool.check({ repair: true });
+    expect(report.issues.find((i) => i.kind === 'interrupted-merge')).toMatchObject({ severity: 'error', repaired: false });
+    renameSync(join(dir, '..', 'aside'), join(dir, s2Layer));
+    await pool.createSnapshot('v', 'x'); // finished first, then taken
+    expect((await reads(pool, 'v', 's2')).equals(model.s2)).toBe(true);
+    expect((await reads(pool, 'v', 'x')).equals(model.v)).toBe(true);
+    expect((await pool.check()).issues).toEqual([]);
     await pool.close();
   });
 

@@ -98,21 +98,32 @@ export function commitTask(p: PoolState, volume: string, top: string, into: stri
     type: 'commit',
     params: { volume, top, into },
     run: async (ctx) => {
-      const v = p.mustVolume(volume);
-      if (v.active === into) return; // pivoted already (a resumed job whose work was done)
-      if (v.active !== top || p.meta.layer(top)?.parent !== into) {
-        throw new FailedPrecondition(`commit ${p.ref(volume)}: the volume's layers changed since the job was made`, { ref: p.ref(volume), hint: 'start the commit again' });
-      }
-      commitTarget(p, v, p.meta.snapshotsOnLayer(into)[0]?.name);
-      p.claim(volume, 'commit');
+      // Started within a structural section, as an open is: a change left half done (a rotation's
+      // `merged` layer, which moves files) is finished before the job opens any of them, and no
+      // merge starts under the job once it holds the volume.
+      const ov = await p.serial.run(async () => {
+        const v = p.mustVolume(volume);
+        if (v.active === into) return undefined; // pivoted already (a resumed job whose work was done)
+        if (v.active !== top || p.meta.layer(top)?.parent !== into) {
+          throw new FailedPrecondition(`commit ${p.ref(volume)}: the volume's layers changed since the job was made`, { ref: p.ref(volume), hint: 'start the commit again' });
+        }
+        commitTarget(p, v, p.meta.snapshotsOnLayer(into)[0]?.name);
+        p.claim(volume, 'commit');
+        try {
+          // The snapshots on `into` go as the copy into it starts, not at the switch: from the first
+          // cluster copied their content is no longer the point they named (QEMU's commit
+          // invalidates its base as it starts). A cancelled or failed job leaves `into` hidden.
+          const given = p.meta.snapshotsOnLayer(into);
+          if (given.length > 0) await ctx.confirmLease(); // a change of the pool's record: one runner
+          if (given.length > 0) p.meta.tx(() => { for (const s of given) p.meta.removeSnapshot(s.volume, s.name); });
+          return p.open.acquire(volume);
+        } catch (e) {
+          p.release(volume);
+          throw e;
+        }
+      });
+      if (!ov) return;
       try {
-        // The snapshots on `into` go as the copy into it starts, not at the switch: from the first
-        // cluster copied their content is no longer the point they named (QEMU's commit
-        // invalidates its base as it starts). A cancelled or failed job leaves `into` hidden.
-        const given = p.meta.snapshotsOnLayer(into);
-        if (given.length > 0) await ctx.confirmLease(); // a change of the pool's record: one runner
-        if (given.length > 0) await p.serial.run(async () => p.meta.tx(() => { for (const s of given) p.meta.removeSnapshot(s.volume, s.name); }));
-        const ov = p.open.acquire(volume);
         try {
           const img = await ov.lock.shared(() => ov.current());
           await p.opts.hooks?.activeCommit?.('copying');

@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { open, rename, rm } from 'node:fs/promises';
-import { closeAfter, Corrupt, JobRun, type JobContext } from '../../../core/index.js';
+import { closeAfter, Corrupt, JobRun, toOffloadError, type JobContext } from '../../../core/index.js';
 import { createImage, openImage, type Image } from '../engine/index.js';
 import { runCommit, runStream } from '../jobs/index.js';
 import type { LayerRow } from './metadata.js';
@@ -139,7 +139,6 @@ export async function commitChildDown(p: PoolState, row: LayerRow, child: LayerR
   p.meta.setLayerState(row.file, 'merged');
   await p.opts.hooks?.commitChildDown?.('marked');
   await finishMerge(p, row.file);
-  await p.open.reopen(affected);
   return true;
 }
 
@@ -175,6 +174,8 @@ export async function finishMerge(p: PoolState, file: string): Promise<void> {
     p.meta.setParent(child.file, row.parent);
     p.meta.removeLayer(file);
   });
+  // This process's images over it read the old files, rightly; opened again they let them go.
+  await p.open.reopen(p.volumesAbove(child.file));
 }
 
 /**
@@ -191,8 +192,18 @@ export async function compactHidden(p: PoolState, volume: string): Promise<void>
 
 /** Finish what a process killed in commitChildDown left `merged`. Call under the change lock. */
 export async function finishMerges(p: PoolState): Promise<void> {
-  if (!p.meta.hasMerged()) return;
-  for (const l of p.meta.layers()) if (l.state === 'merged') await finishMerge(p, l.file);
+  const merged = p.meta.hasMerged() ? p.meta.layers().filter((l) => l.state === 'merged') : [];
+  // Finished meanwhile (pool check, another process): its volumes are free again.
+  for (const f of p.stuckLayers()) if (!merged.some((l) => l.file === f)) p.unstick(f);
+  for (const l of merged) {
+    try {
+      await finishMerge(p, l.file);
+      p.unstick(l.file);
+    } catch (e) {
+      // Not the whole pool's changes held up by one: the volumes over it are Busy until it is finished.
+      p.stick(l.file, [...new Set(p.meta.children(l.file).flatMap((c) => p.volumesAbove(c.file)))], toOffloadError(e).message);
+    }
+  }
 }
 
 /** The backing file a layer's header names (null: none). */

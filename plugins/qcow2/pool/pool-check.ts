@@ -55,8 +55,14 @@ export async function checkPool(pool: PoolState, opts: { repair?: boolean } = {}
     issues.push(issue);
     return (async () => {
       if (repair && fix && issue.severity === 'repairable') {
-        await fix();
-        issue.repaired = true;
+        try {
+          await fix();
+          issue.repaired = true;
+        } catch (e) {
+          // Reported, and the other repairs go on.
+          issue.severity = 'error';
+          issue.message += `; the repair failed: ${(e as Error).message}`;
+        }
       }
     })();
   };

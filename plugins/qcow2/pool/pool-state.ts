@@ -64,8 +64,8 @@ export class PoolState {
   /** openSnapshot of the layer `file`: registered here and, for the other processes, in the metadata; the returned function ends it. */
   readSnapshot(file: string): () => void {
     const n = this.snapshotReaders.get(file) ?? 0;
-    this.snapshotReaders.set(file, n + 1);
     if (n === 0) this.meta.startReading(file, this.holder);
+    this.snapshotReaders.set(file, n + 1);
     let done = false;
     return () => {
       if (done) return;
@@ -159,6 +159,29 @@ export class PoolState {
 
   release(volume: string): void {
     this.busy.delete(volume);
+  }
+
+  /** `merged` layers finishMerges could not finish, with the volumes over them it holds Busy. */
+  private readonly stuck = new Map<string, string[]>();
+
+  /** finishMerges failed on `file`: the volumes over it (those no job holds) are Busy until it is finished. */
+  stick(file: string, volumes: string[], why: string): void {
+    if (this.stuck.has(file)) return;
+    const held = volumes.filter((v) => !this.busy.has(v));
+    for (const v of held) this.busy.set(v, 'snapshot delete (interrupted, not finished: see `offload pool check`)');
+    this.stuck.set(file, held);
+    this.opts.logger?.warn(`pool ${this.name}: cannot finish the interrupted snapshot delete that merged ${file}: ${why}; ${volumes.map((v) => this.ref(v)).join(', ')} cannot be changed until it is`);
+  }
+
+  /** The layers stick() holds volumes for. */
+  stuckLayers(): string[] {
+    return [...this.stuck.keys()];
+  }
+
+  /** `file` is finished (or no longer `merged`): its volumes may change again. */
+  unstick(file: string): void {
+    for (const v of this.stuck.get(file) ?? []) this.busy.delete(v);
+    this.stuck.delete(file);
   }
 
   isBusy(volume: string): boolean {
