@@ -44,52 +44,55 @@ async function reads(pool: Qcow2Pool, volume: string, snapshot?: string): Promis
   }
 }
 
-/** `v` written in full, `s1`, a few changes, `s2`, a few more: the models of s1, s2 and v. */
-async function twoSnapshots(pool: Qcow2Pool): Promise<{ s1: Buffer; s2: Buffer; v: Buffer }> {
+/** Writes through `v` opened read-write, into `model` too. */
+async function edit(pool: Qcow2Pool, model: Buffer, writes: (dev: BlockDevice) => Promise<void>): Promise<void> {
+  const dev = await pool.openVolume('v', 'rw');
+  try {
+    await writes(dev);
+  } finally {
+    await dev.close();
+  }
+}
+
+/** `v` written in full: its model. */
+async function filled(pool: Qcow2Pool): Promise<Buffer> {
   await pool.createVolume({ name: 'v', sizeBytes: SIZE });
   const v = Buffer.alloc(SIZE);
-  let dev = await pool.openVolume('v', 'rw');
-  for (let m = 0; m < SIZE / MiB; m++) await put(dev, v, m * MiB, pattern(m + 1, MiB));
-  await dev.close();
-  await pool.createSnapshot('v', 's1');
-  const s1 = Buffer.from(v);
-  dev = await pool.openVolume('v', 'rw');
-  await put(dev, v, 100_000, pattern(40, 200_000));
-  await put(dev, v, 6 * MiB + 5, pattern(41, 9000));
-  await dev.discard?.(2 * MiB, MiB); // a range the next layer reads as zeros over the base's data
-  v.fill(0, 2 * MiB, 3 * MiB);
-  await dev.close();
+  await edit(pool, v, async (dev) => { for (let m = 0; m < SIZE / MiB; m++) await put(dev, v, m * MiB, pattern(m + 1, MiB)); });
+  return v;
+}
+
+/** A few changes, `s2`, one more: after `s1` (twoSnapshots) or `s0`, `s1` (threeSnapshots). */
+async function nextPoints(pool: Qcow2Pool, v: Buffer, discard: boolean): Promise<{ s2: Buffer; v: Buffer }> {
+  await edit(pool, v, async (dev) => {
+    await put(dev, v, 100_000, pattern(40, 200_000));
+    await put(dev, v, 6 * MiB + 5, pattern(41, 9000));
+    if (!discard) return;
+    await dev.discard?.(2 * MiB, MiB); // a range the next layer reads as zeros over the base's data
+    v.fill(0, 2 * MiB, 3 * MiB);
+  });
   await pool.createSnapshot('v', 's2');
   const s2 = Buffer.from(v);
-  dev = await pool.openVolume('v', 'rw');
-  await put(dev, v, 3 * MiB, pattern(42, 4096));
-  await dev.close();
-  return { s1, s2, v };
+  await edit(pool, v, (dev) => put(dev, v, 3 * MiB, pattern(42, 4096)));
+  return { s2, v };
+}
+
+/** `v` written in full, `s1`, a few changes, `s2`, a few more: the models of s1, s2 and v. */
+async function twoSnapshots(pool: Qcow2Pool): Promise<{ s1: Buffer; s2: Buffer; v: Buffer }> {
+  const v = await filled(pool);
+  await pool.createSnapshot('v', 's1');
+  const s1 = Buffer.from(v);
+  return { s1, ...(await nextPoints(pool, v, true)) };
 }
 
 /** `v` written in full, `s0`, much changed, `s1`, a little changed, `s2`, more: the models of each point. */
 async function threeSnapshots(pool: Qcow2Pool): Promise<{ s0: Buffer; s2: Buffer; v: Buffer }> {
-  await pool.createVolume({ name: 'v', sizeBytes: SIZE });
-  const v = Buffer.alloc(SIZE);
-  let dev = await pool.openVolume('v', 'rw');
-  for (let m = 0; m < SIZE / MiB; m++) await put(dev, v, m * MiB, pattern(m + 1, MiB));
-  await dev.close();
+  const v = await filled(pool);
   await pool.createSnapshot('v', 's0');
   const s0 = Buffer.from(v);
-  dev = await pool.openVolume('v', 'rw');
-  for (let m = 0; m < 4; m++) await put(dev, v, m * MiB + 4096, pattern(30 + m, MiB - 8192));
-  await dev.close();
+  await edit(pool, v, async (dev) => { for (let m = 0; m < 4; m++) await put(dev, v, m * MiB + 4096, pattern(30 + m, MiB - 8192)); });
   await pool.createSnapshot('v', 's1');
-  dev = await pool.openVolume('v', 'rw');
-  await put(dev, v, 100_000, pattern(40, 200_000));
-  await put(dev, v, 6 * MiB + 5, pattern(41, 9000));
-  await dev.close();
-  await pool.createSnapshot('v', 's2');
-  const s2 = Buffer.from(v);
-  dev = await pool.openVolume('v', 'rw');
-  await put(dev, v, 3 * MiB, pattern(42, 4096));
-  await dev.close();
-  return { s0, s2, v };
+  return { s0, ...(await nextPoints(pool, v, false)) };
 }
 
 describe('qcow2 pool: deleting the oldest snapshot commits the next layer down into it', () => {
