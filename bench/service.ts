@@ -8,7 +8,8 @@
  *   (c0) the plugin behind a bare Fastify server in another process (bench/plugin-hop.ts): no
  *        broker, only the process hop and the HTTP round trip — the floor of (c);
  *   (c) the control API on a unix socket (`offload serve`, the CLI's client), SQLite and PostgreSQL;
- * and the ratios to (a), the ways interleaved in blocks of 20 cycles. Goals: ≤ 1.2 embedded, ≤ 1.5 through the service. Then the time a job
+ * and the ratios to (a), the ways interleaved in blocks of 20 cycles. Goals: ≤ 1.2 embedded, ≤ 1.5 through the service;
+ * (c) is also given over (c0), what the service adds to the bare hop. Then the time a job
  * takes to be taken over after its service is killed with SIGKILL (two `offload serve` on one
  * PostgreSQL database, lease 2 s): from the kill to the other service's takeover.
  *
@@ -179,6 +180,12 @@ try {
     const t = median(ms[i]!);
     const ratio = median(ms[i]!.map((x, r) => x / ms[0]![r]!));
     process.stdout.write(`${w.what.padEnd(40)} ${t.toFixed(0).padStart(8)} ${(t / CYCLES).toFixed(2).padStart(9)} ${ratio.toFixed(2).padStart(6)}\n`);
+  }
+  // What the service adds over the hop alone, which runs none of our code (the machine's floor for (c)).
+  const hop = ways.findIndex((w) => w.what.startsWith('(c0)'));
+  for (const [i, w] of ways.entries()) {
+    if (!w.what.startsWith('(c)')) continue;
+    process.stdout.write(`${w.what} over (c0): ${median(ms[i]!.map((x, r) => x / ms[hop]![r]!)).toFixed(2)}\n`);
   }
 
   if (pg) process.stdout.write(`\njob takeover after a service's SIGKILL (lease 2 s): ${(await takeoverMs(await pg.createDatabase())).toFixed(0)} ms\n`);
